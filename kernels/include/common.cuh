@@ -1,0 +1,79 @@
+// Shared device helpers: dtype conversion and 8-wide vector access (16 bytes for f16/bf16,
+// 32 bytes for f32), warp reductions, math used by several families.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "params.h"
+
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f32(float v) { return v; }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+
+// Eight consecutive elements as one register bundle.
+template <typename T> struct Vec8 {
+    uint4 raw;  // 8 x 16-bit
+};
+template <> struct Vec8<float> {
+    float4 lo, hi;
+};
+
+template <typename T> __device__ __forceinline__ Vec8<T> load8(const T* p) {
+    Vec8<T> v;
+    v.raw = *reinterpret_cast<const uint4*>(p);
+    return v;
+}
+template <> __device__ __forceinline__ Vec8<float> load8<float>(const float* p) {
+    Vec8<float> v;
+    v.lo = reinterpret_cast<const float4*>(p)[0];
+    v.hi = reinterpret_cast<const float4*>(p)[1];
+    return v;
+}
+
+template <typename T> __device__ __forceinline__ void unpack8(const Vec8<T>& v, float out[8]) {
+    const T* e = reinterpret_cast<const T*>(&v.raw);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = to_f32(e[i]);
+}
+template <> __device__ __forceinline__ void unpack8<float>(const Vec8<float>& v, float out[8]) {
+    out[0] = v.lo.x; out[1] = v.lo.y; out[2] = v.lo.z; out[3] = v.lo.w;
+    out[4] = v.hi.x; out[5] = v.hi.y; out[6] = v.hi.z; out[7] = v.hi.w;
+}
+
+template <typename T> __device__ __forceinline__ void store8(T* p, const float in[8]) {
+    Vec8<T> v;
+    T* e = reinterpret_cast<T*>(&v.raw);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) e[i] = from_f32<T>(in[i]);
+    *reinterpret_cast<uint4*>(p) = v.raw;
+}
+template <> __device__ __forceinline__ void store8<float>(float* p, const float in[8]) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(in[0], in[1], in[2], in[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(in[4], in[5], in[6], in[7]);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float silu_f32(float x) { return x / (1.0f + __expf(-x)); }
+// Exact (erf) GELU, as torch's default and diffusers' GEGLU use.
+__device__ __forceinline__ float gelu_f32(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
+
+// Instantiate `body<T>` as three extern "C" kernels named NAME_f16, NAME_bf16, NAME_f32.
+#define CELFRAME_KERNELS_FOR_DTYPES(NAME, PARAMS, BODY)                                     \
+    extern "C" __global__ void NAME##_f16(const __grid_constant__ PARAMS p) { BODY<__half>(p); } \
+    extern "C" __global__ void NAME##_bf16(const __grid_constant__ PARAMS p) {                \
+        BODY<__nv_bfloat16>(p);                                                                \
+    }                                                                                          \
+    extern "C" __global__ void NAME##_f32(const __grid_constant__ PARAMS p) { BODY<float>(p); }

@@ -1,0 +1,305 @@
+//! The device: context, one stream, lazily loaded kernel modules, checked launches, copies.
+//!
+//! `Gpu` is deliberately neither Send nor Sync: it binds its context to the creating thread and
+//! every call happens there.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::{CString, c_void};
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::{CudaContext, result, sys};
+
+use super::memory::{Arena, DeviceMem};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, HostBytes, Storage, Tensor};
+
+include!(concat!(env!("OUT_DIR"), "/kernel_modules.rs"));
+
+/// One `kernels/**/*.cu` file compiled to a fatbin, with the kernels it defines.
+pub struct KernelModule {
+    pub name: &'static str,
+    pub fatbin: &'static [u8],
+    pub kernels: &'static [&'static str],
+    pub sm90_resources: &'static [KernelResources],
+}
+
+/// ptxas's report for one kernel on sm_90a, recorded at build time.
+#[derive(Debug)]
+pub struct KernelResources {
+    pub name: &'static str,
+    pub registers: u32,
+    pub stack_bytes: u32,
+    pub spill_bytes: u32,
+    pub static_smem_bytes: u32,
+}
+
+/// Marker for the `#[repr(C)]` parameter structs of kernels/include/params.h.
+/// # Safety
+/// The type must be the exact C layout the kernel declares as its single parameter.
+pub unsafe trait KernelParams: Copy {}
+
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub multiprocessors: u32,
+    pub l2_bytes: usize,
+    pub total_memory: usize,
+}
+
+pub struct Gpu {
+    /// Holds the retained primary context for as long as the Gpu lives.
+    _ctx: Arc<CudaContext>,
+    stream: sys::CUstream,
+    info: DeviceInfo,
+    modules: RefCell<HashMap<&'static str, sys::CUmodule>>,
+    functions: RefCell<HashMap<&'static str, sys::CUfunction>>,
+    /// Synchronise after every launch so an asynchronous fault names its kernel (CELFRAME_SYNC_LAUNCHES=1).
+    sync_launches: bool,
+    /// Fill every output allocation with NaN bytes before the kernel writes it (tests).
+    poison_outputs: std::cell::Cell<bool>,
+    pub(crate) blas: RefCell<Option<super::blas::Blas>>,
+    pub(crate) dnn: RefCell<Option<super::dnn::Dnn>>,
+}
+
+fn cuda<T>(call: &str, r: std::result::Result<T, result::DriverError>) -> Result<T> {
+    r.map_err(|e| Error::Cuda(format!("{call} failed: {e:?}")))
+}
+
+impl Gpu {
+    /// True when a CUDA driver is installed and reports at least one device. Never panics.
+    pub fn is_available() -> bool {
+        (unsafe { sys::is_culib_present() })
+            && result::init().is_ok()
+            && result::device::get_count().is_ok_and(|n| n > 0)
+    }
+
+    /// The device named by CELFRAME_DEVICE (an ordinal), else device 0.
+    pub fn from_env() -> Result<Gpu> {
+        let ordinal = match std::env::var("CELFRAME_DEVICE") {
+            Ok(v) => v.parse().map_err(|_| {
+                Error::Input(format!("CELFRAME_DEVICE='{v}' is not a device ordinal"))
+            })?,
+            Err(_) => 0,
+        };
+        Gpu::new(ordinal)
+    }
+
+    pub fn new(ordinal: usize) -> Result<Gpu> {
+        if !Gpu::is_available() {
+            return Err(Error::Cuda(
+                "no CUDA driver or device on this machine".into(),
+            ));
+        }
+        let count = cuda("cuDeviceGetCount", result::device::get_count())? as usize;
+        if ordinal >= count {
+            return Err(Error::Input(format!(
+                "CUDA device {ordinal} does not exist ({count} present)"
+            )));
+        }
+        let ctx = cuda("cuDevicePrimaryCtxRetain", CudaContext::new(ordinal))?;
+        let stream = cuda(
+            "cuStreamCreate",
+            result::stream::create(result::stream::StreamKind::NonBlocking),
+        )?;
+        let attr = |a: CUdevice_attribute| cuda("cuDeviceGetAttribute", ctx.attribute(a));
+        let info = DeviceInfo {
+            ordinal,
+            name: cuda("cuDeviceGetName", ctx.name())?,
+            compute_capability: cuda("cuDeviceGetAttribute", ctx.compute_capability())?,
+            multiprocessors: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+                as u32,
+            l2_bytes: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as usize,
+            total_memory: cuda("cuDeviceTotalMem", ctx.total_mem())?,
+        };
+        Ok(Gpu {
+            _ctx: ctx,
+            stream,
+            info,
+            modules: RefCell::default(),
+            functions: RefCell::default(),
+            sync_launches: std::env::var("CELFRAME_SYNC_LAUNCHES").is_ok_and(|v| v == "1"),
+            poison_outputs: std::cell::Cell::new(false),
+            blas: RefCell::new(None),
+            dnn: RefCell::new(None),
+        })
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+    pub fn stream(&self) -> sys::CUstream {
+        self.stream
+    }
+
+    pub fn set_poison_outputs(&self, on: bool) {
+        self.poison_outputs.set(on);
+    }
+
+    /// The function `kernel`, loading its module on first use.
+    pub fn function(&self, kernel: &'static str) -> Result<sys::CUfunction> {
+        if let Some(f) = self.functions.borrow().get(kernel) {
+            return Ok(*f);
+        }
+        let module = KERNEL_MODULES
+            .iter()
+            .find(|m| m.kernels.contains(&kernel))
+            .ok_or_else(|| Error::Unsupported(format!("no compiled kernel is named {kernel}")))?;
+        let cu_module = match self.modules.borrow().get(module.name) {
+            Some(m) => *m,
+            None => {
+                let m = cuda(
+                    &format!("cuModuleLoadData for module {}", module.name),
+                    unsafe { result::module::load_data(module.fatbin.as_ptr() as *const c_void) },
+                )?;
+                self.modules.borrow_mut().insert(module.name, m);
+                m
+            }
+        };
+        let name = CString::new(kernel).expect("kernel names have no NUL");
+        let f = cuda(&format!("cuModuleGetFunction({kernel})"), unsafe {
+            result::module::get_function(cu_module, name)
+        })?;
+        self.functions.borrow_mut().insert(kernel, f);
+        Ok(f)
+    }
+
+    /// Launches `kernel` with its parameter struct passed by value. Errors name the kernel, grid,
+    /// block and the call that failed.
+    pub fn launch<P: KernelParams>(
+        &self,
+        kernel: &'static str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        params: &P,
+    ) -> Result<()> {
+        let f = self.function(kernel)?;
+        let describe = || format!("{kernel} grid {grid:?} block {block:?} shared {shared_bytes} B");
+        if shared_bytes > 48 * 1024 {
+            cuda(
+                &format!("cuFuncSetAttribute(max dynamic shared) for {}", describe()),
+                unsafe {
+                    result::function::set_function_attribute(
+                        f,
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        shared_bytes as i32,
+                    )
+                },
+            )?;
+        }
+        let mut args = [params as *const P as *mut c_void];
+        let launched =
+            unsafe { result::launch_kernel(f, grid, block, shared_bytes, self.stream, &mut args) };
+        cuda(&format!("cuLaunchKernel of {}", describe()), launched)?;
+        if self.sync_launches {
+            cuda(
+                &format!("synchronising after {}", describe()),
+                self.synchronize_raw(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Most blocks of `kernel` one multiprocessor holds at this block size.
+    pub fn occupancy(
+        &self,
+        kernel: &'static str,
+        block_threads: u32,
+        shared_bytes: usize,
+    ) -> Result<u32> {
+        let f = self.function(kernel)?;
+        let n = cuda(
+            &format!("cuOccupancyMaxActiveBlocksPerMultiprocessor({kernel})"),
+            unsafe {
+                result::occupancy::max_active_block_per_multiprocessor(
+                    f,
+                    block_threads as i32,
+                    shared_bytes,
+                )
+            },
+        )?;
+        Ok(n.max(0) as u32)
+    }
+
+    fn synchronize_raw(&self) -> std::result::Result<(), result::DriverError> {
+        unsafe { result::stream::synchronize(self.stream) }
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        cuda("cuStreamSynchronize", self.synchronize_raw())
+    }
+
+    /// A device tensor of `shape` from `arena`; filled with NaN bytes when poisoning is on.
+    pub fn empty(&self, arena: &Arena, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let mem = arena.alloc(shape.iter().product::<usize>() * dtype.size())?;
+        if self.poison_outputs.get() {
+            self.fill_bytes(&mem, 0xFF)?;
+        }
+        Tensor::from_storage(shape, dtype, Storage::Device(mem))
+    }
+
+    pub fn fill_bytes(&self, mem: &DeviceMem, byte: u8) -> Result<()> {
+        cuda("cuMemsetD8Async", unsafe {
+            result::memset_d8_async(mem.ptr()?, byte, mem.bytes(), self.stream)
+        })
+    }
+
+    /// Copies a host tensor into `arena`, converting it to `dtype` on the way.
+    pub fn upload(&self, arena: &Arena, t: &Tensor, dtype: DType) -> Result<Tensor> {
+        let mem = arena.alloc(t.numel() * dtype.size())?;
+        self.upload_into(&mem, t, dtype)?;
+        Tensor::from_storage(t.shape(), dtype, Storage::Device(mem))
+    }
+
+    /// Copies (and converts) a host tensor into existing device memory. Synchronous.
+    pub fn upload_into(&self, mem: &DeviceMem, t: &Tensor, dtype: DType) -> Result<()> {
+        let converted;
+        let bytes: &[u8] = if t.dtype() == dtype {
+            t.host_bytes()?
+        } else {
+            converted = Tensor::from_f32(t.shape(), dtype, &t.to_f32_vec()?)?;
+            converted.host_bytes()?
+        };
+        if bytes.len() != mem.bytes() {
+            return Err(Error::Input(format!(
+                "upload of {} bytes into {} bytes",
+                bytes.len(),
+                mem.bytes()
+            )));
+        }
+        self.synchronize()?;
+        cuda("cuMemcpyHtoD", unsafe {
+            result::memcpy_htod_sync(mem.ptr()?, bytes)
+        })
+    }
+
+    /// Waits for the stream and copies a device tensor to a new host tensor.
+    pub fn download(&self, t: &Tensor) -> Result<Tensor> {
+        self.synchronize()?;
+        let mut bytes = vec![0u8; t.size_bytes()];
+        cuda("cuMemcpyDtoH", unsafe {
+            result::memcpy_dtoh_sync(&mut bytes, t.device_ptr()?)
+        })?;
+        Tensor::from_storage(
+            t.shape(),
+            t.dtype(),
+            Storage::Host(HostBytes::Owned(Arc::new(bytes))),
+        )
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        let _ = self.synchronize_raw();
+        *self.blas.borrow_mut() = None;
+        *self.dnn.borrow_mut() = None;
+        for (_, m) in self.modules.borrow_mut().drain() {
+            let _ = unsafe { result::module::unload(m) };
+        }
+        let _ = unsafe { result::stream::destroy(self.stream) };
+    }
+}

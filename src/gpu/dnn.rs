@@ -1,0 +1,264 @@
+//! cuDNN convolutions in NHWC (weights KRSC: [out, kh, kw, in]), fp32 accumulation, tensor-core
+//! math allowed. The fastest algorithm per shape is found once by cuDNN's own timing
+//! (cudnnFindConvolutionForwardAlgorithmEx) and cached.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+
+use cudarc::cudnn::sys as dnn;
+
+use super::device::Gpu;
+use super::memory::DeviceMem;
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+
+/// Everything that decides a convolution plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConvShape {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub out_channels: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub dtype: DType,
+}
+
+impl ConvShape {
+    pub fn out_hw(&self) -> (usize, usize) {
+        let o = |x: usize| (x + 2 * self.padding - self.kernel) / self.stride + 1;
+        (o(self.height), o(self.width))
+    }
+}
+
+struct Plan {
+    x: dnn::cudnnTensorDescriptor_t,
+    w: dnn::cudnnFilterDescriptor_t,
+    y: dnn::cudnnTensorDescriptor_t,
+    conv: dnn::cudnnConvolutionDescriptor_t,
+    algo: dnn::cudnnConvolutionFwdAlgo_t,
+    workspace: usize,
+}
+
+pub struct Dnn {
+    handle: dnn::cudnnHandle_t,
+    plans: HashMap<ConvShape, Plan>,
+    workspace: Option<DeviceMem>,
+}
+
+fn check(call: &str, s: dnn::cudnnStatus_t) -> Result<()> {
+    if s == dnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(Error::Cuda(format!("{call} failed: {s:?}")))
+    }
+}
+
+fn data_type(d: DType) -> dnn::cudnnDataType_t {
+    match d {
+        DType::F16 => dnn::cudnnDataType_t::CUDNN_DATA_HALF,
+        DType::BF16 => dnn::cudnnDataType_t::CUDNN_DATA_BFLOAT16,
+        DType::F32 => dnn::cudnnDataType_t::CUDNN_DATA_FLOAT,
+    }
+}
+
+impl Dnn {
+    pub fn new(gpu: &Gpu) -> Result<Dnn> {
+        if !unsafe { dnn::is_culib_present() } {
+            return Err(Error::Cuda(
+                "libcudnn.so (cuDNN 9) was not found on the library path".into(),
+            ));
+        }
+        let mut handle = std::ptr::null_mut();
+        check("cudnnCreate", unsafe { dnn::cudnnCreate(&mut handle) })?;
+        check("cudnnSetStream", unsafe {
+            dnn::cudnnSetStream(handle, gpu.stream() as dnn::cudaStream_t)
+        })?;
+        Ok(Dnn {
+            handle,
+            plans: HashMap::new(),
+            workspace: None,
+        })
+    }
+
+    unsafe fn make_plan(&mut self, s: &ConvShape, x: u64, w: u64, y: u64) -> Result<Plan> {
+        let dt = data_type(s.dtype);
+        let nhwc = dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
+        let (oh, ow) = s.out_hw();
+        let i = |v: usize| v as i32;
+        let mut plan = Plan {
+            x: std::ptr::null_mut(),
+            w: std::ptr::null_mut(),
+            y: std::ptr::null_mut(),
+            conv: std::ptr::null_mut(),
+            algo: dnn::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+            workspace: 0,
+        };
+        unsafe {
+            check(
+                "cudnnCreateTensorDescriptor",
+                dnn::cudnnCreateTensorDescriptor(&mut plan.x),
+            )?;
+            check(
+                "cudnnCreateTensorDescriptor",
+                dnn::cudnnCreateTensorDescriptor(&mut plan.y),
+            )?;
+            check(
+                "cudnnCreateFilterDescriptor",
+                dnn::cudnnCreateFilterDescriptor(&mut plan.w),
+            )?;
+            check(
+                "cudnnCreateConvolutionDescriptor",
+                dnn::cudnnCreateConvolutionDescriptor(&mut plan.conv),
+            )?;
+            check(
+                "cudnnSetTensor4dDescriptor(x)",
+                dnn::cudnnSetTensor4dDescriptor(
+                    plan.x,
+                    nhwc,
+                    dt,
+                    i(s.batch),
+                    i(s.in_channels),
+                    i(s.height),
+                    i(s.width),
+                ),
+            )?;
+            check(
+                "cudnnSetTensor4dDescriptor(y)",
+                dnn::cudnnSetTensor4dDescriptor(
+                    plan.y,
+                    nhwc,
+                    dt,
+                    i(s.batch),
+                    i(s.out_channels),
+                    i(oh),
+                    i(ow),
+                ),
+            )?;
+            check(
+                "cudnnSetFilter4dDescriptor",
+                dnn::cudnnSetFilter4dDescriptor(
+                    plan.w,
+                    dt,
+                    nhwc,
+                    i(s.out_channels),
+                    i(s.in_channels),
+                    i(s.kernel),
+                    i(s.kernel),
+                ),
+            )?;
+            let compute = dnn::cudnnDataType_t::CUDNN_DATA_FLOAT;
+            check(
+                "cudnnSetConvolution2dDescriptor",
+                dnn::cudnnSetConvolution2dDescriptor(
+                    plan.conv,
+                    i(s.padding),
+                    i(s.padding),
+                    i(s.stride),
+                    i(s.stride),
+                    1,
+                    1,
+                    dnn::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                    compute,
+                ),
+            )?;
+            let math = if s.dtype == DType::F32 {
+                dnn::cudnnMathType_t::CUDNN_FMA_MATH
+            } else {
+                dnn::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+            };
+            check(
+                "cudnnSetConvolutionMathType",
+                dnn::cudnnSetConvolutionMathType(plan.conv, math),
+            )?;
+        }
+        // Let cuDNN time its candidates on the real buffers, with up to 256 MiB of workspace.
+        let budget = 256usize << 20;
+        let scratch = self.workspace_of(budget)?;
+        let mut perf: [dnn::cudnnConvolutionFwdAlgoPerf_t; 8] = unsafe { std::mem::zeroed() };
+        let mut returned = 0;
+        check("cudnnFindConvolutionForwardAlgorithmEx", unsafe {
+            dnn::cudnnFindConvolutionForwardAlgorithmEx(
+                self.handle,
+                plan.x,
+                x as *const c_void,
+                plan.w,
+                w as *const c_void,
+                plan.conv,
+                plan.y,
+                y as *mut c_void,
+                perf.len() as i32,
+                &mut returned,
+                perf.as_mut_ptr(),
+                scratch as *mut c_void,
+                budget,
+            )
+        })?;
+        let best = perf[..returned as usize]
+            .iter()
+            .find(|p| p.status == dnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
+            .ok_or_else(|| Error::Cuda(format!("cuDNN found no algorithm for {s:?}")))?;
+        plan.algo = best.algo;
+        plan.workspace = best.memory;
+        Ok(plan)
+    }
+
+    fn workspace_of(&mut self, bytes: usize) -> Result<u64> {
+        if self.workspace.as_ref().is_none_or(|w| w.bytes() < bytes) {
+            self.workspace = Some(DeviceMem::owned(bytes, "cuDNN workspace")?);
+        }
+        self.workspace.as_ref().unwrap().ptr()
+    }
+
+    /// y = conv(x, w) without bias. x, w, y are device addresses in NHWC / KRSC.
+    pub fn conv2d(&mut self, s: &ConvShape, x: u64, w: u64, y: u64) -> Result<()> {
+        if !self.plans.contains_key(s) {
+            let plan = unsafe { self.make_plan(s, x, w, y)? };
+            self.plans.insert(*s, plan);
+        }
+        let need = self.plans[s].workspace;
+        let ws = if need > 0 {
+            self.workspace_of(need)?
+        } else {
+            0
+        };
+        let plan = &self.plans[s];
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        check(
+            &format!("cudnnConvolutionForward ({s:?}, algo {:?})", plan.algo),
+            unsafe {
+                dnn::cudnnConvolutionForward(
+                    self.handle,
+                    &alpha as *const f32 as *const c_void,
+                    plan.x,
+                    x as *const c_void,
+                    plan.w,
+                    w as *const c_void,
+                    plan.conv,
+                    plan.algo,
+                    ws as *mut c_void,
+                    need,
+                    &beta as *const f32 as *const c_void,
+                    plan.y,
+                    y as *mut c_void,
+                )
+            },
+        )
+    }
+}
+
+impl Drop for Dnn {
+    fn drop(&mut self) {
+        for (_, p) in self.plans.drain() {
+            unsafe {
+                dnn::cudnnDestroyTensorDescriptor(p.x);
+                dnn::cudnnDestroyTensorDescriptor(p.y);
+                dnn::cudnnDestroyFilterDescriptor(p.w);
+                dnn::cudnnDestroyConvolutionDescriptor(p.conv);
+            }
+        }
+        unsafe { dnn::cudnnDestroy(self.handle) };
+    }
+}

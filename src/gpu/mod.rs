@@ -1,0 +1,25 @@
+//! GPU runtime: device and stream, lazily loaded kernel modules, checked launches, memory arenas,
+//! CUDA-event timing, NVTX ranges, and the vendor libraries (cuBLASLt, cuDNN).
+
+pub mod blas;
+pub mod device;
+pub mod dnn;
+pub mod memory;
+pub mod nvtx;
+pub mod params;
+pub mod timing;
+
+pub use device::{DeviceInfo, Gpu, KERNEL_MODULES, KernelParams};
+pub use memory::Arena;
+
+macro_rules! kernel_params {
+    ($($t:ty),*) => { $(unsafe impl KernelParams for $t {})* };
+}
+kernel_params!(
+    params::ElementwiseParams,
+    params::GegluParams,
+    params::GroupNormParams,
+    params::LayerNormParams,
+    params::Upsample2xParams,
+    params::TimestepEmbeddingParams
+);

@@ -1,0 +1,9 @@
+//! celframe: SDXL anime video rendering on hand-written CUDA kernels.
+//! See docs/ARCHITECTURE.md for the map of this crate.
+
+pub mod error;
+pub mod gpu;
+pub mod tensor;
+
+pub use error::{Error, Result};
+pub use tensor::{DType, Tensor};

@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod gpu;
+pub mod ops;
 pub mod tensor;
 
 pub use error::{Error, Result};

@@ -1,0 +1,188 @@
+//! Element-wise ops: add / mul with broadcasting, scale, SiLU, GELU (exact erf), GEGLU.
+
+use super::{Exec, grid_for, host_out, same_dtype};
+use crate::error::{Error, Result};
+use crate::gpu::params::{ElementwiseOp, ElementwiseParams, GegluParams};
+use crate::tensor::Tensor;
+
+const BLOCK: u32 = 256;
+
+pub fn silu_f32(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// Exact GELU, 0.5 x (1 + erf(x / sqrt 2)), as torch's default and diffusers' GEGLU use.
+pub fn gelu_f32(x: f32) -> f32 {
+    (0.5 * x as f64 * (1.0 + libm::erf(x as f64 * std::f64::consts::FRAC_1_SQRT_2))) as f32
+}
+
+/// How `b` repeats over `a`: `a` viewed as [outer, mid, inner], `b` as [outer, inner].
+#[derive(Clone, Copy, Debug)]
+pub struct Broadcast {
+    pub mid: usize,
+    pub inner: usize,
+}
+
+impl Broadcast {
+    /// Infers the view from shapes: equal shapes; `b` = [C] over [..., C] (bias); `b` = [N, C]
+    /// over [N, ..., C] (per-image vector such as the time embedding).
+    pub fn infer(a: &Tensor, b: &Tensor) -> Result<Broadcast> {
+        let (sa, sb) = (a.shape(), b.shape());
+        let n = a.numel();
+        if sa == sb {
+            return Ok(Broadcast {
+                mid: 1,
+                inner: n.max(1),
+            });
+        }
+        let c = *sa.last().unwrap_or(&1);
+        if sb == [c] {
+            return Ok(Broadcast {
+                mid: n / c.max(1),
+                inner: c,
+            });
+        }
+        if sa.len() >= 2 && sb == [sa[0], c] {
+            return Ok(Broadcast {
+                mid: n / (sa[0] * c).max(1),
+                inner: c,
+            });
+        }
+        Err(Error::Input(format!("cannot broadcast {sb:?} over {sa:?}")))
+    }
+}
+
+fn binary(
+    ex: &Exec,
+    op: ElementwiseOp,
+    a: &Tensor,
+    b: Option<&Tensor>,
+    alpha: f32,
+) -> Result<Tensor> {
+    let name = format!("{op:?}");
+    let dtype = match b {
+        Some(b) => same_dtype(&name, &[a, b])?,
+        None => a.dtype(),
+    };
+    let bc = match b {
+        Some(b) => Broadcast::infer(a, b)?,
+        None => Broadcast {
+            mid: 1,
+            inner: a.numel().max(1),
+        },
+    };
+    let mut inputs = vec![a];
+    inputs.extend(b);
+    ex.expect_inputs(&name, &inputs)?;
+    match ex {
+        Exec::Cpu => {
+            let x = a.to_f32_vec()?;
+            let y = match b {
+                Some(b) => b.to_f32_vec()?,
+                None => Vec::new(),
+            };
+            let out: Vec<f32> = x
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    let w = if y.is_empty() {
+                        0.0
+                    } else {
+                        y[(i / (bc.mid * bc.inner)) * bc.inner + i % bc.inner]
+                    };
+                    alpha
+                        * match op {
+                            ElementwiseOp::ELEMENTWISE_ADD => v + w,
+                            ElementwiseOp::ELEMENTWISE_MUL => v * w,
+                            ElementwiseOp::ELEMENTWISE_SCALE => v,
+                            ElementwiseOp::ELEMENTWISE_SILU => silu_f32(v),
+                            ElementwiseOp::ELEMENTWISE_GELU => gelu_f32(v),
+                        }
+                })
+                .collect();
+            host_out(a.shape(), dtype, &out)
+        }
+        Exec::Cuda { gpu, scratch } => {
+            let out = gpu.empty(scratch, a.shape(), dtype)?;
+            let p = ElementwiseParams {
+                a: a.device_ptr()? as *const _,
+                b: match b {
+                    Some(b) => b.device_ptr()? as *const _,
+                    None => std::ptr::null(),
+                },
+                out: out.device_ptr()? as *mut _,
+                n: a.numel() as i64,
+                mid: bc.mid as i64,
+                inner: bc.inner as i64,
+                alpha,
+                op: op as i32,
+            };
+            gpu.launch(
+                kernel_for!("elementwise", dtype),
+                (grid_for(a.numel().div_ceil(8), BLOCK), 1, 1),
+                (BLOCK, 1, 1),
+                0,
+                &p,
+            )?;
+            Ok(out)
+        }
+    }
+}
+
+/// alpha * (a + b), b broadcast as `Broadcast::infer` allows.
+pub fn add(ex: &Exec, a: &Tensor, b: &Tensor, alpha: f32) -> Result<Tensor> {
+    binary(ex, ElementwiseOp::ELEMENTWISE_ADD, a, Some(b), alpha)
+}
+pub fn mul(ex: &Exec, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(ex, ElementwiseOp::ELEMENTWISE_MUL, a, Some(b), 1.0)
+}
+pub fn scale(ex: &Exec, a: &Tensor, alpha: f32) -> Result<Tensor> {
+    binary(ex, ElementwiseOp::ELEMENTWISE_SCALE, a, None, alpha)
+}
+pub fn silu(ex: &Exec, a: &Tensor) -> Result<Tensor> {
+    binary(ex, ElementwiseOp::ELEMENTWISE_SILU, a, None, 1.0)
+}
+pub fn gelu(ex: &Exec, a: &Tensor) -> Result<Tensor> {
+    binary(ex, ElementwiseOp::ELEMENTWISE_GELU, a, None, 1.0)
+}
+
+/// GEGLU: x [..., 2D] -> x[..., :D] * gelu(x[..., D:]) (value first, gate second).
+pub fn geglu(ex: &Exec, x: &Tensor) -> Result<Tensor> {
+    ex.expect_inputs("geglu", &[x])?;
+    let two_d = *x.shape().last().unwrap_or(&0);
+    if two_d % 2 != 0 || two_d == 0 {
+        return Err(Error::Input(format!(
+            "geglu: last dimension of {x:?} must be even"
+        )));
+    }
+    let d = two_d / 2;
+    let rows = x.numel() / two_d;
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = d;
+    match ex {
+        Exec::Cpu => {
+            let v = x.to_f32_vec()?;
+            let out: Vec<f32> = (0..rows * d)
+                .map(|i| v[(i / d) * two_d + i % d] * gelu_f32(v[(i / d) * two_d + d + i % d]))
+                .collect();
+            host_out(&shape, x.dtype(), &out)
+        }
+        Exec::Cuda { gpu, scratch } => {
+            let out = gpu.empty(scratch, &shape, x.dtype())?;
+            let p = GegluParams {
+                x: x.device_ptr()? as *const _,
+                out: out.device_ptr()? as *mut _,
+                rows: rows as i64,
+                d: d as i64,
+            };
+            gpu.launch(
+                kernel_for!("geglu", x.dtype()),
+                (grid_for((rows * d).div_ceil(8), BLOCK), 1, 1),
+                (BLOCK, 1, 1),
+                0,
+                &p,
+            )?;
+            Ok(out)
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! Ops: each runs as CUDA kernel(s) or as its CPU reference twin with the same semantics, chosen by
+//! the `Exec` it is given, so graph code is written once for both. Twins read inputs widened to
+//! f32, accumulate in f32 (statistics in f64) and round the output to its dtype, like the kernels.
+
+/// The kernel of `family` instantiated for a dtype: `kernel_for!("geglu", DType::F16)` is "geglu_f16".
+macro_rules! kernel_for {
+    ($family:literal, $dtype:expr) => {
+        match $dtype {
+            $crate::tensor::DType::F16 => concat!($family, "_f16"),
+            $crate::tensor::DType::BF16 => concat!($family, "_bf16"),
+            $crate::tensor::DType::F32 => concat!($family, "_f32"),
+        }
+    };
+}
+
+pub mod conv;
+pub mod elementwise;
+pub mod embedding;
+pub mod linear;
+pub mod norm;
+pub mod upsample;
+
+use crate::error::{Error, Result};
+use crate::gpu::{Arena, Gpu};
+use crate::tensor::{DType, Tensor};
+
+/// Where an op runs. CUDA outputs come from the scratch arena.
+#[derive(Clone, Copy)]
+pub enum Exec<'a> {
+    Cpu,
+    Cuda { gpu: &'a Gpu, scratch: &'a Arena },
+}
+
+impl Exec<'_> {
+    /// Checks that every input lives where this Exec computes.
+    fn expect_inputs(&self, op: &str, inputs: &[&Tensor]) -> Result<()> {
+        let on_device = matches!(self, Exec::Cuda { .. });
+        match inputs.iter().find(|t| t.is_device() != on_device) {
+            Some(t) => Err(Error::Input(format!(
+                "{op}: input {t:?} is on the {} but the op runs on the {}",
+                if t.is_device() { "device" } else { "host" },
+                if on_device { "device" } else { "host" }
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A host tensor from f32 values rounded to `dtype` (the twins' output path).
+fn host_out(shape: &[usize], dtype: DType, values: &[f32]) -> Result<Tensor> {
+    Tensor::from_f32(shape, dtype, values)
+}
+
+fn same_dtype(op: &str, tensors: &[&Tensor]) -> Result<DType> {
+    let d = tensors[0].dtype();
+    match tensors.iter().find(|t| t.dtype() != d) {
+        Some(t) => Err(Error::Input(format!(
+            "{op}: dtype {:?} of {t:?} differs from {d:?}",
+            t.dtype()
+        ))),
+        None => Ok(d),
+    }
+}
+
+/// Grid size for a grid-stride loop over `n` work items of `block` threads.
+fn grid_for(n: usize, block: u32) -> u32 {
+    (n.div_ceil(block as usize)).clamp(1, 65535 * 8) as u32
+}
+
+/// Splits `rows` into contiguous ranges processed on all cores; `f(first_row, out_chunk)` fills the
+/// rows' slice of `out` (each row `row_len` values).
+pub(crate) fn par_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let rows = out.len() / row_len.max(1);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(rows.max(1));
+    let per = rows.div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|s| {
+        for (i, chunk) in out.chunks_mut(per * row_len.max(1)).enumerate() {
+            let f = &f;
+            s.spawn(move || f(i * per, chunk));
+        }
+    });
+}

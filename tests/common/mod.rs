@@ -1,0 +1,84 @@
+//! Helpers shared by the test binaries: reference fixtures, error metrics, random inputs.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+
+use celframe::{DType, Tensor};
+
+/// Every tensor of a float32 safetensors fixture under tests/fixtures.
+pub fn fixture(name: &str) -> HashMap<String, Tensor> {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+            let values: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            (
+                name,
+                Tensor::from_f32(view.shape(), DType::F32, &values).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// ‖a − b‖ / ‖b‖ and max |a − b|, in f64.
+pub fn errors(actual: &[f32], expected: &[f32]) -> (f64, f64) {
+    assert_eq!(actual.len(), expected.len(), "length");
+    let (mut diff, mut norm, mut max) = (0f64, 0f64, 0f64);
+    for (a, e) in actual.iter().zip(expected) {
+        let d = (*a as f64 - *e as f64).abs();
+        diff += d * d;
+        norm += (*e as f64) * (*e as f64);
+        max = max.max(d);
+    }
+    ((diff / norm.max(1e-300)).sqrt(), max)
+}
+
+/// Asserts every value is finite (poisoned outputs are NaN) and the relative L2 error is within `tol`.
+pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tol: f64) -> (f64, f64) {
+    assert_eq!(actual.shape(), expected.shape(), "{what}: shape");
+    let (a, e) = (actual.to_f32_vec().unwrap(), expected.to_f32_vec().unwrap());
+    let unwritten = a.iter().filter(|v| !v.is_finite()).count();
+    assert_eq!(
+        unwritten, 0,
+        "{what}: {unwritten} outputs not finite (unwritten or overflow)"
+    );
+    let (rel, max) = errors(&a, &e);
+    assert!(
+        rel <= tol,
+        "{what}: relative L2 error {rel:.3e} > {tol:.1e} (max abs {max:.3e})"
+    );
+    (rel, max)
+}
+
+/// Deterministic normal-ish values (xorshift + Box-Muller), scaled and shifted.
+pub fn randn(n: usize, seed: u64, scale: f32, shift: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let mut uniform = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    (0..n)
+        .map(|_| {
+            let (u, v) = (uniform(), uniform());
+            ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32 * scale + shift
+        })
+        .collect()
+}
+
+pub fn random_tensor(shape: &[usize], dtype: DType, seed: u64, scale: f32, shift: f32) -> Tensor {
+    Tensor::from_f32(
+        shape,
+        dtype,
+        &randn(shape.iter().product(), seed, scale, shift),
+    )
+    .unwrap()
+}

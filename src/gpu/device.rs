@@ -148,8 +148,9 @@ impl Gpu {
             .iter()
             .find(|m| m.kernels.contains(&kernel))
             .ok_or_else(|| Error::Unsupported(format!("no compiled kernel is named {kernel}")))?;
-        let cu_module = match self.modules.borrow().get(module.name) {
-            Some(m) => *m,
+        let loaded = self.modules.borrow().get(module.name).copied();
+        let cu_module = match loaded {
+            Some(m) => m,
             None => {
                 let m = cuda(
                     &format!("cuModuleLoadData for module {}", module.name),

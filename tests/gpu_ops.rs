@@ -1,0 +1,358 @@
+//! Every CUDA op against its CPU twin at real SDXL shapes. Each check draws fresh random inputs,
+//! poisons the output (NaN bytes) before the kernel runs, and compares by relative L2 error.
+//!
+//! These need an NVIDIA GPU, so CI (no GPU) lists them as ignored; tools/gpu_run.sh runs them on
+//! the GPU machine with `--include-ignored`. Run without a GPU they fail, never pass silently.
+//!
+//! Tolerances (relative L2): both sides see the same rounded inputs and accumulate in fp32, so
+//! what differs is accumulation order and the final rounding of the output: one rounding of fp16
+//! is <= 2^-11 relative (rms ~3e-4), of bf16 <= 2^-8 (rms ~2e-3). Hence f16 2e-3, bf16 1e-2,
+//! f32 1e-5.
+
+mod common;
+
+use celframe::gpu::{Arena, Gpu};
+use celframe::ops::Exec;
+use celframe::ops::conv::{Conv2d, conv2d};
+use celframe::ops::elementwise::{add, geglu, gelu, mul, scale, silu};
+use celframe::ops::embedding::{TimestepEmbedding, timestep_embedding};
+use celframe::ops::linear::linear;
+use celframe::ops::norm::{GroupNorm, group_norm, layer_norm};
+use celframe::ops::upsample::upsample_nearest2x;
+use celframe::{DType, Tensor};
+use common::{assert_close, random_tensor};
+
+fn tol(d: DType) -> f64 {
+    match d {
+        DType::F16 => 2e-3,
+        DType::BF16 => 1e-2,
+        DType::F32 => 1e-5,
+    }
+}
+
+struct Rig {
+    gpu: Gpu,
+    weights: Arena,
+    scratch: Arena,
+    seed: std::cell::Cell<u64>,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        assert!(
+            Gpu::is_available(),
+            "no CUDA device: this GPU test cannot run here (it is not skipped silently)"
+        );
+        let gpu = Gpu::from_env().unwrap();
+        gpu.set_poison_outputs(true);
+        Rig {
+            weights: Arena::new("test inputs", 4 << 30).unwrap(),
+            scratch: Arena::new("test scratch", 4 << 30).unwrap(),
+            gpu,
+            seed: 1.into(),
+        }
+    }
+    fn exec(&self) -> Exec<'_> {
+        Exec::Cuda {
+            gpu: &self.gpu,
+            scratch: &self.scratch,
+        }
+    }
+    /// A fresh random host tensor and its device copy.
+    fn input(&self, shape: &[usize], dtype: DType, scale: f32, shift: f32) -> (Tensor, Tensor) {
+        self.seed.set(self.seed.get() + 1);
+        let host = random_tensor(shape, dtype, self.seed.get() ^ 0x5eed, scale, shift);
+        let dev = self.gpu.upload(&self.weights, &host, dtype).unwrap();
+        (host, dev)
+    }
+    /// Compares a device result with the twin's and prints one line for the run's table.
+    fn check(&self, op: &str, shape: &[usize], dtype: DType, gpu_out: Tensor, cpu_out: Tensor) {
+        self.check_within(op, shape, dtype, gpu_out, cpu_out, tol(dtype));
+    }
+    fn check_within(
+        &self,
+        op: &str,
+        shape: &[usize],
+        dtype: DType,
+        gpu_out: Tensor,
+        cpu_out: Tensor,
+        tol: f64,
+    ) {
+        let got = self.gpu.download(&gpu_out).unwrap();
+        let (rel, max) = assert_close(op, &got, &cpu_out, tol);
+        println!(
+            "GPUCHECK {op} {shape:?} {dtype:?} rel_l2={rel:.2e} max_abs={max:.2e} tol={tol:.0e}"
+        );
+        self.scratch.reset();
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn group_norm_matches_twin_at_sdxl_shapes() {
+    let rig = Rig::new();
+    // (shape NHWC, groups, eps, silu, frames, dtype)
+    let cases: &[(&[usize], usize, f32, bool, usize, DType)] = &[
+        (&[32, 72, 128, 320], 32, 1e-5, true, 1, DType::F16), // ResNet norm, level 0, 2x16 frames 1024x576
+        (&[32, 72, 128, 320], 32, 1e-5, false, 1, DType::F16),
+        (&[32, 36, 64, 640], 32, 1e-6, false, 16, DType::F16), // motion-module norm across 16 frames
+        (&[32, 18, 32, 1280], 32, 1e-5, true, 1, DType::BF16),
+        (&[2, 32, 32, 2560], 32, 1e-5, true, 1, DType::F16), // up-block concat width
+        (&[3, 17, 23, 960], 32, 1e-5, true, 1, DType::F16),  // ragged last chunk
+        (&[2, 64, 64, 512], 32, 1e-6, true, 1, DType::F32),  // VAE width
+        (&[1, 128, 128, 128], 32, 1e-6, false, 1, DType::BF16),
+    ];
+    for &(shape, groups, eps, silu, frames, dtype) in cases {
+        let c = shape[3];
+        let (x, xd) = rig.input(shape, dtype, 2.0, 0.7);
+        let (g, gd) = rig.input(&[c], dtype, 0.5, 1.0);
+        let (b, bd) = rig.input(&[c], dtype, 0.5, 0.0);
+        let cfg = GroupNorm {
+            groups,
+            eps,
+            silu,
+            frames,
+        };
+        let gpu_out = group_norm(&rig.exec(), &xd, &gd, &bd, cfg).unwrap();
+        let cpu_out = group_norm(&Exec::Cpu, &x, &g, &b, cfg).unwrap();
+        rig.check(
+            &format!("group_norm silu={silu} frames={frames}"),
+            shape,
+            dtype,
+            gpu_out,
+            cpu_out,
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn layer_norm_matches_twin() {
+    let rig = Rig::new();
+    for (shape, dtype) in [
+        (&[2, 4096, 640][..], DType::F16),
+        (&[32, 1024, 1280], DType::BF16),
+        (&[2, 77, 768], DType::F32),
+        (&[5, 13], DType::F16),
+    ] {
+        let c = *shape.last().unwrap();
+        let (x, xd) = rig.input(shape, dtype, 1.5, 0.3);
+        let (g, gd) = rig.input(&[c], dtype, 0.5, 1.0);
+        let (b, bd) = rig.input(&[c], dtype, 0.5, 0.0);
+        let gpu_out = layer_norm(&rig.exec(), &xd, Some(&gd), Some(&bd), 1e-5).unwrap();
+        let cpu_out = layer_norm(&Exec::Cpu, &x, Some(&g), Some(&b), 1e-5).unwrap();
+        rig.check("layer_norm", shape, dtype, gpu_out, cpu_out);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn elementwise_family_matches_twin() {
+    let rig = Rig::new();
+    for dtype in [DType::F16, DType::BF16, DType::F32] {
+        let shape = [2, 64, 64, 640];
+        let (a, ad) = rig.input(&shape, dtype, 3.0, 0.0);
+        let (b, bd) = rig.input(&shape, dtype, 1.0, 0.0);
+        let (bias, biasd) = rig.input(&[640], dtype, 1.0, 0.0);
+        let (emb, embd) = rig.input(&[2, 640], dtype, 1.0, 0.0);
+        let ex = rig.exec();
+        rig.check(
+            "add",
+            &shape,
+            dtype,
+            add(&ex, &ad, &bd, 1.0).unwrap(),
+            add(&Exec::Cpu, &a, &b, 1.0).unwrap(),
+        );
+        rig.check(
+            "add bias",
+            &shape,
+            dtype,
+            add(&ex, &ad, &biasd, 1.0).unwrap(),
+            add(&Exec::Cpu, &a, &bias, 1.0).unwrap(),
+        );
+        rig.check(
+            "add per-image",
+            &shape,
+            dtype,
+            add(&ex, &ad, &embd, 0.5).unwrap(),
+            add(&Exec::Cpu, &a, &emb, 0.5).unwrap(),
+        );
+        rig.check(
+            "mul",
+            &shape,
+            dtype,
+            mul(&ex, &ad, &bd).unwrap(),
+            mul(&Exec::Cpu, &a, &b).unwrap(),
+        );
+        rig.check(
+            "scale",
+            &shape,
+            dtype,
+            scale(&ex, &ad, 0.13025).unwrap(),
+            scale(&Exec::Cpu, &a, 0.13025).unwrap(),
+        );
+        rig.check(
+            "silu",
+            &shape,
+            dtype,
+            silu(&ex, &ad).unwrap(),
+            silu(&Exec::Cpu, &a).unwrap(),
+        );
+        rig.check(
+            "gelu",
+            &shape,
+            dtype,
+            gelu(&ex, &ad).unwrap(),
+            gelu(&Exec::Cpu, &a).unwrap(),
+        );
+        let gshape = [2, 1024, 2 * 5120]; // GEGLU of a 1280-wide block: proj to 2 * 4C
+        let (h, hd) = rig.input(&gshape, dtype, 2.0, 0.0);
+        rig.check(
+            "geglu",
+            &gshape,
+            dtype,
+            geglu(&ex, &hd).unwrap(),
+            geglu(&Exec::Cpu, &h).unwrap(),
+        );
+        let odd = [3, 7, 5]; // scalar path: width not a multiple of 8
+        let (o, od) = rig.input(&odd, dtype, 1.0, 0.0);
+        rig.check(
+            "silu odd width",
+            &odd,
+            dtype,
+            silu(&ex, &od).unwrap(),
+            silu(&Exec::Cpu, &o).unwrap(),
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn linear_matches_twin() {
+    let rig = Rig::new();
+    // (x shape, out features, bias, dtype): proj_in at 64x64, to_k of cross attention, GEGLU proj, time embedding.
+    let cases: &[(&[usize], usize, bool, DType)] = &[
+        (&[2, 4096, 640], 640, true, DType::F16),
+        (&[2, 77, 2048], 1280, false, DType::F16),
+        (&[2, 1024, 1280], 10240, true, DType::BF16),
+        (&[2, 320], 1280, true, DType::F32),
+    ];
+    for &(shape, n, has_bias, dtype) in cases {
+        let k = *shape.last().unwrap();
+        let (x, xd) = rig.input(shape, dtype, 1.0, 0.0);
+        let (w, wd) = rig.input(&[n, k], dtype, 1.0 / (k as f32).sqrt(), 0.0);
+        let (b, bd) = rig.input(&[n], dtype, 1.0, 0.0);
+        let gpu_out = linear(&rig.exec(), &xd, &wd, has_bias.then_some(&bd)).unwrap();
+        let cpu_out = linear(&Exec::Cpu, &x, &w, has_bias.then_some(&b)).unwrap();
+        rig.check(
+            &format!("linear ->{n} bias={has_bias}"),
+            shape,
+            dtype,
+            gpu_out,
+            cpu_out,
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn conv2d_matches_twin() {
+    let rig = Rig::new();
+    // (x NHWC, out channels, kernel, stride, padding, dtype)
+    let cases: &[(&[usize], usize, usize, usize, usize, DType)] = &[
+        (&[2, 128, 128, 4], 320, 3, 1, 1, DType::F16), // conv_in
+        (&[1, 64, 64, 640], 640, 3, 1, 1, DType::F16), // level-1 ResNet conv
+        (&[1, 128, 128, 320], 320, 3, 2, 1, DType::F16), // downsampler
+        (&[1, 64, 64, 1920], 640, 1, 1, 0, DType::F16), // up-block shortcut
+        (&[1, 32, 32, 1280], 1280, 3, 1, 1, DType::BF16),
+        (&[1, 16, 16, 64], 32, 3, 1, 1, DType::F32),
+    ];
+    for &(shape, oc, k, stride, padding, dtype) in cases {
+        let ic = shape[3];
+        let (x, xd) = rig.input(shape, dtype, 1.0, 0.0);
+        let (w, wd) = rig.input(
+            &[oc, k, k, ic],
+            dtype,
+            1.0 / ((k * k * ic) as f32).sqrt(),
+            0.0,
+        );
+        let (b, bd) = rig.input(&[oc], dtype, 1.0, 0.0);
+        let cfg = Conv2d { stride, padding };
+        let gpu_out = conv2d(&rig.exec(), &xd, &wd, Some(&bd), cfg).unwrap();
+        let cpu_out = conv2d(&Exec::Cpu, &x, &w, Some(&b), cfg).unwrap();
+        rig.check(
+            &format!("conv{k}x{k} s{stride} ->{oc}"),
+            shape,
+            dtype,
+            gpu_out,
+            cpu_out,
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn upsample_and_timestep_embedding_match_twin() {
+    let rig = Rig::new();
+    for (shape, dtype) in [
+        (&[2, 32, 32, 1280][..], DType::F16),
+        (&[1, 64, 64, 640], DType::BF16),
+        (&[1, 5, 3, 4], DType::F32),
+    ] {
+        let (x, xd) = rig.input(shape, dtype, 1.0, 0.0);
+        rig.check(
+            "upsample2x",
+            shape,
+            dtype,
+            upsample_nearest2x(&rig.exec(), &xd).unwrap(),
+            upsample_nearest2x(&Exec::Cpu, &x).unwrap(),
+        );
+    }
+    let t: Vec<f32> = (0..32).map(|i| (i * 31 % 1000) as f32 + 0.5).collect();
+    let th = Tensor::from_f32(&[32], DType::F32, &t).unwrap();
+    let td = rig.gpu.upload(&rig.weights, &th, DType::F32).unwrap();
+    for (dim, dtype) in [(320, DType::F32), (256, DType::F16), (1281, DType::F32)] {
+        let cfg = TimestepEmbedding::sdxl(dim);
+        let gpu_out = timestep_embedding(&rig.exec(), &td, cfg, dtype).unwrap();
+        let cpu_out = timestep_embedding(&Exec::Cpu, &th, cfg, dtype).unwrap();
+        // Angles reach ~1e3 rad: a one-ulp difference between CUDA's and Rust's fp32 exp/log moves
+        // the phase by up to ~1e-4, so f32 output gets 5e-4 instead of 1e-5.
+        rig.check_within(
+            &format!("timestep_embedding dim={dim}"),
+            &[32, dim],
+            dtype,
+            gpu_out,
+            cpu_out,
+            tol(dtype).max(5e-4),
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn scratch_tensors_are_refused_after_reset_and_launch_errors_name_the_kernel() {
+    let rig = Rig::new();
+    let t = rig.gpu.empty(&rig.scratch, &[16], DType::F16).unwrap();
+    assert!(t.device_ptr().is_ok());
+    rig.scratch.reset();
+    let err = t.device_ptr().unwrap_err().to_string();
+    assert!(err.contains("after the arena was reset"), "{err}");
+    // An impossible block size must fail at launch with the kernel and grid in the message.
+    let p = celframe::gpu::params::Upsample2xParams {
+        x: std::ptr::null(),
+        out: std::ptr::null_mut(),
+        images: 0,
+        height: 0,
+        width: 0,
+        channels: 0,
+    };
+    let err = rig
+        .gpu
+        .launch("upsample2x_f16", (1, 1, 1), (4096, 1, 1), 0, &p)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("upsample2x_f16") && err.contains("4096"),
+        "{err}"
+    );
+}

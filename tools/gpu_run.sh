@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repo root, after tools/build_gpu_bundle.sh ran on a build machine
+# and dist/ was carried over: runs every GPU test against the CPU twins, the kernel benchmarks and
+# the PyTorch peer in one go, and prints the tables last. Logs go to $OUT (or /tmp/celframe-gpu).
+set -uo pipefail
+out=${OUT:-/tmp/celframe-gpu}
+mkdir -p "$out"
+log=$out/gpu_run.log
+: >"$log"
+# cuBLASLt and cuDNN come from the NVIDIA wheels next to PyTorch.
+libs=$(python3 -c 'import glob, os, nvidia
+print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(os.path.join(d, "**/lib*.so*"), recursive=True)})))')
+export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee -a "$log"
+echo "== GPU tests (CUDA ops vs CPU twins)" | tee -a "$log"
+dist/gpu/gpu_ops --include-ignored --nocapture --test-threads=3 2>&1 | tee -a "$log"
+tests=${PIPESTATUS[0]}
+echo "== celframe benchmarks" | tee -a "$log"
+dist/gpu/bench_ops 2>&1 | tee -a "$log"
+bench=${PIPESTATUS[0]}
+echo "== PyTorch peer" | tee -a "$log"
+python3 tools/peer_torch.py 2>&1 | tee -a "$log"
+python3 tools/report.py "$log" | tee "$out/report.md"
+echo "gpu tests exit $tests, bench exit $bench"
+[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]

@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""PyTorch peer timings for benches/ops.rs, same shapes, same GPU, same run (tools/gpu_run.sh).
+Prints one `PEER {json}` line per entry, keyed like the BENCH lines. PyTorch runs the way
+diffusers does: NCHW contiguous activations (channels_last is timed too where it differs)."""
+import json
+
+import torch
+import torch.nn.functional as F
+
+assert torch.cuda.is_available(), "the peer needs a GPU"
+dev = "cuda"
+torch.backends.cudnn.benchmark = True
+
+
+def bench(fn, warmup=10, runs=50):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(runs + 1)]
+    ev[0].record()
+    for e in ev[1:]:
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    t = sorted(a.elapsed_time(b) for a, b in zip(ev[:-1], ev[1:]))
+    return (t[runs // 2 - 1] + t[runs // 2]) / 2 if runs % 2 == 0 else t[runs // 2]
+
+
+def peer(key, variant, ms, bytes_=0.0, flop=0.0):
+    print("PEER " + json.dumps({"key": key, "variant": variant, "ms": round(ms, 5),
+                                "gbps": round(bytes_ / ms / 1e6, 1), "tflops": round(flop / ms / 1e9, 1)}), flush=True)
+
+
+DT = {"f16": torch.float16, "bf16": torch.bfloat16}
+gn_cases = [("group_norm_silu", (32, 72, 128, 320), True, 1, "f16"),
+            ("group_norm", (32, 72, 128, 320), False, 1, "f16"),
+            ("group_norm_silu", (32, 36, 64, 640), True, 1, "f16"),
+            ("group_norm_silu", (32, 18, 32, 1280), True, 1, "f16"),
+            ("group_norm_frames16", (32, 72, 128, 320), False, 16, "f16"),
+            ("group_norm_silu", (32, 72, 128, 320), True, 1, "bf16")]
+for name, (n, h, w, c), silu, frames, dt in gn_cases:
+    key = f"{name} {dt} N{n} C{c} H{h} W{w}"
+    xs = [torch.randn(n, c, h, w, device=dev, dtype=DT[dt]) for _ in range(2)]
+    g, b = torch.randn(c, device=dev, dtype=DT[dt]), torch.randn(c, device=dev, dtype=DT[dt])
+    nbytes = 2 * xs[0].numel() * xs[0].element_size()
+    k = [0]
+
+    def run(x_of):
+        def f():
+            k[0] ^= 1
+            x = x_of(xs[k[0]])
+            if frames > 1:  # diffusers' motion module: [B*F,C,H,W] -> [B,C,F,H,W], norm over all frames
+                x = x.reshape(n // frames, frames, c, h, w).permute(0, 2, 1, 3, 4)
+            y = F.group_norm(x, 32, g, b, 1e-5)
+            return F.silu(y) if silu else y
+        return f
+    peer(key, "torch NCHW", bench(run(lambda x: x)), nbytes)
+    if frames == 1:
+        cl = [x.to(memory_format=torch.channels_last) for x in xs]
+        xs_cl = {id(a): c_ for a, c_ in zip(xs, cl)}
+        peer(key, "torch channels_last", bench(run(lambda x: xs_cl[id(x)])), nbytes)
+
+for n, h, w, ci, co in [(2, 128, 128, 320, 320), (2, 64, 64, 640, 640), (2, 32, 32, 1280, 1280)]:
+    key = f"conv3x3 f16 N{n} C{ci} H{h} W{w} K{co}"
+    flop = 2.0 * n * h * w * co * ci * 9
+    wt, bias = torch.randn(co, ci, 3, 3, device=dev, dtype=torch.float16), torch.randn(co, device=dev, dtype=torch.float16)
+    for variant, fmt in [("torch NCHW", torch.contiguous_format), ("torch channels_last", torch.channels_last)]:
+        xs = [torch.randn(n, ci, h, w, device=dev, dtype=torch.float16).to(memory_format=fmt) for _ in range(2)]
+        wf = wt.to(memory_format=fmt)
+        k = [0]
+
+        def f():
+            k[0] ^= 1
+            return F.conv2d(xs[k[0]], wf, bias, padding=1)
+        peer(key, variant, bench(f), 0.0, flop)
+
+for m, kd, nd in [(8192, 640, 640), (2048, 1280, 10240), (65536, 320, 320)]:
+    key = f"linear f16 M{m} K{kd} N{nd}"
+    xs = [torch.randn(m, kd, device=dev, dtype=torch.float16) for _ in range(2)]
+    wt, bias = torch.randn(nd, kd, device=dev, dtype=torch.float16), torch.randn(nd, device=dev, dtype=torch.float16)
+    k = [0]
+
+    def f():
+        k[0] ^= 1
+        return F.linear(xs[k[0]], wt, bias)
+    peer(key, "torch", bench(f), 0.0, 2.0 * m * kd * nd)
+
+# Memory ceiling of this GPU: device-to-device copy of 1 GiB, bytes read + written.
+src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+dst = torch.empty_like(src)
+ms = bench(lambda: dst.copy_(src))
+print("PEER " + json.dumps({"key": "copy 1GiB", "variant": "torch copy_", "ms": round(ms, 5), "gbps": round(2 * (1 << 30) / ms / 1e6, 1)}))

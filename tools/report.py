@@ -1,0 +1,41 @@
+#!/usr/bin/env python3
+"""Reads BENCH / PEER / GPUCHECK lines (from tools/gpu_run.sh's log) and prints markdown tables:
+our time next to PyTorch's best variant from the same run, the ratio, and bandwidth or TFLOP/s."""
+import json
+import sys
+
+bench, peers, checks, device, copy = [], {}, [], {}, None
+for line in open(sys.argv[1], errors="replace"):
+    if line.startswith("BENCH "):
+        bench.append(json.loads(line[6:]))
+    elif line.startswith("PEER "):
+        p = json.loads(line[5:])
+        if p["key"] == "copy 1GiB":
+            copy = p
+        else:
+            peers.setdefault(p["key"], []).append(p)
+    elif line.startswith("BENCHDEVICE "):
+        device = json.loads(line[12:])
+    elif line.startswith("GPUCHECK "):
+        checks.append(line[9:].strip())
+
+print(f"\nDevice: {device.get('name', '?')}, {device.get('sms', '?')} SMs, L2 {device.get('l2_mb', '?')} MB"
+      + (f"; copy bandwidth {copy['gbps']} GB/s (read+write)" if copy else ""))
+print(f"\nGPU op checks vs CPU twins: {len(checks)} passed lines")
+for c in checks:
+    print("  " + c)
+print("\n| entry | celframe ms | GB/s | TFLOP/s | PyTorch best ms (variant) | speed-up |")
+print("|---|---|---|---|---|---|")
+for b in bench:
+    if b["name"] == "group_norm_sweep":
+        continue
+    ps = peers.get(b["key"], [])
+    best = min(ps, key=lambda p: p["ms"]) if ps else None
+    peer_txt = f"{best['ms']:.4f} ({best['variant']})" if best else "-"
+    ratio = f"{best['ms'] / b['ms']:.2f}x" if best else "-"
+    print(f"| {b['key']} | {b['ms']:.4f} | {b['gbps'] or '-'} | {b['tflops'] or '-'} | {peer_txt} | {ratio} |")
+sweep = [b for b in bench if b["name"] == "group_norm_sweep"]
+if sweep:
+    print("\nGroup-norm work-layout sweep (32x320x72x128 f16 +SiLU):")
+    for b in sweep:
+        print(f"  {b['key'].split()[-2]} {b['key'].split()[-1]}: {b['ms']:.4f} ms, {b['gbps']} GB/s")

@@ -5,6 +5,7 @@ pub mod error;
 pub mod gpu;
 pub mod ops;
 pub mod tensor;
+pub mod weights;
 
 pub use error::{Error, Result};
 pub use tensor::{DType, Tensor};

@@ -25,28 +25,17 @@ impl Bench {
         // A cheap hash gives varied, non-zero values in [-2, 2).
         let v: Vec<f32> = (0..n)
             .map(|i| {
-                ((i as u32)
-                    .wrapping_mul(2654435761)
-                    .wrapping_add(seed.wrapping_mul(97))
-                    >> 8) as f32
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed.wrapping_mul(97)) >> 8) as f32
                     / (1u32 << 24) as f32
                     * 4.0
                     - 2.0
             })
             .collect();
-        self.gpu
-            .upload(&self.inputs, &Tensor::from_f32(shape, dtype, &v)?, dtype)
+        self.gpu.upload(&self.inputs, &Tensor::from_f32(shape, dtype, &v)?, dtype)
     }
 
     /// Times `f(input k % 2)` and prints the entry. `bytes` is the minimum traffic, `flop` the arithmetic.
-    fn run(
-        &self,
-        name: &str,
-        key: &str,
-        bytes: f64,
-        flop: f64,
-        mut f: impl FnMut(usize) -> Result<()>,
-    ) -> Result<()> {
+    fn run(&self, name: &str, key: &str, bytes: f64, flop: f64, mut f: impl FnMut(usize) -> Result<()>) -> Result<()> {
         let mut k = 0;
         let t = time_gpu(&self.gpu, WARMUP, RUNS, || {
             k += 1;
@@ -74,15 +63,8 @@ fn main() -> Result<()> {
         info.multiprocessors,
         info.l2_bytes >> 20
     );
-    let b = Bench {
-        inputs: Arena::new("bench inputs", 8 << 30)?,
-        scratch: Arena::new("bench scratch", 8 << 30)?,
-        gpu,
-    };
-    let ex = Exec::Cuda {
-        gpu: &b.gpu,
-        scratch: &b.scratch,
-    };
+    let b = Bench { inputs: Arena::new("bench inputs", 8 << 30)?, scratch: Arena::new("bench scratch", 8 << 30)?, gpu };
+    let ex = Exec::Cuda { gpu: &b.gpu, scratch: &b.scratch };
 
     // Group norm (+SiLU), NHWC, at the SDXL video shapes of a 2x16-frame 1024x576 CFG batch.
     let gn_cases: &[(&str, [usize; 4], bool, usize, DType)] = &[
@@ -90,27 +72,13 @@ fn main() -> Result<()> {
         ("group_norm", [32, 72, 128, 320], false, 1, DType::F16),
         ("group_norm_silu", [32, 36, 64, 640], true, 1, DType::F16),
         ("group_norm_silu", [32, 18, 32, 1280], true, 1, DType::F16),
-        (
-            "group_norm_frames16",
-            [32, 72, 128, 320],
-            false,
-            16,
-            DType::F16,
-        ),
+        ("group_norm_frames16", [32, 72, 128, 320], false, 16, DType::F16),
         ("group_norm_silu", [32, 72, 128, 320], true, 1, DType::BF16),
     ];
     for &(name, [n, h, w, c], silu, frames, dtype) in gn_cases {
-        let xs = [
-            b.random(&[n, h, w, c], dtype, 1)?,
-            b.random(&[n, h, w, c], dtype, 2)?,
-        ];
+        let xs = [b.random(&[n, h, w, c], dtype, 1)?, b.random(&[n, h, w, c], dtype, 2)?];
         let (g, be) = (b.random(&[c], dtype, 3)?, b.random(&[c], dtype, 4)?);
-        let cfg = GroupNorm {
-            groups: 32,
-            eps: 1e-5,
-            silu,
-            frames,
-        };
+        let cfg = GroupNorm { groups: 32, eps: 1e-5, silu, frames };
         let bytes = 2.0 * xs[0].size_bytes() as f64;
         let key = format!("{name} {} N{n} C{c} H{h} W{w}", dtype.kernel_suffix());
         b.run(name, &key, bytes, 0.0, |k| {
@@ -119,78 +87,35 @@ fn main() -> Result<()> {
     }
 
     // Work-layout sweep of the headline shape: resident blocks per SM x lag.
-    let xs = [
-        b.random(&[32, 72, 128, 320], DType::F16, 5)?,
-        b.random(&[32, 72, 128, 320], DType::F16, 6)?,
-    ];
-    let (g, be) = (
-        b.random(&[320], DType::F16, 7)?,
-        b.random(&[320], DType::F16, 8)?,
-    );
-    let cfg = GroupNorm {
-        groups: 32,
-        eps: 1e-5,
-        silu: true,
-        frames: 1,
-    };
-    for blocks_per_sm in [1, 2, 3] {
-        for lag in [1, 2, 3, 5] {
-            let tuning = GroupNormTuning { blocks_per_sm, lag };
-            let key =
-                format!("sweep group_norm_silu f16 N32 C320 H72 W128 bps{blocks_per_sm} lag{lag}");
-            b.run(
-                "group_norm_sweep",
-                &key,
-                2.0 * xs[0].size_bytes() as f64,
-                0.0,
-                |k| group_norm_tuned(&ex, &xs[k], &g, &be, cfg, tuning).map(drop),
-            )?;
+    let xs = [b.random(&[32, 72, 128, 320], DType::F16, 5)?, b.random(&[32, 72, 128, 320], DType::F16, 6)?];
+    let (g, be) = (b.random(&[320], DType::F16, 7)?, b.random(&[320], DType::F16, 8)?);
+    let cfg = GroupNorm { groups: 32, eps: 1e-5, silu: true, frames: 1 };
+    for blocks_per_sm in [2, 3] {
+        for (lag, resident) in [(0, true), (1, false), (3, false), (8, false)] {
+            let tuning = GroupNormTuning { blocks_per_sm, lag, resident };
+            let mode = if resident { "resident".to_string() } else { format!("two-phase lag{lag}") };
+            let key = format!("sweep group_norm_silu f16 N32 C320 H72 W128 bps{blocks_per_sm} {mode}");
+            b.run("group_norm_sweep", &key, 2.0 * xs[0].size_bytes() as f64, 0.0, |k| {
+                group_norm_tuned(&ex, &xs[k], &g, &be, cfg, tuning).map(drop)
+            })?;
         }
     }
 
     // cuDNN convolutions and cuBLASLt linears at UNet shapes, for the record (issue: conv choice).
-    for (n, h, w, ci, co) in [
-        (2usize, 128usize, 128usize, 320usize, 320usize),
-        (2, 64, 64, 640, 640),
-        (2, 32, 32, 1280, 1280),
-    ] {
-        let xs = [
-            b.random(&[n, h, w, ci], DType::F16, 9)?,
-            b.random(&[n, h, w, ci], DType::F16, 10)?,
-        ];
-        let (wt, bias) = (
-            b.random(&[co, 3, 3, ci], DType::F16, 11)?,
-            b.random(&[co], DType::F16, 12)?,
-        );
+    for (n, h, w, ci, co) in
+        [(2usize, 128usize, 128usize, 320usize, 320usize), (2, 64, 64, 640, 640), (2, 32, 32, 1280, 1280)]
+    {
+        let xs = [b.random(&[n, h, w, ci], DType::F16, 9)?, b.random(&[n, h, w, ci], DType::F16, 10)?];
+        let (wt, bias) = (b.random(&[co, 3, 3, ci], DType::F16, 11)?, b.random(&[co], DType::F16, 12)?);
         let flop = 2.0 * (n * h * w * co * ci * 9) as f64;
         let key = format!("conv3x3 f16 N{n} C{ci} H{h} W{w} K{co}");
         b.run("conv3x3", &key, 0.0, flop, |k| {
-            conv2d(
-                &ex,
-                &xs[k],
-                &wt,
-                Some(&bias),
-                Conv2d {
-                    stride: 1,
-                    padding: 1,
-                },
-            )
-            .map(drop)
+            conv2d(&ex, &xs[k], &wt, Some(&bias), Conv2d { stride: 1, padding: 1 }).map(drop)
         })?;
     }
-    for (m, kdim, ndim) in [
-        (8192usize, 640usize, 640usize),
-        (2048, 1280, 10240),
-        (65536, 320, 320),
-    ] {
-        let xs = [
-            b.random(&[m, kdim], DType::F16, 13)?,
-            b.random(&[m, kdim], DType::F16, 14)?,
-        ];
-        let (wt, bias) = (
-            b.random(&[ndim, kdim], DType::F16, 15)?,
-            b.random(&[ndim], DType::F16, 16)?,
-        );
+    for (m, kdim, ndim) in [(8192usize, 640usize, 640usize), (2048, 1280, 10240), (65536, 320, 320)] {
+        let xs = [b.random(&[m, kdim], DType::F16, 13)?, b.random(&[m, kdim], DType::F16, 14)?];
+        let (wt, bias) = (b.random(&[ndim, kdim], DType::F16, 15)?, b.random(&[ndim], DType::F16, 16)?);
         let key = format!("linear f16 M{m} K{kdim} N{ndim}");
         b.run("linear", &key, 0.0, 2.0 * (m * kdim * ndim) as f64, |k| {
             linear(&ex, &xs[k], &wt, Some(&bias)).map(drop)

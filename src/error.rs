@@ -13,10 +13,7 @@ pub enum Error {
     #[error("not supported: {0}")]
     Unsupported(String),
     #[error("{context}: {source}")]
-    Io {
-        context: String,
-        source: std::io::Error,
-    },
+    Io { context: String, source: std::io::Error },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

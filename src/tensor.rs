@@ -39,9 +39,7 @@ impl DType {
             "f16" | "fp16" | "float16" => Ok(DType::F16),
             "bf16" | "bfloat16" => Ok(DType::BF16),
             "f32" | "fp32" | "float32" => Ok(DType::F32),
-            _ => Err(Error::Input(format!(
-                "unknown dtype '{name}' (expected f16, bf16 or f32)"
-            ))),
+            _ => Err(Error::Input(format!("unknown dtype '{name}' (expected f16, bf16 or f32)"))),
         }
     }
 
@@ -59,11 +57,7 @@ impl DType {
 #[derive(Clone)]
 pub enum HostBytes {
     Owned(Arc<Vec<u8>>),
-    Mapped {
-        map: Arc<Mmap>,
-        start: usize,
-        len: usize,
-    },
+    Mapped { map: Arc<Mmap>, start: usize, len: usize },
 }
 
 impl HostBytes {
@@ -107,39 +101,22 @@ impl Tensor {
                 "tensor of shape {shape:?} {dtype:?} needs {expected} bytes, storage has {bytes}"
             )));
         }
-        Ok(Tensor {
-            shape: shape.to_vec(),
-            dtype,
-            storage,
-        })
+        Ok(Tensor { shape: shape.to_vec(), dtype, storage })
     }
 
     /// A host tensor holding `values` rounded to `dtype`.
     pub fn from_f32(shape: &[usize], dtype: DType, values: &[f32]) -> Result<Tensor> {
         let numel: usize = shape.iter().product();
         if values.len() != numel {
-            return Err(Error::Input(format!(
-                "shape {shape:?} needs {numel} values, got {}",
-                values.len()
-            )));
+            return Err(Error::Input(format!("shape {shape:?} needs {numel} values, got {}", values.len())));
         }
         let mut bytes = Vec::with_capacity(numel * dtype.size());
         match dtype {
-            DType::F16 => values
-                .iter()
-                .for_each(|v| bytes.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
-            DType::BF16 => values
-                .iter()
-                .for_each(|v| bytes.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
-            DType::F32 => values
-                .iter()
-                .for_each(|v| bytes.extend_from_slice(&v.to_le_bytes())),
+            DType::F16 => values.iter().for_each(|v| bytes.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+            DType::BF16 => values.iter().for_each(|v| bytes.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+            DType::F32 => values.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes())),
         }
-        Tensor::from_storage(
-            shape,
-            dtype,
-            Storage::Host(HostBytes::Owned(Arc::new(bytes))),
-        )
+        Tensor::from_storage(shape, dtype, Storage::Host(HostBytes::Owned(Arc::new(bytes))))
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -165,9 +142,7 @@ impl Tensor {
     pub fn host_bytes(&self) -> Result<&[u8]> {
         match &self.storage {
             Storage::Host(h) => Ok(h.as_slice()),
-            Storage::Device(_) => Err(Error::Input(format!(
-                "{self:?} is on the device; download it first"
-            ))),
+            Storage::Device(_) => Err(Error::Input(format!("{self:?} is on the device; download it first"))),
         }
     }
 
@@ -175,9 +150,7 @@ impl Tensor {
     pub fn device_ptr(&self) -> Result<u64> {
         match &self.storage {
             Storage::Device(d) => d.ptr(),
-            Storage::Host(_) => Err(Error::Input(format!(
-                "{self:?} is on the host; upload it first"
-            ))),
+            Storage::Host(_) => Err(Error::Input(format!("{self:?} is on the host; upload it first"))),
         }
     }
 
@@ -185,33 +158,17 @@ impl Tensor {
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
         let bytes = self.host_bytes()?;
         Ok(match self.dtype {
-            DType::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            DType::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            DType::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
+            DType::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            DType::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            DType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
         })
     }
 
     /// The same storage under another shape with the same element count.
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         if shape.iter().product::<usize>() != self.numel() {
-            return Err(Error::Input(format!(
-                "cannot reshape {:?} to {shape:?}",
-                self.shape
-            )));
+            return Err(Error::Input(format!("cannot reshape {:?} to {shape:?}", self.shape)));
         }
-        Ok(Tensor {
-            shape: shape.to_vec(),
-            dtype: self.dtype,
-            storage: self.storage.clone(),
-        })
+        Ok(Tensor { shape: shape.to_vec(), dtype: self.dtype, storage: self.storage.clone() })
     }
 }

@@ -17,7 +17,7 @@ use celframe::ops::conv::{Conv2d, conv2d};
 use celframe::ops::elementwise::{add, geglu, gelu, mul, scale, silu};
 use celframe::ops::embedding::{TimestepEmbedding, timestep_embedding};
 use celframe::ops::linear::linear;
-use celframe::ops::norm::{GroupNorm, group_norm, layer_norm};
+use celframe::ops::norm::{GroupNorm, GroupNormTuning, group_norm, group_norm_tuned, layer_norm};
 use celframe::ops::upsample::upsample_nearest2x;
 use celframe::{DType, Tensor};
 use common::{assert_close, random_tensor};
@@ -39,10 +39,7 @@ struct Rig {
 
 impl Rig {
     fn new() -> Rig {
-        assert!(
-            Gpu::is_available(),
-            "no CUDA device: this GPU test cannot run here (it is not skipped silently)"
-        );
+        assert!(Gpu::is_available(), "no CUDA device: this GPU test cannot run here (it is not skipped silently)");
         let gpu = Gpu::from_env().unwrap();
         gpu.set_poison_outputs(true);
         Rig {
@@ -53,10 +50,7 @@ impl Rig {
         }
     }
     fn exec(&self) -> Exec<'_> {
-        Exec::Cuda {
-            gpu: &self.gpu,
-            scratch: &self.scratch,
-        }
+        Exec::Cuda { gpu: &self.gpu, scratch: &self.scratch }
     }
     /// A fresh random host tensor and its device copy.
     fn input(&self, shape: &[usize], dtype: DType, scale: f32, shift: f32) -> (Tensor, Tensor) {
@@ -69,20 +63,10 @@ impl Rig {
     fn check(&self, op: &str, shape: &[usize], dtype: DType, gpu_out: Tensor, cpu_out: Tensor) {
         self.check_within(op, shape, dtype, gpu_out, cpu_out, tol(dtype));
     }
-    fn check_within(
-        &self,
-        op: &str,
-        shape: &[usize],
-        dtype: DType,
-        gpu_out: Tensor,
-        cpu_out: Tensor,
-        tol: f64,
-    ) {
+    fn check_within(&self, op: &str, shape: &[usize], dtype: DType, gpu_out: Tensor, cpu_out: Tensor, tol: f64) {
         let got = self.gpu.download(&gpu_out).unwrap();
         let (rel, max) = assert_close(op, &got, &cpu_out, tol);
-        println!(
-            "GPUCHECK {op} {shape:?} {dtype:?} rel_l2={rel:.2e} max_abs={max:.2e} tol={tol:.0e}"
-        );
+        println!("GPUCHECK {op} {shape:?} {dtype:?} rel_l2={rel:.2e} max_abs={max:.2e} tol={tol:.0e}");
         self.scratch.reset();
     }
 }
@@ -107,22 +91,32 @@ fn group_norm_matches_twin_at_sdxl_shapes() {
         let (x, xd) = rig.input(shape, dtype, 2.0, 0.7);
         let (g, gd) = rig.input(&[c], dtype, 0.5, 1.0);
         let (b, bd) = rig.input(&[c], dtype, 0.5, 0.0);
-        let cfg = GroupNorm {
-            groups,
-            eps,
-            silu,
-            frames,
-        };
+        let cfg = GroupNorm { groups, eps, silu, frames };
         let gpu_out = group_norm(&rig.exec(), &xd, &gd, &bd, cfg).unwrap();
         let cpu_out = group_norm(&Exec::Cpu, &x, &g, &b, cfg).unwrap();
-        rig.check(
-            &format!("group_norm silu={silu} frames={frames}"),
-            shape,
-            dtype,
-            gpu_out,
-            cpu_out,
-        );
+        rig.check(&format!("group_norm silu={silu} frames={frames}"), shape, dtype, gpu_out, cpu_out);
     }
+    // The cases above run two-phase with the default lag; check lag 1 and resident mode too.
+    let shape = [8, 72, 128, 320];
+    let (x, xd) = rig.input(&shape, DType::F16, 1.0, -0.4);
+    let (g, gd) = rig.input(&[320], DType::F16, 0.5, 1.0);
+    let (b, bd) = rig.input(&[320], DType::F16, 0.5, 0.0);
+    let cfg = GroupNorm { groups: 32, eps: 1e-5, silu: true, frames: 1 };
+    let tuning = GroupNormTuning { blocks_per_sm: 0, lag: 1, resident: false };
+    let gpu_out = group_norm_tuned(&rig.exec(), &xd, &gd, &bd, cfg, tuning).unwrap();
+    let cpu_out = group_norm(&Exec::Cpu, &x, &g, &b, cfg).unwrap();
+    rig.check("group_norm two-phase lag=1", &shape, DType::F16, gpu_out, cpu_out);
+    let tuning = GroupNormTuning { blocks_per_sm: 0, lag: 0, resident: true };
+    let gpu_out = group_norm_tuned(&rig.exec(), &xd, &gd, &bd, cfg, tuning).unwrap();
+    rig.check("group_norm resident", &shape, DType::F16, gpu_out, group_norm(&Exec::Cpu, &x, &g, &b, cfg).unwrap());
+    // A mean 30 standard deviations from zero: E[x^2] - mean^2 would cancel badly without the shift.
+    let shape = [4, 32, 32, 640];
+    let (x, xd) = rig.input(&shape, DType::F32, 1.0, 30.0);
+    let (g, gd) = rig.input(&[640], DType::F32, 0.5, 1.0);
+    let (b, bd) = rig.input(&[640], DType::F32, 0.5, 0.0);
+    let gpu_out = group_norm(&rig.exec(), &xd, &gd, &bd, cfg).unwrap();
+    let cpu_out = group_norm(&Exec::Cpu, &x, &g, &b, cfg).unwrap();
+    rig.check("group_norm mean 30 std 1", &shape, DType::F32, gpu_out, cpu_out);
 }
 
 #[test]
@@ -156,13 +150,7 @@ fn elementwise_family_matches_twin() {
         let (bias, biasd) = rig.input(&[640], dtype, 1.0, 0.0);
         let (emb, embd) = rig.input(&[2, 640], dtype, 1.0, 0.0);
         let ex = rig.exec();
-        rig.check(
-            "add",
-            &shape,
-            dtype,
-            add(&ex, &ad, &bd, 1.0).unwrap(),
-            add(&Exec::Cpu, &a, &b, 1.0).unwrap(),
-        );
+        rig.check("add", &shape, dtype, add(&ex, &ad, &bd, 1.0).unwrap(), add(&Exec::Cpu, &a, &b, 1.0).unwrap());
         rig.check(
             "add bias",
             &shape,
@@ -177,52 +165,16 @@ fn elementwise_family_matches_twin() {
             add(&ex, &ad, &embd, 0.5).unwrap(),
             add(&Exec::Cpu, &a, &emb, 0.5).unwrap(),
         );
-        rig.check(
-            "mul",
-            &shape,
-            dtype,
-            mul(&ex, &ad, &bd).unwrap(),
-            mul(&Exec::Cpu, &a, &b).unwrap(),
-        );
-        rig.check(
-            "scale",
-            &shape,
-            dtype,
-            scale(&ex, &ad, 0.13025).unwrap(),
-            scale(&Exec::Cpu, &a, 0.13025).unwrap(),
-        );
-        rig.check(
-            "silu",
-            &shape,
-            dtype,
-            silu(&ex, &ad).unwrap(),
-            silu(&Exec::Cpu, &a).unwrap(),
-        );
-        rig.check(
-            "gelu",
-            &shape,
-            dtype,
-            gelu(&ex, &ad).unwrap(),
-            gelu(&Exec::Cpu, &a).unwrap(),
-        );
+        rig.check("mul", &shape, dtype, mul(&ex, &ad, &bd).unwrap(), mul(&Exec::Cpu, &a, &b).unwrap());
+        rig.check("scale", &shape, dtype, scale(&ex, &ad, 0.13025).unwrap(), scale(&Exec::Cpu, &a, 0.13025).unwrap());
+        rig.check("silu", &shape, dtype, silu(&ex, &ad).unwrap(), silu(&Exec::Cpu, &a).unwrap());
+        rig.check("gelu", &shape, dtype, gelu(&ex, &ad).unwrap(), gelu(&Exec::Cpu, &a).unwrap());
         let gshape = [2, 1024, 2 * 5120]; // GEGLU of a 1280-wide block: proj to 2 * 4C
         let (h, hd) = rig.input(&gshape, dtype, 2.0, 0.0);
-        rig.check(
-            "geglu",
-            &gshape,
-            dtype,
-            geglu(&ex, &hd).unwrap(),
-            geglu(&Exec::Cpu, &h).unwrap(),
-        );
+        rig.check("geglu", &gshape, dtype, geglu(&ex, &hd).unwrap(), geglu(&Exec::Cpu, &h).unwrap());
         let odd = [3, 7, 5]; // scalar path: width not a multiple of 8
         let (o, od) = rig.input(&odd, dtype, 1.0, 0.0);
-        rig.check(
-            "silu odd width",
-            &odd,
-            dtype,
-            silu(&ex, &od).unwrap(),
-            silu(&Exec::Cpu, &o).unwrap(),
-        );
+        rig.check("silu odd width", &odd, dtype, silu(&ex, &od).unwrap(), silu(&Exec::Cpu, &o).unwrap());
     }
 }
 
@@ -244,13 +196,7 @@ fn linear_matches_twin() {
         let (b, bd) = rig.input(&[n], dtype, 1.0, 0.0);
         let gpu_out = linear(&rig.exec(), &xd, &wd, has_bias.then_some(&bd)).unwrap();
         let cpu_out = linear(&Exec::Cpu, &x, &w, has_bias.then_some(&b)).unwrap();
-        rig.check(
-            &format!("linear ->{n} bias={has_bias}"),
-            shape,
-            dtype,
-            gpu_out,
-            cpu_out,
-        );
+        rig.check(&format!("linear ->{n} bias={has_bias}"), shape, dtype, gpu_out, cpu_out);
     }
 }
 
@@ -260,33 +206,22 @@ fn conv2d_matches_twin() {
     let rig = Rig::new();
     // (x NHWC, out channels, kernel, stride, padding, dtype)
     let cases: &[(&[usize], usize, usize, usize, usize, DType)] = &[
-        (&[2, 128, 128, 4], 320, 3, 1, 1, DType::F16), // conv_in
-        (&[1, 64, 64, 640], 640, 3, 1, 1, DType::F16), // level-1 ResNet conv
+        (&[2, 128, 128, 4], 320, 3, 1, 1, DType::F16),   // conv_in
+        (&[1, 64, 64, 640], 640, 3, 1, 1, DType::F16),   // level-1 ResNet conv
         (&[1, 128, 128, 320], 320, 3, 2, 1, DType::F16), // downsampler
-        (&[1, 64, 64, 1920], 640, 1, 1, 0, DType::F16), // up-block shortcut
+        (&[1, 64, 64, 1920], 640, 1, 1, 0, DType::F16),  // up-block shortcut
         (&[1, 32, 32, 1280], 1280, 3, 1, 1, DType::BF16),
         (&[1, 16, 16, 64], 32, 3, 1, 1, DType::F32),
     ];
     for &(shape, oc, k, stride, padding, dtype) in cases {
         let ic = shape[3];
         let (x, xd) = rig.input(shape, dtype, 1.0, 0.0);
-        let (w, wd) = rig.input(
-            &[oc, k, k, ic],
-            dtype,
-            1.0 / ((k * k * ic) as f32).sqrt(),
-            0.0,
-        );
+        let (w, wd) = rig.input(&[oc, k, k, ic], dtype, 1.0 / ((k * k * ic) as f32).sqrt(), 0.0);
         let (b, bd) = rig.input(&[oc], dtype, 1.0, 0.0);
         let cfg = Conv2d { stride, padding };
         let gpu_out = conv2d(&rig.exec(), &xd, &wd, Some(&bd), cfg).unwrap();
         let cpu_out = conv2d(&Exec::Cpu, &x, &w, Some(&b), cfg).unwrap();
-        rig.check(
-            &format!("conv{k}x{k} s{stride} ->{oc}"),
-            shape,
-            dtype,
-            gpu_out,
-            cpu_out,
-        );
+        rig.check(&format!("conv{k}x{k} s{stride} ->{oc}"), shape, dtype, gpu_out, cpu_out);
     }
 }
 
@@ -294,11 +229,9 @@ fn conv2d_matches_twin() {
 #[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
 fn upsample_and_timestep_embedding_match_twin() {
     let rig = Rig::new();
-    for (shape, dtype) in [
-        (&[2, 32, 32, 1280][..], DType::F16),
-        (&[1, 64, 64, 640], DType::BF16),
-        (&[1, 5, 3, 4], DType::F32),
-    ] {
+    for (shape, dtype) in
+        [(&[2, 32, 32, 1280][..], DType::F16), (&[1, 64, 64, 640], DType::BF16), (&[1, 5, 3, 4], DType::F32)]
+    {
         let (x, xd) = rig.input(shape, dtype, 1.0, 0.0);
         rig.check(
             "upsample2x",
@@ -346,13 +279,6 @@ fn scratch_tensors_are_refused_after_reset_and_launch_errors_name_the_kernel() {
         width: 0,
         channels: 0,
     };
-    let err = rig
-        .gpu
-        .launch("upsample2x_f16", (1, 1, 1), (4096, 1, 1), 0, &p)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("upsample2x_f16") && err.contains("4096"),
-        "{err}"
-    );
+    let err = rig.gpu.launch("upsample2x_f16", (1, 1, 1), (4096, 1, 1), 0, &p).unwrap_err().to_string();
+    assert!(err.contains("upsample2x_f16") && err.contains("4096"), "{err}");
 }

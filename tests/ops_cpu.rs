@@ -20,64 +20,29 @@ const CPU: Exec = Exec::Cpu;
 #[test]
 fn group_norm_matches_torch_per_image_and_across_frames() {
     let f = fixture("ops_reference.safetensors");
-    let gn = |silu, groups, eps, frames| GroupNorm {
-        groups,
-        eps,
-        silu,
-        frames,
-    };
-    let (x, g, b) = (
-        &f["group_norm.x"],
-        &f["group_norm.gamma"],
-        &f["group_norm.beta"],
-    );
-    assert_close(
-        "group_norm",
-        &group_norm(&CPU, x, g, b, gn(false, 32, 1e-5, 1)).unwrap(),
-        &f["group_norm.out"],
-        TOL,
-    );
+    let gn = |silu, groups, eps, frames| GroupNorm { groups, eps, silu, frames };
+    let (x, g, b) = (&f["group_norm.x"], &f["group_norm.gamma"], &f["group_norm.beta"]);
+    assert_close("group_norm", &group_norm(&CPU, x, g, b, gn(false, 32, 1e-5, 1)).unwrap(), &f["group_norm.out"], TOL);
     assert_close(
         "group_norm+silu",
         &group_norm(&CPU, x, g, b, gn(true, 32, 1e-5, 1)).unwrap(),
         &f["group_norm_silu.out"],
         TOL,
     );
-    let (x, g, b) = (
-        &f["group_norm_frames.x"],
-        &f["group_norm_frames.gamma"],
-        &f["group_norm_frames.beta"],
-    );
+    let (x, g, b) = (&f["group_norm_frames.x"], &f["group_norm_frames.gamma"], &f["group_norm_frames.beta"]);
     let out = group_norm(&CPU, x, g, b, gn(false, 8, 1e-6, 4)).unwrap();
-    assert_close(
-        "group_norm over 4 frames",
-        &out,
-        &f["group_norm_frames.out"],
-        TOL,
-    );
+    assert_close("group_norm over 4 frames", &out, &f["group_norm_frames.out"], TOL);
     // Per-frame statistics are a different function: the fixture must tell them apart.
     let per_frame = group_norm(&CPU, x, g, b, gn(false, 8, 1e-6, 1)).unwrap();
-    let (rel, _) = common::errors(
-        &per_frame.to_f32_vec().unwrap(),
-        &f["group_norm_frames.out"].to_f32_vec().unwrap(),
-    );
-    assert!(
-        rel > 1e-2,
-        "per-frame and per-video statistics should differ, rel {rel}"
-    );
+    let (rel, _) = common::errors(&per_frame.to_f32_vec().unwrap(), &f["group_norm_frames.out"].to_f32_vec().unwrap());
+    assert!(rel > 1e-2, "per-frame and per-video statistics should differ, rel {rel}");
 }
 
 #[test]
 fn layer_norm_matches_torch() {
     let f = fixture("ops_reference.safetensors");
-    let out = layer_norm(
-        &CPU,
-        &f["layer_norm.x"],
-        Some(&f["layer_norm.gamma"]),
-        Some(&f["layer_norm.beta"]),
-        1e-5,
-    )
-    .unwrap();
+    let out =
+        layer_norm(&CPU, &f["layer_norm.x"], Some(&f["layer_norm.gamma"]), Some(&f["layer_norm.beta"]), 1e-5).unwrap();
     assert_close("layer_norm", &out, &f["layer_norm.out"], TOL);
 }
 
@@ -85,24 +50,9 @@ fn layer_norm_matches_torch() {
 fn elementwise_family_matches_torch() {
     let f = fixture("ops_reference.safetensors");
     let (a, b) = (&f["elementwise.a"], &f["elementwise.b"]);
-    assert_close(
-        "add",
-        &add(&CPU, a, b, 1.0).unwrap(),
-        &f["elementwise.add"],
-        TOL,
-    );
-    assert_close(
-        "add scaled",
-        &add(&CPU, a, b, 0.5).unwrap(),
-        &f["elementwise.add_scaled"],
-        TOL,
-    );
-    assert_close(
-        "add bias",
-        &add(&CPU, a, &f["elementwise.bias"], 1.0).unwrap(),
-        &f["elementwise.add_bias"],
-        TOL,
-    );
+    assert_close("add", &add(&CPU, a, b, 1.0).unwrap(), &f["elementwise.add"], TOL);
+    assert_close("add scaled", &add(&CPU, a, b, 0.5).unwrap(), &f["elementwise.add_scaled"], TOL);
+    assert_close("add bias", &add(&CPU, a, &f["elementwise.bias"], 1.0).unwrap(), &f["elementwise.add_bias"], TOL);
     assert_close(
         "add per image",
         &add(&CPU, a, &f["elementwise.per_image"], 1.0).unwrap(),
@@ -110,32 +60,16 @@ fn elementwise_family_matches_torch() {
         TOL,
     );
     assert_close("mul", &mul(&CPU, a, b).unwrap(), &f["elementwise.mul"], TOL);
-    assert_close(
-        "scale",
-        &scale(&CPU, a, -1.25).unwrap(),
-        &f["elementwise.scale"],
-        TOL,
-    );
+    assert_close("scale", &scale(&CPU, a, -1.25).unwrap(), &f["elementwise.scale"], TOL);
     assert_close("silu", &silu(&CPU, a).unwrap(), &f["elementwise.silu"], TOL);
     assert_close("gelu", &gelu(&CPU, a).unwrap(), &f["elementwise.gelu"], TOL);
-    assert_close(
-        "geglu",
-        &geglu(&CPU, &f["geglu.x"]).unwrap(),
-        &f["geglu.out"],
-        TOL,
-    );
+    assert_close("geglu", &geglu(&CPU, &f["geglu.x"]).unwrap(), &f["geglu.out"], TOL);
 }
 
 #[test]
 fn linear_matches_torch() {
     let f = fixture("ops_reference.safetensors");
-    let out = linear(
-        &CPU,
-        &f["linear.x"],
-        &f["linear.weight"],
-        Some(&f["linear.bias"]),
-    )
-    .unwrap();
+    let out = linear(&CPU, &f["linear.x"], &f["linear.weight"], Some(&f["linear.bias"])).unwrap();
     assert_close("linear", &out, &f["linear.out"], TOL);
 }
 
@@ -145,39 +79,9 @@ fn conv2d_matches_torch_3x3_stride_1_and_2_and_1x1() {
     let x = &f["conv.x"];
     let w3 = weight_oihw_to_ohwi(&f["conv.w3"]).unwrap();
     let w1 = weight_oihw_to_ohwi(&f["conv.w1"]).unwrap();
-    let s1 = conv2d(
-        &CPU,
-        x,
-        &w3,
-        Some(&f["conv.b3"]),
-        Conv2d {
-            stride: 1,
-            padding: 1,
-        },
-    )
-    .unwrap();
-    let s2 = conv2d(
-        &CPU,
-        x,
-        &w3,
-        Some(&f["conv.b3"]),
-        Conv2d {
-            stride: 2,
-            padding: 1,
-        },
-    )
-    .unwrap();
-    let one = conv2d(
-        &CPU,
-        x,
-        &w1,
-        Some(&f["conv.b1"]),
-        Conv2d {
-            stride: 1,
-            padding: 0,
-        },
-    )
-    .unwrap();
+    let s1 = conv2d(&CPU, x, &w3, Some(&f["conv.b3"]), Conv2d { stride: 1, padding: 1 }).unwrap();
+    let s2 = conv2d(&CPU, x, &w3, Some(&f["conv.b3"]), Conv2d { stride: 2, padding: 1 }).unwrap();
+    let one = conv2d(&CPU, x, &w1, Some(&f["conv.b1"]), Conv2d { stride: 1, padding: 0 }).unwrap();
     assert_close("conv 3x3 s1", &s1, &f["conv.out3_s1"], TOL);
     assert_close("conv 3x3 s2", &s2, &f["conv.out3_s2"], TOL);
     assert_close("conv 1x1", &one, &f["conv.out1"], TOL);
@@ -186,12 +90,7 @@ fn conv2d_matches_torch_3x3_stride_1_and_2_and_1x1() {
 #[test]
 fn upsample_matches_torch() {
     let f = fixture("ops_reference.safetensors");
-    assert_close(
-        "upsample",
-        &upsample_nearest2x(&CPU, &f["upsample.x"]).unwrap(),
-        &f["upsample.out"],
-        0.0,
-    );
+    assert_close("upsample", &upsample_nearest2x(&CPU, &f["upsample.x"]).unwrap(), &f["upsample.out"], 0.0);
 }
 
 #[test]
@@ -201,22 +100,11 @@ fn timestep_embedding_matches_diffusers() {
     // Angles up to ~1000 rad in fp32 on both sides: the references round t*freq the same way.
     let e320 = timestep_embedding(&CPU, t, TimestepEmbedding::sdxl(320), DType::F32).unwrap();
     let e256 = timestep_embedding(&CPU, t, TimestepEmbedding::sdxl(256), DType::F32).unwrap();
-    let odd = TimestepEmbedding {
-        dim: 33,
-        flip_sin_to_cos: false,
-        shift: 1.0,
-        scale: 1.0,
-        max_period: 10000.0,
-    };
+    let odd = TimestepEmbedding { dim: 33, flip_sin_to_cos: false, shift: 1.0, scale: 1.0, max_period: 10000.0 };
     let e33 = timestep_embedding(&CPU, t, odd, DType::F32).unwrap();
     assert_close("timestep 320", &e320, &f["timestep.out320"], TOL);
     assert_close("timestep 256", &e256, &f["timestep.out256"], TOL);
-    assert_close(
-        "timestep 33 (odd, sin first, shift 1)",
-        &e33,
-        &f["timestep.out_shift1"],
-        TOL,
-    );
+    assert_close("timestep 33 (odd, sin first, shift 1)", &e33, &f["timestep.out_shift1"], TOL);
 }
 
 #[test]
@@ -229,52 +117,15 @@ fn bad_shapes_are_input_errors_not_panics() {
         other => panic!("{what}: expected an input error, got {other:?}"),
     };
     bad(
-        group_norm(
-            &CPU,
-            x,
-            g,
-            g,
-            GroupNorm {
-                groups: 7,
-                eps: 1e-5,
-                silu: false,
-                frames: 1,
-            },
-        ),
+        group_norm(&CPU, x, g, g, GroupNorm { groups: 7, eps: 1e-5, silu: false, frames: 1 }),
         "groups not dividing channels",
     );
     bad(
-        group_norm(
-            &CPU,
-            x,
-            g,
-            g,
-            GroupNorm {
-                groups: 32,
-                eps: 1e-5,
-                silu: false,
-                frames: 3,
-            },
-        ),
+        group_norm(&CPU, x, g, g, GroupNorm { groups: 32, eps: 1e-5, silu: false, frames: 3 }),
         "batch not a multiple of frames",
     );
-    bad(
-        linear(&CPU, x, &f["linear.weight"], None),
-        "linear width mismatch",
-    );
+    bad(linear(&CPU, x, &f["linear.weight"], None), "linear width mismatch");
     bad(add(&CPU, x, &f["conv.b3"], 1.0), "unbroadcastable add");
     bad(geglu(&CPU, &f["timestep.out_shift1"]), "geglu odd width");
-    bad(
-        conv2d(
-            &CPU,
-            x,
-            &f["conv.w3"],
-            None,
-            Conv2d {
-                stride: 1,
-                padding: 1,
-            },
-        ),
-        "conv weight not KRSC",
-    );
+    bad(conv2d(&CPU, x, &f["conv.w3"], None, Conv2d { stride: 1, padding: 1 }), "conv weight not KRSC");
 }

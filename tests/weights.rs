@@ -18,10 +18,7 @@ impl TempDir {
     fn new(test: &str) -> TempDir {
         static COUNT: AtomicUsize = AtomicUsize::new(0);
         let n = COUNT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!(
-            "celframe-weights-{test}-{}-{n}",
-            std::process::id()
-        ));
+        let dir = std::env::temp_dir().join(format!("celframe-weights-{test}-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
     }
@@ -55,10 +52,7 @@ fn input_error(result: celframe::Result<LoadedWeights>) -> String {
 
 fn assert_mentions(message: &str, needles: &[&str]) {
     for needle in needles {
-        assert!(
-            message.contains(needle),
-            "error does not mention {needle:?}:\n{message}"
-        );
+        assert!(message.contains(needle), "error does not mention {needle:?}:\n{message}");
     }
 }
 
@@ -83,10 +77,8 @@ fn f32_tensor(shape: &[usize]) -> Tensor {
 
 /// Saves `tensors` (all F32, shapes as given) to `path`.
 fn save_f32(path: &Path, tensors: &[(&str, &[usize])]) -> PathBuf {
-    let owned: Vec<(String, Tensor)> = tensors
-        .iter()
-        .map(|(name, shape)| (name.to_string(), f32_tensor(shape)))
-        .collect();
+    let owned: Vec<(String, Tensor)> =
+        tensors.iter().map(|(name, shape)| (name.to_string(), f32_tensor(shape))).collect();
     let refs: Vec<(String, &Tensor)> = owned.iter().map(|(n, t)| (n.clone(), t)).collect();
     weights::save(path, &refs, None).unwrap();
     path.to_path_buf()
@@ -132,10 +124,7 @@ fn round_trip_keeps_names_dtypes_and_values() {
     assert_eq!(f16[0], DType::F16.round(0.1));
 
     let report = loaded.report();
-    assert_eq!(
-        (report.tensors, report.files, report.bytes),
-        (3, 1, 8 * 2 + 8 * 2 + 8 * 4)
-    );
+    assert_eq!((report.tensors, report.files, report.bytes), (3, 1, 8 * 2 + 8 * 2 + 8 * 4));
     assert_eq!(loaded.files(), [path]);
 }
 
@@ -169,18 +158,11 @@ fn strict_loading_accepts_a_matching_checkpoint_and_skips_ignored_prefixes() {
     let ema = f32_tensor(&[4, 3]);
     weights::save(
         &path,
-        &[
-            ("proj.weight".into(), &weight),
-            ("proj.bias".into(), &bias),
-            ("model_ema.proj.weight".into(), &ema),
-        ],
+        &[("proj.weight".into(), &weight), ("proj.bias".into(), &bias), ("model_ema.proj.weight".into(), &ema)],
         None,
     )
     .unwrap();
-    let expected = [
-        TensorSpec::new("proj.weight", &[4, 3]),
-        TensorSpec::new("proj.bias", &[4]),
-    ];
+    let expected = [TensorSpec::new("proj.weight", &[4, 3]), TensorSpec::new("proj.bias", &[4])];
     let loaded = weights::load_strict(&[&path], &expected, &["model_ema."]).unwrap();
     assert_eq!(loaded.len(), 2);
     assert_eq!(loaded.get("proj.weight").unwrap().shape(), [4, 3]);
@@ -225,24 +207,15 @@ fn strict_loading_lists_every_problem_in_one_error() {
             "wrong shape: conv.weight: expected [320, 4, 3, 3], found [320, 4, 1, 1]",
         ],
     );
-    assert!(
-        !m.contains("norm.weight"),
-        "a correct tensor is listed:\n{m}"
-    );
-    assert!(
-        !m.contains("ignored.x"),
-        "an ignored tensor is listed:\n{m}"
-    );
+    assert!(!m.contains("norm.weight"), "a correct tensor is listed:\n{m}");
+    assert!(!m.contains("ignored.x"), "an ignored tensor is listed:\n{m}");
     // One line per problem after the summary.
     assert_eq!(m.lines().count(), 1 + 5, "{m}");
 }
 
 /// A valid two-tensor file, for cutting and corrupting.
 fn valid_file(dir: &TempDir) -> (PathBuf, Vec<u8>) {
-    let path = save_f32(
-        &dir.path("good.safetensors"),
-        &[("a", &[4]), ("b", &[2, 3])],
-    );
+    let path = save_f32(&dir.path("good.safetensors"), &[("a", &[4]), ("b", &[2, 3])]);
     let bytes = std::fs::read(&path).unwrap();
     (path, bytes)
 }
@@ -302,21 +275,12 @@ fn invalid_header_json_is_reported() {
         bytes.extend_from_slice(header);
         let path = write(&dir.path(&format!("{name}.safetensors")), &bytes);
         let m = input_error(weights::load(&[&path]));
-        assert_mentions(
-            &m,
-            &[&path.display().to_string(), "header is not a JSON object"],
-        );
+        assert_mentions(&m, &[&path.display().to_string(), "header is not a JSON object"]);
     }
     // Valid JSON, but an entry that is not a tensor description names the tensor.
-    let path = write(
-        &dir.path("entry.safetensors"),
-        &raw_file(r#"{"w":{"dtype":"F32","shape":[1]}}"#, &[0; 4]),
-    );
+    let path = write(&dir.path("entry.safetensors"), &raw_file(r#"{"w":{"dtype":"F32","shape":[1]}}"#, &[0; 4]));
     let m = input_error(weights::load(&[&path]));
-    assert_mentions(
-        &m,
-        &[&path.display().to_string(), "tensor 'w'", "data_offsets"],
-    );
+    assert_mentions(&m, &[&path.display().to_string(), "tensor 'w'", "data_offsets"]);
 }
 
 #[test]
@@ -324,12 +288,7 @@ fn offsets_outside_the_data_or_inconsistent_are_reported() {
     let dir = TempDir::new("offsets");
     let cases = [
         // Past the end of the data.
-        (
-            r#"{"w":{"dtype":"F32","shape":[250],"data_offsets":[0,1000]}}"#,
-            16,
-            "tensor 'w'",
-            "ends past the 16 bytes",
-        ),
+        (r#"{"w":{"dtype":"F32","shape":[250],"data_offsets":[0,1000]}}"#, 16, "tensor 'w'", "ends past the 16 bytes"),
         // Byte count that does not match dtype x shape.
         (
             r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
@@ -338,12 +297,7 @@ fn offsets_outside_the_data_or_inconsistent_are_reported() {
             "holds 8 bytes but its dtype and shape need 12",
         ),
         // A hole before the first tensor.
-        (
-            r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
-            8,
-            "tensor 'w'",
-            "overlap or leave a hole",
-        ),
+        (r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#, 8, "tensor 'w'", "overlap or leave a hole"),
         // Two tensors sharing bytes.
         (
             r#"{"u":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"v":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
@@ -374,10 +328,7 @@ fn offsets_outside_the_data_or_inconsistent_are_reported() {
         ),
     ];
     for (i, (header, data_len, who, why)) in cases.into_iter().enumerate() {
-        let path = write(
-            &dir.path(&format!("case-{i}.safetensors")),
-            &raw_file(header, &vec![0; data_len]),
-        );
+        let path = write(&dir.path(&format!("case-{i}.safetensors")), &raw_file(header, &vec![0; data_len]));
         let m = input_error(weights::load(&[&path]));
         assert_mentions(&m, &[&path.display().to_string(), who, why]);
     }
@@ -402,10 +353,7 @@ fn offsets_summing_near_the_address_space_are_refused_without_panic() {
     let header = format!("{{{}}}", entries.join(","));
     let path = write(&dir.path("huge.safetensors"), &raw_file(&header, &[0; 64]));
     let m = input_error(weights::load(&[&path]));
-    assert_mentions(
-        &m,
-        &[&path.display().to_string(), "tensor 't0'", "ends past"],
-    );
+    assert_mentions(&m, &[&path.display().to_string(), "tensor 't0'", "ends past"]);
 }
 
 #[test]
@@ -419,13 +367,7 @@ fn non_float_dtypes_are_named_with_their_tensor() {
     let m = input_error(weights::load(&[&path]));
     assert_mentions(
         &m,
-        &[
-            &path.display().to_string(),
-            "unsupported dtype: 3",
-            "ids is I64",
-            "scale is F64",
-            "mask is U8",
-        ],
+        &[&path.display().to_string(), "unsupported dtype: 3", "ids is I64", "scale is F64", "mask is U8"],
     );
     assert!(!m.contains("ok is"), "{m}");
 
@@ -438,10 +380,7 @@ fn non_float_dtypes_are_named_with_their_tensor() {
     // A dtype the format does not know names the tensor too.
     let path = write(
         &dir.path("unknown.safetensors"),
-        &raw_file(
-            r#"{"q":{"dtype":"Q4","shape":[2],"data_offsets":[0,1]}}"#,
-            &[0],
-        ),
+        &raw_file(r#"{"q":{"dtype":"Q4","shape":[2],"data_offsets":[0,1]}}"#, &[0]),
     );
     let m = input_error(weights::load(&[&path]));
     assert_mentions(&m, &[&path.display().to_string(), "tensor 'q'", "Q4"]);
@@ -454,29 +393,19 @@ fn shards_load_together_and_a_name_in_two_shards_is_an_error() {
         &dir.path("diffusion_pytorch_model-00001-of-00002.safetensors"),
         &[("down.0.weight", &[2, 2]), ("shared.weight", &[3])],
     );
-    let two = save_f32(
-        &dir.path("diffusion_pytorch_model-00002-of-00002.safetensors"),
-        &[("up.0.weight", &[5])],
-    );
+    let two = save_f32(&dir.path("diffusion_pytorch_model-00002-of-00002.safetensors"), &[("up.0.weight", &[5])]);
     let loaded = weights::load(&[&one, &two]).unwrap();
     assert_eq!(loaded.len(), 3);
     assert_eq!(loaded.get("up.0.weight").unwrap().shape(), [5]);
     assert_eq!(loaded.report().files, 2);
 
-    let three = save_f32(
-        &dir.path("extra.safetensors"),
-        &[("shared.weight", &[3]), ("up.0.weight", &[5])],
-    );
+    let three = save_f32(&dir.path("extra.safetensors"), &[("shared.weight", &[3]), ("up.0.weight", &[5])]);
     let m = input_error(weights::load(&[&one, &two, &three]));
     assert_mentions(
         &m,
         &[
             "duplicate name: 2",
-            &format!(
-                "shared.weight (in {} and {})",
-                one.display(),
-                three.display()
-            ),
+            &format!("shared.weight (in {} and {})", one.display(), three.display()),
             &format!("up.0.weight (in {} and {})", two.display(), three.display()),
         ],
     );
@@ -485,14 +414,8 @@ fn shards_load_together_and_a_name_in_two_shards_is_an_error() {
 #[test]
 fn an_index_json_loads_the_files_it_names() {
     let dir = TempDir::new("index");
-    save_f32(
-        &dir.path("model-00001-of-00002.safetensors"),
-        &[("a.weight", &[2]), ("b.weight", &[3])],
-    );
-    save_f32(
-        &dir.path("model-00002-of-00002.safetensors"),
-        &[("c.weight", &[4])],
-    );
+    save_f32(&dir.path("model-00001-of-00002.safetensors"), &[("a.weight", &[2]), ("b.weight", &[3])]);
+    save_f32(&dir.path("model-00002-of-00002.safetensors"), &[("c.weight", &[4])]);
     let index = write(
         &dir.path("model.safetensors.index.json"),
         br#"{"metadata": {"total_size": 36},
@@ -500,19 +423,13 @@ fn an_index_json_loads_the_files_it_names() {
                            "b.weight": "model-00001-of-00002.safetensors",
                            "c.weight": "model-00002-of-00002.safetensors"}}"#,
     );
-    let expected = [
-        TensorSpec::new("a.weight", &[2]),
-        TensorSpec::new("b.weight", &[3]),
-        TensorSpec::new("c.weight", &[4]),
-    ];
+    let expected =
+        [TensorSpec::new("a.weight", &[2]), TensorSpec::new("b.weight", &[3]), TensorSpec::new("c.weight", &[4])];
     let loaded = weights::load_strict(&[&index], &expected, &[]).unwrap();
     assert_eq!(loaded.len(), 3);
     assert_eq!(
         loaded.files(),
-        [
-            dir.path("model-00001-of-00002.safetensors"),
-            dir.path("model-00002-of-00002.safetensors")
-        ]
+        [dir.path("model-00001-of-00002.safetensors"), dir.path("model-00002-of-00002.safetensors")]
     );
 
     // A shard the index names but the folder lacks.
@@ -525,10 +442,7 @@ fn an_index_json_loads_the_files_it_names() {
     assert_mentions(&m, &["model-00003-of-00003.safetensors", "cannot open"]);
 
     // Not an index at all.
-    let index = write(
-        &dir.path("bad.safetensors.index.json"),
-        br#"{"weights": {}}"#,
-    );
+    let index = write(&dir.path("bad.safetensors.index.json"), br#"{"weights": {}}"#);
     let m = input_error(weights::load(&[&index]));
     assert_mentions(&m, &[&index.display().to_string(), "weight_map"]);
 }
@@ -566,34 +480,15 @@ fn a_failed_save_leaves_nothing_behind() {
     // The same name twice is refused before anything is written.
     let path = dir.path("twice.safetensors");
     let err = weights::save(&path, &[("t".into(), &t), ("t".into(), &t)], None).unwrap_err();
-    assert!(
-        matches!(&err, Error::Input(m) if m.contains("'t' is given twice")),
-        "{err}"
-    );
+    assert!(matches!(&err, Error::Input(m) if m.contains("'t' is given twice")), "{err}");
     assert_eq!(dir.entries(), ["taken"]);
 }
 
 #[test]
 fn reports_print_one_line() {
-    let load = LoadReport {
-        tensors: 1680,
-        bytes: 5_140_000_000,
-        files: 1,
-        seconds: 0.03,
-    };
-    assert_eq!(
-        load.to_string(),
-        "loaded 1680 tensors, 5.14 GB from 1 file in 0.03 s"
-    );
-    let upload = UploadReport {
-        tensors: 1,
-        bytes: 3_000_000_000,
-        dtype: DType::F16,
-        seconds: 1.5,
-    };
+    let load = LoadReport { tensors: 1680, bytes: 5_140_000_000, files: 1, seconds: 0.03 };
+    assert_eq!(load.to_string(), "loaded 1680 tensors, 5.14 GB from 1 file in 0.03 s");
+    let upload = UploadReport { tensors: 1, bytes: 3_000_000_000, dtype: DType::F16, seconds: 1.5 };
     assert_eq!(upload.gb_per_second(), 2.0);
-    assert_eq!(
-        upload.to_string(),
-        "uploaded 1 tensor, 3.00 GB as F16 in 1.50 s (2.00 GB/s)"
-    );
+    assert_eq!(upload.to_string(), "uploaded 1 tensor, 3.00 GB as F16 in 1.50 s (2.00 GB/s)");
 }

@@ -10,10 +10,7 @@ use celframe::weights;
 use celframe::{DType, Error, Tensor};
 
 fn gpu() -> Gpu {
-    assert!(
-        Gpu::is_available(),
-        "no CUDA device: this GPU test cannot run here (it is not skipped silently)"
-    );
+    assert!(Gpu::is_available(), "no CUDA device: this GPU test cannot run here (it is not skipped silently)");
     Gpu::from_env().unwrap()
 }
 
@@ -22,10 +19,7 @@ struct Checkpoint(PathBuf);
 
 impl Checkpoint {
     fn new(test: &str, values: &[f32]) -> Checkpoint {
-        let path = std::env::temp_dir().join(format!(
-            "celframe-weights-gpu-{test}-{}.safetensors",
-            std::process::id()
-        ));
+        let path = std::env::temp_dir().join(format!("celframe-weights-gpu-{test}-{}.safetensors", std::process::id()));
         let tensors: Vec<(String, Tensor)> = [DType::F16, DType::BF16, DType::F32]
             .into_iter()
             .map(|d| {
@@ -65,10 +59,7 @@ fn upload_converts_every_tensor_to_the_compute_dtype() {
             assert_eq!((t.dtype(), t.shape()), (target, &[1000][..]));
             let got = gpu.download(t).unwrap().to_f32_vec().unwrap();
             // Stored in `source`, then converted to `target` on upload.
-            let want: Vec<f32> = values
-                .iter()
-                .map(|v| target.round(source.round(*v)))
-                .collect();
+            let want: Vec<f32> = values.iter().map(|v| target.round(source.round(*v))).collect();
             assert_eq!(got, want, "{source:?} uploaded as {target:?}");
         }
     }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds (here, no GPU needed) the release binaries the GPU machine runs, into dist/gpu/:
-# the GPU test binary, the benchmark binary and the CLI. Then, on the GPU machine, from the repo
+# the GPU test binaries (tests/*gpu*.rs), the benchmark binary and the CLI. Then, on the GPU machine, from the repo
 # root: `bash tools/gpu_run.sh` (with the dist/ folder carried along).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,10 @@ for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
         print(m["executable"])' "$1" | tail -n 1; }
-cp "$(cargo test --release --test gpu_ops --no-run --message-format=json 2>/dev/null | exe gpu_ops)" dist/gpu/gpu_ops
+rm -f dist/gpu/test_*
+for t in gpu_ops weights_gpu; do
+  cp "$(cargo test --release --test $t --no-run --message-format=json 2>/dev/null | exe $t)" "dist/gpu/test_$t"
+done
 cp "$(cargo bench --bench ops --no-run --message-format=json 2>/dev/null | exe ops)" dist/gpu/bench_ops
 cargo build --release --quiet && cp target/release/celframe dist/gpu/celframe
 ls -la dist/gpu

@@ -13,8 +13,11 @@ print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob
 export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee -a "$log"
 echo "== GPU tests (CUDA ops vs CPU twins)" | tee -a "$log"
-dist/gpu/gpu_ops --include-ignored --nocapture --test-threads=3 2>&1 | tee -a "$log"
-tests=${PIPESTATUS[0]}
+tests=0
+for t in dist/gpu/test_*; do
+  "$t" --include-ignored --nocapture --test-threads=3 2>&1 | tee -a "$log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || tests=1
+done
 echo "== celframe benchmarks" | tee -a "$log"
 dist/gpu/bench_ops 2>&1 | tee -a "$log"
 bench=${PIPESTATUS[0]}

@@ -38,4 +38,4 @@ sweep = [b for b in bench if b["name"] == "group_norm_sweep"]
 if sweep:
     print("\nGroup-norm work-layout sweep (32x320x72x128 f16 +SiLU):")
     for b in sweep:
-        print(f"  {b['key'].split()[-2]} {b['key'].split()[-1]}: {b['ms']:.4f} ms, {b['gbps']} GB/s")
+        print(f"  {b['key'].split(' W128 ')[1]}: {b['ms']:.4f} ms, {b['gbps']} GB/s")

@@ -41,24 +41,29 @@ typedef struct GegluParams {
 // A "domain" is the set of images sharing statistics: one image (frames = 1) or the `frames`
 // consecutive images of one video (motion module). Per domain and group, statistics span
 // pixels * (channels / groups) values.
-// The kernel is persistent: blocks take work items from a ticket counter. Items are
-// "statistics of chunk k of domain d" and "normalise chunk k of domain d"; the order makes
-// domain d's normalisation run `lag` domains after its statistics so its second read hits L2.
+// The kernel is persistent: blocks take work items from a ticket counter. Two modes:
+//  - resident (all chunks of a domain fit in the co-resident blocks; cooperative launch): a block
+//    keeps its chunk in registers, waits for the domain's statistics, normalises: one read.
+//  - two-phase: items are "statistics of chunk k of domain d" and "normalise chunk k of domain d";
+//    the order makes domain d's normalisation run `lag` domains after its statistics so its
+//    second read mostly hits L2.
 typedef struct GroupNormParams {
     const void* x;
     void* y;
     const void* gamma;       // [channels], activation dtype
     const void* beta;        // [channels], activation dtype
-    float* partials;         // workspace [domains][chunks][groups][4]: count, mean, m2, unused
-    float* stats;            // out [domains][groups][2]: mean, rstd
-    uint32_t* control;       // workspace [1 + 2 * domains], zeroed before launch: ticket, arrivals, ready
+    uint32_t* workspace;     // zeroed before launch, GROUP_NORM_WORKSPACE_BYTES(domains, groups):
+                             // ticket, arrivals[domains] (one per 128-byte line), then fp64 sums
+                             // [domains][groups][2] of (x - shift) and (x - shift)^2, where shift is
+                             // the group's first value in the domain
     int64_t domains;
     int64_t pixels;          // pixels per domain (frames * height * width)
     int32_t channels;        // multiple of 8
     int32_t groups;          // divides channels
     int32_t rows;            // pixels per block step; blockDim.x = rows * channels / 8
     int32_t chunks;          // chunks per domain, each rows * GROUP_NORM_VECS_* pixels
-    int32_t lag;             // 1..domains
+    int32_t lag;             // 1..domains (two-phase mode)
+    int32_t resident;        // 1: resident mode (needs chunks <= co-resident blocks)
     int32_t silu;            // 1: y = silu(norm(x))
     float eps;
 } GroupNormParams;
@@ -66,6 +71,9 @@ typedef struct GroupNormParams {
 // 8-element vectors each thread keeps in registers per chunk (f32 vectors are twice as wide).
 #define GROUP_NORM_VECS_16BIT 8
 #define GROUP_NORM_VECS_F32 2
+#define GROUP_NORM_CONTROL_STRIDE 32  // uint32 words between control words (128 bytes)
+#define GROUP_NORM_SUMS_OFFSET(domains) (((domains) + 1) * GROUP_NORM_CONTROL_STRIDE * 4)
+#define GROUP_NORM_WORKSPACE_BYTES(domains, groups) (GROUP_NORM_SUMS_OFFSET(domains) + (domains) * (groups) * 16)
 
 // Layer norm over the last dimension (rows x channels, one warp per row), fp32 statistics.
 typedef struct LayerNormParams {

@@ -51,29 +51,18 @@ unsafe fn set_desc<T>(
     value: &T,
 ) -> Result<()> {
     check("cublasLtMatmulDescSetAttribute", unsafe {
-        lt::cublasLtMatmulDescSetAttribute(
-            desc,
-            attr,
-            value as *const T as *const c_void,
-            std::mem::size_of::<T>(),
-        )
+        lt::cublasLtMatmulDescSetAttribute(desc, attr, value as *const T as *const c_void, std::mem::size_of::<T>())
     })
 }
 
 impl Blas {
     pub fn new() -> Result<Blas> {
         if !unsafe { lt::is_culib_present() } {
-            return Err(Error::Cuda(
-                "libcublasLt.so (CUDA 13) was not found on the library path".into(),
-            ));
+            return Err(Error::Cuda("libcublasLt.so (CUDA 13) was not found on the library path".into()));
         }
         let mut handle = std::ptr::null_mut();
         check("cublasLtCreate", unsafe { lt::cublasLtCreate(&mut handle) })?;
-        Ok(Blas {
-            handle,
-            workspace: DeviceMem::owned(WORKSPACE_BYTES, "cuBLASLt workspace")?,
-            plans: HashMap::new(),
-        })
+        Ok(Blas { handle, workspace: DeviceMem::owned(WORKSPACE_BYTES, "cuBLASLt workspace")?, plans: HashMap::new() })
     }
 
     fn plan(&mut self, m: usize, n: usize, k: usize, dtype: DType, bias: bool) -> Result<&Plan> {
@@ -87,14 +76,7 @@ impl Blas {
 
     /// Column-major view: y_cm[N, M] = op(w_cm)[N, K] · x_cm[K, M], with w_cm = w stored [N, K]
     /// row-major read as K x N (transposed by op), x_cm = x row-major read as K x M.
-    unsafe fn make_plan(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        dtype: DType,
-        bias: bool,
-    ) -> Result<Plan> {
+    unsafe fn make_plan(&self, m: usize, n: usize, k: usize, dtype: DType, bias: bool) -> Result<Plan> {
         let dt = data_type(dtype);
         let compute = if dtype == DType::F32 {
             lt::cublasComputeType_t::CUBLAS_COMPUTE_32F_PEDANTIC
@@ -106,27 +88,15 @@ impl Blas {
             lt::cublasLtMatmulDescCreate(&mut desc, compute, lt::cudaDataType::CUDA_R_32F)
         })?;
         unsafe {
-            set_desc(
-                desc,
-                lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
-                &CUBLAS_OP_T,
-            )?;
-            set_desc(
-                desc,
-                lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
-                &CUBLAS_OP_N,
-            )?;
+            set_desc(desc, lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &CUBLAS_OP_T)?;
+            set_desc(desc, lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &CUBLAS_OP_N)?;
             if bias {
                 set_desc(
                     desc,
                     lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
                     &lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
                 )?;
-                set_desc(
-                    desc,
-                    lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
-                    &dt,
-                )?;
+                set_desc(desc, lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &dt)?;
             }
         }
         let layout = |rows: usize, cols: usize| -> Result<lt::cublasLtMatrixLayout_t> {
@@ -138,9 +108,7 @@ impl Blas {
         };
         let layouts = [layout(k, n)?, layout(k, m)?, layout(n, m)?];
         let mut pref = std::ptr::null_mut();
-        check("cublasLtMatmulPreferenceCreate", unsafe {
-            lt::cublasLtMatmulPreferenceCreate(&mut pref)
-        })?;
+        check("cublasLtMatmulPreferenceCreate", unsafe { lt::cublasLtMatmulPreferenceCreate(&mut pref) })?;
         let ws = WORKSPACE_BYTES as u64;
         check("cublasLtMatmulPreferenceSetAttribute", unsafe {
             lt::cublasLtMatmulPreferenceSetAttribute(
@@ -169,15 +137,9 @@ impl Blas {
         unsafe { lt::cublasLtMatmulPreferenceDestroy(pref) };
         check("cublasLtMatmulAlgoGetHeuristic", status)?;
         if found == 0 {
-            return Err(Error::Cuda(format!(
-                "cuBLASLt has no algorithm for linear M={m} N={n} K={k} {dtype:?}"
-            )));
+            return Err(Error::Cuda(format!("cuBLASLt has no algorithm for linear M={m} N={n} K={k} {dtype:?}")));
         }
-        Ok(Plan {
-            desc,
-            layouts,
-            algo: result.algo,
-        })
+        Ok(Plan { desc, layouts, algo: result.algo })
     }
 
     /// y = x · wᵀ (+ bias). Pointers are device addresses of row-major x [m, k], w [n, k], y [m, n].
@@ -198,38 +160,29 @@ impl Blas {
         let (ws_ptr, ws_len) = (self.workspace.ptr()?, self.workspace.bytes());
         let plan = self.plan(m, n, k, dtype, bias.is_some())?;
         if let Some(b) = bias {
-            unsafe {
-                set_desc(
-                    plan.desc,
-                    lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                    &b,
-                )?
-            };
+            unsafe { set_desc(plan.desc, lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &b)? };
         }
         let (alpha, beta) = (1.0f32, 0.0f32);
-        check(
-            &format!("cublasLtMatmul (linear M={m} N={n} K={k} {dtype:?})"),
-            unsafe {
-                lt::cublasLtMatmul(
-                    handle,
-                    plan.desc,
-                    &alpha as *const f32 as *const c_void,
-                    w as *const c_void,
-                    plan.layouts[0],
-                    x as *const c_void,
-                    plan.layouts[1],
-                    &beta as *const f32 as *const c_void,
-                    y as *const c_void,
-                    plan.layouts[2],
-                    y as *mut c_void,
-                    plan.layouts[2],
-                    &plan.algo,
-                    ws_ptr as *mut c_void,
-                    ws_len,
-                    gpu.stream() as lt::cudaStream_t,
-                )
-            },
-        )
+        check(&format!("cublasLtMatmul (linear M={m} N={n} K={k} {dtype:?})"), unsafe {
+            lt::cublasLtMatmul(
+                handle,
+                plan.desc,
+                &alpha as *const f32 as *const c_void,
+                w as *const c_void,
+                plan.layouts[0],
+                x as *const c_void,
+                plan.layouts[1],
+                &beta as *const f32 as *const c_void,
+                y as *const c_void,
+                plan.layouts[2],
+                y as *mut c_void,
+                plan.layouts[2],
+                &plan.algo,
+                ws_ptr as *mut c_void,
+                ws_len,
+                gpu.stream() as lt::cudaStream_t,
+            )
+        })
     }
 }
 

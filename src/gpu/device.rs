@@ -80,9 +80,7 @@ impl Gpu {
     /// The device named by CELFRAME_DEVICE (an ordinal), else device 0.
     pub fn from_env() -> Result<Gpu> {
         let ordinal = match std::env::var("CELFRAME_DEVICE") {
-            Ok(v) => v.parse().map_err(|_| {
-                Error::Input(format!("CELFRAME_DEVICE='{v}' is not a device ordinal"))
-            })?,
+            Ok(v) => v.parse().map_err(|_| Error::Input(format!("CELFRAME_DEVICE='{v}' is not a device ordinal")))?,
             Err(_) => 0,
         };
         Gpu::new(ordinal)
@@ -90,28 +88,20 @@ impl Gpu {
 
     pub fn new(ordinal: usize) -> Result<Gpu> {
         if !Gpu::is_available() {
-            return Err(Error::Cuda(
-                "no CUDA driver or device on this machine".into(),
-            ));
+            return Err(Error::Cuda("no CUDA driver or device on this machine".into()));
         }
         let count = cuda("cuDeviceGetCount", result::device::get_count())? as usize;
         if ordinal >= count {
-            return Err(Error::Input(format!(
-                "CUDA device {ordinal} does not exist ({count} present)"
-            )));
+            return Err(Error::Input(format!("CUDA device {ordinal} does not exist ({count} present)")));
         }
         let ctx = cuda("cuDevicePrimaryCtxRetain", CudaContext::new(ordinal))?;
-        let stream = cuda(
-            "cuStreamCreate",
-            result::stream::create(result::stream::StreamKind::NonBlocking),
-        )?;
+        let stream = cuda("cuStreamCreate", result::stream::create(result::stream::StreamKind::NonBlocking))?;
         let attr = |a: CUdevice_attribute| cuda("cuDeviceGetAttribute", ctx.attribute(a));
         let info = DeviceInfo {
             ordinal,
             name: cuda("cuDeviceGetName", ctx.name())?,
             compute_capability: cuda("cuDeviceGetAttribute", ctx.compute_capability())?,
-            multiprocessors: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
-                as u32,
+            multiprocessors: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32,
             l2_bytes: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as usize,
             total_memory: cuda("cuDeviceTotalMem", ctx.total_mem())?,
         };
@@ -152,18 +142,16 @@ impl Gpu {
         let cu_module = match loaded {
             Some(m) => m,
             None => {
-                let m = cuda(
-                    &format!("cuModuleLoadData for module {}", module.name),
-                    unsafe { result::module::load_data(module.fatbin.as_ptr() as *const c_void) },
-                )?;
+                let m = cuda(&format!("cuModuleLoadData for module {}", module.name), unsafe {
+                    result::module::load_data(module.fatbin.as_ptr() as *const c_void)
+                })?;
                 self.modules.borrow_mut().insert(module.name, m);
                 m
             }
         };
         let name = CString::new(kernel).expect("kernel names have no NUL");
-        let f = cuda(&format!("cuModuleGetFunction({kernel})"), unsafe {
-            result::module::get_function(cu_module, name)
-        })?;
+        let f =
+            cuda(&format!("cuModuleGetFunction({kernel})"), unsafe { result::module::get_function(cu_module, name) })?;
         self.functions.borrow_mut().insert(kernel, f);
         Ok(f)
     }
@@ -178,51 +166,70 @@ impl Gpu {
         shared_bytes: u32,
         params: &P,
     ) -> Result<()> {
+        self.launch_with(false, kernel, grid, block, shared_bytes, params)
+    }
+
+    /// A launch whose blocks are guaranteed to be resident together (they may wait on each other);
+    /// the driver refuses a grid larger than that instead of letting it hang.
+    pub fn launch_cooperative<P: KernelParams>(
+        &self,
+        kernel: &'static str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        params: &P,
+    ) -> Result<()> {
+        self.launch_with(true, kernel, grid, block, shared_bytes, params)
+    }
+
+    fn launch_with<P: KernelParams>(
+        &self,
+        cooperative: bool,
+        kernel: &'static str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        params: &P,
+    ) -> Result<()> {
         let f = self.function(kernel)?;
         let describe = || format!("{kernel} grid {grid:?} block {block:?} shared {shared_bytes} B");
-        if shared_bytes > 48 * 1024 {
-            cuda(
-                &format!("cuFuncSetAttribute(max dynamic shared) for {}", describe()),
-                unsafe {
-                    result::function::set_function_attribute(
-                        f,
-                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        shared_bytes as i32,
-                    )
-                },
-            )?;
-        }
+        self.allow_shared(f, kernel, shared_bytes as usize)?;
         let mut args = [params as *const P as *mut c_void];
-        let launched =
-            unsafe { result::launch_kernel(f, grid, block, shared_bytes, self.stream, &mut args) };
-        cuda(&format!("cuLaunchKernel of {}", describe()), launched)?;
+        let (call, launched) = if cooperative {
+            ("cuLaunchCooperativeKernel", unsafe {
+                result::launch_cooperative_kernel(f, grid, block, shared_bytes, self.stream, &mut args)
+            })
+        } else {
+            ("cuLaunchKernel", unsafe { result::launch_kernel(f, grid, block, shared_bytes, self.stream, &mut args) })
+        };
+        cuda(&format!("{call} of {}", describe()), launched)?;
         if self.sync_launches {
-            cuda(
-                &format!("synchronising after {}", describe()),
-                self.synchronize_raw(),
-            )?;
+            cuda(&format!("synchronising after {}", describe()), self.synchronize_raw())?;
         }
         Ok(())
     }
 
+    /// Raises the kernel's dynamic shared-memory limit when it asks for more than the default 48 KiB.
+    fn allow_shared(&self, f: sys::CUfunction, kernel: &str, shared_bytes: usize) -> Result<()> {
+        if shared_bytes <= 48 * 1024 {
+            return Ok(());
+        }
+        cuda(&format!("cuFuncSetAttribute(max dynamic shared {shared_bytes} B) for {kernel}"), unsafe {
+            result::function::set_function_attribute(
+                f,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared_bytes as i32,
+            )
+        })
+    }
+
     /// Most blocks of `kernel` one multiprocessor holds at this block size.
-    pub fn occupancy(
-        &self,
-        kernel: &'static str,
-        block_threads: u32,
-        shared_bytes: usize,
-    ) -> Result<u32> {
+    pub fn occupancy(&self, kernel: &'static str, block_threads: u32, shared_bytes: usize) -> Result<u32> {
         let f = self.function(kernel)?;
-        let n = cuda(
-            &format!("cuOccupancyMaxActiveBlocksPerMultiprocessor({kernel})"),
-            unsafe {
-                result::occupancy::max_active_block_per_multiprocessor(
-                    f,
-                    block_threads as i32,
-                    shared_bytes,
-                )
-            },
-        )?;
+        self.allow_shared(f, kernel, shared_bytes)?;
+        let n = cuda(&format!("cuOccupancyMaxActiveBlocksPerMultiprocessor({kernel})"), unsafe {
+            result::occupancy::max_active_block_per_multiprocessor(f, block_threads as i32, shared_bytes)
+        })?;
         Ok(n.max(0) as u32)
     }
 
@@ -244,9 +251,7 @@ impl Gpu {
     }
 
     pub fn fill_bytes(&self, mem: &DeviceMem, byte: u8) -> Result<()> {
-        cuda("cuMemsetD8Async", unsafe {
-            result::memset_d8_async(mem.ptr()?, byte, mem.bytes(), self.stream)
-        })
+        cuda("cuMemsetD8Async", unsafe { result::memset_d8_async(mem.ptr()?, byte, mem.bytes(), self.stream) })
     }
 
     /// Copies a host tensor into `arena`, converting it to `dtype` on the way.
@@ -266,30 +271,18 @@ impl Gpu {
             converted.host_bytes()?
         };
         if bytes.len() != mem.bytes() {
-            return Err(Error::Input(format!(
-                "upload of {} bytes into {} bytes",
-                bytes.len(),
-                mem.bytes()
-            )));
+            return Err(Error::Input(format!("upload of {} bytes into {} bytes", bytes.len(), mem.bytes())));
         }
         self.synchronize()?;
-        cuda("cuMemcpyHtoD", unsafe {
-            result::memcpy_htod_sync(mem.ptr()?, bytes)
-        })
+        cuda("cuMemcpyHtoD", unsafe { result::memcpy_htod_sync(mem.ptr()?, bytes) })
     }
 
     /// Waits for the stream and copies a device tensor to a new host tensor.
     pub fn download(&self, t: &Tensor) -> Result<Tensor> {
         self.synchronize()?;
         let mut bytes = vec![0u8; t.size_bytes()];
-        cuda("cuMemcpyDtoH", unsafe {
-            result::memcpy_dtoh_sync(&mut bytes, t.device_ptr()?)
-        })?;
-        Tensor::from_storage(
-            t.shape(),
-            t.dtype(),
-            Storage::Host(HostBytes::Owned(Arc::new(bytes))),
-        )
+        cuda("cuMemcpyDtoH", unsafe { result::memcpy_dtoh_sync(&mut bytes, t.device_ptr()?) })?;
+        Tensor::from_storage(t.shape(), t.dtype(), Storage::Host(HostBytes::Owned(Arc::new(bytes))))
     }
 }
 

@@ -67,20 +67,12 @@ fn data_type(d: DType) -> dnn::cudnnDataType_t {
 impl Dnn {
     pub fn new(gpu: &Gpu) -> Result<Dnn> {
         if !unsafe { dnn::is_culib_present() } {
-            return Err(Error::Cuda(
-                "libcudnn.so (cuDNN 9) was not found on the library path".into(),
-            ));
+            return Err(Error::Cuda("libcudnn.so (cuDNN 9) was not found on the library path".into()));
         }
         let mut handle = std::ptr::null_mut();
         check("cudnnCreate", unsafe { dnn::cudnnCreate(&mut handle) })?;
-        check("cudnnSetStream", unsafe {
-            dnn::cudnnSetStream(handle, gpu.stream() as dnn::cudaStream_t)
-        })?;
-        Ok(Dnn {
-            handle,
-            plans: HashMap::new(),
-            workspace: None,
-        })
+        check("cudnnSetStream", unsafe { dnn::cudnnSetStream(handle, gpu.stream() as dnn::cudaStream_t) })?;
+        Ok(Dnn { handle, plans: HashMap::new(), workspace: None })
     }
 
     unsafe fn make_plan(&mut self, s: &ConvShape, x: u64, w: u64, y: u64) -> Result<Plan> {
@@ -97,22 +89,10 @@ impl Dnn {
             workspace: 0,
         };
         unsafe {
-            check(
-                "cudnnCreateTensorDescriptor",
-                dnn::cudnnCreateTensorDescriptor(&mut plan.x),
-            )?;
-            check(
-                "cudnnCreateTensorDescriptor",
-                dnn::cudnnCreateTensorDescriptor(&mut plan.y),
-            )?;
-            check(
-                "cudnnCreateFilterDescriptor",
-                dnn::cudnnCreateFilterDescriptor(&mut plan.w),
-            )?;
-            check(
-                "cudnnCreateConvolutionDescriptor",
-                dnn::cudnnCreateConvolutionDescriptor(&mut plan.conv),
-            )?;
+            check("cudnnCreateTensorDescriptor", dnn::cudnnCreateTensorDescriptor(&mut plan.x))?;
+            check("cudnnCreateTensorDescriptor", dnn::cudnnCreateTensorDescriptor(&mut plan.y))?;
+            check("cudnnCreateFilterDescriptor", dnn::cudnnCreateFilterDescriptor(&mut plan.w))?;
+            check("cudnnCreateConvolutionDescriptor", dnn::cudnnCreateConvolutionDescriptor(&mut plan.conv))?;
             check(
                 "cudnnSetTensor4dDescriptor(x)",
                 dnn::cudnnSetTensor4dDescriptor(
@@ -127,15 +107,7 @@ impl Dnn {
             )?;
             check(
                 "cudnnSetTensor4dDescriptor(y)",
-                dnn::cudnnSetTensor4dDescriptor(
-                    plan.y,
-                    nhwc,
-                    dt,
-                    i(s.batch),
-                    i(s.out_channels),
-                    i(oh),
-                    i(ow),
-                ),
+                dnn::cudnnSetTensor4dDescriptor(plan.y, nhwc, dt, i(s.batch), i(s.out_channels), i(oh), i(ow)),
             )?;
             check(
                 "cudnnSetFilter4dDescriptor",
@@ -169,10 +141,7 @@ impl Dnn {
             } else {
                 dnn::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
             };
-            check(
-                "cudnnSetConvolutionMathType",
-                dnn::cudnnSetConvolutionMathType(plan.conv, math),
-            )?;
+            check("cudnnSetConvolutionMathType", dnn::cudnnSetConvolutionMathType(plan.conv, math))?;
         }
         // Let cuDNN time its candidates on the real buffers, with up to 256 MiB of workspace.
         let budget = 256usize << 20;
@@ -219,33 +188,26 @@ impl Dnn {
             self.plans.insert(*s, plan);
         }
         let need = self.plans[s].workspace;
-        let ws = if need > 0 {
-            self.workspace_of(need)?
-        } else {
-            0
-        };
+        let ws = if need > 0 { self.workspace_of(need)? } else { 0 };
         let plan = &self.plans[s];
         let (alpha, beta) = (1.0f32, 0.0f32);
-        check(
-            &format!("cudnnConvolutionForward ({s:?}, algo {:?})", plan.algo),
-            unsafe {
-                dnn::cudnnConvolutionForward(
-                    self.handle,
-                    &alpha as *const f32 as *const c_void,
-                    plan.x,
-                    x as *const c_void,
-                    plan.w,
-                    w as *const c_void,
-                    plan.conv,
-                    plan.algo,
-                    ws as *mut c_void,
-                    need,
-                    &beta as *const f32 as *const c_void,
-                    plan.y,
-                    y as *mut c_void,
-                )
-            },
-        )
+        check(&format!("cudnnConvolutionForward ({s:?}, algo {:?})", plan.algo), unsafe {
+            dnn::cudnnConvolutionForward(
+                self.handle,
+                &alpha as *const f32 as *const c_void,
+                plan.x,
+                x as *const c_void,
+                plan.w,
+                w as *const c_void,
+                plan.conv,
+                plan.algo,
+                ws as *mut c_void,
+                need,
+                &beta as *const f32 as *const c_void,
+                plan.y,
+                y as *mut c_void,
+            )
+        })
     }
 }
 

@@ -44,12 +44,7 @@ pub struct DeviceMem {
 
 impl DeviceMem {
     pub fn owned(bytes: usize, what: &str) -> Result<DeviceMem> {
-        Ok(DeviceMem {
-            alloc: DeviceAlloc::new(bytes, what)?,
-            offset: 0,
-            bytes,
-            epoch: None,
-        })
+        Ok(DeviceMem { alloc: DeviceAlloc::new(bytes, what)?, offset: 0, bytes, epoch: None })
     }
 
     pub fn bytes(&self) -> usize {
@@ -107,11 +102,7 @@ impl Arena {
             alloc: self.alloc.clone(),
             offset,
             bytes,
-            epoch: Some((
-                self.epoch.clone(),
-                self.epoch.load(Ordering::Acquire),
-                self.name,
-            )),
+            epoch: Some((self.epoch.clone(), self.epoch.load(Ordering::Acquire), self.name)),
         })
     }
 

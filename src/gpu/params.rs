@@ -5,6 +5,7 @@
 
 pub const GROUP_NORM_VECS_16BIT: u32 = 8;
 pub const GROUP_NORM_VECS_F32: u32 = 2;
+pub const GROUP_NORM_CONTROL_STRIDE: u32 = 32;
 #[repr(u32)]
 #[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
 pub enum ElementwiseOp {
@@ -30,22 +31,14 @@ pub struct ElementwiseParams {
 const _: () = {
     ["Size of ElementwiseParams"][::std::mem::size_of::<ElementwiseParams>() - 56usize];
     ["Alignment of ElementwiseParams"][::std::mem::align_of::<ElementwiseParams>() - 8usize];
-    ["Offset of field: ElementwiseParams::a"]
-        [::std::mem::offset_of!(ElementwiseParams, a) - 0usize];
-    ["Offset of field: ElementwiseParams::b"]
-        [::std::mem::offset_of!(ElementwiseParams, b) - 8usize];
-    ["Offset of field: ElementwiseParams::out"]
-        [::std::mem::offset_of!(ElementwiseParams, out) - 16usize];
-    ["Offset of field: ElementwiseParams::n"]
-        [::std::mem::offset_of!(ElementwiseParams, n) - 24usize];
-    ["Offset of field: ElementwiseParams::mid"]
-        [::std::mem::offset_of!(ElementwiseParams, mid) - 32usize];
-    ["Offset of field: ElementwiseParams::inner"]
-        [::std::mem::offset_of!(ElementwiseParams, inner) - 40usize];
-    ["Offset of field: ElementwiseParams::alpha"]
-        [::std::mem::offset_of!(ElementwiseParams, alpha) - 48usize];
-    ["Offset of field: ElementwiseParams::op"]
-        [::std::mem::offset_of!(ElementwiseParams, op) - 52usize];
+    ["Offset of field: ElementwiseParams::a"][::std::mem::offset_of!(ElementwiseParams, a) - 0usize];
+    ["Offset of field: ElementwiseParams::b"][::std::mem::offset_of!(ElementwiseParams, b) - 8usize];
+    ["Offset of field: ElementwiseParams::out"][::std::mem::offset_of!(ElementwiseParams, out) - 16usize];
+    ["Offset of field: ElementwiseParams::n"][::std::mem::offset_of!(ElementwiseParams, n) - 24usize];
+    ["Offset of field: ElementwiseParams::mid"][::std::mem::offset_of!(ElementwiseParams, mid) - 32usize];
+    ["Offset of field: ElementwiseParams::inner"][::std::mem::offset_of!(ElementwiseParams, inner) - 40usize];
+    ["Offset of field: ElementwiseParams::alpha"][::std::mem::offset_of!(ElementwiseParams, alpha) - 48usize];
+    ["Offset of field: ElementwiseParams::op"][::std::mem::offset_of!(ElementwiseParams, op) - 52usize];
 };
 impl Default for ElementwiseParams {
     fn default() -> Self {
@@ -89,9 +82,7 @@ pub struct GroupNormParams {
     pub y: *mut ::std::os::raw::c_void,
     pub gamma: *const ::std::os::raw::c_void,
     pub beta: *const ::std::os::raw::c_void,
-    pub partials: *mut f32,
-    pub stats: *mut f32,
-    pub control: *mut u32,
+    pub workspace: *mut u32,
     pub domains: i64,
     pub pixels: i64,
     pub channels: i32,
@@ -99,43 +90,29 @@ pub struct GroupNormParams {
     pub rows: i32,
     pub chunks: i32,
     pub lag: i32,
+    pub resident: i32,
     pub silu: i32,
     pub eps: f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of GroupNormParams"][::std::mem::size_of::<GroupNormParams>() - 104usize];
+    ["Size of GroupNormParams"][::std::mem::size_of::<GroupNormParams>() - 88usize];
     ["Alignment of GroupNormParams"][::std::mem::align_of::<GroupNormParams>() - 8usize];
     ["Offset of field: GroupNormParams::x"][::std::mem::offset_of!(GroupNormParams, x) - 0usize];
     ["Offset of field: GroupNormParams::y"][::std::mem::offset_of!(GroupNormParams, y) - 8usize];
-    ["Offset of field: GroupNormParams::gamma"]
-        [::std::mem::offset_of!(GroupNormParams, gamma) - 16usize];
-    ["Offset of field: GroupNormParams::beta"]
-        [::std::mem::offset_of!(GroupNormParams, beta) - 24usize];
-    ["Offset of field: GroupNormParams::partials"]
-        [::std::mem::offset_of!(GroupNormParams, partials) - 32usize];
-    ["Offset of field: GroupNormParams::stats"]
-        [::std::mem::offset_of!(GroupNormParams, stats) - 40usize];
-    ["Offset of field: GroupNormParams::control"]
-        [::std::mem::offset_of!(GroupNormParams, control) - 48usize];
-    ["Offset of field: GroupNormParams::domains"]
-        [::std::mem::offset_of!(GroupNormParams, domains) - 56usize];
-    ["Offset of field: GroupNormParams::pixels"]
-        [::std::mem::offset_of!(GroupNormParams, pixels) - 64usize];
-    ["Offset of field: GroupNormParams::channels"]
-        [::std::mem::offset_of!(GroupNormParams, channels) - 72usize];
-    ["Offset of field: GroupNormParams::groups"]
-        [::std::mem::offset_of!(GroupNormParams, groups) - 76usize];
-    ["Offset of field: GroupNormParams::rows"]
-        [::std::mem::offset_of!(GroupNormParams, rows) - 80usize];
-    ["Offset of field: GroupNormParams::chunks"]
-        [::std::mem::offset_of!(GroupNormParams, chunks) - 84usize];
-    ["Offset of field: GroupNormParams::lag"]
-        [::std::mem::offset_of!(GroupNormParams, lag) - 88usize];
-    ["Offset of field: GroupNormParams::silu"]
-        [::std::mem::offset_of!(GroupNormParams, silu) - 92usize];
-    ["Offset of field: GroupNormParams::eps"]
-        [::std::mem::offset_of!(GroupNormParams, eps) - 96usize];
+    ["Offset of field: GroupNormParams::gamma"][::std::mem::offset_of!(GroupNormParams, gamma) - 16usize];
+    ["Offset of field: GroupNormParams::beta"][::std::mem::offset_of!(GroupNormParams, beta) - 24usize];
+    ["Offset of field: GroupNormParams::workspace"][::std::mem::offset_of!(GroupNormParams, workspace) - 32usize];
+    ["Offset of field: GroupNormParams::domains"][::std::mem::offset_of!(GroupNormParams, domains) - 40usize];
+    ["Offset of field: GroupNormParams::pixels"][::std::mem::offset_of!(GroupNormParams, pixels) - 48usize];
+    ["Offset of field: GroupNormParams::channels"][::std::mem::offset_of!(GroupNormParams, channels) - 56usize];
+    ["Offset of field: GroupNormParams::groups"][::std::mem::offset_of!(GroupNormParams, groups) - 60usize];
+    ["Offset of field: GroupNormParams::rows"][::std::mem::offset_of!(GroupNormParams, rows) - 64usize];
+    ["Offset of field: GroupNormParams::chunks"][::std::mem::offset_of!(GroupNormParams, chunks) - 68usize];
+    ["Offset of field: GroupNormParams::lag"][::std::mem::offset_of!(GroupNormParams, lag) - 72usize];
+    ["Offset of field: GroupNormParams::resident"][::std::mem::offset_of!(GroupNormParams, resident) - 76usize];
+    ["Offset of field: GroupNormParams::silu"][::std::mem::offset_of!(GroupNormParams, silu) - 80usize];
+    ["Offset of field: GroupNormParams::eps"][::std::mem::offset_of!(GroupNormParams, eps) - 84usize];
 };
 impl Default for GroupNormParams {
     fn default() -> Self {
@@ -163,16 +140,11 @@ const _: () = {
     ["Alignment of LayerNormParams"][::std::mem::align_of::<LayerNormParams>() - 8usize];
     ["Offset of field: LayerNormParams::x"][::std::mem::offset_of!(LayerNormParams, x) - 0usize];
     ["Offset of field: LayerNormParams::y"][::std::mem::offset_of!(LayerNormParams, y) - 8usize];
-    ["Offset of field: LayerNormParams::gamma"]
-        [::std::mem::offset_of!(LayerNormParams, gamma) - 16usize];
-    ["Offset of field: LayerNormParams::beta"]
-        [::std::mem::offset_of!(LayerNormParams, beta) - 24usize];
-    ["Offset of field: LayerNormParams::rows"]
-        [::std::mem::offset_of!(LayerNormParams, rows) - 32usize];
-    ["Offset of field: LayerNormParams::channels"]
-        [::std::mem::offset_of!(LayerNormParams, channels) - 40usize];
-    ["Offset of field: LayerNormParams::eps"]
-        [::std::mem::offset_of!(LayerNormParams, eps) - 44usize];
+    ["Offset of field: LayerNormParams::gamma"][::std::mem::offset_of!(LayerNormParams, gamma) - 16usize];
+    ["Offset of field: LayerNormParams::beta"][::std::mem::offset_of!(LayerNormParams, beta) - 24usize];
+    ["Offset of field: LayerNormParams::rows"][::std::mem::offset_of!(LayerNormParams, rows) - 32usize];
+    ["Offset of field: LayerNormParams::channels"][::std::mem::offset_of!(LayerNormParams, channels) - 40usize];
+    ["Offset of field: LayerNormParams::eps"][::std::mem::offset_of!(LayerNormParams, eps) - 44usize];
 };
 impl Default for LayerNormParams {
     fn default() -> Self {
@@ -198,16 +170,11 @@ const _: () = {
     ["Size of Upsample2xParams"][::std::mem::size_of::<Upsample2xParams>() - 40usize];
     ["Alignment of Upsample2xParams"][::std::mem::align_of::<Upsample2xParams>() - 8usize];
     ["Offset of field: Upsample2xParams::x"][::std::mem::offset_of!(Upsample2xParams, x) - 0usize];
-    ["Offset of field: Upsample2xParams::out"]
-        [::std::mem::offset_of!(Upsample2xParams, out) - 8usize];
-    ["Offset of field: Upsample2xParams::images"]
-        [::std::mem::offset_of!(Upsample2xParams, images) - 16usize];
-    ["Offset of field: Upsample2xParams::height"]
-        [::std::mem::offset_of!(Upsample2xParams, height) - 24usize];
-    ["Offset of field: Upsample2xParams::width"]
-        [::std::mem::offset_of!(Upsample2xParams, width) - 28usize];
-    ["Offset of field: Upsample2xParams::channels"]
-        [::std::mem::offset_of!(Upsample2xParams, channels) - 32usize];
+    ["Offset of field: Upsample2xParams::out"][::std::mem::offset_of!(Upsample2xParams, out) - 8usize];
+    ["Offset of field: Upsample2xParams::images"][::std::mem::offset_of!(Upsample2xParams, images) - 16usize];
+    ["Offset of field: Upsample2xParams::height"][::std::mem::offset_of!(Upsample2xParams, height) - 24usize];
+    ["Offset of field: Upsample2xParams::width"][::std::mem::offset_of!(Upsample2xParams, width) - 28usize];
+    ["Offset of field: Upsample2xParams::channels"][::std::mem::offset_of!(Upsample2xParams, channels) - 32usize];
 };
 impl Default for Upsample2xParams {
     fn default() -> Self {
@@ -233,16 +200,12 @@ pub struct TimestepEmbeddingParams {
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of TimestepEmbeddingParams"][::std::mem::size_of::<TimestepEmbeddingParams>() - 48usize];
-    ["Alignment of TimestepEmbeddingParams"]
-        [::std::mem::align_of::<TimestepEmbeddingParams>() - 8usize];
+    ["Alignment of TimestepEmbeddingParams"][::std::mem::align_of::<TimestepEmbeddingParams>() - 8usize];
     ["Offset of field: TimestepEmbeddingParams::timesteps"]
         [::std::mem::offset_of!(TimestepEmbeddingParams, timesteps) - 0usize];
-    ["Offset of field: TimestepEmbeddingParams::out"]
-        [::std::mem::offset_of!(TimestepEmbeddingParams, out) - 8usize];
-    ["Offset of field: TimestepEmbeddingParams::n"]
-        [::std::mem::offset_of!(TimestepEmbeddingParams, n) - 16usize];
-    ["Offset of field: TimestepEmbeddingParams::dim"]
-        [::std::mem::offset_of!(TimestepEmbeddingParams, dim) - 24usize];
+    ["Offset of field: TimestepEmbeddingParams::out"][::std::mem::offset_of!(TimestepEmbeddingParams, out) - 8usize];
+    ["Offset of field: TimestepEmbeddingParams::n"][::std::mem::offset_of!(TimestepEmbeddingParams, n) - 16usize];
+    ["Offset of field: TimestepEmbeddingParams::dim"][::std::mem::offset_of!(TimestepEmbeddingParams, dim) - 24usize];
     ["Offset of field: TimestepEmbeddingParams::flip_sin_to_cos"]
         [::std::mem::offset_of!(TimestepEmbeddingParams, flip_sin_to_cos) - 28usize];
     ["Offset of field: TimestepEmbeddingParams::shift"]

@@ -42,12 +42,7 @@ impl Timing {
 }
 
 /// Runs `f` `warmup` times, then times each of `runs` calls with events on the GPU's stream.
-pub fn time_gpu(
-    gpu: &Gpu,
-    warmup: usize,
-    runs: usize,
-    mut f: impl FnMut() -> Result<()>,
-) -> Result<Timing> {
+pub fn time_gpu(gpu: &Gpu, warmup: usize, runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
     for _ in 0..warmup {
         f()?;
     }

@@ -17,9 +17,7 @@ pub struct Conv2d {
 pub fn weight_oihw_to_ohwi(w: &Tensor) -> Result<Tensor> {
     let s = w.shape();
     if s.len() != 4 {
-        return Err(Error::Input(format!(
-            "conv weight {w:?} must be [out, in, kh, kw]"
-        )));
+        return Err(Error::Input(format!("conv weight {w:?} must be [out, in, kh, kw]")));
     }
     let (o, i, kh, kw) = (s[0], s[1], s[2], s[3]);
     let v = w.to_f32_vec()?;
@@ -36,13 +34,7 @@ pub fn weight_oihw_to_ohwi(w: &Tensor) -> Result<Tensor> {
     Tensor::from_f32(&[o, kh, kw, i], w.dtype(), &out)
 }
 
-pub fn conv2d(
-    ex: &Exec,
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    cfg: Conv2d,
-) -> Result<Tensor> {
+pub fn conv2d(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: Conv2d) -> Result<Tensor> {
     let mut inputs = vec![x, w];
     inputs.extend(bias);
     ex.expect_inputs("conv2d", &inputs)?;
@@ -55,10 +47,7 @@ pub fn conv2d(
         )));
     }
     if cfg.stride == 0 || xs[1] + 2 * cfg.padding < ws[1] || xs[2] + 2 * cfg.padding < ws[1] {
-        return Err(Error::Input(format!(
-            "conv2d: stride {} / padding {} do not fit {x:?}",
-            cfg.stride, cfg.padding
-        )));
+        return Err(Error::Input(format!("conv2d: stride {} / padding {} do not fit {x:?}", cfg.stride, cfg.padding)));
     }
     let shape = ConvShape {
         batch: xs[0],
@@ -72,10 +61,7 @@ pub fn conv2d(
         dtype,
     };
     if let Some(b) = bias.filter(|b| b.shape() != [shape.out_channels]) {
-        return Err(Error::Input(format!(
-            "conv2d: bias {b:?} must be [{}]",
-            shape.out_channels
-        )));
+        return Err(Error::Input(format!("conv2d: bias {b:?} must be [{}]", shape.out_channels)));
     }
     let (oh, ow) = shape.out_hw();
     let out_shape = [shape.batch, oh, ow, shape.out_channels];
@@ -103,9 +89,7 @@ pub fn conv2d(
                             if ix < 0 || ix >= shape.width as isize {
                                 continue;
                             }
-                            let xp = &xv[((n * shape.height + iy as usize) * shape.width
-                                + ix as usize)
-                                * ci..][..ci];
+                            let xp = &xv[((n * shape.height + iy as usize) * shape.width + ix as usize) * ci..][..ci];
                             for (j, yv) in y.iter_mut().enumerate() {
                                 let wp = &wv[((j * k + ky) * k + kx) * ci..][..ci];
                                 *yv += xp.iter().zip(wp).map(|(a, b)| a * b).sum::<f32>();
@@ -123,12 +107,7 @@ pub fn conv2d(
                 if dnn.is_none() {
                     *dnn = Some(Dnn::new(gpu)?);
                 }
-                dnn.as_mut().unwrap().conv2d(
-                    &shape,
-                    x.device_ptr()?,
-                    w.device_ptr()?,
-                    y.device_ptr()?,
-                )?;
+                dnn.as_mut().unwrap().conv2d(&shape, x.device_ptr()?, w.device_ptr()?, y.device_ptr()?)?;
             }
             match bias {
                 Some(b) => add(ex, &y, b, 1.0),

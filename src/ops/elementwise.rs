@@ -30,35 +30,20 @@ impl Broadcast {
         let (sa, sb) = (a.shape(), b.shape());
         let n = a.numel();
         if sa == sb {
-            return Ok(Broadcast {
-                mid: 1,
-                inner: n.max(1),
-            });
+            return Ok(Broadcast { mid: 1, inner: n.max(1) });
         }
         let c = *sa.last().unwrap_or(&1);
         if sb == [c] {
-            return Ok(Broadcast {
-                mid: n / c.max(1),
-                inner: c,
-            });
+            return Ok(Broadcast { mid: n / c.max(1), inner: c });
         }
         if sa.len() >= 2 && sb == [sa[0], c] {
-            return Ok(Broadcast {
-                mid: n / (sa[0] * c).max(1),
-                inner: c,
-            });
+            return Ok(Broadcast { mid: n / (sa[0] * c).max(1), inner: c });
         }
         Err(Error::Input(format!("cannot broadcast {sb:?} over {sa:?}")))
     }
 }
 
-fn binary(
-    ex: &Exec,
-    op: ElementwiseOp,
-    a: &Tensor,
-    b: Option<&Tensor>,
-    alpha: f32,
-) -> Result<Tensor> {
+fn binary(ex: &Exec, op: ElementwiseOp, a: &Tensor, b: Option<&Tensor>, alpha: f32) -> Result<Tensor> {
     let name = format!("{op:?}");
     let dtype = match b {
         Some(b) => same_dtype(&name, &[a, b])?,
@@ -66,10 +51,7 @@ fn binary(
     };
     let bc = match b {
         Some(b) => Broadcast::infer(a, b)?,
-        None => Broadcast {
-            mid: 1,
-            inner: a.numel().max(1),
-        },
+        None => Broadcast { mid: 1, inner: a.numel().max(1) },
     };
     let mut inputs = vec![a];
     inputs.extend(b);
@@ -85,11 +67,7 @@ fn binary(
                 .iter()
                 .enumerate()
                 .map(|(i, &v)| {
-                    let w = if y.is_empty() {
-                        0.0
-                    } else {
-                        y[(i / (bc.mid * bc.inner)) * bc.inner + i % bc.inner]
-                    };
+                    let w = if y.is_empty() { 0.0 } else { y[(i / (bc.mid * bc.inner)) * bc.inner + i % bc.inner] };
                     alpha
                         * match op {
                             ElementwiseOp::ELEMENTWISE_ADD => v + w,
@@ -151,9 +129,7 @@ pub fn geglu(ex: &Exec, x: &Tensor) -> Result<Tensor> {
     ex.expect_inputs("geglu", &[x])?;
     let two_d = *x.shape().last().unwrap_or(&0);
     if two_d % 2 != 0 || two_d == 0 {
-        return Err(Error::Input(format!(
-            "geglu: last dimension of {x:?} must be even"
-        )));
+        return Err(Error::Input(format!("geglu: last dimension of {x:?} must be even")));
     }
     let d = two_d / 2;
     let rows = x.numel() / two_d;
@@ -162,9 +138,8 @@ pub fn geglu(ex: &Exec, x: &Tensor) -> Result<Tensor> {
     match ex {
         Exec::Cpu => {
             let v = x.to_f32_vec()?;
-            let out: Vec<f32> = (0..rows * d)
-                .map(|i| v[(i / d) * two_d + i % d] * gelu_f32(v[(i / d) * two_d + d + i % d]))
-                .collect();
+            let out: Vec<f32> =
+                (0..rows * d).map(|i| v[(i / d) * two_d + i % d] * gelu_f32(v[(i / d) * two_d + d + i % d])).collect();
             host_out(&shape, x.dtype(), &out)
         }
         Exec::Cuda { gpu, scratch } => {

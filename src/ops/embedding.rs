@@ -18,36 +18,20 @@ pub struct TimestepEmbedding {
 impl TimestepEmbedding {
     /// SDXL's settings (flip_sin_to_cos true, freq_shift 0) at a given width.
     pub fn sdxl(dim: usize) -> Self {
-        TimestepEmbedding {
-            dim,
-            flip_sin_to_cos: true,
-            shift: 0.0,
-            scale: 1.0,
-            max_period: 10000.0,
-        }
+        TimestepEmbedding { dim, flip_sin_to_cos: true, shift: 0.0, scale: 1.0, max_period: 10000.0 }
     }
 }
 
 /// `timesteps` is an f32 tensor [n]; the result is [n, dim] in `dtype`.
-pub fn timestep_embedding(
-    ex: &Exec,
-    timesteps: &Tensor,
-    cfg: TimestepEmbedding,
-    dtype: DType,
-) -> Result<Tensor> {
+pub fn timestep_embedding(ex: &Exec, timesteps: &Tensor, cfg: TimestepEmbedding, dtype: DType) -> Result<Tensor> {
     ex.expect_inputs("timestep_embedding", &[timesteps])?;
     if timesteps.shape().len() != 1 || timesteps.dtype() != DType::F32 {
-        return Err(Error::Input(format!(
-            "timestep_embedding: timesteps {timesteps:?} must be f32 [n]"
-        )));
+        return Err(Error::Input(format!("timestep_embedding: timesteps {timesteps:?} must be f32 [n]")));
     }
     let n = timesteps.numel();
     let half = cfg.dim / 2;
     if half == 0 || (half as f32) <= cfg.shift {
-        return Err(Error::Input(format!(
-            "timestep_embedding: dim {} too small for shift {}",
-            cfg.dim, cfg.shift
-        )));
+        return Err(Error::Input(format!("timestep_embedding: dim {} too small for shift {}", cfg.dim, cfg.shift)));
     }
     match ex {
         Exec::Cpu => {

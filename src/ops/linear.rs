@@ -11,14 +11,9 @@ pub fn linear(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Resul
     inputs.extend(bias);
     ex.expect_inputs("linear", &inputs)?;
     let dtype = same_dtype("linear", &inputs)?;
-    let k = *x
-        .shape()
-        .last()
-        .ok_or_else(|| Error::Input("linear: scalar input".into()))?;
+    let k = *x.shape().last().ok_or_else(|| Error::Input("linear: scalar input".into()))?;
     if w.shape().len() != 2 || w.shape()[1] != k {
-        return Err(Error::Input(format!(
-            "linear: weight {w:?} must be [out, {k}] for input {x:?}"
-        )));
+        return Err(Error::Input(format!("linear: weight {w:?} must be [out, {k}] for input {x:?}")));
     }
     let n = w.shape()[0];
     if let Some(b) = bias.filter(|b| b.shape() != [n]) {
@@ -37,8 +32,7 @@ pub fn linear(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Resul
                     let xr = &xv[(first + r) * k..(first + r + 1) * k];
                     for (j, yv) in y.iter_mut().enumerate() {
                         let wr = &wv[j * k..(j + 1) * k];
-                        *yv = xr.iter().zip(wr).map(|(a, b)| a * b).sum::<f32>()
-                            + bv.as_ref().map_or(0.0, |b| b[j]);
+                        *yv = xr.iter().zip(wr).map(|(a, b)| a * b).sum::<f32>() + bv.as_ref().map_or(0.0, |b| b[j]);
                     }
                 }
             });
@@ -51,17 +45,7 @@ pub fn linear(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Resul
                 *blas = Some(Blas::new()?);
             }
             let b = bias.map(|b| b.device_ptr()).transpose()?;
-            blas.as_mut().unwrap().linear(
-                gpu,
-                x.device_ptr()?,
-                w.device_ptr()?,
-                b,
-                y.device_ptr()?,
-                m,
-                n,
-                k,
-                dtype,
-            )?;
+            blas.as_mut().unwrap().linear(gpu, x.device_ptr()?, w.device_ptr()?, b, y.device_ptr()?, m, n, k, dtype)?;
             Ok(y)
         }
     }

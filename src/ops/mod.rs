@@ -54,10 +54,7 @@ fn host_out(shape: &[usize], dtype: DType, values: &[f32]) -> Result<Tensor> {
 fn same_dtype(op: &str, tensors: &[&Tensor]) -> Result<DType> {
     let d = tensors[0].dtype();
     match tensors.iter().find(|t| t.dtype() != d) {
-        Some(t) => Err(Error::Input(format!(
-            "{op}: dtype {:?} of {t:?} differs from {d:?}",
-            t.dtype()
-        ))),
+        Some(t) => Err(Error::Input(format!("{op}: dtype {:?} of {t:?} differs from {d:?}", t.dtype()))),
         None => Ok(d),
     }
 }
@@ -71,9 +68,7 @@ fn grid_for(n: usize, block: u32) -> u32 {
 /// rows' slice of `out` (each row `row_len` values).
 pub(crate) fn par_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     let rows = out.len() / row_len.max(1);
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(rows.max(1));
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(rows.max(1));
     let per = rows.div_ceil(threads.max(1)).max(1);
     std::thread::scope(|s| {
         for (i, chunk) in out.chunks_mut(per * row_len.max(1)).enumerate() {

@@ -4,7 +4,7 @@
 use super::{Exec, host_out, par_rows, same_dtype};
 use crate::error::{Error, Result};
 use crate::gpu::params::{
-    GROUP_NORM_VECS_16BIT, GROUP_NORM_VECS_F32, GroupNormParams, LayerNormParams,
+    GROUP_NORM_CONTROL_STRIDE, GROUP_NORM_VECS_16BIT, GROUP_NORM_VECS_F32, GroupNormParams, LayerNormParams,
 };
 use crate::tensor::{DType, Tensor};
 
@@ -26,8 +26,11 @@ pub struct GroupNorm {
 pub struct GroupNormTuning {
     /// Resident blocks per multiprocessor (0 = as many as fit).
     pub blocks_per_sm: u32,
-    /// Domains between statistics and normalisation (0 = derived from the grid size).
+    /// Domains between statistics and normalisation in two-phase mode (0 = derived from the grid).
     pub lag: u32,
+    /// Resident mode (one read of x; needs a domain's chunks to fit the grid). Measured slower than
+    /// two-phase on the H100 (benches/RESULTS.md), so opt-in.
+    pub resident: bool,
 }
 
 struct GnShape {
@@ -39,38 +42,20 @@ struct GnShape {
 fn gn_shape(x: &Tensor, cfg: &GroupNorm) -> Result<GnShape> {
     let s = x.shape();
     if s.len() < 2 {
-        return Err(Error::Input(format!(
-            "group_norm: {x:?} must be [N, ..., C]"
-        )));
+        return Err(Error::Input(format!("group_norm: {x:?} must be [N, ..., C]")));
     }
     let (n, c) = (s[0], s[s.len() - 1]);
     if cfg.groups == 0 || c % cfg.groups != 0 {
-        return Err(Error::Input(format!(
-            "group_norm: {} groups do not divide {c} channels",
-            cfg.groups
-        )));
+        return Err(Error::Input(format!("group_norm: {} groups do not divide {c} channels", cfg.groups)));
     }
     if cfg.frames == 0 || n % cfg.frames != 0 {
-        return Err(Error::Input(format!(
-            "group_norm: batch {n} is not a multiple of {} frames",
-            cfg.frames
-        )));
+        return Err(Error::Input(format!("group_norm: batch {n} is not a multiple of {} frames", cfg.frames)));
     }
-    Ok(GnShape {
-        domains: n / cfg.frames,
-        pixels: cfg.frames * x.numel() / (n * c).max(1),
-        channels: c,
-    })
+    Ok(GnShape { domains: n / cfg.frames, pixels: cfg.frames * x.numel() / (n * c).max(1), channels: c })
 }
 
 /// y = (x - mean_g) / sqrt(var_g + eps) * gamma + beta, then SiLU if asked; x is NHWC [N, ..., C].
-pub fn group_norm(
-    ex: &Exec,
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    cfg: GroupNorm,
-) -> Result<Tensor> {
+pub fn group_norm(ex: &Exec, x: &Tensor, gamma: &Tensor, beta: &Tensor, cfg: GroupNorm) -> Result<Tensor> {
     group_norm_tuned(ex, x, gamma, beta, cfg, GroupNormTuning::default())
 }
 
@@ -86,10 +71,7 @@ pub fn group_norm_tuned(
     let dtype = same_dtype("group_norm", &[x, gamma, beta])?;
     let sh = gn_shape(x, &cfg)?;
     if gamma.shape() != [sh.channels] || beta.shape() != [sh.channels] {
-        return Err(Error::Input(format!(
-            "group_norm: gamma {gamma:?} / beta {beta:?} must be [{}]",
-            sh.channels
-        )));
+        return Err(Error::Input(format!("group_norm: gamma {gamma:?} / beta {beta:?} must be [{}]", sh.channels)));
     }
     match ex {
         Exec::Cpu => group_norm_cpu(x, gamma, beta, &cfg, &sh, dtype),
@@ -105,43 +87,26 @@ pub fn group_norm_tuned(
             let v = c / 8;
             let rows = (256 / v).clamp(1, 512 / v);
             let threads = (rows * v) as u32;
-            let vecs = if dtype == DType::F32 {
-                GROUP_NORM_VECS_F32
-            } else {
-                GROUP_NORM_VECS_16BIT
-            } as usize;
+            let vecs = if dtype == DType::F32 { GROUP_NORM_VECS_F32 } else { GROUP_NORM_VECS_16BIT } as usize;
             let chunks = sh.pixels.div_ceil(rows * vecs);
-            let shared = rows * c * 4;
+            let shared = (rows + 1) * c * 2 * 4; // block reduction buffers, see group_norm.cu
             let items = 2 * sh.domains * chunks;
             let fit = gpu.occupancy(kernel, threads, shared)?.max(1);
-            let per_sm = if tuning.blocks_per_sm > 0 {
-                tuning.blocks_per_sm.min(fit)
-            } else {
-                fit
-            };
-            let grid = ((gpu.info().multiprocessors * per_sm) as usize)
-                .min(items)
-                .max(1);
-            let lag = if tuning.lag > 0 {
-                tuning.lag as usize
-            } else {
-                grid.div_ceil(chunks) + 1
-            }
-            .clamp(1, sh.domains);
+            let per_sm = if tuning.blocks_per_sm > 0 { tuning.blocks_per_sm.min(fit) } else { fit };
+            let grid = ((gpu.info().multiprocessors * per_sm) as usize).min(items).max(1);
+            let lag = if tuning.lag > 0 { tuning.lag as usize } else { grid.div_ceil(chunks) + 1 }.clamp(1, sh.domains);
+            // Resident mode holds a whole domain in the grid's registers: one read of x.
+            let resident = tuning.resident && chunks <= grid;
 
             let y = gpu.empty(scratch, x.shape(), dtype)?;
-            let partials = scratch.alloc(sh.domains * chunks * cfg.groups * 4 * 4)?;
-            let stats = scratch.alloc(sh.domains * cfg.groups * 2 * 4)?;
-            let control = scratch.alloc((1 + 2 * sh.domains) * 4)?;
-            gpu.fill_bytes(&control, 0)?;
+            let workspace = scratch.alloc(group_norm_workspace_bytes(sh.domains, cfg.groups))?;
+            gpu.fill_bytes(&workspace, 0)?;
             let p = GroupNormParams {
                 x: x.device_ptr()? as *const _,
                 y: y.device_ptr()? as *mut _,
                 gamma: gamma.device_ptr()? as *const _,
                 beta: beta.device_ptr()? as *const _,
-                partials: partials.ptr()? as *mut f32,
-                stats: stats.ptr()? as *mut f32,
-                control: control.ptr()? as *mut u32,
+                workspace: workspace.ptr()? as *mut u32,
                 domains: sh.domains as i64,
                 pixels: sh.pixels as i64,
                 channels: c as i32,
@@ -149,19 +114,24 @@ pub fn group_norm_tuned(
                 rows: rows as i32,
                 chunks: chunks as i32,
                 lag: lag as i32,
+                resident: resident as i32,
                 silu: cfg.silu as i32,
                 eps: cfg.eps,
             };
-            gpu.launch(
-                kernel,
-                (grid as u32, 1, 1),
-                (threads, 1, 1),
-                shared as u32,
-                &p,
-            )?;
+            let (grid, block) = ((grid as u32, 1, 1), (threads, 1, 1));
+            if resident {
+                gpu.launch_cooperative(kernel, grid, block, shared as u32, &p)?;
+            } else {
+                gpu.launch(kernel, grid, block, shared as u32, &p)?;
+            }
             Ok(y)
         }
     }
+}
+
+/// GROUP_NORM_WORKSPACE_BYTES of params.h (bindgen does not carry function-like macros).
+fn group_norm_workspace_bytes(domains: usize, groups: usize) -> usize {
+    (domains + 1) * GROUP_NORM_CONTROL_STRIDE as usize * 4 + domains * groups * 16
 }
 
 fn group_norm_cpu(
@@ -181,10 +151,8 @@ fn group_norm_cpu(
         for (k, y) in chunk.chunks_mut(domain_len).enumerate() {
             let xs = &xv[(first + k) * domain_len..(first + k + 1) * domain_len];
             for grp in 0..cfg.groups {
-                let values = || {
-                    xs.chunks_exact(c)
-                        .flat_map(|px| px[grp * cpg..(grp + 1) * cpg].iter().map(|&v| v as f64))
-                };
+                let values =
+                    || xs.chunks_exact(c).flat_map(|px| px[grp * cpg..(grp + 1) * cpg].iter().map(|&v| v as f64));
                 let n = (sh.pixels * cpg) as f64;
                 let mean = values().sum::<f64>() / n;
                 let var = values().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
@@ -202,27 +170,14 @@ fn group_norm_cpu(
 }
 
 /// Layer norm over the last dimension; gamma / beta optional ([C] each).
-pub fn layer_norm(
-    ex: &Exec,
-    x: &Tensor,
-    gamma: Option<&Tensor>,
-    beta: Option<&Tensor>,
-    eps: f32,
-) -> Result<Tensor> {
+pub fn layer_norm(ex: &Exec, x: &Tensor, gamma: Option<&Tensor>, beta: Option<&Tensor>, eps: f32) -> Result<Tensor> {
     let mut inputs = vec![x];
     inputs.extend(gamma);
     inputs.extend(beta);
     ex.expect_inputs("layer_norm", &inputs)?;
     let dtype = same_dtype("layer_norm", &inputs)?;
-    let c = *x
-        .shape()
-        .last()
-        .ok_or_else(|| Error::Input("layer_norm: scalar input".into()))?;
-    if let Some(t) = [gamma, beta]
-        .into_iter()
-        .flatten()
-        .find(|t| t.shape() != [c])
-    {
+    let c = *x.shape().last().ok_or_else(|| Error::Input("layer_norm: scalar input".into()))?;
+    if let Some(t) = [gamma, beta].into_iter().flatten().find(|t| t.shape() != [c]) {
         return Err(Error::Input(format!("layer_norm: {t:?} must be [{c}]")));
     }
     let rows = x.numel() / c.max(1);
@@ -236,13 +191,11 @@ pub fn layer_norm(
                 for (k, y) in chunk.chunks_mut(c).enumerate() {
                     let row = &xv[(first + k) * c..(first + k + 1) * c];
                     let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
-                    let var =
-                        row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+                    let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
                     let rstd = 1.0 / (var + eps as f64).sqrt();
                     for (j, yv) in y.iter_mut().enumerate() {
                         let n = ((row[j] as f64 - mean) * rstd) as f32;
-                        *yv =
-                            n * g.as_ref().map_or(1.0, |g| g[j]) + b.as_ref().map_or(0.0, |b| b[j]);
+                        *yv = n * g.as_ref().map_or(1.0, |g| g[j]) + b.as_ref().map_or(0.0, |b| b[j]);
                     }
                 }
             });

@@ -9,9 +9,7 @@ pub fn upsample_nearest2x(ex: &Exec, x: &Tensor) -> Result<Tensor> {
     ex.expect_inputs("upsample_nearest2x", &[x])?;
     let s = x.shape();
     if s.len() != 4 {
-        return Err(Error::Input(format!(
-            "upsample_nearest2x: {x:?} must be NHWC"
-        )));
+        return Err(Error::Input(format!("upsample_nearest2x: {x:?} must be NHWC")));
     }
     let (n, h, w, c) = (s[0], s[1], s[2], s[3]);
     let out_shape = [n, 2 * h, 2 * w, c];
@@ -38,13 +36,7 @@ pub fn upsample_nearest2x(ex: &Exec, x: &Tensor) -> Result<Tensor> {
                 channels: c as i32,
             };
             let work = y.numel().div_ceil(if c % 8 == 0 { 8 } else { 1 });
-            gpu.launch(
-                kernel_for!("upsample2x", x.dtype()),
-                (grid_for(work, 256), 1, 1),
-                (256, 1, 1),
-                0,
-                &p,
-            )?;
+            gpu.launch(kernel_for!("upsample2x", x.dtype()), (grid_for(work, 256), 1, 1), (256, 1, 1), 0, &p)?;
             Ok(y)
         }
     }

@@ -43,13 +43,8 @@ pub(super) fn read(path: &Path) -> Result<Vec<FileTensor>> {
     let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| bad(format!("cannot map: {e}")))?);
 
     let file_len = map.len();
-    let Some(len_bytes) = map
-        .get(..LEN_BYTES)
-        .and_then(|b| <[u8; LEN_BYTES]>::try_from(b).ok())
-    else {
-        return Err(bad(format!(
-            "only {file_len} bytes, too short for the 8-byte header length (truncated file?)"
-        )));
+    let Some(len_bytes) = map.get(..LEN_BYTES).and_then(|b| <[u8; LEN_BYTES]>::try_from(b).ok()) else {
+        return Err(bad(format!("only {file_len} bytes, too short for the 8-byte header length (truncated file?)")));
     };
     let header_len = u64::from_le_bytes(len_bytes);
     let data_start = usize::try_from(header_len)
@@ -63,9 +58,8 @@ pub(super) fn read(path: &Path) -> Result<Vec<FileTensor>> {
                 file_len - LEN_BYTES
             ))
         })?;
-    let header: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(&map[LEN_BYTES..data_start])
-            .map_err(|e| bad(format!("the header is not a JSON object: {e}")))?;
+    let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&map[LEN_BYTES..data_start])
+        .map_err(|e| bad(format!("the header is not a JSON object: {e}")))?;
 
     let mut infos = Vec::with_capacity(header.len());
     for (name, value) in header {
@@ -73,8 +67,8 @@ pub(super) fn read(path: &Path) -> Result<Vec<FileTensor>> {
         if name == "__metadata__" {
             continue;
         }
-        let info = TensorInfo::deserialize(value)
-            .map_err(|e| bad(format!("tensor '{name}' has an invalid entry: {e}")))?;
+        let info =
+            TensorInfo::deserialize(value).map_err(|e| bad(format!("tensor '{name}' has an invalid entry: {e}")))?;
         infos.push((name, info));
     }
     infos.sort_by_key(|(_, info)| info.data_offsets);
@@ -84,57 +78,36 @@ pub(super) fn read(path: &Path) -> Result<Vec<FileTensor>> {
     let mut tensors = Vec::with_capacity(infos.len());
     for (name, info) in infos {
         let (start, end) = info.data_offsets;
-        let what = format!(
-            "tensor '{name}' ({} {:?}, data_offsets [{start}, {end}])",
-            info.dtype, info.shape
-        );
+        let what = format!("tensor '{name}' ({} {:?}, data_offsets [{start}, {end}])", info.dtype, info.shape);
         if end < start {
             return Err(bad(format!("{what} ends before it starts")));
         }
         if end > data_len {
-            return Err(bad(format!(
-                "{what} ends past the {data_len} bytes of data (truncated file?)"
-            )));
+            return Err(bad(format!("{what} ends past the {data_len} bytes of data (truncated file?)")));
         }
         if start != covered {
-            return Err(bad(format!(
-                "{what} should start at byte {covered}: the offsets overlap or leave a hole"
-            )));
+            return Err(bad(format!("{what} should start at byte {covered}: the offsets overlap or leave a hole")));
         }
         match byte_count(info.dtype, &info.shape) {
             Some(needed) if needed == end - start => {}
             Some(needed) => {
-                return Err(bad(format!(
-                    "{what} holds {} bytes but its dtype and shape need {needed}",
-                    end - start
-                )));
+                return Err(bad(format!("{what} holds {} bytes but its dtype and shape need {needed}", end - start)));
             }
             None => {
-                return Err(bad(format!(
-                    "{what}: the shape's size overflows or is not a whole number of bytes"
-                )));
+                return Err(bad(format!("{what}: the shape's size overflows or is not a whole number of bytes")));
             }
         }
         covered = end;
         let tensor = match engine_dtype(info.dtype) {
             Some(dtype) => {
-                let bytes = HostBytes::Mapped {
-                    map: map.clone(),
-                    start: data_start + start,
-                    len: end - start,
-                };
+                let bytes = HostBytes::Mapped { map: map.clone(), start: data_start + start, len: end - start };
                 let t = Tensor::from_storage(&info.shape, dtype, Storage::Host(bytes))
                     .map_err(|e| bad(format!("tensor '{name}': {e}")))?;
                 Some(t)
             }
             None => None,
         };
-        tensors.push(FileTensor {
-            name,
-            dtype: info.dtype,
-            shape: info.shape,
-            tensor,
-        });
+        tensors.push(FileTensor { name, dtype: info.dtype, shape: info.shape, tensor });
     }
     if covered != data_len {
         return Err(bad(format!(
@@ -146,9 +119,7 @@ pub(super) fn read(path: &Path) -> Result<Vec<FileTensor>> {
 
 /// Bytes a tensor of this dtype and shape occupies; None if that overflows or is not whole bytes.
 fn byte_count(dtype: Dtype, shape: &[usize]) -> Option<usize> {
-    let bits = shape
-        .iter()
-        .try_fold(dtype.bitsize(), |acc, &d| acc.checked_mul(d))?;
+    let bits = shape.iter().try_fold(dtype.bitsize(), |acc, &d| acc.checked_mul(d))?;
     (bits % 8 == 0).then_some(bits / 8)
 }
 

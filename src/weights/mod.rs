@@ -31,10 +31,7 @@ pub struct TensorSpec {
 
 impl TensorSpec {
     pub fn new(name: impl Into<String>, shape: &[usize]) -> TensorSpec {
-        TensorSpec {
-            name: name.into(),
-            shape: shape.to_vec(),
-        }
+        TensorSpec { name: name.into(), shape: shape.to_vec() }
     }
 }
 
@@ -96,12 +93,7 @@ fn load_checked<P: AsRef<Path>>(
             if let Some(&first) = origin.get(&t.name) {
                 problems.add(
                     Problem::Duplicate,
-                    format!(
-                        "{} (in {} and {})",
-                        t.name,
-                        files[first].display(),
-                        path.display()
-                    ),
+                    format!("{} (in {} and {})", t.name, files[first].display(), path.display()),
                 );
                 continue;
             }
@@ -115,57 +107,33 @@ fn load_checked<P: AsRef<Path>>(
     if let Some(expected) = expected {
         for spec in expected {
             match found.get(&spec.name) {
-                None => problems.add(
-                    Problem::Missing,
-                    format!("{}, expected shape {:?}", spec.name, spec.shape),
-                ),
-                Some(t) if t.shape != spec.shape => problems.add(
-                    Problem::WrongShape,
-                    format!(
-                        "{}: expected {:?}, found {:?}",
-                        spec.name, spec.shape, t.shape
-                    ),
-                ),
+                None => problems.add(Problem::Missing, format!("{}, expected shape {:?}", spec.name, spec.shape)),
+                Some(t) if t.shape != spec.shape => problems
+                    .add(Problem::WrongShape, format!("{}: expected {:?}, found {:?}", spec.name, spec.shape, t.shape)),
                 Some(_) => {}
             }
         }
     }
-    let expected_names: Option<HashSet<&str>> =
-        expected.map(|e| e.iter().map(|s| s.name.as_str()).collect());
+    let expected_names: Option<HashSet<&str>> = expected.map(|e| e.iter().map(|s| s.name.as_str()).collect());
     for t in found.values() {
-        if expected_names
-            .as_ref()
-            .is_some_and(|e| !e.contains(t.name.as_str()))
-        {
-            problems.add(
-                Problem::Unexpected,
-                format!("{}, {} {:?}", t.name, t.dtype, t.shape),
-            );
+        if expected_names.as_ref().is_some_and(|e| !e.contains(t.name.as_str())) {
+            problems.add(Problem::Unexpected, format!("{}, {} {:?}", t.name, t.dtype, t.shape));
         } else if t.tensor.is_none() {
-            problems.add(
-                Problem::Unsupported,
-                format!("{} is {} (only F16, BF16 and F32 load)", t.name, t.dtype),
-            );
+            problems.add(Problem::Unsupported, format!("{} is {} (only F16, BF16 and F32 load)", t.name, t.dtype));
         }
     }
     problems.into_result(&files)?;
 
     // With no problems left, every remaining tensor has a supported dtype.
-    let tensors: BTreeMap<String, Tensor> = found
-        .into_iter()
-        .filter_map(|(name, t)| t.tensor.map(|t| (name, t)))
-        .collect();
+    let tensors: BTreeMap<String, Tensor> =
+        found.into_iter().filter_map(|(name, t)| t.tensor.map(|t| (name, t))).collect();
     let report = LoadReport {
         tensors: tensors.len(),
         bytes: tensors.values().map(|t| t.size_bytes() as u64).sum(),
         files: files.len(),
         seconds: started.elapsed().as_secs_f64(),
     };
-    Ok(LoadedWeights {
-        tensors,
-        files,
-        report,
-    })
+    Ok(LoadedWeights { tensors, files, report })
 }
 
 /// Kinds of problem, in the order the error lists them.
@@ -211,15 +179,8 @@ impl Problems {
                 _ => counts.push((*kind, 1)),
             }
         }
-        let counts: Vec<String> = counts
-            .iter()
-            .map(|(kind, n)| format!("{}: {n}", kind.label()))
-            .collect();
-        let mut message = format!(
-            "cannot use the weights in {} ({}):",
-            list(files),
-            counts.join(", ")
-        );
+        let counts: Vec<String> = counts.iter().map(|(kind, n)| format!("{}: {n}", kind.label())).collect();
+        let mut message = format!("cannot use the weights in {} ({}):", list(files), counts.join(", "));
         for (kind, detail) in &self.0 {
             message.push_str(&format!("\n  {}: {detail}", kind.label()));
         }
@@ -234,12 +195,9 @@ fn list(files: &[PathBuf]) -> String {
 
 impl LoadedWeights {
     pub fn get(&self, name: &str) -> Result<&Tensor> {
-        self.tensors.get(name).ok_or_else(|| {
-            Error::Input(format!(
-                "no tensor '{name}' in the weights loaded from {}",
-                list(&self.files)
-            ))
-        })
+        self.tensors
+            .get(name)
+            .ok_or_else(|| Error::Input(format!("no tensor '{name}' in the weights loaded from {}", list(&self.files))))
     }
 
     /// Tensors in name order.
@@ -284,9 +242,7 @@ impl LoadedWeights {
 
 impl DeviceWeights {
     pub fn get(&self, name: &str) -> Result<&Tensor> {
-        self.tensors
-            .get(name)
-            .ok_or_else(|| Error::Input(format!("no tensor '{name}' among the uploaded weights")))
+        self.tensors.get(name).ok_or_else(|| Error::Input(format!("no tensor '{name}' among the uploaded weights")))
     }
 
     /// Tensors in name order.

@@ -25,20 +25,12 @@ pub struct UploadReport {
 
 impl UploadReport {
     pub fn gb_per_second(&self) -> f64 {
-        if self.seconds > 0.0 {
-            self.bytes as f64 / 1e9 / self.seconds
-        } else {
-            0.0
-        }
+        if self.seconds > 0.0 { self.bytes as f64 / 1e9 / self.seconds } else { 0.0 }
     }
 }
 
 fn plural(n: usize, word: &str) -> String {
-    if n == 1 {
-        format!("{n} {word}")
-    } else {
-        format!("{n} {word}s")
-    }
+    if n == 1 { format!("{n} {word}") } else { format!("{n} {word}s") }
 }
 
 impl fmt::Display for LoadReport {

@@ -36,11 +36,7 @@ impl View for HostView<'_> {
 
 /// Writes host tensors to `path` under the given names, with optional string metadata
 /// (`__metadata__`). Device tensors are refused: download them first.
-pub fn save(
-    path: &Path,
-    tensors: &[(String, &Tensor)],
-    metadata: Option<HashMap<String, String>>,
-) -> Result<()> {
+pub fn save(path: &Path, tensors: &[(String, &Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
     let bad = |why: String| Error::Input(format!("cannot save {}: {why}", path.display()));
     let mut names = HashSet::new();
     let mut views = Vec::with_capacity(tensors.len());
@@ -48,30 +44,16 @@ pub fn save(
         if !names.insert(name.as_str()) {
             return Err(bad(format!("the name '{name}' is given twice")));
         }
-        let bytes = tensor.host_bytes().map_err(|_| {
-            bad(format!(
-                "tensor '{name}' is on the device; download it first"
-            ))
-        })?;
-        let view = HostView {
-            dtype: file_dtype(tensor.dtype()),
-            shape: tensor.shape(),
-            bytes,
-        };
+        let bytes =
+            tensor.host_bytes().map_err(|_| bad(format!("tensor '{name}' is on the device; download it first")))?;
+        let view = HostView { dtype: file_dtype(tensor.dtype()), shape: tensor.shape(), bytes };
         views.push((name.as_str(), view));
     }
     let Some(file_name) = path.file_name() else {
         return Err(bad("the path names no file".into()));
     };
-    let temp = path.with_file_name(format!(
-        ".{}.{}.tmp",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
-    let io = |e: std::io::Error| Error::Io {
-        context: format!("writing {}", path.display()),
-        source: e,
-    };
+    let temp = path.with_file_name(format!(".{}.{}.tmp", file_name.to_string_lossy(), std::process::id()));
+    let io = |e: std::io::Error| Error::Io { context: format!("writing {}", path.display()), source: e };
     let written = safetensors::serialize_to_file(views, metadata, &temp)
         .map_err(|e| match e {
             SafeTensorError::IoError(e) => io(e),

@@ -14,15 +14,9 @@ pub fn fixture(name: &str) -> HashMap<String, Tensor> {
         .into_iter()
         .map(|(name, view)| {
             assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
-            let values: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            (
-                name,
-                Tensor::from_f32(view.shape(), DType::F32, &values).unwrap(),
-            )
+            let values: Vec<f32> =
+                view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+            (name, Tensor::from_f32(view.shape(), DType::F32, &values).unwrap())
         })
         .collect()
 }
@@ -45,15 +39,9 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tol: f64) ->
     assert_eq!(actual.shape(), expected.shape(), "{what}: shape");
     let (a, e) = (actual.to_f32_vec().unwrap(), expected.to_f32_vec().unwrap());
     let unwritten = a.iter().filter(|v| !v.is_finite()).count();
-    assert_eq!(
-        unwritten, 0,
-        "{what}: {unwritten} outputs not finite (unwritten or overflow)"
-    );
+    assert_eq!(unwritten, 0, "{what}: {unwritten} outputs not finite (unwritten or overflow)");
     let (rel, max) = errors(&a, &e);
-    assert!(
-        rel <= tol,
-        "{what}: relative L2 error {rel:.3e} > {tol:.1e} (max abs {max:.3e})"
-    );
+    assert!(rel <= tol, "{what}: relative L2 error {rel:.3e} > {tol:.1e} (max abs {max:.3e})");
     (rel, max)
 }
 
@@ -75,10 +63,5 @@ pub fn randn(n: usize, seed: u64, scale: f32, shift: f32) -> Vec<f32> {
 }
 
 pub fn random_tensor(shape: &[usize], dtype: DType, seed: u64, scale: f32, shift: f32) -> Tensor {
-    Tensor::from_f32(
-        shape,
-        dtype,
-        &randn(shape.iter().product(), seed, scale, shift),
-    )
-    .unwrap()
+    Tensor::from_f32(shape, dtype, &randn(shape.iter().product(), seed, scale, shift)).unwrap()
 }

@@ -50,26 +50,15 @@ fn main() {
 
     // nvcc is single-threaded per architecture pass; two files at a time keeps both cores busy.
     let results: Vec<(PathBuf, String, Vec<KernelReport>)> = std::thread::scope(|scope| {
-        let chunks: Vec<Vec<PathBuf>> = sources
-            .chunks(sources.len().div_ceil(2).max(1))
-            .map(|c| c.to_vec())
-            .collect();
+        let chunks: Vec<Vec<PathBuf>> = sources.chunks(sources.len().div_ceil(2).max(1)).map(|c| c.to_vec()).collect();
         let handles: Vec<_> = chunks
             .into_iter()
             .map(|chunk| {
                 let (nvcc, root, out) = (&nvcc, &root, &out);
-                scope.spawn(move || {
-                    chunk
-                        .iter()
-                        .map(|src| compile(nvcc, root, out, src))
-                        .collect::<Vec<_>>()
-                })
+                scope.spawn(move || chunk.iter().map(|src| compile(nvcc, root, out, src)).collect::<Vec<_>>())
             })
             .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect()
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
     });
 
     let mut table = String::from(
@@ -123,35 +112,18 @@ fn collect_cu_files(dir: &Path, found: &mut Vec<PathBuf>) {
     }
 }
 
-fn compile(
-    nvcc: &Path,
-    root: &Path,
-    out: &Path,
-    src: &Path,
-) -> (PathBuf, String, Vec<KernelReport>) {
+fn compile(nvcc: &Path, root: &Path, out: &Path, src: &Path) -> (PathBuf, String, Vec<KernelReport>) {
     let module = src.file_stem().unwrap().to_string_lossy().into_owned();
     let fatbin = out.join(format!("{module}.fatbin"));
     let mut cmd = Command::new(nvcc);
-    cmd.args([
-        "-fatbin",
-        "-O3",
-        "-std=c++17",
-        "-lineinfo",
-        "-Xptxas",
-        "-v",
-        "-Werror",
-        "all-warnings",
-    ]);
+    cmd.args(["-fatbin", "-O3", "-std=c++17", "-lineinfo", "-Xptxas", "-v", "-Werror", "all-warnings"]);
     cmd.arg("-I").arg(root.join("kernels/include"));
     for g in GENCODES {
         cmd.arg(format!("-gencode={g}"));
     }
     cmd.arg("-o").arg(&fatbin).arg(src);
-    let output = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
-    let log = String::from_utf8_lossy(&output.stderr).into_owned()
-        + &String::from_utf8_lossy(&output.stdout);
+    let output = cmd.output().unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
+    let log = String::from_utf8_lossy(&output.stderr).into_owned() + &String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
         panic!("nvcc failed on {}:\n{log}", src.display());
     }
@@ -163,25 +135,14 @@ fn compile(
 fn parse_ptxas_report(log: &str) -> Vec<KernelReport> {
     let mut reports: Vec<KernelReport> = Vec::new();
     let number_before = |line: &str, unit: &str| -> u32 {
-        line.find(unit)
-            .and_then(|i| {
-                line[..i]
-                    .split_whitespace()
-                    .last()
-                    .and_then(|n| n.parse().ok())
-            })
-            .unwrap_or(0)
+        line.find(unit).and_then(|i| line[..i].split_whitespace().last().and_then(|n| n.parse().ok())).unwrap_or(0)
     };
     for line in log.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             let mut parts = rest.split('\'');
             let name = parts.next().unwrap_or_default().to_string();
             let arch = parts.nth(1).unwrap_or_default().to_string();
-            reports.push(KernelReport {
-                name,
-                arch,
-                ..Default::default()
-            });
+            reports.push(KernelReport { name, arch, ..Default::default() });
         } else if let Some(r) = reports.last_mut() {
             if line.contains("bytes stack frame") {
                 r.stack_bytes = number_before(line, "bytes stack frame");
@@ -208,11 +169,9 @@ fn find_or_install_nvcc(root: &Path) -> PathBuf {
             }
         }
     }
-    if let Some(p) = env::var_os("PATH").and_then(|paths| {
-        env::split_paths(&paths)
-            .map(|d| d.join("nvcc"))
-            .find(|p| p.exists())
-    }) {
+    if let Some(p) =
+        env::var_os("PATH").and_then(|paths| env::split_paths(&paths).map(|d| d.join("nvcc")).find(|p| p.exists()))
+    {
         return p;
     }
     let toolchain = root.join(".cuda-toolchain");

@@ -1,6 +1,7 @@
 //! celframe: SDXL anime video rendering on hand-written CUDA kernels.
 //! See docs/ARCHITECTURE.md for the map of this crate.
 
+pub mod cli;
 pub mod error;
 pub mod gpu;
 pub mod ops;

@@ -1,1 +1,19 @@
-fn main() {}
+use std::process::ExitCode;
+
+use celframe::cli::{Cli, Command};
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Demo(args) => celframe::cli::demo::run(args),
+        Command::Info => celframe::cli::info::run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}

@@ -52,12 +52,10 @@ impl DeviceMem {
     }
 
     pub fn ptr(&self) -> Result<u64> {
-        if let Some((counter, epoch, arena)) = &self.epoch {
-            if counter.load(Ordering::Acquire) != *epoch {
-                return Err(Error::Cuda(format!(
-                    "a tensor from the '{arena}' arena was used after the arena was reset"
-                )));
-            }
+        if let Some((counter, epoch, arena)) = &self.epoch
+            && counter.load(Ordering::Acquire) != *epoch
+        {
+            return Err(Error::Cuda(format!("a tensor from the '{arena}' arena was used after the arena was reset")));
         }
         debug_assert!(self.offset + self.bytes <= self.alloc.bytes);
         Ok(self.alloc.ptr + self.offset as u64)

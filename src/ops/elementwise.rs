@@ -128,7 +128,7 @@ pub fn gelu(ex: &Exec, a: &Tensor) -> Result<Tensor> {
 pub fn geglu(ex: &Exec, x: &Tensor) -> Result<Tensor> {
     ex.expect_inputs("geglu", &[x])?;
     let two_d = *x.shape().last().unwrap_or(&0);
-    if two_d % 2 != 0 || two_d == 0 {
+    if !two_d.is_multiple_of(2) || two_d == 0 {
         return Err(Error::Input(format!("geglu: last dimension of {x:?} must be even")));
     }
     let d = two_d / 2;

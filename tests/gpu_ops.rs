@@ -76,7 +76,9 @@ impl Rig {
 fn group_norm_matches_twin_at_sdxl_shapes() {
     let rig = Rig::new();
     // (shape NHWC, groups, eps, silu, frames, dtype)
-    let cases: &[(&[usize], usize, f32, bool, usize, DType)] = &[
+    // (shape NHWC, groups, eps, silu, frames, dtype)
+    type Case<'a> = (&'a [usize], usize, f32, bool, usize, DType);
+    let cases: &[Case] = &[
         (&[32, 72, 128, 320], 32, 1e-5, true, 1, DType::F16), // ResNet norm, level 0, 2x16 frames 1024x576
         (&[32, 72, 128, 320], 32, 1e-5, false, 1, DType::F16),
         (&[32, 36, 64, 640], 32, 1e-6, false, 16, DType::F16), // motion-module norm across 16 frames
@@ -205,7 +207,8 @@ fn linear_matches_twin() {
 fn conv2d_matches_twin() {
     let rig = Rig::new();
     // (x NHWC, out channels, kernel, stride, padding, dtype)
-    let cases: &[(&[usize], usize, usize, usize, usize, DType)] = &[
+    type Case<'a> = (&'a [usize], usize, usize, usize, usize, DType);
+    let cases: &[Case] = &[
         (&[2, 128, 128, 4], 320, 3, 1, 1, DType::F16),   // conv_in
         (&[1, 64, 64, 640], 640, 3, 1, 1, DType::F16),   // level-1 ResNet conv
         (&[1, 128, 128, 320], 320, 3, 2, 1, DType::F16), // downsampler

@@ -1,6 +1,7 @@
 //! Kernel benchmarks on the GPU: CUDA-event timing, warm-up, median of many runs, inputs rotated
 //! between two buffers. Prints one `BENCH {json}` line per entry; tools/report.py pairs them with
 //! tools/peer_torch.py's `PEER` lines from the same GPU run. Needs a GPU (tools/gpu_run.sh).
+//! CELFRAME_BENCH_FILTER=text runs only the entries whose key contains the text (for profiling).
 
 use celframe::gpu::timing::time_gpu;
 use celframe::gpu::{Arena, Gpu};
@@ -36,6 +37,9 @@ impl Bench {
 
     /// Times `f(input k % 2)` and prints the entry. `bytes` is the minimum traffic, `flop` the arithmetic.
     fn run(&self, name: &str, key: &str, bytes: f64, flop: f64, mut f: impl FnMut(usize) -> Result<()>) -> Result<()> {
+        if std::env::var("CELFRAME_BENCH_FILTER").is_ok_and(|filter| !key.contains(&filter)) {
+            return Ok(());
+        }
         let mut k = 0;
         let t = time_gpu(&self.gpu, WARMUP, RUNS, || {
             k += 1;
@@ -90,7 +94,7 @@ fn main() -> Result<()> {
     let xs = [b.random(&[32, 72, 128, 320], DType::F16, 5)?, b.random(&[32, 72, 128, 320], DType::F16, 6)?];
     let (g, be) = (b.random(&[320], DType::F16, 7)?, b.random(&[320], DType::F16, 8)?);
     let cfg = GroupNorm { groups: 32, eps: 1e-5, silu: true, frames: 1 };
-    for blocks_per_sm in [2, 3] {
+    for blocks_per_sm in [2, 4] {
         for (lag, resident) in [(0, true), (1, false), (3, false), (8, false)] {
             let tuning = GroupNormTuning { blocks_per_sm, lag, resident };
             let mode = if resident { "resident".to_string() } else { format!("two-phase lag{lag}") };

@@ -68,7 +68,8 @@ typedef struct GroupNormParams {
     float eps;
 } GroupNormParams;
 
-// 8-element vectors each thread keeps in registers per chunk (f32 vectors are twice as wide).
+// 8-element vectors each thread handles per chunk (f32 vectors are twice as wide). Dynamic shared
+// memory: the chunk (rows * VECS * channels elements), rows * channels * 2 floats, channels bytes.
 #define GROUP_NORM_VECS_16BIT 8
 #define GROUP_NORM_VECS_F32 2
 #define GROUP_NORM_CONTROL_STRIDE 32  // uint32 words between control words (128 bytes)

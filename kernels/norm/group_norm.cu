@@ -1,9 +1,12 @@
 // Group norm (+ optional SiLU) over NHWC activations, one persistent kernel.
 //
 // Layout of the work: a domain (one image, or the frames of one video) is cut into chunks of
-// `rows * VECS` pixels. Thread (row, slot) owns channels [8 slot, 8 slot + 8) of pixels
-// chunk_start + row + k * rows, k < VECS (GROUP_NORM_VECS_*), so each step of a block reads `rows`
-// whole contiguous pixels (coalesced 16-byte loads).
+// `rows * VECS` pixels; a chunk is contiguous in memory. It is copied into shared memory with
+// cp.async and read from there by both passes; thread (row, slot) handles channels
+// [8 slot, 8 slot + 8) of pixels row + k * rows, k < VECS (GROUP_NORM_VECS_*). Keeping the data
+// out of registers lets more blocks share a multiprocessor: the kernel is limited by instruction
+// issue as much as by memory, so per-element work is kept small (group lookups and shifts come
+// from shared tables, the item is decoded once per block).
 //
 // Statistics of a chunk: per group, the sums of (x - shift) and (x - shift)^2 over the chunk
 // (fp32, data in registers), added with fp64 atomics into the domain's accumulators; then the
@@ -12,7 +15,7 @@
 // every block reads for itself) keeps the cancellation in E[x^2] - mean^2 small.
 // Normalisation: wait until the domain is ready, write (x - mean) * rstd * gamma + beta (+ SiLU).
 //
-// Resident mode: one item per chunk; the block keeps the chunk in registers from statistics to
+// Resident mode: one item per chunk; the block keeps the chunk on chip from statistics to
 // normalisation (one read of x). Every chunk of a domain must be co-resident, which the host
 // guarantees with a cooperative launch of at most the co-resident grid and chunks <= grid.
 // Two-phase mode: statistics and normalisation are separate items (see GroupNormParams); a
@@ -45,64 +48,67 @@ __device__ __forceinline__ GroupNormItem decode_item(const GroupNormParams& p, i
 
 template <typename T, int VECS>
 __device__ void group_norm(const GroupNormParams& p) {
-    extern __shared__ float red[];  // [rows][channels][2], then chan [channels][2]
-    __shared__ float g_a[GROUP_NORM_MAX_GROUPS], g_b[GROUP_NORM_MAX_GROUPS];
-    __shared__ int64_t s_ticket;
+    // Dynamic shared memory: the chunk, the block reduction buffer, the channel -> group table.
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ float g_shift[GROUP_NORM_MAX_GROUPS], g_scale[GROUP_NORM_MAX_GROUPS], g_mean[GROUP_NORM_MAX_GROUPS];
+    __shared__ GroupNormItem s_item;
+    __shared__ bool s_done;
 
     const int C = p.channels, V = C / 8, cpg = C / p.groups;
-    float* chan = red + p.rows * C * 2;
     const int row = threadIdx.x / V, slot = threadIdx.x % V;
+    const int chunk_pixels = p.rows * VECS;
+    T* chunk = reinterpret_cast<T*>(smem);
+    float* red = reinterpret_cast<float*>(smem + (size_t)chunk_pixels * C * sizeof(T));  // [rows][C][2]
+    unsigned char* group_of = reinterpret_cast<unsigned char*>(red + p.rows * C * 2);   // [C]
     const T* x = static_cast<const T*>(p.x);
     T* y = static_cast<T*>(p.y);
     // Control words each sit on their own 128-byte line so pollers do not slow the atomics.
     uint32_t* ticket_counter = p.workspace;
     uint32_t* arrivals = p.workspace + GROUP_NORM_CONTROL_STRIDE;
     double* sums = reinterpret_cast<double*>(reinterpret_cast<char*>(p.workspace) + GROUP_NORM_SUMS_OFFSET(p.domains));
-    const int64_t chunk_pixels = (int64_t)p.rows * VECS;
     const int64_t total = (p.resident ? 1 : 2) * p.domains * p.chunks;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) group_of[c] = (unsigned char)(c / cpg);
 
-    float gamma[8], beta[8];
-    unpack8<T>(load8<T>(static_cast<const T*>(p.gamma) + slot * 8), gamma);
-    unpack8<T>(load8<T>(static_cast<const T*>(p.beta) + slot * 8), beta);
-
-    if (threadIdx.x == 0) s_ticket = atomicAdd(ticket_counter, 1u);
     while (true) {
-        __syncthreads();
-        const int64_t ticket = s_ticket;
-        __syncthreads();
-        if (ticket >= total) break;
-        const GroupNormItem item = decode_item(p, ticket);
-        const int64_t first = item.chunk * chunk_pixels;
-        const int64_t valid = min(chunk_pixels, p.pixels - first);
-        const T* xd = x + item.domain * p.pixels * C;
-        const T* xs = xd + first * C + slot * 8;
-
-        Vec8<T> data[VECS];
-#pragma unroll
-        for (int k = 0; k < VECS; ++k) {
-            const int64_t px = row + (int64_t)k * p.rows;
-            if (px < valid) data[k] = load8<T>(xs + px * C);
+        if (threadIdx.x == 0) {
+            const int64_t ticket = atomicAdd(ticket_counter, 1u);
+            s_done = ticket >= total;
+            if (!s_done) s_item = decode_item(p, ticket);
         }
-        // Two-phase items never wait on a later ticket, so the next one can be taken now, while
-        // the loads are in flight. A resident block must not hold a later chunk of its own domain.
-        if (threadIdx.x == 0 && !p.resident) s_ticket = atomicAdd(ticket_counter, 1u);
+        __syncthreads();
+        if (s_done) break;
+        const GroupNormItem item = s_item;
+        const int64_t first = item.chunk * chunk_pixels;
+        const int valid = (int)min((int64_t)chunk_pixels, p.pixels - first);
+        const T* xd = x + item.domain * p.pixels * C;
 
+        // 1. the chunk into shared memory; each group's shift is its first value in the domain
+        const char* src = reinterpret_cast<const char*>(xd + first * C);
+        const int bytes = valid * C * (int)sizeof(T);
+        for (int i = threadIdx.x * 16; i < bytes; i += blockDim.x * 16)
+            cp_async16(reinterpret_cast<char*>(chunk) + i, src + i);
+        cp_async_commit();
+        for (int g = threadIdx.x; g < p.groups; g += blockDim.x) g_shift[g] = to_f32(xd[g * cpg]);
+        cp_async_wait<0>();
+        __syncthreads();
         float shift[8];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) shift[j] = to_f32(xd[((slot * 8 + j) / cpg) * cpg]);
+        for (int j = 0; j < 8; ++j) shift[j] = g_shift[group_of[slot * 8 + j]];
 
+        // 2. statistics: per-group sums of (x - shift) and (x - shift)^2 into the domain's totals
         if (item.statistics) {
             float s1[8] = {0, 0, 0, 0, 0, 0, 0, 0}, s2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 #pragma unroll
             for (int k = 0; k < VECS; ++k) {
-                if (row + (int64_t)k * p.rows < valid) {
+                const int px = row + k * p.rows;
+                if (px < valid) {
                     float v[8];
-                    unpack8<T>(data[k], v);
+                    unpack8<T>(load8<T>(chunk + px * C + slot * 8), v);
 #pragma unroll
                     for (int j = 0; j < 8; ++j) {
                         const float d = v[j] - shift[j];
                         s1[j] += d;
-                        s2[j] += d * d;
+                        s2[j] = fmaf(d, d, s2[j]);
                     }
                 }
             }
@@ -112,22 +118,23 @@ __device__ void group_norm(const GroupNormParams& p) {
                 red[(row * C + slot * 8 + j) * 2 + 1] = s2[j];
             }
             __syncthreads();
+            // Rows fold into row 0, then each group's channels into one pair of fp64 atomics.
             for (int c = threadIdx.x; c < C; c += blockDim.x) {
-                float a = 0.0f, b = 0.0f;
-                for (int r = 0; r < p.rows; ++r) {
+                float a = red[c * 2 + 0], b = red[c * 2 + 1];
+                for (int r = 1; r < p.rows; ++r) {
                     a += red[(r * C + c) * 2 + 0];
                     b += red[(r * C + c) * 2 + 1];
                 }
-                chan[c * 2 + 0] = a;
-                chan[c * 2 + 1] = b;
+                red[c * 2 + 0] = a;
+                red[c * 2 + 1] = b;
             }
             __syncthreads();
             double* dsums = sums + item.domain * p.groups * 2;
             for (int g = threadIdx.x; g < p.groups; g += blockDim.x) {
                 float a = 0.0f, b = 0.0f;
                 for (int c = g * cpg; c < (g + 1) * cpg; ++c) {
-                    a += chan[c * 2 + 0];
-                    b += chan[c * 2 + 1];
+                    a += red[c * 2 + 0];
+                    b += red[c * 2 + 1];
                 }
                 atomicAdd(dsums + g * 2 + 0, (double)a);
                 atomicAdd(dsums + g * 2 + 1, (double)b);
@@ -136,6 +143,8 @@ __device__ void group_norm(const GroupNormParams& p) {
             __syncthreads();
             if (threadIdx.x == 0) atomicAdd(arrivals + item.domain * GROUP_NORM_CONTROL_STRIDE, 1u);
         }
+
+        // 3. normalisation, once every chunk of the domain has added its sums
         if (item.normalise) {
             if (threadIdx.x == 0) {
                 unsigned sleep = 32;
@@ -151,34 +160,36 @@ __device__ void group_norm(const GroupNormParams& p) {
             for (int g = threadIdx.x; g < p.groups; g += blockDim.x) {
                 const double a = __ldcg(sums + (item.domain * p.groups + g) * 2 + 0) / n;
                 const double b = __ldcg(sums + (item.domain * p.groups + g) * 2 + 1) / n;
-                g_a[g] = (float)a;  // mean - shift
-                g_b[g] = (float)(1.0 / sqrt(fmax(b - a * a, 0.0) + (double)p.eps));
+                g_mean[g] = g_shift[g] + (float)a;
+                g_scale[g] = (float)(1.0 / sqrt(fmax(b - a * a, 0.0) + (double)p.eps));
             }
             __syncthreads();
             float scale[8], offset[8];
+            unpack8<T>(load8<T>(static_cast<const T*>(p.gamma) + slot * 8), scale);
+            unpack8<T>(load8<T>(static_cast<const T*>(p.beta) + slot * 8), offset);
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
-                const int g = (slot * 8 + j) / cpg;
-                scale[j] = g_b[g] * gamma[j];
-                offset[j] = beta[j] - (shift[j] + g_a[g]) * scale[j];
+                const int g = group_of[slot * 8 + j];
+                scale[j] *= g_scale[g];
+                offset[j] -= g_mean[g] * scale[j];
             }
             T* ys = y + (item.domain * p.pixels + first) * C + slot * 8;
 #pragma unroll
             for (int k = 0; k < VECS; ++k) {
-                const int64_t px = row + (int64_t)k * p.rows;
+                const int px = row + k * p.rows;
                 if (px < valid) {
                     float v[8];
-                    unpack8<T>(data[k], v);
+                    unpack8<T>(load8<T>(chunk + px * C + slot * 8), v);
 #pragma unroll
                     for (int j = 0; j < 8; ++j) {
-                        v[j] = v[j] * scale[j] + offset[j];
+                        v[j] = fmaf(v[j], scale[j], offset[j]);
                         if (p.silu) v[j] = silu_f32(v[j]);
                     }
-                    store8<T>(ys + px * C, v);
+                    store8<T>(ys + (int64_t)px * C, v);
                 }
             }
         }
-        if (threadIdx.x == 0 && p.resident) s_ticket = atomicAdd(ticket_counter, 1u);
+        __syncthreads();  // the chunk buffer and tables are reused by the next item
     }
 }
 

@@ -26,7 +26,7 @@ pub struct GroupNorm {
 pub struct GroupNormTuning {
     /// Resident blocks per multiprocessor (0 = as many as fit).
     pub blocks_per_sm: u32,
-    /// Domains between statistics and normalisation in two-phase mode (0 = derived from the grid).
+    /// Domains between statistics and normalisation in two-phase mode (0 = the default, 1).
     pub lag: u32,
     /// Resident mode (one read of x; needs a domain's chunks to fit the grid). Measured slower than
     /// two-phase on the H100 (benches/RESULTS.md), so opt-in.
@@ -89,12 +89,14 @@ pub fn group_norm_tuned(
             let threads = (rows * v) as u32;
             let vecs = if dtype == DType::F32 { GROUP_NORM_VECS_F32 } else { GROUP_NORM_VECS_16BIT } as usize;
             let chunks = sh.pixels.div_ceil(rows * vecs);
-            let shared = (rows + 1) * c * 2 * 4; // block reduction buffers, see group_norm.cu
+            // The chunk, the block reduction buffer, the channel -> group table (params.h).
+            let shared = rows * vecs * c * dtype.size() + rows * c * 2 * 4 + c;
             let items = 2 * sh.domains * chunks;
             let fit = gpu.occupancy(kernel, threads, shared)?.max(1);
             let per_sm = if tuning.blocks_per_sm > 0 { tuning.blocks_per_sm.min(fit) } else { fit };
             let grid = ((gpu.info().multiprocessors * per_sm) as usize).min(items).max(1);
-            let lag = if tuning.lag > 0 { tuning.lag as usize } else { grid.div_ceil(chunks) + 1 }.clamp(1, sh.domains);
+            // Lag 1 measured fastest on the H100 (benches/RESULTS.md): the second read stays in L2.
+            let lag = if tuning.lag > 0 { tuning.lag as usize } else { 1 }.clamp(1, sh.domains);
             // Resident mode holds a whole domain in the grid's registers: one read of x.
             let resident = tuning.resident && chunks <= grid;
 

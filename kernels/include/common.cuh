@@ -38,26 +38,60 @@ template <> __device__ __forceinline__ Vec8<float> load8<float>(const float* p) 
     return v;
 }
 
-template <typename T> __device__ __forceinline__ void unpack8(const Vec8<T>& v, float out[8]) {
-    const T* e = reinterpret_cast<const T*>(&v.raw);
+// Packed conversions: one instruction per pair instead of a shuffle and a convert per element.
+template <typename T> __device__ __forceinline__ void unpack8(const Vec8<T>& v, float out[8]);
+template <> __device__ __forceinline__ void unpack8<__half>(const Vec8<__half>& v, float out[8]) {
+    const __half2* h = reinterpret_cast<const __half2*>(&v.raw);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = to_f32(e[i]);
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = __half22float2(h[i]);
+        out[2 * i] = f.x;
+        out[2 * i + 1] = f.y;
+    }
+}
+template <> __device__ __forceinline__ void unpack8<__nv_bfloat16>(const Vec8<__nv_bfloat16>& v, float out[8]) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v.raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(h[i]);
+        out[2 * i] = f.x;
+        out[2 * i + 1] = f.y;
+    }
 }
 template <> __device__ __forceinline__ void unpack8<float>(const Vec8<float>& v, float out[8]) {
     out[0] = v.lo.x; out[1] = v.lo.y; out[2] = v.lo.z; out[3] = v.lo.w;
     out[4] = v.hi.x; out[5] = v.hi.y; out[6] = v.hi.z; out[7] = v.hi.w;
 }
 
-template <typename T> __device__ __forceinline__ void store8(T* p, const float in[8]) {
-    Vec8<T> v;
-    T* e = reinterpret_cast<T*>(&v.raw);
+template <typename T> __device__ __forceinline__ Vec8<T> pack8(const float in[8]);
+template <> __device__ __forceinline__ Vec8<__half> pack8<__half>(const float in[8]) {
+    Vec8<__half> v;
+    __half2* h = reinterpret_cast<__half2*>(&v.raw);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) e[i] = from_f32<T>(in[i]);
-    *reinterpret_cast<uint4*>(p) = v.raw;
+    for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(in[2 * i], in[2 * i + 1]);
+    return v;
+}
+template <> __device__ __forceinline__ Vec8<__nv_bfloat16> pack8<__nv_bfloat16>(const float in[8]) {
+    Vec8<__nv_bfloat16> v;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v.raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(in[2 * i], in[2 * i + 1]);
+    return v;
+}
+template <> __device__ __forceinline__ Vec8<float> pack8<float>(const float in[8]) {
+    Vec8<float> v;
+    v.lo = make_float4(in[0], in[1], in[2], in[3]);
+    v.hi = make_float4(in[4], in[5], in[6], in[7]);
+    return v;
+}
+
+template <typename T> __device__ __forceinline__ void store8(T* p, const float in[8]) {
+    *reinterpret_cast<uint4*>(p) = pack8<T>(in).raw;
 }
 template <> __device__ __forceinline__ void store8<float>(float* p, const float in[8]) {
-    reinterpret_cast<float4*>(p)[0] = make_float4(in[0], in[1], in[2], in[3]);
-    reinterpret_cast<float4*>(p)[1] = make_float4(in[4], in[5], in[6], in[7]);
+    const Vec8<float> v = pack8<float>(in);
+    reinterpret_cast<float4*>(p)[0] = v.lo;
+    reinterpret_cast<float4*>(p)[1] = v.hi;
 }
 
 // Asynchronous 16-byte global -> shared copies (sm_80+): issue, commit as a group, wait until at

@@ -70,6 +70,8 @@ __device__ void group_norm(const GroupNormParams& p) {
     for (int c = threadIdx.x; c < C; c += blockDim.x) group_of[c] = (unsigned char)(c / cpg);
 
     while (true) {
+        // Taking the next ticket only now (not while the previous item ran) measured faster: a
+        // block holding two tickets widens the window of normalise items that must wait.
         if (threadIdx.x == 0) {
             const int64_t ticket = atomicAdd(ticket_counter, 1u);
             s_done = ticket >= total;
@@ -138,8 +140,8 @@ __device__ void group_norm(const GroupNormParams& p) {
                 }
                 atomicAdd(dsums + g * 2 + 0, (double)a);
                 atomicAdd(dsums + g * 2 + 1, (double)b);
+                __threadfence();  // the sums are visible before the arrival below
             }
-            __threadfence();
             __syncthreads();
             if (threadIdx.x == 0) atomicAdd(arrivals + item.domain * GROUP_NORM_CONTROL_STRIDE, 1u);
         }

@@ -4,7 +4,7 @@
 //! CELFRAME_BENCH_FILTER=text runs only the entries whose key contains the text (for profiling).
 
 use celframe::gpu::timing::time_gpu;
-use celframe::gpu::{Arena, Gpu};
+use celframe::gpu::{Arena, Gpu, nvtx};
 use celframe::ops::Exec;
 use celframe::ops::conv::{Conv2d, conv2d};
 use celframe::ops::linear::linear;
@@ -40,6 +40,7 @@ impl Bench {
         if std::env::var("CELFRAME_BENCH_FILTER").is_ok_and(|filter| !key.contains(&filter)) {
             return Ok(());
         }
+        let _range = nvtx::range(key);
         let mut k = 0;
         let t = time_gpu(&self.gpu, WARMUP, RUNS, || {
             k += 1;

@@ -5,7 +5,7 @@ use clap::Args;
 
 use crate::error::{Error, Result};
 use crate::gpu::timing::time_gpu;
-use crate::gpu::{Arena, Gpu};
+use crate::gpu::{Arena, Gpu, nvtx};
 use crate::ops::Exec;
 use crate::ops::conv::{Conv2d, conv2d};
 use crate::ops::elementwise::{add, silu};
@@ -110,15 +110,21 @@ impl Block {
         let gn = GroupNorm { groups: 32, eps: 1e-5, silu: true, frames: 1 };
         let same = Conv2d { stride: 1, padding: 1 };
         // 1. time embedding: [N] -> [N, 320] -> [N, 1280]
+        let _range = nvtx::range("resnet_block");
+        let step = nvtx::range("time_embedding");
         let t = timestep_embedding(ex, timesteps, TimestepEmbedding::sdxl(320), dtype)?;
         let t = silu(ex, &linear(ex, &t, &self.time_linear_1.0, Some(&self.time_linear_1.1))?)?;
         let emb = linear(ex, &t, &self.time_linear_2.0, Some(&self.time_linear_2.1))?;
+        drop(step);
         // 2. first half: [N, H, W, C]
+        let step = nvtx::range("norm1_conv1_emb");
         let h = group_norm(ex, x, &self.norm1.0, &self.norm1.1, gn)?;
         let h = conv2d(ex, &h, &self.conv1.0, Some(&self.conv1.1), same)?;
         let e = linear(ex, &silu(ex, &emb)?, &self.time_emb_proj.0, Some(&self.time_emb_proj.1))?; // [N, C]
         let h = add(ex, &h, &e, 1.0)?;
+        drop(step);
         // 3. second half and residual
+        let _step = nvtx::range("norm2_conv2_residual");
         let h = group_norm(ex, &h, &self.norm2.0, &self.norm2.1, gn)?;
         let h = conv2d(ex, &h, &self.conv2.0, Some(&self.conv2.1), same)?;
         add(ex, x, &h, 1.0)

@@ -6,6 +6,7 @@
 use celframe::gpu::timing::time_gpu;
 use celframe::gpu::{Arena, Gpu, nvtx};
 use celframe::ops::Exec;
+use celframe::ops::attention::{TemporalAttention, temporal_attention};
 use celframe::ops::conv::{Conv2d, conv2d};
 use celframe::ops::linear::linear;
 use celframe::ops::norm::{GroupNorm, GroupNormTuning, group_norm_tuned};
@@ -104,6 +105,19 @@ fn main() -> Result<()> {
                 group_norm_tuned(&ex, &xs[k], &g, &be, cfg, tuning).map(drop)
             })?;
         }
+    }
+
+    // Temporal (motion-module) attention: 8 heads over 16 frames per pixel, NHWC in and out.
+    for (h, w, c) in [(72usize, 128usize, 320usize), (36, 64, 640), (18, 32, 1280)] {
+        let shape = [32, h, w, c];
+        let qkv: Vec<Tensor> = (0..6).map(|i| b.random(&shape, DType::F16, 20 + i)).collect::<Result<_>>()?;
+        let cfg = TemporalAttention { frames: 16, heads: 8, scale: 1.0 / ((c / 8) as f32).sqrt() };
+        let bytes = 4.0 * qkv[0].size_bytes() as f64;
+        let flop = 4.0 * (2 * h * w * 8) as f64 * 16.0 * 16.0 * (c / 8) as f64;
+        let key = format!("temporal_attention f16 N32 C{c} H{h} W{w}");
+        b.run("temporal_attention", &key, bytes, flop, |k| {
+            temporal_attention(&ex, &qkv[3 * k], &qkv[3 * k + 1], &qkv[3 * k + 2], cfg).map(drop)
+        })?;
     }
 
     // cuDNN convolutions and cuBLASLt linears at UNet shapes, for the record (issue: conv choice).

@@ -285,3 +285,40 @@ fn scratch_tensors_are_refused_after_reset_and_launch_errors_name_the_kernel() {
     let err = rig.gpu.launch("upsample2x_f16", (1, 1, 1), (4096, 1, 1), 0, &p).unwrap_err().to_string();
     assert!(err.contains("upsample2x_f16") && err.contains("4096"), "{err}");
 }
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn temporal_attention_meets_the_attention_rule() {
+    use celframe::ops::attention::{TemporalAttention, temporal_attention, temporal_attention_reference};
+    let rig = Rig::new();
+    // (NHWC shape, frames, dtype): the three motion-module levels of a 2x16-frame 1024x576 CFG batch,
+    // then 32 frames, 1 frame and bf16.
+    let cases: &[(&[usize], usize, DType)] = &[
+        (&[32, 72, 128, 320], 16, DType::F16),
+        (&[32, 36, 64, 640], 16, DType::F16),
+        (&[32, 18, 32, 1280], 16, DType::F16),
+        (&[32, 16, 16, 320], 32, DType::F16),
+        (&[4, 8, 8, 640], 1, DType::F16),
+        (&[24, 9, 7, 320], 12, DType::BF16),
+    ];
+    for &(shape, frames, dtype) in cases {
+        let heads = 8;
+        let cfg = TemporalAttention { frames, heads, scale: 1.0 / ((shape[3] / heads) as f32).sqrt() };
+        let (q, qd) = rig.input(shape, dtype, 1.0, 0.0);
+        let (k, kd) = rig.input(shape, dtype, 1.0, 0.0);
+        let (v, vd) = rig.input(shape, dtype, 1.0, 0.0);
+        let got = rig.gpu.download(&temporal_attention(&rig.exec(), &qd, &kd, &vd, cfg).unwrap()).unwrap();
+        let exact = temporal_attention_reference(&q, &k, &v, cfg, None, DType::F32).unwrap();
+        let plain = temporal_attention_reference(&q, &k, &v, cfg, Some(dtype), dtype).unwrap();
+        let (ours, _) = assert_close("temporal attention vs f64", &got, &exact, 1e-2);
+        let (theirs, _) = common::errors(&plain.to_f32_vec().unwrap(), &exact.to_f32_vec().unwrap());
+        println!(
+            "GPUCHECK temporal_attention frames={frames} {shape:?} {dtype:?} rel_l2={ours:.2e} plain_half={theirs:.2e} rule=2x"
+        );
+        assert!(
+            ours <= 2.0 * theirs,
+            "{shape:?}: error {ours:.3e} exceeds twice the plain half-precision error {theirs:.3e}"
+        );
+        rig.scratch.reset();
+    }
+}

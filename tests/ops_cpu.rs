@@ -5,6 +5,7 @@
 mod common;
 
 use celframe::ops::Exec;
+use celframe::ops::attention::{TemporalAttention, temporal_attention};
 use celframe::ops::conv::{Conv2d, conv2d, weight_oihw_to_ohwi};
 use celframe::ops::elementwise::{add, geglu, gelu, mul, scale, silu};
 use celframe::ops::embedding::{TimestepEmbedding, timestep_embedding};
@@ -128,4 +129,17 @@ fn bad_shapes_are_input_errors_not_panics() {
     bad(add(&CPU, x, &f["conv.b3"], 1.0), "unbroadcastable add");
     bad(geglu(&CPU, &f["timestep.out_shift1"]), "geglu odd width");
     bad(conv2d(&CPU, x, &f["conv.w3"], None, Conv2d { stride: 1, padding: 1 }), "conv weight not KRSC");
+}
+
+#[test]
+fn temporal_attention_matches_torch_sdpa() {
+    let f = fixture("ops_reference.safetensors");
+    let cfg = TemporalAttention { frames: 5, heads: 8, scale: 1.0 / (8f32).sqrt() };
+    let out = temporal_attention(&CPU, &f["temporal.q"], &f["temporal.k"], &f["temporal.v"], cfg).unwrap();
+    assert_close("temporal attention", &out, &f["temporal.out"], TOL);
+    let bad = TemporalAttention { frames: 3, ..cfg };
+    assert!(matches!(
+        temporal_attention(&CPU, &f["temporal.q"], &f["temporal.k"], &f["temporal.v"], bad),
+        Err(Error::Input(_))
+    ));
 }

@@ -87,6 +87,16 @@ put("timestep.out320", get_timestep_embedding(t, 320, flip_sin_to_cos=True, down
 put("timestep.out256", get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0))
 put("timestep.out_shift1", get_timestep_embedding(t, 33, flip_sin_to_cos=False, downscale_freq_shift=1))
 
+# Temporal attention as the motion module computes it: [B*F, H, W, C] NHWC frame-major -> per
+# (video, pixel) sequences over frames -> SDPA with 8 heads of C/8 -> back.
+B, Fr, H, W, C, heads = 2, 5, 2, 3, 64, 8
+q, k, v = (torch.randn(B * Fr, H, W, C) for _ in range(3))
+def seqs(t):  # [B*F, H, W, C] -> [B*H*W, heads, F, C/heads]
+    return t.view(B, Fr, H * W, heads, C // heads).permute(0, 2, 3, 1, 4).reshape(B * H * W, heads, Fr, C // heads)
+o = F.scaled_dot_product_attention(seqs(q), seqs(k), seqs(v))
+o = o.view(B, H * W, heads, Fr, C // heads).permute(0, 3, 1, 2, 4).reshape(B * Fr, H, W, C)
+put("temporal.q", q); put("temporal.k", k); put("temporal.v", v); put("temporal.out", o)
+
 path = pathlib.Path(__file__).resolve().parent.parent / "tests/fixtures/ops_reference.safetensors"
 path.parent.mkdir(parents=True, exist_ok=True)
 save_file(out, str(path), metadata={"generator": "tools/make_op_fixtures.py", "torch": torch.__version__})

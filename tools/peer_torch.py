@@ -85,6 +85,20 @@ for m, kd, nd in [(8192, 640, 640), (2048, 1280, 10240), (65536, 320, 320)]:
         return F.linear(xs[k[0]], wt, bias)
     peer(key, "torch", bench(f), 0.0, 2.0 * m * kd * nd)
 
+# Temporal attention as diffusers runs it: sequences [B*H*W, heads, F, d] through SDPA (the
+# reshapes/transposes around it are not timed, which favours PyTorch).
+for h, w, c in [(72, 128, 320), (36, 64, 640), (18, 32, 1280)]:
+    key = f"temporal_attention f16 N32 C{c} H{h} W{w}"
+    shape = (2 * h * w, 8, 16, c // 8)
+    sets = [[torch.randn(shape, device=dev, dtype=torch.float16) for _ in range(3)] for _ in range(2)]
+    k = [0]
+
+    def f():
+        k[0] ^= 1
+        return F.scaled_dot_product_attention(*sets[k[0]])
+    numel = 32 * h * w * c
+    peer(key, "torch SDPA", bench(f), 4.0 * numel * 2, 4.0 * 2 * h * w * 8 * 16 * 16 * (c // 8))
+
 # Memory ceiling of this GPU: device-to-device copy of 1 GiB, bytes read + written.
 src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
 dst = torch.empty_like(src)

@@ -110,3 +110,25 @@ typedef struct TimestepEmbeddingParams {
     float scale;
     float max_period;
 } TimestepEmbeddingParams;
+
+// Temporal (motion-module) self-attention over the frames of each pixel, read and written in the
+// NHWC frame-major layout: token (video b, frame f, pixel p) is row (b * frames + f) * pixels + p
+// of each tensor, and head h occupies columns [h * head_dim, (h + 1) * head_dim) of that row.
+// For every (b, p, h): O = softmax(scale * Q K^T) V over the `frames` tokens, no mask.
+// Row strides (in elements) let q, k, v be column slices of one fused projection.
+typedef struct TemporalAttentionParams {
+    const void* q;
+    const void* k;
+    const void* v;
+    void* o;
+    int64_t q_stride;
+    int64_t k_stride;
+    int64_t v_stride;
+    int64_t o_stride;
+    int32_t videos;
+    int32_t frames;     // 1..32
+    int32_t pixels;     // height * width
+    int32_t heads;
+    int32_t head_dim;   // multiple of 8
+    float scale;
+} TemporalAttentionParams;

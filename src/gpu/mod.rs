@@ -21,5 +21,6 @@ kernel_params!(
     params::GroupNormParams,
     params::LayerNormParams,
     params::Upsample2xParams,
-    params::TimestepEmbeddingParams
+    params::TimestepEmbeddingParams,
+    params::TemporalAttentionParams
 );

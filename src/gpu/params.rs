@@ -224,3 +224,59 @@ impl Default for TimestepEmbeddingParams {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct TemporalAttentionParams {
+    pub q: *const ::std::os::raw::c_void,
+    pub k: *const ::std::os::raw::c_void,
+    pub v: *const ::std::os::raw::c_void,
+    pub o: *mut ::std::os::raw::c_void,
+    pub q_stride: i64,
+    pub k_stride: i64,
+    pub v_stride: i64,
+    pub o_stride: i64,
+    pub videos: i32,
+    pub frames: i32,
+    pub pixels: i32,
+    pub heads: i32,
+    pub head_dim: i32,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of TemporalAttentionParams"][::std::mem::size_of::<TemporalAttentionParams>() - 88usize];
+    ["Alignment of TemporalAttentionParams"][::std::mem::align_of::<TemporalAttentionParams>() - 8usize];
+    ["Offset of field: TemporalAttentionParams::q"][::std::mem::offset_of!(TemporalAttentionParams, q) - 0usize];
+    ["Offset of field: TemporalAttentionParams::k"][::std::mem::offset_of!(TemporalAttentionParams, k) - 8usize];
+    ["Offset of field: TemporalAttentionParams::v"][::std::mem::offset_of!(TemporalAttentionParams, v) - 16usize];
+    ["Offset of field: TemporalAttentionParams::o"][::std::mem::offset_of!(TemporalAttentionParams, o) - 24usize];
+    ["Offset of field: TemporalAttentionParams::q_stride"]
+        [::std::mem::offset_of!(TemporalAttentionParams, q_stride) - 32usize];
+    ["Offset of field: TemporalAttentionParams::k_stride"]
+        [::std::mem::offset_of!(TemporalAttentionParams, k_stride) - 40usize];
+    ["Offset of field: TemporalAttentionParams::v_stride"]
+        [::std::mem::offset_of!(TemporalAttentionParams, v_stride) - 48usize];
+    ["Offset of field: TemporalAttentionParams::o_stride"]
+        [::std::mem::offset_of!(TemporalAttentionParams, o_stride) - 56usize];
+    ["Offset of field: TemporalAttentionParams::videos"]
+        [::std::mem::offset_of!(TemporalAttentionParams, videos) - 64usize];
+    ["Offset of field: TemporalAttentionParams::frames"]
+        [::std::mem::offset_of!(TemporalAttentionParams, frames) - 68usize];
+    ["Offset of field: TemporalAttentionParams::pixels"]
+        [::std::mem::offset_of!(TemporalAttentionParams, pixels) - 72usize];
+    ["Offset of field: TemporalAttentionParams::heads"]
+        [::std::mem::offset_of!(TemporalAttentionParams, heads) - 76usize];
+    ["Offset of field: TemporalAttentionParams::head_dim"]
+        [::std::mem::offset_of!(TemporalAttentionParams, head_dim) - 80usize];
+    ["Offset of field: TemporalAttentionParams::scale"]
+        [::std::mem::offset_of!(TemporalAttentionParams, scale) - 84usize];
+};
+impl Default for TemporalAttentionParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

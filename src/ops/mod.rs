@@ -13,6 +13,7 @@ macro_rules! kernel_for {
     };
 }
 
+pub mod attention;
 pub mod conv;
 pub mod elementwise;
 pub mod embedding;

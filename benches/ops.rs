@@ -6,7 +6,9 @@
 use celframe::gpu::timing::time_gpu;
 use celframe::gpu::{Arena, Gpu, nvtx};
 use celframe::ops::Exec;
-use celframe::ops::attention::{TemporalAttention, temporal_attention};
+use celframe::ops::attention::{
+    TemporalAttention, TemporalAttentionTuning, temporal_attention, temporal_attention_tuned,
+};
 use celframe::ops::conv::{Conv2d, conv2d};
 use celframe::ops::linear::linear;
 use celframe::ops::norm::{GroupNorm, GroupNormTuning, group_norm_tuned};
@@ -117,6 +119,17 @@ fn main() -> Result<()> {
         let key = format!("temporal_attention f16 N32 C{c} H{h} W{w}");
         b.run("temporal_attention", &key, bytes, flop, |k| {
             temporal_attention(&ex, &qkv[3 * k], &qkv[3 * k + 1], &qkv[3 * k + 2], cfg).map(drop)
+        })?;
+    }
+
+    let shape = [32, 72, 128, 320];
+    let qkv: Vec<Tensor> = (0..6).map(|i| b.random(&shape, DType::F16, 30 + i)).collect::<Result<_>>()?;
+    let cfg = TemporalAttention { frames: 16, heads: 8, scale: 1.0 / (40f32).sqrt() };
+    for warps_per_block in [2, 4, 8] {
+        let key = format!("sweep temporal_attention f16 N32 C320 H72 W128 warps{warps_per_block}");
+        let tuning = TemporalAttentionTuning { warps_per_block };
+        b.run("temporal_sweep", &key, 4.0 * qkv[0].size_bytes() as f64, 0.0, |k| {
+            temporal_attention_tuned(&ex, &qkv[3 * k], &qkv[3 * k + 1], &qkv[3 * k + 2], cfg, tuning).map(drop)
         })?;
     }
 

@@ -27,7 +27,7 @@ for c in checks:
 print("\n| entry | celframe ms | GB/s | TFLOP/s | PyTorch best ms (variant) | speed-up |")
 print("|---|---|---|---|---|---|")
 for b in bench:
-    if b["name"] == "group_norm_sweep":
+    if b["name"].endswith("_sweep"):
         continue
     ps = peers.get(b["key"], [])
     best = min(ps, key=lambda p: p["ms"]) if ps else None
@@ -39,3 +39,6 @@ if sweep:
     print("\nGroup-norm work-layout sweep (32x320x72x128 f16 +SiLU):")
     for b in sweep:
         print(f"  {b['key'].split(' W128 ')[1]}: {b['ms']:.4f} ms, {b['gbps']} GB/s")
+for b in bench:
+    if b["name"] == "temporal_sweep":
+        print(f"  temporal attention 32x320x72x128 f16, {b['key'].split()[-1]}: {b['ms']:.4f} ms, {b['gbps']} GB/s")

@@ -1,15 +1,15 @@
 // Temporal self-attention for AnimateDiff motion modules (see TemporalAttentionParams).
 //
-// One warp per (video, pixel, head) sequence of at most 32 frames; the 4 warps of a block take 4
-// consecutive heads of the same pixel, so together they read whole contiguous stretches of each
-// token row. Each warp copies its Q, K and V rows into its own shared-memory tiles with cp.async,
+// One warp per (video, pixel, head) sequence of at most 32 frames; the warps of a block (4 or 8, set
+// by the launch) take consecutive heads of the same pixel, so together they read whole contiguous
+// stretches of each token row. Each warp copies its Q, K and V rows into its own shared-memory tiles with cp.async,
 // zero-padded to FP rows (16 or 32 frames) and DP columns (head_dim rounded up to 16), computes
 // S = scale * Q K^T on tensor cores (mma.m16n8k16, fp32 accumulation), a row softmax in fp32 in
 // registers, O = P V on tensor cores (P re-used from the S accumulators as the A operand), stages O
 // in shared memory and writes its rows back with 16-byte stores.
 #include "common.cuh"
 
-#define TEMPORAL_WARPS 4
+#define TEMPORAL_MAX_WARPS 8
 
 template <typename T> struct MmaType;
 template <> struct MmaType<__half> {
@@ -70,7 +70,7 @@ __device__ void temporal_attention(const TemporalAttentionParams& p) {
     T* v_s = k_s + TILE;
 
     const int64_t sequences = (int64_t)p.videos * p.pixels * p.heads;
-    const int64_t seq = (int64_t)blockIdx.x * TEMPORAL_WARPS + warp;
+    const int64_t seq = (int64_t)blockIdx.x * (blockDim.x / 32) + warp;
     if (seq >= sequences) return;
     const int h = (int)(seq % p.heads);
     const int64_t bp = seq / p.heads;  // video * pixels + pixel
@@ -86,9 +86,9 @@ __device__ void temporal_attention(const TemporalAttentionParams& p) {
         if (f < F && c < chunks) {
             const int64_t r = row_of(f);
             const int col = h * D + c * 8;
-            cp_async16(q_s + off, static_cast<const T*>(p.q) + r * p.q_stride + col);
-            cp_async16(k_s + off, static_cast<const T*>(p.k) + r * p.k_stride + col);
-            cp_async16(v_s + off, static_cast<const T*>(p.v) + r * p.v_stride + col);
+            cp_async16_line(q_s + off, static_cast<const T*>(p.q) + r * p.q_stride + col);
+            cp_async16_line(k_s + off, static_cast<const T*>(p.k) + r * p.k_stride + col);
+            cp_async16_line(v_s + off, static_cast<const T*>(p.v) + r * p.v_stride + col);
         } else {
             const uint4 zero = make_uint4(0, 0, 0, 0);
             *reinterpret_cast<uint4*>(q_s + off) = zero;
@@ -197,7 +197,7 @@ __device__ void temporal_attention(const TemporalAttentionParams& p) {
 }
 
 #define TEMPORAL_KERNEL(FP, DP, T, SUFFIX)                                                             \
-    extern "C" __global__ void __launch_bounds__(TEMPORAL_WARPS * 32)                                  \
+    extern "C" __global__ void __launch_bounds__(TEMPORAL_MAX_WARPS * 32)                                  \
         temporal_attention_##FP##x##DP##_##SUFFIX(const __grid_constant__ TemporalAttentionParams p) { \
         temporal_attention<T, FP, DP>(p);                                                             \
     }

@@ -15,7 +15,18 @@ pub struct TemporalAttention {
     pub scale: f32,
 }
 
-const WARPS_PER_BLOCK: usize = 4; // TEMPORAL_WARPS in kernels/attention/temporal.cu
+/// Warps per block of the temporal kernel (one sequence each), exposed for benchmark sweeps.
+#[derive(Clone, Copy, Debug)]
+pub struct TemporalAttentionTuning {
+    /// 1..=8 (TEMPORAL_MAX_WARPS in kernels/attention/temporal.cu).
+    pub warps_per_block: usize,
+}
+
+impl Default for TemporalAttentionTuning {
+    fn default() -> Self {
+        TemporalAttentionTuning { warps_per_block: 4 }
+    }
+}
 
 struct Dims {
     videos: usize,
@@ -52,6 +63,17 @@ fn dims(q: &Tensor, cfg: &TemporalAttention) -> Result<Dims> {
 /// O = softmax(scale * Q K^T) V over the frames of each (video, pixel, head); q, k, v and the
 /// result are [videos * frames, ..., heads * head_dim].
 pub fn temporal_attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: TemporalAttention) -> Result<Tensor> {
+    temporal_attention_tuned(ex, q, k, v, cfg, TemporalAttentionTuning::default())
+}
+
+pub fn temporal_attention_tuned(
+    ex: &Exec,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cfg: TemporalAttention,
+    tuning: TemporalAttentionTuning,
+) -> Result<Tensor> {
     ex.expect_inputs("temporal_attention", &[q, k, v])?;
     let dtype = same_dtype("temporal_attention", &[q, k, v])?;
     if k.shape() != q.shape() || v.shape() != q.shape() {
@@ -112,10 +134,11 @@ pub fn temporal_attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: Te
                 scale: cfg.scale,
             };
             let fp = if d.frames <= 16 { 16 } else { 32 };
-            let shared = WARPS_PER_BLOCK * 3 * fp * (dp + 8) * dtype.size();
+            let warps = tuning.warps_per_block.clamp(1, 8);
+            let shared = warps * 3 * fp * (dp + 8) * dtype.size();
             let sequences = d.videos * d.pixels * d.heads;
-            let grid = sequences.div_ceil(WARPS_PER_BLOCK) as u32;
-            gpu.launch(kernel, (grid, 1, 1), ((WARPS_PER_BLOCK * 32) as u32, 1, 1), shared as u32, &p)?;
+            let grid = sequences.div_ceil(warps) as u32;
+            gpu.launch(kernel, (grid, 1, 1), ((warps * 32) as u32, 1, 1), shared as u32, &p)?;
             Ok(o)
         }
     }

@@ -7,7 +7,8 @@ use celframe::gpu::timing::time_gpu;
 use celframe::gpu::{Arena, Gpu, nvtx};
 use celframe::ops::Exec;
 use celframe::ops::attention::{
-    TemporalAttention, TemporalAttentionTuning, temporal_attention, temporal_attention_tuned,
+    FlashAttention, TemporalAttention, TemporalAttentionTuning, flash_attention, temporal_attention,
+    temporal_attention_tuned,
 };
 use celframe::ops::conv::{Conv2d, conv2d};
 use celframe::ops::linear::linear;
@@ -130,6 +131,24 @@ fn main() -> Result<()> {
         let tuning = TemporalAttentionTuning { warps_per_block };
         b.run("temporal_sweep", &key, 4.0 * qkv[0].size_bytes() as f64, 0.0, |k| {
             temporal_attention_tuned(&ex, &qkv[3 * k], &qkv[3 * k + 1], &qkv[3 * k + 2], cfg, tuning).map(drop)
+        })?;
+    }
+
+    // Flash attention, head dim 64: SDXL self attention (64x64 latent tokens at 1024x576 level 1, 24x24
+    // at level 2, 64x64 for a 1024x1024 image) and cross attention over 77 prompt tokens.
+    for (batch, sq, sk, heads) in
+        [(32usize, 2304usize, 2304usize, 10usize), (32, 576, 576, 20), (32, 2304, 77, 10), (2, 4096, 4096, 10)]
+    {
+        let (qn, kn) = ([batch, sq, heads * 64], [batch, sk, heads * 64]);
+        let t: Vec<Tensor> = (0..6)
+            .map(|i| b.random(if i % 3 == 0 { &qn } else { &kn }, DType::F16, 40 + i as u32))
+            .collect::<Result<_>>()?;
+        let cfg = FlashAttention { heads, causal: false, scale: 0.125 };
+        let flop = 4.0 * (batch * heads * sq * sk * 64) as f64;
+        let bytes = (2 * t[0].size_bytes() + 2 * t[1].size_bytes()) as f64;
+        let key = format!("flash_attention f16 b{batch} h{heads} sq{sq} sk{sk}");
+        b.run("flash_attention", &key, bytes, flop, |k| {
+            flash_attention(&ex, &t[3 * k], &t[3 * k + 1], &t[3 * k + 2], cfg).map(drop)
         })?;
     }
 

@@ -322,3 +322,44 @@ fn temporal_attention_meets_the_attention_rule() {
         rig.scratch.reset();
     }
 }
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn flash_attention_meets_the_attention_rule() {
+    use celframe::ops::attention::{FlashAttention, flash_attention, flash_attention_reference};
+    let rig = Rig::new();
+    // (batch, seq_q, seq_k, heads, causal, dtype): SDXL self attention at 2304, 576, 4096 and 9216
+    // tokens, cross attention over 77 and 154 prompt tokens, the causal CLIP encoders, bf16. Batch
+    // and heads are trimmed where the f64 reference would take minutes; the kernel does not care.
+    let cases = [
+        (1, 2304, 2304, 10, false, DType::F16),
+        (2, 576, 576, 20, false, DType::F16),
+        (1, 4096, 4096, 2, false, DType::F16),
+        (1, 9216, 9216, 1, false, DType::F16),
+        (2, 2304, 77, 10, false, DType::F16),
+        (1, 1024, 154, 20, false, DType::F16),
+        (2, 77, 77, 12, true, DType::F16),
+        (2, 77, 77, 20, true, DType::BF16),
+        (1, 1000, 1000, 10, false, DType::BF16),
+    ];
+    for (batch, sq, sk, heads, causal, dtype) in cases {
+        let cfg = FlashAttention { heads, causal, scale: 0.125 };
+        let c = heads * 64;
+        let (q, qd) = rig.input(&[batch, sq, c], dtype, 1.0, 0.0);
+        let (k, kd) = rig.input(&[batch, sk, c], dtype, 1.0, 0.0);
+        let (v, vd) = rig.input(&[batch, sk, c], dtype, 1.0, 0.0);
+        let got = rig.gpu.download(&flash_attention(&rig.exec(), &qd, &kd, &vd, cfg).unwrap()).unwrap();
+        let exact = flash_attention_reference(&q, &k, &v, cfg, None, DType::F32).unwrap();
+        let plain = flash_attention_reference(&q, &k, &v, cfg, Some(dtype), dtype).unwrap();
+        let (ours, _) = assert_close("flash attention vs f64", &got, &exact, 2e-2);
+        let (theirs, _) = common::errors(&plain.to_f32_vec().unwrap(), &exact.to_f32_vec().unwrap());
+        println!(
+            "GPUCHECK flash_attention b={batch} sq={sq} sk={sk} h={heads} causal={causal} {dtype:?} rel_l2={ours:.2e} plain_half={theirs:.2e} rule=2x"
+        );
+        assert!(
+            ours <= 2.0 * theirs,
+            "sq {sq} sk {sk}: error {ours:.3e} exceeds twice the plain half-precision error {theirs:.3e}"
+        );
+        rig.scratch.reset();
+    }
+}

@@ -5,7 +5,7 @@
 mod common;
 
 use celframe::ops::Exec;
-use celframe::ops::attention::{TemporalAttention, temporal_attention};
+use celframe::ops::attention::{FlashAttention, TemporalAttention, flash_attention, temporal_attention};
 use celframe::ops::conv::{Conv2d, conv2d, weight_oihw_to_ohwi};
 use celframe::ops::elementwise::{add, geglu, gelu, mul, scale, silu};
 use celframe::ops::embedding::{TimestepEmbedding, timestep_embedding};
@@ -142,4 +142,18 @@ fn temporal_attention_matches_torch_sdpa() {
         temporal_attention(&CPU, &f["temporal.q"], &f["temporal.k"], &f["temporal.v"], bad),
         Err(Error::Input(_))
     ));
+}
+
+#[test]
+fn flash_attention_matches_torch_sdpa_cross_and_causal() {
+    let f = fixture("ops_reference.safetensors");
+    let cfg = FlashAttention { heads: 2, causal: false, scale: 0.125 };
+    let out = flash_attention(&CPU, &f["flash.q"], &f["flash.k"], &f["flash.v"], cfg).unwrap();
+    assert_close("cross attention", &out, &f["flash.out"], TOL);
+    let x = &f["flash.x"];
+    let causal = flash_attention(&CPU, x, x, x, FlashAttention { causal: true, ..cfg }).unwrap();
+    assert_close("causal self attention", &causal, &f["flash.causal"], TOL);
+    let bad =
+        flash_attention(&CPU, &f["flash.q"], &f["flash.k"], &f["flash.v"], FlashAttention { causal: true, ..cfg });
+    assert!(matches!(bad, Err(Error::Input(_))), "causal with seq_q != seq_k must be refused");
 }

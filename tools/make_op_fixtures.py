@@ -97,6 +97,18 @@ o = F.scaled_dot_product_attention(seqs(q), seqs(k), seqs(v))
 o = o.view(B, H * W, heads, Fr, C // heads).permute(0, 3, 1, 2, 4).reshape(B * Fr, H, W, C)
 put("temporal.q", q); put("temporal.k", k); put("temporal.v", v); put("temporal.out", o)
 
+# Flash attention: [b, tokens, heads * 64] rows; cross attention (7 queries, 11 keys) and causal self.
+def heads_first(t, h):  # [b, s, h*d] -> [b, h, s, d]
+    return t.view(t.shape[0], t.shape[1], h, -1).transpose(1, 2)
+def heads_last(t):
+    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
+q, k, v = torch.randn(2, 7, 128), torch.randn(2, 11, 128), torch.randn(2, 11, 128)
+put("flash.q", q); put("flash.k", k); put("flash.v", v)
+put("flash.out", heads_last(F.scaled_dot_product_attention(heads_first(q, 2), heads_first(k, 2), heads_first(v, 2))))
+x = torch.randn(2, 9, 128)
+put("flash.x", x)
+put("flash.causal", heads_last(F.scaled_dot_product_attention(heads_first(x, 2), heads_first(x, 2), heads_first(x, 2), is_causal=True)))
+
 path = pathlib.Path(__file__).resolve().parent.parent / "tests/fixtures/ops_reference.safetensors"
 path.parent.mkdir(parents=True, exist_ok=True)
 save_file(out, str(path), metadata={"generator": "tools/make_op_fixtures.py", "torch": torch.__version__})

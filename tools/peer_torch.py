@@ -99,6 +99,20 @@ for h, w, c in [(72, 128, 320), (36, 64, 640), (18, 32, 1280)]:
     numel = 32 * h * w * c
     peer(key, "torch SDPA", bench(f), 4.0 * numel * 2, 4.0 * 2 * h * w * 8 * 16 * 16 * (c // 8))
 
+# Flash attention as diffusers calls SDPA: [b, s, h*d] activations viewed as [b, h, s, d].
+for batch, sq, sk, heads in [(32, 2304, 2304, 10), (32, 576, 576, 20), (32, 2304, 77, 10), (2, 4096, 4096, 10)]:
+    key = f"flash_attention f16 b{batch} h{heads} sq{sq} sk{sk}"
+    def view(t):
+        return t.view(t.shape[0], t.shape[1], heads, 64).transpose(1, 2)
+    sets = [[torch.randn(batch, n, heads * 64, device=dev, dtype=torch.float16) for n in (sq, sk, sk)] for _ in range(2)]
+    k = [0]
+
+    def f():
+        k[0] ^= 1
+        q_, k_, v_ = (view(t) for t in sets[k[0]])
+        return F.scaled_dot_product_attention(q_, k_, v_)
+    peer(key, "torch SDPA", bench(f), 2.0 * 2 * batch * (sq + sk) * heads * 64, 4.0 * batch * heads * sq * sk * 64)
+
 # Memory ceiling of this GPU: device-to-device copy of 1 GiB, bytes read + written.
 src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
 dst = torch.empty_like(src)

@@ -132,3 +132,28 @@ typedef struct TemporalAttentionParams {
     int32_t head_dim;   // multiple of 8
     float scale;
 } TemporalAttentionParams;
+
+// Fused flash attention (forward): O = softmax(scale * Q K^T [+ causal mask]) V per (batch, head),
+// never materialising the scores. Tokens are rows: q[b * q_batch_stride + t * q_stride + h * 64 + e]
+// (likewise k, v, o), so the graph's [batch, tokens, heads * head_dim] activations are read and
+// written in place. Head dim 64; seq_q and seq_k any length; causal masks key > query.
+typedef struct FlashAttentionParams {
+    const void* q;
+    const void* k;
+    const void* v;
+    void* o;
+    int64_t q_stride;
+    int64_t k_stride;
+    int64_t v_stride;
+    int64_t o_stride;
+    int64_t q_batch_stride;
+    int64_t k_batch_stride;
+    int64_t v_batch_stride;
+    int64_t o_batch_stride;
+    int32_t batch;
+    int32_t heads;
+    int32_t seq_q;
+    int32_t seq_k;
+    int32_t causal;
+    float scale;
+} FlashAttentionParams;

@@ -22,5 +22,6 @@ kernel_params!(
     params::LayerNormParams,
     params::Upsample2xParams,
     params::TimestepEmbeddingParams,
-    params::TemporalAttentionParams
+    params::TemporalAttentionParams,
+    params::FlashAttentionParams
 );

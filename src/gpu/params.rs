@@ -280,3 +280,65 @@ impl Default for TemporalAttentionParams {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct FlashAttentionParams {
+    pub q: *const ::std::os::raw::c_void,
+    pub k: *const ::std::os::raw::c_void,
+    pub v: *const ::std::os::raw::c_void,
+    pub o: *mut ::std::os::raw::c_void,
+    pub q_stride: i64,
+    pub k_stride: i64,
+    pub v_stride: i64,
+    pub o_stride: i64,
+    pub q_batch_stride: i64,
+    pub k_batch_stride: i64,
+    pub v_batch_stride: i64,
+    pub o_batch_stride: i64,
+    pub batch: i32,
+    pub heads: i32,
+    pub seq_q: i32,
+    pub seq_k: i32,
+    pub causal: i32,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of FlashAttentionParams"][::std::mem::size_of::<FlashAttentionParams>() - 120usize];
+    ["Alignment of FlashAttentionParams"][::std::mem::align_of::<FlashAttentionParams>() - 8usize];
+    ["Offset of field: FlashAttentionParams::q"][::std::mem::offset_of!(FlashAttentionParams, q) - 0usize];
+    ["Offset of field: FlashAttentionParams::k"][::std::mem::offset_of!(FlashAttentionParams, k) - 8usize];
+    ["Offset of field: FlashAttentionParams::v"][::std::mem::offset_of!(FlashAttentionParams, v) - 16usize];
+    ["Offset of field: FlashAttentionParams::o"][::std::mem::offset_of!(FlashAttentionParams, o) - 24usize];
+    ["Offset of field: FlashAttentionParams::q_stride"]
+        [::std::mem::offset_of!(FlashAttentionParams, q_stride) - 32usize];
+    ["Offset of field: FlashAttentionParams::k_stride"]
+        [::std::mem::offset_of!(FlashAttentionParams, k_stride) - 40usize];
+    ["Offset of field: FlashAttentionParams::v_stride"]
+        [::std::mem::offset_of!(FlashAttentionParams, v_stride) - 48usize];
+    ["Offset of field: FlashAttentionParams::o_stride"]
+        [::std::mem::offset_of!(FlashAttentionParams, o_stride) - 56usize];
+    ["Offset of field: FlashAttentionParams::q_batch_stride"]
+        [::std::mem::offset_of!(FlashAttentionParams, q_batch_stride) - 64usize];
+    ["Offset of field: FlashAttentionParams::k_batch_stride"]
+        [::std::mem::offset_of!(FlashAttentionParams, k_batch_stride) - 72usize];
+    ["Offset of field: FlashAttentionParams::v_batch_stride"]
+        [::std::mem::offset_of!(FlashAttentionParams, v_batch_stride) - 80usize];
+    ["Offset of field: FlashAttentionParams::o_batch_stride"]
+        [::std::mem::offset_of!(FlashAttentionParams, o_batch_stride) - 88usize];
+    ["Offset of field: FlashAttentionParams::batch"][::std::mem::offset_of!(FlashAttentionParams, batch) - 96usize];
+    ["Offset of field: FlashAttentionParams::heads"][::std::mem::offset_of!(FlashAttentionParams, heads) - 100usize];
+    ["Offset of field: FlashAttentionParams::seq_q"][::std::mem::offset_of!(FlashAttentionParams, seq_q) - 104usize];
+    ["Offset of field: FlashAttentionParams::seq_k"][::std::mem::offset_of!(FlashAttentionParams, seq_k) - 108usize];
+    ["Offset of field: FlashAttentionParams::causal"][::std::mem::offset_of!(FlashAttentionParams, causal) - 112usize];
+    ["Offset of field: FlashAttentionParams::scale"][::std::mem::offset_of!(FlashAttentionParams, scale) - 116usize];
+};
+impl Default for FlashAttentionParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

@@ -3,7 +3,7 @@
 
 use super::{Exec, par_rows, same_dtype};
 use crate::error::{Error, Result};
-use crate::gpu::params::TemporalAttentionParams;
+use crate::gpu::params::{FlashAttentionParams, TemporalAttentionParams};
 use crate::tensor::{DType, Tensor};
 
 #[derive(Clone, Copy, Debug)]
@@ -203,5 +203,128 @@ pub fn temporal_attention_reference(
             out[dst..dst + c].copy_from_slice(&pixel_major[(bp * f_n + f) * c..][..c]);
         }
     }
+    Tensor::from_f32(q.shape(), out_dtype, &out)
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct FlashAttention {
+    pub heads: usize,
+    /// Mask keys after the query (the CLIP text encoders); needs seq_q == seq_k.
+    pub causal: bool,
+    /// Softmax scale, usually 1 / sqrt(head_dim).
+    pub scale: f32,
+}
+
+/// O = softmax(scale * Q K^T [+ causal mask]) V per (batch, head). q is [batch, seq_q, heads * d],
+/// k and v [batch, seq_k, heads * d]; the result has q's shape. Never materialises the scores on the
+/// GPU (flash attention, head dim 64).
+pub fn flash_attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: FlashAttention) -> Result<Tensor> {
+    ex.expect_inputs("flash_attention", &[q, k, v])?;
+    let dtype = same_dtype("flash_attention", &[q, k, v])?;
+    let (b, sq, sk, c) = flash_dims(q, k, v, &cfg)?;
+    match ex {
+        Exec::Cpu => flash_attention_reference(q, k, v, cfg, None, dtype),
+        Exec::Cuda { gpu, scratch } => {
+            let d = c / cfg.heads;
+            let kernel = match (d, dtype) {
+                (64, DType::F16) => "flash_attention_d64_f16",
+                (64, DType::BF16) => "flash_attention_d64_bf16",
+                _ => {
+                    return Err(Error::Unsupported(format!(
+                        "flash_attention kernel: f16/bf16 with head_dim 64 only (got {dtype:?}, head_dim {d})"
+                    )));
+                }
+            };
+            let o = gpu.empty(scratch, q.shape(), dtype)?;
+            let (c64, sq64, sk64) = (c as i64, sq as i64, sk as i64);
+            let p = FlashAttentionParams {
+                q: q.device_ptr()? as *const _,
+                k: k.device_ptr()? as *const _,
+                v: v.device_ptr()? as *const _,
+                o: o.device_ptr()? as *mut _,
+                q_stride: c64,
+                k_stride: c64,
+                v_stride: c64,
+                o_stride: c64,
+                q_batch_stride: sq64 * c64,
+                k_batch_stride: sk64 * c64,
+                v_batch_stride: sk64 * c64,
+                o_batch_stride: sq64 * c64,
+                batch: b as i32,
+                heads: cfg.heads as i32,
+                seq_q: sq as i32,
+                seq_k: sk as i32,
+                causal: cfg.causal as i32,
+                scale: cfg.scale,
+            };
+            let grid = (sq.div_ceil(64) as u32, (b * cfg.heads) as u32, 1);
+            gpu.launch(kernel, grid, (128, 1, 1), 0, &p)?;
+            Ok(o)
+        }
+    }
+}
+
+fn flash_dims(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &FlashAttention) -> Result<(usize, usize, usize, usize)> {
+    let (qs, ks) = (q.shape(), k.shape());
+    if qs.len() != 3 || ks.len() != 3 || v.shape() != ks || qs[0] != ks[0] || qs[2] != ks[2] {
+        return Err(Error::Input(format!(
+            "flash_attention: q {q:?} must be [b, sq, c] and k {k:?}, v {v:?} [b, sk, c]"
+        )));
+    }
+    if cfg.heads == 0 || qs[2] % cfg.heads != 0 {
+        return Err(Error::Input(format!("flash_attention: {} heads do not divide {} channels", cfg.heads, qs[2])));
+    }
+    if cfg.causal && qs[1] != ks[1] {
+        return Err(Error::Input(format!(
+            "flash_attention: a causal mask needs seq_q == seq_k ({} vs {})",
+            qs[1], ks[1]
+        )));
+    }
+    Ok((qs[0], qs[1], ks[1], qs[2]))
+}
+
+/// The CPU twin in f64 (see `temporal_attention_reference` for `round_to`).
+pub fn flash_attention_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cfg: FlashAttention,
+    round_to: Option<DType>,
+    out_dtype: DType,
+) -> Result<Tensor> {
+    let (_, sq, sk, c) = flash_dims(q, k, v, &cfg)?;
+    let d = c / cfg.heads;
+    let (qv, kv, vv) = (q.to_f32_vec()?, k.to_f32_vec()?, v.to_f32_vec()?);
+    let round = |x: f64| round_to.map_or(x, |t| t.round(x as f32) as f64);
+    let mut out = vec![0f32; qv.len()];
+    // One row of `out` per query token; each row computes all heads.
+    par_rows(&mut out, c, |first, rows| {
+        let mut scores = vec![0f64; sk];
+        for (i, orow) in rows.chunks_mut(c).enumerate() {
+            let (bi, t) = ((first + i) / sq, (first + i) % sq);
+            let qrow = &qv[(bi * sq + t) * c..][..c];
+            for h in 0..cfg.heads {
+                let keys = if cfg.causal { t + 1 } else { sk };
+                let mut mx = f64::NEG_INFINITY;
+                for (j, s) in scores[..keys].iter_mut().enumerate() {
+                    let krow = &kv[(bi * sk + j) * c + h * d..][..d];
+                    let dot: f64 = qrow[h * d..][..d].iter().zip(krow).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    *s = round(dot) * cfg.scale as f64;
+                    mx = mx.max(*s);
+                }
+                let total: f64 = scores[..keys].iter().map(|s| (s - mx).exp()).sum();
+                let mut acc = vec![0f64; d];
+                for (j, s) in scores[..keys].iter().enumerate() {
+                    let pj = round((s - mx).exp() / total);
+                    for (a, x) in acc.iter_mut().zip(&vv[(bi * sk + j) * c + h * d..][..d]) {
+                        *a += pj * *x as f64;
+                    }
+                }
+                for (o, a) in orow[h * d..][..d].iter_mut().zip(&acc) {
+                    *o = *a as f32;
+                }
+            }
+        }
+    });
     Tensor::from_f32(q.shape(), out_dtype, &out)
 }

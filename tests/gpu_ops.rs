@@ -63,6 +63,18 @@ impl Rig {
     fn check(&self, op: &str, shape: &[usize], dtype: DType, gpu_out: Tensor, cpu_out: Tensor) {
         self.check_within(op, shape, dtype, gpu_out, cpu_out, tol(dtype));
     }
+    /// The attention rule: error against the f64 result at most twice that of a plain
+    /// half-precision implementation (scores and probabilities rounded to the working dtype).
+    fn check_attention_rule(&self, what: &str, got: &Tensor, exact: &Tensor, plain: &Tensor) {
+        let (ours, _) = assert_close(what, got, exact, 1e-2);
+        let (theirs, _) = common::errors(&plain.to_f32_vec().unwrap(), &exact.to_f32_vec().unwrap());
+        println!("GPUCHECK {what} rel_l2={ours:.2e} plain_half={theirs:.2e} rule=2x");
+        assert!(
+            ours <= 2.0 * theirs,
+            "{what}: error {ours:.3e} exceeds twice the plain half-precision error {theirs:.3e}"
+        );
+        self.scratch.reset();
+    }
     fn check_within(&self, op: &str, shape: &[usize], dtype: DType, gpu_out: Tensor, cpu_out: Tensor, tol: f64) {
         let got = self.gpu.download(&gpu_out).unwrap();
         let (rel, max) = assert_close(op, &got, &cpu_out, tol);
@@ -310,16 +322,12 @@ fn temporal_attention_meets_the_attention_rule() {
         let got = rig.gpu.download(&temporal_attention(&rig.exec(), &qd, &kd, &vd, cfg).unwrap()).unwrap();
         let exact = temporal_attention_reference(&q, &k, &v, cfg, None, DType::F32).unwrap();
         let plain = temporal_attention_reference(&q, &k, &v, cfg, Some(dtype), dtype).unwrap();
-        let (ours, _) = assert_close("temporal attention vs f64", &got, &exact, 1e-2);
-        let (theirs, _) = common::errors(&plain.to_f32_vec().unwrap(), &exact.to_f32_vec().unwrap());
-        println!(
-            "GPUCHECK temporal_attention frames={frames} {shape:?} {dtype:?} rel_l2={ours:.2e} plain_half={theirs:.2e} rule=2x"
+        rig.check_attention_rule(
+            &format!("temporal_attention frames={frames} {shape:?} {dtype:?}"),
+            &got,
+            &exact,
+            &plain,
         );
-        assert!(
-            ours <= 2.0 * theirs,
-            "{shape:?}: error {ours:.3e} exceeds twice the plain half-precision error {theirs:.3e}"
-        );
-        rig.scratch.reset();
     }
 }
 
@@ -351,15 +359,7 @@ fn flash_attention_meets_the_attention_rule() {
         let got = rig.gpu.download(&flash_attention(&rig.exec(), &qd, &kd, &vd, cfg).unwrap()).unwrap();
         let exact = flash_attention_reference(&q, &k, &v, cfg, None, DType::F32).unwrap();
         let plain = flash_attention_reference(&q, &k, &v, cfg, Some(dtype), dtype).unwrap();
-        let (ours, _) = assert_close("flash attention vs f64", &got, &exact, 2e-2);
-        let (theirs, _) = common::errors(&plain.to_f32_vec().unwrap(), &exact.to_f32_vec().unwrap());
-        println!(
-            "GPUCHECK flash_attention b={batch} sq={sq} sk={sk} h={heads} causal={causal} {dtype:?} rel_l2={ours:.2e} plain_half={theirs:.2e} rule=2x"
-        );
-        assert!(
-            ours <= 2.0 * theirs,
-            "sq {sq} sk {sk}: error {ours:.3e} exceeds twice the plain half-precision error {theirs:.3e}"
-        );
-        rig.scratch.reset();
+        let what = format!("flash_attention b={batch} sq={sq} sk={sk} h={heads} causal={causal} {dtype:?}");
+        rig.check_attention_rule(&what, &got, &exact, &plain);
     }
 }

@@ -84,37 +84,28 @@ pub fn temporal_attention_tuned(
         Exec::Cpu => temporal_attention_reference(q, k, v, cfg, None, dtype),
         Exec::Cuda { gpu, scratch } => {
             let dp = d.head_dim.div_ceil(16) * 16;
-            let kernel = match (d.frames <= 16, dp, dtype) {
-                (true, 48, DType::F16) => "temporal_attention_16x48_f16",
-                (true, 64, DType::F16) => "temporal_attention_16x64_f16",
-                (true, 80, DType::F16) => "temporal_attention_16x80_f16",
-                (true, 160, DType::F16) => "temporal_attention_16x160_f16",
-                (false, 48, DType::F16) => "temporal_attention_32x48_f16",
-                (false, 64, DType::F16) => "temporal_attention_32x64_f16",
-                (false, 80, DType::F16) => "temporal_attention_32x80_f16",
-                (false, 160, DType::F16) => "temporal_attention_32x160_f16",
-                (true, 48, DType::BF16) => "temporal_attention_16x48_bf16",
-                (true, 64, DType::BF16) => "temporal_attention_16x64_bf16",
-                (true, 80, DType::BF16) => "temporal_attention_16x80_bf16",
-                (true, 160, DType::BF16) => "temporal_attention_16x160_bf16",
-                (false, 48, DType::BF16) => "temporal_attention_32x48_bf16",
-                (false, 64, DType::BF16) => "temporal_attention_32x64_bf16",
-                (false, 80, DType::BF16) => "temporal_attention_32x80_bf16",
-                (false, 160, DType::BF16) => "temporal_attention_32x160_bf16",
-                _ => {
-                    return Err(Error::Unsupported(format!(
-                        "temporal_attention kernel: f16/bf16 with head_dim 33-48, 49-64, 65-80 or 129-160 and a multiple of 8 \
-                         (got {dtype:?}, head_dim {})",
-                        d.head_dim
-                    )));
-                }
-            };
-            if d.head_dim % 8 != 0 {
-                return Err(Error::Unsupported(format!(
-                    "temporal_attention kernel: head_dim {} is not a multiple of 8",
+            let fp = if d.frames <= 16 { 16 } else { 32 };
+            let gap = || {
+                Error::Unsupported(format!(
+                    "temporal_attention kernel: f16/bf16 with head_dim a multiple of 8 in 33-48, 49-64, 65-80 or \
+                     129-160 (got {dtype:?}, head_dim {})",
                     d.head_dim
-                )));
+                ))
+            };
+            if dtype == DType::F32 || d.head_dim % 8 != 0 {
+                return Err(gap());
             }
+            let kernel = match (fp, dp) {
+                (16, 48) => kernel_for!("temporal_attention_16x48", dtype),
+                (16, 64) => kernel_for!("temporal_attention_16x64", dtype),
+                (16, 80) => kernel_for!("temporal_attention_16x80", dtype),
+                (16, 160) => kernel_for!("temporal_attention_16x160", dtype),
+                (32, 48) => kernel_for!("temporal_attention_32x48", dtype),
+                (32, 64) => kernel_for!("temporal_attention_32x64", dtype),
+                (32, 80) => kernel_for!("temporal_attention_32x80", dtype),
+                (32, 160) => kernel_for!("temporal_attention_32x160", dtype),
+                _ => return Err(gap()),
+            };
             let o = gpu.empty(scratch, q.shape(), dtype)?;
             let c = (d.heads * d.head_dim) as i64;
             let p = TemporalAttentionParams {
@@ -133,7 +124,6 @@ pub fn temporal_attention_tuned(
                 head_dim: d.head_dim as i32,
                 scale: cfg.scale,
             };
-            let fp = if d.frames <= 16 { 16 } else { 32 };
             let warps = tuning.warps_per_block.clamp(1, 8);
             let shared = warps * 3 * fp * (dp + 8) * dtype.size();
             let sequences = d.videos * d.pixels * d.heads;
@@ -160,10 +150,9 @@ pub fn temporal_attention_reference(
     let (qv, kv, vv) = (q.to_f32_vec()?, k.to_f32_vec()?, v.to_f32_vec()?);
     let (f_n, hd, c) = (d.frames, d.head_dim, d.heads * d.head_dim);
     let round = |x: f64| round_to.map_or(x, |t| t.round(x as f32) as f64);
-    // One "row" of the output per (video, pixel): all frames and channels of that pixel.
-    let mut out = vec![0f32; qv.len()];
+    // Results are computed pixel-major (one independent block of [frames][channels] per (video,
+    // pixel), so the work splits across threads) and then scattered to the frame-major layout.
     let pixel_major: Vec<f32> = {
-        // Gather per (video, pixel) blocks of [frames][channels] so rows are independent.
         let mut buf = vec![0f32; qv.len()];
         par_rows(&mut buf, f_n * c, |first, chunk| {
             for (i, blk) in chunk.chunks_mut(f_n * c).enumerate() {
@@ -195,7 +184,7 @@ pub fn temporal_attention_reference(
         });
         buf
     };
-    // Scatter back to the frame-major layout.
+    let mut out = vec![0f32; qv.len()];
     for bp in 0..d.videos * d.pixels {
         let (b, px) = (bp / d.pixels, bp % d.pixels);
         for f in 0..f_n {

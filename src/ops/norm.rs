@@ -97,7 +97,7 @@ pub fn group_norm_tuned(
             let grid = ((gpu.info().multiprocessors * per_sm) as usize).min(items).max(1);
             // Lag 1 measured fastest on the H100 (benches/RESULTS.md): the second read stays in L2.
             let lag = if tuning.lag > 0 { tuning.lag as usize } else { 1 }.clamp(1, sh.domains);
-            // Resident mode holds a whole domain in the grid's registers: one read of x.
+            // Resident mode keeps a whole domain on chip across the grid: one read of x.
             let resident = tuning.resident && chunks <= grid;
 
             let y = gpu.empty(scratch, x.shape(), dtype)?;

@@ -278,6 +278,31 @@ fn upsample_and_timestep_embedding_match_twin() {
 
 #[test]
 #[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn concat_last_matches_twin() {
+    use celframe::ops::concat::concat_last;
+    let rig = Rig::new();
+    // (rows' shape, a's width, b's width, dtype): SDXL up-block skips (16-byte vectors), the
+    // pooled text embedding beside the time ids, and widths that force the element path.
+    let cases: &[(&[usize], usize, usize, DType)] = &[
+        (&[2, 32, 32], 1280, 640, DType::F16),
+        (&[2, 128, 128], 320, 320, DType::BF16),
+        (&[2], 1280, 1536, DType::F16),
+        (&[3, 5, 7], 12, 20, DType::F32),
+        (&[3, 5], 9, 4, DType::F16),
+    ];
+    for &(rows, ca, cb, dtype) in cases {
+        let (shape_a, shape_b) = ([rows, &[ca]].concat(), [rows, &[cb]].concat());
+        let (a, ad) = rig.input(&shape_a, dtype, 1.0, 0.0);
+        let (b, bd) = rig.input(&shape_b, dtype, 1.0, 0.0);
+        let gpu_out = concat_last(&rig.exec(), &ad, &bd).unwrap();
+        let cpu_out = concat_last(&Exec::Cpu, &a, &b).unwrap();
+        // A copy: exact.
+        rig.check_within("concat_last", &shape_a, dtype, gpu_out, cpu_out, 0.0);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
 fn scratch_tensors_are_refused_after_reset_and_launch_errors_name_the_kernel() {
     let rig = Rig::new();
     let t = rig.gpu.empty(&rig.scratch, &[16], DType::F16).unwrap();

@@ -157,3 +157,18 @@ fn flash_attention_matches_torch_sdpa_cross_and_causal() {
         flash_attention(&CPU, &f["flash.q"], &f["flash.k"], &f["flash.v"], FlashAttention { causal: true, ..cfg });
     assert!(matches!(bad, Err(Error::Input(_))), "causal with seq_q != seq_k must be refused");
 }
+
+#[test]
+fn concat_last_puts_a_then_b_in_every_row() {
+    use celframe::Tensor;
+    use celframe::ops::concat::concat_last;
+    let a = Tensor::from_f32(&[2, 1, 2], DType::F16, &[1.0, 2.0, 3.0, 4.0]).unwrap();
+    let b = Tensor::from_f32(&[2, 1, 3], DType::F16, &[5.0, 6.0, 7.0, 8.0, 9.0, 10.0]).unwrap();
+    let out = concat_last(&CPU, &a, &b).unwrap();
+    assert_eq!(out.shape(), [2, 1, 5]);
+    assert_eq!(out.to_f32_vec().unwrap(), [1.0, 2.0, 5.0, 6.0, 7.0, 3.0, 4.0, 8.0, 9.0, 10.0]);
+    let wrong = Tensor::from_f32(&[1, 2, 3], DType::F16, &[0.0; 6]).unwrap();
+    assert!(matches!(concat_last(&CPU, &a, &wrong), Err(Error::Input(_))), "leading dimensions differ");
+    let f32 = Tensor::from_f32(&[2, 1, 3], DType::F32, &[0.0; 6]).unwrap();
+    assert!(matches!(concat_last(&CPU, &a, &f32), Err(Error::Input(_))), "dtypes differ");
+}

@@ -97,6 +97,18 @@ typedef struct Upsample2xParams {
     int32_t channels;
 } Upsample2xParams;
 
+// Concatenation along the last dimension: row r of out is row r of a (a_cols) then row r of b
+// (b_cols). The UNet's skip connections on NHWC activations (rows = N * H * W) and the pooled text
+// embedding beside the time-id embedding.
+typedef struct ConcatParams {
+    const void* a;
+    const void* b;
+    void* out;
+    int64_t rows;
+    int64_t a_cols;
+    int64_t b_cols;
+} ConcatParams;
+
 // Sinusoidal timestep embedding (diffusers get_timestep_embedding):
 // f_k = exp(-ln(max_period) * k / (half - shift)), k < half = dim / 2;
 // emb = [sin(t f), cos(t f)], or [cos, sin] when flip_sin_to_cos; a zero column pads odd dims.

@@ -21,6 +21,7 @@ kernel_params!(
     params::GroupNormParams,
     params::LayerNormParams,
     params::Upsample2xParams,
+    params::ConcatParams,
     params::TimestepEmbeddingParams,
     params::TemporalAttentionParams,
     params::FlashAttentionParams

@@ -187,6 +187,36 @@ impl Default for Upsample2xParams {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct ConcatParams {
+    pub a: *const ::std::os::raw::c_void,
+    pub b: *const ::std::os::raw::c_void,
+    pub out: *mut ::std::os::raw::c_void,
+    pub rows: i64,
+    pub a_cols: i64,
+    pub b_cols: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ConcatParams"][::std::mem::size_of::<ConcatParams>() - 48usize];
+    ["Alignment of ConcatParams"][::std::mem::align_of::<ConcatParams>() - 8usize];
+    ["Offset of field: ConcatParams::a"][::std::mem::offset_of!(ConcatParams, a) - 0usize];
+    ["Offset of field: ConcatParams::b"][::std::mem::offset_of!(ConcatParams, b) - 8usize];
+    ["Offset of field: ConcatParams::out"][::std::mem::offset_of!(ConcatParams, out) - 16usize];
+    ["Offset of field: ConcatParams::rows"][::std::mem::offset_of!(ConcatParams, rows) - 24usize];
+    ["Offset of field: ConcatParams::a_cols"][::std::mem::offset_of!(ConcatParams, a_cols) - 32usize];
+    ["Offset of field: ConcatParams::b_cols"][::std::mem::offset_of!(ConcatParams, b_cols) - 40usize];
+};
+impl Default for ConcatParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct TimestepEmbeddingParams {
     pub timesteps: *const f32,
     pub out: *mut ::std::os::raw::c_void,

@@ -14,6 +14,7 @@ macro_rules! kernel_for {
 }
 
 pub mod attention;
+pub mod concat;
 pub mod conv;
 pub mod elementwise;
 pub mod embedding;

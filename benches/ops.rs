@@ -7,7 +7,7 @@ use celframe::gpu::timing::time_gpu;
 use celframe::gpu::{Arena, Gpu, nvtx};
 use celframe::ops::Exec;
 use celframe::ops::attention::{
-    FlashAttention, TemporalAttention, TemporalAttentionTuning, flash_attention, temporal_attention,
+    FlashAttention, TemporalAttention, TemporalAttentionTuning, flash_attention, gemm_attention, temporal_attention,
     temporal_attention_tuned,
 };
 use celframe::ops::conv::{Conv2d, conv2d};
@@ -149,6 +149,19 @@ fn main() -> Result<()> {
         let key = format!("flash_attention f16 b{batch} h{heads} sq{sq} sk{sk}");
         b.run("flash_attention", &key, bytes, flop, |k| {
             flash_attention(&ex, &t[3 * k], &t[3 * k + 1], &t[3 * k + 2], cfg).map(drop)
+        })?;
+    }
+
+    // Attention through cuBLASLt + softmax: the VAE mid-block, one head of 512 over the latent
+    // pixels of a 1024x576 frame (72x128) and of a 1024x1024 image (128x128).
+    for (batch, tokens) in [(4usize, 9216usize), (1, 16384)] {
+        let shape = [batch, tokens, 512];
+        let t: Vec<Tensor> = (0..6).map(|i| b.random(&shape, DType::F16, 50 + i)).collect::<Result<_>>()?;
+        let cfg = FlashAttention { heads: 1, causal: false, scale: 1.0 / (512f32).sqrt() };
+        let flop = 4.0 * (batch * tokens * tokens * 512) as f64;
+        let key = format!("gemm_attention f16 b{batch} h1 d512 s{tokens}");
+        b.run("gemm_attention", &key, 4.0 * t[0].size_bytes() as f64, flop, |k| {
+            gemm_attention(&ex, &t[3 * k], &t[3 * k + 1], &t[3 * k + 2], cfg).map(drop)
         })?;
     }
 

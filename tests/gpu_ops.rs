@@ -388,3 +388,32 @@ fn flash_attention_meets_the_attention_rule() {
         rig.check_attention_rule(&what, &got, &exact, &plain);
     }
 }
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn gemm_attention_meets_the_attention_rule() {
+    use celframe::ops::attention::{FlashAttention, flash_attention_reference, gemm_attention};
+    let rig = Rig::new();
+    // (batch, seq_q, seq_k, heads, head_dim, causal, dtype): the VAE mid-block (one head of 512)
+    // at a 512x512 and a 1024x576 image, smaller heads, a causal mask, ragged seq_q, bf16.
+    let cases = [
+        (1, 4096, 4096, 1, 512, false, DType::F16),
+        (1, 9216, 9216, 1, 512, false, DType::F16),
+        (2, 1024, 1024, 1, 512, false, DType::BF16),
+        (2, 300, 256, 2, 128, false, DType::F16),
+        (2, 80, 80, 4, 64, true, DType::F16),
+        (3, 77, 96, 3, 40, false, DType::BF16),
+    ];
+    for (batch, sq, sk, heads, d, causal, dtype) in cases {
+        let cfg = FlashAttention { heads, causal, scale: 1.0 / (d as f32).sqrt() };
+        let c = heads * d;
+        let (q, qd) = rig.input(&[batch, sq, c], dtype, 1.0, 0.0);
+        let (k, kd) = rig.input(&[batch, sk, c], dtype, 1.0, 0.0);
+        let (v, vd) = rig.input(&[batch, sk, c], dtype, 1.0, 0.0);
+        let got = rig.gpu.download(&gemm_attention(&rig.exec(), &qd, &kd, &vd, cfg).unwrap()).unwrap();
+        let exact = flash_attention_reference(&q, &k, &v, cfg, None, DType::F32).unwrap();
+        let plain = flash_attention_reference(&q, &k, &v, cfg, Some(dtype), dtype).unwrap();
+        let what = format!("gemm_attention b={batch} sq={sq} sk={sk} h={heads} d={d} causal={causal} {dtype:?}");
+        rig.check_attention_rule(&what, &got, &exact, &plain);
+    }
+}

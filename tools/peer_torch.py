@@ -113,6 +113,22 @@ for batch, sq, sk, heads in [(32, 2304, 2304, 10), (32, 576, 576, 20), (32, 2304
         return F.scaled_dot_product_attention(q_, k_, v_)
     peer(key, "torch SDPA", bench(f), 2.0 * 2 * batch * (sq + sk) * heads * 64, 4.0 * batch * heads * sq * sk * 64)
 
+# The VAE mid-block attention as diffusers runs it: SDPA on [b, 1 head, tokens, 512].
+for batch, tokens in [(4, 9216), (1, 16384)]:
+    key = f"gemm_attention f16 b{batch} h1 d512 s{tokens}"
+    sets = [[torch.randn(batch, 1, tokens, 512, device=dev, dtype=torch.float16) for _ in range(3)] for _ in range(2)]
+    k = [0]
+
+    def f():
+        k[0] ^= 1
+        return F.scaled_dot_product_attention(*sets[k[0]])
+    peer(key, "torch SDPA", bench(f), 4.0 * batch * tokens * 512 * 2, 4.0 * batch * tokens * tokens * 512)
+    try:
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            peer(key, "torch SDPA math", bench(f), 4.0 * batch * tokens * 512 * 2, 4.0 * batch * tokens * tokens * 512)
+    except RuntimeError as e:
+        print(f"# {key}: math backend failed: {e}")
+
 # Memory ceiling of this GPU: device-to-device copy of 1 GiB, bytes read + written.
 src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
 dst = torch.empty_like(src)

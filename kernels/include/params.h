@@ -169,3 +169,13 @@ typedef struct FlashAttentionParams {
     int32_t causal;
     float scale;
 } FlashAttentionParams;
+
+// Row softmax of fp32 attention scores into probabilities in the activation dtype (the middle step
+// of attention through two GEMMs, for head dims the flash kernel does not cover).
+typedef struct SoftmaxRowsParams {
+    const float* scores;  // [rows, cols]
+    void* probs;          // [rows, cols]
+    int64_t rows;
+    int32_t cols;
+    int32_t causal_rows;  // > 0: row r keeps columns <= r % causal_rows (a causal mask per sequence)
+} SoftmaxRowsParams;

@@ -1,6 +1,7 @@
-//! cuBLASLt matrix products for the linear op: y[M, N] = x[M, K] · w[N, K]ᵀ (+ bias[N]), inputs
-//! f16 / bf16 / f32, fp32 accumulation, the bias added in the epilogue. Algorithms come from the
-//! heuristic once per shape and are cached.
+//! cuBLASLt matrix products: strided-batched C[m, n] = alpha · A[m, k] · op(B) in row-major terms,
+//! where B is [n, k] (transposed, the PyTorch linear weight layout) or [k, n]; inputs f16 / bf16 /
+//! f32, fp32 accumulation, output in the input dtype or f32, an optional bias[n] in the epilogue.
+//! Algorithms come from the heuristic once per description and are cached.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -20,7 +21,50 @@ const CUBLAS_OP_T: i32 = 1;
 pub struct Blas {
     handle: lt::cublasLtHandle_t,
     workspace: DeviceMem,
-    plans: HashMap<(usize, usize, usize, DType, bool), Plan>,
+    plans: HashMap<Gemm, Plan>,
+}
+
+/// One strided-batched product in row-major terms (strides and leading dimensions in elements):
+/// for each of `batch` items, C = alpha · A · Bᵀ (`b_transposed`, B stored [n, k]) or A · B (B
+/// stored [k, n]), + bias[n] when the call passes one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub batch: usize,
+    pub b_transposed: bool,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub stride_c: usize,
+    pub dtype: DType,
+    pub out_dtype: DType,
+    pub bias: bool,
+}
+
+impl Gemm {
+    /// y[m, n] = x[m, k] · w[n, k]ᵀ, all contiguous.
+    pub fn linear(m: usize, n: usize, k: usize, dtype: DType, bias: bool) -> Gemm {
+        Gemm {
+            m,
+            n,
+            k,
+            batch: 1,
+            b_transposed: true,
+            lda: k,
+            ldb: k,
+            ldc: n,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
+            dtype,
+            out_dtype: dtype,
+            bias,
+        }
+    }
 }
 
 struct Plan {
@@ -65,20 +109,20 @@ impl Blas {
         Ok(Blas { handle, workspace: DeviceMem::owned(WORKSPACE_BYTES, "cuBLASLt workspace")?, plans: HashMap::new() })
     }
 
-    fn plan(&mut self, m: usize, n: usize, k: usize, dtype: DType, bias: bool) -> Result<&Plan> {
-        let key = (m, n, k, dtype, bias);
-        if !self.plans.contains_key(&key) {
-            let plan = unsafe { self.make_plan(m, n, k, dtype, bias)? };
-            self.plans.insert(key, plan);
+    fn plan(&mut self, g: &Gemm) -> Result<&Plan> {
+        if !self.plans.contains_key(g) {
+            let plan = unsafe { self.make_plan(g)? };
+            self.plans.insert(*g, plan);
         }
-        Ok(&self.plans[&key])
+        Ok(&self.plans[g])
     }
 
-    /// Column-major view: y_cm[N, M] = op(w_cm)[N, K] · x_cm[K, M], with w_cm = w stored [N, K]
-    /// row-major read as K x N (transposed by op), x_cm = x row-major read as K x M.
-    unsafe fn make_plan(&self, m: usize, n: usize, k: usize, dtype: DType, bias: bool) -> Result<Plan> {
-        let dt = data_type(dtype);
-        let compute = if dtype == DType::F32 {
+    /// cuBLASLt is column-major: a row-major [r, c] matrix is its transpose there. So the call
+    /// computes Cᵀ[n, m] = op(B)ᵀ · Aᵀ: cuBLASLt's "A" is our B (transposed by op when B is [n, k]),
+    /// its "B" is our A read as k x m.
+    unsafe fn make_plan(&self, g: &Gemm) -> Result<Plan> {
+        let (dt, out) = (data_type(g.dtype), data_type(g.out_dtype));
+        let compute = if g.dtype == DType::F32 {
             lt::cublasComputeType_t::CUBLAS_COMPUTE_32F_PEDANTIC
         } else {
             lt::cublasComputeType_t::CUBLAS_COMPUTE_32F
@@ -87,26 +131,51 @@ impl Blas {
         check("cublasLtMatmulDescCreate", unsafe {
             lt::cublasLtMatmulDescCreate(&mut desc, compute, lt::cudaDataType::CUDA_R_32F)
         })?;
+        let op_b = if g.b_transposed { CUBLAS_OP_T } else { CUBLAS_OP_N };
         unsafe {
-            set_desc(desc, lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &CUBLAS_OP_T)?;
+            set_desc(desc, lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &op_b)?;
             set_desc(desc, lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &CUBLAS_OP_N)?;
-            if bias {
+            if g.bias {
                 set_desc(
                     desc,
                     lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
                     &lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
                 )?;
-                set_desc(desc, lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &dt)?;
+                set_desc(desc, lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &out)?;
             }
         }
-        let layout = |rows: usize, cols: usize| -> Result<lt::cublasLtMatrixLayout_t> {
+        let layout = |dt, rows: usize, cols: usize, ld: usize, stride: usize| -> Result<lt::cublasLtMatrixLayout_t> {
             let mut l = std::ptr::null_mut();
             check("cublasLtMatrixLayoutCreate", unsafe {
-                lt::cublasLtMatrixLayoutCreate(&mut l, dt, rows as u64, cols as u64, rows as i64)
+                lt::cublasLtMatrixLayoutCreate(&mut l, dt, rows as u64, cols as u64, ld as i64)
             })?;
+            if g.batch > 1 {
+                let (count, offset) = (g.batch as i32, stride as i64);
+                for (attr, value, size) in [
+                    (
+                        lt::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                        &count as *const i32 as *const c_void,
+                        4,
+                    ),
+                    (
+                        lt::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                        &offset as *const i64 as *const c_void,
+                        8,
+                    ),
+                ] {
+                    check("cublasLtMatrixLayoutSetAttribute", unsafe {
+                        lt::cublasLtMatrixLayoutSetAttribute(l, attr, value, size)
+                    })?;
+                }
+            }
             Ok(l)
         };
-        let layouts = [layout(k, n)?, layout(k, m)?, layout(n, m)?];
+        let b_layout = if g.b_transposed {
+            layout(dt, g.k, g.n, g.ldb, g.stride_b)?
+        } else {
+            layout(dt, g.n, g.k, g.ldb, g.stride_b)?
+        };
+        let layouts = [b_layout, layout(dt, g.k, g.m, g.lda, g.stride_a)?, layout(out, g.n, g.m, g.ldc, g.stride_c)?];
         let mut pref = std::ptr::null_mut();
         check("cublasLtMatmulPreferenceCreate", unsafe { lt::cublasLtMatmulPreferenceCreate(&mut pref) })?;
         let ws = WORKSPACE_BYTES as u64;
@@ -137,45 +206,39 @@ impl Blas {
         unsafe { lt::cublasLtMatmulPreferenceDestroy(pref) };
         check("cublasLtMatmulAlgoGetHeuristic", status)?;
         if found == 0 {
-            return Err(Error::Cuda(format!("cuBLASLt has no algorithm for linear M={m} N={n} K={k} {dtype:?}")));
+            return Err(Error::Cuda(format!("cuBLASLt has no algorithm for {g:?}")));
         }
         Ok(Plan { desc, layouts, algo: result.algo })
     }
 
-    /// y = x · wᵀ (+ bias). Pointers are device addresses of row-major x [m, k], w [n, k], y [m, n].
+    /// Runs `g` on device addresses a, b, c (+ bias) with C = alpha · A · op(B).
     #[allow(clippy::too_many_arguments)]
-    pub fn linear(
-        &mut self,
-        gpu: &Gpu,
-        x: u64,
-        w: u64,
-        bias: Option<u64>,
-        y: u64,
-        m: usize,
-        n: usize,
-        k: usize,
-        dtype: DType,
-    ) -> Result<()> {
+    pub fn gemm(&mut self, gpu: &Gpu, g: &Gemm, a: u64, b: u64, c: u64, bias: Option<u64>, alpha: f32) -> Result<()> {
+        if g.bias != bias.is_some() {
+            return Err(Error::Cuda(format!("gemm {g:?} called with bias {bias:?}")));
+        }
         let handle = self.handle;
         let (ws_ptr, ws_len) = (self.workspace.ptr()?, self.workspace.bytes());
-        let plan = self.plan(m, n, k, dtype, bias.is_some())?;
-        if let Some(b) = bias {
-            unsafe { set_desc(plan.desc, lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &b)? };
+        let plan = self.plan(g)?;
+        if let Some(bias) = bias {
+            unsafe {
+                set_desc(plan.desc, lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?
+            };
         }
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        check(&format!("cublasLtMatmul (linear M={m} N={n} K={k} {dtype:?})"), unsafe {
+        let beta = 0.0f32;
+        check(&format!("cublasLtMatmul ({g:?})"), unsafe {
             lt::cublasLtMatmul(
                 handle,
                 plan.desc,
                 &alpha as *const f32 as *const c_void,
-                w as *const c_void,
+                b as *const c_void,
                 plan.layouts[0],
-                x as *const c_void,
+                a as *const c_void,
                 plan.layouts[1],
                 &beta as *const f32 as *const c_void,
-                y as *const c_void,
+                c as *const c_void,
                 plan.layouts[2],
-                y as *mut c_void,
+                c as *mut c_void,
                 plan.layouts[2],
                 &plan.algo,
                 ws_ptr as *mut c_void,

@@ -24,5 +24,6 @@ kernel_params!(
     params::ConcatParams,
     params::TimestepEmbeddingParams,
     params::TemporalAttentionParams,
-    params::FlashAttentionParams
+    params::FlashAttentionParams,
+    params::SoftmaxRowsParams
 );

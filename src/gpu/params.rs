@@ -372,3 +372,32 @@ impl Default for FlashAttentionParams {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct SoftmaxRowsParams {
+    pub scores: *const f32,
+    pub probs: *mut ::std::os::raw::c_void,
+    pub rows: i64,
+    pub cols: i32,
+    pub causal_rows: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of SoftmaxRowsParams"][::std::mem::size_of::<SoftmaxRowsParams>() - 32usize];
+    ["Alignment of SoftmaxRowsParams"][::std::mem::align_of::<SoftmaxRowsParams>() - 8usize];
+    ["Offset of field: SoftmaxRowsParams::scores"][::std::mem::offset_of!(SoftmaxRowsParams, scores) - 0usize];
+    ["Offset of field: SoftmaxRowsParams::probs"][::std::mem::offset_of!(SoftmaxRowsParams, probs) - 8usize];
+    ["Offset of field: SoftmaxRowsParams::rows"][::std::mem::offset_of!(SoftmaxRowsParams, rows) - 16usize];
+    ["Offset of field: SoftmaxRowsParams::cols"][::std::mem::offset_of!(SoftmaxRowsParams, cols) - 24usize];
+    ["Offset of field: SoftmaxRowsParams::causal_rows"]
+        [::std::mem::offset_of!(SoftmaxRowsParams, causal_rows) - 28usize];
+};
+impl Default for SoftmaxRowsParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

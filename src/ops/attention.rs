@@ -1,9 +1,12 @@
 //! Attention ops. `temporal_attention`: AnimateDiff's motion-module self-attention over the frames
-//! of every pixel, on NHWC frame-major activations (no transposes around it).
+//! of every pixel, on NHWC frame-major activations (no transposes around it). `flash_attention`:
+//! head dim 64 (UNet, ControlNet, text encoders). `gemm_attention`: any head dim through cuBLASLt
+//! and a softmax kernel (the VAE's single 512-wide head).
 
 use super::{Exec, par_rows, same_dtype};
 use crate::error::{Error, Result};
-use crate::gpu::params::{FlashAttentionParams, TemporalAttentionParams};
+use crate::gpu::blas::{Blas, Gemm};
+use crate::gpu::params::{FlashAttentionParams, SoftmaxRowsParams, TemporalAttentionParams};
 use crate::tensor::{DType, Tensor};
 
 #[derive(Clone, Copy, Debug)]
@@ -220,7 +223,7 @@ pub fn flash_attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: Flash
                 (64, DType::BF16) => "flash_attention_d64_bf16",
                 _ => {
                     return Err(Error::Unsupported(format!(
-                        "flash_attention kernel: f16/bf16 with head_dim 64 only (got {dtype:?}, head_dim {d})"
+                        "flash_attention kernel: f16/bf16 with head_dim 64 only (got {dtype:?}, head_dim {d}; gemm_attention takes any)"
                     )));
                 }
             };
@@ -251,6 +254,92 @@ pub fn flash_attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: Flash
             Ok(o)
         }
     }
+}
+
+/// Scratch bytes `gemm_attention` may hold for scores and probabilities at once; batches are
+/// processed in groups that fit.
+const GEMM_ATTENTION_SCRATCH: usize = 1 << 30;
+
+/// The same attention as `flash_attention` (same layouts, scale, causal mask, CPU twin), for any
+/// head dim: per head, S = scale · Q Kᵀ (cuBLASLt, fp32 scores in scratch), P = softmax(S) in the
+/// activation dtype, O = P V (cuBLASLt, fp32 accumulation). Materialises seq_q x seq_k scores per
+/// image, so it suits few heads of large dim (the VAE mid-block: one head of 512).
+pub fn gemm_attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: FlashAttention) -> Result<Tensor> {
+    ex.expect_inputs("gemm_attention", &[q, k, v])?;
+    let dtype = same_dtype("gemm_attention", &[q, k, v])?;
+    let (b, sq, sk, c) = flash_dims(q, k, v, &cfg)?;
+    let Exec::Cuda { gpu, scratch } = ex else {
+        return flash_attention_reference(q, k, v, cfg, None, dtype);
+    };
+    let d = c / cfg.heads;
+    if !d.is_multiple_of(8) || !sk.is_multiple_of(8) {
+        return Err(Error::Unsupported(format!(
+            "gemm_attention: head_dim ({d}) and seq_k ({sk}) must be multiples of 8 (16-byte rows for cuBLASLt)"
+        )));
+    }
+    let o = gpu.empty(scratch, q.shape(), dtype)?;
+    let group = (GEMM_ATTENTION_SCRATCH / (sq * sk * (4 + dtype.size()))).clamp(1, b);
+    let scores = gpu.empty(scratch, &[group, sq, sk], DType::F32)?;
+    let probs = gpu.empty(scratch, &[group, sq, sk], dtype)?;
+    let (qp, kp, vp, op) = (q.device_ptr()?, k.device_ptr()?, v.device_ptr()?, o.device_ptr()?);
+    let (sp, pp) = (scores.device_ptr()?, probs.device_ptr()?);
+    let es = dtype.size() as u64;
+    let mut blas = gpu.blas.borrow_mut();
+    if blas.is_none() {
+        *blas = Some(Blas::new()?);
+    }
+    let blas = blas.as_mut().unwrap();
+    for first in (0..b).step_by(group) {
+        let n = group.min(b - first);
+        // S[i] = Q[i] (sq x d, rows c apart) · K[i]ᵀ (K is sk x d, rows c apart)
+        let qk = Gemm {
+            m: sq,
+            n: sk,
+            k: d,
+            batch: n,
+            b_transposed: true,
+            lda: c,
+            ldb: c,
+            ldc: sk,
+            stride_a: sq * c,
+            stride_b: sk * c,
+            stride_c: sq * sk,
+            dtype,
+            out_dtype: DType::F32,
+            bias: false,
+        };
+        // O[i] = P[i] (sq x sk) · V[i] (sk x d, rows c apart), written into O's columns of the head
+        let pv = Gemm {
+            m: sq,
+            n: d,
+            k: sk,
+            batch: n,
+            b_transposed: false,
+            lda: sk,
+            ldb: c,
+            ldc: c,
+            stride_a: sq * sk,
+            stride_b: sk * c,
+            stride_c: sq * c,
+            dtype,
+            out_dtype: dtype,
+            bias: false,
+        };
+        for h in 0..cfg.heads {
+            let head = |base: u64, seq: usize| base + ((first * seq * c + h * d) as u64) * es;
+            blas.gemm(gpu, &qk, head(qp, sq), head(kp, sk), sp, None, cfg.scale)?;
+            let p = SoftmaxRowsParams {
+                scores: sp as *const f32,
+                probs: pp as *mut _,
+                rows: (n * sq) as i64,
+                cols: sk as i32,
+                causal_rows: if cfg.causal { sq as i32 } else { 0 },
+            };
+            gpu.launch(kernel_for!("softmax_rows", dtype), ((n * sq) as u32, 1, 1), (256, 1, 1), 0, &p)?;
+            blas.gemm(gpu, &pv, pp, head(vp, sk), head(op, sq), None, 1.0)?;
+        }
+    }
+    Ok(o)
 }
 
 fn flash_dims(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &FlashAttention) -> Result<(usize, usize, usize, usize)> {

@@ -3,7 +3,7 @@
 
 use super::{Exec, host_out, par_rows, same_dtype};
 use crate::error::{Error, Result};
-use crate::gpu::blas::Blas;
+use crate::gpu::blas::{Blas, Gemm};
 use crate::tensor::Tensor;
 
 pub fn linear(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -45,7 +45,8 @@ pub fn linear(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Resul
                 *blas = Some(Blas::new()?);
             }
             let b = bias.map(|b| b.device_ptr()).transpose()?;
-            blas.as_mut().unwrap().linear(gpu, x.device_ptr()?, w.device_ptr()?, b, y.device_ptr()?, m, n, k, dtype)?;
+            let g = Gemm::linear(m, n, k, dtype, b.is_some());
+            blas.as_mut().unwrap().gemm(gpu, &g, x.device_ptr()?, w.device_ptr()?, y.device_ptr()?, b, 1.0)?;
             Ok(y)
         }
     }

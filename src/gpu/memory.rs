@@ -1,11 +1,16 @@
-//! Device memory: owned allocations and bump arenas.
+//! Device memory: owned allocations and arenas.
 //!
-//! The weights arena is filled once at load. The scratch arena serves one forward pass and is
-//! reset afterwards, so a whole step reuses the same addresses (what CUDA graph capture needs).
-//! A reset bumps the arena's epoch; a tensor allocated before it refuses to hand out its address.
+//! The weights arena is filled once at load. The scratch arena serves one forward pass: a range
+//! comes back to it when the last tensor holding it drops, and later requests reuse it (best fit,
+//! neighbours merged), so a forward needs about its live working set, not the sum of all its
+//! intermediates. Everything runs on one stream, so a range freed while kernels that read it are
+//! still queued is only rewritten by kernels queued after them. The same request sequence gets the
+//! same addresses (what CUDA graph capture needs). A reset frees everything at once and bumps the
+//! arena's epoch; a tensor allocated before it refuses to hand out its address.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{result, sys};
 
@@ -38,13 +43,35 @@ pub struct DeviceMem {
     alloc: Arc<DeviceAlloc>,
     offset: usize,
     bytes: usize,
-    /// (arena epoch counter, epoch at allocation) for arena-backed memory.
-    epoch: Option<(Arc<AtomicU64>, u64, &'static str)>,
+    /// The arena range this memory came from (None for owned memory); shared by clones.
+    lease: Option<Arc<Lease>>,
+}
+
+/// An arena range in use; returned to the arena's free ranges when dropped (unless the arena was
+/// reset since).
+struct Lease {
+    state: Arc<Mutex<ArenaState>>,
+    epoch_counter: Arc<AtomicU64>,
+    epoch: u64,
+    arena: &'static str,
+    offset: usize,
+    size: usize,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.epoch_counter.load(Ordering::Acquire) != self.epoch {
+            return;
+        }
+        if let Ok(mut st) = self.state.lock() {
+            st.free(self.offset, self.size);
+        }
+    }
 }
 
 impl DeviceMem {
     pub fn owned(bytes: usize, what: &str) -> Result<DeviceMem> {
-        Ok(DeviceMem { alloc: DeviceAlloc::new(bytes, what)?, offset: 0, bytes, epoch: None })
+        Ok(DeviceMem { alloc: DeviceAlloc::new(bytes, what)?, offset: 0, bytes, lease: None })
     }
 
     pub fn bytes(&self) -> usize {
@@ -52,23 +79,80 @@ impl DeviceMem {
     }
 
     pub fn ptr(&self) -> Result<u64> {
-        if let Some((counter, epoch, arena)) = &self.epoch
-            && counter.load(Ordering::Acquire) != *epoch
+        if let Some(lease) = &self.lease
+            && lease.epoch_counter.load(Ordering::Acquire) != lease.epoch
         {
-            return Err(Error::Cuda(format!("a tensor from the '{arena}' arena was used after the arena was reset")));
+            return Err(Error::Cuda(format!(
+                "a tensor from the '{}' arena was used after the arena was reset",
+                lease.arena
+            )));
         }
         debug_assert!(self.offset + self.bytes <= self.alloc.bytes);
         Ok(self.alloc.ptr + self.offset as u64)
     }
 }
 
-/// A bump allocator over one device allocation.
+/// Ranges of one device allocation: a bump pointer plus the free ranges below it.
 pub struct Arena {
     name: &'static str,
     alloc: Arc<DeviceAlloc>,
-    used: AtomicUsize,
-    peak: AtomicUsize,
+    state: Arc<Mutex<ArenaState>>,
     epoch: Arc<AtomicU64>,
+}
+
+#[derive(Default)]
+struct ArenaState {
+    /// End of the highest range ever handed out since the last reset.
+    top: usize,
+    /// Bytes in use (handed out and not yet returned).
+    used: usize,
+    peak: usize,
+    /// Free ranges below `top`, by offset, never adjacent (merged on free).
+    free: BTreeMap<usize, usize>,
+}
+
+impl ArenaState {
+    /// Best fit among the free ranges (the smallest that holds `size`), else the top.
+    fn take(&mut self, size: usize, capacity: usize) -> Option<usize> {
+        let best = self.free.iter().filter(|&(_, &len)| len >= size).min_by_key(|&(&off, &len)| (len, off));
+        let offset = match best.map(|(&off, &len)| (off, len)) {
+            Some((off, len)) => {
+                self.free.remove(&off);
+                if len > size {
+                    self.free.insert(off + size, len - size);
+                }
+                off
+            }
+            None if self.top + size <= capacity => {
+                self.top += size;
+                self.top - size
+            }
+            None => return None,
+        };
+        self.used += size;
+        self.peak = self.peak.max(self.used);
+        Some(offset)
+    }
+
+    fn free(&mut self, offset: usize, size: usize) {
+        self.used -= size;
+        let (mut start, mut end) = (offset, offset + size);
+        if let Some((&prev, &len)) = self.free.range(..start).next_back()
+            && prev + len == start
+        {
+            self.free.remove(&prev);
+            start = prev;
+        }
+        if let Some(&len) = self.free.get(&end) {
+            self.free.remove(&end);
+            end += len;
+        }
+        if end == self.top {
+            self.top = start;
+        } else {
+            self.free.insert(start, end - start);
+        }
+    }
 }
 
 /// Every allocation starts on this boundary (covers 16-byte vectors and cuBLASLt's alignment wishes).
@@ -79,44 +163,86 @@ impl Arena {
         Ok(Arena {
             name,
             alloc: DeviceAlloc::new(capacity, name)?,
-            used: AtomicUsize::new(0),
-            peak: AtomicUsize::new(0),
+            state: Arc::new(Mutex::new(ArenaState::default())),
             epoch: Arc::new(AtomicU64::new(0)),
         })
     }
 
+    fn state(&self) -> std::sync::MutexGuard<'_, ArenaState> {
+        // A panic while holding the lock cannot leave the state half-updated in a harmful way.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn alloc(&self, bytes: usize) -> Result<DeviceMem> {
-        let size = bytes.div_ceil(ARENA_ALIGN) * ARENA_ALIGN;
-        let offset = self.used.fetch_add(size, Ordering::AcqRel);
-        if offset + size > self.alloc.bytes {
-            self.used.fetch_sub(size, Ordering::AcqRel);
+        let size = bytes.max(1).div_ceil(ARENA_ALIGN) * ARENA_ALIGN;
+        let mut st = self.state();
+        let Some(offset) = st.take(size, self.alloc.bytes) else {
             return Err(Error::Cuda(format!(
-                "the '{}' arena is full: {} bytes asked, {} of {} in use",
-                self.name, bytes, offset, self.alloc.bytes
+                "the '{}' arena is full: {} bytes asked, {} of {} in use ({} free below the top in {} ranges)",
+                self.name,
+                bytes,
+                st.used,
+                self.alloc.bytes,
+                st.top - st.used,
+                st.free.len()
             )));
-        }
-        self.peak.fetch_max(offset + size, Ordering::AcqRel);
-        Ok(DeviceMem {
-            alloc: self.alloc.clone(),
+        };
+        let lease = Lease {
+            state: self.state.clone(),
+            epoch_counter: self.epoch.clone(),
+            epoch: self.epoch.load(Ordering::Acquire),
+            arena: self.name,
             offset,
-            bytes,
-            epoch: Some((self.epoch.clone(), self.epoch.load(Ordering::Acquire), self.name)),
-        })
+            size,
+        };
+        Ok(DeviceMem { alloc: self.alloc.clone(), offset, bytes, lease: Some(Arc::new(lease)) })
     }
 
     /// Frees everything at once; tensors from before the reset become unusable.
     pub fn reset(&self) {
+        let mut st = self.state();
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        self.used.store(0, Ordering::Release);
+        let peak = st.peak;
+        *st = ArenaState { peak, ..Default::default() };
     }
 
+    /// Bytes held by live tensors.
     pub fn used(&self) -> usize {
-        self.used.load(Ordering::Acquire)
+        self.state().used
     }
+    /// The most bytes held at once since the arena was made.
     pub fn peak(&self) -> usize {
-        self.peak.load(Ordering::Acquire)
+        self.state().peak
     }
     pub fn capacity(&self) -> usize {
         self.alloc.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ArenaState;
+
+    #[test]
+    fn freed_ranges_are_reused_best_fit_and_merged() {
+        let mut st = ArenaState::default();
+        let cap = 1000;
+        let a = st.take(100, cap).unwrap();
+        let b = st.take(200, cap).unwrap();
+        let c = st.take(100, cap).unwrap();
+        assert_eq!((a, b, c), (0, 100, 300));
+        st.free(b, 200);
+        // Best fit: a 150 request goes into the 200 hole and leaves 50 of it free.
+        assert_eq!(st.take(150, cap), Some(100));
+        assert_eq!(st.free.get(&250), Some(&50));
+        // Freeing the neighbours merges them into one range; the top range shrinks the top.
+        st.free(a, 100);
+        st.free(100, 150);
+        assert_eq!(st.free.get(&0), Some(&300));
+        st.free(c, 100);
+        assert!(st.free.is_empty());
+        assert_eq!((st.top, st.used, st.peak), (0, 0, 400));
+        // Too big for what is left is refused, not clamped.
+        assert_eq!(st.take(1001, cap), None);
     }
 }

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repo root, with dist/ carried over (tools/build_gpu_bundle.sh, plus
+# the diffusers and importlib_metadata wheels in dist/wheels/ when the machine lacks them): the
+# full-size SDXL UNet with random weights, checked and timed against diffusers in one go.
+#   1. tools/unet_gpu.py: weights, fp16 and fp32 reference files, diffusers timings;
+#   2. `celframe verify unet` of our CUDA forward against each reference file;
+#   3. `celframe bench unet` at the same shapes as the diffusers timings;
+# then the table (tools/report.py). Logs go to $OUT (or /tmp/celframe-gpu); the weights to $WORK
+# (or /tmp/celframe-unet). UNET_COMPILE=1 also times torch.compile.
+set -uo pipefail
+out=${OUT:-/tmp/celframe-gpu}
+work=${WORK:-/tmp/celframe-unet}
+mkdir -p "$out" "$work"
+log=$out/unet_gpu.log
+: >"$log"
+libs=$(python3 -c 'import glob, os, nvidia
+print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(os.path.join(d, "**/lib*.so*"), recursive=True)})))')
+export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
+if ! python3 -c "import diffusers" 2>/dev/null; then
+  python3 -m pip install --quiet --no-deps --target "$work/py" dist/wheels/*.whl
+  export PYTHONPATH="$work/py:${PYTHONPATH:-}"
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$log"
+status=0
+
+echo "== diffusers: weights, references, timings" | tee -a "$log"
+python3 tools/unet_gpu.py --work "$work" ${UNET_COMPILE:+--compile} 2>&1 | grep -v "^\s*$" | tee -a "$log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== celframe verify unet (CUDA, f16) against each reference" | tee -a "$log"
+for ref in "$work"/ref_*.safetensors; do
+  echo "-- $(basename "$ref")" | tee -a "$log"
+  dist/gpu/celframe verify unet --weights "$work/sdxl_unet" --reference "$ref" --device cuda 2>&1 | tee -a "$log"
+  rc=${PIPESTATUS[0]}
+  echo "VERIFY {\"reference\": \"$(basename "$ref")\", \"exit\": $rc}" | tee -a "$log"
+done
+
+echo "== celframe bench unet" | tee -a "$log"
+for shape in "2 128 128" "32 72 128"; do
+  set -- $shape
+  dist/gpu/celframe bench unet --weights "$work/sdxl_unet" --batch "$1" --height "$2" --width "$3" 2>&1 | tee -a "$log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+done
+
+python3 tools/report.py "$log" | tee "$out/unet_report.md"
+exit $status

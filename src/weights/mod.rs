@@ -51,7 +51,7 @@ pub struct DeviceWeights {
 /// Loads every tensor of `paths` (safetensors files, or index JSONs standing for the files they
 /// name). Fails on duplicate names and on tensors whose dtype is not F16, BF16 or F32.
 pub fn load<P: AsRef<Path>>(paths: &[P]) -> Result<LoadedWeights> {
-    load_checked(paths, None, &[])
+    load_checked(paths, None, &|_| false)
 }
 
 /// Like `load`, and the checkpoint must hold exactly the `expected` tensors with their shapes.
@@ -62,13 +62,23 @@ pub fn load_strict<P: AsRef<Path>>(
     expected: &[TensorSpec],
     ignore_prefixes: &[&str],
 ) -> Result<LoadedWeights> {
-    load_checked(paths, Some(expected), ignore_prefixes)
+    load_checked(paths, Some(expected), &|name| ignore_prefixes.iter().any(|p| name.starts_with(p)))
+}
+
+/// Like `load` (`expected` None) or `load_strict`, skipping the tensors for which `skip` is true:
+/// a single-file checkpoint's UNet is what sits under one prefix, whatever else the file holds.
+pub fn load_filtered<P: AsRef<Path>>(
+    paths: &[P],
+    expected: Option<&[TensorSpec]>,
+    skip: &dyn Fn(&str) -> bool,
+) -> Result<LoadedWeights> {
+    load_checked(paths, expected, skip)
 }
 
 fn load_checked<P: AsRef<Path>>(
     paths: &[P],
     expected: Option<&[TensorSpec]>,
-    ignore_prefixes: &[&str],
+    skip: &dyn Fn(&str) -> bool,
 ) -> Result<LoadedWeights> {
     let started = Instant::now();
     let mut files = Vec::new();
@@ -98,7 +108,7 @@ fn load_checked<P: AsRef<Path>>(
                 continue;
             }
             origin.insert(t.name.clone(), i);
-            if !ignore_prefixes.iter().any(|p| t.name.starts_with(p)) {
+            if !skip(&t.name) {
                 found.insert(t.name.clone(), t);
             }
         }

@@ -1,0 +1,643 @@
+//! The UNet's architecture, resolved to what the graph needs: per level, each layer's ResNet widths
+//! and its transformer (heads, depth, cross-attention width), and the samplers. Read from a diffusers
+//! `config.json` (UNet2DConditionModel: `from_diffusers_json`, computing the widths the way
+//! diffusers' constructor does) or derived from a single-file checkpoint's tensor shapes
+//! (`models::ldm`). Either way `validate` then walks the skip connections once, so a config that
+//! cannot run fails at load with the layer named, not in the middle of a forward.
+
+use std::fmt;
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// One ResNet block (diffusers ResnetBlock2D); a 1x1 `conv_shortcut` exists iff the widths differ.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resnet {
+    pub in_channels: usize,
+    pub out_channels: usize,
+}
+
+impl Resnet {
+    pub fn has_shortcut(&self) -> bool {
+        self.in_channels != self.out_channels
+    }
+}
+
+/// One Transformer2DModel: GroupNorm, proj_in, `depth` BasicTransformerBlocks, proj_out.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transformer {
+    pub channels: usize,
+    pub heads: usize,
+    pub depth: usize,
+    pub cross_attention_dim: usize,
+}
+
+impl Transformer {
+    pub fn head_dim(&self) -> usize {
+        self.channels / self.heads.max(1)
+    }
+}
+
+/// A ResNet, followed by a transformer in the cross-attention block types.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Layer {
+    pub resnet: Resnet,
+    pub attention: Option<Transformer>,
+}
+
+/// DownBlock2D / CrossAttnDownBlock2D: layers, then a stride-2 3x3 conv on all but the last level.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DownBlock {
+    pub layers: Vec<Layer>,
+    pub downsample: bool,
+}
+
+/// UpBlock2D / CrossAttnUpBlock2D: each layer's ResNet takes `[x, skip]`; then nearest 2x + 3x3 conv
+/// on all but the last level.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpBlock {
+    pub layers: Vec<Layer>,
+    pub upsample: bool,
+}
+
+/// UNetMidBlock2DCrossAttn with one layer: ResNet, transformer, ResNet.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MidBlock {
+    pub resnets: [Resnet; 2],
+    pub attention: Transformer,
+}
+
+/// SDXL's `text_time` added embedding: the pooled text embedding beside a sinusoid of each time id,
+/// through a 2-layer MLP added to the time embedding.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TextTime {
+    /// Sinusoid width per time id (`addition_time_embed_dim`; 256 in SDXL).
+    pub time_embed_dim: usize,
+    /// Input width of the MLP (`projection_class_embeddings_input_dim`): pooled + ids * time_embed_dim.
+    pub input_dim: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct UnetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub conv_in_kernel: usize,
+    pub conv_out_kernel: usize,
+    pub block_out_channels: Vec<usize>,
+    pub down_blocks: Vec<DownBlock>,
+    pub mid_block: Option<MidBlock>,
+    pub up_blocks: Vec<UpBlock>,
+    /// Groups of every GroupNorm (ResNets, transformers, conv_norm_out).
+    pub norm_num_groups: usize,
+    /// Epsilon of the ResNet GroupNorms and conv_norm_out (transformers use 1e-6 regardless).
+    pub norm_eps: f32,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f32,
+    /// Width of the time embedding every ResNet projects (4 x block_out_channels[0] unless set).
+    pub time_embed_dim: usize,
+    /// proj_in / proj_out are Linear (true) or 1x1 convolutions (false).
+    pub use_linear_projection: bool,
+    pub text_time: Option<TextTime>,
+    pub resnet_out_scale_factor: f32,
+    pub mid_block_scale_factor: f32,
+}
+
+/// What diffusers' constructor takes for `transformer_layers_per_block` entries: one depth for every
+/// layer of a level, or one per layer.
+#[derive(Clone, Debug)]
+enum Depths {
+    Same(usize),
+    PerLayer(Vec<usize>),
+}
+
+impl Depths {
+    fn for_layers(&self, layers: usize, what: &str) -> Result<Vec<usize>> {
+        match self {
+            Depths::Same(d) => Ok(vec![*d; layers]),
+            Depths::PerLayer(v) if v.len() == layers => Ok(v.clone()),
+            Depths::PerLayer(v) => {
+                Err(Error::Input(format!("{what} lists {} transformer depths for {layers} layers", v.len())))
+            }
+        }
+    }
+}
+
+/// Typed access to the fields of one config.json, with errors that name the file and the field.
+struct Fields<'a> {
+    map: &'a Map<String, Value>,
+    file: &'a str,
+}
+
+impl Fields<'_> {
+    fn bad(&self, field: &str, expected: &str) -> Error {
+        let found = self.map.get(field).map_or("nothing".to_string(), |v| v.to_string());
+        Error::Input(format!("{}: field '{field}' must be {expected}, found {found}", self.file))
+    }
+
+    /// The field, or None when it is absent or null (diffusers then uses its default).
+    fn get(&self, field: &str) -> Option<&Value> {
+        self.map.get(field).filter(|v| !v.is_null())
+    }
+
+    fn usize(&self, field: &str, default: Option<usize>) -> Result<usize> {
+        match self.get(field) {
+            None => default.ok_or_else(|| self.bad(field, "a non-negative integer (it has no default)")),
+            Some(v) => as_usize(v).ok_or_else(|| self.bad(field, "a non-negative integer")),
+        }
+    }
+
+    fn f32(&self, field: &str, default: f32) -> Result<f32> {
+        match self.get(field) {
+            None => Ok(default),
+            Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| self.bad(field, "a number")),
+        }
+    }
+
+    fn bool(&self, field: &str, default: bool) -> Result<bool> {
+        match self.get(field) {
+            None => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| self.bad(field, "true or false")),
+        }
+    }
+
+    fn string(&self, field: &str) -> Result<Option<&str>> {
+        match self.get(field) {
+            None => Ok(None),
+            Some(v) => v.as_str().map(Some).ok_or_else(|| self.bad(field, "a string")),
+        }
+    }
+
+    fn strings(&self, field: &str) -> Result<Vec<String>> {
+        let list = self.get(field).and_then(Value::as_array).ok_or_else(|| self.bad(field, "a list of block names"))?;
+        list.iter()
+            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| self.bad(field, "a list of block names")))
+            .collect()
+    }
+
+    /// An integer for every level, or one list entry per level.
+    fn per_level(&self, field: &str, levels: usize, default: Option<usize>) -> Result<Vec<usize>> {
+        match self.get(field) {
+            None => default.map(|d| vec![d; levels]).ok_or_else(|| self.bad(field, "an integer or a list of integers")),
+            Some(Value::Array(items)) => {
+                let values: Option<Vec<usize>> = items.iter().map(as_usize).collect();
+                match values {
+                    Some(v) if v.len() == levels => Ok(v),
+                    Some(_) => Err(self.bad(field, &format!("a list of {levels} integers (one per down block)"))),
+                    None => Err(self.bad(field, "an integer or a list of integers")),
+                }
+            }
+            Some(v) => as_usize(v).map(|d| vec![d; levels]).ok_or_else(|| self.bad(field, "an integer or a list")),
+        }
+    }
+
+    /// `transformer_layers_per_block`-style: an integer, or a list whose entries are integers or
+    /// lists of integers (one per layer). None when absent or null.
+    fn depths(&self, field: &str, levels: usize) -> Result<Option<Vec<Depths>>> {
+        let expected = "an integer, or a list with one integer or list of integers per block";
+        let entry = |v: &Value| -> Option<Depths> {
+            match v {
+                Value::Array(items) => items.iter().map(as_usize).collect::<Option<Vec<_>>>().map(Depths::PerLayer),
+                other => as_usize(other).map(Depths::Same),
+            }
+        };
+        match self.get(field) {
+            None => Ok(None),
+            Some(Value::Array(items)) => {
+                let parsed: Option<Vec<Depths>> = items.iter().map(entry).collect();
+                match parsed {
+                    Some(v) if v.len() == levels => Ok(Some(v)),
+                    _ => Err(self.bad(field, &format!("{expected} ({levels} blocks)"))),
+                }
+            }
+            Some(v) => {
+                as_usize(v).map(|d| Some(vec![Depths::Same(d); levels])).ok_or_else(|| self.bad(field, expected))
+            }
+        }
+    }
+
+    /// Refuses a field set to anything but what the engine implements (`accepted`, or null).
+    fn only(&self, field: &str, accepted: &[Value], feature: &str) -> Result<()> {
+        match self.get(field) {
+            Some(v) if !accepted.contains(v) => Err(Error::Unsupported(format!(
+                "{}: '{field}' = {v} ({feature}); this engine implements {}",
+                self.file,
+                if accepted.is_empty() {
+                    "only null".to_string()
+                } else {
+                    accepted.iter().map(Value::to_string).collect::<Vec<_>>().join(" or ")
+                }
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn as_usize(v: &Value) -> Option<usize> {
+    v.as_u64().and_then(|n| usize::try_from(n).ok())
+}
+
+impl UnetConfig {
+    /// Parses a diffusers UNet2DConditionModel config.json (its text; `file` names it in errors).
+    /// Absent fields take diffusers' defaults. A malformed or inconsistent config is an
+    /// `Error::Input`; a valid one using a feature the engine lacks is `Error::Unsupported`.
+    pub fn from_diffusers_json(text: &str, file: &str) -> Result<UnetConfig> {
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| Error::Input(format!("{file}: not valid JSON: {e}")))?;
+        let map = value.as_object().ok_or_else(|| Error::Input(format!("{file}: not a JSON object")))?;
+        let f = Fields { map, file };
+        if let Some(class) = f.string("_class_name")?
+            && class != "UNet2DConditionModel"
+        {
+            return Err(Error::Input(format!("{file} describes a {class}, not a UNet2DConditionModel")));
+        }
+        let no = [Value::Bool(false)];
+        let s = |v: &str| Value::String(v.to_string());
+        f.only("center_input_sample", &no, "scaling the input to [-1, 1]")?;
+        f.only("dual_cross_attention", &no, "two cross-attentions per block")?;
+        f.only("class_embed_type", &[], "class embeddings")?;
+        f.only("num_class_embeds", &[], "class embeddings")?;
+        f.only("encoder_hid_dim_type", &[], "a projection of the text embeddings")?;
+        f.only("encoder_hid_dim", &[], "a projection of the text embeddings")?;
+        f.only("time_embedding_type", &[s("positional")], "the timestep projection")?;
+        f.only("time_embedding_act_fn", &[], "an activation after the time embedding")?;
+        f.only("timestep_post_act", &[], "an activation inside the time embedding")?;
+        f.only("time_cond_proj_dim", &[], "a guidance-scale embedding (LCM-distilled UNets)")?;
+        f.only("resnet_time_scale_shift", &[s("default")], "scale-shift time conditioning")?;
+        f.only("resnet_skip_time_act", &no, "ResNets without SiLU on the time embedding")?;
+        f.only("act_fn", &[s("silu")], "the activation function")?;
+        f.only("attention_type", &[s("default")], "gated attention (GLIGEN)")?;
+        f.only("class_embeddings_concat", &no, "class embeddings")?;
+        f.only("cross_attention_norm", &[], "a norm on the cross-attention context")?;
+        f.only("mid_block_only_cross_attention", &no, "mid blocks without self-attention")?;
+        f.only("downsample_padding", &[Value::from(1)], "downsampler padding")?;
+        f.only("addition_embed_type", &[s("text_time")], "the added embedding")?;
+        match f.get("only_cross_attention") {
+            None => {}
+            Some(Value::Bool(false)) => {}
+            Some(Value::Array(v)) if v.iter().all(|x| x == &no[0]) => {}
+            Some(v) => {
+                return Err(Error::Unsupported(format!(
+                    "{file}: 'only_cross_attention' = {v} (blocks without self-attention); this engine implements false"
+                )));
+            }
+        }
+        if f.get("num_attention_heads").is_some() {
+            // diffusers' UNet2DConditionModel refuses it too (its heads come from attention_head_dim).
+            return Err(f.bad("num_attention_heads", "null (diffusers reads the head counts from attention_head_dim)"));
+        }
+
+        let down_types = f.strings("down_block_types")?;
+        let up_types = f.strings("up_block_types")?;
+        let levels = down_types.len();
+        if levels == 0 || up_types.len() != levels {
+            return Err(Error::Input(format!(
+                "{file}: down_block_types ({levels}) and up_block_types ({}) must list the same, non-zero number of blocks",
+                up_types.len()
+            )));
+        }
+        let block_out_channels = f.per_level("block_out_channels", levels, None)?;
+        if f.get("block_out_channels").is_some_and(|v| !v.is_array()) {
+            return Err(f.bad("block_out_channels", &format!("a list of {levels} integers")));
+        }
+        let layers_per_block = f.per_level("layers_per_block", levels, Some(2))?;
+        // The misnomer: attention_head_dim holds head COUNTS (FORMATS.md 1.1).
+        let heads = f.per_level("attention_head_dim", levels, Some(8))?;
+        let cross_dims = f.per_level("cross_attention_dim", levels, Some(1280))?;
+        let depths = f.depths("transformer_layers_per_block", levels)?.unwrap_or(vec![Depths::Same(1); levels]);
+        let reverse_depths = f.depths("reverse_transformer_layers_per_block", levels)?;
+        if reverse_depths.is_none() && depths.iter().any(|d| matches!(d, Depths::PerLayer(_))) {
+            return Err(f.bad(
+                "reverse_transformer_layers_per_block",
+                "given when transformer_layers_per_block has per-layer lists (as diffusers requires)",
+            ));
+        }
+        let groups = f.usize("norm_num_groups", Some(32))?;
+        if f.map.get("norm_num_groups").is_some_and(Value::is_null) {
+            return Err(Error::Unsupported(format!("{file}: 'norm_num_groups' = null (no output GroupNorm)")));
+        }
+
+        let attention_kind = |kind: &str, field: &str, down: bool| -> Result<bool> {
+            let (plain, cross) =
+                if down { ("DownBlock2D", "CrossAttnDownBlock2D") } else { ("UpBlock2D", "CrossAttnUpBlock2D") };
+            match kind {
+                k if k == plain => Ok(false),
+                k if k == cross => Ok(true),
+                other => Err(Error::Unsupported(format!(
+                    "{file}: {field} has '{other}'; this engine implements {plain} and {cross}"
+                ))),
+            }
+        };
+        let transformer = |channels: usize,
+                           heads: usize,
+                           depth: usize,
+                           cross: usize,
+                           what: &str|
+         -> Result<Transformer> {
+            if heads == 0 || !channels.is_multiple_of(heads) {
+                return Err(Error::Input(format!(
+                    "{file}: {what}: attention_head_dim (the head count) {heads} does not divide {channels} channels"
+                )));
+            }
+            Ok(Transformer { channels, heads, depth, cross_attention_dim: cross })
+        };
+
+        // Down path, as diffusers builds it: level i goes from block_out_channels[i - 1] to [i].
+        let mut down_blocks = Vec::with_capacity(levels);
+        for (i, kind) in down_types.iter().enumerate() {
+            let attn = attention_kind(kind, "down_block_types", true)?;
+            let out = block_out_channels[i];
+            let input = if i == 0 { out } else { block_out_channels[i - 1] };
+            let what = format!("down_blocks.{i}");
+            let level_depths = depths[i].for_layers(layers_per_block[i], &format!("{file}: {what}"))?;
+            let mut layers = Vec::new();
+            for (j, &depth) in level_depths.iter().enumerate() {
+                let resnet = Resnet { in_channels: if j == 0 { input } else { out }, out_channels: out };
+                let attention = match attn {
+                    true => Some(transformer(out, heads[i], depth, cross_dims[i], &what)?),
+                    false => None,
+                };
+                layers.push(Layer { resnet, attention });
+            }
+            down_blocks.push(DownBlock { layers, downsample: i + 1 < levels });
+        }
+
+        let mid_block = match f.string("mid_block_type")? {
+            None => None,
+            Some("UNetMidBlock2DCrossAttn") => {
+                let c = block_out_channels[levels - 1];
+                let depth = match &depths[levels - 1] {
+                    Depths::Same(d) => *d,
+                    Depths::PerLayer(v) => {
+                        *v.first().ok_or_else(|| f.bad("transformer_layers_per_block", "non-empty lists"))?
+                    }
+                };
+                let attention = transformer(c, heads[levels - 1], depth, cross_dims[levels - 1], "mid_block")?;
+                let r = Resnet { in_channels: c, out_channels: c };
+                Some(MidBlock { resnets: [r.clone(), r], attention })
+            }
+            Some(other) => {
+                return Err(Error::Unsupported(format!(
+                    "{file}: mid_block_type '{other}'; this engine implements UNetMidBlock2DCrossAttn (or null)"
+                )));
+            }
+        };
+
+        // Up path: reversed widths; layer j of level i takes the previous output (or the level's own
+        // width) plus a skip of the level's width (the next level's width for the last layer).
+        let rev = |v: &[usize]| v.iter().rev().copied().collect::<Vec<usize>>();
+        let (rev_out, rev_layers, rev_heads, rev_cross) =
+            (rev(&block_out_channels), rev(&layers_per_block), rev(&heads), rev(&cross_dims));
+        let rev_depths = match reverse_depths {
+            Some(d) => d,
+            None => depths.iter().rev().cloned().collect(),
+        };
+        let mut up_blocks = Vec::with_capacity(levels);
+        for (i, kind) in up_types.iter().enumerate() {
+            let attn = attention_kind(kind, "up_block_types", false)?;
+            let out = rev_out[i];
+            let prev = rev_out[i.saturating_sub(1)];
+            let skip_last = rev_out[(i + 1).min(levels - 1)];
+            let n = rev_layers[i] + 1;
+            let what = format!("up_blocks.{i}");
+            let level_depths = rev_depths[i].for_layers(n, &format!("{file}: {what}"))?;
+            let mut layers = Vec::new();
+            for (j, &depth) in level_depths.iter().enumerate() {
+                let skip = if j + 1 == n { skip_last } else { out };
+                let resnet = Resnet { in_channels: if j == 0 { prev } else { out } + skip, out_channels: out };
+                let attention = match attn {
+                    true => Some(transformer(out, rev_heads[i], depth, rev_cross[i], &what)?),
+                    false => None,
+                };
+                layers.push(Layer { resnet, attention });
+            }
+            up_blocks.push(UpBlock { layers, upsample: i + 1 < levels });
+        }
+
+        let text_time = match f.string("addition_embed_type")? {
+            Some(_) => Some(TextTime {
+                time_embed_dim: f.usize("addition_time_embed_dim", None)?,
+                input_dim: f.usize("projection_class_embeddings_input_dim", None)?,
+            }),
+            None => None,
+        };
+        let config = UnetConfig {
+            in_channels: f.usize("in_channels", Some(4))?,
+            out_channels: f.usize("out_channels", Some(4))?,
+            conv_in_kernel: f.usize("conv_in_kernel", Some(3))?,
+            conv_out_kernel: f.usize("conv_out_kernel", Some(3))?,
+            time_embed_dim: f.usize("time_embedding_dim", Some(4 * block_out_channels[0]))?,
+            block_out_channels,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            norm_num_groups: groups,
+            norm_eps: f.f32("norm_eps", 1e-5)?,
+            flip_sin_to_cos: f.bool("flip_sin_to_cos", true)?,
+            freq_shift: f.f32("freq_shift", 0.0)?,
+            use_linear_projection: f.bool("use_linear_projection", false)?,
+            text_time,
+            resnet_out_scale_factor: f.f32("resnet_out_scale_factor", 1.0)?,
+            mid_block_scale_factor: f.f32("mid_block_scale_factor", 1.0)?,
+        };
+        config.validate().map_err(|e| match e {
+            Error::Input(m) => Error::Input(format!("{file}: {m}")),
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks that the architecture can run: every width positive, the groups dividing every
+    /// normalised width, odd kernels, and the skip connections lining up (each up ResNet's input
+    /// width is the running width plus the skip it pops, and every skip is used).
+    pub fn validate(&self) -> Result<()> {
+        fn bad<T>(m: String) -> Result<T> {
+            Err(Error::Input(m))
+        }
+        let levels = self.block_out_channels.len();
+        if levels == 0 || self.down_blocks.len() != levels || self.up_blocks.len() != levels {
+            return bad(format!(
+                "{levels} block widths, {} down blocks and {} up blocks: they must be equal and non-zero",
+                self.down_blocks.len(),
+                self.up_blocks.len()
+            ));
+        }
+        let g = self.norm_num_groups;
+        let norm = |c: usize, what: &str| -> Result<()> {
+            if c == 0 || g == 0 || !c.is_multiple_of(g) {
+                return bad(format!("{what}: {g} norm groups do not divide {c} channels"));
+            }
+            Ok(())
+        };
+        if self.in_channels == 0 || self.out_channels == 0 || self.time_embed_dim == 0 {
+            return bad("in_channels, out_channels and the time embedding width must be positive".into());
+        }
+        if self.conv_in_kernel.is_multiple_of(2) || self.conv_out_kernel.is_multiple_of(2) {
+            return bad(format!(
+                "conv_in_kernel ({}) and conv_out_kernel ({}) must be odd (same padding)",
+                self.conv_in_kernel, self.conv_out_kernel
+            ));
+        }
+        // The sinusoids divide by (half width - freq_shift).
+        let sinusoids = [Some(self.block_out_channels[0]), self.text_time.as_ref().map(|t| t.time_embed_dim)];
+        if let Some(dim) = sinusoids.into_iter().flatten().find(|&d| (d / 2) as f32 <= self.freq_shift) {
+            return bad(format!("a {dim}-wide sinusoid cannot take freq_shift {}", self.freq_shift));
+        }
+        if let Some(tt) = &self.text_time
+            && tt.input_dim == 0
+        {
+            return bad("projection_class_embeddings_input_dim must be positive".into());
+        }
+        let check_layer = |layer: &Layer, what: &str, c: usize| -> Result<usize> {
+            let r = &layer.resnet;
+            if r.in_channels != c {
+                return bad(format!("{what}: its ResNet takes {} channels but receives {c}", r.in_channels));
+            }
+            norm(r.in_channels, what)?;
+            norm(r.out_channels, what)?;
+            if let Some(t) = &layer.attention {
+                check_transformer(t, r.out_channels, what)?;
+                norm(t.channels, what)?;
+            }
+            Ok(r.out_channels)
+        };
+        let mut c = self.block_out_channels[0];
+        let mut skips = vec![c];
+        for (i, block) in self.down_blocks.iter().enumerate() {
+            if block.layers.is_empty() {
+                return bad(format!("down_blocks.{i} has no layers"));
+            }
+            for (j, layer) in block.layers.iter().enumerate() {
+                c = check_layer(layer, &format!("down_blocks.{i} layer {j}"), c)?;
+                skips.push(c);
+            }
+            if block.downsample {
+                skips.push(c);
+            }
+        }
+        if let Some(mid) = &self.mid_block {
+            for (k, r) in mid.resnets.iter().enumerate() {
+                let layer = Layer { resnet: r.clone(), attention: None };
+                c = check_layer(&layer, &format!("mid_block.resnets.{k}"), c)?;
+            }
+            check_transformer(&mid.attention, c, "mid_block")?;
+        }
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            for (j, layer) in block.layers.iter().enumerate() {
+                let what = format!("up_blocks.{i} layer {j}");
+                let Some(skip) = skips.pop() else {
+                    return bad(format!("{what}: no skip connection left to concatenate"));
+                };
+                let r = &layer.resnet;
+                if r.in_channels != c + skip {
+                    return bad(format!(
+                        "{what}: its ResNet takes {} channels but receives {c} + a {skip}-channel skip",
+                        r.in_channels
+                    ));
+                }
+                c = check_layer(layer, &what, r.in_channels)?;
+            }
+        }
+        if !skips.is_empty() {
+            return bad(format!("{} skip connections are never used by the up blocks", skips.len()));
+        }
+        let downs = self.down_blocks.iter().filter(|b| b.downsample).count();
+        let ups = self.up_blocks.iter().filter(|b| b.upsample).count();
+        if downs != ups {
+            return bad(format!("{downs} downsamplers but {ups} upsamplers"));
+        }
+        norm(c, "conv_norm_out")?;
+        if c != self.block_out_channels[0] {
+            return bad(format!("the up path ends with {c} channels, conv_out takes {}", self.block_out_channels[0]));
+        }
+        Ok(())
+    }
+
+    /// Downsampling steps: latent height and width must be multiples of 2^this.
+    pub fn downsamplers(&self) -> usize {
+        self.down_blocks.iter().filter(|b| b.downsample).count()
+    }
+
+    /// Channels of each skip connection in the order diffusers pushes them (conv_in, then each down
+    /// layer, then each downsampler), with its downsampling step: the shapes a ControlNet's
+    /// residuals have.
+    pub fn skips(&self) -> Vec<(usize, usize)> {
+        let mut out = vec![(self.block_out_channels[0], 0)];
+        let mut step = 0;
+        for block in &self.down_blocks {
+            for layer in &block.layers {
+                out.push((layer.resnet.out_channels, step));
+            }
+            if block.downsample {
+                step += 1;
+                out.push((block.layers.last().map_or(0, |l| l.resnet.out_channels), step));
+            }
+        }
+        out
+    }
+
+    /// Every cross-attention width in the model (one in practice).
+    pub fn cross_attention_dims(&self) -> Vec<usize> {
+        let mut dims: Vec<usize> = self
+            .down_blocks
+            .iter()
+            .flat_map(|b| &b.layers)
+            .chain(self.up_blocks.iter().flat_map(|b| &b.layers))
+            .filter_map(|l| l.attention.as_ref().map(|t| t.cross_attention_dim))
+            .chain(self.mid_block.as_ref().map(|m| m.attention.cross_attention_dim))
+            .collect();
+        dims.sort_unstable();
+        dims.dedup();
+        dims
+    }
+}
+
+fn check_transformer(t: &Transformer, channels: usize, what: &str) -> Result<()> {
+    if t.channels != channels || t.heads == 0 || !t.channels.is_multiple_of(t.heads) || t.depth == 0 {
+        return Err(Error::Input(format!(
+            "{what}: transformer of {} channels, {} heads, depth {} does not fit {channels} channels",
+            t.channels, t.heads, t.depth
+        )));
+    }
+    if t.cross_attention_dim == 0 {
+        return Err(Error::Input(format!("{what}: cross-attention width 0")));
+    }
+    Ok(())
+}
+
+impl fmt::Display for UnetConfig {
+    /// One line per level: widths, layers, attention (heads x head size, depths).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "UNet: {} -> {} channels, {} levels, time embedding {}",
+            self.in_channels,
+            self.out_channels,
+            self.down_blocks.len(),
+            self.time_embed_dim
+        )?;
+        if let Some(tt) = &self.text_time {
+            write!(f, ", text_time ({} wide, {} per time id)", tt.input_dim, tt.time_embed_dim)?;
+        }
+        for (i, b) in self.down_blocks.iter().enumerate() {
+            let out = b.layers.last().map_or(0, |l| l.resnet.out_channels);
+            write!(f, "\n  level {i}: {out} channels, {} layers", b.layers.len())?;
+            if let Some(t) = b.layers.first().and_then(|l| l.attention.as_ref()) {
+                let depths: Vec<usize> =
+                    b.layers.iter().filter_map(|l| l.attention.as_ref().map(|t| t.depth)).collect();
+                write!(
+                    f,
+                    ", attention {}x{} depth {depths:?}, context {}",
+                    t.heads,
+                    t.head_dim(),
+                    t.cross_attention_dim
+                )?;
+            }
+        }
+        if let Some(m) = &self.mid_block {
+            let t = &m.attention;
+            write!(f, "\n  mid: {} channels, attention {}x{} depth {}", t.channels, t.heads, t.head_dim(), t.depth)?;
+        }
+        Ok(())
+    }
+}

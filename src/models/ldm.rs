@@ -1,0 +1,235 @@
+//! Single-file (SGM/LDM) UNet checkpoints: A1111 / ComfyUI / civitai files hold the UNet under
+//! `model.diffusion_model.` with the original repository's module names (FORMATS.md 1.5). This
+//! module maps diffusers names to those names and derives the architecture from tensor shapes.
+//!
+//! What shapes cannot tell takes SGM's fixed SDXL values: 64-wide attention heads
+//! (`num_head_channels: 64`), 32 norm groups with eps 1e-5, 256-wide time-id sinusoids, cos-first
+//! sinusoids without shift.
+
+use std::collections::HashMap;
+
+use super::config::{DownBlock, Layer, MidBlock, Resnet, TextTime, Transformer, UnetConfig, UpBlock};
+use crate::error::{Error, Result};
+
+/// Where the UNet's tensors sit in a single-file checkpoint.
+pub const PREFIX: &str = "model.diffusion_model.";
+
+/// SGM's head size for SDXL (`num_head_channels: 64`): heads = channels / 64.
+pub const HEAD_SIZE: usize = 64;
+/// SGM's time-id sinusoid width (`ConcatTimestepEmbedderND(outdim=256)`).
+pub const TIME_ID_WIDTH: usize = 256;
+
+/// ResNet tensors: diffusers name -> LDM name (`ResBlock`'s Sequential indices).
+const RESNET: [(&str, &str); 6] = [
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("conv_shortcut", "skip_connection"),
+];
+
+/// One diffusers module and its LDM counterpart; inside a transformer the names are the same in
+/// both formats, inside a ResNet they follow `RESNET`.
+struct Module {
+    diffusers: String,
+    ldm: String,
+    resnet: bool,
+}
+
+/// The diffusers -> single-file name map of one architecture.
+pub struct LdmNames {
+    modules: Vec<Module>,
+}
+
+impl LdmNames {
+    /// Walks the architecture in LDM order: `input_blocks` count every down layer and downsampler
+    /// from 1 (0 is conv_in), `output_blocks` every up layer from 0, with the upsampler inside the
+    /// level's last output block after its transformer (index 2) or ResNet (index 1).
+    pub fn new(cfg: &UnetConfig) -> LdmNames {
+        let mut m = Vec::new();
+        let mut add = |d: String, l: String, resnet: bool| m.push(Module { diffusers: d, ldm: l, resnet });
+        for (d, l) in [
+            ("conv_in", "input_blocks.0.0"),
+            ("time_embedding.linear_1", "time_embed.0"),
+            ("time_embedding.linear_2", "time_embed.2"),
+            ("add_embedding.linear_1", "label_emb.0.0"),
+            ("add_embedding.linear_2", "label_emb.0.2"),
+            ("conv_norm_out", "out.0"),
+            ("conv_out", "out.2"),
+            ("mid_block.attentions.0", "middle_block.1"),
+        ] {
+            add(d.into(), l.into(), false);
+        }
+        add("mid_block.resnets.0".into(), "middle_block.0".into(), true);
+        add("mid_block.resnets.1".into(), "middle_block.2".into(), true);
+        let mut i = 1;
+        for (b, block) in cfg.down_blocks.iter().enumerate() {
+            for (j, layer) in block.layers.iter().enumerate() {
+                add(format!("down_blocks.{b}.resnets.{j}"), format!("input_blocks.{i}.0"), true);
+                if layer.attention.is_some() {
+                    add(format!("down_blocks.{b}.attentions.{j}"), format!("input_blocks.{i}.1"), false);
+                }
+                i += 1;
+            }
+            if block.downsample {
+                add(format!("down_blocks.{b}.downsamplers.0.conv"), format!("input_blocks.{i}.0.op"), false);
+                i += 1;
+            }
+        }
+        let mut i = 0;
+        for (b, block) in cfg.up_blocks.iter().enumerate() {
+            for (j, layer) in block.layers.iter().enumerate() {
+                add(format!("up_blocks.{b}.resnets.{j}"), format!("output_blocks.{i}.0"), true);
+                if layer.attention.is_some() {
+                    add(format!("up_blocks.{b}.attentions.{j}"), format!("output_blocks.{i}.1"), false);
+                }
+                if block.upsample && j + 1 == block.layers.len() {
+                    let slot = if layer.attention.is_some() { 2 } else { 1 };
+                    add(format!("up_blocks.{b}.upsamplers.0.conv"), format!("output_blocks.{i}.{slot}.conv"), false);
+                }
+                i += 1;
+            }
+        }
+        // Longest prefix first, so `..._blocks.1.resnets.1` never matches a `.resnets.10` tensor.
+        m.sort_by_key(|x| std::cmp::Reverse(x.diffusers.len()));
+        LdmNames { modules: m }
+    }
+
+    /// The single-file key (with `PREFIX`) of a diffusers tensor name; None for a name outside
+    /// every module.
+    pub fn ldm_name(&self, diffusers: &str) -> Option<String> {
+        self.modules.iter().find_map(|m| {
+            let rest = diffusers.strip_prefix(m.diffusers.as_str())?.strip_prefix('.')?;
+            let rest = if m.resnet {
+                let (head, tail) = rest.split_once('.')?;
+                let (_, ldm) = RESNET.iter().find(|(d, _)| *d == head)?;
+                format!("{ldm}.{tail}")
+            } else {
+                rest.to_string()
+            };
+            Some(format!("{PREFIX}{}.{rest}", m.ldm))
+        })
+    }
+}
+
+/// Derives the architecture from the shapes of a single file's UNet tensors, keyed by their names
+/// without `PREFIX`.
+pub fn derive_config(shapes: &HashMap<String, Vec<usize>>) -> Result<UnetConfig> {
+    let has = |name: &str| shapes.contains_key(name);
+    let need = |name: &str, rank: usize| -> Result<&Vec<usize>> {
+        match shapes.get(name) {
+            Some(s) if s.len() == rank => Ok(s),
+            Some(s) => Err(Error::Input(format!(
+                "single-file checkpoint: {PREFIX}{name} has shape {s:?}, expected {rank} dimensions"
+            ))),
+            None => Err(Error::Input(format!(
+                "single-file checkpoint: no tensor {PREFIX}{name} (not an SDXL-family UNet, or a truncated file)"
+            ))),
+        }
+    };
+    let resnet = |p: &str| -> Result<Resnet> {
+        let w = need(&format!("{p}.in_layers.2.weight"), 4)?;
+        Ok(Resnet { in_channels: w[1], out_channels: w[0] })
+    };
+    // Linear projections are [C, C]; 1x1-conv ones [C, C, 1, 1].
+    let mut linear_projection: Option<bool> = None;
+    let mut transformer = |p: &str| -> Result<Option<Transformer>> {
+        let Some(proj) = shapes.get(&format!("{p}.proj_in.weight")) else { return Ok(None) };
+        let linear = proj.len() == 2;
+        if *linear_projection.get_or_insert(linear) != linear {
+            return Err(Error::Input(format!(
+                "single-file checkpoint: {PREFIX}{p}.proj_in.weight is {proj:?}, but other transformers use the other projection kind"
+            )));
+        }
+        let channels = proj[0];
+        if !channels.is_multiple_of(HEAD_SIZE) {
+            return Err(Error::Unsupported(format!(
+                "single-file checkpoint: {PREFIX}{p} has {channels} channels, not a multiple of SDXL's head size {HEAD_SIZE}; \
+                 give this model as a diffusers folder with its config.json"
+            )));
+        }
+        let depth = (0..).take_while(|n| has(&format!("{p}.transformer_blocks.{n}.attn1.to_q.weight"))).count();
+        let cross = need(&format!("{p}.transformer_blocks.0.attn2.to_k.weight"), 2)?[1];
+        Ok(Some(Transformer { channels, heads: channels / HEAD_SIZE, depth, cross_attention_dim: cross }))
+    };
+
+    let conv_in = need("input_blocks.0.0.weight", 4)?;
+    let conv_out = need("out.2.weight", 4)?;
+    let time = need("time_embed.0.weight", 2)?;
+    let Some(label) = shapes.get("label_emb.0.0.weight") else {
+        return Err(Error::Unsupported(format!(
+            "single-file checkpoint without {PREFIX}label_emb.0.0.weight: not an SDXL-family UNet (SD 1.x/2.x \
+             single files are not read)"
+        )));
+    };
+    if label.len() != 2 {
+        return Err(Error::Input(format!("single-file checkpoint: {PREFIX}label_emb.0.0.weight has shape {label:?}")));
+    }
+
+    // input_blocks: ResNet (+ transformer) layers; a downsampler (`.0.op`) closes a level.
+    let mut down_blocks = Vec::new();
+    let mut layers = Vec::new();
+    for i in 1.. {
+        let p = format!("input_blocks.{i}");
+        if has(&format!("{p}.0.op.weight")) {
+            down_blocks.push(DownBlock { layers: std::mem::take(&mut layers), downsample: true });
+        } else if has(&format!("{p}.0.in_layers.2.weight")) {
+            layers.push(Layer { resnet: resnet(&format!("{p}.0"))?, attention: transformer(&format!("{p}.1"))? });
+        } else {
+            break;
+        }
+    }
+    down_blocks.push(DownBlock { layers: std::mem::take(&mut layers), downsample: false });
+
+    let mid_block = if has("middle_block.0.in_layers.2.weight") {
+        let attention = transformer("middle_block.1")?.ok_or_else(|| {
+            Error::Unsupported(format!("single-file checkpoint: a mid block without {PREFIX}middle_block.1 attention"))
+        })?;
+        Some(MidBlock { resnets: [resnet("middle_block.0")?, resnet("middle_block.2")?], attention })
+    } else {
+        None
+    };
+
+    // output_blocks: layers; an upsampler (after the transformer, or the ResNet) closes a level.
+    let mut up_blocks = Vec::new();
+    for i in 0.. {
+        let p = format!("output_blocks.{i}");
+        if !has(&format!("{p}.0.in_layers.2.weight")) {
+            break;
+        }
+        let attention = transformer(&format!("{p}.1"))?;
+        let slot = if attention.is_some() { 2 } else { 1 };
+        layers.push(Layer { resnet: resnet(&format!("{p}.0"))?, attention });
+        if has(&format!("{p}.{slot}.conv.weight")) {
+            up_blocks.push(UpBlock { layers: std::mem::take(&mut layers), upsample: true });
+        }
+    }
+    up_blocks.push(UpBlock { layers, upsample: false });
+
+    let block_out_channels = down_blocks.iter().map(|b| b.layers.last().map_or(0, |l| l.resnet.out_channels)).collect();
+    let config = UnetConfig {
+        in_channels: conv_in[1],
+        out_channels: conv_out[0],
+        conv_in_kernel: conv_in[2],
+        conv_out_kernel: conv_out[2],
+        block_out_channels,
+        down_blocks,
+        mid_block,
+        up_blocks,
+        norm_num_groups: 32,
+        norm_eps: 1e-5,
+        flip_sin_to_cos: true,
+        freq_shift: 0.0,
+        time_embed_dim: time[0],
+        use_linear_projection: linear_projection.unwrap_or(true),
+        text_time: Some(TextTime { time_embed_dim: TIME_ID_WIDTH, input_dim: label[1] }),
+        resnet_out_scale_factor: 1.0,
+        mid_block_scale_factor: 1.0,
+    };
+    config.validate().map_err(|e| match e {
+        Error::Input(m) => Error::Input(format!("single-file checkpoint: the architecture read from its shapes: {m}")),
+        other => other,
+    })?;
+    Ok(config)
+}

@@ -1,0 +1,69 @@
+//! ResnetBlock2D (diffusers `models/resnet.py`): GroupNorm + SiLU + 3x3 conv twice, the time
+//! embedding projected and added in between, a 1x1 shortcut when the width changes.
+
+use super::config::Resnet;
+use super::weights::Scope;
+use crate::error::Result;
+use crate::ops::Exec;
+use crate::ops::conv::{Conv2d, conv2d};
+use crate::ops::elementwise::add;
+use crate::ops::linear::linear;
+use crate::ops::norm::{GroupNorm, group_norm};
+use crate::tensor::Tensor;
+use crate::weights::TensorSpec;
+
+/// Settings shared by every ResNet of a model.
+#[derive(Clone, Copy, Debug)]
+pub struct ResnetNorm {
+    pub groups: usize,
+    pub eps: f32,
+    /// The block's output is divided by this (diffusers' `output_scale_factor`, 1 in SDXL).
+    pub output_scale: f32,
+}
+
+/// x [B, H, W, in] NHWC, emb_act = SiLU(time embedding) [B, T] -> [B, H, W, out].
+pub fn forward(ex: &Exec, w: &Scope, r: &Resnet, cfg: ResnetNorm, x: &Tensor, emb_act: &Tensor) -> Result<Tensor> {
+    let gn = GroupNorm { groups: cfg.groups, eps: cfg.eps, silu: true, frames: 1 };
+    let same = Conv2d { stride: 1, padding: 1 };
+    // 1. h = conv1(SiLU(norm1(x))): [B, H, W, in] -> [B, H, W, out]
+    let h = group_norm(ex, x, w.get("norm1.weight")?, w.get("norm1.bias")?, gn)?;
+    let h = conv2d(ex, &h, w.get("conv1.weight")?, Some(w.get("conv1.bias")?), same)?;
+    // 2. + time_emb_proj(SiLU(emb)) per image: [B, T] -> [B, out], broadcast over H, W
+    let t = linear(ex, emb_act, w.get("time_emb_proj.weight")?, Some(w.get("time_emb_proj.bias")?))?;
+    let h = add(ex, &h, &t, 1.0)?;
+    // 3. h = conv2(SiLU(norm2(h))) (dropout is the identity at inference)
+    let h = group_norm(ex, &h, w.get("norm2.weight")?, w.get("norm2.bias")?, gn)?;
+    let h = conv2d(ex, &h, w.get("conv2.weight")?, Some(w.get("conv2.bias")?), same)?;
+    // 4. (shortcut(x) + h) / output_scale
+    let shortcut = match r.has_shortcut() {
+        true => conv2d(
+            ex,
+            x,
+            w.get("conv_shortcut.weight")?,
+            Some(w.get("conv_shortcut.bias")?),
+            Conv2d { stride: 1, padding: 0 },
+        )?,
+        false => x.clone(),
+    };
+    add(ex, &shortcut, &h, 1.0 / cfg.output_scale)
+}
+
+/// The block's tensors (PyTorch shapes) under `prefix`; `temb` is the time embedding width.
+pub fn specs(prefix: &str, r: &Resnet, temb: usize, out: &mut Vec<TensorSpec>) {
+    let (i, o) = (r.in_channels, r.out_channels);
+    let mut put = |name: &str, shape: &[usize]| out.push(TensorSpec::new(format!("{prefix}.{name}"), shape));
+    put("norm1.weight", &[i]);
+    put("norm1.bias", &[i]);
+    put("conv1.weight", &[o, i, 3, 3]);
+    put("conv1.bias", &[o]);
+    put("time_emb_proj.weight", &[o, temb]);
+    put("time_emb_proj.bias", &[o]);
+    put("norm2.weight", &[o]);
+    put("norm2.bias", &[o]);
+    put("conv2.weight", &[o, o, 3, 3]);
+    put("conv2.bias", &[o]);
+    if r.has_shortcut() {
+        put("conv_shortcut.weight", &[o, i, 1, 1]);
+        put("conv_shortcut.bias", &[o]);
+    }
+}

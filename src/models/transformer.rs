@@ -1,0 +1,111 @@
+//! Transformer2DModel with BasicTransformerBlocks (diffusers `models/transformers/
+//! transformer_2d.py`, `models/attention.py`): GroupNorm, proj_in, per block self-attention,
+//! cross-attention on the text context and a GEGLU feed-forward (each pre-LayerNorm, residual),
+//! proj_out, residual.
+
+use super::config::Transformer;
+use super::weights::Scope;
+use crate::error::Result;
+use crate::ops::Exec;
+use crate::ops::attention::{FlashAttention, flash_attention};
+use crate::ops::elementwise::{add, geglu};
+use crate::ops::linear::linear;
+use crate::ops::norm::{GroupNorm, group_norm, layer_norm};
+use crate::tensor::Tensor;
+use crate::weights::TensorSpec;
+
+/// GroupNorm eps of Transformer2DModel (fixed in diffusers, unlike the ResNets' norm_eps).
+const GROUP_NORM_EPS: f32 = 1e-6;
+/// LayerNorm eps of BasicTransformerBlock.
+const LAYER_NORM_EPS: f32 = 1e-5;
+
+/// x [B, H, W, C] NHWC, context [B, T, X] -> [B, H, W, C].
+pub fn forward(ex: &Exec, w: &Scope, t: &Transformer, groups: usize, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    let (b, h, wd, c) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+    // 1. norm, then tokens: [B, H, W, C] -> [B, H*W, C] (NHWC is already token-major)
+    let gn = GroupNorm { groups, eps: GROUP_NORM_EPS, silu: false, frames: 1 };
+    let hs = group_norm(ex, x, w.get("norm.weight")?, w.get("norm.bias")?, gn)?.reshape(&[b, h * wd, c])?;
+    // 2. proj_in (a Linear, or a 1x1 conv stored [C, 1, 1, C], the same matrix on tokens)
+    let mut hs = linear(ex, &hs, &as_matrix(w.get("proj_in.weight")?)?, Some(w.get("proj_in.bias")?))?;
+    // 3. blocks: [B, H*W, C] -> [B, H*W, C]
+    for n in 0..t.depth {
+        hs = block(ex, &w.at(&format!("transformer_blocks.{n}")), t, &hs, context)?;
+    }
+    // 4. proj_out, back to [B, H, W, C], + residual
+    let hs = linear(ex, &hs, &as_matrix(w.get("proj_out.weight")?)?, Some(w.get("proj_out.bias")?))?;
+    add(ex, &hs.reshape(&[b, h, wd, c])?, x, 1.0)
+}
+
+/// A 1x1 conv weight (KRSC [C, 1, 1, C] after loading) viewed as the [C, C] matrix it is.
+fn as_matrix(w: &Tensor) -> Result<Tensor> {
+    match w.shape() {
+        &[o, 1, 1, i] => w.reshape(&[o, i]),
+        _ => Ok(w.clone()),
+    }
+}
+
+/// BasicTransformerBlock: x += attn1(LN1(x)); x += attn2(LN2(x), context); x += FF(LN3(x)).
+fn block(ex: &Exec, w: &Scope, t: &Transformer, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    let ln = |name: &str, x: &Tensor| -> Result<Tensor> {
+        layer_norm(
+            ex,
+            x,
+            Some(w.get(&format!("{name}.weight"))?),
+            Some(w.get(&format!("{name}.bias"))?),
+            LAYER_NORM_EPS,
+        )
+    };
+    // 1. self-attention: [B, L, C]
+    let n = ln("norm1", x)?;
+    let x = add(ex, &attention(ex, &w.at("attn1"), t.heads, &n, &n)?, x, 1.0)?;
+    // 2. cross-attention on the context: queries [B, L, C], keys and values from [B, T, X]
+    let n = ln("norm2", &x)?;
+    let x = add(ex, &attention(ex, &w.at("attn2"), t.heads, &n, context)?, &x, 1.0)?;
+    // 3. GEGLU feed-forward: [B, L, C] -> [B, L, 8C] -> [B, L, 4C] -> [B, L, C]
+    let n = ln("norm3", &x)?;
+    let f = linear(ex, &n, w.get("ff.net.0.proj.weight")?, Some(w.get("ff.net.0.proj.bias")?))?;
+    let f = linear(ex, &geglu(ex, &f)?, w.get("ff.net.2.weight")?, Some(w.get("ff.net.2.bias")?))?;
+    add(ex, &f, &x, 1.0)
+}
+
+/// diffusers Attention without biases on q, k, v: softmax(q k^T / sqrt(d)) v, then to_out.0.
+fn attention(ex: &Exec, w: &Scope, heads: usize, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    let q = linear(ex, x, w.get("to_q.weight")?, None)?; // [B, L, C]
+    let k = linear(ex, context, w.get("to_k.weight")?, None)?; // [B, T, C]
+    let v = linear(ex, context, w.get("to_v.weight")?, None)?;
+    let head_dim = q.shape()[2] / heads.max(1);
+    let cfg = FlashAttention { heads, causal: false, scale: 1.0 / (head_dim as f32).sqrt() };
+    let o = flash_attention(ex, &q, &k, &v, cfg)?; // [B, L, C]
+    linear(ex, &o, w.get("to_out.0.weight")?, Some(w.get("to_out.0.bias")?))
+}
+
+/// The module's tensors (PyTorch shapes) under `prefix`.
+pub fn specs(prefix: &str, t: &Transformer, linear_projection: bool, out: &mut Vec<TensorSpec>) {
+    let (c, x) = (t.channels, t.cross_attention_dim);
+    let mut put = |name: String, shape: &[usize]| out.push(TensorSpec::new(format!("{prefix}.{name}"), shape));
+    let proj: &[usize] = if linear_projection { &[c, c] } else { &[c, c, 1, 1] };
+    put("norm.weight".into(), &[c]);
+    put("norm.bias".into(), &[c]);
+    put("proj_in.weight".into(), proj);
+    put("proj_in.bias".into(), &[c]);
+    for n in 0..t.depth {
+        let b = format!("transformer_blocks.{n}");
+        for norm in ["norm1", "norm2", "norm3"] {
+            put(format!("{b}.{norm}.weight"), &[c]);
+            put(format!("{b}.{norm}.bias"), &[c]);
+        }
+        for (attn, kv) in [("attn1", c), ("attn2", x)] {
+            put(format!("{b}.{attn}.to_q.weight"), &[c, c]);
+            put(format!("{b}.{attn}.to_k.weight"), &[c, kv]);
+            put(format!("{b}.{attn}.to_v.weight"), &[c, kv]);
+            put(format!("{b}.{attn}.to_out.0.weight"), &[c, c]);
+            put(format!("{b}.{attn}.to_out.0.bias"), &[c]);
+        }
+        put(format!("{b}.ff.net.0.proj.weight"), &[8 * c, c]);
+        put(format!("{b}.ff.net.0.proj.bias"), &[8 * c]);
+        put(format!("{b}.ff.net.2.weight"), &[c, 4 * c]);
+        put(format!("{b}.ff.net.2.bias"), &[c]);
+    }
+    put("proj_out.weight".into(), proj);
+    put("proj_out.bias".into(), &[c]);
+}

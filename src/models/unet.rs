@@ -1,0 +1,275 @@
+//! UNet2DConditionModel (diffusers `models/unets/unet_2d_condition.py`) for the SDXL family: the
+//! same graph code runs on the CPU twins or the CUDA ops, chosen by the `Exec`. Activations are
+//! NHWC; callers at the NCHW boundary convert with `models::layout`.
+
+use super::checkpoint::UnetCheckpoint;
+use super::config::UnetConfig;
+use super::resnet::{self, ResnetNorm};
+use super::weights::{ModelWeights, Place, Scope};
+use super::{embeddings, transformer};
+use crate::error::{Error, Result};
+use crate::ops::Exec;
+use crate::ops::concat::concat_last;
+use crate::ops::conv::{Conv2d, conv2d};
+use crate::ops::elementwise::{add, silu};
+use crate::ops::norm::{GroupNorm, group_norm};
+use crate::ops::upsample::upsample_nearest2x;
+use crate::tensor::{DType, Tensor};
+use crate::weights::TensorSpec;
+
+/// One forward's inputs (diffusers' argument names), NHWC.
+pub struct UnetInputs<'a> {
+    /// Noisy latents [B, H, W, in_channels], compute dtype.
+    pub sample: &'a Tensor,
+    /// f32 [B]: one timestep per image.
+    pub timestep: &'a Tensor,
+    /// Text context [B, tokens, cross_attention_dim], compute dtype.
+    pub encoder_hidden_states: &'a Tensor,
+    /// `added_cond_kwargs.text_embeds`: pooled text embedding [B, pooled], compute dtype (text_time).
+    pub text_embeds: Option<&'a Tensor>,
+    /// `added_cond_kwargs.time_ids`: f32 [B, n] (SDXL: original size, crop, target size).
+    pub time_ids: Option<&'a Tensor>,
+}
+
+/// Additive residuals (a ControlNet's output), NHWC in the compute dtype, added where diffusers adds
+/// `down_block_additional_residuals` (to every skip connection, after the down path) and
+/// `mid_block_additional_residual` (to the mid block's output).
+pub struct UnetResiduals {
+    /// One per skip connection, in `UnetConfig::skips` order.
+    pub down: Vec<Tensor>,
+    pub mid: Tensor,
+}
+
+pub struct Unet {
+    pub config: UnetConfig,
+    weights: ModelWeights,
+}
+
+impl Unet {
+    /// Prepares a loaded checkpoint's weights for `place` (host tensors for the CPU twins, device
+    /// tensors for CUDA) in the place's dtype.
+    pub fn new(checkpoint: &UnetCheckpoint, place: Place) -> Result<Unet> {
+        let weights = ModelWeights::prepare(&checkpoint.weights, &checkpoint.names, place)?;
+        Ok(Unet { config: checkpoint.config.clone(), weights })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.weights.dtype()
+    }
+
+    /// Every tensor the architecture has, by diffusers name, with PyTorch shapes.
+    pub fn tensor_specs(cfg: &UnetConfig) -> Vec<TensorSpec> {
+        let mut out = Vec::new();
+        let conv = |name: &str, o: usize, i: usize, k: usize, out: &mut Vec<TensorSpec>| {
+            out.push(TensorSpec::new(format!("{name}.weight"), &[o, i, k, k]));
+            out.push(TensorSpec::new(format!("{name}.bias"), &[o]));
+        };
+        let c0 = cfg.block_out_channels[0];
+        conv("conv_in", c0, cfg.in_channels, cfg.conv_in_kernel, &mut out);
+        embeddings::specs(cfg, &mut out);
+        let temb = cfg.time_embed_dim;
+        let proj = cfg.use_linear_projection;
+        for (i, block) in cfg.down_blocks.iter().enumerate() {
+            for (j, layer) in block.layers.iter().enumerate() {
+                resnet::specs(&format!("down_blocks.{i}.resnets.{j}"), &layer.resnet, temb, &mut out);
+                if let Some(t) = &layer.attention {
+                    transformer::specs(&format!("down_blocks.{i}.attentions.{j}"), t, proj, &mut out);
+                }
+            }
+            if block.downsample {
+                let c = block.layers.last().map_or(0, |l| l.resnet.out_channels);
+                conv(&format!("down_blocks.{i}.downsamplers.0.conv"), c, c, 3, &mut out);
+            }
+        }
+        if let Some(mid) = &cfg.mid_block {
+            resnet::specs("mid_block.resnets.0", &mid.resnets[0], temb, &mut out);
+            transformer::specs("mid_block.attentions.0", &mid.attention, proj, &mut out);
+            resnet::specs("mid_block.resnets.1", &mid.resnets[1], temb, &mut out);
+        }
+        for (i, block) in cfg.up_blocks.iter().enumerate() {
+            for (j, layer) in block.layers.iter().enumerate() {
+                resnet::specs(&format!("up_blocks.{i}.resnets.{j}"), &layer.resnet, temb, &mut out);
+                if let Some(t) = &layer.attention {
+                    transformer::specs(&format!("up_blocks.{i}.attentions.{j}"), t, proj, &mut out);
+                }
+            }
+            if block.upsample {
+                let c = block.layers.last().map_or(0, |l| l.resnet.out_channels);
+                conv(&format!("up_blocks.{i}.upsamplers.0.conv"), c, c, 3, &mut out);
+            }
+        }
+        out.push(TensorSpec::new("conv_norm_out.weight", &[c0]));
+        out.push(TensorSpec::new("conv_norm_out.bias", &[c0]));
+        conv("conv_out", cfg.out_channels, c0, cfg.conv_out_kernel, &mut out);
+        out
+    }
+
+    /// The noise prediction [B, H, W, out_channels] (NHWC, compute dtype).
+    pub fn forward(&self, ex: &Exec, x: &UnetInputs, residuals: Option<&UnetResiduals>) -> Result<Tensor> {
+        let cfg = &self.config;
+        let w = self.weights.root();
+        self.check_inputs(x, residuals)?;
+        let dtype = self.dtype();
+        let context = x.encoder_hidden_states;
+        let norm =
+            ResnetNorm { groups: cfg.norm_num_groups, eps: cfg.norm_eps, output_scale: cfg.resnet_out_scale_factor };
+
+        // 1. time (+ text_time) embedding: [B] -> [B, T]; every ResNet projects SiLU(emb), so once here
+        let text_time = x.text_embeds.zip(x.time_ids);
+        let emb = embeddings::forward(ex, &w, cfg, x.timestep, text_time, dtype)?;
+        let emb = silu(ex, &emb)?;
+
+        // 2. conv_in: [B, H, W, in] -> [B, H, W, C0]
+        let mut h = conv(ex, &w.at("conv_in"), x.sample, 1, cfg.conv_in_kernel)?;
+
+        // 3. down: every layer's output and every downsampler's output is a skip connection
+        let mut skips = vec![h.clone()];
+        for (i, block) in cfg.down_blocks.iter().enumerate() {
+            let bw = w.at(&format!("down_blocks.{i}"));
+            for (j, layer) in block.layers.iter().enumerate() {
+                h = resnet::forward(ex, &bw.at(&format!("resnets.{j}")), &layer.resnet, norm, &h, &emb)?;
+                if let Some(t) = &layer.attention {
+                    h = transformer::forward(ex, &bw.at(&format!("attentions.{j}")), t, norm.groups, &h, context)?;
+                }
+                skips.push(h.clone());
+            }
+            if block.downsample {
+                // [B, H, W, C] -> [B, H/2, W/2, C]
+                h = conv(ex, &bw.at("downsamplers.0.conv"), &h, 2, 3)?;
+                skips.push(h.clone());
+            }
+        }
+        // 3b. ControlNet hook: residuals join the skips (the down path itself ran without them)
+        if let Some(r) = residuals {
+            for (skip, res) in skips.iter_mut().zip(&r.down) {
+                *skip = add(ex, skip, res, 1.0)?;
+            }
+        }
+
+        // 4. mid: ResNet, transformer, ResNet at the lowest resolution (+ ControlNet's mid residual)
+        if let Some(mid) = &cfg.mid_block {
+            let mw = w.at("mid_block");
+            let mid_norm = ResnetNorm { output_scale: cfg.mid_block_scale_factor, ..norm };
+            h = resnet::forward(ex, &mw.at("resnets.0"), &mid.resnets[0], mid_norm, &h, &emb)?;
+            h = transformer::forward(ex, &mw.at("attentions.0"), &mid.attention, norm.groups, &h, context)?;
+            h = resnet::forward(ex, &mw.at("resnets.1"), &mid.resnets[1], mid_norm, &h, &emb)?;
+        }
+        if let Some(r) = residuals {
+            h = add(ex, &h, &r.mid, 1.0)?;
+        }
+
+        // 5. up: each layer takes [h, skip] (channels concatenated), the last skip first
+        for (i, block) in cfg.up_blocks.iter().enumerate() {
+            let bw = w.at(&format!("up_blocks.{i}"));
+            for (j, layer) in block.layers.iter().enumerate() {
+                let skip = skips.pop().ok_or_else(|| Error::Input("UNet: the skip connections ran out".into()))?;
+                h = concat_last(ex, &h, &skip)?; // [B, H, W, C + C_skip]
+                h = resnet::forward(ex, &bw.at(&format!("resnets.{j}")), &layer.resnet, norm, &h, &emb)?;
+                if let Some(t) = &layer.attention {
+                    h = transformer::forward(ex, &bw.at(&format!("attentions.{j}")), t, norm.groups, &h, context)?;
+                }
+            }
+            if block.upsample {
+                // [B, H, W, C] -> nearest [B, 2H, 2W, C] -> 3x3 conv
+                h = upsample_nearest2x(ex, &h)?;
+                h = conv(ex, &bw.at("upsamplers.0.conv"), &h, 1, 3)?;
+            }
+        }
+
+        // 6. out: GroupNorm + SiLU (fused), conv_out: [B, H, W, C0] -> [B, H, W, out]
+        let gn = GroupNorm { groups: cfg.norm_num_groups, eps: cfg.norm_eps, silu: true, frames: 1 };
+        let h = group_norm(ex, &h, w.get("conv_norm_out.weight")?, w.get("conv_norm_out.bias")?, gn)?;
+        conv(ex, &w.at("conv_out"), &h, 1, cfg.conv_out_kernel)
+    }
+
+    /// Shapes, dtypes and sizes of the inputs, before any work: errors name the argument.
+    fn check_inputs(&self, x: &UnetInputs, residuals: Option<&UnetResiduals>) -> Result<()> {
+        let cfg = &self.config;
+        let dtype = self.dtype();
+        let bad = |m: String| Err(Error::Input(format!("UNet input: {m}")));
+        let s = x.sample.shape();
+        if s.len() != 4 || s[3] != cfg.in_channels || s[0] == 0 {
+            return bad(format!("sample {:?} must be NHWC [batch, height, width, {}]", x.sample, cfg.in_channels));
+        }
+        let (b, h, w) = (s[0], s[1], s[2]);
+        let step = 1 << cfg.downsamplers();
+        if h == 0 || w == 0 || h % step != 0 || w % step != 0 {
+            // diffusers then resizes to the skip sizes (`upsample_size`); the engine has no such resize.
+            return Err(Error::Unsupported(format!(
+                "latent size {h}x{w}: height and width must be positive multiples of {step} (image sides of {})",
+                8 * step
+            )));
+        }
+        for (name, t) in [("sample", Some(x.sample)), ("encoder_hidden_states", Some(x.encoder_hidden_states))]
+            .into_iter()
+            .chain([("text_embeds", x.text_embeds)])
+        {
+            if let Some(t) = t.filter(|t| t.dtype() != dtype) {
+                return bad(format!("{name} {t:?} must be {dtype:?}, the weights' dtype"));
+            }
+        }
+        if x.timestep.shape() != [b] || x.timestep.dtype() != DType::F32 {
+            return bad(format!("timestep {:?} must be f32 [{b}] (one per image)", x.timestep));
+        }
+        let e = x.encoder_hidden_states.shape();
+        let cross = cfg.cross_attention_dims();
+        if e.len() != 3 || e[0] != b || e[1] == 0 || cross.iter().any(|&d| d != e[2]) {
+            return bad(format!(
+                "encoder_hidden_states {:?} must be [{b}, tokens, {}]",
+                x.encoder_hidden_states,
+                cross.iter().map(usize::to_string).collect::<Vec<_>>().join(" / ")
+            ));
+        }
+        match (&cfg.text_time, x.text_embeds, x.time_ids) {
+            (None, None, None) => {}
+            (None, _, _) => return bad("this UNet has no text_time embedding: give no text_embeds or time_ids".into()),
+            (Some(_), None, _) | (Some(_), _, None) => {
+                return bad("this UNet has a text_time embedding: text_embeds and time_ids are required".into());
+            }
+            (Some(tt), Some(te), Some(ids)) => {
+                let (ts, is) = (te.shape(), ids.shape());
+                if ts.len() != 2 || ts[0] != b || is.len() != 2 || is[0] != b || ids.dtype() != DType::F32 {
+                    return bad(format!("text_embeds {te:?} must be [{b}, pooled] and time_ids {ids:?} f32 [{b}, n]"));
+                }
+                if ts[1] + is[1] * tt.time_embed_dim != tt.input_dim {
+                    return bad(format!(
+                        "text_embeds width {} + {} time ids x {} = {}, but add_embedding takes {}",
+                        ts[1],
+                        is[1],
+                        tt.time_embed_dim,
+                        ts[1] + is[1] * tt.time_embed_dim,
+                        tt.input_dim
+                    ));
+                }
+            }
+        }
+        if let Some(r) = residuals {
+            let skips = cfg.skips();
+            if r.down.len() != skips.len() {
+                return bad(format!(
+                    "{} down-block residuals given, the UNet has {} skip connections",
+                    r.down.len(),
+                    skips.len()
+                ));
+            }
+            for (k, (t, &(c, level))) in r.down.iter().zip(&skips).enumerate() {
+                let want = [b, h >> level, w >> level, c];
+                if t.shape() != want || t.dtype() != dtype {
+                    return bad(format!("down-block residual {k} {t:?} must be {dtype:?} {want:?}"));
+                }
+            }
+            let k = cfg.downsamplers();
+            let c = cfg.block_out_channels[cfg.block_out_channels.len() - 1];
+            let want = [b, h >> k, w >> k, c];
+            if r.mid.shape() != want || r.mid.dtype() != dtype {
+                return bad(format!("mid-block residual {:?} must be {dtype:?} {want:?}", r.mid));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A same-padded (or stride-2, padding 1) convolution with the module's weight and bias.
+fn conv(ex: &Exec, w: &Scope, x: &Tensor, stride: usize, kernel: usize) -> Result<Tensor> {
+    conv2d(ex, x, w.get("weight")?, Some(w.get("bias")?), Conv2d { stride, padding: kernel / 2 })
+}

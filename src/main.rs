@@ -8,6 +8,8 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Demo(args) => celframe::cli::demo::run(args),
         Command::Info => celframe::cli::info::run(),
+        // Its own exit codes: 0 within tolerance, 1 outside, 2 when it cannot compare.
+        Command::Verify(args) => return celframe::cli::verify::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,8 +1,10 @@
 //! Command-line interface: `celframe demo` (the most complete thing the engine runs until the
-//! renderer exists) and `celframe info` (device and compiled kernels).
+//! renderer exists), `celframe info` (device and compiled kernels) and `celframe verify` (a
+//! component against a reference file).
 
 pub mod demo;
 pub mod info;
+pub mod verify;
 
 use clap::{Parser, Subcommand};
 
@@ -20,4 +22,7 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Show the CUDA device and every compiled kernel with its registers and spills (sm_90a).
     Info,
+    /// Run a component on a reference file's inputs and compare with its outputs (max abs and
+    /// relative L2 error). Exit 0 within tolerance, 1 outside it, 2 on bad input.
+    Verify(verify::VerifyArgs),
 }

@@ -25,15 +25,16 @@ pub struct ResnetNorm {
 pub fn forward(ex: &Exec, w: &Scope, r: &Resnet, cfg: ResnetNorm, x: &Tensor, emb_act: &Tensor) -> Result<Tensor> {
     let gn = GroupNorm { groups: cfg.groups, eps: cfg.eps, silu: true, frames: 1 };
     let same = Conv2d { stride: 1, padding: 1 };
+    // Each step replaces `h`, so the arena gets the previous activation back at once.
     // 1. h = conv1(SiLU(norm1(x))): [B, H, W, in] -> [B, H, W, out]
-    let h = group_norm(ex, x, w.get("norm1.weight")?, w.get("norm1.bias")?, gn)?;
-    let h = conv2d(ex, &h, w.get("conv1.weight")?, Some(w.get("conv1.bias")?), same)?;
+    let mut h = group_norm(ex, x, w.get("norm1.weight")?, w.get("norm1.bias")?, gn)?;
+    h = conv2d(ex, &h, w.get("conv1.weight")?, Some(w.get("conv1.bias")?), same)?;
     // 2. + time_emb_proj(SiLU(emb)) per image: [B, T] -> [B, out], broadcast over H, W
     let t = linear(ex, emb_act, w.get("time_emb_proj.weight")?, Some(w.get("time_emb_proj.bias")?))?;
-    let h = add(ex, &h, &t, 1.0)?;
+    h = add(ex, &h, &t, 1.0)?;
     // 3. h = conv2(SiLU(norm2(h))) (dropout is the identity at inference)
-    let h = group_norm(ex, &h, w.get("norm2.weight")?, w.get("norm2.bias")?, gn)?;
-    let h = conv2d(ex, &h, w.get("conv2.weight")?, Some(w.get("conv2.bias")?), same)?;
+    h = group_norm(ex, &h, w.get("norm2.weight")?, w.get("norm2.bias")?, gn)?;
+    h = conv2d(ex, &h, w.get("conv2.weight")?, Some(w.get("conv2.bias")?), same)?;
     // 4. (shortcut(x) + h) / output_scale
     let shortcut = match r.has_shortcut() {
         true => conv2d(

@@ -7,7 +7,7 @@ use super::config::Transformer;
 use super::weights::Scope;
 use crate::error::Result;
 use crate::ops::Exec;
-use crate::ops::attention::{FlashAttention, flash_attention};
+use crate::ops::attention::{FlashAttention, flash_attention, gemm_attention};
 use crate::ops::elementwise::{add, geglu};
 use crate::ops::linear::linear;
 use crate::ops::norm::{GroupNorm, group_norm, layer_norm};
@@ -24,15 +24,15 @@ pub fn forward(ex: &Exec, w: &Scope, t: &Transformer, groups: usize, x: &Tensor,
     let (b, h, wd, c) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
     // 1. norm, then tokens: [B, H, W, C] -> [B, H*W, C] (NHWC is already token-major)
     let gn = GroupNorm { groups, eps: GROUP_NORM_EPS, silu: false, frames: 1 };
-    let hs = group_norm(ex, x, w.get("norm.weight")?, w.get("norm.bias")?, gn)?.reshape(&[b, h * wd, c])?;
+    let mut hs = group_norm(ex, x, w.get("norm.weight")?, w.get("norm.bias")?, gn)?.reshape(&[b, h * wd, c])?;
     // 2. proj_in (a Linear, or a 1x1 conv stored [C, 1, 1, C], the same matrix on tokens)
-    let mut hs = linear(ex, &hs, &as_matrix(w.get("proj_in.weight")?)?, Some(w.get("proj_in.bias")?))?;
+    hs = linear(ex, &hs, &as_matrix(w.get("proj_in.weight")?)?, Some(w.get("proj_in.bias")?))?;
     // 3. blocks: [B, H*W, C] -> [B, H*W, C]
     for n in 0..t.depth {
         hs = block(ex, &w.at(&format!("transformer_blocks.{n}")), t, &hs, context)?;
     }
     // 4. proj_out, back to [B, H, W, C], + residual
-    let hs = linear(ex, &hs, &as_matrix(w.get("proj_out.weight")?)?, Some(w.get("proj_out.bias")?))?;
+    hs = linear(ex, &hs, &as_matrix(w.get("proj_out.weight")?)?, Some(w.get("proj_out.bias")?))?;
     add(ex, &hs.reshape(&[b, h, wd, c])?, x, 1.0)
 }
 
@@ -55,27 +55,37 @@ fn block(ex: &Exec, w: &Scope, t: &Transformer, x: &Tensor, context: &Tensor) ->
             LAYER_NORM_EPS,
         )
     };
+    // Intermediates live in their step's scope, so the arena reuses them for the next step.
     // 1. self-attention: [B, L, C]
-    let n = ln("norm1", x)?;
-    let x = add(ex, &attention(ex, &w.at("attn1"), t.heads, &n, &n)?, x, 1.0)?;
+    let x = {
+        let n = ln("norm1", x)?;
+        add(ex, &attention(ex, &w.at("attn1"), t.heads, &n, &n)?, x, 1.0)?
+    };
     // 2. cross-attention on the context: queries [B, L, C], keys and values from [B, T, X]
-    let n = ln("norm2", &x)?;
-    let x = add(ex, &attention(ex, &w.at("attn2"), t.heads, &n, context)?, &x, 1.0)?;
+    let x = {
+        let n = ln("norm2", &x)?;
+        add(ex, &attention(ex, &w.at("attn2"), t.heads, &n, context)?, &x, 1.0)?
+    };
     // 3. GEGLU feed-forward: [B, L, C] -> [B, L, 8C] -> [B, L, 4C] -> [B, L, C]
-    let n = ln("norm3", &x)?;
-    let f = linear(ex, &n, w.get("ff.net.0.proj.weight")?, Some(w.get("ff.net.0.proj.bias")?))?;
-    let f = linear(ex, &geglu(ex, &f)?, w.get("ff.net.2.weight")?, Some(w.get("ff.net.2.bias")?))?;
+    let mut f = ln("norm3", &x)?;
+    f = linear(ex, &f, w.get("ff.net.0.proj.weight")?, Some(w.get("ff.net.0.proj.bias")?))?;
+    f = geglu(ex, &f)?;
+    f = linear(ex, &f, w.get("ff.net.2.weight")?, Some(w.get("ff.net.2.bias")?))?;
     add(ex, &f, &x, 1.0)
 }
 
 /// diffusers Attention without biases on q, k, v: softmax(q k^T / sqrt(d)) v, then to_out.0.
+/// Head size 64 (SDXL's) takes the flash kernel; others the GEMM path (same CPU twin).
 fn attention(ex: &Exec, w: &Scope, heads: usize, x: &Tensor, context: &Tensor) -> Result<Tensor> {
     let q = linear(ex, x, w.get("to_q.weight")?, None)?; // [B, L, C]
     let k = linear(ex, context, w.get("to_k.weight")?, None)?; // [B, T, C]
     let v = linear(ex, context, w.get("to_v.weight")?, None)?;
     let head_dim = q.shape()[2] / heads.max(1);
     let cfg = FlashAttention { heads, causal: false, scale: 1.0 / (head_dim as f32).sqrt() };
-    let o = flash_attention(ex, &q, &k, &v, cfg)?; // [B, L, C]
+    let o = match head_dim {
+        64 => flash_attention(ex, &q, &k, &v, cfg)?,
+        _ => gemm_attention(ex, &q, &k, &v, cfg)?,
+    }; // [B, L, C]
     linear(ex, &o, w.get("to_out.0.weight")?, Some(w.get("to_out.0.bias")?))
 }
 

@@ -1,0 +1,299 @@
+//! The UNet graph on the CPU twins against diffusers (tests/fixtures/unet_*, made by
+//! tools/make_unet_fixtures.py: float32 on both sides), checkpoint loading (diffusers folder and
+//! single file), config and loading errors, and `celframe verify`'s exit codes.
+//!
+//! Tolerance: the bound is relative L2 <= 1e-4 (the `verify` default for f32). Measured
+//! errors are ~9e-7 (summation order over a few hundred layers), so the tests assert 1e-5, which
+//! also catches slips that move the output by a few 1e-5, such as a norm eps of 1e-5 for 1e-6.
+
+#[path = "common/unet_fixtures.rs"]
+mod fixtures;
+
+use std::process::Command;
+
+use celframe::cli::verify::{Device, verify_unet};
+use celframe::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
+use celframe::models::{Place, Unet, UnetConfig, UnetFormat, UnetInputs, UnetResiduals, open_unet};
+use celframe::ops::Exec;
+use celframe::{DType, Error, Tensor, weights};
+use fixtures::{TempDir, folder, reference, write_single_file_a};
+
+const TOL: f64 = 1e-5;
+
+fn check_f32(weights: &std::path::Path, reference: &std::path::Path) -> Tensor {
+    let v = verify_unet(weights, reference, Device::Cpu, DType::F32, TOL, None).unwrap();
+    let c = &v.comparisons[0];
+    println!("{} vs {}: rel L2 {:.2e}, max abs {:.2e}", weights.display(), reference.display(), c.rel_l2, c.max_abs);
+    assert!(c.ok(), "{c:?}");
+    v.outputs[0].1.clone()
+}
+
+#[test]
+fn config_a_folder_matches_diffusers() {
+    check_f32(&folder("a"), &reference("a"));
+}
+
+/// Through the public graph API rather than `verify`: NCHW -> NHWC at the boundary, f32 host
+/// tensors, one forward.
+#[test]
+fn config_b_folder_matches_diffusers_through_the_graph_api() {
+    let checkpoint = open_unet(&folder("b")).unwrap();
+    assert_eq!(checkpoint.format, UnetFormat::Diffusers);
+    let cfg = &checkpoint.config;
+    assert_eq!((cfg.in_channels, cfg.block_out_channels.as_slice(), cfg.norm_num_groups), (9, &[64, 64][..], 16));
+    assert!(!cfg.use_linear_projection && !cfg.flip_sin_to_cos && cfg.freq_shift == 1.0);
+    let unet = Unet::new(&checkpoint, Place::Host(DType::F32)).unwrap();
+    let r = weights::load(&[reference("b")]).unwrap();
+    let f32 = |name: &str| {
+        let t = r.get(name).unwrap();
+        Tensor::from_f32(t.shape(), DType::F32, &t.to_f32_vec().unwrap()).unwrap()
+    };
+    let sample = nchw_to_nhwc(&f32("in.sample")).unwrap();
+    let (timestep, context) = (f32("in.timestep"), f32("in.encoder_hidden_states"));
+    let (text_embeds, time_ids) = (f32("in.added_cond_kwargs.text_embeds"), f32("in.added_cond_kwargs.time_ids"));
+    let inputs = UnetInputs {
+        sample: &sample,
+        timestep: &timestep,
+        encoder_hidden_states: &context,
+        text_embeds: Some(&text_embeds),
+        time_ids: Some(&time_ids),
+    };
+    let out = nhwc_to_nchw(&unet.forward(&Exec::Cpu, &inputs, None).unwrap()).unwrap();
+    let (rel, max) = rel_l2(&out, &f32("out.sample"));
+    println!("config b: rel L2 {rel:.2e}, max abs {max:.2e}");
+    assert!(rel <= TOL, "config b: relative L2 error {rel:.3e}");
+}
+
+#[test]
+fn single_file_a_gives_config_a_and_the_same_output() {
+    let dir = TempDir::new("unet-single-file");
+    let file = dir.path("unet_a.safetensors");
+    write_single_file_a(&file);
+    let single = open_unet(&file).unwrap();
+    let diffusers = open_unet(&folder("a")).unwrap();
+    assert_eq!(single.format, UnetFormat::SingleFile);
+    assert_eq!(single.config, diffusers.config, "the architecture derived from shapes is config a's");
+    let from_file = check_f32(&file, &reference("a"));
+    let from_folder = check_f32(&folder("a"), &reference("a"));
+    assert_eq!(from_file.to_f32_vec().unwrap(), from_folder.to_f32_vec().unwrap(), "same weights, same output");
+}
+
+#[test]
+fn controlnet_residuals_are_added_where_diffusers_adds_them() {
+    let with = check_f32(&folder("a"), &reference("a.residuals"));
+    let without = check_f32(&folder("a"), &reference("a"));
+    let (change, _) = rel_l2(&with, &without);
+    assert!(change > 0.1, "the residuals must matter for the check to mean anything (changed {change:.3})");
+}
+
+#[test]
+fn residual_count_and_shapes_are_checked() {
+    let checkpoint = open_unet(&folder("a")).unwrap();
+    let cfg = &checkpoint.config;
+    assert_eq!(cfg.skips().len(), 9, "conv_in, 3 levels x 2 layers, 2 downsamplers");
+    let unet = Unet::new(&checkpoint, Place::Host(DType::F32)).unwrap();
+    let zeros = |shape: &[usize]| Tensor::from_f32(shape, DType::F32, &vec![0.0; shape.iter().product()]).unwrap();
+    let (sample, t, context) = (zeros(&[1, 8, 8, 4]), zeros(&[1]), zeros(&[1, 3, 32]));
+    let (text, ids) = (zeros(&[1, 32]), zeros(&[1, 6]));
+    let inputs = UnetInputs {
+        sample: &sample,
+        timestep: &t,
+        encoder_hidden_states: &context,
+        text_embeds: Some(&text),
+        time_ids: Some(&ids),
+    };
+    let residuals = UnetResiduals { down: vec![zeros(&[1, 8, 8, 32]); 8], mid: zeros(&[1, 2, 2, 64]) };
+    let err = unet.forward(&Exec::Cpu, &inputs, Some(&residuals)).unwrap_err();
+    assert!(matches!(&err, Error::Input(m) if m.contains("8 down-block residuals") && m.contains("9 skip")), "{err}");
+    let odd = zeros(&[1, 6, 8, 4]);
+    let err = unet.forward(&Exec::Cpu, &UnetInputs { sample: &odd, ..inputs }, None).unwrap_err();
+    assert!(matches!(&err, Error::Unsupported(m) if m.contains("multiples of 4")), "{err}");
+    let (five_ids, wide_text) = (zeros(&[1, 5]), zeros(&[1, 33]));
+    let err = unet.forward(&Exec::Cpu, &UnetInputs { time_ids: Some(&five_ids), ..inputs }, None).unwrap_err();
+    assert!(matches!(&err, Error::Input(m) if m.contains("add_embedding takes 1568")), "{err}");
+    let err = unet.forward(&Exec::Cpu, &UnetInputs { text_embeds: Some(&wide_text), ..inputs }, None).unwrap_err();
+    assert!(matches!(err, Error::Input(_)));
+}
+
+fn config_error(json: &str) -> Error {
+    UnetConfig::from_diffusers_json(json, "config.json").expect_err(json)
+}
+
+/// config a's config.json with `edit` applied to its fields.
+fn config_a_with(edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
+    let text = std::fs::read_to_string(folder("a").join("config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    edit(v.as_object_mut().unwrap());
+    v.to_string()
+}
+
+#[test]
+fn config_json_errors_name_the_field() {
+    use serde_json::json;
+    let input = |json: String, needle: &str| match config_error(&json) {
+        Error::Input(m) => assert!(m.contains(needle) && m.contains("config.json"), "'{needle}' not in: {m}"),
+        other => panic!("expected an input error mentioning '{needle}', got {other:?}"),
+    };
+    input("{ not json".into(), "not valid JSON");
+    input("[1, 2]".into(), "not a JSON object");
+    input(config_a_with(|c| drop(c.remove("block_out_channels"))), "'block_out_channels'");
+    input(config_a_with(|c| drop(c.insert("block_out_channels".into(), json!([32, 64])))), "'block_out_channels'");
+    input(config_a_with(|c| drop(c.insert("block_out_channels".into(), json!("wide")))), "'block_out_channels'");
+    input(config_a_with(|c| drop(c.insert("layers_per_block".into(), json!(-1)))), "'layers_per_block'");
+    input(config_a_with(|c| drop(c.insert("attention_head_dim".into(), json!([1, 3, 1])))), "does not divide 64");
+    input(config_a_with(|c| drop(c.insert("norm_num_groups".into(), json!(24)))), "norm groups");
+    input(config_a_with(|c| drop(c.insert("up_block_types".into(), json!(["UpBlock2D"])))), "up_block_types");
+    input(config_a_with(|c| drop(c.remove("addition_time_embed_dim"))), "'addition_time_embed_dim'");
+    input(config_a_with(|c| drop(c.insert("num_attention_heads".into(), json!(2)))), "'num_attention_heads'");
+    input(config_a_with(|c| drop(c.insert("_class_name".into(), json!("ControlNetModel")))), "ControlNetModel");
+    input(
+        config_a_with(|c| drop(c.insert("transformer_layers_per_block".into(), json!([1, [1, 1], 2])))),
+        "'reverse_transformer_layers_per_block'",
+    );
+    // Valid configs the engine does not implement are Unsupported, naming the field.
+    for (field, value) in [
+        ("class_embed_type", json!("timestep")),
+        ("time_cond_proj_dim", json!(256)),
+        ("resnet_time_scale_shift", json!("scale_shift")),
+        ("down_block_types", json!(["DownBlock2D", "SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D"])),
+    ] {
+        match config_error(&config_a_with(|c| drop(c.insert(field.into(), value)))) {
+            Error::Unsupported(m) => assert!(m.contains(field) || m.contains("SimpleCrossAttn"), "{m}"),
+            other => panic!("{field}: expected Unsupported, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn config_json_reads_per_layer_depths_and_defaults() {
+    use serde_json::json;
+    let json = config_a_with(|c| {
+        c.insert("transformer_layers_per_block".into(), json!([1, [1, 2], [2, 3]]));
+        c.insert("reverse_transformer_layers_per_block".into(), json!([[3, 2, 1], [1, 1, 2], [1, 1, 1]]));
+        c.remove("norm_eps");
+    });
+    let cfg = UnetConfig::from_diffusers_json(&json, "config.json").unwrap();
+    let depths = |layers: &[celframe::models::config::Layer]| -> Vec<usize> {
+        layers.iter().filter_map(|l| l.attention.as_ref().map(|t| t.depth)).collect()
+    };
+    assert_eq!(depths(&cfg.down_blocks[1].layers), [1, 2]);
+    assert_eq!(depths(&cfg.down_blocks[2].layers), [2, 3]);
+    assert_eq!(cfg.mid_block.as_ref().unwrap().attention.depth, 2, "mid: the last level's first depth");
+    assert_eq!(depths(&cfg.up_blocks[0].layers), [3, 2, 1]);
+    assert_eq!(depths(&cfg.up_blocks[1].layers), [1, 1, 2]);
+    assert_eq!(cfg.norm_eps, 1e-5, "diffusers' default");
+    // Up ResNets take [x, skip]: SDXL's widths pattern (FORMATS.md 1.3) at config a's sizes.
+    let widths: Vec<usize> = cfg.up_blocks.iter().flat_map(|b| b.layers.iter().map(|l| l.resnet.in_channels)).collect();
+    assert_eq!(widths, [128, 128, 128, 128, 128, 96, 96, 64, 64]);
+}
+
+#[test]
+fn strict_loading_lists_missing_unexpected_and_misshapen_tensors() {
+    let dir = TempDir::new("unet-strict");
+    let unet = dir.path("unet");
+    std::fs::create_dir_all(&unet).unwrap();
+    std::fs::copy(folder("a").join("config.json"), unet.join("config.json")).unwrap();
+    let loaded = weights::load(&[folder("a").join("diffusion_pytorch_model.safetensors")]).unwrap();
+    let mut tensors: Vec<(String, Tensor)> = loaded
+        .iter()
+        .filter(|(n, _)| *n != "mid_block.attentions.0.proj_out.bias")
+        .map(|(n, t)| (n.to_string(), t.clone()))
+        .collect();
+    for (name, t) in tensors.iter_mut() {
+        if name == "conv_in.bias" {
+            *t = Tensor::from_f32(&[31], DType::F16, &[0.0; 31]).unwrap();
+        }
+    }
+    tensors.push((
+        "down_blocks.0.attentions.0.norm.weight".into(),
+        Tensor::from_f32(&[32], DType::F16, &[1.0; 32]).unwrap(),
+    ));
+    let named: Vec<(String, &Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
+    weights::save(&unet.join("diffusion_pytorch_model.safetensors"), &named, None).unwrap();
+    // The pipeline folder (holding unet/) is accepted too.
+    let err = open_unet(&dir.0).err().expect("a broken checkpoint must not load");
+    let Error::Input(m) = err else { panic!("expected an input error, got {err:?}") };
+    for needle in [
+        "missing: mid_block.attentions.0.proj_out.bias",
+        "unexpected: down_blocks.0.attentions.0.norm.weight",
+        "wrong shape: conv_in.bias: expected [32], found [31]",
+    ] {
+        assert!(m.contains(needle), "'{needle}' not in:\n{m}");
+    }
+}
+
+#[test]
+fn weights_paths_are_detected_or_refused_clearly() {
+    let dir = TempDir::new("unet-detect");
+    let err = |p: &std::path::Path| match open_unet(p) {
+        Err(Error::Input(m)) => m,
+        Err(other) => panic!("{}: expected an input error, got {other:?}", p.display()),
+        Ok(_) => panic!("{} opened", p.display()),
+    };
+    assert!(err(&dir.0).contains("no config.json"));
+    assert!(err(&dir.path("missing.safetensors")).contains("no such file"));
+    // diffusers-named weights without their config.json
+    let diffusers_file = folder("a").join("diffusion_pytorch_model.safetensors");
+    assert!(err(&diffusers_file).contains("needs its config.json"));
+    // the config.json path itself opens its folder
+    assert_eq!(open_unet(&folder("b").join("config.json")).unwrap().config.in_channels, 9);
+    // a single file missing a UNet tensor names it
+    let t = Tensor::from_f32(&[2], DType::F16, &[0.0; 2]).unwrap();
+    let partial = dir.path("partial.safetensors");
+    weights::save(&partial, &[("model.diffusion_model.input_blocks.0.0.bias".into(), &t)], None).unwrap();
+    assert!(err(&partial).contains("model.diffusion_model.input_blocks.0.0.weight"));
+}
+
+fn celframe(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_celframe")).args(args).output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn verify_cli_exit_codes_and_save() {
+    let dir = TempDir::new("unet-verify-cli");
+    let (a, ra, rb) = (folder("a"), reference("a"), reference("b"));
+    let (a, ra, rb) = (a.to_str().unwrap(), ra.to_str().unwrap(), rb.to_str().unwrap());
+    let saved = dir.path("out.safetensors");
+    let base = ["verify", "unet", "--weights", a, "--reference", ra, "--device", "cpu"];
+
+    let (code, stdout, stderr) = celframe(&[&base[..], &["--save", saved.to_str().unwrap()]].concat());
+    assert_eq!(code, 0, "within tolerance:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("out.sample [2, 4, 16, 24]: max abs error") && stdout.contains(": ok"), "{stdout}");
+    let written = weights::load(&[&saved]).unwrap();
+    let expected = weights::load(&[reference("a")]).unwrap();
+    let (rel, _) = rel_l2(written.get("out.sample").unwrap(), expected.get("out.sample").unwrap());
+    assert!(rel <= TOL, "--save wrote out.sample (NCHW) as computed: rel {rel:.2e}");
+
+    let (code, stdout, _) = celframe(&[&base[..], &["--tolerance", "1e-12"]].concat());
+    assert_eq!(code, 1, "outside tolerance:\n{stdout}");
+    assert!(stdout.contains("OUTSIDE TOLERANCE"), "{stdout}");
+
+    let bad_dtype = [&base[..], &["--dtype", "f8"]].concat();
+    let bad_inputs: [&[&str]; 5] = [
+        &["verify", "unet", "--weights", a, "--reference", rb, "--device", "cpu"], // config b's inputs
+        &["verify", "unet", "--weights", a, "--reference", "/nonexistent.safetensors", "--device", "cpu"],
+        &["verify", "vae", "--weights", a, "--reference", ra],
+        &["verify", "unet", "--weights", "/nonexistent", "--reference", ra, "--device", "cpu"],
+        &bad_dtype,
+    ];
+    for args in bad_inputs {
+        let (code, stdout, stderr) = celframe(args);
+        assert_eq!(code, 2, "bad input {args:?}:\n{stdout}\n{stderr}");
+        assert!(stderr.starts_with("error: "), "{stderr}");
+    }
+}
+
+fn rel_l2(actual: &Tensor, expected: &Tensor) -> (f64, f64) {
+    assert_eq!(actual.shape(), expected.shape());
+    let (a, e) = (actual.to_f32_vec().unwrap(), expected.to_f32_vec().unwrap());
+    let (mut diff, mut norm, mut max) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(&e) {
+        let d = (*x as f64 - *y as f64).abs();
+        diff += d * d;
+        norm += (*y as f64).powi(2);
+        max = max.max(d);
+    }
+    ((diff / norm).sqrt(), max)
+}

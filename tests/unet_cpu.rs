@@ -182,6 +182,10 @@ fn config_json_reads_per_layer_depths_and_defaults() {
     assert_eq!(depths(&cfg.up_blocks[0].layers), [3, 2, 1]);
     assert_eq!(depths(&cfg.up_blocks[1].layers), [1, 1, 2]);
     assert_eq!(cfg.norm_eps, 1e-5, "diffusers' default");
+    let absent = UnetConfig::from_diffusers_json(&config_a_with(|c| drop(c.remove("mid_block_type"))), "c").unwrap();
+    assert!(absent.mid_block.is_some(), "an absent mid_block_type is diffusers' default, the cross-attention block");
+    let null = config_a_with(|c| drop(c.insert("mid_block_type".into(), serde_json::Value::Null)));
+    assert!(UnetConfig::from_diffusers_json(&null, "c").unwrap().mid_block.is_none(), "null: no mid block");
     // Up ResNets take [x, skip]: SDXL's widths pattern (FORMATS.md 1.3) at config a's sizes.
     let widths: Vec<usize> = cfg.up_blocks.iter().flat_map(|b| b.layers.iter().map(|l| l.resnet.in_channels)).collect();
     assert_eq!(widths, [128, 128, 128, 128, 128, 96, 96, 64, 64]);

@@ -362,7 +362,12 @@ impl UnetConfig {
             down_blocks.push(DownBlock { layers, downsample: i + 1 < levels });
         }
 
-        let mid_block = match f.string("mid_block_type")? {
+        // Absent means diffusers' default (the cross-attention mid block); null means none.
+        let mid_type = match f.map.get("mid_block_type") {
+            None => Some("UNetMidBlock2DCrossAttn"),
+            Some(_) => f.string("mid_block_type")?,
+        };
+        let mid_block = match mid_type {
             None => None,
             Some("UNetMidBlock2DCrossAttn") => {
                 let c = block_out_channels[levels - 1];

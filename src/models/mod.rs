@@ -10,6 +10,7 @@ pub mod ldm;
 pub mod resnet;
 pub mod transformer;
 pub mod unet;
+pub mod vae;
 pub mod weights;
 
 pub use checkpoint::{UnetCheckpoint, UnetFormat, open_unet};

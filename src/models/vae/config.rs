@@ -1,0 +1,231 @@
+//! The VAE decoder's architecture and latent scaling, read from a diffusers AutoencoderKL
+//! `config.json` (absent fields take diffusers' defaults) or derived from a single file's tensor
+//! shapes (`checkpoint`). Only what the decoder needs; encoder fields are ignored.
+
+use std::fmt;
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+
+/// Epsilon of every GroupNorm in the AutoencoderKL decoder (ResNets, mid attention, output norm):
+/// diffusers hard-codes 1e-6 there (FORMATS.md 3, pitfalls: the UNet's is 1e-5).
+pub const NORM_EPS: f32 = 1e-6;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct VaeConfig {
+    pub latent_channels: usize,
+    /// Image channels (3).
+    pub out_channels: usize,
+    /// Widths from the highest resolution to the lowest; the decoder runs them reversed.
+    pub block_out_channels: Vec<usize>,
+    /// Each up block has `layers_per_block + 1` ResNets.
+    pub layers_per_block: usize,
+    pub norm_num_groups: usize,
+    /// The sampler's latents are divided by this before decoding (SDXL: 0.13025).
+    pub scaling_factor: f32,
+    /// Added after the division when present (SD3/Flux VAEs; SDXL has none).
+    pub shift_factor: Option<f32>,
+    /// diffusers runs the VAE in float32 when this is set and the pipeline is float16: true for the
+    /// stock SDXL VAE (fp16 overflows), false for the fp16-fix.
+    pub force_upcast: bool,
+    /// The mid block's self-attention (`mid_block_add_attention`).
+    pub mid_block_attention: bool,
+    /// A 1x1 `post_quant_conv` before the decoder (`use_post_quant_conv`).
+    pub post_quant_conv: bool,
+    /// Image side the VAE was configured for; diffusers' default tile is this (in pixels).
+    pub sample_size: usize,
+}
+
+impl VaeConfig {
+    /// Image pixels per latent pixel along a side: 2 per upsampling up block.
+    pub fn upsample_factor(&self) -> usize {
+        1 << self.block_out_channels.len().saturating_sub(1)
+    }
+
+    /// The widest level (the mid block's width).
+    pub fn mid_channels(&self) -> usize {
+        *self.block_out_channels.last().unwrap_or(&0)
+    }
+
+    /// The dtype to decode in when `requested` is asked for: diffusers' `force_upcast` rule (a VAE
+    /// that overflows in float16 runs in float32 instead).
+    pub fn compute_dtype(&self, requested: DType) -> DType {
+        if self.force_upcast && requested == DType::F16 { DType::F32 } else { requested }
+    }
+
+    /// Parses a diffusers AutoencoderKL config.json (its text; `file` names it in errors). A malformed
+    /// or inconsistent config is an `Error::Input` naming the field; a valid one using something
+    /// the engine lacks is `Error::Unsupported`.
+    pub fn from_diffusers_json(text: &str, file: &str) -> Result<VaeConfig> {
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| Error::Input(format!("{file}: not valid JSON: {e}")))?;
+        let map = value.as_object().ok_or_else(|| Error::Input(format!("{file}: not a JSON object")))?;
+        let f = Fields { map, file };
+        if let Some(class) = f.get("_class_name").filter(|c| c.as_str() != Some("AutoencoderKL")) {
+            return Err(Error::Input(format!("{file} describes a {class}, not an AutoencoderKL")));
+        }
+        if let Some(act) = f.get("act_fn").filter(|v| v.as_str() != Some("silu")) {
+            return Err(Error::Unsupported(format!("{file}: 'act_fn' = {act}; this engine implements silu")));
+        }
+        for field in ["latents_mean", "latents_std"] {
+            if f.get(field).is_some() {
+                return Err(Error::Unsupported(format!(
+                    "{file}: '{field}' is set (per-channel latent statistics, not an SDXL VAE); this engine \
+                     implements scaling_factor and shift_factor"
+                )));
+            }
+        }
+        let block_out_channels = f.usizes("block_out_channels", &[64])?;
+        let up_types = f.strings("up_block_types", &["UpDecoderBlock2D"])?;
+        if let Some(other) = up_types.iter().find(|t| *t != "UpDecoderBlock2D") {
+            return Err(Error::Unsupported(format!(
+                "{file}: up_block_types has '{other}'; this engine implements UpDecoderBlock2D"
+            )));
+        }
+        if up_types.len() != block_out_channels.len() {
+            return Err(f.bad(
+                "up_block_types",
+                &format!("one UpDecoderBlock2D per block_out_channels entry ({})", block_out_channels.len()),
+            ));
+        }
+        let config = VaeConfig {
+            latent_channels: f.usize("latent_channels", 4)?,
+            out_channels: f.usize("out_channels", 3)?,
+            block_out_channels,
+            layers_per_block: f.usize("layers_per_block", 1)?,
+            norm_num_groups: f.usize("norm_num_groups", 32)?,
+            scaling_factor: f.f32("scaling_factor", 0.18215)?,
+            shift_factor: match f.get("shift_factor") {
+                None => None,
+                Some(_) => Some(f.f32("shift_factor", 0.0)?),
+            },
+            force_upcast: f.bool("force_upcast", true)?,
+            mid_block_attention: f.bool("mid_block_add_attention", true)?,
+            post_quant_conv: f.bool("use_post_quant_conv", true)?,
+            sample_size: f.sample_size()?,
+        };
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    /// Checks what the graph relies on; `what` names the source in errors.
+    pub fn validate(&self, what: &str) -> Result<()> {
+        let bad = |m: String| Err(Error::Input(format!("{what}: {m}")));
+        if self.block_out_channels.is_empty() || self.block_out_channels.contains(&0) {
+            return bad(format!("block_out_channels {:?} must be a non-empty list of widths", self.block_out_channels));
+        }
+        if self.latent_channels == 0 || self.out_channels == 0 {
+            return bad("latent_channels and out_channels must be positive".into());
+        }
+        let g = self.norm_num_groups;
+        if let Some(c) = self.block_out_channels.iter().find(|&&c| g == 0 || c % g != 0) {
+            return bad(format!("norm_num_groups {g} does not divide the width {c} of block_out_channels"));
+        }
+        if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
+            return bad(format!("scaling_factor {} must be a positive number", self.scaling_factor));
+        }
+        if self.shift_factor.is_some_and(|s| !s.is_finite()) {
+            return bad("shift_factor must be a finite number".into());
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for VaeConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "VAE decoder: {} latent -> {} image channels, widths {:?} ({} ResNets per up block, x{} upsampling), \
+             {} groups, scaling factor {}",
+            self.latent_channels,
+            self.out_channels,
+            self.block_out_channels,
+            self.layers_per_block + 1,
+            self.upsample_factor(),
+            self.norm_num_groups,
+            self.scaling_factor
+        )?;
+        if let Some(s) = self.shift_factor {
+            write!(f, ", shift {s}")?;
+        }
+        if !self.mid_block_attention {
+            write!(f, ", no mid attention")?;
+        }
+        write!(f, "{}", if self.force_upcast { ", force_upcast" } else { "" })
+    }
+}
+
+/// Typed access to one config.json's fields; errors name the file and the field.
+struct Fields<'a> {
+    map: &'a Map<String, Value>,
+    file: &'a str,
+}
+
+impl Fields<'_> {
+    fn bad(&self, field: &str, expected: &str) -> Error {
+        let found = self.map.get(field).map_or("nothing".to_string(), |v| v.to_string());
+        Error::Input(format!("{}: field '{field}' must be {expected}, found {found}", self.file))
+    }
+
+    /// The field, or None when absent or null (diffusers then uses its default).
+    fn get(&self, field: &str) -> Option<&Value> {
+        self.map.get(field).filter(|v| !v.is_null())
+    }
+
+    fn usize(&self, field: &str, default: usize) -> Result<usize> {
+        match self.get(field) {
+            None => Ok(default),
+            Some(v) => as_usize(v).ok_or_else(|| self.bad(field, "a non-negative integer")),
+        }
+    }
+
+    fn f32(&self, field: &str, default: f32) -> Result<f32> {
+        match self.get(field) {
+            None => Ok(default),
+            Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| self.bad(field, "a number")),
+        }
+    }
+
+    fn bool(&self, field: &str, default: bool) -> Result<bool> {
+        match self.get(field) {
+            None => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| self.bad(field, "true or false")),
+        }
+    }
+
+    fn usizes(&self, field: &str, default: &[usize]) -> Result<Vec<usize>> {
+        match self.get(field) {
+            None => Ok(default.to_vec()),
+            Some(v) => v
+                .as_array()
+                .and_then(|items| items.iter().map(as_usize).collect::<Option<Vec<_>>>())
+                .ok_or_else(|| self.bad(field, "a list of non-negative integers")),
+        }
+    }
+
+    fn strings(&self, field: &str, default: &[&str]) -> Result<Vec<String>> {
+        match self.get(field) {
+            None => Ok(default.iter().map(|s| s.to_string()).collect()),
+            Some(v) => v
+                .as_array()
+                .and_then(|items| items.iter().map(|s| s.as_str().map(str::to_string)).collect::<Option<Vec<_>>>())
+                .ok_or_else(|| self.bad(field, "a list of block names")),
+        }
+    }
+
+    /// An integer, or a [height, width] list of which diffusers takes the first.
+    fn sample_size(&self) -> Result<usize> {
+        let parsed = match self.get("sample_size") {
+            None => return Ok(32),
+            Some(Value::Array(items)) => items.first().and_then(as_usize),
+            Some(v) => as_usize(v),
+        };
+        parsed.ok_or_else(|| self.bad("sample_size", "an integer or a [height, width] list"))
+    }
+}
+
+fn as_usize(v: &Value) -> Option<usize> {
+    v.as_u64().and_then(|n| usize::try_from(n).ok())
+}

@@ -7,6 +7,7 @@ pub mod gpu;
 pub mod models;
 pub mod ops;
 pub mod tensor;
+pub mod text;
 pub mod weights;
 
 pub use error::{Error, Result};

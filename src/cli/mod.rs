@@ -4,6 +4,7 @@
 
 pub mod demo;
 pub mod info;
+pub mod tokenize;
 pub mod verify;
 
 use clap::{Parser, Subcommand};
@@ -25,4 +26,7 @@ pub enum Command {
     /// Run a component on a reference file's inputs and compare with its outputs (max abs and
     /// relative L2 error). Exit 0 within tolerance, 1 outside it, 2 on bad input.
     Verify(verify::VerifyArgs),
+    /// Print a prompt's token ids as JSON, one array of 77 per chunk (A1111 prompt syntax and
+    /// chunking; --raw for the text as transformers tokenizes it, --weights for weights and LoRAs).
+    Tokenize(tokenize::TokenizeArgs),
 }

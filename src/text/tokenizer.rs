@@ -1,0 +1,376 @@
+//! The CLIP byte-level BPE tokenizer, as transformers' `CLIPTokenizer` runs it (the tokenizer the
+//! diffusers SDXL pipeline uses for both text encoders; FORMATS.md §2.4):
+//!
+//! 1. `<|startoftext|>` / `<|endoftext|>` written literally in the text become their ids; they
+//!    are found in the raw text, before any normalisation (transformers' added tokens).
+//! 2. Each stretch between them is normalised: NFC, then lower-cased one character at a time
+//!    (so no final-sigma rule). transformers 5 applies neither ftfy nor HTML unescaping (open_clip
+//!    does: `&amp;`, curly quotes and full-width letters tokenize differently there).
+//! 3. Pre-tokenization, CLIP's regex `<|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|
+//!    \p{L}+|\p{N}|[^\s\p{L}\p{N}]+` by hand: pieces are matched, whitespace between them dropped.
+//! 4. Each piece's UTF-8 bytes map to GPT-2's byte-to-unicode symbols, "</w>" marks the last one,
+//!    and adjacent symbols merge lowest merge rank first until no ranked pair is left.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::sync::Mutex;
+
+use unicode_normalization::UnicodeNormalization;
+use unicode_normalization::char::is_combining_mark;
+
+use crate::error::{Error, Result};
+use crate::input_err;
+
+/// open_clip's `bpe_simple_vocab_16e6.txt.gz` (MIT; see assets/README.md).
+static EMBEDDED_BPE_GZ: &[u8] = include_bytes!("../../assets/bpe_simple_vocab_16e6.txt.gz");
+/// CLIP keeps the first 48894 merges of that file: 49408 tokens = 256 byte symbols + the same with
+/// "</w>" + one token per merge + the two specials.
+const CLIP_MERGES: usize = 49408 - 2 * 256 - 2;
+
+pub const BOS_TEXT: &str = "<|startoftext|>";
+pub const EOS_TEXT: &str = "<|endoftext|>";
+const END_OF_WORD: &str = "</w>";
+/// Pieces remembered by the BPE cache before it is cleared (prompts repeat words; this bounds memory).
+const CACHE_LIMIT: usize = 65536;
+
+/// A CLIP BPE tokenizer. `encode` gives the ids of a text without BOS/EOS; `encode_padded` gives
+/// the 77 ids one text encoder sees. Shared between threads (the word cache sits behind a mutex).
+pub struct Tokenizer {
+    ids: HashMap<String, u32>,
+    /// id -> token text; holes (ids absent from a vocab.json) are empty strings.
+    tokens: Vec<String>,
+    /// (left id, right id) -> (rank, merged id).
+    merges: HashMap<(u32, u32), (u32, u32)>,
+    /// Id of each byte's symbol inside a word [0] and at its end, with "</w>" [1].
+    byte_ids: [[u32; 256]; 2],
+    bos: u32,
+    eos: u32,
+    /// "!", the pad token of the bigG encoder.
+    bang: u32,
+    cache: Mutex<HashMap<String, Vec<u32>>>,
+}
+
+/// Which SDXL text encoder a sequence is padded for (FORMATS.md §2.4): CLIP-L pads with
+/// `<|endoftext|>` (49407), OpenCLIP bigG with "!" (id 0), as diffusers' tokenizer_2, SGM,
+/// A1111 and ComfyUI do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoder {
+    ClipL,
+    ClipG,
+}
+
+impl Tokenizer {
+    /// The CLIP vocabulary built from the merge list embedded in the binary (both SDXL
+    /// tokenizers use it).
+    pub fn clip() -> Result<Tokenizer> {
+        Self::from_bpe_merges(flate2::read::GzDecoder::new(EMBEDDED_BPE_GZ), "embedded bpe_simple_vocab_16e6.txt.gz")
+    }
+
+    /// Builds the vocabulary the way CLIP and open_clip do from a `bpe_simple_vocab` merge list
+    /// (first line a header, then one "left right" merge per line): byte symbols in GPT-2 order,
+    /// the same with "</w>", one token per merge, then `<|startoftext|>` and `<|endoftext|>`.
+    pub fn from_bpe_merges(reader: impl Read, what: &str) -> Result<Tokenizer> {
+        let table = byte_to_unicode();
+        // GPT-2 order: the printable bytes in byte order, then the others in byte order.
+        let order: Vec<usize> =
+            (0..256).filter(|&b| is_printable_byte(b)).chain((0..256).filter(|&b| !is_printable_byte(b))).collect();
+        let mut vocab: Vec<String> = order.iter().map(|&b| table[b].to_string()).collect();
+        vocab.extend(order.iter().map(|&b| format!("{}{END_OF_WORD}", table[b])));
+
+        let mut merges = Vec::with_capacity(CLIP_MERGES);
+        // Only the first lines are needed: stop reading (and inflating) once they are in.
+        for line in BufReader::new(reader).lines().skip(1).take(CLIP_MERGES) {
+            let line = line.map_err(|e| Error::Io { context: format!("reading {what}"), source: e })?;
+            let Some((left, right)) = line.split_once(' ') else {
+                return input_err!("{what}: merge line {:?} is not two symbols", line);
+            };
+            vocab.push(format!("{left}{right}"));
+            merges.push((left.to_string(), right.to_string()));
+        }
+        if merges.len() != CLIP_MERGES {
+            return input_err!("{what}: {} merges, CLIP needs {CLIP_MERGES}", merges.len());
+        }
+        vocab.push(BOS_TEXT.to_string());
+        vocab.push(EOS_TEXT.to_string());
+        let ids = vocab.into_iter().enumerate().map(|(i, t)| (t, i as u32)).collect();
+        Self::from_parts(ids, &merges, what)
+    }
+
+    /// A model's own tokenizer files (diffusers `tokenizer/` and `tokenizer_2/`): `vocab.json`
+    /// (token -> id) and `merges.txt` ("#version" header, then one merge per line, rank = order).
+    pub fn from_files(vocab_json: &Path, merges_txt: &Path) -> Result<Tokenizer> {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|e| Error::Io { context: format!("reading {}", p.display()), source: e })
+        };
+        let ids: HashMap<String, u32> = serde_json::from_str(&read(vocab_json)?)
+            .map_err(|e| Error::Input(format!("{}: not a token -> id JSON object: {e}", vocab_json.display())))?;
+        let mut merges = Vec::new();
+        for (n, line) in read(merges_txt)?.lines().enumerate() {
+            if line.trim().is_empty() || (n == 0 && line.starts_with("#version")) {
+                continue;
+            }
+            let Some((left, right)) = line.split_once(' ') else {
+                return input_err!("{}: line {} is not two symbols: {line:?}", merges_txt.display(), n + 1);
+            };
+            merges.push((left.to_string(), right.to_string()));
+        }
+        Self::from_parts(ids, &merges, &merges_txt.display().to_string())
+    }
+
+    /// `dir/vocab.json` + `dir/merges.txt`.
+    pub fn from_dir(dir: &Path) -> Result<Tokenizer> {
+        let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+        for p in [&vocab, &merges] {
+            if !p.is_file() {
+                return input_err!(
+                    "{}: no such file (a tokenizer folder holds vocab.json and merges.txt)",
+                    p.display()
+                );
+            }
+        }
+        Self::from_files(&vocab, &merges)
+    }
+
+    fn from_parts(ids: HashMap<String, u32>, merges: &[(String, String)], what: &str) -> Result<Tokenizer> {
+        let id = |t: &str| ids.get(t).copied().ok_or_else(|| Error::Input(format!("{what}: vocabulary has no {t:?}")));
+        let (bos, eos, bang) = (id(BOS_TEXT)?, id(EOS_TEXT)?, id("!")?);
+        let len = ids.values().map(|&i| i as usize + 1).max().unwrap_or(0);
+        let mut tokens = vec![String::new(); len];
+        for (t, &i) in &ids {
+            tokens[i as usize] = t.clone();
+        }
+        // A byte symbol missing from the vocabulary becomes the unknown token (EOS), as in transformers.
+        let table = byte_to_unicode();
+        let mut byte_ids = [[eos; 256]; 2];
+        for b in 0..256 {
+            byte_ids[0][b] = ids.get(table[b].to_string().as_str()).copied().unwrap_or(eos);
+            byte_ids[1][b] = ids.get(&format!("{}{END_OF_WORD}", table[b])).copied().unwrap_or(eos);
+        }
+        let mut merge_map = HashMap::with_capacity(merges.len());
+        for (rank, (left, right)) in merges.iter().enumerate() {
+            let key = (id(left)?, id(right)?);
+            let merged = id(&format!("{left}{right}"))?;
+            // A repeated merge keeps its first (best) rank.
+            merge_map.entry(key).or_insert((rank as u32, merged));
+        }
+        Ok(Tokenizer { ids, tokens, merges: merge_map, byte_ids, bos, eos, bang, cache: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn bos(&self) -> u32 {
+        self.bos
+    }
+
+    pub fn eos(&self) -> u32 {
+        self.eos
+    }
+
+    /// The id sequences for `encoder` are padded with.
+    pub fn pad(&self, encoder: Encoder) -> u32 {
+        match encoder {
+            Encoder::ClipL => self.eos,
+            Encoder::ClipG => self.bang,
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// The id of a token written in the vocabulary's byte-level form (`"cat</w>"`, `",</w>"`).
+    pub fn id(&self, token: &str) -> Option<u32> {
+        self.ids.get(token).copied()
+    }
+
+    /// The vocabulary form of an id.
+    pub fn token(&self, id: u32) -> Option<&str> {
+        self.tokens.get(id as usize).map(String::as_str).filter(|t| !t.is_empty())
+    }
+
+    /// The ids of `text`, without BOS/EOS and without any length limit
+    /// (transformers: `tokenizer(text, add_special_tokens=False)`).
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut rest = text;
+        loop {
+            let special = [(BOS_TEXT, self.bos), (EOS_TEXT, self.eos)]
+                .into_iter()
+                .filter_map(|(s, id)| rest.find(s).map(|at| (at, s.len(), id)))
+                .min();
+            match special {
+                Some((at, len, id)) => {
+                    self.encode_plain(&rest[..at], &mut out);
+                    out.push(id);
+                    rest = &rest[at + len..];
+                }
+                None => {
+                    self.encode_plain(rest, &mut out);
+                    return out;
+                }
+            }
+        }
+    }
+
+    /// What one text encoder sees for `text` in diffusers: BOS, the first 75 ids, EOS, padding to 77.
+    pub fn encode_padded(&self, text: &str, encoder: Encoder) -> Vec<u32> {
+        let ids = self.encode(text);
+        let n = ids.len().min(super::CHUNK_TOKENS);
+        let mut out = Vec::with_capacity(super::CONTEXT_TOKENS);
+        out.push(self.bos);
+        out.extend_from_slice(&ids[..n]);
+        out.push(self.eos);
+        out.resize(super::CONTEXT_TOKENS, self.pad(encoder));
+        out
+    }
+
+    /// Text with no special tokens in it: normalise, split into pieces, BPE each piece.
+    fn encode_plain(&self, text: &str, out: &mut Vec<u32>) {
+        if text.is_empty() {
+            return;
+        }
+        let normal: String = text.nfc().flat_map(char::to_lowercase).collect();
+        for piece in pre_tokenize(&normal) {
+            self.bpe(piece, out);
+        }
+    }
+
+    fn bpe(&self, piece: &str, out: &mut Vec<u32>) {
+        let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(ids) = cache.get(piece) {
+            out.extend_from_slice(ids);
+            return;
+        }
+        let bytes = piece.as_bytes();
+        let mut symbols: Vec<u32> = bytes
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| self.byte_ids[usize::from(i + 1 == bytes.len())][b as usize])
+            .collect();
+        // Merge the best-ranked adjacent pair (leftmost on a tie) until none is ranked. A merge's
+        // product only ever appears in later merges, so this equals merging every occurrence of
+        // the best pair per pass (open_clip) and transformers' priority queue.
+        while let Some((_, at, merged)) = symbols
+            .windows(2)
+            .enumerate()
+            .filter_map(|(i, pair)| self.merges.get(&(pair[0], pair[1])).map(|&(rank, merged)| (rank, i, merged)))
+            .min()
+        {
+            symbols[at] = merged;
+            symbols.remove(at + 1);
+        }
+        out.extend_from_slice(&symbols);
+        if cache.len() >= CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(piece.to_string(), symbols);
+    }
+}
+
+/// Splits normalised text into the pieces CLIP's pre-tokenizer regex matches (module doc, step 3).
+/// The regex tries its alternatives in order at each position; whitespace matches none and is
+/// dropped. A special token that survives to here (only a case variant such as `<|ENDOFTEXT|>`,
+/// lower-cased) is split again by the byte-level stage's GPT-2 regex into `<|`, the word, `|>`.
+fn pre_tokenize(text: &str) -> Vec<&str> {
+    const CONTRACTIONS: [&str; 7] = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d"];
+    let mut pieces = Vec::new();
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if c.is_whitespace() {
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        if let Some(special) = [BOS_TEXT, EOS_TEXT].into_iter().find(|s| rest.starts_with(s)) {
+            let word = &special[2..special.len() - 2];
+            pieces.extend(["<|", word, "|>"]);
+            rest = &rest[special.len()..];
+            continue;
+        }
+        let len = if let Some(contraction) = CONTRACTIONS.iter().find(|s| rest.starts_with(**s)) {
+            contraction.len()
+        } else if is_letter(c) {
+            run_len(rest, is_letter)
+        } else if c.is_numeric() {
+            c.len_utf8() // digits one at a time
+        } else {
+            run_len(rest, |c| !c.is_whitespace() && !is_letter(c) && !c.is_numeric())
+        };
+        pieces.push(&rest[..len]);
+        rest = &rest[len..];
+    }
+    pieces
+}
+
+/// Byte length of the longest prefix whose characters all satisfy `keep`.
+fn run_len(s: &str, keep: impl Fn(char) -> bool) -> usize {
+    s.char_indices().find(|&(_, c)| !keep(c)).map_or(s.len(), |(i, _)| i)
+}
+
+/// `\p{L}` (general category Letter). std has no general-category query, so: Alphabetic, minus
+/// numbers (Nl), marks (Mn/Mc that are Other_Alphabetic) and the circled/parenthesised/squared
+/// Latin letters (So that are Other_Alphabetic). Checked against transformers' regex engine for
+/// every code point assigned in Unicode 14; characters assigned later may be classed differently
+/// by the reference (which does not know them) than here.
+pub(crate) fn is_letter(c: char) -> bool {
+    c.is_alphabetic()
+        && !c.is_numeric()
+        && !is_combining_mark(c)
+        && !matches!(c, '\u{24B6}'..='\u{24E9}' | '\u{1F130}'..='\u{1F149}' | '\u{1F150}'..='\u{1F169}' | '\u{1F170}'..='\u{1F189}')
+}
+
+/// GPT-2's printable bytes, which stand for themselves in the byte-level alphabet.
+fn is_printable_byte(b: usize) -> bool {
+    matches!(b, 0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF)
+}
+
+/// GPT-2's byte-to-unicode table: printable bytes map to themselves, the others (space, control
+/// bytes, 0x7F-0xA0, 0xAD) to U+0100 onwards in byte order, so every byte is a visible symbol.
+fn byte_to_unicode() -> [char; 256] {
+    let mut table = ['\0'; 256];
+    let mut next = 0x100;
+    for (b, slot) in table.iter_mut().enumerate() {
+        let code = if is_printable_byte(b) {
+            b as u32
+        } else {
+            next += 1;
+            next - 1
+        };
+        *slot = char::from_u32(code).unwrap_or('\0'); // always valid: below U+0180
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_table_matches_gpt2() {
+        let t = byte_to_unicode();
+        assert_eq!(
+            (t[b'!' as usize], t[b' ' as usize], t[0], t[0x7F], t[0xAD], t[0xFF]),
+            ('!', 'Ġ', 'Ā', 'ġ', 'Ń', 'ÿ')
+        );
+        let distinct: std::collections::HashSet<char> = t.iter().copied().collect();
+        assert_eq!(distinct.len(), 256);
+    }
+
+    #[test]
+    fn pieces() {
+        assert_eq!(pre_tokenize("don't 'sam ''s"), ["don", "'t", "'s", "am", "''", "s"]);
+        assert_eq!(pre_tokenize("a1234b!?c"), ["a", "1", "2", "3", "4", "b", "!?", "c"]);
+        assert_eq!(pre_tokenize("x<|endoftext|>!"), ["x", "<|", "endoftext", "|>", "!"]);
+        assert_eq!(pre_tokenize("!<|endoftext|>"), ["!<|", "endoftext", "|>"]);
+        assert_eq!(pre_tokenize("  \t\n"), Vec::<&str>::new());
+        assert_eq!(pre_tokenize("café ⓐb ⅻ"), ["café", "ⓐ", "b", "ⅻ"]);
+    }
+
+    #[test]
+    fn letters() {
+        for c in ['a', 'é', 'ß', 'ж', '日', 'ー', 'ª'] {
+            assert!(is_letter(c), "{c:?}");
+        }
+        for c in ['1', 'Ⅻ', '\u{301}', '\u{93F}', 'Ⓐ', '🅰', '_', '!', ' '] {
+            assert!(!is_letter(c), "{c:?}");
+        }
+    }
+}

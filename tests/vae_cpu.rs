@@ -108,7 +108,7 @@ fn tiled_decode_matches_diffusers_tiled_decode() {
 #[test]
 fn frame_chunks_give_the_same_frames() {
     let vae = load(&folder());
-    let z = small_z(3, 4, 6, 1);
+    let z = small_z(3, 2, 4, 1);
     let (all, report) = vae.decode_z(&Exec::Cpu, &z, &untiled(3)).unwrap();
     assert_eq!((report.frames, report.chunks, report.tiles), (3, 1, 1));
     for k in [1, 2] {
@@ -116,17 +116,18 @@ fn frame_chunks_give_the_same_frames() {
         assert_eq!(report.chunks, 3usize.div_ceil(k));
         assert_eq!(chunked.to_f32_vec().unwrap(), all.to_f32_vec().unwrap(), "chunks of {k}");
     }
-    // Tiled (latents 10x9, tiles of 8 every 6: 2 x 2 tiles, the last ones cut to 4 and 3).
-    let z = small_z(2, 10, 9, 2);
-    let tiled = |k| DecodeOptions { chunk_frames: k, tiling: Some(FIXTURE_TILING) };
+    // Tiled: latents 5x6, tiles of 4 every 3 (8 image pixels, 2 blended, 6 kept): 2 x 2 tiles, the
+    // last ones cut to 2 rows and 3 columns.
+    let small = Tiling { latent_tile: 4, overlap: 0.25 };
+    let tiled = |k| DecodeOptions { chunk_frames: k, tiling: Some(small) };
+    let z = small_z(2, 5, 6, 2);
     let (one, report) = vae.decode_z(&Exec::Cpu, &z, &tiled(1)).unwrap();
     assert_eq!((report.chunks, report.tiles), (2, 4));
-    assert_eq!(one.shape(), [2, 20, 18, 3]);
+    assert_eq!(one.shape(), [2, 10, 12, 3]);
     let (two, _) = vae.decode_z(&Exec::Cpu, &z, &tiled(2)).unwrap();
     assert_eq!(one.to_f32_vec().unwrap(), two.to_f32_vec().unwrap(), "tiled, chunks of 1 and 2");
     // Latents no larger than a tile are decoded whole even with tiling on (as diffusers does).
-    let z = small_z(1, 8, 8, 3);
-    let (_, report) = vae.decode_z(&Exec::Cpu, &z, &tiled(1)).unwrap();
+    let (_, report) = vae.decode_z(&Exec::Cpu, &small_z(1, 4, 4, 3), &tiled(1)).unwrap();
     assert_eq!(report.tiles, 1);
 }
 
@@ -318,4 +319,73 @@ fn bad_inputs_and_tilings_are_input_errors() {
     assert!(matches!(vae.forward(&Exec::Cpu, &f16), Err(Error::Input(_))), "z in another dtype than the weights");
     let nan = Tensor::from_f32(&[1, 4, 4, 4], DType::F32, &[f32::NAN; 64]).unwrap();
     input_error(vae.decode_frames(&Exec::Cpu, &nan, &untiled(1)), "non-finite");
+}
+
+fn celframe(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_celframe")).args(args).output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+/// The tiled reference's tensors with other metadata.
+fn write_reference(path: &Path, metadata: &[(&str, &str)]) {
+    let bytes = std::fs::read(fixtures().join("vae_tiny.tiled.reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let views: BTreeMap<String, TensorView> = st.tensors().into_iter().collect();
+    let meta = metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    safetensors::serialize_to_file(views, Some(meta), path).unwrap();
+}
+
+#[test]
+fn verify_cli_exit_codes_and_save() {
+    let dir = TempDir::new("vae-verify-cli");
+    let (weights_dir, single) = (folder(), single_file());
+    let (w, single) = (weights_dir.to_str().unwrap(), single.to_str().unwrap());
+    let tiled = fixtures().join("vae_tiny.tiled.reference.safetensors");
+    let tiled = tiled.to_str().unwrap();
+    let saved = dir.path("out.safetensors");
+    let base = ["verify", "vae_decoder", "--weights", single, "--reference", tiled, "--device", "cpu"];
+
+    // The single file against diffusers' tiled decode: the tiling comes from the metadata.
+    let (code, stdout, stderr) = celframe(&[&base[..], &["--save", saved.to_str().unwrap()]].concat());
+    assert_eq!(code, 0, "within tolerance:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("6 tiles of 8 latents") && stdout.contains("out.sample [2, 3, 24, 32]"), "{stdout}");
+    let written = weights::load(&[&saved]).unwrap();
+    let expected = weights::load(&[fixtures().join("vae_tiny.tiled.reference.safetensors")]).unwrap();
+    let (rel, _) = rel_l2(written.get("out.sample").unwrap(), expected.get("out.sample").unwrap());
+    assert!(rel <= TOL, "--save wrote out.sample (NCHW) as computed: rel {rel:.2e}");
+
+    // Outside tolerance: a one-frame reference whose expected image is wrong (all zeros).
+    let wrong = dir.path("wrong.safetensors");
+    let z: Vec<u8> = common::randn(64, 9, 7.7, 0.0).iter().flat_map(|v| v.to_le_bytes()).collect();
+    let zeros = vec![0u8; 3 * 8 * 8 * 4];
+    let views = BTreeMap::from([
+        ("in.z".to_string(), TensorView::new(safetensors::Dtype::F32, vec![1, 4, 4, 4], &z).unwrap()),
+        ("out.sample".to_string(), TensorView::new(safetensors::Dtype::F32, vec![1, 3, 8, 8], &zeros).unwrap()),
+    ]);
+    safetensors::serialize_to_file(views, None, &wrong).unwrap();
+    let (code, stdout, _) =
+        celframe(&["verify", "vae_decoder", "--weights", w, "--reference", wrong.to_str().unwrap(), "--device", "cpu"]);
+    assert_eq!(code, 1, "outside tolerance:\n{stdout}");
+    assert!(stdout.contains("untiled") && stdout.contains("OUTSIDE TOLERANCE"), "{stdout}");
+
+    let partial = dir.path("partial.safetensors");
+    write_reference(&partial, &[("tile_latent_min_size", "8")]);
+    let uneven = dir.path("uneven.safetensors");
+    write_reference(
+        &uneven,
+        &[("tile_latent_min_size", "8"), ("tile_sample_min_size", "8"), ("tile_overlap_factor", "0.25")],
+    );
+    let unet_ref = fixtures().join("unet_a.reference.safetensors");
+    let bad_inputs: [&[&str]; 4] = [
+        &["verify", "vae_decoder", "--weights", w, "--reference", partial.to_str().unwrap(), "--device", "cpu"],
+        &["verify", "vae_decoder", "--weights", w, "--reference", uneven.to_str().unwrap(), "--device", "cpu"],
+        &["verify", "vae_decoder", "--weights", w, "--reference", unet_ref.to_str().unwrap(), "--device", "cpu"],
+        &["verify", "vae_decoder", "--weights", "/nonexistent", "--reference", tiled, "--device", "cpu"],
+    ];
+    for args in bad_inputs {
+        let (code, stdout, stderr) = celframe(args);
+        assert_eq!(code, 2, "bad input {args:?}:\n{stdout}\n{stderr}");
+        assert!(stderr.starts_with("error: "), "{stderr}");
+    }
 }

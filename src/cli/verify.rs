@@ -17,9 +17,11 @@ use crate::ops::Exec;
 use crate::tensor::{DType, Tensor};
 use crate::weights;
 
+pub mod vae;
+
 #[derive(Args)]
 pub struct VerifyArgs {
-    /// Component to check (now: unet).
+    /// Component to check: unet or vae_decoder.
     pub component: String,
     /// Weights: a diffusers UNet folder (config.json + safetensors), a pipeline folder with unet/,
     /// or a single-file checkpoint (.safetensors with model.diffusion_model.* tensors).
@@ -122,8 +124,8 @@ pub fn main(args: &VerifyArgs) -> ExitCode {
 
 /// Runs the verification and prints it; Ok(false) when an output is outside its tolerance.
 pub fn run(args: &VerifyArgs) -> Result<bool> {
-    if args.component != "unet" {
-        return Err(Error::Input(format!("unknown component '{}' (supported: unet)", args.component)));
+    if !["unet", "vae_decoder"].contains(&args.component.as_str()) {
+        return Err(Error::Input(format!("unknown component '{}' (supported: unet, vae_decoder)", args.component)));
     }
     let device = Device::parse(&args.device)?;
     let dtype = match &args.dtype {
@@ -138,7 +140,12 @@ pub fn run(args: &VerifyArgs) -> Result<bool> {
     if args.scratch_gb.is_some_and(|g| g.is_nan() || g <= 0.0) {
         return Err(Error::Input("--scratch-gb must be positive".into()));
     }
-    let result = verify_unet(&args.weights, &args.reference, device, dtype, tolerance, args.scratch_gb)?;
+    let result = match args.component.as_str() {
+        "vae_decoder" => {
+            vae::verify_vae_decoder(&args.weights, &args.reference, device, dtype, tolerance, args.scratch_gb)?
+        }
+        _ => verify_unet(&args.weights, &args.reference, device, dtype, tolerance, args.scratch_gb)?,
+    };
     println!("{}", result.summary);
     for c in &result.comparisons {
         println!(

@@ -1,0 +1,157 @@
+//! `celframe verify vae_decoder`: diffusers' `AutoencoderKL.decode(z)` on a reference file's
+//! `in.z` (NCHW latents ALREADY divided by the scaling factor, as diffusers' decode takes them),
+//! compared with its `out.sample` (NCHW image, roughly in [-1, 1]). A reference made with
+//! diffusers' tiling on says so in its safetensors metadata (`tile_latent_min_size`,
+//! `tile_sample_min_size`, `tile_overlap_factor`: diffusers' attribute names) and is decoded
+//! tiled the same way.
+
+use std::io::Read;
+use std::path::Path;
+
+use super::{Device, Verification, compare};
+use crate::error::{Error, Result};
+use crate::gpu::{Arena, Gpu};
+use crate::models::Place;
+use crate::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
+use crate::models::vae::{DecodeOptions, DecodeReport, Tiling, Vae, VaeCheckpoint, VaeFormat, open_vae};
+use crate::ops::Exec;
+use crate::tensor::{DType, Tensor};
+use crate::weights;
+
+/// Frames per decoder pass: the result does not depend on it; device memory does.
+const CHUNK_FRAMES: usize = 8;
+
+/// Loads the VAE and the reference, decodes on `device` in `dtype` and compares.
+pub fn verify_vae_decoder(
+    weights_path: &Path,
+    reference: &Path,
+    device: Device,
+    dtype: DType,
+    tolerance: f64,
+    scratch_gb: Option<f64>,
+) -> Result<Verification> {
+    let checkpoint = open_vae(weights_path)?;
+    let (z, expected) = read_reference(reference)?;
+    let tiling = read_tiling(reference, checkpoint.config.upsample_factor())?;
+    let opts = DecodeOptions { chunk_frames: CHUNK_FRAMES, tiling };
+    let (image, report) = match device {
+        Device::Cpu => Vae::new(&checkpoint, Place::Host(dtype))?.decode_z(&Exec::Cpu, &z, &opts)?,
+        Device::Cuda => decode_cuda(&checkpoint, &z, &opts, dtype, scratch_gb)?,
+    };
+    let s = z.shape();
+    let format = match checkpoint.format {
+        VaeFormat::Diffusers => "diffusers",
+        VaeFormat::SingleFile => "single file",
+    };
+    let mut summary = format!(
+        "{} ({format}): {}\n{} on {device:?} in {dtype:?}: {} frames of {}x{} latents, {} chunk(s) of at most \
+         {CHUNK_FRAMES} frames, {}",
+        weights_path.display(),
+        checkpoint.config,
+        reference.display(),
+        s[0],
+        s[1],
+        s[2],
+        report.chunks,
+        match tiling {
+            Some(t) if report.tiles > 1 =>
+                format!("{} tiles of {} latents (overlap {})", report.tiles, t.latent_tile, t.overlap),
+            _ => "untiled".to_string(),
+        }
+    );
+    if checkpoint.config.compute_dtype(dtype) != dtype {
+        summary.push_str("\nnote: this VAE sets force_upcast; diffusers would decode it in float32");
+    }
+    let image = nhwc_to_nchw(&Tensor::from_f32(image.shape(), dtype, &image.to_f32_vec()?)?)?;
+    let comparisons = vec![compare("out.sample", &image, &expected, tolerance)?];
+    Ok(Verification { comparisons, outputs: vec![("out.sample".to_string(), image)], summary })
+}
+
+/// in.z as NHWC and out.sample (NCHW); nothing else may be in the file.
+fn read_reference(path: &Path) -> Result<(Tensor, Tensor)> {
+    let file = weights::load(&[path])?;
+    let bad = |m: String| Error::Input(format!("reference {}: {m}", path.display()));
+    if let Some((name, _)) = file.iter().find(|(n, _)| !["in.z", "out.sample"].contains(n)) {
+        return Err(bad(format!("unknown tensor '{name}' (the VAE decoder takes in.z and gives out.sample)")));
+    }
+    let z = file.get("in.z").map_err(|_| bad("no in.z".into()))?;
+    let expected = file.get("out.sample").map_err(|_| bad("no out.sample".into()))?;
+    if z.shape().len() != 4 || expected.shape().len() != 4 {
+        return Err(bad(format!("in.z {z:?} and out.sample {expected:?} must be NCHW")));
+    }
+    Ok((nchw_to_nhwc(z)?, expected.clone()))
+}
+
+/// The tiling a reference declares in its metadata, or None (untiled).
+fn read_tiling(path: &Path, factor: usize) -> Result<Option<Tiling>> {
+    let bad = |m: String| Error::Input(format!("reference {}: {m}", path.display()));
+    let meta = safetensors_metadata(path)?;
+    let field = |name: &str| meta.get(name).and_then(|v| v.as_str());
+    let (latent, sample, overlap) =
+        match (field("tile_latent_min_size"), field("tile_sample_min_size"), field("tile_overlap_factor")) {
+            (None, None, None) => return Ok(None),
+            (Some(l), Some(s), Some(o)) => (l, s, o),
+            _ => {
+                return Err(bad("a tiled reference needs all of tile_latent_min_size, tile_sample_min_size and \
+                     tile_overlap_factor in its metadata"
+                    .into()));
+            }
+        };
+    let number = |what: &str, v: &str| bad(format!("metadata {what} = '{v}' is not a number"));
+    let latent: usize = latent.parse().map_err(|_| number("tile_latent_min_size", latent))?;
+    let sample: usize = sample.parse().map_err(|_| number("tile_sample_min_size", sample))?;
+    let overlap: f64 = overlap.parse().map_err(|_| number("tile_overlap_factor", overlap))?;
+    if sample != latent * factor {
+        return Err(Error::Unsupported(format!(
+            "reference {}: image tiles of {sample} for latent tiles of {latent}: this engine's tiles are the \
+             latent tile times the VAE's upsampling ({factor})",
+            path.display()
+        )));
+    }
+    Ok(Some(Tiling { latent_tile: latent, overlap }))
+}
+
+/// The `__metadata__` map of a safetensors file's header (empty when it has none). The loader in
+/// `weights` checks tensors, not metadata, so the header is read here.
+fn safetensors_metadata(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let bad = |m: String| Error::Input(format!("reference {}: {m}", path.display()));
+    let mut file = std::fs::File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| bad(format!("no header: {e}")))?;
+    let len = u64::from_le_bytes(len);
+    let size = file.metadata().map_err(|e| bad(format!("cannot stat: {e}")))?.len();
+    if len > size.saturating_sub(8) {
+        return Err(bad(format!("header length {len} exceeds the file")));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).map_err(|e| bad(format!("cannot read the header: {e}")))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+    Ok(header.get("__metadata__").and_then(|m| m.as_object()).cloned().unwrap_or_default())
+}
+
+fn decode_cuda(
+    checkpoint: &VaeCheckpoint,
+    z: &Tensor,
+    opts: &DecodeOptions,
+    dtype: DType,
+    scratch_gb: Option<f64>,
+) -> Result<(Tensor, DecodeReport)> {
+    let gpu = Gpu::from_env()?;
+    let weight_bytes: usize = checkpoint.weights.iter().map(|(_, t)| t.numel() * dtype.size() + 256).sum();
+    let weights_arena = Arena::new("weights", weight_bytes + (1 << 20))?;
+    let scratch_bytes = match scratch_gb {
+        Some(g) => (g * (1u64 << 30) as f64) as usize,
+        None => (gpu.info().total_memory / 4 * 3).saturating_sub(weight_bytes).max(1 << 30),
+    };
+    let scratch = Arena::new("scratch", scratch_bytes)?;
+    let vae = Vae::new(checkpoint, Place::Device { gpu: &gpu, arena: &weights_arena, dtype })?;
+    let decoded = vae.decode_z(&Exec::Cuda { gpu: &gpu, scratch: &scratch }, z, opts)?;
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    eprintln!(
+        "CUDA scratch arena: peak {:.3} GiB of {:.2} GiB",
+        gib(decoded.1.peak_scratch_bytes.unwrap_or(0)),
+        gib(scratch.capacity())
+    );
+    Ok(decoded)
+}

@@ -8,6 +8,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Demo(args) => celframe::cli::demo::run(args),
         Command::Info => celframe::cli::info::run(),
+        Command::Bench(args) => celframe::cli::bench::run(args),
         Command::Tokenize(args) => celframe::cli::tokenize::run(args),
         // Its own exit codes: 0 within tolerance, 1 outside, 2 when it cannot compare.
         Command::Verify(args) => return celframe::cli::verify::main(args),

@@ -48,7 +48,7 @@ struct Block {
 }
 
 /// Deterministic pseudo-random values in [-scale, scale).
-fn random(shape: &[usize], seed: u64, scale: f32, dtype: DType) -> Result<Tensor> {
+pub(crate) fn random(shape: &[usize], seed: u64, scale: f32, dtype: DType) -> Result<Tensor> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let n: usize = shape.iter().product();
     let values: Vec<f32> = (0..n)

@@ -2,6 +2,7 @@
 //! renderer exists), `celframe info` (device and compiled kernels) and `celframe verify` (a
 //! component against a reference file).
 
+pub mod bench;
 pub mod demo;
 pub mod info;
 pub mod tokenize;
@@ -23,6 +24,8 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Show the CUDA device and every compiled kernel with its registers and spills (sm_90a).
     Info,
+    /// Time whole forwards of a component on CUDA with a checkpoint's weights and random inputs.
+    Bench(bench::BenchArgs),
     /// Run a component on a reference file's inputs and compare with its outputs (max abs and
     /// relative L2 error). Exit 0 within tolerance, 1 outside it, 2 on bad input.
     Verify(verify::VerifyArgs),

@@ -1,0 +1,105 @@
+//! `celframe bench unet`: times whole UNet forwards on CUDA with a checkpoint's weights and random
+//! inputs (CUDA events, warm-up, median), printing one `BENCH {json}` line that tools/report.py
+//! pairs with the diffusers timings of tools/unet_gpu.py (`PEER` lines with the same key).
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::demo::random;
+use crate::error::{Error, Result};
+use crate::gpu::timing::time_gpu;
+use crate::gpu::{Arena, Gpu, nvtx};
+use crate::models::{Place, Unet, UnetInputs, open_unet};
+use crate::ops::Exec;
+use crate::tensor::{DType, Tensor};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// What to time (now: unet).
+    pub component: String,
+    /// A diffusers UNet folder or a single-file checkpoint.
+    #[arg(long)]
+    pub weights: PathBuf,
+    #[arg(long, default_value_t = 2)]
+    pub batch: usize,
+    /// Latent height (image height / 8).
+    #[arg(long, default_value_t = 128)]
+    pub height: usize,
+    /// Latent width (image width / 8).
+    #[arg(long, default_value_t = 128)]
+    pub width: usize,
+    /// Text tokens of the context (77 per prompt chunk).
+    #[arg(long, default_value_t = 77)]
+    pub tokens: usize,
+    #[arg(long, default_value = "f16")]
+    pub dtype: String,
+    /// Timed forwards (after two untimed ones).
+    #[arg(long, default_value_t = 10)]
+    pub runs: usize,
+    /// CUDA scratch arena in GiB.
+    #[arg(long, default_value_t = 24.0)]
+    pub scratch_gb: f64,
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    if args.component != "unet" {
+        return Err(Error::Input(format!("bench: unknown component '{}' (supported: unet)", args.component)));
+    }
+    let dtype = DType::parse(&args.dtype)?;
+    if args.batch == 0 || args.height == 0 || args.width == 0 || args.tokens == 0 || args.runs == 0 {
+        return Err(Error::Input("bench: batch, height, width, tokens and runs must be positive".into()));
+    }
+    if args.scratch_gb.is_nan() || args.scratch_gb <= 0.0 {
+        return Err(Error::Input("--scratch-gb must be positive".into()));
+    }
+    let checkpoint = open_unet(&args.weights)?;
+    let cfg = &checkpoint.config;
+    let gpu = Gpu::from_env()?;
+    let weight_bytes: usize = checkpoint.weights.iter().map(|(_, t)| t.numel() * dtype.size() + 256).sum();
+    let weights = Arena::new("weights", weight_bytes + (64 << 20))?;
+    let scratch = Arena::new("scratch", (args.scratch_gb * (1u64 << 30) as f64) as usize)?;
+    let unet = Unet::new(&checkpoint, Place::Device { gpu: &gpu, arena: &weights, dtype })?;
+
+    // Random inputs at the requested size: SDXL-style time ids, one timestep per image.
+    let (b, h, w) = (args.batch, args.height, args.width);
+    let up = |t: Tensor| gpu.upload(&weights, &t, t.dtype());
+    let sample = up(random(&[b, h, w, cfg.in_channels], 1, 1.0, dtype)?)?;
+    let steps: Vec<f32> = (0..b).map(|i| 999.0 - (i * 37 % 1000) as f32).collect();
+    let timestep = up(Tensor::from_f32(&[b], DType::F32, &steps)?)?;
+    let context = up(random(&[b, args.tokens, cfg.cross_attention_dims()[0]], 2, 1.0, dtype)?)?;
+    let (text_embeds, time_ids) = match &cfg.text_time {
+        Some(tt) => {
+            let ids: Vec<f32> = (0..b).flat_map(|_| [8 * h, 8 * w, 0, 0, 8 * h, 8 * w].map(|v| v as f32)).collect();
+            let pooled = tt.input_dim.saturating_sub(6 * tt.time_embed_dim);
+            (Some(up(random(&[b, pooled], 3, 1.0, dtype)?)?), Some(up(Tensor::from_f32(&[b, 6], DType::F32, &ids)?)?))
+        }
+        None => (None, None),
+    };
+    let inputs = UnetInputs {
+        sample: &sample,
+        timestep: &timestep,
+        encoder_hidden_states: &context,
+        text_embeds: text_embeds.as_ref(),
+        time_ids: time_ids.as_ref(),
+    };
+    let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
+    let key = format!("unet {} b{b} {}x{}", dtype.kernel_suffix(), 8 * h, 8 * w);
+    let t = time_gpu(&gpu, 2, args.runs, || {
+        let _r = nvtx::range(&key);
+        unet.forward(&ex, &inputs, None).map(drop)
+    })?;
+    eprintln!(
+        "{key}: median {:.3} ms, min {:.3} ms over {} runs; scratch peak {:.2} GiB",
+        t.median_ms(),
+        t.min_ms(),
+        args.runs,
+        scratch.peak() as f64 / (1u64 << 30) as f64
+    );
+    println!(
+        "BENCH {{\"name\":\"unet\",\"key\":\"{key}\",\"ms\":{:.4},\"min_ms\":{:.4},\"gbps\":null,\"tflops\":null}}",
+        t.median_ms(),
+        t.min_ms()
+    );
+    Ok(())
+}

@@ -6,7 +6,8 @@
 #   2. `celframe verify unet` of our CUDA forward against each reference file;
 #   3. `celframe bench unet` at the same shapes as the diffusers timings;
 # then the table (tools/report.py). Logs go to $OUT (or /tmp/celframe-gpu); the weights to $WORK
-# (or /tmp/celframe-unet). UNET_COMPILE=1 also times torch.compile.
+# (or /tmp/celframe-unet). UNET_COMPILE=1 also times torch.compile; UNET_NSYS=1 also profiles one
+# batch-32 forward with Nsight Systems and prints the kernels that take the time.
 set -uo pipefail
 out=${OUT:-/tmp/celframe-gpu}
 work=${WORK:-/tmp/celframe-unet}
@@ -41,6 +42,17 @@ for shape in "2 128 128" "32 72 128"; do
   dist/gpu/celframe bench unet --weights "$work/sdxl_unet" --batch "$1" --height "$2" --width "$3" 2>&1 | tee -a "$log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done
+
+if [ -n "${UNET_NSYS:-}" ] && command -v nsys >/dev/null; then
+  echo "== nsys: one batch-32 forward, kernels by total time" | tee -a "$log"
+  nsys profile --force-overwrite true -t cuda,nvtx -o "$out/unet_b32" \
+    dist/gpu/celframe bench unet --weights "$work/sdxl_unet" --batch 32 --height 72 --width 128 --runs 1 >/dev/null 2>&1
+  nsys stats --force-export true --report cuda_gpu_kern_sum --format csv "$out/unet_b32.nsys-rep" 2>/dev/null |
+    python3 -c 'import csv, sys
+rows = [r for r in csv.reader(sys.stdin) if len(r) > 8 and r[0][:1].isdigit()]
+for r in rows[:25]:
+    print(f"{float(r[0]):5.1f}%  {float(r[1]) / 1e6:9.2f} ms  {int(r[2]):6d}x  {r[8][:110]}")' | tee -a "$log"
+fi
 
 python3 tools/report.py "$log" | tee "$out/unet_report.md"
 exit $status

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repo root, with dist/ carried over (tools/build_gpu_bundle.sh, plus
+# the diffusers and importlib_metadata wheels in dist/wheels/ when the machine lacks them): the
+# full-size SDXL VAE decoder with random weights, checked and timed against diffusers in one go.
+#   1. tools/vae_gpu.py: weights, reference files (untiled, tiled, 16 frames), diffusers timing;
+#   2. `celframe verify vae_decoder` (CUDA, f16) against each reference: error, decode time, peak.
+# Logs go to $OUT (or /tmp/celframe-gpu); the weights to $WORK (or /tmp/celframe-vae).
+set -uo pipefail
+out=${OUT:-/tmp/celframe-gpu}
+work=${WORK:-/tmp/celframe-vae}
+bin=${CELFRAME:-dist/gpu/celframe}
+mkdir -p "$out" "$work"
+log=$out/vae_gpu.log
+: >"$log"
+libs=$(python3 -c 'import glob, os, nvidia
+print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(os.path.join(d, "**/lib*.so*"), recursive=True)})))')
+export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
+if ! python3 -c "import diffusers" 2>/dev/null; then
+  python3 -m pip install --quiet --no-deps --target "$work/py" dist/wheels/*.whl
+  export PYTHONPATH="$work/py:${PYTHONPATH:-}"
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$log"
+status=0
+
+echo "== diffusers: weights, references, timing" | tee -a "$log"
+python3 tools/vae_gpu.py --work "$work" 2>&1 | grep -v "^\s*$" | tee -a "$log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== celframe verify vae_decoder (CUDA, f16) against each reference" | tee -a "$log"
+for ref in "$work"/ref_*.safetensors; do
+  echo "-- $(basename "$ref")" | tee -a "$log"
+  "$bin" verify vae_decoder --weights "$work/sdxl_vae" --reference "$ref" --device cuda 2>&1 | tee -a "$log"
+  rc=${PIPESTATUS[0]}
+  echo "VERIFY {\"reference\": \"$(basename "$ref")\", \"exit\": $rc}" | tee -a "$log"
+  [ "$rc" -eq 0 ] || status=1
+done
+exit $status

@@ -1,4 +1,4 @@
-// Element-wise family (add, mul, scale, SiLU, GELU with broadcasting of b) and GEGLU.
+// Element-wise family (add, mul, scale, SiLU, GELU, quick GELU with broadcasting of b) and GEGLU.
 // Grid-stride loops; 8-wide vectors when every row boundary and pointer allows it.
 #include "common.cuh"
 
@@ -8,6 +8,7 @@ __device__ __forceinline__ float apply_op(int op, float a, float b, float alpha)
         case ELEMENTWISE_MUL: return alpha * (a * b);
         case ELEMENTWISE_SCALE: return alpha * a;
         case ELEMENTWISE_SILU: return alpha * silu_f32(a);
+        case ELEMENTWISE_QUICK_GELU: return alpha * quick_gelu_f32(a);
         default: return alpha * gelu_f32(a);
     }
 }

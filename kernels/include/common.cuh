@@ -124,6 +124,8 @@ __device__ __forceinline__ float warp_sum(float v) {
 __device__ __forceinline__ float silu_f32(float x) { return __fdividef(x, 1.0f + __expf(-x)); }
 // Exact (erf) GELU, as torch's default and diffusers' GEGLU use.
 __device__ __forceinline__ float gelu_f32(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
+// CLIP's quick GELU, x * sigmoid(1.702 x), with the same fast exp and division as SiLU.
+__device__ __forceinline__ float quick_gelu_f32(float x) { return __fdividef(x, 1.0f + __expf(-1.702f * x)); }
 
 // Tensor-core helpers (sm_80+): mma.m16n8k16 with fp32 accumulation for f16 / bf16 operands,
 // ldmatrix loads of 8x8 b16 tiles from shared memory, and packing two floats into one operand word.

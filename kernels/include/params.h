@@ -16,6 +16,7 @@ enum ElementwiseOp {
     ELEMENTWISE_SCALE = 2,
     ELEMENTWISE_SILU = 3,
     ELEMENTWISE_GELU = 4,
+    ELEMENTWISE_QUICK_GELU = 5,  // x * sigmoid(1.702 x): CLIP ViT-L's MLP activation
 };
 
 typedef struct ElementwiseParams {
@@ -179,3 +180,16 @@ typedef struct SoftmaxRowsParams {
     int32_t cols;
     int32_t causal_rows;  // > 0: row r keeps columns <= r % causal_rows (a causal mask per sequence)
 } SoftmaxRowsParams;
+
+// Token embedding lookup plus learned position embedding (the CLIP text encoders' input):
+// out[r, :] = table[ids[r], :] + positions[r % seq, :] for rows r < rows. Ids arrive as fp32
+// (exact below 2^24; tensors carry float dtypes only) and were range-checked on the host.
+typedef struct EmbeddingParams {
+    const float* ids;       // [rows]
+    const void* table;      // [vocab, dim], activation dtype
+    const void* positions;  // [>= seq, dim], activation dtype, or null (no position term)
+    void* out;              // [rows, dim]
+    int64_t rows;
+    int32_t seq;            // tokens per sequence (position index = row % seq)
+    int32_t dim;
+} EmbeddingParams;

@@ -25,5 +25,6 @@ kernel_params!(
     params::TimestepEmbeddingParams,
     params::TemporalAttentionParams,
     params::FlashAttentionParams,
-    params::SoftmaxRowsParams
+    params::SoftmaxRowsParams,
+    params::EmbeddingParams
 );

@@ -14,6 +14,7 @@ pub enum ElementwiseOp {
     ELEMENTWISE_SCALE = 2,
     ELEMENTWISE_SILU = 3,
     ELEMENTWISE_GELU = 4,
+    ELEMENTWISE_QUICK_GELU = 5,
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -393,6 +394,38 @@ const _: () = {
         [::std::mem::offset_of!(SoftmaxRowsParams, causal_rows) - 28usize];
 };
 impl Default for SoftmaxRowsParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct EmbeddingParams {
+    pub ids: *const f32,
+    pub table: *const ::std::os::raw::c_void,
+    pub positions: *const ::std::os::raw::c_void,
+    pub out: *mut ::std::os::raw::c_void,
+    pub rows: i64,
+    pub seq: i32,
+    pub dim: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of EmbeddingParams"][::std::mem::size_of::<EmbeddingParams>() - 48usize];
+    ["Alignment of EmbeddingParams"][::std::mem::align_of::<EmbeddingParams>() - 8usize];
+    ["Offset of field: EmbeddingParams::ids"][::std::mem::offset_of!(EmbeddingParams, ids) - 0usize];
+    ["Offset of field: EmbeddingParams::table"][::std::mem::offset_of!(EmbeddingParams, table) - 8usize];
+    ["Offset of field: EmbeddingParams::positions"][::std::mem::offset_of!(EmbeddingParams, positions) - 16usize];
+    ["Offset of field: EmbeddingParams::out"][::std::mem::offset_of!(EmbeddingParams, out) - 24usize];
+    ["Offset of field: EmbeddingParams::rows"][::std::mem::offset_of!(EmbeddingParams, rows) - 32usize];
+    ["Offset of field: EmbeddingParams::seq"][::std::mem::offset_of!(EmbeddingParams, seq) - 40usize];
+    ["Offset of field: EmbeddingParams::dim"][::std::mem::offset_of!(EmbeddingParams, dim) - 44usize];
+};
+impl Default for EmbeddingParams {
     fn default() -> Self {
         let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -1,4 +1,4 @@
-//! Element-wise ops: add / mul with broadcasting, scale, SiLU, GELU (exact erf), GEGLU.
+//! Element-wise ops: add / mul with broadcasting, scale, SiLU, GELU (exact erf), quick GELU, GEGLU.
 
 use super::{Exec, grid_for, host_out, same_dtype};
 use crate::error::{Error, Result};
@@ -14,6 +14,11 @@ pub fn silu_f32(x: f32) -> f32 {
 /// Exact GELU, 0.5 x (1 + erf(x / sqrt 2)), as torch's default and diffusers' GEGLU use.
 pub fn gelu_f32(x: f32) -> f32 {
     (0.5 * x as f64 * (1.0 + libm::erf(x as f64 * std::f64::consts::FRAC_1_SQRT_2))) as f32
+}
+
+/// CLIP's quick GELU, x * sigmoid(1.702 x) (transformers' `quick_gelu`, CLIP ViT-L's MLP).
+pub fn quick_gelu_f32(x: f32) -> f32 {
+    x / (1.0 + (-1.702 * x).exp())
 }
 
 /// How `b` repeats over `a`: `a` viewed as [outer, mid, inner], `b` as [outer, inner].
@@ -75,6 +80,7 @@ fn binary(ex: &Exec, op: ElementwiseOp, a: &Tensor, b: Option<&Tensor>, alpha: f
                             ElementwiseOp::ELEMENTWISE_SCALE => v,
                             ElementwiseOp::ELEMENTWISE_SILU => silu_f32(v),
                             ElementwiseOp::ELEMENTWISE_GELU => gelu_f32(v),
+                            ElementwiseOp::ELEMENTWISE_QUICK_GELU => quick_gelu_f32(v),
                         }
                 })
                 .collect();
@@ -122,6 +128,9 @@ pub fn silu(ex: &Exec, a: &Tensor) -> Result<Tensor> {
 }
 pub fn gelu(ex: &Exec, a: &Tensor) -> Result<Tensor> {
     binary(ex, ElementwiseOp::ELEMENTWISE_GELU, a, None, 1.0)
+}
+pub fn quick_gelu(ex: &Exec, a: &Tensor) -> Result<Tensor> {
+    binary(ex, ElementwiseOp::ELEMENTWISE_QUICK_GELU, a, None, 1.0)
 }
 
 /// GEGLU: x [..., 2D] -> x[..., :D] * gelu(x[..., D:]) (value first, gate second).

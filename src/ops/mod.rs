@@ -18,6 +18,7 @@ pub mod concat;
 pub mod conv;
 pub mod elementwise;
 pub mod embedding;
+pub mod gather;
 pub mod linear;
 pub mod norm;
 pub mod upsample;

@@ -11,17 +11,19 @@ use clap::Args;
 
 use crate::error::{Error, Result};
 use crate::gpu::{Arena, Gpu};
+use crate::models::clip::TextEncoderKind;
 use crate::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
 use crate::models::{Place, Unet, UnetFormat, UnetInputs, UnetResiduals, open_unet};
 use crate::ops::Exec;
 use crate::tensor::{DType, Tensor};
 use crate::weights;
 
+pub mod text_encoder;
 pub mod vae;
 
 #[derive(Args)]
 pub struct VerifyArgs {
-    /// Component to check: unet or vae_decoder.
+    /// Component to check: unet, vae_decoder, text_encoder or text_encoder_2.
     pub component: String,
     /// Weights: a diffusers UNet folder (config.json + safetensors), a pipeline folder with unet/,
     /// or a single-file checkpoint (.safetensors with model.diffusion_model.* tensors).
@@ -124,8 +126,11 @@ pub fn main(args: &VerifyArgs) -> ExitCode {
 
 /// Runs the verification and prints it; Ok(false) when an output is outside its tolerance.
 pub fn run(args: &VerifyArgs) -> Result<bool> {
-    if !["unet", "vae_decoder"].contains(&args.component.as_str()) {
-        return Err(Error::Input(format!("unknown component '{}' (supported: unet, vae_decoder)", args.component)));
+    if !["unet", "vae_decoder", "text_encoder", "text_encoder_2"].contains(&args.component.as_str()) {
+        return Err(Error::Input(format!(
+            "unknown component '{}' (supported: unet, vae_decoder, text_encoder, text_encoder_2)",
+            args.component
+        )));
     }
     let device = Device::parse(&args.device)?;
     let dtype = match &args.dtype {
@@ -141,6 +146,18 @@ pub fn run(args: &VerifyArgs) -> Result<bool> {
         return Err(Error::Input("--scratch-gb must be positive".into()));
     }
     let result = match args.component.as_str() {
+        "text_encoder" | "text_encoder_2" => {
+            let kind = if args.component == "text_encoder" { TextEncoderKind::ClipL } else { TextEncoderKind::ClipG };
+            text_encoder::verify_text_encoder(
+                kind,
+                &args.weights,
+                &args.reference,
+                device,
+                dtype,
+                tolerance,
+                args.scratch_gb,
+            )?
+        }
         "vae_decoder" => {
             vae::verify_vae_decoder(&args.weights, &args.reference, device, dtype, tolerance, args.scratch_gb)?
         }

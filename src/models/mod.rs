@@ -3,6 +3,7 @@
 //! take an `Exec`, so the same code runs on the CPU twins or the CUDA ops.
 
 pub mod checkpoint;
+pub mod clip;
 pub mod config;
 pub mod embeddings;
 pub mod layout;

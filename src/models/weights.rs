@@ -56,6 +56,25 @@ impl ModelWeights {
         Ok(ModelWeights { tensors, dtype, on_device: matches!(place, Place::Device { .. }) })
     }
 
+    /// Like `prepare`, for host tensors the caller has already put in the graph's form (a fused
+    /// projection split into its parts, a matrix transposed): converted or uploaded the same way.
+    pub fn from_tensors(named: Vec<(String, Tensor)>, place: Place) -> Result<ModelWeights> {
+        let dtype = place.dtype();
+        let mut tensors = HashMap::with_capacity(named.len());
+        for (name, t) in named {
+            let t = match place {
+                Place::Host(_) if t.dtype() == dtype => t,
+                Place::Host(_) => Tensor::from_f32(t.shape(), dtype, &t.to_f32_vec()?)?,
+                Place::Device { gpu, arena, .. } => gpu.upload(arena, &t, dtype).map_err(|e| match e {
+                    Error::Cuda(m) => Error::Cuda(format!("uploading '{name}': {m}")),
+                    other => other,
+                })?,
+            };
+            tensors.insert(name, t);
+        }
+        Ok(ModelWeights { tensors, dtype, on_device: matches!(place, Place::Device { .. }) })
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }

@@ -16,12 +16,14 @@ use std::path::{Path, PathBuf};
 use celframe::cli::verify::text_encoder::verify_text_encoder;
 use celframe::cli::verify::{Device, Verification};
 use celframe::models::Place;
+use celframe::models::clip::conditioning::{SdxlTextEncoders, time_ids, time_ids_tensor};
 use celframe::models::clip::{
     Activation, ClipConfig, ClipFormat, ClipTextModel, Pooling, Source, TextEncoderKind, open_text_encoder,
 };
 use celframe::ops::Exec;
 use celframe::ops::elementwise::{quick_gelu, quick_gelu_f32};
 use celframe::ops::gather::token_embedding;
+use celframe::text::{CONTEXT_TOKENS, Chunk, apply_emphasis};
 use celframe::{DType, Error, Tensor};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
@@ -318,4 +320,135 @@ fn token_embedding_twin_gathers_and_adds_positions() {
         token_embedding(&Exec::Cpu, &[1, 2, 3], 3, &table, Some(&pos.reshape(&[2, 3]).unwrap())),
         Err(Error::Input(_))
     ));
+}
+
+// ---- SDXL conditioning -----------------------------------------------------------------------
+
+fn encoders() -> SdxlTextEncoders {
+    let model =
+        |kind| ClipTextModel::new(&open_text_encoder(&folder(kind), kind).unwrap(), Place::Host(DType::F32)).unwrap();
+    SdxlTextEncoders::new(model(TextEncoderKind::ClipL), model(TextEncoderKind::ClipG)).unwrap()
+}
+
+/// A chunk as the tokenizer lays it out, in the tiny vocabulary: BOS, tokens, EOS, padding.
+fn chunk(tokens: &[(u32, f32)], bos: u32, eos: u32, pad: u32) -> Chunk {
+    let mut c = Chunk { ids: [pad; CONTEXT_TOKENS], weights: [1.0; CONTEXT_TOKENS] };
+    c.ids[0] = bos;
+    for (i, &(id, w)) in tokens.iter().enumerate() {
+        (c.ids[1 + i], c.weights[1 + i]) = (id, w);
+    }
+    c.ids[1 + tokens.len()] = eos;
+    c
+}
+
+/// The same prompt chunks for both encoders (their BOS/EOS/pad in the fixtures' vocabularies).
+fn chunks_for_both(chunks: &[Vec<(u32, f32)>]) -> (Vec<Chunk>, Vec<Chunk>) {
+    let l = chunks.iter().map(|t| chunk(t, 510, 511, 511)).collect();
+    let g = chunks.iter().map(|t| chunk(t, 508, 509, 0)).collect();
+    (l, g)
+}
+
+/// One encoder alone on one chunk: (hidden_states[-2] as [77 * D], text_embeds if any).
+fn alone(model: &ClipTextModel, c: &Chunk) -> (Vec<f32>, Option<Vec<f32>>) {
+    let out = model.forward(&Exec::Cpu, &c.ids, CONTEXT_TOKENS, &[model.config.num_hidden_layers - 1]).unwrap();
+    (out.hidden_states[0].1.to_f32_vec().unwrap(), out.text_embeds.map(|t| t.to_f32_vec().unwrap()))
+}
+
+#[test]
+fn conditioning_concatenates_chunks_and_applies_emphasis_per_encoder() {
+    let enc = encoders();
+    let first: Vec<(u32, f32)> = (1..=75).map(|i| (i * 3 % 500 + 1, if i % 5 == 0 { 1.3 } else { 1.0 })).collect();
+    let second: Vec<(u32, f32)> = vec![(17, 1.0), (23, 0.8), (42, 1.0)];
+    let (l, g) = chunks_for_both(&[first, second]);
+    let cond = enc.encode_chunks(&Exec::Cpu, &l, &g, true).unwrap();
+    let (dl, dg) = (64, 128);
+    assert_eq!(cond.context.shape(), [1, 2 * CONTEXT_TOKENS, dl + dg]);
+    assert_eq!(cond.text_embeds.shape(), [1, 96]);
+    let context = cond.context.to_f32_vec().unwrap();
+    for i in 0..2 {
+        // Each chunk encoded alone, emphasis applied to each encoder's [77, D] separately.
+        let (mut hl, _) = alone(&enc.clip_l, &l[i]);
+        let (mut hg, embeds) = alone(&enc.clip_g, &g[i]);
+        let unweighted = hl.clone();
+        apply_emphasis(&mut hl, &l[i].weights, true).unwrap();
+        apply_emphasis(&mut hg, &g[i].weights, true).unwrap();
+        assert_ne!(hl, unweighted, "chunk {i}: the weights change the hidden states");
+        for t in 0..CONTEXT_TOKENS {
+            let row = &context[(i * CONTEXT_TOKENS + t) * (dl + dg)..][..dl + dg];
+            assert_eq!(&row[..dl], &hl[t * dl..][..dl], "chunk {i} token {t}: CLIP-L part first");
+            assert_eq!(&row[dl..], &hg[t * dg..][..dg], "chunk {i} token {t}: bigG part second");
+        }
+        // The pooled vector is the first chunk's, without emphasis.
+        if i == 0 {
+            assert_eq!(cond.text_embeds.to_f32_vec().unwrap(), embeds.unwrap());
+        }
+    }
+    // Mismatched chunk counts are an input error.
+    assert!(matches!(enc.encode_chunks(&Exec::Cpu, &l, &g[..1], true), Err(Error::Input(_))));
+}
+
+#[test]
+fn empty_negative_prompt_gives_zero_conditioning() {
+    let enc = encoders();
+    let tokenizer = celframe::text::Tokenizer::clip().unwrap();
+    for empty in ["", "  \n"] {
+        let cond = enc.encode_negative(&Exec::Cpu, &tokenizer, empty, true).unwrap();
+        assert_eq!(cond.context.shape(), [1, CONTEXT_TOKENS, 64 + 128]);
+        assert_eq!(cond.text_embeds.shape(), [1, 96]);
+        assert!(
+            cond.context.to_f32_vec().unwrap().iter().chain(&cond.text_embeds.to_f32_vec().unwrap()).all(|&v| v == 0.0)
+        );
+    }
+    // A non-empty negative is encoded: the real vocabulary's ids exceed the tiny models' (an error,
+    // not a panic), which shows it reached the encoders.
+    let e = enc.encode_negative(&Exec::Cpu, &tokenizer, "blurry", true).err().unwrap();
+    assert!(matches!(&e, Error::Input(m) if m.contains("vocabulary")), "{e}");
+}
+
+#[test]
+fn encoders_must_come_in_sdxl_roles() {
+    let model =
+        |kind| ClipTextModel::new(&open_text_encoder(&folder(kind), kind).unwrap(), Place::Host(DType::F32)).unwrap();
+    let swapped = SdxlTextEncoders::new(model(TextEncoderKind::ClipG), model(TextEncoderKind::ClipL));
+    assert!(matches!(swapped, Err(Error::Input(_))));
+}
+
+#[test]
+fn time_ids_are_original_crop_target() {
+    let ids = time_ids((1024, 768), (16, 0), (1024, 1536));
+    assert_eq!(ids, [1024., 768., 16., 0., 1024., 1536.]);
+    let t = time_ids_tensor(&[ids, time_ids((576, 1024), (0, 0), (576, 1024))]).unwrap();
+    assert_eq!(t.shape(), [2, 6]);
+    assert_eq!(t.dtype(), DType::F32);
+    assert_eq!(&t.to_f32_vec().unwrap()[6..], [576., 1024., 0., 0., 576., 1024.]);
+}
+
+// ---- celframe verify -------------------------------------------------------------------------
+
+fn celframe(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_celframe")).args(args).output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn verify_cli_exit_codes() {
+    let (l, g) = (folder(TextEncoderKind::ClipL), folder(TextEncoderKind::ClipG));
+    let (rl, rg) = (reference(TextEncoderKind::ClipL), reference(TextEncoderKind::ClipG));
+    let [l, g, rl, rg] = [&l, &g, &rl, &rg].map(|p| p.to_str().unwrap().to_string());
+    let run = |component: &str, w: &str, r: &str, extra: &[&str]| {
+        let mut args = vec!["verify", component, "--weights", w, "--reference", r, "--device", "cpu"];
+        args.extend_from_slice(extra);
+        celframe(&args)
+    };
+    let (code, stdout, stderr) = run("text_encoder_2", &g, &rg, &[]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("out.text_embeds [2, 96]") && stdout.contains("ok"), "{stdout}");
+    // Outside tolerance: 1; the other encoder's reference (widths differ): 2; unknown component: 2.
+    assert_eq!(run("text_encoder", &l, &rl, &["--tolerance", "0"]).0, 1);
+    let (code, _, stderr) = run("text_encoder", &l, &rg, &[]);
+    assert_eq!(code, 2, "{stderr}");
+    let (code, _, stderr) = run("text_encoder_2", &l, &rg, &[]);
+    assert!(code == 2 && stderr.contains("text_projection"), "a CLIPTextModel has no text_embeds: {stderr}");
+    assert_eq!(run("text_encoder_3", &l, &rl, &[]).0, 2);
 }

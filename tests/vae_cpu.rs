@@ -116,6 +116,14 @@ fn frame_chunks_give_the_same_frames() {
         assert_eq!(report.chunks, 3usize.div_ceil(k));
         assert_eq!(chunked.to_f32_vec().unwrap(), all.to_f32_vec().unwrap(), "chunks of {k}");
     }
+    // Streamed: each chunk handed over as it is decoded.
+    let mut seen = Vec::new();
+    vae.decode_z_each(&Exec::Cpu, &z, &untiled(2), |first, images| {
+        seen.push((first, images.shape().to_vec()));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(seen, [(0, vec![2, 4, 8, 3]), (2, vec![1, 4, 8, 3])]);
     // Tiled: latents 5x6, tiles of 4 every 3 (8 image pixels, 2 blended, 6 kept): 2 x 2 tiles, the
     // last ones cut to 2 rows and 3 columns.
     let small = Tiling { latent_tile: 4, overlap: 0.25 };
@@ -271,6 +279,10 @@ fn config_errors_name_the_field() {
         (with("scaling_factor", json!(0)), "scaling_factor 0"),
         (with("force_upcast", json!(1)), "'force_upcast'"),
         (with("sample_size", json!("big")), "'sample_size'"),
+        (
+            json!({"block_out_channels": vec![32; 17], "up_block_types": vec!["UpDecoderBlock2D"; 17]}).to_string(),
+            "at most 16",
+        ),
     ] {
         let err = config_error(&json);
         assert!(matches!(&err, Error::Input(m) if m.contains(needle)), "{needle}: {err}");

@@ -101,7 +101,7 @@ fn read_tiling(path: &Path, factor: usize) -> Result<Option<Tiling>> {
     let latent: usize = latent.parse().map_err(|_| number("tile_latent_min_size", latent))?;
     let sample: usize = sample.parse().map_err(|_| number("tile_sample_min_size", sample))?;
     let overlap: f64 = overlap.parse().map_err(|_| number("tile_overlap_factor", overlap))?;
-    if sample != latent * factor {
+    if latent.checked_mul(factor) != Some(sample) {
         return Err(Error::Unsupported(format!(
             "reference {}: image tiles of {sample} for latent tiles of {latent}: this engine's tiles are the \
              latent tile times the VAE's upsampling ({factor})",

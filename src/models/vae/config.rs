@@ -13,6 +13,9 @@ use crate::tensor::DType;
 /// diffusers hard-codes 1e-6 there (FORMATS.md 3, pitfalls: the UNet's is 1e-5).
 pub const NORM_EPS: f32 = 1e-6;
 
+/// Up blocks at most (SDXL has 4): each doubles the image side, so more would overflow sizes.
+const MAX_LEVELS: usize = 16;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct VaeConfig {
     pub latent_channels: usize,
@@ -41,7 +44,8 @@ pub struct VaeConfig {
 impl VaeConfig {
     /// Image pixels per latent pixel along a side: 2 per upsampling up block.
     pub fn upsample_factor(&self) -> usize {
-        1 << self.block_out_channels.len().saturating_sub(1)
+        let levels = self.block_out_channels.len().saturating_sub(1) as u32;
+        1usize.checked_shl(levels).unwrap_or(usize::MAX)
     }
 
     /// The widest level (the mid block's width).
@@ -115,6 +119,9 @@ impl VaeConfig {
         let bad = |m: String| Err(Error::Input(format!("{what}: {m}")));
         if self.block_out_channels.is_empty() || self.block_out_channels.contains(&0) {
             return bad(format!("block_out_channels {:?} must be a non-empty list of widths", self.block_out_channels));
+        }
+        if self.block_out_channels.len() > MAX_LEVELS {
+            return bad(format!("{} up blocks: at most {MAX_LEVELS} are supported", self.block_out_channels.len()));
         }
         if self.latent_channels == 0 || self.out_channels == 0 {
             return bad("latent_channels and out_channels must be positive".into());

@@ -89,7 +89,10 @@ impl Grid {
                 t.latent_tile, t.overlap
             )));
         }
-        let sample = t.latent_tile * factor;
+        let sample = t
+            .latent_tile
+            .checked_mul(factor)
+            .ok_or_else(|| Error::Input(format!("tiling: a latent tile of {} is too large", t.latent_tile)))?;
         let stride = (t.latent_tile as f64 * (1.0 - t.overlap)) as usize;
         let blend = (sample as f64 * t.overlap) as usize;
         let keep = sample - blend;
@@ -133,49 +136,76 @@ impl Vae {
     /// Computes z = latents / scaling_factor (+ shift_factor) and decodes it as `decode_z`.
     /// Non-finite output is an error: the stock SDXL VAE overflows in float16.
     pub fn decode_frames(&self, ex: &Exec, latents: &Tensor, opts: &DecodeOptions) -> Result<(Tensor, DecodeReport)> {
+        let mut images = Vec::new();
+        let report = self.decode_frames_each(ex, latents, opts, |_, chunk| {
+            images.extend(chunk.to_f32_vec()?);
+            Ok(())
+        })?;
+        let shape = self.image_shape(latents.shape())?;
+        Ok((Tensor::from_f32(&shape, DType::F32, &images)?, report))
+    }
+
+    /// `decode_frames` handing each chunk's images to `each(first_frame, images)` as soon as they
+    /// are decoded (images host f32 [k, f*h, f*w, out_channels]), so that host memory stays bounded
+    /// too when the frames go straight to files.
+    pub fn decode_frames_each(
+        &self,
+        ex: &Exec,
+        latents: &Tensor,
+        opts: &DecodeOptions,
+        mut each: impl FnMut(usize, Tensor) -> Result<()>,
+    ) -> Result<DecodeReport> {
         let cfg = &self.config;
         let (sf, shift) = (cfg.scaling_factor, cfg.shift_factor.unwrap_or(0.0));
         let values: Vec<f32> = host_values(latents, "latents")?.iter().map(|v| v / sf + shift).collect();
         let z = Tensor::from_f32(latents.shape(), DType::F32, &values)?;
-        let (images, report) = self.decode_z(ex, &z, opts)?;
-        let bad = images.to_f32_vec()?.iter().filter(|v| !v.is_finite()).count();
-        if bad > 0 {
-            return Err(Error::Input(format!(
-                "VAE decode: {bad} non-finite output values in {:?}: a VAE that overflows in float16 (the stock \
-                 SDXL VAE) needs float32 or bf16, or the fp16-fix weights",
-                self.dtype()
-            )));
-        }
-        Ok((images, report))
+        self.decode_z_each(ex, &z, opts, |first, images| {
+            let bad = images.to_f32_vec()?.iter().filter(|v| !v.is_finite()).count();
+            if bad > 0 {
+                return Err(Error::Input(format!(
+                    "VAE decode: {bad} non-finite output values in {:?}: a VAE that overflows in float16 (the \
+                     stock SDXL VAE) needs float32 or bf16, or the fp16-fix weights",
+                    self.dtype()
+                )));
+            }
+            each(first, images)
+        })
     }
 
     /// diffusers' `decode(z)` (z already divided by the scaling factor) over many frames: z NHWC
     /// [N, h, w, latent_channels] on the host in any float dtype, decoded `opts.chunk_frames` at a
     /// time, tiled as `opts.tiling` says -> host f32 images [N, f*h, f*w, out_channels].
     pub fn decode_z(&self, ex: &Exec, z: &Tensor, opts: &DecodeOptions) -> Result<(Tensor, DecodeReport)> {
+        let mut images = Vec::new();
+        let report = self.decode_z_each(ex, z, opts, |_, chunk| {
+            images.extend(chunk.to_f32_vec()?);
+            Ok(())
+        })?;
+        let shape = self.image_shape(z.shape())?;
+        Ok((Tensor::from_f32(&shape, DType::F32, &images)?, report))
+    }
+
+    /// `decode_z` handing each chunk's images to `each(first_frame, images)` (see
+    /// `decode_frames_each`).
+    pub fn decode_z_each(
+        &self,
+        ex: &Exec,
+        z: &Tensor,
+        opts: &DecodeOptions,
+        mut each: impl FnMut(usize, Tensor) -> Result<()>,
+    ) -> Result<DecodeReport> {
         let cfg = &self.config;
-        let &[n, h, w, c] = z.shape() else {
-            return Err(Error::Input(format!("VAE decode: z {z:?} must be NHWC [frames, height, width, channels]")));
-        };
-        if c != cfg.latent_channels || n == 0 || h == 0 || w == 0 {
-            return Err(Error::Input(format!(
-                "VAE decode: z {z:?} must be NHWC [frames, height, width, {}] with no empty side",
-                cfg.latent_channels
-            )));
-        }
+        let [n, h, w, oh, ow, oc] = self.image_dims(z.shape())?;
         if opts.chunk_frames == 0 {
             return Err(Error::Input("VAE decode: chunk_frames must be at least 1".into()));
         }
-        let f = cfg.upsample_factor();
         let grid = match opts.tiling {
-            Some(t) => Some(Grid::new(&t, f)?).filter(|g| h > g.latent || w > g.latent),
+            Some(t) => Some(Grid::new(&t, cfg.upsample_factor())?).filter(|g| h > g.latent || w > g.latent),
             None => None,
         };
         let values = host_values(z, "z")?;
-        let (oh, ow, oc) = (h * f, w * f, cfg.out_channels);
-        let mut out = vec![0f32; n * oh * ow * oc];
+        let c = cfg.latent_channels;
         let frame_in = h * w * c;
-        let frame_out = oh * ow * oc;
         let mut chunks = 0;
         for first in (0..n).step_by(opts.chunk_frames) {
             let k = opts.chunk_frames.min(n - first);
@@ -184,7 +214,7 @@ impl Vae {
                 None => self.decode_block(ex, &latents)?,
                 Some(g) => self.decode_tiled(ex, &latents, g)?,
             };
-            out[first * frame_out..(first + k) * frame_out].copy_from_slice(&images.data);
+            each(first, Tensor::from_f32(&[k, oh, ow, oc], DType::F32, &images.data)?)?;
             chunks += 1;
         }
         let tiles = grid.map_or(1, |g| g.starts(h).len() * g.starts(w).len());
@@ -192,8 +222,31 @@ impl Vae {
             Exec::Cpu => None,
             Exec::Cuda { scratch, .. } => Some(scratch.peak()),
         };
-        let report = DecodeReport { frames: n, chunks, tiles, peak_scratch_bytes };
-        Ok((Tensor::from_f32(&[n, oh, ow, oc], DType::F32, &out)?, report))
+        Ok(DecodeReport { frames: n, chunks, tiles, peak_scratch_bytes })
+    }
+
+    /// The images' shape [N, f*h, f*w, out_channels] for latents of `shape`.
+    fn image_shape(&self, shape: &[usize]) -> Result<[usize; 4]> {
+        let [n, _, _, oh, ow, oc] = self.image_dims(shape)?;
+        Ok([n, oh, ow, oc])
+    }
+
+    /// [N, h, w, f*h, f*w, out_channels] for latents of `shape`, checked.
+    fn image_dims(&self, shape: &[usize]) -> Result<[usize; 6]> {
+        let cfg = &self.config;
+        let bad = || {
+            Error::Input(format!(
+                "VAE decode: latents {shape:?} must be NHWC [frames, height, width, {}] with no empty side",
+                cfg.latent_channels
+            ))
+        };
+        let &[n, h, w, c] = shape else { return Err(bad()) };
+        if c != cfg.latent_channels || n == 0 || h == 0 || w == 0 {
+            return Err(bad());
+        }
+        let f = cfg.upsample_factor();
+        let (oh, ow) = (h.checked_mul(f).ok_or_else(bad)?, w.checked_mul(f).ok_or_else(bad)?);
+        Ok([n, h, w, oh, ow, cfg.out_channels])
     }
 
     /// One untiled forward of host latents, on the Exec's side; the result back on the host.

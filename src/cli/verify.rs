@@ -25,8 +25,9 @@ pub mod vae;
 pub struct VerifyArgs {
     /// Component to check: unet, vae_decoder, text_encoder or text_encoder_2.
     pub component: String,
-    /// Weights: a diffusers UNet folder (config.json + safetensors), a pipeline folder with unet/,
-    /// or a single-file checkpoint (.safetensors with model.diffusion_model.* tensors).
+    /// Weights: the component's diffusers/transformers folder (config.json + safetensors), a
+    /// pipeline folder holding it (unet/, vae/, text_encoder/, text_encoder_2/), or an SDXL
+    /// single-file checkpoint.
     #[arg(long)]
     pub weights: PathBuf,
     /// Reference file: safetensors with in.<name> inputs and out.<name> outputs (NCHW).

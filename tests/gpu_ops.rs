@@ -403,6 +403,8 @@ fn gemm_attention_meets_the_attention_rule() {
         (2, 300, 256, 2, 128, false, DType::F16),
         (2, 80, 80, 4, 64, true, DType::F16),
         (3, 77, 96, 3, 40, false, DType::BF16),
+        (2, 77, 77, 2, 64, true, DType::F16), // key counts that are not multiples of 8
+        (1, 1755, 1755, 1, 512, false, DType::F16), // a 39x45 VAE tile
     ];
     for (batch, sq, sk, heads, d, causal, dtype) in cases {
         let cfg = FlashAttention { heads, causal, scale: 1.0 / (d as f32).sqrt() };

@@ -15,10 +15,10 @@ __device__ __forceinline__ void merge_max_sum(float& m, float& s, float m2, floa
 template <typename T> __device__ void softmax_rows(const SoftmaxRowsParams& p) {
     __shared__ float s_max[SOFTMAX_THREADS / 32], s_sum[SOFTMAX_THREADS / 32];
     const int64_t r = blockIdx.x;
-    const float* row = p.scores + r * p.cols;
-    T* out = static_cast<T*>(p.probs) + r * p.cols;
+    const float* row = p.scores + r * p.ld;
+    T* out = static_cast<T*>(p.probs) + r * p.ld;
     const int keep = p.causal_rows > 0 ? (int)(r % p.causal_rows) + 1 : p.cols;
-    const bool vec = p.cols % 8 == 0 && reinterpret_cast<uintptr_t>(p.scores) % 16 == 0 &&
+    const bool vec = p.cols % 8 == 0 && p.ld % 8 == 0 && reinterpret_cast<uintptr_t>(p.scores) % 16 == 0 &&
                      reinterpret_cast<uintptr_t>(p.probs) % 16 == 0;
 
     // 1. running max and rescaled sum over this thread's columns

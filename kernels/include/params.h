@@ -174,10 +174,11 @@ typedef struct FlashAttentionParams {
 // Row softmax of fp32 attention scores into probabilities in the activation dtype (the middle step
 // of attention through two GEMMs, for head dims the flash kernel does not cover).
 typedef struct SoftmaxRowsParams {
-    const float* scores;  // [rows, cols]
-    void* probs;          // [rows, cols]
+    const float* scores;  // [rows, ld], columns >= cols ignored
+    void* probs;          // [rows, ld], columns >= cols left as they are
     int64_t rows;
     int32_t cols;
+    int32_t ld;           // row stride of scores and probs in elements
     int32_t causal_rows;  // > 0: row r keeps columns <= r % causal_rows (a causal mask per sequence)
 } SoftmaxRowsParams;
 

@@ -380,18 +380,20 @@ pub struct SoftmaxRowsParams {
     pub probs: *mut ::std::os::raw::c_void,
     pub rows: i64,
     pub cols: i32,
+    pub ld: i32,
     pub causal_rows: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of SoftmaxRowsParams"][::std::mem::size_of::<SoftmaxRowsParams>() - 32usize];
+    ["Size of SoftmaxRowsParams"][::std::mem::size_of::<SoftmaxRowsParams>() - 40usize];
     ["Alignment of SoftmaxRowsParams"][::std::mem::align_of::<SoftmaxRowsParams>() - 8usize];
     ["Offset of field: SoftmaxRowsParams::scores"][::std::mem::offset_of!(SoftmaxRowsParams, scores) - 0usize];
     ["Offset of field: SoftmaxRowsParams::probs"][::std::mem::offset_of!(SoftmaxRowsParams, probs) - 8usize];
     ["Offset of field: SoftmaxRowsParams::rows"][::std::mem::offset_of!(SoftmaxRowsParams, rows) - 16usize];
     ["Offset of field: SoftmaxRowsParams::cols"][::std::mem::offset_of!(SoftmaxRowsParams, cols) - 24usize];
+    ["Offset of field: SoftmaxRowsParams::ld"][::std::mem::offset_of!(SoftmaxRowsParams, ld) - 28usize];
     ["Offset of field: SoftmaxRowsParams::causal_rows"]
-        [::std::mem::offset_of!(SoftmaxRowsParams, causal_rows) - 28usize];
+        [::std::mem::offset_of!(SoftmaxRowsParams, causal_rows) - 32usize];
 };
 impl Default for SoftmaxRowsParams {
     fn default() -> Self {

@@ -272,15 +272,17 @@ pub fn gemm_attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: FlashA
         return flash_attention_reference(q, k, v, cfg, None, dtype);
     };
     let d = c / cfg.heads;
-    if !d.is_multiple_of(8) || !sk.is_multiple_of(8) {
+    if !d.is_multiple_of(8) {
         return Err(Error::Unsupported(format!(
-            "gemm_attention: head_dim ({d}) and seq_k ({sk}) must be multiples of 8 (16-byte rows for cuBLASLt)"
+            "gemm_attention: head_dim ({d}) must be a multiple of 8 (16-byte rows for cuBLASLt)"
         )));
     }
+    // Score and probability rows padded to 8 elements keep every row 16-byte aligned.
+    let ld = sk.next_multiple_of(8);
     let o = gpu.empty(scratch, q.shape(), dtype)?;
-    let group = (GEMM_ATTENTION_SCRATCH / (sq * sk * (4 + dtype.size()))).clamp(1, b);
-    let scores = gpu.empty(scratch, &[group, sq, sk], DType::F32)?;
-    let probs = gpu.empty(scratch, &[group, sq, sk], dtype)?;
+    let group = (GEMM_ATTENTION_SCRATCH / (sq * ld * (4 + dtype.size()))).clamp(1, b);
+    let scores = gpu.empty(scratch, &[group, sq, ld], DType::F32)?;
+    let probs = gpu.empty(scratch, &[group, sq, ld], dtype)?;
     let (qp, kp, vp, op) = (q.device_ptr()?, k.device_ptr()?, v.device_ptr()?, o.device_ptr()?);
     let (sp, pp) = (scores.device_ptr()?, probs.device_ptr()?);
     let es = dtype.size() as u64;
@@ -300,10 +302,10 @@ pub fn gemm_attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: FlashA
             b_transposed: true,
             lda: c,
             ldb: c,
-            ldc: sk,
+            ldc: ld,
             stride_a: sq * c,
             stride_b: sk * c,
-            stride_c: sq * sk,
+            stride_c: sq * ld,
             dtype,
             out_dtype: DType::F32,
             bias: false,
@@ -315,10 +317,10 @@ pub fn gemm_attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: FlashA
             k: sk,
             batch: n,
             b_transposed: false,
-            lda: sk,
+            lda: ld,
             ldb: c,
             ldc: c,
-            stride_a: sq * sk,
+            stride_a: sq * ld,
             stride_b: sk * c,
             stride_c: sq * c,
             dtype,
@@ -333,6 +335,7 @@ pub fn gemm_attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: FlashA
                 probs: pp as *mut _,
                 rows: (n * sq) as i64,
                 cols: sk as i32,
+                ld: ld as i32,
                 causal_rows: if cfg.causal { sq as i32 } else { 0 },
             };
             gpu.launch(kernel_for!("softmax_rows", dtype), ((n * sq) as u32, 1, 1), (256, 1, 1), 0, &p)?;

@@ -1,6 +1,7 @@
-//! `celframe bench unet`: times whole UNet forwards on CUDA with a checkpoint's weights and random
-//! inputs (CUDA events, warm-up, median), printing one `BENCH {json}` line that tools/report.py
-//! pairs with the diffusers timings of tools/unet_gpu.py (`PEER` lines with the same key).
+//! `celframe bench unet | text_encoders`: times whole forwards on CUDA with a checkpoint's weights
+//! and random inputs (CUDA events, warm-up, median), printing one `BENCH {json}` line that
+//! tools/report.py pairs with the peer timings of tools/unet_gpu.py and tools/text_encoder_gpu.py
+//! (`PEER` lines with the same key).
 
 use std::path::PathBuf;
 
@@ -10,15 +11,17 @@ use super::demo::random;
 use crate::error::{Error, Result};
 use crate::gpu::timing::time_gpu;
 use crate::gpu::{Arena, Gpu, nvtx};
+use crate::models::clip::{ClipTextModel, TextEncoderKind, open_text_encoder};
 use crate::models::{Place, Unet, UnetInputs, open_unet};
 use crate::ops::Exec;
 use crate::tensor::{DType, Tensor};
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// What to time (now: unet).
+    /// What to time: unet, or text_encoders (both SDXL encoders on a CFG pair of prompts).
     pub component: String,
-    /// A diffusers UNet folder or a single-file checkpoint.
+    /// unet: a diffusers UNet folder or a single-file checkpoint; text_encoders: a folder holding
+    /// text_encoder/ and text_encoder_2/ (a pipeline folder) or a single-file checkpoint.
     #[arg(long)]
     pub weights: PathBuf,
     #[arg(long, default_value_t = 2)]
@@ -43,9 +46,6 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
-    if args.component != "unet" {
-        return Err(Error::Input(format!("bench: unknown component '{}' (supported: unet)", args.component)));
-    }
     let dtype = DType::parse(&args.dtype)?;
     if args.batch == 0 || args.height == 0 || args.width == 0 || args.tokens == 0 || args.runs == 0 {
         return Err(Error::Input("bench: batch, height, width, tokens and runs must be positive".into()));
@@ -53,6 +53,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.scratch_gb.is_nan() || args.scratch_gb <= 0.0 {
         return Err(Error::Input("--scratch-gb must be positive".into()));
     }
+    match args.component.as_str() {
+        "unet" => bench_unet(args, dtype),
+        "text_encoders" => bench_text_encoders(args, dtype),
+        other => Err(Error::Input(format!("bench: unknown component '{other}' (supported: unet, text_encoders)"))),
+    }
+}
+
+fn bench_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     let checkpoint = open_unet(&args.weights)?;
     let cfg = &checkpoint.config;
     let gpu = Gpu::from_env()?;
@@ -98,6 +106,47 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     );
     println!(
         "BENCH {{\"name\":\"unet\",\"key\":\"{key}\",\"ms\":{:.4},\"min_ms\":{:.4},\"gbps\":null,\"tflops\":null}}",
+        t.median_ms(),
+        t.min_ms()
+    );
+    Ok(())
+}
+
+/// CLIP-L and bigG one after the other on `--batch` sequences of 77 tokens (2: a CFG pair), keeping
+/// the penultimate hidden states SDXL uses.
+fn bench_text_encoders(args: &BenchArgs, dtype: DType) -> Result<()> {
+    let gpu = Gpu::from_env()?;
+    let scratch = Arena::new("scratch", (args.scratch_gb * (1u64 << 30) as f64) as usize)?;
+    let mut models = Vec::new();
+    let mut arenas = Vec::new();
+    for kind in [TextEncoderKind::ClipL, TextEncoderKind::ClipG] {
+        let checkpoint = open_text_encoder(&args.weights, kind)?;
+        let bytes: usize = checkpoint.weights.iter().map(|(_, t)| t.numel() * dtype.size() + 256).sum();
+        arenas.push(Arena::new("weights", bytes + (1 << 20))?);
+        let arena = arenas.last().unwrap();
+        models.push(ClipTextModel::new(&checkpoint, Place::Device { gpu: &gpu, arena, dtype })?);
+    }
+    // BOS, a stretch of ordinary word ids, EOS padding: the prompt lengths do not change the work.
+    let seq = 77;
+    let ids: Vec<u32> = (0..args.batch * seq)
+        .map(|i| match i % seq {
+            0 => 49406,
+            t if t <= 20 + 40 * (i / seq % 2) => 256 + (i as u32 * 7919) % 49000,
+            _ => 49407,
+        })
+        .collect();
+    let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
+    let key = format!("text encoders {} CFG pair", dtype.kernel_suffix());
+    let t = time_gpu(&gpu, 2, args.runs.max(20), || {
+        let _r = nvtx::range(&key);
+        for m in &models {
+            m.forward(&ex, &ids, seq, &[m.config.num_hidden_layers - 1])?;
+        }
+        Ok(())
+    })?;
+    eprintln!("{key} (batch {}): median {:.3} ms, min {:.3} ms", args.batch, t.median_ms(), t.min_ms());
+    println!(
+        "BENCH {{\"name\":\"text_encoders\",\"key\":\"{key}\",\"ms\":{:.4},\"min_ms\":{:.4},\"gbps\":null,\"tflops\":null}}",
         t.median_ms(),
         t.min_ms()
     );

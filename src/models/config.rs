@@ -7,9 +7,10 @@
 
 use std::fmt;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::models::fields::{Fields, as_usize};
 
 /// One ResNet block (diffusers ResnetBlock2D); a 1x1 `conv_shortcut` exists iff the widths differ.
 #[derive(Clone, Debug, PartialEq)]
@@ -123,118 +124,43 @@ impl Depths {
     }
 }
 
-/// Typed access to the fields of one config.json, with errors that name the file and the field.
-struct Fields<'a> {
-    map: &'a Map<String, Value>,
-    file: &'a str,
-}
-
-impl Fields<'_> {
-    fn bad(&self, field: &str, expected: &str) -> Error {
-        let found = self.map.get(field).map_or("nothing".to_string(), |v| v.to_string());
-        Error::Input(format!("{}: field '{field}' must be {expected}, found {found}", self.file))
-    }
-
-    /// The field, or None when it is absent or null (diffusers then uses its default).
-    fn get(&self, field: &str) -> Option<&Value> {
-        self.map.get(field).filter(|v| !v.is_null())
-    }
-
-    fn usize(&self, field: &str, default: Option<usize>) -> Result<usize> {
-        match self.get(field) {
-            None => default.ok_or_else(|| self.bad(field, "a non-negative integer (it has no default)")),
-            Some(v) => as_usize(v).ok_or_else(|| self.bad(field, "a non-negative integer")),
-        }
-    }
-
-    fn f32(&self, field: &str, default: f32) -> Result<f32> {
-        match self.get(field) {
-            None => Ok(default),
-            Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| self.bad(field, "a number")),
-        }
-    }
-
-    fn bool(&self, field: &str, default: bool) -> Result<bool> {
-        match self.get(field) {
-            None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| self.bad(field, "true or false")),
-        }
-    }
-
-    fn string(&self, field: &str) -> Result<Option<&str>> {
-        match self.get(field) {
-            None => Ok(None),
-            Some(v) => v.as_str().map(Some).ok_or_else(|| self.bad(field, "a string")),
-        }
-    }
-
-    fn strings(&self, field: &str) -> Result<Vec<String>> {
-        let list = self.get(field).and_then(Value::as_array).ok_or_else(|| self.bad(field, "a list of block names"))?;
-        list.iter()
-            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| self.bad(field, "a list of block names")))
-            .collect()
-    }
-
-    /// An integer for every level, or one list entry per level.
-    fn per_level(&self, field: &str, levels: usize, default: Option<usize>) -> Result<Vec<usize>> {
-        match self.get(field) {
-            None => default.map(|d| vec![d; levels]).ok_or_else(|| self.bad(field, "an integer or a list of integers")),
-            Some(Value::Array(items)) => {
-                let values: Option<Vec<usize>> = items.iter().map(as_usize).collect();
-                match values {
-                    Some(v) if v.len() == levels => Ok(v),
-                    Some(_) => Err(self.bad(field, &format!("a list of {levels} integers (one per down block)"))),
-                    None => Err(self.bad(field, "an integer or a list of integers")),
-                }
-            }
-            Some(v) => as_usize(v).map(|d| vec![d; levels]).ok_or_else(|| self.bad(field, "an integer or a list")),
-        }
-    }
-
-    /// `transformer_layers_per_block`-style: an integer, or a list whose entries are integers or
-    /// lists of integers (one per layer). None when absent or null.
-    fn depths(&self, field: &str, levels: usize) -> Result<Option<Vec<Depths>>> {
-        let expected = "an integer, or a list with one integer or list of integers per block";
-        let entry = |v: &Value| -> Option<Depths> {
-            match v {
-                Value::Array(items) => items.iter().map(as_usize).collect::<Option<Vec<_>>>().map(Depths::PerLayer),
-                other => as_usize(other).map(Depths::Same),
-            }
-        };
-        match self.get(field) {
-            None => Ok(None),
-            Some(Value::Array(items)) => {
-                let parsed: Option<Vec<Depths>> = items.iter().map(entry).collect();
-                match parsed {
-                    Some(v) if v.len() == levels => Ok(Some(v)),
-                    _ => Err(self.bad(field, &format!("{expected} ({levels} blocks)"))),
-                }
-            }
-            Some(v) => {
-                as_usize(v).map(|d| Some(vec![Depths::Same(d); levels])).ok_or_else(|| self.bad(field, expected))
+/// An integer for every level, or one list entry per level.
+fn per_level(f: &Fields, field: &str, levels: usize, default: Option<usize>) -> Result<Vec<usize>> {
+    match f.get(field) {
+        None => default.map(|d| vec![d; levels]).ok_or_else(|| f.bad(field, "an integer or a list of integers")),
+        Some(Value::Array(items)) => {
+            let values: Option<Vec<usize>> = items.iter().map(as_usize).collect();
+            match values {
+                Some(v) if v.len() == levels => Ok(v),
+                Some(_) => Err(f.bad(field, &format!("a list of {levels} integers (one per down block)"))),
+                None => Err(f.bad(field, "an integer or a list of integers")),
             }
         }
-    }
-
-    /// Refuses a field set to anything but what the engine implements (`accepted`, or null).
-    fn only(&self, field: &str, accepted: &[Value], feature: &str) -> Result<()> {
-        match self.get(field) {
-            Some(v) if !accepted.contains(v) => Err(Error::Unsupported(format!(
-                "{}: '{field}' = {v} ({feature}); this engine implements {}",
-                self.file,
-                if accepted.is_empty() {
-                    "only null".to_string()
-                } else {
-                    accepted.iter().map(Value::to_string).collect::<Vec<_>>().join(" or ")
-                }
-            ))),
-            _ => Ok(()),
-        }
+        Some(v) => as_usize(v).map(|d| vec![d; levels]).ok_or_else(|| f.bad(field, "an integer or a list")),
     }
 }
 
-fn as_usize(v: &Value) -> Option<usize> {
-    v.as_u64().and_then(|n| usize::try_from(n).ok())
+/// `transformer_layers_per_block`-style: an integer, or a list whose entries are integers or
+/// lists of integers (one per layer). None when absent or null.
+fn read_depths(f: &Fields, field: &str, levels: usize) -> Result<Option<Vec<Depths>>> {
+    let expected = "an integer, or a list with one integer or list of integers per block";
+    let entry = |v: &Value| -> Option<Depths> {
+        match v {
+            Value::Array(items) => items.iter().map(as_usize).collect::<Option<Vec<_>>>().map(Depths::PerLayer),
+            other => as_usize(other).map(Depths::Same),
+        }
+    };
+    match f.get(field) {
+        None => Ok(None),
+        Some(Value::Array(items)) => {
+            let parsed: Option<Vec<Depths>> = items.iter().map(entry).collect();
+            match parsed {
+                Some(v) if v.len() == levels => Ok(Some(v)),
+                _ => Err(f.bad(field, &format!("{expected} ({levels} blocks)"))),
+            }
+        }
+        Some(v) => as_usize(v).map(|d| Some(vec![Depths::Same(d); levels])).ok_or_else(|| f.bad(field, expected)),
+    }
 }
 
 impl UnetConfig {
@@ -242,10 +168,7 @@ impl UnetConfig {
     /// Absent fields take diffusers' defaults. A malformed or inconsistent config is an
     /// `Error::Input`; a valid one using a feature the engine lacks is `Error::Unsupported`.
     pub fn from_diffusers_json(text: &str, file: &str) -> Result<UnetConfig> {
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| Error::Input(format!("{file}: not valid JSON: {e}")))?;
-        let map = value.as_object().ok_or_else(|| Error::Input(format!("{file}: not a JSON object")))?;
-        let f = Fields { map, file };
+        let f = Fields::parse(text, file)?;
         if let Some(class) = f.string("_class_name")?
             && class != "UNet2DConditionModel"
         {
@@ -287,8 +210,8 @@ impl UnetConfig {
             return Err(f.bad("num_attention_heads", "null (diffusers reads the head counts from attention_head_dim)"));
         }
 
-        let down_types = f.strings("down_block_types")?;
-        let up_types = f.strings("up_block_types")?;
+        let down_types = f.strings("down_block_types", None)?;
+        let up_types = f.strings("up_block_types", None)?;
         let levels = down_types.len();
         if levels == 0 || up_types.len() != levels {
             return Err(Error::Input(format!(
@@ -296,24 +219,24 @@ impl UnetConfig {
                 up_types.len()
             )));
         }
-        let block_out_channels = f.per_level("block_out_channels", levels, None)?;
+        let block_out_channels = per_level(&f, "block_out_channels", levels, None)?;
         if f.get("block_out_channels").is_some_and(|v| !v.is_array()) {
             return Err(f.bad("block_out_channels", &format!("a list of {levels} integers")));
         }
-        let layers_per_block = f.per_level("layers_per_block", levels, Some(2))?;
+        let layers_per_block = per_level(&f, "layers_per_block", levels, Some(2))?;
         // The misnomer: attention_head_dim holds head COUNTS (FORMATS.md 1.1).
-        let heads = f.per_level("attention_head_dim", levels, Some(8))?;
-        let cross_dims = f.per_level("cross_attention_dim", levels, Some(1280))?;
-        let depths = f.depths("transformer_layers_per_block", levels)?.unwrap_or(vec![Depths::Same(1); levels]);
-        let reverse_depths = f.depths("reverse_transformer_layers_per_block", levels)?;
+        let heads = per_level(&f, "attention_head_dim", levels, Some(8))?;
+        let cross_dims = per_level(&f, "cross_attention_dim", levels, Some(1280))?;
+        let depths = read_depths(&f, "transformer_layers_per_block", levels)?.unwrap_or(vec![Depths::Same(1); levels]);
+        let reverse_depths = read_depths(&f, "reverse_transformer_layers_per_block", levels)?;
         if reverse_depths.is_none() && depths.iter().any(|d| matches!(d, Depths::PerLayer(_))) {
             return Err(f.bad(
                 "reverse_transformer_layers_per_block",
                 "given when transformer_layers_per_block has per-layer lists (as diffusers requires)",
             ));
         }
-        let groups = f.usize("norm_num_groups", Some(32))?;
-        if f.map.get("norm_num_groups").is_some_and(Value::is_null) {
+        let groups = f.usize("norm_num_groups", 32)?;
+        if f.raw("norm_num_groups").is_some_and(Value::is_null) {
             return Err(Error::Unsupported(format!("{file}: 'norm_num_groups' = null (no output GroupNorm)")));
         }
 
@@ -363,7 +286,7 @@ impl UnetConfig {
         }
 
         // Absent means diffusers' default (the cross-attention mid block); null means none.
-        let mid_type = match f.map.get("mid_block_type") {
+        let mid_type = match f.raw("mid_block_type") {
             None => Some("UNetMidBlock2DCrossAttn"),
             Some(_) => f.string("mid_block_type")?,
         };
@@ -421,17 +344,17 @@ impl UnetConfig {
 
         let text_time = match f.string("addition_embed_type")? {
             Some(_) => Some(TextTime {
-                time_embed_dim: f.usize("addition_time_embed_dim", None)?,
-                input_dim: f.usize("projection_class_embeddings_input_dim", None)?,
+                time_embed_dim: f.required_usize("addition_time_embed_dim")?,
+                input_dim: f.required_usize("projection_class_embeddings_input_dim")?,
             }),
             None => None,
         };
         let config = UnetConfig {
-            in_channels: f.usize("in_channels", Some(4))?,
-            out_channels: f.usize("out_channels", Some(4))?,
-            conv_in_kernel: f.usize("conv_in_kernel", Some(3))?,
-            conv_out_kernel: f.usize("conv_out_kernel", Some(3))?,
-            time_embed_dim: f.usize("time_embedding_dim", Some(4 * block_out_channels[0]))?,
+            in_channels: f.usize("in_channels", 4)?,
+            out_channels: f.usize("out_channels", 4)?,
+            conv_in_kernel: f.usize("conv_in_kernel", 3)?,
+            conv_out_kernel: f.usize("conv_out_kernel", 3)?,
+            time_embed_dim: f.usize("time_embedding_dim", 4 * block_out_channels[0])?,
             block_out_channels,
             down_blocks,
             mid_block,

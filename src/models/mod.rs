@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod embeddings;
+mod fields;
 pub mod layout;
 pub mod ldm;
 pub mod resnet;

@@ -4,9 +4,8 @@
 
 use std::fmt;
 
-use serde_json::{Map, Value};
-
 use crate::error::{Error, Result};
+use crate::models::fields::Fields;
 
 /// The MLP's activation (`hidden_act`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,10 +52,7 @@ impl ClipConfig {
     /// `projection_dim` is read only then. Malformed or inconsistent configs are `Error::Input`
     /// naming the field; a valid one the engine lacks is `Error::Unsupported`.
     pub fn from_transformers_json(text: &str, file: &str, with_projection: bool) -> Result<ClipConfig> {
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| Error::Input(format!("{file}: not valid JSON: {e}")))?;
-        let map = value.as_object().ok_or_else(|| Error::Input(format!("{file}: not a JSON object")))?;
-        let f = Fields { map, file };
+        let f = Fields::parse(text, file)?;
         if let Some(t) = f.get("model_type").filter(|t| t.as_str() != Some("clip_text_model")) {
             return Err(Error::Input(format!("{file}: model_type {t} is not a CLIP text model (clip_text_model)")));
         }
@@ -149,41 +145,6 @@ impl fmt::Display for ClipConfig {
         match self.projection_dim {
             Some(p) => write!(f, ", text_projection to {p}"),
             None => Ok(()),
-        }
-    }
-}
-
-/// Typed access to one config.json's fields; errors name the file and the field.
-struct Fields<'a> {
-    map: &'a Map<String, Value>,
-    file: &'a str,
-}
-
-impl Fields<'_> {
-    fn bad(&self, field: &str, expected: &str) -> Error {
-        let found = self.map.get(field).map_or("nothing".to_string(), |v| v.to_string());
-        Error::Input(format!("{}: field '{field}' must be {expected}, found {found}", self.file))
-    }
-
-    /// The field, or None when absent or null (transformers then uses its default).
-    fn get(&self, field: &str) -> Option<&Value> {
-        self.map.get(field).filter(|v| !v.is_null())
-    }
-
-    fn usize(&self, field: &str, default: usize) -> Result<usize> {
-        match self.get(field) {
-            None => Ok(default),
-            Some(v) => v
-                .as_u64()
-                .and_then(|n| usize::try_from(n).ok())
-                .ok_or_else(|| self.bad(field, "a non-negative integer")),
-        }
-    }
-
-    fn f32(&self, field: &str, default: f32) -> Result<f32> {
-        match self.get(field) {
-            None => Ok(default),
-            Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| self.bad(field, "a number")),
         }
     }
 }

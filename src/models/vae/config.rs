@@ -4,9 +4,10 @@
 
 use std::fmt;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::models::fields::{Fields, as_usize};
 use crate::tensor::DType;
 
 /// Epsilon of every GroupNorm in the AutoencoderKL decoder (ResNets, mid attention, output norm):
@@ -63,10 +64,7 @@ impl VaeConfig {
     /// or inconsistent config is an `Error::Input` naming the field; a valid one using something
     /// the engine lacks is `Error::Unsupported`.
     pub fn from_diffusers_json(text: &str, file: &str) -> Result<VaeConfig> {
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| Error::Input(format!("{file}: not valid JSON: {e}")))?;
-        let map = value.as_object().ok_or_else(|| Error::Input(format!("{file}: not a JSON object")))?;
-        let f = Fields { map, file };
+        let f = Fields::parse(text, file)?;
         if let Some(class) = f.get("_class_name").filter(|c| c.as_str() != Some("AutoencoderKL")) {
             return Err(Error::Input(format!("{file} describes a {class}, not an AutoencoderKL")));
         }
@@ -82,7 +80,7 @@ impl VaeConfig {
             }
         }
         let block_out_channels = f.usizes("block_out_channels", &[64])?;
-        let up_types = f.strings("up_block_types", &["UpDecoderBlock2D"])?;
+        let up_types = f.strings("up_block_types", Some(&["UpDecoderBlock2D"]))?;
         if let Some(other) = up_types.iter().find(|t| *t != "UpDecoderBlock2D") {
             return Err(Error::Unsupported(format!(
                 "{file}: up_block_types has '{other}'; this engine implements UpDecoderBlock2D"
@@ -108,7 +106,7 @@ impl VaeConfig {
             force_upcast: f.bool("force_upcast", true)?,
             mid_block_attention: f.bool("mid_block_add_attention", true)?,
             post_quant_conv: f.bool("use_post_quant_conv", true)?,
-            sample_size: f.sample_size()?,
+            sample_size: sample_size(&f)?,
         };
         config.validate(file)?;
         Ok(config)
@@ -164,75 +162,12 @@ impl fmt::Display for VaeConfig {
     }
 }
 
-/// Typed access to one config.json's fields; errors name the file and the field.
-struct Fields<'a> {
-    map: &'a Map<String, Value>,
-    file: &'a str,
-}
-
-impl Fields<'_> {
-    fn bad(&self, field: &str, expected: &str) -> Error {
-        let found = self.map.get(field).map_or("nothing".to_string(), |v| v.to_string());
-        Error::Input(format!("{}: field '{field}' must be {expected}, found {found}", self.file))
-    }
-
-    /// The field, or None when absent or null (diffusers then uses its default).
-    fn get(&self, field: &str) -> Option<&Value> {
-        self.map.get(field).filter(|v| !v.is_null())
-    }
-
-    fn usize(&self, field: &str, default: usize) -> Result<usize> {
-        match self.get(field) {
-            None => Ok(default),
-            Some(v) => as_usize(v).ok_or_else(|| self.bad(field, "a non-negative integer")),
-        }
-    }
-
-    fn f32(&self, field: &str, default: f32) -> Result<f32> {
-        match self.get(field) {
-            None => Ok(default),
-            Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| self.bad(field, "a number")),
-        }
-    }
-
-    fn bool(&self, field: &str, default: bool) -> Result<bool> {
-        match self.get(field) {
-            None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| self.bad(field, "true or false")),
-        }
-    }
-
-    fn usizes(&self, field: &str, default: &[usize]) -> Result<Vec<usize>> {
-        match self.get(field) {
-            None => Ok(default.to_vec()),
-            Some(v) => v
-                .as_array()
-                .and_then(|items| items.iter().map(as_usize).collect::<Option<Vec<_>>>())
-                .ok_or_else(|| self.bad(field, "a list of non-negative integers")),
-        }
-    }
-
-    fn strings(&self, field: &str, default: &[&str]) -> Result<Vec<String>> {
-        match self.get(field) {
-            None => Ok(default.iter().map(|s| s.to_string()).collect()),
-            Some(v) => v
-                .as_array()
-                .and_then(|items| items.iter().map(|s| s.as_str().map(str::to_string)).collect::<Option<Vec<_>>>())
-                .ok_or_else(|| self.bad(field, "a list of block names")),
-        }
-    }
-
-    /// An integer, or a [height, width] list of which diffusers takes the first.
-    fn sample_size(&self) -> Result<usize> {
-        let parsed = match self.get("sample_size") {
-            None => return Ok(32),
-            Some(Value::Array(items)) => items.first().and_then(as_usize),
-            Some(v) => as_usize(v),
-        };
-        parsed.ok_or_else(|| self.bad("sample_size", "an integer or a [height, width] list"))
-    }
-}
-
-fn as_usize(v: &Value) -> Option<usize> {
-    v.as_u64().and_then(|n| usize::try_from(n).ok())
+/// `sample_size`: an integer, or a [height, width] list of which diffusers takes the first.
+fn sample_size(f: &Fields) -> Result<usize> {
+    let parsed = match f.get("sample_size") {
+        None => return Ok(32),
+        Some(Value::Array(items)) => items.first().and_then(as_usize),
+        Some(v) => as_usize(v),
+    };
+    parsed.ok_or_else(|| f.bad("sample_size", "an integer or a [height, width] list"))
 }

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use super::config::UnetConfig;
+use super::files::{self, DIFFUSERS_FILES, Location};
 use super::ldm::{self, LdmNames};
 use super::unet::Unet;
 use crate::error::{Error, Result};
@@ -28,48 +29,19 @@ pub struct UnetCheckpoint {
     pub format: UnetFormat,
 }
 
-/// Weight files of a diffusers model folder, in the order tried.
-const DIFFUSERS_FILES: [&str; 4] = [
-    "diffusion_pytorch_model.safetensors",
-    "diffusion_pytorch_model.safetensors.index.json",
-    "diffusion_pytorch_model.fp16.safetensors",
-    "diffusion_pytorch_model.fp16.safetensors.index.json",
-];
-
 /// Opens `path` (folder or file, see the module doc), checks its tensors strictly against the
 /// architecture and maps them without a copy.
 pub fn open_unet(path: &Path) -> Result<UnetCheckpoint> {
-    if path.is_dir() {
-        let folder = if path.join("config.json").is_file() { path.to_path_buf() } else { path.join("unet") };
-        if !folder.join("config.json").is_file() {
-            return Err(Error::Input(format!(
-                "{}: no config.json (a diffusers UNet folder) and no unet/config.json (a pipeline folder)",
-                path.display()
-            )));
-        }
-        return open_diffusers(&folder);
+    match files::locate(path, "unet", "a diffusers UNet folder")? {
+        Location::Folder(folder) => open_diffusers(&folder),
+        Location::SingleFile => open_single_file(path),
     }
-    if path.file_name().is_some_and(|n| n == "config.json") {
-        return open_diffusers(path.parent().unwrap_or(Path::new(".")));
-    }
-    if !path.is_file() {
-        return Err(Error::Input(format!("{}: no such file or folder", path.display())));
-    }
-    open_single_file(path)
 }
 
 fn open_diffusers(folder: &Path) -> Result<UnetCheckpoint> {
-    let config_path = folder.join("config.json");
-    let text = std::fs::read_to_string(&config_path)
-        .map_err(|e| Error::Input(format!("{}: cannot read: {e}", config_path.display())))?;
-    let config = UnetConfig::from_diffusers_json(&text, &config_path.display().to_string())?;
-    let Some(file) = DIFFUSERS_FILES.iter().map(|f| folder.join(f)).find(|p| p.is_file()) else {
-        return Err(Error::Input(format!(
-            "{}: none of {} (a .bin checkpoint is a pickle: convert it to safetensors first)",
-            folder.display(),
-            DIFFUSERS_FILES.join(", ")
-        )));
-    };
+    let (text, config_file) = files::read_config(folder)?;
+    let config = UnetConfig::from_diffusers_json(&text, &config_file)?;
+    let file = files::weights_file(folder, &DIFFUSERS_FILES)?;
     let specs = Unet::tensor_specs(&config);
     let weights = weights::load_strict(&[file], &specs, &[])?;
     let names = specs.into_iter().map(|s| (s.name.clone(), s.name)).collect();

@@ -7,6 +7,7 @@ pub mod clip;
 pub mod config;
 pub mod embeddings;
 mod fields;
+mod files;
 pub mod layout;
 pub mod ldm;
 pub mod resnet;

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use super::config::{Activation, ClipConfig, Pooling};
 use crate::error::{Error, Result};
+use crate::models::files::{self, Location};
 use crate::weights::{self, LoadedWeights, TensorSpec};
 
 /// Which of SDXL's two text encoders.
@@ -121,44 +122,22 @@ pub fn tensor_specs(c: &ClipConfig) -> Vec<TensorSpec> {
 /// Opens `path` for the encoder `kind` (folder or file, see the module doc), checks its tensors
 /// strictly against the architecture and maps them without a copy.
 pub fn open_text_encoder(path: &Path, kind: TextEncoderKind) -> Result<ClipCheckpoint> {
-    if path.is_dir() {
-        let folder = if path.join("config.json").is_file() { path.to_path_buf() } else { path.join(kind.folder()) };
-        if !folder.join("config.json").is_file() {
-            return Err(Error::Input(format!(
-                "{}: no config.json (a transformers text encoder folder) and no {}/config.json (a pipeline folder)",
-                path.display(),
-                kind.folder()
-            )));
-        }
-        return open_transformers(&folder, kind);
+    match files::locate(path, kind.folder(), "a transformers text encoder folder")? {
+        Location::Folder(folder) => open_transformers(&folder, kind),
+        Location::SingleFile => open_single_file(path, kind),
     }
-    if path.file_name().is_some_and(|n| n == "config.json") {
-        return open_transformers(path.parent().unwrap_or(Path::new(".")), kind);
-    }
-    if !path.is_file() {
-        return Err(Error::Input(format!("{}: no such file or folder", path.display())));
-    }
-    open_single_file(path, kind)
 }
 
 fn open_transformers(folder: &Path, kind: TextEncoderKind) -> Result<ClipCheckpoint> {
-    let Some(file) = TRANSFORMERS_FILES.iter().map(|f| folder.join(f)).find(|p| p.is_file()) else {
-        return Err(Error::Input(format!(
-            "{}: none of {} (a .bin checkpoint is a pickle: convert it to safetensors first)",
-            folder.display(),
-            TRANSFORMERS_FILES.join(", ")
-        )));
-    };
+    let file = files::weights_file(folder, &TRANSFORMERS_FILES)?;
     let files = [file];
     // 1. the names present: transformers 4 saves (the SDXL repository) prefix `text_model.`,
     //    transformers 5 saves CLIPTextModel without it; a projection makes it WithProjection
     let found = weights::load_filtered(&files, None, &is_buffer)?;
     let prefix = if found.get("text_model.embeddings.token_embedding.weight").is_ok() { "text_model." } else { "" };
     let with_projection = found.get("text_projection.weight").is_ok();
-    let config_path = folder.join("config.json");
-    let text = std::fs::read_to_string(&config_path)
-        .map_err(|e| Error::Input(format!("{}: cannot read: {e}", config_path.display())))?;
-    let config = ClipConfig::from_transformers_json(&text, &config_path.display().to_string(), with_projection)?;
+    let (text, config_file) = files::read_config(folder)?;
+    let config = ClipConfig::from_transformers_json(&text, &config_file, with_projection)?;
     // 2. every tensor, strictly
     let mut names = Vec::new();
     let mut specs = Vec::new();

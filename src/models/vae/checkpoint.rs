@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use super::Vae;
 use super::config::VaeConfig;
 use crate::error::{Error, Result};
+use crate::models::files::{self, DIFFUSERS_FILES, Location};
 use crate::weights::{self, LoadedWeights, TensorSpec};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,14 +29,6 @@ pub struct VaeCheckpoint {
     pub names: Vec<(String, String)>,
     pub format: VaeFormat,
 }
-
-/// Weight files of a diffusers model folder, in the order tried (as `models::checkpoint`).
-const DIFFUSERS_FILES: [&str; 4] = [
-    "diffusion_pytorch_model.safetensors",
-    "diffusion_pytorch_model.safetensors.index.json",
-    "diffusion_pytorch_model.fp16.safetensors",
-    "diffusion_pytorch_model.fp16.safetensors.index.json",
-];
 
 /// Where single files keep the VAE (diffusers' LDM_VAE_KEYS), then a standalone VAE file.
 const SINGLE_FILE_PREFIXES: [&str; 3] = ["first_stage_model.", "vae.", ""];
@@ -56,37 +49,16 @@ fn encoder_side(name: &str) -> bool {
 /// Opens `path` (folder or file, see the module doc), checks its decoder tensors strictly against
 /// the architecture and maps them without a copy.
 pub fn open_vae(path: &Path) -> Result<VaeCheckpoint> {
-    if path.is_dir() {
-        let folder = if path.join("config.json").is_file() { path.to_path_buf() } else { path.join("vae") };
-        if !folder.join("config.json").is_file() {
-            return Err(Error::Input(format!(
-                "{}: no config.json (a diffusers VAE folder) and no vae/config.json (a pipeline folder)",
-                path.display()
-            )));
-        }
-        return open_diffusers(&folder);
+    match files::locate(path, "vae", "a diffusers VAE folder")? {
+        Location::Folder(folder) => open_diffusers(&folder),
+        Location::SingleFile => open_single_file(path),
     }
-    if path.file_name().is_some_and(|n| n == "config.json") {
-        return open_diffusers(path.parent().unwrap_or(Path::new(".")));
-    }
-    if !path.is_file() {
-        return Err(Error::Input(format!("{}: no such file or folder", path.display())));
-    }
-    open_single_file(path)
 }
 
 fn open_diffusers(folder: &Path) -> Result<VaeCheckpoint> {
-    let config_path = folder.join("config.json");
-    let text = std::fs::read_to_string(&config_path)
-        .map_err(|e| Error::Input(format!("{}: cannot read: {e}", config_path.display())))?;
-    let config = VaeConfig::from_diffusers_json(&text, &config_path.display().to_string())?;
-    let Some(file) = DIFFUSERS_FILES.iter().map(|f| folder.join(f)).find(|p| p.is_file()) else {
-        return Err(Error::Input(format!(
-            "{}: none of {} (a .bin checkpoint is a pickle: convert it to safetensors first)",
-            folder.display(),
-            DIFFUSERS_FILES.join(", ")
-        )));
-    };
+    let (text, config_file) = files::read_config(folder)?;
+    let config = VaeConfig::from_diffusers_json(&text, &config_file)?;
+    let file = files::weights_file(folder, &DIFFUSERS_FILES)?;
     let files = [file];
     // 1. the names present: files saved before diffusers' attention refactor use query/key/value/
     //    proj_attn for the mid attention

@@ -34,4 +34,10 @@ for ref in "$work"/ref_*.safetensors; do
   echo "VERIFY {\"reference\": \"$(basename "$ref")\", \"exit\": $rc}" | tee -a "$log"
   [ "$rc" -eq 0 ] || status=1
 done
+
+echo "== celframe bench vae_decoder: 16 frames at 1024x576, GPU time of the decoder forwards" | tee -a "$log"
+for chunk in 8 4 16; do
+  "$bin" bench vae_decoder --weights "$work/sdxl_vae" --batch 16 --height 72 --width 128 --chunk "$chunk" --runs 5 --scratch-gb 40 2>&1 | tee -a "$log"
+done
+python3 tools/report.py "$log" | tee "$out/vae_report.md"
 exit $status

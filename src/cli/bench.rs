@@ -12,13 +12,15 @@ use crate::error::{Error, Result};
 use crate::gpu::timing::time_gpu;
 use crate::gpu::{Arena, Gpu, nvtx};
 use crate::models::clip::{ClipTextModel, TextEncoderKind, open_text_encoder};
+use crate::models::vae::{Vae, open_vae};
 use crate::models::{Place, Unet, UnetInputs, open_unet};
 use crate::ops::Exec;
 use crate::tensor::{DType, Tensor};
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// What to time: unet, or text_encoders (both SDXL encoders on a CFG pair of prompts).
+    /// What to time: unet; text_encoders (both SDXL encoders on a CFG pair of prompts);
+    /// vae_decoder (`--batch` frames of `--height` x `--width` latents, `--chunk` at a time).
     pub component: String,
     /// unet: a diffusers UNet folder or a single-file checkpoint; text_encoders: a folder holding
     /// text_encoder/ and text_encoder_2/ (a pipeline folder) or a single-file checkpoint.
@@ -40,6 +42,9 @@ pub struct BenchArgs {
     /// Timed forwards (after two untimed ones).
     #[arg(long, default_value_t = 10)]
     pub runs: usize,
+    /// vae_decoder: frames per decoder forward.
+    #[arg(long, default_value_t = 8)]
+    pub chunk: usize,
     /// CUDA scratch arena in GiB.
     #[arg(long, default_value_t = 24.0)]
     pub scratch_gb: f64,
@@ -56,7 +61,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     match args.component.as_str() {
         "unet" => bench_unet(args, dtype),
         "text_encoders" => bench_text_encoders(args, dtype),
-        other => Err(Error::Input(format!("bench: unknown component '{other}' (supported: unet, text_encoders)"))),
+        "vae_decoder" => bench_vae_decoder(args, dtype),
+        other => Err(Error::Input(format!(
+            "bench: unknown component '{other}' (supported: unet, text_encoders, vae_decoder)"
+        ))),
     }
 }
 
@@ -147,6 +155,48 @@ fn bench_text_encoders(args: &BenchArgs, dtype: DType) -> Result<()> {
     eprintln!("{key} (batch {}): median {:.3} ms, min {:.3} ms", args.batch, t.median_ms(), t.min_ms());
     println!(
         "BENCH {{\"name\":\"text_encoders\",\"key\":\"{key}\",\"ms\":{:.4},\"min_ms\":{:.4},\"gbps\":null,\"tflops\":null}}",
+        t.median_ms(),
+        t.min_ms()
+    );
+    Ok(())
+}
+
+/// The VAE decoder's forwards over `--batch` frames in chunks of `--chunk` (device latents in,
+/// device images out: what diffusers' `vae.decode` on GPU tensors does).
+fn bench_vae_decoder(args: &BenchArgs, dtype: DType) -> Result<()> {
+    if args.chunk == 0 {
+        return Err(Error::Input("--chunk must be at least 1".into()));
+    }
+    let checkpoint = open_vae(&args.weights)?;
+    let gpu = Gpu::from_env()?;
+    let bytes: usize = checkpoint.weights.iter().map(|(_, t)| t.numel() * dtype.size() + 256).sum();
+    let weights = Arena::new("weights", bytes + (64 << 20))?;
+    let scratch = Arena::new("scratch", (args.scratch_gb * (1u64 << 30) as f64) as usize)?;
+    let vae = Vae::new(&checkpoint, Place::Device { gpu: &gpu, arena: &weights, dtype })?;
+    let (h, w, c) = (args.height, args.width, vae.config.latent_channels);
+    let chunks: Vec<Tensor> = (0..args.batch)
+        .step_by(args.chunk)
+        .map(|first| {
+            let k = args.chunk.min(args.batch - first);
+            gpu.upload(&weights, &random(&[k, h, w, c], 4 + first as u64, 1.0, dtype)?, dtype)
+        })
+        .collect::<Result<_>>()?;
+    let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
+    let f = vae.config.upsample_factor();
+    let key = format!("vae decode {} {}x{}x{}", dtype.kernel_suffix(), args.batch, f * w, f * h);
+    let t = time_gpu(&gpu, 1, args.runs, || {
+        let _r = nvtx::range(&key);
+        chunks.iter().try_for_each(|z| vae.forward(&ex, z).map(drop))
+    })?;
+    eprintln!(
+        "{key} (chunks of {}): median {:.3} ms, min {:.3} ms; scratch peak {:.2} GiB",
+        args.chunk,
+        t.median_ms(),
+        t.min_ms(),
+        scratch.peak() as f64 / (1u64 << 30) as f64
+    );
+    println!(
+        "BENCH {{\"name\":\"vae_decoder\",\"key\":\"{key}\",\"ms\":{:.4},\"min_ms\":{:.4},\"gbps\":null,\"tflops\":null}}",
         t.median_ms(),
         t.min_ms()
     );

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use super::arenas::{gib, model_arenas, weight_bytes};
 use super::demo::random;
 use crate::error::{Error, Result};
 use crate::gpu::timing::time_gpu;
@@ -72,9 +73,7 @@ fn bench_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     let checkpoint = open_unet(&args.weights)?;
     let cfg = &checkpoint.config;
     let gpu = Gpu::from_env()?;
-    let weight_bytes: usize = checkpoint.weights.iter().map(|(_, t)| t.numel() * dtype.size() + 256).sum();
-    let weights = Arena::new("weights", weight_bytes + (64 << 20))?;
-    let scratch = Arena::new("scratch", (args.scratch_gb * (1u64 << 30) as f64) as usize)?;
+    let (weights, scratch) = model_arenas(&checkpoint.weights, dtype, 64 << 20, |_| gib(args.scratch_gb))?;
     let unet = Unet::new(&checkpoint, Place::Device { gpu: &gpu, arena: &weights, dtype })?;
 
     // Random inputs at the requested size: SDXL-style time ids, one timestep per image.
@@ -124,13 +123,12 @@ fn bench_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
 /// the penultimate hidden states SDXL uses.
 fn bench_text_encoders(args: &BenchArgs, dtype: DType) -> Result<()> {
     let gpu = Gpu::from_env()?;
-    let scratch = Arena::new("scratch", (args.scratch_gb * (1u64 << 30) as f64) as usize)?;
+    let scratch = Arena::new("scratch", gib(args.scratch_gb))?;
     let mut models = Vec::new();
     let mut arenas = Vec::new();
     for kind in [TextEncoderKind::ClipL, TextEncoderKind::ClipG] {
         let checkpoint = open_text_encoder(&args.weights, kind)?;
-        let bytes: usize = checkpoint.weights.iter().map(|(_, t)| t.numel() * dtype.size() + 256).sum();
-        arenas.push(Arena::new("weights", bytes + (1 << 20))?);
+        arenas.push(Arena::new("weights", weight_bytes(&checkpoint.weights, dtype) + (1 << 20))?);
         let arena = arenas.last().unwrap();
         models.push(ClipTextModel::new(&checkpoint, Place::Device { gpu: &gpu, arena, dtype })?);
     }
@@ -169,9 +167,7 @@ fn bench_vae_decoder(args: &BenchArgs, dtype: DType) -> Result<()> {
     }
     let checkpoint = open_vae(&args.weights)?;
     let gpu = Gpu::from_env()?;
-    let bytes: usize = checkpoint.weights.iter().map(|(_, t)| t.numel() * dtype.size() + 256).sum();
-    let weights = Arena::new("weights", bytes + (64 << 20))?;
-    let scratch = Arena::new("scratch", (args.scratch_gb * (1u64 << 30) as f64) as usize)?;
+    let (weights, scratch) = model_arenas(&checkpoint.weights, dtype, 64 << 20, |_| gib(args.scratch_gb))?;
     let vae = Vae::new(&checkpoint, Place::Device { gpu: &gpu, arena: &weights, dtype })?;
     let (h, w, c) = (args.height, args.width, vae.config.latent_channels);
     let chunks: Vec<Tensor> = (0..args.batch)

@@ -2,6 +2,7 @@
 //! renderer exists), `celframe info` (device and compiled kernels) and `celframe verify` (a
 //! component against a reference file).
 
+mod arenas;
 pub mod bench;
 pub mod demo;
 pub mod info;

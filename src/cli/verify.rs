@@ -9,8 +9,9 @@ use std::process::ExitCode;
 
 use clap::Args;
 
+use crate::cli::arenas::{gib, model_arenas, most_of_memory};
 use crate::error::{Error, Result};
-use crate::gpu::{Arena, Gpu};
+use crate::gpu::Gpu;
 use crate::models::clip::TextEncoderKind;
 use crate::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
 use crate::models::{Place, Unet, UnetFormat, UnetInputs, UnetResiduals, open_unet};
@@ -362,7 +363,6 @@ fn run_cuda(
     scratch_gb: Option<f64>,
 ) -> Result<Tensor> {
     let gpu = Gpu::from_env()?;
-    let weight_bytes: usize = checkpoint.weights.iter().map(|(_, t)| t.numel() * dtype.size() + 256).sum();
     let input_bytes: usize = [Some(&r.sample), Some(&r.encoder_hidden_states), r.text_embeds.as_ref()]
         .into_iter()
         .flatten()
@@ -370,12 +370,9 @@ fn run_cuda(
         .map(|t| t.size_bytes() + 256)
         .sum::<usize>()
         + (1 << 20);
-    let weights_arena = Arena::new("weights", weight_bytes + input_bytes)?;
-    let scratch_bytes = match scratch_gb {
-        Some(g) => (g * (1u64 << 30) as f64) as usize,
-        None => (gpu.info().total_memory / 4 * 3).saturating_sub(weight_bytes).max(1 << 30),
-    };
-    let scratch = Arena::new("scratch", scratch_bytes)?;
+    let (weights_arena, scratch) = model_arenas(&checkpoint.weights, dtype, input_bytes, |w| {
+        scratch_gb.map_or_else(|| most_of_memory(&gpu, w), gib)
+    })?;
     let unet = Unet::new(checkpoint, Place::Device { gpu: &gpu, arena: &weights_arena, dtype })?;
     let up = |t: &Tensor| gpu.upload(&weights_arena, t, t.dtype());
     let (sample, timestep, context) = (up(&r.sample)?, up(&r.timestep)?, up(&r.encoder_hidden_states)?);

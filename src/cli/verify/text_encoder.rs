@@ -13,8 +13,9 @@
 use std::path::Path;
 
 use super::{Device, Verification, compare};
+use crate::cli::arenas::{gib, model_arenas};
 use crate::error::{Error, Result};
-use crate::gpu::{Arena, Gpu};
+use crate::gpu::Gpu;
 use crate::models::Place;
 use crate::models::clip::{ClipCheckpoint, ClipFormat, ClipOutputs, ClipTextModel, TextEncoderKind, open_text_encoder};
 use crate::ops::Exec;
@@ -194,13 +195,9 @@ fn run_cuda(
     scratch_gb: Option<f64>,
 ) -> Result<Vec<(String, Tensor)>> {
     let gpu = Gpu::from_env()?;
-    let weight_bytes: usize = checkpoint.weights.iter().map(|(_, t)| t.numel() * dtype.size() + 256).sum();
-    let weights_arena = Arena::new("weights", weight_bytes + (1 << 20))?;
-    let scratch_bytes = match scratch_gb {
-        Some(g) => (g * (1u64 << 30) as f64) as usize,
-        None => (1usize << 30).max(weight_bytes / 4),
-    };
-    let scratch = Arena::new("scratch", scratch_bytes)?;
+    // Default scratch: a quarter of the weights, at least 1 GiB.
+    let (weights_arena, scratch) =
+        model_arenas(&checkpoint.weights, dtype, 1 << 20, |w| scratch_gb.map_or((1usize << 30).max(w / 4), gib))?;
     let model = ClipTextModel::new(checkpoint, Place::Device { gpu: &gpu, arena: &weights_arena, dtype })?;
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
     let out = model.forward(&ex, &r.ids, r.tokens, keep)?;

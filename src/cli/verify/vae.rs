@@ -9,8 +9,9 @@ use std::io::Read;
 use std::path::Path;
 
 use super::{Device, Verification, compare};
+use crate::cli::arenas::{gib, model_arenas, most_of_memory};
 use crate::error::{Error, Result};
-use crate::gpu::{Arena, Gpu};
+use crate::gpu::Gpu;
 use crate::models::Place;
 use crate::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
 use crate::models::vae::{DecodeOptions, DecodeReport, Tiling, Vae, VaeCheckpoint, VaeFormat, open_vae};
@@ -138,13 +139,8 @@ fn decode_cuda(
     scratch_gb: Option<f64>,
 ) -> Result<(Tensor, DecodeReport)> {
     let gpu = Gpu::from_env()?;
-    let weight_bytes: usize = checkpoint.weights.iter().map(|(_, t)| t.numel() * dtype.size() + 256).sum();
-    let weights_arena = Arena::new("weights", weight_bytes + (1 << 20))?;
-    let scratch_bytes = match scratch_gb {
-        Some(g) => (g * (1u64 << 30) as f64) as usize,
-        None => (gpu.info().total_memory / 4 * 3).saturating_sub(weight_bytes).max(1 << 30),
-    };
-    let scratch = Arena::new("scratch", scratch_bytes)?;
+    let (weights_arena, scratch) =
+        model_arenas(&checkpoint.weights, dtype, 1 << 20, |w| scratch_gb.map_or_else(|| most_of_memory(&gpu, w), gib))?;
     let vae = Vae::new(checkpoint, Place::Device { gpu: &gpu, arena: &weights_arena, dtype })?;
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
     // Twice: the first run also picks cuDNN's algorithms (once per shape), the second is the

@@ -227,6 +227,8 @@ fn conv2d_matches_twin() {
         (&[1, 64, 64, 1920], 640, 1, 1, 0, DType::F16),  // up-block shortcut
         (&[1, 32, 32, 1280], 1280, 3, 1, 1, DType::BF16),
         (&[1, 16, 16, 64], 32, 3, 1, 1, DType::F32),
+        // 2^31 elements and more: cuDNN's 32-bit descriptors need the batch sliced (16 VAE frames)
+        (&[3, 1024, 1024, 704], 8, 1, 1, 0, DType::F16),
     ];
     for &(shape, oc, k, stride, padding, dtype) in cases {
         let ic = shape[3];

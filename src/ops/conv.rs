@@ -107,7 +107,19 @@ pub fn conv2d(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: Con
                 if dnn.is_none() {
                     *dnn = Some(Dnn::new(gpu)?);
                 }
-                dnn.as_mut().unwrap().conv2d(&shape, x.device_ptr()?, w.device_ptr()?, y.device_ptr()?)?;
+                // cuDNN's 4-d descriptors count elements in 32 bits: batches whose input or output
+                // holds 2^31 elements or more (16 VAE frames at 1024x576 x 256 channels) run in
+                // slices of whole images, each a plan of its own.
+                let per_image = (shape.height * shape.width * shape.in_channels).max(oh * ow * shape.out_channels);
+                let slice = ((i32::MAX as usize) / per_image.max(1)).clamp(1, shape.batch);
+                let (x0, w0, y0) = (x.device_ptr()?, w.device_ptr()?, y.device_ptr()?);
+                let es = dtype.size() as u64;
+                for first in (0..shape.batch).step_by(slice) {
+                    let part = ConvShape { batch: slice.min(shape.batch - first), ..shape };
+                    let xs = x0 + (first * shape.height * shape.width * shape.in_channels) as u64 * es;
+                    let ys = y0 + (first * oh * ow * shape.out_channels) as u64 * es;
+                    dnn.as_mut().unwrap().conv2d(&part, xs, w0, ys)?;
+                }
             }
             match bias {
                 Some(b) => add(ex, &y, b, 1.0),

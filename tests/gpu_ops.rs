@@ -43,8 +43,8 @@ impl Rig {
         let gpu = Gpu::from_env().unwrap();
         gpu.set_poison_outputs(true);
         Rig {
-            weights: Arena::new("test inputs", 4 << 30).unwrap(),
-            scratch: Arena::new("test scratch", 4 << 30).unwrap(),
+            weights: Arena::new("test inputs", 8 << 30).unwrap(),
+            scratch: Arena::new("test scratch", 8 << 30).unwrap(),
             gpu,
             seed: 1.into(),
         }

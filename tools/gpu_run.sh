@@ -15,7 +15,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
 echo "== GPU tests (CUDA ops vs CPU twins)" | tee -a "$log"
 tests=0
 for t in dist/gpu/test_*; do
-  "$t" --include-ignored --nocapture --test-threads=3 2>&1 | tee -a "$log"
+  # One test at a time: with two test threads (two Gpu instances in one process) a cuDNN bf16
+  # convolution failed once in three runs with CUDNN_STATUS_EXECUTION_FAILED (cause not found;
+  # the CLI holds one Gpu per process).
+  "$t" --include-ignored --nocapture --test-threads=1 2>&1 | tee -a "$log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || tests=1
 done
 echo "== celframe benchmarks" | tee -a "$log"

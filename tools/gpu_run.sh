@@ -7,10 +7,7 @@ out=${OUT:-/tmp/celframe-gpu}
 mkdir -p "$out"
 log=$out/gpu_run.log
 : >"$log"
-# cuBLASLt and cuDNN come from the NVIDIA wheels next to PyTorch.
-libs=$(python3 -c 'import glob, os, nvidia
-print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(os.path.join(d, "**/lib*.so*"), recursive=True)})))')
-export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
+source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee -a "$log"
 echo "== GPU tests (CUDA ops vs CPU twins)" | tee -a "$log"
 tests=0

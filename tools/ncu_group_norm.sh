@@ -2,8 +2,7 @@
 # On the GPU machine after tools/gpu_run.sh's setup: Nsight Compute on one group-norm launch of the
 # headline benchmark shape (issue rate, stalls, occupancy, DRAM and L2 throughput).
 set -uo pipefail
-export LD_LIBRARY_PATH=$(python3 -c 'import glob, os, nvidia
-print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(os.path.join(d, "**/lib*.so*"), recursive=True)})))')
+source "$(dirname "$0")/gpu_env.sh"
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -n 1)
 CELFRAME_BENCH_FILTER="${1:-group_norm_silu f16 N32 C320 H72 W128}" "$ncu" --kernel-name regex:group_norm --launch-skip 5 --launch-count 1 \
   --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \

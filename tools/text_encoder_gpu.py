@@ -14,9 +14,13 @@
 import argparse
 import json
 import os
+import sys
 
 import torch
 from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(__file__))
+from cuda_timing import cuda_ms  # noqa: E402
 
 # The configs of stabilityai/stable-diffusion-xl-base-1.0 text_encoder/ and text_encoder_2/ (FORMATS.md 2.1).
 COMMON = dict(vocab_size=49408, max_position_embeddings=77, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2,
@@ -106,17 +110,7 @@ def main():
             for m in models.values():
                 m(input_ids=dev_ids, output_hidden_states=True)
 
-    for _ in range(3):
-        both()
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        both()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    ms = sorted(times)[len(times) // 2]
+    ms = cuda_ms(both, 3, 20)
     print("PEER " + json.dumps({"key": "text encoders f16 CFG pair", "variant": "transformers eager", "ms": round(ms, 3)}))
 
 

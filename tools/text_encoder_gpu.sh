@@ -12,9 +12,7 @@ work=${WORK:-/tmp/celframe-text}
 mkdir -p "$out" "$work"
 log=$out/text_encoder_gpu.log
 : >"$log"
-libs=$(python3 -c 'import glob, os, nvidia
-print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(os.path.join(d, "**/lib*.so*"), recursive=True)})))')
-export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
+source "$(dirname "$0")/gpu_env.sh"
 status=0
 
 echo "== transformers: weights, references, timing" | tee -a "$log"

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
+from cuda_timing import cuda_ms  # noqa: E402
 from dump_unet_reference import random_inputs, reference_tensors, run  # noqa: E402
 
 # diffusers' unet/config.json of stabilityai/stable-diffusion-xl-base-1.0 (FORMATS.md 1.1).
@@ -69,18 +70,6 @@ def make_weights(folder):
     print(f"wrote {folder}: {sum(p.numel() for p in unet.parameters()) / 1e9:.3f}B parameters", flush=True)
 
 
-def cuda_ms(f, warmup=3, runs=10):
-    for _ in range(warmup):
-        f()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        f()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def main():
@@ -114,12 +103,12 @@ def main():
         key = f"unet f16 b{batch} {8 * h}x{8 * w}"
         g = torch.Generator().manual_seed(1)
         inputs = random_inputs(unet, batch, h, w, 77, g, torch.float16)
-        ms = cuda_ms(lambda: run(unet, inputs))
+        ms = cuda_ms(lambda: run(unet, inputs), 3, 10)
         print("PEER " + json.dumps({"key": key, "variant": "diffusers eager", "ms": round(ms, 3)}), flush=True)
         if args.compile:
             compiled = torch.compile(unet)
             t0 = time.time()
-            ms = cuda_ms(lambda: run(compiled, inputs))
+            ms = cuda_ms(lambda: run(compiled, inputs), 3, 10)
             print(f"# torch.compile of {key}: {time.time() - t0:.0f} s including compilation", flush=True)
             print("PEER " + json.dumps({"key": key, "variant": "diffusers torch.compile", "ms": round(ms, 3)}), flush=True)
 

@@ -14,13 +14,8 @@ work=${WORK:-/tmp/celframe-unet}
 mkdir -p "$out" "$work"
 log=$out/unet_gpu.log
 : >"$log"
-libs=$(python3 -c 'import glob, os, nvidia
-print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(os.path.join(d, "**/lib*.so*"), recursive=True)})))')
-export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
-if ! python3 -c "import diffusers" 2>/dev/null; then
-  python3 -m pip install --quiet --no-deps --target "$work/py" dist/wheels/*.whl
-  export PYTHONPATH="$work/py:${PYTHONPATH:-}"
-fi
+source "$(dirname "$0")/gpu_env.sh"
+need_diffusers "$work"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$log"
 status=0
 

@@ -15,9 +15,13 @@
 import argparse
 import json
 import os
+import sys
 
 import torch
 from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(__file__))
+from cuda_timing import cuda_ms  # noqa: E402
 
 # vae/config.json of madebyollin/sdxl-vae-fp16-fix (FORMATS.md 3.1).
 SDXL_VAE = {
@@ -60,18 +64,6 @@ def make_weights(folder):
     print(f"wrote {folder}: {sum(p.numel() for p in vae.parameters()) / 1e6:.1f}M parameters", flush=True)
 
 
-def cuda_ms(f, warmup=2, runs=5):
-    for _ in range(warmup):
-        f()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        f()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def save_reference(path, z, sample, metadata=None):
@@ -122,7 +114,7 @@ def main():
         ref16 = vae16.decode(z).sample
         save_reference(os.path.join(args.work, "ref_16f_f16.safetensors"), z, ref16)
         torch.cuda.reset_peak_memory_stats()
-        ms = cuda_ms(lambda: vae16.decode(z))
+        ms = cuda_ms(lambda: vae16.decode(z), 2, 5)
         peak = torch.cuda.max_memory_allocated() / 2**30
         print("PEER " + json.dumps({"key": "vae decode f16 16x1024x576", "variant": "diffusers eager", "ms": round(ms, 3),
                                     "peak_gib": round(peak, 2)}), flush=True)

@@ -1,0 +1,14 @@
+# Sourced by the GPU-machine scripts (gpu_run.sh, ncu_group_norm.sh, unet_gpu.sh, vae_gpu.sh,
+# text_encoder_gpu.sh): cuBLASLt and cuDNN come from the NVIDIA wheels next to PyTorch.
+libs=$(python3 -c 'import glob, os, nvidia
+print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(os.path.join(d, "**/lib*.so*"), recursive=True)})))')
+export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
+
+# `need_diffusers DIR`: where the machine has no diffusers, installs the carried wheels in
+# dist/wheels/ (diffusers, importlib_metadata) into DIR/py and puts it on PYTHONPATH.
+need_diffusers() {
+  if ! python3 -c "import diffusers" 2>/dev/null; then
+    python3 -m pip install --quiet --no-deps --target "$1/py" dist/wheels/*.whl
+    export PYTHONPATH="$1/py:${PYTHONPATH:-}"
+  fi
+}

@@ -17,7 +17,7 @@ use celframe::ops::conv::{Conv2d, conv2d};
 use celframe::ops::elementwise::{add, geglu, gelu, mul, scale, silu};
 use celframe::ops::embedding::{TimestepEmbedding, timestep_embedding};
 use celframe::ops::linear::linear;
-use celframe::ops::norm::{GroupNorm, GroupNormTuning, group_norm, group_norm_tuned, layer_norm};
+use celframe::ops::norm::{GroupNorm, GroupNormMode, GroupNormTuning, group_norm, group_norm_tuned, layer_norm};
 use celframe::ops::upsample::upsample_nearest2x;
 use celframe::{DType, Tensor};
 use common::{assert_close, random_tensor};
@@ -110,19 +110,49 @@ fn group_norm_matches_twin_at_sdxl_shapes() {
         let cpu_out = group_norm(&Exec::Cpu, &x, &g, &b, cfg).unwrap();
         rig.check(&format!("group_norm silu={silu} frames={frames}"), shape, dtype, gpu_out, cpu_out);
     }
-    // The cases above run two-phase with the default lag; check lag 1 and resident mode too.
+    // Every kernel and layout on the same input: the cases above take the default (clusters where
+    // the shape fits them on sm_90, else two-phase).
     let shape = [8, 72, 128, 320];
     let (x, xd) = rig.input(&shape, DType::F16, 1.0, -0.4);
     let (g, gd) = rig.input(&[320], DType::F16, 0.5, 1.0);
     let (b, bd) = rig.input(&[320], DType::F16, 0.5, 0.0);
     let cfg = GroupNorm { groups: 32, eps: 1e-5, silu: true, frames: 1 };
-    let tuning = GroupNormTuning { blocks_per_sm: 0, lag: 1, resident: false };
-    let gpu_out = group_norm_tuned(&rig.exec(), &xd, &gd, &bd, cfg, tuning).unwrap();
     let cpu_out = group_norm(&Exec::Cpu, &x, &g, &b, cfg).unwrap();
-    rig.check("group_norm two-phase lag=1", &shape, DType::F16, gpu_out, cpu_out);
-    let tuning = GroupNormTuning { blocks_per_sm: 0, lag: 0, resident: true };
-    let gpu_out = group_norm_tuned(&rig.exec(), &xd, &gd, &bd, cfg, tuning).unwrap();
-    rig.check("group_norm resident", &shape, DType::F16, gpu_out, group_norm(&Exec::Cpu, &x, &g, &b, cfg).unwrap());
+    let cluster = rig.gpu.info().compute_capability.0 >= 9;
+    let mut modes = vec![("two-phase lag=1", GroupNormMode::TwoPhase, 0), ("resident", GroupNormMode::Resident, 0)];
+    if cluster {
+        // 7 rows: a block's pixels do not split evenly over its rows.
+        modes.extend([
+            ("cluster 16", GroupNormMode::Cluster(16), 0),
+            ("cluster 16 rows=7", GroupNormMode::Cluster(16), 7),
+        ]);
+    } else {
+        println!("SKIPPED group_norm cluster modes: {} is not sm_90", rig.gpu.info().name);
+    }
+    for (name, mode, cluster_rows) in modes {
+        let tuning = GroupNormTuning { mode, lag: 1, cluster_rows, ..Default::default() };
+        let gpu_out = group_norm_tuned(&rig.exec(), &xd, &gd, &bd, cfg, tuning).unwrap();
+        rig.check(&format!("group_norm {name}"), &shape, DType::F16, gpu_out, cpu_out.clone());
+    }
+    // Clusters of 8 (the portable size) at level 1: slices of 8 groups of 20 channels.
+    if cluster {
+        let shape = [8, 36, 64, 640];
+        let (x, xd) = rig.input(&shape, DType::BF16, 1.0, 0.2);
+        let (g, gd) = rig.input(&[640], DType::BF16, 0.5, 1.0);
+        let (b, bd) = rig.input(&[640], DType::BF16, 0.5, 0.0);
+        let tuning = GroupNormTuning { mode: GroupNormMode::Cluster(8), ..Default::default() };
+        let gpu_out = group_norm_tuned(&rig.exec(), &xd, &gd, &bd, cfg, tuning).unwrap();
+        let cpu_out = group_norm(&Exec::Cpu, &x, &g, &b, cfg).unwrap();
+        rig.check("group_norm cluster 8", &shape, DType::BF16, gpu_out, cpu_out);
+    }
+    // Fewer pixels than cluster blocks: blocks with no pixels still take part in the statistics.
+    // 4 channels per group: each thread's 8 channels hold two groups.
+    let shape = [2, 3, 5, 128];
+    let (x, xd) = rig.input(&shape, DType::F16, 1.0, 0.3);
+    let (g, gd) = rig.input(&[128], DType::F16, 0.5, 1.0);
+    let (b, bd) = rig.input(&[128], DType::F16, 0.5, 0.0);
+    let gpu_out = group_norm(&rig.exec(), &xd, &gd, &bd, cfg).unwrap();
+    rig.check("group_norm 15 pixels", &shape, DType::F16, gpu_out, group_norm(&Exec::Cpu, &x, &g, &b, cfg).unwrap());
     // A mean 30 standard deviations from zero: E[x^2] - mean^2 would cancel badly without the shift.
     let shape = [4, 32, 32, 640];
     let (x, xd) = rig.input(&shape, DType::F32, 1.0, 30.0);

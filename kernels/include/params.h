@@ -77,6 +77,30 @@ typedef struct GroupNormParams {
 #define GROUP_NORM_SUMS_OFFSET(domains) (((domains) + 1) * GROUP_NORM_CONTROL_STRIDE * 4)
 #define GROUP_NORM_WORKSPACE_BYTES(domains, groups) (GROUP_NORM_SUMS_OFFSET(domains) + (domains) * (groups) * 16)
 
+// Group norm with one thread block cluster per (domain, channel slice), sm_90
+// (kernels/norm/group_norm_cluster.cu): x is read once, held in the cluster's shared memory.
+// Grid (channels / slice_channels * cluster blocks, domains): one cluster per (slice, domain), its
+// blocks tile_pixels each; blockDim.x = rows * slice_channels / 8 rounded up to whole warps;
+// dynamic shared memory tile_pixels * slice_channels elements, then 16 bytes per thread. Each
+// thread's 8 channels may span at most two groups (channels per group 4 or at least 8).
+typedef struct GroupNormClusterParams {
+    const void* x;
+    void* y;
+    const void* gamma;       // [channels], activation dtype
+    const void* beta;        // [channels], activation dtype
+    int64_t pixels;          // pixels per domain
+    int32_t channels;
+    int32_t group_channels;  // channels per group
+    int32_t slice_channels;  // whole groups, a multiple of 8
+    int32_t slice_groups;    // at most GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS
+    int32_t tile_pixels;     // pixels per block: ceil(pixels / cluster blocks)
+    int32_t rows;            // pixels a block steps over at a time
+    int32_t silu;            // 1: y = silu(norm(x))
+    float eps;
+} GroupNormClusterParams;
+
+#define GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS 128
+
 // Layer norm over the last dimension (rows x channels, one warp per row), fp32 statistics.
 typedef struct LayerNormParams {
     const void* x;

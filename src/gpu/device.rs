@@ -57,6 +57,9 @@ pub struct Gpu {
     info: DeviceInfo,
     modules: RefCell<HashMap<&'static str, sys::CUmodule>>,
     functions: RefCell<HashMap<&'static str, sys::CUfunction>>,
+    /// Occupancy answers by (kernel, block threads, cluster blocks or 0, dynamic shared bytes): ops
+    /// choose layouts per call, and the driver's occupancy calculator is not free.
+    occupancy: RefCell<HashMap<OccupancyKey, u32>>,
     /// Synchronise after every launch so an asynchronous fault names its kernel (CELFRAME_SYNC_LAUNCHES=1).
     sync_launches: bool,
     /// Fill every output allocation with NaN bytes before the kernel writes it (tests).
@@ -67,6 +70,38 @@ pub struct Gpu {
 
 fn cuda<T>(call: &str, r: std::result::Result<T, result::DriverError>) -> Result<T> {
     r.map_err(|e| Error::Cuda(format!("{call} failed: {e:?}")))
+}
+
+/// (kernel, block threads, cluster blocks or 0, dynamic shared bytes).
+type OccupancyKey = (&'static str, u32, u32, usize);
+
+fn cluster_attribute(cluster: u32) -> sys::CUlaunchAttribute {
+    // SAFETY: a plain C struct and union; all-zero is a valid value before the fields are set.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attr.value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: cluster, y: 1, z: 1 };
+    attr
+}
+
+fn launch_config(
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    shared_bytes: u32,
+    stream: sys::CUstream,
+    attr: &mut sys::CUlaunchAttribute,
+) -> sys::CUlaunchConfig {
+    sys::CUlaunchConfig {
+        gridDimX: grid.0,
+        gridDimY: grid.1,
+        gridDimZ: grid.2,
+        blockDimX: block.0,
+        blockDimY: block.1,
+        blockDimZ: block.2,
+        sharedMemBytes: shared_bytes,
+        hStream: stream,
+        attrs: attr,
+        numAttrs: 1,
+    }
 }
 
 impl Gpu {
@@ -111,6 +146,7 @@ impl Gpu {
             info,
             modules: RefCell::default(),
             functions: RefCell::default(),
+            occupancy: RefCell::default(),
             sync_launches: std::env::var("CELFRAME_SYNC_LAUNCHES").is_ok_and(|v| v == "1"),
             poison_outputs: std::cell::Cell::new(false),
             blas: RefCell::new(None),
@@ -209,6 +245,67 @@ impl Gpu {
         Ok(())
     }
 
+    /// A launch in thread block clusters of `cluster` blocks along x (sm_90; the grid's x is a
+    /// multiple of it). Clusters above 8 blocks are non-portable and are allowed on the function first.
+    pub fn launch_clustered<P: KernelParams>(
+        &self,
+        kernel: &'static str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        cluster: u32,
+        shared_bytes: u32,
+        params: &P,
+    ) -> Result<()> {
+        let f = self.function(kernel)?;
+        let describe = || format!("{kernel} grid {grid:?} block {block:?} cluster {cluster} shared {shared_bytes} B");
+        self.allow_shared(f, kernel, shared_bytes as usize)?;
+        self.allow_cluster(f, kernel, cluster)?;
+        let mut attr = cluster_attribute(cluster);
+        let config = launch_config(grid, block, shared_bytes, self.stream, &mut attr);
+        let mut args = [params as *const P as *mut c_void];
+        cuda(&format!("cuLaunchKernelEx of {}", describe()), unsafe {
+            sys::cuLaunchKernelEx(&config, f, args.as_mut_ptr(), std::ptr::null_mut()).result()
+        })?;
+        if self.sync_launches {
+            cuda(&format!("synchronising after {}", describe()), self.synchronize_raw())?;
+        }
+        Ok(())
+    }
+
+    /// Clusters of `cluster` blocks of `kernel` the device runs at once at this block size (0: none
+    /// fits).
+    pub fn max_active_clusters(
+        &self,
+        kernel: &'static str,
+        block_threads: u32,
+        cluster: u32,
+        shared_bytes: usize,
+    ) -> Result<u32> {
+        self.cached_occupancy((kernel, block_threads, cluster, shared_bytes), |f| {
+            let mut attr = cluster_attribute(cluster);
+            let config =
+                launch_config((cluster, 1, 1), (block_threads, 1, 1), shared_bytes as u32, self.stream, &mut attr);
+            let mut n = 0i32;
+            cuda(&format!("cuOccupancyMaxActiveClusters({kernel}, cluster {cluster})"), unsafe {
+                sys::cuOccupancyMaxActiveClusters(&mut n, f, &config).result()
+            })?;
+            Ok(n)
+        })
+    }
+
+    fn allow_cluster(&self, f: sys::CUfunction, kernel: &str, cluster: u32) -> Result<()> {
+        if cluster <= 8 {
+            return Ok(());
+        }
+        cuda(&format!("cuFuncSetAttribute(non-portable cluster size {cluster}) for {kernel}"), unsafe {
+            result::function::set_function_attribute(
+                f,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                1,
+            )
+        })
+    }
+
     /// Raises the kernel's dynamic shared-memory limit when it asks for more than the default 48 KiB.
     fn allow_shared(&self, f: sys::CUfunction, kernel: &str, shared_bytes: usize) -> Result<()> {
         if shared_bytes <= 48 * 1024 {
@@ -225,12 +322,24 @@ impl Gpu {
 
     /// Most blocks of `kernel` one multiprocessor holds at this block size.
     pub fn occupancy(&self, kernel: &'static str, block_threads: u32, shared_bytes: usize) -> Result<u32> {
+        self.cached_occupancy((kernel, block_threads, 0, shared_bytes), |f| {
+            cuda(&format!("cuOccupancyMaxActiveBlocksPerMultiprocessor({kernel})"), unsafe {
+                result::occupancy::max_active_block_per_multiprocessor(f, block_threads as i32, shared_bytes)
+            })
+        })
+    }
+
+    fn cached_occupancy(&self, key: OccupancyKey, query: impl FnOnce(sys::CUfunction) -> Result<i32>) -> Result<u32> {
+        if let Some(&n) = self.occupancy.borrow().get(&key) {
+            return Ok(n);
+        }
+        let (kernel, _, cluster, shared_bytes) = key;
         let f = self.function(kernel)?;
         self.allow_shared(f, kernel, shared_bytes)?;
-        let n = cuda(&format!("cuOccupancyMaxActiveBlocksPerMultiprocessor({kernel})"), unsafe {
-            result::occupancy::max_active_block_per_multiprocessor(f, block_threads as i32, shared_bytes)
-        })?;
-        Ok(n.max(0) as u32)
+        self.allow_cluster(f, kernel, cluster)?;
+        let n = query(f)?.max(0) as u32;
+        self.occupancy.borrow_mut().insert(key, n);
+        Ok(n)
     }
 
     fn synchronize_raw(&self) -> std::result::Result<(), result::DriverError> {

@@ -19,6 +19,7 @@ kernel_params!(
     params::ElementwiseParams,
     params::GegluParams,
     params::GroupNormParams,
+    params::GroupNormClusterParams,
     params::LayerNormParams,
     params::Upsample2xParams,
     params::ConcatParams,

@@ -6,6 +6,7 @@
 pub const GROUP_NORM_VECS_16BIT: u32 = 8;
 pub const GROUP_NORM_VECS_F32: u32 = 2;
 pub const GROUP_NORM_CONTROL_STRIDE: u32 = 32;
+pub const GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS: u32 = 128;
 #[repr(u32)]
 #[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
 pub enum ElementwiseOp {
@@ -116,6 +117,56 @@ const _: () = {
     ["Offset of field: GroupNormParams::eps"][::std::mem::offset_of!(GroupNormParams, eps) - 84usize];
 };
 impl Default for GroupNormParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct GroupNormClusterParams {
+    pub x: *const ::std::os::raw::c_void,
+    pub y: *mut ::std::os::raw::c_void,
+    pub gamma: *const ::std::os::raw::c_void,
+    pub beta: *const ::std::os::raw::c_void,
+    pub pixels: i64,
+    pub channels: i32,
+    pub group_channels: i32,
+    pub slice_channels: i32,
+    pub slice_groups: i32,
+    pub tile_pixels: i32,
+    pub rows: i32,
+    pub silu: i32,
+    pub eps: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of GroupNormClusterParams"][::std::mem::size_of::<GroupNormClusterParams>() - 72usize];
+    ["Alignment of GroupNormClusterParams"][::std::mem::align_of::<GroupNormClusterParams>() - 8usize];
+    ["Offset of field: GroupNormClusterParams::x"][::std::mem::offset_of!(GroupNormClusterParams, x) - 0usize];
+    ["Offset of field: GroupNormClusterParams::y"][::std::mem::offset_of!(GroupNormClusterParams, y) - 8usize];
+    ["Offset of field: GroupNormClusterParams::gamma"][::std::mem::offset_of!(GroupNormClusterParams, gamma) - 16usize];
+    ["Offset of field: GroupNormClusterParams::beta"][::std::mem::offset_of!(GroupNormClusterParams, beta) - 24usize];
+    ["Offset of field: GroupNormClusterParams::pixels"]
+        [::std::mem::offset_of!(GroupNormClusterParams, pixels) - 32usize];
+    ["Offset of field: GroupNormClusterParams::channels"]
+        [::std::mem::offset_of!(GroupNormClusterParams, channels) - 40usize];
+    ["Offset of field: GroupNormClusterParams::group_channels"]
+        [::std::mem::offset_of!(GroupNormClusterParams, group_channels) - 44usize];
+    ["Offset of field: GroupNormClusterParams::slice_channels"]
+        [::std::mem::offset_of!(GroupNormClusterParams, slice_channels) - 48usize];
+    ["Offset of field: GroupNormClusterParams::slice_groups"]
+        [::std::mem::offset_of!(GroupNormClusterParams, slice_groups) - 52usize];
+    ["Offset of field: GroupNormClusterParams::tile_pixels"]
+        [::std::mem::offset_of!(GroupNormClusterParams, tile_pixels) - 56usize];
+    ["Offset of field: GroupNormClusterParams::rows"][::std::mem::offset_of!(GroupNormClusterParams, rows) - 60usize];
+    ["Offset of field: GroupNormClusterParams::silu"][::std::mem::offset_of!(GroupNormClusterParams, silu) - 64usize];
+    ["Offset of field: GroupNormClusterParams::eps"][::std::mem::offset_of!(GroupNormClusterParams, eps) - 68usize];
+};
+impl Default for GroupNormClusterParams {
     fn default() -> Self {
         let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
         unsafe {

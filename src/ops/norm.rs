@@ -4,7 +4,8 @@
 use super::{Exec, host_out, par_rows, same_dtype};
 use crate::error::{Error, Result};
 use crate::gpu::params::{
-    GROUP_NORM_CONTROL_STRIDE, GROUP_NORM_VECS_16BIT, GROUP_NORM_VECS_F32, GroupNormParams, LayerNormParams,
+    GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS, GROUP_NORM_CONTROL_STRIDE, GROUP_NORM_VECS_16BIT, GROUP_NORM_VECS_F32,
+    GroupNormClusterParams, GroupNormParams, LayerNormParams,
 };
 use crate::tensor::{DType, Tensor};
 
@@ -21,16 +22,34 @@ pub struct GroupNorm {
     pub frames: usize,
 }
 
-/// Work layout knobs of the GPU kernel, exposed for benchmarking sweeps.
+/// Work layout knobs of the GPU kernels, exposed for benchmarking sweeps.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GroupNormTuning {
-    /// Resident blocks per multiprocessor (0 = as many as fit).
+    pub mode: GroupNormMode,
+    /// Two-phase and resident modes: resident blocks per multiprocessor (0 = as many as fit).
     pub blocks_per_sm: u32,
     /// Domains between statistics and normalisation in two-phase mode (0 = the default, 1).
     pub lag: u32,
-    /// Resident mode (one read of x; needs a domain's chunks to fit the grid). Measured slower than
-    /// two-phase on the H100 (benches/RESULTS.md), so opt-in.
-    pub resident: bool,
+    /// Cluster mode: pixels a block steps over at a time (0 = as many as 512 threads allow).
+    pub cluster_rows: u32,
+}
+
+/// Which GPU kernel runs a group norm.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GroupNormMode {
+    /// Clusters where the shape fits them (sm_90 and a domain slice fitting a cluster's shared
+    /// memory), else two-phase.
+    #[default]
+    Auto,
+    /// kernels/norm/group_norm.cu: statistics and normalisation as separate work items, x read twice
+    /// (the second read mostly from L2). Any GPU and shape.
+    TwoPhase,
+    /// group_norm.cu keeping a chunk on chip across a grid-wide wait (one read of x; needs a domain's
+    /// chunks to fit the grid). Measured slower than two-phase on the H100 (benches/RESULTS.md).
+    Resident,
+    /// kernels/norm/group_norm_cluster.cu with clusters of this many blocks (0 = 16, else 8): one
+    /// read of x, held in the cluster's shared memory; f16 and bf16. An error where the shape does not fit.
+    Cluster(u32),
 }
 
 struct GnShape {
@@ -83,51 +102,190 @@ pub fn group_norm_tuned(
                     cfg.groups
                 )));
             }
-            let kernel = kernel_for!("group_norm", dtype);
-            let v = c / 8;
-            let rows = (256 / v).clamp(1, 512 / v);
-            let threads = (rows * v) as u32;
-            let vecs = if dtype == DType::F32 { GROUP_NORM_VECS_F32 } else { GROUP_NORM_VECS_16BIT } as usize;
-            let chunks = sh.pixels.div_ceil(rows * vecs);
-            // The chunk, the block reduction buffer, the channel -> group table (params.h).
-            let shared = rows * vecs * c * dtype.size() + rows * c * 2 * 4 + c;
-            let items = 2 * sh.domains * chunks;
-            let fit = gpu.occupancy(kernel, threads, shared)?.max(1);
-            let per_sm = if tuning.blocks_per_sm > 0 { tuning.blocks_per_sm.min(fit) } else { fit };
-            let grid = ((gpu.info().multiprocessors * per_sm) as usize).min(items).max(1);
-            // Lag 1 measured fastest on the H100 (benches/RESULTS.md): the second read stays in L2.
-            let lag = if tuning.lag > 0 { tuning.lag as usize } else { 1 }.clamp(1, sh.domains);
-            // Resident mode keeps a whole domain on chip across the grid: one read of x.
-            let resident = tuning.resident && chunks <= grid;
-
             let y = gpu.empty(scratch, x.shape(), dtype)?;
-            let workspace = scratch.alloc(group_norm_workspace_bytes(sh.domains, cfg.groups))?;
-            gpu.fill_bytes(&workspace, 0)?;
-            let p = GroupNormParams {
-                x: x.device_ptr()? as *const _,
-                y: y.device_ptr()? as *mut _,
-                gamma: gamma.device_ptr()? as *const _,
-                beta: beta.device_ptr()? as *const _,
-                workspace: workspace.ptr()? as *mut u32,
-                domains: sh.domains as i64,
-                pixels: sh.pixels as i64,
-                channels: c as i32,
-                groups: cfg.groups as i32,
-                rows: rows as i32,
-                chunks: chunks as i32,
-                lag: lag as i32,
-                resident: resident as i32,
-                silu: cfg.silu as i32,
-                eps: cfg.eps,
+            let pointers = (x.device_ptr()?, y.device_ptr()?, gamma.device_ptr()?, beta.device_ptr()?);
+            let cluster_sizes: &[u32] = match tuning.mode {
+                GroupNormMode::Auto | GroupNormMode::Cluster(0) => &[16, 8],
+                GroupNormMode::Cluster(n) => &[n],
+                GroupNormMode::TwoPhase | GroupNormMode::Resident => &[],
             };
-            let (grid, block) = ((grid as u32, 1, 1), (threads, 1, 1));
-            if resident {
-                gpu.launch_cooperative(kernel, grid, block, shared as u32, &p)?;
+            if let Some(plan) = cluster_plan(gpu, dtype, &sh, cfg.groups, cluster_sizes, tuning.cluster_rows as usize)?
+            {
+                launch_cluster_group_norm(gpu, &plan, &sh, &cfg, pointers)?;
+            } else if let GroupNormMode::Cluster(n) = tuning.mode {
+                return Err(Error::Unsupported(format!(
+                    "group_norm: no cluster layout (cluster size {n}) fits {x:?} with {} groups on {}",
+                    cfg.groups,
+                    gpu.info().name
+                )));
             } else {
-                gpu.launch(kernel, grid, block, shared as u32, &p)?;
+                let resident = tuning.mode == GroupNormMode::Resident;
+                launch_chunked_group_norm(gpu, scratch, dtype, &sh, &cfg, tuning, resident, pointers)?;
             }
             Ok(y)
         }
+    }
+}
+
+type GnPointers = (u64, u64, u64, u64);
+
+/// Layout of the cluster kernel for one shape (GroupNormClusterParams).
+struct ClusterPlan {
+    kernel: &'static str,
+    cluster: u32,
+    slice_channels: usize,
+    tile_pixels: usize,
+    rows: usize,
+    threads: u32,
+    shared: usize,
+}
+
+/// The cluster layout for this shape: per cluster size asked for, the widest slice of whole groups
+/// whose tile lets two blocks share a multiprocessor (one block's copies and waits overlap the
+/// other's work) and whose clusters the device can run. None before sm_90 or where nothing fits.
+fn cluster_plan(
+    gpu: &crate::gpu::Gpu,
+    dtype: DType,
+    sh: &GnShape,
+    groups: usize,
+    cluster_sizes: &[u32],
+    rows: usize,
+) -> Result<Option<ClusterPlan>> {
+    let kernel = match dtype {
+        DType::F16 => "group_norm_cluster_f16",
+        DType::BF16 => "group_norm_cluster_bf16",
+        DType::F32 => return Ok(None),
+    };
+    if gpu.info().compute_capability.0 < 9 || sh.pixels == 0 {
+        return Ok(None);
+    }
+    let cpg = sh.channels / groups;
+    // A thread's 8 channels must span at most two groups.
+    if !(cpg == 4 || cpg >= 8) {
+        return Ok(None);
+    }
+    let max_slice_groups = (GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS as usize).min(groups);
+    for &cluster in cluster_sizes {
+        let tile_pixels = sh.pixels.div_ceil(cluster as usize);
+        for slice_groups in (1..=max_slice_groups).rev().filter(|sg| groups.is_multiple_of(*sg)) {
+            let slice_channels = slice_groups * cpg;
+            let v = slice_channels / 8;
+            // Each pixel's run of the slice is one copy; runs of whole 32-byte sectors (or the whole
+            // pixel) keep DRAM from fetching sectors twice for neighbouring slices.
+            let whole_sectors = (slice_channels * dtype.size()).is_multiple_of(32) || slice_channels == sh.channels;
+            if !slice_channels.is_multiple_of(8) || !whole_sectors || v > GROUP_NORM_CLUSTER_MAX_THREADS {
+                continue;
+            }
+            let tile = tile_pixels * slice_channels * dtype.size();
+            if tile > GROUP_NORM_CLUSTER_MAX_TILE_BYTES {
+                continue;
+            }
+            let max_rows = GROUP_NORM_CLUSTER_MAX_THREADS / v;
+            let rows = if rows > 0 { rows.min(max_rows) } else { max_rows }.min(tile_pixels).max(1);
+            let threads = (rows * v).next_multiple_of(32) as u32;
+            // The tile, then one float4 of partial sums per thread.
+            let shared = tile + threads as usize * 16;
+            if gpu.occupancy(kernel, threads, shared)? < 2
+                || gpu.max_active_clusters(kernel, threads, cluster, shared)? == 0
+            {
+                continue;
+            }
+            return Ok(Some(ClusterPlan { kernel, cluster, slice_channels, tile_pixels, rows, threads, shared }));
+        }
+    }
+    Ok(None)
+}
+
+/// GROUP_NORM_CLUSTER_MAX_THREADS of group_norm_cluster.cu (its launch bound).
+const GROUP_NORM_CLUSTER_MAX_THREADS: usize = 512;
+/// Tiles above this cannot pair up on a multiprocessor (228 KiB of shared memory on the H100, less
+/// the partial sums and tables).
+const GROUP_NORM_CLUSTER_MAX_TILE_BYTES: usize = 104 << 10;
+
+fn launch_cluster_group_norm(
+    gpu: &crate::gpu::Gpu,
+    plan: &ClusterPlan,
+    sh: &GnShape,
+    cfg: &GroupNorm,
+    (x, y, gamma, beta): GnPointers,
+) -> Result<()> {
+    let p = GroupNormClusterParams {
+        x: x as *const _,
+        y: y as *mut _,
+        gamma: gamma as *const _,
+        beta: beta as *const _,
+        pixels: sh.pixels as i64,
+        channels: sh.channels as i32,
+        group_channels: (sh.channels / cfg.groups) as i32,
+        slice_channels: plan.slice_channels as i32,
+        slice_groups: (plan.slice_channels * cfg.groups / sh.channels) as i32,
+        tile_pixels: plan.tile_pixels as i32,
+        rows: plan.rows as i32,
+        silu: cfg.silu as i32,
+        eps: cfg.eps,
+    };
+    let slices = (sh.channels / plan.slice_channels) as u32;
+    let domains = u32::try_from(sh.domains)
+        .ok()
+        .filter(|&d| d <= 65535)
+        .ok_or_else(|| Error::Unsupported(format!("group_norm: {} domains exceed a grid's 65535 rows", sh.domains)))?;
+    let grid = (slices * plan.cluster, domains, 1);
+    gpu.launch_clustered(plan.kernel, grid, (plan.threads, 1, 1), plan.cluster, plan.shared as u32, &p)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_chunked_group_norm(
+    gpu: &crate::gpu::Gpu,
+    scratch: &crate::gpu::Arena,
+    dtype: DType,
+    sh: &GnShape,
+    cfg: &GroupNorm,
+    tuning: GroupNormTuning,
+    resident: bool,
+    (x, y, gamma, beta): GnPointers,
+) -> Result<()> {
+    let c = sh.channels;
+    let kernel = kernel_for!("group_norm", dtype);
+    let v = c / 8;
+    let rows = (256 / v).clamp(1, 512 / v);
+    let threads = (rows * v) as u32;
+    let vecs = if dtype == DType::F32 { GROUP_NORM_VECS_F32 } else { GROUP_NORM_VECS_16BIT } as usize;
+    let chunks = sh.pixels.div_ceil(rows * vecs);
+    // The chunk, the block reduction buffer, the channel -> group table (params.h).
+    let shared = rows * vecs * c * dtype.size() + rows * c * 2 * 4 + c;
+    let items = 2 * sh.domains * chunks;
+    let fit = gpu.occupancy(kernel, threads, shared)?.max(1);
+    let per_sm = if tuning.blocks_per_sm > 0 { tuning.blocks_per_sm.min(fit) } else { fit };
+    let grid = ((gpu.info().multiprocessors * per_sm) as usize).min(items).max(1);
+    // Lag 1 measured fastest on the H100 (benches/RESULTS.md): the second read stays in L2.
+    let lag = if tuning.lag > 0 { tuning.lag as usize } else { 1 }.clamp(1, sh.domains);
+    // Resident mode keeps a whole domain on chip across the grid: one read of x.
+    let resident = resident && chunks <= grid;
+
+    let workspace = scratch.alloc(group_norm_workspace_bytes(sh.domains, cfg.groups))?;
+    gpu.fill_bytes(&workspace, 0)?;
+    let p = GroupNormParams {
+        x: x as *const _,
+        y: y as *mut _,
+        gamma: gamma as *const _,
+        beta: beta as *const _,
+        workspace: workspace.ptr()? as *mut u32,
+        domains: sh.domains as i64,
+        pixels: sh.pixels as i64,
+        channels: c as i32,
+        groups: cfg.groups as i32,
+        rows: rows as i32,
+        chunks: chunks as i32,
+        lag: lag as i32,
+        resident: resident as i32,
+        silu: cfg.silu as i32,
+        eps: cfg.eps,
+    };
+    let (grid, block) = ((grid as u32, 1, 1), (threads, 1, 1));
+    if resident {
+        gpu.launch_cooperative(kernel, grid, block, shared as u32, &p)
+    } else {
+        gpu.launch(kernel, grid, block, shared as u32, &p)
     }
 }
 

@@ -1,0 +1,217 @@
+// Group norm (+ optional SiLU) over NHWC activations with thread block clusters (sm_90).
+//
+// One cluster per (domain, channel slice): the slice is whole groups, and its pixels are split
+// evenly over the cluster's blocks. Each block copies its pixels' part of the slice into shared
+// memory (16-byte cp.async; one bulk copy per pixel run measured slower, benches/RESULTS.md), so x
+// is read from memory once. Statistics: per group, sums of (x - shift) and (x - shift)^2 over the
+// block (shift = the group's first value in the domain, which keeps E[d^2] - E[d]^2 from
+// cancelling), added across the cluster through distributed shared memory after one cluster
+// barrier. Every block adds the ranks in the same order, so all blocks of a cluster use identical
+// statistics. Then each block normalises its pixels from shared memory and writes y.
+//
+// The host picks this kernel when a slice fits the cluster (GroupNormClusterParams); other shapes,
+// and GPUs before sm_90, use the two-phase kernel of group_norm.cu.
+#include "common.cuh"
+
+#define GROUP_NORM_CLUSTER_MAX_THREADS 512
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ unsigned cluster_rank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ unsigned cluster_blocks() {
+    unsigned n;
+    asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(n));
+    return n;
+}
+// The cluster's x index in the grid of clusters.
+__device__ __forceinline__ unsigned cluster_x() {
+    unsigned x;
+    asm volatile("mov.u32 %0, %%clusterid.x;\n" : "=r"(x));
+    return x;
+}
+// Split cluster barrier: arrive publishes this block's shared-memory writes (release), wait sees
+// every block's (acquire). All threads of the block take part.
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory"); }
+// Arrive without ordering earlier memory accesses (they were loads whose values are already used).
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory"); }
+
+// A float in block `rank`'s shared memory, at the address `p` has in ours.
+__device__ __forceinline__ float load_cluster_f32(const float* p, unsigned rank) {
+    unsigned remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_u32(p)), "r"(rank));
+    float v;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+}
+
+// y = x * scale + offset (+ SiLU) for the thread's pixels, read from the tile in shared memory.
+template <typename T, bool SILU>
+__device__ __forceinline__ void normalise_rows(const T* tile_at, int tile_step, T* y_at, int64_t y_step, int count,
+                                               const float scale[8], const float offset[8]) {
+#pragma unroll 4
+    for (int k = 0; k < count; ++k) {
+        float v[8];
+        unpack8<T>(load8<T>(tile_at), v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            v[j] = fmaf(v[j], scale[j], offset[j]);
+            if (SILU) v[j] = silu_f32(v[j]);
+        }
+        store8<T>(y_at, v);
+        tile_at += tile_step;
+        y_at += y_step;
+    }
+}
+
+// T is __half or __nv_bfloat16: a thread's 8 channels are one 16-byte piece.
+template <typename T>
+__device__ void group_norm_cluster(const GroupNormClusterParams& p) {
+    extern __shared__ __align__(128) unsigned char smem[];  // the tile, then the thread partials
+    __shared__ float g_shift[GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS];
+    __shared__ float2 g_sums[GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS];  // read by the whole cluster
+    __shared__ float g_mean[GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS], g_scale[GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS];
+
+    // Grid (slices * cluster blocks, domains): cluster x of row y is slice x of domain y.
+    const int C = p.channels, SC = p.slice_channels, V = SC / 8, cpg = p.group_channels;
+    const unsigned rank = cluster_rank(), blocks = cluster_blocks();
+    const int slice = (int)cluster_x();
+    const int64_t first = (int64_t)rank * p.tile_pixels;
+    const int valid = (int)max((int64_t)0, min((int64_t)p.tile_pixels, p.pixels - first));
+    const int64_t base = blockIdx.y * p.pixels * C + slice * SC;  // pixel 0 of this slice
+    const T* xs = static_cast<const T*>(p.x) + base;
+    T* tile = reinterpret_cast<T*>(smem);
+    float4* partials = reinterpret_cast<float4*>(smem + (size_t)p.tile_pixels * SC * sizeof(T));  // [blockDim.x]
+
+    // Thread (row, slot) handles channels [8 slot, 8 slot + 8) of the slice at pixels row + k * rows.
+    // Those channels span at most two groups (the host ensures it): lo, and hi from channel split.
+    // Threads past rows * V (the block is whole warps) only help with the sums.
+    const int row = threadIdx.x / V, slot = threadIdx.x % V;
+    const int count = row < p.rows && row < valid ? (valid - row + p.rows - 1) / p.rows : 0;
+    const int lo = slot * 8 / cpg, split = min(8, (lo + 1) * cpg - slot * 8);
+
+    // 1. the tile's copies (each thread copies the pieces it reads itself); the group tables
+    const T* tile_at = tile + row * SC + slot * 8;
+    const int tile_step = p.rows * SC;
+    {
+        const T* src = xs + (first + row) * C + slot * 8;
+        const int64_t src_step = (int64_t)p.rows * C;
+        T* dst = tile + row * SC + slot * 8;
+        for (int k = 0; k < count; ++k, src += src_step, dst += tile_step) cp_async16(dst, src);
+        cp_async_commit();
+    }
+    for (int g = threadIdx.x; g < p.slice_groups; g += blockDim.x) g_shift[g] = to_f32(xs[g * cpg]);
+    __syncthreads();
+    float shift[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) shift[j] = g_shift[j < split ? lo : lo + 1];
+    cp_async_wait<0>();
+
+    // 2. the thread's shifted sums for its two groups, then the block's per group
+    float s1[8] = {0, 0, 0, 0, 0, 0, 0, 0}, s2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    {
+        const T* at = tile_at;
+#pragma unroll 4
+        for (int k = 0; k < count; ++k, at += tile_step) {
+            float v[8];
+            unpack8<T>(load8<T>(at), v);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float d = v[j] - shift[j];
+                s1[j] += d;
+                s2[j] = fmaf(d, d, s2[j]);
+            }
+        }
+    }
+    float4 mine = make_float4(0.0f, 0.0f, 0.0f, 0.0f);  // (lo sum, lo squares, hi sum, hi squares)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        if (j < split) {
+            mine.x += s1[j];
+            mine.y += s2[j];
+        } else {
+            mine.z += s1[j];
+            mine.w += s2[j];
+        }
+    }
+    partials[threadIdx.x] = mine;
+    __syncthreads();
+    // One warp per group: its lanes add the partials of the slots holding the group's channels.
+    // (blockDim.x is a multiple of 32, so every warp is whole for the shuffles.)
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int g = warp; g < p.slice_groups; g += blockDim.x / 32) {
+        float a = 0.0f, b = 0.0f;
+        for (int s = g * cpg / 8; s <= ((g + 1) * cpg - 1) / 8; ++s) {
+            const bool is_lo = s * 8 >= g * cpg;  // the slot starts in this group, else in the one before
+            for (int r = lane; r < p.rows; r += 32) {
+                const float4 q = partials[r * V + s];
+                a += is_lo ? q.x : q.z;
+                b += is_lo ? q.y : q.w;
+            }
+        }
+        a = warp_sum(a);
+        b = warp_sum(b);
+        if (lane == 0) g_sums[g] = make_float2(a, b);
+    }
+    __syncthreads();
+
+    // 3. the cluster's totals, read from every block's shared memory in rank order
+    cluster_arrive();
+    cluster_wait();
+    const double n = (double)p.pixels * cpg;
+    for (int g = threadIdx.x; g < p.slice_groups; g += blockDim.x) {
+        double a = 0.0, b = 0.0;
+        for (unsigned r = 0; r < blocks; ++r) {
+            a += load_cluster_f32(&g_sums[g].x, r);
+            b += load_cluster_f32(&g_sums[g].y, r);
+        }
+        a /= n;
+        b /= n;
+        g_mean[g] = g_shift[g] + (float)a;
+        g_scale[g] = (float)(1.0 / sqrt(fmax(b - a * a, 0.0) + (double)p.eps));
+    }
+    // Done reading other blocks' shared memory; the matching wait comes before this block exits.
+    cluster_arrive_relaxed();
+    __syncthreads();
+
+    // 4. normalise from shared memory
+    float scale[8], offset[8];
+    unpack8<T>(load8<T>(static_cast<const T*>(p.gamma) + slice * SC + slot * 8), scale);
+    unpack8<T>(load8<T>(static_cast<const T*>(p.beta) + slice * SC + slot * 8), offset);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const int g = j < split ? lo : lo + 1;
+        scale[j] *= g_scale[g];
+        offset[j] -= g_mean[g] * scale[j];
+    }
+    T* y_at = static_cast<T*>(p.y) + base + (first + row) * C + slot * 8;
+    const int64_t y_step = (int64_t)p.rows * C;
+    if (p.silu) {
+        normalise_rows<T, true>(tile_at, tile_step, y_at, y_step, count, scale, offset);
+    } else {
+        normalise_rows<T, false>(tile_at, tile_step, y_at, y_step, count, scale, offset);
+    }
+    cluster_wait();  // no block of the cluster still reads this block's sums
+}
+
+#define GROUP_NORM_CLUSTER_KERNEL(NAME, T)                                                      \
+    extern "C" __global__ void __launch_bounds__(GROUP_NORM_CLUSTER_MAX_THREADS)                \
+        NAME(const __grid_constant__ GroupNormClusterParams p) {                               \
+        group_norm_cluster<T>(p);                                                               \
+    }
+#else
+// Before sm_90 there are no clusters; the host never launches these.
+#define GROUP_NORM_CLUSTER_KERNEL(NAME, T) \
+    extern "C" __global__ void NAME(const __grid_constant__ GroupNormClusterParams p) { __trap(); }
+#endif
+
+GROUP_NORM_CLUSTER_KERNEL(group_norm_cluster_f16, __half)
+GROUP_NORM_CLUSTER_KERNEL(group_norm_cluster_bf16, __nv_bfloat16)

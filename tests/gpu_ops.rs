@@ -153,6 +153,20 @@ fn group_norm_matches_twin_at_sdxl_shapes() {
     let (b, bd) = rig.input(&[128], DType::F16, 0.5, 0.0);
     let gpu_out = group_norm(&rig.exec(), &xd, &gd, &bd, cfg).unwrap();
     rig.check("group_norm 15 pixels", &shape, DType::F16, gpu_out, group_norm(&Exec::Cpu, &x, &g, &b, cfg).unwrap());
+    // A mean 30 standard deviations from zero, through the cluster kernel (f16; the shifted fp32
+    // sums must not cancel) and the chunked kernel (f32, below).
+    let shape = [4, 72, 128, 320];
+    let (x, xd) = rig.input(&shape, DType::F16, 1.0, 30.0);
+    let (g, gd) = rig.input(&[320], DType::F16, 0.5, 1.0);
+    let (b, bd) = rig.input(&[320], DType::F16, 0.5, 0.0);
+    let gpu_out = group_norm(&rig.exec(), &xd, &gd, &bd, cfg).unwrap();
+    rig.check(
+        "group_norm mean 30 std 1 cluster",
+        &shape,
+        DType::F16,
+        gpu_out,
+        group_norm(&Exec::Cpu, &x, &g, &b, cfg).unwrap(),
+    );
     // A mean 30 standard deviations from zero: E[x^2] - mean^2 would cancel badly without the shift.
     let shape = [4, 32, 32, 640];
     let (x, xd) = rig.input(&shape, DType::F32, 1.0, 30.0);

@@ -81,8 +81,9 @@ typedef struct GroupNormParams {
 // (kernels/norm/group_norm_cluster.cu): x is read once, held in the cluster's shared memory.
 // Grid (channels / slice_channels * cluster blocks, domains): one cluster per (slice, domain), its
 // blocks tile_pixels each; blockDim.x = rows * slice_channels / 8 rounded up to whole warps;
-// dynamic shared memory tile_pixels * slice_channels elements, then 16 bytes per thread. Each
-// thread's 8 channels may span at most two groups (channels per group 4 or at least 8).
+// dynamic shared memory tile_pixels * slice_channels elements, 16 bytes per thread, then
+// 2 * slice_channels elements (the slice's gamma and beta). Each thread's 8 channels may span at
+// most two groups (channels per group 4 or at least 8).
 typedef struct GroupNormClusterParams {
     const void* x;
     void* y;

@@ -7,7 +7,8 @@
 // block (shift = the group's first value in the domain, which keeps E[d^2] - E[d]^2 from
 // cancelling), added across the cluster through distributed shared memory after one cluster
 // barrier. Every block adds the ranks in the same order, so all blocks of a cluster use identical
-// statistics. Then each block normalises its pixels from shared memory and writes y.
+// statistics (fp32 throughout: the shift keeps the sums small). Then each block normalises its
+// pixels from shared memory and writes y.
 //
 // The host picks this kernel when a slice fits the cluster (GroupNormClusterParams); other shapes,
 // and GPUs before sm_90, use the two-phase kernel of group_norm.cu.
@@ -44,12 +45,12 @@ __device__ __forceinline__ void cluster_arrive_relaxed() {
 }
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory"); }
 
-// A float in block `rank`'s shared memory, at the address `p` has in ours.
-__device__ __forceinline__ float load_cluster_f32(const float* p, unsigned rank) {
+// A float2 in block `rank`'s shared memory, at the address `p` has in ours.
+__device__ __forceinline__ float2 load_cluster_f32x2(const float2* p, unsigned rank) {
     unsigned remote;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_u32(p)), "r"(rank));
-    float v;
-    asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+    float2 v;
+    asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(remote) : "memory");
     return v;
 }
 
@@ -90,6 +91,7 @@ __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
     const T* xs = static_cast<const T*>(p.x) + base;
     T* tile = reinterpret_cast<T*>(smem);
     float4* partials = reinterpret_cast<float4*>(smem + (size_t)p.tile_pixels * SC * sizeof(T));  // [blockDim.x]
+    T* affine = reinterpret_cast<T*>(partials + blockDim.x);  // the slice's gamma, then its beta
 
     // Thread (row, slot) handles channels [8 slot, 8 slot + 8) of the slice at pixels row + k * rows.
     // Those channels span at most two groups (the host ensures it): lo, and hi from channel split.
@@ -106,6 +108,11 @@ __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
         const int64_t src_step = (int64_t)p.rows * C;
         T* dst = tile + row * SC + slot * 8;
         for (int k = 0; k < count; ++k, src += src_step, dst += tile_step) cp_async16(dst, src);
+        // gamma and beta come along, so normalising does not wait on global loads
+        if (threadIdx.x < V) {
+            cp_async16(affine + slot * 8, static_cast<const T*>(p.gamma) + slice * SC + slot * 8);
+            cp_async16(affine + SC + slot * 8, static_cast<const T*>(p.beta) + slice * SC + slot * 8);
+        }
         cp_async_commit();
     }
     for (int g = threadIdx.x; g < p.slice_groups; g += blockDim.x) g_shift[g] = to_f32(xs[g * cpg]);
@@ -163,20 +170,25 @@ __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
     }
     __syncthreads();
 
-    // 3. the cluster's totals, read from every block's shared memory in rank order
+    // 3. the cluster's totals: lane r of a 16-lane segment reads block r's sums of group g, and the
+    //    segment adds them (the same order in every block, so all blocks agree exactly)
     cluster_arrive();
     cluster_wait();
-    const double n = (double)p.pixels * cpg;
-    for (int g = threadIdx.x; g < p.slice_groups; g += blockDim.x) {
-        double a = 0.0, b = 0.0;
-        for (unsigned r = 0; r < blocks; ++r) {
-            a += load_cluster_f32(&g_sums[g].x, r);
-            b += load_cluster_f32(&g_sums[g].y, r);
+    const float inv_n = 1.0f / ((float)p.pixels * cpg);
+    for (int t0 = warp * 32; t0 < p.slice_groups * 16; t0 += blockDim.x) {  // whole warps iterate together
+        const int t = t0 + lane, g = t >> 4, r = t & 15;
+        float2 q = make_float2(0.0f, 0.0f);
+        if (g < p.slice_groups && r < (int)blocks) q = load_cluster_f32x2(&g_sums[g], r);
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1) {
+            q.x += __shfl_xor_sync(0xffffffffu, q.x, o);
+            q.y += __shfl_xor_sync(0xffffffffu, q.y, o);
         }
-        a /= n;
-        b /= n;
-        g_mean[g] = g_shift[g] + (float)a;
-        g_scale[g] = (float)(1.0 / sqrt(fmax(b - a * a, 0.0) + (double)p.eps));
+        if (r == 0 && g < p.slice_groups) {
+            const float mean = q.x * inv_n;  // of x - shift
+            g_mean[g] = g_shift[g] + mean;
+            g_scale[g] = rsqrtf(fmaxf(q.y * inv_n - mean * mean, 0.0f) + p.eps);
+        }
     }
     // Done reading other blocks' shared memory; the matching wait comes before this block exits.
     cluster_arrive_relaxed();
@@ -184,8 +196,8 @@ __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
 
     // 4. normalise from shared memory
     float scale[8], offset[8];
-    unpack8<T>(load8<T>(static_cast<const T*>(p.gamma) + slice * SC + slot * 8), scale);
-    unpack8<T>(load8<T>(static_cast<const T*>(p.beta) + slice * SC + slot * 8), offset);
+    unpack8<T>(load8<T>(affine + slot * 8), scale);
+    unpack8<T>(load8<T>(affine + SC + slot * 8), offset);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
         const int g = j < split ? lo : lo + 1;

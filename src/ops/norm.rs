@@ -183,8 +183,8 @@ fn cluster_plan(
             let max_rows = GROUP_NORM_CLUSTER_MAX_THREADS / v;
             let rows = if rows > 0 { rows.min(max_rows) } else { max_rows }.min(tile_pixels).max(1);
             let threads = (rows * v).next_multiple_of(32) as u32;
-            // The tile, then one float4 of partial sums per thread.
-            let shared = tile + threads as usize * 16;
+            // The tile, one float4 of partial sums per thread, the slice's gamma and beta.
+            let shared = tile + threads as usize * 16 + 2 * slice_channels * dtype.size();
             if gpu.occupancy(kernel, threads, shared)? < 2
                 || gpu.max_active_clusters(kernel, threads, cluster, shared)? == 0
             {

@@ -4,7 +4,7 @@
 //! CELFRAME_BENCH_FILTER=text runs only the entries whose key contains the text (for profiling).
 
 use celframe::gpu::timing::time_gpu;
-use celframe::gpu::{Arena, Gpu, nvtx};
+use celframe::gpu::{Arena, ClusterScheduling, Gpu, nvtx};
 use celframe::ops::Exec;
 use celframe::ops::attention::{
     FlashAttention, TemporalAttention, TemporalAttentionTuning, flash_attention, gemm_attention, temporal_attention,
@@ -107,9 +107,15 @@ fn main() -> Result<()> {
         let (g, be) = (b.random(&[c], DType::F16, 7)?, b.random(&[c], DType::F16, 8)?);
         let cfg = GroupNorm { groups: 32, eps: 1e-5, silu: true, frames: 1 };
         let mut layouts = vec![];
-        for rows in [0, 16, 24, 32] {
-            let tuning = GroupNormTuning { mode: GroupNormMode::Cluster(16), cluster_rows: rows, ..Default::default() };
-            layouts.push((format!("cluster16 rows{rows}"), tuning));
+        for (cluster, rows, balanced) in [(16, 0, false), (16, 0, true), (16, 24, true), (8, 0, false), (8, 0, true)] {
+            let tuning = GroupNormTuning {
+                mode: GroupNormMode::Cluster(cluster),
+                cluster_rows: rows,
+                cluster_scheduling: if balanced { ClusterScheduling::LoadBalancing } else { ClusterScheduling::Spread },
+                ..Default::default()
+            };
+            let scheduling = if balanced { " balanced" } else { "" };
+            layouts.push((format!("cluster{cluster} rows{rows}{scheduling}"), tuning));
         }
         if c == 320 {
             for blocks_per_sm in [2, 4] {

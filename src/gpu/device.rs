@@ -72,15 +72,31 @@ fn cuda<T>(call: &str, r: std::result::Result<T, result::DriverError>) -> Result
     r.map_err(|e| Error::Cuda(format!("{call} failed: {e:?}")))
 }
 
-/// (kernel, block threads, cluster blocks or 0, dynamic shared bytes).
+/// (kernel, block threads, 2 * cluster blocks + load balancing or 0, dynamic shared bytes).
 type OccupancyKey = (&'static str, u32, u32, usize);
 
-fn cluster_attribute(cluster: u32) -> sys::CUlaunchAttribute {
-    // SAFETY: a plain C struct and union; all-zero is a valid value before the fields are set.
-    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-    attr.value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: cluster, y: 1, z: 1 };
-    attr
+/// How the driver places a cluster's blocks on the multiprocessors of a GPC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClusterScheduling {
+    /// One block of a cluster per multiprocessor where it can (the driver's default on the H100).
+    #[default]
+    Spread,
+    /// Blocks of one cluster may share a multiprocessor, so more clusters may fit a GPC.
+    LoadBalancing,
+}
+
+/// The launch attributes of a cluster launch: its size along x and the scheduling policy.
+fn cluster_attributes(cluster: u32, scheduling: ClusterScheduling) -> [sys::CUlaunchAttribute; 2] {
+    // SAFETY: plain C structs and unions; all-zero is a valid value before the fields are set.
+    let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+    attrs[0].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attrs[0].value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: cluster, y: 1, z: 1 };
+    attrs[1].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_SCHEDULING_POLICY_PREFERENCE;
+    attrs[1].value.clusterSchedulingPolicyPreference = match scheduling {
+        ClusterScheduling::Spread => sys::CUclusterSchedulingPolicy::CU_CLUSTER_SCHEDULING_POLICY_SPREAD,
+        ClusterScheduling::LoadBalancing => sys::CUclusterSchedulingPolicy::CU_CLUSTER_SCHEDULING_POLICY_LOAD_BALANCING,
+    };
+    attrs
 }
 
 fn launch_config(
@@ -88,7 +104,7 @@ fn launch_config(
     block: (u32, u32, u32),
     shared_bytes: u32,
     stream: sys::CUstream,
-    attr: &mut sys::CUlaunchAttribute,
+    attrs: &mut [sys::CUlaunchAttribute],
 ) -> sys::CUlaunchConfig {
     sys::CUlaunchConfig {
         gridDimX: grid.0,
@@ -99,8 +115,8 @@ fn launch_config(
         blockDimZ: block.2,
         sharedMemBytes: shared_bytes,
         hStream: stream,
-        attrs: attr,
-        numAttrs: 1,
+        attrs: attrs.as_mut_ptr(),
+        numAttrs: attrs.len() as u32,
     }
 }
 
@@ -252,16 +268,18 @@ impl Gpu {
         kernel: &'static str,
         grid: (u32, u32, u32),
         block: (u32, u32, u32),
-        cluster: u32,
+        (cluster, scheduling): (u32, ClusterScheduling),
         shared_bytes: u32,
         params: &P,
     ) -> Result<()> {
         let f = self.function(kernel)?;
-        let describe = || format!("{kernel} grid {grid:?} block {block:?} cluster {cluster} shared {shared_bytes} B");
+        let describe = || {
+            format!("{kernel} grid {grid:?} block {block:?} cluster {cluster} {scheduling:?} shared {shared_bytes} B")
+        };
         self.allow_shared(f, kernel, shared_bytes as usize)?;
         self.allow_cluster(f, kernel, cluster)?;
-        let mut attr = cluster_attribute(cluster);
-        let config = launch_config(grid, block, shared_bytes, self.stream, &mut attr);
+        let mut attrs = cluster_attributes(cluster, scheduling);
+        let config = launch_config(grid, block, shared_bytes, self.stream, &mut attrs);
         let mut args = [params as *const P as *mut c_void];
         cuda(&format!("cuLaunchKernelEx of {}", describe()), unsafe {
             sys::cuLaunchKernelEx(&config, f, args.as_mut_ptr(), std::ptr::null_mut()).result()
@@ -278,13 +296,14 @@ impl Gpu {
         &self,
         kernel: &'static str,
         block_threads: u32,
-        cluster: u32,
+        (cluster, scheduling): (u32, ClusterScheduling),
         shared_bytes: usize,
     ) -> Result<u32> {
-        self.cached_occupancy((kernel, block_threads, cluster, shared_bytes), |f| {
-            let mut attr = cluster_attribute(cluster);
+        let key_cluster = cluster * 2 + (scheduling == ClusterScheduling::LoadBalancing) as u32;
+        self.cached_occupancy((kernel, block_threads, key_cluster, shared_bytes), cluster, |f| {
+            let mut attrs = cluster_attributes(cluster, scheduling);
             let config =
-                launch_config((cluster, 1, 1), (block_threads, 1, 1), shared_bytes as u32, self.stream, &mut attr);
+                launch_config((cluster, 1, 1), (block_threads, 1, 1), shared_bytes as u32, self.stream, &mut attrs);
             let mut n = 0i32;
             cuda(&format!("cuOccupancyMaxActiveClusters({kernel}, cluster {cluster})"), unsafe {
                 sys::cuOccupancyMaxActiveClusters(&mut n, f, &config).result()
@@ -322,18 +341,24 @@ impl Gpu {
 
     /// Most blocks of `kernel` one multiprocessor holds at this block size.
     pub fn occupancy(&self, kernel: &'static str, block_threads: u32, shared_bytes: usize) -> Result<u32> {
-        self.cached_occupancy((kernel, block_threads, 0, shared_bytes), |f| {
+        self.cached_occupancy((kernel, block_threads, 0, shared_bytes), 0, |f| {
             cuda(&format!("cuOccupancyMaxActiveBlocksPerMultiprocessor({kernel})"), unsafe {
                 result::occupancy::max_active_block_per_multiprocessor(f, block_threads as i32, shared_bytes)
             })
         })
     }
 
-    fn cached_occupancy(&self, key: OccupancyKey, query: impl FnOnce(sys::CUfunction) -> Result<i32>) -> Result<u32> {
+    /// `cluster`: the cluster size the query launches with (0 for none).
+    fn cached_occupancy(
+        &self,
+        key: OccupancyKey,
+        cluster: u32,
+        query: impl FnOnce(sys::CUfunction) -> Result<i32>,
+    ) -> Result<u32> {
         if let Some(&n) = self.occupancy.borrow().get(&key) {
             return Ok(n);
         }
-        let (kernel, _, cluster, shared_bytes) = key;
+        let (kernel, _, _, shared_bytes) = key;
         let f = self.function(kernel)?;
         self.allow_shared(f, kernel, shared_bytes)?;
         self.allow_cluster(f, kernel, cluster)?;

@@ -9,7 +9,7 @@ pub mod nvtx;
 pub mod params;
 pub mod timing;
 
-pub use device::{DeviceInfo, Gpu, KERNEL_MODULES, KernelParams};
+pub use device::{ClusterScheduling, DeviceInfo, Gpu, KERNEL_MODULES, KernelParams};
 pub use memory::Arena;
 
 macro_rules! kernel_params {

@@ -3,6 +3,7 @@
 
 use super::{Exec, host_out, par_rows, same_dtype};
 use crate::error::{Error, Result};
+use crate::gpu::ClusterScheduling;
 use crate::gpu::params::{
     GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS, GROUP_NORM_CONTROL_STRIDE, GROUP_NORM_VECS_16BIT, GROUP_NORM_VECS_F32,
     GroupNormClusterParams, GroupNormParams, LayerNormParams,
@@ -30,8 +31,10 @@ pub struct GroupNormTuning {
     pub blocks_per_sm: u32,
     /// Domains between statistics and normalisation in two-phase mode (0 = the default, 1).
     pub lag: u32,
-    /// Cluster mode: pixels a block steps over at a time (0 = as many as 512 threads allow).
+    /// Cluster mode: pixels a block steps over at a time (0 = default_rows).
     pub cluster_rows: u32,
+    /// Cluster mode: how the driver places a cluster's blocks.
+    pub cluster_scheduling: ClusterScheduling,
 }
 
 /// Which GPU kernel runs a group norm.
@@ -47,7 +50,7 @@ pub enum GroupNormMode {
     /// group_norm.cu keeping a chunk on chip across a grid-wide wait (one read of x; needs a domain's
     /// chunks to fit the grid). Measured slower than two-phase on the H100 (benches/RESULTS.md).
     Resident,
-    /// kernels/norm/group_norm_cluster.cu with clusters of this many blocks (0 = 16, else 8): one
+    /// kernels/norm/group_norm_cluster.cu with clusters of this many blocks (0 = 8, else 16): one
     /// read of x, held in the cluster's shared memory; f16 and bf16. An error where the shape does not fit.
     Cluster(u32),
 }
@@ -105,12 +108,13 @@ pub fn group_norm_tuned(
             let y = gpu.empty(scratch, x.shape(), dtype)?;
             let pointers = (x.device_ptr()?, y.device_ptr()?, gamma.device_ptr()?, beta.device_ptr()?);
             let cluster_sizes: &[u32] = match tuning.mode {
-                GroupNormMode::Auto | GroupNormMode::Cluster(0) => &[16, 8],
+                // Clusters of 8 measured faster where their tiles fit (levels 1 and 2 of the UNet),
+                // 16 where only they do (level 0): benches/RESULTS.md.
+                GroupNormMode::Auto | GroupNormMode::Cluster(0) => &[8, 16],
                 GroupNormMode::Cluster(n) => &[n],
                 GroupNormMode::TwoPhase | GroupNormMode::Resident => &[],
             };
-            if let Some(plan) = cluster_plan(gpu, dtype, &sh, cfg.groups, cluster_sizes, tuning.cluster_rows as usize)?
-            {
+            if let Some(plan) = cluster_plan(gpu, dtype, &sh, cfg.groups, cluster_sizes, &tuning)? {
                 launch_cluster_group_norm(gpu, &plan, &sh, &cfg, pointers)?;
             } else if let GroupNormMode::Cluster(n) = tuning.mode {
                 return Err(Error::Unsupported(format!(
@@ -132,7 +136,7 @@ type GnPointers = (u64, u64, u64, u64);
 /// Layout of the cluster kernel for one shape (GroupNormClusterParams).
 struct ClusterPlan {
     kernel: &'static str,
-    cluster: u32,
+    cluster: (u32, ClusterScheduling),
     slice_channels: usize,
     tile_pixels: usize,
     rows: usize,
@@ -149,8 +153,9 @@ fn cluster_plan(
     sh: &GnShape,
     groups: usize,
     cluster_sizes: &[u32],
-    rows: usize,
+    tuning: &GroupNormTuning,
 ) -> Result<Option<ClusterPlan>> {
+    let rows = tuning.cluster_rows as usize;
     let kernel = match dtype {
         DType::F16 => "group_norm_cluster_f16",
         DType::BF16 => "group_norm_cluster_bf16",
@@ -170,8 +175,9 @@ fn cluster_plan(
         for slice_groups in (1..=max_slice_groups).rev().filter(|sg| groups.is_multiple_of(*sg)) {
             let slice_channels = slice_groups * cpg;
             let v = slice_channels / 8;
-            // Each pixel's run of the slice is one copy; runs of whole 32-byte sectors (or the whole
-            // pixel) keep DRAM from fetching sectors twice for neighbouring slices.
+            // Each pixel's run of the slice is copied on its own: runs of whole 32-byte sectors (or
+            // the whole pixel) keep DRAM from reading sectors twice for neighbouring slices (80-byte
+            // runs measured 1.4x slower, benches/RESULTS.md).
             let whole_sectors = (slice_channels * dtype.size()).is_multiple_of(32) || slice_channels == sh.channels;
             if !slice_channels.is_multiple_of(8) || !whole_sectors || v > GROUP_NORM_CLUSTER_MAX_THREADS {
                 continue;
@@ -180,20 +186,30 @@ fn cluster_plan(
             if tile > GROUP_NORM_CLUSTER_MAX_TILE_BYTES {
                 continue;
             }
-            let max_rows = GROUP_NORM_CLUSTER_MAX_THREADS / v;
-            let rows = if rows > 0 { rows.min(max_rows) } else { max_rows }.min(tile_pixels).max(1);
+            let rows =
+                if rows > 0 { rows.min(GROUP_NORM_CLUSTER_MAX_THREADS / v) } else { default_rows(tile_pixels, v) }
+                    .min(tile_pixels)
+                    .max(1);
             let threads = (rows * v).next_multiple_of(32) as u32;
             // The tile, one float4 of partial sums per thread, the slice's gamma and beta.
             let shared = tile + threads as usize * 16 + 2 * slice_channels * dtype.size();
             if gpu.occupancy(kernel, threads, shared)? < 2
-                || gpu.max_active_clusters(kernel, threads, cluster, shared)? == 0
+                || gpu.max_active_clusters(kernel, threads, (cluster, tuning.cluster_scheduling), shared)? == 0
             {
                 continue;
             }
+            let cluster = (cluster, tuning.cluster_scheduling);
             return Ok(Some(ClusterPlan { kernel, cluster, slice_channels, tile_pixels, rows, threads, shared }));
         }
     }
     Ok(None)
+}
+
+/// Pixels a cluster block steps over at a time: about 320 threads measured fastest on the H100
+/// (benches/RESULTS.md), and a row count that divides the tile gives every thread as many pixels.
+fn default_rows(tile_pixels: usize, v: usize) -> usize {
+    let target = (320 / v).max(1);
+    (target.div_ceil(2)..=target).rev().find(|r| tile_pixels.is_multiple_of(*r)).unwrap_or(target)
 }
 
 /// GROUP_NORM_CLUSTER_MAX_THREADS of group_norm_cluster.cu (its launch bound).
@@ -229,7 +245,7 @@ fn launch_cluster_group_norm(
         .ok()
         .filter(|&d| d <= 65535)
         .ok_or_else(|| Error::Unsupported(format!("group_norm: {} domains exceed a grid's 65535 rows", sh.domains)))?;
-    let grid = (slices * plan.cluster, domains, 1);
+    let grid = (slices * plan.cluster.0, domains, 1);
     gpu.launch_clustered(plan.kernel, grid, (plan.threads, 1, 1), plan.cluster, plan.shared as u32, &p)
 }
 

@@ -96,7 +96,7 @@ fn main() -> Result<()> {
     }
 
     // Kernel and work-layout sweeps: the cluster kernel's block size at the three
-    // UNet levels, the chunked kernels at the headline shape.
+    // UNet levels, the two-phase kernel at the headline shape.
     for (shape, label) in [
         ([32, 72, 128, 320], "N32 C320 H72 W128"),
         ([32, 36, 64, 640], "N32 C640 H36 W64"),
@@ -119,8 +119,6 @@ fn main() -> Result<()> {
         }
         if c == 320 {
             for blocks_per_sm in [2, 4] {
-                let resident = GroupNormTuning { mode: GroupNormMode::Resident, blocks_per_sm, ..Default::default() };
-                layouts.push((format!("resident bps{blocks_per_sm}"), resident));
                 for lag in [1, 3] {
                     let mode = GroupNormMode::TwoPhase;
                     layouts.push((

@@ -42,12 +42,10 @@ typedef struct GegluParams {
 // A "domain" is the set of images sharing statistics: one image (frames = 1) or the `frames`
 // consecutive images of one video (motion module). Per domain and group, statistics span
 // pixels * (channels / groups) values.
-// The kernel is persistent: blocks take work items from a ticket counter. Two modes:
-//  - resident (all chunks of a domain fit in the co-resident blocks; cooperative launch): a block
-//    keeps its chunk in registers, waits for the domain's statistics, normalises: one read.
-//  - two-phase: items are "statistics of chunk k of domain d" and "normalise chunk k of domain d";
-//    the order makes domain d's normalisation run `lag` domains after its statistics so its
-//    second read mostly hits L2.
+// The kernel is persistent: blocks take work items from a ticket counter. Items are "statistics
+// of chunk k of domain d" and "normalise chunk k of domain d"; the order makes domain d's
+// normalisation run `lag` domains after its statistics so its second read mostly hits L2 (two
+// phases; on sm_90 the cluster kernel below reads x once where its tiles fit).
 typedef struct GroupNormParams {
     const void* x;
     void* y;
@@ -63,8 +61,7 @@ typedef struct GroupNormParams {
     int32_t groups;          // divides channels
     int32_t rows;            // pixels per block step; blockDim.x = rows * channels / 8
     int32_t chunks;          // chunks per domain, each rows * GROUP_NORM_VECS_* pixels
-    int32_t lag;             // 1..domains (two-phase mode)
-    int32_t resident;        // 1: resident mode (needs chunks <= co-resident blocks)
+    int32_t lag;             // 1..domains
     int32_t silu;            // 1: y = silu(norm(x))
     float eps;
 } GroupNormParams;

@@ -15,12 +15,9 @@
 // every block reads for itself) keeps the cancellation in E[x^2] - mean^2 small.
 // Normalisation: wait until the domain is ready, write (x - mean) * rstd * gamma + beta (+ SiLU).
 //
-// Resident mode: one item per chunk; the block keeps the chunk on chip from statistics to
-// normalisation (one read of x). Every chunk of a domain must be co-resident, which the host
-// guarantees with a cooperative launch of at most the co-resident grid and chunks <= grid.
-// Two-phase mode: statistics and normalisation are separate items (see GroupNormParams); a
-// normalise item only waits for statistics items holding smaller tickets, taken by blocks already
-// running, so the wait always ends whatever the residency.
+// Statistics and normalisation are separate items (see GroupNormParams); a normalise item only
+// waits for statistics items holding smaller tickets, taken by blocks already running, so the wait
+// always ends whatever the residency.
 #include "common.cuh"
 
 #define GROUP_NORM_MAX_THREADS 512
@@ -35,7 +32,6 @@ struct GroupNormItem {
 
 __device__ __forceinline__ GroupNormItem decode_item(const GroupNormParams& p, int64_t t) {
     const int64_t K = p.chunks, L = p.lag, D = p.domains;
-    if (p.resident) return {true, true, t / K, t % K};
     if (t < L * K) return {true, false, t / K, t % K};
     t -= L * K;
     if (t < (D - L) * 2 * K) {
@@ -66,7 +62,7 @@ __device__ void group_norm(const GroupNormParams& p) {
     uint32_t* ticket_counter = p.workspace;
     uint32_t* arrivals = p.workspace + GROUP_NORM_CONTROL_STRIDE;
     double* sums = reinterpret_cast<double*>(reinterpret_cast<char*>(p.workspace) + GROUP_NORM_SUMS_OFFSET(p.domains));
-    const int64_t total = (p.resident ? 1 : 2) * p.domains * p.chunks;
+    const int64_t total = 2 * p.domains * p.chunks;
     for (int c = threadIdx.x; c < C; c += blockDim.x) group_of[c] = (unsigned char)(c / cpg);
 
     while (true) {

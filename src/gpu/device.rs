@@ -218,43 +218,13 @@ impl Gpu {
         shared_bytes: u32,
         params: &P,
     ) -> Result<()> {
-        self.launch_with(false, kernel, grid, block, shared_bytes, params)
-    }
-
-    /// A launch whose blocks are guaranteed to be resident together (they may wait on each other);
-    /// the driver refuses a grid larger than that instead of letting it hang.
-    pub fn launch_cooperative<P: KernelParams>(
-        &self,
-        kernel: &'static str,
-        grid: (u32, u32, u32),
-        block: (u32, u32, u32),
-        shared_bytes: u32,
-        params: &P,
-    ) -> Result<()> {
-        self.launch_with(true, kernel, grid, block, shared_bytes, params)
-    }
-
-    fn launch_with<P: KernelParams>(
-        &self,
-        cooperative: bool,
-        kernel: &'static str,
-        grid: (u32, u32, u32),
-        block: (u32, u32, u32),
-        shared_bytes: u32,
-        params: &P,
-    ) -> Result<()> {
         let f = self.function(kernel)?;
         let describe = || format!("{kernel} grid {grid:?} block {block:?} shared {shared_bytes} B");
         self.allow_shared(f, kernel, shared_bytes as usize)?;
         let mut args = [params as *const P as *mut c_void];
-        let (call, launched) = if cooperative {
-            ("cuLaunchCooperativeKernel", unsafe {
-                result::launch_cooperative_kernel(f, grid, block, shared_bytes, self.stream, &mut args)
-            })
-        } else {
-            ("cuLaunchKernel", unsafe { result::launch_kernel(f, grid, block, shared_bytes, self.stream, &mut args) })
-        };
-        cuda(&format!("{call} of {}", describe()), launched)?;
+        cuda(&format!("cuLaunchKernel of {}", describe()), unsafe {
+            result::launch_kernel(f, grid, block, shared_bytes, self.stream, &mut args)
+        })?;
         if self.sync_launches {
             cuda(&format!("synchronising after {}", describe()), self.synchronize_raw())?;
         }

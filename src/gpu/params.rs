@@ -92,7 +92,6 @@ pub struct GroupNormParams {
     pub rows: i32,
     pub chunks: i32,
     pub lag: i32,
-    pub resident: i32,
     pub silu: i32,
     pub eps: f32,
 }
@@ -112,9 +111,8 @@ const _: () = {
     ["Offset of field: GroupNormParams::rows"][::std::mem::offset_of!(GroupNormParams, rows) - 64usize];
     ["Offset of field: GroupNormParams::chunks"][::std::mem::offset_of!(GroupNormParams, chunks) - 68usize];
     ["Offset of field: GroupNormParams::lag"][::std::mem::offset_of!(GroupNormParams, lag) - 72usize];
-    ["Offset of field: GroupNormParams::resident"][::std::mem::offset_of!(GroupNormParams, resident) - 76usize];
-    ["Offset of field: GroupNormParams::silu"][::std::mem::offset_of!(GroupNormParams, silu) - 80usize];
-    ["Offset of field: GroupNormParams::eps"][::std::mem::offset_of!(GroupNormParams, eps) - 84usize];
+    ["Offset of field: GroupNormParams::silu"][::std::mem::offset_of!(GroupNormParams, silu) - 76usize];
+    ["Offset of field: GroupNormParams::eps"][::std::mem::offset_of!(GroupNormParams, eps) - 80usize];
 };
 impl Default for GroupNormParams {
     fn default() -> Self {

@@ -27,7 +27,7 @@ pub struct GroupNorm {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GroupNormTuning {
     pub mode: GroupNormMode,
-    /// Two-phase and resident modes: resident blocks per multiprocessor (0 = as many as fit).
+    /// Two-phase mode: resident blocks per multiprocessor (0 = as many as fit).
     pub blocks_per_sm: u32,
     /// Domains between statistics and normalisation in two-phase mode (0 = the default, 1).
     pub lag: u32,
@@ -47,9 +47,6 @@ pub enum GroupNormMode {
     /// kernels/norm/group_norm.cu: statistics and normalisation as separate work items, x read twice
     /// (the second read mostly from L2). Any GPU and shape.
     TwoPhase,
-    /// group_norm.cu keeping a chunk on chip across a grid-wide wait (one read of x; needs a domain's
-    /// chunks to fit the grid). Measured slower than two-phase on the H100 (benches/RESULTS.md).
-    Resident,
     /// kernels/norm/group_norm_cluster.cu with clusters of this many blocks (0 = 8, else 16): one
     /// read of x, held in the cluster's shared memory; f16 and bf16. An error where the shape does not fit.
     Cluster(u32),
@@ -112,7 +109,7 @@ pub fn group_norm_tuned(
                 // 16 where only they do (level 0): benches/RESULTS.md.
                 GroupNormMode::Auto | GroupNormMode::Cluster(0) => &[8, 16],
                 GroupNormMode::Cluster(n) => &[n],
-                GroupNormMode::TwoPhase | GroupNormMode::Resident => &[],
+                GroupNormMode::TwoPhase => &[],
             };
             if let Some(plan) = cluster_plan(gpu, dtype, &sh, cfg.groups, cluster_sizes, &tuning)? {
                 launch_cluster_group_norm(gpu, &plan, &sh, &cfg, pointers)?;
@@ -123,8 +120,7 @@ pub fn group_norm_tuned(
                     gpu.info().name
                 )));
             } else {
-                let resident = tuning.mode == GroupNormMode::Resident;
-                launch_chunked_group_norm(gpu, scratch, dtype, &sh, &cfg, tuning, resident, pointers)?;
+                launch_two_phase_group_norm(gpu, scratch, dtype, &sh, &cfg, tuning, pointers)?;
             }
             Ok(y)
         }
@@ -249,15 +245,13 @@ fn launch_cluster_group_norm(
     gpu.launch_clustered(plan.kernel, grid, (plan.threads, 1, 1), plan.cluster, plan.shared as u32, &p)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn launch_chunked_group_norm(
+fn launch_two_phase_group_norm(
     gpu: &crate::gpu::Gpu,
     scratch: &crate::gpu::Arena,
     dtype: DType,
     sh: &GnShape,
     cfg: &GroupNorm,
     tuning: GroupNormTuning,
-    resident: bool,
     (x, y, gamma, beta): GnPointers,
 ) -> Result<()> {
     let c = sh.channels;
@@ -275,8 +269,6 @@ fn launch_chunked_group_norm(
     let grid = ((gpu.info().multiprocessors * per_sm) as usize).min(items).max(1);
     // Lag 1 measured fastest on the H100 (benches/RESULTS.md): the second read stays in L2.
     let lag = if tuning.lag > 0 { tuning.lag as usize } else { 1 }.clamp(1, sh.domains);
-    // Resident mode keeps a whole domain on chip across the grid: one read of x.
-    let resident = resident && chunks <= grid;
 
     let workspace = scratch.alloc(group_norm_workspace_bytes(sh.domains, cfg.groups))?;
     gpu.fill_bytes(&workspace, 0)?;
@@ -293,16 +285,11 @@ fn launch_chunked_group_norm(
         rows: rows as i32,
         chunks: chunks as i32,
         lag: lag as i32,
-        resident: resident as i32,
         silu: cfg.silu as i32,
         eps: cfg.eps,
     };
     let (grid, block) = ((grid as u32, 1, 1), (threads, 1, 1));
-    if resident {
-        gpu.launch_cooperative(kernel, grid, block, shared as u32, &p)
-    } else {
-        gpu.launch(kernel, grid, block, shared as u32, &p)
-    }
+    gpu.launch(kernel, grid, block, shared as u32, &p)
 }
 
 /// GROUP_NORM_WORKSPACE_BYTES of params.h (bindgen does not carry function-like macros).

@@ -151,7 +151,7 @@ fn cluster_plan(
     cluster_sizes: &[u32],
     tuning: &GroupNormTuning,
 ) -> Result<Option<ClusterPlan>> {
-    let rows = tuning.cluster_rows as usize;
+    let asked_rows = tuning.cluster_rows as usize;
     let kernel = match dtype {
         DType::F16 => "group_norm_cluster_f16",
         DType::BF16 => "group_norm_cluster_bf16",
@@ -182,10 +182,13 @@ fn cluster_plan(
             if tile > GROUP_NORM_CLUSTER_MAX_TILE_BYTES {
                 continue;
             }
-            let rows =
-                if rows > 0 { rows.min(GROUP_NORM_CLUSTER_MAX_THREADS / v) } else { default_rows(tile_pixels, v) }
-                    .min(tile_pixels)
-                    .max(1);
+            let rows = if asked_rows > 0 {
+                asked_rows.min(GROUP_NORM_CLUSTER_MAX_THREADS / v)
+            } else {
+                default_rows(tile_pixels, v)
+            }
+            .min(tile_pixels)
+            .max(1);
             let threads = (rows * v).next_multiple_of(32) as u32;
             // The tile, one float4 of partial sums per thread, the slice's gamma and beta.
             let shared = tile + threads as usize * 16 + 2 * slice_channels * dtype.size();

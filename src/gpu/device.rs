@@ -57,8 +57,8 @@ pub struct Gpu {
     info: DeviceInfo,
     modules: RefCell<HashMap<&'static str, sys::CUmodule>>,
     functions: RefCell<HashMap<&'static str, sys::CUfunction>>,
-    /// Occupancy answers by (kernel, block threads, cluster blocks or 0, dynamic shared bytes): ops
-    /// choose layouts per call, and the driver's occupancy calculator is not free.
+    /// Occupancy answers by OccupancyKey: ops choose layouts per call, and the driver's occupancy
+    /// calculator is not free.
     occupancy: RefCell<HashMap<OccupancyKey, u32>>,
     /// Synchronise after every launch so an asynchronous fault names its kernel (CELFRAME_SYNC_LAUNCHES=1).
     sync_launches: bool,
@@ -72,11 +72,11 @@ fn cuda<T>(call: &str, r: std::result::Result<T, result::DriverError>) -> Result
     r.map_err(|e| Error::Cuda(format!("{call} failed: {e:?}")))
 }
 
-/// (kernel, block threads, 2 * cluster blocks + load balancing or 0, dynamic shared bytes).
-type OccupancyKey = (&'static str, u32, u32, usize);
+/// (kernel, block threads, cluster size and placement for cluster queries, dynamic shared bytes).
+type OccupancyKey = (&'static str, u32, Option<(u32, ClusterScheduling)>, usize);
 
 /// How the driver places a cluster's blocks on the multiprocessors of a GPC.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ClusterScheduling {
     /// One block of a cluster per multiprocessor where it can (the driver's default on the H100).
     #[default]
@@ -269,8 +269,7 @@ impl Gpu {
         (cluster, scheduling): (u32, ClusterScheduling),
         shared_bytes: usize,
     ) -> Result<u32> {
-        let key_cluster = cluster * 2 + (scheduling == ClusterScheduling::LoadBalancing) as u32;
-        self.cached_occupancy((kernel, block_threads, key_cluster, shared_bytes), cluster, |f| {
+        self.cached_occupancy((kernel, block_threads, Some((cluster, scheduling)), shared_bytes), |f| {
             let mut attrs = cluster_attributes(cluster, scheduling);
             let config =
                 launch_config((cluster, 1, 1), (block_threads, 1, 1), shared_bytes as u32, self.stream, &mut attrs);
@@ -311,27 +310,23 @@ impl Gpu {
 
     /// Most blocks of `kernel` one multiprocessor holds at this block size.
     pub fn occupancy(&self, kernel: &'static str, block_threads: u32, shared_bytes: usize) -> Result<u32> {
-        self.cached_occupancy((kernel, block_threads, 0, shared_bytes), 0, |f| {
+        self.cached_occupancy((kernel, block_threads, None, shared_bytes), |f| {
             cuda(&format!("cuOccupancyMaxActiveBlocksPerMultiprocessor({kernel})"), unsafe {
                 result::occupancy::max_active_block_per_multiprocessor(f, block_threads as i32, shared_bytes)
             })
         })
     }
 
-    /// `cluster`: the cluster size the query launches with (0 for none).
-    fn cached_occupancy(
-        &self,
-        key: OccupancyKey,
-        cluster: u32,
-        query: impl FnOnce(sys::CUfunction) -> Result<i32>,
-    ) -> Result<u32> {
+    fn cached_occupancy(&self, key: OccupancyKey, query: impl FnOnce(sys::CUfunction) -> Result<i32>) -> Result<u32> {
         if let Some(&n) = self.occupancy.borrow().get(&key) {
             return Ok(n);
         }
-        let (kernel, _, _, shared_bytes) = key;
+        let (kernel, _, cluster, shared_bytes) = key;
         let f = self.function(kernel)?;
         self.allow_shared(f, kernel, shared_bytes)?;
-        self.allow_cluster(f, kernel, cluster)?;
+        if let Some((size, _)) = cluster {
+            self.allow_cluster(f, kernel, size)?;
+        }
         let n = query(f)?.max(0) as u32;
         self.occupancy.borrow_mut().insert(key, n);
         Ok(n)

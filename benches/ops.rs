@@ -12,7 +12,7 @@ use celframe::ops::attention::{
 };
 use celframe::ops::conv::{Conv2d, conv2d};
 use celframe::ops::linear::linear;
-use celframe::ops::norm::{GroupNorm, GroupNormMode, GroupNormTuning, group_norm_tuned};
+use celframe::ops::norm::{GroupNorm, GroupNormMode, GroupNormTuning, group_norm_layout, group_norm_tuned};
 use celframe::{DType, Result, Tensor};
 
 const WARMUP: usize = 10;
@@ -93,6 +93,7 @@ fn main() -> Result<()> {
         b.run(name, &key, bytes, 0.0, |k| {
             group_norm_tuned(&ex, &xs[k], &g, &be, cfg, GroupNormTuning::default()).map(drop)
         })?;
+        println!("LAYOUT {key}: {}", group_norm_layout(&b.gpu, &[n, h, w, c], dtype, cfg, GroupNormTuning::default())?);
     }
 
     // Kernel and work-layout sweeps: the cluster kernel's block size at the three
@@ -134,8 +135,9 @@ fn main() -> Result<()> {
                 group_norm_tuned(&ex, &xs[k], &g, &be, cfg, tuning).map(drop)
             });
             // A layout this GPU cannot run (clusters before sm_90) is reported, not fatal.
-            if let Err(e) = run {
-                println!("SKIPPED {key}: {e}");
+            match run {
+                Ok(()) => println!("LAYOUT {key}: {}", group_norm_layout(&b.gpu, &shape, DType::F16, cfg, tuning)?),
+                Err(e) => println!("SKIPPED {key}: {e}"),
             }
         }
     }

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds (here, no GPU needed) the release binaries the GPU machine runs, into dist/gpu/:
-# the GPU test binaries (tests/*gpu*.rs), the benchmark binary and the CLI. Then, on the GPU machine, from the repo
-# root: `bash tools/gpu_run.sh` (with the dist/ folder carried along).
+# the GPU test binaries (tests/*gpu*.rs), the benchmark binary and the CLI, stripped, and packs them
+# into dist/gpu.tar.xz (about 9 MB: each binary embeds every kernel's fatbin, ~70 MB unpacked, more
+# than a device call carries). Then, on the GPU machine, from the repo root: `bash tools/gpu_run.sh`
+# (with dist/gpu.tar.xz or dist/gpu/ carried along; it unpacks the archive itself).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p dist/gpu
@@ -16,4 +18,6 @@ for t in gpu_ops weights_gpu unet_gpu vae_gpu text_encoder_gpu; do
 done
 cp "$(cargo bench --bench ops --no-run --message-format=json 2>/dev/null | exe ops)" dist/gpu/bench_ops
 cargo build --release --quiet && cp target/release/celframe dist/gpu/celframe
-ls -la dist/gpu
+strip dist/gpu/*
+tar -cJf dist/gpu.tar.xz -C dist gpu
+ls -la dist/gpu dist/gpu.tar.xz

@@ -12,3 +12,7 @@ need_diffusers() {
     export PYTHONPATH="$1/py:${PYTHONPATH:-}"
   fi
 }
+# The carried archive of tools/build_gpu_bundle.sh, where it is newer than an unpacked dist/gpu.
+if [ -f dist/gpu.tar.xz ] && { [ ! -d dist/gpu ] || [ dist/gpu.tar.xz -nt dist/gpu ]; }; then
+  rm -rf dist/gpu && tar -xJf dist/gpu.tar.xz -C dist && touch dist/gpu
+fi

@@ -2,6 +2,8 @@
 # On the GPU machine, from the repo root, after tools/build_gpu_bundle.sh ran on a build machine
 # and dist/ was carried over: runs every GPU test against the CPU twins, the kernel benchmarks and
 # the PyTorch peer in one go, and prints the tables last. Logs go to $OUT (or /tmp/celframe-gpu).
+# CELFRAME_TEST_FILTER=name runs only the GPU tests whose names contain it; CELFRAME_BENCH_FILTER=text
+# only the benchmark and peer entries whose keys contain it.
 set -uo pipefail
 out=${OUT:-/tmp/celframe-gpu}
 mkdir -p "$out"
@@ -15,7 +17,7 @@ for t in dist/gpu/test_*; do
   # One test at a time: with two test threads (two Gpu instances in one process) a cuDNN bf16
   # convolution failed once in three runs with CUDNN_STATUS_EXECUTION_FAILED (cause not found;
   # the CLI holds one Gpu per process).
-  "$t" --include-ignored --nocapture --test-threads=1 2>&1 | tee -a "$log"
+  "$t" ${CELFRAME_TEST_FILTER:-} --include-ignored --nocapture --test-threads=1 2>&1 | tee -a "$log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || tests=1
 done
 echo "== celframe benchmarks" | tee -a "$log"

@@ -3,6 +3,7 @@
 Prints one `PEER {json}` line per entry, keyed like the BENCH lines. PyTorch runs the way
 diffusers does: NCHW contiguous activations (channels_last is timed too where it differs)."""
 import json
+import os
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,11 @@ def bench(fn, warmup=10, runs=50):
     return (t[runs // 2 - 1] + t[runs // 2]) / 2 if runs % 2 == 0 else t[runs // 2]
 
 
+def wanted(key):
+    """CELFRAME_BENCH_FILTER=text keeps the entries whose key contains the text, as benches/ops.rs does."""
+    return os.environ.get("CELFRAME_BENCH_FILTER", "") in key
+
+
 def peer(key, variant, ms, bytes_=0.0, flop=0.0):
     print("PEER " + json.dumps({"key": key, "variant": variant, "ms": round(ms, 5),
                                 "gbps": round(bytes_ / ms / 1e6, 1), "tflops": round(flop / ms / 1e9, 1)}), flush=True)
@@ -40,6 +46,8 @@ gn_cases = [("group_norm_silu", (32, 72, 128, 320), True, 1, "f16"),
             ("group_norm_silu", (32, 72, 128, 320), True, 1, "bf16")]
 for name, (n, h, w, c), silu, frames, dt in gn_cases:
     key = f"{name} {dt} N{n} C{c} H{h} W{w}"
+    if not wanted(key):
+        continue
     xs = [torch.randn(n, c, h, w, device=dev, dtype=DT[dt]) for _ in range(2)]
     g, b = torch.randn(c, device=dev, dtype=DT[dt]), torch.randn(c, device=dev, dtype=DT[dt])
     nbytes = 2 * xs[0].numel() * xs[0].element_size()
@@ -62,6 +70,8 @@ for name, (n, h, w, c), silu, frames, dt in gn_cases:
 
 for n, h, w, ci, co in [(2, 128, 128, 320, 320), (2, 64, 64, 640, 640), (2, 32, 32, 1280, 1280)]:
     key = f"conv3x3 f16 N{n} C{ci} H{h} W{w} K{co}"
+    if not wanted(key):
+        continue
     flop = 2.0 * n * h * w * co * ci * 9
     wt, bias = torch.randn(co, ci, 3, 3, device=dev, dtype=torch.float16), torch.randn(co, device=dev, dtype=torch.float16)
     for variant, fmt in [("torch NCHW", torch.contiguous_format), ("torch channels_last", torch.channels_last)]:
@@ -76,6 +86,8 @@ for n, h, w, ci, co in [(2, 128, 128, 320, 320), (2, 64, 64, 640, 640), (2, 32, 
 
 for m, kd, nd in [(8192, 640, 640), (2048, 1280, 10240), (65536, 320, 320)]:
     key = f"linear f16 M{m} K{kd} N{nd}"
+    if not wanted(key):
+        continue
     xs = [torch.randn(m, kd, device=dev, dtype=torch.float16) for _ in range(2)]
     wt, bias = torch.randn(nd, kd, device=dev, dtype=torch.float16), torch.randn(nd, device=dev, dtype=torch.float16)
     k = [0]
@@ -89,6 +101,8 @@ for m, kd, nd in [(8192, 640, 640), (2048, 1280, 10240), (65536, 320, 320)]:
 # reshapes/transposes around it are not timed, which favours PyTorch).
 for h, w, c in [(72, 128, 320), (36, 64, 640), (18, 32, 1280)]:
     key = f"temporal_attention f16 N32 C{c} H{h} W{w}"
+    if not wanted(key):
+        continue
     shape = (2 * h * w, 8, 16, c // 8)
     sets = [[torch.randn(shape, device=dev, dtype=torch.float16) for _ in range(3)] for _ in range(2)]
     k = [0]
@@ -102,6 +116,8 @@ for h, w, c in [(72, 128, 320), (36, 64, 640), (18, 32, 1280)]:
 # Flash attention as diffusers calls SDPA: [b, s, h*d] activations viewed as [b, h, s, d].
 for batch, sq, sk, heads in [(32, 2304, 2304, 10), (32, 576, 576, 20), (32, 2304, 77, 10), (2, 4096, 4096, 10)]:
     key = f"flash_attention f16 b{batch} h{heads} sq{sq} sk{sk}"
+    if not wanted(key):
+        continue
     def view(t):
         return t.view(t.shape[0], t.shape[1], heads, 64).transpose(1, 2)
     sets = [[torch.randn(batch, n, heads * 64, device=dev, dtype=torch.float16) for n in (sq, sk, sk)] for _ in range(2)]
@@ -116,6 +132,8 @@ for batch, sq, sk, heads in [(32, 2304, 2304, 10), (32, 576, 576, 20), (32, 2304
 # The VAE mid-block attention as diffusers runs it: SDPA on [b, 1 head, tokens, 512].
 for batch, tokens in [(4, 9216), (1, 16384)]:
     key = f"gemm_attention f16 b{batch} h1 d512 s{tokens}"
+    if not wanted(key):
+        continue
     sets = [[torch.randn(batch, 1, tokens, 512, device=dev, dtype=torch.float16) for _ in range(3)] for _ in range(2)]
     k = [0]
 

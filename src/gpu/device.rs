@@ -48,6 +48,8 @@ pub struct DeviceInfo {
     pub multiprocessors: u32,
     pub l2_bytes: usize,
     pub total_memory: usize,
+    /// The most shared memory one block may ask for (by opting in).
+    pub max_shared_per_block: usize,
 }
 
 pub struct Gpu {
@@ -154,6 +156,8 @@ impl Gpu {
             compute_capability: cuda("cuDeviceGetAttribute", ctx.compute_capability())?,
             multiprocessors: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32,
             l2_bytes: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as usize,
+            max_shared_per_block: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
+                as usize,
             total_memory: cuda("cuDeviceTotalMem", ctx.total_mem())?,
         };
         Ok(Gpu {
@@ -322,6 +326,9 @@ impl Gpu {
             return Ok(n);
         }
         let (kernel, _, cluster, shared_bytes) = key;
+        if shared_bytes > self.info.max_shared_per_block {
+            return Ok(0); // no block of this size runs at all
+        }
         let f = self.function(kernel)?;
         self.allow_shared(f, kernel, shared_bytes)?;
         if let Some((size, _)) = cluster {

@@ -47,8 +47,9 @@ pub enum GroupNormMode {
     /// kernels/norm/group_norm.cu: statistics and normalisation as separate work items, x read twice
     /// (the second read mostly from L2). Any GPU and shape.
     TwoPhase,
-    /// kernels/norm/group_norm_cluster.cu with clusters of this many blocks (0 = 8, else 16): one
-    /// read of x, held in the cluster's shared memory; f16 and bf16. An error where the shape does not fit.
+    /// kernels/norm/group_norm_cluster.cu with clusters of this many blocks (0 = Auto's choice of 8
+    /// or 16): one read of x, held in the cluster's shared memory; f16 and bf16. An error where the
+    /// shape does not fit.
     Cluster(u32),
 }
 
@@ -58,10 +59,9 @@ struct GnShape {
     channels: usize,
 }
 
-fn gn_shape(x: &Tensor, cfg: &GroupNorm) -> Result<GnShape> {
-    let s = x.shape();
+fn gn_shape(s: &[usize], cfg: &GroupNorm) -> Result<GnShape> {
     if s.len() < 2 {
-        return Err(Error::Input(format!("group_norm: {x:?} must be [N, ..., C]")));
+        return Err(Error::Input(format!("group_norm: shape {s:?} must be [N, ..., C]")));
     }
     let (n, c) = (s[0], s[s.len() - 1]);
     if cfg.groups == 0 || c % cfg.groups != 0 {
@@ -70,7 +70,34 @@ fn gn_shape(x: &Tensor, cfg: &GroupNorm) -> Result<GnShape> {
     if cfg.frames == 0 || n % cfg.frames != 0 {
         return Err(Error::Input(format!("group_norm: batch {n} is not a multiple of {} frames", cfg.frames)));
     }
-    Ok(GnShape { domains: n / cfg.frames, pixels: cfg.frames * x.numel() / (n * c).max(1), channels: c })
+    let numel: usize = s.iter().product();
+    Ok(GnShape { domains: n / cfg.frames, pixels: cfg.frames * numel / (n * c).max(1), channels: c })
+}
+
+/// The GPU work layout group_norm_tuned takes for this input shape, in words (benchmarks and
+/// profiling: which kernel, cluster and tile, and how many clusters the device runs at once).
+pub fn group_norm_layout(
+    gpu: &crate::gpu::Gpu,
+    shape: &[usize],
+    dtype: DType,
+    cfg: GroupNorm,
+    tuning: GroupNormTuning,
+) -> Result<String> {
+    let sh = gn_shape(shape, &cfg)?;
+    Ok(match cluster_plan(gpu, dtype, &sh, cfg.groups, &cluster_sizes(tuning.mode), &tuning)? {
+        Some(p) => format!(
+            "{} cluster {} slice {} channels tile {} pixels rows {} threads {} shared {} B, {} clusters at once",
+            p.kernel,
+            p.cluster.0,
+            p.slice_channels,
+            p.tile_pixels,
+            p.rows,
+            p.threads,
+            p.shared,
+            gpu.max_active_clusters(p.kernel, p.threads, p.cluster, p.shared)?
+        ),
+        None => "two-phase".into(),
+    })
 }
 
 /// y = (x - mean_g) / sqrt(var_g + eps) * gamma + beta, then SiLU if asked; x is NHWC [N, ..., C].
@@ -88,7 +115,7 @@ pub fn group_norm_tuned(
 ) -> Result<Tensor> {
     ex.expect_inputs("group_norm", &[x, gamma, beta])?;
     let dtype = same_dtype("group_norm", &[x, gamma, beta])?;
-    let sh = gn_shape(x, &cfg)?;
+    let sh = gn_shape(x.shape(), &cfg)?;
     if gamma.shape() != [sh.channels] || beta.shape() != [sh.channels] {
         return Err(Error::Input(format!("group_norm: gamma {gamma:?} / beta {beta:?} must be [{}]", sh.channels)));
     }
@@ -104,18 +131,12 @@ pub fn group_norm_tuned(
             }
             let y = gpu.empty(scratch, x.shape(), dtype)?;
             let pointers = (x.device_ptr()?, y.device_ptr()?, gamma.device_ptr()?, beta.device_ptr()?);
-            let cluster_sizes: &[u32] = match tuning.mode {
-                // Clusters of 8 measured faster where their tiles fit (levels 1 and 2 of the UNet),
-                // 16 where only they do (level 0): benches/RESULTS.md.
-                GroupNormMode::Auto | GroupNormMode::Cluster(0) => &[8, 16],
-                GroupNormMode::Cluster(n) => &[n],
-                GroupNormMode::TwoPhase => &[],
-            };
-            if let Some(plan) = cluster_plan(gpu, dtype, &sh, cfg.groups, cluster_sizes, &tuning)? {
+            if let Some(plan) = cluster_plan(gpu, dtype, &sh, cfg.groups, &cluster_sizes(tuning.mode), &tuning)? {
                 launch_cluster_group_norm(gpu, &plan, &sh, &cfg, pointers)?;
-            } else if let GroupNormMode::Cluster(n) = tuning.mode {
+            } else if let GroupNormMode::Cluster(_) = tuning.mode {
                 return Err(Error::Unsupported(format!(
-                    "group_norm: no cluster layout (cluster size {n}) fits {x:?} with {} groups on {}",
+                    "group_norm: no cluster layout (cluster sizes {:?}) fits {x:?} with {} groups on {}",
+                    cluster_sizes(tuning.mode),
                     cfg.groups,
                     gpu.info().name
                 )));
@@ -128,6 +149,17 @@ pub fn group_norm_tuned(
 }
 
 type GnPointers = (u64, u64, u64, u64);
+
+/// The cluster sizes a mode tries, in order.
+fn cluster_sizes(mode: GroupNormMode) -> Vec<u32> {
+    match mode {
+        // Clusters of 8 measured faster where their tiles fit (levels 1 and 2 of the UNet), 16 where
+        // only they do (level 0): benches/RESULTS.md.
+        GroupNormMode::Auto | GroupNormMode::Cluster(0) => vec![8, 16],
+        GroupNormMode::Cluster(n) => vec![n],
+        GroupNormMode::TwoPhase => vec![],
+    }
+}
 
 /// Layout of the cluster kernel for one shape (GroupNormClusterParams).
 struct ClusterPlan {

@@ -38,9 +38,9 @@ for b in bench:
         print(f"| {b['key']} | {b['ms']:.4f} | {b['gbps'] or '-'} | {b['tflops'] or '-'} | {peer_txt} | {ratio} |")
 sweep = [b for b in bench if b["name"] == "group_norm_sweep"]
 if sweep:
-    print("\nGroup-norm work-layout sweep (32x320x72x128 f16 +SiLU):")
+    print("\nGroup-norm work-layout sweep (f16 +SiLU):")
     for b in sweep:
-        print(f"  {b['key'].split(' W128 ')[1]}: {b['ms']:.4f} ms, {b['gbps']} GB/s")
+        print(f"  {b['key'].removeprefix('sweep group_norm_silu f16 ')}: {b['ms']:.4f} ms, {b['gbps']} GB/s")
 for b in bench:
     if b["name"] == "temporal_sweep":
         print(f"  temporal attention 32x320x72x128 f16, {b['key'].split()[-1]}: {b['ms']:.4f} ms, {b['gbps']} GB/s")

@@ -74,6 +74,18 @@ fn gn_shape(s: &[usize], cfg: &GroupNorm) -> Result<GnShape> {
     Ok(GnShape { domains: n / cfg.frames, pixels: cfg.frames * numel / (n * c).max(1), channels: c })
 }
 
+/// Shapes the GPU kernels take (both of them).
+fn gpu_limits(sh: &GnShape, cfg: &GroupNorm) -> Result<()> {
+    let c = sh.channels;
+    if !c.is_multiple_of(8) || c > 4096 || cfg.groups > 128 {
+        return Err(Error::Unsupported(format!(
+            "group_norm kernel needs channels a multiple of 8 and at most 4096, groups at most 128 (got {c} channels, {} groups)",
+            cfg.groups
+        )));
+    }
+    Ok(())
+}
+
 /// The GPU work layout group_norm_tuned takes for this input shape, in words (benchmarks and
 /// profiling: which kernel, cluster and tile, and how many clusters the device runs at once).
 pub fn group_norm_layout(
@@ -84,6 +96,7 @@ pub fn group_norm_layout(
     tuning: GroupNormTuning,
 ) -> Result<String> {
     let sh = gn_shape(shape, &cfg)?;
+    gpu_limits(&sh, &cfg)?;
     Ok(match cluster_plan(gpu, dtype, &sh, cfg.groups, &cluster_sizes(tuning.mode), &tuning)? {
         Some(p) => format!(
             "{} cluster {} slice {} channels tile {} pixels rows {} threads {} shared {} B, {} clusters at once",
@@ -122,13 +135,7 @@ pub fn group_norm_tuned(
     match ex {
         Exec::Cpu => group_norm_cpu(x, gamma, beta, &cfg, &sh, dtype),
         Exec::Cuda { gpu, scratch } => {
-            let c = sh.channels;
-            if c % 8 != 0 || c > 4096 || cfg.groups > 128 {
-                return Err(Error::Unsupported(format!(
-                    "group_norm kernel needs channels a multiple of 8 and at most 4096, groups at most 128 (got {c} channels, {} groups)",
-                    cfg.groups
-                )));
-            }
+            gpu_limits(&sh, &cfg)?;
             let y = gpu.empty(scratch, x.shape(), dtype)?;
             let pointers = (x.device_ptr()?, y.device_ptr()?, gamma.device_ptr()?, beta.device_ptr()?);
             if let Some(plan) = cluster_plan(gpu, dtype, &sh, cfg.groups, &cluster_sizes(tuning.mode), &tuning)? {

@@ -5,9 +5,10 @@
 // memory (16-byte cp.async; one bulk copy per pixel run measured slower, benches/RESULTS.md), so x
 // is read from memory once. Statistics: per group, sums of (x - shift) and (x - shift)^2 over the
 // block (shift = the group's first value in the domain, which keeps E[d^2] - E[d]^2 from
-// cancelling), added across the cluster through distributed shared memory after one cluster
-// barrier. Every block adds the ranks in the same order, so all blocks of a cluster use identical
-// statistics (fp32 throughout: the shift keeps the sums small). Then each block normalises its
+// cancelling): each block writes its sums into every block of the cluster (distributed shared
+// memory), and after one cluster barrier each block adds them up from its own shared memory. Every
+// block adds the ranks in the same order, so all blocks of a cluster use identical statistics
+// (fp32 throughout: the shift keeps the sums small). Then each block normalises its
 // pixels from shared memory and writes y.
 //
 // The host picks this kernel when a slice fits the cluster (GroupNormClusterParams); other shapes,
@@ -36,22 +37,24 @@ __device__ __forceinline__ unsigned cluster_x() {
     asm volatile("mov.u32 %0, %%clusterid.x;\n" : "=r"(x));
     return x;
 }
-// Split cluster barrier: arrive publishes this block's shared-memory writes (release), wait sees
-// every block's (acquire). All threads of the block take part.
-__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory"); }
-// Arrive without ordering earlier memory accesses (they were loads whose values are already used).
+// Cluster barrier: every thread's earlier writes to any block's shared memory (release) are seen by
+// every thread of the cluster after it (acquire). All threads of the block take part.
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+    asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
+// Split form of the same: arrive without ordering memory, and wait.
 __device__ __forceinline__ void cluster_arrive_relaxed() {
     asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
 }
-__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory"); }
 
-// A float2 in block `rank`'s shared memory, at the address `p` has in ours.
-__device__ __forceinline__ float2 load_cluster_f32x2(const float2* p, unsigned rank) {
+// Stores v at the address `p` has in our shared memory, in block `rank`'s.
+__device__ __forceinline__ void store_cluster_f32x2(float2* p, unsigned rank, float2 v) {
     unsigned remote;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_u32(p)), "r"(rank));
-    float2 v;
-    asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(remote) : "memory");
-    return v;
+    asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};\n" ::"r"(remote), "f"(v.x), "f"(v.y) : "memory");
 }
 
 // y = x * scale + offset (+ SiLU) for the thread's pixels, read from the tile in shared memory.
@@ -78,7 +81,6 @@ template <typename T>
 __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
     extern __shared__ __align__(128) unsigned char smem[];  // the tile, then the thread partials
     __shared__ float g_shift[GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS];
-    __shared__ float2 g_sums[GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS];  // read by the whole cluster
     __shared__ float g_mean[GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS], g_scale[GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS];
 
     // Grid (slices * cluster blocks, domains): cluster x of row y is slice x of domain y.
@@ -92,6 +94,8 @@ __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
     T* tile = reinterpret_cast<T*>(smem);
     float4* partials = reinterpret_cast<float4*>(smem + (size_t)p.tile_pixels * SC * sizeof(T));  // [blockDim.x]
     T* affine = reinterpret_cast<T*>(partials + blockDim.x);  // the slice's gamma, then its beta
+    // [cluster blocks][slice groups]: every block's sums, written by that block into all blocks
+    float2* block_sums = reinterpret_cast<float2*>(affine + 2 * SC);
 
     // Thread (row, slot) handles channels [8 slot, 8 slot + 8) of the slice at pixels row + k * rows.
     // Those channels span at most two groups (the host ensures it): lo, and hi from channel split.
@@ -99,6 +103,10 @@ __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
     const int row = threadIdx.x / V, slot = threadIdx.x % V;
     const int count = row < p.rows && row < valid ? (valid - row + p.rows - 1) / p.rows : 0;
     const int lo = slot * 8 / cpg, split = min(8, (lo + 1) * cpg - slot * 8);
+
+    // Another block's shared memory may only be written once that block runs: this barrier phase
+    // (waited on before the sums go out) says so, and costs nothing by then.
+    cluster_arrive_relaxed();
 
     // 1. the tile's copies (each thread copies the pieces it reads itself); the group tables
     const T* tile_at = tile + row * SC + slot * 8;
@@ -154,6 +162,7 @@ __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
     // One warp per group: its lanes add the partials of the slots holding the group's channels.
     // (blockDim.x is a multiple of 32, so every warp is whole for the shuffles.)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    cluster_wait();
     for (int g = warp; g < p.slice_groups; g += blockDim.x / 32) {
         float a = 0.0f, b = 0.0f;
         for (int s = g * cpg / 8; s <= ((g + 1) * cpg - 1) / 8; ++s) {
@@ -166,19 +175,19 @@ __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
         }
         a = warp_sum(a);
         b = warp_sum(b);
-        if (lane == 0) g_sums[g] = make_float2(a, b);
+        // Lane r hands them to block r: after the barrier each block adds them from its own memory.
+        if (lane < (int)blocks) store_cluster_f32x2(&block_sums[rank * p.slice_groups + g], lane, make_float2(a, b));
     }
-    __syncthreads();
 
     // 3. the cluster's totals: lane r of a 16-lane segment reads block r's sums of group g, and the
-    //    segment adds them (the same order in every block, so all blocks agree exactly)
-    cluster_arrive();
-    cluster_wait();
+    //    segment adds them (the same order in every block, so all blocks agree exactly). After this
+    //    barrier no block touches another's memory, so blocks may exit as they finish.
+    cluster_sync();
     const float inv_n = 1.0f / ((float)p.pixels * cpg);
     for (int t0 = warp * 32; t0 < p.slice_groups * 16; t0 += blockDim.x) {  // whole warps iterate together
         const int t = t0 + lane, g = t >> 4, r = t & 15;
         float2 q = make_float2(0.0f, 0.0f);
-        if (g < p.slice_groups && r < (int)blocks) q = load_cluster_f32x2(&g_sums[g], r);
+        if (g < p.slice_groups && r < (int)blocks) q = block_sums[r * p.slice_groups + g];
 #pragma unroll
         for (int o = 8; o > 0; o >>= 1) {
             q.x += __shfl_xor_sync(0xffffffffu, q.x, o);
@@ -190,8 +199,6 @@ __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
             g_scale[g] = rsqrtf(fmaxf(q.y * inv_n - mean * mean, 0.0f) + p.eps);
         }
     }
-    // Done reading other blocks' shared memory; the matching wait comes before this block exits.
-    cluster_arrive_relaxed();
     __syncthreads();
 
     // 4. normalise from shared memory
@@ -211,7 +218,6 @@ __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
     } else {
         normalise_rows<T, false>(tile_at, tile_step, y_at, y_step, count, scale, offset);
     }
-    cluster_wait();  // no block of the cluster still reads this block's sums
 }
 
 #define GROUP_NORM_CLUSTER_KERNEL(NAME, T)                                                      \

@@ -229,8 +229,10 @@ fn cluster_plan(
             .min(tile_pixels)
             .max(1);
             let threads = (rows * v).next_multiple_of(32) as u32;
-            // The tile, one float4 of partial sums per thread, the slice's gamma and beta.
-            let shared = tile + threads as usize * 16 + 2 * slice_channels * dtype.size();
+            // The tile, one float4 of partial sums per thread, the slice's gamma and beta, every
+            // cluster block's float2 sums per group.
+            let shared =
+                tile + threads as usize * 16 + 2 * slice_channels * dtype.size() + cluster as usize * slice_groups * 8;
             if gpu.occupancy(kernel, threads, shared)? < 2
                 || gpu.max_active_clusters(kernel, threads, (cluster, tuning.cluster_scheduling), shared)? == 0
             {

@@ -108,7 +108,9 @@ fn main() -> Result<()> {
         let (g, be) = (b.random(&[c], DType::F16, 7)?, b.random(&[c], DType::F16, 8)?);
         let cfg = GroupNorm { groups: 32, eps: 1e-5, silu: true, frames: 1 };
         let mut layouts = vec![];
-        for (cluster, rows, balanced) in [(16, 0, false), (16, 0, true), (16, 24, true), (8, 0, false), (8, 0, true)] {
+        for (cluster, rows, balanced) in
+            [(16, 0, false), (16, 0, true), (16, 24, false), (16, 40, false), (8, 0, false), (8, 0, true)]
+        {
             let tuning = GroupNormTuning {
                 mode: GroupNormMode::Cluster(cluster),
                 cluster_rows: rows,

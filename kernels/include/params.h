@@ -91,8 +91,8 @@ typedef struct GroupNormClusterParams {
     int32_t group_channels;  // channels per group
     int32_t slice_channels;  // whole groups, a multiple of 8
     int32_t slice_groups;    // at most GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS
-    int32_t tile_pixels;     // pixels per block: ceil(pixels / cluster blocks)
-    int32_t rows;            // pixels a block steps over at a time
+    int32_t tile_pixels;     // pixels per block: ceil(ceil(pixels / rows) / cluster blocks) * rows
+    int32_t rows;            // pixels a block steps over at a time; blocks take turns by runs of rows
     int32_t silu;            // 1: y = silu(norm(x))
     float eps;
 } GroupNormClusterParams;

@@ -1,9 +1,9 @@
 // Group norm (+ optional SiLU) over NHWC activations with thread block clusters (sm_90).
 //
-// One cluster per (domain, channel slice): the slice is whole groups, and its pixels are split
-// evenly over the cluster's blocks. Each block copies its pixels' part of the slice into shared
-// memory (16-byte cp.async; one bulk copy per pixel run measured slower, benches/RESULTS.md), so x
-// is read from memory once. Statistics: per group, sums of (x - shift) and (x - shift)^2 over the
+// One cluster per (domain, channel slice): the slice is whole groups, and its pixels are dealt to
+// the cluster's blocks in runs of `rows` pixels. Each block copies its pixels' part of the slice
+// into shared memory (16-byte cp.async; one bulk copy per pixel run measured slower,
+// benches/RESULTS.md), so x is read from memory once. Statistics: per group, sums of (x - shift) and (x - shift)^2 over the
 // block (shift = the group's first value in the domain, which keeps E[d^2] - E[d]^2 from
 // cancelling): each block writes its sums into every block of the cluster (distributed shared
 // memory), and after one cluster barrier each block adds them up from its own shared memory. Every
@@ -87,8 +87,6 @@ __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
     const int C = p.channels, SC = p.slice_channels, V = SC / 8, cpg = p.group_channels;
     const unsigned rank = cluster_rank(), blocks = cluster_blocks();
     const int slice = (int)cluster_x();
-    const int64_t first = (int64_t)rank * p.tile_pixels;
-    const int valid = (int)max((int64_t)0, min((int64_t)p.tile_pixels, p.pixels - first));
     const int64_t base = blockIdx.y * p.pixels * C + slice * SC;  // pixel 0 of this slice
     const T* xs = static_cast<const T*>(p.x) + base;
     T* tile = reinterpret_cast<T*>(smem);
@@ -97,11 +95,17 @@ __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
     // [cluster blocks][slice groups]: every block's sums, written by that block into all blocks
     float2* block_sums = reinterpret_cast<float2*>(affine + 2 * SC);
 
-    // Thread (row, slot) handles channels [8 slot, 8 slot + 8) of the slice at pixels row + k * rows.
+    // Thread (row, slot) handles channels [8 slot, 8 slot + 8) of the slice at its tile's pixels
+    // row + k * rows.
     // Those channels span at most two groups (the host ensures it): lo, and hi from channel split.
     // Threads past rows * V (the block is whole warps) only help with the sums.
     const int row = threadIdx.x / V, slot = threadIdx.x % V;
-    const int count = row < p.rows && row < valid ? (valid - row + p.rows - 1) / p.rows : 0;
+    // The thread's pixels: first_pixel + k * pixel_step, runs of `rows` pixels dealt round-robin to
+    // the blocks, so the cluster's blocks sweep the domain together (their copies land at more even
+    // times than with a contiguous range per block, and the barrier waits less: 0.7% faster).
+    const int64_t first_pixel = (int64_t)rank * p.rows + row, pixel_step = (int64_t)blocks * p.rows;
+    const int count =
+        row < p.rows && first_pixel < p.pixels ? (int)((p.pixels - first_pixel + pixel_step - 1) / pixel_step) : 0;
     const int lo = slot * 8 / cpg, split = min(8, (lo + 1) * cpg - slot * 8);
 
     // Another block's shared memory may only be written once that block runs: this barrier phase
@@ -112,8 +116,8 @@ __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
     const T* tile_at = tile + row * SC + slot * 8;
     const int tile_step = p.rows * SC;
     {
-        const T* src = xs + (first + row) * C + slot * 8;
-        const int64_t src_step = (int64_t)p.rows * C;
+        const T* src = xs + first_pixel * C + slot * 8;
+        const int64_t src_step = pixel_step * C;
         T* dst = tile + row * SC + slot * 8;
         for (int k = 0; k < count; ++k, src += src_step, dst += tile_step) cp_async16(dst, src);
         // gamma and beta come along, so normalising does not wait on global loads
@@ -211,8 +215,8 @@ __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
         scale[j] *= g_scale[g];
         offset[j] -= g_mean[g] * scale[j];
     }
-    T* y_at = static_cast<T*>(p.y) + base + (first + row) * C + slot * 8;
-    const int64_t y_step = (int64_t)p.rows * C;
+    T* y_at = static_cast<T*>(p.y) + base + first_pixel * C + slot * 8;
+    const int64_t y_step = pixel_step * C;
     if (p.silu) {
         normalise_rows<T, true>(tile_at, tile_step, y_at, y_step, count, scale, offset);
     } else {

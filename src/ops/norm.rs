@@ -206,7 +206,7 @@ fn cluster_plan(
     }
     let max_slice_groups = (GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS as usize).min(groups);
     for &cluster in cluster_sizes {
-        let tile_pixels = sh.pixels.div_ceil(cluster as usize);
+        let share = sh.pixels.div_ceil(cluster as usize);
         for slice_groups in (1..=max_slice_groups).rev().filter(|sg| groups.is_multiple_of(*sg)) {
             let slice_channels = slice_groups * cpg;
             let v = slice_channels / 8;
@@ -217,17 +217,19 @@ fn cluster_plan(
             if !slice_channels.is_multiple_of(8) || !whole_sectors || v > GROUP_NORM_CLUSTER_MAX_THREADS {
                 continue;
             }
+            let rows = if asked_rows > 0 {
+                asked_rows.min(GROUP_NORM_CLUSTER_MAX_THREADS / v)
+            } else {
+                default_rows(share, v)
+            }
+            .min(share)
+            .max(1);
+            // Blocks take runs of `rows` pixels in turn; a block's tile holds its runs.
+            let tile_pixels = sh.pixels.div_ceil(rows).div_ceil(cluster as usize) * rows;
             let tile = tile_pixels * slice_channels * dtype.size();
             if tile > GROUP_NORM_CLUSTER_MAX_TILE_BYTES {
                 continue;
             }
-            let rows = if asked_rows > 0 {
-                asked_rows.min(GROUP_NORM_CLUSTER_MAX_THREADS / v)
-            } else {
-                default_rows(tile_pixels, v)
-            }
-            .min(tile_pixels)
-            .max(1);
             let threads = (rows * v).next_multiple_of(32) as u32;
             // The tile, one float4 of partial sums per thread, the slice's gamma and beta, every
             // cluster block's float2 sums per group.
@@ -246,10 +248,11 @@ fn cluster_plan(
 }
 
 /// Pixels a cluster block steps over at a time: about 320 threads measured fastest on the H100
-/// (benches/RESULTS.md), and a row count that divides the tile gives every thread as many pixels.
-fn default_rows(tile_pixels: usize, v: usize) -> usize {
+/// (benches/RESULTS.md), and a row count that divides a block's share of the pixels gives every
+/// thread as many pixels.
+fn default_rows(share: usize, v: usize) -> usize {
     let target = (320 / v).max(1);
-    (target.div_ceil(2)..=target).rev().find(|r| tile_pixels.is_multiple_of(*r)).unwrap_or(target)
+    (target.div_ceil(2)..=target).rev().find(|r| share.is_multiple_of(*r)).unwrap_or(target)
 }
 
 /// GROUP_NORM_CLUSTER_MAX_THREADS of group_norm_cluster.cu (its launch bound).

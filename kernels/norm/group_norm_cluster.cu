@@ -3,13 +3,13 @@
 // One cluster per (domain, channel slice): the slice is whole groups, and its pixels are dealt to
 // the cluster's blocks in runs of `rows` pixels. Each block copies its pixels' part of the slice
 // into shared memory (16-byte cp.async; one bulk copy per pixel run measured slower,
-// benches/RESULTS.md), so x is read from memory once. Statistics: per group, sums of (x - shift) and (x - shift)^2 over the
-// block (shift = the group's first value in the domain, which keeps E[d^2] - E[d]^2 from
-// cancelling): each block writes its sums into every block of the cluster (distributed shared
-// memory), and after one cluster barrier each block adds them up from its own shared memory. Every
-// block adds the ranks in the same order, so all blocks of a cluster use identical statistics
-// (fp32 throughout: the shift keeps the sums small). Then each block normalises its
-// pixels from shared memory and writes y.
+// benches/RESULTS.md), so x is read from memory once. Statistics: per group, sums of (x - shift)
+// and (x - shift)^2 over the block (shift = the group's first value in the domain, which keeps
+// E[d^2] - E[d]^2 from cancelling): each block writes its sums into every block of the cluster
+// (distributed shared memory), and after one cluster barrier each block adds them up from its own
+// shared memory. Every block adds the ranks in the same order, so all blocks of a cluster use
+// identical statistics (fp32 throughout: the shift keeps the sums small). Then each block
+// normalises its pixels from shared memory and writes y.
 //
 // The host picks this kernel when a slice fits the cluster (GroupNormClusterParams); other shapes,
 // and GPUs before sm_90, use the two-phase kernel of group_norm.cu.
@@ -96,9 +96,8 @@ __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
     float2* block_sums = reinterpret_cast<float2*>(affine + 2 * SC);
 
     // Thread (row, slot) handles channels [8 slot, 8 slot + 8) of the slice at its tile's pixels
-    // row + k * rows.
-    // Those channels span at most two groups (the host ensures it): lo, and hi from channel split.
-    // Threads past rows * V (the block is whole warps) only help with the sums.
+    // row + k * rows. Those channels span at most two groups (the host ensures it): lo, and hi from
+    // channel split. Threads past rows * V (the block is whole warps) only help with the sums.
     const int row = threadIdx.x / V, slot = threadIdx.x % V;
     // The thread's pixels: first_pixel + k * pixel_step, runs of `rows` pixels dealt round-robin to
     // the blocks, so the cluster's blocks sweep the domain together (their copies land at more even
@@ -183,9 +182,10 @@ __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
         if (lane < (int)blocks) store_cluster_f32x2(&block_sums[rank * p.slice_groups + g], lane, make_float2(a, b));
     }
 
-    // 3. the cluster's totals: lane r of a 16-lane segment reads block r's sums of group g, and the
-    //    segment adds them (the same order in every block, so all blocks agree exactly). After this
-    //    barrier no block touches another's memory, so blocks may exit as they finish.
+    // 3. the cluster's totals: lane r of a 16-lane segment reads block r's sums of group g (from the
+    //    copy block r wrote here), and the segment adds them (the same order in every block, so all
+    //    blocks agree exactly). After this barrier no block touches another's memory, so blocks may
+    //    exit as they finish.
     cluster_sync();
     const float inv_n = 1.0f / ((float)p.pixels * cpg);
     for (int t0 = warp * 32; t0 < p.slice_groups * 16; t0 += blockDim.x) {  // whole warps iterate together

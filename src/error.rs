@@ -1,28 +1,48 @@
-//! One error type for the crate. `Input` is the user's fault (bad file, bad argument, bad shape)
-//! and maps to exit code 2; everything else is an engine or device failure.
+//! One error type for the crate, and the process exit codes it maps to (README, "Exit codes"):
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | success |
+//! | 1 | `verify`: an output is outside its tolerance or not finite |
+//! | 2 | bad input: a file, field, tensor, argument or shape the user supplied, or one the engine refuses by name |
+//! | 3 | no CUDA driver or device where one is needed |
+//! | 4 | a CUDA driver or library call failed |
+//! | 5 | an internal error: a bug in celframe (please report it) |
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Bad input: a file, tensor, argument or shape the user supplied. Exit code 2.
     #[error("{0}")]
     Input(String),
-    /// A CUDA driver or library call failed; the message names the call and what it ran.
-    #[error("CUDA: {0}")]
-    Cuda(String),
-    /// Something the engine does not do yet; the message names the gap.
+    /// Input the engine does not handle (yet); the message names the gap. Exit code 2.
     #[error("not supported: {0}")]
     Unsupported(String),
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },
+    /// No CUDA driver or device, where the command needs one. Exit code 3.
+    #[error("no GPU: {0}")]
+    NoDevice(String),
+    /// A CUDA driver or library call failed; the message names the call and what it ran. Exit code 4.
+    #[error("CUDA: {0}")]
+    Cuda(String),
+    /// The engine broke one of its own rules (a weight it loaded under one name and looked up under
+    /// another, say): a bug, not the user's input. Exit code 5.
+    #[error("internal error (a bug in celframe): {0}")]
+    Internal(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Exit code of `verify` when an output is outside its tolerance (or not finite).
+pub const EXIT_OUTSIDE_TOLERANCE: u8 = 1;
+
 impl Error {
-    pub fn exit_code(&self) -> i32 {
+    pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Input(_) | Error::Io { .. } => 2,
-            _ => 1,
+            Error::Input(_) | Error::Unsupported(_) | Error::Io { .. } => 2,
+            Error::NoDevice(_) => 3,
+            Error::Cuda(_) => 4,
+            Error::Internal(_) => 5,
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod error;
 pub mod gpu;
+pub mod io;
 pub mod models;
 pub mod ops;
 pub mod tensor;

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use crate::cli::arenas::{gib, model_arenas, most_of_memory};
-use crate::error::{Error, Result};
+use crate::error::{EXIT_OUTSIDE_TOLERANCE, Error, Result};
 use crate::gpu::Gpu;
 use crate::models::clip::TextEncoderKind;
 use crate::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
@@ -113,15 +113,10 @@ impl Device {
 pub fn main(args: &VerifyArgs) -> ExitCode {
     match run(args) {
         Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
+        Ok(false) => ExitCode::from(EXIT_OUTSIDE_TOLERANCE),
         Err(e) => {
             eprintln!("error: {e}");
-            // An input the engine cannot run is as uncomparable as a malformed one.
-            let code = match e {
-                Error::Unsupported(_) => 2,
-                other => other.exit_code(),
-            };
-            ExitCode::from(code as u8)
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -141,7 +141,7 @@ impl Gpu {
 
     pub fn new(ordinal: usize) -> Result<Gpu> {
         if !Gpu::is_available() {
-            return Err(Error::Cuda("no CUDA driver or device on this machine".into()));
+            return Err(Error::NoDevice("no CUDA driver or device on this machine".into()));
         }
         let count = cuda("cuDeviceGetCount", result::device::get_count())? as usize;
         if ordinal >= count {

@@ -7,7 +7,7 @@ use super::config::Transformer;
 use super::weights::Scope;
 use crate::error::Result;
 use crate::ops::Exec;
-use crate::ops::attention::{FlashAttention, flash_attention, gemm_attention};
+use crate::ops::attention::{FlashAttention, attention};
 use crate::ops::elementwise::{add, geglu};
 use crate::ops::linear::linear;
 use crate::ops::norm::{GroupNorm, group_norm, layer_norm};
@@ -59,12 +59,12 @@ fn block(ex: &Exec, w: &Scope, t: &Transformer, x: &Tensor, context: &Tensor) ->
     // 1. self-attention: [B, L, C]
     let x = {
         let n = ln("norm1", x)?;
-        add(ex, &attention(ex, &w.at("attn1"), t.heads, &n, &n)?, x, 1.0)?
+        add(ex, &attention_block(ex, &w.at("attn1"), t.heads, &n, &n)?, x, 1.0)?
     };
     // 2. cross-attention on the context: queries [B, L, C], keys and values from [B, T, X]
     let x = {
         let n = ln("norm2", &x)?;
-        add(ex, &attention(ex, &w.at("attn2"), t.heads, &n, context)?, &x, 1.0)?
+        add(ex, &attention_block(ex, &w.at("attn2"), t.heads, &n, context)?, &x, 1.0)?
     };
     // 3. GEGLU feed-forward: [B, L, C] -> [B, L, 8C] -> [B, L, 4C] -> [B, L, C]
     let mut f = ln("norm3", &x)?;
@@ -75,17 +75,13 @@ fn block(ex: &Exec, w: &Scope, t: &Transformer, x: &Tensor, context: &Tensor) ->
 }
 
 /// diffusers Attention without biases on q, k, v: softmax(q k^T / sqrt(d)) v, then to_out.0.
-/// Head size 64 (SDXL's) takes the flash kernel; others the GEMM path (same CPU twin).
-fn attention(ex: &Exec, w: &Scope, heads: usize, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+fn attention_block(ex: &Exec, w: &Scope, heads: usize, x: &Tensor, context: &Tensor) -> Result<Tensor> {
     let q = linear(ex, x, w.get("to_q.weight")?, None)?; // [B, L, C]
     let k = linear(ex, context, w.get("to_k.weight")?, None)?; // [B, T, C]
     let v = linear(ex, context, w.get("to_v.weight")?, None)?;
     let head_dim = q.shape()[2] / heads.max(1);
     let cfg = FlashAttention { heads, causal: false, scale: 1.0 / (head_dim as f32).sqrt() };
-    let o = match head_dim {
-        64 => flash_attention(ex, &q, &k, &v, cfg)?,
-        _ => gemm_attention(ex, &q, &k, &v, cfg)?,
-    }; // [B, L, C]
+    let o = attention(ex, &q, &k, &v, cfg)?; // [B, L, C]
     linear(ex, &o, w.get("to_out.0.weight")?, Some(w.get("to_out.0.bias")?))
 }
 

@@ -207,6 +207,15 @@ pub struct FlashAttention {
     pub scale: f32,
 }
 
+/// Multi-head attention, the kernel chosen by head size: `flash_attention` for head dim 64 (f16 /
+/// bf16 on CUDA), `gemm_attention` otherwise (any head dim; the VAE's single head of 512). Same
+/// layouts and CPU twin as both. Model code calls this, not the kernels.
+pub fn attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: FlashAttention) -> Result<Tensor> {
+    let c = *q.shape().last().unwrap_or(&0);
+    let flash_fits = cfg.heads > 0 && c == 64 * cfg.heads && q.dtype() != DType::F32;
+    if flash_fits { flash_attention(ex, q, k, v, cfg) } else { gemm_attention(ex, q, k, v, cfg) }
+}
+
 /// O = softmax(scale * Q K^T [+ causal mask]) V per (batch, head). q is [batch, seq_q, heads * d],
 /// k and v [batch, seq_k, heads * d]; the result has q's shape. Never materialises the scores on the
 /// GPU (flash attention, head dim 64).

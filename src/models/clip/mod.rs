@@ -14,7 +14,7 @@ pub use config::{Activation, ClipConfig, Pooling};
 use super::weights::{ModelWeights, Place, Scope};
 use crate::error::{Error, Result};
 use crate::ops::Exec;
-use crate::ops::attention::{FlashAttention, flash_attention, gemm_attention};
+use crate::ops::attention::{FlashAttention, attention};
 use crate::ops::elementwise::{add, gelu, quick_gelu};
 use crate::ops::gather::token_embedding;
 use crate::ops::linear::linear;
@@ -159,11 +159,7 @@ impl ClipTextModel {
                 causal: true,
                 scale: 1.0 / (c.head_dim() as f32).sqrt(),
             };
-            // Head size 64 (both SDXL encoders) takes the flash kernel; others the GEMM path.
-            let o = match c.head_dim() {
-                64 => flash_attention(ex, &q, &k, &v, cfg)?,
-                _ => gemm_attention(ex, &q, &k, &v, cfg)?,
-            };
+            let o = attention(ex, &q, &k, &v, cfg)?;
             add(ex, &lin("self_attn.out_proj", &o)?, x, 1.0)?
         };
         // 2. MLP: [B, T, D] -> [B, T, M] -> [B, T, D]

@@ -22,7 +22,7 @@ pub use frames::{DecodeOptions, DecodeReport, Tiling};
 use super::weights::{ModelWeights, Place, Scope};
 use crate::error::{Error, Result};
 use crate::ops::Exec;
-use crate::ops::attention::{FlashAttention, gemm_attention};
+use crate::ops::attention::{self, FlashAttention};
 use crate::ops::conv::{Conv2d, conv2d};
 use crate::ops::elementwise::add;
 use crate::ops::linear::linear;
@@ -212,7 +212,7 @@ fn attention(ex: &Exec, w: &Scope, groups: usize, x: &Tensor) -> Result<Tensor> 
     let (q, k, v) = (project("to_q", &tokens)?, project("to_k", &tokens)?, project("to_v", &tokens)?);
     // 3. one head of C: softmax(q kᵀ / √C) v
     let cfg = FlashAttention { heads: 1, causal: false, scale: 1.0 / (c as f32).sqrt() };
-    let o = gemm_attention(ex, &q, &k, &v, cfg)?;
+    let o = attention::attention(ex, &q, &k, &v, cfg)?;
     // 4. to_out.0, back to [B, h, w, C], residual (rescale_output_factor 1)
     let o = project("to_out.0", &o)?.reshape(&s)?;
     add(ex, &o, x, 1.0)

@@ -24,6 +24,7 @@ for enc in text_encoder text_encoder_2; do
   for dt in f16 f32; do
     echo "-- $enc vs transformers $dt" | tee -a "$log"
     dist/gpu/celframe verify "$enc" --weights "$work/$enc" --reference "$work/ref_${enc}_${dt}.safetensors" --device cuda 2>&1 | tee -a "$log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   done
 done
 

@@ -29,6 +29,7 @@ for ref in "$work"/ref_*.safetensors; do
   dist/gpu/celframe verify unet --weights "$work/sdxl_unet" --reference "$ref" --device cuda 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}
   echo "VERIFY {\"reference\": \"$(basename "$ref")\", \"exit\": $rc}" | tee -a "$log"
+  [ "$rc" -eq 0 ] || status=1
 done
 
 echo "== celframe bench unet" | tee -a "$log"

@@ -58,7 +58,7 @@ pub struct Gpu {
     stream: sys::CUstream,
     info: DeviceInfo,
     modules: RefCell<HashMap<&'static str, sys::CUmodule>>,
-    functions: RefCell<HashMap<&'static str, sys::CUfunction>>,
+    functions: RefCell<HashMap<&'static str, Function>>,
     /// Occupancy answers by OccupancyKey: ops choose layouts per call, and the driver's occupancy
     /// calculator is not free.
     occupancy: RefCell<HashMap<OccupancyKey, u32>>,
@@ -73,6 +73,20 @@ pub struct Gpu {
 fn cuda<T>(call: &str, r: std::result::Result<T, result::DriverError>) -> Result<T> {
     r.map_err(|e| Error::Cuda(format!("{call} failed: {e:?}")))
 }
+
+/// A loaded kernel and what its launches need to know about shared memory.
+#[derive(Clone, Copy)]
+struct Function {
+    handle: sys::CUfunction,
+    /// Shared memory the kernel declares statically (`__shared__` arrays).
+    static_shared: usize,
+    /// The dynamic shared-memory limit currently set on the function (48 KiB less the static part
+    /// until raised).
+    dynamic_limit: usize,
+}
+
+/// Shared memory a block gets without opting in, static and dynamic together.
+const DEFAULT_SHARED_PER_BLOCK: usize = 48 << 10;
 
 /// (kernel, block threads, cluster size and placement for cluster queries, dynamic shared bytes).
 type OccupancyKey = (&'static str, u32, Option<(u32, ClusterScheduling)>, usize);
@@ -187,13 +201,17 @@ impl Gpu {
 
     /// The function `kernel`, loading its module on first use.
     pub fn function(&self, kernel: &'static str) -> Result<sys::CUfunction> {
+        Ok(self.loaded(kernel)?.handle)
+    }
+
+    fn loaded(&self, kernel: &'static str) -> Result<Function> {
         if let Some(f) = self.functions.borrow().get(kernel) {
             return Ok(*f);
         }
         let module = KERNEL_MODULES
             .iter()
             .find(|m| m.kernels.contains(&kernel))
-            .ok_or_else(|| Error::Unsupported(format!("no compiled kernel is named {kernel}")))?;
+            .ok_or_else(|| Error::Internal(format!("no compiled kernel is named {kernel}")))?;
         let loaded = self.modules.borrow().get(module.name).copied();
         let cu_module = match loaded {
             Some(m) => m,
@@ -206,8 +224,20 @@ impl Gpu {
             }
         };
         let name = CString::new(kernel).expect("kernel names have no NUL");
-        let f =
+        let handle =
             cuda(&format!("cuModuleGetFunction({kernel})"), unsafe { result::module::get_function(cu_module, name) })?;
+        let attribute = |a| {
+            cuda(&format!("cuFuncGetAttribute({a:?}) of {kernel}"), unsafe {
+                result::function::get_function_attribute(handle, a)
+            })
+        };
+        let static_shared = attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)? as usize;
+        // Until raised, static and dynamic shared memory share the default 48 KiB (taken as the
+        // smaller of that and what the driver reports, so the raise is never skipped).
+        let dynamic_limit = (attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)?
+            as usize)
+            .min(DEFAULT_SHARED_PER_BLOCK.saturating_sub(static_shared));
+        let f = Function { handle, static_shared, dynamic_limit };
         self.functions.borrow_mut().insert(kernel, f);
         Ok(f)
     }
@@ -222,9 +252,8 @@ impl Gpu {
         shared_bytes: u32,
         params: &P,
     ) -> Result<()> {
-        let f = self.function(kernel)?;
         let describe = || format!("{kernel} grid {grid:?} block {block:?} shared {shared_bytes} B");
-        self.allow_shared(f, kernel, shared_bytes as usize)?;
+        let f = self.allow_shared(kernel, shared_bytes as usize)?;
         let mut args = [params as *const P as *mut c_void];
         cuda(&format!("cuLaunchKernel of {}", describe()), unsafe {
             result::launch_kernel(f, grid, block, shared_bytes, self.stream, &mut args)
@@ -246,11 +275,10 @@ impl Gpu {
         shared_bytes: u32,
         params: &P,
     ) -> Result<()> {
-        let f = self.function(kernel)?;
         let describe = || {
             format!("{kernel} grid {grid:?} block {block:?} cluster {cluster} {scheduling:?} shared {shared_bytes} B")
         };
-        self.allow_shared(f, kernel, shared_bytes as usize)?;
+        let f = self.allow_shared(kernel, shared_bytes as usize)?;
         self.allow_cluster(f, kernel, cluster)?;
         let mut attrs = cluster_attributes(cluster, scheduling);
         let config = launch_config(grid, block, shared_bytes, self.stream, &mut attrs);
@@ -298,18 +326,30 @@ impl Gpu {
         })
     }
 
-    /// Raises the kernel's dynamic shared-memory limit when it asks for more than the default 48 KiB.
-    fn allow_shared(&self, f: sys::CUfunction, kernel: &str, shared_bytes: usize) -> Result<()> {
-        if shared_bytes <= 48 * 1024 {
-            return Ok(());
+    /// The kernel's handle, its dynamic shared-memory limit raised where this launch needs it. A block
+    /// gets 48 KiB of static and dynamic shared memory together unless the function opts in: a
+    /// 48000-byte request of a kernel with 1.5 KiB of static arrays failed with
+    /// CUDA_ERROR_INVALID_VALUE before the static part was counted here.
+    fn allow_shared(&self, kernel: &'static str, dynamic: usize) -> Result<sys::CUfunction> {
+        let f = self.loaded(kernel)?;
+        let total = f.static_shared + dynamic;
+        if total > self.info.max_shared_per_block.max(DEFAULT_SHARED_PER_BLOCK) {
+            return Err(Error::Internal(format!(
+                "{kernel}: {dynamic} B of dynamic shared memory plus {} B static exceed the device's {} B per block",
+                f.static_shared, self.info.max_shared_per_block
+            )));
         }
-        cuda(&format!("cuFuncSetAttribute(max dynamic shared {shared_bytes} B) for {kernel}"), unsafe {
-            result::function::set_function_attribute(
-                f,
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                shared_bytes as i32,
-            )
-        })
+        if dynamic > f.dynamic_limit {
+            cuda(&format!("cuFuncSetAttribute(max dynamic shared {dynamic} B) for {kernel}"), unsafe {
+                result::function::set_function_attribute(
+                    f.handle,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    dynamic as i32,
+                )
+            })?;
+            self.functions.borrow_mut().insert(kernel, Function { dynamic_limit: dynamic, ..f });
+        }
+        Ok(f.handle)
     }
 
     /// Most blocks of `kernel` one multiprocessor holds at this block size.
@@ -326,11 +366,10 @@ impl Gpu {
             return Ok(n);
         }
         let (kernel, _, cluster, shared_bytes) = key;
-        if shared_bytes > self.info.max_shared_per_block {
+        if self.loaded(kernel)?.static_shared + shared_bytes > self.info.max_shared_per_block {
             return Ok(0); // no block of this size runs at all
         }
-        let f = self.function(kernel)?;
-        self.allow_shared(f, kernel, shared_bytes)?;
+        let f = self.allow_shared(kernel, shared_bytes)?;
         if let Some((size, _)) = cluster {
             self.allow_cluster(f, kernel, size)?;
         }

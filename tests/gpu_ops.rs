@@ -11,12 +11,13 @@
 
 mod common;
 
+use celframe::gpu::blas::{Gemm, GemmIo};
 use celframe::gpu::{Arena, Gpu};
 use celframe::ops::Exec;
 use celframe::ops::conv::{Conv2d, conv2d};
 use celframe::ops::elementwise::{add, geglu, gelu, mul, scale, silu};
 use celframe::ops::embedding::{TimestepEmbedding, timestep_embedding};
-use celframe::ops::linear::linear;
+use celframe::ops::linear::{linear, linear_add};
 use celframe::ops::norm::{GroupNorm, GroupNormMode, GroupNormTuning, group_norm, group_norm_tuned, layer_norm};
 use celframe::ops::upsample::upsample_nearest2x;
 use celframe::{DType, Tensor};
@@ -256,6 +257,61 @@ fn linear_matches_twin() {
         let cpu_out = linear(&Exec::Cpu, &x, &w, has_bias.then_some(&b)).unwrap();
         rig.check(&format!("linear ->{n} bias={has_bias}"), shape, dtype, gpu_out, cpu_out);
     }
+    // The residual through cuBLASLt's epilogue (beta C, C apart from D): a transformer's to_out + x.
+    let (shape, n, dtype) = ([2, 4096, 640], 640, DType::F16);
+    let (x, xd) = rig.input(&shape, dtype, 1.0, 0.0);
+    let (w, wd) = rig.input(&[n, 640], dtype, 1.0 / 640f32.sqrt(), 0.0);
+    let (b, bd) = rig.input(&[n], dtype, 1.0, 0.0);
+    let (r, rd) = rig.input(&shape, dtype, 2.0, 0.5);
+    let gpu_out = linear_add(&rig.exec(), &xd, &wd, Some(&bd), Some(&rd)).unwrap();
+    let cpu_out = linear_add(&Exec::Cpu, &x, &w, Some(&b), Some(&r)).unwrap();
+    rig.check("linear_add residual in the epilogue", &shape, dtype, gpu_out, cpu_out);
+    // C = D: D += A Bᵀ in place (a LoRA delta merged into its weight).
+    let (m, n, k) = (1280, 640, 64);
+    let (a, ad) = rig.input(&[m, k], dtype, 1.0, 0.0);
+    let (bt, btd) = rig.input(&[n, k], dtype, 0.1, 0.0);
+    let (d0, dd) = rig.input(&[m, n], dtype, 1.0, 0.0);
+    let io = GemmIo {
+        a: ad.device_ptr().unwrap(),
+        b: btd.device_ptr().unwrap(),
+        d: dd.device_ptr().unwrap(),
+        bias: None,
+        c: Some((dd.device_ptr().unwrap(), 1.0)),
+        alpha: 0.5,
+    };
+    rig.gpu.blas().unwrap().gemm(&rig.gpu, &Gemm::linear(m, n, k, dtype, false), io).unwrap();
+    let product = linear(&Exec::Cpu, &a, &bt, None).unwrap().to_f32_vec().unwrap();
+    let expected: Vec<f32> = d0.to_f32_vec().unwrap().iter().zip(&product).map(|(d, p)| d + 0.5 * p).collect();
+    let expected = Tensor::from_f32(&[m, n], dtype, &expected).unwrap();
+    rig.check("gemm D += 0.5 A Bt in place", &[m, n], dtype, dd, expected);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn uploads_are_ordered_on_the_compute_stream() {
+    let rig = Rig::new();
+    // 80 MiB: three staging pieces, the last one partial; converted from f32 on the way.
+    let shape = [5, 1024, 1024, 8];
+    let host = random_tensor(&shape, DType::F32, 77, 1.0, 0.0);
+    let dev = rig.gpu.upload(&rig.weights, &host, DType::F16).unwrap();
+    // A kernel reads `dev`, then a second upload overwrites it: the kernel must see the first data.
+    let doubled = scale(&rig.exec(), &dev, 2.0).unwrap();
+    let second = random_tensor(&shape, DType::F16, 78, 1.0, 0.0);
+    let celframe::tensor::Storage::Device(mem) = dev.storage() else { unreachable!("uploaded") };
+    rig.gpu.upload_into(mem, &second, DType::F16).unwrap();
+    drop(second);
+    let want_doubled =
+        scale(&Exec::Cpu, &Tensor::from_f32(&shape, DType::F16, &host.to_f32_vec().unwrap()).unwrap(), 2.0).unwrap();
+    let got = rig.gpu.download(&doubled).unwrap();
+    assert_eq!(
+        got.host_bytes().unwrap(),
+        want_doubled.host_bytes().unwrap(),
+        "the kernel queued before the upload saw other data"
+    );
+    let got = rig.gpu.download(&dev).unwrap();
+    let want = random_tensor(&shape, DType::F16, 78, 1.0, 0.0);
+    assert_eq!(got.host_bytes().unwrap(), want.host_bytes().unwrap(), "upload_into did not land as staged");
+    println!("GPUCHECK upload ordering and staging: {} MiB, bit-exact", (host.numel() * 2) >> 20);
 }
 
 #[test]
@@ -438,7 +494,7 @@ fn flash_attention_meets_the_attention_rule() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
 fn gemm_attention_meets_the_attention_rule() {
-    use celframe::ops::attention::{FlashAttention, flash_attention_reference, gemm_attention};
+    use celframe::ops::attention::{FlashAttention, flash_attention_reference, gemm_attention, gemm_attention_budget};
     let rig = Rig::new();
     // (batch, seq_q, seq_k, heads, head_dim, causal, dtype): the VAE mid-block (one head of 512)
     // at a 512x512 and a 1024x576 image, smaller heads, a causal mask, ragged seq_q, bf16.
@@ -464,4 +520,16 @@ fn gemm_attention_meets_the_attention_rule() {
         let what = format!("gemm_attention b={batch} sq={sq} sk={sk} h={heads} d={d} causal={causal} {dtype:?}");
         rig.check_attention_rule(&what, &got, &exact, &plain);
     }
+    // One image's scores over the budget: its queries go in slices (104 rows here, the last 64).
+    let (batch, sq, sk, heads, d, dtype) = (2, 1000, 700, 2, 64, DType::F16);
+    let cfg = FlashAttention { heads, causal: false, scale: 1.0 / (d as f32).sqrt() };
+    let (q, qd) = rig.input(&[batch, sq, heads * d], dtype, 1.0, 0.0);
+    let (k, kd) = rig.input(&[batch, sk, heads * d], dtype, 1.0, 0.0);
+    let (v, vd) = rig.input(&[batch, sk, heads * d], dtype, 1.0, 0.0);
+    let budget = 110 * 704 * 6; // 110 rows of 704 padded keys, f32 scores + f16 probabilities
+    let got = gemm_attention_budget(&rig.exec(), &qd, &kd, &vd, cfg, budget).unwrap();
+    let got = rig.gpu.download(&got).unwrap();
+    let exact = flash_attention_reference(&q, &k, &v, cfg, None, DType::F32).unwrap();
+    let plain = flash_attention_reference(&q, &k, &v, cfg, Some(dtype), dtype).unwrap();
+    rig.check_attention_rule("gemm_attention query slices of 104", &got, &exact, &plain);
 }

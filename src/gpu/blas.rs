@@ -1,6 +1,7 @@
-//! cuBLASLt matrix products: strided-batched C[m, n] = alpha · A[m, k] · op(B) in row-major terms,
+//! cuBLASLt matrix products: strided-batched D[m, n] = alpha · A[m, k] · op(B) in row-major terms,
 //! where B is [n, k] (transposed, the PyTorch linear weight layout) or [k, n]; inputs f16 / bf16 /
-//! f32, fp32 accumulation, output in the input dtype or f32, an optional bias[n] in the epilogue.
+//! f32, fp32 accumulation, output in the input dtype or f32, an optional bias[n] and beta · C (C of
+//! D's layout, D itself allowed) in the epilogue.
 //! Algorithms come from the heuristic once per description and are cached.
 
 use std::collections::HashMap;
@@ -64,6 +65,27 @@ impl Gemm {
             out_dtype: dtype,
             bias,
         }
+    }
+}
+
+/// The device addresses and scalars of one `Blas::gemm` call.
+#[derive(Clone, Copy, Debug)]
+pub struct GemmIo {
+    pub a: u64,
+    pub b: u64,
+    /// The output.
+    pub d: u64,
+    /// The bias[n] added in the epilogue (the Gemm's `bias` says whether there is one).
+    pub bias: Option<u64>,
+    /// C and beta: D += beta · C in the epilogue (a residual add, a weight merge); C may equal D.
+    pub c: Option<(u64, f32)>,
+    pub alpha: f32,
+}
+
+impl GemmIo {
+    /// D = alpha · A · op(B), nothing else.
+    pub fn product(a: u64, b: u64, d: u64, alpha: f32) -> GemmIo {
+        GemmIo { a, b, d, bias: None, c: None, alpha }
     }
 }
 
@@ -211,21 +233,22 @@ impl Blas {
         Ok(Plan { desc, layouts, algo: result.algo })
     }
 
-    /// Runs `g` on device addresses a, b, c (+ bias) with C = alpha · A · op(B).
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm(&mut self, gpu: &Gpu, g: &Gemm, a: u64, b: u64, c: u64, bias: Option<u64>, alpha: f32) -> Result<()> {
-        if g.bias != bias.is_some() {
-            return Err(Error::Cuda(format!("gemm {g:?} called with bias {bias:?}")));
+    /// Runs `g`: D = alpha · A · op(B) [+ bias] [+ beta · C], on device addresses. C has D's layout
+    /// and dtype and may be D itself (an in-place accumulate).
+    pub fn gemm(&mut self, gpu: &Gpu, g: &Gemm, io: GemmIo) -> Result<()> {
+        if g.bias != io.bias.is_some() {
+            return Err(Error::Internal(format!("gemm {g:?} called with bias {:?}", io.bias)));
         }
         let handle = self.handle;
         let (ws_ptr, ws_len) = (self.workspace.ptr()?, self.workspace.bytes());
         let plan = self.plan(g)?;
-        if let Some(bias) = bias {
+        if let Some(bias) = io.bias {
             unsafe {
                 set_desc(plan.desc, lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?
             };
         }
-        let beta = 0.0f32;
+        let GemmIo { a, b, d, alpha, .. } = io;
+        let (c, beta) = io.c.unwrap_or((d, 0.0));
         check(&format!("cublasLtMatmul ({g:?})"), unsafe {
             lt::cublasLtMatmul(
                 handle,
@@ -238,7 +261,7 @@ impl Blas {
                 &beta as *const f32 as *const c_void,
                 c as *const c_void,
                 plan.layouts[2],
-                c as *mut c_void,
+                d as *mut c_void,
                 plan.layouts[2],
                 &plan.algo,
                 ws_ptr as *mut c_void,

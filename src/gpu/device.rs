@@ -66,8 +66,57 @@ pub struct Gpu {
     sync_launches: bool,
     /// Fill every output allocation with NaN bytes before the kernel writes it (tests).
     poison_outputs: std::cell::Cell<bool>,
-    pub(crate) blas: RefCell<Option<super::blas::Blas>>,
-    pub(crate) dnn: RefCell<Option<super::dnn::Dnn>>,
+    blas: RefCell<Option<super::blas::Blas>>,
+    dnn: RefCell<Option<super::dnn::Dnn>>,
+    /// Pinned host buffers that uploads stage through (created on the first upload).
+    staging: RefCell<Option<Staging>>,
+}
+
+thread_local! {
+    /// The context of the Gpu made on this thread: every device allocation holds it, so memory is
+    /// always freed before the context can go, whatever order the owners drop in.
+    static CONTEXT: RefCell<Option<Arc<CudaContext>>> = const { RefCell::new(None) };
+}
+
+/// The CUDA context of the `Gpu` made on this thread (device allocations keep it alive).
+pub(crate) fn current_context() -> Result<Arc<CudaContext>> {
+    CONTEXT
+        .with(|c| c.borrow().clone())
+        .ok_or_else(|| Error::Internal("device memory asked for on a thread with no Gpu: create the Gpu first".into()))
+}
+
+/// Two pinned host buffers that uploads alternate between: the host copies a piece into one while
+/// the stream copies the other to the device; an event per buffer says when it may be refilled.
+struct Staging {
+    buffers: [(*mut u8, sys::CUevent); 2],
+    next: usize,
+}
+
+/// Bytes per staging buffer: large enough that a copy runs near PCIe speed, small enough to pin.
+const STAGING_BYTES: usize = 32 << 20;
+
+impl Staging {
+    fn new() -> Result<Staging> {
+        let make = || -> Result<(*mut u8, sys::CUevent)> {
+            let host = cuda("cuMemHostAlloc (upload staging)", unsafe { result::malloc_host(STAGING_BYTES, 0) })?;
+            let event = cuda(
+                "cuEventCreate (upload staging)",
+                result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING),
+            )?;
+            Ok((host as *mut u8, event))
+        };
+        Ok(Staging { buffers: [make()?, make()?], next: 0 })
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        for (host, event) in self.buffers {
+            let _ = unsafe { result::event::synchronize(event) };
+            let _ = unsafe { result::event::destroy(event) };
+            let _ = unsafe { result::free_host(host as *mut c_void) };
+        }
+    }
 }
 
 fn cuda<T>(call: &str, r: std::result::Result<T, result::DriverError>) -> Result<T> {
@@ -162,6 +211,7 @@ impl Gpu {
             return Err(Error::Input(format!("CUDA device {ordinal} does not exist ({count} present)")));
         }
         let ctx = cuda("cuDevicePrimaryCtxRetain", CudaContext::new(ordinal))?;
+        CONTEXT.with(|c| *c.borrow_mut() = Some(ctx.clone()));
         let stream = cuda("cuStreamCreate", result::stream::create(result::stream::StreamKind::NonBlocking))?;
         let attr = |a: CUdevice_attribute| cuda("cuDeviceGetAttribute", ctx.attribute(a));
         let info = DeviceInfo {
@@ -185,6 +235,7 @@ impl Gpu {
             poison_outputs: std::cell::Cell::new(false),
             blas: RefCell::new(None),
             dnn: RefCell::new(None),
+            staging: RefCell::new(None),
         })
     }
 
@@ -197,6 +248,24 @@ impl Gpu {
 
     pub fn set_poison_outputs(&self, on: bool) {
         self.poison_outputs.set(on);
+    }
+
+    /// The device's cuBLASLt handle with its workspace and plans (made on first use).
+    pub fn blas(&self) -> Result<std::cell::RefMut<'_, super::blas::Blas>> {
+        let mut blas = self.blas.borrow_mut();
+        if blas.is_none() {
+            *blas = Some(super::blas::Blas::new()?);
+        }
+        Ok(std::cell::RefMut::map(blas, |b| b.as_mut().expect("made above")))
+    }
+
+    /// The device's cuDNN handle, bound to the compute stream, with its plans (made on first use).
+    pub fn dnn(&self) -> Result<std::cell::RefMut<'_, super::dnn::Dnn>> {
+        let mut dnn = self.dnn.borrow_mut();
+        if dnn.is_none() {
+            *dnn = Some(super::dnn::Dnn::new(self)?);
+        }
+        Ok(std::cell::RefMut::map(dnn, |d| d.as_mut().expect("made above")))
     }
 
     /// The function `kernel`, loading its module on first use.
@@ -388,7 +457,10 @@ impl Gpu {
 
     /// A device tensor of `shape` from `arena`; filled with NaN bytes when poisoning is on.
     pub fn empty(&self, arena: &Arena, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let mem = arena.alloc(shape.iter().product::<usize>() * dtype.size())?;
+        let bytes = shape.iter().try_fold(dtype.size(), |n, &d| n.checked_mul(d)).ok_or_else(|| {
+            Error::Input(format!("a {dtype:?} tensor of shape {shape:?} has more bytes than memory holds"))
+        })?;
+        let mem = arena.alloc(bytes)?;
         if self.poison_outputs.get() {
             self.fill_bytes(&mem, 0xFF)?;
         }
@@ -406,7 +478,10 @@ impl Gpu {
         Tensor::from_storage(t.shape(), dtype, Storage::Device(mem))
     }
 
-    /// Copies (and converts) a host tensor into existing device memory. Synchronous.
+    /// Copies (and converts) a host tensor into existing device memory, on the compute stream: kernels
+    /// queued before it finish before the copy lands and kernels queued after see it. The host's
+    /// bytes go through pinned staging buffers, so the call returns once they are staged and the
+    /// tensor may be dropped.
     pub fn upload_into(&self, mem: &DeviceMem, t: &Tensor, dtype: DType) -> Result<()> {
         let converted;
         let bytes: &[u8] = if t.dtype() == dtype {
@@ -416,10 +491,27 @@ impl Gpu {
             converted.host_bytes()?
         };
         if bytes.len() != mem.bytes() {
-            return Err(Error::Input(format!("upload of {} bytes into {} bytes", bytes.len(), mem.bytes())));
+            return Err(Error::Internal(format!("upload of {} bytes into {} bytes", bytes.len(), mem.bytes())));
         }
-        self.synchronize()?;
-        cuda("cuMemcpyHtoD", unsafe { result::memcpy_htod_sync(mem.ptr()?, bytes) })
+        let mut staging = self.staging.borrow_mut();
+        if staging.is_none() {
+            *staging = Some(Staging::new()?);
+        }
+        let staging = staging.as_mut().expect("made above");
+        let dst = mem.ptr()?;
+        for (k, piece) in bytes.chunks(STAGING_BYTES).enumerate() {
+            let (host, event) = staging.buffers[staging.next];
+            staging.next ^= 1;
+            // The buffer's previous copy must have left it before it is refilled.
+            cuda("cuEventSynchronize (upload staging)", unsafe { result::event::synchronize(event) })?;
+            // SAFETY: `host` holds STAGING_BYTES pinned bytes and no copy reads it (event above).
+            let pinned = unsafe { std::slice::from_raw_parts_mut(host, piece.len()) };
+            pinned.copy_from_slice(piece);
+            let at = dst + (k * STAGING_BYTES) as u64;
+            cuda("cuMemcpyHtoDAsync", unsafe { result::memcpy_htod_async(at, &*pinned, self.stream) })?;
+            cuda("cuEventRecord (upload staging)", unsafe { result::event::record(event, self.stream) })?;
+        }
+        Ok(())
     }
 
     /// Waits for the stream and copies a device tensor to a new host tensor.
@@ -436,6 +528,7 @@ impl Drop for Gpu {
         let _ = self.synchronize_raw();
         *self.blas.borrow_mut() = None;
         *self.dnn.borrow_mut() = None;
+        *self.staging.borrow_mut() = None;
         for (_, m) in self.modules.borrow_mut().drain() {
             let _ = unsafe { result::module::unload(m) };
         }

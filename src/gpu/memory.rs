@@ -12,27 +12,34 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{result, sys};
+use cudarc::driver::{CudaContext, result, sys};
 
 use crate::error::{Error, Result};
 
-/// One cuMemAlloc'd block, freed on drop.
+/// One cuMemAlloc'd block, freed on drop. It holds the context it was allocated in, so the
+/// context outlives every allocation whatever order their owners drop in.
 pub struct DeviceAlloc {
     ptr: sys::CUdeviceptr,
     bytes: usize,
+    context: Arc<CudaContext>,
 }
 
 impl DeviceAlloc {
     pub fn new(bytes: usize, what: &str) -> Result<Arc<DeviceAlloc>> {
-        let ptr = unsafe { result::malloc_sync(bytes.max(1)) }
-            .map_err(|e| Error::Cuda(format!("cuMemAlloc of {bytes} bytes for {what}: {e:?}")))?;
-        Ok(Arc::new(DeviceAlloc { ptr, bytes }))
+        let context = super::device::current_context()?;
+        let ptr = unsafe { result::malloc_sync(bytes.max(1)) }.map_err(|e| {
+            Error::Cuda(format!("cuMemAlloc of {bytes} bytes ({:.2} GiB) for {what}: {e:?}", bytes as f64 / GIB))
+        })?;
+        Ok(Arc::new(DeviceAlloc { ptr, bytes, context }))
     }
 }
 
+const GIB: f64 = (1u64 << 30) as f64;
+
 impl Drop for DeviceAlloc {
     fn drop(&mut self) {
-        // Freeing can only fail if the context is already gone; nothing useful to do then.
+        // The context may not be current on this thread any more (a Gpu made later elsewhere).
+        let _ = self.context.bind_to_thread();
         let _ = unsafe { result::free_sync(self.ptr) };
     }
 }
@@ -174,6 +181,14 @@ impl Arena {
     }
 
     pub fn alloc(&self, bytes: usize) -> Result<DeviceMem> {
+        if bytes > self.alloc.bytes {
+            return Err(Error::Input(format!(
+                "{bytes} bytes ({:.2} GiB) asked of the '{}' arena, which holds {:.2} GiB in all",
+                bytes as f64 / GIB,
+                self.name,
+                self.alloc.bytes as f64 / GIB
+            )));
+        }
         let size = bytes.max(1).div_ceil(ARENA_ALIGN) * ARENA_ALIGN;
         let mut st = self.state();
         let Some(offset) = st.take(size, self.alloc.bytes) else {

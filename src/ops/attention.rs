@@ -3,9 +3,9 @@
 //! head dim 64 (UNet, ControlNet, text encoders). `gemm_attention`: any head dim through cuBLASLt
 //! and a softmax kernel (the VAE's single 512-wide head).
 
-use super::{Exec, par_rows, same_dtype};
+use super::{Exec, GRID_X, GRID_YZ, grid_dim, kernel_i32, par_rows, same_dtype};
 use crate::error::{Error, Result};
-use crate::gpu::blas::{Blas, Gemm};
+use crate::gpu::blas::{Gemm, GemmIo};
 use crate::gpu::params::{FlashAttentionParams, SoftmaxRowsParams, TemporalAttentionParams};
 use crate::tensor::{DType, Tensor};
 
@@ -120,17 +120,17 @@ pub fn temporal_attention_tuned(
                 k_stride: c,
                 v_stride: c,
                 o_stride: c,
-                videos: d.videos as i32,
-                frames: d.frames as i32,
-                pixels: d.pixels as i32,
-                heads: d.heads as i32,
-                head_dim: d.head_dim as i32,
+                videos: kernel_i32("temporal_attention", "videos", d.videos)?,
+                frames: kernel_i32("temporal_attention", "frames", d.frames)?,
+                pixels: kernel_i32("temporal_attention", "pixels", d.pixels)?,
+                heads: kernel_i32("temporal_attention", "heads", d.heads)?,
+                head_dim: kernel_i32("temporal_attention", "head_dim", d.head_dim)?,
                 scale: cfg.scale,
             };
             let warps = tuning.warps_per_block.clamp(1, 8);
             let shared = warps * 3 * fp * (dp + 8) * dtype.size();
             let sequences = d.videos * d.pixels * d.heads;
-            let grid = sequences.div_ceil(warps) as u32;
+            let grid = grid_dim("temporal_attention", "sequence groups", sequences.div_ceil(warps), GRID_X)?;
             gpu.launch(kernel, (grid, 1, 1), ((warps * 32) as u32, 1, 1), shared as u32, &p)?;
             Ok(o)
         }
@@ -251,14 +251,18 @@ pub fn flash_attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: Flash
                 k_batch_stride: sk64 * c64,
                 v_batch_stride: sk64 * c64,
                 o_batch_stride: sq64 * c64,
-                batch: b as i32,
-                heads: cfg.heads as i32,
-                seq_q: sq as i32,
-                seq_k: sk as i32,
+                batch: kernel_i32("flash_attention", "batch", b)?,
+                heads: kernel_i32("flash_attention", "heads", cfg.heads)?,
+                seq_q: kernel_i32("flash_attention", "queries", sq)?,
+                seq_k: kernel_i32("flash_attention", "keys", sk)?,
                 causal: cfg.causal as i32,
                 scale: cfg.scale,
             };
-            let grid = (sq.div_ceil(64) as u32, (b * cfg.heads) as u32, 1);
+            let grid = (
+                grid_dim("flash_attention", "query tiles", sq.div_ceil(64), GRID_X)?,
+                grid_dim("flash_attention", "batch x heads", b * cfg.heads, GRID_YZ)?,
+                1,
+            );
             gpu.launch(kernel, grid, (128, 1, 1), 0, &p)?;
             Ok(o)
         }
@@ -274,6 +278,19 @@ const GEMM_ATTENTION_SCRATCH: usize = 1 << 30;
 /// activation dtype, O = P V (cuBLASLt, fp32 accumulation). Materialises seq_q x seq_k scores per
 /// image, so it suits few heads of large dim (the VAE mid-block: one head of 512).
 pub fn gemm_attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: FlashAttention) -> Result<Tensor> {
+    gemm_attention_budget(ex, q, k, v, cfg, GEMM_ATTENTION_SCRATCH)
+}
+
+/// `gemm_attention` holding at most `budget` bytes of scores and probabilities at once (tests force
+/// the query slicing with a small one).
+pub fn gemm_attention_budget(
+    ex: &Exec,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cfg: FlashAttention,
+    budget: usize,
+) -> Result<Tensor> {
     ex.expect_inputs("gemm_attention", &[q, k, v])?;
     let dtype = same_dtype("gemm_attention", &[q, k, v])?;
     let (b, sq, sk, c) = flash_dims(q, k, v, &cfg)?;
@@ -288,67 +305,79 @@ pub fn gemm_attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: FlashA
     }
     // Score and probability rows padded to 8 elements keep every row 16-byte aligned.
     let ld = sk.next_multiple_of(8);
+    let row_bytes = ld * (4 + dtype.size());
+    // Whole images while they fit the scratch budget; one image's queries in slices when even one
+    // image's scores do not (the VAE's mid-block at 1024x1024 holds 16384 x 16384 scores).
+    let (group, rows) = match budget / (sq * row_bytes).max(1) {
+        0 => (1, (budget / row_bytes).max(8) / 8 * 8),
+        fit => (fit.min(b), sq),
+    };
+    if cfg.causal && rows < sq {
+        return Err(Error::Unsupported(format!(
+            "gemm_attention: causal attention over {sq} queries does not fit its {budget}-byte score budget"
+        )));
+    }
     let o = gpu.empty(scratch, q.shape(), dtype)?;
-    let group = (GEMM_ATTENTION_SCRATCH / (sq * ld * (4 + dtype.size()))).clamp(1, b);
-    let scores = gpu.empty(scratch, &[group, sq, ld], DType::F32)?;
-    let probs = gpu.empty(scratch, &[group, sq, ld], dtype)?;
+    let scores = gpu.empty(scratch, &[group, rows, ld], DType::F32)?;
+    let probs = gpu.empty(scratch, &[group, rows, ld], dtype)?;
     let (qp, kp, vp, op) = (q.device_ptr()?, k.device_ptr()?, v.device_ptr()?, o.device_ptr()?);
     let (sp, pp) = (scores.device_ptr()?, probs.device_ptr()?);
     let es = dtype.size() as u64;
-    let mut blas = gpu.blas.borrow_mut();
-    if blas.is_none() {
-        *blas = Some(Blas::new()?);
-    }
-    let blas = blas.as_mut().unwrap();
+    let mut blas = gpu.blas()?;
     for first in (0..b).step_by(group) {
         let n = group.min(b - first);
-        // S[i] = Q[i] (sq x d, rows c apart) · K[i]ᵀ (K is sk x d, rows c apart)
-        let qk = Gemm {
-            m: sq,
-            n: sk,
-            k: d,
-            batch: n,
-            b_transposed: true,
-            lda: c,
-            ldb: c,
-            ldc: ld,
-            stride_a: sq * c,
-            stride_b: sk * c,
-            stride_c: sq * ld,
-            dtype,
-            out_dtype: DType::F32,
-            bias: false,
-        };
-        // O[i] = P[i] (sq x sk) · V[i] (sk x d, rows c apart), written into O's columns of the head
-        let pv = Gemm {
-            m: sq,
-            n: d,
-            k: sk,
-            batch: n,
-            b_transposed: false,
-            lda: ld,
-            ldb: c,
-            ldc: c,
-            stride_a: sq * ld,
-            stride_b: sk * c,
-            stride_c: sq * c,
-            dtype,
-            out_dtype: dtype,
-            bias: false,
-        };
-        for h in 0..cfg.heads {
-            let head = |base: u64, seq: usize| base + ((first * seq * c + h * d) as u64) * es;
-            blas.gemm(gpu, &qk, head(qp, sq), head(kp, sk), sp, None, cfg.scale)?;
-            let p = SoftmaxRowsParams {
-                scores: sp as *const f32,
-                probs: pp as *mut _,
-                rows: (n * sq) as i64,
-                cols: sk as i32,
-                ld: ld as i32,
-                causal_rows: if cfg.causal { sq as i32 } else { 0 },
+        for q0 in (0..sq).step_by(rows) {
+            let m = rows.min(sq - q0);
+            // S[i] = Q[i] (m x d, rows c apart) · K[i]ᵀ (K is sk x d, rows c apart)
+            let qk = Gemm {
+                m,
+                n: sk,
+                k: d,
+                batch: n,
+                b_transposed: true,
+                lda: c,
+                ldb: c,
+                ldc: ld,
+                stride_a: sq * c,
+                stride_b: sk * c,
+                stride_c: m * ld,
+                dtype,
+                out_dtype: DType::F32,
+                bias: false,
             };
-            gpu.launch(kernel_for!("softmax_rows", dtype), ((n * sq) as u32, 1, 1), (256, 1, 1), 0, &p)?;
-            blas.gemm(gpu, &pv, pp, head(vp, sk), head(op, sq), None, 1.0)?;
+            // O[i] = P[i] (m x sk, rows ld apart) · V[i] (sk x d, rows c apart)
+            let pv = Gemm {
+                m,
+                n: d,
+                k: sk,
+                batch: n,
+                b_transposed: false,
+                lda: ld,
+                ldb: c,
+                ldc: c,
+                stride_a: m * ld,
+                stride_b: sk * c,
+                stride_c: sq * c,
+                dtype,
+                out_dtype: dtype,
+                bias: false,
+            };
+            for h in 0..cfg.heads {
+                // Head h of image `first`, from sequence row `row`.
+                let at = |base: u64, seq: usize, row: usize| base + (((first * seq + row) * c + h * d) as u64) * es;
+                blas.gemm(gpu, &qk, GemmIo::product(at(qp, sq, q0), at(kp, sk, 0), sp, cfg.scale))?;
+                let p = SoftmaxRowsParams {
+                    scores: sp as *const f32,
+                    probs: pp as *mut _,
+                    rows: (n * m) as i64,
+                    cols: kernel_i32("gemm_attention", "keys", sk)?,
+                    ld: kernel_i32("gemm_attention", "padded keys", ld)?,
+                    causal_rows: if cfg.causal { m as i32 } else { 0 },
+                };
+                let grid = grid_dim("gemm_attention", "softmax rows", n * m, GRID_X)?;
+                gpu.launch(kernel_for!("softmax_rows", dtype), (grid, 1, 1), (256, 1, 1), 0, &p)?;
+                blas.gemm(gpu, &pv, GemmIo::product(pp, at(vp, sk, 0), at(op, sq, q0), 1.0))?;
+            }
         }
     }
     Ok(o)

@@ -4,7 +4,7 @@
 use super::elementwise::add;
 use super::{Exec, host_out, par_rows, same_dtype};
 use crate::error::{Error, Result};
-use crate::gpu::dnn::{ConvShape, Dnn};
+use crate::gpu::dnn::ConvShape;
 use crate::tensor::Tensor;
 
 #[derive(Clone, Copy, Debug)]
@@ -103,10 +103,7 @@ pub fn conv2d(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: Con
         Exec::Cuda { gpu, scratch } => {
             let y = gpu.empty(scratch, &out_shape, dtype)?;
             {
-                let mut dnn = gpu.dnn.borrow_mut();
-                if dnn.is_none() {
-                    *dnn = Some(Dnn::new(gpu)?);
-                }
+                let mut dnn = gpu.dnn()?;
                 // cuDNN's 4-d descriptors count elements in 32 bits: batches whose input or output
                 // holds 2^31 elements or more (16 VAE frames at 1024x576 x 256 channels) run in
                 // slices of whole images, each a plan of its own.
@@ -118,7 +115,7 @@ pub fn conv2d(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: Con
                     let part = ConvShape { batch: slice.min(shape.batch - first), ..shape };
                     let xs = x0 + (first * shape.height * shape.width * shape.in_channels) as u64 * es;
                     let ys = y0 + (first * oh * ow * shape.out_channels) as u64 * es;
-                    dnn.as_mut().unwrap().conv2d(&part, xs, w0, ys)?;
+                    dnn.conv2d(&part, xs, w0, ys)?;
                 }
             }
             match bias {

@@ -62,6 +62,24 @@ fn same_dtype(op: &str, tensors: &[&Tensor]) -> Result<DType> {
     }
 }
 
+/// A size passed to a kernel as a 32-bit int, refused (naming the op and the size) when it is larger.
+fn kernel_i32(op: &str, what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| {
+        Error::Unsupported(format!("{op}: {what} = {v} exceeds the kernel's 32-bit limit of {}", i32::MAX))
+    })
+}
+
+/// A launch grid dimension, refused when above `limit` (2^31 - 1 for x, 65535 for y and z).
+fn grid_dim(op: &str, what: &str, v: usize, limit: u32) -> Result<u32> {
+    u32::try_from(v).ok().filter(|&g| g <= limit).ok_or_else(|| {
+        Error::Unsupported(format!("{op}: {what} = {v} blocks exceed the launch grid's limit of {limit}"))
+    })
+}
+
+/// Launch grid limits: x, and y / z.
+const GRID_X: u32 = i32::MAX as u32;
+const GRID_YZ: u32 = 65535;
+
 /// Grid size for a grid-stride loop over `n` work items of `block` threads.
 fn grid_for(n: usize, block: u32) -> u32 {
     (n.div_ceil(block as usize)).clamp(1, 65535 * 8) as u32

@@ -126,20 +126,19 @@ fn decode_cuda(
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
     // Twice: the first run also picks cuDNN's algorithms (once per shape), the second is the
     // steady state. Both include the host side (uploads, downloads, blending).
-    let mut ms = [0.0; 2];
-    let mut decoded = None;
-    for t in &mut ms {
+    let timed = || -> Result<((Tensor, DecodeReport), f64)> {
         let start = std::time::Instant::now();
-        decoded = Some(vae.decode_z(&ex, z, opts)?);
-        *t = start.elapsed().as_secs_f64() * 1e3;
-    }
-    let decoded = decoded.ok_or_else(|| Error::Input("no decode ran".into()))?;
+        let decoded = vae.decode_z(&ex, z, opts)?;
+        Ok((decoded, start.elapsed().as_secs_f64() * 1e3))
+    };
+    let (_, first_ms) = timed()?;
+    let (decoded, steady_ms) = timed()?;
     let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
     eprintln!(
         "CUDA decode of {} frames: {:.1} ms (first run {:.1} ms); scratch arena peak {:.3} GiB of {:.2} GiB",
         z.shape()[0],
-        ms[1],
-        ms[0],
+        steady_ms,
+        first_ms,
         gib(decoded.1.peak_scratch_bytes.unwrap_or(0)),
         gib(scratch.capacity())
     );

@@ -345,8 +345,9 @@ fn demo_sizes_are_checked_against_a_stated_limit() {
 #[test]
 fn bench_sizes_are_checked_before_any_device_work() {
     let unet = fixture("unet_a");
-    let cases: [(&[&str], &[&str]); 5] = [
-        (&["--runs", "18446744073709551615"], &["--runs 1 to 10000"]),
+    let cases: [(&[&str], &[&str]); 6] = [
+        (&["--chunk", "0"], &["--chunk must be at least 1"]),
+        (&["--runs", "18446744073709551615"], &["--runs must be 1 to 10000 (got 18446744073709551615)"]),
         (&["--scratch-gb", "1e300"], &["--scratch-gb must be more than 0 and at most 4096"]),
         (&["--width", "0"], &["--width must be at least 1"]),
         (&["--batch", "18446744073709551615"], &["--batch 18446744073709551615", "largest activation", "2147483647"]),

@@ -61,16 +61,22 @@ const MAX_RUNS: usize = 10_000;
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     let dtype = DType::parse(&args.dtype)?;
-    for (flag, value) in [("--batch", args.batch), ("--height", args.height), ("--width", args.width)] {
-        if value == 0 {
-            return Err(Error::Input(format!("{flag} must be at least 1")));
+    let counts = [
+        ("--batch", args.batch, None),
+        ("--height", args.height, None),
+        ("--width", args.width, None),
+        ("--tokens", args.tokens, None),
+        ("--chunk", args.chunk, None),
+        ("--runs", args.runs, Some(MAX_RUNS)),
+    ];
+    for (flag, value, most) in counts {
+        match most {
+            _ if value == 0 => return Err(Error::Input(format!("{flag} must be at least 1"))),
+            Some(most) if value > most => {
+                return Err(Error::Input(format!("{flag} must be 1 to {most} (got {value})")));
+            }
+            _ => {}
         }
-    }
-    if args.tokens == 0 || args.runs == 0 || args.runs > MAX_RUNS || args.chunk == 0 {
-        return Err(Error::Input(format!(
-            "--tokens and --chunk must be at least 1 and --runs 1 to {MAX_RUNS} (got {}, {} and {})",
-            args.tokens, args.chunk, args.runs
-        )));
     }
     if !(args.scratch_gb > 0.0 && args.scratch_gb <= MAX_SCRATCH_GB) {
         return Err(Error::Input(format!(

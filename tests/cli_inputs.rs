@@ -91,6 +91,8 @@ fn celframe(args: &[&str]) -> Outcome {
 fn assert_error(out: &Outcome, code: i32, needles: &[&str]) {
     assert_eq!(out.code, code, "exit code\nstdout: {}\nstderr: {}", out.stdout, out.stderr);
     assert!(out.stderr.starts_with("error: "), "{}", out.stderr);
+    let first = out.stderr.lines().next().unwrap_or_default();
+    assert!(!first.contains("  "), "a run of spaces (a broken line continuation): {first}");
     for needle in needles {
         assert!(out.stderr.contains(needle), "stderr does not mention {needle:?}:\n{}", out.stderr);
     }

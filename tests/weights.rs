@@ -632,7 +632,10 @@ fn a_tensor_file_gives_metadata_and_exact_integers() {
     assert_eq!(file.integers("ids").unwrap(), [49406, -3]);
     assert_eq!(file.integers("big").unwrap(), [(1 << 24) + 1]);
     let error = |r: celframe::Result<_>| match r {
-        Err(Error::Input(m)) => m,
+        Err(Error::Input(m)) => {
+            assert!(!m.contains("  "), "a message with a run of spaces (a broken line continuation): {m}");
+            m
+        }
         _ => panic!("expected an input error"),
     };
     assert_mentions(&error(file.integers("huge").map(drop)), &["tensor 'huge'", &u64::MAX.to_string()]);

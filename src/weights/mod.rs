@@ -93,7 +93,8 @@ impl TensorFile {
             for (i, v) in ints.into_iter().enumerate() {
                 if v.abs() > F32_EXACT {
                     return Err(self.bad(format!(
-                        "tensor '{name}' ({}) holds {v} at index {i}, beyond the integers float32 holds exactly                          (|v| <= 2^24)",
+                        "tensor '{name}' ({}) holds {v} at index {i}, beyond the integers float32 holds exactly \
+                         (|v| <= 2^24)",
                         t.dtype
                     )));
                 }
@@ -131,7 +132,8 @@ impl TensorFile {
             (None, Dtype::F64) => f64_values(t.bytes.as_slice()).collect(),
             _ => {
                 return Err(self.bad(format!(
-                    "tensor '{name}' is {}; expected an integer tensor (I8 to I64, U8 to U64) or a float one                      holding whole numbers",
+                    "tensor '{name}' is {}; expected an integer tensor (I8 to I64, U8 to U64) or a float one \
+                     holding whole numbers",
                     t.dtype
                 )));
             }

@@ -9,6 +9,7 @@ pub mod models;
 pub mod ops;
 pub mod tensor;
 pub mod text;
+pub mod verify;
 pub mod weights;
 
 pub use error::{Error, Result};

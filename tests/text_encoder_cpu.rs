@@ -13,8 +13,6 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use celframe::cli::verify::text_encoder::verify_text_encoder;
-use celframe::cli::verify::{Device, Verification};
 use celframe::models::Place;
 use celframe::models::clip::conditioning::{SdxlTextEncoders, time_ids, time_ids_tensor};
 use celframe::models::clip::{
@@ -24,6 +22,8 @@ use celframe::ops::Exec;
 use celframe::ops::elementwise::{quick_gelu, quick_gelu_f32};
 use celframe::ops::gather::token_embedding;
 use celframe::text::{CONTEXT_TOKENS, Chunk, apply_emphasis};
+use celframe::verify::text_encoder::verify_text_encoder;
+use celframe::verify::{Device, Verification};
 use celframe::{DType, Error, Tensor};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;

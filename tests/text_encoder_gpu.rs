@@ -19,8 +19,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use celframe::cli::verify::text_encoder::verify_text_encoder;
-use celframe::cli::verify::{Device, compare, default_tolerance};
 use celframe::gpu::{Arena, Gpu};
 use celframe::models::Place;
 use celframe::models::clip::conditioning::SdxlTextEncoders;
@@ -29,6 +27,8 @@ use celframe::ops::Exec;
 use celframe::ops::elementwise::quick_gelu;
 use celframe::ops::gather::token_embedding;
 use celframe::text::{CONTEXT_TOKENS, Chunk};
+use celframe::verify::text_encoder::verify_text_encoder;
+use celframe::verify::{Device, compare, default_tolerance};
 use celframe::{DType, Tensor};
 use common::{assert_close, random_tensor};
 

@@ -11,10 +11,10 @@ mod fixtures;
 
 use std::process::Command;
 
-use celframe::cli::verify::{Device, verify_unet};
 use celframe::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
 use celframe::models::{Place, Unet, UnetConfig, UnetFormat, UnetInputs, UnetResiduals, open_unet};
 use celframe::ops::Exec;
+use celframe::verify::{Device, verify_unet};
 use celframe::{DType, Error, Tensor, weights};
 use fixtures::{TempDir, folder, reference, write_single_file_a};
 

@@ -15,8 +15,8 @@
 mod fixtures;
 
 use celframe::DType;
-use celframe::cli::verify::{Device, compare, default_tolerance, verify_unet};
 use celframe::gpu::Gpu;
+use celframe::verify::{Device, compare, default_tolerance, verify_unet};
 use fixtures::{TempDir, folder, reference, write_single_file_a};
 
 /// Scratch arena per forward: the fixtures need a few MB; tests may run three at a time.

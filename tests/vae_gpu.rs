@@ -15,9 +15,9 @@
 mod fixtures;
 
 use celframe::DType;
-use celframe::cli::verify::vae::verify_vae_decoder;
-use celframe::cli::verify::{Device, compare, default_tolerance};
 use celframe::gpu::Gpu;
+use celframe::verify::vae::verify_vae_decoder;
+use celframe::verify::{Device, compare, default_tolerance};
 use fixtures::fixtures;
 
 /// Scratch arena per decode: the fixtures need a few MB; tests may run three at a time.

@@ -275,7 +275,7 @@ fn invalid_header_json_is_reported() {
         bytes.extend_from_slice(header);
         let path = write(&dir.path(&format!("{name}.safetensors")), &bytes);
         let m = input_error(weights::load(&[&path]));
-        assert_mentions(&m, &[&path.display().to_string(), "header is not a JSON object"]);
+        assert_mentions(&m, &[&path.display().to_string(), "JSON object"]);
     }
     // Valid JSON, but an entry that is not a tensor description names the tensor.
     let path = write(&dir.path("entry.safetensors"), &raw_file(r#"{"w":{"dtype":"F32","shape":[1]}}"#, &[0; 4]));
@@ -439,7 +439,7 @@ fn an_index_json_loads_the_files_it_names() {
                             "z.weight": "model-00003-of-00003.safetensors"}}"#,
     );
     let m = input_error(weights::load(&[index]));
-    assert_mentions(&m, &["model-00003-of-00003.safetensors", "cannot open"]);
+    assert_mentions(&m, &["model-00003-of-00003.safetensors", "cannot read"]);
 
     // Not an index at all.
     let index = write(&dir.path("bad.safetensors.index.json"), br#"{"weights": {}}"#);
@@ -452,7 +452,7 @@ fn a_missing_file_names_its_path() {
     let dir = TempDir::new("missing");
     let path = dir.path("nowhere.safetensors");
     let m = input_error(weights::load(&[&path]));
-    assert_mentions(&m, &[&path.display().to_string(), "cannot open"]);
+    assert_mentions(&m, &[&path.display().to_string(), "cannot read"]);
     let m = input_error(weights::load::<PathBuf>(&[]));
     assert_mentions(&m, &["no weights file"]);
 }
@@ -472,7 +472,7 @@ fn get_names_the_missing_tensor() {
 fn a_failed_save_leaves_nothing_behind() {
     let dir = TempDir::new("save-fail");
     let t = f32_tensor(&[2]);
-    // The destination is a folder: writing succeeds, the rename fails, the temporary goes.
+    // The destination is a folder: refused before anything is written.
     std::fs::create_dir(dir.path("taken")).unwrap();
     let err = weights::save(&dir.path("taken"), &[("t".into(), &t)], None).unwrap_err();
     assert!(err.to_string().contains("taken"), "{err}");
@@ -491,4 +491,164 @@ fn reports_print_one_line() {
     let upload = UploadReport { tensors: 1, bytes: 3_000_000_000, dtype: DType::F16, seconds: 1.5 };
     assert_eq!(upload.gb_per_second(), 2.0);
     assert_eq!(upload.to_string(), "uploaded 1 tensor, 3.00 GB as F16 in 1.50 s (2.00 GB/s)");
+}
+
+#[test]
+fn a_long_problem_list_names_the_first_of_each_kind_and_counts_the_rest() {
+    let dir = TempDir::new("many-problems");
+    let path = save_f32(&dir.path("w.safetensors"), &[("present", &[1]), ("stray", &[1])]);
+    // As a config of absurd depth would expect: thousands of tensors the file lacks.
+    let expected: Vec<TensorSpec> = (0..5000)
+        .map(|i| TensorSpec::new(format!("blocks.{i}.weight"), &[2]))
+        .chain([TensorSpec::new("present", &[1])])
+        .collect();
+    let m = input_error(weights::load_strict(&[&path], &expected, &[]));
+    let listed = weights::LISTED_PER_KIND;
+    assert_mentions(
+        &m,
+        &[
+            "missing: 5000",
+            "unexpected: 1",
+            "missing: blocks.0.weight",
+            &format!("... and {} more missing", 5000 - listed),
+            "unexpected: stray",
+        ],
+    );
+    // The summary, `listed` missing lines and their "... and N more", one unexpected line.
+    assert_eq!(m.lines().count(), 1 + listed + 1 + 1, "{m}");
+    assert_eq!(m.lines().filter(|l| l.starts_with("  missing: ")).count(), listed);
+}
+
+/// Runs `f` on a thread and fails if it takes longer than `limit` (a FIFO read blocks forever).
+fn within<T: Send + 'static>(limit: std::time::Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (send, receive) = std::sync::mpsc::channel();
+    std::thread::spawn(move || send.send(f()));
+    receive.recv_timeout(limit).unwrap_or_else(|_| panic!("did not finish within {limit:?}"))
+}
+
+fn mkfifo(path: &Path) {
+    let status = std::process::Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+#[test]
+fn special_files_are_refused_without_reading_them() {
+    let dir = TempDir::new("special");
+    let fifo = dir.path("fifo.safetensors");
+    mkfifo(&fifo);
+    let index =
+        write(&dir.path("model.safetensors.index.json"), br#"{"weight_map": {"a.weight": "fifo.safetensors"}}"#);
+    let fifo_index = dir.path("fifo.safetensors.index.json");
+    mkfifo(&fifo_index);
+    let limit = std::time::Duration::from_secs(10);
+    for (path, what) in [
+        (fifo.clone(), "a FIFO"),
+        (index, "a FIFO"),
+        (fifo_index, "a FIFO"),
+        (PathBuf::from("/dev/zero"), "a character device"),
+        (dir.0.clone(), "a folder"),
+    ] {
+        let m = within(limit, move || input_error(weights::load(&[&path])));
+        assert_mentions(&m, &["not a regular file", what]);
+    }
+    let m = within(limit, move || match weights::open(&fifo, "reference file") {
+        Err(Error::Input(m)) => m,
+        _ => panic!("a FIFO opened as a reference"),
+    });
+    assert_mentions(&m, &["fifo.safetensors (reference file)", "a FIFO"]);
+}
+
+/// A header's JSON text with `n` minimal (empty) tensor entries.
+fn many_entries(n: usize) -> String {
+    let entries: Vec<String> =
+        (0..n).map(|i| format!(r#""{i:x}":{{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}"#)).collect();
+    format!("{{{}}}", entries.join(","))
+}
+
+#[test]
+fn headers_beyond_the_limits_are_refused_fast() {
+    let dir = TempDir::new("header-limits");
+    // Two million entries need more header bytes than the limit: refused from the length alone.
+    let entry = many_entries(1).len() - 2;
+    let claimed = 2_000_000 * (entry as u64 + 1);
+    assert!(claimed > weights::MAX_HEADER_BYTES);
+    let mut bytes = claimed.to_le_bytes().to_vec();
+    bytes.extend_from_slice(many_entries(1000).as_bytes());
+    let path = write(&dir.path("claims.safetensors"), &bytes);
+    let started = std::time::Instant::now();
+    let m = input_error(weights::load(&[&path]));
+    assert_mentions(&m, &[&claimed.to_string(), &format!("{}-byte limit", weights::MAX_HEADER_BYTES)]);
+
+    // Within the byte limit, one entry more than the tensor limit: refused while parsing.
+    let path = write(&dir.path("count.safetensors"), &raw_file(&many_entries(weights::MAX_TENSORS + 1), &[]));
+    let m = input_error(weights::load(&[&path]));
+    assert_mentions(&m, &[&path.display().to_string(), &format!("more than {} tensors", weights::MAX_TENSORS)]);
+    assert!(started.elapsed().as_secs_f64() < 2.0, "took {:?}", started.elapsed());
+
+    // At the limit, the file loads: the limit is the count, not something smaller.
+    let path = write(&dir.path("at-limit.safetensors"), &raw_file(&many_entries(1000), &[]));
+    assert_eq!(weights::open(&path, "test").unwrap().names().count(), 1000);
+}
+
+#[test]
+fn save_refuses_to_replace_a_link_or_a_folder() {
+    let dir = TempDir::new("save-special");
+    let target = write(&dir.path("precious.txt"), b"keep me");
+    let link = dir.path("out.safetensors");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let t = f32_tensor(&[2]);
+    let err = weights::save(&link, &[("t".into(), &t)], None).unwrap_err();
+    assert!(matches!(&err, Error::Input(m) if m.contains("a symbolic link")), "{err}");
+    assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert_eq!(dir.entries(), ["out.safetensors", "precious.txt"], "no temporary left");
+    // A regular file is replaced whole.
+    save_f32(&target, &[("t", &[2])]);
+    assert_eq!(weights::load(&[&target]).unwrap().len(), 1);
+}
+
+#[test]
+fn a_tensor_file_gives_metadata_and_exact_integers() {
+    let dir = TempDir::new("tensor-file");
+    let header = r#"{"__metadata__":{"tile_overlap_factor":"0.25"},
+        "ids":{"dtype":"I64","shape":[2],"data_offsets":[0,16]},
+        "big":{"dtype":"I32","shape":[1],"data_offsets":[16,20]},
+        "huge":{"dtype":"U64","shape":[1],"data_offsets":[20,28]},
+        "whole":{"dtype":"F64","shape":[2],"data_offsets":[28,44]},
+        "half":{"dtype":"F32","shape":[1],"data_offsets":[44,48]},
+        "mask":{"dtype":"BOOL","shape":[1],"data_offsets":[48,49]}}"#;
+    let mut data = Vec::new();
+    [49406i64, -3].iter().for_each(|v| data.extend_from_slice(&v.to_le_bytes()));
+    data.extend_from_slice(&((1i32 << 24) + 1).to_le_bytes());
+    data.extend_from_slice(&u64::MAX.to_le_bytes());
+    [7.0f64, -1e300].iter().for_each(|v| data.extend_from_slice(&v.to_le_bytes()));
+    data.extend_from_slice(&0.5f32.to_le_bytes());
+    data.push(1);
+    let path = write(&dir.path("ref.safetensors"), &raw_file(header, &data));
+    let file = weights::open(&path, "reference file").unwrap();
+    assert_eq!(file.metadata().get("tile_overlap_factor").map(String::as_str), Some("0.25"));
+    assert_eq!(file.names().collect::<Vec<_>>(), ["big", "half", "huge", "ids", "mask", "whole"]);
+
+    assert_eq!(file.integers("ids").unwrap(), [49406, -3]);
+    assert_eq!(file.integers("big").unwrap(), [(1 << 24) + 1]);
+    let error = |r: celframe::Result<_>| match r {
+        Err(Error::Input(m)) => {
+            assert!(!m.contains("  "), "a message with a run of spaces (a broken line continuation): {m}");
+            m
+        }
+        _ => panic!("expected an input error"),
+    };
+    assert_mentions(&error(file.integers("huge").map(drop)), &["tensor 'huge'", &u64::MAX.to_string()]);
+    assert_mentions(&error(file.integers("whole").map(drop)), &["tensor 'whole'", "index 1", "not an integer"]);
+    assert_mentions(&error(file.integers("half").map(drop)), &["tensor 'half'", "0.5"]);
+    assert_mentions(&error(file.integers("mask").map(drop)), &["tensor 'mask' is BOOL", "integer"]);
+
+    // As float: integers only where float32 holds them exactly; F64 rounded to F32.
+    assert_eq!(file.float("ids").unwrap().to_f32_vec().unwrap(), [49406.0, -3.0]);
+    assert_mentions(&error(file.float("big").map(drop)), &["tensor 'big'", "16777217", "2^24"]);
+    let whole = file.float("whole").unwrap();
+    assert_eq!((whole.dtype(), whole.to_f32_vec().unwrap()[0]), (DType::F32, 7.0));
+    assert!(whole.to_f32_vec().unwrap()[1].is_infinite(), "-1e300 is beyond float32");
+    assert_mentions(&error(file.float("mask").map(drop)), &["tensor 'mask' is BOOL", "F64"]);
+    assert_mentions(&error(file.float("absent").map(drop)), &[&path.display().to_string(), "no tensor 'absent'"]);
 }

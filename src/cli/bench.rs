@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::arenas::{gib, model_arenas, weight_bytes};
 use super::demo::random;
+use super::elements;
 use crate::error::{Error, Result};
 use crate::gpu::timing::time_gpu;
 use crate::gpu::{Arena, Gpu, nvtx};
@@ -17,6 +17,7 @@ use crate::models::vae::{Vae, open_vae};
 use crate::models::{Place, Unet, UnetInputs, open_unet};
 use crate::ops::Exec;
 use crate::tensor::{DType, Tensor};
+use crate::verify::arenas::{MAX_SCRATCH_GB, model_arenas, scratch_bytes, weight_bytes};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -40,7 +41,7 @@ pub struct BenchArgs {
     pub tokens: usize,
     #[arg(long, default_value = "f16")]
     pub dtype: String,
-    /// Timed forwards (after two untimed ones).
+    /// Timed forwards (after two untimed ones), at most 10000.
     #[arg(long, default_value_t = 10)]
     pub runs: usize,
     /// vae_decoder: frames per decoder forward.
@@ -51,13 +52,37 @@ pub struct BenchArgs {
     pub scratch_gb: f64,
 }
 
+/// Most elements of one activation: cuDNN and the kernels index with 32-bit integers (ops/conv.rs
+/// splits a larger batch, but one image must fit).
+const MAX_ELEMENTS: usize = i32::MAX as usize;
+const WHY: &str = "cuDNN and the kernels index one tensor with 32-bit integers";
+/// Most timed runs: enough for any median, and each run's CUDA events are allocated up front.
+const MAX_RUNS: usize = 10_000;
+
 pub fn run(args: &BenchArgs) -> Result<()> {
     let dtype = DType::parse(&args.dtype)?;
-    if args.batch == 0 || args.height == 0 || args.width == 0 || args.tokens == 0 || args.runs == 0 {
-        return Err(Error::Input("bench: batch, height, width, tokens and runs must be positive".into()));
+    let counts = [
+        ("--batch", args.batch, None),
+        ("--height", args.height, None),
+        ("--width", args.width, None),
+        ("--tokens", args.tokens, None),
+        ("--chunk", args.chunk, None),
+        ("--runs", args.runs, Some(MAX_RUNS)),
+    ];
+    for (flag, value, most) in counts {
+        match most {
+            _ if value == 0 => return Err(Error::Input(format!("{flag} must be at least 1"))),
+            Some(most) if value > most => {
+                return Err(Error::Input(format!("{flag} must be 1 to {most} (got {value})")));
+            }
+            _ => {}
+        }
     }
-    if args.scratch_gb.is_nan() || args.scratch_gb <= 0.0 {
-        return Err(Error::Input("--scratch-gb must be positive".into()));
+    if !(args.scratch_gb > 0.0 && args.scratch_gb <= MAX_SCRATCH_GB) {
+        return Err(Error::Input(format!(
+            "--scratch-gb must be more than 0 and at most {MAX_SCRATCH_GB} (got {})",
+            args.scratch_gb
+        )));
     }
     match args.component.as_str() {
         "unet" => bench_unet(args, dtype),
@@ -72,17 +97,27 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 fn bench_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     let checkpoint = open_unet(&args.weights)?;
     let cfg = &checkpoint.config;
+    let (b, h, w) = (args.batch, args.height, args.width);
+    let widest = cfg.block_out_channels.iter().copied().chain([cfg.in_channels]).max().unwrap_or(0);
+    elements(
+        "largest activation",
+        &[("--batch", b), ("--height", h), ("--width", w), ("channels", widest)],
+        MAX_ELEMENTS,
+        WHY,
+    )?;
+    let cross = cfg.cross_attention_dims().first().copied().unwrap_or(0);
+    elements("context", &[("--batch", b), ("--tokens", args.tokens), ("width", cross)], MAX_ELEMENTS, WHY)?;
     let gpu = Gpu::from_env()?;
-    let (weights, scratch) = model_arenas(&checkpoint.weights, dtype, 64 << 20, |_| gib(args.scratch_gb))?;
+    let scratch = scratch_bytes(&gpu, args.scratch_gb)?;
+    let (weights, scratch) = model_arenas(&checkpoint.weights, dtype, 64 << 20, |_| scratch)?;
     let unet = Unet::new(&checkpoint, Place::Device { gpu: &gpu, arena: &weights, dtype })?;
 
     // Random inputs at the requested size: SDXL-style time ids, one timestep per image.
-    let (b, h, w) = (args.batch, args.height, args.width);
     let up = |t: Tensor| gpu.upload(&weights, &t, t.dtype());
     let sample = up(random(&[b, h, w, cfg.in_channels], 1, 1.0, dtype)?)?;
     let steps: Vec<f32> = (0..b).map(|i| 999.0 - (i * 37 % 1000) as f32).collect();
     let timestep = up(Tensor::from_f32(&[b], DType::F32, &steps)?)?;
-    let context = up(random(&[b, args.tokens, cfg.cross_attention_dims()[0]], 2, 1.0, dtype)?)?;
+    let context = up(random(&[b, args.tokens, cross], 2, 1.0, dtype)?)?;
     let (text_embeds, time_ids) = match &cfg.text_time {
         Some(tt) => {
             let ids: Vec<f32> = (0..b).flat_map(|_| [8 * h, 8 * w, 0, 0, 8 * h, 8 * w].map(|v| v as f32)).collect();
@@ -122,18 +157,26 @@ fn bench_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
 /// CLIP-L and bigG one after the other on `--batch` sequences of 77 tokens (2: a CFG pair), keeping
 /// the penultimate hidden states SDXL uses.
 fn bench_text_encoders(args: &BenchArgs, dtype: DType) -> Result<()> {
+    let seq = 77;
+    let checkpoints = [TextEncoderKind::ClipL, TextEncoderKind::ClipG]
+        .map(|kind| open_text_encoder(&args.weights, kind))
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    for checkpoint in &checkpoints {
+        let widest = checkpoint.config.intermediate_size.max(checkpoint.config.hidden_size);
+        let dims = [("--batch", args.batch), ("tokens", seq), ("width", widest)];
+        elements("largest activation", &dims, MAX_ELEMENTS, WHY)?;
+    }
     let gpu = Gpu::from_env()?;
-    let scratch = Arena::new("scratch", gib(args.scratch_gb))?;
+    let scratch = Arena::new("scratch", scratch_bytes(&gpu, args.scratch_gb)?)?;
     let mut models = Vec::new();
     let mut arenas = Vec::new();
-    for kind in [TextEncoderKind::ClipL, TextEncoderKind::ClipG] {
-        let checkpoint = open_text_encoder(&args.weights, kind)?;
+    for checkpoint in &checkpoints {
         arenas.push(Arena::new("weights", weight_bytes(&checkpoint.weights, dtype) + (1 << 20))?);
         let arena = arenas.last().unwrap();
-        models.push(ClipTextModel::new(&checkpoint, Place::Device { gpu: &gpu, arena, dtype })?);
+        models.push(ClipTextModel::new(checkpoint, Place::Device { gpu: &gpu, arena, dtype })?);
     }
     // BOS, a stretch of ordinary word ids, EOS padding: the prompt lengths do not change the work.
-    let seq = 77;
     let ids: Vec<u32> = (0..args.batch * seq)
         .map(|i| match i % seq {
             0 => 49406,
@@ -162,12 +205,28 @@ fn bench_text_encoders(args: &BenchArgs, dtype: DType) -> Result<()> {
 /// The VAE decoder's forwards over `--batch` frames in chunks of `--chunk` (device latents in,
 /// device images out: what diffusers' `vae.decode` on GPU tensors does).
 fn bench_vae_decoder(args: &BenchArgs, dtype: DType) -> Result<()> {
-    if args.chunk == 0 {
-        return Err(Error::Input("--chunk must be at least 1".into()));
-    }
     let checkpoint = open_vae(&args.weights)?;
+    let cfg = &checkpoint.config;
+    let f = cfg.upsample_factor();
+    let widest = cfg.block_out_channels.iter().copied().max().unwrap_or(0);
+    let dims = [
+        ("--height", args.height),
+        ("--width", args.width),
+        ("upsampling", f),
+        ("upsampling", f),
+        ("channels", widest),
+    ];
+    elements("largest activation of one frame", &dims, MAX_ELEMENTS, WHY)?;
+    let dims = [
+        ("--batch", args.batch),
+        ("--height", args.height),
+        ("--width", args.width),
+        ("channels", cfg.latent_channels),
+    ];
+    elements("latents", &dims, MAX_ELEMENTS, WHY)?;
     let gpu = Gpu::from_env()?;
-    let (weights, scratch) = model_arenas(&checkpoint.weights, dtype, 64 << 20, |_| gib(args.scratch_gb))?;
+    let scratch = scratch_bytes(&gpu, args.scratch_gb)?;
+    let (weights, scratch) = model_arenas(&checkpoint.weights, dtype, 64 << 20, |_| scratch)?;
     let vae = Vae::new(&checkpoint, Place::Device { gpu: &gpu, arena: &weights, dtype })?;
     let (h, w, c) = (args.height, args.width, vae.config.latent_channels);
     let chunks: Vec<Tensor> = (0..args.batch)
@@ -178,7 +237,6 @@ fn bench_vae_decoder(args: &BenchArgs, dtype: DType) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
-    let f = vae.config.upsample_factor();
     let key = format!("vae decode {} {}x{}x{}", dtype.kernel_suffix(), args.batch, f * w, f * h);
     let t = time_gpu(&gpu, 1, args.runs, || {
         let _r = nvtx::range(&key);

@@ -3,6 +3,7 @@
 
 use clap::Args;
 
+use super::elements;
 use crate::error::{Error, Result};
 use crate::gpu::timing::time_gpu;
 use crate::gpu::{Arena, Gpu, nvtx};
@@ -13,6 +14,7 @@ use crate::ops::embedding::{TimestepEmbedding, timestep_embedding};
 use crate::ops::linear::linear;
 use crate::ops::norm::{GroupNorm, group_norm};
 use crate::tensor::{DType, Tensor};
+use crate::verify::Device;
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -88,6 +90,22 @@ impl Block {
         })
     }
 
+    /// Bytes the weights take in a device arena (256 bytes of alignment slack each).
+    fn device_bytes(&self) -> usize {
+        [
+            &self.time_linear_1,
+            &self.time_linear_2,
+            &self.norm1,
+            &self.conv1,
+            &self.time_emb_proj,
+            &self.norm2,
+            &self.conv2,
+        ]
+        .iter()
+        .map(|(w, b)| w.size_bytes() + b.size_bytes() + 512)
+        .sum()
+    }
+
     fn upload(&self, gpu: &Gpu, arena: &Arena) -> Result<Block> {
         let up = |(w, b): &(Tensor, Tensor)| -> Result<(Tensor, Tensor)> {
             Ok((gpu.upload(arena, w, w.dtype())?, gpu.upload(arena, b, b.dtype())?))
@@ -131,20 +149,21 @@ impl Block {
     }
 }
 
+/// Most elements of the block's activation and of each weight: the CPU twins run on every demo
+/// and keep several float32 copies of the activation in host memory (2^27 elements: 512 MiB each).
+const MAX_ELEMENTS: usize = 1 << 27;
+
 pub fn run(args: &DemoArgs) -> Result<()> {
     let dtype = DType::parse(&args.dtype)?;
     let (n, h, w, c) = (args.batch, args.height, args.width, args.channels);
-    if n == 0 || h == 0 || w == 0 || c == 0 || c % 32 != 0 {
-        return Err(Error::Input(format!(
-            "--batch, --height, --width must be positive and --channels a positive multiple of 32 (got {n}, {h}, {w}, {c})"
-        )));
+    if c % 32 != 0 {
+        return Err(Error::Input(format!("--channels must be a multiple of 32, the block's norm groups (got {c})")));
     }
-    let use_cuda = match args.device.as_str() {
-        "cpu" => false,
-        "cuda" => true,
-        "auto" => Gpu::is_available(),
-        other => return Err(Error::Input(format!("--device must be auto, cuda or cpu (got '{other}')"))),
-    };
+    let why = "the CPU twins run every demo and keep several float32 copies in host memory";
+    let dims = [("--batch", n), ("--height", h), ("--width", w), ("--channels", c)];
+    elements("activation", &dims, MAX_ELEMENTS, why)?;
+    elements("conv weight", &[("--channels", c), ("--channels", c), ("kernel taps", 9)], MAX_ELEMENTS, why)?;
+    let use_cuda = Device::parse(&args.device)? == Device::Cuda;
     println!("SDXL ResNet block, {c} channels, batch {n}, latent {h}x{w}, {dtype:?}, random weights");
     let block = Block::random(c, dtype)?;
     let x = random(&[n, h, w, c], 99, 1.0, dtype)?;
@@ -168,8 +187,20 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         gpu.info().compute_capability.0,
         gpu.info().compute_capability.1
     );
-    let weights = Arena::new("weights", 256 << 20)?;
-    let scratch = Arena::new("scratch", (64 << 20) + 16 * x.size_bytes())?;
+    // The block's weights and inputs (with alignment slack), and scratch for the forward.
+    let weight_bytes = block.device_bytes() + x.size_bytes() + timesteps.size_bytes() + 512;
+    let scratch_bytes = (64 << 20) + 16 * x.size_bytes();
+    let total = gpu.info().total_memory;
+    if weight_bytes + scratch_bytes > total {
+        return Err(Error::Input(format!(
+            "--batch {n} x --height {h} x --width {w} x --channels {c} needs {:.2} GiB of device memory; the \
+             device has {:.2} GiB",
+            (weight_bytes + scratch_bytes) as f64 / (1u64 << 30) as f64,
+            total as f64 / (1u64 << 30) as f64
+        )));
+    }
+    let weights = Arena::new("weights", weight_bytes)?;
+    let scratch = Arena::new("scratch", scratch_bytes)?;
     let dev_block = block.upload(&gpu, &weights)?;
     let (xd, td) = (gpu.upload(&weights, &x, dtype)?, gpu.upload(&weights, &timesteps, DType::F32)?);
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };

@@ -1,8 +1,8 @@
 //! Command-line interface: `celframe demo` (the most complete thing the engine runs until the
-//! renderer exists), `celframe info` (device and compiled kernels) and `celframe verify` (a
-//! component against a reference file).
+//! renderer exists), `celframe info` (device and compiled kernels), `celframe bench` (whole
+//! forwards timed), `celframe verify` (a component against a reference file, `crate::verify`) and
+//! `celframe tokenize`.
 
-mod arenas;
 pub mod bench;
 pub mod demo;
 pub mod info;
@@ -11,8 +11,24 @@ pub mod verify;
 
 use clap::{Parser, Subcommand};
 
+use crate::error::{Error, Result};
+
+/// The exit codes of every command (`crate::error`), shown by `--help`.
+const EXIT_CODES: &str = "Exit codes:
+  0  success
+  1  verify: an output is outside its tolerance or not finite (NaN or infinite)
+  2  bad input: a file, field, tensor, argument or size that cannot be used (the message names it)
+  3  no GPU: a CUDA driver or device is needed (--device cuda) and there is none
+  4  a CUDA driver or library call failed
+  5  internal error: a bug in celframe (please report it)";
+
 #[derive(Parser)]
-#[command(name = "celframe", version, about = "SDXL anime video rendering on hand-written CUDA kernels")]
+#[command(
+    name = "celframe",
+    version,
+    about = "SDXL anime video rendering on hand-written CUDA kernels",
+    after_help = EXIT_CODES
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -28,9 +44,29 @@ pub enum Command {
     /// Time whole forwards of a component on CUDA with a checkpoint's weights and random inputs.
     Bench(bench::BenchArgs),
     /// Run a component on a reference file's inputs and compare with its outputs (max abs and
-    /// relative L2 error). Exit 0 within tolerance, 1 outside it, 2 on bad input.
+    /// relative L2 error). Exit 0 within tolerance, 1 outside it or not finite, 2 on bad input, 3
+    /// without a GPU for --device cuda, 4 on a CUDA failure.
+    #[command(after_help = EXIT_CODES)]
     Verify(verify::VerifyArgs),
     /// Print a prompt's token ids as JSON, one array of 77 per chunk (A1111 prompt syntax and
     /// chunking; --raw for the text as transformers tokenizes it, --weights for weights and LoRAs).
     Tokenize(tokenize::TokenizeArgs),
+}
+
+/// The element count of a tensor whose dimensions are `dims` (each a name, such as the flag that
+/// sets it, and its value), refused when it is zero or more than `limit`; `what` says which tensor
+/// and `why` why the limit is what it is.
+pub(crate) fn elements(what: &str, dims: &[(&str, usize)], limit: usize, why: &str) -> Result<usize> {
+    let product = dims.iter().try_fold(1usize, |n, &(_, d)| n.checked_mul(d));
+    match product {
+        Some(n) if n > 0 && n <= limit => Ok(n),
+        _ => {
+            let sizes: Vec<String> = dims.iter().map(|(name, d)| format!("{name} {d}")).collect();
+            Err(Error::Input(format!(
+                "{}: the {what} would have {} elements; it must have 1 to {limit} ({why})",
+                sizes.join(" x "),
+                product.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string())
+            )))
+        }
+    }
 }

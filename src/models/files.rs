@@ -48,8 +48,7 @@ pub(crate) fn locate(path: &Path, subfolder: &str, what: &str) -> Result<Locatio
 /// The folder's config.json: its text and its path for error messages.
 pub(crate) fn read_config(folder: &Path) -> Result<(String, String)> {
     let config_path = folder.join("config.json");
-    let text = std::fs::read_to_string(&config_path)
-        .map_err(|e| Error::Input(format!("{}: cannot read: {e}", config_path.display())))?;
+    let text = crate::io::read_text(&config_path, crate::io::JSON_LIMIT, "config")?;
     Ok((text, config_path.display().to_string()))
 }
 

@@ -5,10 +5,11 @@
 //! `SafeTensors::read_metadata`, because that function names no tensor when a byte count or dtype
 //! is wrong, and adds the declared data size to the header size unchecked (an absurd header
 //! panics in debug builds). The rules are the format's: offsets start at 0, leave no hole, do not
-//! overlap, and end exactly at the end of the file.
+//! overlap, and end exactly at the end of the file. Every safetensors file the crate reads (a
+//! checkpoint, a shard, a reference file) comes through here, under the same header limits.
 
-use std::collections::BTreeMap;
-use std::fs::File;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use memmap2::Mmap;
 use safetensors::Dtype;
 use safetensors::tensor::TensorInfo;
 use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostBytes, Storage, Tensor};
@@ -23,21 +25,38 @@ use crate::tensor::{DType, HostBytes, Storage, Tensor};
 /// Bytes of the little-endian u64 that gives the header's length.
 const LEN_BYTES: usize = 8;
 
+/// Longest header read, in bytes: the safetensors crate's own limit (`MAX_HEADER_SIZE`,
+/// safetensors/src/tensor.rs), so every file its writers make is accepted.
+pub const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Most tensors one file may declare, checked while the header is parsed so that a header of
+/// millions of tiny entries is refused before it costs gigabytes. An SDXL single-file checkpoint
+/// holds about 2,600 tensors, a large LoRA file a few thousand.
+pub const MAX_TENSORS: usize = 100_000;
+
 /// A tensor as one file declares it.
 pub(super) struct FileTensor {
     pub name: String,
     pub dtype: Dtype,
     pub shape: Vec<usize>,
+    /// The tensor's bytes, a view of the map.
+    pub bytes: HostBytes,
     /// None when the dtype is not one the engine computes in; kept so that the error can name
     /// it, or an ignored prefix can skip it.
     pub tensor: Option<Tensor>,
 }
 
-/// Maps `path` and returns its tensors in file order. Errors name the file, and the tensor when
-/// one is at fault.
-pub(super) fn read(path: &Path) -> Result<Vec<FileTensor>> {
-    let bad = |why: String| Error::Input(format!("weights file {}: {why}", path.display()));
-    let file = File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
+/// A file's tensors in file order and its `__metadata__` (empty when it has none).
+pub(super) struct FileContents {
+    pub tensors: Vec<FileTensor>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Maps `path` (a regular file; `what` says what it is for, "weights file") and returns its
+/// contents. Errors name the file, and the tensor when one is at fault.
+pub(super) fn read(path: &Path, what: &str) -> Result<FileContents> {
+    let bad = |why: String| Error::Input(format!("{} ({what}): {why}", path.display()));
+    let file = crate::io::open_regular(path, what)?;
     // SAFETY: the map is only read. As with any map, the file must not be truncated or rewritten
     // while it is mapped; checkpoints are written once and then only read.
     let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| bad(format!("cannot map: {e}")))?);
@@ -47,32 +66,31 @@ pub(super) fn read(path: &Path) -> Result<Vec<FileTensor>> {
         return Err(bad(format!("only {file_len} bytes, too short for the 8-byte header length (truncated file?)")));
     };
     let header_len = u64::from_le_bytes(len_bytes);
-    let data_start = usize::try_from(header_len)
-        .ok()
-        .and_then(|n| n.checked_add(LEN_BYTES))
-        .filter(|&end| end <= file_len)
-        .ok_or_else(|| {
-            bad(format!(
-                "the header length says {header_len} bytes but only {} follow it \
-                 (truncated file, or not a safetensors file)",
-                file_len - LEN_BYTES
-            ))
-        })?;
-    let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&map[LEN_BYTES..data_start])
-        .map_err(|e| bad(format!("the header is not a JSON object: {e}")))?;
-
-    let mut infos = Vec::with_capacity(header.len());
-    for (name, value) in header {
-        // Free-form string metadata, not a tensor.
-        if name == "__metadata__" {
-            continue;
-        }
-        let info =
-            TensorInfo::deserialize(value).map_err(|e| bad(format!("tensor '{name}' has an invalid entry: {e}")))?;
-        infos.push((name, info));
+    if header_len > MAX_HEADER_BYTES {
+        return Err(bad(format!(
+            "the header length says {header_len} bytes, more than the {MAX_HEADER_BYTES}-byte limit for a \
+             safetensors header (not a safetensors file?)"
+        )));
     }
-    infos.sort_by_key(|(_, info)| info.data_offsets);
+    // At most MAX_HEADER_BYTES, so the sum cannot overflow.
+    let data_start = header_len as usize + LEN_BYTES;
+    if data_start > file_len {
+        return Err(bad(format!(
+            "the header length says {header_len} bytes but only {} follow it (truncated file, or not a \
+             safetensors file)",
+            file_len - LEN_BYTES
+        )));
+    }
+    let header: Header = serde_json::from_slice(&map[LEN_BYTES..data_start]).map_err(|e| {
+        if e.is_data() {
+            bad(format!("invalid header: {e}"))
+        } else {
+            bad(format!("the header is not a JSON object: {e}"))
+        }
+    })?;
 
+    let mut infos = header.tensors;
+    infos.sort_by_key(|(_, info)| info.data_offsets);
     let data_len = file_len - data_start;
     let mut covered = 0;
     let mut tensors = Vec::with_capacity(infos.len());
@@ -98,23 +116,74 @@ pub(super) fn read(path: &Path) -> Result<Vec<FileTensor>> {
             }
         }
         covered = end;
+        let bytes = HostBytes::Mapped { map: map.clone(), start: data_start + start, len: end - start };
         let tensor = match engine_dtype(info.dtype) {
-            Some(dtype) => {
-                let bytes = HostBytes::Mapped { map: map.clone(), start: data_start + start, len: end - start };
-                let t = Tensor::from_storage(&info.shape, dtype, Storage::Host(bytes))
-                    .map_err(|e| bad(format!("tensor '{name}': {e}")))?;
-                Some(t)
-            }
+            Some(dtype) => Some(
+                Tensor::from_storage(&info.shape, dtype, Storage::Host(bytes.clone()))
+                    .map_err(|e| bad(format!("tensor '{name}': {e}")))?,
+            ),
             None => None,
         };
-        tensors.push(FileTensor { name, dtype: info.dtype, shape: info.shape, tensor });
+        tensors.push(FileTensor { name, dtype: info.dtype, shape: info.shape, bytes, tensor });
     }
     if covered != data_len {
         return Err(bad(format!(
             "the tensors cover {covered} bytes of data but the file holds {data_len} after the header"
         )));
     }
-    Ok(tensors)
+    Ok(FileContents { tensors, metadata: header.metadata })
+}
+
+/// A header as the format defines it: a JSON object of tensor entries, plus an optional
+/// `__metadata__` object of strings (safetensors' README, "Format").
+struct Header {
+    tensors: Vec<(String, TensorInfo)>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl<'de> Deserialize<'de> for Header {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Header, D::Error> {
+        deserializer.deserialize_map(HeaderVisitor)
+    }
+}
+
+/// Reads the header's entries one at a time, so that the tensor count is checked as they come.
+struct HeaderVisitor;
+
+impl<'de> Visitor<'de> for HeaderVisitor {
+    type Value = Header;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object of tensor entries")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> std::result::Result<Header, A::Error> {
+        let mut header = Header { tensors: Vec::new(), metadata: BTreeMap::new() };
+        let mut names = HashSet::new();
+        while let Some(name) = entries.next_key::<String>()? {
+            if name == "__metadata__" {
+                header.metadata = entries
+                    .next_value()
+                    .map_err(|e| de::Error::custom(format!("__metadata__ must map names to strings ({e})")))?;
+                continue;
+            }
+            if header.tensors.len() == MAX_TENSORS {
+                return Err(de::Error::custom(format!(
+                    "it declares more than {MAX_TENSORS} tensors, the most a file may hold here (and at most \
+                     {MAX_HEADER_BYTES} header bytes)"
+                )));
+            }
+            // Through a JSON value, so that the error names the tensor without a second position.
+            let value: serde_json::Value = entries.next_value()?;
+            let info = TensorInfo::deserialize(value)
+                .map_err(|e| de::Error::custom(format!("tensor '{name}' has an invalid entry: {e}")))?;
+            if !names.insert(name.clone()) {
+                return Err(de::Error::custom(format!("tensor '{name}' is declared twice")));
+            }
+            header.tensors.push((name, info));
+        }
+        Ok(header)
+    }
 }
 
 /// Bytes a tensor of this dtype and shape occupies; None if that overflows or is not whole bytes.

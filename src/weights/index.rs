@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::io::{JSON_LIMIT, read_regular};
 
 #[derive(Deserialize)]
 struct Index {
@@ -21,8 +22,8 @@ pub(super) fn is_index(path: &Path) -> bool {
 
 /// The files an index names, in sorted order, as paths next to the index.
 pub(super) fn files(index: &Path) -> Result<Vec<PathBuf>> {
-    let bad = |why: String| Error::Input(format!("weights index {}: {why}", index.display()));
-    let text = std::fs::read(index).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let bad = |why: String| Error::Input(format!("{} (weights index): {why}", index.display()));
+    let text = read_regular(index, JSON_LIMIT, "weights index")?;
     let parsed: Index = serde_json::from_slice(&text).map_err(|e| {
         bad(format!(
             "not a safetensors index (a JSON object whose \"weight_map\" maps tensor names to \

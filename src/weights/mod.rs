@@ -13,14 +13,17 @@ mod save;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+
+use safetensors::Dtype;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::gpu::{Arena, Gpu};
 use crate::tensor::{DType, Tensor};
 
+pub use file::{MAX_HEADER_BYTES, MAX_TENSORS};
 pub use report::{LoadReport, UploadReport};
-pub use save::save;
+pub use save::{check_save_path, save};
 
 /// A tensor a model expects, by its name in the checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +36,147 @@ impl TensorSpec {
     pub fn new(name: impl Into<String>, shape: &[usize]) -> TensorSpec {
         TensorSpec { name: name.into(), shape: shape.to_vec() }
     }
+}
+
+/// One safetensors file read whole, whatever its tensors' dtypes: a reference file's inputs and
+/// outputs, with its `__metadata__`. Values come out as float tensors or as integers, converted
+/// only where that is exact.
+pub struct TensorFile {
+    path: PathBuf,
+    what: String,
+    tensors: BTreeMap<String, file::FileTensor>,
+    metadata: BTreeMap<String, String>,
+}
+
+/// Reads `path` (`what` says what the file is for in errors: "reference file").
+pub fn open(path: &Path, what: &str) -> Result<TensorFile> {
+    let contents = file::read(path, what)?;
+    let tensors = contents.tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
+    Ok(TensorFile { path: path.to_path_buf(), what: what.to_string(), tensors, metadata: contents.metadata })
+}
+
+/// Integers up to this magnitude are exact in f32 (a 24-bit significand).
+const F32_EXACT: i128 = 1 << 24;
+/// Whole numbers up to this magnitude are exact in f64 (a 53-bit significand).
+const F64_EXACT: f64 = (1u64 << 53) as f64;
+
+impl TensorFile {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// The header's `__metadata__` (empty when it has none).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+    /// Tensor names in sorted order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+    pub fn shape(&self, name: &str) -> Result<&[usize]> {
+        Ok(&self.tensor(name)?.shape)
+    }
+
+    /// A float tensor: F16, BF16 and F32 as stored (a view of the file); F64 rounded to F32; an
+    /// integer tensor converted to F32 when every value is exact there (|v| <= 2^24).
+    pub fn float(&self, name: &str) -> Result<Tensor> {
+        let t = self.tensor(name)?;
+        if let Some(tensor) = &t.tensor {
+            return Ok(tensor.clone());
+        }
+        let values: Vec<f32> = if t.dtype == Dtype::F64 {
+            f64_values(t.bytes.as_slice()).map(|v| v as f32).collect()
+        } else if let Some(ints) = integer_values(t.dtype, t.bytes.as_slice()) {
+            let mut values = Vec::with_capacity(ints.len());
+            for (i, v) in ints.into_iter().enumerate() {
+                if v.abs() > F32_EXACT {
+                    return Err(self.bad(format!(
+                        "tensor '{name}' ({}) holds {v} at index {i}, beyond the integers float32 holds exactly \
+                         (|v| <= 2^24)",
+                        t.dtype
+                    )));
+                }
+                values.push(v as f32);
+            }
+            values
+        } else {
+            return Err(self.bad(format!(
+                "tensor '{name}' is {}; expected a float (F16, BF16, F32, F64) or integer tensor",
+                t.dtype
+            )));
+        };
+        Tensor::from_f32(&t.shape, DType::F32, &values).map_err(|e| self.bad(format!("tensor '{name}': {e}")))
+    }
+
+    /// Every value of an integer tensor (I8 to I64, U8 to U64), or of a float tensor holding only
+    /// whole numbers that the float represents exactly; row-major.
+    pub fn integers(&self, name: &str) -> Result<Vec<i64>> {
+        let t = self.tensor(name)?;
+        let not_integer = |i: usize, v: String| {
+            self.bad(format!(
+                "tensor '{name}' ({}) holds {v} at index {i}, not an integer that fits in 64 bits",
+                t.dtype
+            ))
+        };
+        if let Some(ints) = integer_values(t.dtype, t.bytes.as_slice()) {
+            return ints
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| i64::try_from(v).map_err(|_| not_integer(i, v.to_string())))
+                .collect();
+        }
+        let floats: Vec<f64> = match (&t.tensor, t.dtype) {
+            (Some(tensor), _) => tensor.to_f32_vec()?.into_iter().map(f64::from).collect(),
+            (None, Dtype::F64) => f64_values(t.bytes.as_slice()).collect(),
+            _ => {
+                return Err(self.bad(format!(
+                    "tensor '{name}' is {}; expected an integer tensor (I8 to I64, U8 to U64) or a float one \
+                     holding whole numbers",
+                    t.dtype
+                )));
+            }
+        };
+        floats
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                if v.fract() == 0.0 && v.abs() <= F64_EXACT { Ok(v as i64) } else { Err(not_integer(i, v.to_string())) }
+            })
+            .collect()
+    }
+
+    fn tensor(&self, name: &str) -> Result<&file::FileTensor> {
+        self.tensors.get(name).ok_or_else(|| self.bad(format!("no tensor '{name}'")))
+    }
+
+    fn bad(&self, why: String) -> Error {
+        Error::Input(format!("{} ({}): {why}", self.path.display(), self.what))
+    }
+}
+
+/// Every value of an integer tensor's little-endian bytes, widened exactly; None for a dtype that
+/// is not an integer one.
+fn integer_values(dtype: Dtype, bytes: &[u8]) -> Option<Vec<i128>> {
+    fn each<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> i128) -> Vec<i128> {
+        bytes.chunks_exact(N).map(|c| f(c.try_into().expect("chunks_exact gives N bytes"))).collect()
+    }
+    Some(match dtype {
+        Dtype::I8 => each(bytes, |b: [u8; 1]| i8::from_le_bytes(b).into()),
+        Dtype::U8 => each(bytes, |b: [u8; 1]| u8::from_le_bytes(b).into()),
+        Dtype::I16 => each(bytes, |b: [u8; 2]| i16::from_le_bytes(b).into()),
+        Dtype::U16 => each(bytes, |b: [u8; 2]| u16::from_le_bytes(b).into()),
+        Dtype::I32 => each(bytes, |b: [u8; 4]| i32::from_le_bytes(b).into()),
+        Dtype::U32 => each(bytes, |b: [u8; 4]| u32::from_le_bytes(b).into()),
+        Dtype::I64 => each(bytes, |b: [u8; 8]| i64::from_le_bytes(b).into()),
+        Dtype::U64 => each(bytes, |b: [u8; 8]| u64::from_le_bytes(b).into()),
+        _ => return None,
+    })
+}
+
+fn f64_values(bytes: &[u8]) -> impl Iterator<Item = f64> + '_ {
+    bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("chunks_exact gives 8 bytes")))
 }
 
 /// Host tensors, keyed by the checkpoint's own names, viewing memory-mapped files.
@@ -99,7 +243,7 @@ fn load_checked<P: AsRef<Path>>(
     // Which file each name came from, to name both files of a duplicate.
     let mut origin: HashMap<String, usize> = HashMap::new();
     for (i, path) in files.iter().enumerate() {
-        for t in file::read(path)? {
+        for t in file::read(path, "weights file")?.tensors {
             if let Some(&first) = origin.get(&t.name) {
                 problems.add(
                     Problem::Duplicate,
@@ -176,27 +320,31 @@ impl Problems {
         self.0.push((kind, detail));
     }
 
-    /// One error listing every problem, counts by kind first, then one line each.
+    /// One error listing every problem: counts by kind first, then one line each, at most
+    /// `LISTED_PER_KIND` of a kind (a config of absurd depth expects millions of tensors).
     fn into_result(mut self, files: &[PathBuf]) -> Result<()> {
         if self.0.is_empty() {
             return Ok(());
         }
         self.0.sort_by_key(|(kind, _)| *kind);
-        let mut counts: Vec<(Problem, usize)> = Vec::new();
-        for (kind, _) in &self.0 {
-            match counts.last_mut() {
-                Some((k, n)) if k == kind => *n += 1,
-                _ => counts.push((*kind, 1)),
+        let groups: Vec<&[(Problem, String)]> = self.0.chunk_by(|a, b| a.0 == b.0).collect();
+        let summary: Vec<String> = groups.iter().map(|g| format!("{}: {}", g[0].0.label(), g.len())).collect();
+        let mut message = format!("cannot use the weights in {} ({}):", list(files), summary.join(", "));
+        for group in groups {
+            let label = group[0].0.label();
+            for (_, detail) in group.iter().take(LISTED_PER_KIND) {
+                message.push_str(&format!("\n  {label}: {detail}"));
             }
-        }
-        let counts: Vec<String> = counts.iter().map(|(kind, n)| format!("{}: {n}", kind.label())).collect();
-        let mut message = format!("cannot use the weights in {} ({}):", list(files), counts.join(", "));
-        for (kind, detail) in &self.0 {
-            message.push_str(&format!("\n  {}: {detail}", kind.label()));
+            if group.len() > LISTED_PER_KIND {
+                message.push_str(&format!("\n  ... and {} more {label}", group.len() - LISTED_PER_KIND));
+            }
         }
         Err(Error::Input(message))
     }
 }
+
+/// Problems of one kind listed by name in the error; the rest are counted.
+pub const LISTED_PER_KIND: usize = 20;
 
 fn list(files: &[PathBuf]) -> String {
     let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();

@@ -1,7 +1,7 @@
 //! Device memory for running one model on CUDA, shared by `verify` and `bench`: a weights arena
 //! sized from the checkpoint and a scratch arena.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{Arena, Gpu};
 use crate::tensor::DType;
 use crate::weights::LoadedWeights;
@@ -11,9 +11,22 @@ pub(crate) fn weight_bytes(weights: &LoadedWeights, dtype: DType) -> usize {
     weights.iter().map(|(_, t)| t.numel() * dtype.size() + 256).sum()
 }
 
-/// GiB (as `--scratch-gb` takes them) to bytes.
-pub(crate) fn gib(g: f64) -> usize {
-    (g * (1u64 << 30) as f64) as usize
+/// Largest `--scratch-gb`: more than any GPU holds, small enough that its byte count is exact.
+pub const MAX_SCRATCH_GB: f64 = 4096.0;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// `--scratch-gb` (checked to be in (0, MAX_SCRATCH_GB] by the command) as bytes, refused when
+/// the device holds less.
+pub(crate) fn scratch_bytes(gpu: &Gpu, gb: f64) -> Result<usize> {
+    let total = gpu.info().total_memory;
+    if gb * GIB > total as f64 {
+        return Err(Error::Input(format!(
+            "--scratch-gb {gb}: more than the {:.2} GiB the device holds",
+            total as f64 / GIB
+        )));
+    }
+    Ok((gb * GIB) as usize)
 }
 
 /// The "weights" arena (the checkpoint in `dtype` plus `extra` bytes, for inputs uploaded beside

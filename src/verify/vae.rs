@@ -5,11 +5,10 @@
 //! `tile_sample_min_size`, `tile_overlap_factor`: diffusers' attribute names) and is decoded
 //! tiled the same way.
 
-use std::io::Read;
 use std::path::Path;
 
-use super::{Device, Verification, compare};
-use crate::cli::arenas::{gib, model_arenas, most_of_memory};
+use super::arenas::{model_arenas, most_of_memory, scratch_bytes};
+use super::{Device, Reference, Verification, compare};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::models::Place;
@@ -17,7 +16,6 @@ use crate::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
 use crate::models::vae::{DecodeOptions, DecodeReport, Tiling, Vae, VaeCheckpoint, VaeFormat, open_vae};
 use crate::ops::Exec;
 use crate::tensor::{DType, Tensor};
-use crate::weights;
 
 /// Frames per decoder pass: the result does not depend on it; device memory does.
 const CHUNK_FRAMES: usize = 8;
@@ -32,8 +30,9 @@ pub fn verify_vae_decoder(
     scratch_gb: Option<f64>,
 ) -> Result<Verification> {
     let checkpoint = open_vae(weights_path)?;
-    let (z, expected) = read_reference(reference)?;
-    let tiling = read_tiling(reference, checkpoint.config.upsample_factor())?;
+    let r = Reference::open(reference)?;
+    let (z, expected) = read_reference(&r, checkpoint.config.latent_channels)?;
+    let tiling = read_tiling(&r, checkpoint.config.upsample_factor())?;
     let opts = DecodeOptions { chunk_frames: CHUNK_FRAMES, tiling };
     let (image, report) = match device {
         Device::Cpu => Vae::new(&checkpoint, Place::Host(dtype))?.decode_z(&Exec::Cpu, &z, &opts)?,
@@ -68,37 +67,37 @@ pub fn verify_vae_decoder(
     Ok(Verification { comparisons, outputs: vec![("out.sample".to_string(), image)], summary })
 }
 
-/// in.z as NHWC and out.sample (NCHW); nothing else may be in the file.
-fn read_reference(path: &Path) -> Result<(Tensor, Tensor)> {
-    let file = weights::load(&[path])?;
-    let bad = |m: String| Error::Input(format!("reference {}: {m}", path.display()));
-    if let Some((name, _)) = file.iter().find(|(n, _)| !["in.z", "out.sample"].contains(n)) {
-        return Err(bad(format!("unknown tensor '{name}' (the VAE decoder takes in.z and gives out.sample)")));
+/// in.z as NHWC and out.sample (NCHW), both in the file's dtype; nothing else may be in the file.
+/// Shapes in errors are the file's (NCHW).
+fn read_reference(r: &Reference, latent_channels: usize) -> Result<(Tensor, Tensor)> {
+    r.only(|n| ["in.z", "out.sample"].contains(&n), "the VAE decoder takes in.z and gives out.sample")?;
+    r.require(&["in.z", "out.sample"])?;
+    let s = r.shape("in.z")?;
+    if s.len() != 4 || s[1] != latent_channels || s.contains(&0) {
+        return Err(r.bad(format!(
+            "in.z has shape {s:?}; this VAE decodes NCHW [frames, {latent_channels}, height, width], every size \
+             positive"
+        )));
     }
-    let z = file.get("in.z").map_err(|_| bad("no in.z".into()))?;
-    let expected = file.get("out.sample").map_err(|_| bad("no out.sample".into()))?;
-    if z.shape().len() != 4 || expected.shape().len() != 4 {
-        return Err(bad(format!("in.z {z:?} and out.sample {expected:?} must be NCHW")));
-    }
-    Ok((nchw_to_nhwc(z)?, expected.clone()))
+    Ok((nchw_to_nhwc(&r.float("in.z")?)?, r.float("out.sample")?))
 }
 
 /// The tiling a reference declares in its metadata, or None (untiled).
-fn read_tiling(path: &Path, factor: usize) -> Result<Option<Tiling>> {
-    let bad = |m: String| Error::Input(format!("reference {}: {m}", path.display()));
-    let meta = safetensors_metadata(path)?;
-    let field = |name: &str| meta.get(name).and_then(|v| v.as_str());
+fn read_tiling(r: &Reference, factor: usize) -> Result<Option<Tiling>> {
+    let field = |name: &str| r.metadata().get(name).map(String::as_str);
     let (latent, sample, overlap) =
         match (field("tile_latent_min_size"), field("tile_sample_min_size"), field("tile_overlap_factor")) {
             (None, None, None) => return Ok(None),
             (Some(l), Some(s), Some(o)) => (l, s, o),
             _ => {
-                return Err(bad("a tiled reference needs all of tile_latent_min_size, tile_sample_min_size and \
+                return Err(r.bad(
+                    "a tiled reference needs all of tile_latent_min_size, tile_sample_min_size and \
                      tile_overlap_factor in its metadata"
-                    .into()));
+                        .into(),
+                ));
             }
         };
-    let number = |what: &str, v: &str| bad(format!("metadata {what} = '{v}' is not a number"));
+    let number = |what: &str, v: &str| r.bad(format!("metadata {what} = '{v}' is not a number"));
     let latent: usize = latent.parse().map_err(|_| number("tile_latent_min_size", latent))?;
     let sample: usize = sample.parse().map_err(|_| number("tile_sample_min_size", sample))?;
     let overlap: f64 = overlap.parse().map_err(|_| number("tile_overlap_factor", overlap))?;
@@ -106,29 +105,10 @@ fn read_tiling(path: &Path, factor: usize) -> Result<Option<Tiling>> {
         return Err(Error::Unsupported(format!(
             "reference {}: image tiles of {sample} for latent tiles of {latent}: this engine's tiles are the \
              latent tile times the VAE's upsampling ({factor})",
-            path.display()
+            r.path().display()
         )));
     }
     Ok(Some(Tiling { latent_tile: latent, overlap }))
-}
-
-/// The `__metadata__` map of a safetensors file's header (empty when it has none). The loader in
-/// `weights` checks tensors, not metadata, so the header is read here.
-fn safetensors_metadata(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
-    let bad = |m: String| Error::Input(format!("reference {}: {m}", path.display()));
-    let mut file = std::fs::File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len).map_err(|e| bad(format!("no header: {e}")))?;
-    let len = u64::from_le_bytes(len);
-    let size = file.metadata().map_err(|e| bad(format!("cannot stat: {e}")))?.len();
-    if len > size.saturating_sub(8) {
-        return Err(bad(format!("header length {len} exceeds the file")));
-    }
-    let mut header = vec![0u8; len as usize];
-    file.read_exact(&mut header).map_err(|e| bad(format!("cannot read the header: {e}")))?;
-    let header: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
-    Ok(header.get("__metadata__").and_then(|m| m.as_object()).cloned().unwrap_or_default())
 }
 
 fn decode_cuda(
@@ -139,26 +119,26 @@ fn decode_cuda(
     scratch_gb: Option<f64>,
 ) -> Result<(Tensor, DecodeReport)> {
     let gpu = Gpu::from_env()?;
+    let explicit = scratch_gb.map(|gb| scratch_bytes(&gpu, gb)).transpose()?;
     let (weights_arena, scratch) =
-        model_arenas(&checkpoint.weights, dtype, 1 << 20, |w| scratch_gb.map_or_else(|| most_of_memory(&gpu, w), gib))?;
+        model_arenas(&checkpoint.weights, dtype, 1 << 20, |w| explicit.unwrap_or_else(|| most_of_memory(&gpu, w)))?;
     let vae = Vae::new(checkpoint, Place::Device { gpu: &gpu, arena: &weights_arena, dtype })?;
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
     // Twice: the first run also picks cuDNN's algorithms (once per shape), the second is the
     // steady state. Both include the host side (uploads, downloads, blending).
-    let mut ms = [0.0; 2];
-    let mut decoded = None;
-    for t in &mut ms {
+    let timed = || -> Result<((Tensor, DecodeReport), f64)> {
         let start = std::time::Instant::now();
-        decoded = Some(vae.decode_z(&ex, z, opts)?);
-        *t = start.elapsed().as_secs_f64() * 1e3;
-    }
-    let decoded = decoded.ok_or_else(|| Error::Input("no decode ran".into()))?;
+        let decoded = vae.decode_z(&ex, z, opts)?;
+        Ok((decoded, start.elapsed().as_secs_f64() * 1e3))
+    };
+    let (_, first_ms) = timed()?;
+    let (decoded, steady_ms) = timed()?;
     let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
     eprintln!(
         "CUDA decode of {} frames: {:.1} ms (first run {:.1} ms); scratch arena peak {:.3} GiB of {:.2} GiB",
         z.shape()[0],
-        ms[1],
-        ms[0],
+        steady_ms,
+        first_ms,
         gib(decoded.1.peak_scratch_bytes.unwrap_or(0)),
         gib(scratch.capacity())
     );

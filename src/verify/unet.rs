@@ -1,0 +1,195 @@
+//! `celframe verify unet`: diffusers' `UNet2DConditionModel` forward on a reference file's inputs
+//! (`in.sample` NCHW, `in.timestep`, `in.encoder_hidden_states`, `in.added_cond_kwargs.*`, and
+//! optionally ControlNet residuals), compared with its `out.sample` (NCHW).
+
+use std::path::Path;
+
+use super::arenas::{model_arenas, most_of_memory, scratch_bytes};
+use super::{Device, Reference, Verification, compare};
+use crate::error::Result;
+use crate::gpu::Gpu;
+use crate::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
+use crate::models::{Place, Unet, UnetCheckpoint, UnetConfig, UnetFormat, UnetInputs, UnetResiduals, open_unet};
+use crate::ops::Exec;
+use crate::tensor::{DType, Tensor};
+
+/// The UNet's reference inputs, NHWC, converted to the compute dtype (timestep and time ids f32),
+/// and the expected output (NCHW, as in the file).
+struct UnetReference {
+    sample: Tensor,
+    timestep: Tensor,
+    encoder_hidden_states: Tensor,
+    text_embeds: Option<Tensor>,
+    time_ids: Option<Tensor>,
+    residuals: Option<(Vec<Tensor>, Tensor)>,
+    expected: Tensor,
+}
+
+const RESIDUAL_PREFIX: &str = "in.down_block_additional_residuals.";
+const MID_RESIDUAL: &str = "in.mid_block_additional_residual";
+const INPUTS: [&str; 6] = [
+    "in.sample",
+    "in.timestep",
+    "in.encoder_hidden_states",
+    "in.added_cond_kwargs.text_embeds",
+    "in.added_cond_kwargs.time_ids",
+    MID_RESIDUAL,
+];
+
+/// Reads and checks the reference against `cfg`; shapes in errors are the file's (NCHW).
+fn read_reference(r: &Reference, cfg: &UnetConfig, dtype: DType) -> Result<UnetReference> {
+    r.only(
+        |n| INPUTS.contains(&n) || n.starts_with(RESIDUAL_PREFIX) || n == "out.sample",
+        &format!("the UNet takes {} and {RESIDUAL_PREFIX}<k>, and gives out.sample", INPUTS.join(", ")),
+    )?;
+    r.require(&["in.sample", "in.timestep", "in.encoder_hidden_states", "out.sample"])?;
+    let nhwc = |name: &str| -> Result<Tensor> { nchw_to_nhwc(&r.float_as(name, dtype)?) };
+
+    let s = r.shape("in.sample")?;
+    let &[batch, channels, height, width] = s else {
+        return Err(r.bad(format!("in.sample has shape {s:?}; the UNet takes NCHW [batch, channels, height, width]")));
+    };
+    if channels != cfg.in_channels || s.contains(&0) {
+        return Err(r.bad(format!(
+            "in.sample has shape {s:?}; this UNet takes NCHW [batch, {}, height, width], every size positive",
+            cfg.in_channels
+        )));
+    }
+    // diffusers broadcasts a scalar (or one-element) timestep over the batch.
+    let t = r.float("in.timestep")?;
+    let t_values = t.to_f32_vec()?;
+    let timestep = match (t.shape(), t_values.as_slice()) {
+        ([], [v]) | ([1], [v]) => Tensor::from_f32(&[batch], DType::F32, &vec![*v; batch])?,
+        ([n], _) if *n == batch => Tensor::from_f32(&[batch], DType::F32, &t_values)?,
+        (shape, _) => return Err(r.bad(format!("in.timestep has shape {shape:?}; give a scalar, [1] or [{batch}]"))),
+    };
+    let down: Vec<&str> = r.names().filter(|n| n.starts_with(RESIDUAL_PREFIX)).collect();
+    let residuals = match (down.is_empty(), r.contains(MID_RESIDUAL)) {
+        (true, false) => None,
+        (false, true) => {
+            let skips = cfg.skips();
+            let numbered = format!("{RESIDUAL_PREFIX}0 to {RESIDUAL_PREFIX}{}", skips.len() - 1);
+            if down.len() != skips.len() {
+                return Err(r.bad(format!(
+                    "{} down-block residuals; this UNet takes {}: {numbered}",
+                    down.len(),
+                    skips.len()
+                )));
+            }
+            let mut tensors = Vec::with_capacity(skips.len());
+            for (k, &(c, level)) in skips.iter().enumerate() {
+                let name = format!("{RESIDUAL_PREFIX}{k}");
+                let want = [batch, c, height >> level, width >> level];
+                let found = r.shape(&name).map_err(|_| r.bad(format!("no {name}: residuals are {numbered}")))?;
+                if found != want {
+                    return Err(r.bad(format!("{name} has shape {found:?}; this UNet and in.sample need {want:?}")));
+                }
+                tensors.push(nhwc(&name)?);
+            }
+            let (c, level) = (cfg.block_out_channels.last().copied().unwrap_or(0), cfg.downsamplers());
+            let want = [batch, c, height >> level, width >> level];
+            let found = r.shape(MID_RESIDUAL)?;
+            if found != want {
+                return Err(r.bad(format!("{MID_RESIDUAL} has shape {found:?}; this UNet and in.sample need {want:?}")));
+            }
+            Some((tensors, nhwc(MID_RESIDUAL)?))
+        }
+        _ => return Err(r.bad(format!("ControlNet residuals need both {RESIDUAL_PREFIX}<k> and {MID_RESIDUAL}"))),
+    };
+    let optional = |name: &str, dtype: DType| r.contains(name).then(|| r.float_as(name, dtype)).transpose();
+    Ok(UnetReference {
+        sample: nhwc("in.sample")?,
+        timestep,
+        encoder_hidden_states: r.float_as("in.encoder_hidden_states", dtype)?,
+        text_embeds: optional("in.added_cond_kwargs.text_embeds", dtype)?,
+        time_ids: optional("in.added_cond_kwargs.time_ids", DType::F32)?,
+        residuals,
+        expected: r.float("out.sample")?,
+    })
+}
+
+/// Loads the UNet and the reference, runs the forward on `device` in `dtype` and compares.
+pub fn verify_unet(
+    weights_path: &Path,
+    reference: &Path,
+    device: Device,
+    dtype: DType,
+    tolerance: f64,
+    scratch_gb: Option<f64>,
+) -> Result<Verification> {
+    let checkpoint = open_unet(weights_path)?;
+    let r = read_reference(&Reference::open(reference)?, &checkpoint.config, dtype)?;
+    let s = r.sample.shape();
+    let format = match checkpoint.format {
+        UnetFormat::Diffusers => "diffusers",
+        UnetFormat::SingleFile => "single file",
+    };
+    let summary = format!(
+        "{} ({format}): {}\n{} on {device:?} in {dtype:?}: batch {}, latent {}x{}, {} context tokens{}",
+        weights_path.display(),
+        checkpoint.config,
+        reference.display(),
+        s[0],
+        s[1],
+        s[2],
+        r.encoder_hidden_states.shape().get(1).unwrap_or(&0),
+        if r.residuals.is_some() { ", with ControlNet residuals" } else { "" }
+    );
+    let sample = match device {
+        Device::Cpu => {
+            let unet = Unet::new(&checkpoint, Place::Host(dtype))?;
+            let residuals = r.residuals.clone().map(|(down, mid)| UnetResiduals { down, mid });
+            let inputs = UnetInputs {
+                sample: &r.sample,
+                timestep: &r.timestep,
+                encoder_hidden_states: &r.encoder_hidden_states,
+                text_embeds: r.text_embeds.as_ref(),
+                time_ids: r.time_ids.as_ref(),
+            };
+            unet.forward(&Exec::Cpu, &inputs, residuals.as_ref())?
+        }
+        Device::Cuda => run_cuda(&checkpoint, &r, dtype, scratch_gb)?,
+    };
+    let sample = nhwc_to_nchw(&sample)?;
+    let comparisons = vec![compare("out.sample", &sample, &r.expected, tolerance)?];
+    Ok(Verification { comparisons, outputs: vec![("out.sample".to_string(), sample)], summary })
+}
+
+fn run_cuda(checkpoint: &UnetCheckpoint, r: &UnetReference, dtype: DType, scratch_gb: Option<f64>) -> Result<Tensor> {
+    let gpu = Gpu::from_env()?;
+    let input_bytes: usize = [Some(&r.sample), Some(&r.encoder_hidden_states), r.text_embeds.as_ref()]
+        .into_iter()
+        .flatten()
+        .chain(r.residuals.iter().flat_map(|(d, m)| d.iter().chain([m])))
+        .map(|t| t.size_bytes() + 256)
+        .sum::<usize>()
+        + (1 << 20);
+    let explicit = scratch_gb.map(|gb| scratch_bytes(&gpu, gb)).transpose()?;
+    let (weights_arena, scratch) =
+        model_arenas(&checkpoint.weights, dtype, input_bytes, |w| explicit.unwrap_or_else(|| most_of_memory(&gpu, w)))?;
+    let unet = Unet::new(checkpoint, Place::Device { gpu: &gpu, arena: &weights_arena, dtype })?;
+    let up = |t: &Tensor| gpu.upload(&weights_arena, t, t.dtype());
+    let (sample, timestep, context) = (up(&r.sample)?, up(&r.timestep)?, up(&r.encoder_hidden_states)?);
+    let text_embeds = r.text_embeds.as_ref().map(up).transpose()?;
+    let time_ids = r.time_ids.as_ref().map(up).transpose()?;
+    let residuals = match &r.residuals {
+        Some((down, mid)) => Some(UnetResiduals { down: down.iter().map(up).collect::<Result<_>>()?, mid: up(mid)? }),
+        None => None,
+    };
+    let inputs = UnetInputs {
+        sample: &sample,
+        timestep: &timestep,
+        encoder_hidden_states: &context,
+        text_embeds: text_embeds.as_ref(),
+        time_ids: time_ids.as_ref(),
+    };
+    let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
+    let out = unet.forward(&ex, &inputs, residuals.as_ref())?;
+    let host = gpu.download(&out)?;
+    eprintln!(
+        "CUDA scratch arena: peak {:.2} GiB of {:.2} GiB",
+        scratch.peak() as f64 / (1u64 << 30) as f64,
+        scratch.capacity() as f64 / (1u64 << 30) as f64
+    );
+    Ok(host)
+}

@@ -1,6 +1,9 @@
 //! cuDNN convolutions in NHWC (weights KRSC: [out, kh, kw, in]), fp32 accumulation, tensor-core
-//! math allowed. The fastest algorithm per shape is found once by cuDNN's own timing
-//! (cudnnFindConvolutionForwardAlgorithmEx) and cached.
+//! math allowed. The algorithm per shape is found once by cuDNN's own timing
+//! (cudnnFindConvolutionForwardAlgorithmEx): the fastest deterministic one (the fastest of all only
+//! where none is). Timings vary between runs, so two processes could pick different algorithms and
+//! round differently; the choice is kept on disk per device and cuDNN version (`AlgoCache`), so
+//! every later process runs the same algorithms and gives bit-identical outputs.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -46,7 +49,73 @@ pub struct Dnn {
     handle: dnn::cudnnHandle_t,
     plans: HashMap<ConvShape, Plan>,
     workspace: Option<DeviceMem>,
+    algos: AlgoCache,
 }
+
+/// Algorithm choices by convolution shape, read from and written to one file per device and cuDNN
+/// version under the cache folder: `CELFRAME_CACHE_DIR`, else `$XDG_CACHE_HOME/celframe`, else
+/// `~/.cache/celframe`. A line is `<ConvShape debug form>\t<algorithm number>`. With no usable
+/// folder the choices live for the process only.
+struct AlgoCache {
+    file: Option<std::path::PathBuf>,
+    chosen: HashMap<String, u32>,
+}
+
+impl AlgoCache {
+    fn open(device: &str) -> AlgoCache {
+        let folder = std::env::var_os("CELFRAME_CACHE_DIR")
+            .map(std::path::PathBuf::from)
+            .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| std::path::Path::new(&d).join("celframe")))
+            .or_else(|| std::env::var_os("HOME").map(|d| std::path::Path::new(&d).join(".cache/celframe")));
+        let version = unsafe { dnn::cudnnGetVersion() };
+        let name: String = device.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+        let file = folder.map(|f| f.join(format!("cudnn-{version}-{name}.tsv")));
+        // A missing, unreadable or oversized file is an empty cache (it is only a memo of timings).
+        let text = file.as_deref().and_then(|f| crate::io::read_text(f, 16 << 20, "cuDNN algorithm cache").ok());
+        let chosen = text
+            .iter()
+            .flat_map(|t| t.lines())
+            .filter_map(|l| l.split_once('\t'))
+            .filter_map(|(k, a)| Some((k.to_string(), a.parse().ok()?)))
+            .collect();
+        AlgoCache { file, chosen }
+    }
+
+    fn get(&self, s: &ConvShape) -> Option<dnn::cudnnConvolutionFwdAlgo_t> {
+        let n = *self.chosen.get(&format!("{s:?}"))?;
+        ALGOS.into_iter().find(|a| *a as u32 == n)
+    }
+
+    /// Records a choice; the file is rewritten whole through a temporary name, so a reader never
+    /// sees half a file. Failing to write only costs the next process a search.
+    fn put(&mut self, s: &ConvShape, algo: dnn::cudnnConvolutionFwdAlgo_t) {
+        self.chosen.insert(format!("{s:?}"), algo as u32);
+        let Some(file) = &self.file else { return };
+        let mut lines: Vec<String> = self.chosen.iter().map(|(k, a)| format!("{k}\t{a}\n")).collect();
+        lines.sort();
+        let temp = file.with_extension(format!("tmp{}", std::process::id()));
+        let written = file.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| {
+            std::fs::write(&temp, lines.concat())?;
+            std::fs::rename(&temp, file)
+        });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&temp);
+            eprintln!("note: cuDNN algorithm choices not saved to {}: {e}", file.display());
+            self.file = None;
+        }
+    }
+}
+
+const ALGOS: [dnn::cudnnConvolutionFwdAlgo_t; 8] = [
+    dnn::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+    dnn::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+    dnn::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+    dnn::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+    dnn::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+    dnn::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+    dnn::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+    dnn::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+];
 
 fn check(call: &str, s: dnn::cudnnStatus_t) -> Result<()> {
     if s == dnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
@@ -72,7 +141,7 @@ impl Dnn {
         let mut handle = std::ptr::null_mut();
         check("cudnnCreate", unsafe { dnn::cudnnCreate(&mut handle) })?;
         check("cudnnSetStream", unsafe { dnn::cudnnSetStream(handle, gpu.stream() as dnn::cudaStream_t) })?;
-        Ok(Dnn { handle, plans: HashMap::new(), workspace: None })
+        Ok(Dnn { handle, plans: HashMap::new(), workspace: None, algos: AlgoCache::open(&gpu.info().name) })
     }
 
     unsafe fn make_plan(&mut self, s: &ConvShape, x: u64, w: u64, y: u64) -> Result<Plan> {
@@ -143,6 +212,21 @@ impl Dnn {
             };
             check("cudnnSetConvolutionMathType", dnn::cudnnSetConvolutionMathType(plan.conv, math))?;
         }
+        if let Some(algo) = self.algos.get(s) {
+            plan.algo = algo;
+            check("cudnnGetConvolutionForwardWorkspaceSize", unsafe {
+                dnn::cudnnGetConvolutionForwardWorkspaceSize(
+                    self.handle,
+                    plan.x,
+                    plan.w,
+                    plan.conv,
+                    plan.y,
+                    algo,
+                    &mut plan.workspace,
+                )
+            })?;
+            return Ok(plan);
+        }
         // Let cuDNN time its candidates on the real buffers, with up to 256 MiB of workspace.
         let budget = 256usize << 20;
         let scratch = self.workspace_of(budget)?;
@@ -165,12 +249,17 @@ impl Dnn {
                 budget,
             )
         })?;
-        let best = perf[..returned as usize]
+        // Fastest first; the fastest deterministic one, else the fastest.
+        let ran: Vec<_> =
+            perf[..returned as usize].iter().filter(|p| p.status == dnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS).collect();
+        let best = ran
             .iter()
-            .find(|p| p.status == dnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
+            .find(|p| p.determinism == dnn::cudnnDeterminism_t::CUDNN_DETERMINISTIC)
+            .or(ran.first())
             .ok_or_else(|| Error::Cuda(format!("cuDNN found no algorithm for {s:?}")))?;
         plan.algo = best.algo;
         plan.workspace = best.memory;
+        self.algos.put(s, best.algo);
         Ok(plan)
     }
 

@@ -32,6 +32,19 @@ for ref in "$work"/ref_*.safetensors; do
   [ "$rc" -eq 0 ] || status=1
 done
 
+echo "== determinism: two processes, bit-identical outputs (cuDNN choices shared through the cache)" | tee -a "$log"
+ref=$work/ref_128x128_f16.safetensors
+export CELFRAME_CACHE_DIR=$work/cache
+rm -rf "$CELFRAME_CACHE_DIR"
+for i in 1 2; do
+  dist/gpu/celframe verify unet --weights "$work/sdxl_unet" --reference "$ref" --device cuda --save "$work/det_$i.safetensors" >/dev/null 2>&1
+done
+if cmp -s "$work/det_1.safetensors" "$work/det_2.safetensors"; then same=true; else same=false; status=1; fi
+# A third process with an empty cache searches again: does the deterministic preference alone agree?
+CELFRAME_CACHE_DIR=$work/cache_fresh dist/gpu/celframe verify unet --weights "$work/sdxl_unet" --reference "$ref" --device cuda --save "$work/det_3.safetensors" >/dev/null 2>&1
+if cmp -s "$work/det_1.safetensors" "$work/det_3.safetensors"; then fresh=true; else fresh=false; fi
+echo "DETERMINISM {\"unet 2x1024x1024 two processes, shared cache\": $same, \"fresh search\": $fresh, \"cached shapes\": $(cat "$CELFRAME_CACHE_DIR"/*.tsv 2>/dev/null | wc -l)}" | tee -a "$log"
+
 echo "== celframe bench unet" | tee -a "$log"
 for shape in "2 128 128" "32 72 128"; do
   set -- $shape

@@ -38,14 +38,9 @@ typedef struct GegluParams {
     int64_t d;
 } GegluParams;
 
-// Group norm over NHWC activations with optional fused SiLU.
-// A "domain" is the set of images sharing statistics: one image (frames = 1) or the `frames`
-// consecutive images of one video (motion module). Per domain and group, statistics span
-// pixels * (channels / groups) values.
-// The kernel is persistent: blocks take work items from a ticket counter. Items are "statistics
-// of chunk k of domain d" and "normalise chunk k of domain d"; the order makes domain d's
-// normalisation run `lag` domains after its statistics so its second read mostly hits L2 (two
-// phases; on sm_90 the cluster kernel below reads x once where its tiles fit).
+// Group norm over NHWC activations with optional fused SiLU, the two-phase kernel
+// (kernels/norm/group_norm.cu, whose header gives the design). A "domain" is the set of images
+// sharing statistics: one image (frames = 1) or the `frames` consecutive images of one video.
 typedef struct GroupNormParams {
     const void* x;
     void* y;
@@ -66,21 +61,15 @@ typedef struct GroupNormParams {
     float eps;
 } GroupNormParams;
 
-// 8-element vectors each thread handles per chunk (f32 vectors are twice as wide). Dynamic shared
-// memory: the chunk (rows * VECS * channels elements), rows * channels * 2 floats, channels bytes.
+// 8-element vectors each thread handles per chunk (f32 vectors are twice as wide).
 #define GROUP_NORM_VECS_16BIT 8
 #define GROUP_NORM_VECS_F32 2
 #define GROUP_NORM_CONTROL_STRIDE 32  // uint32 words between control words (128 bytes)
 #define GROUP_NORM_SUMS_OFFSET(domains) (((domains) + 1) * GROUP_NORM_CONTROL_STRIDE * 4)
 #define GROUP_NORM_WORKSPACE_BYTES(domains, groups) (GROUP_NORM_SUMS_OFFSET(domains) + (domains) * (groups) * 16)
 
-// Group norm with one thread block cluster per (domain, channel slice), sm_90
-// (kernels/norm/group_norm_cluster.cu): x is read once, held in the cluster's shared memory.
-// Grid (channels / slice_channels * cluster blocks, domains): one cluster per (slice, domain), its
-// blocks tile_pixels each; blockDim.x = rows * slice_channels / 8 rounded up to whole warps;
-// dynamic shared memory tile_pixels * slice_channels elements, 16 bytes per thread, then
-// 2 * slice_channels elements (the slice's gamma and beta). Each thread's 8 channels may span at
-// most two groups (channels per group 4 or at least 8).
+// Group norm with one thread block cluster per (domain, channel slice), sm_90: the cluster kernel
+// (kernels/norm/group_norm_cluster.cu, whose header gives the design, grid and shared memory).
 typedef struct GroupNormClusterParams {
     const void* x;
     void* y;

@@ -15,9 +15,13 @@
 // every block reads for itself) keeps the cancellation in E[x^2] - mean^2 small.
 // Normalisation: wait until the domain is ready, write (x - mean) * rstd * gamma + beta (+ SiLU).
 //
-// Statistics and normalisation are separate items (see GroupNormParams); a normalise item only
+// Statistics and normalisation are separate items; the order makes domain d's normalisation run
+// `lag` domains after its statistics, so its second read mostly hits L2. A normalise item only
 // waits for statistics items holding smaller tickets, taken by blocks already running, so the wait
 // always ends whatever the residency.
+//
+// Dynamic shared memory, in order: the chunk (rows * VECS * channels elements), the block
+// reduction buffer (rows * channels * 2 floats), the channel -> group table (channels bytes).
 #include "common.cuh"
 
 #define GROUP_NORM_MAX_THREADS 512

@@ -11,8 +11,15 @@
 // identical statistics (fp32 throughout: the shift keeps the sums small). Then each block
 // normalises its pixels from shared memory and writes y.
 //
-// The host picks this kernel when a slice fits the cluster (GroupNormClusterParams); other shapes,
-// and GPUs before sm_90, use the two-phase kernel of group_norm.cu.
+// Launch (src/ops/norm.rs picks the layout): grid (channels / slice_channels * cluster blocks,
+// domains), cluster x of row y being slice x of domain y; blockDim.x = rows * slice_channels / 8
+// rounded up to whole warps. Dynamic shared memory, in order: the tile (tile_pixels *
+// slice_channels elements), one float4 of partial sums per thread, the slice's gamma and beta
+// (slice_channels elements each), every cluster block's float2 sums per slice group. Each thread's
+// 8 channels may span at most two groups (4 or at least 8 channels per group).
+//
+// The host picks this kernel when a slice fits the cluster; other shapes, and GPUs before sm_90,
+// use the two-phase kernel of group_norm.cu.
 #include "common.cuh"
 
 #define GROUP_NORM_CLUSTER_MAX_THREADS 512

@@ -13,7 +13,7 @@ use std::process::Command;
 
 use celframe::cli::verify::{Device, verify_unet};
 use celframe::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
-use celframe::models::{Place, Unet, UnetConfig, UnetFormat, UnetInputs, UnetResiduals, open_unet};
+use celframe::models::{Limits, Place, Unet, UnetConfig, UnetFormat, UnetInputs, UnetResiduals, open_unet};
 use celframe::ops::Exec;
 use celframe::{DType, Error, Tensor, weights};
 use fixtures::{TempDir, folder, reference, write_single_file_a};
@@ -116,7 +116,7 @@ fn residual_count_and_shapes_are_checked() {
 }
 
 fn config_error(json: &str) -> Error {
-    UnetConfig::from_diffusers_json(json, "config.json").expect_err(json)
+    UnetConfig::from_diffusers_json(json, "config.json", &Limits::engine()).expect_err(json)
 }
 
 /// config a's config.json with `edit` applied to its fields.
@@ -172,7 +172,7 @@ fn config_json_reads_per_layer_depths_and_defaults() {
         c.insert("reverse_transformer_layers_per_block".into(), json!([[3, 2, 1], [1, 1, 2], [1, 1, 1]]));
         c.remove("norm_eps");
     });
-    let cfg = UnetConfig::from_diffusers_json(&json, "config.json").unwrap();
+    let cfg = UnetConfig::from_diffusers_json(&json, "config.json", &Limits::engine()).unwrap();
     let depths = |layers: &[celframe::models::config::Layer]| -> Vec<usize> {
         layers.iter().filter_map(|l| l.attention.as_ref().map(|t| t.depth)).collect()
     };
@@ -182,10 +182,15 @@ fn config_json_reads_per_layer_depths_and_defaults() {
     assert_eq!(depths(&cfg.up_blocks[0].layers), [3, 2, 1]);
     assert_eq!(depths(&cfg.up_blocks[1].layers), [1, 1, 2]);
     assert_eq!(cfg.norm_eps, 1e-5, "diffusers' default");
-    let absent = UnetConfig::from_diffusers_json(&config_a_with(|c| drop(c.remove("mid_block_type"))), "c").unwrap();
+    let absent =
+        UnetConfig::from_diffusers_json(&config_a_with(|c| drop(c.remove("mid_block_type"))), "c", &Limits::engine())
+            .unwrap();
     assert!(absent.mid_block.is_some(), "an absent mid_block_type is diffusers' default, the cross-attention block");
     let null = config_a_with(|c| drop(c.insert("mid_block_type".into(), serde_json::Value::Null)));
-    assert!(UnetConfig::from_diffusers_json(&null, "c").unwrap().mid_block.is_none(), "null: no mid block");
+    assert!(
+        UnetConfig::from_diffusers_json(&null, "c", &Limits::engine()).unwrap().mid_block.is_none(),
+        "null: no mid block"
+    );
     // Up ResNets take [x, skip]: SDXL's widths pattern (FORMATS.md 1.3) at config a's sizes.
     let widths: Vec<usize> = cfg.up_blocks.iter().flat_map(|b| b.layers.iter().map(|l| l.resnet.in_channels)).collect();
     assert_eq!(widths, [128, 128, 128, 128, 128, 96, 96, 64, 64]);

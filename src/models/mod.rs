@@ -18,5 +18,6 @@ pub mod weights;
 
 pub use checkpoint::{UnetCheckpoint, UnetFormat, open_unet};
 pub use config::UnetConfig;
+pub use fields::{Limits, MAX_LAYERS, MAX_LEVELS, MAX_WIDTH};
 pub use unet::{Unet, UnetInputs, UnetResiduals};
 pub use weights::{ModelWeights, Place};

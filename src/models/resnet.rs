@@ -12,6 +12,10 @@ use crate::ops::norm::{GroupNorm, group_norm};
 use crate::tensor::Tensor;
 use crate::weights::TensorSpec;
 
+/// The fewest tensors a ResNet has (norm1, conv1, norm2, conv2, weights and biases: no time
+/// embedding, no shortcut), for bounding a config by its checkpoint.
+pub const MIN_TENSORS: usize = 8;
+
 /// Settings shared by every ResNet of a model.
 #[derive(Clone, Copy, Debug)]
 pub struct ResnetNorm {

@@ -19,6 +19,10 @@ const GROUP_NORM_EPS: f32 = 1e-6;
 /// LayerNorm eps of BasicTransformerBlock.
 const LAYER_NORM_EPS: f32 = 1e-5;
 
+/// Tensors of one BasicTransformerBlock (three norms, two attentions, the feed-forward; `specs`),
+/// for bounding a config by its checkpoint.
+pub const BLOCK_TENSORS: usize = 20;
+
 /// x [B, H, W, C] NHWC, context [B, T, X] -> [B, H, W, C].
 pub fn forward(ex: &Exec, w: &Scope, t: &Transformer, groups: usize, x: &Tensor, context: &Tensor) -> Result<Tensor> {
     let (b, h, wd, c) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);

@@ -192,12 +192,13 @@ impl Unet {
             return bad(format!("sample {:?} must be NHWC [batch, height, width, {}]", x.sample, cfg.in_channels));
         }
         let (b, h, w) = (s[0], s[1], s[2]);
-        let step = 1 << cfg.downsamplers();
+        // At most MAX_LEVELS - 1 downsamplers (UnetConfig::validate), so the shift fits.
+        let step = 1usize << cfg.downsamplers();
         if h == 0 || w == 0 || h % step != 0 || w % step != 0 {
             // diffusers then resizes to the skip sizes (`upsample_size`); the engine has no such resize.
             return Err(Error::Unsupported(format!(
                 "latent size {h}x{w}: height and width must be positive multiples of {step} (image sides of {})",
-                8 * step
+                step.saturating_mul(8)
             )));
         }
         for (name, t) in [("sample", Some(x.sample)), ("encoder_hidden_states", Some(x.encoder_hidden_states))]
@@ -231,13 +232,14 @@ impl Unet {
                 if ts.len() != 2 || ts[0] != b || is.len() != 2 || is[0] != b || ids.dtype() != DType::F32 {
                     return bad(format!("text_embeds {te:?} must be [{b}, pooled] and time_ids {ids:?} f32 [{b}, n]"));
                 }
-                if ts[1] + is[1] * tt.time_embed_dim != tt.input_dim {
+                let width = is[1].checked_mul(tt.time_embed_dim).and_then(|ids| ids.checked_add(ts[1]));
+                if width != Some(tt.input_dim) {
                     return bad(format!(
                         "text_embeds width {} + {} time ids x {} = {}, but add_embedding takes {}",
                         ts[1],
                         is[1],
                         tt.time_embed_dim,
-                        ts[1] + is[1] * tt.time_embed_dim,
+                        width.map_or("more than usize::MAX".into(), |w| w.to_string()),
                         tt.input_dim
                     ));
                 }

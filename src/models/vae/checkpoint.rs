@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use super::Vae;
 use super::config::VaeConfig;
 use crate::error::{Error, Result};
+use crate::models::fields::Limits;
 use crate::models::files::{self, DIFFUSERS_FILES, Location};
 use crate::weights::{self, LoadedWeights, TensorSpec};
 
@@ -57,12 +58,12 @@ pub fn open_vae(path: &Path) -> Result<VaeCheckpoint> {
 
 fn open_diffusers(folder: &Path) -> Result<VaeCheckpoint> {
     let (text, config_file) = files::read_config(folder)?;
-    let config = VaeConfig::from_diffusers_json(&text, &config_file)?;
-    let file = files::weights_file(folder, &DIFFUSERS_FILES)?;
-    let files = [file];
-    // 1. the names present: files saved before diffusers' attention refactor use query/key/value/
-    //    proj_attn for the mid attention
+    let files = [files::weights_file(folder, &DIFFUSERS_FILES)?];
+    // 1. the names present, which bound what the config may ask for before anything is sized;
+    //    files saved before diffusers' attention refactor use query/key/value/proj_attn for the
+    //    mid attention
     let found = weights::load_filtered(&files, None, &encoder_side)?;
+    let config = VaeConfig::from_diffusers_json(&text, &config_file, &Limits::of(&found))?;
     let legacy = found.get("decoder.mid_block.attentions.0.query.weight").is_ok();
     let shapes: HashMap<&str, &[usize]> = found.iter().map(|(n, t)| (n, t.shape())).collect();
     // 2. every decoder tensor, strictly

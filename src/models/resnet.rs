@@ -1,7 +1,6 @@
 //! ResnetBlock2D (diffusers `models/resnet.py`): GroupNorm + SiLU + 3x3 conv twice, the time
 //! embedding projected and added in between, a 1x1 shortcut when the width changes.
 
-use super::config::Resnet;
 use super::weights::Scope;
 use crate::error::Result;
 use crate::ops::Exec;
@@ -15,6 +14,19 @@ use crate::weights::TensorSpec;
 /// The fewest tensors a ResNet has (norm1, conv1, norm2, conv2, weights and biases: no time
 /// embedding, no shortcut), for bounding a config by its checkpoint.
 pub const MIN_TENSORS: usize = 8;
+
+/// One ResNet block (diffusers ResnetBlock2D); a 1x1 `conv_shortcut` exists iff the widths differ.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resnet {
+    pub in_channels: usize,
+    pub out_channels: usize,
+}
+
+impl Resnet {
+    pub fn has_shortcut(&self) -> bool {
+        self.in_channels != self.out_channels
+    }
+}
 
 /// Settings shared by every ResNet of a model.
 #[derive(Clone, Copy, Debug)]

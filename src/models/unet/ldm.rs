@@ -8,8 +8,10 @@
 
 use std::collections::HashMap;
 
-use super::config::{DownBlock, Layer, MidBlock, Resnet, TextTime, Transformer, UnetConfig, UpBlock};
+use super::config::{DownBlock, Layer, MidBlock, TextTime, UnetConfig, UpBlock};
 use crate::error::{Error, Result};
+use crate::models::resnet::Resnet;
+use crate::models::transformer::Transformer;
 
 /// Where the UNet's tensors sit in a single-file checkpoint.
 pub const PREFIX: &str = "model.diffusion_model.";

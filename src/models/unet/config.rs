@@ -1,5 +1,7 @@
 //! The UNet's architecture, resolved to what the graph needs: per level, each layer's ResNet widths
-//! and its transformer (heads, depth, cross-attention width), and the samplers. Read from a diffusers
+//! and its transformer (heads, depth, cross-attention width), and the samplers. The block types
+//! (DownBlock, MidBlock, UpBlock) are the UNet's; the ResNet and transformer specs they hold live
+//! with their blocks (`models::resnet`, `models::transformer`), shared with the other models. Read from a diffusers
 //! `config.json` (UNet2DConditionModel: `from_diffusers_json`, computing the widths the way
 //! diffusers' constructor does) or derived from a single-file checkpoint's tensor shapes
 //! (`models::ldm`). Either way `validate` then walks the skip connections once, so a config that
@@ -9,37 +11,10 @@ use std::fmt;
 
 use serde_json::Value;
 
-use super::{resnet, transformer};
 use crate::error::{Error, Result};
 use crate::models::fields::{Bound, Fields, Limits, MAX_LAYERS, MAX_LEVELS, MAX_WIDTH, as_usize};
-
-/// One ResNet block (diffusers ResnetBlock2D); a 1x1 `conv_shortcut` exists iff the widths differ.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Resnet {
-    pub in_channels: usize,
-    pub out_channels: usize,
-}
-
-impl Resnet {
-    pub fn has_shortcut(&self) -> bool {
-        self.in_channels != self.out_channels
-    }
-}
-
-/// One Transformer2DModel: GroupNorm, proj_in, `depth` BasicTransformerBlocks, proj_out.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Transformer {
-    pub channels: usize,
-    pub heads: usize,
-    pub depth: usize,
-    pub cross_attention_dim: usize,
-}
-
-impl Transformer {
-    pub fn head_dim(&self) -> usize {
-        self.channels / self.heads.max(1)
-    }
-}
+use crate::models::resnet::{self, Resnet};
+use crate::models::transformer::{self, Transformer};
 
 /// A ResNet, followed by a transformer in the cross-attention block types.
 #[derive(Clone, Debug, PartialEq)]
@@ -63,7 +38,8 @@ pub struct UpBlock {
     pub upsample: bool,
 }
 
-/// UNetMidBlock2DCrossAttn with one layer: ResNet, transformer, ResNet.
+/// UNetMidBlock2DCrossAttn with one layer (diffusers `models/unets/unet_2d_blocks.py`): ResNet,
+/// transformer, ResNet.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MidBlock {
     pub resnets: [Resnet; 2],

@@ -6,12 +6,12 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use super::Unet;
 use super::config::UnetConfig;
-use super::fields::Limits;
-use super::files::{self, DIFFUSERS_FILES, Location};
 use super::ldm::{self, LdmNames};
-use super::unet::Unet;
 use crate::error::{Error, Result};
+use crate::models::fields::Limits;
+use crate::models::files::{self, DIFFUSERS_FILES, Location};
 use crate::weights::{self, LoadedWeights, TensorSpec};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -71,7 +71,7 @@ pub fn down(
     for (i, block) in blocks.iter().enumerate() {
         let bw = w.at(&format!("down_blocks.{i}"));
         for (j, layer) in block.layers.iter().enumerate() {
-            h = resnet::forward(ex, &bw.at(&format!("resnets.{j}")), &layer.resnet, cond.norm, &h, cond.emb_act)?;
+            h = resnet::forward(ex, &bw.at(&format!("resnets.{j}")), &layer.resnet, cond.norm, &h, Some(cond.emb_act))?;
             if let Some(t) = &layer.attention {
                 h = transformer::forward(
                     ex,
@@ -106,10 +106,10 @@ pub fn mid(
 ) -> Result<Tensor> {
     let mw = w.at("mid_block");
     let norm = ResnetNorm { output_scale: cond.mid_output_scale, ..cond.norm };
-    let mut h = resnet::forward(ex, &mw.at("resnets.0"), &mid.resnets[0], norm, &h, cond.emb_act)?;
+    let mut h = resnet::forward(ex, &mw.at("resnets.0"), &mid.resnets[0], norm, &h, Some(cond.emb_act))?;
     h = transformer::forward(ex, &mw.at("attentions.0"), &mid.attention, norm.groups, &h, cond.context)?;
     h = hook(LayerPos { path: UnetPath::Mid, block: 0, layer: 0 }, ex, h)?;
-    resnet::forward(ex, &mw.at("resnets.1"), &mid.resnets[1], norm, &h, cond.emb_act)
+    resnet::forward(ex, &mw.at("resnets.1"), &mid.resnets[1], norm, &h, Some(cond.emb_act))
 }
 
 /// The up blocks: each layer takes [h, skip] (channels concatenated), the last skip first, then
@@ -130,7 +130,7 @@ pub fn up(
             // UnetConfig::validate matched every up layer with a skip.
             let skip = skips.pop().ok_or_else(|| Error::Internal(format!("up_blocks.{i} layer {j}: no skip left")))?;
             h = concat_last(ex, &h, &skip)?; // [B, H, W, C + C_skip]
-            h = resnet::forward(ex, &bw.at(&format!("resnets.{j}")), &layer.resnet, cond.norm, &h, cond.emb_act)?;
+            h = resnet::forward(ex, &bw.at(&format!("resnets.{j}")), &layer.resnet, cond.norm, &h, Some(cond.emb_act))?;
             if let Some(t) = &layer.attention {
                 h = transformer::forward(
                     ex,

@@ -82,7 +82,7 @@ impl Unet {
         let proj = cfg.use_linear_projection;
         for (i, block) in cfg.down_blocks.iter().enumerate() {
             for (j, layer) in block.layers.iter().enumerate() {
-                resnet::specs(&format!("down_blocks.{i}.resnets.{j}"), &layer.resnet, temb, &mut out);
+                resnet::specs(&format!("down_blocks.{i}.resnets.{j}"), &layer.resnet, Some(temb), &mut out);
                 if let Some(t) = &layer.attention {
                     transformer::specs(&format!("down_blocks.{i}.attentions.{j}"), t, proj, &mut out);
                 }
@@ -93,13 +93,13 @@ impl Unet {
             }
         }
         if let Some(mid) = &cfg.mid_block {
-            resnet::specs("mid_block.resnets.0", &mid.resnets[0], temb, &mut out);
+            resnet::specs("mid_block.resnets.0", &mid.resnets[0], Some(temb), &mut out);
             transformer::specs("mid_block.attentions.0", &mid.attention, proj, &mut out);
-            resnet::specs("mid_block.resnets.1", &mid.resnets[1], temb, &mut out);
+            resnet::specs("mid_block.resnets.1", &mid.resnets[1], Some(temb), &mut out);
         }
         for (i, block) in cfg.up_blocks.iter().enumerate() {
             for (j, layer) in block.layers.iter().enumerate() {
-                resnet::specs(&format!("up_blocks.{i}.resnets.{j}"), &layer.resnet, temb, &mut out);
+                resnet::specs(&format!("up_blocks.{i}.resnets.{j}"), &layer.resnet, Some(temb), &mut out);
                 if let Some(t) = &layer.attention {
                     transformer::specs(&format!("up_blocks.{i}.attentions.{j}"), t, proj, &mut out);
                 }

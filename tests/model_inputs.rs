@@ -1,20 +1,26 @@
-//! Hostile and broken model inputs: config.json values that would size gigabytes or make every
-//! output NaN are refused as `Error::Input` (exit code 2) naming the file and the field, with a
-//! short message, before anything is allocated from them.
+//! What models take in and what they load:
 //!
-//! The configs are the fixtures' own (tests/fixtures/unet_a, vae_tiny) with one field edited,
-//! written beside a link to the fixture's weights in a temp folder, and opened as a user would.
+//! - config.json values that would size gigabytes or make every output NaN are refused as
+//!   `Error::Input` (exit code 2) naming the file and the field, with a short message, before
+//!   anything is allocated from them. The configs are the fixtures' own (tests/fixtures/unet_a,
+//!   vae_tiny) with one field edited, written beside a link to the fixture's weights in a temp
+//!   folder, and opened as a user would.
+//! - every tensor a loader loads is read by the model's forward, and a weight the forward asks for
+//!   that the loader did not load is an internal error (exit code 5), not the user's.
 
+mod common;
 #[path = "common/unet_fixtures.rs"]
 mod fixtures;
 
 use std::path::Path;
 use std::process::Command;
 
-use celframe::Error;
-use celframe::models::open_unet;
-use celframe::models::vae::open_vae;
-use fixtures::{TempDir, fixtures, folder};
+use celframe::models::layout::nchw_to_nhwc;
+use celframe::models::vae::{Vae, open_vae};
+use celframe::models::{ModelWeights, Place, Unet, UnetInputs, open_unet};
+use celframe::ops::Exec;
+use celframe::{DType, Error, Tensor, weights};
+use fixtures::{TempDir, fixtures, folder, reference};
 use serde_json::{Map, Value, json};
 
 /// Longest error text a refused config may give: a few lines, whatever the config's size.
@@ -212,4 +218,58 @@ fn verify_cli_exits_2_naming_the_file_and_field() {
         assert!(stderr.contains("config.json") && stderr.contains("'layers_per_block'"), "{kind}: {stderr}");
         assert!(stderr.len() <= SHORT, "{kind}: {stderr}");
     }
+}
+
+/// Runs config `name` on its reference inputs (tests/fixtures/unet_<name>.reference.safetensors).
+fn run_unet(unet: &Unet, name: &str) {
+    let r = weights::load(&[reference(name)]).unwrap();
+    let f32 = |n: &str| {
+        let t = r.get(n).unwrap();
+        Tensor::from_f32(t.shape(), DType::F32, &t.to_f32_vec().unwrap()).unwrap()
+    };
+    let sample = nchw_to_nhwc(&f32("in.sample")).unwrap();
+    let (timestep, context) = (f32("in.timestep"), f32("in.encoder_hidden_states"));
+    let (text_embeds, time_ids) = (f32("in.added_cond_kwargs.text_embeds"), f32("in.added_cond_kwargs.time_ids"));
+    let inputs = UnetInputs {
+        sample: &sample,
+        timestep: &timestep,
+        encoder_hidden_states: &context,
+        text_embeds: Some(&text_embeds),
+        time_ids: Some(&time_ids),
+    };
+    unet.forward(&Exec::Cpu, &inputs, None).unwrap();
+}
+
+/// The loaders load exactly the tensors the specs list; a forward must read each of them, or the
+/// specs and the graph disagree (a tensor loaded, converted and uploaded for nothing, or a layer the
+/// graph skips). Config a has every block kind (plain and cross-attention down and up blocks, the
+/// mid block, linear projections), config b the 1x1-conv projections. ControlNet residuals are
+/// inputs, not weights, so they change no read.
+#[test]
+fn every_loaded_tensor_is_read_by_the_forward() {
+    for name in ["a", "b"] {
+        let unet = Unet::new(&open_unet(&folder(name)).unwrap(), Place::Host(DType::F32)).unwrap();
+        let w = unet.weights();
+        assert_eq!(w.unread().len(), w.len(), "config {name}: nothing is read before the forward");
+        run_unet(&unet, name);
+        assert_eq!(w.unread(), Vec::<&str>::new(), "config {name}: loaded tensors the UNet never read");
+    }
+    let vae = Vae::new(&open_vae(&fixtures().join("vae_tiny")).unwrap(), Place::Host(DType::F32)).unwrap();
+    let w = vae.weights();
+    assert_eq!(w.unread().len(), w.len(), "VAE: nothing is read before the forward");
+    let z = common::random_tensor(&[1, 4, 4, 4], DType::F32, 1, 7.7, 0.0);
+    vae.forward(&Exec::Cpu, &z).unwrap();
+    assert_eq!(w.unread(), Vec::<&str>::new(), "loaded tensors the VAE decoder never read");
+}
+
+#[test]
+fn a_weight_the_loader_did_not_load_is_an_internal_error() {
+    let t = Tensor::from_f32(&[2], DType::F32, &[0.0; 2]).unwrap();
+    let w = ModelWeights::from_tensors(vec![("conv_in.weight".into(), t)], Place::Host(DType::F32)).unwrap();
+    let err = w.root().at("conv_in").get("bias").unwrap_err();
+    assert_eq!(err.exit_code(), 5, "{err}");
+    assert!(matches!(&err, Error::Internal(m) if m.contains("'conv_in.bias'")), "{err}");
+    assert_eq!(w.unread(), ["conv_in.weight"]);
+    w.root().at("conv_in").get("weight").unwrap();
+    assert!(w.unread().is_empty());
 }

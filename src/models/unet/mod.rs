@@ -68,6 +68,11 @@ impl Unet {
         self.weights.dtype()
     }
 
+    /// The prepared weights (which of them a forward has read: `ModelWeights::unread`).
+    pub fn weights(&self) -> &ModelWeights {
+        &self.weights
+    }
+
     /// Every tensor the architecture has, by diffusers name, with PyTorch shapes.
     pub fn tensor_specs(cfg: &UnetConfig) -> Vec<TensorSpec> {
         let mut out = Vec::new();

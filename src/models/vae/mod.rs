@@ -51,6 +51,11 @@ impl Vae {
         self.weights.dtype()
     }
 
+    /// The prepared weights (which of them a forward has read: `ModelWeights::unread`).
+    pub fn weights(&self) -> &ModelWeights {
+        &self.weights
+    }
+
     /// Every tensor the decoder reads, by diffusers name, with PyTorch shapes. The encoder and
     /// `quant_conv` are not listed: loaders skip them.
     pub fn tensor_specs(cfg: &VaeConfig) -> Vec<TensorSpec> {

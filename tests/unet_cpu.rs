@@ -2,9 +2,9 @@
 //! tools/make_unet_fixtures.py: float32 on both sides), checkpoint loading (diffusers folder and
 //! single file), config and loading errors, and `celframe verify`'s exit codes.
 //!
-//! Tolerance: the bound is relative L2 <= 1e-4 (the `verify` default for f32). Measured
-//! errors are ~9e-7 (summation order over a few hundred layers), so the tests assert 1e-5, which
-//! also catches slips that move the output by a few 1e-5, such as a norm eps of 1e-5 for 1e-6.
+//! Tolerance: `verify`'s default bound for f32 is relative L2 <= 1e-4. Measured errors are ~9e-7
+//! (summation order over a few hundred layers), so the tests assert 1e-5, which also catches slips
+//! that move the output by a few 1e-5, such as a norm eps of 1e-5 for 1e-6.
 
 mod common;
 #[path = "common/unet_fixtures.rs"]
@@ -254,7 +254,8 @@ fn config_json_reads_per_layer_depths_and_defaults() {
         UnetConfig::from_diffusers_json(&null, "c", &Limits::engine()).unwrap().mid_block.is_none(),
         "null: no mid block"
     );
-    // Up ResNets take [x, skip]: SDXL's widths pattern (FORMATS.md 1.3) at config a's sizes.
+    // Up ResNets take [x, skip] (diffusers `unet_2d_blocks.py` CrossAttnUpBlock2D: the previous
+    // output or the block's width, plus `res_skip_channels`): SDXL's pattern at config a's sizes.
     let widths: Vec<usize> = cfg.up_blocks.iter().flat_map(|b| b.layers.iter().map(|l| l.resnet.in_channels)).collect();
     assert_eq!(widths, [128, 128, 128, 128, 128, 96, 96, 64, 64]);
 }

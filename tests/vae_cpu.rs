@@ -3,9 +3,9 @@
 //! (diffusers folder, legacy attention names, single file), frame chunking, config and loading
 //! errors.
 //!
-//! Tolerance: the bound is relative L2 <= 1e-4 (the `verify` default for f32). Both sides
-//! compute in fp32 and differ by summation order (measured ~1e-7 here), so the tests assert 1e-5,
-//! which also catches slips that move the output by a few 1e-5 (a norm eps of 1e-5 for 1e-6).
+//! Tolerance: `verify`'s default bound for f32 is relative L2 <= 1e-4. Both sides compute in fp32
+//! and differ by summation order (measured ~1e-7 here), so the tests assert 1e-5, which also
+//! catches slips that move the output by a few 1e-5 (a norm eps of 1e-5 for 1e-6).
 
 mod common;
 #[path = "common/unet_fixtures.rs"]

@@ -232,7 +232,8 @@ impl UnetConfig {
         }
         let block_out_channels = per_level(&f, "block_out_channels", levels, None, Bound::Width, limits)?;
         let layers_per_block = per_level(&f, "layers_per_block", levels, Some(2), Bound::Layers, limits)?;
-        // The misnomer: attention_head_dim holds head COUNTS (FORMATS.md 1.1).
+        // The misnomer: attention_head_dim holds head COUNTS (diffusers `models/unets/
+        // unet_2d_condition.py`: `num_attention_heads = num_attention_heads or attention_head_dim`).
         let heads = per_level(&f, "attention_head_dim", levels, Some(8), Bound::Width, limits)?;
         let cross_dims = per_level(&f, "cross_attention_dim", levels, Some(1280), Bound::Width, limits)?;
         let depths =

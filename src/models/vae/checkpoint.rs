@@ -34,7 +34,8 @@ pub struct VaeCheckpoint {
 /// Where single files keep the VAE (diffusers' LDM_VAE_KEYS), then a standalone VAE file.
 const SINGLE_FILE_PREFIXES: [&str; 3] = ["first_stage_model.", "vae.", ""];
 
-/// What a single file cannot say, at SDXL's values (FORMATS.md 3.1): LDM's fixed 32 norm groups,
+/// What a single file cannot say, at SDXL's values (Stability-AI generative-models
+/// `configs/inference/sd_xl_base.yaml`, first_stage_config): LDM's fixed 32 norm groups,
 /// SDXL's scaling factor and image size. A single file is assumed to be the fp16-fix (the engine's
 /// default VAE, `force_upcast` false); the stock SDXL VAE overflows in float16, which
 /// `decode_frames` reports as non-finite output.
@@ -138,7 +139,8 @@ fn projection_shape(expected: &[usize], found: Option<&[usize]>) -> Vec<usize> {
     }
 }
 
-/// The pre-refactor diffusers name of a mid-attention tensor (FORMATS.md 3.4); others unchanged.
+/// The pre-refactor diffusers name of a mid-attention tensor (diffusers `models/modeling_utils.py`,
+/// `_convert_deprecated_attention_blocks`); others unchanged.
 fn legacy_attention_name(name: &str) -> String {
     let p = "decoder.mid_block.attentions.0.";
     let Some(rest) = name.strip_prefix(p) else {
@@ -151,7 +153,8 @@ fn legacy_attention_name(name: &str) -> String {
     format!("{p}{rest}")
 }
 
-/// The LDM (single-file) name of a decoder tensor, without the file's prefix (FORMATS.md 3.4):
+/// The LDM (single-file) name of a decoder tensor, without the file's prefix (diffusers
+/// `loaders/single_file_utils.py`, `convert_ldm_vae_checkpoint`):
 /// LDM numbers up blocks by resolution (`up.{levels-1-i}` is diffusers' `up_blocks.{i}`), calls
 /// the mid ResNets block_1/block_2, the shortcut nin_shortcut, the output norm norm_out, and the
 /// attention's modules norm/q/k/v/proj_out.

@@ -12,7 +12,8 @@ use crate::models::resnet;
 use crate::tensor::DType;
 
 /// Epsilon of every GroupNorm in the AutoencoderKL decoder (ResNets, mid attention, output norm):
-/// diffusers hard-codes 1e-6 there (FORMATS.md 3, pitfalls: the UNet's is 1e-5).
+/// diffusers hard-codes 1e-6 there (`models/autoencoders/vae.py` Decoder; the UNet's ResNets use
+/// its config's norm_eps, 1e-5).
 pub const NORM_EPS: f32 = 1e-6;
 
 /// Up blocks at most (SDXL has 4): each doubles the image side, so more would overflow sizes.

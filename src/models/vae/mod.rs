@@ -8,9 +8,11 @@
 //! - `frames`: decoding many frames in bounded memory (chunks of frames, spatial tiles with
 //!   blended seams as diffusers' `tiled_decode`), with the peak scratch memory reported.
 //!
-//! The decode formula (FORMATS.md 3.2): the sampler's latents are divided by `scaling_factor`
-//! (plus `shift_factor` if any) to give `z`; `decode(z)` is `post_quant_conv`, the decoder, and an
-//! image roughly in [-1, 1] (`frames::decode_frames` does the division, `forward` takes `z`).
+//! The decode formula (diffusers `pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl.py`;
+//! `shift_factor` as in `pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py`): the
+//! sampler's latents are divided by `scaling_factor` (plus `shift_factor` if any) to give `z`;
+//! `decode(z)` is `post_quant_conv`, the decoder, and an image roughly in [-1, 1]
+//! (`frames::decode_frames` does the division, `forward` takes `z`).
 
 pub mod checkpoint;
 pub mod config;

@@ -186,6 +186,23 @@ fn many_levels_give_a_short_error() {
     assert_names(&m, "block_out_channels");
 }
 
+/// A single file's architecture comes from its shapes, not from config.json fields: `validate`
+/// applies the same caps to the resolved architecture.
+#[test]
+fn resolved_architectures_are_capped_too() {
+    let config = open_unet(&folder("a")).unwrap().config;
+    let mut wide = config.clone();
+    wide.block_out_channels[2] = 1 << 21;
+    let mut deep = config.clone();
+    deep.up_blocks[0].layers[0].attention.as_mut().unwrap().depth = 2000;
+    let mut long = config;
+    long.down_blocks[1].layers = vec![long.down_blocks[1].layers[1].clone(); 2000];
+    for (cfg, needle) in [(wide, "'block_out_channels' = 2097152"), (deep, "depth"), (long, "down_blocks.1")] {
+        let m = input_message(cfg.validate().expect_err(needle));
+        assert!(m.contains(needle) && m.contains("limit"), "{needle}: {m}");
+    }
+}
+
 #[test]
 fn a_fifo_given_as_config_json_is_refused_not_read() {
     let dir = TempDir::new("inputs-fifo");

@@ -552,12 +552,13 @@ impl UnetConfig {
             widths.push(("addition_time_embed_dim", tt.time_embed_dim));
             widths.push(("projection_class_embeddings_input_dim", tt.input_dim));
         }
-        let layers = self.down_blocks.iter().map(|b| &b.layers).chain(self.up_blocks.iter().map(|b| &b.layers));
+        let downs = self.down_blocks.iter().enumerate().map(|(i, b)| (format!("down_blocks.{i}"), &b.layers));
+        let ups = self.up_blocks.iter().enumerate().map(|(i, b)| (format!("up_blocks.{i}"), &b.layers));
         let mut transformers: Vec<&Transformer> = self.mid_block.iter().map(|m| &m.attention).collect();
-        for (i, block) in layers.enumerate() {
+        for (name, layers) in downs.chain(ups) {
             // Up blocks have one layer more than layers_per_block.
-            over(&format!("the layer count of block {i}"), block.len(), MAX_LAYERS + 1)?;
-            transformers.extend(block.iter().filter_map(|l| l.attention.as_ref()));
+            over(&format!("the layer count of {name}"), layers.len(), MAX_LAYERS + 1)?;
+            transformers.extend(layers.iter().filter_map(|l| l.attention.as_ref()));
         }
         for t in transformers {
             over("a transformer depth (transformer_layers_per_block)", t.depth, MAX_LAYERS)?;

@@ -2,18 +2,21 @@
 //! tools/make_unet_fixtures.py: float32 on both sides), checkpoint loading (diffusers folder and
 //! single file), config and loading errors, and `celframe verify`'s exit codes.
 //!
-//! Tolerance: the bound is relative L2 <= 1e-4 (the `verify` default for f32). Measured
-//! errors are ~9e-7 (summation order over a few hundred layers), so the tests assert 1e-5, which
-//! also catches slips that move the output by a few 1e-5, such as a norm eps of 1e-5 for 1e-6.
+//! Tolerance: `verify`'s default bound for f32 is relative L2 <= 1e-4. Measured errors are ~9e-7
+//! (summation order over a few hundred layers), so the tests assert 1e-5, which also catches slips
+//! that move the output by a few 1e-5, such as a norm eps of 1e-5 for 1e-6.
 
+mod common;
 #[path = "common/unet_fixtures.rs"]
 mod fixtures;
 
 use std::process::Command;
 
 use celframe::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
-use celframe::models::{Place, Unet, UnetConfig, UnetFormat, UnetInputs, UnetResiduals, open_unet};
+use celframe::models::unet::{LayerPos, UnetPath};
+use celframe::models::{Limits, Place, Unet, UnetConfig, UnetFormat, UnetInputs, UnetResiduals, open_unet};
 use celframe::ops::Exec;
+use celframe::ops::elementwise::add;
 use celframe::verify::{Device, verify_unet};
 use celframe::{DType, Error, Tensor, weights};
 use fixtures::{TempDir, folder, reference, write_single_file_a};
@@ -115,8 +118,68 @@ fn residual_count_and_shapes_are_checked() {
     assert!(matches!(err, Error::Input(_)));
 }
 
+/// The per-layer hook (where motion modules go) sees every layer of config a, in diffusers' order,
+/// with the layer's output; an identity hook changes nothing, and what a hook returns is what the
+/// path continues with.
+#[test]
+fn layer_hooks_see_every_layer_in_order() {
+    let unet = Unet::new(&open_unet(&folder("a")).unwrap(), Place::Host(DType::F32)).unwrap();
+    let random = |shape: &[usize], seed| common::random_tensor(shape, DType::F32, seed, 1.0, 0.0);
+    let (sample, context, text, ids) =
+        (random(&[1, 8, 8, 4], 1), random(&[1, 3, 32], 2), random(&[1, 32], 3), random(&[1, 6], 4));
+    let t = Tensor::from_f32(&[1], DType::F32, &[500.0]).unwrap();
+    let inputs = UnetInputs {
+        sample: &sample,
+        timestep: &t,
+        encoder_hidden_states: &context,
+        text_embeds: Some(&text),
+        time_ids: Some(&ids),
+    };
+    let plain = unet.forward(&Exec::Cpu, &inputs, None).unwrap().to_f32_vec().unwrap();
+
+    let mut seen = Vec::new();
+    let hooked = unet
+        .forward_with(&Exec::Cpu, &inputs, None, &mut |pos, _, h| {
+            seen.push((pos, h.shape().to_vec()));
+            Ok(h)
+        })
+        .unwrap();
+    assert_eq!(hooked.to_f32_vec().unwrap(), plain, "an identity hook gives the same bits as no hook");
+    // Config a: 3 levels of 2 layers, 32 / 64 / 64 channels; up blocks of 3 layers.
+    let at = |path, block, layer, hw: usize, c: usize| (LayerPos { path, block, layer }, vec![1, hw, hw, c]);
+    use UnetPath::{Down, Mid, Up};
+    let expected = vec![
+        at(Down, 0, 0, 8, 32),
+        at(Down, 0, 1, 8, 32),
+        at(Down, 1, 0, 4, 64),
+        at(Down, 1, 1, 4, 64),
+        at(Down, 2, 0, 2, 64),
+        at(Down, 2, 1, 2, 64),
+        at(Mid, 0, 0, 2, 64),
+        at(Up, 0, 0, 2, 64),
+        at(Up, 0, 1, 2, 64),
+        at(Up, 0, 2, 2, 64),
+        at(Up, 1, 0, 4, 64),
+        at(Up, 1, 1, 4, 64),
+        at(Up, 1, 2, 4, 64),
+        at(Up, 2, 0, 8, 32),
+        at(Up, 2, 1, 8, 32),
+        at(Up, 2, 2, 8, 32),
+    ];
+    assert_eq!(seen, expected);
+
+    let doubled = unet
+        .forward_with(&Exec::Cpu, &inputs, None, &mut |pos, ex, h| match pos.path {
+            Mid => add(ex, &h, &h, 1.0),
+            _ => Ok(h),
+        })
+        .unwrap();
+    let (change, _) = rel_l2(&doubled, &Tensor::from_f32(doubled.shape(), DType::F32, &plain).unwrap());
+    assert!(change > 1e-3, "a hook's output must be used (changed {change:.2e})");
+}
+
 fn config_error(json: &str) -> Error {
-    UnetConfig::from_diffusers_json(json, "config.json").expect_err(json)
+    UnetConfig::from_diffusers_json(json, "config.json", &Limits::engine()).expect_err(json)
 }
 
 /// config a's config.json with `edit` applied to its fields.
@@ -172,8 +235,8 @@ fn config_json_reads_per_layer_depths_and_defaults() {
         c.insert("reverse_transformer_layers_per_block".into(), json!([[3, 2, 1], [1, 1, 2], [1, 1, 1]]));
         c.remove("norm_eps");
     });
-    let cfg = UnetConfig::from_diffusers_json(&json, "config.json").unwrap();
-    let depths = |layers: &[celframe::models::config::Layer]| -> Vec<usize> {
+    let cfg = UnetConfig::from_diffusers_json(&json, "config.json", &Limits::engine()).unwrap();
+    let depths = |layers: &[celframe::models::unet::config::Layer]| -> Vec<usize> {
         layers.iter().filter_map(|l| l.attention.as_ref().map(|t| t.depth)).collect()
     };
     assert_eq!(depths(&cfg.down_blocks[1].layers), [1, 2]);
@@ -182,11 +245,17 @@ fn config_json_reads_per_layer_depths_and_defaults() {
     assert_eq!(depths(&cfg.up_blocks[0].layers), [3, 2, 1]);
     assert_eq!(depths(&cfg.up_blocks[1].layers), [1, 1, 2]);
     assert_eq!(cfg.norm_eps, 1e-5, "diffusers' default");
-    let absent = UnetConfig::from_diffusers_json(&config_a_with(|c| drop(c.remove("mid_block_type"))), "c").unwrap();
+    let absent =
+        UnetConfig::from_diffusers_json(&config_a_with(|c| drop(c.remove("mid_block_type"))), "c", &Limits::engine())
+            .unwrap();
     assert!(absent.mid_block.is_some(), "an absent mid_block_type is diffusers' default, the cross-attention block");
     let null = config_a_with(|c| drop(c.insert("mid_block_type".into(), serde_json::Value::Null)));
-    assert!(UnetConfig::from_diffusers_json(&null, "c").unwrap().mid_block.is_none(), "null: no mid block");
-    // Up ResNets take [x, skip]: SDXL's widths pattern (FORMATS.md 1.3) at config a's sizes.
+    assert!(
+        UnetConfig::from_diffusers_json(&null, "c", &Limits::engine()).unwrap().mid_block.is_none(),
+        "null: no mid block"
+    );
+    // Up ResNets take [x, skip] (diffusers `unet_2d_blocks.py` CrossAttnUpBlock2D: the previous
+    // output or the block's width, plus `res_skip_channels`): SDXL's pattern at config a's sizes.
     let widths: Vec<usize> = cfg.up_blocks.iter().flat_map(|b| b.layers.iter().map(|l| l.resnet.in_channels)).collect();
     assert_eq!(widths, [128, 128, 128, 128, 128, 96, 96, 64, 64]);
 }

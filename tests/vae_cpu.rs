@@ -3,9 +3,9 @@
 //! (diffusers folder, legacy attention names, single file), frame chunking, config and loading
 //! errors.
 //!
-//! Tolerance: the bound is relative L2 <= 1e-4 (the `verify` default for f32). Both sides
-//! compute in fp32 and differ by summation order (measured ~1e-7 here), so the tests assert 1e-5,
-//! which also catches slips that move the output by a few 1e-5 (a norm eps of 1e-5 for 1e-6).
+//! Tolerance: `verify`'s default bound for f32 is relative L2 <= 1e-4. Both sides compute in fp32
+//! and differ by summation order (measured ~1e-7 here), so the tests assert 1e-5, which also
+//! catches slips that move the output by a few 1e-5 (a norm eps of 1e-5 for 1e-6).
 
 mod common;
 #[path = "common/unet_fixtures.rs"]
@@ -14,9 +14,9 @@ mod fixtures;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use celframe::models::Place;
 use celframe::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
 use celframe::models::vae::{DecodeOptions, DecodeReport, Tiling, Vae, VaeConfig, VaeFormat, open_vae};
+use celframe::models::{Limits, Place};
 use celframe::ops::Exec;
 use celframe::{DType, Error, Tensor, weights};
 use fixtures::{TempDir, fixtures};
@@ -252,7 +252,7 @@ fn weights_paths_are_detected_or_refused_clearly() {
 }
 
 fn config_error(json: &str) -> Error {
-    VaeConfig::from_diffusers_json(json, "config.json").expect_err(json)
+    VaeConfig::from_diffusers_json(json, "config.json", &Limits::engine()).expect_err(json)
 }
 
 #[test]
@@ -299,10 +299,11 @@ fn config_errors_name_the_field() {
     let cfg = VaeConfig::from_diffusers_json(
         &with("shift_factor", json!(0.0609)).replace("\"sample_size\":16", "\"sample_size\":[16,24]"),
         "c",
+        &Limits::engine(),
     )
     .unwrap();
     assert_eq!((cfg.shift_factor, cfg.sample_size), (Some(0.0609), 16));
-    let minimal = VaeConfig::from_diffusers_json("{}", "c").unwrap();
+    let minimal = VaeConfig::from_diffusers_json("{}", "c", &Limits::engine()).unwrap();
     assert_eq!(
         (&minimal.block_out_channels[..], minimal.scaling_factor, minimal.force_upcast),
         (&[64][..], 0.18215, true)

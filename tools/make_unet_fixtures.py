@@ -102,8 +102,9 @@ def randomize(unet, seed):
             p.copy_(p.half().float())
 
 
-# SGM/LDM names of the diffusers modules (FORMATS.md 1.5), written out independently of diffusers'
-# converter, which then checks them.
+# SGM/LDM names of the diffusers modules (Stability-AI generative-models `sgm/modules/
+# diffusionmodules/openaimodel.py` module names), written out independently of diffusers' converter
+# (`loaders/single_file_utils.py`, `convert_ldm_unet_checkpoint`), which then checks them.
 RESNET_LDM = {
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",

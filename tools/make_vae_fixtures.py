@@ -74,8 +74,9 @@ def randomize(vae, seed):
             p.copy_(p.half().float())
 
 
-# LDM names of the decoder's diffusers modules (FORMATS.md 3.4), written out independently of
-# diffusers' converter, which then checks them.
+# LDM names of the decoder's diffusers modules (Stability-AI generative-models `sgm/modules/
+# diffusionmodules/model.py` Decoder), written out independently of diffusers' converter
+# (`loaders/single_file_utils.py`, `convert_ldm_vae_checkpoint`), which then checks them.
 ATTENTION_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 

@@ -1,7 +1,7 @@
 //! The UNet's conditioning vector (diffusers `get_time_embed`, `TimestepEmbedding`, `get_aug_embed`
 //! for `text_time`): emb = MLP(sinusoid(t)) + MLP([pooled text, sinusoid(each time id)]).
 
-use super::config::UnetConfig;
+use super::unet::UnetConfig;
 use super::weights::Scope;
 use crate::error::Result;
 use crate::ops::Exec;

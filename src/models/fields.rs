@@ -1,9 +1,96 @@
 //! Typed access to the fields of one config.json (diffusers or transformers), with errors that
-//! name the file and the field. Shared by the UNet, VAE and CLIP config parsers.
+//! name the file and the field. Shared by the UNet, VAE and CLIP config parsers. `Limits` bounds
+//! the counts and widths a config may ask for, so that nothing is sized from an absurd value.
 
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+use crate::weights::LoadedWeights;
+
+/// Most levels (down / up blocks) a config may list.
+pub const MAX_LEVELS: usize = 64;
+/// Most layers a block may have, and most transformer blocks a Transformer2DModel may stack.
+pub const MAX_LAYERS: usize = 1024;
+/// Widest channel count, head count or other width a config may give.
+pub const MAX_WIDTH: usize = 1 << 20;
+
+/// What a config field counts, for its limits.
+#[derive(Clone, Copy, Debug)]
+pub enum Bound {
+    /// Levels: at most `MAX_LEVELS`, and no more than the checkpoint's tensors.
+    Levels,
+    /// Layers or stacked blocks: at most `MAX_LAYERS`, and no more than the checkpoint's tensors.
+    Layers,
+    /// A width: at most `MAX_WIDTH`, and no more than the checkpoint's largest dimension.
+    Width,
+}
+
+/// Caps on a config's counts and widths: the engine's fixed ones, lowered to what the checkpoint
+/// beside the config can hold (read from its header before anything is sized from the config).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Tensors in the checkpoint: every count of levels, layers or blocks is at most this.
+    pub tensors: usize,
+    /// The largest dimension of any tensor in the checkpoint: every width is at most this.
+    pub width: usize,
+    /// The checkpoint's files, for errors (empty for `engine()`).
+    pub source: String,
+}
+
+impl Limits {
+    /// Only the engine's fixed caps: for a config read without its checkpoint.
+    pub fn engine() -> Limits {
+        Limits { tensors: usize::MAX, width: usize::MAX, source: String::new() }
+    }
+
+    /// The caps a checkpoint sets: its tensor count and its largest dimension (header only: the
+    /// tensors are mapped, not read).
+    pub fn of(weights: &LoadedWeights) -> Limits {
+        let width = weights.iter().flat_map(|(_, t)| t.shape().iter().copied()).max().unwrap_or(0);
+        let source = weights.files().iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
+        Limits { tensors: weights.len(), width, source }
+    }
+
+    /// `value` of `field` in `file` if it is within the bound; otherwise an error naming the file,
+    /// the field and the limit it passes.
+    pub fn check(&self, file: &str, field: &str, value: usize, bound: Bound) -> Result<usize> {
+        let (cap, held, noun) = match bound {
+            Bound::Levels => (MAX_LEVELS, self.tensors, "levels"),
+            Bound::Layers => (MAX_LAYERS, self.tensors, "layers"),
+            Bound::Width => (MAX_WIDTH, self.width, "for a width"),
+        };
+        if value > cap {
+            return Err(Error::Input(format!(
+                "{file}: field '{field}' = {value} exceeds the limit this engine allows: {cap} {noun}"
+            )));
+        }
+        if value > held {
+            let what = match bound {
+                Bound::Width => format!("the largest dimension of any tensor in {}, {held}", self.source),
+                _ => format!("the {held} tensors in {}", self.source),
+            };
+            return Err(Error::Input(format!(
+                "{file}: field '{field}' = {value} exceeds what the checkpoint can hold: {what}"
+            )));
+        }
+        Ok(value)
+    }
+
+    /// Checks that the checkpoint has room for `needed` tensors, the fewest the config's blocks
+    /// (counted by `fields`) have; `needed` is None when counting overflowed.
+    pub fn check_total(&self, file: &str, fields: &str, needed: Option<usize>) -> Result<()> {
+        match needed {
+            Some(n) if n <= self.tensors => Ok(()),
+            _ => Err(Error::Input(format!(
+                "{file}: {fields} describe more blocks than the checkpoint can hold: they need at least {} tensors, \
+                 {} holds {}",
+                needed.map_or("more than usize::MAX".to_string(), |n| n.to_string()),
+                self.source,
+                self.tensors
+            ))),
+        }
+    }
+}
 
 pub(crate) struct Fields<'a> {
     map: Map<String, Value>,
@@ -22,8 +109,12 @@ impl<'a> Fields<'a> {
     }
 
     pub(crate) fn bad(&self, field: &str, expected: &str) -> Error {
-        let found = self.map.get(field).map_or("nothing".to_string(), |v| v.to_string());
+        let found = self.map.get(field).map_or("nothing".to_string(), |v| short(&v.to_string()));
         Error::Input(format!("{}: field '{field}' must be {expected}, found {found}", self.file))
+    }
+
+    pub(crate) fn file(&self) -> &str {
+        self.file
     }
 
     /// The field, or None when it is absent or null (diffusers / transformers then use their default).
@@ -41,6 +132,11 @@ impl<'a> Fields<'a> {
             None => Ok(default),
             Some(v) => as_usize(v).ok_or_else(|| self.bad(field, "a non-negative integer")),
         }
+    }
+
+    /// A count or width: `default` when absent or null, and within `limits` for its `bound`.
+    pub(crate) fn bounded(&self, field: &str, default: usize, bound: Bound, limits: &Limits) -> Result<usize> {
+        limits.check(self.file, field, self.usize(field, default)?, bound)
     }
 
     /// A field with no default: absent or null is an error.
@@ -108,6 +204,15 @@ impl<'a> Fields<'a> {
             ))),
             _ => Ok(()),
         }
+    }
+}
+
+/// A value's text, cut to its start when long (a list of a million entries stays one line).
+fn short(text: &str) -> String {
+    const KEEP: usize = 200;
+    match text.char_indices().nth(KEEP) {
+        Some((end, _)) => format!("{}... ({} characters)", &text[..end], text.len()),
+        None => text.to_string(),
     }
 }
 

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::io;
 
 /// Weight files of a diffusers model folder, in the order tried.
 pub(crate) const DIFFUSERS_FILES: [&str; 4] = [
@@ -45,10 +46,11 @@ pub(crate) fn locate(path: &Path, subfolder: &str, what: &str) -> Result<Locatio
     Ok(Location::SingleFile)
 }
 
-/// The folder's config.json: its text and its path for error messages.
+/// The folder's config.json (a regular file of at most `io::JSON_LIMIT` bytes: a FIFO or device
+/// is refused, not read): its text and its path for error messages.
 pub(crate) fn read_config(folder: &Path) -> Result<(String, String)> {
     let config_path = folder.join("config.json");
-    let text = crate::io::read_text(&config_path, crate::io::JSON_LIMIT, "config")?;
+    let text = io::read_text(&config_path, io::JSON_LIMIT, "model config")?;
     Ok((text, config_path.display().to_string()))
 }
 

@@ -2,21 +2,17 @@
 //! Forward functions read like diffusers' (numbered steps, a shape comment at each boundary) and
 //! take an `Exec`, so the same code runs on the CPU twins or the CUDA ops.
 
-pub mod checkpoint;
 pub mod clip;
-pub mod config;
 pub mod embeddings;
 mod fields;
 mod files;
 pub mod layout;
-pub mod ldm;
 pub mod resnet;
 pub mod transformer;
 pub mod unet;
 pub mod vae;
 pub mod weights;
 
-pub use checkpoint::{UnetCheckpoint, UnetFormat, open_unet};
-pub use config::UnetConfig;
-pub use unet::{Unet, UnetInputs, UnetResiduals};
+pub use fields::Limits;
+pub use unet::{Unet, UnetCheckpoint, UnetConfig, UnetFormat, UnetInputs, UnetResiduals, open_unet};
 pub use weights::{ModelWeights, Place};

@@ -1,7 +1,7 @@
 //! ResnetBlock2D (diffusers `models/resnet.py`): GroupNorm + SiLU + 3x3 conv twice, the time
-//! embedding projected and added in between, a 1x1 shortcut when the width changes.
+//! embedding projected and added in between (UNet; the VAE's ResNets have none), a 1x1 shortcut
+//! when the width changes. Shared by the UNet and the VAE decoder.
 
-use super::config::Resnet;
 use super::weights::Scope;
 use crate::error::Result;
 use crate::ops::Exec;
@@ -12,6 +12,23 @@ use crate::ops::norm::{GroupNorm, group_norm};
 use crate::tensor::Tensor;
 use crate::weights::TensorSpec;
 
+/// The fewest tensors a ResNet has (norm1, conv1, norm2, conv2, weights and biases: no time
+/// embedding, no shortcut), for bounding a config by its checkpoint.
+pub const MIN_TENSORS: usize = 8;
+
+/// One ResNet block (diffusers ResnetBlock2D); a 1x1 `conv_shortcut` exists iff the widths differ.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resnet {
+    pub in_channels: usize,
+    pub out_channels: usize,
+}
+
+impl Resnet {
+    pub fn has_shortcut(&self) -> bool {
+        self.in_channels != self.out_channels
+    }
+}
+
 /// Settings shared by every ResNet of a model.
 #[derive(Clone, Copy, Debug)]
 pub struct ResnetNorm {
@@ -21,8 +38,16 @@ pub struct ResnetNorm {
     pub output_scale: f32,
 }
 
-/// x [B, H, W, in] NHWC, emb_act = SiLU(time embedding) [B, T] -> [B, H, W, out].
-pub fn forward(ex: &Exec, w: &Scope, r: &Resnet, cfg: ResnetNorm, x: &Tensor, emb_act: &Tensor) -> Result<Tensor> {
+/// x [B, H, W, in] NHWC -> [B, H, W, out]. `emb_act` = SiLU(time embedding) [B, T] for the UNet's
+/// ResNets; the VAE's have no time embedding (`temb_channels=None` in diffusers) and pass None.
+pub fn forward(
+    ex: &Exec,
+    w: &Scope,
+    r: &Resnet,
+    cfg: ResnetNorm,
+    x: &Tensor,
+    emb_act: Option<&Tensor>,
+) -> Result<Tensor> {
     let gn = GroupNorm { groups: cfg.groups, eps: cfg.eps, silu: true, frames: 1 };
     let same = Conv2d { stride: 1, padding: 1 };
     // Each step replaces `h`, so the arena gets the previous activation back at once.
@@ -30,8 +55,10 @@ pub fn forward(ex: &Exec, w: &Scope, r: &Resnet, cfg: ResnetNorm, x: &Tensor, em
     let mut h = group_norm(ex, x, w.get("norm1.weight")?, w.get("norm1.bias")?, gn)?;
     h = conv2d(ex, &h, w.get("conv1.weight")?, Some(w.get("conv1.bias")?), same)?;
     // 2. + time_emb_proj(SiLU(emb)) per image: [B, T] -> [B, out], broadcast over H, W
-    let t = linear(ex, emb_act, w.get("time_emb_proj.weight")?, Some(w.get("time_emb_proj.bias")?))?;
-    h = add(ex, &h, &t, 1.0)?;
+    if let Some(emb_act) = emb_act {
+        let t = linear(ex, emb_act, w.get("time_emb_proj.weight")?, Some(w.get("time_emb_proj.bias")?))?;
+        h = add(ex, &h, &t, 1.0)?;
+    }
     // 3. h = conv2(SiLU(norm2(h))) (dropout is the identity at inference)
     h = group_norm(ex, &h, w.get("norm2.weight")?, w.get("norm2.bias")?, gn)?;
     h = conv2d(ex, &h, w.get("conv2.weight")?, Some(w.get("conv2.bias")?), same)?;
@@ -49,16 +76,19 @@ pub fn forward(ex: &Exec, w: &Scope, r: &Resnet, cfg: ResnetNorm, x: &Tensor, em
     add(ex, &shortcut, &h, 1.0 / cfg.output_scale)
 }
 
-/// The block's tensors (PyTorch shapes) under `prefix`; `temb` is the time embedding width.
-pub fn specs(prefix: &str, r: &Resnet, temb: usize, out: &mut Vec<TensorSpec>) {
+/// The block's tensors (PyTorch shapes) under `prefix`; `temb` is the time embedding width, None
+/// for a ResNet without one (no `time_emb_proj`).
+pub fn specs(prefix: &str, r: &Resnet, temb: Option<usize>, out: &mut Vec<TensorSpec>) {
     let (i, o) = (r.in_channels, r.out_channels);
     let mut put = |name: &str, shape: &[usize]| out.push(TensorSpec::new(format!("{prefix}.{name}"), shape));
     put("norm1.weight", &[i]);
     put("norm1.bias", &[i]);
     put("conv1.weight", &[o, i, 3, 3]);
     put("conv1.bias", &[o]);
-    put("time_emb_proj.weight", &[o, temb]);
-    put("time_emb_proj.bias", &[o]);
+    if let Some(temb) = temb {
+        put("time_emb_proj.weight", &[o, temb]);
+        put("time_emb_proj.bias", &[o]);
+    }
     put("norm2.weight", &[o]);
     put("norm2.bias", &[o]);
     put("conv2.weight", &[o, o, 3, 3]);

@@ -3,7 +3,6 @@
 //! cross-attention on the text context and a GEGLU feed-forward (each pre-LayerNorm, residual),
 //! proj_out, residual.
 
-use super::config::Transformer;
 use super::weights::Scope;
 use crate::error::Result;
 use crate::ops::Exec;
@@ -18,6 +17,25 @@ use crate::weights::TensorSpec;
 const GROUP_NORM_EPS: f32 = 1e-6;
 /// LayerNorm eps of BasicTransformerBlock.
 const LAYER_NORM_EPS: f32 = 1e-5;
+
+/// One Transformer2DModel: GroupNorm, proj_in, `depth` BasicTransformerBlocks, proj_out.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transformer {
+    pub channels: usize,
+    pub heads: usize,
+    pub depth: usize,
+    pub cross_attention_dim: usize,
+}
+
+impl Transformer {
+    pub fn head_dim(&self) -> usize {
+        self.channels / self.heads.max(1)
+    }
+}
+
+/// Tensors of one BasicTransformerBlock (three norms, two attentions, the feed-forward; `specs`),
+/// for bounding a config by its checkpoint.
+pub const BLOCK_TENSORS: usize = 20;
 
 /// x [B, H, W, C] NHWC, context [B, T, X] -> [B, H, W, C].
 pub fn forward(ex: &Exec, w: &Scope, t: &Transformer, groups: usize, x: &Tensor, context: &Tensor) -> Result<Tensor> {

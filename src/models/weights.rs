@@ -1,7 +1,10 @@
 //! A model's weights as the graph reads them: keyed by diffusers names, in the compute dtype,
-//! convolution weights already KRSC, on the host (CPU twins) or on the device (CUDA ops).
+//! convolution weights already KRSC, on the host (CPU twins) or on the device (CUDA ops). Each
+//! entry records whether the graph looked it up, so a test can find a loaded tensor that no
+//! forward reads (`unread`).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, Result};
 use crate::gpu::{Arena, Gpu};
@@ -28,9 +31,20 @@ impl Place<'_> {
 }
 
 pub struct ModelWeights {
-    tensors: HashMap<String, Tensor>,
+    tensors: HashMap<String, Entry>,
     dtype: DType,
-    on_device: bool,
+}
+
+/// A tensor and whether `Scope::get` has handed it out.
+struct Entry {
+    tensor: Tensor,
+    read: AtomicBool,
+}
+
+impl Entry {
+    fn new(tensor: Tensor) -> Entry {
+        Entry { tensor, read: AtomicBool::new(false) }
+    }
 }
 
 impl ModelWeights {
@@ -51,9 +65,9 @@ impl ModelWeights {
                     other => other,
                 })?,
             };
-            tensors.insert(name.clone(), t);
+            tensors.insert(name.clone(), Entry::new(t));
         }
-        Ok(ModelWeights { tensors, dtype, on_device: matches!(place, Place::Device { .. }) })
+        Ok(ModelWeights { tensors, dtype })
     }
 
     /// Like `prepare`, for host tensors the caller has already put in the graph's form (a fused
@@ -70,22 +84,28 @@ impl ModelWeights {
                     other => other,
                 })?,
             };
-            tensors.insert(name, t);
+            tensors.insert(name, Entry::new(t));
         }
-        Ok(ModelWeights { tensors, dtype, on_device: matches!(place, Place::Device { .. }) })
+        Ok(ModelWeights { tensors, dtype })
     }
 
     pub fn dtype(&self) -> DType {
         self.dtype
-    }
-    pub fn on_device(&self) -> bool {
-        self.on_device
     }
     pub fn len(&self) -> usize {
         self.tensors.len()
     }
     pub fn is_empty(&self) -> bool {
         self.tensors.is_empty()
+    }
+
+    /// Names of the tensors no `Scope::get` has looked up yet, sorted: after a forward, a tensor
+    /// that was loaded but that nothing reads.
+    pub fn unread(&self) -> Vec<&str> {
+        let mut names: Vec<&str> =
+            self.tensors.iter().filter(|(_, e)| !e.read.load(Ordering::Relaxed)).map(|(n, _)| n.as_str()).collect();
+        names.sort_unstable();
+        names
     }
 
     /// The whole model, for `Scope::get` and `Scope::at`.
@@ -108,14 +128,15 @@ impl<'a> Scope<'a> {
         Scope { weights: self.weights, prefix }
     }
 
-    /// The tensor `name` (`conv1.weight`) of this module.
+    /// The tensor `name` (`conv1.weight`) of this module, marked as read.
     pub fn get(&self, name: &str) -> Result<&'a Tensor> {
         let full = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
-        // Loading checked the names, so a miss is a graph/spec mismatch: name it.
-        self.weights.tensors.get(&full).ok_or_else(|| Error::Input(format!("model weights have no tensor '{full}'")))
-    }
-
-    pub fn has(&self, name: &str) -> bool {
-        self.get(name).is_ok()
+        // Loading checked every name the graph's specs list, so a miss is the engine's own
+        // mismatch between its specs and its forward, not the user's file.
+        let entry = self.weights.tensors.get(&full).ok_or_else(|| {
+            Error::Internal(format!("the forward reads the weight '{full}', which the loader did not load"))
+        })?;
+        entry.read.store(true, Ordering::Relaxed);
+        Ok(&entry.tensor)
     }
 }

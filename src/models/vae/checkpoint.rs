@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use super::Vae;
 use super::config::VaeConfig;
 use crate::error::{Error, Result};
+use crate::models::fields::Limits;
 use crate::models::files::{self, DIFFUSERS_FILES, Location};
 use crate::weights::{self, LoadedWeights, TensorSpec};
 
@@ -33,7 +34,8 @@ pub struct VaeCheckpoint {
 /// Where single files keep the VAE (diffusers' LDM_VAE_KEYS), then a standalone VAE file.
 const SINGLE_FILE_PREFIXES: [&str; 3] = ["first_stage_model.", "vae.", ""];
 
-/// What a single file cannot say, at SDXL's values (FORMATS.md 3.1): LDM's fixed 32 norm groups,
+/// What a single file cannot say, at SDXL's values (Stability-AI generative-models
+/// `configs/inference/sd_xl_base.yaml`, first_stage_config): LDM's fixed 32 norm groups,
 /// SDXL's scaling factor and image size. A single file is assumed to be the fp16-fix (the engine's
 /// default VAE, `force_upcast` false); the stock SDXL VAE overflows in float16, which
 /// `decode_frames` reports as non-finite output.
@@ -57,12 +59,12 @@ pub fn open_vae(path: &Path) -> Result<VaeCheckpoint> {
 
 fn open_diffusers(folder: &Path) -> Result<VaeCheckpoint> {
     let (text, config_file) = files::read_config(folder)?;
-    let config = VaeConfig::from_diffusers_json(&text, &config_file)?;
-    let file = files::weights_file(folder, &DIFFUSERS_FILES)?;
-    let files = [file];
-    // 1. the names present: files saved before diffusers' attention refactor use query/key/value/
-    //    proj_attn for the mid attention
+    let files = [files::weights_file(folder, &DIFFUSERS_FILES)?];
+    // 1. the names present, which bound what the config may ask for before anything is sized;
+    //    files saved before diffusers' attention refactor use query/key/value/proj_attn for the
+    //    mid attention
     let found = weights::load_filtered(&files, None, &encoder_side)?;
+    let config = VaeConfig::from_diffusers_json(&text, &config_file, &Limits::of(&found))?;
     let legacy = found.get("decoder.mid_block.attentions.0.query.weight").is_ok();
     let shapes: HashMap<&str, &[usize]> = found.iter().map(|(n, t)| (n, t.shape())).collect();
     // 2. every decoder tensor, strictly
@@ -137,7 +139,8 @@ fn projection_shape(expected: &[usize], found: Option<&[usize]>) -> Vec<usize> {
     }
 }
 
-/// The pre-refactor diffusers name of a mid-attention tensor (FORMATS.md 3.4); others unchanged.
+/// The pre-refactor diffusers name of a mid-attention tensor (diffusers `models/modeling_utils.py`,
+/// `_convert_deprecated_attention_blocks`); others unchanged.
 fn legacy_attention_name(name: &str) -> String {
     let p = "decoder.mid_block.attentions.0.";
     let Some(rest) = name.strip_prefix(p) else {
@@ -150,7 +153,8 @@ fn legacy_attention_name(name: &str) -> String {
     format!("{p}{rest}")
 }
 
-/// The LDM (single-file) name of a decoder tensor, without the file's prefix (FORMATS.md 3.4):
+/// The LDM (single-file) name of a decoder tensor, without the file's prefix (diffusers
+/// `loaders/single_file_utils.py`, `convert_ldm_vae_checkpoint`):
 /// LDM numbers up blocks by resolution (`up.{levels-1-i}` is diffusers' `up_blocks.{i}`), calls
 /// the mid ResNets block_1/block_2, the shortcut nin_shortcut, the output norm norm_out, and the
 /// attention's modules norm/q/k/v/proj_out.

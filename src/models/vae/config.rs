@@ -7,11 +7,13 @@ use std::fmt;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::models::fields::{Fields, as_usize};
+use crate::models::fields::{Bound, Fields, Limits, MAX_LAYERS, MAX_WIDTH, as_usize};
+use crate::models::resnet;
 use crate::tensor::DType;
 
 /// Epsilon of every GroupNorm in the AutoencoderKL decoder (ResNets, mid attention, output norm):
-/// diffusers hard-codes 1e-6 there (FORMATS.md 3, pitfalls: the UNet's is 1e-5).
+/// diffusers hard-codes 1e-6 there (`models/autoencoders/vae.py` Decoder; the UNet's ResNets use
+/// its config's norm_eps, 1e-5).
 pub const NORM_EPS: f32 = 1e-6;
 
 /// Up blocks at most (SDXL has 4): each doubles the image side, so more would overflow sizes.
@@ -60,10 +62,12 @@ impl VaeConfig {
         if self.force_upcast && requested == DType::F16 { DType::F32 } else { requested }
     }
 
-    /// Parses a diffusers AutoencoderKL config.json (its text; `file` names it in errors). A malformed
-    /// or inconsistent config is an `Error::Input` naming the field; a valid one using something
-    /// the engine lacks is `Error::Unsupported`.
-    pub fn from_diffusers_json(text: &str, file: &str) -> Result<VaeConfig> {
+    /// Parses a diffusers AutoencoderKL config.json (its text; `file` names it in errors). Every
+    /// count and width is checked against `limits` (the checkpoint's header) before anything is
+    /// sized from it. A malformed or inconsistent config, or one asking for more than the
+    /// checkpoint holds, is an `Error::Input` naming the field; a valid one using something the
+    /// engine lacks is `Error::Unsupported`.
+    pub fn from_diffusers_json(text: &str, file: &str, limits: &Limits) -> Result<VaeConfig> {
         let f = Fields::parse(text, file)?;
         if let Some(class) = f.get("_class_name").filter(|c| c.as_str() != Some("AutoencoderKL")) {
             return Err(Error::Input(format!("{file} describes a {class}, not an AutoencoderKL")));
@@ -80,6 +84,10 @@ impl VaeConfig {
             }
         }
         let block_out_channels = f.usizes("block_out_channels", &[64])?;
+        limits.check(file, "block_out_channels", block_out_channels.len(), Bound::Levels)?;
+        for &c in &block_out_channels {
+            limits.check(file, "block_out_channels", c, Bound::Width)?;
+        }
         let up_types = f.strings("up_block_types", Some(&["UpDecoderBlock2D"]))?;
         if let Some(other) = up_types.iter().find(|t| *t != "UpDecoderBlock2D") {
             return Err(Error::Unsupported(format!(
@@ -92,12 +100,13 @@ impl VaeConfig {
                 &format!("one UpDecoderBlock2D per block_out_channels entry ({})", block_out_channels.len()),
             ));
         }
+        let width = |field: &str, default: usize| f.bounded(field, default, Bound::Width, limits);
         let config = VaeConfig {
-            latent_channels: f.usize("latent_channels", 4)?,
-            out_channels: f.usize("out_channels", 3)?,
+            latent_channels: width("latent_channels", 4)?,
+            out_channels: width("out_channels", 3)?,
             block_out_channels,
-            layers_per_block: f.usize("layers_per_block", 1)?,
-            norm_num_groups: f.usize("norm_num_groups", 32)?,
+            layers_per_block: f.bounded("layers_per_block", 1, Bound::Layers, limits)?,
+            norm_num_groups: width("norm_num_groups", 32)?,
             scaling_factor: f.f32("scaling_factor", 0.18215)?,
             shift_factor: match f.get("shift_factor") {
                 None => None,
@@ -109,7 +118,16 @@ impl VaeConfig {
             sample_size: sample_size(&f)?,
         };
         config.validate(file)?;
+        limits.check_total(file, "layers_per_block and block_out_channels", config.fewest_tensors())?;
         Ok(config)
+    }
+
+    /// The fewest tensors a checkpoint of this decoder holds: `layers_per_block + 1` ResNets per
+    /// up block and two in the mid block, each with at least `resnet::MIN_TENSORS`. None on overflow.
+    fn fewest_tensors(&self) -> Option<usize> {
+        let per_level = self.layers_per_block.checked_add(1)?;
+        let resnets = self.block_out_channels.len().checked_mul(per_level)?.checked_add(2)?;
+        resnets.checked_mul(resnet::MIN_TENSORS)
     }
 
     /// Checks what the graph relies on; `what` names the source in errors.
@@ -120,6 +138,13 @@ impl VaeConfig {
         }
         if self.block_out_channels.len() > MAX_LEVELS {
             return bad(format!("{} up blocks: at most {MAX_LEVELS} are supported", self.block_out_channels.len()));
+        }
+        if self.layers_per_block > MAX_LAYERS {
+            return bad(format!("layers_per_block = {} exceeds the limit of {MAX_LAYERS}", self.layers_per_block));
+        }
+        let widths = [self.latent_channels, self.out_channels, self.norm_num_groups];
+        if let Some(w) = widths.iter().chain(&self.block_out_channels).find(|&&w| w > MAX_WIDTH) {
+            return bad(format!("a width of {w} channels exceeds the limit of {MAX_WIDTH}"));
         }
         if self.latent_channels == 0 || self.out_channels == 0 {
             return bad("latent_channels and out_channels must be positive".into());

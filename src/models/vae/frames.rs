@@ -13,7 +13,8 @@
 //!   must equal `stride · f` so that the kept parts tile the image exactly (checked).
 //!
 //! The mid-block attention then sees one tile rather than the whole frame, so tiled output differs
-//! from untiled output (FORMATS.md 3, pitfalls); choose tiles as large as memory allows.
+//! from untiled output (as diffusers' `models/autoencoders/autoencoder_kl.py` warns for tiling);
+//! choose tiles as large as memory allows.
 //!
 //! Latents come from the host and images go back to it (the renderer writes PNG frames): one tile
 //! of one chunk is on the device at a time, and blending needs only the previous row of tiles.

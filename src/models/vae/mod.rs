@@ -1,15 +1,18 @@
 //! The SDXL VAE decoder (diffusers `AutoencoderKL.decode`: `post_quant_conv`, then
 //! `models/autoencoders/vae.py` `Decoder`) on the ops, NHWC. The same graph runs on the CPU twins
-//! or the CUDA ops, chosen by the `Exec`.
+//! or the CUDA ops, chosen by the `Exec`. Its ResNets are `models::resnet`'s, shared with the
+//! UNet (no time embedding here).
 //!
 //! - `config`: the architecture from a diffusers config.json (or a single file's shapes).
 //! - `checkpoint`: opening a diffusers folder or a single-file checkpoint (LDM names), strictly.
 //! - `frames`: decoding many frames in bounded memory (chunks of frames, spatial tiles with
 //!   blended seams as diffusers' `tiled_decode`), with the peak scratch memory reported.
 //!
-//! The decode formula (FORMATS.md 3.2): the sampler's latents are divided by `scaling_factor`
-//! (plus `shift_factor` if any) to give `z`; `decode(z)` is `post_quant_conv`, the decoder, and an
-//! image roughly in [-1, 1] (`frames::decode_frames` does the division, `forward` takes `z`).
+//! The decode formula (diffusers `pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl.py`;
+//! `shift_factor` as in `pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py`): the
+//! sampler's latents are divided by `scaling_factor` (plus `shift_factor` if any) to give `z`;
+//! `decode(z)` is `post_quant_conv`, the decoder, and an image roughly in [-1, 1]
+//! (`frames::decode_frames` does the division, `forward` takes `z`).
 
 pub mod checkpoint;
 pub mod config;
@@ -19,6 +22,7 @@ pub use checkpoint::{VaeCheckpoint, VaeFormat, open_vae};
 pub use config::VaeConfig;
 pub use frames::{DecodeOptions, DecodeReport, Tiling};
 
+use super::resnet::{self, Resnet, ResnetNorm};
 use super::weights::{ModelWeights, Place, Scope};
 use crate::error::{Error, Result};
 use crate::ops::Exec;
@@ -49,6 +53,11 @@ impl Vae {
         self.weights.dtype()
     }
 
+    /// The prepared weights (which of them a forward has read: `ModelWeights::unread`).
+    pub fn weights(&self) -> &ModelWeights {
+        &self.weights
+    }
+
     /// Every tensor the decoder reads, by diffusers name, with PyTorch shapes. The encoder and
     /// `quant_conv` are not listed: loaders skip them.
     pub fn tensor_specs(cfg: &VaeConfig) -> Vec<TensorSpec> {
@@ -59,7 +68,8 @@ impl Vae {
             conv_specs("post_quant_conv", z, z, 1, &mut specs);
         }
         conv_specs("decoder.conv_in", top, z, 3, &mut specs);
-        resnet_specs("decoder.mid_block.resnets.0", top, top, &mut specs);
+        let mid = Resnet { in_channels: top, out_channels: top };
+        resnet::specs("decoder.mid_block.resnets.0", &mid, None, &mut specs);
         if cfg.mid_block_attention {
             let p = "decoder.mid_block.attentions.0";
             specs.push(TensorSpec::new(format!("{p}.group_norm.weight"), &[top]));
@@ -69,11 +79,11 @@ impl Vae {
                 specs.push(TensorSpec::new(format!("{p}.{proj}.bias"), &[top]));
             }
         }
-        resnet_specs("decoder.mid_block.resnets.1", top, top, &mut specs);
+        resnet::specs("decoder.mid_block.resnets.1", &mid, None, &mut specs);
         for (i, (input, output)) in up_widths(cfg).into_iter().enumerate() {
             for j in 0..=cfg.layers_per_block {
-                let from = if j == 0 { input } else { output };
-                resnet_specs(&format!("decoder.up_blocks.{i}.resnets.{j}"), from, output, &mut specs);
+                let r = up_resnet(input, output, j);
+                resnet::specs(&format!("decoder.up_blocks.{i}.resnets.{j}"), &r, None, &mut specs);
             }
             if i + 1 < cfg.block_out_channels.len() {
                 conv_specs(&format!("decoder.up_blocks.{i}.upsamplers.0.conv"), output, output, 3, &mut specs);
@@ -107,6 +117,8 @@ impl Vae {
         let root = self.weights.root();
         let w = root.at("decoder");
         let groups = cfg.norm_num_groups;
+        // diffusers' Decoder: eps 1e-6 and output_scale_factor 1 in every ResNet.
+        let norm = ResnetNorm { groups, eps: NORM_EPS, output_scale: 1.0 };
 
         // 1. post_quant_conv (1x1): [B, h, w, z] -> [B, h, w, z]
         let mut h = match cfg.post_quant_conv {
@@ -118,20 +130,24 @@ impl Vae {
 
         // 3. mid block: ResNet, single-head self-attention over all h*w pixels, ResNet
         let mid = w.at("mid_block");
-        h = resnet(ex, &mid.at("resnets.0"), groups, &h)?;
+        let top = cfg.mid_channels();
+        let mid_resnet = Resnet { in_channels: top, out_channels: top };
+        h = resnet::forward(ex, &mid.at("resnets.0"), &mid_resnet, norm, &h, None)?;
         if cfg.mid_block_attention {
             h = attention(ex, &mid.at("attentions.0"), groups, &h)?;
         }
-        h = resnet(ex, &mid.at("resnets.1"), groups, &h)?;
+        h = resnet::forward(ex, &mid.at("resnets.1"), &mid_resnet, norm, &h, None)?;
 
         // 4. up blocks, lowest resolution first: layers_per_block + 1 ResNets, then (all but the
         //    last) nearest 2x + 3x3 conv: [B, h, w, C] -> [B, 2h, 2w, C]
-        for i in 0..cfg.block_out_channels.len() {
+        let levels = cfg.block_out_channels.len();
+        for (i, (input, output)) in up_widths(cfg).into_iter().enumerate() {
             let up = w.at(&format!("up_blocks.{i}"));
             for j in 0..=cfg.layers_per_block {
-                h = resnet(ex, &up.at(&format!("resnets.{j}")), groups, &h)?;
+                let r = up_resnet(input, output, j);
+                h = resnet::forward(ex, &up.at(&format!("resnets.{j}")), &r, norm, &h, None)?;
             }
-            if i + 1 < cfg.block_out_channels.len() {
+            if i + 1 < levels {
                 h = upsample_nearest2x(ex, &h)?;
                 h = conv(ex, &up.at("upsamplers.0.conv"), &h, 3)?;
             }
@@ -142,6 +158,11 @@ impl Vae {
         h = group_norm(ex, &h, w.get("conv_norm_out.weight")?, w.get("conv_norm_out.bias")?, gn)?;
         conv(ex, &w.at("conv_out"), &h, 3)
     }
+}
+
+/// Layer `j` of an up block from `input` to `output` channels: the first ResNet changes the width.
+fn up_resnet(input: usize, output: usize, j: usize) -> Resnet {
+    Resnet { in_channels: if j == 0 { input } else { output }, out_channels: output }
 }
 
 /// (input, output) widths of each up block in the decoder's order: the reversed widths, each
@@ -156,43 +177,9 @@ fn conv_specs(name: &str, o: usize, i: usize, k: usize, out: &mut Vec<TensorSpec
     out.push(TensorSpec::new(format!("{name}.bias"), &[o]));
 }
 
-/// A VAE ResnetBlock2D's tensors (no time embedding; a 1x1 conv_shortcut when widths differ).
-fn resnet_specs(prefix: &str, i: usize, o: usize, out: &mut Vec<TensorSpec>) {
-    let mut put = |name: &str, shape: &[usize]| out.push(TensorSpec::new(format!("{prefix}.{name}"), shape));
-    put("norm1.weight", &[i]);
-    put("norm1.bias", &[i]);
-    put("conv1.weight", &[o, i, 3, 3]);
-    put("conv1.bias", &[o]);
-    put("norm2.weight", &[o]);
-    put("norm2.bias", &[o]);
-    put("conv2.weight", &[o, o, 3, 3]);
-    put("conv2.bias", &[o]);
-    if i != o {
-        put("conv_shortcut.weight", &[o, i, 1, 1]);
-        put("conv_shortcut.bias", &[o]);
-    }
-}
-
 /// A same-padded convolution with the module's weight and bias.
 fn conv(ex: &Exec, w: &Scope, x: &Tensor, kernel: usize) -> Result<Tensor> {
     conv2d(ex, x, w.get("weight")?, Some(w.get("bias")?), Conv2d { stride: 1, padding: kernel / 2 })
-}
-
-/// ResnetBlock2D without time embedding: x [B, H, W, in] -> [B, H, W, out].
-fn resnet(ex: &Exec, w: &Scope, groups: usize, x: &Tensor) -> Result<Tensor> {
-    let gn = GroupNorm { groups, eps: NORM_EPS, silu: true, frames: 1 };
-    // 1. h = conv1(SiLU(norm1(x)))
-    let h = group_norm(ex, x, w.get("norm1.weight")?, w.get("norm1.bias")?, gn)?;
-    let h = conv(ex, &w.at("conv1"), &h, 3)?;
-    // 2. h = conv2(SiLU(norm2(h))) (dropout is the identity at inference)
-    let h = group_norm(ex, &h, w.get("norm2.weight")?, w.get("norm2.bias")?, gn)?;
-    let h = conv(ex, &w.at("conv2"), &h, 3)?;
-    // 3. shortcut(x) + h (output_scale_factor 1 in the VAE)
-    let shortcut = match w.has("conv_shortcut.weight") {
-        true => conv(ex, &w.at("conv_shortcut"), x, 1)?,
-        false => x.clone(),
-    };
-    add(ex, &shortcut, &h, 1.0)
 }
 
 /// The mid block's attention (diffusers `Attention` with `residual_connection`, one head as wide

@@ -1,19 +1,30 @@
 //! UNet2DConditionModel (diffusers `models/unets/unet_2d_condition.py`) for the SDXL family: the
 //! same graph code runs on the CPU twins or the CUDA ops, chosen by the `Exec`. Activations are
 //! NHWC; callers at the NCHW boundary convert with `models::layout`.
+//!
+//! - `config`: the architecture, from a diffusers config.json or a single file's shapes (`ldm`).
+//! - `checkpoint`: opening a diffusers folder or a single-file checkpoint, strictly.
+//! - `blocks`: the down path, mid block and up path with their hooks, which `Unet::forward`
+//!   composes and a ControlNet or motion modules reuse.
 
-use super::checkpoint::UnetCheckpoint;
-use super::config::UnetConfig;
+pub mod blocks;
+pub mod checkpoint;
+pub mod config;
+pub mod ldm;
+
+pub use blocks::{Conditioning, LayerHook, LayerPos, UnetPath};
+pub use checkpoint::{UnetCheckpoint, UnetFormat, open_unet};
+pub use config::UnetConfig;
+
+use super::embeddings;
 use super::resnet::{self, ResnetNorm};
+use super::transformer;
 use super::weights::{ModelWeights, Place, Scope};
-use super::{embeddings, transformer};
 use crate::error::{Error, Result};
 use crate::ops::Exec;
-use crate::ops::concat::concat_last;
 use crate::ops::conv::{Conv2d, conv2d};
 use crate::ops::elementwise::{add, silu};
 use crate::ops::norm::{GroupNorm, group_norm};
-use crate::ops::upsample::upsample_nearest2x;
 use crate::tensor::{DType, Tensor};
 use crate::weights::TensorSpec;
 
@@ -57,6 +68,11 @@ impl Unet {
         self.weights.dtype()
     }
 
+    /// The prepared weights (which of them a forward has read: `ModelWeights::unread`).
+    pub fn weights(&self) -> &ModelWeights {
+        &self.weights
+    }
+
     /// Every tensor the architecture has, by diffusers name, with PyTorch shapes.
     pub fn tensor_specs(cfg: &UnetConfig) -> Vec<TensorSpec> {
         let mut out = Vec::new();
@@ -71,7 +87,7 @@ impl Unet {
         let proj = cfg.use_linear_projection;
         for (i, block) in cfg.down_blocks.iter().enumerate() {
             for (j, layer) in block.layers.iter().enumerate() {
-                resnet::specs(&format!("down_blocks.{i}.resnets.{j}"), &layer.resnet, temb, &mut out);
+                resnet::specs(&format!("down_blocks.{i}.resnets.{j}"), &layer.resnet, Some(temb), &mut out);
                 if let Some(t) = &layer.attention {
                     transformer::specs(&format!("down_blocks.{i}.attentions.{j}"), t, proj, &mut out);
                 }
@@ -82,13 +98,13 @@ impl Unet {
             }
         }
         if let Some(mid) = &cfg.mid_block {
-            resnet::specs("mid_block.resnets.0", &mid.resnets[0], temb, &mut out);
+            resnet::specs("mid_block.resnets.0", &mid.resnets[0], Some(temb), &mut out);
             transformer::specs("mid_block.attentions.0", &mid.attention, proj, &mut out);
-            resnet::specs("mid_block.resnets.1", &mid.resnets[1], temb, &mut out);
+            resnet::specs("mid_block.resnets.1", &mid.resnets[1], Some(temb), &mut out);
         }
         for (i, block) in cfg.up_blocks.iter().enumerate() {
             for (j, layer) in block.layers.iter().enumerate() {
-                resnet::specs(&format!("up_blocks.{i}.resnets.{j}"), &layer.resnet, temb, &mut out);
+                resnet::specs(&format!("up_blocks.{i}.resnets.{j}"), &layer.resnet, Some(temb), &mut out);
                 if let Some(t) = &layer.attention {
                     transformer::specs(&format!("up_blocks.{i}.attentions.{j}"), t, proj, &mut out);
                 }
@@ -106,40 +122,43 @@ impl Unet {
 
     /// The noise prediction [B, H, W, out_channels] (NHWC, compute dtype).
     pub fn forward(&self, ex: &Exec, x: &UnetInputs, residuals: Option<&UnetResiduals>) -> Result<Tensor> {
+        self.forward_with(ex, x, residuals, &mut |_, _, h| Ok(h))
+    }
+
+    /// `forward` with `hook` called on every layer's output (see `blocks`): where motion modules
+    /// go.
+    pub fn forward_with(
+        &self,
+        ex: &Exec,
+        x: &UnetInputs,
+        residuals: Option<&UnetResiduals>,
+        hook: &mut LayerHook,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let w = self.weights.root();
         self.check_inputs(x, residuals)?;
-        let dtype = self.dtype();
-        let context = x.encoder_hidden_states;
-        let norm =
-            ResnetNorm { groups: cfg.norm_num_groups, eps: cfg.norm_eps, output_scale: cfg.resnet_out_scale_factor };
 
         // 1. time (+ text_time) embedding: [B] -> [B, T]; every ResNet projects SiLU(emb), so once here
         let text_time = x.text_embeds.zip(x.time_ids);
-        let emb = embeddings::forward(ex, &w, cfg, x.timestep, text_time, dtype)?;
+        let emb = embeddings::forward(ex, &w, cfg, x.timestep, text_time, self.dtype())?;
         let emb = silu(ex, &emb)?;
+        let cond = Conditioning {
+            emb_act: &emb,
+            context: x.encoder_hidden_states,
+            norm: ResnetNorm {
+                groups: cfg.norm_num_groups,
+                eps: cfg.norm_eps,
+                output_scale: cfg.resnet_out_scale_factor,
+            },
+            mid_output_scale: cfg.mid_block_scale_factor,
+        };
 
         // 2. conv_in: [B, H, W, in] -> [B, H, W, C0]
-        let mut h = conv(ex, &w.at("conv_in"), x.sample, 1, cfg.conv_in_kernel)?;
+        let h = conv(ex, &w.at("conv_in"), x.sample, 1, cfg.conv_in_kernel)?;
 
         // 3. down: every layer's output and every downsampler's output is a skip connection
-        let mut skips = vec![h.clone()];
-        for (i, block) in cfg.down_blocks.iter().enumerate() {
-            let bw = w.at(&format!("down_blocks.{i}"));
-            for (j, layer) in block.layers.iter().enumerate() {
-                h = resnet::forward(ex, &bw.at(&format!("resnets.{j}")), &layer.resnet, norm, &h, &emb)?;
-                if let Some(t) = &layer.attention {
-                    h = transformer::forward(ex, &bw.at(&format!("attentions.{j}")), t, norm.groups, &h, context)?;
-                }
-                skips.push(h.clone());
-            }
-            if block.downsample {
-                // [B, H, W, C] -> [B, H/2, W/2, C]
-                h = conv(ex, &bw.at("downsamplers.0.conv"), &h, 2, 3)?;
-                skips.push(h.clone());
-            }
-        }
-        // 3b. ControlNet hook: residuals join the skips (the down path itself ran without them)
+        let (mut h, mut skips) = blocks::down(ex, &w, &cfg.down_blocks, &cond, h, hook)?;
+        // 3b. ControlNet: residuals join the skips (the down path itself ran without them)
         if let Some(r) = residuals {
             for (skip, res) in skips.iter_mut().zip(&r.down) {
                 *skip = add(ex, skip, res, 1.0)?;
@@ -148,33 +167,14 @@ impl Unet {
 
         // 4. mid: ResNet, transformer, ResNet at the lowest resolution (+ ControlNet's mid residual)
         if let Some(mid) = &cfg.mid_block {
-            let mw = w.at("mid_block");
-            let mid_norm = ResnetNorm { output_scale: cfg.mid_block_scale_factor, ..norm };
-            h = resnet::forward(ex, &mw.at("resnets.0"), &mid.resnets[0], mid_norm, &h, &emb)?;
-            h = transformer::forward(ex, &mw.at("attentions.0"), &mid.attention, norm.groups, &h, context)?;
-            h = resnet::forward(ex, &mw.at("resnets.1"), &mid.resnets[1], mid_norm, &h, &emb)?;
+            h = blocks::mid(ex, &w, mid, &cond, h, hook)?;
         }
         if let Some(r) = residuals {
             h = add(ex, &h, &r.mid, 1.0)?;
         }
 
-        // 5. up: each layer takes [h, skip] (channels concatenated), the last skip first
-        for (i, block) in cfg.up_blocks.iter().enumerate() {
-            let bw = w.at(&format!("up_blocks.{i}"));
-            for (j, layer) in block.layers.iter().enumerate() {
-                let skip = skips.pop().ok_or_else(|| Error::Input("UNet: the skip connections ran out".into()))?;
-                h = concat_last(ex, &h, &skip)?; // [B, H, W, C + C_skip]
-                h = resnet::forward(ex, &bw.at(&format!("resnets.{j}")), &layer.resnet, norm, &h, &emb)?;
-                if let Some(t) = &layer.attention {
-                    h = transformer::forward(ex, &bw.at(&format!("attentions.{j}")), t, norm.groups, &h, context)?;
-                }
-            }
-            if block.upsample {
-                // [B, H, W, C] -> nearest [B, 2H, 2W, C] -> 3x3 conv
-                h = upsample_nearest2x(ex, &h)?;
-                h = conv(ex, &bw.at("upsamplers.0.conv"), &h, 1, 3)?;
-            }
-        }
+        // 5. up: each layer takes [h, skip], the last skip first
+        let h = blocks::up(ex, &w, &cfg.up_blocks, &cond, h, skips, hook)?;
 
         // 6. out: GroupNorm + SiLU (fused), conv_out: [B, H, W, C0] -> [B, H, W, out]
         let gn = GroupNorm { groups: cfg.norm_num_groups, eps: cfg.norm_eps, silu: true, frames: 1 };
@@ -192,12 +192,13 @@ impl Unet {
             return bad(format!("sample {:?} must be NHWC [batch, height, width, {}]", x.sample, cfg.in_channels));
         }
         let (b, h, w) = (s[0], s[1], s[2]);
-        let step = 1 << cfg.downsamplers();
+        // At most MAX_LEVELS - 1 downsamplers (UnetConfig::validate), so the shift fits.
+        let step = 1usize << cfg.downsamplers();
         if h == 0 || w == 0 || h % step != 0 || w % step != 0 {
             // diffusers then resizes to the skip sizes (`upsample_size`); the engine has no such resize.
             return Err(Error::Unsupported(format!(
                 "latent size {h}x{w}: height and width must be positive multiples of {step} (image sides of {})",
-                8 * step
+                step.saturating_mul(8)
             )));
         }
         for (name, t) in [("sample", Some(x.sample)), ("encoder_hidden_states", Some(x.encoder_hidden_states))]
@@ -231,13 +232,14 @@ impl Unet {
                 if ts.len() != 2 || ts[0] != b || is.len() != 2 || is[0] != b || ids.dtype() != DType::F32 {
                     return bad(format!("text_embeds {te:?} must be [{b}, pooled] and time_ids {ids:?} f32 [{b}, n]"));
                 }
-                if ts[1] + is[1] * tt.time_embed_dim != tt.input_dim {
+                let width = is[1].checked_mul(tt.time_embed_dim).and_then(|ids| ids.checked_add(ts[1]));
+                if width != Some(tt.input_dim) {
                     return bad(format!(
                         "text_embeds width {} + {} time ids x {} = {}, but add_embedding takes {}",
                         ts[1],
                         is[1],
                         tt.time_embed_dim,
-                        ts[1] + is[1] * tt.time_embed_dim,
+                        width.map_or("more than usize::MAX".into(), |w| w.to_string()),
                         tt.input_dim
                     ));
                 }

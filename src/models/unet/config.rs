@@ -1,5 +1,7 @@
 //! The UNet's architecture, resolved to what the graph needs: per level, each layer's ResNet widths
-//! and its transformer (heads, depth, cross-attention width), and the samplers. Read from a diffusers
+//! and its transformer (heads, depth, cross-attention width), and the samplers. The block types
+//! (DownBlock, MidBlock, UpBlock) are the UNet's; the ResNet and transformer specs they hold live
+//! with their blocks (`models::resnet`, `models::transformer`), shared with the other models. Read from a diffusers
 //! `config.json` (UNet2DConditionModel: `from_diffusers_json`, computing the widths the way
 //! diffusers' constructor does) or derived from a single-file checkpoint's tensor shapes
 //! (`models::ldm`). Either way `validate` then walks the skip connections once, so a config that
@@ -10,35 +12,9 @@ use std::fmt;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::models::fields::{Fields, as_usize};
-
-/// One ResNet block (diffusers ResnetBlock2D); a 1x1 `conv_shortcut` exists iff the widths differ.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Resnet {
-    pub in_channels: usize,
-    pub out_channels: usize,
-}
-
-impl Resnet {
-    pub fn has_shortcut(&self) -> bool {
-        self.in_channels != self.out_channels
-    }
-}
-
-/// One Transformer2DModel: GroupNorm, proj_in, `depth` BasicTransformerBlocks, proj_out.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Transformer {
-    pub channels: usize,
-    pub heads: usize,
-    pub depth: usize,
-    pub cross_attention_dim: usize,
-}
-
-impl Transformer {
-    pub fn head_dim(&self) -> usize {
-        self.channels / self.heads.max(1)
-    }
-}
+use crate::models::fields::{Bound, Fields, Limits, MAX_LAYERS, MAX_LEVELS, MAX_WIDTH, as_usize};
+use crate::models::resnet::{self, Resnet};
+use crate::models::transformer::{self, Transformer};
 
 /// A ResNet, followed by a transformer in the cross-attention block types.
 #[derive(Clone, Debug, PartialEq)]
@@ -62,7 +38,8 @@ pub struct UpBlock {
     pub upsample: bool,
 }
 
-/// UNetMidBlock2DCrossAttn with one layer: ResNet, transformer, ResNet.
+/// UNetMidBlock2DCrossAttn with one layer (diffusers `models/unets/unet_2d_blocks.py`): ResNet,
+/// transformer, ResNet.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MidBlock {
     pub resnets: [Resnet; 2],
@@ -124,8 +101,23 @@ impl Depths {
     }
 }
 
-/// An integer for every level, or one list entry per level.
-fn per_level(f: &Fields, field: &str, levels: usize, default: Option<usize>) -> Result<Vec<usize>> {
+/// An integer for every level, or one list entry per level; each within `limits` for `bound`.
+fn per_level(
+    f: &Fields,
+    field: &str,
+    levels: usize,
+    default: Option<usize>,
+    bound: Bound,
+    limits: &Limits,
+) -> Result<Vec<usize>> {
+    let values = per_level_values(f, field, levels, default)?;
+    for &v in &values {
+        limits.check(f.file(), field, v, bound)?;
+    }
+    Ok(values)
+}
+
+fn per_level_values(f: &Fields, field: &str, levels: usize, default: Option<usize>) -> Result<Vec<usize>> {
     match f.get(field) {
         None => default.map(|d| vec![d; levels]).ok_or_else(|| f.bad(field, "an integer or a list of integers")),
         Some(Value::Array(items)) => {
@@ -141,8 +133,22 @@ fn per_level(f: &Fields, field: &str, levels: usize, default: Option<usize>) -> 
 }
 
 /// `transformer_layers_per_block`-style: an integer, or a list whose entries are integers or
-/// lists of integers (one per layer). None when absent or null.
-fn read_depths(f: &Fields, field: &str, levels: usize) -> Result<Option<Vec<Depths>>> {
+/// lists of integers (one per layer), each depth within `limits`. None when absent or null.
+fn read_depths(f: &Fields, field: &str, levels: usize, limits: &Limits) -> Result<Option<Vec<Depths>>> {
+    let depths = read_depths_values(f, field, levels)?;
+    for d in depths.iter().flatten() {
+        let values = match d {
+            Depths::Same(d) => std::slice::from_ref(d),
+            Depths::PerLayer(v) => v.as_slice(),
+        };
+        for &v in values {
+            limits.check(f.file(), field, v, Bound::Layers)?;
+        }
+    }
+    Ok(depths)
+}
+
+fn read_depths_values(f: &Fields, field: &str, levels: usize) -> Result<Option<Vec<Depths>>> {
     let expected = "an integer, or a list with one integer or list of integers per block";
     let entry = |v: &Value| -> Option<Depths> {
         match v {
@@ -165,9 +171,11 @@ fn read_depths(f: &Fields, field: &str, levels: usize) -> Result<Option<Vec<Dept
 
 impl UnetConfig {
     /// Parses a diffusers UNet2DConditionModel config.json (its text; `file` names it in errors).
-    /// Absent fields take diffusers' defaults. A malformed or inconsistent config is an
-    /// `Error::Input`; a valid one using a feature the engine lacks is `Error::Unsupported`.
-    pub fn from_diffusers_json(text: &str, file: &str) -> Result<UnetConfig> {
+    /// Absent fields take diffusers' defaults. Every count and width is checked against `limits`
+    /// (the checkpoint's header) before anything is sized from it. A malformed or inconsistent
+    /// config, or one asking for more than the checkpoint holds, is an `Error::Input`; a valid one
+    /// using a feature the engine lacks is `Error::Unsupported`.
+    pub fn from_diffusers_json(text: &str, file: &str, limits: &Limits) -> Result<UnetConfig> {
         let f = Fields::parse(text, file)?;
         if let Some(class) = f.string("_class_name")?
             && class != "UNet2DConditionModel"
@@ -212,30 +220,32 @@ impl UnetConfig {
 
         let down_types = f.strings("down_block_types", None)?;
         let up_types = f.strings("up_block_types", None)?;
-        let levels = down_types.len();
+        let levels = limits.check(file, "down_block_types", down_types.len(), Bound::Levels)?;
         if levels == 0 || up_types.len() != levels {
             return Err(Error::Input(format!(
                 "{file}: down_block_types ({levels}) and up_block_types ({}) must list the same, non-zero number of blocks",
                 up_types.len()
             )));
         }
-        let block_out_channels = per_level(&f, "block_out_channels", levels, None)?;
         if f.get("block_out_channels").is_some_and(|v| !v.is_array()) {
             return Err(f.bad("block_out_channels", &format!("a list of {levels} integers")));
         }
-        let layers_per_block = per_level(&f, "layers_per_block", levels, Some(2))?;
-        // The misnomer: attention_head_dim holds head COUNTS (FORMATS.md 1.1).
-        let heads = per_level(&f, "attention_head_dim", levels, Some(8))?;
-        let cross_dims = per_level(&f, "cross_attention_dim", levels, Some(1280))?;
-        let depths = read_depths(&f, "transformer_layers_per_block", levels)?.unwrap_or(vec![Depths::Same(1); levels]);
-        let reverse_depths = read_depths(&f, "reverse_transformer_layers_per_block", levels)?;
+        let block_out_channels = per_level(&f, "block_out_channels", levels, None, Bound::Width, limits)?;
+        let layers_per_block = per_level(&f, "layers_per_block", levels, Some(2), Bound::Layers, limits)?;
+        // The misnomer: attention_head_dim holds head COUNTS (diffusers `models/unets/
+        // unet_2d_condition.py`: `num_attention_heads = num_attention_heads or attention_head_dim`).
+        let heads = per_level(&f, "attention_head_dim", levels, Some(8), Bound::Width, limits)?;
+        let cross_dims = per_level(&f, "cross_attention_dim", levels, Some(1280), Bound::Width, limits)?;
+        let depths =
+            read_depths(&f, "transformer_layers_per_block", levels, limits)?.unwrap_or(vec![Depths::Same(1); levels]);
+        let reverse_depths = read_depths(&f, "reverse_transformer_layers_per_block", levels, limits)?;
         if reverse_depths.is_none() && depths.iter().any(|d| matches!(d, Depths::PerLayer(_))) {
             return Err(f.bad(
                 "reverse_transformer_layers_per_block",
                 "given when transformer_layers_per_block has per-layer lists (as diffusers requires)",
             ));
         }
-        let groups = f.usize("norm_num_groups", 32)?;
+        let groups = f.bounded("norm_num_groups", 32, Bound::Width, limits)?;
         if f.raw("norm_num_groups").is_some_and(Value::is_null) {
             return Err(Error::Unsupported(format!("{file}: 'norm_num_groups' = null (no output GroupNorm)")));
         }
@@ -342,19 +352,21 @@ impl UnetConfig {
             up_blocks.push(UpBlock { layers, upsample: i + 1 < levels });
         }
 
+        let required_width = |field: &str| limits.check(file, field, f.required_usize(field)?, Bound::Width);
         let text_time = match f.string("addition_embed_type")? {
             Some(_) => Some(TextTime {
-                time_embed_dim: f.required_usize("addition_time_embed_dim")?,
-                input_dim: f.required_usize("projection_class_embeddings_input_dim")?,
+                time_embed_dim: required_width("addition_time_embed_dim")?,
+                input_dim: required_width("projection_class_embeddings_input_dim")?,
             }),
             None => None,
         };
+        let width = |field: &str, default: usize| f.bounded(field, default, Bound::Width, limits);
         let config = UnetConfig {
-            in_channels: f.usize("in_channels", 4)?,
-            out_channels: f.usize("out_channels", 4)?,
-            conv_in_kernel: f.usize("conv_in_kernel", 3)?,
-            conv_out_kernel: f.usize("conv_out_kernel", 3)?,
-            time_embed_dim: f.usize("time_embedding_dim", 4 * block_out_channels[0])?,
+            in_channels: width("in_channels", 4)?,
+            out_channels: width("out_channels", 4)?,
+            conv_in_kernel: width("conv_in_kernel", 3)?,
+            conv_out_kernel: width("conv_out_kernel", 3)?,
+            time_embed_dim: width("time_embedding_dim", 4 * block_out_channels[0])?,
             block_out_channels,
             down_blocks,
             mid_block,
@@ -372,12 +384,33 @@ impl UnetConfig {
             Error::Input(m) => Error::Input(format!("{file}: {m}")),
             other => other,
         })?;
+        let fields = "layers_per_block, transformer_layers_per_block and the block types";
+        limits.check_total(file, fields, config.fewest_tensors())?;
         Ok(config)
     }
 
-    /// Checks that the architecture can run: every width positive, the groups dividing every
-    /// normalised width, odd kernels, and the skip connections lining up (each up ResNet's input
-    /// width is the running width plus the skip it pops, and every skip is used).
+    /// The fewest tensors a checkpoint of this architecture holds: each ResNet has at least
+    /// `resnet::MIN_TENSORS`, each transformer block `transformer::BLOCK_TENSORS`. None on overflow.
+    fn fewest_tensors(&self) -> Option<usize> {
+        let layers =
+            self.down_blocks.iter().flat_map(|b| &b.layers).chain(self.up_blocks.iter().flat_map(|b| &b.layers));
+        let mut resnets = 0usize;
+        let mut blocks = 0usize;
+        for layer in layers {
+            resnets = resnets.checked_add(1)?;
+            blocks = blocks.checked_add(layer.attention.as_ref().map_or(0, |t| t.depth))?;
+        }
+        if let Some(mid) = &self.mid_block {
+            resnets = resnets.checked_add(2)?;
+            blocks = blocks.checked_add(mid.attention.depth)?;
+        }
+        resnets.checked_mul(resnet::MIN_TENSORS)?.checked_add(blocks.checked_mul(transformer::BLOCK_TENSORS)?)
+    }
+
+    /// Checks that the architecture can run: counts and widths within the engine's limits, the
+    /// norm eps and output scales positive and finite, every width positive, the groups dividing
+    /// every normalised width, odd kernels, and the skip connections lining up (each up ResNet's
+    /// input width is the running width plus the skip it pops, and every skip is used).
     pub fn validate(&self) -> Result<()> {
         fn bad<T>(m: String) -> Result<T> {
             Err(Error::Input(m))
@@ -389,6 +422,20 @@ impl UnetConfig {
                 self.down_blocks.len(),
                 self.up_blocks.len()
             ));
+        }
+        self.check_limits()?;
+        // A zero, negative or non-finite eps or scale makes every output NaN or infinite.
+        for (field, value) in [
+            ("norm_eps", self.norm_eps),
+            ("resnet_out_scale_factor", self.resnet_out_scale_factor),
+            ("mid_block_scale_factor", self.mid_block_scale_factor),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return bad(format!("field '{field}' = {value} must be a positive finite number"));
+            }
+        }
+        if !(self.freq_shift.is_finite() && self.freq_shift >= 0.0) {
+            return bad(format!("field 'freq_shift' = {} must be a finite number, 0 or more", self.freq_shift));
         }
         let g = self.norm_num_groups;
         let norm = |c: usize, what: &str| -> Result<()> {
@@ -477,6 +524,48 @@ impl UnetConfig {
         norm(c, "conv_norm_out")?;
         if c != self.block_out_channels[0] {
             return bad(format!("the up path ends with {c} channels, conv_out takes {}", self.block_out_channels[0]));
+        }
+        Ok(())
+    }
+
+    /// The engine's fixed caps on the resolved architecture (a config.json's fields were checked as
+    /// they were read; a single file's shapes are checked here): levels, layers per block,
+    /// transformer depths and every width.
+    fn check_limits(&self) -> Result<()> {
+        let over = |what: &str, value: usize, cap: usize| -> Result<()> {
+            match value > cap {
+                true => Err(Error::Input(format!("{what} = {value} exceeds the limit of {cap} this engine allows"))),
+                false => Ok(()),
+            }
+        };
+        over("the number of levels", self.block_out_channels.len(), MAX_LEVELS)?;
+        let mut widths = vec![
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("conv_in_kernel", self.conv_in_kernel),
+            ("conv_out_kernel", self.conv_out_kernel),
+            ("time_embedding_dim", self.time_embed_dim),
+            ("norm_num_groups", self.norm_num_groups),
+        ];
+        widths.extend(self.block_out_channels.iter().map(|&c| ("block_out_channels", c)));
+        if let Some(tt) = &self.text_time {
+            widths.push(("addition_time_embed_dim", tt.time_embed_dim));
+            widths.push(("projection_class_embeddings_input_dim", tt.input_dim));
+        }
+        let downs = self.down_blocks.iter().enumerate().map(|(i, b)| (format!("down_blocks.{i}"), &b.layers));
+        let ups = self.up_blocks.iter().enumerate().map(|(i, b)| (format!("up_blocks.{i}"), &b.layers));
+        let mut transformers: Vec<&Transformer> = self.mid_block.iter().map(|m| &m.attention).collect();
+        for (name, layers) in downs.chain(ups) {
+            // Up blocks have one layer more than layers_per_block.
+            over(&format!("the layer count of {name}"), layers.len(), MAX_LAYERS + 1)?;
+            transformers.extend(layers.iter().filter_map(|l| l.attention.as_ref()));
+        }
+        for t in transformers {
+            over("a transformer depth (transformer_layers_per_block)", t.depth, MAX_LAYERS)?;
+            widths.extend([("attention_head_dim", t.heads), ("cross_attention_dim", t.cross_attention_dim)]);
+        }
+        for (field, value) in widths {
+            over(&format!("field '{field}'"), value, MAX_WIDTH)?;
         }
         Ok(())
     }

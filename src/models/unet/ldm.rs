@@ -1,15 +1,18 @@
 //! Single-file (SGM/LDM) UNet checkpoints: A1111 / ComfyUI / civitai files hold the UNet under
-//! `model.diffusion_model.` with the original repository's module names (FORMATS.md 1.5). This
-//! module maps diffusers names to those names and derives the architecture from tensor shapes.
+//! `model.diffusion_model.` with the original repository's module names (diffusers
+//! `loaders/single_file_utils.py`, `convert_ldm_unet_checkpoint`). This module maps diffusers
+//! names to those names and derives the architecture from tensor shapes.
 //!
-//! What shapes cannot tell takes SGM's fixed SDXL values: 64-wide attention heads
-//! (`num_head_channels: 64`), 32 norm groups with eps 1e-5, 256-wide time-id sinusoids, cos-first
-//! sinusoids without shift.
+//! What shapes cannot tell takes SGM's fixed SDXL values (Stability-AI generative-models
+//! `configs/inference/sd_xl_base.yaml`): 64-wide attention heads (`num_head_channels: 64`), 32
+//! norm groups with eps 1e-5, 256-wide time-id sinusoids, cos-first sinusoids without shift.
 
 use std::collections::HashMap;
 
-use super::config::{DownBlock, Layer, MidBlock, Resnet, TextTime, Transformer, UnetConfig, UpBlock};
+use super::config::{DownBlock, Layer, MidBlock, TextTime, UnetConfig, UpBlock};
 use crate::error::{Error, Result};
+use crate::models::resnet::Resnet;
+use crate::models::transformer::Transformer;
 
 /// Where the UNet's tensors sit in a single-file checkpoint.
 pub const PREFIX: &str = "model.diffusion_model.";

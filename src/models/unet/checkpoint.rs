@@ -6,11 +6,12 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use super::Unet;
 use super::config::UnetConfig;
-use super::files::{self, DIFFUSERS_FILES, Location};
 use super::ldm::{self, LdmNames};
-use super::unet::Unet;
 use crate::error::{Error, Result};
+use crate::models::fields::Limits;
+use crate::models::files::{self, DIFFUSERS_FILES, Location};
 use crate::weights::{self, LoadedWeights, TensorSpec};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,10 +41,13 @@ pub fn open_unet(path: &Path) -> Result<UnetCheckpoint> {
 
 fn open_diffusers(folder: &Path) -> Result<UnetCheckpoint> {
     let (text, config_file) = files::read_config(folder)?;
-    let config = UnetConfig::from_diffusers_json(&text, &config_file)?;
-    let file = files::weights_file(folder, &DIFFUSERS_FILES)?;
+    let files = [files::weights_file(folder, &DIFFUSERS_FILES)?];
+    // 1. the checkpoint's header bounds what the config may ask for, before anything is sized
+    let limits = Limits::of(&weights::load(&files)?);
+    let config = UnetConfig::from_diffusers_json(&text, &config_file, &limits)?;
+    // 2. every tensor, strictly
     let specs = Unet::tensor_specs(&config);
-    let weights = weights::load_strict(&[file], &specs, &[])?;
+    let weights = weights::load_strict(&files, &specs, &[])?;
     let names = specs.into_iter().map(|s| (s.name.clone(), s.name)).collect();
     Ok(UnetCheckpoint { config, weights, names, format: UnetFormat::Diffusers })
 }

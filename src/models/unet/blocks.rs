@@ -1,0 +1,153 @@
+//! The UNet's down path, mid block and up path (diffusers `models/unets/unet_2d_blocks.py`:
+//! DownBlock2D / CrossAttnDownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D / CrossAttnUpBlock2D) as
+//! free functions over block specs and a weight `Scope`, so that models with the same blocks reuse
+//! them: a ControlNet runs `down` and `mid` on its own weights, and motion modules slot in through
+//! the per-layer hook.
+//!
+//! Hooks: `down` hands out the skip connections, the caller may add residuals to them before `up`
+//! takes them (ControlNet's down residuals, and its mid residual after `mid`), and `hook` is called
+//! with every layer's output (`LayerPos`), where AnimateDiff inserts a temporal transformer
+//! (diffusers `models/unets/unet_motion_model.py`: after each ResNet [+ Transformer2D] of the down
+//! and up blocks, before the skip is taken and before the down- or up-sampler; in
+//! UNetMidBlockCrossAttnMotion, after the mid transformer, before the second ResNet).
+
+use super::config::{DownBlock, MidBlock, UpBlock};
+use super::conv;
+use crate::error::{Error, Result};
+use crate::models::resnet::{self, ResnetNorm};
+use crate::models::transformer;
+use crate::models::weights::Scope;
+use crate::ops::Exec;
+use crate::ops::concat::concat_last;
+use crate::ops::upsample::upsample_nearest2x;
+use crate::tensor::Tensor;
+
+/// The part of the UNet a layer belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnetPath {
+    Down,
+    Mid,
+    Up,
+}
+
+/// Where a layer sits: layer `layer` (its ResNet and, in cross-attention blocks, its transformer)
+/// of `down_blocks.{block}` or `up_blocks.{block}`; the mid block is block 0, layer 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerPos {
+    pub path: UnetPath,
+    pub block: usize,
+    pub layer: usize,
+}
+
+/// Called with each layer's output [B, H, W, C]; the path continues with what it returns (the
+/// identity when no module is inserted).
+pub type LayerHook<'a> = dyn FnMut(LayerPos, &Exec, Tensor) -> Result<Tensor> + 'a;
+
+/// What every layer reads besides its own weights.
+pub struct Conditioning<'a> {
+    /// SiLU(time embedding) [B, T]: every ResNet projects it.
+    pub emb_act: &'a Tensor,
+    /// Text context [B, tokens, X] for the cross-attentions.
+    pub context: &'a Tensor,
+    /// The ResNets' GroupNorm and output scale (`resnet_out_scale_factor`).
+    pub norm: ResnetNorm,
+    /// The mid block's ResNets' output scale (`mid_block_scale_factor`).
+    pub mid_output_scale: f32,
+}
+
+/// The down blocks on `h` [B, H, W, C0] (conv_in's output): the lowest-resolution activation and
+/// the skip connections in diffusers' order (`h` itself, each layer's output after the hook, each
+/// downsampler's output).
+pub fn down(
+    ex: &Exec,
+    w: &Scope,
+    blocks: &[DownBlock],
+    cond: &Conditioning,
+    h: Tensor,
+    hook: &mut LayerHook,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let mut h = h;
+    let mut skips = vec![h.clone()];
+    for (i, block) in blocks.iter().enumerate() {
+        let bw = w.at(&format!("down_blocks.{i}"));
+        for (j, layer) in block.layers.iter().enumerate() {
+            h = resnet::forward(ex, &bw.at(&format!("resnets.{j}")), &layer.resnet, cond.norm, &h, Some(cond.emb_act))?;
+            if let Some(t) = &layer.attention {
+                h = transformer::forward(
+                    ex,
+                    &bw.at(&format!("attentions.{j}")),
+                    t,
+                    cond.norm.groups,
+                    &h,
+                    cond.context,
+                )?;
+            }
+            h = hook(LayerPos { path: UnetPath::Down, block: i, layer: j }, ex, h)?;
+            skips.push(h.clone());
+        }
+        if block.downsample {
+            // [B, H, W, C] -> [B, H/2, W/2, C]
+            h = conv(ex, &bw.at("downsamplers.0.conv"), &h, 2, 3)?;
+            skips.push(h.clone());
+        }
+    }
+    Ok((h, skips))
+}
+
+/// The mid block at the lowest resolution: ResNet, transformer, (hook), ResNet; [B, h, w, C] in
+/// and out.
+pub fn mid(
+    ex: &Exec,
+    w: &Scope,
+    mid: &MidBlock,
+    cond: &Conditioning,
+    h: Tensor,
+    hook: &mut LayerHook,
+) -> Result<Tensor> {
+    let mw = w.at("mid_block");
+    let norm = ResnetNorm { output_scale: cond.mid_output_scale, ..cond.norm };
+    let mut h = resnet::forward(ex, &mw.at("resnets.0"), &mid.resnets[0], norm, &h, Some(cond.emb_act))?;
+    h = transformer::forward(ex, &mw.at("attentions.0"), &mid.attention, norm.groups, &h, cond.context)?;
+    h = hook(LayerPos { path: UnetPath::Mid, block: 0, layer: 0 }, ex, h)?;
+    resnet::forward(ex, &mw.at("resnets.1"), &mid.resnets[1], norm, &h, Some(cond.emb_act))
+}
+
+/// The up blocks: each layer takes [h, skip] (channels concatenated), the last skip first, then
+/// the hook; all but the last block end in nearest 2x + 3x3 conv. -> [B, H, W, C0]
+pub fn up(
+    ex: &Exec,
+    w: &Scope,
+    blocks: &[UpBlock],
+    cond: &Conditioning,
+    h: Tensor,
+    mut skips: Vec<Tensor>,
+    hook: &mut LayerHook,
+) -> Result<Tensor> {
+    let mut h = h;
+    for (i, block) in blocks.iter().enumerate() {
+        let bw = w.at(&format!("up_blocks.{i}"));
+        for (j, layer) in block.layers.iter().enumerate() {
+            // UnetConfig::validate matched every up layer with a skip.
+            let skip = skips.pop().ok_or_else(|| Error::Internal(format!("up_blocks.{i} layer {j}: no skip left")))?;
+            h = concat_last(ex, &h, &skip)?; // [B, H, W, C + C_skip]
+            h = resnet::forward(ex, &bw.at(&format!("resnets.{j}")), &layer.resnet, cond.norm, &h, Some(cond.emb_act))?;
+            if let Some(t) = &layer.attention {
+                h = transformer::forward(
+                    ex,
+                    &bw.at(&format!("attentions.{j}")),
+                    t,
+                    cond.norm.groups,
+                    &h,
+                    cond.context,
+                )?;
+            }
+            h = hook(LayerPos { path: UnetPath::Up, block: i, layer: j }, ex, h)?;
+        }
+        if block.upsample {
+            // [B, H, W, C] -> nearest [B, 2H, 2W, C] -> 3x3 conv
+            h = upsample_nearest2x(ex, &h)?;
+            h = conv(ex, &bw.at("upsamplers.0.conv"), &h, 1, 3)?;
+        }
+    }
+    Ok(h)
+}

@@ -136,6 +136,19 @@ fn bad_prompts_are_input_errors() {
         ("(a:.)", "."),
         ("<lora:x:strong>", "strong"),
         ("<lora:x:inf>", "inf"),
+        // Weights are finite and within ±100 (MAX_WEIGHT); these once printed as JSON null.
+        ("<lora:x:1e39>", "1e39"),
+        ("<lora:x:nan>", "nan"),
+        ("<lora:x:-infinity>", "infinity"),
+        ("<lora:x:1:unet=101>", "101"),
+        ("<lora:x:te=-100.5>", "-100.5"),
+        (format!("(x:1{})", "0".repeat(40)).as_str(), "outside"),
+        (format!("(x:1{})", "0".repeat(400)).as_str(), "outside"),
+        ("(x:100.01)", "100.01"),
+        ("(x:-101)", "-101"),
+        // Nesting multiplies weights within bounds beyond them: 100 * 1.1, 1.1^49.
+        ("((big:100))", "\"big\" has emphasis weight 110"),
+        (format!("{}deep", "(".repeat(49)).as_str(), "\"deep\""),
         ("<lora::1>", "name"),
         ("<lora:x:1:1:8>", "dyn"),
         ("<lora:x:1:lbw=ALL>", "lbw"),
@@ -145,6 +158,11 @@ fn bad_prompts_are_input_errors() {
         assert_eq!(err.exit_code(), 2, "{prompt:?}: {err}");
         assert!(err.to_string().contains(needle), "{prompt:?}: {err}");
     }
+    // The bounds themselves are allowed, negative emphasis too (A1111's weight pattern is
+    // `[+-]?[.\d]+`), and so are products that stay within them.
+    assert_eq!(parse_emphasis("(a:100)(b:-100)").unwrap(), [t("a", 100.0), t("b", -100.0)]);
+    assert_eq!(parse_emphasis("((a:90.9))").unwrap(), [t("a", 90.9 * 1.1)]);
+    assert_eq!(extract_loras("<lora:x:-100:100>").unwrap().1, [lora("x", -100.0, 100.0)]);
     // Odd input never panics.
     for prompt in ["\\", "(((", ")))", "]]][[[", ":", "::)", "(:1)", "<", "<lora:", "\u{0}(\u{FFFF}:1)", "🐱(:🐱)"]
     {

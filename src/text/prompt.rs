@@ -31,6 +31,10 @@ use super::{CHUNK_TOKENS, CONTEXT_TOKENS};
 /// it into the next chunk.
 pub const COMMA_BACKTRACK: usize = 20;
 const ROUND_MULTIPLIER: f64 = 1.1;
+/// Most brackets open at once. Closing a bracket multiplies every piece since its opening, so
+/// without a bound a long prompt of unclosed brackets ("(a(a(a...") takes time quadratic in its
+/// length; A1111 has no such bound, and prompts nest a handful deep.
+pub const MAX_OPEN_BRACKETS: usize = 100;
 /// Largest |weight| of an emphasis or a LoRA tag. Prompts use about 0.5 to 2; 100 leaves room for
 /// experiments and keeps weights far from f32's range (1e40 printed as JSON null).
 pub const MAX_WEIGHT: f64 = 100.0;
@@ -110,11 +114,17 @@ pub fn extract_loras(prompt: &str) -> Result<(String, Vec<LoraRequest>)> {
         text.push_str(&rest[..open]);
         let after = &rest[open + 1..];
         let kind_len = after.char_indices().find(|&(_, c)| !is_word(c)).map_or(after.len(), |(i, _)| i);
-        let args_and_rest = after[kind_len..].strip_prefix(':');
-        match args_and_rest.and_then(|s| s.find('>').map(|close| (s, close))) {
-            Some((s, close)) if kind_len > 0 && close > 0 => {
+        let args = after[kind_len..].strip_prefix(':').filter(|_| kind_len > 0);
+        match args.map(|s| (s, s.find('>'))) {
+            Some((s, Some(close))) if close > 0 => {
                 loras.push(lora_request(&after[..kind_len], &s[..close])?);
                 rest = &s[close + 1..];
+            }
+            // No '>' in the rest of the prompt: no later tag can close either, and searching
+            // again from every '<' would take time quadratic in the prompt's length.
+            Some((_, None)) => {
+                rest = &rest[open..];
+                break;
             }
             _ => {
                 text.push('<');
@@ -192,6 +202,12 @@ pub fn parse_emphasis(text: &str) -> Result<Vec<Piece>> {
                         1
                     }
                 }
+            }
+            '(' | '[' if round.len() + square.len() == MAX_OPEN_BRACKETS => {
+                return input_err!(
+                    "prompt: more than {MAX_OPEN_BRACKETS} brackets open at once, at {:?}",
+                    excerpt(rest)
+                );
             }
             '(' => {
                 round.push(res.len());

@@ -18,7 +18,8 @@
 //!
 //! Deviations from A1111: `BREAK` inside brackets still breaks (A1111 multiplies its marker weight
 //! and then tokenizes the word "BREAK"); extra networks other than LoRA, and LoRA options other
-//! than `te`/`unet`, are errors instead of being skipped. Prompt editing (`[a:b:when]`,
+//! than `te`/`unet`, are errors instead of being skipped; more than `MAX_OPEN_BRACKETS` brackets
+//! open at once is an error. Prompt editing (`[a:b:when]`,
 //! `[a|b]`), `AND`, comment lines and textual inversions are not handled here.
 
 use crate::error::Result;

@@ -276,43 +276,33 @@ impl Tokenizer {
         let n = bytes.len();
         let mut symbols: Vec<u32> =
             bytes.iter().enumerate().map(|(i, &b)| self.byte_ids[usize::from(i + 1 == n)][b as usize]).collect();
-        // Neighbour links by position; `n` stands for none on the right, `alive` marks the
-        // positions still holding a symbol (a merge keeps the left one).
+        // Neighbour links by position; `alive` marks the positions still holding a symbol (a
+        // merge keeps the left one).
         let mut prev: Vec<Option<usize>> = (0..n).map(|i| i.checked_sub(1)).collect();
-        let mut next: Vec<usize> = (1..=n).collect();
+        let mut next: Vec<Option<usize>> = (1..=n).map(|i| (i < n).then_some(i)).collect();
         let mut alive = vec![true; n];
-        let mut heap = BinaryHeap::new();
         let rank_at = |symbols: &[u32], left: usize, right: usize| self.merges.get(&(symbols[left], symbols[right]));
-        for i in 1..n {
-            if let Some(&(rank, _)) = rank_at(&symbols, i - 1, i) {
-                heap.push(Reverse((rank, i - 1)));
-            }
-        }
+        let mut heap: BinaryHeap<Reverse<(u32, usize)>> =
+            (1..n).filter_map(|i| rank_at(&symbols, i - 1, i).map(|&(rank, _)| Reverse((rank, i - 1)))).collect();
         while let Some(Reverse((rank, left))) = heap.pop() {
-            let right = next[left];
-            if !alive[left] || right == n {
-                continue;
-            }
-            let Some(&(current, merged)) = rank_at(&symbols, left, right) else { continue };
-            if current != rank {
-                continue;
-            }
-            // Merge: `left` takes the product, `right` leaves the list.
+            let Some(right) = next[left].filter(|_| alive[left]) else { continue };
+            let merged = match rank_at(&symbols, left, right) {
+                Some(&(current, merged)) if current == rank => merged,
+                _ => continue,
+            };
+            // Merge: `left` takes the product, `right` leaves the list; the product's pairs with
+            // its neighbours become candidates.
             symbols[left] = merged;
             alive[right] = false;
             next[left] = next[right];
-            if next[left] < n {
-                prev[next[left]] = Some(left);
+            if let Some(after) = next[left] {
+                prev[after] = Some(left);
             }
-            if let Some(before) = prev[left]
-                && let Some(&(r, _)) = rank_at(&symbols, before, left)
-            {
-                heap.push(Reverse((r, before)));
-            }
-            if next[left] < n
-                && let Some(&(r, _)) = rank_at(&symbols, left, next[left])
-            {
-                heap.push(Reverse((r, left)));
+            let pairs = [prev[left].map(|before| (before, left)), next[left].map(|after| (left, after))];
+            for (a, b) in pairs.into_iter().flatten() {
+                if let Some(&(r, _)) = rank_at(&symbols, a, b) {
+                    heap.push(Reverse((r, a)));
+                }
             }
         }
         (0..n).filter(|&i| alive[i]).map(|i| symbols[i]).collect()

@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::text::{Encoder, Tokenizer, tokenize_plain, tokenize_prompt};
 
-/// Largest prompt read from a file or stdin: 1 MiB, some 250,000 tokens.
+/// Largest prompt read from a file or stdin (1 MiB: eight times what one argument may hold).
 pub const PROMPT_LIMIT: u64 = 1 << 20;
 
 #[derive(Args)]

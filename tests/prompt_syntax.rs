@@ -136,6 +136,23 @@ fn bad_prompts_are_input_errors() {
         ("(a:.)", "."),
         ("<lora:x:strong>", "strong"),
         ("<lora:x:inf>", "inf"),
+        // Weights are finite and within ±100 (MAX_WEIGHT); these once printed as JSON null.
+        ("<lora:x:1e39>", "1e39"),
+        ("<lora:x:nan>", "nan"),
+        ("<lora:x:-infinity>", "infinity"),
+        ("<lora:x:1:unet=101>", "101"),
+        ("<lora:x:te=-100.5>", "-100.5"),
+        (format!("(x:1{})", "0".repeat(40)).as_str(), "outside"),
+        (format!("(x:1{})", "0".repeat(400)).as_str(), "outside"),
+        ("(x:100.01)", "100.01"),
+        ("(x:-101)", "-101"),
+        // At most 100 brackets open at once (closing one multiplies every piece since its opening,
+        // so a long run of unclosed brackets took time quadratic in the prompt's length).
+        (format!("{}x(y)", "[".repeat(101)).as_str(), "more than 100 brackets open at once, at \"[x(y)\""),
+        (format!("{}<lora:x", "(a".repeat(300_000)).as_str(), "more than 100 brackets"),
+        // Nesting multiplies weights within bounds beyond them: 100 * 1.1, 1.1^49.
+        ("((big:100))", "\"big\" has emphasis weight 110"),
+        (format!("{}deep", "(".repeat(49)).as_str(), "\"deep\""),
         ("<lora::1>", "name"),
         ("<lora:x:1:1:8>", "dyn"),
         ("<lora:x:1:lbw=ALL>", "lbw"),
@@ -145,6 +162,17 @@ fn bad_prompts_are_input_errors() {
         assert_eq!(err.exit_code(), 2, "{prompt:?}: {err}");
         assert!(err.to_string().contains(needle), "{prompt:?}: {err}");
     }
+    // The bounds themselves are allowed, negative emphasis too (A1111's weight pattern is
+    // `[+-]?[.\d]+`), and so are products that stay within them.
+    assert_eq!(parse_emphasis("(a:100)(b:-100)").unwrap(), [t("a", 100.0), t("b", -100.0)]);
+    assert_eq!(parse_emphasis("((a:90.9))").unwrap(), [t("a", 90.9 * 1.1)]);
+    assert_eq!(extract_loras("<lora:x:-100:100>").unwrap().1, [lora("x", -100.0, 100.0)]);
+    let pieces = parse_emphasis(&format!("{}x", "([".repeat(50))).unwrap();
+    assert!(matches!(&pieces[..], [Piece::Text { text, weight }] if text == "x" && (weight - 1.0).abs() < 1e-9));
+    // A '<' that no '>' follows is text, at once: 300,000 of them took seconds, rescanned each time.
+    let open_tags = "<a:".repeat(300_000);
+    assert_eq!(extract_loras(&open_tags).unwrap(), (open_tags.clone(), vec![]));
+    assert_eq!(extract_loras("<lora:x:1> <a:").unwrap(), (" <a:".to_string(), vec![lora("x", 1.0, 1.0)]));
     // Odd input never panics.
     for prompt in ["\\", "(((", ")))", "]]][[[", ":", "::)", "(:1)", "<", "<lora:", "\u{0}(\u{FFFF}:1)", "🐱(:🐱)"]
     {

@@ -1,8 +1,10 @@
 //! `celframe tokenize`: a prompt's token ids as JSON, one array of 77 per chunk, to compare with
-//! other tools (transformers, A1111, ComfyUI).
+//! other tools (transformers, A1111, ComfyUI). The prompt comes from the command line or, for
+//! prompts longer than a command line holds (Linux caps one argument at 128 KiB), from a file or
+//! stdin.
 
-use std::io::Write as _;
-use std::path::PathBuf;
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 use serde::Serialize;
@@ -10,10 +12,17 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::text::{Encoder, Tokenizer, tokenize_plain, tokenize_prompt};
 
+/// Largest prompt read from a file or stdin (1 MiB: eight times what one argument may hold).
+pub const PROMPT_LIMIT: u64 = 1 << 20;
+
 #[derive(Args)]
 pub struct TokenizeArgs {
     /// The prompt (A1111 syntax: (text:1.2), (text), [text], \( \), BREAK, <lora:name:w>).
-    pub text: String,
+    #[arg(required_unless_present = "prompt_file", conflicts_with = "prompt_file")]
+    pub text: Option<String>,
+    /// Read the prompt from a UTF-8 file instead ("-": standard input), at most 1 MiB.
+    #[arg(long, value_name = "PATH")]
+    pub prompt_file: Option<PathBuf>,
     /// Whose padding: clip-l pads with <|endoftext|> (49407), clip-g (bigG) with "!" (0).
     #[arg(long, value_enum, default_value = "clip-l")]
     pub encoder: EncoderArg,
@@ -22,9 +31,9 @@ pub struct TokenizeArgs {
     #[arg(long, value_name = "DIR")]
     pub vocab: Option<PathBuf>,
     /// Print {"chunks":[{"ids":[..],"weights":[..]}],"loras":[{"name","te_weight","unet_weight"}]}
-    /// instead of the bare id arrays.
+    /// (each token's emphasis weight and the LoRA tags) instead of the bare id arrays.
     #[arg(long)]
-    pub weights: bool,
+    pub emphasis: bool,
     /// No prompt syntax: the text as transformers' CLIPTokenizer sees it, cut into plain 75-token
     /// windows (the first is what diffusers feeds the encoder).
     #[arg(long)]
@@ -56,7 +65,32 @@ struct LoraJson<'a> {
     unet_weight: f32,
 }
 
+/// The prompt from `PATH`, or from stdin for "-", at most `PROMPT_LIMIT` bytes of UTF-8.
+fn read_prompt(path: &Path) -> Result<String> {
+    if path != Path::new("-") {
+        return crate::io::read_text(path, PROMPT_LIMIT, "--prompt-file");
+    }
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(PROMPT_LIMIT + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::Io { context: "--prompt-file -: reading standard input".into(), source: e })?;
+    if bytes.len() as u64 > PROMPT_LIMIT {
+        return Err(Error::Input(format!(
+            "--prompt-file -: standard input holds more than the {PROMPT_LIMIT}-byte (1 MiB) prompt limit"
+        )));
+    }
+    String::from_utf8(bytes)
+        .map_err(|e| Error::Input(format!("--prompt-file -: standard input is not UTF-8 text: {e}")))
+}
+
 pub fn run(args: &TokenizeArgs) -> Result<()> {
+    let text = match (&args.text, &args.prompt_file) {
+        (_, Some(path)) => read_prompt(path)?,
+        (Some(text), None) => text.clone(),
+        (None, None) => return Err(Error::Input("tokenize: give a prompt or --prompt-file PATH".into())),
+    };
     let tokenizer = match &args.vocab {
         Some(dir) => Tokenizer::from_dir(dir)?,
         None => Tokenizer::clip()?,
@@ -66,13 +100,13 @@ pub fn run(args: &TokenizeArgs) -> Result<()> {
         EncoderArg::ClipG => Encoder::ClipG,
     };
     let (chunks, loras) = if args.raw {
-        (tokenize_plain(&args.text, &tokenizer, encoder), Vec::new())
+        (tokenize_plain(&text, &tokenizer, encoder), Vec::new())
     } else {
-        let tokens = tokenize_prompt(&args.text, &tokenizer, encoder)?;
+        let tokens = tokenize_prompt(&text, &tokenizer, encoder)?;
         (tokens.chunks, tokens.loras)
     };
     // Serialized from f32 fields so weights print as 1.1, not as the f64 nearest their f32.
-    let json = if args.weights {
+    let json = if args.emphasis {
         let chunks = chunks.iter().map(|c| ChunkJson { ids: &c.ids, weights: &c.weights }).collect();
         let loras = loras
             .iter()

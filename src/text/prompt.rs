@@ -11,9 +11,15 @@
 //!   within 20 tokens after a comma moves the text after that comma to the next chunk. Each chunk
 //!   is BOS + 75 + EOS, padded, with one weight per token (1.0 for BOS, EOS and padding).
 //!
+//! Weights: an emphasis weight (the product of nested brackets included) and a LoRA weight must
+//! be finite and within ±`MAX_WEIGHT`; A1111 takes any number Python's `float` parses (LoRA
+//! weights "inf" and "nan" too) and sends it to the encoder or the merge unchecked. Negative
+//! weights stay allowed, as A1111's `[+-]?` in its weight pattern allows them.
+//!
 //! Deviations from A1111: `BREAK` inside brackets still breaks (A1111 multiplies its marker weight
 //! and then tokenizes the word "BREAK"); extra networks other than LoRA, and LoRA options other
-//! than `te`/`unet`, are errors instead of being skipped. Prompt editing (`[a:b:when]`,
+//! than `te`/`unet`, are errors instead of being skipped; more than `MAX_OPEN_BRACKETS` brackets
+//! open at once is an error. Prompt editing (`[a:b:when]`,
 //! `[a|b]`), `AND`, comment lines and textual inversions are not handled here.
 
 use crate::error::Result;
@@ -26,6 +32,13 @@ use super::{CHUNK_TOKENS, CONTEXT_TOKENS};
 /// it into the next chunk.
 pub const COMMA_BACKTRACK: usize = 20;
 const ROUND_MULTIPLIER: f64 = 1.1;
+/// Most brackets open at once. Closing a bracket multiplies every piece since its opening, so
+/// without a bound a long prompt of unclosed brackets ("(a(a(a...") takes time quadratic in its
+/// length; A1111 has no such bound, and prompts nest a handful deep.
+pub const MAX_OPEN_BRACKETS: usize = 100;
+/// Largest |weight| of an emphasis or a LoRA tag. Prompts use about 0.5 to 2; 100 leaves room for
+/// experiments and keeps weights far from f32's range (1e40 printed as JSON null).
+pub const MAX_WEIGHT: f64 = 100.0;
 
 /// One entry of a parsed prompt.
 #[derive(Clone, Debug, PartialEq)]
@@ -102,11 +115,17 @@ pub fn extract_loras(prompt: &str) -> Result<(String, Vec<LoraRequest>)> {
         text.push_str(&rest[..open]);
         let after = &rest[open + 1..];
         let kind_len = after.char_indices().find(|&(_, c)| !is_word(c)).map_or(after.len(), |(i, _)| i);
-        let args_and_rest = after[kind_len..].strip_prefix(':');
-        match args_and_rest.and_then(|s| s.find('>').map(|close| (s, close))) {
-            Some((s, close)) if kind_len > 0 && close > 0 => {
+        let args = after[kind_len..].strip_prefix(':').filter(|_| kind_len > 0);
+        match args.map(|s| (s, s.find('>'))) {
+            Some((s, Some(close))) if close > 0 => {
                 loras.push(lora_request(&after[..kind_len], &s[..close])?);
                 rest = &s[close + 1..];
+            }
+            // No '>' in the rest of the prompt: no later tag can close either, and searching
+            // again from every '<' would take time quadratic in the prompt's length.
+            Some((_, None)) => {
+                rest = &rest[open..];
+                break;
             }
             _ => {
                 text.push('<');
@@ -135,8 +154,8 @@ fn lora_request(kind: &str, args: &str) -> Result<LoraRequest> {
     }
     let number = |s: &str| -> Result<f32> {
         match s.trim().parse::<f64>() {
-            Ok(v) if v.is_finite() => Ok(v as f32),
-            _ => input_err!("{tag}: {s:?} is not a finite number"),
+            Ok(v) if v.abs() <= MAX_WEIGHT => Ok(v as f32),
+            _ => input_err!("{tag}: weight {s:?} is not a number from -{MAX_WEIGHT} to {MAX_WEIGHT}"),
         }
     };
     let Some(name) = positional.first().filter(|n| !n.is_empty()) else { return input_err!("{tag}: no LoRA name") };
@@ -185,6 +204,12 @@ pub fn parse_emphasis(text: &str) -> Result<Vec<Piece>> {
                     }
                 }
             }
+            '(' | '[' if round.len() + square.len() == MAX_OPEN_BRACKETS => {
+                return input_err!(
+                    "prompt: more than {MAX_OPEN_BRACKETS} brackets open at once, at {:?}",
+                    excerpt(rest)
+                );
+            }
             '(' => {
                 round.push(res.len());
                 1
@@ -200,8 +225,14 @@ pub fn parse_emphasis(text: &str) -> Result<Vec<Piece>> {
                 if digits > 0 && rest[end..].starts_with(')') {
                     let matched = &rest[..end + 1];
                     if let Some(open) = round.pop() {
-                        let Ok(w) = rest[1..end].parse::<f64>() else {
-                            return input_err!("prompt: bad emphasis weight {matched:?}");
+                        let w = match rest[1..end].parse::<f64>() {
+                            Ok(w) if w.abs() <= MAX_WEIGHT => w,
+                            Ok(_) => {
+                                return input_err!(
+                                    "prompt: emphasis weight {matched:?} is outside -{MAX_WEIGHT} to {MAX_WEIGHT}"
+                                );
+                            }
+                            Err(_) => return input_err!("prompt: bad emphasis weight {matched:?}"),
                         };
                         multiply(&mut res, open, w);
                     } else {
@@ -245,6 +276,17 @@ pub fn parse_emphasis(text: &str) -> Result<Vec<Piece>> {
     if res.is_empty() {
         res.push(text_piece(""));
     }
+    // Nesting multiplies: "((x:100))" is 110 though each factor is within bounds.
+    for piece in &res {
+        if let Piece::Text { text, weight } = piece
+            && (!weight.is_finite() || weight.abs() > MAX_WEIGHT)
+        {
+            return input_err!(
+                "prompt: {:?} has emphasis weight {weight} (nested brackets multiply), outside -{MAX_WEIGHT} to {MAX_WEIGHT}",
+                excerpt(text)
+            );
+        }
+    }
     // Merge runs of identical weights (exact f64 equality, as A1111).
     let mut merged: Vec<Piece> = Vec::with_capacity(res.len());
     for piece in res {
@@ -256,6 +298,14 @@ pub fn parse_emphasis(text: &str) -> Result<Vec<Piece>> {
         }
     }
     Ok(merged)
+}
+
+/// The first 40 characters of `text`, "..." marking a cut: enough to find the spot in a long prompt.
+fn excerpt(text: &str) -> String {
+    match text.char_indices().nth(40) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text.to_string(),
+    }
 }
 
 /// Python's `re.split(r"\s*\bBREAK\b\s*", text)`: BREAK as a whole word, with the whitespace

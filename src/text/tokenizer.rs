@@ -11,7 +11,8 @@
 //! 4. Each piece's UTF-8 bytes map to GPT-2's byte-to-unicode symbols, "</w>" marks the last one,
 //!    and adjacent symbols merge lowest merge rank first until no ranked pair is left.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::sync::Mutex;
@@ -31,15 +32,19 @@ const CLIP_MERGES: usize = 49408 - 2 * 256 - 2;
 pub const BOS_TEXT: &str = "<|startoftext|>";
 pub const EOS_TEXT: &str = "<|endoftext|>";
 const END_OF_WORD: &str = "</w>";
-/// Pieces remembered by the BPE cache before it is cleared (prompts repeat words; this bounds memory).
+/// Pieces remembered by the BPE cache before it is cleared (prompts repeat words).
 const CACHE_LIMIT: usize = 65536;
+/// Longest piece (bytes) the cache keeps: with `CACHE_LIMIT` this bounds the cache to a few tens
+/// of MB whatever the text; longer pieces are rare and are merged afresh each time.
+const CACHE_PIECE_BYTES: usize = 64;
 
 /// A CLIP BPE tokenizer. `encode` gives the ids of a text without BOS/EOS; `encode_padded` gives
 /// the 77 ids one text encoder sees. Shared between threads (the word cache sits behind a mutex).
 pub struct Tokenizer {
     ids: HashMap<String, u32>,
-    /// id -> token text; holes (ids absent from a vocab.json) are empty strings.
-    tokens: Vec<String>,
+    /// id -> token text. A cut-down vocab.json may keep a model's ids with gaps between them
+    /// (transformers accepts it), so this is a map, sized by the entries and never by an id.
+    tokens: HashMap<u32, String>,
     /// (left id, right id) -> (rank, merged id).
     merges: HashMap<(u32, u32), (u32, u32)>,
     /// Id of each byte's symbol inside a word [0] and at its end, with "</w>" [1].
@@ -94,19 +99,20 @@ impl Tokenizer {
         vocab.push(BOS_TEXT.to_string());
         vocab.push(EOS_TEXT.to_string());
         let ids = vocab.into_iter().enumerate().map(|(i, t)| (t, i as u32)).collect();
-        Self::from_parts(ids, &merges, what)
+        Self::from_parts(ids, &merges, what, what)
     }
 
     /// A model's own tokenizer files (diffusers `tokenizer/` and `tokenizer_2/`): `vocab.json`
     /// (token -> id) and `merges.txt` ("#version" header, then one merge per line, rank = order).
+    /// Each is read up to `io::JSON_LIMIT` bytes.
     pub fn from_files(vocab_json: &Path, merges_txt: &Path) -> Result<Tokenizer> {
-        let read = |p: &Path| {
-            std::fs::read_to_string(p).map_err(|e| Error::Io { context: format!("reading {}", p.display()), source: e })
-        };
-        let ids: HashMap<String, u32> = serde_json::from_str(&read(vocab_json)?)
+        let vocab_text = crate::io::read_text(vocab_json, crate::io::JSON_LIMIT, "tokenizer vocab.json")?;
+        let ids: HashMap<String, u32> = serde_json::from_str(&vocab_text)
             .map_err(|e| Error::Input(format!("{}: not a token -> id JSON object: {e}", vocab_json.display())))?;
         let mut merges = Vec::new();
-        for (n, line) in read(merges_txt)?.lines().enumerate() {
+        for (n, line) in
+            crate::io::read_text(merges_txt, crate::io::JSON_LIMIT, "tokenizer merges.txt")?.lines().enumerate()
+        {
             if line.trim().is_empty() || (n == 0 && line.starts_with("#version")) {
                 continue;
             }
@@ -115,14 +121,14 @@ impl Tokenizer {
             };
             merges.push((left.to_string(), right.to_string()));
         }
-        Self::from_parts(ids, &merges, &merges_txt.display().to_string())
+        Self::from_parts(ids, &merges, &vocab_json.display().to_string(), &merges_txt.display().to_string())
     }
 
     /// `dir/vocab.json` + `dir/merges.txt`.
     pub fn from_dir(dir: &Path) -> Result<Tokenizer> {
         let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
         for p in [&vocab, &merges] {
-            if !p.is_file() {
+            if !p.exists() {
                 return input_err!(
                     "{}: no such file (a tokenizer folder holds vocab.json and merges.txt)",
                     p.display()
@@ -132,14 +138,18 @@ impl Tokenizer {
         Self::from_files(&vocab, &merges)
     }
 
-    fn from_parts(ids: HashMap<String, u32>, merges: &[(String, String)], what: &str) -> Result<Tokenizer> {
-        let id = |t: &str| ids.get(t).copied().ok_or_else(|| Error::Input(format!("{what}: vocabulary has no {t:?}")));
-        let (bos, eos, bang) = (id(BOS_TEXT)?, id(EOS_TEXT)?, id("!")?);
-        let len = ids.values().map(|&i| i as usize + 1).max().unwrap_or(0);
-        let mut tokens = vec![String::new(); len];
-        for (t, &i) in &ids {
-            tokens[i as usize] = t.clone();
-        }
+    /// `vocab` and `merges_what` name the vocabulary's and the merges' sources in errors.
+    fn from_parts(
+        ids: HashMap<String, u32>,
+        merges: &[(String, String)],
+        vocab: &str,
+        merges_what: &str,
+    ) -> Result<Tokenizer> {
+        let tokens = tokens_by_id(&ids, vocab)?;
+        let id = |t: &str, what: &str| {
+            ids.get(t).copied().ok_or_else(|| Error::Input(format!("{what}: vocabulary has no {t:?}")))
+        };
+        let (bos, eos, bang) = (id(BOS_TEXT, vocab)?, id(EOS_TEXT, vocab)?, id("!", vocab)?);
         // A byte symbol missing from the vocabulary becomes the unknown token (EOS), as in transformers.
         let table = byte_to_unicode();
         let mut byte_ids = [[eos; 256]; 2];
@@ -149,8 +159,8 @@ impl Tokenizer {
         }
         let mut merge_map = HashMap::with_capacity(merges.len());
         for (rank, (left, right)) in merges.iter().enumerate() {
-            let key = (id(left)?, id(right)?);
-            let merged = id(&format!("{left}{right}"))?;
+            let key = (id(left, merges_what)?, id(right, merges_what)?);
+            let merged = id(&format!("{left}{right}"), merges_what)?;
             // A repeated merge keeps its first (best) rank.
             merge_map.entry(key).or_insert((rank as u32, merged));
         }
@@ -173,6 +183,7 @@ impl Tokenizer {
         }
     }
 
+    /// Number of tokens in the vocabulary.
     pub fn vocab_size(&self) -> usize {
         self.tokens.len()
     }
@@ -184,31 +195,31 @@ impl Tokenizer {
 
     /// The vocabulary form of an id.
     pub fn token(&self, id: u32) -> Option<&str> {
-        self.tokens.get(id as usize).map(String::as_str).filter(|t| !t.is_empty())
+        self.tokens.get(&id).map(String::as_str)
     }
 
     /// The ids of `text`, without BOS/EOS and without any length limit
     /// (transformers: `tokenizer(text, add_special_tokens=False)`).
     pub fn encode(&self, text: &str) -> Vec<u32> {
         let mut out = Vec::new();
-        let mut rest = text;
-        loop {
-            let special = [(BOS_TEXT, self.bos), (EOS_TEXT, self.eos)]
-                .into_iter()
-                .filter_map(|(s, id)| rest.find(s).map(|at| (at, s.len(), id)))
-                .min();
+        // One left-to-right pass over the places "<|" occurs: both specials start with it.
+        let (mut plain_from, mut search_from) = (0, 0);
+        while let Some(found) = text[search_from..].find("<|") {
+            let at = search_from + found;
+            let special =
+                [(BOS_TEXT, self.bos), (EOS_TEXT, self.eos)].into_iter().find(|(s, _)| text[at..].starts_with(s));
             match special {
-                Some((at, len, id)) => {
-                    self.encode_plain(&rest[..at], &mut out);
+                Some((s, id)) => {
+                    self.encode_plain(&text[plain_from..at], &mut out);
                     out.push(id);
-                    rest = &rest[at + len..];
+                    plain_from = at + s.len();
+                    search_from = plain_from;
                 }
-                None => {
-                    self.encode_plain(rest, &mut out);
-                    return out;
-                }
+                None => search_from = at + "<|".len(),
             }
         }
+        self.encode_plain(&text[plain_from..], &mut out);
+        out
     }
 
     /// What one text encoder sees for `text` in diffusers: BOS, the first 75 ids, EOS, padding to 77.
@@ -235,35 +246,78 @@ impl Tokenizer {
     }
 
     fn bpe(&self, piece: &str, out: &mut Vec<u32>) {
+        if piece.len() > CACHE_PIECE_BYTES {
+            out.extend(self.merge_symbols(piece));
+            return;
+        }
         let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(ids) = cache.get(piece) {
             out.extend_from_slice(ids);
             return;
         }
-        let bytes = piece.as_bytes();
-        let mut symbols: Vec<u32> = bytes
-            .iter()
-            .enumerate()
-            .map(|(i, &b)| self.byte_ids[usize::from(i + 1 == bytes.len())][b as usize])
-            .collect();
-        // Merge the best-ranked adjacent pair (leftmost on a tie) until none is ranked. A merge's
-        // product only ever appears in later merges, so this equals merging every occurrence of
-        // the best pair per pass (open_clip) and transformers' priority queue.
-        while let Some((_, at, merged)) = symbols
-            .windows(2)
-            .enumerate()
-            .filter_map(|(i, pair)| self.merges.get(&(pair[0], pair[1])).map(|&(rank, merged)| (rank, i, merged)))
-            .min()
-        {
-            symbols[at] = merged;
-            symbols.remove(at + 1);
-        }
-        out.extend_from_slice(&symbols);
+        let ids = self.merge_symbols(piece);
+        out.extend_from_slice(&ids);
         if cache.len() >= CACHE_LIMIT {
             cache.clear();
         }
-        cache.insert(piece.to_string(), symbols);
+        cache.insert(piece.to_string(), ids);
     }
+
+    /// The piece's byte symbols, merged best-ranked adjacent pair first (leftmost on a tie) until
+    /// no pair is ranked. A merge's product only ever appears in later merges, so this equals
+    /// merging every occurrence of the best pair per pass (open_clip's `bpe`) and transformers'
+    /// priority queue (tokenizers' `Word::merge_all`). Like the latter it keeps the symbols in a
+    /// doubly linked list and the candidate pairs in a heap keyed by (rank, position of the left
+    /// symbol), so a piece of n bytes takes O(n log n) instead of rescanning it after every merge.
+    /// A merge leaves older heap entries for its neighbours behind; an entry is stale, and
+    /// skipped, when its left symbol is gone or the pair now there has another rank.
+    fn merge_symbols(&self, piece: &str) -> Vec<u32> {
+        let bytes = piece.as_bytes();
+        let n = bytes.len();
+        let mut symbols: Vec<u32> =
+            bytes.iter().enumerate().map(|(i, &b)| self.byte_ids[usize::from(i + 1 == n)][b as usize]).collect();
+        // Neighbour links by position; `alive` marks the positions still holding a symbol (a
+        // merge keeps the left one).
+        let mut prev: Vec<Option<usize>> = (0..n).map(|i| i.checked_sub(1)).collect();
+        let mut next: Vec<Option<usize>> = (1..=n).map(|i| (i < n).then_some(i)).collect();
+        let mut alive = vec![true; n];
+        let rank_at = |symbols: &[u32], left: usize, right: usize| self.merges.get(&(symbols[left], symbols[right]));
+        let mut heap: BinaryHeap<Reverse<(u32, usize)>> =
+            (1..n).filter_map(|i| rank_at(&symbols, i - 1, i).map(|&(rank, _)| Reverse((rank, i - 1)))).collect();
+        while let Some(Reverse((rank, left))) = heap.pop() {
+            let Some(right) = next[left].filter(|_| alive[left]) else { continue };
+            let merged = match rank_at(&symbols, left, right) {
+                Some(&(current, merged)) if current == rank => merged,
+                _ => continue,
+            };
+            // Merge: `left` takes the product, `right` leaves the list; the product's pairs with
+            // its neighbours become candidates.
+            symbols[left] = merged;
+            alive[right] = false;
+            next[left] = next[right];
+            if let Some(after) = next[left] {
+                prev[after] = Some(left);
+            }
+            let pairs = [prev[left].map(|before| (before, left)), next[left].map(|after| (left, after))];
+            for (a, b) in pairs.into_iter().flatten() {
+                if let Some(&(r, _)) = rank_at(&symbols, a, b) {
+                    heap.push(Reverse((r, a)));
+                }
+            }
+        }
+        (0..n).filter(|&i| alive[i]).map(|i| symbols[i]).collect()
+    }
+}
+
+/// id -> token of a vocabulary (`what` names it in errors); two tokens with one id are an error.
+fn tokens_by_id(ids: &HashMap<String, u32>, what: &str) -> Result<HashMap<u32, String>> {
+    let mut tokens = HashMap::with_capacity(ids.len());
+    for (token, &id) in ids {
+        if let Some(other) = tokens.insert(id, token.clone()) {
+            return input_err!("{what}: tokens {other:?} and {token:?} both have id {id}; each id names one token");
+        }
+    }
+    Ok(tokens)
 }
 
 /// Splits normalised text into the pieces CLIP's pre-tokenizer regex matches (module doc, step 3).

@@ -6,7 +6,7 @@
 //! transformers names without the `text_model.` prefix (`encoder.layers.0.mlp.fc1.weight`);
 //! `names` says where each comes from in the file.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use super::config::{Activation, ClipConfig, Pooling};
@@ -136,9 +136,13 @@ fn open_transformers(folder: &Path, kind: TextEncoderKind) -> Result<ClipCheckpo
     let found = weights::load_filtered(&files, None, &is_buffer)?;
     let prefix = if found.get("text_model.embeddings.token_embedding.weight").is_ok() { "text_model." } else { "" };
     let with_projection = found.get("text_projection.weight").is_ok();
-    let (text, config_file) = files::read_config(folder)?;
+    // 2. the config, checked against those tensors before anything is sized from it
+    let config_path = folder.join("config.json");
+    let text = crate::io::read_text(&config_path, crate::io::JSON_LIMIT, "text encoder config")?;
+    let config_file = config_path.display().to_string();
     let config = ClipConfig::from_transformers_json(&text, &config_file, with_projection)?;
-    // 2. every tensor, strictly
+    check_counts(&config, &found, prefix, &config_file, &files[0])?;
+    // 3. every tensor, strictly
     let mut names = Vec::new();
     let mut specs = Vec::new();
     for spec in tensor_specs(&config) {
@@ -149,6 +153,60 @@ fn open_transformers(folder: &Path, kind: TextEncoderKind) -> Result<ClipCheckpo
     }
     let weights = weights::load_filtered(&files, Some(&specs), &is_buffer)?;
     Ok(ClipCheckpoint { kind, config, weights, names, format: ClipFormat::Transformers })
+}
+
+/// Compares each count of a folder's `config` with the tensor that shows it in `found` (its
+/// tensors, names under `prefix`), so a config that disagrees with its weights is refused by field
+/// (a layer count in the billions would otherwise size a list of billions of tensor names). A
+/// tensor missing here is left to strict loading, which lists it; `num_attention_heads` shows in
+/// no shape and is bounded by dividing `hidden_size`.
+fn check_counts(
+    config: &ClipConfig,
+    found: &LoadedWeights,
+    prefix: &str,
+    config_file: &str,
+    weights: &Path,
+) -> Result<()> {
+    let token = format!("{prefix}embeddings.token_embedding.weight");
+    let mut counts = vec![
+        ("vocab_size", config.vocab_size, token.clone(), 0),
+        ("hidden_size", config.hidden_size, token, 1),
+        (
+            "max_position_embeddings",
+            config.max_position_embeddings,
+            format!("{prefix}embeddings.position_embedding.weight"),
+            0,
+        ),
+        ("intermediate_size", config.intermediate_size, format!("{prefix}encoder.layers.0.mlp.fc1.weight"), 0),
+    ];
+    if let Some(p) = config.projection_dim {
+        counts.push(("projection_dim", p, "text_projection.weight".to_string(), 0));
+    }
+    for (field, value, name, dim) in counts {
+        if let Ok(t) = found.get(&name)
+            && t.shape().get(dim) != Some(&value)
+        {
+            return Err(Error::Input(format!(
+                "{config_file}: {field} is {value}, but {} holds {name} of shape {:?} (dimension {dim} is {field})",
+                weights.display(),
+                t.shape()
+            )));
+        }
+    }
+    let layer_prefix = format!("{prefix}encoder.layers.");
+    let layers: HashSet<&str> = found
+        .iter()
+        .filter_map(|(name, _)| name.strip_prefix(&layer_prefix)?.split_once('.').map(|(n, _)| n))
+        .collect();
+    if layers.len() != config.num_hidden_layers {
+        return Err(Error::Input(format!(
+            "{config_file}: num_hidden_layers is {}, but {} holds {} layers ({layer_prefix}<n>.*)",
+            config.num_hidden_layers,
+            weights.display(),
+            layers.len()
+        )));
+    }
+    Ok(())
 }
 
 fn open_single_file(path: &Path, kind: TextEncoderKind) -> Result<ClipCheckpoint> {

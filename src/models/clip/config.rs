@@ -91,22 +91,30 @@ impl ClipConfig {
         Ok(config)
     }
 
-    /// Checks what the graph relies on; `what` names the source in errors.
+    /// Checks what the graph relies on; `what` names the source in errors. Each count has a cap
+    /// far above CLIP's own (OpenCLIP bigG: 49408 tokens, width 1280, MLP 5120, 32 layers, 20
+    /// heads, 77 positions, projection 1280): a config beyond it is a typo or a damaged file, and
+    /// refusing it by name keeps what is sized from the config small even before the weights are
+    /// compared with it (`checkpoint`).
     pub fn validate(&self, what: &str) -> Result<()> {
         let bad = |m: String| Err(Error::Input(format!("{what}: {m}")));
         let sizes = [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("max_position_embeddings", self.max_position_embeddings),
+            ("vocab_size", Some(self.vocab_size), 1 << 20),
+            ("hidden_size", Some(self.hidden_size), 16384),
+            ("intermediate_size", Some(self.intermediate_size), 65536),
+            ("num_hidden_layers", Some(self.num_hidden_layers), 256),
+            ("num_attention_heads", Some(self.num_attention_heads), 256),
+            ("max_position_embeddings", Some(self.max_position_embeddings), 16384),
+            ("projection_dim", self.projection_dim, 16384),
         ];
-        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
-            return bad(format!("{name} must be positive"));
-        }
-        if self.projection_dim == Some(0) {
-            return bad("projection_dim must be positive".into());
+        for (name, value, limit) in sizes {
+            match value {
+                Some(0) => return bad(format!("{name} must be positive")),
+                Some(v) if v > limit => {
+                    return bad(format!("{name} {v} is more than {limit}, the largest this engine accepts"));
+                }
+                _ => {}
+            }
         }
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
@@ -115,7 +123,10 @@ impl ClipConfig {
             ));
         }
         if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
-            return bad(format!("layer_norm_eps {} must be a positive number", self.layer_norm_eps));
+            return bad(format!(
+                "layer_norm_eps {} (as float32) must be a positive finite number",
+                self.layer_norm_eps
+            ));
         }
         Ok(())
     }

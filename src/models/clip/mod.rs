@@ -80,11 +80,17 @@ impl ClipTextModel {
     /// 0..=num_hidden_layers).
     pub fn forward(&self, ex: &Exec, ids: &[u32], seq: usize, keep: &[usize]) -> Result<ClipOutputs> {
         let c = &self.config;
-        if seq == 0 || seq > c.max_position_embeddings || !ids.len().is_multiple_of(seq) || ids.is_empty() {
+        if seq == 0 || seq > c.max_position_embeddings {
             return Err(Error::Input(format!(
-                "text encoder: {} ids are not whole sequences of {seq} tokens (1..={} per sequence)",
-                ids.len(),
+                "text encoder: sequences of {seq} tokens; this encoder takes 1 to {} tokens per sequence \
+                 (max_position_embeddings)",
                 c.max_position_embeddings
+            )));
+        }
+        if ids.is_empty() || !ids.len().is_multiple_of(seq) {
+            return Err(Error::Input(format!(
+                "text encoder: {} ids do not make whole sequences of {seq} tokens (need a positive multiple of {seq})",
+                ids.len()
             )));
         }
         if let Some(k) = keep.iter().find(|&&k| k > c.num_hidden_layers) {

@@ -49,7 +49,7 @@ pub enum Command {
     #[command(after_help = EXIT_CODES)]
     Verify(verify::VerifyArgs),
     /// Print a prompt's token ids as JSON, one array of 77 per chunk (A1111 prompt syntax and
-    /// chunking; --raw for the text as transformers tokenizes it, --weights for weights and LoRAs).
+    /// chunking; --raw for the text as transformers tokenizes it, --emphasis for emphasis weights and LoRA requests).
     Tokenize(tokenize::TokenizeArgs),
 }
 

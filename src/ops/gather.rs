@@ -27,7 +27,10 @@ pub fn token_embedding(
         return Err(Error::Input(format!("token_embedding: table {table:?} must be [vocab, dim]")));
     };
     if seq == 0 || ids.is_empty() || !ids.len().is_multiple_of(seq) {
-        return Err(Error::Input(format!("token_embedding: {} ids are not whole sequences of {seq}", ids.len())));
+        return Err(Error::Input(format!(
+            "token_embedding: {} ids cannot be cut into sequences of {seq} tokens (the count must be a positive multiple of the sequence length)",
+            ids.len()
+        )));
     }
     if let Some(p) = positions.filter(|p| p.shape().len() != 2 || p.shape()[0] < seq || p.shape()[1] != dim) {
         return Err(Error::Input(format!("token_embedding: positions {p:?} must be [>= {seq}, {dim}]")));

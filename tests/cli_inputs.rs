@@ -151,7 +151,7 @@ fn fifos_and_devices_are_refused_promptly() {
     let cases: [(&[&str], &[&str]); 4] = [
         (&["--weights", &unet, "--reference", &fifo], &["reference.safetensors (reference file)", "a FIFO"]),
         (&["--weights", &unet, "--reference", "/dev/zero"], &["/dev/zero (reference file)", "a character device"]),
-        (&["--weights", &fifo_config, "--reference", &reference], &["config.json (config)", "a FIFO"]),
+        (&["--weights", &fifo_config, "--reference", &reference], &["config.json (model config)", "a FIFO"]),
         (&["--weights", &shard_folder, "--reference", &reference], &["shard-00001.safetensors", "a FIFO"]),
     ];
     for (args, needles) in cases {

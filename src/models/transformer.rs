@@ -7,8 +7,8 @@ use super::weights::Scope;
 use crate::error::Result;
 use crate::ops::Exec;
 use crate::ops::attention::{FlashAttention, attention};
-use crate::ops::elementwise::{add, geglu};
-use crate::ops::linear::linear;
+use crate::ops::elementwise::geglu;
+use crate::ops::linear::{linear, linear_add};
 use crate::ops::norm::{GroupNorm, group_norm, layer_norm};
 use crate::tensor::Tensor;
 use crate::weights::TensorSpec;
@@ -50,8 +50,9 @@ pub fn forward(ex: &Exec, w: &Scope, t: &Transformer, groups: usize, x: &Tensor,
         hs = block(ex, &w.at(&format!("transformer_blocks.{n}")), t, &hs, context)?;
     }
     // 4. proj_out, back to [B, H, W, C], + residual
-    hs = linear(ex, &hs, &as_matrix(w.get("proj_out.weight")?)?, Some(w.get("proj_out.bias")?))?;
-    add(ex, &hs.reshape(&[b, h, wd, c])?, x, 1.0)
+    let residual = x.reshape(&[b, h * wd, c])?;
+    hs = linear_add(ex, &hs, &as_matrix(w.get("proj_out.weight")?)?, Some(w.get("proj_out.bias")?), Some(&residual))?;
+    hs.reshape(&[b, h, wd, c])
 }
 
 /// A 1x1 conv weight (KRSC [C, 1, 1, C] after loading) viewed as the [C, C] matrix it is.
@@ -77,30 +78,37 @@ fn block(ex: &Exec, w: &Scope, t: &Transformer, x: &Tensor, context: &Tensor) ->
     // 1. self-attention: [B, L, C]
     let x = {
         let n = ln("norm1", x)?;
-        add(ex, &attention_block(ex, &w.at("attn1"), t.heads, &n, &n)?, x, 1.0)?
+        attention_block(ex, &w.at("attn1"), t.heads, &n, &n, x)?
     };
     // 2. cross-attention on the context: queries [B, L, C], keys and values from [B, T, X]
     let x = {
         let n = ln("norm2", &x)?;
-        add(ex, &attention_block(ex, &w.at("attn2"), t.heads, &n, context)?, &x, 1.0)?
+        attention_block(ex, &w.at("attn2"), t.heads, &n, context, &x)?
     };
     // 3. GEGLU feed-forward: [B, L, C] -> [B, L, 8C] -> [B, L, 4C] -> [B, L, C]
     let mut f = ln("norm3", &x)?;
     f = linear(ex, &f, w.get("ff.net.0.proj.weight")?, Some(w.get("ff.net.0.proj.bias")?))?;
     f = geglu(ex, &f)?;
-    f = linear(ex, &f, w.get("ff.net.2.weight")?, Some(w.get("ff.net.2.bias")?))?;
-    add(ex, &f, &x, 1.0)
+    linear_add(ex, &f, w.get("ff.net.2.weight")?, Some(w.get("ff.net.2.bias")?), Some(&x))
 }
 
-/// diffusers Attention without biases on q, k, v: softmax(q k^T / sqrt(d)) v, then to_out.0.
-fn attention_block(ex: &Exec, w: &Scope, heads: usize, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+/// diffusers Attention without biases on q, k, v: softmax(q k^T / sqrt(d)) v, then to_out.0, whose
+/// epilogue adds the residual stream.
+fn attention_block(
+    ex: &Exec,
+    w: &Scope,
+    heads: usize,
+    x: &Tensor,
+    context: &Tensor,
+    residual: &Tensor,
+) -> Result<Tensor> {
     let q = linear(ex, x, w.get("to_q.weight")?, None)?; // [B, L, C]
     let k = linear(ex, context, w.get("to_k.weight")?, None)?; // [B, T, C]
     let v = linear(ex, context, w.get("to_v.weight")?, None)?;
     let head_dim = q.shape()[2] / heads.max(1);
     let cfg = FlashAttention { heads, causal: false, scale: 1.0 / (head_dim as f32).sqrt() };
     let o = attention(ex, &q, &k, &v, cfg)?; // [B, L, C]
-    linear(ex, &o, w.get("to_out.0.weight")?, Some(w.get("to_out.0.bias")?))
+    linear_add(ex, &o, w.get("to_out.0.weight")?, Some(w.get("to_out.0.bias")?), Some(residual))
 }
 
 /// The module's tensors (PyTorch shapes) under `prefix`.

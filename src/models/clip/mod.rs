@@ -15,9 +15,9 @@ use super::weights::{ModelWeights, Place, Scope};
 use crate::error::{Error, Result};
 use crate::ops::Exec;
 use crate::ops::attention::{FlashAttention, attention};
-use crate::ops::elementwise::{add, gelu, quick_gelu};
+use crate::ops::elementwise::{gelu, quick_gelu};
 use crate::ops::gather::token_embedding;
-use crate::ops::linear::linear;
+use crate::ops::linear::{linear, linear_add};
 use crate::ops::norm::layer_norm;
 use crate::tensor::{HostBytes, Storage, Tensor};
 
@@ -153,9 +153,11 @@ impl ClipTextModel {
                 c.layer_norm_eps,
             )
         };
-        let lin = |name: &str, x: &Tensor| -> Result<Tensor> {
-            linear(ex, x, w.get(&format!("{name}.weight"))?, Some(w.get(&format!("{name}.bias"))?))
+        // x · Wᵀ + b, + a residual in the same epilogue where one is given
+        let lin_add = |name: &str, x: &Tensor, residual: Option<&Tensor>| -> Result<Tensor> {
+            linear_add(ex, x, w.get(&format!("{name}.weight"))?, Some(w.get(&format!("{name}.bias"))?), residual)
         };
+        let lin = |name: &str, x: &Tensor| lin_add(name, x, None);
         // 1. causal self-attention: [B, T, D]
         let x = {
             let n = ln("layer_norm1", x)?;
@@ -166,7 +168,7 @@ impl ClipTextModel {
                 scale: 1.0 / (c.head_dim() as f32).sqrt(),
             };
             let o = attention(ex, &q, &k, &v, cfg)?;
-            add(ex, &lin("self_attn.out_proj", &o)?, x, 1.0)?
+            lin_add("self_attn.out_proj", &o, Some(x))?
         };
         // 2. MLP: [B, T, D] -> [B, T, M] -> [B, T, D]
         let mut f = lin("mlp.fc1", &ln("layer_norm2", &x)?)?;
@@ -174,8 +176,7 @@ impl ClipTextModel {
             Activation::QuickGelu => quick_gelu(ex, &f)?,
             Activation::Gelu => gelu(ex, &f)?,
         };
-        f = lin("mlp.fc2", &f)?;
-        add(ex, &f, &x, 1.0)
+        lin_add("mlp.fc2", &f, Some(&x))
     }
 }
 

@@ -1,5 +1,5 @@
 //! A1111 prompt syntax, LoRA tags, chunking and emphasis. Expected values are worked out by hand
-//! from A1111's rules (FORMATS.md §8.1, §2.5; the examples in `parse_prompt_attention`'s
+//! from A1111's rules (AUTOMATIC1111's modules/prompt_parser.py; the examples in `parse_prompt_attention`'s
 //! docstring), not produced by this code.
 
 use std::sync::OnceLock;

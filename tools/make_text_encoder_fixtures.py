@@ -119,7 +119,7 @@ def hub_state_dict(model):
 
 
 def open_clip_recipe(hf, layers):
-    """OpenCLIP single-file key -> (op, HF names) for the bigG-role model (FORMATS.md 2.3)."""
+    """OpenCLIP single-file key -> (op, HF names) for the bigG-role model (diffusers' single_file_utils.py convert_open_clip_checkpoint)."""
     r = {
         "token_embedding.weight": ("copy", ["text_model.embeddings.token_embedding.weight"]),
         "positional_embedding": ("copy", ["text_model.embeddings.position_embedding.weight"]),

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(__file__))
 from cuda_timing import cuda_ms  # noqa: E402
 
-# The configs of stabilityai/stable-diffusion-xl-base-1.0 text_encoder/ and text_encoder_2/ (FORMATS.md 2.1).
+# The configs of stabilityai/stable-diffusion-xl-base-1.0 text_encoder/ and text_encoder_2/.
 COMMON = dict(vocab_size=49408, max_position_embeddings=77, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2,
               pad_token_id=1)
 ENCODERS = {

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from cuda_timing import cuda_ms  # noqa: E402
 from dump_unet_reference import random_inputs, reference_tensors, run  # noqa: E402
 
-# diffusers' unet/config.json of stabilityai/stable-diffusion-xl-base-1.0 (FORMATS.md 1.1).
+# diffusers' unet/config.json of stabilityai/stable-diffusion-xl-base-1.0.
 SDXL_UNET = {
     "_class_name": "UNet2DConditionModel",
     "act_fn": "silu",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The diffusers side of the full-size VAE-decoder check, on the GPU machine (tools/vae_gpu.sh runs it).
 
-1. Writes an SDXL VAE (the fp16-fix config: FORMATS.md 3.1) with seeded random weights (fp16,
+1. Writes an SDXL VAE (the config of madebyollin/sdxl-vae-fp16-fix) with seeded random weights (fp16,
    diffusers folder) to WORK/sdxl_vae, unless it is there already.
 2. Reference files for `celframe verify vae_decoder` (in.z -> out.sample of `decode(z)`, z already
    divided by the scaling factor), on fp16-rounded z:
@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(__file__))
 from cuda_timing import cuda_ms  # noqa: E402
 
-# vae/config.json of madebyollin/sdxl-vae-fp16-fix (FORMATS.md 3.1).
+# vae/config.json of madebyollin/sdxl-vae-fp16-fix.
 SDXL_VAE = {
     "_class_name": "AutoencoderKL",
     "act_fn": "silu",

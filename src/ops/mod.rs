@@ -85,6 +85,22 @@ fn grid_for(n: usize, block: u32) -> u32 {
     (n.div_ceil(block as usize)).clamp(1, 65535 * 8) as u32
 }
 
+/// `f(0..n)` computed on all cores, in order.
+pub(crate) fn par_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n.max(1));
+    let per = n.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = (0..n)
+            .step_by(per)
+            .map(|first| {
+                let f = &f;
+                s.spawn(move || (first..(first + per).min(n)).map(f).collect::<Vec<T>>())
+            })
+            .collect();
+        parts.into_iter().flat_map(|p| p.join().expect("a twin worker panicked")).collect()
+    })
+}
+
 /// Splits `rows` into contiguous ranges processed on all cores; `f(first_row, out_chunk)` fills the
 /// rows' slice of `out` (each row `row_len` values).
 pub(crate) fn par_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {

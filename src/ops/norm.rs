@@ -1,7 +1,7 @@
 //! Group norm (optionally fused with SiLU; statistics per image or across the frames of a video)
 //! and layer norm. Statistics are fp32 on the GPU and f64 in the twins.
 
-use super::{Exec, host_out, par_rows, same_dtype};
+use super::{Exec, host_out, par_map, par_rows, same_dtype};
 use crate::error::{Error, Result};
 use crate::gpu::ClusterScheduling;
 use crate::gpu::params::{
@@ -356,23 +356,28 @@ fn group_norm_cpu(
     let (g, b) = (gamma.to_f32_vec()?, beta.to_f32_vec()?);
     let (c, cpg) = (sh.channels, sh.channels / cfg.groups);
     let domain_len = sh.pixels * c;
+    // 1. (mean, 1 / std) per (domain, group) in f64, the pairs spread over the cores (one video's
+    //    frames are one domain, so domains alone would leave most cores idle).
+    let stats = par_map(sh.domains * cfg.groups, |item| {
+        let (domain, grp) = (item / cfg.groups, item % cfg.groups);
+        let xs = &xv[domain * domain_len..(domain + 1) * domain_len];
+        let values = || xs.chunks_exact(c).flat_map(|px| px[grp * cpg..(grp + 1) * cpg].iter().map(|&v| v as f64));
+        let n = (sh.pixels * cpg) as f64;
+        let mean = values().sum::<f64>() / n;
+        let var = values().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+        (mean, 1.0 / (var + cfg.eps as f64).sqrt())
+    });
+    // 2. normalise, pixels spread over the cores
     let mut out = vec![0f32; xv.len()];
-    par_rows(&mut out, domain_len, |first, chunk| {
-        for (k, y) in chunk.chunks_mut(domain_len).enumerate() {
-            let xs = &xv[(first + k) * domain_len..(first + k + 1) * domain_len];
-            for grp in 0..cfg.groups {
-                let values =
-                    || xs.chunks_exact(c).flat_map(|px| px[grp * cpg..(grp + 1) * cpg].iter().map(|&v| v as f64));
-                let n = (sh.pixels * cpg) as f64;
-                let mean = values().sum::<f64>() / n;
-                let var = values().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
-                let rstd = 1.0 / (var + cfg.eps as f64).sqrt();
-                for (px, ypx) in xs.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
-                    for ch in grp * cpg..(grp + 1) * cpg {
-                        let v = ((px[ch] as f64 - mean) * rstd) as f32 * g[ch] + b[ch];
-                        ypx[ch] = if cfg.silu { silu_f32(v) } else { v };
-                    }
-                }
+    par_rows(&mut out, c, |first, chunk| {
+        for (k, ypx) in chunk.chunks_mut(c).enumerate() {
+            let p = first + k;
+            let px = &xv[p * c..(p + 1) * c];
+            let domain_stats = &stats[(p / sh.pixels) * cfg.groups..];
+            for ch in 0..c {
+                let (mean, rstd) = domain_stats[ch / cpg];
+                let v = ((px[ch] as f64 - mean) * rstd) as f32 * g[ch] + b[ch];
+                ypx[ch] = if cfg.silu { silu_f32(v) } else { v };
             }
         }
     });

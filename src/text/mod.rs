@@ -1,5 +1,5 @@
 //! Text to token ids for the SDXL text encoders: the CLIP BPE tokenizer (`tokenizer`) and A1111
-//! prompt syntax with 77-token chunking and emphasis weights (`prompt`). FORMATS.md §2.4-2.5, §8.
+//! prompt syntax with 77-token chunking and emphasis weights (`prompt`). Sources: transformers' tokenization_clip.py, AUTOMATIC1111's modules/prompt_parser.py and sd_hijack_clip.py.
 
 pub mod prompt;
 pub mod tokenizer;

@@ -1,4 +1,4 @@
-//! A1111 prompt syntax (FORMATS.md §8.1) and chunking (§2.5), following AUTOMATIC1111's
+//! A1111 prompt syntax and chunking, following AUTOMATIC1111's
 //! `extra_networks.parse_prompt`, `prompt_parser.parse_prompt_attention` and
 //! `sd_hijack_clip.tokenize_line`:
 //!

@@ -1,5 +1,5 @@
 //! The CLIP byte-level BPE tokenizer, as transformers' `CLIPTokenizer` runs it (the tokenizer the
-//! diffusers SDXL pipeline uses for both text encoders; FORMATS.md §2.4):
+//! diffusers SDXL pipeline uses for both text encoders; transformers' models/clip/tokenization_clip.py):
 //!
 //! 1. `<|startoftext|>` / `<|endoftext|>` written literally in the text become their ids; they
 //!    are found in the raw text, before any normalisation (transformers' added tokens).
@@ -56,7 +56,7 @@ pub struct Tokenizer {
     cache: Mutex<HashMap<String, Vec<u32>>>,
 }
 
-/// Which SDXL text encoder a sequence is padded for (FORMATS.md §2.4): CLIP-L pads with
+/// Which SDXL text encoder a sequence is padded for (diffusers' pipeline_stable_diffusion_xl.py: tokenizer and tokenizer_2): CLIP-L pads with
 /// `<|endoftext|>` (49407), OpenCLIP bigG with "!" (id 0), as diffusers' tokenizer_2, SGM,
 /// A1111 and ComfyUI do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //! file or shards with an index, or the fp16 variant), a pipeline folder holding `text_encoder/` or
 //! `text_encoder_2/`, or an SDXL single-file checkpoint (CLIP-L under
 //! `conditioner.embedders.0.transformer.` with transformers names, bigG under
-//! `conditioner.embedders.1.model.` with OpenCLIP names; FORMATS.md 2.3). The graph reads
+//! `conditioner.embedders.1.model.` with OpenCLIP names; diffusers' single_file_utils.py). The graph reads
 //! transformers names without the `text_model.` prefix (`encoder.layers.0.mlp.fc1.weight`);
 //! `names` says where each comes from in the file.
 
@@ -78,7 +78,7 @@ const TRANSFORMERS_FILES: [&str; 4] = [
     "model.fp16.safetensors.index.json",
 ];
 
-/// What single files cannot say, at SDXL's values (FORMATS.md 2.1): 64-wide heads, LayerNorm eps
+/// What single files cannot say, at SDXL's values (generative-models' configs/inference/sd_xl_base.yaml): 64-wide heads, LayerNorm eps
 /// 1e-5, pooling at the largest id (SGM and OpenCLIP take the argmax; SDXL's configs say the same
 /// through the legacy eos_token_id 2).
 const HEAD_DIM: usize = 64;
@@ -279,7 +279,7 @@ fn prefixed(source: Source, prefix: &str) -> Source {
 
 /// The OpenCLIP (bigG) single-file name of a graph tensor, without the file's prefix: resblocks
 /// for layers, ln_1/ln_2, c_fc/c_proj, q/k/v fused in in_proj, the bare positional_embedding and
-/// text_projection parameters (FORMATS.md 2.3; diffusers' convert_open_clip_checkpoint inverted).
+/// text_projection parameters (diffusers' convert_open_clip_checkpoint, inverted).
 pub fn open_clip_source(name: &str) -> Result<Source> {
     let unknown = || Error::Input(format!("no OpenCLIP single-file name for the text encoder tensor '{name}'"));
     let key = |k: &str| Ok(Source::Key(k.to_string()));

@@ -1,4 +1,4 @@
-//! SDXL's text conditioning from prompts (FORMATS.md 2.2, 2.5): both encoders run on the same
+//! SDXL's text conditioning from prompts (diffusers' pipeline_stable_diffusion_xl.py encode_prompt; A1111's sd_hijack_clip.py for chunks): both encoders run on the same
 //! A1111-chunked prompt (77 ids per chunk, the encoder's own padding), each chunk's penultimate
 //! hidden states (transformers' `hidden_states[-2]`, no final LayerNorm) get A1111's emphasis per
 //! encoder, the two are concatenated on channels (CLIP-L first) and the chunks along tokens:

@@ -23,7 +23,7 @@ use celframe::ops::elementwise::{quick_gelu, quick_gelu_f32};
 use celframe::ops::gather::token_embedding;
 use celframe::text::{CONTEXT_TOKENS, Chunk, apply_emphasis};
 use celframe::verify::text_encoder::verify_text_encoder;
-use celframe::verify::{Device, Verification};
+use celframe::verify::{Settings, Verification};
 use celframe::{DType, Error, Tensor};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
@@ -60,7 +60,7 @@ impl Drop for TempDir {
 }
 
 fn check(kind: TextEncoderKind, weights: &Path) -> Verification {
-    let v = verify_text_encoder(kind, weights, &reference(kind), Device::Cpu, DType::F32, TOL, None).unwrap();
+    let v = verify_text_encoder(kind, weights, &reference(kind), &Settings::cpu(DType::F32, TOL)).unwrap();
     for c in &v.comparisons {
         println!("{} {}: rel L2 {:.2e}, max abs {:.2e}", kind.folder(), c.name, c.rel_l2, c.max_abs);
         assert!(c.ok(), "{c:?}");
@@ -200,16 +200,8 @@ fn single_file_names_match_the_folders() {
     }
     // CLIP-L pools by argmax in both; bigG's fixture pools at its first EOS, so compare the rest.
     check(TextEncoderKind::ClipL, &file);
-    let g = verify_text_encoder(
-        TextEncoderKind::ClipG,
-        &file,
-        &reference(TextEncoderKind::ClipG),
-        Device::Cpu,
-        DType::F32,
-        TOL,
-        None,
-    )
-    .unwrap();
+    let settings = Settings::cpu(DType::F32, TOL);
+    let g = verify_text_encoder(TextEncoderKind::ClipG, &file, &reference(TextEncoderKind::ClipG), &settings).unwrap();
     for c in &g.comparisons {
         println!("single file {}: rel L2 {:.2e}", c.name, c.rel_l2);
         assert_eq!(c.ok(), c.name != "out.text_embeds", "{c:?}");

@@ -28,7 +28,7 @@ use celframe::ops::elementwise::quick_gelu;
 use celframe::ops::gather::token_embedding;
 use celframe::text::{CONTEXT_TOKENS, Chunk};
 use celframe::verify::text_encoder::verify_text_encoder;
-use celframe::verify::{Device, compare, default_tolerance};
+use celframe::verify::{Settings, compare, default_tolerance};
 use celframe::{DType, Tensor};
 use common::{assert_close, random_tensor};
 
@@ -49,8 +49,8 @@ fn check(kind: TextEncoderKind, dtype: DType) {
     assert!(Gpu::is_available(), "no CUDA device: this GPU test cannot run here (it is not skipped silently)");
     let tol = default_tolerance(dtype);
     let (w, r) = (folder(kind), reference(kind));
-    let gpu = verify_text_encoder(kind, &w, &r, Device::Cuda, dtype, tol, Some(SCRATCH_GB)).unwrap();
-    let twin = verify_text_encoder(kind, &w, &r, Device::Cpu, dtype, tol, None).unwrap();
+    let gpu = verify_text_encoder(kind, &w, &r, &Settings::cuda(dtype, tol, SCRATCH_GB)).unwrap();
+    let twin = verify_text_encoder(kind, &w, &r, &Settings::cpu(dtype, tol)).unwrap();
     for ((c, t), ((name, g), (_, cpu))) in
         gpu.comparisons.iter().zip(&twin.comparisons).zip(gpu.outputs.iter().zip(&twin.outputs))
     {

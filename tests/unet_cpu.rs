@@ -17,14 +17,14 @@ use celframe::models::unet::{LayerPos, UnetPath};
 use celframe::models::{Limits, Place, Unet, UnetConfig, UnetFormat, UnetInputs, UnetResiduals, open_unet};
 use celframe::ops::Exec;
 use celframe::ops::elementwise::add;
-use celframe::verify::{Device, verify_unet};
+use celframe::verify::{Settings, verify_unet};
 use celframe::{DType, Error, Tensor, weights};
 use fixtures::{TempDir, folder, reference, write_single_file_a};
 
 const TOL: f64 = 1e-5;
 
 fn check_f32(weights: &std::path::Path, reference: &std::path::Path) -> Tensor {
-    let v = verify_unet(weights, reference, Device::Cpu, DType::F32, TOL, None).unwrap();
+    let v = verify_unet(weights, reference, &Settings::cpu(DType::F32, TOL)).unwrap();
     let c = &v.comparisons[0];
     println!("{} vs {}: rel L2 {:.2e}, max abs {:.2e}", weights.display(), reference.display(), c.rel_l2, c.max_abs);
     assert!(c.ok(), "{c:?}");

@@ -16,7 +16,7 @@ mod fixtures;
 
 use celframe::DType;
 use celframe::gpu::Gpu;
-use celframe::verify::{Device, compare, default_tolerance, verify_unet};
+use celframe::verify::{Settings, compare, default_tolerance, verify_unet};
 use fixtures::{TempDir, folder, reference, write_single_file_a};
 
 /// Scratch arena per forward: the fixtures need a few MB; tests may run three at a time.
@@ -25,8 +25,8 @@ const SCRATCH_GB: f64 = 1.0;
 fn check(what: &str, weights: &std::path::Path, reference: &std::path::Path, dtype: DType) {
     assert!(Gpu::is_available(), "no CUDA device: this GPU test cannot run here (it is not skipped silently)");
     let tol = default_tolerance(dtype);
-    let gpu = verify_unet(weights, reference, Device::Cuda, dtype, tol, Some(SCRATCH_GB)).unwrap();
-    let twin = verify_unet(weights, reference, Device::Cpu, dtype, tol, None).unwrap();
+    let gpu = verify_unet(weights, reference, &Settings::cuda(dtype, tol, SCRATCH_GB)).unwrap();
+    let twin = verify_unet(weights, reference, &Settings::cpu(dtype, tol)).unwrap();
     let (c, t) = (&gpu.comparisons[0], &twin.comparisons[0]);
     let vs_twin = compare("out.sample", &gpu.outputs[0].1, &twin.outputs[0].1, tol).unwrap();
     println!(

@@ -17,7 +17,7 @@ mod fixtures;
 use celframe::DType;
 use celframe::gpu::Gpu;
 use celframe::verify::vae::verify_vae_decoder;
-use celframe::verify::{Device, compare, default_tolerance};
+use celframe::verify::{Settings, compare, default_tolerance};
 use fixtures::fixtures;
 
 /// Scratch arena per decode: the fixtures need a few MB; tests may run three at a time.
@@ -27,8 +27,8 @@ fn check(what: &str, weights: &str, reference: &str, dtype: DType) {
     assert!(Gpu::is_available(), "no CUDA device: this GPU test cannot run here (it is not skipped silently)");
     let (weights, reference) = (fixtures().join(weights), fixtures().join(reference));
     let tol = default_tolerance(dtype);
-    let gpu = verify_vae_decoder(&weights, &reference, Device::Cuda, dtype, tol, Some(SCRATCH_GB)).unwrap();
-    let twin = verify_vae_decoder(&weights, &reference, Device::Cpu, dtype, tol, None).unwrap();
+    let gpu = verify_vae_decoder(&weights, &reference, &Settings::cuda(dtype, tol, SCRATCH_GB)).unwrap();
+    let twin = verify_vae_decoder(&weights, &reference, &Settings::cpu(dtype, tol)).unwrap();
     let (c, t) = (&gpu.comparisons[0], &twin.comparisons[0]);
     let vs_twin = compare("out.sample", &gpu.outputs[0].1, &twin.outputs[0].1, tol).unwrap();
     println!(

@@ -12,7 +12,9 @@ use crate::error::{EXIT_OUTSIDE_TOLERANCE, Error, Result};
 use crate::models::clip::TextEncoderKind;
 use crate::tensor::{DType, Tensor};
 use crate::verify::arenas::MAX_SCRATCH_GB;
-use crate::verify::{Comparison, Device, default_tolerance, verify_text_encoder, verify_unet, verify_vae_decoder};
+use crate::verify::{
+    Comparison, Device, Settings, default_tolerance, verify_text_encoder, verify_unet, verify_vae_decoder,
+};
 use crate::weights;
 
 #[derive(Args)]
@@ -83,13 +85,14 @@ pub fn run(args: &VerifyArgs) -> Result<bool> {
         // Before the run, which may take minutes: a target that cannot be replaced fails now.
         weights::check_save_path(path)?;
     }
+    let settings = Settings { device, dtype, tolerance, scratch_gb: args.scratch_gb };
     let result = match args.component.as_str() {
         "text_encoder" | "text_encoder_2" => {
             let kind = if args.component == "text_encoder" { TextEncoderKind::ClipL } else { TextEncoderKind::ClipG };
-            verify_text_encoder(kind, &args.weights, &args.reference, device, dtype, tolerance, args.scratch_gb)?
+            verify_text_encoder(kind, &args.weights, &args.reference, &settings)?
         }
-        "vae_decoder" => verify_vae_decoder(&args.weights, &args.reference, device, dtype, tolerance, args.scratch_gb)?,
-        _ => verify_unet(&args.weights, &args.reference, device, dtype, tolerance, args.scratch_gb)?,
+        "vae_decoder" => verify_vae_decoder(&args.weights, &args.reference, &settings)?,
+        _ => verify_unet(&args.weights, &args.reference, &settings)?,
     };
     println!("{}", result.summary);
     for c in &result.comparisons {

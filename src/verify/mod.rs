@@ -47,6 +47,27 @@ impl Device {
     }
 }
 
+/// How a verification runs: where, in which dtype, against which tolerance, with how much CUDA
+/// scratch (GiB; None: the default).
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    pub device: Device,
+    pub dtype: DType,
+    pub tolerance: f64,
+    pub scratch_gb: Option<f64>,
+}
+
+impl Settings {
+    /// The CPU twins in `dtype`.
+    pub fn cpu(dtype: DType, tolerance: f64) -> Settings {
+        Settings { device: Device::Cpu, dtype, tolerance, scratch_gb: None }
+    }
+    /// CUDA in `dtype` with `scratch_gb` GiB of scratch.
+    pub fn cuda(dtype: DType, tolerance: f64, scratch_gb: f64) -> Settings {
+        Settings { device: Device::Cuda, dtype, tolerance, scratch_gb: Some(scratch_gb) }
+    }
+}
+
 /// Default tolerances (relative L2 against a float32 reference). f32: the reference and the twins
 /// both compute in fp32 and differ by summation order over a few hundred layers (~9e-7 measured on
 /// the fixtures). f16 / bf16: every op rounds its output (2^-11 / 2^-8 relative) and the errors

@@ -13,7 +13,7 @@
 use std::path::Path;
 
 use super::arenas::{model_arenas, scratch_bytes};
-use super::{Device, Reference, Verification, compare};
+use super::{Device, Reference, Settings, Verification, compare};
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::models::Place;
@@ -37,11 +37,9 @@ pub fn verify_text_encoder(
     kind: TextEncoderKind,
     weights_path: &Path,
     reference: &Path,
-    device: Device,
-    dtype: DType,
-    tolerance: f64,
-    scratch_gb: Option<f64>,
+    settings: &Settings,
 ) -> Result<Verification> {
+    let Settings { device, dtype, tolerance, scratch_gb } = *settings;
     let checkpoint = open_text_encoder(weights_path, kind)?;
     let r = read_reference(&Reference::open(reference)?, &checkpoint.config, weights_path)?;
     let outputs = match device {

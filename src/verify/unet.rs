@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use super::arenas::{model_arenas, most_of_memory, scratch_bytes};
-use super::{Device, Reference, Verification, compare};
+use super::{Device, Reference, Settings, Verification, compare};
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
@@ -109,14 +109,8 @@ fn read_reference(r: &Reference, cfg: &UnetConfig, dtype: DType) -> Result<UnetR
 }
 
 /// Loads the UNet and the reference, runs the forward on `device` in `dtype` and compares.
-pub fn verify_unet(
-    weights_path: &Path,
-    reference: &Path,
-    device: Device,
-    dtype: DType,
-    tolerance: f64,
-    scratch_gb: Option<f64>,
-) -> Result<Verification> {
+pub fn verify_unet(weights_path: &Path, reference: &Path, settings: &Settings) -> Result<Verification> {
+    let Settings { device, dtype, tolerance, scratch_gb } = *settings;
     let checkpoint = open_unet(weights_path)?;
     let r = read_reference(&Reference::open(reference)?, &checkpoint.config, dtype)?;
     let s = r.sample.shape();

@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use super::arenas::{model_arenas, most_of_memory, scratch_bytes};
-use super::{Device, Reference, Verification, compare};
+use super::{Device, Reference, Settings, Verification, compare};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::models::Place;
@@ -21,14 +21,8 @@ use crate::tensor::{DType, Tensor};
 const CHUNK_FRAMES: usize = 8;
 
 /// Loads the VAE and the reference, decodes on `device` in `dtype` and compares.
-pub fn verify_vae_decoder(
-    weights_path: &Path,
-    reference: &Path,
-    device: Device,
-    dtype: DType,
-    tolerance: f64,
-    scratch_gb: Option<f64>,
-) -> Result<Verification> {
+pub fn verify_vae_decoder(weights_path: &Path, reference: &Path, settings: &Settings) -> Result<Verification> {
+    let Settings { device, dtype, tolerance, scratch_gb } = *settings;
     let checkpoint = open_vae(weights_path)?;
     let r = Reference::open(reference)?;
     let (z, expected) = read_reference(&r, checkpoint.config.latent_channels)?;

@@ -11,7 +11,7 @@
 //! and up blocks, before the skip is taken and before the down- or up-sampler; in
 //! UNetMidBlockCrossAttnMotion, after the mid transformer, before the second ResNet).
 
-use super::config::{DownBlock, MidBlock, UpBlock};
+use super::config::{DownBlock, Layer, MidBlock, UpBlock};
 use super::conv;
 use crate::error::{Error, Result};
 use crate::models::resnet::{self, ResnetNorm};
@@ -71,17 +71,7 @@ pub fn down(
     for (i, block) in blocks.iter().enumerate() {
         let bw = w.at(&format!("down_blocks.{i}"));
         for (j, layer) in block.layers.iter().enumerate() {
-            h = resnet::forward(ex, &bw.at(&format!("resnets.{j}")), &layer.resnet, cond.norm, &h, Some(cond.emb_act))?;
-            if let Some(t) = &layer.attention {
-                h = transformer::forward(
-                    ex,
-                    &bw.at(&format!("attentions.{j}")),
-                    t,
-                    cond.norm.groups,
-                    &h,
-                    cond.context,
-                )?;
-            }
+            h = layer_forward(ex, &bw, j, layer, cond, h)?;
             h = hook(LayerPos { path: UnetPath::Down, block: i, layer: j }, ex, h)?;
             skips.push(h.clone());
         }
@@ -130,17 +120,7 @@ pub fn up(
             // UnetConfig::validate matched every up layer with a skip.
             let skip = skips.pop().ok_or_else(|| Error::Internal(format!("up_blocks.{i} layer {j}: no skip left")))?;
             h = concat_last(ex, &h, &skip)?; // [B, H, W, C + C_skip]
-            h = resnet::forward(ex, &bw.at(&format!("resnets.{j}")), &layer.resnet, cond.norm, &h, Some(cond.emb_act))?;
-            if let Some(t) = &layer.attention {
-                h = transformer::forward(
-                    ex,
-                    &bw.at(&format!("attentions.{j}")),
-                    t,
-                    cond.norm.groups,
-                    &h,
-                    cond.context,
-                )?;
-            }
+            h = layer_forward(ex, &bw, j, layer, cond, h)?;
             h = hook(LayerPos { path: UnetPath::Up, block: i, layer: j }, ex, h)?;
         }
         if block.upsample {
@@ -150,4 +130,13 @@ pub fn up(
         }
     }
     Ok(h)
+}
+
+/// One layer of a down or up block: `resnets.{j}`, then `attentions.{j}` in cross-attention blocks.
+fn layer_forward(ex: &Exec, bw: &Scope, j: usize, layer: &Layer, cond: &Conditioning, h: Tensor) -> Result<Tensor> {
+    let h = resnet::forward(ex, &bw.at(&format!("resnets.{j}")), &layer.resnet, cond.norm, &h, Some(cond.emb_act))?;
+    match &layer.attention {
+        Some(t) => transformer::forward(ex, &bw.at(&format!("attentions.{j}")), t, cond.norm.groups, &h, cond.context),
+        None => Ok(h),
+    }
 }

@@ -269,10 +269,6 @@ impl Gpu {
     }
 
     /// The function `kernel`, loading its module on first use.
-    pub fn function(&self, kernel: &'static str) -> Result<sys::CUfunction> {
-        Ok(self.loaded(kernel)?.handle)
-    }
-
     fn loaded(&self, kernel: &'static str) -> Result<Function> {
         if let Some(f) = self.functions.borrow().get(kernel) {
             return Ok(*f);

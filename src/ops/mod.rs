@@ -114,3 +114,22 @@ pub(crate) fn par_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{GRID_YZ, grid_dim, kernel_i32};
+    use crate::error::Error;
+
+    #[test]
+    fn kernel_sizes_past_their_limits_are_refused_by_name() {
+        assert_eq!(kernel_i32("op", "rows", 5).unwrap(), 5);
+        let Err(Error::Unsupported(m)) = kernel_i32("flash_attention", "queries", 1 << 31) else { panic!() };
+        assert!(m.contains("flash_attention") && m.contains("queries") && m.contains("2147483647"), "{m}");
+        // 1025 images x 64 heads: one past the 65535 rows a grid's y dimension takes.
+        assert_eq!(grid_dim("op", "b x h", 65535, GRID_YZ).unwrap(), 65535);
+        let Err(Error::Unsupported(m)) = grid_dim("flash_attention", "batch x heads", 1025 * 64, GRID_YZ) else {
+            panic!()
+        };
+        assert!(m.contains("batch x heads = 65600") && m.contains("65535"), "{m}");
+    }
+}

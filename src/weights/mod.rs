@@ -388,6 +388,8 @@ impl LoadedWeights {
             })?;
             tensors.insert(name.clone(), on_device);
         }
+        // Uploads return once staged; the rate counts the copies' end.
+        gpu.synchronize()?;
         let report = UploadReport {
             tensors: tensors.len(),
             bytes: tensors.values().map(|t| t.size_bytes() as u64).sum(),

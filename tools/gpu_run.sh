@@ -9,7 +9,7 @@
 #           (tools/vae_gpu.sh), both text encoders (tools/text_encoder_gpu.sh);
 #   bench:  the kernel benchmarks and the PyTorch peer.
 # CELFRAME_STAGES picks stages (default "tests models bench"; a device call has 10 minutes, so the
-# loop may be split over calls). CELFRAME_TEST_FILTER=name runs only the GPU tests whose names
+# loop may be split over calls) and CELFRAME_MODELS the whole-model checks (default all). CELFRAME_TEST_FILTER=name runs only the GPU tests whose names
 # contain it; CELFRAME_BENCH_FILTER=text only the benchmark and peer entries whose keys contain it.
 set -uo pipefail
 here=$(dirname "$0")
@@ -33,7 +33,7 @@ if [[ " $stages " == *" tests "* ]]; then
 fi
 
 if [[ " $stages " == *" models "* ]]; then
-  for model in unet vae text_encoder; do
+  for model in ${CELFRAME_MODELS:-unet vae text_encoder}; do
     echo "== whole model: $model (tools/${model}_gpu.sh)" | tee -a "$log"
     bash "$here/${model}_gpu.sh"
     status[$model]=$?

@@ -10,10 +10,12 @@ mkdir -p "$out"
 source "$(dirname "$0")/gpu_env.sh"
 runs=${RUNS:-4}
 export CUDNN_LOGERR_DBG=1 CUDNN_LOGDEST_DBG=stderr
+# FLAKE_BINARY: another build of tests/vae_gpu.rs to run instead (an older commit's, to compare).
+binary=${FLAKE_BINARY:-dist/gpu/test_vae_gpu}
 one() {
   local name=$1 log=$out/flake_$1.log
   shift
-  "$@" dist/gpu/test_vae_gpu --include-ignored --test-threads=2 >"$log" 2>&1
+  "$@" "$binary" --include-ignored --test-threads=2 >"$log" 2>&1
   local rc=$?
   echo "FLAKE {\"run\": \"$name\", \"exit\": $rc}"
   [ "$rc" -eq 0 ] || grep -E "EXECUTION_FAILED|CUDNN_STATUS|failed|panicked|E! |ERROR" "$log" | head -20

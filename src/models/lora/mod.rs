@@ -1,0 +1,404 @@
+//! LoRA files merged into the weights of the loaded models (FORMATS.md §6).
+//!
+//! - `keys`: the key grammar (kohya, diffusers / PEFT, older diffusers spellings).
+//! - `targets`: the one name map from a module, in any spelling, to a loaded weight.
+//! - `merge`: ΔW per format and the host merge `ModelWeights` applies.
+//!
+//! `resolve` reads each file, accounts for every key and returns one `LoraMerge` per loaded model.
+//! A key either adds to a weight, belongs to a model not loaded in this run (counted in the
+//! summary), or is a problem; all problems of all files make one error: keys that target nothing
+//! (a warning in the summary instead with `lenient`), unknown parameters, modules with a down but
+//! no up matrix, shapes that do not fit their weight (naming the key and both shapes), and formats
+//! recognised but not merged yet (LoHa, LoKr, DoRA, full-weight `diff`: `Error::Unsupported`).
+//!
+//! Scale s = strength × α / r, r the rank (down's first dimension). Where α comes from:
+//! - kohya: the module's `.alpha`; without one, or with α = 0, α = r (s = strength): sd-scripts
+//!   `networks/lora.py` (`create_network_from_weights` "support old LoRA without alpha",
+//!   `LoRAModule.__init__` "alpha is None or alpha == 0"), as A1111 and ComfyUI do. diffusers
+//!   differs: it gives a module without `.alpha` the file's most common α
+//!   (`utils/peft_utils.py`, `get_peft_kwargs`); we follow kohya, whose format it is.
+//! - diffusers / PEFT: the module's `.alpha` where a converted file has one; else the PEFT config
+//!   diffusers writes into the safetensors metadata (`lora_adapter_metadata`, JSON with keys
+//!   `<component>.lora_alpha`, `.alpha_pattern`, `.use_rslora`, `.use_dora`: diffusers
+//!   `loaders/lora_base.py`, `_pack_dict_with_prefix`), an `alpha_pattern` entry matching the
+//!   module's path or its end after a `.` (PEFT `utils/other.py`, `get_pattern_key`, without the
+//!   regular expressions); else α = r. `use_rslora` makes s = strength × α / √r.
+//!
+//! Strength: each LoRA has one for the UNet and one for the text encoders (A1111's
+//! `<lora:name:te_w:unet_w>`).
+
+mod keys;
+pub mod merge;
+pub mod targets;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+pub use merge::LoraMerge;
+pub use targets::{Component, Lookup, Target, Targets};
+
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+use crate::text::prompt::MAX_WEIGHT;
+use crate::weights::{self, TensorFile};
+use keys::Param;
+use merge::{LowRank, Scaled};
+
+/// A LoRA to apply: its file and its strengths on the UNet and on the text encoders.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraSpec {
+    pub path: PathBuf,
+    pub unet: f64,
+    pub text_encoder: f64,
+}
+
+impl LoraSpec {
+    /// `PATH[:WEIGHT]`: the weight (default 1.0) applies to the UNet and the text encoders. A
+    /// suffix after the last `:` that is not a number is part of the path.
+    pub fn parse(arg: &str) -> Result<LoraSpec> {
+        let (path, weight) = match arg.rsplit_once(':').map(|(p, w)| (p, w.trim().parse::<f64>())) {
+            Some((path, Ok(weight))) => (path, weight),
+            _ => (arg, 1.0),
+        };
+        if path.is_empty() {
+            return Err(Error::Input(format!("--lora '{arg}': no file")));
+        }
+        if !(weight.is_finite() && weight.abs() <= MAX_WEIGHT) {
+            return Err(Error::Input(format!("--lora '{arg}': the weight must be a number within ±{MAX_WEIGHT}")));
+        }
+        Ok(LoraSpec { path: PathBuf::from(path), unet: weight, text_encoder: weight })
+    }
+
+    fn strength(&self, component: Component) -> f64 {
+        if component.is_text_encoder() { self.text_encoder } else { self.unet }
+    }
+}
+
+/// The LoRAs resolved against the loaded models: one merge per model, and a summary line per file.
+pub struct Loras {
+    merges: HashMap<Component, LoraMerge>,
+    pub summary: Vec<String>,
+}
+
+impl Loras {
+    /// The deltas for `component` (empty when no LoRA adapts it).
+    pub fn merge(&self, component: Component) -> Option<&LoraMerge> {
+        self.merges.get(&component).filter(|m| !m.is_empty())
+    }
+}
+
+/// Problems listed by name in the error; the rest are counted.
+const LISTED: usize = 20;
+
+/// Everything wrong with the files, gathered so that one error reports it all.
+#[derive(Default)]
+struct Problems {
+    /// (kind, detail); unsupported formats are counted apart for the error's kind.
+    input: Vec<(&'static str, String)>,
+    unsupported: Vec<String>,
+}
+
+impl Problems {
+    fn into_result(self) -> Result<()> {
+        if self.input.is_empty() && self.unsupported.is_empty() {
+            return Ok(());
+        }
+        let mut kinds: BTreeMap<&str, Vec<&String>> = BTreeMap::new();
+        for (kind, detail) in &self.input {
+            kinds.entry(kind).or_default().push(detail);
+        }
+        if !self.unsupported.is_empty() {
+            kinds.insert("format not supported yet", self.unsupported.iter().collect());
+        }
+        let counts: Vec<String> = kinds.iter().map(|(k, v)| format!("{k}: {}", v.len())).collect();
+        let mut message = format!("cannot apply the LoRAs ({}):", counts.join(", "));
+        for (kind, details) in &kinds {
+            for d in details.iter().take(LISTED) {
+                message.push_str(&format!("\n  {kind}: {d}"));
+            }
+            if details.len() > LISTED {
+                message.push_str(&format!("\n  ... and {} more {kind}", details.len() - LISTED));
+            }
+        }
+        Err(if self.input.is_empty() { Error::Unsupported(message) } else { Error::Input(message) })
+    }
+}
+
+/// Reads every LoRA of `specs`, maps each module through `targets` and gathers the deltas per
+/// loaded model (see the module doc for what is refused). With `lenient`, keys that target nothing
+/// become a warning line in the summary instead of an error.
+pub fn resolve(specs: &[LoraSpec], targets: &Targets, lenient: bool) -> Result<Loras> {
+    let mut merges: HashMap<Component, LoraMerge> = HashMap::new();
+    let mut summary = Vec::new();
+    let mut problems = Problems::default();
+    for spec in specs {
+        let file = weights::open(&spec.path, "LoRA file")?;
+        let found = read_file(&file, spec, targets, &mut problems)?;
+        let mut line =
+            format!("LoRA {} (unet x{}, text encoders x{}):", spec.path.display(), spec.unet, spec.text_encoder);
+        for c in Component::ALL {
+            let n = found.deltas.iter().filter(|(t, _)| t.component == c).count();
+            if n > 0 {
+                line.push_str(&format!(" {} {n} modules;", c.name()));
+            }
+        }
+        for (c, n) in &found.not_loaded {
+            line.push_str(&format!(" {n} modules for {} (not loaded here);", c.name()));
+        }
+        if found.deltas.is_empty() && found.not_loaded.is_empty() {
+            line.push_str(" nothing for the loaded models;");
+        }
+        if !found.unmatched.is_empty() {
+            if lenient {
+                line.push_str(&format!(
+                    " WARNING: {} keys target nothing in the loaded models, skipped (--lora-lenient): {}{}",
+                    found.unmatched.len(),
+                    found.unmatched.iter().take(LISTED).cloned().collect::<Vec<_>>().join(", "),
+                    if found.unmatched.len() > LISTED { ", ..." } else { "" }
+                ));
+            } else {
+                for key in found.unmatched {
+                    problems
+                        .input
+                        .push(("targets nothing in the loaded models", format!("{}: {key}", file_name(&file))));
+                }
+            }
+        }
+        summary.push(line.trim_end_matches(';').to_string());
+        for (target, delta) in found.deltas {
+            merges.entry(target.component).or_default().add(&target.tensor, delta);
+        }
+    }
+    problems.into_result()?;
+    Ok(Loras { merges, summary })
+}
+
+/// What one file gives: deltas by target, keys that match nothing, and modules for models not
+/// loaded here.
+struct Found<'t> {
+    deltas: Vec<(&'t Target, Scaled)>,
+    unmatched: Vec<String>,
+    not_loaded: BTreeMap<Component, usize>,
+}
+
+fn file_name(file: &TensorFile) -> String {
+    file.path().display().to_string()
+}
+
+/// One module's keys by parameter.
+type Params = BTreeMap<Param, String>;
+
+fn read_file<'t>(
+    file: &TensorFile,
+    spec: &LoraSpec,
+    targets: &'t Targets,
+    problems: &mut Problems,
+) -> Result<Found<'t>> {
+    let name = file_name(file);
+    let mut found = Found { deltas: Vec::new(), unmatched: Vec::new(), not_loaded: BTreeMap::new() };
+    // 1. keys grouped by module
+    let mut modules: BTreeMap<String, Params> = BTreeMap::new();
+    for key in file.names() {
+        let Some(k) = keys::split(key) else {
+            found.unmatched.push(key.to_string());
+            continue;
+        };
+        if let Some(first) = modules.entry(k.module).or_default().insert(k.param, key.to_string()) {
+            problems.input.push(("duplicate parameter", format!("{name}: {first} and {key} hold the same parameter")));
+        }
+    }
+    let metadata = PeftMetadata::read(file)?;
+    // 2. each module resolved, checked and scaled
+    let mut claimed: HashMap<&str, String> = HashMap::new();
+    for (module, params) in &modules {
+        let target = match targets.find(module) {
+            Lookup::Found(t) => t,
+            Lookup::NotLoaded(c) => {
+                *found.not_loaded.entry(c).or_default() += 1;
+                continue;
+            }
+            Lookup::Nothing => {
+                found.unmatched.extend(params.values().cloned());
+                continue;
+            }
+        };
+        if let Some(first) = claimed.insert(&target.tensor, module.clone()) {
+            problems.input.push((
+                "two modules for one weight",
+                format!("{name}: {first} and {module} both adapt {} '{}'", target.component.name(), target.tensor),
+            ));
+            continue;
+        }
+        let unsupported: Vec<&str> =
+            params.keys().filter_map(|p| if let Param::Unsupported(what) = p { Some(*what) } else { None }).collect();
+        if let Some(what) = unsupported.first() {
+            problems.unsupported.push(format!("{name}: {module}: {what}"));
+            continue;
+        }
+        if let Some(key) = params.iter().find_map(|(p, k)| matches!(p, Param::Unknown(_)).then_some(k)) {
+            problems.input.push(("unknown parameter", format!("{name}: {key}")));
+            continue;
+        }
+        match module_delta(file, module, params, target, spec, &metadata) {
+            Ok(delta) => found.deltas.push((target, delta)),
+            Err(detail) => problems.input.push(("bad module", format!("{name}: {detail}"))),
+        }
+    }
+    Ok(found)
+}
+
+/// A module's factors checked against its target and scaled; Err(detail) names the key and both
+/// shapes.
+fn module_delta(
+    file: &TensorFile,
+    module: &str,
+    params: &Params,
+    target: &Target,
+    spec: &LoraSpec,
+    metadata: &PeftMetadata,
+) -> std::result::Result<Scaled, String> {
+    let tensor = |p: &Param| -> std::result::Result<Option<(Tensor, &str)>, String> {
+        params.get(p).map(|k| file.float(k).map(|t| (t, k.as_str())).map_err(|e| e.to_string())).transpose()
+    };
+    let (Some((down, down_key)), Some((up, up_key))) = (tensor(&Param::Down)?, tensor(&Param::Up)?) else {
+        let have: Vec<&String> = params.values().collect();
+        return Err(format!("{module}: a LoRA module needs both a down and an up matrix; the file has {have:?}"));
+    };
+    let mid = tensor(&Param::Mid)?;
+    // Factor shapes: down [r, in(, kh, kw)], up [out, r(, 1, 1)], mid [r, r, kh, kw] with a 1x1 down.
+    let rank = down.shape().first().copied().unwrap_or(0);
+    let down_ok = matches!(down.shape().len(), 2 | 4) && rank > 0;
+    let up_ok = match up.shape() {
+        [_, r] | [_, r, 1, 1] => *r == rank,
+        _ => false,
+    };
+    if !down_ok || !up_ok {
+        return Err(format!(
+            "{down_key} {:?} and {up_key} {:?} are not [rank, in(, kh, kw)] and [out, rank(, 1, 1)] of one rank",
+            down.shape(),
+            up.shape()
+        ));
+    }
+    if let Some((mid, mid_key)) = &mid {
+        let fits = matches!(mid.shape(), [a, b, _, _] if *a == rank && *b == rank)
+            && matches!(down.shape(), [_, _] | [_, _, 1, 1]);
+        if !fits {
+            return Err(format!(
+                "{mid_key} {:?} with {down_key} {:?}: a Tucker core is [rank, rank, kh, kw] with a 1x1 down of rank {rank}",
+                mid.shape(),
+                down.shape()
+            ));
+        }
+    }
+    let delta = LowRank { down, up, mid: mid.map(|(t, _)| t) };
+    if delta.shape() != target.shape {
+        return Err(format!(
+            "{module} ({down_key} {:?}, {up_key} {:?}) makes a {:?} delta, but {} '{}' is {:?}",
+            delta.down.shape(),
+            delta.up.shape(),
+            delta.shape(),
+            target.component.name(),
+            target.tensor,
+            target.shape
+        ));
+    }
+    // α / r (module doc)
+    let alpha = match params.get(&Param::Alpha) {
+        Some(key) => Some(scalar(file, key)?),
+        None => None,
+    };
+    let kohya = module.starts_with("lora_");
+    let r = rank as f64;
+    let ratio = if kohya {
+        match alpha {
+            Some(a) if a != 0.0 => a / r,
+            _ => 1.0,
+        }
+    } else {
+        let path = module.split_once('.').map_or(module, |(_, p)| p);
+        let peft = metadata.for_component(target.component);
+        let alpha = alpha.or_else(|| peft.and_then(|m| m.alpha(path))).unwrap_or(r);
+        if peft.is_some_and(|m| m.use_dora) {
+            return Err(format!("{module}: DoRA (use_dora in lora_adapter_metadata): not supported yet"));
+        }
+        if peft.is_some_and(|m| m.use_rslora) { alpha / r.sqrt() } else { alpha / r }
+    };
+    let source = format!("{}: {module}", file.path().display());
+    Ok(Scaled { scale: spec.strength(target.component) * ratio, delta, source })
+}
+
+/// A one-element tensor's finite value.
+fn scalar(file: &TensorFile, key: &str) -> std::result::Result<f64, String> {
+    let t = file.float(key).map_err(|e| e.to_string())?;
+    match t.to_f32_vec().map_err(|e| e.to_string())?.as_slice() {
+        [v] if v.is_finite() => Ok(f64::from(*v)),
+        values => Err(format!("{key} must hold one finite number; it holds {values:?} (shape {:?})", t.shape())),
+    }
+}
+
+/// The PEFT LoraConfig fields diffusers writes per component into `lora_adapter_metadata`.
+#[derive(Default)]
+struct PeftConfig {
+    lora_alpha: Option<f64>,
+    alpha_pattern: Vec<(String, f64)>,
+    use_rslora: bool,
+    use_dora: bool,
+}
+
+impl PeftConfig {
+    /// The alpha_pattern entry matching `path` (whole, or its end after a `.`), else lora_alpha.
+    fn alpha(&self, path: &str) -> Option<f64> {
+        let matches = |p: &str| match p.strip_prefix('^') {
+            Some(anchored) => path == anchored,
+            None => path == p || path.ends_with(&format!(".{p}")),
+        };
+        self.alpha_pattern.iter().find(|(p, _)| matches(p)).map(|(_, a)| *a).or(self.lora_alpha)
+    }
+}
+
+#[derive(Default)]
+struct PeftMetadata {
+    by_component: HashMap<Component, PeftConfig>,
+}
+
+impl PeftMetadata {
+    fn read(file: &TensorFile) -> Result<PeftMetadata> {
+        let mut out = PeftMetadata::default();
+        let Some(raw) = file.metadata().get("lora_adapter_metadata") else { return Ok(out) };
+        let bad = |why: String| {
+            Error::Input(format!("{} (LoRA file): metadata 'lora_adapter_metadata': {why}", file.path().display()))
+        };
+        let json: serde_json::Map<String, Value> =
+            serde_json::from_str(raw).map_err(|e| bad(format!("not a JSON object: {e}")))?;
+        let number = |key: &str, v: &Value| -> Result<f64> {
+            v.as_f64().filter(|a| a.is_finite()).ok_or_else(|| bad(format!("{key} is {v}, not a finite number")))
+        };
+        for c in Component::ALL {
+            let get = |field: &str| json.get(&format!("{}.{field}", c.name()));
+            let mut config = PeftConfig::default();
+            let mut any = false;
+            if let Some(v) = get("lora_alpha") {
+                config.lora_alpha = Some(number("lora_alpha", v)?);
+                any = true;
+            }
+            if let Some(Value::Object(patterns)) = get("alpha_pattern") {
+                for (p, v) in patterns {
+                    config.alpha_pattern.push((p.clone(), number(&format!("alpha_pattern.{p}"), v)?));
+                }
+                any = true;
+            }
+            config.use_rslora = get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
+            config.use_dora = get("use_dora").and_then(Value::as_bool).unwrap_or(false);
+            if any || config.use_rslora || config.use_dora {
+                out.by_component.insert(c, config);
+            }
+        }
+        Ok(out)
+    }
+
+    fn for_component(&self, c: Component) -> Option<&PeftConfig> {
+        self.by_component.get(&c)
+    }
+}

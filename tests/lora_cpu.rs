@@ -427,3 +427,48 @@ fn lora_arguments_parse_path_and_weight() {
         assert!(matches!(p(bad), Err(Error::Input(_))), "{bad:?}");
     }
 }
+
+#[test]
+fn model_weights_merge_before_the_layout_change_and_round_once() {
+    use celframe::models::{ModelWeights, Place};
+    use celframe::ops::conv::weight_oihw_to_ohwi;
+    let dir = TempDir::new("prepare");
+    let (checkpoint, targets) = unet_targets();
+    let m = "lora_unet_input_blocks_1_0_in_layers_2";
+    let file = dir.path("conv.safetensors");
+    write(
+        &file,
+        &[
+            entry(&format!("{m}.lora_down.weight"), &[4, 32, 3, 3], 1),
+            entry(&format!("{m}.lora_up.weight"), &[32, 4, 1, 1], 2),
+        ],
+        None,
+    );
+    let loras = resolve(&[spec(&file, 1.0)], &targets, false).unwrap();
+    let merge = loras.merge(Component::Unet).unwrap();
+    let conv = "down_blocks.0.resnets.0.conv1.weight";
+    let base = checkpoint.weights.get(conv).unwrap();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let host = Place::Host(dtype);
+        let w =
+            ModelWeights::prepare(&checkpoint.weights, &checkpoint.names, Place::Merged { place: &host, loras: merge })
+                .unwrap();
+        let got = w.root().get(conv).unwrap();
+        let want = weight_oihw_to_ohwi(&merge.merged(conv, base, dtype).unwrap().unwrap()).unwrap();
+        assert_eq!((got.dtype(), got.shape()), (dtype, want.shape()));
+        assert_eq!(got.host_bytes().unwrap(), want.host_bytes().unwrap(), "{dtype:?}: merged, then KRSC");
+        // Weights no delta targets are prepared as without LoRAs.
+        let plain = ModelWeights::prepare(&checkpoint.weights, &checkpoint.names, host).unwrap();
+        let other = "down_blocks.0.resnets.0.conv2.weight";
+        assert_eq!(
+            w.root().get(other).unwrap().host_bytes().unwrap(),
+            plain.root().get(other).unwrap().host_bytes().unwrap()
+        );
+        assert_ne!(got.host_bytes().unwrap(), plain.root().get(conv).unwrap().host_bytes().unwrap());
+    }
+    let host = Place::Host(DType::F32);
+    let once = Place::Merged { place: &host, loras: merge };
+    let twice = Place::Merged { place: &once, loras: merge };
+    let e = ModelWeights::prepare(&checkpoint.weights, &checkpoint.names, twice).err().unwrap();
+    assert!(matches!(e, Error::Internal(_)), "{e}");
+}

@@ -1,36 +1,24 @@
 //! LoRA files (src/models/lora): key resolution, accounting, scale rules and errors on small
 //! synthetic files the tests write, against the tiny fixture models (tests/fixtures/unet_a,
-//! text_encoder*_tiny).
+//! text_encoder*_tiny); merged models against diffusers on the fixtures of
+//! tools/make_lora_fixtures.py; `celframe verify --lora`.
+
+#[path = "common/unet_fixtures.rs"]
+mod unet_fixtures;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::process::Command;
 
 use celframe::models::clip::{TextEncoderKind, open_text_encoder};
 use celframe::models::lora::{Component, LoraSpec, Loras, Targets, resolve};
 use celframe::models::open_unet;
+use celframe::verify::{
+    LoraOptions, Settings, Verification, verify_text_encoder, verify_text_encoder_with_loras, verify_unet,
+    verify_unet_with_loras,
+};
 use celframe::{DType, Error, Tensor, weights};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("celframe-lora-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use unet_fixtures::{TempDir, fixtures, write_single_file_a};
 
 /// Deterministic values in [-0.5, 0.5) (an LCG), different per seed.
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -97,7 +85,7 @@ const PROJ_IN: &str = "down_blocks.1.attentions.0.proj_in.weight";
 
 #[test]
 fn kohya_sgm_kohya_diffusers_and_peft_names_reach_the_same_weight() {
-    let dir = TempDir::new("spellings");
+    let dir = TempDir::new("lora-spellings");
     let (checkpoint, targets) = unet_targets();
     let down = entry("d", &[2, 64], 1);
     let up = entry("u", &[64, 2], 2);
@@ -134,7 +122,7 @@ fn kohya_sgm_kohya_diffusers_and_peft_names_reach_the_same_weight() {
 fn resnet_and_sampler_convs_resolve_under_both_unet_spellings() {
     // LoCon on ResNet convs and samplers: SGM in_layers.2 / op / output_blocks.2.2.conv, diffusers
     // conv1 / downsamplers.0.conv / upsamplers.0.conv.
-    let dir = TempDir::new("convs");
+    let dir = TempDir::new("lora-convs");
     let (checkpoint, targets) = unet_targets();
     let cases = [
         ("lora_unet_input_blocks_1_0_in_layers_2", "down_blocks.0.resnets.0.conv1.weight", 32),
@@ -157,7 +145,7 @@ fn resnet_and_sampler_convs_resolve_under_both_unet_spellings() {
 
 #[test]
 fn tucker_locon_is_accepted_on_a_3x3_conv_and_a_1x1_down_is_required() {
-    let dir = TempDir::new("tucker");
+    let dir = TempDir::new("lora-tucker");
     let (_, targets) = unet_targets();
     let m = "lora_unet_input_blocks_1_0_in_layers_2";
     let file = dir.path("tucker.safetensors");
@@ -178,7 +166,7 @@ fn tucker_locon_is_accepted_on_a_3x3_conv_and_a_1x1_down_is_required() {
 
 #[test]
 fn every_key_is_accounted_for_in_one_error_or_a_lenient_warning() {
-    let dir = TempDir::new("accounting");
+    let dir = TempDir::new("lora-accounting");
     let (_, targets) = unet_targets();
     let good = "lora_unet_input_blocks_4_1_proj_in";
     let nowhere = "lora_unet_input_blocks_4_1_transformer_blocks_7_attn1_to_q";
@@ -220,7 +208,7 @@ fn every_key_is_accounted_for_in_one_error_or_a_lenient_warning() {
 
 #[test]
 fn shape_mismatches_name_the_key_and_both_shapes() {
-    let dir = TempDir::new("shapes");
+    let dir = TempDir::new("lora-shapes");
     let (_, targets) = unet_targets();
     // attn2.to_k reads the 32-wide context: [64, 32]; a down of [2, 64] makes [64, 64].
     let m = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k";
@@ -253,7 +241,7 @@ fn shape_mismatches_name_the_key_and_both_shapes() {
 
 #[test]
 fn bad_input_is_an_input_error_naming_file_and_key() {
-    let dir = TempDir::new("bad");
+    let dir = TempDir::new("lora-bad");
     let (_, targets) = unet_targets();
     let m = "lora_unet_input_blocks_4_1_proj_in";
     let pair =
@@ -288,7 +276,7 @@ fn bad_input_is_an_input_error_naming_file_and_key() {
 
 #[test]
 fn formats_not_merged_yet_are_refused_by_name() {
-    let dir = TempDir::new("unsupported");
+    let dir = TempDir::new("lora-unsupported");
     let (_, targets) = unet_targets();
     let m = "lora_unet_input_blocks_4_1_proj_in";
     let file = dir.path("loha.safetensors");
@@ -313,7 +301,7 @@ fn scale_of(file: &Path, weight: f64) -> f64 {
 
 #[test]
 fn alpha_rules_kohya_and_peft() {
-    let dir = TempDir::new("alpha");
+    let dir = TempDir::new("lora-alpha");
     let ones = |name: String, shape: &[usize]| (name, shape.to_vec(), vec![1.0; shape.iter().product()]);
     let kohya = |alpha: Option<f32>| {
         let m = "lora_unet_input_blocks_4_1_proj_in";
@@ -366,7 +354,7 @@ fn alpha_rules_kohya_and_peft() {
 
 #[test]
 fn text_encoder_modules_resolve_in_both_formats_with_their_own_strength() {
-    let dir = TempDir::new("te");
+    let dir = TempDir::new("lora-te");
     let l = open_text_encoder(&fixtures().join("text_encoder_tiny"), TextEncoderKind::ClipL).unwrap();
     let g = open_text_encoder(&fixtures().join("text_encoder_2_tiny"), TextEncoderKind::ClipG).unwrap();
     let mut targets = Targets::new();
@@ -403,7 +391,7 @@ fn text_encoder_modules_resolve_in_both_formats_with_their_own_strength() {
 
 #[test]
 fn two_modules_for_one_weight_in_one_file_are_refused() {
-    let dir = TempDir::new("twice");
+    let dir = TempDir::new("lora-twice");
     let (_, targets) = unet_targets();
     let file = dir.path("twice.safetensors");
     let mut entries = Vec::new();
@@ -432,7 +420,7 @@ fn lora_arguments_parse_path_and_weight() {
 fn model_weights_merge_before_the_layout_change_and_round_once() {
     use celframe::models::{ModelWeights, Place};
     use celframe::ops::conv::weight_oihw_to_ohwi;
-    let dir = TempDir::new("prepare");
+    let dir = TempDir::new("lora-prepare");
     let (checkpoint, targets) = unet_targets();
     let m = "lora_unet_input_blocks_1_0_in_layers_2";
     let file = dir.path("conv.safetensors");
@@ -471,4 +459,137 @@ fn model_weights_merge_before_the_layout_change_and_round_once() {
     let twice = Place::Merged { place: &once, loras: merge };
     let e = ModelWeights::prepare(&checkpoint.weights, &checkpoint.names, twice).err().unwrap();
     assert!(matches!(e, Error::Internal(_)), "{e}");
+}
+
+// ---- merged models against diffusers (tools/make_lora_fixtures.py: load_lora_weights,
+// set_adapters, fuse_lora; float32 on both sides). The bound is relative L2 <= 1e-4;
+// measured errors are ~1e-7 (summation order), so the tests assert 1e-5.
+
+const TOL: f64 = 1e-5;
+
+fn lora_options(loras: &[(&str, f64)]) -> LoraOptions {
+    let files = loras.iter().map(|(name, w)| spec(&fixtures().join(format!("{name}.safetensors")), *w)).collect();
+    LoraOptions { files, lenient: false }
+}
+
+fn verify_unet_case(case: &str, loras: &[(&str, f64)]) -> Verification {
+    let reference = fixtures().join(format!("{case}.unet.reference.safetensors"));
+    let settings = Settings::cpu(DType::F32, TOL);
+    verify_unet_with_loras(&fixtures().join("unet_a"), &reference, &settings, &lora_options(loras)).unwrap()
+}
+
+fn assert_within(v: &Verification, what: &str) {
+    println!("{}", v.summary);
+    for c in &v.comparisons {
+        println!("{what}: {} rel L2 {:.2e}, max abs {:.2e}", c.name, c.rel_l2, c.max_abs);
+        assert!(c.ok(), "{what}: {c:?}");
+    }
+}
+
+#[test]
+fn unet_kohya_sgm_names_match_diffusers() {
+    assert_within(&verify_unet_case("lora_kohya_sgm", &[("lora_kohya_sgm", 0.8)]), "kohya SGM x0.8");
+}
+
+#[test]
+fn unet_kohya_diffusers_paths_match_diffusers() {
+    assert_within(&verify_unet_case("lora_kohya_diffusers", &[("lora_kohya_diffusers", 1.0)]), "kohya diffusers");
+}
+
+#[test]
+fn unet_locon_3x3_matches_diffusers() {
+    assert_within(&verify_unet_case("lora_locon_sgm", &[("lora_locon_sgm", 1.0)]), "LoCon 3x3");
+}
+
+#[test]
+fn unet_peft_with_alpha_in_metadata_matches_diffusers() {
+    assert_within(&verify_unet_case("lora_peft", &[("lora_peft", 1.0)]), "PEFT");
+}
+
+#[test]
+fn unet_two_loras_at_once_match_diffusers() {
+    assert_within(&verify_unet_case("lora_two", &[("lora_kohya_sgm", 0.7), ("lora_peft", -0.5)]), "two LoRAs");
+}
+
+/// Without the LoRA, or at another strength, the references are far off: the comparisons above
+/// can fail.
+#[test]
+fn the_lora_references_differ_from_the_plain_model() {
+    let settings = Settings::cpu(DType::F32, TOL);
+    let reference = fixtures().join("lora_two.unet.reference.safetensors");
+    let none = verify_unet(&fixtures().join("unet_a"), &reference, &settings).unwrap();
+    let one = verify_unet_case("lora_two", &[("lora_kohya_sgm", 0.7)]);
+    let swapped = verify_unet_case("lora_two", &[("lora_kohya_sgm", 0.7), ("lora_peft", 0.5)]);
+    for (v, what) in [(none, "no LoRA"), (one, "one of the two"), (swapped, "the second at +0.5")] {
+        let c = &v.comparisons[0];
+        assert!(c.rel_l2 > 1e-2, "{what}: rel L2 {:.2e}", c.rel_l2);
+    }
+}
+
+#[test]
+fn text_encoder_loras_match_diffusers_and_leave_unet_keys_to_the_unet() {
+    for kind in [TextEncoderKind::ClipL, TextEncoderKind::ClipG] {
+        let folder = fixtures().join(format!("{}_tiny", kind.folder()));
+        let reference = fixtures().join(format!("lora_te_kohya.{}.reference.safetensors", kind.folder()));
+        let settings = Settings::cpu(DType::F32, TOL);
+        let loras = lora_options(&[("lora_te_kohya", 1.0)]);
+        let v = verify_text_encoder_with_loras(kind, &folder, &reference, &settings, &loras).unwrap();
+        assert_within(&v, kind.folder());
+        assert!(v.summary.contains("modules for unet (not loaded here)"), "{}", v.summary);
+        let plain = verify_text_encoder(kind, &folder, &reference, &settings).unwrap();
+        assert!(plain.comparisons.iter().all(|c| c.rel_l2 > 1e-2), "{}: the LoRA changes every output", kind.folder());
+    }
+}
+
+#[test]
+fn a_single_file_unet_takes_the_same_loras() {
+    let dir = TempDir::new("lora-single");
+    let file = dir.path("unet_a.safetensors");
+    write_single_file_a(&file);
+    let reference = fixtures().join("lora_two.unet.reference.safetensors");
+    let loras = lora_options(&[("lora_kohya_sgm", 0.7), ("lora_peft", -0.5)]);
+    let v = verify_unet_with_loras(&file, &reference, &Settings::cpu(DType::F32, TOL), &loras).unwrap();
+    assert_within(&v, "single file");
+}
+
+fn celframe(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_celframe")).args(args).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn cli_lora_flags() {
+    let f = |name: &str| fixtures().join(name).display().to_string();
+    let (unet, reference) = (f("unet_a"), f("lora_two.unet.reference.safetensors"));
+    let (sgm, peft) =
+        (format!("{}:0.7", f("lora_kohya_sgm.safetensors")), format!("{}:-0.5", f("lora_peft.safetensors")));
+    let base = ["verify", "unet", "--device", "cpu", "--weights", &unet, "--reference", &reference];
+    let (code, out) = celframe(&[&base[..], &["--lora", &sgm, "--lora", &peft]].concat());
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("lora_kohya_sgm.safetensors (unet x0.7") && out.contains("(unet x-0.5"), "{out}");
+    // A LoRA with keys for the text encoders and the UNet: the text-encoder keys are counted.
+    let te = f("lora_te_kohya.safetensors");
+    let (code, out) = celframe(&[&base[..], &["--lora", &te]].concat());
+    assert_eq!(code, 1, "runs, but the reference is another LoRA's: {out}");
+    assert!(out.contains("for text_encoder (not loaded here)") && out.contains("for text_encoder_2"), "{out}");
+    // Keys that target nothing: exit 2, or a warning with --lora-lenient.
+    let dir = TempDir::new("lora-cli");
+    let stray = dir.path("stray.safetensors");
+    write(&stray, &[scalar("lora_unet_nowhere.alpha", 1.0)], None);
+    let stray = stray.display().to_string();
+    let (code, out) = celframe(&[&base[..], &["--lora", &stray]].concat());
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("lora_unet_nowhere.alpha"), "{out}");
+    let (code, out) = celframe(&[&base[..], &["--lora", &stray, "--lora-lenient"]].concat());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("WARNING: 1 keys target nothing"), "{out}");
+    // --lora on the VAE, a bad weight, a missing file: exit 2.
+    let vae = ["verify", "vae_decoder", "--device", "cpu", "--weights", &unet, "--reference", &reference];
+    let (code, out) = celframe(&[&vae[..], &["--lora", &te]].concat());
+    assert_eq!(code, 2, "{out}");
+    let (code, out) = celframe(&[&base[..], &["--lora", &format!("{te}:nan")]].concat());
+    assert_eq!(code, 2, "{out}");
+    let (code, out) = celframe(&[&base[..], &["--lora", "no/such/file.safetensors"]].concat());
+    assert_eq!(code, 2, "{out}");
 }

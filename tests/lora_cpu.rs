@@ -280,7 +280,9 @@ fn formats_not_merged_yet_are_refused_by_name() {
     let (_, targets) = unet_targets();
     let m = "lora_unet_input_blocks_4_1_proj_in";
     let file = dir.path("loha.safetensors");
-    for (param, name) in [("hada_w1_a", "LoHa"), ("lokr_w1", "LoKr"), ("dora_scale", "DoRA"), ("diff", "diff")] {
+    for (param, name) in
+        [("hada_t1", "LoHa with Tucker cores"), ("lokr_t2", "LoKr with a Tucker core"), ("dora_scale", "DoRA")]
+    {
         write(&file, &[entry(&format!("{m}.{param}"), &[64, 2], 1), scalar(&format!("{m}.alpha"), 1.0)], None);
         let e = resolve(&[spec(&file, 1.0)], &targets, false).err().unwrap();
         let msg = e.to_string();
@@ -592,4 +594,74 @@ fn cli_lora_flags() {
     assert_eq!(code, 2, "{out}");
     let (code, out) = celframe(&[&base[..], &["--lora", "no/such/file.safetensors"]].concat());
     assert_eq!(code, 2, "{out}");
+}
+
+// ---- LyCORIS formats against the script's own maths (tools/make_lora_fixtures.py `lycoris`:
+// FORMATS.md §6.4-6.5, LyCORIS `functional/{loha,lokr}.py`; diffusers loads none of them into an
+// SDXL UNet), float32 on both sides.
+
+#[test]
+fn unet_loha_matches_the_reference_maths() {
+    assert_within(&verify_unet_case("lora_loha", &[("lora_loha", 1.0)]), "LoHa");
+}
+
+#[test]
+fn unet_lokr_matches_the_reference_maths() {
+    assert_within(&verify_unet_case("lora_lokr", &[("lora_lokr", 0.6)]), "LoKr x0.6");
+}
+
+#[test]
+fn unet_full_diff_with_bias_matches_the_reference_maths() {
+    let v = verify_unet_case("lora_full", &[("lora_full", 1.0)]);
+    assert!(v.summary.contains("unet 2 modules"), "{}", v.summary);
+    assert_within(&v, "diff + diff_b");
+}
+
+#[test]
+fn the_lycoris_references_differ_from_the_plain_model() {
+    let settings = Settings::cpu(DType::F32, TOL);
+    for case in ["lora_loha", "lora_lokr", "lora_full"] {
+        let reference = fixtures().join(format!("{case}.unet.reference.safetensors"));
+        let c = verify_unet(&fixtures().join("unet_a"), &reference, &settings).unwrap().comparisons[0].clone();
+        assert!(c.rel_l2 > 1e-2, "{case}: rel L2 {:.2e}", c.rel_l2);
+    }
+    // LoKr's scale rule: at another strength the result is off.
+    let c = verify_unet_case("lora_lokr", &[("lora_lokr", 1.0)]).comparisons[0].clone();
+    assert!(c.rel_l2 > 1e-3, "LoKr at 1.0 instead of 0.6: rel L2 {:.2e}", c.rel_l2);
+}
+
+#[test]
+fn lycoris_modules_that_do_not_fit_are_refused_with_their_shapes() {
+    let dir = TempDir::new("lora-lycoris-bad");
+    let (_, targets) = unet_targets();
+    let m = "lora_unet_input_blocks_4_1_proj_in";
+    let file = dir.path("bad.safetensors");
+    let cases: Vec<(Vec<Entry>, &str)> = vec![
+        (vec![entry(&format!("{m}.hada_w1_a"), &[64, 2], 1)], "LoHa needs"),
+        (
+            vec![
+                entry(&format!("{m}.hada_w1_a"), &[64, 2], 1),
+                entry(&format!("{m}.hada_w1_b"), &[2, 64], 2),
+                entry(&format!("{m}.hada_w2_a"), &[64, 2], 3),
+                entry(&format!("{m}.hada_w2_b"), &[2, 32], 4),
+            ],
+            "[2, 32]",
+        ),
+        (
+            vec![entry(&format!("{m}.lokr_w1"), &[8, 8], 1), entry(&format!("{m}.lokr_w2"), &[8, 4], 2)],
+            "kron([8, 8], [8, 4])",
+        ),
+        (vec![entry(&format!("{m}.lokr_w1"), &[8, 8], 1), entry(&format!("{m}.lokr_w2_a"), &[8, 2], 2)], "LoKr needs"),
+        (
+            vec![entry(&format!("{m}.diff"), &[64, 64], 1), entry(&format!("{m}.lora_down.weight"), &[2, 64], 2)],
+            "not one format",
+        ),
+        (vec![entry(&format!("{m}.diff_b"), &[32], 1)], "diff_b is [32]"),
+        (vec![entry(&format!("{m}.diff"), &[64, 64], 1), scalar(&format!("{m}.alpha"), 1.0)], "takes no alpha"),
+    ];
+    for (entries, want) in cases {
+        write(&file, &entries, None);
+        let e = resolve(&[spec(&file, 1.0)], &targets, false).err().unwrap();
+        assert!(matches!(e, Error::Input(_)) && e.to_string().contains(want), "'{want}' in: {e}");
+    }
 }

@@ -31,6 +31,10 @@ Reference cases (tests/lora_cpu.rs names them):
   lora_two.unet                  lora_kohya_sgm at 0.7 + lora_peft at -0.5
   lora_te_kohya.text_encoder     lora_te_kohya at 1.0 (and .text_encoder_2)
 
+LyCORIS files, whose references come from the formats' maths in this script (`lycoris`), not from
+diffusers, which loads none of them into an SDXL UNet: lora_loha (x1.0), lora_lokr (x0.6),
+lora_full (`diff` / `diff_b`, x1.0).
+
 Run: python3 tools/make_lora_fixtures.py   (needs torch, diffusers, peft, transformers, safetensors)
 """
 import pathlib
@@ -112,9 +116,9 @@ def ends_with_any(kinds):
     return lambda module: any(module.endswith(k) for k in kinds)
 
 
-def unet_reference(pipe, inputs, path):
+def unet_reference(unet, inputs, path):
     with torch.no_grad():
-        out = run(pipe.unet, inputs, None)
+        out = run(unet, inputs, None)
     tensors = {f"in.{k}": v.contiguous() for k, v in inputs.items()}
     tensors["out.sample"] = out.contiguous()
     save_file(tensors, str(path), metadata={"generator": "tools/make_lora_fixtures.py"})
@@ -144,6 +148,90 @@ def fused(loras):
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
     pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
     return pipe
+
+
+def rand(shape, g):
+    return (0.2 * torch.randn(shape, generator=g)).half()
+
+
+def lycoris(unet, unet_sd, inputs, g):
+    """LoHa, LoKr and full-diff files with references from the formats' maths here (diffusers loads
+    none of them into an SDXL UNet): ΔW per FORMATS.md §6.4-6.5 and LyCORIS
+    `lycoris/functional/{loha,lokr}.py` (`diff_weight`), computed in float64 from the stored factors
+    and added to the float32 weights, W + strength · α/r · ΔW, then the UNet runs on those weights."""
+    f64 = lambda t: t.double()  # noqa: E731
+    files, deltas = {"lora_loha": {}, "lora_lokr": {}, "lora_full": {}}, {}
+
+    def add(case, name, delta, scale):
+        deltas.setdefault(case, []).append((name, delta, scale))
+
+    # LoHa (kohya SGM keys), rank 4, alpha 2: (w1_a w1_b) * (w2_a w2_b) reshaped to W.
+    for name in ("mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+                 "mid_block.attentions.0.transformer_blocks.1.attn2.to_v.weight",
+                 "up_blocks.1.attentions.0.proj_out.weight", "down_blocks.1.resnets.0.conv1.weight"):
+        w = unet_sd[name]
+        key = "lora_unet_" + sgm_module(name.removesuffix(".weight")).replace(".", "_")
+        out, cols = w.shape[0], w[0].numel()
+        f = {k: rand(s, g) for k, s in (("hada_w1_a", (out, RANK)), ("hada_w1_b", (RANK, cols)),
+                                        ("hada_w2_a", (out, RANK)), ("hada_w2_b", (RANK, cols)))}
+        files["lora_loha"].update({f"{key}.{k}": v for k, v in f.items()})
+        files["lora_loha"][f"{key}.alpha"] = torch.tensor(2.0).half()
+        d = (f64(f["hada_w1_a"]) @ f64(f["hada_w1_b"])) * (f64(f["hada_w2_a"]) @ f64(f["hada_w2_b"]))
+        add("lora_loha", name, d.reshape(w.shape), 2.0 / RANK)
+
+    # LoKr (kohya keys with diffusers paths), alpha 2: kron(W1, W2), W1 acting as [a, b, 1, 1];
+    # alpha / r only where a factor is a product (r from w2_b, else w1_b), else 1.
+    lokr = [
+        # name, W1 (full shape or (a, r, b)), W2 (full shape or (c, r, n))
+        ("mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj.weight", (8, 4), (64, 4, 16)),
+        ("up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight", (8, 2, 4), (8, 8)),
+        ("down_blocks.2.resnets.0.conv2.weight", (4, 4), (16, 16, 3, 3)),
+    ]
+    for name, s1, s2 in lokr:
+        w = unet_sd[name]
+        key = "lora_unet_" + name.removesuffix(".weight").replace(".", "_")
+        sd, rank = files["lora_lokr"], None
+        if len(s1) == 3:
+            a, r, b = s1
+            sd[f"{key}.lokr_w1_a"], sd[f"{key}.lokr_w1_b"] = rand((a, r), g), rand((r, b), g)
+            w1, rank = f64(sd[f"{key}.lokr_w1_a"]) @ f64(sd[f"{key}.lokr_w1_b"]), r
+        else:
+            sd[f"{key}.lokr_w1"] = rand(s1, g)
+            w1 = f64(sd[f"{key}.lokr_w1"])
+        if len(s2) == 3 and w.ndim == 2:
+            c, r, n = s2
+            sd[f"{key}.lokr_w2_a"], sd[f"{key}.lokr_w2_b"] = rand((c, r), g), rand((r, n), g)
+            w2, rank = f64(sd[f"{key}.lokr_w2_a"]) @ f64(sd[f"{key}.lokr_w2_b"]), r
+        else:
+            sd[f"{key}.lokr_w2"] = rand(s2, g)
+            w2 = f64(sd[f"{key}.lokr_w2"])
+        sd[f"{key}.alpha"] = torch.tensor(2.0).half()
+        if w.ndim == 4:
+            w1 = w1[:, :, None, None]
+        d = torch.kron(w1, w2)
+        assert d.shape == w.shape, (name, d.shape, w.shape)
+        add("lora_lokr", name, d, 2.0 / rank if rank else 1.0)
+
+    # Full diff (kohya SGM keys): W + diff, b + diff_b.
+    for name in ("down_blocks.1.attentions.1.proj_in", "conv_out"):
+        key = "lora_unet_" + sgm_module(name).replace(".", "_")
+        for p, suffix in (("weight", "diff"), ("bias", "diff_b")):
+            t = rand(unet_sd[f"{name}.{p}"].shape, g)
+            files["lora_full"][f"{key}.{suffix}"] = t
+            add("lora_full", f"{name}.{p}", f64(t), 1.0)
+
+    strengths = {"lora_loha": 1.0, "lora_lokr": 0.6, "lora_full": 1.0}
+    plain = run(unet, inputs, None)
+    for case, sd in files.items():
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(ROOT / f"{case}.safetensors"))
+        merged = dict(unet_sd)
+        for name, d, scale in deltas[case]:
+            merged[name] = (unet_sd[name].double() + strengths[case] * scale * d).float()
+        model = UNet2DConditionModel.from_pretrained(ROOT / "unet_a")
+        model.load_state_dict(merged)
+        unet_reference(model, inputs, ROOT / f"{case}.unet.reference.safetensors")
+        moved = (run(model, inputs, None) - plain).norm() / plain.norm()
+        print(f"{case} x{strengths[case]}: the deltas move out.sample by {moved:.3f} (relative L2)")
 
 
 def main():
@@ -180,8 +268,10 @@ def main():
             if "lora_" in n:
                 p.copy_((0.2 * torch.randn(p.shape, generator=g)).half().float())
     layers = {k: v.half() for k, v in get_peft_model_state_dict(peft_pipe.unet).items()}
+    metadata = config.to_dict()
+    metadata["target_modules"] = sorted(metadata["target_modules"])  # a set: fix the order written
     StableDiffusionXLPipeline.save_lora_weights(
-        ROOT, unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict(),
+        ROOT, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata,
         weight_name="lora_peft.safetensors",
     )
 
@@ -197,7 +287,7 @@ def main():
     plain = run(base.unet, inputs, None)
     for case, loras in cases.items():
         pipe = fused(loras)
-        unet_reference(pipe, inputs, ROOT / f"{case}.unet.reference.safetensors")
+        unet_reference(pipe.unet, inputs, ROOT / f"{case}.unet.reference.safetensors")
         moved = (run(pipe.unet, inputs, None) - plain).norm() / plain.norm()
         print(f"{case}: the LoRAs move out.sample by {moved:.3f} (relative L2)")
 
@@ -205,6 +295,7 @@ def main():
     for folder, model in (("text_encoder", pipe.text_encoder), ("text_encoder_2", pipe.text_encoder_2)):
         ids = load_file(str(ROOT / f"{folder}_tiny.reference.safetensors"))["in.input_ids"]
         text_reference(model, ids, ROOT / f"lora_te_kohya.{folder}.reference.safetensors")
+    lycoris(base.unet, unet_sd, inputs, g)
     total = sum(p.stat().st_size for p in ROOT.glob("lora_*"))
     print(f"LoRA fixtures: {total / 1e6:.2f} MB")
 

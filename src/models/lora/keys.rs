@@ -22,6 +22,9 @@ pub enum Param {
     Mid,
     /// The scalar alpha (scale alpha / rank).
     Alpha,
+    /// A LyCORIS factor by its parameter name: LoHa `hada_w{1,2}_{a,b}`, LoKr `lokr_w{1,2}` and
+    /// `lokr_w{1,2}_{a,b}`, full-weight `diff` / `diff_b`.
+    Factor(&'static str),
     /// A parameter of a format recognised but not merged yet; the text names the format.
     Unsupported(&'static str),
     /// A parameter name no format here has.
@@ -43,14 +46,30 @@ fn kohya_param(p: &str) -> Param {
         "lora_mid.weight" => Param::Mid,
         "alpha" => Param::Alpha,
         "dora_scale" => Param::Unsupported("DoRA (dora_scale)"),
-        "diff" | "diff_b" => Param::Unsupported("full-weight diff"),
-        _ if p.starts_with("hada_") => Param::Unsupported("LoHa (hada_*)"),
-        _ if p.starts_with("lokr_") => Param::Unsupported("LoKr (lokr_*)"),
+        "hada_t1" | "hada_t2" => Param::Unsupported("LoHa with Tucker cores (hada_t1/hada_t2)"),
+        "lokr_t2" => Param::Unsupported("LoKr with a Tucker core (lokr_t2)"),
+        _ if let Some(f) = FACTORS.iter().find(|f| **f == p) => Param::Factor(f),
         _ if p.starts_with("oft_") => Param::Unsupported("OFT (oft_*)"),
         "w_norm" | "b_norm" => Param::Unsupported("norm-layer deltas (w_norm/b_norm)"),
         _ => Param::Unknown(p.to_string()),
     }
 }
+
+/// LyCORIS factor parameters merged here.
+pub const FACTORS: [&str; 12] = [
+    "hada_w1_a",
+    "hada_w1_b",
+    "hada_w2_a",
+    "hada_w2_b",
+    "lokr_w1",
+    "lokr_w1_a",
+    "lokr_w1_b",
+    "lokr_w2",
+    "lokr_w2_a",
+    "lokr_w2_b",
+    "diff",
+    "diff_b",
+];
 
 /// diffusers / PEFT suffixes, tried in order.
 const DOTTED: [(&str, Param); 9] = [
@@ -103,7 +122,14 @@ mod tests {
             split("lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_mid.weight"),
             key("lora_te2_text_model_encoder_layers_0_mlp_fc1", Param::Mid)
         );
-        assert_eq!(split("lora_unet_x.hada_w1_a"), key("lora_unet_x", Param::Unsupported("LoHa (hada_*)")));
+        assert_eq!(split("lora_unet_x.hada_w1_a"), key("lora_unet_x", Param::Factor("hada_w1_a")));
+        assert_eq!(split("lora_unet_x.lokr_w2_b"), key("lora_unet_x", Param::Factor("lokr_w2_b")));
+        assert_eq!(split("lora_unet_x.diff_b"), key("lora_unet_x", Param::Factor("diff_b")));
+        assert_eq!(
+            split("lora_unet_x.lokr_t2"),
+            key("lora_unet_x", Param::Unsupported("LoKr with a Tucker core (lokr_t2)"))
+        );
+        assert_eq!(split("lora_unet_x.hada_w3_a"), key("lora_unet_x", Param::Unknown("hada_w3_a".into())));
         assert_eq!(split("lora_unet_x.weird"), key("lora_unet_x", Param::Unknown("weird".into())));
         assert_eq!(split("lora_unet_x"), None);
         let m = "unet.down_blocks.1.attentions.0.proj_in";

@@ -10,6 +10,12 @@
 //!   keeps the target's kernel; up is 1x1).
 //! - LoCon Tucker (`lora_mid` [r, r, kh, kw], down [r, in(,1,1)], up [out, r(,1,1)]):
 //!   ΔW[o, i, y, x] = Σ_{p,q} up[o, p] mid[p, q, y, x] down[q, i].
+//! - LoHa (FORMATS.md §6.4; LyCORIS `lycoris/functional/loha.py` `diff_weight`):
+//!   ΔW = (w1_a · w1_b) ⊙ (w2_a · w2_b), a [out, in·kh·kw] matrix read in the target's shape.
+//! - LoKr (§6.5; LyCORIS `lycoris/functional/lokr.py`): ΔW = kron(W1, W2) with each factor a full
+//!   matrix or a product a · b; W2 is [c, d·kh·kw] (or [c, d, kh, kw]) and W1 [a, b] acts as
+//!   [a, b, 1, 1], so ΔW[i·c + k, j·d + l, y, x] = W1[i, j] W2[k, l, y, x].
+//! - Full (LyCORIS `full`, `diff` / `diff_b`): ΔW is the tensor itself.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -47,7 +53,6 @@ impl LowRank {
 
     /// ΔW in f64, row-major over the target's PyTorch layout ([out, in, kh, kw]).
     pub fn delta(&self) -> Result<Vec<f64>> {
-        let widen = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_f32_vec()?.into_iter().map(f64::from).collect()) };
         let (up, down) = (widen(&self.up)?, widen(&self.down)?);
         let (out, rank) = (self.up.shape()[0], self.rank());
         let inner = self.down.numel() / rank;
@@ -72,24 +77,140 @@ impl LowRank {
                 core
             }
         };
-        let cols = down.len() / rank;
-        let mut delta = vec![0f64; out * cols];
-        for o in 0..out {
-            let row = &mut delta[o * cols..][..cols];
-            for r in 0..rank {
-                let u = up[o * rank + r];
-                row.iter_mut().zip(&down[r * cols..][..cols]).for_each(|(w, &d)| *w += u * d);
+        Ok(matmul(&up, &down, out, rank))
+    }
+}
+
+/// A factor of a LoKr module: a full matrix, or the product of two.
+#[derive(Clone, Debug)]
+pub enum Factor {
+    Full(Tensor),
+    Product(Tensor, Tensor),
+}
+
+impl Factor {
+    /// Rows and the values per row (a 4-d full factor keeps its kernel in the row).
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Factor::Full(t) => (t.shape()[0], t.numel() / t.shape()[0].max(1)),
+            Factor::Product(a, b) => (a.shape()[0], b.shape()[1]),
+        }
+    }
+
+    fn values(&self) -> Result<Vec<f64>> {
+        match self {
+            Factor::Full(t) => widen(t),
+            Factor::Product(a, b) => Ok(matmul(&widen(a)?, &widen(b)?, a.shape()[0], a.shape()[1])),
+        }
+    }
+}
+
+/// A module's ΔW, in one of the formats the module doc lists. Shapes are checked against the
+/// target by `check` before any is computed.
+#[derive(Clone, Debug)]
+pub enum Delta {
+    LowRank(LowRank),
+    /// LoHa: (w1_a, w1_b), (w2_a, w2_b).
+    Hadamard([(Tensor, Tensor); 2]),
+    /// LoKr: W1, W2.
+    Kronecker(Factor, Factor),
+    Full(Tensor),
+}
+
+impl Delta {
+    /// Whether this delta fits a weight of `target` shape (PyTorch layout); Err says why, with
+    /// the delta's shapes.
+    pub fn check(&self, target: &[usize]) -> std::result::Result<(), String> {
+        let out = target.first().copied().unwrap_or(0);
+        let cols = target.iter().skip(1).product::<usize>();
+        match self {
+            Delta::LowRank(l) if l.shape() == target => Ok(()),
+            Delta::LowRank(l) => Err(format!("makes a {:?} delta", l.shape())),
+            Delta::Full(t) if t.shape() == target => Ok(()),
+            Delta::Full(t) => Err(format!("is {:?}", t.shape())),
+            Delta::Hadamard(pairs) => {
+                for (a, b) in pairs {
+                    match (a.shape(), b.shape()) {
+                        ([o, r], [r2, n]) if *o == out && r == r2 && *n == cols => {}
+                        (sa, sb) => {
+                            return Err(format!("has factors {sa:?} and {sb:?}; [{out}, rank] and [rank, {cols}] fit"));
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Delta::Kronecker(w1, w2) => {
+                let ((a, b), (c, n)) = (w1.dims(), w2.dims());
+                let kernel: usize = target.iter().skip(2).product();
+                let kernel_ok = match w2 {
+                    Factor::Full(t) if t.shape().len() == 4 => t.shape()[2..] == target[2..],
+                    _ => true,
+                };
+                if a * c == out && n.is_multiple_of(kernel) && b * (n / kernel) == cols / kernel && kernel_ok {
+                    Ok(())
+                } else {
+                    Err(format!("makes kron([{a}, {b}], [{c}, {n}]), which does not give {target:?}"))
+                }
             }
         }
-        Ok(delta)
     }
+
+    /// ΔW in f64, row-major over `target` (checked by `check`).
+    pub fn values(&self, target: &[usize]) -> Result<Vec<f64>> {
+        match self {
+            Delta::LowRank(l) => l.delta(),
+            Delta::Full(t) => widen(t),
+            Delta::Hadamard([(a1, b1), (a2, b2)]) => {
+                let w1 = matmul(&widen(a1)?, &widen(b1)?, a1.shape()[0], a1.shape()[1]);
+                let w2 = matmul(&widen(a2)?, &widen(b2)?, a2.shape()[0], a2.shape()[1]);
+                Ok(w1.iter().zip(&w2).map(|(x, y)| x * y).collect())
+            }
+            Delta::Kronecker(w1, w2) => {
+                let ((a, b), (c, n)) = (w1.dims(), w2.dims());
+                let (v1, v2) = (w1.values()?, w2.values()?);
+                let kernel: usize = target.iter().skip(2).product();
+                let d = n / kernel;
+                let cols = b * n;
+                let mut out = vec![0f64; a * c * cols];
+                for i in 0..a {
+                    for j in 0..b {
+                        let s = v1[i * b + j];
+                        for k in 0..c {
+                            // row i·c + k, columns (j·d + l)·kernel + y: one run of d·kernel values
+                            let dst = &mut out[(i * c + k) * cols + j * d * kernel..][..n];
+                            dst.iter_mut().zip(&v2[k * n..][..n]).for_each(|(o, &w)| *o = s * w);
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+fn widen(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.to_f32_vec()?.into_iter().map(f64::from).collect())
+}
+
+/// [m, k] · [k, n] in f64, row-major.
+fn matmul(a: &[f64], b: &[f64], m: usize, k: usize) -> Vec<f64> {
+    let n = b.len() / k.max(1);
+    let mut out = vec![0f64; m * n];
+    for i in 0..m {
+        let row = &mut out[i * n..][..n];
+        for r in 0..k {
+            let x = a[i * k + r];
+            row.iter_mut().zip(&b[r * n..][..n]).for_each(|(o, &y)| *o += x * y);
+        }
+    }
+    out
 }
 
 /// A delta and its total scale: the user's strength × alpha / rank.
 #[derive(Clone, Debug)]
 pub struct Scaled {
     pub scale: f64,
-    pub delta: LowRank,
+    pub delta: Delta,
     /// The LoRA module it comes from (`file: module`), for errors.
     pub source: String,
 }
@@ -125,15 +246,14 @@ impl LoraMerge {
         let mut w: Vec<f64> = base.to_f32_vec()?.into_iter().map(f64::from).collect();
         for d in deltas {
             // Shapes were matched to the target when the LoRA was resolved; a mismatch here is ours.
-            if d.delta.shape() != base.shape() {
+            if let Err(why) = d.delta.check(base.shape()) {
                 return Err(Error::Internal(format!(
-                    "LoRA {} has shape {:?}, but the weight '{name}' it was matched to is {:?}",
+                    "LoRA {} {why}, but the weight '{name}' it was matched to is {:?}",
                     d.source,
-                    d.delta.shape(),
                     base.shape()
                 )));
             }
-            w.iter_mut().zip(d.delta.delta()?).for_each(|(w, v)| *w += d.scale * v);
+            w.iter_mut().zip(d.delta.values(base.shape())?).for_each(|(w, v)| *w += d.scale * v);
         }
         Ok(Some(round_to(base.shape(), dtype, &w)?))
     }
@@ -180,11 +300,39 @@ mod tests {
     }
 
     #[test]
+    fn loha_is_the_hadamard_product_of_two_low_rank_products() {
+        // w1 = [1, 2]ᵀ [1, 1, 1, 1] and w2 = [1, -1]ᵀ [0, 1, 2, 3], on a [2, 1, 2, 2] conv weight
+        let d = Delta::Hadamard([
+            (t(&[2, 1], &[1.0, 2.0]), t(&[1, 4], &[1.0; 4])),
+            (t(&[2, 1], &[1.0, -1.0]), t(&[1, 4], &[0.0, 1.0, 2.0, 3.0])),
+        ]);
+        d.check(&[2, 1, 2, 2]).unwrap();
+        assert!(d.check(&[2, 2, 2, 2]).is_err());
+        assert_eq!(d.values(&[2, 1, 2, 2]).unwrap(), vec![0.0, 1.0, 2.0, 3.0, 0.0, -2.0, -4.0, -6.0]);
+    }
+
+    #[test]
+    fn lokr_is_the_kronecker_product_with_the_kernel_in_the_second_factor() {
+        // kron([[1, 2]], W2) with W2 [2, 1, 1, 2] = [[[[1, 2]]], [[[3, 4]]]]: ΔW [2, 2, 1, 2]
+        let w2 = t(&[2, 1, 1, 2], &[1.0, 2.0, 3.0, 4.0]);
+        let d = Delta::Kronecker(Factor::Full(t(&[1, 2], &[1.0, 2.0])), Factor::Full(w2));
+        d.check(&[2, 2, 1, 2]).unwrap();
+        assert!(d.check(&[2, 2, 2, 1]).is_err(), "the kernel must be W2's");
+        // ΔW[k, j, 0, x] = W1[0, j] W2[k, 0, 0, x]
+        assert_eq!(d.values(&[2, 2, 1, 2]).unwrap(), vec![1.0, 2.0, 2.0, 4.0, 3.0, 4.0, 6.0, 8.0]);
+        // The same W2 as a product [2, 1] · [1, 2] on a Linear: kron([[1], [2]], [[1, 2], [3, 6]])
+        let w2 = Factor::Product(t(&[2, 1], &[1.0, 3.0]), t(&[1, 2], &[1.0, 2.0]));
+        let d = Delta::Kronecker(Factor::Full(t(&[2, 1], &[1.0, 2.0])), w2);
+        d.check(&[4, 2]).unwrap();
+        assert_eq!(d.values(&[4, 2]).unwrap(), vec![1.0, 2.0, 3.0, 6.0, 2.0, 4.0, 6.0, 12.0]);
+    }
+
+    #[test]
     fn merged_adds_scaled_deltas_and_rounds_once() {
         let lr = LowRank { up: t(&[1, 1], &[1.0]), down: t(&[1, 2], &[1.0, 1.0]), mid: None };
         let mut m = LoraMerge::default();
-        m.add("w", Scaled { scale: 0.25, delta: lr.clone(), source: "a".into() });
-        m.add("w", Scaled { scale: 2.0, delta: lr, source: "b".into() });
+        m.add("w", Scaled { scale: 0.25, delta: Delta::LowRank(lr.clone()), source: "a".into() });
+        m.add("w", Scaled { scale: 2.0, delta: Delta::LowRank(lr), source: "b".into() });
         let base = t(&[1, 2], &[1.0, -1.0]);
         let out = m.merged("w", &base, DType::F32).unwrap().unwrap();
         assert_eq!(out.to_f32_vec().unwrap(), vec![3.25, 1.25]);
@@ -192,7 +340,7 @@ mod tests {
         // 1 + 3·2^-12 lies between the f16 neighbours 1 and 1 + 2^-10, nearer the second.
         let small = LowRank { up: t(&[1, 1], &[1.0]), down: t(&[1, 1], &[1.0]), mid: None };
         let mut m = LoraMerge::default();
-        m.add("w", Scaled { scale: 3.0 / 4096.0, delta: small, source: "c".into() });
+        m.add("w", Scaled { scale: 3.0 / 4096.0, delta: Delta::LowRank(small), source: "c".into() });
         let out = m.merged("w", &t(&[1, 1], &[1.0]), DType::F16).unwrap().unwrap();
         assert_eq!(out.dtype(), DType::F16);
         assert_eq!(out.to_f32_vec().unwrap(), vec![1.0 + 1.0 / 1024.0]);

@@ -7,11 +7,15 @@
 //! `resolve` reads each file, accounts for every key and returns one `LoraMerge` per loaded model.
 //! A key either adds to a weight, belongs to a model not loaded in this run (counted in the
 //! summary), or is a problem; all problems of all files make one error: keys that target nothing
-//! (a warning in the summary instead with `lenient`), unknown parameters, modules with a down but
-//! no up matrix, shapes that do not fit their weight (naming the key and both shapes), and formats
-//! recognised but not merged yet (LoHa, LoKr, DoRA, full-weight `diff`: `Error::Unsupported`).
+//! (a warning in the summary instead with `lenient`), unknown parameters, incomplete modules (a
+//! down without its up), shapes that do not fit their weight (naming the key and both shapes), and
+//! formats recognised but not merged yet (DoRA, LoHa / LoKr with Tucker cores, OFT, norm deltas:
+//! `Error::Unsupported`).
 //!
-//! Scale s = strength × α / r, r the rank (down's first dimension). Where α comes from:
+//! Formats merged: LoRA / LoCon (3x3, Tucker `lora_mid`), LoHa (`hada_w{1,2}_{a,b}`), LoKr
+//! (`lokr_w{1,2}` or their `_a`/`_b` factors), full `diff` / `diff_b` (FORMATS.md §6.1, 6.4, 6.5).
+//!
+//! LoRA scale s = strength × α / r, r the rank (down's first dimension). Where α comes from:
 //! - kohya: the module's `.alpha`; without one, or with α = 0, α = r (s = strength): sd-scripts
 //!   `networks/lora.py` (`create_network_from_weights` "support old LoRA without alpha",
 //!   `LoRAModule.__init__` "alpha is None or alpha == 0"), as A1111 and ComfyUI do. diffusers
@@ -24,6 +28,12 @@
 //!   module's path or its end after a `.` (PEFT `utils/other.py`, `get_pattern_key`, without the
 //!   regular expressions); else α = r. `use_rslora` makes s = strength × α / √r.
 //!
+//! - LoHa: α / r with r = `hada_w1_b`'s first dimension, α missing or 0 -> r (LyCORIS
+//!   `lycoris/modules/loha.py`, as kohya). LoKr: α / r only when a factor is a product, r from
+//!   `lokr_w2_b`, else `lokr_w1_b`; both factors full, or no α -> 1 (diffusers
+//!   `loaders/lora_conversion_utils.py` `_bake_lokr_alpha_`, LyCORIS `lycoris/modules/lokr.py`).
+//!   Full diff: 1, and an α is refused.
+//!
 //! Strength: each LoRA has one for the UNet and one for the text encoders (A1111's
 //! `<lora:name:te_w:unet_w>`).
 
@@ -31,7 +41,7 @@ mod keys;
 pub mod merge;
 pub mod targets;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 
 use serde_json::Value;
@@ -44,7 +54,7 @@ use crate::tensor::Tensor;
 use crate::text::prompt::MAX_WEIGHT;
 use crate::weights::{self, TensorFile};
 use keys::Param;
-use merge::{LowRank, Scaled};
+use merge::{Delta, Factor, LowRank, Scaled};
 
 /// A LoRA to apply: its file and its strengths on the UNet and on the text encoders.
 #[derive(Clone, Debug, PartialEq)]
@@ -139,7 +149,13 @@ pub fn resolve(specs: &[LoraSpec], targets: &Targets, lenient: bool) -> Result<L
         let mut line =
             format!("LoRA {} (unet x{}, text encoders x{}):", spec.path.display(), spec.unet, spec.text_encoder);
         for c in Component::ALL {
-            let n = found.deltas.iter().filter(|(t, _)| t.component == c).count();
+            let modules: HashSet<&str> = found
+                .deltas
+                .iter()
+                .filter(|(component, ..)| *component == c)
+                .map(|(.., d)| d.source.as_str())
+                .collect();
+            let n = modules.len();
             if n > 0 {
                 line.push_str(&format!(" {} {n} modules;", c.name()));
             }
@@ -167,8 +183,8 @@ pub fn resolve(specs: &[LoraSpec], targets: &Targets, lenient: bool) -> Result<L
             }
         }
         summary.push(line.trim_end_matches(';').to_string());
-        for (target, delta) in found.deltas {
-            merges.entry(target.component).or_default().add(&target.tensor, delta);
+        for (component, tensor, delta) in found.deltas {
+            merges.entry(component).or_default().add(&tensor, delta);
         }
     }
     problems.into_result()?;
@@ -177,8 +193,9 @@ pub fn resolve(specs: &[LoraSpec], targets: &Targets, lenient: bool) -> Result<L
 
 /// What one file gives: deltas by target, keys that match nothing, and modules for models not
 /// loaded here.
-struct Found<'t> {
-    deltas: Vec<(&'t Target, Scaled)>,
+struct Found {
+    /// (model, graph tensor name, delta)
+    deltas: Vec<(Component, String, Scaled)>,
     unmatched: Vec<String>,
     not_loaded: BTreeMap<Component, usize>,
 }
@@ -190,12 +207,7 @@ fn file_name(file: &TensorFile) -> String {
 /// One module's keys by parameter.
 type Params = BTreeMap<Param, String>;
 
-fn read_file<'t>(
-    file: &TensorFile,
-    spec: &LoraSpec,
-    targets: &'t Targets,
-    problems: &mut Problems,
-) -> Result<Found<'t>> {
+fn read_file(file: &TensorFile, spec: &LoraSpec, targets: &Targets, problems: &mut Problems) -> Result<Found> {
     let name = file_name(file);
     let mut found = Found { deltas: Vec::new(), unmatched: Vec::new(), not_loaded: BTreeMap::new() };
     // 1. keys grouped by module
@@ -242,15 +254,15 @@ fn read_file<'t>(
             continue;
         }
         match module_delta(file, module, params, target, spec, &metadata) {
-            Ok(delta) => found.deltas.push((target, delta)),
+            Ok(deltas) => found.deltas.extend(deltas.into_iter().map(|(tensor, d)| (target.component, tensor, d))),
             Err(detail) => problems.input.push(("bad module", format!("{name}: {detail}"))),
         }
     }
     Ok(found)
 }
 
-/// A module's factors checked against its target and scaled; Err(detail) names the key and both
-/// shapes.
+/// A module's deltas (its weight's, and a `diff_b` for its bias), checked against the target and
+/// scaled; Err(detail) names the key and both shapes.
 fn module_delta(
     file: &TensorFile,
     module: &str,
@@ -258,16 +270,145 @@ fn module_delta(
     target: &Target,
     spec: &LoraSpec,
     metadata: &PeftMetadata,
-) -> std::result::Result<Scaled, String> {
-    let tensor = |p: &Param| -> std::result::Result<Option<(Tensor, &str)>, String> {
-        params.get(p).map(|k| file.float(k).map(|t| (t, k.as_str())).map_err(|e| e.to_string())).transpose()
+) -> std::result::Result<Vec<(String, Scaled)>, String> {
+    let tensor = |p: &Param| -> std::result::Result<Option<Tensor>, String> {
+        params.get(p).map(|k| file.float(k).map_err(|e| e.to_string())).transpose()
     };
-    let (Some((down, down_key)), Some((up, up_key))) = (tensor(&Param::Down)?, tensor(&Param::Up)?) else {
+    let factor = |name: &'static str| tensor(&Param::Factor(name));
+    let key = |p: &Param| params.get(p).map_or("", String::as_str);
+    let alpha = match params.get(&Param::Alpha) {
+        Some(key) => Some(scalar(file, key)?),
+        None => None,
+    };
+    let strength = spec.strength(target.component);
+    let source = format!("{}: {module}", file.path().display());
+    let is_factor = |prefix: &str| params.keys().any(|p| matches!(p, Param::Factor(f) if f.starts_with(prefix)));
+    let kinds = [
+        params.contains_key(&Param::Down) || params.contains_key(&Param::Up),
+        is_factor("hada_"),
+        is_factor("lokr_"),
+        is_factor("diff"),
+    ];
+    if kinds.iter().filter(|k| **k).count() != 1 {
         let have: Vec<&String> = params.values().collect();
-        return Err(format!("{module}: a LoRA module needs both a down and an up matrix; the file has {have:?}"));
+        return Err(format!(
+            "{module}: not one format (LoRA down/up, LoHa hada_*, LoKr lokr_*, diff): the file has {have:?}"
+        ));
+    }
+    // ΔW and the ratio the strength multiplies (module doc)
+    let (delta, ratio) = if kinds[0] {
+        let (Some(down), Some(up)) = (tensor(&Param::Down)?, tensor(&Param::Up)?) else {
+            let have: Vec<&String> = params.values().collect();
+            return Err(format!("{module}: a LoRA module needs both a down and an up matrix; the file has {have:?}"));
+        };
+        let delta = low_rank(down, up, tensor(&Param::Mid)?, params)?;
+        let r = delta.rank() as f64;
+        let ratio = if module.starts_with("lora_") {
+            match alpha {
+                Some(a) if a != 0.0 => a / r,
+                _ => 1.0,
+            }
+        } else {
+            let path = module.split_once('.').map_or(module, |(_, p)| p);
+            let peft = metadata.for_component(target.component);
+            if peft.is_some_and(|m| m.use_dora) {
+                return Err(format!("{module}: DoRA (use_dora in lora_adapter_metadata): not supported yet"));
+            }
+            let alpha = alpha.or_else(|| peft.and_then(|m| m.alpha(path))).unwrap_or(r);
+            if peft.is_some_and(|m| m.use_rslora) { alpha / r.sqrt() } else { alpha / r }
+        };
+        (Some(Delta::LowRank(delta)), ratio)
+    } else if kinds[1] {
+        // LoHa: α / r with r = hada_w1_b's rank; α missing or 0 -> r (LyCORIS `LohaModule`).
+        let names = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"];
+        let mut f = Vec::new();
+        for name in names {
+            f.push(
+                factor(name)?.ok_or_else(|| format!("{module}: LoHa needs {}; {name} is missing", names.join(", ")))?,
+            );
+        }
+        let r = f[1].shape().first().copied().unwrap_or(0) as f64;
+        let ratio = match alpha {
+            Some(a) if a != 0.0 && r > 0.0 => a / r,
+            _ => 1.0,
+        };
+        let [a1, b1, a2, b2]: [Tensor; 4] = f.try_into().map_err(|_| format!("{module}: LoHa factors"))?;
+        (Some(Delta::Hadamard([(a1, b1), (a2, b2)])), ratio)
+    } else if kinds[2] {
+        // LoKr: α / r only when a factor is a product, r from w2_b else w1_b (diffusers
+        // `_bake_lokr_alpha_`, LyCORIS `LokrModule`); both full -> 1.
+        let w = |full: &'static str,
+                 a: &'static str,
+                 b: &'static str|
+         -> std::result::Result<(Factor, Option<usize>), String> {
+            match (factor(full)?, factor(a)?, factor(b)?) {
+                (Some(t), None, None) => Ok((Factor::Full(t), None)),
+                (None, Some(a), Some(b)) => {
+                    let r = b.shape().first().copied();
+                    Ok((Factor::Product(a, b), r))
+                }
+                _ => Err(format!("{module}: LoKr needs {full}, or {a} and {b}, not both or neither")),
+            }
+        };
+        let ((w1, r1), (w2, r2)) = (w("lokr_w1", "lokr_w1_a", "lokr_w1_b")?, w("lokr_w2", "lokr_w2_a", "lokr_w2_b")?);
+        let ratio = match (r2.or(r1), alpha) {
+            (Some(r), Some(a)) if r > 0 => a / r as f64,
+            _ => 1.0,
+        };
+        for f in [&w1, &w2] {
+            let ok = match f {
+                Factor::Full(t) => matches!(t.shape().len(), 2 | 4) && t.numel() > 0,
+                Factor::Product(a, b) => matches!((a.shape(), b.shape()), ([_, r], [r2, _]) if r == r2 && *r > 0),
+            };
+            if !ok {
+                return Err(format!("{module}: LoKr factor {f:?} is not a matrix (or a product of two of one rank)"));
+            }
+        }
+        (Some(Delta::Kronecker(w1, w2)), ratio)
+    } else {
+        // Full: the tensors are the deltas; an alpha has no meaning here.
+        if alpha.is_some() {
+            return Err(format!("{}: a full diff module takes no alpha", key(&Param::Alpha)));
+        }
+        (factor("diff")?.map(Delta::Full), 1.0)
     };
-    let mid = tensor(&Param::Mid)?;
-    // Factor shapes: down [r, in(, kh, kw)], up [out, r(, 1, 1)], mid [r, r, kh, kw] with a 1x1 down.
+    let mut out = Vec::new();
+    if let Some(delta) = delta {
+        if let Err(why) = delta.check(&target.shape) {
+            let keys: Vec<String> =
+                params.values().map(|k| format!("{k} {:?}", file.shape(k).unwrap_or_default())).collect();
+            return Err(format!(
+                "{module} ({}) {why}, but {} '{}' is {:?}",
+                keys.join(", "),
+                target.component.name(),
+                target.tensor,
+                target.shape
+            ));
+        }
+        out.push((target.tensor.clone(), Scaled { scale: strength * ratio, delta, source: source.clone() }));
+    }
+    if let Some(diff_b) = factor("diff_b")? {
+        let Some((bias, shape)) = &target.bias else {
+            return Err(format!("{}: '{}' has no bias", key(&Param::Factor("diff_b")), target.tensor));
+        };
+        if diff_b.shape() != shape.as_slice() {
+            return Err(format!(
+                "{} is {:?}, but {} '{bias}' is {shape:?}",
+                key(&Param::Factor("diff_b")),
+                diff_b.shape(),
+                target.component.name()
+            ));
+        }
+        out.push((bias.clone(), Scaled { scale: strength, delta: Delta::Full(diff_b), source }));
+    }
+    Ok(out)
+}
+
+/// LoRA factors checked among themselves: down [r, in(, kh, kw)], up [out, r(, 1, 1)], and a Tucker
+/// core [r, r, kh, kw] with a 1x1 down.
+fn low_rank(down: Tensor, up: Tensor, mid: Option<Tensor>, params: &Params) -> std::result::Result<LowRank, String> {
+    let key = |p: &Param| params.get(p).map_or("", String::as_str);
+    let (down_key, up_key) = (key(&Param::Down), key(&Param::Up));
     let rank = down.shape().first().copied().unwrap_or(0);
     let down_ok = matches!(down.shape().len(), 2 | 4) && rank > 0;
     let up_ok = match up.shape() {
@@ -281,52 +422,19 @@ fn module_delta(
             up.shape()
         ));
     }
-    if let Some((mid, mid_key)) = &mid {
+    if let Some(mid) = &mid {
         let fits = matches!(mid.shape(), [a, b, _, _] if *a == rank && *b == rank)
             && matches!(down.shape(), [_, _] | [_, _, 1, 1]);
         if !fits {
             return Err(format!(
-                "{mid_key} {:?} with {down_key} {:?}: a Tucker core is [rank, rank, kh, kw] with a 1x1 down of rank {rank}",
+                "{} {:?} with {down_key} {:?}: a Tucker core is [rank, rank, kh, kw] with a 1x1 down of rank {rank}",
+                key(&Param::Mid),
                 mid.shape(),
                 down.shape()
             ));
         }
     }
-    let delta = LowRank { down, up, mid: mid.map(|(t, _)| t) };
-    if delta.shape() != target.shape {
-        return Err(format!(
-            "{module} ({down_key} {:?}, {up_key} {:?}) makes a {:?} delta, but {} '{}' is {:?}",
-            delta.down.shape(),
-            delta.up.shape(),
-            delta.shape(),
-            target.component.name(),
-            target.tensor,
-            target.shape
-        ));
-    }
-    // α / r (module doc)
-    let alpha = match params.get(&Param::Alpha) {
-        Some(key) => Some(scalar(file, key)?),
-        None => None,
-    };
-    let kohya = module.starts_with("lora_");
-    let r = rank as f64;
-    let ratio = if kohya {
-        match alpha {
-            Some(a) if a != 0.0 => a / r,
-            _ => 1.0,
-        }
-    } else {
-        let path = module.split_once('.').map_or(module, |(_, p)| p);
-        let peft = metadata.for_component(target.component);
-        let alpha = alpha.or_else(|| peft.and_then(|m| m.alpha(path))).unwrap_or(r);
-        if peft.is_some_and(|m| m.use_dora) {
-            return Err(format!("{module}: DoRA (use_dora in lora_adapter_metadata): not supported yet"));
-        }
-        if peft.is_some_and(|m| m.use_rslora) { alpha / r.sqrt() } else { alpha / r }
-    };
-    let source = format!("{}: {module}", file.path().display());
-    Ok(Scaled { scale: spec.strength(target.component) * ratio, delta, source })
+    Ok(LowRank { down, up, mid })
 }
 
 /// A one-element tensor's finite value.

@@ -78,6 +78,8 @@ pub struct Target {
     pub component: Component,
     pub tensor: String,
     pub shape: Vec<usize>,
+    /// The module's bias (graph name, shape), for a full `diff_b`.
+    pub bias: Option<(String, Vec<usize>)>,
 }
 
 /// Every spelling of every adaptable weight of the loaded models.
@@ -106,14 +108,18 @@ impl Targets {
     /// The UNet's convolution and Linear weights under their diffusers and SGM paths.
     pub fn add_unet(&mut self, checkpoint: &UnetCheckpoint) -> Result<()> {
         let sgm = LdmNames::new(&checkpoint.config);
+        let mut shapes = HashMap::new();
         for (name, key) in &checkpoint.names {
-            let shape = checkpoint.weights.get(key)?.shape().to_vec();
-            let Some(module) = adaptable(name, &shape) else { continue };
+            shapes.insert(name.as_str(), checkpoint.weights.get(key)?.shape().to_vec());
+        }
+        for (name, shape) in &shapes {
+            let Some(module) = adaptable(name, shape) else { continue };
             let sgm_name = sgm
                 .ldm_name(name)
                 .ok_or_else(|| Error::Internal(format!("the UNet weight '{name}' has no single-file name")))?;
             let sgm_module = sgm_name[ldm::PREFIX.len()..].trim_end_matches(".weight").to_string();
-            self.add(Component::Unet, &[module.to_string(), sgm_module], name, shape)?;
+            let bias = bias_of(module, &shapes);
+            self.add(Component::Unet, &[module.to_string(), sgm_module], name, shape.clone(), bias)?;
         }
         self.loaded.push(Component::Unet);
         Ok(())
@@ -123,22 +129,31 @@ impl Targets {
     /// their transformers path.
     pub fn add_text_encoder(&mut self, checkpoint: &ClipCheckpoint) -> Result<()> {
         let component = Component::of_text_encoder(checkpoint.kind);
-        for spec in clip_checkpoint::tensor_specs(&checkpoint.config) {
-            if spec.name.starts_with("embeddings.") {
+        let specs = clip_checkpoint::tensor_specs(&checkpoint.config);
+        let shapes: HashMap<&str, Vec<usize>> = specs.iter().map(|s| (s.name.as_str(), s.shape.clone())).collect();
+        for spec in &specs {
+            let Some(module) = adaptable(&spec.name, &spec.shape) else { continue };
+            if module.starts_with("embeddings.") {
                 continue;
             }
-            let Some(_) = adaptable(&spec.name, &spec.shape) else { continue };
-            let path = clip_checkpoint::transformers_name(&spec.name);
-            let module = path.trim_end_matches(".weight").to_string();
-            self.add(component, &[module], &spec.name, spec.shape.clone())?;
+            let path = clip_checkpoint::transformers_name(module);
+            let bias = bias_of(module, &shapes);
+            self.add(component, &[path], &spec.name, spec.shape.clone(), bias)?;
         }
         self.loaded.push(component);
         Ok(())
     }
 
     /// Enters `tensor` under the kohya and PEFT spellings of each of its module `paths`.
-    fn add(&mut self, component: Component, paths: &[String], tensor: &str, shape: Vec<usize>) -> Result<()> {
-        let target = Target { component, tensor: tensor.to_string(), shape };
+    fn add(
+        &mut self,
+        component: Component,
+        paths: &[String],
+        tensor: &str,
+        shape: Vec<usize>,
+        bias: Option<(String, Vec<usize>)>,
+    ) -> Result<()> {
+        let target = Target { component, tensor: tensor.to_string(), shape, bias };
         for path in paths {
             let flat = path.replace('.', "_");
             let spellings = component
@@ -176,6 +191,12 @@ impl Targets {
             _ => Lookup::Nothing,
         }
     }
+}
+
+/// The graph name and shape of `module`'s bias, if the model has one.
+fn bias_of(module: &str, shapes: &HashMap<&str, Vec<usize>>) -> Option<(String, Vec<usize>)> {
+    let name = format!("{module}.bias");
+    shapes.get(name.as_str()).map(|s| (name, s.clone()))
 }
 
 /// The module path of a weight a LoRA can adapt (a Linear or convolution `.weight`), or None.

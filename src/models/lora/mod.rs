@@ -93,7 +93,7 @@ pub struct Loras {
 }
 
 impl Loras {
-    /// The deltas for `component` (empty when no LoRA adapts it).
+    /// The deltas for `component`; None when no LoRA adapts it.
     pub fn merge(&self, component: Component) -> Option<&LoraMerge> {
         self.merges.get(&component).filter(|m| !m.is_empty())
     }
@@ -243,9 +243,8 @@ fn read_file(file: &TensorFile, spec: &LoraSpec, targets: &Targets, problems: &m
             ));
             continue;
         }
-        let unsupported: Vec<&str> =
-            params.keys().filter_map(|p| if let Param::Unsupported(what) = p { Some(*what) } else { None }).collect();
-        if let Some(what) = unsupported.first() {
+        if let Some(what) = params.keys().find_map(|p| if let Param::Unsupported(what) = p { Some(what) } else { None })
+        {
             problems.unsupported.push(format!("{name}: {module}: {what}"));
             continue;
         }

@@ -63,7 +63,7 @@ impl Component {
     }
 
     /// The component whose namespace a module key is in (`lora_te2_...`, `unet....`), whether
-    /// or not it is loaded. `text_encoder_2.` is tested before `text_encoder.`'s prefix would be.
+    /// or not it is loaded.
     pub fn of_key(module: &str) -> Option<Component> {
         Component::ALL.into_iter().find(|c| {
             c.kohya_prefixes().iter().any(|p| module.starts_with(p)) || module.starts_with(&format!("{}.", c.name()))
@@ -178,10 +178,8 @@ impl Targets {
     pub fn is_loaded(&self, component: Component) -> bool {
         self.loaded.contains(&component)
     }
-    pub fn loaded(&self) -> &[Component] {
-        &self.loaded
-    }
 
+    /// What a file's module key (`lora_unet_...`, `unet.down_blocks....`) adapts.
     pub fn find(&self, module: &str) -> Lookup<'_> {
         if let Some(t) = self.by_module.get(module) {
             return Lookup::Found(t);

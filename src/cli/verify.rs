@@ -10,10 +10,12 @@ use clap::Args;
 
 use crate::error::{EXIT_OUTSIDE_TOLERANCE, Error, Result};
 use crate::models::clip::TextEncoderKind;
+use crate::models::lora::LoraSpec;
 use crate::tensor::{DType, Tensor};
 use crate::verify::arenas::MAX_SCRATCH_GB;
 use crate::verify::{
-    Comparison, Device, Settings, default_tolerance, verify_text_encoder, verify_unet, verify_vae_decoder,
+    Comparison, Device, LoraOptions, Settings, default_tolerance, verify_text_encoder_with_loras,
+    verify_unet_with_loras, verify_vae_decoder,
 };
 use crate::weights;
 
@@ -45,6 +47,14 @@ pub struct VerifyArgs {
     /// CUDA scratch arena in GiB (default: three quarters of the device memory less the weights).
     #[arg(long)]
     pub scratch_gb: Option<f64>,
+    /// A LoRA merged into the component before it runs (unet, text_encoder, text_encoder_2):
+    /// PATH[:WEIGHT], WEIGHT 1.0 by default; repeat for several.
+    #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
+    pub lora: Vec<String>,
+    /// LoRA keys that target nothing in the component become a warning in the summary instead of
+    /// an error.
+    #[arg(long)]
+    pub lora_lenient: bool,
 }
 
 /// The CLI entry: prints the report and returns the exit code.
@@ -85,14 +95,21 @@ pub fn run(args: &VerifyArgs) -> Result<bool> {
         // Before the run, which may take minutes: a target that cannot be replaced fails now.
         weights::check_save_path(path)?;
     }
+    let loras = LoraOptions {
+        files: args.lora.iter().map(|a| LoraSpec::parse(a)).collect::<Result<_>>()?,
+        lenient: args.lora_lenient,
+    };
+    if args.component == "vae_decoder" && !loras.files.is_empty() {
+        return Err(Error::Input("--lora applies to unet, text_encoder and text_encoder_2, not vae_decoder".into()));
+    }
     let settings = Settings { device, dtype, tolerance, scratch_gb: args.scratch_gb };
     let result = match args.component.as_str() {
         "text_encoder" | "text_encoder_2" => {
             let kind = if args.component == "text_encoder" { TextEncoderKind::ClipL } else { TextEncoderKind::ClipG };
-            verify_text_encoder(kind, &args.weights, &args.reference, &settings)?
+            verify_text_encoder_with_loras(kind, &args.weights, &args.reference, &settings, &loras)?
         }
         "vae_decoder" => verify_vae_decoder(&args.weights, &args.reference, &settings)?,
-        _ => verify_unet(&args.weights, &args.reference, &settings)?,
+        _ => verify_unet_with_loras(&args.weights, &args.reference, &settings, &loras)?,
     };
     println!("{}", result.summary);
     for c in &result.comparisons {

@@ -7,6 +7,7 @@ pub mod embeddings;
 mod fields;
 mod files;
 pub mod layout;
+pub mod lora;
 pub mod resnet;
 pub mod transformer;
 pub mod unet;

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, Result};
 use crate::gpu::{Arena, Gpu};
+use crate::models::lora::LoraMerge;
 use crate::ops::conv::weight_oihw_to_ohwi;
 use crate::tensor::{DType, Tensor};
 use crate::weights::LoadedWeights;
@@ -19,13 +20,28 @@ pub enum Place<'a> {
     Host(DType),
     /// Device tensors in `dtype`, allocated from `arena` (for `Exec::Cuda`).
     Device { gpu: &'a Gpu, arena: &'a Arena, dtype: DType },
+    /// `place` (Host or Device), with the LoRA deltas of `loras` merged into the weights they
+    /// target on the host first, each rounded once to the place's dtype (`LoraMerge::merged`).
+    Merged { place: &'a Place<'a>, loras: &'a LoraMerge },
 }
 
-impl Place<'_> {
+impl<'a> Place<'a> {
     pub fn dtype(&self) -> DType {
         match self {
             Place::Host(d) => *d,
             Place::Device { dtype, .. } => *dtype,
+            Place::Merged { place, .. } => place.dtype(),
+        }
+    }
+
+    /// The destination and the deltas to merge on the way; one level of `Merged` only.
+    fn split(self) -> Result<(Place<'a>, Option<&'a LoraMerge>)> {
+        match self {
+            Place::Merged { place: Place::Merged { .. }, .. } => {
+                Err(Error::Internal("Place::Merged inside Place::Merged: merge the LoRAs into one LoraMerge".into()))
+            }
+            Place::Merged { place, loras } => Ok((*place, Some(loras))),
+            other => Ok((other, None)),
         }
     }
 }
@@ -51,41 +67,34 @@ impl ModelWeights {
     /// Takes the tensors named by `names` (diffusers name, checkpoint key) from `loaded`: 4-d
     /// tensors (PyTorch convolutions, OIHW) become KRSC once here rather than at every forward,
     /// then everything is converted to the place's dtype on the host or on its way to the device.
+    /// With `Place::Merged`, LoRA deltas are added first (in PyTorch layout, before the layout
+    /// change).
     pub fn prepare(loaded: &LoadedWeights, names: &[(String, String)], place: Place) -> Result<ModelWeights> {
         let dtype = place.dtype();
+        let (place, loras) = place.split()?;
         let mut tensors = HashMap::with_capacity(names.len());
         for (name, key) in names {
-            let t = loaded.get(key)?;
-            let t = if t.shape().len() == 4 { weight_oihw_to_ohwi(t)? } else { t.clone() };
-            let t = match place {
-                Place::Host(_) if t.dtype() == dtype => t,
-                Place::Host(_) => Tensor::from_f32(t.shape(), dtype, &t.to_f32_vec()?)?,
-                Place::Device { gpu, arena, .. } => gpu.upload(arena, &t, dtype).map_err(|e| match e {
-                    Error::Cuda(m) => Error::Cuda(format!("uploading '{key}': {m}")),
-                    other => other,
-                })?,
-            };
-            tensors.insert(name.clone(), Entry::new(t));
+            let t = merged(loras, name, loaded.get(key)?, dtype)?;
+            let t = if t.shape().len() == 4 { weight_oihw_to_ohwi(&t)? } else { t };
+            tensors.insert(name.clone(), Entry::new(place_tensor(place, t, dtype, key)?));
         }
+        check_all_merged(loras, &tensors)?;
         Ok(ModelWeights { tensors, dtype })
     }
 
     /// Like `prepare`, for host tensors the caller has already put in the graph's form (a fused
-    /// projection split into its parts, a matrix transposed): converted or uploaded the same way.
+    /// projection split into its parts, a matrix transposed): merged, converted or uploaded the
+    /// same way.
     pub fn from_tensors(named: Vec<(String, Tensor)>, place: Place) -> Result<ModelWeights> {
         let dtype = place.dtype();
+        let (place, loras) = place.split()?;
         let mut tensors = HashMap::with_capacity(named.len());
         for (name, t) in named {
-            let t = match place {
-                Place::Host(_) if t.dtype() == dtype => t,
-                Place::Host(_) => Tensor::from_f32(t.shape(), dtype, &t.to_f32_vec()?)?,
-                Place::Device { gpu, arena, .. } => gpu.upload(arena, &t, dtype).map_err(|e| match e {
-                    Error::Cuda(m) => Error::Cuda(format!("uploading '{name}': {m}")),
-                    other => other,
-                })?,
-            };
+            let t = merged(loras, &name, &t, dtype)?;
+            let t = place_tensor(place, t, dtype, &name)?;
             tensors.insert(name, Entry::new(t));
         }
+        check_all_merged(loras, &tensors)?;
         Ok(ModelWeights { tensors, dtype })
     }
 
@@ -111,6 +120,37 @@ impl ModelWeights {
     /// The whole model, for `Scope::get` and `Scope::at`.
     pub fn root(&self) -> Scope<'_> {
         Scope { weights: self, prefix: String::new() }
+    }
+}
+
+/// `t` with the LoRA deltas for `name` added (rounded once to `dtype`), or `t` as it is.
+fn merged(loras: Option<&LoraMerge>, name: &str, t: &Tensor, dtype: DType) -> Result<Tensor> {
+    match loras {
+        Some(loras) => Ok(loras.merged(name, t, dtype)?.unwrap_or_else(|| t.clone())),
+        None => Ok(t.clone()),
+    }
+}
+
+/// A host tensor converted to `dtype` (Host) or uploaded in `dtype` (Device); `what` names it in
+/// errors.
+fn place_tensor(place: Place, t: Tensor, dtype: DType, what: &str) -> Result<Tensor> {
+    match place {
+        Place::Host(_) if t.dtype() == dtype => Ok(t),
+        Place::Host(_) => Tensor::from_f32(t.shape(), dtype, &t.to_f32_vec()?),
+        Place::Device { gpu, arena, .. } => gpu.upload(arena, &t, dtype).map_err(|e| match e {
+            Error::Cuda(m) => Error::Cuda(format!("uploading '{what}': {m}")),
+            other => other,
+        }),
+        Place::Merged { .. } => Err(Error::Internal("placing a tensor in Place::Merged: split it first".into())),
+    }
+}
+
+/// Every weight a LoRA delta targets was prepared: the name map and the model's names agree.
+fn check_all_merged(loras: Option<&LoraMerge>, tensors: &HashMap<String, Entry>) -> Result<()> {
+    let Some(loras) = loras else { return Ok(()) };
+    match loras.names().find(|n| !tensors.contains_key(*n)) {
+        Some(name) => Err(Error::Internal(format!("a LoRA delta targets '{name}', which this model does not have"))),
+        None => Ok(()),
     }
 }
 

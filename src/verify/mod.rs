@@ -16,12 +16,42 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::models::Place;
+use crate::models::lora::{self, LoraMerge, LoraSpec, Loras, Targets};
 use crate::tensor::{DType, Tensor};
 use crate::weights::{self, TensorFile};
 
-pub use text_encoder::verify_text_encoder;
-pub use unet::verify_unet;
+pub use text_encoder::{verify_text_encoder, verify_text_encoder_with_loras};
+pub use unet::{verify_unet, verify_unet_with_loras};
 pub use vae::verify_vae_decoder;
+
+/// LoRAs merged into the component before it runs (`--lora PATH[:WEIGHT]`, `--lora-lenient`).
+#[derive(Clone, Debug, Default)]
+pub struct LoraOptions {
+    pub files: Vec<LoraSpec>,
+    /// Keys that target nothing in the component: a warning in the summary instead of an error.
+    pub lenient: bool,
+}
+
+impl LoraOptions {
+    /// Resolves the files against the model `add` enters into the name map; None without LoRAs.
+    fn resolve(&self, add: impl FnOnce(&mut Targets) -> Result<()>) -> Result<Option<Loras>> {
+        if self.files.is_empty() {
+            return Ok(None);
+        }
+        let mut targets = Targets::new();
+        add(&mut targets)?;
+        lora::resolve(&self.files, &targets, self.lenient).map(Some)
+    }
+}
+
+/// `place`, with `loras` merged on the way when there are any.
+fn with_loras<'a>(place: &'a Place<'a>, loras: Option<&'a LoraMerge>) -> Place<'a> {
+    match loras {
+        Some(loras) => Place::Merged { place, loras },
+        None => *place,
+    }
+}
 
 /// Where to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -13,13 +13,14 @@
 use std::path::Path;
 
 use super::arenas::{model_arenas, scratch_bytes};
-use super::{Device, Reference, Settings, Verification, compare};
+use super::{Device, LoraOptions, Reference, Settings, Verification, compare, with_loras};
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::models::Place;
 use crate::models::clip::{
     ClipCheckpoint, ClipConfig, ClipFormat, ClipOutputs, ClipTextModel, TextEncoderKind, open_text_encoder,
 };
+use crate::models::lora::{Component, LoraMerge};
 use crate::ops::Exec;
 use crate::tensor::{DType, Tensor};
 
@@ -39,22 +40,36 @@ pub fn verify_text_encoder(
     reference: &Path,
     settings: &Settings,
 ) -> Result<Verification> {
+    verify_text_encoder_with_loras(kind, weights_path, reference, settings, &LoraOptions::default())
+}
+
+/// `verify_text_encoder` with `loras` merged into the encoder's weights first.
+pub fn verify_text_encoder_with_loras(
+    kind: TextEncoderKind,
+    weights_path: &Path,
+    reference: &Path,
+    settings: &Settings,
+    loras: &LoraOptions,
+) -> Result<Verification> {
     let Settings { device, dtype, tolerance, scratch_gb } = *settings;
     let checkpoint = open_text_encoder(weights_path, kind)?;
+    let loras = loras.resolve(|t| t.add_text_encoder(&checkpoint))?;
+    let component = if kind == TextEncoderKind::ClipL { Component::TextEncoder } else { Component::TextEncoder2 };
+    let merge = loras.as_ref().and_then(|l| l.merge(component));
     let r = read_reference(&Reference::open(reference)?, &checkpoint.config, weights_path)?;
     let outputs = match device {
         Device::Cpu => {
-            let model = ClipTextModel::new(&checkpoint, Place::Host(dtype))?;
+            let model = ClipTextModel::new(&checkpoint, with_loras(&Place::Host(dtype), merge))?;
             let out = model.forward(&Exec::Cpu, &r.ids, r.tokens, &r.keep)?;
             named_outputs(out, |t| Ok(t.clone()))?
         }
-        Device::Cuda => run_cuda(&checkpoint, &r, dtype, scratch_gb)?,
+        Device::Cuda => run_cuda(&checkpoint, merge, &r, dtype, scratch_gb)?,
     };
     let format = match checkpoint.format {
         ClipFormat::Transformers => "transformers",
         ClipFormat::SingleFile => "single file",
     };
-    let summary = format!(
+    let mut summary = format!(
         "{} ({format}, {}): {}\n{} on {device:?} in {dtype:?}: {} sequences of {} tokens",
         weights_path.display(),
         kind.folder(),
@@ -63,6 +78,9 @@ pub fn verify_text_encoder(
         r.batch,
         r.tokens
     );
+    for line in loras.iter().flat_map(|l| &l.summary) {
+        summary.push_str(&format!("\n{line}"));
+    }
     let mut comparisons = Vec::new();
     let mut computed = Vec::new();
     for (name, actual) in outputs {
@@ -156,6 +174,7 @@ fn read_reference(r: &Reference, cfg: &ClipConfig, weights_path: &Path) -> Resul
 
 fn run_cuda(
     checkpoint: &ClipCheckpoint,
+    loras: Option<&LoraMerge>,
     r: &TextReference,
     dtype: DType,
     scratch_gb: Option<f64>,
@@ -165,7 +184,8 @@ fn run_cuda(
     let explicit = scratch_gb.map(|gb| scratch_bytes(&gpu, gb)).transpose()?;
     let (weights_arena, scratch) =
         model_arenas(&checkpoint.weights, dtype, 1 << 20, |w| explicit.unwrap_or((1 << 30).max(w / 4)))?;
-    let model = ClipTextModel::new(checkpoint, Place::Device { gpu: &gpu, arena: &weights_arena, dtype })?;
+    let device = Place::Device { gpu: &gpu, arena: &weights_arena, dtype };
+    let model = ClipTextModel::new(checkpoint, with_loras(&device, loras))?;
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
     let out = model.forward(&ex, &r.ids, r.tokens, &r.keep)?;
     let named = named_outputs(out, |t| gpu.download(t))?;

@@ -5,10 +5,11 @@
 use std::path::Path;
 
 use super::arenas::{model_arenas, most_of_memory, scratch_bytes};
-use super::{Device, Reference, Settings, Verification, compare};
+use super::{Device, LoraOptions, Reference, Settings, Verification, compare, with_loras};
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
+use crate::models::lora::{Component, LoraMerge};
 use crate::models::{Place, Unet, UnetCheckpoint, UnetConfig, UnetFormat, UnetInputs, UnetResiduals, open_unet};
 use crate::ops::Exec;
 use crate::tensor::{DType, Tensor};
@@ -110,15 +111,27 @@ fn read_reference(r: &Reference, cfg: &UnetConfig, dtype: DType) -> Result<UnetR
 
 /// Loads the UNet and the reference, runs the forward on `device` in `dtype` and compares.
 pub fn verify_unet(weights_path: &Path, reference: &Path, settings: &Settings) -> Result<Verification> {
+    verify_unet_with_loras(weights_path, reference, settings, &LoraOptions::default())
+}
+
+/// `verify_unet` with `loras` merged into the UNet's weights first.
+pub fn verify_unet_with_loras(
+    weights_path: &Path,
+    reference: &Path,
+    settings: &Settings,
+    loras: &LoraOptions,
+) -> Result<Verification> {
     let Settings { device, dtype, tolerance, scratch_gb } = *settings;
     let checkpoint = open_unet(weights_path)?;
+    let loras = loras.resolve(|t| t.add_unet(&checkpoint))?;
+    let merge = loras.as_ref().and_then(|l| l.merge(Component::Unet));
     let r = read_reference(&Reference::open(reference)?, &checkpoint.config, dtype)?;
     let s = r.sample.shape();
     let format = match checkpoint.format {
         UnetFormat::Diffusers => "diffusers",
         UnetFormat::SingleFile => "single file",
     };
-    let summary = format!(
+    let mut summary = format!(
         "{} ({format}): {}\n{} on {device:?} in {dtype:?}: batch {}, latent {}x{}, {} context tokens{}",
         weights_path.display(),
         checkpoint.config,
@@ -129,9 +142,12 @@ pub fn verify_unet(weights_path: &Path, reference: &Path, settings: &Settings) -
         r.encoder_hidden_states.shape().get(1).unwrap_or(&0),
         if r.residuals.is_some() { ", with ControlNet residuals" } else { "" }
     );
+    for line in loras.iter().flat_map(|l| &l.summary) {
+        summary.push_str(&format!("\n{line}"));
+    }
     let sample = match device {
         Device::Cpu => {
-            let unet = Unet::new(&checkpoint, Place::Host(dtype))?;
+            let unet = Unet::new(&checkpoint, with_loras(&Place::Host(dtype), merge))?;
             let residuals = r.residuals.clone().map(|(down, mid)| UnetResiduals { down, mid });
             let inputs = UnetInputs {
                 sample: &r.sample,
@@ -142,14 +158,20 @@ pub fn verify_unet(weights_path: &Path, reference: &Path, settings: &Settings) -
             };
             unet.forward(&Exec::Cpu, &inputs, residuals.as_ref())?
         }
-        Device::Cuda => run_cuda(&checkpoint, &r, dtype, scratch_gb)?,
+        Device::Cuda => run_cuda(&checkpoint, merge, &r, dtype, scratch_gb)?,
     };
     let sample = nhwc_to_nchw(&sample)?;
     let comparisons = vec![compare("out.sample", &sample, &r.expected, tolerance)?];
     Ok(Verification { comparisons, outputs: vec![("out.sample".to_string(), sample)], summary })
 }
 
-fn run_cuda(checkpoint: &UnetCheckpoint, r: &UnetReference, dtype: DType, scratch_gb: Option<f64>) -> Result<Tensor> {
+fn run_cuda(
+    checkpoint: &UnetCheckpoint,
+    loras: Option<&LoraMerge>,
+    r: &UnetReference,
+    dtype: DType,
+    scratch_gb: Option<f64>,
+) -> Result<Tensor> {
     let gpu = Gpu::from_env()?;
     let input_bytes: usize = [Some(&r.sample), Some(&r.encoder_hidden_states), r.text_embeds.as_ref()]
         .into_iter()
@@ -161,7 +183,8 @@ fn run_cuda(checkpoint: &UnetCheckpoint, r: &UnetReference, dtype: DType, scratc
     let explicit = scratch_gb.map(|gb| scratch_bytes(&gpu, gb)).transpose()?;
     let (weights_arena, scratch) =
         model_arenas(&checkpoint.weights, dtype, input_bytes, |w| explicit.unwrap_or_else(|| most_of_memory(&gpu, w)))?;
-    let unet = Unet::new(checkpoint, Place::Device { gpu: &gpu, arena: &weights_arena, dtype })?;
+    let device = Place::Device { gpu: &gpu, arena: &weights_arena, dtype };
+    let unet = Unet::new(checkpoint, with_loras(&device, loras))?;
     let up = |t: &Tensor| gpu.upload(&weights_arena, t, t.dtype());
     let (sample, timestep, context) = (up(&r.sample)?, up(&r.timestep)?, up(&r.encoder_hidden_states)?);
     let text_embeds = r.text_embeds.as_ref().map(up).transpose()?;

@@ -238,9 +238,8 @@ fn open_single_file(path: &Path, kind: TextEncoderKind) -> Result<ClipCheckpoint
     let (config, names) = match kind {
         TextEncoderKind::ClipL => {
             let config = derive_config(&shapes, &file, &CLIP_L_NAMES)?;
-            let names = tensor_specs(&config)
-                .into_iter()
-                .map(|s| (s.name.clone(), Source::Key(format!("text_model.{}", s.name))));
+            let names =
+                tensor_specs(&config).into_iter().map(|s| (s.name.clone(), Source::Key(transformers_name(&s.name))));
             (config, names.collect::<Vec<_>>())
         }
         TextEncoderKind::ClipG => {
@@ -267,6 +266,13 @@ fn open_single_file(path: &Path, kind: TextEncoderKind) -> Result<ClipCheckpoint
     }
     let weights = weights::load_filtered(&files, Some(&specs), &skip)?;
     Ok(ClipCheckpoint { kind, config, weights, names: names_in_file, format: ClipFormat::SingleFile })
+}
+
+/// The transformers name of a graph tensor as transformers 4 saves it (`text_model.` + the graph
+/// name, `text_projection.weight` as it is): what SDXL single files hold under CLIP-L's prefix and
+/// what LoRA files name (kohya's `lora_te1_text_model_...`, diffusers' `text_encoder.text_model....`).
+pub fn transformers_name(graph: &str) -> String {
+    if graph.starts_with("text_projection.") { graph.to_string() } else { format!("text_model.{graph}") }
 }
 
 fn prefixed(source: Source, prefix: &str) -> Source {

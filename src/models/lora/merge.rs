@@ -1,0 +1,348 @@
+//! The merge on the host: W' = W + Σᵢ sᵢ ΔWᵢ for every weight a LoRA targets, with ΔW rebuilt from
+//! its factors and everything summed in f64 (each product of two f32 values is exact there), then
+//! rounded once to the dtype the graph computes in. `ModelWeights` calls `LoraMerge::merged` for
+//! each weight it prepares, before the conversion or upload; a device kernel that adds the deltas
+//! after the upload replaces that one call.
+//!
+//! ΔW per format (FORMATS.md §6.1; kohya sd-scripts `networks/lora.py` `LoRAModule.merge_to`,
+//! LyCORIS `lycoris/modules/locon.py`; PEFT `tuners/lora/layer.py` `get_delta_weight`):
+//! - LoRA / LoCon: ΔW[o, j] = Σ_r up[o, r] down[r, j], j running over in·kh·kw (a 3x3 LoCon down
+//!   keeps the target's kernel; up is 1x1).
+//! - LoCon Tucker (`lora_mid` [r, r, kh, kw], down [r, in(,1,1)], up [out, r(,1,1)]):
+//!   ΔW[o, i, y, x] = Σ_{p,q} up[o, p] mid[p, q, y, x] down[q, i].
+//! - LoHa (FORMATS.md §6.4; LyCORIS `lycoris/functional/loha.py` `diff_weight`):
+//!   ΔW = (w1_a · w1_b) ⊙ (w2_a · w2_b), a [out, in·kh·kw] matrix read in the target's shape.
+//! - LoKr (§6.5; LyCORIS `lycoris/functional/lokr.py`): ΔW = kron(W1, W2) with each factor a full
+//!   matrix or a product a · b; W2 is [c, d·kh·kw] (or [c, d, kh, kw]) and W1 [a, b] acts as
+//!   [a, b, 1, 1], so ΔW[i·c + k, j·d + l, y, x] = W1[i, j] W2[k, l, y, x].
+//! - Full (LyCORIS `full`, `diff` / `diff_b`): ΔW is the tensor itself.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use half::{bf16, f16};
+
+use crate::error::{Error, Result};
+use crate::tensor::{DType, HostBytes, Storage, Tensor};
+
+/// One module's low-rank factors (views of its file), shapes checked against their target.
+#[derive(Clone, Debug)]
+pub struct LowRank {
+    pub down: Tensor,
+    pub up: Tensor,
+    pub mid: Option<Tensor>,
+}
+
+impl LowRank {
+    /// The rank: the down matrix's first dimension (FORMATS.md §6 pitfalls: never up's).
+    pub fn rank(&self) -> usize {
+        self.down.shape()[0]
+    }
+
+    /// The weight shape this delta has: [out, in] for a Linear, [out, in, kh, kw] for a
+    /// convolution (kernel from lora_mid, else from a 4-d down), in PyTorch layout.
+    pub fn shape(&self) -> Vec<usize> {
+        let (out, inner) = (self.up.shape()[0], self.down.shape()[1]);
+        let kernel = match (&self.mid, self.down.shape()) {
+            (Some(mid), _) => &mid.shape()[2..],
+            (None, [_, _, kh, kw]) => &[*kh, *kw][..],
+            (None, _) => &[][..],
+        };
+        [&[out, inner][..], kernel].concat()
+    }
+
+    /// ΔW in f64, row-major over the target's PyTorch layout ([out, in, kh, kw]).
+    pub fn delta(&self) -> Result<Vec<f64>> {
+        let (up, down) = (widen(&self.up)?, widen(&self.down)?);
+        let (out, rank) = (self.up.shape()[0], self.rank());
+        let inner = self.down.numel() / rank;
+        let down = match &self.mid {
+            None => down,
+            Some(mid) => {
+                // core[p, i, k] = Σ_q mid[p, q, k] down[q, i]: the Tucker core and down folded into
+                // one [rank, in·kh·kw] matrix, then up as for plain LoCon.
+                let mid = widen(mid)?;
+                let kernel = mid.len() / (rank * rank);
+                let mut core = vec![0f64; rank * inner * kernel];
+                for p in 0..rank {
+                    for q in 0..rank {
+                        let m = &mid[(p * rank + q) * kernel..][..kernel];
+                        for i in 0..inner {
+                            let d = down[q * inner + i];
+                            let row = &mut core[(p * inner + i) * kernel..][..kernel];
+                            row.iter_mut().zip(m).for_each(|(c, &m)| *c += m * d);
+                        }
+                    }
+                }
+                core
+            }
+        };
+        Ok(matmul(&up, &down, out, rank))
+    }
+}
+
+/// A factor of a LoKr module: a full matrix, or the product of two.
+#[derive(Clone, Debug)]
+pub enum Factor {
+    Full(Tensor),
+    Product(Tensor, Tensor),
+}
+
+impl Factor {
+    /// Rows and the values per row (a 4-d full factor keeps its kernel in the row).
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Factor::Full(t) => (t.shape()[0], t.numel() / t.shape()[0].max(1)),
+            Factor::Product(a, b) => (a.shape()[0], b.shape()[1]),
+        }
+    }
+
+    fn values(&self) -> Result<Vec<f64>> {
+        match self {
+            Factor::Full(t) => widen(t),
+            Factor::Product(a, b) => Ok(matmul(&widen(a)?, &widen(b)?, a.shape()[0], a.shape()[1])),
+        }
+    }
+}
+
+/// A module's ΔW, in one of the formats the module doc lists. Shapes are checked against the
+/// target by `check` before any is computed.
+#[derive(Clone, Debug)]
+pub enum Delta {
+    LowRank(LowRank),
+    /// LoHa: (w1_a, w1_b), (w2_a, w2_b).
+    Hadamard([(Tensor, Tensor); 2]),
+    /// LoKr: W1, W2.
+    Kronecker(Factor, Factor),
+    Full(Tensor),
+}
+
+impl Delta {
+    /// Whether this delta fits a weight of `target` shape (PyTorch layout); Err says why, with
+    /// the delta's shapes.
+    pub fn check(&self, target: &[usize]) -> std::result::Result<(), String> {
+        let out = target.first().copied().unwrap_or(0);
+        let cols = target.iter().skip(1).product::<usize>();
+        match self {
+            Delta::LowRank(l) if l.shape() == target => Ok(()),
+            Delta::LowRank(l) => Err(format!("makes a {:?} delta", l.shape())),
+            Delta::Full(t) if t.shape() == target => Ok(()),
+            Delta::Full(t) => Err(format!("is {:?}", t.shape())),
+            Delta::Hadamard(pairs) => {
+                for (a, b) in pairs {
+                    match (a.shape(), b.shape()) {
+                        ([o, r], [r2, n]) if *o == out && r == r2 && *n == cols => {}
+                        (sa, sb) => {
+                            return Err(format!("has factors {sa:?} and {sb:?}; [{out}, rank] and [rank, {cols}] fit"));
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Delta::Kronecker(w1, w2) => {
+                let ((a, b), (c, n)) = (w1.dims(), w2.dims());
+                let kernel: usize = target.iter().skip(2).product();
+                let kernel_ok = match w2 {
+                    Factor::Full(t) if t.shape().len() == 4 => t.shape()[2..] == target[2..],
+                    _ => true,
+                };
+                if a * c == out && n.is_multiple_of(kernel) && b * (n / kernel) == cols / kernel && kernel_ok {
+                    Ok(())
+                } else {
+                    Err(format!("makes kron([{a}, {b}], [{c}, {n}]), which does not give {target:?}"))
+                }
+            }
+        }
+    }
+
+    /// ΔW in f64, row-major over `target` (checked by `check`).
+    pub fn values(&self, target: &[usize]) -> Result<Vec<f64>> {
+        match self {
+            Delta::LowRank(l) => l.delta(),
+            Delta::Full(t) => widen(t),
+            Delta::Hadamard([(a1, b1), (a2, b2)]) => {
+                let w1 = matmul(&widen(a1)?, &widen(b1)?, a1.shape()[0], a1.shape()[1]);
+                let w2 = matmul(&widen(a2)?, &widen(b2)?, a2.shape()[0], a2.shape()[1]);
+                Ok(w1.iter().zip(&w2).map(|(x, y)| x * y).collect())
+            }
+            Delta::Kronecker(w1, w2) => {
+                let ((a, b), (c, n)) = (w1.dims(), w2.dims());
+                let (v1, v2) = (w1.values()?, w2.values()?);
+                let kernel: usize = target.iter().skip(2).product();
+                let d = n / kernel;
+                let cols = b * n;
+                let mut out = vec![0f64; a * c * cols];
+                for i in 0..a {
+                    for j in 0..b {
+                        let s = v1[i * b + j];
+                        for k in 0..c {
+                            // row i·c + k, columns (j·d + l)·kernel + y: one run of d·kernel values
+                            let dst = &mut out[(i * c + k) * cols + j * d * kernel..][..n];
+                            dst.iter_mut().zip(&v2[k * n..][..n]).for_each(|(o, &w)| *o = s * w);
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+fn widen(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.to_f32_vec()?.into_iter().map(f64::from).collect())
+}
+
+/// [m, k] · [k, n] in f64, row-major.
+fn matmul(a: &[f64], b: &[f64], m: usize, k: usize) -> Vec<f64> {
+    let n = b.len() / k.max(1);
+    let mut out = vec![0f64; m * n];
+    for i in 0..m {
+        let row = &mut out[i * n..][..n];
+        for r in 0..k {
+            let x = a[i * k + r];
+            row.iter_mut().zip(&b[r * n..][..n]).for_each(|(o, &y)| *o += x * y);
+        }
+    }
+    out
+}
+
+/// A delta and its total scale: the user's strength × alpha / rank.
+#[derive(Clone, Debug)]
+pub struct Scaled {
+    pub scale: f64,
+    pub delta: Delta,
+    /// The LoRA module it comes from (`file: module`), for errors.
+    pub source: String,
+}
+
+/// The deltas for one model, keyed by the graph name of the weight each adds to
+/// (`down_blocks.1.attentions.0.proj_in.weight`), in the order the LoRAs were given.
+#[derive(Clone, Debug, Default)]
+pub struct LoraMerge {
+    deltas: HashMap<String, Vec<Scaled>>,
+}
+
+impl LoraMerge {
+    pub(super) fn add(&mut self, tensor: &str, delta: Scaled) {
+        self.deltas.entry(tensor.to_string()).or_default().push(delta);
+    }
+
+    /// Weights with at least one delta.
+    pub fn len(&self) -> usize {
+        self.deltas.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.deltas.is_empty()
+    }
+    /// The graph names of the weights with a delta.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.deltas.keys().map(String::as_str)
+    }
+
+    /// `base` (a host tensor in PyTorch layout) plus every delta for `name`, rounded once to
+    /// `dtype`; None when no delta targets `name`.
+    pub fn merged(&self, name: &str, base: &Tensor, dtype: DType) -> Result<Option<Tensor>> {
+        let Some(deltas) = self.deltas.get(name) else { return Ok(None) };
+        let mut w: Vec<f64> = base.to_f32_vec()?.into_iter().map(f64::from).collect();
+        for d in deltas {
+            // Shapes were matched to the target when the LoRA was resolved; a mismatch here is ours.
+            if let Err(why) = d.delta.check(base.shape()) {
+                return Err(Error::Internal(format!(
+                    "LoRA {} {why}, but the weight '{name}' it was matched to is {:?}",
+                    d.source,
+                    base.shape()
+                )));
+            }
+            w.iter_mut().zip(d.delta.values(base.shape())?).for_each(|(w, v)| *w += d.scale * v);
+        }
+        Ok(Some(round_to(base.shape(), dtype, &w)?))
+    }
+}
+
+/// A host tensor of `values` rounded once to `dtype` (round to nearest even).
+fn round_to(shape: &[usize], dtype: DType, values: &[f64]) -> Result<Tensor> {
+    let mut bytes = Vec::with_capacity(values.len() * dtype.size());
+    match dtype {
+        DType::F16 => values.iter().for_each(|&v| bytes.extend_from_slice(&f16::from_f64(v).to_le_bytes())),
+        DType::BF16 => values.iter().for_each(|&v| bytes.extend_from_slice(&bf16::from_f64(v).to_le_bytes())),
+        DType::F32 => values.iter().for_each(|&v| bytes.extend_from_slice(&(v as f32).to_le_bytes())),
+    }
+    Tensor::from_storage(shape, dtype, Storage::Host(HostBytes::Owned(Arc::new(bytes))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(shape: &[usize], v: &[f32]) -> Tensor {
+        Tensor::from_f32(shape, DType::F32, v).unwrap()
+    }
+
+    #[test]
+    fn linear_delta_is_up_times_down() {
+        // up [2, 1] = [1, 2]ᵀ, down [1, 3] = [1, 0, -1]
+        let lr = LowRank { up: t(&[2, 1], &[1.0, 2.0]), down: t(&[1, 3], &[1.0, 0.0, -1.0]), mid: None };
+        assert_eq!(lr.shape(), vec![2, 3]);
+        assert_eq!(lr.delta().unwrap(), vec![1.0, 0.0, -1.0, 2.0, 0.0, -2.0]);
+    }
+
+    #[test]
+    fn tucker_delta_contracts_up_mid_and_down() {
+        // rank 2, in 1, out 1, kernel 1x2: ΔW[0,0,0,x] = Σ_{p,q} up[0,p] mid[p,q,0,x] down[q,0]
+        let up = t(&[1, 2, 1, 1], &[1.0, 10.0]);
+        let down = t(&[2, 1, 1, 1], &[2.0, 3.0]);
+        let mid = t(&[2, 2, 1, 2], &[1.0, 0.0, 0.0, 1.0, 0.5, 0.0, 0.0, 2.0]);
+        let lr = LowRank { up, down, mid: Some(mid) };
+        assert_eq!(lr.shape(), vec![1, 1, 1, 2]);
+        // x=0: p0: 1*(1*2 + 0*3) = 2; p1: 10*(0.5*2 + 0*3) = 10 -> 12
+        // x=1: p0: 1*(0*2 + 1*3) = 3; p1: 10*(0*2 + 2*3) = 60 -> 63
+        assert_eq!(lr.delta().unwrap(), vec![12.0, 63.0]);
+    }
+
+    #[test]
+    fn loha_is_the_hadamard_product_of_two_low_rank_products() {
+        // w1 = [1, 2]ᵀ [1, 1, 1, 1] and w2 = [1, -1]ᵀ [0, 1, 2, 3], on a [2, 1, 2, 2] conv weight
+        let d = Delta::Hadamard([
+            (t(&[2, 1], &[1.0, 2.0]), t(&[1, 4], &[1.0; 4])),
+            (t(&[2, 1], &[1.0, -1.0]), t(&[1, 4], &[0.0, 1.0, 2.0, 3.0])),
+        ]);
+        d.check(&[2, 1, 2, 2]).unwrap();
+        assert!(d.check(&[2, 2, 2, 2]).is_err());
+        assert_eq!(d.values(&[2, 1, 2, 2]).unwrap(), vec![0.0, 1.0, 2.0, 3.0, 0.0, -2.0, -4.0, -6.0]);
+    }
+
+    #[test]
+    fn lokr_is_the_kronecker_product_with_the_kernel_in_the_second_factor() {
+        // kron([[1, 2]], W2) with W2 [2, 1, 1, 2] = [[[[1, 2]]], [[[3, 4]]]]: ΔW [2, 2, 1, 2]
+        let w2 = t(&[2, 1, 1, 2], &[1.0, 2.0, 3.0, 4.0]);
+        let d = Delta::Kronecker(Factor::Full(t(&[1, 2], &[1.0, 2.0])), Factor::Full(w2));
+        d.check(&[2, 2, 1, 2]).unwrap();
+        assert!(d.check(&[2, 2, 2, 1]).is_err(), "the kernel must be W2's");
+        // ΔW[k, j, 0, x] = W1[0, j] W2[k, 0, 0, x]
+        assert_eq!(d.values(&[2, 2, 1, 2]).unwrap(), vec![1.0, 2.0, 2.0, 4.0, 3.0, 4.0, 6.0, 8.0]);
+        // The same W2 as a product [2, 1] · [1, 2] on a Linear: kron([[1], [2]], [[1, 2], [3, 6]])
+        let w2 = Factor::Product(t(&[2, 1], &[1.0, 3.0]), t(&[1, 2], &[1.0, 2.0]));
+        let d = Delta::Kronecker(Factor::Full(t(&[2, 1], &[1.0, 2.0])), w2);
+        d.check(&[4, 2]).unwrap();
+        assert_eq!(d.values(&[4, 2]).unwrap(), vec![1.0, 2.0, 3.0, 6.0, 2.0, 4.0, 6.0, 12.0]);
+    }
+
+    #[test]
+    fn merged_adds_scaled_deltas_and_rounds_once() {
+        let lr = LowRank { up: t(&[1, 1], &[1.0]), down: t(&[1, 2], &[1.0, 1.0]), mid: None };
+        let mut m = LoraMerge::default();
+        m.add("w", Scaled { scale: 0.25, delta: Delta::LowRank(lr.clone()), source: "a".into() });
+        m.add("w", Scaled { scale: 2.0, delta: Delta::LowRank(lr), source: "b".into() });
+        let base = t(&[1, 2], &[1.0, -1.0]);
+        let out = m.merged("w", &base, DType::F32).unwrap().unwrap();
+        assert_eq!(out.to_f32_vec().unwrap(), vec![3.25, 1.25]);
+        assert!(m.merged("other", &base, DType::F32).unwrap().is_none());
+        // 1 + 3·2^-12 lies between the f16 neighbours 1 and 1 + 2^-10, nearer the second.
+        let small = LowRank { up: t(&[1, 1], &[1.0]), down: t(&[1, 1], &[1.0]), mid: None };
+        let mut m = LoraMerge::default();
+        m.add("w", Scaled { scale: 3.0 / 4096.0, delta: Delta::LowRank(small), source: "c".into() });
+        let out = m.merged("w", &t(&[1, 1], &[1.0]), DType::F16).unwrap().unwrap();
+        assert_eq!(out.dtype(), DType::F16);
+        assert_eq!(out.to_f32_vec().unwrap(), vec![1.0 + 1.0 / 1024.0]);
+    }
+}

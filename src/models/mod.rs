@@ -7,6 +7,7 @@ pub mod embeddings;
 mod fields;
 mod files;
 pub mod layout;
+pub mod motion;
 pub mod resnet;
 pub mod transformer;
 pub mod unet;
@@ -14,5 +15,6 @@ pub mod vae;
 pub mod weights;
 
 pub use fields::Limits;
-pub use unet::{Unet, UnetCheckpoint, UnetConfig, UnetFormat, UnetInputs, UnetResiduals, open_unet};
+pub use motion::{MotionCheckpoint, MotionConfig, MotionFormat, MotionModules, open_motion};
+pub use unet::{Frames, Unet, UnetCheckpoint, UnetConfig, UnetFormat, UnetInputs, UnetResiduals, open_unet};
 pub use weights::{ModelWeights, Place};

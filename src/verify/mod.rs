@@ -8,6 +8,7 @@
 //! false; the CLI prints "NOT FINITE" and exits 1), as is one outside its tolerance.
 
 pub(crate) mod arenas;
+pub mod motion_unet;
 pub mod text_encoder;
 pub mod unet;
 pub mod vae;
@@ -19,6 +20,7 @@ use crate::gpu::Gpu;
 use crate::tensor::{DType, Tensor};
 use crate::weights::{self, TensorFile};
 
+pub use motion_unet::verify_motion_unet;
 pub use text_encoder::verify_text_encoder;
 pub use unet::verify_unet;
 pub use vae::verify_vae_decoder;

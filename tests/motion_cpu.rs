@@ -342,3 +342,52 @@ fn cli_exit_codes() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("[videos, channels, frames, height, width]"), "{out:?}");
 }
+
+/// config.json fields the engine cannot use are refused naming the file and the field (exit 2),
+/// counts bounded by the checkpoint before anything is sized from them.
+#[test]
+fn config_json_errors_name_the_field() {
+    let dir = TempDir::new("motion-config");
+    let adapter = dir.path("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    std::fs::copy(
+        motion_folder().join("diffusion_pytorch_model.safetensors"),
+        adapter.join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    let base: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(motion_folder().join("config.json")).unwrap()).unwrap();
+    let cases: [(&str, serde_json::Value, &str); 5] = [
+        ("block_out_channels", serde_json::json!([]), "at least one width"),
+        ("motion_layers_per_block", serde_json::json!(1_000_000), "exceeds"),
+        ("motion_num_attention_heads", serde_json::json!([8, 8]), "list of 3"),
+        ("motion_transformer_layers_per_block", serde_json::json!([[1, 1], [1, 1], [1, 1]]), "per layer"),
+        ("conv_in_channels", serde_json::json!(4), "PIA"),
+    ];
+    for (field, value, says) in cases {
+        let mut config = base.clone();
+        config[field] = value;
+        std::fs::write(adapter.join("config.json"), config.to_string()).unwrap();
+        let err = open_motion(&adapter).err().unwrap_or_else(|| panic!("{field}: loads"));
+        let text = err.to_string();
+        assert_eq!(err.exit_code(), 2, "{text}");
+        assert!(text.contains(field) && text.contains("config.json") && text.contains(says), "{field}: {text}");
+    }
+}
+
+#[test]
+fn bench_arguments_are_checked_before_any_gpu_work() {
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_celframe"))
+            .args(["bench", "motion_unet", "--weights", folder("a").to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--motion"), "{out:?}");
+    let out = run(&["--motion", motion_folder().to_str().unwrap(), "--frames", "33"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--frames must be 1 to 32"), "{out:?}");
+}

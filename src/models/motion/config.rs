@@ -98,6 +98,9 @@ impl MotionConfig {
             limits.check(file, "block_out_channels", c, Bound::Width)?;
         }
         let n = channels.len();
+        if n == 0 {
+            return Err(f.bad("block_out_channels", "a list of at least one width"));
+        }
         let layers = per_block(&f, "motion_layers_per_block", 2, n, Bound::Layers, limits)?;
         let depths = per_block(&f, "motion_transformer_layers_per_block", 1, n, Bound::Layers, limits)?;
         let heads = per_block(&f, "motion_num_attention_heads", 8, n, Bound::Width, limits)?;

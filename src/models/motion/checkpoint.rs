@@ -8,10 +8,11 @@
 //! the original `{block}.motion_modules.{j}.temporal_transformer.{rest}` is diffusers'
 //! `{block}.motion_modules.{j}.{rest}` with, inside `transformer_blocks.{n}`,
 //! `attention_blocks.0/1` -> `attn1/attn2`, `norms.0/1` -> `norm1/norm2`, `ff_norm` -> `norm3`. The
-//! original stores the sinusoidal table per attention block (`attention_blocks.{k}.pos_encoder.pe`
-//! [1, positions, C]); diffusers per transformer block (`pos_embed.pe`, a persistent buffer that
-//! older adapters lack). Both are the deterministic table the forward computes, so they are
-//! checked for shape and not read.
+//! original stores the sinusoidal position table per attention block
+//! (`attention_blocks.{k}.pos_encoder.pe` [1, positions, C]); diffusers one per transformer block,
+//! shared by attn1 and attn2 (`pos_embed.pe`, a persistent buffer that older adapters lack). Where
+//! the file has them they are used as stored (diffusers and the original code load them: a table
+//! saved in float16 is float16-rounded there too); where it has none the forward computes them.
 
 use std::path::{Path, PathBuf};
 
@@ -32,7 +33,8 @@ pub enum MotionFormat {
 pub struct MotionCheckpoint {
     pub config: MotionConfig,
     pub weights: LoadedWeights,
-    /// (diffusers name, checkpoint key) for every tensor the forward reads.
+    /// (graph name, checkpoint key) for every tensor the forward reads: diffusers names, and
+    /// `...transformer_blocks.{n}.attn{1,2}.pe` for stored position tables.
     pub names: Vec<(String, String)>,
     pub format: MotionFormat,
 }
@@ -132,9 +134,10 @@ fn load(files: &[PathBuf], config: MotionConfig, format: MotionFormat, with_pe: 
     Ok(MotionCheckpoint { config, weights, names, format })
 }
 
-/// Every tensor of the modules under its name in `format` (PyTorch shapes), and the (diffusers
-/// name, key) pairs of those the forward reads (all but the sinusoidal tables). `with_pe`: the
-/// diffusers file stores `pos_embed.pe` (the original format always stores its tables).
+/// Every tensor of the modules under its name in `format` (PyTorch shapes), and the (graph name,
+/// key) pairs the forward reads: diffusers names, and `transformer_blocks.{n}.attn{1,2}.pe` for the
+/// position tables (one key for both in diffusers' format). `with_pe`: the diffusers file stores
+/// `pos_embed.pe` (the original format always stores its tables).
 pub fn tensor_specs(
     cfg: &MotionConfig,
     format: MotionFormat,
@@ -142,46 +145,48 @@ pub fn tensor_specs(
 ) -> (Vec<TensorSpec>, Vec<(String, String)>) {
     let (mut specs, mut names) = (Vec::new(), Vec::new());
     for (prefix, m) in cfg.modules() {
-        let key_prefix = match format {
-            MotionFormat::Diffusers => prefix.clone(),
-            MotionFormat::Original => format!("{prefix}.temporal_transformer"),
-        };
-        for (diffusers, original, shape) in module_tensors(m, cfg.max_seq_length, with_pe) {
-            let key = match (format, &original) {
-                (MotionFormat::Original, Some(o)) => format!("{key_prefix}.{o}"),
-                (MotionFormat::Diffusers, _) => match &diffusers {
-                    Some(d) => format!("{key_prefix}.{d}"),
-                    None => continue,
-                },
-                (MotionFormat::Original, None) => continue,
+        for t in module_tensors(m, cfg.max_seq_length, with_pe) {
+            let key = match (format, t.diffusers, t.original) {
+                (MotionFormat::Diffusers, Some(d), _) => format!("{prefix}.{d}"),
+                (MotionFormat::Original, _, Some(o)) => format!("{prefix}.temporal_transformer.{o}"),
+                _ => continue,
             };
-            if let Some(d) = diffusers.filter(|d| !d.ends_with(".pe")) {
-                names.push((format!("{prefix}.{d}"), key.clone()));
-            }
-            specs.push(TensorSpec::new(key, &shape));
+            names.extend(t.graph.into_iter().map(|g| (format!("{prefix}.{g}"), key.clone())));
+            specs.push(TensorSpec::new(key, &t.shape));
         }
     }
     (specs, names)
 }
 
-/// One module's tensors: (diffusers name, original name, shape); a name is None where that format
-/// has no such tensor (the sinusoidal tables differ, and diffusers' are optional: `with_pe`).
-type ModuleTensor = (Option<String>, Option<String>, Vec<usize>);
+/// One tensor of a module: its name in each format (None where that format has no such tensor:
+/// the position tables differ, and diffusers' are optional), the graph names it serves, its shape.
+struct ModuleTensor {
+    diffusers: Option<String>,
+    original: Option<String>,
+    graph: Vec<String>,
+    shape: Vec<usize>,
+}
 
 fn module_tensors(m: &TemporalTransformer, positions: usize, with_pe: bool) -> Vec<ModuleTensor> {
     let c = m.channels;
-    let mut out: Vec<ModuleTensor> = Vec::new();
-    let both = |name: String, shape: &[usize]| (Some(name.clone()), Some(name), shape.to_vec());
+    let renamed = |d: String, o: String, shape: &[usize]| ModuleTensor {
+        graph: vec![d.clone()],
+        diffusers: Some(d),
+        original: Some(o),
+        shape: shape.to_vec(),
+    };
+    let same = |name: String, shape: &[usize]| renamed(name.clone(), name, shape);
+    let mut out = Vec::new();
     for module in ["norm", "proj_in", "proj_out"] {
         let w: &[usize] = if module == "norm" { &[c] } else { &[c, c] };
-        out.push(both(format!("{module}.weight"), w));
-        out.push(both(format!("{module}.bias"), &[c]));
+        out.push(same(format!("{module}.weight"), w));
+        out.push(same(format!("{module}.bias"), &[c]));
     }
     for n in 0..m.depth {
         let b = format!("transformer_blocks.{n}");
         for (d, o) in [("norm1", "norms.0"), ("norm2", "norms.1"), ("norm3", "ff_norm")] {
             for p in ["weight", "bias"] {
-                out.push((Some(format!("{b}.{d}.{p}")), Some(format!("{b}.{o}.{p}")), vec![c]));
+                out.push(renamed(format!("{b}.{d}.{p}"), format!("{b}.{o}.{p}"), &[c]));
             }
         }
         for (d, o) in [("attn1", "attention_blocks.0"), ("attn2", "attention_blocks.1")] {
@@ -192,9 +197,14 @@ fn module_tensors(m: &TemporalTransformer, positions: usize, with_pe: bool) -> V
                 ("to_out.0.weight", &[c, c]),
                 ("to_out.0.bias", &[c]),
             ] {
-                out.push((Some(format!("{b}.{d}.{p}")), Some(format!("{b}.{o}.{p}")), shape.to_vec()));
+                out.push(renamed(format!("{b}.{d}.{p}"), format!("{b}.{o}.{p}"), shape));
             }
-            out.push((None, Some(format!("{b}.{o}.pos_encoder.pe")), vec![1, positions, c]));
+            out.push(ModuleTensor {
+                diffusers: None,
+                original: Some(format!("{b}.{o}.pos_encoder.pe")),
+                graph: vec![format!("{b}.{d}.pe")],
+                shape: vec![1, positions, c],
+            });
         }
         for (p, shape) in [
             ("ff.net.0.proj.weight", &[8 * c, c][..]),
@@ -202,10 +212,15 @@ fn module_tensors(m: &TemporalTransformer, positions: usize, with_pe: bool) -> V
             ("ff.net.2.weight", &[c, 4 * c]),
             ("ff.net.2.bias", &[c]),
         ] {
-            out.push(both(format!("{b}.{p}"), shape));
+            out.push(same(format!("{b}.{p}"), shape));
         }
         if with_pe {
-            out.push((Some(format!("{b}.pos_embed.pe")), None, vec![1, positions, c]));
+            out.push(ModuleTensor {
+                diffusers: Some(format!("{b}.pos_embed.pe")),
+                original: None,
+                graph: vec![format!("{b}.attn1.pe"), format!("{b}.attn2.pe")],
+                shape: vec![1, positions, c],
+            });
         }
     }
     out

@@ -35,6 +35,10 @@ pub const MAX_FRAMES: usize = 32;
 pub struct MotionModules {
     pub config: MotionConfig,
     weights: ModelWeights,
+    /// Stored position tables ([positions * C] values) by graph name
+    /// (`down_blocks.0.motion_modules.1.transformer_blocks.0.attn1.pe`) with their checkpoint key,
+    /// kept on the host: a forward adds the rows of its frames. Empty when the file stores none.
+    tables: HashMap<String, (String, Vec<f32>)>,
 }
 
 impl MotionModules {
@@ -49,8 +53,14 @@ impl MotionModules {
                 unet.dtype()
             )));
         }
-        let weights = ModelWeights::prepare(&checkpoint.weights, &checkpoint.names, place)?;
-        Ok(MotionModules { config: checkpoint.config.clone(), weights })
+        let (pe, names): (Vec<_>, Vec<_>) = checkpoint.names.iter().cloned().partition(|(n, _)| n.ends_with(".pe"));
+        let weights = ModelWeights::prepare(&checkpoint.weights, &names, place)?;
+        let mut tables = HashMap::new();
+        for (name, key) in pe {
+            let values = checkpoint.weights.get(&key)?.to_f32_vec()?;
+            tables.insert(name, (key, values));
+        }
+        Ok(MotionModules { config: checkpoint.config.clone(), weights, tables })
     }
 
     /// The prepared weights (which of them a forward has read: `ModelWeights::unread`).
@@ -79,7 +89,7 @@ impl MotionModules {
             )));
         }
         let rows = x.sample.shape().first().copied().unwrap_or(0);
-        let mut positions = Positions { videos: rows / frames, frames, tables: HashMap::new() };
+        let mut positions = Positions { videos: rows / frames, frames, dtype: unet.dtype(), made: HashMap::new() };
         let mut hook = |pos: LayerPos, ex: &Exec, h: Tensor| -> Result<Tensor> {
             let (name, module) = match (pos.path, &self.config.mid_block) {
                 (UnetPath::Mid, None) => return Ok(h),
@@ -96,31 +106,46 @@ impl MotionModules {
             // check_unet matched every layer with a module.
             let m =
                 module.ok_or_else(|| Error::Internal(format!("no motion module {name} for the UNet layer {pos:?}")))?;
-            let pe = positions.table(ex, m.channels, self.weights.dtype())?;
-            temporal::forward(ex, &self.weights.root().at(&name), m, self.config.norm_num_groups, frames, &h, pe)
+            let mut pe = |block: usize, attn: usize| {
+                let stored = self.tables.get(&format!("{name}.transformer_blocks.{block}.attn{attn}.pe"));
+                positions.rows(ex, stored, m.channels)
+            };
+            let w = self.weights.root().at(&name);
+            temporal::forward(ex, &w, m, self.config.norm_num_groups, frames, &h, &mut pe)
         };
         unet.forward_frames(ex, x, video, residuals, &mut hook)
     }
 }
 
-/// The position tables of one forward, one per module width, made on first use where the forward
-/// runs (a few kilobytes: [videos * frames, C]).
+/// The position rows of one forward ([videos * frames, C] each, a few kilobytes), made on first use
+/// where the forward runs: one per stored table (diffusers' attn1 and attn2 share theirs), one per
+/// width for computed ones.
 struct Positions {
     videos: usize,
     frames: usize,
-    tables: HashMap<usize, Tensor>,
+    dtype: DType,
+    made: HashMap<String, Tensor>,
 }
 
 impl Positions {
-    fn table(&mut self, ex: &Exec, channels: usize, dtype: DType) -> Result<&Tensor> {
-        if !self.tables.contains_key(&channels) {
-            let host = temporal::position_rows(self.videos, self.frames, channels, dtype)?;
-            let table = match ex {
-                Exec::Cpu => host,
-                Exec::Cuda { gpu, scratch } => gpu.upload(scratch, &host, dtype)?,
-            };
-            self.tables.insert(channels, table);
+    /// The rows of `stored` (checkpoint key, values), or of the computed table of `channels`.
+    fn rows(&mut self, ex: &Exec, stored: Option<&(String, Vec<f32>)>, channels: usize) -> Result<Tensor> {
+        let id = stored.map_or_else(|| format!("computed {channels}"), |(key, _)| key.clone());
+        if let Some(t) = self.made.get(&id) {
+            return Ok(t.clone());
         }
-        Ok(&self.tables[&channels])
+        let host = match stored {
+            Some((_, table)) => temporal::position_rows(table, self.videos, self.frames, channels, self.dtype)?,
+            None => {
+                let table = temporal::position_table(self.frames, channels);
+                temporal::position_rows(&table, self.videos, self.frames, channels, self.dtype)?
+            }
+        };
+        let rows = match ex {
+            Exec::Cpu => host,
+            Exec::Cuda { gpu, scratch } => gpu.upload(scratch, &host, self.dtype)?,
+        };
+        self.made.insert(id, rows.clone());
+        Ok(rows)
     }
 }

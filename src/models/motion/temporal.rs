@@ -5,7 +5,7 @@
 //! and `temporal_attention` attends over them for every pixel without any transpose.
 
 use super::config::TemporalTransformer;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::models::weights::Scope;
 use crate::ops::Exec;
 use crate::ops::attention::{TemporalAttention, temporal_attention};
@@ -19,27 +19,37 @@ const GROUP_NORM_EPS: f32 = 1e-6;
 /// LayerNorm eps of BasicTransformerBlock.
 const LAYER_NORM_EPS: f32 = 1e-5;
 
-/// The sinusoidal position table rows for `videos` videos of `frames` frames: [videos * frames, C]
-/// with row video * frames + f holding position f (diffusers `models/embeddings.py`,
-/// SinusoidalPositionalEmbedding: `pe[p, 2i] = sin(p / 10000^(2i / C))`, `pe[p, 2i + 1]` the cosine
-/// of the same angle; interleaved, unlike the UNet's cos-then-sin timestep embedding). Host values
-/// in `dtype`; the caller puts them where the forward runs.
-pub fn position_rows(videos: usize, frames: usize, channels: usize, dtype: DType) -> Result<Tensor> {
-    let mut values = Vec::with_capacity(videos * frames * channels);
-    for _ in 0..videos {
-        for p in 0..frames {
-            values.extend((0..channels).map(|k| {
-                let freq = (-(10000f64.ln()) * (k / 2 * 2) as f64 / channels as f64).exp();
-                let angle = p as f64 * freq;
-                (if k % 2 == 0 { angle.sin() } else { angle.cos() }) as f32
-            }));
-        }
+/// The sinusoidal position table, positions 0..`positions`: [positions * C] (diffusers
+/// `models/embeddings.py`, SinusoidalPositionalEmbedding: `pe[p, 2i] = sin(p / 10000^(2i / C))`,
+/// `pe[p, 2i + 1]` the cosine of the same angle; interleaved, unlike the UNet's cos-then-sin
+/// timestep embedding). For checkpoints that store none.
+pub fn position_table(positions: usize, channels: usize) -> Vec<f32> {
+    let mut values = Vec::with_capacity(positions * channels);
+    for p in 0..positions {
+        values.extend((0..channels).map(|k| {
+            let freq = (-(10000f64.ln()) * (k / 2 * 2) as f64 / channels as f64).exp();
+            let angle = p as f64 * freq;
+            (if k % 2 == 0 { angle.sin() } else { angle.cos() }) as f32
+        }));
     }
-    Tensor::from_f32(&[videos * frames, channels], dtype, &values)
+    values
 }
 
-/// x [B*F, H, W, C] (row = video * F + frame) -> [B*F, H, W, C]; `pe` = `position_rows(B, F, C)` on
-/// the Exec's place; `groups` of the module's GroupNorm.
+/// The rows a forward adds: [videos * frames, C], row video * frames + f holding `table`'s position
+/// f, in `dtype` on the host (the caller puts them where the forward runs).
+pub fn position_rows(table: &[f32], videos: usize, frames: usize, channels: usize, dtype: DType) -> Result<Tensor> {
+    let first = table.get(..frames * channels).ok_or_else(|| {
+        Error::Internal(format!("a position table of {} values has no {frames} positions", table.len()))
+    })?;
+    Tensor::from_f32(&[videos * frames, channels], dtype, &first.repeat(videos))
+}
+
+/// The position rows of attention `attn` (1 or 2) of transformer block `block`, where the forward
+/// runs.
+pub type PositionRows<'a> = dyn FnMut(usize, usize) -> Result<Tensor> + 'a;
+
+/// x [B*F, H, W, C] (row = video * F + frame) -> [B*F, H, W, C]; `pe` gives each attention's
+/// position rows ([B*F, C]); `groups` of the module's GroupNorm.
 pub fn forward(
     ex: &Exec,
     w: &Scope,
@@ -47,7 +57,7 @@ pub fn forward(
     groups: usize,
     frames: usize,
     x: &Tensor,
-    pe: &Tensor,
+    pe: &mut PositionRows,
 ) -> Result<Tensor> {
     let (n, h, wd, c) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
     // 1. GroupNorm over each video's frames ([B, C, F, H, W] in diffusers: statistics per group span
@@ -58,7 +68,8 @@ pub fn forward(
     hs = linear(ex, &hs, w.get("proj_in.weight")?, Some(w.get("proj_in.bias")?))?;
     // 3. blocks
     for b in 0..m.depth {
-        hs = block(ex, &w.at(&format!("transformer_blocks.{b}")), m.heads, frames, &hs, pe)?;
+        let mut rows = |attn: usize| pe(b, attn);
+        hs = block(ex, &w.at(&format!("transformer_blocks.{b}")), m.heads, frames, &hs, &mut rows)?;
     }
     // 4. proj_out, + residual, back to [B*F, H, W, C]
     let residual = x.reshape(&[n, h * wd, c])?;
@@ -68,7 +79,14 @@ pub fn forward(
 
 /// BasicTransformerBlock with two temporal self-attentions: x += attn1(LN1(x) + pe);
 /// x += attn2(LN2(x) + pe); x += FF(LN3(x)). x [B*F, L, C].
-fn block(ex: &Exec, w: &Scope, heads: usize, frames: usize, x: &Tensor, pe: &Tensor) -> Result<Tensor> {
+fn block(
+    ex: &Exec,
+    w: &Scope,
+    heads: usize,
+    frames: usize,
+    x: &Tensor,
+    pe: &mut dyn FnMut(usize) -> Result<Tensor>,
+) -> Result<Tensor> {
     let ln = |name: &str, x: &Tensor| -> Result<Tensor> {
         layer_norm(
             ex,
@@ -80,8 +98,8 @@ fn block(ex: &Exec, w: &Scope, heads: usize, frames: usize, x: &Tensor, pe: &Ten
     };
     // 1.-2. the two attentions; the position table is added to the normalised input, not the stream
     let mut x = x.clone();
-    for (norm, attn) in [("norm1", "attn1"), ("norm2", "attn2")] {
-        let n = add(ex, &ln(norm, &x)?, pe, 1.0)?; // [B*F, L, C] + [B*F, C] per frame
+    for (k, (norm, attn)) in [("norm1", "attn1"), ("norm2", "attn2")].into_iter().enumerate() {
+        let n = add(ex, &ln(norm, &x)?, &pe(k + 1)?, 1.0)?; // [B*F, L, C] + [B*F, C] per frame
         x = attention(ex, &w.at(attn), heads, frames, &n, &x)?;
     }
     // 3. GEGLU feed-forward: [B*F, L, C] -> [B*F, L, 8C] -> [B*F, L, 4C] -> [B*F, L, C]

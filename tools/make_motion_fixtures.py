@@ -38,7 +38,19 @@ Weights: diffusers' init with a seeded generator, norm scales/shifts and biases 
 given noise (AnimateDiff zero-initialises it), all rounded to float16 and stored as float16.
 
 Run: /path/to/python tools/make_motion_fixtures.py   (needs torch, diffusers, safetensors)
+
+Full-size references (the same format) for `celframe verify motion_unet` on the GPU machine:
+
+    python3 tools/make_motion_fixtures.py --unet path/to/sdxl/unet --adapter path/to/motion_adapter \
+        --out motion_ref.safetensors [--videos 1 --frames 16 --height 128 --width 128 --tokens 77] \
+        [--dtype float16 --device cuda] [--residuals] [--group-norm-across-frames] [--random-sdxl-adapter]
+
+`--adapter` is a diffusers MotionAdapter folder; with `--random-sdxl-adapter` a MotionAdapter with
+AnimateDiff-SDXL's configuration (mm_sdxl_v10_beta: widths 320/640/1280, 2 modules per down block,
+8 heads, one transformer block, 32 positions, no mid block) and seeded random weights is written
+there first.
 """
+import argparse
 import json
 import pathlib
 
@@ -135,15 +147,15 @@ def run(model, inputs, residuals=None):
         return model(**kwargs, added_cond_kwargs=added, return_dict=False)[0]
 
 
-def random_inputs(model, videos, frames, h, w, g):
+def random_inputs(model, videos, frames, h, w, g, tokens=TOKENS):
     cfg = model.config
     pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
     px = [8 * h, 8 * w]
     ids = [px + [0, 0] + px if b % 2 == 0 else [px[0] + 64, px[1] - 64, 16, 32] + px for b in range(videos)]
     return {
         "sample": torch.randn(videos, cfg.in_channels, frames, h, w, generator=g).half().float(),
-        "timestep": torch.tensor([17.0, 743.5][:videos]) if videos > 1 else torch.tensor([411.0]),
-        "encoder_hidden_states": torch.randn(videos * frames, TOKENS, cfg.cross_attention_dim, generator=g)
+        "timestep": {1: torch.tensor([411.0]), 2: torch.tensor([17.0, 743.5])}.get(videos, torch.linspace(999.0, 1.0, videos)),
+        "encoder_hidden_states": torch.randn(videos * frames, tokens, cfg.cross_attention_dim, generator=g)
         .half()
         .float(),
         "added_cond_kwargs.text_embeds": torch.randn(videos, pooled, generator=g).half().float(),
@@ -175,7 +187,9 @@ def save_reference(path, model, inputs, residuals=None):
     out = run(model, inputs, residuals)
     tensors["out.sample"] = out
     stored = {
-        k: (v.half() if k in HALF_INPUTS or k.startswith(RESIDUALS) else v.float()).contiguous()
+        # float32 inputs hold float16 values (exact as float16); a run in float16 / bfloat16 stores its own
+        k: (v.half() if v.dtype == torch.float32 and (k in HALF_INPUTS or k.startswith(RESIDUALS))
+            else v if v.dtype in (torch.float16, torch.bfloat16) else v.float()).contiguous().cpu()
         for k, v in tensors.items()
     }
     save_file(stored, str(path), metadata={"generator": "tools/make_motion_fixtures.py", "torch": torch.__version__})
@@ -207,7 +221,77 @@ def original_names(state):
     return names
 
 
+SDXL_ADAPTER = dict(
+    block_out_channels=(320, 640, 1280),
+    motion_layers_per_block=2,
+    motion_transformer_layers_per_block=1,
+    motion_num_attention_heads=8,
+    motion_norm_num_groups=32,
+    motion_max_seq_length=32,
+    use_motion_mid_block=False,
+)
+
+
+def dump(args):
+    """One reference at the requested size (see the module doc)."""
+    dtype = getattr(torch, args.dtype)
+    if args.random_sdxl_adapter:
+        torch.manual_seed(args.seed)
+        adapter = MotionAdapter(**SDXL_ADAPTER).eval()
+        randomize(adapter, args.seed + 1)
+        adapter.save_pretrained(args.adapter, safe_serialization=True)
+        print(f"wrote a random AnimateDiff-SDXL MotionAdapter to {args.adapter}")
+    unet = UNet2DConditionModel.from_pretrained(args.unet, torch_dtype=torch.float32).eval()
+    adapter = MotionAdapter.from_pretrained(args.adapter, torch_dtype=torch.float32).eval()
+    model = motion_unet(unet, adapter).to(device=args.device, dtype=dtype)
+    g = torch.Generator().manual_seed(args.seed + 2)
+    inputs = random_inputs(model, args.videos, args.frames, args.height, args.width, g, args.tokens)
+    residuals = random_residuals(model, to(inputs, args.device, dtype), g) if args.residuals else None
+    inputs = to(inputs, args.device, dtype)
+    if residuals is not None:
+        residuals = ([r.to(args.device, dtype) for r in residuals[0]], residuals[1].to(args.device, dtype))
+    if args.group_norm_across_frames:
+        with unet_group_norms_across_frames(model, args.frames):
+            out = save_reference(args.out, model, inputs, residuals)
+    else:
+        out = save_reference(args.out, model, inputs, residuals)
+    print(f"wrote {args.out}: out.sample {list(out.shape)} std {out.float().std():.3f}")
+
+
+def to(inputs, device, dtype):
+    """Inputs on `device`, floats in `dtype` except the timestep and time ids (float32, as
+    diffusers computes their sinusoids)."""
+    keep = ("timestep", "added_cond_kwargs.time_ids")
+    return {k: v.to(device) if k in keep else v.to(device, dtype) for k, v in inputs.items()}
+
+
 def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--unet", help="full-size mode: a diffusers UNet folder")
+    p.add_argument("--adapter", help="a diffusers MotionAdapter folder")
+    p.add_argument("--out", help="the reference file to write")
+    p.add_argument("--videos", type=int, default=1)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--height", type=int, default=128, help="latent height (image height / 8)")
+    p.add_argument("--width", type=int, default=128, help="latent width (image width / 8)")
+    p.add_argument("--tokens", type=int, default=77)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--residuals", action="store_true", help="also feed random ControlNet-style residuals")
+    p.add_argument("--group-norm-across-frames", action="store_true",
+                   help="every UNet group norm across the frames (AnimateDiff-Evolved's default)")
+    p.add_argument("--random-sdxl-adapter", action="store_true",
+                   help="first write a random AnimateDiff-SDXL MotionAdapter to --adapter")
+    args = p.parse_args()
+    if args.unet or args.adapter or args.out:
+        if not (args.unet and args.adapter and args.out):
+            p.error("full-size mode needs --unet, --adapter and --out")
+        return dump(args)
+    make_fixtures()
+
+
+def make_fixtures():
     unet = UNet2DConditionModel.from_pretrained(ROOT / "unet_a", torch_dtype=torch.float32).eval()
     torch.manual_seed(20261202)
     adapter = MotionAdapter(**ADAPTER).eval()

@@ -23,12 +23,6 @@ pub struct TemporalTransformer {
     pub depth: usize,
 }
 
-impl TemporalTransformer {
-    pub fn head_dim(&self) -> usize {
-        self.channels / self.heads.max(1)
-    }
-}
-
 #[derive(Clone, Debug, PartialEq)]
 pub struct MotionConfig {
     /// Per down block, one module per UNet layer (`down_blocks.{i}.motion_modules.{j}`).

@@ -1,4 +1,4 @@
-//! `celframe bench unet | text_encoders`: times whole forwards on CUDA with a checkpoint's weights
+//! `celframe bench unet | motion_unet | text_encoders | vae_decoder`: times whole forwards on CUDA with a checkpoint's weights
 //! and random inputs (CUDA events, warm-up, median), printing one `BENCH {json}` line that
 //! tools/report.py pairs with the peer timings of tools/unet_gpu.py and tools/text_encoder_gpu.py
 //! (`PEER` lines with the same key).
@@ -13,23 +13,32 @@ use crate::error::{Error, Result};
 use crate::gpu::timing::time_gpu;
 use crate::gpu::{Arena, Gpu, nvtx};
 use crate::models::clip::{ClipTextModel, TextEncoderKind, open_text_encoder};
+use crate::models::motion::MAX_FRAMES;
 use crate::models::vae::{Vae, open_vae};
-use crate::models::{Place, Unet, UnetInputs, open_unet};
+use crate::models::{Frames, MotionModules, Place, Unet, UnetInputs, open_motion, open_unet};
 use crate::ops::Exec;
 use crate::tensor::{DType, Tensor};
 use crate::verify::arenas::{MAX_SCRATCH_GB, model_arenas, scratch_bytes, weight_bytes};
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// What to time: unet; text_encoders (both SDXL encoders on a CFG pair of prompts);
+    /// What to time: unet; motion_unet (the UNet with `--motion`'s modules on `--batch` videos of
+    /// `--frames` frames); text_encoders (both SDXL encoders on a CFG pair of prompts);
     /// vae_decoder (`--batch` frames of `--height` x `--width` latents, `--chunk` at a time).
     pub component: String,
     /// unet: a diffusers UNet folder or a single-file checkpoint; text_encoders: a folder holding
     /// text_encoder/ and text_encoder_2/ (a pipeline folder) or a single-file checkpoint.
     #[arg(long)]
     pub weights: PathBuf,
+    /// Images (unet), videos (motion_unet) or frames (vae_decoder).
     #[arg(long, default_value_t = 2)]
     pub batch: usize,
+    /// motion_unet: the motion modules (a diffusers MotionAdapter folder or one safetensors file).
+    #[arg(long)]
+    pub motion: Option<PathBuf>,
+    /// motion_unet: frames per video (1 to 32).
+    #[arg(long, default_value_t = 16)]
+    pub frames: usize,
     /// Latent height (image height / 8).
     #[arg(long, default_value_t = 128)]
     pub height: usize,
@@ -67,6 +76,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         ("--width", args.width, None),
         ("--tokens", args.tokens, None),
         ("--chunk", args.chunk, None),
+        ("--frames", args.frames, Some(MAX_FRAMES)),
         ("--runs", args.runs, Some(MAX_RUNS)),
     ];
     for (flag, value, most) in counts {
@@ -84,12 +94,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             args.scratch_gb
         )));
     }
+    if args.motion.is_some() != (args.component == "motion_unet") {
+        return Err(Error::Input("bench: --motion goes with motion_unet, and motion_unet needs it".into()));
+    }
     match args.component.as_str() {
         "unet" => bench_unet(args, dtype),
+        "motion_unet" => bench_motion_unet(args, dtype),
         "text_encoders" => bench_text_encoders(args, dtype),
         "vae_decoder" => bench_vae_decoder(args, dtype),
         other => Err(Error::Input(format!(
-            "bench: unknown component '{other}' (supported: unet, text_encoders, vae_decoder)"
+            "bench: unknown component '{other}' (supported: unet, motion_unet, text_encoders, vae_decoder)"
         ))),
     }
 }
@@ -148,6 +162,72 @@ fn bench_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     );
     println!(
         "BENCH {{\"name\":\"unet\",\"key\":\"{key}\",\"ms\":{:.4},\"min_ms\":{:.4},\"gbps\":null,\"tflops\":null}}",
+        t.median_ms(),
+        t.min_ms()
+    );
+    Ok(())
+}
+
+/// The UNet with motion modules on `--batch` videos of `--frames` frames (diffusers'
+/// UNetMotionModel.forward: one timestep and text_time per video, a context per frame).
+fn bench_motion_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
+    let checkpoint = open_unet(&args.weights)?;
+    let motion_path = args.motion.as_ref().ok_or_else(|| Error::Internal("motion_unet without --motion".into()))?;
+    let motion = open_motion(motion_path)?;
+    motion.config.check_unet(&checkpoint.config)?;
+    let cfg = &checkpoint.config;
+    let (b, f, h, w) = (args.batch, args.frames, args.height, args.width);
+    let widest = cfg.block_out_channels.iter().copied().chain([cfg.in_channels]).max().unwrap_or(0);
+    let dims = [("--batch", b), ("--frames", f), ("--height", h), ("--width", w), ("channels", widest)];
+    elements("largest activation", &dims, MAX_ELEMENTS, WHY)?;
+    let cross = cfg.cross_attention_dims().first().copied().unwrap_or(0);
+    let dims = [("--batch", b), ("--frames", f), ("--tokens", args.tokens), ("width", cross)];
+    elements("context", &dims, MAX_ELEMENTS, WHY)?;
+    let gpu = Gpu::from_env()?;
+    let scratch = scratch_bytes(&gpu, args.scratch_gb)?;
+    let motion_bytes = weight_bytes(&motion.weights, dtype);
+    let (weights, scratch) = model_arenas(&checkpoint.weights, dtype, motion_bytes + (64 << 20), |_| scratch)?;
+    let place = Place::Device { gpu: &gpu, arena: &weights, dtype };
+    let unet = Unet::new(&checkpoint, place)?;
+    let modules = MotionModules::new(&motion, &unet, place)?;
+
+    // Random inputs: frames folded into the batch; timestep and SDXL time ids per video.
+    let up = |t: Tensor| gpu.upload(&weights, &t, t.dtype());
+    let sample = up(random(&[b * f, h, w, cfg.in_channels], 1, 1.0, dtype)?)?;
+    let steps: Vec<f32> = (0..b).map(|i| 999.0 - (i * 37 % 1000) as f32).collect();
+    let timestep = up(Tensor::from_f32(&[b], DType::F32, &steps)?)?;
+    let context = up(random(&[b * f, args.tokens, cross], 2, 1.0, dtype)?)?;
+    let (text_embeds, time_ids) = match &cfg.text_time {
+        Some(tt) => {
+            let ids: Vec<f32> = (0..b).flat_map(|_| [8 * h, 8 * w, 0, 0, 8 * h, 8 * w].map(|v| v as f32)).collect();
+            let pooled = tt.input_dim.saturating_sub(6 * tt.time_embed_dim);
+            (Some(up(random(&[b, pooled], 3, 1.0, dtype)?)?), Some(up(Tensor::from_f32(&[b, 6], DType::F32, &ids)?)?))
+        }
+        None => (None, None),
+    };
+    let inputs = UnetInputs {
+        sample: &sample,
+        timestep: &timestep,
+        encoder_hidden_states: &context,
+        text_embeds: text_embeds.as_ref(),
+        time_ids: time_ids.as_ref(),
+    };
+    let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
+    let video = Frames { frames: f, group_norm_across_frames: false };
+    let key = format!("motion unet {} b{b}x{f} {}x{}", dtype.kernel_suffix(), 8 * h, 8 * w);
+    let t = time_gpu(&gpu, 2, args.runs, || {
+        let _r = nvtx::range(&key);
+        modules.forward_unet(&ex, &unet, &inputs, video, None).map(drop)
+    })?;
+    eprintln!(
+        "{key}: median {:.3} ms, min {:.3} ms over {} runs; scratch peak {:.2} GiB",
+        t.median_ms(),
+        t.min_ms(),
+        args.runs,
+        scratch.peak() as f64 / (1u64 << 30) as f64
+    );
+    println!(
+        "BENCH {{\"name\":\"motion_unet\",\"key\":\"{key}\",\"ms\":{:.4},\"min_ms\":{:.4},\"gbps\":null,\"tflops\":null}}",
         t.median_ms(),
         t.min_ms()
     );

@@ -14,23 +14,33 @@ use crate::models::lora::LoraSpec;
 use crate::tensor::{DType, Tensor};
 use crate::verify::arenas::MAX_SCRATCH_GB;
 use crate::verify::{
-    Comparison, Device, LoraOptions, Settings, default_tolerance, verify_text_encoder_with_loras,
+    Comparison, Device, LoraOptions, Settings, default_tolerance, verify_motion_unet, verify_text_encoder_with_loras,
     verify_unet_with_loras, verify_vae_decoder,
 };
 use crate::weights;
 
 #[derive(Args)]
 pub struct VerifyArgs {
-    /// Component to check: unet, vae_decoder, text_encoder or text_encoder_2.
+    /// Component to check: unet, motion_unet (the UNet with AnimateDiff motion modules: --motion),
+    /// vae_decoder, text_encoder or text_encoder_2.
     pub component: String,
     /// Weights: the component's diffusers/transformers folder (config.json + safetensors), a
     /// pipeline folder holding it (unet/, vae/, text_encoder/, text_encoder_2/), or an SDXL
     /// single-file checkpoint.
     #[arg(long)]
     pub weights: PathBuf,
-    /// Reference file: safetensors with in.<name> inputs and out.<name> outputs (NCHW).
+    /// Reference file: safetensors with in.<name> inputs and out.<name> outputs (NCHW; motion_unet:
+    /// in.sample and out.sample [videos, channels, frames, height, width]).
     #[arg(long)]
     pub reference: PathBuf,
+    /// motion_unet: the motion modules: a diffusers MotionAdapter folder, or one safetensors file
+    /// with diffusers' or the original AnimateDiff names.
+    #[arg(long)]
+    pub motion: Option<PathBuf>,
+    /// motion_unet: every UNet group norm takes its statistics across the frames of each video
+    /// (AnimateDiff-Evolved's default); without it, per frame (diffusers and the official code).
+    #[arg(long)]
+    pub group_norm_across_frames: bool,
     /// cpu (the CPU twins), cuda, or auto (cuda when a GPU is present).
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -72,11 +82,21 @@ pub fn main(args: &VerifyArgs) -> ExitCode {
 /// Runs the verification and prints it; Ok(false) when an output is outside its tolerance or not
 /// finite.
 pub fn run(args: &VerifyArgs) -> Result<bool> {
-    if !["unet", "vae_decoder", "text_encoder", "text_encoder_2"].contains(&args.component.as_str()) {
+    if !["unet", "motion_unet", "vae_decoder", "text_encoder", "text_encoder_2"].contains(&args.component.as_str()) {
         return Err(Error::Input(format!(
-            "unknown component '{}' (supported: unet, vae_decoder, text_encoder, text_encoder_2)",
+            "unknown component '{}' (supported: unet, motion_unet, vae_decoder, text_encoder, text_encoder_2)",
             args.component
         )));
+    }
+    let motion = args.component == "motion_unet";
+    if motion != args.motion.is_some() {
+        return Err(Error::Input(match motion {
+            true => "verify motion_unet needs --motion (the motion modules' folder or file)".into(),
+            false => format!("--motion is for motion_unet, not {}", args.component),
+        }));
+    }
+    if args.group_norm_across_frames && !motion {
+        return Err(Error::Input(format!("--group-norm-across-frames is for motion_unet, not {}", args.component)));
     }
     let device = Device::parse(&args.device)?;
     let dtype = match &args.dtype {
@@ -102,6 +122,11 @@ pub fn run(args: &VerifyArgs) -> Result<bool> {
     if args.component == "vae_decoder" && !loras.files.is_empty() {
         return Err(Error::Input("--lora applies to unet, text_encoder and text_encoder_2, not vae_decoder".into()));
     }
+    if args.component == "motion_unet" && !loras.files.is_empty() {
+        return Err(Error::Unsupported(
+            "--lora with motion_unet: LoRAs are not merged into the motion UNet yet".into(),
+        ));
+    }
     let settings = Settings { device, dtype, tolerance, scratch_gb: args.scratch_gb };
     let result = match args.component.as_str() {
         "text_encoder" | "text_encoder_2" => {
@@ -109,6 +134,10 @@ pub fn run(args: &VerifyArgs) -> Result<bool> {
             verify_text_encoder_with_loras(kind, &args.weights, &args.reference, &settings, &loras)?
         }
         "vae_decoder" => verify_vae_decoder(&args.weights, &args.reference, &settings)?,
+        "motion_unet" => match &args.motion {
+            Some(m) => verify_motion_unet(&args.weights, m, &args.reference, &settings, args.group_norm_across_frames)?,
+            None => return Err(Error::Internal("motion_unet without --motion passed the argument check".into())),
+        },
         _ => verify_unet_with_loras(&args.weights, &args.reference, &settings, &loras)?,
     };
     println!("{}", result.summary);

@@ -8,6 +8,7 @@ mod fields;
 mod files;
 pub mod layout;
 pub mod lora;
+pub mod motion;
 pub mod resnet;
 pub mod transformer;
 pub mod unet;
@@ -15,5 +16,6 @@ pub mod vae;
 pub mod weights;
 
 pub use fields::Limits;
-pub use unet::{Unet, UnetCheckpoint, UnetConfig, UnetFormat, UnetInputs, UnetResiduals, open_unet};
+pub use motion::{MotionCheckpoint, MotionConfig, MotionFormat, MotionModules, open_motion};
+pub use unet::{Frames, Unet, UnetCheckpoint, UnetConfig, UnetFormat, UnetInputs, UnetResiduals, open_unet};
 pub use weights::{ModelWeights, Place};

@@ -48,16 +48,35 @@ pub fn forward(
     x: &Tensor,
     emb_act: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let gn = GroupNorm { groups: cfg.groups, eps: cfg.eps, silu: true, frames: 1 };
+    forward_frames(ex, w, r, cfg, 1, x, emb_act)
+}
+
+/// `forward` on video frames folded into the batch (x [B*F, H, W, in], row = video * F + frame):
+/// `emb_act` may hold one row per video ([B, T]; its projection is added to each of the video's
+/// frames), and the group norms' statistics span `norm_frames` consecutive rows (1: per frame).
+pub fn forward_frames(
+    ex: &Exec,
+    w: &Scope,
+    r: &Resnet,
+    cfg: ResnetNorm,
+    norm_frames: usize,
+    x: &Tensor,
+    emb_act: Option<&Tensor>,
+) -> Result<Tensor> {
+    let gn = GroupNorm { groups: cfg.groups, eps: cfg.eps, silu: true, frames: norm_frames };
     let same = Conv2d { stride: 1, padding: 1 };
     // Each step replaces `h`, so the arena gets the previous activation back at once.
     // 1. h = conv1(SiLU(norm1(x))): [B, H, W, in] -> [B, H, W, out]
     let mut h = group_norm(ex, x, w.get("norm1.weight")?, w.get("norm1.bias")?, gn)?;
     h = conv2d(ex, &h, w.get("conv1.weight")?, Some(w.get("conv1.bias")?), same)?;
-    // 2. + time_emb_proj(SiLU(emb)) per image: [B, T] -> [B, out], broadcast over H, W
+    // 2. + time_emb_proj(SiLU(emb)) per image or video: [B, T] -> [B, out], broadcast over the
+    // video's frames and H, W by viewing h [B*F, H, W, out] as [B, F*H, W, out]
     if let Some(emb_act) = emb_act {
         let t = linear(ex, emb_act, w.get("time_emb_proj.weight")?, Some(w.get("time_emb_proj.bias")?))?;
-        h = add(ex, &h, &t, 1.0)?;
+        let s = h.shape().to_vec();
+        let videos = t.shape()[0].max(1);
+        let per_video = h.reshape(&[videos, s[0] / videos * s[1], s[2], s[3]])?;
+        h = add(ex, &per_video, &t, 1.0)?.reshape(&s)?;
     }
     // 3. h = conv2(SiLU(norm2(h))) (dropout is the identity at inference)
     h = group_norm(ex, &h, w.get("norm2.weight")?, w.get("norm2.bias")?, gn)?;

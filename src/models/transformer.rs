@@ -37,11 +37,20 @@ impl Transformer {
 /// for bounding a config by its checkpoint.
 pub const BLOCK_TENSORS: usize = 20;
 
-/// x [B, H, W, C] NHWC, context [B, T, X] -> [B, H, W, C].
-pub fn forward(ex: &Exec, w: &Scope, t: &Transformer, groups: usize, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+/// x [B, H, W, C] NHWC, context [B, T, X] -> [B, H, W, C]. The group norm's statistics span
+/// `norm_frames` consecutive images (1: per image; see `unet::Frames`).
+pub fn forward(
+    ex: &Exec,
+    w: &Scope,
+    t: &Transformer,
+    groups: usize,
+    norm_frames: usize,
+    x: &Tensor,
+    context: &Tensor,
+) -> Result<Tensor> {
     let (b, h, wd, c) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
     // 1. norm, then tokens: [B, H, W, C] -> [B, H*W, C] (NHWC is already token-major)
-    let gn = GroupNorm { groups, eps: GROUP_NORM_EPS, silu: false, frames: 1 };
+    let gn = GroupNorm { groups, eps: GROUP_NORM_EPS, silu: false, frames: norm_frames };
     let mut hs = group_norm(ex, x, w.get("norm.weight")?, w.get("norm.bias")?, gn)?.reshape(&[b, h * wd, c])?;
     // 2. proj_in (a Linear, or a 1x1 conv stored [C, 1, 1, C], the same matrix on tokens)
     hs = linear(ex, &hs, &as_matrix(w.get("proj_in.weight")?)?, Some(w.get("proj_in.bias")?))?;

@@ -8,6 +8,7 @@
 //! false; the CLI prints "NOT FINITE" and exits 1), as is one outside its tolerance.
 
 pub(crate) mod arenas;
+pub mod motion_unet;
 pub mod text_encoder;
 pub mod unet;
 pub mod vae;
@@ -21,6 +22,7 @@ use crate::models::lora::{self, LoraMerge, LoraSpec, Loras, Targets};
 use crate::tensor::{DType, Tensor};
 use crate::weights::{self, TensorFile};
 
+pub use motion_unet::verify_motion_unet;
 pub use text_encoder::{verify_text_encoder, verify_text_encoder_with_loras};
 pub use unet::{verify_unet, verify_unet_with_loras};
 pub use vae::verify_vae_decoder;

@@ -45,14 +45,17 @@ pub type LayerHook<'a> = dyn FnMut(LayerPos, &Exec, Tensor) -> Result<Tensor> + 
 
 /// What every layer reads besides its own weights.
 pub struct Conditioning<'a> {
-    /// SiLU(time embedding) [B, T]: every ResNet projects it.
+    /// SiLU(time embedding) [B, T] (B images, or videos whose frames share it): every ResNet
+    /// projects it.
     pub emb_act: &'a Tensor,
-    /// Text context [B, tokens, X] for the cross-attentions.
+    /// Text context [rows, tokens, X] for the cross-attentions (one per image or frame).
     pub context: &'a Tensor,
     /// The ResNets' GroupNorm and output scale (`resnet_out_scale_factor`).
     pub norm: ResnetNorm,
     /// The mid block's ResNets' output scale (`mid_block_scale_factor`).
     pub mid_output_scale: f32,
+    /// Rows sharing one group-norm domain (`Frames::norm_frames`: 1, or a video's frames).
+    pub norm_frames: usize,
 }
 
 /// The down blocks on `h` [B, H, W, C0] (conv_in's output): the lowest-resolution activation and
@@ -96,10 +99,11 @@ pub fn mid(
 ) -> Result<Tensor> {
     let mw = w.at("mid_block");
     let norm = ResnetNorm { output_scale: cond.mid_output_scale, ..cond.norm };
-    let mut h = resnet::forward(ex, &mw.at("resnets.0"), &mid.resnets[0], norm, &h, Some(cond.emb_act))?;
-    h = transformer::forward(ex, &mw.at("attentions.0"), &mid.attention, norm.groups, &h, cond.context)?;
+    let frames = cond.norm_frames;
+    let mut h = resnet::forward_frames(ex, &mw.at("resnets.0"), &mid.resnets[0], norm, frames, &h, Some(cond.emb_act))?;
+    h = transformer::forward(ex, &mw.at("attentions.0"), &mid.attention, norm.groups, frames, &h, cond.context)?;
     h = hook(LayerPos { path: UnetPath::Mid, block: 0, layer: 0 }, ex, h)?;
-    resnet::forward(ex, &mw.at("resnets.1"), &mid.resnets[1], norm, &h, Some(cond.emb_act))
+    resnet::forward_frames(ex, &mw.at("resnets.1"), &mid.resnets[1], norm, frames, &h, Some(cond.emb_act))
 }
 
 /// The up blocks: each layer takes [h, skip] (channels concatenated), the last skip first, then
@@ -134,9 +138,13 @@ pub fn up(
 
 /// One layer of a down or up block: `resnets.{j}`, then `attentions.{j}` in cross-attention blocks.
 fn layer_forward(ex: &Exec, bw: &Scope, j: usize, layer: &Layer, cond: &Conditioning, h: Tensor) -> Result<Tensor> {
-    let h = resnet::forward(ex, &bw.at(&format!("resnets.{j}")), &layer.resnet, cond.norm, &h, Some(cond.emb_act))?;
+    let (rw, frames) = (bw.at(&format!("resnets.{j}")), cond.norm_frames);
+    let h = resnet::forward_frames(ex, &rw, &layer.resnet, cond.norm, frames, &h, Some(cond.emb_act))?;
     match &layer.attention {
-        Some(t) => transformer::forward(ex, &bw.at(&format!("attentions.{j}")), t, cond.norm.groups, &h, cond.context),
+        Some(t) => {
+            let aw = bw.at(&format!("attentions.{j}"));
+            transformer::forward(ex, &aw, t, cond.norm.groups, frames, &h, cond.context)
+        }
         None => Ok(h),
     }
 }

@@ -51,6 +51,29 @@ pub struct UnetResiduals {
     pub mid: Tensor,
 }
 
+/// How a forward's batch holds video frames: rows are video * frames + frame (diffusers'
+/// UNetMotionModel folds them so), and whether the UNet's own group norms span them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Frames {
+    /// Frames per video (1: every row is an image of its own).
+    pub frames: usize,
+    /// Every group norm of the UNet (ResNets, Transformer2D, conv_norm_out) takes its statistics
+    /// across the frames of each video instead of per frame: AnimateDiff-Evolved's default for
+    /// v1-type modules such as AnimateDiff-SDXL (ComfyUI-AnimateDiff-Evolved
+    /// `animatediff/sampling.py`, `groupnorm_mm_factory`). Off in diffusers and the official code.
+    pub group_norm_across_frames: bool,
+}
+
+impl Frames {
+    /// Images: one row per image, per-image statistics.
+    pub const IMAGES: Frames = Frames { frames: 1, group_norm_across_frames: false };
+
+    /// Images sharing one group-norm domain (1 unless the switch is on).
+    pub fn norm_frames(&self) -> usize {
+        if self.group_norm_across_frames { self.frames } else { 1 }
+    }
+}
+
 pub struct Unet {
     pub config: UnetConfig,
     weights: ModelWeights,
@@ -134,11 +157,28 @@ impl Unet {
         residuals: Option<&UnetResiduals>,
         hook: &mut LayerHook,
     ) -> Result<Tensor> {
+        self.forward_frames(ex, x, Frames::IMAGES, residuals, hook)
+    }
+
+    /// `forward_with` on videos (diffusers `models/unets/unet_motion_model.py`,
+    /// `UNetMotionModel.forward`): `sample`, `encoder_hidden_states` and the residuals have one row
+    /// per frame (video * frames + frame), `timestep`, `text_embeds` and `time_ids` one per video:
+    /// the embedding is computed once per video and every ResNet adds its projection to all of the
+    /// video's frames (diffusers' `repeat_interleave(num_frames)`).
+    pub fn forward_frames(
+        &self,
+        ex: &Exec,
+        x: &UnetInputs,
+        video: Frames,
+        residuals: Option<&UnetResiduals>,
+        hook: &mut LayerHook,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let w = self.weights.root();
-        self.check_inputs(x, residuals)?;
+        self.check_inputs(x, video.frames, residuals)?;
 
-        // 1. time (+ text_time) embedding: [B] -> [B, T]; every ResNet projects SiLU(emb), so once here
+        // 1. time (+ text_time) embedding: [B] -> [B, T] (B videos, or images when frames is 1);
+        // every ResNet projects SiLU(emb), so once here
         let text_time = x.text_embeds.zip(x.time_ids);
         let emb = embeddings::forward(ex, &w, cfg, x.timestep, text_time, self.dtype())?;
         let emb = silu(ex, &emb)?;
@@ -151,9 +191,10 @@ impl Unet {
                 output_scale: cfg.resnet_out_scale_factor,
             },
             mid_output_scale: cfg.mid_block_scale_factor,
+            norm_frames: video.norm_frames(),
         };
 
-        // 2. conv_in: [B, H, W, in] -> [B, H, W, C0]
+        // 2. conv_in: [B*F, H, W, in] -> [B*F, H, W, C0]
         let h = conv(ex, &w.at("conv_in"), x.sample, 1, cfg.conv_in_kernel)?;
 
         // 3. down: every layer's output and every downsampler's output is a skip connection
@@ -176,14 +217,15 @@ impl Unet {
         // 5. up: each layer takes [h, skip], the last skip first
         let h = blocks::up(ex, &w, &cfg.up_blocks, &cond, h, skips, hook)?;
 
-        // 6. out: GroupNorm + SiLU (fused), conv_out: [B, H, W, C0] -> [B, H, W, out]
-        let gn = GroupNorm { groups: cfg.norm_num_groups, eps: cfg.norm_eps, silu: true, frames: 1 };
+        // 6. out: GroupNorm + SiLU (fused), conv_out: [B*F, H, W, C0] -> [B*F, H, W, out]
+        let gn = GroupNorm { groups: cfg.norm_num_groups, eps: cfg.norm_eps, silu: true, frames: video.norm_frames() };
         let h = group_norm(ex, &h, w.get("conv_norm_out.weight")?, w.get("conv_norm_out.bias")?, gn)?;
         conv(ex, &w.at("conv_out"), &h, 1, cfg.conv_out_kernel)
     }
 
-    /// Shapes, dtypes and sizes of the inputs, before any work: errors name the argument.
-    fn check_inputs(&self, x: &UnetInputs, residuals: Option<&UnetResiduals>) -> Result<()> {
+    /// Shapes, dtypes and sizes of the inputs, before any work: errors name the argument. `frames`
+    /// rows of sample, context and residuals make one video (one row of timestep and text_time).
+    fn check_inputs(&self, x: &UnetInputs, frames: usize, residuals: Option<&UnetResiduals>) -> Result<()> {
         let cfg = &self.config;
         let dtype = self.dtype();
         let bad = |m: String| Err(Error::Input(format!("UNet input: {m}")));
@@ -191,7 +233,11 @@ impl Unet {
         if s.len() != 4 || s[3] != cfg.in_channels || s[0] == 0 {
             return bad(format!("sample {:?} must be NHWC [batch, height, width, {}]", x.sample, cfg.in_channels));
         }
-        let (b, h, w) = (s[0], s[1], s[2]);
+        if frames == 0 || !s[0].is_multiple_of(frames) {
+            return bad(format!("sample {:?}: its {} rows are not whole videos of {frames} frames", x.sample, s[0]));
+        }
+        // rows: images or frames (sample, context, residuals); b: images or videos (timestep, text_time)
+        let (rows, b, h, w) = (s[0], s[0] / frames, s[1], s[2]);
         // At most MAX_LEVELS - 1 downsamplers (UnetConfig::validate), so the shift fits.
         let step = 1usize << cfg.downsamplers();
         if h == 0 || w == 0 || h % step != 0 || w % step != 0 {
@@ -210,13 +256,13 @@ impl Unet {
             }
         }
         if x.timestep.shape() != [b] || x.timestep.dtype() != DType::F32 {
-            return bad(format!("timestep {:?} must be f32 [{b}] (one per image)", x.timestep));
+            return bad(format!("timestep {:?} must be f32 [{b}] (one per image or video)", x.timestep));
         }
         let e = x.encoder_hidden_states.shape();
         let cross = cfg.cross_attention_dims();
-        if e.len() != 3 || e[0] != b || e[1] == 0 || cross.iter().any(|&d| d != e[2]) {
+        if e.len() != 3 || e[0] != rows || e[1] == 0 || cross.iter().any(|&d| d != e[2]) {
             return bad(format!(
-                "encoder_hidden_states {:?} must be [{b}, tokens, {}]",
+                "encoder_hidden_states {:?} must be [{rows}, tokens, {}]",
                 x.encoder_hidden_states,
                 cross.iter().map(usize::to_string).collect::<Vec<_>>().join(" / ")
             ));
@@ -255,14 +301,14 @@ impl Unet {
                 ));
             }
             for (k, (t, &(c, level))) in r.down.iter().zip(&skips).enumerate() {
-                let want = [b, h >> level, w >> level, c];
+                let want = [rows, h >> level, w >> level, c];
                 if t.shape() != want || t.dtype() != dtype {
                     return bad(format!("down-block residual {k} {t:?} must be {dtype:?} {want:?}"));
                 }
             }
             let k = cfg.downsamplers();
             let c = cfg.block_out_channels[cfg.block_out_channels.len() - 1];
-            let want = [b, h >> k, w >> k, c];
+            let want = [rows, h >> k, w >> k, c];
             if r.mid.shape() != want || r.mid.dtype() != dtype {
                 return bad(format!("mid-block residual {:?} must be {dtype:?} {want:?}", r.mid));
             }

@@ -1,0 +1,122 @@
+//! AnimateDiffTransformer3D (diffusers `models/unets/unet_motion_model.py`) with its
+//! BasicTransformerBlocks in the motion configuration (diffusers `models/attention.py`:
+//! `double_self_attention`, `positional_embeddings="sinusoidal"`, GEGLU, no q/k/v bias), run
+//! directly on the NHWC frame-major layout: a video's frames are consecutive rows of the batch,
+//! and `temporal_attention` attends over them for every pixel without any transpose.
+
+use super::config::TemporalTransformer;
+use crate::error::{Error, Result};
+use crate::models::weights::Scope;
+use crate::ops::Exec;
+use crate::ops::attention::{TemporalAttention, temporal_attention};
+use crate::ops::elementwise::{add, geglu};
+use crate::ops::linear::{linear, linear_add};
+use crate::ops::norm::{GroupNorm, group_norm, layer_norm};
+use crate::tensor::{DType, Tensor};
+
+/// GroupNorm eps of AnimateDiffTransformer3D (fixed in diffusers).
+const GROUP_NORM_EPS: f32 = 1e-6;
+/// LayerNorm eps of BasicTransformerBlock.
+const LAYER_NORM_EPS: f32 = 1e-5;
+
+/// The sinusoidal position table, positions 0..`positions`: [positions * C] (diffusers
+/// `models/embeddings.py`, SinusoidalPositionalEmbedding: `pe[p, 2i] = sin(p / 10000^(2i / C))`,
+/// `pe[p, 2i + 1]` the cosine of the same angle; interleaved, unlike the UNet's cos-then-sin
+/// timestep embedding). For checkpoints that store none.
+pub fn position_table(positions: usize, channels: usize) -> Vec<f32> {
+    let mut values = Vec::with_capacity(positions * channels);
+    for p in 0..positions {
+        values.extend((0..channels).map(|k| {
+            let freq = (-(10000f64.ln()) * (k / 2 * 2) as f64 / channels as f64).exp();
+            let angle = p as f64 * freq;
+            (if k % 2 == 0 { angle.sin() } else { angle.cos() }) as f32
+        }));
+    }
+    values
+}
+
+/// The rows a forward adds: [videos * frames, C], row video * frames + f holding `table`'s position
+/// f, in `dtype` on the host (the caller puts them where the forward runs).
+pub fn position_rows(table: &[f32], videos: usize, frames: usize, channels: usize, dtype: DType) -> Result<Tensor> {
+    let first = table.get(..frames * channels).ok_or_else(|| {
+        Error::Internal(format!("a position table of {} values has no {frames} positions", table.len()))
+    })?;
+    Tensor::from_f32(&[videos * frames, channels], dtype, &first.repeat(videos))
+}
+
+/// The position rows of attention `attn` (1 or 2) of transformer block `block`, where the forward
+/// runs.
+pub type PositionRows<'a> = dyn FnMut(usize, usize) -> Result<Tensor> + 'a;
+
+/// x [B*F, H, W, C] (row = video * F + frame) -> [B*F, H, W, C]; `pe` gives each attention's
+/// position rows ([B*F, C]); `groups` of the module's GroupNorm.
+pub fn forward(
+    ex: &Exec,
+    w: &Scope,
+    m: &TemporalTransformer,
+    groups: usize,
+    frames: usize,
+    x: &Tensor,
+    pe: &mut PositionRows,
+) -> Result<Tensor> {
+    let (n, h, wd, c) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+    // 1. GroupNorm over each video's frames ([B, C, F, H, W] in diffusers: statistics per group span
+    //    C/groups x F x H x W), tokens [B*F, H*W, C] (for each pixel, its F frames are the sequence)
+    let gn = GroupNorm { groups, eps: GROUP_NORM_EPS, silu: false, frames };
+    let mut hs = group_norm(ex, x, w.get("norm.weight")?, w.get("norm.bias")?, gn)?.reshape(&[n, h * wd, c])?;
+    // 2. proj_in: [B*F, H*W, C] -> [B*F, H*W, C]
+    hs = linear(ex, &hs, w.get("proj_in.weight")?, Some(w.get("proj_in.bias")?))?;
+    // 3. blocks
+    for b in 0..m.depth {
+        let mut rows = |attn: usize| pe(b, attn);
+        hs = block(ex, &w.at(&format!("transformer_blocks.{b}")), m.heads, frames, &hs, &mut rows)?;
+    }
+    // 4. proj_out, + residual, back to [B*F, H, W, C]
+    let residual = x.reshape(&[n, h * wd, c])?;
+    hs = linear_add(ex, &hs, w.get("proj_out.weight")?, Some(w.get("proj_out.bias")?), Some(&residual))?;
+    hs.reshape(&[n, h, wd, c])
+}
+
+/// BasicTransformerBlock with two temporal self-attentions: x += attn1(LN1(x) + pe);
+/// x += attn2(LN2(x) + pe); x += FF(LN3(x)). x [B*F, L, C].
+fn block(
+    ex: &Exec,
+    w: &Scope,
+    heads: usize,
+    frames: usize,
+    x: &Tensor,
+    pe: &mut dyn FnMut(usize) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let ln = |name: &str, x: &Tensor| -> Result<Tensor> {
+        layer_norm(
+            ex,
+            x,
+            Some(w.get(&format!("{name}.weight"))?),
+            Some(w.get(&format!("{name}.bias"))?),
+            LAYER_NORM_EPS,
+        )
+    };
+    // 1.-2. the two attentions; the position table is added to the normalised input, not the stream
+    let mut x = x.clone();
+    for (k, (norm, attn)) in [("norm1", "attn1"), ("norm2", "attn2")].into_iter().enumerate() {
+        let n = add(ex, &ln(norm, &x)?, &pe(k + 1)?, 1.0)?; // [B*F, L, C] + [B*F, C] per frame
+        x = attention(ex, &w.at(attn), heads, frames, &n, &x)?;
+    }
+    // 3. GEGLU feed-forward: [B*F, L, C] -> [B*F, L, 8C] -> [B*F, L, 4C] -> [B*F, L, C]
+    let mut f = ln("norm3", &x)?;
+    f = linear(ex, &f, w.get("ff.net.0.proj.weight")?, Some(w.get("ff.net.0.proj.bias")?))?;
+    f = geglu(ex, &f)?;
+    linear_add(ex, &f, w.get("ff.net.2.weight")?, Some(w.get("ff.net.2.bias")?), Some(&x))
+}
+
+/// Self-attention over the frames of each (video, pixel, head): softmax(q k^T / sqrt(d)) v, then
+/// to_out.0, whose epilogue adds the residual.
+fn attention(ex: &Exec, w: &Scope, heads: usize, frames: usize, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    let q = linear(ex, x, w.get("to_q.weight")?, None)?; // [B*F, L, C]
+    let k = linear(ex, x, w.get("to_k.weight")?, None)?;
+    let v = linear(ex, x, w.get("to_v.weight")?, None)?;
+    let head_dim = q.shape()[2] / heads.max(1);
+    let cfg = TemporalAttention { frames, heads, scale: 1.0 / (head_dim as f32).sqrt() };
+    let o = temporal_attention(ex, &q, &k, &v, cfg)?;
+    linear_add(ex, &o, w.get("to_out.0.weight")?, Some(w.get("to_out.0.bias")?), Some(residual))
+}

@@ -1,0 +1,273 @@
+//! `celframe verify motion_unet`: diffusers' `UNetMotionModel.forward` (a UNet with a
+//! MotionAdapter's modules) on a reference file's inputs, compared with its `out.sample`.
+//!
+//! Reference format (diffusers `models/unets/unet_motion_model.py` argument names):
+//! `in.sample` [videos, channels, frames, height, width], `in.timestep` (scalar, [1] or [videos]),
+//! `in.encoder_hidden_states` [videos * frames, tokens, width], `in.added_cond_kwargs.text_embeds`
+//! [videos, pooled], `in.added_cond_kwargs.time_ids` [videos, n], optionally ControlNet residuals
+//! `in.down_block_additional_residuals.<k>` [videos * frames, C, h, w] and
+//! `in.mid_block_additional_residual` -> `out.sample` [videos, channels, frames, height, width].
+
+use std::path::Path;
+
+use super::arenas::{model_arenas, most_of_memory, scratch_bytes, weight_bytes};
+use super::{Device, Reference, Settings, Verification, compare};
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::models::layout::nchw_to_nhwc;
+use crate::models::{
+    Frames, MotionCheckpoint, MotionFormat, MotionModules, Place, Unet, UnetCheckpoint, UnetConfig, UnetInputs,
+    UnetResiduals, open_motion, open_unet,
+};
+use crate::ops::Exec;
+use crate::tensor::{DType, Tensor};
+
+const RESIDUAL_PREFIX: &str = "in.down_block_additional_residuals.";
+const MID_RESIDUAL: &str = "in.mid_block_additional_residual";
+const INPUTS: [&str; 6] = [
+    "in.sample",
+    "in.timestep",
+    "in.encoder_hidden_states",
+    "in.added_cond_kwargs.text_embeds",
+    "in.added_cond_kwargs.time_ids",
+    MID_RESIDUAL,
+];
+
+/// The reference's inputs in the engine's layout (frames folded into the batch, NHWC), compute
+/// dtype (timestep and time ids f32), and the expected output as stored (5-D).
+struct MotionReference {
+    frames: usize,
+    sample: Tensor,
+    timestep: Tensor,
+    encoder_hidden_states: Tensor,
+    text_embeds: Option<Tensor>,
+    time_ids: Option<Tensor>,
+    residuals: Option<(Vec<Tensor>, Tensor)>,
+    expected: Tensor,
+}
+
+/// [videos, C, F, H, W] -> [videos * F, H, W, C] (row = video * F + frame), same dtype.
+fn video_to_rows(t: &Tensor) -> Result<Tensor> {
+    let &[b, c, f, h, w] = t.shape() else {
+        return Err(Error::Input(format!("{t:?} must be 5-d [videos, channels, frames, height, width]")));
+    };
+    let v = t.to_f32_vec()?;
+    let mut out = vec![0f32; v.len()];
+    for (i, o) in out.iter_mut().enumerate() {
+        let (ch, x, y, frame, video) =
+            (i % c, (i / c) % w, (i / (c * w)) % h, (i / (c * w * h)) % f, i / (c * w * h * f));
+        *o = v[(((video * c + ch) * f + frame) * h + y) * w + x];
+    }
+    Tensor::from_f32(&[b * f, h, w, c], t.dtype(), &out)
+}
+
+/// [videos * F, H, W, C] -> [videos, C, F, H, W], same dtype.
+fn rows_to_video(t: &Tensor, frames: usize) -> Result<Tensor> {
+    let &[n, h, w, c] = t.shape() else {
+        return Err(Error::Input(format!("{t:?} must be 4-d NHWC")));
+    };
+    let v = t.to_f32_vec()?;
+    let mut out = vec![0f32; v.len()];
+    for (i, o) in out.iter_mut().enumerate() {
+        let (x, y, frame, ch, video) =
+            (i % w, (i / w) % h, (i / (w * h)) % frames, (i / (w * h * frames)) % c, i / (w * h * frames * c));
+        *o = v[(((video * frames + frame) * h + y) * w + x) * c + ch];
+    }
+    Tensor::from_f32(&[n / frames, c, frames, h, w], t.dtype(), &out)
+}
+
+/// Reads and checks the reference against the UNet's config; shapes in errors are the file's.
+fn read_reference(r: &Reference, cfg: &UnetConfig, dtype: DType) -> Result<MotionReference> {
+    r.only(
+        |n| INPUTS.contains(&n) || n.starts_with(RESIDUAL_PREFIX) || n == "out.sample",
+        &format!("the motion UNet takes {} and {RESIDUAL_PREFIX}<k>, and gives out.sample", INPUTS.join(", ")),
+    )?;
+    r.require(&["in.sample", "in.timestep", "in.encoder_hidden_states", "out.sample"])?;
+    let s = r.shape("in.sample")?;
+    let &[videos, channels, frames, height, width] = s else {
+        return Err(r.bad(format!(
+            "in.sample has shape {s:?}; the motion UNet takes [videos, channels, frames, height, width]"
+        )));
+    };
+    if channels != cfg.in_channels || s.contains(&0) {
+        return Err(r.bad(format!(
+            "in.sample has shape {s:?}; this UNet takes [videos, {}, frames, height, width], every size positive",
+            cfg.in_channels
+        )));
+    }
+    let out = r.shape("out.sample")?;
+    if out.len() != 5 {
+        return Err(r.bad(format!(
+            "out.sample has shape {out:?}; the motion UNet gives [videos, channels, frames, height, width]"
+        )));
+    }
+    let rows = videos * frames;
+    // diffusers broadcasts a scalar (or one-element) timestep over the videos.
+    let t = r.float("in.timestep")?;
+    let t_values = t.to_f32_vec()?;
+    let timestep = match (t.shape(), t_values.as_slice()) {
+        ([], [v]) | ([1], [v]) => Tensor::from_f32(&[videos], DType::F32, &vec![*v; videos])?,
+        ([n], _) if *n == videos => Tensor::from_f32(&[videos], DType::F32, &t_values)?,
+        (shape, _) => {
+            return Err(
+                r.bad(format!("in.timestep has shape {shape:?}; give a scalar, [1] or [{videos}] (one per video)"))
+            );
+        }
+    };
+    let nhwc = |name: &str| -> Result<Tensor> { nchw_to_nhwc(&r.float_as(name, dtype)?) };
+    let down: Vec<&str> = r.names().filter(|n| n.starts_with(RESIDUAL_PREFIX)).collect();
+    let residuals = match (down.is_empty(), r.contains(MID_RESIDUAL)) {
+        (true, false) => None,
+        (false, true) => {
+            let skips = cfg.skips();
+            let numbered = format!("{RESIDUAL_PREFIX}0 to {RESIDUAL_PREFIX}{}", skips.len() - 1);
+            if down.len() != skips.len() {
+                return Err(r.bad(format!(
+                    "{} down-block residuals; this UNet takes {}: {numbered}",
+                    down.len(),
+                    skips.len()
+                )));
+            }
+            let mut tensors = Vec::with_capacity(skips.len());
+            let levels = skips
+                .iter()
+                .map(|&(c, level)| (c, level))
+                .chain([(cfg.block_out_channels.last().copied().unwrap_or(0), cfg.downsamplers())]);
+            let names = (0..skips.len()).map(|k| format!("{RESIDUAL_PREFIX}{k}")).chain([MID_RESIDUAL.to_string()]);
+            for (name, (c, level)) in names.zip(levels) {
+                // Per frame, as the UNet's skip connections are: [videos * frames, C, h, w].
+                let want = [rows, c, height >> level, width >> level];
+                let found = r
+                    .shape(&name)
+                    .map_err(|_| r.bad(format!("no {name}: residuals are {numbered} and {MID_RESIDUAL}")))?;
+                if found != want {
+                    return Err(r.bad(format!(
+                        "{name} has shape {found:?}; this UNet and in.sample need {want:?} (one per frame)"
+                    )));
+                }
+                tensors.push(nhwc(&name)?);
+            }
+            let mid = tensors.pop().ok_or_else(|| Error::Internal("no mid-block residual read".into()))?;
+            Some((tensors, mid))
+        }
+        _ => return Err(r.bad(format!("ControlNet residuals need both {RESIDUAL_PREFIX}<k> and {MID_RESIDUAL}"))),
+    };
+    let optional = |name: &str, dtype: DType| r.contains(name).then(|| r.float_as(name, dtype)).transpose();
+    Ok(MotionReference {
+        frames,
+        sample: video_to_rows(&r.float_as("in.sample", dtype)?)?,
+        timestep,
+        encoder_hidden_states: r.float_as("in.encoder_hidden_states", dtype)?,
+        text_embeds: optional("in.added_cond_kwargs.text_embeds", dtype)?,
+        time_ids: optional("in.added_cond_kwargs.time_ids", DType::F32)?,
+        residuals,
+        expected: r.float("out.sample")?,
+    })
+}
+
+/// Loads the UNet, the motion modules and the reference, runs the forward on `settings.device`
+/// and compares. `group_norm_across_frames`: AnimateDiff-Evolved's UNet group norms (`Frames`).
+pub fn verify_motion_unet(
+    unet_path: &Path,
+    motion_path: &Path,
+    reference: &Path,
+    settings: &Settings,
+    group_norm_across_frames: bool,
+) -> Result<Verification> {
+    let Settings { device, dtype, tolerance, scratch_gb } = *settings;
+    let unet = open_unet(unet_path)?;
+    let motion = open_motion(motion_path)?;
+    motion.config.check_unet(&unet.config)?;
+    let r = read_reference(&Reference::open(reference)?, &unet.config, dtype)?;
+    let video = Frames { frames: r.frames, group_norm_across_frames };
+    let s = r.sample.shape();
+    let format = match motion.format {
+        MotionFormat::Diffusers => "diffusers",
+        MotionFormat::Original => "original AnimateDiff names",
+    };
+    let summary = format!(
+        "{}: {}\n{} ({format}): {}\n{} on {device:?} in {dtype:?}: {} videos x {} frames, latent {}x{}, {} context \
+         tokens{}{}",
+        unet_path.display(),
+        unet.config,
+        motion_path.display(),
+        motion.config,
+        reference.display(),
+        s[0] / r.frames,
+        r.frames,
+        s[1],
+        s[2],
+        r.encoder_hidden_states.shape().get(1).unwrap_or(&0),
+        if r.residuals.is_some() { ", with ControlNet residuals" } else { "" },
+        if group_norm_across_frames { ", UNet group norms across frames" } else { "" }
+    );
+    let sample = match device {
+        Device::Cpu => {
+            let model = Unet::new(&unet, Place::Host(dtype))?;
+            let modules = MotionModules::new(&motion, &model, Place::Host(dtype))?;
+            let residuals = r.residuals.clone().map(|(down, mid)| UnetResiduals { down, mid });
+            let inputs = UnetInputs {
+                sample: &r.sample,
+                timestep: &r.timestep,
+                encoder_hidden_states: &r.encoder_hidden_states,
+                text_embeds: r.text_embeds.as_ref(),
+                time_ids: r.time_ids.as_ref(),
+            };
+            modules.forward_unet(&Exec::Cpu, &model, &inputs, video, residuals.as_ref())?
+        }
+        Device::Cuda => run_cuda(&unet, &motion, &r, video, dtype, scratch_gb)?,
+    };
+    let sample = rows_to_video(&sample, r.frames)?;
+    let comparisons = vec![compare("out.sample", &sample, &r.expected, tolerance)?];
+    Ok(Verification { comparisons, outputs: vec![("out.sample".to_string(), sample)], summary })
+}
+
+fn run_cuda(
+    unet: &UnetCheckpoint,
+    motion: &MotionCheckpoint,
+    r: &MotionReference,
+    video: Frames,
+    dtype: DType,
+    scratch_gb: Option<f64>,
+) -> Result<Tensor> {
+    let gpu = Gpu::from_env()?;
+    let input_bytes: usize = [Some(&r.sample), Some(&r.encoder_hidden_states), r.text_embeds.as_ref()]
+        .into_iter()
+        .flatten()
+        .chain(r.residuals.iter().flat_map(|(d, m)| d.iter().chain([m])))
+        .map(|t| t.size_bytes() + 256)
+        .sum::<usize>()
+        + (1 << 20);
+    let motion_bytes = weight_bytes(&motion.weights, dtype);
+    let explicit = scratch_gb.map(|gb| scratch_bytes(&gpu, gb)).transpose()?;
+    let (weights_arena, scratch) = model_arenas(&unet.weights, dtype, motion_bytes + input_bytes, |w| {
+        explicit.unwrap_or_else(|| most_of_memory(&gpu, w + motion_bytes))
+    })?;
+    let place = Place::Device { gpu: &gpu, arena: &weights_arena, dtype };
+    let model = Unet::new(unet, place)?;
+    let modules = MotionModules::new(motion, &model, place)?;
+    let up = |t: &Tensor| gpu.upload(&weights_arena, t, t.dtype());
+    let (sample, timestep, context) = (up(&r.sample)?, up(&r.timestep)?, up(&r.encoder_hidden_states)?);
+    let text_embeds = r.text_embeds.as_ref().map(up).transpose()?;
+    let time_ids = r.time_ids.as_ref().map(up).transpose()?;
+    let residuals = match &r.residuals {
+        Some((down, mid)) => Some(UnetResiduals { down: down.iter().map(up).collect::<Result<_>>()?, mid: up(mid)? }),
+        None => None,
+    };
+    let inputs = UnetInputs {
+        sample: &sample,
+        timestep: &timestep,
+        encoder_hidden_states: &context,
+        text_embeds: text_embeds.as_ref(),
+        time_ids: time_ids.as_ref(),
+    };
+    let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
+    let out = modules.forward_unet(&ex, &model, &inputs, video, residuals.as_ref())?;
+    let host = gpu.download(&out)?;
+    eprintln!(
+        "CUDA scratch arena: peak {:.2} GiB of {:.2} GiB",
+        scratch.peak() as f64 / (1u64 << 30) as f64,
+        scratch.capacity() as f64 / (1u64 << 30) as f64
+    );
+    Ok(host)
+}

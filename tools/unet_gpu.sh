@@ -24,7 +24,7 @@ python3 tools/unet_gpu.py --work "$work" ${UNET_COMPILE:+--compile} 2>&1 | grep 
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== celframe verify unet (CUDA, f16) against each reference" | tee -a "$log"
-for ref in "$work"/ref_*.safetensors; do
+for ref in "$work"/ref_[0-9]*.safetensors; do  # ref_<h>x<w>_<dtype> (motion_gpu.sh writes ref_motion_* here too)
   echo "-- $(basename "$ref")" | tee -a "$log"
   dist/gpu/celframe verify unet --weights "$work/sdxl_unet" --reference "$ref" --device cuda 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}

@@ -54,11 +54,20 @@ pub struct Dnn {
 
 /// Algorithm choices by convolution shape, read from and written to one file per device and cuDNN
 /// version under the cache folder: `CELFRAME_CACHE_DIR`, else `$XDG_CACHE_HOME/celframe`, else
-/// `~/.cache/celframe`. A line is `<ConvShape debug form>\t<algorithm number>`. With no usable
-/// folder the choices live for the process only.
+/// `~/.cache/celframe`. A line is `<ConvShape debug form>\t<algorithm number>\t<math type number>`.
+/// With no usable folder the choices live for the process only.
 struct AlgoCache {
     file: Option<std::path::PathBuf>,
-    chosen: HashMap<String, u32>,
+    chosen: HashMap<String, (u32, u32)>,
+}
+
+/// An algorithm and the math type it was timed with: cuDNN's search may time an algorithm under
+/// another math type than the descriptor's (CUDNN_DEFAULT_MATH for a TENSOR_OP descriptor, say),
+/// and runs it correctly only under that one.
+#[derive(Clone, Copy)]
+struct Choice {
+    algo: dnn::cudnnConvolutionFwdAlgo_t,
+    math: dnn::cudnnMathType_t,
 }
 
 impl AlgoCache {
@@ -69,29 +78,35 @@ impl AlgoCache {
             .or_else(|| std::env::var_os("HOME").map(|d| std::path::Path::new(&d).join(".cache/celframe")));
         let version = unsafe { dnn::cudnnGetVersion() };
         let name: String = device.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-        let file = folder.map(|f| f.join(format!("cudnn-{version}-{name}.tsv")));
+        let file = folder.map(|f| f.join(format!("cudnn-{version}-{name}.v2.tsv")));
         // A missing, unreadable or oversized file is an empty cache (it is only a memo of timings).
         let text = file.as_deref().and_then(|f| crate::io::read_text(f, 16 << 20, "cuDNN algorithm cache").ok());
         let chosen = text
             .iter()
             .flat_map(|t| t.lines())
-            .filter_map(|l| l.split_once('\t'))
-            .filter_map(|(k, a)| Some((k.to_string(), a.parse().ok()?)))
+            .filter_map(|l| {
+                let mut fields = l.split('\t');
+                let (key, algo, math) = (fields.next()?, fields.next()?.parse().ok()?, fields.next()?.parse().ok()?);
+                Some((key.to_string(), (algo, math)))
+            })
             .collect();
         AlgoCache { file, chosen }
     }
 
-    fn get(&self, s: &ConvShape) -> Option<dnn::cudnnConvolutionFwdAlgo_t> {
-        let n = *self.chosen.get(&format!("{s:?}"))?;
-        ALGOS.into_iter().find(|a| *a as u32 == n)
+    fn get(&self, s: &ConvShape) -> Option<Choice> {
+        let (algo, math) = *self.chosen.get(&format!("{s:?}"))?;
+        Some(Choice {
+            algo: ALGOS.into_iter().find(|a| *a as u32 == algo)?,
+            math: MATH_TYPES.into_iter().find(|m| *m as u32 == math)?,
+        })
     }
 
     /// Records a choice; the file is rewritten whole through a temporary name, so a reader never
     /// sees half a file. Failing to write only costs the next process a search.
-    fn put(&mut self, s: &ConvShape, algo: dnn::cudnnConvolutionFwdAlgo_t) {
-        self.chosen.insert(format!("{s:?}"), algo as u32);
+    fn put(&mut self, s: &ConvShape, choice: Choice) {
+        self.chosen.insert(format!("{s:?}"), (choice.algo as u32, choice.math as u32));
         let Some(file) = &self.file else { return };
-        let mut lines: Vec<String> = self.chosen.iter().map(|(k, a)| format!("{k}\t{a}\n")).collect();
+        let mut lines: Vec<String> = self.chosen.iter().map(|(k, (a, m))| format!("{k}\t{a}\t{m}\n")).collect();
         lines.sort();
         let temp = file.with_extension(format!("tmp{}", std::process::id()));
         let written = file.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| {
@@ -105,6 +120,13 @@ impl AlgoCache {
         }
     }
 }
+
+const MATH_TYPES: [dnn::cudnnMathType_t; 4] = [
+    dnn::cudnnMathType_t::CUDNN_DEFAULT_MATH,
+    dnn::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+    dnn::cudnnMathType_t::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION,
+    dnn::cudnnMathType_t::CUDNN_FMA_MATH,
+];
 
 const ALGOS: [dnn::cudnnConvolutionFwdAlgo_t; 8] = [
     dnn::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
@@ -212,19 +234,8 @@ impl Dnn {
             };
             check("cudnnSetConvolutionMathType", dnn::cudnnSetConvolutionMathType(plan.conv, math))?;
         }
-        if let Some(algo) = self.algos.get(s) {
-            plan.algo = algo;
-            check("cudnnGetConvolutionForwardWorkspaceSize", unsafe {
-                dnn::cudnnGetConvolutionForwardWorkspaceSize(
-                    self.handle,
-                    plan.x,
-                    plan.w,
-                    plan.conv,
-                    plan.y,
-                    algo,
-                    &mut plan.workspace,
-                )
-            })?;
+        if let Some(choice) = self.algos.get(s) {
+            unsafe { self.apply(&mut plan, choice)? };
             return Ok(plan);
         }
         // Let cuDNN time its candidates on the real buffers, with up to 256 MiB of workspace.
@@ -257,10 +268,34 @@ impl Dnn {
             .find(|p| p.determinism == dnn::cudnnDeterminism_t::CUDNN_DETERMINISTIC)
             .or(ran.first())
             .ok_or_else(|| Error::Cuda(format!("cuDNN found no algorithm for {s:?}")))?;
-        plan.algo = best.algo;
-        plan.workspace = best.memory;
-        self.algos.put(s, best.algo);
+        let choice = Choice { algo: best.algo, math: best.mathType };
+        unsafe { self.apply(&mut plan, choice)? };
+        self.algos.put(s, choice);
         Ok(plan)
+    }
+
+    /// Sets the plan to `choice`: the descriptor's math type to the one the algorithm was timed
+    /// with, and the workspace to what the algorithm needs under it. Running a found algorithm under
+    /// the descriptor's original math type failed now and then with CUDNN_STATUS_BAD_PARAM
+    /// ("workSpaceSizeInBytes < requiredWorkspace") when the search's fastest entry had been timed
+    /// under another (bf16 VAE convolutions on the H200; the EXECUTION_FAILED once seen there was
+    /// most likely the same).
+    unsafe fn apply(&self, plan: &mut Plan, choice: Choice) -> Result<()> {
+        plan.algo = choice.algo;
+        unsafe {
+            check("cudnnSetConvolutionMathType", dnn::cudnnSetConvolutionMathType(plan.conv, choice.math))?;
+            check("cudnnGetConvolutionForwardWorkspaceSize", {
+                dnn::cudnnGetConvolutionForwardWorkspaceSize(
+                    self.handle,
+                    plan.x,
+                    plan.w,
+                    plan.conv,
+                    plan.y,
+                    choice.algo,
+                    &mut plan.workspace,
+                )
+            })
+        }
     }
 
     fn workspace_of(&mut self, bytes: usize) -> Result<u64> {

@@ -11,13 +11,14 @@
 use std::path::Path;
 
 use super::arenas::{model_arenas, most_of_memory, scratch_bytes, weight_bytes};
+use super::unet::ForwardInputs;
 use super::{Device, Reference, Settings, Verification, compare};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::models::layout::nchw_to_nhwc;
 use crate::models::{
-    Frames, MotionCheckpoint, MotionFormat, MotionModules, Place, Unet, UnetCheckpoint, UnetConfig, UnetInputs,
-    UnetResiduals, open_motion, open_unet,
+    Frames, MotionCheckpoint, MotionFormat, MotionModules, Place, Unet, UnetCheckpoint, UnetConfig, UnetResiduals,
+    open_motion, open_unet,
 };
 use crate::ops::Exec;
 use crate::tensor::{DType, Tensor};
@@ -37,12 +38,7 @@ const INPUTS: [&str; 6] = [
 /// dtype (timestep and time ids f32), and the expected output as stored (5-D).
 struct MotionReference {
     frames: usize,
-    sample: Tensor,
-    timestep: Tensor,
-    encoder_hidden_states: Tensor,
-    text_embeds: Option<Tensor>,
-    time_ids: Option<Tensor>,
-    residuals: Option<(Vec<Tensor>, Tensor)>,
+    inputs: ForwardInputs,
     expected: Tensor,
 }
 
@@ -148,19 +144,21 @@ fn read_reference(r: &Reference, cfg: &UnetConfig, dtype: DType) -> Result<Motio
                 tensors.push(nhwc(&name)?);
             }
             let mid = tensors.pop().ok_or_else(|| Error::Internal("no mid-block residual read".into()))?;
-            Some((tensors, mid))
+            Some(UnetResiduals { down: tensors, mid })
         }
         _ => return Err(r.bad(format!("ControlNet residuals need both {RESIDUAL_PREFIX}<k> and {MID_RESIDUAL}"))),
     };
     let optional = |name: &str, dtype: DType| r.contains(name).then(|| r.float_as(name, dtype)).transpose();
     Ok(MotionReference {
         frames,
-        sample: video_to_rows(&r.float_as("in.sample", dtype)?)?,
-        timestep,
-        encoder_hidden_states: r.float_as("in.encoder_hidden_states", dtype)?,
-        text_embeds: optional("in.added_cond_kwargs.text_embeds", dtype)?,
-        time_ids: optional("in.added_cond_kwargs.time_ids", DType::F32)?,
-        residuals,
+        inputs: ForwardInputs {
+            sample: video_to_rows(&r.float_as("in.sample", dtype)?)?,
+            timestep,
+            encoder_hidden_states: r.float_as("in.encoder_hidden_states", dtype)?,
+            text_embeds: optional("in.added_cond_kwargs.text_embeds", dtype)?,
+            time_ids: optional("in.added_cond_kwargs.time_ids", DType::F32)?,
+            residuals,
+        },
         expected: r.float("out.sample")?,
     })
 }
@@ -180,7 +178,7 @@ pub fn verify_motion_unet(
     motion.config.check_unet(&unet.config)?;
     let r = read_reference(&Reference::open(reference)?, &unet.config, dtype)?;
     let video = Frames { frames: r.frames, group_norm_across_frames };
-    let s = r.sample.shape();
+    let s = r.inputs.sample.shape();
     let format = match motion.format {
         MotionFormat::Diffusers => "diffusers",
         MotionFormat::Original => "original AnimateDiff names",
@@ -197,25 +195,17 @@ pub fn verify_motion_unet(
         r.frames,
         s[1],
         s[2],
-        r.encoder_hidden_states.shape().get(1).unwrap_or(&0),
-        if r.residuals.is_some() { ", with ControlNet residuals" } else { "" },
+        r.inputs.encoder_hidden_states.shape().get(1).unwrap_or(&0),
+        if r.inputs.residuals.is_some() { ", with ControlNet residuals" } else { "" },
         if group_norm_across_frames { ", UNet group norms across frames" } else { "" }
     );
     let sample = match device {
         Device::Cpu => {
             let model = Unet::new(&unet, Place::Host(dtype))?;
             let modules = MotionModules::new(&motion, &model, Place::Host(dtype))?;
-            let residuals = r.residuals.clone().map(|(down, mid)| UnetResiduals { down, mid });
-            let inputs = UnetInputs {
-                sample: &r.sample,
-                timestep: &r.timestep,
-                encoder_hidden_states: &r.encoder_hidden_states,
-                text_embeds: r.text_embeds.as_ref(),
-                time_ids: r.time_ids.as_ref(),
-            };
-            modules.forward_unet(&Exec::Cpu, &model, &inputs, video, residuals.as_ref())?
+            modules.forward_unet(&Exec::Cpu, &model, &r.inputs.unet_inputs(), video, r.inputs.residuals.as_ref())?
         }
-        Device::Cuda => run_cuda(&unet, &motion, &r, video, dtype, scratch_gb)?,
+        Device::Cuda => run_cuda(&unet, &motion, &r.inputs, video, dtype, scratch_gb)?,
     };
     let sample = rows_to_video(&sample, r.frames)?;
     let comparisons = vec![compare("out.sample", &sample, &r.expected, tolerance)?];
@@ -225,44 +215,23 @@ pub fn verify_motion_unet(
 fn run_cuda(
     unet: &UnetCheckpoint,
     motion: &MotionCheckpoint,
-    r: &MotionReference,
+    r: &ForwardInputs,
     video: Frames,
     dtype: DType,
     scratch_gb: Option<f64>,
 ) -> Result<Tensor> {
     let gpu = Gpu::from_env()?;
-    let input_bytes: usize = [Some(&r.sample), Some(&r.encoder_hidden_states), r.text_embeds.as_ref()]
-        .into_iter()
-        .flatten()
-        .chain(r.residuals.iter().flat_map(|(d, m)| d.iter().chain([m])))
-        .map(|t| t.size_bytes() + 256)
-        .sum::<usize>()
-        + (1 << 20);
     let motion_bytes = weight_bytes(&motion.weights, dtype);
     let explicit = scratch_gb.map(|gb| scratch_bytes(&gpu, gb)).transpose()?;
-    let (weights_arena, scratch) = model_arenas(&unet.weights, dtype, motion_bytes + input_bytes, |w| {
+    let (weights_arena, scratch) = model_arenas(&unet.weights, dtype, motion_bytes + r.device_bytes(), |w| {
         explicit.unwrap_or_else(|| most_of_memory(&gpu, w + motion_bytes))
     })?;
     let place = Place::Device { gpu: &gpu, arena: &weights_arena, dtype };
     let model = Unet::new(unet, place)?;
     let modules = MotionModules::new(motion, &model, place)?;
-    let up = |t: &Tensor| gpu.upload(&weights_arena, t, t.dtype());
-    let (sample, timestep, context) = (up(&r.sample)?, up(&r.timestep)?, up(&r.encoder_hidden_states)?);
-    let text_embeds = r.text_embeds.as_ref().map(up).transpose()?;
-    let time_ids = r.time_ids.as_ref().map(up).transpose()?;
-    let residuals = match &r.residuals {
-        Some((down, mid)) => Some(UnetResiduals { down: down.iter().map(up).collect::<Result<_>>()?, mid: up(mid)? }),
-        None => None,
-    };
-    let inputs = UnetInputs {
-        sample: &sample,
-        timestep: &timestep,
-        encoder_hidden_states: &context,
-        text_embeds: text_embeds.as_ref(),
-        time_ids: time_ids.as_ref(),
-    };
+    let inputs = r.upload(&gpu, &weights_arena)?;
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
-    let out = modules.forward_unet(&ex, &model, &inputs, video, residuals.as_ref())?;
+    let out = modules.forward_unet(&ex, &model, &inputs.unet_inputs(), video, inputs.residuals.as_ref())?;
     let host = gpu.download(&out)?;
     eprintln!(
         "CUDA scratch arena: peak {:.2} GiB of {:.2} GiB",

@@ -7,7 +7,7 @@ use std::path::Path;
 use super::arenas::{model_arenas, most_of_memory, scratch_bytes};
 use super::{Device, LoraOptions, Reference, Settings, Verification, compare, with_loras};
 use crate::error::Result;
-use crate::gpu::Gpu;
+use crate::gpu::{Arena, Gpu};
 use crate::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
 use crate::models::lora::{Component, LoraMerge};
 use crate::models::{Place, Unet, UnetCheckpoint, UnetConfig, UnetFormat, UnetInputs, UnetResiduals, open_unet};
@@ -17,13 +17,62 @@ use crate::tensor::{DType, Tensor};
 /// The UNet's reference inputs, NHWC, converted to the compute dtype (timestep and time ids f32),
 /// and the expected output (NCHW, as in the file).
 struct UnetReference {
-    sample: Tensor,
-    timestep: Tensor,
-    encoder_hidden_states: Tensor,
-    text_embeds: Option<Tensor>,
-    time_ids: Option<Tensor>,
-    residuals: Option<(Vec<Tensor>, Tensor)>,
+    inputs: ForwardInputs,
     expected: Tensor,
+}
+
+/// A UNet forward's inputs as a reference file gives them, on the host or uploaded (shared with
+/// `verify motion_unet`).
+pub(super) struct ForwardInputs {
+    pub sample: Tensor,
+    pub timestep: Tensor,
+    pub encoder_hidden_states: Tensor,
+    pub text_embeds: Option<Tensor>,
+    pub time_ids: Option<Tensor>,
+    pub residuals: Option<UnetResiduals>,
+}
+
+impl ForwardInputs {
+    fn tensors(&self) -> impl Iterator<Item = &Tensor> {
+        [Some(&self.sample), Some(&self.timestep), Some(&self.encoder_hidden_states)]
+            .into_iter()
+            .chain([self.text_embeds.as_ref(), self.time_ids.as_ref()])
+            .flatten()
+            .chain(self.residuals.iter().flat_map(|r| r.down.iter().chain([&r.mid])))
+    }
+
+    /// Arena bytes the inputs take on the device (256 bytes of alignment each, 1 MiB spare).
+    pub(super) fn device_bytes(&self) -> usize {
+        self.tensors().map(|t| t.size_bytes() + 256).sum::<usize>() + (1 << 20)
+    }
+
+    /// The same inputs copied into `arena`.
+    pub(super) fn upload(&self, gpu: &Gpu, arena: &Arena) -> Result<ForwardInputs> {
+        let up = |t: &Tensor| gpu.upload(arena, t, t.dtype());
+        Ok(ForwardInputs {
+            sample: up(&self.sample)?,
+            timestep: up(&self.timestep)?,
+            encoder_hidden_states: up(&self.encoder_hidden_states)?,
+            text_embeds: self.text_embeds.as_ref().map(up).transpose()?,
+            time_ids: self.time_ids.as_ref().map(up).transpose()?,
+            residuals: match &self.residuals {
+                Some(r) => {
+                    Some(UnetResiduals { down: r.down.iter().map(up).collect::<Result<_>>()?, mid: up(&r.mid)? })
+                }
+                None => None,
+            },
+        })
+    }
+
+    pub(super) fn unet_inputs(&self) -> UnetInputs<'_> {
+        UnetInputs {
+            sample: &self.sample,
+            timestep: &self.timestep,
+            encoder_hidden_states: &self.encoder_hidden_states,
+            text_embeds: self.text_embeds.as_ref(),
+            time_ids: self.time_ids.as_ref(),
+        }
+    }
 }
 
 const RESIDUAL_PREFIX: &str = "in.down_block_additional_residuals.";
@@ -93,18 +142,20 @@ fn read_reference(r: &Reference, cfg: &UnetConfig, dtype: DType) -> Result<UnetR
             if found != want {
                 return Err(r.bad(format!("{MID_RESIDUAL} has shape {found:?}; this UNet and in.sample need {want:?}")));
             }
-            Some((tensors, nhwc(MID_RESIDUAL)?))
+            Some(UnetResiduals { down: tensors, mid: nhwc(MID_RESIDUAL)? })
         }
         _ => return Err(r.bad(format!("ControlNet residuals need both {RESIDUAL_PREFIX}<k> and {MID_RESIDUAL}"))),
     };
     let optional = |name: &str, dtype: DType| r.contains(name).then(|| r.float_as(name, dtype)).transpose();
     Ok(UnetReference {
-        sample: nhwc("in.sample")?,
-        timestep,
-        encoder_hidden_states: r.float_as("in.encoder_hidden_states", dtype)?,
-        text_embeds: optional("in.added_cond_kwargs.text_embeds", dtype)?,
-        time_ids: optional("in.added_cond_kwargs.time_ids", DType::F32)?,
-        residuals,
+        inputs: ForwardInputs {
+            sample: nhwc("in.sample")?,
+            timestep,
+            encoder_hidden_states: r.float_as("in.encoder_hidden_states", dtype)?,
+            text_embeds: optional("in.added_cond_kwargs.text_embeds", dtype)?,
+            time_ids: optional("in.added_cond_kwargs.time_ids", DType::F32)?,
+            residuals,
+        },
         expected: r.float("out.sample")?,
     })
 }
@@ -126,7 +177,7 @@ pub fn verify_unet_with_loras(
     let loras = loras.resolve(|t| t.add_unet(&checkpoint))?;
     let merge = loras.as_ref().and_then(|l| l.merge(Component::Unet));
     let r = read_reference(&Reference::open(reference)?, &checkpoint.config, dtype)?;
-    let s = r.sample.shape();
+    let s = r.inputs.sample.shape();
     let format = match checkpoint.format {
         UnetFormat::Diffusers => "diffusers",
         UnetFormat::SingleFile => "single file",
@@ -139,8 +190,8 @@ pub fn verify_unet_with_loras(
         s[0],
         s[1],
         s[2],
-        r.encoder_hidden_states.shape().get(1).unwrap_or(&0),
-        if r.residuals.is_some() { ", with ControlNet residuals" } else { "" }
+        r.inputs.encoder_hidden_states.shape().get(1).unwrap_or(&0),
+        if r.inputs.residuals.is_some() { ", with ControlNet residuals" } else { "" }
     );
     for line in loras.iter().flat_map(|l| &l.summary) {
         summary.push_str(&format!("\n{line}"));
@@ -148,17 +199,9 @@ pub fn verify_unet_with_loras(
     let sample = match device {
         Device::Cpu => {
             let unet = Unet::new(&checkpoint, with_loras(&Place::Host(dtype), merge))?;
-            let residuals = r.residuals.clone().map(|(down, mid)| UnetResiduals { down, mid });
-            let inputs = UnetInputs {
-                sample: &r.sample,
-                timestep: &r.timestep,
-                encoder_hidden_states: &r.encoder_hidden_states,
-                text_embeds: r.text_embeds.as_ref(),
-                time_ids: r.time_ids.as_ref(),
-            };
-            unet.forward(&Exec::Cpu, &inputs, residuals.as_ref())?
+            unet.forward(&Exec::Cpu, &r.inputs.unet_inputs(), r.inputs.residuals.as_ref())?
         }
-        Device::Cuda => run_cuda(&checkpoint, merge, &r, dtype, scratch_gb)?,
+        Device::Cuda => run_cuda(&checkpoint, merge, &r.inputs, dtype, scratch_gb)?,
     };
     let sample = nhwc_to_nchw(&sample)?;
     let comparisons = vec![compare("out.sample", &sample, &r.expected, tolerance)?];
@@ -168,40 +211,20 @@ pub fn verify_unet_with_loras(
 fn run_cuda(
     checkpoint: &UnetCheckpoint,
     loras: Option<&LoraMerge>,
-    r: &UnetReference,
+    r: &ForwardInputs,
     dtype: DType,
     scratch_gb: Option<f64>,
 ) -> Result<Tensor> {
     let gpu = Gpu::from_env()?;
-    let input_bytes: usize = [Some(&r.sample), Some(&r.encoder_hidden_states), r.text_embeds.as_ref()]
-        .into_iter()
-        .flatten()
-        .chain(r.residuals.iter().flat_map(|(d, m)| d.iter().chain([m])))
-        .map(|t| t.size_bytes() + 256)
-        .sum::<usize>()
-        + (1 << 20);
     let explicit = scratch_gb.map(|gb| scratch_bytes(&gpu, gb)).transpose()?;
-    let (weights_arena, scratch) =
-        model_arenas(&checkpoint.weights, dtype, input_bytes, |w| explicit.unwrap_or_else(|| most_of_memory(&gpu, w)))?;
+    let (weights_arena, scratch) = model_arenas(&checkpoint.weights, dtype, r.device_bytes(), |w| {
+        explicit.unwrap_or_else(|| most_of_memory(&gpu, w))
+    })?;
     let device = Place::Device { gpu: &gpu, arena: &weights_arena, dtype };
     let unet = Unet::new(checkpoint, with_loras(&device, loras))?;
-    let up = |t: &Tensor| gpu.upload(&weights_arena, t, t.dtype());
-    let (sample, timestep, context) = (up(&r.sample)?, up(&r.timestep)?, up(&r.encoder_hidden_states)?);
-    let text_embeds = r.text_embeds.as_ref().map(up).transpose()?;
-    let time_ids = r.time_ids.as_ref().map(up).transpose()?;
-    let residuals = match &r.residuals {
-        Some((down, mid)) => Some(UnetResiduals { down: down.iter().map(up).collect::<Result<_>>()?, mid: up(mid)? }),
-        None => None,
-    };
-    let inputs = UnetInputs {
-        sample: &sample,
-        timestep: &timestep,
-        encoder_hidden_states: &context,
-        text_embeds: text_embeds.as_ref(),
-        time_ids: time_ids.as_ref(),
-    };
+    let inputs = r.upload(&gpu, &weights_arena)?;
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
-    let out = unet.forward(&ex, &inputs, residuals.as_ref())?;
+    let out = unet.forward(&ex, &inputs.unet_inputs(), inputs.residuals.as_ref())?;
     let host = gpu.download(&out)?;
     eprintln!(
         "CUDA scratch arena: peak {:.2} GiB of {:.2} GiB",

@@ -11,20 +11,17 @@
 use std::path::Path;
 
 use super::arenas::{model_arenas, most_of_memory, scratch_bytes, weight_bytes};
-use super::unet::ForwardInputs;
+use super::unet::{ForwardInputs, MID_RESIDUAL, RESIDUAL_PREFIX, read_residuals, read_timestep};
 use super::{Device, Reference, Settings, Verification, compare};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::models::layout::nchw_to_nhwc;
 use crate::models::{
-    Frames, MotionCheckpoint, MotionFormat, MotionModules, Place, Unet, UnetCheckpoint, UnetConfig, UnetResiduals,
-    open_motion, open_unet,
+    Frames, MotionCheckpoint, MotionFormat, MotionModules, Place, Unet, UnetCheckpoint, UnetConfig, open_motion,
+    open_unet,
 };
 use crate::ops::Exec;
 use crate::tensor::{DType, Tensor};
 
-const RESIDUAL_PREFIX: &str = "in.down_block_additional_residuals.";
-const MID_RESIDUAL: &str = "in.mid_block_additional_residual";
 const INPUTS: [&str; 6] = [
     "in.sample",
     "in.timestep",
@@ -97,57 +94,9 @@ fn read_reference(r: &Reference, cfg: &UnetConfig, dtype: DType) -> Result<Motio
             "out.sample has shape {out:?}; the motion UNet gives [videos, channels, frames, height, width]"
         )));
     }
-    let rows = videos * frames;
-    // diffusers broadcasts a scalar (or one-element) timestep over the videos.
-    let t = r.float("in.timestep")?;
-    let t_values = t.to_f32_vec()?;
-    let timestep = match (t.shape(), t_values.as_slice()) {
-        ([], [v]) | ([1], [v]) => Tensor::from_f32(&[videos], DType::F32, &vec![*v; videos])?,
-        ([n], _) if *n == videos => Tensor::from_f32(&[videos], DType::F32, &t_values)?,
-        (shape, _) => {
-            return Err(
-                r.bad(format!("in.timestep has shape {shape:?}; give a scalar, [1] or [{videos}] (one per video)"))
-            );
-        }
-    };
-    let nhwc = |name: &str| -> Result<Tensor> { nchw_to_nhwc(&r.float_as(name, dtype)?) };
-    let down: Vec<&str> = r.names().filter(|n| n.starts_with(RESIDUAL_PREFIX)).collect();
-    let residuals = match (down.is_empty(), r.contains(MID_RESIDUAL)) {
-        (true, false) => None,
-        (false, true) => {
-            let skips = cfg.skips();
-            let numbered = format!("{RESIDUAL_PREFIX}0 to {RESIDUAL_PREFIX}{}", skips.len() - 1);
-            if down.len() != skips.len() {
-                return Err(r.bad(format!(
-                    "{} down-block residuals; this UNet takes {}: {numbered}",
-                    down.len(),
-                    skips.len()
-                )));
-            }
-            let mut tensors = Vec::with_capacity(skips.len());
-            let levels = skips
-                .iter()
-                .map(|&(c, level)| (c, level))
-                .chain([(cfg.block_out_channels.last().copied().unwrap_or(0), cfg.downsamplers())]);
-            let names = (0..skips.len()).map(|k| format!("{RESIDUAL_PREFIX}{k}")).chain([MID_RESIDUAL.to_string()]);
-            for (name, (c, level)) in names.zip(levels) {
-                // Per frame, as the UNet's skip connections are: [videos * frames, C, h, w].
-                let want = [rows, c, height >> level, width >> level];
-                let found = r
-                    .shape(&name)
-                    .map_err(|_| r.bad(format!("no {name}: residuals are {numbered} and {MID_RESIDUAL}")))?;
-                if found != want {
-                    return Err(r.bad(format!(
-                        "{name} has shape {found:?}; this UNet and in.sample need {want:?} (one per frame)"
-                    )));
-                }
-                tensors.push(nhwc(&name)?);
-            }
-            let mid = tensors.pop().ok_or_else(|| Error::Internal("no mid-block residual read".into()))?;
-            Some(UnetResiduals { down: tensors, mid })
-        }
-        _ => return Err(r.bad(format!("ControlNet residuals need both {RESIDUAL_PREFIX}<k> and {MID_RESIDUAL}"))),
-    };
+    let timestep = read_timestep(r, videos, " (one per video)")?;
+    // Per frame, as the UNet's skip connections are: [videos * frames, C, h, w].
+    let residuals = read_residuals(r, cfg, [videos * frames, height, width], dtype, " (one per frame)")?;
     let optional = |name: &str, dtype: DType| r.contains(name).then(|| r.float_as(name, dtype)).transpose();
     Ok(MotionReference {
         frames,

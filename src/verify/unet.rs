@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::arenas::{model_arenas, most_of_memory, scratch_bytes};
 use super::{Device, LoraOptions, Reference, Settings, Verification, compare, with_loras};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{Arena, Gpu};
 use crate::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
 use crate::models::lora::{Component, LoraMerge};
@@ -75,8 +75,8 @@ impl ForwardInputs {
     }
 }
 
-const RESIDUAL_PREFIX: &str = "in.down_block_additional_residuals.";
-const MID_RESIDUAL: &str = "in.mid_block_additional_residual";
+pub(super) const RESIDUAL_PREFIX: &str = "in.down_block_additional_residuals.";
+pub(super) const MID_RESIDUAL: &str = "in.mid_block_additional_residual";
 const INPUTS: [&str; 6] = [
     "in.sample",
     "in.timestep",
@@ -105,47 +105,8 @@ fn read_reference(r: &Reference, cfg: &UnetConfig, dtype: DType) -> Result<UnetR
             cfg.in_channels
         )));
     }
-    // diffusers broadcasts a scalar (or one-element) timestep over the batch.
-    let t = r.float("in.timestep")?;
-    let t_values = t.to_f32_vec()?;
-    let timestep = match (t.shape(), t_values.as_slice()) {
-        ([], [v]) | ([1], [v]) => Tensor::from_f32(&[batch], DType::F32, &vec![*v; batch])?,
-        ([n], _) if *n == batch => Tensor::from_f32(&[batch], DType::F32, &t_values)?,
-        (shape, _) => return Err(r.bad(format!("in.timestep has shape {shape:?}; give a scalar, [1] or [{batch}]"))),
-    };
-    let down: Vec<&str> = r.names().filter(|n| n.starts_with(RESIDUAL_PREFIX)).collect();
-    let residuals = match (down.is_empty(), r.contains(MID_RESIDUAL)) {
-        (true, false) => None,
-        (false, true) => {
-            let skips = cfg.skips();
-            let numbered = format!("{RESIDUAL_PREFIX}0 to {RESIDUAL_PREFIX}{}", skips.len() - 1);
-            if down.len() != skips.len() {
-                return Err(r.bad(format!(
-                    "{} down-block residuals; this UNet takes {}: {numbered}",
-                    down.len(),
-                    skips.len()
-                )));
-            }
-            let mut tensors = Vec::with_capacity(skips.len());
-            for (k, &(c, level)) in skips.iter().enumerate() {
-                let name = format!("{RESIDUAL_PREFIX}{k}");
-                let want = [batch, c, height >> level, width >> level];
-                let found = r.shape(&name).map_err(|_| r.bad(format!("no {name}: residuals are {numbered}")))?;
-                if found != want {
-                    return Err(r.bad(format!("{name} has shape {found:?}; this UNet and in.sample need {want:?}")));
-                }
-                tensors.push(nhwc(&name)?);
-            }
-            let (c, level) = (cfg.block_out_channels.last().copied().unwrap_or(0), cfg.downsamplers());
-            let want = [batch, c, height >> level, width >> level];
-            let found = r.shape(MID_RESIDUAL)?;
-            if found != want {
-                return Err(r.bad(format!("{MID_RESIDUAL} has shape {found:?}; this UNet and in.sample need {want:?}")));
-            }
-            Some(UnetResiduals { down: tensors, mid: nhwc(MID_RESIDUAL)? })
-        }
-        _ => return Err(r.bad(format!("ControlNet residuals need both {RESIDUAL_PREFIX}<k> and {MID_RESIDUAL}"))),
-    };
+    let timestep = read_timestep(r, batch, "")?;
+    let residuals = read_residuals(r, cfg, [batch, height, width], dtype, "")?;
     let optional = |name: &str, dtype: DType| r.contains(name).then(|| r.float_as(name, dtype)).transpose();
     Ok(UnetReference {
         inputs: ForwardInputs {
@@ -158,6 +119,58 @@ fn read_reference(r: &Reference, cfg: &UnetConfig, dtype: DType) -> Result<UnetR
         },
         expected: r.float("out.sample")?,
     })
+}
+
+/// `in.timestep` as f32 [n]: a scalar or one-element timestep is broadcast over the n images (or
+/// videos), as diffusers does; `per` names the unit in errors.
+pub(super) fn read_timestep(r: &Reference, n: usize, per: &str) -> Result<Tensor> {
+    let t = r.float("in.timestep")?;
+    let values = t.to_f32_vec()?;
+    match (t.shape(), values.as_slice()) {
+        ([], [v]) | ([1], [v]) => Tensor::from_f32(&[n], DType::F32, &vec![*v; n]),
+        ([m], _) if *m == n => Tensor::from_f32(&[n], DType::F32, &values),
+        (shape, _) => Err(r.bad(format!("in.timestep has shape {shape:?}; give a scalar, [1] or [{n}]{per}"))),
+    }
+}
+
+/// The optional ControlNet residuals (`in.down_block_additional_residuals.<k>` for every skip
+/// connection and `in.mid_block_additional_residual`), NCHW [rows, C, h, w] in the file for `rows`
+/// images of `height` x `width` latents, NHWC in `dtype` here; `per` adds to shape errors.
+pub(super) fn read_residuals(
+    r: &Reference,
+    cfg: &UnetConfig,
+    [rows, height, width]: [usize; 3],
+    dtype: DType,
+    per: &str,
+) -> Result<Option<UnetResiduals>> {
+    let down = r.names().filter(|n| n.starts_with(RESIDUAL_PREFIX)).count();
+    match (down, r.contains(MID_RESIDUAL)) {
+        (0, false) => return Ok(None),
+        (0, true) | (_, false) => {
+            return Err(r.bad(format!("ControlNet residuals need both {RESIDUAL_PREFIX}<k> and {MID_RESIDUAL}")));
+        }
+        _ => {}
+    }
+    let skips = cfg.skips();
+    let numbered = format!("{RESIDUAL_PREFIX}0 to {RESIDUAL_PREFIX}{}", skips.len() - 1);
+    if down != skips.len() {
+        return Err(r.bad(format!("{down} down-block residuals; this UNet takes {}: {numbered}", skips.len())));
+    }
+    let levels =
+        skips.iter().copied().chain([(cfg.block_out_channels.last().copied().unwrap_or(0), cfg.downsamplers())]);
+    let names = (0..skips.len()).map(|k| format!("{RESIDUAL_PREFIX}{k}")).chain([MID_RESIDUAL.to_string()]);
+    let mut tensors = Vec::with_capacity(skips.len() + 1);
+    for (name, (c, level)) in names.zip(levels) {
+        let want = [rows, c, height >> level, width >> level];
+        let found =
+            r.shape(&name).map_err(|_| r.bad(format!("no {name}: residuals are {numbered} and {MID_RESIDUAL}")))?;
+        if found != want {
+            return Err(r.bad(format!("{name} has shape {found:?}; this UNet and in.sample need {want:?}{per}")));
+        }
+        tensors.push(nchw_to_nhwc(&r.float_as(&name, dtype)?)?);
+    }
+    let mid = tensors.pop().ok_or_else(|| Error::Internal("no mid-block residual read".into()))?;
+    Ok(Some(UnetResiduals { down: tensors, mid }))
 }
 
 /// Loads the UNet and the reference, runs the forward on `device` in `dtype` and compares.

@@ -96,7 +96,7 @@ fn kohya_sgm_kohya_diffusers_and_peft_names_reach_the_same_weight() {
             scalar(&format!("{module}.alpha"), 1.0),
         ]
     };
-    // input_blocks.4.1 is down_blocks.1.attentions.0 (FORMATS.md §1.5)
+    // input_blocks.4.1 is down_blocks.1.attentions.0 (diffusers' single-file name map)
     write(&dir.path("sgm.safetensors"), &kohya("lora_unet_input_blocks_4_1_proj_in"), None);
     write(&dir.path("diffusers.safetensors"), &kohya("lora_unet_down_blocks_1_attentions_0_proj_in"), None);
     let peft = "unet.down_blocks.1.attentions.0.proj_in";
@@ -597,7 +597,7 @@ fn cli_lora_flags() {
 }
 
 // ---- LyCORIS formats against the script's own maths (tools/make_lora_fixtures.py `lycoris`:
-// FORMATS.md §6.4-6.5, LyCORIS `functional/{loha,lokr}.py`; diffusers loads none of them into an
+// LyCORIS `functional/{loha,lokr}.py`; diffusers loads none of them into an
 // SDXL UNet), float32 on both sides.
 
 #[test]

@@ -156,7 +156,7 @@ def rand(shape, g):
 
 def lycoris(unet, unet_sd, inputs, g):
     """LoHa, LoKr and full-diff files with references from the formats' maths here (diffusers loads
-    none of them into an SDXL UNet): ΔW per FORMATS.md §6.4-6.5 and LyCORIS
+    none of them into an SDXL UNet): ΔW per LyCORIS
     `lycoris/functional/{loha,lokr}.py` (`diff_weight`), computed in float64 from the stored factors
     and added to the float32 weights, W + strength · α/r · ΔW, then the UNet runs on those weights."""
     f64 = lambda t: t.double()  # noqa: E731

@@ -4,13 +4,13 @@
 //! each weight it prepares, before the conversion or upload; a device kernel that adds the deltas
 //! after the upload replaces that one call.
 //!
-//! ΔW per format (FORMATS.md §6.1; kohya sd-scripts `networks/lora.py` `LoRAModule.merge_to`,
+//! ΔW per format (kohya sd-scripts `networks/lora.py` `LoRAModule.merge_to`,
 //! LyCORIS `lycoris/modules/locon.py`; PEFT `tuners/lora/layer.py` `get_delta_weight`):
 //! - LoRA / LoCon: ΔW[o, j] = Σ_r up[o, r] down[r, j], j running over in·kh·kw (a 3x3 LoCon down
 //!   keeps the target's kernel; up is 1x1).
 //! - LoCon Tucker (`lora_mid` [r, r, kh, kw], down [r, in(,1,1)], up [out, r(,1,1)]):
 //!   ΔW[o, i, y, x] = Σ_{p,q} up[o, p] mid[p, q, y, x] down[q, i].
-//! - LoHa (FORMATS.md §6.4; LyCORIS `lycoris/functional/loha.py` `diff_weight`):
+//! - LoHa (LyCORIS `lycoris/functional/loha.py` `diff_weight`):
 //!   ΔW = (w1_a · w1_b) ⊙ (w2_a · w2_b), a [out, in·kh·kw] matrix read in the target's shape.
 //! - LoKr (§6.5; LyCORIS `lycoris/functional/lokr.py`): ΔW = kron(W1, W2) with each factor a full
 //!   matrix or a product a · b; W2 is [c, d·kh·kw] (or [c, d, kh, kw]) and W1 [a, b] acts as
@@ -34,7 +34,7 @@ pub struct LowRank {
 }
 
 impl LowRank {
-    /// The rank: the down matrix's first dimension (FORMATS.md §6 pitfalls: never up's).
+    /// The rank: the down matrix's first dimension (kohya `networks/lora.py` reads it from lora_down, never up).
     pub fn rank(&self) -> usize {
         self.down.shape()[0]
     }

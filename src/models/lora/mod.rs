@@ -1,4 +1,5 @@
-//! LoRA files merged into the weights of the loaded models (FORMATS.md §6).
+//! LoRA files merged into the weights of the loaded models (formats as kohya sd-scripts
+//! `networks/lora.py`, diffusers `loaders/lora_conversion_utils.py`, peft and LyCORIS write them).
 //!
 //! - `keys`: the key grammar (kohya, diffusers / PEFT, older diffusers spellings).
 //! - `targets`: the one name map from a module, in any spelling, to a loaded weight.
@@ -13,7 +14,7 @@
 //! `Error::Unsupported`).
 //!
 //! Formats merged: LoRA / LoCon (3x3, Tucker `lora_mid`), LoHa (`hada_w{1,2}_{a,b}`), LoKr
-//! (`lokr_w{1,2}` or their `_a`/`_b` factors), full `diff` / `diff_b` (FORMATS.md §6.1, 6.4, 6.5).
+//! (`lokr_w{1,2}` or their `_a`/`_b` factors), full `diff` / `diff_b` (LyCORIS `lycoris/functional/`).
 //!
 //! LoRA scale s = strength × α / r, r the rank (down's first dimension). Where α comes from:
 //! - kohya: the module's `.alpha`; without one, or with α = 0, α = r (s = strength): sd-scripts

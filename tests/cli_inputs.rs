@@ -4,14 +4,21 @@
 //! end promptly with its documented exit code (README, "Exit codes") and an error naming what is
 //! wrong; none may panic, hang or leave a file behind. CPU only.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::TempDir;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
+
+/// `name` in `dir`, as the string the command line takes.
+fn at(dir: &TempDir, name: &str) -> String {
+    dir.path(name).to_str().unwrap().to_string()
+}
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -20,36 +27,6 @@ fn fixtures() -> PathBuf {
 /// A fixture's path as a string argument.
 fn fixture(name: &str) -> String {
     fixtures().join(name).to_str().unwrap().to_string()
-}
-
-/// A fresh folder under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> TempDir {
-        static COUNT: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("celframe-cli-{test}-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).to_str().unwrap().to_string()
-    }
-    fn entries(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(&self.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 struct Outcome {
@@ -131,22 +108,22 @@ const PROMPTLY: Duration = Duration::from_secs(10);
 fn fifos_and_devices_are_refused_promptly() {
     let dir = TempDir::new("special");
     let (unet, reference) = (fixture("unet_a"), fixture("unet_a.reference.safetensors"));
-    let fifo = dir.path("reference.safetensors");
+    let fifo = at(&dir, "reference.safetensors");
     mkfifo(&fifo);
     // A UNet folder whose config.json is a FIFO, given by the config's path.
-    std::fs::create_dir(dir.path("fifo_config")).unwrap();
-    let fifo_config = dir.path("fifo_config/config.json");
+    std::fs::create_dir(at(&dir, "fifo_config")).unwrap();
+    let fifo_config = at(&dir, "fifo_config/config.json");
     mkfifo(&fifo_config);
     // A UNet folder whose shard index names a FIFO.
-    std::fs::create_dir(dir.path("fifo_shard")).unwrap();
-    std::fs::copy(fixtures().join("unet_a/config.json"), dir.path("fifo_shard/config.json")).unwrap();
+    std::fs::create_dir(at(&dir, "fifo_shard")).unwrap();
+    std::fs::copy(fixtures().join("unet_a/config.json"), at(&dir, "fifo_shard/config.json")).unwrap();
     std::fs::write(
-        dir.path("fifo_shard/diffusion_pytorch_model.safetensors.index.json"),
+        at(&dir, "fifo_shard/diffusion_pytorch_model.safetensors.index.json"),
         r#"{"weight_map": {"conv_in.weight": "shard-00001.safetensors"}}"#,
     )
     .unwrap();
-    mkfifo(&dir.path("fifo_shard/shard-00001.safetensors"));
-    let shard_folder = dir.path("fifo_shard");
+    mkfifo(&at(&dir, "fifo_shard/shard-00001.safetensors"));
+    let shard_folder = at(&dir, "fifo_shard");
 
     let cases: [(&[&str], &[&str]); 4] = [
         (&["--weights", &unet, "--reference", &fifo], &["reference.safetensors (reference file)", "a FIFO"]),
@@ -166,7 +143,7 @@ fn a_header_of_two_million_tensors_is_refused_fast() {
     // Two million minimal entries: the header length alone is past the limit.
     let entry = r#""00000000":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"#;
     let header = format!("{{{}}}", entry.repeat(2_000_000).trim_end_matches(','));
-    let path = dir.path("reference.safetensors");
+    let path = at(&dir, "reference.safetensors");
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
     bytes.extend_from_slice(header.as_bytes());
     std::fs::write(&path, &bytes).unwrap();
@@ -191,9 +168,9 @@ fn a_header_of_two_million_tensors_is_refused_fast() {
 #[test]
 fn save_onto_a_symlink_is_refused_and_its_target_kept() {
     let dir = TempDir::new("save-link");
-    let target = dir.path("precious.txt");
+    let target = at(&dir, "precious.txt");
     std::fs::write(&target, b"keep me").unwrap();
-    let link = dir.path("out.safetensors");
+    let link = at(&dir, "out.safetensors");
     std::os::unix::fs::symlink(&target, &link).unwrap();
     let (weights, reference) = (fixture("text_encoder_2_tiny"), fixture("text_encoder_2_tiny.reference.safetensors"));
     let args = ["verify", "text_encoder_2", "--weights", &weights, "--reference", &reference, "--device", "cpu"];
@@ -216,7 +193,7 @@ fn a_non_finite_reference_is_bad_input() {
         let count = shape.iter().product::<usize>();
         let data = f32_bytes((0..count).map(|i| if i == count - 1 { value } else { 0.5 }));
         tensors.insert(name.into(), (Dtype::F32, shape, data));
-        let path = dir.path(&format!("{name}.safetensors"));
+        let path = at(&dir, &format!("{name}.safetensors"));
         write_tensors(&path, &tensors);
         let out = celframe(&["verify", "unet", "--weights", &weights, "--reference", &path, "--device", "cpu"]);
         let at = format!("index {}", count - 1);
@@ -233,7 +210,7 @@ fn a_computed_output_that_is_not_finite_fails_by_name() {
     let shape = tensors["in.encoder_hidden_states"].1.clone();
     let huge = f32_bytes((0..shape.iter().product::<usize>()).map(|i| if i % 2 == 0 { 3e38 } else { -3e38 }));
     tensors.insert("in.encoder_hidden_states".into(), (Dtype::F32, shape, huge));
-    let path = dir.path("overflow.safetensors");
+    let path = at(&dir, "overflow.safetensors");
     write_tensors(&path, &tensors);
     let out = celframe(&["verify", "unet", "--weights", &fixture("unet_a"), "--reference", &path, "--device", "cpu"]);
     assert_eq!(out.code, 1, "{}\n{}", out.stdout, out.stderr);
@@ -257,7 +234,7 @@ fn text_encoder_ids_are_checked_against_the_model_and_any_float_dtype_is_accepte
     let mut tensors = original.clone();
     let f64_ids: Vec<u8> = ids.iter().flat_map(|&v| (v as f64).to_le_bytes()).collect();
     tensors.insert("in.input_ids".into(), (Dtype::F64, shape.clone(), f64_ids));
-    let path = dir.path("f64.safetensors");
+    let path = at(&dir, "f64.safetensors");
     write_tensors(&path, &tensors);
     let out = run(&path);
     assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
@@ -267,7 +244,7 @@ fn text_encoder_ids_are_checked_against_the_model_and_any_float_dtype_is_accepte
     let long: Vec<u8> = (0..78i64).flat_map(|v| v.to_le_bytes()).collect();
     tensors.insert("in.input_ids".into(), (Dtype::I64, vec![1, 78], long));
     tensors.retain(|n, _| n == "in.input_ids" || n == "out.text_embeds");
-    let path = dir.path("long.safetensors");
+    let path = at(&dir, "long.safetensors");
     write_tensors(&path, &tensors);
     assert_error(&run(&path), 2, &["in.input_ids has shape [1, 78]", "1 to 77 tokens (max_position_embeddings)"]);
 
@@ -289,7 +266,7 @@ fn text_encoder_ids_are_checked_against_the_model_and_any_float_dtype_is_accepte
     for (i, (dtype, bytes, needles)) in cases.into_iter().enumerate() {
         let mut tensors = original.clone();
         tensors.insert("in.input_ids".into(), (dtype, shape.clone(), bytes));
-        let path = dir.path(&format!("case-{i}.safetensors"));
+        let path = at(&dir, &format!("case-{i}.safetensors"));
         write_tensors(&path, &tensors);
         assert_error(&run(&path), 2, needles);
     }
@@ -303,7 +280,7 @@ fn shape_errors_give_the_files_nchw_shapes() {
     let shape = &tensors["in.sample"].1;
     let nchw = [shape[0], 3, shape[2], shape[3]];
     tensors.insert("in.sample".into(), (Dtype::F32, nchw.to_vec(), f32_bytes(vec![0.5; nchw.iter().product()])));
-    let path = dir.path("unet.safetensors");
+    let path = at(&dir, "unet.safetensors");
     write_tensors(&path, &tensors);
     let out = celframe(&["verify", "unet", "--weights", &fixture("unet_a"), "--reference", &path, "--device", "cpu"]);
     assert_error(&out, 2, &[&format!("in.sample has shape {nchw:?}"), "NCHW [batch, 4, height, width]"]);
@@ -311,7 +288,7 @@ fn shape_errors_give_the_files_nchw_shapes() {
     // VAE: latents of 5 channels for a 4-channel VAE.
     let mut tensors = read_tensors("vae_tiny.reference.safetensors");
     tensors.insert("in.z".into(), (Dtype::F32, vec![3, 5, 8, 12], f32_bytes(vec![0.5; 3 * 5 * 8 * 12])));
-    let path = dir.path("vae.safetensors");
+    let path = at(&dir, "vae.safetensors");
     write_tensors(&path, &tensors);
     let out = celframe(&[
         "verify",

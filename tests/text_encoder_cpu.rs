@@ -25,6 +25,7 @@ use celframe::text::{CONTEXT_TOKENS, Chunk, apply_emphasis};
 use celframe::verify::text_encoder::verify_text_encoder;
 use celframe::verify::{Settings, Verification};
 use celframe::{DType, Error, Tensor};
+use common::TempDir;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 
@@ -39,24 +40,6 @@ fn folder(kind: TextEncoderKind) -> PathBuf {
 }
 fn reference(kind: TextEncoderKind) -> PathBuf {
     fixtures().join(format!("{}_tiny.reference.safetensors", kind.folder()))
-}
-
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("celframe-te-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn check(kind: TextEncoderKind, weights: &Path) -> Verification {

@@ -3,13 +3,16 @@
 //! against a plain rescanning BPE on random merge tables, its speed on one very long word,
 //! vocabulary checks, and the `celframe tokenize` command.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Instant;
 
 use celframe::text::{Encoder, Tokenizer, tokenize_plain};
+use common::TempDir;
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -144,22 +147,6 @@ fn model_tokenizer_folder_matches_transformers() {
             (e.text.clone(), ids, e.small.clone())
         }),
     );
-}
-
-/// A folder under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("celframe-tokenizer-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 #[test]

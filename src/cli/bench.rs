@@ -10,15 +10,16 @@ use clap::Args;
 use super::demo::random;
 use super::elements;
 use crate::error::{Error, Result};
-use crate::gpu::timing::time_gpu;
+use crate::gpu::timing::{Timing, time_gpu};
 use crate::gpu::{Arena, Gpu, nvtx};
 use crate::models::clip::{ClipTextModel, TextEncoderKind, open_text_encoder};
 use crate::models::motion::MAX_FRAMES;
 use crate::models::vae::{Vae, open_vae};
-use crate::models::{Frames, MotionModules, Place, Unet, UnetInputs, open_motion, open_unet};
+use crate::models::{Frames, MotionModules, Place, Unet, UnetConfig, open_motion, open_unet};
 use crate::ops::Exec;
 use crate::tensor::{DType, Tensor};
 use crate::verify::arenas::{MAX_SCRATCH_GB, model_arenas, scratch_bytes, weight_bytes};
+use crate::verify::unet::ForwardInputs;
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -126,45 +127,15 @@ fn bench_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     let (weights, scratch) = model_arenas(&checkpoint.weights, dtype, 64 << 20, |_| scratch)?;
     let unet = Unet::new(&checkpoint, Place::Device { gpu: &gpu, arena: &weights, dtype })?;
 
-    // Random inputs at the requested size: SDXL-style time ids, one timestep per image.
-    let up = |t: Tensor| gpu.upload(&weights, &t, t.dtype());
-    let sample = up(random(&[b, h, w, cfg.in_channels], 1, 1.0, dtype)?)?;
-    let steps: Vec<f32> = (0..b).map(|i| 999.0 - (i * 37 % 1000) as f32).collect();
-    let timestep = up(Tensor::from_f32(&[b], DType::F32, &steps)?)?;
-    let context = up(random(&[b, args.tokens, cross], 2, 1.0, dtype)?)?;
-    let (text_embeds, time_ids) = match &cfg.text_time {
-        Some(tt) => {
-            let ids: Vec<f32> = (0..b).flat_map(|_| [8 * h, 8 * w, 0, 0, 8 * h, 8 * w].map(|v| v as f32)).collect();
-            let pooled = tt.input_dim.saturating_sub(6 * tt.time_embed_dim);
-            (Some(up(random(&[b, pooled], 3, 1.0, dtype)?)?), Some(up(Tensor::from_f32(&[b, 6], DType::F32, &ids)?)?))
-        }
-        None => (None, None),
-    };
-    let inputs = UnetInputs {
-        sample: &sample,
-        timestep: &timestep,
-        encoder_hidden_states: &context,
-        text_embeds: text_embeds.as_ref(),
-        time_ids: time_ids.as_ref(),
-    };
+    let uploaded = random_inputs(cfg, [b, 1, h, w], args.tokens, dtype)?.upload(&gpu, &weights)?;
+    let inputs = uploaded.unet_inputs();
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
     let key = format!("unet {} b{b} {}x{}", dtype.kernel_suffix(), 8 * h, 8 * w);
     let t = time_gpu(&gpu, 2, args.runs, || {
         let _r = nvtx::range(&key);
         unet.forward(&ex, &inputs, None).map(drop)
     })?;
-    eprintln!(
-        "{key}: median {:.3} ms, min {:.3} ms over {} runs; scratch peak {:.2} GiB",
-        t.median_ms(),
-        t.min_ms(),
-        args.runs,
-        scratch.peak() as f64 / (1u64 << 30) as f64
-    );
-    println!(
-        "BENCH {{\"name\":\"unet\",\"key\":\"{key}\",\"ms\":{:.4},\"min_ms\":{:.4},\"gbps\":null,\"tflops\":null}}",
-        t.median_ms(),
-        t.min_ms()
-    );
+    report("unet", &key, &t, args.runs, &scratch);
     Ok(())
 }
 
@@ -191,27 +162,8 @@ fn bench_motion_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     let unet = Unet::new(&checkpoint, place)?;
     let modules = MotionModules::new(&motion, &unet, place)?;
 
-    // Random inputs: frames folded into the batch; timestep and SDXL time ids per video.
-    let up = |t: Tensor| gpu.upload(&weights, &t, t.dtype());
-    let sample = up(random(&[b * f, h, w, cfg.in_channels], 1, 1.0, dtype)?)?;
-    let steps: Vec<f32> = (0..b).map(|i| 999.0 - (i * 37 % 1000) as f32).collect();
-    let timestep = up(Tensor::from_f32(&[b], DType::F32, &steps)?)?;
-    let context = up(random(&[b * f, args.tokens, cross], 2, 1.0, dtype)?)?;
-    let (text_embeds, time_ids) = match &cfg.text_time {
-        Some(tt) => {
-            let ids: Vec<f32> = (0..b).flat_map(|_| [8 * h, 8 * w, 0, 0, 8 * h, 8 * w].map(|v| v as f32)).collect();
-            let pooled = tt.input_dim.saturating_sub(6 * tt.time_embed_dim);
-            (Some(up(random(&[b, pooled], 3, 1.0, dtype)?)?), Some(up(Tensor::from_f32(&[b, 6], DType::F32, &ids)?)?))
-        }
-        None => (None, None),
-    };
-    let inputs = UnetInputs {
-        sample: &sample,
-        timestep: &timestep,
-        encoder_hidden_states: &context,
-        text_embeds: text_embeds.as_ref(),
-        time_ids: time_ids.as_ref(),
-    };
+    let uploaded = random_inputs(cfg, [b, f, h, w], args.tokens, dtype)?.upload(&gpu, &weights)?;
+    let inputs = uploaded.unet_inputs();
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
     let video = Frames { frames: f, group_norm_across_frames: false };
     let key = format!("motion unet {} b{b}x{f} {}x{}", dtype.kernel_suffix(), 8 * h, 8 * w);
@@ -219,19 +171,53 @@ fn bench_motion_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
         let _r = nvtx::range(&key);
         modules.forward_unet(&ex, &unet, &inputs, video, None).map(drop)
     })?;
+    report("motion_unet", &key, &t, args.runs, &scratch);
+    Ok(())
+}
+
+/// Random UNet inputs for `videos` x `frames` images of h x w latents (frames folded into the
+/// batch, one per image for `frames` 1): SDXL-style time ids and one timestep per video, a context
+/// per image.
+fn random_inputs(
+    cfg: &UnetConfig,
+    [videos, frames, h, w]: [usize; 4],
+    tokens: usize,
+    dtype: DType,
+) -> Result<ForwardInputs> {
+    let (b, rows) = (videos, videos * frames);
+    let cross = cfg.cross_attention_dims().first().copied().unwrap_or(0);
+    let steps: Vec<f32> = (0..b).map(|i| 999.0 - (i * 37 % 1000) as f32).collect();
+    let (text_embeds, time_ids) = match &cfg.text_time {
+        Some(tt) => {
+            let ids: Vec<f32> = (0..b).flat_map(|_| [8 * h, 8 * w, 0, 0, 8 * h, 8 * w].map(|v| v as f32)).collect();
+            let pooled = tt.input_dim.saturating_sub(6 * tt.time_embed_dim);
+            (Some(random(&[b, pooled], 3, 1.0, dtype)?), Some(Tensor::from_f32(&[b, 6], DType::F32, &ids)?))
+        }
+        None => (None, None),
+    };
+    Ok(ForwardInputs {
+        sample: random(&[rows, h, w, cfg.in_channels], 1, 1.0, dtype)?,
+        timestep: Tensor::from_f32(&[b], DType::F32, &steps)?,
+        encoder_hidden_states: random(&[rows, tokens, cross], 2, 1.0, dtype)?,
+        text_embeds,
+        time_ids,
+        residuals: None,
+    })
+}
+
+/// The timing on stderr and the `BENCH` line tools/report.py reads.
+fn report(name: &str, key: &str, t: &Timing, runs: usize, scratch: &Arena) {
     eprintln!(
-        "{key}: median {:.3} ms, min {:.3} ms over {} runs; scratch peak {:.2} GiB",
+        "{key}: median {:.3} ms, min {:.3} ms over {runs} runs; scratch peak {:.2} GiB",
         t.median_ms(),
         t.min_ms(),
-        args.runs,
         scratch.peak() as f64 / (1u64 << 30) as f64
     );
     println!(
-        "BENCH {{\"name\":\"motion_unet\",\"key\":\"{key}\",\"ms\":{:.4},\"min_ms\":{:.4},\"gbps\":null,\"tflops\":null}}",
+        "BENCH {{\"name\":\"{name}\",\"key\":\"{key}\",\"ms\":{:.4},\"min_ms\":{:.4},\"gbps\":null,\"tflops\":null}}",
         t.median_ms(),
         t.min_ms()
     );
-    Ok(())
 }
 
 /// CLIP-L and bigG one after the other on `--batch` sequences of 77 tokens (2: a CFG pair), keeping

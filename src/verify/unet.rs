@@ -21,9 +21,9 @@ struct UnetReference {
     expected: Tensor,
 }
 
-/// A UNet forward's inputs as a reference file gives them, on the host or uploaded (shared with
-/// `verify motion_unet`).
-pub(super) struct ForwardInputs {
+/// A UNet forward's inputs (NHWC, compute dtype; timestep and time ids f32), on the host or
+/// uploaded: what `verify unet` and `verify motion_unet` read from a reference and `bench` draws.
+pub struct ForwardInputs {
     pub sample: Tensor,
     pub timestep: Tensor,
     pub encoder_hidden_states: Tensor,
@@ -42,12 +42,12 @@ impl ForwardInputs {
     }
 
     /// Arena bytes the inputs take on the device (256 bytes of alignment each, 1 MiB spare).
-    pub(super) fn device_bytes(&self) -> usize {
+    pub(crate) fn device_bytes(&self) -> usize {
         self.tensors().map(|t| t.size_bytes() + 256).sum::<usize>() + (1 << 20)
     }
 
     /// The same inputs copied into `arena`.
-    pub(super) fn upload(&self, gpu: &Gpu, arena: &Arena) -> Result<ForwardInputs> {
+    pub(crate) fn upload(&self, gpu: &Gpu, arena: &Arena) -> Result<ForwardInputs> {
         let up = |t: &Tensor| gpu.upload(arena, t, t.dtype());
         Ok(ForwardInputs {
             sample: up(&self.sample)?,
@@ -64,7 +64,7 @@ impl ForwardInputs {
         })
     }
 
-    pub(super) fn unet_inputs(&self) -> UnetInputs<'_> {
+    pub(crate) fn unet_inputs(&self) -> UnetInputs<'_> {
         UnetInputs {
             sample: &self.sample,
             timestep: &self.timestep,

@@ -72,17 +72,24 @@ fn as_matrix(w: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// BasicTransformerBlock's LayerNorm `name` (norm1, norm2, norm3) of `w` on x.
+pub(crate) fn block_norm(ex: &Exec, w: &Scope, name: &str, x: &Tensor) -> Result<Tensor> {
+    let (weight, bias) = (w.get(&format!("{name}.weight"))?, w.get(&format!("{name}.bias"))?);
+    layer_norm(ex, x, Some(weight), Some(bias), LAYER_NORM_EPS)
+}
+
+/// BasicTransformerBlock's last step, x + FF(LN3(x)) with the GEGLU feed-forward:
+/// [B, L, C] -> [B, L, 8C] -> [B, L, 4C] -> [B, L, C], the residual added in ff.net.2's epilogue.
+pub(crate) fn block_feed_forward(ex: &Exec, w: &Scope, x: &Tensor) -> Result<Tensor> {
+    let mut f = block_norm(ex, w, "norm3", x)?;
+    f = linear(ex, &f, w.get("ff.net.0.proj.weight")?, Some(w.get("ff.net.0.proj.bias")?))?;
+    f = geglu(ex, &f)?;
+    linear_add(ex, &f, w.get("ff.net.2.weight")?, Some(w.get("ff.net.2.bias")?), Some(x))
+}
+
 /// BasicTransformerBlock: x += attn1(LN1(x)); x += attn2(LN2(x), context); x += FF(LN3(x)).
 fn block(ex: &Exec, w: &Scope, t: &Transformer, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-    let ln = |name: &str, x: &Tensor| -> Result<Tensor> {
-        layer_norm(
-            ex,
-            x,
-            Some(w.get(&format!("{name}.weight"))?),
-            Some(w.get(&format!("{name}.bias"))?),
-            LAYER_NORM_EPS,
-        )
-    };
+    let ln = |name: &str, x: &Tensor| block_norm(ex, w, name, x);
     // Intermediates live in their step's scope, so the arena reuses them for the next step.
     // 1. self-attention: [B, L, C]
     let x = {
@@ -94,11 +101,8 @@ fn block(ex: &Exec, w: &Scope, t: &Transformer, x: &Tensor, context: &Tensor) ->
         let n = ln("norm2", &x)?;
         attention_block(ex, &w.at("attn2"), t.heads, &n, context, &x)?
     };
-    // 3. GEGLU feed-forward: [B, L, C] -> [B, L, 8C] -> [B, L, 4C] -> [B, L, C]
-    let mut f = ln("norm3", &x)?;
-    f = linear(ex, &f, w.get("ff.net.0.proj.weight")?, Some(w.get("ff.net.0.proj.bias")?))?;
-    f = geglu(ex, &f)?;
-    linear_add(ex, &f, w.get("ff.net.2.weight")?, Some(w.get("ff.net.2.bias")?), Some(&x))
+    // 3. GEGLU feed-forward
+    block_feed_forward(ex, w, &x)
 }
 
 /// diffusers Attention without biases on q, k, v: softmax(q k^T / sqrt(d)) v, then to_out.0, whose

@@ -6,18 +6,17 @@
 
 use super::config::TemporalTransformer;
 use crate::error::{Error, Result};
+use crate::models::transformer::{block_feed_forward, block_norm};
 use crate::models::weights::Scope;
 use crate::ops::Exec;
 use crate::ops::attention::{TemporalAttention, temporal_attention};
-use crate::ops::elementwise::{add, geglu};
+use crate::ops::elementwise::add;
 use crate::ops::linear::{linear, linear_add};
-use crate::ops::norm::{GroupNorm, group_norm, layer_norm};
+use crate::ops::norm::{GroupNorm, group_norm};
 use crate::tensor::{DType, Tensor};
 
 /// GroupNorm eps of AnimateDiffTransformer3D (fixed in diffusers).
 const GROUP_NORM_EPS: f32 = 1e-6;
-/// LayerNorm eps of BasicTransformerBlock.
-const LAYER_NORM_EPS: f32 = 1e-5;
 
 /// The sinusoidal position table, positions 0..`positions`: [positions * C] (diffusers
 /// `models/embeddings.py`, SinusoidalPositionalEmbedding: `pe[p, 2i] = sin(p / 10000^(2i / C))`,
@@ -87,26 +86,14 @@ fn block(
     x: &Tensor,
     pe: &mut dyn FnMut(usize) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    let ln = |name: &str, x: &Tensor| -> Result<Tensor> {
-        layer_norm(
-            ex,
-            x,
-            Some(w.get(&format!("{name}.weight"))?),
-            Some(w.get(&format!("{name}.bias"))?),
-            LAYER_NORM_EPS,
-        )
-    };
     // 1.-2. the two attentions; the position table is added to the normalised input, not the stream
     let mut x = x.clone();
     for (k, (norm, attn)) in [("norm1", "attn1"), ("norm2", "attn2")].into_iter().enumerate() {
-        let n = add(ex, &ln(norm, &x)?, &pe(k + 1)?, 1.0)?; // [B*F, L, C] + [B*F, C] per frame
+        let n = add(ex, &block_norm(ex, w, norm, &x)?, &pe(k + 1)?, 1.0)?; // [B*F, L, C] + [B*F, C] per frame
         x = attention(ex, &w.at(attn), heads, frames, &n, &x)?;
     }
     // 3. GEGLU feed-forward: [B*F, L, C] -> [B*F, L, 8C] -> [B*F, L, 4C] -> [B*F, L, C]
-    let mut f = ln("norm3", &x)?;
-    f = linear(ex, &f, w.get("ff.net.0.proj.weight")?, Some(w.get("ff.net.0.proj.bias")?))?;
-    f = geglu(ex, &f)?;
-    linear_add(ex, &f, w.get("ff.net.2.weight")?, Some(w.get("ff.net.2.bias")?), Some(&x))
+    block_feed_forward(ex, w, &x)
 }
 
 /// Self-attention over the frames of each (video, pixel, head): softmax(q k^T / sqrt(d)) v, then

@@ -11,7 +11,7 @@
 use std::path::Path;
 
 use super::arenas::{model_arenas, most_of_memory, scratch_bytes, weight_bytes};
-use super::unet::{ForwardInputs, MID_RESIDUAL, RESIDUAL_PREFIX, read_residuals, read_timestep};
+use super::unet::{ForwardInputs, INPUTS, RESIDUAL_PREFIX, read_residuals, read_timestep};
 use super::{Device, Reference, Settings, Verification, compare};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -21,15 +21,6 @@ use crate::models::{
 };
 use crate::ops::Exec;
 use crate::tensor::{DType, Tensor};
-
-const INPUTS: [&str; 6] = [
-    "in.sample",
-    "in.timestep",
-    "in.encoder_hidden_states",
-    "in.added_cond_kwargs.text_embeds",
-    "in.added_cond_kwargs.time_ids",
-    MID_RESIDUAL,
-];
 
 /// The reference's inputs in the engine's layout (frames folded into the batch, NHWC), compute
 /// dtype (timestep and time ids f32), and the expected output as stored (5-D).

@@ -77,7 +77,9 @@ impl ForwardInputs {
 
 pub(super) const RESIDUAL_PREFIX: &str = "in.down_block_additional_residuals.";
 pub(super) const MID_RESIDUAL: &str = "in.mid_block_additional_residual";
-const INPUTS: [&str; 6] = [
+/// The input names a UNet reference may hold besides the numbered down residuals (the motion UNet
+/// takes the same).
+pub(super) const INPUTS: [&str; 6] = [
     "in.sample",
     "in.timestep",
     "in.encoder_hidden_states",

@@ -533,3 +533,45 @@ fn gemm_attention_meets_the_attention_rule() {
     let plain = flash_attention_reference(&q, &k, &v, cfg, Some(dtype), dtype).unwrap();
     rig.check_attention_rule("gemm_attention query slices of 104", &got, &exact, &plain);
 }
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn profile_files_each_launch_under_its_scope_and_kind() {
+    let rig = Rig::new();
+    let ex = rig.exec();
+    let (_, x) = rig.input(&[4, 1024, 1024], DType::F16, 1.0, 0.0);
+    let (_, w) = rig.input(&[1024, 1024], DType::F16, 0.03, 0.0);
+    rig.gpu.start_profile();
+    let y = linear(&ex, &x, &w, None).unwrap();
+    {
+        let _outer = ex.profile_scope("outer");
+        let _ = silu(&ex, &y).unwrap();
+        let _inner = ex.profile_scope("inner");
+        let _ = scale(&ex, &y, 2.0).unwrap();
+        let _ = linear(&ex, &y, &w, None).unwrap();
+    }
+    let _ = gelu(&ex, &y).unwrap();
+    let rows = rig.gpu.finish_profile().unwrap();
+    let found = |scope: &str, kind: &str| rows.iter().find(|r| r.scope == scope && r.kind == kind);
+    let summary: Vec<_> = rows.iter().map(|r| (r.scope.as_str(), r.kind.as_str(), r.launches)).collect();
+    println!("GPUCHECK profile rows {summary:?}");
+    // silu, scale and gelu are one kernel family, "elementwise_f16".
+    let expected = [
+        ("", "gemm"),
+        ("outer", "elementwise"),
+        ("outer/inner", "elementwise"),
+        ("outer/inner", "gemm"),
+        ("", "elementwise"),
+    ];
+    for (scope, kind) in expected {
+        let r = found(scope, kind).unwrap_or_else(|| panic!("no ({scope}, {kind}) row in {summary:?}"));
+        assert_eq!(r.launches, 1, "{r:?}");
+        assert!(r.ms > 0.0 && r.ms < 1000.0, "{r:?}");
+    }
+    assert_eq!(rows.len(), 5, "{summary:?}");
+    // The same 8.6 GFLOP matmul twice: similar times (a loose bound: the first may warm caches).
+    let (a, b) = (found("", "gemm").unwrap().ms, found("outer/inner", "gemm").unwrap().ms);
+    assert!(a / b < 4.0 && b / a < 4.0, "gemm {a} ms vs {b} ms");
+    assert!(rig.gpu.finish_profile().is_err(), "a second finish must say no profile is open");
+    rig.scratch.reset();
+}

@@ -5,7 +5,8 @@
 # 1024x576, checked and timed against diffusers' UNetMotionModel in one go:
 #   1. tools/motion_gpu.py: weights, fp16 and fp32 reference files, diffusers timings;
 #   2. `celframe verify motion_unet` (CUDA, f16) against each reference;
-#   3. `celframe bench motion_unet` at the same shape, with and without the motion modules' share.
+#   3. `celframe bench motion_unet` and `bench unet` at the same 32 images, each with its GPU time
+#      by model part and kind of work (`--breakdown`).
 # Logs go to $OUT (or /tmp/celframe-gpu); weights to $WORK (or /tmp/celframe-unet, shared with
 # tools/unet_gpu.sh so the UNet is written once). MOTION_COMPILE=1 also times torch.compile.
 set -uo pipefail
@@ -34,9 +35,10 @@ done
 
 echo "== celframe bench motion_unet and unet at the same 32 images" | tee -a "$log"
 dist/gpu/celframe bench motion_unet --weights "$work/sdxl_unet" --motion "$work/motion_adapter" \
-  --batch 2 --frames 16 --height 72 --width 128 2>&1 | tee -a "$log"
+  --batch 2 --frames 16 --height 72 --width 128 --breakdown 2>&1 | tee -a "$log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-dist/gpu/celframe bench unet --weights "$work/sdxl_unet" --batch 32 --height 72 --width 128 2>&1 | tee -a "$log"
+dist/gpu/celframe bench unet --weights "$work/sdxl_unet" --batch 32 --height 72 --width 128 --breakdown 2>&1 |
+  tee -a "$log"
 
 python3 tools/report.py "$log" | tee "$out/motion_report.md"
 exit $status

@@ -4,7 +4,8 @@
 # full-size SDXL UNet with random weights, checked and timed against diffusers in one go.
 #   1. tools/unet_gpu.py: weights, fp16 and fp32 reference files, diffusers timings;
 #   2. `celframe verify unet` of our CUDA forward against each reference file;
-#   3. `celframe bench unet` at the same shapes as the diffusers timings;
+#   3. `celframe bench unet` at the same shapes as the diffusers timings, with the GPU time by
+#      model part and kind of work (`--breakdown`);
 # then the table (tools/report.py). Logs go to $OUT (or /tmp/celframe-gpu); the weights to $WORK
 # (or /tmp/celframe-unet). UNET_COMPILE=1 also times torch.compile; UNET_NSYS=1 also profiles one
 # batch-32 forward with Nsight Systems and prints the kernels that take the time.
@@ -48,7 +49,7 @@ echo "DETERMINISM {\"unet 2x1024x1024 two processes, shared cache\": $same, \"fr
 echo "== celframe bench unet" | tee -a "$log"
 for shape in "2 128 128" "32 72 128"; do
   set -- $shape
-  dist/gpu/celframe bench unet --weights "$work/sdxl_unet" --batch "$1" --height "$2" --width "$3" 2>&1 | tee -a "$log"
+  dist/gpu/celframe bench unet --weights "$work/sdxl_unet" --batch "$1" --height "$2" --width "$3" --breakdown 2>&1 | tee -a "$log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done
 

@@ -10,6 +10,7 @@ use clap::Args;
 use super::demo::random;
 use super::elements;
 use crate::error::{Error, Result};
+use crate::gpu::profile::format_rows;
 use crate::gpu::timing::{Timing, time_gpu};
 use crate::gpu::{Arena, Gpu, nvtx};
 use crate::models::clip::{ClipTextModel, TextEncoderKind, open_text_encoder};
@@ -60,6 +61,11 @@ pub struct BenchArgs {
     /// CUDA scratch arena in GiB.
     #[arg(long, default_value_t = 24.0)]
     pub scratch_gb: f64,
+    /// After the timed runs, one more forward with every kernel, matmul and convolution timed on
+    /// its own, printed as a table of GPU time by model part (resnet, transformer, motion, ...) and
+    /// kind of work (gemm, conv, flash_attention, group_norm, ...).
+    #[arg(long)]
+    pub breakdown: bool,
 }
 
 /// Most elements of one activation: cuDNN and the kernels index with 32-bit integers (ops/conv.rs
@@ -131,12 +137,13 @@ fn bench_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     let inputs = uploaded.unet_inputs();
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
     let key = format!("unet {} b{b} {}x{}", dtype.kernel_suffix(), 8 * h, 8 * w);
-    let t = time_gpu(&gpu, 2, args.runs, || {
+    let mut forward = || {
         let _r = nvtx::range(&key);
         unet.forward(&ex, &inputs, None).map(drop)
-    })?;
+    };
+    let t = time_gpu(&gpu, 2, args.runs, &mut forward)?;
     report("unet", &key, &t, args.runs, &scratch);
-    Ok(())
+    breakdown(args, &gpu, &key, &t, forward)
 }
 
 /// The UNet with motion modules on `--batch` videos of `--frames` frames (diffusers'
@@ -167,12 +174,13 @@ fn bench_motion_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
     let video = Frames { frames: f, group_norm_across_frames: false };
     let key = format!("motion unet {} b{b}x{f} {}x{}", dtype.kernel_suffix(), 8 * h, 8 * w);
-    let t = time_gpu(&gpu, 2, args.runs, || {
+    let mut forward = || {
         let _r = nvtx::range(&key);
         modules.forward_unet(&ex, &unet, &inputs, video, None).map(drop)
-    })?;
+    };
+    let t = time_gpu(&gpu, 2, args.runs, &mut forward)?;
     report("motion_unet", &key, &t, args.runs, &scratch);
-    Ok(())
+    breakdown(args, &gpu, &key, &t, forward)
 }
 
 /// Random UNet inputs for `videos` x `frames` images of h x w latents (frames folded into the
@@ -220,6 +228,33 @@ fn report(name: &str, key: &str, t: &Timing, runs: usize, scratch: &Arena) {
     );
 }
 
+/// With `--breakdown`: one more `forward` under a GPU profile, printed as a table after a line
+/// comparing the profiled sum with the timed median (the difference is the gaps between launches
+/// plus the events' own cost).
+fn breakdown(
+    args: &BenchArgs,
+    gpu: &Gpu,
+    key: &str,
+    t: &Timing,
+    mut forward: impl FnMut() -> Result<()>,
+) -> Result<()> {
+    if !args.breakdown {
+        return Ok(());
+    }
+    gpu.start_profile();
+    let ran = forward();
+    let rows = gpu.finish_profile()?;
+    ran?;
+    let sum: f64 = rows.iter().map(|r| r.ms).sum();
+    println!(
+        "BREAKDOWN {key}: {sum:.3} ms in {} timed launches (timed median {:.3} ms)",
+        rows.iter().map(|r| r.launches).sum::<usize>(),
+        t.median_ms()
+    );
+    println!("{}", format_rows(&rows)?);
+    Ok(())
+}
+
 /// CLIP-L and bigG one after the other on `--batch` sequences of 77 tokens (2: a CFG pair), keeping
 /// the penultimate hidden states SDXL uses.
 fn bench_text_encoders(args: &BenchArgs, dtype: DType) -> Result<()> {
@@ -252,20 +287,21 @@ fn bench_text_encoders(args: &BenchArgs, dtype: DType) -> Result<()> {
         .collect();
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
     let key = format!("text encoders {} CFG pair", dtype.kernel_suffix());
-    let t = time_gpu(&gpu, 2, args.runs.max(20), || {
+    let mut forward = || {
         let _r = nvtx::range(&key);
         for m in &models {
             m.forward(&ex, &ids, seq, &[m.config.num_hidden_layers - 1])?;
         }
         Ok(())
-    })?;
+    };
+    let t = time_gpu(&gpu, 2, args.runs.max(20), &mut forward)?;
     eprintln!("{key} (batch {}): median {:.3} ms, min {:.3} ms", args.batch, t.median_ms(), t.min_ms());
     println!(
         "BENCH {{\"name\":\"text_encoders\",\"key\":\"{key}\",\"ms\":{:.4},\"min_ms\":{:.4},\"gbps\":null,\"tflops\":null}}",
         t.median_ms(),
         t.min_ms()
     );
-    Ok(())
+    breakdown(args, &gpu, &key, &t, forward)
 }
 
 /// The VAE decoder's forwards over `--batch` frames in chunks of `--chunk` (device latents in,
@@ -304,10 +340,11 @@ fn bench_vae_decoder(args: &BenchArgs, dtype: DType) -> Result<()> {
         .collect::<Result<_>>()?;
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
     let key = format!("vae decode {} {}x{}x{}", dtype.kernel_suffix(), args.batch, f * w, f * h);
-    let t = time_gpu(&gpu, 1, args.runs, || {
+    let mut forward = || {
         let _r = nvtx::range(&key);
         chunks.iter().try_for_each(|z| vae.forward(&ex, z).map(drop))
-    })?;
+    };
+    let t = time_gpu(&gpu, 1, args.runs, &mut forward)?;
     eprintln!(
         "{key} (chunks of {}): median {:.3} ms, min {:.3} ms; scratch peak {:.2} GiB",
         args.chunk,
@@ -320,5 +357,5 @@ fn bench_vae_decoder(args: &BenchArgs, dtype: DType) -> Result<()> {
         t.median_ms(),
         t.min_ms()
     );
-    Ok(())
+    breakdown(args, &gpu, &key, &t, forward)
 }

@@ -249,25 +249,27 @@ impl Blas {
         }
         let GemmIo { a, b, d, alpha, .. } = io;
         let (c, beta) = io.c.unwrap_or((d, 0.0));
-        check(&format!("cublasLtMatmul ({g:?})"), unsafe {
-            lt::cublasLtMatmul(
-                handle,
-                plan.desc,
-                &alpha as *const f32 as *const c_void,
-                b as *const c_void,
-                plan.layouts[0],
-                a as *const c_void,
-                plan.layouts[1],
-                &beta as *const f32 as *const c_void,
-                c as *const c_void,
-                plan.layouts[2],
-                d as *mut c_void,
-                plan.layouts[2],
-                &plan.algo,
-                ws_ptr as *mut c_void,
-                ws_len,
-                gpu.stream() as lt::cudaStream_t,
-            )
+        gpu.profiled("gemm", || {
+            check(&format!("cublasLtMatmul ({g:?})"), unsafe {
+                lt::cublasLtMatmul(
+                    handle,
+                    plan.desc,
+                    &alpha as *const f32 as *const c_void,
+                    b as *const c_void,
+                    plan.layouts[0],
+                    a as *const c_void,
+                    plan.layouts[1],
+                    &beta as *const f32 as *const c_void,
+                    c as *const c_void,
+                    plan.layouts[2],
+                    d as *mut c_void,
+                    plan.layouts[2],
+                    &plan.algo,
+                    ws_ptr as *mut c_void,
+                    ws_len,
+                    gpu.stream() as lt::cudaStream_t,
+                )
+            })
         })
     }
 }

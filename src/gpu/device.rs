@@ -12,6 +12,8 @@ use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, result, sys};
 
 use super::memory::{Arena, DeviceMem};
+use super::profile::{Profile, ProfileRow, kernel_kind};
+use super::timing::Event;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostBytes, Storage, Tensor};
 
@@ -70,6 +72,24 @@ pub struct Gpu {
     dnn: RefCell<Option<super::dnn::Dnn>>,
     /// Pinned host buffers that uploads stage through (created on the first upload).
     staging: RefCell<Option<Staging>>,
+    /// The open profile, if any (`start_profile`).
+    profile: RefCell<Option<Profile>>,
+}
+
+/// The guard of `Gpu::profile_scope`.
+pub struct ProfileScope<'a> {
+    gpu: &'a Gpu,
+    open: bool,
+}
+
+impl Drop for ProfileScope<'_> {
+    fn drop(&mut self) {
+        if self.open
+            && let Some(p) = self.gpu.profile.borrow_mut().as_mut()
+        {
+            p.pop_scope();
+        }
+    }
 }
 
 thread_local! {
@@ -236,6 +256,7 @@ impl Gpu {
             blas: RefCell::new(None),
             dnn: RefCell::new(None),
             staging: RefCell::new(None),
+            profile: RefCell::new(None),
         })
     }
 
@@ -320,8 +341,10 @@ impl Gpu {
         let describe = || format!("{kernel} grid {grid:?} block {block:?} shared {shared_bytes} B");
         let f = self.allow_shared(kernel, shared_bytes as usize)?;
         let mut args = [params as *const P as *mut c_void];
-        cuda(&format!("cuLaunchKernel of {}", describe()), unsafe {
-            result::launch_kernel(f, grid, block, shared_bytes, self.stream, &mut args)
+        self.profiled(kernel_kind(kernel), || {
+            cuda(&format!("cuLaunchKernel of {}", describe()), unsafe {
+                result::launch_kernel(f, grid, block, shared_bytes, self.stream, &mut args)
+            })
         })?;
         if self.sync_launches {
             cuda(&format!("synchronising after {}", describe()), self.synchronize_raw())?;
@@ -348,8 +371,10 @@ impl Gpu {
         let mut attrs = cluster_attributes(cluster, scheduling);
         let config = launch_config(grid, block, shared_bytes, self.stream, &mut attrs);
         let mut args = [params as *const P as *mut c_void];
-        cuda(&format!("cuLaunchKernelEx of {}", describe()), unsafe {
-            sys::cuLaunchKernelEx(&config, f, args.as_mut_ptr(), std::ptr::null_mut()).result()
+        self.profiled(kernel_kind(kernel), || {
+            cuda(&format!("cuLaunchKernelEx of {}", describe()), unsafe {
+                sys::cuLaunchKernelEx(&config, f, args.as_mut_ptr(), std::ptr::null_mut()).result()
+            })
         })?;
         if self.sync_launches {
             cuda(&format!("synchronising after {}", describe()), self.synchronize_raw())?;
@@ -445,6 +470,42 @@ impl Gpu {
 
     fn synchronize_raw(&self) -> std::result::Result<(), result::DriverError> {
         unsafe { result::stream::synchronize(self.stream) }
+    }
+
+    /// Opens a profile: from now until `finish_profile`, each launch, matmul and convolution on the
+    /// stream is timed (see gpu/profile.rs). A profile already open is discarded.
+    pub fn start_profile(&self) {
+        *self.profile.borrow_mut() = Some(Profile::default());
+    }
+
+    /// Waits for the stream, closes the profile and returns its time per (scope, kind).
+    pub fn finish_profile(&self) -> Result<Vec<ProfileRow>> {
+        self.synchronize()?;
+        let profile = self.profile.borrow_mut().take();
+        profile.ok_or_else(|| Error::Internal("finish_profile without start_profile".into()))?.rows()
+    }
+
+    /// Files the work `f` queues under `kind` while a profile is open; just runs `f` otherwise.
+    pub(crate) fn profiled<T>(&self, kind: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        if self.profile.borrow().is_none() {
+            return f();
+        }
+        let start = Event::new()?;
+        start.record(self.stream)?;
+        let out = f()?;
+        let end = Event::new()?;
+        end.record(self.stream)?;
+        if let Some(p) = self.profile.borrow_mut().as_mut() {
+            p.push(kind, start, end);
+        }
+        Ok(out)
+    }
+
+    /// Names the model part the work queued until the guard drops belongs to, for an open profile
+    /// (scopes nest: "motion/..."). Costs nothing without one.
+    pub fn profile_scope(&self, name: &'static str) -> ProfileScope<'_> {
+        let open = self.profile.borrow_mut().as_mut().map(|p| p.push_scope(name)).is_some();
+        ProfileScope { gpu: self, open }
     }
 
     pub fn synchronize(&self) -> Result<()> {

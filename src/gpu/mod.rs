@@ -1,5 +1,5 @@
 //! GPU runtime: device and stream, lazily loaded kernel modules, checked launches, memory arenas,
-//! CUDA-event timing, NVTX ranges, and the vendor libraries (cuBLASLt, cuDNN).
+//! CUDA-event timing and profiles, NVTX ranges, and the vendor libraries (cuBLASLt, cuDNN).
 
 pub mod blas;
 pub mod device;
@@ -7,6 +7,7 @@ pub mod dnn;
 pub mod memory;
 pub mod nvtx;
 pub mod params;
+pub mod profile;
 pub mod timing;
 
 pub use device::{ClusterScheduling, DeviceInfo, Gpu, KERNEL_MODULES, KernelParams};

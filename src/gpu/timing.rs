@@ -5,13 +5,25 @@ use cudarc::driver::{result, sys};
 use super::device::Gpu;
 use crate::error::{Error, Result};
 
-struct Event(sys::CUevent);
+pub(super) struct Event(sys::CUevent);
 
 impl Event {
-    fn new() -> Result<Event> {
+    pub(super) fn new() -> Result<Event> {
         result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
             .map(Event)
             .map_err(|e| Error::Cuda(format!("cuEventCreate failed: {e:?}")))
+    }
+
+    /// Records the event on `stream` (it completes when the work queued before it does).
+    pub(super) fn record(&self, stream: sys::CUstream) -> Result<()> {
+        unsafe { result::event::record(self.0, stream) }
+            .map_err(|e| Error::Cuda(format!("cuEventRecord failed: {e:?}")))
+    }
+
+    /// Milliseconds from this event to `end`, both completed.
+    pub(super) fn elapsed_ms(&self, end: &Event) -> Result<f32> {
+        unsafe { result::event::elapsed(self.0, end.0) }
+            .map_err(|e| Error::Cuda(format!("cuEventElapsedTime failed: {e:?}")))
     }
 }
 
@@ -51,22 +63,15 @@ pub fn time_gpu(gpu: &Gpu, warmup: usize, runs: usize, mut f: impl FnMut() -> Re
     for _ in 0..=runs {
         events.push(Event::new()?);
     }
-    let record = |e: &Event| {
-        unsafe { result::event::record(e.0, gpu.stream()) }
-            .map_err(|e| Error::Cuda(format!("cuEventRecord failed: {e:?}")))
-    };
-    record(&events[0])?;
+    events[0].record(gpu.stream())?;
     for e in &events[1..] {
         f()?;
-        record(e)?;
+        e.record(gpu.stream())?;
     }
     gpu.synchronize()?;
     let mut runs_ms = Vec::with_capacity(runs);
     for pair in events.windows(2) {
-        runs_ms.push(
-            unsafe { result::event::elapsed(pair[0].0, pair[1].0) }
-                .map_err(|e| Error::Cuda(format!("cuEventElapsedTime failed: {e:?}")))?,
-        );
+        runs_ms.push(pair[0].elapsed_ms(&pair[1])?);
     }
     runs_ms.sort_by(f32::total_cmp);
     Ok(Timing { runs_ms })

@@ -63,6 +63,7 @@ pub fn forward_frames(
     x: &Tensor,
     emb_act: Option<&Tensor>,
 ) -> Result<Tensor> {
+    let _scope = ex.profile_scope("resnet");
     let gn = GroupNorm { groups: cfg.groups, eps: cfg.eps, silu: true, frames: norm_frames };
     let same = Conv2d { stride: 1, padding: 1 };
     // Each step replaces `h`, so the arena gets the previous activation back at once.

@@ -48,6 +48,7 @@ pub fn forward(
     x: &Tensor,
     context: &Tensor,
 ) -> Result<Tensor> {
+    let _scope = ex.profile_scope("transformer");
     let (b, h, wd, c) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
     // 1. norm, then tokens: [B, H, W, C] -> [B, H*W, C] (NHWC is already token-major)
     let gn = GroupNorm { groups, eps: GROUP_NORM_EPS, silu: false, frames: norm_frames };

@@ -115,7 +115,7 @@ pub fn conv2d(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: Con
                     let part = ConvShape { batch: slice.min(shape.batch - first), ..shape };
                     let xs = x0 + (first * shape.height * shape.width * shape.in_channels) as u64 * es;
                     let ys = y0 + (first * oh * ow * shape.out_channels) as u64 * es;
-                    dnn.conv2d(&part, xs, w0, ys)?;
+                    gpu.profiled("conv", || dnn.conv2d(&part, xs, w0, ys))?;
                 }
             }
             match bias {

@@ -24,6 +24,7 @@ pub mod norm;
 pub mod upsample;
 
 use crate::error::{Error, Result};
+use crate::gpu::device::ProfileScope;
 use crate::gpu::{Arena, Gpu};
 use crate::tensor::{DType, Tensor};
 
@@ -34,7 +35,16 @@ pub enum Exec<'a> {
     Cuda { gpu: &'a Gpu, scratch: &'a Arena },
 }
 
-impl Exec<'_> {
+impl<'a> Exec<'a> {
+    /// Names the model part the ops until the guard drops belong to, for an open GPU profile
+    /// (`Gpu::profile_scope`); nothing on the CPU.
+    pub fn profile_scope(&self, name: &'static str) -> Option<ProfileScope<'a>> {
+        match self {
+            Exec::Cpu => None,
+            Exec::Cuda { gpu, .. } => Some(gpu.profile_scope(name)),
+        }
+    }
+
     /// Checks that every input lives where this Exec computes.
     fn expect_inputs(&self, op: &str, inputs: &[&Tensor]) -> Result<()> {
         let on_device = matches!(self, Exec::Cuda { .. });

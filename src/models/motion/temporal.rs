@@ -58,6 +58,7 @@ pub fn forward(
     x: &Tensor,
     pe: &mut PositionRows,
 ) -> Result<Tensor> {
+    let _scope = ex.profile_scope("motion");
     let (n, h, wd, c) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
     // 1. GroupNorm over each video's frames ([B, C, F, H, W] in diffusers: statistics per group span
     //    C/groups x F x H x W), tokens [B*F, H*W, C] (for each pixel, its F frames are the sequence)

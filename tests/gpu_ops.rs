@@ -541,16 +541,22 @@ fn profile_files_each_launch_under_its_scope_and_kind() {
     let ex = rig.exec();
     let (_, x) = rig.input(&[4, 1024, 1024], DType::F16, 1.0, 0.0);
     let (_, w) = rig.input(&[1024, 1024], DType::F16, 0.03, 0.0);
+    let work = || {
+        let y = linear(&ex, &x, &w, None).unwrap();
+        {
+            let _outer = ex.profile_scope("outer");
+            let _ = silu(&ex, &y).unwrap();
+            let _inner = ex.profile_scope("inner");
+            let _ = scale(&ex, &y, 2.0).unwrap();
+            let _ = linear(&ex, &y, &w, None).unwrap();
+        }
+        let _ = gelu(&ex, &y).unwrap();
+    };
+    // Once unprofiled first: a bracket also holds the host's time between its events, and the
+    // first matmul loads cuBLASLt's kernel module (2 ms seen) while the stream waits.
+    work();
     rig.gpu.start_profile();
-    let y = linear(&ex, &x, &w, None).unwrap();
-    {
-        let _outer = ex.profile_scope("outer");
-        let _ = silu(&ex, &y).unwrap();
-        let _inner = ex.profile_scope("inner");
-        let _ = scale(&ex, &y, 2.0).unwrap();
-        let _ = linear(&ex, &y, &w, None).unwrap();
-    }
-    let _ = gelu(&ex, &y).unwrap();
+    work();
     let rows = rig.gpu.finish_profile().unwrap();
     let found = |scope: &str, kind: &str| rows.iter().find(|r| r.scope == scope && r.kind == kind);
     let summary: Vec<_> = rows.iter().map(|r| (r.scope.as_str(), r.kind.as_str(), r.launches)).collect();
@@ -569,7 +575,7 @@ fn profile_files_each_launch_under_its_scope_and_kind() {
         assert!(r.ms > 0.0 && r.ms < 1000.0, "{r:?}");
     }
     assert_eq!(rows.len(), 5, "{summary:?}");
-    // The same 8.6 GFLOP matmul twice: similar times (a loose bound: the first may warm caches).
+    // The same 8.6 GFLOP matmul twice: similar times (a loose bound).
     let (a, b) = (found("", "gemm").unwrap().ms, found("outer/inner", "gemm").unwrap().ms);
     assert!(a / b < 4.0 && b / a < 4.0, "gemm {a} ms vs {b} ms");
     assert!(rig.gpu.finish_profile().is_err(), "a second finish must say no profile is open");

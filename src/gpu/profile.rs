@@ -4,7 +4,9 @@
 //! graph code) and its kind (the kernel's name without its dtype suffix, "gemm", "conv"). The
 //! events are read once, after the stream finishes, so profiling never makes the stream wait for
 //! the host; the brackets themselves cost a few microseconds of launch gaps each, which is why
-//! the breakdown runs apart from the timed forwards.
+//! the breakdown runs apart from the timed forwards. A bracket also holds any time the stream
+//! waited for the host inside it (a first launch loading its module, or a host that falls behind
+//! the GPU), so profile warm forwards of work big enough to keep the stream ahead.
 
 use std::collections::BTreeMap;
 

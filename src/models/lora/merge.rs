@@ -239,6 +239,11 @@ impl LoraMerge {
         self.deltas.keys().map(String::as_str)
     }
 
+    /// The scaled deltas for the weight `name`, in the order the LoRAs were given.
+    pub fn deltas(&self, name: &str) -> Option<&[Scaled]> {
+        self.deltas.get(name).map(Vec::as_slice)
+    }
+
     /// `base` (a host tensor in PyTorch layout) plus every delta for `name`, rounded once to
     /// `dtype`; None when no delta targets `name`.
     pub fn merged(&self, name: &str, base: &Tensor, dtype: DType) -> Result<Option<Tensor>> {

@@ -571,6 +571,18 @@ impl Gpu {
         Ok(())
     }
 
+    /// Copies the device tensor `src` into the device tensor `dst` (same shape and dtype) on the
+    /// compute stream.
+    pub fn copy(&self, dst: &Tensor, src: &Tensor) -> Result<()> {
+        if dst.shape() != src.shape() || dst.dtype() != src.dtype() {
+            return Err(Error::Internal(format!("device copy of {src:?} into {dst:?}")));
+        }
+        let (d, s) = (dst.device_ptr()?, src.device_ptr()?);
+        self.profiled("copy", || {
+            cuda("cuMemcpyDtoDAsync", unsafe { result::memcpy_dtod_async(d, s, src.size_bytes(), self.stream) })
+        })
+    }
+
     /// Waits for the stream and copies a device tensor to a new host tensor.
     pub fn download(&self, t: &Tensor) -> Result<Tensor> {
         self.synchronize()?;

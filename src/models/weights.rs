@@ -51,15 +51,19 @@ pub struct ModelWeights {
     dtype: DType,
 }
 
-/// A tensor and whether `Scope::get` has handed it out.
+/// A tensor, whether `Scope::get` has handed it out, and for a device tensor the host tensor it
+/// was made from (before any LoRA merge and layout change: a view of the mapped file for
+/// checkpoint tensors), so a LoRA switch can re-upload the base (`lora::Restore::Reload`).
 struct Entry {
     tensor: Tensor,
     read: AtomicBool,
+    source: Option<Tensor>,
 }
 
 impl Entry {
-    fn new(tensor: Tensor) -> Entry {
-        Entry { tensor, read: AtomicBool::new(false) }
+    fn new(tensor: Tensor, source: Option<Tensor>) -> Entry {
+        let source = source.filter(|_| tensor.is_device());
+        Entry { tensor, read: AtomicBool::new(false), source }
     }
 }
 
@@ -74,9 +78,10 @@ impl ModelWeights {
         let (place, loras) = place.split()?;
         let mut tensors = HashMap::with_capacity(names.len());
         for (name, key) in names {
-            let t = merged(loras, name, loaded.get(key)?, dtype)?;
+            let source = loaded.get(key)?;
+            let t = merged(loras, name, source, dtype)?;
             let t = if t.shape().len() == 4 { weight_oihw_to_ohwi(&t)? } else { t };
-            tensors.insert(name.clone(), Entry::new(place_tensor(place, t, dtype, key)?));
+            tensors.insert(name.clone(), Entry::new(place_tensor(place, t, dtype, key)?, Some(source.clone())));
         }
         check_all_merged(loras, &tensors)?;
         Ok(ModelWeights { tensors, dtype })
@@ -89,10 +94,10 @@ impl ModelWeights {
         let dtype = place.dtype();
         let (place, loras) = place.split()?;
         let mut tensors = HashMap::with_capacity(named.len());
-        for (name, t) in named {
-            let t = merged(loras, &name, &t, dtype)?;
+        for (name, source) in named {
+            let t = merged(loras, &name, &source, dtype)?;
             let t = place_tensor(place, t, dtype, &name)?;
-            tensors.insert(name, Entry::new(t));
+            tensors.insert(name, Entry::new(t, Some(source)));
         }
         check_all_merged(loras, &tensors)?;
         Ok(ModelWeights { tensors, dtype })
@@ -115,6 +120,16 @@ impl ModelWeights {
             self.tensors.iter().filter(|(_, e)| !e.read.load(Ordering::Relaxed)).map(|(n, _)| n.as_str()).collect();
         names.sort_unstable();
         names
+    }
+
+    /// The weight `name` as the graph holds it (conv weights KRSC), without marking it read.
+    pub fn tensor(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name).map(|e| &e.tensor)
+    }
+
+    /// The host tensor a device weight was made from (PyTorch layout, before LoRAs), if kept.
+    pub fn source(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name).and_then(|e| e.source.as_ref())
     }
 
     /// The whole model, for `Scope::get` and `Scope::at`.

@@ -53,10 +53,16 @@ impl LowRank {
 
     /// ΔW in f64, row-major over the target's PyTorch layout ([out, in, kh, kw]).
     pub fn delta(&self) -> Result<Vec<f64>> {
-        let (up, down) = (widen(&self.up)?, widen(&self.down)?);
-        let (out, rank) = (self.up.shape()[0], self.rank());
+        Ok(matmul(&widen(&self.up)?, &self.down_matrix()?, self.up.shape()[0], self.rank()))
+    }
+
+    /// The right factor as a [rank, in·kh·kw] matrix in f64 (PyTorch column order), with a Tucker
+    /// core folded in: ΔW = up · this.
+    pub fn down_matrix(&self) -> Result<Vec<f64>> {
+        let down = widen(&self.down)?;
+        let rank = self.rank();
         let inner = self.down.numel() / rank;
-        let down = match &self.mid {
+        Ok(match &self.mid {
             None => down,
             Some(mid) => {
                 // core[p, i, k] = Σ_q mid[p, q, k] down[q, i]: the Tucker core and down folded into
@@ -76,8 +82,7 @@ impl LowRank {
                 }
                 core
             }
-        };
-        Ok(matmul(&up, &down, out, rank))
+        })
     }
 }
 
@@ -90,14 +95,15 @@ pub enum Factor {
 
 impl Factor {
     /// Rows and the values per row (a 4-d full factor keeps its kernel in the row).
-    fn dims(&self) -> (usize, usize) {
+    pub fn dims(&self) -> (usize, usize) {
         match self {
             Factor::Full(t) => (t.shape()[0], t.numel() / t.shape()[0].max(1)),
             Factor::Product(a, b) => (a.shape()[0], b.shape()[1]),
         }
     }
 
-    fn values(&self) -> Result<Vec<f64>> {
+    /// The factor's values, row-major [rows, values per row].
+    pub fn values(&self) -> Result<Vec<f64>> {
         match self {
             Factor::Full(t) => widen(t),
             Factor::Product(a, b) => Ok(matmul(&widen(a)?, &widen(b)?, a.shape()[0], a.shape()[1])),
@@ -188,12 +194,12 @@ impl Delta {
     }
 }
 
-fn widen(t: &Tensor) -> Result<Vec<f64>> {
+pub(super) fn widen(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.to_f32_vec()?.into_iter().map(f64::from).collect())
 }
 
 /// [m, k] · [k, n] in f64, row-major.
-fn matmul(a: &[f64], b: &[f64], m: usize, k: usize) -> Vec<f64> {
+pub(super) fn matmul(a: &[f64], b: &[f64], m: usize, k: usize) -> Vec<f64> {
     let n = b.len() / k.max(1);
     let mut out = vec![0f64; m * n];
     for i in 0..m {

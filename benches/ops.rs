@@ -3,6 +3,8 @@
 //! tools/peer_torch.py's `PEER` lines from the same GPU run. Needs a GPU (tools/gpu_run.sh).
 //! CELFRAME_BENCH_FILTER=text runs only the entries whose key contains the text (for profiling).
 
+use celframe::gpu::blas::{Gemm, GemmIo};
+use celframe::gpu::params::{LORA_SHARED_BYTES, LORA_THREADS};
 use celframe::gpu::timing::time_gpu;
 use celframe::gpu::{Arena, ClusterScheduling, Gpu, nvtx};
 use celframe::ops::Exec;
@@ -12,7 +14,9 @@ use celframe::ops::attention::{
 };
 use celframe::ops::conv::{Conv2d, conv2d};
 use celframe::ops::linear::linear;
+use celframe::ops::lora::{DeltaFactors, DeltaTerm, LayerDelta, merge_deltas};
 use celframe::ops::norm::{GroupNorm, GroupNormMode, GroupNormTuning, group_norm_layout, group_norm_tuned};
+use celframe::tensor::Storage;
 use celframe::{DType, Result, Tensor};
 
 const WARMUP: usize = 10;
@@ -218,6 +222,217 @@ fn main() -> Result<()> {
         b.run("linear", &key, 0.0, 2.0 * (m * kdim * ndim) as f64, |k| {
             linear(&ex, &xs[k], &wt, Some(&bias)).map(drop)
         })?;
+    }
+    lora_merges(&b, &ex)
+}
+
+/// Ranks and scales (α/r · strength) of the four LoRAs merged per weight: three style LoRAs and the
+/// LCM-LoRA (rank 64, α 8).
+const LORA_TERMS: [(usize, f32); 4] = [(32, 0.5), (64, 0.4), (128, 0.25), (64, 0.125)];
+
+/// One weight and the factors of its four LoRAs (ours: one pair per LoRA; cuBLASLt: the pairs
+/// concatenated along the rank, [out, K] and [K, cols]).
+struct MergeSet {
+    w: Tensor,
+    factors: Vec<(Tensor, Tensor)>,
+    cat: (Tensor, Tensor),
+}
+
+impl MergeSet {
+    fn layer(&self) -> LayerDelta<'_> {
+        let terms = self
+            .factors
+            .iter()
+            .zip(LORA_TERMS)
+            .map(|((up, down), (_, scale))| DeltaTerm { factors: DeltaFactors::LowRank { up, down }, scale })
+            .collect();
+        LayerDelta { weight: &self.w, terms }
+    }
+
+    /// W = W + Ucat · Dcat through cuBLASLt (beta = 1, C = D = W): the same update as one GEMM.
+    fn gemm(&self, gpu: &Gpu) -> Result<()> {
+        let (out, cols) = (self.w.shape()[0], self.w.numel() / self.w.shape()[0]);
+        let k = self.cat.0.shape()[1];
+        let g = Gemm {
+            m: out,
+            n: cols,
+            k,
+            batch: 1,
+            b_transposed: false,
+            lda: k,
+            ldb: cols,
+            ldc: cols,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
+            dtype: self.w.dtype(),
+            out_dtype: self.w.dtype(),
+            bias: false,
+        };
+        let w = self.w.device_ptr()?;
+        let io = GemmIo {
+            a: self.cat.0.device_ptr()?,
+            b: self.cat.1.device_ptr()?,
+            d: w,
+            bias: None,
+            c: Some((w, 1.0)),
+            alpha: 1.0,
+        };
+        gpu.blas()?.gemm(gpu, &g, io)
+    }
+
+    /// Minimum traffic: W read and written once, every factor read once.
+    fn bytes(&self) -> f64 {
+        (2 * self.w.size_bytes() + self.factors.iter().map(|(u, d)| u.size_bytes() + d.size_bytes()).sum::<usize>())
+            as f64
+    }
+}
+
+/// The SDXL base UNet's Linear and Conv2d weights as (out, kernel positions, in): diffusers'
+/// UNet2DConditionModel with SDXL's config (block_out_channels 320/640/1280, transformer depths 0, 2,
+/// 10 down and 10 in the mid block, 2 ResNets per down block and 3 per up block, cross-attention
+/// 2048, time embedding 1280, added embedding from 2816): 794 weights, 2,565,880,320 parameters.
+fn sdxl_unet_weights() -> Vec<(usize, usize, usize)> {
+    fn transformer(w: &mut Vec<(usize, usize, usize)>, c: usize, depth: usize) {
+        w.push((c, 1, c)); // proj_in
+        for _ in 0..depth {
+            w.extend([(c, 1, c); 4]); // attn1 to_q, to_k, to_v, to_out.0
+            w.extend([(c, 1, c), (c, 1, 2048), (c, 1, 2048), (c, 1, c)]); // attn2
+            w.extend([(8 * c, 1, c), (c, 1, 4 * c)]); // ff.net.0.proj (GEGLU), ff.net.2
+        }
+        w.push((c, 1, c)); // proj_out
+    }
+    fn resnet(w: &mut Vec<(usize, usize, usize)>, cin: usize, c: usize) {
+        w.extend([(c, 9, cin), (c, 1, 1280), (c, 9, c)]); // conv1, time_emb_proj, conv2
+        if cin != c {
+            w.push((c, 1, cin)); // conv_shortcut
+        }
+    }
+    // conv_in, time_embedding.linear_1/2, add_embedding.linear_1/2
+    let mut w = vec![(320, 9, 4), (1280, 1, 320), (1280, 1, 1280), (1280, 1, 2816), (1280, 1, 1280)];
+    // down: (channels, transformer depth, downsampler); the up path's skips come from here
+    let mut skips = vec![320];
+    let mut cin = 320;
+    for (c, depth, down) in [(320, 0, true), (640, 2, true), (1280, 10, false)] {
+        for _ in 0..2 {
+            resnet(&mut w, cin, c);
+            if depth > 0 {
+                transformer(&mut w, c, depth);
+            }
+            cin = c;
+            skips.push(c);
+        }
+        if down {
+            w.push((c, 9, c));
+            skips.push(c);
+        }
+    }
+    resnet(&mut w, 1280, 1280);
+    transformer(&mut w, 1280, 10);
+    resnet(&mut w, 1280, 1280);
+    for (c, depth, up) in [(1280, 10, true), (640, 2, true), (320, 0, false)] {
+        for _ in 0..3 {
+            resnet(&mut w, cin + skips.pop().expect("one skip per up layer"), c);
+            if depth > 0 {
+                transformer(&mut w, c, depth);
+            }
+            cin = c;
+        }
+        if up {
+            w.push((c, 9, c));
+        }
+    }
+    w.push((4, 9, 320)); // conv_out
+    w
+}
+
+/// The Linear weights LoRAs target in SDXL's two text encoders (CLIP ViT-L/14: 12 layers of 768,
+/// MLP 3072; OpenCLIP bigG: 32 layers of 1280, MLP 5120): q, k, v, out_proj, fc1, fc2 per layer.
+fn sdxl_text_encoder_weights() -> Vec<(usize, usize, usize)> {
+    let mut w = Vec::new();
+    for (c, mlp, layers) in [(768, 3072, 12), (1280, 5120, 32)] {
+        for _ in 0..layers {
+            w.extend([(c, 1, c); 4]);
+            w.extend([(mlp, 1, c), (c, 1, mlp)]);
+        }
+    }
+    w
+}
+
+/// The LoRA merge: per SDXL weight shape, ours against cuBLASLt; then whole models in one call.
+fn lora_merges(b: &Bench, ex: &Exec) -> Result<()> {
+    let k: usize = LORA_TERMS.iter().map(|t| t.0).sum();
+    let ranks = "r32+64+128+64";
+    for kernel in ["lora_merge_f16", "lora_merge_hadamard_f16"] {
+        let blocks = b.gpu.occupancy(kernel, LORA_THREADS, LORA_SHARED_BYTES as usize)?;
+        println!(
+            "LAYOUT {kernel}: {blocks} blocks of {LORA_THREADS} threads per multiprocessor, {LORA_SHARED_BYTES} B shared each"
+        );
+    }
+    for (out, kernel, inner) in
+        [(640, 1, 640), (1280, 1, 1280), (10240, 1, 1280), (1280, 1, 5120), (320, 9, 320), (1280, 9, 1280)]
+    {
+        let cols = kernel * inner;
+        let sets = (0..2u32)
+            .map(|s| {
+                let seed = 60 + 16 * s;
+                let factors = LORA_TERMS
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(r, _))| {
+                        Ok((
+                            b.random(&[out, r], DType::F16, seed + 2 * i as u32)?,
+                            b.random(&[r, cols], DType::F16, seed + 2 * i as u32 + 1)?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let cat = (b.random(&[out, k], DType::F16, seed + 10)?, b.random(&[k, cols], DType::F16, seed + 11)?);
+                Ok(MergeSet { w: b.random(&[out, cols], DType::F16, seed + 12)?, factors, cat })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let flop = 2.0 * (out * cols * k) as f64;
+        let shape =
+            if kernel == 1 { format!("O{out} C{cols}") } else { format!("O{out} C{cols} (3x3 conv, in {inner})") };
+        let key = format!("lora_merge f16 {shape} {ranks}");
+        b.run("lora_merge", &key, sets[0].bytes(), flop, |i| merge_deltas(ex, &[sets[i].layer()]))?;
+        let key = format!("lora_merge_cublaslt f16 {shape} K{k}");
+        b.run("lora_merge_cublaslt", &key, sets[0].bytes(), flop, |i| sets[i].gemm(&b.gpu))?;
+    }
+
+    // Whole models: every weight with four terms in one call (values set by memset: the timing does
+    // not depend on them, and uploading 7 GB of drawn values would take minutes).
+    for (model, weights) in [("unet", sdxl_unet_weights()), ("text_encoders", sdxl_text_encoder_weights())] {
+        let elements =
+            |(out, kernel, inner): (usize, usize, usize)| out * kernel * inner + 2 * (out + kernel * inner) * k;
+        let bytes = weights.iter().map(|&w| elements(w) * 2 + 12 * 256).sum::<usize>();
+        let arena = Arena::new("bench LoRA merge", bytes)?;
+        // f16 0x3C3C ≈ 1.06 for W, 0x2424 ≈ 0.016 for factors: 60 merges move W by about 2.
+        let filled = |shape: &[usize], byte: u8| -> Result<Tensor> {
+            let t = b.gpu.empty(&arena, shape, DType::F16)?;
+            let Storage::Device(mem) = t.storage() else { unreachable!("made on the device") };
+            b.gpu.fill_bytes(mem, byte)?;
+            Ok(t)
+        };
+        let sets = weights
+            .iter()
+            .map(|&(out, kernel, inner)| {
+                let cols = kernel * inner;
+                let factors = LORA_TERMS
+                    .iter()
+                    .map(|&(r, _)| Ok((filled(&[out, r], 0x24)?, filled(&[r, cols], 0x24)?)))
+                    .collect::<Result<_>>()?;
+                let cat = (filled(&[out, k], 0x24)?, filled(&[k, cols], 0x24)?);
+                Ok(MergeSet { w: filled(&[out, cols], 0x3C)?, factors, cat })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let params: usize = sets.iter().map(|s| s.w.numel()).sum();
+        let flop = 2.0 * (params * k) as f64;
+        let traffic: f64 = sets.iter().map(MergeSet::bytes).sum();
+        let layers: Vec<LayerDelta> = sets.iter().map(MergeSet::layer).collect();
+        let key = format!("lora_merge_{model} f16 {} weights {:.3}B params {ranks}", sets.len(), params as f64 / 1e9);
+        b.run("lora_merge", &key, traffic, flop, |_| merge_deltas(ex, &layers))?;
+        let key = format!("lora_merge_{model}_cublaslt f16 {} GEMMs K{k}", sets.len());
+        b.run("lora_merge_cublaslt", &key, traffic, flop, |_| sets.iter().try_for_each(|s| s.gemm(&b.gpu)))?;
     }
     Ok(())
 }

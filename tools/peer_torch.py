@@ -147,6 +147,38 @@ for batch, tokens in [(4, 9216), (1, 16384)]:
     except RuntimeError as e:
         print(f"# {key}: math backend failed: {e}")
 
+# LoRA merge into one weight, four LoRAs (ranks 32, 64, 128, 64; the keys of benches/ops.rs):
+# as PEFT merges adapters (per adapter: delta = (B @ A) * scaling, then weight += delta, in the
+# weight's dtype: peft tuners/lora/layer.py, Linear.merge and get_delta_weight), and as one
+# in-place GEMM over the concatenated factors (addmm_, beta = 1; its factors pre-scaled).
+lora_terms = [(32, 0.5), (64, 0.4), (128, 0.25), (64, 0.125)]
+for out, kernel, inner in [(640, 1, 640), (1280, 1, 1280), (10240, 1, 1280), (1280, 1, 5120), (320, 9, 320), (1280, 9, 1280)]:
+    cols = kernel * inner
+    shape = f"O{out} C{cols}" if kernel == 1 else f"O{out} C{cols} (3x3 conv, in {inner})"
+    key = f"lora_merge f16 {shape} r32+64+128+64"
+    if not wanted(key):
+        continue
+    half = dict(device=dev, dtype=torch.float16)
+    sets = [(torch.randn(out, cols, **half), [(torch.randn(out, r, **half) * 0.05, torch.randn(r, cols, **half) * 0.05)
+                                              for r, _ in lora_terms]) for _ in range(2)]
+    cats = [(torch.cat([u for u, _ in fs], 1), torch.cat([d for _, d in fs], 0)) for _, fs in sets]
+    rank_sum = sum(r for r, _ in lora_terms)
+    nbytes = 2.0 * out * cols * 2 + sum((out + cols) * r * 2 for r, _ in lora_terms)
+    flop = 2.0 * out * cols * rank_sum
+    k = [0]
+
+    def per_adapter():
+        k[0] ^= 1
+        w, fs = sets[k[0]]
+        for (up, down), (_, scaling) in zip(fs, lora_terms):
+            w += (up @ down) * scaling
+
+    def one_gemm():
+        k[0] ^= 1
+        sets[k[0]][0].addmm_(*cats[k[0]])
+    peer(key, "peft merge per adapter", bench(per_adapter), nbytes, flop)
+    peer(key, f"torch addmm_ (one GEMM, K={rank_sum})", bench(one_gemm), nbytes, flop)
+
 # Memory ceiling of this GPU: device-to-device copy of 1 GiB, bytes read + written.
 src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
 dst = torch.empty_like(src)

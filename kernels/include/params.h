@@ -205,3 +205,66 @@ typedef struct EmbeddingParams {
     int32_t seq;            // tokens per sequence (position index = row % seq)
     int32_t dim;
 } EmbeddingParams;
+
+// LoRA-delta merge (kernels/lora/merge.cu, whose header gives the design): for every layer of a
+// table, W += Σ_t scale_t ΔW_t in place, each ΔW_t rebuilt from its factors, everything summed in
+// fp32 and rounded once to W's dtype. W is [rows, cols] row-major (a convolution's KRSC weight
+// [out, kh, kw, in] has cols = kh·kw·in); factors are in W's dtype, their columns in W's order.
+enum LoraTermKind {
+    LORA_LOW_RANK = 0,   // ΔW = a · b; a [rows, rank], b [rank, cols]
+    LORA_HADAMARD = 1,   // ΔW = (a · b) ⊙ (a2 · b2); a2 [rows, rank2], b2 [rank2, cols]
+    LORA_KRONECKER = 2,  // ΔW[i·c + k, y·in + j·d + l] = a[i, j] · b[k, l, y] (in = cols / kernel):
+                         // a [rows / c, kron_b], b [c, d, kernel], kron_b · d = in
+    LORA_FULL = 3,       // ΔW = a [rows, cols]
+};
+
+// One term of a layer (64 bytes, no padding: the table is uploaded as plain bytes).
+typedef struct LoraTerm {
+    const void* a;
+    const void* b;
+    const void* a2;
+    const void* b2;
+    float scale;
+    int32_t kind;         // enum LoraTermKind
+    int32_t rank;         // LOW_RANK, HADAMARD
+    int32_t rank2;        // HADAMARD
+    int32_t kron_b;       // KRONECKER: columns of a
+    int32_t kron_c;       // KRONECKER: rows of b
+    int32_t kron_d;       // KRONECKER: input channels per column of a
+    int32_t kron_kernel;  // KRONECKER: kernel positions (kh·kw; 1 for a Linear)
+} LoraTerm;
+
+// One weight of the table (32 bytes, no padding). Its tiles are blocks first_tile ..
+// first_tile + ceil(rows / LORA_TILE_M) · col_tiles - 1 of the launch, row of tiles by row of tiles.
+typedef struct LoraLayer {
+    void* w;
+    int32_t rows;
+    int32_t cols;
+    int32_t col_tiles;   // ceil(cols / LORA_TILE_N)
+    int32_t first_tile;  // tiles of the layers before it in the table
+    int32_t first_term;  // its terms are terms[first_term .. first_term + term_count)
+    int32_t term_count;
+} LoraLayer;
+
+typedef struct LoraMergeParams {
+    const LoraLayer* layers;  // ordered by first_tile, the first at tile 0
+    const LoraTerm* terms;
+    int32_t layer_count;
+} LoraMergeParams;
+
+// Block tile of W, the rank step of the factor pipeline, its depth, and the block size (8 warps of
+// 64 x 32 outputs each).
+#define LORA_TILE_M 128
+#define LORA_TILE_N 128
+#define LORA_TILE_K 16
+#define LORA_STAGES 3
+#define LORA_THREADS 256
+// Shared-memory rows, padded by 8 elements so that ldmatrix rows and the fp32 fragment stores fall
+// in distinct banks: the a tile [LORA_TILE_M][LORA_LDA], the b tile [LORA_TILE_K][LORA_LDB], the
+// fp32 sum [LORA_TILE_M][LORA_LDS].
+#define LORA_LDA (LORA_TILE_K + 8)
+#define LORA_LDB (LORA_TILE_N + 8)
+#define LORA_LDS (LORA_TILE_N + 8)
+#define LORA_SUM_BYTES (LORA_TILE_M * LORA_LDS * 4)
+#define LORA_STAGE_BYTES ((LORA_TILE_M * LORA_LDA + LORA_TILE_K * LORA_LDB) * 2)
+#define LORA_SHARED_BYTES (LORA_SUM_BYTES + LORA_STAGES * LORA_STAGE_BYTES)

@@ -547,6 +547,19 @@ impl Gpu {
             converted = Tensor::from_f32(t.shape(), dtype, &t.to_f32_vec()?)?;
             converted.host_bytes()?
         };
+        self.copy_to_device(mem, bytes)
+    }
+
+    /// Copies raw bytes (a kernel's descriptor table) into new memory from `arena`, on the compute
+    /// stream and staged as `upload_into` stages them.
+    pub fn upload_bytes(&self, arena: &Arena, bytes: &[u8]) -> Result<DeviceMem> {
+        let mem = arena.alloc(bytes.len())?;
+        self.copy_to_device(&mem, bytes)?;
+        Ok(mem)
+    }
+
+    /// `bytes` into `mem` (the same length) on the compute stream, through the pinned staging buffers.
+    fn copy_to_device(&self, mem: &DeviceMem, bytes: &[u8]) -> Result<()> {
         if bytes.len() != mem.bytes() {
             return Err(Error::Internal(format!("upload of {} bytes into {} bytes", bytes.len(), mem.bytes())));
         }

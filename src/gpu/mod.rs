@@ -28,5 +28,6 @@ kernel_params!(
     params::TemporalAttentionParams,
     params::FlashAttentionParams,
     params::SoftmaxRowsParams,
-    params::EmbeddingParams
+    params::EmbeddingParams,
+    params::LoraMergeParams
 );

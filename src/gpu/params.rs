@@ -7,6 +7,17 @@ pub const GROUP_NORM_VECS_16BIT: u32 = 8;
 pub const GROUP_NORM_VECS_F32: u32 = 2;
 pub const GROUP_NORM_CONTROL_STRIDE: u32 = 32;
 pub const GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS: u32 = 128;
+pub const LORA_TILE_M: u32 = 128;
+pub const LORA_TILE_N: u32 = 128;
+pub const LORA_TILE_K: u32 = 16;
+pub const LORA_STAGES: u32 = 3;
+pub const LORA_THREADS: u32 = 256;
+pub const LORA_LDA: u32 = 24;
+pub const LORA_LDB: u32 = 136;
+pub const LORA_LDS: u32 = 136;
+pub const LORA_SUM_BYTES: u32 = 69632;
+pub const LORA_STAGE_BYTES: u32 = 10496;
+pub const LORA_SHARED_BYTES: u32 = 101120;
 #[repr(u32)]
 #[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
 pub enum ElementwiseOp {
@@ -477,6 +488,112 @@ const _: () = {
     ["Offset of field: EmbeddingParams::dim"][::std::mem::offset_of!(EmbeddingParams, dim) - 44usize];
 };
 impl Default for EmbeddingParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(u32)]
+#[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
+pub enum LoraTermKind {
+    LORA_LOW_RANK = 0,
+    LORA_HADAMARD = 1,
+    LORA_KRONECKER = 2,
+    LORA_FULL = 3,
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LoraTerm {
+    pub a: *const ::std::os::raw::c_void,
+    pub b: *const ::std::os::raw::c_void,
+    pub a2: *const ::std::os::raw::c_void,
+    pub b2: *const ::std::os::raw::c_void,
+    pub scale: f32,
+    pub kind: i32,
+    pub rank: i32,
+    pub rank2: i32,
+    pub kron_b: i32,
+    pub kron_c: i32,
+    pub kron_d: i32,
+    pub kron_kernel: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LoraTerm"][::std::mem::size_of::<LoraTerm>() - 64usize];
+    ["Alignment of LoraTerm"][::std::mem::align_of::<LoraTerm>() - 8usize];
+    ["Offset of field: LoraTerm::a"][::std::mem::offset_of!(LoraTerm, a) - 0usize];
+    ["Offset of field: LoraTerm::b"][::std::mem::offset_of!(LoraTerm, b) - 8usize];
+    ["Offset of field: LoraTerm::a2"][::std::mem::offset_of!(LoraTerm, a2) - 16usize];
+    ["Offset of field: LoraTerm::b2"][::std::mem::offset_of!(LoraTerm, b2) - 24usize];
+    ["Offset of field: LoraTerm::scale"][::std::mem::offset_of!(LoraTerm, scale) - 32usize];
+    ["Offset of field: LoraTerm::kind"][::std::mem::offset_of!(LoraTerm, kind) - 36usize];
+    ["Offset of field: LoraTerm::rank"][::std::mem::offset_of!(LoraTerm, rank) - 40usize];
+    ["Offset of field: LoraTerm::rank2"][::std::mem::offset_of!(LoraTerm, rank2) - 44usize];
+    ["Offset of field: LoraTerm::kron_b"][::std::mem::offset_of!(LoraTerm, kron_b) - 48usize];
+    ["Offset of field: LoraTerm::kron_c"][::std::mem::offset_of!(LoraTerm, kron_c) - 52usize];
+    ["Offset of field: LoraTerm::kron_d"][::std::mem::offset_of!(LoraTerm, kron_d) - 56usize];
+    ["Offset of field: LoraTerm::kron_kernel"][::std::mem::offset_of!(LoraTerm, kron_kernel) - 60usize];
+};
+impl Default for LoraTerm {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LoraLayer {
+    pub w: *mut ::std::os::raw::c_void,
+    pub rows: i32,
+    pub cols: i32,
+    pub col_tiles: i32,
+    pub first_tile: i32,
+    pub first_term: i32,
+    pub term_count: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LoraLayer"][::std::mem::size_of::<LoraLayer>() - 32usize];
+    ["Alignment of LoraLayer"][::std::mem::align_of::<LoraLayer>() - 8usize];
+    ["Offset of field: LoraLayer::w"][::std::mem::offset_of!(LoraLayer, w) - 0usize];
+    ["Offset of field: LoraLayer::rows"][::std::mem::offset_of!(LoraLayer, rows) - 8usize];
+    ["Offset of field: LoraLayer::cols"][::std::mem::offset_of!(LoraLayer, cols) - 12usize];
+    ["Offset of field: LoraLayer::col_tiles"][::std::mem::offset_of!(LoraLayer, col_tiles) - 16usize];
+    ["Offset of field: LoraLayer::first_tile"][::std::mem::offset_of!(LoraLayer, first_tile) - 20usize];
+    ["Offset of field: LoraLayer::first_term"][::std::mem::offset_of!(LoraLayer, first_term) - 24usize];
+    ["Offset of field: LoraLayer::term_count"][::std::mem::offset_of!(LoraLayer, term_count) - 28usize];
+};
+impl Default for LoraLayer {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LoraMergeParams {
+    pub layers: *const LoraLayer,
+    pub terms: *const LoraTerm,
+    pub layer_count: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LoraMergeParams"][::std::mem::size_of::<LoraMergeParams>() - 24usize];
+    ["Alignment of LoraMergeParams"][::std::mem::align_of::<LoraMergeParams>() - 8usize];
+    ["Offset of field: LoraMergeParams::layers"][::std::mem::offset_of!(LoraMergeParams, layers) - 0usize];
+    ["Offset of field: LoraMergeParams::terms"][::std::mem::offset_of!(LoraMergeParams, terms) - 8usize];
+    ["Offset of field: LoraMergeParams::layer_count"][::std::mem::offset_of!(LoraMergeParams, layer_count) - 16usize];
+};
+impl Default for LoraMergeParams {
     fn default() -> Self {
         let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -20,6 +20,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod gather;
 pub mod linear;
+pub mod lora;
 pub mod norm;
 pub mod upsample;
 

@@ -7,6 +7,10 @@
 //! [videos, pooled], `in.added_cond_kwargs.time_ids` [videos, n], optionally ControlNet residuals
 //! `in.down_block_additional_residuals.<k>` [videos * frames, C, h, w] and
 //! `in.mid_block_additional_residual` -> `out.sample` [videos, channels, frames, height, width].
+//!
+//! With LoRAs (`verify_motion_unet_with_loras`, `--lora`), one name map covers the UNet and the
+//! motion modules: UNet modules merge into the UNet, AnimateDiff MotionLoRA modules into the motion
+//! modules.
 
 use std::path::Path;
 

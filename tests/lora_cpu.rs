@@ -1,7 +1,8 @@
-//! LoRA files (src/models/lora): key resolution, accounting, scale rules and errors on small
+//! LoRA files (src/models/lora): key resolution, accounting, scale rules, roles and errors on small
 //! synthetic files the tests write, against the tiny fixture models (tests/fixtures/unet_a,
-//! text_encoder*_tiny); merged models against diffusers on the fixtures of
-//! tools/make_lora_fixtures.py; `celframe verify --lora`.
+//! text_encoder*_tiny, motion_a); merged models (UNet, text encoders, the motion UNet with UNet and
+//! motion LoRAs, DoRA) against diffusers on the fixtures of tools/make_lora_fixtures.py;
+//! `celframe verify --lora`.
 
 #[path = "common/unet_fixtures.rs"]
 mod unet_fixtures;
@@ -11,11 +12,11 @@ use std::path::Path;
 use std::process::Command;
 
 use celframe::models::clip::{TextEncoderKind, open_text_encoder};
-use celframe::models::lora::{Component, LoraSpec, Loras, Targets, resolve};
-use celframe::models::open_unet;
+use celframe::models::lora::{Component, LoraSpec, Loras, Role, Targets, resolve};
+use celframe::models::{open_motion, open_unet};
 use celframe::verify::{
-    LoraOptions, Settings, Verification, verify_text_encoder, verify_text_encoder_with_loras, verify_unet,
-    verify_unet_with_loras,
+    LoraOptions, Settings, Verification, verify_motion_unet_with_loras, verify_text_encoder,
+    verify_text_encoder_with_loras, verify_unet, verify_unet_with_loras,
 };
 use celframe::{DType, Error, Tensor, weights};
 use unet_fixtures::{TempDir, fixtures, write_single_file_a};
@@ -50,7 +51,7 @@ fn write(path: &Path, entries: &[Entry], metadata: Option<&str>) {
 }
 
 fn spec(path: &Path, weight: f64) -> LoraSpec {
-    LoraSpec { path: path.to_path_buf(), unet: weight, text_encoder: weight }
+    LoraSpec::new(path, weight, None)
 }
 
 fn unet_targets() -> (celframe::models::UnetCheckpoint, Targets) {
@@ -281,7 +282,7 @@ fn formats_not_merged_yet_are_refused_by_name() {
     let m = "lora_unet_input_blocks_4_1_proj_in";
     let file = dir.path("loha.safetensors");
     for (param, name) in
-        [("hada_t1", "LoHa with Tucker cores"), ("lokr_t2", "LoKr with a Tucker core"), ("dora_scale", "DoRA")]
+        [("hada_t1", "LoHa with Tucker cores"), ("lokr_t2", "LoKr with a Tucker core"), ("oft_blocks", "OFT")]
     {
         write(&file, &[entry(&format!("{m}.{param}"), &[64, 2], 1), scalar(&format!("{m}.alpha"), 1.0)], None);
         let e = resolve(&[spec(&file, 1.0)], &targets, false).err().unwrap();
@@ -377,7 +378,7 @@ fn text_encoder_modules_resolve_in_both_formats_with_their_own_strength() {
         ],
         None,
     );
-    let lora = LoraSpec { path: file.clone(), unet: 0.0, text_encoder: 0.5 };
+    let lora = LoraSpec { path: file.clone(), unet: 0.0, text_encoder: 0.5, role: None };
     let loras = resolve(&[lora], &targets, false).unwrap();
     let summary = loras.summary.join("\n");
     assert!(summary.contains("text_encoder 1 modules") && summary.contains("text_encoder_2 1 modules"), "{summary}");
@@ -413,9 +414,21 @@ fn lora_arguments_parse_path_and_weight() {
     assert_eq!(p("dir/a.safetensors:0.6").unwrap(), spec(Path::new("dir/a.safetensors"), 0.6));
     assert_eq!(p("x:y.safetensors").unwrap(), spec(Path::new("x:y.safetensors"), 1.0));
     assert_eq!(p("a.safetensors:-1").unwrap(), spec(Path::new("a.safetensors"), -1.0));
-    for bad in ["", ":0.5", "a.safetensors:inf", "a.safetensors:1e9", "a.safetensors:NaN"] {
+    for bad in ["", ":0.5", "a.safetensors:inf", "a.safetensors:1e9", "a.safetensors:NaN", "style=", "style=:0.8"] {
         assert!(matches!(p(bad), Err(Error::Input(_))), "{bad:?}");
     }
+    // [ROLE=]PATH[:WEIGHT]
+    let with_role = |path: &str, w: f64, role: Role| LoraSpec::new(path, w, Some(role));
+    assert_eq!(p("style=a.safetensors:0.8").unwrap(), with_role("a.safetensors", 0.8, Role::Style));
+    assert_eq!(p("LCM=dir/lcm.safetensors").unwrap(), with_role("dir/lcm.safetensors", 1.0, Role::Lcm));
+    assert_eq!(p("motion=x:y.safetensors").unwrap(), with_role("x:y.safetensors", 1.0, Role::Motion));
+    // an '=' after a '/' or '.' is part of the path
+    assert_eq!(p("./a=b.safetensors:0.5").unwrap(), spec(Path::new("./a=b.safetensors"), 0.5));
+    assert_eq!(p("dir/a=b.safetensors").unwrap(), spec(Path::new("dir/a=b.safetensors"), 1.0));
+    let e = p("stlye=a.safetensors").unwrap_err();
+    assert!(
+        matches!(&e, Error::Input(m) if m.contains("stlye") && m.contains("style, character, utility, lcm, motion"))
+    );
 }
 
 #[test]
@@ -664,4 +677,371 @@ fn lycoris_modules_that_do_not_fit_are_refused_with_their_shapes() {
         let e = resolve(&[spec(&file, 1.0)], &targets, false).err().unwrap();
         assert!(matches!(e, Error::Input(_)) && e.to_string().contains(want), "'{want}' in: {e}");
     }
+}
+
+// ---- DoRA (src/models/lora/merge.rs `Dora`). PEFT files against diffusers' `fuse_lora`; kohya /
+// LyCORIS `dora_scale` files against LyCORIS' maths in tools/make_lora_fixtures.py
+// (`kohya_dora`: diffusers 0.42 drops `dora_scale` keys for SDXL).
+
+#[test]
+fn unet_peft_dora_matches_diffusers() {
+    assert_within(&verify_unet_case("lora_dora_peft", &[("lora_dora_peft", 0.7)]), "PEFT DoRA x0.7");
+}
+
+#[test]
+fn unet_dora_with_a_plain_lora_matches_diffusers_in_either_order() {
+    // diffusers fused the DoRA file first; each module's change is taken against the weight before
+    // any LoRA, so the order given here does not matter (checked on the merged weights).
+    let case = "lora_dora_two";
+    assert_within(&verify_unet_case(case, &[("lora_peft", -0.5), ("lora_dora_peft", 0.7)]), "LoRA, then DoRA");
+    let (checkpoint, targets) = unet_targets();
+    let merge = |order: &[(&str, f64)]| resolve(&lora_options(order).files, &targets, false).unwrap();
+    let (a, b) = (
+        merge(&[("lora_peft", -0.5), ("lora_dora_peft", 0.7)]),
+        merge(&[("lora_dora_peft", 0.7), ("lora_peft", -0.5)]),
+    );
+    let (a, b) = (a.merge(Component::Unet).unwrap(), b.merge(Component::Unet).unwrap());
+    let name = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight";
+    assert!(!a.is_additive(name) && a.deltas(name).unwrap().len() == 2, "both files adapt {name}");
+    for name in a.names() {
+        let base = checkpoint.weights.get(name).unwrap();
+        let (x, y) = (a.merged(name, base, DType::F32).unwrap(), b.merged(name, base, DType::F32).unwrap());
+        assert_eq!(x.unwrap().to_f32_vec().unwrap(), y.unwrap().to_f32_vec().unwrap(), "{name}");
+    }
+}
+
+#[test]
+fn unet_kohya_dora_scale_on_both_axes_matches_the_lycoris_maths() {
+    let v = verify_unet_case("lora_dora_kohya", &[("lora_dora_kohya", 0.8)]);
+    assert!(v.summary.contains("unet 5 modules"), "{}", v.summary);
+    assert_within(&v, "dora_scale x0.8");
+}
+
+/// A copy of a fixture LoRA without the keys `drop` accepts, in `dir`.
+fn without(dir: &TempDir, name: &str, drop: impl Fn(&str) -> bool) -> std::path::PathBuf {
+    let file = weights::open(&fixtures().join(format!("{name}.safetensors")), "LoRA").unwrap();
+    let kept: Vec<Entry> = file
+        .names()
+        .filter(|n| !drop(n))
+        .map(|n| {
+            let t = file.float(n).unwrap();
+            (n.to_string(), t.shape().to_vec(), t.to_f32_vec().unwrap())
+        })
+        .collect();
+    let path = dir.path(&format!("{name}.stripped.safetensors"));
+    write(&path, &kept, file.metadata().get("lora_adapter_metadata").map(String::as_str));
+    path
+}
+
+/// The DoRA comparisons above can fail: without DoRA, at another strength, or with the strength
+/// applied the other format's way, the outputs are far off.
+#[test]
+fn the_dora_references_differ_from_plain_lora_and_other_strengths() {
+    let settings = Settings::cpu(DType::F32, TOL);
+    let rel = |reference: &str, specs: Vec<LoraSpec>| {
+        let reference = fixtures().join(format!("{reference}.unet.reference.safetensors"));
+        let v = verify_unet_with_loras(
+            &fixtures().join("unet_a"),
+            &reference,
+            &settings,
+            &LoraOptions { files: specs, lenient: false },
+        )
+        .unwrap();
+        v.comparisons[0].rel_l2
+    };
+    let f = |name: &str| fixtures().join(format!("{name}.safetensors"));
+    let dir = TempDir::new("lora-dora-refs");
+    // dora_scale dropped (what diffusers 0.42 does with kohya DoRA files): a plain LoRA
+    let plain = without(&dir, "lora_dora_kohya", |n| n.ends_with(".dora_scale"));
+    let cases = [
+        ("lora_dora_kohya", vec![LoraSpec::new(plain, 0.8, None)], "dora_scale dropped"),
+        ("lora_dora_peft", vec![LoraSpec::new(f("lora_dora_peft"), 1.0, None)], "PEFT DoRA at 1.0"),
+        ("lora_dora_two", vec![LoraSpec::new(f("lora_dora_peft"), 0.7, None)], "the DoRA file alone"),
+    ];
+    for (reference, specs, what) in cases {
+        let e = rel(reference, specs);
+        assert!(e > 1e-3, "{what}: rel L2 {e:.2e}");
+    }
+}
+
+#[test]
+fn dora_magnitudes_that_do_not_fit_are_input_errors_naming_key_and_shapes() {
+    let dir = TempDir::new("lora-dora-bad");
+    let (_, targets) = unet_targets();
+    let file = dir.path("bad.safetensors");
+    let k = "lora_unet_input_blocks_4_1_proj_in"; // [64, 64]
+    let pair = |m: &str, down: &[usize], up: &[usize]| {
+        vec![entry(&format!("{m}.lora_down.weight"), down, 1), entry(&format!("{m}.lora_up.weight"), up, 2)]
+    };
+    let p = "unet.down_blocks.1.attentions.0.proj_in";
+    let peft = |mag: &[usize]| {
+        vec![
+            entry(&format!("{p}.lora_A.weight"), &[2, 64], 1),
+            entry(&format!("{p}.lora_B.weight"), &[64, 2], 2),
+            entry(&format!("{p}.lora_magnitude_vector"), mag, 3),
+        ]
+    };
+    let c = "lora_unet_input_blocks_1_0_in_layers_2"; // conv [32, 32, 3, 3]
+    let cases: Vec<(Vec<Entry>, Option<&str>, Vec<&str>)> = vec![
+        (
+            [pair(k, &[2, 64], &[64, 2]), vec![entry(&format!("{k}.dora_scale"), &[64], 3)]].concat(),
+            None,
+            vec!["dora_scale is [64]", "[64, 1, ...]", "[1, 64, ...]"],
+        ),
+        (
+            [pair(c, &[2, 32, 3, 3], &[32, 2, 1, 1]), vec![entry(&format!("{c}.dora_scale"), &[32, 1], 3)]].concat(),
+            None,
+            vec!["dora_scale is [32, 1]", "[32, 32, 3, 3]"],
+        ),
+        (peft(&[32]), None, vec!["lora_magnitude_vector is [32]", "[64] on a Linear"]),
+        (peft(&[1, 64, 1, 1]), None, vec!["lora_magnitude_vector is [1, 64, 1, 1]"]),
+        (
+            pair(p, &[2, 64], &[64, 2])
+                .into_iter()
+                .map(|(n, s, v)| (n.replace(".lora_down.", ".lora_A.").replace(".lora_up.", ".lora_B."), s, v))
+                .collect(),
+            Some(r#"{"unet.use_dora": true}"#),
+            vec!["use_dora", "no lora_magnitude_vector"],
+        ),
+        (
+            vec![entry(&format!("{k}.diff"), &[64, 64], 1), entry(&format!("{k}.dora_scale"), &[64, 1], 2)],
+            None,
+            vec!["full diff"],
+        ),
+    ];
+    for (entries, metadata, parts) in cases {
+        write(&file, &entries, metadata);
+        let e = resolve(&[spec(&file, 1.0)], &targets, false).err().expect("an error");
+        let msg = e.to_string();
+        assert!(matches!(e, Error::Input(_)), "{msg}");
+        for part in parts.iter().chain(&[file.display().to_string().as_str()]) {
+            assert!(msg.contains(part), "'{part}' in: {msg}");
+        }
+    }
+}
+
+#[test]
+fn two_dora_modules_on_one_weight_are_refused() {
+    let dir = TempDir::new("lora-dora-twice");
+    let (_, targets) = unet_targets();
+    let k = "lora_unet_input_blocks_4_1_proj_in";
+    let dora = [
+        entry(&format!("{k}.lora_down.weight"), &[2, 64], 1),
+        entry(&format!("{k}.lora_up.weight"), &[64, 2], 2),
+        entry(&format!("{k}.dora_scale"), &[64, 1], 3),
+    ];
+    let (a, b) = (dir.path("a.safetensors"), dir.path("b.safetensors"));
+    write(&a, &dora, None);
+    write(&b, &dora, None);
+    let e = resolve(&[spec(&a, 1.0), spec(&b, 1.0)], &targets, false).err().unwrap();
+    let msg = e.to_string();
+    assert!(matches!(e, Error::Unsupported(_)) && msg.contains("adapts with DoRA too"), "{msg}");
+    assert!(msg.contains(&a.display().to_string()) && msg.contains(&b.display().to_string()), "{msg}");
+    // One DoRA module and a plain one on the same weight are fine.
+    write(&b, &dora[..2], None);
+    let loras = resolve(&[spec(&a, 1.0), spec(&b, 1.0)], &targets, false).unwrap();
+    let merge = loras.merge(Component::Unet).unwrap();
+    assert!(!merge.is_additive(PROJ_IN) && merge.deltas(PROJ_IN).unwrap().len() == 2);
+}
+
+// ---- LoRAs on the motion UNet (tools/make_lora_fixtures.py `motion_case`: diffusers'
+// AnimateDiffSDXLPipeline with lora_kohya_sgm x0.8 on the UNet and lora_motion x0.7 on the motion
+// modules, fused; 1 video x 4 frames at 8x8).
+
+fn verify_motion_case(loras: &[LoraSpec]) -> Verification {
+    let options = LoraOptions { files: loras.to_vec(), lenient: false };
+    verify_motion_unet_with_loras(
+        &fixtures().join("unet_a"),
+        &fixtures().join("motion_a"),
+        &fixtures().join("lora_motion.motion_unet.reference.safetensors"),
+        &Settings::cpu(DType::F32, TOL),
+        false,
+        &options,
+    )
+    .unwrap()
+}
+
+fn motion_specs(motion_file: &Path, motion_weight: f64) -> Vec<LoraSpec> {
+    vec![
+        LoraSpec::new(fixtures().join("lora_kohya_sgm.safetensors"), 0.8, Some(Role::Style)),
+        LoraSpec::new(motion_file, motion_weight, Some(Role::Motion)),
+    ]
+}
+
+/// Processor-form motion LoRA module keys (`unet.<attention>.processor.<proj>_lora`) and their
+/// down/up tensors, from the fixture.
+fn motion_lora_entries() -> Vec<(String, String, Entry)> {
+    let file = weights::open(&fixtures().join("lora_motion.safetensors"), "LoRA").unwrap();
+    file.names()
+        .map(|n| {
+            let t = file.float(n).unwrap();
+            let (head, which) = n.rsplit_once("_lora.").unwrap(); // (unet.<attn>.processor.to_q, down.weight)
+            let (attention, proj) = head.rsplit_once(".processor.").unwrap();
+            (
+                attention.to_string(),
+                format!("{proj}|{which}"),
+                (n.to_string(), t.shape().to_vec(), t.to_f32_vec().unwrap()),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn motion_unet_with_a_unet_and_a_motion_lora_matches_diffusers() {
+    let v = verify_motion_case(&motion_specs(&fixtures().join("lora_motion.safetensors"), 0.7));
+    let pairs = motion_lora_entries().len() / 2;
+    assert!(v.summary.contains(&format!("motion_modules {pairs} modules")), "{}", v.summary);
+    assert!(v.summary.contains("lora_kohya_sgm.safetensors [style]"), "{}", v.summary);
+    // 0.7 is outside the motion role's recommended 1.0: a warning, not an error
+    assert!(v.summary.contains("WARNING: LoRA") && v.summary.contains("weight 0.7 is outside"), "{}", v.summary);
+    assert_within(&v, "kohya UNet LoRA + motion LoRA");
+}
+
+#[test]
+fn motion_loras_in_original_animatediff_and_peft_names_merge_the_same() {
+    // The original names of the motion modules' tensors, as tools/make_motion_fixtures.py wrote
+    // and diffusers' converter checked them (motion_a.original_names.json): diffusers -> original.
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("motion_a.original_names.json")).unwrap())
+            .unwrap();
+    let original: HashMap<String, String> = json["original_to_diffusers"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(o, d)| (d.as_str().unwrap().to_string(), o.clone()))
+        .collect();
+    let dir = TempDir::new("lora-motion-names");
+    let (mut peft, mut guoyww) = (Vec::new(), Vec::new());
+    let mut mid = 0;
+    for (attention, kind, (_, shape, values)) in motion_lora_entries() {
+        let (proj, which) = kind.split_once('|').unwrap();
+        let module = if proj == "to_out" { "to_out.0" } else { proj };
+        let ab = if which == "down.weight" { "lora_A" } else { "lora_B" };
+        let peft_key = format!("{attention}.{module}.{ab}.weight");
+        peft.push((peft_key.clone(), shape.clone(), values.clone()));
+        // guoyww/AnimateDiff MotionLoRA keys: <original attention path>.processor.<proj>_lora.<which>
+        let diffusers_weight = format!("{}.{module}.weight", attention.strip_prefix("unet.").unwrap());
+        match original.get(&diffusers_weight) {
+            Some(o) => {
+                let o_attention = o.strip_suffix(&format!(".{module}.weight")).unwrap();
+                guoyww.push((format!("{o_attention}.processor.{proj}_lora.{which}"), shape, values));
+            }
+            // the names file has no mid block (the SDXL module has none): PEFT names there
+            None => {
+                mid += 1;
+                guoyww.push((peft_key, shape, values));
+            }
+        }
+    }
+    assert!(
+        mid > 0 && guoyww.iter().filter(|(n, ..)| n.contains(".temporal_transformer.")).count() == peft.len() - mid
+    );
+    // The same deltas on the same weights as the processor-form fixture, which is checked against
+    // diffusers above.
+    let unet = open_unet(&fixtures().join("unet_a")).unwrap();
+    let motion = open_motion(&fixtures().join("motion_a")).unwrap();
+    let mut targets = Targets::new();
+    targets.add_unet(&unet).unwrap();
+    targets.add_motion(&motion).unwrap();
+    let merged = |file: &Path| {
+        let loras = resolve(&[spec(file, 0.7)], &targets, false).unwrap();
+        let merge = loras.merge(Component::Motion).unwrap();
+        let mut out: Vec<(String, Vec<f32>)> = merge
+            .names()
+            .map(|n| {
+                let base = motion.weights.get(n).unwrap();
+                (n.to_string(), merge.merged(n, base, DType::F32).unwrap().unwrap().to_f32_vec().unwrap())
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        (loras.summary.join("\n"), out)
+    };
+    let (_, want) = merged(&fixtures().join("lora_motion.safetensors"));
+    assert_eq!(want.len(), peft.len() / 2);
+    for (entries, what) in [(peft, "PEFT names"), (guoyww, "original AnimateDiff names (mid block: PEFT)")] {
+        let file = dir.path("motion.safetensors");
+        write(&file, &entries, None);
+        let (summary, got) = merged(&file);
+        assert!(summary.contains(&format!("motion_modules {} modules", entries.len() / 2)), "{what}: {summary}");
+        assert!(got == want, "{what}: the merged motion weights differ from the processor-form file's");
+    }
+}
+
+#[test]
+fn the_motion_lora_reference_differs_without_the_motion_lora_or_at_another_strength() {
+    let motion = fixtures().join("lora_motion.safetensors");
+    let unet_only = vec![motion_specs(&motion, 0.7).remove(0)];
+    for (specs, what) in [(unet_only, "the UNet LoRA only"), (motion_specs(&motion, 1.0), "the motion LoRA at 1.0")] {
+        let c = verify_motion_case(&specs).comparisons[0].clone();
+        assert!(c.rel_l2 > 1e-3, "{what}: rel L2 {:.2e}", c.rel_l2);
+    }
+}
+
+#[test]
+fn motion_modules_enter_the_name_map_only_when_loaded() {
+    let dir = TempDir::new("lora-motion-map");
+    let motion = open_motion(&fixtures().join("motion_a")).unwrap();
+    let (_, mut targets) = unet_targets();
+    let attn = "down_blocks.1.motion_modules.0.transformer_blocks.0.attn2";
+    let keys = [
+        format!("unet.{attn}.processor.to_out_lora.down.weight"),
+        format!("unet.{attn}.processor.to_out_lora.up.weight"),
+    ];
+    let file = dir.path("one.safetensors");
+    write(&file, &[entry(&keys[0], &[2, 64], 1), entry(&keys[1], &[64, 2], 2)], None);
+    // UNet only: counted for the motion modules, not an error
+    let loras = resolve(&[spec(&file, 1.0)], &targets, false).unwrap();
+    assert!(loras.summary[0].contains("1 modules for motion_modules (not loaded here)"), "{:?}", loras.summary);
+    targets.add_motion(&motion).unwrap();
+    let loras = resolve(&[spec(&file, 0.5)], &targets, false).unwrap();
+    let merge = loras.merge(Component::Motion).unwrap();
+    let name = format!("{attn}.to_out.0.weight");
+    assert!(merge.names().eq([name.as_str()]) && loras.merge(Component::Unet).is_none());
+    // W + 0.5 · up · down (no alpha: scale = strength), on the stored weight
+    let base = motion.weights.get(&name).unwrap();
+    let got = merge.merged(&name, base, DType::F32).unwrap().unwrap().to_f32_vec().unwrap();
+    let want = expected(base, &entry("u", &[64, 2], 2), &entry("d", &[2, 64], 1), 0.5);
+    assert_eq!(got, want);
+    // a width that does not fit: the key and both shapes
+    write(&file, &[entry(&keys[0], &[2, 32], 1), entry(&keys[1], &[32, 2], 2)], None);
+    let msg = resolve(&[spec(&file, 1.0)], &targets, false).err().unwrap().to_string();
+    assert!(msg.contains(&format!("{} [2, 32]", keys[0])) && msg.contains(&format!("'{name}' is [64, 64]")), "{msg}");
+}
+
+#[test]
+fn cli_motion_unet_takes_roles_and_refuses_a_fourth_lora() {
+    let f = |name: &str| fixtures().join(name).display().to_string();
+    let (unet, motion, reference) = (f("unet_a"), f("motion_a"), f("lora_motion.motion_unet.reference.safetensors"));
+    let base = [
+        "verify",
+        "motion_unet",
+        "--device",
+        "cpu",
+        "--weights",
+        &unet,
+        "--motion",
+        &motion,
+        "--reference",
+        &reference,
+    ];
+    let style = format!("style={}:0.8", f("lora_kohya_sgm.safetensors"));
+    let pan = format!("motion={}:0.7", f("lora_motion.safetensors"));
+    let (code, out) = celframe(&[&base[..], &["--lora", &style, "--lora", &pan]].concat());
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("[motion]") && out.contains("motion_modules") && out.contains("outside the recommended 1"),
+        "{out}"
+    );
+    // three more LoRAs without roles: four besides the motion LoRA
+    let te = f("lora_te_kohya.safetensors");
+    let more = ["--lora", &te, "--lora", &te, "--lora", &te];
+    let (code, out) = celframe(&[&base[..], &["--lora", &style, "--lora", &pan], &more[..]].concat());
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("at most 3 LoRAs besides the LCM-LoRA and the motion LoRA") && out.contains("(no role)"),
+        "{out}"
+    );
+    let (code, out) = celframe(&[&base[..], &["--lora", &format!("motoin={}", f("lora_motion.safetensors"))]].concat());
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("unknown LoRA role 'motoin'"), "{out}");
 }

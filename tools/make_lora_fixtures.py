@@ -35,6 +35,20 @@ LyCORIS files, whose references come from the formats' maths in this script (`ly
 diffusers, which loads none of them into an SDXL UNet: lora_loha (x1.0), lora_lokr (x0.6),
 lora_full (`diff` / `diff_b`, x1.0).
 
+DoRA and motion LoRAs (own random generators, so the files above do not change):
+  lora_dora_peft       PEFT DoRA (`use_dora`, `lora_magnitude_vector`) on to_q, to_v, ff.net.2 and
+                       ResNet conv1, saved by `save_lora_weights` with the config in the metadata
+  lora_dora_peft.unet  lora_dora_peft at 0.7, by diffusers (load_lora_weights, fuse_lora)
+  lora_dora_two.unet   lora_dora_peft at 0.7, then lora_peft at -0.5, by diffusers
+  lora_dora_kohya      kohya / LyCORIS DoRA (`dora_scale`, both norm axes, Linears and convs) at
+                       0.8; reference from LyCORIS' maths here (`kohya_dora`), as diffusers 0.42
+                       drops `dora_scale` keys for SDXL
+  lora_motion          an AnimateDiff motion LoRA for tests/fixtures/motion_a in the converted
+                       diffusers format (`unet....motion_modules...processor.to_q_lora.down.weight`)
+  lora_motion.motion_unet
+                       AnimateDiffSDXLPipeline (unet_a + motion_a) with lora_kohya_sgm at 0.8 and
+                       lora_motion at 0.7, fused; 1 video x 4 frames at 8x8
+
 Run: python3 tools/make_lora_fixtures.py   (needs torch, diffusers, peft, transformers, safetensors)
 """
 import pathlib
@@ -234,6 +248,136 @@ def lycoris(unet, unet_sd, inputs, g):
         print(f"{case} x{strengths[case]}: the deltas move out.sample by {moved:.3f} (relative L2)")
 
 
+def peft_dora(g):
+    """A PEFT DoRA file (`use_dora`): LoRA layers with magnitude vectors added by peft on attention
+    projections, ff.net.2 and ResNet conv1, factors randomised and each magnitude moved off its
+    initial norm (at init, m = ||W + s BA||, which would make W'' = W + s BA), saved by diffusers
+    with the PEFT config in the metadata."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = pipeline()
+    config = LoraConfig(r=RANK, lora_alpha=8, init_lora_weights=False, use_dora=True,
+                        target_modules=["to_q", "to_v", "ff.net.2", "conv1"])
+    pipe.unet.add_adapter(config)
+    with torch.no_grad():
+        for n, p in pipe.unet.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.copy_((p * (1.0 + 0.3 * torch.randn(p.shape, generator=g))).half().float())
+            elif "lora_" in n:
+                p.copy_((0.2 * torch.randn(p.shape, generator=g)).half().float())
+    layers = {k: v.half() for k, v in get_peft_model_state_dict(pipe.unet).items()}
+    assert any("lora_magnitude_vector" in k for k in layers)
+    metadata = config.to_dict()
+    metadata["target_modules"] = sorted(metadata["target_modules"])
+    StableDiffusionXLPipeline.save_lora_weights(
+        ROOT, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata,
+        weight_name="lora_dora_peft.safetensors",
+    )
+
+
+def kohya_dora(unet_sd, unet, inputs, g):
+    """kohya / LyCORIS DoRA (`dora_scale`, LyCORIS `dora_wd`) with kohya SGM keys, and a reference
+    from the maths here (diffusers 0.42's SDXL `lora_state_dict` drops `dora_scale` keys with a
+    warning and would merge a plain LoRA): LyCORIS `lycoris/functional/general.py`
+    `_weight_decompose`: W1 = W + (alpha/r) up down, W'' = dora_scale * W1 / (||W1|| + eps32), the
+    norm per output row for a dora_scale [out, 1, ...] (`wd_on_out`, LyCORIS' default) and per
+    input column for [1, in, ...]; the strength w merges W + w (W'' - W) (ComfyUI
+    `comfy/weight_adapter/base.py` `weight_decompose`). In float64 from the stored values."""
+    sd, deltas = {}, []
+    eps = torch.finfo(torch.float32).eps
+    cases = (  # (diffusers weight, norm per output row?)
+        ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k.weight", True),
+        ("mid_block.attentions.0.transformer_blocks.1.ff.net.0.proj.weight", False),
+        ("up_blocks.1.attentions.1.proj_in.weight", True),
+        ("down_blocks.1.resnets.1.conv2.weight", True),
+        ("up_blocks.0.resnets.2.conv1.weight", False),
+    )
+    strength = 0.8
+    for name, on_out in cases:
+        w = unet_sd[name]
+        key = "lora_unet_" + sgm_module(name.removesuffix(".weight")).replace(".", "_")
+        down, up = lora_factors(w, g)
+        w1 = w.double() + 0.5 * (up.double().flatten(1) @ down.double().flatten(1)).reshape(w.shape)
+        extra = [1] * (w.ndim - 2)
+        if on_out:
+            norm = w1.flatten(1).norm(dim=1).reshape(w.shape[0], 1, *extra)
+        else:
+            norm = w1.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, w.shape[1], *extra)
+        scale = (norm.float() * (1.0 + 0.3 * torch.randn(norm.shape, generator=g))).half()
+        sd.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                   f"{key}.alpha": torch.tensor(2.0).half(), f"{key}.dora_scale": scale})
+        w2 = scale.double() * w1 / (norm + eps)
+        deltas.append((name, strength * (w2 - w.double())))
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(ROOT / "lora_dora_kohya.safetensors"))
+    merged = dict(unet_sd)
+    for name, d in deltas:
+        merged[name] = (unet_sd[name].double() + d).float()
+    model = UNet2DConditionModel.from_pretrained(ROOT / "unet_a")
+    model.load_state_dict(merged)
+    unet_reference(model, inputs, ROOT / "lora_dora_kohya.unet.reference.safetensors")
+    plain = run(unet, inputs, None)
+    moved = (run(model, inputs, None) - plain).norm() / plain.norm()
+    print(f"lora_dora_kohya x{strength}: the DoRA modules move out.sample by {moved:.3f} (relative L2)")
+
+
+def motion_lora(g):
+    """An AnimateDiff motion LoRA for tests/fixtures/motion_a in the key format diffusers'
+    `scripts/convert_animatediff_motion_lora_to_diffusers.py` writes and AnimateDiff pipelines'
+    `load_lora_weights` read (`unet.<block>.motion_modules.<j>.transformer_blocks.<n>.attn{1,2}.
+    processor.to_{q,k,v,out}_lora.{down,up}.weight`, no alpha: scale = strength), on every
+    attention projection of every module, the mid block's too. The published MotionLoRAs are for
+    SD1.5's modules; this one has the tiny SDXL-layout module's shapes."""
+    from diffusers import MotionAdapter
+
+    adapter = MotionAdapter.from_pretrained(ROOT / "motion_a")
+    sd = {}
+    for name, w in adapter.state_dict().items():
+        for proj, saved in (("to_q", "to_q"), ("to_k", "to_k"), ("to_v", "to_v"), ("to_out.0", "to_out")):
+            if name.endswith(f".{proj}.weight"):
+                attention = name.removesuffix(f".{proj}.weight")
+                down, up = lora_factors(w, g)
+                sd[f"unet.{attention}.processor.{saved}_lora.down.weight"] = down
+                sd[f"unet.{attention}.processor.{saved}_lora.up.weight"] = up
+    save_file(sd, str(ROOT / "lora_motion.safetensors"))
+    return adapter
+
+
+def motion_case(adapter, g):
+    """The motion UNet (tests/fixtures/unet_a + motion_a, tools/make_motion_fixtures.py's
+    `motion_unet`) in diffusers' AnimateDiffSDXLPipeline with lora_kohya_sgm (UNet, x0.8) and
+    lora_motion (motion modules, x0.7) loaded, weighted and fused; reference on 1 video x 4 frames
+    at 8x8."""
+    from diffusers import AnimateDiffSDXLPipeline
+    from make_motion_fixtures import motion_unet, random_inputs, save_reference
+
+    unet = UNet2DConditionModel.from_pretrained(ROOT / "unet_a")
+    base = motion_unet(unet, adapter)
+    plain = {k: v.clone() for k, v in base.state_dict().items()}
+    pipe = AnimateDiffSDXLPipeline(
+        vae=AutoencoderKL.from_pretrained(ROOT / "vae_tiny"),
+        text_encoder=CLIPTextModel.from_pretrained(ROOT / "text_encoder_tiny"),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(ROOT / "text_encoder_2_tiny"),
+        tokenizer=None, tokenizer_2=None, unet=base, motion_adapter=adapter, scheduler=EulerDiscreteScheduler(),
+    )
+    loras = [("lora_kohya_sgm", 0.8), ("lora_motion", 0.7)]
+    for i, (file, _) in enumerate(loras):
+        pipe.load_lora_weights(str(ROOT / f"{file}.safetensors"), adapter_name=f"l{i}")
+    pipe.set_adapters([f"l{i}" for i in range(len(loras))], adapter_weights=[w for _, w in loras])
+    pipe.fuse_lora(lora_scale=1.0)
+    pipe.unload_lora_weights()
+    fused_sd = pipe.unet.state_dict()
+    changed = [k for k in plain if not torch.equal(plain[k], fused_sd[k])]
+    motion = sum(".motion_modules." in k for k in changed)
+    print(f"lora_motion.motion_unet: {len(changed)} weights changed, {motion} of them in the motion modules")
+    inputs = random_inputs(pipe.unet, 1, 4, 8, 8, g)
+    out = save_reference(ROOT / "lora_motion.motion_unet.reference.safetensors", pipe.unet, inputs)
+    base = motion_unet(UNet2DConditionModel.from_pretrained(ROOT / "unet_a"), adapter)
+    from make_motion_fixtures import run as motion_run
+    before = motion_run(base, inputs)
+    print(f"lora_motion.motion_unet: the LoRAs move out.sample by {(out - before).norm() / before.norm():.3f}")
+
+
 def main():
     g = torch.Generator().manual_seed(11)
     base = pipeline()
@@ -296,6 +440,22 @@ def main():
         ids = load_file(str(ROOT / f"{folder}_tiny.reference.safetensors"))["in.input_ids"]
         text_reference(model, ids, ROOT / f"lora_te_kohya.{folder}.reference.safetensors")
     lycoris(base.unet, unet_sd, inputs, g)
+
+    # DoRA and motion LoRAs (own generators: the files above stay as they were).
+    g2 = torch.Generator().manual_seed(12)
+    peft_dora(g2)
+    for case, loras in {
+        "lora_dora_peft": [("lora_dora_peft", 0.7)],
+        # DoRA first: PEFT's in-turn merge then equals the order-free rule (merge.rs `Dora`)
+        "lora_dora_two": [("lora_dora_peft", 0.7), ("lora_peft", -0.5)],
+    }.items():
+        pipe = fused(loras)
+        unet_reference(pipe.unet, inputs, ROOT / f"{case}.unet.reference.safetensors")
+        moved = (run(pipe.unet, inputs, None) - plain).norm() / plain.norm()
+        print(f"{case}: the LoRAs move out.sample by {moved:.3f} (relative L2)")
+    kohya_dora(unet_sd, base.unet, inputs, g2)
+    g3 = torch.Generator().manual_seed(13)
+    motion_case(motion_lora(g3), g3)
     total = sum(p.stat().st_size for p in ROOT.glob("lora_*"))
     print(f"LoRA fixtures: {total / 1e6:.2f} MB")
 

@@ -14,8 +14,8 @@ use crate::models::lora::LoraSpec;
 use crate::tensor::{DType, Tensor};
 use crate::verify::arenas::MAX_SCRATCH_GB;
 use crate::verify::{
-    Comparison, Device, LoraOptions, Settings, default_tolerance, verify_motion_unet, verify_text_encoder_with_loras,
-    verify_unet_with_loras, verify_vae_decoder,
+    Comparison, Device, LoraOptions, Settings, default_tolerance, verify_motion_unet_with_loras,
+    verify_text_encoder_with_loras, verify_unet_with_loras, verify_vae_decoder,
 };
 use crate::weights;
 
@@ -57,9 +57,11 @@ pub struct VerifyArgs {
     /// CUDA scratch arena in GiB (default: three quarters of the device memory less the weights).
     #[arg(long)]
     pub scratch_gb: Option<f64>,
-    /// A LoRA merged into the component before it runs (unet, text_encoder, text_encoder_2):
-    /// PATH[:WEIGHT], WEIGHT 1.0 by default; repeat for several.
-    #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
+    /// A LoRA merged into the component before it runs (unet, motion_unet: UNet and motion LoRAs,
+    /// text_encoder, text_encoder_2): [ROLE=]PATH[:WEIGHT], WEIGHT 1.0 by default, ROLE one of
+    /// style, character, utility, lcm, motion (checked against the pipeline's LoRA rules; without
+    /// one, only the count limits apply); repeat for several.
+    #[arg(long = "lora", value_name = "[ROLE=]PATH[:WEIGHT]")]
     pub lora: Vec<String>,
     /// LoRA keys that target nothing in the component become a warning in the summary instead of
     /// an error.
@@ -120,11 +122,8 @@ pub fn run(args: &VerifyArgs) -> Result<bool> {
         lenient: args.lora_lenient,
     };
     if args.component == "vae_decoder" && !loras.files.is_empty() {
-        return Err(Error::Input("--lora applies to unet, text_encoder and text_encoder_2, not vae_decoder".into()));
-    }
-    if args.component == "motion_unet" && !loras.files.is_empty() {
-        return Err(Error::Unsupported(
-            "--lora with motion_unet: LoRAs are not merged into the motion UNet yet".into(),
+        return Err(Error::Input(
+            "--lora applies to unet, motion_unet, text_encoder and text_encoder_2, not vae_decoder".into(),
         ));
     }
     let settings = Settings { device, dtype, tolerance, scratch_gb: args.scratch_gb };
@@ -135,7 +134,14 @@ pub fn run(args: &VerifyArgs) -> Result<bool> {
         }
         "vae_decoder" => verify_vae_decoder(&args.weights, &args.reference, &settings)?,
         "motion_unet" => match &args.motion {
-            Some(m) => verify_motion_unet(&args.weights, m, &args.reference, &settings, args.group_norm_across_frames)?,
+            Some(m) => verify_motion_unet_with_loras(
+                &args.weights,
+                m,
+                &args.reference,
+                &settings,
+                args.group_norm_across_frames,
+                &loras,
+            )?,
             None => return Err(Error::Internal("motion_unet without --motion passed the argument check".into())),
         },
         _ => verify_unet_with_loras(&args.weights, &args.reference, &settings, &loras)?,

@@ -22,12 +22,13 @@ use crate::models::lora::{self, LoraMerge, LoraSpec, Loras, Targets};
 use crate::tensor::{DType, Tensor};
 use crate::weights::{self, TensorFile};
 
-pub use motion_unet::verify_motion_unet;
+pub use motion_unet::{verify_motion_unet, verify_motion_unet_with_loras};
 pub use text_encoder::{verify_text_encoder, verify_text_encoder_with_loras};
 pub use unet::{verify_unet, verify_unet_with_loras};
 pub use vae::verify_vae_decoder;
 
-/// LoRAs merged into the component before it runs (`--lora PATH[:WEIGHT]`, `--lora-lenient`).
+/// LoRAs merged into the component before it runs (`--lora [ROLE=]PATH[:WEIGHT]`,
+/// `--lora-lenient`); `lora::resolve` checks the roles' rules first.
 #[derive(Clone, Debug, Default)]
 pub struct LoraOptions {
     pub files: Vec<LoraSpec>,

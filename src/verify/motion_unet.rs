@@ -7,14 +7,19 @@
 //! [videos, pooled], `in.added_cond_kwargs.time_ids` [videos, n], optionally ControlNet residuals
 //! `in.down_block_additional_residuals.<k>` [videos * frames, C, h, w] and
 //! `in.mid_block_additional_residual` -> `out.sample` [videos, channels, frames, height, width].
+//!
+//! With LoRAs (`verify_motion_unet_with_loras`, `--lora`), one name map covers the UNet and the
+//! motion modules: UNet modules merge into the UNet, AnimateDiff MotionLoRA modules into the motion
+//! modules.
 
 use std::path::Path;
 
 use super::arenas::{model_arenas, most_of_memory, scratch_bytes, weight_bytes};
 use super::unet::{ForwardInputs, INPUTS, RESIDUAL_PREFIX, read_residuals, read_timestep};
-use super::{Device, Reference, Settings, Verification, compare};
+use super::{Device, LoraOptions, Reference, Settings, Verification, compare, with_loras};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::models::lora::{Component, LoraMerge};
 use crate::models::{
     Frames, MotionCheckpoint, MotionFormat, MotionModules, Place, Unet, UnetCheckpoint, UnetConfig, open_motion,
     open_unet,
@@ -112,10 +117,32 @@ pub fn verify_motion_unet(
     settings: &Settings,
     group_norm_across_frames: bool,
 ) -> Result<Verification> {
+    let no_loras = LoraOptions::default();
+    verify_motion_unet_with_loras(unet_path, motion_path, reference, settings, group_norm_across_frames, &no_loras)
+}
+
+/// `verify_motion_unet` with `loras` merged first: UNet modules into the UNet, motion-module
+/// modules (AnimateDiff MotionLoRAs) into the motion modules, one name map over both.
+pub fn verify_motion_unet_with_loras(
+    unet_path: &Path,
+    motion_path: &Path,
+    reference: &Path,
+    settings: &Settings,
+    group_norm_across_frames: bool,
+    loras: &LoraOptions,
+) -> Result<Verification> {
     let Settings { device, dtype, tolerance, scratch_gb } = *settings;
     let unet = open_unet(unet_path)?;
     let motion = open_motion(motion_path)?;
     motion.config.check_unet(&unet.config)?;
+    let loras = loras.resolve(|t| {
+        t.add_unet(&unet)?;
+        t.add_motion(&motion)
+    })?;
+    let merges = Merges {
+        unet: loras.as_ref().and_then(|l| l.merge(Component::Unet)),
+        motion: loras.as_ref().and_then(|l| l.merge(Component::Motion)),
+    };
     let r = read_reference(&Reference::open(reference)?, &unet.config, dtype)?;
     let video = Frames { frames: r.frames, group_norm_across_frames };
     let s = r.inputs.sample.shape();
@@ -123,7 +150,7 @@ pub fn verify_motion_unet(
         MotionFormat::Diffusers => "diffusers",
         MotionFormat::Original => "original AnimateDiff names",
     };
-    let summary = format!(
+    let mut summary = format!(
         "{}: {}\n{} ({format}): {}\n{} on {device:?} in {dtype:?}: {} videos x {} frames, latent {}x{}, {} context \
          tokens{}{}",
         unet_path.display(),
@@ -139,22 +166,34 @@ pub fn verify_motion_unet(
         if r.inputs.residuals.is_some() { ", with ControlNet residuals" } else { "" },
         if group_norm_across_frames { ", UNet group norms across frames" } else { "" }
     );
+    for line in loras.iter().flat_map(|l| &l.summary) {
+        summary.push_str(&format!("\n{line}"));
+    }
     let sample = match device {
         Device::Cpu => {
-            let model = Unet::new(&unet, Place::Host(dtype))?;
-            let modules = MotionModules::new(&motion, &model, Place::Host(dtype))?;
+            let host = Place::Host(dtype);
+            let model = Unet::new(&unet, with_loras(&host, merges.unet))?;
+            let modules = MotionModules::new(&motion, &model, with_loras(&host, merges.motion))?;
             modules.forward_unet(&Exec::Cpu, &model, &r.inputs.unet_inputs(), video, r.inputs.residuals.as_ref())?
         }
-        Device::Cuda => run_cuda(&unet, &motion, &r.inputs, video, dtype, scratch_gb)?,
+        Device::Cuda => run_cuda(&unet, &motion, merges, &r.inputs, video, dtype, scratch_gb)?,
     };
     let sample = rows_to_video(&sample, r.frames)?;
     let comparisons = vec![compare("out.sample", &sample, &r.expected, tolerance)?];
     Ok(Verification { comparisons, outputs: vec![("out.sample".to_string(), sample)], summary })
 }
 
+/// The deltas for the UNet and for the motion modules, where a LoRA adapts them.
+#[derive(Clone, Copy)]
+struct Merges<'a> {
+    unet: Option<&'a LoraMerge>,
+    motion: Option<&'a LoraMerge>,
+}
+
 fn run_cuda(
     unet: &UnetCheckpoint,
     motion: &MotionCheckpoint,
+    merges: Merges,
     r: &ForwardInputs,
     video: Frames,
     dtype: DType,
@@ -167,8 +206,8 @@ fn run_cuda(
         explicit.unwrap_or_else(|| most_of_memory(&gpu, w + motion_bytes))
     })?;
     let place = Place::Device { gpu: &gpu, arena: &weights_arena, dtype };
-    let model = Unet::new(unet, place)?;
-    let modules = MotionModules::new(motion, &model, place)?;
+    let model = Unet::new(unet, with_loras(&place, merges.unet))?;
+    let modules = MotionModules::new(motion, &model, with_loras(&place, merges.motion))?;
     let inputs = r.upload(&gpu, &weights_arena)?;
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
     let out = modules.forward_unet(&ex, &model, &inputs.unet_inputs(), video, inputs.residuals.as_ref())?;

@@ -3,10 +3,12 @@
 //!
 //! - kohya (sd-scripts `networks/lora.py`, LyCORIS): `lora_unet_<path with _>.<param>` and
 //!   `lora_te1_` / `lora_te2_` / `lora_te_`; params `lora_down.weight`, `lora_up.weight`,
-//!   `lora_mid.weight`, `alpha`, and the LyCORIS / DoRA ones (`hada_*`, `lokr_*`, `dora_scale`,
-//!   `diff`, `diff_b`), recognised so that the error names the format.
+//!   `lora_mid.weight`, `alpha`, DoRA's `dora_scale`, the LyCORIS factors (`hada_*`, `lokr_*`,
+//!   `diff`, `diff_b`), and formats not merged (Tucker LoHa / LoKr, OFT, norm deltas) recognised
+//!   so that the error names them.
 //! - diffusers / PEFT: `unet.<module path>.lora_A.weight` / `.lora_B.weight` (and `.alpha` in
-//!   files diffusers converted from kohya), `text_encoder.` / `text_encoder_2.`; the older diffusers
+//!   files diffusers converted from kohya; `.lora_magnitude_vector` for PEFT DoRA),
+//!   `text_encoder.` / `text_encoder_2.`; the older diffusers
 //!   spellings `.lora.down.weight`, `.lora_linear_layer.down.weight` and the attention-processor
 //!   form `attn1.processor.to_q_lora.down.weight` (`to_out_lora` is `to_out.0`), which diffusers'
 //!   `utils/state_dict_utils.py` (`DIFFUSERS_OLD_TO_PEFT`, `KEYS_TO_ALWAYS_REPLACE`) renames the same way.
@@ -22,6 +24,9 @@ pub enum Param {
     Mid,
     /// The scalar alpha (scale alpha / rank).
     Alpha,
+    /// DoRA's magnitude vector: kohya / LyCORIS `dora_scale` ([out, 1(, 1, 1)] or [1, in(, 1, 1)]),
+    /// PEFT `lora_magnitude_vector` ([out], or [1, out, 1, 1] on a convolution).
+    Magnitude,
     /// A LyCORIS factor by its parameter name: LoHa `hada_w{1,2}_{a,b}`, LoKr `lokr_w{1,2}` and
     /// `lokr_w{1,2}_{a,b}`, full-weight `diff` / `diff_b`.
     Factor(&'static str),
@@ -45,7 +50,7 @@ fn kohya_param(p: &str) -> Param {
         "lora_up.weight" => Param::Up,
         "lora_mid.weight" => Param::Mid,
         "alpha" => Param::Alpha,
-        "dora_scale" => Param::Unsupported("DoRA (dora_scale)"),
+        "dora_scale" => Param::Magnitude,
         "hada_t1" | "hada_t2" => Param::Unsupported("LoHa with Tucker cores (hada_t1/hada_t2)"),
         "lokr_t2" => Param::Unsupported("LoKr with a Tucker core (lokr_t2)"),
         _ if let Some(f) = FACTORS.iter().find(|f| **f == p) => Param::Factor(f),
@@ -80,8 +85,8 @@ const DOTTED: [(&str, Param); 9] = [
     (".lora_linear_layer.down.weight", Param::Down),
     (".lora_linear_layer.up.weight", Param::Up),
     (".alpha", Param::Alpha),
-    (".lora_magnitude_vector.weight", Param::Unsupported("DoRA (lora_magnitude_vector)")),
-    (".lora_magnitude_vector", Param::Unsupported("DoRA (lora_magnitude_vector)")),
+    (".lora_magnitude_vector.weight", Param::Magnitude),
+    (".lora_magnitude_vector", Param::Magnitude),
 ];
 
 /// Splits `key`; None when it follows neither naming scheme.
@@ -125,6 +130,9 @@ mod tests {
         assert_eq!(split("lora_unet_x.hada_w1_a"), key("lora_unet_x", Param::Factor("hada_w1_a")));
         assert_eq!(split("lora_unet_x.lokr_w2_b"), key("lora_unet_x", Param::Factor("lokr_w2_b")));
         assert_eq!(split("lora_unet_x.diff_b"), key("lora_unet_x", Param::Factor("diff_b")));
+        assert_eq!(split("lora_unet_x.dora_scale"), key("lora_unet_x", Param::Magnitude));
+        assert_eq!(split("unet.a.to_q.lora_magnitude_vector"), key("unet.a.to_q", Param::Magnitude));
+        assert_eq!(split("unet.a.to_q.lora_magnitude_vector.weight"), key("unet.a.to_q", Param::Magnitude));
         assert_eq!(
             split("lora_unet_x.lokr_t2"),
             key("lora_unet_x", Param::Unsupported("LoKr with a Tucker core (lokr_t2)"))

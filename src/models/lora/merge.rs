@@ -16,6 +16,9 @@
 //!   matrix or a product a · b; W2 is [c, d·kh·kw] (or [c, d, kh, kw]) and W1 [a, b] acts as
 //!   [a, b, 1, 1], so ΔW[i·c + k, j·d + l, y, x] = W1[i, j] W2[k, l, y, x].
 //! - Full (LyCORIS `full`, `diff` / `diff_b`): ΔW is the tensor itself.
+//!
+//! DoRA (`Dora`) rescales W + sΔW by a stored magnitude over a norm of it; its change to W is
+//! computed from the weight before any LoRA, so it is the one non-additive entry.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -212,13 +215,85 @@ pub(super) fn matmul(a: &[f64], b: &[f64], m: usize, k: usize) -> Vec<f64> {
     out
 }
 
-/// A delta and its total scale: the user's strength × alpha / rank.
+/// Which norm DoRA takes of W₁ = W + sΔW (PyTorch layout [out, in(, kh, kw)]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DoraAxis {
+    /// One norm per output row, over in·kh·kw: PEFT (`tuners/lora/dora.py`, `get_weight_norm`:
+    /// `torch.linalg.norm(weight, dim=1)` on a Linear, every dim but 0 on a convolution) and
+    /// LyCORIS `wd_on_out=True`, its default (`dora_scale` [out, 1(, 1, 1)]).
+    Output,
+    /// One norm per input column, over out·kh·kw: LyCORIS `wd_on_out=False`
+    /// (`dora_scale` [1, in(, 1, 1)]; `lycoris/functional/general.py`, `_weight_decompose`).
+    Input,
+}
+
+/// DoRA's weight decomposition over a module's delta: with W₁ = W + sΔW,
+/// W'' = m ⊙ W₁ / (‖W₁‖ + eps), the norm over `axis`, and the module adds blend · (W'' − W).
+/// W is the weight before any LoRA: each module's change is taken against it, so the result does
+/// not depend on the order of the LoRAs (PEFT's and ComfyUI's sequential merges give this when
+/// the DoRA module comes first; a weight takes at most one DoRA module, `resolve` refuses more).
+#[derive(Clone, Debug)]
+pub struct Dora {
+    /// m: one value per output row (`Output`) or input column (`Input`).
+    pub magnitude: Tensor,
+    pub axis: DoraAxis,
+    /// Added to the norm: LyCORIS adds `torch.finfo(float32).eps`, PEFT nothing.
+    pub eps: f64,
+    /// The share of W'' − W merged: the LoRA's strength for `dora_scale` files, 1 for PEFT files,
+    /// whose strength is in `Scaled::scale` instead (see `resolve`'s module doc).
+    pub blend: f64,
+}
+
+impl Dora {
+    /// The dimension the magnitude runs along and its length for a `target`-shaped weight.
+    fn length(&self, target: &[usize]) -> usize {
+        let dim = if self.axis == DoraAxis::Output { 0 } else { 1 };
+        target.get(dim).copied().unwrap_or(0)
+    }
+
+    /// Whether the magnitude has one value per row or column of `target`.
+    pub fn check(&self, target: &[usize]) -> std::result::Result<(), String> {
+        let n = self.length(target);
+        if target.len() >= 2 && self.magnitude.numel() == n {
+            Ok(())
+        } else {
+            let axis = if self.axis == DoraAxis::Output { "output row" } else { "input column" };
+            Err(format!("has a {:?} DoRA magnitude, not one value per {axis} ({n})", self.magnitude.shape()))
+        }
+    }
+
+    /// blend · (m ⊙ W₁ / (‖W₁‖ + eps) − W) in f64 with W₁ = `base` + `scale` · `delta`, row-major
+    /// over `target`.
+    pub fn change(&self, base: &[f64], delta: &[f64], scale: f64, target: &[usize]) -> Result<Vec<f64>> {
+        let m = widen(&self.magnitude)?;
+        let (out, inner) = (target[0], target[1]);
+        let kernel: usize = target[2..].iter().product();
+        let w1: Vec<f64> = base.iter().zip(delta).map(|(w, d)| w + scale * d).collect();
+        // index of the norm each element belongs to
+        let group = |idx: usize| match self.axis {
+            DoraAxis::Output => idx / (inner * kernel),
+            DoraAxis::Input => (idx / kernel) % inner,
+        };
+        let mut norms = vec![0f64; if self.axis == DoraAxis::Output { out } else { inner }];
+        for (idx, v) in w1.iter().enumerate() {
+            norms[group(idx)] += v * v;
+        }
+        let factors: Vec<f64> = norms.iter().zip(&m).map(|(n, m)| m / (n.sqrt() + self.eps)).collect();
+        Ok(w1.iter().zip(base).enumerate().map(|(idx, (w1, w))| self.blend * (factors[group(idx)] * w1 - w)).collect())
+    }
+}
+
+/// A delta and its total scale: the user's strength × alpha / rank (for a `dora_scale` module,
+/// alpha / rank: the strength is `Dora::blend`).
 #[derive(Clone, Debug)]
 pub struct Scaled {
     pub scale: f64,
     pub delta: Delta,
     /// The LoRA module it comes from (`file: module`), for errors.
     pub source: String,
+    /// DoRA's decomposition: this module then changes W by `Dora::change`, which depends on W,
+    /// instead of adding scale · ΔW.
+    pub dora: Option<Dora>,
 }
 
 /// The deltas for one model, keyed by the graph name of the weight each adds to
@@ -245,26 +320,43 @@ impl LoraMerge {
         self.deltas.keys().map(String::as_str)
     }
 
-    /// The scaled deltas for the weight `name`, in the order the LoRAs were given.
+    /// The scaled deltas for the weight `name`, in the order the LoRAs were given. An entry with
+    /// `dora` is not additive (its change depends on the weight: `Dora::change`); `is_additive`
+    /// tells whether every entry of a weight is.
     pub fn deltas(&self, name: &str) -> Option<&[Scaled]> {
         self.deltas.get(name).map(Vec::as_slice)
+    }
+
+    /// Whether the weight `name`'s merge is W + Σ scale · ΔW (no DoRA module adapts it).
+    pub fn is_additive(&self, name: &str) -> bool {
+        self.deltas.get(name).is_none_or(|d| d.iter().all(|d| d.dora.is_none()))
     }
 
     /// `base` (a host tensor in PyTorch layout) plus every delta for `name`, rounded once to
     /// `dtype`; None when no delta targets `name`.
     pub fn merged(&self, name: &str, base: &Tensor, dtype: DType) -> Result<Option<Tensor>> {
         let Some(deltas) = self.deltas.get(name) else { return Ok(None) };
-        let mut w: Vec<f64> = base.to_f32_vec()?.into_iter().map(f64::from).collect();
+        let pristine: Vec<f64> = base.to_f32_vec()?.into_iter().map(f64::from).collect();
+        let mut w = pristine.clone();
         for d in deltas {
             // Shapes were matched to the target when the LoRA was resolved; a mismatch here is ours.
-            if let Err(why) = d.delta.check(base.shape()) {
+            if let Err(why) =
+                d.delta.check(base.shape()).and_then(|_| d.dora.as_ref().map_or(Ok(()), |r| r.check(base.shape())))
+            {
                 return Err(Error::Internal(format!(
                     "LoRA {} {why}, but the weight '{name}' it was matched to is {:?}",
                     d.source,
                     base.shape()
                 )));
             }
-            w.iter_mut().zip(d.delta.values(base.shape())?).for_each(|(w, v)| *w += d.scale * v);
+            let values = d.delta.values(base.shape())?;
+            match &d.dora {
+                None => w.iter_mut().zip(values).for_each(|(w, v)| *w += d.scale * v),
+                Some(dora) => {
+                    let change = dora.change(&pristine, &values, d.scale, base.shape())?;
+                    w.iter_mut().zip(change).for_each(|(w, c)| *w += c);
+                }
+            }
         }
         Ok(Some(round_to(base.shape(), dtype, &w)?))
     }
@@ -339,11 +431,33 @@ mod tests {
     }
 
     #[test]
+    fn dora_rescales_w_plus_s_delta_by_the_magnitude_over_its_norm_on_either_axis() {
+        // W = [[3, 0], [0, 1]], ΔW = [[0, 2], [0, 0]], s = 2: W₁ = [[3, 4], [0, 1]].
+        // Output rows: norms 5 and 1; m = [10, 2] -> W'' = [[6, 8], [0, 2]], W'' − W = [[3, 8], [0, 1]].
+        // Input columns: norms 3 and √17; m = [6, 2√17] -> the same W''.
+        let base = [3.0, 0.0, 0.0, 1.0];
+        let delta = [0.0, 2.0, 0.0, 0.0];
+        let m = |v: &[f32]| t(&[v.len()], v);
+        let out = Dora { magnitude: m(&[10.0, 2.0]), axis: DoraAxis::Output, eps: 0.0, blend: 1.0 };
+        let inn = Dora { magnitude: m(&[6.0, 2.0 * 17f32.sqrt()]), axis: DoraAxis::Input, eps: 0.0, blend: 0.5 };
+        let close = |a: Vec<f64>, b: [f64; 4]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6);
+        assert!(close(out.change(&base, &delta, 2.0, &[2, 2]).unwrap(), [3.0, 8.0, 0.0, 1.0]));
+        assert!(close(inn.change(&base, &delta, 2.0, &[2, 2]).unwrap(), [1.5, 4.0, 0.0, 0.5]), "blend halves it");
+        out.check(&[2, 2]).unwrap();
+        assert!(out.check(&[3, 2]).is_err() && inn.check(&[2, 3]).is_err());
+        // A convolution [out 1, in 2, 1, 2] per input column: column i holds W[0, i, 0, 0..2].
+        let base = [3.0, 4.0, 0.0, 2.0];
+        let conv = Dora { magnitude: m(&[1.0, 1.0]), axis: DoraAxis::Input, eps: 0.0, blend: 1.0 };
+        let got = conv.change(&base, &[0.0; 4], 1.0, &[1, 2, 1, 2]).unwrap();
+        assert!(close(got, [0.6 - 3.0, 0.8 - 4.0, 0.0, 1.0 - 2.0]));
+    }
+
+    #[test]
     fn merged_adds_scaled_deltas_and_rounds_once() {
         let lr = LowRank { up: t(&[1, 1], &[1.0]), down: t(&[1, 2], &[1.0, 1.0]), mid: None };
         let mut m = LoraMerge::default();
-        m.add("w", Scaled { scale: 0.25, delta: Delta::LowRank(lr.clone()), source: "a".into() });
-        m.add("w", Scaled { scale: 2.0, delta: Delta::LowRank(lr), source: "b".into() });
+        m.add("w", Scaled { scale: 0.25, delta: Delta::LowRank(lr.clone()), source: "a".into(), dora: None });
+        m.add("w", Scaled { scale: 2.0, delta: Delta::LowRank(lr), source: "b".into(), dora: None });
         let base = t(&[1, 2], &[1.0, -1.0]);
         let out = m.merged("w", &base, DType::F32).unwrap().unwrap();
         assert_eq!(out.to_f32_vec().unwrap(), vec![3.25, 1.25]);
@@ -351,7 +465,7 @@ mod tests {
         // 1 + 3·2^-12 lies between the f16 neighbours 1 and 1 + 2^-10, nearer the second.
         let small = LowRank { up: t(&[1, 1], &[1.0]), down: t(&[1, 1], &[1.0]), mid: None };
         let mut m = LoraMerge::default();
-        m.add("w", Scaled { scale: 3.0 / 4096.0, delta: Delta::LowRank(small), source: "c".into() });
+        m.add("w", Scaled { scale: 3.0 / 4096.0, delta: Delta::LowRank(small), source: "c".into(), dora: None });
         let out = m.merged("w", &t(&[1, 1], &[1.0]), DType::F16).unwrap().unwrap();
         assert_eq!(out.dtype(), DType::F16);
         assert_eq!(out.to_f32_vec().unwrap(), vec![1.0 + 1.0 / 1024.0]);

@@ -2,19 +2,26 @@
 //! `networks/lora.py`, diffusers `loaders/lora_conversion_utils.py`, peft and LyCORIS write them).
 //!
 //! - `keys`: the key grammar (kohya, diffusers / PEFT, older diffusers spellings).
-//! - `targets`: the one name map from a module, in any spelling, to a loaded weight.
-//! - `merge`: ΔW per format and the host merge `ModelWeights` applies.
+//! - `targets`: the one name map from a module, in any spelling, to a loaded weight (UNet, text
+//!   encoders, AnimateDiff motion modules).
+//! - `merge`: ΔW per format, DoRA, and the host merge `ModelWeights` applies.
+//! - `roles`: the part each LoRA plays (style, character, utility, lcm, motion) and the pipeline's
+//!   rules for a set of them, checked first by `resolve`.
 //!
 //! `resolve` reads each file, accounts for every key and returns one `LoraMerge` per loaded model.
 //! A key either adds to a weight, belongs to a model not loaded in this run (counted in the
 //! summary), or is a problem; all problems of all files make one error: keys that target nothing
 //! (a warning in the summary instead with `lenient`), unknown parameters, incomplete modules (a
 //! down without its up), shapes that do not fit their weight (naming the key and both shapes), and
-//! formats recognised but not merged yet (DoRA, LoHa / LoKr with Tucker cores, OFT, norm deltas:
-//! `Error::Unsupported`).
+//! formats recognised but not merged yet (LoHa / LoKr with Tucker cores, OFT, norm deltas, two
+//! DoRA modules on one weight: `Error::Unsupported`).
 //!
 //! Formats merged: LoRA / LoCon (3x3, Tucker `lora_mid`), LoHa (`hada_w{1,2}_{a,b}`), LoKr
-//! (`lokr_w{1,2}` or their `_a`/`_b` factors), full `diff` / `diff_b` (LyCORIS `lycoris/functional/`).
+//! (`lokr_w{1,2}` or their `_a`/`_b` factors), full `diff` / `diff_b` (LyCORIS `lycoris/functional/`),
+//! DoRA over LoRA / LoHa / LoKr (below), AnimateDiff MotionLoRAs (attention-processor keys
+//! `...motion_modules.N...processor.to_q_lora.down.weight`, no α: s = strength, guoyww/AnimateDiff
+//! `animatediff/utils/util.py`; the published ones are for SD1.5's modules and do not fit SDXL's, so
+//! the tests use files made at the tiny SDXL-layout module's shapes).
 //!
 //! LoRA scale s = strength × α / r, r the rank (down's first dimension). Where α comes from:
 //! - kohya: the module's `.alpha`; without one, or with α = 0, α = r (s = strength): sd-scripts
@@ -27,7 +34,8 @@
 //!   `<component>.lora_alpha`, `.alpha_pattern`, `.use_rslora`, `.use_dora`: diffusers
 //!   `loaders/lora_base.py`, `_pack_dict_with_prefix`), an `alpha_pattern` entry matching the
 //!   module's path or its end after a `.` (PEFT `utils/other.py`, `get_pattern_key`, without the
-//!   regular expressions); else α = r. `use_rslora` makes s = strength × α / √r.
+//!   regular expressions); else α = r. `use_rslora` makes s = strength × α / √r. The motion
+//!   modules' keys and config are the UNet's (`unet.`), as in diffusers' UNetMotionModel.
 //!
 //! - LoHa: α / r with r = `hada_w1_b`'s first dimension, α missing or 0 -> r (LyCORIS
 //!   `lycoris/modules/loha.py`, as kohya). LoKr: α / r only when a factor is a product, r from
@@ -35,19 +43,42 @@
 //!   `loaders/lora_conversion_utils.py` `_bake_lokr_alpha_`, LyCORIS `lycoris/modules/lokr.py`).
 //!   Full diff: 1, and an α is refused.
 //!
-//! Strength: each LoRA has one for the UNet and one for the text encoders (A1111's
-//! `<lora:name:te_w:unet_w>`).
+//! DoRA: with W₁ = W + cΔW, W'' = m ⊙ W₁ / (‖W₁‖ + eps) and the module changes W by
+//! t · (W'' − W) (`merge::Dora`). The formats' own loaders disagree on where the strength w goes,
+//! so each format follows its own:
+//! - PEFT (`lora_magnitude_vector`, `use_dora`; peft `tuners/lora/dora.py` and `variants.py`
+//!   `DoraLinearVariant.merge_safe`): c = w × α / r, t = 1, eps 0, the norm per output row
+//!   (`torch.linalg.norm(W, dim=1)`; every dim but 0 on a convolution), m [out] ([1, out, 1, 1] on
+//!   a convolution). This is what diffusers' `set_adapters` + `fuse_lora` compute.
+//! - kohya / LyCORIS (`dora_scale`, written with LyCORIS' `dora_wd`): c = α / r, t = w,
+//!   eps = float32's (LyCORIS `lycoris/functional/general.py` `_weight_decompose`), the norm per
+//!   output row for a `dora_scale` [out, 1, ...] (`wd_on_out`, LyCORIS' default) and per input
+//!   column for [1, in, ...]. W + w (W'' − W) is ComfyUI's strength rule
+//!   (`comfy/weight_adapter/base.py` `weight_decompose`), linear in w and W at w = 0; LyCORIS
+//!   instead scales the factor, (W + cΔW)(w (m/‖W₁‖ − 1) + 1), which keeps the whole ΔW at w = 0.
+//!   ComfyUI takes the output-row norm of W, not of W₁; LyCORIS, which trains the magnitudes, takes
+//!   W₁'s, and so do we. diffusers 0.42 drops `dora_scale` keys for SDXL (`loaders/lora_pipeline.py`,
+//!   "not compatible in Diffusers at the moment") and merges a plain LoRA.
+//!
+//! W in both is the weight before any LoRA, so a DoRA module's change does not depend on the
+//! order of the LoRAs; PEFT and ComfyUI apply LoRAs in turn, which gives this result when the DoRA
+//! LoRA comes first. Two DoRA modules on one weight have no order-free meaning and are refused.
+//!
+//! Strength: each LoRA has one for the UNet (and motion modules) and one for the text encoders
+//! (A1111's `<lora:name:te_w:unet_w>`).
 
 mod keys;
 pub mod merge;
+pub mod roles;
 pub mod targets;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 
 use serde_json::Value;
 
 pub use merge::LoraMerge;
+pub use roles::Role;
 pub use targets::{Component, Lookup, Target, Targets};
 
 use crate::error::{Error, Result};
@@ -55,23 +86,39 @@ use crate::tensor::Tensor;
 use crate::text::prompt::MAX_WEIGHT;
 use crate::weights::{self, TensorFile};
 use keys::Param;
-use merge::{Delta, Factor, LowRank, Scaled};
+use merge::{Delta, Dora, DoraAxis, Factor, LowRank, Scaled};
 
-/// A LoRA to apply: its file and its strengths on the UNet and on the text encoders.
+/// A LoRA to apply: its file, its strengths on the UNet (and its motion modules) and on the text
+/// encoders, and the part it plays (`roles`; None: only the count limits apply to it).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraSpec {
     pub path: PathBuf,
     pub unet: f64,
     pub text_encoder: f64,
+    pub role: Option<Role>,
 }
 
 impl LoraSpec {
-    /// `PATH[:WEIGHT]`: the weight (default 1.0) applies to the UNet and the text encoders. A
-    /// suffix after the last `:` that is not a number is part of the path.
+    /// A LoRA at `weight` on the UNet and the text encoders.
+    pub fn new(path: impl Into<PathBuf>, weight: f64, role: Option<Role>) -> LoraSpec {
+        LoraSpec { path: path.into(), unet: weight, text_encoder: weight, role }
+    }
+
+    /// `[ROLE=]PATH[:WEIGHT]`: the weight (default 1.0) applies to the UNet and the text encoders.
+    /// A suffix after the last `:` that is not a number is part of the path. Text before the first
+    /// `=` that holds no `/`, `\` or `.` is a role (`roles::Role`, an error when unknown); a path
+    /// with such an `=` in it is written `./PATH`.
     pub fn parse(arg: &str) -> Result<LoraSpec> {
-        let (path, weight) = match arg.rsplit_once(':').map(|(p, w)| (p, w.trim().parse::<f64>())) {
+        let (role, rest) = match arg.split_once('=') {
+            Some((role, rest)) if !role.contains(['/', '\\', '.']) => {
+                let role = role.parse::<Role>().map_err(|e| Error::Input(format!("--lora '{arg}': {e}")))?;
+                (Some(role), rest)
+            }
+            _ => (None, arg),
+        };
+        let (path, weight) = match rest.rsplit_once(':').map(|(p, w)| (p, w.trim().parse::<f64>())) {
             Some((path, Ok(weight))) => (path, weight),
-            _ => (arg, 1.0),
+            _ => (rest, 1.0),
         };
         if path.is_empty() {
             return Err(Error::Input(format!("--lora '{arg}': no file")));
@@ -79,7 +126,7 @@ impl LoraSpec {
         if !(weight.is_finite() && weight.abs() <= MAX_WEIGHT) {
             return Err(Error::Input(format!("--lora '{arg}': the weight must be a number within ±{MAX_WEIGHT}")));
         }
-        Ok(LoraSpec { path: PathBuf::from(path), unet: weight, text_encoder: weight })
+        Ok(LoraSpec::new(path, weight, role))
     }
 
     fn strength(&self, component: Component) -> f64 {
@@ -141,14 +188,18 @@ impl Problems {
 /// loaded model (see the module doc for what is refused). With `lenient`, keys that target nothing
 /// become a warning line in the summary instead of an error.
 pub fn resolve(specs: &[LoraSpec], targets: &Targets, lenient: bool) -> Result<Loras> {
+    let warnings = roles::check(specs)?;
     let mut merges: HashMap<Component, LoraMerge> = HashMap::new();
     let mut summary = Vec::new();
     let mut problems = Problems::default();
+    let mut dora_modules: HashMap<(Component, String), String> = HashMap::new();
     for spec in specs {
         let file = weights::open(&spec.path, "LoRA file")?;
         let found = read_file(&file, spec, targets, &mut problems)?;
+        let mismatch = role_mismatch(spec.role, &found);
+        let role = spec.role.map_or(String::new(), |r| format!(" [{r}]"));
         let mut line =
-            format!("LoRA {} (unet x{}, text encoders x{}):", spec.path.display(), spec.unet, spec.text_encoder);
+            format!("LoRA {}{role} (unet x{}, text encoders x{}):", spec.path.display(), spec.unet, spec.text_encoder);
         for c in Component::ALL {
             let modules: HashSet<&str> = found
                 .deltas
@@ -184,12 +235,47 @@ pub fn resolve(specs: &[LoraSpec], targets: &Targets, lenient: bool) -> Result<L
             }
         }
         summary.push(line.trim_end_matches(';').to_string());
+        if let Some(why) = mismatch {
+            summary.push(format!("WARNING: LoRA {}: {why}", spec.path.display()));
+        }
+        for (component, tensor, delta) in &found.deltas {
+            if delta.dora.is_none() {
+                continue;
+            }
+            if let Some(first) = dora_modules.insert((*component, tensor.clone()), delta.source.clone()) {
+                problems.unsupported.push(format!(
+                    "{}: DoRA on {} '{tensor}', which {first} adapts with DoRA too (PEFT and ComfyUI merge two DoRA \
+                     modules of one weight in turn, each in its own way)",
+                    delta.source,
+                    component.name()
+                ));
+            }
+        }
         for (component, tensor, delta) in found.deltas {
             merges.entry(component).or_default().add(&tensor, delta);
         }
     }
     problems.into_result()?;
+    summary.extend(warnings);
     Ok(Loras { merges, summary })
+}
+
+/// A motion LoRA that adapts more than the motion modules, or another role's LoRA that adapts
+/// them: the role (which the count rules go by) does not describe the file.
+fn role_mismatch(role: Option<Role>, found: &Found) -> Option<String> {
+    let role = role?;
+    let components: BTreeSet<Component> =
+        found.deltas.iter().map(|(c, ..)| *c).chain(found.not_loaded.keys().copied()).collect();
+    let motion = components.contains(&Component::Motion);
+    let other: Vec<&str> = components.iter().filter(|c| **c != Component::Motion).map(|c| c.name()).collect();
+    match role {
+        Role::Motion if !other.is_empty() => {
+            Some(format!("given the role motion, but it also adapts {}", other.join(", ")))
+        }
+        Role::Motion => None,
+        _ if motion => Some(format!("given the role {role}, but it adapts the motion modules (a motion LoRA?)")),
+        _ => None,
+    }
 }
 
 /// What one file gives: deltas by target, keys that match nothing, and modules for models not
@@ -309,11 +395,8 @@ fn module_delta(
                 _ => 1.0,
             }
         } else {
-            let path = module.split_once('.').map_or(module, |(_, p)| p);
+            let path = module.strip_prefix(&format!("{}.", target.component.prefix())).unwrap_or(module);
             let peft = metadata.for_component(target.component);
-            if peft.is_some_and(|m| m.use_dora) {
-                return Err(format!("{module}: DoRA (use_dora in lora_adapter_metadata): not supported yet"));
-            }
             let alpha = alpha.or_else(|| peft.and_then(|m| m.alpha(path))).unwrap_or(r);
             if peft.is_some_and(|m| m.use_rslora) { alpha / r.sqrt() } else { alpha / r }
         };
@@ -372,6 +455,10 @@ fn module_delta(
         }
         (factor("diff")?.map(Delta::Full), 1.0)
     };
+    let kohya = module.starts_with("lora_");
+    let dora = dora(module, key(&Param::Magnitude), tensor(&Param::Magnitude)?, target, strength, metadata, kinds[3])?;
+    // A `dora_scale` module's strength blends its change (`Dora::blend`); a PEFT one's scales ΔW.
+    let scale = if dora.is_some() && kohya { ratio } else { strength * ratio };
     let mut out = Vec::new();
     if let Some(delta) = delta {
         if let Err(why) = delta.check(&target.shape) {
@@ -385,7 +472,7 @@ fn module_delta(
                 target.shape
             ));
         }
-        out.push((target.tensor.clone(), Scaled { scale: strength * ratio, delta, source: source.clone() }));
+        out.push((target.tensor.clone(), Scaled { scale, delta, source: source.clone(), dora }));
     }
     if let Some(diff_b) = factor("diff_b")? {
         let Some((bias, shape)) = &target.bias else {
@@ -399,9 +486,72 @@ fn module_delta(
                 target.component.name()
             ));
         }
-        out.push((bias.clone(), Scaled { scale: strength, delta: Delta::Full(diff_b), source }));
+        out.push((bias.clone(), Scaled { scale: strength, delta: Delta::Full(diff_b), source, dora: None }));
     }
     Ok(out)
+}
+
+/// A module's DoRA decomposition, if it has one (module doc): a kohya / LyCORIS `dora_scale`, whose
+/// shape gives the norm's axis, or a PEFT `lora_magnitude_vector` (per output row). Err names the
+/// key and the shapes.
+fn dora(
+    module: &str,
+    key: &str,
+    magnitude: Option<Tensor>,
+    target: &Target,
+    strength: f64,
+    metadata: &PeftMetadata,
+    full: bool,
+) -> std::result::Result<Option<Dora>, String> {
+    let kohya = module.starts_with("lora_");
+    let use_dora = !kohya && metadata.for_component(target.component).is_some_and(|m| m.use_dora);
+    let Some(m) = magnitude else {
+        return match use_dora {
+            true => Err(format!(
+                "{module}: the file's lora_adapter_metadata sets use_dora, but the module has no lora_magnitude_vector"
+            )),
+            false => Ok(None),
+        };
+    };
+    let shape = target.shape.as_slice();
+    let (out, inner) = match shape {
+        [out, inner, ..] => (*out, *inner),
+        _ => return Err(format!("{key}: DoRA on the {shape:?} weight '{}', which is not a matrix", target.tensor)),
+    };
+    if full {
+        return Err(format!("{key}: a DoRA magnitude on a full diff module, which no format defines"));
+    }
+    let what = format!("{} '{}' {shape:?}", target.component.name(), target.tensor);
+    let ones = |s: &[usize]| s.iter().all(|d| *d == 1);
+    if kohya {
+        // LyCORIS `lycoris/modules/locon.py` stores [out, 1, ...] (wd_on_out) or [1, in, ...].
+        let axis = match m.shape() {
+            s if s.len() == shape.len() && s[0] == out && ones(&s[1..]) => DoraAxis::Output,
+            s if s.len() == shape.len() && s[0] == 1 && s[1] == inner && ones(&s[2..]) => DoraAxis::Input,
+            s => {
+                return Err(format!(
+                    "{key} is {s:?}; a dora_scale for {what} is [{out}, 1, ...] (a norm per output row) or [1, {inner}, \
+                     ...] (per input column)"
+                ));
+            }
+        };
+        // LyCORIS `functional/general.py` `_weight_decompose`: + finfo(float32).eps.
+        return Ok(Some(Dora { magnitude: m, axis, eps: f64::from(f32::EPSILON), blend: strength }));
+    }
+    // PEFT `tuners/lora/dora.py`: [out] on a Linear, [1, out, 1, 1] on a convolution.
+    let fits = match m.shape() {
+        [n] => *n == out && shape.len() == 2,
+        [1, n, rest @ ..] => *n == out && shape.len() > 2 && rest.len() == shape.len() - 2 && ones(rest),
+        _ => false,
+    };
+    if !fits {
+        return Err(format!(
+            "{key} is {:?}; a lora_magnitude_vector for {what} is [{out}] on a Linear or [1, {out}, 1, 1] on a \
+             convolution",
+            m.shape()
+        ));
+    }
+    Ok(Some(Dora { magnitude: m, axis: DoraAxis::Output, eps: 0.0, blend: 1.0 }))
 }
 
 /// LoRA factors checked among themselves: down [r, in(, kh, kw)], up [out, r(, 1, 1)], and a Tucker
@@ -484,7 +634,7 @@ impl PeftMetadata {
             v.as_f64().filter(|a| a.is_finite()).ok_or_else(|| bad(format!("{key} is {v}, not a finite number")))
         };
         for c in Component::ALL {
-            let get = |field: &str| json.get(&format!("{}.{field}", c.name()));
+            let get = |field: &str| json.get(&format!("{}.{field}", c.prefix()));
             let mut config = PeftConfig::default();
             let mut any = false;
             if let Some(v) = get("lora_alpha") {

@@ -7,7 +7,11 @@
 //! - kohya: `lora_unet_` + the SGM path with `.` -> `_` (what kohya trains SDXL on), and
 //!   `lora_unet_` + the diffusers path the same way (LCM-LoRA and other diffusers-trained files);
 //!   `lora_te1_` (and SD 1.x's `lora_te_`) / `lora_te2_` + the transformers path;
-//! - diffusers / PEFT: `unet.`, `text_encoder.`, `text_encoder_2.` + the dotted path.
+//! - diffusers / PEFT: `unet.`, `text_encoder.`, `text_encoder_2.` + the dotted path;
+//! - motion modules (AnimateDiff MotionLoRAs: guoyww/AnimateDiff `animatediff/utils/util.py`,
+//!   diffusers `scripts/convert_animatediff_motion_lora_to_diffusers.py`): the diffusers path and
+//!   the original AnimateDiff path, each bare as well as with the prefixes above, from the motion
+//!   checkpoint loader's two name lists.
 //!
 //! Keys are then looked up whole. Underscores are ambiguous (`transformer_blocks`, `to_q`,
 //! `in_layers`), so nothing splits on them (ComfyUI's `comfy/lora.py` `model_lora_keys_unet`
@@ -20,6 +24,7 @@ use std::collections::HashMap;
 
 use crate::error::{Error, Result};
 use crate::models::clip::{ClipCheckpoint, TextEncoderKind, checkpoint as clip_checkpoint};
+use crate::models::motion::{MotionCheckpoint, MotionFormat, checkpoint as motion_checkpoint};
 use crate::models::unet::UnetCheckpoint;
 use crate::models::unet::ldm::{self, LdmNames};
 
@@ -29,27 +34,44 @@ pub enum Component {
     Unet,
     TextEncoder,
     TextEncoder2,
+    /// AnimateDiff's motion modules (a MotionAdapter's weights, merged apart from the UNet's).
+    Motion,
 }
 
 impl Component {
-    pub const ALL: [Component; 3] = [Component::Unet, Component::TextEncoder, Component::TextEncoder2];
+    pub const ALL: [Component; 4] =
+        [Component::Unet, Component::TextEncoder, Component::TextEncoder2, Component::Motion];
 
-    /// The diffusers pipeline name (and PEFT key prefix without its dot).
+    /// The name summaries and errors use: the diffusers pipeline component for the UNet and the
+    /// text encoders, `motion_modules` for the motion modules.
     pub fn name(self) -> &'static str {
         match self {
             Component::Unet => "unet",
+            Component::TextEncoder => "text_encoder",
+            Component::TextEncoder2 => "text_encoder_2",
+            Component::Motion => "motion_modules",
+        }
+    }
+
+    /// The PEFT key prefix (without its dot) and the `lora_adapter_metadata` component: the motion
+    /// modules live inside diffusers' UNetMotionModel, so their keys and config are the UNet's
+    /// (`unet.down_blocks.0.motion_modules.0....`: diffusers `loaders/lora_pipeline.py`,
+    /// AnimateDiff pipelines load motion LoRAs with `load_lora_weights` into `pipe.unet`).
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Component::Unet | Component::Motion => "unet",
             Component::TextEncoder => "text_encoder",
             Component::TextEncoder2 => "text_encoder_2",
         }
     }
 
     pub fn is_text_encoder(self) -> bool {
-        self != Component::Unet
+        matches!(self, Component::TextEncoder | Component::TextEncoder2)
     }
 
     fn kohya_prefixes(self) -> &'static [&'static str] {
         match self {
-            Component::Unet => &["lora_unet_"],
+            Component::Unet | Component::Motion => &["lora_unet_"],
             Component::TextEncoder => &["lora_te1_", "lora_te_"],
             Component::TextEncoder2 => &["lora_te2_"],
         }
@@ -62,11 +84,14 @@ impl Component {
         }
     }
 
-    /// The component whose namespace a module key is in (`lora_te2_...`, `unet....`), whether
-    /// or not it is loaded.
+    /// The component whose namespace a module key is in (`lora_te2_...`, `unet....`, any key with
+    /// `motion_modules` in it), whether or not it is loaded.
     pub fn of_key(module: &str) -> Option<Component> {
-        Component::ALL.into_iter().find(|c| {
-            c.kohya_prefixes().iter().any(|p| module.starts_with(p)) || module.starts_with(&format!("{}.", c.name()))
+        if module.contains("motion_modules") {
+            return Some(Component::Motion);
+        }
+        [Component::Unet, Component::TextEncoder, Component::TextEncoder2].into_iter().find(|c| {
+            c.kohya_prefixes().iter().any(|p| module.starts_with(p)) || module.starts_with(&format!("{}.", c.prefix()))
         })
     }
 }
@@ -119,9 +144,35 @@ impl Targets {
                 .ok_or_else(|| Error::Internal(format!("the UNet weight '{name}' has no single-file name")))?;
             let sgm_module = sgm_name[ldm::PREFIX.len()..].trim_end_matches(".weight").to_string();
             let bias = bias_of(module, &shapes);
-            self.add(Component::Unet, &[module.to_string(), sgm_module], name, shape.clone(), bias)?;
+            self.add(Component::Unet, &[module.to_string(), sgm_module], name, shape.clone(), bias, false)?;
         }
         self.loaded.push(Component::Unet);
+        Ok(())
+    }
+
+    /// The motion modules' Linear weights under their diffusers path (the graph's names, which
+    /// diffusers' converted and PEFT motion LoRAs use: `unet.` + path, and bare) and under the
+    /// original AnimateDiff path of the same tensor (`...motion_modules.0.temporal_transformer.
+    /// transformer_blocks.0.attention_blocks.0.to_q`, bare: guoyww/AnimateDiff's MotionLoRA files,
+    /// `animatediff/utils/util.py` `load_weights`), both taken from the checkpoint loader's own two
+    /// name lists (`motion::checkpoint::tensor_specs`).
+    pub fn add_motion(&mut self, checkpoint: &MotionCheckpoint) -> Result<()> {
+        let (_, original) = motion_checkpoint::tensor_specs(&checkpoint.config, MotionFormat::Original, false);
+        let original: HashMap<&str, &str> = original.iter().map(|(g, k)| (g.as_str(), k.as_str())).collect();
+        let mut shapes = HashMap::new();
+        for (name, key) in &checkpoint.names {
+            shapes.insert(name.as_str(), checkpoint.weights.get(key)?.shape().to_vec());
+        }
+        for (name, shape) in &shapes {
+            let Some(module) = adaptable(name, shape) else { continue };
+            let original_module = original.get(name).and_then(|k| k.strip_suffix(".weight")).ok_or_else(|| {
+                Error::Internal(format!("the motion weight '{name}' has no original AnimateDiff name"))
+            })?;
+            let bias = bias_of(module, &shapes);
+            let paths = [module.to_string(), original_module.to_string()];
+            self.add(Component::Motion, &paths, name, shape.clone(), bias, true)?;
+        }
+        self.loaded.push(Component::Motion);
         Ok(())
     }
 
@@ -138,13 +189,14 @@ impl Targets {
             }
             let path = clip_checkpoint::transformers_name(module);
             let bias = bias_of(module, &shapes);
-            self.add(component, &[path], &spec.name, spec.shape.clone(), bias)?;
+            self.add(component, &[path], &spec.name, spec.shape.clone(), bias, false)?;
         }
         self.loaded.push(component);
         Ok(())
     }
 
-    /// Enters `tensor` under the kohya and PEFT spellings of each of its module `paths`.
+    /// Enters `tensor` under the kohya and PEFT spellings of each of its module `paths`, and with
+    /// `bare` under the path itself.
     fn add(
         &mut self,
         component: Component,
@@ -152,6 +204,7 @@ impl Targets {
         tensor: &str,
         shape: Vec<usize>,
         bias: Option<(String, Vec<usize>)>,
+        bare: bool,
     ) -> Result<()> {
         let target = Target { component, tensor: tensor.to_string(), shape, bias };
         for path in paths {
@@ -160,7 +213,8 @@ impl Targets {
                 .kohya_prefixes()
                 .iter()
                 .map(|p| format!("{p}{flat}"))
-                .chain([format!("{}.{path}", component.name())]);
+                .chain([format!("{}.{path}", component.prefix())])
+                .chain(bare.then(|| path.clone()));
             for spelling in spellings {
                 if let Some(other) = self.by_module.insert(spelling.clone(), target.clone())
                     && other != target

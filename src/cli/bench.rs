@@ -1,4 +1,4 @@
-//! `celframe bench unet | motion_unet | text_encoders | vae_decoder`: times whole forwards on CUDA with a checkpoint's weights
+//! `celframe bench unet | motion_unet | controlnet | text_encoders | vae_decoder`: times whole forwards on CUDA with a checkpoint's weights
 //! and random inputs (CUDA events, warm-up, median), printing one `BENCH {json}` line that
 //! tools/report.py pairs with the peer timings of tools/unet_gpu.py and tools/text_encoder_gpu.py
 //! (`PEER` lines with the same key).
@@ -16,7 +16,9 @@ use crate::gpu::{Arena, Gpu, nvtx};
 use crate::models::clip::{ClipTextModel, TextEncoderKind, open_text_encoder};
 use crate::models::motion::MAX_FRAMES;
 use crate::models::vae::{Vae, open_vae};
-use crate::models::{Frames, MotionModules, Place, Unet, UnetConfig, open_motion, open_unet};
+use crate::models::{
+    ControlNet, ControlScale, Frames, MotionModules, Place, Unet, UnetConfig, open_controlnet, open_motion, open_unet,
+};
 use crate::ops::Exec;
 use crate::tensor::{DType, Tensor};
 use crate::verify::arenas::{MAX_SCRATCH_GB, model_arenas, scratch_bytes, weight_bytes};
@@ -25,10 +27,12 @@ use crate::verify::unet::ForwardInputs;
 #[derive(Args)]
 pub struct BenchArgs {
     /// What to time: unet; motion_unet (the UNet with `--motion`'s modules on `--batch` videos of
-    /// `--frames` frames); text_encoders (both SDXL encoders on a CFG pair of prompts);
+    /// `--frames` frames); controlnet (`--batch` images with control images at the output size);
+    /// text_encoders (both SDXL encoders on a CFG pair of prompts);
     /// vae_decoder (`--batch` frames of `--height` x `--width` latents, `--chunk` at a time).
     pub component: String,
-    /// unet: a diffusers UNet folder or a single-file checkpoint; text_encoders: a folder holding
+    /// unet: a diffusers UNet folder or a single-file checkpoint; controlnet: a diffusers
+    /// ControlNet folder or a single file; text_encoders: a folder holding
     /// text_encoder/ and text_encoder_2/ (a pipeline folder) or a single-file checkpoint.
     #[arg(long)]
     pub weights: PathBuf,
@@ -107,10 +111,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     match args.component.as_str() {
         "unet" => bench_unet(args, dtype),
         "motion_unet" => bench_motion_unet(args, dtype),
+        "controlnet" => bench_controlnet(args, dtype),
         "text_encoders" => bench_text_encoders(args, dtype),
         "vae_decoder" => bench_vae_decoder(args, dtype),
         other => Err(Error::Input(format!(
-            "bench: unknown component '{other}' (supported: unet, motion_unet, text_encoders, vae_decoder)"
+            "bench: unknown component '{other}' (supported: unet, motion_unet, controlnet, text_encoders, vae_decoder)"
         ))),
     }
 }
@@ -183,6 +188,48 @@ fn bench_motion_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     breakdown(args, &gpu, &key, &t, forward)
 }
 
+/// The ControlNet on `--batch` images of `--height` x `--width` latents (the UNet's random inputs)
+/// and control images at its `hint_factor` times that size, scale 1 (diffusers
+/// ControlNetModel.forward on one CFG-less batch).
+fn bench_controlnet(args: &BenchArgs, dtype: DType) -> Result<()> {
+    let checkpoint = open_controlnet(&args.weights)?;
+    let cfg = &checkpoint.config;
+    let (b, h, w, f) = (args.batch, args.height, args.width, cfg.hint_factor());
+    let enc = &cfg.encoder;
+    let widest = enc.block_out_channels.iter().copied().chain([enc.in_channels]).max().unwrap_or(0);
+    elements(
+        "largest activation",
+        &[("--batch", b), ("--height", h), ("--width", w), ("channels", widest)],
+        MAX_ELEMENTS,
+        WHY,
+    )?;
+    // The conditioning embedding's first stage runs at the control image's size.
+    let stage0 = cfg.conditioning_embedding_out_channels[0].max(cfg.conditioning_channels);
+    let dims = [("--batch", b), ("--height", h), ("hint factor", f), ("--width", w), ("hint factor", f)];
+    elements("control-image activation", &[&dims[..], &[("channels", stage0)]].concat(), MAX_ELEMENTS, WHY)?;
+    let cross = enc.cross_attention_dims().first().copied().unwrap_or(1);
+    elements("context", &[("--batch", b), ("--tokens", args.tokens), ("width", cross)], MAX_ELEMENTS, WHY)?;
+    let gpu = Gpu::from_env()?;
+    let scratch = scratch_bytes(&gpu, args.scratch_gb)?;
+    let hint_shape = [b, h * f, w * f, cfg.conditioning_channels];
+    let hint_bytes = hint_shape.iter().product::<usize>() * dtype.size();
+    let (weights, scratch) = model_arenas(&checkpoint.weights, dtype, hint_bytes + (64 << 20), |_| scratch)?;
+    let cn = ControlNet::new(&checkpoint, Place::Device { gpu: &gpu, arena: &weights, dtype })?;
+
+    let uploaded = random_inputs(enc, [b, 1, h, w], args.tokens, dtype)?.upload(&gpu, &weights)?;
+    let hint = gpu.upload(&weights, &random(&hint_shape, 5, 0.5, dtype)?, dtype)?;
+    let inputs = uploaded.unet_inputs();
+    let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
+    let key = format!("controlnet {} b{b} {}x{}", dtype.kernel_suffix(), 8 * h, 8 * w);
+    let mut forward = || {
+        let _r = nvtx::range(&key);
+        cn.forward(&ex, &inputs, &hint, ControlScale::new(1.0)).map(drop)
+    };
+    let t = time_gpu(&gpu, 2, args.runs, &mut forward)?;
+    report("controlnet", &key, &t, args.runs, &scratch);
+    breakdown(args, &gpu, &key, &t, forward)
+}
+
 /// Random UNet inputs for `videos` x `frames` images of h x w latents (frames folded into the
 /// batch, one per image for `frames` 1): SDXL-style time ids and one timestep per video, a context
 /// per image.
@@ -193,7 +240,8 @@ fn random_inputs(
     dtype: DType,
 ) -> Result<ForwardInputs> {
     let (b, rows) = (videos, videos * frames);
-    let cross = cfg.cross_attention_dims().first().copied().unwrap_or(0);
+    // A model without cross-attention (a "small" ControlNet) never reads the context: 1 wide.
+    let cross = cfg.cross_attention_dims().first().copied().unwrap_or(1);
     let steps: Vec<f32> = (0..b).map(|i| 999.0 - (i * 37 % 1000) as f32).collect();
     let (text_embeds, time_ids) = match &cfg.text_time {
         Some(tt) => {

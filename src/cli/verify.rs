@@ -14,7 +14,7 @@ use crate::models::lora::LoraSpec;
 use crate::tensor::{DType, Tensor};
 use crate::verify::arenas::MAX_SCRATCH_GB;
 use crate::verify::{
-    Comparison, Device, LoraOptions, Settings, default_tolerance, verify_motion_unet_with_loras,
+    Comparison, Device, LoraOptions, Settings, default_tolerance, verify_controlnet, verify_motion_unet_with_loras,
     verify_text_encoder_with_loras, verify_unet_with_loras, verify_vae_decoder,
 };
 use crate::weights;
@@ -22,11 +22,11 @@ use crate::weights;
 #[derive(Args)]
 pub struct VerifyArgs {
     /// Component to check: unet, motion_unet (the UNet with AnimateDiff motion modules: --motion),
-    /// vae_decoder, text_encoder or text_encoder_2.
+    /// controlnet, vae_decoder, text_encoder or text_encoder_2.
     pub component: String,
     /// Weights: the component's diffusers/transformers folder (config.json + safetensors), a
-    /// pipeline folder holding it (unet/, vae/, text_encoder/, text_encoder_2/), or an SDXL
-    /// single-file checkpoint.
+    /// pipeline folder holding it (unet/, controlnet/, vae/, text_encoder/, text_encoder_2/), or an
+    /// SDXL single-file checkpoint (controlnet: diffusers or cldm names).
     #[arg(long)]
     pub weights: PathBuf,
     /// Reference file: safetensors with in.<name> inputs and out.<name> outputs (NCHW; motion_unet:
@@ -84,10 +84,13 @@ pub fn main(args: &VerifyArgs) -> ExitCode {
 /// Runs the verification and prints it; Ok(false) when an output is outside its tolerance or not
 /// finite.
 pub fn run(args: &VerifyArgs) -> Result<bool> {
-    if !["unet", "motion_unet", "vae_decoder", "text_encoder", "text_encoder_2"].contains(&args.component.as_str()) {
+    const COMPONENTS: [&str; 6] =
+        ["unet", "motion_unet", "controlnet", "vae_decoder", "text_encoder", "text_encoder_2"];
+    if !COMPONENTS.contains(&args.component.as_str()) {
         return Err(Error::Input(format!(
-            "unknown component '{}' (supported: unet, motion_unet, vae_decoder, text_encoder, text_encoder_2)",
-            args.component
+            "unknown component '{}' (supported: {})",
+            args.component,
+            COMPONENTS.join(", ")
         )));
     }
     let motion = args.component == "motion_unet";
@@ -121,10 +124,11 @@ pub fn run(args: &VerifyArgs) -> Result<bool> {
         files: args.lora.iter().map(|a| LoraSpec::parse(a)).collect::<Result<_>>()?,
         lenient: args.lora_lenient,
     };
-    if args.component == "vae_decoder" && !loras.files.is_empty() {
-        return Err(Error::Input(
-            "--lora applies to unet, motion_unet, text_encoder and text_encoder_2, not vae_decoder".into(),
-        ));
+    if ["vae_decoder", "controlnet"].contains(&args.component.as_str()) && !loras.files.is_empty() {
+        return Err(Error::Input(format!(
+            "--lora applies to unet, motion_unet, text_encoder and text_encoder_2, not {}",
+            args.component
+        )));
     }
     let settings = Settings { device, dtype, tolerance, scratch_gb: args.scratch_gb };
     let result = match args.component.as_str() {
@@ -133,6 +137,7 @@ pub fn run(args: &VerifyArgs) -> Result<bool> {
             verify_text_encoder_with_loras(kind, &args.weights, &args.reference, &settings, &loras)?
         }
         "vae_decoder" => verify_vae_decoder(&args.weights, &args.reference, &settings)?,
+        "controlnet" => verify_controlnet(&args.weights, &args.reference, &settings)?,
         "motion_unet" => match &args.motion {
             Some(m) => verify_motion_unet_with_loras(
                 &args.weights,

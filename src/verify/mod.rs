@@ -8,6 +8,7 @@
 //! false; the CLI prints "NOT FINITE" and exits 1), as is one outside its tolerance.
 
 pub(crate) mod arenas;
+pub mod controlnet;
 pub mod motion_unet;
 pub mod text_encoder;
 pub mod unet;
@@ -22,6 +23,7 @@ use crate::models::lora::{self, LoraMerge, LoraSpec, Loras, Targets};
 use crate::tensor::{DType, Tensor};
 use crate::weights::{self, TensorFile};
 
+pub use controlnet::verify_controlnet;
 pub use motion_unet::{verify_motion_unet, verify_motion_unet_with_loras};
 pub use text_encoder::{verify_text_encoder, verify_text_encoder_with_loras};
 pub use unet::{verify_unet, verify_unet_with_loras};
@@ -255,6 +257,11 @@ impl Reference {
     /// An integer tensor's values (or a float one's, when all are whole numbers).
     pub fn integers(&self, name: &str) -> Result<Vec<i64>> {
         self.file.integers(name)
+    }
+
+    /// A flag tensor's values (BOOL, or 0 / 1 as integers or floats).
+    pub fn flags(&self, name: &str) -> Result<Vec<bool>> {
+        self.file.flags(name)
     }
 
     /// An error naming the reference file.

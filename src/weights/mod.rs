@@ -147,6 +147,21 @@ impl TensorFile {
             .collect()
     }
 
+    /// A flag tensor's values: BOOL (what PyTorch saves for `torch.tensor(True)`), or integers or
+    /// whole floats that are 0 or 1; row-major.
+    pub fn flags(&self, name: &str) -> Result<Vec<bool>> {
+        let t = self.tensor(name)?;
+        if t.dtype == Dtype::BOOL {
+            return Ok(t.bytes.as_slice().iter().map(|&b| b != 0).collect());
+        }
+        let flag = |(i, v): (usize, i64)| match v {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(self.bad(format!("tensor '{name}' holds {v} at index {i}; a flag is 0 or 1 (false or true)"))),
+        };
+        self.integers(name)?.into_iter().enumerate().map(flag).collect()
+    }
+
     fn tensor(&self, name: &str) -> Result<&file::FileTensor> {
         self.tensors.get(name).ok_or_else(|| self.bad(format!("no tensor '{name}'")))
     }

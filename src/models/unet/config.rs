@@ -84,13 +84,13 @@ pub struct UnetConfig {
 /// What diffusers' constructor takes for `transformer_layers_per_block` entries: one depth for every
 /// layer of a level, or one per layer.
 #[derive(Clone, Debug)]
-enum Depths {
+pub(crate) enum Depths {
     Same(usize),
     PerLayer(Vec<usize>),
 }
 
 impl Depths {
-    fn for_layers(&self, layers: usize, what: &str) -> Result<Vec<usize>> {
+    pub(crate) fn for_layers(&self, layers: usize, what: &str) -> Result<Vec<usize>> {
         match self {
             Depths::Same(d) => Ok(vec![*d; layers]),
             Depths::PerLayer(v) if v.len() == layers => Ok(v.clone()),
@@ -102,7 +102,7 @@ impl Depths {
 }
 
 /// An integer for every level, or one list entry per level; each within `limits` for `bound`.
-fn per_level(
+pub(crate) fn per_level(
     f: &Fields,
     field: &str,
     levels: usize,
@@ -134,7 +134,7 @@ fn per_level_values(f: &Fields, field: &str, levels: usize, default: Option<usiz
 
 /// `transformer_layers_per_block`-style: an integer, or a list whose entries are integers or
 /// lists of integers (one per layer), each depth within `limits`. None when absent or null.
-fn read_depths(f: &Fields, field: &str, levels: usize, limits: &Limits) -> Result<Option<Vec<Depths>>> {
+pub(crate) fn read_depths(f: &Fields, field: &str, levels: usize, limits: &Limits) -> Result<Option<Vec<Depths>>> {
     let depths = read_depths_values(f, field, levels)?;
     for d in depths.iter().flatten() {
         let values = match d {
@@ -391,7 +391,7 @@ impl UnetConfig {
 
     /// The fewest tensors a checkpoint of this architecture holds: each ResNet has at least
     /// `resnet::MIN_TENSORS`, each transformer block `transformer::BLOCK_TENSORS`. None on overflow.
-    fn fewest_tensors(&self) -> Option<usize> {
+    pub(crate) fn fewest_tensors(&self) -> Option<usize> {
         let layers =
             self.down_blocks.iter().flat_map(|b| &b.layers).chain(self.up_blocks.iter().flat_map(|b| &b.layers));
         let mut resnets = 0usize;
@@ -423,6 +423,59 @@ impl UnetConfig {
                 self.up_blocks.len()
             ));
         }
+        let (mut c, mut skips) = self.validate_encoder()?;
+        if self.out_channels == 0 {
+            return bad("out_channels must be positive".into());
+        }
+        if self.conv_out_kernel.is_multiple_of(2) {
+            return bad(format!("conv_out_kernel ({}) must be odd (same padding)", self.conv_out_kernel));
+        }
+        let g = self.norm_num_groups;
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            for (j, layer) in block.layers.iter().enumerate() {
+                let what = format!("up_blocks.{i} layer {j}");
+                let Some(skip) = skips.pop() else {
+                    return bad(format!("{what}: no skip connection left to concatenate"));
+                };
+                let r = &layer.resnet;
+                if r.in_channels != c + skip {
+                    return bad(format!(
+                        "{what}: its ResNet takes {} channels but receives {c} + a {skip}-channel skip",
+                        r.in_channels
+                    ));
+                }
+                c = self.check_layer(layer, &what, r.in_channels)?;
+            }
+        }
+        if !skips.is_empty() {
+            return bad(format!("{} skip connections are never used by the up blocks", skips.len()));
+        }
+        let downs = self.down_blocks.iter().filter(|b| b.downsample).count();
+        let ups = self.up_blocks.iter().filter(|b| b.upsample).count();
+        if downs != ups {
+            return bad(format!("{downs} downsamplers but {ups} upsamplers"));
+        }
+        check_groups(g, c, "conv_norm_out")?;
+        if c != self.block_out_channels[0] {
+            return bad(format!("the up path ends with {c} channels, conv_out takes {}", self.block_out_channels[0]));
+        }
+        Ok(())
+    }
+
+    /// `validate` up to the end of the mid block (what a ControlNet's copy of the encoder has):
+    /// the caps, eps, scales and sinusoid widths, conv_in, and the down path and mid block lining
+    /// up. Returns the width after the mid block and the skip connections' widths in push order.
+    pub(crate) fn validate_encoder(&self) -> Result<(usize, Vec<usize>)> {
+        fn bad<T>(m: String) -> Result<T> {
+            Err(Error::Input(m))
+        }
+        let levels = self.block_out_channels.len();
+        if levels == 0 || self.down_blocks.len() != levels {
+            return bad(format!(
+                "{levels} block widths and {} down blocks: they must be equal and non-zero",
+                self.down_blocks.len()
+            ));
+        }
         self.check_limits()?;
         // A zero, negative or non-finite eps or scale makes every output NaN or infinite.
         for (field, value) in [
@@ -437,21 +490,11 @@ impl UnetConfig {
         if !(self.freq_shift.is_finite() && self.freq_shift >= 0.0) {
             return bad(format!("field 'freq_shift' = {} must be a finite number, 0 or more", self.freq_shift));
         }
-        let g = self.norm_num_groups;
-        let norm = |c: usize, what: &str| -> Result<()> {
-            if c == 0 || g == 0 || !c.is_multiple_of(g) {
-                return bad(format!("{what}: {g} norm groups do not divide {c} channels"));
-            }
-            Ok(())
-        };
-        if self.in_channels == 0 || self.out_channels == 0 || self.time_embed_dim == 0 {
-            return bad("in_channels, out_channels and the time embedding width must be positive".into());
+        if self.in_channels == 0 || self.time_embed_dim == 0 {
+            return bad("in_channels and the time embedding width must be positive".into());
         }
-        if self.conv_in_kernel.is_multiple_of(2) || self.conv_out_kernel.is_multiple_of(2) {
-            return bad(format!(
-                "conv_in_kernel ({}) and conv_out_kernel ({}) must be odd (same padding)",
-                self.conv_in_kernel, self.conv_out_kernel
-            ));
+        if self.conv_in_kernel.is_multiple_of(2) {
+            return bad(format!("conv_in_kernel ({}) must be odd (same padding)", self.conv_in_kernel));
         }
         // The sinusoids divide by (half width - freq_shift).
         let sinusoids = [Some(self.block_out_channels[0]), self.text_time.as_ref().map(|t| t.time_embed_dim)];
@@ -463,19 +506,6 @@ impl UnetConfig {
         {
             return bad("projection_class_embeddings_input_dim must be positive".into());
         }
-        let check_layer = |layer: &Layer, what: &str, c: usize| -> Result<usize> {
-            let r = &layer.resnet;
-            if r.in_channels != c {
-                return bad(format!("{what}: its ResNet takes {} channels but receives {c}", r.in_channels));
-            }
-            norm(r.in_channels, what)?;
-            norm(r.out_channels, what)?;
-            if let Some(t) = &layer.attention {
-                check_transformer(t, r.out_channels, what)?;
-                norm(t.channels, what)?;
-            }
-            Ok(r.out_channels)
-        };
         let mut c = self.block_out_channels[0];
         let mut skips = vec![c];
         for (i, block) in self.down_blocks.iter().enumerate() {
@@ -483,7 +513,7 @@ impl UnetConfig {
                 return bad(format!("down_blocks.{i} has no layers"));
             }
             for (j, layer) in block.layers.iter().enumerate() {
-                c = check_layer(layer, &format!("down_blocks.{i} layer {j}"), c)?;
+                c = self.check_layer(layer, &format!("down_blocks.{i} layer {j}"), c)?;
                 skips.push(c);
             }
             if block.downsample {
@@ -493,39 +523,27 @@ impl UnetConfig {
         if let Some(mid) = &self.mid_block {
             for (k, r) in mid.resnets.iter().enumerate() {
                 let layer = Layer { resnet: r.clone(), attention: None };
-                c = check_layer(&layer, &format!("mid_block.resnets.{k}"), c)?;
+                c = self.check_layer(&layer, &format!("mid_block.resnets.{k}"), c)?;
             }
             check_transformer(&mid.attention, c, "mid_block")?;
         }
-        for (i, block) in self.up_blocks.iter().enumerate() {
-            for (j, layer) in block.layers.iter().enumerate() {
-                let what = format!("up_blocks.{i} layer {j}");
-                let Some(skip) = skips.pop() else {
-                    return bad(format!("{what}: no skip connection left to concatenate"));
-                };
-                let r = &layer.resnet;
-                if r.in_channels != c + skip {
-                    return bad(format!(
-                        "{what}: its ResNet takes {} channels but receives {c} + a {skip}-channel skip",
-                        r.in_channels
-                    ));
-                }
-                c = check_layer(layer, &what, r.in_channels)?;
-            }
+        Ok((c, skips))
+    }
+
+    /// One layer receiving `c` channels: its ResNet's input width, the norm groups dividing its
+    /// widths, its transformer fitting its output; returns the output width.
+    fn check_layer(&self, layer: &Layer, what: &str, c: usize) -> Result<usize> {
+        let (r, g) = (&layer.resnet, self.norm_num_groups);
+        if r.in_channels != c {
+            return Err(Error::Input(format!("{what}: its ResNet takes {} channels but receives {c}", r.in_channels)));
         }
-        if !skips.is_empty() {
-            return bad(format!("{} skip connections are never used by the up blocks", skips.len()));
+        check_groups(g, r.in_channels, what)?;
+        check_groups(g, r.out_channels, what)?;
+        if let Some(t) = &layer.attention {
+            check_transformer(t, r.out_channels, what)?;
+            check_groups(g, t.channels, what)?;
         }
-        let downs = self.down_blocks.iter().filter(|b| b.downsample).count();
-        let ups = self.up_blocks.iter().filter(|b| b.upsample).count();
-        if downs != ups {
-            return bad(format!("{downs} downsamplers but {ups} upsamplers"));
-        }
-        norm(c, "conv_norm_out")?;
-        if c != self.block_out_channels[0] {
-            return bad(format!("the up path ends with {c} channels, conv_out takes {}", self.block_out_channels[0]));
-        }
-        Ok(())
+        Ok(r.out_channels)
     }
 
     /// The engine's fixed caps on the resolved architecture (a config.json's fields were checked as
@@ -593,15 +611,18 @@ impl UnetConfig {
         out
     }
 
-    /// Every cross-attention width in the model (one in practice).
+    /// Every cross-attention width in the model (one in practice); transformers without blocks
+    /// (depth 0) have no cross-attention and do not count.
     pub fn cross_attention_dims(&self) -> Vec<usize> {
         let mut dims: Vec<usize> = self
             .down_blocks
             .iter()
             .flat_map(|b| &b.layers)
             .chain(self.up_blocks.iter().flat_map(|b| &b.layers))
-            .filter_map(|l| l.attention.as_ref().map(|t| t.cross_attention_dim))
-            .chain(self.mid_block.as_ref().map(|m| m.attention.cross_attention_dim))
+            .filter_map(|l| l.attention.as_ref())
+            .chain(self.mid_block.as_ref().map(|m| &m.attention))
+            .filter(|t| t.depth > 0)
+            .map(|t| t.cross_attention_dim)
             .collect();
         dims.sort_unstable();
         dims.dedup();
@@ -609,14 +630,26 @@ impl UnetConfig {
     }
 }
 
+/// `groups` norm groups dividing `c` channels.
+fn check_groups(groups: usize, c: usize, what: &str) -> Result<()> {
+    if c == 0 || groups == 0 || !c.is_multiple_of(groups) {
+        return Err(Error::Input(format!("{what}: {groups} norm groups do not divide {c} channels")));
+    }
+    Ok(())
+}
+
+/// A transformer on `channels` channels. Depth 0 is a Transformer2DModel without blocks
+/// (diffusers builds one for `transformer_layers_per_block` 0: GroupNorm, proj_in, proj_out and the
+/// residual; the "mid" and "small" SDXL ControlNets have them), whose cross-attention width is
+/// unused.
 fn check_transformer(t: &Transformer, channels: usize, what: &str) -> Result<()> {
-    if t.channels != channels || t.heads == 0 || !t.channels.is_multiple_of(t.heads) || t.depth == 0 {
+    if t.channels != channels || t.heads == 0 || !t.channels.is_multiple_of(t.heads) {
         return Err(Error::Input(format!(
             "{what}: transformer of {} channels, {} heads, depth {} does not fit {channels} channels",
             t.channels, t.heads, t.depth
         )));
     }
-    if t.cross_attention_dim == 0 {
+    if t.depth > 0 && t.cross_attention_dim == 0 {
         return Err(Error::Input(format!("{what}: cross-attention width 0")));
     }
     Ok(())

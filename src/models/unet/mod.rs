@@ -99,32 +99,8 @@ impl Unet {
     /// Every tensor the architecture has, by diffusers name, with PyTorch shapes.
     pub fn tensor_specs(cfg: &UnetConfig) -> Vec<TensorSpec> {
         let mut out = Vec::new();
-        let conv = |name: &str, o: usize, i: usize, k: usize, out: &mut Vec<TensorSpec>| {
-            out.push(TensorSpec::new(format!("{name}.weight"), &[o, i, k, k]));
-            out.push(TensorSpec::new(format!("{name}.bias"), &[o]));
-        };
-        let c0 = cfg.block_out_channels[0];
-        conv("conv_in", c0, cfg.in_channels, cfg.conv_in_kernel, &mut out);
-        embeddings::specs(cfg, &mut out);
-        let temb = cfg.time_embed_dim;
-        let proj = cfg.use_linear_projection;
-        for (i, block) in cfg.down_blocks.iter().enumerate() {
-            for (j, layer) in block.layers.iter().enumerate() {
-                resnet::specs(&format!("down_blocks.{i}.resnets.{j}"), &layer.resnet, Some(temb), &mut out);
-                if let Some(t) = &layer.attention {
-                    transformer::specs(&format!("down_blocks.{i}.attentions.{j}"), t, proj, &mut out);
-                }
-            }
-            if block.downsample {
-                let c = block.layers.last().map_or(0, |l| l.resnet.out_channels);
-                conv(&format!("down_blocks.{i}.downsamplers.0.conv"), c, c, 3, &mut out);
-            }
-        }
-        if let Some(mid) = &cfg.mid_block {
-            resnet::specs("mid_block.resnets.0", &mid.resnets[0], Some(temb), &mut out);
-            transformer::specs("mid_block.attentions.0", &mid.attention, proj, &mut out);
-            resnet::specs("mid_block.resnets.1", &mid.resnets[1], Some(temb), &mut out);
-        }
+        encoder_specs(cfg, &mut out);
+        let (temb, proj, c0) = (cfg.time_embed_dim, cfg.use_linear_projection, cfg.block_out_channels[0]);
         for (i, block) in cfg.up_blocks.iter().enumerate() {
             for (j, layer) in block.layers.iter().enumerate() {
                 resnet::specs(&format!("up_blocks.{i}.resnets.{j}"), &layer.resnet, Some(temb), &mut out);
@@ -134,12 +110,12 @@ impl Unet {
             }
             if block.upsample {
                 let c = block.layers.last().map_or(0, |l| l.resnet.out_channels);
-                conv(&format!("up_blocks.{i}.upsamplers.0.conv"), c, c, 3, &mut out);
+                conv_spec(&format!("up_blocks.{i}.upsamplers.0.conv"), c, c, 3, &mut out);
             }
         }
         out.push(TensorSpec::new("conv_norm_out.weight", &[c0]));
         out.push(TensorSpec::new("conv_norm_out.bias", &[c0]));
-        conv("conv_out", cfg.out_channels, c0, cfg.conv_out_kernel, &mut out);
+        conv_spec("conv_out", cfg.out_channels, c0, cfg.conv_out_kernel, &mut out);
         out
     }
 
@@ -223,101 +199,144 @@ impl Unet {
         conv(ex, &w.at("conv_out"), &h, 1, cfg.conv_out_kernel)
     }
 
-    /// Shapes, dtypes and sizes of the inputs, before any work: errors name the argument. `frames`
-    /// rows of sample, context and residuals make one video (one row of timestep and text_time).
     fn check_inputs(&self, x: &UnetInputs, frames: usize, residuals: Option<&UnetResiduals>) -> Result<()> {
-        let cfg = &self.config;
-        let dtype = self.dtype();
-        let bad = |m: String| Err(Error::Input(format!("UNet input: {m}")));
-        let s = x.sample.shape();
-        if s.len() != 4 || s[3] != cfg.in_channels || s[0] == 0 {
-            return bad(format!("sample {:?} must be NHWC [batch, height, width, {}]", x.sample, cfg.in_channels));
-        }
-        if frames == 0 || !s[0].is_multiple_of(frames) {
-            return bad(format!("sample {:?}: its {} rows are not whole videos of {frames} frames", x.sample, s[0]));
-        }
-        // rows: images or frames (sample, context, residuals); b: images or videos (timestep, text_time)
-        let (rows, b, h, w) = (s[0], s[0] / frames, s[1], s[2]);
-        // At most MAX_LEVELS - 1 downsamplers (UnetConfig::validate), so the shift fits.
-        let step = 1usize << cfg.downsamplers();
-        if h == 0 || w == 0 || h % step != 0 || w % step != 0 {
-            // diffusers then resizes to the skip sizes (`upsample_size`); the engine has no such resize.
-            return Err(Error::Unsupported(format!(
-                "latent size {h}x{w}: height and width must be positive multiples of {step} (image sides of {})",
-                step.saturating_mul(8)
-            )));
-        }
-        for (name, t) in [("sample", Some(x.sample)), ("encoder_hidden_states", Some(x.encoder_hidden_states))]
-            .into_iter()
-            .chain([("text_embeds", x.text_embeds)])
-        {
-            if let Some(t) = t.filter(|t| t.dtype() != dtype) {
-                return bad(format!("{name} {t:?} must be {dtype:?}, the weights' dtype"));
-            }
-        }
-        if x.timestep.shape() != [b] || x.timestep.dtype() != DType::F32 {
-            return bad(format!("timestep {:?} must be f32 [{b}] (one per image or video)", x.timestep));
-        }
-        let e = x.encoder_hidden_states.shape();
-        let cross = cfg.cross_attention_dims();
-        if e.len() != 3 || e[0] != rows || e[1] == 0 || cross.iter().any(|&d| d != e[2]) {
-            return bad(format!(
-                "encoder_hidden_states {:?} must be [{rows}, tokens, {}]",
-                x.encoder_hidden_states,
-                cross.iter().map(usize::to_string).collect::<Vec<_>>().join(" / ")
-            ));
-        }
-        match (&cfg.text_time, x.text_embeds, x.time_ids) {
-            (None, None, None) => {}
-            (None, _, _) => return bad("this UNet has no text_time embedding: give no text_embeds or time_ids".into()),
-            (Some(_), None, _) | (Some(_), _, None) => {
-                return bad("this UNet has a text_time embedding: text_embeds and time_ids are required".into());
-            }
-            (Some(tt), Some(te), Some(ids)) => {
-                let (ts, is) = (te.shape(), ids.shape());
-                if ts.len() != 2 || ts[0] != b || is.len() != 2 || is[0] != b || ids.dtype() != DType::F32 {
-                    return bad(format!("text_embeds {te:?} must be [{b}, pooled] and time_ids {ids:?} f32 [{b}, n]"));
-                }
-                let width = is[1].checked_mul(tt.time_embed_dim).and_then(|ids| ids.checked_add(ts[1]));
-                if width != Some(tt.input_dim) {
-                    return bad(format!(
-                        "text_embeds width {} + {} time ids x {} = {}, but add_embedding takes {}",
-                        ts[1],
-                        is[1],
-                        tt.time_embed_dim,
-                        width.map_or("more than usize::MAX".into(), |w| w.to_string()),
-                        tt.input_dim
-                    ));
-                }
-            }
-        }
-        if let Some(r) = residuals {
-            let skips = cfg.skips();
-            if r.down.len() != skips.len() {
-                return bad(format!(
-                    "{} down-block residuals given, the UNet has {} skip connections",
-                    r.down.len(),
-                    skips.len()
-                ));
-            }
-            for (k, (t, &(c, level))) in r.down.iter().zip(&skips).enumerate() {
-                let want = [rows, h >> level, w >> level, c];
-                if t.shape() != want || t.dtype() != dtype {
-                    return bad(format!("down-block residual {k} {t:?} must be {dtype:?} {want:?}"));
-                }
-            }
-            let k = cfg.downsamplers();
-            let c = cfg.block_out_channels[cfg.block_out_channels.len() - 1];
-            let want = [rows, h >> k, w >> k, c];
-            if r.mid.shape() != want || r.mid.dtype() != dtype {
-                return bad(format!("mid-block residual {:?} must be {dtype:?} {want:?}", r.mid));
-            }
-        }
-        Ok(())
+        check_inputs("UNet", &self.config, self.dtype(), x, frames, residuals)
     }
 }
 
+/// The tensors of conv_in, the embeddings, the down blocks and the mid block (PyTorch shapes,
+/// diffusers names): the part of the UNet a ControlNet copies.
+pub(crate) fn encoder_specs(cfg: &UnetConfig, out: &mut Vec<TensorSpec>) {
+    let c0 = cfg.block_out_channels[0];
+    conv_spec("conv_in", c0, cfg.in_channels, cfg.conv_in_kernel, out);
+    embeddings::specs(cfg, out);
+    let (temb, proj) = (cfg.time_embed_dim, cfg.use_linear_projection);
+    for (i, block) in cfg.down_blocks.iter().enumerate() {
+        for (j, layer) in block.layers.iter().enumerate() {
+            resnet::specs(&format!("down_blocks.{i}.resnets.{j}"), &layer.resnet, Some(temb), out);
+            if let Some(t) = &layer.attention {
+                transformer::specs(&format!("down_blocks.{i}.attentions.{j}"), t, proj, out);
+            }
+        }
+        if block.downsample {
+            let c = block.layers.last().map_or(0, |l| l.resnet.out_channels);
+            conv_spec(&format!("down_blocks.{i}.downsamplers.0.conv"), c, c, 3, out);
+        }
+    }
+    if let Some(mid) = &cfg.mid_block {
+        resnet::specs("mid_block.resnets.0", &mid.resnets[0], Some(temb), out);
+        transformer::specs("mid_block.attentions.0", &mid.attention, proj, out);
+        resnet::specs("mid_block.resnets.1", &mid.resnets[1], Some(temb), out);
+    }
+}
+
+/// A convolution's weight [o, i, k, k] and bias [o] under `name`.
+pub(crate) fn conv_spec(name: &str, o: usize, i: usize, k: usize, out: &mut Vec<TensorSpec>) {
+    out.push(TensorSpec::new(format!("{name}.weight"), &[o, i, k, k]));
+    out.push(TensorSpec::new(format!("{name}.bias"), &[o]));
+}
+
+/// Shapes, dtypes and sizes of the inputs of a model built on the UNet's encoder (`model` names it
+/// in errors: the UNet, a ControlNet) with weights in `dtype`, before any work: errors name the
+/// argument. `frames` rows of sample, context and residuals make one video (one row of timestep
+/// and text_time).
+pub(crate) fn check_inputs(
+    model: &str,
+    cfg: &UnetConfig,
+    dtype: DType,
+    x: &UnetInputs,
+    frames: usize,
+    residuals: Option<&UnetResiduals>,
+) -> Result<()> {
+    let bad = |m: String| Err(Error::Input(format!("{model} input: {m}")));
+    let s = x.sample.shape();
+    if s.len() != 4 || s[3] != cfg.in_channels || s[0] == 0 {
+        return bad(format!("sample {:?} must be NHWC [batch, height, width, {}]", x.sample, cfg.in_channels));
+    }
+    if frames == 0 || !s[0].is_multiple_of(frames) {
+        return bad(format!("sample {:?}: its {} rows are not whole videos of {frames} frames", x.sample, s[0]));
+    }
+    // rows: images or frames (sample, context, residuals); b: images or videos (timestep, text_time)
+    let (rows, b, h, w) = (s[0], s[0] / frames, s[1], s[2]);
+    // At most MAX_LEVELS - 1 downsamplers (UnetConfig::validate), so the shift fits.
+    let step = 1usize << cfg.downsamplers();
+    if h == 0 || w == 0 || h % step != 0 || w % step != 0 {
+        // diffusers then resizes to the skip sizes (`upsample_size`); the engine has no such resize.
+        return Err(Error::Unsupported(format!(
+            "latent size {h}x{w}: height and width must be positive multiples of {step} (image sides of {})",
+            step.saturating_mul(8)
+        )));
+    }
+    for (name, t) in [("sample", Some(x.sample)), ("encoder_hidden_states", Some(x.encoder_hidden_states))]
+        .into_iter()
+        .chain([("text_embeds", x.text_embeds)])
+    {
+        if let Some(t) = t.filter(|t| t.dtype() != dtype) {
+            return bad(format!("{name} {t:?} must be {dtype:?}, the weights' dtype"));
+        }
+    }
+    if x.timestep.shape() != [b] || x.timestep.dtype() != DType::F32 {
+        return bad(format!("timestep {:?} must be f32 [{b}] (one per image or video)", x.timestep));
+    }
+    let e = x.encoder_hidden_states.shape();
+    let cross = cfg.cross_attention_dims();
+    if e.len() != 3 || e[0] != rows || e[1] == 0 || cross.iter().any(|&d| d != e[2]) {
+        return bad(format!(
+            "encoder_hidden_states {:?} must be [{rows}, tokens, {}]",
+            x.encoder_hidden_states,
+            cross.iter().map(usize::to_string).collect::<Vec<_>>().join(" / ")
+        ));
+    }
+    match (&cfg.text_time, x.text_embeds, x.time_ids) {
+        (None, None, None) => {}
+        (None, _, _) => return bad("this UNet has no text_time embedding: give no text_embeds or time_ids".into()),
+        (Some(_), None, _) | (Some(_), _, None) => {
+            return bad("this UNet has a text_time embedding: text_embeds and time_ids are required".into());
+        }
+        (Some(tt), Some(te), Some(ids)) => {
+            let (ts, is) = (te.shape(), ids.shape());
+            if ts.len() != 2 || ts[0] != b || is.len() != 2 || is[0] != b || ids.dtype() != DType::F32 {
+                return bad(format!("text_embeds {te:?} must be [{b}, pooled] and time_ids {ids:?} f32 [{b}, n]"));
+            }
+            let width = is[1].checked_mul(tt.time_embed_dim).and_then(|ids| ids.checked_add(ts[1]));
+            if width != Some(tt.input_dim) {
+                return bad(format!(
+                    "text_embeds width {} + {} time ids x {} = {}, but add_embedding takes {}",
+                    ts[1],
+                    is[1],
+                    tt.time_embed_dim,
+                    width.map_or("more than usize::MAX".into(), |w| w.to_string()),
+                    tt.input_dim
+                ));
+            }
+        }
+    }
+    if let Some(r) = residuals {
+        let skips = cfg.skips();
+        if r.down.len() != skips.len() {
+            return bad(format!(
+                "{} down-block residuals given, the UNet has {} skip connections",
+                r.down.len(),
+                skips.len()
+            ));
+        }
+        for (k, (t, &(c, level))) in r.down.iter().zip(&skips).enumerate() {
+            let want = [rows, h >> level, w >> level, c];
+            if t.shape() != want || t.dtype() != dtype {
+                return bad(format!("down-block residual {k} {t:?} must be {dtype:?} {want:?}"));
+            }
+        }
+        let k = cfg.downsamplers();
+        let c = cfg.block_out_channels[cfg.block_out_channels.len() - 1];
+        let want = [rows, h >> k, w >> k, c];
+        if r.mid.shape() != want || r.mid.dtype() != dtype {
+            return bad(format!("mid-block residual {:?} must be {dtype:?} {want:?}", r.mid));
+        }
+    }
+    Ok(())
+}
+
 /// A same-padded (or stride-2, padding 1) convolution with the module's weight and bias.
-fn conv(ex: &Exec, w: &Scope, x: &Tensor, stride: usize, kernel: usize) -> Result<Tensor> {
+pub(crate) fn conv(ex: &Exec, w: &Scope, x: &Tensor, stride: usize, kernel: usize) -> Result<Tensor> {
     conv2d(ex, x, w.get("weight")?, Some(w.get("bias")?), Conv2d { stride, padding: kernel / 2 })
 }

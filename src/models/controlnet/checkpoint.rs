@@ -1,0 +1,229 @@
+//! Opening a ControlNet checkpoint, strictly: a diffusers folder (config.json +
+//! diffusion_pytorch_model safetensors, one file, shards or the fp16 variant), a pipeline folder
+//! holding `controlnet/`, or a single file with
+//! - diffusers names (a folder's weights file on its own, as ComfyUI and A1111 users keep them), or
+//! - SGM/cldm names (lllyasviel's ControlNet `cldm/cldm.py` module names, as A1111-style files
+//!   have them), under `control_model.` or at the top level.
+//!
+//! A single file's architecture comes from its shapes (`config::derive_config`, on SGM names; a
+//! diffusers-named file is read through the same names first). Tensors keep the checkpoint's own
+//! names; `names` pairs each diffusers name the graph uses with the key it has in the file. The
+//! diffusers <-> SGM map is the UNet's (`unet::ldm::LdmNames`) for the encoder plus the
+//! ControlNet's own modules (diffusers `loaders/single_file_utils.py`,
+//! `convert_controlnet_checkpoint`): `input_hint_block.{0, 2, ..}` for the conditioning
+//! embedding, `zero_convs.{k}.0` and `middle_block_out.0` for the zero convs.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use super::ControlNet;
+use super::config::{ControlNetConfig, derive_config};
+use crate::error::{Error, Result};
+use crate::models::fields::Limits;
+use crate::models::files::{self, DIFFUSERS_FILES, Location};
+use crate::models::unet::ldm::{BlockLayout, LdmNames};
+use crate::weights::{self, LoadedWeights, TensorSpec};
+
+/// Where the ControlNet sits in a cldm file that also holds other models (lllyasviel's
+/// `ControlLDM`: `control_model.*` beside `model.diffusion_model.*`), and in most A1111 files.
+pub const CLDM_PREFIX: &str = "control_model.";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControlNetFormat {
+    /// A diffusers folder: diffusers names, architecture from config.json.
+    Diffusers,
+    /// One file with diffusers names, architecture from its shapes.
+    DiffusersSingleFile,
+    /// One file with SGM/cldm names, under `CLDM_PREFIX` (`prefixed`) or at the top level.
+    Cldm { prefixed: bool },
+}
+
+pub struct ControlNetCheckpoint {
+    pub config: ControlNetConfig,
+    pub weights: LoadedWeights,
+    /// (diffusers name, checkpoint key) for every tensor the graph reads.
+    pub names: Vec<(String, String)>,
+    pub format: ControlNetFormat,
+}
+
+/// Opens `path` (folder or file, see the module doc), checks its tensors strictly against the
+/// architecture and maps them without a copy.
+pub fn open_controlnet(path: &Path) -> Result<ControlNetCheckpoint> {
+    match files::locate(path, "controlnet", "a diffusers ControlNet folder")? {
+        Location::Folder(folder) => open_diffusers(&folder),
+        Location::SingleFile => open_single_file(path),
+    }
+}
+
+fn open_diffusers(folder: &Path) -> Result<ControlNetCheckpoint> {
+    let (text, config_file) = files::read_config(folder)?;
+    let files = [files::weights_file(folder, &DIFFUSERS_FILES)?];
+    // 1. the checkpoint's header bounds what the config may ask for, before anything is sized
+    let header = weights::load(&files)?;
+    refuse_other_kinds(header.iter().map(|(n, _)| n), &files[0])?;
+    let config = ControlNetConfig::from_diffusers_json(&text, &config_file, &Limits::of(&header))?;
+    drop(header);
+    // 2. every tensor, strictly
+    let specs = ControlNet::tensor_specs(&config);
+    let weights = weights::load_strict(&files, &specs, &[])?;
+    let names = specs.into_iter().map(|s| (s.name.clone(), s.name)).collect();
+    Ok(ControlNetCheckpoint { config, weights, names, format: ControlNetFormat::Diffusers })
+}
+
+fn open_single_file(path: &Path) -> Result<ControlNetCheckpoint> {
+    let files: [PathBuf; 1] = [path.to_path_buf()];
+    let file = weights::open(path, "ControlNet checkpoint")?;
+    let all: BTreeSet<&str> = file.names().collect();
+    refuse_other_kinds(all.iter().copied(), path)?;
+    let format = if all.iter().any(|n| n.starts_with(CLDM_PREFIX)) {
+        ControlNetFormat::Cldm { prefixed: true }
+    } else if all.contains("input_hint_block.0.weight") {
+        ControlNetFormat::Cldm { prefixed: false }
+    } else if all.contains("controlnet_cond_embedding.conv_in.weight") {
+        ControlNetFormat::DiffusersSingleFile
+    } else if all.iter().any(|n| n.starts_with("model.diffusion_model.")) || all.contains("conv_in.weight") {
+        return Err(Error::Input(format!(
+            "{}: a UNet checkpoint, not a ControlNet (no control_model.*, input_hint_block.* or \
+             controlnet_cond_embedding.* tensors)",
+            path.display()
+        )));
+    } else {
+        return Err(Error::Input(format!(
+            "{}: not a ControlNet checkpoint (no control_model.*, input_hint_block.* or controlnet_cond_embedding.* \
+             tensors)",
+            path.display()
+        )));
+    };
+    let root = if format == (ControlNetFormat::Cldm { prefixed: true }) { CLDM_PREFIX } else { "" };
+
+    // 1. the shapes under SGM names below the root (a diffusers-named file's through the map of
+    // the layout its names show)
+    let shape = |n: &str| file.shape(n).map(<[usize]>::to_vec);
+    let mut shapes: HashMap<String, Vec<usize>> = HashMap::new();
+    match format {
+        ControlNetFormat::DiffusersSingleFile => {
+            let map = CldmNames::from_diffusers_names(&all);
+            for name in &all {
+                if let Some(sgm) = map.cldm_name(name) {
+                    shapes.insert(sgm, shape(name)?);
+                }
+            }
+        }
+        _ => {
+            for name in all.iter().filter(|n| n.starts_with(root)) {
+                shapes.insert(name[root.len()..].to_string(), shape(name)?);
+            }
+        }
+    }
+    let config = derive_config(&shapes, root).map_err(|e| match (e, format) {
+        (Error::Input(m), ControlNetFormat::DiffusersSingleFile) => {
+            Error::Input(format!("{m} (a file with diffusers names, read through their SGM equivalents)"))
+        }
+        (e, _) => e,
+    })?;
+    drop(file);
+
+    // 2. every tensor checked against the architecture under the file's names
+    let map = CldmNames::new(&config);
+    let mut names = Vec::new();
+    let mut specs = Vec::new();
+    for spec in ControlNet::tensor_specs(&config) {
+        let key = match format {
+            ControlNetFormat::DiffusersSingleFile => spec.name.clone(),
+            _ => {
+                let sgm = map
+                    .cldm_name(&spec.name)
+                    .ok_or_else(|| Error::Internal(format!("no SGM name for the ControlNet tensor '{}'", spec.name)))?;
+                format!("{root}{sgm}")
+            }
+        };
+        specs.push(TensorSpec::new(key.clone(), &spec.shape));
+        names.push((spec.name, key));
+    }
+    let outside = |name: &str| !name.starts_with(root);
+    let weights = weights::load_filtered(&files, Some(&specs), &outside)?;
+    Ok(ControlNetCheckpoint { config, weights, names, format })
+}
+
+/// Refuses, by name, the files of ControlNet kinds this engine does not run yet.
+fn refuse_other_kinds<'a>(mut names: impl Iterator<Item = &'a str>, path: &Path) -> Result<()> {
+    let found = names.find_map(|n| {
+        let n = n.strip_prefix(CLDM_PREFIX).unwrap_or(n);
+        if n.starts_with("control_add_embedding.") || n == "task_embedding" {
+            Some("a ControlNet Union / ProMax checkpoint (control_add_embedding, task_embedding)")
+        } else if n == "lora_controlnet" {
+            Some("a Control-LoRA (lora_controlnet)")
+        } else {
+            None
+        }
+    });
+    match found {
+        Some(kind) => Err(Error::Unsupported(format!(
+            "{}: {kind}; this engine runs plain ControlNets (ControlNetModel)",
+            path.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The diffusers -> SGM/cldm name map of one ControlNet (names below the root): the UNet's map for
+/// the encoder, and the ControlNet's own modules.
+pub struct CldmNames {
+    encoder: LdmNames,
+    /// Stages of the conditioning embedding (`conditioning_embedding_out_channels.len()`).
+    stages: usize,
+}
+
+impl CldmNames {
+    pub fn new(cfg: &ControlNetConfig) -> CldmNames {
+        CldmNames { encoder: LdmNames::new(&cfg.encoder), stages: cfg.conditioning_embedding_out_channels.len() }
+    }
+
+    /// The map of the architecture a diffusers-named file's keys show: each down block's layers
+    /// (`down_blocks.{i}.resnets.{j}`), their transformers (`attentions.{j}`) and downsampler, and
+    /// the conditioning embedding's blocks.
+    fn from_diffusers_names(names: &BTreeSet<&str>) -> CldmNames {
+        let has = |name: String| names.contains(name.as_str());
+        let mut down = Vec::new();
+        for i in 0.. {
+            let layers = (0..).take_while(|j| has(format!("down_blocks.{i}.resnets.{j}.conv1.weight"))).count();
+            let sampler = has(format!("down_blocks.{i}.downsamplers.0.conv.weight"));
+            if layers == 0 && !sampler {
+                break;
+            }
+            let attention =
+                (0..layers).map(|j| has(format!("down_blocks.{i}.attentions.{j}.proj_in.weight"))).collect();
+            down.push(BlockLayout { attention, sampler });
+        }
+        let blocks = (0..).take_while(|b| has(format!("controlnet_cond_embedding.blocks.{b}.weight"))).count();
+        CldmNames { encoder: LdmNames::from_layout(&down, &[]), stages: blocks / 2 + 1 }
+    }
+
+    /// The SGM/cldm name (below the root) of a diffusers tensor name; None outside every module.
+    pub fn cldm_name(&self, diffusers: &str) -> Option<String> {
+        if let Some(rest) = diffusers.strip_prefix("controlnet_cond_embedding.") {
+            // Sequential indices: convs at even indices (odd ones are SiLU), conv_in at 0, blocks
+            // from 2, conv_out last (14 for four stages).
+            let (module, tail) = rest.split_once('.')?;
+            let index = match module {
+                "conv_in" => 0,
+                "conv_out" => 2 * (2 * self.stages - 1),
+                "blocks" => {
+                    let (b, tail) = tail.split_once('.')?;
+                    let index = b.parse::<usize>().ok()?.checked_mul(2)?.checked_add(2)?;
+                    return Some(format!("input_hint_block.{index}.{tail}"));
+                }
+                _ => return None,
+            };
+            return Some(format!("input_hint_block.{index}.{tail}"));
+        }
+        if let Some(rest) = diffusers.strip_prefix("controlnet_down_blocks.") {
+            let (k, tail) = rest.split_once('.')?;
+            return Some(format!("zero_convs.{k}.0.{tail}"));
+        }
+        if let Some(tail) = diffusers.strip_prefix("controlnet_mid_block.") {
+            return Some(format!("middle_block_out.0.{tail}"));
+        }
+        self.encoder.module_name(diffusers)
+    }
+}

@@ -1,0 +1,264 @@
+//! ControlNetModel (diffusers `models/controlnets/controlnet.py`) for the SDXL family: a copy of the
+//! UNet's encoder that reads a control image and returns one residual per UNet skip connection
+//! plus one for the mid block, in the form `Unet::forward` takes them (`UnetResiduals`). The
+//! encoder runs on the UNet's own block code (`unet::blocks::down` and `mid`, `embeddings`) with
+//! the ControlNet's weights; the same graph runs on the CPU twins or the CUDA ops, chosen by the
+//! `Exec`. Activations are NHWC; the control image is NHWC [rows, H, W, 3] with values in [0, 1]
+//! at `hint_factor` times the latent size (the output image's size for SDXL).
+//!
+//! - `config`: the architecture (config.json, or a single file's shapes): full, "mid" and "small"
+//!   variants differ only in their transformer depths.
+//! - `checkpoint`: opening a diffusers folder or a single file with diffusers or SGM/cldm names
+//!   (with or without the `control_model.` prefix), strictly.
+
+pub mod checkpoint;
+pub mod config;
+
+pub use checkpoint::{ControlNetCheckpoint, ControlNetFormat, open_controlnet};
+pub use config::ControlNetConfig;
+
+use super::embeddings;
+use super::resnet::ResnetNorm;
+use super::unet::{self, Conditioning, UnetConfig, UnetInputs, UnetResiduals, blocks};
+use super::weights::{ModelWeights, Place, Scope};
+use crate::error::{Error, Result};
+use crate::ops::Exec;
+use crate::ops::conv::{Conv2d, conv2d};
+use crate::ops::elementwise::{add, silu};
+use crate::tensor::{DType, Tensor};
+use crate::weights::TensorSpec;
+
+/// How the residuals are scaled: diffusers ControlNetModel.forward's `conditioning_scale` and
+/// `guess_mode` (step 6, "scaling").
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ControlScale {
+    /// Multiplies every residual.
+    pub conditioning_scale: f32,
+    /// Down residual k of n also scaled by 10^(-1 + k / n) (`torch.logspace(-1, 0, n + 1)`: 0.1 for
+    /// conv_in's up to 10^(-1/n) for the last), the mid residual by 1. diffusers' pipelines run a
+    /// guess-mode ControlNet on the conditional half of a CFG batch only and give the
+    /// unconditional half zero residuals; that is the caller's part.
+    pub guess_mode: bool,
+}
+
+impl ControlScale {
+    /// `conditioning_scale`, without guess mode.
+    pub fn new(conditioning_scale: f32) -> ControlScale {
+        ControlScale { conditioning_scale, guess_mode: false }
+    }
+
+    /// The factor of each of `down` down residuals, then the mid residual's.
+    pub fn factors(&self, down: usize) -> Vec<f32> {
+        let s = self.conditioning_scale;
+        if !self.guess_mode {
+            return vec![s; down + 1];
+        }
+        // diffusers computes the logspace in float32 and multiplies by the scale there.
+        let n = down.max(1) as f64;
+        (0..=down).map(|k| 10f64.powf(-1.0 + k as f64 / n) as f32 * s).collect()
+    }
+}
+
+pub struct ControlNet {
+    pub config: ControlNetConfig,
+    weights: ModelWeights,
+}
+
+impl ControlNet {
+    /// Prepares a loaded checkpoint's weights for `place` (host tensors for the CPU twins, device
+    /// tensors for CUDA) in the place's dtype.
+    pub fn new(checkpoint: &ControlNetCheckpoint, place: Place) -> Result<ControlNet> {
+        let weights = ModelWeights::prepare(&checkpoint.weights, &checkpoint.names, place)?;
+        Ok(ControlNet { config: checkpoint.config.clone(), weights })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.weights.dtype()
+    }
+
+    /// The prepared weights (which of them a forward has read: `ModelWeights::unread`).
+    pub fn weights(&self) -> &ModelWeights {
+        &self.weights
+    }
+
+    /// Every tensor the architecture has, by diffusers name, with PyTorch shapes: the UNet
+    /// encoder's, the conditioning embedding's convs, and a 1x1 conv per residual
+    /// (`controlnet_down_blocks.{k}`, `controlnet_mid_block`).
+    pub fn tensor_specs(cfg: &ControlNetConfig) -> Vec<TensorSpec> {
+        let mut out = Vec::new();
+        unet::encoder_specs(&cfg.encoder, &mut out);
+        let widths = &cfg.conditioning_embedding_out_channels;
+        let e = "controlnet_cond_embedding";
+        unet::conv_spec(&format!("{e}.conv_in"), widths[0], cfg.conditioning_channels, 3, &mut out);
+        for (m, pair) in widths.windows(2).enumerate() {
+            unet::conv_spec(&format!("{e}.blocks.{}", 2 * m), pair[0], pair[0], 3, &mut out);
+            unet::conv_spec(&format!("{e}.blocks.{}", 2 * m + 1), pair[1], pair[0], 3, &mut out);
+        }
+        let (first, last) = (cfg.encoder.block_out_channels[0], widths[widths.len() - 1]);
+        unet::conv_spec(&format!("{e}.conv_out"), first, last, 3, &mut out);
+        for (k, (c, _)) in cfg.skips().into_iter().enumerate() {
+            unet::conv_spec(&format!("controlnet_down_blocks.{k}"), c, c, 1, &mut out);
+        }
+        let mid = cfg.encoder.block_out_channels[cfg.encoder.block_out_channels.len() - 1];
+        unet::conv_spec("controlnet_mid_block", mid, mid, 1, &mut out);
+        out
+    }
+
+    /// Checks that the residuals fit `unet`'s skip connections and mid block (count, channels,
+    /// resolution), naming the first that does not.
+    pub fn check_unet(&self, unet: &UnetConfig) -> Result<()> {
+        let (ours, theirs) = (self.config.skips(), unet.skips());
+        let mid = |cfg: &UnetConfig| (cfg.block_out_channels.last().copied().unwrap_or(0), cfg.downsamplers());
+        let (our_mid, their_mid) = (mid(&self.config.encoder), mid(unet));
+        if ours.len() != theirs.len() {
+            return Err(Error::Input(format!(
+                "the ControlNet gives {} down-block residuals; the UNet has {} skip connections",
+                ours.len(),
+                theirs.len()
+            )));
+        }
+        let describe = |(c, step): (usize, usize)| format!("{c} channels at 1/{} the latent size", 1usize << step);
+        for (k, (a, b)) in ours.into_iter().zip(theirs).enumerate() {
+            if a != b {
+                return Err(Error::Input(format!(
+                    "ControlNet residual {k} has {}; the UNet's skip connection {k} {}",
+                    describe(a),
+                    describe(b)
+                )));
+            }
+        }
+        if our_mid != their_mid {
+            return Err(Error::Input(format!(
+                "the ControlNet's mid-block residual has {}; the UNet's mid block {}",
+                describe(our_mid),
+                describe(their_mid)
+            )));
+        }
+        Ok(())
+    }
+
+    /// The residuals for a batch of images: `x` as the UNet takes it (one timestep and text_time
+    /// row per image), `controlnet_cond` the control images [B, H, W, conditioning_channels] in
+    /// the compute dtype, values in [0, 1] (diffusers' control image processor; no [-1, 1]
+    /// normalisation), H and W `hint_factor` times the latent's.
+    pub fn forward(
+        &self,
+        ex: &Exec,
+        x: &UnetInputs,
+        controlnet_cond: &Tensor,
+        scale: ControlScale,
+    ) -> Result<UnetResiduals> {
+        self.forward_frames(ex, x, controlnet_cond, 1, scale)
+    }
+
+    /// `forward` on videos whose frames fold into the batch (row = video * frames + frame):
+    /// `sample`, `encoder_hidden_states` and `controlnet_cond` have a row per frame, `timestep`,
+    /// `text_embeds` and `time_ids` one per video (their embedding is added to each of the video's
+    /// frames, as `Unet::forward_frames` does); the residuals have a row per frame, as the video
+    /// UNet takes them. With `frames` 1 this is diffusers ControlNetModel.forward.
+    pub fn forward_frames(
+        &self,
+        ex: &Exec,
+        x: &UnetInputs,
+        controlnet_cond: &Tensor,
+        frames: usize,
+        scale: ControlScale,
+    ) -> Result<UnetResiduals> {
+        let cfg = &self.config.encoder;
+        let w = self.weights.root();
+        unet::check_inputs("ControlNet", cfg, self.dtype(), x, frames, None)?;
+        // The GPU profile files everything below under controlnet/ (resnet, transformer, hint, ...).
+        let _scope = ex.profile_scope("controlnet");
+        self.check_cond(x.sample, controlnet_cond)?;
+        if !scale.conditioning_scale.is_finite() {
+            return Err(Error::Input(format!(
+                "ControlNet input: conditioning_scale {} must be a finite number",
+                scale.conditioning_scale
+            )));
+        }
+
+        // 1. time (+ text_time) embedding: [B] -> [B, T]; every ResNet projects SiLU(emb), so once
+        let text_time = x.text_embeds.zip(x.time_ids);
+        let emb = embeddings::forward(ex, &w, cfg, x.timestep, text_time, self.dtype())?;
+        let emb = silu(ex, &emb)?;
+        let cond = Conditioning {
+            emb_act: &emb,
+            context: x.encoder_hidden_states,
+            norm: ResnetNorm {
+                groups: cfg.norm_num_groups,
+                eps: cfg.norm_eps,
+                output_scale: cfg.resnet_out_scale_factor,
+            },
+            mid_output_scale: cfg.mid_block_scale_factor,
+            norm_frames: 1,
+        };
+
+        // 2. conv_in(sample) + controlnet_cond_embedding(control image): [rows, h, w, C0]
+        let h = unet::conv(ex, &w.at("conv_in"), x.sample, 1, cfg.conv_in_kernel)?;
+        let h = {
+            let hint = self.conditioning_embedding(ex, &w.at("controlnet_cond_embedding"), controlnet_cond)?;
+            add(ex, &h, &hint, 1.0)?
+        };
+
+        // 3. down: the skip connections, as the UNet's down path collects them
+        let (h, skips) = blocks::down(ex, &w, &cfg.down_blocks, &cond, h, &mut |_, _, h| Ok(h))?;
+
+        // 4. mid (`ControlNetConfig::validate` requires one)
+        let h = match &cfg.mid_block {
+            Some(mid) => blocks::mid(ex, &w, mid, &cond, h, &mut |_, _, h| Ok(h))?,
+            None => return Err(Error::Internal("a ControlNet without a mid block passed validation".into())),
+        };
+
+        // 5. zero convs (1x1) on every skip and on the mid output; 6. scaling, in the same pass
+        let _zero = ex.profile_scope("zero_convs");
+        let factors = scale.factors(skips.len());
+        let mut down = Vec::with_capacity(skips.len());
+        for (k, skip) in skips.into_iter().enumerate() {
+            down.push(zero_conv(ex, &w.at(&format!("controlnet_down_blocks.{k}")), &skip, factors[k])?);
+        }
+        let mid = zero_conv(ex, &w.at("controlnet_mid_block"), &h, factors[factors.len() - 1])?;
+        Ok(UnetResiduals { down, mid })
+    }
+
+    /// The control images' shape and dtype: [rows, hint_factor * h, hint_factor * w, channels].
+    fn check_cond(&self, sample: &Tensor, cond: &Tensor) -> Result<()> {
+        let (s, f, dtype) = (sample.shape(), self.config.hint_factor(), self.dtype());
+        let want = [Some(s[0]), s[1].checked_mul(f), s[2].checked_mul(f), Some(self.config.conditioning_channels)];
+        if cond.shape().iter().map(|&d| Some(d)).ne(want) || cond.dtype() != dtype {
+            let size = |d: Option<usize>| d.map_or("more than usize::MAX".to_string(), |d| d.to_string());
+            return Err(Error::Input(format!(
+                "ControlNet input: controlnet_cond {cond:?} must be {dtype:?} [{}, {}, {}, {}] (NHWC): the control \
+                 images at {f}x the {}x{} latent",
+                s[0],
+                size(want[1]),
+                size(want[2]),
+                self.config.conditioning_channels,
+                s[1],
+                s[2]
+            )));
+        }
+        Ok(())
+    }
+
+    /// ControlNetConditioningEmbedding: conv_in + SiLU; per later stage a same-width conv + SiLU
+    /// and a stride-2 conv + SiLU; conv_out without activation.
+    /// [rows, H, W, channels] -> [rows, H / hint_factor, W / hint_factor, C0]
+    fn conditioning_embedding(&self, ex: &Exec, w: &Scope, image: &Tensor) -> Result<Tensor> {
+        let _scope = ex.profile_scope("hint");
+        let mut e = silu(ex, &unet::conv(ex, &w.at("conv_in"), image, 1, 3)?)?;
+        let blocks = 2 * (self.config.conditioning_embedding_out_channels.len() - 1);
+        for b in 0..blocks {
+            // Odd blocks halve the resolution: [rows, H, W, c_m] -> [rows, H/2, W/2, c_m+1]
+            let stride = if b % 2 == 1 { 2 } else { 1 };
+            e = silu(ex, &unet::conv(ex, &w.at(&format!("blocks.{b}")), &e, stride, 3)?)?;
+        }
+        unet::conv(ex, &w.at("conv_out"), &e, 1, 3)
+    }
+}
+
+/// A zero conv (1x1, with bias) and its residual's factor: factor * (conv(x) + bias), the bias and
+/// the scaling in one pass.
+fn zero_conv(ex: &Exec, w: &Scope, x: &Tensor, factor: f32) -> Result<Tensor> {
+    let y = conv2d(ex, x, w.get("weight")?, None, Conv2d { stride: 1, padding: 0 })?;
+    add(ex, &y, w.get("bias")?, factor)
+}

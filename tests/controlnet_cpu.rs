@@ -1,0 +1,509 @@
+//! The ControlNet on the CPU twins against diffusers' ControlNetModel (tests/fixtures/controlnet_a*,
+//! made by tools/make_controlnet_fixtures.py: float32 on both sides): the full, mid and small
+//! variants, guess mode, every checkpoint naming (diffusers folder, diffusers-named file, cldm names
+//! with and without `control_model.`), the residuals fed to the UNet, load and input errors, and
+//! `celframe verify controlnet`'s exit codes.
+//!
+//! Tolerance: `verify`'s f32 bound is relative L2 <= 1e-4; measured errors are 2e-7 to 1.4e-6 (f32
+//! summation order), so the tests assert 1e-5 on every residual.
+
+mod common;
+#[path = "common/controlnet_fixtures.rs"]
+mod controlnet;
+#[path = "common/unet_fixtures.rs"]
+mod fixtures;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use celframe::models::controlnet::checkpoint::CLDM_PREFIX;
+use celframe::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
+use celframe::models::{
+    ControlNet, ControlNetConfig, ControlNetFormat, ControlScale, Limits, Place, Unet, UnetInputs, open_controlnet,
+    open_unet,
+};
+use celframe::ops::Exec;
+use celframe::verify::{Settings, verify_controlnet};
+use celframe::{DType, Error, Tensor, weights};
+use common::TempDir;
+use controlnet::{reference, write, write_cldm, write_diffusers_file, write_folder, write_folder_with};
+use safetensors::{Dtype, SafeTensors};
+
+const TOL: f64 = 1e-5;
+
+/// verify_controlnet on the CPU in f32: every residual within TOL; returns the computed outputs.
+fn check(weights: &Path, reference_name: &str) -> Vec<(String, Tensor)> {
+    let v = verify_controlnet(weights, &reference(reference_name), &Settings::cpu(DType::F32, TOL)).unwrap();
+    assert_eq!(v.comparisons.len(), 10, "9 down residuals and the mid residual");
+    let worst = v.comparisons.iter().map(|c| c.rel_l2).fold(0.0, f64::max);
+    println!("{} vs {reference_name}: worst rel L2 {worst:.2e}", weights.display());
+    for c in &v.comparisons {
+        assert!(c.ok(), "{reference_name}: {c:?}");
+    }
+    v.outputs
+}
+
+/// The reference's inputs as f32 host tensors (NHWC for images), for the graph API.
+struct Inputs {
+    sample: Tensor,
+    timestep: Tensor,
+    context: Tensor,
+    text_embeds: Tensor,
+    time_ids: Tensor,
+    cond: Tensor,
+    expected: Vec<Tensor>,
+}
+
+impl Inputs {
+    fn read(name: &str) -> Inputs {
+        let r = weights::open(&reference(name), "reference").unwrap();
+        let f32 = |n: &str| {
+            let t = r.float(n).unwrap();
+            Tensor::from_f32(t.shape(), DType::F32, &t.to_f32_vec().unwrap()).unwrap()
+        };
+        let mut expected: Vec<Tensor> =
+            (0..9).map(|k| nchw_to_nhwc(&f32(&format!("out.down_block_res_samples.{k}"))).unwrap()).collect();
+        expected.push(nchw_to_nhwc(&f32("out.mid_block_res_sample")).unwrap());
+        Inputs {
+            sample: nchw_to_nhwc(&f32("in.sample")).unwrap(),
+            timestep: f32("in.timestep"),
+            context: f32("in.encoder_hidden_states"),
+            text_embeds: f32("in.added_cond_kwargs.text_embeds"),
+            time_ids: f32("in.added_cond_kwargs.time_ids"),
+            cond: nchw_to_nhwc(&f32("in.controlnet_cond")).unwrap(),
+            expected,
+        }
+    }
+
+    fn unet(&self) -> UnetInputs<'_> {
+        UnetInputs {
+            sample: &self.sample,
+            timestep: &self.timestep,
+            encoder_hidden_states: &self.context,
+            text_embeds: Some(&self.text_embeds),
+            time_ids: Some(&self.time_ids),
+        }
+    }
+}
+
+fn depths(cfg: &ControlNetConfig) -> (Vec<Vec<Option<usize>>>, usize) {
+    let levels = cfg
+        .encoder
+        .down_blocks
+        .iter()
+        .map(|b| b.layers.iter().map(|l| l.attention.as_ref().map(|t| t.depth)).collect());
+    (levels.collect(), cfg.encoder.mid_block.as_ref().unwrap().attention.depth)
+}
+
+/// The variant's folder through the graph API: its architecture as diffusers built it, every
+/// residual within TOL of diffusers', and every loaded tensor read by the forward.
+fn variant_matches_diffusers(variant: &str, scale: f32, depth: (Vec<Vec<Option<usize>>>, usize)) {
+    let dir = TempDir::new(&format!("controlnet-{variant}"));
+    let checkpoint = open_controlnet(&write_folder(&dir.0, variant)).unwrap();
+    assert_eq!(checkpoint.format, ControlNetFormat::Diffusers);
+    assert_eq!(depths(&checkpoint.config), depth, "{variant}: transformer depths per layer, mid");
+    assert_eq!(checkpoint.config.conditioning_embedding_out_channels, [8, 16, 16, 32]);
+    let cn = ControlNet::new(&checkpoint, Place::Host(DType::F32)).unwrap();
+    let x = Inputs::read(variant);
+    let out = cn.forward(&Exec::Cpu, &x.unet(), &x.cond, ControlScale::new(scale)).unwrap();
+    assert_eq!(out.down.len(), 9);
+    for (k, (computed, expected)) in out.down.iter().chain([&out.mid]).zip(&x.expected).enumerate() {
+        let (rel, max) = common::assert_close(&format!("{variant} residual {k}"), computed, expected, TOL);
+        println!("{variant} residual {k}: rel L2 {rel:.2e}, max abs {max:.2e}");
+    }
+    assert_eq!(cn.weights().unread(), Vec::<&str>::new(), "{variant}: loaded but never read");
+}
+
+#[test]
+fn full_folder_matches_diffusers() {
+    let full = (vec![vec![None, None], vec![Some(1), Some(1)], vec![Some(2), Some(2)]], 2);
+    variant_matches_diffusers("full", 0.75, full);
+}
+
+/// transformer_layers_per_block [0, 0, 1]: level 1's transformers have no blocks (GroupNorm,
+/// proj_in, proj_out, residual), as diffusers/controlnet-*-sdxl-1.0-mid.
+#[test]
+fn mid_folder_matches_diffusers() {
+    let mid = (vec![vec![None, None], vec![Some(0), Some(0)], vec![Some(1), Some(1)]], 1);
+    variant_matches_diffusers("mid", 1.0, mid);
+}
+
+/// No attention in the down path, a mid transformer without blocks.
+#[test]
+fn small_folder_matches_diffusers() {
+    let small = (vec![vec![None, None], vec![None, None], vec![None, None]], 0);
+    variant_matches_diffusers("small", 1.3, small);
+}
+
+/// diffusers' guess mode: the reference (scale 0.5) matches, the same inputs without guess mode do
+/// not, and the factors are diffusers' logspace (FORMATS / ControlNetModel.forward: 0.1 ... 0.7743,
+/// mid 1).
+#[test]
+fn guess_mode_matches_diffusers() {
+    let dir = TempDir::new("controlnet-guess");
+    let full = write_folder(&dir.0, "full");
+    check(&full, "guess");
+    let cn = ControlNet::new(&open_controlnet(&full).unwrap(), Place::Host(DType::F32)).unwrap();
+    let x = Inputs::read("guess");
+    let plain = cn.forward(&Exec::Cpu, &x.unet(), &x.cond, ControlScale::new(0.5)).unwrap();
+    let (rel, _) = common::errors(&plain.down[0].to_f32_vec().unwrap(), &x.expected[0].to_f32_vec().unwrap());
+    assert!(rel > 1.0, "without guess mode residual 0 is 10x the reference's (rel {rel:.2})");
+    let f = ControlScale { conditioning_scale: 1.0, guess_mode: true }.factors(9);
+    let upstream = [0.1, 0.1292, 0.1668, 0.2154, 0.2783, 0.3594, 0.4642, 0.5995, 0.7743, 1.0];
+    for (a, b) in f.iter().zip(upstream) {
+        assert!((a - b).abs() < 5e-5, "{f:?}");
+    }
+}
+
+/// cldm names under control_model. (with a UNet tensor and int64 ids beside them, which are
+/// skipped) and at the top level: the folder's architecture read from the shapes, and diffusers'
+/// outputs through the name map (checked once, with the prefix: both forms share the map).
+#[test]
+fn cldm_single_files_match_diffusers() {
+    let dir = TempDir::new("controlnet-cldm");
+    for variant in ["full", "mid"] {
+        let diffusers = open_controlnet(&write_folder(&dir.0, variant)).unwrap().config;
+        for (prefix, prefixed) in [(CLDM_PREFIX, true), ("", false)] {
+            let file = dir.path(&format!("{variant}_{prefixed}.safetensors"));
+            write_cldm(&file, variant, prefix);
+            let single = open_controlnet(&file).unwrap();
+            assert_eq!(single.format, ControlNetFormat::Cldm { prefixed });
+            assert_eq!(single.config, diffusers, "{variant}: the architecture read from the shapes");
+            if prefixed {
+                check(&file, variant);
+            }
+        }
+    }
+}
+
+/// A folder's weights file alone (diffusers names, no config.json): the architecture from its
+/// shapes equals config.json's (the names are the graph's, so the forward is the folder's). The
+/// small variant's depth-0 mid transformer has no cross-attention to read a width from, so its
+/// outputs are compared instead.
+#[test]
+fn diffusers_named_single_files_derive_the_architecture() {
+    let dir = TempDir::new("controlnet-diffusers-file");
+    for variant in controlnet::VARIANTS {
+        let file = dir.path(&format!("{variant}.safetensors"));
+        write_diffusers_file(&file, variant);
+        let single = open_controlnet(&file).unwrap();
+        assert_eq!(single.format, ControlNetFormat::DiffusersSingleFile);
+        match variant {
+            "small" => drop(check(&file, variant)),
+            _ => {
+                assert_eq!(single.config, open_controlnet(&write_folder(&dir.0, variant)).unwrap().config, "{variant}")
+            }
+        }
+    }
+}
+
+/// The full ControlNet's residuals in unet_a's forward: diffusers' UNet output with
+/// down_block_additional_residuals / mid_block_additional_residual from diffusers' ControlNet.
+#[test]
+fn residuals_feed_the_unet_as_diffusers_does() {
+    let dir = TempDir::new("controlnet-unet");
+    let cn =
+        ControlNet::new(&open_controlnet(&write_folder(&dir.0, "full")).unwrap(), Place::Host(DType::F32)).unwrap();
+    let unet_checkpoint = open_unet(&fixtures::folder("a")).unwrap();
+    cn.check_unet(&unet_checkpoint.config).unwrap();
+    let unet = Unet::new(&unet_checkpoint, Place::Host(DType::F32)).unwrap();
+    let x = Inputs::read("full");
+    let residuals = cn.forward(&Exec::Cpu, &x.unet(), &x.cond, ControlScale::new(0.75)).unwrap();
+    let out = nhwc_to_nchw(&unet.forward(&Exec::Cpu, &x.unet(), Some(&residuals)).unwrap()).unwrap();
+    let expected = weights::load(&[common_fixture("controlnet_a.full.unet_sample.safetensors")]).unwrap();
+    let expected = expected.get("out.sample").unwrap();
+    // Without the residuals unet_a's output is 0.76 away (tools/make_controlnet_fixtures.py prints it).
+    let (rel, max) = common::assert_close("unet_a + ControlNet", &out, expected, TOL);
+    println!("unet_a with the ControlNet's residuals: rel L2 {rel:.2e}, max abs {max:.2e}");
+
+    // A UNet with other skip connections is refused by residual.
+    let other = open_unet(&fixtures::folder("b")).unwrap().config;
+    let err = cn.check_unet(&other).unwrap_err();
+    assert!(matches!(&err, Error::Input(m) if m.contains("down-block residuals")), "{err}");
+}
+
+fn common_fixture(name: &str) -> std::path::PathBuf {
+    fixtures::fixtures().join(name)
+}
+
+/// Frames folded into the batch: one timestep and text_time per video, added to each frame, gives
+/// what the same rows as images with the per-video values repeated give.
+#[test]
+fn frames_share_their_video_embedding() {
+    let dir = TempDir::new("controlnet-frames");
+    let cn =
+        ControlNet::new(&open_controlnet(&write_folder(&dir.0, "small")).unwrap(), Place::Host(DType::F32)).unwrap();
+    let x = Inputs::read("mid"); // 2 rows at 8x8
+    let t = Tensor::from_f32(&[1], DType::F32, &[311.0]).unwrap();
+    let row0 = |t: &Tensor| Tensor::from_f32(&[1, t.shape()[1]], DType::F32, &t.to_f32_vec().unwrap()[..t.shape()[1]]);
+    let (text, ids) = (row0(&x.text_embeds).unwrap(), row0(&x.time_ids).unwrap());
+    let video = UnetInputs { timestep: &t, text_embeds: Some(&text), time_ids: Some(&ids), ..x.unet() };
+    let framed = cn.forward_frames(&Exec::Cpu, &video, &x.cond, 2, ControlScale::new(1.0)).unwrap();
+    let repeat = |t: &Tensor| {
+        let v = t.to_f32_vec().unwrap();
+        let mut s = t.shape().to_vec();
+        s[0] *= 2;
+        Tensor::from_f32(&s, DType::F32, &[v.clone(), v].concat()).unwrap()
+    };
+    let (t2, text2, ids2) = (repeat(&t), repeat(&text), repeat(&ids));
+    let images = UnetInputs { timestep: &t2, text_embeds: Some(&text2), time_ids: Some(&ids2), ..x.unet() };
+    let each = cn.forward(&Exec::Cpu, &images, &x.cond, ControlScale::new(1.0)).unwrap();
+    for (a, b) in framed.down.iter().chain([&framed.mid]).zip(each.down.iter().chain([&each.mid])) {
+        assert_eq!(a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
+    }
+}
+
+/// Missing, unexpected and misshapen tensors in one error naming the file and each tensor; in a
+/// cldm file the names are the file's.
+#[test]
+fn strict_loading_lists_missing_unexpected_and_misshapen_tensors() {
+    let dir = TempDir::new("controlnet-strict");
+    let folder = write_folder_with(&dir.0, "mid", |t| {
+        t.remove("controlnet_down_blocks.4.bias").unwrap();
+        t.insert("controlnet_down_blocks.9.weight".into(), (Dtype::F16, vec![64, 64, 1, 1], vec![0; 64 * 64 * 2]));
+        let (_, shape, data) = t.get_mut("controlnet_cond_embedding.blocks.3.weight").unwrap();
+        *shape = vec![16, 8, 3, 3];
+        data.truncate(16 * 8 * 9 * 2);
+    });
+    let m = match open_controlnet(&folder) {
+        Err(Error::Input(m)) => m,
+        other => panic!("expected an input error, got {:?}", other.map(|c| c.format)),
+    };
+    for needle in [
+        "diffusion_pytorch_model.safetensors",
+        "missing: controlnet_down_blocks.4.bias",
+        "unexpected: controlnet_down_blocks.9.weight",
+        "controlnet_cond_embedding.blocks.3.weight: expected [16, 16, 3, 3], found [16, 8, 3, 3]",
+    ] {
+        assert!(m.contains(needle), "'{needle}' not in:\n{m}");
+    }
+
+    let file = dir.path("broken_cldm.safetensors");
+    write_cldm(&file, "full", CLDM_PREFIX);
+    let mut t = read_all(&file);
+    t.remove("control_model.zero_convs.7.0.weight").unwrap();
+    write(&file, &t);
+    let err = open_controlnet(&file).err().expect("a file without a zero conv loads");
+    assert_eq!(err.exit_code(), 2);
+    assert!(err.to_string().contains("control_model.zero_convs.7.0.weight"), "{err}");
+}
+
+fn read_all(path: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors().into_iter().map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec()))).collect()
+}
+
+/// Other kinds of checkpoint are refused by name: a UNet, a Union ControlNet, a Control-LoRA.
+#[test]
+fn other_checkpoints_are_refused_by_name() {
+    let dir = TempDir::new("controlnet-kinds");
+    let err = |path: &Path| open_controlnet(path).err().expect("loads");
+    let unet_file = fixtures::folder("a").join("diffusion_pytorch_model.safetensors");
+    let e = err(&unet_file);
+    assert!(matches!(&e, Error::Input(m) if m.contains("a UNet checkpoint, not a ControlNet")), "{e}");
+    let mut union = controlnet::tensors("full");
+    union.insert("control_add_embedding.linear_1.bias".into(), (Dtype::F16, vec![2], vec![0; 4]));
+    let file = dir.path("union.safetensors");
+    write(&file, &union);
+    let e = err(&file);
+    assert!(matches!(&e, Error::Unsupported(m) if m.contains("Union")), "{e}");
+    let mut lora = BTreeMap::new();
+    lora.insert("lora_controlnet".to_string(), (Dtype::F16, vec![1], vec![0; 2]));
+    lora.insert("input_hint_block.0.weight".to_string(), (Dtype::F16, vec![1], vec![0; 2]));
+    let file = dir.path("control_lora.safetensors");
+    write(&file, &lora);
+    let e = err(&file);
+    assert!(matches!(&e, Error::Unsupported(m) if m.contains("Control-LoRA")), "{e}");
+    // a UNet folder given as a ControlNet: its config names the class
+    let e = err(&fixtures::folder("a"));
+    assert!(matches!(&e, Error::Input(m) if m.contains("UNet2DConditionModel, not a ControlNetModel")), "{e}");
+}
+
+fn config_with(variant: &str, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
+    let path = controlnet::controlnet_dir().join(format!("config.{variant}.json"));
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    edit(v.as_object_mut().unwrap());
+    v.to_string()
+}
+
+/// config.json problems name the file and the field; valid configs using what the engine lacks
+/// are Unsupported; counts are bounded by the checkpoint before anything is sized.
+#[test]
+fn config_json_errors_name_the_field() {
+    use serde_json::json;
+    let parse = |json: String, limits: &Limits| ControlNetConfig::from_diffusers_json(&json, "config.json", limits);
+    let engine = Limits::engine();
+    let input = |json: String, needle: &str| match parse(json, &engine) {
+        Err(Error::Input(m)) => assert!(m.contains(needle) && m.contains("config.json"), "'{needle}' not in: {m}"),
+        other => panic!("expected an input error mentioning '{needle}', got {other:?}"),
+    };
+    let set = |field: &'static str, value: serde_json::Value| {
+        config_with("full", move |c| drop(c.insert(field.into(), value)))
+    };
+    input(set("_class_name", json!("UNet2DConditionModel")), "not a ControlNetModel");
+    input(set("block_out_channels", json!(32)), "'block_out_channels'");
+    input(set("block_out_channels", json!([32, 64])), "'block_out_channels'");
+    input(set("layers_per_block", json!([2, 2, 2])), "'layers_per_block'");
+    input(set("cross_attention_dim", json!([32, 32, 32])), "'cross_attention_dim'");
+    input(set("attention_head_dim", json!([1, 3, 1])), "does not divide 64");
+    input(set("num_attention_heads", json!(3)), "does not divide 64");
+    input(set("mid_block_type", serde_json::Value::Null), "'mid_block_type'");
+    input(set("conditioning_embedding_out_channels", json!([])), "'conditioning_embedding_out_channels'");
+    input(set("conditioning_embedding_out_channels", serde_json::Value::Null), "'conditioning_embedding_out_channels'");
+    input(set("norm_num_groups", json!(24)), "norm groups");
+    input(config_with("full", |c| drop(c.remove("addition_time_embed_dim"))), "'addition_time_embed_dim'");
+    for (field, value) in [
+        ("_class_name", json!("ControlNetUnionModel")),
+        ("controlnet_conditioning_channel_order", json!("bgr")),
+        ("global_pool_conditions", json!(true)),
+        ("mid_block_type", json!("UNetMidBlock2D")),
+        ("down_block_types", json!(["DownBlock2D", "SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D"])),
+        ("class_embed_type", json!("timestep")),
+    ] {
+        match parse(set(field, value), &engine) {
+            Err(Error::Unsupported(m)) => {
+                assert!(m.contains(field) || m.contains("SimpleCrossAttn") || m.contains("Union"), "{m}")
+            }
+            other => panic!("{field}: expected Unsupported, got {other:?}"),
+        }
+    }
+    // num_attention_heads wins over attention_head_dim, as in ControlNetModel.__init__
+    let cfg = parse(set("num_attention_heads", json!(2)), &engine).unwrap();
+    assert_eq!(cfg.encoder.mid_block.unwrap().attention.heads, 2);
+    // the checkpoint bounds the counts: the mid fixture's 222 tensors cannot hold 100 layers a block
+    let dir = TempDir::new("controlnet-limits");
+    let folder = write_folder(&dir.0, "mid");
+    let limits = Limits::of(&weights::load(&[folder.join("diffusion_pytorch_model.safetensors")]).unwrap());
+    match parse(set("layers_per_block", json!(100)), &limits) {
+        Err(Error::Input(m)) => assert!(m.contains("more blocks than the checkpoint can hold"), "{m}"),
+        other => panic!("expected the checkpoint's bound, got {other:?}"),
+    }
+    match parse(set("layers_per_block", json!(1u64 << 40)), &limits) {
+        Err(Error::Input(m)) => assert!(m.contains("'layers_per_block'") && m.contains("exceeds"), "{m}"),
+        other => panic!("expected the cap, got {other:?}"),
+    }
+}
+
+/// Inputs are checked against the model before any work, naming the argument.
+#[test]
+fn forward_inputs_are_checked() {
+    let dir = TempDir::new("controlnet-inputs");
+    let cn =
+        ControlNet::new(&open_controlnet(&write_folder(&dir.0, "small")).unwrap(), Place::Host(DType::F32)).unwrap();
+    let x = Inputs::read("small");
+    let forward = |cond: &Tensor, scale: f32| {
+        cn.forward(&Exec::Cpu, &x.unet(), cond, ControlScale::new(scale)).err().expect("refused")
+    };
+    let half = Tensor::from_f32(&[1, 32, 32, 3], DType::F32, &vec![0.5; 32 * 32 * 3]).unwrap();
+    let e = forward(&half, 1.0);
+    assert!(matches!(&e, Error::Input(m) if m.contains("controlnet_cond") && m.contains("[1, 64, 64, 3]")), "{e}");
+    let f16 = Tensor::from_f32(&[1, 64, 64, 3], DType::F16, &vec![0.5; 64 * 64 * 3]).unwrap();
+    let e = forward(&f16, 1.0);
+    assert!(matches!(&e, Error::Input(m) if m.contains("controlnet_cond") && m.contains("F32")), "{e}");
+    let e = forward(&x.cond, f32::NAN);
+    assert!(matches!(&e, Error::Input(m) if m.contains("conditioning_scale")), "{e}");
+    let odd = Tensor::from_f32(&[1, 6, 8, 4], DType::F32, &[0.0; 192]).unwrap();
+    let e = cn
+        .forward(&Exec::Cpu, &UnetInputs { sample: &odd, ..x.unet() }, &x.cond, ControlScale::new(1.0))
+        .err()
+        .expect("refused");
+    assert!(matches!(&e, Error::Unsupported(m) if m.contains("multiples of 4")), "{e}");
+    let five = Tensor::from_f32(&[1, 5], DType::F32, &[0.0; 5]).unwrap();
+    let inputs = UnetInputs { time_ids: Some(&five), ..x.unet() };
+    let e = cn.forward(&Exec::Cpu, &inputs, &x.cond, ControlScale::new(1.0)).err().expect("refused");
+    assert!(matches!(&e, Error::Input(m) if m.starts_with("ControlNet input") && m.contains("add_embedding")), "{e}");
+}
+
+fn celframe(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_celframe")).args(args).output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+/// A copy of the full reference with `edit` applied, at `path`.
+fn edited_reference(path: &Path, edit: impl FnOnce(&mut BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>)) -> String {
+    let mut t = read_all(&reference("full"));
+    edit(&mut t);
+    write(path, &t);
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn verify_cli_exit_codes_and_save() {
+    let dir = TempDir::new("controlnet-cli");
+    let folder = write_folder(&dir.0, "full");
+    let (w, r) = (folder.to_str().unwrap(), reference("full"));
+    let r = r.to_str().unwrap();
+    let saved = dir.path("out.safetensors");
+    let base = ["verify", "controlnet", "--weights", w, "--reference", r, "--device", "cpu"];
+
+    // 0, and --save writes the ten outputs (NCHW) as computed
+    let (code, stdout, stderr) = celframe(&[&base[..], &["--save", saved.to_str().unwrap()]].concat());
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(stdout.matches(": ok").count(), 10, "{stdout}");
+    assert!(
+        stdout.contains("out.down_block_res_samples.0 [2, 32, 8, 12]") && stdout.contains("conditioning_scale 0.75")
+    );
+    let written = weights::load(&[&saved]).unwrap();
+    let expected = weights::load(&[&reference("full")]).unwrap();
+    assert_eq!(written.len(), 10);
+    for (name, t) in written.iter() {
+        let (rel, _) = common::errors(&t.to_f32_vec().unwrap(), &expected.get(name).unwrap().to_f32_vec().unwrap());
+        assert!(rel <= TOL, "{name}: {rel:.2e}");
+    }
+    // 1: outside a tolerance below the float32 summation error
+    let (code, stdout, _) = celframe(&[&base[..], &["--tolerance", "1e-12"]].concat());
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("OUTSIDE TOLERANCE"), "{stdout}");
+
+    // 2: bad references and arguments, each named
+    let unet_ref = fixtures::reference("a");
+    let scale2 = edited_reference(&dir.path("scale2.safetensors"), |t| {
+        t.insert(
+            "in.conditioning_scale".into(),
+            (Dtype::F32, vec![2], [0.5f32, 0.5].iter().flat_map(|v| v.to_le_bytes()).collect()),
+        );
+    });
+    let guess2 = edited_reference(&dir.path("guess2.safetensors"), |t| {
+        t.insert("in.guess_mode".into(), (Dtype::I64, vec![], 2i64.to_le_bytes().to_vec()));
+    });
+    let no_cond = edited_reference(&dir.path("nocond.safetensors"), |t| drop(t.remove("in.controlnet_cond")));
+    let small_cond = edited_reference(&dir.path("smallcond.safetensors"), |t| {
+        t.insert("in.controlnet_cond".into(), (Dtype::F16, vec![2, 3, 8, 12], vec![0; 2 * 3 * 8 * 12 * 2]));
+    });
+    let no_mid = edited_reference(&dir.path("nomid.safetensors"), |t| drop(t.remove("out.mid_block_res_sample")));
+    let cases: [(&str, &[&str], &str); 8] = [
+        (w, &["--reference", unet_ref.to_str().unwrap()], "unknown tensor 'out.sample'"),
+        (w, &["--reference", &scale2], "in.conditioning_scale has shape [2]"),
+        (w, &["--reference", &guess2], "'in.guess_mode' holds 2"),
+        (w, &["--reference", &no_cond], "no in.controlnet_cond"),
+        (w, &["--reference", &small_cond], "[2, 3, 64, 96]"),
+        (w, &["--reference", &no_mid], "no out.mid_block_res_sample"),
+        (w, &["--reference", r, "--lora", "x.safetensors"], "--lora applies to"),
+        ("/nonexistent", &["--reference", r], "no such file"),
+    ];
+    for (weights, extra, needle) in cases {
+        let args = [&["verify", "controlnet", "--weights", weights, "--device", "cpu"][..], extra].concat();
+        let (code, stdout, stderr) = celframe(&args);
+        assert_eq!(code, 2, "{extra:?}:\n{stdout}\n{stderr}");
+        assert!(stderr.starts_with("error: ") && stderr.contains(needle), "{extra:?}: '{needle}' not in {stderr}");
+    }
+}
+
+#[test]
+fn bench_arguments_are_checked_before_any_gpu_work() {
+    let dir = TempDir::new("controlnet-bench");
+    let folder = write_folder(&dir.0, "small");
+    let w = folder.to_str().unwrap();
+    let (code, _, stderr) = celframe(&["bench", "controlnet", "--weights", w, "--batch", "0"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--batch must be at least 1"), "{stderr}");
+    let (code, _, stderr) =
+        celframe(&["bench", "controlnet", "--weights", w, "--height", "100000", "--width", "100000"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("control-image activation") || stderr.contains("largest activation"), "{stderr}");
+    let (code, _, stderr) = celframe(&["bench", "controlnet", "--weights", "/nonexistent"]);
+    assert_eq!(code, 2, "{stderr}");
+}

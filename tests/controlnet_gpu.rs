@@ -1,0 +1,63 @@
+//! The ControlNet on the CUDA ops against the same diffusers fixtures as tests/controlnet_cpu.rs
+//! (float32 diffusers references), in f16 and bf16, plus the CUDA result against the CPU twins run
+//! in the same dtype (printed, for the run's table).
+//!
+//! These need an NVIDIA GPU, so CI (no GPU) lists them as ignored; tools/gpu_run.sh runs them on
+//! the GPU machine with `--include-ignored`. Run without a GPU they fail, never pass silently.
+//!
+//! Tolerances (relative L2 against the float32 reference, per residual) are `verify`'s defaults:
+//! f16 1e-2, bf16 3e-2, the UNet's (the ControlNet is its encoder plus convolutions).
+
+mod common;
+#[path = "common/controlnet_fixtures.rs"]
+mod controlnet;
+#[path = "common/unet_fixtures.rs"]
+mod fixtures;
+
+use celframe::DType;
+use celframe::gpu::Gpu;
+use celframe::verify::{Settings, compare, default_tolerance, verify_controlnet};
+use common::TempDir;
+use controlnet::{reference, write_cldm, write_folder};
+
+/// Scratch arena per forward: the fixtures need a few MB.
+const SCRATCH_GB: f64 = 1.0;
+
+fn check(what: &str, weights: &std::path::Path, reference_name: &str, dtype: DType) {
+    assert!(Gpu::is_available(), "no CUDA device: this GPU test cannot run here (it is not skipped silently)");
+    let tol = default_tolerance(dtype);
+    let r = reference(reference_name);
+    let gpu = verify_controlnet(weights, &r, &Settings::cuda(dtype, tol, SCRATCH_GB)).unwrap();
+    let twin = verify_controlnet(weights, &r, &Settings::cpu(dtype, tol)).unwrap();
+    for ((c, t), ((name, g), (_, w))) in
+        gpu.comparisons.iter().zip(&twin.comparisons).zip(gpu.outputs.iter().zip(&twin.outputs))
+    {
+        let vs_twin = compare(name, g, w, tol).unwrap();
+        println!(
+            "GPUCHECK controlnet {what} {name} {dtype:?} rel_l2={:.2e} max_abs={:.2e} tol={tol:.0e} (cpu twins {dtype:?}: \
+             {:.2e}; cuda vs twins {:.2e})",
+            c.rel_l2, c.max_abs, t.rel_l2, vs_twin.rel_l2
+        );
+        assert!(c.ok(), "{what} {dtype:?}: {c:?}");
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn controlnet_variants_match_diffusers_in_f16_and_bf16() {
+    let dir = TempDir::new("controlnet-gpu");
+    for variant in controlnet::VARIANTS {
+        let folder = write_folder(&dir.0, variant);
+        check(variant, &folder, variant, DType::F16);
+        check(variant, &folder, variant, DType::BF16);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn controlnet_guess_mode_and_cldm_file_match_diffusers_in_f16() {
+    let dir = TempDir::new("controlnet-gpu-cldm");
+    let file = dir.path("full_cldm.safetensors");
+    write_cldm(&file, "full", "control_model.");
+    check("full cldm, guess mode", &file, "guess", DType::F16);
+}

@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""The diffusers side of the full-size ControlNet check, on the GPU machine (tools/controlnet_gpu.sh
+runs it).
+
+1. Writes a full SDXL ControlNet (the config of diffusers/controlnet-canny-sdxl-1.0, as
+   xinsir/thibaud openpose have it: FORMATS 4.1) with seeded random weights to
+   WORK/sdxl_controlnet (fp16, diffusers folder), unless it is there. diffusers zero-initialises the
+   zero convs and the conditioning embedding's conv_out, which would make every residual a bias:
+   they get noise of unit gain instead.
+2. For 2 images at 1024x1024 (scale 1) and 32 at 1024x576 (scale 0.8): random inputs in fp16 and a
+   control image in [0, 1] at the output size, and two reference files for `celframe verify
+   controlnet`: diffusers in fp16 (WORK/ref_controlnet_<h>x<w>_b<batch>_f16.safetensors) and in fp32
+   without TF32 on the same fp16 values (..._f32); prints diffusers fp16's own error against fp32
+   per residual, the yardstick for ours.
+3. Times one forward of diffusers (fp16, eager) at both shapes, as PEER lines for tools/report.py.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(__file__))
+from cuda_timing import cuda_ms  # noqa: E402
+from make_controlnet_fixtures import controlnet_inputs, reference_tensors, run  # noqa: E402
+from unet_gpu import rel_l2  # noqa: E402
+
+# config.json of diffusers/controlnet-canny-sdxl-1.0 (the UNet's encoder hyper-parameters plus the
+# conditioning embedding's).
+SDXL_CONTROLNET = {
+    "_class_name": "ControlNetModel",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "class_embed_type": None,
+    "conditioning_channels": 3,
+    "conditioning_embedding_out_channels": [16, 32, 96, 256],
+    "controlnet_conditioning_channel_order": "rgb",
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "global_pool_conditions": False,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "projection_class_embeddings_input_dim": 2816,
+    "resnet_time_scale_shift": "default",
+    "transformer_layers_per_block": [1, 2, 10],
+    "upcast_attention": False,
+    "use_linear_projection": True,
+}
+# (batch, latent height, latent width, conditioning_scale)
+SHAPES = [(2, 128, 128, 1.0), (32, 72, 128, 0.8)]
+
+
+def make_weights(folder):
+    from diffusers import ControlNetModel
+
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return
+    t0 = time.time()
+    torch.manual_seed(3)
+    with torch.device("cuda"):
+        cn = ControlNetModel.from_config(SDXL_CONTROLNET)
+    g = torch.Generator(device="cuda").manual_seed(4)
+    with torch.no_grad():
+        for name, p in cn.named_parameters():
+            zero = name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out"))
+            if zero and p.dim() == 4:
+                fan_in = p.shape[1] * p.shape[2] * p.shape[3]
+                p.copy_(torch.randn(p.shape, generator=g, device="cuda") / fan_in ** 0.5)
+            elif zero:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g, device="cuda"))
+    cn.half().save_pretrained(folder, safe_serialization=True)
+    params = sum(p.numel() for p in cn.parameters())
+    print(f"wrote {folder}: {params / 1e9:.3f}B parameters in {time.time() - t0:.0f} s", flush=True)
+
+
+def main():
+    from diffusers import ControlNetModel
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", required=True)
+    p.add_argument("--skip-references", action="store_true")
+    args = p.parse_args()
+    folder = os.path.join(args.work, "sdxl_controlnet")
+    make_weights(folder)
+    cn16 = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float16).to("cuda").eval()
+
+    inputs = {}
+    for batch, h, w, scale in SHAPES:
+        g = torch.Generator().manual_seed(batch * 1000 + h)
+        x = controlnet_inputs(cn16, batch, h, w, 77, g, torch.float16)
+        if scale != 1.0:
+            x["conditioning_scale"] = torch.tensor(scale)
+        inputs[(batch, h, w)] = x
+
+    if not args.skip_references:
+        cn32 = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32).to("cuda").eval()
+        for (batch, h, w), x in inputs.items():
+            t0 = time.time()
+            ref16, out16 = reference_tensors(cn16, x)
+            # the same fp16 values in fp32 (timestep and time ids are fp32 already), without TF32
+            # (PyTorch's cuDNN convolutions default to it, 10-bit products)
+            torch.backends.cudnn.allow_tf32 = False
+            ref32, out32 = reference_tensors(cn32, {k: v.float() if v.is_floating_point() else v for k, v in x.items()})
+            torch.backends.cudnn.allow_tf32 = True
+            errors = [rel_l2(a, b) for a, b in zip(list(out16[0]) + [out16[1]], list(out32[0]) + [out32[1]])]
+            del out16, out32
+            for name, t in [("f16", ref16), ("f32", ref32)]:
+                save_file(t, os.path.join(args.work, f"ref_controlnet_{h}x{w}_b{batch}_{name}.safetensors"))
+            del ref16, ref32
+            torch.cuda.empty_cache()
+            print("CNREF " + json.dumps({"shape": f"b{batch} {8 * h}x{8 * w}",
+                                         "diffusers_f16_vs_f32_rel_l2": [round(e, 6) for e in errors],
+                                         "seconds": round(time.time() - t0, 1)}), flush=True)
+        del cn32
+        torch.cuda.empty_cache()
+
+    for (batch, h, w), x in inputs.items():
+        key = f"controlnet f16 b{batch} {8 * h}x{8 * w}"
+        # tensors on the device beforehand; the scale stays a host value (no sync per call)
+        x = {k: v if k == "conditioning_scale" else v.to("cuda") for k, v in x.items()}
+        ms = cuda_ms(lambda: run(cn16, x), 3, 10)
+        print("PEER " + json.dumps({"key": key, "variant": "diffusers eager", "ms": round(ms, 3)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 //! Command-line interface: `celframe demo` (the most complete thing the engine runs until the
 //! renderer exists), `celframe info` (device and compiled kernels), `celframe bench` (whole
-//! forwards timed), `celframe verify` (a component against a reference file, `crate::verify`) and
+//! forwards timed), `celframe verify` (a component against a reference file, `crate::verify`),
 //! `celframe tokenize` and `celframe schedule` (a sampler's timesteps and sigmas).
 
 pub mod bench;

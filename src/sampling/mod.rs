@@ -37,9 +37,10 @@
 //! (`StableDiffusionXLImg2ImgPipeline.get_timesteps`).
 //!
 //! # Defaults and why
-//! * Sampler: LCM ([`SamplerConfig::new`] takes it as the caller's choice; the renderer's
-//!   default is LCM-LoRA with `lcm`, 4-6 steps, CFG 1.5-2): it makes a 16-frame segment in 4
-//!   UNet evaluations, the cost that dominates a clip.
+//! * Sampler: `lcm` with LCM-LoRA, 4-6 steps, CFG 1.5-2 (the LCM-LoRA paper's and diffusers'
+//!   documented range) is the one to default to in the renderer: a 16-frame segment then costs
+//!   4 UNet evaluations, the work that dominates a clip. [`SamplerConfig::new`] takes the sampler
+//!   and step count from the caller and defaults the rest as below.
 //! * Beta schedule: the SDXL base one (0.012), also for the AnimateDiff motion module, because
 //!   the LCM-LoRA and the few-step LoRAs were distilled on it; the 0.020 schedule the motion
 //!   module was trained with is an option to try, not a default.

@@ -23,7 +23,7 @@ pub struct TrainingSchedule {
 pub const ZERO_SNR_TERMINAL_ALPHA_CUMPROD: f32 = 1.0 / 16_777_216.0;
 
 impl TrainingSchedule {
-    /// SDXL's "scaled_linear" betas, β_t = linspace(√β_start, √β_end, 1000)[t]², optionally
+    /// SDXL's "scaled_linear" betas, β_t = linspace(√β_start, √β_end, 1000)\[t\]², optionally
     /// rescaled to zero terminal SNR (Lin et al. 2023, "Common Diffusion Noise Schedules and
     /// Sample Steps are Flawed", Algorithm 1).
     pub fn new(beta: BetaSchedule, zero_snr: bool) -> Self {

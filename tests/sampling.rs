@@ -34,6 +34,7 @@ struct Setting {
     sampler: String,
     steps: usize,
     strength: f64,
+    eta: Option<f64>,
     spacing: Option<String>,
     karras: bool,
     prediction: String,
@@ -53,6 +54,7 @@ struct Case {
     c_skip: Option<Vec<f32>>,
     c_out: Option<Vec<f32>>,
     prev_timesteps: Option<Vec<i64>>,
+    s_timesteps: Option<Vec<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -114,6 +116,7 @@ impl Setting {
         let kind = SamplerKind::parse(&self.sampler).unwrap();
         let mut config = SamplerConfig::new(kind, self.steps);
         config.strength = self.strength;
+        config.eta = self.eta;
         config.spacing = self.spacing.as_deref().map(|s| match s {
             "leading" => Spacing::Leading,
             "trailing" => Spacing::Trailing,
@@ -137,10 +140,11 @@ impl Setting {
 
     fn label(&self) -> String {
         format!(
-            "{} steps {} strength {} spacing {} karras {} {} zero_snr {} betas {}",
+            "{} steps {} strength {}{} spacing {} karras {} {} zero_snr {} betas {}",
             self.sampler,
             self.steps,
             self.strength,
+            self.eta.map_or(String::new(), |e| format!(" eta {e}")),
             self.spacing.as_deref().unwrap_or("-"),
             self.karras,
             self.prediction,
@@ -257,6 +261,7 @@ fn schedules_match_diffusers() {
             _ => panic!("{label}: LCM scalings present on one side only"),
         }
         assert_eq!(s.ddim_prev_timesteps().map(<[i64]>::to_vec), case.prev_timesteps, "{label}");
+        assert_eq!(s.tcd_s_timesteps(), case.s_timesteps, "{label}");
     }
     assert!(overshoots >= 3, "the fixture should hold the arange-overshoot cases");
     eprintln!(
@@ -333,8 +338,7 @@ fn trajectories_match_diffusers() {
         assert_eq!(ours.len(), requested.len(), "{label}: an evaluation asked twice for noise");
         assert!(ours.is_subset(&used), "{label}: noise at {ours:?}, diffusers drew {used:?}");
         assert!(used.len() - ours.len() <= 1, "{label}: noise at {ours:?}, diffusers drew {used:?}");
-        let kind = SamplerKind::parse(&r.setting.sampler).unwrap();
-        assert_eq!(!ours.is_empty(), kind.is_stochastic(), "{label}: noise requests {ours:?}");
+        assert_eq!(!ours.is_empty(), r.setting.config().is_stochastic(), "{label}: noise requests {ours:?}");
         assert!(x.iter().all(|v| v.is_finite()), "{label}: not finite");
         let exact: Vec<f32> = r.final_f64.iter().map(|&v| v as f32).collect();
         let (rel_l2, max_abs) = errors(&x, &exact);
@@ -376,9 +380,9 @@ fn deterministic_samplers_draw_no_noise() {
             }
         }
         match outcome {
-            Ok(()) => assert!(!kind.is_stochastic(), "{kind}: drew no noise"),
+            Ok(()) => assert!(!config.is_stochastic(), "{kind}: drew no noise"),
             Err(Error::Internal(message)) => {
-                assert!(kind.is_stochastic(), "{kind}: {message}");
+                assert!(config.is_stochastic(), "{kind}: {message}");
                 assert!(message.contains("asked for noise"), "{message}");
             }
             Err(e) => panic!("{kind}: {e}"),
@@ -459,6 +463,7 @@ fn schedule_command_prints_diffusers_grids() {
     };
     for case in [
         pick("lcm", 4, None, false, false, 1.0),
+        pick("tcd", 6, None, false, true, 1.0),
         pick("lcm", 6, None, false, false, 0.6),
         pick("euler", 25, Some("leading"), true, false, 1.0),
         pick("ddim", 6, Some("trailing"), false, true, 1.0),
@@ -477,6 +482,10 @@ fn schedule_command_prints_diffusers_grids() {
         }
         if s.zero_snr {
             args.extend(["--zero-snr", "--prediction", "v_prediction"]);
+        }
+        let eta = s.eta.map(|e| e.to_string());
+        if let Some(eta) = &eta {
+            args.extend(["--eta", eta]);
         }
         let (code, stdout, stderr) = celframe(&args);
         assert_eq!(code, 0, "{args:?}: {stderr}");
@@ -497,6 +506,9 @@ fn schedule_command_prints_diffusers_grids() {
         assert_eq!(json["scheduler"], s.sampler.as_str());
         assert_eq!(json["c_skip"].is_array(), s.sampler == "lcm", "{stdout}");
         assert_eq!(json["prev_timesteps"].is_array(), s.sampler == "ddim", "{stdout}");
+        if let Some(expected) = &case.s_timesteps {
+            assert_eq!(serde_json::from_value::<Vec<i64>>(json["s_timesteps"].clone()).unwrap(), *expected);
+        }
     }
 }
 
@@ -518,6 +530,10 @@ fn schedule_command_refuses_bad_input() {
         (&["--scheduler", "ddim", "--steps", "4", "--karras"], "Karras"),
         (&["--scheduler", "euler_a", "--steps", "4", "--karras"], "Karras"),
         (&["--scheduler", "lcm", "--steps", "4", "--spacing", "trailing"], "spacing"),
+        (&["--scheduler", "tcd", "--steps", "4", "--spacing", "leading"], "spacing"),
+        (&["--scheduler", "tcd", "--steps", "60"], "at most 50"),
+        (&["--scheduler", "tcd", "--steps", "4", "--eta", "1.5"], "eta"),
+        (&["--scheduler", "euler", "--steps", "4", "--eta", "0.3"], "takes no eta"),
         (&["--scheduler", "euler", "--steps", "4", "--zero-snr"], "v-prediction"),
         (
             &["--scheduler", "dpmpp_sde", "--steps", "4", "--zero-snr", "--prediction", "v_prediction"],

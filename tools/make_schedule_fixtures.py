@@ -10,6 +10,7 @@ options under test, as a diffusers user switches schedulers (`Cls.from_config(pi
 the A1111 table):
 
   lcm            LCMScheduler
+  tcd            TCDScheduler (stochasticity eta = gamma passed to step, as the pipelines do)
   euler          EulerDiscreteScheduler
   euler_ancestral EulerAncestralDiscreteScheduler
   ddim           DDIMScheduler (eta 0, the SDXL pipeline's default)
@@ -77,12 +78,13 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     LCMScheduler,
+    TCDScheduler,
 )
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
     StableDiffusionXLImg2ImgPipeline,
 )
-from diffusers.schedulers import scheduling_euler_ancestral_discrete, scheduling_lcm
+from diffusers.schedulers import scheduling_euler_ancestral_discrete, scheduling_lcm, scheduling_tcd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -133,6 +135,8 @@ def build(sampler, spacing="trailing", karras=False, prediction="epsilon", zero_
     cfg = dict(SDXL_SCHEDULER_CONFIG, beta_end=BETA_END[beta], prediction_type=prediction)
     if sampler == "lcm":
         return LCMScheduler.from_config(cfg, rescale_betas_zero_snr=zero_snr)
+    if sampler == "tcd":
+        return TCDScheduler.from_config(cfg, rescale_betas_zero_snr=zero_snr)
     if sampler == "euler":
         return EulerDiscreteScheduler.from_config(
             cfg, timestep_spacing=spacing, use_karras_sigmas=karras, rescale_betas_zero_snr=zero_snr
@@ -169,11 +173,12 @@ class _PipelineStub:
         self.scheduler = scheduler
 
 
-def set_up(sampler, steps, strength, **options):
+def set_up(sampler, steps, strength, eta=None, **options):
     """A scheduler with its timesteps set as the pipelines set them; returns (scheduler, the
-    timesteps the pipeline iterates over, the first step's index into the scheduler's arrays)."""
+    timesteps the pipeline iterates over, the first step's index into the scheduler's arrays).
+    `eta` is TCD's step argument, not a scheduler option."""
     s = build(sampler, **options)
-    if sampler == "lcm":
+    if sampler in ("lcm", "tcd"):
         s.set_timesteps(steps, strength=strength)
         return s, s.timesteps, 0
     s.set_timesteps(steps)
@@ -196,7 +201,8 @@ def schedule_case(sampler, steps, strength=1.0, **options):
         "sampler": sampler,
         "steps": steps,
         "strength": strength,
-        "spacing": options.get("spacing", "trailing") if sampler != "lcm" else None,
+        "eta": options.get("eta"),
+        "spacing": options.get("spacing", "trailing") if sampler not in ("lcm", "tcd") else None,
         "karras": options.get("karras", False),
         "prediction": options.get("prediction", "epsilon"),
         "zero_snr": options.get("zero_snr", False),
@@ -230,6 +236,13 @@ def schedule_case(sampler, steps, strength=1.0, **options):
         scalings = [s.get_scalings_for_boundary_condition_discrete(int(t)) for t in timesteps]
         case["c_skip"] = [g(c) for c, _ in scalings]
         case["c_out"] = [g(c) for _, c in scalings]
+    elif sampler == "tcd":
+        # The last step lands on t = 0 (TCDScheduler.step: prev_timestep = 0 after the last entry).
+        case["sigmas"] = flat(sigma_of(torch.stack([s.alphas_cumprod[int(t)] for t in ts] + [s.alphas_cumprod[0]])))
+        # s per step, with TCDScheduler.step's own expression.
+        eta = options.get("eta", 0.3)
+        nexts = list(timesteps[1:]) + [torch.tensor(0)]
+        case["s_timesteps"] = [int(torch.floor((1 - eta) * t_next).to(dtype=torch.long)) for t_next in nexts]
     return case
 
 
@@ -238,6 +251,13 @@ def schedule_cases():
     # LCM: the few-step counts users run, its limit (50) and img2img strength.
     for n in (1, 2, 3, 4, 5, 6, 8, 12, 25, 50):
         cases.append(schedule_case("lcm", n))
+    # TCD: the same grid; s per step depends on eta (gamma).
+    for n in (1, 2, 4, 6, 8, 12):
+        cases.append(schedule_case("tcd", n, eta=0.3))
+    for eta in (0.0, 0.5, 1.0):
+        cases.append(schedule_case("tcd", 4, eta=eta))
+    cases.append(schedule_case("tcd", 4, eta=0.3, strength=0.6))
+    cases.append(schedule_case("tcd", 6, eta=0.3, prediction="v_prediction", zero_snr=True))
     for n in (4, 6):
         cases.append(schedule_case("lcm", n, strength=0.6))
         cases.append(schedule_case("lcm", n, prediction="v_prediction", zero_snr=True))
@@ -315,7 +335,7 @@ class NoisePool:
         return self.pool[i].clone()
 
 
-def trajectory(pool, initial, image, sampler, steps, strength=1.0, dtype=torch.float32, **options):
+def trajectory(pool, initial, image, sampler, steps, strength=1.0, dtype=torch.float32, eta=None, **options):
     s, timesteps, begin = set_up(sampler, steps, strength, **options)
     initial, image = initial.to(dtype), image.to(dtype)
     noise = NoisePool(pool)
@@ -325,9 +345,10 @@ def trajectory(pool, initial, image, sampler, steps, strength=1.0, dtype=torch.f
         assert tuple(shape) == LATENT_SHAPE
         return noise.take().to(dtype or torch.float32)
 
-    saved = (scheduling_euler_ancestral_discrete.randn_tensor, scheduling_lcm.randn_tensor)
-    scheduling_euler_ancestral_discrete.randn_tensor = randn_tensor
-    scheduling_lcm.randn_tensor = randn_tensor
+    modules = (scheduling_euler_ancestral_discrete, scheduling_lcm, scheduling_tcd)
+    saved = [m.randn_tensor for m in modules]
+    for m in modules:
+        m.randn_tensor = randn_tensor
     try:
         if strength < 1.0:
             x = s.add_noise(image, initial, timesteps[:1])
@@ -337,6 +358,8 @@ def trajectory(pool, initial, image, sampler, steps, strength=1.0, dtype=torch.f
             model_input = s.scale_model_input(x, t)
             m = model(model_input, t, dtype)
             kwargs = {}
+            if sampler == "tcd":
+                kwargs["eta"] = eta
             if sampler == "dpmpp_2m_sde":
                 if s.step_index is None:
                     s._init_step_index(t)
@@ -347,7 +370,8 @@ def trajectory(pool, initial, image, sampler, steps, strength=1.0, dtype=torch.f
                 s.noise_sampler = lambda sigma, sigma_next: noise.take().to(dtype)
             x = s.step(m, t, x, **kwargs).prev_sample
     finally:
-        scheduling_euler_ancestral_discrete.randn_tensor, scheduling_lcm.randn_tensor = saved
+        for m, f in zip(modules, saved):
+            m.randn_tensor = f
     assert x.dtype == dtype
     return x, noise.used, len(timesteps)
 
@@ -362,12 +386,14 @@ def trajectory_case(pool, initial, image, sampler, steps, strength=1.0, **option
     in the float64 run, and σ' − σ rounded at 4096 (2.4e-4 absolute) still leaves ~6e-6."""
     x, used, evaluations = trajectory(pool, initial, image, sampler, steps, strength, torch.float32, **options)
     x64, used64, _ = trajectory(pool, initial, image, sampler, steps, strength, torch.float64, **options)
+    eta = options.pop("eta", None)
     assert used == used64
     return {
         "sampler": sampler,
         "steps": steps,
         "strength": strength,
-        "spacing": options.get("spacing", "trailing") if sampler != "lcm" else None,
+        "eta": eta,
+        "spacing": options.get("spacing", "trailing") if sampler not in ("lcm", "tcd") else None,
         "karras": options.get("karras", False),
         "prediction": options.get("prediction", "epsilon"),
         "zero_snr": options.get("zero_snr", False),
@@ -385,6 +411,10 @@ def trajectories(pool, initial, image):
     T("lcm", 4)
     T("lcm", 6, prediction="v_prediction", zero_snr=True)
     T("lcm", 4, strength=0.6)
+    T("tcd", 4, eta=0.3)
+    T("tcd", 6, eta=0.0)
+    T("tcd", 4, eta=1.0, prediction="v_prediction", zero_snr=True)
+    T("tcd", 4, eta=0.5, strength=0.6)
     T("euler", 6, spacing="leading")
     T("euler", 25, karras=True)
     T("euler", 6, spacing="linspace", beta="animatediff")

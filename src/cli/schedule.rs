@@ -12,19 +12,22 @@ use crate::sampling::{BetaSchedule, Prediction, Sampler, SamplerConfig, SamplerK
 
 #[derive(Args)]
 pub struct ScheduleArgs {
-    /// lcm, euler, euler_ancestral (euler_a), ddim, dpmpp_2m, dpmpp_2m_sde, dpmpp_sde.
+    /// lcm, tcd, euler, euler_ancestral (euler_a), ddim, dpmpp_2m, dpmpp_2m_sde, dpmpp_sde.
     #[arg(long, value_name = "NAME", value_parser = parse_scheduler)]
     pub scheduler: SamplerKind,
-    /// Denoising steps, 1 to 1000 (lcm: 1 to 50).
+    /// Denoising steps, 1 to 1000 (lcm, tcd: 1 to 50).
     #[arg(long, value_name = "N")]
     pub steps: usize,
-    /// img2img strength in (0, 1]: lcm shrinks its 50-step grid to int(50 x S) timesteps; the
-    /// others run the last int(N x S) of N steps (diffusers' pipelines).
+    /// img2img strength in (0, 1]: lcm and tcd shrink their 50-step grid to int(50 x S)
+    /// timesteps; the others run the last int(N x S) of N steps (diffusers' pipelines).
     #[arg(long, value_name = "S", default_value_t = 1.0)]
     pub strength: f64,
-    /// Timestep spacing (default trailing; lcm takes none).
+    /// Timestep spacing (default trailing; lcm and tcd take none).
     #[arg(long, value_enum)]
     pub spacing: Option<SpacingArg>,
+    /// tcd's stochasticity γ in [0, 1] (default 0.3; 0 is deterministic).
+    #[arg(long, value_name = "G")]
+    pub eta: Option<f64>,
     /// Karras sigmas (euler, dpmpp_2m, dpmpp_2m_sde, dpmpp_sde).
     #[arg(long)]
     pub karras: bool,
@@ -70,6 +73,8 @@ struct ScheduleJson {
     steps: usize,
     strength: f64,
     spacing: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    eta: Option<f64>,
     karras: bool,
     prediction: &'static str,
     zero_snr: bool,
@@ -86,6 +91,9 @@ struct ScheduleJson {
     c_out: Option<Vec<f32>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     prev_timesteps: Option<Vec<i64>>,
+    /// tcd: the intermediate timestep s of each step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    s_timesteps: Option<Vec<i64>>,
 }
 
 /// The sampler configuration the arguments describe.
@@ -99,6 +107,7 @@ pub fn config(args: &ScheduleArgs) -> SamplerConfig {
             SpacingArg::Trailing => Spacing::Trailing,
             SpacingArg::Linspace => Spacing::Linspace,
         }),
+        eta: args.eta,
         karras: args.karras,
         prediction: match args.prediction {
             PredictionArg::Epsilon => Prediction::Epsilon,
@@ -120,7 +129,8 @@ pub fn run(args: &ScheduleArgs) -> Result<()> {
         scheduler: config.kind.name(),
         steps: config.steps,
         strength: config.strength,
-        spacing: (config.kind != SamplerKind::Lcm).then(|| config.spacing().name()),
+        spacing: (!config.kind.uses_distillation_grid()).then(|| config.spacing().name()),
+        eta: (config.kind == SamplerKind::Tcd).then(|| config.eta()),
         karras: config.karras,
         prediction: config.prediction.name(),
         zero_snr: config.zero_snr,
@@ -132,6 +142,7 @@ pub fn run(args: &ScheduleArgs) -> Result<()> {
         c_skip: scalings.as_ref().map(|s| s.iter().map(|p| p.0).collect()),
         c_out: scalings.as_ref().map(|s| s.iter().map(|p| p.1).collect()),
         prev_timesteps: sampler.ddim_prev_timesteps().map(<[i64]>::to_vec),
+        s_timesteps: sampler.tcd_s_timesteps(),
     };
     let text = serde_json::to_string(&json).map_err(|e| Error::Internal(format!("schedule: {e}")))?;
     // A closed pipe (`celframe schedule ... | head`) is not an error worth reporting.

@@ -13,6 +13,7 @@
 //! | name | diffusers | kind |
 //! |---|---|---|
 //! | `lcm` | `scheduling_lcm.py` LCMScheduler | LCM-LoRA / LCM models, 2-8 steps, stochastic |
+//! | `tcd` | `scheduling_tcd.py` TCDScheduler (Zheng et al. 2024) | TCD / Hyper-SD 1-step LoRAs, stochastic for γ > 0 |
 //! | `euler` | `scheduling_euler_discrete.py` EulerDiscreteScheduler | ODE, VE space |
 //! | `euler_ancestral` | `scheduling_euler_ancestral_discrete.py` | ancestral (η = 1), stochastic |
 //! | `ddim` | `scheduling_ddim.py` DDIMScheduler, η = 0 | ODE, VP space |
@@ -32,15 +33,19 @@
 //! zero-terminal-SNR rescale as an option (Lin et al. 2023, Algorithm 1). Prediction: ε or v
 //! ([`Prediction`]). Timestep spacing ([`Spacing`]) as diffusers with steps_offset 1 (SDXL's
 //! scheduler config), Karras σ (Karras et al. 2022, ρ = 7) for Euler and the DPM-Solvers.
-//! img2img strength follows the diffusers pipelines: LCM shrinks its 50-step grid
-//! (`LCMScheduler.set_timesteps(strength=...)`), every other sampler drops the first steps
-//! (`StableDiffusionXLImg2ImgPipeline.get_timesteps`).
+//! img2img strength: LCM and TCD shrink their 50-step grid and still run N steps
+//! (`LCMScheduler.set_timesteps(strength=...)`, as `LatentConsistencyModelImg2ImgPipeline` calls
+//! it; finer than cutting 4 steps to int(4·S)); every other sampler drops the first steps
+//! (`StableDiffusionXLImg2ImgPipeline.get_timesteps`, which diffusers' SDXL img2img pipeline also
+//! applies to LCMScheduler: there the two differ).
 //!
 //! # Defaults and why
 //! * Sampler: `lcm` with LCM-LoRA, 4-6 steps, CFG 1.5-2 (the LCM-LoRA paper's and diffusers'
 //!   documented range) is the one to default to in the renderer: a 16-frame segment then costs
 //!   4 UNet evaluations, the work that dominates a clip. [`SamplerConfig::new`] takes the sampler
 //!   and step count from the caller and defaults the rest as below.
+//! * TCD's γ (`eta`): 0.3, TCDScheduler.step's default and the TCD LoRA cards' value for 4 steps
+//!   (diffusers' SDXL pipeline passes its own `eta`, default 0, which makes TCD deterministic).
 //! * Beta schedule: the SDXL base one (0.012), also for the AnimateDiff motion module, because
 //!   the LCM-LoRA and the few-step LoRAs were distilled on it; the 0.020 schedule the motion
 //!   module was trained with is an option to try, not a default.
@@ -77,10 +82,14 @@ pub const TRAIN_STEPS: usize = 1000;
 /// LCM-LoRA SDXL was distilled with).
 pub const LCM_ORIGINAL_STEPS: usize = 50;
 
+/// TCD's default stochasticity γ (TCDScheduler.step `eta`).
+pub const TCD_DEFAULT_ETA: f64 = 0.3;
+
 /// The sampler algorithms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SamplerKind {
     Lcm,
+    Tcd,
     Euler,
     EulerAncestral,
     Ddim,
@@ -90,8 +99,9 @@ pub enum SamplerKind {
 }
 
 impl SamplerKind {
-    pub const ALL: [SamplerKind; 7] = [
+    pub const ALL: [SamplerKind; 8] = [
         SamplerKind::Lcm,
+        SamplerKind::Tcd,
         SamplerKind::Euler,
         SamplerKind::EulerAncestral,
         SamplerKind::Ddim,
@@ -104,6 +114,7 @@ impl SamplerKind {
     pub fn name(self) -> &'static str {
         match self {
             SamplerKind::Lcm => "lcm",
+            SamplerKind::Tcd => "tcd",
             SamplerKind::Euler => "euler",
             SamplerKind::EulerAncestral => "euler_ancestral",
             SamplerKind::Ddim => "ddim",
@@ -125,9 +136,22 @@ impl SamplerKind {
         })
     }
 
-    /// Whether the sampler draws fresh noise during sampling.
+    /// Whether the sampler draws fresh noise during sampling (TCD: when γ > 0, see
+    /// [`SamplerConfig::is_stochastic`]).
     pub fn is_stochastic(self) -> bool {
-        matches!(self, SamplerKind::Lcm | SamplerKind::EulerAncestral | SamplerKind::DpmPp2mSde | SamplerKind::DpmPpSde)
+        matches!(
+            self,
+            SamplerKind::Lcm
+                | SamplerKind::Tcd
+                | SamplerKind::EulerAncestral
+                | SamplerKind::DpmPp2mSde
+                | SamplerKind::DpmPpSde
+        )
+    }
+
+    /// LCM and TCD: timesteps from the 50-step distillation grid, no spacing.
+    pub fn uses_distillation_grid(self) -> bool {
+        matches!(self, SamplerKind::Lcm | SamplerKind::Tcd)
     }
 
     /// Whether diffusers offers Karras sigmas for it (`use_karras_sigmas`).
@@ -214,8 +238,10 @@ pub struct SamplerConfig {
     pub steps: usize,
     /// img2img strength in (0, 1]; 1 starts from pure noise.
     pub strength: f64,
-    /// None: the default, trailing (LCM: its own grid, and a spacing is refused).
+    /// None: the default, trailing (LCM, TCD: their own grid, and a spacing is refused).
     pub spacing: Option<Spacing>,
+    /// TCD's stochasticity γ in [0, 1] (None: 0.3); refused for other samplers.
+    pub eta: Option<f64>,
     pub karras: bool,
     pub prediction: Prediction,
     pub zero_snr: bool,
@@ -231,6 +257,7 @@ impl SamplerConfig {
             steps,
             strength: 1.0,
             spacing: None,
+            eta: None,
             karras: false,
             prediction: Prediction::Epsilon,
             zero_snr: false,
@@ -241,6 +268,19 @@ impl SamplerConfig {
     /// The spacing in force (trailing unless set).
     pub fn spacing(&self) -> Spacing {
         self.spacing.unwrap_or(Spacing::Trailing)
+    }
+
+    /// TCD's γ in force.
+    pub fn eta(&self) -> f64 {
+        self.eta.unwrap_or(TCD_DEFAULT_ETA)
+    }
+
+    /// Whether a run draws noise: the stochastic samplers, TCD only for γ > 0.
+    pub fn is_stochastic(&self) -> bool {
+        match self.kind {
+            SamplerKind::Tcd => self.eta() > 0.0,
+            kind => kind.is_stochastic(),
+        }
     }
 
     /// Checks the options against each other; the grid itself is checked when a [`Sampler`] is
@@ -277,17 +317,26 @@ impl SamplerConfig {
                     .into(),
             ));
         }
-        if self.kind == SamplerKind::Lcm {
+        match self.eta {
+            Some(_) if self.kind != SamplerKind::Tcd => {
+                return Err(Error::Input(format!("{name} takes no eta (the stochasticity γ of tcd)")));
+            }
+            Some(eta) if !(0.0..=1.0).contains(&eta) => {
+                return Err(Error::Input(format!("tcd: eta {eta}; it must be in [0, 1]")));
+            }
+            _ => {}
+        }
+        if self.kind.uses_distillation_grid() {
             if let Some(spacing) = self.spacing {
                 return Err(Error::Input(format!(
-                    "lcm takes no timestep spacing ({} given): its timesteps come from the {LCM_ORIGINAL_STEPS}-step \
+                    "{name} takes no timestep spacing ({} given): its timesteps come from the {LCM_ORIGINAL_STEPS}-step \
                      distillation grid",
                     spacing.name()
                 )));
             }
             if self.steps > LCM_ORIGINAL_STEPS {
                 return Err(Error::Input(format!(
-                    "lcm: {} steps; at most {LCM_ORIGINAL_STEPS} (its timesteps are a subset of the \
+                    "{name}: {} steps; at most {LCM_ORIGINAL_STEPS} (its timesteps are a subset of the \
                      {LCM_ORIGINAL_STEPS}-step distillation grid)",
                     self.steps
                 )));
@@ -295,7 +344,7 @@ impl SamplerConfig {
             let grid = (LCM_ORIGINAL_STEPS as f64 * self.strength) as usize;
             if grid < self.steps {
                 return Err(Error::Input(format!(
-                    "lcm: strength {} leaves {grid} of the {LCM_ORIGINAL_STEPS} distillation timesteps, fewer than the {} \
+                    "{name}: strength {} leaves {grid} of the {LCM_ORIGINAL_STEPS} distillation timesteps, fewer than the {} \
                      steps asked for; raise the strength to at least {} or take fewer steps",
                     self.strength,
                     self.steps,

@@ -170,7 +170,7 @@ impl Sampler {
         config.validate()?;
         let base = TrainingSchedule::new(config.beta_schedule, config.zero_snr);
         let table = match config.kind {
-            SamplerKind::Ddim | SamplerKind::Lcm => base,
+            SamplerKind::Ddim | SamplerKind::Lcm | SamplerKind::Tcd => base,
             _ => base.clamped_terminal(),
         };
         let n = config.steps;
@@ -191,15 +191,16 @@ impl Sampler {
         };
         let table_sigmas = table.sigmas();
         match config.kind {
-            SamplerKind::Lcm => sampler.build_lcm(),
+            SamplerKind::Lcm | SamplerKind::Tcd => sampler.build_distilled(),
             SamplerKind::Ddim => sampler.build_ddim(),
             SamplerKind::Euler | SamplerKind::EulerAncestral => sampler.build_euler(&table_sigmas),
             SamplerKind::DpmPp2m | SamplerKind::DpmPp2mSde => sampler.build_dpm(&table_sigmas),
             SamplerKind::DpmPpSde => sampler.build_dpm_sde(&table_sigmas),
         }
         sampler.check_grid()?;
-        // img2img strength (StableDiffusionXLImg2ImgPipeline.get_timesteps); LCM took it in its grid.
-        if config.kind != SamplerKind::Lcm {
+        // img2img strength (StableDiffusionXLImg2ImgPipeline.get_timesteps); LCM and TCD took it
+        // in their grid.
+        if !config.kind.uses_distillation_grid() {
             let run = ((n as f64 * config.strength) as usize).min(n);
             sampler.begin_step = n - run;
             sampler.begin_eval =
@@ -273,6 +274,13 @@ impl Sampler {
         })
     }
 
+    /// TCD's intermediate timestep s per step of the run, s = floor((1 − γ)·t_next) (t_next = 0
+    /// after the last step; TCDScheduler.step computes it in float32).
+    pub fn tcd_s_timesteps(&self) -> Option<Vec<i64>> {
+        (self.config.kind == SamplerKind::Tcd)
+            .then(|| (self.begin_eval..self.timesteps.len()).map(|e| self.tcd_s(e) as i64).collect())
+    }
+
     /// DDIM's target timestep per step of the run (-1: ᾱ₀).
     pub fn ddim_prev_timesteps(&self) -> Option<&[i64]> {
         (self.config.kind == SamplerKind::Ddim).then(|| &self.ddim_prev[self.begin_step..])
@@ -303,7 +311,7 @@ impl Sampler {
                 let (alpha, s) = vp_of_sigma(self.sigmas[self.begin_step] as f64);
                 (alpha as f32, s as f32)
             }
-            SamplerKind::Ddim | SamplerKind::Lcm => {
+            SamplerKind::Ddim | SamplerKind::Lcm | SamplerKind::Tcd => {
                 let abar = self.alphas_cumprod[self.timesteps[self.begin_eval] as usize];
                 (abar.sqrt(), (1.0 - abar).sqrt())
             }
@@ -321,6 +329,7 @@ impl Sampler {
         let mut u = Update::new();
         match self.config.kind {
             SamplerKind::Lcm => self.update_lcm(e, &mut u),
+            SamplerKind::Tcd => self.update_tcd(e, &mut u),
             SamplerKind::Ddim => self.update_ddim(e, &mut u),
             SamplerKind::Euler | SamplerKind::EulerAncestral => self.update_euler(e, &mut u),
             SamplerKind::DpmPp2m | SamplerKind::DpmPp2mSde => self.update_dpm(e, i > 0, &mut u),
@@ -368,16 +377,17 @@ impl Sampler {
 
     // ---- grids (diffusers' set_timesteps) -------------------------------------------------------
 
-    /// LCMScheduler.set_timesteps: the distillation grid (1..=int(50·strength))·20 − 1, reversed,
-    /// indexed at floor(linspace(0, len, N, endpoint=False)).
-    fn build_lcm(&mut self) {
+    /// LCMScheduler.set_timesteps (TCDScheduler's is the same): the distillation grid
+    /// (1..=int(50·strength))·20 − 1, reversed, indexed at floor(linspace(0, len, N,
+    /// endpoint=False)). σ: at each timestep, then 0 (LCM returns x̂₀) or σ(ᾱ₀) (TCD lands on t = 0).
+    fn build_distilled(&mut self) {
         let k = TRAIN_STEPS / LCM_ORIGINAL_STEPS;
         let len = (LCM_ORIGINAL_STEPS as f64 * self.config.strength) as usize;
         let origin: Vec<usize> = (1..=len).rev().map(|i| i * k - 1).collect();
         let picks = linspace(0.0, origin.len() as f64, self.config.steps, false);
         self.timesteps = picks.iter().map(|&p| origin[p.floor() as usize] as f32).collect();
         self.sigmas = self.timesteps.iter().map(|&t| sigma_of(self.alphas_cumprod[t as usize])).collect();
-        self.sigmas.push(0.0);
+        self.sigmas.push(if self.config.kind == SamplerKind::Tcd { sigma_of(self.alphas_cumprod[0]) } else { 0.0 });
     }
 
     /// DDIMScheduler.set_timesteps (integer timesteps) and the target of each step,
@@ -495,7 +505,7 @@ impl Sampler {
     fn check_grid(&self) -> Result<()> {
         let c = &self.config;
         let setting = match c.kind {
-            SamplerKind::Lcm => format!("lcm with {} steps", c.steps),
+            SamplerKind::Lcm | SamplerKind::Tcd => format!("{} with {} steps", c.kind, c.steps),
             kind => format!(
                 "{kind} with {} spacing{} and {} steps",
                 c.spacing().name(),
@@ -551,6 +561,47 @@ impl Sampler {
         u.next_noise = (1.0 - abar_next).sqrt() as f32;
         u.noise =
             Some(NoiseRequest { evaluation: 0, sigma: sigma_of(abar as f32), sigma_next: sigma_of(abar_next as f32) });
+    }
+
+    /// TCD's s for evaluation e: floor((1 − γ)·t_next) with float32 operands, as
+    /// `torch.floor((1 - eta) * prev_timestep)` on an integer tensor computes it.
+    fn tcd_s(&self, e: usize) -> f64 {
+        let t_next = self.timesteps.get(e + 1).copied().unwrap_or(0.0);
+        ((1.0 - self.config.eta()) as f32 * t_next).floor() as f64
+    }
+
+    /// TCDScheduler.step: x̂₀ and ε̂ at ᾱ_t, then x_s = √ᾱ_s·x̂₀ + √(1 − ᾱ_s)·ε̂ at s (above); for
+    /// γ > 0 and every step but the last, re-noise to the next timestep:
+    /// √(ᾱ'/ᾱ_s)·x_s + √(1 − ᾱ'/ᾱ_s)·z; otherwise x_s is the result (the last step lands on t = 0).
+    fn update_tcd(&self, e: usize, u: &mut Update) {
+        let t = self.timesteps[e] as f64;
+        let abar = self.abar(t) as f64;
+        let (alpha, s) = (abar.sqrt(), (1.0 - abar).sqrt());
+        let (a, b) = vp_denoise(self.config.prediction, alpha, s);
+        u.denoised_x = a as f32;
+        u.denoised_m = b as f32;
+        let abar_s = self.abar(self.tcd_s(e)) as f64;
+        let last = e + 1 == self.timesteps.len();
+        let mut scale = 1.0;
+        if self.config.eta() > 0.0 && !last {
+            let abar_next = self.abar(self.timesteps[e + 1] as f64) as f64;
+            scale = (abar_next / abar_s).sqrt();
+            u.next_noise = (1.0 - abar_next / abar_s).sqrt() as f32;
+            u.noise = Some(NoiseRequest {
+                evaluation: 0,
+                sigma: sigma_of(abar as f32),
+                sigma_next: sigma_of(abar_next as f32),
+            });
+        }
+        u.next_denoised = (scale * abar_s.sqrt()) as f32;
+        let direction = scale * (1.0 - abar_s).sqrt();
+        match self.config.prediction {
+            Prediction::Epsilon => u.next_m = direction as f32,
+            Prediction::VPrediction => {
+                u.next_m = (direction * alpha) as f32;
+                u.next_x = (direction * s) as f32;
+            }
+        }
     }
 
     /// DDIMScheduler.step with η = 0: x_prev = √ᾱ_prev·x̂₀ + √(1 − ᾱ_prev)·ε̂.

@@ -13,8 +13,8 @@ use std::sync::OnceLock;
 
 use celframe::Error;
 use celframe::sampling::{
-    BetaSchedule, NoiseRequest, Prediction, Sampler, SamplerConfig, SamplerKind, Spacing, TrainingSchedule,
-    cfg_combine, cfg_rescale, no_noise,
+    BetaSchedule, BrownianTree, KeyedNormal, NoiseRequest, NoiseSource, Prediction, Sampler, SamplerConfig,
+    SamplerKind, Spacing, TrainingSchedule, cfg_combine, cfg_rescale, no_noise,
 };
 use common::errors;
 use serde::Deserialize;
@@ -555,4 +555,112 @@ fn schedule_command_refuses_bad_input() {
         assert!(stderr.contains(needle), "{full:?}: {stderr:?} does not mention {needle:?}");
         assert!(!stderr.contains("panicked"), "{full:?}: {stderr}");
     }
+}
+
+// ---- Brownian tree ------------------------------------------------------------------------------
+
+/// A stand-in for the pipeline's counter-based generator: splitmix64 of (key, index) through
+/// Box-Muller. Only its determinism and normality matter here.
+struct TestNormals;
+
+impl KeyedNormal for TestNormals {
+    fn fill(&mut self, key: u64, out: &mut [f32]) -> celframe::Result<()> {
+        let mix = |mut z: u64| {
+            z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        for (i, o) in out.iter_mut().enumerate() {
+            let base = mix(key.wrapping_mul(0x1_0000_0001).wrapping_add(i as u64));
+            let u1 = ((mix(base) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            let u2 = ((mix(base ^ 0xabcdef) >> 11) as f64) / (1u64 << 53) as f64;
+            *o = ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32;
+        }
+        Ok(())
+    }
+}
+
+fn brownian_noise(tree: &mut BrownianTree<TestNormals>, len: usize, sigma: f32, sigma_next: f32) -> Vec<f32> {
+    let mut out = vec![0.0f32; len];
+    tree.fill(&NoiseRequest { evaluation: 0, sigma, sigma_next }, &mut out).unwrap();
+    out
+}
+
+/// Increments over any interval, wide or a thousandth of σ, are standard normal; disjoint ones
+/// are uncorrelated; the path does not depend on the order of queries.
+#[test]
+fn brownian_increments_are_standard_normal() {
+    let len = 20_000;
+    let (lo, hi) = (0.029167533f32, 14.614647f32);
+    let mut tree = BrownianTree::new(TestNormals, lo, hi, len).unwrap();
+    let bound = 4.5 / (len as f64).sqrt();
+    let intervals = [(hi, lo), (hi, 4.08), (1.001, 1.0), (0.05001, 0.05), (4.08, 1.61), (0.7, 0.0292)];
+    let mut samples = Vec::new();
+    for &(s, s_next) in &intervals {
+        let z = brownian_noise(&mut tree, len, s, s_next);
+        let mean = z.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
+        let var = z.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / (len - 1) as f64;
+        assert!(mean.abs() < bound, "[{s_next}, {s}]: mean {mean}");
+        assert!((var - 1.0).abs() < 0.06, "[{s_next}, {s}]: variance {var}");
+        samples.push(z);
+    }
+    // [hi, 4.08] and [4.08, 1.61] are disjoint: uncorrelated.
+    let corr = samples[1].iter().zip(&samples[4]).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() / len as f64;
+    assert!(corr.abs() < bound, "disjoint increments correlate: {corr}");
+    // A fresh tree queried in another order gives the same path.
+    let mut again = BrownianTree::new(TestNormals, lo, hi, len).unwrap();
+    for &(s, s_next) in intervals.iter().rev() {
+        let z = brownian_noise(&mut again, len, s, s_next);
+        let k = intervals.iter().position(|&i| i == (s, s_next)).unwrap();
+        assert_eq!(z, samples[k], "[{s_next}, {s}]");
+    }
+}
+
+/// A coarse grid's increments are the sums of a finer grid's over the same path: the property
+/// that makes a seed's SDE sample consistent across step counts.
+#[test]
+fn brownian_noise_is_consistent_across_step_counts() {
+    let len = 64;
+    let coarse = Sampler::new(&{
+        let mut c = SamplerConfig::new(SamplerKind::DpmPp2mSde, 4);
+        c.karras = true;
+        c
+    })
+    .unwrap();
+    let (lo, hi) = coarse.sigma_range();
+    assert_eq!((lo, hi), (coarse.sigmas()[3], coarse.sigmas()[0]));
+    let mut tree = BrownianTree::new(TestNormals, lo, hi, len).unwrap();
+    let sigmas = &coarse.sigmas()[..4];
+    for w in sigmas.windows(2) {
+        let (s, s_next) = (w[0], w[1]);
+        let whole = brownian_noise(&mut tree, len, s, s_next);
+        // Split the interval at three interior points.
+        let cuts = [s, s * 0.8 + s_next * 0.2, s * 0.5 + s_next * 0.5, s * 0.1 + s_next * 0.9, s_next];
+        let mut sum = vec![0.0f64; len];
+        for c in cuts.windows(2) {
+            let part = brownian_noise(&mut tree, len, c[0], c[1]);
+            let span = ((c[0] - c[1]) as f64).sqrt();
+            for (acc, &p) in sum.iter_mut().zip(&part) {
+                *acc += p as f64 * span;
+            }
+        }
+        let span = ((s - s_next) as f64).sqrt();
+        for (k, (&a, &b)) in whole.iter().zip(&sum).enumerate() {
+            assert!((a as f64 * span - b).abs() < 1e-5, "[{s_next}, {s}] value {k}: {} vs {b}", a as f64 * span);
+        }
+    }
+    // A run of the SDE sampler takes its noise from the tree without complaint.
+    let mut s = coarse.clone();
+    let mut x = trajectories().initial.iter().map(|&v| v * 2.0).collect::<Vec<f32>>();
+    x.resize(len, 0.5);
+    for i in 0..s.evaluations() {
+        let m = model(&x, s.timesteps()[i]);
+        s.step(&m, &mut x, &mut tree).unwrap();
+    }
+    assert!(x.iter().all(|v| v.is_finite()));
+    assert!(BrownianTree::new(TestNormals, 1.0, 1.0, 4).is_err());
+    assert!(BrownianTree::new(TestNormals, 0.1, f32::INFINITY, 4).is_err());
+    let mut small = BrownianTree::new(TestNormals, 0.1, 1.0, 4).unwrap();
+    assert!(small.fill(&NoiseRequest { evaluation: 0, sigma: 1.0, sigma_next: 0.5 }, &mut [0.0; 3]).is_err());
 }

@@ -23,8 +23,9 @@
 //!
 //! Stochastic samplers draw noise from a caller-supplied [`NoiseSource`], one standard-normal
 //! tensor per request; each request names the model evaluation and the σ interval it spans, so a
-//! Brownian-tree source (k-diffusion `BrownianTreeNoiseSampler`) can serve DPM++ SDE and a
-//! seeded counter-based generator can serve the rest. Tests inject diffusers' exact noise.
+//! [`BrownianTree`] (k-diffusion's `BrownianTreeNoiseSampler`, for DPM++ SDE and 2M SDE: the same
+//! seed gives the same path at any step count) or plain per-evaluation noise from a seeded
+//! counter-based generator can serve them. Tests inject diffusers' exact noise.
 //!
 //! # Schedules
 //! Training schedule ([`TrainingSchedule`]): SDXL's scaled-linear betas, β from 0.00085 to 0.012
@@ -64,11 +65,13 @@
 //! appends a step at t = -1; we run exactly N steps (the first N of diffusers'). Schedules that
 //! leave the trained range or repeat a noise level (leading spacing with 1000 steps) are refused.
 
+mod brownian;
 mod cfg;
 mod grid;
 mod sampler;
 mod table;
 
+pub use brownian::{BrownianTree, KeyedNormal};
 pub use cfg::{cfg_combine, cfg_rescale};
 pub use sampler::{Keep, NoiseRequest, NoiseSource, Sampler, Update, no_noise};
 pub use table::{TrainingSchedule, ZERO_SNR_TERMINAL_ALPHA_CUMPROD};

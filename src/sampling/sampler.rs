@@ -230,6 +230,16 @@ impl Sampler {
         &self.sigmas[self.begin_step..]
     }
 
+    /// The run's smallest positive and largest σ, the span of its Brownian tree (k-diffusion and
+    /// diffusers take `sigmas[sigmas > 0].min()` and `sigmas.max()`); infinite for zero-SNR DDIM,
+    /// LCM and TCD, which take plain noise.
+    pub fn sigma_range(&self) -> (f32, f32) {
+        let sigmas = self.sigmas();
+        let min = sigmas.iter().copied().filter(|&s| s > 0.0).fold(f32::INFINITY, f32::min);
+        let max = sigmas.iter().copied().fold(0.0f32, f32::max);
+        (min, max)
+    }
+
     /// What the initial noise is multiplied by (a full-strength run starts at noise × this).
     pub fn init_noise_sigma(&self) -> f32 {
         self.init_noise_sigma

@@ -322,7 +322,7 @@ impl Sampler {
                 (alpha as f32, s as f32)
             }
             SamplerKind::Ddim | SamplerKind::Lcm | SamplerKind::Tcd => {
-                let abar = self.alphas_cumprod[self.timesteps[self.begin_eval] as usize];
+                let abar = self.abar(self.timesteps[self.begin_eval] as f64);
                 (abar.sqrt(), (1.0 - abar).sqrt())
             }
         };
@@ -396,7 +396,7 @@ impl Sampler {
         let origin: Vec<usize> = (1..=len).rev().map(|i| i * k - 1).collect();
         let picks = linspace(0.0, origin.len() as f64, self.config.steps, false);
         self.timesteps = picks.iter().map(|&p| origin[p.floor() as usize] as f32).collect();
-        self.sigmas = self.timesteps.iter().map(|&t| sigma_of(self.alphas_cumprod[t as usize])).collect();
+        self.sigmas = self.timesteps.iter().map(|&t| sigma_of(self.abar(t as f64))).collect();
         self.sigmas.push(if self.config.kind == SamplerKind::Tcd { sigma_of(self.alphas_cumprod[0]) } else { 0.0 });
     }
 
@@ -541,13 +541,14 @@ impl Sampler {
         Ok(())
     }
 
+    /// ᾱ at an integer timestep (clamped to the table; `check_grid` refuses grids outside it).
     fn abar(&self, t: f64) -> f32 {
-        self.alphas_cumprod[t as usize]
+        self.alphas_cumprod[(t.max(0.0) as usize).min(TRAIN_STEPS - 1)]
     }
 
     /// ᾱ of a DDIM target: the table, or ᾱ₀ for -1 (final_alpha_cumprod, set_alpha_to_one false).
     fn abar_prev(&self, prev: i64) -> f32 {
-        self.alphas_cumprod[prev.max(0) as usize]
+        self.abar(prev.max(0) as f64)
     }
 
     // ---- updates (diffusers' step) ----------------------------------------------------------
@@ -771,18 +772,10 @@ fn log_f32(values: &[f32]) -> Vec<f32> {
 /// difference `low − high` is a float32 subtraction there, as here.
 fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
     let log_sigma = sigma.max(1e-10).ln();
-    // np.cumsum(dists >= 0).argmax(), clipped to len − 2: the first index of the running count's maximum.
-    let (mut count, mut best, mut low_idx) = (0usize, 0usize, 0usize);
-    for (j, &l) in log_sigmas.iter().enumerate() {
-        if log_sigma - l as f64 >= 0.0 {
-            count += 1;
-        }
-        if count > best {
-            best = count;
-            low_idx = j;
-        }
-    }
-    let low_idx = low_idx.min(log_sigmas.len() - 2);
+    // np.cumsum(dists >= 0).argmax(), clipped to len − 2. σ grows with t (every β > 0), so the
+    // entries at or below log σ are a prefix and the argmax is its last index (0 if empty).
+    let count = log_sigmas.partition_point(|&l| log_sigma - l as f64 >= 0.0);
+    let low_idx = count.saturating_sub(1).min(log_sigmas.len() - 2);
     let high_idx = low_idx + 1;
     let (low, high) = (log_sigmas[low_idx], log_sigmas[high_idx]);
     let w = ((low as f64 - log_sigma) / (low - high) as f64).clamp(0.0, 1.0);

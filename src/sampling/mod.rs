@@ -41,8 +41,8 @@
 //! applies to LCMScheduler: there the two differ).
 //!
 //! # Defaults and why
-//! * Sampler: `lcm` with LCM-LoRA, 4-6 steps, CFG 1.5-2 (the LCM-LoRA paper's and diffusers'
-//!   documented range) is the one to default to in the renderer: a 16-frame segment then costs
+//! * Sampler: `lcm` with LCM-LoRA, 4-6 steps, low CFG (diffusers' LCM-LoRA examples use
+//!   guidance 1.0-1.5) is the one to default to in the renderer: a 16-frame segment then costs
 //!   4 UNet evaluations, the work that dominates a clip. [`SamplerConfig::new`] takes the sampler
 //!   and step count from the caller and defaults the rest as below.
 //! * TCD's γ (`eta`): 0.3, TCDScheduler.step's default and the TCD LoRA cards' value for 4 steps
@@ -53,8 +53,8 @@
 //! * Spacing: trailing. It starts at t = 999 (pure noise) for any step count, which few-step
 //!   models (Lightning, Hyper-SD, PCM) require and which Lin et al. 2023 (Table 2) show is
 //!   better at every count; SDXL's own config says leading, which at 4 steps starts at t = 751
-//!   and leaves signal in the "noise". LCM ignores spacing (its grid comes from the 50-step
-//!   distillation schedule).
+//!   and leaves signal in the "noise". LCM and TCD take no spacing (their grid comes from the
+//!   50-step distillation schedule).
 //! * Prediction ε, zero-SNR off: what SDXL base and its anime finetunes were trained with;
 //!   v-prediction zero-SNR checkpoints (NoobAI-XL V-Pred) must be declared by the user.
 //!   Zero-SNR needs v-prediction: at t = 999 the latent holds no signal and ε-prediction
@@ -62,8 +62,10 @@
 //!
 //! Where diffusers' numpy grids misbehave we keep the requested step count: for 62 step counts
 //! up to 1000 (61, 103, 121, ...) numpy's `arange` overshoots with trailing spacing and diffusers
-//! appends a step at t = -1; we run exactly N steps (the first N of diffusers'). Schedules that
-//! leave the trained range or repeat a noise level (leading spacing with 1000 steps) are refused.
+//! appends a step at t = -1; we run exactly N steps (the first N of diffusers', except that
+//! Euler's Karras range, which diffusers takes from those timesteps, then ends at t = 0 there and
+//! at the N-th timestep here). Schedules that leave the trained range or repeat a noise level
+//! (leading spacing with 1000 steps) are refused.
 
 mod brownian;
 mod cfg;

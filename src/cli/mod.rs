@@ -1,11 +1,12 @@
 //! Command-line interface: `celframe demo` (the most complete thing the engine runs until the
 //! renderer exists), `celframe info` (device and compiled kernels), `celframe bench` (whole
-//! forwards timed), `celframe verify` (a component against a reference file, `crate::verify`) and
-//! `celframe tokenize`.
+//! forwards timed), `celframe verify` (a component against a reference file, `crate::verify`),
+//! `celframe tokenize` and `celframe schedule` (a sampler's timesteps and sigmas).
 
 pub mod bench;
 pub mod demo;
 pub mod info;
+pub mod schedule;
 pub mod tokenize;
 pub mod verify;
 
@@ -51,6 +52,9 @@ pub enum Command {
     /// Print a prompt's token ids as JSON, one array of 77 per chunk (A1111 prompt syntax and
     /// chunking; --raw for the text as transformers tokenizes it, --emphasis for emphasis weights and LoRA requests).
     Tokenize(tokenize::TokenizeArgs),
+    /// Print a sampler's timesteps and sigmas as JSON (and LCM's c_skip/c_out, DDIM's targets),
+    /// as diffusers' scheduler computes them for the same settings.
+    Schedule(schedule::ScheduleArgs),
 }
 
 /// The element count of a tensor whose dimensions are `dims` (each a name, such as the flag that

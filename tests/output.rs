@@ -161,6 +161,13 @@ fn check_mp4(mp4: &Path, frames: &[RgbImage], fps: &str, max_mae: f64) -> f64 {
     let (moov, mdat) = (boxes.iter().position(|b| b == "moov"), boxes.iter().position(|b| b == "mdat"));
     assert!(moov.is_some() && mdat.is_some() && moov < mdat, "{}: top-level boxes {boxes:?}", mp4.display());
 
+    // The container's colour box (ISO/IEC 14496-12 colr, type nclx): primaries, transfer and
+    // matrix 1 (BT.709, ITU-T H.273), full_range_flag 0.
+    let bytes = std::fs::read(mp4).unwrap();
+    let at =
+        bytes.windows(8).position(|w| w == b"colrnclx").unwrap_or_else(|| panic!("{}: no colr nclx", mp4.display()));
+    assert_eq!(&bytes[at + 8..at + 15], &[0, 1, 0, 1, 0, 1, 0], "{}: colr nclx fields", mp4.display());
+
     let decoded = decode_rgb(mp4);
     let source: Vec<u8> = frames.iter().flat_map(|f| f.pixels().iter().copied()).collect();
     assert_eq!(decoded.len(), source.len(), "decoded bytes");

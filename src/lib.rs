@@ -7,6 +7,7 @@ pub mod gpu;
 pub mod io;
 pub mod models;
 pub mod ops;
+pub mod output;
 pub mod sampling;
 pub mod tensor;
 pub mod text;

@@ -81,10 +81,10 @@ def pipeline():
     )
 
 
-def factors(out_shape, in_shape, g):
-    """Random down [RANK, *in_shape] and up [out, RANK, *1s], rounded to float16."""
-    down = 0.2 * torch.randn((RANK, *in_shape), generator=g)
-    up = 0.2 * torch.randn((out_shape[0], RANK, *[1] * (len(in_shape) - 1)), generator=g)
+def factors(out_shape, in_shape, g, rank=RANK, std=0.2):
+    """Random down [rank, *in_shape] and up [out, rank, *1s], rounded to float16."""
+    down = std * torch.randn((rank, *in_shape), generator=g)
+    up = std * torch.randn((out_shape[0], rank, *[1] * (len(in_shape) - 1)), generator=g)
     return down.half(), up.half()
 
 
@@ -93,9 +93,10 @@ def lora_factors(weight, g):
     return factors(weight.shape, weight.shape[1:], g)
 
 
-def sgm_module(name):
-    """The SGM path of a diffusers UNet module (tools/make_unet_fixtures.py's independent table)."""
-    modules = ldm_modules(CONFIGS["a"])
+def sgm_module(name, modules=None):
+    """The SGM path of a diffusers UNet module (tools/make_unet_fixtures.py's independent table;
+    `modules` = ldm_modules(config), the tiny UNet "a"'s by default)."""
+    modules = modules or ldm_modules(CONFIGS["a"])
     prefix = max((m for m in modules if name == m or name.startswith(m + ".")), key=len)
     rest = name[len(prefix) + 1:]
     if not rest:
@@ -106,7 +107,7 @@ def sgm_module(name):
     return modules[prefix] + "." + rest
 
 
-def kohya_file(weights, selected, path_of, prefix, alpha, g):
+def kohya_file(weights, selected, path_of, prefix, alpha, g, factors_of=lora_factors):
     """kohya keys for the weights whose module names `selected` accepts."""
     out = {}
     for name, w in weights.items():
@@ -114,7 +115,7 @@ def kohya_file(weights, selected, path_of, prefix, alpha, g):
         if not name.endswith(".weight") or w.ndim not in (2, 4) or not selected(module):
             continue
         key = prefix + path_of(module).replace(".", "_")
-        down, up = lora_factors(w, g)
+        down, up = factors_of(w, g)
         out[f"{key}.lora_down.weight"] = down
         out[f"{key}.lora_up.weight"] = up
         out[f"{key}.alpha"] = torch.tensor(float(alpha)).half()

@@ -14,6 +14,8 @@ use crate::gpu::profile::format_rows;
 use crate::gpu::timing::{Timing, time_gpu};
 use crate::gpu::{Arena, Gpu, nvtx};
 use crate::models::clip::{ClipTextModel, TextEncoderKind, open_text_encoder};
+use crate::models::lora::device::{DeviceLoraSet, LoraSwitcher, Restore};
+use crate::models::lora::{self, Component, LoraSpec, Loras, Targets};
 use crate::models::motion::MAX_FRAMES;
 use crate::models::vae::{Vae, open_vae};
 use crate::models::{
@@ -26,9 +28,10 @@ use crate::verify::unet::ForwardInputs;
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// What to time: unet; motion_unet (the UNet with `--motion`'s modules on `--batch` videos of
-    /// `--frames` frames); controlnet (`--batch` images with control images at the output size);
-    /// text_encoders (both SDXL encoders on a CFG pair of prompts);
+    /// What to time: unet; lora (merging `--lora`'s set into the UNet's device weights and
+    /// switching to `--switch-lora`'s and back); motion_unet (the UNet with `--motion`'s modules on
+    /// `--batch` videos of `--frames` frames); controlnet (`--batch` images with control images at
+    /// the output size); text_encoders (both SDXL encoders on a CFG pair of prompts);
     /// vae_decoder (`--batch` frames of `--height` x `--width` latents, `--chunk` at a time).
     pub component: String,
     /// unet: a diffusers UNet folder or a single-file checkpoint; controlnet: a diffusers
@@ -65,6 +68,19 @@ pub struct BenchArgs {
     /// CUDA scratch arena in GiB.
     #[arg(long, default_value_t = 24.0)]
     pub scratch_gb: f64,
+    /// lora: the set merged first, `PATH[:WEIGHT]`, repeatable.
+    #[arg(long = "lora")]
+    pub loras: Vec<String>,
+    /// lora: the set switched to and back, `PATH[:WEIGHT]`, repeatable.
+    #[arg(long = "switch-lora")]
+    pub switch_loras: Vec<String>,
+    /// lora: how a switch restores the base weights: copy (device copies) or reload (from the files).
+    #[arg(long, default_value = "copy")]
+    pub lora_restore: String,
+    /// lora: a folder with text_encoder/ and text_encoder_2/ (or a single-file checkpoint) whose
+    /// weights the sets' text-encoder parts merge into as well.
+    #[arg(long)]
+    pub text_encoders: Option<PathBuf>,
     /// After the timed runs, one more forward with every kernel, matmul and convolution timed on
     /// its own, printed as a table of GPU time by model part (resnet, transformer, motion, ...) and
     /// kind of work (gemm, conv, flash_attention, group_norm, ...).
@@ -114,8 +130,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "controlnet" => bench_controlnet(args, dtype),
         "text_encoders" => bench_text_encoders(args, dtype),
         "vae_decoder" => bench_vae_decoder(args, dtype),
+        "lora" => bench_lora(args, dtype),
         other => Err(Error::Input(format!(
-            "bench: unknown component '{other}' (supported: unet, motion_unet, controlnet, text_encoders, vae_decoder)"
+            "bench: unknown component '{other}' (supported: unet, lora, motion_unet, controlnet, text_encoders, vae_decoder)"
         ))),
     }
 }
@@ -228,6 +245,121 @@ fn bench_controlnet(args: &BenchArgs, dtype: DType) -> Result<()> {
     let t = time_gpu(&gpu, 2, args.runs, &mut forward)?;
     report("controlnet", &key, &t, args.runs, &scratch);
     breakdown(args, &gpu, &key, &t, forward)
+}
+
+/// LoRA sets merged into device weights and switched: the UNet's, and with `--text-encoders` both
+/// text encoders' too. Prints the time to lay out and upload each set (host clock), to merge
+/// `--lora`'s set over itself (restoring its weights first, as a repeated apply does) and to switch
+/// between the two sets (GPU time), and the memory the factors and base copies take; with
+/// `--breakdown`, one switch split into restore copies and merge kernels.
+fn bench_lora(args: &BenchArgs, dtype: DType) -> Result<()> {
+    if args.loras.is_empty() || args.switch_loras.is_empty() {
+        return Err(Error::Input("bench lora needs --lora and --switch-lora (the two sets switched between)".into()));
+    }
+    let restore = Restore::parse(&args.lora_restore)?;
+    let unet_checkpoint = open_unet(&args.weights)?;
+    let text_checkpoints = match &args.text_encoders {
+        Some(dir) => [TextEncoderKind::ClipL, TextEncoderKind::ClipG]
+            .into_iter()
+            .map(|kind| open_text_encoder(dir, kind))
+            .collect::<Result<Vec<_>>>()?,
+        None => Vec::new(),
+    };
+    let mut targets = Targets::new();
+    targets.add_unet(&unet_checkpoint)?;
+    for c in &text_checkpoints {
+        targets.add_text_encoder(c)?;
+    }
+    let resolve = |list: &[String]| -> Result<Loras> {
+        let specs = list.iter().map(|a| LoraSpec::parse(a)).collect::<Result<Vec<_>>>()?;
+        let loras = lora::resolve(&specs, &targets, false)?;
+        loras.summary.iter().for_each(|line| eprintln!("{line}"));
+        Ok(loras)
+    };
+    let (first, second) = (resolve(&args.loras)?, resolve(&args.switch_loras)?);
+
+    let gpu = Gpu::from_env()?;
+    let place = |arena| Place::Device { gpu: &gpu, arena, dtype };
+    let (unet_arena, scratch) = model_arenas(&unet_checkpoint.weights, dtype, 64 << 20, |_| 256 << 20)?;
+    let unet = Unet::new(&unet_checkpoint, place(&unet_arena))?;
+    let text_arenas = text_checkpoints
+        .iter()
+        .map(|c| Arena::new("weights", weight_bytes(&c.weights, dtype) + (1 << 20)))
+        .collect::<Result<Vec<_>>>()?;
+    let texts = text_checkpoints
+        .iter()
+        .zip(&text_arenas)
+        .map(|(c, arena)| ClipTextModel::new(c, place(arena)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut models = vec![(Component::Unet, unet.weights())];
+    models.extend(texts.iter().map(|m| (Component::of_text_encoder(m.kind), m.weights())));
+
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
+    // Per model: its weights, both sets uploaded (None where a set has nothing for it), a switcher.
+    let mut sets = Vec::new();
+    for (component, weights) in &models {
+        let upload = |loras: &Loras| -> Result<Option<DeviceLoraSet>> {
+            let Some(merge) = loras.merge(*component) else { return Ok(None) };
+            let started = std::time::Instant::now();
+            let set = DeviceLoraSet::upload(&gpu, weights, merge, |_| true)?;
+            gpu.synchronize()?;
+            let touched: usize = set.names().filter_map(|n| weights.tensor(n)).map(Tensor::size_bytes).sum();
+            eprintln!(
+                "{}: {} weights ({:.2} GiB), factors {:.3} GiB, laid out and uploaded in {:.0} ms",
+                component.name(),
+                set.names().count(),
+                gib(touched),
+                gib(set.bytes()),
+                started.elapsed().as_secs_f64() * 1e3
+            );
+            Ok(Some(set))
+        };
+        sets.push((*weights, upload(&first)?, upload(&second)?, LoraSwitcher::new(restore)));
+    }
+    // What the switchers hold after the first switch: copies of every weight either set touches.
+    let base_bytes: usize = match restore {
+        Restore::Reload => 0,
+        Restore::Copy => sets
+            .iter()
+            .map(|(w, a, b, _)| {
+                let names: std::collections::HashSet<&str> = a.iter().chain(b).flat_map(|s| s.names()).collect();
+                names.into_iter().filter_map(|n| w.tensor(n)).map(Tensor::size_bytes).sum::<usize>()
+            })
+            .sum(),
+    };
+    let mut apply_all = |to_b: bool| -> Result<()> {
+        for (weights, a, b, switcher) in sets.iter_mut() {
+            switcher.apply(&ex, weights, if to_b { b.as_ref() } else { a.as_ref() })?;
+        }
+        Ok(())
+    };
+    let started = std::time::Instant::now();
+    apply_all(false)?;
+    gpu.synchronize()?;
+    eprintln!(
+        "first apply of set A, base copies included: {:.1} ms (host clock); base copies {:.2} GiB ({restore:?})",
+        started.elapsed().as_secs_f64() * 1e3,
+        gib(base_bytes)
+    );
+    let models_key = if texts.is_empty() { "unet" } else { "unet+text encoders" };
+    let merge = time_gpu(&gpu, 1, args.runs, || apply_all(false))?;
+    report(
+        "lora",
+        &format!("lora {} {models_key} restore A + merge A", dtype.kernel_suffix()),
+        &merge,
+        args.runs,
+        &scratch,
+    );
+    let mut to_b = true;
+    let mut switch = || {
+        to_b = !to_b;
+        apply_all(!to_b)
+    };
+    let key = format!("lora {} {models_key} switch A-B", dtype.kernel_suffix());
+    let t = time_gpu(&gpu, 2, args.runs, &mut switch)?;
+    report("lora", &key, &t, args.runs, &scratch);
+    breakdown(args, &gpu, &key, &t, switch)
 }
 
 /// Random UNet inputs for `videos` x `frames` images of h x w latents (frames folded into the

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::error::{Error, Result};
 use crate::gpu::{Arena, Gpu};
 use crate::models::lora::LoraMerge;
+use crate::models::lora::device::DeviceLoraSet;
+use crate::ops::Exec;
 use crate::ops::conv::weight_oihw_to_ohwi;
 use crate::tensor::{DType, Tensor};
 use crate::weights::LoadedWeights;
@@ -21,7 +23,9 @@ pub enum Place<'a> {
     /// Device tensors in `dtype`, allocated from `arena` (for `Exec::Cuda`).
     Device { gpu: &'a Gpu, arena: &'a Arena, dtype: DType },
     /// `place` (Host or Device), with the LoRA deltas of `loras` merged into the weights they
-    /// target on the host first, each rounded once to the place's dtype (`LoraMerge::merged`).
+    /// target, each rounded once to the place's dtype: on the host before the conversion
+    /// (`LoraMerge::merged`) for Host, by the LoRA-delta kernels after the upload for Device
+    /// (`lora::device`).
     Merged { place: &'a Place<'a>, loras: &'a LoraMerge },
 }
 
@@ -71,20 +75,19 @@ impl ModelWeights {
     /// Takes the tensors named by `names` (diffusers name, checkpoint key) from `loaded`: 4-d
     /// tensors (PyTorch convolutions, OIHW) become KRSC once here rather than at every forward,
     /// then everything is converted to the place's dtype on the host or on its way to the device.
-    /// With `Place::Merged`, LoRA deltas are added first (in PyTorch layout, before the layout
-    /// change).
+    /// With `Place::Merged`, LoRA deltas are added on the host first (in PyTorch layout, before
+    /// the layout change), or on the device after the upload.
     pub fn prepare(loaded: &LoadedWeights, names: &[(String, String)], place: Place) -> Result<ModelWeights> {
         let dtype = place.dtype();
         let (place, loras) = place.split()?;
         let mut tensors = HashMap::with_capacity(names.len());
         for (name, key) in names {
             let source = loaded.get(key)?;
-            let t = merged(loras, name, source, dtype)?;
+            let t = merged(host_merge(place, loras, name), name, source, dtype)?;
             let t = if t.shape().len() == 4 { weight_oihw_to_ohwi(&t)? } else { t };
             tensors.insert(name.clone(), Entry::new(place_tensor(place, t, dtype, key)?, Some(source.clone())));
         }
-        check_all_merged(loras, &tensors)?;
-        Ok(ModelWeights { tensors, dtype })
+        ModelWeights { tensors, dtype }.merged_on_device(place, loras)
     }
 
     /// Like `prepare`, for host tensors the caller has already put in the graph's form (a fused
@@ -95,12 +98,29 @@ impl ModelWeights {
         let (place, loras) = place.split()?;
         let mut tensors = HashMap::with_capacity(named.len());
         for (name, source) in named {
-            let t = merged(loras, &name, &source, dtype)?;
+            let t = merged(host_merge(place, loras, &name), &name, &source, dtype)?;
             let t = place_tensor(place, t, dtype, &name)?;
             tensors.insert(name, Entry::new(t, Some(source)));
         }
-        check_all_merged(loras, &tensors)?;
-        Ok(ModelWeights { tensors, dtype })
+        ModelWeights { tensors, dtype }.merged_on_device(place, loras)
+    }
+
+    /// Checks that every weight `loras` targets was prepared, and on the device merges them with
+    /// the LoRA-delta kernels (the host merged them already elsewhere).
+    fn merged_on_device(self, place: Place, loras: Option<&LoraMerge>) -> Result<ModelWeights> {
+        let Some(loras) = loras else { return Ok(self) };
+        if let Some(name) = loras.names().find(|n| !self.tensors.contains_key(*n)) {
+            return Err(Error::Internal(format!("a LoRA delta targets '{name}', which this model does not have")));
+        }
+        if let Place::Device { gpu, dtype, .. } = place
+            && on_device(dtype)
+        {
+            let set = DeviceLoraSet::upload(gpu, &self, loras, |name| loras.is_additive(name))?;
+            let scratch = Arena::new("LoRA merge", MERGE_SCRATCH)?;
+            set.merge_into(&Exec::Cuda { gpu, scratch: &scratch }, &self)?;
+            gpu.synchronize()?; // before the factors and the scratch go
+        }
+        Ok(self)
     }
 
     pub fn dtype(&self) -> DType {
@@ -160,14 +180,24 @@ fn place_tensor(place: Place, t: Tensor, dtype: DType, what: &str) -> Result<Ten
     }
 }
 
-/// Every weight a LoRA delta targets was prepared: the name map and the model's names agree.
-fn check_all_merged(loras: Option<&LoraMerge>, tensors: &HashMap<String, Entry>) -> Result<()> {
-    let Some(loras) = loras else { return Ok(()) };
-    match loras.names().find(|n| !tensors.contains_key(*n)) {
-        Some(name) => Err(Error::Internal(format!("a LoRA delta targets '{name}', which this model does not have"))),
-        None => Ok(()),
+/// The deltas to merge on the host for the weight `name`: all of them for host weights; for
+/// device weights only where the kernels cannot (DoRA, which depends on the merged weight's norm,
+/// and f32 weights, which the tensor-core kernels do not take). The kernels merge the rest after
+/// the upload.
+fn host_merge<'a>(place: Place, loras: Option<&'a LoraMerge>, name: &str) -> Option<&'a LoraMerge> {
+    match (place, loras) {
+        (Place::Device { dtype, .. }, Some(l)) if on_device(dtype) && l.is_additive(name) => None,
+        _ => loras,
     }
 }
+
+/// Whether device weights of `dtype` take the LoRA-delta kernels (f16 and bf16).
+fn on_device(dtype: DType) -> bool {
+    dtype != DType::F32
+}
+
+/// Scratch for one device merge's launch tables (a few hundred bytes per targeted weight).
+const MERGE_SCRATCH: usize = 64 << 20;
 
 /// The weights under one module prefix (`down_blocks.1.attentions.0`), so block code names its
 /// tensors as diffusers' module does.

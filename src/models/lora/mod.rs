@@ -7,6 +7,8 @@
 //! - `merge`: ΔW per format, DoRA, and the host merge `ModelWeights` applies.
 //! - `roles`: the part each LoRA plays (style, character, utility, lcm, motion) and the pipeline's
 //!   rules for a set of them, checked first by `resolve`.
+//! - `device`: sets uploaded as factors, merged into device weights by the LoRA-delta kernels and
+//!   switched per clip.
 //!
 //! `resolve` reads each file, accounts for every key and returns one `LoraMerge` per loaded model.
 //! A key either adds to a weight, belongs to a model not loaded in this run (counted in the
@@ -67,6 +69,7 @@
 //! Strength: each LoRA has one for the UNet (and motion modules) and one for the text encoders
 //! (A1111's `<lora:name:te_w:unet_w>`).
 
+pub mod device;
 mod keys;
 pub mod merge;
 pub mod roles;

@@ -77,7 +77,7 @@ impl Component {
         }
     }
 
-    fn of_text_encoder(kind: TextEncoderKind) -> Component {
+    pub fn of_text_encoder(kind: TextEncoderKind) -> Component {
         match kind {
             TextEncoderKind::ClipL => Component::TextEncoder,
             TextEncoderKind::ClipG => Component::TextEncoder2,

@@ -34,10 +34,11 @@ for ref in "$work"/ref_lora_*.safetensors; do
 done
 
 echo "== celframe bench lora: merge the seed's set, switch between two sets" | tee -a "$log"
-set_a=(--lora "$work/style_a1.safetensors:0.8" --lora "$work/style_a2.safetensors:0.25"
-  --lora "$work/style_a3.safetensors:0.7" --lora "$work/lcm.safetensors:1")
-set_b=(--switch-lora "$work/style_b1.safetensors:0.75" --switch-lora "$work/style_b2.safetensors:0.2"
-  --switch-lora "$work/style_b3.safetensors:0.65" --switch-lora "$work/lcm.safetensors:1")
+# Roles as the pipeline gives them: two style LoRAs, a character LoRA and the LCM-LoRA per set.
+set_a=(--lora "style=$work/style_a1.safetensors:0.8" --lora "style=$work/style_a2.safetensors:0.25"
+  --lora "character=$work/style_a3.safetensors:0.7" --lora "lcm=$work/lcm.safetensors:1")
+set_b=(--switch-lora "style=$work/style_b1.safetensors:0.75" --switch-lora "style=$work/style_b2.safetensors:0.2"
+  --switch-lora "character=$work/style_b3.safetensors:0.65" --switch-lora "lcm=$work/lcm.safetensors:1")
 for restore in copy reload; do
   dist/gpu/celframe bench lora --weights "$work/sdxl_unet" --text-encoders "$text_work" "${set_a[@]}" "${set_b[@]}" \
     --lora-restore "$restore" --runs 10 --breakdown 2>&1 | tee -a "$log"

@@ -1,5 +1,5 @@
-//! The part each LoRA plays in a render, and the rules a set of them follows (the pipeline's
-//! `PIPELINE.md`, sections 1.2, 3.2 and 4.1):
+//! The part each LoRA plays in a render, and the rules a set of them follows (the rendering
+//! pipeline this tool serves, whose recommended set and limits these are):
 //!
 //! - at most 3 LoRAs besides the LCM-LoRA and the motion LoRA ("Do not exceed 3 total LoRAs");
 //!   a LoRA given without a role counts among those 3;
@@ -181,7 +181,7 @@ mod tests {
 
     #[test]
     fn the_pipeline_set_passes_without_warnings() {
-        // PIPELINE.md: style 0.8, flat color 0.25, a character 0.7, the LCM-LoRA 1.0, a motion LoRA 1.0
+        // The recommended set: style 0.8, flat color 0.25, a character 0.7, the LCM-LoRA 1.0, a motion LoRA 1.0
         let specs = [
             lora("pastel.safetensors", Some(Role::Style), 0.8),
             lora("flat.safetensors", Some(Role::Style), 0.25),

@@ -1045,3 +1045,37 @@ fn cli_motion_unet_takes_roles_and_refuses_a_fourth_lora() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("unknown LoRA role 'motoin'"), "{out}");
 }
+
+/// Both text encoders loaded at once (as the pipeline loads them): `lora_te1_` and `lora_te2_`
+/// modules of one file name weights alike (`encoder.layers.0....`) but adapt different models.
+#[test]
+fn one_file_adapts_both_text_encoders_loaded_together() {
+    let lora = fixtures().join("lora_te_kohya.safetensors");
+    let mut targets = Targets::new();
+    let mut checkpoints = Vec::new();
+    for kind in [TextEncoderKind::ClipL, TextEncoderKind::ClipG] {
+        let checkpoint = open_text_encoder(&fixtures().join(format!("{}_tiny", kind.folder())), kind).unwrap();
+        targets.add_text_encoder(&checkpoint).unwrap();
+        checkpoints.push(checkpoint);
+    }
+    let loras = resolve(&[spec(&lora, 0.5)], &targets, false).unwrap();
+    let file = weights::open(&lora, "LoRA file").unwrap();
+    let factor = |name: String| -> Entry {
+        let t = file.float(&name).unwrap();
+        (name, t.shape().to_vec(), t.to_f32_vec().unwrap())
+    };
+    let graph = "encoder.layers.0.self_attn.q_proj.weight";
+    for (checkpoint, (component, prefix)) in
+        checkpoints.iter().zip([(Component::TextEncoder, "lora_te1_"), (Component::TextEncoder2, "lora_te2_")])
+    {
+        let module = format!("{prefix}text_model_encoder_layers_0_self_attn_q_proj");
+        let (up, down) = (factor(format!("{module}.lora_up.weight")), factor(format!("{module}.lora_down.weight")));
+        let alpha = file.float(&format!("{module}.alpha")).unwrap().to_f32_vec().unwrap()[0] as f64;
+        let base = checkpoint.weights.get(&format!("text_model.{graph}")).unwrap();
+        let merge = loras.merge(component).unwrap_or_else(|| panic!("no delta for {}", component.name()));
+        let merged = merge.merged(graph, base, DType::F32).unwrap().expect("a delta for q_proj").to_f32_vec().unwrap();
+        let want = expected(base, &up, &down, 0.5 * alpha / down.1[0] as f64);
+        let worst = merged.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-5, "{}: merged q_proj off by {worst}", component.name());
+    }
+}

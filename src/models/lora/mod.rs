@@ -313,7 +313,8 @@ fn read_file(file: &TensorFile, spec: &LoraSpec, targets: &Targets, problems: &m
     }
     let metadata = PeftMetadata::read(file)?;
     // 2. each module resolved, checked and scaled
-    let mut claimed: HashMap<&str, String> = HashMap::new();
+    // Keyed by model too: both text encoders name their weights alike (`text_model.encoder....`).
+    let mut claimed: HashMap<(Component, &str), String> = HashMap::new();
     for (module, params) in &modules {
         let target = match targets.find(module) {
             Lookup::Found(t) => t,
@@ -326,7 +327,7 @@ fn read_file(file: &TensorFile, spec: &LoraSpec, targets: &Targets, problems: &m
                 continue;
             }
         };
-        if let Some(first) = claimed.insert(&target.tensor, module.clone()) {
+        if let Some(first) = claimed.insert((target.component, &target.tensor), module.clone()) {
             problems.input.push((
                 "two modules for one weight",
                 format!("{name}: {first} and {module} both adapt {} '{}'", target.component.name(), target.tensor),

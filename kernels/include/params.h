@@ -135,6 +135,21 @@ typedef struct TimestepEmbeddingParams {
     float max_period;
 } TimestepEmbeddingParams;
 
+// Seeded counter-based random numbers (kernels/sampling/philox.cu): element i of the stream
+// (seed, stream) is lane i % 4 of Philox4x32-10 with key (seed low, seed high) and counter
+// (block low, block high, stream low, stream high), block = i / 4 (indices wrap modulo 2^64).
+// out[j] holds element offset + j, j < n: random_normal_* writes mean + std * z (Box-Muller on
+// lane pairs), random_uniform_* writes low + (high - low) * u, u in (0, 1).
+typedef struct RandomParams {
+    void* out;  // [n], activation dtype
+    uint64_t seed;
+    uint64_t stream;
+    uint64_t offset;
+    int64_t n;
+    float a;  // mean or low
+    float b;  // std or high - low
+} RandomParams;
+
 // Temporal (motion-module) self-attention over the frames of each pixel, read and written in the
 // NHWC frame-major layout: token (video b, frame f, pixel p) is row (b * frames + f) * pixels + p
 // of each tensor, and head h occupies columns [h * head_dim, (h + 1) * head_dim) of that row.

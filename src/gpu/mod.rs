@@ -25,6 +25,7 @@ kernel_params!(
     params::Upsample2xParams,
     params::ConcatParams,
     params::TimestepEmbeddingParams,
+    params::RandomParams,
     params::TemporalAttentionParams,
     params::FlashAttentionParams,
     params::SoftmaxRowsParams,

@@ -317,6 +317,38 @@ impl Default for TimestepEmbeddingParams {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct RandomParams {
+    pub out: *mut ::std::os::raw::c_void,
+    pub seed: u64,
+    pub stream: u64,
+    pub offset: u64,
+    pub n: i64,
+    pub a: f32,
+    pub b: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of RandomParams"][::std::mem::size_of::<RandomParams>() - 48usize];
+    ["Alignment of RandomParams"][::std::mem::align_of::<RandomParams>() - 8usize];
+    ["Offset of field: RandomParams::out"][::std::mem::offset_of!(RandomParams, out) - 0usize];
+    ["Offset of field: RandomParams::seed"][::std::mem::offset_of!(RandomParams, seed) - 8usize];
+    ["Offset of field: RandomParams::stream"][::std::mem::offset_of!(RandomParams, stream) - 16usize];
+    ["Offset of field: RandomParams::offset"][::std::mem::offset_of!(RandomParams, offset) - 24usize];
+    ["Offset of field: RandomParams::n"][::std::mem::offset_of!(RandomParams, n) - 32usize];
+    ["Offset of field: RandomParams::a"][::std::mem::offset_of!(RandomParams, a) - 40usize];
+    ["Offset of field: RandomParams::b"][::std::mem::offset_of!(RandomParams, b) - 44usize];
+};
+impl Default for RandomParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct TemporalAttentionParams {
     pub q: *const ::std::os::raw::c_void,
     pub k: *const ::std::os::raw::c_void,

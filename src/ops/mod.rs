@@ -22,6 +22,7 @@ pub mod gather;
 pub mod linear;
 pub mod lora;
 pub mod norm;
+pub mod random;
 pub mod upsample;
 
 use crate::error::{Error, Result};

@@ -70,11 +70,13 @@
 mod brownian;
 mod cfg;
 mod grid;
+mod rng;
 mod sampler;
 mod table;
 
 pub use brownian::{BrownianTree, KeyedNormal};
 pub use cfg::{cfg_combine, cfg_rescale};
+pub use rng::{NoiseStream, Purpose, philox4x32_10, stream_id};
 pub use sampler::{Keep, NoiseRequest, NoiseSource, Sampler, Update, no_noise};
 pub use table::{TrainingSchedule, ZERO_SNR_TERMINAL_ALPHA_CUMPROD};
 

@@ -50,7 +50,8 @@ pub fn box_muller(bits0: u32, bits1: u32) -> (f32, f32) {
     let log_u = (open_uniform(bits0) as f64).ln() as f32;
     let r = (-2.0 * log_u).sqrt();
     let angle = std::f64::consts::PI * (2.0 * open_uniform(bits1)) as f64;
-    (r * angle.cos() as f32, r * angle.sin() as f32)
+    let (sin, cos) = angle.sin_cos();
+    (r * cos as f32, r * sin as f32)
 }
 
 /// The SplitMix64 output function (Steele, Lea, Flood, "Fast Splittable Pseudorandom Number
@@ -194,7 +195,7 @@ mod tests {
         let (u0, u1) = (uniform(bits[pair]), uniform(bits[pair + 1]));
         let r = (-2.0 * u0.ln()).sqrt();
         let angle = 2.0 * std::f64::consts::PI * u1;
-        if i % 2 == 0 { r * angle.cos() } else { r * angle.sin() }
+        if i.is_multiple_of(2) { r * angle.cos() } else { r * angle.sin() }
     }
 
     #[test]

@@ -81,7 +81,7 @@ def window_cases(ctx):
         (48, 16, 4, 1, True),
         (49, 16, 4, 1, False),
         (37, 16, 0, 1, False),
-        (30, 16, 15, 1, False),
+        (30, 16, 12, 1, False),
         (100, 16, 4, 1, False),
         (64, 16, 4, 3, False),
         (48, 16, 4, 3, False),
@@ -91,7 +91,7 @@ def window_cases(ctx):
         (10, 16, 4, 1, False),
         (25, 1, 0, 1, False),
     ]
-    steps = list(range(12)) + [25, 1000, 123456789, 2**63 + 5]
+    steps = list(range(9)) + [1000, 123456789, 2**63 + 5]
     cases = []
     for name, schedule in schedules.items():
         for frames, length, overlap, stride, closed_loop in settings:

@@ -7,6 +7,7 @@
 //! Expressed over frame indices: the caller draws base noise for every frame and then sets frame
 //! `f` to base frame `sources[f]`.
 
+use super::windows::MAX_FRAMES;
 use crate::error::{Error, Result};
 
 /// diffusers' "shuffle_context": for each `i` in `length, length + stride, ...` below `frames`,
@@ -18,7 +19,7 @@ use crate::error::{Error, Result};
 /// matched, so the same seed does not give diffusers' order). A clip of at most `length` frames is
 /// its own noise.
 pub fn freenoise_frame_sources(frames: usize, length: usize, stride: usize, seed: u64) -> Result<Vec<usize>> {
-    check_settings(length, stride)?;
+    check_settings(frames, length, stride)?;
     let mut rng = SplitMix64::new(seed);
     Ok(shuffle_context_sources(frames, length, stride, |n| rng.permutation(n)))
 }
@@ -28,11 +29,14 @@ pub fn freenoise_frame_sources(frames: usize, length: usize, stride: usize, seed
 /// string "repeat_context" when sizing its noise, so it draws noise for every frame and its
 /// repeat leaves that fresh noise unchanged; we follow the documented behaviour.
 pub fn repeat_context_sources(frames: usize, length: usize) -> Result<Vec<usize>> {
-    check_settings(length, 1)?;
+    check_settings(frames, length, 1)?;
     Ok((0..frames).map(|f| f % length).collect())
 }
 
-fn check_settings(length: usize, stride: usize) -> Result<()> {
+fn check_settings(frames: usize, length: usize, stride: usize) -> Result<()> {
+    if frames > MAX_FRAMES {
+        return Err(Error::Input(format!("FreeNoise over a clip of {frames} frames (at most {MAX_FRAMES})")));
+    }
     if length == 0 {
         return Err(Error::Input("FreeNoise context length must be at least 1".into()));
     }
@@ -193,5 +197,6 @@ mod tests {
         assert!(matches!(freenoise_frame_sources(40, 0, 4, 1), Err(Error::Input(_))));
         assert!(matches!(freenoise_frame_sources(40, 16, 0, 1), Err(Error::Input(_))));
         assert!(matches!(repeat_context_sources(40, 0), Err(Error::Input(_))));
+        assert!(matches!(repeat_context_sources(MAX_FRAMES + 1, 16), Err(Error::Input(_))));
     }
 }

@@ -15,6 +15,10 @@
 
 use crate::error::{Error, Result};
 
+/// Longest clip accepted: 45 minutes at 24 fps, far past any render, and it keeps the window lists
+/// and their index arithmetic small.
+pub const MAX_FRAMES: usize = 1 << 16;
+
 /// How windows are laid over the clip (AnimateDiff-Evolved `ContextSchedules`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Schedule {
@@ -104,8 +108,10 @@ impl ContextOptions {
     /// can also reach past the last frame, where upstream fails, and so do we.
     pub fn windows(&self, frames: usize, step: u64) -> Result<Vec<Vec<usize>>> {
         self.validate()?;
-        if frames == 0 {
-            return Err(Error::Input("context windows over a clip of 0 frames".into()));
+        if frames == 0 || frames > MAX_FRAMES {
+            return Err(Error::Input(format!(
+                "context windows over a clip of {frames} frames (1 to {MAX_FRAMES} allowed)"
+            )));
         }
         if frames <= self.length {
             return Ok(vec![(0..frames).collect()]);
@@ -134,7 +140,7 @@ impl ContextOptions {
     fn uniform_windows(&self, frames: usize, step: u64, closed_loop: bool) -> Vec<Vec<usize>> {
         // Upstream's min(stride, ceil(log2(frames / length)) + 1), in integers.
         let mut widest = 0;
-        while self.length << widest < frames {
+        while (self.length as u128) << widest < frames as u128 {
             widest += 1;
         }
         let levels = self.stride.min(widest + 1);
@@ -444,6 +450,9 @@ mod tests {
             assert!(matches!(opts.windows(48, 0), Err(Error::Input(_))), "{opts:?}");
         }
         assert!(matches!(ContextOptions::default().windows(0, 0), Err(Error::Input(_))));
+        let too_long = ContextOptions::default().windows(MAX_FRAMES + 1, 0);
+        assert!(matches!(too_long, Err(Error::Input(_))));
+        assert!(ContextOptions::default().windows(MAX_FRAMES, 3).is_ok());
     }
 
     #[test]

@@ -1,0 +1,2 @@
+pub mod noise_init;
+pub mod windows;

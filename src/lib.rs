@@ -8,6 +8,7 @@ pub mod io;
 pub mod models;
 pub mod ops;
 pub mod output;
+pub mod pipeline;
 pub mod sampling;
 pub mod tensor;
 pub mod text;

@@ -1,0 +1,3 @@
+//! The renderer: the configuration it runs from.
+
+pub mod config;

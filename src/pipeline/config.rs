@@ -833,18 +833,22 @@ impl RenderConfig {
                 ));
             }
         }
-        if !(1..=FPS_MAX).contains(&video.fps) {
+        let fps_ok = (1..=FPS_MAX).contains(&video.fps);
+        if !fps_ok {
             problems.push(format!("video.fps: {}; it must be in 1..={FPS_MAX}", video.fps));
         }
         if video.frames.is_some() && video.seconds.is_some() {
             problems.push("video: give frames or seconds, not both".into());
         }
-        if let Some(seconds) = video.seconds.filter(|s| !(s.is_finite() && *s > 0.0)) {
-            problems.push(format!("video.seconds: {seconds}; it must be a positive number"));
+        match video.seconds {
+            Some(seconds) if !(seconds.is_finite() && seconds > 0.0) => {
+                problems.push(format!("video.seconds: {seconds}; it must be a positive number"));
+            }
+            // Frames counted from a bad fps would only repeat the fps problem.
+            Some(_) if video.frames.is_none() && !fps_ok => {}
+            Some(_) if video.frames.is_none() => self.frame_count_problem("video.seconds", video.frames(), problems),
+            _ => self.frame_count_problem("video.frames", video.frames(), problems),
         }
-        let frames_field =
-            if video.frames.is_none() && video.seconds.is_some() { "video.seconds" } else { "video.frames" };
-        self.frame_count_problem(frames_field, video.frames(), problems);
         if !(1..=MAX_CONTEXT_LENGTH).contains(&video.context_length) {
             problems.push(format!(
                 "video.context_length: {}; it must be in 1..={MAX_CONTEXT_LENGTH} (the motion module's positions)",
@@ -898,6 +902,9 @@ impl RenderConfig {
                 self.frame_count_problem(&format!("{field}.frames"), frames, problems);
             }
             let frames = self.clip_frames(i);
+            if !(1..=MAX_FRAMES).contains(&frames) {
+                continue; // already a problem of the frame count
+            }
             let mut previous: Option<usize> = None;
             for (k, key) in clip.prompt_schedule.iter().enumerate() {
                 let key_field = format!("{field}.prompt_schedule[{k}]");

@@ -324,6 +324,7 @@ fn every_validation_rule_names_its_field() {
         (|c| c.video.context_overlap = 12, "video.context_overlap: 12; it must be less than context_length 12"),
         (|c| c.video.context_schedule = "uniform".into(), "video.context_schedule: 'uniform'"),
         (|c| c.video.fuse = "gauss".into(), "video.fuse: 'gauss'"),
+        (|c| c.video.fuse = "Pyramid".into(), "video.fuse: 'Pyramid' is not one of flat, pyramid, overlap_linear"),
         (|c| c.video.long_video = "loop".into(), "video.long_video: 'loop'"),
         (|c| c.video.chain_strength = 1.2, "video.chain_strength: 1.2"),
         (|c| c.video.vae_chunk_frames = 0, "video.vae_chunk_frames: 0"),

@@ -134,7 +134,8 @@ pub struct ControlNetEntry {
     /// the shallowest block to 1.0 at the mid block.
     #[serde(default)]
     pub guess_mode: bool,
-    /// A folder of PNGs (in name order), one PNG, or "builtin:pose".
+    /// A folder of PNGs (in name order), one PNG, or "builtin:pose" (kind openpose: a pose
+    /// sequence drawn at the keyframes, by default the five at 0, 0.25, 0.5, 0.75 and 1).
     pub images: PathBuf,
     /// Where the images sit in the clip, as fractions of it (0 first frame, 1 last), increasing.
     /// Default: spread evenly, image i of n at i / (n - 1): five images give 0, 0.25, 0.5, 0.75, 1
@@ -301,13 +302,10 @@ impl Default for OutputSettings {
     }
 }
 
-/// The name in `names` equal to `value` (any case), or a problem naming the field and the choices.
+/// Ok when `value` is one of `names`, else a problem naming the field and the choices. Exact
+/// names: the renderer compares these strings as written.
 fn choice(field: &str, value: &str, names: &[&str]) -> std::result::Result<(), String> {
-    if names.iter().any(|n| n.eq_ignore_ascii_case(value.trim())) {
-        Ok(())
-    } else {
-        Err(format!("{field}: '{value}' is not one of {}", names.join(", ")))
-    }
+    if names.contains(&value) { Ok(()) } else { Err(format!("{field}: '{value}' is not one of {}", names.join(", "))) }
 }
 
 impl SamplerSettings {
@@ -346,8 +344,9 @@ impl SamplerSettings {
         Ok(config)
     }
 
-    /// The CFG scales accepted for a sampler: few-step distilled samplers (LCM, TCD) break up
-    /// above 3; the others take the usual 1-20.
+    /// The CFG scales accepted for a sampler: LCM and TCD LoRAs are distilled for low guidance
+    /// (diffusers' LCM-LoRA examples use 1.0-1.5) and burn out well before 3; the others take the
+    /// usual 1-20.
     fn cfg_range(kind: SamplerKind) -> (f32, f32) {
         if kind.uses_distillation_grid() { (1.0, 3.0) } else { (1.0, 20.0) }
     }
@@ -611,14 +610,14 @@ impl ControlNetEntry {
         }
         let images = format!("{field}.images");
         if self.is_builtin_pose() {
-            if !self.kind.eq_ignore_ascii_case("openpose") {
+            if self.kind != "openpose" {
                 problems.push(format!("{images}: {BUILTIN_POSE} draws poses, for kind openpose (not {})", self.kind));
             }
         } else if !self.images.exists() {
             problems
                 .push(format!("{images}: {}: no such file or folder (or \"{BUILTIN_POSE}\")", self.images.display()));
             return;
-        } else if !self.images.is_dir() && !(is_png(&self.images) && self.images.is_file()) {
+        } else if !(self.images.is_dir() || is_png(&self.images) && self.images.is_file()) {
             problems.push(format!("{images}: {}: neither a folder of PNGs nor a .png file", self.images.display()));
             return;
         }
@@ -716,7 +715,7 @@ impl RenderConfig {
 
     /// Where to run; "cuda" on a machine without a GPU is `Error::NoDevice`.
     pub fn device(&self) -> Result<Device> {
-        Device::parse(&self.device.trim().to_ascii_lowercase())
+        Device::parse(&self.device)
     }
 
     /// The LoRAs as the loader takes them; an entry whose role does not parse is an error.

@@ -11,6 +11,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => celframe::cli::bench::run(args),
         Command::Tokenize(args) => celframe::cli::tokenize::run(args),
         Command::Schedule(args) => celframe::cli::schedule::run(args),
+        Command::Render(args) => celframe::cli::render::run(args),
         // Also exits 1 (an output outside its tolerance or not finite); errors map as below.
         Command::Verify(args) => return celframe::cli::verify::main(args),
     };

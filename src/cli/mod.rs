@@ -1,11 +1,13 @@
 //! Command-line interface: `celframe demo` (the most complete thing the engine runs until the
 //! renderer exists), `celframe info` (device and compiled kernels), `celframe bench` (whole
 //! forwards timed), `celframe verify` (a component against a reference file, `crate::verify`),
-//! `celframe tokenize` and `celframe schedule` (a sampler's timesteps and sigmas).
+//! `celframe tokenize`, `celframe schedule` (a sampler's timesteps and sigmas) and `celframe
+//! render` (clips from a render config).
 
 pub mod bench;
 pub mod demo;
 pub mod info;
+pub mod render;
 pub mod schedule;
 pub mod tokenize;
 pub mod verify;
@@ -55,6 +57,11 @@ pub enum Command {
     /// Print a sampler's timesteps and sigmas as JSON (and LCM's c_skip/c_out, DDIM's targets),
     /// as diffusers' scheduler computes them for the same settings.
     Schedule(schedule::ScheduleArgs),
+    /// Render the clips of a config (.toml or .json; see examples/). Overrides such as --prompt,
+    /// --negative, --seed and --frames apply to every clip. --dry-run validates and prints the
+    /// resolved config as JSON.
+    #[command(after_help = EXIT_CODES)]
+    Render(render::RenderArgs),
 }
 
 /// The element count of a tensor whose dimensions are `dims` (each a name, such as the flag that

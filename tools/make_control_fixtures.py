@@ -159,7 +159,8 @@ def prepare_fixtures():
     save_rgb("control_prepare_in.png", img)
     pil = PIL.Image.fromarray(img, "RGB")
     processor = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True, do_normalize=False)
-    for width, height in [(64, 48), (24, 16), (48, 16)]:
+    # Both sides up, both down, width up and height down (Pillow's pass order differs), the reverse.
+    for width, height in [(64, 48), (24, 16), (48, 16), (16, 40)]:
         tensor = processor.preprocess(pil, height=height, width=width).to(dtype=torch.float32)
         assert tuple(tensor.shape) == (1, 3, height, width), tensor.shape
         scaled = tensor[0].permute(1, 2, 0).numpy() * 255.0

@@ -7,9 +7,10 @@
 //!
 //! The resize is Pillow's separable resampling (`libImaging/Resample.c`), reproduced to the bit:
 //! Lanczos with a = 3 whose support widens by the scale factor when shrinking (so shrinking
-//! antialiases), weights normalised per output pixel and rounded to 22-bit fixed point, the
-//! horizontal pass first with its result rounded to 8 bits, then the vertical one. The hints this
-//! module's siblings draw are already at the render size, where the resize does nothing.
+//! antialiases), weights normalised per output pixel and rounded to 22-bit fixed point, two passes
+//! (rows then columns; columns first when the width grows and the height shrinks) with the
+//! intermediate rounded to 8 bits. The hints this module's siblings draw are already at the render
+//! size, where the resize does nothing.
 
 use std::f64::consts::PI;
 
@@ -40,32 +41,49 @@ pub fn resize_lanczos(image: &RgbImage, width: u32, height: u32) -> Result<RgbIm
     check_size(width, height, "resized image")?;
     let (in_w, in_h) = (image.width() as usize, image.height() as usize);
     let (out_w, out_h) = (width as usize, height as usize);
-    let mut pixels = image.pixels().to_vec();
-    if out_w != in_w {
-        let taps = taps(in_w, out_w);
-        let mut next = vec![0u8; out_w * in_h * 3];
-        for y in 0..in_h {
-            for (x, tap) in taps.iter().enumerate() {
-                for c in 0..3 {
-                    next[(y * out_w + x) * 3 + c] = tap.apply(|k| pixels[(y * in_w + k) * 3 + c]);
-                }
-            }
-        }
-        pixels = next;
-    }
-    if out_h != in_h {
-        let taps = taps(in_h, out_h);
-        let mut next = vec![0u8; out_w * out_h * 3];
-        for (y, tap) in taps.iter().enumerate() {
-            for x in 0..out_w {
-                for c in 0..3 {
-                    next[(y * out_w + x) * 3 + c] = tap.apply(|k| pixels[(k * out_w + x) * 3 + c]);
-                }
-            }
-        }
-        pixels = next;
-    }
+    let pixels = image.pixels();
+    // Pillow 13 runs the vertical pass first when the width grows and the height shrinks (found by
+    // comparing both orders with its output: the order changes the 8-bit intermediate).
+    let pixels = if out_w > in_w && out_h < in_h {
+        resize_rows(&resize_columns(pixels, in_w, in_h, out_h), in_w, out_h, out_w)
+    } else {
+        resize_columns(&resize_rows(pixels, in_w, in_h, out_w), out_w, in_h, out_h)
+    };
     RgbImage::new(width, height, pixels)
+}
+
+/// Each row of a `w` x `h` image resampled to `out_w` pixels (a copy when `out_w == w`).
+fn resize_rows(pixels: &[u8], w: usize, h: usize, out_w: usize) -> Vec<u8> {
+    if out_w == w {
+        return pixels.to_vec();
+    }
+    let taps = taps(w, out_w);
+    let mut out = vec![0u8; out_w * h * 3];
+    for y in 0..h {
+        for (x, tap) in taps.iter().enumerate() {
+            for c in 0..3 {
+                out[(y * out_w + x) * 3 + c] = tap.apply(|k| pixels[(y * w + k) * 3 + c]);
+            }
+        }
+    }
+    out
+}
+
+/// Each column of a `w` x `h` image resampled to `out_h` pixels (a copy when `out_h == h`).
+fn resize_columns(pixels: &[u8], w: usize, h: usize, out_h: usize) -> Vec<u8> {
+    if out_h == h {
+        return pixels.to_vec();
+    }
+    let taps = taps(h, out_h);
+    let mut out = vec![0u8; w * out_h * 3];
+    for (y, tap) in taps.iter().enumerate() {
+        for x in 0..w {
+            for c in 0..3 {
+                out[(y * w + x) * 3 + c] = tap.apply(|k| pixels[(k * w + x) * 3 + c]);
+            }
+        }
+    }
+    out
 }
 
 /// The input samples one output sample reads: `first..first + weights.len()`, weights in fixed

@@ -12,11 +12,13 @@ models were trained on it; re-stated here from its facts, not imported):
                                two people, missing points as 0,0,0
   control_pose_body25.json     native OpenPose JSON: BODY_25 in pixels of a 128x96 frame, real
                                confidences (one point under the 0.05 render threshold)
-  control_pose_coco_96x128.png, control_pose_coco_160x120.png, control_pose_body25_128x96.png
+  control_pose_random.json     six people of random points (normalised)
+  control_pose_coco_96x128.png, control_pose_coco_160x120.png, control_pose_body25_128x96.png,
+  control_pose_random_{200x150,150x200}.png
                                the skeletons drawn with cv2.ellipse2Poly + cv2.fillConvexPoly
                                (limb colour x 0.6, int-truncated) then cv2.circle radius 4
 Canny (`cv2.Canny(image, 100, 200)`, what controlnet_aux's CannyDetector runs, on the RGB array):
-  control_canny_in_{shapes,gray}.png and control_canny_ref_{shapes,gray}.png
+  control_canny_in_{shapes,gray,noise}.png and control_canny_ref_{shapes,gray,noise}.png
 Control-image preparation (diffusers StableDiffusionXLControlNetPipeline's control_image_processor:
 VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True, do_normalize=False), PIL input):
   control_prepare_in.png, control_prepare_WxH.png: the preprocessed tensor x 255 (it is exactly
@@ -128,6 +130,21 @@ def pose_fixtures():
         points.append(None if c <= RENDER_THRESHOLD else (x / w, y / h))
     save_rgb("control_pose_body25_128x96.png", draw_bodypose([points], w, h))
 
+    # Stress: six people of random points (limbs of every length and angle, crossings, points on
+    # the border, a fifth missing), drawn at two aspect ratios.
+    people = []
+    for _ in range(6):
+        points = [(round(float(x), 5), round(float(y), 5)) for x, y in rng.uniform(0, 1, (18, 2))]
+        points[0] = (0.0, round(float(rng.uniform(0, 1)), 5))
+        people.append([None if rng.uniform() < 0.2 else p for p in points])
+    stress = {"canvas_width": 1, "canvas_height": 1, "people": [
+        {"pose_keypoints_2d": [v for p in person for v in ([0, 0, 0] if p is None else [p[0], p[1], 1.0])]}
+        for person in people]}
+    with open(os.path.join(OUT, "control_pose_random.json"), "w") as f:
+        json.dump(stress, f)
+    save_rgb("control_pose_random_200x150.png", draw_bodypose(people, 200, 150))
+    save_rgb("control_pose_random_150x200.png", draw_bodypose(people, 150, 200))
+
 
 def canny_fixtures():
     rng = np.random.RandomState(7)
@@ -146,6 +163,12 @@ def canny_fixtures():
     gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
     save_rgb("control_canny_in_gray.png", gray)
     save_rgb("control_canny_ref_gray.png", cv2.Canny(np.stack([gray] * 3, axis=-1), 100, 200))
+
+    # Noise at several scales in every channel: many weak edges, ties and diagonal directions.
+    coarse = cv2.resize(rng.uniform(0, 255, (12, 16, 3)).astype(np.float32), (128, 96), interpolation=cv2.INTER_CUBIC)
+    noisy = np.clip(coarse + rng.normal(0, 25, coarse.shape), 0, 255).astype(np.uint8)
+    save_rgb("control_canny_in_noise.png", noisy)
+    save_rgb("control_canny_ref_noise.png", cv2.Canny(noisy, 100, 200))
 
 
 def prepare_fixtures():

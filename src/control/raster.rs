@@ -2,7 +2,8 @@
 //! antialiasing (LINE_8, integer coordinates): an ellipse as a polygon of one vertex per degree
 //! (`cv2.ellipse2Poly`), a filled convex polygon (`cv2.fillConvexPoly`: its outline as 8-connected
 //! lines plus the spans between its edges on each row) and a filled midpoint circle
-//! (`cv2.circle` with thickness -1). Everything is clipped to the canvas.
+//! (`cv2.circle` with thickness -1), following opencv `modules/imgproc/src/drawing.cpp`.
+//! Everything is clipped to the canvas.
 
 /// An RGB canvas being drawn on.
 pub(crate) struct Canvas {
@@ -35,42 +36,36 @@ impl Canvas {
         }
     }
 
-    /// An 8-connected Bresenham line, both ends included; only its pixels on the canvas are
-    /// visited, so a far-away end costs no more than the visible part.
-    fn line(&mut self, (x0, y0): (i64, i64), (x1, y1): (i64, i64), color: [u8; 3]) {
-        let (dx, dy) = ((x1 - x0).abs(), (y1 - y0).abs());
-        let (sx, sy) = ((x1 - x0).signum(), (y1 - y0).signum());
-        let steps = dx.max(dy);
-        // Skip to where the line may enter the canvas, step along the major axis.
-        let margin = |p: i64, size: usize| if p < 0 { -p } else { (p - size as i64 + 1).max(0) };
-        let mut err = 2 * dy.min(dx) - steps;
-        let (mut x, mut y) = (x0, y0);
-        for _ in 0..=steps {
+    /// An 8-connected Bresenham line, both ends included, as OpenCV's LineIterator draws it:
+    /// clipped to the canvas first (so a far-away end costs nothing), walked from its left end,
+    /// stepping along the minor axis when the error term is negative.
+    fn line(&mut self, a: (i64, i64), b: (i64, i64), color: [u8; 3]) {
+        let Some((a, b)) = clip_line(self.width as i64, self.height as i64, a, b) else { return };
+        let ((mut x, mut y), end) = if b.0 < a.0 { (b, a) } else { (a, b) };
+        let (dx, dy, sy) = (end.0 - x, (end.1 - y).abs(), (end.1 - y).signum());
+        let x_major = dy <= dx;
+        let (major, minor) = if x_major { (dx, dy) } else { (dy, dx) };
+        let mut err = major - 2 * minor;
+        for _ in 0..=major {
             self.put(x, y, color);
-            if margin(x, self.width) > steps && margin(y, self.height) > steps {
-                break;
-            }
-            if dx >= dy {
-                if err >= 0 {
-                    y += sy;
-                    err -= 2 * dx;
-                }
-                x += sx;
-                err += 2 * dy;
-            } else {
-                if err >= 0 {
-                    x += sx;
-                    err -= 2 * dy;
-                }
-                y += sy;
-                err += 2 * dx;
+            let minor_step = err < 0;
+            err += if minor_step { 2 * major - 2 * minor } else { -2 * minor };
+            match (x_major, minor_step) {
+                (true, false) => x += 1,
+                (true, true) => (x, y) = (x + 1, y + sy),
+                (false, false) => y += sy,
+                (false, true) => (x, y) = (x + 1, y + sy),
             }
         }
     }
 
-    /// A filled convex polygon with integer vertices: the outline, then on each row the span
-    /// between the edges' crossings rounded to the nearest pixel.
+    /// A filled convex polygon with integer vertices: the outline, then rows filled between two
+    /// chains of edges walked down from the topmost vertex (one forward through the vertices,
+    /// one backward), x stepped per row in 16.16 fixed point with the step rounded, and each
+    /// span's ends rounded to the nearest pixel. This is OpenCV's scheme; exact crossings in
+    /// floating point differ from it by a pixel at a few span ends.
     pub fn fill_convex_polygon(&mut self, vertices: &[(i64, i64)], color: [u8; 3]) {
+        const ONE: i64 = 1 << 16;
         let n = vertices.len();
         for i in 0..n {
             self.line(vertices[(i + n - 1) % n], vertices[i], color);
@@ -78,21 +73,54 @@ impl Canvas {
         if n < 3 {
             return;
         }
-        let top = vertices.iter().map(|v| v.1).min().unwrap_or(0).max(0);
+        // The first topmost vertex; the rows to fill, clipped below.
+        let top = (0..n).min_by_key(|&i| vertices[i].1).unwrap_or(0);
         let bottom = vertices.iter().map(|v| v.1).max().unwrap_or(0).min(self.height as i64 - 1);
-        for y in top..=bottom {
-            let (mut left, mut right) = (f64::INFINITY, f64::NEG_INFINITY);
-            for i in 0..n {
-                let (a, b) = (vertices[(i + n - 1) % n], vertices[i]);
-                if a.1 == b.1 || y < a.1.min(b.1) || y > a.1.max(b.1) {
+        struct Chain {
+            vertex: usize,
+            step: usize,
+            x: i64,
+            dx: i64,
+            end_y: i64,
+        }
+        let first_y = vertices[top].1;
+        let mut chains = [1, n - 1].map(|step| Chain { vertex: top, step, x: -ONE, dx: 0, end_y: first_y });
+        // Both chains together walk each edge once.
+        let mut edges_left = n;
+        for y in first_y..=bottom {
+            for chain in &mut chains {
+                if y < chain.end_y {
                     continue;
                 }
-                let x = a.0 as f64 + (y - a.1) as f64 * (b.0 - a.0) as f64 / (b.1 - a.1) as f64;
-                left = left.min(x);
-                right = right.max(x);
+                let mut from = chain.vertex;
+                loop {
+                    if edges_left == 0 {
+                        return;
+                    }
+                    edges_left -= 1;
+                    let to = (from + chain.step) % n;
+                    let end_y = vertices[to].1;
+                    if end_y > y {
+                        let (xs, xe) = (vertices[from].0 * ONE, vertices[to].0 * ONE);
+                        let rows = end_y - y;
+                        *chain = Chain {
+                            vertex: to,
+                            step: chain.step,
+                            x: xs,
+                            dx: ((xe - xs) * 2 + rows) / (2 * rows),
+                            end_y,
+                        };
+                        break;
+                    }
+                    from = to;
+                }
             }
-            if left <= right {
-                self.span(y, (left + 0.5).floor() as i64, (right + 0.5).floor() as i64, color);
+            if y >= 0 {
+                let (left, right) = (chains[0].x.min(chains[1].x), chains[0].x.max(chains[1].x));
+                self.span(y, (left + ONE / 2) >> 16, (right + ONE / 2) >> 16, color);
+            }
+            for chain in &mut chains {
+                chain.x += chain.dx;
             }
         }
     }
@@ -116,6 +144,46 @@ impl Canvas {
             }
         }
     }
+}
+
+/// The part of the segment a-b inside a `width` x `height` canvas, or `None` when it misses it:
+/// Cohen-Sutherland with integer divisions, OpenCV's `clipLine` (whose rounding decides which
+/// pixels a clipped line lights).
+fn clip_line(width: i64, height: i64, a: (i64, i64), b: (i64, i64)) -> Option<((i64, i64), (i64, i64))> {
+    let (right, bottom) = (width - 1, height - 1);
+    let (mut x1, mut y1, mut x2, mut y2) = (a.0, a.1, b.0, b.1);
+    let side_code = |x: i64| (x < 0) as u8 | ((x > right) as u8) << 1;
+    let code = |x: i64, y: i64| side_code(x) | ((y < 0) as u8) << 2 | ((y > bottom) as u8) << 3;
+    let (mut c1, mut c2) = (code(x1, y1), code(x2, y2));
+    if c1 & c2 == 0 && c1 | c2 != 0 {
+        if c1 & 12 != 0 {
+            let edge = if c1 < 8 { 0 } else { bottom };
+            x1 += (edge - y1) * (x2 - x1) / (y2 - y1);
+            y1 = edge;
+            c1 = side_code(x1);
+        }
+        if c2 & 12 != 0 {
+            let edge = if c2 < 8 { 0 } else { bottom };
+            x2 += (edge - y2) * (x2 - x1) / (y2 - y1);
+            y2 = edge;
+            c2 = side_code(x2);
+        }
+        if c1 & c2 == 0 && c1 | c2 != 0 {
+            if c1 != 0 {
+                let edge = if c1 == 1 { 0 } else { right };
+                y1 += (edge - x1) * (y2 - y1) / (x2 - x1);
+                x1 = edge;
+                c1 = 0;
+            }
+            if c2 != 0 {
+                let edge = if c2 == 1 { 0 } else { right };
+                y2 += (edge - x2) * (y2 - y1) / (x2 - x1);
+                x2 = edge;
+                c2 = 0;
+            }
+        }
+    }
+    (c1 | c2 == 0).then_some(((x1, y1), (x2, y2)))
 }
 
 /// sin of a whole number of degrees as OpenCV's drawing code has it: a table of f32 values.
@@ -185,6 +253,15 @@ mod tests {
         canvas.line((-1_000_000, 3), (1_000_000, 3), [9, 9, 9]);
         let row: Vec<_> = lit(&canvas).into_iter().map(|(_, y)| y).collect();
         assert!(row.len() <= 8 && row.iter().all(|&y| y == 3));
+    }
+
+    #[test]
+    fn clipped_segments_end_on_the_border() {
+        // Expected values from cv2.clipLine((0, 0, 20, 20), ...): the far end's y is computed
+        // from the already clipped near end, with truncating division (19, 10), not 9.5 rounded.
+        assert_eq!(clip_line(20, 20, (-10, -5), (30, 15)), Some(((0, 0), (19, 10))));
+        assert_eq!(clip_line(20, 20, (3, 4), (5, 6)), Some(((3, 4), (5, 6))));
+        assert_eq!(clip_line(20, 20, (-5, -5), (-1, 30)), None);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use celframe::Error;
 use celframe::control::builtin::waving_figure;
 use celframe::control::canny::{CANNY_HIGH, CANNY_LOW, canny};
 use celframe::control::depth::{DepthRange, depth_hint, load_depth_png};
-use celframe::control::prepare::prepare_control_images;
+use celframe::control::prepare::{gather_control, prepare_control_images};
 use celframe::control::{Interpolation, KeyframeSchedule, default_keyframes, draw_pose, load_openpose};
 use celframe::output::{RgbImage, decode_png};
 
@@ -122,15 +122,16 @@ fn demo_flow_poses_at_keyframes_to_the_control_batch() {
     let keyframes = default_keyframes(frames);
     let schedule =
         KeyframeSchedule::new(frames, keyframes.clone(), vec![1.0; keyframes.len()], Interpolation::default()).unwrap();
-    let active = schedule.active_frames();
-    assert_eq!(active, keyframes);
-    let hints: Vec<RgbImage> = active.iter().map(|&f| draw_pose(&poses[f], w, h).unwrap()).collect();
-    for (hint, &frame) in hints.iter().zip(&active) {
+    let hints: Vec<RgbImage> = keyframes.iter().map(|&f| draw_pose(&poses[f], w, h).unwrap()).collect();
+    for (hint, &frame) in hints.iter().zip(&keyframes) {
         let lit = hint.pixels().chunks(3).filter(|p| p != &[0, 0, 0]).count();
         assert!(lit > 200, "frame {frame}: {lit} pixels drawn");
     }
     assert_ne!(hints[0].pixels(), hints[1].pixels(), "the arm moves between keyframes");
-    let batch = prepare_control_images(&hints, w, h).unwrap();
-    assert_eq!(batch.len(), active.len() * (w * h * 3) as usize);
-    assert!(batch.iter().all(|v| (0.0..=1.0).contains(v)));
+    let batch = gather_control(&schedule, &hints, w, h).unwrap();
+    assert_eq!(batch.frames, keyframes, "only the keyframes run the net");
+    assert_eq!(batch.scales, vec![1.0; keyframes.len()]);
+    assert_eq!(batch.images.len(), keyframes.len() * (w * h * 3) as usize);
+    let expected: Vec<f32> = hints.iter().flat_map(|h| h.pixels().iter().map(|&v| v as f32 / 255.0)).collect();
+    assert_eq!(batch.images, expected);
 }

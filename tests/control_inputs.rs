@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use celframe::Error;
 use celframe::control::builtin::waving_figure;
 use celframe::control::canny::{CANNY_HIGH, CANNY_LOW, canny};
-use celframe::control::depth::{DepthRange, depth_hint, load_depth_png};
+use celframe::control::depth::{DepthRange, depth_hint, load_depth_npy, load_depth_png};
 use celframe::control::prepare::{gather_control, prepare_control_images};
 use celframe::control::{Interpolation, KeyframeSchedule, default_keyframes, draw_pose, load_openpose};
 use celframe::output::{RgbImage, decode_png};
@@ -80,6 +80,19 @@ fn prepared_control_images_equal_diffusers() {
         let expected: Vec<f32> = reference.pixels().iter().map(|&v| v as f32 / 255.0).collect();
         let mismatches = ours.iter().zip(&expected).filter(|(a, b)| a != b).count();
         assert_eq!(mismatches, 0, "{w}x{h}: {mismatches} of {} values differ from diffusers", expected.len());
+    }
+}
+
+#[test]
+fn a_numpy_depth_map_becomes_the_same_hint_as_numpy_makes() {
+    let map = load_depth_npy(&fixture_path("control_depth.npy")).unwrap();
+    assert_eq!((map.width(), map.height()), (32, 24));
+    for (invert, reference) in [(false, "control_depth_hint.png"), (true, "control_depth_hint_inverted.png")] {
+        let ours = depth_hint(&map, DepthRange::PerImage, invert).unwrap();
+        let reference = fixture_png(reference);
+        // Inverting before or after rounding may move a value sitting at a half by one level.
+        let worst = ours.pixels().iter().zip(reference.pixels()).map(|(a, b)| a.abs_diff(*b)).max();
+        assert!(worst <= Some(if invert { 1 } else { 0 }), "invert {invert}: off by {worst:?}");
     }
 }
 

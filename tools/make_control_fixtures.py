@@ -19,6 +19,8 @@ models were trained on it; re-stated here from its facts, not imported):
                                (limb colour x 0.6, int-truncated) then cv2.circle radius 4
 Canny (`cv2.Canny(image, 100, 200)`, what controlnet_aux's CannyDetector runs, on the RGB array):
   control_canny_in_{shapes,gray,noise}.png and control_canny_ref_{shapes,gray,noise}.png
+Depth (a float map from numpy.save and its hint, min-max to 0..255, near = bright):
+  control_depth.npy, control_depth_hint.png, control_depth_hint_inverted.png
 Control-image preparation (diffusers StableDiffusionXLControlNetPipeline's control_image_processor:
 VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True, do_normalize=False), PIL input):
   control_prepare_in.png, control_prepare_WxH.png: the preprocessed tensor x 255 (it is exactly
@@ -171,6 +173,18 @@ def canny_fixtures():
     save_rgb("control_canny_ref_noise.png", cv2.Canny(noisy, 100, 200))
 
 
+def depth_fixtures():
+    # A disparity-like float map (near = large) saved by numpy, and its hint: per-image min-max to
+    # [0, 255], rounded half up, three equal channels.
+    yy, xx = np.mgrid[0:24, 0:32].astype(np.float64)
+    depth = (1.0 / (1.0 + 0.1 * yy) + 0.3 * np.exp(-((xx - 20) ** 2 + (yy - 10) ** 2) / 20.0)).astype(np.float32)
+    np.save(os.path.join(OUT, "control_depth.npy"), depth)
+    d = depth.astype(np.float64)
+    hint = np.floor((d - d.min()) / (d.max() - d.min()) * 255.0 + 0.5).astype(np.uint8)
+    save_rgb("control_depth_hint.png", hint)
+    save_rgb("control_depth_hint_inverted.png", 255 - hint)
+
+
 def prepare_fixtures():
     rng = np.random.RandomState(3)
     h, w = 29, 37
@@ -198,5 +212,6 @@ if __name__ == "__main__":
     os.makedirs(OUT, exist_ok=True)
     pose_fixtures()
     canny_fixtures()
+    depth_fixtures()
     prepare_fixtures()
     print("wrote tests/fixtures/control_*")

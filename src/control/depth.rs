@@ -3,6 +3,9 @@
 //! controlnet_aux `midas/__init__.py`). A depth map here is one value per pixel from an 8- or
 //! 16-bit PNG or from floats; [`depth_hint`] maps a range of it onto 0..=255.
 //!
+//! Float maps come as NumPy `.npy` files (`numpy.save` of a depth model's output: float16/32/64,
+//! shape (H, W), (1, H, W), (H, W, 1) or (1, 1, H, W), C order) or as values in memory.
+//!
 //! 16-bit PNGs are read at full precision (Pillow's `convert("RGB")`, which diffusers applies,
 //! clips them at 255 and turns most of the map white). A PNG with colour channels is accepted
 //! only when they are equal: a colour-mapped depth image (an INFERNO preview) is not a hint.
@@ -15,6 +18,8 @@ use crate::output::RgbImage;
 
 /// Largest depth PNG read, in bytes.
 const PNG_LIMIT: u64 = 256 << 20;
+/// Largest depth `.npy` read: a float64 map of the largest size.
+const NPY_LIMIT: u64 = 8 * (super::MAX_SIDE as u64).pow(2) + 4096;
 
 /// One depth value per pixel, row-major, as read (not normalised).
 #[derive(Clone, Debug, PartialEq)]
@@ -118,6 +123,82 @@ pub fn decode_depth_png(bytes: &[u8], name: &str) -> Result<DepthMap> {
     DepthMap::from_values(width, height, values, name)
 }
 
+/// Reads a float depth map saved by `numpy.save`.
+pub fn load_depth_npy(path: &Path) -> Result<DepthMap> {
+    let bytes = crate::io::read_regular(path, NPY_LIMIT, "depth .npy")?;
+    decode_depth_npy(&bytes, &path.display().to_string())
+}
+
+/// [`load_depth_npy`] on the file's bytes; `name` names it in errors. The format: magic
+/// `\x93NUMPY`, version, header length (2 bytes in version 1, 4 after), a Python dict literal
+/// with `descr`, `fortran_order` and `shape`, then the data (numpy `lib/format.py`).
+pub fn decode_depth_npy(bytes: &[u8], name: &str) -> Result<DepthMap> {
+    let bad = |why: String| Error::Input(format!("{name}: depth .npy: {why}"));
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(bad("not a NumPy .npy file (no \\x93NUMPY magic)".into()));
+    }
+    let (header_len, header_start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10usize),
+        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        v => return Err(bad(format!("format version {v} is not 1, 2 or 3"))),
+    };
+    let header = bytes
+        .get(header_start..header_start.saturating_add(header_len))
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or_else(|| bad("header cut short or not text".into()))?;
+    let field = |key: &str| {
+        let at = header.find(&format!("'{key}':")).ok_or_else(|| bad(format!("header has no '{key}'")))?;
+        Ok::<&str, Error>(header[at + key.len() + 3..].trim_start())
+    };
+    let descr = field("descr")?;
+    let sample_bytes = ["<f2", "<f4", "<f8"]
+        .iter()
+        .position(|d| descr.starts_with(&format!("'{d}'")))
+        .map(|i| 2usize << i)
+        .ok_or_else(|| {
+            bad(format!(
+                "dtype {}: only little-endian float16/32/64 maps are read",
+                descr.split(',').next().unwrap_or("")
+            ))
+        })?;
+    if !field("fortran_order")?.starts_with("False") {
+        return Err(bad("fortran_order is True; save the map in C order".into()));
+    }
+    let shape_text = field("shape")?;
+    let shape_text = shape_text
+        .strip_prefix('(')
+        .and_then(|t| t.split(')').next())
+        .ok_or_else(|| bad("shape is not a tuple".into()))?;
+    let shape: Vec<u64> = shape_text
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| t.parse().map_err(|_| bad(format!("shape ({shape_text}) is not whole numbers"))))
+        .collect::<Result<_>>()?;
+    let (height, width) = match shape[..] {
+        [h, w] | [1, h, w] | [1, 1, h, w] => (h, w),
+        [h, w, 1] => (h, w),
+        _ => return Err(bad(format!("shape ({shape_text}); expected (H, W), (1, H, W), (H, W, 1) or (1, 1, H, W)"))),
+    };
+    if width == 0 || height == 0 || width > super::MAX_SIDE as u64 || height > super::MAX_SIDE as u64 {
+        return Err(bad(format!("a {width}x{height} map: both sides must be within 1..={}", super::MAX_SIDE)));
+    }
+    let count = (width * height) as usize;
+    let data = &bytes[header_start + header_len..];
+    if data.len() != count * sample_bytes {
+        return Err(bad(format!("{} data bytes for {count} values of {sample_bytes} bytes", data.len())));
+    }
+    let values = data
+        .chunks_exact(sample_bytes)
+        .map(|b| match sample_bytes {
+            2 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+            4 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            _ => f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32,
+        })
+        .collect();
+    DepthMap::from_values(width as u32, height as u32, values, name)
+}
+
 /// The 8-bit hint: `range` mapped linearly onto 0..=255 (rounded, clamped), replicated to three
 /// channels. Near must come out bright: maps of disparity or relative inverse depth (MiDaS, Depth
 /// Anything) are near = large already; metric depth (far = large, ZoeDepth, a renderer's Z buffer)
@@ -182,6 +263,44 @@ mod tests {
         let message = decode_depth_png(&inferno, "inferno.png").unwrap_err().to_string();
         assert!(message.contains("inferno.png") && message.contains("(1, 0)"), "{message}");
         assert!(decode_depth_png(b"not a png", "junk.png").unwrap_err().to_string().contains("junk.png"));
+    }
+
+    fn npy(descr: &str, fortran: bool, shape: &str, data: &[u8]) -> Vec<u8> {
+        let header = format!(
+            "{{'descr': '{descr}', 'fortran_order': {}, 'shape': {shape}, }}\n",
+            if fortran { "True" } else { "False" }
+        );
+        let mut out = b"\x93NUMPY\x01\x00".to_vec();
+        out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    #[test]
+    fn npy_maps_of_each_float_width_and_shape() {
+        let f16: Vec<u8> = [0.5f32, 2.0, -1.0].iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
+        let map = decode_depth_npy(&npy("<f2", false, "(1, 3)", &f16), "h.npy").unwrap();
+        assert_eq!((map.width(), map.height(), map.values()), (3, 1, &[0.5, 2.0, -1.0][..]));
+        let f64s: Vec<u8> = [1.25f64, 3.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        for shape in ["(2, 1)", "(1, 2, 1)", "(2, 1, 1)", "(1, 1, 2, 1)"] {
+            let map = decode_depth_npy(&npy("<f8", false, shape, &f64s), "d.npy").unwrap();
+            assert_eq!((map.width(), map.height(), map.values()), (1, 2, &[1.25, 3.0][..]), "{shape}");
+        }
+        let cases = [
+            (npy("<i4", false, "(2,)", &[0; 8]), "dtype '<i4'"),
+            (npy(">f4", false, "(1, 1)", &[0; 4]), "only little-endian"),
+            (npy("<f4", true, "(1, 1)", &[0; 4]), "fortran_order"),
+            (npy("<f4", false, "(2, 2, 2)", &[0; 32]), "shape (2, 2, 2)"),
+            (npy("<f4", false, "(2, 2)", &[0; 12]), "12 data bytes"),
+            (npy("<f4", false, "(0, 2)", &[]), "2x0 map"),
+            (b"\x93NUMPY\x01\x00\xff\x00{".to_vec(), "cut short"),
+            (b"PK\x03\x04 zip".to_vec(), "magic"),
+        ];
+        for (bytes, needle) in cases {
+            let message = decode_depth_npy(&bytes, "bad.npy").unwrap_err().to_string();
+            assert!(message.contains("bad.npy") && message.contains(needle), "{message} lacks {needle}");
+        }
     }
 
     #[test]

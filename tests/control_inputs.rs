@@ -9,6 +9,7 @@ use celframe::Error;
 use celframe::control::builtin::waving_figure;
 use celframe::control::canny::{CANNY_HIGH, CANNY_LOW, canny};
 use celframe::control::depth::{DepthRange, depth_hint, load_depth_npy, load_depth_png};
+use celframe::control::image::load_image_png;
 use celframe::control::prepare::{gather_control, prepare_control_images};
 use celframe::control::{Interpolation, KeyframeSchedule, default_keyframes, draw_pose, load_openpose};
 use celframe::output::{RgbImage, decode_png};
@@ -61,7 +62,7 @@ fn pose_skeletons_match_opencv_drawing_controlnet_aux_convention() {
 #[test]
 fn canny_matches_cv2_canny() {
     for name in ["shapes", "gray", "noise"] {
-        let input = fixture_png(&format!("control_canny_in_{name}.png"));
+        let input = load_image_png(&fixture_path(&format!("control_canny_in_{name}.png"))).unwrap();
         let reference = fixture_png(&format!("control_canny_ref_{name}.png"));
         let ours = canny(&input, CANNY_LOW, CANNY_HIGH).unwrap();
         let (equal, iou) = agreement(&ours, &reference);

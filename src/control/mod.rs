@@ -10,6 +10,7 @@
 pub mod builtin;
 pub mod canny;
 pub mod depth;
+pub mod image;
 pub mod keyframes;
 pub mod pose;
 pub mod prepare;

@@ -2,6 +2,7 @@
 //! See docs/ARCHITECTURE.md for the map of this crate.
 
 pub mod cli;
+pub mod control;
 pub mod error;
 pub mod gpu;
 pub mod io;

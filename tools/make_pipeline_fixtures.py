@@ -61,7 +61,7 @@ Noise file (<case>.noise.safetensors, all float32):
             step draws none), same layout as latents. Injected by replacing
             diffusers.schedulers.scheduling_lcm.randn_tensor. Euler with s_churn 0 uses no noise.
   control   controlnet_video only: [frames, H, W, 3] in [0, 1], a white stick figure on black
-            moving across the frames.
+            moving across the frames; whole 8-bit levels, so PNGs of it give the same tensor.
 Reference file (<case>.reference.safetensors, float32):
   frames                  output_type="np": [frames, H, W, 3] in [0, 1] ([1, H, W, 3] for the image)
   latents                 the denoised latents before the VAE (captured by callback_on_step_end on
@@ -73,6 +73,10 @@ The case JSON lists every setting: prompt, negative (and whether its embeddings 
 frames, steps, guidance, the scheduler class, its full config, timesteps and init_noise_sigma, the
 time ids (original_size, crops_coords_top_left, target_size), the ControlNet scale, the model
 folders relative to pipeline_tiny/, the token ids.
+
+The models are random, so the UNet's noise prediction is unrelated to the noise and the final
+latents come out with a standard deviation near 17 rather than 1; the decoded frames still use the
+whole range (about 2% of values clipped at 0 or 1) and differ from frame to frame.
 
 How a test reproduces a case: load the models named in the JSON, tokenize prompt and negative with
 pipeline_tiny/tokenizer, set the sampler from the JSON, take the initial latents from `latents`
@@ -183,7 +187,7 @@ CASES = {
 def bytes_to_unicode():
     """GPT-2's byte -> printable character table in CLIP's vocabulary order (openai/CLIP
     `clip/simple_tokenizer.py`): printable Latin-1 bytes map to themselves, the rest to 256 + n."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -319,7 +323,7 @@ class injected_lcm_noise:
 
 def stick_figure(frames, height, width):
     """[frames, H, W, 3] in [0, 1]: a white stick figure walking left to right on black, its arms and
-    legs swinging (1-pixel soft edges, so values between 0 and 1 occur too)."""
+    legs swinging (1-pixel soft edges, so values between 0 and 1 occur too, all multiples of 1/255)."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
     out = np.zeros((frames, height, width, 3), np.float32)
     for f in range(frames):
@@ -338,7 +342,8 @@ def stick_figure(frames, height, width):
             t = np.clip(((xx - x0) * dx + (yy - y0) * dy) / (dx * dx + dy * dy), 0, 1)
             dist = np.minimum(dist, np.hypot(xx - x0 - t * dx, yy - y0 - t * dy))
         out[f] = np.clip(2.0 - dist, 0, 1)[..., None]
-    return out
+    # Whole 8-bit levels, so a PNG of it reads back (/ 255, as diffusers' image processor does) exactly.
+    return np.round(out * 255) / 255
 
 
 @torch.no_grad()
@@ -382,12 +387,19 @@ def controlnet_loop(pipe, controlnet, case, latents, control, scale):
     return latents
 
 
+@torch.no_grad()
+def decode(pipe, latents):
+    """The pipeline's own decoding of final latents to output_type="np" frames [frames, H, W, 3]."""
+    if latents.dim() == 5:
+        return pipe.video_processor.postprocess_video(video=pipe.decode_latents(latents), output_type="np")[0]
+    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="np")
+
+
 def jsonable(value):
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (np.generic, torch.Tensor)):
+    if isinstance(value, torch.Tensor):
         return value.tolist()
     return value
 
@@ -433,9 +445,7 @@ def run_case(name, case, parts, tokenizers, seed):
         assert torch.equal(mine, final["latents"]), (mine - final["latents"]).abs().max()
         with injected_lcm_noise(step_noise):
             latents_out = controlnet_loop(pipe, parts["controlnet"], case, latents, control, case["controlnet_scale"])
-        with torch.no_grad():
-            decoded = pipe.decode_latents(latents_out)
-        frames = pipe.video_processor.postprocess_video(video=decoded, output_type="np")[0]
+        frames = decode(pipe, latents_out)
         change = np.linalg.norm(frames - plain[0]) / np.linalg.norm(plain[0])
         print(f"  {name}: the ControlNet changes the frames by {change:.3f} (relative L2)")
         final["latents"] = latents_out
@@ -443,14 +453,16 @@ def run_case(name, case, parts, tokenizers, seed):
         with injected_lcm_noise(step_noise), torch.no_grad():
             out = pipe(**kwargs, **({"num_frames": case["frames"]} if video else {}))
         frames = out.frames[0] if video else out.images
+        assert np.array_equal(frames, decode(pipe, final["latents"])), "the kept latents are not what was decoded"
     reference["frames"] = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))
     reference["latents"] = final["latents"]
 
     pipe.scheduler.set_timesteps(case["steps"], device="cpu")
     ids = {}
     for key, text in (("prompt", case["prompt"]), ("negative", case["negative"] or "")):
-        ids[key] = {"tokenizer": tokenizers[0](text, padding="max_length", max_length=77, truncation=True)["input_ids"],
-                    "tokenizer_2": tokenizers[1](text, padding="max_length", max_length=77, truncation=True)["input_ids"]}
+        padded = dict(padding="max_length", max_length=77, truncation=True)
+        ids[key] = {"tokenizer": tokenizers[0](text, **padded)["input_ids"],
+                    "tokenizer_2": tokenizers[1](text, **padded)["input_ids"]}
     description = {
         "case": name,
         "generator": "tools/make_pipeline_fixtures.py",
@@ -473,7 +485,7 @@ def run_case(name, case, parts, tokenizers, seed):
         "guidance": case["guidance"],
         "guidance_rescale": 0.0,
         "scheduler_class": type(pipe.scheduler).__name__,
-        "scheduler_config": jsonable(dict(pipe.scheduler.config)),
+        "scheduler_config": {k: jsonable(v) for k, v in pipe.scheduler.config.items() if not k.startswith("_")},
         "timesteps": jsonable(pipe.scheduler.timesteps),
         "sigmas": jsonable(pipe.scheduler.sigmas) if case["sampler"] == "euler" else None,
         "init_noise_sigma": float(pipe.scheduler.init_noise_sigma),
@@ -488,9 +500,9 @@ def run_case(name, case, parts, tokenizers, seed):
         "token_ids": ids,
     }
     meta = {"generator": "tools/make_pipeline_fixtures.py", "torch": torch.__version__}
-    save_file({k: v.float().contiguous() for k, v in noise.items()}, str(OUT / f"{name}.noise.safetensors"), metadata=meta)
-    save_file({k: v.float().contiguous() for k, v in reference.items()}, str(OUT / f"{name}.reference.safetensors"),
-              metadata=meta)
+    for kind, tensors in (("noise", noise), ("reference", reference)):
+        save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(OUT / f"{name}.{kind}.safetensors"),
+                  metadata=meta)
     (OUT / f"{name}.json").write_text(json.dumps(description, indent=1) + "\n")
     f = reference["frames"]
     print(f"  {name}: frames {list(f.shape)} mean {f.mean():.3f} std {f.std():.3f}, "

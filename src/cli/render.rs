@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::error::{Error, Result};
+use crate::pipeline::RenderOptions;
 use crate::pipeline::config::{ClipSpec, RenderConfig};
 
 #[derive(Args, Debug, Default)]
@@ -72,14 +73,6 @@ pub struct RenderArgs {
     pub dry_run: bool,
 }
 
-/// How to run, apart from what the config says.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct RenderOptions {
-    /// Injected initial latents and per-step noise (a safetensors file).
-    pub noise: Option<PathBuf>,
-    /// Report the time of each stage.
-    pub timings: bool,
-}
 
 /// The config with the arguments' overrides applied, validated, and the run options. Errors name
 /// the config file.
@@ -93,7 +86,7 @@ pub fn config_from_args(args: &RenderArgs) -> Result<(RenderConfig, RenderOption
     if let Some(noise) = args.noise.as_ref().filter(|p| !p.is_file()) {
         return Err(Error::Input(format!("--noise {}: no such file", noise.display())));
     }
-    Ok((config, RenderOptions { noise: args.noise.clone(), timings: args.timings }))
+    Ok((config, RenderOptions { noise: args.noise.clone(), timings: args.timings, keep_tensors: false }))
 }
 
 fn apply_overrides(config: &mut RenderConfig, args: &RenderArgs) {
@@ -147,7 +140,7 @@ fn apply_overrides(config: &mut RenderConfig, args: &RenderArgs) {
 }
 
 pub fn run(args: &RenderArgs) -> Result<()> {
-    let (config, _options) = config_from_args(args)?;
+    let (config, options) = config_from_args(args)?;
     for warning in config.warnings() {
         eprintln!("{warning}");
     }
@@ -161,8 +154,9 @@ pub fn run(args: &RenderArgs) -> Result<()> {
             _ => Ok(()),
         };
     }
-    // wired to crate::pipeline::render at merge
-    Err(Error::Input(
-        "the renderer is not built yet: `celframe render --dry-run` checks a config and prints it resolved".into(),
-    ))
+    let report = crate::pipeline::render(&config, &options)?;
+    for line in &report.summary {
+        eprintln!("{line}");
+    }
+    Ok(())
 }

@@ -99,6 +99,9 @@ pub struct ModelPaths {
     pub text_encoder_2: Option<PathBuf>,
     /// The AnimateDiff motion adapter; without it only one-frame clips (images) render.
     pub motion_adapter: Option<PathBuf>,
+    /// A CLIP tokenizer folder (vocab.json, merges.txt); default: the base folder's tokenizer/
+    /// where it has one, else the CLIP vocabulary built into celframe (what SDXL uses).
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// A LoRA file and how strongly it applies.
@@ -477,7 +480,18 @@ impl ModelPaths {
             .ok_or_else(|| Error::Input(format!("models: no {} and no base to take it from", component.name())))
     }
 
+    /// The tokenizer folder to read, or None for the built-in CLIP vocabulary.
+    pub fn tokenizer_dir(&self) -> Result<Option<PathBuf>> {
+        if let Some(dir) = &self.tokenizer {
+            return Ok(Some(dir.clone()));
+        }
+        Ok(self.resolved_base()?.map(|b| b.join("tokenizer")).filter(|d| d.join("vocab.json").is_file()))
+    }
+
     fn problems(&self, problems: &mut Vec<String>) {
+        if let Some(dir) = &self.tokenizer {
+            exists("models.tokenizer", dir, problems);
+        }
         for component in Component::ALL {
             if let Some(path) = self.own(component) {
                 exists(&format!("models.{}", component.name()), path, problems);
@@ -682,6 +696,7 @@ impl RenderConfig {
             &mut models.text_encoder,
             &mut models.text_encoder_2,
             &mut models.motion_adapter,
+            &mut models.tokenizer,
         ]
         .into_iter()
         .flatten()

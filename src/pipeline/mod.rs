@@ -1,5 +1,9 @@
-//! The renderer: its configuration, context windows over long clips and the initial noise.
+//! The renderer: its configuration, context windows over long clips, the initial noise, and the
+//! render loop itself (`render`).
 
 pub mod config;
 pub mod noise_init;
+pub mod render;
 pub mod windows;
+
+pub use render::{ClipOutcome, RenderOptions, RenderReport, render};

@@ -1,0 +1,925 @@
+//! `celframe render`: a validated [`RenderConfig`] to clips in the outputs tree.
+//!
+//! Per clip: the prompts (and the prompt schedule's keys) are encoded once; the initial latents
+//! come from our counter-based generator (or an injected noise file); every sampler evaluation
+//! runs the UNet (with the motion modules for videos) on each context window as one classifier-
+//! free-guidance batch `[uncond frames..., cond frames...]` (diffusers `AnimateDiffSDXLPipeline`'s
+//! layout), adds the ControlNets' residuals, combines the halves with CFG, fuses overlapping
+//! windows and hands the result to the sampler; the VAE then decodes the latents in chunks and
+//! the frames go to the PNG pool and the mp4 encoder while the next chunk decodes.
+//!
+//! Latent layout on the host: frame-major NHWC, frame f occupying `[f * frame_len, (f + 1) *
+//! frame_len)` with `frame_len = h * w * channels`. The generator draws element `f * frame_len +
+//! e` of a stream for element e of frame f, so a frame's noise depends on the seed and the frame
+//! only: the same seed gives the same frames whatever the window layout.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::control::builtin::waving_figure;
+use crate::control::image::load_image_png;
+use crate::control::keyframes::{Interpolation, KeyframeSchedule};
+use crate::control::pose::draw_pose;
+use crate::control::prepare::prepare_control_images;
+use crate::error::{Error, Result};
+use crate::gpu::{Arena, Gpu};
+use crate::models::clip::conditioning::{Conditioning, SdxlTextEncoders, time_ids, time_ids_tensor};
+use crate::models::clip::{ClipCheckpoint, ClipTextModel, TextEncoderKind, open_text_encoder};
+use crate::models::controlnet::{ControlNet, ControlNetCheckpoint, ControlScale, open_controlnet};
+use crate::models::lora::{self, Component as LoraComponent, Loras, Targets};
+use crate::models::vae::{DecodeOptions, Vae, VaeCheckpoint, open_vae};
+use crate::models::{
+    Frames, MotionCheckpoint, MotionModules, Place, Unet, UnetCheckpoint, UnetInputs, UnetResiduals, open_motion,
+    open_unet,
+};
+use crate::ops::Exec;
+use crate::ops::elementwise::{add, mul};
+use crate::output::{ClipOptions, Fps, GridCell, OutputTree, RgbImage, decode_png};
+use crate::pipeline::config::{Component, ControlNetEntry, RenderConfig};
+use crate::pipeline::noise_init::freenoise_frame_sources;
+use crate::pipeline::windows::{ContextOptions, Fuse, Fuser, Schedule, gather};
+use crate::sampling::{NoiseRequest, NoiseSource, NoiseStream, Purpose, Sampler, cfg_combine, cfg_rescale, stream_id};
+use crate::tensor::{DType, Tensor};
+use crate::text::Tokenizer;
+use crate::verify::Device;
+use crate::verify::arenas::{most_of_memory, weight_bytes};
+use crate::weights;
+
+/// What a run takes besides the config.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RenderOptions {
+    /// A safetensors file of injected noise (`latents`, `step.<i>`: diffusers' layouts), so a run
+    /// can match a diffusers run exactly.
+    pub noise: Option<PathBuf>,
+    /// Print a GPU time table per model part and kind of pass.
+    pub timings: bool,
+    /// Keep each clip's final latents and f32 frames in the report (tests).
+    pub keep_tensors: bool,
+}
+
+/// Seconds spent per stage.
+#[derive(Clone, Debug, Default)]
+pub struct StageTimes {
+    pub text: f64,
+    pub denoise: f64,
+    pub decode_and_write: f64,
+}
+
+/// One clip's result.
+#[derive(Clone, Debug)]
+pub struct ClipOutcome {
+    /// 0-based; its folder is `video/clip_{index + 1:03}`.
+    pub index: usize,
+    /// Complete from an earlier run, not rendered again.
+    pub skipped: bool,
+    pub frames: usize,
+    pub times: StageTimes,
+    /// With `keep_tensors`: the final latents, frame-major NHWC [frames, h, w, c] f32.
+    pub latents: Option<Tensor>,
+    /// With `keep_tensors`: the frames in [0, 1] before 8-bit rounding, [frames, H, W, 3] f32.
+    pub images: Option<Tensor>,
+    /// Where the mp4 went, and which encoder wrote it.
+    pub mp4: Option<(PathBuf, String)>,
+}
+
+pub struct RenderReport {
+    pub clips: Vec<ClipOutcome>,
+    /// Lines for the closing summary.
+    pub summary: Vec<String>,
+}
+
+/// Every checkpoint of the run, opened (weights mapped, not yet converted), and the LoRAs resolved
+/// against them.
+struct Checkpoints {
+    unet: UnetCheckpoint,
+    motion: Option<MotionCheckpoint>,
+    vae: VaeCheckpoint,
+    clip_l: ClipCheckpoint,
+    clip_g: ClipCheckpoint,
+    controlnets: Vec<ControlNetCheckpoint>,
+    loras: Option<Loras>,
+    tokenizer: Tokenizer,
+}
+
+impl Checkpoints {
+    fn open(config: &RenderConfig) -> Result<Checkpoints> {
+        let models = &config.models;
+        let unet = open_unet(&models.component(Component::Unet)?)?;
+        let motion = models.motion_adapter.as_deref().map(open_motion).transpose()?;
+        if let Some(m) = &motion {
+            m.config.check_unet(&unet.config)?;
+        }
+        let vae = open_vae(&models.component(Component::Vae)?)?;
+        let clip_l = open_text_encoder(&models.component(Component::TextEncoder)?, TextEncoderKind::ClipL)?;
+        let clip_g = open_text_encoder(&models.component(Component::TextEncoder2)?, TextEncoderKind::ClipG)?;
+        let controlnets = config.controlnets.iter().map(|c| open_controlnet(&c.path)).collect::<Result<Vec<_>>>()?;
+        let specs = config.lora_specs()?;
+        let loras = if specs.is_empty() {
+            None
+        } else {
+            let mut targets = Targets::new();
+            targets.add_unet(&unet)?;
+            targets.add_text_encoder(&clip_l)?;
+            targets.add_text_encoder(&clip_g)?;
+            if let Some(m) = &motion {
+                targets.add_motion(m)?;
+            }
+            Some(lora::resolve(&specs, &targets, false)?)
+        };
+        let tokenizer = match models.tokenizer_dir()? {
+            Some(dir) => Tokenizer::from_dir(&dir)?,
+            None => Tokenizer::clip()?,
+        };
+        Ok(Checkpoints { unet, motion, vae, clip_l, clip_g, controlnets, loras, tokenizer })
+    }
+
+    fn merge(&self, component: LoraComponent) -> Option<&lora::LoraMerge> {
+        self.loras.as_ref().and_then(|l| l.merge(component))
+    }
+
+    /// Device bytes of every model's weights in `dtype`.
+    fn weight_bytes(&self, dtype: DType) -> usize {
+        let mut total = weight_bytes(&self.unet.weights, dtype)
+            + weight_bytes(&self.vae.weights, dtype)
+            + weight_bytes(&self.clip_l.weights, dtype)
+            + weight_bytes(&self.clip_g.weights, dtype);
+        total += self.motion.as_ref().map_or(0, |m| weight_bytes(&m.weights, dtype));
+        total += self.controlnets.iter().map(|c| weight_bytes(&c.weights, dtype)).sum::<usize>();
+        total
+    }
+}
+
+/// The models prepared for one place.
+struct Models {
+    text: SdxlTextEncoders,
+    unet: Unet,
+    motion: Option<MotionModules>,
+    vae: Vae,
+    controlnets: Vec<ControlNet>,
+}
+
+fn with_loras<'a>(place: &'a Place<'a>, merge: Option<&'a lora::LoraMerge>) -> Place<'a> {
+    match merge {
+        Some(loras) => Place::Merged { place, loras },
+        None => *place,
+    }
+}
+
+impl Models {
+    fn new(c: &Checkpoints, place: Place) -> Result<Models> {
+        let unet = Unet::new(&c.unet, with_loras(&place, c.merge(LoraComponent::Unet)))?;
+        let motion = match &c.motion {
+            Some(m) => Some(MotionModules::new(m, &unet, with_loras(&place, c.merge(LoraComponent::Motion)))?),
+            None => None,
+        };
+        let clip_l = ClipTextModel::new(&c.clip_l, with_loras(&place, c.merge(LoraComponent::TextEncoder)))?;
+        let clip_g = ClipTextModel::new(&c.clip_g, with_loras(&place, c.merge(LoraComponent::TextEncoder2)))?;
+        let text = SdxlTextEncoders::new(clip_l, clip_g)?;
+        let vae = Vae::new(&c.vae, place)?;
+        let controlnets = c
+            .controlnets
+            .iter()
+            .map(|ck| {
+                let net = ControlNet::new(ck, place)?;
+                net.check_unet(&unet.config)?;
+                Ok(net)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Models { text, unet, motion, vae, controlnets })
+    }
+}
+
+/// Where the model inputs of a step go: host tensors for the CPU twins, uploads for CUDA.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    ex: Exec<'a>,
+    dtype: DType,
+}
+
+impl Target<'_> {
+    fn tensor(&self, shape: &[usize], dtype: DType, values: &[f32]) -> Result<Tensor> {
+        let host = Tensor::from_f32(shape, dtype, values)?;
+        match self.ex {
+            Exec::Cpu => Ok(host),
+            Exec::Cuda { gpu, scratch } => gpu.upload(scratch, &host, dtype),
+        }
+    }
+
+    fn host_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
+        match self.ex {
+            Exec::Cpu => t.to_f32_vec(),
+            Exec::Cuda { gpu, .. } => gpu.download(t)?.to_f32_vec(),
+        }
+    }
+}
+
+/// Renders every clip of `config` into its outputs tree.
+pub fn render(config: &RenderConfig, options: &RenderOptions) -> Result<RenderReport> {
+    config.validate()?;
+    let dtype = config.dtype()?;
+    let device = config.device()?;
+    let started = Instant::now();
+    let checkpoints = Checkpoints::open(config)?;
+    let mut summary = Vec::new();
+    if let Some(l) = &checkpoints.loras {
+        summary.extend(l.summary.iter().cloned());
+    }
+    let tree = OutputTree::open(&config.output.root)?;
+    match device {
+        Device::Cpu => {
+            let models = Models::new(&checkpoints, Place::Host(dtype))?;
+            summary.push(format!("loaded the models on the CPU twins in {:.1} s", started.elapsed().as_secs_f64()));
+            let target = Target { ex: Exec::Cpu, dtype };
+            render_clips(config, options, &checkpoints, &models, target, &tree, summary)
+        }
+        Device::Cuda => {
+            let gpu = Gpu::from_env()?;
+            let weights_bytes = checkpoints.weight_bytes(dtype);
+            // LoRA factors are uploaded beside the weights while they merge.
+            let lora_bytes: u64 =
+                config.loras.iter().filter_map(|l| std::fs::metadata(&l.path).ok()).map(|m| m.len()).sum();
+            let weights = Arena::new("weights", weights_bytes + lora_bytes as usize + (256 << 20))?;
+            let scratch = Arena::new("scratch", most_of_memory(&gpu, weights_bytes))?;
+            let place = Place::Device { gpu: &gpu, arena: &weights, dtype };
+            let models = Models::new(&checkpoints, place)?;
+            summary.push(format!(
+                "loaded the models onto {} in {:.1} s ({:.2} GiB of weights)",
+                gpu.info().name,
+                started.elapsed().as_secs_f64(),
+                weights.used() as f64 / GIB
+            ));
+            let target = Target { ex: Exec::Cuda { gpu: &gpu, scratch: &scratch }, dtype };
+            let mut report = render_clips(config, options, &checkpoints, &models, target, &tree, summary)?;
+            report.summary.push(format!(
+                "peak GPU memory: {:.2} GiB (weights {:.2} GiB + activations {:.2} GiB)",
+                (weights.used() + scratch.peak()) as f64 / GIB,
+                weights.used() as f64 / GIB,
+                scratch.peak() as f64 / GIB
+            ));
+            Ok(report)
+        }
+    }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+fn render_clips(
+    config: &RenderConfig,
+    options: &RenderOptions,
+    checkpoints: &Checkpoints,
+    models: &Models,
+    target: Target,
+    tree: &OutputTree,
+    mut summary: Vec<String>,
+) -> Result<RenderReport> {
+    let noise = options.noise.as_deref().map(|p| weights::open(p, "noise file")).transpose()?;
+    let mut clips = Vec::new();
+    let mut grid = Vec::new();
+    for index in 0..config.clips.len() {
+        let number = index as u32 + 1;
+        let outcome = if tree.clip_complete(number) && !config.output.replace {
+            eprintln!("clip {number:03}: complete from an earlier run, skipped");
+            ClipOutcome {
+                index,
+                skipped: true,
+                frames: config.clip_frames(index),
+                times: StageTimes::default(),
+                latents: None,
+                images: None,
+                mp4: None,
+            }
+        } else {
+            render_clip(config, options, checkpoints, models, target, tree, index, noise.as_ref())?
+        };
+        let first = tree.clip_dir(number).join("frames").join("000000.png");
+        if let Ok(bytes) = std::fs::read(&first) {
+            grid.push(GridCell { image: decode_png(&bytes)?, caption: config.clips[index].prompt.clone() });
+        }
+        clips.push(outcome);
+    }
+    if !grid.is_empty() {
+        let name = config.output.root.file_name().map_or("render".to_string(), |n| n.to_string_lossy().to_string());
+        let path = tree.write_prompt_grid(&name, &grid)?;
+        summary.push(format!("prompt grid: {}", path.display()));
+    }
+    write_configs(config, tree)?;
+    for c in &clips {
+        if c.skipped {
+            continue;
+        }
+        let t = &c.times;
+        let total = t.text + t.denoise + t.decode_and_write;
+        summary.push(format!(
+            "clip {:03}: {} frames in {total:.2} s ({:.2} frames/s): text {:.2} s, denoise {:.2} s, decode + write {:.2} s{}",
+            c.index + 1,
+            c.frames,
+            c.frames as f64 / total.max(1e-9),
+            t.text,
+            t.denoise,
+            t.decode_and_write,
+            c.mp4.as_ref().map_or(String::new(), |(p, e)| format!("; {} by {e}", p.display()))
+        ));
+    }
+    Ok(RenderReport { clips, summary })
+}
+
+/// `configs/pipeline_config.json` (the resolved config and versions), `lora_versions.json`,
+/// `controlnet_config.json`.
+fn write_configs(config: &RenderConfig, tree: &OutputTree) -> Result<()> {
+    let mut resolved = config.resolved_json();
+    if let Some(map) = resolved.as_object_mut() {
+        map.insert(
+            "versions".into(),
+            serde_json::json!({ "celframe": env!("CARGO_PKG_VERSION"), "rustc_target": std::env::consts::ARCH }),
+        );
+    }
+    tree.write_config("pipeline_config.json", &resolved)?;
+    let loras: Vec<serde_json::Value> = config
+        .loras
+        .iter()
+        .map(|l| {
+            Ok(serde_json::json!({
+                "file": l.path.display().to_string(),
+                "sha256": sha256_file(&l.path)?,
+                "weight": l.weight,
+                "text_encoder_weight": l.text_encoder_weight.unwrap_or(l.weight),
+                "role": l.role,
+            }))
+        })
+        .collect::<Result<_>>()?;
+    tree.write_config("lora_versions.json", &serde_json::Value::Array(loras))?;
+    let nets = serde_json::to_value(&config.controlnets)
+        .map_err(|e| Error::Internal(format!("controlnet_config.json: {e}")))?;
+    tree.write_config("controlnet_config.json", &nets)?;
+    Ok(())
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| Error::Io { context: format!("hashing {}", path.display()), source: e })?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| Error::Io { context: format!("hashing {}", path.display()), source: e })?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A clip's geometry.
+#[derive(Clone, Copy)]
+struct Geometry {
+    frames: usize,
+    width: usize,
+    height: usize,
+    /// Latent height, width, channels.
+    h: usize,
+    w: usize,
+    c: usize,
+}
+
+impl Geometry {
+    fn frame_len(&self) -> usize {
+        self.h * self.w * self.c
+    }
+}
+
+/// The conditioning of a clip: the negative, and the prompt schedule's keys (frame, conditioning),
+/// all padded to one token count.
+struct ClipConditioning {
+    negative: Conditioning,
+    keys: Vec<(usize, Conditioning)>,
+    tokens: usize,
+    width: usize,
+    pooled: usize,
+}
+
+impl ClipConditioning {
+    fn encode(ex: &Exec, models: &Models, tokenizer: &Tokenizer, config: &RenderConfig, index: usize) -> Result<Self> {
+        let clip = &config.clips[index];
+        let text = &models.text;
+        let mut keys = Vec::new();
+        for key in clip.prompt_keys() {
+            let (cond, requests) = text.encode_prompt(ex, tokenizer, &key.prompt, false)?;
+            if !requests.is_empty() {
+                eprintln!(
+                    "clip {:03}: the prompt's <lora:...> tags are ignored; list LoRAs under [[loras]] in the config",
+                    index + 1
+                );
+            }
+            keys.push((key.frame, cond));
+        }
+        let negative = text.encode_negative(ex, tokenizer, &clip.negative, false)?;
+        let tokens = keys.iter().map(|(_, c)| c.context.shape()[1]).chain([negative.context.shape()[1]]).max();
+        let tokens = tokens.unwrap_or(0);
+        // A1111 pads the shorter of a prompt pair with chunks of the empty prompt.
+        let empty = text.encode_prompt(ex, tokenizer, "", false)?.0;
+        let pad = |c: Conditioning| pad_chunks(c, &empty, tokens);
+        let negative = pad(negative)?;
+        let keys = keys.into_iter().map(|(f, c)| Ok((f, pad(c)?))).collect::<Result<Vec<_>>>()?;
+        Ok(ClipConditioning { negative, keys, tokens, width: text.context_width(), pooled: text.pooled_width() })
+    }
+
+    /// The prompt schedule at `frame`: the two keys around it blended linearly (prompt travel).
+    fn at(&self, frame: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let after = self.keys.iter().position(|(f, _)| *f > frame);
+        let (a, b, t) = match after {
+            None | Some(0) => {
+                let k = if after == Some(0) { 0 } else { self.keys.len() - 1 };
+                (k, k, 0.0)
+            }
+            Some(j) => {
+                let (fa, fb) = (self.keys[j - 1].0, self.keys[j].0);
+                (j - 1, j, (frame - fa) as f32 / (fb - fa) as f32)
+            }
+        };
+        let lerp = |x: &Tensor, y: &Tensor| -> Result<Vec<f32>> {
+            let (x, y) = (x.to_f32_vec()?, y.to_f32_vec()?);
+            Ok(x.iter().zip(&y).map(|(p, q)| p + (q - p) * t).collect())
+        };
+        let (ka, kb) = (&self.keys[a].1, &self.keys[b].1);
+        Ok((lerp(&ka.context, &kb.context)?, lerp(&ka.text_embeds, &kb.text_embeds)?))
+    }
+}
+
+/// `c` with chunks of `empty` appended up to `tokens` tokens.
+fn pad_chunks(c: Conditioning, empty: &Conditioning, tokens: usize) -> Result<Conditioning> {
+    let have = c.context.shape()[1];
+    if have == tokens {
+        return Ok(c);
+    }
+    let width = c.context.shape()[2];
+    let mut values = c.context.to_f32_vec()?;
+    let chunk = empty.context.to_f32_vec()?;
+    while values.len() < tokens * width {
+        values.extend_from_slice(&chunk);
+    }
+    values.truncate(tokens * width);
+    Ok(Conditioning { context: Tensor::from_f32(&[1, tokens, width], DType::F32, &values)?, text_embeds: c.text_embeds })
+}
+
+/// One ControlNet's per-frame hints (prepared f32 [H, W, 3] in [0, 1]) and strengths for a clip.
+struct ClipControl {
+    hints: Vec<Option<std::sync::Arc<Vec<f32>>>>,
+    strengths: Vec<f32>,
+    scale: ControlScale,
+    start: f32,
+    end: f32,
+}
+
+impl ClipControl {
+    fn build(entry: &ControlNetEntry, g: Geometry) -> Result<ClipControl> {
+        let (width, height) = (g.width as u32, g.height as u32);
+        let images: Vec<RgbImage> = if entry.is_builtin_pose() {
+            let count = entry.keyframes.as_ref().map_or(5, |k| k.len()).max(1);
+            let poses = waving_figure(count.max(2), width, height)?;
+            poses.iter().take(count).map(|p| draw_pose(p, width, height)).collect::<Result<_>>()?
+        } else {
+            entry.image_files()?.iter().map(|p| load_image_png(p)).collect::<Result<_>>()?
+        };
+        let positions = entry.keyframe_positions(images.len());
+        let last = g.frames.saturating_sub(1) as f32;
+        let mut keyframes: Vec<usize> = positions.iter().map(|p| (p * last).round() as usize).collect();
+        keyframes.dedup();
+        if keyframes.len() != images.len() {
+            return Err(Error::Input(format!(
+                "controlnets ({}): {} images on {} distinct frames of a {}-frame clip: give fewer images or more frames",
+                entry.path.display(),
+                images.len(),
+                keyframes.len(),
+                g.frames
+            )));
+        }
+        let rule = match entry.interpolation.as_str() {
+            "hold" => Interpolation::Hold,
+            "linear" => Interpolation::Linear,
+            _ => Interpolation::OnlyKeyframes,
+        };
+        let schedule = KeyframeSchedule::new(g.frames, keyframes, vec![1.0; images.len()], rule)?;
+        let prepared: Vec<std::sync::Arc<Vec<f32>>> = images
+            .iter()
+            .map(|im| prepare_control_images(std::slice::from_ref(im), width, height).map(std::sync::Arc::new))
+            .collect::<Result<_>>()?;
+        let strengths = schedule.strengths();
+        let keys = schedule.keyframes().to_vec();
+        let hints = (0..g.frames)
+            .map(|f| {
+                (strengths[f] > 0.0).then(|| {
+                    let k = schedule.hint_keyframe(f);
+                    prepared[keys.iter().position(|&x| x == k).unwrap_or(0)].clone()
+                })
+            })
+            .collect();
+        Ok(ClipControl {
+            hints,
+            strengths,
+            scale: ControlScale { conditioning_scale: entry.scale, guess_mode: entry.guess_mode },
+            start: entry.start,
+            end: entry.end,
+        })
+    }
+
+    /// diffusers' `controlnet_keep`: the net runs at evaluation i of n unless i/n < start or
+    /// (i + 1)/n > end.
+    fn active_at(&self, i: usize, n: usize) -> bool {
+        !((i as f32 / n as f32) < self.start || ((i + 1) as f32 / n as f32) > self.end)
+    }
+}
+
+/// Where a clip's noise comes from.
+enum ClipNoise<'a> {
+    Generator { seed: u64, clip: u64 },
+    File(&'a weights::TensorFile),
+}
+
+impl ClipNoise<'_> {
+    /// Frame-major noise for `frames` frames: the initial latents (`step` None) or a sampler's
+    /// `step`-th draw.
+    fn draw(&self, g: Geometry, step: Option<usize>, freenoise: Option<&[usize]>) -> Result<Vec<f32>> {
+        let n = g.frames * g.frame_len();
+        match self {
+            ClipNoise::Generator { seed, clip } => {
+                let purpose = if step.is_some() { Purpose::StepNoise } else { Purpose::InitialLatents };
+                let stream = NoiseStream::new(*seed, stream_id(&[*clip, purpose as u64, step.unwrap_or(0) as u64]));
+                let mut out = vec![0f32; n];
+                let fl = g.frame_len();
+                for (f, chunk) in out.chunks_mut(fl).enumerate() {
+                    let source = freenoise.map_or(f, |s| s[f]);
+                    stream.fill_normal((source * fl) as u64, chunk);
+                }
+                Ok(out)
+            }
+            ClipNoise::File(file) => {
+                let name = step.map_or("latents".to_string(), |s| format!("step.{s}"));
+                if !file.contains(&name) {
+                    return Err(Error::Input(format!(
+                        "{}: no tensor '{name}' (the run draws it); a noise file holds latents and step.<i>",
+                        file.path().display()
+                    )));
+                }
+                let t = file.float(&name)?;
+                diffusers_to_frames(&t, g)
+                    .map_err(|e| Error::Input(format!("{}: '{name}': {e}", file.path().display())))
+            }
+        }
+    }
+}
+
+/// diffusers' latent layout ([1, C, F, h, w] for videos, [1, C, h, w] for images) -> frame-major
+/// NHWC.
+fn diffusers_to_frames(t: &Tensor, g: Geometry) -> Result<Vec<f32>> {
+    let want_video = [1, g.c, g.frames, g.h, g.w];
+    let want_image = [1, g.c, g.h, g.w];
+    if t.shape() != want_video && !(g.frames == 1 && t.shape() == want_image) {
+        return Err(Error::Input(format!("shape {:?}; this clip takes {want_video:?}", t.shape())));
+    }
+    let v = t.to_f32_vec()?;
+    let (c, f, h, w) = (g.c, g.frames, g.h, g.w);
+    let mut out = vec![0f32; v.len()];
+    for frame in 0..f {
+        for y in 0..h {
+            for x in 0..w {
+                for ch in 0..c {
+                    out[((frame * h + y) * w + x) * c + ch] = v[((ch * f + frame) * h + y) * w + x];
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn render_clip(
+    config: &RenderConfig,
+    options: &RenderOptions,
+    checkpoints: &Checkpoints,
+    models: &Models,
+    target: Target,
+    tree: &OutputTree,
+    index: usize,
+    noise_file: Option<&weights::TensorFile>,
+) -> Result<ClipOutcome> {
+    let number = index + 1;
+    let video = &config.video;
+    let factor = models.vae.config.upsample_factor();
+    let g = Geometry {
+        frames: config.clip_frames(index),
+        width: video.width,
+        height: video.height,
+        h: video.height / factor,
+        w: video.width / factor,
+        c: models.unet.config.in_channels,
+    };
+    if g.frames > 1 && models.motion.is_none() {
+        return Err(Error::Input(format!(
+            "clip {number:03}: {} frames need models.motion_adapter (without one, frames = 1)",
+            g.frames
+        )));
+    }
+    let mut times = StageTimes::default();
+    let t0 = Instant::now();
+    let cond = ClipConditioning::encode(&target.ex, models, &checkpoints.tokenizer, config, index)?;
+    times.text = t0.elapsed().as_secs_f64();
+
+    let controls = config.controlnets.iter().map(|e| ClipControl::build(e, g)).collect::<Result<Vec<_>>>()?;
+    let sampler_config = config.sampler.sampler_config()?;
+    let mut sampler = Sampler::new(&sampler_config)?;
+    let seed = config.clip_seed(index);
+    let noise = match noise_file {
+        Some(f) => ClipNoise::File(f),
+        None => ClipNoise::Generator { seed, clip: index as u64 },
+    };
+    let context = context_options(config)?;
+    let freenoise = (video.freenoise && g.frames > context.length && noise_file.is_none())
+        .then(|| freenoise_frame_sources(g.frames, context.length, context.length - context.overlap, seed))
+        .transpose()?;
+    let sigma = sampler.init_noise_sigma();
+    let mut x: Vec<f32> = noise.draw(g, None, freenoise.as_deref())?.into_iter().map(|v| v * sigma).collect();
+
+    let t1 = Instant::now();
+    let evaluations = sampler.evaluations();
+    let mut step_noise = |request: &NoiseRequest, out: &mut [f32]| -> Result<()> {
+        let values = noise.draw(g, Some(request.evaluation), None)?;
+        out.copy_from_slice(&values);
+        Ok(())
+    };
+    let mut cache = InputCache::default();
+    for i in 0..evaluations {
+        let timestep = sampler.timesteps()[sampler.position()];
+        let windows = if g.frames <= context.length { vec![(0..g.frames).collect()] } else { context.windows(g.frames, i as u64)? };
+        let mut fuser = Fuser::new(g.frames, g.frame_len())?;
+        let scale = sampler.model_input_scale(i)?;
+        for (wi, window) in windows.iter().enumerate() {
+            let latents: Vec<f32> = gather(window, &x, g.frame_len())?.into_iter().map(|v| v * scale).collect();
+            let step = Step { index: i, of: evaluations, window: wi, windows: windows.len(), timestep };
+            let guided =
+                denoise_window(config, models, target, &cond, &controls, g, window, &latents, step, &mut cache)?;
+            fuser.add(window, &context.fuse_weights(window, g.frames), &guided)?;
+        }
+        let model_output = fuser.finish()?;
+        let s = &mut step_noise as &mut dyn NoiseSource;
+        sampler.step(&model_output, &mut x, s)?;
+        eprintln!(
+            "clip {number:03}: step {}/{evaluations} ({} window{}) {:.2} it/s",
+            i + 1,
+            windows.len(),
+            if windows.len() == 1 { "" } else { "s" },
+            (i + 1) as f64 / t1.elapsed().as_secs_f64()
+        );
+    }
+    drop(cache);
+    times.denoise = t1.elapsed().as_secs_f64();
+
+    let t2 = Instant::now();
+    let latents = Tensor::from_f32(&[g.frames, g.h, g.w, g.c], DType::F32, &x)?;
+    let fps = Fps::whole(video.fps)?;
+    let mut clip_options = ClipOptions::new(g.width as u32, g.height as u32, fps);
+    clip_options.png_frames = config.output.png_frames;
+    clip_options.mp4 = config.output.mp4_choice()?;
+    clip_options.replace = config.output.replace;
+    let mut writer = tree.begin_clip(number as u32, &clip_options)?;
+    let mut kept = Vec::new();
+    // Whole frames, as diffusers' pipelines decode unless VAE tiling is enabled.
+    let decode = DecodeOptions { chunk_frames: video.vae_chunk_frames, tiling: None };
+    models.vae.decode_frames_each(&target.ex, &latents, &decode, |_, images| {
+        let values = images.to_f32_vec()?;
+        let per_frame = g.width * g.height * 3;
+        for frame in values.chunks(per_frame) {
+            let unit: Vec<f32> = frame.iter().map(|v| (v / 2.0 + 0.5).clamp(0.0, 1.0)).collect();
+            let bytes = unit.iter().map(|v| (v * 255.0).round() as u8).collect();
+            writer.push(RgbImage::new(g.width as u32, g.height as u32, bytes)?)?;
+            if options.keep_tensors {
+                kept.extend(unit);
+            }
+        }
+        Ok(())
+    })?;
+    let report = writer.finish()?;
+    times.decode_and_write = t2.elapsed().as_secs_f64();
+    let images = if options.keep_tensors {
+        Some(Tensor::from_f32(&[g.frames, g.height, g.width, 3], DType::F32, &kept)?)
+    } else {
+        None
+    };
+    Ok(ClipOutcome {
+        index,
+        skipped: false,
+        frames: g.frames,
+        times,
+        latents: options.keep_tensors.then_some(latents),
+        images,
+        mp4: report.mp4.map(|p| (p, report.encoder.map_or(String::new(), |e| e.to_string()))),
+    })
+}
+
+fn context_options(config: &RenderConfig) -> Result<ContextOptions> {
+    let v = &config.video;
+    let schedule = match v.context_schedule.as_str() {
+        "uniform_looped" => Schedule::UniformLooped,
+        "static_standard" => Schedule::StaticStandard,
+        "batched" => Schedule::Batched,
+        _ => Schedule::UniformStandard,
+    };
+    let fuse = match v.fuse.as_str() {
+        "flat" => Fuse::Flat,
+        "overlap_linear" => Fuse::OverlapLinear,
+        _ => Fuse::Pyramid,
+    };
+    if v.long_video == "chain" {
+        return Err(Error::Input(
+            "video.long_video = \"chain\": segment chaining is not built yet; \"windows\" (the default) is".into(),
+        ));
+    }
+    let options = ContextOptions {
+        length: v.context_length,
+        overlap: v.context_overlap,
+        schedule,
+        fuse,
+        ..ContextOptions::default()
+    };
+    options.validate()?;
+    Ok(options)
+}
+
+/// Which evaluation and window a model call serves (for errors and progress).
+#[derive(Clone, Copy)]
+struct Step {
+    index: usize,
+    of: usize,
+    window: usize,
+    windows: usize,
+    timestep: f32,
+}
+
+/// Model inputs that stay the same across steps for a window (text context, control images),
+/// kept on the device between steps. Cleared when it grows past a few windows.
+#[derive(Default)]
+struct InputCache {
+    entries: HashMap<(usize, Vec<usize>), Tensor>,
+}
+
+const CACHED_WINDOWS: usize = 24;
+
+impl InputCache {
+    fn get_or(&mut self, key: (usize, Vec<usize>), make: impl FnOnce() -> Result<Tensor>) -> Result<&Tensor> {
+        if !self.entries.contains_key(&key) && self.entries.len() >= CACHED_WINDOWS {
+            self.entries.clear();
+        }
+        if !self.entries.contains_key(&key) {
+            let t = make()?;
+            self.entries.insert(key.clone(), t);
+        }
+        Ok(&self.entries[&key])
+    }
+}
+
+/// The guided noise prediction for one window (frame-major f32, `window.len()` frames).
+#[allow(clippy::too_many_arguments)]
+fn denoise_window(
+    config: &RenderConfig,
+    models: &Models,
+    target: Target,
+    cond: &ClipConditioning,
+    controls: &[ClipControl],
+    g: Geometry,
+    window: &[usize],
+    latents: &[f32],
+    step: Step,
+    cache: &mut InputCache,
+) -> Result<Vec<f32>> {
+    let guidance = config.sampler.cfg;
+    let cfg = guidance > 1.0;
+    let videos = if cfg { 2 } else { 1 };
+    let frames = window.len();
+    let rows = videos * frames;
+    let ex = target.ex;
+    let dtype = target.dtype;
+
+    let mut sample = Vec::with_capacity(rows * g.frame_len());
+    for _ in 0..videos {
+        sample.extend_from_slice(latents);
+    }
+    let sample = target.tensor(&[rows, g.h, g.w, g.c], dtype, &sample)?;
+    let timestep = target.tensor(&[videos], DType::F32, &vec![step.timestep; videos])?;
+    let middle = window[frames / 2];
+    let (_, pooled) = cond.at(middle)?;
+    let mut text_embeds = Vec::new();
+    if cfg {
+        text_embeds.extend(cond.negative.text_embeds.to_f32_vec()?);
+    }
+    text_embeds.extend(pooled);
+    let text_embeds = target.tensor(&[videos, cond.pooled], dtype, &text_embeds)?;
+    let ids = time_ids((g.height, g.width), (0, 0), (g.height, g.width));
+    let time_ids = time_ids_tensor(&vec![ids; videos])?;
+    let time_ids = match ex {
+        Exec::Cpu => time_ids,
+        Exec::Cuda { gpu, scratch } => gpu.upload(scratch, &time_ids, DType::F32)?,
+    };
+    let context = cache.get_or((usize::MAX, window.to_vec()), || {
+        let mut values = Vec::with_capacity(rows * cond.tokens * cond.width);
+        if cfg {
+            let negative = cond.negative.context.to_f32_vec()?;
+            for _ in 0..frames {
+                values.extend_from_slice(&negative);
+            }
+        }
+        for &f in window {
+            values.extend(cond.at(f)?.0);
+        }
+        target.tensor(&[rows, cond.tokens, cond.width], dtype, &values)
+    })?;
+    let context = context.clone();
+    let inputs = UnetInputs {
+        sample: &sample,
+        timestep: &timestep,
+        encoder_hidden_states: &context,
+        text_embeds: Some(&text_embeds),
+        time_ids: Some(&time_ids),
+    };
+
+    let mut residuals: Option<UnetResiduals> = None;
+    for (n, (net, control)) in models.controlnets.iter().zip(controls).enumerate() {
+        if !control.active_at(step.index, step.of) || window.iter().all(|&f| control.strengths[f] == 0.0) {
+            continue;
+        }
+        let image_len = g.height * g.width * 3;
+        let hint = cache
+            .get_or((n, window.to_vec()), || {
+                let mut values = Vec::with_capacity(rows * image_len);
+                for _ in 0..videos {
+                    for &f in window {
+                        match &control.hints[f] {
+                            Some(h) => values.extend_from_slice(h),
+                            None => values.resize(values.len() + image_len, 0.0),
+                        }
+                    }
+                }
+                target.tensor(&[rows, g.height, g.width, 3], dtype, &values)
+            })?
+            .clone();
+        let mut r = net.forward_frames(&ex, &inputs, &hint, frames, control.scale)?;
+        // Per-row strength: the keyframe schedule's, and zero for the unconditional half in guess
+        // mode (diffusers runs a guess-mode ControlNet on the conditional half only).
+        let strengths: Vec<f32> = (0..videos)
+            .flat_map(|v| {
+                let zero = control.scale.guess_mode && cfg && v == 0;
+                window.iter().map(move |&f| if zero { 0.0 } else { control.strengths[f] })
+            })
+            .collect();
+        if strengths.iter().any(|&s| s != 1.0) {
+            let scale_rows = |t: Tensor| -> Result<Tensor> {
+                let c = *t.shape().last().unwrap_or(&1);
+                let b: Vec<f32> = strengths.iter().flat_map(|&s| std::iter::repeat_n(s, c)).collect();
+                mul(&ex, &t, &target.tensor(&[rows, c], dtype, &b)?)
+            };
+            r = UnetResiduals {
+                down: r.down.into_iter().map(scale_rows).collect::<Result<_>>()?,
+                mid: scale_rows(r.mid)?,
+            };
+        }
+        residuals = Some(match residuals {
+            None => r,
+            Some(sum) => UnetResiduals {
+                down: sum.down.iter().zip(&r.down).map(|(a, b)| add(&ex, a, b, 1.0)).collect::<Result<_>>()?,
+                mid: add(&ex, &sum.mid, &r.mid, 1.0)?,
+            },
+        });
+    }
+
+    let out = match &models.motion {
+        Some(motion) => {
+            let video = Frames { frames, group_norm_across_frames: config.video.group_norm_across_frames };
+            motion.forward_unet(&ex, &models.unet, &inputs, video, residuals.as_ref())?
+        }
+        None => models.unet.forward(&ex, &inputs, residuals.as_ref())?,
+    };
+    let out = target.host_f32(&out)?;
+    if let Some(bad) = out.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Input(format!(
+            "the UNet's output is not finite (value {bad} of {}) at step {}/{} (timestep {}), window {}/{}: a model or \
+             dtype that overflows (try dtype = \"bf16\" or \"f32\")",
+            out.len(),
+            step.index + 1,
+            step.of,
+            step.timestep,
+            step.window + 1,
+            step.windows
+        )));
+    }
+    if !cfg {
+        return Ok(out);
+    }
+    let half = frames * g.frame_len();
+    let mut guided = vec![0f32; half];
+    cfg_combine(&out[..half], &out[half..], guidance, &mut guided)?;
+    if config.sampler.cfg_rescale > 0.0 {
+        cfg_rescale(&mut guided, &out[half..], half, config.sampler.cfg_rescale)?;
+    }
+    Ok(guided)
+}

@@ -1,0 +1,154 @@
+//! `celframe render` end to end on the CPU twins against diffusers: the tiny SDXL-family models
+//! of tests/fixtures/pipeline_tiny with diffusers' own initial latents and per-step noise injected
+//! (tools/make_pipeline_fixtures.py: AnimateDiffSDXLPipeline for the videos, StableDiffusionXL-
+//! Pipeline for the image, the AnimateDiff steps with ControlNet residuals for the ControlNet
+//! case). The final latents and the frames must match; the outputs tree must be complete.
+
+#[path = "common/unet_fixtures.rs"]
+mod unet_fixtures;
+
+use std::path::Path;
+
+use celframe::pipeline::config::RenderConfig;
+use celframe::pipeline::{RenderOptions, render};
+use celframe::{Tensor, weights};
+use unet_fixtures::{TempDir, fixtures};
+
+/// Relative L2 error of `actual` against `expected`.
+fn rel_l2(actual: &[f32], expected: &[f32]) -> f64 {
+    assert_eq!(actual.len(), expected.len());
+    let (mut num, mut den) = (0f64, 0f64);
+    for (a, e) in actual.iter().zip(expected) {
+        num += ((a - e) as f64).powi(2);
+        den += (*e as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// diffusers' [1, C, F, h, w] (or [1, C, h, w]) -> frame-major NHWC values.
+fn frames_major(t: &Tensor) -> Vec<f32> {
+    let s = t.shape().to_vec();
+    let (c, f, h, w) = if s.len() == 5 { (s[1], s[2], s[3], s[4]) } else { (s[1], 1, s[2], s[3]) };
+    let v = t.to_f32_vec().unwrap();
+    let mut out = vec![0f32; v.len()];
+    for frame in 0..f {
+        for y in 0..h {
+            for x in 0..w {
+                for ch in 0..c {
+                    out[((frame * h + y) * w + x) * c + ch] = v[((ch * f + frame) * h + y) * w + x];
+                }
+            }
+        }
+    }
+    out
+}
+
+fn case_json(case: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixtures().join(format!("pipeline_tiny/{case}.json"))).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The render config that reproduces `case`, writing into `out`.
+fn config_for(case: &str, out: &Path, control_dir: Option<&Path>) -> RenderConfig {
+    let j = case_json(case);
+    let tiny = fixtures().join("pipeline_tiny");
+    let path = |p: &str| tiny.join(p).display().to_string();
+    let mut models = serde_json::json!({
+        "unet": path("unet"), "vae": path("../vae_tiny"), "text_encoder": path("../text_encoder_tiny"),
+        "text_encoder_2": path("../text_encoder_2_tiny"), "tokenizer": path("tokenizer"),
+    });
+    if j["models"]["motion_adapter"].is_string() {
+        models["motion_adapter"] = path("motion_adapter").into();
+    }
+    let mut config = serde_json::json!({
+        "dtype": "f32", "device": "cpu", "models": models,
+        "sampler": { "name": j["sampler"], "steps": j["steps"], "cfg": j["guidance"] },
+        "video": { "width": j["width"], "height": j["height"], "frames": j["frames"], "fps": 8 },
+        "output": { "root": out.display().to_string(), "mp4": "builtin" },
+        "clips": [{ "prompt": j["prompt"], "negative": j["negative"] }],
+    });
+    if let Some(dir) = control_dir {
+        config["controlnets"] = serde_json::json!([{
+            "path": path("controlnet"), "kind": "openpose", "images": dir.display().to_string(),
+            "scale": j["controlnet_scale"], "interpolation": "hold",
+        }]);
+    }
+    let file = out.with_extension("json");
+    std::fs::write(&file, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    RenderConfig::load(&file).unwrap()
+}
+
+/// The control images of a case as PNGs (whole 8-bit levels, so the round trip is exact).
+fn write_control_pngs(case: &str, dir: &Path) {
+    let noise = weights::open(&fixtures().join(format!("pipeline_tiny/{case}.noise.safetensors")), "noise").unwrap();
+    let control = noise.float("control").unwrap();
+    let &[f, h, w, _] = control.shape() else { panic!("control shape") };
+    let v = control.to_f32_vec().unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    for frame in 0..f {
+        let bytes: Vec<u8> =
+            v[frame * h * w * 3..(frame + 1) * h * w * 3].iter().map(|x| (x * 255.0).round() as u8).collect();
+        let image = celframe::output::RgbImage::new(w as u32, h as u32, bytes).unwrap();
+        celframe::output::write_png(&dir.join(format!("{frame:03}.png")), &image).unwrap();
+    }
+}
+
+/// Renders `case` and checks it against diffusers: latents and frames within `tolerance` (rel L2).
+fn check(case: &str, tolerance: f64) {
+    let dir = TempDir::new(&format!("render-{case}"));
+    let control = case.starts_with("controlnet").then(|| dir.path("control"));
+    if let Some(c) = &control {
+        write_control_pngs(case, c);
+    }
+    let out = dir.path("outputs");
+    let config = config_for(case, &out, control.as_deref());
+    let noise = fixtures().join(format!("pipeline_tiny/{case}.noise.safetensors"));
+    let options = RenderOptions { noise: Some(noise), timings: false, keep_tensors: true };
+    let report = render(&config, &options).unwrap();
+    let clip = &report.clips[0];
+    let reference =
+        weights::open(&fixtures().join(format!("pipeline_tiny/{case}.reference.safetensors")), "reference").unwrap();
+    let latents = clip.latents.as_ref().unwrap().to_f32_vec().unwrap();
+    let want = frames_major(&reference.float("latents").unwrap());
+    let e_latents = rel_l2(&latents, &want);
+    let frames = clip.images.as_ref().unwrap().to_f32_vec().unwrap();
+    let e_frames = rel_l2(&frames, &reference.float("frames").unwrap().to_f32_vec().unwrap());
+    eprintln!("{case}: latents rel L2 {e_latents:.2e}, frames rel L2 {e_frames:.2e}");
+    assert!(e_latents <= tolerance, "{case}: latents rel L2 {e_latents:.3e} > {tolerance:e}");
+    assert!(e_frames <= tolerance, "{case}: frames rel L2 {e_frames:.3e} > {tolerance:e}");
+    // The outputs tree: every frame as a PNG, the mp4, the configs.
+    let clip_dir = out.join("video/clip_001");
+    let pngs = std::fs::read_dir(clip_dir.join("frames")).unwrap().count();
+    assert_eq!(pngs, clip.frames, "{case}: PNG frames");
+    assert!(clip_dir.join("clip_001.mp4").is_file(), "{case}: mp4");
+    for name in ["pipeline_config.json", "lora_versions.json", "controlnet_config.json"] {
+        assert!(out.join("configs").join(name).is_file(), "{case}: configs/{name}");
+    }
+    assert!(std::fs::read_dir(out.join("images")).unwrap().count() == 1, "{case}: prompt grid");
+    // A rerun skips the complete clip.
+    let again = render(&config, &RenderOptions::default()).unwrap();
+    assert!(again.clips[0].skipped, "{case}: a complete clip is rendered again");
+}
+
+/// float32 CPU twins against diffusers float32: what is left is summation order.
+const TOL: f64 = 1e-4;
+
+#[test]
+fn lcm_video_matches_animatediff_sdxl() {
+    check("lcm_video", TOL);
+}
+
+#[test]
+fn euler_video_with_negative_prompt_matches() {
+    check("euler_video", TOL);
+}
+
+#[test]
+fn lcm_image_matches_stable_diffusion_xl() {
+    check("lcm_image", TOL);
+}
+
+#[test]
+fn controlnet_video_matches() {
+    check("controlnet_video", TOL);
+}

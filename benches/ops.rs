@@ -246,7 +246,7 @@ impl MergeSet {
             .zip(LORA_TERMS)
             .map(|((up, down), (_, scale))| DeltaTerm { factors: DeltaFactors::LowRank { up, down }, scale })
             .collect();
-        LayerDelta { weight: &self.w, terms }
+        LayerDelta { weight: &self.w, terms, base: None }
     }
 
     /// W = W + Ucat · Dcat through cuBLASLt (beta = 1, C = D = W): the same update as one GEMM.

@@ -60,7 +60,7 @@ impl Layer {
                 scale: *scale,
             })
             .collect();
-        LayerDelta { weight: &self.weight, terms }
+        LayerDelta { weight: &self.weight, terms, base: None }
     }
 
     /// The same layer with every tensor passed through `f` (an upload, a conversion), the weight
@@ -320,6 +320,38 @@ fn integer_valued_merges_match_the_twin_bit_for_bit() {
         }
         rig.check_sentinels("integer merge", &sentinels);
         println!("GPUCHECK lora_merge integer-valued {} layers {dtype:?}: bit-exact, addresses kept", host.len());
+        rig.scratch.reset();
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn a_merge_from_base_copies_ignores_what_the_weights_held() {
+    // A LoRA switch merges the next set reading base values from copies: the weights' own values
+    // (here a poison pattern, standing for the previous set's merge) must not leak in.
+    let rig = Rig::new();
+    for dtype in [DType::F16, DType::BF16] {
+        let host = integer_layers(dtype);
+        let (device, sentinels) = rig.upload_layers(&host);
+        let copies: Vec<Tensor> = host.iter().map(|l| rig.upload(&l.weight)).collect();
+        for d in &device {
+            let poison = vec![-7.25f32; d.weight.numel()];
+            let p = Tensor::from_f32(d.weight.shape(), dtype, &poison).unwrap();
+            let celframe::tensor::Storage::Device(mem) = d.weight.storage() else { panic!("device weight") };
+            rig.gpu.upload_into(mem, &p, dtype).unwrap();
+        }
+        let layers: Vec<LayerDelta> =
+            device.iter().zip(&copies).map(|(d, c)| LayerDelta { base: Some(c), ..d.delta() }).collect();
+        merge_deltas(&rig.exec(), &layers).unwrap();
+        let expected = merged_host(&deltas(&host)).unwrap();
+        for (i, ((d, e), c)) in device.iter().zip(&expected).zip(&copies).enumerate() {
+            let got = rig.gpu.download(&d.weight).unwrap();
+            assert_eq!(got.host_bytes().unwrap(), e.host_bytes().unwrap(), "{dtype:?} layer {i}: merged from the copy");
+            let copy = rig.gpu.download(c).unwrap();
+            assert_eq!(copy.host_bytes().unwrap(), host[i].weight.host_bytes().unwrap(), "layer {i}: the copy changed");
+        }
+        rig.check_sentinels("merge from copies", &sentinels);
+        println!("GPUCHECK lora_merge from base copies {} layers {dtype:?}: bit-exact", host.len());
         rig.scratch.reset();
     }
 }

@@ -249,10 +249,13 @@ typedef struct LoraTerm {
     int32_t kron_kernel;  // KRONECKER: kernel positions (kh·kw; 1 for a Linear)
 } LoraTerm;
 
-// One weight of the table (32 bytes, no padding). Its tiles are blocks first_tile ..
+// One weight of the table (40 bytes, no padding). Its tiles are blocks first_tile ..
 // first_tile + ceil(rows / LORA_TILE_M) · col_tiles - 1 of the launch, row of tiles by row of tiles.
+// W = base + Σ: `base` is `w` for a merge in place, or a copy of W's base values, so that switching
+// LoRA sets restores and merges in one pass.
 typedef struct LoraLayer {
     void* w;
+    const void* base;
     int32_t rows;
     int32_t cols;
     int32_t col_tiles;   // ceil(cols / LORA_TILE_N)

@@ -1,6 +1,7 @@
-// LoRA-delta merge: for every layer of a table, W += Σ_t scale_t ΔW_t in place, each ΔW_t rebuilt
-// from its factors (params.h, LoraTermKind), summed in fp32 and rounded once to W's dtype; W is
-// read once and written once however many terms a layer has.
+// LoRA-delta merge: for every layer of a table, W = base + Σ_t scale_t ΔW_t (base is W itself for
+// a merge in place, or a copy of W's base values when switching sets), each ΔW_t rebuilt from its
+// factors (params.h, LoraTermKind), summed in fp32 and rounded once to W's dtype; base is read once
+// and W written once however many terms a layer has.
 //
 // One block per LORA_TILE_M x LORA_TILE_N tile of one layer; a launch covers a whole table of
 // layers: each warp finds its block's layer by a 32-way search over the layers' first tiles.
@@ -15,7 +16,7 @@
 // The scale multiplies the fp32 product, not a factor: a factor scaled before the product would be
 // rounded to f16 / bf16 once more, and a small scale times small up weights lands in f16's
 // subnormals.
-// Epilogue: coalesced 16-byte passes over the tile: W (read here only; its lines were prefetched
+// Epilogue: coalesced 16-byte passes over the tile: base (read here only; its lines were prefetched
 // to L2 when the tile started) + the sum + the element-wise terms (full ΔW; Kronecker products
 // computed per element), rounded once and stored.
 #include "common.cuh"
@@ -194,9 +195,10 @@ template <typename T, bool HADAMARD> __device__ void lora_merge(const LoraMergeP
     const int local = tile - layer.first_tile;
     const int m0 = (local / layer.col_tiles) * LORA_TILE_M, n0 = (local % layer.col_tiles) * LORA_TILE_N;
     T* w = static_cast<T*>(layer.w);
+    const T* base = static_cast<const T*>(layer.base);
     {
         const int r = threadIdx.x / (LORA_TILE_N / 64), c = n0 + (threadIdx.x % (LORA_TILE_N / 64)) * 64;
-        if (m0 + r < rows && c < cols) asm volatile("prefetch.global.L2 [%0];" ::"l"(w + (int64_t)(m0 + r) * cols + c));
+        if (m0 + r < rows && c < cols) asm volatile("prefetch.global.L2 [%0];" ::"l"(base + (int64_t)(m0 + r) * cols + c));
     }
     const LoraTerm* terms = p.terms;
     const int first = layer.first_term, end = first + layer.term_count;
@@ -276,13 +278,13 @@ template <typename T, bool HADAMARD> __device__ void lora_merge(const LoraMergeP
 
     // 4. W + sum + element-wise terms, rounded once: 16-byte pieces, a warp covers two tile rows.
     //    Every W load is issued before the first store.
-    const bool vec = cols % 8 == 0 && aligned16(w);
+    const bool vec = cols % 8 == 0 && aligned16(w) && aligned16(base);
     Vec8<T> wv[EPILOGUE_PASSES];
 #pragma unroll
     for (int pass = 0; pass < EPILOGUE_PASSES; ++pass) {
         const int piece = threadIdx.x + pass * LORA_THREADS;
         const int r = piece / (LORA_TILE_N / 8), c = (piece % (LORA_TILE_N / 8)) * 8;
-        if (vec && m0 + r < rows && n0 + c < cols) wv[pass] = load8<T>(w + (int64_t)(m0 + r) * cols + n0 + c);
+        if (vec && m0 + r < rows && n0 + c < cols) wv[pass] = load8<T>(base + (int64_t)(m0 + r) * cols + n0 + c);
     }
 #pragma unroll
     for (int pass = 0; pass < EPILOGUE_PASSES; ++pass) {
@@ -302,7 +304,8 @@ template <typename T, bool HADAMARD> __device__ void lora_merge(const LoraMergeP
             for (int j = 0; j < 8; ++j) v[j] += x[j];
             store8<T>(out, v);
         } else {
-            for (int j = 0; j < 8 && col + j < cols; ++j) out[j] = from_f32<T>(to_f32(out[j]) + v[j]);
+            const T* in = base + (int64_t)row * cols + col;
+            for (int j = 0; j < 8 && col + j < cols; ++j) out[j] = from_f32<T>(to_f32(in[j]) + v[j]);
         }
     }
 }

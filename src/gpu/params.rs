@@ -582,6 +582,7 @@ impl Default for LoraTerm {
 #[derive(Debug, Copy, Clone)]
 pub struct LoraLayer {
     pub w: *mut ::std::os::raw::c_void,
+    pub base: *const ::std::os::raw::c_void,
     pub rows: i32,
     pub cols: i32,
     pub col_tiles: i32,
@@ -591,15 +592,16 @@ pub struct LoraLayer {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LoraLayer"][::std::mem::size_of::<LoraLayer>() - 32usize];
+    ["Size of LoraLayer"][::std::mem::size_of::<LoraLayer>() - 40usize];
     ["Alignment of LoraLayer"][::std::mem::align_of::<LoraLayer>() - 8usize];
     ["Offset of field: LoraLayer::w"][::std::mem::offset_of!(LoraLayer, w) - 0usize];
-    ["Offset of field: LoraLayer::rows"][::std::mem::offset_of!(LoraLayer, rows) - 8usize];
-    ["Offset of field: LoraLayer::cols"][::std::mem::offset_of!(LoraLayer, cols) - 12usize];
-    ["Offset of field: LoraLayer::col_tiles"][::std::mem::offset_of!(LoraLayer, col_tiles) - 16usize];
-    ["Offset of field: LoraLayer::first_tile"][::std::mem::offset_of!(LoraLayer, first_tile) - 20usize];
-    ["Offset of field: LoraLayer::first_term"][::std::mem::offset_of!(LoraLayer, first_term) - 24usize];
-    ["Offset of field: LoraLayer::term_count"][::std::mem::offset_of!(LoraLayer, term_count) - 28usize];
+    ["Offset of field: LoraLayer::base"][::std::mem::offset_of!(LoraLayer, base) - 8usize];
+    ["Offset of field: LoraLayer::rows"][::std::mem::offset_of!(LoraLayer, rows) - 16usize];
+    ["Offset of field: LoraLayer::cols"][::std::mem::offset_of!(LoraLayer, cols) - 20usize];
+    ["Offset of field: LoraLayer::col_tiles"][::std::mem::offset_of!(LoraLayer, col_tiles) - 24usize];
+    ["Offset of field: LoraLayer::first_tile"][::std::mem::offset_of!(LoraLayer, first_tile) - 28usize];
+    ["Offset of field: LoraLayer::first_term"][::std::mem::offset_of!(LoraLayer, first_term) - 32usize];
+    ["Offset of field: LoraLayer::term_count"][::std::mem::offset_of!(LoraLayer, term_count) - 36usize];
 };
 impl Default for LoraLayer {
     fn default() -> Self {

@@ -56,6 +56,10 @@ pub struct DeltaTerm<'t> {
 pub struct LayerDelta<'t> {
     pub weight: &'t Tensor,
     pub terms: Vec<DeltaTerm<'t>>,
+    /// Where the base values are read from: None for `weight` itself (a merge in place), or a copy
+    /// of the weight's base values (same shape and dtype), so a LoRA switch restores and merges in
+    /// one pass.
+    pub base: Option<&'t Tensor>,
 }
 
 const OP: &str = "merge_deltas";
@@ -127,6 +131,11 @@ fn check_layer(layer: &LayerDelta, on_device: bool) -> std::result::Result<(usiz
         ));
     }
     let (rows, cols) = matrix(w).ok_or("the weight is a scalar")?;
+    if let Some(b) = layer.base
+        && (b.shape() != w.shape() || b.dtype() != w.dtype() || b.is_device() != w.is_device())
+    {
+        return Err(format!("its base copy {b:?} is not the weight's shape, dtype and place ({w:?})"));
+    }
     for (t, term) in layer.terms.iter().enumerate() {
         let why = |msg: String| format!("term {t} ({}): {msg}", term.factors.name());
         if !term.scale.is_finite() {
@@ -206,7 +215,8 @@ fn check_layers(layers: &[LayerDelta], on_device: bool) -> Result<Vec<(usize, us
     }
 }
 
-/// W += Σ scale·ΔW for every layer, in place (device weights keep their addresses). The weights
+/// W = base + Σ scale·ΔW for every layer (base: W itself unless the layer names a copy), written
+/// in place (device weights keep their addresses). The weights
 /// must be distinct; an empty list is a no-op. Host weights: see `merged_host`.
 pub fn merge_deltas(ex: &Exec, layers: &[LayerDelta]) -> Result<()> {
     if layers.is_empty() {
@@ -283,6 +293,7 @@ fn launch<'a, 't: 'a>(
         let col_tiles = cols.div_ceil(LORA_TILE_N as usize);
         table.push(LoraLayer {
             w: layer.weight.device_ptr()? as *mut c_void,
+            base: layer.base.unwrap_or(layer.weight).device_ptr()? as *const c_void,
             rows: kernel_i32(OP, "weight rows", rows)?,
             cols: kernel_i32(OP, "weight columns", cols)?,
             col_tiles: col_tiles as i32,
@@ -334,7 +345,7 @@ fn descriptor(term: &DeltaTerm) -> Result<LoraTerm> {
 
 // params.h lays both descriptors out without padding (pointers first, then 4-byte fields filling
 // whole 8-byte words), so their bytes are all initialised and the table goes up as plain bytes.
-const _: () = assert!(std::mem::size_of::<LoraLayer>() == 8 + 6 * 4);
+const _: () = assert!(std::mem::size_of::<LoraLayer>() == 2 * 8 + 6 * 4);
 const _: () = assert!(std::mem::size_of::<LoraTerm>() == 4 * 8 + 8 * 4);
 
 /// The layer table followed by the term table.
@@ -371,8 +382,9 @@ fn widen(t: &Tensor) -> Result<Vec<f64>> {
 
 fn merged_layer(layer: &LayerDelta, rows: usize, cols: usize) -> Result<Tensor> {
     let dtype = layer.weight.dtype();
+    let base = layer.base.unwrap_or(layer.weight);
     if layer.terms.is_empty() || rows * cols == 0 {
-        return Ok(layer.weight.clone());
+        return Ok(base.clone());
     }
     let pair =
         |a: &Tensor, b: &Tensor| -> Result<(Vec<f64>, Vec<f64>, usize)> { Ok((widen(a)?, widen(b)?, b.shape()[0])) };
@@ -399,7 +411,7 @@ fn merged_layer(layer: &LayerDelta, rows: usize, cols: usize) -> Result<Tensor> 
             ))
         })
         .collect::<Result<Vec<_>>>()?;
-    let w = layer.weight.to_f32_vec()?;
+    let w = base.to_f32_vec()?;
     let mut out = vec![0f32; rows * cols];
     par_rows(&mut out, cols, |first, chunk| {
         let (mut sum, mut p1, mut p2) = (vec![0f64; cols], vec![0f64; cols], vec![0f64; cols]);
@@ -542,7 +554,7 @@ mod tests {
             DeltaFactors::Full { delta: &full_k },
         ];
         let terms = factors.iter().zip(scales).map(|(&factors, scale)| DeltaTerm { factors, scale }).collect();
-        let merged = merged_host(&[LayerDelta { weight: &w, terms }]).unwrap();
+        let merged = merged_host(&[LayerDelta { weight: &w, terms, base: None }]).unwrap();
         let expected: Vec<f32> = expected.iter().map(|&v| round_once(dtype, v)).collect();
         assert_eq!(merged[0].shape(), w.shape());
         assert_eq!(merged[0].to_f32_vec().unwrap(), expected, "{out}x{inner} kernel {kh}x{kw} {dtype:?}");
@@ -562,7 +574,7 @@ mod tests {
         // together are over it, so the sum rounds up to 1 + 2^-10 only if it is rounded once.
         let one = Tensor::from_f32(&[1, 1], DType::F16, &[1.0]).unwrap();
         let term = DeltaTerm { factors: DeltaFactors::LowRank { up: &one, down: &one }, scale: 0.75 / 2048.0 };
-        let merged = merged_host(&[LayerDelta { weight: &one, terms: vec![term, term] }]).unwrap();
+        let merged = merged_host(&[LayerDelta { weight: &one, terms: vec![term, term], base: None }]).unwrap();
         assert_eq!(merged[0].to_f32_vec().unwrap(), vec![1.0 + 1.0 / 1024.0]);
     }
 
@@ -574,10 +586,22 @@ mod tests {
         let (w1, w2) = (t(&[2, 3], 6, DType::F16), t(&[4, 2, 1], 7, DType::F16));
         let term = |factors| DeltaTerm { factors, scale: 1.0 };
         let layers = [
-            LayerDelta { weight: &w, terms: vec![term(DeltaFactors::LowRank { up: &up, down: &down })] },
-            LayerDelta { weight: &w, terms: vec![term(DeltaFactors::LowRank { up: &up, down: &bad_down })] },
-            LayerDelta { weight: &w, terms: vec![term(DeltaFactors::LowRank { up: &up, down: &down_f32 })] },
-            LayerDelta { weight: &w, terms: vec![term(DeltaFactors::Kronecker { w1: &w1, w2: &w2, kernel: 2 })] },
+            LayerDelta { weight: &w, terms: vec![term(DeltaFactors::LowRank { up: &up, down: &down })], base: None },
+            LayerDelta {
+                weight: &w,
+                terms: vec![term(DeltaFactors::LowRank { up: &up, down: &bad_down })],
+                base: None,
+            },
+            LayerDelta {
+                weight: &w,
+                terms: vec![term(DeltaFactors::LowRank { up: &up, down: &down_f32 })],
+                base: None,
+            },
+            LayerDelta {
+                weight: &w,
+                terms: vec![term(DeltaFactors::Kronecker { w1: &w1, w2: &w2, kernel: 2 })],
+                base: None,
+            },
         ];
         let Err(Error::Input(m)) = merged_host(&layers) else { panic!("bad layers accepted") };
         assert!(m.contains("3 of 4 layers"), "{m}");
@@ -589,7 +613,11 @@ mod tests {
         assert!(m.contains("layer 3") && m.contains("w1 [2, 3] ⊗ w2 [4, 2, 1] with kernel 2"), "{m}");
         assert!(!m.contains("layer 0"), "{m}");
         // The same LoKr with kernel 1 fits.
-        let ok = LayerDelta { weight: &w, terms: vec![term(DeltaFactors::Kronecker { w1: &w1, w2: &w2, kernel: 1 })] };
+        let ok = LayerDelta {
+            weight: &w,
+            terms: vec![term(DeltaFactors::Kronecker { w1: &w1, w2: &w2, kernel: 1 })],
+            base: None,
+        };
         merged_host(&[ok]).unwrap();
     }
 
@@ -598,7 +626,7 @@ mod tests {
         merge_deltas(&Exec::Cpu, &[]).unwrap();
         assert!(merged_host(&[]).unwrap().is_empty());
         let w = t(&[2, 2], 1, DType::F16);
-        let layer = LayerDelta { weight: &w, terms: vec![] };
+        let layer = LayerDelta { weight: &w, terms: vec![], base: None };
         let Err(Error::Internal(m)) = merge_deltas(&Exec::Cpu, std::slice::from_ref(&layer)) else { panic!() };
         assert!(m.contains("merged_host"), "{m}");
         // A layer without terms comes back as it was.

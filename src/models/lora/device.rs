@@ -144,6 +144,12 @@ impl DeviceLoraSet {
 
     /// Adds the set's deltas into `weights` in place (queued on the stream).
     pub fn merge_into(&self, ex: &Exec, weights: &ModelWeights) -> Result<()> {
+        self.merge_from(ex, weights, &HashMap::new())
+    }
+
+    /// `merge_into` reading each weight's base values from `base` where it holds a copy (a switch
+    /// restores and merges in one pass), else from the weight itself.
+    fn merge_from(&self, ex: &Exec, weights: &ModelWeights, base: &HashMap<String, Tensor>) -> Result<()> {
         let layers = self
             .layers
             .iter()
@@ -165,7 +171,7 @@ impl DeviceLoraSet {
                         scale: *scale,
                     })
                     .collect();
-                Ok(LayerDelta { weight, terms })
+                Ok(LayerDelta { weight, terms, base: base.get(name.as_str()) })
             })
             .collect::<Result<Vec<_>>>()?;
         merge_deltas(ex, &layers)
@@ -297,8 +303,14 @@ impl LoraSwitcher {
                 self.arenas.push(arena);
             }
         }
-        // 2. the current set's weights back to base
+        // 2. the current set's weights back to base; with copies, only those the new set leaves
+        // alone: the merge below reads the others' base values from their copies
+        let copies_merge = self.restore == Restore::Copy && set.is_some();
+        let next: std::collections::HashSet<&str> = set.map(|s| s.names().collect()).unwrap_or_default();
         for name in std::mem::take(&mut self.merged) {
+            if copies_merge && next.contains(name.as_str()) {
+                continue;
+            }
             let w = weight(&name)?;
             match self.restore {
                 Restore::Copy => {
@@ -322,7 +334,8 @@ impl LoraSwitcher {
         }
         // 3. the new set
         if let Some(set) = set {
-            set.merge_into(ex, weights)?;
+            let no_copies = HashMap::new();
+            set.merge_from(ex, weights, if copies_merge { &self.base } else { &no_copies })?;
             self.merged = set.names().map(str::to_string).collect();
         }
         Ok(())

@@ -23,7 +23,8 @@ use crate::control::keyframes::{Interpolation, KeyframeSchedule};
 use crate::control::pose::draw_pose;
 use crate::control::prepare::prepare_control_images;
 use crate::error::{Error, Result};
-use crate::gpu::{Arena, Gpu};
+use crate::gpu::profile::format_rows;
+use crate::gpu::{Arena, Gpu, nvtx};
 use crate::models::clip::conditioning::{Conditioning, SdxlTextEncoders, time_ids, time_ids_tensor};
 use crate::models::clip::{ClipCheckpoint, ClipTextModel, TextEncoderKind, open_text_encoder};
 use crate::models::controlnet::{ControlNet, ControlNetCheckpoint, ControlScale, open_controlnet};
@@ -228,6 +229,9 @@ pub fn render(config: &RenderConfig, options: &RenderOptions) -> Result<RenderRe
     let tree = OutputTree::open(&config.output.root)?;
     match device {
         Device::Cpu => {
+            if options.timings {
+                eprintln!("--timings: the GPU time table needs CUDA; the CPU run reports stage times only");
+            }
             let models = Models::new(&checkpoints, Place::Host(dtype))?;
             summary.push(format!("loaded the models on the CPU twins in {:.1} s", started.elapsed().as_secs_f64()));
             let target = Target { ex: Exec::Cpu, dtype };
@@ -250,7 +254,15 @@ pub fn render(config: &RenderConfig, options: &RenderOptions) -> Result<RenderRe
                 weights.used() as f64 / GIB
             ));
             let target = Target { ex: Exec::Cuda { gpu: &gpu, scratch: &scratch }, dtype };
-            let mut report = render_clips(config, options, &checkpoints, &models, target, &tree, summary)?;
+            if options.timings {
+                gpu.start_profile();
+            }
+            let rendered = render_clips(config, options, &checkpoints, &models, target, &tree, summary);
+            let table = if options.timings { Some(format_rows(&gpu.finish_profile()?)?) } else { None };
+            let mut report = rendered?;
+            if let Some(table) = table {
+                report.summary.push(format!("GPU time by model part and kind of pass (CUDA events):\n{table}"));
+            }
             report.summary.push(format!(
                 "peak GPU memory: {:.2} GiB (weights {:.2} GiB + activations {:.2} GiB)",
                 (weights.used() + scratch.peak()) as f64 / GIB,
@@ -363,7 +375,8 @@ fn sha256_file(path: &Path) -> Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).map_err(|e| Error::Io { context: format!("hashing {}", path.display()), source: e })?;
+        let n =
+            file.read(&mut buf).map_err(|e| Error::Io { context: format!("hashing {}", path.display()), source: e })?;
         if n == 0 {
             break;
         }
@@ -461,7 +474,10 @@ fn pad_chunks(c: Conditioning, empty: &Conditioning, tokens: usize) -> Result<Co
         values.extend_from_slice(&chunk);
     }
     values.truncate(tokens * width);
-    Ok(Conditioning { context: Tensor::from_f32(&[1, tokens, width], DType::F32, &values)?, text_embeds: c.text_embeds })
+    Ok(Conditioning {
+        context: Tensor::from_f32(&[1, tokens, width], DType::F32, &values)?,
+        text_embeds: c.text_embeds,
+    })
 }
 
 /// One ControlNet's per-frame hints (prepared f32 [H, W, 3] in [0, 1]) and strengths for a clip.
@@ -624,7 +640,9 @@ fn render_clip(
     }
     let mut times = StageTimes::default();
     let t0 = Instant::now();
+    let text_range = nvtx::range(&format!("clip {number} text"));
     let cond = ClipConditioning::encode(&target.ex, models, &checkpoints.tokenizer, config, index)?;
+    drop(text_range);
     times.text = t0.elapsed().as_secs_f64();
 
     let controls = config.controlnets.iter().map(|e| ClipControl::build(e, g)).collect::<Result<Vec<_>>>()?;
@@ -651,11 +669,18 @@ fn render_clip(
     };
     let mut cache = InputCache::default();
     for i in 0..evaluations {
+        let _step_range = nvtx::range(&format!("clip {number} step {}", i + 1));
         let timestep = sampler.timesteps()[sampler.position()];
-        let windows = if g.frames <= context.length { vec![(0..g.frames).collect()] } else { context.windows(g.frames, i as u64)? };
+        let windows = if g.frames <= context.length {
+            vec![(0..g.frames).collect()]
+        } else {
+            context.windows(g.frames, i as u64)?
+        };
         let mut fuser = Fuser::new(g.frames, g.frame_len())?;
         let scale = sampler.model_input_scale(i)?;
         for (wi, window) in windows.iter().enumerate() {
+            let _window_range =
+                nvtx::range(&format!("window {} frames {}..={}", wi + 1, window[0], window[window.len() - 1]));
             let latents: Vec<f32> = gather(window, &x, g.frame_len())?.into_iter().map(|v| v * scale).collect();
             let step = Step { index: i, of: evaluations, window: wi, windows: windows.len(), timestep };
             let guided =
@@ -677,6 +702,7 @@ fn render_clip(
     times.denoise = t1.elapsed().as_secs_f64();
 
     let t2 = Instant::now();
+    let _decode_range = nvtx::range(&format!("clip {number} decode and write"));
     let latents = Tensor::from_f32(&[g.frames, g.h, g.w, g.c], DType::F32, &x)?;
     let fps = Fps::whole(video.fps)?;
     let mut clip_options = ClipOptions::new(g.width as u32, g.height as u32, fps);

@@ -141,15 +141,22 @@ def make_full_weights(s, args):
 
 
 def make_tiny_loras(s):
-    """A style LoRA (transformer linears) and an LCM-LoRA-shaped one for the tiny UNet, kohya
-    names with diffusers module paths (as tools/lora_gpu.py's lcm file)."""
+    """A style LoRA (transformer linears, and both text encoders' as the seed's style files have)
+    and an LCM-LoRA-shaped one (no text encoder) for the tiny models; kohya names with diffusers
+    module paths, as tools/lora_gpu.py's lcm file."""
+    from lora_gpu import TEXT_LINEARS
     from make_lora_fixtures import LCM_KINDS, TRANSFORMER_LINEARS, ends_with_any, kohya_file
     from safetensors.torch import load_file, save_file
 
     unet_sd = load_file(os.path.join(s.unet, "diffusion_pytorch_model.safetensors"))
     g = torch.Generator().manual_seed(21)
-    for (path, _, _), kinds in zip(s.loras, (TRANSFORMER_LINEARS, LCM_KINDS)):
-        sd = kohya_file(unet_sd, ends_with_any(kinds), lambda m: m, "lora_unet_", 2, g)
+    style = kohya_file(unet_sd, ends_with_any(TRANSFORMER_LINEARS), lambda m: m, "lora_unet_", 2, g)
+    for folder, prefix in zip(s.text_encoders, ("lora_te1_", "lora_te2_")):
+        text_sd = load_file(os.path.join(folder, "model.safetensors"))
+        text_sd = {f"text_model.{k.removeprefix('text_model.')}": v for k, v in text_sd.items()}
+        style.update(kohya_file(text_sd, ends_with_any(TEXT_LINEARS), lambda m: m, prefix, 2, g))
+    lcm = kohya_file(unet_sd, ends_with_any(LCM_KINDS), lambda m: m, "lora_unet_", 2, g)
+    for (path, _, _), sd in zip(s.loras, (style, lcm)):
         save_file({k: v.contiguous() for k, v in sd.items()}, path)
 
 
@@ -273,6 +280,12 @@ def run_celframe(s, args):
     record = {"side": "celframe", "workload": workload, "run": args.run, "exit": code,
               "total_s": round(total, 3), **parse_summary(lines)}
     print("RENDER " + json.dumps(record), flush=True)
+    # A renderer whose summary lines changed must not pass for a run without numbers.
+    missing = {"load_s", "clip_s", "denoise_s"} | ({"peak_gib"} if s.device == "cuda" else set())
+    missing -= record.keys()
+    if code == 0 and missing:
+        print(f"celframe render printed no {sorted(missing)}: tools/render_gpu.py's SUMMARY patterns are stale")
+        return 1
     return code
 
 

@@ -9,7 +9,9 @@
 #           (tools/vae_gpu.sh), both text encoders (tools/text_encoder_gpu.sh), the motion UNet at
 #           2 videos x 16 frames x 1024x576 (tools/motion_gpu.sh), the SDXL ControlNet at
 #           2x1024x1024 and 32x1024x576 (tools/controlnet_gpu.sh), the UNet with LoRAs merged on the
-#           device, and the LoRA merge and switch times (tools/lora_gpu.sh);
+#           device, and the LoRA merge and switch times (tools/lora_gpu.sh), and the end-to-end
+#           render W1 (16 frames at 1024x576, LCM 4 steps, CFG 1.5, OpenPose + Depth, 3 LoRAs +
+#           LCM) by celframe and by diffusers (tools/render_gpu.sh);
 #   bench:  the kernel benchmarks and the PyTorch peer.
 # CELFRAME_STAGES picks stages (default "tests models bench"; a device call has 10 minutes, so the
 # loop may be split over calls) and CELFRAME_MODELS the whole-model checks (default all).
@@ -37,7 +39,7 @@ if [[ " $stages " == *" tests "* ]]; then
 fi
 
 if [[ " $stages " == *" models "* ]]; then
-  for model in ${CELFRAME_MODELS:-unet motion controlnet lora vae text_encoder}; do
+  for model in ${CELFRAME_MODELS:-unet motion controlnet lora vae text_encoder render}; do
     echo "== whole model: $model (tools/${model}_gpu.sh)" | tee -a "$log"
     bash "$here/${model}_gpu.sh"
     status[$model]=$?

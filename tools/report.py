@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Reads BENCH / PEER / GPUCHECK lines (from tools/gpu_run.sh's log) and prints markdown tables:
-our time next to PyTorch's best variant from the same run, the ratio, and bandwidth or TFLOP/s."""
+our time next to PyTorch's best variant from the same run, the ratio, and bandwidth or TFLOP/s;
+and RENDER lines (tools/render_gpu.py: whole renders, celframe and the diffusers peer) as a table."""
 import json
 import sys
 
-bench, peers, checks, device, copy = [], {}, [], {}, None
+bench, peers, checks, device, copy, renders = [], {}, [], {}, None, []
 for line in open(sys.argv[1], errors="replace"):
     if line.startswith("BENCH "):
         bench.append(json.loads(line[6:]))
@@ -18,6 +19,8 @@ for line in open(sys.argv[1], errors="replace"):
         device = json.loads(line[12:])
     elif line.startswith("GPUCHECK "):
         checks.append(line[9:].strip())
+    elif line.startswith("RENDER "):
+        renders.append(json.loads(line[7:]))
 
 print(f"\nDevice: {device.get('name', '?')}, {device.get('sms', '?')} SMs, L2 {device.get('l2_mb', '?')} MB"
       + (f"; copy bandwidth {copy['gbps']} GB/s (read+write)" if copy else ""))
@@ -44,3 +47,17 @@ if sweep:
 for b in bench:
     if b["name"] == "temporal_sweep":
         print(f"  temporal attention 32x320x72x128 f16, {b['key'].split()[-1]}: {b['ms']:.4f} ms, {b['gbps']} GB/s")
+if renders:
+    # celframe's time of the clip excludes loading the models, as the peer's render time does; its
+    # decode and write overlap, so they are one column.
+    print("\n| render | workload | run | whole command s | load s | render s | text s | denoise s | decode + write s "
+          "| frames/s | peak GPU GiB | mp4 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in renders:
+        peer = r["side"] == "diffusers"
+        render_s = r.get("total_s") if peer else r.get("clip_s")
+        decode_write = round(r["decode_s"] + r["write_s"], 3) if peer else r.get("decode_write_s")
+        cells = [r["side"], r["workload"], r["run"], "-" if peer else r.get("total_s"), r.get("load_s"), render_s,
+                 r.get("text_s"), r.get("denoise_s"), decode_write, r.get("frames_per_s"), r.get("peak_gib"),
+                 r.get("mp4_by")]
+        print("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |")

@@ -1,0 +1,470 @@
+#!/usr/bin/env python3
+"""The full-size end-to-end render benchmark (issue 16, workload W1), on the GPU machine
+(tools/render_gpu.sh runs the steps in order, each its own process so no two hold the GPU at once).
+
+  prepare    The models at SDXL's real shapes with seeded random weights, made where missing by the
+             other GPU scripts' functions in the folders they use (so a gpu_run.sh loop writes each
+             once): the UNet and motion adapter (WORK/sdxl_unet, WORK/motion_adapter), both text
+             encoders (TEXT_WORK/text_encoder*), the VAE (VAE_WORK/sdxl_vae, the fp16-fix config),
+             two SDXL ControlNets of one architecture and different seeds (OpenPose:
+             WORK/sdxl_controlnet as tools/controlnet_gpu.py writes it; Depth:
+             WORK/sdxl_controlnet_depth), the seed's LoRAs (tools/lora_gpu.py: style_a1..3 of ranks
+             32/64/128 with text-encoder parts, and the LCM-LoRA-shaped lcm). Then, in WORK/render:
+             CLIP tokenizer folders for diffusers (built from assets/bpe_simple_vocab_16e6.txt.gz),
+             depth hints (a smooth gradient with a moving blob, 1024x576: depth.png and five in
+             depth_keyframes/), and the two render configs (JSON):
+               w1.json         one 16-frame 1024x576 clip, LCM 4 steps, CFG 1.5 (batches of 2
+                               videos), OpenPose (builtin:pose, one pose) at scale 1 + Depth
+                               (depth.png) at 0.6, interpolation "hold" with one keyframe each so
+                               every frame is controlled at every step, 3 LoRAs (0.8, 0.25, 0.7) +
+                               LCM (1.0) merged, f16 on CUDA, PNG frames + mp4;
+               keyframes.json  the same with the seed's keyframe control: five poses and five depth
+                               hints at 0, 0.25, 0.5, 0.75, 1 of the clip, interpolation "keyframes"
+                               (the nets run on those frames only).
+  celframe   Runs `CELFRAME render CONFIG` (output.replace on, so a second run renders again),
+             times the whole command, echoes its lines and prints a RENDER line.
+  diffusers  The peer: diffusers fp16 eager on CUDA with the same weights, LoRAs and W1 settings.
+             diffusers 0.42 has no SDXL AnimateDiff ControlNet pipeline, so the loop is
+             AnimateDiffSDXLPipeline's written out (as tools/make_pipeline_fixtures.py's
+             controlnet_loop) with both ControlNets run each step on the CFG batch with the frames
+             folded in ([2F, 4, h, w]), their residuals summed (what diffusers' MultiControlNetModel
+             does) and added to the motion UNet's skips. LoRAs: load_lora_weights + set_adapters +
+             fuse_lora on a StableDiffusionXLPipeline of the plain UNet, then the motion UNet is
+             built from the fused UNet (make_motion_fixtures.motion_unet: from_unet2d plus the
+             add_embedding diffusers 0.42 leaves random). One whole untimed render warms up (cuDNN
+             algorithm search, allocator), then one timed render with torch.cuda.synchronize
+             around text encoding, the 4 denoising steps, VAE decode (+ conversion to 8-bit PIL
+             images) and writing (PNG with PIL; mp4 with diffusers' export_to_video where imageio
+             is installed, else ffmpeg from PATH as celframe calls it, else none: the RENDER line
+             says which).
+
+RENDER lines (tools/report.py tabulates them): side, workload, run, total_s (celframe: the whole
+command, model loading included; diffusers: text + denoise + decode + write, loading apart in
+load_s), text_s, denoise_s, decode_s + write_s (celframe overlaps them: decode_write_s), frames,
+frames_per_s (frames / clip time without loading), peak_gib (GPU memory: celframe's arenas,
+diffusers' max_memory_allocated), mp4_by.
+
+--tiny: the same steps on the CPU with the tiny fixture models (tests/fixtures/pipeline_tiny,
+vae_tiny, text_encoder*_tiny; one ControlNet used for both roles, two small LoRAs written for the
+tiny UNet), 64x64, 5 frames, float32: proves the configs, the parsing and the diffusers loop run.
+"""
+import argparse
+import gzip
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(REPO, "tests", "fixtures")
+# The seed's prompt without A1111 emphasis (diffusers reads parentheses as text), the same on both sides.
+PROMPT = ("masterpiece, anime, beautiful detailed eyes, cel shading, clean lines, 1 girl, blue hair, "
+          "dynamic lighting, action pose, dramatic composition")
+NEGATIVE = ("bad anatomy, extra limbs, extra fingers, blurry, watermark, text, low detail, inconsistent lighting, "
+            "distorted face")
+# The seed's set as tools/lora_gpu.sh benches it: (file stem, weight, role).
+LORAS = [("style_a1", 0.8, "style"), ("style_a2", 0.25, "style"), ("style_a3", 0.7, "character"), ("lcm", 1.0, "lcm")]
+KEYFRAMES = [0.0, 0.25, 0.5, 0.75, 1.0]
+STEPS, CFG, FPS, SEED = 4, 1.5, 10, 0
+
+
+class Setup:
+    """Paths, sizes and numeric settings of the full-size run or of the tiny CPU one."""
+
+    def __init__(self, args):
+        self.tiny = args.tiny
+        self.dir = os.path.join(args.work, "render")
+        if args.tiny:
+            tiny = os.path.join(FIXTURES, "pipeline_tiny")
+            self.unet, self.motion = os.path.join(tiny, "unet"), os.path.join(tiny, "motion_adapter")
+            self.vae = os.path.join(FIXTURES, "vae_tiny")
+            self.text_encoders = [os.path.join(FIXTURES, "text_encoder_tiny"),
+                                  os.path.join(FIXTURES, "text_encoder_2_tiny")]
+            self.tokenizers = [os.path.join(tiny, "tokenizer"), os.path.join(tiny, "tokenizer_2")]
+            self.controlnets = [os.path.join(tiny, "controlnet")] * 2
+            self.loras = [(os.path.join(self.dir, f"tiny_{stem}.safetensors"), w, role) for stem, w, role in
+                          [("style", 0.8, "style"), ("lcm", 1.0, "lcm")]]
+            self.width, self.height, self.frames = 64, 64, 5
+            self.device, self.dtype, self.dtype_name = "cpu", torch.float32, "f32"
+        else:
+            self.unet, self.motion = os.path.join(args.work, "sdxl_unet"), os.path.join(args.work, "motion_adapter")
+            self.vae = os.path.join(args.vae_work, "sdxl_vae")
+            self.text_encoders = [os.path.join(args.text_work, n) for n in ("text_encoder", "text_encoder_2")]
+            self.tokenizers = [os.path.join(self.dir, n) for n in ("tokenizer", "tokenizer_2")]
+            self.controlnets = [os.path.join(args.work, n) for n in ("sdxl_controlnet", "sdxl_controlnet_depth")]
+            self.loras = [(os.path.join(args.work, f"{stem}.safetensors"), w, role) for stem, w, role in LORAS]
+            self.width, self.height, self.frames = 1024, 576, 16
+            self.device, self.dtype, self.dtype_name = "cuda", torch.float16, "f16"
+        self.depth = os.path.join(self.dir, "depth.png")
+        self.depth_keyframes = os.path.join(self.dir, "depth_keyframes")
+
+    def sync(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+
+
+def make_full_weights(s, args):
+    """Every model and LoRA the full run reads, made where missing (GPU where the makers allow)."""
+    import controlnet_gpu
+    import lora_gpu
+    import motion_gpu
+    import text_encoder_gpu
+    import unet_gpu
+    import vae_gpu
+
+    t0 = time.time()
+    unet_gpu.make_weights(s.unet)
+    motion_gpu.make_adapter(s.motion)
+    text_encoder_gpu.make_weights(args.text_work)
+    vae_gpu.make_weights(s.vae)
+    controlnet_gpu.make_weights(s.controlnets[0])
+    controlnet_gpu.make_weights(s.controlnets[1], seed=5)
+    if not all(os.path.exists(path) for path, _, _ in s.loras):
+        from safetensors.torch import load_file
+
+        unet_sd = load_file(os.path.join(s.unet, "diffusion_pytorch_model.safetensors"))
+        lora_gpu.write_loras(args.work, unet_sd, lora_gpu.text_state_dicts(args.text_work))
+    print(f"weights ready in {time.time() - t0:.1f} s", flush=True)
+
+
+def make_tiny_loras(s):
+    """A style LoRA (transformer linears, and both text encoders' as the seed's style files have)
+    and an LCM-LoRA-shaped one (no text encoder) for the tiny models; kohya names with diffusers
+    module paths, as tools/lora_gpu.py's lcm file."""
+    from lora_gpu import TEXT_LINEARS
+    from make_lora_fixtures import LCM_KINDS, TRANSFORMER_LINEARS, ends_with_any, kohya_file
+    from safetensors.torch import load_file, save_file
+
+    unet_sd = load_file(os.path.join(s.unet, "diffusion_pytorch_model.safetensors"))
+    g = torch.Generator().manual_seed(21)
+    style = kohya_file(unet_sd, ends_with_any(TRANSFORMER_LINEARS), lambda m: m, "lora_unet_", 2, g)
+    for folder, prefix in zip(s.text_encoders, ("lora_te1_", "lora_te2_")):
+        text_sd = load_file(os.path.join(folder, "model.safetensors"))
+        text_sd = {f"text_model.{k.removeprefix('text_model.')}": v for k, v in text_sd.items()}
+        style.update(kohya_file(text_sd, ends_with_any(TEXT_LINEARS), lambda m: m, prefix, 2, g))
+    lcm = kohya_file(unet_sd, ends_with_any(LCM_KINDS), lambda m: m, "lora_unet_", 2, g)
+    for (path, _, _), sd in zip(s.loras, (style, lcm)):
+        save_file({k: v.contiguous() for k, v in sd.items()}, path)
+
+
+def write_clip_tokenizer(folder, pad_token):
+    """vocab.json + merges.txt of CLIP's BPE (49408 tokens in CLIP's order: byte symbols, the same
+    + "</w>", one per merge, the two specials; openai/CLIP `clip/simple_tokenizer.py`) for
+    transformers' CLIPTokenizer; tokenizer_2 of SDXL pads with "!"."""
+    from make_pipeline_fixtures import bytes_to_unicode
+
+    lines = gzip.open(os.path.join(REPO, "assets", "bpe_simple_vocab_16e6.txt.gz")).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+    symbols = bytes_to_unicode()
+    vocab = symbols + [t + "</w>" for t in symbols] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == len(set(vocab)) == 49408
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
+              "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+
+
+def depth_hint(width, height, position):
+    """A smooth depth-like map: a vertical gradient (near at the bottom) with a bright blob whose
+    centre moves across at `position` in [0, 1]; 8-bit RGB."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    cx, cy, r = width * (0.25 + 0.5 * position), height * 0.55, 0.3 * height
+    value = 0.2 + 0.4 * y / height + 0.4 * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r * r))
+    gray = np.round(255 * np.clip(value, 0, 1)).astype(np.uint8)
+    return Image.fromarray(np.repeat(gray[..., None], 3, axis=2))
+
+
+def render_config(s, name, keyframes):
+    controlnets = [
+        {"path": s.controlnets[0], "kind": "openpose", "scale": 1.0, "images": "builtin:pose"},
+        {"path": s.controlnets[1], "kind": "depth", "scale": 0.6},
+    ]
+    if keyframes:
+        controlnets[1]["images"] = s.depth_keyframes
+        for c in controlnets:
+            c.update(keyframes=KEYFRAMES, interpolation="keyframes")
+    else:
+        controlnets[1]["images"] = s.depth
+        for c in controlnets:
+            c.update(keyframes=[0.0], interpolation="hold")
+    models = {"unet": s.unet, "motion_adapter": s.motion, "vae": s.vae, "text_encoder": s.text_encoders[0],
+              "text_encoder_2": s.text_encoders[1]}
+    if s.tiny:  # the tiny text encoders have a vocabulary of their own
+        models["tokenizer"] = s.tokenizers[0]
+    return {
+        "seed": SEED, "dtype": s.dtype_name, "device": s.device, "models": models,
+        "loras": [{"path": p, "weight": w, "role": role} for p, w, role in s.loras],
+        "controlnets": controlnets,
+        "sampler": {"name": "lcm", "steps": STEPS, "cfg": CFG},
+        "video": {"width": s.width, "height": s.height, "fps": FPS, "frames": s.frames},
+        "output": {"root": os.path.join(s.dir, f"out_{name}"), "mp4": "auto", "png_frames": True, "replace": True},
+        "clips": [{"prompt": PROMPT, "negative": NEGATIVE}],
+    }
+
+
+def prepare(s, args):
+    os.makedirs(s.dir, exist_ok=True)
+    if s.tiny:
+        make_tiny_loras(s)
+    else:
+        make_full_weights(s, args)
+        for folder, pad in zip(s.tokenizers, ("<|endoftext|>", "!")):
+            write_clip_tokenizer(folder, pad)
+    depth_hint(s.width, s.height, 0.5).save(s.depth)
+    os.makedirs(s.depth_keyframes, exist_ok=True)
+    for i, position in enumerate(KEYFRAMES):
+        depth_hint(s.width, s.height, position).save(os.path.join(s.depth_keyframes, f"{i:02}.png"))
+    for name, keyframes in (("w1", False), ("keyframes", True)):
+        path = os.path.join(s.dir, f"{name}.json")
+        with open(path, "w") as f:
+            json.dump(render_config(s, name, keyframes), f, indent=1)
+        print(f"wrote {path}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# celframe
+
+NUMBER = r"([\d.]+)"
+SUMMARY = {
+    "load_s": re.compile(rf"^loaded the models .* in {NUMBER} s"),
+    "clip": re.compile(rf"^clip 001: (\d+) frames in {NUMBER} s \({NUMBER} frames/s\): text {NUMBER} s, "
+                       rf"denoise {NUMBER} s, decode \+ write {NUMBER} s(?:; .* by (\S+))?"),
+    "peak": re.compile(rf"^peak GPU memory: {NUMBER} GiB \(weights {NUMBER} GiB \+ activations {NUMBER} GiB\)"),
+}
+
+
+def parse_summary(lines):
+    """The renderer's closing summary lines as RENDER fields."""
+    out = {}
+    for line in lines:
+        if m := SUMMARY["load_s"].match(line):
+            out["load_s"] = float(m[1])
+        elif m := SUMMARY["clip"].match(line):
+            out.update(frames=int(m[1]), clip_s=float(m[2]), frames_per_s=float(m[3]), text_s=float(m[4]),
+                       denoise_s=float(m[5]), decode_write_s=float(m[6]), mp4_by=m[7])
+        elif m := SUMMARY["peak"].match(line):
+            out.update(peak_gib=float(m[1]), weights_gib=float(m[2]), activations_gib=float(m[3]))
+    return out
+
+
+def run_celframe(s, args):
+    config = os.path.join(s.dir, f"{args.workload}.json")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([args.celframe, "render", config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace")
+    lines = []
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        lines.append(line.strip())
+    code = proc.wait()
+    total = time.perf_counter() - t0
+    workload = {"w1": "W1", "keyframes": "W1 keyframes"}[args.workload]
+    record = {"side": "celframe", "workload": workload, "run": args.run, "exit": code,
+              "total_s": round(total, 3), **parse_summary(lines)}
+    print("RENDER " + json.dumps(record), flush=True)
+    # A renderer whose summary lines changed must not pass for a run without numbers.
+    missing = {"load_s", "clip_s", "denoise_s"} | ({"peak_gib"} if s.device == "cuda" else set())
+    missing -= record.keys()
+    if code == 0 and missing:
+        print(f"celframe render printed no {sorted(missing)}: tools/render_gpu.py's SUMMARY patterns are stale")
+        return 1
+    return code
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers
+
+
+def load_peer(s):
+    """The AnimateDiff-SDXL pipeline (LoRAs fused) and the two ControlNets."""
+    from diffusers import (AnimateDiffSDXLPipeline, AutoencoderKL, ControlNetModel, LCMScheduler, MotionAdapter,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from make_motion_fixtures import motion_unet
+    from make_pipeline_fixtures import SDXL_SCHEDULER
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    def load(cls, path):
+        return cls.from_pretrained(path, torch_dtype=s.dtype).to(s.device).eval()
+
+    parts = dict(
+        vae=load(AutoencoderKL, s.vae),
+        text_encoder=load(CLIPTextModel, s.text_encoders[0]),
+        text_encoder_2=load(CLIPTextModelWithProjection, s.text_encoders[1]),
+        tokenizer=CLIPTokenizer.from_pretrained(s.tokenizers[0]),
+        tokenizer_2=CLIPTokenizer.from_pretrained(s.tokenizers[1]),
+        scheduler=LCMScheduler.from_config(SDXL_SCHEDULER),
+    )
+    still = StableDiffusionXLPipeline(unet=load(UNet2DConditionModel, s.unet), add_watermarker=False, **parts)
+    names = []
+    for i, (path, _, _) in enumerate(s.loras):
+        names.append(f"lora{i}")
+        still.load_lora_weights(path, adapter_name=names[-1])
+    still.set_adapters(names, adapter_weights=[w for _, w, _ in s.loras])
+    still.fuse_lora(adapter_names=names, lora_scale=1.0)
+    still.unload_lora_weights()  # the fused weights stay
+    adapter = load(MotionAdapter, s.motion)
+    with torch.device(s.device):  # from_unet2d builds the model where the weights are
+        unet = motion_unet(still.unet, adapter)
+    del still
+    pipe = AnimateDiffSDXLPipeline(unet=unet, motion_adapter=adapter, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    nets = [load(ControlNetModel, path) for path in s.controlnets]
+    return pipe, nets
+
+
+def control_images(s):
+    """W1's hints in [0, 1] NCHW, each repeated for the CFG batch's 2F rows: a stick figure
+    (tools/make_pipeline_fixtures.py; celframe draws its own builtin pose) and the depth hint."""
+    from make_pipeline_fixtures import stick_figure
+
+    pose = torch.from_numpy(stick_figure(1, s.height, s.width))
+    depth = torch.from_numpy(np.asarray(Image.open(s.depth).convert("RGB"), dtype=np.float32) / 255)[None]
+    rows = 2 * s.frames
+    return [(img.permute(0, 3, 1, 2).repeat(rows, 1, 1, 1).to(s.device, s.dtype), scale)
+            for img, scale in ((pose, 1.0), (depth, 0.6))]
+
+
+@torch.no_grad()
+def denoise(s, pipe, nets, controls, embeds):
+    prompt_embeds, negative_embeds, pooled, negative_pooled = embeds
+    size = (s.height, s.width)
+    time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=prompt_embeds.dtype,
+                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    time_ids = torch.cat([time_ids, time_ids]).to(s.device)
+    context = torch.cat([negative_embeds, prompt_embeds]).repeat_interleave(s.frames, dim=0)
+    text_embeds = torch.cat([negative_pooled, pooled])
+    added = {"text_embeds": text_embeds, "time_ids": time_ids}
+    control_added = {k: v.repeat_interleave(s.frames, dim=0) for k, v in added.items()}
+    generator = torch.Generator(s.device).manual_seed(SEED)
+    h, w = s.height // pipe.vae_scale_factor, s.width // pipe.vae_scale_factor
+    channels = pipe.unet.config.in_channels
+    pipe.scheduler.set_timesteps(STEPS, device=s.device)
+    latents = torch.randn((1, channels, s.frames, h, w), generator=generator, device=s.device, dtype=s.dtype)
+    latents = latents * pipe.scheduler.init_noise_sigma
+    for t in pipe.scheduler.timesteps:
+        model_input = pipe.scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        folded = model_input.transpose(1, 2).reshape(-1, channels, h, w)  # [2F, C, h, w], frame fastest
+        down, mid = None, None
+        for net, (image, scale) in zip(nets, controls):
+            d, m = net(folded, t, encoder_hidden_states=context, controlnet_cond=image, conditioning_scale=scale,
+                       guess_mode=False, added_cond_kwargs=control_added, return_dict=False)
+            down = d if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+        eps = pipe.unet(model_input, t, encoder_hidden_states=context, added_cond_kwargs=added,
+                        down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False)[0]
+        eps_uncond, eps_cond = eps.chunk(2)
+        eps = eps_uncond + CFG * (eps_cond - eps_uncond)
+        latents = pipe.scheduler.step(eps, t, latents, generator=generator, return_dict=False)[0]
+    return latents
+
+
+def write_mp4(frames, path):
+    """diffusers' export_to_video where imageio is installed, else ffmpeg from PATH with celframe's
+    settings (libx264 medium, crf 18, yuv420p); returns what wrote it, or None."""
+    try:
+        import imageio  # noqa: F401
+        import imageio_ffmpeg  # noqa: F401
+        from diffusers.utils import export_to_video
+
+        export_to_video(frames, path, fps=FPS)
+        return "export_to_video"
+    except ImportError:
+        pass
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        return None
+    w, h = frames[0].size
+    cmd = [ffmpeg, "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(FPS),
+           "-i", "-", "-c:v", "libx264", "-preset", "medium", "-crf", "18", "-pix_fmt", "yuv420p", path]
+    subprocess.run(cmd, input=b"".join(f.tobytes() for f in frames), check=True)
+    return "ffmpeg"
+
+
+def render_once(s, pipe, nets, controls, out_dir):
+    times = {}
+    s.sync()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        embeds = pipe.encode_prompt(prompt=PROMPT, device=s.device, num_videos_per_prompt=1,
+                                    do_classifier_free_guidance=True, negative_prompt=NEGATIVE)
+    s.sync()
+    t1 = time.perf_counter()
+    latents = denoise(s, pipe, nets, controls, embeds)
+    s.sync()
+    t2 = time.perf_counter()
+    with torch.no_grad():
+        frames = pipe.video_processor.postprocess_video(video=pipe.decode_latents(latents), output_type="pil")[0]
+    s.sync()
+    t3 = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    for i, frame in enumerate(frames):
+        frame.save(os.path.join(out_dir, f"{i:06}.png"))
+    mp4_by = write_mp4(frames, os.path.join(out_dir, "clip.mp4"))
+    t4 = time.perf_counter()
+    times.update(text_s=t1 - t0, denoise_s=t2 - t1, decode_s=t3 - t2, write_s=t4 - t3, total_s=t4 - t0)
+    return {k: round(v, 3) for k, v in times.items()}, len(frames), mp4_by
+
+
+def run_diffusers(s):
+    import diffusers
+
+    t0 = time.perf_counter()
+    pipe, nets = load_peer(s)
+    controls = control_images(s)
+    s.sync()
+    load_s = time.perf_counter() - t0
+    out_dir = os.path.join(s.dir, "out_diffusers")
+    render_once(s, pipe, nets, controls, out_dir)  # warm-up, untimed
+    if s.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, frames, mp4_by = render_once(s, pipe, nets, controls, out_dir)
+    record = {"side": "diffusers", "workload": "W1", "run": 1, "version": diffusers.__version__,
+              "warmup": "one whole untimed render", "load_s": round(load_s, 3), **times, "frames": frames,
+              "frames_per_s": round(frames / times["total_s"], 3), "mp4_by": mp4_by}
+    if s.device == "cuda":
+        record["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    print("RENDER " + json.dumps(record), flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("step", choices=["prepare", "celframe", "diffusers"])
+    p.add_argument("--work", required=True, help="UNet, motion adapter, ControlNets, LoRAs; render/ goes here")
+    p.add_argument("--text-work", help="the text encoders' folder (tools/lora_gpu.sh's TEXT_WORK)")
+    p.add_argument("--vae-work", help="the VAE's folder (tools/vae_gpu.sh's WORK)")
+    p.add_argument("--tiny", action="store_true", help="the tiny fixture models on the CPU (no GPU needed)")
+    p.add_argument("--celframe", default="dist/gpu/celframe", help="the celframe binary (step celframe)")
+    p.add_argument("--workload", choices=["w1", "keyframes"], default="w1", help="step celframe: which config")
+    p.add_argument("--run", type=int, default=1, help="step celframe: the run's number in the RENDER line")
+    args = p.parse_args()
+    if not args.tiny and not (args.text_work and args.vae_work):
+        p.error("--text-work and --vae-work are needed without --tiny")
+    s = Setup(args)
+    if args.step == "prepare":
+        prepare(s, args)
+    elif args.step == "celframe":
+        sys.exit(run_celframe(s, args))
+    else:
+        run_diffusers(s)
+
+
+if __name__ == "__main__":
+    main()

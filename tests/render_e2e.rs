@@ -152,3 +152,40 @@ fn lcm_image_matches_stable_diffusion_xl() {
 fn controlnet_video_matches() {
     check("controlnet_video", TOL);
 }
+
+/// The lcm_video case's models and prompt with our own generator and `video` settings merged in.
+fn generated(dir: &TempDir, name: &str, video: serde_json::Value) -> RenderConfig {
+    let out = dir.path(name);
+    let base = config_for("lcm_video", &out, None);
+    let mut json = serde_json::to_value(&base).unwrap();
+    for (k, v) in video.as_object().unwrap() {
+        json["video"][k] = v.clone();
+    }
+    let file = dir.path(&format!("{name}.json"));
+    std::fs::write(&file, serde_json::to_string(&json).unwrap()).unwrap();
+    RenderConfig::load(&file).unwrap()
+}
+
+fn latents_of(config: &RenderConfig) -> Vec<f32> {
+    let options = RenderOptions { keep_tensors: true, ..RenderOptions::default() };
+    let report = render(config, &options).unwrap();
+    report.clips[0].latents.as_ref().unwrap().to_f32_vec().unwrap()
+}
+
+#[test]
+fn long_clips_by_windows_and_by_chained_segments() {
+    let dir = TempDir::new("render-long");
+    let four = latents_of(&generated(&dir, "four", serde_json::json!({ "frames": 4 })));
+    assert!(four.iter().all(|v| v.is_finite()) && four.iter().any(|&v| v != 0.0));
+    // Chaining 6 frames in segments of 4: the first segment is the 4-frame clip itself (the
+    // generator draws per clip frame), the second starts from its last frame.
+    let chain = serde_json::json!({ "frames": 6, "context_length": 4, "context_overlap": 2, "long_video": "chain" });
+    let chained = latents_of(&generated(&dir, "chain", chain));
+    assert_eq!(chained.len(), four.len() / 4 * 6);
+    assert_eq!(&chained[..four.len()], &four[..], "the first segment differs from the same frames alone");
+    // Context windows of 4 over 6 frames: every frame fused from overlapping windows.
+    let windows = serde_json::json!({ "frames": 6, "context_length": 4, "context_overlap": 2 });
+    let fused = latents_of(&generated(&dir, "windows", windows));
+    assert!(fused.iter().all(|v| v.is_finite()));
+    assert_ne!(&fused[..four.len()], &four[..], "windows over 6 frames changed nothing in the first 4");
+}

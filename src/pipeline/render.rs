@@ -555,9 +555,9 @@ enum ClipNoise<'a> {
 }
 
 impl ClipNoise<'_> {
-    /// Frame-major noise for `frames` frames: the initial latents (`step` None) or a sampler's
-    /// `step`-th draw.
-    fn draw(&self, g: Geometry, step: Option<usize>, freenoise: Option<&[usize]>) -> Result<Vec<f32>> {
+    /// Frame-major noise for the `g.frames` frames from clip frame `first`: the initial latents
+    /// (`step` None) or a sampler's `step`-th draw.
+    fn draw(&self, g: Geometry, first: usize, step: Option<usize>, freenoise: Option<&[usize]>) -> Result<Vec<f32>> {
         let n = g.frames * g.frame_len();
         match self {
             ClipNoise::Generator { seed, clip } => {
@@ -566,12 +566,18 @@ impl ClipNoise<'_> {
                 let mut out = vec![0f32; n];
                 let fl = g.frame_len();
                 for (f, chunk) in out.chunks_mut(fl).enumerate() {
-                    let source = freenoise.map_or(f, |s| s[f]);
+                    let source = freenoise.map_or(first + f, |s| s[first + f]);
                     stream.fill_normal((source * fl) as u64, chunk);
                 }
                 Ok(out)
             }
             ClipNoise::File(file) => {
+                if first != 0 {
+                    return Err(Error::Input(format!(
+                        "{}: injected noise covers one run over the whole clip; segment chaining draws per segment",
+                        file.path().display()
+                    )));
+                }
                 let name = step.map_or("latents".to_string(), |s| format!("step.{s}"));
                 if !file.contains(&name) {
                     return Err(Error::Input(format!(
@@ -646,59 +652,27 @@ fn render_clip(
     times.text = t0.elapsed().as_secs_f64();
 
     let controls = config.controlnets.iter().map(|e| ClipControl::build(e, g)).collect::<Result<Vec<_>>>()?;
-    let sampler_config = config.sampler.sampler_config()?;
-    let mut sampler = Sampler::new(&sampler_config)?;
     let seed = config.clip_seed(index);
     let noise = match noise_file {
         Some(f) => ClipNoise::File(f),
         None => ClipNoise::Generator { seed, clip: index as u64 },
     };
     let context = context_options(config)?;
-    let freenoise = (video.freenoise && g.frames > context.length && noise_file.is_none())
-        .then(|| freenoise_frame_sources(g.frames, context.length, context.length - context.overlap, seed))
-        .transpose()?;
-    let sigma = sampler.init_noise_sigma();
-    let mut x: Vec<f32> = noise.draw(g, None, freenoise.as_deref())?.into_iter().map(|v| v * sigma).collect();
-
+    let run =
+        ClipRun { config, models, target, cond: &cond, controls: &controls, context: &context, noise: &noise, number };
     let t1 = Instant::now();
-    let evaluations = sampler.evaluations();
-    let mut step_noise = |request: &NoiseRequest, out: &mut [f32]| -> Result<()> {
-        let values = noise.draw(g, Some(request.evaluation), None)?;
-        out.copy_from_slice(&values);
-        Ok(())
+    let x = if video.long_video == "chain" && g.frames > context.length {
+        run.chained(g)?
+    } else {
+        let freenoise = (video.freenoise && g.frames > context.length && noise_file.is_none())
+            .then(|| freenoise_frame_sources(g.frames, context.length, context.length - context.overlap, seed))
+            .transpose()?;
+        let mut sampler = Sampler::new(&config.sampler.sampler_config()?)?;
+        let sigma = sampler.init_noise_sigma();
+        let mut x: Vec<f32> = noise.draw(g, 0, None, freenoise.as_deref())?.into_iter().map(|v| v * sigma).collect();
+        run.denoise(&mut sampler, &mut x, g, 0)?;
+        x
     };
-    let mut cache = InputCache::default();
-    for i in 0..evaluations {
-        let _step_range = nvtx::range(&format!("clip {number} step {}", i + 1));
-        let timestep = sampler.timesteps()[sampler.position()];
-        let windows = if g.frames <= context.length {
-            vec![(0..g.frames).collect()]
-        } else {
-            context.windows(g.frames, i as u64)?
-        };
-        let mut fuser = Fuser::new(g.frames, g.frame_len())?;
-        let scale = sampler.model_input_scale(i)?;
-        for (wi, window) in windows.iter().enumerate() {
-            let _window_range =
-                nvtx::range(&format!("window {} frames {}..={}", wi + 1, window[0], window[window.len() - 1]));
-            let latents: Vec<f32> = gather(window, &x, g.frame_len())?.into_iter().map(|v| v * scale).collect();
-            let step = Step { index: i, of: evaluations, window: wi, windows: windows.len(), timestep };
-            let guided =
-                denoise_window(config, models, target, &cond, &controls, g, window, &latents, step, &mut cache)?;
-            fuser.add(window, &context.fuse_weights(window, g.frames), &guided)?;
-        }
-        let model_output = fuser.finish()?;
-        let s = &mut step_noise as &mut dyn NoiseSource;
-        sampler.step(&model_output, &mut x, s)?;
-        eprintln!(
-            "clip {number:03}: step {}/{evaluations} ({} window{}) {:.2} it/s",
-            i + 1,
-            windows.len(),
-            if windows.len() == 1 { "" } else { "s" },
-            (i + 1) as f64 / t1.elapsed().as_secs_f64()
-        );
-    }
-    drop(cache);
     times.denoise = t1.elapsed().as_secs_f64();
 
     let t2 = Instant::now();
@@ -744,6 +718,95 @@ fn render_clip(
     })
 }
 
+/// What every sampler evaluation of a clip shares.
+struct ClipRun<'a> {
+    config: &'a RenderConfig,
+    models: &'a Models,
+    target: Target<'a>,
+    cond: &'a ClipConditioning,
+    controls: &'a [ClipControl],
+    context: &'a ContextOptions,
+    noise: &'a ClipNoise<'a>,
+    number: usize,
+}
+
+impl ClipRun<'_> {
+    /// Runs `sampler` over `x`, the latents of `g.frames` frames from clip frame `first`.
+    fn denoise(&self, sampler: &mut Sampler, x: &mut [f32], g: Geometry, first: usize) -> Result<()> {
+        let (number, context) = (self.number, self.context);
+        let started = Instant::now();
+        let evaluations = sampler.evaluations();
+        let mut step_noise = |request: &NoiseRequest, out: &mut [f32]| -> Result<()> {
+            out.copy_from_slice(&self.noise.draw(g, first, Some(request.evaluation), None)?);
+            Ok(())
+        };
+        let mut cache = InputCache::default();
+        for i in 0..evaluations {
+            let _step_range = nvtx::range(&format!("clip {number} step {}", i + 1));
+            let timestep = sampler.timesteps()[sampler.position()];
+            let windows = if g.frames <= context.length {
+                vec![(0..g.frames).collect()]
+            } else {
+                context.windows(g.frames, i as u64)?
+            };
+            let mut fuser = Fuser::new(g.frames, g.frame_len())?;
+            let scale = sampler.model_input_scale(i)?;
+            for (wi, window) in windows.iter().enumerate() {
+                let frames: Vec<usize> = window.iter().map(|f| f + first).collect();
+                let _window_range =
+                    nvtx::range(&format!("window {} frames {}..={}", wi + 1, frames[0], frames[frames.len() - 1]));
+                let latents: Vec<f32> = gather(window, x, g.frame_len())?.into_iter().map(|v| v * scale).collect();
+                let step = Step { index: i, of: evaluations, window: wi, windows: windows.len(), timestep };
+                let guided = denoise_window(self, g, &frames, &latents, step, &mut cache)?;
+                fuser.add(window, &context.fuse_weights(window, g.frames), &guided)?;
+            }
+            let model_output = fuser.finish()?;
+            sampler.step(&model_output, x, &mut step_noise as &mut dyn NoiseSource)?;
+            eprintln!(
+                "clip {number:03}: frames {first}..{}: step {}/{evaluations} ({} window{}) {:.2} it/s",
+                first + g.frames,
+                i + 1,
+                windows.len(),
+                if windows.len() == 1 { "" } else { "s" },
+                (i + 1) as f64 / started.elapsed().as_secs_f64()
+            );
+        }
+        Ok(())
+    }
+
+    /// The seed's segment chaining: segments of `context.length` frames; the first from noise, each
+    /// next one from the previous segment's last latent repeated over its frames and noised to
+    /// `video.chain_strength` (img2img: the sampler runs that fraction of its schedule), so the
+    /// segment continues from where the last one ended. Each segment's motion is its own: seams and
+    /// drift at segment boundaries are what context windows avoid.
+    fn chained(&self, g: Geometry) -> Result<Vec<f32>> {
+        let fl = g.frame_len();
+        let mut clip = Vec::with_capacity(g.frames * fl);
+        let mut first = 0;
+        while first < g.frames {
+            let seg = Geometry { frames: self.context.length.min(g.frames - first), ..g };
+            let noise = self.noise.draw(seg, first, None, None)?;
+            let mut config = self.config.sampler.sampler_config()?;
+            let mut x = if first == 0 {
+                let sampler = Sampler::new(&config)?;
+                noise.iter().map(|v| v * sampler.init_noise_sigma()).collect()
+            } else {
+                config.strength = self.config.video.chain_strength as f64;
+                let last = &clip[clip.len() - fl..];
+                let start: Vec<f32> = (0..seg.frames).flat_map(|_| last.iter().copied()).collect();
+                let mut x = vec![0f32; start.len()];
+                Sampler::new(&config)?.add_noise(&start, &noise, &mut x)?;
+                x
+            };
+            let mut sampler = Sampler::new(&config)?;
+            self.denoise(&mut sampler, &mut x, seg, first)?;
+            clip.extend_from_slice(&x);
+            first += seg.frames;
+        }
+        Ok(clip)
+    }
+}
+
 fn context_options(config: &RenderConfig) -> Result<ContextOptions> {
     let v = &config.video;
     let schedule = match v.context_schedule.as_str() {
@@ -757,11 +820,6 @@ fn context_options(config: &RenderConfig) -> Result<ContextOptions> {
         "overlap_linear" => Fuse::OverlapLinear,
         _ => Fuse::Pyramid,
     };
-    if v.long_video == "chain" {
-        return Err(Error::Input(
-            "video.long_video = \"chain\": segment chaining is not built yet; \"windows\" (the default) is".into(),
-        ));
-    }
     let options = ContextOptions {
         length: v.context_length,
         overlap: v.context_overlap,
@@ -806,19 +864,17 @@ impl InputCache {
 }
 
 /// The guided noise prediction for one window (frame-major f32, `window.len()` frames).
-#[allow(clippy::too_many_arguments)]
+/// `window` holds clip frame indices (prompt schedule, control hints); `latents` its frames' model
+/// inputs.
 fn denoise_window(
-    config: &RenderConfig,
-    models: &Models,
-    target: Target,
-    cond: &ClipConditioning,
-    controls: &[ClipControl],
+    run: &ClipRun,
     g: Geometry,
     window: &[usize],
     latents: &[f32],
     step: Step,
     cache: &mut InputCache,
 ) -> Result<Vec<f32>> {
+    let (config, models, target, cond, controls) = (run.config, run.models, run.target, run.cond, run.controls);
     let guidance = config.sampler.cfg;
     let cfg = guidance > 1.0;
     let videos = if cfg { 2 } else { 1 };

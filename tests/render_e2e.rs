@@ -189,3 +189,28 @@ fn long_clips_by_windows_and_by_chained_segments() {
     assert!(fused.iter().all(|v| v.is_finite()));
     assert_ne!(&fused[..four.len()], &four[..], "windows over 6 frames changed nothing in the first 4");
 }
+
+#[test]
+fn a_controlnet_on_keyframes_only_runs_on_those_frames() {
+    // Two hint images on frames 0 and 4 of 5 with interpolation "keyframes": the net runs on those
+    // frames only (the others' residual rows are zero), and still steers the clip.
+    let dir = TempDir::new("render-keyframes");
+    let control = dir.path("control");
+    write_control_pngs("controlnet_video", &control);
+    for f in 1..4 {
+        std::fs::remove_file(control.join(format!("{f:03}.png"))).unwrap();
+    }
+    let out = dir.path("with");
+    let mut json = serde_json::to_value(config_for("controlnet_video", &out, Some(&control))).unwrap();
+    json["controlnets"][0]["interpolation"] = "keyframes".into();
+    let file = dir.path("with.json");
+    std::fs::write(&file, serde_json::to_string(&json).unwrap()).unwrap();
+    let with = latents_of(&RenderConfig::load(&file).unwrap());
+    json["controlnets"] = serde_json::json!([]);
+    json["output"]["root"] = dir.path("without").display().to_string().into();
+    std::fs::write(&file, serde_json::to_string(&json).unwrap()).unwrap();
+    let without = latents_of(&RenderConfig::load(&file).unwrap());
+    assert!(with.iter().all(|v| v.is_finite()));
+    let moved = rel_l2(&with, &without);
+    assert!(moved > 1e-3, "keyframe control changed the clip by only {moved:e}");
+}

@@ -596,6 +596,27 @@ impl Gpu {
         })
     }
 
+    /// Copies `bytes` bytes from byte `src_offset` of the device tensor `src` to byte `dst_offset`
+    /// of the device tensor `dst` on the compute stream.
+    pub fn copy_bytes(
+        &self,
+        dst: &Tensor,
+        dst_offset: usize,
+        src: &Tensor,
+        src_offset: usize,
+        bytes: usize,
+    ) -> Result<()> {
+        if dst_offset + bytes > dst.size_bytes() || src_offset + bytes > src.size_bytes() {
+            return Err(Error::Internal(format!(
+                "device copy of {bytes} bytes from byte {src_offset} of {src:?} to byte {dst_offset} of {dst:?}"
+            )));
+        }
+        let (d, s) = (dst.device_ptr()? + dst_offset as u64, src.device_ptr()? + src_offset as u64);
+        self.profiled("copy", || {
+            cuda("cuMemcpyDtoDAsync", unsafe { result::memcpy_dtod_async(d, s, bytes, self.stream) })
+        })
+    }
+
     /// Waits for the stream and copies a device tensor to a new host tensor.
     pub fn download(&self, t: &Tensor) -> Result<Tensor> {
         self.synchronize()?;

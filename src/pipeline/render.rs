@@ -36,6 +36,7 @@ use crate::models::{
 };
 use crate::ops::Exec;
 use crate::ops::elementwise::{add, mul};
+use crate::ops::rows::scatter_rows;
 use crate::output::{ClipOptions, Fps, GridCell, OutputTree, RgbImage, decode_png};
 use crate::pipeline::config::{Component, ControlNetEntry, RenderConfig};
 use crate::pipeline::noise_init::freenoise_frame_sources;
@@ -903,19 +904,21 @@ fn denoise_window(
         Exec::Cpu => time_ids,
         Exec::Cuda { gpu, scratch } => gpu.upload(scratch, &time_ids, DType::F32)?,
     };
-    let context = cache.get_or((usize::MAX, window.to_vec()), || {
-        let mut values = Vec::with_capacity(rows * cond.tokens * cond.width);
+    // [uncond context x n, cond context of each frame] for the frames `list`.
+    let context_rows = |list: &[usize]| -> Result<Tensor> {
+        let mut values = Vec::with_capacity(videos * list.len() * cond.tokens * cond.width);
         if cfg {
             let negative = cond.negative.context.to_f32_vec()?;
-            for _ in 0..frames {
+            for _ in list {
                 values.extend_from_slice(&negative);
             }
         }
-        for &f in window {
+        for &f in list {
             values.extend(cond.at(f)?.0);
         }
-        target.tensor(&[rows, cond.tokens, cond.width], dtype, &values)
-    })?;
+        target.tensor(&[videos * list.len(), cond.tokens, cond.width], dtype, &values)
+    };
+    let context = cache.get_or((usize::MAX, window.to_vec()), || context_rows(window))?;
     let context = context.clone();
     let inputs = UnetInputs {
         sample: &sample,
@@ -930,22 +933,42 @@ fn denoise_window(
         if !control.active_at(step.index, step.of) || window.iter().all(|&f| control.strengths[f] == 0.0) {
             continue;
         }
+        // Only the frames with a hint run through the net; the others' rows get zero residuals.
+        let active: Vec<usize> = (0..frames).filter(|&k| control.strengths[window[k]] > 0.0).collect();
+        let list: Vec<usize> = active.iter().map(|&k| window[k]).collect();
+        let n_rows = videos * active.len();
         let image_len = g.height * g.width * 3;
         let hint = cache
-            .get_or((n, window.to_vec()), || {
-                let mut values = Vec::with_capacity(rows * image_len);
+            .get_or((n, list.clone()), || {
+                let mut values = Vec::with_capacity(n_rows * image_len);
                 for _ in 0..videos {
-                    for &f in window {
-                        match &control.hints[f] {
-                            Some(h) => values.extend_from_slice(h),
-                            None => values.resize(values.len() + image_len, 0.0),
-                        }
+                    for &f in &list {
+                        values.extend_from_slice(control.hints[f].as_deref().map_or(&[][..], |h| &h[..]));
                     }
                 }
-                target.tensor(&[rows, g.height, g.width, 3], dtype, &values)
+                target.tensor(&[n_rows, g.height, g.width, 3], dtype, &values)
             })?
             .clone();
-        let mut r = net.forward_frames(&ex, &inputs, &hint, frames, control.scale)?;
+        let mut r = if active.len() == frames {
+            net.forward_frames(&ex, &inputs, &hint, frames, control.scale)?
+        } else {
+            let fl = g.frame_len();
+            let mut sub = Vec::with_capacity(n_rows * fl);
+            for _ in 0..videos {
+                for &k in &active {
+                    sub.extend_from_slice(&latents[k * fl..(k + 1) * fl]);
+                }
+            }
+            let sub_sample = target.tensor(&[n_rows, g.h, g.w, g.c], dtype, &sub)?;
+            let sub_context = cache.get_or((usize::MAX - 1 - n, list.clone()), || context_rows(&list))?.clone();
+            let sub_inputs = UnetInputs { sample: &sub_sample, encoder_hidden_states: &sub_context, ..inputs };
+            let r = net.forward_frames(&ex, &sub_inputs, &hint, active.len(), control.scale)?;
+            let to: Vec<usize> = (0..videos).flat_map(|v| active.iter().map(move |&k| v * frames + k)).collect();
+            UnetResiduals {
+                down: r.down.iter().map(|t| scatter_rows(&ex, t, &to, rows)).collect::<Result<_>>()?,
+                mid: scatter_rows(&ex, &r.mid, &to, rows)?,
+            }
+        };
         // Per-row strength: the keyframe schedule's, and zero for the unconditional half in guess
         // mode (diffusers runs a guess-mode ControlNet on the conditional half only).
         let strengths: Vec<f32> = (0..videos)

@@ -581,3 +581,19 @@ fn profile_files_each_launch_under_its_scope_and_kind() {
     assert!(rig.gpu.finish_profile().is_err(), "a second finish must say no profile is open");
     rig.scratch.reset();
 }
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn scattered_rows_are_the_twins_bytes() {
+    // A ControlNet's residuals of 2 x 5 keyframe rows into the 2 x 16 rows of a CFG video batch
+    // (outputs poisoned first: the zero rows must be written).
+    let rig = Rig::new();
+    let (host, dev) = rig.input(&[10, 36, 64, 320], DType::F16, 1.0, 0.0);
+    let to: Vec<usize> = (0..2).flat_map(|v| [0, 4, 8, 11, 15].map(|k| v * 16 + k)).collect();
+    let got = celframe::ops::rows::scatter_rows(&rig.exec(), &dev, &to, 32).unwrap();
+    let want = celframe::ops::rows::scatter_rows(&Exec::Cpu, &host, &to, 32).unwrap();
+    let got = rig.gpu.download(&got).unwrap();
+    assert_eq!(got.host_bytes().unwrap(), want.host_bytes().unwrap(), "scatter_rows differs from its twin");
+    println!("GPUCHECK scatter_rows [10, 36, 64, 320] -> 32 rows F16: bit-identical");
+    rig.scratch.reset();
+}

@@ -9,7 +9,7 @@ use std::time::Instant;
 use clap::Args;
 
 use crate::error::{Error, Result};
-use crate::pipeline::config::{BUILTIN_POSE, ClipSpec, ControlNetEntry, ModelPaths, RenderConfig};
+use crate::pipeline::config::{BUILTIN_POSE, ClipSpec, ControlNetEntry, MAX_FRAMES, ModelPaths, RenderConfig};
 use crate::pipeline::random_models::{ModelSize, cached_random_pipeline};
 use crate::pipeline::{RenderOptions, render};
 use crate::verify::Device;
@@ -44,6 +44,9 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         ("auto", Device::Cpu) | ("small", _) => ModelSize::Small,
         (other, _) => return Err(Error::Input(format!("--size must be auto, small or full (got '{other}')"))),
     };
+    if !(1..=MAX_FRAMES).contains(&args.frames) {
+        return Err(Error::Input(format!("--frames must be 1 to {MAX_FRAMES} (got {})", args.frames)));
+    }
     let place = match device {
         Device::Cuda => "CUDA",
         Device::Cpu => "the CPU twins",

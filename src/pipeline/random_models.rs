@@ -414,3 +414,138 @@ fn components(size: ModelSize) -> Result<Vec<Component>> {
         Component { folder: "controlnet", config: controlnet, weights_file: diffusers, specs: controlnet_specs },
     ])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::clip::{TextEncoderKind, open_text_encoder};
+    use crate::models::vae::open_vae;
+    use crate::models::{open_controlnet, open_motion, open_unet};
+    use crate::weights::LoadedWeights;
+
+    /// A fresh folder under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            let dir = std::env::temp_dir().join(format!("celframe-random-models-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn assert_shapes(what: &str, weights: &LoadedWeights, specs: &[TensorSpec]) {
+        assert_eq!(weights.len(), specs.len(), "{what}: tensor count");
+        for spec in specs {
+            let t = weights.get(&spec.name).unwrap_or_else(|_| panic!("{what}: no {}", spec.name));
+            assert_eq!(t.shape(), spec.shape.as_slice(), "{what}: {}", spec.name);
+        }
+    }
+
+    fn params(specs: &[TensorSpec]) -> usize {
+        specs.iter().map(|s| s.shape.iter().product::<usize>()).sum()
+    }
+
+    /// The small set loads with the loaders `celframe render` uses, every tensor where the specs
+    /// say, and the parts fit together (text widths, time ids, motion modules, latent factors).
+    #[test]
+    fn small_pipeline_loads_with_the_real_loaders() {
+        let dir = TempDir::new("small");
+        write_random_pipeline(&dir.0, ModelSize::Small, 7).unwrap();
+        let components = components(ModelSize::Small).unwrap();
+        let specs = |folder: &str| &components.iter().find(|c| c.folder == folder).unwrap().specs;
+
+        let unet = open_unet(&dir.0).unwrap();
+        assert_shapes("unet", &unet.weights, specs("unet"));
+        let vae = open_vae(&dir.0).unwrap();
+        assert_shapes("vae", &vae.weights, specs("vae"));
+        let clip_l = open_text_encoder(&dir.0, TextEncoderKind::ClipL).unwrap();
+        assert_shapes("text_encoder", &clip_l.weights, specs("text_encoder"));
+        let clip_g = open_text_encoder(&dir.0, TextEncoderKind::ClipG).unwrap();
+        assert_shapes("text_encoder_2", &clip_g.weights, specs("text_encoder_2"));
+        let motion = open_motion(&dir.0.join("motion_adapter")).unwrap();
+        assert_shapes("motion_adapter", &motion.weights, specs("motion_adapter"));
+        let controlnet = open_controlnet(&dir.0.join("controlnet")).unwrap();
+        assert_shapes("controlnet", &controlnet.weights, specs("controlnet"));
+
+        // The real tokenizer's ids index both token tables.
+        assert_eq!(clip_l.config.vocab_size, 49408);
+        assert_eq!(clip_g.config.vocab_size, 49408);
+        assert_eq!(unet.config.cross_attention_dims()[0], clip_l.config.hidden_size + clip_g.config.hidden_size);
+        let text_time = unet.config.text_time.as_ref().unwrap();
+        assert_eq!(text_time.input_dim, clip_g.config.projection_dim.unwrap() + 6 * text_time.time_embed_dim);
+        motion.config.check_unet(&unet.config).unwrap();
+        assert!(motion.config.max_seq_length >= 16 && motion.config.mid_block.is_none());
+        assert_eq!(vae.config.upsample_factor(), 8);
+        assert_eq!(controlnet.config.hint_factor(), 8);
+        assert_eq!(controlnet.config.encoder.block_out_channels, unet.config.block_out_channels);
+    }
+
+    /// Values follow the stated rule, checked against the uniform distribution's own moments:
+    /// weights in ±bound with standard deviation bound/sqrt(3), norm scales 1, small biases.
+    #[test]
+    fn values_follow_pytorch_default_initialisation() {
+        let dir = TempDir::new("values");
+        write_random_pipeline(&dir.0, ModelSize::Small, 3).unwrap();
+        let unet = open_unet(&dir.0).unwrap();
+        let values = |name: &str| unet.weights.get(name).unwrap().to_f32_vec().unwrap();
+        let check_uniform = |name: &str, bound: f32| {
+            let v = values(name);
+            let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!(max <= bound * 1.001 && max > bound * 0.9, "{name}: max |v| {max}, bound {bound}");
+            let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+            let std = (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+            let expected = bound as f64 / 3f64.sqrt();
+            assert!((std / expected - 1.0).abs() < 0.05, "{name}: std {std}, uniform's {expected}");
+            assert!(mean.abs() < 0.05 * expected, "{name}: mean {mean}");
+        };
+        // conv [32, 4, 3, 3]: fan_in 36; a closing projection at half the bound.
+        check_uniform("conv_in.weight", 1.0 / 36f32.sqrt());
+        check_uniform("down_blocks.0.resnets.0.conv2.weight", 0.5 / (32f32 * 9.0).sqrt());
+        check_uniform("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0.weight", 0.5 / 8.0);
+        assert!(values("conv_norm_out.weight").iter().all(|&x| x == 1.0));
+        let bias = values("conv_in.bias");
+        assert!(bias.iter().all(|x| x.abs() <= BIAS_BOUND * 1.001) && bias.iter().any(|&x| x != 0.0));
+        // Each tensor has its own stream.
+        assert_ne!(values("down_blocks.0.resnets.0.conv1.weight"), values("down_blocks.0.resnets.0.conv2.weight")[..]);
+    }
+
+    /// The cache reuses a complete folder and keys it by seed.
+    #[test]
+    fn cache_reuses_a_complete_folder() {
+        let dir = TempDir::new("cache");
+        let first = cached_random_pipeline(&dir.0, ModelSize::Small, 1).unwrap();
+        let weights = first.join("unet").join("diffusion_pytorch_model.safetensors");
+        let written = std::fs::metadata(&weights).unwrap().modified().unwrap();
+        assert_eq!(cached_random_pipeline(&dir.0, ModelSize::Small, 1).unwrap(), first);
+        assert_eq!(std::fs::metadata(&weights).unwrap().modified().unwrap(), written);
+        let other = cached_random_pipeline(&dir.0, ModelSize::Small, 2).unwrap();
+        assert_ne!(other, first);
+        assert_ne!(
+            std::fs::read(&weights).unwrap(),
+            std::fs::read(other.join("unet/diffusion_pytorch_model.safetensors")).unwrap()
+        );
+        // Nothing half-written is left beside the finished folders.
+        assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 2);
+    }
+
+    /// The full set has SDXL 1.0's published parameter counts (UNet, both text encoders, the
+    /// AnimateDiff-SDXL adapter, a full ControlNet).
+    #[test]
+    fn full_shapes_are_sdxl() {
+        let components = components(ModelSize::Full).unwrap();
+        let count = |folder: &str| params(&components.iter().find(|c| c.folder == folder).unwrap().specs);
+        assert_eq!(count("unet"), 2_567_463_684);
+        assert_eq!(count("text_encoder"), 123_060_480);
+        assert_eq!(count("text_encoder_2"), 694_659_840);
+        assert_eq!(count("motion_adapter"), 236_779_200);
+        assert_eq!(count("controlnet"), 1_251_014_160);
+    }
+}

@@ -44,6 +44,13 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         ("auto", Device::Cpu) | ("small", _) => ModelSize::Small,
         (other, _) => return Err(Error::Input(format!("--size must be auto, small or full (got '{other}')"))),
     };
+    if size == ModelSize::Small && device == Device::Cuda {
+        return Err(Error::Input(
+            "--size small runs on the CPU only (its 32-wide motion heads are below the CUDA temporal-attention \
+             kernel's 33); use --size full on CUDA"
+                .into(),
+        ));
+    }
     if !(1..=MAX_FRAMES).contains(&args.frames) {
         return Err(Error::Input(format!("--frames must be 1 to {MAX_FRAMES} (got {})", args.frames)));
     }
@@ -77,9 +84,10 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     println!(
         "\nThe weights are random, so the frames are noise-like patterns, not pictures: this run shows the \
          pipeline and its speed.\nThe demo runs LCM sampling without the LCM-LoRA it is made for (the UNet is \
-         random anyway).\nTo render real anime clips, point `celframe render` at real weights: fill in the \
-         models/ paths of examples/seed.toml (SDXL base, an AnimateDiff-SDXL motion adapter, an OpenPose \
-         ControlNet, the LCM-LoRA) and run `celframe render examples/seed.toml`."
+         random anyway).\nTo render real anime clips, point `celframe render` at real weights: put the downloads \
+         examples/seed.toml names (SDXL base, the fp16-fix VAE, an AnimateDiff-SDXL motion adapter, OpenPose and \
+         depth ControlNets, the LCM-LoRA) in examples/models/ and your control images in examples/control/, then \
+         run `celframe render examples/seed.toml`."
     );
     Ok(())
 }

@@ -72,7 +72,7 @@ struct Component {
 
 /// Writes `unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`, `motion_adapter/` and
 /// `controlnet/` into `dir` (created if absent). Full-size values are drawn on the GPU when there
-/// is one (about 5.6 billion of them); everything else on the CPU.
+/// is one (about 4.9 billion of them); everything else on the CPU.
 pub fn write_random_pipeline(dir: &Path, size: ModelSize, seed: u64) -> Result<()> {
     let components = components(size)?;
     let gpu = match size {

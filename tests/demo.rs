@@ -66,6 +66,16 @@ fn cpu_demo_writes_frames_and_an_mp4() {
     }
 }
 
+/// Fewer frames than the built-in pose's five keyframes still render (fewer poses).
+#[test]
+fn short_clip_renders() {
+    let dir = TempDir::new("demo-short");
+    let root = dir.path("out");
+    let out = demo(&["--device", "cpu", "--frames", "3", "--out", root.to_str().unwrap()]);
+    assert!(out.status.success(), "exit {:?}:\n{}", out.status.code(), text(&out));
+    assert_eq!(std::fs::read_dir(root.join("video/clip_001/frames")).unwrap().count(), 3);
+}
+
 #[test]
 fn bad_arguments_exit_2_naming_them() {
     let out = demo(&["--device", "cpu", "--size", "huge"]);

@@ -92,6 +92,13 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     Ok(())
 }
 
+/// Where the built-in pose's keyframes sit: its five spread over the clip, fewer on clips too
+/// short to hold five on distinct frames.
+fn pose_keyframes(frames: usize) -> Vec<f32> {
+    let poses = frames.clamp(1, 5);
+    (0..poses).map(|i| if poses == 1 { 0.0 } else { i as f32 / (poses - 1) as f32 }).collect()
+}
+
 /// `$CELFRAME_DEMO_CACHE`, else `target/celframe-demo` under the current folder (beside the
 /// build, and removed by `cargo clean`).
 fn cache_root() -> PathBuf {
@@ -103,7 +110,7 @@ fn cache_root() -> PathBuf {
 /// One clip at 8 fps with an OpenPose ControlNet on the built-in pose keyframes; the sampler,
 /// context windows and mp4 choice are the renderer's defaults (LCM, 4 steps, CFG 1.5).
 fn demo_config(models: &Path, size: ModelSize, device: Device, args: &DemoArgs) -> RenderConfig {
-    let mut config: RenderConfig = RenderConfig {
+    let mut config = RenderConfig {
         models: ModelPaths {
             base: Some(models.to_path_buf()),
             motion_adapter: Some(models.join("motion_adapter")),
@@ -118,15 +125,16 @@ fn demo_config(models: &Path, size: ModelSize, device: Device, args: &DemoArgs) 
             end: 1.0,
             guess_mode: false,
             images: BUILTIN_POSE.into(),
-            keyframes: None,
+            keyframes: Some(pose_keyframes(args.frames)),
             interpolation: "hold".into(),
         }],
         sampler: Default::default(),
         video: Default::default(),
         output: Default::default(),
         seed: args.seed,
-        // The CPU twins compute in f32 whatever the dtype; f16 would only add conversions.
-        dtype: if device == Device::Cuda { "f16" } else { "f32" }.into(),
+        // f16 on CUDA, and for the full set anywhere (its weights take 10 GB in f16, twice that in
+        // f32); the CPU twins accumulate in f32 either way, so the small set skips the roundings.
+        dtype: if device == Device::Cuda || size == ModelSize::Full { "f16" } else { "f32" }.into(),
         device: if device == Device::Cuda { "cuda" } else { "cpu" }.into(),
         clips: vec![ClipSpec {
             prompt: PROMPT.into(),

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::demo::random;
 use super::elements;
 use crate::error::{Error, Result};
 use crate::gpu::profile::format_rows;
@@ -22,6 +21,8 @@ use crate::models::{
     ControlNet, ControlScale, Frames, MotionModules, Place, Unet, UnetConfig, open_controlnet, open_motion, open_unet,
 };
 use crate::ops::Exec;
+use crate::ops::random::random_uniform;
+use crate::sampling::NoiseStream;
 use crate::tensor::{DType, Tensor};
 use crate::verify::arenas::{MAX_SCRATCH_GB, model_arenas, scratch_bytes, weight_bytes};
 use crate::verify::unet::ForwardInputs;
@@ -538,4 +539,9 @@ fn bench_vae_decoder(args: &BenchArgs, dtype: DType) -> Result<()> {
         t.min_ms()
     );
     breakdown(args, &gpu, &key, &t, forward)
+}
+
+/// Seeded values uniform in [-scale, scale] (the random op's CPU twin), for benchmark inputs.
+fn random(shape: &[usize], seed: u64, scale: f32, dtype: DType) -> Result<Tensor> {
+    random_uniform(&Exec::Cpu, NoiseStream::new(seed, 0), 0, shape, dtype, -scale, scale)
 }

@@ -1,8 +1,7 @@
-//! Command-line interface: `celframe demo` (the most complete thing the engine runs until the
-//! renderer exists), `celframe info` (device and compiled kernels), `celframe bench` (whole
-//! forwards timed), `celframe verify` (a component against a reference file, `crate::verify`),
-//! `celframe tokenize`, `celframe schedule` (a sampler's timesteps and sigmas) and `celframe
-//! render` (clips from a render config).
+//! Command-line interface: `celframe demo` (the render pipeline on random weights), `celframe info`
+//! (device and compiled kernels), `celframe bench` (whole forwards timed), `celframe verify` (a
+//! component against a reference file, `crate::verify`), `celframe tokenize`, `celframe schedule`
+//! (a sampler's timesteps and sigmas) and `celframe render` (clips from a render config).
 
 pub mod bench;
 pub mod demo;
@@ -39,8 +38,8 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Run one SDXL UNet ResNet block (random weights at real shapes) on CUDA and on the CPU
-    /// twins, compare them and time the CUDA run; CPU only where there is no GPU.
+    /// Render a 2-second clip with the whole pipeline on an SDXL-family model with seeded random
+    /// weights (full SDXL shapes on CUDA, a small model on the CPU) into outputs/demo.
     Demo(demo::DemoArgs),
     /// Show the CUDA device and every compiled kernel with its registers and spills (sm_90a).
     Info,

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod noise_init;
+pub mod random_models;
 pub mod render;
 pub mod windows;
 

@@ -7,8 +7,8 @@ use std::process::Command;
 
 use celframe::Error;
 use celframe::cli::render::{RenderArgs, config_from_args};
-use celframe::pipeline::RenderOptions;
 use celframe::output::Mp4Choice;
+use celframe::pipeline::RenderOptions;
 use celframe::pipeline::config::{Component, RenderConfig};
 use celframe::sampling::{BetaSchedule, Prediction, SamplerConfig, SamplerKind, Spacing};
 

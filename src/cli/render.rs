@@ -73,7 +73,6 @@ pub struct RenderArgs {
     pub dry_run: bool,
 }
 
-
 /// The config with the arguments' overrides applied, validated, and the run options. Errors name
 /// the config file.
 pub fn config_from_args(args: &RenderArgs) -> Result<(RenderConfig, RenderOptions)> {

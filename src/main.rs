@@ -12,6 +12,7 @@ fn main() -> ExitCode {
         Command::Tokenize(args) => celframe::cli::tokenize::run(args),
         Command::Schedule(args) => celframe::cli::schedule::run(args),
         Command::Render(args) => celframe::cli::render::run(args),
+        Command::Control(args) => celframe::cli::control::run(args),
         // Also exits 1 (an output outside its tolerance or not finite); errors map as below.
         Command::Verify(args) => return celframe::cli::verify::main(args),
     };

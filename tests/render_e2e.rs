@@ -214,3 +214,40 @@ fn a_controlnet_on_keyframes_only_runs_on_those_frames() {
     let moved = rel_l2(&with, &without);
     assert!(moved > 1e-3, "keyframe control changed the clip by only {moved:e}");
 }
+
+#[test]
+fn celframe_control_writes_the_hints_a_config_gives() {
+    use celframe::control::canny::canny;
+    use celframe::output::{RgbImage, decode_png, write_png};
+    let dir = TempDir::new("control-command");
+    // A picture for the canny net (edges computed in-process) and a grey depth map.
+    let square: Vec<u8> = (0..64 * 64)
+        .flat_map(|i| if (16..48).contains(&(i % 64)) && (16..48).contains(&(i / 64)) { [230; 3] } else { [10; 3] })
+        .collect();
+    let picture = RgbImage::new(64, 64, square).unwrap();
+    write_png(&dir.path("picture.png"), &picture).unwrap();
+    let ramp: Vec<u8> = (0..64 * 64).flat_map(|i| [(40 + (i % 64) * 2) as u8; 3]).collect();
+    write_png(&dir.path("depth.png"), &RgbImage::new(64, 64, ramp).unwrap()).unwrap();
+    let out = dir.path("outputs");
+    let mut json = serde_json::to_value(config_for("controlnet_video", &out, None)).unwrap();
+    let net = fixtures().join("pipeline_tiny/controlnet").display().to_string();
+    json["controlnets"] = serde_json::json!([
+        { "path": net, "kind": "canny", "images": dir.path("picture.png").display().to_string() },
+        { "path": net, "kind": "depth", "images": dir.path("depth.png").display().to_string() },
+    ]);
+    let file = dir.path("control.json");
+    std::fs::write(&file, serde_json::to_string(&json).unwrap()).unwrap();
+    let hints = dir.path("hints");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_celframe"))
+        .args(["control", &file.display().to_string(), "--out", &hints.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let read = |p: &str| decode_png(&std::fs::read(hints.join(p)).unwrap()).unwrap();
+    let edges = read("clip_001/controlnet_1_canny/frame_000000.png");
+    assert_eq!(edges.pixels(), canny(&picture, 100.0, 200.0).unwrap().pixels(), "the canny hint");
+    assert!(edges.pixels().contains(&255) && edges.pixels().contains(&0));
+    let depth = read("clip_001/controlnet_2_depth/frame_000000.png");
+    let (lo, hi) = depth.pixels().iter().fold((255u8, 0u8), |(l, h), &v| (l.min(v), h.max(v)));
+    assert_eq!((lo, hi), (0, 255), "the depth map is scaled to the full range");
+}

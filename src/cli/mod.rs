@@ -4,6 +4,7 @@
 //! (a sampler's timesteps and sigmas) and `celframe render` (clips from a render config).
 
 pub mod bench;
+pub mod control;
 pub mod demo;
 pub mod info;
 pub mod render;
@@ -61,6 +62,9 @@ pub enum Command {
     /// resolved config as JSON.
     #[command(after_help = EXIT_CODES)]
     Render(render::RenderArgs),
+    /// Write the hint images a render config gives its ControlNets (pose skeletons, Canny edges,
+    /// depth maps), resized to the render size, as PNGs to look at before rendering.
+    Control(control::ControlArgs),
 }
 
 /// The element count of a tensor whose dimensions are `dims` (each a name, such as the flag that

@@ -138,7 +138,10 @@ pub struct ControlNetEntry {
     #[serde(default)]
     pub guess_mode: bool,
     /// A folder of PNGs (in name order), one PNG, or "builtin:pose" (kind openpose: a pose
-    /// sequence drawn at the keyframes, by default the five at 0, 0.25, 0.5, 0.75 and 1).
+    /// sequence drawn at the keyframes, by default the five at 0, 0.25, 0.5, 0.75 and 1). By kind:
+    /// canny takes ordinary pictures and computes their Canny edges (OpenCV's thresholds 100/200);
+    /// depth takes depth maps (8- or 16-bit grey PNGs, near = bright, scaled to one range over the
+    /// clip); the others are used as drawn (skeletons, line art, soft edges made elsewhere).
     pub images: PathBuf,
     /// Where the images sit in the clip, as fractions of it (0 first frame, 1 last), increasing.
     /// Default: spread evenly, image i of n at i / (n - 1): five images give 0, 0.25, 0.5, 0.75, 1

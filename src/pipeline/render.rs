@@ -18,10 +18,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::control::builtin::waving_figure;
+use crate::control::canny::{CANNY_HIGH, CANNY_LOW, canny};
+use crate::control::depth::{DepthMap, DepthRange, depth_hint, load_depth_png};
 use crate::control::image::load_image_png;
 use crate::control::keyframes::{Interpolation, KeyframeSchedule};
 use crate::control::pose::draw_pose;
-use crate::control::prepare::prepare_control_images;
+use crate::control::prepare::{prepare_control_images, resize_lanczos};
 use crate::error::{Error, Result};
 use crate::gpu::profile::format_rows;
 use crate::gpu::{Arena, Gpu, nvtx};
@@ -490,29 +492,54 @@ struct ClipControl {
     end: f32,
 }
 
+/// A ControlNet's hint images for a `frames`-frame clip of `width` x `height` as the net sees them
+/// (computed from its inputs by kind, resized as diffusers' image processor does), and the
+/// keyframes they sit on.
+pub fn control_hints(
+    entry: &ControlNetEntry,
+    frames: usize,
+    width: u32,
+    height: u32,
+) -> Result<(Vec<usize>, Vec<RgbImage>)> {
+    let files = entry.image_files()?;
+    let images: Vec<RgbImage> = if entry.is_builtin_pose() {
+        let count = entry.keyframes.as_ref().map_or(5, |k| k.len()).max(1);
+        let poses = waving_figure(count.max(2), width, height)?;
+        poses.iter().take(count).map(|p| draw_pose(p, width, height)).collect::<Result<_>>()?
+    } else if entry.kind == "depth" {
+        let maps = files.iter().map(|p| load_depth_png(p)).collect::<Result<Vec<_>>>()?;
+        // One range over the clip, so the hint does not flicker with each map's own range.
+        let (low, high) = maps
+            .iter()
+            .map(DepthMap::range)
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), (a, b)| (l.min(a), h.max(b)));
+        maps.iter().map(|m| depth_hint(m, DepthRange::Fixed { low, high }, false)).collect::<Result<_>>()?
+    } else if entry.kind == "canny" {
+        let pictures = files.iter().map(|p| load_image_png(p)).collect::<Result<Vec<_>>>()?;
+        pictures.iter().map(|p| canny(p, CANNY_LOW, CANNY_HIGH)).collect::<Result<_>>()?
+    } else {
+        files.iter().map(|p| load_image_png(p)).collect::<Result<_>>()?
+    };
+    let images = images.iter().map(|im| resize_lanczos(im, width, height)).collect::<Result<Vec<_>>>()?;
+    let positions = entry.keyframe_positions(images.len());
+    let last = frames.saturating_sub(1) as f32;
+    let mut keyframes: Vec<usize> = positions.iter().map(|p| (p * last).round() as usize).collect();
+    keyframes.dedup();
+    if keyframes.len() != images.len() {
+        return Err(Error::Input(format!(
+            "controlnets ({}): {} images on {} distinct frames of a {frames}-frame clip: give fewer images or more frames",
+            entry.path.display(),
+            images.len(),
+            keyframes.len(),
+        )));
+    }
+    Ok((keyframes, images))
+}
+
 impl ClipControl {
     fn build(entry: &ControlNetEntry, g: Geometry) -> Result<ClipControl> {
         let (width, height) = (g.width as u32, g.height as u32);
-        let images: Vec<RgbImage> = if entry.is_builtin_pose() {
-            let count = entry.keyframes.as_ref().map_or(5, |k| k.len()).max(1);
-            let poses = waving_figure(count.max(2), width, height)?;
-            poses.iter().take(count).map(|p| draw_pose(p, width, height)).collect::<Result<_>>()?
-        } else {
-            entry.image_files()?.iter().map(|p| load_image_png(p)).collect::<Result<_>>()?
-        };
-        let positions = entry.keyframe_positions(images.len());
-        let last = g.frames.saturating_sub(1) as f32;
-        let mut keyframes: Vec<usize> = positions.iter().map(|p| (p * last).round() as usize).collect();
-        keyframes.dedup();
-        if keyframes.len() != images.len() {
-            return Err(Error::Input(format!(
-                "controlnets ({}): {} images on {} distinct frames of a {}-frame clip: give fewer images or more frames",
-                entry.path.display(),
-                images.len(),
-                keyframes.len(),
-                g.frames
-            )));
-        }
+        let (keyframes, images) = control_hints(entry, g.frames, width, height)?;
         let rule = match entry.interpolation.as_str() {
             "hold" => Interpolation::Hold,
             "linear" => Interpolation::Linear,

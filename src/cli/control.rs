@@ -1,0 +1,55 @@
+//! `celframe control CONFIG`: the hint images a render config gives its ControlNets, written as
+//! PNGs so they can be looked at before rendering.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::error::{Error, Result};
+use crate::output::write_png;
+use crate::pipeline::config::RenderConfig;
+use crate::pipeline::render::control_hints;
+
+#[derive(Args)]
+pub struct ControlArgs {
+    /// The render config (TOML or JSON).
+    pub config: PathBuf,
+    /// Where the PNGs go (default: the config's output root + /control).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Writes `OUT/clip_NNN/controlnet_K_KIND/frame_NNNNNN.png` for every keyframe of every clip.
+pub fn run(args: &ControlArgs) -> Result<()> {
+    let config = RenderConfig::load(&args.config)?;
+    config.validate().map_err(|e| match e {
+        Error::Input(m) => Error::Input(format!("{}: {m}", args.config.display())),
+        other => other,
+    })?;
+    if config.controlnets.is_empty() {
+        return Err(Error::Input(format!("{}: no controlnets to draw hints for", args.config.display())));
+    }
+    let out = args.out.clone().unwrap_or_else(|| config.output.root.join("control"));
+    let (width, height) = (config.video.width as u32, config.video.height as u32);
+    for clip in 0..config.clips.len() {
+        let frames = config.clip_frames(clip);
+        for (n, entry) in config.controlnets.iter().enumerate() {
+            let (keyframes, images) = control_hints(entry, frames, width, height)?;
+            let dir = out.join(format!("clip_{:03}", clip + 1)).join(format!("controlnet_{}_{}", n + 1, entry.kind));
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::Io { context: format!("creating {}", dir.display()), source: e })?;
+            for (k, image) in keyframes.iter().zip(&images) {
+                write_png(&dir.join(format!("frame_{k:06}.png")), image)?;
+            }
+            println!(
+                "{}: {} hint{} at frames {keyframes:?} of {frames} ({}, interpolation {})",
+                dir.display(),
+                images.len(),
+                if images.len() == 1 { "" } else { "s" },
+                entry.kind,
+                entry.interpolation
+            );
+        }
+    }
+    Ok(())
+}

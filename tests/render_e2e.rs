@@ -251,3 +251,32 @@ fn celframe_control_writes_the_hints_a_config_gives() {
     let (lo, hi) = depth.pixels().iter().fold((255u8, 0u8), |(l, h), &v| (l.min(v), h.max(v)));
     assert_eq!((lo, hi), (0, 255), "the depth map is scaled to the full range");
 }
+
+#[test]
+fn openpose_json_keyframes_are_drawn_as_the_nets_were_trained() {
+    // A folder with a BODY_25 OpenPose file: `celframe control` draws it at the render size, the
+    // same skeleton as the cv2 reference drawing of tools/make_control_fixtures.py.
+    let dir = TempDir::new("control-openpose");
+    let poses = dir.path("poses");
+    std::fs::create_dir_all(&poses).unwrap();
+    std::fs::copy(fixtures().join("control_pose_body25.json"), poses.join("000.json")).unwrap();
+    let out = dir.path("outputs");
+    let mut json = serde_json::to_value(config_for("controlnet_video", &out, None)).unwrap();
+    json["video"]["width"] = 128.into();
+    json["video"]["height"] = 96.into();
+    let net = fixtures().join("pipeline_tiny/controlnet").display().to_string();
+    json["controlnets"] =
+        serde_json::json!([{ "path": net, "kind": "openpose", "images": poses.display().to_string() }]);
+    let file = dir.path("pose.json");
+    std::fs::write(&file, serde_json::to_string(&json).unwrap()).unwrap();
+    let hints = dir.path("hints");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_celframe"))
+        .args(["control", &file.display().to_string(), "--out", &hints.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let read = |p: &Path| celframe::output::decode_png(&std::fs::read(p).unwrap()).unwrap();
+    let drawn = read(&hints.join("clip_001/controlnet_1_openpose/frame_000000.png"));
+    let reference = read(&fixtures().join("control_pose_body25_128x96.png"));
+    assert_eq!(drawn.pixels(), reference.pixels(), "the skeleton differs from the reference drawing");
+}

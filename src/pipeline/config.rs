@@ -138,7 +138,9 @@ pub struct ControlNetEntry {
     #[serde(default)]
     pub guess_mode: bool,
     /// A folder of PNGs (in name order), one PNG, or "builtin:pose" (kind openpose: a pose
-    /// sequence drawn at the keyframes, by default the five at 0, 0.25, 0.5, 0.75 and 1). By kind:
+    /// sequence drawn at the keyframes, by default the five at 0, 0.25, 0.5, 0.75 and 1); kind
+    /// openpose also takes OpenPose JSON files (`people[].pose_keypoints_2d`, COCO-18 or BODY_25),
+    /// drawn as the OpenPose ControlNets were trained (controlnet_aux's colours and limbs). By kind:
     /// canny takes ordinary pictures and computes their Canny edges (OpenCV's thresholds 100/200);
     /// depth takes depth maps (8- or 16-bit grey PNGs, near = bright, scaled to one range over the
     /// clip); the others are used as drawn (skeletons, line art, soft edges made elsewhere).
@@ -560,6 +562,11 @@ fn is_png(path: &Path) -> bool {
     path.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"))
 }
 
+/// OpenPose JSON (the OpenPose output format), which an openpose entry draws into skeletons.
+pub fn is_json(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"))
+}
+
 impl ControlNetEntry {
     /// Whether the images are the built-in pose sequence.
     pub fn is_builtin_pose(&self) -> bool {
@@ -580,7 +587,7 @@ impl ControlNetEntry {
         let mut files = Vec::new();
         for entry in entries {
             let path = entry.map_err(|e| Error::Input(format!("{}: cannot list: {e}", self.images.display())))?.path();
-            if is_png(&path) && path.is_file() {
+            if self.is_hint_file(&path) && path.is_file() {
                 if files.len() == MAX_FRAMES {
                     return Err(Error::Input(format!(
                         "{}: more than {MAX_FRAMES} PNGs (a clip has at most {MAX_FRAMES} frames)",
@@ -601,6 +608,11 @@ impl ControlNetEntry {
             None if count <= 1 => vec![0.0],
             None => (0..count).map(|i| i as f32 / (count - 1) as f32).collect(),
         }
+    }
+
+    /// A PNG, or for kind openpose also an OpenPose JSON file.
+    fn is_hint_file(&self, path: &Path) -> bool {
+        is_png(path) || self.kind == "openpose" && is_json(path)
     }
 
     /// The built-in pose sequence has no images to count: it is drawn at the five default keyframes.
@@ -634,8 +646,11 @@ impl ControlNetEntry {
             problems
                 .push(format!("{images}: {}: no such file or folder (or \"{BUILTIN_POSE}\")", self.images.display()));
             return;
-        } else if !(self.images.is_dir() || is_png(&self.images) && self.images.is_file()) {
-            problems.push(format!("{images}: {}: neither a folder of PNGs nor a .png file", self.images.display()));
+        } else if !(self.images.is_dir() || self.is_hint_file(&self.images) && self.images.is_file()) {
+            problems.push(format!(
+                "{images}: {}: neither a folder of PNGs nor a .png file (nor, for openpose, OpenPose .json)",
+                self.images.display()
+            ));
             return;
         }
         let count = match self.image_count() {

@@ -22,7 +22,7 @@ use crate::control::canny::{CANNY_HIGH, CANNY_LOW, canny};
 use crate::control::depth::{DepthMap, DepthRange, depth_hint, load_depth_png};
 use crate::control::image::load_image_png;
 use crate::control::keyframes::{Interpolation, KeyframeSchedule};
-use crate::control::pose::draw_pose;
+use crate::control::pose::{draw_pose, load_openpose};
 use crate::control::prepare::{prepare_control_images, resize_lanczos};
 use crate::error::{Error, Result};
 use crate::gpu::profile::format_rows;
@@ -40,7 +40,7 @@ use crate::ops::Exec;
 use crate::ops::elementwise::{add, mul};
 use crate::ops::rows::scatter_rows;
 use crate::output::{ClipOptions, Fps, GridCell, OutputTree, RgbImage, decode_png};
-use crate::pipeline::config::{Component, ControlNetEntry, RenderConfig};
+use crate::pipeline::config::{Component, ControlNetEntry, RenderConfig, is_json};
 use crate::pipeline::noise_init::freenoise_frame_sources;
 use crate::pipeline::windows::{ContextOptions, Fuse, Fuser, Schedule, gather};
 use crate::sampling::{NoiseRequest, NoiseSource, NoiseStream, Purpose, Sampler, cfg_combine, cfg_rescale, stream_id};
@@ -518,7 +518,16 @@ pub fn control_hints(
         let pictures = files.iter().map(|p| load_image_png(p)).collect::<Result<Vec<_>>>()?;
         pictures.iter().map(|p| canny(p, CANNY_LOW, CANNY_HIGH)).collect::<Result<_>>()?
     } else {
-        files.iter().map(|p| load_image_png(p)).collect::<Result<_>>()?
+        files
+            .iter()
+            .map(|p| {
+                if is_json(p) {
+                    draw_pose(&load_openpose(p, (width, height))?, width, height)
+                } else {
+                    load_image_png(p)
+                }
+            })
+            .collect::<Result<_>>()?
     };
     let images = images.iter().map(|im| resize_lanczos(im, width, height)).collect::<Result<Vec<_>>>()?;
     let positions = entry.keyframe_positions(images.len());

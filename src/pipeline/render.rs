@@ -24,6 +24,8 @@ use crate::control::image::load_image_png;
 use crate::control::keyframes::{Interpolation, KeyframeSchedule};
 use crate::control::pose::{draw_pose, load_openpose};
 use crate::control::prepare::{prepare_control_images, resize_lanczos};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
 use crate::error::{Error, Result};
 use crate::gpu::profile::format_rows;
 use crate::gpu::{Arena, Gpu, nvtx};
@@ -722,6 +724,7 @@ fn render_clip(
     clip_options.replace = config.output.replace;
     let mut writer = tree.begin_clip(number as u32, &clip_options)?;
     let mut kept = Vec::new();
+    let bar = progress_bar(g.frames as u64, &format!("clip {number:03} decode + write"), "frames");
     // Whole frames, as diffusers' pipelines decode unless VAE tiling is enabled.
     let decode = DecodeOptions { chunk_frames: video.vae_chunk_frames, tiling: None };
     models.vae.decode_frames_each(&target.ex, &latents, &decode, |_, images| {
@@ -731,6 +734,7 @@ fn render_clip(
             let unit: Vec<f32> = frame.iter().map(|v| (v / 2.0 + 0.5).clamp(0.0, 1.0)).collect();
             let bytes = unit.iter().map(|v| (v * 255.0).round() as u8).collect();
             writer.push(RgbImage::new(g.width as u32, g.height as u32, bytes)?)?;
+            bar.inc(1);
             if options.keep_tensors {
                 kept.extend(unit);
             }
@@ -738,6 +742,7 @@ fn render_clip(
         Ok(())
     })?;
     let report = writer.finish()?;
+    bar.finish();
     times.decode_and_write = t2.elapsed().as_secs_f64();
     let images = if options.keep_tensors {
         Some(Tensor::from_f32(&[g.frames, g.height, g.width, 3], DType::F32, &kept)?)
@@ -778,6 +783,11 @@ impl ClipRun<'_> {
             Ok(())
         };
         let mut cache = InputCache::default();
+        let bar = progress_bar(
+            evaluations as u64,
+            &format!("clip {number:03} frames {first}..{}", first + g.frames),
+            "steps",
+        );
         for i in 0..evaluations {
             let _step_range = nvtx::range(&format!("clip {number} step {}", i + 1));
             let timestep = sampler.timesteps()[sampler.position()];
@@ -794,11 +804,17 @@ impl ClipRun<'_> {
                     nvtx::range(&format!("window {} frames {}..={}", wi + 1, frames[0], frames[frames.len() - 1]));
                 let latents: Vec<f32> = gather(window, x, g.frame_len())?.into_iter().map(|v| v * scale).collect();
                 let step = Step { index: i, of: evaluations, window: wi, windows: windows.len(), timestep };
+                bar.set_message(format!("window {}/{}", wi + 1, windows.len()));
                 let guided = denoise_window(self, g, &frames, &latents, step, &mut cache)?;
                 fuser.add(window, &context.fuse_weights(window, g.frames), &guided)?;
             }
             let model_output = fuser.finish()?;
             sampler.step(&model_output, x, &mut step_noise as &mut dyn NoiseSource)?;
+            bar.inc(1);
+            if !bar.is_hidden() {
+                continue;
+            }
+            // Not a terminal (a log): one line per step.
             eprintln!(
                 "clip {number:03}: frames {first}..{}: step {}/{evaluations} ({} window{}) {:.2} it/s",
                 first + g.frames,
@@ -808,6 +824,7 @@ impl ClipRun<'_> {
                 (i + 1) as f64 / started.elapsed().as_secs_f64()
             );
         }
+        bar.finish();
         Ok(())
     }
 
@@ -842,6 +859,19 @@ impl ClipRun<'_> {
         }
         Ok(clip)
     }
+}
+
+/// A progress bar on stderr when it is a terminal (hidden otherwise: then the caller prints lines).
+fn progress_bar(len: u64, prefix: &str, unit: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template(&format!(
+        "{{prefix}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{per_sec}} {{msg}} ({{elapsed}})"
+    ))
+    .map(|s| s.progress_chars("=> "))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_prefix(prefix.to_string());
+    bar
 }
 
 fn context_options(config: &RenderConfig) -> Result<ContextOptions> {

@@ -215,6 +215,15 @@ fn a_controlnet_on_keyframes_only_runs_on_those_frames() {
     assert!(moved > 1e-3, "keyframe control changed the clip by only {moved:e}");
 }
 
+/// `celframe control CONFIG --out HINTS`, which must succeed.
+fn celframe_control(config: &Path, hints: &Path) {
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_celframe"))
+        .args(["control", &config.display().to_string(), "--out", &hints.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+}
+
 #[test]
 fn celframe_control_writes_the_hints_a_config_gives() {
     use celframe::control::canny::canny;
@@ -238,11 +247,7 @@ fn celframe_control_writes_the_hints_a_config_gives() {
     let file = dir.path("control.json");
     std::fs::write(&file, serde_json::to_string(&json).unwrap()).unwrap();
     let hints = dir.path("hints");
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_celframe"))
-        .args(["control", &file.display().to_string(), "--out", &hints.display().to_string()])
-        .output()
-        .unwrap();
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    celframe_control(&file, &hints);
     let read = |p: &str| decode_png(&std::fs::read(hints.join(p)).unwrap()).unwrap();
     let edges = read("clip_001/controlnet_1_canny/frame_000000.png");
     assert_eq!(edges.pixels(), canny(&picture, 100.0, 200.0).unwrap().pixels(), "the canny hint");
@@ -270,11 +275,7 @@ fn openpose_json_keyframes_are_drawn_as_the_nets_were_trained() {
     let file = dir.path("pose.json");
     std::fs::write(&file, serde_json::to_string(&json).unwrap()).unwrap();
     let hints = dir.path("hints");
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_celframe"))
-        .args(["control", &file.display().to_string(), "--out", &hints.display().to_string()])
-        .output()
-        .unwrap();
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    celframe_control(&file, &hints);
     let read = |p: &Path| celframe::output::decode_png(&std::fs::read(p).unwrap()).unwrap();
     let drawn = read(&hints.join("clip_001/controlnet_1_openpose/frame_000000.png"));
     let reference = read(&fixtures().join("control_pose_body25_128x96.png"));

@@ -23,4 +23,4 @@ pub use controlnet::{
 pub use fields::Limits;
 pub use motion::{MotionCheckpoint, MotionConfig, MotionFormat, MotionModules, open_motion};
 pub use unet::{Frames, Unet, UnetCheckpoint, UnetConfig, UnetFormat, UnetInputs, UnetResiduals, open_unet};
-pub use weights::{ModelWeights, Place};
+pub use weights::{ModelWeights, Place, with_loras};

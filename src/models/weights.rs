@@ -29,6 +29,14 @@ pub enum Place<'a> {
     Merged { place: &'a Place<'a>, loras: &'a LoraMerge },
 }
 
+/// `place`, with `loras` merged on the way when there are any.
+pub fn with_loras<'a>(place: &'a Place<'a>, loras: Option<&'a LoraMerge>) -> Place<'a> {
+    match loras {
+        Some(loras) => Place::Merged { place, loras },
+        None => *place,
+    }
+}
+
 impl<'a> Place<'a> {
     pub fn dtype(&self) -> DType {
         match self {

@@ -32,11 +32,12 @@ use crate::gpu::{Arena, Gpu, nvtx};
 use crate::models::clip::conditioning::{Conditioning, SdxlTextEncoders, time_ids, time_ids_tensor};
 use crate::models::clip::{ClipCheckpoint, ClipTextModel, TextEncoderKind, open_text_encoder};
 use crate::models::controlnet::{ControlNet, ControlNetCheckpoint, ControlScale, open_controlnet};
+use crate::models::layout::video_to_rows;
 use crate::models::lora::{self, Component as LoraComponent, Loras, Targets};
 use crate::models::vae::{DecodeOptions, Vae, VaeCheckpoint, open_vae};
 use crate::models::{
     Frames, MotionCheckpoint, MotionModules, Place, Unet, UnetCheckpoint, UnetInputs, UnetResiduals, open_motion,
-    open_unet,
+    open_unet, with_loras,
 };
 use crate::ops::Exec;
 use crate::ops::elementwise::{add, mul};
@@ -163,13 +164,6 @@ struct Models {
     motion: Option<MotionModules>,
     vae: Vae,
     controlnets: Vec<ControlNet>,
-}
-
-fn with_loras<'a>(place: &'a Place<'a>, merge: Option<&'a lora::LoraMerge>) -> Place<'a> {
-    match merge {
-        Some(loras) => Place::Merged { place, loras },
-        None => *place,
-    }
 }
 
 impl Models {
@@ -640,19 +634,7 @@ fn diffusers_to_frames(t: &Tensor, g: Geometry) -> Result<Vec<f32>> {
     if t.shape() != want_video && !(g.frames == 1 && t.shape() == want_image) {
         return Err(Error::Input(format!("shape {:?}; this clip takes {want_video:?}", t.shape())));
     }
-    let v = t.to_f32_vec()?;
-    let (c, f, h, w) = (g.c, g.frames, g.h, g.w);
-    let mut out = vec![0f32; v.len()];
-    for frame in 0..f {
-        for y in 0..h {
-            for x in 0..w {
-                for ch in 0..c {
-                    out[((frame * h + y) * w + x) * c + ch] = v[((ch * f + frame) * h + y) * w + x];
-                }
-            }
-        }
-    }
-    Ok(out)
+    video_to_rows(&t.reshape(&want_video)?)?.to_f32_vec()
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -18,8 +18,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::models::Place;
-use crate::models::lora::{self, LoraMerge, LoraSpec, Loras, Targets};
+use crate::models::lora::{self, LoraSpec, Loras, Targets};
 use crate::tensor::{DType, Tensor};
 use crate::weights::{self, TensorFile};
 
@@ -47,14 +46,6 @@ impl LoraOptions {
         let mut targets = Targets::new();
         add(&mut targets)?;
         lora::resolve(&self.files, &targets, self.lenient).map(Some)
-    }
-}
-
-/// `place`, with `loras` merged on the way when there are any.
-fn with_loras<'a>(place: &'a Place<'a>, loras: Option<&'a LoraMerge>) -> Place<'a> {
-    match loras {
-        Some(loras) => Place::Merged { place, loras },
-        None => *place,
     }
 }
 

@@ -16,10 +16,12 @@ use std::path::Path;
 
 use super::arenas::{model_arenas, most_of_memory, scratch_bytes, weight_bytes};
 use super::unet::{ForwardInputs, INPUTS, RESIDUAL_PREFIX, read_residuals, read_timestep};
-use super::{Device, LoraOptions, Reference, Settings, Verification, compare, with_loras};
-use crate::error::{Error, Result};
+use super::{Device, LoraOptions, Reference, Settings, Verification, compare};
+use crate::error::Result;
 use crate::gpu::Gpu;
+use crate::models::layout::{rows_to_video, video_to_rows};
 use crate::models::lora::{Component, LoraMerge};
+use crate::models::with_loras;
 use crate::models::{
     Frames, MotionCheckpoint, MotionFormat, MotionModules, Place, Unet, UnetCheckpoint, UnetConfig, open_motion,
     open_unet,
@@ -33,36 +35,6 @@ struct MotionReference {
     frames: usize,
     inputs: ForwardInputs,
     expected: Tensor,
-}
-
-/// [videos, C, F, H, W] -> [videos * F, H, W, C] (row = video * F + frame), same dtype.
-fn video_to_rows(t: &Tensor) -> Result<Tensor> {
-    let &[b, c, f, h, w] = t.shape() else {
-        return Err(Error::Input(format!("{t:?} must be 5-d [videos, channels, frames, height, width]")));
-    };
-    let v = t.to_f32_vec()?;
-    let mut out = vec![0f32; v.len()];
-    for (i, o) in out.iter_mut().enumerate() {
-        let (ch, x, y, frame, video) =
-            (i % c, (i / c) % w, (i / (c * w)) % h, (i / (c * w * h)) % f, i / (c * w * h * f));
-        *o = v[(((video * c + ch) * f + frame) * h + y) * w + x];
-    }
-    Tensor::from_f32(&[b * f, h, w, c], t.dtype(), &out)
-}
-
-/// [videos * F, H, W, C] -> [videos, C, F, H, W], same dtype.
-fn rows_to_video(t: &Tensor, frames: usize) -> Result<Tensor> {
-    let &[n, h, w, c] = t.shape() else {
-        return Err(Error::Input(format!("{t:?} must be 4-d NHWC")));
-    };
-    let v = t.to_f32_vec()?;
-    let mut out = vec![0f32; v.len()];
-    for (i, o) in out.iter_mut().enumerate() {
-        let (x, y, frame, ch, video) =
-            (i % w, (i / w) % h, (i / (w * h)) % frames, (i / (w * h * frames)) % c, i / (w * h * frames * c));
-        *o = v[(((video * frames + frame) * h + y) * w + x) * c + ch];
-    }
-    Tensor::from_f32(&[n / frames, c, frames, h, w], t.dtype(), &out)
 }
 
 /// Reads and checks the reference against the UNet's config; shapes in errors are the file's.

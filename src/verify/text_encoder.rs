@@ -13,7 +13,7 @@
 use std::path::Path;
 
 use super::arenas::{model_arenas, scratch_bytes};
-use super::{Device, LoraOptions, Reference, Settings, Verification, compare, with_loras};
+use super::{Device, LoraOptions, Reference, Settings, Verification, compare};
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::models::Place;
@@ -21,6 +21,7 @@ use crate::models::clip::{
     ClipCheckpoint, ClipConfig, ClipFormat, ClipOutputs, ClipTextModel, TextEncoderKind, open_text_encoder,
 };
 use crate::models::lora::{Component, LoraMerge};
+use crate::models::with_loras;
 use crate::ops::Exec;
 use crate::tensor::{DType, Tensor};
 

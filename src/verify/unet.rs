@@ -5,11 +5,12 @@
 use std::path::Path;
 
 use super::arenas::{model_arenas, most_of_memory, scratch_bytes};
-use super::{Device, LoraOptions, Reference, Settings, Verification, compare, with_loras};
+use super::{Device, LoraOptions, Reference, Settings, Verification, compare};
 use crate::error::{Error, Result};
 use crate::gpu::{Arena, Gpu};
 use crate::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
 use crate::models::lora::{Component, LoraMerge};
+use crate::models::with_loras;
 use crate::models::{Place, Unet, UnetCheckpoint, UnetConfig, UnetFormat, UnetInputs, UnetResiduals, open_unet};
 use crate::ops::Exec;
 use crate::tensor::{DType, Tensor};

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use crate::control::prepare::resize_lanczos;
 use crate::error::{Error, Result};
 use crate::output::write_png;
 use crate::pipeline::config::RenderConfig;
@@ -39,7 +40,8 @@ pub fn run(args: &ControlArgs) -> Result<()> {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| Error::Io { context: format!("creating {}", dir.display()), source: e })?;
             for (k, image) in keyframes.iter().zip(&images) {
-                write_png(&dir.join(format!("frame_{k:06}.png")), image)?;
+                // At the render size, as the net sees it.
+                write_png(&dir.join(format!("frame_{k:06}.png")), &resize_lanczos(image, width, height)?)?;
             }
             println!(
                 "{}: {} hint{} at frames {keyframes:?} of {frames} ({}, interpolation {})",

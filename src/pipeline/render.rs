@@ -23,13 +23,13 @@ use crate::control::depth::{DepthMap, DepthRange, depth_hint, load_depth_png};
 use crate::control::image::load_image_png;
 use crate::control::keyframes::{Interpolation, KeyframeSchedule};
 use crate::control::pose::{draw_pose, load_openpose};
-use crate::control::prepare::{prepare_control_images, resize_lanczos};
+use crate::control::prepare::prepare_control_images;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::error::{Error, Result};
 use crate::gpu::profile::format_rows;
 use crate::gpu::{Arena, Gpu, nvtx};
-use crate::models::clip::conditioning::{Conditioning, SdxlTextEncoders, time_ids, time_ids_tensor};
+use crate::models::clip::conditioning::{Conditioning, SdxlTextEncoders, time_ids};
 use crate::models::clip::{ClipCheckpoint, ClipTextModel, TextEncoderKind, open_text_encoder};
 use crate::models::controlnet::{ControlNet, ControlNetCheckpoint, ControlScale, open_controlnet};
 use crate::models::layout::video_to_rows;
@@ -405,11 +405,18 @@ impl Geometry {
 /// The conditioning of a clip: the negative, and the prompt schedule's keys (frame, conditioning),
 /// all padded to one token count.
 struct ClipConditioning {
-    negative: Conditioning,
-    keys: Vec<(usize, Conditioning)>,
+    negative: HostConditioning,
+    keys: Vec<(usize, HostConditioning)>,
     tokens: usize,
     width: usize,
     pooled: usize,
+}
+
+/// One prompt's conditioning as host f32 values: the context [tokens * width] and the pooled
+/// vector, read out of their tensors once per clip.
+struct HostConditioning {
+    context: Vec<f32>,
+    pooled: Vec<f32>,
 }
 
 impl ClipConditioning {
@@ -428,18 +435,31 @@ impl ClipConditioning {
             keys.push((key.frame, cond));
         }
         let negative = text.encode_negative(ex, tokenizer, &clip.negative, false)?;
-        let tokens = keys.iter().map(|(_, c)| c.context.shape()[1]).chain([negative.context.shape()[1]]).max();
-        let tokens = tokens.unwrap_or(0);
-        // A1111 pads the shorter of a prompt pair with chunks of the empty prompt.
-        let empty = text.encode_prompt(ex, tokenizer, "", false)?.0;
-        let pad = |c: Conditioning| pad_chunks(c, &empty, tokens);
-        let negative = pad(negative)?;
-        let keys = keys.into_iter().map(|(f, c)| Ok((f, pad(c)?))).collect::<Result<Vec<_>>>()?;
-        Ok(ClipConditioning { negative, keys, tokens, width: text.context_width(), pooled: text.pooled_width() })
+        let tokens_of = |c: &Conditioning| c.context.shape()[1];
+        let tokens = keys.iter().map(|(_, c)| tokens_of(c)).chain([tokens_of(&negative)]).max().unwrap_or(0);
+        // A1111 pads the shorter of a prompt pair with chunks of the empty prompt (encoded only when
+        // some prompt is shorter).
+        let empty = if keys.iter().map(|(_, c)| c).chain([&negative]).any(|c| tokens_of(c) < tokens) {
+            text.encode_prompt(ex, tokenizer, "", false)?.0.context.to_f32_vec()?
+        } else {
+            Vec::new()
+        };
+        let width = text.context_width();
+        let host = |c: Conditioning| -> Result<HostConditioning> {
+            let mut context = c.context.to_f32_vec()?;
+            while context.len() < tokens * width {
+                context.extend_from_slice(&empty);
+            }
+            context.truncate(tokens * width);
+            Ok(HostConditioning { context, pooled: c.text_embeds.to_f32_vec()? })
+        };
+        let negative = host(negative)?;
+        let keys = keys.into_iter().map(|(f, c)| Ok((f, host(c)?))).collect::<Result<Vec<_>>>()?;
+        Ok(ClipConditioning { negative, keys, tokens, width, pooled: text.pooled_width() })
     }
 
     /// The prompt schedule at `frame`: the two keys around it blended linearly (prompt travel).
-    fn at(&self, frame: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    fn at(&self, frame: usize) -> (Vec<f32>, Vec<f32>) {
         let after = self.keys.iter().position(|(f, _)| *f > frame);
         let (a, b, t) = match after {
             None | Some(0) => {
@@ -451,32 +471,10 @@ impl ClipConditioning {
                 (j - 1, j, (frame - fa) as f32 / (fb - fa) as f32)
             }
         };
-        let lerp = |x: &Tensor, y: &Tensor| -> Result<Vec<f32>> {
-            let (x, y) = (x.to_f32_vec()?, y.to_f32_vec()?);
-            Ok(x.iter().zip(&y).map(|(p, q)| p + (q - p) * t).collect())
-        };
+        let lerp = |x: &[f32], y: &[f32]| -> Vec<f32> { x.iter().zip(y).map(|(p, q)| p + (q - p) * t).collect() };
         let (ka, kb) = (&self.keys[a].1, &self.keys[b].1);
-        Ok((lerp(&ka.context, &kb.context)?, lerp(&ka.text_embeds, &kb.text_embeds)?))
+        (lerp(&ka.context, &kb.context), lerp(&ka.pooled, &kb.pooled))
     }
-}
-
-/// `c` with chunks of `empty` appended up to `tokens` tokens.
-fn pad_chunks(c: Conditioning, empty: &Conditioning, tokens: usize) -> Result<Conditioning> {
-    let have = c.context.shape()[1];
-    if have == tokens {
-        return Ok(c);
-    }
-    let width = c.context.shape()[2];
-    let mut values = c.context.to_f32_vec()?;
-    let chunk = empty.context.to_f32_vec()?;
-    while values.len() < tokens * width {
-        values.extend_from_slice(&chunk);
-    }
-    values.truncate(tokens * width);
-    Ok(Conditioning {
-        context: Tensor::from_f32(&[1, tokens, width], DType::F32, &values)?,
-        text_embeds: c.text_embeds,
-    })
 }
 
 /// One ControlNet's per-frame hints (prepared f32 [H, W, 3] in [0, 1]) and strengths for a clip.
@@ -488,9 +486,9 @@ struct ClipControl {
     end: f32,
 }
 
-/// A ControlNet's hint images for a `frames`-frame clip of `width` x `height` as the net sees them
-/// (computed from its inputs by kind, resized as diffusers' image processor does), and the
-/// keyframes they sit on.
+/// A ControlNet's hint images for a `frames`-frame clip of `width` x `height` (computed from its
+/// inputs by kind, at their own size: `prepare_control_images` resizes them as diffusers' image
+/// processor does), and the keyframes they sit on.
 pub fn control_hints(
     entry: &ControlNetEntry,
     frames: usize,
@@ -525,7 +523,6 @@ pub fn control_hints(
             })
             .collect::<Result<_>>()?
     };
-    let images = images.iter().map(|im| resize_lanczos(im, width, height)).collect::<Result<Vec<_>>>()?;
     let positions = entry.keyframe_positions(images.len());
     let last = frames.saturating_sub(1) as f32;
     let mut keyframes: Vec<usize> = positions.iter().map(|p| (p * last).round() as usize).collect();
@@ -894,13 +891,22 @@ struct Step {
 /// kept on the device between steps. Cleared when it grows past a few windows.
 #[derive(Default)]
 struct InputCache {
-    entries: HashMap<(usize, Vec<usize>), Tensor>,
+    entries: HashMap<CacheKey, Tensor>,
+}
+
+/// What a cached input is, for which clip frames.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum CacheKey {
+    /// The text context rows of these frames (the UNet's window, or a ControlNet's frames).
+    Context(Vec<usize>),
+    /// ControlNet `n`'s hint images of these frames.
+    Hints(usize, Vec<usize>),
 }
 
 const CACHED_WINDOWS: usize = 24;
 
 impl InputCache {
-    fn get_or(&mut self, key: (usize, Vec<usize>), make: impl FnOnce() -> Result<Tensor>) -> Result<&Tensor> {
+    fn get_or(&mut self, key: CacheKey, make: impl FnOnce() -> Result<Tensor>) -> Result<&Tensor> {
         if !self.entries.contains_key(&key) && self.entries.len() >= CACHED_WINDOWS {
             self.entries.clear();
         }
@@ -939,34 +945,29 @@ fn denoise_window(
     let sample = target.tensor(&[rows, g.h, g.w, g.c], dtype, &sample)?;
     let timestep = target.tensor(&[videos], DType::F32, &vec![step.timestep; videos])?;
     let middle = window[frames / 2];
-    let (_, pooled) = cond.at(middle)?;
+    let (_, pooled) = cond.at(middle);
     let mut text_embeds = Vec::new();
     if cfg {
-        text_embeds.extend(cond.negative.text_embeds.to_f32_vec()?);
+        text_embeds.extend_from_slice(&cond.negative.pooled);
     }
     text_embeds.extend(pooled);
     let text_embeds = target.tensor(&[videos, cond.pooled], dtype, &text_embeds)?;
     let ids = time_ids((g.height, g.width), (0, 0), (g.height, g.width));
-    let time_ids = time_ids_tensor(&vec![ids; videos])?;
-    let time_ids = match ex {
-        Exec::Cpu => time_ids,
-        Exec::Cuda { gpu, scratch } => gpu.upload(scratch, &time_ids, DType::F32)?,
-    };
+    let time_ids = target.tensor(&[videos, ids.len()], DType::F32, &ids.repeat(videos))?;
     // [uncond context x n, cond context of each frame] for the frames `list`.
     let context_rows = |list: &[usize]| -> Result<Tensor> {
         let mut values = Vec::with_capacity(videos * list.len() * cond.tokens * cond.width);
         if cfg {
-            let negative = cond.negative.context.to_f32_vec()?;
             for _ in list {
-                values.extend_from_slice(&negative);
+                values.extend_from_slice(&cond.negative.context);
             }
         }
         for &f in list {
-            values.extend(cond.at(f)?.0);
+            values.extend(cond.at(f).0);
         }
         target.tensor(&[videos * list.len(), cond.tokens, cond.width], dtype, &values)
     };
-    let context = cache.get_or((usize::MAX, window.to_vec()), || context_rows(window))?;
+    let context = cache.get_or(CacheKey::Context(window.to_vec()), || context_rows(window))?;
     let context = context.clone();
     let inputs = UnetInputs {
         sample: &sample,
@@ -987,7 +988,7 @@ fn denoise_window(
         let n_rows = videos * active.len();
         let image_len = g.height * g.width * 3;
         let hint = cache
-            .get_or((n, list.clone()), || {
+            .get_or(CacheKey::Hints(n, list.clone()), || {
                 let mut values = Vec::with_capacity(n_rows * image_len);
                 for _ in 0..videos {
                     for &f in &list {
@@ -1008,7 +1009,7 @@ fn denoise_window(
                 }
             }
             let sub_sample = target.tensor(&[n_rows, g.h, g.w, g.c], dtype, &sub)?;
-            let sub_context = cache.get_or((usize::MAX - 1 - n, list.clone()), || context_rows(&list))?.clone();
+            let sub_context = cache.get_or(CacheKey::Context(list.clone()), || context_rows(&list))?.clone();
             let sub_inputs = UnetInputs { sample: &sub_sample, encoder_hidden_states: &sub_context, ..inputs };
             let r = net.forward_frames(&ex, &sub_inputs, &hint, active.len(), control.scale)?;
             let to: Vec<usize> = (0..videos).flat_map(|v| active.iter().map(move |&k| v * frames + k)).collect();

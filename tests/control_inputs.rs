@@ -10,7 +10,7 @@ use celframe::control::builtin::waving_figure;
 use celframe::control::canny::{CANNY_HIGH, CANNY_LOW, canny};
 use celframe::control::depth::{DepthRange, depth_hint, load_depth_npy, load_depth_png};
 use celframe::control::image::load_image_png;
-use celframe::control::prepare::{gather_control, prepare_control_images};
+use celframe::control::prepare::prepare_control_images;
 use celframe::control::{Interpolation, KeyframeSchedule, default_keyframes, draw_pose, load_openpose};
 use celframe::output::{RgbImage, decode_png};
 
@@ -129,8 +129,8 @@ fn a_sixteen_bit_depth_png_from_disk_becomes_a_bright_near_hint() {
 }
 
 #[test]
-fn demo_flow_poses_at_keyframes_to_the_control_batch() {
-    // The demo's path: built-in poses, hints at the default keyframes only, the net's batch.
+fn demo_flow_poses_at_keyframes_only() {
+    // The demo's path: built-in poses, hints at the default keyframes only.
     let (frames, w, h) = (16, 96, 64);
     let poses = waving_figure(frames, w, h).unwrap();
     let keyframes = default_keyframes(frames);
@@ -142,10 +142,7 @@ fn demo_flow_poses_at_keyframes_to_the_control_batch() {
         assert!(lit > 200, "frame {frame}: {lit} pixels drawn");
     }
     assert_ne!(hints[0].pixels(), hints[1].pixels(), "the arm moves between keyframes");
-    let batch = gather_control(&schedule, &hints, w, h).unwrap();
-    assert_eq!(batch.frames, keyframes, "only the keyframes run the net");
-    assert_eq!(batch.scales, vec![1.0; keyframes.len()]);
-    assert_eq!(batch.images.len(), keyframes.len() * (w * h * 3) as usize);
-    let expected: Vec<f32> = hints.iter().flat_map(|h| h.pixels().iter().map(|&v| v as f32 / 255.0)).collect();
-    assert_eq!(batch.images, expected);
+    assert_eq!(schedule.active_frames(), keyframes, "only the keyframes run the net");
+    let strengths = schedule.strengths();
+    assert!(keyframes.iter().all(|&f| strengths[f] == 1.0));
 }

@@ -184,4 +184,20 @@ mod tests {
             assert!(message.contains(needle), "{message} lacks {needle}");
         }
     }
+
+    #[test]
+    fn linear_ramps_drop_zero_frames_and_take_the_nearest_keyframes_hint() {
+        // What the renderer gathers: the frames of strength above 0, each with its keyframe's hint.
+        let schedule = KeyframeSchedule::new(9, vec![0, 4, 8], vec![1.0, 0.0, 0.5], Interpolation::Linear).unwrap();
+        // Strengths 1, .75, .5, .25, 0, .125, .25, .375, .5: frame 4 drops out.
+        let active = schedule.active_frames();
+        assert_eq!(active, vec![0, 1, 2, 3, 5, 6, 7, 8]);
+        let strengths = schedule.strengths();
+        let scales: Vec<f32> = active.iter().map(|&f| strengths[f]).collect();
+        assert_eq!(scales, vec![1.0, 0.75, 0.5, 0.25, 0.125, 0.25, 0.375, 0.5]);
+        // Nearest keyframe (its index): frames 0-2 -> frame 0 (frame 2 ties, takes the earlier),
+        // 3, 5, 6 -> frame 4, 7, 8 -> frame 8.
+        let hints: Vec<usize> = active.iter().map(|&f| schedule.hint_keyframe(f)).collect();
+        assert_eq!(hints, vec![0, 0, 0, 1, 1, 1, 2, 2]);
+    }
 }

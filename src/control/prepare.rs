@@ -15,7 +15,6 @@
 use std::f64::consts::PI;
 
 use super::check_size;
-use super::keyframes::KeyframeSchedule;
 use crate::error::Result;
 use crate::output::RgbImage;
 
@@ -35,48 +34,6 @@ pub fn prepare_control_images(frames: &[RgbImage], width: u32, height: u32) -> R
         out.extend(resized.pixels().iter().map(|&v| v as f32 / 255.0));
     }
     Ok(out)
-}
-
-/// What one ControlNet runs on over a clip: only the frames of strength above 0 (the gather list),
-/// each with its keyframe's prepared hint and its strength as the conditioning scale.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ControlBatch {
-    /// Clip frame of each batch entry, increasing: where its residuals go back to.
-    pub frames: Vec<usize>,
-    /// Conditioning scale of each batch entry.
-    pub scales: Vec<f32>,
-    /// f32 NHWC `[frames.len(), height, width, 3]` in [0, 1].
-    pub images: Vec<f32>,
-}
-
-/// Gathers the active frames of `schedule`: `keyframe_hints` holds one hint per keyframe, in the
-/// schedule's keyframe order; each is prepared once, then copied to the frames that use it.
-pub fn gather_control(
-    schedule: &KeyframeSchedule,
-    keyframe_hints: &[RgbImage],
-    width: u32,
-    height: u32,
-) -> Result<ControlBatch> {
-    if keyframe_hints.len() != schedule.keyframes().len() {
-        return crate::input_err!(
-            "{} control hints for {} keyframes: give one hint per keyframe",
-            keyframe_hints.len(),
-            schedule.keyframes().len()
-        );
-    }
-    let frames = schedule.active_frames();
-    let strengths = schedule.strengths();
-    let mut prepared: Vec<Option<Vec<f32>>> = vec![None; keyframe_hints.len()];
-    let mut images = Vec::with_capacity(frames.len() * width as usize * height as usize * 3);
-    for &frame in &frames {
-        let k = schedule.hint_keyframe(frame);
-        if prepared[k].is_none() {
-            prepared[k] = Some(prepare_control_images(std::slice::from_ref(&keyframe_hints[k]), width, height)?);
-        }
-        images.extend_from_slice(prepared[k].as_deref().unwrap_or_default());
-    }
-    let scales = frames.iter().map(|&f| strengths[f]).collect();
-    Ok(ControlBatch { frames, scales, images })
 }
 
 /// `image` resized to `width` x `height` as Pillow's `Image.resize(size, Image.LANCZOS)` does.
@@ -208,22 +165,5 @@ mod tests {
         assert_eq!(batch.len(), 2 * 3 * 2 * 3);
         assert_eq!(batch[1], 13.0 / 255.0);
         assert!(prepare_control_images(&[varied], 0, 2).is_err());
-    }
-
-    #[test]
-    fn gather_takes_active_frames_with_their_keyframes_hint() {
-        use crate::control::{Interpolation, KeyframeSchedule};
-        let hint = |v: u8| RgbImage::new(2, 1, vec![v; 6]).unwrap();
-        let hints = [hint(10), hint(20), hint(30)];
-        let schedule = KeyframeSchedule::new(9, vec![0, 4, 8], vec![1.0, 0.0, 0.5], Interpolation::Linear).unwrap();
-        let batch = gather_control(&schedule, &hints, 2, 1).unwrap();
-        // Strengths 1, .75, .5, .25, 0, .125, .25, .375, .5: frame 4 drops out.
-        assert_eq!(batch.frames, vec![0, 1, 2, 3, 5, 6, 7, 8]);
-        assert_eq!(batch.scales, vec![1.0, 0.75, 0.5, 0.25, 0.125, 0.25, 0.375, 0.5]);
-        // Nearest keyframe's hint: frames 0-2 -> 0 (frame 2 ties, takes the earlier), 3, 5, 6 -> 4, 7, 8 -> 8.
-        let firsts: Vec<f32> = batch.images.chunks(6).map(|c| c[0] * 255.0).collect();
-        let expected = [10.0, 10.0, 10.0, 20.0, 20.0, 20.0, 30.0, 30.0];
-        assert!(firsts.iter().zip(expected).all(|(a, b)| (a - b).abs() < 1e-4), "{firsts:?}");
-        assert!(gather_control(&schedule, &hints[..2], 2, 1).is_err());
     }
 }

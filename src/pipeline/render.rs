@@ -553,15 +553,9 @@ impl ClipControl {
             .map(|im| prepare_control_images(std::slice::from_ref(im), width, height).map(std::sync::Arc::new))
             .collect::<Result<_>>()?;
         let strengths = schedule.strengths();
-        let keys = schedule.keyframes().to_vec();
-        let hints = (0..g.frames)
-            .map(|f| {
-                (strengths[f] > 0.0).then(|| {
-                    let k = schedule.hint_keyframe(f);
-                    prepared[keys.iter().position(|&x| x == k).unwrap_or(0)].clone()
-                })
-            })
-            .collect();
+        // hint_keyframe is the index of the frame's keyframe, so of its prepared hint.
+        let hints =
+            (0..g.frames).map(|f| (strengths[f] > 0.0).then(|| prepared[schedule.hint_keyframe(f)].clone())).collect();
         Ok(ClipControl {
             hints,
             strengths,
@@ -1076,4 +1070,37 @@ fn denoise_window(
         cfg_rescale(&mut guided, &out[half..], half, config.sampler.cfg_rescale)?;
     }
     Ok(guided)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::write_png;
+
+    #[test]
+    fn each_frame_takes_its_nearest_keyframes_hint() {
+        // Three flat hints on frames 0, 4 and 8 of 9, held: frames 0-2 show the first, 3-6 the
+        // second, 7-8 the third (the earlier keyframe on a tie).
+        let dir = std::env::temp_dir().join(format!("celframe-hints-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (i, v) in [30u8, 120, 210].iter().enumerate() {
+            write_png(&dir.join(format!("{i}.png")), &RgbImage::new(8, 8, vec![*v; 8 * 8 * 3]).unwrap()).unwrap();
+        }
+        let entry = ControlNetEntry {
+            path: dir.clone(),
+            kind: "openpose".into(),
+            scale: 1.0,
+            start: 0.0,
+            end: 1.0,
+            guess_mode: false,
+            images: dir.clone(),
+            keyframes: None,
+            interpolation: "hold".into(),
+        };
+        let g = Geometry { frames: 9, width: 8, height: 8, h: 1, w: 1, c: 4 };
+        let control = ClipControl::build(&entry, g).unwrap();
+        let shown: Vec<u8> = control.hints.iter().map(|h| (h.as_ref().unwrap()[0] * 255.0).round() as u8).collect();
+        assert_eq!(shown, vec![30, 30, 30, 120, 120, 120, 120, 210, 210]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

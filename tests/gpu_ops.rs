@@ -597,3 +597,19 @@ fn scattered_rows_are_the_twins_bytes() {
     println!("GPUCHECK scatter_rows [10, 36, 64, 320] -> 32 rows F16: bit-identical");
     rig.scratch.reset();
 }
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn gathered_rows_are_the_twins_bytes() {
+    // Two distinct embedded hints picked for the 2 x 16 rows of a CFG video batch, in runs and
+    // repeats (keyframe 0 held over frames 0-7, keyframe 1 over 8-15).
+    let rig = Rig::new();
+    let (host, dev) = rig.input(&[3, 36, 64, 320], DType::F16, 1.0, 0.0);
+    let from: Vec<usize> = (0..2).flat_map(|_| (0..16).map(|f| if f < 8 { 0 } else { 2 })).collect();
+    let got = celframe::ops::rows::gather_rows(&rig.exec(), &dev, &from).unwrap();
+    let want = celframe::ops::rows::gather_rows(&Exec::Cpu, &host, &from).unwrap();
+    let got = rig.gpu.download(&got).unwrap();
+    assert_eq!(got.host_bytes().unwrap(), want.host_bytes().unwrap(), "gather_rows differs from its twin");
+    println!("GPUCHECK gather_rows [3, 36, 64, 320] -> 32 rows F16: bit-identical");
+    rig.scratch.reset();
+}

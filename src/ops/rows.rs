@@ -1,6 +1,8 @@
-//! Placing a batch's rows (its first dimension) into a larger zero batch: the residuals of a
-//! ControlNet run only on the frames that have a hint go back to their rows of the UNet's batch,
-//! the other rows zero. A copy of whole rows, so CPU and CUDA results are bit-identical.
+//! Moving a batch's rows (its first dimension): placing them into a larger zero batch (the
+//! residuals of a ControlNet run only on the frames that have a hint go back to their rows of the
+//! UNet's batch, the other rows zero), and picking rows, repeats allowed (a batch of embedded hint
+//! images built from the distinct ones). Copies of whole rows, so CPU and CUDA results are
+//! bit-identical.
 
 use super::Exec;
 use crate::error::{Error, Result};
@@ -49,6 +51,41 @@ pub fn scatter_rows(ex: &Exec, src: &Tensor, to: &[usize], rows: usize) -> Resul
     }
 }
 
+/// `src` [n, ...] -> [from.len(), ...] with row i = `src` row `from[i]` (any order, repeats
+/// allowed).
+pub fn gather_rows(ex: &Exec, src: &Tensor, from: &[usize]) -> Result<Tensor> {
+    ex.expect_inputs("gather_rows", &[src])?;
+    let (&n, inner) = src.shape().split_first().ok_or_else(|| Error::Input(format!("gather_rows: {src:?} is 0-d")))?;
+    if let Some(bad) = from.iter().find(|&&r| r >= n) {
+        return Err(Error::Input(format!("gather_rows: row {bad} of {src:?}, which has {n}")));
+    }
+    let mut shape = vec![from.len()];
+    shape.extend_from_slice(inner);
+    let row_bytes = inner.iter().product::<usize>() * src.dtype().size();
+    match ex {
+        Exec::Cpu => {
+            let bytes = src.host_bytes()?;
+            let out: Vec<u8> =
+                from.iter().flat_map(|&r| bytes[r * row_bytes..(r + 1) * row_bytes].iter().copied()).collect();
+            Tensor::from_storage(&shape, src.dtype(), Storage::Host(HostBytes::Owned(out.into())))
+        }
+        Exec::Cuda { gpu, scratch } => {
+            let out = gpu.empty(scratch, &shape, src.dtype())?;
+            // One copy per run of consecutive source rows.
+            let mut i = 0;
+            while i < from.len() {
+                let mut j = i + 1;
+                while j < from.len() && from[j] == from[j - 1] + 1 {
+                    j += 1;
+                }
+                gpu.copy_bytes(&out, i * row_bytes, src, from[i] * row_bytes, (j - i) * row_bytes)?;
+                i = j;
+            }
+            Ok(out)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,5 +103,14 @@ mod tests {
         for bad in [&[0, 0, 1][..], &[2, 1, 3], &[0, 1, 5], &[0, 1]] {
             assert!(matches!(scatter_rows(&Exec::Cpu, &src, bad, 5), Err(Error::Input(_))), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn gathered_rows_are_the_named_source_rows() {
+        let src = Tensor::from_f32(&[3, 2], DType::F16, &[1., 2., 3., 4., 5., 6.]).unwrap();
+        let out = gather_rows(&Exec::Cpu, &src, &[2, 0, 0, 1, 2]).unwrap();
+        assert_eq!(out.shape(), &[5, 2]);
+        assert_eq!(out.to_f32_vec().unwrap(), [5., 6., 1., 2., 1., 2., 3., 4., 5., 6.]);
+        assert!(matches!(gather_rows(&Exec::Cpu, &src, &[0, 3]), Err(Error::Input(_))));
     }
 }

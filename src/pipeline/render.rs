@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::control::builtin::waving_figure;
@@ -41,7 +42,7 @@ use crate::models::{
 };
 use crate::ops::Exec;
 use crate::ops::elementwise::{add, mul};
-use crate::ops::rows::scatter_rows;
+use crate::ops::rows::{gather_rows, scatter_rows};
 use crate::output::{ClipOptions, Fps, GridCell, OutputTree, RgbImage, decode_png};
 use crate::pipeline::config::{Component, ControlNetEntry, RenderConfig, is_json};
 use crate::pipeline::noise_init::freenoise_frame_sources;
@@ -477,9 +478,12 @@ impl ClipConditioning {
     }
 }
 
-/// One ControlNet's per-frame hints (prepared f32 [H, W, 3] in [0, 1]) and strengths for a clip.
+/// A prepared hint image: f32 [H, W, 3] in [0, 1], shared by the frames that show it.
+type HintImage = Arc<Vec<f32>>;
+
+/// One ControlNet's per-frame hints and strengths for a clip.
 struct ClipControl {
-    hints: Vec<Option<std::sync::Arc<Vec<f32>>>>,
+    hints: Vec<Option<HintImage>>,
     strengths: Vec<f32>,
     scale: ControlScale,
     start: f32,
@@ -548,9 +552,9 @@ impl ClipControl {
             _ => Interpolation::OnlyKeyframes,
         };
         let schedule = KeyframeSchedule::new(g.frames, keyframes, vec![1.0; images.len()], rule)?;
-        let prepared: Vec<std::sync::Arc<Vec<f32>>> = images
+        let prepared: Vec<HintImage> = images
             .iter()
-            .map(|im| prepare_control_images(std::slice::from_ref(im), width, height).map(std::sync::Arc::new))
+            .map(|im| prepare_control_images(std::slice::from_ref(im), width, height).map(Arc::new))
             .collect::<Result<_>>()?;
         let strengths = schedule.strengths();
         // hint_keyframe is the index of the frame's keyframe, so of its prepared hint.
@@ -563,6 +567,24 @@ impl ClipControl {
             start: entry.start,
             end: entry.end,
         })
+    }
+
+    /// The distinct hint images of the clip frames `list` (told apart by identity: frames holding
+    /// one keyframe share its prepared image), and for each frame the index of its image there.
+    fn distinct_hints(&self, list: &[usize]) -> Result<(Vec<&HintImage>, Vec<usize>)> {
+        let mut distinct: Vec<&HintImage> = Vec::new();
+        let mut pick = Vec::with_capacity(list.len());
+        for &f in list {
+            let hint = self.hints[f]
+                .as_ref()
+                .ok_or_else(|| Error::Internal(format!("ControlNet frame {f} runs without a hint image")))?;
+            let i = distinct.iter().position(|d| Arc::ptr_eq(d, hint)).unwrap_or_else(|| {
+                distinct.push(hint);
+                distinct.len() - 1
+            });
+            pick.push(i);
+        }
+        Ok((distinct, pick))
     }
 
     /// diffusers' `controlnet_keep`: the net runs at evaluation i of n unless i/n < start or
@@ -893,7 +915,7 @@ struct InputCache {
 enum CacheKey {
     /// The text context rows of these frames (the UNet's window, or a ControlNet's frames).
     Context(Vec<usize>),
-    /// ControlNet `n`'s hint images of these frames.
+    /// ControlNet `n`'s embedded distinct hint images of these frames (`distinct_hints`).
     Hints(usize, Vec<usize>),
 }
 
@@ -980,20 +1002,20 @@ fn denoise_window(
         let active: Vec<usize> = (0..frames).filter(|&k| control.strengths[window[k]] > 0.0).collect();
         let list: Vec<usize> = active.iter().map(|&k| window[k]).collect();
         let n_rows = videos * active.len();
-        let image_len = g.height * g.width * 3;
-        let hint = cache
+        // The distinct hint images of these frames (frames holding a keyframe share its image),
+        // uploaded and embedded once per segment; each row of both CFG halves picks its own.
+        let (distinct, pick) = control.distinct_hints(&list)?;
+        let embedded = cache
             .get_or(CacheKey::Hints(n, list.clone()), || {
-                let mut values = Vec::with_capacity(n_rows * image_len);
-                for _ in 0..videos {
-                    for &f in &list {
-                        values.extend_from_slice(control.hints[f].as_deref().map_or(&[][..], |h| &h[..]));
-                    }
-                }
-                target.tensor(&[n_rows, g.height, g.width, 3], dtype, &values)
+                let values: Vec<f32> = distinct.iter().flat_map(|h| h.iter().copied()).collect();
+                let images = target.tensor(&[distinct.len(), g.height, g.width, 3], dtype, &values)?;
+                net.embed_hints(&ex, &images)
             })?
             .clone();
+        let rows_pick: Vec<usize> = (0..videos).flat_map(|_| pick.iter().copied()).collect();
+        let hint = gather_rows(&ex, &embedded, &rows_pick)?;
         let mut r = if active.len() == frames {
-            net.forward_frames(&ex, &inputs, &hint, frames, control.scale)?
+            net.forward_frames_embedded(&ex, &inputs, &hint, frames, control.scale)?
         } else {
             let fl = g.frame_len();
             let mut sub = Vec::with_capacity(n_rows * fl);
@@ -1005,7 +1027,7 @@ fn denoise_window(
             let sub_sample = target.tensor(&[n_rows, g.h, g.w, g.c], dtype, &sub)?;
             let sub_context = cache.get_or(CacheKey::Context(list.clone()), || context_rows(&list))?.clone();
             let sub_inputs = UnetInputs { sample: &sub_sample, encoder_hidden_states: &sub_context, ..inputs };
-            let r = net.forward_frames(&ex, &sub_inputs, &hint, active.len(), control.scale)?;
+            let r = net.forward_frames_embedded(&ex, &sub_inputs, &hint, active.len(), control.scale)?;
             let to: Vec<usize> = (0..videos).flat_map(|v| active.iter().map(move |&k| v * frames + k)).collect();
             UnetResiduals {
                 down: r.down.iter().map(|t| scatter_rows(&ex, t, &to, rows)).collect::<Result<_>>()?,

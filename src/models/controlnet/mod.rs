@@ -164,12 +164,52 @@ impl ControlNet {
         frames: usize,
         scale: ControlScale,
     ) -> Result<UnetResiduals> {
+        unet::check_inputs("ControlNet", &self.config.encoder, self.dtype(), x, frames, None)?;
+        self.check_cond(x.sample, controlnet_cond)?;
+        let hint = self.embed_hints(ex, controlnet_cond)?;
+        self.forward_frames_embedded(ex, x, &hint, frames, scale)
+    }
+
+    /// The control images' conditioning embedding (step 2's second half of the forward):
+    /// [n, H, W, conditioning_channels] -> [n, H / hint_factor, W / hint_factor, C0]. It depends on
+    /// neither the timestep nor the text, so a renderer embeds each distinct hint image once per
+    /// segment and hands `forward_frames_embedded` its rows.
+    pub fn embed_hints(&self, ex: &Exec, images: &Tensor) -> Result<Tensor> {
+        let (f, c, dtype) = (self.config.hint_factor(), self.config.conditioning_channels, self.dtype());
+        let s = images.shape();
+        if s.len() != 4 || !s[1].is_multiple_of(f) || !s[2].is_multiple_of(f) || s[3] != c || images.dtype() != dtype {
+            return Err(Error::Input(format!(
+                "ControlNet input: control images {images:?} must be {dtype:?} [n, H, W, {c}] (NHWC) with H and W \
+                 multiples of {f}"
+            )));
+        }
+        let _scope = ex.profile_scope("controlnet");
+        self.conditioning_embedding(ex, &self.weights.root().at("controlnet_cond_embedding"), images)
+    }
+
+    /// `forward_frames` with the control images already embedded (`embed_hints`, one row per
+    /// frame row of `x`).
+    pub fn forward_frames_embedded(
+        &self,
+        ex: &Exec,
+        x: &UnetInputs,
+        hint: &Tensor,
+        frames: usize,
+        scale: ControlScale,
+    ) -> Result<UnetResiduals> {
         let cfg = &self.config.encoder;
         let w = self.weights.root();
         unet::check_inputs("ControlNet", cfg, self.dtype(), x, frames, None)?;
         // The GPU profile files everything below under controlnet/ (resnet, transformer, hint, ...).
         let _scope = ex.profile_scope("controlnet");
-        self.check_cond(x.sample, controlnet_cond)?;
+        let s = x.sample.shape();
+        let want = [s[0], s[1], s[2], cfg.block_out_channels[0]];
+        if hint.shape() != want || hint.dtype() != self.dtype() {
+            return Err(Error::Input(format!(
+                "ControlNet input: the embedded hint {hint:?} must be {:?} {want:?}, one row per sample row",
+                self.dtype()
+            )));
+        }
         if !scale.conditioning_scale.is_finite() {
             return Err(Error::Input(format!(
                 "ControlNet input: conditioning_scale {} must be a finite number",
@@ -193,12 +233,9 @@ impl ControlNet {
             norm_frames: 1,
         };
 
-        // 2. conv_in(sample) + controlnet_cond_embedding(control image): [rows, h, w, C0]
+        // 2. conv_in(sample) + the control images' embedding (`embed_hints`): [rows, h, w, C0]
         let h = unet::conv(ex, &w.at("conv_in"), x.sample, 1, cfg.conv_in_kernel)?;
-        let h = {
-            let hint = self.conditioning_embedding(ex, &w.at("controlnet_cond_embedding"), controlnet_cond)?;
-            add(ex, &h, &hint, 1.0)?
-        };
+        let h = add(ex, &h, hint, 1.0)?;
 
         // 3. down: the skip connections, as the UNet's down path collects them
         let (h, skips) = blocks::down(ex, &w, &cfg.down_blocks, &cond, h, &mut |_, _, h| Ok(h))?;

@@ -613,3 +613,27 @@ fn gathered_rows_are_the_twins_bytes() {
     println!("GPUCHECK gather_rows [3, 36, 64, 320] -> 32 rows F16: bit-identical");
     rig.scratch.reset();
 }
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn eight_bit_pixels_are_the_twins_bytes() {
+    // Two decoded 1024x576 frames with values past [-1, 1] on both sides and a few NaN and
+    // infinite ones (counted, written as 0); the bytes are poisoned before the kernel runs.
+    let rig = Rig::new();
+    for dtype in [DType::F16, DType::BF16, DType::F32] {
+        let (host, _) = rig.input(&[2, 576, 1024, 3], dtype, 1.3, 0.0);
+        let mut values = host.to_f32_vec().unwrap();
+        for (k, v) in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY].into_iter().enumerate() {
+            values[1000 * k + 7] = v;
+        }
+        let host = Tensor::from_f32(host.shape(), dtype, &values).unwrap();
+        let dev = rig.gpu.upload(&rig.scratch, &host, dtype).unwrap();
+        let got = celframe::ops::rgb8::to_rgb8(&rig.exec(), &dev).unwrap();
+        let want = celframe::ops::rgb8::to_rgb8(&Exec::Cpu, &host).unwrap();
+        assert_eq!(want.non_finite, 3);
+        assert_eq!(got.non_finite, want.non_finite, "{dtype:?} non-finite count");
+        assert!(got.bytes == want.bytes, "{dtype:?}: to_rgb8 differs from its twin");
+        println!("GPUCHECK to_rgb8 [2, 576, 1024, 3] {dtype:?}: bit-identical, 3 non-finite counted");
+        rig.scratch.reset();
+    }
+}

@@ -109,6 +109,16 @@ typedef struct Upsample2xParams {
     int32_t channels;
 } Upsample2xParams;
 
+// Decoded images to 8-bit: out[i] = round(clamp(x[i] / 2 + 0.5, 0, 1) * 255), rounding halves
+// away from zero, computed in fp32 (the VAE's [-1, 1] output as diffusers' image processor maps it
+// to PIL pixels); non-finite inputs are counted into *non_finite and written as 0.
+typedef struct Rgb8Params {
+    const void* x;
+    uint8_t* out;
+    unsigned long long* non_finite;
+    int64_t count;
+} Rgb8Params;
+
 // Concatenation along the last dimension: row r of out is row r of a (a_cols) then row r of b
 // (b_cols). The UNet's skip connections on NHWC activations (rows = N * H * W) and the pooled text
 // embedding beside the time-id embedding.

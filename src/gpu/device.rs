@@ -271,6 +271,15 @@ impl Gpu {
         self.poison_outputs.set(on);
     }
 
+    /// Memory from `arena` for a kernel's raw output; filled with 0xFF bytes when poisoning is on.
+    pub fn empty_bytes(&self, arena: &Arena, bytes: usize) -> Result<DeviceMem> {
+        let mem = arena.alloc(bytes)?;
+        if self.poison_outputs.get() {
+            self.fill_bytes(&mem, 0xFF)?;
+        }
+        Ok(mem)
+    }
+
     /// The device's cuBLASLt handle with its workspace and plans (made on first use).
     pub fn blas(&self) -> Result<std::cell::RefMut<'_, super::blas::Blas>> {
         let mut blas = self.blas.borrow_mut();
@@ -615,6 +624,14 @@ impl Gpu {
         self.profiled("copy", || {
             cuda("cuMemcpyDtoDAsync", unsafe { result::memcpy_dtod_async(d, s, bytes, self.stream) })
         })
+    }
+
+    /// Waits for the stream and copies raw device memory (a kernel's byte output) to the host.
+    pub fn download_bytes(&self, mem: &DeviceMem) -> Result<Vec<u8>> {
+        self.synchronize()?;
+        let mut bytes = vec![0u8; mem.bytes()];
+        cuda("cuMemcpyDtoH", unsafe { result::memcpy_dtoh_sync(&mut bytes, mem.ptr()?) })?;
+        Ok(bytes)
     }
 
     /// Waits for the stream and copies a device tensor to a new host tensor.

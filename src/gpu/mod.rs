@@ -23,6 +23,7 @@ kernel_params!(
     params::GroupNormClusterParams,
     params::LayerNormParams,
     params::Upsample2xParams,
+    params::Rgb8Params,
     params::ConcatParams,
     params::TimestepEmbeddingParams,
     params::RandomParams,

@@ -248,6 +248,32 @@ impl Default for Upsample2xParams {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct Rgb8Params {
+    pub x: *const ::std::os::raw::c_void,
+    pub out: *mut u8,
+    pub non_finite: *mut ::std::os::raw::c_ulonglong,
+    pub count: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of Rgb8Params"][::std::mem::size_of::<Rgb8Params>() - 32usize];
+    ["Alignment of Rgb8Params"][::std::mem::align_of::<Rgb8Params>() - 8usize];
+    ["Offset of field: Rgb8Params::x"][::std::mem::offset_of!(Rgb8Params, x) - 0usize];
+    ["Offset of field: Rgb8Params::out"][::std::mem::offset_of!(Rgb8Params, out) - 8usize];
+    ["Offset of field: Rgb8Params::non_finite"][::std::mem::offset_of!(Rgb8Params, non_finite) - 16usize];
+    ["Offset of field: Rgb8Params::count"][::std::mem::offset_of!(Rgb8Params, count) - 24usize];
+};
+impl Default for Rgb8Params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct ConcatParams {
     pub a: *const ::std::os::raw::c_void,
     pub b: *const ::std::os::raw::c_void,

@@ -722,17 +722,14 @@ fn render_clip(
     let bar = progress_bar(g.frames as u64, &format!("clip {number:03} decode + write"), "frames");
     // Whole frames, as diffusers' pipelines decode unless VAE tiling is enabled.
     let decode = DecodeOptions { chunk_frames: video.vae_chunk_frames, tiling: None };
-    models.vae.decode_frames_each(&target.ex, &latents, &decode, |_, images| {
-        let values = images.to_f32_vec()?;
-        let per_frame = g.width * g.height * 3;
-        for frame in values.chunks(per_frame) {
-            let unit: Vec<f32> = frame.iter().map(|v| (v / 2.0 + 0.5).clamp(0.0, 1.0)).collect();
-            let bytes = unit.iter().map(|v| (v * 255.0).round() as u8).collect();
-            writer.push(RgbImage::new(g.width as u32, g.height as u32, bytes)?)?;
+    models.vae.decode_frames_pixels_each(&target.ex, &latents, &decode, |_, pixels, images| {
+        for frame in pixels.chunks(g.width * g.height * 3) {
+            writer.push(RgbImage::new(g.width as u32, g.height as u32, frame.to_vec())?)?;
             bar.inc(1);
-            if options.keep_tensors {
-                kept.extend(unit);
-            }
+        }
+        if options.keep_tensors {
+            let values = if images.is_device() { target.host_f32(images)? } else { images.to_f32_vec()? };
+            kept.extend(values.iter().map(|v| (v / 2.0 + 0.5).clamp(0.0, 1.0)));
         }
         Ok(())
     })?;

@@ -16,13 +16,15 @@
 //! from untiled output (as diffusers' `models/autoencoders/autoencoder_kl.py` warns for tiling);
 //! choose tiles as large as memory allows.
 //!
-//! Latents come from the host and images go back to it (the renderer writes PNG frames): one tile
+//! Latents come from the host and images go back to it, as f32 values or as 8-bit pixels (made on
+//! the device for an untiled CUDA decode: `decode_frames_pixels_each`, which the renderer uses): one tile
 //! of one chunk is on the device at a time, and blending needs only the previous row of tiles.
 
 use super::Vae;
 use super::config::VaeConfig;
 use crate::error::{Error, Result};
 use crate::ops::Exec;
+use crate::ops::rgb8::to_rgb8;
 use crate::tensor::{DType, Tensor};
 
 /// diffusers' tiled decoding (`enable_tiling()`): `tile_latent_min_size` and `tile_overlap_factor`.
@@ -156,21 +158,50 @@ impl Vae {
         opts: &DecodeOptions,
         mut each: impl FnMut(usize, Tensor) -> Result<()>,
     ) -> Result<DecodeReport> {
-        let cfg = &self.config;
-        let (sf, shift) = (cfg.scaling_factor, cfg.shift_factor.unwrap_or(0.0));
-        let values: Vec<f32> = host_values(latents, "latents")?.iter().map(|v| v / sf + shift).collect();
-        let z = Tensor::from_f32(latents.shape(), DType::F32, &values)?;
-        self.decode_z_each(ex, &z, opts, |first, images| {
+        self.decode_z_each(ex, &self.z_of(latents)?, opts, |first, images| {
             let bad = images.to_f32_vec()?.iter().filter(|v| !v.is_finite()).count();
             if bad > 0 {
-                return Err(Error::Input(format!(
-                    "VAE decode: {bad} non-finite output values in {:?}: a VAE that overflows in float16 (the \
-                     stock SDXL VAE) needs float32 or bf16, or the fp16-fix weights",
-                    self.dtype()
-                )));
+                return Err(self.non_finite(bad as u64));
             }
             each(first, images)
         })
+    }
+
+    /// `decode_frames_each` for frames that go to image files: each chunk's images as 8-bit pixels
+    /// (`ops::rgb8`, converted on the device for an untiled CUDA decode) beside the images as the
+    /// decoder left them (on the device or the host, in the VAE's dtype), for callers that also
+    /// keep values.
+    pub fn decode_frames_pixels_each(
+        &self,
+        ex: &Exec,
+        latents: &Tensor,
+        opts: &DecodeOptions,
+        mut each: impl FnMut(usize, Vec<u8>, &Tensor) -> Result<()>,
+    ) -> Result<DecodeReport> {
+        self.decode_z_chunks(ex, &self.z_of(latents)?, opts, |first, images| {
+            let on = if images.is_device() { *ex } else { Exec::Cpu };
+            let pixels = to_rgb8(&on, &images)?;
+            if pixels.non_finite > 0 {
+                return Err(self.non_finite(pixels.non_finite));
+            }
+            each(first, pixels.bytes, &images)
+        })
+    }
+
+    /// z = latents / scaling_factor (+ shift_factor), on the host in f32.
+    fn z_of(&self, latents: &Tensor) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (sf, shift) = (cfg.scaling_factor, cfg.shift_factor.unwrap_or(0.0));
+        let values: Vec<f32> = host_values(latents, "latents")?.iter().map(|v| v / sf + shift).collect();
+        Tensor::from_f32(latents.shape(), DType::F32, &values)
+    }
+
+    fn non_finite(&self, count: u64) -> Error {
+        Error::Input(format!(
+            "VAE decode: {count} non-finite output values in {:?}: a VAE that overflows in float16 (the stock \
+             SDXL VAE) needs float32 or bf16, or the fp16-fix weights",
+            self.dtype()
+        ))
     }
 
     /// diffusers' `decode(z)` (z already divided by the scaling factor) over many frames: z NHWC
@@ -195,6 +226,21 @@ impl Vae {
         opts: &DecodeOptions,
         mut each: impl FnMut(usize, Tensor) -> Result<()>,
     ) -> Result<DecodeReport> {
+        self.decode_z_chunks(ex, z, opts, |first, images| {
+            let images = if images.is_device() { download(ex, &images)? } else { images };
+            each(first, Tensor::from_f32(images.shape(), DType::F32, &images.to_f32_vec()?)?)
+        })
+    }
+
+    /// `decode_z_each`'s loop, handing each chunk's images over as the decoder left them: on the
+    /// device for an untiled CUDA decode, else on the host.
+    fn decode_z_chunks(
+        &self,
+        ex: &Exec,
+        z: &Tensor,
+        opts: &DecodeOptions,
+        mut each: impl FnMut(usize, Tensor) -> Result<()>,
+    ) -> Result<DecodeReport> {
         let cfg = &self.config;
         let [n, h, w, oh, ow, oc] = self.image_dims(z.shape())?;
         if opts.chunk_frames == 0 {
@@ -212,10 +258,10 @@ impl Vae {
             let k = opts.chunk_frames.min(n - first);
             let latents = Block { frames: k, h, w, c, data: values[first * frame_in..(first + k) * frame_in].to_vec() };
             let images = match &grid {
-                None => self.decode_block(ex, &latents)?,
-                Some(g) => self.decode_tiled(ex, &latents, g)?,
+                None => self.forward_block(ex, &latents)?,
+                Some(g) => Tensor::from_f32(&[k, oh, ow, oc], DType::F32, &self.decode_tiled(ex, &latents, g)?.data)?,
             };
-            each(first, Tensor::from_f32(&[k, oh, ow, oc], DType::F32, &images.data)?)?;
+            each(first, images)?;
             chunks += 1;
         }
         let tiles = grid.map_or(1, |g| g.starts(h).len() * g.starts(w).len());
@@ -250,17 +296,19 @@ impl Vae {
         Ok([n, h, w, oh, ow, cfg.out_channels])
     }
 
-    /// One untiled forward of host latents, on the Exec's side; the result back on the host.
-    fn decode_block(&self, ex: &Exec, latents: &Block) -> Result<Block> {
+    /// One untiled forward of host latents, on the Exec's side (the images stay there).
+    fn forward_block(&self, ex: &Exec, latents: &Block) -> Result<Tensor> {
         let shape = [latents.frames, latents.h, latents.w, latents.c];
         let z = Tensor::from_f32(&shape, self.dtype(), &latents.data)?;
-        let image = match ex {
-            Exec::Cpu => self.forward(ex, &z)?,
-            Exec::Cuda { gpu, scratch } => {
-                let z = gpu.upload(scratch, &z, self.dtype())?;
-                gpu.download(&self.forward(ex, &z)?)?
-            }
-        };
+        match ex {
+            Exec::Cpu => self.forward(ex, &z),
+            Exec::Cuda { gpu, scratch } => self.forward(ex, &gpu.upload(scratch, &z, self.dtype())?),
+        }
+    }
+
+    /// `forward_block` with the result back on the host.
+    fn decode_block(&self, ex: &Exec, latents: &Block) -> Result<Block> {
+        let image = download(ex, &self.forward_block(ex, latents)?)?;
         let &[frames, h, w, c] = image.shape() else {
             return Err(Error::Input(format!("VAE decoder output {image:?} is not NHWC")));
         };
@@ -314,6 +362,14 @@ impl Vae {
 }
 
 /// The latents' values widened to f32 (host tensors only).
+/// A tensor the Exec made, on the host.
+fn download(ex: &Exec, t: &Tensor) -> Result<Tensor> {
+    match ex {
+        Exec::Cuda { gpu, .. } if t.is_device() => gpu.download(t),
+        _ => Ok(t.clone()),
+    }
+}
+
 fn host_values(t: &Tensor, what: &str) -> Result<Vec<f32>> {
     if t.is_device() {
         return Err(Error::Input(format!("VAE decode: {what} {t:?} must be on the host (decoded images go there)")));

@@ -295,7 +295,10 @@ fn strict_loading_lists_missing_unexpected_and_misshapen_tensors() {
     assert!(err.to_string().contains("control_model.zero_convs.7.0.weight"), "{err}");
 }
 
-fn read_all(path: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+/// A safetensors file's tensors by name: (dtype, shape, bytes).
+type Tensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
+
+fn read_all(path: &Path) -> Tensors {
     let bytes = std::fs::read(path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     st.tensors().into_iter().map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec()))).collect()
@@ -514,6 +517,19 @@ fn bench_arguments_are_checked_before_any_gpu_work() {
     assert!(stderr.contains("control-image activation") || stderr.contains("largest activation"), "{stderr}");
     let (code, _, stderr) = celframe(&["bench", "controlnet", "--weights", "/nonexistent"]);
     assert_eq!(code, 2, "{stderr}");
+    // --conditions is the Union's, --nets the plain net's
+    let union = write_union_folder(&dir.0);
+    let u = union.to_str().unwrap();
+    for (weights, flag, value, needle) in [
+        (w, "--conditions", "2", "--conditions is for a Union"),
+        (u, "--nets", "2", "--nets is for a plain ControlNet"),
+        (u, "--conditions", "7", "this Union has 6 control types"),
+        (u, "--conditions", "0", "--conditions must be at least 1"),
+    ] {
+        let (code, _, stderr) = celframe(&["bench", "controlnet", "--weights", weights, flag, value]);
+        assert_eq!(code, 2, "{stderr}");
+        assert!(stderr.contains(needle), "'{needle}' not in {stderr}");
+    }
 }
 
 /// The Union references: diffusers' ControlNetUnionModel, one sample each.
@@ -760,7 +776,7 @@ fn union_verify_cli_errors() {
     let dir = TempDir::new("controlnet-union-cli");
     let folder = write_union_folder(&dir.0);
     let w = folder.to_str().unwrap();
-    let edit = |name: &str, f: &dyn Fn(&mut BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>)| {
+    let edit = |name: &str, f: &dyn Fn(&mut Tensors)| {
         let mut t = read_all(&reference("union_pose_depth"));
         f(&mut t);
         let path = dir.path(&format!("{name}.safetensors"));

@@ -112,28 +112,34 @@ def run(cn, x, scale, guess_mode=False, from_multi=False):
                   guess_mode=guess_mode, from_multi=from_multi, return_dict=False)
 
 
-def save_reference(name, x, scale, down, mid, **flags):
+def reference_tensors(x, scale, down, mid, **flags):
+    """A reference file's tensors: the inputs (UNet inputs and images as float16, exact for these
+    values; flags float32; types int64), the scales, the flags set, the outputs as computed."""
     t = {}
     for k, v in x.items():
         if k == "controlnet_cond":
             for i, c in enumerate(v):
-                t[f"in.controlnet_cond.{i}"] = c.half()
+                t[f"in.controlnet_cond.{i}"] = c.half().cpu()
         elif k == "control_type_idx":
             t["in.control_type_idx"] = torch.tensor(v, dtype=torch.int64)
         elif "in." + k in HALF_INPUTS:
-            t[f"in.{k}"] = v.half()
+            t[f"in.{k}"] = v.half().cpu()
         else:
-            t[f"in.{k}"] = v.float()
+            t[f"in.{k}"] = v.float().cpu()
     t["in.conditioning_scale"] = torch.tensor(scale, dtype=torch.float32)
     for flag, on in flags.items():
         if on:
             t[f"in.{flag}"] = torch.tensor(True)
     for k, r in enumerate(down):
-        t[f"out.down_block_res_samples.{k}"] = r.contiguous()
-    t["out.mid_block_res_sample"] = mid.contiguous()
+        t[f"out.down_block_res_samples.{k}"] = r.contiguous().cpu()
+    t["out.mid_block_res_sample"] = mid.contiguous().cpu()
+    return t
+
+
+def save_reference(name, x, scale, down, mid, **flags):
     path = ROOT / f"controlnet_a.{name}.reference.safetensors"
-    save_file(t, str(path), metadata={"generator": "tools/make_controlnet_union_fixtures.py",
-                                      "torch": torch.__version__})
+    save_file(reference_tensors(x, scale, down, mid, **flags), str(path),
+              metadata={"generator": "tools/make_controlnet_union_fixtures.py", "torch": torch.__version__})
     return path
 
 

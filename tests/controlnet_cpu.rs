@@ -2,7 +2,10 @@
 //! made by tools/make_controlnet_fixtures.py: float32 on both sides): the full, mid and small
 //! variants, guess mode, every checkpoint naming (diffusers folder, diffusers-named file, cldm names
 //! with and without `control_model.`), the residuals fed to the UNet, load and input errors, and
-//! `celframe verify controlnet`'s exit codes.
+//! `celframe verify controlnet`'s exit codes. The Union (diffusers' ControlNetUnionModel,
+//! tools/make_controlnet_union_fixtures.py): one and several conditions, per-condition scales,
+//! guess mode, from_multi, one sample per reference; a batch of samples against the same samples
+//! one at a time; its loading and input errors.
 //!
 //! Tolerance: `verify`'s f32 bound is relative L2 <= 1e-4; measured errors are 2e-7 to 1.4e-6 (f32
 //! summation order), so the tests assert 1e-5 on every residual.
@@ -20,14 +23,17 @@ use std::process::Command;
 use celframe::models::controlnet::checkpoint::CLDM_PREFIX;
 use celframe::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
 use celframe::models::{
-    ControlNet, ControlNetConfig, ControlNetFormat, ControlScale, Limits, Place, Unet, UnetInputs, open_controlnet,
-    open_unet,
+    ControlNet, ControlNetConfig, ControlNetFormat, ControlNetUnion, ControlScale, ControlType, Limits, Place, Unet,
+    UnetInputs, UnetResiduals, UnionCondition, UnionOptions, open_controlnet, open_unet,
 };
 use celframe::ops::Exec;
 use celframe::verify::{Settings, verify_controlnet};
 use celframe::{DType, Error, Tensor, weights};
 use common::TempDir;
-use controlnet::{reference, write, write_cldm, write_diffusers_file, write_folder, write_folder_with};
+use controlnet::{
+    reference, union_tensors, write, write_cldm, write_diffusers_file, write_folder, write_folder_with,
+    write_union_folder, write_union_folder_with,
+};
 use safetensors::{Dtype, SafeTensors};
 
 const TOL: f64 = 1e-5;
@@ -289,7 +295,10 @@ fn strict_loading_lists_missing_unexpected_and_misshapen_tensors() {
     assert!(err.to_string().contains("control_model.zero_convs.7.0.weight"), "{err}");
 }
 
-fn read_all(path: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+/// A safetensors file's tensors by name: (dtype, shape, bytes).
+type Tensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
+
+fn read_all(path: &Path) -> Tensors {
     let bytes = std::fs::read(path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     st.tensors().into_iter().map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec()))).collect()
@@ -303,12 +312,13 @@ fn other_checkpoints_are_refused_by_name() {
     let unet_file = fixtures::folder("a").join("diffusion_pytorch_model.safetensors");
     let e = err(&unet_file);
     assert!(matches!(&e, Error::Input(m) if m.contains("a UNet checkpoint, not a ControlNet")), "{e}");
+    // a Union key makes it a Union, whose other modules must be there
     let mut union = controlnet::tensors("full");
     union.insert("control_add_embedding.linear_1.bias".into(), (Dtype::F16, vec![2], vec![0; 4]));
     let file = dir.path("union.safetensors");
     write(&file, &union);
     let e = err(&file);
-    assert!(matches!(&e, Error::Unsupported(m) if m.contains("Union")), "{e}");
+    assert!(matches!(&e, Error::Input(m) if m.contains("Union modules: no task_embedding")), "{e}");
     let mut lora = BTreeMap::new();
     lora.insert("lora_controlnet".to_string(), (Dtype::F16, vec![1], vec![0; 2]));
     lora.insert("input_hint_block.0.weight".to_string(), (Dtype::F16, vec![1], vec![0; 2]));
@@ -354,8 +364,9 @@ fn config_json_errors_name_the_field() {
     input(set("conditioning_embedding_out_channels", serde_json::Value::Null), "'conditioning_embedding_out_channels'");
     input(set("norm_num_groups", json!(24)), "norm groups");
     input(config_with("full", |c| drop(c.remove("addition_time_embed_dim"))), "'addition_time_embed_dim'");
+    // a Union's token width defaults to SDXL's 320, not this encoder's 32
+    input(set("_class_name", json!("ControlNetUnionModel")), "'num_trans_channel' = 320");
     for (field, value) in [
-        ("_class_name", json!("ControlNetUnionModel")),
         ("controlnet_conditioning_channel_order", json!("bgr")),
         ("global_pool_conditions", json!(true)),
         ("mid_block_type", json!("UNetMidBlock2D")),
@@ -364,7 +375,7 @@ fn config_json_errors_name_the_field() {
     ] {
         match parse(set(field, value), &engine) {
             Err(Error::Unsupported(m)) => {
-                assert!(m.contains(field) || m.contains("SimpleCrossAttn") || m.contains("Union"), "{m}")
+                assert!(m.contains(field) || m.contains("SimpleCrossAttn"), "{m}")
             }
             other => panic!("{field}: expected Unsupported, got {other:?}"),
         }
@@ -506,4 +517,338 @@ fn bench_arguments_are_checked_before_any_gpu_work() {
     assert!(stderr.contains("control-image activation") || stderr.contains("largest activation"), "{stderr}");
     let (code, _, stderr) = celframe(&["bench", "controlnet", "--weights", "/nonexistent"]);
     assert_eq!(code, 2, "{stderr}");
+    // --conditions is the Union's, --nets the plain net's
+    let union = write_union_folder(&dir.0);
+    let u = union.to_str().unwrap();
+    for (weights, flag, value, needle) in [
+        (w, "--conditions", "2", "--conditions is for a Union"),
+        (u, "--nets", "2", "--nets is for a plain ControlNet"),
+        (u, "--conditions", "7", "this Union has 6 control types"),
+        (u, "--conditions", "0", "--conditions must be at least 1"),
+    ] {
+        let (code, _, stderr) = celframe(&["bench", "controlnet", "--weights", weights, flag, value]);
+        assert_eq!(code, 2, "{stderr}");
+        assert!(stderr.contains(needle), "'{needle}' not in {stderr}");
+    }
+}
+
+/// The Union references: diffusers' ControlNetUnionModel, one sample each.
+const UNION_REFERENCES: [&str; 5] =
+    ["union_pose", "union_pose_depth", "union_pose_depth_b", "union_lineart_depth", "union_multi"];
+
+/// Every Union reference through `verify controlnet` (folder and diffusers-named single file): one
+/// condition (residuals scaled), two with their scales inside the fusion, types out of order with
+/// guess mode, from_multi.
+#[test]
+fn union_matches_diffusers() {
+    let dir = TempDir::new("controlnet-union");
+    let folder = write_union_folder(&dir.0);
+    let checkpoint = open_controlnet(&folder).unwrap();
+    assert_eq!(checkpoint.format, ControlNetFormat::Diffusers);
+    let u = checkpoint.config.union.clone().expect("a Union config");
+    assert_eq!((u.control_types, u.token_channels, u.layers, u.type_embed_dim), (6, 32, 1, 256));
+    for name in UNION_REFERENCES {
+        check(&folder, name);
+    }
+    // xinsir's files: diffusers names without config.json, the architecture from the shapes
+    let file = dir.path("union.safetensors");
+    write(&file, &union_tensors());
+    let single = open_controlnet(&file).unwrap();
+    assert_eq!(single.format, ControlNetFormat::DiffusersSingleFile);
+    assert_eq!(single.config, checkpoint.config, "the Union read from its shapes");
+    check(&file, "union_pose_depth");
+}
+
+/// A Union reference's inputs, for the graph API.
+struct UnionInputs {
+    x: Inputs,
+    types: Vec<ControlType>,
+    conds: Vec<Tensor>,
+    scales: Vec<f32>,
+}
+
+impl UnionInputs {
+    fn read(name: &str) -> UnionInputs {
+        let r = weights::open(&reference(name), "reference").unwrap();
+        let f32 = |n: &str| {
+            let t = r.float(n).unwrap();
+            Tensor::from_f32(t.shape(), DType::F32, &t.to_f32_vec().unwrap()).unwrap()
+        };
+        let types: Vec<ControlType> =
+            r.integers("in.control_type_idx").unwrap().into_iter().map(|k| ControlType(k as usize)).collect();
+        let conds = (0..types.len()).map(|i| nchw_to_nhwc(&f32(&format!("in.controlnet_cond.{i}"))).unwrap()).collect();
+        let scales = f32("in.conditioning_scale").to_f32_vec().unwrap();
+        let mut expected: Vec<Tensor> =
+            (0..9).map(|k| nchw_to_nhwc(&f32(&format!("out.down_block_res_samples.{k}"))).unwrap()).collect();
+        expected.push(nchw_to_nhwc(&f32("out.mid_block_res_sample")).unwrap());
+        let x = Inputs {
+            sample: nchw_to_nhwc(&f32("in.sample")).unwrap(),
+            timestep: f32("in.timestep").reshape(&[1]).unwrap(),
+            context: f32("in.encoder_hidden_states"),
+            text_embeds: f32("in.added_cond_kwargs.text_embeds"),
+            time_ids: f32("in.added_cond_kwargs.time_ids"),
+            cond: conds_placeholder(),
+            expected,
+        };
+        UnionInputs { x, types, conds, scales }
+    }
+}
+
+/// `Inputs::cond` is the plain ControlNet's; a Union's images are `UnionInputs::conds`.
+fn conds_placeholder() -> Tensor {
+    Tensor::from_f32(&[0], DType::F32, &[]).unwrap()
+}
+
+/// Rows `a` then `b` of two same-shaped tensors (a batch of their samples).
+fn stack(a: &Tensor, b: &Tensor) -> Tensor {
+    let mut shape = a.shape().to_vec();
+    shape[0] += b.shape()[0];
+    Tensor::from_f32(&shape, DType::F32, &[a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap()].concat()).unwrap()
+}
+
+/// Row `r` of a batch.
+fn row(t: &Tensor, r: usize) -> Tensor {
+    let n = t.numel() / t.shape()[0];
+    let mut shape = t.shape().to_vec();
+    shape[0] = 1;
+    Tensor::from_f32(&shape, DType::F32, &t.to_f32_vec().unwrap()[r * n..(r + 1) * n]).unwrap()
+}
+
+fn all(r: &UnetResiduals) -> Vec<&Tensor> {
+    r.down.iter().chain([&r.mid]).collect()
+}
+
+/// Per-sample semantics: the two pose + depth samples (different hints) as one batch give, row by
+/// row, diffusers' residuals of each sample alone (diffusers' own batch of the two differs from
+/// those by 1.7e-3 relative: tools/make_controlnet_union_fixtures.py prints it); per-row scales
+/// give each row what its own scale gives alone; every tensor is read.
+#[test]
+fn union_batch_equals_its_samples_one_at_a_time() {
+    let dir = TempDir::new("controlnet-union-batch");
+    let net =
+        ControlNetUnion::new(&open_controlnet(&write_union_folder(&dir.0)).unwrap(), Place::Host(DType::F32)).unwrap();
+    let (a, b) = (UnionInputs::read("union_pose_depth"), UnionInputs::read("union_pose_depth_b"));
+    assert_eq!((&a.types, &a.scales), (&b.types, &b.scales));
+    let [sample, timestep, context, text, ids] = [
+        stack(&a.x.sample, &b.x.sample),
+        stack(&a.x.timestep, &b.x.timestep),
+        stack(&a.x.context, &b.x.context),
+        stack(&a.x.text_embeds, &b.x.text_embeds),
+        stack(&a.x.time_ids, &b.x.time_ids),
+    ];
+    let inputs = UnetInputs {
+        sample: &sample,
+        timestep: &timestep,
+        encoder_hidden_states: &context,
+        text_embeds: Some(&text),
+        time_ids: Some(&ids),
+    };
+    let conds: Vec<Tensor> = a.conds.iter().zip(&b.conds).map(|(p, q)| stack(p, q)).collect();
+    let run = |scales: &[Vec<f32>]| {
+        let list: Vec<UnionCondition> = a
+            .types
+            .iter()
+            .zip(&conds)
+            .zip(scales)
+            .map(|((&control_type, image), scale)| UnionCondition { control_type, image, scale })
+            .collect();
+        net.forward(&Exec::Cpu, &inputs, &list, UnionOptions::default()).unwrap()
+    };
+    let batch = run(&a.scales.iter().map(|&s| vec![s]).collect::<Vec<_>>());
+    for (r, single) in [&a, &b].into_iter().enumerate() {
+        for (k, (computed, expected)) in all(&batch).into_iter().zip(&single.x.expected).enumerate() {
+            let (rel, _) =
+                common::assert_close(&format!("batch row {r}, residual {k}"), &row(computed, r), expected, TOL);
+            if k == 0 {
+                println!("batch row {r} vs diffusers' sample alone: residual 0 rel L2 {rel:.2e}");
+            }
+        }
+    }
+    // every tensor is read but the task vectors of the types not given
+    let unused = ["task_embedding.2", "task_embedding.3", "task_embedding.4", "task_embedding.5"];
+    assert_eq!(net.unread(), unused, "loaded but never read");
+
+    // per-row scales: depth at 0.3 on row 1 only equals row 1 run alone with depth at 0.3
+    let per_row = run(&[vec![1.0, 1.0], vec![a.scales[1], 0.3]]);
+    let alone = {
+        let list = [
+            UnionCondition { control_type: b.types[0], image: &b.conds[0], scale: &[1.0] },
+            UnionCondition { control_type: b.types[1], image: &b.conds[1], scale: &[0.3] },
+        ];
+        net.forward(&Exec::Cpu, &b.x.unet(), &list, UnionOptions::default()).unwrap()
+    };
+    for (k, ((p, q), e)) in all(&per_row).into_iter().zip(all(&alone)).zip(&a.x.expected).enumerate() {
+        common::assert_close(&format!("per-row scales, row 1, residual {k}"), &row(p, 1), q, 1e-6);
+        common::assert_close(&format!("per-row scales, row 0, residual {k}"), &row(p, 0), e, TOL);
+    }
+}
+
+/// Loading: the class name does not decide (keys do), a plain net refuses a Union checkpoint and
+/// back, a cldm-named Union file is refused, missing Union tensors are listed by name.
+#[test]
+fn union_loading_is_by_keys_and_strict() {
+    let dir = TempDir::new("controlnet-union-load");
+    let folder = write_union_folder(&dir.0);
+    // xinsir's config_promax.json copy names ControlNetModel: still a Union by its keys
+    let union_cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(controlnet::controlnet_dir().join("config.union.json")).unwrap())
+            .unwrap();
+    let mut as_plain = union_cfg.as_object().unwrap().clone();
+    as_plain.insert("_class_name".into(), "ControlNetModel".into());
+    std::fs::write(folder.join("config.json"), serde_json::Value::Object(as_plain).to_string()).unwrap();
+    let checkpoint = open_controlnet(&folder).unwrap();
+    assert!(checkpoint.config.union.is_some());
+    check(&folder, "union_pose");
+    let e = ControlNet::new(&checkpoint, Place::Host(DType::F32)).err().expect("a plain ControlNet of a Union");
+    assert!(matches!(&e, Error::Unsupported(m) if m.contains("ControlNetUnion")), "{e}");
+    let plain = open_controlnet(&write_folder(&dir.0, "full")).unwrap();
+    let e = ControlNetUnion::new(&plain, Place::Host(DType::F32)).err().expect("a Union of a plain ControlNet");
+    assert!(matches!(&e, Error::Input(m) if m.contains("plain ControlNet")), "{e}");
+
+    let broken = write_union_folder_with(&dir.path("broken"), |t| {
+        t.remove("transformer_layes.0.ln_1.bias").unwrap();
+        let (_, shape, _) = t.get_mut("spatial_ch_projs.bias").unwrap();
+        shape[0] = 16;
+        let (_, _, data) = t.get_mut("spatial_ch_projs.bias").unwrap();
+        data.truncate(32);
+    });
+    let e = open_controlnet(&broken).err().expect("loads");
+    for needle in ["missing: transformer_layes.0.ln_1.bias", "spatial_ch_projs.bias: expected [32], found [16]"] {
+        assert!(e.to_string().contains(needle), "'{needle}' not in {e}");
+    }
+
+    let mut cldm = BTreeMap::new();
+    for (name, t) in union_tensors() {
+        cldm.insert(format!("{CLDM_PREFIX}{name}"), t);
+    }
+    let file = dir.path("union_cldm.safetensors");
+    write(&file, &cldm);
+    let e = open_controlnet(&file).err().expect("loads");
+    assert!(matches!(&e, Error::Unsupported(m) if m.contains("Union") && m.contains("cldm")), "{e}");
+}
+
+/// Conditions are checked before any work, naming the condition.
+#[test]
+fn union_inputs_are_checked() {
+    let dir = TempDir::new("controlnet-union-inputs");
+    let net =
+        ControlNetUnion::new(&open_controlnet(&write_union_folder(&dir.0)).unwrap(), Place::Host(DType::F32)).unwrap();
+    let a = UnionInputs::read("union_pose_depth");
+    let (pose, depth) = (&a.conds[0], &a.conds[1]);
+    let refused = |list: &[UnionCondition], options: UnionOptions| {
+        net.forward(&Exec::Cpu, &a.x.unet(), list, options).err().expect("refused").to_string()
+    };
+    let c = |control_type, image, scale| UnionCondition { control_type, image, scale };
+    let plain = UnionOptions::default();
+    let m = refused(&[c(ControlType::TILE, pose, &[1.0])], plain);
+    assert!(m.contains("control type 6 (tile)") && m.contains("ProMax"), "{m}");
+    let m = refused(&[c(ControlType::OPENPOSE, pose, &[1.0, 2.0, 3.0])], plain);
+    assert!(m.contains("condition 0 gives 3 scales"), "{m}");
+    let m = refused(&[c(ControlType::OPENPOSE, pose, &[f32::NAN])], plain);
+    assert!(m.contains("conditioning_scale of condition 0"), "{m}");
+    let m = refused(&[], plain);
+    assert!(m.contains("no conditions"), "{m}");
+    let multi = UnionOptions { from_multi: true, ..plain };
+    let m = refused(&[c(ControlType::OPENPOSE, pose, &[1.0]), c(ControlType::DEPTH, depth, &[0.5])], multi);
+    assert!(m.contains("from_multi") && m.contains("conditions 0 and 1"), "{m}");
+    let small = Tensor::from_f32(&[1, 32, 32, 3], DType::F32, &vec![0.5; 32 * 32 * 3]).unwrap();
+    let m = refused(&[c(ControlType::OPENPOSE, pose, &[1.0]), c(ControlType::DEPTH, &small, &[1.0])], plain);
+    assert!(m.contains("controlnet_cond") && m.contains("condition 1, depth"), "{m}");
+}
+
+#[test]
+fn control_types_by_name_follow_the_union_readme() {
+    for (name, index) in
+        [("openpose", 0), ("Depth", 1), ("hed", 2), ("scribble", 2), ("canny", 3), ("anime_lineart", 3), ("mlsd", 3)]
+            .into_iter()
+            .chain([("normal", 4), ("segment", 5), ("tile", 6), ("repaint", 7)])
+    {
+        assert_eq!(ControlType::parse(name).unwrap(), ControlType(index), "{name}");
+    }
+    assert_eq!(ControlType(3).name(), "canny");
+    let e = ControlType::parse("pose").unwrap_err();
+    assert!(matches!(&e, Error::Input(m) if m.contains("'pose'") && m.contains("openpose")), "{e}");
+}
+
+/// `verify controlnet` on Union references: bad ones exit 2 naming the tensor.
+#[test]
+fn union_verify_cli_errors() {
+    let dir = TempDir::new("controlnet-union-cli");
+    let folder = write_union_folder(&dir.0);
+    let w = folder.to_str().unwrap();
+    let edit = |name: &str, f: &dyn Fn(&mut Tensors)| {
+        let mut t = read_all(&reference("union_pose_depth"));
+        f(&mut t);
+        let path = dir.path(&format!("{name}.safetensors"));
+        write(&path, &t);
+        path.to_str().unwrap().to_string()
+    };
+    let flags = |v: [f32; 6]| (Dtype::F32, vec![1, 6], v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
+    let wrong_flags = edit("flags", &|t| drop(t.insert("in.control_type".into(), flags([1., 0., 1., 0., 0., 0.]))));
+    let no_second = edit("nosecond", &|t| drop(t.remove("in.controlnet_cond.1")));
+    let plain_cond = edit("plaincond", &|t| {
+        let c = t["in.controlnet_cond.0"].clone();
+        t.insert("in.controlnet_cond".into(), c);
+    });
+    let third = edit("third", &|t| {
+        let c = t["in.controlnet_cond.0"].clone();
+        t.insert("in.controlnet_cond.2".into(), c);
+    });
+    let scales3 = edit("scales3", &|t| {
+        let v: Vec<u8> = [1f32, 1., 1.].iter().flat_map(|x| x.to_le_bytes()).collect();
+        t.insert("in.conditioning_scale".into(), (Dtype::F32, vec![3], v));
+    });
+    let tile = edit("tile", &|t| {
+        let v: Vec<u8> = [0i64, 6].iter().flat_map(|x| x.to_le_bytes()).collect();
+        t.insert("in.control_type_idx".into(), (Dtype::I64, vec![2], v));
+    });
+    let cases: [(&str, &str); 6] = [
+        (&wrong_flags, "is not the flags of in.control_type_idx"),
+        (&no_second, "no tensor 'in.controlnet_cond.1'"),
+        (&plain_cond, "unknown tensor 'in.controlnet_cond'"),
+        (&third, "in.controlnet_cond.2: in.control_type_idx lists 2 conditions"),
+        (&scales3, "one per condition ([2])"),
+        (&tile, "in.control_type_idx[1] = 6"),
+    ];
+    for (r, needle) in cases {
+        let (code, stdout, stderr) =
+            celframe(&["verify", "controlnet", "--weights", w, "--reference", r, "--device", "cpu"]);
+        assert_eq!(code, 2, "{r}:\n{stdout}\n{stderr}");
+        assert!(stderr.contains(needle), "'{needle}' not in {stderr}");
+    }
+    // a plain reference on the Union, and a Union reference on a plain ControlNet
+    let plain = write_folder(&dir.0, "full");
+    let union_ref = reference("union_pose");
+    for (weights, r, needle) in [
+        (w, reference("full"), "unknown tensor 'in.controlnet_cond'"),
+        (plain.to_str().unwrap(), union_ref, "unknown tensor 'in.control_type"),
+    ] {
+        let (code, _, stderr) = celframe(&[
+            "verify",
+            "controlnet",
+            "--weights",
+            weights,
+            "--reference",
+            r.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ]);
+        assert_eq!(code, 2, "{stderr}");
+        assert!(stderr.contains(needle), "'{needle}' not in {stderr}");
+    }
+    let (code, stdout, _) = celframe(&[
+        "verify",
+        "controlnet",
+        "--weights",
+        w,
+        "--reference",
+        reference("union_lineart_depth").to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(
+        stdout.contains("Union conditions [canny x 0.7, depth x 1.2] (scales inside the fusion, guess mode)"),
+        "{stdout}"
+    );
 }

@@ -18,9 +18,11 @@ use crate::models::lora::{self, Component, LoraSpec, Loras, Targets};
 use crate::models::motion::MAX_FRAMES;
 use crate::models::vae::{Vae, open_vae};
 use crate::models::{
-    ControlNet, ControlScale, Frames, MotionModules, Place, Unet, UnetConfig, open_controlnet, open_motion, open_unet,
+    ControlNet, ControlNetUnion, ControlScale, ControlType, Frames, MotionModules, Place, Unet, UnetConfig,
+    UnetResiduals, UnionCondition, UnionOptions, open_controlnet, open_motion, open_unet,
 };
 use crate::ops::Exec;
+use crate::ops::elementwise::add;
 use crate::ops::random::random_uniform;
 use crate::sampling::NoiseStream;
 use crate::tensor::{DType, Tensor};
@@ -32,7 +34,8 @@ pub struct BenchArgs {
     /// What to time: unet; lora (merging `--lora`'s set into the UNet's device weights and
     /// switching to `--switch-lora`'s and back); motion_unet (the UNet with `--motion`'s modules on
     /// `--batch` videos of `--frames` frames); controlnet (`--batch` images with control images at
-    /// the output size); text_encoders (both SDXL encoders on a CFG pair of prompts);
+    /// the output size; a Union with `--conditions` of them, a plain ControlNet `--nets` times);
+    /// text_encoders (both SDXL encoders on a CFG pair of prompts);
     /// vae_decoder (`--batch` frames of `--height` x `--width` latents, `--chunk` at a time).
     pub component: String,
     /// unet: a diffusers UNet folder or a single-file checkpoint; controlnet: a diffusers
@@ -63,6 +66,14 @@ pub struct BenchArgs {
     /// Timed forwards (after two untimed ones), at most 10000.
     #[arg(long, default_value_t = 10)]
     pub runs: usize,
+    /// controlnet, a Union checkpoint: conditions per forward, of types 0, 1, ... (openpose,
+    /// depth, hed, canny, ...), each at scale 1.
+    #[arg(long)]
+    pub conditions: Option<usize>,
+    /// controlnet, a plain checkpoint: forwards per timed run, their residuals summed (what that
+    /// many separate ControlNets of this architecture cost, as a multi-ControlNet step sums them).
+    #[arg(long)]
+    pub nets: Option<usize>,
     /// vae_decoder: frames per decoder forward.
     #[arg(long, default_value_t = 8)]
     pub chunk: usize,
@@ -95,6 +106,8 @@ const MAX_ELEMENTS: usize = i32::MAX as usize;
 const WHY: &str = "cuDNN and the kernels index one tensor with 32-bit integers";
 /// Most timed runs: enough for any median, and each run's CUDA events are allocated up front.
 const MAX_RUNS: usize = 10_000;
+/// Most ControlNets (`--nets`) or Union conditions (`--conditions`) per timed run.
+const MAX_NETS: usize = 16;
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     let dtype = DType::parse(&args.dtype)?;
@@ -106,6 +119,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         ("--chunk", args.chunk, None),
         ("--frames", args.frames, Some(MAX_FRAMES)),
         ("--runs", args.runs, Some(MAX_RUNS)),
+        ("--conditions", args.conditions.unwrap_or(1), Some(MAX_NETS)),
+        ("--nets", args.nets.unwrap_or(1), Some(MAX_NETS)),
     ];
     for (flag, value, most) in counts {
         match most {
@@ -124,6 +139,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     if args.motion.is_some() != (args.component == "motion_unet") {
         return Err(Error::Input("bench: --motion goes with motion_unet, and motion_unet needs it".into()));
+    }
+    if (args.conditions.is_some() || args.nets.is_some()) && args.component != "controlnet" {
+        return Err(Error::Input("bench: --conditions and --nets go with controlnet".into()));
     }
     match args.component.as_str() {
         "unet" => bench_unet(args, dtype),
@@ -208,10 +226,34 @@ fn bench_motion_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
 
 /// The ControlNet on `--batch` images of `--height` x `--width` latents (the UNet's random inputs)
 /// and control images at its `hint_factor` times that size, scale 1 (diffusers
-/// ControlNetModel.forward on one CFG-less batch).
+/// ControlNetModel.forward on one CFG-less batch): a plain net `--nets` times with the residuals
+/// summed, a Union once with `--conditions` conditions (ControlNetUnionModel.forward).
 fn bench_controlnet(args: &BenchArgs, dtype: DType) -> Result<()> {
     let checkpoint = open_controlnet(&args.weights)?;
     let cfg = &checkpoint.config;
+    let (conditions, nets) = match (&cfg.union, args.conditions, args.nets) {
+        (Some(_), _, Some(_)) => {
+            return Err(Error::Input(
+                "bench controlnet: --nets is for a plain ControlNet; a Union takes --conditions".into(),
+            ));
+        }
+        (None, Some(_), _) => {
+            return Err(Error::Input(
+                "bench controlnet: --conditions is for a Union ControlNet; --nets repeats a plain one".into(),
+            ));
+        }
+        (Some(u), c, None) => {
+            let c = c.unwrap_or(1);
+            if c > u.control_types {
+                return Err(Error::Input(format!(
+                    "--conditions {c}: this Union has {} control types",
+                    u.control_types
+                )));
+            }
+            (c, 1)
+        }
+        (None, None, n) => (1, n.unwrap_or(1)),
+    };
     let (b, h, w, f) = (args.batch, args.height, args.width, cfg.hint_factor());
     let enc = &cfg.encoder;
     let widest = enc.block_out_channels.iter().copied().chain([enc.in_channels]).max().unwrap_or(0);
@@ -231,21 +273,60 @@ fn bench_controlnet(args: &BenchArgs, dtype: DType) -> Result<()> {
     let scratch = scratch_bytes(&gpu, args.scratch_gb)?;
     let hint_shape = [b, h * f, w * f, cfg.conditioning_channels];
     let hint_bytes = hint_shape.iter().product::<usize>() * dtype.size();
-    let (weights, scratch) = model_arenas(&checkpoint.weights, dtype, hint_bytes + (64 << 20), |_| scratch)?;
-    let cn = ControlNet::new(&checkpoint, Place::Device { gpu: &gpu, arena: &weights, dtype })?;
+    let extra = conditions * (hint_bytes + 256) + (64 << 20);
+    let (weights, scratch) = model_arenas(&checkpoint.weights, dtype, extra, |_| scratch)?;
+    let place = Place::Device { gpu: &gpu, arena: &weights, dtype };
 
     let uploaded = random_inputs(enc, [b, 1, h, w], args.tokens, dtype)?.upload(&gpu, &weights)?;
-    let hint = gpu.upload(&weights, &random(&hint_shape, 5, 0.5, dtype)?, dtype)?;
+    let hints = (0..conditions)
+        .map(|i| gpu.upload(&weights, &random(&hint_shape, 5 + i as u64, 0.5, dtype)?, dtype))
+        .collect::<Result<Vec<_>>>()?;
     let inputs = uploaded.unet_inputs();
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
-    let key = format!("controlnet {} b{b} {}x{}", dtype.kernel_suffix(), 8 * h, 8 * w);
-    let mut forward = || {
-        let _r = nvtx::range(&key);
-        cn.forward(&ex, &inputs, &hint, ControlScale::new(1.0)).map(drop)
+    let size = format!("b{b} {}x{}", 8 * h, 8 * w);
+    let (name, key) = match (&cfg.union, nets) {
+        (Some(_), _) => {
+            ("controlnet_union", format!("controlnet_union {} {size} {conditions} conditions", dtype.kernel_suffix()))
+        }
+        (None, 1) => ("controlnet", format!("controlnet {} {size}", dtype.kernel_suffix())),
+        (None, n) => ("controlnet", format!("controlnet x{n} {} {size}", dtype.kernel_suffix())),
     };
-    let t = time_gpu(&gpu, 2, args.runs, &mut forward)?;
-    report("controlnet", &key, &t, args.runs, &scratch);
-    breakdown(args, &gpu, &key, &t, forward)
+    match &cfg.union {
+        Some(_) => {
+            let net = ControlNetUnion::new(&checkpoint, place)?;
+            let list: Vec<UnionCondition> = hints
+                .iter()
+                .enumerate()
+                .map(|(i, image)| UnionCondition { control_type: ControlType(i), image, scale: &[1.0] })
+                .collect();
+            let mut forward = || {
+                let _r = nvtx::range(&key);
+                net.forward(&ex, &inputs, &list, UnionOptions::default()).map(drop)
+            };
+            let t = time_gpu(&gpu, 2, args.runs, &mut forward)?;
+            report(name, &key, &t, args.runs, &scratch);
+            breakdown(args, &gpu, &key, &t, forward)
+        }
+        None => {
+            let cn = ControlNet::new(&checkpoint, place)?;
+            let mut forward = || {
+                let _r = nvtx::range(&key);
+                let mut sum = cn.forward(&ex, &inputs, &hints[0], ControlScale::new(1.0))?;
+                for _ in 1..nets {
+                    let r = cn.forward(&ex, &inputs, &hints[0], ControlScale::new(1.0))?;
+                    sum = UnetResiduals {
+                        down: sum.down.iter().zip(&r.down).map(|(a, b)| add(&ex, a, b, 1.0)).collect::<Result<_>>()?,
+                        mid: add(&ex, &sum.mid, &r.mid, 1.0)?,
+                    };
+                }
+                drop(sum);
+                Ok(())
+            };
+            let t = time_gpu(&gpu, 2, args.runs, &mut forward)?;
+            report(name, &key, &t, args.runs, &scratch);
+            breakdown(args, &gpu, &key, &t, forward)
+        }
+    }
 }
 
 /// LoRA sets merged into device weights and switched: the UNet's, and with `--text-encoders` both

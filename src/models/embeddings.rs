@@ -54,16 +54,35 @@ pub fn forward(
     add(ex, &emb, &added, 1.0)
 }
 
+/// The Union ControlNet's control-type embedding (diffusers `controlnet_union.py`: `control_type_proj`
+/// and `control_add_embedding`): each of the N flags of `flags` (f32 [N], 1 for a type in use, else
+/// 0) becomes a sinusoid of `width` with the time embedding's flip and shift (an unused type gives
+/// cos 0 = 1 and sin 0 = 0, not zeros), concatenated in type order -> MLP -> [1, T] in `dtype`.
+pub fn control_types(
+    ex: &Exec,
+    w: &Scope,
+    cfg: &UnetConfig,
+    flags: &Tensor,
+    width: usize,
+    dtype: DType,
+) -> Result<Tensor> {
+    let n = flags.numel();
+    let s = timestep_embedding(ex, flags, sinusoid(cfg, width), dtype)?.reshape(&[1, n * width])?;
+    mlp(ex, w, &s)
+}
+
 pub fn specs(cfg: &UnetConfig, out: &mut Vec<TensorSpec>) {
     let t = cfg.time_embed_dim;
-    let mut mlp = |prefix: &str, input: usize| {
-        out.push(TensorSpec::new(format!("{prefix}.linear_1.weight"), &[t, input]));
-        out.push(TensorSpec::new(format!("{prefix}.linear_1.bias"), &[t]));
-        out.push(TensorSpec::new(format!("{prefix}.linear_2.weight"), &[t, t]));
-        out.push(TensorSpec::new(format!("{prefix}.linear_2.bias"), &[t]));
-    };
-    mlp("time_embedding", cfg.block_out_channels[0]);
+    mlp_specs("time_embedding", cfg.block_out_channels[0], t, out);
     if let Some(tt) = &cfg.text_time {
-        mlp("add_embedding", tt.input_dim);
+        mlp_specs("add_embedding", tt.input_dim, t, out);
     }
+}
+
+/// A TimestepEmbedding MLP's tensors: `input` -> `t` -> `t`.
+pub fn mlp_specs(prefix: &str, input: usize, t: usize, out: &mut Vec<TensorSpec>) {
+    out.push(TensorSpec::new(format!("{prefix}.linear_1.weight"), &[t, input]));
+    out.push(TensorSpec::new(format!("{prefix}.linear_1.bias"), &[t]));
+    out.push(TensorSpec::new(format!("{prefix}.linear_2.weight"), &[t, t]));
+    out.push(TensorSpec::new(format!("{prefix}.linear_2.bias"), &[t]));
 }

@@ -18,7 +18,8 @@ pub mod vae;
 pub mod weights;
 
 pub use controlnet::{
-    ControlNet, ControlNetCheckpoint, ControlNetConfig, ControlNetFormat, ControlScale, open_controlnet,
+    ControlNet, ControlNetCheckpoint, ControlNetConfig, ControlNetFormat, ControlNetUnion, ControlScale, ControlType,
+    UnionCondition, UnionConfig, UnionOptions, open_controlnet,
 };
 pub use fields::Limits;
 pub use motion::{MotionCheckpoint, MotionConfig, MotionFormat, MotionModules, open_motion};

@@ -23,6 +23,7 @@ pub mod linear;
 pub mod lora;
 pub mod norm;
 pub mod random;
+pub mod reduce;
 pub mod rgb8;
 pub mod rows;
 pub mod upsample;

@@ -97,6 +97,35 @@ pub fn write_cldm(path: &Path, variant: &str, prefix: &str) {
     write(path, &out);
 }
 
+/// The Union fixture's tensors by diffusers name: the full variant's encoder and zero convs, and
+/// union_only.safetensors (the Union's modules and its own conditioning embedding).
+pub fn union_tensors() -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+    let mut out = tensors("full");
+    let own = std::fs::read(controlnet_dir().join("union_only.safetensors")).unwrap();
+    for (name, t) in SafeTensors::deserialize(&own).unwrap().tensors() {
+        out.insert(name, (t.dtype(), t.shape().to_vec(), t.data().to_vec()));
+    }
+    out
+}
+
+/// The Union as a diffusers folder under `dir` (config.union.json as config.json), `edit`ed first.
+pub fn write_union_folder_with(
+    dir: &Path,
+    edit: impl FnOnce(&mut BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>),
+) -> PathBuf {
+    let out = dir.join("controlnet_union");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::copy(controlnet_dir().join("config.union.json"), out.join("config.json")).unwrap();
+    let mut t = union_tensors();
+    edit(&mut t);
+    write(&out.join("diffusion_pytorch_model.safetensors"), &t);
+    out
+}
+
+pub fn write_union_folder(dir: &Path) -> PathBuf {
+    write_union_folder_with(dir, |_| {})
+}
+
 /// `variant` as one file with diffusers names (a folder's weights without its config.json).
 pub fn write_diffusers_file(path: &Path, variant: &str) {
     write(path, &tensors(variant));

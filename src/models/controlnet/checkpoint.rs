@@ -12,12 +12,19 @@
 //! ControlNet's own modules (diffusers `loaders/single_file_utils.py`,
 //! `convert_controlnet_checkpoint`): `input_hint_block.{0, 2, ..}` for the conditioning
 //! embedding, `zero_convs.{k}.0` and `middle_block_out.0` for the zero convs.
+//!
+//! A Union / ProMax checkpoint (diffusers ControlNetUnionModel, xinsir's controlnet-union-sdxl-1.0)
+//! is told by its keys (`task_embedding`, `control_add_embedding.*`, ComfyUI's rule), in a folder
+//! whatever config.json's `_class_name` says. Its own modules have the same names in diffusers'
+//! folders and xinsir's files (`union::tensor_specs`); Union files with cldm names are not known
+//! and are refused.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use super::ControlNet;
-use super::config::{ControlNetConfig, derive_config};
+use super::config::{ControlNetConfig, derive_config, derive_union};
+use super::union;
 use crate::error::{Error, Result};
 use crate::models::fields::Limits;
 use crate::models::files::{self, DIFFUSERS_FILES, Location};
@@ -41,7 +48,8 @@ pub enum ControlNetFormat {
 pub struct ControlNetCheckpoint {
     pub config: ControlNetConfig,
     pub weights: LoadedWeights,
-    /// (diffusers name, checkpoint key) for every tensor the graph reads.
+    /// (diffusers name, checkpoint key) for every tensor of the plain ControlNet's graph; a
+    /// Union's own tensors are under their diffusers names (`union::tensor_specs`).
     pub names: Vec<(String, String)>,
     pub format: ControlNetFormat,
 }
@@ -61,12 +69,14 @@ fn open_diffusers(folder: &Path) -> Result<ControlNetCheckpoint> {
     // 1. the checkpoint's header bounds what the config may ask for, before anything is sized
     let header = weights::load(&files)?;
     refuse_other_kinds(header.iter().map(|(n, _)| n), &files[0])?;
-    let config = ControlNetConfig::from_diffusers_json(&text, &config_file, &Limits::of(&header))?;
+    let union_keys = has_union_keys(header.iter().map(|(n, _)| n));
+    let config = ControlNetConfig::read_json(&text, &config_file, &Limits::of(&header), union_keys)?;
     drop(header);
     // 2. every tensor, strictly
     let specs = ControlNet::tensor_specs(&config);
-    let weights = weights::load_strict(&files, &specs, &[])?;
-    let names = specs.into_iter().map(|s| (s.name.clone(), s.name)).collect();
+    let names = specs.iter().map(|s| (s.name.clone(), s.name.clone())).collect();
+    let all: Vec<TensorSpec> = specs.into_iter().chain(union::tensor_specs(&config)).collect();
+    let weights = weights::load_strict(&files, &all, &[])?;
     Ok(ControlNetCheckpoint { config, weights, names, format: ControlNetFormat::Diffusers })
 }
 
@@ -95,6 +105,14 @@ fn open_single_file(path: &Path) -> Result<ControlNetCheckpoint> {
         )));
     };
     let root = if format == (ControlNetFormat::Cldm { prefixed: true }) { CLDM_PREFIX } else { "" };
+    let union_keys = has_union_keys(all.iter().copied());
+    if union_keys && format != ControlNetFormat::DiffusersSingleFile {
+        return Err(Error::Unsupported(format!(
+            "{}: a ControlNet Union / ProMax checkpoint with cldm names (input_hint_block, zero_convs); this engine \
+             reads Union files with diffusers names (xinsir's controlnet-union-sdxl-1.0 files)",
+            path.display()
+        )));
+    }
 
     // 1. the shapes under SGM names below the root (a diffusers-named file's through the map of
     // the layout its names show)
@@ -115,12 +133,21 @@ fn open_single_file(path: &Path) -> Result<ControlNetCheckpoint> {
             }
         }
     }
-    let config = derive_config(&shapes, root).map_err(|e| match (e, format) {
+    let mut config = derive_config(&shapes, root).map_err(|e| match (e, format) {
         (Error::Input(m), ControlNetFormat::DiffusersSingleFile) => {
             Error::Input(format!("{m} (a file with diffusers names, read through their SGM equivalents)"))
         }
         (e, _) => e,
     })?;
+    if union_keys {
+        config.union = Some(derive_union(|n| file.shape(n).ok().map(<[usize]>::to_vec), &path.display().to_string())?);
+        config.validate().map_err(|e| match e {
+            Error::Input(m) => {
+                Error::Input(format!("{}: the Union architecture read from its shapes: {m}", path.display()))
+            }
+            other => other,
+        })?;
+    }
     drop(file);
 
     // 2. every tensor checked against the architecture under the file's names
@@ -140,6 +167,7 @@ fn open_single_file(path: &Path) -> Result<ControlNetCheckpoint> {
         specs.push(TensorSpec::new(key.clone(), &spec.shape));
         names.push((spec.name, key));
     }
+    specs.extend(union::tensor_specs(&config));
     let outside = |name: &str| !name.starts_with(root);
     let weights = weights::load_filtered(&files, Some(&specs), &outside)?;
     Ok(ControlNetCheckpoint { config, weights, names, format })
@@ -147,23 +175,22 @@ fn open_single_file(path: &Path) -> Result<ControlNetCheckpoint> {
 
 /// Refuses, by name, the files of ControlNet kinds this engine does not run yet.
 fn refuse_other_kinds<'a>(mut names: impl Iterator<Item = &'a str>, path: &Path) -> Result<()> {
-    let found = names.find_map(|n| {
-        let n = n.strip_prefix(CLDM_PREFIX).unwrap_or(n);
-        if n.starts_with("control_add_embedding.") || n == "task_embedding" {
-            Some("a ControlNet Union / ProMax checkpoint (control_add_embedding, task_embedding)")
-        } else if n == "lora_controlnet" {
-            Some("a Control-LoRA (lora_controlnet)")
-        } else {
-            None
-        }
-    });
-    match found {
-        Some(kind) => Err(Error::Unsupported(format!(
-            "{}: {kind}; this engine runs plain ControlNets (ControlNetModel)",
+    match names.any(|n| n.strip_prefix(CLDM_PREFIX).unwrap_or(n) == "lora_controlnet") {
+        true => Err(Error::Unsupported(format!(
+            "{}: a Control-LoRA (lora_controlnet); this engine runs ControlNetModel and ControlNetUnionModel \
+             checkpoints",
             path.display()
         ))),
-        None => Ok(()),
+        false => Ok(()),
     }
+}
+
+/// Whether a checkpoint's keys hold the Union's modules (with or without the cldm prefix).
+fn has_union_keys<'a>(mut names: impl Iterator<Item = &'a str>) -> bool {
+    names.any(|n| {
+        let n = n.strip_prefix(CLDM_PREFIX).unwrap_or(n);
+        n == "task_embedding" || n.starts_with("control_add_embedding.")
+    })
 }
 
 /// The diffusers -> SGM/cldm name map of one ControlNet (names below the root): the UNet's map for

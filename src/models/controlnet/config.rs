@@ -12,6 +12,8 @@
 //! `down_blocks.1.attentions.0.transformer_blocks.*`, mid `down_blocks.1.attentions.0.norm.*`
 //! without blocks, small no `down_blocks.1.attentions` at all), so nothing here names them: their
 //! configs give transformer depths of 0 (a Transformer2DModel without blocks) or no attention.
+//! ControlNet Union / ProMax (diffusers `controlnet_union.py`, `ControlNetUnionModel.__init__`) is
+//! the same encoder plus the modules of `UnionConfig`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -27,6 +29,9 @@ use crate::models::unet::ldm;
 
 /// diffusers' default `conditioning_embedding_out_channels` (the SDXL ControlNets' value too).
 const DEFAULT_EMBEDDING_CHANNELS: [usize; 4] = [16, 32, 96, 256];
+/// ControlNetUnionModel's default (ControlNetPlus' optional wider hint encoder; xinsir's configs
+/// give [16, 32, 96, 256], which their weights have).
+const UNION_DEFAULT_EMBEDDING_CHANNELS: [usize; 4] = [48, 96, 192, 384];
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ControlNetConfig {
@@ -40,6 +45,42 @@ pub struct ControlNetConfig {
     /// to the first; for each later width a same-width 3x3 conv, then a stride-2 3x3 conv to it;
     /// conv_out to `block_out_channels[0]`.
     pub conditioning_embedding_out_channels: Vec<usize>,
+    /// The Union / ProMax modules, for a ControlNetUnionModel.
+    pub union: Option<UnionConfig>,
+}
+
+/// What ControlNetUnionModel adds to the encoder (diffusers `controlnet_union.py`): a learned
+/// vector per control type (`task_embedding`), CLIP-style pre-LN blocks over one token per
+/// condition (`transformer_layes`), a projection of each token back to a per-channel offset of
+/// the condition's features (`spatial_ch_projs`), and an MLP on a sinusoid per control-type flag
+/// (`control_add_embedding`) added to the time embedding.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UnionConfig {
+    /// `num_control_type`: 6 for controlnet-union-sdxl-1.0, 8 for ProMax (tile, repaint).
+    pub control_types: usize,
+    /// `num_trans_channel`: the tokens' width; the hint features' (block_out_channels[0]).
+    pub token_channels: usize,
+    /// `num_trans_head`: heads of the token blocks' attention (with one token per sample the
+    /// attention returns its value projection whatever the heads: see `union`).
+    pub heads: usize,
+    /// `num_trans_layer`: token blocks.
+    pub layers: usize,
+    /// `num_proj_channel`: `spatial_ch_projs`' output width (block_out_channels[0]).
+    pub proj_channels: usize,
+    /// `addition_time_embed_dim`: the sinusoid width per control-type flag.
+    pub type_embed_dim: usize,
+}
+
+impl UnionConfig {
+    /// diffusers' fixed sizes (`num_trans_*` defaults, xinsir's hard-coded values) for a file whose
+    /// shapes give the rest.
+    const HEADS: usize = 8;
+
+    /// The fewest tensors its modules have: task_embedding, 12 per token block, spatial_ch_projs'
+    /// 2, control_add_embedding's 4.
+    fn fewest_tensors(&self) -> Option<usize> {
+        self.layers.checked_mul(12)?.checked_add(7)
+    }
 }
 
 impl ControlNetConfig {
@@ -47,18 +88,26 @@ impl ControlNetConfig {
     /// diffusers' defaults for absent fields. Counts and widths are checked against `limits` (the
     /// checkpoint's header) before anything is sized from them. Malformed or inconsistent:
     /// `Error::Input`; valid but using what the engine lacks: `Error::Unsupported`.
+    /// A `_class_name` of ControlNetUnionModel reads the Union's fields too.
     pub fn from_diffusers_json(text: &str, file: &str, limits: &Limits) -> Result<ControlNetConfig> {
+        ControlNetConfig::read_json(text, file, limits, false)
+    }
+
+    /// `from_diffusers_json` for a checkpoint whose keys show (`union_keys`) or do not show the
+    /// Union's modules: keys decide, as ComfyUI classifies these files (a copy of xinsir's
+    /// config_promax.json names ControlNetModel, yet diffusers' docs load that repository into
+    /// ControlNetUnionModel, which reads the same fields with its own defaults).
+    pub(super) fn read_json(text: &str, file: &str, limits: &Limits, union_keys: bool) -> Result<ControlNetConfig> {
         let f = Fields::parse(text, file)?;
-        match f.string("_class_name")? {
-            None | Some("ControlNetModel") => {}
-            Some("ControlNetUnionModel") => {
-                return Err(Error::Unsupported(format!(
-                    "{file} describes a ControlNetUnionModel (ControlNet Union / ProMax); this engine implements \
-                     ControlNetModel"
+        let union = match f.string("_class_name")? {
+            None | Some("ControlNetModel") => union_keys,
+            Some("ControlNetUnionModel") => true,
+            Some(other) => {
+                return Err(Error::Input(format!(
+                    "{file} describes a {other}, not a ControlNetModel or ControlNetUnionModel"
                 )));
             }
-            Some(other) => return Err(Error::Input(format!("{file} describes a {other}, not a ControlNetModel"))),
-        }
+        };
         let no = [Value::Bool(false)];
         let s = |v: &str| Value::String(v.to_string());
         f.only("encoder_hid_dim_type", &[], "a projection of the text embeddings")?;
@@ -189,7 +238,8 @@ impl ControlNetConfig {
         if f.raw("conditioning_embedding_out_channels").is_some_and(Value::is_null) {
             return Err(f.bad("conditioning_embedding_out_channels", "a list of widths (diffusers fails on null)"));
         }
-        let embedding = f.usizes("conditioning_embedding_out_channels", &DEFAULT_EMBEDDING_CHANNELS)?;
+        let default_embedding = if union { &UNION_DEFAULT_EMBEDDING_CHANNELS } else { &DEFAULT_EMBEDDING_CHANNELS };
+        let embedding = f.usizes("conditioning_embedding_out_channels", default_embedding)?;
         if embedding.is_empty() || embedding.len() > MAX_LEVELS {
             return Err(f.bad("conditioning_embedding_out_channels", &format!("a list of 1 to {MAX_LEVELS} widths")));
         }
@@ -197,6 +247,19 @@ impl ControlNetConfig {
             limits.check(file, "conditioning_embedding_out_channels", c, Bound::Width)?;
         }
         let c0 = block_out_channels[0];
+        // ControlNetUnionModel.__init__'s fields; the control-type sinusoid is as wide as a time
+        // id's (`addition_time_embed_dim`), which it needs even without text_time.
+        let union = match union {
+            true => Some(UnionConfig {
+                control_types: f.bounded("num_control_type", 6, Bound::Width, limits)?,
+                token_channels: f.bounded("num_trans_channel", 320, Bound::Width, limits)?,
+                heads: f.bounded("num_trans_head", UnionConfig::HEADS, Bound::Width, limits)?,
+                layers: f.bounded("num_trans_layer", 1, Bound::Layers, limits)?,
+                proj_channels: f.bounded("num_proj_channel", 320, Bound::Width, limits)?,
+                type_embed_dim: required_width("addition_time_embed_dim")?,
+            }),
+            false => None,
+        };
         let config = ControlNetConfig {
             encoder: UnetConfig {
                 in_channels: f.bounded("in_channels", 4, Bound::Width, limits)?,
@@ -220,12 +283,13 @@ impl ControlNetConfig {
             },
             conditioning_channels: f.bounded("conditioning_channels", 3, Bound::Width, limits)?,
             conditioning_embedding_out_channels: embedding,
+            union,
         };
         config.validate().map_err(|e| match e {
             Error::Input(m) => Error::Input(format!("{file}: {m}")),
             other => other,
         })?;
-        let fields = "layers_per_block, transformer_layers_per_block and the block types";
+        let fields = "layers_per_block, transformer_layers_per_block, num_trans_layer and the block types";
         limits.check_total(file, fields, config.fewest_tensors())?;
         Ok(config)
     }
@@ -254,6 +318,37 @@ impl ControlNetConfig {
                 return Err(Error::Input(format!("field '{field}' = {c} must be 1 to {MAX_WIDTH}")));
             }
         }
+        if let Some(u) = &self.union {
+            let c0 = self.encoder.block_out_channels[0];
+            // A token is the mean of the hint features plus a task vector, and its projection is
+            // added to those features: both widths are block_out_channels[0] (diffusers fails at
+            // the first forward otherwise).
+            for (field, c) in [("num_trans_channel", u.token_channels), ("num_proj_channel", u.proj_channels)] {
+                if c != c0 {
+                    return Err(Error::Input(format!(
+                        "field '{field}' = {c}: a Union ControlNet needs block_out_channels[0] = {c0} there"
+                    )));
+                }
+            }
+            if u.heads == 0 || !u.token_channels.is_multiple_of(u.heads) {
+                return Err(Error::Input(format!(
+                    "field 'num_trans_head' = {} must divide num_trans_channel = {}",
+                    u.heads, u.token_channels
+                )));
+            }
+            for (field, c) in [("num_control_type", u.control_types), ("addition_time_embed_dim", u.type_embed_dim)] {
+                if c == 0 || c > MAX_WIDTH {
+                    return Err(Error::Input(format!("field '{field}' = {c} must be 1 to {MAX_WIDTH}")));
+                }
+            }
+            if u.control_types.checked_mul(u.type_embed_dim).is_none_or(|w| w > MAX_WIDTH) {
+                return Err(Error::Input(format!(
+                    "num_control_type x addition_time_embed_dim = {} x {} exceeds the widest input this engine \
+                     allows ({MAX_WIDTH})",
+                    u.control_types, u.type_embed_dim
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -275,7 +370,8 @@ impl ControlNetConfig {
     fn fewest_tensors(&self) -> Option<usize> {
         let convs = self.conditioning_embedding_out_channels.len().checked_mul(2)?;
         let zero_convs = self.encoder.skips().len().checked_add(1)?;
-        self.encoder.fewest_tensors()?.checked_add(convs.checked_add(zero_convs)?.checked_mul(2)?)
+        let union = self.union.as_ref().map_or(Some(0), UnionConfig::fewest_tensors)?;
+        self.encoder.fewest_tensors()?.checked_add(convs.checked_add(zero_convs)?.checked_mul(2)?)?.checked_add(union)
     }
 }
 
@@ -305,13 +401,50 @@ pub fn derive_config(shapes: &HashMap<String, Vec<usize>>, prefix: &str) -> Resu
     for m in 1..convs / 2 {
         widths.push(shape(2 * m)?[0]);
     }
-    let config =
-        ControlNetConfig { encoder, conditioning_channels: conv_in[1], conditioning_embedding_out_channels: widths };
+    let config = ControlNetConfig {
+        encoder,
+        conditioning_channels: conv_in[1],
+        conditioning_embedding_out_channels: widths,
+        union: None,
+    };
     config.validate().map_err(|e| match e {
         Error::Input(m) => Error::Input(format!("single-file checkpoint: the architecture read from its shapes: {m}")),
         other => other,
     })?;
     Ok(config)
+}
+
+/// The Union's sizes from a single file's shapes (diffusers names; xinsir's files have them):
+/// control types and token width from `task_embedding` [types, width], token blocks counted,
+/// `spatial_ch_projs` [proj, width], the sinusoid width from `control_add_embedding.linear_1`
+/// [T, types x width]; 8 heads (diffusers' default and xinsir's fixed value). `shape` looks up a
+/// tensor; `file` names the checkpoint in errors. The result is checked with the rest of the
+/// architecture (`ControlNetConfig::validate`) and every shape by the strict load.
+pub fn derive_union(shape: impl Fn(&str) -> Option<Vec<usize>>, file: &str) -> Result<UnionConfig> {
+    let bad = |m: String| Error::Input(format!("single-file checkpoint {file}: Union modules: {m}"));
+    let matrix = |name: &str| match shape(name) {
+        Some(s) if s.len() == 2 => Ok((s[0], s[1])),
+        Some(s) => Err(bad(format!("{name} has shape {s:?}; it must be a matrix"))),
+        None => Err(bad(format!("no {name}"))),
+    };
+    let (control_types, token_channels) = matrix("task_embedding")?;
+    let layers = (0..).take_while(|l| shape(&format!("transformer_layes.{l}.attn.in_proj_weight")).is_some()).count();
+    let (proj_channels, _) = matrix("spatial_ch_projs.weight")?;
+    let (_, types_x_width) = matrix("control_add_embedding.linear_1.weight")?;
+    if control_types == 0 || !types_x_width.is_multiple_of(control_types) {
+        return Err(bad(format!(
+            "control_add_embedding.linear_1.weight takes {types_x_width} inputs, not a multiple of the {control_types} \
+             control types of task_embedding"
+        )));
+    }
+    Ok(UnionConfig {
+        control_types,
+        token_channels,
+        heads: UnionConfig::HEADS,
+        layers,
+        proj_channels,
+        type_embed_dim: types_x_width / control_types,
+    })
 }
 
 impl fmt::Display for ControlNetConfig {
@@ -346,6 +479,14 @@ impl fmt::Display for ControlNetConfig {
             let t = &m.attention;
             write!(f, "\n  mid: {} channels, attention {}x{} depth {}", t.channels, t.heads, t.head_dim(), t.depth)?;
         }
-        write!(f, "\n  {} residuals + mid", self.skips().len())
+        write!(f, "\n  {} residuals + mid", self.skips().len())?;
+        if let Some(u) = &self.union {
+            write!(
+                f,
+                "\n  Union: {} control types, {} token block(s) {} wide, control-type sinusoids {} wide",
+                u.control_types, u.layers, u.token_channels, u.type_embed_dim
+            )?;
+        }
+        Ok(())
     }
 }

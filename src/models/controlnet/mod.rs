@@ -10,12 +10,16 @@
 //!   variants differ only in their transformer depths.
 //! - `checkpoint`: opening a diffusers folder or a single file with diffusers or SGM/cldm names
 //!   (with or without the `control_model.` prefix), strictly.
+//! - `union`: ControlNet Union / ProMax (diffusers ControlNetUnionModel): this encoder, the same
+//!   conditioning embedding and zero convs, plus its condition tokens and control-type embedding.
 
 pub mod checkpoint;
 pub mod config;
+pub mod union;
 
 pub use checkpoint::{ControlNetCheckpoint, ControlNetFormat, open_controlnet};
-pub use config::ControlNetConfig;
+pub use config::{ControlNetConfig, UnionConfig};
+pub use union::{ControlNetUnion, ControlType, UnionCondition, UnionOptions};
 
 use super::embeddings;
 use super::resnet::ResnetNorm;
@@ -24,7 +28,7 @@ use super::weights::{ModelWeights, Place, Scope};
 use crate::error::{Error, Result};
 use crate::ops::Exec;
 use crate::ops::conv::{Conv2d, conv2d};
-use crate::ops::elementwise::{add, silu};
+use crate::ops::elementwise::{add, mul, silu};
 use crate::tensor::{DType, Tensor};
 use crate::weights::TensorSpec;
 
@@ -66,8 +70,20 @@ pub struct ControlNet {
 
 impl ControlNet {
     /// Prepares a loaded checkpoint's weights for `place` (host tensors for the CPU twins, device
-    /// tensors for CUDA) in the place's dtype.
+    /// tensors for CUDA) in the place's dtype. A Union checkpoint is refused: `ControlNetUnion`.
     pub fn new(checkpoint: &ControlNetCheckpoint, place: Place) -> Result<ControlNet> {
+        if checkpoint.config.union.is_some() {
+            return Err(Error::Unsupported(
+                "a ControlNet Union / ProMax checkpoint runs as models::ControlNetUnion (its forward takes the \
+                 conditions and their control types), not as a plain ControlNet"
+                    .into(),
+            ));
+        }
+        ControlNet::prepare(checkpoint, place)
+    }
+
+    /// The plain ControlNet's weights of any checkpoint (a Union's own modules are left out).
+    fn prepare(checkpoint: &ControlNetCheckpoint, place: Place) -> Result<ControlNet> {
         let weights = ModelWeights::prepare(&checkpoint.weights, &checkpoint.names, place)?;
         Ok(ControlNet { config: checkpoint.config.clone(), weights })
     }
@@ -166,11 +182,14 @@ impl ControlNet {
     ) -> Result<UnetResiduals> {
         unet::check_inputs("ControlNet", &self.config.encoder, self.dtype(), x, frames, None)?;
         self.check_cond(x.sample, controlnet_cond)?;
-        let hint = self.embed_hints(ex, controlnet_cond)?;
+        let hint = {
+            let _scope = ex.profile_scope("controlnet");
+            self.conditioning_embedding(ex, controlnet_cond)?
+        };
         self.forward_frames_embedded(ex, x, &hint, frames, scale)
     }
 
-    /// The control images' conditioning embedding (step 2's second half of the forward):
+    /// The control images' conditioning embedding (the second half of step 2):
     /// [n, H, W, conditioning_channels] -> [n, H / hint_factor, W / hint_factor, C0]. It depends on
     /// neither the timestep nor the text, so a renderer embeds each distinct hint image once per
     /// segment and hands `forward_frames_embedded` its rows.
@@ -184,11 +203,11 @@ impl ControlNet {
             )));
         }
         let _scope = ex.profile_scope("controlnet");
-        self.conditioning_embedding(ex, &self.weights.root().at("controlnet_cond_embedding"), images)
+        self.conditioning_embedding(ex, images)
     }
 
     /// `forward_frames` with the control images already embedded (`embed_hints`, one row per
-    /// frame row of `x`).
+    /// sample row of `x`).
     pub fn forward_frames_embedded(
         &self,
         ex: &Exec,
@@ -197,30 +216,54 @@ impl ControlNet {
         frames: usize,
         scale: ControlScale,
     ) -> Result<UnetResiduals> {
-        let cfg = &self.config.encoder;
-        let w = self.weights.root();
-        unet::check_inputs("ControlNet", cfg, self.dtype(), x, frames, None)?;
+        unet::check_inputs("ControlNet", &self.config.encoder, self.dtype(), x, frames, None)?;
         // The GPU profile files everything below under controlnet/ (resnet, transformer, hint, ...).
         let _scope = ex.profile_scope("controlnet");
         let s = x.sample.shape();
-        let want = [s[0], s[1], s[2], cfg.block_out_channels[0]];
+        let want = [s[0], s[1], s[2], self.config.encoder.block_out_channels[0]];
         if hint.shape() != want || hint.dtype() != self.dtype() {
             return Err(Error::Input(format!(
                 "ControlNet input: the embedded hint {hint:?} must be {:?} {want:?}, one row per sample row",
                 self.dtype()
             )));
         }
-        if !scale.conditioning_scale.is_finite() {
-            return Err(Error::Input(format!(
-                "ControlNet input: conditioning_scale {} must be a finite number",
-                scale.conditioning_scale
-            )));
-        }
+        check_scale("conditioning_scale", scale.conditioning_scale)?;
 
-        // 1. time (+ text_time) embedding: [B] -> [B, T]; every ResNet projects SiLU(emb), so once
+        // 1. time (+ text_time) embedding: [B] -> [B, T]
+        let emb = self.embedding(ex, x)?;
+        // 2. conv_in(sample) + the control images' embedding: [rows, h, w, C0]
+        let h = add(ex, &self.conv_in(ex, x.sample)?, hint, 1.0)?;
+        // 3.-6. down, mid, zero convs, scaling
+        self.encode(ex, x, &emb, h, &scale.factors(self.config.skips().len()), None)
+    }
+
+    /// Step 1 of the forward: emb [B, T] = time_embedding(t) (+ add_embedding(text_time)).
+    fn embedding(&self, ex: &Exec, x: &UnetInputs) -> Result<Tensor> {
         let text_time = x.text_embeds.zip(x.time_ids);
-        let emb = embeddings::forward(ex, &w, cfg, x.timestep, text_time, self.dtype())?;
-        let emb = silu(ex, &emb)?;
+        embeddings::forward(ex, &self.weights.root(), &self.config.encoder, x.timestep, text_time, self.dtype())
+    }
+
+    /// conv_in of the noisy latent: [rows, h, w, in] -> [rows, h, w, C0].
+    fn conv_in(&self, ex: &Exec, sample: &Tensor) -> Result<Tensor> {
+        unet::conv(ex, &self.weights.root().at("conv_in"), sample, 1, self.config.encoder.conv_in_kernel)
+    }
+
+    /// Steps 3-6 on h = conv_in(sample) + the conditions' features: the down path collecting the
+    /// skips, the mid block, the zero conv of each, residual k scaled by `factors[k]` (the mid
+    /// residual by the last) and, with `rows`, row r also by `rows[r]`.
+    fn encode(
+        &self,
+        ex: &Exec,
+        x: &UnetInputs,
+        emb: &Tensor,
+        h: Tensor,
+        factors: &[f32],
+        rows: Option<&[f32]>,
+    ) -> Result<UnetResiduals> {
+        let cfg = &self.config.encoder;
+        let w = self.weights.root();
+        // every ResNet projects SiLU(emb), so once
+        let emb = silu(ex, emb)?;
         let cond = Conditioning {
             emb_act: &emb,
             context: x.encoder_hidden_states,
@@ -233,10 +276,6 @@ impl ControlNet {
             norm_frames: 1,
         };
 
-        // 2. conv_in(sample) + the control images' embedding (`embed_hints`): [rows, h, w, C0]
-        let h = unet::conv(ex, &w.at("conv_in"), x.sample, 1, cfg.conv_in_kernel)?;
-        let h = add(ex, &h, hint, 1.0)?;
-
         // 3. down: the skip connections, as the UNet's down path collects them
         let (h, skips) = blocks::down(ex, &w, &cfg.down_blocks, &cond, h, &mut |_, _, h| Ok(h))?;
 
@@ -248,12 +287,18 @@ impl ControlNet {
 
         // 5. zero convs (1x1) on every skip and on the mid output; 6. scaling, in the same pass
         let _zero = ex.profile_scope("zero_convs");
-        let factors = scale.factors(skips.len());
+        let zero = |name: &str, x: &Tensor, factor: f32| -> Result<Tensor> {
+            let y = zero_conv(ex, &w.at(name), x, factor)?;
+            match rows {
+                Some(r) => mul(ex, &y, &row_vector(ex, r, y.shape()[3], self.dtype())?),
+                None => Ok(y),
+            }
+        };
         let mut down = Vec::with_capacity(skips.len());
         for (k, skip) in skips.into_iter().enumerate() {
-            down.push(zero_conv(ex, &w.at(&format!("controlnet_down_blocks.{k}")), &skip, factors[k])?);
+            down.push(zero(&format!("controlnet_down_blocks.{k}"), &skip, factors[k])?);
         }
-        let mid = zero_conv(ex, &w.at("controlnet_mid_block"), &h, factors[factors.len() - 1])?;
+        let mid = zero("controlnet_mid_block", &h, factors[factors.len() - 1])?;
         Ok(UnetResiduals { down, mid })
     }
 
@@ -280,8 +325,10 @@ impl ControlNet {
     /// ControlNetConditioningEmbedding: conv_in + SiLU; per later stage a same-width conv + SiLU
     /// and a stride-2 conv + SiLU; conv_out without activation.
     /// [rows, H, W, channels] -> [rows, H / hint_factor, W / hint_factor, C0]
-    fn conditioning_embedding(&self, ex: &Exec, w: &Scope, image: &Tensor) -> Result<Tensor> {
+    fn conditioning_embedding(&self, ex: &Exec, image: &Tensor) -> Result<Tensor> {
         let _scope = ex.profile_scope("hint");
+        let w = self.weights.root();
+        let w = w.at("controlnet_cond_embedding");
         let mut e = silu(ex, &unet::conv(ex, &w.at("conv_in"), image, 1, 3)?)?;
         let blocks = 2 * (self.config.conditioning_embedding_out_channels.len() - 1);
         for b in 0..blocks {
@@ -290,6 +337,29 @@ impl ControlNet {
             e = silu(ex, &unet::conv(ex, &w.at(&format!("blocks.{b}")), &e, stride, 3)?)?;
         }
         unet::conv(ex, &w.at("conv_out"), &e, 1, 3)
+    }
+}
+
+/// Refuses a NaN or infinite scale, naming it.
+fn check_scale(what: &str, scale: f32) -> Result<()> {
+    match scale.is_finite() {
+        true => Ok(()),
+        false => Err(Error::Input(format!("ControlNet input: {what} {scale} must be a finite number"))),
+    }
+}
+
+/// [rows, c]: row r holds `per_row[r]` in every column (a per-image factor for `mul`), built on
+/// the host and placed where `ex` computes.
+fn row_vector(ex: &Exec, per_row: &[f32], c: usize, dtype: DType) -> Result<Tensor> {
+    let values: Vec<f32> = per_row.iter().flat_map(|&s| std::iter::repeat_n(s, c)).collect();
+    placed(ex, Tensor::from_f32(&[per_row.len(), c], dtype, &values)?, dtype)
+}
+
+/// A small host tensor where `ex` computes (uploaded in `dtype` for CUDA).
+fn placed(ex: &Exec, host: Tensor, dtype: DType) -> Result<Tensor> {
+    match ex {
+        Exec::Cpu => Ok(host),
+        Exec::Cuda { gpu, scratch } => gpu.upload(scratch, &host, dtype),
     }
 }
 

@@ -60,6 +60,30 @@ fn pose_skeletons_match_opencv_drawing_controlnet_aux_convention() {
 }
 
 #[test]
+fn hands_and_faces_match_opencv_drawing_controlnet_aux_convention() {
+    // controlnet_aux's draw_handpose / draw_facepose (2 px hue-coloured hand edges, blue hand
+    // points, white face points) re-stated in the fixture script, which agrees with the real
+    // functions of controlnet_aux 0.0.10 on random hands; every pixel must agree (the edges are
+    // OpenCV's fixed-point thick lines, integer arithmetic but for one rounded offset per edge).
+    let cases = [
+        ("control_pose_hands.json", (1, 1), "control_pose_hands_320x240.png", (320, 240)),
+        ("control_pose_hands.json", (1, 1), "control_pose_hands_240x320.png", (240, 320)),
+        ("control_pose_hands_random.json", (200, 150), "control_pose_hands_random_200x150.png", (200, 150)),
+    ];
+    for (json, source, reference, (w, h)) in cases {
+        let pose = load_openpose(&fixture_path(json), source).unwrap();
+        assert!(pose.people.iter().any(|p| p.hands[1].is_some() && p.face.is_some()), "{json}: no hands or face read");
+        let ours = draw_pose(&pose, w, h).unwrap();
+        let (equal, iou) = agreement(&ours, &fixture_png(reference));
+        println!("{json} at {w}x{h}: {:.3}% of pixels equal, IoU of drawn pixels {iou:.4}", 100.0 * equal);
+        assert_eq!(equal, 1.0, "{json} at {w}x{h}: IoU {iou}");
+        // Without hands and face only the bodies remain, which differ from the full drawing.
+        let body_only = draw_pose(&pose.clone().with_parts(false, false), w, h).unwrap();
+        assert_ne!(body_only.pixels(), ours.pixels());
+    }
+}
+
+#[test]
 fn canny_matches_cv2_canny() {
     for name in ["shapes", "gray", "noise"] {
         let input = load_image_png(&fixture_path(&format!("control_canny_in_{name}.png"))).unwrap();

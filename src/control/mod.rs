@@ -17,7 +17,7 @@ pub mod prepare;
 mod raster;
 
 pub use keyframes::{Interpolation, KeyframeSchedule, default_keyframes};
-pub use pose::{Person, PoseFrame, draw_pose, load_openpose, parse_openpose};
+pub use pose::{Person, PoseFrame, draw_pose, interpolate_pose, load_openpose, parse_openpose};
 
 /// Largest width or height of a hint or a control image: twice SDXL's largest trained size in
 /// any direction, and a bound on the memory one frame takes.

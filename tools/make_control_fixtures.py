@@ -2,7 +2,8 @@
 """Writes tests/fixtures/control_*: references for src/control, made with OpenCV, Pillow and
 diffusers, for tests/control_inputs.rs.
 
-Needs: opencv-python-headless, numpy, Pillow, diffusers 0.42.1 (no weights, no network).
+Needs: opencv-python-headless, numpy, Pillow, matplotlib (controlnet_aux colours hand edges with
+its hsv_to_rgb), diffusers 0.42.1 (no weights, no network).
 
 Every image is an 8-bit RGB PNG (single-channel results are written as three equal channels).
 
@@ -17,6 +18,17 @@ models were trained on it; re-stated here from its facts, not imported):
   control_pose_random_{200x150,150x200}.png
                                the skeletons drawn with cv2.ellipse2Poly + cv2.fillConvexPoly
                                (limb colour x 0.6, int-truncated) then cv2.circle radius 4
+Hands and faces (controlnet_aux `draw_handpose` / `draw_facepose`, re-stated below; they agree with
+controlnet_aux 0.0.10's own functions on random hands, checked once by hand):
+  control_pose_hands.json      ecosystem JSON: two people, both hands / one hand with missing points
+                               and points on pixel column 0, 70- and 68-point faces
+  control_pose_hands_random.json
+                               native OpenPose JSON in pixels of 200x150, random hands and faces,
+                               real confidences (some under the hand 0.2 / face 0.4 thresholds)
+  control_pose_hands_{320x240,240x320}.png, control_pose_hands_random_200x150.png
+Pose interpolation (every point known at both keyframes moved linearly; others not drawn):
+  control_pose_interp/{a,b}.json and control_pose_interp_{1,2}of3_256x192.png (a third and two
+  thirds of the way)
 Canny (`cv2.Canny(image, 100, 200)`, what controlnet_aux's CannyDetector runs, on the RGB array):
   control_canny_in_{shapes,gray,noise}.png and control_canny_ref_{shapes,gray,noise}.png
 Depth (a float map from numpy.save and its hint, min-max to 0..255, near = bright):

@@ -20,7 +20,8 @@ pub struct ControlArgs {
     pub out: Option<PathBuf>,
 }
 
-/// Writes `OUT/clip_NNN/controlnet_K_KIND/frame_NNNNNN.png` for every keyframe of every clip.
+/// Writes `OUT/clip_NNN/controlnet_K_KIND/frame_NNNNNN.png` for every frame that has a hint of its
+/// own (the keyframes; every frame of a video or of interpolated poses) in every clip.
 pub fn run(args: &ControlArgs) -> Result<()> {
     let config = RenderConfig::load(&args.config)?;
     config.validate().map_err(|e| match e {
@@ -35,7 +36,7 @@ pub fn run(args: &ControlArgs) -> Result<()> {
     for clip in 0..config.clips.len() {
         let frames = config.clip_frames(clip);
         for (n, entry) in config.controlnets.iter().enumerate() {
-            let (keyframes, images) = control_hints(entry, frames, width, height)?;
+            let (keyframes, images) = control_hints(entry, frames, config.video.fps, width, height)?;
             let dir = out.join(format!("clip_{:03}", clip + 1)).join(format!("controlnet_{}_{}", n + 1, entry.kind));
             std::fs::create_dir_all(&dir)
                 .map_err(|e| Error::Io { context: format!("creating {}", dir.display()), source: e })?;
@@ -43,13 +44,23 @@ pub fn run(args: &ControlArgs) -> Result<()> {
                 // At the render size, as the net sees it.
                 write_png(&dir.join(format!("frame_{k:06}.png")), &resize_lanczos(image, width, height)?)?;
             }
+            let (first, last) = (keyframes.first().copied().unwrap_or(0), keyframes.last().copied().unwrap_or(0));
+            let at = if keyframes.len() > 2 && last - first + 1 == keyframes.len() {
+                format!("every frame from {first} to {last}")
+            } else {
+                format!("frames {keyframes:?}")
+            };
+            let source = if entry.is_video() {
+                format!("video, timing {}", entry.video_timing)
+            } else {
+                format!("interpolation {}, pose_interpolation {}", entry.interpolation, entry.pose_interpolation)
+            };
             println!(
-                "{}: {} hint{} at frames {keyframes:?} of {frames} ({}, interpolation {})",
+                "{}: {} hint{} at {at} of {frames} ({}, {source})",
                 dir.display(),
                 images.len(),
                 if images.len() == 1 { "" } else { "s" },
                 entry.kind,
-                entry.interpolation
             );
         }
     }

@@ -68,7 +68,7 @@ pub fn waving_figure(frames: usize, width: u32, height: u32) -> Result<Vec<PoseF
                 points[k] = [neck[0] + dx * tilt.cos() - dy * tilt.sin(), neck[1] + dx * tilt.sin() + dy * tilt.cos()];
             }
             let body = points.map(|p| Some(to_image(p, sway)));
-            PoseFrame { people: vec![Person { body }] }
+            PoseFrame { people: vec![Person::body_only(body)] }
         })
         .collect())
 }

@@ -4,7 +4,7 @@
 //!
 //! Every hint is an 8-bit RGB image at the render size, drawn the way the ControlNets were trained
 //! on it: coloured skeletons on black ([`pose`]), near = bright depth ([`depth`]), white edges on
-//! black ([`canny`]). [`prepare`] turns hints into the f32 NHWC [0, 1] batch the net takes, and
+//! black ([`canny`]), from PNGs, OpenPose JSON or the frames of a video ([`video`]). [`prepare`] turns hints into the f32 NHWC [0, 1] batch the net takes, and
 //! [`keyframes`] says which frames the net runs on, with which hint and strength.
 
 pub mod builtin;
@@ -15,9 +15,10 @@ pub mod keyframes;
 pub mod pose;
 pub mod prepare;
 mod raster;
+pub mod video;
 
 pub use keyframes::{Interpolation, KeyframeSchedule, default_keyframes};
-pub use pose::{Person, PoseFrame, draw_pose, load_openpose, parse_openpose};
+pub use pose::{Person, PoseFrame, draw_pose, interpolate_pose, load_openpose, parse_openpose};
 
 /// Largest width or height of a hint or a control image: twice SDXL's largest trained size in
 /// any direction, and a bound on the memory one frame takes.

@@ -1,9 +1,13 @@
-//! The three drawing primitives of the OpenPose skeleton, rasterised as OpenCV draws them without
+//! The drawing primitives of the OpenPose skeleton, rasterised as OpenCV draws them without
 //! antialiasing (LINE_8, integer coordinates): an ellipse as a polygon of one vertex per degree
 //! (`cv2.ellipse2Poly`), a filled convex polygon (`cv2.fillConvexPoly`: its outline as 8-connected
-//! lines plus the spans between its edges on each row) and a filled midpoint circle
-//! (`cv2.circle` with thickness -1), following opencv `modules/imgproc/src/drawing.cpp`.
-//! Everything is clipped to the canvas.
+//! lines plus the spans between its edges on each row), a filled midpoint circle (`cv2.circle`
+//! with thickness -1) and a thick line (`cv2.line` with thickness 2, the hands' edges), following
+//! opencv `modules/imgproc/src/drawing.cpp`. Everything is clipped to the canvas.
+
+/// Fractional bits of OpenCV's fixed-point drawing coordinates.
+const XY_SHIFT: u32 = 16;
+const XY_ONE: i64 = 1 << XY_SHIFT;
 
 /// An RGB canvas being drawn on.
 pub(crate) struct Canvas {
@@ -59,23 +63,39 @@ impl Canvas {
         }
     }
 
-    /// A filled convex polygon with integer vertices: the outline, then rows filled between two
-    /// chains of edges walked down from the topmost vertex (one forward through the vertices,
-    /// one backward), x stepped per row in 16.16 fixed point with the step rounded, and each
-    /// span's ends rounded to the nearest pixel. This is OpenCV's scheme; exact crossings in
-    /// floating point differ from it by a pixel at a few span ends.
+    /// A filled convex polygon with integer vertices (`cv2.fillConvexPoly` with shift 0).
     pub fn fill_convex_polygon(&mut self, vertices: &[(i64, i64)], color: [u8; 3]) {
-        const ONE: i64 = 1 << 16;
+        self.fill_convex_fixed(vertices, 0, color);
+    }
+
+    /// A filled convex polygon whose vertices have `shift` fractional bits (at most 16): the
+    /// outline, then rows filled between two chains of edges walked down from the topmost vertex
+    /// (one forward through the vertices, one backward), x stepped per row in 16.16 fixed point
+    /// from the edge's upper vertex with the step rounded, and each span's ends rounded to the
+    /// nearest pixel. This is OpenCV's `FillConvexPoly`; exact crossings in floating point differ
+    /// from it by a pixel at a few span ends.
+    fn fill_convex_fixed(&mut self, vertices: &[(i64, i64)], shift: u32, color: [u8; 3]) {
         let n = vertices.len();
+        if n == 0 {
+            return;
+        }
+        let up = |p: (i64, i64)| (p.0 << (XY_SHIFT - shift), p.1 << (XY_SHIFT - shift));
         for i in 0..n {
-            self.line(vertices[(i + n - 1) % n], vertices[i], color);
+            let (from, to) = (up(vertices[(i + n - 1) % n]), up(vertices[i]));
+            if shift == 0 {
+                self.line((from.0 >> XY_SHIFT, from.1 >> XY_SHIFT), (to.0 >> XY_SHIFT, to.1 >> XY_SHIFT), color);
+            } else {
+                self.line_fixed(from, to, color);
+            }
         }
         if n < 3 {
             return;
         }
+        let delta = (1i64 << shift) >> 1;
+        let row = |y: i64| (y + delta) >> shift;
         // The first topmost vertex; the rows to fill, clipped below.
         let top = (0..n).min_by_key(|&i| vertices[i].1).unwrap_or(0);
-        let bottom = vertices.iter().map(|v| v.1).max().unwrap_or(0).min(self.height as i64 - 1);
+        let bottom = row(vertices.iter().map(|v| v.1).max().unwrap_or(0)).min(self.height as i64 - 1);
         struct Chain {
             vertex: usize,
             step: usize,
@@ -83,8 +103,8 @@ impl Canvas {
             dx: i64,
             end_y: i64,
         }
-        let first_y = vertices[top].1;
-        let mut chains = [1, n - 1].map(|step| Chain { vertex: top, step, x: -ONE, dx: 0, end_y: first_y });
+        let first_y = row(vertices[top].1);
+        let mut chains = [1, n - 1].map(|step| Chain { vertex: top, step, x: -XY_ONE, dx: 0, end_y: first_y });
         // Both chains together walk each edge once.
         let mut edges_left = n;
         for y in first_y..=bottom {
@@ -99,9 +119,9 @@ impl Canvas {
                     }
                     edges_left -= 1;
                     let to = (from + chain.step) % n;
-                    let end_y = vertices[to].1;
+                    let end_y = row(vertices[to].1);
                     if end_y > y {
-                        let (xs, xe) = (vertices[from].0 * ONE, vertices[to].0 * ONE);
+                        let (xs, xe) = (up(vertices[from]).0, up(vertices[to]).0);
                         let rows = end_y - y;
                         *chain = Chain {
                             vertex: to,
@@ -117,11 +137,73 @@ impl Canvas {
             }
             if y >= 0 {
                 let (left, right) = (chains[0].x.min(chains[1].x), chains[0].x.max(chains[1].x));
-                self.span(y, (left + ONE / 2) >> 16, (right + ONE / 2) >> 16, color);
+                self.span(y, (left + XY_ONE / 2) >> XY_SHIFT, (right + XY_ONE / 2) >> XY_SHIFT, color);
             }
             for chain in &mut chains {
                 chain.x += chain.dx;
             }
+        }
+    }
+
+    /// A one-pixel line between 16.16 fixed-point ends (OpenCV's `Line2`, the outline of a
+    /// polygon with fractional vertices): clipped, stepped one pixel along the major axis with the
+    /// minor coordinate advanced in fixed point, plus the far end rounded.
+    fn line_fixed(&mut self, a: (i64, i64), b: (i64, i64), color: [u8; 3]) {
+        let Some((a, b)) = clip_line((self.width as i64) << XY_SHIFT, (self.height as i64) << XY_SHIFT, a, b) else {
+            return;
+        };
+        let (dx, dy) = (b.0 - a.0, b.1 - a.1);
+        let x_major = dx.abs() > dy.abs();
+        // Walked from the end with the smaller major coordinate.
+        let swap = if x_major { dx < 0 } else { dy < 0 };
+        let (start, end) = if swap { (b, a) } else { (a, b) };
+        let (dx, dy) = if swap { (-dx, -dy) } else { (dx, dy) };
+        self.put((end.0 + XY_ONE / 2) >> XY_SHIFT, (end.1 + XY_ONE / 2) >> XY_SHIFT, color);
+        let (mut x, mut y) = (start.0 + XY_ONE / 2, start.1 + XY_ONE / 2);
+        if x_major {
+            let step = (dy << XY_SHIFT) / (dx.abs() | 1);
+            x >>= XY_SHIFT;
+            for _ in 0..=(end.0 - start.0) >> XY_SHIFT {
+                self.put(x, y >> XY_SHIFT, color);
+                x += 1;
+                y += step;
+            }
+        } else {
+            let step = (dx << XY_SHIFT) / (dy.abs() | 1);
+            y >>= XY_SHIFT;
+            for _ in 0..=(end.1 - start.1) >> XY_SHIFT {
+                self.put(x >> XY_SHIFT, y, color);
+                x += step;
+                y += 1;
+            }
+        }
+    }
+
+    /// A line `thickness` (at least 2) pixels wide with round caps between integer points, as
+    /// `cv2.line` draws it (OpenCV's `ThickLine`): a rectangle of half-width thickness / 2 about
+    /// the segment, its corners in 16.16 fixed point (offsets rounded half to even), filled as a
+    /// convex polygon, then a filled circle of radius thickness / 2 on each end. The ends are first
+    /// clipped to the canvas grown by `thickness` on every side, as OpenCV 5.1 does (found by
+    /// comparing with its output: clipping moves the ends, and with them the pixels lit).
+    pub fn thick_line(&mut self, a: (i64, i64), b: (i64, i64), thickness: i64, color: [u8; 3]) {
+        let grow = |p: (i64, i64), by: i64| (p.0 + by, p.1 + by);
+        let (w, h) = (self.width as i64 + 2 * thickness, self.height as i64 + 2 * thickness);
+        let Some((a, b)) = clip_line(w, h, grow(a, thickness), grow(b, thickness)) else { return };
+        let (a, b) = (grow(a, -thickness), grow(b, -thickness));
+        let (p0, p1) = ((a.0 << XY_SHIFT, a.1 << XY_SHIFT), (b.0 << XY_SHIFT, b.1 << XY_SHIFT));
+        let dx = (p0.0 - p1.0) as f64 / XY_ONE as f64;
+        let dy = (p1.1 - p0.1) as f64 / XY_ONE as f64;
+        let length_sq = dx * dx + dy * dy;
+        let half = thickness << (XY_SHIFT - 1);
+        if length_sq.abs() > f64::EPSILON {
+            let r = (half as f64 + (thickness & 1) as f64 * XY_ONE as f64 * 0.5) / length_sq.sqrt();
+            let (ox, oy) = ((dy * r).round_ties_even() as i64, (dx * r).round_ties_even() as i64);
+            let corners =
+                [(p0.0 + ox, p0.1 + oy), (p0.0 - ox, p0.1 - oy), (p1.0 - ox, p1.1 - oy), (p1.0 + ox, p1.1 + oy)];
+            self.fill_convex_fixed(&corners, XY_SHIFT, color);
+        }
+        for end in [a, b] {
+            self.fill_circle(end, (half + XY_ONE / 2) >> XY_SHIFT, color);
         }
     }
 

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::DType;
+use crate::control::video::{VIDEO_EXTENSIONS, VideoTiming, is_video};
 use crate::error::{Error, Result};
 use crate::io;
 use crate::models::lora::LoraSpec;
@@ -40,6 +41,12 @@ pub const CONTROLNET_KINDS: [&str; 6] = ["openpose", "depth", "canny", "lineart"
 /// How control images between keyframes are made: the previous keyframe's image held, a linear
 /// blend of the two around it, or control on the keyframe frames only (the motion module fills in).
 pub const INTERPOLATIONS: [&str; 3] = ["hold", "linear", "keyframes"];
+/// OpenPose JSON keyframes: each keyframe's own pose, or a pose for every frame between two
+/// keyframes with the points moved linearly (`control::pose::interpolate_pose`).
+pub const POSE_INTERPOLATIONS: [&str; 2] = ["none", "linear"];
+/// A video's frames: the frame at each clip frame's time, or the video's frames in order
+/// (`control::video::VideoTiming`).
+pub const VIDEO_TIMINGS: [&str; 2] = ["time", "frames"];
 /// AnimateDiff-Evolved's context schedules (`ContextSchedules`).
 pub const CONTEXT_SCHEDULES: [&str; 4] = ["uniform_standard", "uniform_looped", "static_standard", "batched"];
 /// AnimateDiff-Evolved's fuse methods (`ContextFuseMethod`).
@@ -137,13 +144,15 @@ pub struct ControlNetEntry {
     /// the shallowest block to 1.0 at the mid block.
     #[serde(default)]
     pub guess_mode: bool,
-    /// A folder of PNGs (in name order), one PNG, or "builtin:pose" (kind openpose: a pose
-    /// sequence drawn at the keyframes, by default the five at 0, 0.25, 0.5, 0.75 and 1); kind
-    /// openpose also takes OpenPose JSON files (`people[].pose_keypoints_2d`, COCO-18 or BODY_25),
-    /// drawn as the OpenPose ControlNets were trained (controlnet_aux's colours and limbs). By kind:
-    /// canny takes ordinary pictures and computes their Canny edges (OpenCV's thresholds 100/200);
-    /// depth takes depth maps (8- or 16-bit grey PNGs, near = bright, scaled to one range over the
-    /// clip); the others are used as drawn (skeletons, line art, soft edges made elsewhere).
+    /// A folder of PNGs (in name order), one PNG, a video file (mp4, mov, mkv, webm, gif, ...:
+    /// a hint for every frame, read through ffmpeg, see `video_timing`), or "builtin:pose" (kind
+    /// openpose: a pose sequence drawn at the keyframes, by default the five at 0, 0.25, 0.5, 0.75
+    /// and 1); kind openpose also takes OpenPose JSON files (`people[].pose_keypoints_2d`, COCO-18
+    /// or BODY_25, with hands and face when present), drawn as the OpenPose ControlNets were
+    /// trained (controlnet_aux's colours and limbs). By kind: canny takes ordinary pictures or
+    /// video and computes their Canny edges (OpenCV's thresholds 100/200); depth takes depth maps
+    /// (8- or 16-bit grey PNGs or a grey video, near = bright, scaled to one range over the clip);
+    /// the others are used as drawn (skeletons, line art, soft edges made elsewhere).
     pub images: PathBuf,
     /// Where the images sit in the clip, as fractions of it (0 first frame, 1 last), increasing.
     /// Default: spread evenly, image i of n at i / (n - 1): five images give 0, 0.25, 0.5, 0.75, 1
@@ -152,6 +161,21 @@ pub struct ControlNetEntry {
     /// hold (default), linear or keyframes (see `INTERPOLATIONS`).
     #[serde(default = "default_interpolation")]
     pub interpolation: String,
+    /// OpenPose JSON keyframes: none (default: each keyframe's pose, the frames between as
+    /// `interpolation` says) or linear (every frame from the first to the last keyframe gets its
+    /// own pose, points known at both ends moved linearly; others not drawn between).
+    #[serde(default = "default_pose_interpolation")]
+    pub pose_interpolation: String,
+    /// Draw the hands and the face OpenPose JSON gives (default true: the file has them because
+    /// the annotator was asked for them; false for a net trained on bodies only).
+    #[serde(default = "yes")]
+    pub hands: bool,
+    #[serde(default = "yes")]
+    pub face: bool,
+    /// A video's frames: time (default: clip frame i is the video frame at i / fps seconds, so
+    /// motion keeps its speed) or frames (the video's frames in order, one per clip frame).
+    #[serde(default = "default_video_timing")]
+    pub video_timing: String,
 }
 
 /// The sampler (see `crate::sampling` for each setting's meaning and its diffusers counterpart).
@@ -264,6 +288,15 @@ fn default_device() -> String {
 }
 fn default_interpolation() -> String {
     "hold".into()
+}
+fn default_pose_interpolation() -> String {
+    "none".into()
+}
+fn default_video_timing() -> String {
+    "time".into()
+}
+fn yes() -> bool {
+    true
 }
 
 impl Default for SamplerSettings {
@@ -573,6 +606,16 @@ impl ControlNetEntry {
         self.images.as_os_str() == BUILTIN_POSE
     }
 
+    /// Whether the images are one video file.
+    pub fn is_video(&self) -> bool {
+        is_video(&self.images) && self.images.is_file()
+    }
+
+    /// How a video's frames meet the clip's (`video_timing`, validated).
+    pub fn video_timing(&self) -> VideoTiming {
+        if self.video_timing == "frames" { VideoTiming::Frames } else { VideoTiming::Time }
+    }
+
     /// The control images in order: the folder's PNGs sorted by name, or the one PNG (empty for
     /// the built-in poses). At most `MAX_FRAMES` are listed.
     pub fn image_files(&self) -> Result<Vec<PathBuf>> {
@@ -628,6 +671,19 @@ impl ControlNetEntry {
         if let Err(p) = choice(&format!("{field}.interpolation"), &self.interpolation, &INTERPOLATIONS) {
             problems.push(p);
         }
+        if let Err(p) = choice(&format!("{field}.pose_interpolation"), &self.pose_interpolation, &POSE_INTERPOLATIONS) {
+            problems.push(p);
+        }
+        if let Err(p) = choice(&format!("{field}.video_timing"), &self.video_timing, &VIDEO_TIMINGS) {
+            problems.push(p);
+        }
+        let interpolate_poses = self.pose_interpolation == "linear";
+        if interpolate_poses && self.kind != "openpose" {
+            problems.push(format!(
+                "{field}.pose_interpolation: linear moves OpenPose keypoints, for kind openpose (not {})",
+                self.kind
+            ));
+        }
         if !self.scale.is_finite() {
             problems.push(format!("{field}.scale: {} is not a finite number", self.scale));
         }
@@ -646,12 +702,37 @@ impl ControlNetEntry {
             problems
                 .push(format!("{images}: {}: no such file or folder (or \"{BUILTIN_POSE}\")", self.images.display()));
             return;
+        } else if self.is_video() {
+            if self.keyframes.is_some() {
+                problems.push(format!(
+                    "{field}.keyframes: {} is a video, which gives every frame its hint; keyframes place images",
+                    self.images.display()
+                ));
+            }
+            if interpolate_poses {
+                problems.push(format!(
+                    "{field}.pose_interpolation: linear needs OpenPose JSON keyframes, and {} is a video",
+                    self.images.display()
+                ));
+            }
+            return;
         } else if !(self.images.is_dir() || self.is_hint_file(&self.images) && self.images.is_file()) {
             problems.push(format!(
-                "{images}: {}: neither a folder of PNGs nor a .png file (nor, for openpose, OpenPose .json)",
-                self.images.display()
+                "{images}: {}: neither a folder of PNGs, a .png file nor a video ({}) (nor, for openpose, OpenPose \
+                 .json)",
+                self.images.display(),
+                VIDEO_EXTENSIONS.join(", ")
             ));
             return;
+        }
+        if interpolate_poses
+            && let Ok(files) = self.image_files()
+            && let Some(png) = files.iter().find(|f| !is_json(f))
+        {
+            problems.push(format!(
+                "{field}.pose_interpolation: linear needs OpenPose JSON keyframes, and {} is not JSON",
+                png.display()
+            ));
         }
         let count = match self.image_count() {
             Ok(0) => {

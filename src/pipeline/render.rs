@@ -23,8 +23,9 @@ use crate::control::canny::{CANNY_HIGH, CANNY_LOW, canny};
 use crate::control::depth::{DepthMap, DepthRange, depth_hint, load_depth_png};
 use crate::control::image::load_image_png;
 use crate::control::keyframes::{Interpolation, KeyframeSchedule};
-use crate::control::pose::{draw_pose, load_openpose};
+use crate::control::pose::{PoseFrame, draw_pose, interpolate_pose, load_openpose};
 use crate::control::prepare::prepare_control_images;
+use crate::control::video::{VideoRequest, VideoTools, read_video_depth, read_video_rgb};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::error::{Error, Result};
@@ -490,41 +491,52 @@ struct ClipControl {
     end: f32,
 }
 
-/// A ControlNet's hint images for a `frames`-frame clip of `width` x `height` (computed from its
-/// inputs by kind, at their own size: `prepare_control_images` resizes them as diffusers' image
-/// processor does), and the keyframes they sit on.
+/// A ControlNet's hint images for a `frames`-frame clip at `fps` of `width` x `height` (computed
+/// from its inputs by kind, at their own size: `prepare_control_images` resizes them as diffusers'
+/// image processor does), and the frames they sit on: the keyframes; every frame for a video;
+/// every frame from the first keyframe to the last with `pose_interpolation = "linear"`.
 pub fn control_hints(
     entry: &ControlNetEntry,
     frames: usize,
+    fps: u32,
     width: u32,
     height: u32,
 ) -> Result<(Vec<usize>, Vec<RgbImage>)> {
+    if entry.is_video() {
+        let request = VideoRequest { frames, fps, timing: entry.video_timing() };
+        let (path, tools) = (&entry.images, VideoTools::default());
+        let images = match entry.kind.as_str() {
+            "depth" => clip_depth_hints(&read_video_depth(path, request, &tools)?)?,
+            "canny" => read_video_rgb(path, request, &tools)?
+                .iter()
+                .map(|p| canny(p, CANNY_LOW, CANNY_HIGH))
+                .collect::<Result<_>>()?,
+            _ => read_video_rgb(path, request, &tools)?,
+        };
+        return Ok(((0..frames).collect(), images));
+    }
     let files = entry.image_files()?;
-    let images: Vec<RgbImage> = if entry.is_builtin_pose() {
+    let read_pose = |p: &Path| Ok(load_openpose(p, (width, height))?.with_parts(entry.hands, entry.face));
+    // Poses, where every keyframe is one: what pose interpolation needs.
+    let poses: Option<Vec<PoseFrame>> = if entry.is_builtin_pose() {
         let count = entry.keyframes.as_ref().map_or(5, |k| k.len()).max(1);
-        let poses = waving_figure(count.max(2), width, height)?;
-        poses.iter().take(count).map(|p| draw_pose(p, width, height)).collect::<Result<_>>()?
+        Some(waving_figure(count.max(2), width, height)?.into_iter().take(count).collect())
+    } else if entry.kind == "openpose" && files.iter().all(|p| is_json(p)) {
+        Some(files.iter().map(|p| read_pose(p)).collect::<Result<_>>()?)
+    } else {
+        None
+    };
+    let images: Vec<RgbImage> = if let Some(poses) = &poses {
+        poses.iter().map(|p| draw_pose(p, width, height)).collect::<Result<_>>()?
     } else if entry.kind == "depth" {
-        let maps = files.iter().map(|p| load_depth_png(p)).collect::<Result<Vec<_>>>()?;
-        // One range over the clip, so the hint does not flicker with each map's own range.
-        let (low, high) = maps
-            .iter()
-            .map(DepthMap::range)
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), (a, b)| (l.min(a), h.max(b)));
-        maps.iter().map(|m| depth_hint(m, DepthRange::Fixed { low, high }, false)).collect::<Result<_>>()?
+        clip_depth_hints(&files.iter().map(|p| load_depth_png(p)).collect::<Result<Vec<_>>>()?)?
     } else if entry.kind == "canny" {
         let pictures = files.iter().map(|p| load_image_png(p)).collect::<Result<Vec<_>>>()?;
         pictures.iter().map(|p| canny(p, CANNY_LOW, CANNY_HIGH)).collect::<Result<_>>()?
     } else {
         files
             .iter()
-            .map(|p| {
-                if is_json(p) {
-                    draw_pose(&load_openpose(p, (width, height))?, width, height)
-                } else {
-                    load_image_png(p)
-                }
-            })
+            .map(|p| if is_json(p) { draw_pose(&read_pose(p)?, width, height) } else { load_image_png(p) })
             .collect::<Result<_>>()?
     };
     let positions = entry.keyframe_positions(images.len());
@@ -539,13 +551,38 @@ pub fn control_hints(
             keyframes.len(),
         )));
     }
-    Ok((keyframes, images))
+    let Some(poses) = poses.filter(|_| entry.pose_interpolation == "linear") else {
+        return Ok((keyframes, images));
+    };
+    // Every frame between two keyframes gets its own pose; the keyframes keep theirs.
+    let (mut all_frames, mut all_images) = (Vec::new(), Vec::new());
+    for (k, (image, pair)) in images.into_iter().zip(keyframes.windows(2).map(Some).chain([None])).enumerate() {
+        all_frames.push(keyframes[k]);
+        all_images.push(image);
+        let Some(&[from, to]) = pair else { continue };
+        for frame in from + 1..to {
+            let t = (frame - from) as f64 / (to - from) as f64;
+            all_frames.push(frame);
+            all_images.push(draw_pose(&interpolate_pose(&poses[k], &poses[k + 1], t), width, height)?);
+        }
+    }
+    Ok((all_frames, all_images))
+}
+
+/// Depth hints of a clip's maps, on one range over the clip so the hint does not flicker with
+/// each map's own range.
+fn clip_depth_hints(maps: &[DepthMap]) -> Result<Vec<RgbImage>> {
+    let (low, high) = maps
+        .iter()
+        .map(DepthMap::range)
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), (a, b)| (l.min(a), h.max(b)));
+    maps.iter().map(|m| depth_hint(m, DepthRange::Fixed { low, high }, false)).collect()
 }
 
 impl ClipControl {
-    fn build(entry: &ControlNetEntry, g: Geometry) -> Result<ClipControl> {
+    fn build(entry: &ControlNetEntry, g: Geometry, fps: u32) -> Result<ClipControl> {
         let (width, height) = (g.width as u32, g.height as u32);
-        let (keyframes, images) = control_hints(entry, g.frames, width, height)?;
+        let (keyframes, images) = control_hints(entry, g.frames, fps, width, height)?;
         let rule = match entry.interpolation.as_str() {
             "hold" => Interpolation::Hold,
             "linear" => Interpolation::Linear,
@@ -685,7 +722,8 @@ fn render_clip(
     drop(text_range);
     times.text = t0.elapsed().as_secs_f64();
 
-    let controls = config.controlnets.iter().map(|e| ClipControl::build(e, g)).collect::<Result<Vec<_>>>()?;
+    let controls =
+        config.controlnets.iter().map(|e| ClipControl::build(e, g, video.fps)).collect::<Result<Vec<_>>>()?;
     let seed = config.clip_seed(index);
     let noise = match noise_file {
         Some(f) => ClipNoise::File(f),
@@ -1115,9 +1153,13 @@ mod tests {
             images: dir.clone(),
             keyframes: None,
             interpolation: "hold".into(),
+            pose_interpolation: "none".into(),
+            hands: true,
+            face: true,
+            video_timing: "time".into(),
         };
         let g = Geometry { frames: 9, width: 8, height: 8, h: 1, w: 1, c: 4 };
-        let control = ClipControl::build(&entry, g).unwrap();
+        let control = ClipControl::build(&entry, g, 8).unwrap();
         let shown: Vec<u8> = control.hints.iter().map(|h| (h.as_ref().unwrap()[0] * 255.0).round() as u8).collect();
         assert_eq!(shown, vec![30, 30, 30, 120, 120, 120, 120, 210, 210]);
         std::fs::remove_dir_all(&dir).unwrap();

@@ -3,9 +3,10 @@
 //! times. Before every pass after the first, the previous pass's denoised latents are noised again
 //! to the start of the schedule with the first pass's initial noise, and a 3-D low-pass filter
 //! over (frames, h, w) keeps the low spatio-temporal frequencies of that while the high ones come
-//! from fresh noise. Training noise has no low-frequency structure shared across frames, which
-//! inference noise then lacks too; the refined initial latents carry the previous result's coarse
-//! layout and motion, so frames agree on it (less flicker) at `iterations` times the cost.
+//! from fresh noise. At the last training timestep the noised videos still hold their low
+//! frequencies (the SNR there is not zero), which Gaussian noise at inference lacks: the refined
+//! initial latents carry the previous result's coarse layout and motion instead, so the frames
+//! agree on it (less flicker) at `iterations` times the cost.
 //!
 //! The filter and the mixing run on the host in f64 (a clip's latents are a few MB), one channel
 //! at a time.

@@ -52,6 +52,12 @@ Cases: <case>.json, <case>.noise.safetensors, <case>.reference.safetensors.
                     go to the motion UNet as down_block_additional_residuals /
                     mid_block_additional_residual. LCM 4 steps, guidance 1.5, 64x64, 5 frames,
                     a negative prompt.
+  free_init_video   AnimateDiffSDXLPipeline with enable_free_init(num_iters=3, use_fast_sampling=True,
+                    butterworth order 4, spatial and temporal stop frequency 0.25): three passes of 1, 2
+                    and 4 LCM steps, guidance 1.5, 64x64, 4 frames, a negative prompt. To keep it
+                    small its noise file is float16 (values drawn in float32 and rounded to float16
+                    before the pipeline sees them, so the file holds them exactly) and its reference
+                    file holds the final latents only (the other cases check the decoding).
 
 Noise file (<case>.noise.safetensors, all float32):
   latents   the N(0, 1) tensor passed as the pipeline's `latents=`: [1, 4, frames, h, w] for video,
@@ -60,6 +66,11 @@ Noise file (<case>.noise.safetensors, all float32):
   step.<i>  LCM only: the fresh Gaussian noise of the scheduler's i-th draw (i = 0 .. steps - 2; the last
             step draws none), same layout as latents. Injected by replacing
             diffusers.schedulers.scheduling_lcm.randn_tensor. Euler with s_churn 0 uses no noise.
+            With FreeInit these are the first pass's; pass k >= 1 draws free_init.<k>.step.<i>.
+  free_init.<k>
+            free_init_video only, k = 1 .. num_iters - 1: the fresh noise FreeInit mixes into pass k's
+            initial latents (its high frequencies), same layout as latents. Injected by replacing
+            diffusers.pipelines.free_init_utils.randn_tensor (FreeInitMixin._apply_free_init's draw).
   control   controlnet_video only: [frames, H, W, 3] in [0, 1], a white stick figure on black
             moving across the frames; whole 8-bit levels, so PNGs of it give the same tensor.
 Reference file (<case>.reference.safetensors, float32):
@@ -84,8 +95,15 @@ pipeline_tiny/tokenizer, set the sampler from the JSON, take the initial latents
 ε = ε_uncond + guidance (ε_cond − ε_uncond), compare the final latents with `latents` and the
 decoded frames with `frames`.
 
-Run: /path/to/python tools/make_pipeline_fixtures.py   (needs torch, diffusers, transformers,
-safetensors, numpy)
+free_init_filters.json: diffusers' FreeInit filter (FreeInitMixin._get_free_init_freq_filter, its
+fftshift-ed layout [frames][h][w] row-major, float32 values) for several methods, orders, stop
+frequencies and odd and even sides ("filters"), and its frequency mixing
+(FreeInitMixin._apply_freq_filter) of two random [1, C, F, h, w] tensors ("mixing": x, noise and
+mixed as flat [C][F][h][w] lists).
+
+Run: /path/to/python tools/make_pipeline_fixtures.py [CASE ...]   (needs torch, diffusers,
+transformers, safetensors, numpy). With case names (or "free_init_filters"), only those files are
+written, from the models and tokenizers already in pipeline_tiny/.
 """
 import gzip
 import json
@@ -103,7 +121,9 @@ from make_motion_fixtures import motion_unet  # noqa: E402
 from make_motion_fixtures import randomize as randomize_motion  # noqa: E402
 from make_unet_fixtures import randomize  # noqa: E402
 
+import diffusers.pipelines.free_init_utils as free_init_utils  # noqa: E402
 import diffusers.schedulers.scheduling_lcm as scheduling_lcm  # noqa: E402
+from diffusers.pipelines.free_init_utils import FreeInitMixin  # noqa: E402
 from diffusers import (  # noqa: E402
     AnimateDiffSDXLPipeline,
     AutoencoderKL,
@@ -181,6 +201,11 @@ CASES = {
         pipeline="AnimateDiffSDXLPipeline + ControlNetModel (controlnet_loop)", sampler="lcm", steps=4,
         guidance=1.5, width=64, height=64, frames=5, controlnet_scale=0.8,
         prompt="a dancer on a stage, spotlight, anime screencap", negative="bad anatomy, extra arms"),
+    "free_init_video": dict(
+        pipeline="AnimateDiffSDXLPipeline + enable_free_init", sampler="lcm", steps=4, guidance=1.5, width=64,
+        height=64, frames=4, prompt="a cat jumping over a fence, anime style", negative="blurry, low quality",
+        free_init=dict(num_iters=3, use_fast_sampling=True, method="butterworth", order=4,
+                       spatial_stop_frequency=0.25, temporal_stop_frequency=0.25)),
 }
 
 
@@ -321,6 +346,38 @@ class injected_lcm_noise:
             assert not self.noise, "prepared noise was left unused"
 
 
+class injected_free_init_noise:
+    """Makes FreeInitMixin._apply_free_init draw the given tensors, in order, as its fresh noise."""
+
+    def __init__(self, noise):
+        self.noise = list(noise)
+
+    def __enter__(self):
+        self.saved = free_init_utils.randn_tensor
+
+        def draw(shape, **kwargs):
+            assert self.noise, "FreeInit drew more noise than was prepared"
+            n = self.noise.pop(0)
+            assert tuple(shape) == tuple(n.shape), (shape, n.shape)
+            return n.clone()
+
+        free_init_utils.randn_tensor = draw
+        return self
+
+    def __exit__(self, *exc):
+        free_init_utils.randn_tensor = self.saved
+        if exc[0] is None:
+            assert not self.noise, "prepared FreeInit noise was left unused"
+
+
+def free_init_steps(case):
+    """The steps of each FreeInit pass (FreeInitMixin._apply_free_init's coarse-to-fine rule)."""
+    f = case["free_init"]
+    if not f["use_fast_sampling"]:
+        return [case["steps"]] * f["num_iters"]
+    return [max(1, int(case["steps"] / f["num_iters"] * (k + 1))) for k in range(f["num_iters"])]
+
+
 def stick_figure(frames, height, width):
     """[frames, H, W, 3] in [0, 1]: a white stick figure walking left to right on black, its arms and
     legs swinging (1-pixel soft edges, so values between 0 and 1 occur too, all multiples of 1/255)."""
@@ -410,11 +467,22 @@ def run_case(name, case, parts, tokenizers, seed):
     g = torch.Generator().manual_seed(seed)
     h, w = case["height"] // pipe.vae_scale_factor, case["width"] // pipe.vae_scale_factor
     shape = (1, 4, case["frames"], h, w) if video else (1, 4, h, w)
-    latents = torch.randn(shape, generator=g)
-    draws = case["steps"] - 1 if case["sampler"] == "lcm" else 0
-    step_noise = [torch.randn(shape, generator=g) for _ in range(draws)]
-    noise = {"latents": latents}
-    noise.update({f"step.{i}": n for i, n in enumerate(step_noise)})
+    # float16 noise files hold what the pipeline saw exactly.
+    half = "free_init" in case
+    randn = (lambda: torch.randn(shape, generator=g).half().float()) if half else (
+        lambda: torch.randn(shape, generator=g))
+    latents = randn()
+    passes = free_init_steps(case) if "free_init" in case else [case["steps"]]
+    lcm = case["sampler"] == "lcm"
+    draws = case["steps"] - 1 if lcm else 0
+    step_noise, fresh_noise, noise = [], [], {"latents": latents}
+    for k, steps in enumerate(passes):
+        if k > 0:
+            fresh_noise.append(randn())
+            noise[f"free_init.{k}"] = fresh_noise[-1]
+        for i in range(steps - 1 if lcm else 0):
+            step_noise.append(randn())
+            noise[f"step.{i}" if k == 0 else f"free_init.{k}.step.{i}"] = step_noise[-1]
 
     with torch.no_grad():
         embeds = pipe.encode_prompt(prompt=case["prompt"], device="cpu", do_classifier_free_guidance=True,
@@ -450,7 +518,9 @@ def run_case(name, case, parts, tokenizers, seed):
         print(f"  {name}: the ControlNet changes the frames by {change:.3f} (relative L2)")
         final["latents"] = latents_out
     else:
-        with injected_lcm_noise(step_noise), torch.no_grad():
+        if "free_init" in case:
+            pipe.enable_free_init(**case["free_init"])
+        with injected_lcm_noise(step_noise), injected_free_init_noise(fresh_noise), torch.no_grad():
             out = pipe(**kwargs, **({"num_frames": case["frames"]} if video else {}))
         frames = out.frames[0] if video else out.images
         assert np.array_equal(frames, decode(pipe, final["latents"])), "the kept latents are not what was decoded"
@@ -499,23 +569,95 @@ def run_case(name, case, parts, tokenizers, seed):
         "controlnet_start_end": [0.0, 1.0] if "controlnet_scale" in case else None,
         "token_ids": ids,
     }
+    if "free_init" in case:
+        f = case["free_init"]
+        # The settings under celframe's names ([video.free_init]) and the steps of each pass.
+        description["free_init"] = {"iterations": f["num_iters"], "method": f["method"], "order": f["order"],
+                                    "spatial_stop_frequency": f["spatial_stop_frequency"],
+                                    "temporal_stop_frequency": f["temporal_stop_frequency"],
+                                    "use_fast_sampling": f["use_fast_sampling"]}
+        description["free_init_steps"] = passes
+        description["step_noise_draws"] = sum(s - 1 for s in passes)
     meta = {"generator": "tools/make_pipeline_fixtures.py", "torch": torch.__version__}
+    if half:
+        reference = {"latents": reference["latents"]}
     for kind, tensors in (("noise", noise), ("reference", reference)):
-        save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(OUT / f"{name}.{kind}.safetensors"),
+        dtype = torch.float16 if half and kind == "noise" else torch.float32
+        save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(OUT / f"{name}.{kind}.safetensors"),
                   metadata=meta)
     (OUT / f"{name}.json").write_text(json.dumps(description, indent=1) + "\n")
-    f = reference["frames"]
-    print(f"  {name}: frames {list(f.shape)} mean {f.mean():.3f} std {f.std():.3f}, "
-          f"latents {list(reference['latents'].shape)} std {reference['latents'].std():.3f}")
+    print(f"  {name}: frames {list(frames.shape)} mean {frames.mean():.3f} std {frames.std():.3f}, "
+          f"latents {list(final['latents'].shape)} std {final['latents'].std():.3f}")
+
+
+FILTER_CASES = [
+    # method, order, spatial, temporal stop frequency, (frames, h, w)
+    ("butterworth", 4, 0.25, 0.25, (8, 6, 10)),
+    ("butterworth", 2, 0.4, 0.1, (5, 7, 6)),
+    ("gaussian", 4, 0.25, 0.25, (7, 8, 5)),
+    ("gaussian", 4, 0.6, 0.3, (16, 4, 6)),
+    ("ideal", 4, 0.25, 0.25, (6, 9, 8)),
+    ("ideal", 4, 0.5, 0.7, (3, 6, 7)),
+    ("butterworth", 4, 0.0, 0.25, (4, 4, 4)),
+    ("butterworth", 4, 0.25, 1.0, (1, 6, 8)),
+]
+MIXING_CASES = [
+    ("butterworth", 4, 0.25, 0.25, (6, 4, 8), 2),
+    ("gaussian", 4, 0.3, 0.5, (5, 7, 6), 1),
+    ("ideal", 4, 0.5, 0.7, (3, 5, 4), 2),
+]
+
+
+def write_free_init_filters():
+    """free_init_filters.json of the module doc, from FreeInitMixin's own functions."""
+    mixin = FreeInitMixin()
+    g = torch.Generator().manual_seed(20261220)
+
+    def values(t):
+        # Each float32 as its shortest decimal, which reads back to the same float32.
+        return [float(str(v)) for v in t.flatten().numpy()]
+
+    def settings(method, order, spatial, temporal, dims):
+        return {"method": method, "order": order, "spatial_stop_frequency": spatial,
+                "temporal_stop_frequency": temporal, "dims": list(dims)}
+
+    def mask(method, order, spatial, temporal, shape):
+        return mixin._get_free_init_freq_filter(shape, "cpu", method, order, spatial, temporal)
+
+    filters = []
+    for method, order, spatial, temporal, dims in FILTER_CASES:
+        m = mask(method, order, spatial, temporal, (1, 1, *dims))
+        filters.append({**settings(method, order, spatial, temporal, dims), "mask": values(m)})
+    mixing = []
+    for method, order, spatial, temporal, dims, channels in MIXING_CASES:
+        shape = (1, channels, *dims)
+        x, noise = torch.randn(shape, generator=g) * 3, torch.randn(shape, generator=g)
+        mixed = mixin._apply_freq_filter(x, noise, mask(method, order, spatial, temporal, shape))
+        mixing.append({**settings(method, order, spatial, temporal, dims), "channels": channels,
+                       "x": values(x), "noise": values(noise),
+                       "mixed": values(mixed)})
+    text = json.dumps({"generator": "tools/make_pipeline_fixtures.py", "torch": torch.__version__,
+                       "filters": filters, "mixing": mixing})
+    (OUT / "free_init_filters.json").write_text(text + "\n")
+    print(f"free_init_filters.json: {len(filters)} filters, {len(mixing)} mixes")
 
 
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
-    tokenizers = write_tokenizers()
-    make_models()
+    wanted = sys.argv[1:]
+    unknown = [w for w in wanted if w not in CASES and w != "free_init_filters"]
+    assert not unknown, f"unknown cases {unknown}; cases: {', '.join(CASES)}, free_init_filters"
+    if wanted:
+        tokenizers = (CLIPTokenizer.from_pretrained(OUT / "tokenizer"), CLIPTokenizer.from_pretrained(OUT / "tokenizer_2"))
+    else:
+        tokenizers = write_tokenizers()
+        make_models()
+    if not wanted or "free_init_filters" in wanted:
+        write_free_init_filters()
     parts = load_components()
     for i, (name, case) in enumerate(CASES.items()):
-        run_case(name, case, parts, tokenizers, 20261210 + i)
+        if not wanted or name in wanted:
+            run_case(name, case, parts, tokenizers, 20261210 + i)
     files = sorted(p for p in OUT.rglob("*") if p.is_file())
     for p in files:
         print(f"  {p.relative_to(OUT)}: {p.stat().st_size / 1e6:.3f} MB")

@@ -49,6 +49,10 @@ pub struct RenderArgs {
     /// Height in pixels (a multiple of 8).
     #[arg(long)]
     pub height: Option<usize>,
+    /// FreeInit passes (video.free_init.iterations; the other settings from the config or
+    /// diffusers' defaults). 1 samples once.
+    #[arg(long, value_name = "ITERATIONS")]
+    pub free_init: Option<usize>,
     /// Output folder (relative to the current folder).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -120,6 +124,9 @@ fn apply_overrides(config: &mut RenderConfig, args: &RenderArgs) {
     video.fps = args.fps.unwrap_or(video.fps);
     video.width = args.width.unwrap_or(video.width);
     video.height = args.height.unwrap_or(video.height);
+    if let Some(iterations) = args.free_init {
+        video.free_init.get_or_insert_with(Default::default).iterations = iterations;
+    }
     let sampler = &mut config.sampler;
     sampler.steps = args.steps.unwrap_or(sampler.steps);
     sampler.cfg = args.cfg.unwrap_or(sampler.cfg);

@@ -22,7 +22,8 @@ use crate::io;
 use crate::models::lora::LoraSpec;
 use crate::models::lora::roles::{self, Role};
 use crate::output::Mp4Choice;
-use crate::sampling::{BetaSchedule, Prediction, SamplerConfig, SamplerKind, Spacing};
+use crate::pipeline::free_init::FreeInitSettings;
+use crate::sampling::{BetaSchedule, Prediction, Sampler, SamplerConfig, SamplerKind, Spacing};
 use crate::verify::Device;
 
 /// Largest config file read.
@@ -227,6 +228,9 @@ pub struct VideoSettings {
     pub chain_strength: f32,
     /// FreeNoise (Qiu et al. 2023): frames past the first window reuse shuffled noise of earlier ones.
     pub freenoise: bool,
+    /// FreeInit (Wu et al. 2023), `[video.free_init]`: the clip sampled `iterations` times, each
+    /// pass starting from the last one's low frequencies re-noised (off when absent).
+    pub free_init: Option<FreeInitSettings>,
     /// Frames the VAE decodes at once (default 8).
     pub vae_chunk_frames: usize,
     /// Every UNet GroupNorm takes its statistics over the window's frames (AnimateDiff-Evolved's
@@ -331,6 +335,7 @@ impl Default for VideoSettings {
             long_video: "windows".into(),
             chain_strength: 0.7,
             freenoise: false,
+            free_init: None,
             vae_chunk_frames: 8,
             group_norm_across_frames: false,
         }
@@ -988,6 +993,40 @@ impl RenderConfig {
         }
         if video.vae_chunk_frames == 0 {
             problems.push("video.vae_chunk_frames: 0; it must be at least 1".into());
+        }
+        if let Some(free_init) = &video.free_init {
+            self.free_init_problems(free_init, problems);
+        }
+    }
+
+    fn free_init_problems(&self, free_init: &FreeInitSettings, problems: &mut Vec<String>) {
+        let before = problems.len();
+        free_init.problems("video.free_init", problems);
+        if self.video.long_video == "chain" {
+            problems.push(
+                "video.free_init: needs video.long_video = \"windows\" (chained segments start from the previous \
+                 segment's last latent, not from noise)"
+                    .into(),
+            );
+        }
+        if problems.len() > before || !free_init.use_fast_sampling {
+            return;
+        }
+        // Coarse-to-fine passes run fewer steps, which the sampler must accept too.
+        for pass in 0..free_init.iterations {
+            let steps = free_init.steps(self.sampler.steps, pass);
+            let sampler = SamplerSettings { steps, ..self.sampler.clone() };
+            if steps != self.sampler.steps
+                && let Err(e) = sampler.sampler_config().and_then(|c| Sampler::new(&c))
+            {
+                problems.push(format!(
+                    "video.free_init.use_fast_sampling: pass {} of {} runs {steps} steps: {}",
+                    pass + 1,
+                    free_init.iterations,
+                    message(e)
+                ));
+                return;
+            }
         }
     }
 

@@ -1,7 +1,8 @@
-//! The renderer: its configuration, context windows over long clips, the initial noise, and the
-//! render loop itself (`render`).
+//! The renderer: its configuration, context windows over long clips, the initial noise (FreeNoise,
+//! FreeInit), and the render loop itself (`render`).
 
 pub mod config;
+pub mod free_init;
 pub mod noise_init;
 pub mod random_models;
 pub mod render;

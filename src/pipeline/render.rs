@@ -46,9 +46,12 @@ use crate::ops::elementwise::{add, mul};
 use crate::ops::rows::{gather_rows, scatter_rows};
 use crate::output::{ClipOptions, Fps, GridCell, OutputTree, RgbImage, decode_png};
 use crate::pipeline::config::{Component, ControlNetEntry, RenderConfig, is_json};
+use crate::pipeline::free_init::mix_frequencies;
 use crate::pipeline::noise_init::freenoise_frame_sources;
 use crate::pipeline::windows::{ContextOptions, Fuse, Fuser, Schedule, gather};
-use crate::sampling::{NoiseRequest, NoiseSource, NoiseStream, Purpose, Sampler, cfg_combine, cfg_rescale, stream_id};
+use crate::sampling::{
+    NoiseRequest, NoiseSource, NoiseStream, Purpose, Sampler, SamplerConfig, cfg_combine, cfg_rescale, stream_id,
+};
 use crate::tensor::{DType, Tensor};
 use crate::text::Tokenizer;
 use crate::verify::Device;
@@ -631,21 +634,40 @@ impl ClipControl {
     }
 }
 
-/// Where a clip's noise comes from.
+/// Where a clip's noise comes from, for sampling pass `pass` (FreeInit runs several; pass 0 is
+/// the only one otherwise).
+#[derive(Clone, Copy)]
 enum ClipNoise<'a> {
-    Generator { seed: u64, clip: u64 },
-    File(&'a weights::TensorFile),
+    Generator { seed: u64, clip: u64, pass: usize },
+    File { file: &'a weights::TensorFile, pass: usize },
 }
 
-impl ClipNoise<'_> {
+impl<'a> ClipNoise<'a> {
+    /// The same source for FreeInit pass `pass`.
+    fn for_pass(self, pass: usize) -> ClipNoise<'a> {
+        match self {
+            ClipNoise::Generator { seed, clip, .. } => ClipNoise::Generator { seed, clip, pass },
+            ClipNoise::File { file, .. } => ClipNoise::File { file, pass },
+        }
+    }
+
     /// Frame-major noise for the `g.frames` frames from clip frame `first`: the initial latents
-    /// (`step` None) or a sampler's `step`-th draw.
+    /// (`step` None; for a FreeInit pass after the first, the fresh noise of its high frequencies)
+    /// or a sampler's `step`-th draw of this pass.
+    ///
+    /// Streams: (clip, initial latents, pass) and (clip, step noise, step), with the pass appended
+    /// after the first, so pass 0 draws what a run without FreeInit draws. Noise file tensors:
+    /// `latents` and `step.<i>`, then `free_init.<k>` and `free_init.<k>.step.<i>` for pass k.
     fn draw(&self, g: Geometry, first: usize, step: Option<usize>, freenoise: Option<&[usize]>) -> Result<Vec<f32>> {
         let n = g.frames * g.frame_len();
-        match self {
-            ClipNoise::Generator { seed, clip } => {
-                let purpose = if step.is_some() { Purpose::StepNoise } else { Purpose::InitialLatents };
-                let stream = NoiseStream::new(*seed, stream_id(&[*clip, purpose as u64, step.unwrap_or(0) as u64]));
+        match *self {
+            ClipNoise::Generator { seed, clip, pass } => {
+                let id = match step {
+                    None => stream_id(&[clip, Purpose::InitialLatents as u64, pass as u64]),
+                    Some(s) if pass == 0 => stream_id(&[clip, Purpose::StepNoise as u64, s as u64]),
+                    Some(s) => stream_id(&[clip, Purpose::StepNoise as u64, s as u64, pass as u64]),
+                };
+                let stream = NoiseStream::new(seed, id);
                 let mut out = vec![0f32; n];
                 let fl = g.frame_len();
                 for (f, chunk) in out.chunks_mut(fl).enumerate() {
@@ -654,17 +676,23 @@ impl ClipNoise<'_> {
                 }
                 Ok(out)
             }
-            ClipNoise::File(file) => {
+            ClipNoise::File { file, pass } => {
                 if first != 0 {
                     return Err(Error::Input(format!(
                         "{}: injected noise covers one run over the whole clip; segment chaining draws per segment",
                         file.path().display()
                     )));
                 }
-                let name = step.map_or("latents".to_string(), |s| format!("step.{s}"));
+                let name = match (pass, step) {
+                    (0, None) => "latents".to_string(),
+                    (0, Some(s)) => format!("step.{s}"),
+                    (k, None) => format!("free_init.{k}"),
+                    (k, Some(s)) => format!("free_init.{k}.step.{s}"),
+                };
                 if !file.contains(&name) {
                     return Err(Error::Input(format!(
-                        "{}: no tensor '{name}' (the run draws it); a noise file holds latents and step.<i>",
+                        "{}: no tensor '{name}' (the run draws it); a noise file holds latents and step.<i>, and with \
+                         FreeInit free_init.<k> and free_init.<k>.step.<i> for passes k >= 1",
                         file.path().display()
                     )));
                 }
@@ -726,8 +754,8 @@ fn render_clip(
         config.controlnets.iter().map(|e| ClipControl::build(e, g, video.fps)).collect::<Result<Vec<_>>>()?;
     let seed = config.clip_seed(index);
     let noise = match noise_file {
-        Some(f) => ClipNoise::File(f),
-        None => ClipNoise::Generator { seed, clip: index as u64 },
+        Some(file) => ClipNoise::File { file, pass: 0 },
+        None => ClipNoise::Generator { seed, clip: index as u64, pass: 0 },
     };
     let context = context_options(config)?;
     let run =
@@ -739,11 +767,8 @@ fn render_clip(
         let freenoise = (video.freenoise && g.frames > context.length && noise_file.is_none())
             .then(|| freenoise_frame_sources(g.frames, context.length, context.length - context.overlap, seed))
             .transpose()?;
-        let mut sampler = Sampler::new(&config.sampler.sampler_config()?)?;
-        let sigma = sampler.init_noise_sigma();
-        let mut x: Vec<f32> = noise.draw(g, 0, None, freenoise.as_deref())?.into_iter().map(|v| v * sigma).collect();
-        run.denoise(&mut sampler, &mut x, g, 0)?;
-        x
+        let initial = noise.draw(g, 0, None, freenoise.as_deref())?;
+        run.sample_clip(g, &initial)?
     };
     times.denoise = t1.elapsed().as_secs_f64();
 
@@ -803,6 +828,52 @@ struct ClipRun<'a> {
 }
 
 impl ClipRun<'_> {
+    /// Samples the whole clip from its initial noise `initial` (unit variance): one pass, or with
+    /// FreeInit (`video.free_init`) `iterations` passes as diffusers' `FreeInitMixin` runs them.
+    /// Pass k > 0 starts from the previous result noised again to the schedule's first noise
+    /// level with `initial` (the sampler's `add_noise`), whose low frequencies over (frames, h, w)
+    /// it keeps, the high ones coming from fresh noise at the scale of a first latent
+    /// (noise x init_noise_sigma). With LCM, TCD and DDIM or DPM++ 2M with trailing spacing this
+    /// is diffusers' computation (it re-noises to t = 999, where those schedules start); with
+    /// leading or linspace spacing diffusers still re-noises to t = 999, and for Euler-type
+    /// samplers it noises with noise already scaled by init_noise_sigma and mixes in unscaled
+    /// fresh noise, neither of which matches the latent the sampler then starts from.
+    fn sample_clip(&self, g: Geometry, initial: &[f32]) -> Result<Vec<f32>> {
+        let base = self.config.sampler.sampler_config()?;
+        let Some(free_init) = &self.config.video.free_init else {
+            let mut sampler = Sampler::new(&base)?;
+            let sigma = sampler.init_noise_sigma();
+            let mut x: Vec<f32> = initial.iter().map(|v| v * sigma).collect();
+            self.denoise(&mut sampler, &mut x, g, 0)?;
+            return Ok(x);
+        };
+        let filter = free_init.low_pass(g.frames, g.h, g.w)?;
+        let mut x = Vec::new();
+        for pass in 0..free_init.iterations {
+            let config = SamplerConfig { steps: free_init.steps(base.steps, pass), ..base.clone() };
+            let mut sampler = Sampler::new(&config)?;
+            let sigma = sampler.init_noise_sigma();
+            let noise = self.noise.for_pass(pass);
+            x = if pass == 0 {
+                initial.iter().map(|v| v * sigma).collect()
+            } else {
+                let mut renoised = vec![0f32; x.len()];
+                sampler.add_noise(&x, initial, &mut renoised)?;
+                let fresh: Vec<f32> = noise.draw(g, 0, None, None)?.into_iter().map(|v| v * sigma).collect();
+                mix_frequencies(&renoised, &fresh, &filter, g.c)?
+            };
+            eprintln!(
+                "clip {:03}: FreeInit pass {}/{} ({} steps)",
+                self.number,
+                pass + 1,
+                free_init.iterations,
+                config.steps
+            );
+            ClipRun { noise: &noise, ..*self }.denoise(&mut sampler, &mut x, g, 0)?;
+        }
+        Ok(x)
+    }
+
     /// Runs `sampler` over `x`, the latents of `g.frames` frames from clip frame `first`.
     fn denoise(&self, sampler: &mut Sampler, x: &mut [f32], g: Geometry, first: usize) -> Result<()> {
         let (number, context) = (self.number, self.context);

@@ -60,7 +60,7 @@ impl Layer {
                 scale: *scale,
             })
             .collect();
-        LayerDelta { weight: &self.weight, terms, base: None }
+        LayerDelta { weight: &self.weight, terms, base: None, dora: None }
     }
 
     /// The same layer with every tensor passed through `f` (an upload, a conversion), the weight

@@ -332,10 +332,13 @@ pub fn merge_deltas(ex: &Exec, layers: &[LayerDelta]) -> Result<()> {
     merge_dora(gpu, scratch, dora.iter().map(|&i| (&layers[i], dims[i])).collect())
 }
 
+/// A checked layer and its weight's [rows, cols].
+type Checked<'a, 't> = (&'a LayerDelta<'t>, (usize, usize));
+
 /// One launch per merge kernel over `layers` (checked, f16 or bf16, distinct weights): by dtype,
 /// and whether LoHa terms need the kernel that keeps a product.
-fn launch_merges(gpu: &Gpu, scratch: &Arena, layers: Vec<(&LayerDelta, (usize, usize))>) -> Result<()> {
-    let mut launches: BTreeMap<&'static str, Vec<(&LayerDelta, (usize, usize))>> = BTreeMap::new();
+fn launch_merges(gpu: &Gpu, scratch: &Arena, layers: Vec<Checked>) -> Result<()> {
+    let mut launches: BTreeMap<&'static str, Vec<Checked>> = BTreeMap::new();
     for (layer, dims) in layers {
         let hadamard = layer.terms.iter().any(|t| matches!(t.factors, DeltaFactors::Hadamard { .. }));
         let kernel = match (layer.weight.dtype(), hadamard) {
@@ -357,7 +360,7 @@ fn launch_merges(gpu: &Gpu, scratch: &Arena, layers: Vec<(&LayerDelta, (usize, u
 /// buffers (W₁ in W's dtype, the norms' factors) take at most half of the scratch arena's free
 /// bytes (at least one layer each): W₁ is as large as the weight, and a LoRA with DoRA on every
 /// UNet linear would otherwise need gigabytes of scratch at once.
-fn merge_dora(gpu: &Gpu, scratch: &Arena, layers: Vec<(&LayerDelta, (usize, usize))>) -> Result<()> {
+fn merge_dora(gpu: &Gpu, scratch: &Arena, layers: Vec<Checked>) -> Result<()> {
     let budget = scratch.capacity().saturating_sub(scratch.used()) / 2;
     for dtype in [DType::F16, DType::BF16] {
         let mut batch = Vec::new();
@@ -390,7 +393,7 @@ unsafe impl crate::gpu::KernelParams for LoraDoraParams {}
 /// One batch of DoRA layers of `dtype`: W₁ into buffers (the merge kernel), the norms and the
 /// change (kernels/lora/dora.cu), then W = base + the other terms + the change (the merge kernel).
 /// The buffers go back to the arena when this returns; later work on the stream comes after.
-fn dora_batch(gpu: &Gpu, scratch: &Arena, dtype: DType, batch: &[(&LayerDelta, (usize, usize))]) -> Result<()> {
+fn dora_batch(gpu: &Gpu, scratch: &Arena, dtype: DType, batch: &[Checked]) -> Result<()> {
     fn dora<'t>(layer: &LayerDelta<'t>) -> Result<DoraTerm<'t>> {
         layer.dora.ok_or_else(|| Error::Internal(format!("{OP}: a layer without DoRA in a DoRA batch")))
     }

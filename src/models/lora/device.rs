@@ -97,7 +97,7 @@ enum Route {
     },
     Kernel {
         terms: Vec<(Factors, f32)>,
-        dora: Option<Dora>,
+        dora: Option<Box<Dora>>,
     },
 }
 
@@ -122,7 +122,7 @@ impl Route {
             Route::Kernel { terms, dora } => Route::Kernel {
                 terms: terms.into_iter().map(|(t, s)| Ok((t.map(f)?, s))).collect::<Result<_>>()?,
                 dora: match dora {
-                    Some(d) => Some(Dora { factors: d.factors.map(f)?, magnitude: f(&d.magnitude)?, ..d }),
+                    Some(d) => Some(Box::new(Dora { factors: d.factors.map(f)?, magnitude: f(&d.magnitude)?, ..*d })),
                     None => None,
                 },
             },
@@ -306,14 +306,14 @@ fn route(name: &str, graph: &[usize], deltas: &[Scaled], dtype: DType) -> Result
             DoraAxis::Input => DoraNorm::Inputs(target[1]),
         };
         let m = r.magnitude.to_f32_vec()?;
-        dora = Some(Dora {
+        dora = Some(Box::new(Dora {
             factors,
             scale: d.scale as f32,
             magnitude: Tensor::from_f32(&[m.len()], DType::F32, &m)?,
             norm,
             eps: r.eps as f32,
             blend: r.blend as f32,
-        });
+        }));
     }
     Ok(Route::Kernel { terms, dora })
 }

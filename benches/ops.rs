@@ -3,7 +3,6 @@
 //! tools/peer_torch.py's `PEER` lines from the same GPU run. Needs a GPU (tools/gpu_run.sh).
 //! CELFRAME_BENCH_FILTER=text runs only the entries whose key contains the text (for profiling).
 
-use celframe::gpu::blas::{Gemm, GemmIo};
 use celframe::gpu::params::{LORA_SHARED_BYTES, LORA_THREADS};
 use celframe::gpu::timing::time_gpu;
 use celframe::gpu::{Arena, ClusterScheduling, Gpu, nvtx};
@@ -14,7 +13,7 @@ use celframe::ops::attention::{
 };
 use celframe::ops::conv::{Conv2d, conv2d};
 use celframe::ops::linear::linear;
-use celframe::ops::lora::{DeltaFactors, DeltaTerm, LayerDelta, merge_deltas};
+use celframe::ops::lora::{DeltaFactors, DeltaTerm, LayerDelta, merge_deltas, merge_gemm};
 use celframe::ops::norm::{GroupNorm, GroupNormMode, GroupNormTuning, group_norm_layout, group_norm_tuned};
 use celframe::tensor::Storage;
 use celframe::{DType, Result, Tensor};
@@ -230,60 +229,36 @@ fn main() -> Result<()> {
 /// LCM-LoRA (rank 64, α 8).
 const LORA_TERMS: [(usize, f32); 4] = [(32, 0.5), (64, 0.4), (128, 0.25), (64, 0.125)];
 
-/// One weight and the factors of its four LoRAs (ours: one pair per LoRA; cuBLASLt: the pairs
-/// concatenated along the rank, [out, K] and [K, cols]).
+/// One weight and the factors of its LoRAs (the kernel: one pair per LoRA; cuBLASLt: the pairs
+/// concatenated along the rank, [out, K] and [K, cols], as models/lora/device.rs stacks them).
 struct MergeSet {
     w: Tensor,
-    factors: Vec<(Tensor, Tensor)>,
+    factors: Vec<(Tensor, Tensor, f32)>,
     cat: (Tensor, Tensor),
 }
 
 impl MergeSet {
+    /// The kernel's layer: one term per LoRA.
     fn layer(&self) -> LayerDelta<'_> {
         let terms = self
             .factors
             .iter()
-            .zip(LORA_TERMS)
-            .map(|((up, down), (_, scale))| DeltaTerm { factors: DeltaFactors::LowRank { up, down }, scale })
+            .map(|(up, down, scale)| DeltaTerm { factors: DeltaFactors::LowRank { up, down }, scale: *scale })
             .collect();
-        LayerDelta { weight: &self.w, terms, base: None }
+        LayerDelta { weight: &self.w, terms, base: None, dora: None }
     }
 
-    /// W = W + Ucat · Dcat through cuBLASLt (beta = 1, C = D = W): the same update as one GEMM.
-    fn gemm(&self, gpu: &Gpu) -> Result<()> {
-        let (out, cols) = (self.w.shape()[0], self.w.numel() / self.w.shape()[0]);
-        let k = self.cat.0.shape()[1];
-        let g = Gemm {
-            m: out,
-            n: cols,
-            k,
-            batch: 1,
-            b_transposed: false,
-            lda: k,
-            ldb: cols,
-            ldc: cols,
-            stride_a: 0,
-            stride_b: 0,
-            stride_c: 0,
-            dtype: self.w.dtype(),
-            out_dtype: self.w.dtype(),
-            bias: false,
-        };
-        let w = self.w.device_ptr()?;
-        let io = GemmIo {
-            a: self.cat.0.device_ptr()?,
-            b: self.cat.1.device_ptr()?,
-            d: w,
-            bias: None,
-            c: Some((w, 1.0)),
-            alpha: 1.0,
-        };
-        gpu.blas()?.gemm(gpu, &g, io)
+    /// cuBLASLt's layer (`merge_gemm`, the route device sets take): W = W + Ucat · Dcat, one GEMM
+    /// with beta = 1 and C = D = W.
+    fn gemm_layer(&self) -> LayerDelta<'_> {
+        let (up, down) = (&self.cat.0, &self.cat.1);
+        let term = DeltaTerm { factors: DeltaFactors::LowRank { up, down }, scale: 1.0 };
+        LayerDelta { weight: &self.w, terms: vec![term], base: None, dora: None }
     }
 
     /// Minimum traffic: W read and written once, every factor read once.
     fn bytes(&self) -> f64 {
-        (2 * self.w.size_bytes() + self.factors.iter().map(|(u, d)| u.size_bytes() + d.size_bytes()).sum::<usize>())
+        (2 * self.w.size_bytes() + self.factors.iter().map(|(u, d, _)| u.size_bytes() + d.size_bytes()).sum::<usize>())
             as f64
     }
 }
@@ -379,10 +354,11 @@ fn lora_merges(b: &Bench, ex: &Exec) -> Result<()> {
                 let factors = LORA_TERMS
                     .iter()
                     .enumerate()
-                    .map(|(i, &(r, _))| {
+                    .map(|(i, &(r, scale))| {
                         Ok((
                             b.random(&[out, r], DType::F16, seed + 2 * i as u32)?,
                             b.random(&[r, cols], DType::F16, seed + 2 * i as u32 + 1)?,
+                            scale,
                         ))
                     })
                     .collect::<Result<Vec<_>>>()?;
@@ -396,15 +372,23 @@ fn lora_merges(b: &Bench, ex: &Exec) -> Result<()> {
         let key = format!("lora_merge f16 {shape} {ranks}");
         b.run("lora_merge", &key, sets[0].bytes(), flop, |i| merge_deltas(ex, &[sets[i].layer()]))?;
         let key = format!("lora_merge_cublaslt f16 {shape} K{k}");
-        b.run("lora_merge_cublaslt", &key, sets[0].bytes(), flop, |i| sets[i].gemm(&b.gpu))?;
+        b.run("lora_merge_cublaslt", &key, sets[0].bytes(), flop, |i| merge_gemm(ex, &[sets[i].gemm_layer()]))?;
     }
 
-    // Whole models: every weight with four terms in one call (values set by memset: the timing does
-    // not depend on them, and uploading 7 GB of drawn values would take minutes).
-    for (model, weights) in [("unet", sdxl_unet_weights()), ("text_encoders", sdxl_text_encoder_weights())] {
+    // Whole models: every weight with the set's terms in one call (values set by memset: the
+    // timing does not depend on them, and uploading 7 GB of drawn values would take minutes). The
+    // LCM-LoRA alone (one rank-64 term, K = 64) checks the cuBLASLt route where K is small.
+    let lcm_alone = [LORA_TERMS[3]];
+    for (model, weights, terms) in [
+        ("unet", sdxl_unet_weights(), &LORA_TERMS[..]),
+        ("text_encoders", sdxl_text_encoder_weights(), &LORA_TERMS[..]),
+        ("unet", sdxl_unet_weights(), &lcm_alone[..]),
+    ] {
+        let k: usize = terms.iter().map(|t| t.0).sum();
+        let ranks = terms.iter().map(|t| t.0.to_string()).collect::<Vec<_>>().join("+");
         let elements =
             |(out, kernel, inner): (usize, usize, usize)| out * kernel * inner + 2 * (out + kernel * inner) * k;
-        let bytes = weights.iter().map(|&w| elements(w) * 2 + 12 * 256).sum::<usize>();
+        let bytes = weights.iter().map(|&w| elements(w) * 2 + (3 + 2 * terms.len()) * 256).sum::<usize>();
         let arena = Arena::new("bench LoRA merge", bytes)?;
         // f16 0x3C3C ≈ 1.06 for W, 0x2424 ≈ 0.016 for factors: 60 merges move W by about 2.
         let filled = |shape: &[usize], byte: u8| -> Result<Tensor> {
@@ -417,9 +401,9 @@ fn lora_merges(b: &Bench, ex: &Exec) -> Result<()> {
             .iter()
             .map(|&(out, kernel, inner)| {
                 let cols = kernel * inner;
-                let factors = LORA_TERMS
+                let factors = terms
                     .iter()
-                    .map(|&(r, _)| Ok((filled(&[out, r], 0x24)?, filled(&[r, cols], 0x24)?)))
+                    .map(|&(r, scale)| Ok((filled(&[out, r], 0x24)?, filled(&[r, cols], 0x24)?, scale)))
                     .collect::<Result<_>>()?;
                 let cat = (filled(&[out, k], 0x24)?, filled(&[k, cols], 0x24)?);
                 Ok(MergeSet { w: filled(&[out, cols], 0x3C)?, factors, cat })
@@ -429,10 +413,11 @@ fn lora_merges(b: &Bench, ex: &Exec) -> Result<()> {
         let flop = 2.0 * (params * k) as f64;
         let traffic: f64 = sets.iter().map(MergeSet::bytes).sum();
         let layers: Vec<LayerDelta> = sets.iter().map(MergeSet::layer).collect();
-        let key = format!("lora_merge_{model} f16 {} weights {:.3}B params {ranks}", sets.len(), params as f64 / 1e9);
+        let key = format!("lora_merge_{model} f16 {} weights {:.3}B params r{ranks}", sets.len(), params as f64 / 1e9);
         b.run("lora_merge", &key, traffic, flop, |_| merge_deltas(ex, &layers))?;
+        let layers: Vec<LayerDelta> = sets.iter().map(MergeSet::gemm_layer).collect();
         let key = format!("lora_merge_{model}_cublaslt f16 {} GEMMs K{k}", sets.len());
-        b.run("lora_merge_cublaslt", &key, traffic, flop, |_| sets.iter().try_for_each(|s| s.gemm(&b.gpu)))?;
+        b.run("lora_merge_cublaslt", &key, traffic, flop, |_| merge_gemm(ex, &layers))?;
     }
     Ok(())
 }

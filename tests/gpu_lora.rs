@@ -1,40 +1,58 @@
-//! The LoRA-delta merge on the GPU (ops::lora::merge_deltas, kernels/lora/merge.cu) against its
-//! twin (merged_host). The merge writes weights in place, so there is no fresh output to poison:
-//! instead a sentinel block follows every weight in memory and must come through untouched, and
-//! the weights must keep their addresses.
+//! The LoRA merge on the GPU against its twin (ops::lora::merged_host) and the host merge: the
+//! LoRA-delta kernel (ops::lora::merge_deltas, kernels/lora/merge.cu), the cuBLASLt route
+//! (ops::lora::merge_gemm), DoRA (kernels/lora/dora.cu) and device sets with their switcher
+//! (models::lora::device). The merge writes weights in place, so there is no fresh output to
+//! poison: instead a sentinel block follows every weight in memory and must come through
+//! untouched, and the weights must keep their addresses.
 //!
 //! These need an NVIDIA GPU, so CI (no GPU) lists them as ignored; tools/gpu_run.sh runs them on the
-//! GPU machine with `--include-ignored`. Run without a GPU they fail, never pass silently. One test,
-//! `integer_cases_are_exact_in_their_dtype`, checks the exact test's premise on the host and runs
-//! everywhere.
+//! GPU machine with `--include-ignored`. Run without a GPU they fail, never pass silently. Two tests,
+//! `integer_cases_are_exact_in_their_dtype` and `the_fixture_sets_cover_every_route`, check the
+//! premises of the others on the host and run everywhere.
 //!
 //! Tolerances:
 //! - Integer-valued weights and factors (factors in {-1, 0, 1}, weights in [-8, 8], scales ±2^k):
 //!   every product and partial sum is a multiple of 2^-2 far below 2^24, exact in fp32 in any order
 //!   (tensor-core accumulation included), and the result is exact in the weight's dtype (the premise
-//!   test checks it), so the GPU must match the twin bit for bit.
-//! - Random values: the kernel sums in fp32 and rounds the sum (W + Σ) once, the twin sums in f64
-//!   and rounds once. They can differ only where the fp32 error (~2^-24 of the operands' size,
-//!   ~1e-8 here) moves the sum across a rounding boundary of the dtype: by one ulp, at about 1e-4
-//!   of the elements. Asserted: every element within 1 ulp of the twin's (f16: 2^-10 relative,
+//!   test checks it), so the GPU must match the twin bit for bit — the kernel, and cuBLASLt on the
+//!   same layers stacked into one term (the scales ±2^k fold into down exactly).
+//! - Random values, kernel: the kernel sums in fp32 and rounds the sum (W + Σ) once, the twin sums
+//!   in f64 and rounds once. They can differ only where the fp32 error (~2^-24 of the operands'
+//!   size, ~1e-8 here) moves the sum across a rounding boundary of the dtype: by one ulp, at about
+//!   1e-4 of the elements. Asserted: every element within 1 ulp of the twin's (f16: 2^-10 relative,
 //!   bf16: 2^-7) or, where the sum cancels to near zero and a bf16 ulp shrinks below fp32's
 //!   rounding of the operands, within 2^-16 of the layer's rms; at most 1% of the elements
 //!   different; relative L2 error within f16 2e-3 / bf16 1e-2.
+//! - Random values, cuBLASLt with four LoRAs' scales folded into the stacked down factor: against
+//!   the f64 sum of the unstacked terms, 2 ulps plus the fold's bound per element
+//!   (u · Σ |up| |s·down|, u = 2^-11 f16, 2^-8 bf16: models::lora::device::stacked_factors).
+//! - DoRA against its twin (which repeats the GPU's roundings of W₁ and of the change): 2 ulps, at
+//!   most 1% of the elements different; device sets against the host merge (f64, rounded once):
+//!   3 ulps. Ulps there are taken at the largest of the expected value, the base value and the
+//!   layer's rms, because the roundings happen on intermediates of the weights' size.
 
 mod common;
 
 use celframe::gpu::{Arena, Gpu};
+use celframe::models::lora::device::{DeviceLoraSet, LoraSwitcher, Restore, stacked_factors};
+use celframe::models::lora::merge::{Delta, LowRank, Scaled};
+use celframe::models::lora::{Component, LoraMerge, LoraSpec, Loras, Targets, resolve};
+use celframe::models::{Place, Unet, open_unet};
 use celframe::ops::Exec;
-use celframe::ops::lora::{DeltaFactors, DeltaTerm, LayerDelta, merge_deltas, merged_host};
+use celframe::ops::conv::weight_oihw_to_ohwi;
+use celframe::ops::lora::{
+    DeltaFactors, DeltaTerm, DoraNorm, DoraTerm, LayerDelta, merge_deltas, merge_gemm, merged_host,
+};
 use celframe::{DType, Error, Tensor};
 use common::{assert_close, randn};
 
-/// A layer's weight and terms as owned tensors (host or device), made once and borrowed by
-/// `LayerDelta` for either side.
+/// A layer's weight and terms (and DoRA rescale) as owned tensors (host or device), made once and
+/// borrowed by `LayerDelta` for either side.
 #[derive(Clone)]
 struct Layer {
     weight: Tensor,
     terms: Vec<(Factors, f32)>,
+    dora: Option<Dora>,
 }
 
 #[derive(Clone)]
@@ -45,42 +63,64 @@ enum Factors {
     Full(Tensor),
 }
 
+/// A DoRA module's term, magnitude (f32) and norm.
+#[derive(Clone)]
+struct Dora {
+    term: (Factors, f32),
+    magnitude: Tensor,
+    norm: DoraNorm,
+    eps: f32,
+    blend: f32,
+}
+
+impl Factors {
+    fn delta(&self) -> DeltaFactors<'_> {
+        match self {
+            Factors::LowRank(up, down) => DeltaFactors::LowRank { up, down },
+            Factors::Hadamard(a1, b1, a2, b2) => DeltaFactors::Hadamard { a1, b1, a2, b2 },
+            Factors::Kronecker(w1, w2, kernel) => DeltaFactors::Kronecker { w1, w2, kernel: *kernel },
+            Factors::Full(delta) => DeltaFactors::Full { delta },
+        }
+    }
+
+    fn map(&self, f: &mut impl FnMut(&Tensor) -> Tensor) -> Factors {
+        match self {
+            Factors::LowRank(a, b) => Factors::LowRank(f(a), f(b)),
+            Factors::Hadamard(a1, b1, a2, b2) => Factors::Hadamard(f(a1), f(b1), f(a2), f(b2)),
+            Factors::Kronecker(w1, w2, kernel) => Factors::Kronecker(f(w1), f(w2), *kernel),
+            Factors::Full(d) => Factors::Full(f(d)),
+        }
+    }
+}
+
 impl Layer {
+    fn new(weight: Tensor, terms: Vec<(Factors, f32)>) -> Layer {
+        Layer { weight, terms, dora: None }
+    }
+
     fn delta(&self) -> LayerDelta<'_> {
-        let terms = self
-            .terms
-            .iter()
-            .map(|(f, scale)| DeltaTerm {
-                factors: match f {
-                    Factors::LowRank(up, down) => DeltaFactors::LowRank { up, down },
-                    Factors::Hadamard(a1, b1, a2, b2) => DeltaFactors::Hadamard { a1, b1, a2, b2 },
-                    Factors::Kronecker(w1, w2, kernel) => DeltaFactors::Kronecker { w1, w2, kernel: *kernel },
-                    Factors::Full(delta) => DeltaFactors::Full { delta },
-                },
-                scale: *scale,
-            })
-            .collect();
-        LayerDelta { weight: &self.weight, terms, base: None }
+        let terms = self.terms.iter().map(|(f, scale)| DeltaTerm { factors: f.delta(), scale: *scale }).collect();
+        let dora = self.dora.as_ref().map(|d| DoraTerm {
+            term: DeltaTerm { factors: d.term.0.delta(), scale: d.term.1 },
+            magnitude: &d.magnitude,
+            norm: d.norm,
+            eps: d.eps,
+            blend: d.blend,
+        });
+        LayerDelta { weight: &self.weight, terms, base: None, dora }
     }
 
     /// The same layer with every tensor passed through `f` (an upload, a conversion), the weight
     /// first.
     fn map(&self, f: &mut impl FnMut(&Tensor) -> Tensor) -> Layer {
         let weight = f(&self.weight);
-        let terms = self
-            .terms
-            .iter()
-            .map(|(factors, scale)| {
-                let factors = match factors {
-                    Factors::LowRank(a, b) => Factors::LowRank(f(a), f(b)),
-                    Factors::Hadamard(a1, b1, a2, b2) => Factors::Hadamard(f(a1), f(b1), f(a2), f(b2)),
-                    Factors::Kronecker(w1, w2, kernel) => Factors::Kronecker(f(w1), f(w2), *kernel),
-                    Factors::Full(d) => Factors::Full(f(d)),
-                };
-                (factors, *scale)
-            })
-            .collect();
-        Layer { weight, terms }
+        let terms = self.terms.iter().map(|(factors, scale)| (factors.map(f), *scale)).collect();
+        let dora = self.dora.as_ref().map(|d| Dora {
+            term: (d.term.0.map(f), d.term.1),
+            magnitude: f(&d.magnitude),
+            ..d.clone()
+        });
+        Layer { weight, terms, dora }
     }
 }
 
@@ -138,7 +178,7 @@ fn integer_layers(dtype: DType) -> Vec<Layer> {
     let mut weights = Draw { dtype, seed: 900, integers: Some(8), scale: 0.0 };
     let mut layers = Vec::new();
     let mut layer = |weights: &mut Draw, shape: &[usize], terms: Vec<(Factors, f32)>| {
-        layers.push(Layer { weight: weights.tensor(shape), terms });
+        layers.push(Layer::new(weights.tensor(shape), terms));
     };
     let f = &mut factors;
     layer(&mut weights, &[40, 24], vec![f.low_rank(40, 24, 4, 0.5), f.low_rank(40, 24, 24, -1.0), f.full(40, 24, 2.0)]);
@@ -197,7 +237,7 @@ fn sdxl_layers(dtype: DType) -> Vec<Layer> {
                 .iter()
                 .map(|&(rank, scale)| factors.low_rank(rows, cols, rank, scale))
                 .collect();
-            Layer { weight: weights.tensor(shape), terms }
+            Layer::new(weights.tensor(shape), terms)
         })
         .collect()
 }
@@ -268,6 +308,54 @@ fn deltas(layers: &[Layer]) -> Vec<LayerDelta<'_>> {
     layers.iter().map(Layer::delta).collect()
 }
 
+/// Every device weight equal to the twin's, bit for bit; the first difference named.
+fn assert_bit_exact(rig: &Rig, what: &str, device: &[Layer], expected: &[Tensor]) {
+    for (i, (d, e)) in device.iter().zip(expected).enumerate() {
+        let got = rig.gpu.download(&d.weight).unwrap();
+        if got.host_bytes().unwrap() != e.host_bytes().unwrap() {
+            let (g, x) = (got.to_f32_vec().unwrap(), e.to_f32_vec().unwrap());
+            let k = g.iter().zip(&x).position(|(a, b)| a.to_bits() != b.to_bits()).unwrap();
+            let cols = g.len() / d.weight.shape()[0];
+            panic!(
+                "{what} layer {i} {:?}: element [{}, {}] is {} on the GPU, {} in the twin ({} elements differ)",
+                d.weight.shape(),
+                k / cols,
+                k % cols,
+                g[k],
+                x[k],
+                g.iter().zip(&x).filter(|(a, b)| a.to_bits() != b.to_bits()).count()
+            );
+        }
+    }
+}
+
+/// A layer whose terms are all low rank as one low-rank term of scale 1, as the cuBLASLt route
+/// takes it: the ups side by side, the downs stacked with each term's scale folded into its rows.
+/// None for other layers. On the integer cases (scales ±2^k) the fold is exact.
+fn stacked(layer: &Layer) -> Option<Layer> {
+    let rows = layer.weight.shape()[0];
+    let dtype = layer.weight.dtype();
+    let mut parts = Vec::new();
+    for (f, scale) in &layer.terms {
+        let Factors::LowRank(up, down) = f else { return None };
+        parts.push((up.to_f32_vec().unwrap(), down.to_f32_vec().unwrap(), down.shape()[0], *scale));
+    }
+    let k: usize = parts.iter().map(|p| p.2).sum();
+    let cols = layer.weight.numel() / rows;
+    let (mut up, mut down) = (vec![0f32; rows * k], Vec::with_capacity(k * cols));
+    let mut offset = 0;
+    for (u, d, r, scale) in &parts {
+        for o in 0..rows {
+            up[o * k + offset..][..*r].copy_from_slice(&u[o * r..][..*r]);
+        }
+        down.extend(d.iter().map(|v| v * scale));
+        offset += r;
+    }
+    let up = Tensor::from_f32(&[rows, k], dtype, &up).unwrap();
+    let down = Tensor::from_f32(&[k, cols], dtype, &down).unwrap();
+    Some(Layer::new(layer.weight.clone(), vec![(Factors::LowRank(up, down), 1.0)]))
+}
+
 #[test]
 fn integer_cases_are_exact_in_their_dtype() {
     // The premise of the bit-exact test: the twin's result in the dtype equals the exact sum (the
@@ -287,6 +375,15 @@ fn integer_cases_are_exact_in_their_dtype() {
                 "layer {i} {dtype:?}: the result is not exact in the dtype"
             );
         }
+        // The cuBLASLt route's premise: the low-rank layers stacked into one term, their scales
+        // folded into down, give the same bits.
+        let (plain, stacked): (Vec<&Layer>, Vec<Layer>) = layers.iter().filter_map(|l| Some((l, stacked(l)?))).unzip();
+        assert!(stacked.len() >= 152, "{} stackable layers", stacked.len());
+        let plain: Vec<LayerDelta> = plain.into_iter().map(Layer::delta).collect();
+        for (i, (p, s)) in merged_host(&plain).unwrap().iter().zip(merged_host(&deltas(&stacked)).unwrap()).enumerate()
+        {
+            assert_eq!(p.host_bytes().unwrap(), s.host_bytes().unwrap(), "stacked layer {i} {dtype:?}");
+        }
     }
 }
 
@@ -300,24 +397,10 @@ fn integer_valued_merges_match_the_twin_bit_for_bit() {
         let addresses: Vec<u64> = device.iter().map(|l| l.weight.device_ptr().unwrap()).collect();
         merge_deltas(&rig.exec(), &deltas(&device)).unwrap();
         let expected = merged_host(&deltas(&host)).unwrap();
-        for (i, (d, e)) in device.iter().zip(&expected).enumerate() {
+        for (i, d) in device.iter().enumerate() {
             assert_eq!(d.weight.device_ptr().unwrap(), addresses[i], "layer {i}: the weight moved");
-            let got = rig.gpu.download(&d.weight).unwrap();
-            if got.host_bytes().unwrap() != e.host_bytes().unwrap() {
-                let (g, x) = (got.to_f32_vec().unwrap(), e.to_f32_vec().unwrap());
-                let k = g.iter().zip(&x).position(|(a, b)| a.to_bits() != b.to_bits()).unwrap();
-                let cols = g.len() / d.weight.shape()[0];
-                panic!(
-                    "{dtype:?} layer {i} {:?}: element [{}, {}] is {} on the GPU, {} in the twin ({} elements differ)",
-                    d.weight.shape(),
-                    k / cols,
-                    k % cols,
-                    g[k],
-                    x[k],
-                    g.iter().zip(&x).filter(|(a, b)| a.to_bits() != b.to_bits()).count()
-                );
-            }
         }
+        assert_bit_exact(&rig, &format!("{dtype:?} kernel"), &device, &expected);
         rig.check_sentinels("integer merge", &sentinels);
         println!("GPUCHECK lora_merge integer-valued {} layers {dtype:?}: bit-exact, addresses kept", host.len());
         rig.scratch.reset();
@@ -409,8 +492,8 @@ fn bad_layers_are_refused_by_index_before_anything_is_written() {
     let rig = Rig::new();
     let dtype = DType::F16;
     let mut draw = Draw { dtype, seed: 1, integers: None, scale: 1.0 };
-    let good = Layer { weight: draw.tensor(&[64, 32]), terms: vec![draw.low_rank(64, 32, 8, 1.0)] };
-    let bad = Layer { weight: draw.tensor(&[64, 32]), terms: vec![draw.low_rank(64, 48, 8, 1.0)] };
+    let good = Layer::new(draw.tensor(&[64, 32]), vec![draw.low_rank(64, 32, 8, 1.0)]);
+    let bad = Layer::new(draw.tensor(&[64, 32]), vec![draw.low_rank(64, 48, 8, 1.0)]);
     let (device, _) = rig.upload_layers(&[good.clone(), bad]);
     let Err(Error::Input(m)) = merge_deltas(&rig.exec(), &deltas(&device)) else { panic!("a bad layer was accepted") };
     assert!(m.contains("layer 1") && m.contains("down [8, 48]") && !m.contains("layer 0"), "{m}");
@@ -429,4 +512,359 @@ fn bad_layers_are_refused_by_index_before_anything_is_written() {
     let Err(Error::Unsupported(m)) = merge_deltas(&rig.exec(), &deltas(&[wide])) else { panic!("f32 accepted") };
     assert!(m.contains("layer 0 is f32"), "{m}");
     println!("GPUCHECK lora_merge refusals: shape by layer index, repeated weight, f32");
+}
+
+// ---- The cuBLASLt route (ops::lora::merge_gemm): low-rank layers stacked into one GEMM each.
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn gemm_route_integer_merges_match_the_twin_bit_for_bit() {
+    // In place (C = D = W) and from base copies into poisoned weights (C = the copy, D = W).
+    let rig = Rig::new();
+    for dtype in [DType::F16, DType::BF16] {
+        let host: Vec<Layer> = integer_layers(dtype).iter().filter_map(stacked).collect();
+        let expected = merged_host(&deltas(&host)).unwrap();
+        let (device, sentinels) = rig.upload_layers(&host);
+        let addresses: Vec<u64> = device.iter().map(|l| l.weight.device_ptr().unwrap()).collect();
+        merge_gemm(&rig.exec(), &deltas(&device)).unwrap();
+        for (i, d) in device.iter().enumerate() {
+            assert_eq!(d.weight.device_ptr().unwrap(), addresses[i], "layer {i}: the weight moved");
+        }
+        assert_bit_exact(&rig, &format!("{dtype:?} cuBLASLt in place"), &device, &expected);
+        rig.check_sentinels("cuBLASLt merge in place", &sentinels);
+
+        let (device, sentinels) = rig.upload_layers(&host);
+        let copies: Vec<Tensor> = host.iter().map(|l| rig.upload(&l.weight)).collect();
+        poison(&rig, &device);
+        let layers: Vec<LayerDelta> =
+            device.iter().zip(&copies).map(|(d, c)| LayerDelta { base: Some(c), ..d.delta() }).collect();
+        merge_gemm(&rig.exec(), &layers).unwrap();
+        assert_bit_exact(&rig, &format!("{dtype:?} cuBLASLt from copies"), &device, &expected);
+        for (i, c) in copies.iter().enumerate() {
+            let copy = rig.gpu.download(c).unwrap();
+            assert_eq!(copy.host_bytes().unwrap(), host[i].weight.host_bytes().unwrap(), "layer {i}: the copy changed");
+        }
+        rig.check_sentinels("cuBLASLt merge from copies", &sentinels);
+        println!(
+            "GPUCHECK lora_merge_gemm integer-valued {} stacked layers {dtype:?}: bit-exact in place and from base copies",
+            host.len()
+        );
+        rig.scratch.reset();
+    }
+}
+
+/// Device weights against expected values: every element within `ulps` ulps of the expected one,
+/// plus `extra[k]` where given. The ulp is taken at the largest of the expected value, the base
+/// value and the layer's rms: the merges round intermediates (W₁, DoRA's change, folded factors)
+/// of about the weights' size, so where the result cancels to near zero their ulp, not the
+/// result's, bounds the error. Prints nothing; returns (largest error in those ulps, elements that
+/// differ, rel L2).
+fn within_ulps(
+    what: &str,
+    (got, expected, base): (&Tensor, &Tensor, &Tensor),
+    ulps: f32,
+    extra: Option<&[f32]>,
+) -> (f32, usize, f64) {
+    let dtype = expected.dtype();
+    let tol = if dtype == DType::F16 { 2e-3 } else { 1e-2 };
+    let (rel, _) = assert_close(what, got, expected, tol);
+    let (g, x, b) = (got.to_f32_vec().unwrap(), expected.to_f32_vec().unwrap(), base.to_f32_vec().unwrap());
+    let rms = (x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / x.len() as f64).sqrt() as f32;
+    let (mut worst, mut differ) = (0f32, 0usize);
+    for (k, ((a, e), w)) in g.iter().zip(&x).zip(&b).enumerate() {
+        if a != e {
+            differ += 1;
+            let unit = ulp(dtype, e.abs().max(w.abs()).max(rms));
+            let allowed = ulps * unit + extra.map_or(0.0, |x| x[k]);
+            worst = worst.max((a - e).abs() / unit);
+            assert!(
+                (a - e).abs() <= allowed,
+                "{what} element {k}: GPU {a}, expected {e} (base {w}), allowed ±{allowed}"
+            );
+        }
+    }
+    (worst, differ, rel)
+}
+
+/// Overwrites every device weight with -7.25 (standing for a previous set's merge).
+fn poison(rig: &Rig, device: &[Layer]) {
+    for d in device {
+        let p = Tensor::from_f32(d.weight.shape(), d.weight.dtype(), &vec![-7.25f32; d.weight.numel()]).unwrap();
+        let celframe::tensor::Storage::Device(mem) = d.weight.storage() else { panic!("device weight") };
+        rig.gpu.upload_into(mem, &p, d.weight.dtype()).unwrap();
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn gemm_route_at_sdxl_shapes_is_within_two_ulps_and_the_fold_bound_of_the_f64_sum() {
+    // The factors as device sets stack them (models::lora::device::stacked_factors: the four
+    // LoRAs' scales differ, so each is folded into its down rows and rounded once) against the f64
+    // sum of the unstacked terms rounded once: within two ulps of W (fp32 sums and the two
+    // roundings) plus the fold's own bound per element.
+    let rig = Rig::new();
+    for dtype in [DType::F16, DType::BF16] {
+        let host = sdxl_layers(dtype);
+        let stacked: Vec<Layer> = host
+            .iter()
+            .map(|l| {
+                let rows = l.weight.shape()[0];
+                let graph = [rows, l.weight.numel() / rows];
+                let deltas: Vec<Scaled> = l
+                    .terms
+                    .iter()
+                    .map(|(f, scale)| {
+                        let Factors::LowRank(up, down) = f else { panic!("sdxl_layers are low rank") };
+                        let delta = Delta::LowRank(LowRank { up: up.clone(), down: down.clone(), mid: None });
+                        Scaled { scale: f64::from(*scale), delta, source: "test".into(), dora: None }
+                    })
+                    .collect();
+                let (up, down, alpha) = stacked_factors("test", &graph, &deltas, dtype).unwrap();
+                assert_eq!(alpha, 1.0, "the scales differ, so they are folded");
+                Layer::new(l.weight.clone(), vec![(Factors::LowRank(up, down), alpha)])
+            })
+            .collect();
+        let (device, sentinels) = rig.upload_layers(&stacked);
+        merge_gemm(&rig.exec(), &deltas(&device)).unwrap();
+        let expected = merged_host(&deltas(&host)).unwrap();
+        // The fold's bound (models::lora::device::stacked_factors): half an ulp, relative, of each
+        // s·down element, times |up|: u · |up| · |s·down|, through the twin on absolute values.
+        let u = if dtype == DType::F16 { 2f32.powi(-11) } else { 2f32.powi(-8) };
+        let abs = |t: &Tensor| {
+            let v: Vec<f32> = t.to_f32_vec().unwrap().iter().map(|x| x.abs()).collect();
+            Tensor::from_f32(t.shape(), DType::F32, &v).unwrap()
+        };
+        let bounds: Vec<Layer> = stacked
+            .iter()
+            .map(|l| {
+                let Factors::LowRank(up, down) = &l.terms[0].0 else { unreachable!("stacked") };
+                let zero = Tensor::from_f32(l.weight.shape(), DType::F32, &vec![0.0; l.weight.numel()]).unwrap();
+                Layer::new(zero, vec![(Factors::LowRank(abs(up), abs(down)), u)])
+            })
+            .collect();
+        let bounds = merged_host(&deltas(&bounds)).unwrap();
+        for (((d, e), h), bound) in device.iter().zip(&expected).zip(&host).zip(&bounds) {
+            let shape = d.weight.shape();
+            let got = rig.gpu.download(&d.weight).unwrap();
+            let what = format!("lora_merge_gemm {shape:?} {dtype:?}");
+            let bound = bound.to_f32_vec().unwrap();
+            let (worst, differ, rel) = within_ulps(&what, (&got, e, &h.weight), 2.0, Some(&bound));
+            let fold_ulps =
+                bound.iter().zip(e.to_f32_vec().unwrap()).map(|(b, x)| b / ulp(dtype, x.abs())).fold(0f32, f32::max);
+            println!(
+                "GPUCHECK lora_merge_gemm random {shape:?} K288 (scales folded) {dtype:?} rel_l2={rel:.2e} \
+                 max_ulps={worst:.2} (fold bound up to {fold_ulps:.2} ulps) differ={differ}/{} tol=2ulp+fold bound",
+                got.numel()
+            );
+        }
+        rig.check_sentinels("cuBLASLt merge at SDXL shapes", &sentinels);
+        rig.scratch.reset();
+    }
+}
+
+// ---- DoRA on the device: W₁ by the merge kernel, kernels/lora/dora.cu, the change as a full term.
+
+/// DoRA layers at SDXL-like and awkward shapes, with other terms beside them, and one plain layer:
+/// a row norm on a 640 linear and on a 1280x2048 cross-attention projection with a LoKr beside it;
+/// an input-channel norm on a KRSC 3x3 convolution (320 channels) with a LoRA and a full delta
+/// beside it; a LoHa DoRA with an input-channel norm on 77 rows of 45 columns (15 channels by a
+/// kernel of 3: columns not a multiple of 8). m is the base norm scaled by up to ±10%.
+fn dora_layers(dtype: DType) -> Vec<Layer> {
+    let mut weights = Draw { dtype, seed: 11000, integers: None, scale: 0.05 };
+    let mut f = Draw { dtype, seed: 13000, integers: None, scale: 0.05 };
+    let dora = |w: &Tensor, norm: DoraNorm, term: (Factors, f32), eps: f32, blend: f32, seed: u64| {
+        let (rows, v) = (w.shape()[0], w.to_f32_vec().unwrap());
+        let cols = v.len() / rows;
+        let groups = match norm {
+            DoraNorm::Rows => rows,
+            DoraNorm::Inputs(n) => n,
+        };
+        let mut sums = vec![0f64; groups];
+        for (i, x) in v.iter().enumerate() {
+            let g = match norm {
+                DoraNorm::Rows => i / cols,
+                DoraNorm::Inputs(n) => i % n,
+            };
+            sums[g] += f64::from(*x) * f64::from(*x);
+        }
+        let wobble = randn(groups, seed, 0.05, 0.0);
+        let m: Vec<f32> = sums.iter().zip(wobble).map(|(s, u)| s.sqrt() as f32 * (1.0 + u.clamp(-0.1, 0.1))).collect();
+        let magnitude = Tensor::from_f32(&[groups], DType::F32, &m).unwrap();
+        Dora { term, magnitude, norm, eps, blend }
+    };
+    let mut layers = Vec::new();
+    let w = weights.tensor(&[640, 640]);
+    let d = dora(&w, DoraNorm::Rows, f.low_rank(640, 640, 32, 0.5), 0.0, 1.0, 1);
+    layers.push(Layer { terms: vec![f.low_rank(640, 640, 64, 0.125)], dora: Some(d), ..Layer::new(w, vec![]) });
+    let w = weights.tensor(&[320, 3, 3, 320]);
+    let d = dora(&w, DoraNorm::Inputs(320), f.low_rank(320, 2880, 16, 0.8), f32::EPSILON, 0.7, 2);
+    let terms = vec![f.low_rank(320, 2880, 8, -0.5), f.full(320, 2880, 0.25)];
+    layers.push(Layer { terms, dora: Some(d), ..Layer::new(w, vec![]) });
+    let w = weights.tensor(&[77, 45]);
+    let d = dora(&w, DoraNorm::Inputs(15), f.hadamard(77, 45, (3, 5), 2.0), f32::EPSILON, 0.5, 3);
+    layers.push(Layer { dora: Some(d), ..Layer::new(w, vec![]) });
+    let w = weights.tensor(&[1280, 2048]);
+    let d = dora(&w, DoraNorm::Rows, f.low_rank(1280, 2048, 64, 1.0), 0.0, 0.8, 4);
+    let terms = vec![f.kronecker((16, 32), (80, 64), 1, 0.5)];
+    layers.push(Layer { terms, dora: Some(d), ..Layer::new(w, vec![]) });
+    let w = weights.tensor(&[256, 640]);
+    layers.push(Layer::new(w, vec![f.low_rank(256, 640, 24, 0.5)]));
+    layers
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn dora_merges_match_their_twin_in_place_and_from_copies() {
+    // The twin (merged_host) follows the GPU's steps and roundings in f64; a tests-only 8 MiB
+    // scratch makes the DoRA layers go in two batches per dtype (the 1280x2048 layer alone). The GPU and the twin may disagree by an
+    // ulp where fp32 and f64 round W₁ or the change differently, and that ulp can pass through to W:
+    // two ulps allowed, at most 1% of the elements different.
+    let rig = Rig::new();
+    let small = Arena::new("test DoRA scratch", 8 << 20).unwrap();
+    let exec = Exec::Cuda { gpu: &rig.gpu, scratch: &small };
+    for dtype in [DType::F16, DType::BF16] {
+        let host = dora_layers(dtype);
+        let expected = merged_host(&deltas(&host)).unwrap();
+        for from_copies in [false, true] {
+            let (device, sentinels) = rig.upload_layers(&host);
+            let copies: Vec<Tensor> = host.iter().map(|l| rig.upload(&l.weight)).collect();
+            let layers: Vec<LayerDelta> = if from_copies {
+                poison(&rig, &device);
+                device.iter().zip(&copies).map(|(d, c)| LayerDelta { base: Some(c), ..d.delta() }).collect()
+            } else {
+                deltas(&device)
+            };
+            merge_deltas(&exec, &layers).unwrap();
+            let how = if from_copies { "from base copies" } else { "in place" };
+            for ((d, e), h) in device.iter().zip(&expected).zip(&host) {
+                let shape = d.weight.shape();
+                let got = rig.gpu.download(&d.weight).unwrap();
+                let what = format!("DoRA merge {shape:?} {dtype:?} {how}");
+                let (worst, differ, rel) = within_ulps(&what, (&got, e, &h.weight), 2.0, None);
+                let fraction = differ as f64 / got.numel() as f64;
+                let norm = h.dora.as_ref().map_or("none".to_string(), |d| format!("{:?}", d.norm));
+                println!(
+                    "GPUCHECK lora_dora vs twin {shape:?} norm {norm} {dtype:?} {how} rel_l2={rel:.2e} \
+                     max_ulps={worst:.2} differ={differ}/{} tol=2ulp,1%",
+                    got.numel()
+                );
+                assert!(fraction <= 0.01, "{what}: {differ} of {} elements differ", got.numel());
+            }
+            rig.check_sentinels(&format!("DoRA merge {how}"), &sentinels);
+            rig.scratch.reset();
+        }
+        assert_eq!(small.used(), 0, "the DoRA buffers went back to the scratch");
+    }
+}
+
+// ---- Device LoRA sets (models::lora::device) on the tiny UNet fixture, against the host merge.
+
+/// The fixture LoRAs: set A = PEFT DoRA (row norms) + a PEFT LoRA on the same weights + a LoHa;
+/// set B = kohya `dora_scale` DoRA (both axes) + a kohya LoRA + a LoKr. Between them every route
+/// is taken.
+fn fixture_sets() -> [Vec<LoraSpec>; 2] {
+    let f = |name: &str, w: f64| {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/{name}.safetensors"));
+        LoraSpec::new(path, w, None)
+    };
+    [
+        vec![f("lora_dora_peft", 0.7), f("lora_peft", -0.5), f("lora_loha", 0.6)],
+        vec![f("lora_dora_kohya", 0.8), f("lora_kohya_sgm", 0.9), f("lora_lokr", 0.5)],
+    ]
+}
+
+#[test]
+fn the_fixture_sets_cover_every_route() {
+    // The premise of the GPU test below, checked everywhere: between them the sets have weights
+    // with only LoRAs (cuBLASLt), with a LoHa or LoKr (the kernel), and with DoRA beside another
+    // LoRA and alone, on row and input-channel norms.
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut targets = Targets::new();
+    targets.add_unet(&open_unet(&fixtures.join("unet_a")).unwrap()).unwrap();
+    let (mut low_rank_only, mut other_kinds, mut dora_with_others, mut dora_alone) = (0, 0, 0, 0);
+    let mut axes = std::collections::BTreeSet::new();
+    for specs in fixture_sets() {
+        let loras = resolve(&specs, &targets, false).unwrap();
+        let merge = loras.merge(Component::Unet).unwrap();
+        for name in merge.names() {
+            let deltas = merge.deltas(name).unwrap();
+            let dora: Vec<_> = deltas.iter().filter_map(|d| d.dora.as_ref()).collect();
+            axes.extend(dora.iter().map(|d| format!("{:?}", d.axis)));
+            match (dora.len(), deltas.len()) {
+                (0, _) if deltas.iter().all(|d| matches!(d.delta, Delta::LowRank(_))) => low_rank_only += 1,
+                (0, _) => other_kinds += 1,
+                (1, 1) => dora_alone += 1,
+                _ => dora_with_others += 1,
+            }
+        }
+    }
+    let counts = (low_rank_only, other_kinds, dora_with_others, dora_alone);
+    assert!(counts.0 > 0 && counts.1 > 0 && counts.2 > 0 && counts.3 > 0, "{counts:?}");
+    assert_eq!(axes.len(), 2, "{axes:?}");
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn device_sets_merge_and_switch_like_the_host_merge() {
+    // Each state of the weights against LoraMerge::merged (f64, rounded once), the path the CPU
+    // twins use: the cuBLASLt route's folded scales and DoRA's two extra roundings stay within
+    // three ulps; weights no set touches, or restored ones, equal the base bit for bit.
+    let rig = Rig::new();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let checkpoint = open_unet(&fixtures.join("unet_a")).unwrap();
+    let mut targets = Targets::new();
+    targets.add_unet(&checkpoint).unwrap();
+    let resolved: Vec<Loras> = fixture_sets().iter().map(|s| resolve(s, &targets, false).unwrap()).collect();
+    let merges: Vec<&LoraMerge> = resolved.iter().map(|l| l.merge(Component::Unet).unwrap()).collect();
+    let mut names: Vec<&str> = merges.iter().flat_map(|m| m.names()).collect();
+    names.sort_unstable();
+    names.dedup();
+    for dtype in [DType::F16, DType::BF16] {
+        rig.weights.reset();
+        let unet = Unet::new(&checkpoint, Place::Device { gpu: &rig.gpu, arena: &rig.weights, dtype }).unwrap();
+        let weights = unet.weights();
+        let sets: Vec<DeviceLoraSet> =
+            merges.iter().map(|m| DeviceLoraSet::upload(&rig.gpu, weights, m, |_| true).unwrap()).collect();
+        let routes: Vec<_> = sets.iter().map(DeviceLoraSet::routes).collect();
+        println!("GPUCHECK lora device sets {dtype:?}: routes A {:?}, B {:?}", routes[0], routes[1]);
+        assert!(routes.iter().all(|r| r.dora > 0), "both sets have DoRA layers: {routes:?}");
+        assert!(routes.iter().any(|r| r.gemm > 0), "a layer takes cuBLASLt: {routes:?}");
+        assert!(routes.iter().any(|r| r.kernel > r.dora), "a layer takes the kernel without DoRA: {routes:?}");
+        let check = |state: &str, merge: Option<&LoraMerge>| {
+            let mut worst = 0f32;
+            for &name in &names {
+                let source = weights.source(name).unwrap();
+                let layout = |t: Tensor| if t.shape().len() == 4 { weight_oihw_to_ohwi(&t).unwrap() } else { t };
+                let base = layout(Tensor::from_f32(source.shape(), dtype, &source.to_f32_vec().unwrap()).unwrap());
+                let got = rig.gpu.download(weights.tensor(name).unwrap()).unwrap();
+                match merge.and_then(|m| m.merged(name, source, dtype).unwrap()) {
+                    Some(want) => {
+                        let what = format!("{state} {dtype:?} '{name}'");
+                        worst = worst.max(within_ulps(&what, (&got, &layout(want), &base), 3.0, None).0);
+                    }
+                    None => assert_eq!(
+                        got.host_bytes().unwrap(),
+                        base.host_bytes().unwrap(),
+                        "{state} {dtype:?}: '{name}' is not back to its base"
+                    ),
+                }
+            }
+            println!(
+                "GPUCHECK lora device sets {dtype:?} {state}: {} weights, max_ulps={worst:.2} tol=3ulp",
+                names.len()
+            );
+        };
+        let ex = rig.exec();
+        for restore in [Restore::Copy, Restore::Reload] {
+            let mut switcher = LoraSwitcher::new(restore);
+            for (state, set) in [("A", Some(0)), ("B", Some(1)), ("A again", Some(0)), ("none", None)] {
+                switcher.apply(&ex, weights, set.map(|i| &sets[i])).unwrap();
+                check(&format!("{restore:?} {state}"), set.map(|i| merges[i]));
+            }
+        }
+        // merge_into, the load path's call, on the weights at base.
+        sets[1].merge_into(&ex, weights).unwrap();
+        check("merge_into B", Some(merges[1]));
+        rig.scratch.reset();
+    }
 }

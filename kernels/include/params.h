@@ -280,6 +280,37 @@ typedef struct LoraMergeParams {
     int32_t layer_count;
 } LoraMergeParams;
 
+// DoRA's rescale (kernels/lora/dora.cu) for a table of layers, after the merge kernel wrote each
+// layer's W₁ = base + s·ΔW (rounded to W's dtype) into a buffer: `lora_dora_factors` computes per
+// norm group f = m / (‖W₁‖ + eps) in fp32, `lora_dora_change` turns the buffer into
+// blend · (f ⊙ W₁ − base), which the merge kernel then adds to W as a full term. A group is a row
+// of W (inputs == 0) or an input channel: the columns c with c % inputs equal (a convolution's
+// KRSC columns run kernel position, then input channel).
+typedef struct LoraDoraLayer {
+    void* w1;                // [rows, cols], W's dtype: W₁ in, the change out
+    const void* base;        // [rows, cols], W's dtype
+    const float* magnitude;  // m [groups]
+    float* factor;           // f [groups], written by lora_dora_factors
+    float eps;
+    float blend;
+    int32_t rows;
+    int32_t cols;
+    int32_t inputs;              // 0: a group per row; else groups of columns c % inputs (inputs divides cols)
+    int32_t groups;              // rows, or inputs
+    int32_t first_factor_block;  // blocks of the layers before it in a lora_dora_factors launch
+    int32_t first_change_block;  // the same in a lora_dora_change launch
+} LoraDoraLayer;  // 64 bytes, no padding: the table is uploaded as plain bytes
+
+typedef struct LoraDoraParams {
+    const LoraDoraLayer* layers;  // ordered by both first blocks, the first at block 0
+    int32_t layer_count;
+} LoraDoraParams;
+
+// lora_dora_factors: a warp per row (LORA_DORA_THREADS / 32 rows per block) or a thread per input
+// channel; lora_dora_change: LORA_DORA_CHANGE_ELEMS consecutive elements per thread.
+#define LORA_DORA_THREADS 256
+#define LORA_DORA_CHANGE_ELEMS 8
+
 // Block tile of W, the rank step of the factor pipeline, its depth, and the block size (8 warps of
 // 64 x 32 outputs each).
 #define LORA_TILE_M 128

@@ -332,8 +332,9 @@ fn bench_controlnet(args: &BenchArgs, dtype: DType) -> Result<()> {
 /// LoRA sets merged into device weights and switched: the UNet's, and with `--text-encoders` both
 /// text encoders' too. Prints the time to lay out and upload each set (host clock), to merge
 /// `--lora`'s set over itself (restoring its weights first, as a repeated apply does) and to switch
-/// between the two sets (GPU time), and the memory the factors and base copies take; with
-/// `--breakdown`, one switch split into restore copies and merge kernels.
+/// between the two sets (GPU time), how many weights take each merge route, and the memory the
+/// factors and base copies take; with `--breakdown`, one switch split into restore copies, GEMMs
+/// and merge kernels.
 fn bench_lora(args: &BenchArgs, dtype: DType) -> Result<()> {
     if args.loras.is_empty() || args.switch_loras.is_empty() {
         return Err(Error::Input("bench lora needs --lora and --switch-lora (the two sets switched between)".into()));
@@ -387,11 +388,16 @@ fn bench_lora(args: &BenchArgs, dtype: DType) -> Result<()> {
             let set = DeviceLoraSet::upload(&gpu, weights, merge, |_| true)?;
             gpu.synchronize()?;
             let touched: usize = set.names().filter_map(|n| weights.tensor(n)).map(Tensor::size_bytes).sum();
+            let routes = set.routes();
             eprintln!(
-                "{}: {} weights ({:.2} GiB), factors {:.3} GiB, laid out and uploaded in {:.0} ms",
+                "{}: {} weights ({:.2} GiB; {} through cuBLASLt, {} through the merge kernel, {} of them DoRA), \
+                 factors {:.3} GiB, laid out and uploaded in {:.0} ms",
                 component.name(),
                 set.names().count(),
                 gib(touched),
+                routes.gemm,
+                routes.kernel,
+                routes.dora,
                 gib(set.bytes()),
                 started.elapsed().as_secs_f64() * 1e3
             );

@@ -7,6 +7,8 @@ pub const GROUP_NORM_VECS_16BIT: u32 = 8;
 pub const GROUP_NORM_VECS_F32: u32 = 2;
 pub const GROUP_NORM_CONTROL_STRIDE: u32 = 32;
 pub const GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS: u32 = 128;
+pub const LORA_DORA_THREADS: u32 = 256;
+pub const LORA_DORA_CHANGE_ELEMS: u32 = 8;
 pub const LORA_TILE_M: u32 = 128;
 pub const LORA_TILE_N: u32 = 128;
 pub const LORA_TILE_K: u32 = 16;
@@ -654,6 +656,72 @@ const _: () = {
     ["Offset of field: LoraMergeParams::layer_count"][::std::mem::offset_of!(LoraMergeParams, layer_count) - 16usize];
 };
 impl Default for LoraMergeParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LoraDoraLayer {
+    pub w1: *mut ::std::os::raw::c_void,
+    pub base: *const ::std::os::raw::c_void,
+    pub magnitude: *const f32,
+    pub factor: *mut f32,
+    pub eps: f32,
+    pub blend: f32,
+    pub rows: i32,
+    pub cols: i32,
+    pub inputs: i32,
+    pub groups: i32,
+    pub first_factor_block: i32,
+    pub first_change_block: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LoraDoraLayer"][::std::mem::size_of::<LoraDoraLayer>() - 64usize];
+    ["Alignment of LoraDoraLayer"][::std::mem::align_of::<LoraDoraLayer>() - 8usize];
+    ["Offset of field: LoraDoraLayer::w1"][::std::mem::offset_of!(LoraDoraLayer, w1) - 0usize];
+    ["Offset of field: LoraDoraLayer::base"][::std::mem::offset_of!(LoraDoraLayer, base) - 8usize];
+    ["Offset of field: LoraDoraLayer::magnitude"][::std::mem::offset_of!(LoraDoraLayer, magnitude) - 16usize];
+    ["Offset of field: LoraDoraLayer::factor"][::std::mem::offset_of!(LoraDoraLayer, factor) - 24usize];
+    ["Offset of field: LoraDoraLayer::eps"][::std::mem::offset_of!(LoraDoraLayer, eps) - 32usize];
+    ["Offset of field: LoraDoraLayer::blend"][::std::mem::offset_of!(LoraDoraLayer, blend) - 36usize];
+    ["Offset of field: LoraDoraLayer::rows"][::std::mem::offset_of!(LoraDoraLayer, rows) - 40usize];
+    ["Offset of field: LoraDoraLayer::cols"][::std::mem::offset_of!(LoraDoraLayer, cols) - 44usize];
+    ["Offset of field: LoraDoraLayer::inputs"][::std::mem::offset_of!(LoraDoraLayer, inputs) - 48usize];
+    ["Offset of field: LoraDoraLayer::groups"][::std::mem::offset_of!(LoraDoraLayer, groups) - 52usize];
+    ["Offset of field: LoraDoraLayer::first_factor_block"]
+        [::std::mem::offset_of!(LoraDoraLayer, first_factor_block) - 56usize];
+    ["Offset of field: LoraDoraLayer::first_change_block"]
+        [::std::mem::offset_of!(LoraDoraLayer, first_change_block) - 60usize];
+};
+impl Default for LoraDoraLayer {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LoraDoraParams {
+    pub layers: *const LoraDoraLayer,
+    pub layer_count: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LoraDoraParams"][::std::mem::size_of::<LoraDoraParams>() - 16usize];
+    ["Alignment of LoraDoraParams"][::std::mem::align_of::<LoraDoraParams>() - 8usize];
+    ["Offset of field: LoraDoraParams::layers"][::std::mem::offset_of!(LoraDoraParams, layers) - 0usize];
+    ["Offset of field: LoraDoraParams::layer_count"][::std::mem::offset_of!(LoraDoraParams, layer_count) - 8usize];
+};
+impl Default for LoraDoraParams {
     fn default() -> Self {
         let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
         unsafe {

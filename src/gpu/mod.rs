@@ -31,5 +31,6 @@ kernel_params!(
     params::FlashAttentionParams,
     params::SoftmaxRowsParams,
     params::EmbeddingParams,
-    params::LoraMergeParams
+    params::LoraMergeParams,
+    params::LoraDoraParams
 );

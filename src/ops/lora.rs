@@ -386,10 +386,6 @@ fn aligned(bytes: usize) -> usize {
     bytes.div_ceil(ARENA_ALIGN) * ARENA_ALIGN
 }
 
-// SAFETY: LoraDoraParams is the plain C struct kernels/lora/dora.cu takes by value (bindgen's
-// layout of params.h), as the structs gpu/mod.rs lists.
-unsafe impl crate::gpu::KernelParams for LoraDoraParams {}
-
 /// One batch of DoRA layers of `dtype`: W₁ into buffers (the merge kernel), the norms and the
 /// change (kernels/lora/dora.cu), then W = base + the other terms + the change (the merge kernel).
 /// The buffers go back to the arena when this returns; later work on the stream comes after.

@@ -187,6 +187,15 @@ impl DeviceLoraSet {
         let dtype = weights.dtype();
         let mut names: Vec<&str> = merge.names().filter(|n| select(n)).collect();
         names.sort_unstable();
+        // On an H200 (2026-12-03, tests/gpu_lora.rs) the f16 DoRA path stayed within 2 ulps of the
+        // host merge but a bf16 set missed it by 3.5 ulps on one weight, unexplained yet: bf16
+        // DoRA weights stay on the host merge until that is understood.
+        if let Some(n) = names.iter().find(|n| dtype == DType::BF16 && !merge.is_additive(n)) {
+            return Err(Error::Unsupported(format!(
+                "the weight '{n}' has a DoRA module, which the device merge does not do in bf16 yet (f16 works; \
+                 in bf16 it is merged on the host when a model loads)"
+            )));
+        }
         let targets: Vec<(&str, &Tensor, &[Scaled])> = names
             .iter()
             .map(|&name| {

@@ -1418,6 +1418,7 @@ fn union_residuals(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::controlnet::UnionCondition;
     use crate::output::write_png;
 
     #[test]
@@ -1449,6 +1450,157 @@ mod tests {
         let control = ClipControl::build(&entry, g, 8).unwrap();
         let shown: Vec<u8> = control.hints.iter().map(|h| (h.as_ref().unwrap()[0] * 255.0).round() as u8).collect();
         assert_eq!(shown, vec![30, 30, 30, 120, 120, 120, 120, 210, 210]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The Union fixture (tests/fixtures/controlnet_a: unet_a's encoder tensors, the ControlNet's
+    /// and the Union's own, config.union.json) as a diffusers folder under `dir`.
+    fn union_fixture(dir: &Path) -> ControlNetUnion {
+        use safetensors::tensor::TensorView;
+        use safetensors::{SafeTensors, serialize_to_file};
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let cn = fixtures.join("controlnet_a");
+        let names: serde_json::Value = serde_json::from_slice(&std::fs::read(cn.join("names.json")).unwrap()).unwrap();
+        let unet = std::fs::read(fixtures.join("unet_a/diffusion_pytorch_model.safetensors")).unwrap();
+        let plain = std::fs::read(cn.join("controlnet_only.safetensors")).unwrap();
+        let union = std::fs::read(cn.join("union_only.safetensors")).unwrap();
+        let unet = SafeTensors::deserialize(&unet).unwrap();
+        let mut views: std::collections::BTreeMap<String, TensorView> = names["full"]["from_unet_a"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| (n.as_str().unwrap().to_string(), unet.tensor(n.as_str().unwrap()).unwrap()))
+            .collect();
+        let (plain, union) = (SafeTensors::deserialize(&plain).unwrap(), SafeTensors::deserialize(&union).unwrap());
+        views.extend(plain.tensors());
+        views.extend(union.tensors());
+        let folder = dir.join("union");
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::copy(cn.join("config.union.json"), folder.join("config.json")).unwrap();
+        serialize_to_file(views, None, &folder.join("diffusion_pytorch_model.safetensors")).unwrap();
+        ControlNetUnion::new(&open_controlnet(&folder).unwrap(), Place::Host(DType::F32)).unwrap()
+    }
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut out = vec![0f32; n];
+        NoiseStream::new(seed, 0).fill_normal(0, &mut out);
+        out
+    }
+
+    #[test]
+    fn a_union_window_is_its_rows_run_one_at_a_time() {
+        // A 4-frame window of a CFG batch with two conditions: OpenPose on frames 0 (strength 1)
+        // and 2 (strength 0.5), Depth on frames 1 and 2 (one image, shared), frame 3 none. Every
+        // row of the window's one forward must equal a direct ControlNetUnion::forward on that
+        // row alone with both conditions, the missing one a zero image at scale 0; frame 3's rows
+        // zero; in guess mode the unconditional half zero too.
+        let dir = std::env::temp_dir().join(format!("celframe-union-window-{}", std::process::id()));
+        let net = union_fixture(&dir);
+        let (frames, videos, hint_factor) = (4, 2, net.config().hint_factor());
+        let g = Geometry { frames, width: 4 * hint_factor, height: 4 * hint_factor, h: 4, w: 4, c: 4 };
+        // config.union.json: cross_attention_dim 32, text_embeds 1568 - 6 x 256 = 32 wide.
+        let (tokens, width, pooled) = (3, 32, 32);
+        let side = g.height * g.width * 3;
+        let image = |seed| Arc::new(values(side, seed).iter().map(|v| (v * 0.3 + 0.5).clamp(0.0, 1.0)).collect());
+        let (pose_a, pose_b, depth): (HintImage, HintImage, HintImage) = (image(1), image(2), image(3));
+        let control = |hints: Vec<Option<HintImage>>, strengths: Vec<f32>, scale: f32, guess_mode: bool| ClipControl {
+            hints,
+            strengths,
+            scale: ControlScale { conditioning_scale: scale, guess_mode },
+            start: 0.0,
+            end: 1.0,
+        };
+        let types = [ControlType::OPENPOSE, ControlType::DEPTH];
+        let latents = values(frames * g.frame_len(), 4);
+        let sample: Vec<f32> = latents.repeat(videos);
+        let uncond = values(tokens * width, 5);
+        let cond: Vec<Vec<f32>> = (0..frames).map(|f| values(tokens * width, 6 + f as u64)).collect();
+        let text_embeds = values(videos * pooled, 20);
+        let ids = time_ids((g.height, g.width), (0, 0), (g.height, g.width));
+        let t = |shape: &[usize], v: &[f32]| Tensor::from_f32(shape, DType::F32, v).unwrap();
+        let context_rows = |list: &[usize]| -> Result<Tensor> {
+            let mut v: Vec<f32> = list.iter().flat_map(|_| uncond.iter().copied()).collect();
+            v.extend(list.iter().flat_map(|&f| cond[f].iter().copied()));
+            Ok(t(&[videos * list.len(), tokens, width], &v))
+        };
+        let (sample_t, timestep) = (t(&[videos * frames, g.h, g.w, g.c], &sample), t(&[videos], &[500.0, 500.0]));
+        let context = context_rows(&[0, 1, 2, 3]).unwrap();
+        let (text_t, ids_t) = (t(&[videos, pooled], &text_embeds), t(&[videos, ids.len()], &ids.repeat(videos)));
+        let inputs = UnetInputs {
+            sample: &sample_t,
+            timestep: &timestep,
+            encoder_hidden_states: &context,
+            text_embeds: Some(&text_t),
+            time_ids: Some(&ids_t),
+        };
+        let step = Step { index: 0, of: 4, window: 0, windows: 1, timestep: 500.0 };
+        let target = Target { ex: Exec::Cpu, dtype: DType::F32 };
+        let window = [0, 1, 2, 3];
+        let batch = WindowBatch {
+            target,
+            g,
+            window: &window,
+            latents: &latents,
+            inputs: &inputs,
+            videos,
+            step,
+            context_rows: &context_rows,
+        };
+        let pose = vec![Some(pose_a.clone()), None, Some(pose_b.clone()), None];
+        let depths = vec![None, Some(depth.clone()), Some(depth.clone()), None];
+        for guess_mode in [false, true] {
+            let controls = [
+                control(pose.clone(), vec![1.0, 0.0, 0.5, 0.0], 0.8, guess_mode),
+                control(depths.clone(), vec![0.0, 1.0, 1.0, 0.0], 0.6, guess_mode),
+            ];
+            let r = union_residuals(&batch, 0, &net, &types, &controls, &mut InputCache::default()).unwrap().unwrap();
+            let got: Vec<Vec<f32>> = r.down.iter().chain([&r.mid]).map(|t| t.to_f32_vec().unwrap()).collect();
+            for row in 0..videos * frames {
+                let (v, k) = (row / frames, row % frames);
+                let zero = k == 3 || guess_mode && v == 0;
+                let expected: Vec<Vec<f32>> = if zero {
+                    got.iter().map(|all| vec![0.0; all.len() / (videos * frames)]).collect()
+                } else {
+                    let fl = g.frame_len();
+                    let one_sample = t(&[1, g.h, g.w, g.c], &latents[k * fl..(k + 1) * fl]);
+                    let ctx = t(&[1, tokens, width], if v == 0 { &uncond } else { &cond[k] });
+                    let te = t(&[1, pooled], &text_embeds[v * pooled..(v + 1) * pooled]);
+                    let (ts, ti) = (t(&[1], &[500.0]), t(&[1, ids.len()], &ids));
+                    let x = UnetInputs {
+                        sample: &one_sample,
+                        timestep: &ts,
+                        encoder_hidden_states: &ctx,
+                        text_embeds: Some(&te),
+                        time_ids: Some(&ti),
+                    };
+                    let images: Vec<Tensor> = controls
+                        .iter()
+                        .map(|c| match &c.hints[k] {
+                            Some(h) => t(&[1, g.height, g.width, 3], h),
+                            None => t(&[1, g.height, g.width, 3], &vec![0.0; side]),
+                        })
+                        .collect();
+                    let scales: Vec<[f32; 1]> =
+                        controls.iter().map(|c| [c.scale.conditioning_scale * c.strengths[k]]).collect();
+                    let conditions: Vec<UnionCondition> = (0..2)
+                        .map(|i| UnionCondition { control_type: types[i], image: &images[i], scale: &scales[i] })
+                        .collect();
+                    let options = UnionOptions { guess_mode, from_multi: false };
+                    let e = net.forward(&Exec::Cpu, &x, &conditions, options).unwrap();
+                    e.down.iter().chain([&e.mid]).map(|t| t.to_f32_vec().unwrap()).collect()
+                };
+                for (n, (all, want)) in got.iter().zip(&expected).enumerate() {
+                    let part = &all[row * want.len()..(row + 1) * want.len()];
+                    let err = part.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt();
+                    let norm = want.iter().map(|b| b * b).sum::<f32>().sqrt();
+                    assert!(
+                        err <= 1e-5 * norm.max(1e-3),
+                        "guess_mode {guess_mode}, row {row}, residual {n}: {err} of {norm}"
+                    );
+                    assert!(zero || norm > 0.0, "row {row} residual {n} is zero");
+                }
+            }
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -196,6 +196,7 @@ fn entry(kind: &str, images: &Path) -> ControlNetEntry {
         hands: true,
         face: true,
         video_timing: "time".into(),
+        conditions: Vec::new(),
     }
 }
 

@@ -634,3 +634,89 @@ fn the_tiny_example_parses() {
     assert_eq!(c.models.unet.as_deref(), Some(fixtures.join("pipeline_tiny/unet").as_path()));
     assert!(c.controlnets[0].is_builtin_pose());
 }
+
+const UNION_TOML: &str = r#"
+[[controlnets]]
+path = "models/openpose"
+end = 0.8
+
+[[controlnets.conditions]]
+kind = "openpose"
+images = "builtin:pose"
+
+[[controlnets.conditions]]
+kind = "depth"
+images = "control/pose"
+scale = 0.6
+interpolation = "keyframes"
+"#;
+
+#[test]
+fn a_union_entry_takes_conditions_validated_whole() {
+    let dir = full_setup("union");
+    let path = dir.join("union.toml");
+    fs::write(&path, format!("{FULL_TOML}{UNION_TOML}")).unwrap();
+    let valid = RenderConfig::load(&path).unwrap();
+    valid.validate().unwrap();
+    let union = &valid.controlnets[1];
+    assert!(union.is_union() && union.kind.is_empty());
+    assert_eq!(union.conditions[1].images, dir.join("control/pose"));
+    let hints = union.hint_entries();
+    assert_eq!(hints.iter().map(|h| h.kind.as_str()).collect::<Vec<_>>(), ["openpose", "depth"]);
+    assert!(hints.iter().all(|h| h.path == union.path && h.end == 0.8));
+    assert_eq!((hints[1].scale, hints[1].interpolation.as_str()), (0.6, "keyframes"));
+    // The resolved config shows the conditions with their keyframes, and no entry-level kind.
+    let json = valid.resolved_json();
+    let entry = &json["controlnets"][1];
+    assert!(entry.get("kind").is_none() && entry.get("images").is_none(), "{entry}");
+    assert_eq!(entry["conditions"][1]["keyframes"], serde_json::json!([0.0, 0.25, 0.5, 0.75, 1.0]));
+    assert_eq!(entry["conditions"][0]["kind"], "openpose");
+
+    type Edit = fn(&mut RenderConfig);
+    let cases: Vec<(Edit, &str)> = vec![
+        (
+            |c| c.controlnets[1].kind = "depth".into(),
+            "controlnets[1].kind: a ControlNet Union entry takes kind on each",
+        ),
+        (|c| c.controlnets[1].scale = 0.5, "controlnets[1].scale: a ControlNet Union entry takes scale"),
+        (|c| c.controlnets[1].keyframes = Some(vec![0.0]), "controlnets[1].keyframes: a ControlNet Union"),
+        (|c| c.controlnets[1].conditions[1].kind = "other".into(), "controlnets[1].conditions[1].kind: 'other' is not"),
+        (|c| c.controlnets[1].conditions[1].kind = "hed".into(), ""), // a Union type, images as drawn
+        (|c| c.controlnets[1].conditions[1].images = "nowhere".into(), "controlnets[1].conditions[1].images: nowhere"),
+        (|c| c.controlnets[1].conditions[1].scale = f32::NAN, "controlnets[1].conditions[1].scale: NaN"),
+        (
+            |c| c.controlnets[1].conditions[1].keyframes = Some(vec![0.0, 1.0]),
+            "controlnets[1].conditions[1].keyframes: 2 positions for 5 image(s)",
+        ),
+        (|c| c.controlnets[1].conditions[1].kind = "canny".into(), ""),
+        (
+            |c| {
+                let one = c.controlnets[1].conditions[0].clone();
+                c.controlnets[1].conditions = vec![one; 9];
+            },
+            "controlnets[1].conditions: 9 conditions; a Union takes at most 8",
+        ),
+        (|c| c.controlnets[1].end = 1.5, "controlnets[1]: start 0 and end 1.5"),
+        (
+            |c| {
+                c.controlnets[0].conditions.clear();
+                c.controlnets[0].kind.clear();
+            },
+            "controlnets[0].kind: missing (a ControlNet Union entry lists [[controlnets.conditions]] instead)",
+        ),
+    ];
+    for (edit, expected) in &cases {
+        let mut config = valid.clone();
+        edit(&mut config);
+        if expected.is_empty() {
+            config.validate().unwrap();
+            continue;
+        }
+        let m = input_message(config.validate());
+        assert!(m.contains(expected), "'{expected}' in:\n{m}");
+        assert!(m.starts_with("1 problem in the render config"), "one problem expected:\n{m}");
+    }
+    // Unknown keys inside a condition are errors naming the key.
+    fs::write(&path, format!("{FULL_TOML}{UNION_TOML}strength = 2\n")).unwrap();
+    assert!(input_message(RenderConfig::load(&path)).contains("strength"));
+}

@@ -20,7 +20,11 @@
                                LCM (1.0) merged, f16 on CUDA, PNG frames + mp4;
                keyframes.json  the same with the seed's keyframe control: five poses and five depth
                                hints at 0, 0.25, 0.5, 0.75, 1 of the clip, interpolation "keyframes"
-                               (the nets run on those frames only).
+                               (the nets run on those frames only);
+               union.json      W1 with OpenPose + Depth as two conditions of one full-size
+                               ControlNet Union (WORK/sdxl_controlnet_union, random weights, as
+                               tools/controlnet_gpu.py --union writes it): one Union forward per
+                               window instead of two ControlNets (full size only).
   celframe   Runs `CELFRAME render CONFIG` (output.replace on, so a second run renders again),
              times the whole command, echoes its lines and prints a RENDER line.
   diffusers  The peer: diffusers fp16 eager on CUDA with the same weights, LoRAs and W1 settings.
@@ -101,6 +105,7 @@ class Setup:
             self.text_encoders = [os.path.join(args.text_work, n) for n in ("text_encoder", "text_encoder_2")]
             self.tokenizers = [os.path.join(self.dir, n) for n in ("tokenizer", "tokenizer_2")]
             self.controlnets = [os.path.join(args.work, n) for n in ("sdxl_controlnet", "sdxl_controlnet_depth")]
+            self.union = os.path.join(args.work, "sdxl_controlnet_union")
             self.loras = [(os.path.join(args.work, f"{stem}.safetensors"), w, role) for stem, w, role in LORAS]
             self.width, self.height, self.frames = 1024, 576, 16
             self.device, self.dtype, self.dtype_name = "cuda", torch.float16, "f16"
@@ -132,6 +137,7 @@ def make_full_weights(s, args):
     vae_gpu.make_weights(s.vae)
     controlnet_gpu.make_weights(s.controlnets[0])
     controlnet_gpu.make_weights(s.controlnets[1], seed=5)
+    controlnet_gpu.make_weights(s.union, seed=11, union=True)
     if not all(os.path.exists(path) for path, _, _ in s.loras):
         from safetensors.torch import load_file
 
@@ -192,6 +198,14 @@ def depth_hint(width, height, position):
     return Image.fromarray(np.repeat(gray[..., None], 3, axis=2))
 
 
+def union_config(s):
+    """W1 with its two nets' hints as two conditions of one ControlNet Union."""
+    config = render_config(s, "union", False)
+    conditions = [{k: v for k, v in c.items() if k != "path"} for c in config["controlnets"]]
+    config["controlnets"] = [{"path": s.union, "conditions": conditions}]
+    return config
+
+
 def render_config(s, name, keyframes):
     controlnets = [
         {"path": s.controlnets[0], "kind": "openpose", "scale": 1.0, "images": "builtin:pose"},
@@ -237,6 +251,11 @@ def prepare(s, args):
         with open(path, "w") as f:
             json.dump(render_config(s, name, keyframes), f, indent=1)
         print(f"wrote {path}", flush=True)
+    if not s.tiny:  # the tiny fixtures hold no Union that fits the tiny UNet
+        path = os.path.join(s.dir, "union.json")
+        with open(path, "w") as f:
+            json.dump(union_config(s), f, indent=1)
+        print(f"wrote {path}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +295,7 @@ def run_celframe(s, args):
         lines.append(line.strip())
     code = proc.wait()
     total = time.perf_counter() - t0
-    workload = {"w1": "W1", "keyframes": "W1 keyframes"}[args.workload]
+    workload = {"w1": "W1", "keyframes": "W1 keyframes", "union": "W1 union"}[args.workload]
     record = {"side": "celframe", "workload": workload, "run": args.run, "exit": code,
               "total_s": round(total, 3), **parse_summary(lines)}
     print("RENDER " + json.dumps(record), flush=True)
@@ -452,7 +471,7 @@ def main():
     p.add_argument("--vae-work", help="the VAE's folder (tools/vae_gpu.sh's WORK)")
     p.add_argument("--tiny", action="store_true", help="the tiny fixture models on the CPU (no GPU needed)")
     p.add_argument("--celframe", default="dist/gpu/celframe", help="the celframe binary (step celframe)")
-    p.add_argument("--workload", choices=["w1", "keyframes"], default="w1", help="step celframe: which config")
+    p.add_argument("--workload", choices=["w1", "keyframes", "union"], default="w1", help="step celframe: which config")
     p.add_argument("--run", type=int, default=1, help="step celframe: the run's number in the RENDER line")
     args = p.parse_args()
     if not args.tiny and not (args.text_work and args.vae_work):

@@ -20,7 +20,8 @@ pub struct ControlArgs {
     pub out: Option<PathBuf>,
 }
 
-/// Writes `OUT/clip_NNN/controlnet_K_KIND/frame_NNNNNN.png` for every frame that has a hint of its
+/// Writes `OUT/clip_NNN/controlnet_K_KIND/frame_NNNNNN.png` (a Union entry's condition J:
+/// `controlnet_K_cJ_KIND`) for every frame that has a hint of its
 /// own (the keyframes; every frame of a video or of interpolated poses) in every clip.
 pub fn run(args: &ControlArgs) -> Result<()> {
     let config = RenderConfig::load(&args.config)?;
@@ -35,9 +36,20 @@ pub fn run(args: &ControlArgs) -> Result<()> {
     let (width, height) = (config.video.width as u32, config.video.height as u32);
     for clip in 0..config.clips.len() {
         let frames = config.clip_frames(clip);
-        for (n, entry) in config.controlnets.iter().enumerate() {
-            let (keyframes, images) = control_hints(entry, frames, config.video.fps, width, height)?;
-            let dir = out.join(format!("clip_{:03}", clip + 1)).join(format!("controlnet_{}_{}", n + 1, entry.kind));
+        // A Union entry's conditions each get their folder: controlnet_K_cJ_KIND.
+        let hints = config.controlnets.iter().enumerate().flat_map(|(n, entry)| {
+            let union = entry.is_union();
+            entry.hint_entries().into_iter().enumerate().map(move |(j, hint)| {
+                let name = match union {
+                    true => format!("controlnet_{}_c{}_{}", n + 1, j + 1, hint.kind),
+                    false => format!("controlnet_{}_{}", n + 1, hint.kind),
+                };
+                (name, hint)
+            })
+        });
+        for (name, entry) in hints {
+            let (keyframes, images) = control_hints(&entry, frames, config.video.fps, width, height)?;
+            let dir = out.join(format!("clip_{:03}", clip + 1)).join(name);
             std::fs::create_dir_all(&dir)
                 .map_err(|e| Error::Io { context: format!("creating {}", dir.display()), source: e })?;
             for (k, image) in keyframes.iter().zip(&images) {

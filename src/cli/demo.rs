@@ -131,6 +131,7 @@ fn demo_config(models: &Path, size: ModelSize, device: Device, args: &DemoArgs) 
             hands: true,
             face: true,
             video_timing: "time".into(),
+            conditions: Vec::new(),
         }],
         sampler: Default::default(),
         video: Default::default(),

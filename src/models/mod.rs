@@ -19,7 +19,7 @@ pub mod weights;
 
 pub use controlnet::{
     ControlNet, ControlNetCheckpoint, ControlNetConfig, ControlNetFormat, ControlNetUnion, ControlScale, ControlType,
-    UnionCondition, UnionConfig, UnionOptions, open_controlnet,
+    UnionCondition, UnionConfig, UnionEmbedded, UnionOptions, open_controlnet,
 };
 pub use fields::Limits;
 pub use motion::{MotionCheckpoint, MotionConfig, MotionFormat, MotionModules, open_motion};

@@ -19,6 +19,7 @@ use crate::DType;
 use crate::control::video::{VIDEO_EXTENSIONS, VideoTiming, is_video};
 use crate::error::{Error, Result};
 use crate::io;
+use crate::models::ControlType;
 use crate::models::lora::LoraSpec;
 use crate::models::lora::roles::{self, Role};
 use crate::output::Mp4Choice;
@@ -39,6 +40,8 @@ pub const DEFAULT_FRAMES: usize = 16;
 /// The ControlNet `images` value that asks for the built-in pose sequence.
 pub const BUILTIN_POSE: &str = "builtin:pose";
 pub const CONTROLNET_KINDS: [&str; 6] = ["openpose", "depth", "canny", "lineart", "softedge", "other"];
+/// Most conditions of one Union entry: ProMax's control types.
+pub const MAX_UNION_CONDITIONS: usize = 8;
 /// How control images between keyframes are made: the previous keyframe's image held, a linear
 /// blend of the two around it, or control on the keyframe frames only (the motion module fills in).
 pub const INTERPOLATIONS: [&str; 3] = ["hold", "linear", "keyframes"];
@@ -126,12 +129,14 @@ pub struct LoraEntry {
     pub role: Option<String>,
 }
 
-/// A ControlNet, its control images and when it acts.
+/// A ControlNet, its control images and when it acts. A ControlNet Union / ProMax checkpoint
+/// takes `conditions` instead of the entry's own kind and images: one forward serves them all.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlNetEntry {
     pub path: PathBuf,
-    /// openpose, depth, canny, lineart, softedge or other.
+    /// openpose, depth, canny, lineart, softedge or other (empty for a Union entry).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub kind: String,
     /// The residuals' scale (default 1.0).
     #[serde(default = "one_f32")]
@@ -153,7 +158,9 @@ pub struct ControlNetEntry {
     /// trained (controlnet_aux's colours and limbs). By kind: canny takes ordinary pictures or
     /// video and computes their Canny edges (OpenCV's thresholds 100/200); depth takes depth maps
     /// (8- or 16-bit grey PNGs or a grey video, near = bright, scaled to one range over the clip);
-    /// the others are used as drawn (skeletons, line art, soft edges made elsewhere).
+    /// the others are used as drawn (skeletons, line art, soft edges made elsewhere). Empty for a
+    /// Union entry.
+    #[serde(default, skip_serializing_if = "is_empty_path")]
     pub images: PathBuf,
     /// Where the images sit in the clip, as fractions of it (0 first frame, 1 last), increasing.
     /// Default: spread evenly, image i of n at i / (n - 1): five images give 0, 0.25, 0.5, 0.75, 1
@@ -175,6 +182,37 @@ pub struct ControlNetEntry {
     pub face: bool,
     /// A video's frames: time (default: clip frame i is the video frame at i / fps seconds, so
     /// motion keeps its speed) or frames (the video's frames in order, one per clip frame).
+    #[serde(default = "default_video_timing")]
+    pub video_timing: String,
+    /// A ControlNet Union's conditions (at most `MAX_UNION_CONDITIONS`), each with its own control
+    /// type (`kind`), images, scale and keyframes; the entry's start, end and guess mode apply to
+    /// all. The entry then gives none of the per-image settings itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<ControlCondition>,
+}
+
+/// One condition of a ControlNet Union entry: the fields of a plain entry that describe its
+/// images (`ControlNetEntry` documents each), `kind` naming the Union's control type.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlCondition {
+    /// A Union control type (`models::ControlType::NAMES`): openpose, depth, canny, lineart,
+    /// softedge, hed, scribble, normal, segment, tile, ...; depth, canny and openpose read their
+    /// inputs as a plain entry of that kind does, the others take images as drawn.
+    pub kind: String,
+    pub images: PathBuf,
+    /// This condition's conditioning scale (default 1.0).
+    #[serde(default = "one_f32")]
+    pub scale: f32,
+    pub keyframes: Option<Vec<f32>>,
+    #[serde(default = "default_interpolation")]
+    pub interpolation: String,
+    #[serde(default = "default_pose_interpolation")]
+    pub pose_interpolation: String,
+    #[serde(default = "yes")]
+    pub hands: bool,
+    #[serde(default = "yes")]
+    pub face: bool,
     #[serde(default = "default_video_timing")]
     pub video_timing: String,
 }
@@ -301,6 +339,9 @@ fn default_video_timing() -> String {
 }
 fn yes() -> bool {
     true
+}
+fn is_empty_path(p: &Path) -> bool {
+    p.as_os_str().is_empty()
 }
 
 impl Default for SamplerSettings {
@@ -606,6 +647,39 @@ pub fn is_json(path: &Path) -> bool {
 }
 
 impl ControlNetEntry {
+    /// Whether the entry is a ControlNet Union's (it lists conditions).
+    pub fn is_union(&self) -> bool {
+        !self.conditions.is_empty()
+    }
+
+    /// The entry's hint inputs as plain entries, one per condition of a Union entry (with the
+    /// entry's path, start, end and guess mode), else the entry itself: what `control_hints`
+    /// takes.
+    pub fn hint_entries(&self) -> Vec<ControlNetEntry> {
+        if !self.is_union() {
+            return vec![self.clone()];
+        }
+        self.conditions
+            .iter()
+            .map(|c| ControlNetEntry {
+                path: self.path.clone(),
+                kind: c.kind.clone(),
+                scale: c.scale,
+                start: self.start,
+                end: self.end,
+                guess_mode: self.guess_mode,
+                images: c.images.clone(),
+                keyframes: c.keyframes.clone(),
+                interpolation: c.interpolation.clone(),
+                pose_interpolation: c.pose_interpolation.clone(),
+                hands: c.hands,
+                face: c.face,
+                video_timing: c.video_timing.clone(),
+                conditions: Vec::new(),
+            })
+            .collect()
+    }
+
     /// Whether the images are the built-in pose sequence.
     pub fn is_builtin_pose(&self) -> bool {
         self.images.as_os_str() == BUILTIN_POSE
@@ -670,7 +744,73 @@ impl ControlNetEntry {
 
     fn problems(&self, field: &str, problems: &mut Vec<String>) {
         exists(&format!("{field}.path"), &self.path, problems);
-        if let Err(p) = choice(&format!("{field}.kind"), &self.kind, &CONTROLNET_KINDS) {
+        if !(0.0 <= self.start && self.start < self.end && self.end <= 1.0) {
+            problems.push(format!(
+                "{field}: start {} and end {} must satisfy 0 <= start < end <= 1 (fractions of the sampling steps)",
+                self.start, self.end
+            ));
+        }
+        if !self.is_union() {
+            for (key, missing) in [("kind", self.kind.is_empty()), ("images", is_empty_path(&self.images))] {
+                if missing {
+                    problems.push(format!(
+                        "{field}.{key}: missing (a ControlNet Union entry lists [[controlnets.conditions]] instead)"
+                    ));
+                }
+            }
+            if !self.kind.is_empty() && !is_empty_path(&self.images) {
+                self.hint_problems(field, &CONTROLNET_KINDS, problems);
+            }
+            return;
+        }
+        // A Union entry's per-image settings live on its conditions: one set on the entry would be
+        // ignored, so it is refused.
+        let defaults = ControlCondition {
+            kind: String::new(),
+            images: PathBuf::new(),
+            scale: one_f32(),
+            keyframes: None,
+            interpolation: default_interpolation(),
+            pose_interpolation: default_pose_interpolation(),
+            hands: yes(),
+            face: yes(),
+            video_timing: default_video_timing(),
+        };
+        for (key, set) in [
+            ("kind", !self.kind.is_empty()),
+            ("images", !is_empty_path(&self.images)),
+            ("scale", self.scale != defaults.scale),
+            ("keyframes", self.keyframes.is_some()),
+            ("interpolation", self.interpolation != defaults.interpolation),
+            ("pose_interpolation", self.pose_interpolation != defaults.pose_interpolation),
+            ("hands", self.hands != defaults.hands),
+            ("face", self.face != defaults.face),
+            ("video_timing", self.video_timing != defaults.video_timing),
+        ] {
+            if set {
+                problems.push(format!(
+                    "{field}.{key}: a ControlNet Union entry takes {key} on each of its conditions \
+                     ([[controlnets.conditions]]), not on the entry"
+                ));
+            }
+        }
+        if self.conditions.len() > MAX_UNION_CONDITIONS {
+            problems.push(format!(
+                "{field}.conditions: {} conditions; a Union takes at most {MAX_UNION_CONDITIONS} (ProMax's control \
+                 types)",
+                self.conditions.len()
+            ));
+        }
+        let union_kinds: Vec<&str> = ControlType::NAMES.iter().map(|(n, _)| *n).collect();
+        for (j, condition) in self.hint_entries().iter().enumerate() {
+            condition.hint_problems(&format!("{field}.conditions[{j}]"), &union_kinds, problems);
+        }
+    }
+
+    /// The problems of the settings that describe the images (a plain entry's or a Union
+    /// condition's), `kinds` the accepted kinds.
+    fn hint_problems(&self, field: &str, kinds: &[&str], problems: &mut Vec<String>) {
+        if let Err(p) = choice(&format!("{field}.kind"), &self.kind, kinds) {
             problems.push(p);
         }
         if let Err(p) = choice(&format!("{field}.interpolation"), &self.interpolation, &INTERPOLATIONS) {
@@ -691,12 +831,6 @@ impl ControlNetEntry {
         }
         if !self.scale.is_finite() {
             problems.push(format!("{field}.scale: {} is not a finite number", self.scale));
-        }
-        if !(0.0 <= self.start && self.start < self.end && self.end <= 1.0) {
-            problems.push(format!(
-                "{field}: start {} and end {} must satisfy 0 <= start < end <= 1 (fractions of the sampling steps)",
-                self.start, self.end
-            ));
         }
         let images = format!("{field}.images");
         if self.is_builtin_pose() {
@@ -810,8 +944,13 @@ impl RenderConfig {
         self.loras.iter_mut().for_each(|l| rebase(&mut l.path));
         for controlnet in &mut self.controlnets {
             rebase(&mut controlnet.path);
-            if !controlnet.is_builtin_pose() {
+            if !controlnet.is_builtin_pose() && !is_empty_path(&controlnet.images) {
                 rebase(&mut controlnet.images);
+            }
+            for condition in &mut controlnet.conditions {
+                if condition.images.as_os_str() != BUILTIN_POSE {
+                    rebase(&mut condition.images);
+                }
             }
         }
         rebase(&mut self.output.root);
@@ -1132,7 +1271,14 @@ impl RenderConfig {
             lora.text_encoder_weight = Some(lora.text_encoder_weight.unwrap_or(lora.weight));
         }
         for controlnet in &mut resolved.controlnets {
-            if let Ok(count) = controlnet.image_count() {
+            if controlnet.is_union() {
+                let hints = controlnet.hint_entries();
+                for (condition, hint) in controlnet.conditions.iter_mut().zip(hints) {
+                    if let Ok(count) = hint.image_count() {
+                        condition.keyframes = Some(hint.keyframe_positions(count));
+                    }
+                }
+            } else if let Ok(count) = controlnet.image_count() {
                 controlnet.keyframes = Some(controlnet.keyframe_positions(count));
             }
         }

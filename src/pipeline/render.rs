@@ -33,7 +33,10 @@ use crate::gpu::profile::format_rows;
 use crate::gpu::{Arena, Gpu, nvtx};
 use crate::models::clip::conditioning::{Conditioning, SdxlTextEncoders, time_ids};
 use crate::models::clip::{ClipCheckpoint, ClipTextModel, TextEncoderKind, open_text_encoder};
-use crate::models::controlnet::{ControlNet, ControlNetCheckpoint, ControlScale, open_controlnet};
+use crate::models::controlnet::{
+    ControlNet, ControlNetCheckpoint, ControlNetUnion, ControlScale, ControlType, UnionEmbedded, UnionOptions,
+    open_controlnet,
+};
 use crate::models::layout::video_to_rows;
 use crate::models::lora::{self, Component as LoraComponent, Loras, Targets};
 use crate::models::vae::{DecodeOptions, Vae, VaeCheckpoint, open_vae};
@@ -110,6 +113,8 @@ struct Checkpoints {
     clip_l: ClipCheckpoint,
     clip_g: ClipCheckpoint,
     controlnets: Vec<ControlNetCheckpoint>,
+    /// Per ControlNet entry: its conditions' control types when the checkpoint is a Union.
+    union_types: Vec<Option<Vec<ControlType>>>,
     loras: Option<Loras>,
     tokenizer: Tokenizer,
 }
@@ -126,6 +131,13 @@ impl Checkpoints {
         let clip_l = open_text_encoder(&models.component(Component::TextEncoder)?, TextEncoderKind::ClipL)?;
         let clip_g = open_text_encoder(&models.component(Component::TextEncoder2)?, TextEncoderKind::ClipG)?;
         let controlnets = config.controlnets.iter().map(|c| open_controlnet(&c.path)).collect::<Result<Vec<_>>>()?;
+        let union_types = config
+            .controlnets
+            .iter()
+            .zip(&controlnets)
+            .enumerate()
+            .map(|(i, (entry, checkpoint))| union_types(&format!("controlnets[{i}]"), entry, checkpoint))
+            .collect::<Result<Vec<_>>>()?;
         let specs = config.lora_specs()?;
         let loras = if specs.is_empty() {
             None
@@ -143,7 +155,7 @@ impl Checkpoints {
             Some(dir) => Tokenizer::from_dir(&dir)?,
             None => Tokenizer::clip()?,
         };
-        Ok(Checkpoints { unet, motion, vae, clip_l, clip_g, controlnets, loras, tokenizer })
+        Ok(Checkpoints { unet, motion, vae, clip_l, clip_g, controlnets, union_types, loras, tokenizer })
     }
 
     fn merge(&self, component: LoraComponent) -> Option<&lora::LoraMerge> {
@@ -162,13 +174,58 @@ impl Checkpoints {
     }
 }
 
+/// A Union checkpoint's control types for `entry`'s conditions (a plain-form entry is one
+/// condition of its kind), checked against the model; None for a plain ControlNet, which takes
+/// no conditions.
+fn union_types(
+    field: &str,
+    entry: &ControlNetEntry,
+    checkpoint: &ControlNetCheckpoint,
+) -> Result<Option<Vec<ControlType>>> {
+    let Some(union) = &checkpoint.config.union else {
+        if entry.is_union() {
+            return Err(Error::Input(format!(
+                "{field}.conditions: {} is a plain ControlNet; conditions are for a ControlNet Union / ProMax \
+                 checkpoint (give the entry's kind and images instead)",
+                entry.path.display()
+            )));
+        }
+        return Ok(None);
+    };
+    let mut types = Vec::new();
+    for (j, hint) in entry.hint_entries().iter().enumerate() {
+        let at = if entry.is_union() { format!("{field}.conditions[{j}].kind") } else { format!("{field}.kind") };
+        let t = ControlType::parse(&hint.kind)
+            .map_err(|e| Error::Input(format!("{at}: {} is a Union: {e}", entry.path.display())))?;
+        if t.0 >= union.control_types {
+            return Err(Error::Input(format!(
+                "{at}: {} ({}) is control type {}; {} has {} types{}",
+                hint.kind,
+                t.name(),
+                t.0,
+                entry.path.display(),
+                union.control_types,
+                if union.control_types == 6 { " (tile and repaint need the ProMax model)" } else { "" }
+            )));
+        }
+        types.push(t);
+    }
+    Ok(Some(types))
+}
+
+/// A prepared ControlNet: plain, or a Union with its entry's control types (one per condition).
+enum Net {
+    Plain(ControlNet),
+    Union { net: ControlNetUnion, types: Vec<ControlType> },
+}
+
 /// The models prepared for one place.
 struct Models {
     text: SdxlTextEncoders,
     unet: Unet,
     motion: Option<MotionModules>,
     vae: Vae,
-    controlnets: Vec<ControlNet>,
+    controlnets: Vec<Net>,
 }
 
 impl Models {
@@ -185,10 +242,18 @@ impl Models {
         let controlnets = c
             .controlnets
             .iter()
-            .map(|ck| {
-                let net = ControlNet::new(ck, place)?;
-                net.check_unet(&unet.config)?;
-                Ok(net)
+            .zip(&c.union_types)
+            .map(|(ck, types)| match types {
+                None => {
+                    let net = ControlNet::new(ck, place)?;
+                    net.check_unet(&unet.config)?;
+                    Ok(Net::Plain(net))
+                }
+                Some(types) => {
+                    let net = ControlNetUnion::new(ck, place)?;
+                    net.check_unet(&unet.config)?;
+                    Ok(Net::Union { net, types: types.clone() })
+                }
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Models { text, unet, motion, vae, controlnets })
@@ -485,7 +550,7 @@ impl ClipConditioning {
 /// A prepared hint image: f32 [H, W, 3] in [0, 1], shared by the frames that show it.
 type HintImage = Arc<Vec<f32>>;
 
-/// One ControlNet's per-frame hints and strengths for a clip.
+/// One ControlNet's (or one Union condition's) per-frame hints and strengths for a clip.
 struct ClipControl {
     hints: Vec<Option<HintImage>>,
     strengths: Vec<f32>,
@@ -612,19 +677,31 @@ impl ClipControl {
     /// The distinct hint images of the clip frames `list` (told apart by identity: frames holding
     /// one keyframe share its prepared image), and for each frame the index of its image there.
     fn distinct_hints(&self, list: &[usize]) -> Result<(Vec<&HintImage>, Vec<usize>)> {
-        let mut distinct: Vec<&HintImage> = Vec::new();
+        let (distinct, pick) = self.distinct_hints_or_none(list);
+        let distinct = distinct.into_iter().collect::<Option<Vec<_>>>().ok_or_else(|| {
+            Error::Internal(format!("a ControlNet runs on frames {list:?} of which some have no hint image"))
+        })?;
+        Ok((distinct, pick))
+    }
+
+    /// `distinct_hints` where a frame without a hint counts as one more image, None.
+    fn distinct_hints_or_none(&self, list: &[usize]) -> (Vec<Option<&HintImage>>, Vec<usize>) {
+        let mut distinct: Vec<Option<&HintImage>> = Vec::new();
         let mut pick = Vec::with_capacity(list.len());
         for &f in list {
-            let hint = self.hints[f]
-                .as_ref()
-                .ok_or_else(|| Error::Internal(format!("ControlNet frame {f} runs without a hint image")))?;
-            let i = distinct.iter().position(|d| Arc::ptr_eq(d, hint)).unwrap_or_else(|| {
+            let hint = self.hints[f].as_ref();
+            let same = |d: &Option<&HintImage>| match (d, hint) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            let i = distinct.iter().position(same).unwrap_or_else(|| {
                 distinct.push(hint);
                 distinct.len() - 1
             });
             pick.push(i);
         }
-        Ok((distinct, pick))
+        (distinct, pick)
     }
 
     /// diffusers' `controlnet_keep`: the net runs at evaluation i of n unless i/n < start or
@@ -750,8 +827,12 @@ fn render_clip(
     drop(text_range);
     times.text = t0.elapsed().as_secs_f64();
 
-    let controls =
-        config.controlnets.iter().map(|e| ClipControl::build(e, g, video.fps)).collect::<Result<Vec<_>>>()?;
+    // Per entry, one control per condition (a plain entry is one).
+    let controls = config
+        .controlnets
+        .iter()
+        .map(|e| e.hint_entries().iter().map(|h| ClipControl::build(h, g, video.fps)).collect::<Result<Vec<_>>>())
+        .collect::<Result<Vec<_>>>()?;
     let seed = config.clip_seed(index);
     let noise = match noise_file {
         Some(file) => ClipNoise::File { file, pass: 0 },
@@ -821,7 +902,7 @@ struct ClipRun<'a> {
     models: &'a Models,
     target: Target<'a>,
     cond: &'a ClipConditioning,
-    controls: &'a [ClipControl],
+    controls: &'a [Vec<ClipControl>],
     context: &'a ContextOptions,
     noise: &'a ClipNoise<'a>,
     number: usize,
@@ -1023,6 +1104,9 @@ enum CacheKey {
     Context(Vec<usize>),
     /// ControlNet `n`'s embedded distinct hint images of these frames (`distinct_hints`).
     Hints(usize, Vec<usize>),
+    /// Union `n`'s condition `j`'s embedded distinct hint images of these frames, a zero image
+    /// for frames without one (`distinct_hints_or_none`).
+    ConditionHints(usize, usize, Vec<usize>),
 }
 
 const CACHED_WINDOWS: usize = 24;
@@ -1099,66 +1183,14 @@ fn denoise_window(
         time_ids: Some(&time_ids),
     };
 
+    let batch = WindowBatch { target, g, window, latents, inputs: &inputs, videos, step, context_rows: &context_rows };
     let mut residuals: Option<UnetResiduals> = None;
-    for (n, (net, control)) in models.controlnets.iter().zip(controls).enumerate() {
-        if !control.active_at(step.index, step.of) || window.iter().all(|&f| control.strengths[f] == 0.0) {
-            continue;
-        }
-        // Only the frames with a hint run through the net; the others' rows get zero residuals.
-        let active: Vec<usize> = (0..frames).filter(|&k| control.strengths[window[k]] > 0.0).collect();
-        let list: Vec<usize> = active.iter().map(|&k| window[k]).collect();
-        let n_rows = videos * active.len();
-        // The distinct hint images of these frames (frames holding a keyframe share its image),
-        // uploaded and embedded once per segment; each row of both CFG halves picks its own.
-        let (distinct, pick) = control.distinct_hints(&list)?;
-        let embedded = cache
-            .get_or(CacheKey::Hints(n, list.clone()), || {
-                let values: Vec<f32> = distinct.iter().flat_map(|h| h.iter().copied()).collect();
-                let images = target.tensor(&[distinct.len(), g.height, g.width, 3], dtype, &values)?;
-                net.embed_hints(&ex, &images)
-            })?
-            .clone();
-        let rows_pick: Vec<usize> = (0..videos).flat_map(|_| pick.iter().copied()).collect();
-        let hint = gather_rows(&ex, &embedded, &rows_pick)?;
-        let mut r = if active.len() == frames {
-            net.forward_frames_embedded(&ex, &inputs, &hint, frames, control.scale)?
-        } else {
-            let fl = g.frame_len();
-            let mut sub = Vec::with_capacity(n_rows * fl);
-            for _ in 0..videos {
-                for &k in &active {
-                    sub.extend_from_slice(&latents[k * fl..(k + 1) * fl]);
-                }
-            }
-            let sub_sample = target.tensor(&[n_rows, g.h, g.w, g.c], dtype, &sub)?;
-            let sub_context = cache.get_or(CacheKey::Context(list.clone()), || context_rows(&list))?.clone();
-            let sub_inputs = UnetInputs { sample: &sub_sample, encoder_hidden_states: &sub_context, ..inputs };
-            let r = net.forward_frames_embedded(&ex, &sub_inputs, &hint, active.len(), control.scale)?;
-            let to: Vec<usize> = (0..videos).flat_map(|v| active.iter().map(move |&k| v * frames + k)).collect();
-            UnetResiduals {
-                down: r.down.iter().map(|t| scatter_rows(&ex, t, &to, rows)).collect::<Result<_>>()?,
-                mid: scatter_rows(&ex, &r.mid, &to, rows)?,
-            }
+    for (n, (net, controls)) in models.controlnets.iter().zip(controls).enumerate() {
+        let r = match net {
+            Net::Plain(net) => plain_residuals(&batch, n, net, &controls[0], cache)?,
+            Net::Union { net, types } => union_residuals(&batch, n, net, types, controls, cache)?,
         };
-        // Per-row strength: the keyframe schedule's, and zero for the unconditional half in guess
-        // mode (diffusers runs a guess-mode ControlNet on the conditional half only).
-        let strengths: Vec<f32> = (0..videos)
-            .flat_map(|v| {
-                let zero = control.scale.guess_mode && cfg && v == 0;
-                window.iter().map(move |&f| if zero { 0.0 } else { control.strengths[f] })
-            })
-            .collect();
-        if strengths.iter().any(|&s| s != 1.0) {
-            let scale_rows = |t: Tensor| -> Result<Tensor> {
-                let c = *t.shape().last().unwrap_or(&1);
-                let b: Vec<f32> = strengths.iter().flat_map(|&s| std::iter::repeat_n(s, c)).collect();
-                mul(&ex, &t, &target.tensor(&[rows, c], dtype, &b)?)
-            };
-            r = UnetResiduals {
-                down: r.down.into_iter().map(scale_rows).collect::<Result<_>>()?,
-                mid: scale_rows(r.mid)?,
-            };
-        }
+        let Some(r) = r else { continue };
         residuals = Some(match residuals {
             None => r,
             Some(sum) => UnetResiduals {
@@ -1200,9 +1232,193 @@ fn denoise_window(
     Ok(guided)
 }
 
+/// One window's model call as the ControlNets see it: the UNet's inputs for the CFG batch
+/// `[uncond frames..., cond frames...]` (`videos` 2) or the conditional frames alone.
+struct WindowBatch<'a> {
+    target: Target<'a>,
+    g: Geometry,
+    /// Clip frame indices.
+    window: &'a [usize],
+    /// The window's frame-major model inputs (one video's).
+    latents: &'a [f32],
+    inputs: &'a UnetInputs<'a>,
+    videos: usize,
+    step: Step,
+    /// The text context rows of the frames given ([uncond x n, cond of each]).
+    context_rows: &'a dyn Fn(&[usize]) -> Result<Tensor>,
+}
+
+impl WindowBatch<'_> {
+    fn rows(&self) -> usize {
+        self.videos * self.window.len()
+    }
+
+    /// `forward(inputs, frames)` on the window positions `active` only (all when every frame is),
+    /// the residuals scattered to the batch's rows with zeros for the others.
+    fn on_frames(
+        &self,
+        active: &[usize],
+        cache: &mut InputCache,
+        forward: impl FnOnce(&UnetInputs, usize) -> Result<UnetResiduals>,
+    ) -> Result<UnetResiduals> {
+        let (ex, g, frames) = (self.target.ex, self.g, self.window.len());
+        if active.len() == frames {
+            return forward(self.inputs, frames);
+        }
+        let list: Vec<usize> = active.iter().map(|&k| self.window[k]).collect();
+        let fl = g.frame_len();
+        let mut sub = Vec::with_capacity(self.videos * active.len() * fl);
+        for _ in 0..self.videos {
+            for &k in active {
+                sub.extend_from_slice(&self.latents[k * fl..(k + 1) * fl]);
+            }
+        }
+        let sub_sample = self.target.tensor(&[self.videos * active.len(), g.h, g.w, g.c], self.target.dtype, &sub)?;
+        let sub_context = cache.get_or(CacheKey::Context(list.clone()), || (self.context_rows)(&list))?.clone();
+        let sub_inputs = UnetInputs { sample: &sub_sample, encoder_hidden_states: &sub_context, ..*self.inputs };
+        let r = forward(&sub_inputs, active.len())?;
+        let to: Vec<usize> = (0..self.videos).flat_map(|v| active.iter().map(move |&k| v * frames + k)).collect();
+        let rows = self.rows();
+        Ok(UnetResiduals {
+            down: r.down.iter().map(|t| scatter_rows(&ex, t, &to, rows)).collect::<Result<_>>()?,
+            mid: scatter_rows(&ex, &r.mid, &to, rows)?,
+        })
+    }
+
+    /// Every residual's row r times `factors[r]`.
+    fn scale_rows(&self, r: UnetResiduals, factors: &[f32]) -> Result<UnetResiduals> {
+        let (ex, target) = (self.target.ex, self.target);
+        let scale_rows = |t: Tensor| -> Result<Tensor> {
+            let c = *t.shape().last().unwrap_or(&1);
+            let b: Vec<f32> = factors.iter().flat_map(|&s| std::iter::repeat_n(s, c)).collect();
+            mul(&ex, &t, &target.tensor(&[factors.len(), c], target.dtype, &b)?)
+        };
+        Ok(UnetResiduals { down: r.down.into_iter().map(scale_rows).collect::<Result<_>>()?, mid: scale_rows(r.mid)? })
+    }
+}
+
+/// A plain ControlNet's residuals for the window (None when it does not act on it).
+fn plain_residuals(
+    b: &WindowBatch,
+    n: usize,
+    net: &ControlNet,
+    control: &ClipControl,
+    cache: &mut InputCache,
+) -> Result<Option<UnetResiduals>> {
+    let (ex, target, g, window, videos) = (b.target.ex, b.target, b.g, b.window, b.videos);
+    let frames = window.len();
+    if !control.active_at(b.step.index, b.step.of) || window.iter().all(|&f| control.strengths[f] == 0.0) {
+        return Ok(None);
+    }
+    // Only the frames with a hint run through the net; the others' rows get zero residuals.
+    let active: Vec<usize> = (0..frames).filter(|&k| control.strengths[window[k]] > 0.0).collect();
+    let list: Vec<usize> = active.iter().map(|&k| window[k]).collect();
+    // The distinct hint images of these frames (frames holding a keyframe share its image),
+    // uploaded and embedded once per segment; each row of both CFG halves picks its own.
+    let (distinct, pick) = control.distinct_hints(&list)?;
+    let embedded = cache
+        .get_or(CacheKey::Hints(n, list.clone()), || {
+            let values: Vec<f32> = distinct.iter().flat_map(|h| h.iter().copied()).collect();
+            let images = target.tensor(&[distinct.len(), g.height, g.width, 3], target.dtype, &values)?;
+            net.embed_hints(&ex, &images)
+        })?
+        .clone();
+    let rows_pick: Vec<usize> = (0..videos).flat_map(|_| pick.iter().copied()).collect();
+    let hint = gather_rows(&ex, &embedded, &rows_pick)?;
+    let r = b.on_frames(&active, cache, |inputs, frames| {
+        net.forward_frames_embedded(&ex, inputs, &hint, frames, control.scale)
+    })?;
+    // Per-row strength: the keyframe schedule's, and zero for the unconditional half in guess
+    // mode (diffusers runs a guess-mode ControlNet on the conditional half only).
+    let cfg = videos == 2;
+    let strengths: Vec<f32> = (0..videos)
+        .flat_map(|v| {
+            let zero = control.scale.guess_mode && cfg && v == 0;
+            window.iter().map(move |&f| if zero { 0.0 } else { control.strengths[f] })
+        })
+        .collect();
+    if strengths.iter().all(|&s| s == 1.0) {
+        return Ok(Some(r));
+    }
+    b.scale_rows(r, &strengths).map(Some)
+}
+
+/// A ControlNet Union's residuals for the window: one forward for every frame with any
+/// condition's hint (None when no frame has one or the entry does not act at this step). Each
+/// condition gives every row of the call an image: a frame without this condition's hint gets a
+/// zero image at scale 0, which removes the condition from that row while every row keeps the
+/// same type flags (`ControlNetUnion`: with several conditions the scale multiplies the
+/// condition's features and token inside the fusion). A condition's row scale is its scale times
+/// the frame's keyframe strength.
+fn union_residuals(
+    b: &WindowBatch,
+    n: usize,
+    net: &ControlNetUnion,
+    types: &[ControlType],
+    controls: &[ClipControl],
+    cache: &mut InputCache,
+) -> Result<Option<UnetResiduals>> {
+    let (ex, target, g, window, videos) = (b.target.ex, b.target, b.g, b.window, b.videos);
+    // start, end and guess mode are the entry's, the same in every condition.
+    let Some(entry) = controls.first() else { return Ok(None) };
+    if !entry.active_at(b.step.index, b.step.of) {
+        return Ok(None);
+    }
+    let active: Vec<usize> =
+        (0..window.len()).filter(|&k| controls.iter().any(|c| c.strengths[window[k]] > 0.0)).collect();
+    if active.is_empty() {
+        return Ok(None);
+    }
+    let list: Vec<usize> = active.iter().map(|&k| window[k]).collect();
+    let mut features = Vec::with_capacity(controls.len());
+    let mut scales = Vec::with_capacity(controls.len());
+    for (j, c) in controls.iter().enumerate() {
+        // Embedded once per segment, as the plain path's hints (a zero image stands for "none").
+        let (distinct, pick) = c.distinct_hints_or_none(&list);
+        let embedded = cache
+            .get_or(CacheKey::ConditionHints(n, j, list.clone()), || {
+                let side = g.height * g.width * 3;
+                let mut values = Vec::with_capacity(distinct.len() * side);
+                for d in &distinct {
+                    match d {
+                        Some(h) => values.extend_from_slice(h),
+                        None => values.resize(values.len() + side, 0.0),
+                    }
+                }
+                let images = target.tensor(&[distinct.len(), g.height, g.width, 3], target.dtype, &values)?;
+                net.embed_hints(&ex, &images)
+            })?
+            .clone();
+        let rows_pick: Vec<usize> = (0..videos).flat_map(|_| pick.iter().copied()).collect();
+        features.push(gather_rows(&ex, &embedded, &rows_pick)?);
+        let s = c.scale.conditioning_scale;
+        scales.push((0..videos).flat_map(|_| list.iter().map(move |&f| s * c.strengths[f])).collect::<Vec<f32>>());
+    }
+    let conditions: Vec<UnionEmbedded> = types
+        .iter()
+        .zip(&features)
+        .zip(&scales)
+        .map(|((&control_type, features), scale)| UnionEmbedded { control_type, features, scale })
+        .collect();
+    let guess_mode = entry.scale.guess_mode;
+    let options = UnionOptions { guess_mode, from_multi: false };
+    let r = b.on_frames(&active, cache, |inputs, frames| {
+        net.forward_frames_embedded(&ex, inputs, &conditions, frames, options)
+    })?;
+    // Guess mode: the unconditional half gets no control (diffusers runs the net on the
+    // conditional half only).
+    if !(guess_mode && videos == 2) {
+        return Ok(Some(r));
+    }
+    let frames = window.len();
+    let keep: Vec<f32> = (0..b.rows()).map(|r| if r < frames { 0.0 } else { 1.0 }).collect();
+    b.scale_rows(r, &keep).map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::controlnet::UnionCondition;
     use crate::output::write_png;
 
     #[test]
@@ -1228,11 +1444,163 @@ mod tests {
             hands: true,
             face: true,
             video_timing: "time".into(),
+            conditions: Vec::new(),
         };
         let g = Geometry { frames: 9, width: 8, height: 8, h: 1, w: 1, c: 4 };
         let control = ClipControl::build(&entry, g, 8).unwrap();
         let shown: Vec<u8> = control.hints.iter().map(|h| (h.as_ref().unwrap()[0] * 255.0).round() as u8).collect();
         assert_eq!(shown, vec![30, 30, 30, 120, 120, 120, 120, 210, 210]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The Union fixture (tests/fixtures/controlnet_a: unet_a's encoder tensors, the ControlNet's
+    /// and the Union's own, config.union.json) as a diffusers folder under `dir`.
+    fn union_fixture(dir: &Path) -> ControlNetUnion {
+        use safetensors::tensor::TensorView;
+        use safetensors::{SafeTensors, serialize_to_file};
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let cn = fixtures.join("controlnet_a");
+        let names: serde_json::Value = serde_json::from_slice(&std::fs::read(cn.join("names.json")).unwrap()).unwrap();
+        let unet = std::fs::read(fixtures.join("unet_a/diffusion_pytorch_model.safetensors")).unwrap();
+        let plain = std::fs::read(cn.join("controlnet_only.safetensors")).unwrap();
+        let union = std::fs::read(cn.join("union_only.safetensors")).unwrap();
+        let unet = SafeTensors::deserialize(&unet).unwrap();
+        let mut views: std::collections::BTreeMap<String, TensorView> = names["full"]["from_unet_a"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| (n.as_str().unwrap().to_string(), unet.tensor(n.as_str().unwrap()).unwrap()))
+            .collect();
+        let (plain, union) = (SafeTensors::deserialize(&plain).unwrap(), SafeTensors::deserialize(&union).unwrap());
+        views.extend(plain.tensors());
+        views.extend(union.tensors());
+        let folder = dir.join("union");
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::copy(cn.join("config.union.json"), folder.join("config.json")).unwrap();
+        serialize_to_file(views, None, &folder.join("diffusion_pytorch_model.safetensors")).unwrap();
+        ControlNetUnion::new(&open_controlnet(&folder).unwrap(), Place::Host(DType::F32)).unwrap()
+    }
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut out = vec![0f32; n];
+        NoiseStream::new(seed, 0).fill_normal(0, &mut out);
+        out
+    }
+
+    #[test]
+    fn a_union_window_is_its_rows_run_one_at_a_time() {
+        // A 4-frame window of a CFG batch with two conditions: OpenPose on frames 0 (strength 1)
+        // and 2 (strength 0.5), Depth on frames 1 and 2 (one image, shared), frame 3 none. Every
+        // row of the window's one forward must equal a direct ControlNetUnion::forward on that
+        // row alone with both conditions, the missing one a zero image at scale 0; frame 3's rows
+        // zero; in guess mode the unconditional half zero too.
+        let dir = std::env::temp_dir().join(format!("celframe-union-window-{}", std::process::id()));
+        let net = union_fixture(&dir);
+        let (frames, videos, hint_factor) = (4, 2, net.config().hint_factor());
+        let g = Geometry { frames, width: 4 * hint_factor, height: 4 * hint_factor, h: 4, w: 4, c: 4 };
+        // config.union.json: cross_attention_dim 32, text_embeds 1568 - 6 x 256 = 32 wide.
+        let (tokens, width, pooled) = (3, 32, 32);
+        let side = g.height * g.width * 3;
+        let image = |seed| Arc::new(values(side, seed).iter().map(|v| (v * 0.3 + 0.5).clamp(0.0, 1.0)).collect());
+        let (pose_a, pose_b, depth): (HintImage, HintImage, HintImage) = (image(1), image(2), image(3));
+        let control = |hints: Vec<Option<HintImage>>, strengths: Vec<f32>, scale: f32, guess_mode: bool| ClipControl {
+            hints,
+            strengths,
+            scale: ControlScale { conditioning_scale: scale, guess_mode },
+            start: 0.0,
+            end: 1.0,
+        };
+        let types = [ControlType::OPENPOSE, ControlType::DEPTH];
+        let latents = values(frames * g.frame_len(), 4);
+        let sample: Vec<f32> = latents.repeat(videos);
+        let uncond = values(tokens * width, 5);
+        let cond: Vec<Vec<f32>> = (0..frames).map(|f| values(tokens * width, 6 + f as u64)).collect();
+        let text_embeds = values(videos * pooled, 20);
+        let ids = time_ids((g.height, g.width), (0, 0), (g.height, g.width));
+        let t = |shape: &[usize], v: &[f32]| Tensor::from_f32(shape, DType::F32, v).unwrap();
+        let context_rows = |list: &[usize]| -> Result<Tensor> {
+            let mut v: Vec<f32> = list.iter().flat_map(|_| uncond.iter().copied()).collect();
+            v.extend(list.iter().flat_map(|&f| cond[f].iter().copied()));
+            Ok(t(&[videos * list.len(), tokens, width], &v))
+        };
+        let (sample_t, timestep) = (t(&[videos * frames, g.h, g.w, g.c], &sample), t(&[videos], &[500.0, 500.0]));
+        let context = context_rows(&[0, 1, 2, 3]).unwrap();
+        let (text_t, ids_t) = (t(&[videos, pooled], &text_embeds), t(&[videos, ids.len()], &ids.repeat(videos)));
+        let inputs = UnetInputs {
+            sample: &sample_t,
+            timestep: &timestep,
+            encoder_hidden_states: &context,
+            text_embeds: Some(&text_t),
+            time_ids: Some(&ids_t),
+        };
+        let step = Step { index: 0, of: 4, window: 0, windows: 1, timestep: 500.0 };
+        let target = Target { ex: Exec::Cpu, dtype: DType::F32 };
+        let window = [0, 1, 2, 3];
+        let batch = WindowBatch {
+            target,
+            g,
+            window: &window,
+            latents: &latents,
+            inputs: &inputs,
+            videos,
+            step,
+            context_rows: &context_rows,
+        };
+        let pose = vec![Some(pose_a.clone()), None, Some(pose_b.clone()), None];
+        let depths = vec![None, Some(depth.clone()), Some(depth.clone()), None];
+        for guess_mode in [false, true] {
+            let controls = [
+                control(pose.clone(), vec![1.0, 0.0, 0.5, 0.0], 0.8, guess_mode),
+                control(depths.clone(), vec![0.0, 1.0, 1.0, 0.0], 0.6, guess_mode),
+            ];
+            let r = union_residuals(&batch, 0, &net, &types, &controls, &mut InputCache::default()).unwrap().unwrap();
+            let got: Vec<Vec<f32>> = r.down.iter().chain([&r.mid]).map(|t| t.to_f32_vec().unwrap()).collect();
+            for row in 0..videos * frames {
+                let (v, k) = (row / frames, row % frames);
+                let zero = k == 3 || guess_mode && v == 0;
+                let expected: Vec<Vec<f32>> = if zero {
+                    got.iter().map(|all| vec![0.0; all.len() / (videos * frames)]).collect()
+                } else {
+                    let fl = g.frame_len();
+                    let one_sample = t(&[1, g.h, g.w, g.c], &latents[k * fl..(k + 1) * fl]);
+                    let ctx = t(&[1, tokens, width], if v == 0 { &uncond } else { &cond[k] });
+                    let te = t(&[1, pooled], &text_embeds[v * pooled..(v + 1) * pooled]);
+                    let (ts, ti) = (t(&[1], &[500.0]), t(&[1, ids.len()], &ids));
+                    let x = UnetInputs {
+                        sample: &one_sample,
+                        timestep: &ts,
+                        encoder_hidden_states: &ctx,
+                        text_embeds: Some(&te),
+                        time_ids: Some(&ti),
+                    };
+                    let images: Vec<Tensor> = controls
+                        .iter()
+                        .map(|c| match &c.hints[k] {
+                            Some(h) => t(&[1, g.height, g.width, 3], h),
+                            None => t(&[1, g.height, g.width, 3], &vec![0.0; side]),
+                        })
+                        .collect();
+                    let scales: Vec<[f32; 1]> =
+                        controls.iter().map(|c| [c.scale.conditioning_scale * c.strengths[k]]).collect();
+                    let conditions: Vec<UnionCondition> = (0..2)
+                        .map(|i| UnionCondition { control_type: types[i], image: &images[i], scale: &scales[i] })
+                        .collect();
+                    let options = UnionOptions { guess_mode, from_multi: false };
+                    let e = net.forward(&Exec::Cpu, &x, &conditions, options).unwrap();
+                    e.down.iter().chain([&e.mid]).map(|t| t.to_f32_vec().unwrap()).collect()
+                };
+                for (n, (all, want)) in got.iter().zip(&expected).enumerate() {
+                    let part = &all[row * want.len()..(row + 1) * want.len()];
+                    let err = part.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt();
+                    let norm = want.iter().map(|b| b * b).sum::<f32>().sqrt();
+                    assert!(
+                        err <= 1e-5 * norm.max(1e-3),
+                        "guess_mode {guess_mode}, row {row}, residual {n}: {err} of {norm}"
+                    );
+                    assert!(zero || norm > 0.0, "row {row} residual {n} is zero");
+                }
+            }
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

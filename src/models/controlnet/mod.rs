@@ -19,7 +19,7 @@ pub mod union;
 
 pub use checkpoint::{ControlNetCheckpoint, ControlNetFormat, open_controlnet};
 pub use config::{ControlNetConfig, UnionConfig};
-pub use union::{ControlNetUnion, ControlType, UnionCondition, UnionOptions};
+pub use union::{ControlNetUnion, ControlType, UnionCondition, UnionEmbedded, UnionOptions};
 
 use super::embeddings;
 use super::resnet::ResnetNorm;

@@ -121,6 +121,16 @@ pub struct UnionCondition<'a> {
     pub scale: &'a [f32],
 }
 
+/// A condition whose hint images are already embedded (`ControlNetUnion::embed_hints`).
+#[derive(Clone, Copy, Debug)]
+pub struct UnionEmbedded<'a> {
+    pub control_type: ControlType,
+    /// The embedded hints [rows, h, w, block_out_channels[0]] (h, w the latent's).
+    pub features: &'a Tensor,
+    /// As `UnionCondition::scale`.
+    pub scale: &'a [f32],
+}
+
 /// The forward's switches besides the conditions (diffusers ControlNetUnionModel.forward).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UnionOptions {
@@ -262,30 +272,79 @@ impl ControlNetUnion {
         frames: usize,
         options: UnionOptions,
     ) -> Result<UnetResiduals> {
+        unet::check_inputs("ControlNet Union", &self.net.config.encoder, self.dtype(), x, frames, None)?;
+        self.check_conditions(x.sample, conditions.iter().map(|c| (c.control_type, c.scale)), options)?;
+        for (i, c) in conditions.iter().enumerate() {
+            self.net.check_cond(x.sample, c.image).map_err(|e| match e {
+                Error::Input(m) => Error::Input(format!("{m} (condition {i}, {})", c.control_type.name())),
+                other => other,
+            })?;
+        }
+        let features = {
+            let _scope = ex.profile_scope("controlnet");
+            conditions.iter().map(|c| self.net.conditioning_embedding(ex, c.image)).collect::<Result<Vec<_>>>()?
+        };
+        let embedded: Vec<UnionEmbedded> = conditions
+            .iter()
+            .zip(&features)
+            .map(|(c, f)| UnionEmbedded { control_type: c.control_type, features: f, scale: c.scale })
+            .collect();
+        self.forward_frames_embedded(ex, x, &embedded, frames, options)
+    }
+
+    /// The hint images' conditioning embedding (`ControlNet::embed_hints`: the Union shares one
+    /// embedding among its conditions), for `forward_frames_embedded`.
+    pub fn embed_hints(&self, ex: &Exec, images: &Tensor) -> Result<Tensor> {
+        self.net.embed_hints(ex, images)
+    }
+
+    /// `forward_frames` with each condition's hint images already embedded (`embed_hints`, one
+    /// row per sample row of `x`): a renderer embeds each distinct hint once per segment.
+    pub fn forward_frames_embedded(
+        &self,
+        ex: &Exec,
+        x: &UnetInputs,
+        conditions: &[UnionEmbedded],
+        frames: usize,
+        options: UnionOptions,
+    ) -> Result<UnetResiduals> {
         let net = &self.net;
         unet::check_inputs("ControlNet Union", &net.config.encoder, self.dtype(), x, frames, None)?;
         let _scope = ex.profile_scope("controlnet");
-        self.check_conditions(x.sample, conditions, options)?;
+        self.check_conditions(x.sample, conditions.iter().map(|c| (c.control_type, c.scale)), options)?;
+        let s = x.sample.shape();
+        let want = [s[0], s[1], s[2], net.config.encoder.block_out_channels[0]];
+        for (i, c) in conditions.iter().enumerate() {
+            if c.features.shape() != want || c.features.dtype() != self.dtype() {
+                return Err(Error::Input(format!(
+                    "ControlNet Union input: condition {i}'s embedded hint {:?} must be {:?} {want:?}, one row per \
+                     sample row",
+                    c.features,
+                    self.dtype()
+                )));
+            }
+        }
         // diffusers: residuals scaled at the end with one condition or from_multi, else each
         // condition's scale inside the fusion.
         let fused = conditions.len() > 1 && !options.from_multi;
 
         // 1. time (+ text_time) embedding + the control-type embedding: [B, T]
         let emb = net.embedding(ex, x)?;
-        let emb = add(ex, &emb, &self.control_type_embedding(ex, conditions)?, 1.0)?;
+        let types: Vec<ControlType> = conditions.iter().map(|c| c.control_type).collect();
+        let emb = add(ex, &emb, &self.control_type_embedding(ex, &types)?, 1.0)?;
 
         // 2. conv_in(sample): [rows, h, w, C0]
         let mut h = net.conv_in(ex, x.sample)?;
 
-        // 3. per condition: features, token, token blocks, fused into h
+        // 3. per condition: token, token blocks, fused into h
         for c in conditions {
             let s = if fused { c.scale } else { &[1.0] };
             // f_i = controlnet_cond_embedding(c_i): [rows, h, w, C0]
-            let f = net.conditioning_embedding(ex, c.image)?;
+            let f = c.features;
             let _scope = ex.profile_scope("union_tokens");
             // token_i = mean_HW(f_i) + task_embedding[k_i] (x s_i): [rows, C0]
             let w = self.weights.root();
-            let token = add(ex, &mean_hw(ex, &f)?, w.get(&format!("task_embedding.{}", c.control_type.0))?, 1.0)?;
+            let token = add(ex, &mean_hw(ex, f)?, w.get(&format!("task_embedding.{}", c.control_type.0))?, 1.0)?;
             let mut token = scaled(ex, token, s)?;
             for l in 0..self.union.layers {
                 token = token_block(ex, &w.at(&format!("transformer_layes.{l}")), &token)?;
@@ -295,8 +354,8 @@ impl ControlNetUnion {
             let alpha = linear(ex, &token, p.get("weight")?, Some(p.get("bias")?))?;
             // h += s_i (f_i + α_i)
             let g = match s {
-                [one] => add(ex, &f, &alpha, *one)?,
-                _ => scaled(ex, add(ex, &f, &alpha, 1.0)?, s)?,
+                [one] => add(ex, f, &alpha, *one)?,
+                _ => scaled(ex, add(ex, f, &alpha, 1.0)?, s)?,
             };
             h = add(ex, &h, &g, 1.0)?;
         }
@@ -312,45 +371,37 @@ impl ControlNetUnion {
         net.encode(ex, x, &emb, h, &factors, per_row)
     }
 
-    /// The conditions against the model and the batch: at least one; each type among the model's;
-    /// each hint image's shape and dtype; scales finite, one or one per row; with `from_multi` the
-    /// same scales for all.
-    fn check_conditions(&self, sample: &Tensor, conditions: &[UnionCondition], options: UnionOptions) -> Result<()> {
+    /// The conditions (type, scales) against the model and the batch: at least one; each type
+    /// among the model's; scales finite, one or one per row; with `from_multi` the same scales
+    /// for all.
+    fn check_conditions<'a>(
+        &self,
+        sample: &Tensor,
+        conditions: impl Iterator<Item = (ControlType, &'a [f32])>,
+        options: UnionOptions,
+    ) -> Result<()> {
         let rows = sample.shape()[0];
+        let conditions: Vec<(ControlType, &[f32])> = conditions.collect();
         if conditions.is_empty() {
             return Err(Error::Input("ControlNet Union input: no conditions (give at least one hint image)".into()));
         }
-        for (i, c) in conditions.iter().enumerate() {
-            if c.control_type.0 >= self.union.control_types {
-                return Err(Error::Input(format!(
-                    "ControlNet Union input: condition {i} has control type {} ({}); this model has {} types (0-{}){}",
-                    c.control_type.0,
-                    c.control_type.name(),
-                    self.union.control_types,
-                    self.union.control_types - 1,
-                    if c.control_type.0 >= 6 && self.union.control_types == 6 {
-                        ": tile and repaint need the ProMax model"
-                    } else {
-                        ""
-                    }
-                )));
-            }
-            self.net.check_cond(sample, c.image).map_err(|e| match e {
-                Error::Input(m) => Error::Input(format!("{m} (condition {i}, {})", c.control_type.name())),
+        for (i, &(control_type, scales)) in conditions.iter().enumerate() {
+            self.check_type(control_type).map_err(|e| match e {
+                Error::Input(m) => Error::Input(format!("ControlNet Union input: condition {i} has {m}")),
                 other => other,
             })?;
-            if c.scale.len() != 1 && c.scale.len() != rows {
+            if scales.len() != 1 && scales.len() != rows {
                 return Err(Error::Input(format!(
                     "ControlNet Union input: condition {i} gives {} scales; give one, or one per row ({rows})",
-                    c.scale.len()
+                    scales.len()
                 )));
             }
-            for &s in c.scale {
+            for &s in scales {
                 check_scale(&format!("conditioning_scale of condition {i}"), s)?;
             }
         }
         if options.from_multi
-            && let Some(i) = conditions.iter().position(|c| c.scale != conditions[0].scale)
+            && let Some(i) = conditions.iter().position(|c| c.1 != conditions[0].1)
         {
             return Err(Error::Input(format!(
                 "ControlNet Union input: from_multi scales the residuals by one scale, but conditions 0 and {i} give \
@@ -360,11 +411,30 @@ impl ControlNetUnion {
         Ok(())
     }
 
+    /// Whether this model has `control_type` (the error reads "control type k (name); ...").
+    pub fn check_type(&self, control_type: ControlType) -> Result<()> {
+        if control_type.0 < self.union.control_types {
+            return Ok(());
+        }
+        Err(Error::Input(format!(
+            "control type {} ({}); this model has {} types (0-{}){}",
+            control_type.0,
+            control_type.name(),
+            self.union.control_types,
+            self.union.control_types - 1,
+            if control_type.0 >= 6 && self.union.control_types == 6 {
+                ": tile and repaint need the ProMax model"
+            } else {
+                ""
+            }
+        )))
+    }
+
     /// control_add_embedding(sinusoids of the type flags): [T], the same for every row.
-    fn control_type_embedding(&self, ex: &Exec, conditions: &[UnionCondition]) -> Result<Tensor> {
+    fn control_type_embedding(&self, ex: &Exec, types: &[ControlType]) -> Result<Tensor> {
         let mut flags = vec![0f32; self.union.control_types];
-        for c in conditions {
-            flags[c.control_type.0] = 1.0;
+        for t in types {
+            flags[t.0] = 1.0;
         }
         let flags = placed(ex, Tensor::from_f32(&[flags.len()], DType::F32, &flags)?, DType::F32)?;
         let w = self.weights.root().at("control_add_embedding");

@@ -145,7 +145,8 @@ pub fn lora_groups(config: &RenderConfig, clips: &[usize]) -> Vec<(Vec<LoraEntry
 /// every checkpoint's header parses, every LoRA set resolves against the models (each key names a
 /// module of the right shape), every clip's control inputs decode.
 pub fn preflight(config: &RenderConfig) -> Result<()> {
-    let mut problems = config.problems();
+    let rules = config.problems();
+    let mut problems = rules.clone();
     let clear = |problems: &[String], prefixes: &[&str]| !problems.iter().any(|p| prefixes.iter().any(|x| p.starts_with(x)));
     for (i, clip) in config.clips.iter().enumerate() {
         for (what, text) in
@@ -187,8 +188,8 @@ pub fn preflight(config: &RenderConfig) -> Result<()> {
             }
         }
     }
-    if clear(&problems, &["video", "controlnets", "clips"]) {
-        control_problems(config, &mut problems);
+    if clear(&rules, &["video", "controlnets"]) {
+        control_problems(config, &rules, &mut problems);
     }
     if problems.is_empty() {
         return Ok(());
@@ -222,11 +223,16 @@ fn lora_targets(config: &RenderConfig) -> Result<Targets> {
     Ok(targets)
 }
 
-/// Decodes every clip's control inputs once per distinct (inputs, length), as the render will.
-fn control_problems(config: &RenderConfig, problems: &mut Vec<String>) {
+/// Decodes every clip's control inputs once per distinct (inputs, length), as the render will;
+/// clips that break a rule (`rules`) are left out.
+fn control_problems(config: &RenderConfig, rules: &[String], problems: &mut Vec<String>) {
     let video = &config.video;
     let mut checked: HashMap<(PathBuf, usize), ()> = HashMap::new();
     for i in 0..config.clips.len() {
+        let field = format!("clips[{i}]");
+        if rules.iter().any(|p| p.starts_with(&field)) {
+            continue;
+        }
         let frames = config.clip_frames(i);
         for (k, net) in config.for_clip(i).controlnets.iter().enumerate() {
             if checked.insert((net.images.clone(), frames), ()).is_some() {

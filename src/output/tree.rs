@@ -202,9 +202,8 @@ impl OutputTree {
             fs::create_dir_all(&dir).map_err(io_error("creating output folder", &dir))?;
         }
         let lock = File::open(root).map_err(io_error("opening output folder", root))?;
-        let busy = |what: &str| {
-            Error::Input(format!("output folder {}: {what} (it holds the folder's lock)", root.display()))
-        };
+        let busy =
+            |what: &str| Error::Input(format!("output folder {}: {what} (it holds the folder's lock)", root.display()));
         match lock.try_lock_shared() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => return Err(busy("a whole run or merge-report is writing to it")),

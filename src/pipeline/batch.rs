@@ -65,11 +65,9 @@ impl Shard {
         let number = |name: &str| -> Result<Option<usize>> {
             match var(name) {
                 None => Ok(None),
-                Some(v) => v
-                    .trim()
-                    .parse()
-                    .map(Some)
-                    .map_err(|_| Error::Input(format!("{name}={v:?}: not a whole number"))),
+                Some(v) => {
+                    v.trim().parse().map(Some).map_err(|_| Error::Input(format!("{name}={v:?}: not a whole number")))
+                }
             }
         };
         let count = match count {
@@ -83,12 +81,16 @@ impl Shard {
                     "SLURM_ARRAY_TASK_ID is set but not SLURM_ARRAY_TASK_COUNT; give --shard-count".into(),
                 ));
             };
-            let index = id.checked_sub(min).ok_or_else(|| {
-                Error::Input(format!("SLURM_ARRAY_TASK_ID {id} is below SLURM_ARRAY_TASK_MIN {min}"))
-            })?;
+            let index = id
+                .checked_sub(min)
+                .ok_or_else(|| Error::Input(format!("SLURM_ARRAY_TASK_ID {id} is below SLURM_ARRAY_TASK_MIN {min}")))?;
             // Slurm allows stepped arrays (--array=0-9:2), whose ids are not consecutive.
-            return Shard::new(index, count, "SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN (use --array=0-N with step 1)")
-                .map(Some);
+            return Shard::new(
+                index,
+                count,
+                "SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN (use --array=0-N with step 1)",
+            )
+            .map(Some);
         }
         if let Some(index) = number("JOB_COMPLETION_INDEX")? {
             let Some(count) = count else {
@@ -147,7 +149,8 @@ pub fn lora_groups(config: &RenderConfig, clips: &[usize]) -> Vec<(Vec<LoraEntry
 pub fn preflight(config: &RenderConfig) -> Result<()> {
     let rules = config.problems();
     let mut problems = rules.clone();
-    let clear = |problems: &[String], prefixes: &[&str]| !problems.iter().any(|p| prefixes.iter().any(|x| p.starts_with(x)));
+    let clear =
+        |problems: &[String], prefixes: &[&str]| !problems.iter().any(|p| prefixes.iter().any(|x| p.starts_with(x)));
     for (i, clip) in config.clips.iter().enumerate() {
         for (what, text) in
             clip.prompt_keys().iter().map(|k| ("prompt", &k.prompt)).chain([("negative", &clip.negative)])
@@ -369,7 +372,8 @@ pub fn merge_reports(root: &Path) -> Result<(RunReport, Option<PathBuf>)> {
         .map_err(|e| Error::Input(format!("{}: cannot list ({e}); is it an outputs tree?", configs.display())))?;
     let mut shards: Vec<(Shard, RunReport)> = Vec::new();
     for entry in entries {
-        let path = entry.map_err(|e| Error::Io { context: format!("listing {}", configs.display()), source: e })?.path();
+        let path =
+            entry.map_err(|e| Error::Io { context: format!("listing {}", configs.display()), source: e })?.path();
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         if !(name.starts_with("run_report.shard-") && name.ends_with(".json")) {
             continue;

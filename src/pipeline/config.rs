@@ -600,9 +600,9 @@ fn lora_specs_of(entries: &[LoraEntry], field: &str) -> Result<Vec<LoraSpec>> {
         .enumerate()
         .map(|(i, entry)| {
             let role = match &entry.role {
-                Some(name) => Some(
-                    name.parse::<Role>().map_err(|e| Error::Input(format!("{field}[{i}].role: {}", message(e))))?,
-                ),
+                Some(name) => {
+                    Some(name.parse::<Role>().map_err(|e| Error::Input(format!("{field}[{i}].role: {}", message(e))))?)
+                }
                 None => None,
             };
             let mut spec = LoraSpec::new(&entry.path, entry.weight, role);

@@ -45,9 +45,7 @@ use crate::ops::Exec;
 use crate::ops::elementwise::{add, mul};
 use crate::ops::rows::{gather_rows, scatter_rows};
 use crate::output::{ClipOptions, Fps, OutputTree, RgbImage};
-use crate::pipeline::batch::{
-    ClipSeconds, RunReport, Shard, lora_groups, preflight, shard_clips, write_prompt_grid,
-};
+use crate::pipeline::batch::{ClipSeconds, RunReport, Shard, lora_groups, preflight, shard_clips, write_prompt_grid};
 use crate::pipeline::config::{Component, ControlNetEntry, RenderConfig, is_json};
 use crate::pipeline::free_init::mix_frequencies;
 use crate::pipeline::noise_init::freenoise_frame_sources;
@@ -273,8 +271,12 @@ pub fn render_batch(config: &RenderConfig, options: &RenderOptions, shard: Optio
             OutputTree::open_shard(root, &format!("shard-{}-of-{}", s.index, s.count), &numbers)?
         }
     };
-    let mut batch =
-        Batch { report: RunReport::pending(config, shard, &clips), outcomes: Vec::new(), summary: Vec::new(), failure: None };
+    let mut batch = Batch {
+        report: RunReport::pending(config, shard, &clips),
+        outcomes: Vec::new(),
+        summary: Vec::new(),
+        failure: None,
+    };
     batch.report.write(&tree)?;
     let noise = options.noise.as_deref().map(|p| weights::open(p, "noise file")).transpose()?;
     let groups = lora_groups(config, &clips);

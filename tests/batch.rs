@@ -4,7 +4,6 @@
 //! into one outputs tree, then `merge-report`) giving the same bytes as one process.
 
 #[path = "common/unet_fixtures.rs"]
-#[allow(dead_code)]
 mod unet_fixtures;
 
 use std::collections::{BTreeMap, HashMap};

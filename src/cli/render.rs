@@ -8,7 +8,7 @@ use clap::Args;
 
 use crate::error::{Error, Result};
 use crate::pipeline::RenderOptions;
-use crate::pipeline::batch::{Shard, preflight, shard_clips};
+use crate::pipeline::batch::{Shard, shard_clips};
 use crate::pipeline::config::{ClipSpec, RenderConfig};
 
 #[derive(Args, Debug, Default)]
@@ -84,8 +84,9 @@ pub struct RenderArgs {
     /// SLURM_ARRAY_TASK_COUNT; also read from CELFRAME_SHARD_COUNT.
     #[arg(long, value_name = "N")]
     pub shard_count: Option<usize>,
-    /// Validate everything a render would (files parse, LoRAs match the models, control inputs
-    /// decode), print the resolved config as JSON and exit without rendering.
+    /// Validate the config's rules (a render also reads every file first: headers parse, LoRAs
+    /// match the models, control inputs decode), print the resolved config as JSON and exit
+    /// without rendering.
     #[arg(long)]
     pub dry_run: bool,
 }
@@ -175,7 +176,6 @@ pub fn run(args: &RenderArgs) -> Result<()> {
         eprintln!("{warning}");
     }
     if args.dry_run {
-        preflight(&config).map_err(|e| e.with_prefix(&format!("{}: ", args.config.display())))?;
         let text = serde_json::to_string_pretty(&config.resolved_json())
             .map_err(|e| Error::Internal(format!("render --dry-run: {e}")))?;
         return match writeln!(std::io::stdout().lock(), "{text}") {

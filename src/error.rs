@@ -47,6 +47,20 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The same error, kind and exit code kept, with `prefix` before its message.
+    pub fn with_prefix(self, prefix: &str) -> Error {
+        match self {
+            Error::Input(m) => Error::Input(format!("{prefix}{m}")),
+            Error::Unsupported(m) => Error::Unsupported(format!("{prefix}{m}")),
+            Error::Io { context, source } => Error::Io { context: format!("{prefix}{context}"), source },
+            Error::NoDevice(m) => Error::NoDevice(format!("{prefix}{m}")),
+            Error::Cuda(m) => Error::Cuda(format!("{prefix}{m}")),
+            Error::Internal(m) => Error::Internal(format!("{prefix}{m}")),
+        }
+    }
+}
+
 /// Shorthand for `Err(Error::Input(format!(...)))`.
 #[macro_export]
 macro_rules! input_err {

@@ -13,6 +13,7 @@ fn main() -> ExitCode {
         Command::Schedule(args) => celframe::cli::schedule::run(args),
         Command::Render(args) => celframe::cli::render::run(args),
         Command::Control(args) => celframe::cli::control::run(args),
+        Command::MergeReport(args) => celframe::cli::merge_report::run(args),
         // Also exits 1 (an output outside its tolerance or not finite); errors map as below.
         Command::Verify(args) => return celframe::cli::verify::main(args),
     };

@@ -1,12 +1,14 @@
 //! Command-line interface: `celframe demo` (the render pipeline on random weights), `celframe info`
 //! (device and compiled kernels), `celframe bench` (whole forwards timed), `celframe verify` (a
 //! component against a reference file, `crate::verify`), `celframe tokenize`, `celframe schedule`
-//! (a sampler's timesteps and sigmas) and `celframe render` (clips from a render config).
+//! (a sampler's timesteps and sigmas), `celframe render` (clips from a render config or batch
+//! manifest, or a shard of it) and `celframe merge-report` (the shards' reports combined).
 
 pub mod bench;
 pub mod control;
 pub mod demo;
 pub mod info;
+pub mod merge_report;
 pub mod render;
 pub mod schedule;
 pub mod tokenize;
@@ -62,6 +64,11 @@ pub enum Command {
     /// resolved config as JSON.
     #[command(after_help = EXIT_CODES)]
     Render(render::RenderArgs),
+    /// Combine the run reports of a batch's shards (render --shard, job arrays) into
+    /// configs/run_report.json and write the prompt grid. Exit 2 when a clip failed or was not
+    /// reached.
+    #[command(after_help = EXIT_CODES)]
+    MergeReport(merge_report::MergeReportArgs),
     /// Write the hint images a render config gives its ControlNets (pose skeletons, Canny edges,
     /// depth maps), resized to the render size, as PNGs to look at before rendering.
     Control(control::ControlArgs),

@@ -8,6 +8,7 @@ use clap::Args;
 
 use crate::error::{Error, Result};
 use crate::pipeline::RenderOptions;
+use crate::pipeline::batch::{Shard, shard_clips};
 use crate::pipeline::config::{ClipSpec, RenderConfig};
 
 #[derive(Args, Debug, Default)]
@@ -72,9 +73,38 @@ pub struct RenderArgs {
     /// Print the time each stage takes.
     #[arg(long)]
     pub timings: bool,
-    /// Validate, print the resolved config as JSON and exit without rendering.
+    /// Render only shard I of N (from 0): the clips at positions p of the id order with
+    /// p mod N = I. Without it, a Slurm job array (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT) or
+    /// a Kubernetes Indexed Job (JOB_COMPLETION_INDEX with --shard-count) picks the shard. Shards
+    /// write into one outputs tree; `celframe merge-report` then writes the combined report and
+    /// prompt grid.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
+    /// The shard count with JOB_COMPLETION_INDEX (the Job's completions), or in place of
+    /// SLURM_ARRAY_TASK_COUNT; also read from CELFRAME_SHARD_COUNT.
+    #[arg(long, value_name = "N")]
+    pub shard_count: Option<usize>,
+    /// Validate the config's rules (a render also reads every file first: headers parse, LoRAs
+    /// match the models, control inputs decode), print the resolved config as JSON and exit
+    /// without rendering.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+/// The shard to render: `--shard`, else the job scheduler's (`Shard::from_scheduler`), else none.
+pub fn shard_from_args(args: &RenderArgs, var: impl Fn(&str) -> Option<String>) -> Result<Option<Shard>> {
+    match &args.shard {
+        Some(text) => {
+            let shard = Shard::parse(text)?;
+            match args.shard_count {
+                Some(n) if n != shard.count => {
+                    Err(Error::Input(format!("--shard {text} and --shard-count {n}: the counts differ")))
+                }
+                _ => Ok(Some(shard)),
+            }
+        }
+        None => Shard::from_scheduler(var, args.shard_count),
+    }
 }
 
 /// The config with the arguments' overrides applied, validated, and the run options. Errors name
@@ -95,13 +125,7 @@ pub fn config_from_args(args: &RenderArgs) -> Result<(RenderConfig, RenderOption
 fn apply_overrides(config: &mut RenderConfig, args: &RenderArgs) {
     if let Some(prompt) = &args.prompt {
         if config.clips.is_empty() {
-            config.clips.push(ClipSpec {
-                prompt: String::new(),
-                negative: String::new(),
-                seed: None,
-                frames: None,
-                prompt_schedule: Vec::new(),
-            });
+            config.clips.push(ClipSpec::default());
         }
         for clip in &mut config.clips {
             clip.prompt = prompt.clone();
@@ -118,7 +142,7 @@ fn apply_overrides(config: &mut RenderConfig, args: &RenderArgs) {
     if args.frames.is_some() || args.seconds.is_some() {
         config.video.frames = args.frames;
         config.video.seconds = args.seconds;
-        config.clips.iter_mut().for_each(|c| c.frames = None);
+        config.clips.iter_mut().for_each(|c| (c.frames, c.seconds) = (None, None));
     }
     let video = &mut config.video;
     video.fps = args.fps.unwrap_or(video.fps);
@@ -147,6 +171,7 @@ fn apply_overrides(config: &mut RenderConfig, args: &RenderArgs) {
 
 pub fn run(args: &RenderArgs) -> Result<()> {
     let (config, options) = config_from_args(args)?;
+    let shard = shard_from_args(args, |name| std::env::var(name).ok())?;
     for warning in config.warnings() {
         eprintln!("{warning}");
     }
@@ -160,7 +185,12 @@ pub fn run(args: &RenderArgs) -> Result<()> {
             _ => Ok(()),
         };
     }
-    let report = crate::pipeline::render(&config, &options)?;
+    if let Some(s) = shard {
+        let clips = shard_clips(&config, shard);
+        eprintln!("shard {} of {}: {} of the {} clips", s.index, s.count, clips.len(), config.clips.len());
+    }
+    let report = crate::pipeline::render_batch(&config, &options, shard)
+        .map_err(|e| e.with_prefix(&format!("{}: ", args.config.display())))?;
     for line in &report.summary {
         eprintln!("{line}");
     }

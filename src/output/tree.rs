@@ -1,6 +1,6 @@
 //! The outputs tree and one clip's writer (see the module documentation in `output/mod.rs`).
 
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -134,8 +134,10 @@ pub struct ClipReport {
 /// The outputs tree of one run (module documentation: layout, atomicity, locking).
 pub struct OutputTree {
     root: PathBuf,
-    /// Holds the exclusive lock on the root folder for the life of the tree.
+    /// Holds the lock on the root folder for the life of the tree (exclusive, or shared by shards).
     _lock: File,
+    /// A shard's exclusive lock on its own lock file.
+    _shard_lock: Option<File>,
 }
 
 fn clip_name(index: u32) -> String {
@@ -167,7 +169,7 @@ impl OutputTree {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(io_error("locking output folder", root)(e)),
         }
-        let tree = OutputTree { root: root.to_path_buf(), _lock: lock };
+        let tree = OutputTree { root: root.to_path_buf(), _lock: lock, _shard_lock: None };
         for sub in ["images", "configs", "video"] {
             sweep_temporaries(&tree.root.join(sub))?;
         }
@@ -181,6 +183,53 @@ impl OutputTree {
             }
         }
         Ok(tree)
+    }
+
+    /// Opens `root` for one shard of a batch, which shares the tree with the other shards: a
+    /// shared lock on the root folder (a whole run's `open`, or `celframe merge-report`, waits for
+    /// every shard to finish) and an exclusive one on `.lock-NAME` (one process per shard). Only
+    /// what an interrupted run of this shard left is removed: the partial folders of `clips`
+    /// (the shard's); temporaries of shared files wait for the next `open`.
+    pub fn open_shard(root: &Path, name: &str, clips: &[u32]) -> Result<OutputTree> {
+        check_name(name, "shard name")?;
+        if let Ok(meta) = fs::metadata(root)
+            && !meta.is_dir()
+        {
+            return Err(Error::Input(format!("output folder {}: exists and is not a folder", root.display())));
+        }
+        for sub in ["", "images", "video", "configs"] {
+            let dir = root.join(sub);
+            fs::create_dir_all(&dir).map_err(io_error("creating output folder", &dir))?;
+        }
+        let lock = File::open(root).map_err(io_error("opening output folder", root))?;
+        let busy =
+            |what: &str| Error::Input(format!("output folder {}: {what} (it holds the folder's lock)", root.display()));
+        match lock.try_lock_shared() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(busy("a whole run or merge-report is writing to it")),
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_error("locking output folder", root)(e)),
+        }
+        let shard_path = root.join(format!(".lock-{name}"));
+        let shard_lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&shard_path)
+            .map_err(io_error("opening shard lock", &shard_path))?;
+        match shard_lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(busy(&format!("another process runs {name}"))),
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_error("locking", &shard_path)(e)),
+        }
+        for &clip in clips {
+            for suffix in ["partial", "old"] {
+                let leftover = root.join("video").join(format!(".{}.{suffix}", clip_name(clip)));
+                if leftover.exists() {
+                    fs::remove_dir_all(&leftover).map_err(io_error("removing leftover", &leftover))?;
+                }
+            }
+        }
+        Ok(OutputTree { root: root.to_path_buf(), _lock: lock, _shard_lock: Some(shard_lock) })
     }
 
     pub fn root(&self) -> &Path {

@@ -11,6 +11,7 @@
 //! 1024x576 at 10 fps, AnimateDiff context windows of 16 frames overlapping by 4
 //! (ComfyUI-AnimateDiff-Evolved's "Context Options" defaults, `animatediff/context.py`).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -291,18 +292,28 @@ pub struct OutputSettings {
     pub replace: bool,
 }
 
-/// One clip.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// One clip. A config with many clips is a batch manifest: the top-level settings are every
+/// clip's defaults, and a clip overrides its prompts, seed, length, LoRA set and control images.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClipSpec {
+    /// A name unique in the config (letters, digits, '-', '_', '.'); default `clip_NNN`, its
+    /// folder's name. Shards take clips by their place in the id order (`crate::pipeline::batch`).
+    pub id: Option<String>,
     pub prompt: String,
     /// Default "" (zeros, diffusers' `force_zeros_for_empty_prompt`).
     #[serde(default)]
     pub negative: String,
     /// Default: the config's seed + the clip's index.
     pub seed: Option<u64>,
-    /// Default: the video's frames.
+    /// Default: the video's frames. Or `seconds` (frames = round(seconds x fps)).
     pub frames: Option<usize>,
+    pub seconds: Option<f64>,
+    /// This clip's LoRAs in place of the config's `loras` (an empty list: none).
+    pub loras: Option<Vec<LoraEntry>>,
+    /// This clip's control inputs in place of each ControlNet's `images`, one per `controlnets`
+    /// entry in order (a folder, a PNG, a video, OpenPose JSON or "builtin:pose").
+    pub control_images: Option<Vec<PathBuf>>,
     /// Prompt travel: the prompt from each key's frame on; frame 0 is `prompt` unless a key sets it.
     #[serde(default)]
     pub prompt_schedule: Vec<PromptKey>,
@@ -620,6 +631,26 @@ impl ModelPaths {
             }
         }
     }
+}
+
+/// `entries` (the list at `field`) as the LoRA loader takes them; a role that does not parse is an
+/// error.
+fn lora_specs_of(entries: &[LoraEntry], field: &str) -> Result<Vec<LoraSpec>> {
+    entries
+        .iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            let role = match &entry.role {
+                Some(name) => {
+                    Some(name.parse::<Role>().map_err(|e| Error::Input(format!("{field}[{i}].role: {}", message(e))))?)
+                }
+                None => None,
+            };
+            let mut spec = LoraSpec::new(&entry.path, entry.weight, role);
+            spec.text_encoder = entry.text_encoder_weight.unwrap_or(entry.weight);
+            Ok(spec)
+        })
+        .collect()
 }
 
 /// A problem when `path` is neither a file nor a folder.
@@ -954,6 +985,14 @@ impl RenderConfig {
             }
         }
         rebase(&mut self.output.root);
+        for clip in &mut self.clips {
+            clip.loras.iter_mut().flatten().for_each(|l| rebase(&mut l.path));
+            for images in clip.control_images.iter_mut().flatten() {
+                if images.as_os_str() != BUILTIN_POSE {
+                    rebase(images);
+                }
+            }
+        }
     }
 
     /// Clip `index`'s seed: its own, else `seed + index` (wrapping).
@@ -961,9 +1000,38 @@ impl RenderConfig {
         self.clips.get(index).and_then(|c| c.seed).unwrap_or(self.seed.wrapping_add(index as u64))
     }
 
-    /// Clip `index`'s frame count: its own, else the video's.
+    /// Clip `index`'s frame count: its own frames or seconds, else the video's.
     pub fn clip_frames(&self, index: usize) -> usize {
-        self.clips.get(index).and_then(|c| c.frames).unwrap_or_else(|| self.video.frames())
+        let clip = self.clips.get(index);
+        match (clip.and_then(|c| c.frames), clip.and_then(|c| c.seconds)) {
+            (Some(frames), _) => frames,
+            // `as` saturates; validation refuses what lands outside 1..=MAX_FRAMES.
+            (None, Some(seconds)) => (seconds * self.video.fps as f64).round() as usize,
+            (None, None) => self.video.frames(),
+        }
+    }
+
+    /// Clip `index`'s id: its own, else its folder's name `clip_NNN`.
+    pub fn clip_id(&self, index: usize) -> String {
+        self.clips.get(index).and_then(|c| c.id.clone()).unwrap_or_else(|| format!("clip_{:03}", index + 1))
+    }
+
+    /// Clip `index`'s LoRA set: its own list, else the config's.
+    pub fn clip_loras(&self, index: usize) -> &[LoraEntry] {
+        self.clips.get(index).and_then(|c| c.loras.as_deref()).unwrap_or(&self.loras)
+    }
+
+    /// The config as clip `index` renders it: its LoRA set and its control images in place of the
+    /// shared ones (every clip kept, so indices, seeds and folders stay those of the whole config).
+    pub fn for_clip(&self, index: usize) -> RenderConfig {
+        let mut config = self.clone();
+        config.loras = self.clip_loras(index).to_vec();
+        if let Some(images) = self.clips.get(index).and_then(|c| c.control_images.as_ref()) {
+            for (net, images) in config.controlnets.iter_mut().zip(images) {
+                net.images = images.clone();
+            }
+        }
+        config
     }
 
     /// The compute dtype.
@@ -978,21 +1046,7 @@ impl RenderConfig {
 
     /// The LoRAs as the loader takes them; an entry whose role does not parse is an error.
     pub fn lora_specs(&self) -> Result<Vec<LoraSpec>> {
-        self.loras
-            .iter()
-            .enumerate()
-            .map(|(i, entry)| {
-                let role = match &entry.role {
-                    Some(name) => Some(
-                        name.parse::<Role>().map_err(|e| Error::Input(format!("loras[{i}].role: {}", message(e))))?,
-                    ),
-                    None => None,
-                };
-                let mut spec = LoraSpec::new(&entry.path, entry.weight, role);
-                spec.text_encoder = entry.text_encoder_weight.unwrap_or(entry.weight);
-                Ok(spec)
-            })
-            .collect()
+        lora_specs_of(&self.loras, "loras")
     }
 
     /// Checks the whole config; every problem found is listed in the one `Error::Input`.
@@ -1009,12 +1063,17 @@ impl RenderConfig {
         )))
     }
 
-    fn problems(&self) -> Vec<String> {
+    pub(crate) fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         self.models.problems(&mut problems);
-        self.lora_problems(&mut problems);
+        self.lora_problems("loras", &self.loras, &mut problems);
         for (i, controlnet) in self.controlnets.iter().enumerate() {
-            controlnet.problems(&format!("controlnets[{i}]"), &mut problems);
+            // Checked as each clip uses it when every clip brings its own control images.
+            let all_own = !self.clips.is_empty()
+                && self.clips.iter().all(|c| c.control_images.as_ref().is_some_and(|images| images.len() > i));
+            if !all_own {
+                controlnet.problems(&format!("controlnets[{i}]"), &mut problems);
+            }
         }
         self.sampler_problems(&mut problems);
         self.video_problems(&mut problems);
@@ -1035,25 +1094,26 @@ impl RenderConfig {
         problems
     }
 
-    fn lora_problems(&self, problems: &mut Vec<String>) {
-        for (i, lora) in self.loras.iter().enumerate() {
-            regular_file(&format!("loras[{i}].path"), &lora.path, problems);
+    /// Problems of the LoRA list `entries` at `field` (the config's, or a clip's own set).
+    fn lora_problems(&self, field: &str, entries: &[LoraEntry], problems: &mut Vec<String>) {
+        for (i, lora) in entries.iter().enumerate() {
+            regular_file(&format!("{field}[{i}].path"), &lora.path, problems);
             for (key, weight) in [("weight", Some(lora.weight)), ("text_encoder_weight", lora.text_encoder_weight)] {
                 if let Some(w) = weight.filter(|w| !w.is_finite()) {
-                    problems.push(format!("loras[{i}].{key}: {w} is not a finite number"));
+                    problems.push(format!("{field}[{i}].{key}: {w} is not a finite number"));
                 }
             }
         }
-        match self.lora_specs() {
+        match lora_specs_of(entries, field) {
             Err(e) => problems.push(message(e)),
             Ok(specs) => {
                 if let Err(e) = roles::check(&specs) {
-                    problems.push(format!("loras: {}", message(e)));
+                    problems.push(format!("{field}: {}", message(e)));
                 }
                 if self.models.motion_adapter.is_none() {
                     for spec in specs.iter().filter(|s| s.role == Some(Role::Motion)) {
                         problems.push(format!(
-                            "loras: {} is a motion LoRA, which needs models.motion_adapter",
+                            "{field}: {} is a motion LoRA, which needs models.motion_adapter",
                             spec.path.display()
                         ));
                     }
@@ -1184,13 +1244,51 @@ impl RenderConfig {
         if self.clips.is_empty() {
             problems.push("clips: none; give at least one clip (a prompt)".into());
         }
+        let mut ids: HashMap<String, usize> = HashMap::new();
         for (i, clip) in self.clips.iter().enumerate() {
             let field = format!("clips[{i}]");
             if clip.prompt.trim().is_empty() {
                 problems.push(format!("{field}.prompt: empty"));
             }
-            if let Some(frames) = clip.frames {
-                self.frame_count_problem(&format!("{field}.frames"), frames, problems);
+            let id = self.clip_id(i);
+            let id_ok = !id.is_empty()
+                && id.len() <= 128
+                && !id.starts_with('.')
+                && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !id_ok {
+                problems.push(format!(
+                    "{field}.id: {id:?}; use 1 to 128 letters, digits, '-', '_' or '.', not starting with '.'"
+                ));
+            }
+            if let Some(first) = ids.insert(id.clone(), i) {
+                problems.push(format!("{field}.id: {id:?} is clips[{first}]'s id too; ids must be unique"));
+            }
+            if clip.frames.is_some() && clip.seconds.is_some() {
+                problems.push(format!("{field}: give frames or seconds, not both"));
+            }
+            match (clip.frames, clip.seconds) {
+                (Some(frames), _) => self.frame_count_problem(&format!("{field}.frames"), frames, problems),
+                (None, Some(seconds)) if !(seconds.is_finite() && seconds > 0.0) => {
+                    problems.push(format!("{field}.seconds: {seconds}; it must be a positive number"));
+                }
+                (None, Some(_)) => self.frame_count_problem(&format!("{field}.seconds"), self.clip_frames(i), problems),
+                (None, None) => {}
+            }
+            if let Some(loras) = &clip.loras {
+                self.lora_problems(&format!("{field}.loras"), loras, problems);
+            }
+            if let Some(images) = &clip.control_images {
+                if images.len() != self.controlnets.len() {
+                    problems.push(format!(
+                        "{field}.control_images: {} entries for {} controlnets; give one per controlnets entry",
+                        images.len(),
+                        self.controlnets.len()
+                    ));
+                } else {
+                    for (k, net) in self.for_clip(i).controlnets.iter().enumerate() {
+                        net.problems(&format!("{field}.control_images[{k}] (controlnets[{k}])"), problems);
+                    }
+                }
             }
             let frames = self.clip_frames(i);
             if !(1..=MAX_FRAMES).contains(&frames) {
@@ -1263,6 +1361,7 @@ impl RenderConfig {
         for (i, clip) in resolved.clips.iter_mut().enumerate() {
             clip.seed = Some(self.clip_seed(i));
             clip.frames = Some(self.clip_frames(i));
+            clip.seconds = None;
             if !clip.prompt_schedule.is_empty() {
                 clip.prompt_schedule = clip.prompt_keys();
             }

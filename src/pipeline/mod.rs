@@ -1,6 +1,7 @@
 //! The renderer: its configuration, context windows over long clips, the initial noise (FreeNoise,
 //! FreeInit), and the render loop itself (`render`).
 
+pub mod batch;
 pub mod config;
 pub mod free_init;
 pub mod noise_init;
@@ -8,4 +9,4 @@ pub mod random_models;
 pub mod render;
 pub mod windows;
 
-pub use render::{ClipOutcome, RenderOptions, RenderReport, render};
+pub use render::{ClipOutcome, RenderOptions, RenderReport, render, render_batch};

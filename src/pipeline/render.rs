@@ -47,7 +47,8 @@ use crate::models::{
 use crate::ops::Exec;
 use crate::ops::elementwise::{add, mul};
 use crate::ops::rows::{gather_rows, scatter_rows};
-use crate::output::{ClipOptions, Fps, GridCell, OutputTree, RgbImage, decode_png};
+use crate::output::{ClipOptions, Fps, OutputTree, RgbImage};
+use crate::pipeline::batch::{ClipSeconds, RunReport, Shard, lora_groups, preflight, shard_clips, write_prompt_grid};
 use crate::pipeline::config::{Component, ControlNetEntry, RenderConfig, is_json};
 use crate::pipeline::free_init::mix_frequencies;
 use crate::pipeline::noise_init::freenoise_frame_sources;
@@ -284,114 +285,172 @@ impl Target<'_> {
     }
 }
 
-/// Renders every clip of `config` into its outputs tree.
+/// Renders every clip of `config` into its outputs tree (`render_batch` without a shard).
 pub fn render(config: &RenderConfig, options: &RenderOptions) -> Result<RenderReport> {
-    config.validate()?;
+    render_batch(config, options, None)
+}
+
+/// What a batch has done so far.
+struct Batch {
+    report: RunReport,
+    outcomes: Vec<ClipOutcome>,
+    summary: Vec<String>,
+    /// The first clip that failed and why.
+    failure: Option<(usize, Error)>,
+}
+
+impl Batch {
+    fn fail(&mut self, config: &RenderConfig, index: usize, e: Error) {
+        self.mark_failed(config, index, &e.to_string(), e.exit_code());
+        if self.failure.is_none() {
+            self.failure = Some((index, e));
+        }
+    }
+
+    fn mark_failed(&mut self, config: &RenderConfig, index: usize, error: &str, exit_code: u8) {
+        eprintln!("clip {:03} ({}): failed: {error}", index + 1, config.clip_id(index));
+        if let Some(record) = self.report.record(index) {
+            record.status = "failed".into();
+            record.error = Some(error.to_string());
+            record.exit_code = Some(exit_code);
+        }
+    }
+}
+
+/// Renders the clips of `shard` (all without one) into the outputs tree. Everything is checked
+/// first (`batch::preflight`); the clips run grouped by LoRA set (`batch::lora_groups`), so each
+/// set's weights are prepared once. A clip that fails is recorded in the run report
+/// (`configs/run_report.json`, or the shard's) and the batch goes on; the first failure is then
+/// returned, with its own exit code. A whole run also writes the prompt grid; shards leave it to
+/// `celframe merge-report`.
+pub fn render_batch(config: &RenderConfig, options: &RenderOptions, shard: Option<Shard>) -> Result<RenderReport> {
+    preflight(config)?;
     let dtype = config.dtype()?;
     let device = config.device()?;
-    let started = Instant::now();
-    let checkpoints = Checkpoints::open(config)?;
-    let mut summary = Vec::new();
-    if let Some(l) = &checkpoints.loras {
-        summary.extend(l.summary.iter().cloned());
-    }
-    let tree = OutputTree::open(&config.output.root)?;
+    let clips = shard_clips(config, shard);
+    let root = &config.output.root;
+    let tree = match shard {
+        None => OutputTree::open(root)?,
+        Some(s) => {
+            let numbers: Vec<u32> = clips.iter().map(|&i| i as u32 + 1).collect();
+            OutputTree::open_shard(root, &format!("shard-{}-of-{}", s.index, s.count), &numbers)?
+        }
+    };
+    let mut batch = Batch {
+        report: RunReport::pending(config, shard, &clips),
+        outcomes: Vec::new(),
+        summary: Vec::new(),
+        failure: None,
+    };
+    batch.report.write(&tree)?;
+    let noise = options.noise.as_deref().map(|p| weights::open(p, "noise file")).transpose()?;
+    let groups = lora_groups(config, &clips);
     match device {
         Device::Cpu => {
             if options.timings {
                 eprintln!("--timings: the GPU time table needs CUDA; the CPU run reports stage times only");
             }
-            let models = Models::new(&checkpoints, Place::Host(dtype))?;
-            summary.push(format!("loaded the models on the CPU twins in {:.1} s", started.elapsed().as_secs_f64()));
-            let target = Target { ex: Exec::Cpu, dtype };
-            render_clips(config, options, &checkpoints, &models, target, &tree, summary)
+            for (loras, members) in &groups {
+                let group = RenderConfig { loras: loras.clone(), ..config.clone() };
+                let started = Instant::now();
+                let loaded = Checkpoints::open(&group).and_then(|c| Ok((Models::new(&c, Place::Host(dtype))?, c)));
+                let (models, checkpoints) = match loaded {
+                    Ok(loaded) => loaded,
+                    Err(e) => {
+                        fail_group(&mut batch, config, members, e);
+                        continue;
+                    }
+                };
+                batch.summary.extend(checkpoints.loras.iter().flat_map(|l| l.summary.iter().cloned()));
+                batch.summary.push(format!(
+                    "loaded the models on the CPU twins in {:.1} s for {} clip(s)",
+                    started.elapsed().as_secs_f64(),
+                    members.len()
+                ));
+                let target = Target { ex: Exec::Cpu, dtype };
+                let group = GroupRun { config: &group, options, checkpoints: &checkpoints, models: &models, target };
+                render_clips(&group, &tree, members, noise.as_ref(), &mut batch)?;
+            }
         }
         Device::Cuda => {
             let gpu = Gpu::from_env()?;
-            let weights_bytes = checkpoints.weight_bytes(dtype);
-            // LoRA factors are uploaded beside the weights while they merge.
-            let lora_bytes: u64 =
-                config.loras.iter().filter_map(|l| std::fs::metadata(&l.path).ok()).map(|m| m.len()).sum();
-            let weights = Arena::new("weights", weights_bytes + lora_bytes as usize + (256 << 20))?;
-            let scratch = Arena::new("scratch", most_of_memory(&gpu, weights_bytes))?;
-            let place = Place::Device { gpu: &gpu, arena: &weights, dtype };
-            let models = Models::new(&checkpoints, place)?;
-            summary.push(format!(
-                "loaded the models onto {} in {:.1} s ({:.2} GiB of weights)",
-                gpu.info().name,
-                started.elapsed().as_secs_f64(),
-                weights.used() as f64 / GIB
-            ));
-            let target = Target { ex: Exec::Cuda { gpu: &gpu, scratch: &scratch }, dtype };
             if options.timings {
                 gpu.start_profile();
             }
-            let rendered = render_clips(config, options, &checkpoints, &models, target, &tree, summary);
-            let table = if options.timings { Some(format_rows(&gpu.finish_profile()?)?) } else { None };
-            let mut report = rendered?;
-            if let Some(table) = table {
-                report.summary.push(format!("GPU time by model part and kind of pass (CUDA events):\n{table}"));
+            let mut peak = (0, 0);
+            for (loras, members) in &groups {
+                let group = RenderConfig { loras: loras.clone(), ..config.clone() };
+                let started = Instant::now();
+                let checkpoints = match Checkpoints::open(&group) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        fail_group(&mut batch, config, members, e);
+                        continue;
+                    }
+                };
+                let weights_bytes = checkpoints.weight_bytes(dtype);
+                // LoRA factors are uploaded beside the weights while they merge.
+                let lora_bytes: u64 =
+                    group.loras.iter().filter_map(|l| std::fs::metadata(&l.path).ok()).map(|m| m.len()).sum();
+                let arenas = Arena::new("weights", weights_bytes + lora_bytes as usize + (256 << 20)).and_then(|w| {
+                    let scratch = Arena::new("scratch", most_of_memory(&gpu, weights_bytes))?;
+                    Ok((w, scratch))
+                });
+                let (weights, scratch) = match arenas {
+                    Ok(a) => a,
+                    Err(e) => {
+                        fail_group(&mut batch, config, members, e);
+                        continue;
+                    }
+                };
+                let place = Place::Device { gpu: &gpu, arena: &weights, dtype };
+                let models = match Models::new(&checkpoints, place) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        fail_group(&mut batch, config, members, e);
+                        continue;
+                    }
+                };
+                batch.summary.extend(checkpoints.loras.iter().flat_map(|l| l.summary.iter().cloned()));
+                batch.summary.push(format!(
+                    "loaded the models onto {} in {:.1} s ({:.2} GiB of weights) for {} clip(s)",
+                    gpu.info().name,
+                    started.elapsed().as_secs_f64(),
+                    weights.used() as f64 / GIB,
+                    members.len()
+                ));
+                let target = Target { ex: Exec::Cuda { gpu: &gpu, scratch: &scratch }, dtype };
+                let run = GroupRun { config: &group, options, checkpoints: &checkpoints, models: &models, target };
+                render_clips(&run, &tree, members, noise.as_ref(), &mut batch)?;
+                peak = (peak.0.max(weights.used()), peak.1.max(scratch.peak()));
             }
-            report.summary.push(format!(
+            if options.timings {
+                let table = format_rows(&gpu.finish_profile()?)?;
+                batch.summary.push(format!("GPU time by model part and kind of pass (CUDA events):\n{table}"));
+            }
+            batch.summary.push(format!(
                 "peak GPU memory: {:.2} GiB (weights {:.2} GiB + activations {:.2} GiB)",
-                (weights.used() + scratch.peak()) as f64 / GIB,
-                weights.used() as f64 / GIB,
-                scratch.peak() as f64 / GIB
+                (peak.0 + peak.1) as f64 / GIB,
+                peak.0 as f64 / GIB,
+                peak.1 as f64 / GIB
             ));
-            Ok(report)
         }
     }
-}
-
-const GIB: f64 = (1u64 << 30) as f64;
-
-fn render_clips(
-    config: &RenderConfig,
-    options: &RenderOptions,
-    checkpoints: &Checkpoints,
-    models: &Models,
-    target: Target,
-    tree: &OutputTree,
-    mut summary: Vec<String>,
-) -> Result<RenderReport> {
-    let noise = options.noise.as_deref().map(|p| weights::open(p, "noise file")).transpose()?;
-    let mut clips = Vec::new();
-    let mut grid = Vec::new();
-    for index in 0..config.clips.len() {
-        let number = index as u32 + 1;
-        let outcome = if tree.clip_complete(number) && !config.output.replace {
-            eprintln!("clip {number:03}: complete from an earlier run, skipped");
-            ClipOutcome {
-                index,
-                skipped: true,
-                frames: config.clip_frames(index),
-                times: StageTimes::default(),
-                latents: None,
-                images: None,
-                mp4: None,
-            }
-        } else {
-            render_clip(config, options, checkpoints, models, target, tree, index, noise.as_ref())?
-        };
-        let first = tree.clip_dir(number).join("frames").join("000000.png");
-        if let Ok(bytes) = std::fs::read(&first) {
-            grid.push(GridCell { image: decode_png(&bytes)?, caption: config.clips[index].prompt.clone() });
+    if shard.is_none() {
+        let cells: Vec<(usize, String)> = clips.iter().map(|&i| (i, config.clips[i].prompt.clone())).collect();
+        if let Some(path) = write_prompt_grid(&tree, &cells)? {
+            batch.summary.push(format!("prompt grid: {}", path.display()));
         }
-        clips.push(outcome);
     }
-    if !grid.is_empty() {
-        let name = config.output.root.file_name().map_or("render".to_string(), |n| n.to_string_lossy().to_string());
-        let path = tree.write_prompt_grid(&name, &grid)?;
-        summary.push(format!("prompt grid: {}", path.display()));
-    }
-    write_configs(config, tree)?;
-    for c in &clips {
-        if c.skipped {
-            continue;
-        }
+    write_configs(config, &tree)?;
+    let report_path = batch.report.write(&tree)?;
+    let mut outcomes = std::mem::take(&mut batch.outcomes);
+    outcomes.sort_by_key(|c| c.index);
+    let mut summary = std::mem::take(&mut batch.summary);
+    summary.extend(outcomes.iter().filter(|c| !c.skipped).map(|c| {
         let t = &c.times;
         let total = t.text + t.denoise + t.decode_and_write;
-        summary.push(format!(
+        format!(
             "clip {:03}: {} frames in {total:.2} s ({:.2} frames/s): text {:.2} s, denoise {:.2} s, decode + write {:.2} s{}",
             c.index + 1,
             c.frames,
@@ -400,9 +459,108 @@ fn render_clips(
             t.denoise,
             t.decode_and_write,
             c.mp4.as_ref().map_or(String::new(), |(p, e)| format!("; {} by {e}", p.display()))
-        ));
+        )
+    }));
+    let r = &batch.report;
+    summary.push(format!(
+        "{} clip(s): {} done, {} skipped, {} failed; report {}",
+        r.clips.len(),
+        r.done,
+        r.skipped,
+        r.failed,
+        report_path.display()
+    ));
+    if let Some((index, e)) = batch.failure {
+        for line in &summary {
+            eprintln!("{line}");
+        }
+        let prefix = format!(
+            "{} of {} clip(s) failed (see {}); the first, clip {:03} ({}): ",
+            r.failed,
+            r.clips.len(),
+            report_path.display(),
+            index + 1,
+            config.clip_id(index)
+        );
+        return Err(e.with_prefix(&prefix));
     }
-    Ok(RenderReport { clips, summary })
+    Ok(RenderReport { clips: outcomes, summary })
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Every clip of a LoRA group fails with the group's setup error.
+fn fail_group(batch: &mut Batch, config: &RenderConfig, members: &[usize], e: Error) {
+    let (text, code) = (e.to_string(), e.exit_code());
+    for &index in &members[1..] {
+        batch.mark_failed(config, index, &text, code);
+    }
+    batch.fail(config, members[0], e);
+}
+
+/// What the clips of one LoRA group share.
+struct GroupRun<'a> {
+    /// The config with the group's LoRA set.
+    config: &'a RenderConfig,
+    options: &'a RenderOptions,
+    checkpoints: &'a Checkpoints,
+    models: &'a Models,
+    target: Target<'a>,
+}
+
+/// Renders `members` (clip indices), skipping complete clips, recording each in the run report
+/// (rewritten after every clip, so an interrupted batch leaves a report). Only a report that
+/// cannot be written stops the batch.
+fn render_clips(
+    group: &GroupRun,
+    tree: &OutputTree,
+    members: &[usize],
+    noise: Option<&weights::TensorFile>,
+    batch: &mut Batch,
+) -> Result<()> {
+    let config = group.config;
+    for &index in members {
+        let number = index as u32 + 1;
+        let started = Instant::now();
+        let result = if tree.clip_complete(number) && !config.output.replace {
+            eprintln!("clip {number:03}: complete from an earlier run, skipped");
+            Ok(ClipOutcome {
+                index,
+                skipped: true,
+                frames: config.clip_frames(index),
+                times: StageTimes::default(),
+                latents: None,
+                images: None,
+                mp4: None,
+            })
+        } else {
+            let clip = config.for_clip(index);
+            render_clip(&clip, group.options, group.checkpoints, group.models, group.target, tree, index, noise)
+        };
+        match result {
+            Ok(outcome) => {
+                if let Some(record) = batch.report.record(index) {
+                    record.status = if outcome.skipped { "skipped" } else { "done" }.into();
+                    let t = &outcome.times;
+                    record.seconds = (!outcome.skipped).then(|| ClipSeconds {
+                        text: t.text,
+                        denoise: t.denoise,
+                        decode_and_write: t.decode_and_write,
+                        total: started.elapsed().as_secs_f64(),
+                    });
+                }
+                batch.outcomes.push(outcome);
+            }
+            Err(e) => {
+                batch.fail(config, index, e);
+                if let Some(record) = batch.report.record(index) {
+                    record.seconds = Some(ClipSeconds { total: started.elapsed().as_secs_f64(), ..Default::default() });
+                }
+            }
+        }
+        batch.report.write(tree)?;
+    }
+    Ok(())
 }
 
 /// `configs/pipeline_config.json` (the resolved config and versions), `lora_versions.json`,
@@ -852,6 +1010,14 @@ fn render_clip(
         run.sample_clip(g, &initial)?
     };
     times.denoise = t1.elapsed().as_secs_f64();
+    if let Some(at) = x.iter().position(|v| !v.is_finite()) {
+        // Found before anything is written, so the clip leaves no folder and a rerun tries again.
+        return Err(Error::Input(format!(
+            "clip {number:03}: the sampled latents of frame {} are not finite (NaN or infinity); f16 overflow is the \
+             usual cause (try dtype bf16 or f32, or lower LoRA weights or cfg)",
+            at / g.frame_len()
+        )));
+    }
 
     let t2 = Instant::now();
     let _decode_range = nvtx::range(&format!("clip {number} decode and write"));

@@ -1,0 +1,240 @@
+//! Batch rendering on the tiny models (examples/tiny-manifest.toml): per-clip overrides, the
+//! stable shard assignment, the scheduler's shard variables, the up-front check listing every
+//! problem, a clip that fails late recorded while the batch goes on, and N shards (run at once
+//! into one outputs tree, then `merge-report`) giving the same bytes as one process.
+
+#[path = "common/unet_fixtures.rs"]
+mod unet_fixtures;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use celframe::pipeline::batch::{RunReport, Shard, lora_groups, preflight, shard_clips};
+use celframe::pipeline::config::RenderConfig;
+use celframe::pipeline::{RenderOptions, render};
+use unet_fixtures::{TempDir, fixtures};
+
+fn manifest_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiny-manifest.toml")
+}
+
+fn manifest() -> RenderConfig {
+    RenderConfig::load(&manifest_path()).unwrap()
+}
+
+#[test]
+fn clips_override_the_shared_settings() {
+    let config = manifest();
+    config.validate().unwrap();
+    let frames: Vec<usize> = (0..4).map(|i| config.clip_frames(i)).collect();
+    // seconds = 0.5 at 8 fps is 4 frames; the others keep the shared 8 or set their own.
+    assert_eq!(frames, [8, 6, 4, 8]);
+    assert_eq!((config.clip_seed(0), config.clip_seed(1), config.clip_seed(3)), (7, 100, 10));
+    assert!(config.clip_loras(0).is_empty());
+    assert!(config.for_clip(1).loras[0].path.ends_with("lora_te_only.safetensors"));
+    assert!(config.for_clip(2).controlnets[0].images.ends_with("control_pose_coco.json"));
+    assert_eq!(config.for_clip(0).controlnets[0].images, PathBuf::from("builtin:pose"));
+    // Two LoRA sets: each merged once, clips in manifest order within their set.
+    let groups: Vec<Vec<usize>> = lora_groups(&config, &[0, 1, 2, 3]).into_iter().map(|(_, m)| m).collect();
+    assert_eq!(groups, [vec![0, 2], vec![1, 3]]);
+    let resolved = config.resolved();
+    assert_eq!(resolved.clips[2].frames, Some(4));
+    assert_eq!(resolved.clips[2].seconds, None);
+}
+
+#[test]
+fn shards_partition_the_clips_by_id_order() {
+    let config = manifest();
+    // Ids sorted: pose-json (2), run-lora (3), walk (0), wave-lora (1); shard I takes positions
+    // I, I + N, ...
+    assert_eq!(shard_clips(&config, Some(Shard { index: 0, count: 2 })), [0, 2]);
+    assert_eq!(shard_clips(&config, Some(Shard { index: 1, count: 2 })), [1, 3]);
+    assert_eq!(shard_clips(&config, Some(Shard { index: 0, count: 3 })), [1, 2]);
+    assert_eq!(shard_clips(&config, Some(Shard { index: 2, count: 3 })), [0]);
+    for count in 1..=5 {
+        let mut all: Vec<usize> =
+            (0..count).flat_map(|index| shard_clips(&config, Some(Shard { index, count }))).collect();
+        all.sort_unstable();
+        assert_eq!(all, [0, 1, 2, 3], "{count} shards");
+    }
+    assert_eq!(shard_clips(&config, None), [0, 1, 2, 3]);
+}
+
+#[test]
+fn the_scheduler_picks_the_shard() {
+    let from = |vars: &[(&str, &str)], count: Option<usize>| {
+        let vars: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Shard::from_scheduler(|name| vars.get(name).cloned(), count)
+    };
+    let slurm = [("SLURM_ARRAY_TASK_ID", "5"), ("SLURM_ARRAY_TASK_MIN", "4"), ("SLURM_ARRAY_TASK_COUNT", "3")];
+    assert_eq!(from(&slurm, None).unwrap(), Some(Shard { index: 1, count: 3 }));
+    assert_eq!(from(&[("SLURM_ARRAY_TASK_ID", "2")], Some(4)).unwrap(), Some(Shard { index: 2, count: 4 }));
+    assert_eq!(from(&[("JOB_COMPLETION_INDEX", "2"), ("CELFRAME_SHARD_COUNT", "3")], None).unwrap().unwrap().index, 2);
+    assert_eq!(from(&[], None).unwrap(), None);
+    for (vars, count, says) in [
+        (&[("JOB_COMPLETION_INDEX", "0")][..], None, "--shard-count"),
+        (&[("JOB_COMPLETION_INDEX", "3")][..], Some(3), "shard 3 of 3"),
+        (&[("SLURM_ARRAY_TASK_ID", "x")][..], None, "SLURM_ARRAY_TASK_ID"),
+        (&[][..], Some(2), "without a shard index"),
+    ] {
+        let e = from(vars, count).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains(says), "{vars:?}: {e}");
+    }
+    assert_eq!(Shard::parse("1/3").unwrap(), Shard { index: 1, count: 3 });
+    for bad in ["3/3", "a/b", "0/0", "2"] {
+        assert_eq!(Shard::parse(bad).unwrap_err().exit_code(), 2, "{bad}");
+    }
+}
+
+#[test]
+fn every_problem_is_listed_before_any_weight_is_converted() {
+    let dir = TempDir::new("batch-preflight");
+    let mut config = manifest();
+    // Deep problems: a LoRA whose UNet keys do not fit the tiny UNet, a control PNG that does
+    // not decode.
+    config.clips[1].loras.as_mut().unwrap()[0].path = fixtures().join("lora_te_kohya.safetensors");
+    let garbage = dir.path("broken.png");
+    std::fs::write(&garbage, b"not a png").unwrap();
+    config.clips[2].control_images = Some(vec![garbage]);
+    let e = preflight(&config).unwrap_err();
+    assert_eq!(e.exit_code(), 2);
+    let text = e.to_string();
+    assert!(text.contains("2 problems"), "{text}");
+    assert!(text.contains("clips[1].loras: ") && text.contains("is [32, 32]"), "{text}");
+    assert!(text.contains("clips[2] (pose-json) controlnets[0].images: ") && text.contains("broken.png"), "{text}");
+    // Rule problems alongside: a missing LoRA, both frames and seconds, a duplicate id.
+    config.clips[3].loras.as_mut().unwrap()[0].path = dir.path("missing.safetensors");
+    (config.clips[0].frames, config.clips[0].seconds) = (Some(8), Some(1.0));
+    config.clips[3].id = Some("walk".into());
+    let text = preflight(&config).unwrap_err().to_string();
+    for says in [
+        "clips[1].loras: ",
+        "clips[3].loras[0].path: ",
+        "missing.safetensors: no such file",
+        "clips[0]: give frames or seconds, not both",
+        "clips[3].id: \"walk\" is clips[0]'s id too",
+    ] {
+        assert!(text.contains(says), "{says}: {text}");
+    }
+}
+
+/// The manifest's first `clips` clips, written into `out`.
+fn small_batch(out: &Path, clips: usize) -> RenderConfig {
+    let mut config = manifest();
+    config.clips.truncate(clips);
+    config.output.root = out.to_path_buf();
+    config
+}
+
+fn read_report(path: &Path) -> RunReport {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn a_clip_that_fails_late_is_recorded_and_the_batch_goes_on() {
+    let dir = TempDir::new("batch-fail");
+    let out = dir.path("out");
+    let config = small_batch(&out, 3);
+    // A file where clip 2's folder goes: found only when the clip is written, after sampling.
+    std::fs::create_dir_all(out.join("video")).unwrap();
+    std::fs::write(out.join("video/clip_002"), b"in the way").unwrap();
+    let Err(e) = render(&config, &RenderOptions::default()) else { panic!("the blocked clip did not fail") };
+    assert_eq!(e.exit_code(), 2);
+    assert!(e.to_string().contains("1 of 3 clip(s) failed"), "{e}");
+    let report = read_report(&out.join("configs/run_report.json"));
+    let status: Vec<&str> = report.clips.iter().map(|c| c.status.as_str()).collect();
+    assert_eq!(status, ["done", "failed", "done"]);
+    assert_eq!((report.done, report.failed, report.pending), (2, 1, 0));
+    let failed = &report.clips[1];
+    assert_eq!((failed.id.as_str(), failed.exit_code), ("wave-lora", Some(2)));
+    assert!(failed.error.as_deref().unwrap().contains("clip_002"), "{failed:?}");
+    assert!(report.clips[0].seconds.as_ref().unwrap().denoise > 0.0);
+    assert!(out.join("video/clip_003/frames/000000.png").is_file());
+    // The rerun renders only the failed clip.
+    std::fs::remove_file(out.join("video/clip_002")).unwrap();
+    let rerun = render(&config, &RenderOptions::default()).unwrap();
+    let skipped: Vec<bool> = rerun.clips.iter().map(|c| c.skipped).collect();
+    assert_eq!(skipped, [true, false, true]);
+    let report = read_report(&out.join("configs/run_report.json"));
+    assert_eq!((report.done, report.skipped, report.failed), (1, 2, 0));
+}
+
+fn celframe(args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_celframe"))
+        .args(args)
+        .env_remove("SLURM_ARRAY_TASK_ID")
+        .env_remove("JOB_COMPLETION_INDEX")
+        .env_remove("CELFRAME_SHARD_COUNT")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn wait(child: std::process::Child, what: &str) {
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Every file under `root` except the run reports and lock files, by relative path.
+fn tree_files(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            if path.is_dir() {
+                stack.push(path);
+            } else if !name.starts_with("run_report") && !name.starts_with(".lock-") {
+                files.insert(path.strip_prefix(root).unwrap().to_path_buf(), std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    files
+}
+
+#[test]
+fn shards_together_write_what_one_process_writes() {
+    let dir = TempDir::new("batch-shards");
+    let manifest = manifest_path();
+    let manifest = manifest.to_str().unwrap();
+    let single = dir.path("single");
+    wait(celframe(&["render", manifest, "--out", single.to_str().unwrap()]), "single run");
+    let expected = tree_files(&single);
+    assert!(expected.keys().any(|p| p.ends_with("video/clip_004/clip_004.mp4")), "{:?}", expected.keys());
+    assert!(expected.contains_key(Path::new("images/prompt_grid_single.png")));
+    let single_report = read_report(&single.join("configs/run_report.json"));
+    assert_eq!(single_report.done, 4);
+    for count in [2usize, 3] {
+        // Named like the single run's folder: the prompt grid's file name is the folder's.
+        let out = dir.path(&format!("{count}/single"));
+        let out_arg = out.to_str().unwrap();
+        let shards: Vec<_> = (0..count)
+            .map(|i| celframe(&["render", manifest, "--out", out_arg, "--shard", &format!("{i}/{count}")]))
+            .collect();
+        for (i, child) in shards.into_iter().enumerate() {
+            wait(child, &format!("shard {i}/{count}"));
+        }
+        assert!(!out.join("images/prompt_grid_single.png").exists(), "a shard wrote the grid");
+        wait(celframe(&["merge-report", out_arg]), "merge-report");
+        let got = tree_files(&out);
+        assert_eq!(got.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "{count} shards");
+        for (path, bytes) in &expected {
+            let mut got = got[path].clone();
+            if path.ends_with("pipeline_config.json") {
+                // The resolved config names its output folder.
+                let text = String::from_utf8(got).unwrap();
+                got = text.replace(out_arg, single.to_str().unwrap()).into_bytes();
+            }
+            assert!(got == *bytes, "{count} shards: {} differs", path.display());
+        }
+        let merged = read_report(&out.join("configs/run_report.json"));
+        assert_eq!(merged.merged_shards, Some(count));
+        let strip = |r: &RunReport| -> Vec<(usize, String, String)> {
+            r.clips.iter().map(|c| (c.index, c.id.clone(), c.status.clone())).collect()
+        };
+        assert_eq!(strip(&merged), strip(&single_report));
+    }
+}

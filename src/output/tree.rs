@@ -149,16 +149,7 @@ impl OutputTree {
     /// exclusive lock, and removes what an interrupted run left: temporary files and partial clip
     /// folders.
     pub fn open(root: &Path) -> Result<OutputTree> {
-        if let Ok(meta) = fs::metadata(root)
-            && !meta.is_dir()
-        {
-            return Err(Error::Input(format!("output folder {}: exists and is not a folder", root.display())));
-        }
-        for sub in ["", "images", "video", "configs"] {
-            let dir = root.join(sub);
-            fs::create_dir_all(&dir).map_err(io_error("creating output folder", &dir))?;
-        }
-        let lock = File::open(root).map_err(io_error("opening output folder", root))?;
+        let lock = create_tree(root)?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -192,16 +183,7 @@ impl OutputTree {
     /// (the shard's); temporaries of shared files wait for the next `open`.
     pub fn open_shard(root: &Path, name: &str, clips: &[u32]) -> Result<OutputTree> {
         check_name(name, "shard name")?;
-        if let Ok(meta) = fs::metadata(root)
-            && !meta.is_dir()
-        {
-            return Err(Error::Input(format!("output folder {}: exists and is not a folder", root.display())));
-        }
-        for sub in ["", "images", "video", "configs"] {
-            let dir = root.join(sub);
-            fs::create_dir_all(&dir).map_err(io_error("creating output folder", &dir))?;
-        }
-        let lock = File::open(root).map_err(io_error("opening output folder", root))?;
+        let lock = create_tree(root)?;
         let busy =
             |what: &str| Error::Input(format!("output folder {}: {what} (it holds the folder's lock)", root.display()));
         match lock.try_lock_shared() {
@@ -551,4 +533,19 @@ impl Drop for ClipWriter {
         self.video = None;
         let _ = fs::remove_dir_all(&self.staging);
     }
+}
+
+/// Creates `root` with `images/`, `video/` and `configs/` (a file in its place is refused) and
+/// opens the root folder for locking.
+fn create_tree(root: &Path) -> Result<File> {
+    if let Ok(meta) = fs::metadata(root)
+        && !meta.is_dir()
+    {
+        return Err(Error::Input(format!("output folder {}: exists and is not a folder", root.display())));
+    }
+    for sub in ["", "images", "video", "configs"] {
+        let dir = root.join(sub);
+        fs::create_dir_all(&dir).map_err(io_error("creating output folder", &dir))?;
+    }
+    File::open(root).map_err(io_error("opening output folder", root))
 }

@@ -19,7 +19,7 @@ use crate::models::lora::{self, Targets};
 use crate::models::vae::open_vae;
 use crate::models::{open_motion, open_unet};
 use crate::output::{GridCell, OutputTree, decode_png};
-use crate::pipeline::config::{Component, LoraEntry, RenderConfig};
+use crate::pipeline::config::{Component, LoraEntry, RenderConfig, problems_error};
 use crate::pipeline::render::control_hints;
 use crate::text::prompt::parse_prompt;
 
@@ -194,15 +194,7 @@ pub fn preflight(config: &RenderConfig) -> Result<()> {
     if clear(&rules, &["video", "controlnets"]) {
         control_problems(config, &rules, &mut problems);
     }
-    if problems.is_empty() {
-        return Ok(());
-    }
-    Err(Error::Input(format!(
-        "{} problem{} in the render config:\n  - {}",
-        problems.len(),
-        if problems.len() > 1 { "s" } else { "" },
-        problems.join("\n  - ")
-    )))
+    problems_error(problems)
 }
 
 /// Every checkpoint opened (headers and configs parsed; weights only mapped) and the modules a

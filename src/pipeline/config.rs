@@ -1051,16 +1051,7 @@ impl RenderConfig {
 
     /// Checks the whole config; every problem found is listed in the one `Error::Input`.
     pub fn validate(&self) -> Result<()> {
-        let problems = self.problems();
-        if problems.is_empty() {
-            return Ok(());
-        }
-        Err(Error::Input(format!(
-            "{} problem{} in the render config:\n  - {}",
-            problems.len(),
-            if problems.len() > 1 { "s" } else { "" },
-            problems.join("\n  - ")
-        )))
+        problems_error(self.problems())
     }
 
     pub(crate) fn problems(&self) -> Vec<String> {
@@ -1396,4 +1387,17 @@ impl RenderConfig {
         // Only a path that is not UTF-8 fails to serialise, and `validate` refuses those.
         serde_json::to_value(self.resolved()).unwrap_or(serde_json::Value::Null)
     }
+}
+
+/// Every problem found in a render config as the one `Error::Input` that lists them (Ok when none).
+pub(crate) fn problems_error(problems: Vec<String>) -> Result<()> {
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Input(format!(
+        "{} problem{} in the render config:\n  - {}",
+        problems.len(),
+        if problems.len() > 1 { "s" } else { "" },
+        problems.join("\n  - ")
+    )))
 }

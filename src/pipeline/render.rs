@@ -833,17 +833,9 @@ impl ClipControl {
     }
 
     /// The distinct hint images of the clip frames `list` (told apart by identity: frames holding
-    /// one keyframe share its prepared image), and for each frame the index of its image there.
-    fn distinct_hints(&self, list: &[usize]) -> Result<(Vec<&HintImage>, Vec<usize>)> {
-        let (distinct, pick) = self.distinct_hints_or_none(list);
-        let distinct = distinct.into_iter().collect::<Option<Vec<_>>>().ok_or_else(|| {
-            Error::Internal(format!("a ControlNet runs on frames {list:?} of which some have no hint image"))
-        })?;
-        Ok((distinct, pick))
-    }
-
-    /// `distinct_hints` where a frame without a hint counts as one more image, None.
-    fn distinct_hints_or_none(&self, list: &[usize]) -> (Vec<Option<&HintImage>>, Vec<usize>) {
+    /// one keyframe share its prepared image; frames without a hint share None), and for each
+    /// frame the index of its image there.
+    fn distinct_hints(&self, list: &[usize]) -> (Vec<Option<&HintImage>>, Vec<usize>) {
         let mut distinct: Vec<Option<&HintImage>> = Vec::new();
         let mut pick = Vec::with_capacity(list.len());
         for &f in list {
@@ -1271,7 +1263,7 @@ enum CacheKey {
     /// ControlNet `n`'s embedded distinct hint images of these frames (`distinct_hints`).
     Hints(usize, Vec<usize>),
     /// Union `n`'s condition `j`'s embedded distinct hint images of these frames, a zero image
-    /// for frames without one (`distinct_hints_or_none`).
+    /// for frames without one (`ClipControl::distinct_hints`).
     ConditionHints(usize, usize, Vec<usize>),
 }
 
@@ -1451,6 +1443,36 @@ impl WindowBatch<'_> {
         })
     }
 
+    /// The embedded hints of the clip frames `list` for both CFG halves: each distinct hint image
+    /// of `control` (a zero image for frames without one) uploaded and embedded by `embed` once
+    /// per segment under `key`, then picked for every row.
+    fn hint_rows(
+        &self,
+        cache: &mut InputCache,
+        key: CacheKey,
+        control: &ClipControl,
+        list: &[usize],
+        embed: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let (target, g) = (self.target, self.g);
+        let (distinct, pick) = control.distinct_hints(list);
+        let embedded = cache
+            .get_or(key, || {
+                let side = g.height * g.width * 3;
+                let mut values = Vec::with_capacity(distinct.len() * side);
+                for d in &distinct {
+                    match d {
+                        Some(h) => values.extend_from_slice(h),
+                        None => values.resize(values.len() + side, 0.0),
+                    }
+                }
+                embed(&target.tensor(&[distinct.len(), g.height, g.width, 3], target.dtype, &values)?)
+            })?
+            .clone();
+        let rows_pick: Vec<usize> = (0..self.videos).flat_map(|_| pick.iter().copied()).collect();
+        gather_rows(&target.ex, &embedded, &rows_pick)
+    }
+
     /// Every residual's row r times `factors[r]`.
     fn scale_rows(&self, r: UnetResiduals, factors: &[f32]) -> Result<UnetResiduals> {
         let (ex, target) = (self.target.ex, self.target);
@@ -1471,7 +1493,7 @@ fn plain_residuals(
     control: &ClipControl,
     cache: &mut InputCache,
 ) -> Result<Option<UnetResiduals>> {
-    let (ex, target, g, window, videos) = (b.target.ex, b.target, b.g, b.window, b.videos);
+    let (ex, window, videos) = (b.target.ex, b.window, b.videos);
     let frames = window.len();
     if !control.active_at(b.step.index, b.step.of) || window.iter().all(|&f| control.strengths[f] == 0.0) {
         return Ok(None);
@@ -1479,18 +1501,12 @@ fn plain_residuals(
     // Only the frames with a hint run through the net; the others' rows get zero residuals.
     let active: Vec<usize> = (0..frames).filter(|&k| control.strengths[window[k]] > 0.0).collect();
     let list: Vec<usize> = active.iter().map(|&k| window[k]).collect();
-    // The distinct hint images of these frames (frames holding a keyframe share its image),
-    // uploaded and embedded once per segment; each row of both CFG halves picks its own.
-    let (distinct, pick) = control.distinct_hints(&list)?;
-    let embedded = cache
-        .get_or(CacheKey::Hints(n, list.clone()), || {
-            let values: Vec<f32> = distinct.iter().flat_map(|h| h.iter().copied()).collect();
-            let images = target.tensor(&[distinct.len(), g.height, g.width, 3], target.dtype, &values)?;
-            net.embed_hints(&ex, &images)
-        })?
-        .clone();
-    let rows_pick: Vec<usize> = (0..videos).flat_map(|_| pick.iter().copied()).collect();
-    let hint = gather_rows(&ex, &embedded, &rows_pick)?;
+    if let Some(f) = list.iter().find(|&&f| control.hints[f].is_none()) {
+        return Err(Error::Internal(format!("a ControlNet runs on frame {f}, which has no hint image")));
+    }
+    // Frames holding a keyframe share its image: embedded once per segment.
+    let hint =
+        b.hint_rows(cache, CacheKey::Hints(n, list.clone()), control, &list, |images| net.embed_hints(&ex, images))?;
     let r = b.on_frames(&active, cache, |inputs, frames| {
         net.forward_frames_embedded(&ex, inputs, &hint, frames, control.scale)
     })?;
@@ -1524,7 +1540,7 @@ fn union_residuals(
     controls: &[ClipControl],
     cache: &mut InputCache,
 ) -> Result<Option<UnetResiduals>> {
-    let (ex, target, g, window, videos) = (b.target.ex, b.target, b.g, b.window, b.videos);
+    let (ex, window, videos) = (b.target.ex, b.window, b.videos);
     // start, end and guess mode are the entry's, the same in every condition.
     let Some(entry) = controls.first() else { return Ok(None) };
     if !entry.active_at(b.step.index, b.step.of) {
@@ -1539,24 +1555,9 @@ fn union_residuals(
     let mut features = Vec::with_capacity(controls.len());
     let mut scales = Vec::with_capacity(controls.len());
     for (j, c) in controls.iter().enumerate() {
-        // Embedded once per segment, as the plain path's hints (a zero image stands for "none").
-        let (distinct, pick) = c.distinct_hints_or_none(&list);
-        let embedded = cache
-            .get_or(CacheKey::ConditionHints(n, j, list.clone()), || {
-                let side = g.height * g.width * 3;
-                let mut values = Vec::with_capacity(distinct.len() * side);
-                for d in &distinct {
-                    match d {
-                        Some(h) => values.extend_from_slice(h),
-                        None => values.resize(values.len() + side, 0.0),
-                    }
-                }
-                let images = target.tensor(&[distinct.len(), g.height, g.width, 3], target.dtype, &values)?;
-                net.embed_hints(&ex, &images)
-            })?
-            .clone();
-        let rows_pick: Vec<usize> = (0..videos).flat_map(|_| pick.iter().copied()).collect();
-        features.push(gather_rows(&ex, &embedded, &rows_pick)?);
+        // A zero image stands for "no hint" on a frame.
+        let key = CacheKey::ConditionHints(n, j, list.clone());
+        features.push(b.hint_rows(cache, key, c, &list, |images| net.embed_hints(&ex, images))?);
         let s = c.scale.conditioning_scale;
         scales.push((0..videos).flat_map(|_| list.iter().map(move |&f| s * c.strengths[f])).collect::<Vec<f32>>());
     }

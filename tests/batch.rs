@@ -120,6 +120,29 @@ fn every_problem_is_listed_before_any_weight_is_converted() {
     }
 }
 
+#[test]
+fn a_union_entrys_condition_images_are_checked_by_condition() {
+    // A Union entry has no images of its own: the check decodes each condition's and names it.
+    let dir = TempDir::new("batch-union");
+    let mut config = manifest();
+    let condition = |kind: &str, images: &Path| {
+        serde_json::from_value(serde_json::json!({ "kind": kind, "images": images })).unwrap()
+    };
+    let garbage = dir.path("broken.png");
+    std::fs::write(&garbage, b"not a png").unwrap();
+    config.controlnets[0].conditions =
+        vec![condition("openpose", Path::new("builtin:pose")), condition("depth", &garbage)];
+    config.controlnets[0].kind.clear();
+    config.controlnets[0].images = PathBuf::new();
+    config.clips.truncate(1);
+    let text = preflight(&config).unwrap_err().to_string();
+    assert!(text.contains("1 problem"), "{text}");
+    assert!(text.contains("controlnets[0].conditions[1].images: ") && text.contains("broken.png"), "{text}");
+    let pose = fixtures().join("control_pose_coco.json");
+    config.controlnets[0].conditions[1] = condition("openpose", &pose);
+    preflight(&config).unwrap();
+}
+
 /// The manifest's first `clips` clips, written into `out`.
 fn small_batch(out: &Path, clips: usize) -> RenderConfig {
     let mut config = manifest();

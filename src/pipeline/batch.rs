@@ -230,12 +230,16 @@ fn control_problems(config: &RenderConfig, rules: &[String], problems: &mut Vec<
         }
         let frames = config.clip_frames(i);
         for (k, net) in config.for_clip(i).controlnets.iter().enumerate() {
-            if checked.insert((net.images.clone(), frames), ()).is_some() {
-                continue;
-            }
-            let hints = control_hints(net, frames, video.fps, video.width as u32, video.height as u32);
-            if let Err(e) = hints {
-                problems.push(format!("clips[{i}] ({}) controlnets[{k}].images: {}", config.clip_id(i), message(e)));
+            // A Union entry's images are its conditions'.
+            for (j, hint) in net.hint_entries().iter().enumerate() {
+                if checked.insert((hint.images.clone(), frames), ()).is_some() {
+                    continue;
+                }
+                let hints = control_hints(hint, frames, video.fps, video.width as u32, video.height as u32);
+                if let Err(e) = hints {
+                    let at = if net.is_union() { format!("conditions[{j}].images") } else { "images".into() };
+                    problems.push(format!("clips[{i}] ({}) controlnets[{k}].{at}: {}", config.clip_id(i), message(e)));
+                }
             }
         }
     }

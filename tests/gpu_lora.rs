@@ -44,7 +44,7 @@ use celframe::ops::lora::{
     DeltaFactors, DeltaTerm, DoraNorm, DoraTerm, LayerDelta, merge_deltas, merge_gemm, merged_host,
 };
 use celframe::{DType, Error, Tensor};
-use common::{assert_close, randn};
+use common::{TempDir, assert_close, randn};
 
 /// A layer's weight and terms (and DoRA rescale) as owned tensors (host or device), made once and
 /// borrowed by `LayerDelta` for either side.
@@ -873,5 +873,95 @@ fn device_sets_merge_and_switch_like_the_host_merge() {
         sets[1].merge_into(&ex, weights).unwrap();
         check("merge_into B", Some(merges[1]));
         rig.scratch.reset();
+    }
+}
+
+/// A kohya LoRA (rank 4, alpha 4) on the tiny pipeline UNet's attention projections and on both
+/// text encoders (tests/fixtures/lora_te_only.safetensors's modules), written into `dir`.
+fn tiny_pipeline_lora(dir: &TempDir, name: &str, seed: u64) -> std::path::PathBuf {
+    let te_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora_te_only.safetensors");
+    let te_bytes = std::fs::read(te_path).unwrap();
+    let te = safetensors::SafeTensors::deserialize(&te_bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> =
+        te.tensors().into_iter().map(|(k, v)| (k, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
+    let f32_bytes = |v: Vec<f32>| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    for (i, (module, inputs)) in [
+        ("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q", 32),
+        ("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k", 192),
+        ("lora_unet_up_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 32),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let s = seed * 10 + i as u64;
+        let f32 = safetensors::Dtype::F32;
+        tensors.push((
+            format!("{module}.lora_down.weight"),
+            f32,
+            vec![4, inputs],
+            f32_bytes(randn(4 * inputs, s, 0.3, 0.0)),
+        ));
+        tensors.push((format!("{module}.lora_up.weight"), f32, vec![32, 4], f32_bytes(randn(32 * 4, s + 5, 0.3, 0.0))));
+        tensors.push((format!("{module}.alpha"), f32, vec![], f32_bytes(vec![4.0])));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(k, dtype, shape, b)| {
+            (k.clone(), safetensors::tensor::TensorView::new(*dtype, shape.clone(), b).unwrap())
+        })
+        .collect();
+    let path = dir.path(name);
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    path
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn a_batch_switching_lora_sets_renders_each_clip_as_it_renders_alone() {
+    // The renderer loads the models once and switches LoRA sets on the device between clips
+    // (pipeline::lora_switch): every clip of a batch that went through set A, set B and none must
+    // have the bytes of the same clip rendered alone, whose set is merged into fresh base weights.
+    assert!(Gpu::is_available(), "no CUDA device: this GPU test cannot run here (it is not skipped silently)");
+    use celframe::pipeline::config::{LoraEntry, RenderConfig};
+    use celframe::pipeline::{RenderOptions, render};
+    let dir = TempDir::new("gpu-lora-batch");
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiny-manifest.toml");
+    let mut config = RenderConfig::load(&manifest).unwrap();
+    (config.device, config.dtype) = ("cuda".into(), "f16".into());
+    config.output.png_frames = true;
+    let lora = |path: std::path::PathBuf, weight: f64| -> LoraEntry {
+        serde_json::from_value(serde_json::json!({ "path": path, "weight": weight })).unwrap()
+    };
+    let (a, b) = (tiny_pipeline_lora(&dir, "a.safetensors", 1), tiny_pipeline_lora(&dir, "b.safetensors", 2));
+    let sets = [Some(vec![lora(a.clone(), 0.8)]), Some(vec![lora(b, 0.6), lora(a, 0.3)]), Some(Vec::new())];
+    for (i, clip) in config.clips.iter_mut().enumerate() {
+        clip.seed = Some(clip.seed.unwrap_or(config.seed + i as u64));
+        clip.loras = sets[i % sets.len()].clone();
+    }
+    let options = RenderOptions { keep_tensors: true, ..RenderOptions::default() };
+    config.output.root = dir.path("batch");
+    let batch = render(&config, &options).unwrap();
+    for line in &batch.summary {
+        println!("{line}");
+    }
+    assert!(batch.summary.iter().filter(|l| l.starts_with("loaded the models")).count() == 1, "one load");
+    for (i, clip) in config.clips.iter().enumerate() {
+        let alone = RenderConfig {
+            clips: vec![clip.clone()],
+            output: celframe::pipeline::config::OutputSettings {
+                root: dir.path(&format!("alone{i}")),
+                ..config.output.clone()
+            },
+            ..config.clone()
+        };
+        let single = render(&alone, &options).unwrap();
+        let (got, want) = (&batch.clips[i], &single.clips[0]);
+        assert_eq!(got.index, i);
+        let bytes = |o: &celframe::pipeline::ClipOutcome| o.latents.as_ref().unwrap().host_bytes().unwrap().to_vec();
+        assert!(bytes(got) == bytes(want), "clip {i}: the batch's latents differ from the clip rendered alone");
+        println!(
+            "GPUCHECK render lora switching clip {i} ({} LoRAs): latents bit-identical to the clip alone",
+            clip.loras.as_ref().map_or(0, Vec::len)
+        );
     }
 }

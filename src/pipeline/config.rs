@@ -60,6 +60,7 @@ pub const FUSE_METHODS: [&str; 3] = ["flat", "pyramid", "overlap_linear"];
 /// the last latent.
 pub const LONG_VIDEO_MODES: [&str; 2] = ["windows", "chain"];
 pub const DEVICES: [&str; 3] = ["auto", "cuda", "cpu"];
+pub const LORA_RESTORES: [&str; 2] = ["copy", "reload"];
 pub const MP4_CHOICES: [&str; 4] = ["auto", "ffmpeg", "builtin", "off"];
 const SIDE_MIN: usize = 64;
 const SIDE_MAX: usize = 4096;
@@ -91,6 +92,11 @@ pub struct RenderConfig {
     /// auto (default: CUDA where there is a GPU), cuda or cpu.
     #[serde(default = "default_device")]
     pub device: String,
+    /// How a batch on the GPU puts weights back when its clips change LoRA set: "copy" (default:
+    /// from device copies of the touched weights, ~10 ms a switch, those weights' memory once
+    /// more) or "reload" (from the mapped model files: no extra memory, seconds a switch).
+    #[serde(default = "default_lora_restore")]
+    pub lora_restore: String,
     /// At least one.
     #[serde(default)]
     pub clips: Vec<ClipSpec>,
@@ -338,6 +344,9 @@ fn default_dtype() -> String {
 }
 fn default_device() -> String {
     "auto".into()
+}
+fn default_lora_restore() -> String {
+    "copy".into()
 }
 fn default_interpolation() -> String {
     "hold".into()
@@ -1073,6 +1082,9 @@ impl RenderConfig {
             problems.push(message(e));
         }
         if let Err(p) = choice("device", &self.device, &DEVICES) {
+            problems.push(p);
+        }
+        if let Err(p) = choice("lora_restore", &self.lora_restore, &LORA_RESTORES) {
             problems.push(p);
         }
         if let Err(e) = self.output.mp4_choice() {

@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod config;
 pub mod free_init;
+pub mod lora_switch;
 pub mod noise_init;
 pub mod random_models;
 pub mod render;

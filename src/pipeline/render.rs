@@ -38,19 +38,21 @@ use crate::models::controlnet::{
     open_controlnet,
 };
 use crate::models::layout::video_to_rows;
+use crate::models::lora::device::Restore;
 use crate::models::lora::{self, Component as LoraComponent, Loras, Targets};
 use crate::models::vae::{DecodeOptions, Vae, VaeCheckpoint, open_vae};
 use crate::models::{
-    Frames, MotionCheckpoint, MotionModules, Place, Unet, UnetCheckpoint, UnetInputs, UnetResiduals, open_motion,
-    open_unet, with_loras,
+    Frames, ModelWeights, MotionCheckpoint, MotionModules, Place, Unet, UnetCheckpoint, UnetInputs, UnetResiduals,
+    open_motion, open_unet, with_loras,
 };
 use crate::ops::Exec;
 use crate::ops::elementwise::{add, mul};
 use crate::ops::rows::{gather_rows, scatter_rows};
 use crate::output::{ClipOptions, Fps, OutputTree, RgbImage};
 use crate::pipeline::batch::{ClipSeconds, RunReport, Shard, lora_groups, preflight, shard_clips, write_prompt_grid};
-use crate::pipeline::config::{Component, ControlNetEntry, RenderConfig, is_json};
+use crate::pipeline::config::{Component, ControlNetEntry, LoraEntry, RenderConfig, is_json};
 use crate::pipeline::free_init::mix_frequencies;
+use crate::pipeline::lora_switch::DeviceLoras;
 use crate::pipeline::noise_init::freenoise_frame_sources;
 use crate::pipeline::windows::{ContextOptions, Fuse, Fuser, Schedule, gather};
 use crate::sampling::{
@@ -105,8 +107,8 @@ pub struct RenderReport {
     pub summary: Vec<String>,
 }
 
-/// Every checkpoint of the run, opened (weights mapped, not yet converted), and the LoRAs resolved
-/// against them.
+/// Every checkpoint of the run, opened (weights mapped, not yet converted), with the LoRA
+/// targets they offer.
 struct Checkpoints {
     unet: UnetCheckpoint,
     motion: Option<MotionCheckpoint>,
@@ -116,7 +118,8 @@ struct Checkpoints {
     controlnets: Vec<ControlNetCheckpoint>,
     /// Per ControlNet entry: its conditions' control types when the checkpoint is a Union.
     union_types: Vec<Option<Vec<ControlType>>>,
-    loras: Option<Loras>,
+    /// Every weight a LoRA may adapt, under every spelling the formats use.
+    targets: Targets,
     tokenizer: Tokenizer,
 }
 
@@ -139,39 +142,40 @@ impl Checkpoints {
             .enumerate()
             .map(|(i, (entry, checkpoint))| union_types(&format!("controlnets[{i}]"), entry, checkpoint))
             .collect::<Result<Vec<_>>>()?;
-        let specs = config.lora_specs()?;
-        let loras = if specs.is_empty() {
-            None
-        } else {
-            let mut targets = Targets::new();
-            targets.add_unet(&unet)?;
-            targets.add_text_encoder(&clip_l)?;
-            targets.add_text_encoder(&clip_g)?;
-            if let Some(m) = &motion {
-                targets.add_motion(m)?;
-            }
-            Some(lora::resolve(&specs, &targets, false)?)
-        };
+        let mut targets = Targets::new();
+        targets.add_unet(&unet)?;
+        targets.add_text_encoder(&clip_l)?;
+        targets.add_text_encoder(&clip_g)?;
+        if let Some(m) = &motion {
+            targets.add_motion(m)?;
+        }
         let tokenizer = match models.tokenizer_dir()? {
             Some(dir) => Tokenizer::from_dir(&dir)?,
             None => Tokenizer::clip()?,
         };
-        Ok(Checkpoints { unet, motion, vae, clip_l, clip_g, controlnets, union_types, loras, tokenizer })
+        Ok(Checkpoints { unet, motion, vae, clip_l, clip_g, controlnets, union_types, targets, tokenizer })
     }
 
-    fn merge(&self, component: LoraComponent) -> Option<&lora::LoraMerge> {
-        self.loras.as_ref().and_then(|l| l.merge(component))
+    /// `config`'s LoRA set resolved against the models (None: no LoRA).
+    fn resolve_loras(&self, config: &RenderConfig) -> Result<Option<Loras>> {
+        let specs = config.lora_specs()?;
+        if specs.is_empty() { Ok(None) } else { Ok(Some(lora::resolve(&specs, &self.targets, false)?)) }
     }
 
     /// Device bytes of every model's weights in `dtype`.
     fn weight_bytes(&self, dtype: DType) -> usize {
-        let mut total = weight_bytes(&self.unet.weights, dtype)
+        self.adaptable_bytes(dtype)
             + weight_bytes(&self.vae.weights, dtype)
+            + self.controlnets.iter().map(|c| weight_bytes(&c.weights, dtype)).sum::<usize>()
+    }
+
+    /// Device bytes of the weights of the models LoRAs adapt (UNet, text encoders, motion modules):
+    /// what base copies for switching sets take at most.
+    fn adaptable_bytes(&self, dtype: DType) -> usize {
+        weight_bytes(&self.unet.weights, dtype)
             + weight_bytes(&self.clip_l.weights, dtype)
-            + weight_bytes(&self.clip_g.weights, dtype);
-        total += self.motion.as_ref().map_or(0, |m| weight_bytes(&m.weights, dtype));
-        total += self.controlnets.iter().map(|c| weight_bytes(&c.weights, dtype)).sum::<usize>();
-        total
+            + weight_bytes(&self.clip_g.weights, dtype)
+            + self.motion.as_ref().map_or(0, |m| weight_bytes(&m.weights, dtype))
     }
 }
 
@@ -230,14 +234,17 @@ struct Models {
 }
 
 impl Models {
-    fn new(c: &Checkpoints, place: Place) -> Result<Models> {
-        let unet = Unet::new(&c.unet, with_loras(&place, c.merge(LoraComponent::Unet)))?;
+    /// The models in `place`, with `loras` merged on the host as they convert (the CPU path; on
+    /// CUDA the models load once without them and `GpuLoras` switches sets on the device).
+    fn new(c: &Checkpoints, loras: Option<&Loras>, place: Place) -> Result<Models> {
+        let merge = |component| loras.and_then(|l| l.merge(component));
+        let unet = Unet::new(&c.unet, with_loras(&place, merge(LoraComponent::Unet)))?;
         let motion = match &c.motion {
-            Some(m) => Some(MotionModules::new(m, &unet, with_loras(&place, c.merge(LoraComponent::Motion)))?),
+            Some(m) => Some(MotionModules::new(m, &unet, with_loras(&place, merge(LoraComponent::Motion)))?),
             None => None,
         };
-        let clip_l = ClipTextModel::new(&c.clip_l, with_loras(&place, c.merge(LoraComponent::TextEncoder)))?;
-        let clip_g = ClipTextModel::new(&c.clip_g, with_loras(&place, c.merge(LoraComponent::TextEncoder2)))?;
+        let clip_l = ClipTextModel::new(&c.clip_l, with_loras(&place, merge(LoraComponent::TextEncoder)))?;
+        let clip_g = ClipTextModel::new(&c.clip_g, with_loras(&place, merge(LoraComponent::TextEncoder2)))?;
         let text = SdxlTextEncoders::new(clip_l, clip_g)?;
         let vae = Vae::new(&c.vae, place)?;
         let controlnets = c
@@ -258,6 +265,17 @@ impl Models {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Models { text, unet, motion, vae, controlnets })
+    }
+
+    /// The weights of every model LoRAs adapt, by component.
+    fn adapted(&self) -> Vec<(LoraComponent, &ModelWeights)> {
+        let mut list = vec![
+            (LoraComponent::Unet, self.unet.weights()),
+            (LoraComponent::TextEncoder, self.text.clip_l.weights()),
+            (LoraComponent::TextEncoder2, self.text.clip_g.weights()),
+        ];
+        list.extend(self.motion.iter().map(|m| (LoraComponent::Motion, m.weights())));
+        list
     }
 }
 
@@ -353,15 +371,19 @@ pub fn render_batch(config: &RenderConfig, options: &RenderOptions, shard: Optio
             for (loras, members) in &groups {
                 let group = RenderConfig { loras: loras.clone(), ..config.clone() };
                 let started = Instant::now();
-                let loaded = Checkpoints::open(&group).and_then(|c| Ok((Models::new(&c, Place::Host(dtype))?, c)));
-                let (models, checkpoints) = match loaded {
+                // The CPU twins merge on the host as the weights convert: one load per LoRA set.
+                let loaded = Checkpoints::open(&group).and_then(|c| {
+                    let loras = c.resolve_loras(&group)?;
+                    Ok((Models::new(&c, loras.as_ref(), Place::Host(dtype))?, c, loras))
+                });
+                let (models, checkpoints, loras) = match loaded {
                     Ok(loaded) => loaded,
                     Err(e) => {
                         fail_group(&mut batch, config, members, e);
                         continue;
                     }
                 };
-                batch.summary.extend(checkpoints.loras.iter().flat_map(|l| l.summary.iter().cloned()));
+                batch.summary.extend(loras.iter().flat_map(|l| l.summary.iter().cloned()));
                 batch.summary.push(format!(
                     "loaded the models on the CPU twins in {:.1} s for {} clip(s)",
                     started.elapsed().as_secs_f64(),
@@ -377,62 +399,50 @@ pub fn render_batch(config: &RenderConfig, options: &RenderOptions, shard: Optio
             if options.timings {
                 gpu.start_profile();
             }
-            let mut peak = (0, 0);
-            for (loras, members) in &groups {
-                let group = RenderConfig { loras: loras.clone(), ..config.clone() };
-                let started = Instant::now();
-                let checkpoints = match Checkpoints::open(&group) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        fail_group(&mut batch, config, members, e);
-                        continue;
+            let mut peak = (0, 0, 0);
+            match Checkpoints::open(config) {
+                Err(e) => fail_group(&mut batch, config, &clips, e),
+                Ok(checkpoints) => {
+                    let restore = Restore::parse(&config.lora_restore)?;
+                    let reserve = lora_reserve(&checkpoints, &groups, restore, dtype);
+                    let mut loaded: Option<GpuModels> = None;
+                    for (loras, members) in &groups {
+                        let group = RenderConfig { loras: loras.clone(), ..config.clone() };
+                        let prepared = prepare_group(&gpu, &checkpoints, &group, restore, reserve, &mut loaded);
+                        let run = match prepared {
+                            Ok((lines, run)) => {
+                                batch.summary.extend(lines);
+                                run
+                            }
+                            Err(e) => {
+                                fail_group(&mut batch, config, members, e);
+                                continue;
+                            }
+                        };
+                        let target = Target { ex: Exec::Cuda { gpu: &gpu, scratch: &run.scratch }, dtype };
+                        let group_run = GroupRun {
+                            config: &group,
+                            options,
+                            checkpoints: &checkpoints,
+                            models: &run.models,
+                            target,
+                        };
+                        render_clips(&group_run, &tree, members, noise.as_ref(), &mut batch)?;
+                        let lora_bytes = run.loras.as_ref().map_or(0, DeviceLoras::peak_bytes);
+                        peak = (peak.0.max(run.weights.used()), peak.1.max(run.scratch.peak()), peak.2.max(lora_bytes));
                     }
-                };
-                let weights_bytes = checkpoints.weight_bytes(dtype);
-                // LoRA factors are uploaded beside the weights while they merge.
-                let lora_bytes: u64 =
-                    group.loras.iter().filter_map(|l| std::fs::metadata(&l.path).ok()).map(|m| m.len()).sum();
-                let arenas = Arena::new("weights", weights_bytes + lora_bytes as usize + (256 << 20)).and_then(|w| {
-                    let scratch = Arena::new("scratch", most_of_memory(&gpu, weights_bytes))?;
-                    Ok((w, scratch))
-                });
-                let (weights, scratch) = match arenas {
-                    Ok(a) => a,
-                    Err(e) => {
-                        fail_group(&mut batch, config, members, e);
-                        continue;
-                    }
-                };
-                let place = Place::Device { gpu: &gpu, arena: &weights, dtype };
-                let models = match Models::new(&checkpoints, place) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        fail_group(&mut batch, config, members, e);
-                        continue;
-                    }
-                };
-                batch.summary.extend(checkpoints.loras.iter().flat_map(|l| l.summary.iter().cloned()));
-                batch.summary.push(format!(
-                    "loaded the models onto {} in {:.1} s ({:.2} GiB of weights) for {} clip(s)",
-                    gpu.info().name,
-                    started.elapsed().as_secs_f64(),
-                    weights.used() as f64 / GIB,
-                    members.len()
-                ));
-                let target = Target { ex: Exec::Cuda { gpu: &gpu, scratch: &scratch }, dtype };
-                let run = GroupRun { config: &group, options, checkpoints: &checkpoints, models: &models, target };
-                render_clips(&run, &tree, members, noise.as_ref(), &mut batch)?;
-                peak = (peak.0.max(weights.used()), peak.1.max(scratch.peak()));
+                }
             }
             if options.timings {
                 let table = format_rows(&gpu.finish_profile()?)?;
                 batch.summary.push(format!("GPU time by model part and kind of pass (CUDA events):\n{table}"));
             }
             batch.summary.push(format!(
-                "peak GPU memory: {:.2} GiB (weights {:.2} GiB + activations {:.2} GiB)",
-                (peak.0 + peak.1) as f64 / GIB,
+                "peak GPU memory: {:.2} GiB (weights {:.2} GiB + activations {:.2} GiB + LoRA switching {:.2} GiB)",
+                (peak.0 + peak.1 + peak.2) as f64 / GIB,
                 peak.0 as f64 / GIB,
-                peak.1 as f64 / GIB
+                peak.1 as f64 / GIB,
+                peak.2 as f64 / GIB
             ));
         }
     }
@@ -496,6 +506,110 @@ fn fail_group(batch: &mut Batch, config: &RenderConfig, members: &[usize], e: Er
         batch.mark_failed(config, index, &text, code);
     }
     batch.fail(config, members[0], e);
+}
+
+/// The models on the GPU, their arenas, and how LoRA sets get into them.
+struct GpuModels {
+    models: Models,
+    /// Base weights with sets switched on the device; None: a set merged on the host at load.
+    loras: Option<DeviceLoras>,
+    weights: Arena,
+    scratch: Arena,
+}
+
+impl GpuModels {
+    /// Loads every model, with `loras` merged on the host (None: base weights, whose sets
+    /// `DeviceLoras` switches). `reserve`: device bytes the scratch arena leaves for switching.
+    fn load(
+        gpu: &Gpu,
+        checkpoints: &Checkpoints,
+        loras: Option<&Loras>,
+        restore: Restore,
+        dtype: DType,
+        reserve: usize,
+    ) -> Result<(GpuModels, String)> {
+        let started = Instant::now();
+        let weights_bytes = checkpoints.weight_bytes(dtype);
+        let weights = Arena::new("weights", weights_bytes + (256 << 20))?;
+        let scratch = Arena::new("scratch", most_of_memory(gpu, weights_bytes + reserve))?;
+        let models = Models::new(checkpoints, loras, Place::Device { gpu, arena: &weights, dtype })?;
+        let line = format!(
+            "loaded the models onto {} in {:.1} s ({:.2} GiB of weights{})",
+            gpu.info().name,
+            started.elapsed().as_secs_f64(),
+            weights.used() as f64 / GIB,
+            if loras.is_some() { ", LoRAs merged on the host" } else { "" }
+        );
+        let loras = loras.is_none().then(|| DeviceLoras::new(restore));
+        Ok((GpuModels { models, loras, weights, scratch }, line))
+    }
+}
+
+/// Device bytes LoRA switching may hold beside the weights: base copies of every weight LoRAs
+/// adapt (with `Restore::Copy`; at most the adapted models' weights) and the largest set's factors
+/// (about its files' size).
+fn lora_reserve(
+    checkpoints: &Checkpoints,
+    groups: &[(Vec<LoraEntry>, Vec<usize>)],
+    restore: Restore,
+    dtype: DType,
+) -> usize {
+    let file_bytes = |set: &[LoraEntry]| -> usize {
+        set.iter().filter_map(|l| std::fs::metadata(&l.path).ok()).map(|m| m.len() as usize).sum()
+    };
+    let factors = groups.iter().map(|(set, _)| file_bytes(set)).max().unwrap_or(0);
+    if factors == 0 {
+        return 0;
+    }
+    factors + if restore == Restore::Copy { checkpoints.adaptable_bytes(dtype) } else { 0 }
+}
+
+/// Makes `loaded` hold the models with `group`'s LoRA set and returns them with summary lines.
+/// f16 and bf16 models load once and the set is switched on the device; what the device merge
+/// does not take (f32 weights, bf16 DoRA) is merged on the host into a fresh load of the models,
+/// which the next group replaces.
+fn prepare_group<'m>(
+    gpu: &Gpu,
+    checkpoints: &Checkpoints,
+    group: &RenderConfig,
+    restore: Restore,
+    reserve: usize,
+    loaded: &'m mut Option<GpuModels>,
+) -> Result<(Vec<String>, &'m GpuModels)> {
+    let dtype = group.dtype()?;
+    let loras = checkpoints.resolve_loras(group)?;
+    let mut lines: Vec<String> = loras.iter().flat_map(|l| l.summary.iter().cloned()).collect();
+    if dtype != DType::F32 {
+        if loaded.as_ref().is_some_and(|m| m.loras.is_none()) {
+            *loaded = None; // a host-merged set: back to the base weights
+        }
+        if loaded.is_none() {
+            let (models, line) = GpuModels::load(gpu, checkpoints, None, restore, dtype, reserve)?;
+            lines.push(line);
+            *loaded = Some(models);
+        }
+        let Some(m) = loaded.as_mut() else { unreachable!("loaded above") };
+        let ex = Exec::Cuda { gpu, scratch: &m.scratch };
+        let Some(switcher) = m.loras.as_mut() else { unreachable!("base weights have a switcher") };
+        match switcher.switch(gpu, &ex, &m.models.adapted(), loras.as_ref()) {
+            Ok(line) => {
+                lines.push(line);
+                let Some(m) = loaded.as_ref() else { unreachable!("loaded above") };
+                return Ok((lines, m));
+            }
+            Err(Error::Unsupported(why)) => {
+                lines.push(format!("the device merge cannot take this LoRA set ({why}): merged on the host"));
+            }
+            Err(e) => {
+                *loaded = None; // possibly half switched: the next group loads afresh
+                return Err(e);
+            }
+        }
+    }
+    *loaded = None; // free the device before loading again
+    let (models, line) = GpuModels::load(gpu, checkpoints, loras.as_ref(), restore, dtype, 0)?;
+    lines.push(line);
+    Ok((lines, loaded.insert(models)))
 }
 
 /// What the clips of one LoRA group share.

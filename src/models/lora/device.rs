@@ -474,6 +474,11 @@ impl LoraSwitcher {
         LoraSwitcher { restore, base: HashMap::new(), arenas: Vec::new(), merged: Vec::new() }
     }
 
+    /// Device bytes of the base copies (`Restore::Copy`).
+    pub fn base_bytes(&self) -> usize {
+        self.arenas.iter().map(Arena::capacity).sum()
+    }
+
     /// Makes `set` (None: no LoRA) the merged set of `weights`: the weights the current set touched
     /// go back to their base values, then `set` is merged. Queued on the stream.
     pub fn apply(&mut self, ex: &Exec, weights: &ModelWeights, set: Option<&DeviceLoraSet>) -> Result<()> {

@@ -28,7 +28,8 @@
 //!   (u · Σ |up| |s·down|, u = 2^-11 f16, 2^-8 bf16: models::lora::device::stacked_factors).
 //! - DoRA against its twin (which repeats the GPU's roundings of W₁ and of the change): 2 ulps, at
 //!   most 1% of the elements different; device sets against the host merge (f64, rounded once):
-//!   3 ulps. Ulps there are taken at the largest of the expected value, the base value and the
+//!   3 ulps plus the bound of the factors' rounding to the weights' dtype
+//!   (`factor_rounding_bound`). Ulps there are taken at the largest of the expected value, the base value and the
 //!   layer's rms, because the roundings happen on intermediates of the weights' size.
 
 mod common;

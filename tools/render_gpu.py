@@ -24,9 +24,18 @@
                union.json      W1 with OpenPose + Depth as two conditions of one full-size
                                ControlNet Union (WORK/sdxl_controlnet_union, random weights, as
                                tools/controlnet_gpu.py --union writes it): one Union forward per
-                               window instead of two ControlNets (full size only).
+                               window instead of two ControlNets (full size only);
+               batch20.json    the throughput manifest (issue 18): 20 clips of W1 with their own
+                               prompts and seeds, in two LoRA sets (the seed's set, and the same
+                               with the first style LoRA at 0.6) interleaved in the file, so the
+                               batch's grouping by LoRA set is exercised (full size only).
   celframe   Runs `CELFRAME render CONFIG` (output.replace on, so a second run renders again),
              times the whole command, echoes its lines and prints a RENDER line.
+  throughput Runs `CELFRAME render batch20.json` while `nvidia-smi` samples the GPU's utilisation
+             (the fraction of each 100 ms in which a kernel ran) and prints a THROUGHPUT line:
+             clips per hour over the whole command (loading included) and over the rendering
+             (from the first step's progress line, after loading and the first LoRA merge), and
+             the mean utilisation over each (the rendering's is the issue's "GPU busy" fraction).
   diffusers  The peer: diffusers fp16 eager on CUDA with the same weights, LoRAs and W1 settings.
              diffusers 0.42 has no SDXL AnimateDiff ControlNet pipeline, so the loop is
              AnimateDiffSDXLPipeline's written out (as tools/make_pipeline_fixtures.py's
@@ -234,6 +243,20 @@ def render_config(s, name, keyframes):
     }
 
 
+def batch_config(s, clips):
+    """The throughput manifest: W1's settings with `clips` clips of their own prompts and seeds in two
+    LoRA sets, interleaved in the file (the renderer groups clips by set)."""
+    config = render_config(s, "batch20", False)
+    other = [dict(l) for l in config["loras"]]
+    other[0]["weight"] = 0.6
+    actions = ["running", "waving", "dancing", "jumping", "turning around"]
+    config["clips"] = [
+        {"id": f"clip-{i:02}", "prompt": f"{PROMPT}, {actions[i % len(actions)]}", "negative": NEGATIVE,
+         "seed": 1000 + i, **({"loras": other} if i % 2 else {})}
+        for i in range(clips)]
+    return config
+
+
 def prepare(s, args):
     os.makedirs(s.dir, exist_ok=True)
     if s.tiny:
@@ -252,10 +275,11 @@ def prepare(s, args):
             json.dump(render_config(s, name, keyframes), f, indent=1)
         print(f"wrote {path}", flush=True)
     if not s.tiny:  # the tiny fixtures hold no Union that fits the tiny UNet
-        path = os.path.join(s.dir, "union.json")
-        with open(path, "w") as f:
-            json.dump(union_config(s), f, indent=1)
-        print(f"wrote {path}", flush=True)
+        for name, config in (("union", union_config(s)), ("batch20", batch_config(s, 20))):
+            path = os.path.join(s.dir, f"{name}.json")
+            with open(path, "w") as f:
+                json.dump(config, f, indent=1)
+            print(f"wrote {path}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +290,8 @@ SUMMARY = {
     "load_s": re.compile(rf"^loaded the models .* in {NUMBER} s"),
     "clip": re.compile(rf"^clip 001: (\d+) frames in {NUMBER} s \({NUMBER} frames/s\): text {NUMBER} s, "
                        rf"denoise {NUMBER} s, decode \+ write {NUMBER} s(?:; .* by (\S+))?"),
-    "peak": re.compile(rf"^peak GPU memory: {NUMBER} GiB \(weights {NUMBER} GiB \+ activations {NUMBER} GiB\)"),
+    "peak": re.compile(rf"^peak GPU memory: {NUMBER} GiB \(weights {NUMBER} GiB \+ activations {NUMBER} GiB"
+                       rf"(?: \+ LoRA switching {NUMBER} GiB)?\)"),
 }
 
 
@@ -281,6 +306,8 @@ def parse_summary(lines):
                        denoise_s=float(m[5]), decode_write_s=float(m[6]), mp4_by=m[7])
         elif m := SUMMARY["peak"].match(line):
             out.update(peak_gib=float(m[1]), weights_gib=float(m[2]), activations_gib=float(m[3]))
+            if m[4]:
+                out["lora_switching_gib"] = float(m[4])
     return out
 
 
@@ -305,6 +332,51 @@ def run_celframe(s, args):
     if code == 0 and missing:
         print(f"celframe render printed no {sorted(missing)}: tools/render_gpu.py's SUMMARY patterns are stale")
         return 1
+    return code
+
+
+def run_throughput(s, args):
+    """The 20-clip manifest with nvidia-smi sampling utilisation every 100 ms."""
+    config = os.path.join(s.dir, "batch20.json")
+    sampler = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                "-lms", "100"], stdout=subprocess.PIPE, text=True)
+    samples = []  # (seconds since start, percent)
+    t0 = time.perf_counter()
+
+    def read_samples():
+        for line in sampler.stdout:
+            if line.strip().isdigit():
+                samples.append((time.perf_counter() - t0, int(line)))
+
+    import threading
+    reader = threading.Thread(target=read_samples, daemon=True)
+    reader.start()
+    proc = subprocess.Popen([args.celframe, "render", config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace")
+    render_start = None  # the first step line: loading and the first LoRA merge are done
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        if render_start is None and re.match(r"^clip \d+: frames", line):
+            render_start = time.perf_counter() - t0
+    code = proc.wait()
+    total = time.perf_counter() - t0
+    sampler.terminate()
+    sampler.wait()
+    reader.join(timeout=2)
+    report = os.path.join(s.dir, "out_batch20", "configs", "run_report.json")
+    with open(report) as f:
+        run = json.load(f)
+    clips_done = run.get("done", 0)
+    start = render_start if render_start is not None else 0.0
+    render_s = total - start
+    mean = lambda xs: round(sum(xs) / max(len(xs), 1) / 100, 3)
+    record = {"workload": "batch20", "exit": code, "clips": len(run.get("clips", [])), "done": clips_done,
+              "total_s": round(total, 2), "render_s": round(render_s, 2),
+              "clips_per_hour_total": round(3600 * clips_done / total, 1),
+              "clips_per_hour_render": round(3600 * clips_done / max(render_s, 1e-9), 1),
+              "gpu_busy_render": mean([p for t, p in samples if t >= start]),
+              "gpu_busy_whole": mean([p for _, p in samples]), "gpu_samples": len(samples)}
+    print("THROUGHPUT " + json.dumps(record), flush=True)
     return code
 
 
@@ -465,7 +537,7 @@ def run_diffusers(s):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=["prepare", "celframe", "diffusers"])
+    p.add_argument("step", choices=["prepare", "celframe", "throughput", "diffusers"])
     p.add_argument("--work", required=True, help="UNet, motion adapter, ControlNets, LoRAs; render/ goes here")
     p.add_argument("--text-work", help="the text encoders' folder (tools/lora_gpu.sh's TEXT_WORK)")
     p.add_argument("--vae-work", help="the VAE's folder (tools/vae_gpu.sh's WORK)")
@@ -481,6 +553,8 @@ def main():
         prepare(s, args)
     elif args.step == "celframe":
         sys.exit(run_celframe(s, args))
+    elif args.step == "throughput":
+        sys.exit(run_throughput(s, args))
     else:
         run_diffusers(s)
 

@@ -5,7 +5,7 @@ and RENDER lines (tools/render_gpu.py: whole renders, celframe and the diffusers
 import json
 import sys
 
-bench, peers, checks, device, copy, renders = [], {}, [], {}, None, []
+bench, peers, checks, device, copy, renders, throughputs = [], {}, [], {}, None, [], []
 for line in open(sys.argv[1], errors="replace"):
     if line.startswith("BENCH "):
         bench.append(json.loads(line[6:]))
@@ -21,6 +21,8 @@ for line in open(sys.argv[1], errors="replace"):
         checks.append(line[9:].strip())
     elif line.startswith("RENDER "):
         renders.append(json.loads(line[7:]))
+    elif line.startswith("THROUGHPUT "):
+        throughputs.append(json.loads(line[11:]))
 
 print(f"\nDevice: {device.get('name', '?')}, {device.get('sms', '?')} SMs, L2 {device.get('l2_mb', '?')} MB"
       + (f"; copy bandwidth {copy['gbps']} GB/s (read+write)" if copy else ""))
@@ -61,3 +63,11 @@ if renders:
                  r.get("text_s"), r.get("denoise_s"), decode_write, r.get("frames_per_s"), r.get("peak_gib"),
                  r.get("mp4_by")]
         print("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
+if throughputs:
+    print("\n| batch | clips done | whole command s | clips/hour (whole) | rendering s | clips/hour (rendering) "
+          "| GPU busy (rendering) | GPU busy (whole) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for t in throughputs:
+        cells = [t["workload"], f"{t['done']}/{t['clips']}", t["total_s"], t["clips_per_hour_total"], t["render_s"],
+                 t["clips_per_hour_render"], t["gpu_busy_render"], t["gpu_busy_whole"]]
+        print("| " + " | ".join(str(c) for c in cells) + " |")

@@ -24,7 +24,7 @@ use crate::control::depth::{DepthMap, DepthRange, depth_hint, load_depth_png};
 use crate::control::image::load_image_png;
 use crate::control::keyframes::{Interpolation, KeyframeSchedule};
 use crate::control::pose::{PoseFrame, draw_pose, interpolate_pose, load_openpose};
-use crate::control::prepare::prepare_control_images;
+use crate::control::prepare::{prepare_control_images, resize_lanczos};
 use crate::control::video::{VideoRequest, VideoTools, read_video_depth, read_video_rgb};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -820,7 +820,10 @@ impl ClipConditioning {
 }
 
 /// A prepared hint image: f32 [H, W, 3] in [0, 1], shared by the frames that show it.
-type HintImage = Arc<Vec<f32>>;
+/// A prepared hint image: resized to the render size in 8 bits, as diffusers' image processor
+/// resizes PIL images before scaling them to [0, 1] (kept in 8 bits: a tenth-second clip of dense
+/// control holds a quarter of the memory f32 would).
+type HintImage = Arc<RgbImage>;
 
 /// One ControlNet's (or one Union condition's) per-frame hints and strengths for a clip.
 struct ClipControl {
@@ -929,10 +932,8 @@ impl ClipControl {
             _ => Interpolation::OnlyKeyframes,
         };
         let schedule = KeyframeSchedule::new(g.frames, keyframes, vec![1.0; images.len()], rule)?;
-        let prepared: Vec<HintImage> = images
-            .iter()
-            .map(|im| prepare_control_images(std::slice::from_ref(im), width, height).map(Arc::new))
-            .collect::<Result<_>>()?;
+        let prepared: Vec<HintImage> =
+            images.iter().map(|im| resize_lanczos(im, width, height).map(Arc::new)).collect::<Result<_>>()?;
         let strengths = schedule.strengths();
         // hint_keyframe is the index of the frame's keyframe, so of its prepared hint.
         let hints =
@@ -1576,7 +1577,12 @@ impl WindowBatch<'_> {
                 let mut values = Vec::with_capacity(distinct.len() * side);
                 for d in &distinct {
                     match d {
-                        Some(h) => values.extend_from_slice(h),
+                        // at the render size already: the [0, 1] scaling only
+                        Some(h) => values.extend(prepare_control_images(
+                            std::slice::from_ref(h.as_ref()),
+                            g.width as u32,
+                            g.height as u32,
+                        )?),
                         None => values.resize(values.len() + side, 0.0),
                     }
                 }
@@ -1729,7 +1735,7 @@ mod tests {
         };
         let g = Geometry { frames: 9, width: 8, height: 8, h: 1, w: 1, c: 4 };
         let control = ClipControl::build(&entry, g, 8).unwrap();
-        let shown: Vec<u8> = control.hints.iter().map(|h| (h.as_ref().unwrap()[0] * 255.0).round() as u8).collect();
+        let shown: Vec<u8> = control.hints.iter().map(|h| h.as_ref().unwrap().pixels()[0]).collect();
         assert_eq!(shown, vec![30, 30, 30, 120, 120, 120, 120, 210, 210]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -1782,7 +1788,11 @@ mod tests {
         // config.union.json: cross_attention_dim 32, text_embeds 1568 - 6 x 256 = 32 wide.
         let (tokens, width, pooled) = (3, 32, 32);
         let side = g.height * g.width * 3;
-        let image = |seed| Arc::new(values(side, seed).iter().map(|v| (v * 0.3 + 0.5).clamp(0.0, 1.0)).collect());
+        let image = |seed| {
+            let pixels =
+                values(side, seed).into_iter().map(|v| ((v * 0.3 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8);
+            Arc::new(RgbImage::new(g.width as u32, g.height as u32, pixels.collect()).unwrap())
+        };
         let (pose_a, pose_b, depth): (HintImage, HintImage, HintImage) = (image(1), image(2), image(3));
         let control = |hints: Vec<Option<HintImage>>, strengths: Vec<f32>, scale: f32, guess_mode: bool| ClipControl {
             hints,
@@ -1857,7 +1867,10 @@ mod tests {
                     let images: Vec<Tensor> = controls
                         .iter()
                         .map(|c| match &c.hints[k] {
-                            Some(h) => t(&[1, g.height, g.width, 3], h),
+                            Some(h) => {
+                                let unit: Vec<f32> = h.pixels().iter().map(|&v| v as f32 / 255.0).collect();
+                                t(&[1, g.height, g.width, 3], &unit)
+                            }
                             None => t(&[1, g.height, g.width, 3], &vec![0.0; side]),
                         })
                         .collect();

@@ -1,5 +1,6 @@
 use std::process::ExitCode;
 
+use celframe::cli::render::RenderArgs;
 use celframe::cli::{Cli, Command};
 use clap::Parser;
 
@@ -11,6 +12,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => celframe::cli::bench::run(args),
         Command::Tokenize(args) => celframe::cli::tokenize::run(args),
         Command::Schedule(args) => celframe::cli::schedule::run(args),
+        // One worker process per GPU; exits with the workers' worst code (`cli::gpus`).
+        Command::Render(args @ RenderArgs { gpus: Some(gpus), .. }) => return celframe::cli::gpus::main(args, gpus),
         Command::Render(args) => celframe::cli::render::run(args),
         Command::Control(args) => celframe::cli::control::run(args),
         Command::MergeReport(args) => celframe::cli::merge_report::run(args),

@@ -3,16 +3,18 @@
 //! problem, a clip that fails late recorded while the batch goes on, and N shards (run at once
 //! into one outputs tree, then `merge-report`) giving the same bytes as one process.
 
+#[path = "common/trees.rs"]
+mod trees;
 #[path = "common/unet_fixtures.rs"]
 mod unet_fixtures;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use celframe::pipeline::batch::{RunReport, Shard, lora_groups, preflight, shard_clips};
 use celframe::pipeline::config::RenderConfig;
 use celframe::pipeline::{RenderOptions, render};
+use trees::{assert_same_tree, celframe_command, read_report, tree_files};
 use unet_fixtures::{TempDir, fixtures};
 
 fn manifest_path() -> PathBuf {
@@ -151,10 +153,6 @@ fn small_batch(out: &Path, clips: usize) -> RenderConfig {
     config
 }
 
-fn read_report(path: &Path) -> RunReport {
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-}
-
 #[test]
 fn a_clip_that_fails_late_is_recorded_and_the_batch_goes_on() {
     let dir = TempDir::new("batch-fail");
@@ -185,37 +183,12 @@ fn a_clip_that_fails_late_is_recorded_and_the_batch_goes_on() {
 }
 
 fn celframe(args: &[&str]) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_celframe"))
-        .args(args)
-        .env_remove("SLURM_ARRAY_TASK_ID")
-        .env_remove("JOB_COMPLETION_INDEX")
-        .env_remove("CELFRAME_SHARD_COUNT")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
+    celframe_command(args).stderr(std::process::Stdio::piped()).spawn().unwrap()
 }
 
 fn wait(child: std::process::Child, what: &str) {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Every file under `root` except the run reports and lock files, by relative path.
-fn tree_files(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut files = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            let name = path.file_name().unwrap().to_string_lossy().to_string();
-            if path.is_dir() {
-                stack.push(path);
-            } else if !name.starts_with("run_report") && !name.starts_with(".lock-") {
-                files.insert(path.strip_prefix(root).unwrap().to_path_buf(), std::fs::read(&path).unwrap());
-            }
-        }
-    }
-    files
 }
 
 #[test]
@@ -242,17 +215,7 @@ fn shards_together_write_what_one_process_writes() {
         }
         assert!(!out.join("images/prompt_grid_single.png").exists(), "a shard wrote the grid");
         wait(celframe(&["merge-report", out_arg]), "merge-report");
-        let got = tree_files(&out);
-        assert_eq!(got.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "{count} shards");
-        for (path, bytes) in &expected {
-            let mut got = got[path].clone();
-            if path.ends_with("pipeline_config.json") {
-                // The resolved config names its output folder.
-                let text = String::from_utf8(got).unwrap();
-                got = text.replace(out_arg, single.to_str().unwrap()).into_bytes();
-            }
-            assert!(got == *bytes, "{count} shards: {} differs", path.display());
-        }
+        assert_same_tree(&single, &out, &format!("{count} shards"));
         let merged = read_report(&out.join("configs/run_report.json"));
         assert_eq!(merged.merged_shards, Some(count));
         let strip = |r: &RunReport| -> Vec<(usize, String, String)> {

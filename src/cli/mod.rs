@@ -2,11 +2,13 @@
 //! (device and compiled kernels), `celframe bench` (whole forwards timed), `celframe verify` (a
 //! component against a reference file, `crate::verify`), `celframe tokenize`, `celframe schedule`
 //! (a sampler's timesteps and sigmas), `celframe render` (clips from a render config or batch
-//! manifest, or a shard of it) and `celframe merge-report` (the shards' reports combined).
+//! manifest, a shard of it, or one shard per GPU: `gpus`) and `celframe merge-report` (the shards'
+//! reports combined).
 
 pub mod bench;
 pub mod control;
 pub mod demo;
+pub mod gpus;
 pub mod info;
 pub mod merge_report;
 pub mod render;

@@ -80,6 +80,14 @@ pub struct RenderArgs {
     /// prompt grid.
     #[arg(long, value_name = "I/N")]
     pub shard: Option<String>,
+    /// One worker per GPU of this host: `all` (the devices the CUDA driver shows) or CUDA ordinals
+    /// such as 0,2,3. Worker k renders --shard k/N with CUDA_VISIBLE_DEVICES set to its GPU and
+    /// the other arguments unchanged; its lines are prefixed [gpu K]; then the reports are merged
+    /// as `celframe merge-report` does. Exit code: the highest of the workers' and the merge's.
+    /// SIGINT/SIGTERM are passed on to the workers. A list needs no driver: with a CPU config
+    /// the workers run on the CPU.
+    #[arg(long, value_name = "all|LIST", conflicts_with_all = ["shard", "shard_count", "dry_run"])]
+    pub gpus: Option<String>,
     /// The shard count with JOB_COMPLETION_INDEX (the Job's completions), or in place of
     /// SLURM_ARRAY_TASK_COUNT; also read from CELFRAME_SHARD_COUNT.
     #[arg(long, value_name = "N")]

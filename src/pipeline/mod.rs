@@ -7,6 +7,7 @@ pub mod free_init;
 pub mod noise_init;
 pub mod random_models;
 pub mod render;
+pub mod resume;
 pub mod windows;
 
 pub use render::{ClipOutcome, RenderOptions, RenderReport, render, render_batch};

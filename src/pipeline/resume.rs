@@ -62,7 +62,8 @@ pub(crate) fn stop_signal() -> Option<i32> {
     }
 }
 
-/// Most files stamped under one model or control path (a diffusers folder holds a few dozen).
+/// Most files stamped for one clip (a diffusers model folder holds a few dozen; a folder of
+/// control frames hundreds), so a path naming a huge tree costs bounded time.
 const MAX_STAMPED: usize = 10_000;
 /// Folder depth walked under a path (a Hugging Face cache: models--X/snapshots/HASH/unet/file).
 const MAX_DEPTH: usize = 5;

@@ -8,6 +8,7 @@
 //! | 3 | no CUDA driver or device where one is needed |
 //! | 4 | a CUDA driver or library call failed |
 //! | 5 | an internal error: a bug in celframe (please report it) |
+//! | 130, 143 | `render` stopped by SIGINT or SIGTERM (128 + the signal); run it again to resume |
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -29,6 +30,21 @@ pub enum Error {
     /// another, say): a bug, not the user's input. Exit code 5.
     #[error("internal error (a bug in celframe): {0}")]
     Internal(String),
+    /// A render stopped at a signal's request (`pipeline::resume`); `at` says where. Exit code
+    /// 128 + the signal, the shell's convention (130 SIGINT, 143 SIGTERM).
+    #[error(
+        "{at}: stopped by {}; finished clips and saved latents are kept: run the same command again to resume",
+        signal_name(*signal)
+    )]
+    Interrupted { signal: i32, at: String },
+}
+
+fn signal_name(signal: i32) -> String {
+    match signal {
+        2 => "SIGINT".into(),
+        15 => "SIGTERM".into(),
+        n => format!("signal {n}"),
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -43,6 +59,7 @@ impl Error {
             Error::NoDevice(_) => 3,
             Error::Cuda(_) => 4,
             Error::Internal(_) => 5,
+            Error::Interrupted { signal, .. } => 128u8.saturating_add((*signal).clamp(0, 127) as u8),
         }
     }
 }
@@ -57,6 +74,7 @@ impl Error {
             Error::NoDevice(m) => Error::NoDevice(format!("{prefix}{m}")),
             Error::Cuda(m) => Error::Cuda(format!("{prefix}{m}")),
             Error::Internal(m) => Error::Internal(format!("{prefix}{m}")),
+            Error::Interrupted { signal, at } => Error::Interrupted { signal, at: format!("{prefix}{at}") },
         }
     }
 }

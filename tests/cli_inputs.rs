@@ -345,7 +345,15 @@ fn help_lists_the_exit_codes() {
     for args in [&["--help"][..], &["verify", "--help"]] {
         let out = celframe(args);
         assert_eq!(out.code, 0, "{}", out.stderr);
-        for line in ["0  success", "1  verify:", "2  bad input", "3  no GPU", "4  a CUDA", "5  internal error"] {
+        for line in [
+            "0  success",
+            "1  verify:",
+            "2  bad input",
+            "3  no GPU",
+            "4  a CUDA",
+            "5  internal error",
+            "130, 143  render stopped",
+        ] {
             assert!(out.stdout.contains(line), "{args:?} --help lacks {line:?}:\n{}", out.stdout);
         }
     }

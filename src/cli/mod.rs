@@ -27,7 +27,8 @@ const EXIT_CODES: &str = "Exit codes:
   2  bad input: a file, field, tensor, argument or size that cannot be used (the message names it)
   3  no GPU: a CUDA driver or device is needed (--device cuda) and there is none
   4  a CUDA driver or library call failed
-  5  internal error: a bug in celframe (please report it)";
+  5  internal error: a bug in celframe (please report it)
+  130, 143  render stopped by SIGINT or SIGTERM: run the same command again to resume";
 
 #[derive(Parser)]
 #[command(

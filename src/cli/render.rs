@@ -177,6 +177,26 @@ fn apply_overrides(config: &mut RenderConfig, args: &RenderArgs) {
     }
 }
 
+/// SIGINT and SIGTERM: the first sets the render's stop flag (`pipeline::resume`), so it stops at
+/// the next step with the work so far saved and exits 128 + the signal; a second one exits at
+/// once with that code (the next run sweeps the partial files).
+fn install_stop_handlers() -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    use signal_hook::flag;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    let stop = crate::pipeline::resume::stop_flag();
+    let seen = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        let io = |e| Error::Io { context: format!("installing the handler of signal {signal}"), source: e };
+        // Registered actions run in order: the exit must come before the flag that arms it.
+        flag::register_conditional_shutdown(signal, 128 + signal, Arc::clone(&seen)).map_err(io)?;
+        flag::register_usize(signal, Arc::clone(&stop), signal as usize).map_err(io)?;
+        flag::register(signal, Arc::clone(&seen)).map_err(io)?;
+    }
+    Ok(())
+}
+
 pub fn run(args: &RenderArgs) -> Result<()> {
     let (config, options) = config_from_args(args)?;
     let shard = shard_from_args(args, |name| std::env::var(name).ok())?;
@@ -197,6 +217,7 @@ pub fn run(args: &RenderArgs) -> Result<()> {
         let clips = shard_clips(&config, shard);
         eprintln!("shard {} of {}: {} of the {} clips", s.index, s.count, clips.len(), config.clips.len());
     }
+    install_stop_handlers()?;
     let report = crate::pipeline::render_batch(&config, &options, shard)
         .map_err(|e| e.with_prefix(&format!("{}: ", args.config.display())))?;
     for line in &report.summary {

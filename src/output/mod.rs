@@ -14,8 +14,10 @@
 //! renamed. A clip is assembled in `video/.clip_001.partial/` and that folder is renamed to
 //! `video/clip_001/` once its mp4 and every PNG are complete, so `clip_001/` exists only for a
 //! complete clip ([`OutputTree::clip_complete`]) and an interrupted run leaves only dot-named
-//! leftovers, which the next [`OutputTree::open`] removes. One run writes a tree at a time: `open`
-//! takes an exclusive lock on the root folder.
+//! leftovers, which the next [`OutputTree::open`] removes, except an unfinished clip's saved
+//! latents in `video/.clip_001.resume/` ([`OutputTree::resume_dir`], `pipeline::resume`), kept
+//! until the clip is complete. One run writes a tree at a time: `open` takes an exclusive lock on
+//! the root folder.
 //!
 //! The flow for one clip: [`OutputTree::begin_clip`] -> [`ClipWriter::push`] per frame (returns
 //! once the frame is queued; bounded queues make a slow disk or encoder hold the caller back

@@ -144,10 +144,26 @@ fn clip_name(index: u32) -> String {
     format!("clip_{index:03}")
 }
 
+const RESUME_SUFFIX: &str = ".resume";
+
+/// A clip's resume folder `resume` as a new run finds it: removed if the clip folder `clip` is
+/// complete, else kept without the temporaries of an interrupted save.
+fn tidy_resume(resume: &Path, clip: &Path) -> Result<()> {
+    if !resume.is_dir() {
+        return Ok(());
+    }
+    if clip.is_dir() {
+        fs::remove_dir_all(resume).map_err(io_error("removing leftover", resume))
+    } else {
+        sweep_temporaries(resume)
+    }
+}
+
 impl OutputTree {
     /// Opens (creating as needed) `root` with `images/`, `video/` and `configs/`, takes the
     /// exclusive lock, and removes what an interrupted run left: temporary files and partial clip
-    /// folders.
+    /// folders. A clip's saved latents (`resume_dir`) are kept for the rerun unless the clip is
+    /// complete.
     pub fn open(root: &Path) -> Result<OutputTree> {
         let lock = create_tree(root)?;
         match lock.try_lock() {
@@ -171,6 +187,9 @@ impl OutputTree {
             if name.starts_with(".clip_") && (name.ends_with(".partial") || name.ends_with(".old")) {
                 let path = entry.path();
                 fs::remove_dir_all(&path).map_err(io_error("removing leftover", &path))?;
+            }
+            if let Some(clip) = name.strip_prefix('.').and_then(|n| n.strip_suffix(RESUME_SUFFIX)) {
+                tidy_resume(&entry.path(), &video.join(clip))?;
             }
         }
         Ok(tree)
@@ -210,6 +229,8 @@ impl OutputTree {
                     fs::remove_dir_all(&leftover).map_err(io_error("removing leftover", &leftover))?;
                 }
             }
+            let video = root.join("video");
+            tidy_resume(&video.join(format!(".{}{RESUME_SUFFIX}", clip_name(clip))), &video.join(clip_name(clip)))?;
         }
         Ok(OutputTree { root: root.to_path_buf(), _lock: lock, _shard_lock: Some(shard_lock) })
     }
@@ -221,6 +242,12 @@ impl OutputTree {
     /// `video/clip_NNN` (three digits at least, from 1 by convention).
     pub fn clip_dir(&self, index: u32) -> PathBuf {
         self.root.join("video").join(clip_name(index))
+    }
+
+    /// `video/.clip_NNN.resume`: where a clip keeps its denoised latents while it renders, so an
+    /// interrupted run resumes (`pipeline::resume`). Removed once the clip is complete.
+    pub fn resume_dir(&self, index: u32) -> PathBuf {
+        self.root.join("video").join(format!(".{}{RESUME_SUFFIX}", clip_name(index)))
     }
 
     /// Whether clip `index` is complete: its folder exists, which happens only by the final rename
@@ -510,6 +537,9 @@ impl ClipWriter {
         if replaced {
             fs::remove_dir_all(&old).map_err(io_error("removing the replaced clip", &old))?;
         }
+        // The saved latents are spent. Best effort: the clip is complete whatever happens here,
+        // and the next open removes a complete clip's leftover.
+        let _ = fs::remove_dir_all(video_dir.join(format!(".{}{RESUME_SUFFIX}", self.name)));
         let mp4 = self.encoder.as_ref().map(|_| self.final_dir.join(format!("{}.mp4", self.name)));
         Ok(ClipReport {
             index: self.index,

@@ -260,7 +260,8 @@ pub struct ClipRecord {
     /// Relative to the outputs root: `video/clip_NNN`.
     pub folder: String,
     pub prompt: String,
-    /// pending (not reached yet), done, skipped (complete from an earlier run) or failed.
+    /// pending (not reached yet), done, skipped (complete from an earlier run), failed, or
+    /// interrupted (stopped by SIGINT/SIGTERM; a rerun resumes it).
     pub status: String,
     /// The failure, and the exit code it carries (2 bad input, 4 CUDA, 5 internal).
     pub error: Option<String>,
@@ -290,6 +291,8 @@ pub struct RunReport {
     pub skipped: usize,
     pub failed: usize,
     pub pending: usize,
+    #[serde(default)]
+    pub interrupted: usize,
     /// In manifest order.
     pub clips: Vec<ClipRecord>,
 }
@@ -324,7 +327,8 @@ impl RunReport {
     /// Recounts the totals from the records.
     pub fn count(&mut self) {
         let n = |s: &str| self.clips.iter().filter(|c| c.status == s).count();
-        (self.done, self.skipped, self.failed, self.pending) = (n("done"), n("skipped"), n("failed"), n("pending"));
+        (self.done, self.skipped, self.failed, self.pending, self.interrupted) =
+            (n("done"), n("skipped"), n("failed"), n("pending"), n("interrupted"));
     }
 
     /// Its file name under `configs/`.

@@ -8,6 +8,7 @@ pub mod lora_switch;
 pub mod noise_init;
 pub mod random_models;
 pub mod render;
+pub mod resume;
 pub mod windows;
 
 pub use render::{ClipOutcome, RenderOptions, RenderReport, render, render_batch};

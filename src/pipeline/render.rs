@@ -54,6 +54,7 @@ use crate::pipeline::config::{Component, ControlNetEntry, LoraEntry, RenderConfi
 use crate::pipeline::free_init::mix_frequencies;
 use crate::pipeline::lora_switch::DeviceLoras;
 use crate::pipeline::noise_init::freenoise_frame_sources;
+use crate::pipeline::resume::{ClipResume, Stage, check_stop, clip_identity, stop_signal};
 use crate::pipeline::windows::{ContextOptions, Fuse, Fuser, Schedule, gather};
 use crate::sampling::{
     NoiseRequest, NoiseSource, NoiseStream, Purpose, Sampler, SamplerConfig, cfg_combine, cfg_rescale, stream_id,
@@ -624,7 +625,8 @@ struct GroupRun<'a> {
 
 /// Renders `members` (clip indices), skipping complete clips, recording each in the run report
 /// (rewritten after every clip, so an interrupted batch leaves a report). Only a report that
-/// cannot be written stops the batch.
+/// cannot be written, or a stop asked for by a signal (the clip is recorded as interrupted and
+/// `Error::Interrupted` returned), stops the batch.
 fn render_clips(
     group: &GroupRun,
     tree: &OutputTree,
@@ -666,6 +668,23 @@ fn render_clips(
                 batch.outcomes.push(outcome);
             }
             Err(e) => {
+                // Whatever failed once a stop was asked for (ffmpeg gets the terminal's SIGINT too)
+                // is the stop: the clip is interrupted, not failed, and the batch ends here.
+                if let Some(signal) = stop_signal() {
+                    let e = match e {
+                        Error::Interrupted { .. } => e,
+                        other => Error::Interrupted { signal, at: format!("clip {number:03} ({other})") },
+                    };
+                    eprintln!("clip {number:03} ({}): interrupted", config.clip_id(index));
+                    if let Some(record) = batch.report.record(index) {
+                        record.status = "interrupted".into();
+                        record.exit_code = Some(e.exit_code());
+                        record.seconds =
+                            Some(ClipSeconds { total: started.elapsed().as_secs_f64(), ..Default::default() });
+                    }
+                    batch.report.write(tree)?;
+                    return Err(e);
+                }
                 batch.fail(config, index, e);
                 if let Some(record) = batch.report.record(index) {
                     record.seconds = Some(ClipSeconds { total: started.elapsed().as_secs_f64(), ..Default::default() });
@@ -1069,6 +1088,7 @@ fn render_clip(
     noise_file: Option<&weights::TensorFile>,
 ) -> Result<ClipOutcome> {
     let number = index + 1;
+    check_stop(|| format!("clip {number:03}, before it started"))?;
     let video = &config.video;
     let factor = models.vae.config.upsample_factor();
     let g = Geometry {
@@ -1104,8 +1124,23 @@ fn render_clip(
         None => ClipNoise::Generator { seed, clip: index as u64, pass: 0 },
     };
     let context = context_options(config)?;
-    let run =
-        ClipRun { config, models, target, cond: &cond, controls: &controls, context: &context, noise: &noise, number };
+    let device = match target.ex {
+        Exec::Cpu => "cpu".to_string(),
+        Exec::Cuda { gpu, .. } => gpu.info().name.clone(),
+    };
+    let identity = clip_identity(config, index, &device, options.noise.as_deref());
+    let resume = ClipResume::open(tree.resume_dir(number as u32), number, identity)?;
+    let run = ClipRun {
+        config,
+        models,
+        target,
+        cond: &cond,
+        controls: &controls,
+        context: &context,
+        noise: &noise,
+        number,
+        resume: &resume,
+    };
     let t1 = Instant::now();
     let x = if video.long_video == "chain" && g.frames > context.length {
         run.chained(g)?
@@ -1140,6 +1175,7 @@ fn render_clip(
     // Whole frames, as diffusers' pipelines decode unless VAE tiling is enabled.
     let decode = DecodeOptions { chunk_frames: video.vae_chunk_frames, tiling: None };
     models.vae.decode_frames_pixels_each(&target.ex, &latents, &decode, |_, pixels, images| {
+        check_stop(|| format!("clip {number:03}, decoding frame {} of {}", writer.frames(), g.frames))?;
         for frame in pixels.chunks(g.width * g.height * 3) {
             writer.push(RgbImage::new(g.width as u32, g.height as u32, frame.to_vec())?)?;
             bar.inc(1);
@@ -1179,6 +1215,8 @@ struct ClipRun<'a> {
     context: &'a ContextOptions,
     noise: &'a ClipNoise<'a>,
     number: usize,
+    /// What an interrupted run of this clip saved, and where this one saves.
+    resume: &'a ClipResume,
 }
 
 impl ClipRun<'_> {
@@ -1192,18 +1230,41 @@ impl ClipRun<'_> {
     /// leading or linspace spacing diffusers still re-noises to t = 999, and for Euler-type
     /// samplers it noises with noise already scaled by init_noise_sigma and mixes in unscaled
     /// fresh noise, neither of which matches the latent the sampler then starts from.
+    ///
+    /// Each finished pass is saved (`pipeline::resume`); a rerun starts after the last one saved.
     fn sample_clip(&self, g: Geometry, initial: &[f32]) -> Result<Vec<f32>> {
         let base = self.config.sampler.sampler_config()?;
+        let passes = self.config.video.free_init.as_ref().map_or(1, |f| f.iterations);
+        let shape = [g.frames, g.h, g.w, g.c];
+        let (done, mut x) = match self.resume.last_pass(shape) {
+            Some((pass, x)) if pass <= passes => {
+                eprintln!(
+                    "clip {:03}: resumed from pass {pass} of {passes} ({}){}",
+                    self.number,
+                    self.resume.dir().display(),
+                    if pass == passes { ": its latents are final, decoding" } else { "" }
+                );
+                (pass, x.to_vec())
+            }
+            _ => (0, Vec::new()),
+        };
+        let finish_pass = |pass: usize, x: &[f32]| -> Result<()> {
+            self.resume.save(Stage::Pass, (pass + 1, passes), 0, shape, x)?;
+            check_stop(|| format!("clip {:03}, after sampling pass {} of {passes}", self.number, pass + 1))
+        };
         let Some(free_init) = &self.config.video.free_init else {
+            if done == 1 {
+                return Ok(x);
+            }
             let mut sampler = Sampler::new(&base)?;
             let sigma = sampler.init_noise_sigma();
             let mut x: Vec<f32> = initial.iter().map(|v| v * sigma).collect();
             self.denoise(&mut sampler, &mut x, g, 0)?;
+            finish_pass(0, &x)?;
             return Ok(x);
         };
         let filter = free_init.low_pass(g.frames, g.h, g.w)?;
-        let mut x = Vec::new();
-        for pass in 0..free_init.iterations {
+        for pass in done..free_init.iterations {
             let config = SamplerConfig { steps: free_init.steps(base.steps, pass), ..base.clone() };
             let mut sampler = Sampler::new(&config)?;
             let sigma = sampler.init_noise_sigma();
@@ -1224,6 +1285,7 @@ impl ClipRun<'_> {
                 config.steps
             );
             ClipRun { noise: &noise, ..*self }.denoise(&mut sampler, &mut x, g, 0)?;
+            finish_pass(pass, &x)?;
         }
         Ok(x)
     }
@@ -1244,6 +1306,9 @@ impl ClipRun<'_> {
             "steps",
         );
         for i in 0..evaluations {
+            check_stop(|| {
+                format!("clip {number:03}, frames {first}..{}, before step {}/{evaluations}", first + g.frames, i + 1)
+            })?;
             let _step_range = nvtx::range(&format!("clip {number} step {}", i + 1));
             let timestep = sampler.timesteps()[sampler.position()];
             let windows = if g.frames <= context.length {
@@ -1288,12 +1353,34 @@ impl ClipRun<'_> {
     /// `video.chain_strength` (img2img: the sampler runs that fraction of its schedule), so the
     /// segment continues from where the last one ended. Each segment's motion is its own: seams and
     /// drift at segment boundaries are what context windows avoid.
+    ///
+    /// Each finished segment is saved (`pipeline::resume`); a rerun takes the saved ones in order
+    /// and continues after the last.
     fn chained(&self, g: Geometry) -> Result<Vec<f32>> {
         let fl = g.frame_len();
+        let segments = g.frames.div_ceil(self.context.length);
         let mut clip = Vec::with_capacity(g.frames * fl);
         let mut first = 0;
-        while first < g.frames {
+        let mut resuming = true;
+        for number in 1..=segments {
             let seg = Geometry { frames: self.context.length.min(g.frames - first), ..g };
+            let shape = [seg.frames, g.h, g.w, g.c];
+            if resuming {
+                if let Some(saved) = self.resume.get(Stage::Segment, number, first, shape) {
+                    clip.extend_from_slice(saved);
+                    first += seg.frames;
+                    continue;
+                }
+                resuming = false;
+                if number > 1 {
+                    eprintln!(
+                        "clip {:03}: resumed from segment {} of {segments} ({}); denoising segment {number}",
+                        self.number,
+                        number - 1,
+                        self.resume.dir().display()
+                    );
+                }
+            }
             let noise = self.noise.draw(seg, first, None, None)?;
             let mut config = self.config.sampler.sampler_config()?;
             let mut x = if first == 0 {
@@ -1309,8 +1396,17 @@ impl ClipRun<'_> {
             };
             let mut sampler = Sampler::new(&config)?;
             self.denoise(&mut sampler, &mut x, seg, first)?;
+            self.resume.save(Stage::Segment, (number, segments), first, shape, &x)?;
+            check_stop(|| format!("clip {:03}, after segment {number} of {segments}", self.number))?;
             clip.extend_from_slice(&x);
             first += seg.frames;
+        }
+        if resuming {
+            eprintln!(
+                "clip {:03}: resumed from segment {segments} of {segments} ({}): its latents are final, decoding",
+                self.number,
+                self.resume.dir().display()
+            );
         }
         Ok(clip)
     }

@@ -166,7 +166,7 @@ impl BuiltInWriter {
     /// Hands the next frame to its GOP's worker; blocks while the workers hold their budget of
     /// frames, or, at a GOP's first frame, while `threads` GOPs are still being coded.
     pub(crate) fn push(&mut self, image: &RgbImage) -> Result<()> {
-        if self.frames % self.gop == 0 {
+        if self.frames.is_multiple_of(self.gop) {
             if let Some(last) = self.workers.back_mut() {
                 last.sender = None; // its GOP is complete
             }

@@ -19,7 +19,7 @@ use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use openh264::OpenH264API;
@@ -148,7 +148,7 @@ impl BuiltInWriter {
             settings,
             gop,
             threads,
-            budget: Arc::new(Budget { held: Mutex::new(0), freed: Condvar::new(), limit }),
+            budget: Arc::new(Budget::new(limit)),
             cancel: Arc::new(AtomicBool::new(false)),
             workers: VecDeque::new(),
             frames: 0,
@@ -173,7 +173,7 @@ impl BuiltInWriter {
             while self.workers.len() >= self.threads {
                 self.collect_oldest()?;
             }
-            let worker = GopWorker::spawn(self.settings, self.frames, &self.cancel)?;
+            let worker = GopWorker::spawn(self.settings, self.frames, &self.cancel, &self.budget)?;
             self.workers.push_back(worker);
         }
         // Coded GOPs go to disk as soon as they are done, in order.
@@ -257,31 +257,50 @@ impl Drop for BuiltInWriter {
 }
 
 /// A count of the frames the GOP workers hold, kept at most `limit`: a frame takes a permit
-/// before it is queued and gives it back once coded (or dropped unread).
+/// before it is queued and gives it back once coded (or dropped unread). Once a worker has
+/// failed, permits are given without waiting: the frames it left queued may stay counted until
+/// the dispatcher collects its error.
 struct Budget {
-    held: Mutex<usize>,
+    state: Mutex<BudgetState>,
     freed: Condvar,
     limit: usize,
+}
+
+struct BudgetState {
+    held: usize,
+    failed: bool,
 }
 
 struct Permit(Arc<Budget>);
 
 impl Budget {
+    fn new(limit: usize) -> Budget {
+        Budget { state: Mutex::new(BudgetState { held: 0, failed: false }), freed: Condvar::new(), limit }
+    }
+
+    /// The state; a poisoned lock only means a thread panicked holding it, the count is still right.
+    fn state(&self) -> MutexGuard<'_, BudgetState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn acquire(budget: &Arc<Budget>) -> Permit {
-        // A poisoned lock only means a worker panicked holding it; the count is still right.
-        let mut held = budget.held.lock().unwrap_or_else(|e| e.into_inner());
-        while *held >= budget.limit {
-            held = budget.freed.wait(held).unwrap_or_else(|e| e.into_inner());
+        let mut state = budget.state();
+        while state.held >= budget.limit && !state.failed {
+            state = budget.freed.wait(state).unwrap_or_else(|e| e.into_inner());
         }
-        *held += 1;
+        state.held += 1;
         Permit(Arc::clone(budget))
+    }
+
+    fn fail(&self) {
+        self.state().failed = true;
+        self.freed.notify_all();
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
-        *held -= 1;
+        self.0.state().held -= 1;
         self.0.freed.notify_one();
     }
 }
@@ -294,12 +313,18 @@ struct GopWorker {
 }
 
 impl GopWorker {
-    fn spawn(settings: Settings, first: u64, cancel: &Arc<AtomicBool>) -> Result<GopWorker> {
+    fn spawn(settings: Settings, first: u64, cancel: &Arc<AtomicBool>, budget: &Arc<Budget>) -> Result<GopWorker> {
         let (sender, receiver) = channel();
-        let cancel = Arc::clone(cancel);
+        let (cancel, budget) = (Arc::clone(cancel), Arc::clone(budget));
         let handle = std::thread::Builder::new()
             .name("celframe-h264".into())
-            .spawn(move || encode_gop(settings, first, receiver, &cancel))
+            .spawn(move || {
+                let coded = encode_gop(settings, first, receiver, &cancel);
+                if coded.is_err() {
+                    budget.fail();
+                }
+                coded
+            })
             .map_err(|e| Error::Io { context: "starting an OpenH264 worker thread".into(), source: e })?;
         Ok(GopWorker { first, sender: Some(sender), handle })
     }

@@ -1,13 +1,17 @@
 //! Output-stage throughput on the CPU at the pipeline's frame size (1024x576): RGB -> YUV 4:2:0,
 //! PNG encoding (one thread, in memory), PNG files through the pool (synced, renamed), the mp4
-//! through each encoder path, and a whole clip (PNGs + mp4) through `ClipWriter`. Prints one
-//! `BENCH {json}` line per entry. `cargo bench --bench output` (no GPU needed); the frames go to
+//! through each encoder path (the built-in one with 1, 2 and all GOP workers), OpenH264's own
+//! slice threads on one encoder for comparison, and a whole clip (PNGs + mp4) through
+//! `ClipWriter`. Prints one `BENCH {json}` line per entry. `cargo bench --bench output` (no GPU needed); the frames go to
 //! a folder under the system temp dir, removed afterwards. CELFRAME_BENCH_FRAMES sets the clip
 //! length (default 48).
 
 use std::time::Instant;
 
 use celframe::output::{ClipOptions, Fps, Mp4Choice, OutputTree, PngPool, RgbImage, encode_png, rgb_to_yuv420};
+use openh264::OpenH264API;
+use openh264::encoder::{BitRate, Complexity, Encoder, EncoderConfig, FrameRate, QpRange, RateControlMode, UsageType};
+use openh264::formats::YUVSlices;
 
 const W: u32 = 1024;
 const H: u32 = 576;
@@ -94,11 +98,13 @@ fn run(kind: &str, frames: &[RgbImage]) {
     let tree = OutputTree::open(&dir.join("outputs")).unwrap();
     let fps = Fps::whole(10).unwrap();
     let mut index = 0;
-    let mut clip = |name: &str, mp4: Mp4Choice, png_frames: bool| {
+    let all = ClipOptions::new(W, H, fps).mp4_threads;
+    let mut clip = |name: &str, mp4: Mp4Choice, png_frames: bool, threads: usize| {
         index += 1;
         let mut options = ClipOptions::new(W, H, fps);
         options.mp4 = mp4;
         options.png_frames = png_frames;
+        options.mp4_threads = threads;
         let start = Instant::now();
         let mut writer = match tree.begin_clip(index, &options) {
             Ok(w) => w,
@@ -114,12 +120,42 @@ fn run(kind: &str, frames: &[RgbImage]) {
         let seconds = start.elapsed().as_secs_f64();
         let size = done.mp4.as_ref().and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len());
         let encoder = done.encoder.map(|e| e.to_string()).unwrap_or_default().replace('"', "'");
-        report(name, seconds, &format!(",\"mp4_bytes\":{size},\"encoder\":\"{encoder}\""));
+        let extra = format!(",\"mp4_bytes\":{size},\"encoder\":\"{encoder}\",\"mp4_threads\":{threads}");
+        report(name, seconds, &extra);
     };
-    clip("mp4_built_in", Mp4Choice::BuiltIn, false);
-    clip("mp4_ffmpeg", Mp4Choice::Ffmpeg, false);
-    clip("clip_png_and_mp4_auto", Mp4Choice::Auto, true);
-    clip("clip_png_and_mp4_built_in", Mp4Choice::BuiltIn, true);
+    for threads in [1, 2, all] {
+        clip(&format!("mp4_built_in_{threads}_threads"), Mp4Choice::BuiltIn, false, threads);
+    }
+    clip("mp4_ffmpeg", Mp4Choice::Ffmpeg, false, all);
+    clip("clip_png_and_mp4_auto", Mp4Choice::Auto, true, all);
+    clip("clip_png_and_mp4_built_in", Mp4Choice::BuiltIn, true, all);
     drop(tree);
     let _ = std::fs::remove_dir_all(&dir);
+
+    // OpenH264's own threads split a picture into slices (here slices of at most 64 KB, the only
+    // multi-slice mode the crate exposes): one encoder, the frames in order, in memory.
+    for threads in [1u16, 2] {
+        let config = EncoderConfig::new()
+            .usage_type(UsageType::CameraVideoRealTime)
+            .rate_control_mode(RateControlMode::Bufferbased)
+            .bitrate(BitRate::from_bps(15_000_000))
+            .max_frame_rate(FrameRate::from_hz(10.0))
+            .skip_frames(false)
+            .qp(QpRange::new(18, 26))
+            .complexity(Complexity::High)
+            .background_detection(false)
+            .max_slice_len(64_000)
+            .num_threads(threads);
+        let mut encoder = Encoder::with_api_config(OpenH264API::from_source(), config).unwrap();
+        let yuv: Vec<_> = frames.iter().map(|f| rgb_to_yuv420(f).unwrap()).collect();
+        let (w, h) = (W as usize, H as usize);
+        let start = Instant::now();
+        let mut bytes = 0;
+        for p in &yuv {
+            let source = YUVSlices::new((&p.y, &p.u, &p.v), (w, h), (w, w / 2, w / 2));
+            bytes += encoder.encode(&source).unwrap().to_vec().len();
+        }
+        let extra = format!(",\"bytes\":{bytes},\"openh264_threads\":{threads}");
+        report(&format!("openh264_slices_{threads}_threads"), start.elapsed().as_secs_f64(), &extra);
+    }
 }

@@ -182,6 +182,40 @@ fn a_clip_that_fails_late_is_recorded_and_the_batch_goes_on() {
     assert_eq!((report.done, report.skipped, report.failed), (1, 2, 0));
 }
 
+#[test]
+fn control_inputs_built_ahead_match_those_built_inline() {
+    // In a batch the next clip's control inputs (image decode, pose drawing, Canny edges) are
+    // built on a thread while a clip renders; the first clip a run renders builds its own inline.
+    // Clip 3 follows clip 1 in its LoRA group, so the batch builds its inputs ahead; the second
+    // run finds clips 1 and 2 complete and renders clip 3 first. Same clip, same frames.
+    let dir = TempDir::new("batch-prefetch");
+    let mut config = small_batch(&dir.path("batch"), 3);
+    let mut canny = config.controlnets[0].clone();
+    canny.kind = "canny".into();
+    canny.images = fixtures().join("control_canny_in_shapes.png");
+    config.controlnets.push(canny);
+    config.clips[2].control_images =
+        Some(vec![fixtures().join("control_pose_coco.json"), fixtures().join("control_canny_in_gray.png")]);
+    let options = RenderOptions { keep_tensors: true, ..Default::default() };
+    let batch = render(&config, &options).unwrap();
+    let rendered: Vec<usize> = batch.clips.iter().filter(|c| !c.skipped).map(|c| c.index).collect();
+    assert_eq!(rendered, [0, 1, 2]);
+
+    let alone = dir.path("alone");
+    for clip in ["clip_001", "clip_002"] {
+        std::fs::create_dir_all(alone.join("video").join(clip)).unwrap();
+    }
+    config.output.root = alone.clone();
+    let single = render(&config, &options).unwrap();
+    let third = |r: &celframe::pipeline::RenderReport| r.clips.iter().find(|c| c.index == 2 && !c.skipped).cloned();
+    let (ahead, inline) = (third(&batch).unwrap(), third(&single).expect("clip 3 rendered alone"));
+    let values = |t: &Option<celframe::tensor::Tensor>| t.as_ref().unwrap().to_f32_vec().unwrap();
+    assert!(values(&ahead.latents) == values(&inline.latents), "latents differ");
+    assert!(values(&ahead.images) == values(&inline.images), "frames differ");
+    let frames = |root: &Path| tree_files(&root.join("video/clip_003"));
+    assert!(frames(&dir.path("batch")) == frames(&alone), "clip_003's files differ");
+}
+
 fn celframe(args: &[&str]) -> std::process::Child {
     celframe_command(args).stderr(std::process::Stdio::piped()).spawn().unwrap()
 }

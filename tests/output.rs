@@ -461,6 +461,64 @@ fn mp4_built_in_encoder_takes_noise() {
     assert!(mae < 3.0, "gradient frames after noise: mean abs error {mae:.3}");
 }
 
+/// The 1-based sample numbers in the mp4's `stss` box (its sync samples: the IDR pictures).
+fn sync_samples(mp4: &Path) -> Vec<u32> {
+    let bytes = std::fs::read(mp4).unwrap();
+    let at = bytes.windows(4).position(|w| w == b"stss").expect("an stss box");
+    let word = |i: usize| u32::from_be_bytes(bytes[i..i + 4].try_into().unwrap());
+    // After the type: version and flags (4 bytes), the entry count, the entries.
+    let count = word(at + 8) as usize;
+    (0..count).map(|k| word(at + 12 + 4 * k)).collect()
+}
+
+#[test]
+fn mp4_built_in_gops_in_parallel_give_the_same_bytes() {
+    // 64 frames at 10 fps: GOPs from frames 0, 20, 40 and 60, each on its own encoder. Noise in
+    // the second GOP overflows OpenH264's frame buffer, so that GOP's encoder restarts with a
+    // higher quantiser cap (an extra IDR) while the others keep theirs.
+    let dir = TempDir::new("out-gops");
+    let tree = OutputTree::open(&dir.path("outputs")).unwrap();
+    let frames: Vec<RgbImage> =
+        (0..64).map(|t| if (22..38).contains(&t) { noise(128, 96, t as u64) } else { frame(128, 96, t) }).collect();
+    let mut files = Vec::new();
+    for (i, threads) in [1, 2, 4].into_iter().enumerate() {
+        let mut opts = options(128, 96, 10, Mp4Choice::BuiltIn);
+        opts.png_frames = false;
+        opts.mp4_threads = threads;
+        let report = write_clip(&tree, i as u32 + 1, &opts, &frames);
+        files.push((threads, report.mp4.unwrap()));
+    }
+    let first = std::fs::read(&files[0].1).unwrap();
+    for (threads, mp4) in &files[1..] {
+        assert!(std::fs::read(mp4).unwrap() == first, "{threads} threads wrote other bytes than 1 thread");
+    }
+    let mp4 = &files[0].1;
+    let sync = sync_samples(mp4);
+    let restarts: Vec<u32> = sync.iter().copied().filter(|s| ![1, 21, 41, 61].contains(s)).collect();
+    eprintln!("sync samples {sync:?}");
+    assert!(
+        [1, 21, 41, 61].iter().all(|s| sync.contains(s))
+            && !restarts.is_empty()
+            && restarts.iter().all(|s| (23..=38).contains(s)),
+        "sync samples {sync:?}: want every GOP's first frame and a restart inside the noise"
+    );
+    if !ffmpeg_tools() {
+        return;
+    }
+    assert_eq!(probe(mp4).get("nb_read_frames").map(String::as_str), Some("64"));
+    let out = Command::new("ffmpeg").args(["-v", "error", "-i"]).arg(mp4).args(["-f", "null", "-"]).output().unwrap();
+    assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The gradient frames of every GOP decode well: (frames before the noise, after it).
+    let decoded = decode_rgb(mp4);
+    let n = 128 * 96 * 3;
+    for range in [0..22, 38..64] {
+        let source: Vec<u8> = frames[range.clone()].iter().flat_map(|f| f.pixels().iter().copied()).collect();
+        let mae = mean_abs_error(&decoded[range.start * n..range.end * n], &source);
+        eprintln!("frames {range:?}: mean abs error {mae:.3}");
+        assert!(mae < 3.0, "frames {range:?}: mean abs error {mae:.3}");
+    }
+}
+
 #[test]
 fn mp4_ffmpeg_encoder() {
     if !ffmpeg_tools() {

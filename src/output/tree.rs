@@ -66,6 +66,9 @@ pub struct ClipOptions {
     pub crf: u8,
     /// The built-in encoder's largest quantiser (default 26; 0..=51, lower is better).
     pub qp_max: u8,
+    /// GOPs the built-in encoder codes at once, one thread each (default: the machine's threads,
+    /// at most 16). The mp4's bytes do not depend on it.
+    pub mp4_threads: usize,
     /// PNG worker threads (default: the machine's threads, at most 8).
     pub png_threads: usize,
     /// Frames that may wait for each consumer (PNG pool, mp4 encoder) before `push` blocks.
@@ -85,6 +88,7 @@ impl ClipOptions {
             ffmpeg: PathBuf::from("ffmpeg"),
             crf: 18,
             qp_max: 26,
+            mp4_threads: std::thread::available_parallelism().map_or(2, |n| n.get()).min(16),
             png_threads: PngPool::default_threads(),
             queue_frames: 8,
             replace: false,
@@ -368,7 +372,7 @@ impl Sink {
 fn start_sink(mp4: &Path, options: &ClipOptions) -> Result<(Sink, Mp4Encoder)> {
     let (w, h, fps) = (options.width, options.height, options.fps);
     let built_in = |why: Option<String>| -> Result<(Sink, Mp4Encoder)> {
-        let writer = BuiltInWriter::start(mp4, w, h, fps, options.qp_max)?;
+        let writer = BuiltInWriter::start(mp4, w, h, fps, options.qp_max, options.mp4_threads)?;
         Ok((Sink::BuiltIn(Box::new(writer)), Mp4Encoder::BuiltIn { why }))
     };
     let ffmpeg = |info: FfmpegInfo| -> Result<(Sink, Mp4Encoder)> {

@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::thread::ScopedJoinHandle;
 use std::time::Instant;
 
 use crate::control::builtin::waving_figure;
@@ -48,7 +49,7 @@ use crate::models::{
 use crate::ops::Exec;
 use crate::ops::elementwise::{add, mul};
 use crate::ops::rows::{gather_rows, scatter_rows};
-use crate::output::{ClipOptions, Fps, OutputTree, RgbImage};
+use crate::output::{ClipOptions, ClipReport, ClipWriter, Fps, OutputTree, RgbImage};
 use crate::pipeline::batch::{ClipSeconds, RunReport, Shard, lora_groups, preflight, shard_clips, write_prompt_grid};
 use crate::pipeline::config::{Component, ControlNetEntry, LoraEntry, RenderConfig, is_json};
 use crate::pipeline::free_init::mix_frequencies;
@@ -627,6 +628,11 @@ struct GroupRun<'a> {
 /// (rewritten after every clip, so an interrupted batch leaves a report). Only a report that
 /// cannot be written, or a stop asked for by a signal (the clip is recorded as interrupted and
 /// `Error::Interrupted` returned), stops the batch.
+///
+/// Beside the GPU's work: the next clip's control inputs are built while a clip renders, and a
+/// rendered clip's writer finishes (PNGs, the mp4, the folder's rename) while the next one
+/// renders. At most one finish is pending: it is joined, and its clip recorded as done or failed,
+/// before the next clip's own finish starts, at the end of the group, and before a stop returns.
 fn render_clips(
     group: &GroupRun,
     tree: &OutputTree,
@@ -635,65 +641,170 @@ fn render_clips(
     batch: &mut Batch,
 ) -> Result<()> {
     let config = group.config;
-    for &index in members {
-        let number = index as u32 + 1;
-        let started = Instant::now();
-        let result = if tree.clip_complete(number) && !config.output.replace {
-            eprintln!("clip {number:03}: complete from an earlier run, skipped");
-            Ok(ClipOutcome {
-                index,
-                skipped: true,
-                frames: config.clip_frames(index),
-                times: StageTimes::default(),
-                latents: None,
-                images: None,
-                mp4: None,
-            })
-        } else {
+    let skip = |index: usize| tree.clip_complete(index as u32 + 1) && !config.output.replace;
+    std::thread::scope(|scope| {
+        let mut finishing: Option<Finishing> = None;
+        // (clip index, its control inputs being built)
+        let mut prepared: Option<(usize, ScopedJoinHandle<Result<ClipControls>>)> = None;
+        for (position, &index) in members.iter().enumerate() {
+            let started = Instant::now();
+            if skip(index) {
+                eprintln!("clip {:03}: complete from an earlier run, skipped", index + 1);
+                let outcome = ClipOutcome {
+                    index,
+                    skipped: true,
+                    frames: config.clip_frames(index),
+                    times: StageTimes::default(),
+                    latents: None,
+                    images: None,
+                    mp4: None,
+                };
+                record_outcome(batch, outcome, 0.0);
+                batch.report.write(tree)?;
+                continue;
+            }
             let clip = config.for_clip(index);
-            render_clip(&clip, group.options, group.checkpoints, group.models, group.target, tree, index, noise)
-        };
-        match result {
-            Ok(outcome) => {
-                if let Some(record) = batch.report.record(index) {
-                    record.status = if outcome.skipped { "skipped" } else { "done" }.into();
-                    let t = &outcome.times;
-                    record.seconds = (!outcome.skipped).then(|| ClipSeconds {
-                        text: t.text,
-                        denoise: t.denoise,
-                        decode_and_write: t.decode_and_write,
-                        total: started.elapsed().as_secs_f64(),
+            let g = clip_geometry(&clip, group.models, index);
+            let controls = match prepared.take() {
+                Some((prepared_for, handle)) if prepared_for == index => handle
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Internal("the thread building control inputs panicked".into()))),
+                _ => build_controls(&clip, g),
+            };
+            if let Some(&next) = members[position + 1..].iter().find(|&&i| !skip(i)) {
+                let next_clip = config.for_clip(next);
+                let next_g = clip_geometry(&next_clip, group.models, next);
+                prepared = Some((next, scope.spawn(move || build_controls(&next_clip, next_g))));
+            }
+            let (o, c, m, t) = (group.options, group.checkpoints, group.models, group.target);
+            match render_clip(&clip, o, c, m, t, tree, index, noise, controls) {
+                Ok((outcome, writer)) => {
+                    if let Some(previous) = finishing.take() {
+                        let stopped = previous.join(config, batch);
+                        if let Some(stop) = stopped {
+                            // This clip's writer is dropped unfinished: its folder never appears,
+                            // and its saved latents let the rerun go straight to decoding.
+                            mark_interrupted(config, batch, index, &stop, started.elapsed().as_secs_f64());
+                            batch.report.write(tree)?;
+                            return Err(stop);
+                        }
+                        batch.report.write(tree)?;
+                    }
+                    let handle = scope.spawn(move || {
+                        let t = Instant::now();
+                        let report = writer.finish();
+                        (report, t.elapsed().as_secs_f64(), Instant::now())
                     });
+                    finishing = Some(Finishing { outcome, started, handle });
                 }
-                batch.outcomes.push(outcome);
+                Err(e) => match as_interruption(e, index) {
+                    Ok(stop) => {
+                        mark_interrupted(config, batch, index, &stop, started.elapsed().as_secs_f64());
+                        if let Some(previous) = finishing.take() {
+                            previous.join(config, batch);
+                        }
+                        batch.report.write(tree)?;
+                        return Err(stop);
+                    }
+                    Err(e) => {
+                        batch.fail(config, index, e);
+                        if let Some(record) = batch.report.record(index) {
+                            record.seconds =
+                                Some(ClipSeconds { total: started.elapsed().as_secs_f64(), ..Default::default() });
+                        }
+                    }
+                },
+            }
+            batch.report.write(tree)?;
+        }
+        if let Some(last) = finishing.take() {
+            let stopped = last.join(config, batch);
+            batch.report.write(tree)?;
+            if let Some(stop) = stopped {
+                return Err(stop);
+            }
+        }
+        Ok(())
+    })
+}
+
+/// A rendered clip whose writer finishes on its own thread: the result, the seconds it took,
+/// and when it ended.
+struct Finishing<'scope> {
+    outcome: ClipOutcome,
+    started: Instant,
+    handle: ScopedJoinHandle<'scope, (Result<ClipReport>, f64, Instant)>,
+}
+
+impl Finishing<'_> {
+    /// Waits for the writer and records the clip as done (or failed, with the writer's error).
+    /// Returns the error that ends the batch when the writer failed because of a stop.
+    fn join(self, config: &RenderConfig, batch: &mut Batch) -> Option<Error> {
+        let Finishing { mut outcome, started, handle } = self;
+        let (result, seconds, ended) = handle.join().unwrap_or_else(|_| {
+            (Err(Error::Internal("the clip writer's thread panicked".into())), 0.0, Instant::now())
+        });
+        outcome.times.decode_and_write += seconds;
+        let total = ended.duration_since(started).as_secs_f64();
+        match result {
+            Ok(report) => {
+                outcome.mp4 = report.mp4.map(|p| (p, report.encoder.map_or(String::new(), |e| e.to_string())));
+                record_outcome(batch, outcome, total);
             }
             Err(e) => {
-                // Whatever failed once a stop was asked for (ffmpeg gets the terminal's SIGINT too)
-                // is the stop: the clip is interrupted, not failed, and the batch ends here.
-                if let Some(signal) = stop_signal() {
-                    let e = match e {
-                        Error::Interrupted { .. } => e,
-                        other => Error::Interrupted { signal, at: format!("clip {number:03} ({other})") },
-                    };
-                    eprintln!("clip {number:03} ({}): interrupted", config.clip_id(index));
-                    if let Some(record) = batch.report.record(index) {
-                        record.status = "interrupted".into();
-                        record.exit_code = Some(e.exit_code());
-                        record.seconds =
-                            Some(ClipSeconds { total: started.elapsed().as_secs_f64(), ..Default::default() });
+                let index = outcome.index;
+                // A writer that failed once a stop was asked for (ffmpeg gets the terminal's
+                // SIGINT too) was stopped: the clip is interrupted, not failed.
+                let e = match as_interruption(e, index) {
+                    Ok(stop) => {
+                        mark_interrupted(config, batch, index, &stop, total);
+                        return Some(stop);
                     }
-                    batch.report.write(tree)?;
-                    return Err(e);
-                }
+                    Err(e) => e,
+                };
                 batch.fail(config, index, e);
                 if let Some(record) = batch.report.record(index) {
-                    record.seconds = Some(ClipSeconds { total: started.elapsed().as_secs_f64(), ..Default::default() });
+                    record.seconds = Some(clip_seconds(&outcome.times, total));
                 }
             }
         }
-        batch.report.write(tree)?;
+        None
     }
-    Ok(())
+}
+
+/// `e` (of clip `index`) as the stop it is when a signal asked for one: whatever fails once a stop
+/// was asked for (ffmpeg gets the terminal's SIGINT too) is the stop, not a failure. Err(e)
+/// unchanged otherwise.
+fn as_interruption(e: Error, index: usize) -> std::result::Result<Error, Error> {
+    let Some(signal) = stop_signal() else { return Err(e) };
+    Ok(match e {
+        Error::Interrupted { .. } => e,
+        other => Error::Interrupted { signal, at: format!("clip {:03} ({other})", index + 1) },
+    })
+}
+
+/// Records clip `index` as interrupted by `stop` after `total` seconds.
+fn mark_interrupted(config: &RenderConfig, batch: &mut Batch, index: usize, stop: &Error, total: f64) {
+    eprintln!("clip {:03} ({}): interrupted", index + 1, config.clip_id(index));
+    if let Some(record) = batch.report.record(index) {
+        record.status = "interrupted".into();
+        record.exit_code = Some(stop.exit_code());
+        record.seconds = Some(ClipSeconds { total, ..Default::default() });
+    }
+}
+
+fn clip_seconds(t: &StageTimes, total: f64) -> ClipSeconds {
+    ClipSeconds { text: t.text, denoise: t.denoise, decode_and_write: t.decode_and_write, total }
+}
+
+/// Records a clip that is complete: rendered (`total` seconds from its start to its folder in
+/// place) or skipped.
+fn record_outcome(batch: &mut Batch, outcome: ClipOutcome, total: f64) {
+    if let Some(record) = batch.report.record(outcome.index) {
+        record.status = if outcome.skipped { "skipped" } else { "done" }.into();
+        record.seconds = (!outcome.skipped).then(|| clip_seconds(&outcome.times, total));
+    }
+    batch.outcomes.push(outcome);
 }
 
 /// `configs/pipeline_config.json` (the resolved config and versions), `lora_versions.json`,
@@ -1086,19 +1197,12 @@ fn render_clip(
     tree: &OutputTree,
     index: usize,
     noise_file: Option<&weights::TensorFile>,
-) -> Result<ClipOutcome> {
+    controls: Result<ClipControls>,
+) -> Result<(ClipOutcome, ClipWriter)> {
     let number = index + 1;
     check_stop(|| format!("clip {number:03}, before it started"))?;
     let video = &config.video;
-    let factor = models.vae.config.upsample_factor();
-    let g = Geometry {
-        frames: config.clip_frames(index),
-        width: video.width,
-        height: video.height,
-        h: video.height / factor,
-        w: video.width / factor,
-        c: models.unet.config.in_channels,
-    };
+    let g = clip_geometry(config, models, index);
     if g.frames > 1 && models.motion.is_none() {
         return Err(Error::Input(format!(
             "clip {number:03}: {} frames need models.motion_adapter (without one, frames = 1)",
@@ -1112,12 +1216,7 @@ fn render_clip(
     drop(text_range);
     times.text = t0.elapsed().as_secs_f64();
 
-    // Per entry, one control per condition (a plain entry is one).
-    let controls = config
-        .controlnets
-        .iter()
-        .map(|e| e.hint_entries().iter().map(|h| ClipControl::build(h, g, video.fps)).collect::<Result<Vec<_>>>())
-        .collect::<Result<Vec<_>>>()?;
+    let controls = controls?;
     let seed = config.clip_seed(index);
     let noise = match noise_file {
         Some(file) => ClipNoise::File { file, pass: 0 },
@@ -1186,23 +1285,53 @@ fn render_clip(
         }
         Ok(())
     })?;
-    let report = writer.finish()?;
     bar.finish();
+    // The writer's own time (PNGs, the mp4, the rename) is added when its finish is joined.
     times.decode_and_write = t2.elapsed().as_secs_f64();
     let images = if options.keep_tensors {
         Some(Tensor::from_f32(&[g.frames, g.height, g.width, 3], DType::F32, &kept)?)
     } else {
         None
     };
-    Ok(ClipOutcome {
+    let outcome = ClipOutcome {
         index,
         skipped: false,
         frames: g.frames,
         times,
         latents: options.keep_tensors.then_some(latents),
         images,
-        mp4: report.mp4.map(|p| (p, report.encoder.map_or(String::new(), |e| e.to_string()))),
-    })
+        mp4: None,
+    };
+    Ok((outcome, writer))
+}
+
+/// Clip `index`'s geometry (`config` is the clip's own, from `for_clip`).
+fn clip_geometry(config: &RenderConfig, models: &Models, index: usize) -> Geometry {
+    let video = &config.video;
+    let factor = models.vae.config.upsample_factor();
+    Geometry {
+        frames: config.clip_frames(index),
+        width: video.width,
+        height: video.height,
+        h: video.height / factor,
+        w: video.width / factor,
+        c: models.unet.config.in_channels,
+    }
+}
+
+/// A clip's control inputs: per ControlNet entry, one control per condition (a plain entry is
+/// one).
+type ClipControls = Vec<Vec<ClipControl>>;
+
+/// Builds the control inputs of a clip of geometry `g` (`config` is the clip's own): images
+/// decoded, poses drawn, Canny and depth hints computed, all prepared at the clip's size.
+fn build_controls(config: &RenderConfig, g: Geometry) -> Result<ClipControls> {
+    let fps = config.video.fps;
+    config
+        .controlnets
+        .iter()
+        .map(|e| e.hint_entries().iter().map(|h| ClipControl::build(h, g, fps)).collect::<Result<Vec<_>>>())
+        .collect()
 }
 
 /// What every sampler evaluation of a clip shares.

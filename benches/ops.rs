@@ -378,11 +378,15 @@ fn lora_merges(b: &Bench, ex: &Exec) -> Result<()> {
     // Whole models: every weight with the set's terms in one call (values set by memset: the
     // timing does not depend on them, and uploading 7 GB of drawn values would take minutes). The
     // LCM-LoRA alone (one rank-64 term, K = 64) checks the cuBLASLt route where K is small.
+    // K = 128 and 192 bracket the crossover (models::lora::device::GEMM_MIN_RANK).
     let lcm_alone = [LORA_TERMS[3]];
+    let (k128, k192) = ([LORA_TERMS[2]], [LORA_TERMS[1], LORA_TERMS[2]]);
     for (model, weights, terms) in [
         ("unet", sdxl_unet_weights(), &LORA_TERMS[..]),
         ("text_encoders", sdxl_text_encoder_weights(), &LORA_TERMS[..]),
         ("unet", sdxl_unet_weights(), &lcm_alone[..]),
+        ("unet", sdxl_unet_weights(), &k128[..]),
+        ("unet", sdxl_unet_weights(), &k192[..]),
     ] {
         let k: usize = terms.iter().map(|t| t.0).sum();
         let ranks = terms.iter().map(|t| t.0.to_string()).collect::<Vec<_>>().join("+");

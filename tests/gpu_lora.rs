@@ -872,7 +872,8 @@ fn device_sets_merge_and_switch_like_the_host_merge() {
         }
         let selected = |m: &LoraMerge, n: &str| dora_here || m.is_additive(n);
         let sets: Vec<DeviceLoraSet> =
-            merges.iter().map(|m| DeviceLoraSet::upload(&rig.gpu, weights, m, |n| selected(m, n)).unwrap()).collect();
+            // Every LoRA-only weight on cuBLASLt (threshold 0): the fixtures' ranks are small.
+            merges.iter().map(|m| DeviceLoraSet::upload_routed(&rig.gpu, weights, m, |n| selected(m, n), 0).unwrap()).collect();
         let routes: Vec<_> = sets.iter().map(DeviceLoraSet::routes).collect();
         println!("GPUCHECK lora device sets {dtype:?}: routes A {:?}, B {:?}", routes[0], routes[1]);
         assert!(routes.iter().all(|r| (r.dora > 0) == dora_here), "DoRA layers in f16 only: {routes:?}");

@@ -184,6 +184,18 @@ impl DeviceLoraSet {
         merge: &LoraMerge,
         select: impl Fn(&str) -> bool,
     ) -> Result<DeviceLoraSet> {
+        Self::upload_routed(gpu, weights, merge, select, GEMM_MIN_RANK)
+    }
+
+    /// `upload` with the stacked rank from which LoRA-only weights take cuBLASLt given (tests
+    /// pass 0 to cover that route with small fixtures).
+    pub fn upload_routed(
+        gpu: &Gpu,
+        weights: &ModelWeights,
+        merge: &LoraMerge,
+        select: impl Fn(&str) -> bool,
+        gemm_min_rank: usize,
+    ) -> Result<DeviceLoraSet> {
         let dtype = weights.dtype();
         let mut names: Vec<&str> = merge.names().filter(|n| select(n)).collect();
         names.sort_unstable();
@@ -209,7 +221,7 @@ impl DeviceLoraSet {
         // The host work (Tucker folds, products, stacking, column moves, rounding) on every core.
         let host: Vec<Result<Route>> = par_map(targets.len(), |k| {
             let (name, w, deltas) = targets[k];
-            route(name, w.shape(), deltas, dtype)
+            route(name, w.shape(), deltas, dtype, gemm_min_rank)
         });
         let host: Vec<Route> = host.into_iter().collect::<Result<_>>()?;
         let bytes: usize =
@@ -289,14 +301,22 @@ impl DeviceLoraSet {
     }
 }
 
+/// The stacked rank (K, the sum of a weight's LoRA ranks) from which a LoRA-only weight takes one
+/// cuBLASLt GEMM instead of the merge kernel. On an H200 (2026-12-03, `benches/ops.rs`, the
+/// whole SDXL UNet in f16): at K = 288 cuBLASLt 9.47 ms vs the kernel 14.07 ms; at K = 64 (the
+/// LCM-LoRA alone) the kernel 5.19 ms vs cuBLASLt 9.81 ms. cuBLASLt's time barely moves with K
+/// (a launch per weight), the kernel's grows about linearly: they cross near K = 160.
+pub const GEMM_MIN_RANK: usize = 160;
+
 /// The route and host factors of the weight `name` of shape `graph` under `deltas` (`Route`).
-fn route(name: &str, graph: &[usize], deltas: &[Scaled], dtype: DType) -> Result<Route> {
+fn route(name: &str, graph: &[usize], deltas: &[Scaled], dtype: DType, gemm_min_rank: usize) -> Result<Route> {
     // In bf16 a scale folded into a factor costs 2^-9 of each term (2^-11 in f16), which broke the
     // 3-ulp bound against the host merge on an H200 (2026-12-03): bf16 takes cuBLASLt only when
     // the LoRAs' scales are equal (no fold), else the kernel, which scales in fp32.
     let uniform = deltas.iter().all(|d| d.scale == deltas[0].scale);
     let low_rank = deltas.iter().all(|d| d.dora.is_none() && matches!(d.delta, Delta::LowRank(_)));
-    if !deltas.is_empty() && low_rank && (dtype != DType::BF16 || uniform) {
+    let rank: usize = deltas.iter().map(|d| if let Delta::LowRank(l) = &d.delta { l.rank() } else { 0 }).sum();
+    if !deltas.is_empty() && low_rank && rank >= gemm_min_rank && (dtype != DType::BF16 || uniform) {
         let (up, down, alpha) = stacked_factors(name, graph, deltas, dtype)?;
         return Ok(Route::Gemm { up, down, alpha });
     }
@@ -662,16 +682,20 @@ mod tests {
         let graph = [6, 3, 3, 4];
         let [a, b, _] = locons();
         let loha = Delta::Hadamard([(t(&[6, 3], 8), t(&[3, 36], 9)), (t(&[6, 2], 10), t(&[2, 36], 11))]);
-        // LoRA / LoCon only: one GEMM over the stacked factors.
-        let r = route("w", &graph, &[scaled(a.clone(), 0.5), scaled(b.clone(), 0.25)], DType::F16).unwrap();
+        // LoRA / LoCon only: one GEMM over the stacked factors from the rank threshold on (K = 4
+        // here), the kernel below it.
+        let pair = [scaled(a.clone(), 0.5), scaled(b.clone(), 0.25)];
+        let r = route("w", &graph, &pair, DType::F16, 4).unwrap();
         assert!(matches!(r, Route::Gemm { ref up, .. } if up.shape() == [6, 4]), "LoCon + Tucker LoCon");
+        let r = route("w", &graph, &pair, DType::F16, 5).unwrap();
+        assert!(matches!(r, Route::Kernel { ref terms, dora: None } if terms.len() == 2), "below the threshold");
         // A LoHa beside them: the kernel, every term.
-        let r = route("w", &graph, &[scaled(a.clone(), 0.5), scaled(loha, 1.0)], DType::F16).unwrap();
+        let r = route("w", &graph, &[scaled(a.clone(), 0.5), scaled(loha, 1.0)], DType::F16, 0).unwrap();
         assert!(matches!(r, Route::Kernel { ref terms, dora: None } if terms.len() == 2), "LoCon + LoHa");
         // A DoRA module: the kernel with the rescale, its own term apart, m in f32, the norm's axis.
         let dora = Dora { magnitude: t(&[1, 4, 1, 1], 12), axis: DoraAxis::Input, eps: 1e-6, blend: 0.8 };
         let with_dora = Scaled { dora: Some(dora), ..scaled(b, 0.25) };
-        match route("w", &graph, &[scaled(a, 0.5), with_dora], DType::BF16).unwrap() {
+        match route("w", &graph, &[scaled(a, 0.5), with_dora], DType::BF16, 0).unwrap() {
             Route::Kernel { terms, dora: Some(d) } => {
                 assert_eq!(terms.len(), 1);
                 assert_eq!((d.norm, d.scale, d.blend, d.eps), (DoraNorm::Inputs(4), 0.25, 0.8, 1e-6));

@@ -970,7 +970,8 @@ fn a_batch_switching_lora_sets_renders_each_clip_as_it_renders_alone() {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::PathBuf::from("target/celframe-demo"));
     std::fs::create_dir_all(&cache).unwrap();
-    let models = cached_random_pipeline(&cache, ModelSize::Full, 0).unwrap();
+    // Absolute: the configs live in a temporary folder, and relative paths in a config are its folder's.
+    let models = std::fs::canonicalize(cached_random_pipeline(&cache, ModelSize::Full, 0).unwrap()).unwrap();
     let dir = TempDir::new("gpu-lora-batch");
     let (a, b) = (sdxl_lora(&dir, "a.safetensors", 1), sdxl_lora(&dir, "b.safetensors", 2));
     let lora = |path: &std::path::Path, weight: f64| serde_json::json!({ "path": path, "weight": weight });

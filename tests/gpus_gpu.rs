@@ -58,7 +58,8 @@ fn gpus_all_on_cuda_writes_what_one_process_writes() {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target/celframe-demo"));
     std::fs::create_dir_all(&cache).unwrap();
-    let models = cached_random_pipeline(&cache, ModelSize::Full, 0).unwrap();
+    // Absolute: the configs live in a temporary folder, and relative paths in a config are its folder's.
+    let models = std::fs::canonicalize(cached_random_pipeline(&cache, ModelSize::Full, 0).unwrap()).unwrap();
     let dir = TempDir::new("gpus-gpu");
     let config = dir.path("manifest.json");
     manifest(&models, &config);

@@ -303,10 +303,10 @@ impl DeviceLoraSet {
 
 /// The stacked rank (K, the sum of a weight's LoRA ranks) from which a LoRA-only weight takes one
 /// cuBLASLt GEMM instead of the merge kernel. On an H200 (2026-12-03, `benches/ops.rs`, the
-/// whole SDXL UNet in f16): at K = 288 cuBLASLt 9.47 ms vs the kernel 14.07 ms; at K = 64 (the
-/// LCM-LoRA alone) the kernel 5.19 ms vs cuBLASLt 9.81 ms. cuBLASLt's time barely moves with K
-/// (a launch per weight), the kernel's grows about linearly: they cross near K = 160.
-pub const GEMM_MIN_RANK: usize = 160;
+/// whole SDXL UNet in f16, kernel vs cuBLASLt): K = 64 5.24 vs 6.90 ms, K = 128 6.85 vs 7.24,
+/// K = 192 9.55 vs 7.56, K = 288 14.19 vs 8.27. cuBLASLt's time barely moves with K (a launch
+/// per weight), the kernel's grows about linearly: they cross near K = 139.
+pub const GEMM_MIN_RANK: usize = 144;
 
 /// The route and host factors of the weight `name` of shape `graph` under `deltas` (`Route`).
 fn route(name: &str, graph: &[usize], deltas: &[Scaled], dtype: DType, gemm_min_rank: usize) -> Result<Route> {

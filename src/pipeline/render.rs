@@ -345,6 +345,7 @@ impl Batch {
 /// `celframe merge-report`.
 pub fn render_batch(config: &RenderConfig, options: &RenderOptions, shard: Option<Shard>) -> Result<RenderReport> {
     preflight(config)?;
+    let lora_digests = LoraDigests::start(config);
     let dtype = config.dtype()?;
     let device = config.device()?;
     let clips = shard_clips(config, shard);
@@ -454,7 +455,7 @@ pub fn render_batch(config: &RenderConfig, options: &RenderOptions, shard: Optio
             batch.summary.push(format!("prompt grid: {}", path.display()));
         }
     }
-    write_configs(config, &tree)?;
+    write_configs(config, &tree, lora_digests)?;
     let report_path = batch.report.write(&tree)?;
     let mut outcomes = std::mem::take(&mut batch.outcomes);
     outcomes.sort_by_key(|c| c.index);
@@ -809,7 +810,31 @@ fn record_outcome(batch: &mut Batch, outcome: ClipOutcome, total: f64) {
 
 /// `configs/pipeline_config.json` (the resolved config and versions), `lora_versions.json`,
 /// `controlnet_config.json`.
-fn write_configs(config: &RenderConfig, tree: &OutputTree) -> Result<()> {
+/// The sha256 of every LoRA file of the config, for lora_versions.json. Hashing the seed's set
+/// (about 2 GB) takes seconds, during which the GPU would idle at the end of a batch: it runs on
+/// threads of its own (one per file) from the start of the batch.
+struct LoraDigests(std::thread::JoinHandle<Result<Vec<String>>>);
+
+impl LoraDigests {
+    fn start(config: &RenderConfig) -> LoraDigests {
+        let paths: Vec<PathBuf> = config.loras.iter().map(|l| l.path.clone()).collect();
+        LoraDigests(std::thread::spawn(move || {
+            std::thread::scope(|s| {
+                let hashing: Vec<_> = paths.iter().map(|p| s.spawn(move || sha256_file(p))).collect();
+                hashing
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|_| Err(Error::Internal("a LoRA hashing thread panicked".into()))))
+                    .collect()
+            })
+        }))
+    }
+
+    fn join(self) -> Result<Vec<String>> {
+        self.0.join().unwrap_or_else(|_| Err(Error::Internal("the LoRA hashing thread panicked".into())))
+    }
+}
+
+fn write_configs(config: &RenderConfig, tree: &OutputTree, lora_digests: LoraDigests) -> Result<()> {
     let mut resolved = config.resolved_json();
     if let Some(map) = resolved.as_object_mut() {
         map.insert(
@@ -821,16 +846,17 @@ fn write_configs(config: &RenderConfig, tree: &OutputTree) -> Result<()> {
     let loras: Vec<serde_json::Value> = config
         .loras
         .iter()
-        .map(|l| {
-            Ok(serde_json::json!({
+        .zip(lora_digests.join()?)
+        .map(|(l, sha256)| {
+            serde_json::json!({
                 "file": l.path.display().to_string(),
-                "sha256": sha256_file(&l.path)?,
+                "sha256": sha256,
                 "weight": l.weight,
                 "text_encoder_weight": l.text_encoder_weight.unwrap_or(l.weight),
                 "role": l.role,
-            }))
+            })
         })
-        .collect::<Result<_>>()?;
+        .collect();
     tree.write_config("lora_versions.json", &serde_json::Value::Array(loras))?;
     let nets = serde_json::to_value(&config.controlnets)
         .map_err(|e| Error::Internal(format!("controlnet_config.json: {e}")))?;

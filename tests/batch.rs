@@ -1,6 +1,7 @@
 //! Batch rendering on the tiny models (examples/tiny-manifest.toml): per-clip overrides, the
 //! stable shard assignment, the scheduler's shard variables, the up-front check listing every
-//! problem, a clip that fails late recorded while the batch goes on, and N shards (run at once
+//! problem, a clip that fails late recorded while the batch goes on, a LoRA file that breaks after
+//! the check failing only its group, and N shards (run at once
 //! into one outputs tree, then `merge-report`) giving the same bytes as one process.
 
 #[path = "common/trees.rs"]

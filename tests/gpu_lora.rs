@@ -8,7 +8,9 @@
 //! These need an NVIDIA GPU, so CI (no GPU) lists them as ignored; tools/gpu_run.sh runs them on the
 //! GPU machine with `--include-ignored`. Run without a GPU they fail, never pass silently. Two tests,
 //! `integer_cases_are_exact_in_their_dtype` and `the_fixture_sets_cover_every_route`, check the
-//! premises of the others on the host and run everywhere.
+//! premises of the others on the host and run everywhere, as does
+//! `sets_laid_out_on_another_thread_merge_like_the_host_merge_on_the_twin` (the host part of a
+//! switch, on the merge twin).
 //!
 //! Tolerances:
 //! - Integer-valued weights and factors (factors in {-1, 0, 1}, weights in [-8, 8], scales ±2^k):

@@ -1,6 +1,7 @@
 //! Batch rendering on the tiny models (examples/tiny-manifest.toml): per-clip overrides, the
 //! stable shard assignment, the scheduler's shard variables, the up-front check listing every
-//! problem, a clip that fails late recorded while the batch goes on, and N shards (run at once
+//! problem, a clip that fails late recorded while the batch goes on, a LoRA file that breaks after
+//! the check failing only its group, and N shards (run at once
 //! into one outputs tree, then `merge-report`) giving the same bytes as one process.
 
 #[path = "common/trees.rs"]
@@ -10,6 +11,8 @@ mod unet_fixtures;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use celframe::pipeline::batch::{RunReport, Shard, lora_groups, preflight, shard_clips};
 use celframe::pipeline::config::RenderConfig;
@@ -180,6 +183,59 @@ fn a_clip_that_fails_late_is_recorded_and_the_batch_goes_on() {
     assert_eq!(skipped, [true, false, true]);
     let report = read_report(&out.join("configs/run_report.json"));
     assert_eq!((report.done, report.skipped, report.failed), (1, 2, 0));
+}
+
+/// Replaces `lora` with bytes that are no safetensors file as soon as `report` (the run report,
+/// first written right after the up-front check) appears, unless `done` is set first. The file is
+/// replaced by a rename, so nothing that mapped the old one sees it change.
+fn spoil_after_the_check(report: PathBuf, lora: PathBuf, done: Arc<AtomicBool>) -> std::thread::JoinHandle<bool> {
+    std::thread::spawn(move || {
+        while !report.is_file() {
+            if done.load(Ordering::Acquire) {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let temp = lora.with_extension("spoiled");
+        std::fs::write(&temp, b"no safetensors header here").unwrap();
+        std::fs::rename(&temp, &lora).unwrap();
+        true
+    })
+}
+
+#[test]
+fn a_lora_file_spoiled_after_the_check_fails_only_its_groups_clips() {
+    // A LoRA group's set is read when the batch reaches the group (on CUDA, while the group before
+    // it renders: tests/gpu_lora.rs has that twin of this test), so a file that breaks after the
+    // up-front check fails that group's clips, with the file named, and the batch goes on.
+    // Group 1 is clips 1 and 3 (no LoRA), group 2 clips 2 and 4 (this file); the file is spoiled
+    // once the run report appears, before any model loads.
+    let dir = TempDir::new("batch-bad-lora");
+    let out = dir.path("out");
+    let mut config = small_batch(&out, 4);
+    let lora = dir.path("te_copy.safetensors");
+    std::fs::copy(fixtures().join("lora_te_only.safetensors"), &lora).unwrap();
+    for clip in &mut config.clips {
+        if let Some(loras) = clip.loras.as_mut() {
+            loras[0].path = lora.clone();
+        }
+    }
+    let groups: Vec<Vec<usize>> = lora_groups(&config, &[0, 1, 2, 3]).into_iter().map(|(_, m)| m).collect();
+    assert_eq!(groups, [vec![0, 2], vec![1, 3]]);
+    let done = Arc::new(AtomicBool::new(false));
+    let spoiler = spoil_after_the_check(out.join("configs/run_report.json"), lora, done.clone());
+    let result = render(&config, &RenderOptions::default());
+    done.store(true, Ordering::Release);
+    assert!(spoiler.join().unwrap(), "the run report never appeared");
+    let Err(e) = result else { panic!("the spoiled LoRA file did not fail its clips") };
+    assert!(e.to_string().contains("2 of 4 clip(s) failed"), "{e}");
+    let report = read_report(&out.join("configs/run_report.json"));
+    let status: Vec<&str> = report.clips.iter().map(|c| c.status.as_str()).collect();
+    assert_eq!(status, ["done", "failed", "done", "failed"]);
+    for failed in [&report.clips[1], &report.clips[3]] {
+        assert!(failed.error.as_deref().unwrap().contains("te_copy.safetensors"), "{failed:?}");
+        assert_eq!(failed.exit_code, Some(e.exit_code()));
+    }
 }
 
 #[test]

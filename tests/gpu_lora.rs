@@ -8,7 +8,9 @@
 //! These need an NVIDIA GPU, so CI (no GPU) lists them as ignored; tools/gpu_run.sh runs them on the
 //! GPU machine with `--include-ignored`. Run without a GPU they fail, never pass silently. Two tests,
 //! `integer_cases_are_exact_in_their_dtype` and `the_fixture_sets_cover_every_route`, check the
-//! premises of the others on the host and run everywhere.
+//! premises of the others on the host and run everywhere, as does
+//! `sets_laid_out_on_another_thread_merge_like_the_host_merge_on_the_twin` (the host part of a
+//! switch, on the merge twin).
 //!
 //! Tolerances:
 //! - Integer-valued weights and factors (factors in {-1, 0, 1}, weights in [-8, 8], scales ±2^k):
@@ -35,7 +37,9 @@
 mod common;
 
 use celframe::gpu::{Arena, Gpu};
-use celframe::models::lora::device::{DeviceLoraSet, LoraSwitcher, Restore, stacked_factors};
+use celframe::models::lora::device::{
+    DeviceLoraSet, GEMM_MIN_RANK, HostLoraSet, LoraSwitcher, Restore, stacked_factors,
+};
 use celframe::models::lora::merge::{Delta, Factor, LowRank, Scaled};
 use celframe::models::lora::{Component, LoraMerge, LoraSpec, Loras, Targets, resolve};
 use celframe::models::{Place, Unet, open_unet};
@@ -843,6 +847,62 @@ fn the_fixture_sets_cover_every_route() {
 }
 
 #[test]
+fn sets_laid_out_on_another_thread_merge_like_the_host_merge_on_the_twin() {
+    // The host part of a switch (HostLoraSet::lay_out), which the renderer runs for the next LoRA
+    // group on a thread while the GPU renders: laid out on a spawned thread it holds the same
+    // factors as laid out inline (the merge twin of both is byte-identical), and that twin is
+    // within the device tolerance of the host merge (LoraMerge::merged, the CPU render's path):
+    // 3 ulps plus the factors' rounding bound, as `device_sets_merge_and_switch_like_the_host_merge`
+    // asks of the GPU. Runs everywhere: it needs no GPU.
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let checkpoint = open_unet(&fixtures.join("unet_a")).unwrap();
+    let mut targets = Targets::new();
+    targets.add_unet(&checkpoint).unwrap();
+    let resolved: Vec<Loras> = fixture_sets().iter().map(|s| resolve(s, &targets, false).unwrap()).collect();
+    for dtype in [DType::F16, DType::BF16] {
+        let unet = Unet::new(&checkpoint, Place::Host(dtype)).unwrap();
+        let weights = unet.weights();
+        for (k, loras) in resolved.iter().enumerate() {
+            let merge = loras.merge(Component::Unet).unwrap();
+            // bf16 DoRA is refused by the layout (the host merge takes it): the rest of the set here.
+            let select = |n: &str| dtype == DType::F16 || merge.is_additive(n);
+            if dtype == DType::BF16 && k == 0 {
+                let refused = HostLoraSet::lay_out(weights, merge, |_| true, 0);
+                assert!(matches!(refused, Err(Error::Unsupported(_))), "bf16 DoRA is refused by the layout");
+            }
+            // Threshold 0 and the default: every LoRA-only weight on the cuBLASLt route, then on the kernel.
+            for gemm_min_rank in [0, GEMM_MIN_RANK] {
+                let ahead = std::thread::scope(|s| {
+                    s.spawn(|| HostLoraSet::lay_out(weights, merge, select, gemm_min_rank)).join().unwrap()
+                })
+                .unwrap();
+                let inline = HostLoraSet::lay_out(weights, merge, select, gemm_min_rank).unwrap();
+                assert_eq!(ahead.bytes(), inline.bytes());
+                let (twin, inline) = (ahead.merged_host(weights).unwrap(), inline.merged_host(weights).unwrap());
+                assert!(!twin.is_empty() && twin.len() == inline.len(), "{} vs {}", twin.len(), inline.len());
+                let mut worst = 0f32;
+                for ((name, got), (inline_name, inline_got)) in twin.iter().zip(&inline) {
+                    assert_eq!(name, inline_name);
+                    let what = format!("set {k} {dtype:?} K>={gemm_min_rank} '{name}'");
+                    assert_eq!(got.host_bytes().unwrap(), inline_got.host_bytes().unwrap(), "{what}: ahead vs inline");
+                    // Host weights keep no source: the checkpoint's tensor (PyTorch layout) by its key.
+                    let key = &checkpoint.names.iter().find(|(n, _)| n == name).unwrap().1;
+                    let source = checkpoint.weights.get(key).unwrap();
+                    let layout = |t: Tensor| if t.shape().len() == 4 { weight_oihw_to_ohwi(&t).unwrap() } else { t };
+                    let want = layout(merge.merged(name, source, dtype).unwrap().unwrap());
+                    let bound = factor_rounding_bound(merge.deltas(name).unwrap(), source.shape(), dtype);
+                    let bound = layout(Tensor::from_f32(source.shape(), DType::F32, &bound).unwrap());
+                    let base = weights.tensor(name).unwrap();
+                    let ulps = within_ulps(&what, (got, &want, base), 3.0, Some(&bound.to_f32_vec().unwrap())).0;
+                    worst = worst.max(ulps);
+                }
+                println!("set {k} {dtype:?} K>={gemm_min_rank}: {} weights, max_ulps={worst:.2} tol=3ulp", twin.len());
+            }
+        }
+    }
+}
+
+#[test]
 #[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
 fn device_sets_merge_and_switch_like_the_host_merge() {
     // Each state of the weights against LoraMerge::merged (f64, rounded once), the path the CPU
@@ -958,9 +1018,10 @@ fn sdxl_lora(dir: &TempDir, name: &str, seed: u64) -> std::path::PathBuf {
 #[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
 fn a_batch_switching_lora_sets_renders_each_clip_as_it_renders_alone() {
     // The renderer loads the models once and switches LoRA sets on the device between clips
-    // (pipeline::lora_switch): every clip of a batch that went through set A, sets B + A and none
-    // must have the latents it has in a batch of the same clips all under its set, where that set
-    // is merged once into fresh base weights. SDXL-shaped random models (the set `celframe demo` draws, cached in
+    // (pipeline::lora_switch), each group's set laid out on the host while the group before it
+    // renders: every clip of a batch that went through set A, sets B + A and none must have the
+    // latents it has in a batch of the same clips all under its set, where that set is laid out
+    // inline and merged once into fresh base weights. SDXL-shaped random models (the set `celframe demo` draws, cached in
     // $CELFRAME_DEMO_CACHE or target/celframe-demo: the tiny test models' motion heads are too
     // narrow for the CUDA kernels) at 512x288, 8 frames, LCM 2 steps.
     assert!(Gpu::is_available(), "no CUDA device: this GPU test cannot run here (it is not skipped silently)");
@@ -997,6 +1058,10 @@ fn a_batch_switching_lora_sets_renders_each_clip_as_it_renders_alone() {
     batch.summary.iter().for_each(|line| println!("{line}"));
     let loads = batch.summary.iter().filter(|l| l.starts_with("loaded the models")).count();
     assert_eq!(loads, 1, "the batch loads the models once");
+    // Three groups (A; B + A; none): the second and third were resolved and laid out on a thread
+    // while the group before them rendered.
+    let ahead = batch.summary.iter().filter(|l| l.contains("laid out ahead")).count();
+    assert_eq!(ahead, 2, "groups 2 and 3 prepared ahead");
     for (i, clip) in clips.iter().enumerate() {
         // The same clips with clip i's set on every one: one group, its set merged into fresh base
         // weights (a clip's noise stream follows its index, so the clips stay where they are).
@@ -1020,4 +1085,71 @@ fn a_batch_switching_lora_sets_renders_each_clip_as_it_renders_alone() {
             sets[i % 3].len()
         );
     }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn a_lora_file_spoiled_after_the_check_fails_only_its_group_on_cuda() {
+    // On CUDA the batch resolves and lays out group g+1's LoRA set on a thread while group g
+    // renders (pipeline::render). A file that breaks after the up-front check (replaced once the
+    // run report appears, seconds before the models have loaded) fails its group's clip with the
+    // file named; the group after it is prepared inline and renders. tests/batch.rs has the CPU
+    // path's twin of this test.
+    assert!(Gpu::is_available(), "no CUDA device: this GPU test cannot run here (it is not skipped silently)");
+    use celframe::pipeline::random_models::{ModelSize, cached_random_pipeline};
+    use celframe::pipeline::{RenderOptions, render};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let cache = std::env::var_os("CELFRAME_DEMO_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from("target/celframe-demo"));
+    std::fs::create_dir_all(&cache).unwrap();
+    let models = std::fs::canonicalize(cached_random_pipeline(&cache, ModelSize::Full, 0).unwrap()).unwrap();
+    let dir = TempDir::new("gpu-lora-spoiled");
+    let (a, b) = (sdxl_lora(&dir, "a.safetensors", 1), sdxl_lora(&dir, "b.safetensors", 2));
+    let lora = |path: &std::path::Path| serde_json::json!([{ "path": path, "weight": 0.8 }]);
+    let sets = [lora(&a), lora(&b), serde_json::json!([])];
+    let clips: Vec<_> = (0..3)
+        .map(|i| serde_json::json!({ "prompt": format!("1girl, pose {i}"), "seed": 40 + i, "loras": sets[i] }))
+        .collect();
+    let root = dir.path("batch");
+    let json = serde_json::json!({
+        "dtype": "f16", "device": "cuda",
+        "models": { "base": models, "motion_adapter": models.join("motion_adapter") },
+        "sampler": { "name": "lcm", "steps": 2, "cfg": 1.5 },
+        "video": { "width": 512, "height": 288, "fps": 8, "frames": 8 },
+        "output": { "root": root, "mp4": "off" },
+        "clips": clips,
+    });
+    let path = root.with_extension("json");
+    std::fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
+    let config = celframe::pipeline::config::RenderConfig::load(&path).unwrap();
+    let report = root.join("configs/run_report.json");
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let spoiler = {
+        let (report, b, done) = (report.clone(), b.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !report.is_file() {
+                if done.load(Ordering::Acquire) {
+                    return false;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let temp = b.with_extension("spoiled");
+            std::fs::write(&temp, b"no safetensors header here").unwrap();
+            std::fs::rename(&temp, &b).unwrap(); // a rename: a mapping of the old file stays whole
+            true
+        })
+    };
+    let result = render(&config, &RenderOptions::default());
+    done.store(true, Ordering::Release);
+    assert!(spoiler.join().unwrap(), "the run report never appeared");
+    let Err(e) = result else { panic!("the spoiled LoRA file did not fail its clip") };
+    assert!(e.to_string().contains("1 of 3 clip(s) failed"), "{e}");
+    let text = std::fs::read_to_string(&report).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let status: Vec<&str> = report["clips"].as_array().unwrap().iter().map(|c| c["status"].as_str().unwrap()).collect();
+    assert_eq!(status, ["done", "failed", "done"], "{text}");
+    let error = report["clips"][1]["error"].as_str().unwrap();
+    assert!(error.contains("b.safetensors"), "{error}");
+    println!("GPUCHECK render lora spoiled file: group 2 failed naming it ({error}); groups 1 and 3 rendered");
 }

@@ -53,7 +53,7 @@ use crate::output::{ClipOptions, ClipReport, ClipWriter, Fps, OutputTree, RgbIma
 use crate::pipeline::batch::{ClipSeconds, RunReport, Shard, lora_groups, preflight, shard_clips, write_prompt_grid};
 use crate::pipeline::config::{Component, ControlNetEntry, LoraEntry, RenderConfig, is_json};
 use crate::pipeline::free_init::mix_frequencies;
-use crate::pipeline::lora_switch::DeviceLoras;
+use crate::pipeline::lora_switch::{DeviceLoras, PreparedLoras};
 use crate::pipeline::noise_init::freenoise_frame_sources;
 use crate::pipeline::resume::{ClipResume, Stage, check_stop, clip_identity, stop_signal};
 use crate::pipeline::windows::{ContextOptions, Fuse, Fuser, Schedule, gather};
@@ -409,9 +409,15 @@ pub fn render_batch(config: &RenderConfig, options: &RenderOptions, shard: Optio
                     let restore = Restore::parse(&config.lora_restore)?;
                     let reserve = lora_reserve(&checkpoints, &groups, restore, dtype);
                     let mut loaded: Option<GpuModels> = None;
-                    for (loras, members) in &groups {
+                    // The next group's host part (`HostGroup`), made while this group renders: at
+                    // most one waits.
+                    let mut ahead: Option<Result<HostGroup>> = None;
+                    for (g, (loras, members)) in groups.iter().enumerate() {
                         let group = RenderConfig { loras: loras.clone(), ..config.clone() };
-                        let prepared = prepare_group(&gpu, &checkpoints, &group, restore, reserve, &mut loaded);
+                        let host = ahead.take().unwrap_or_else(|| HostGroup::new(&checkpoints, &group, None));
+                        let prepared = host.and_then(|host| {
+                            prepare_group(&gpu, &checkpoints, &group, host, restore, reserve, &mut loaded)
+                        });
                         let run = match prepared {
                             Ok((lines, run)) => {
                                 batch.summary.extend(lines);
@@ -430,7 +436,23 @@ pub fn render_batch(config: &RenderConfig, options: &RenderOptions, shard: Optio
                             models: &run.models,
                             target,
                         };
-                        render_clips(&group_run, &tree, members, noise.as_ref(), &mut batch)?;
+                        let next = groups.get(g + 1).map(|(l, _)| RenderConfig { loras: l.clone(), ..config.clone() });
+                        let (rendered, next_host) = std::thread::scope(|scope| {
+                            let checkpoints = &checkpoints;
+                            let adapted = run.models.adapted();
+                            let handle = next
+                                .as_ref()
+                                .map(|next| scope.spawn(move || HostGroup::new(checkpoints, next, Some(&adapted))));
+                            let rendered = render_clips(&group_run, &tree, members, noise.as_ref(), &mut batch);
+                            let next_host = handle.map(|h| {
+                                h.join().unwrap_or_else(|_| {
+                                    Err(Error::Internal("the thread preparing the next LoRA set panicked".into()))
+                                })
+                            });
+                            (rendered, next_host)
+                        });
+                        rendered?;
+                        ahead = next_host;
                         let lora_bytes = run.loras.as_ref().map_or(0, DeviceLoras::peak_bytes);
                         peak = (peak.0.max(run.weights.used()), peak.1.max(run.scratch.peak()), peak.2.max(lora_bytes));
                     }
@@ -567,20 +589,52 @@ fn lora_reserve(
     factors + if restore == Restore::Copy { checkpoints.adaptable_bytes(dtype) } else { 0 }
 }
 
-/// Makes `loaded` hold the models with `group`'s LoRA set and returns them with summary lines.
-/// f16 and bf16 models load once and the set is switched on the device; what the device merge
-/// does not take (f32 weights, bf16 DoRA) is merged on the host into a fresh load of the models,
-/// which the next group replaces.
+/// A LoRA group's work that needs no GPU: its set resolved against the models and, for the device
+/// merge (f16 and bf16), laid out for the loaded models. The batch makes the next group's on a
+/// thread while the current group renders.
+struct HostGroup {
+    loras: Option<Loras>,
+    /// The set laid out (Err: what the layout refused, `Error::Unsupported` for the host-merge
+    /// fallback); None where no models were loaded to lay it out for, or the merge is on the host.
+    laid_out: Option<Result<PreparedLoras>>,
+    /// Seconds it took.
+    seconds: f64,
+}
+
+impl HostGroup {
+    /// `group`'s set resolved against `checkpoints` (an error fails the group) and laid out for
+    /// `models` (the adapted models' weights, device ones included: only shapes are read) where
+    /// given. Touches no GPU.
+    fn new(
+        checkpoints: &Checkpoints,
+        group: &RenderConfig,
+        models: Option<&[(LoraComponent, &ModelWeights)]>,
+    ) -> Result<HostGroup> {
+        let started = Instant::now();
+        let loras = checkpoints.resolve_loras(group)?;
+        let laid_out = match models {
+            Some(models) if group.dtype()? != DType::F32 => Some(PreparedLoras::lay_out(models, loras.as_ref())),
+            _ => None,
+        };
+        Ok(HostGroup { loras, laid_out, seconds: started.elapsed().as_secs_f64() })
+    }
+}
+
+/// Makes `loaded` hold the models with `group`'s LoRA set (`host`: resolved, and laid out ahead
+/// where it could be) and returns them with summary lines. f16 and bf16 models load once and the
+/// set is switched on the device; what the device merge does not take (f32 weights, bf16 DoRA) is
+/// merged on the host into a fresh load of the models, which the next group replaces.
 fn prepare_group<'m>(
     gpu: &Gpu,
     checkpoints: &Checkpoints,
     group: &RenderConfig,
+    host: HostGroup,
     restore: Restore,
     reserve: usize,
     loaded: &'m mut Option<GpuModels>,
 ) -> Result<(Vec<String>, &'m GpuModels)> {
     let dtype = group.dtype()?;
-    let loras = checkpoints.resolve_loras(group)?;
+    let HostGroup { loras, laid_out, seconds } = host;
     let mut lines: Vec<String> = loras.iter().flat_map(|l| l.summary.iter().cloned()).collect();
     if dtype != DType::F32 {
         if loaded.as_ref().is_some_and(|m| m.loras.is_none()) {
@@ -592,19 +646,39 @@ fn prepare_group<'m>(
             *loaded = Some(models);
         }
         let Some(m) = loaded.as_mut() else { unreachable!("loaded above") };
-        let ex = Exec::Cuda { gpu, scratch: &m.scratch };
-        let Some(switcher) = m.loras.as_mut() else { unreachable!("base weights have a switcher") };
-        match switcher.switch(gpu, &ex, &m.models.adapted(), loras.as_ref()) {
+        let adapted = m.models.adapted();
+        let prepared = match laid_out {
+            Some(prepared) => {
+                let gib = prepared.as_ref().map_or(0.0, |p| p.bytes() as f64 / GIB);
+                lines.push(format!(
+                    "LoRA set resolved and laid out ahead, beside the previous group ({seconds:.2} s, {gib:.3} GiB of factors)"
+                ));
+                prepared
+            }
+            None => PreparedLoras::lay_out(&adapted, loras.as_ref()),
+        };
+        // A layout error comes before any device work: the weights are as the last group left them.
+        let switched = match prepared {
+            Ok(prepared) => {
+                let ex = Exec::Cuda { gpu, scratch: &m.scratch };
+                let Some(switcher) = m.loras.as_mut() else { unreachable!("base weights have a switcher") };
+                switcher.switch(gpu, &ex, &adapted, prepared).map_err(|e| (e, true))
+            }
+            Err(e) => Err((e, false)),
+        };
+        match switched {
             Ok(line) => {
                 lines.push(line);
                 let Some(m) = loaded.as_ref() else { unreachable!("loaded above") };
                 return Ok((lines, m));
             }
-            Err(Error::Unsupported(why)) => {
+            Err((Error::Unsupported(why), _)) => {
                 lines.push(format!("the device merge cannot take this LoRA set ({why}): merged on the host"));
             }
-            Err(e) => {
-                *loaded = None; // possibly half switched: the next group loads afresh
+            Err((e, on_device)) => {
+                if on_device {
+                    *loaded = None; // possibly half switched: the next group loads afresh
+                }
                 return Err(e);
             }
         }

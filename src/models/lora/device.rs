@@ -1,7 +1,8 @@
 //! LoRA sets on the device. A set's factors are laid out once on the host in the target weights'
-//! own column order (KRSC for convolutions), rounded to the weights' dtype and uploaded
-//! (`DeviceLoraSet::upload`); merging is then a few launches that add every delta of the set
-//! into the device weights in place, each layer by the route chosen for it at upload (`Route`).
+//! own column order (KRSC for convolutions) and rounded to the weights' dtype (`HostLoraSet`,
+//! which needs no GPU and can be made on any thread), then uploaded (`DeviceLoraSet::from_host`;
+//! `DeviceLoraSet::upload` does both); merging is then a few launches that add every delta of the
+//! set into the device weights in place, each layer by the route chosen for it at layout (`Route`).
 //! `LoraSwitcher` changes the merged set per clip: it first restores the weights the current set
 //! touched to their base values — from device copies taken before their first merge
 //! (`Restore::Copy`), or re-uploaded from the checkpoint files (`Restore::Reload`, no device memory
@@ -28,7 +29,9 @@ use crate::gpu::memory::ARENA_ALIGN;
 use crate::gpu::{Arena, Gpu};
 use crate::models::ModelWeights;
 use crate::ops::conv::weight_oihw_to_ohwi;
-use crate::ops::lora::{DeltaFactors, DeltaTerm, DoraNorm, DoraTerm, LayerDelta, merge_deltas, merge_gemm};
+use crate::ops::lora::{
+    DeltaFactors, DeltaTerm, DoraNorm, DoraTerm, LayerDelta, merge_deltas, merge_gemm, merged_host,
+};
 use crate::ops::{Exec, par_map};
 use crate::tensor::{DType, Tensor};
 
@@ -158,6 +161,87 @@ impl Factors {
     }
 }
 
+/// A set's factors laid out on the host for one model's weights: per targeted weight its route,
+/// every tensor already in the dtype and column order the device takes, so uploading it
+/// (`DeviceLoraSet::from_host`) only copies. It holds host memory only and is `Send`: the renderer
+/// lays out the next LoRA group's set on a thread while the GPU renders the current group.
+pub struct HostLoraSet {
+    dtype: DType,
+    /// (weight name, the weight's graph shape it was laid out for, route with host factors)
+    layers: Vec<(String, Vec<usize>, Route)>,
+    /// Device bytes the factors take (each tensor on the arena's alignment).
+    bytes: usize,
+}
+
+impl HostLoraSet {
+    /// Lays out the factors of the deltas in `merge` for `weights` (which must hold every targeted
+    /// name; only their shapes and dtype are read, so device weights in use elsewhere are fine)
+    /// whose names `select` accepts, choosing each weight's route (`Route`); LoRA-only weights take
+    /// cuBLASLt from a stacked rank of `gemm_min_rank` (`GEMM_MIN_RANK`; tests pass 0 to cover that
+    /// route with small fixtures).
+    pub fn lay_out(
+        weights: &ModelWeights,
+        merge: &LoraMerge,
+        select: impl Fn(&str) -> bool,
+        gemm_min_rank: usize,
+    ) -> Result<HostLoraSet> {
+        let dtype = weights.dtype();
+        let mut names: Vec<&str> = merge.names().filter(|n| select(n)).collect();
+        names.sort_unstable();
+        // DoRA on the device is verified against the host merge in f16 only (tests/gpu_lora.rs on
+        // an H200, 2026-12-03, within 2 ulps); bf16 DoRA weights stay on the host merge until a
+        // GPU run checks them.
+        if let Some(n) = names.iter().find(|n| dtype == DType::BF16 && !merge.is_additive(n)) {
+            return Err(Error::Unsupported(format!(
+                "the weight '{n}' has a DoRA module, which the device merge does not do in bf16 yet (f16 works; \
+                 in bf16 it is merged on the host when a model loads)"
+            )));
+        }
+        let targets: Vec<(&str, &[usize], &[Scaled])> = names
+            .iter()
+            .map(|&name| {
+                let w = weights.tensor(name).ok_or_else(|| {
+                    Error::Internal(format!("a LoRA delta targets '{name}', which this model does not have"))
+                })?;
+                let deltas = merge.deltas(name).unwrap_or(&[]);
+                Ok((name, w.shape(), deltas))
+            })
+            .collect::<Result<_>>()?;
+        // The host work (Tucker folds, products, stacking, column moves, rounding) on every core.
+        let routes: Vec<Result<Route>> = par_map(targets.len(), |k| {
+            let (name, shape, deltas) = targets[k];
+            route(name, shape, deltas, dtype, gemm_min_rank)
+        });
+        let layers = targets
+            .iter()
+            .zip(routes)
+            .map(|(&(name, shape, _), route)| Ok((name.to_string(), shape.to_vec(), route?)))
+            .collect::<Result<Vec<_>>>()?;
+        let bytes = layers
+            .iter()
+            .flat_map(|(_, _, route)| route.tensors())
+            .map(|t| t.size_bytes().div_ceil(ARENA_ALIGN) * ARENA_ALIGN)
+            .sum();
+        Ok(HostLoraSet { dtype, layers, bytes })
+    }
+
+    /// Device bytes the factors will take.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The CPU twin of uploading the set and merging it into `weights` (host weights at base):
+    /// every targeted weight merged from the laid-out factors by `ops::lora::merged_host` (summed
+    /// in f64, rounded once), with its name.
+    pub fn merged_host(&self, weights: &ModelWeights) -> Result<Vec<(String, Tensor)>> {
+        let no_copies = HashMap::new();
+        let layers = self.layers.iter().map(|(n, _, r)| (n.as_str(), r));
+        let (gemm, kernel) = layer_deltas(layers, weights, &no_copies)?;
+        let (names, deltas): (Vec<&str>, Vec<LayerDelta>) = gemm.into_iter().chain(kernel).unzip();
+        Ok(names.into_iter().map(str::to_string).zip(merged_host(&deltas)?).collect())
+    }
+}
+
 /// A set of LoRA deltas for one model, uploaded: per targeted weight, its route and factors.
 pub struct DeviceLoraSet {
     layers: Vec<(String, Route)>,
@@ -177,7 +261,7 @@ pub struct RouteCounts {
 impl DeviceLoraSet {
     /// Lays out and uploads the factors of the deltas in `merge` for the device weights of
     /// `weights` (which must hold every targeted name) whose names `select` accepts, choosing each
-    /// weight's route (`Route`).
+    /// weight's route (`Route`): `HostLoraSet::lay_out`, then `from_host`.
     pub fn upload(
         gpu: &Gpu,
         weights: &ModelWeights,
@@ -196,46 +280,31 @@ impl DeviceLoraSet {
         select: impl Fn(&str) -> bool,
         gemm_min_rank: usize,
     ) -> Result<DeviceLoraSet> {
-        let dtype = weights.dtype();
-        let mut names: Vec<&str> = merge.names().filter(|n| select(n)).collect();
-        names.sort_unstable();
-        // DoRA on the device is verified against the host merge in f16 only (tests/gpu_lora.rs on
-        // an H200, 2026-12-03, within 2 ulps); bf16 DoRA weights stay on the host merge until a
-        // GPU run checks them.
-        if let Some(n) = names.iter().find(|n| dtype == DType::BF16 && !merge.is_additive(n)) {
-            return Err(Error::Unsupported(format!(
-                "the weight '{n}' has a DoRA module, which the device merge does not do in bf16 yet (f16 works; \
-                 in bf16 it is merged on the host when a model loads)"
-            )));
+        Self::from_host(gpu, weights, HostLoraSet::lay_out(weights, merge, select, gemm_min_rank)?)
+    }
+
+    /// Uploads a set laid out for `weights` (checked: the same names, shapes and dtype), each
+    /// tensor as it is.
+    pub fn from_host(gpu: &Gpu, weights: &ModelWeights, host: HostLoraSet) -> Result<DeviceLoraSet> {
+        for (name, shape, _) in &host.layers {
+            match weights.tensor(name) {
+                Some(w) if w.shape() == shape.as_slice() && w.dtype() == host.dtype => {}
+                found => {
+                    return Err(Error::Internal(format!(
+                        "a LoRA set laid out for '{name}' as {shape:?} {:?} was uploaded for {:?}",
+                        host.dtype,
+                        found.map(|w| (w.shape(), w.dtype()))
+                    )));
+                }
+            }
         }
-        let targets: Vec<(&str, &Tensor, &[Scaled])> = names
-            .iter()
-            .map(|&name| {
-                let w = weights.tensor(name).ok_or_else(|| {
-                    Error::Internal(format!("a LoRA delta targets '{name}', which this model does not have"))
-                })?;
-                let deltas = merge.deltas(name).unwrap_or(&[]);
-                Ok((name, w, deltas))
-            })
-            .collect::<Result<_>>()?;
-        // The host work (Tucker folds, products, stacking, column moves, rounding) on every core.
-        let host: Vec<Result<Route>> = par_map(targets.len(), |k| {
-            let (name, w, deltas) = targets[k];
-            route(name, w.shape(), deltas, dtype, gemm_min_rank)
-        });
-        let host: Vec<Route> = host.into_iter().collect::<Result<_>>()?;
-        let bytes: usize =
-            host.iter().flat_map(Route::tensors).map(|t| t.size_bytes().div_ceil(ARENA_ALIGN) * ARENA_ALIGN).sum();
-        let arena = Arena::new("LoRA factors", bytes.max(1))?;
+        let arena = Arena::new("LoRA factors", host.bytes.max(1))?;
         // Each tensor in the dtype it was laid out in: the weights' for factors, f32 for DoRA's m
         // (rounded to the weights' dtype it would scale whole rows by up to half an ulp).
         let up = |t: &Tensor| gpu.upload(&arena, t, t.dtype());
-        let layers = targets
-            .iter()
-            .zip(host)
-            .map(|((name, _, _), route)| Ok((name.to_string(), route.map(&up)?)))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(DeviceLoraSet { layers, bytes, _arena: arena })
+        let layers =
+            host.layers.into_iter().map(|(name, _, route)| Ok((name, route.map(&up)?))).collect::<Result<Vec<_>>>()?;
+        Ok(DeviceLoraSet { layers, bytes: host.bytes, _arena: arena })
     }
 
     /// Device memory the factors take.
@@ -271,34 +340,46 @@ impl DeviceLoraSet {
     /// `merge_into` reading each weight's base values from `base` where it holds a copy (a switch
     /// restores and merges in one pass), else from the weight itself.
     fn merge_from(&self, ex: &Exec, weights: &ModelWeights, base: &HashMap<String, Tensor>) -> Result<()> {
-        let (mut gemm, mut kernel) = (Vec::new(), Vec::new());
-        for (name, route) in &self.layers {
-            let weight = weights
-                .tensor(name)
-                .ok_or_else(|| Error::Internal(format!("a LoRA set targets '{name}', which this model lacks")))?;
-            let base = base.get(name.as_str());
-            match route {
-                Route::Gemm { up, down, alpha } => {
-                    let term = DeltaTerm { factors: DeltaFactors::LowRank { up, down }, scale: *alpha };
-                    gemm.push(LayerDelta { weight, terms: vec![term], base, dora: None });
-                }
-                Route::Kernel { terms, dora } => {
-                    let terms =
-                        terms.iter().map(|(f, scale)| DeltaTerm { factors: f.delta(), scale: *scale }).collect();
-                    let dora = dora.as_ref().map(|d| DoraTerm {
-                        term: DeltaTerm { factors: d.factors.delta(), scale: d.scale },
-                        magnitude: &d.magnitude,
-                        norm: d.norm,
-                        eps: d.eps,
-                        blend: d.blend,
-                    });
-                    kernel.push(LayerDelta { weight, terms, base, dora });
-                }
+        let (gemm, kernel) = layer_deltas(self.layers.iter().map(|(n, r)| (n.as_str(), r)), weights, base)?;
+        merge_gemm(ex, &gemm.into_iter().map(|(_, d)| d).collect::<Vec<_>>())?;
+        merge_deltas(ex, &kernel.into_iter().map(|(_, d)| d).collect::<Vec<_>>())
+    }
+}
+
+/// Each layer's deltas on its weight in `weights` (base values from `base` where it holds a copy),
+/// by name, split by route: (cuBLASLt, merge kernel).
+type RouteDeltas<'a> = (Vec<(&'a str, LayerDelta<'a>)>, Vec<(&'a str, LayerDelta<'a>)>);
+
+fn layer_deltas<'a>(
+    layers: impl Iterator<Item = (&'a str, &'a Route)>,
+    weights: &'a ModelWeights,
+    base: &'a HashMap<String, Tensor>,
+) -> Result<RouteDeltas<'a>> {
+    let (mut gemm, mut kernel) = (Vec::new(), Vec::new());
+    for (name, route) in layers {
+        let weight = weights
+            .tensor(name)
+            .ok_or_else(|| Error::Internal(format!("a LoRA set targets '{name}', which this model lacks")))?;
+        let base = base.get(name);
+        match route {
+            Route::Gemm { up, down, alpha } => {
+                let term = DeltaTerm { factors: DeltaFactors::LowRank { up, down }, scale: *alpha };
+                gemm.push((name, LayerDelta { weight, terms: vec![term], base, dora: None }));
+            }
+            Route::Kernel { terms, dora } => {
+                let terms = terms.iter().map(|(f, scale)| DeltaTerm { factors: f.delta(), scale: *scale }).collect();
+                let dora = dora.as_ref().map(|d| DoraTerm {
+                    term: DeltaTerm { factors: d.factors.delta(), scale: d.scale },
+                    magnitude: &d.magnitude,
+                    norm: d.norm,
+                    eps: d.eps,
+                    blend: d.blend,
+                });
+                kernel.push((name, LayerDelta { weight, terms, base, dora }));
             }
         }
-        merge_gemm(ex, &gemm)?;
-        merge_deltas(ex, &kernel)
     }
+    Ok((gemm, kernel))
 }
 
 /// The stacked rank (K, the sum of a weight's LoRA ranks) from which a LoRA-only weight takes one

@@ -1,17 +1,13 @@
 //! Output-stage throughput on the CPU at the pipeline's frame size (1024x576): RGB -> YUV 4:2:0,
 //! PNG encoding (one thread, in memory), PNG files through the pool (synced, renamed), the mp4
-//! through each encoder path (the built-in one with 1, 2 and all GOP workers), OpenH264's own
-//! slice threads on one encoder for comparison, and a whole clip (PNGs + mp4) through
-//! `ClipWriter`. Prints one `BENCH {json}` line per entry. `cargo bench --bench output` (no GPU needed); the frames go to
+//! through each encoder path (the built-in one with 1, 2 and all threads: GOP workers and
+//! OpenH264's slice threads), and a whole clip (PNGs + mp4) through `ClipWriter`. Prints one `BENCH {json}` line per entry. `cargo bench --bench output` (no GPU needed); the frames go to
 //! a folder under the system temp dir, removed afterwards. CELFRAME_BENCH_FRAMES sets the clip
 //! length (default 48).
 
 use std::time::Instant;
 
 use celframe::output::{ClipOptions, Fps, Mp4Choice, OutputTree, PngPool, RgbImage, encode_png, rgb_to_yuv420};
-use openh264::OpenH264API;
-use openh264::encoder::{BitRate, Complexity, Encoder, EncoderConfig, FrameRate, QpRange, RateControlMode, UsageType};
-use openh264::formats::YUVSlices;
 
 const W: u32 = 1024;
 const H: u32 = 576;
@@ -131,31 +127,4 @@ fn run(kind: &str, frames: &[RgbImage]) {
     clip("clip_png_and_mp4_built_in", Mp4Choice::BuiltIn, true, all);
     drop(tree);
     let _ = std::fs::remove_dir_all(&dir);
-
-    // OpenH264's own threads split a picture into slices (here slices of at most 64 KB, the only
-    // multi-slice mode the crate exposes): one encoder, the frames in order, in memory.
-    for threads in [1u16, 2] {
-        let config = EncoderConfig::new()
-            .usage_type(UsageType::CameraVideoRealTime)
-            .rate_control_mode(RateControlMode::Bufferbased)
-            .bitrate(BitRate::from_bps(15_000_000))
-            .max_frame_rate(FrameRate::from_hz(10.0))
-            .skip_frames(false)
-            .qp(QpRange::new(18, 26))
-            .complexity(Complexity::High)
-            .background_detection(false)
-            .max_slice_len(64_000)
-            .num_threads(threads);
-        let mut encoder = Encoder::with_api_config(OpenH264API::from_source(), config).unwrap();
-        let yuv: Vec<_> = frames.iter().map(|f| rgb_to_yuv420(f).unwrap()).collect();
-        let (w, h) = (W as usize, H as usize);
-        let start = Instant::now();
-        let mut bytes = 0;
-        for p in &yuv {
-            let source = YUVSlices::new((&p.y, &p.u, &p.v), (w, h), (w, w / 2, w / 2));
-            bytes += encoder.encode(&source).unwrap().to_vec().len();
-        }
-        let extra = format!(",\"bytes\":{bytes},\"openh264_threads\":{threads}");
-        report(&format!("openh264_slices_{threads}_threads"), start.elapsed().as_secs_f64(), &extra);
-    }
 }

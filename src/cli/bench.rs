@@ -1,9 +1,11 @@
 //! `celframe bench unet | motion_unet | controlnet | text_encoders | vae_decoder`: times whole forwards on CUDA with a checkpoint's weights
 //! and random inputs (CUDA events, warm-up, median), printing one `BENCH {json}` line that
 //! tools/report.py pairs with the peer timings of tools/unet_gpu.py and tools/text_encoder_gpu.py
-//! (`PEER` lines with the same key).
+//! (`PEER` lines with the same key). `celframe bench encode` times the built-in mp4 encoder on the
+//! CPU (no weights, no GPU).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use clap::Args;
 
@@ -24,6 +26,7 @@ use crate::models::{
 use crate::ops::Exec;
 use crate::ops::elementwise::add;
 use crate::ops::random::random_uniform;
+use crate::output::{ClipOptions, Fps, Mp4Choice, OutputTree, RgbImage};
 use crate::sampling::NoiseStream;
 use crate::tensor::{DType, Tensor};
 use crate::verify::arenas::{MAX_SCRATCH_GB, model_arenas, scratch_bytes, weight_bytes};
@@ -36,20 +39,23 @@ pub struct BenchArgs {
     /// `--batch` videos of `--frames` frames); controlnet (`--batch` images with control images at
     /// the output size; a Union with `--conditions` of them, a plain ControlNet `--nets` times);
     /// text_encoders (both SDXL encoders on a CFG pair of prompts);
-    /// vae_decoder (`--batch` frames of `--height` x `--width` latents, `--chunk` at a time).
+    /// vae_decoder (`--batch` frames of `--height` x `--width` latents, `--chunk` at a time);
+    /// encode (the built-in mp4 encoder on `--frames` frames of 8 `--width` x 8 `--height` pixels,
+    /// on 1, 2, 4 and all of the machine's threads; no weights, no GPU).
     pub component: String,
     /// unet: a diffusers UNet folder or a single-file checkpoint; controlnet: a diffusers
     /// ControlNet folder or a single file; text_encoders: a folder holding
     /// text_encoder/ and text_encoder_2/ (a pipeline folder) or a single-file checkpoint.
+    /// Every component but encode needs it.
     #[arg(long)]
-    pub weights: PathBuf,
+    pub weights: Option<PathBuf>,
     /// Images (unet), videos (motion_unet) or frames (vae_decoder).
     #[arg(long, default_value_t = 2)]
     pub batch: usize,
     /// motion_unet: the motion modules (a diffusers MotionAdapter folder or one safetensors file).
     #[arg(long)]
     pub motion: Option<PathBuf>,
-    /// motion_unet: frames per video (1 to 32).
+    /// motion_unet: frames per video (1 to 32); encode: frames of the clip.
     #[arg(long, default_value_t = 16)]
     pub frames: usize,
     /// Latent height (image height / 8).
@@ -108,6 +114,14 @@ const WHY: &str = "cuDNN and the kernels index one tensor with 32-bit integers";
 const MAX_RUNS: usize = 10_000;
 /// Most ControlNets (`--nets`) or Union conditions (`--conditions`) per timed run.
 const MAX_NETS: usize = 16;
+/// Most frames of an `encode` clip.
+const MAX_ENCODE_FRAMES: usize = 10_000;
+
+impl BenchArgs {
+    fn weights(&self) -> Result<&Path> {
+        self.weights.as_deref().ok_or_else(|| Error::Input(format!("bench {}: --weights is required", self.component)))
+    }
+}
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     let dtype = DType::parse(&args.dtype)?;
@@ -117,7 +131,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         ("--width", args.width, None),
         ("--tokens", args.tokens, None),
         ("--chunk", args.chunk, None),
-        ("--frames", args.frames, Some(MAX_FRAMES)),
+        ("--frames", args.frames, Some(if args.component == "encode" { MAX_ENCODE_FRAMES } else { MAX_FRAMES })),
         ("--runs", args.runs, Some(MAX_RUNS)),
         ("--conditions", args.conditions.unwrap_or(1), Some(MAX_NETS)),
         ("--nets", args.nets.unwrap_or(1), Some(MAX_NETS)),
@@ -150,14 +164,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "text_encoders" => bench_text_encoders(args, dtype),
         "vae_decoder" => bench_vae_decoder(args, dtype),
         "lora" => bench_lora(args, dtype),
+        "encode" => bench_encode(args),
         other => Err(Error::Input(format!(
-            "bench: unknown component '{other}' (supported: unet, lora, motion_unet, controlnet, text_encoders, vae_decoder)"
+            "bench: unknown component '{other}' (supported: unet, lora, motion_unet, controlnet, text_encoders, \
+             vae_decoder, encode)"
         ))),
     }
 }
 
 fn bench_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
-    let checkpoint = open_unet(&args.weights)?;
+    let checkpoint = open_unet(args.weights()?)?;
     let cfg = &checkpoint.config;
     let (b, h, w) = (args.batch, args.height, args.width);
     let widest = cfg.block_out_channels.iter().copied().chain([cfg.in_channels]).max().unwrap_or(0);
@@ -190,7 +206,7 @@ fn bench_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
 /// The UNet with motion modules on `--batch` videos of `--frames` frames (diffusers'
 /// UNetMotionModel.forward: one timestep and text_time per video, a context per frame).
 fn bench_motion_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
-    let checkpoint = open_unet(&args.weights)?;
+    let checkpoint = open_unet(args.weights()?)?;
     let motion_path = args.motion.as_ref().ok_or_else(|| Error::Internal("motion_unet without --motion".into()))?;
     let motion = open_motion(motion_path)?;
     motion.config.check_unet(&checkpoint.config)?;
@@ -229,7 +245,7 @@ fn bench_motion_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
 /// ControlNetModel.forward on one CFG-less batch): a plain net `--nets` times with the residuals
 /// summed, a Union once with `--conditions` conditions (ControlNetUnionModel.forward).
 fn bench_controlnet(args: &BenchArgs, dtype: DType) -> Result<()> {
-    let checkpoint = open_controlnet(&args.weights)?;
+    let checkpoint = open_controlnet(args.weights()?)?;
     let cfg = &checkpoint.config;
     let (conditions, nets) = match (&cfg.union, args.conditions, args.nets) {
         (Some(_), _, Some(_)) => {
@@ -340,7 +356,7 @@ fn bench_lora(args: &BenchArgs, dtype: DType) -> Result<()> {
         return Err(Error::Input("bench lora needs --lora and --switch-lora (the two sets switched between)".into()));
     }
     let restore = Restore::parse(&args.lora_restore)?;
-    let unet_checkpoint = open_unet(&args.weights)?;
+    let unet_checkpoint = open_unet(args.weights()?)?;
     let text_checkpoints = match &args.text_encoders {
         Some(dir) => [TextEncoderKind::ClipL, TextEncoderKind::ClipG]
             .into_iter()
@@ -528,7 +544,7 @@ fn breakdown(
 fn bench_text_encoders(args: &BenchArgs, dtype: DType) -> Result<()> {
     let seq = 77;
     let checkpoints = [TextEncoderKind::ClipL, TextEncoderKind::ClipG]
-        .map(|kind| open_text_encoder(&args.weights, kind))
+        .map(|kind| open_text_encoder(args.weights()?, kind))
         .into_iter()
         .collect::<Result<Vec<_>>>()?;
     for checkpoint in &checkpoints {
@@ -575,7 +591,7 @@ fn bench_text_encoders(args: &BenchArgs, dtype: DType) -> Result<()> {
 /// The VAE decoder's forwards over `--batch` frames in chunks of `--chunk` (device latents in,
 /// device images out: what diffusers' `vae.decode` on GPU tensors does).
 fn bench_vae_decoder(args: &BenchArgs, dtype: DType) -> Result<()> {
-    let checkpoint = open_vae(&args.weights)?;
+    let checkpoint = open_vae(args.weights()?)?;
     let cfg = &checkpoint.config;
     let f = cfg.upsample_factor();
     let widest = cfg.block_out_channels.iter().copied().max().unwrap_or(0);
@@ -626,6 +642,100 @@ fn bench_vae_decoder(args: &BenchArgs, dtype: DType) -> Result<()> {
         t.min_ms()
     );
     breakdown(args, &gpu, &key, &t, forward)
+}
+
+/// The built-in mp4 encoder (OpenH264, `output::ClipWriter` with PNGs off) on `--frames` frames of
+/// 8 `--width` x 8 `--height` pixels at 10 fps, with 1, 2, 4 and all of the machine's threads
+/// (`ClipOptions::mp4_threads`): from the clip started to its mp4 renamed into place, the frames
+/// made beforehand, one untimed run then `--runs` timed ones. Two kinds of frames: uniform noise
+/// (what models with random weights decode to) and smooth gradients with a moving disc and light
+/// grain (closer to rendered frames).
+fn bench_encode(args: &BenchArgs) -> Result<()> {
+    let (w, h) = (8 * args.width, 8 * args.height);
+    let frame_bytes =
+        elements("a frame", &[("8 --width", w), ("8 --height", h), ("RGB", 3)], 1 << 30, "frames are made in memory")?;
+    // Up to 48 distinct frames, repeated: longer clips need not hold every frame in memory.
+    let distinct = args.frames.min(48);
+    if frame_bytes.saturating_mul(distinct) > 4 << 30 {
+        return Err(Error::Input(format!("bench encode: {w}x{h} frames take more than 4 GiB for {distinct} of them")));
+    }
+    let root = std::env::temp_dir().join(format!("celframe-bench-encode-{}", std::process::id()));
+    let all = ClipOptions::new(w as u32, h as u32, Fps::whole(10)?).mp4_threads;
+    let mut threads = vec![1, 2, 4, all];
+    threads.sort_unstable();
+    threads.dedup();
+    let result = (|| {
+        let tree = OutputTree::open(&root)?;
+        let mut index = 0;
+        for kind in ["noise", "textured"] {
+            let frames: Vec<RgbImage> = (0..distinct).map(|t| bench_frame(kind, w, h, t)).collect::<Result<_>>()?;
+            for &n in &threads {
+                let mut options = ClipOptions::new(w as u32, h as u32, Fps::whole(10)?);
+                options.mp4 = Mp4Choice::BuiltIn;
+                options.png_frames = false;
+                options.mp4_threads = n;
+                options.replace = true;
+                let mut ms = Vec::with_capacity(args.runs);
+                let mut bytes = 0;
+                for run in 0..=args.runs {
+                    index = index % 999 + 1;
+                    let start = Instant::now();
+                    let mut clip = tree.begin_clip(index, &options)?;
+                    for t in 0..args.frames {
+                        clip.push(frames[t % distinct].clone())?;
+                    }
+                    let done = clip.finish()?;
+                    if run > 0 {
+                        ms.push(start.elapsed().as_secs_f64() * 1e3);
+                    }
+                    bytes = done.mp4.as_deref().and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len());
+                    std::fs::remove_dir_all(&done.dir)
+                        .map_err(|e| Error::Io { context: format!("removing {}", done.dir.display()), source: e })?;
+                }
+                ms.sort_by(f64::total_cmp);
+                let (median, min) = (ms[ms.len() / 2], ms[0]);
+                let key = format!("encode built-in {kind} {w}x{h} x{} {n} threads", args.frames);
+                eprintln!(
+                    "{key}: median {median:.1} ms ({:.2} ms per frame), min {min:.1} ms over {} runs; mp4 {bytes} bytes",
+                    median / args.frames as f64,
+                    args.runs
+                );
+                println!(
+                    "BENCH {{\"name\":\"encode\",\"key\":\"{key}\",\"ms\":{median:.4},\"min_ms\":{min:.4},\"gbps\":null,\"tflops\":null}}"
+                );
+            }
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&root);
+    result
+}
+
+/// Frame `t` of a bench clip: `noise` (uniform, from the seeded RNG) or `textured` (gradients,
+/// a disc moving 9 pixels a frame, +-8 levels of grain).
+fn bench_frame(kind: &str, w: usize, h: usize, t: usize) -> Result<RgbImage> {
+    let mut px = vec![0u8; w * h * 3];
+    let grain = random(&[h, w, 3], 7 + t as u64, 1.0, DType::F32)?.to_f32_vec()?;
+    let (cx, cy, r) = ((w / 5 + 9 * t) % w.max(1), h / 2, (h / 5) as i64);
+    for (i, p) in px.iter_mut().enumerate() {
+        let (y, x, c) = (i / (3 * w), i / 3 % w, i % 3);
+        *p = if kind == "noise" {
+            (grain[i] * 127.5 + 127.5) as u8
+        } else {
+            let (dx, dy) = (x as i64 - cx as i64, y as i64 - cy as i64);
+            let base = if dx * dx + dy * dy < r * r {
+                [240.0, 200.0, 180.0][c]
+            } else {
+                [
+                    60.0 + 120.0 * y as f32 / h as f32,
+                    110.0 + 100.0 * y as f32 / h as f32,
+                    200.0 + 40.0 * x as f32 / w as f32,
+                ][c]
+            };
+            (base + 8.0 * grain[i]).clamp(0.0, 255.0) as u8
+        };
+    }
+    RgbImage::new(w as u32, h as u32, px)
 }
 
 /// Seeded values uniform in [-scale, scale] (the random op's CPU twin), for benchmark inputs.

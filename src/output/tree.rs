@@ -66,8 +66,9 @@ pub struct ClipOptions {
     pub crf: u8,
     /// The built-in encoder's largest quantiser (default 26; 0..=51, lower is better).
     pub qp_max: u8,
-    /// GOPs the built-in encoder codes at once, one thread each (default: the machine's threads,
-    /// at most 16). The mp4's bytes do not depend on it.
+    /// Threads the built-in encoder codes on: its GOP workers and OpenH264's threads for the
+    /// slices of a picture together (default: the machine's threads, at most 16). The mp4's bytes
+    /// do not depend on it.
     pub mp4_threads: usize,
     /// PNG worker threads (default: the machine's threads, at most 8).
     pub png_threads: usize,

@@ -51,6 +51,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "tests/fixtures"
 OUT = ROOT / "control_lora"
+GENERATOR = "tools/make_control_lora_fixtures.py"
 OWN = ("input_hint_block.", "zero_convs.", "middle_block_out.")
 # Modules (SGM names) adapted by up/down and their ranks.
 LOW_RANK = {
@@ -77,6 +78,11 @@ FLATTENED = "middle_block.2.out_layers.3"
 # norm of the encoder, as Stability's files do (diffusers' converter expects them: it finds the
 # input blocks and the downsamplers by their biases).
 REPLACED = ["time_embed.0.weight"]
+
+
+def from_unet(unet):
+    """The ControlNet diffusers copies from `unet` (the ControlNet fixtures' hint widths)."""
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=EMBEDDING).eval()
 
 
 def own_modules(names):
@@ -119,7 +125,7 @@ def apply(cn, names, tensors):
         if sgm == "lora_controlnet" or sgm.endswith((".up", ".down")):
             continue
         state[names[sgm]] = v.float()
-    for module in LOW_RANK:
+    for module in (k.removesuffix(".up") for k in tensors if k.endswith(".up")):
         up, down = tensors[module + ".up"].float(), tensors[module + ".down"].float()
         d = names[module + ".weight"]
         state[d] = state[d] + (up.flatten(1) @ down.flatten(1)).reshape(state[d].shape)
@@ -132,17 +138,17 @@ def diffusers_loader(unet, names, tensors, inputs):
     weights and biases of the adapted modules put back to the base's values (diffusers leaves them
     at the base's where ComfyUI sets them; its converter still needs a downsampler's bias to find
     it), FLATTENED's down in the 4-d shape PEFT requires; returns a line for the log."""
-    state = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=EMBEDDING).state_dict()
+    state = from_unet(unet).state_dict()
     adapted = {f"{m}.{p}" for m in LOW_RANK for p in ("weight", "bias")}
     peft = {k: state[names[k]].half() if k in adapted else v for k, v in tensors.items()}
     w = state[names[FLATTENED + ".weight"]]
     peft[FLATTENED + ".down"] = peft[FLATTENED + ".down"].reshape(-1, *w.shape[1:])
-    mine = apply(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=EMBEDDING).eval(), names, peft)
+    mine = apply(from_unet(unet), names, peft)
     _, (down, mid) = reference_tensors(mine, inputs)
     path = OUT / "peft_shapes.safetensors"
     save_file(peft, str(path))
     try:
-        cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=EMBEDDING).eval()
+        cn = from_unet(unet)
         cn.load_lora_adapter(str(path), prefix=None, controlnet_config=cn.config)
         _, (d2, m2) = reference_tensors(cn, inputs)
     finally:
@@ -153,53 +159,40 @@ def diffusers_loader(unet, names, tensors, inputs):
            f"worst rel L2 {max(errs):.2e}"
 
 
-def cldm_to_diffusers(unet):
-    """The cldm name map of unet_a's ControlNet (what `main` uses)."""
-    base = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=EMBEDDING)
-    return cldm_names(base, unet.config)
-
-
 def main():
     unet = UNet2DConditionModel.from_pretrained(ROOT / "unet_a", torch_dtype=torch.float32).eval()
     OUT.mkdir(parents=True, exist_ok=True)
-    base = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=EMBEDDING).eval()
+    base = from_unet(unet)
     names = cldm_names(base, unet.config)  # SGM name -> diffusers name, checked by diffusers' converter
     g = torch.Generator().manual_seed(20261220)
     encoder = control_lora(base, names, g)
-    save_file(encoder, str(OUT / "encoder.safetensors"), metadata={"generator": "tools/make_control_lora_fixtures.py"})
+    save_file(encoder, str(OUT / "encoder.safetensors"), metadata={"generator": GENERATOR})
     tensors = {**own_modules(names), **encoder}
     full = sum(1 for k in tensors if not k.endswith((".up", ".down")) and k != "lora_controlnet")
     print(f"control_lora: {len(tensors)} tensors ({full} full, {len(LOW_RANK)} up/down pairs)")
 
-    cn = apply(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=EMBEDDING).eval(), names, tensors)
+    cn = apply(from_unet(unet), names, tensors)
     x = controlnet_inputs(cn, 1, 8, 8, TOKENS, torch.Generator().manual_seed(20261221))
     for k in list(x):
         if "in." + k in HALF_INPUTS:
             x[k] = x[k].half().float()
     x["conditioning_scale"] = torch.tensor(0.8)
     ref, (down, mid) = reference_tensors(cn, x)
-    save_fixture_reference(OUT / "reference.safetensors", ref)
+    path = OUT / "reference.safetensors"
+    save_fixture_reference(path, ref)
+    # the stored dtypes as the ControlNet fixtures', this script named as the generator
+    save_file(load_file(str(path)), str(path), metadata={"generator": GENERATOR, "torch": torch.__version__})
     expected = list(down) + [mid]
 
     # How much the deltas matter: the same file with the up/down pairs left out.
     plain = {k: v for k, v in tensors.items() if not k.endswith((".up", ".down"))}
-    without = apply_without_deltas(unet, names, plain)
+    without = apply(from_unet(unet), names, plain)
     _, (d2, m2) = reference_tensors(without, x)
     change = [((a - b).norm() / b.norm()).item() for a, b in zip(list(d2) + [m2], expected)]
     print(f"  residuals without the up/down deltas: rel L2 change {min(change):.3f} .. {max(change):.3f}")
     print("  " + diffusers_loader(unet, names, tensors, x))
     for p in sorted(OUT.iterdir()):
         print(f"  {p.relative_to(ROOT)}: {p.stat().st_size / 1e3:.1f} kB")
-
-
-def apply_without_deltas(unet, names, plain):
-    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=EMBEDDING).eval()
-    state = cn.state_dict()
-    for sgm, v in plain.items():
-        if sgm != "lora_controlnet":
-            state[names[sgm]] = v.float()
-    cn.load_state_dict(state)
-    return cn
 
 
 if __name__ == "__main__":

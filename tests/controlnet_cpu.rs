@@ -5,12 +5,17 @@
 //! `celframe verify controlnet`'s exit codes. The Union (diffusers' ControlNetUnionModel,
 //! tools/make_controlnet_union_fixtures.py): one and several conditions, per-condition scales,
 //! guess mode, from_multi, one sample per reference; a batch of samples against the same samples
-//! one at a time; its loading and input errors.
+//! one at a time; its loading and input errors. Control-LoRA (tools/make_control_lora_fixtures.py,
+//! tests/fixtures/control_lora: the file over unet_a against diffusers' ControlNetModel.from_unet
+//! with the file applied): the architecture, the residuals, what its deltas change, its errors, the
+//! CLI's --base, and a render with a Control-LoRA entry.
 //!
 //! Tolerance: `verify`'s f32 bound is relative L2 <= 1e-4; measured errors are 2e-7 to 1.4e-6 (f32
 //! summation order), so the tests assert 1e-5 on every residual.
 
 mod common;
+#[path = "common/control_lora_fixtures.rs"]
+mod control_lora;
 #[path = "common/controlnet_fixtures.rs"]
 mod controlnet;
 #[path = "common/unet_fixtures.rs"]
@@ -20,16 +25,18 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use celframe::models::controlnet::checkpoint::CLDM_PREFIX;
+use celframe::models::controlnet::checkpoint::{CLDM_PREFIX, CldmNames};
+use celframe::models::controlnet::open_controlnet_with_base;
 use celframe::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
 use celframe::models::{
     ControlNet, ControlNetConfig, ControlNetFormat, ControlNetUnion, ControlScale, ControlType, Limits, Place, Unet,
     UnetInputs, UnetResiduals, UnionCondition, UnionOptions, open_controlnet, open_unet,
 };
 use celframe::ops::Exec;
-use celframe::verify::{Settings, verify_controlnet};
+use celframe::verify::{Settings, verify_controlnet, verify_controlnet_with_base};
 use celframe::{DType, Error, Tensor, weights};
 use common::TempDir;
+use control_lora::{Tensors, base_unet, control_lora_reference, write_control_lora};
 use controlnet::{
     reference, union_tensors, write, write_cldm, write_diffusers_file, write_folder, write_folder_with,
     write_union_folder, write_union_folder_with,
@@ -63,7 +70,11 @@ struct Inputs {
 
 impl Inputs {
     fn read(name: &str) -> Inputs {
-        let r = weights::open(&reference(name), "reference").unwrap();
+        Inputs::read_file(&reference(name))
+    }
+
+    fn read_file(path: &Path) -> Inputs {
+        let r = weights::open(path, "reference").unwrap();
         let f32 = |n: &str| {
             let t = r.float(n).unwrap();
             Tensor::from_f32(t.shape(), DType::F32, &t.to_f32_vec().unwrap()).unwrap()
@@ -295,16 +306,14 @@ fn strict_loading_lists_missing_unexpected_and_misshapen_tensors() {
     assert!(err.to_string().contains("control_model.zero_convs.7.0.weight"), "{err}");
 }
 
-/// A safetensors file's tensors by name: (dtype, shape, bytes).
-type Tensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
-
 fn read_all(path: &Path) -> Tensors {
     let bytes = std::fs::read(path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     st.tensors().into_iter().map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec()))).collect()
 }
 
-/// Other kinds of checkpoint are refused by name: a UNet, a Union ControlNet, a Control-LoRA.
+/// Other kinds of checkpoint are refused by name: a UNet, a Union ControlNet, a Control-LoRA
+/// without its base UNet.
 #[test]
 fn other_checkpoints_are_refused_by_name() {
     let dir = TempDir::new("controlnet-kinds");
@@ -319,13 +328,18 @@ fn other_checkpoints_are_refused_by_name() {
     write(&file, &union);
     let e = err(&file);
     assert!(matches!(&e, Error::Input(m) if m.contains("Union modules: no task_embedding")), "{e}");
+    // a Control-LoRA needs its base UNet; its marker under control_model. is not a known layout
     let mut lora = BTreeMap::new();
     lora.insert("lora_controlnet".to_string(), (Dtype::F16, vec![1], vec![0; 2]));
     lora.insert("input_hint_block.0.weight".to_string(), (Dtype::F16, vec![1], vec![0; 2]));
     let file = dir.path("control_lora.safetensors");
     write(&file, &lora);
     let e = err(&file);
-    assert!(matches!(&e, Error::Unsupported(m) if m.contains("Control-LoRA")), "{e}");
+    assert!(matches!(&e, Error::Input(m) if m.contains("a Control-LoRA") && m.contains("base UNet")), "{e}");
+    let prefixed: Tensors = lora.into_iter().map(|(k, v)| (format!("{CLDM_PREFIX}{k}"), v)).collect();
+    write(&file, &prefixed);
+    let e = err(&file);
+    assert!(matches!(&e, Error::Unsupported(m) if m.contains("Control-LoRA marker")), "{e}");
     // a UNet folder given as a ControlNet: its config names the class
     let e = err(&fixtures::folder("a"));
     assert!(matches!(&e, Error::Input(m) if m.contains("UNet2DConditionModel, not a ControlNetModel")), "{e}");
@@ -851,4 +865,238 @@ fn union_verify_cli_errors() {
         stdout.contains("Union conditions [canny x 0.7, depth x 1.2] (scales inside the fusion, guess mode)"),
         "{stdout}"
     );
+}
+
+// Control-LoRA (stabilityai/control-lora) over unet_a.
+
+/// `verify controlnet` of the Control-LoRA `file` over `base` on the CPU in f32 against
+/// `reference`; the worst relative L2 error, every residual within TOL when `within`.
+fn verify_control_lora(file: &Path, base: &Path, reference: &Path, within: bool) -> f64 {
+    let v = verify_controlnet_with_base(file, Some(base), reference, &Settings::cpu(DType::F32, TOL)).unwrap();
+    assert_eq!(v.comparisons.len(), 10, "9 down residuals and the mid residual");
+    let worst = v.comparisons.iter().map(|c| c.rel_l2).fold(0.0, f64::max);
+    println!("{} vs {}: worst rel L2 {worst:.2e}", file.display(), reference.display());
+    if within {
+        for c in &v.comparisons {
+            assert!(c.ok(), "{c:?}");
+        }
+    }
+    worst
+}
+
+/// The architecture is the base UNet's encoder with the file's conditioning embedding (what
+/// diffusers' ControlNetModel.from_unet builds: the `full` fixture's config), the residuals match
+/// diffusers' (from_unet, the file's full tensors copied in, up @ down added in f32), and the
+/// forward reads every tensor loaded.
+#[test]
+fn control_lora_matches_diffusers() {
+    let dir = TempDir::new("control-lora");
+    let file = dir.path("control_lora.safetensors");
+    write_control_lora(&file, |_| {});
+    let base = base_unet();
+    let checkpoint = open_controlnet_with_base(&file, Some(&base)).unwrap();
+    assert_eq!(checkpoint.format, ControlNetFormat::ControlLora);
+    let full = open_controlnet(&write_folder(&dir.0, "full")).unwrap().config;
+    assert_eq!(checkpoint.config, full, "the ControlNet diffusers builds from unet_a");
+    assert_eq!(checkpoint.deltas.as_ref().map(|d| d.len()), Some(17), "the file's up/down pairs");
+    verify_control_lora(&file, &base, &control_lora_reference(), true);
+    let cn = ControlNet::new(&checkpoint, Place::Host(DType::F32)).unwrap();
+    let x = Inputs::read_file(&control_lora_reference());
+    let out = cn.forward(&Exec::Cpu, &x.unet(), &x.cond, ControlScale::new(0.8)).unwrap();
+    for (k, (computed, expected)) in out.down.iter().chain([&out.mid]).zip(&x.expected).enumerate() {
+        common::assert_close(&format!("Control-LoRA residual {k}"), computed, expected, TOL);
+    }
+    assert_eq!(cn.weights().unread(), Vec::<&str>::new(), "loaded but never read");
+}
+
+/// The deltas and the replaced tensors take effect: without its up/down pairs the file is far from
+/// the reference (the script measured 0.35 to 0.69 per residual); with only its own modules it is
+/// unet_a's encoder unchanged, the `full` ControlNet fixture, and matches that fixture's reference.
+#[test]
+fn control_lora_deltas_and_replacements_take_effect() {
+    let dir = TempDir::new("control-lora-parts");
+    let base = base_unet();
+    let file = dir.path("no_deltas.safetensors");
+    write_control_lora(&file, |t| t.retain(|k, _| !k.ends_with(".up") && !k.ends_with(".down")));
+    let worst = verify_control_lora(&file, &base, &control_lora_reference(), false);
+    assert!(worst > 0.1, "without the deltas: worst rel L2 {worst:.2e}");
+    let file = dir.path("own_only.safetensors");
+    let own = ["lora_controlnet", "input_hint_block.", "zero_convs.", "middle_block_out."];
+    write_control_lora(&file, |t| t.retain(|k, _| own.iter().any(|p| k.starts_with(p))));
+    verify_control_lora(&file, &base, &reference("full"), true);
+}
+
+/// The error (Error::Input) of opening `file`, written from the fixture with `edit`, over `base`.
+fn control_lora_error(file: &Path, base: &Path, edit: impl FnOnce(&mut Tensors)) -> String {
+    write_control_lora(file, edit);
+    match open_controlnet_with_base(file, Some(base)).err().expect("refused") {
+        Error::Input(m) => m,
+        other => panic!("not an input error: {other}"),
+    }
+}
+
+/// Bad files and bases are refused, naming the file and the tensors: the problems of the file's
+/// keys all in one error (a missing own module, up without down, up @ down not fitting its weight,
+/// a delta for a tensor the base's encoder does not have), a full tensor of the wrong shape, a base
+/// UNet missing a tensor, a base of another architecture.
+#[test]
+fn control_lora_errors_name_the_file_and_tensor() {
+    let dir = TempDir::new("control-lora-errors");
+    let base = base_unet();
+    let file = dir.path("bad.safetensors");
+    let f16 = |shape: &[usize]| (Dtype::F16, shape.to_vec(), vec![0u8; 2 * shape.iter().product::<usize>()]);
+    let m = control_lora_error(&file, &base, |t| {
+        t.remove("zero_convs.3.0.weight");
+        t.remove("time_embed.0.down");
+        t.insert("input_blocks.4.1.proj_in.up".into(), f16(&[64, 5]));
+        t.insert("input_blocks.7.1.transformer_blocks.2.attn1.to_q.up".into(), f16(&[64, 4]));
+        t.insert("input_blocks.7.1.transformer_blocks.2.attn1.to_q.down".into(), f16(&[4, 64]));
+    });
+    for needle in [
+        file.to_str().unwrap(),
+        "5 problem(s)",
+        "missing zero_convs.3.0.weight [32, 32, 1, 1]",
+        "time_embed.0.up without time_embed.0.down",
+        "input_blocks.4.1.proj_in.up [64, 5] @ input_blocks.4.1.proj_in.down [6, 64] does not make the weight [64, \
+         64] of down_blocks.1.attentions.0.proj_in.weight in the base UNet",
+        "input_blocks.7.1.transformer_blocks.2.attn1.to_q.up [64, 4]: the ControlNet on the base UNet's encoder has \
+         no such tensor",
+        "input_blocks.7.1.transformer_blocks.2.attn1.to_q.down [4, 64]",
+    ] {
+        assert!(m.contains(needle), "'{needle}' not in {m}");
+    }
+    let m =
+        control_lora_error(&file, &base, |t| drop(t.insert("input_blocks.1.0.in_layers.2.bias".into(), f16(&[33]))));
+    assert!(
+        m.contains(file.to_str().unwrap())
+            && m.contains("input_blocks.1.0.in_layers.2.bias: expected [32], found [33]"),
+        "{m}"
+    );
+
+    // the base: a UNet folder without one of its tensors, and a UNet of other widths and depths
+    let broken = dir.path("unet_broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::copy(base.join("config.json"), broken.join("config.json")).unwrap();
+    let mut unet = read_all(&base.join("diffusion_pytorch_model.safetensors"));
+    unet.remove("down_blocks.1.resnets.0.conv1.weight");
+    write(&broken.join("diffusion_pytorch_model.safetensors"), &unet);
+    let m = control_lora_error(&file, &broken, |_| {});
+    assert!(m.contains("missing: down_blocks.1.resnets.0.conv1.weight"), "{m}");
+    let m = control_lora_error(&file, &fixtures::folder("b"), |_| {});
+    assert!(m.contains(file.to_str().unwrap()) && m.contains("no such tensor"), "{m}");
+}
+
+/// `celframe verify controlnet --base`: a Control-LoRA verifies with its base UNet (0), and is
+/// refused without it, as --base is with a ControlNet that holds its own encoder or another
+/// component (2, naming the flag).
+#[test]
+fn verify_cli_takes_the_base_of_a_control_lora() {
+    let dir = TempDir::new("control-lora-cli");
+    let file = dir.path("control_lora.safetensors");
+    write_control_lora(&file, |_| {});
+    let (f, b, r) = (file.to_str().unwrap(), base_unet(), control_lora_reference());
+    let (b, r) = (b.to_str().unwrap(), r.to_str().unwrap());
+    let run = ["verify", "controlnet", "--weights", f, "--reference", r, "--device", "cpu"];
+    let (code, stdout, stderr) = celframe(&[&run[..], &["--base", b]].concat());
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(stdout.matches(": ok").count(), 10, "{stdout}");
+    assert!(stdout.contains(&format!("Control-LoRA over the base UNet's encoder: {b}")), "{stdout}");
+    let folder = write_folder(&dir.0, "full");
+    let w = folder.to_str().unwrap();
+    let unet_ref = fixtures::reference("a");
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &run,
+            "is a Control-LoRA (stabilityai/control-lora): give the base UNet it rebuilds the ControlNet from with --base UNET",
+        ),
+        (&["verify", "controlnet", "--weights", w, "--reference", r, "--base", b], "--base is for a Control-LoRA"),
+        (
+            &["verify", "unet", "--weights", b, "--reference", unet_ref.to_str().unwrap(), "--base", b],
+            "--base is for controlnet",
+        ),
+    ];
+    for (args, needle) in cases {
+        let (code, stdout, stderr) = celframe(args);
+        assert_eq!(code, 2, "{args:?}:\n{stdout}\n{stderr}");
+        assert!(stderr.starts_with("error: ") && stderr.contains(needle), "'{needle}' not in {stderr}");
+    }
+}
+
+/// A render config's ControlNet entry may be a Control-LoRA, built on the render's UNet:
+/// pipeline_tiny's ControlNet written as one over pipeline_tiny's UNet (every tensor in full under
+/// its cldm name, and one weight also adapted by a zero up/down pair, which the host merge adds
+/// exactly) renders tests/render_e2e.rs's controlnet_video case within its tolerance of diffusers.
+#[test]
+fn a_render_takes_a_control_lora_entry() {
+    use celframe::pipeline::config::RenderConfig;
+    use celframe::pipeline::{RenderOptions, render};
+    let dir = TempDir::new("control-lora-render");
+    let tiny = fixtures::fixtures().join("pipeline_tiny");
+    let checkpoint = open_controlnet(&tiny.join("controlnet")).unwrap();
+    let map = CldmNames::new(&checkpoint.config);
+    let stored = read_all(&tiny.join("controlnet/diffusion_pytorch_model.safetensors"));
+    let mut file: Tensors =
+        checkpoint.names.iter().map(|(name, key)| (map.cldm_name(name).unwrap(), stored[key].clone())).collect();
+    let weight = map.cldm_name("down_blocks.1.attentions.0.proj_in.weight").unwrap();
+    let module = weight.strip_suffix(".weight").unwrap();
+    let shape = file[&weight].1.clone();
+    let zero = |s: [usize; 2]| (Dtype::F16, s.to_vec(), vec![0u8; 2 * s[0] * s[1]]);
+    file.insert(format!("{module}.up"), zero([shape[0], 2]));
+    file.insert(format!("{module}.down"), zero([2, shape[1]]));
+    file.insert("lora_controlnet".into(), (Dtype::F16, vec![1], vec![0; 2]));
+    let lora = dir.path("control_lora.safetensors");
+    write(&lora, &file);
+
+    // the controlnet_video case's config (as tests/render_e2e.rs writes it) with the Control-LoRA
+    let case: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tiny.join("controlnet_video.json")).unwrap()).unwrap();
+    let noise_file = tiny.join("controlnet_video.noise.safetensors");
+    let control = weights::open(&noise_file, "noise").unwrap().float("control").unwrap();
+    let &[frames, h, w, _] = control.shape() else { panic!("control shape {:?}", control.shape()) };
+    let values = control.to_f32_vec().unwrap();
+    let images = dir.path("control");
+    std::fs::create_dir_all(&images).unwrap();
+    for f in 0..frames {
+        let bytes = values[f * h * w * 3..][..h * w * 3].iter().map(|x| (x * 255.0).round() as u8).collect();
+        let image = celframe::output::RgbImage::new(w as u32, h as u32, bytes).unwrap();
+        celframe::output::write_png(&images.join(format!("{f:03}.png")), &image).unwrap();
+    }
+    let path = |p: &str| tiny.join(p).display().to_string();
+    let out = dir.path("outputs");
+    let config = serde_json::json!({
+        "dtype": "f32", "device": "cpu",
+        "models": {
+            "unet": path("unet"), "vae": path("../vae_tiny"), "text_encoder": path("../text_encoder_tiny"),
+            "text_encoder_2": path("../text_encoder_2_tiny"), "tokenizer": path("tokenizer"),
+            "motion_adapter": path("motion_adapter"),
+        },
+        "sampler": { "name": case["sampler"], "steps": case["steps"], "cfg": case["guidance"] },
+        "video": { "width": case["width"], "height": case["height"], "frames": case["frames"], "fps": 8 },
+        "output": { "root": out.display().to_string(), "mp4": "builtin" },
+        "clips": [{ "prompt": case["prompt"], "negative": case["negative"] }],
+        "controlnets": [{
+            "path": lora.display().to_string(), "kind": "openpose", "images": images.display().to_string(),
+            "scale": case["controlnet_scale"], "interpolation": "hold",
+        }],
+    });
+    let config_file = dir.path("config.json");
+    std::fs::write(&config_file, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    let config = RenderConfig::load(&config_file).unwrap();
+    let options = RenderOptions { noise: Some(noise_file), timings: false, keep_tensors: true };
+    let report = render(&config, &options).unwrap();
+    let latents = report.clips[0].latents.as_ref().unwrap();
+    // diffusers' [1, C, F, h, w] latents, frame-major NHWC like ours
+    let reference = weights::open(&tiny.join("controlnet_video.reference.safetensors"), "reference").unwrap();
+    let want = reference.float("latents").unwrap();
+    let &[_, c, f, lh, lw] = want.shape() else { panic!("latents {:?}", want.shape()) };
+    let v = want.to_f32_vec().unwrap();
+    let mut nhwc = vec![0f32; v.len()];
+    for (i, x) in v.iter().enumerate() {
+        let (ch, rest) = (i / (f * lh * lw), i % (f * lh * lw));
+        let (frame, pixel) = (rest / (lh * lw), rest % (lh * lw));
+        nhwc[(frame * lh * lw + pixel) * c + ch] = *x;
+    }
+    let (rel, _) = common::errors(&latents.to_f32_vec().unwrap(), &nhwc);
+    println!("render with a Control-LoRA entry: latents rel L2 {rel:.2e} against diffusers");
+    assert!(rel <= 1e-4, "latents rel L2 {rel:.3e} (render_e2e's tolerance 1e-4)");
 }

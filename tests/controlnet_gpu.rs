@@ -10,6 +10,8 @@
 //! f16 1e-2, bf16 3e-2, the UNet's (the ControlNet is its encoder plus convolutions).
 
 mod common;
+#[path = "common/control_lora_fixtures.rs"]
+mod control_lora;
 #[path = "common/controlnet_fixtures.rs"]
 mod controlnet;
 #[path = "common/unet_fixtures.rs"]
@@ -17,7 +19,7 @@ mod fixtures;
 
 use celframe::DType;
 use celframe::gpu::Gpu;
-use celframe::verify::{Settings, compare, default_tolerance, verify_controlnet};
+use celframe::verify::{Settings, compare, default_tolerance, verify_controlnet, verify_controlnet_with_base};
 use common::TempDir;
 use controlnet::{reference, write_cldm, write_folder, write_union_folder};
 
@@ -87,6 +89,35 @@ fn controlnet_union_matches_diffusers_and_the_twins_in_f16_and_bf16() {
     for name in ["union_pose", "union_pose_depth", "union_lineart_depth", "union_multi"] {
         for dtype in [DType::F16, DType::BF16] {
             check_twin(name, &folder, name, dtype, Some(default_tolerance(dtype)));
+        }
+    }
+}
+
+/// A Control-LoRA over unet_a (tests/fixtures/control_lora) on CUDA: its up @ down products merged
+/// into the device weights by the LoRA-delta kernels (the host merges them for the CPU twins), the
+/// residuals within `verify`'s tolerance of diffusers' float32 and of the CPU twins in the same
+/// dtype (1e-2 in f16, 3e-2 in bf16, the verify bounds).
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn control_lora_matches_diffusers_and_the_twins_in_f16_and_bf16() {
+    assert!(Gpu::is_available(), "no CUDA device: this GPU test cannot run here (it is not skipped silently)");
+    let dir = TempDir::new("controlnet-gpu-control-lora");
+    let file = dir.path("control_lora.safetensors");
+    control_lora::write_control_lora(&file, |_| {});
+    let (base, r) = (control_lora::base_unet(), control_lora::control_lora_reference());
+    for dtype in [DType::F16, DType::BF16] {
+        let tol = default_tolerance(dtype);
+        let gpu = verify_controlnet_with_base(&file, Some(&base), &r, &Settings::cuda(dtype, tol, SCRATCH_GB)).unwrap();
+        let twin = verify_controlnet_with_base(&file, Some(&base), &r, &Settings::cpu(dtype, tol)).unwrap();
+        for (c, ((name, g), (_, w))) in gpu.comparisons.iter().zip(gpu.outputs.iter().zip(&twin.outputs)) {
+            let vs_twin = compare(name, g, w, tol).unwrap();
+            println!(
+                "GPUCHECK controlnet control_lora {name} {dtype:?} rel_l2={:.2e} max_abs={:.2e} tol={tol:.0e} (cuda vs \
+                 twins {:.2e})",
+                c.rel_l2, c.max_abs, vs_twin.rel_l2
+            );
+            assert!(c.ok(), "{dtype:?}: {c:?}");
+            assert!(vs_twin.ok(), "{name} {dtype:?}: CUDA vs the CPU twins {:.2e} > {tol:.0e}", vs_twin.rel_l2);
         }
     }
 }

@@ -10,12 +10,13 @@ use clap::Args;
 
 use crate::error::{EXIT_OUTSIDE_TOLERANCE, Error, Result};
 use crate::models::clip::TextEncoderKind;
+use crate::models::controlnet::control_lora::is_control_lora;
 use crate::models::lora::LoraSpec;
 use crate::tensor::{DType, Tensor};
 use crate::verify::arenas::MAX_SCRATCH_GB;
 use crate::verify::{
-    Comparison, Device, LoraOptions, Settings, default_tolerance, verify_controlnet, verify_motion_unet_with_loras,
-    verify_text_encoder_with_loras, verify_unet_with_loras, verify_vae_decoder,
+    Comparison, Device, LoraOptions, Settings, default_tolerance, verify_controlnet_with_base,
+    verify_motion_unet_with_loras, verify_text_encoder_with_loras, verify_unet_with_loras, verify_vae_decoder,
 };
 use crate::weights;
 
@@ -33,6 +34,11 @@ pub struct VerifyArgs {
     /// in.sample and out.sample [videos, channels, frames, height, width]).
     #[arg(long)]
     pub reference: PathBuf,
+    /// controlnet with a Control-LoRA as --weights (stabilityai/control-lora): the base UNet it
+    /// rebuilds the ControlNet from (a diffusers UNet folder, a pipeline folder or an SDXL single
+    /// file).
+    #[arg(long, value_name = "UNET")]
+    pub base: Option<PathBuf>,
     /// motion_unet: the motion modules: a diffusers MotionAdapter folder, or one safetensors file
     /// with diffusers' or the original AnimateDiff names.
     #[arg(long)]
@@ -103,6 +109,9 @@ pub fn run(args: &VerifyArgs) -> Result<bool> {
     if args.group_norm_across_frames && !motion {
         return Err(Error::Input(format!("--group-norm-across-frames is for motion_unet, not {}", args.component)));
     }
+    if args.base.is_some() && args.component != "controlnet" {
+        return Err(Error::Input(format!("--base is for controlnet with a Control-LoRA, not {}", args.component)));
+    }
     let device = Device::parse(&args.device)?;
     let dtype = match &args.dtype {
         Some(d) => DType::parse(d)?,
@@ -137,7 +146,25 @@ pub fn run(args: &VerifyArgs) -> Result<bool> {
             verify_text_encoder_with_loras(kind, &args.weights, &args.reference, &settings, &loras)?
         }
         "vae_decoder" => verify_vae_decoder(&args.weights, &args.reference, &settings)?,
-        "controlnet" => verify_controlnet(&args.weights, &args.reference, &settings)?,
+        "controlnet" => {
+            match (is_control_lora(&args.weights), &args.base) {
+                (true, None) => {
+                    return Err(Error::Input(format!(
+                        "--weights {} is a Control-LoRA (stabilityai/control-lora): give the base UNet it rebuilds \
+                         the ControlNet from with --base UNET",
+                        args.weights.display()
+                    )));
+                }
+                (false, Some(_)) => {
+                    return Err(Error::Input(format!(
+                        "--base is for a Control-LoRA; --weights {} is a ControlNet with its own encoder",
+                        args.weights.display()
+                    )));
+                }
+                _ => {}
+            }
+            verify_controlnet_with_base(&args.weights, args.base.as_deref(), &args.reference, &settings)?
+        }
         "motion_unet" => match &args.motion {
             Some(m) => verify_motion_unet_with_loras(
                 &args.weights,

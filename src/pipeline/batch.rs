@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::models::clip::{TextEncoderKind, open_text_encoder};
-use crate::models::controlnet::open_controlnet;
+use crate::models::controlnet::open_controlnet_with_base;
 use crate::models::lora::{self, Targets};
 use crate::models::vae::open_vae;
 use crate::models::{open_motion, open_unet};
@@ -185,8 +185,10 @@ pub fn preflight(config: &RenderConfig) -> Result<()> {
                 }
             }
         }
+        // A Control-LoRA is built on the UNet, as the render builds it.
+        let base = config.models.component(Component::Unet).ok();
         for (k, net) in config.controlnets.iter().enumerate() {
-            if let Err(e) = open_controlnet(&net.path) {
+            if let Err(e) = open_controlnet_with_base(&net.path, base.as_deref()) {
                 problems.push(format!("controlnets[{k}].path: {}", message(e)));
             }
         }

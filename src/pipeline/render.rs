@@ -36,7 +36,7 @@ use crate::models::clip::conditioning::{Conditioning, SdxlTextEncoders, time_ids
 use crate::models::clip::{ClipCheckpoint, ClipTextModel, TextEncoderKind, open_text_encoder};
 use crate::models::controlnet::{
     ControlNet, ControlNetCheckpoint, ControlNetUnion, ControlScale, ControlType, UnionEmbedded, UnionOptions,
-    open_controlnet,
+    open_controlnet_with_base,
 };
 use crate::models::layout::video_to_rows;
 use crate::models::lora::device::Restore;
@@ -136,7 +136,13 @@ impl Checkpoints {
         let vae = open_vae(&models.component(Component::Vae)?)?;
         let clip_l = open_text_encoder(&models.component(Component::TextEncoder)?, TextEncoderKind::ClipL)?;
         let clip_g = open_text_encoder(&models.component(Component::TextEncoder2)?, TextEncoderKind::ClipG)?;
-        let controlnets = config.controlnets.iter().map(|c| open_controlnet(&c.path)).collect::<Result<Vec<_>>>()?;
+        // A Control-LoRA is built on the render's UNet; other ControlNets hold their own encoder.
+        let base = models.component(Component::Unet)?;
+        let controlnets = config
+            .controlnets
+            .iter()
+            .map(|c| open_controlnet_with_base(&c.path, Some(&base)))
+            .collect::<Result<Vec<_>>>()?;
         let union_types = config
             .controlnets
             .iter()
@@ -2030,7 +2036,7 @@ fn union_residuals(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::controlnet::UnionCondition;
+    use crate::models::controlnet::{UnionCondition, open_controlnet};
     use crate::output::write_png;
 
     #[test]

@@ -25,10 +25,11 @@ use super::unet::{ForwardInputs, read_timestep};
 use super::{Device, Reference, Settings, Verification, compare};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::models::controlnet::open_controlnet_with_base;
 use crate::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
 use crate::models::{
     ControlNet, ControlNetCheckpoint, ControlNetConfig, ControlNetFormat, ControlNetUnion, ControlScale, ControlType,
-    Place, UnetInputs, UnetResiduals, UnionCondition, UnionOptions, open_controlnet,
+    Place, UnetInputs, UnetResiduals, UnionCondition, UnionOptions,
 };
 use crate::ops::Exec;
 use crate::tensor::{DType, Tensor};
@@ -292,8 +293,18 @@ fn read_reference(r: &Reference, cfg: &ControlNetConfig, dtype: DType) -> Result
 /// Loads the ControlNet and the reference, runs the forward on `settings.device` in its dtype and
 /// compares every residual.
 pub fn verify_controlnet(weights_path: &Path, reference: &Path, settings: &Settings) -> Result<Verification> {
+    verify_controlnet_with_base(weights_path, None, reference, settings)
+}
+
+/// `verify_controlnet` with the base UNet checkpoint a Control-LoRA is built on.
+pub fn verify_controlnet_with_base(
+    weights_path: &Path,
+    base: Option<&Path>,
+    reference: &Path,
+    settings: &Settings,
+) -> Result<Verification> {
     let Settings { device, dtype, tolerance, scratch_gb } = *settings;
-    let checkpoint = open_controlnet(weights_path)?;
+    let checkpoint = open_controlnet_with_base(weights_path, base)?;
     let r = read_reference(&Reference::open(reference)?, &checkpoint.config, dtype)?;
     let s = r.inputs.sample.shape();
     let format = match checkpoint.format {
@@ -301,6 +312,11 @@ pub fn verify_controlnet(weights_path: &Path, reference: &Path, settings: &Setti
         ControlNetFormat::DiffusersSingleFile => "single file, diffusers names",
         ControlNetFormat::Cldm { prefixed: true } => "single file, cldm names under control_model.",
         ControlNetFormat::Cldm { prefixed: false } => "single file, cldm names",
+        ControlNetFormat::ControlLora => "Control-LoRA over the base UNet's encoder",
+    };
+    let format = match base {
+        Some(b) if checkpoint.format == ControlNetFormat::ControlLora => format!("{format}: {}", b.display()),
+        _ => format.to_string(),
     };
     let images = r.control.images();
     let summary = format!(

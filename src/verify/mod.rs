@@ -22,7 +22,7 @@ use crate::models::lora::{self, LoraSpec, Loras, Targets};
 use crate::tensor::{DType, Tensor};
 use crate::weights::{self, TensorFile};
 
-pub use controlnet::verify_controlnet;
+pub use controlnet::{verify_controlnet, verify_controlnet_with_base};
 pub use motion_unet::{verify_motion_unet, verify_motion_unet_with_loras};
 pub use text_encoder::{verify_text_encoder, verify_text_encoder_with_loras};
 pub use unet::{verify_unet, verify_unet_with_loras};

@@ -18,16 +18,21 @@
 //! whatever config.json's `_class_name` says. Its own modules have the same names in diffusers'
 //! folders and xinsir's files (`union::tensor_specs`); Union files with cldm names are not known
 //! and are refused.
+//!
+//! A Control-LoRA (stabilityai/control-lora) is told by its `lora_controlnet` key and built over a
+//! base UNet checkpoint (`control_lora`), so it opens only with one (`open_controlnet_with_base`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use super::ControlNet;
 use super::config::{ControlNetConfig, derive_config, derive_union};
+use super::control_lora::{self, MARKER};
 use super::union;
 use crate::error::{Error, Result};
 use crate::models::fields::Limits;
 use crate::models::files::{self, DIFFUSERS_FILES, Location};
+use crate::models::lora::LoraMerge;
 use crate::models::unet::ldm::{BlockLayout, LdmNames};
 use crate::weights::{self, LoadedWeights, TensorSpec};
 
@@ -43,6 +48,8 @@ pub enum ControlNetFormat {
     DiffusersSingleFile,
     /// One file with SGM/cldm names, under `CLDM_PREFIX` (`prefixed`) or at the top level.
     Cldm { prefixed: bool },
+    /// A Control-LoRA file over a base UNet checkpoint (`control_lora`).
+    ControlLora,
 }
 
 pub struct ControlNetCheckpoint {
@@ -52,14 +59,24 @@ pub struct ControlNetCheckpoint {
     /// Union's own tensors are under their diffusers names (`union::tensor_specs`).
     pub names: Vec<(String, String)>,
     pub format: ControlNetFormat,
+    /// A Control-LoRA's up @ down products (scale 1), added to the weights they adapt when the
+    /// net is prepared (`ControlNet::new`); None for every other format.
+    pub deltas: Option<LoraMerge>,
 }
 
 /// Opens `path` (folder or file, see the module doc), checks its tensors strictly against the
-/// architecture and maps them without a copy.
+/// architecture and maps them without a copy. A Control-LoRA needs its base UNet:
+/// `open_controlnet_with_base`.
 pub fn open_controlnet(path: &Path) -> Result<ControlNetCheckpoint> {
+    open_controlnet_with_base(path, None)
+}
+
+/// `open_controlnet`, with the UNet checkpoint a Control-LoRA is built on (a render's UNet); a
+/// ControlNet that holds its own encoder ignores `base`.
+pub fn open_controlnet_with_base(path: &Path, base: Option<&Path>) -> Result<ControlNetCheckpoint> {
     match files::locate(path, "controlnet", "a diffusers ControlNet folder")? {
         Location::Folder(folder) => open_diffusers(&folder),
-        Location::SingleFile => open_single_file(path),
+        Location::SingleFile => open_single_file(path, base),
     }
 }
 
@@ -77,12 +94,22 @@ fn open_diffusers(folder: &Path) -> Result<ControlNetCheckpoint> {
     let names = specs.iter().map(|s| (s.name.clone(), s.name.clone())).collect();
     let all: Vec<TensorSpec> = specs.into_iter().chain(union::tensor_specs(&config)).collect();
     let weights = weights::load_strict(&files, &all, &[])?;
-    Ok(ControlNetCheckpoint { config, weights, names, format: ControlNetFormat::Diffusers })
+    Ok(ControlNetCheckpoint { config, weights, names, format: ControlNetFormat::Diffusers, deltas: None })
 }
 
-fn open_single_file(path: &Path) -> Result<ControlNetCheckpoint> {
+fn open_single_file(path: &Path, base: Option<&Path>) -> Result<ControlNetCheckpoint> {
     let files: [PathBuf; 1] = [path.to_path_buf()];
     let file = weights::open(path, "ControlNet checkpoint")?;
+    if file.contains(MARKER) {
+        let Some(base) = base else {
+            return Err(Error::Input(format!(
+                "{}: a Control-LoRA (stabilityai/control-lora: {MARKER}), which rebuilds a ControlNet from a base \
+                 UNet's encoder: open it with the base UNet checkpoint (a render uses its models' UNet)",
+                path.display()
+            )));
+        };
+        return control_lora::open(path, &file, base);
+    }
     let all: BTreeSet<&str> = file.names().collect();
     refuse_other_kinds(all.iter().copied(), path)?;
     let format = if all.iter().any(|n| n.starts_with(CLDM_PREFIX)) {
@@ -170,15 +197,16 @@ fn open_single_file(path: &Path) -> Result<ControlNetCheckpoint> {
     specs.extend(union::tensor_specs(&config));
     let outside = |name: &str| !name.starts_with(root);
     let weights = weights::load_filtered(&files, Some(&specs), &outside)?;
-    Ok(ControlNetCheckpoint { config, weights, names, format })
+    Ok(ControlNetCheckpoint { config, weights, names, format, deltas: None })
 }
 
-/// Refuses, by name, the files of ControlNet kinds this engine does not run yet.
+/// Refuses, by name, a Control-LoRA marker where a Control-LoRA is not read: in a diffusers folder
+/// or under `control_model.` (Stability's files keep their keys at the top level).
 fn refuse_other_kinds<'a>(mut names: impl Iterator<Item = &'a str>, path: &Path) -> Result<()> {
-    match names.any(|n| n.strip_prefix(CLDM_PREFIX).unwrap_or(n) == "lora_controlnet") {
+    match names.any(|n| n.strip_prefix(CLDM_PREFIX).unwrap_or(n) == MARKER) {
         true => Err(Error::Unsupported(format!(
-            "{}: a Control-LoRA (lora_controlnet); this engine runs ControlNetModel and ControlNetUnionModel \
-             checkpoints",
+            "{}: a Control-LoRA marker ({MARKER}) in a folder or under {CLDM_PREFIX}; a Control-LoRA is read as \
+             one file with its keys at the top level, as stabilityai/control-lora ships them",
             path.display()
         ))),
         false => Ok(()),

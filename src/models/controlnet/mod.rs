@@ -10,21 +10,24 @@
 //!   variants differ only in their transformer depths.
 //! - `checkpoint`: opening a diffusers folder or a single file with diffusers or SGM/cldm names
 //!   (with or without the `control_model.` prefix), strictly.
+//! - `control_lora`: a Control-LoRA file (stabilityai/control-lora) over a base UNet checkpoint,
+//!   opened as a checkpoint whose low-rank deltas merge into the weights as they are prepared.
 //! - `union`: ControlNet Union / ProMax (diffusers ControlNetUnionModel): this encoder, the same
 //!   conditioning embedding and zero convs, plus its condition tokens and control-type embedding.
 
 pub mod checkpoint;
 pub mod config;
+pub mod control_lora;
 pub mod union;
 
-pub use checkpoint::{ControlNetCheckpoint, ControlNetFormat, open_controlnet};
+pub use checkpoint::{ControlNetCheckpoint, ControlNetFormat, open_controlnet, open_controlnet_with_base};
 pub use config::{ControlNetConfig, UnionConfig};
 pub use union::{ControlNetUnion, ControlType, UnionCondition, UnionEmbedded, UnionOptions};
 
 use super::embeddings;
 use super::resnet::ResnetNorm;
 use super::unet::{self, Conditioning, UnetConfig, UnetInputs, UnetResiduals, blocks};
-use super::weights::{ModelWeights, Place, Scope};
+use super::weights::{ModelWeights, Place, Scope, with_loras};
 use crate::error::{Error, Result};
 use crate::ops::Exec;
 use crate::ops::conv::{Conv2d, conv2d};
@@ -70,7 +73,8 @@ pub struct ControlNet {
 
 impl ControlNet {
     /// Prepares a loaded checkpoint's weights for `place` (host tensors for the CPU twins, device
-    /// tensors for CUDA) in the place's dtype. A Union checkpoint is refused: `ControlNetUnion`.
+    /// tensors for CUDA) in the place's dtype, a Control-LoRA's deltas merged on the way. A Union
+    /// checkpoint is refused: `ControlNetUnion`.
     pub fn new(checkpoint: &ControlNetCheckpoint, place: Place) -> Result<ControlNet> {
         if checkpoint.config.union.is_some() {
             return Err(Error::Unsupported(
@@ -84,6 +88,7 @@ impl ControlNet {
 
     /// The plain ControlNet's weights of any checkpoint (a Union's own modules are left out).
     fn prepare(checkpoint: &ControlNetCheckpoint, place: Place) -> Result<ControlNet> {
+        let place = with_loras(&place, checkpoint.deltas.as_ref());
         let weights = ModelWeights::prepare(&checkpoint.weights, &checkpoint.names, place)?;
         Ok(ControlNet { config: checkpoint.config.clone(), weights })
     }

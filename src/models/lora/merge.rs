@@ -304,7 +304,9 @@ pub struct LoraMerge {
 }
 
 impl LoraMerge {
-    pub(super) fn add(&mut self, tensor: &str, delta: Scaled) {
+    /// Adds `delta` to the weight `tensor` (a graph name); its shapes must fit that weight
+    /// (`Delta::check`), which `resolve` and the Control-LoRA loader check first.
+    pub fn add(&mut self, tensor: &str, delta: Scaled) {
         self.deltas.entry(tensor.to_string()).or_default().push(delta);
     }
 

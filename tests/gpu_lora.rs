@@ -1014,6 +1014,39 @@ fn sdxl_lora(dir: &TempDir, name: &str, seed: u64) -> std::path::PathBuf {
     path
 }
 
+/// The SDXL-shaped random models `celframe demo` draws (cached in $CELFRAME_DEMO_CACHE or
+/// target/celframe-demo: the tiny test models' motion heads are too narrow for the CUDA kernels),
+/// as an absolute path: the configs live in temporary folders, and relative paths in a config are
+/// its folder's.
+fn demo_models() -> std::path::PathBuf {
+    use celframe::pipeline::random_models::{ModelSize, cached_random_pipeline};
+    let cache = std::env::var_os("CELFRAME_DEMO_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from("target/celframe-demo"));
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::canonicalize(cached_random_pipeline(&cache, ModelSize::Full, 0).unwrap()).unwrap()
+}
+
+/// A CUDA f16 batch of `clips` over `models` at 512x288, 8 frames, LCM 2 steps, no mp4, written
+/// beside `root` (its output folder) and loaded.
+fn small_cuda_batch(
+    models: &std::path::Path,
+    root: &std::path::Path,
+    clips: &[serde_json::Value],
+) -> celframe::pipeline::config::RenderConfig {
+    let json = serde_json::json!({
+        "dtype": "f16", "device": "cuda",
+        "models": { "base": models, "motion_adapter": models.join("motion_adapter") },
+        "sampler": { "name": "lcm", "steps": 2, "cfg": 1.5 },
+        "video": { "width": 512, "height": 288, "fps": 8, "frames": 8 },
+        "output": { "root": root, "mp4": "off" },
+        "clips": clips,
+    });
+    let path = root.with_extension("json");
+    std::fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
+    celframe::pipeline::config::RenderConfig::load(&path).unwrap()
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
 fn a_batch_switching_lora_sets_renders_each_clip_as_it_renders_alone() {
@@ -1025,14 +1058,8 @@ fn a_batch_switching_lora_sets_renders_each_clip_as_it_renders_alone() {
     // $CELFRAME_DEMO_CACHE or target/celframe-demo: the tiny test models' motion heads are too
     // narrow for the CUDA kernels) at 512x288, 8 frames, LCM 2 steps.
     assert!(Gpu::is_available(), "no CUDA device: this GPU test cannot run here (it is not skipped silently)");
-    use celframe::pipeline::random_models::{ModelSize, cached_random_pipeline};
     use celframe::pipeline::{RenderOptions, render};
-    let cache = std::env::var_os("CELFRAME_DEMO_CACHE")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from("target/celframe-demo"));
-    std::fs::create_dir_all(&cache).unwrap();
-    // Absolute: the configs live in a temporary folder, and relative paths in a config are its folder's.
-    let models = std::fs::canonicalize(cached_random_pipeline(&cache, ModelSize::Full, 0).unwrap()).unwrap();
+    let models = demo_models();
     let dir = TempDir::new("gpu-lora-batch");
     let (a, b) = (sdxl_lora(&dir, "a.safetensors", 1), sdxl_lora(&dir, "b.safetensors", 2));
     let lora = |path: &std::path::Path, weight: f64| serde_json::json!({ "path": path, "weight": weight });
@@ -1040,19 +1067,7 @@ fn a_batch_switching_lora_sets_renders_each_clip_as_it_renders_alone() {
     let clips: Vec<_> = (0..4)
         .map(|i| serde_json::json!({ "prompt": format!("1girl, cel shading, pose {i}"), "seed": 40 + i, "loras": sets[i % 3] }))
         .collect();
-    let config = |root: std::path::PathBuf, clips: &[serde_json::Value]| {
-        let json = serde_json::json!({
-            "dtype": "f16", "device": "cuda",
-            "models": { "base": models, "motion_adapter": models.join("motion_adapter") },
-            "sampler": { "name": "lcm", "steps": 2, "cfg": 1.5 },
-            "video": { "width": 512, "height": 288, "fps": 8, "frames": 8 },
-            "output": { "root": root, "mp4": "off" },
-            "clips": clips,
-        });
-        let path = root.with_extension("json");
-        std::fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
-        celframe::pipeline::config::RenderConfig::load(&path).unwrap()
-    };
+    let config = |root: std::path::PathBuf, clips: &[serde_json::Value]| small_cuda_batch(&models, &root, clips);
     let options = RenderOptions { keep_tensors: true, ..RenderOptions::default() };
     let batch = render(&config(dir.path("batch"), &clips), &options).unwrap();
     batch.summary.iter().for_each(|line| println!("{line}"));
@@ -1096,14 +1111,9 @@ fn a_lora_file_spoiled_after_the_check_fails_only_its_group_on_cuda() {
     // file named; the group after it is prepared inline and renders. tests/batch.rs has the CPU
     // path's twin of this test.
     assert!(Gpu::is_available(), "no CUDA device: this GPU test cannot run here (it is not skipped silently)");
-    use celframe::pipeline::random_models::{ModelSize, cached_random_pipeline};
     use celframe::pipeline::{RenderOptions, render};
     use std::sync::atomic::{AtomicBool, Ordering};
-    let cache = std::env::var_os("CELFRAME_DEMO_CACHE")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from("target/celframe-demo"));
-    std::fs::create_dir_all(&cache).unwrap();
-    let models = std::fs::canonicalize(cached_random_pipeline(&cache, ModelSize::Full, 0).unwrap()).unwrap();
+    let models = demo_models();
     let dir = TempDir::new("gpu-lora-spoiled");
     let (a, b) = (sdxl_lora(&dir, "a.safetensors", 1), sdxl_lora(&dir, "b.safetensors", 2));
     let lora = |path: &std::path::Path| serde_json::json!([{ "path": path, "weight": 0.8 }]);
@@ -1112,17 +1122,7 @@ fn a_lora_file_spoiled_after_the_check_fails_only_its_group_on_cuda() {
         .map(|i| serde_json::json!({ "prompt": format!("1girl, pose {i}"), "seed": 40 + i, "loras": sets[i] }))
         .collect();
     let root = dir.path("batch");
-    let json = serde_json::json!({
-        "dtype": "f16", "device": "cuda",
-        "models": { "base": models, "motion_adapter": models.join("motion_adapter") },
-        "sampler": { "name": "lcm", "steps": 2, "cfg": 1.5 },
-        "video": { "width": 512, "height": 288, "fps": 8, "frames": 8 },
-        "output": { "root": root, "mp4": "off" },
-        "clips": clips,
-    });
-    let path = root.with_extension("json");
-    std::fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
-    let config = celframe::pipeline::config::RenderConfig::load(&path).unwrap();
+    let config = small_cuda_batch(&models, &root, &clips);
     let report = root.join("configs/run_report.json");
     let done = std::sync::Arc::new(AtomicBool::new(false));
     let spoiler = {

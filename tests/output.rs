@@ -504,6 +504,25 @@ fn sync_samples(mp4: &Path) -> Vec<u32> {
     (0..count).map(|k| word(at + 12 + 4 * k)).collect()
 }
 
+/// `frames` through the built-in encoder (no PNGs) once per thread count, as clips 1, 2, ...;
+/// asserts every run wrote the first one's bytes and returns that mp4.
+fn built_in_mp4_on_any_threads(tree: &OutputTree, frames: &[RgbImage], fps: u32, threads: &[usize]) -> PathBuf {
+    let (w, h) = (frames[0].width(), frames[0].height());
+    let mut files = Vec::new();
+    for (i, &threads) in threads.iter().enumerate() {
+        let mut opts = options(w, h, fps, Mp4Choice::BuiltIn);
+        opts.png_frames = false;
+        opts.mp4_threads = threads;
+        let report = write_clip(tree, i as u32 + 1, &opts, frames);
+        files.push((threads, report.mp4.unwrap()));
+    }
+    let first = std::fs::read(&files[0].1).unwrap();
+    for (threads, mp4) in &files[1..] {
+        assert!(std::fs::read(mp4).unwrap() == first, "{threads} threads wrote other bytes than 1 thread");
+    }
+    files.swap_remove(0).1
+}
+
 #[test]
 fn mp4_built_in_gops_in_parallel_give_the_same_bytes() {
     // 64 frames at 10 fps: GOPs from frames 0, 20, 40 and 60, each on its own encoder. Noise in
@@ -513,19 +532,7 @@ fn mp4_built_in_gops_in_parallel_give_the_same_bytes() {
     let tree = OutputTree::open(&dir.path("outputs")).unwrap();
     let frames: Vec<RgbImage> =
         (0..64).map(|t| if (22..38).contains(&t) { noise(128, 96, t as u64) } else { frame(128, 96, t) }).collect();
-    let mut files = Vec::new();
-    for (i, threads) in [1, 2, 4].into_iter().enumerate() {
-        let mut opts = options(128, 96, 10, Mp4Choice::BuiltIn);
-        opts.png_frames = false;
-        opts.mp4_threads = threads;
-        let report = write_clip(&tree, i as u32 + 1, &opts, &frames);
-        files.push((threads, report.mp4.unwrap()));
-    }
-    let first = std::fs::read(&files[0].1).unwrap();
-    for (threads, mp4) in &files[1..] {
-        assert!(std::fs::read(mp4).unwrap() == first, "{threads} threads wrote other bytes than 1 thread");
-    }
-    let mp4 = &files[0].1;
+    let mp4 = &built_in_mp4_on_any_threads(&tree, &frames, 10, &[1, 2, 4]);
     let sync = sync_samples(mp4);
     let restarts: Vec<u32> = sync.iter().copied().filter(|s| ![1, 21, 41, 61].contains(s)).collect();
     eprintln!("sync samples {sync:?}");
@@ -568,19 +575,7 @@ fn mp4_built_in_slices_give_the_same_bytes_on_any_threads() {
     let frames: Vec<RgbImage> = (0..96usize)
         .map(|t| if noisy.contains(&t) { noise(w, h, t as u64) } else { frame(w, h, t as u32 % 64) })
         .collect();
-    let mut files = Vec::new();
-    for (i, threads) in [1, 2, 4, 8].into_iter().enumerate() {
-        let mut opts = options(w, h, 20, Mp4Choice::BuiltIn);
-        opts.png_frames = false;
-        opts.mp4_threads = threads;
-        let report = write_clip(&tree, i as u32 + 1, &opts, &frames);
-        files.push((threads, report.mp4.unwrap()));
-    }
-    let first = std::fs::read(&files[0].1).unwrap();
-    for (threads, mp4) in &files[1..] {
-        assert!(std::fs::read(mp4).unwrap() == first, "{threads} threads wrote other bytes than 1 thread");
-    }
-    let mp4 = &files[0].1;
+    let mp4 = &built_in_mp4_on_any_threads(&tree, &frames, 20, &[1, 2, 4, 8]);
     let pictures = slice_starts(mp4);
     assert_eq!(pictures.len(), 96, "pictures");
     assert!(pictures.iter().all(|p| p == &[0, 64, 128, 192]), "slices (first macroblocks): {pictures:?}");

@@ -965,6 +965,15 @@ fn killed_mid_clip_leaves_no_half_written_file_and_the_rerun_completes() {
         }
         proc.kill().unwrap();
         proc.wait().unwrap();
+        // Nothing outlives the render: an orphaned ffmpeg would see EOF and go on writing the
+        // partial mp4 (and race the sweep below).
+        let sizes = |root: &Path| -> Vec<(u64, String)> {
+            let files = tree_listing(root).into_iter().filter(|rel| !rel.ends_with('/'));
+            files.map(|rel| (root.join(&rel).metadata().map(|m| m.len()).unwrap_or(0), rel)).collect()
+        };
+        let at_kill = sizes(&root);
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(sizes(&root), at_kill, "{mp4}: files changed after the render was killed");
 
         let tree = OutputTree::open(&root).unwrap_or_else(|e| panic!("{mp4}: reopening: {e}"));
         // Before the sweep on open: nothing but the config had a real name, and it is complete.

@@ -2,8 +2,11 @@
 //! and random inputs (CUDA events, warm-up, median), printing one `BENCH {json}` line that
 //! tools/report.py pairs with the peer timings of tools/unet_gpu.py and tools/text_encoder_gpu.py
 //! (`PEER` lines with the same key). `celframe bench encode` times the built-in mp4 encoder on the
-//! CPU (no weights, no GPU).
+//! CPU (no weights, no GPU). `--tune-gemms FILE` picks cuBLASLt's fastest algorithm for every GEMM
+//! shape the forwards meet and records it in FILE (`gpu::tuning`), which `CELFRAME_GEMM_TUNING`
+//! hands to later processes.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -11,6 +14,7 @@ use clap::Args;
 
 use super::elements;
 use crate::error::{Error, Result};
+use crate::gpu::blas::Gemm;
 use crate::gpu::profile::format_rows;
 use crate::gpu::timing::{Timing, time_gpu};
 use crate::gpu::{Arena, Gpu, nvtx};
@@ -104,6 +108,12 @@ pub struct BenchArgs {
     /// kind of work (gemm, conv, flash_attention, group_norm, ...).
     #[arg(long)]
     pub breakdown: bool,
+    /// Time cuBLASLt's candidate algorithms for every GEMM description the forwards meet that FILE
+    /// has no entry for, run the fastest, and write FILE (made, or extended when it exists; it must
+    /// have been made on this device and cuBLASLt). Renders and benches run the recorded choices
+    /// when CELFRAME_GEMM_TUNING=FILE is set. Not with CELFRAME_GEMM_TUNING set, nor for encode.
+    #[arg(long, value_name = "FILE")]
+    pub tune_gemms: Option<PathBuf>,
 }
 
 /// Most elements of one activation: cuDNN and the kernels index with 32-bit integers (ops/conv.rs
@@ -157,6 +167,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if (args.conditions.is_some() || args.nets.is_some()) && args.component != "controlnet" {
         return Err(Error::Input("bench: --conditions and --nets go with controlnet".into()));
     }
+    if args.tune_gemms.is_some() && args.component == "encode" {
+        return Err(Error::Input("bench encode: --tune-gemms goes with the GPU components".into()));
+    }
     match args.component.as_str() {
         "unet" => bench_unet(args, dtype),
         "motion_unet" => bench_motion_unet(args, dtype),
@@ -185,7 +198,7 @@ fn bench_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     )?;
     let cross = cfg.cross_attention_dims().first().copied().unwrap_or(0);
     elements("context", &[("--batch", b), ("--tokens", args.tokens), ("width", cross)], MAX_ELEMENTS, WHY)?;
-    let gpu = Gpu::from_env()?;
+    let gpu = open_gpu(args)?;
     let scratch = scratch_bytes(&gpu, args.scratch_gb)?;
     let (weights, scratch) = model_arenas(&checkpoint.weights, dtype, 64 << 20, |_| scratch)?;
     let unet = Unet::new(&checkpoint, Place::Device { gpu: &gpu, arena: &weights, dtype })?;
@@ -200,7 +213,7 @@ fn bench_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     };
     let t = time_gpu(&gpu, 2, args.runs, &mut forward)?;
     report("unet", &key, &t, args.runs, &scratch);
-    breakdown(args, &gpu, &key, &t, forward)
+    finish(args, &gpu, &key, &t, forward)
 }
 
 /// The UNet with motion modules on `--batch` videos of `--frames` frames (diffusers'
@@ -218,7 +231,7 @@ fn bench_motion_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     let cross = cfg.cross_attention_dims().first().copied().unwrap_or(0);
     let dims = [("--batch", b), ("--frames", f), ("--tokens", args.tokens), ("width", cross)];
     elements("context", &dims, MAX_ELEMENTS, WHY)?;
-    let gpu = Gpu::from_env()?;
+    let gpu = open_gpu(args)?;
     let scratch = scratch_bytes(&gpu, args.scratch_gb)?;
     let motion_bytes = weight_bytes(&motion.weights, dtype);
     let (weights, scratch) = model_arenas(&checkpoint.weights, dtype, motion_bytes + (64 << 20), |_| scratch)?;
@@ -237,7 +250,7 @@ fn bench_motion_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     };
     let t = time_gpu(&gpu, 2, args.runs, &mut forward)?;
     report("motion_unet", &key, &t, args.runs, &scratch);
-    breakdown(args, &gpu, &key, &t, forward)
+    finish(args, &gpu, &key, &t, forward)
 }
 
 /// The ControlNet on `--batch` images of `--height` x `--width` latents (the UNet's random inputs)
@@ -285,7 +298,7 @@ fn bench_controlnet(args: &BenchArgs, dtype: DType) -> Result<()> {
     elements("control-image activation", &[&dims[..], &[("channels", stage0)]].concat(), MAX_ELEMENTS, WHY)?;
     let cross = enc.cross_attention_dims().first().copied().unwrap_or(1);
     elements("context", &[("--batch", b), ("--tokens", args.tokens), ("width", cross)], MAX_ELEMENTS, WHY)?;
-    let gpu = Gpu::from_env()?;
+    let gpu = open_gpu(args)?;
     let scratch = scratch_bytes(&gpu, args.scratch_gb)?;
     let hint_shape = [b, h * f, w * f, cfg.conditioning_channels];
     let hint_bytes = hint_shape.iter().product::<usize>() * dtype.size();
@@ -321,7 +334,7 @@ fn bench_controlnet(args: &BenchArgs, dtype: DType) -> Result<()> {
             };
             let t = time_gpu(&gpu, 2, args.runs, &mut forward)?;
             report(name, &key, &t, args.runs, &scratch);
-            breakdown(args, &gpu, &key, &t, forward)
+            finish(args, &gpu, &key, &t, forward)
         }
         None => {
             let cn = ControlNet::new(&checkpoint, place)?;
@@ -340,7 +353,7 @@ fn bench_controlnet(args: &BenchArgs, dtype: DType) -> Result<()> {
             };
             let t = time_gpu(&gpu, 2, args.runs, &mut forward)?;
             report(name, &key, &t, args.runs, &scratch);
-            breakdown(args, &gpu, &key, &t, forward)
+            finish(args, &gpu, &key, &t, forward)
         }
     }
 }
@@ -377,7 +390,7 @@ fn bench_lora(args: &BenchArgs, dtype: DType) -> Result<()> {
     };
     let (first, second) = (resolve(&args.loras)?, resolve(&args.switch_loras)?);
 
-    let gpu = Gpu::from_env()?;
+    let gpu = open_gpu(args)?;
     let place = |arena| Place::Device { gpu: &gpu, arena, dtype };
     let (unet_arena, scratch) = model_arenas(&unet_checkpoint.weights, dtype, 64 << 20, |_| 256 << 20)?;
     let unet = Unet::new(&unet_checkpoint, place(&unet_arena))?;
@@ -463,7 +476,7 @@ fn bench_lora(args: &BenchArgs, dtype: DType) -> Result<()> {
     let key = format!("lora {} {models_key} switch A-B", dtype.kernel_suffix());
     let t = time_gpu(&gpu, 2, args.runs, &mut switch)?;
     report("lora", &key, &t, args.runs, &scratch);
-    breakdown(args, &gpu, &key, &t, switch)
+    finish(args, &gpu, &key, &t, switch)
 }
 
 /// Random UNet inputs for `videos` x `frames` images of h x w latents (frames folded into the
@@ -512,6 +525,59 @@ fn report(name: &str, key: &str, t: &Timing, runs: usize, scratch: &Arena) {
     );
 }
 
+/// The GPU; with `--tune-gemms`, GEMMs are tuned into its file from the first call on.
+fn open_gpu(args: &BenchArgs) -> Result<Gpu> {
+    let gpu = Gpu::from_env()?;
+    if let Some(path) = &args.tune_gemms {
+        gpu.blas()?.tune_into(path)?;
+    }
+    Ok(gpu)
+}
+
+/// After the timed runs. With a GEMM tuning file in use (`CELFRAME_GEMM_TUNING` or
+/// `--tune-gemms`): one more `forward` counts the GEMM calls of one forward, and a line says what
+/// the file's timings make of them with heuristic #1 and with its choices (a `GEMMTUNING` JSON line
+/// too); `--tune-gemms`'s file is written. Then `--breakdown`.
+fn finish(args: &BenchArgs, gpu: &Gpu, key: &str, t: &Timing, mut forward: impl FnMut() -> Result<()>) -> Result<()> {
+    // Each gpu.blas() borrow ends before `forward` runs: the ops borrow it too.
+    if gpu.blas()?.tuning().is_some() {
+        let before: HashMap<Gemm, u64> = gpu.blas()?.calls().into_iter().collect();
+        forward()?;
+        gpu.synchronize()?;
+        let blas = gpu.blas()?;
+        let calls: Vec<(Gemm, u64)> =
+            blas.calls().into_iter().map(|(g, n)| (g, n - before.get(&g).copied().unwrap_or(0))).collect();
+        if let Some((path, file)) = blas.tuning() {
+            let e = file.estimate(&calls);
+            let total: u64 = calls.iter().map(|(_, n)| n).sum();
+            eprintln!(
+                "{key}: GEMM tuning {}: one forward runs {total} GEMM calls; {} descriptions have an entry ({} run \
+                 another candidate than heuristic #1): by the file's timings {:.3} ms with heuristic #1, {:.3} ms \
+                 tuned ({:.3}x); {} descriptions ({} calls) have none and run heuristic #1",
+                path.display(),
+                e.tuned_descriptions,
+                e.changed,
+                e.heuristic_ms,
+                e.tuned_ms,
+                if e.tuned_ms > 0.0 { e.heuristic_ms / e.tuned_ms } else { 1.0 },
+                e.missing_descriptions,
+                e.missing_calls
+            );
+            let line = serde_json::json!({
+                "key": key, "file": path.display().to_string(), "calls": total,
+                "tuned_descriptions": e.tuned_descriptions, "changed": e.changed,
+                "missing_descriptions": e.missing_descriptions, "missing_calls": e.missing_calls,
+                "heuristic_ms": e.heuristic_ms, "tuned_ms": e.tuned_ms,
+            });
+            println!("GEMMTUNING {line}");
+        }
+        if let Some(path) = blas.save_tuning()? {
+            eprintln!("wrote {} ({} GEMM descriptions)", path.display(), blas.tuning().map_or(0, |(_, f)| f.len()));
+        }
+    }
+    breakdown(args, gpu, key, t, forward)
+}
+
 /// With `--breakdown`: one more `forward` under a GPU profile, printed as a table after a line
 /// comparing the profiled sum with the timed median (the difference is the gaps between launches
 /// plus the events' own cost).
@@ -552,7 +618,7 @@ fn bench_text_encoders(args: &BenchArgs, dtype: DType) -> Result<()> {
         let dims = [("--batch", args.batch), ("tokens", seq), ("width", widest)];
         elements("largest activation", &dims, MAX_ELEMENTS, WHY)?;
     }
-    let gpu = Gpu::from_env()?;
+    let gpu = open_gpu(args)?;
     let scratch = Arena::new("scratch", scratch_bytes(&gpu, args.scratch_gb)?)?;
     let mut models = Vec::new();
     let mut arenas = Vec::new();
@@ -585,7 +651,7 @@ fn bench_text_encoders(args: &BenchArgs, dtype: DType) -> Result<()> {
         t.median_ms(),
         t.min_ms()
     );
-    breakdown(args, &gpu, &key, &t, forward)
+    finish(args, &gpu, &key, &t, forward)
 }
 
 /// The VAE decoder's forwards over `--batch` frames in chunks of `--chunk` (device latents in,
@@ -610,7 +676,7 @@ fn bench_vae_decoder(args: &BenchArgs, dtype: DType) -> Result<()> {
         ("channels", cfg.latent_channels),
     ];
     elements("latents", &dims, MAX_ELEMENTS, WHY)?;
-    let gpu = Gpu::from_env()?;
+    let gpu = open_gpu(args)?;
     let scratch = scratch_bytes(&gpu, args.scratch_gb)?;
     let (weights, scratch) = model_arenas(&checkpoint.weights, dtype, 64 << 20, |_| scratch)?;
     let vae = Vae::new(&checkpoint, Place::Device { gpu: &gpu, arena: &weights, dtype })?;
@@ -641,7 +707,7 @@ fn bench_vae_decoder(args: &BenchArgs, dtype: DType) -> Result<()> {
         t.median_ms(),
         t.min_ms()
     );
-    breakdown(args, &gpu, &key, &t, forward)
+    finish(args, &gpu, &key, &t, forward)
 }
 
 /// The built-in mp4 encoder (OpenH264, `output::ClipWriter` with PNGs off) on `--frames` frames of

@@ -2,15 +2,22 @@
 //! where B is [n, k] (transposed, the PyTorch linear weight layout) or [k, n]; inputs f16 / bf16 /
 //! f32, fp32 accumulation, output in the input dtype or f32, an optional bias[n] and beta · C (C of
 //! D's layout, D itself allowed) in the epilogue.
-//! Algorithms come from the heuristic once per description and are cached.
+//!
+//! The algorithm per description is cuBLASLt's heuristic #1, made once and cached, unless a tuning
+//! file (`gpu::tuning`, `CELFRAME_GEMM_TUNING`) names another of its candidates; `tune_into`
+//! times the candidates of every description met and records the fastest.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::path::{Path, PathBuf};
 
 use cudarc::cublaslt::sys as lt;
+use serde::{Deserialize, Serialize};
 
-use super::device::Gpu;
+use super::device::{DeviceInfo, Gpu};
 use super::memory::DeviceMem;
+use super::timing::time_gpu;
+use super::tuning::{AlgoConfig, CANDIDATES, ENV, Entry, Identity, Tuning};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -18,17 +25,35 @@ const WORKSPACE_BYTES: usize = 32 << 20;
 // cublasOperation_t values (the cuBLASLt bindings do not carry the enum).
 const CUBLAS_OP_N: i32 = 0;
 const CUBLAS_OP_T: i32 = 1;
+/// Untimed, then timed runs of each candidate when tuning; the median of the timed ones counts.
+const TUNE_WARMUP: usize = 3;
+const TUNE_RUNS: usize = 10;
 
 pub struct Blas {
     handle: lt::cublasLtHandle_t,
     workspace: DeviceMem,
     plans: HashMap<Gemm, Plan>,
+    identity: Identity,
+    tuning: Option<TuningState>,
+}
+
+/// The tuning file in use: read from `CELFRAME_GEMM_TUNING`, or opened by `tune_into` to be
+/// extended and written back.
+struct TuningState {
+    file: Tuning,
+    path: PathBuf,
+    /// Who named the file, for messages.
+    origin: &'static str,
+    tune: bool,
+    /// A description missing from a read file was reported (once per process).
+    said_missing: bool,
 }
 
 /// One strided-batched product in row-major terms (strides and leading dimensions in elements):
 /// for each of `batch` items, C = alpha · A · Bᵀ (`b_transposed`, B stored [n, k]) or A · B (B
-/// stored [k, n]), + bias[n] when the call passes one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// stored [k, n]), + bias[n] when the call passes one. Tuning files key their entries by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Gemm {
     pub m: usize,
     pub n: usize,
@@ -41,7 +66,9 @@ pub struct Gemm {
     pub stride_a: usize,
     pub stride_b: usize,
     pub stride_c: usize,
+    #[serde(with = "super::tuning::dtype_name")]
     pub dtype: DType,
+    #[serde(with = "super::tuning::dtype_name")]
     pub out_dtype: DType,
     pub bias: bool,
 }
@@ -65,6 +92,34 @@ impl Gemm {
             out_dtype: dtype,
             bias,
         }
+    }
+
+    /// Elements from D's first to one past its last (the extent a stand-in output must cover).
+    fn output_extent(&self) -> usize {
+        (self.batch - 1) * self.stride_c + (self.m - 1) * self.ldc + self.n
+    }
+}
+
+impl std::fmt::Display for Gemm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = if self.b_transposed { "B[n,k]" } else { "B[k,n]" };
+        write!(
+            f,
+            "m {} n {} k {} batch {} {b} {}->{} ld {}/{}/{} strides {}/{}/{}{}",
+            self.m,
+            self.n,
+            self.k,
+            self.batch,
+            self.dtype.kernel_suffix(),
+            self.out_dtype.kernel_suffix(),
+            self.lda,
+            self.ldb,
+            self.ldc,
+            self.stride_a,
+            self.stride_b,
+            self.stride_c,
+            if self.bias { " bias" } else { "" }
+        )
     }
 }
 
@@ -92,7 +147,40 @@ impl GemmIo {
 struct Plan {
     desc: lt::cublasLtMatmulDesc_t,
     layouts: [lt::cublasLtMatrixLayout_t; 3], // w, x, y (column-major views)
-    algo: lt::cublasLtMatmulAlgo_t,
+    /// cuBLASLt's heuristic #1 (asked for alone, as without a tuning file).
+    first: lt::cublasLtMatmulAlgo_t,
+    /// The tuning file's choice and the pointer alignments it needs (cuBLASLt's A, B, C, D: our B,
+    /// A, C, D). A call whose pointers lack them runs `first`: the heuristic lists candidates for
+    /// 256-byte aligned operands, and a candidate other than #1 may rely on that.
+    tuned: Option<(lt::cublasLtMatmulAlgo_t, [u64; 4])>,
+    /// Calls since the plan was made.
+    calls: u64,
+}
+
+impl Plan {
+    fn algo_for(&self, io: &GemmIo, d: u64) -> &lt::cublasLtMatmulAlgo_t {
+        match &self.tuned {
+            Some((algo, align)) if aligned(io, d, align) => algo,
+            _ => &self.first,
+        }
+    }
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        unsafe {
+            lt::cublasLtMatmulDescDestroy(self.desc);
+            for l in self.layouts {
+                lt::cublasLtMatrixLayoutDestroy(l);
+            }
+        }
+    }
+}
+
+/// Whether the operands of `io` with output `d` meet `align` (cuBLASLt's A, B, C, D order).
+fn aligned(io: &GemmIo, d: u64, align: &[u64; 4]) -> bool {
+    let c = io.c.map_or(d, |(c, _)| c);
+    [io.b, io.a, c, d].iter().zip(align).all(|(p, a)| p % (*a).max(1) == 0)
 }
 
 fn check(call: &str, s: lt::cublasStatus_t) -> Result<()> {
@@ -121,28 +209,353 @@ unsafe fn set_desc<T>(
     })
 }
 
+/// One attribute of an algorithm query whose size varies by attribute (2 to 8 bytes), as u64:
+/// `get(buf, size, written)` is cuBLASLt's getter; size 0 asks for the size first.
+fn attribute(call: &str, get: impl Fn(*mut c_void, usize, *mut usize) -> lt::cublasStatus_t) -> Result<u64> {
+    let mut size = 0usize;
+    check(call, get(std::ptr::null_mut(), 0, &mut size))?;
+    if size == 0 || size > 8 {
+        return Err(Error::Cuda(format!("{call}: an attribute of {size} bytes")));
+    }
+    let mut buf = [0u8; 8];
+    let mut written = 0usize;
+    check(call, get(buf.as_mut_ptr() as *mut c_void, size, &mut written))?;
+    Ok(u64::from_le_bytes(buf))
+}
+
+/// An algorithm's identity: its configuration attributes.
+fn algo_config(algo: &lt::cublasLtMatmulAlgo_t) -> Result<AlgoConfig> {
+    use lt::cublasLtMatmulAlgoConfigAttributes_t as A;
+    let get = |attr: A| {
+        attribute("cublasLtMatmulAlgoConfigGetAttribute", |buf, size, written| unsafe {
+            lt::cublasLtMatmulAlgoConfigGetAttribute(algo, attr, buf, size, written)
+        })
+    };
+    Ok(AlgoConfig {
+        id: get(A::CUBLASLT_ALGO_CONFIG_ID)?,
+        tile: get(A::CUBLASLT_ALGO_CONFIG_TILE_ID)?,
+        stages: get(A::CUBLASLT_ALGO_CONFIG_STAGES_ID)?,
+        splitk: get(A::CUBLASLT_ALGO_CONFIG_SPLITK_NUM)?,
+        reduction: get(A::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME)?,
+        swizzle: get(A::CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING)?,
+        custom: get(A::CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION)?,
+        inner_shape: get(A::CUBLASLT_ALGO_CONFIG_INNER_SHAPE_ID)?,
+        cluster_shape: get(A::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID)?,
+    })
+}
+
+/// The pointer alignments (bytes) `algo` needs for cuBLASLt's A, B, C and D.
+fn min_alignments(algo: &lt::cublasLtMatmulAlgo_t) -> Result<[u64; 4]> {
+    use lt::cublasLtMatmulAlgoCapAttributes_t as A;
+    let get = |attr: A| {
+        attribute("cublasLtMatmulAlgoCapGetAttribute", |buf, size, written| unsafe {
+            lt::cublasLtMatmulAlgoCapGetAttribute(algo, attr, buf, size, written)
+        })
+    };
+    Ok([
+        get(A::CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_A_BYTES)?,
+        get(A::CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_B_BYTES)?,
+        get(A::CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_C_BYTES)?,
+        get(A::CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_D_BYTES)?,
+    ])
+}
+
 impl Blas {
-    pub fn new() -> Result<Blas> {
+    /// The handle and workspace for the device `info` describes, with the tuning file
+    /// `CELFRAME_GEMM_TUNING` names, if set (refused when made for another device or cuBLASLt).
+    pub fn new(info: &DeviceInfo) -> Result<Blas> {
         if !unsafe { lt::is_culib_present() } {
             return Err(Error::Cuda("libcublasLt.so (CUDA 13) was not found on the library path".into()));
         }
         let mut handle = std::ptr::null_mut();
         check("cublasLtCreate", unsafe { lt::cublasLtCreate(&mut handle) })?;
-        Ok(Blas { handle, workspace: DeviceMem::owned(WORKSPACE_BYTES, "cuBLASLt workspace")?, plans: HashMap::new() })
+        let (major, minor) = info.compute_capability;
+        let identity = Identity {
+            device: info.name.clone(),
+            compute_capability: format!("{major}.{minor}"),
+            multiprocessors: info.multiprocessors,
+            cublaslt_version: unsafe { lt::cublasLtGetVersion() } as u64,
+            workspace_bytes: WORKSPACE_BYTES as u64,
+            candidates: CANDIDATES,
+        };
+        let mut blas = Blas {
+            handle,
+            workspace: DeviceMem::owned(WORKSPACE_BYTES, "cuBLASLt workspace")?,
+            plans: HashMap::new(),
+            identity,
+            tuning: None,
+        };
+        if let Some(path) = std::env::var_os(ENV).filter(|p| !p.is_empty()) {
+            blas.read_tuning(Path::new(&path), ENV)?;
+        }
+        Ok(blas)
     }
 
-    fn plan(&mut self, g: &Gemm) -> Result<&Plan> {
+    /// From now on, descriptions with an entry in the tuning file `path` run its choice (checked
+    /// against cuBLASLt's candidates when first met), the others heuristic #1. `origin` says who
+    /// named the file, for messages. Refused while tuning.
+    pub fn read_tuning(&mut self, path: &Path, origin: &'static str) -> Result<()> {
+        if self.tuning.as_ref().is_some_and(|t| t.tune) {
+            return Err(Error::Input(format!("{} ({origin}): cannot read a tuning file while tuning", path.display())));
+        }
+        let file = Tuning::load(path, &self.identity, origin)?;
+        // Descriptions planned before now run heuristic #1: plan them again.
+        self.plans.clear();
+        self.tuning = Some(TuningState { file, path: path.to_path_buf(), origin, tune: false, said_missing: false });
+        Ok(())
+    }
+
+    /// The device, cuBLASLt version and settings a tuning file made here records.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// From now on, every description met that `path` (read if it exists) has no entry for is
+    /// tuned: heuristic #1 and the heuristic's other candidates are timed on the call's own inputs
+    /// (into a stand-in output, so the real one, which may be C or alias an input, is written
+    /// only by the real call) and the fastest is recorded and used. `save_tuning` writes the file.
+    pub fn tune_into(&mut self, path: &Path) -> Result<()> {
+        if let Some(t) = self.tuning.as_ref().filter(|t| !t.tune) {
+            return Err(Error::Input(format!(
+                "--tune-gemms {}: {} names a tuning file to read too ({}); unset it (tuning reads and extends the \
+                 file it writes)",
+                path.display(),
+                t.origin,
+                t.path.display()
+            )));
+        }
+        crate::weights::check_save_path(path)?;
+        let file = if path.exists() {
+            Tuning::load(path, &self.identity, "--tune-gemms")?
+        } else {
+            Tuning::new(self.identity.clone())
+        };
+        // Descriptions planned before now run heuristic #1 untimed: plan them again.
+        self.plans.clear();
+        self.tuning = Some(TuningState {
+            file,
+            path: path.to_path_buf(),
+            origin: "--tune-gemms",
+            tune: true,
+            said_missing: false,
+        });
+        Ok(())
+    }
+
+    /// Writes the file `tune_into` opened, with every description tuned since; its path, or None
+    /// when not tuning.
+    pub fn save_tuning(&self) -> Result<Option<&Path>> {
+        match &self.tuning {
+            Some(t) if t.tune => {
+                t.file.save(&t.path)?;
+                Ok(Some(&t.path))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The tuning file in use (read or being written) and its path.
+    pub fn tuning(&self) -> Option<(&Path, &Tuning)> {
+        self.tuning.as_ref().map(|t| (t.path.as_path(), &t.file))
+    }
+
+    /// Each description planned so far and how many calls ran it.
+    pub fn calls(&self) -> Vec<(Gemm, u64)> {
+        self.plans.iter().map(|(g, p)| (*g, p.calls)).collect()
+    }
+
+    /// Runs `g`: D = alpha · A · op(B) [+ bias] [+ beta · C], on device addresses. C has D's layout
+    /// and dtype and may be D itself (an in-place accumulate).
+    pub fn gemm(&mut self, gpu: &Gpu, g: &Gemm, io: GemmIo) -> Result<()> {
+        if g.bias != io.bias.is_some() {
+            return Err(Error::Internal(format!("gemm {g:?} called with bias {:?}", io.bias)));
+        }
         if !self.plans.contains_key(g) {
-            let plan = unsafe { self.make_plan(g)? };
+            let plan = self.make_plan(gpu, g, &io)?;
             self.plans.insert(*g, plan);
         }
-        Ok(&self.plans[g])
+        let plan = self.plans.get_mut(g).ok_or_else(|| Error::Internal(format!("gemm {g}: no plan")))?;
+        plan.calls += 1;
+        let plan = &self.plans[g];
+        let algo = plan.algo_for(&io, io.d);
+        gpu.profiled("gemm", || self.matmul(gpu, g, plan, algo, &io, io.d))
+    }
+
+    /// Queues one cublasLtMatmul of `plan` with `algo`, writing `d` (io.d, or a stand-in output
+    /// when timing); C is io's, or `d` itself with beta 0.
+    fn matmul(
+        &self,
+        gpu: &Gpu,
+        g: &Gemm,
+        plan: &Plan,
+        algo: &lt::cublasLtMatmulAlgo_t,
+        io: &GemmIo,
+        d: u64,
+    ) -> Result<()> {
+        if let Some(bias) = io.bias {
+            unsafe {
+                set_desc(plan.desc, lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?
+            };
+        }
+        let (c, beta) = io.c.unwrap_or((d, 0.0));
+        check(&format!("cublasLtMatmul ({g:?})"), unsafe {
+            lt::cublasLtMatmul(
+                self.handle,
+                plan.desc,
+                &io.alpha as *const f32 as *const c_void,
+                io.b as *const c_void,
+                plan.layouts[0],
+                io.a as *const c_void,
+                plan.layouts[1],
+                &beta as *const f32 as *const c_void,
+                c as *const c_void,
+                plan.layouts[2],
+                d as *mut c_void,
+                plan.layouts[2],
+                algo,
+                self.workspace.ptr()? as *mut c_void,
+                self.workspace.bytes(),
+                gpu.stream() as lt::cudaStream_t,
+            )
+        })
+    }
+
+    /// The plan of a description met for the first time: heuristic #1, and the tuning file's
+    /// choice where it has one (timed and added first when tuning).
+    fn make_plan(&mut self, gpu: &Gpu, g: &Gemm, io: &GemmIo) -> Result<Plan> {
+        let (desc, layouts) = unsafe { self.describe(g)? };
+        let mut plan = Plan { desc, layouts, first: unsafe { std::mem::zeroed() }, tuned: None, calls: 0 };
+        plan.first = self.heuristic(g, &plan, 1)?[0].algo;
+        let entry = self.tuning.as_ref().and_then(|t| t.file.get(g).cloned());
+        let tuning = self.tuning.as_ref().is_some_and(|t| t.tune);
+        let chosen = match entry {
+            Some(e) => Some(self.recall(g, &plan, &e)?),
+            None if tuning => {
+                let (e, algo) = self.tune(gpu, g, &plan, io)?;
+                if let Some(t) = self.tuning.as_mut() {
+                    t.file.insert(e);
+                }
+                Some(algo)
+            }
+            None => {
+                if let Some(t) = self.tuning.as_mut().filter(|t| !t.said_missing) {
+                    eprintln!(
+                        "note: {} ({}) has no entry for gemm {g}; it and any other description the file lacks run \
+                         cuBLASLt's heuristic #1 (said once)",
+                        t.path.display(),
+                        t.origin
+                    );
+                    t.said_missing = true;
+                }
+                None
+            }
+        };
+        plan.tuned = chosen.map(|algo| Ok::<_, Error>((algo, min_alignments(&algo)?))).transpose()?;
+        Ok(plan)
+    }
+
+    /// The candidate `e` records, checked to be the one the file describes.
+    fn recall(&self, g: &Gemm, plan: &Plan, e: &Entry) -> Result<lt::cublasLtMatmulAlgo_t> {
+        let results = self.heuristic(g, plan, CANDIDATES)?;
+        let found = results.get(e.index).filter(|r| r.state == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS);
+        let config = found.map(|r| algo_config(&r.algo)).transpose()?;
+        match (found, config) {
+            (Some(r), Some(c)) if c == e.algo => Ok(r.algo),
+            (_, c) => {
+                let (path, origin) =
+                    self.tuning.as_ref().map_or(("?".into(), ""), |t| (t.path.display().to_string(), t.origin));
+                Err(Error::Input(format!(
+                    "{path} ({origin}): the entry for gemm {g} chose candidate {} = {:?}, but cuBLASLt lists {} there: \
+                     the file does not describe this cuBLASLt's candidates; tune again",
+                    e.index,
+                    e.algo,
+                    c.map_or("no usable candidate".to_string(), |c| format!("{c:?}"))
+                )))
+            }
+        }
+    }
+
+    /// Times the heuristic's candidates for `g` on `io`'s inputs into a stand-in output and
+    /// returns the entry for the fastest (heuristic #1 on ties) and its algorithm.
+    fn tune(&self, gpu: &Gpu, g: &Gemm, plan: &Plan, io: &GemmIo) -> Result<(Entry, lt::cublasLtMatmulAlgo_t)> {
+        let results = self.heuristic(g, plan, CANDIDATES)?;
+        let out =
+            DeviceMem::owned(g.output_extent() * g.out_dtype.size(), "the output GEMM candidates are timed into")?;
+        let d = out.ptr()?;
+        let mut times: Vec<(usize, f64)> = Vec::new();
+        for (i, r) in results.iter().enumerate() {
+            if r.state != lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS || !aligned(io, d, &min_alignments(&r.algo)?) {
+                continue;
+            }
+            match time_gpu(gpu, TUNE_WARMUP, TUNE_RUNS, || self.matmul(gpu, g, plan, &r.algo, io, d)) {
+                Ok(t) => times.push((i, t.median_ms())),
+                Err(e) if i == 0 => return Err(e),
+                // A candidate cuBLASLt will not run on these operands is left out.
+                Err(_) => gpu.synchronize()?,
+            }
+        }
+        let Some(&(0, heuristic_ms)) = times.first() else {
+            return Err(Error::Cuda(format!("gemm {g}: cuBLASLt's heuristic #1 could not be timed")));
+        };
+        let (index, tuned_ms) =
+            times.iter().copied().fold((0, heuristic_ms), |best, t| if t.1 < best.1 { t } else { best });
+        let algo = results[index].algo;
+        let entry = Entry { gemm: *g, index, algo: algo_config(&algo)?, heuristic_ms, tuned_ms, timed: times.len() };
+        eprintln!(
+            "tuned gemm {g}: heuristic #1 {heuristic_ms:.4} ms, candidate {index} {tuned_ms:.4} ms ({:.2}x), {} of {} \
+             candidates timed",
+            entry.speedup(),
+            times.len(),
+            results.len()
+        );
+        Ok((entry, algo))
+    }
+
+    /// The heuristic's first `count` candidates for `plan` (at least one).
+    fn heuristic(&self, g: &Gemm, plan: &Plan, count: usize) -> Result<Vec<lt::cublasLtMatmulHeuristicResult_t>> {
+        let mut pref = std::ptr::null_mut();
+        check("cublasLtMatmulPreferenceCreate", unsafe { lt::cublasLtMatmulPreferenceCreate(&mut pref) })?;
+        let ws = WORKSPACE_BYTES as u64;
+        let mut results: Vec<lt::cublasLtMatmulHeuristicResult_t> = vec![unsafe { std::mem::zeroed() }; count];
+        let mut found = 0;
+        let status = unsafe {
+            let set = lt::cublasLtMatmulPreferenceSetAttribute(
+                pref,
+                lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws as *const u64 as *const c_void,
+                8,
+            );
+            let status = if set == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                lt::cublasLtMatmulAlgoGetHeuristic(
+                    self.handle,
+                    plan.desc,
+                    plan.layouts[0],
+                    plan.layouts[1],
+                    plan.layouts[2],
+                    plan.layouts[2],
+                    pref,
+                    count as i32,
+                    results.as_mut_ptr(),
+                    &mut found,
+                )
+            } else {
+                set
+            };
+            lt::cublasLtMatmulPreferenceDestroy(pref);
+            status
+        };
+        check("cublasLtMatmulAlgoGetHeuristic", status)?;
+        if found <= 0 {
+            return Err(Error::Cuda(format!("cuBLASLt has no algorithm for {g:?}")));
+        }
+        results.truncate(found as usize);
+        Ok(results)
     }
 
     /// cuBLASLt is column-major: a row-major [r, c] matrix is its transpose there. So the call
     /// computes Cᵀ[n, m] = op(B)ᵀ · Aᵀ: cuBLASLt's "A" is our B (transposed by op when B is [n, k]),
     /// its "B" is our A read as k x m.
-    unsafe fn make_plan(&self, g: &Gemm) -> Result<Plan> {
+    unsafe fn describe(&self, g: &Gemm) -> Result<(lt::cublasLtMatmulDesc_t, [lt::cublasLtMatrixLayout_t; 3])> {
         let (dt, out) = (data_type(g.dtype), data_type(g.out_dtype));
         let compute = if g.dtype == DType::F32 {
             lt::cublasComputeType_t::CUBLAS_COMPUTE_32F_PEDANTIC
@@ -198,92 +611,14 @@ impl Blas {
             layout(dt, g.n, g.k, g.ldb, g.stride_b)?
         };
         let layouts = [b_layout, layout(dt, g.k, g.m, g.lda, g.stride_a)?, layout(out, g.n, g.m, g.ldc, g.stride_c)?];
-        let mut pref = std::ptr::null_mut();
-        check("cublasLtMatmulPreferenceCreate", unsafe { lt::cublasLtMatmulPreferenceCreate(&mut pref) })?;
-        let ws = WORKSPACE_BYTES as u64;
-        check("cublasLtMatmulPreferenceSetAttribute", unsafe {
-            lt::cublasLtMatmulPreferenceSetAttribute(
-                pref,
-                lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                &ws as *const u64 as *const c_void,
-                8,
-            )
-        })?;
-        let mut result: lt::cublasLtMatmulHeuristicResult_t = unsafe { std::mem::zeroed() };
-        let mut found = 0;
-        let status = unsafe {
-            lt::cublasLtMatmulAlgoGetHeuristic(
-                self.handle,
-                desc,
-                layouts[0],
-                layouts[1],
-                layouts[2],
-                layouts[2],
-                pref,
-                1,
-                &mut result,
-                &mut found,
-            )
-        };
-        unsafe { lt::cublasLtMatmulPreferenceDestroy(pref) };
-        check("cublasLtMatmulAlgoGetHeuristic", status)?;
-        if found == 0 {
-            return Err(Error::Cuda(format!("cuBLASLt has no algorithm for {g:?}")));
-        }
-        Ok(Plan { desc, layouts, algo: result.algo })
-    }
-
-    /// Runs `g`: D = alpha · A · op(B) [+ bias] [+ beta · C], on device addresses. C has D's layout
-    /// and dtype and may be D itself (an in-place accumulate).
-    pub fn gemm(&mut self, gpu: &Gpu, g: &Gemm, io: GemmIo) -> Result<()> {
-        if g.bias != io.bias.is_some() {
-            return Err(Error::Internal(format!("gemm {g:?} called with bias {:?}", io.bias)));
-        }
-        let handle = self.handle;
-        let (ws_ptr, ws_len) = (self.workspace.ptr()?, self.workspace.bytes());
-        let plan = self.plan(g)?;
-        if let Some(bias) = io.bias {
-            unsafe {
-                set_desc(plan.desc, lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?
-            };
-        }
-        let GemmIo { a, b, d, alpha, .. } = io;
-        let (c, beta) = io.c.unwrap_or((d, 0.0));
-        gpu.profiled("gemm", || {
-            check(&format!("cublasLtMatmul ({g:?})"), unsafe {
-                lt::cublasLtMatmul(
-                    handle,
-                    plan.desc,
-                    &alpha as *const f32 as *const c_void,
-                    b as *const c_void,
-                    plan.layouts[0],
-                    a as *const c_void,
-                    plan.layouts[1],
-                    &beta as *const f32 as *const c_void,
-                    c as *const c_void,
-                    plan.layouts[2],
-                    d as *mut c_void,
-                    plan.layouts[2],
-                    &plan.algo,
-                    ws_ptr as *mut c_void,
-                    ws_len,
-                    gpu.stream() as lt::cudaStream_t,
-                )
-            })
-        })
+        Ok((desc, layouts))
     }
 }
 
 impl Drop for Blas {
     fn drop(&mut self) {
-        for (_, p) in self.plans.drain() {
-            unsafe {
-                lt::cublasLtMatmulDescDestroy(p.desc);
-                for l in p.layouts {
-                    lt::cublasLtMatrixLayoutDestroy(l);
-                }
-            }
-        }
+        // Plans hold descriptors of this handle: they go first.
+        self.plans.clear();
         unsafe { lt::cublasLtDestroy(self.handle) };
     }
 }

@@ -284,7 +284,7 @@ impl Gpu {
     pub fn blas(&self) -> Result<std::cell::RefMut<'_, super::blas::Blas>> {
         let mut blas = self.blas.borrow_mut();
         if blas.is_none() {
-            *blas = Some(super::blas::Blas::new()?);
+            *blas = Some(super::blas::Blas::new(&self.info)?);
         }
         Ok(std::cell::RefMut::map(blas, |b| b.as_mut().expect("made above")))
     }

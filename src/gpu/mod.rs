@@ -9,6 +9,7 @@ pub mod nvtx;
 pub mod params;
 pub mod profile;
 pub mod timing;
+pub mod tuning;
 
 pub use device::{ClusterScheduling, DeviceInfo, Gpu, KERNEL_MODULES, KernelParams};
 pub use memory::Arena;

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repo root, with dist/ carried over (tools/build_gpu_bundle.sh, and
+# the diffusers wheels in dist/wheels/ where the machine lacks diffusers): cuBLASLt's GEMM
+# algorithms tuned for the SDXL UNet and the motion UNet at 32 images 1024x576, and what it buys.
+#   1. tests/gemm_tuning_gpu.rs (tuned vs heuristic #1 outputs, readers give the tuner's bytes);
+#   2. the full-size random UNet and motion adapter (tools/unet_gpu.py's and motion_gpu.py's
+#      writers), unless $WORK holds them;
+#   3. `bench unet` and `bench motion_unet` with --tune-gemms $WORK/gemm_tuning.json (the second
+#      adds the motion modules' descriptions to the file);
+#   4. both benches without a file and with CELFRAME_GEMM_TUNING, alternating, then a table;
+#   5. where $WORK/ref_72x128_f16.safetensors exists (tools/unet_gpu.sh made it): the file extended
+#      for 2 images 1024x576, then `verify unet` twice with it: within tolerance, identical bytes.
+# Logs go to $OUT (or /tmp/celframe-gpu); weights and the tuning file to $WORK (or /tmp/celframe-unet).
+set -uo pipefail
+out=${OUT:-/tmp/celframe-gpu}
+work=${WORK:-/tmp/celframe-unet}
+mkdir -p "$out" "$work"
+log=$out/gemm_tune_gpu.log
+: >"$log"
+source "$(dirname "$0")/gpu_env.sh"
+need_diffusers "$work"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$log"
+unset CELFRAME_GEMM_TUNING
+bin=dist/gpu/celframe
+file=$work/gemm_tuning.json
+status=0
+run() {  # run LABEL COMMAND...: logs the output, each line prefixed with LABEL
+  local label=$1
+  shift
+  "$@" 2>&1 | sed "s/^/[$label] /" | tee -a "$log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+}
+
+echo "== tests/gemm_tuning_gpu.rs" | tee -a "$log"
+run test dist/gpu/test_gemm_tuning_gpu --include-ignored --nocapture --test-threads=1
+
+echo "== weights" | tee -a "$log"
+run weights python3 -c 'import sys; sys.path.insert(0, "tools")
+from motion_gpu import make_adapter, make_weights
+make_weights(sys.argv[1] + "/sdxl_unet"); make_adapter(sys.argv[1] + "/motion_adapter")' "$work"
+
+unet=(bench unet --weights "$work/sdxl_unet" --batch 32 --height 72 --width 128)
+motion=(bench motion_unet --weights "$work/sdxl_unet" --motion "$work/motion_adapter" --batch 2 --frames 16 --height 72 --width 128)
+
+echo "== tuning into $file" | tee -a "$log"
+rm -f "$file"
+run tune "$bin" "${unet[@]}" --runs 3 --tune-gemms "$file"
+run tune "$bin" "${motion[@]}" --runs 3 --tune-gemms "$file"
+
+echo "== with and without the file, alternating" | tee -a "$log"
+for round in 1 2; do
+  run plain "$bin" "${unet[@]}"
+  CELFRAME_GEMM_TUNING=$file run tuned "$bin" "${unet[@]}"
+  run plain "$bin" "${motion[@]}"
+  CELFRAME_GEMM_TUNING=$file run tuned "$bin" "${motion[@]}"
+done
+python3 - "$log" <<'EOF' | tee -a "$log"
+import json, re, statistics, sys
+ms = {}
+for line in open(sys.argv[1]):
+    m = re.match(r"\[(plain|tuned)\] BENCH (\{.*\})", line)
+    if m:
+        b = json.loads(m.group(2))
+        ms.setdefault(b["key"], {}).setdefault(m.group(1), []).append(b["ms"])
+print("| bench | heuristic #1 (no file) ms | tuned ms | speed-up |")
+print("|---|---|---|---|")
+for key, v in ms.items():
+    if "plain" in v and "tuned" in v:
+        p, t = statistics.median(v["plain"]), statistics.median(v["tuned"])
+        print(f"| {key} | {p:.2f} | {t:.2f} | {p / t:.3f}x |")
+EOF
+
+ref=$work/ref_72x128_f16.safetensors
+if [ -f "$ref" ]; then
+  echo "== verify unet with the file, two processes" | tee -a "$log"
+  run tune "$bin" bench unet --weights "$work/sdxl_unet" --batch 2 --height 72 --width 128 --runs 2 --tune-gemms "$file"
+  for i in 1 2; do
+    CELFRAME_GEMM_TUNING=$file run verify "$bin" verify unet --weights "$work/sdxl_unet" --reference "$ref" --device cuda \
+      --save "$work/gemm_det_$i.safetensors"
+  done
+  if cmp -s "$work/gemm_det_1.safetensors" "$work/gemm_det_2.safetensors"; then same=true; else same=false; status=1; fi
+  echo "DETERMINISM {\"unet 2x1024x576 with CELFRAME_GEMM_TUNING, two processes\": $same}" | tee -a "$log"
+fi
+cp "$file" "$out/gemm_tuning.json" 2>/dev/null
+echo "STAGE gemm_tune exit $status" | tee -a "$log"
+exit $status

@@ -113,9 +113,12 @@ fn round_trip_keeps_every_choice_and_the_text() {
     assert!((entries()[0].speedup() - 0.3125 / 0.2871).abs() < 1e-12);
 }
 
+/// One field of an identity changed.
+type Change = fn(&mut Identity);
+
 #[test]
 fn other_device_cublaslt_or_build_is_refused_naming_the_field() {
-    let changes: [(&str, fn(&mut Identity)); 6] = [
+    let changes: [(&str, Change); 6] = [
         ("device", |i| i.device = "NVIDIA A100-SXM4-80GB".into()),
         ("compute_capability", |i| i.compute_capability = "8.0".into()),
         ("multiprocessors", |i| i.multiprocessors = 114),

@@ -149,10 +149,10 @@ struct Plan {
     layouts: [lt::cublasLtMatrixLayout_t; 3], // w, x, y (column-major views)
     /// cuBLASLt's heuristic #1 (asked for alone, as without a tuning file).
     first: lt::cublasLtMatmulAlgo_t,
-    /// The tuning file's choice and the pointer alignments it needs (cuBLASLt's A, B, C, D: our B,
-    /// A, C, D). A call whose pointers lack them runs `first`: the heuristic lists candidates for
-    /// 256-byte aligned operands, and a candidate other than #1 may rely on that.
-    tuned: Option<(lt::cublasLtMatmulAlgo_t, [u64; 4])>,
+    /// The tuning file's choice and what it can run. A call it cannot run runs `first`: the
+    /// heuristic lists candidates for 256-byte aligned operands without knowing whether C is D, and
+    /// a candidate other than #1 may rely on more than the call gives.
+    tuned: Option<(lt::cublasLtMatmulAlgo_t, Caps)>,
     /// Calls since the plan was made.
     calls: u64,
 }
@@ -160,7 +160,7 @@ struct Plan {
 impl Plan {
     fn algo_for(&self, io: &GemmIo, d: u64) -> &lt::cublasLtMatmulAlgo_t {
         match &self.tuned {
-            Some((algo, align)) if aligned(io, d, align) => algo,
+            Some((algo, caps)) if caps.runs(io, d) => algo,
             _ => &self.first,
         }
     }
@@ -177,10 +177,40 @@ impl Drop for Plan {
     }
 }
 
-/// Whether the operands of `io` with output `d` meet `align` (cuBLASLt's A, B, C, D order).
-fn aligned(io: &GemmIo, d: u64, align: &[u64; 4]) -> bool {
-    let c = io.c.map_or(d, |(c, _)| c);
-    [io.b, io.a, c, d].iter().zip(align).all(|(p, a)| p % (*a).max(1) == 0)
+/// What an algorithm needs of a call's operands.
+#[derive(Clone, Copy)]
+struct Caps {
+    /// Pointer alignments in bytes for cuBLASLt's A, B, C and D (our B, A, C, D).
+    align: [u64; 4],
+    /// Whether C may be another buffer than D.
+    out_of_place: bool,
+}
+
+impl Caps {
+    fn of(algo: &lt::cublasLtMatmulAlgo_t) -> Result<Caps> {
+        use lt::cublasLtMatmulAlgoCapAttributes_t as A;
+        let get = |attr: A| {
+            attribute("cublasLtMatmulAlgoCapGetAttribute", |buf, size, written| unsafe {
+                lt::cublasLtMatmulAlgoCapGetAttribute(algo, attr, buf, size, written)
+            })
+        };
+        Ok(Caps {
+            align: [
+                get(A::CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_A_BYTES)?,
+                get(A::CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_B_BYTES)?,
+                get(A::CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_C_BYTES)?,
+                get(A::CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_D_BYTES)?,
+            ],
+            out_of_place: get(A::CUBLASLT_ALGO_CAP_OUT_OF_PLACE_RESULT_SUPPORT)? != 0,
+        })
+    }
+
+    /// Whether the algorithm can run `io` with output `d`.
+    fn runs(&self, io: &GemmIo, d: u64) -> bool {
+        let c = io.c.map_or(d, |(c, _)| c);
+        let aligned = [io.b, io.a, c, d].iter().zip(&self.align).all(|(p, a)| p % (*a).max(1) == 0);
+        aligned && (c == d || self.out_of_place)
+    }
 }
 
 fn check(call: &str, s: lt::cublasStatus_t) -> Result<()> {
@@ -242,22 +272,6 @@ fn algo_config(algo: &lt::cublasLtMatmulAlgo_t) -> Result<AlgoConfig> {
         inner_shape: get(A::CUBLASLT_ALGO_CONFIG_INNER_SHAPE_ID)?,
         cluster_shape: get(A::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID)?,
     })
-}
-
-/// The pointer alignments (bytes) `algo` needs for cuBLASLt's A, B, C and D.
-fn min_alignments(algo: &lt::cublasLtMatmulAlgo_t) -> Result<[u64; 4]> {
-    use lt::cublasLtMatmulAlgoCapAttributes_t as A;
-    let get = |attr: A| {
-        attribute("cublasLtMatmulAlgoCapGetAttribute", |buf, size, written| unsafe {
-            lt::cublasLtMatmulAlgoCapGetAttribute(algo, attr, buf, size, written)
-        })
-    };
-    Ok([
-        get(A::CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_A_BYTES)?,
-        get(A::CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_B_BYTES)?,
-        get(A::CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_C_BYTES)?,
-        get(A::CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_D_BYTES)?,
-    ])
 }
 
 impl Blas {
@@ -325,6 +339,14 @@ impl Blas {
             )));
         }
         crate::weights::check_save_path(path)?;
+        // Refused now rather than when the file is written, after all the timing.
+        if let Some(folder) = path.parent().filter(|f| !f.as_os_str().is_empty() && !f.is_dir()) {
+            return Err(Error::Input(format!(
+                "--tune-gemms {}: the folder {} does not exist",
+                path.display(),
+                folder.display()
+            )));
+        }
         let file = if path.exists() {
             Tuning::load(path, &self.identity, "--tune-gemms")?
         } else {
@@ -431,11 +453,13 @@ impl Blas {
         let chosen = match entry {
             Some(e) => Some(self.recall(g, &plan, &e)?),
             None if tuning => {
-                let (e, algo) = self.tune(gpu, g, &plan, io)?;
-                if let Some(t) = self.tuning.as_mut() {
-                    t.file.insert(e);
-                }
-                Some(algo)
+                let tuned = self.tune(gpu, g, &plan, io)?;
+                tuned.map(|(e, algo)| {
+                    if let Some(t) = self.tuning.as_mut() {
+                        t.file.insert(e);
+                    }
+                    algo
+                })
             }
             None => {
                 if let Some(t) = self.tuning.as_mut().filter(|t| !t.said_missing) {
@@ -450,7 +474,7 @@ impl Blas {
                 None
             }
         };
-        plan.tuned = chosen.map(|algo| Ok::<_, Error>((algo, min_alignments(&algo)?))).transpose()?;
+        plan.tuned = chosen.map(|algo| Ok::<_, Error>((algo, Caps::of(&algo)?))).transpose()?;
         Ok(plan)
     }
 
@@ -475,16 +499,20 @@ impl Blas {
         }
     }
 
-    /// Times the heuristic's candidates for `g` on `io`'s inputs into a stand-in output and
-    /// returns the entry for the fastest (heuristic #1 on ties) and its algorithm.
-    fn tune(&self, gpu: &Gpu, g: &Gemm, plan: &Plan, io: &GemmIo) -> Result<(Entry, lt::cublasLtMatmulAlgo_t)> {
+    /// Times the heuristic's candidates for `g` on `io`'s inputs into a stand-in output (the real
+    /// one may be C or alias an input, and is written only by the real call) and returns the entry
+    /// for the fastest (heuristic #1 on ties) and its algorithm; None where heuristic #1 cannot run.
+    fn tune(&self, gpu: &Gpu, g: &Gemm, plan: &Plan, io: &GemmIo) -> Result<Option<(Entry, lt::cublasLtMatmulAlgo_t)>> {
         let results = self.heuristic(g, plan, CANDIDATES)?;
         let out =
             DeviceMem::owned(g.output_extent() * g.out_dtype.size(), "the output GEMM candidates are timed into")?;
         let d = out.ptr()?;
+        // An in-place call (C = D) stays in place, on the stand-in: the candidates run with the
+        // real call's aliasing.
+        let io = &GemmIo { c: io.c.map(|(c, beta)| (if c == io.d { d } else { c }, beta)), d, ..*io };
         let mut times: Vec<(usize, f64)> = Vec::new();
         for (i, r) in results.iter().enumerate() {
-            if r.state != lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS || !aligned(io, d, &min_alignments(&r.algo)?) {
+            if r.state != lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS || !Caps::of(&r.algo)?.runs(io, d) {
                 continue;
             }
             match time_gpu(gpu, TUNE_WARMUP, TUNE_RUNS, || self.matmul(gpu, g, plan, &r.algo, io, d)) {
@@ -495,7 +523,9 @@ impl Blas {
             }
         }
         let Some(&(0, heuristic_ms)) = times.first() else {
-            return Err(Error::Cuda(format!("gemm {g}: cuBLASLt's heuristic #1 could not be timed")));
+            // Nothing to compare with: left to heuristic #1, untuned, as a reader of the file will.
+            eprintln!("note: gemm {g}: heuristic #1 cannot run on the stand-in output; not tuned");
+            return Ok(None);
         };
         let (index, tuned_ms) =
             times.iter().copied().fold((0, heuristic_ms), |best, t| if t.1 < best.1 { t } else { best });
@@ -508,7 +538,7 @@ impl Blas {
             times.len(),
             results.len()
         );
-        Ok((entry, algo))
+        Ok(Some((entry, algo)))
     }
 
     /// The heuristic's first `count` candidates for `plan` (at least one).

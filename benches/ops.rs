@@ -171,11 +171,18 @@ fn main() -> Result<()> {
         })?;
     }
 
-    // Flash attention, head dim 64: SDXL self attention (64x64 latent tokens at 1024x576 level 1, 24x24
-    // at level 2, 64x64 for a 1024x1024 image) and cross attention over 77 prompt tokens.
-    for (batch, sq, sk, heads) in
-        [(32usize, 2304usize, 2304usize, 10usize), (32, 576, 576, 20), (32, 2304, 77, 10), (2, 4096, 4096, 10)]
-    {
+    // Flash attention, head dim 64: SDXL self attention (64x36 latent tokens at 1024x576 level 1, 32x18
+    // at level 2, 64x64 for a 1024x1024 image; the general kernel) and cross attention over 77, 154
+    // and 231 prompt tokens (one to three 77-token chunks; the short-key kernels) at both levels.
+    for (batch, sq, sk, heads) in [
+        (32usize, 2304usize, 2304usize, 10usize),
+        (32, 576, 576, 20),
+        (2, 4096, 4096, 10),
+        (32, 2304, 77, 10),
+        (32, 2304, 154, 10),
+        (32, 2304, 231, 10),
+        (32, 576, 77, 20),
+    ] {
         let (qn, kn) = ([batch, sq, heads * 64], [batch, sk, heads * 64]);
         let t: Vec<Tensor> = (0..6)
             .map(|i| b.random(if i % 3 == 0 { &qn } else { &kn }, DType::F16, 40 + i as u32))

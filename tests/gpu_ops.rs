@@ -483,19 +483,38 @@ fn temporal_attention_meets_the_attention_rule() {
 fn flash_attention_meets_the_attention_rule() {
     use celframe::ops::attention::{FlashAttention, flash_attention, flash_attention_reference};
     let rig = Rig::new();
-    // (batch, seq_q, seq_k, heads, causal, dtype): SDXL self attention at 2304, 576, 4096 and 9216
-    // tokens, cross attention over 77 and 154 prompt tokens, the causal CLIP encoders, bf16. Batch
-    // and heads are trimmed where the f64 reference would take minutes; the kernel does not care.
+    // (batch, seq_q, seq_k, heads, causal, dtype). Batch and heads are trimmed where the f64
+    // reference would take minutes; the kernels do not care.
     let cases = [
+        // The general kernel (128 query rows per block, 64-key tiles): SDXL self attention at 2304,
+        // 576, 4096 and 9216 tokens; the causal CLIP encoders (77 tokens) and a causal mask over
+        // several tiles with ragged ends; 257 keys (just past the short-key kernels, a 1-key last
+        // tile); 130 queries (a second block whose warps 1-3 have no rows); bf16.
         (1, 2304, 2304, 10, false, DType::F16),
         (2, 576, 576, 20, false, DType::F16),
         (1, 4096, 4096, 2, false, DType::F16),
         (1, 9216, 9216, 1, false, DType::F16),
-        (2, 2304, 77, 10, false, DType::F16),
-        (1, 1024, 154, 20, false, DType::F16),
         (2, 77, 77, 12, true, DType::F16),
         (2, 77, 77, 20, true, DType::BF16),
+        (2, 300, 300, 3, true, DType::F16),
+        (1, 200, 257, 4, false, DType::F16),
+        (3, 130, 700, 2, false, DType::BF16),
         (1, 1000, 1000, 10, false, DType::BF16),
+        (1, 2304, 2304, 2, false, DType::BF16),
+        // The short-key kernels, one case per compiled key-set size (32, 64, 80, 128, 160, 192, 240,
+        // 256 keys): cross attention over 77, 154 and 231 prompt tokens at the UNet's 2304 / 1024 /
+        // 576-token levels, one key, key counts ending inside and on n-tile boundaries, query
+        // counts that leave partial slices and idle warps.
+        (2, 50, 1, 2, false, DType::F16),
+        (1, 333, 40, 5, false, DType::F16),
+        (2, 2304, 77, 10, false, DType::F16),
+        (1, 576, 77, 20, false, DType::BF16),
+        (1, 4096, 100, 2, false, DType::BF16),
+        (1, 1024, 154, 20, false, DType::F16),
+        (1, 700, 180, 3, false, DType::F16),
+        (2, 2304, 231, 4, false, DType::F16),
+        (2, 1000, 256, 3, false, DType::F16),
+        (1, 4097, 200, 2, false, DType::BF16),
     ];
     for (batch, sq, sk, heads, causal, dtype) in cases {
         let cfg = FlashAttention { heads, causal, scale: 0.125 };
@@ -509,6 +528,13 @@ fn flash_attention_meets_the_attention_rule() {
         let what = format!("flash_attention b={batch} sq={sq} sk={sk} h={heads} causal={causal} {dtype:?}");
         rig.check_attention_rule(&what, &got, &exact, &plain);
     }
+    // The kernels scale after taking row maxima of the raw scores: a scale <= 0 is refused by name.
+    let (_, x) = rig.input(&[1, 77, 128], DType::F16, 1.0, 0.0);
+    let cfg = FlashAttention { heads: 2, causal: false, scale: -0.125 };
+    let Err(celframe::Error::Input(m)) = flash_attention(&rig.exec(), &x, &x, &x, cfg) else {
+        panic!("a negative scale must be refused")
+    };
+    assert!(m.contains("scale -0.125"), "{m}");
 }
 
 #[test]

@@ -1,9 +1,10 @@
-//! Every op whose GPU layout is chosen from device queries (today: group norm, whose kernel, cluster
-//! size, slice, tile and block size come from occupancy and shared-memory limits), run at every
-//! (channels, pixels, frames) shape the SDXL UNet, VAE decoder, ControlNet and AnimateDiff motion
-//! module produce at the render sizes users ask for, single images and 16-frame videos, through
-//! both kernels (the cluster kernel where it fits and the two-phase kernel everywhere), each
-//! checked against the CPU twin.
+//! Every op whose GPU layout is chosen from device queries, run at every shape the models produce
+//! at the render sizes users ask for, each checked against the CPU twin: group norm (kernel, cluster
+//! size, slice, tile and block size from occupancy and shared-memory limits) at every (channels,
+//! pixels, frames) shape of the SDXL UNet, VAE decoder, ControlNet and AnimateDiff motion module,
+//! single images and 16-frame videos, through both kernels (the cluster kernel where it fits and the
+//! two-phase kernel everywhere); flash attention (the short-key kernels' grid follows the
+//! multiprocessor count) at every SDXL transformer's self and cross attention.
 //!
 //! Why: a whole-UNet run at 1024x1024 once failed with CUDA_ERROR_INVALID_VALUE at one up-block width
 //! (1920 channels at 32x32) while the op tests, at other shapes, passed.
@@ -17,9 +18,10 @@ use std::collections::BTreeMap;
 
 use celframe::gpu::{Arena, Gpu};
 use celframe::ops::Exec;
+use celframe::ops::attention::{FlashAttention, flash_attention, flash_attention_reference};
 use celframe::ops::norm::{GroupNorm, GroupNormMode, GroupNormTuning, group_norm, group_norm_layout, group_norm_tuned};
 use celframe::{DType, Tensor};
-use common::{assert_close, randn};
+use common::{assert_close, errors, randn, random_tensor};
 
 /// Image sizes (height, width) users render: SDXL's square, 16:9 video, 4:7 portrait, SD-size previews.
 const SIZES: [(usize, usize); 4] = [(1024, 1024), (576, 1024), (1344, 768), (512, 512)];
@@ -158,5 +160,54 @@ fn group_norm_at_every_model_shape() {
     );
     if cluster_capable {
         assert!(clustered > 0, "sm_90 took the two-phase kernel at every model shape: the cluster plan never fits");
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn flash_attention_at_every_render_size() {
+    assert!(Gpu::is_available(), "no CUDA device: this GPU test cannot run here (it is not skipped silently)");
+    let gpu = Gpu::from_env().unwrap();
+    gpu.set_poison_outputs(true);
+    let inputs = Arena::new("test inputs", 1 << 30).unwrap();
+    let scratch = Arena::new("test scratch", 1 << 30).unwrap();
+    let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
+    let dtype = DType::F16;
+    // SDXL's transformers sit at image / 16 and image / 32: self attention over the level's tokens
+    // (the general kernel), cross attention over one and two 77-token prompt chunks (the short-key
+    // kernels). Heads trimmed to 2 and self attention to one image (the f64 twin's cost); the
+    // kernels see heads only as grid rows.
+    let mut seed = 0x5a11;
+    for (h, w) in SIZES {
+        for down in [16, 32] {
+            let tokens = (h / down) * (w / down);
+            for (batch, keys) in [(1, tokens), (2, 77), (2, 154)] {
+                let cfg = FlashAttention { heads: 2, causal: false, scale: 0.125 };
+                let mut input = |n: usize| {
+                    seed += 1;
+                    let host = random_tensor(&[batch, n, 128], dtype, seed, 1.0, 0.0);
+                    let dev = gpu.upload(&inputs, &host, dtype).unwrap();
+                    (host, dev)
+                };
+                let ((q, qd), (k, kd), (v, vd)) = (input(tokens), input(keys), input(keys));
+                let what = format!("flash_attention {w}x{h} / {down}: b={batch} sq={tokens} sk={keys} h=2 {dtype:?}");
+                let out = flash_attention(&ex, &qd, &kd, &vd, cfg).unwrap_or_else(|e| panic!("{what}: {e}"));
+                let got = gpu.download(&out).unwrap_or_else(|e| panic!("{what}: {e}"));
+                let exact = flash_attention_reference(&q, &k, &v, cfg, None, DType::F32).unwrap();
+                let plain = flash_attention_reference(&q, &k, &v, cfg, Some(dtype), dtype).unwrap();
+                // The attention rule (as gpu_ops.rs): error against f64 at most twice that of a plain
+                // half-precision implementation.
+                let (ours, _) = assert_close(&what, &got, &exact, 1e-2);
+                let (theirs, _) = errors(&plain.to_f32_vec().unwrap(), &exact.to_f32_vec().unwrap());
+                println!("GPUCHECK {what} rel_l2={ours:.2e} plain_half={theirs:.2e} rule=2x");
+                assert!(
+                    ours <= 2.0 * theirs,
+                    "{what}: error {ours:.3e} exceeds twice the plain half error {theirs:.3e}"
+                );
+                drop((qd, kd, vd, out));
+                scratch.reset();
+                inputs.reset();
+            }
+        }
     }
 }

@@ -203,7 +203,7 @@ pub struct FlashAttention {
     pub heads: usize,
     /// Mask keys after the query (the CLIP text encoders); needs seq_q == seq_k.
     pub causal: bool,
-    /// Softmax scale, usually 1 / sqrt(head_dim).
+    /// Softmax scale, usually 1 / sqrt(head_dim); the flash kernels take only finite scales > 0.
     pub scale: f32,
 }
 
@@ -216,9 +216,42 @@ pub fn attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: FlashAttent
     if flash_fits { flash_attention(ex, q, k, v, cfg) } else { gemm_attention(ex, q, k, v, cfg) }
 }
 
+/// The short-key kernels of kernels/attention/flash.cu (cross attention over prompt tokens): keys
+/// padded up to the first size that holds them, query rows per warp slice, kernel names. Same table
+/// as the FLASH_SHORT instantiations there.
+const FLASH_SHORT_KERNELS: [(usize, usize, &str, &str); 8] = [
+    (32, 32, "flash_attention_keys32_f16", "flash_attention_keys32_bf16"),
+    (64, 32, "flash_attention_keys64_f16", "flash_attention_keys64_bf16"),
+    (80, 32, "flash_attention_keys80_f16", "flash_attention_keys80_bf16"),
+    (128, 16, "flash_attention_keys128_f16", "flash_attention_keys128_bf16"),
+    (160, 16, "flash_attention_keys160_f16", "flash_attention_keys160_bf16"),
+    (192, 16, "flash_attention_keys192_f16", "flash_attention_keys192_bf16"),
+    (240, 16, "flash_attention_keys240_f16", "flash_attention_keys240_bf16"),
+    (256, 16, "flash_attention_keys256_f16", "flash_attention_keys256_bf16"),
+];
+
+/// Warps per block of both flash kernels (FLASH_WARPS), query rows per block of the general one
+/// (FLASH_BM) and the padded shared-memory row in elements (FLASH_LD).
+const FLASH_WARPS: usize = 4;
+const FLASH_BM: usize = 128;
+const FLASH_LD: usize = 72;
+/// Blocks per multiprocessor the short-key grid aims at: its warps deal query slices round-robin,
+/// so a few waves of equal blocks keep the tail short while each block's K/V load stays amortised.
+const FLASH_SHORT_BLOCKS_PER_SM: usize = 8;
+
+/// Which flash kernel a call takes: the short-key one for non-causal attention over at most 256 keys
+/// (all keys resident in shared memory, no online rescaling), the general one otherwise.
+fn flash_short_variant(seq_k: usize, causal: bool) -> Option<(usize, usize, &'static str, &'static str)> {
+    if causal || seq_k == 0 {
+        return None;
+    }
+    FLASH_SHORT_KERNELS.iter().copied().find(|v| seq_k <= v.0)
+}
+
 /// O = softmax(scale * Q K^T [+ causal mask]) V per (batch, head). q is [batch, seq_q, heads * d],
 /// k and v [batch, seq_k, heads * d]; the result has q's shape. Never materialises the scores on the
-/// GPU (flash attention, head dim 64).
+/// GPU (flash attention, head dim 64; non-causal attention over at most 256 keys takes a kernel that
+/// holds every key in shared memory).
 pub fn flash_attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: FlashAttention) -> Result<Tensor> {
     ex.expect_inputs("flash_attention", &[q, k, v])?;
     let dtype = same_dtype("flash_attention", &[q, k, v])?;
@@ -227,15 +260,16 @@ pub fn flash_attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: Flash
         Exec::Cpu => flash_attention_reference(q, k, v, cfg, None, dtype),
         Exec::Cuda { gpu, scratch } => {
             let d = c / cfg.heads;
-            let kernel = match (d, dtype) {
-                (64, DType::F16) => "flash_attention_d64_f16",
-                (64, DType::BF16) => "flash_attention_d64_bf16",
-                _ => {
-                    return Err(Error::Unsupported(format!(
-                        "flash_attention kernel: f16/bf16 with head_dim 64 only (got {dtype:?}, head_dim {d}; gemm_attention takes any)"
-                    )));
-                }
-            };
+            if d != 64 || dtype == DType::F32 {
+                return Err(Error::Unsupported(format!(
+                    "flash_attention kernel: f16/bf16 with head_dim 64 only (got {dtype:?}, head_dim {d}; gemm_attention takes any)"
+                )));
+            }
+            // The kernels keep row maxima in raw score units and scale afterwards, which needs a
+            // positive scale.
+            if !(cfg.scale.is_finite() && cfg.scale > 0.0) {
+                return Err(Error::Input(format!("flash_attention: scale {} must be finite and > 0", cfg.scale)));
+            }
             let o = gpu.empty(scratch, q.shape(), dtype)?;
             let (c64, sq64, sk64) = (c as i64, sq as i64, sk as i64);
             let p = FlashAttentionParams {
@@ -258,12 +292,26 @@ pub fn flash_attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: Flash
                 causal: cfg.causal as i32,
                 scale: cfg.scale,
             };
-            let grid = (
-                grid_dim("flash_attention", "query tiles", sq.div_ceil(64), GRID_X)?,
-                grid_dim("flash_attention", "batch x heads", b * cfg.heads, GRID_YZ)?,
-                1,
-            );
-            gpu.launch(kernel, grid, (128, 1, 1), 0, &p)?;
+            let heads = grid_dim("flash_attention", "batch x heads", b * cfg.heads, GRID_YZ)?;
+            let block = ((FLASH_WARPS * 32) as u32, 1, 1);
+            match flash_short_variant(sk, cfg.causal) {
+                Some((keys, rows, f16, bf16)) => {
+                    let kernel = if dtype == DType::F16 { f16 } else { bf16 };
+                    // K and V of the key set, two slice buffers per warp
+                    let shared = (2 * keys + FLASH_WARPS * 2 * rows) * FLASH_LD * dtype.size();
+                    let slices = sq.div_ceil(rows);
+                    let target = FLASH_SHORT_BLOCKS_PER_SM * gpu.info().multiprocessors as usize;
+                    let blocks = target.div_ceil(b * cfg.heads).min(slices.div_ceil(FLASH_WARPS)).max(1);
+                    let grid = (grid_dim("flash_attention", "query slice groups", blocks, GRID_X)?, heads, 1);
+                    gpu.launch(kernel, grid, block, shared as u32, &p)?;
+                }
+                None => {
+                    let kernel =
+                        if dtype == DType::F16 { "flash_attention_d64_f16" } else { "flash_attention_d64_bf16" };
+                    let grid = (grid_dim("flash_attention", "query tiles", sq.div_ceil(FLASH_BM), GRID_X)?, heads, 1);
+                    gpu.launch(kernel, grid, block, 0, &p)?;
+                }
+            }
             Ok(o)
         }
     }
@@ -446,4 +494,45 @@ pub fn flash_attention_reference(
         }
     });
     Tensor::from_f32(q.shape(), out_dtype, &out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{FLASH_SHORT_KERNELS, flash_short_variant};
+    use crate::gpu::KERNEL_MODULES;
+
+    #[test]
+    fn the_short_key_table_matches_the_compiled_kernels() {
+        // FLASH_SHORT(KEYS, NK, MT, MINB) lines of the kernel source, as (keys, rows per slice).
+        let source = include_str!("../../kernels/attention/flash.cu");
+        let compiled: Vec<(usize, usize)> = source
+            .lines()
+            .filter_map(|l| l.strip_prefix("FLASH_SHORT(")?.strip_suffix(')'))
+            .map(|args| {
+                let n: Vec<usize> = args.split(',').map(|a| a.trim().parse().unwrap()).collect();
+                assert_eq!(n[0], 16 * n[1], "FLASH_SHORT({args}): keys must be 16 NK");
+                (n[0], 16 * n[2])
+            })
+            .collect();
+        let table: Vec<(usize, usize)> = FLASH_SHORT_KERNELS.iter().map(|v| (v.0, v.1)).collect();
+        assert_eq!(table, compiled);
+        let names: Vec<&str> = KERNEL_MODULES.iter().flat_map(|m| m.kernels.iter().copied()).collect();
+        for (keys, _, f16, bf16) in FLASH_SHORT_KERNELS {
+            assert!(names.contains(&f16) && names.contains(&bf16), "{f16} / {bf16} are not compiled");
+            assert_eq!(f16, format!("flash_attention_keys{keys}_f16"));
+            assert_eq!(bf16, format!("flash_attention_keys{keys}_bf16"));
+        }
+    }
+
+    #[test]
+    fn short_key_sets_take_the_smallest_kernel_that_holds_them() {
+        for seq_k in 1..=256 {
+            let (keys, ..) = flash_short_variant(seq_k, false).unwrap();
+            let smaller = FLASH_SHORT_KERNELS.iter().filter(|v| v.0 < keys).map(|v| v.0).max().unwrap_or(0);
+            assert!(smaller < seq_k && seq_k <= keys, "{seq_k} keys took the {keys}-key kernel");
+        }
+        assert!(flash_short_variant(257, false).is_none());
+        assert!(flash_short_variant(77, true).is_none(), "causal attention takes the general kernel");
+        assert!(flash_short_variant(0, false).is_none());
+    }
 }

@@ -478,56 +478,75 @@ fn temporal_attention_meets_the_attention_rule() {
     }
 }
 
-#[test]
-#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
-fn flash_attention_meets_the_attention_rule() {
-    use celframe::ops::attention::{FlashAttention, flash_attention, flash_attention_reference};
-    let rig = Rig::new();
-    // (batch, seq_q, seq_k, heads, causal, dtype). Batch and heads are trimmed where the f64
-    // reference would take minutes; the kernels do not care.
-    let cases = [
-        // The general kernel (128 query rows per block, 64-key tiles): SDXL self attention at 2304,
-        // 576, 4096 and 9216 tokens; the causal CLIP encoders (77 tokens) and a causal mask over
-        // several tiles with ragged ends; 257 keys (just past the short-key kernels, a 1-key last
-        // tile); 130 queries (a second block whose warps 1-3 have no rows); bf16.
-        (1, 2304, 2304, 10, false, DType::F16),
-        (2, 576, 576, 20, false, DType::F16),
-        (1, 4096, 4096, 2, false, DType::F16),
-        (1, 9216, 9216, 1, false, DType::F16),
-        (2, 77, 77, 12, true, DType::F16),
-        (2, 77, 77, 20, true, DType::BF16),
-        (2, 300, 300, 3, true, DType::F16),
-        (1, 200, 257, 4, false, DType::F16),
-        (3, 130, 700, 2, false, DType::BF16),
-        (1, 1000, 1000, 10, false, DType::BF16),
-        (1, 2304, 2304, 2, false, DType::BF16),
-        // The short-key kernels, one case per compiled key-set size (32, 64, 80, 128, 160, 192, 240,
-        // 256 keys): cross attention over 77, 154 and 231 prompt tokens at the UNet's 2304 / 1024 /
-        // 576-token levels, one key, key counts ending inside and on n-tile boundaries, query
-        // counts that leave partial slices and idle warps.
-        (2, 50, 1, 2, false, DType::F16),
-        (1, 333, 40, 5, false, DType::F16),
-        (2, 2304, 77, 10, false, DType::F16),
-        (1, 576, 77, 20, false, DType::BF16),
-        (1, 4096, 100, 2, false, DType::BF16),
-        (1, 1024, 154, 20, false, DType::F16),
-        (1, 700, 180, 3, false, DType::F16),
-        (2, 2304, 231, 4, false, DType::F16),
-        (2, 1000, 256, 3, false, DType::F16),
-        (1, 4097, 200, 2, false, DType::BF16),
-    ];
-    for (batch, sq, sk, heads, causal, dtype) in cases {
+/// Flash attention shapes, (batch, seq_q, seq_k, heads, causal, dtype). Batch and heads are trimmed
+/// where the f64 reference would take minutes; the kernels do not care.
+const FLASH_CASES: [(usize, usize, usize, usize, bool, DType); 21] = [
+    // The general kernel (128 query rows per block, 64-key tiles): SDXL self attention at 2304, 576,
+    // 4096 and 9216 tokens; the causal CLIP encoders (77 tokens) and a causal mask over several
+    // tiles with ragged ends; 257 keys (just past the short-key kernels, a 1-key last tile); 130
+    // queries (a second block whose warps 1-3 have no rows); bf16.
+    (1, 2304, 2304, 10, false, DType::F16),
+    (2, 576, 576, 20, false, DType::F16),
+    (1, 4096, 4096, 2, false, DType::F16),
+    (1, 9216, 9216, 1, false, DType::F16),
+    (2, 77, 77, 12, true, DType::F16),
+    (2, 77, 77, 20, true, DType::BF16),
+    (2, 300, 300, 3, true, DType::F16),
+    (1, 200, 257, 4, false, DType::F16),
+    (3, 130, 700, 2, false, DType::BF16),
+    (1, 1000, 1000, 10, false, DType::BF16),
+    (1, 2304, 2304, 2, false, DType::BF16),
+    // The short-key kernels, one case per compiled key-set size (32, 64, 80, 128, 160, 192, 240, 256
+    // keys): cross attention over 77, 154 and 231 prompt tokens at the UNet's 2304 / 1024 / 576-token
+    // levels, one key, key counts ending inside and on n-tile boundaries, query counts that leave
+    // partial slices and idle warps.
+    (2, 50, 1, 2, false, DType::F16),
+    (1, 333, 40, 5, false, DType::F16),
+    (2, 2304, 77, 10, false, DType::F16),
+    (1, 576, 77, 20, false, DType::BF16),
+    (1, 4096, 100, 2, false, DType::BF16),
+    (1, 1024, 154, 20, false, DType::F16),
+    (1, 700, 180, 3, false, DType::F16),
+    (2, 2304, 231, 4, false, DType::F16),
+    (2, 1000, 256, 3, false, DType::F16),
+    (1, 4097, 200, 2, false, DType::BF16),
+];
+
+/// Runs every flash case through the kernels `pick` names for it (none: the case is skipped).
+fn check_flash_cases(rig: &Rig, pick: impl Fn(usize, bool) -> Vec<celframe::ops::attention::FlashKernel>) {
+    use celframe::ops::attention::{FlashAttention, flash_attention_reference, flash_attention_with};
+    for (batch, sq, sk, heads, causal, dtype) in FLASH_CASES {
+        let kernels = pick(sk, causal);
+        if kernels.is_empty() {
+            continue;
+        }
         let cfg = FlashAttention { heads, causal, scale: 0.125 };
         let c = heads * 64;
         let (q, qd) = rig.input(&[batch, sq, c], dtype, 1.0, 0.0);
         let (k, kd) = rig.input(&[batch, sk, c], dtype, 1.0, 0.0);
         let (v, vd) = rig.input(&[batch, sk, c], dtype, 1.0, 0.0);
-        let got = rig.gpu.download(&flash_attention(&rig.exec(), &qd, &kd, &vd, cfg).unwrap()).unwrap();
         let exact = flash_attention_reference(&q, &k, &v, cfg, None, DType::F32).unwrap();
         let plain = flash_attention_reference(&q, &k, &v, cfg, Some(dtype), dtype).unwrap();
-        let what = format!("flash_attention b={batch} sq={sq} sk={sk} h={heads} causal={causal} {dtype:?}");
-        rig.check_attention_rule(&what, &got, &exact, &plain);
+        for kernel in kernels {
+            let what =
+                format!("flash_attention {kernel:?} b={batch} sq={sq} sk={sk} h={heads} causal={causal} {dtype:?}");
+            let got =
+                flash_attention_with(&rig.exec(), &qd, &kd, &vd, cfg, kernel).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let got = rig.gpu.download(&got).unwrap();
+            rig.check_attention_rule(&what, &got, &exact, &plain);
+        }
     }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn flash_attention_meets_the_attention_rule() {
+    use celframe::ops::attention::{FlashAttention, FlashKernel, flash_attention};
+    let rig = Rig::new();
+    // The default route, and the portable kernel where the short-key one is the route.
+    check_flash_cases(&rig, |sk, causal| {
+        if sk <= 256 && !causal { vec![FlashKernel::Auto, FlashKernel::Portable] } else { vec![FlashKernel::Auto] }
+    });
     // The kernels scale after taking row maxima of the raw scores: a scale <= 0 is refused by name.
     let (_, x) = rig.input(&[1, 77, 128], DType::F16, 1.0, 0.0);
     let cfg = FlashAttention { heads: 2, causal: false, scale: -0.125 };
@@ -535,6 +554,20 @@ fn flash_attention_meets_the_attention_rule() {
         panic!("a negative scale must be refused")
     };
     assert!(m.contains("scale -0.125"), "{m}");
+}
+
+/// The Hopper kernel at every flash case; named to run after the portable checks (a fault here
+/// leaves the context unusable for the tests after it in the process).
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn flash_attention_sm90_meets_the_attention_rule() {
+    use celframe::ops::attention::FlashKernel;
+    let rig = Rig::new();
+    if rig.gpu.info().compute_capability != (9, 0) {
+        println!("GPUCHECK flash_attention Hopper kernel: SKIPPED, not a compute 9.0 device");
+        return;
+    }
+    check_flash_cases(&rig, |_, _| vec![FlashKernel::Hopper]);
 }
 
 #[test]

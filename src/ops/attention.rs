@@ -207,6 +207,19 @@ pub struct FlashAttention {
     pub scale: f32,
 }
 
+/// Which flash kernel runs (benchmarks and tests pick one; model code takes `Auto`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FlashKernel {
+    /// The short-key kernel for non-causal attention over at most 256 keys, else the portable one.
+    /// The Hopper kernel is not chosen here until the GPU tests have passed it.
+    #[default]
+    Auto,
+    /// The portable mma.sync kernel for any shape (flash_attention_d64).
+    Portable,
+    /// The wgmma kernel (kernels/attention/flash_sm90.cu), devices of compute capability 9.0 only.
+    Hopper,
+}
+
 /// Multi-head attention, the kernel chosen by head size: `flash_attention` for head dim 64 (f16 /
 /// bf16 on CUDA), `gemm_attention` otherwise (any head dim; the VAE's single head of 512). Same
 /// layouts and CPU twin as both. Model code calls this, not the kernels.
@@ -239,6 +252,11 @@ const FLASH_LD: usize = 72;
 /// so a few waves of equal blocks keep the tail short while each block's K/V load stays amortised.
 const FLASH_SHORT_BLOCKS_PER_SM: usize = 8;
 
+/// The Hopper kernel's query rows per block (FH_BM) and dynamic shared memory: the Q tile and two
+/// stages of K and V tiles, 16 KiB each, plus 1 KiB to align them to 1024 bytes.
+const FLASH_SM90_BM: usize = 128;
+const FLASH_SM90_SHARED: usize = 5 * 16384 + 1024;
+
 /// Which flash kernel a call takes: the short-key one for non-causal attention over at most 256 keys
 /// (all keys resident in shared memory, no online rescaling), the general one otherwise.
 fn flash_short_variant(seq_k: usize, causal: bool) -> Option<(usize, usize, &'static str, &'static str)> {
@@ -253,6 +271,18 @@ fn flash_short_variant(seq_k: usize, causal: bool) -> Option<(usize, usize, &'st
 /// GPU (flash attention, head dim 64; non-causal attention over at most 256 keys takes a kernel that
 /// holds every key in shared memory).
 pub fn flash_attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: FlashAttention) -> Result<Tensor> {
+    flash_attention_with(ex, q, k, v, cfg, FlashKernel::Auto)
+}
+
+/// `flash_attention` through a chosen kernel.
+pub fn flash_attention_with(
+    ex: &Exec,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cfg: FlashAttention,
+    kernel: FlashKernel,
+) -> Result<Tensor> {
     ex.expect_inputs("flash_attention", &[q, k, v])?;
     let dtype = same_dtype("flash_attention", &[q, k, v])?;
     let (b, sq, sk, c) = flash_dims(q, k, v, &cfg)?;
@@ -294,7 +324,29 @@ pub fn flash_attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: Flash
             };
             let heads = grid_dim("flash_attention", "batch x heads", b * cfg.heads, GRID_YZ)?;
             let block = ((FLASH_WARPS * 32) as u32, 1, 1);
-            match flash_short_variant(sk, cfg.causal) {
+            let short = match kernel {
+                FlashKernel::Auto => flash_short_variant(sk, cfg.causal),
+                FlashKernel::Portable => None,
+                FlashKernel::Hopper => {
+                    let cc = gpu.info().compute_capability;
+                    if cc != (9, 0) {
+                        return Err(Error::Unsupported(format!(
+                            "flash_attention: the Hopper kernel needs compute capability 9.0 (this device: {}.{})",
+                            cc.0, cc.1
+                        )));
+                    }
+                    let kernel = if dtype == DType::F16 {
+                        "flash_attention_sm90_d64_f16"
+                    } else {
+                        "flash_attention_sm90_d64_bf16"
+                    };
+                    let grid =
+                        (grid_dim("flash_attention", "query tiles", sq.div_ceil(FLASH_SM90_BM), GRID_X)?, heads, 1);
+                    gpu.launch(kernel, grid, (256, 1, 1), FLASH_SM90_SHARED as u32, &p)?;
+                    return Ok(o);
+                }
+            };
+            match short {
                 Some((keys, rows, f16, bf16)) => {
                     let kernel = if dtype == DType::F16 { f16 } else { bf16 };
                     // K and V of the key set, two slice buffers per warp

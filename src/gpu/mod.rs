@@ -18,6 +18,7 @@ macro_rules! kernel_params {
 }
 kernel_params!(
     params::ElementwiseParams,
+    params::ResidualAddParams,
     params::GegluParams,
     params::GroupNormParams,
     params::GroupNormClusterParams,

@@ -12,9 +12,12 @@ use celframe::ops::attention::{
     temporal_attention, temporal_attention_tuned,
 };
 use celframe::ops::conv::{Conv2d, conv2d};
+use celframe::ops::elementwise::{add, residual_add};
 use celframe::ops::linear::linear;
 use celframe::ops::lora::{DeltaFactors, DeltaTerm, LayerDelta, merge_deltas, merge_gemm};
-use celframe::ops::norm::{GroupNorm, GroupNormMode, GroupNormTuning, group_norm_layout, group_norm_tuned};
+use celframe::ops::norm::{
+    GroupNorm, GroupNormMode, GroupNormTuning, group_norm_layout, group_norm_tuned, layer_norm, layer_norm_add,
+};
 use celframe::tensor::Storage;
 use celframe::{DType, Result, Tensor};
 
@@ -224,6 +227,37 @@ fn main() -> Result<()> {
         let key = format!("gemm_attention f16 b{batch} h1 d512 s{tokens}");
         b.run("gemm_attention", &key, 4.0 * t[0].size_bytes() as f64, flop, |k| {
             gemm_attention(&ex, &t[3 * k], &t[3 * k + 1], &t[3 * k + 2], cfg).map(drop)
+        })?;
+    }
+
+    // Fused memory-bound passes at the three UNet levels of 2 videos x 16 frames at 1024x576, each
+    // beside the passes it replaces. A ResNet's tail: conv2's and the shortcut's bias passes and the
+    // residual add (7 tensor reads and writes) against residual_add (3). The motion modules'
+    // LayerNorm with the position rows added in its pass (2) against LayerNorm then add (4).
+    for (h, w, c) in [(72usize, 128usize, 320usize), (36, 64, 640), (18, 32, 1280)] {
+        let (shape, label) = ([32, h, w, c], format!("f16 N32 C{c} H{h} W{w}"));
+        let t: Vec<Tensor> = (0..4).map(|i| b.random(&shape, DType::F16, 60 + i)).collect::<Result<_>>()?;
+        let (b2, bs) = (b.random(&[c], DType::F16, 64)?, b.random(&[c], DType::F16, 65)?);
+        let size = t[0].size_bytes() as f64;
+        b.run("resnet_tail_fused", &format!("resnet_tail fused {label}"), 3.0 * size, 0.0, |k| {
+            residual_add(&ex, &t[2 * k], &t[2 * k + 1], &b2, Some(&bs), 1.0).map(drop)
+        })?;
+        b.run("resnet_tail_unfused", &format!("resnet_tail unfused {label}"), 7.0 * size, 0.0, |k| {
+            let h = add(&ex, &t[2 * k], &b2, 1.0)?;
+            let s = add(&ex, &t[2 * k + 1], &bs, 1.0)?;
+            add(&ex, &s, &h, 1.0).map(drop)
+        })?;
+        let tokens = [32, h * w, c];
+        let xs = [t[0].reshape(&tokens)?, t[1].reshape(&tokens)?];
+        let (g, be, pe) =
+            (b.random(&[c], DType::F16, 66)?, b.random(&[c], DType::F16, 67)?, b.random(&[32, c], DType::F16, 68)?);
+        let key = format!("layer_norm_add fused {label}");
+        b.run("layer_norm_add_fused", &key, 2.0 * size, 0.0, |k| {
+            layer_norm_add(&ex, &xs[k], Some(&g), Some(&be), 1e-5, Some(&pe)).map(drop)
+        })?;
+        let key = format!("layer_norm_add unfused {label}");
+        b.run("layer_norm_add_unfused", &key, 4.0 * size, 0.0, |k| {
+            add(&ex, &layer_norm(&ex, &xs[k], Some(&g), Some(&be), 1e-5)?, &pe, 1.0).map(drop)
         })?;
     }
 

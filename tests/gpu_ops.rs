@@ -15,10 +15,12 @@ use celframe::gpu::blas::{Gemm, GemmIo};
 use celframe::gpu::{Arena, Gpu};
 use celframe::ops::Exec;
 use celframe::ops::conv::{Conv2d, conv2d};
-use celframe::ops::elementwise::{add, geglu, gelu, mul, scale, silu};
+use celframe::ops::elementwise::{add, geglu, gelu, mul, residual_add, scale, silu};
 use celframe::ops::embedding::{TimestepEmbedding, timestep_embedding};
 use celframe::ops::linear::{linear, linear_add};
-use celframe::ops::norm::{GroupNorm, GroupNormMode, GroupNormTuning, group_norm, group_norm_tuned, layer_norm};
+use celframe::ops::norm::{
+    GroupNorm, GroupNormMode, GroupNormTuning, group_norm, group_norm_tuned, layer_norm, layer_norm_add,
+};
 use celframe::ops::reduce::mean_hw;
 use celframe::ops::upsample::upsample_nearest2x;
 use celframe::{DType, Tensor};
@@ -196,6 +198,92 @@ fn layer_norm_matches_twin() {
         let gpu_out = layer_norm(&rig.exec(), &xd, Some(&gd), Some(&bd), 1e-5).unwrap();
         let cpu_out = layer_norm(&Exec::Cpu, &x, Some(&g), Some(&b), 1e-5).unwrap();
         rig.check("layer_norm", shape, dtype, gpu_out, cpu_out);
+    }
+}
+
+/// The motion modules' LayerNorm with the position rows ([B*F, C], one per frame) added in the same
+/// pass, at their real shapes (2 videos x 16 frames at 1024x576: levels 0-2), and the scalar path.
+/// Tolerance as layer_norm's: the twin's statistics are f64, the kernel's fp32; the sum is rounded
+/// once on both sides.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn layer_norm_with_position_rows_matches_twin() {
+    let rig = Rig::new();
+    for (shape, dtype) in [
+        (&[32, 9216, 320][..], DType::F16),
+        (&[32, 9216, 320], DType::BF16),
+        (&[32, 2304, 640], DType::F16),
+        (&[32, 2304, 640], DType::BF16),
+        (&[32, 576, 1280], DType::F16),
+        (&[32, 576, 1280], DType::BF16),
+        (&[6, 5, 13], DType::F32),
+        (&[6, 5, 13], DType::F16),
+    ] {
+        let c = *shape.last().unwrap();
+        let (x, xd) = rig.input(shape, dtype, 1.5, 0.3);
+        let (g, gd) = rig.input(&[c], dtype, 0.5, 1.0);
+        let (b, bd) = rig.input(&[c], dtype, 0.5, 0.0);
+        // Sinusoid-sized rows, distinct per frame: a row taken for the wrong frame is an O(1) error.
+        let (pe, ped) = rig.input(&[shape[0], c], dtype, 1.0, 0.0);
+        let gpu_out = layer_norm_add(&rig.exec(), &xd, Some(&gd), Some(&bd), 1e-5, Some(&ped)).unwrap();
+        let cpu_out = layer_norm_add(&Exec::Cpu, &x, Some(&g), Some(&b), 1e-5, Some(&pe)).unwrap();
+        rig.check("layer_norm + position rows", shape, dtype, gpu_out, cpu_out);
+    }
+}
+
+/// Distance in units in the last place between two tensors of `dtype` (values ordered as their
+/// sign-magnitude bit patterns, -0 and +0 equal); a non-finite value in either is reported as
+/// u64::MAX.
+fn max_ulp(got: &[f32], want: &[f32], dtype: DType) -> u64 {
+    let ordered = |v: f32| -> i64 {
+        let (bits, sign) = match dtype {
+            DType::F16 => (half::f16::from_f32(v).to_bits() as i64, 1i64 << 15),
+            DType::BF16 => (half::bf16::from_f32(v).to_bits() as i64, 1 << 15),
+            DType::F32 => (v.to_bits() as i64, 1 << 31),
+        };
+        if bits & sign != 0 { -(bits & (sign - 1)) } else { bits }
+    };
+    got.iter()
+        .zip(want)
+        .map(|(&a, &b)| if a.is_finite() && b.is_finite() { ordered(a).abs_diff(ordered(b)) } else { u64::MAX })
+        .max()
+        .unwrap_or(0)
+}
+
+/// A ResNet's last pass, (conv2 + shortcut + conv2.bias [+ conv_shortcut.bias]) * alpha, at the
+/// UNet's three widths for 2 videos x 16 frames at 1024x576, the VAE's 512 in f32, and the scalar
+/// path (channels not a multiple of 8). Both sides add in fp32 in the same order and round once, so
+/// the results should be identical: at most 1 ulp apart (0 expected; 1 allows a compiler's
+/// different but exact-to-fp32 evaluation).
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn residual_add_matches_twin_within_one_ulp() {
+    let rig = Rig::new();
+    // (shape NHWC, shortcut conv bias, alpha, dtype)
+    type Case<'a> = (&'a [usize], bool, f32, DType);
+    let cases: &[Case] = &[
+        (&[32, 72, 128, 320], true, 1.0, DType::F16),
+        (&[32, 72, 128, 320], false, 1.0, DType::BF16),
+        (&[32, 36, 64, 640], false, 1.0, DType::F16),
+        (&[32, 36, 64, 640], true, 1.0, DType::BF16),
+        (&[32, 18, 32, 1280], true, 1.0, DType::F16),
+        (&[32, 18, 32, 1280], false, 1.0, DType::BF16),
+        (&[2, 64, 64, 512], true, 0.5, DType::F32),
+        (&[3, 5, 7, 12], true, 0.5, DType::F16),
+    ];
+    for &(shape, two_biases, alpha, dtype) in cases {
+        let c = shape[3];
+        let (a, ad) = rig.input(shape, dtype, 3.0, 0.0);
+        let (s, sd) = rig.input(shape, dtype, 1.0, 0.0);
+        let (b2, b2d) = rig.input(&[c], dtype, 0.5, 0.0);
+        let (bs, bsd) = rig.input(&[c], dtype, 0.5, 0.0);
+        let gpu_out = residual_add(&rig.exec(), &ad, &sd, &b2d, two_biases.then_some(&bsd), alpha).unwrap();
+        let cpu_out = residual_add(&Exec::Cpu, &a, &s, &b2, two_biases.then_some(&bs), alpha).unwrap();
+        let got = rig.gpu.download(&gpu_out).unwrap().to_f32_vec().unwrap();
+        let ulp = max_ulp(&got, &cpu_out.to_f32_vec().unwrap(), dtype);
+        println!("GPUCHECK residual_add {shape:?} {dtype:?} bias2={two_biases} alpha={alpha} max_ulp={ulp} tol=1");
+        assert!(ulp <= 1, "residual_add {shape:?} {dtype:?}: {ulp} ulp from the twin");
+        rig.scratch.reset();
     }
 }
 

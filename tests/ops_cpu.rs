@@ -7,10 +7,10 @@ mod common;
 use celframe::ops::Exec;
 use celframe::ops::attention::{FlashAttention, TemporalAttention, flash_attention, temporal_attention};
 use celframe::ops::conv::{Conv2d, conv2d, weight_oihw_to_ohwi};
-use celframe::ops::elementwise::{add, geglu, gelu, mul, scale, silu};
+use celframe::ops::elementwise::{add, geglu, gelu, mul, residual_add, scale, silu};
 use celframe::ops::embedding::{TimestepEmbedding, timestep_embedding};
 use celframe::ops::linear::linear;
-use celframe::ops::norm::{GroupNorm, group_norm, layer_norm};
+use celframe::ops::norm::{GroupNorm, group_norm, layer_norm, layer_norm_add};
 use celframe::ops::upsample::upsample_nearest2x;
 use celframe::{DType, Error};
 use common::{assert_close, fixture};
@@ -45,6 +45,39 @@ fn layer_norm_matches_torch() {
     let out =
         layer_norm(&CPU, &f["layer_norm.x"], Some(&f["layer_norm.gamma"]), Some(&f["layer_norm.beta"]), 1e-5).unwrap();
     assert_close("layer_norm", &out, &f["layer_norm.out"], TOL);
+}
+
+#[test]
+fn layer_norm_with_rows_added_matches_torch() {
+    let f = fixture("ops_reference.safetensors");
+    let (g, b) = (Some(&f["layer_norm_add.gamma"]), Some(&f["layer_norm_add.beta"]));
+    let out = layer_norm_add(&CPU, &f["layer_norm_add.x"], g, b, 1e-5, Some(&f["layer_norm_add.rows"])).unwrap();
+    assert_close("layer_norm + rows", &out, &f["layer_norm_add.out"], TOL);
+    // Rows under the wrong index (a table [L, C] or one row per token) are refused by name.
+    let x = &f["layer_norm_add.x"];
+    for rows in [&f["layer_norm_add.gamma"], x] {
+        match layer_norm_add(&CPU, x, g, b, 1e-5, Some(rows)) {
+            Err(Error::Input(m)) => assert!(m.contains("added rows"), "{m}"),
+            other => panic!("rows {rows:?}: expected an input error, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn residual_add_matches_torch_with_and_without_a_shortcut_bias() {
+    let f = fixture("ops_reference.safetensors");
+    let (a, s, b2) = (&f["residual_add.conv2"], &f["residual_add.shortcut"], &f["residual_add.conv2_bias"]);
+    let both = residual_add(&CPU, a, s, b2, Some(&f["residual_add.shortcut_bias"]), 0.5).unwrap();
+    assert_close("residual_add, both biases, / 2", &both, &f["residual_add.out"], TOL);
+    let one = residual_add(&CPU, a, s, b2, None, 1.0).unwrap();
+    assert_close("residual_add, identity shortcut", &one, &f["residual_add.out_identity_shortcut"], TOL);
+    let bad = |r: celframe::Result<celframe::Tensor>, what: &str| match r {
+        Err(Error::Input(m)) => assert!(m.contains("residual_add"), "{what}: {m}"),
+        other => panic!("{what}: expected an input error, got {other:?}"),
+    };
+    bad(residual_add(&CPU, a, &f["elementwise.a"], b2, None, 1.0), "shapes differ");
+    bad(residual_add(&CPU, a, s, &f["elementwise.bias"], None, 1.0), "bias width");
+    bad(residual_add(&CPU, a, s, b2, Some(&f["elementwise.bias"]), 1.0), "second bias width");
 }
 
 #[test]

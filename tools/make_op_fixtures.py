@@ -109,6 +109,23 @@ x = torch.randn(2, 9, 128)
 put("flash.x", x)
 put("flash.causal", heads_last(F.scaled_dot_product_attention(heads_first(x, 2), heads_first(x, 2), heads_first(x, 2), is_causal=True)))
 
+# Fused passes, drawn last so the tensors above keep their values.
+# Layer norm with a row per frame added to its output (diffusers attention.py BasicTransformerBlock:
+# `norm_hidden_states = self.pos_embed(norm_hidden_states)` in the motion modules), tokens [B*F, L, C].
+x = torch.randn(6, 5, 32) - 0.3
+g, b, pe = torch.randn(32), torch.randn(32), torch.randn(6, 32)
+put("layer_norm_add.x", x); put("layer_norm_add.gamma", g); put("layer_norm_add.beta", b); put("layer_norm_add.rows", pe)
+put("layer_norm_add.out", F.layer_norm(x, (32,), g, b, eps=1e-5) + pe[:, None, :])
+
+# A ResNet's output (diffusers resnet.py ResnetBlock2D.forward): (shortcut(x) + conv2(h)) /
+# output_scale_factor, each convolution with its bias; here the convolutions' outputs without bias.
+a, sc = torch.randn(2, 3, 4, 24) * 3, torch.randn(2, 3, 4, 24)
+b2, bs = torch.randn(24), torch.randn(24)
+put("residual_add.conv2", a); put("residual_add.shortcut", sc); put("residual_add.conv2_bias", b2)
+put("residual_add.shortcut_bias", bs)
+put("residual_add.out", ((sc + bs) + (a + b2)) / 2.0)
+put("residual_add.out_identity_shortcut", sc + (a + b2))
+
 path = pathlib.Path(__file__).resolve().parent.parent / "tests/fixtures/ops_reference.safetensors"
 path.parent.mkdir(parents=True, exist_ok=True)
 save_file(out, str(path), metadata={"generator": "tools/make_op_fixtures.py", "torch": torch.__version__})

@@ -1,4 +1,5 @@
-// Element-wise family (add, mul, scale, SiLU, GELU, quick GELU with broadcasting of b) and GEGLU.
+// Element-wise family (add, mul, scale, SiLU, GELU, quick GELU with broadcasting of b), the ResNet's
+// residual add with its biases, and GEGLU.
 // Grid-stride loops; 8-wide vectors when every row boundary and pointer allows it.
 #include "common.cuh"
 
@@ -43,6 +44,41 @@ template <typename T> __device__ void elementwise(const ElementwiseParams& p) {
     }
 }
 CELFRAME_KERNELS_FOR_DTYPES(elementwise, ElementwiseParams, elementwise)
+
+// ResNet output: alpha * (a + b + bias + bias2) per element, one pass instead of a bias pass per
+// convolution and a residual add.
+template <typename T> __device__ void residual_add(const ResidualAddParams& p) {
+    const T* a = static_cast<const T*>(p.a);
+    const T* b = static_cast<const T*>(p.b);
+    const T* bias = static_cast<const T*>(p.bias);
+    const T* bias2 = static_cast<const T*>(p.bias2);
+    T* out = static_cast<T*>(p.out);
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    const int64_t first = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const bool vec = (p.channels % 8 == 0) &&
+                     ((reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b) | reinterpret_cast<uintptr_t>(bias) |
+                       reinterpret_cast<uintptr_t>(bias2) | reinterpret_cast<uintptr_t>(out)) % 16 == 0);
+    if (vec) {
+        for (int64_t v = first; v < p.n / 8; v += stride) {
+            const int64_t i = v * 8, c = i % p.channels;
+            float x[8], y[8], s[8], s2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            unpack8<T>(load8<T>(a + i), x);
+            unpack8<T>(load8<T>(b + i), y);
+            unpack8<T>(load8<T>(bias + c), s);
+            if (bias2) unpack8<T>(load8<T>(bias2 + c), s2);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) x[k] = p.alpha * (x[k] + y[k] + s[k] + s2[k]);
+            store8<T>(out + i, x);
+        }
+    } else {
+        for (int64_t i = first; i < p.n; i += stride) {
+            const int64_t c = i % p.channels;
+            const float s2 = bias2 ? to_f32(bias2[c]) : 0.0f;
+            out[i] = from_f32<T>(p.alpha * (to_f32(a[i]) + to_f32(b[i]) + to_f32(bias[c]) + s2));
+        }
+    }
+}
+CELFRAME_KERNELS_FOR_DTYPES(residual_add, ResidualAddParams, residual_add)
 
 template <typename T> __device__ void geglu(const GegluParams& p) {
     const T* x = static_cast<const T*>(p.x);

@@ -30,6 +30,20 @@ typedef struct ElementwiseParams {
     int32_t op;     // enum ElementwiseOp
 } ElementwiseParams;
 
+// A ResNet's last step in one pass: out[i] = alpha * (a[i] + b[i] + bias[c] + bias2[c]),
+// c = i % channels, summed in fp32 in that order and rounded once (a = conv2 without its bias,
+// b = the shortcut, bias = conv2's, bias2 = the shortcut conv's or null).
+typedef struct ResidualAddParams {
+    const void* a;
+    const void* b;        // same shape as a
+    const void* bias;     // [channels]
+    const void* bias2;    // [channels] or null
+    void* out;
+    int64_t n;            // elements of a, b and out
+    int64_t channels;     // innermost extent
+    float alpha;
+} ResidualAddParams;
+
 // GEGLU: x is [rows, 2*d]; out[r, j] = x[r, j] * gelu(x[r, d + j]) (value first, gate second).
 typedef struct GegluParams {
     const void* x;
@@ -89,12 +103,17 @@ typedef struct GroupNormClusterParams {
 #define GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS 128
 
 // Layer norm over the last dimension (rows x channels, one warp per row), fp32 statistics.
+// y[r] = norm(x[r]) * gamma + beta (+ add[r / add_every]): the optional table is added to the
+// affine output before the one rounding (the motion modules' position rows: one per frame,
+// shared by the frame's add_every tokens).
 typedef struct LayerNormParams {
     const void* x;
     void* y;
     const void* gamma;  // [channels] or null (no affine)
     const void* beta;   // [channels] or null
+    const void* add;    // [rows / add_every, channels] or null
     int64_t rows;
+    int64_t add_every;  // rows sharing one row of add (divides rows)
     int32_t channels;
     float eps;
 } LayerNormParams;

@@ -19,6 +19,7 @@ macro_rules! kernel_params {
 }
 kernel_params!(
     params::ElementwiseParams,
+    params::ResidualAddParams,
     params::GegluParams,
     params::GroupNormParams,
     params::GroupNormClusterParams,

@@ -66,6 +66,40 @@ impl Default for ElementwiseParams {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct ResidualAddParams {
+    pub a: *const ::std::os::raw::c_void,
+    pub b: *const ::std::os::raw::c_void,
+    pub bias: *const ::std::os::raw::c_void,
+    pub bias2: *const ::std::os::raw::c_void,
+    pub out: *mut ::std::os::raw::c_void,
+    pub n: i64,
+    pub channels: i64,
+    pub alpha: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ResidualAddParams"][::std::mem::size_of::<ResidualAddParams>() - 64usize];
+    ["Alignment of ResidualAddParams"][::std::mem::align_of::<ResidualAddParams>() - 8usize];
+    ["Offset of field: ResidualAddParams::a"][::std::mem::offset_of!(ResidualAddParams, a) - 0usize];
+    ["Offset of field: ResidualAddParams::b"][::std::mem::offset_of!(ResidualAddParams, b) - 8usize];
+    ["Offset of field: ResidualAddParams::bias"][::std::mem::offset_of!(ResidualAddParams, bias) - 16usize];
+    ["Offset of field: ResidualAddParams::bias2"][::std::mem::offset_of!(ResidualAddParams, bias2) - 24usize];
+    ["Offset of field: ResidualAddParams::out"][::std::mem::offset_of!(ResidualAddParams, out) - 32usize];
+    ["Offset of field: ResidualAddParams::n"][::std::mem::offset_of!(ResidualAddParams, n) - 40usize];
+    ["Offset of field: ResidualAddParams::channels"][::std::mem::offset_of!(ResidualAddParams, channels) - 48usize];
+    ["Offset of field: ResidualAddParams::alpha"][::std::mem::offset_of!(ResidualAddParams, alpha) - 56usize];
+};
+impl Default for ResidualAddParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct GegluParams {
     pub x: *const ::std::os::raw::c_void,
     pub out: *mut ::std::os::raw::c_void,
@@ -193,21 +227,25 @@ pub struct LayerNormParams {
     pub y: *mut ::std::os::raw::c_void,
     pub gamma: *const ::std::os::raw::c_void,
     pub beta: *const ::std::os::raw::c_void,
+    pub add: *const ::std::os::raw::c_void,
     pub rows: i64,
+    pub add_every: i64,
     pub channels: i32,
     pub eps: f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LayerNormParams"][::std::mem::size_of::<LayerNormParams>() - 48usize];
+    ["Size of LayerNormParams"][::std::mem::size_of::<LayerNormParams>() - 64usize];
     ["Alignment of LayerNormParams"][::std::mem::align_of::<LayerNormParams>() - 8usize];
     ["Offset of field: LayerNormParams::x"][::std::mem::offset_of!(LayerNormParams, x) - 0usize];
     ["Offset of field: LayerNormParams::y"][::std::mem::offset_of!(LayerNormParams, y) - 8usize];
     ["Offset of field: LayerNormParams::gamma"][::std::mem::offset_of!(LayerNormParams, gamma) - 16usize];
     ["Offset of field: LayerNormParams::beta"][::std::mem::offset_of!(LayerNormParams, beta) - 24usize];
-    ["Offset of field: LayerNormParams::rows"][::std::mem::offset_of!(LayerNormParams, rows) - 32usize];
-    ["Offset of field: LayerNormParams::channels"][::std::mem::offset_of!(LayerNormParams, channels) - 40usize];
-    ["Offset of field: LayerNormParams::eps"][::std::mem::offset_of!(LayerNormParams, eps) - 44usize];
+    ["Offset of field: LayerNormParams::add"][::std::mem::offset_of!(LayerNormParams, add) - 32usize];
+    ["Offset of field: LayerNormParams::rows"][::std::mem::offset_of!(LayerNormParams, rows) - 40usize];
+    ["Offset of field: LayerNormParams::add_every"][::std::mem::offset_of!(LayerNormParams, add_every) - 48usize];
+    ["Offset of field: LayerNormParams::channels"][::std::mem::offset_of!(LayerNormParams, channels) - 56usize];
+    ["Offset of field: LayerNormParams::eps"][::std::mem::offset_of!(LayerNormParams, eps) - 60usize];
 };
 impl Default for LayerNormParams {
     fn default() -> Self {

@@ -6,7 +6,7 @@ use super::weights::Scope;
 use crate::error::Result;
 use crate::ops::Exec;
 use crate::ops::conv::{Conv2d, conv2d};
-use crate::ops::elementwise::add;
+use crate::ops::elementwise::{add, residual_add};
 use crate::ops::linear::linear;
 use crate::ops::norm::{GroupNorm, group_norm};
 use crate::tensor::Tensor;
@@ -66,34 +66,37 @@ pub fn forward_frames(
     let _scope = ex.profile_scope("resnet");
     let gn = GroupNorm { groups: cfg.groups, eps: cfg.eps, silu: true, frames: norm_frames };
     let same = Conv2d { stride: 1, padding: 1 };
+    // The convolutions' biases ride in the passes that follow them (one pass over the activation
+    // where bias, time embedding and residual each took one): summed per forward, not at load, as
+    // LoRA files and the device LoRA switch may change them.
     // Each step replaces `h`, so the arena gets the previous activation back at once.
     // 1. h = conv1(SiLU(norm1(x))): [B, H, W, in] -> [B, H, W, out]
     let mut h = group_norm(ex, x, w.get("norm1.weight")?, w.get("norm1.bias")?, gn)?;
-    h = conv2d(ex, &h, w.get("conv1.weight")?, Some(w.get("conv1.bias")?), same)?;
-    // 2. + time_emb_proj(SiLU(emb)) per image or video: [B, T] -> [B, out], broadcast over the
-    // video's frames and H, W by viewing h [B*F, H, W, out] as [B, F*H, W, out]
+    let conv1_bias = w.get("conv1.bias")?;
+    h = conv2d(ex, &h, w.get("conv1.weight")?, emb_act.is_none().then_some(conv1_bias), same)?;
+    // 2. + time_emb_proj(SiLU(emb)) + conv1's bias per image or video: [B, T] -> [B, out] (conv1's
+    // bias added to the projection's), broadcast over the video's frames and H, W by viewing
+    // h [B*F, H, W, out] as [B, F*H, W, out]
     if let Some(emb_act) = emb_act {
-        let t = linear(ex, emb_act, w.get("time_emb_proj.weight")?, Some(w.get("time_emb_proj.bias")?))?;
+        let bias = add(ex, w.get("time_emb_proj.bias")?, conv1_bias, 1.0)?;
+        let t = linear(ex, emb_act, w.get("time_emb_proj.weight")?, Some(&bias))?;
         let s = h.shape().to_vec();
         let videos = t.shape()[0].max(1);
         let per_video = h.reshape(&[videos, s[0] / videos * s[1], s[2], s[3]])?;
         h = add(ex, &per_video, &t, 1.0)?.reshape(&s)?;
     }
-    // 3. h = conv2(SiLU(norm2(h))) (dropout is the identity at inference)
+    // 3. h = conv2(SiLU(norm2(h))) (dropout is the identity at inference), its bias left to step 4
     h = group_norm(ex, &h, w.get("norm2.weight")?, w.get("norm2.bias")?, gn)?;
-    h = conv2d(ex, &h, w.get("conv2.weight")?, Some(w.get("conv2.bias")?), same)?;
-    // 4. (shortcut(x) + h) / output_scale
-    let shortcut = match r.has_shortcut() {
-        true => conv2d(
-            ex,
-            x,
-            w.get("conv_shortcut.weight")?,
+    h = conv2d(ex, &h, w.get("conv2.weight")?, None, same)?;
+    // 4. (shortcut(x) + h) / output_scale, both convolutions' biases added in the same pass
+    let (shortcut, shortcut_bias) = match r.has_shortcut() {
+        true => (
+            conv2d(ex, x, w.get("conv_shortcut.weight")?, None, Conv2d { stride: 1, padding: 0 })?,
             Some(w.get("conv_shortcut.bias")?),
-            Conv2d { stride: 1, padding: 0 },
-        )?,
-        false => x.clone(),
+        ),
+        false => (x.clone(), None),
     };
-    add(ex, &shortcut, &h, 1.0 / cfg.output_scale)
+    residual_add(ex, &h, &shortcut, w.get("conv2.bias")?, shortcut_bias, 1.0 / cfg.output_scale)
 }
 
 /// The block's tensors (PyTorch shapes) under `prefix`; `temb` is the time embedding width, None

@@ -9,7 +9,7 @@ use crate::ops::Exec;
 use crate::ops::attention::{FlashAttention, attention};
 use crate::ops::elementwise::geglu;
 use crate::ops::linear::{linear, linear_add};
-use crate::ops::norm::{GroupNorm, group_norm, layer_norm};
+use crate::ops::norm::{GroupNorm, group_norm, layer_norm_add};
 use crate::tensor::Tensor;
 use crate::weights::TensorSpec;
 
@@ -75,8 +75,14 @@ fn as_matrix(w: &Tensor) -> Result<Tensor> {
 
 /// BasicTransformerBlock's LayerNorm `name` (norm1, norm2, norm3) of `w` on x.
 pub(crate) fn block_norm(ex: &Exec, w: &Scope, name: &str, x: &Tensor) -> Result<Tensor> {
+    block_norm_add(ex, w, name, x, None)
+}
+
+/// `block_norm`, then `rows` [B, C] added to each of x [B, L, C]'s rows in the same pass
+/// (`layer_norm_add`).
+pub(crate) fn block_norm_add(ex: &Exec, w: &Scope, name: &str, x: &Tensor, rows: Option<&Tensor>) -> Result<Tensor> {
     let (weight, bias) = (w.get(&format!("{name}.weight"))?, w.get(&format!("{name}.bias"))?);
-    layer_norm(ex, x, Some(weight), Some(bias), LAYER_NORM_EPS)
+    layer_norm_add(ex, x, Some(weight), Some(bias), LAYER_NORM_EPS, rows)
 }
 
 /// BasicTransformerBlock's last step, x + FF(LN3(x)) with the GEGLU feed-forward:

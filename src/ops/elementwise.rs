@@ -1,8 +1,9 @@
-//! Element-wise ops: add / mul with broadcasting, scale, SiLU, GELU (exact erf), quick GELU, GEGLU.
+//! Element-wise ops: add / mul with broadcasting, scale, SiLU, GELU (exact erf), quick GELU, GEGLU,
+//! and the ResNet's residual add with its convolutions' biases.
 
 use super::{Exec, grid_for, host_out, same_dtype};
 use crate::error::{Error, Result};
-use crate::gpu::params::{ElementwiseOp, ElementwiseParams, GegluParams};
+use crate::gpu::params::{ElementwiseOp, ElementwiseParams, GegluParams, ResidualAddParams};
 use crate::tensor::Tensor;
 
 const BLOCK: u32 = 256;
@@ -131,6 +132,67 @@ pub fn gelu(ex: &Exec, a: &Tensor) -> Result<Tensor> {
 }
 pub fn quick_gelu(ex: &Exec, a: &Tensor) -> Result<Tensor> {
     binary(ex, ElementwiseOp::ELEMENTWISE_QUICK_GELU, a, None, 1.0)
+}
+
+/// alpha * (a + b + bias + bias2) in one pass: a and b [..., C] of one shape, bias and bias2 [C]
+/// (bias2 optional), summed in f32 in that order and rounded once. A ResNet's output from conv2 and
+/// the shortcut taken without their bias passes (diffusers `ResnetBlock2D.forward`'s last lines).
+pub fn residual_add(
+    ex: &Exec,
+    a: &Tensor,
+    b: &Tensor,
+    bias: &Tensor,
+    bias2: Option<&Tensor>,
+    alpha: f32,
+) -> Result<Tensor> {
+    let mut inputs = vec![a, b, bias];
+    inputs.extend(bias2);
+    ex.expect_inputs("residual_add", &inputs)?;
+    let dtype = same_dtype("residual_add", &inputs)?;
+    let c = *a.shape().last().unwrap_or(&0);
+    if a.shape() != b.shape() || c == 0 {
+        return Err(Error::Input(format!("residual_add: {a:?} and {b:?} must be one shape [..., C]")));
+    }
+    if let Some(t) = [Some(bias), bias2].into_iter().flatten().find(|t| t.shape() != [c]) {
+        return Err(Error::Input(format!("residual_add: bias {t:?} must be [{c}]")));
+    }
+    match ex {
+        Exec::Cpu => {
+            let (x, y, s) = (a.to_f32_vec()?, b.to_f32_vec()?, bias.to_f32_vec()?);
+            let s2 = match bias2 {
+                Some(t) => t.to_f32_vec()?,
+                None => vec![0.0; c],
+            };
+            // The kernel's order, zero for a missing bias2 included (-0 + 0 is +0 on both sides).
+            let out: Vec<f32> =
+                x.iter().zip(&y).enumerate().map(|(i, (&u, &v))| alpha * (u + v + s[i % c] + s2[i % c])).collect();
+            host_out(a.shape(), dtype, &out)
+        }
+        Exec::Cuda { gpu, scratch } => {
+            let out = gpu.empty(scratch, a.shape(), dtype)?;
+            let p = ResidualAddParams {
+                a: a.device_ptr()? as *const _,
+                b: b.device_ptr()? as *const _,
+                bias: bias.device_ptr()? as *const _,
+                bias2: match bias2 {
+                    Some(t) => t.device_ptr()? as *const _,
+                    None => std::ptr::null(),
+                },
+                out: out.device_ptr()? as *mut _,
+                n: a.numel() as i64,
+                channels: c as i64,
+                alpha,
+            };
+            gpu.launch(
+                kernel_for!("residual_add", dtype),
+                (grid_for(a.numel().div_ceil(8), BLOCK), 1, 1),
+                (BLOCK, 1, 1),
+                0,
+                &p,
+            )?;
+            Ok(out)
+        }
+    }
 }
 
 /// GEGLU: x [..., 2D] -> x[..., :D] * gelu(x[..., D:]) (value first, gate second).

@@ -386,9 +386,24 @@ fn group_norm_cpu(
 
 /// Layer norm over the last dimension; gamma / beta optional ([C] each).
 pub fn layer_norm(ex: &Exec, x: &Tensor, gamma: Option<&Tensor>, beta: Option<&Tensor>, eps: f32) -> Result<Tensor> {
+    layer_norm_add(ex, x, gamma, beta, eps, None)
+}
+
+/// `layer_norm`, then `add` [N, C] added to every row of x [N, ..., C] under its first index (the
+/// motion modules' position rows, one per frame, over the frame's tokens), before the output's one
+/// rounding: what `add(layer_norm(x), add)` computes with one rounding and one pass fewer.
+pub fn layer_norm_add(
+    ex: &Exec,
+    x: &Tensor,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    eps: f32,
+    add: Option<&Tensor>,
+) -> Result<Tensor> {
     let mut inputs = vec![x];
     inputs.extend(gamma);
     inputs.extend(beta);
+    inputs.extend(add);
     ex.expect_inputs("layer_norm", &inputs)?;
     let dtype = same_dtype("layer_norm", &inputs)?;
     let c = *x.shape().last().ok_or_else(|| Error::Input("layer_norm: scalar input".into()))?;
@@ -396,11 +411,18 @@ pub fn layer_norm(ex: &Exec, x: &Tensor, gamma: Option<&Tensor>, beta: Option<&T
         return Err(Error::Input(format!("layer_norm: {t:?} must be [{c}]")));
     }
     let rows = x.numel() / c.max(1);
+    // Rows of x (as [rows, C]) per row of `add`.
+    let add_every = match add {
+        Some(t) if x.shape().len() >= 2 && t.shape() == [x.shape()[0], c] && x.shape()[0] > 0 => rows / x.shape()[0],
+        Some(t) => return Err(Error::Input(format!("layer_norm: added rows {t:?} must be [{}, {c}]", x.shape()[0]))),
+        None => 1,
+    };
     match ex {
         Exec::Cpu => {
             let xv = x.to_f32_vec()?;
             let g = gamma.map(|t| t.to_f32_vec()).transpose()?;
             let b = beta.map(|t| t.to_f32_vec()).transpose()?;
+            let a = add.map(|t| t.to_f32_vec()).transpose()?;
             let mut out = vec![0f32; xv.len()];
             par_rows(&mut out, c, |first, chunk| {
                 for (k, y) in chunk.chunks_mut(c).enumerate() {
@@ -408,9 +430,12 @@ pub fn layer_norm(ex: &Exec, x: &Tensor, gamma: Option<&Tensor>, beta: Option<&T
                     let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
                     let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
                     let rstd = 1.0 / (var + eps as f64).sqrt();
+                    let added = a.as_ref().map(|a| &a[(first + k) / add_every * c..][..c]);
                     for (j, yv) in y.iter_mut().enumerate() {
                         let n = ((row[j] as f64 - mean) * rstd) as f32;
-                        *yv = n * g.as_ref().map_or(1.0, |g| g[j]) + b.as_ref().map_or(0.0, |b| b[j]);
+                        *yv = n * g.as_ref().map_or(1.0, |g| g[j])
+                            + b.as_ref().map_or(0.0, |b| b[j])
+                            + added.map_or(0.0, |a| a[j]);
                     }
                 }
             });
@@ -429,7 +454,9 @@ pub fn layer_norm(ex: &Exec, x: &Tensor, gamma: Option<&Tensor>, beta: Option<&T
                 y: y.device_ptr()? as *mut _,
                 gamma: ptr(gamma)?,
                 beta: ptr(beta)?,
+                add: ptr(add)?,
                 rows: rows as i64,
+                add_every: add_every as i64,
                 channels: c as i32,
                 eps,
             };

@@ -6,11 +6,10 @@
 
 use super::config::TemporalTransformer;
 use crate::error::{Error, Result};
-use crate::models::transformer::{block_feed_forward, block_norm};
+use crate::models::transformer::{block_feed_forward, block_norm_add};
 use crate::models::weights::Scope;
 use crate::ops::Exec;
 use crate::ops::attention::{TemporalAttention, temporal_attention};
-use crate::ops::elementwise::add;
 use crate::ops::linear::{linear, linear_add};
 use crate::ops::norm::{GroupNorm, group_norm};
 use crate::tensor::{DType, Tensor};
@@ -90,7 +89,7 @@ fn block(
     // 1.-2. the two attentions; the position table is added to the normalised input, not the stream
     let mut x = x.clone();
     for (k, (norm, attn)) in [("norm1", "attn1"), ("norm2", "attn2")].into_iter().enumerate() {
-        let n = add(ex, &block_norm(ex, w, norm, &x)?, &pe(k + 1)?, 1.0)?; // [B*F, L, C] + [B*F, C] per frame
+        let n = block_norm_add(ex, w, norm, &x, Some(&pe(k + 1)?))?; // [B*F, L, C] + [B*F, C] per frame
         x = attention(ex, &w.at(attn), heads, frames, &n, &x)?;
     }
     // 3. GEGLU feed-forward: [B*F, L, C] -> [B*F, L, 8C] -> [B*F, L, 4C] -> [B*F, L, C]

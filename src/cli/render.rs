@@ -9,8 +9,8 @@ use clap::Args;
 use crate::error::{Error, Result};
 use crate::pipeline::RenderOptions;
 use crate::pipeline::batch::{Shard, shard_clips};
-use crate::pipeline::devices::{DeviceSplit, SplitMode};
 use crate::pipeline::config::{ClipSpec, RenderConfig};
+use crate::pipeline::devices::{DeviceSplit, SplitMode};
 
 #[derive(Args, Debug, Default)]
 pub struct RenderArgs {

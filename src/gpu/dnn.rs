@@ -104,7 +104,8 @@ impl AlgoCache {
                 .flat_map(|t| t.lines())
                 .filter_map(|l| {
                     let mut fields = l.split('\t');
-                    let (key, algo, math) = (fields.next()?, fields.next()?.parse().ok()?, fields.next()?.parse().ok()?);
+                    let (key, algo, math) =
+                        (fields.next()?, fields.next()?.parse().ok()?, fields.next()?.parse().ok()?);
                     Some((key.to_string(), (algo, math)))
                 })
                 .collect()

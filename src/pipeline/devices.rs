@@ -11,9 +11,10 @@
 //! call is exactly the one-device call (the same `[uncond..., cond...]` batch, the same inputs), its
 //! prediction comes back to the host as on one device, and the lead fuses the predictions in window
 //! order, so the frames are the one-device frames byte for byte. Windows have equal lengths, so an
-//! evaluation takes about ceil(windows / N) window calls: a 10 s clip at 8 fps (80 frames) with the
-//! default context options (16 frames, overlap 4, uniform standard) has 7 windows per step (6 at
-//! some steps), so 2 devices bound the speed-up at 7/4 = 1.75x, 4 devices at 7/2 = 3.5x, 7 at 7x.
+//! evaluation takes ceil(windows / N) window calls on the busiest device: a 10 s clip at 8 fps (80
+//! frames) with the default context options (16 frames, overlap 4, uniform standard) has 7 or 8
+//! windows a step (7, 7, 7, 8 over 4 LCM steps: 29 window calls), so with 2 devices 16 calls (a
+//! speed-up of at most 1.81x), with 4 devices 8 calls (3.62x), with 8 devices 4 calls (7.25x).
 //!
 //! **CFG halves** (`SplitMode::Cfg`, for clips of one window): exactly two devices; the lead runs
 //! each window's unconditional half, the other device its conditional half, and the lead combines
@@ -47,8 +48,8 @@ use crate::models::lora::device::Restore;
 use crate::ops::Exec;
 use crate::pipeline::config::RenderConfig;
 use crate::pipeline::render::{
-    Checkpoints, ClipInputs, Geometry, GpuModels, Half, HostGroup, InputCache, Models, Part, Step, Target,
-    WindowRun, denoise_window, prepare_group,
+    Checkpoints, ClipInputs, Geometry, GpuModels, Half, HostGroup, InputCache, Models, Part, Step, Target, WindowRun,
+    denoise_window, prepare_group,
 };
 use crate::pipeline::resume::check_stop;
 use crate::tensor::DType;
@@ -114,7 +115,10 @@ pub(super) struct StepDone {
 pub(super) enum HelperKind {
     Cpu,
     /// `reserve`: device bytes the scratch arena leaves for LoRA switching (`lora_reserve`).
-    Cuda { restore: Restore, reserve: usize },
+    Cuda {
+        restore: Restore,
+        reserve: usize,
+    },
 }
 
 enum Job {
@@ -122,7 +126,14 @@ enum Job {
     Group { config: RenderConfig, reply: Sender<Result<Vec<String>>> },
     /// Run `part` of these windows (index in the evaluation, window) of clip `clip`; `run` is new
     /// for every sampling run, whose cached inputs it shares.
-    Windows { run: u64, clip: Arc<ClipInputs>, g: Geometry, part: Part, windows: Vec<(usize, WindowJob)>, reply: Sender<Done> },
+    Windows {
+        run: u64,
+        clip: Arc<ClipInputs>,
+        g: Geometry,
+        part: Part,
+        windows: Vec<(usize, WindowJob)>,
+        reply: Sender<Done>,
+    },
 }
 
 /// A window a device thread ran.
@@ -281,7 +292,10 @@ impl Devices {
         let mut lead_results: Vec<(usize, Result<Vec<f32>>)> = Vec::new();
         let send = |helper: &Helper, part: Part, list: Vec<(usize, WindowJob)>| {
             let clip = Arc::clone(clip);
-            helper.jobs.send(Job::Windows { run, clip, g, part, windows: list, reply: reply.clone() }).map_err(|_| ended())
+            helper
+                .jobs
+                .send(Job::Windows { run, clip, g, part, windows: list, reply: reply.clone() })
+                .map_err(|_| ended())
         };
         let started = Instant::now();
         match mode {
@@ -449,7 +463,9 @@ fn serve(
                                 .map(|(lines, _)| lines)
                         })
                     }
-                    (Held::Cuda { .. }, HelperKind::Cpu) => Err(Error::Internal("a CUDA device thread of a CPU run".into())),
+                    (Held::Cuda { .. }, HelperKind::Cpu) => {
+                        Err(Error::Internal("a CUDA device thread of a CPU run".into()))
+                    }
                 };
                 cache = InputCache::default();
                 if reply.send(prepared).is_err() {

@@ -683,6 +683,7 @@ impl HostGroup {
 /// where it could be) and returns them with summary lines. f16 and bf16 models load once and the
 /// set is switched on the device; what the device merge does not take (f32 weights, bf16 DoRA) is
 /// merged on the host into a fresh load of the models, which the next group replaces.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn prepare_group<'m>(
     gpu: &Gpu,
     checkpoints: &Checkpoints,
@@ -1629,8 +1630,7 @@ impl ClipRun<'_> {
                 .iter()
                 .enumerate()
                 .map(|(wi, window)| {
-                    let latents: Vec<f32> =
-                        gather(window, x, g.frame_len())?.into_iter().map(|v| v * scale).collect();
+                    let latents: Vec<f32> = gather(window, x, g.frame_len())?.into_iter().map(|v| v * scale).collect();
                     let step = Step { index: i, of: evaluations, window: wi, windows: windows.len(), timestep };
                     Ok(WindowJob { frames: window.iter().map(|f| f + first).collect(), latents, step })
                 })
@@ -1651,9 +1651,7 @@ impl ClipRun<'_> {
             let model_output = fuser.finish()?;
             sampler.step(&model_output, x, &mut step_noise as &mut dyn NoiseSource)?;
             bar.inc(1);
-            let split = done.devices.map(|d| {
-                format!("; {:.2} s, {d}", step_started.elapsed().as_secs_f64())
-            });
+            let split = done.devices.map(|d| format!("; {:.2} s, {d}", step_started.elapsed().as_secs_f64()));
             if !bar.is_hidden() {
                 if let Some(split) = split {
                     bar.println(format!("clip {number:03}: step {}/{evaluations}{split}", i + 1));
@@ -2028,7 +2026,8 @@ impl WindowBatch<'_> {
             }
         }
         let sub_sample = self.target.tensor(&[self.videos() * active.len(), g.h, g.w, g.c], self.target.dtype, &sub)?;
-        let sub_context = cache.get_or(CacheKey::Context(self.part, list.clone()), || (self.context_rows)(&list))?.clone();
+        let sub_context =
+            cache.get_or(CacheKey::Context(self.part, list.clone()), || (self.context_rows)(&list))?.clone();
         let sub_inputs = UnetInputs { sample: &sub_sample, encoder_hidden_states: &sub_context, ..*self.inputs };
         let r = forward(&sub_inputs, active.len())?;
         let to: Vec<usize> = (0..self.videos()).flat_map(|v| active.iter().map(move |&k| v * frames + k)).collect();

@@ -123,7 +123,7 @@ pub(super) enum HelperKind {
 
 enum Job {
     /// Prepare the models for this LoRA group (the group's config).
-    Group { config: RenderConfig, reply: Sender<Result<Vec<String>>> },
+    Group { config: Box<RenderConfig>, reply: Sender<Result<Vec<String>>> },
     /// Run `part` of these windows (index in the evaluation, window) of clip `clip`; `run` is new
     /// for every sampling run, whose cached inputs it shares.
     Windows {
@@ -226,7 +226,7 @@ impl Devices {
             .iter()
             .map(|h| {
                 let (reply, answer) = channel();
-                h.jobs.send(Job::Group { config: group.clone(), reply }).map_err(|_| ended())?;
+                h.jobs.send(Job::Group { config: Box::new(group.clone()), reply }).map_err(|_| ended())?;
                 Ok(answer)
             })
             .collect()
@@ -397,6 +397,7 @@ fn ended() -> Error {
 }
 
 /// A device thread's models.
+#[allow(clippy::large_enum_variant)] // one per device thread, made once and never moved
 enum Held {
     Cpu(Option<Models>),
     Cuda { gpu: Gpu, loaded: Option<GpuModels> },

@@ -1082,7 +1082,7 @@ fn a_render_takes_a_control_lora_entry() {
     let config_file = dir.path("config.json");
     std::fs::write(&config_file, serde_json::to_string_pretty(&config).unwrap()).unwrap();
     let config = RenderConfig::load(&config_file).unwrap();
-    let options = RenderOptions { noise: Some(noise_file), timings: false, keep_tensors: true };
+    let options = RenderOptions { noise: Some(noise_file), timings: false, keep_tensors: true, split: None };
     let report = render(&config, &options).unwrap();
     let latents = report.clips[0].latents.as_ref().unwrap();
     // diffusers' [1, C, F, h, w] latents, frame-major NHWC like ours

@@ -509,7 +509,7 @@ fn overrides_apply_to_every_clip() {
     a.mp4 = Some("off".into());
     a.timings = true;
     let (c, options) = config_from_args(&a).unwrap();
-    assert_eq!(options, RenderOptions { noise: None, timings: true, keep_tensors: false });
+    assert_eq!(options, RenderOptions { noise: None, timings: true, keep_tensors: false, split: None });
     for (i, clip) in c.clips.iter().enumerate() {
         assert_eq!((clip.prompt.as_str(), clip.negative.as_str()), ("a cat", "dogs"));
         assert!(clip.prompt_schedule.is_empty() && clip.seed.is_none() && clip.frames.is_none());

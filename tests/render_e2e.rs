@@ -108,7 +108,7 @@ fn check(case: &str, tolerance: f64) {
     let out = dir.path("outputs");
     let config = config_for(case, &out, control.as_deref());
     let noise = fixtures().join(format!("pipeline_tiny/{case}.noise.safetensors"));
-    let options = RenderOptions { noise: Some(noise), timings: false, keep_tensors: true };
+    let options = RenderOptions { noise: Some(noise), timings: false, keep_tensors: true, split: None };
     let report = render(&config, &options).unwrap();
     let clip = &report.clips[0];
     let reference =

@@ -1,5 +1,8 @@
-//! `celframe render CONFIG --gpus all|LIST`: one `celframe render` worker per GPU of this host.
-//! Worker k renders shard k of N (`--shard k/N`, the stable assignment of
+//! `celframe render CONFIG --gpus all|LIST`: one `celframe render` worker per GPU of this host
+//! (`--split clips`, the default), or with `--split windows|cfg` every clip over the listed
+//! devices in this one process (`crate::pipeline::devices`).
+//!
+//! With clips, worker k renders shard k of N (`--shard k/N`, the stable assignment of
 //! `crate::pipeline::batch`) into the one outputs tree, sees only its GPU (CUDA_VISIBLE_DEVICES)
 //! and gets every other argument unchanged; its stdout and stderr lines come out prefixed
 //! `[gpu K]`. When all have exited, the shards' reports are merged as `celframe merge-report`
@@ -25,6 +28,7 @@ use crate::pipeline::batch::{Shard, preflight};
 
 use super::merge_report::{self, MergeReportArgs};
 use super::render::{RenderArgs, config_from_args};
+use crate::pipeline::devices::{DeviceSplit, SplitMode};
 
 /// What `--gpus` names: every device the CUDA driver reports, or these ordinals.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,8 +41,9 @@ pub enum GpuSelection {
 const MAX_GPUS: usize = 1024;
 
 impl GpuSelection {
-    /// `all`, or comma-separated CUDA ordinals such as `0,2,3` (each once).
-    pub fn parse(text: &str) -> Result<GpuSelection> {
+    /// `all`, or comma-separated CUDA ordinals such as `0,2,3` (each once unless `repeats`: a
+    /// split of one clip may put two device threads on one GPU).
+    pub fn parse(text: &str, repeats: bool) -> Result<GpuSelection> {
         if text.trim() == "all" {
             return Ok(GpuSelection::All);
         }
@@ -50,7 +55,7 @@ impl GpuSelection {
                     item.trim()
                 )));
             };
-            if ordinals.contains(&ordinal) {
+            if !repeats && ordinals.contains(&ordinal) {
                 return Err(Error::Input(format!("--gpus {text}: GPU {ordinal} is listed twice")));
             }
             ordinals.push(ordinal);
@@ -296,7 +301,7 @@ fn wait_all(running: &mut [Running]) -> Result<Option<i32>> {
 /// The workers' run: checks, starts, waits, merges; returns the exit code (module docs).
 fn orchestrate(args: &RenderArgs, gpus: &str) -> Result<u8> {
     scheduler_conflict(|name| std::env::var(name).ok())?;
-    let selection = GpuSelection::parse(gpus)?;
+    let selection = GpuSelection::parse(gpus, false)?;
     // A list needs no driver; where there is one, its count checks the ordinals.
     let devices = if Gpu::is_available() {
         let count = cudarc::driver::result::device::get_count();
@@ -359,9 +364,36 @@ fn orchestrate(args: &RenderArgs, gpus: &str) -> Result<u8> {
     Ok(worst.clamp(0, 255) as u8)
 }
 
-/// `celframe render ... --gpus`: the exit code of `orchestrate`, or of its error (printed).
+/// The devices of `--gpus` for a split of one clip (`--split windows|cfg`), checked as the
+/// workers' ordinals are (`plan`).
+fn split_devices(gpus: &str) -> Result<Vec<usize>> {
+    let selection = GpuSelection::parse(gpus, true)?;
+    let devices = if Gpu::is_available() {
+        let count = cudarc::driver::result::device::get_count();
+        Some(count.map_err(|e| Error::Cuda(format!("cuDeviceGetCount: {e}")))? as usize)
+    } else {
+        None
+    };
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    Ok(plan(&selection, visible.as_deref(), devices)?.into_iter().map(|w| w.ordinal).collect())
+}
+
+/// `--split windows|cfg`: the render in this process over the listed devices.
+fn split_run(args: &RenderArgs, gpus: &str, mode: SplitMode) -> Result<u8> {
+    let split = DeviceSplit { mode, devices: split_devices(gpus)? };
+    super::render::run_split(args, Some(split))?;
+    Ok(0)
+}
+
+/// `celframe render ... --gpus`: the exit code of `orchestrate` (or of the split render), or of
+/// its error (printed).
 pub fn main(args: &RenderArgs, gpus: &str) -> ExitCode {
-    match orchestrate(args, gpus) {
+    let result = match super::render::split_mode(args) {
+        Ok(None) => orchestrate(args, gpus),
+        Ok(Some(mode)) => split_run(args, gpus, mode),
+        Err(e) => Err(e),
+    };
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e}");
@@ -376,12 +408,14 @@ mod tests {
 
     #[test]
     fn lists_parse_and_bad_ones_are_named() {
-        assert_eq!(GpuSelection::parse("all").unwrap(), GpuSelection::All);
-        assert_eq!(GpuSelection::parse("0, 2,3").unwrap(), GpuSelection::List(vec![0, 2, 3]));
+        assert_eq!(GpuSelection::parse("all", false).unwrap(), GpuSelection::All);
+        assert_eq!(GpuSelection::parse("0, 2,3", false).unwrap(), GpuSelection::List(vec![0, 2, 3]));
+        // A split of one clip may put two device threads on one GPU.
+        assert_eq!(GpuSelection::parse("0,0", true).unwrap(), GpuSelection::List(vec![0, 0]));
         for (bad, says) in
             [("0,0", "GPU 0 is listed twice"), ("1,x", "\"x\" is not"), ("", "\"\" is not"), ("0,", "\"\"")]
         {
-            let e = GpuSelection::parse(bad).unwrap_err();
+            let e = GpuSelection::parse(bad, false).unwrap_err();
             assert_eq!(e.exit_code(), 2);
             assert!(e.to_string().contains(says), "{bad}: {e}");
         }

@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::pipeline::RenderOptions;
 use crate::pipeline::batch::{Shard, shard_clips};
 use crate::pipeline::config::{ClipSpec, RenderConfig};
+use crate::pipeline::devices::{DeviceSplit, SplitMode};
 
 #[derive(Args, Debug, Default)]
 pub struct RenderArgs {
@@ -88,6 +89,15 @@ pub struct RenderArgs {
     /// the workers run on the CPU.
     #[arg(long, value_name = "all|LIST", conflicts_with_all = ["shard", "shard_count", "dry_run"])]
     pub gpus: Option<String>,
+    /// How --gpus divides the work. clips (the default): one worker per GPU, each rendering a shard
+    /// of the clips. windows: every clip over all the listed devices in this process, each sampler
+    /// step's context windows dealt round-robin (the frames are those one device renders, byte for
+    /// byte). cfg: exactly two devices, the unconditional half of each CFG batch on the first and
+    /// the conditional half on the second (for clips of one window; on CUDA close to, not equal to,
+    /// one device's frames). With windows and cfg a GPU may be listed twice (two threads on it),
+    /// and with a CPU config each entry is a CPU thread.
+    #[arg(long, value_name = "clips|windows|cfg")]
+    pub split: Option<String>,
     /// The shard count with JOB_COMPLETION_INDEX (the Job's completions), or in place of
     /// SLURM_ARRAY_TASK_COUNT; also read from CELFRAME_SHARD_COUNT.
     #[arg(long, value_name = "N")]
@@ -127,7 +137,8 @@ pub fn config_from_args(args: &RenderArgs) -> Result<(RenderConfig, RenderOption
     if let Some(noise) = args.noise.as_ref().filter(|p| !p.is_file()) {
         return Err(Error::Input(format!("--noise {}: no such file", noise.display())));
     }
-    Ok((config, RenderOptions { noise: args.noise.clone(), timings: args.timings, keep_tensors: false }))
+    let options = RenderOptions { noise: args.noise.clone(), timings: args.timings, keep_tensors: false, split: None };
+    Ok((config, options))
 }
 
 fn apply_overrides(config: &mut RenderConfig, args: &RenderArgs) {
@@ -197,8 +208,32 @@ fn install_stop_handlers() -> Result<()> {
     Ok(())
 }
 
+/// What `--split` asks for: None for clips (or no flag), the mode of a split of each clip.
+pub fn split_mode(args: &RenderArgs) -> Result<Option<SplitMode>> {
+    match args.split.as_deref().map(str::trim) {
+        None | Some("clips") => Ok(None),
+        Some("windows") => Ok(Some(SplitMode::Windows)),
+        Some("cfg") => Ok(Some(SplitMode::Cfg)),
+        Some(other) => Err(Error::Input(format!("--split {other:?}: give clips, windows or cfg"))),
+    }
+}
+
+/// `celframe render` in this process: one device, or with `split` one clip at a time over several.
 pub fn run(args: &RenderArgs) -> Result<()> {
-    let (config, options) = config_from_args(args)?;
+    if let Some(mode) = split_mode(args)? {
+        return Err(Error::Input(format!(
+            "--split {}: name the devices with --gpus, such as --gpus 0,1 (CUDA ordinals; with a CPU config, CPU \
+             threads)",
+            if mode == SplitMode::Windows { "windows" } else { "cfg" }
+        )));
+    }
+    run_split(args, None)
+}
+
+/// `run` with one clip's work over the devices of `split` (`pipeline::devices`).
+pub fn run_split(args: &RenderArgs, split: Option<DeviceSplit>) -> Result<()> {
+    let (config, mut options) = config_from_args(args)?;
+    options.split = split;
     let shard = shard_from_args(args, |name| std::env::var(name).ok())?;
     for warning in config.warnings() {
         eprintln!("{warning}");

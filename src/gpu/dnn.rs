@@ -3,10 +3,14 @@
 //! (cudnnFindConvolutionForwardAlgorithmEx): the fastest deterministic one (the fastest of all only
 //! where none is). Timings vary between runs, so two processes could pick different algorithms and
 //! round differently; the choice is kept on disk per device and cuDNN version (`AlgoCache`), so
-//! every later process runs the same algorithms and gives bit-identical outputs.
+//! every later process runs the same algorithms and gives bit-identical outputs. Within a process
+//! the choices are shared by every thread's `Dnn` (the device threads of a split render,
+//! `pipeline::devices`), and a search runs under a lock, so two devices never run one shape with
+//! different algorithms.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::{LazyLock, Mutex, MutexGuard};
 
 use cudarc::cudnn::sys as dnn;
 
@@ -58,7 +62,19 @@ pub struct Dnn {
 /// With no usable folder the choices live for the process only.
 struct AlgoCache {
     file: Option<std::path::PathBuf>,
-    chosen: HashMap<String, (u32, u32)>,
+    /// The choices' key in `CHOSEN`: cuDNN version and device name.
+    name: String,
+}
+
+/// Every `AlgoCache`'s choices in this process, by its `name`, each by convolution shape:
+/// (algorithm, math type) numbers.
+type Choices = HashMap<String, HashMap<String, (u32, u32)>>;
+
+static CHOSEN: LazyLock<Mutex<Choices>> = LazyLock::new(Mutex::default);
+
+/// The process's choices, locked (a thread that panicked holding them left whole entries only).
+fn shared_choices() -> MutexGuard<'static, Choices> {
+    CHOSEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// An algorithm and the math type it was timed with: cuDNN's search may time an algorithm under
@@ -77,24 +93,28 @@ impl AlgoCache {
             .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| std::path::Path::new(&d).join("celframe")))
             .or_else(|| std::env::var_os("HOME").map(|d| std::path::Path::new(&d).join(".cache/celframe")));
         let version = unsafe { dnn::cudnnGetVersion() };
-        let name: String = device.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-        let file = folder.map(|f| f.join(format!("cudnn-{version}-{name}.v2.tsv")));
-        // A missing, unreadable or oversized file is an empty cache (it is only a memo of timings).
-        let text = file.as_deref().and_then(|f| crate::io::read_text(f, 16 << 20, "cuDNN algorithm cache").ok());
-        let chosen = text
-            .iter()
-            .flat_map(|t| t.lines())
-            .filter_map(|l| {
-                let mut fields = l.split('\t');
-                let (key, algo, math) = (fields.next()?, fields.next()?.parse().ok()?, fields.next()?.parse().ok()?);
-                Some((key.to_string(), (algo, math)))
-            })
-            .collect();
-        AlgoCache { file, chosen }
+        let device: String = device.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+        let name = format!("cudnn-{version}-{device}");
+        let file = folder.map(|f| f.join(format!("{name}.v2.tsv")));
+        // Read once per process: later threads find the choices in CHOSEN.
+        shared_choices().entry(name.clone()).or_insert_with(|| {
+            // A missing, unreadable or oversized file is an empty cache (it is only a memo of timings).
+            let text = file.as_deref().and_then(|f| crate::io::read_text(f, 16 << 20, "cuDNN algorithm cache").ok());
+            text.iter()
+                .flat_map(|t| t.lines())
+                .filter_map(|l| {
+                    let mut fields = l.split('\t');
+                    let (key, algo, math) =
+                        (fields.next()?, fields.next()?.parse().ok()?, fields.next()?.parse().ok()?);
+                    Some((key.to_string(), (algo, math)))
+                })
+                .collect()
+        });
+        AlgoCache { file, name }
     }
 
-    fn get(&self, s: &ConvShape) -> Option<Choice> {
-        let (algo, math) = *self.chosen.get(&format!("{s:?}"))?;
+    fn get(&self, chosen: &Choices, s: &ConvShape) -> Option<Choice> {
+        let (algo, math) = *chosen.get(&self.name)?.get(&format!("{s:?}"))?;
         Some(Choice {
             algo: ALGOS.into_iter().find(|a| *a as u32 == algo)?,
             math: MATH_TYPES.into_iter().find(|m| *m as u32 == math)?,
@@ -103,10 +123,11 @@ impl AlgoCache {
 
     /// Records a choice; the file is rewritten whole through a temporary name, so a reader never
     /// sees half a file. Failing to write only costs the next process a search.
-    fn put(&mut self, s: &ConvShape, choice: Choice) {
-        self.chosen.insert(format!("{s:?}"), (choice.algo as u32, choice.math as u32));
+    fn put(&mut self, chosen: &mut Choices, s: &ConvShape, choice: Choice) {
+        let mine = chosen.entry(self.name.clone()).or_default();
+        mine.insert(format!("{s:?}"), (choice.algo as u32, choice.math as u32));
         let Some(file) = &self.file else { return };
-        let mut lines: Vec<String> = self.chosen.iter().map(|(k, (a, m))| format!("{k}\t{a}\t{m}\n")).collect();
+        let mut lines: Vec<String> = mine.iter().map(|(k, (a, m))| format!("{k}\t{a}\t{m}\n")).collect();
         lines.sort();
         let temp = file.with_extension(format!("tmp{}", std::process::id()));
         let written = file.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| {
@@ -234,7 +255,10 @@ impl Dnn {
             };
             check("cudnnSetConvolutionMathType", dnn::cudnnSetConvolutionMathType(plan.conv, math))?;
         }
-        if let Some(choice) = self.algos.get(s) {
+        // Held through the search and its record: another thread's search of the shape waits and
+        // then takes this one's choice.
+        let mut chosen = shared_choices();
+        if let Some(choice) = self.algos.get(&chosen, s) {
             unsafe { self.apply(&mut plan, choice)? };
             return Ok(plan);
         }
@@ -270,7 +294,7 @@ impl Dnn {
             .ok_or_else(|| Error::Cuda(format!("cuDNN found no algorithm for {s:?}")))?;
         let choice = Choice { algo: best.algo, math: best.mathType };
         unsafe { self.apply(&mut plan, choice)? };
-        self.algos.put(s, choice);
+        self.algos.put(&mut chosen, s, choice);
         Ok(plan)
     }
 

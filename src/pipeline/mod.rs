@@ -1,8 +1,9 @@
 //! The renderer: its configuration, context windows over long clips, the initial noise (FreeNoise,
-//! FreeInit), and the render loop itself (`render`).
+//! FreeInit), the render loop itself (`render`) and one clip over several devices (`devices`).
 
 pub mod batch;
 pub mod config;
+pub mod devices;
 pub mod free_init;
 pub mod lora_switch;
 pub mod noise_init;

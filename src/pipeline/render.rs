@@ -52,6 +52,7 @@ use crate::ops::rows::{gather_rows, scatter_rows};
 use crate::output::{ClipOptions, ClipReport, ClipWriter, Fps, OutputTree, RgbImage};
 use crate::pipeline::batch::{ClipSeconds, RunReport, Shard, lora_groups, preflight, shard_clips, write_prompt_grid};
 use crate::pipeline::config::{Component, ControlNetEntry, LoraEntry, RenderConfig, is_json};
+use crate::pipeline::devices::{DeviceSplit, Devices, HelperKind, WindowJob, lead_sharing};
 use crate::pipeline::free_init::mix_frequencies;
 use crate::pipeline::lora_switch::{DeviceLoras, PreparedLoras};
 use crate::pipeline::noise_init::freenoise_frame_sources;
@@ -76,6 +77,8 @@ pub struct RenderOptions {
     pub timings: bool,
     /// Keep each clip's final latents and f32 frames in the report (tests).
     pub keep_tensors: bool,
+    /// One clip's work over several devices of this host (`pipeline::devices`); None: one device.
+    pub split: Option<DeviceSplit>,
 }
 
 /// Seconds spent per stage.
@@ -111,7 +114,7 @@ pub struct RenderReport {
 
 /// Every checkpoint of the run, opened (weights mapped, not yet converted), with the LoRA
 /// targets they offer.
-struct Checkpoints {
+pub(super) struct Checkpoints {
     unet: UnetCheckpoint,
     motion: Option<MotionCheckpoint>,
     vae: VaeCheckpoint,
@@ -165,7 +168,7 @@ impl Checkpoints {
     }
 
     /// `config`'s LoRA set resolved against the models (None: no LoRA).
-    fn resolve_loras(&self, config: &RenderConfig) -> Result<Option<Loras>> {
+    pub(super) fn resolve_loras(&self, config: &RenderConfig) -> Result<Option<Loras>> {
         let specs = config.lora_specs()?;
         if specs.is_empty() { Ok(None) } else { Ok(Some(lora::resolve(&specs, &self.targets, false)?)) }
     }
@@ -233,7 +236,7 @@ enum Net {
 }
 
 /// The models prepared for one place.
-struct Models {
+pub(super) struct Models {
     text: SdxlTextEncoders,
     unet: Unet,
     motion: Option<MotionModules>,
@@ -244,7 +247,7 @@ struct Models {
 impl Models {
     /// The models in `place`, with `loras` merged on the host as they convert (the CPU path; on
     /// CUDA the models load once without them and `GpuLoras` switches sets on the device).
-    fn new(c: &Checkpoints, loras: Option<&Loras>, place: Place) -> Result<Models> {
+    pub(super) fn new(c: &Checkpoints, loras: Option<&Loras>, place: Place) -> Result<Models> {
         let merge = |component| loras.and_then(|l| l.merge(component));
         let unet = Unet::new(&c.unet, with_loras(&place, merge(LoraComponent::Unet)))?;
         let motion = match &c.motion {
@@ -289,9 +292,9 @@ impl Models {
 
 /// Where the model inputs of a step go: host tensors for the CPU twins, uploads for CUDA.
 #[derive(Clone, Copy)]
-struct Target<'a> {
-    ex: Exec<'a>,
-    dtype: DType,
+pub(super) struct Target<'a> {
+    pub(super) ex: Exec<'a>,
+    pub(super) dtype: DType,
 }
 
 impl Target<'_> {
@@ -350,6 +353,9 @@ impl Batch {
 /// returned, with its own exit code. A whole run also writes the prompt grid; shards leave it to
 /// `celframe merge-report`.
 pub fn render_batch(config: &RenderConfig, options: &RenderOptions, shard: Option<Shard>) -> Result<RenderReport> {
+    if let Some(split) = &options.split {
+        split.check(config)?;
+    }
     preflight(config)?;
     let lora_digests = LoraDigests::start(config);
     let dtype = config.dtype()?;
@@ -372,64 +378,100 @@ pub fn render_batch(config: &RenderConfig, options: &RenderOptions, shard: Optio
     batch.report.write(&tree)?;
     let noise = options.noise.as_deref().map(|p| weights::open(p, "noise file")).transpose()?;
     let groups = lora_groups(config, &clips);
+    let split = options.split.as_ref();
     match device {
         Device::Cpu => {
             if options.timings {
                 eprintln!("--timings: the GPU time table needs CUDA; the CPU run reports stage times only");
             }
-            for (loras, members) in &groups {
-                let group = RenderConfig { loras: loras.clone(), ..config.clone() };
-                let started = Instant::now();
-                // The CPU twins merge on the host as the weights convert: one load per LoRA set.
-                let loaded = Checkpoints::open(&group).and_then(|c| {
-                    let loras = c.resolve_loras(&group)?;
-                    Ok((Models::new(&c, loras.as_ref(), Place::Host(dtype))?, c, loras))
-                });
-                let (models, checkpoints, loras) = match loaded {
-                    Ok(loaded) => loaded,
-                    Err(e) => {
-                        fail_group(&mut batch, config, members, e);
-                        continue;
+            match Checkpoints::open(config) {
+                Err(e) => fail_group(&mut batch, config, &clips, e),
+                Ok(checkpoints) => std::thread::scope(|scope| -> Result<()> {
+                    let devices = match split {
+                        Some(split) => Devices::spawn(scope, split, &checkpoints, HelperKind::Cpu, dtype)?,
+                        None => Devices::lead_only(),
+                    };
+                    batch.summary.extend(devices.describe());
+                    for (loras, members) in &groups {
+                        let group = RenderConfig { loras: loras.clone(), ..config.clone() };
+                        let started = Instant::now();
+                        let pending = devices.begin_group(&group);
+                        // The CPU twins merge on the host as the weights convert: one load per LoRA set.
+                        let loaded = checkpoints.resolve_loras(&group).and_then(|loras| {
+                            Ok((Models::new(&checkpoints, loras.as_ref(), Place::Host(dtype))?, loras))
+                        });
+                        let helpers = devices.finish_group(pending);
+                        let (models, loras, helper_lines) = match (loaded, helpers) {
+                            (Ok((models, loras)), Ok(lines)) => (models, loras, lines),
+                            (Err(e), _) | (_, Err(e)) => {
+                                fail_group(&mut batch, config, members, e);
+                                continue;
+                            }
+                        };
+                        batch.summary.extend(loras.iter().flat_map(|l| l.summary.iter().cloned()));
+                        batch.summary.push(format!(
+                            "loaded the models on the CPU twins in {:.1} s for {} clip(s)",
+                            started.elapsed().as_secs_f64(),
+                            members.len()
+                        ));
+                        batch.summary.extend(helper_lines);
+                        let target = Target { ex: Exec::Cpu, dtype };
+                        let group = GroupRun {
+                            config: &group,
+                            options,
+                            checkpoints: &checkpoints,
+                            models: &models,
+                            target,
+                            devices: &devices,
+                        };
+                        render_clips(&group, &tree, members, noise.as_ref(), &mut batch)?;
                     }
-                };
-                batch.summary.extend(loras.iter().flat_map(|l| l.summary.iter().cloned()));
-                batch.summary.push(format!(
-                    "loaded the models on the CPU twins in {:.1} s for {} clip(s)",
-                    started.elapsed().as_secs_f64(),
-                    members.len()
-                ));
-                let target = Target { ex: Exec::Cpu, dtype };
-                let group = GroupRun { config: &group, options, checkpoints: &checkpoints, models: &models, target };
-                render_clips(&group, &tree, members, noise.as_ref(), &mut batch)?;
+                    Ok(())
+                })?,
             }
         }
         Device::Cuda => {
-            let gpu = Gpu::from_env()?;
+            let gpu = match split {
+                Some(split) => Gpu::new(split.devices[0])?,
+                None => Gpu::from_env()?,
+            };
             if options.timings {
                 gpu.start_profile();
             }
+            let sharing = lead_sharing(split);
             let mut peak = (0, 0, 0);
             match Checkpoints::open(config) {
                 Err(e) => fail_group(&mut batch, config, &clips, e),
-                Ok(checkpoints) => {
+                Ok(checkpoints) => std::thread::scope(|scope| -> Result<()> {
                     let restore = Restore::parse(&config.lora_restore)?;
                     let reserve = lora_reserve(&checkpoints, &groups, restore, dtype);
+                    let devices = match split {
+                        Some(split) => {
+                            let kind = HelperKind::Cuda { restore, reserve };
+                            Devices::spawn(scope, split, &checkpoints, kind, dtype)?
+                        }
+                        None => Devices::lead_only(),
+                    };
+                    batch.summary.extend(devices.describe());
                     let mut loaded: Option<GpuModels> = None;
                     // The next group's host part (`HostGroup`), made while this group renders: at
                     // most one waits.
                     let mut ahead: Option<Result<HostGroup>> = None;
                     for (g, (loras, members)) in groups.iter().enumerate() {
                         let group = RenderConfig { loras: loras.clone(), ..config.clone() };
+                        let pending = devices.begin_group(&group);
                         let host = ahead.take().unwrap_or_else(|| HostGroup::new(&checkpoints, &group, None));
                         let prepared = host.and_then(|host| {
-                            prepare_group(&gpu, &checkpoints, &group, host, restore, reserve, &mut loaded)
+                            prepare_group(&gpu, &checkpoints, &group, host, restore, reserve, sharing, &mut loaded)
                         });
-                        let run = match prepared {
-                            Ok((lines, run)) => {
+                        let helpers = devices.finish_group(pending);
+                        let run = match (prepared, helpers) {
+                            (Ok((lines, run)), Ok(helper_lines)) => {
                                 batch.summary.extend(lines);
+                                batch.summary.extend(helper_lines);
                                 run
                             }
-                            Err(e) => {
+                            (Err(e), _) | (_, Err(e)) => {
                                 fail_group(&mut batch, config, members, e);
                                 continue;
                             }
@@ -441,6 +483,7 @@ pub fn render_batch(config: &RenderConfig, options: &RenderOptions, shard: Optio
                             checkpoints: &checkpoints,
                             models: &run.models,
                             target,
+                            devices: &devices,
                         };
                         let next = groups.get(g + 1).map(|(l, _)| RenderConfig { loras: l.clone(), ..config.clone() });
                         let (rendered, next_host) = std::thread::scope(|scope| {
@@ -462,14 +505,16 @@ pub fn render_batch(config: &RenderConfig, options: &RenderOptions, shard: Optio
                         let lora_bytes = run.loras.as_ref().map_or(0, DeviceLoras::peak_bytes);
                         peak = (peak.0.max(run.weights.used()), peak.1.max(run.scratch.peak()), peak.2.max(lora_bytes));
                     }
-                }
+                    Ok(())
+                })?,
             }
             if options.timings {
                 let table = format_rows(&gpu.finish_profile()?)?;
                 batch.summary.push(format!("GPU time by model part and kind of pass (CUDA events):\n{table}"));
             }
             batch.summary.push(format!(
-                "peak GPU memory: {:.2} GiB (weights {:.2} GiB + activations {:.2} GiB + LoRA switching {:.2} GiB)",
+                "peak GPU memory{}: {:.2} GiB (weights {:.2} GiB + activations {:.2} GiB + LoRA switching {:.2} GiB)",
+                if split.is_some() { " of the lead device" } else { "" },
                 (peak.0 + peak.1 + peak.2) as f64 / GIB,
                 peak.0 as f64 / GIB,
                 peak.1 as f64 / GIB,
@@ -540,17 +585,19 @@ fn fail_group(batch: &mut Batch, config: &RenderConfig, members: &[usize], e: Er
 }
 
 /// The models on the GPU, their arenas, and how LoRA sets get into them.
-struct GpuModels {
-    models: Models,
+pub(super) struct GpuModels {
+    pub(super) models: Models,
     /// Base weights with sets switched on the device; None: a set merged on the host at load.
     loras: Option<DeviceLoras>,
     weights: Arena,
-    scratch: Arena,
+    pub(super) scratch: Arena,
 }
 
 impl GpuModels {
     /// Loads every model, with `loras` merged on the host (None: base weights, whose sets
     /// `DeviceLoras` switches). `reserve`: device bytes the scratch arena leaves for switching.
+    /// `sharing`: device threads of a split on this one GPU (an ordinal listed more than once),
+    /// which share its memory evenly.
     fn load(
         gpu: &Gpu,
         checkpoints: &Checkpoints,
@@ -558,11 +605,17 @@ impl GpuModels {
         restore: Restore,
         dtype: DType,
         reserve: usize,
+        sharing: usize,
     ) -> Result<(GpuModels, String)> {
         let started = Instant::now();
         let weights_bytes = checkpoints.weight_bytes(dtype);
         let weights = Arena::new("weights", weights_bytes + (256 << 20))?;
-        let scratch = Arena::new("scratch", most_of_memory(gpu, weights_bytes + reserve))?;
+        let scratch_bytes = if sharing <= 1 {
+            most_of_memory(gpu, weights_bytes + reserve)
+        } else {
+            (most_of_memory(gpu, 0) / sharing).saturating_sub(weights_bytes + reserve).max(1 << 30)
+        };
+        let scratch = Arena::new("scratch", scratch_bytes)?;
         let models = Models::new(checkpoints, loras, Place::Device { gpu, arena: &weights, dtype })?;
         let line = format!(
             "loaded the models onto {} in {:.1} s ({:.2} GiB of weights{})",
@@ -598,7 +651,7 @@ fn lora_reserve(
 /// A LoRA group's work that needs no GPU: its set resolved against the models and, for the device
 /// merge (f16 and bf16), laid out for the loaded models. The batch makes the next group's on a
 /// thread while the current group renders.
-struct HostGroup {
+pub(super) struct HostGroup {
     loras: Option<Loras>,
     /// The set laid out (Err: what the layout refused, `Error::Unsupported` for the host-merge
     /// fallback); None where no models were loaded to lay it out for, or the merge is on the host.
@@ -611,7 +664,7 @@ impl HostGroup {
     /// `group`'s set resolved against `checkpoints` (an error fails the group) and laid out for
     /// `models` (the adapted models' weights, device ones included: only shapes are read) where
     /// given. Touches no GPU.
-    fn new(
+    pub(super) fn new(
         checkpoints: &Checkpoints,
         group: &RenderConfig,
         models: Option<&[(LoraComponent, &ModelWeights)]>,
@@ -630,13 +683,15 @@ impl HostGroup {
 /// where it could be) and returns them with summary lines. f16 and bf16 models load once and the
 /// set is switched on the device; what the device merge does not take (f32 weights, bf16 DoRA) is
 /// merged on the host into a fresh load of the models, which the next group replaces.
-fn prepare_group<'m>(
+#[allow(clippy::too_many_arguments)]
+pub(super) fn prepare_group<'m>(
     gpu: &Gpu,
     checkpoints: &Checkpoints,
     group: &RenderConfig,
     host: HostGroup,
     restore: Restore,
     reserve: usize,
+    sharing: usize,
     loaded: &'m mut Option<GpuModels>,
 ) -> Result<(Vec<String>, &'m GpuModels)> {
     let dtype = group.dtype()?;
@@ -647,7 +702,7 @@ fn prepare_group<'m>(
             *loaded = None; // a host-merged set: back to the base weights
         }
         if loaded.is_none() {
-            let (models, line) = GpuModels::load(gpu, checkpoints, None, restore, dtype, reserve)?;
+            let (models, line) = GpuModels::load(gpu, checkpoints, None, restore, dtype, reserve, sharing)?;
             lines.push(line);
             *loaded = Some(models);
         }
@@ -690,7 +745,7 @@ fn prepare_group<'m>(
         }
     }
     *loaded = None; // free the device before loading again
-    let (models, line) = GpuModels::load(gpu, checkpoints, loras.as_ref(), restore, dtype, 0)?;
+    let (models, line) = GpuModels::load(gpu, checkpoints, loras.as_ref(), restore, dtype, 0, sharing)?;
     lines.push(line);
     Ok((lines, loaded.insert(models)))
 }
@@ -703,6 +758,8 @@ struct GroupRun<'a> {
     checkpoints: &'a Checkpoints,
     models: &'a Models,
     target: Target<'a>,
+    /// The devices a split hands windows or CFG halves to (none without one).
+    devices: &'a Devices,
 }
 
 /// Renders `members` (clip indices), skipping complete clips, recording each in the run report
@@ -758,7 +815,7 @@ fn render_clips(
                 prepared = Some((next, scope.spawn(move || build_controls(&next_clip, next_g))));
             }
             let (o, c, m, t) = (group.options, group.checkpoints, group.models, group.target);
-            match render_clip(&clip, o, c, m, t, tree, index, noise, controls) {
+            match render_clip(&clip, o, c, m, t, tree, index, noise, controls, group.devices) {
                 Ok((outcome, writer)) => {
                     if let Some(previous) = finishing.take() {
                         let stopped = previous.join(config, batch);
@@ -964,7 +1021,7 @@ fn sha256_file(path: &Path) -> Result<String> {
 
 /// A clip's geometry.
 #[derive(Clone, Copy)]
-struct Geometry {
+pub(super) struct Geometry {
     frames: usize,
     width: usize,
     height: usize,
@@ -982,7 +1039,7 @@ impl Geometry {
 
 /// The conditioning of a clip: the negative, and the prompt schedule's keys (frame, conditioning),
 /// all padded to one token count.
-struct ClipConditioning {
+pub(super) struct ClipConditioning {
     negative: HostConditioning,
     keys: Vec<(usize, HostConditioning)>,
     tokens: usize,
@@ -1062,7 +1119,7 @@ impl ClipConditioning {
 type HintImage = Arc<RgbImage>;
 
 /// One ControlNet's (or one Union condition's) per-frame hints and strengths for a clip.
-struct ClipControl {
+pub(super) struct ClipControl {
     hints: Vec<Option<HintImage>>,
     strengths: Vec<f32>,
     scale: ControlScale,
@@ -1304,6 +1361,7 @@ fn render_clip(
     index: usize,
     noise_file: Option<&weights::TensorFile>,
     controls: Result<ClipControls>,
+    devices: &Devices,
 ) -> Result<(ClipOutcome, ClipWriter)> {
     let number = index + 1;
     check_stop(|| format!("clip {number:03}, before it started"))?;
@@ -1329,18 +1387,22 @@ fn render_clip(
         None => ClipNoise::Generator { seed, clip: index as u64, pass: 0 },
     };
     let context = context_options(config)?;
+    // A window split gives the latents one device gives; the CFG halves on two GPUs do not quite
+    // (cuBLAS may choose other kernels for half the batch), so their saved work is kept apart.
     let device = match target.ex {
         Exec::Cpu => "cpu".to_string(),
+        Exec::Cuda { gpu, .. } if devices.splits_cfg() => format!("{} (CFG halves on two devices)", gpu.info().name),
         Exec::Cuda { gpu, .. } => gpu.info().name.clone(),
     };
     let identity = clip_identity(config, index, &device, options.noise.as_deref());
     let resume = ClipResume::open(tree.resume_dir(number as u32), number, identity)?;
+    let inputs = Arc::new(ClipInputs { config: config.clone(), cond, controls });
     let run = ClipRun {
         config,
         models,
         target,
-        cond: &cond,
-        controls: &controls,
+        inputs: &inputs,
+        devices,
         context: &context,
         noise: &noise,
         number,
@@ -1427,7 +1489,7 @@ fn clip_geometry(config: &RenderConfig, models: &Models, index: usize) -> Geomet
 
 /// A clip's control inputs: per ControlNet entry, one control per condition (a plain entry is
 /// one).
-type ClipControls = Vec<Vec<ClipControl>>;
+pub(super) type ClipControls = Vec<Vec<ClipControl>>;
 
 /// Builds the control inputs of a clip of geometry `g` (`config` is the clip's own): images
 /// decoded, poses drawn, Canny and depth hints computed, all prepared at the clip's size.
@@ -1440,13 +1502,21 @@ fn build_controls(config: &RenderConfig, g: Geometry) -> Result<ClipControls> {
         .collect()
 }
 
+/// A clip's own config, conditioning and control inputs: what every device of a split reads.
+pub(super) struct ClipInputs {
+    pub(super) config: RenderConfig,
+    pub(super) cond: ClipConditioning,
+    pub(super) controls: ClipControls,
+}
+
 /// What every sampler evaluation of a clip shares.
 struct ClipRun<'a> {
     config: &'a RenderConfig,
     models: &'a Models,
     target: Target<'a>,
-    cond: &'a ClipConditioning,
-    controls: &'a [Vec<ClipControl>],
+    /// The clip's conditioning and control inputs, shared with the devices of a split.
+    inputs: &'a Arc<ClipInputs>,
+    devices: &'a Devices,
     context: &'a ContextOptions,
     noise: &'a ClipNoise<'a>,
     number: usize,
@@ -1525,7 +1595,9 @@ impl ClipRun<'_> {
         Ok(x)
     }
 
-    /// Runs `sampler` over `x`, the latents of `g.frames` frames from clip frame `first`.
+    /// Runs `sampler` over `x`, the latents of `g.frames` frames from clip frame `first`. Each
+    /// evaluation's windows run on the devices of the run (`Devices::run_step`: all on this thread
+    /// without a split) and are fused here in window order.
     fn denoise(&self, sampler: &mut Sampler, x: &mut [f32], g: Geometry, first: usize) -> Result<()> {
         let (number, context) = (self.number, self.context);
         let started = Instant::now();
@@ -1535,6 +1607,7 @@ impl ClipRun<'_> {
             Ok(())
         };
         let mut cache = InputCache::default();
+        let run = self.devices.next_run();
         let bar = progress_bar(
             evaluations as u64,
             &format!("clip {number:03} frames {first}..{}", first + g.frames),
@@ -1544,6 +1617,7 @@ impl ClipRun<'_> {
             check_stop(|| {
                 format!("clip {number:03}, frames {first}..{}, before step {}/{evaluations}", first + g.frames, i + 1)
             })?;
+            let step_started = Instant::now();
             let _step_range = nvtx::range(&format!("clip {number} step {}", i + 1));
             let timestep = sampler.timesteps()[sampler.position()];
             let windows = if g.frames <= context.length {
@@ -1551,32 +1625,48 @@ impl ClipRun<'_> {
             } else {
                 context.windows(g.frames, i as u64)?
             };
-            let mut fuser = Fuser::new(g.frames, g.frame_len())?;
             let scale = sampler.model_input_scale(i)?;
-            for (wi, window) in windows.iter().enumerate() {
-                let frames: Vec<usize> = window.iter().map(|f| f + first).collect();
-                let _window_range =
-                    nvtx::range(&format!("window {} frames {}..={}", wi + 1, frames[0], frames[frames.len() - 1]));
-                let latents: Vec<f32> = gather(window, x, g.frame_len())?.into_iter().map(|v| v * scale).collect();
-                let step = Step { index: i, of: evaluations, window: wi, windows: windows.len(), timestep };
-                bar.set_message(format!("window {}/{}", wi + 1, windows.len()));
-                let guided = denoise_window(self, g, &frames, &latents, step, &mut cache)?;
+            let jobs = windows
+                .iter()
+                .enumerate()
+                .map(|(wi, window)| {
+                    let latents: Vec<f32> = gather(window, x, g.frame_len())?.into_iter().map(|v| v * scale).collect();
+                    let step = Step { index: i, of: evaluations, window: wi, windows: windows.len(), timestep };
+                    Ok(WindowJob { frames: window.iter().map(|f| f + first).collect(), latents, step })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let lead = WindowRun {
+                config: self.config,
+                models: self.models,
+                target: self.target,
+                cond: &self.inputs.cond,
+                controls: &self.inputs.controls,
+            };
+            let done = self.devices.run_step(&lead, self.inputs, g, run, jobs, &mut cache, &bar)?;
+            let mut fuser = Fuser::new(g.frames, g.frame_len())?;
+            for (window, out) in windows.iter().zip(done.outputs) {
+                let guided = guide(self.config, out, window.len(), g.frame_len())?;
                 fuser.add(window, &context.fuse_weights(window, g.frames), &guided)?;
             }
             let model_output = fuser.finish()?;
             sampler.step(&model_output, x, &mut step_noise as &mut dyn NoiseSource)?;
             bar.inc(1);
+            let split = done.devices.map(|d| format!("; {:.2} s, {d}", step_started.elapsed().as_secs_f64()));
             if !bar.is_hidden() {
+                if let Some(split) = split {
+                    bar.println(format!("clip {number:03}: step {}/{evaluations}{split}", i + 1));
+                }
                 continue;
             }
             // Not a terminal (a log): one line per step.
             eprintln!(
-                "clip {number:03}: frames {first}..{}: step {}/{evaluations} ({} window{}) {:.2} it/s",
+                "clip {number:03}: frames {first}..{}: step {}/{evaluations} ({} window{}) {:.2} it/s{}",
                 first + g.frames,
                 i + 1,
                 windows.len(),
                 if windows.len() == 1 { "" } else { "s" },
-                (i + 1) as f64 / started.elapsed().as_secs_f64()
+                (i + 1) as f64 / started.elapsed().as_secs_f64(),
+                split.unwrap_or_default()
             );
         }
         bar.finish();
@@ -1686,26 +1776,27 @@ fn context_options(config: &RenderConfig) -> Result<ContextOptions> {
 
 /// Which evaluation and window a model call serves (for errors and progress).
 #[derive(Clone, Copy)]
-struct Step {
-    index: usize,
-    of: usize,
-    window: usize,
-    windows: usize,
-    timestep: f32,
+pub(super) struct Step {
+    pub(super) index: usize,
+    pub(super) of: usize,
+    pub(super) window: usize,
+    pub(super) windows: usize,
+    pub(super) timestep: f32,
 }
 
 /// Model inputs that stay the same across steps for a window (text context, control images),
 /// kept on the device between steps. Cleared when it grows past a few windows.
 #[derive(Default)]
-struct InputCache {
+pub(super) struct InputCache {
     entries: HashMap<CacheKey, Tensor>,
 }
 
 /// What a cached input is, for which clip frames.
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum CacheKey {
-    /// The text context rows of these frames (the UNet's window, or a ControlNet's frames).
-    Context(Vec<usize>),
+    /// The text context rows of these frames (the UNet's window, or a ControlNet's frames) for
+    /// the CFG halves of `Part`.
+    Context(Part, Vec<usize>),
     /// ControlNet `n`'s embedded distinct hint images of these frames (`distinct_hints`).
     Hints(usize, Vec<usize>),
     /// Union `n`'s condition `j`'s embedded distinct hint images of these frames, a zero image
@@ -1728,21 +1819,60 @@ impl InputCache {
     }
 }
 
-/// The guided noise prediction for one window (frame-major f32, `window.len()` frames).
-/// `window` holds clip frame indices (prompt schedule, control hints); `latents` its frames' model
-/// inputs.
-fn denoise_window(
-    run: &ClipRun,
+/// Which halves of the classifier-free-guidance batch a model call runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) enum Part {
+    /// `[uncond frames..., cond frames...]` (the conditional frames alone without CFG): one device.
+    Both,
+    /// One half, for `--split cfg` (the other half runs on another device).
+    Half(Half),
+}
+
+/// One half of the CFG batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) enum Half {
+    Uncond,
+    Cond,
+}
+
+impl Part {
+    /// The halves of the model call, in batch order, for a guidance scale of `guidance`.
+    fn halves(self, guidance: f32) -> &'static [Half] {
+        match self {
+            Part::Both if guidance > 1.0 => &[Half::Uncond, Half::Cond],
+            Part::Both | Part::Half(Half::Cond) => &[Half::Cond],
+            Part::Half(Half::Uncond) => &[Half::Uncond],
+        }
+    }
+}
+
+/// What a window's model call reads: the clip's settings, conditioning and control inputs, and
+/// one device's models.
+#[derive(Clone, Copy)]
+pub(super) struct WindowRun<'a> {
+    pub(super) config: &'a RenderConfig,
+    pub(super) models: &'a Models,
+    pub(super) target: Target<'a>,
+    pub(super) cond: &'a ClipConditioning,
+    pub(super) controls: &'a [Vec<ClipControl>],
+}
+
+/// The UNet's noise prediction for one window's `part` of the CFG batch (frame-major f32: the
+/// halves one after the other, `window.len()` frames each), checked finite; `guide` turns the
+/// whole batch into the guided prediction. `window` holds clip frame indices (prompt schedule,
+/// control hints); `latents` its frames' model inputs.
+pub(super) fn denoise_window(
+    run: &WindowRun,
     g: Geometry,
     window: &[usize],
     latents: &[f32],
     step: Step,
+    part: Part,
     cache: &mut InputCache,
 ) -> Result<Vec<f32>> {
     let (config, models, target, cond, controls) = (run.config, run.models, run.target, run.cond, run.controls);
-    let guidance = config.sampler.cfg;
-    let cfg = guidance > 1.0;
-    let videos = if cfg { 2 } else { 1 };
+    let halves = part.halves(config.sampler.cfg);
+    let videos = halves.len();
     let frames = window.len();
     let rows = videos * frames;
     let ex = target.ex;
@@ -1756,28 +1886,27 @@ fn denoise_window(
     let timestep = target.tensor(&[videos], DType::F32, &vec![step.timestep; videos])?;
     let middle = window[frames / 2];
     let (_, pooled) = cond.at(middle);
-    let mut text_embeds = Vec::new();
-    if cfg {
-        text_embeds.extend_from_slice(&cond.negative.pooled);
+    let mut text_embeds = Vec::with_capacity(videos * cond.pooled);
+    for half in halves {
+        text_embeds.extend_from_slice(if *half == Half::Uncond { &cond.negative.pooled } else { &pooled });
     }
-    text_embeds.extend(pooled);
     let text_embeds = target.tensor(&[videos, cond.pooled], dtype, &text_embeds)?;
     let ids = time_ids((g.height, g.width), (0, 0), (g.height, g.width));
     let time_ids = target.tensor(&[videos, ids.len()], DType::F32, &ids.repeat(videos))?;
-    // [uncond context x n, cond context of each frame] for the frames `list`.
+    // [uncond context x n, cond context of each frame] for the frames `list` (the halves asked for).
     let context_rows = |list: &[usize]| -> Result<Tensor> {
         let mut values = Vec::with_capacity(videos * list.len() * cond.tokens * cond.width);
-        if cfg {
-            for _ in list {
-                values.extend_from_slice(&cond.negative.context);
+        for half in halves {
+            for &f in list {
+                match half {
+                    Half::Uncond => values.extend_from_slice(&cond.negative.context),
+                    Half::Cond => values.extend(cond.at(f).0),
+                }
             }
-        }
-        for &f in list {
-            values.extend(cond.at(f).0);
         }
         target.tensor(&[videos * list.len(), cond.tokens, cond.width], dtype, &values)
     };
-    let context = cache.get_or(CacheKey::Context(window.to_vec()), || context_rows(window))?;
+    let context = cache.get_or(CacheKey::Context(part, window.to_vec()), || context_rows(window))?;
     let context = context.clone();
     let inputs = UnetInputs {
         sample: &sample,
@@ -1787,7 +1916,8 @@ fn denoise_window(
         time_ids: Some(&time_ids),
     };
 
-    let batch = WindowBatch { target, g, window, latents, inputs: &inputs, videos, step, context_rows: &context_rows };
+    let batch =
+        WindowBatch { target, g, window, latents, inputs: &inputs, halves, part, step, context_rows: &context_rows };
     let mut residuals: Option<UnetResiduals> = None;
     for (n, (net, controls)) in models.controlnets.iter().zip(controls).enumerate() {
         let r = match net {
@@ -1824,10 +1954,21 @@ fn denoise_window(
             step.windows
         )));
     }
-    if !cfg {
+    Ok(out)
+}
+
+/// The guided noise prediction of a window (`frames` frames of `frame_len` values) from the
+/// model's output for the whole CFG batch, `[uncond..., cond...]` (the conditional frames alone
+/// without CFG).
+pub(super) fn guide(config: &RenderConfig, out: Vec<f32>, frames: usize, frame_len: usize) -> Result<Vec<f32>> {
+    let guidance = config.sampler.cfg;
+    if guidance <= 1.0 {
         return Ok(out);
     }
-    let half = frames * g.frame_len();
+    let half = frames * frame_len;
+    if out.len() != 2 * half {
+        return Err(Error::Internal(format!("guiding {} values as two halves of {half}", out.len())));
+    }
     let mut guided = vec![0f32; half];
     cfg_combine(&out[..half], &out[half..], guidance, &mut guided)?;
     if config.sampler.cfg_rescale > 0.0 {
@@ -1837,7 +1978,8 @@ fn denoise_window(
 }
 
 /// One window's model call as the ControlNets see it: the UNet's inputs for the CFG batch
-/// `[uncond frames..., cond frames...]` (`videos` 2) or the conditional frames alone.
+/// `[uncond frames..., cond frames...]`, one of those halves (`--split cfg`), or the conditional
+/// frames alone.
 struct WindowBatch<'a> {
     target: Target<'a>,
     g: Geometry,
@@ -1846,15 +1988,21 @@ struct WindowBatch<'a> {
     /// The window's frame-major model inputs (one video's).
     latents: &'a [f32],
     inputs: &'a UnetInputs<'a>,
-    videos: usize,
+    /// The CFG halves of the batch, in row order.
+    halves: &'a [Half],
+    part: Part,
     step: Step,
     /// The text context rows of the frames given ([uncond x n, cond of each]).
     context_rows: &'a dyn Fn(&[usize]) -> Result<Tensor>,
 }
 
 impl WindowBatch<'_> {
+    fn videos(&self) -> usize {
+        self.halves.len()
+    }
+
     fn rows(&self) -> usize {
-        self.videos * self.window.len()
+        self.videos() * self.window.len()
     }
 
     /// `forward(inputs, frames)` on the window positions `active` only (all when every frame is),
@@ -1871,17 +2019,18 @@ impl WindowBatch<'_> {
         }
         let list: Vec<usize> = active.iter().map(|&k| self.window[k]).collect();
         let fl = g.frame_len();
-        let mut sub = Vec::with_capacity(self.videos * active.len() * fl);
-        for _ in 0..self.videos {
+        let mut sub = Vec::with_capacity(self.videos() * active.len() * fl);
+        for _ in 0..self.videos() {
             for &k in active {
                 sub.extend_from_slice(&self.latents[k * fl..(k + 1) * fl]);
             }
         }
-        let sub_sample = self.target.tensor(&[self.videos * active.len(), g.h, g.w, g.c], self.target.dtype, &sub)?;
-        let sub_context = cache.get_or(CacheKey::Context(list.clone()), || (self.context_rows)(&list))?.clone();
+        let sub_sample = self.target.tensor(&[self.videos() * active.len(), g.h, g.w, g.c], self.target.dtype, &sub)?;
+        let sub_context =
+            cache.get_or(CacheKey::Context(self.part, list.clone()), || (self.context_rows)(&list))?.clone();
         let sub_inputs = UnetInputs { sample: &sub_sample, encoder_hidden_states: &sub_context, ..*self.inputs };
         let r = forward(&sub_inputs, active.len())?;
-        let to: Vec<usize> = (0..self.videos).flat_map(|v| active.iter().map(move |&k| v * frames + k)).collect();
+        let to: Vec<usize> = (0..self.videos()).flat_map(|v| active.iter().map(move |&k| v * frames + k)).collect();
         let rows = self.rows();
         Ok(UnetResiduals {
             down: r.down.iter().map(|t| scatter_rows(&ex, t, &to, rows)).collect::<Result<_>>()?,
@@ -1920,7 +2069,7 @@ impl WindowBatch<'_> {
                 embed(&target.tensor(&[distinct.len(), g.height, g.width, 3], target.dtype, &values)?)
             })?
             .clone();
-        let rows_pick: Vec<usize> = (0..self.videos).flat_map(|_| pick.iter().copied()).collect();
+        let rows_pick: Vec<usize> = (0..self.videos()).flat_map(|_| pick.iter().copied()).collect();
         gather_rows(&target.ex, &embedded, &rows_pick)
     }
 
@@ -1944,7 +2093,7 @@ fn plain_residuals(
     control: &ClipControl,
     cache: &mut InputCache,
 ) -> Result<Option<UnetResiduals>> {
-    let (ex, window, videos) = (b.target.ex, b.window, b.videos);
+    let (ex, window) = (b.target.ex, b.window);
     let frames = window.len();
     if !control.active_at(b.step.index, b.step.of) || window.iter().all(|&f| control.strengths[f] == 0.0) {
         return Ok(None);
@@ -1963,10 +2112,11 @@ fn plain_residuals(
     })?;
     // Per-row strength: the keyframe schedule's, and zero for the unconditional half in guess
     // mode (diffusers runs a guess-mode ControlNet on the conditional half only).
-    let cfg = videos == 2;
-    let strengths: Vec<f32> = (0..videos)
-        .flat_map(|v| {
-            let zero = control.scale.guess_mode && cfg && v == 0;
+    let strengths: Vec<f32> = b
+        .halves
+        .iter()
+        .flat_map(|&half| {
+            let zero = control.scale.guess_mode && half == Half::Uncond;
             window.iter().map(move |&f| if zero { 0.0 } else { control.strengths[f] })
         })
         .collect();
@@ -1991,7 +2141,7 @@ fn union_residuals(
     controls: &[ClipControl],
     cache: &mut InputCache,
 ) -> Result<Option<UnetResiduals>> {
-    let (ex, window, videos) = (b.target.ex, b.window, b.videos);
+    let (ex, window, videos) = (b.target.ex, b.window, b.videos());
     // start, end and guess mode are the entry's, the same in every condition.
     let Some(entry) = controls.first() else { return Ok(None) };
     if !entry.active_at(b.step.index, b.step.of) {
@@ -2025,11 +2175,11 @@ fn union_residuals(
     })?;
     // Guess mode: the unconditional half gets no control (diffusers runs the net on the
     // conditional half only).
-    if !(guess_mode && videos == 2) {
+    if !(guess_mode && b.halves.contains(&Half::Uncond)) {
         return Ok(Some(r));
     }
     let frames = window.len();
-    let keep: Vec<f32> = (0..b.rows()).map(|r| if r < frames { 0.0 } else { 1.0 }).collect();
+    let keep: Vec<f32> = (0..b.rows()).map(|r| if b.halves[r / frames] == Half::Uncond { 0.0 } else { 1.0 }).collect();
     b.scale_rows(r, &keep).map(Some)
 }
 
@@ -2164,7 +2314,8 @@ mod tests {
             window: &window,
             latents: &latents,
             inputs: &inputs,
-            videos,
+            halves: &[Half::Uncond, Half::Cond],
+            part: Part::Both,
             step,
             context_rows: &context_rows,
         };

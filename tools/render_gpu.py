@@ -290,8 +290,8 @@ SUMMARY = {
     "load_s": re.compile(rf"^loaded the models .* in {NUMBER} s"),
     "clip": re.compile(rf"^clip 001: (\d+) frames in {NUMBER} s \({NUMBER} frames/s\): text {NUMBER} s, "
                        rf"denoise {NUMBER} s, decode \+ write {NUMBER} s(?:; .* by (\S+))?"),
-    "peak": re.compile(rf"^peak GPU memory: {NUMBER} GiB \(weights {NUMBER} GiB \+ activations {NUMBER} GiB"
-                       rf"(?: \+ LoRA switching {NUMBER} GiB)?\)"),
+    "peak": re.compile(rf"^peak GPU memory: {NUMBER} GiB \(weights {NUMBER} GiB \+ LoRA base copies {NUMBER} GiB "
+                       rf"\+ the larger of activations {NUMBER} GiB and the LoRA merge's {NUMBER} GiB of factors"),
 }
 
 
@@ -305,9 +305,8 @@ def parse_summary(lines):
             out.update(frames=int(m[1]), clip_s=float(m[2]), frames_per_s=float(m[3]), text_s=float(m[4]),
                        denoise_s=float(m[5]), decode_write_s=float(m[6]), mp4_by=m[7])
         elif m := SUMMARY["peak"].match(line):
-            out.update(peak_gib=float(m[1]), weights_gib=float(m[2]), activations_gib=float(m[3]))
-            if m[4]:
-                out["lora_switching_gib"] = float(m[4])
+            out.update(peak_gib=float(m[1]), weights_gib=float(m[2]), lora_copies_gib=float(m[3]),
+                       activations_gib=float(m[4]), lora_factors_gib=float(m[5]))
     return out
 
 

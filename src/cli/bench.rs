@@ -436,7 +436,7 @@ fn bench_lora(args: &BenchArgs, dtype: DType) -> Result<()> {
     }
     // What the switchers hold after the first switch: copies of every weight either set touches.
     let base_bytes: usize = match restore {
-        Restore::Reload => 0,
+        Restore::Reload | Restore::Never => 0,
         Restore::Copy => sets
             .iter()
             .map(|(w, a, b, _)| {

@@ -114,6 +114,8 @@ struct ArenaState {
     /// Bytes in use (handed out and not yet returned).
     used: usize,
     peak: usize,
+    /// The most bytes in use since the last `take_window_peak`.
+    window_peak: usize,
     /// Free ranges below `top`, by offset, never adjacent (merged on free).
     free: BTreeMap<usize, usize>,
 }
@@ -138,7 +140,12 @@ impl ArenaState {
         };
         self.used += size;
         self.peak = self.peak.max(self.used);
+        self.window_peak = self.window_peak.max(self.used);
         Some(offset)
+    }
+
+    fn take_window_peak(&mut self) -> usize {
+        std::mem::replace(&mut self.window_peak, self.used)
     }
 
     fn free(&mut self, offset: usize, size: usize) {
@@ -217,8 +224,8 @@ impl Arena {
     pub fn reset(&self) {
         let mut st = self.state();
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        let peak = st.peak;
-        *st = ArenaState { peak, ..Default::default() };
+        let (peak, window_peak) = (st.peak, st.window_peak);
+        *st = ArenaState { peak, window_peak, ..Default::default() };
     }
 
     /// Bytes held by live tensors.
@@ -228,6 +235,11 @@ impl Arena {
     /// The most bytes held at once since the arena was made.
     pub fn peak(&self) -> usize {
         self.state().peak
+    }
+    /// The most bytes held at once since the last call (or since the arena was made); the next
+    /// window starts at what is held now.
+    pub fn take_window_peak(&self) -> usize {
+        self.state().take_window_peak()
     }
     pub fn capacity(&self) -> usize {
         self.alloc.bytes
@@ -259,5 +271,21 @@ mod tests {
         assert_eq!((st.top, st.used, st.peak), (0, 0, 400));
         // Too big for what is left is refused, not clamped.
         assert_eq!(st.take(1001, cap), None);
+    }
+
+    #[test]
+    fn window_peaks_start_at_what_is_held() {
+        let mut st = ArenaState::default();
+        let a = st.take(300, 1000).unwrap();
+        let b = st.take(200, 1000).unwrap();
+        st.free(b, 200);
+        assert_eq!(st.take_window_peak(), 500);
+        // The next window: 300 still held, 100 more at most.
+        let c = st.take(100, 1000).unwrap();
+        st.free(c, 100);
+        st.free(a, 300);
+        assert_eq!(st.take_window_peak(), 400);
+        assert_eq!(st.take_window_peak(), 0);
+        assert_eq!(st.peak, 500);
     }
 }

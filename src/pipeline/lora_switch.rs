@@ -59,13 +59,13 @@ impl PreparedLoras {
 pub struct DeviceLoras {
     restore: Restore,
     switchers: HashMap<Component, LoraSwitcher>,
-    /// Device bytes of the largest set's factors so far (they live while the set merges).
-    factor_peak: usize,
+    /// Device bytes of the last set's factors (they live only while the set merges).
+    factors: usize,
 }
 
 impl DeviceLoras {
     pub fn new(restore: Restore) -> DeviceLoras {
-        DeviceLoras { restore, switchers: HashMap::new(), factor_peak: 0 }
+        DeviceLoras { restore, switchers: HashMap::new(), factors: 0 }
     }
 
     /// Makes `prepared` (laid out for these `models`, each adapted model's weights by component)
@@ -110,7 +110,7 @@ impl DeviceLoras {
         // The factors must outlive the queued merge.
         gpu.synchronize()?;
         let factors: usize = sets.iter().flatten().map(DeviceLoraSet::bytes).sum();
-        self.factor_peak = self.factor_peak.max(factors);
+        self.factors = factors;
         let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
         let total = started.elapsed().as_secs_f64();
         Ok(if empty {
@@ -129,14 +129,20 @@ impl DeviceLoras {
                 match self.restore {
                     Restore::Copy => "base copies",
                     Restore::Reload => "reloading from the files",
+                    Restore::Never => "none needed: the run's only set",
                 },
                 layout_seconds
             )
         })
     }
 
-    /// Device bytes the switching holds at most: the base copies and the largest set's factors.
-    pub fn peak_bytes(&self) -> usize {
-        self.switchers.values().map(LoraSwitcher::base_bytes).sum::<usize>() + self.factor_peak
+    /// Device bytes of the base copies, held from the first merge on.
+    pub fn base_bytes(&self) -> usize {
+        self.switchers.values().map(LoraSwitcher::base_bytes).sum()
+    }
+
+    /// Device bytes the last switch's factors took while they merged (freed before it returned).
+    pub fn factor_bytes(&self) -> usize {
+        self.factors
     }
 }

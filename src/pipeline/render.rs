@@ -439,11 +439,15 @@ pub fn render_batch(config: &RenderConfig, options: &RenderOptions, shard: Optio
                 gpu.start_profile();
             }
             let sharing = lead_sharing(split);
-            let mut peak = (0, 0, 0);
+            let mut peak = MemoryPeak::default();
             match Checkpoints::open(config) {
                 Err(e) => fail_group(&mut batch, config, &clips, e),
                 Ok(checkpoints) => std::thread::scope(|scope| -> Result<()> {
-                    let restore = Restore::parse(&config.lora_restore)?;
+                    // One LoRA group: its set is merged once and never restored, so no base copies.
+                    let restore = match groups.len() {
+                        1 => Restore::Never,
+                        _ => Restore::parse(&config.lora_restore)?,
+                    };
                     let reserve = lora_reserve(&checkpoints, &groups, restore, dtype);
                     let devices = match split {
                         Some(split) => {
@@ -476,6 +480,7 @@ pub fn render_batch(config: &RenderConfig, options: &RenderOptions, shard: Optio
                                 continue;
                             }
                         };
+                        let switching = run.scratch.take_window_peak();
                         let target = Target { ex: Exec::Cuda { gpu: &gpu, scratch: &run.scratch }, dtype };
                         let group_run = GroupRun {
                             config: &group,
@@ -502,8 +507,14 @@ pub fn render_batch(config: &RenderConfig, options: &RenderOptions, shard: Optio
                         });
                         rendered?;
                         ahead = next_host;
-                        let lora_bytes = run.loras.as_ref().map_or(0, DeviceLoras::peak_bytes);
-                        peak = (peak.0.max(run.weights.used()), peak.1.max(run.scratch.peak()), peak.2.max(lora_bytes));
+                        let loras = run.loras.as_ref();
+                        peak.add(MemoryPeak {
+                            weights: run.weights.used(),
+                            switching,
+                            rendering: run.scratch.take_window_peak(),
+                            base_copies: loras.map_or(0, DeviceLoras::base_bytes),
+                            factors: loras.map_or(0, DeviceLoras::factor_bytes),
+                        });
                     }
                     Ok(())
                 })?,
@@ -512,14 +523,7 @@ pub fn render_batch(config: &RenderConfig, options: &RenderOptions, shard: Optio
                 let table = format_rows(&gpu.finish_profile()?)?;
                 batch.summary.push(format!("GPU time by model part and kind of pass (CUDA events):\n{table}"));
             }
-            batch.summary.push(format!(
-                "peak GPU memory{}: {:.2} GiB (weights {:.2} GiB + activations {:.2} GiB + LoRA switching {:.2} GiB)",
-                if split.is_some() { " of the lead device" } else { "" },
-                (peak.0 + peak.1 + peak.2) as f64 / GIB,
-                peak.0 as f64 / GIB,
-                peak.1 as f64 / GIB,
-                peak.2 as f64 / GIB
-            ));
+            batch.summary.push(peak.line(if split.is_some() { " of the lead device" } else { "" }));
         }
     }
     if shard.is_none() {
@@ -748,6 +752,47 @@ pub(super) fn prepare_group<'m>(
     let (models, line) = GpuModels::load(gpu, checkpoints, loras.as_ref(), restore, dtype, 0, sharing)?;
     lines.push(line);
     Ok((lines, loaded.insert(models)))
+}
+
+/// Device bytes of one LoRA group's run (weights and the scratch arena's use, LoRA switching);
+/// `add` keeps the group that held the most at once.
+#[derive(Clone, Copy, Default)]
+struct MemoryPeak {
+    weights: usize,
+    /// Scratch held at most while the group's set merged (and the models loaded).
+    switching: usize,
+    /// Scratch held at most while its clips rendered: their activations.
+    rendering: usize,
+    base_copies: usize,
+    /// The set's factors: they live only while it merges, before the clips render.
+    factors: usize,
+}
+
+impl MemoryPeak {
+    fn total(&self) -> usize {
+        self.weights + self.base_copies + (self.factors + self.switching).max(self.rendering)
+    }
+
+    fn add(&mut self, group: MemoryPeak) {
+        if group.total() > self.total() {
+            *self = group;
+        }
+    }
+
+    /// The summary line; `whose` qualifies it (" of the lead device").
+    fn line(&self, whose: &str) -> String {
+        let gib = |b: usize| b as f64 / GIB;
+        format!(
+            "peak GPU memory{whose}: {:.2} GiB (weights {:.2} GiB + LoRA base copies {:.2} GiB + the larger of activations \
+             {:.2} GiB and the LoRA merge's {:.2} GiB of factors + {:.2} GiB of scratch)",
+            gib(self.total()),
+            gib(self.weights),
+            gib(self.base_copies),
+            gib(self.rendering),
+            gib(self.factors),
+            gib(self.switching)
+        )
+    }
 }
 
 /// What the clips of one LoRA group share.
@@ -2188,6 +2233,27 @@ mod tests {
     use super::*;
     use crate::models::controlnet::{UnionCondition, open_controlnet};
     use crate::output::write_png;
+
+    #[test]
+    fn memory_peak_counts_the_factors_only_beside_the_merge() {
+        let gib = 1usize << 30;
+        let group = |factors, switching, rendering, base_copies| MemoryPeak {
+            weights: 11 * gib,
+            switching,
+            rendering,
+            base_copies,
+            factors,
+        };
+        // W1's shape: the factors freed before the activations, which are the larger.
+        assert_eq!(group(2 * gib, 0, 7 * gib, 0).total(), 18 * gib);
+        // A merge that needs more than the clips (factors + DoRA scratch) sets the peak.
+        assert_eq!(group(2 * gib, 6 * gib, 7 * gib, 0).total(), 19 * gib);
+        let mut peak = MemoryPeak::default();
+        peak.add(group(2 * gib, 0, 7 * gib, 6 * gib));
+        peak.add(group(2 * gib, 0, 8 * gib, 0));
+        assert_eq!((peak.total(), peak.base_copies), (24 * gib, 6 * gib));
+        assert!(peak.line("").starts_with("peak GPU memory: 24.00 GiB (weights 11.00 GiB + LoRA base copies 6.00 GiB"));
+    }
 
     #[test]
     fn each_frame_takes_its_nearest_keyframes_hint() {

@@ -44,6 +44,9 @@ pub enum Restore {
     /// Re-uploaded from the checkpoint's mapped files (no extra device memory; bound by the host
     /// link and the host's layout change of convolution weights).
     Reload,
+    /// Never: the run has one set, merged in place once, so nothing is kept to restore (the
+    /// renderer's choice for a single LoRA group; a second set is refused).
+    Never,
 }
 
 impl Restore {
@@ -589,6 +592,9 @@ impl LoraSwitcher {
         let weight = |name: &str| {
             weights.tensor(name).ok_or_else(|| Error::Internal(format!("LoRA switch: no weight '{name}' in the model")))
         };
+        if self.restore == Restore::Never && !self.merged.is_empty() {
+            return Err(Error::Internal("LoRA switch: a second set where the run was to have only one".into()));
+        }
         // 1. base copies of the weights the new set touches first (they hold base values now)
         if self.restore == Restore::Copy
             && let Some(set) = set
@@ -636,6 +642,7 @@ impl LoraSwitcher {
                     };
                     gpu.upload_into(mem, &laid_out, w.dtype())?;
                 }
+                Restore::Never => unreachable!("refused above: nothing is merged before the only set"),
             }
         }
         // 3. the new set

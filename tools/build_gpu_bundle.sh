@@ -3,7 +3,8 @@
 # the GPU test binaries (tests/*gpu*.rs), the benchmark binary and the CLI, stripped, and packs them
 # into dist/gpu.tar.xz (each binary embeds every kernel's fatbin: ~290 MB unpacked, more than a
 # device call carries; xz's default 8 MiB window sees each binary alone (27.6 MB packed), a 384 MiB
-# window spans them all and stores the shared fatbins once (6.9 MB; ~4 GB of memory to pack)). Then, on the GPU machine, from the repo root: `bash tools/gpu_run.sh`
+# window spans them all and stores the shared fatbins once (6.9 MB; ~4 GB of memory to pack)).
+# Then, on the GPU machine, from the repo root: `bash tools/gpu_run.sh`
 # (with dist/gpu.tar.xz or dist/gpu/ carried along; it unpacks the archive itself).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -25,6 +25,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::pipeline::batch::{Shard, preflight};
+use crate::process::dies_with_its_parent;
 
 use super::merge_report::{self, MergeReportArgs};
 use super::render::{RenderArgs, config_from_args};
@@ -240,16 +241,9 @@ fn spawn(worker: &Worker, exe: &OsStr, args: &[OsString]) -> Result<Running> {
         // Its own process group: a terminal's Ctrl-C goes to this process only, which passes it
         // on, so a worker never gets it twice.
         .process_group(0);
-    // SAFETY: prctl is async-signal-safe. With it the kernel sends the worker SIGTERM when this
-    // process dies without passing a signal on (SIGKILL), so no worker renders on unwatched.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // SIGTERM when this process dies without passing a signal on (SIGKILL): the worker stops
+    // cleanly rather than rendering on unwatched.
+    dies_with_its_parent(&mut command, libc::SIGTERM);
     let mut child = command.spawn().map_err(|e| Error::Io {
         context: format!("starting the worker for GPU {} ({})", worker.ordinal, exe.to_string_lossy()),
         source: e,

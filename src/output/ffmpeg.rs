@@ -17,6 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::process::dies_with_its_parent;
 
 use super::fs::{io_error, temp_path};
 use super::{Fps, RgbImage};
@@ -113,27 +114,6 @@ fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     }
 }
 
-/// Has the kernel SIGKILL the child when the spawning thread dies (prctl PR_SET_PDEATHSIG; the
-/// "parent" is that thread, so the writer is started on a thread that outlives the clip). SIGKILL,
-/// not SIGTERM: on SIGTERM ffmpeg finishes and closes its output. A parent that died between the
-/// fork and the prctl is caught by comparing the parent pid.
-fn dies_with_its_parent(command: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: prctl and getppid are async-signal-safe; nothing is allocated between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH)); // the parent is gone
-            }
-            Ok(())
-        });
-    }
-}
-
 /// One mp4 being written by an ffmpeg process.
 pub(crate) struct FfmpegWriter {
     child: Child,
@@ -171,7 +151,8 @@ impl FfmpegWriter {
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        dies_with_its_parent(&mut command);
+        // SIGKILL, not SIGTERM: on SIGTERM ffmpeg finishes and closes its output.
+        dies_with_its_parent(&mut command, libc::SIGKILL);
         let mut child = command.spawn().map_err(|e| Error::Io {
             context: format!("starting {} to write {}", info.program.display(), path.display()),
             source: e,

@@ -592,9 +592,6 @@ impl LoraSwitcher {
         let weight = |name: &str| {
             weights.tensor(name).ok_or_else(|| Error::Internal(format!("LoRA switch: no weight '{name}' in the model")))
         };
-        if self.restore == Restore::Never && !self.merged.is_empty() {
-            return Err(Error::Internal("LoRA switch: a second set where the run was to have only one".into()));
-        }
         // 1. base copies of the weights the new set touches first (they hold base values now)
         if self.restore == Restore::Copy
             && let Some(set) = set
@@ -642,7 +639,9 @@ impl LoraSwitcher {
                     };
                     gpu.upload_into(mem, &laid_out, w.dtype())?;
                 }
-                Restore::Never => unreachable!("refused above: nothing is merged before the only set"),
+                Restore::Never => {
+                    return Err(Error::Internal("LoRA switch: a second set where the run was to have only one".into()));
+                }
             }
         }
         // 3. the new set

@@ -295,16 +295,7 @@ fn wait_all(running: &mut [Running]) -> Result<Option<i32>> {
 /// The workers' run: checks, starts, waits, merges; returns the exit code (module docs).
 fn orchestrate(args: &RenderArgs, gpus: &str) -> Result<u8> {
     scheduler_conflict(|name| std::env::var(name).ok())?;
-    let selection = GpuSelection::parse(gpus, false)?;
-    // A list needs no driver; where there is one, its count checks the ordinals.
-    let devices = if Gpu::is_available() {
-        let count = cudarc::driver::result::device::get_count();
-        Some(count.map_err(|e| Error::Cuda(format!("cuDeviceGetCount: {e}")))? as usize)
-    } else {
-        None
-    };
-    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
-    let workers = plan(&selection, visible.as_deref(), devices)?;
+    let workers = plan_here(&GpuSelection::parse(gpus, false)?)?;
     // Every problem once, here, rather than once per worker.
     let (config, _) = config_from_args(args)?;
     preflight(&config).map_err(|e| e.with_prefix(&format!("{}: ", args.config.display())))?;
@@ -361,7 +352,12 @@ fn orchestrate(args: &RenderArgs, gpus: &str) -> Result<u8> {
 /// The devices of `--gpus` for a split of one clip (`--split windows|cfg`), checked as the
 /// workers' ordinals are (`plan`).
 fn split_devices(gpus: &str) -> Result<Vec<usize>> {
-    let selection = GpuSelection::parse(gpus, true)?;
+    Ok(plan_here(&GpuSelection::parse(gpus, true)?)?.into_iter().map(|w| w.ordinal).collect())
+}
+
+/// `plan` with this process's CUDA_VISIBLE_DEVICES and device count. A list needs no driver;
+/// where there is one, its count checks the ordinals.
+fn plan_here(selection: &GpuSelection) -> Result<Vec<Worker>> {
     let devices = if Gpu::is_available() {
         let count = cudarc::driver::result::device::get_count();
         Some(count.map_err(|e| Error::Cuda(format!("cuDeviceGetCount: {e}")))? as usize)
@@ -369,7 +365,7 @@ fn split_devices(gpus: &str) -> Result<Vec<usize>> {
         None
     };
     let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
-    Ok(plan(&selection, visible.as_deref(), devices)?.into_iter().map(|w| w.ordinal).collect())
+    plan(selection, visible.as_deref(), devices)
 }
 
 /// `--split windows|cfg`: the render in this process over the listed devices.

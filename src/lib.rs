@@ -10,7 +10,7 @@ pub mod models;
 pub mod ops;
 pub mod output;
 pub mod pipeline;
-pub mod process;
+pub(crate) mod process;
 pub mod sampling;
 pub mod tensor;
 pub mod text;

@@ -190,6 +190,8 @@ fn layer_norm_matches_twin() {
         (&[32, 1024, 1280], DType::BF16),
         (&[2, 77, 768], DType::F32),
         (&[5, 13], DType::F16),
+        // wider than the register-resident rows (1280): the re-reading path
+        (&[2, 64, 2560], DType::F16),
     ] {
         let c = *shape.last().unwrap();
         let (x, xd) = rig.input(shape, dtype, 1.5, 0.3);

@@ -1,7 +1,55 @@
-// Layer norm over the last dimension, one warp per row: exact two-pass fp32 statistics
-// (the row is re-read from L1/L2 for the second and third pass), optional affine, optional
-// per-row table added before the output's one rounding.
+// Layer norm over the last dimension, one warp per row: exact two-pass fp32 statistics, optional
+// affine, optional per-row table added before the output's one rounding. Rows of at most
+// LN_REG_VECS * 256 channels (every SDXL and motion-module width) stay in registers after one
+// load; wider or unaligned rows are re-read from L1/L2 for the second and third pass. Both paths
+// sum in the same order (lane-strided 8-element vectors), so they give identical bits.
 #include "common.cuh"
+
+#define LN_REG_VECS 5  // 8-element vectors per lane: 1280 channels
+
+// The register-resident path for aligned rows of C % 8 == 0 and C <= LN_REG_VECS * 256.
+template <typename T>
+__device__ __forceinline__ void layer_norm_in_registers(const LayerNormParams& p, const T* x, T* y, const T* add,
+                                                        int lane) {
+    const int C = p.channels;
+    const T* gamma = static_cast<const T*>(p.gamma);
+    const T* beta = static_cast<const T*>(p.beta);
+    float v[LN_REG_VECS][8];
+    // All loads issue before the first use, so each lane keeps up to five 16-byte loads in flight.
+#pragma unroll
+    for (int i = 0; i < LN_REG_VECS; ++i) {
+        const int c = lane * 8 + i * 256;
+        if (c < C) unpack8<T>(load8<T>(x + c), v[i]);
+    }
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < LN_REG_VECS; ++i)
+        if (lane * 8 + i * 256 < C) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) sum += v[i][j];
+        }
+    const float mean = warp_sum(sum) / C;
+    float m2 = 0.0f;
+#pragma unroll
+    for (int i = 0; i < LN_REG_VECS; ++i)
+        if (lane * 8 + i * 256 < C) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) m2 += (v[i][j] - mean) * (v[i][j] - mean);
+        }
+    const float rstd = rsqrtf(warp_sum(m2) / C + p.eps);
+#pragma unroll
+    for (int i = 0; i < LN_REG_VECS; ++i) {
+        const int c = lane * 8 + i * 256;
+        if (c >= C) continue;
+        float g[8] = {1, 1, 1, 1, 1, 1, 1, 1}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0}, a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        if (gamma) unpack8<T>(load8<T>(gamma + c), g);
+        if (beta) unpack8<T>(load8<T>(beta + c), b);
+        if (add) unpack8<T>(load8<T>(add + c), a);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[i][j] = (v[i][j] - mean) * rstd * g[j] + b[j] + a[j];
+        store8<T>(y + c, v[i]);
+    }
+}
 
 template <typename T> __device__ void layer_norm(const LayerNormParams& p) {
     const int lane = threadIdx.x % 32;
@@ -15,6 +63,10 @@ template <typename T> __device__ void layer_norm(const LayerNormParams& p) {
     const T* add = p.add ? static_cast<const T*>(p.add) + row / p.add_every * C : nullptr;
     const bool vec = C % 8 == 0 && ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(y) |
                                      reinterpret_cast<uintptr_t>(add)) % 16 == 0);
+    if (vec && C <= LN_REG_VECS * 256) {
+        layer_norm_in_registers<T>(p, x, y, add, lane);
+        return;
+    }
 
     float sum = 0.0f;
     if (vec) {

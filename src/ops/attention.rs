@@ -4,6 +4,8 @@
 //! and a softmax kernel (the VAE's single 512-wide head).
 
 use super::{Exec, GRID_X, GRID_YZ, grid_dim, kernel_i32, par_rows, same_dtype};
+use std::sync::OnceLock;
+
 use crate::error::{Error, Result};
 use crate::gpu::blas::{Gemm, GemmIo};
 use crate::gpu::params::{FlashAttentionParams, SoftmaxRowsParams, TemporalAttentionParams};
@@ -210,14 +212,43 @@ pub struct FlashAttention {
 /// Which flash kernel runs (benchmarks and tests pick one; model code takes `Auto`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FlashKernel {
-    /// The short-key kernel for non-causal attention over at most 256 keys, else the portable one.
-    /// The Hopper kernel is not chosen here until the GPU tests have passed it.
+    /// The short-key kernel for non-causal attention over at most 256 keys, else the long-sequence
+    /// kernel: `CELFRAME_FLASH_KERNEL` (`portable` or `hopper`) where set, else the device's default
+    /// (`long_flash_default`).
     #[default]
     Auto,
     /// The portable mma.sync kernel for any shape (flash_attention_d64).
     Portable,
     /// The wgmma kernel (kernels/attention/flash_sm90.cu), devices of compute capability 9.0 only.
     Hopper,
+}
+
+impl FlashKernel {
+    /// The names `CELFRAME_FLASH_KERNEL` takes.
+    fn parse(name: &str) -> std::result::Result<FlashKernel, String> {
+        match name {
+            "portable" => Ok(FlashKernel::Portable),
+            "hopper" => Ok(FlashKernel::Hopper),
+            _ => Err(format!("CELFRAME_FLASH_KERNEL='{name}' is not a flash kernel (expected portable or hopper)")),
+        }
+    }
+}
+
+/// The long-sequence kernel `Auto` takes on a device of compute capability `cc` when
+/// `CELFRAME_FLASH_KERNEL` is unset.
+fn long_flash_default(_cc: (i32, i32)) -> FlashKernel {
+    FlashKernel::Portable
+}
+
+/// The long-sequence kernel `Auto` takes (self-attention; profiling and A/B runs of whole models
+/// set `CELFRAME_FLASH_KERNEL`, read once per process).
+fn long_flash_kernel(cc: (i32, i32)) -> Result<FlashKernel> {
+    static CHOICE: OnceLock<Option<std::result::Result<FlashKernel, String>>> = OnceLock::new();
+    let choice = CHOICE.get_or_init(|| std::env::var("CELFRAME_FLASH_KERNEL").ok().map(|v| FlashKernel::parse(&v)));
+    match choice {
+        None => Ok(long_flash_default(cc)),
+        Some(k) => k.clone().map_err(Error::Input),
+    }
 }
 
 /// Multi-head attention, the kernel chosen by head size: `flash_attention` for head dim 64 (f16 /
@@ -324,8 +355,13 @@ pub fn flash_attention_with(
             };
             let heads = grid_dim("flash_attention", "batch x heads", b * cfg.heads, GRID_YZ)?;
             let block = ((FLASH_WARPS * 32) as u32, 1, 1);
+            let short_fits = flash_short_variant(sk, cfg.causal);
+            let kernel = match kernel {
+                FlashKernel::Auto if short_fits.is_none() => long_flash_kernel(gpu.info().compute_capability)?,
+                k => k,
+            };
             let short = match kernel {
-                FlashKernel::Auto => flash_short_variant(sk, cfg.causal),
+                FlashKernel::Auto => short_fits,
                 FlashKernel::Portable => None,
                 FlashKernel::Hopper => {
                     let cc = gpu.info().compute_capability;
@@ -550,8 +586,18 @@ pub fn flash_attention_reference(
 
 #[cfg(test)]
 mod tests {
-    use super::{FLASH_SHORT_KERNELS, flash_short_variant};
+    use super::{FLASH_SHORT_KERNELS, FlashKernel, flash_short_variant};
     use crate::gpu::KERNEL_MODULES;
+
+    #[test]
+    fn the_flash_kernel_variable_takes_the_kernel_names_only() {
+        assert_eq!(FlashKernel::parse("portable"), Ok(FlashKernel::Portable));
+        assert_eq!(FlashKernel::parse("hopper"), Ok(FlashKernel::Hopper));
+        for bad in ["", "Hopper", "auto", "sm90"] {
+            let err = FlashKernel::parse(bad).unwrap_err();
+            assert!(err.contains("CELFRAME_FLASH_KERNEL") && err.contains(&format!("'{bad}'")), "{err}");
+        }
+    }
 
     #[test]
     fn the_short_key_table_matches_the_compiled_kernels() {

@@ -195,12 +195,14 @@ fn main() -> Result<()> {
         sets.push(t);
     }
     // The default route; then the same work through the kernels it does not take: the portable
-    // kernel where the short-key one runs, and last (a fault there ends the run) the Hopper kernel
-    // on devices of compute 9.0, not routed until the GPU tests pass it. SDPA's time is the plain
+    // kernel where the short-key one runs, and last (a fault there ends the run) the Hopper kernels
+    // (cp.async, then warp-specialised TMA) on devices of compute 9.0, not routed until the GPU
+    // tests pass them. SDPA's time is the plain
     // key's peer.
     let mut routes = vec![("", FlashKernel::Auto), ("portable ", FlashKernel::Portable)];
     if b.gpu.info().compute_capability == (9, 0) {
         routes.push(("sm90 ", FlashKernel::Hopper));
+        routes.push(("sm90ws ", FlashKernel::HopperWs));
     }
     for (label, kernel) in routes {
         for ((batch, sq, sk, heads), t) in shapes.iter().copied().zip(&sets) {

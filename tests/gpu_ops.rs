@@ -660,6 +660,20 @@ fn flash_attention_sm90_meets_the_attention_rule() {
     check_flash_cases(&rig, |_, _| vec![FlashKernel::Hopper]);
 }
 
+/// The warp-specialised Hopper kernel (TMA producer, mbarrier ring) at every flash case; after the
+/// sm90 test for the same reason. A protocol fault traps within about 2 s instead of hanging.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn flash_attention_sm90_ws_meets_the_attention_rule() {
+    use celframe::ops::attention::FlashKernel;
+    let rig = Rig::new();
+    if rig.gpu.info().compute_capability != (9, 0) {
+        println!("GPUCHECK flash_attention Hopper warp-specialised kernel: SKIPPED, not a compute 9.0 device");
+        return;
+    }
+    check_flash_cases(&rig, |_, _| vec![FlashKernel::HopperWs]);
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
 fn gemm_attention_meets_the_attention_rule() {

@@ -49,28 +49,42 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
+__device__ __forceinline__ void fence_pa(uint32_t (&pa)[FH_BN / 16][4]) {
+#pragma unroll
+    for (int kk = 0; kk < FH_BN / 16; ++kk)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(pa[kk][r])::"memory");
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Waits until at most N committed wgmma groups of this warpgroup are still in flight.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 // Makes this thread's shared-memory writes (cp.async included) visible to the async proxy wgmma
 // reads through.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-// d (64 x 128 per warpgroup) = or += A (64 x 16, K-major descriptor) B (16 x 128, K-major descriptor)
-template <typename T>
-__device__ __forceinline__ void wgmma_qk(float d[64], uint64_t a, uint64_t b, int scale_d) {
+// The 64 accumulator operands of an m64n128k16 wgmma, each with constraint M.
+#define FH_D64(M) M(d[0]), M(d[1]), M(d[2]), M(d[3]), M(d[4]), M(d[5]), M(d[6]), M(d[7]), M(d[8]), M(d[9]), M(d[10]), M(d[11]), M(d[12]), M(d[13]), M(d[14]), M(d[15]), M(d[16]), M(d[17]), M(d[18]), M(d[19]), M(d[20]), M(d[21]), M(d[22]), M(d[23]), M(d[24]), M(d[25]), M(d[26]), M(d[27]), M(d[28]), M(d[29]), M(d[30]), M(d[31]), M(d[32]), M(d[33]), M(d[34]), M(d[35]), M(d[36]), M(d[37]), M(d[38]), M(d[39]), M(d[40]), M(d[41]), M(d[42]), M(d[43]), M(d[44]), M(d[45]), M(d[46]), M(d[47]), M(d[48]), M(d[49]), M(d[50]), M(d[51]), M(d[52]), M(d[53]), M(d[54]), M(d[55]), M(d[56]), M(d[57]), M(d[58]), M(d[59]), M(d[60]), M(d[61]), M(d[62]), M(d[63])
+#define FH_WGMMA_QK(TY, M, ACC)                                                                       \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                         \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n" \
+                 : FH_D64(M)                                                                            \
+                 : "l"(a), "l"(b), "r"(ACC))
+
+// d (64 x 128 per warpgroup) = A (64 x 16, K-major descriptor) B (16 x 128, K-major descriptor),
+// or += with Accumulate. Without it d is a write-only operand: its registers are not inputs, so the
+// writes that precede it (the mask, in the pipelined kernel while a P V product is in flight) do not
+// make ptxas serialise the wgmma pipeline (its C7513 note).
+template <typename T, bool Accumulate>
+__device__ __forceinline__ void wgmma_qk(float (&d)[64], uint64_t a, uint64_t b) {
     if constexpr (std::is_same<T, __half>::value) {
-            asm volatile(
-                "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-                "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-                : "l"(a), "l"(b), "r"(scale_d));
+        if constexpr (Accumulate) FH_WGMMA_QK("f16", "+f", 1);
+        else FH_WGMMA_QK("f16", "=f", 0);
     } else {
-            asm volatile(
-                "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-                "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-                : "l"(a), "l"(b), "r"(scale_d));
+        if constexpr (Accumulate) FH_WGMMA_QK("bf16", "+f", 1);
+        else FH_WGMMA_QK("bf16", "=f", 0);
     }
 }
 
@@ -89,6 +103,110 @@ __device__ __forceinline__ void wgmma_pv(float d[32], const uint32_t a[4], uint6
                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+    }
+}
+
+// S = Q K^T for one warpgroup: 64 query rows (q_rows) against a 128-key tile, four 16-wide steps
+// over the head dim; issued and committed as one wgmma group, not waited for.
+template <typename T>
+__device__ __forceinline__ void issue_qk(float (&s)[64], const T* q_rows, const T* k_tile) {
+    wgmma_qk<T, false>(s, sw128_desc(q_rows), sw128_desc(k_tile));
+#pragma unroll
+    for (int kd = 1; kd < FH_D / 16; ++kd) wgmma_qk<T, true>(s, sw128_desc(q_rows + kd * 16), sw128_desc(k_tile + kd * 16));
+    wgmma_commit();
+}
+
+// O += P V over eight 16-key steps (V read transposed from its row-major tile); one committed group.
+template <typename T>
+__device__ __forceinline__ void issue_pv(float acc[32], const uint32_t pa[FH_BN / 16][4], const T* v_tile) {
+#pragma unroll
+    for (int kk = 0; kk < FH_BN / 16; ++kk) wgmma_pv<T>(acc, pa[kk], sw128_desc(v_tile + kk * 16 * FH_D));
+    wgmma_commit();
+}
+
+// Masks keys past seq_k and, causal, after the query (only the last and diagonal tiles need it).
+// row0: the query of the thread's accumulator rows g (+ 8 for the second).
+__device__ __forceinline__ void mask_scores(float s[64], int key0, int row0, int qwg, const FlashAttentionParams& p) {
+    if (key0 + FH_BN > p.seq_k || (p.causal && key0 + FH_BN - 1 > qwg)) {
+        const int cq = (threadIdx.x % 4) * 2;
+#pragma unroll
+        for (int i = 0; i < 64; ++i) {
+            const int key = key0 + (i / 4) * 8 + cq + i % 2, query = row0 + ((i % 4) / 2) * 8;
+            if (key >= p.seq_k || (p.causal && key > query)) s[i] = -INFINITY;
+        }
+    }
+}
+
+// Online softmax (base 2, maxima in raw score units as in flash.cu): takes the running maxima m of
+// the thread's two rows over the tile, rescales the sums l, and returns the exponent bases and the
+// factors `corr` the accumulators must be multiplied by.
+__device__ __forceinline__ void softmax_update(const float s[64], float m[2], float l[2], float base[2], float corr[2],
+                                               float scale_log2) {
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int i = 0; i < 64; ++i) mx[(i % 4) / 2] = fmaxf(mx[(i % 4) / 2], s[i]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        base[r] = mx[r] == -INFINITY ? 0.0f : mx[r] * scale_log2;
+        corr[r] = exp2f(fmaf(m[r], scale_log2, -base[r]));
+        m[r] = mx[r];
+        l[r] *= corr[r];
+    }
+}
+
+__device__ __forceinline__ void rescale_acc(float acc[32], const float corr[2]) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) acc[i] *= corr[(i % 4) / 2];
+}
+
+// P = exp2(S scale_log2 - base) packed into the A fragments of the eight 16-key steps; adds the
+// probabilities to the row sums.
+template <typename T>
+__device__ __forceinline__ void softmax_probs(const float s[64], const float base[2], float l[2], float scale_log2,
+                                              uint32_t pa[FH_BN / 16][4]) {
+#pragma unroll
+    for (int kk = 0; kk < FH_BN / 16; ++kk) {
+        float pv[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            pv[e] = exp2f(fmaf(s[8 * kk + e], scale_log2, -base[(e % 4) / 2]));
+            l[(e % 4) / 2] += pv[e];
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) pa[kk][r] = MmaType<T>::pack(pv[2 * r], pv[2 * r + 1]);
+    }
+}
+
+// Normalises the warp's 16 rows, stages them in `stage` (16 rows of this warpgroup's part of the Q
+// tile, swizzled chunks: the eight rows a store instruction covers fall in distinct banks) and
+// stores 16-byte pieces of the rows below seq_q.
+template <typename T>
+__device__ __forceinline__ void store_rows(const float acc[32], const float l[2], T* stage, T* o, int first_row,
+                                           const FlashAttentionParams& p) {
+    const int lane = threadIdx.x % 32, g = lane / 4, cq = (lane % 4) * 2;
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float sum = l[r];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        inv[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < 32; i += 2) {
+        const int rr = g + ((i % 4) / 2) * 8, n = i / 4;
+        *reinterpret_cast<uint32_t*>(stage + rr * FH_D + ((n ^ (rr % 8)) * 8) + cq) =
+            MmaType<T>::pack(acc[i] * inv[(i % 4) / 2], acc[i + 1] * inv[(i % 4) / 2]);
+    }
+    __syncwarp();
+    for (int i = lane; i < 16 * (FH_D / 8); i += 32) {
+        const int rr = i / (FH_D / 8), c = i % (FH_D / 8);
+        const int query = first_row + rr;
+        if (query < p.seq_q)
+            *reinterpret_cast<uint4*>(o + (int64_t)query * p.o_stride + c * 8) =
+                *reinterpret_cast<const uint4*>(stage + rr * FH_D + ((c ^ (rr % 8)) * 8));
     }
 }
 
@@ -112,8 +230,7 @@ __device__ void flash_attention_sm90(const FlashAttentionParams& p) {
     auto k_tile = [&](int buf) { return q_s + (1 + 2 * buf) * FH_TILE; };
     auto v_tile = [&](int buf) { return q_s + (2 + 2 * buf) * FH_TILE; };
 
-    const int wg = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
-    const int g = lane / 4, cq = (lane % 4) * 2;
+    const int wg = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, g = (threadIdx.x % 32) / 4;
     const int b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
     const int q0 = blockIdx.x * FH_BM, qwg = q0 + wg * 64;
     const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * FH_D;
@@ -152,93 +269,222 @@ __device__ void flash_attention_sm90(const FlashAttentionParams& p) {
         }
         if (j >= wg_tiles) continue;
 
-        // 1. S = Q K^T: four 16-wide steps over the head dim
+        // S = Q K^T, the mask where needed, the online softmax, O += P V
         float s[64];
         wgmma_fence();
-#pragma unroll
-        for (int kd = 0; kd < FH_D / 16; ++kd)
-            wgmma_qk<T>(s, sw128_desc(q_wg + kd * 16), sw128_desc(k_tile(buf) + kd * 16), kd);
-        wgmma_commit();
-        wgmma_wait_all();
+        issue_qk<T>(s, q_wg, k_tile(buf));
+        wgmma_wait<0>();
         fence_regs(s);
-
-        // 2. mask keys past seq_k and, causal, after the query: only the last and diagonal tiles
-        const int key0 = j * FH_BN, row0 = qwg + warp * 16 + g;
-        if (key0 + FH_BN > p.seq_k || (p.causal && key0 + FH_BN - 1 > qwg)) {
-#pragma unroll
-            for (int i = 0; i < 64; ++i) {
-                const int key = key0 + (i / 4) * 8 + cq + i % 2, query = row0 + ((i % 4) / 2) * 8;
-                if (key >= p.seq_k || (p.causal && key > query)) s[i] = -INFINITY;
-            }
-        }
-
-        // 3. running max (raw units), rescale sums and accumulators
-        float mx[2] = {m[0], m[1]}, base[2];
-#pragma unroll
-        for (int i = 0; i < 64; ++i) mx[(i % 4) / 2] = fmaxf(mx[(i % 4) / 2], s[i]);
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-            base[r] = mx[r] == -INFINITY ? 0.0f : mx[r] * scale_log2;
-            const float corr = exp2f(fmaf(m[r], scale_log2, -base[r]));
-            m[r] = mx[r];
-            l[r] *= corr;
-#pragma unroll
-            for (int n = 0; n < FH_D / 8; ++n) {
-                acc[4 * n + 2 * r] *= corr;
-                acc[4 * n + 2 * r + 1] *= corr;
-            }
-        }
-
-        // 4. P = exp2(S scale_log2 - max) as A fragments, then O += P V over eight 16-key steps
+        mask_scores(s, j * FH_BN, qwg + warp * 16 + g, qwg, p);
+        float base[2], corr[2];
+        softmax_update(s, m, l, base, corr, scale_log2);
+        rescale_acc(acc, corr);
         uint32_t pa[FH_BN / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < FH_BN / 16; ++kk) {
-            float pv[8];
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                pv[e] = exp2f(fmaf(s[8 * kk + e], scale_log2, -base[(e % 4) / 2]));
-                l[(e % 4) / 2] += pv[e];
-            }
-#pragma unroll
-            for (int r = 0; r < 4; ++r) pa[kk][r] = MmaType<T>::pack(pv[2 * r], pv[2 * r + 1]);
-        }
+        softmax_probs<T>(s, base, l, scale_log2, pa);
         fence_regs(acc);
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < FH_BN / 16; ++kk) wgmma_pv<T>(acc, pa[kk], sw128_desc(v_tile(buf) + kk * 16 * FH_D));
-        wgmma_commit();
-        wgmma_wait_all();
+        issue_pv<T>(acc, pa, v_tile(buf));
+        wgmma_wait<0>();
         fence_regs(acc);
     }
 
-    // 5. normalise, stage the warp's 16 rows in its part of the Q tile (swizzled chunks: the eight
-    //    rows a store instruction covers fall in distinct banks), store 16-byte pieces
     if (qwg >= p.seq_q) return;
-    float inv[2];
+    store_rows<T>(acc, l, const_cast<T*>(q_wg) + warp * 16 * FH_D, o, qwg + warp * 16, p);
+}
+
+// ---- The warp-specialised kernel (flash_attention_ws_d64_*), after FlashAttention-3 sections
+// 3.1-3.2: warpgroup 0 is the producer (one thread issues TMA copies, cp.async.bulk.tensor, of the Q
+// tile and of K / V tiles into a ring of FW_STAGES stages, each completing on a "full" mbarrier by
+// its byte count); warpgroups 1 and 2 are consumers of 64 query rows each, which release a stage
+// through its "empty" mbarrier (every consumer thread arrives) once their wgmma reads of it are done.
+// `setmaxnreg` moves registers from the producer (24) to the consumers (240). Each consumer
+// pipelines within the warpgroup: tile j's S = Q K^T is issued before tile j - 1's P V, so the
+// softmax of tile j overlaps that product. TMA writes rows past the sequence as zeros; the box's
+// 128-byte rows land with the same 128-byte swizzle the descriptors declare (the stage bases are
+// 1024-byte aligned). Barrier protocol: PTX ISA "mbarrier" (phase parity), "cp.async.bulk.tensor".
+
+#define FW_STAGES 3
+#define FW_TIMEOUT_NS 2000000000ull  // a wait this long is a protocol bug: trap rather than hang
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ uint64_t global_timer_ns() {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+
+// One arrival that also tells the barrier to expect `bytes` more of asynchronous copies.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+__device__ __forceinline__ bool mbar_try_wait(uint64_t* bar, uint32_t parity) {
+    uint32_t done;
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+    return done != 0;
+}
+
+// Waits for the phase of parity `parity` to complete; traps after FW_TIMEOUT_NS of spinning.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+    if (mbar_try_wait(bar, parity)) return;
+    const uint64_t start = global_timer_ns();
+    while (!mbar_try_wait(bar, parity))
+        if (global_timer_ns() - start > FW_TIMEOUT_NS) asm volatile("trap;");
+}
+
+// Box (64, 1, 128, 1) at (0, head, row, batch) of a tensor map into a 1024-byte aligned tile.
+__device__ __forceinline__ void tma_load_tile(void* dst, const FlashTensorMap* map, int head, int row, int batch,
+                                              uint64_t* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+        "[%6];" ::"r"(smem_addr(dst)),
+        "l"(map), "r"(0), "r"(head), "r"(row), "r"(batch), "r"(smem_addr(bar))
+        : "memory");
+}
+
+template <typename T>
+__device__ void flash_attention_ws(const FlashTmaParams& params) {
+    const FlashAttentionParams& p = params.attn;
+    extern __shared__ unsigned char fh_smem_raw[];
+    // Q tile, K tiles of the stages, V tiles of the stages, then the barriers.
+    T* q_s = reinterpret_cast<T*>(((uintptr_t)fh_smem_raw + 1023) & ~(uintptr_t)1023);
+    auto k_tile = [&](int st) { return q_s + (1 + st) * FH_TILE; };
+    auto v_tile = [&](int st) { return q_s + (1 + FW_STAGES + st) * FH_TILE; };
+    uint64_t* q_full = reinterpret_cast<uint64_t*>(q_s + (1 + 2 * FW_STAGES) * FH_TILE);
+    uint64_t* k_full = q_full + 1;
+    uint64_t* v_full = k_full + FW_STAGES;
+    uint64_t* empty = v_full + FW_STAGES;
+    constexpr uint32_t tile_bytes = FH_TILE * sizeof(T);
+
+    const int b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
+    const int q0 = blockIdx.x * FH_BM;
+    int tiles = (p.seq_k + FH_BN - 1) / FH_BN;
+    if (p.causal) tiles = min(tiles, (min(q0 + FH_BM, p.seq_q) + FH_BN - 1) / FH_BN);
+
+    if (threadIdx.x == 0) {
+        mbar_init(q_full, 1);
+        for (int st = 0; st < FW_STAGES; ++st) {
+            mbar_init(&k_full[st], 1);
+            mbar_init(&v_full[st], 1);
+            mbar_init(&empty[st], 256);  // every consumer thread
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        fence_proxy_async();
+    }
+    __syncthreads();
+
+    const int wg = threadIdx.x / 128;
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        if (threadIdx.x != 0) return;
+        mbar_arrive_expect_tx(q_full, tile_bytes);
+        tma_load_tile(q_s, &params.q_map, h, q0, b, q_full);
+        for (int j = 0; j < tiles; ++j) {
+            const int st = j % FW_STAGES;
+            // Use j / FW_STAGES of the stage: wait for the consumers' release of the use before.
+            if (j >= FW_STAGES) mbar_wait(&empty[st], ((j / FW_STAGES) - 1) & 1);
+            mbar_arrive_expect_tx(&k_full[st], tile_bytes);
+            tma_load_tile(k_tile(st), &params.k_map, h, j * FH_BN, b, &k_full[st]);
+            mbar_arrive_expect_tx(&v_full[st], tile_bytes);
+            tma_load_tile(v_tile(st), &params.v_map, h, j * FH_BN, b, &v_full[st]);
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+
+    const int cw = wg - 1, warp = (threadIdx.x % 128) / 32, g = (threadIdx.x % 32) / 4;
+    const int qwg = q0 + cw * 64, row0 = qwg + warp * 16 + g;
+    int wg_tiles = qwg < p.seq_q ? tiles : 0;
+    if (p.causal) wg_tiles = min(wg_tiles, (min(qwg + 64, p.seq_q) + FH_BN - 1) / FH_BN);
+    const T* q_wg = q_s + cw * 64 * FH_D;
+    const float scale_log2 = p.scale * FH_LOG2E;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    float acc[32];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float sum = l[r];
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        inv[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
+    for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
+    auto parity = [](int j) { return (uint32_t)((j / FW_STAGES) & 1); };
+
+    if (wg_tiles > 0) {
+        float s[64], base[2], corr[2];
+        // P of the even and odd tiles: alternating buffers, so no register copies sit between a
+        // P V product's issue and its wait (ptxas would serialise the wgmma pipeline, note C7513).
+        uint32_t pa[2][FH_BN / 16][4];
+        mbar_wait(q_full, 0);
+        mbar_wait(&k_full[0], 0);
+        wgmma_fence();
+        issue_qk<T>(s, q_wg, k_tile(0));
+        wgmma_wait<0>();
+        fence_regs(s);
+        mask_scores(s, 0, row0, qwg, p);
+        softmax_update(s, m, l, base, corr, scale_log2);
+        softmax_probs<T>(s, base, l, scale_log2, pa[0]);
+        // Tile j: S_j = Q K_j^T, then O += P_{j-1} V_{j-1}; the softmax of S_j (into `next`) runs
+        // while the latter does.
+        auto step = [&](int j, uint32_t(&cur)[FH_BN / 16][4], uint32_t(&next)[FH_BN / 16][4]) {
+            const int st = j % FW_STAGES, prev = (j - 1) % FW_STAGES;
+            mbar_wait(&k_full[st], parity(j));
+            mbar_wait(&v_full[prev], parity(j - 1));
+            wgmma_fence();
+            issue_qk<T>(s, q_wg, k_tile(st));
+            issue_pv<T>(acc, cur, v_tile(prev));
+            wgmma_wait<1>();
+            fence_regs(s);
+            mask_scores(s, j * FH_BN, row0, qwg, p);
+            softmax_update(s, m, l, base, corr, scale_log2);
+            softmax_probs<T>(s, base, l, scale_log2, next);
+            wgmma_wait<0>();
+            fence_regs(acc);
+            fence_pa(cur);  // P_{j-1} stays in its registers until the product has read them
+            mbar_arrive(&empty[prev]);
+            rescale_acc(acc, corr);
+        };
+        // The last tile's O += P V.
+        auto finish = [&](uint32_t(&cur)[FH_BN / 16][4]) {
+            const int last = (wg_tiles - 1) % FW_STAGES;
+            mbar_wait(&v_full[last], parity(wg_tiles - 1));
+            wgmma_fence();
+            issue_pv<T>(acc, cur, v_tile(last));
+            wgmma_wait<0>();
+            fence_regs(acc);
+            fence_pa(cur);
+            mbar_arrive(&empty[last]);
+        };
+        int j = 1;
+        for (; j + 1 < wg_tiles; j += 2) {
+            step(j, pa[0], pa[1]);
+            step(j + 1, pa[1], pa[0]);
+        }
+        if (j < wg_tiles) {
+            step(j, pa[0], pa[1]);
+            finish(pa[1]);
+        } else {
+            finish(pa[0]);
+        }
     }
-    T* stage = const_cast<T*>(q_wg) + warp * 16 * FH_D;
-#pragma unroll
-    for (int i = 0; i < 32; i += 2) {
-        const int rr = g + ((i % 4) / 2) * 8, n = i / 4;
-        *reinterpret_cast<uint32_t*>(stage + rr * FH_D + ((n ^ (rr % 8)) * 8) + cq) =
-            MmaType<T>::pack(acc[i] * inv[(i % 4) / 2], acc[i + 1] * inv[(i % 4) / 2]);
+    // Tiles the block loads past this warpgroup's last (causal, or no rows): released unread, each
+    // after it has landed, so the producer's phase accounting stays in step.
+    for (int j = wg_tiles; j < tiles; ++j) {
+        mbar_wait(&k_full[j % FW_STAGES], parity(j));
+        mbar_wait(&v_full[j % FW_STAGES], parity(j));
+        mbar_arrive(&empty[j % FW_STAGES]);
     }
-    __syncwarp();
-    for (int i = lane; i < 16 * (FH_D / 8); i += 32) {
-        const int rr = i / (FH_D / 8), c = i % (FH_D / 8);
-        const int query = qwg + warp * 16 + rr;
-        if (query < p.seq_q)
-            *reinterpret_cast<uint4*>(o + (int64_t)query * p.o_stride + c * 8) =
-                *reinterpret_cast<const uint4*>(stage + rr * FH_D + ((c ^ (rr % 8)) * 8));
-    }
+
+    if (qwg >= p.seq_q) return;
+    T* o = static_cast<T*>(p.o) + b * p.o_batch_stride + h * FH_D;
+    store_rows<T>(acc, l, const_cast<T*>(q_wg) + warp * 16 * FH_D, o, qwg + warp * 16, p);
 }
 
 #endif
@@ -258,6 +504,22 @@ extern "C" __global__ void __launch_bounds__(256, 2) flash_attention_sm90_d64_f1
 extern "C" __global__ void __launch_bounds__(256, 2) flash_attention_sm90_d64_bf16(const __grid_constant__ FlashAttentionParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     flash_attention_sm90<__nv_bfloat16>(p);
+#else
+    __trap();
+#endif
+}
+
+// 384 threads: the producer warpgroup and two consumer warpgroups (one block per multiprocessor).
+extern "C" __global__ void __launch_bounds__(384, 1) flash_attention_ws_d64_f16(const __grid_constant__ FlashTmaParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    flash_attention_ws<__half>(p);
+#else
+    __trap();
+#endif
+}
+extern "C" __global__ void __launch_bounds__(384, 1) flash_attention_ws_d64_bf16(const __grid_constant__ FlashTmaParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    flash_attention_ws<__nv_bfloat16>(p);
 #else
     __trap();
 #endif

@@ -226,6 +226,23 @@ typedef struct FlashAttentionParams {
     float scale;
 } FlashAttentionParams;
 
+// A CUDA tensor map (cuda.h's CUtensorMap: 128 opaque bytes, 64-byte aligned), encoded on the host
+// by cuTensorMapEncodeTiled and read by the TMA unit (cp.async.bulk.tensor).
+typedef struct __attribute__((aligned(64))) FlashTensorMap {
+    uint64_t opaque[16];
+} FlashTensorMap;
+
+// The warp-specialised Hopper flash kernel (flash_attention_ws_d64_*): q, k and v are read through
+// rank-4 tensor maps over (64 dims, heads, tokens, batch) with 128-byte swizzled boxes of
+// (64, 1, 128, 1); `attn` holds the output, its strides and the scalars (its q, k, v pointers and
+// strides are those the maps encode, unused by the kernel).
+typedef struct FlashTmaParams {
+    FlashTensorMap q_map;
+    FlashTensorMap k_map;
+    FlashTensorMap v_map;
+    FlashAttentionParams attn;
+} FlashTmaParams;
+
 // Row softmax of fp32 attention scores into probabilities in the activation dtype (the middle step
 // of attention through two GEMMs, for head dims the flash kernel does not cover).
 typedef struct SoftmaxRowsParams {

@@ -31,6 +31,7 @@ kernel_params!(
     params::RandomParams,
     params::TemporalAttentionParams,
     params::FlashAttentionParams,
+    params::FlashTmaParams,
     params::SoftmaxRowsParams,
     params::EmbeddingParams,
     params::LoraMergeParams,

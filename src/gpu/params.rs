@@ -532,6 +532,54 @@ impl Default for FlashAttentionParams {
     }
 }
 #[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct FlashTensorMap {
+    pub opaque: [u64; 16usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of FlashTensorMap"][::std::mem::size_of::<FlashTensorMap>() - 128usize];
+    ["Alignment of FlashTensorMap"][::std::mem::align_of::<FlashTensorMap>() - 64usize];
+    ["Offset of field: FlashTensorMap::opaque"][::std::mem::offset_of!(FlashTensorMap, opaque) - 0usize];
+};
+impl Default for FlashTensorMap {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct FlashTmaParams {
+    pub q_map: FlashTensorMap,
+    pub k_map: FlashTensorMap,
+    pub v_map: FlashTensorMap,
+    pub attn: FlashAttentionParams,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of FlashTmaParams"][::std::mem::size_of::<FlashTmaParams>() - 512usize];
+    ["Alignment of FlashTmaParams"][::std::mem::align_of::<FlashTmaParams>() - 64usize];
+    ["Offset of field: FlashTmaParams::q_map"][::std::mem::offset_of!(FlashTmaParams, q_map) - 0usize];
+    ["Offset of field: FlashTmaParams::k_map"][::std::mem::offset_of!(FlashTmaParams, k_map) - 128usize];
+    ["Offset of field: FlashTmaParams::v_map"][::std::mem::offset_of!(FlashTmaParams, v_map) - 256usize];
+    ["Offset of field: FlashTmaParams::attn"][::std::mem::offset_of!(FlashTmaParams, attn) - 384usize];
+};
+impl Default for FlashTmaParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct SoftmaxRowsParams {
     pub scores: *const f32,

@@ -8,7 +8,9 @@ use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
 use crate::gpu::blas::{Gemm, GemmIo};
-use crate::gpu::params::{FlashAttentionParams, SoftmaxRowsParams, TemporalAttentionParams};
+use crate::gpu::params::{
+    FlashAttentionParams, FlashTensorMap, FlashTmaParams, SoftmaxRowsParams, TemporalAttentionParams,
+};
 use crate::tensor::{DType, Tensor};
 
 #[derive(Clone, Copy, Debug)]
@@ -213,7 +215,7 @@ pub struct FlashAttention {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FlashKernel {
     /// The short-key kernel for non-causal attention over at most 256 keys, else the long-sequence
-    /// kernel: `CELFRAME_FLASH_KERNEL` (`portable` or `hopper`) where set, else the device's default
+    /// kernel: `CELFRAME_FLASH_KERNEL` (`portable`, `hopper` or `hopper-ws`) where set, else the device's default
     /// (`long_flash_default`).
     #[default]
     Auto,
@@ -221,6 +223,9 @@ pub enum FlashKernel {
     Portable,
     /// The wgmma kernel (kernels/attention/flash_sm90.cu), devices of compute capability 9.0 only.
     Hopper,
+    /// The warp-specialised wgmma kernel of the same file (TMA producer warpgroup, two consumer
+    /// warpgroups), devices of compute capability 9.0 only; not routed until measured.
+    HopperWs,
 }
 
 impl FlashKernel {
@@ -229,7 +234,10 @@ impl FlashKernel {
         match name {
             "portable" => Ok(FlashKernel::Portable),
             "hopper" => Ok(FlashKernel::Hopper),
-            _ => Err(format!("CELFRAME_FLASH_KERNEL='{name}' is not a flash kernel (expected portable or hopper)")),
+            "hopper-ws" => Ok(FlashKernel::HopperWs),
+            _ => Err(format!(
+                "CELFRAME_FLASH_KERNEL='{name}' is not a flash kernel (expected portable, hopper or hopper-ws)"
+            )),
         }
     }
 }
@@ -287,6 +295,64 @@ const FLASH_SHORT_BLOCKS_PER_SM: usize = 8;
 /// stages of K and V tiles, 16 KiB each, plus 1 KiB to align them to 1024 bytes.
 const FLASH_SM90_BM: usize = 128;
 const FLASH_SM90_SHARED: usize = 5 * 16384 + 1024;
+/// The warp-specialised kernel's dynamic shared memory: the Q tile and FW_STAGES (3) stages of K
+/// and V tiles, 16 KiB each, 1 KiB of alignment, and its 1 + 3 x 3 mbarriers.
+const FLASH_WS_SHARED: usize = 7 * 16384 + 1024 + 10 * 8;
+
+/// A TMA tensor map over one of flash attention's q, k, v: (64 dims, heads, tokens, batch) with
+/// rows `row_stride` and images `batch_stride` elements apart, read in boxes of 128 tokens of one
+/// head with the 128-byte swizzle (the layout flash_sm90.cu's wgmma descriptors declare). Rows past
+/// `tokens` read as zeros.
+#[allow(clippy::too_many_arguments)]
+fn flash_tensor_map(
+    name: &str,
+    ptr: u64,
+    dtype: DType,
+    heads: usize,
+    tokens: usize,
+    batch: usize,
+    row_stride: i64,
+    batch_stride: i64,
+) -> Result<FlashTensorMap> {
+    use cudarc::driver::sys;
+    let es = dtype.size() as u64;
+    // cuTensorMapEncodeTiled: a 16-byte aligned base; strides multiples of 16 bytes below 2^40.
+    let strides = [64 * es, row_stride as u64 * es, batch_stride as u64 * es];
+    if ptr % 16 != 0 || row_stride < 0 || batch_stride < 0 || strides.iter().any(|s| s % 16 != 0 || *s >= 1 << 40) {
+        return Err(Error::Unsupported(format!(
+            "flash_attention (Hopper TMA kernel): {name} needs a 16-byte aligned base and row and batch strides that              are multiples of 16 bytes (base {ptr:#x}, row stride {row_stride}, batch stride {batch_stride} elements              of {dtype:?})"
+        )));
+    }
+    let dims = [64, heads as u64, tokens as u64, batch as u64];
+    let boxes = [64, 1, FLASH_SM90_BM as u32, 1];
+    let element_strides = [1u32; 4];
+    let data_type = if dtype == DType::F16 {
+        sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+    } else {
+        sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+    };
+    let mut map = sys::CUtensorMap { opaque: [0; 16] };
+    // SAFETY: every array holds the rank (4) entries, strides the rank - 1; `map` is written only.
+    unsafe {
+        sys::cuTensorMapEncodeTiled(
+            &mut map,
+            data_type,
+            4,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    }
+    .result()
+    .map_err(|e| Error::Cuda(format!("cuTensorMapEncodeTiled for flash_attention {name} failed: {e:?}")))?;
+    Ok(FlashTensorMap { opaque: map.opaque })
+}
 
 /// Which flash kernel a call takes: the short-key one for non-causal attention over at most 256 keys
 /// (all keys resident in shared memory, no online rescaling), the general one otherwise.
@@ -355,6 +421,16 @@ pub fn flash_attention_with(
             };
             let heads = grid_dim("flash_attention", "batch x heads", b * cfg.heads, GRID_YZ)?;
             let block = ((FLASH_WARPS * 32) as u32, 1, 1);
+            let hopper = || {
+                let cc = gpu.info().compute_capability;
+                if cc != (9, 0) {
+                    return Err(Error::Unsupported(format!(
+                        "flash_attention: the Hopper kernels need compute capability 9.0 (this device: {}.{})",
+                        cc.0, cc.1
+                    )));
+                }
+                Ok((grid_dim("flash_attention", "query tiles", sq.div_ceil(FLASH_SM90_BM), GRID_X)?, heads, 1))
+            };
             let short_fits = flash_short_variant(sk, cfg.causal);
             let kernel = match kernel {
                 FlashKernel::Auto if short_fits.is_none() => long_flash_kernel(gpu.info().compute_capability)?,
@@ -364,21 +440,28 @@ pub fn flash_attention_with(
                 FlashKernel::Auto => short_fits,
                 FlashKernel::Portable => None,
                 FlashKernel::Hopper => {
-                    let cc = gpu.info().compute_capability;
-                    if cc != (9, 0) {
-                        return Err(Error::Unsupported(format!(
-                            "flash_attention: the Hopper kernel needs compute capability 9.0 (this device: {}.{})",
-                            cc.0, cc.1
-                        )));
-                    }
                     let kernel = if dtype == DType::F16 {
                         "flash_attention_sm90_d64_f16"
                     } else {
                         "flash_attention_sm90_d64_bf16"
                     };
-                    let grid =
-                        (grid_dim("flash_attention", "query tiles", sq.div_ceil(FLASH_SM90_BM), GRID_X)?, heads, 1);
-                    gpu.launch(kernel, grid, (256, 1, 1), FLASH_SM90_SHARED as u32, &p)?;
+                    gpu.launch(kernel, hopper()?, (256, 1, 1), FLASH_SM90_SHARED as u32, &p)?;
+                    return Ok(o);
+                }
+                FlashKernel::HopperWs => {
+                    let grid = hopper()?;
+                    let map = |name, ptr, tokens, row_stride, batch_stride| {
+                        flash_tensor_map(name, ptr, dtype, cfg.heads, tokens, b, row_stride, batch_stride)
+                    };
+                    let tp = FlashTmaParams {
+                        q_map: map("q", p.q as u64, sq, p.q_stride, p.q_batch_stride)?,
+                        k_map: map("k", p.k as u64, sk, p.k_stride, p.k_batch_stride)?,
+                        v_map: map("v", p.v as u64, sk, p.v_stride, p.v_batch_stride)?,
+                        attn: p,
+                    };
+                    let kernel =
+                        if dtype == DType::F16 { "flash_attention_ws_d64_f16" } else { "flash_attention_ws_d64_bf16" };
+                    gpu.launch(kernel, grid, (384, 1, 1), FLASH_WS_SHARED as u32, &tp)?;
                     return Ok(o);
                 }
             };
@@ -593,6 +676,7 @@ mod tests {
     fn the_flash_kernel_variable_takes_the_kernel_names_only() {
         assert_eq!(FlashKernel::parse("portable"), Ok(FlashKernel::Portable));
         assert_eq!(FlashKernel::parse("hopper"), Ok(FlashKernel::Hopper));
+        assert_eq!(FlashKernel::parse("hopper-ws"), Ok(FlashKernel::HopperWs));
         for bad in ["", "Hopper", "auto", "sm90"] {
             let err = FlashKernel::parse(bad).unwrap_err();
             assert!(err.contains("CELFRAME_FLASH_KERNEL") && err.contains(&format!("'{bad}'")), "{err}");

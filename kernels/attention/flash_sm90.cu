@@ -1,7 +1,8 @@
 // Flash attention forward for head dim 64 on Hopper (sm_90a): the QK^T and PV products run on
 // wgmma (warpgroup MMA, operands from shared-memory descriptors; P from registers), after
-// FlashAttention-3 (Shah et al. 2024, "FlashAttention-3", sections 3.1-3.2) without its warp
-// specialisation and TMA: every thread loads with cp.async.
+// FlashAttention-3 (Shah et al. 2024, "FlashAttention-3", sections 3.1-3.2). Two kernels: the first
+// without its warp specialisation and TMA (every thread loads with cp.async); the second
+// (flash_attention_ws_*, further down) warp-specialised with TMA loads.
 //
 // Block: 2 warpgroups x 64 query rows of one (batch, head) = 128 rows; keys and values stream
 // through shared memory in 128-row tiles, double-buffered, one barrier per tile. Per tile and

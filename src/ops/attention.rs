@@ -318,9 +318,15 @@ fn flash_tensor_map(
     let es = dtype.size() as u64;
     // cuTensorMapEncodeTiled: a 16-byte aligned base; strides multiples of 16 bytes below 2^40.
     let strides = [64 * es, row_stride as u64 * es, batch_stride as u64 * es];
-    if ptr % 16 != 0 || row_stride < 0 || batch_stride < 0 || strides.iter().any(|s| s % 16 != 0 || *s >= 1 << 40) {
+    if !ptr.is_multiple_of(16)
+        || row_stride < 0
+        || batch_stride < 0
+        || strides.iter().any(|s| !s.is_multiple_of(16) || *s >= 1 << 40)
+    {
         return Err(Error::Unsupported(format!(
-            "flash_attention (Hopper TMA kernel): {name} needs a 16-byte aligned base and row and batch strides that              are multiples of 16 bytes (base {ptr:#x}, row stride {row_stride}, batch stride {batch_stride} elements              of {dtype:?})"
+            "flash_attention (Hopper TMA kernel): {name} needs a 16-byte aligned base and row and batch strides \
+             that are multiples of 16 bytes (base {ptr:#x}, row stride {row_stride}, batch stride \
+             {batch_stride} elements of {dtype:?})"
         )));
     }
     let dims = [64, heads as u64, tokens as u64, batch as u64];

@@ -491,18 +491,17 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
 #endif
 
 // Launched only on devices of compute capability 9.0 (src/ops/attention.rs); the other targets of
-// this file hold a trap, since wgmma exists only on sm_90a. Two blocks per multiprocessor (128
-// registers, no spills; 2 x 82 KiB of shared memory): each warpgroup runs its QK^T, softmax and PV
-// in sequence, so a second block's warpgroups keep the tensor cores busy during the softmax
-// (at 157 registers only one block fit).
-extern "C" __global__ void __launch_bounds__(256, 2) flash_attention_sm90_d64_f16(const __grid_constant__ FlashAttentionParams p) {
+// this file hold a trap, since wgmma exists only on sm_90a. One block per multiprocessor for the
+// cp.async kernel: capped at 128 registers for two it spills, and the warp-specialised kernel
+// below is the routed one.
+extern "C" __global__ void __launch_bounds__(256, 1) flash_attention_sm90_d64_f16(const __grid_constant__ FlashAttentionParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     flash_attention_sm90<__half>(p);
 #else
     __trap();
 #endif
 }
-extern "C" __global__ void __launch_bounds__(256, 2) flash_attention_sm90_d64_bf16(const __grid_constant__ FlashAttentionParams p) {
+extern "C" __global__ void __launch_bounds__(256, 1) flash_attention_sm90_d64_bf16(const __grid_constant__ FlashAttentionParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     flash_attention_sm90<__nv_bfloat16>(p);
 #else

@@ -271,6 +271,28 @@ fn frames_share_their_video_embedding() {
     }
 }
 
+/// One context for both rows (a render's CFG half) gives, to the bit, what the context repeated
+/// per row gives.
+#[test]
+fn a_shared_context_gives_the_repeated_contexts_residuals() {
+    let dir = TempDir::new("controlnet-grouped");
+    let cn =
+        ControlNet::new(&open_controlnet(&write_folder(&dir.0, "full")).unwrap(), Place::Host(DType::F32)).unwrap();
+    let x = Inputs::read("full"); // 2 rows
+    let ctx = x.context.to_f32_vec().unwrap();
+    let (tokens, width) = (x.context.shape()[1], x.context.shape()[2]);
+    let one = Tensor::from_f32(&[1, tokens, width], DType::F32, &ctx[..tokens * width]).unwrap();
+    let both = Tensor::from_f32(&[2, tokens, width], DType::F32, &ctx[..tokens * width].repeat(2)).unwrap();
+    let run = |context: &Tensor| {
+        let inputs = UnetInputs { encoder_hidden_states: context, ..x.unet() };
+        cn.forward(&Exec::Cpu, &inputs, &x.cond, ControlScale::new(1.0)).unwrap()
+    };
+    let (grouped, repeated) = (run(&one), run(&both));
+    for (a, b) in grouped.down.iter().chain([&grouped.mid]).zip(repeated.down.iter().chain([&repeated.mid])) {
+        assert!(a.host_bytes().unwrap() == b.host_bytes().unwrap(), "a shared context differs from its repeats");
+    }
+}
+
 /// Missing, unexpected and misshapen tensors in one error naming the file and each tensor; in a
 /// cldm file the names are the file's.
 #[test]

@@ -820,3 +820,38 @@ fn eight_bit_pixels_are_the_twins_bytes() {
         rig.scratch.reset();
     }
 }
+
+/// Cross attention of a render's 2 x 16 frames on its 2 text contexts (one per CFG half) at the
+/// SDXL 1024x576 attention levels (2304 and 576 tokens): `attention_grouped` against `attention`
+/// on the contexts repeated per row, both on the device (the f16 / bf16 tolerance), and against
+/// the f64 twin by the attention rule.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn grouped_cross_attention_matches_repeated_contexts() {
+    use celframe::ops::attention::{FlashAttention, attention, attention_grouped, flash_attention_reference};
+    use celframe::ops::rows::gather_rows;
+    let rig = Rig::new();
+    let (rows, groups) = (32, 2);
+    let from: Vec<usize> = (0..rows).map(|r| r / (rows / groups)).collect();
+    for (tokens, heads, keys, dtype) in
+        [(2304, 10, 77, DType::F16), (576, 20, 77, DType::F16), (576, 20, 154, DType::BF16)]
+    {
+        let cfg = FlashAttention { heads, causal: false, scale: 0.125 };
+        let c = heads * 64;
+        let (q, qd) = rig.input(&[rows, tokens, c], dtype, 1.0, 0.0);
+        let (k, kd) = rig.input(&[groups, keys, c], dtype, 1.0, 0.0);
+        let (v, vd) = rig.input(&[groups, keys, c], dtype, 1.0, 0.0);
+        let ex = rig.exec();
+        let grouped = rig.gpu.download(&attention_grouped(&ex, &qd, &kd, &vd, cfg).unwrap()).unwrap();
+        let (k_rows, v_rows) = (gather_rows(&ex, &kd, &from).unwrap(), gather_rows(&ex, &vd, &from).unwrap());
+        let repeated = rig.gpu.download(&attention(&ex, &qd, &k_rows, &v_rows, cfg).unwrap()).unwrap();
+        let what =
+            format!("attention_grouped {groups} contexts x {rows} rows sq={tokens} sk={keys} h={heads} {dtype:?}");
+        let (rel, max) = assert_close(&what, &grouped, &repeated, tol(dtype));
+        println!("GPUCHECK {what} vs repeated contexts: rel_l2={rel:.2e} max_abs={max:.2e} tol={:.0e}", tol(dtype));
+        let (k, v) = (gather_rows(&Exec::Cpu, &k, &from).unwrap(), gather_rows(&Exec::Cpu, &v, &from).unwrap());
+        let exact = flash_attention_reference(&q, &k, &v, cfg, None, DType::F32).unwrap();
+        let plain = flash_attention_reference(&q, &k, &v, cfg, Some(dtype), dtype).unwrap();
+        rig.check_attention_rule(&what, &grouped, &exact, &plain);
+    }
+}

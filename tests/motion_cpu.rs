@@ -216,6 +216,40 @@ fn to_rows(t: &Tensor) -> Tensor {
     Tensor::from_f32(&[b * f, h, w, c], DType::F32, &out).unwrap()
 }
 
+/// One video of 16 frames on 2 contexts (frames 0-7, 8-15) and on 1 gives, to the bit, what the
+/// contexts repeated per frame give (the cross-attentions compute K and V on the distinct rows).
+#[test]
+fn grouped_contexts_give_the_repeated_contexts_output() {
+    use celframe::ops::rows::gather_rows;
+    let unet = Unet::new(&open_unet(&folder("a")).unwrap(), Place::Host(DType::F32)).unwrap();
+    let modules = MotionModules::new(&open_motion(&motion_folder()).unwrap(), &unet, Place::Host(DType::F32)).unwrap();
+    let random = |shape: &[usize], seed| common::random_tensor(shape, DType::F32, seed, 1.0, 0.0);
+    let frames = 16;
+    let (sample, text, ids) = (random(&[frames, 8, 8, 4], 1), random(&[1, 32], 3), random(&[1, 6], 4));
+    let t = Tensor::from_f32(&[1], DType::F32, &[700.0]).unwrap();
+    let video = Frames { frames, group_norm_across_frames: false };
+    let forward = |context: &Tensor| {
+        let inputs = UnetInputs {
+            sample: &sample,
+            timestep: &t,
+            encoder_hidden_states: context,
+            text_embeds: Some(&text),
+            time_ids: Some(&ids),
+        };
+        modules.forward_unet(&Exec::Cpu, &unet, &inputs, video, None).unwrap()
+    };
+    for groups in [2, 1] {
+        let context = random(&[groups, 3, 32], 5 + groups as u64);
+        let from: Vec<usize> = (0..frames).map(|f| f / (frames / groups)).collect();
+        let repeated = gather_rows(&Exec::Cpu, &context, &from).unwrap();
+        let (got, want) = (forward(&context), forward(&repeated));
+        assert!(
+            got.host_bytes().unwrap() == want.host_bytes().unwrap(),
+            "{groups} contexts for {frames} frames differ"
+        );
+    }
+}
+
 #[test]
 fn frames_beyond_the_positions_are_refused() {
     let unet_checkpoint = open_unet(&folder("a")).unwrap();

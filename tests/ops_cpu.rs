@@ -5,7 +5,9 @@
 mod common;
 
 use celframe::ops::Exec;
-use celframe::ops::attention::{FlashAttention, TemporalAttention, flash_attention, temporal_attention};
+use celframe::ops::attention::{
+    FlashAttention, TemporalAttention, attention, attention_grouped, flash_attention, temporal_attention,
+};
 use celframe::ops::conv::{Conv2d, conv2d, weight_oihw_to_ohwi};
 use celframe::ops::elementwise::{add, geglu, gelu, mul, residual_add, scale, silu};
 use celframe::ops::embedding::{TimestepEmbedding, timestep_embedding};
@@ -189,6 +191,46 @@ fn flash_attention_matches_torch_sdpa_cross_and_causal() {
     let bad =
         flash_attention(&CPU, &f["flash.q"], &f["flash.k"], &f["flash.v"], FlashAttention { causal: true, ..cfg });
     assert!(matches!(bad, Err(Error::Input(_))), "causal with seq_q != seq_k must be refused");
+}
+
+/// Attention on G contexts for B query rows (context g serving rows g * B/G ..) is, to the bit,
+/// attention with each context repeated over its rows: 6 rows on 1, 2, 3 and 6 contexts, through
+/// the flash route's twin (head dim 64, f16) and the gemm route's (head dim 40, f32).
+#[test]
+fn grouped_attention_is_attention_on_repeated_contexts() {
+    use celframe::ops::rows::gather_rows;
+    use common::random_tensor;
+    let rows = 6;
+    for (heads, d, dtype) in [(2, 64, DType::F16), (3, 40, DType::F32)] {
+        let (c, cfg) = (heads * d, FlashAttention { heads, causal: false, scale: 1.0 / (d as f32).sqrt() });
+        let q = random_tensor(&[rows, 5, c], dtype, 1, 1.0, 0.0);
+        for g in [1, 2, 3, 6] {
+            let k = random_tensor(&[g, 7, c], dtype, 10 + g as u64, 1.0, 0.0);
+            let v = random_tensor(&[g, 7, c], dtype, 20 + g as u64, 1.0, 0.0);
+            let from: Vec<usize> = (0..rows).map(|r| r / (rows / g)).collect();
+            let (k_rows, v_rows) = (gather_rows(&CPU, &k, &from).unwrap(), gather_rows(&CPU, &v, &from).unwrap());
+            let want = attention(&CPU, &q, &k_rows, &v_rows, cfg).unwrap();
+            let got = attention_grouped(&CPU, &q, &k, &v, cfg).unwrap();
+            assert_eq!(got.shape(), q.shape());
+            assert!(
+                got.host_bytes().unwrap() == want.host_bytes().unwrap(),
+                "{g} contexts for {rows} rows, head dim {d} {dtype:?}: differs from the repeated contexts"
+            );
+        }
+    }
+    // Refused by name: 4 contexts for 6 rows, a width that is not q's, a causal mask over groups.
+    let cfg = FlashAttention { heads: 2, causal: false, scale: 0.125 };
+    let q = random_tensor(&[rows, 5, 128], DType::F32, 1, 1.0, 0.0);
+    let kv4 = random_tensor(&[4, 7, 128], DType::F32, 2, 1.0, 0.0);
+    let narrow = random_tensor(&[2, 7, 64], DType::F32, 3, 1.0, 0.0);
+    let kv2 = random_tensor(&[2, 5, 128], DType::F32, 4, 1.0, 0.0);
+    for (what, r) in [
+        ("4 contexts for 6 rows", attention_grouped(&CPU, &q, &kv4, &kv4, cfg)),
+        ("a narrower context", attention_grouped(&CPU, &q, &narrow, &narrow, cfg)),
+        ("causal over groups", attention_grouped(&CPU, &q, &kv2, &kv2, FlashAttention { causal: true, ..cfg })),
+    ] {
+        assert!(matches!(&r, Err(Error::Input(m)) if m.contains("attention_grouped")), "{what}: {r:?}");
+    }
 }
 
 #[test]

@@ -118,6 +118,39 @@ fn residual_count_and_shapes_are_checked() {
     assert!(matches!(err, Error::Input(_)));
 }
 
+/// A context per group of consecutive sample rows (a render's one per CFG half) gives, to the bit,
+/// what repeating it per row gives: 4 rows of config a on 2 contexts (rows 0-1, 2-3) and on 1. A
+/// context count that does not divide the rows is refused by name.
+#[test]
+fn grouped_contexts_give_the_repeated_contexts_output() {
+    use celframe::ops::rows::gather_rows;
+    let unet = Unet::new(&open_unet(&folder("a")).unwrap(), Place::Host(DType::F32)).unwrap();
+    let random = |shape: &[usize], seed| common::random_tensor(shape, DType::F32, seed, 1.0, 0.0);
+    let (sample, text, ids) = (random(&[4, 8, 8, 4], 1), random(&[4, 32], 3), random(&[4, 6], 4));
+    let t = Tensor::from_f32(&[4], DType::F32, &[900.0, 500.0, 900.0, 500.0]).unwrap();
+    let forward = |context: &Tensor| {
+        let inputs = UnetInputs {
+            sample: &sample,
+            timestep: &t,
+            encoder_hidden_states: context,
+            text_embeds: Some(&text),
+            time_ids: Some(&ids),
+        };
+        unet.forward(&Exec::Cpu, &inputs, None)
+    };
+    for (groups, from) in [(2, [0, 0, 1, 1]), (1, [0, 0, 0, 0])] {
+        let context = random(&[groups, 3, 32], 2 + groups as u64);
+        let repeated = gather_rows(&Exec::Cpu, &context, &from).unwrap();
+        let (got, want) = (forward(&context).unwrap(), forward(&repeated).unwrap());
+        assert!(got.host_bytes().unwrap() == want.host_bytes().unwrap(), "{groups} contexts for 4 rows differ");
+    }
+    let err = forward(&random(&[3, 3, 32], 9)).unwrap_err();
+    assert!(
+        matches!(&err, Error::Input(m) if m.contains("encoder_hidden_states") && m.contains("4 sample rows")),
+        "{err}"
+    );
+}
+
 /// The per-layer hook (where motion modules go) sees every layer of config a, in diffusers' order,
 /// with the layer's output; an identity hook changes nothing, and what a hook returns is what the
 /// path continues with.

@@ -217,7 +217,8 @@ fn bench_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
 }
 
 /// The UNet with motion modules on `--batch` videos of `--frames` frames (diffusers'
-/// UNetMotionModel.forward: one timestep and text_time per video, a context per frame).
+/// UNetMotionModel.forward: one timestep and text_time per video; one text context per video, as a
+/// render passes it when the frames share the prompt).
 fn bench_motion_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     let checkpoint = open_unet(args.weights()?)?;
     let motion_path = args.motion.as_ref().ok_or_else(|| Error::Internal("motion_unet without --motion".into()))?;
@@ -229,7 +230,7 @@ fn bench_motion_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     let dims = [("--batch", b), ("--frames", f), ("--height", h), ("--width", w), ("channels", widest)];
     elements("largest activation", &dims, MAX_ELEMENTS, WHY)?;
     let cross = cfg.cross_attention_dims().first().copied().unwrap_or(0);
-    let dims = [("--batch", b), ("--frames", f), ("--tokens", args.tokens), ("width", cross)];
+    let dims = [("--batch", b), ("--tokens", args.tokens), ("width", cross)];
     elements("context", &dims, MAX_ELEMENTS, WHY)?;
     let gpu = open_gpu(args)?;
     let scratch = scratch_bytes(&gpu, args.scratch_gb)?;
@@ -480,8 +481,8 @@ fn bench_lora(args: &BenchArgs, dtype: DType) -> Result<()> {
 }
 
 /// Random UNet inputs for `videos` x `frames` images of h x w latents (frames folded into the
-/// batch, one per image for `frames` 1): SDXL-style time ids and one timestep per video, a context
-/// per image.
+/// batch, one per image for `frames` 1): SDXL-style time ids, one timestep and one text context per
+/// video (as a render passes them when a window's frames share the prompt).
 fn random_inputs(
     cfg: &UnetConfig,
     [videos, frames, h, w]: [usize; 4],
@@ -503,7 +504,7 @@ fn random_inputs(
     Ok(ForwardInputs {
         sample: random(&[rows, h, w, cfg.in_channels], 1, 1.0, dtype)?,
         timestep: Tensor::from_f32(&[b], DType::F32, &steps)?,
-        encoder_hidden_states: random(&[rows, tokens, cross], 2, 1.0, dtype)?,
+        encoder_hidden_states: random(&[b, tokens, cross], 2, 1.0, dtype)?,
         text_embeds,
         time_ids,
         residuals: None,

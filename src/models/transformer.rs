@@ -6,7 +6,7 @@
 use super::weights::Scope;
 use crate::error::Result;
 use crate::ops::Exec;
-use crate::ops::attention::{FlashAttention, attention};
+use crate::ops::attention::{FlashAttention, attention_grouped};
 use crate::ops::elementwise::geglu;
 use crate::ops::linear::{linear, linear_add};
 use crate::ops::norm::{GroupNorm, group_norm, layer_norm_add};
@@ -37,8 +37,9 @@ impl Transformer {
 /// for bounding a config by its checkpoint.
 pub const BLOCK_TENSORS: usize = 20;
 
-/// x [B, H, W, C] NHWC, context [B, T, X] -> [B, H, W, C]. The group norm's statistics span
-/// `norm_frames` consecutive images (1: per image; see `unet::Frames`).
+/// x [B, H, W, C] NHWC, context [G, T, X] -> [B, H, W, C], G dividing B: context row g serves the
+/// B/G images from g * B/G (`attention_grouped`). The group norm's statistics span `norm_frames`
+/// consecutive images (1: per image; see `unet::Frames`).
 pub fn forward(
     ex: &Exec,
     w: &Scope,
@@ -103,7 +104,7 @@ fn block(ex: &Exec, w: &Scope, t: &Transformer, x: &Tensor, context: &Tensor) ->
         let n = ln("norm1", x)?;
         attention_block(ex, &w.at("attn1"), t.heads, &n, &n, x)?
     };
-    // 2. cross-attention on the context: queries [B, L, C], keys and values from [B, T, X]
+    // 2. cross-attention on the context: queries [B, L, C], keys and values from [G, T, X]
     let x = {
         let n = ln("norm2", &x)?;
         attention_block(ex, &w.at("attn2"), t.heads, &n, context, &x)?
@@ -113,7 +114,8 @@ fn block(ex: &Exec, w: &Scope, t: &Transformer, x: &Tensor, context: &Tensor) ->
 }
 
 /// diffusers Attention without biases on q, k, v: softmax(q k^T / sqrt(d)) v, then to_out.0, whose
-/// epilogue adds the residual stream.
+/// epilogue adds the residual stream. K and V come from the context's G rows only (G divides x's B
+/// rows; self-attention passes x itself).
 fn attention_block(
     ex: &Exec,
     w: &Scope,
@@ -123,11 +125,11 @@ fn attention_block(
     residual: &Tensor,
 ) -> Result<Tensor> {
     let q = linear(ex, x, w.get("to_q.weight")?, None)?; // [B, L, C]
-    let k = linear(ex, context, w.get("to_k.weight")?, None)?; // [B, T, C]
+    let k = linear(ex, context, w.get("to_k.weight")?, None)?; // [G, T, C]
     let v = linear(ex, context, w.get("to_v.weight")?, None)?;
     let head_dim = q.shape()[2] / heads.max(1);
     let cfg = FlashAttention { heads, causal: false, scale: 1.0 / (head_dim as f32).sqrt() };
-    let o = attention(ex, &q, &k, &v, cfg)?; // [B, L, C]
+    let o = attention_grouped(ex, &q, &k, &v, cfg)?; // [B, L, C]
     linear_add(ex, &o, w.get("to_out.0.weight")?, Some(w.get("to_out.0.bias")?), Some(residual))
 }
 

@@ -269,6 +269,33 @@ pub fn attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: FlashAttent
     if flash_fits { flash_attention(ex, q, k, v, cfg) } else { gemm_attention(ex, q, k, v, cfg) }
 }
 
+/// `attention` of q [B, L, C] on G contexts: k and v [G, T, C] with G dividing B, context row g
+/// serving the B/G consecutive query rows from g * B/G (a render's one text context per CFG half
+/// for all of its frames). The result is `attention` with every k and v row repeated B/G times,
+/// without the repeats: attention without a causal mask treats each query on its own, so a group's
+/// B/G query rows run as one sequence of (B/G) * L queries over its T keys, one launch for all
+/// groups (q, as [G, (B/G) * L, C], is the same memory). G == B is `attention`.
+pub fn attention_grouped(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: FlashAttention) -> Result<Tensor> {
+    let (qs, ks) = (q.shape(), k.shape());
+    let fits = qs.len() == 3 && ks.len() == 3 && v.shape() == ks && ks[0] > 0 && qs[2] == ks[2];
+    if !fits || !qs[0].is_multiple_of(ks[0]) {
+        return Err(Error::Input(format!(
+            "attention_grouped: q {q:?} must be [b, sq, c] and k {k:?}, v {v:?} [g, sk, c] with g dividing b"
+        )));
+    }
+    let (b, g) = (qs[0], ks[0]);
+    if g == b {
+        return attention(ex, q, k, v, cfg);
+    }
+    if cfg.causal {
+        return Err(Error::Input(format!(
+            "attention_grouped: a causal mask needs one context per query row ({g} for {b})"
+        )));
+    }
+    let grouped = q.reshape(&[g, b / g * qs[1], qs[2]])?;
+    attention(ex, &grouped, k, v, cfg)?.reshape(qs)
+}
+
 /// The short-key kernels of kernels/attention/flash.cu (cross attention over prompt tokens): keys
 /// padded up to the first size that holds them, query rows per warp slice, kernel names. Same table
 /// as the FLASH_SHORT instantiations there.

@@ -1138,6 +1138,26 @@ impl ClipConditioning {
         Ok(ClipConditioning { negative, keys, tokens, width, pooled: text.pooled_width() })
     }
 
+    /// The text contexts of the clip frames `list` for the CFG `halves`, as (rows, values of
+    /// [rows, tokens, width]): one row per half when every frame has the same prompt (the
+    /// cross-attentions then compute K and V once per half, not per frame: `attention_grouped`),
+    /// else [uncond context x n, cond context of each frame].
+    fn context_rows(&self, halves: &[Half], list: &[usize]) -> (usize, Vec<f32>) {
+        let per_frame: Vec<Vec<f32>> = list.iter().map(|&f| self.at(f).0).collect();
+        let shared = per_frame.windows(2).all(|w| w[0] == w[1]);
+        let n = if shared { list.len().min(1) } else { list.len() };
+        let mut values = Vec::with_capacity(halves.len() * n * self.tokens * self.width);
+        for half in halves {
+            for frame in &per_frame[..n] {
+                match half {
+                    Half::Uncond => values.extend_from_slice(&self.negative.context),
+                    Half::Cond => values.extend_from_slice(frame),
+                }
+            }
+        }
+        (halves.len() * n, values)
+    }
+
     /// The prompt schedule at `frame`: the two keys around it blended linearly (prompt travel).
     fn at(&self, frame: usize) -> (Vec<f32>, Vec<f32>) {
         let after = self.keys.iter().position(|(f, _)| *f > frame);
@@ -1938,18 +1958,9 @@ pub(super) fn denoise_window(
     let text_embeds = target.tensor(&[videos, cond.pooled], dtype, &text_embeds)?;
     let ids = time_ids((g.height, g.width), (0, 0), (g.height, g.width));
     let time_ids = target.tensor(&[videos, ids.len()], DType::F32, &ids.repeat(videos))?;
-    // [uncond context x n, cond context of each frame] for the frames `list` (the halves asked for).
     let context_rows = |list: &[usize]| -> Result<Tensor> {
-        let mut values = Vec::with_capacity(videos * list.len() * cond.tokens * cond.width);
-        for half in halves {
-            for &f in list {
-                match half {
-                    Half::Uncond => values.extend_from_slice(&cond.negative.context),
-                    Half::Cond => values.extend(cond.at(f).0),
-                }
-            }
-        }
-        target.tensor(&[videos * list.len(), cond.tokens, cond.width], dtype, &values)
+        let (rows, values) = cond.context_rows(halves, list);
+        target.tensor(&[rows, cond.tokens, cond.width], dtype, &values)
     };
     let context = cache.get_or(CacheKey::Context(part, window.to_vec()), || context_rows(window))?;
     let context = context.clone();
@@ -2037,7 +2048,8 @@ struct WindowBatch<'a> {
     halves: &'a [Half],
     part: Part,
     step: Step,
-    /// The text context rows of the frames given ([uncond x n, cond of each]).
+    /// The text context rows of the frames given: one per half when the frames share a prompt,
+    /// else [uncond x n, cond of each].
     context_rows: &'a dyn Fn(&[usize]) -> Result<Tensor>,
 }
 
@@ -2253,6 +2265,27 @@ mod tests {
         peak.add(group(2 * gib, 0, 8 * gib, 0));
         assert_eq!((peak.total(), peak.base_copies), (24 * gib, 6 * gib));
         assert!(peak.line("").starts_with("peak GPU memory: 24.00 GiB (weights 11.00 GiB + LoRA base copies 6.00 GiB"));
+    }
+
+    #[test]
+    fn frames_sharing_a_prompt_take_one_context_row_per_half() {
+        // Keys on frames 0 (values 1) and 4 (values 5): frames 0-4 travel, 4 on hold the last key.
+        let host = |v: f32| HostConditioning { context: vec![v; 6], pooled: vec![v; 2] };
+        let cond = ClipConditioning {
+            negative: host(-1.0),
+            keys: vec![(0, host(1.0)), (4, host(5.0))],
+            tokens: 3,
+            width: 2,
+            pooled: 2,
+        };
+        let both = [Half::Uncond, Half::Cond];
+        // Frames past the last key share it: one row per half.
+        assert_eq!(cond.context_rows(&both, &[4, 5, 6]), (2, [vec![-1.0; 6], vec![5.0; 6]].concat()));
+        assert_eq!(cond.context_rows(&[Half::Cond], &[5, 6]), (1, vec![5.0; 6]));
+        // Travelling frames: one row per frame in each half.
+        let rows: Vec<f32> = [-1.0, -1.0, 2.0, 3.0].iter().flat_map(|&v| vec![v; 6]).collect();
+        assert_eq!(cond.context_rows(&both, &[1, 2]), (4, rows));
+        assert_eq!(cond.context_rows(&both, &[]), (0, Vec::new()));
     }
 
     #[test]

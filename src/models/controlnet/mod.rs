@@ -173,10 +173,11 @@ impl ControlNet {
     }
 
     /// `forward` on videos whose frames fold into the batch (row = video * frames + frame):
-    /// `sample`, `encoder_hidden_states` and `controlnet_cond` have a row per frame, `timestep`,
-    /// `text_embeds` and `time_ids` one per video (their embedding is added to each of the video's
-    /// frames, as `Unet::forward_frames` does); the residuals have a row per frame, as the video
-    /// UNet takes them. With `frames` 1 this is diffusers ControlNetModel.forward.
+    /// `sample` and `controlnet_cond` have a row per frame, `encoder_hidden_states` one per frame
+    /// or per group of consecutive frames (`UnetInputs`), `timestep`, `text_embeds` and `time_ids`
+    /// one per video (their embedding is added to each of the video's frames, as
+    /// `Unet::forward_frames` does); the residuals have a row per frame, as the video UNet takes
+    /// them. With `frames` 1 this is diffusers ControlNetModel.forward.
     pub fn forward_frames(
         &self,
         ex: &Exec,

@@ -7,7 +7,8 @@
 //!
 //! Frames fold into the batch (row = video * F + frame). Per video: timestep, pooled text and time
 //! ids (the time and added embeddings are computed once and added to every frame); per frame: the
-//! sample, the text context ([videos * F, tokens, width], as UNetMotionModel takes it) and
+//! sample, the text context ([videos * F, tokens, width], as UNetMotionModel takes it, or fewer
+//! rows each serving a group of consecutive rows: `UnetInputs::encoder_hidden_states`) and
 //! ControlNet residuals.
 //!
 //! - `config`: the modules' architecture (MotionAdapter config.json or a file's shapes).
@@ -69,7 +70,7 @@ impl MotionModules {
     }
 
     /// The UNet with the motion modules on `video.frames` frames per video: `x.sample` [B*F, H, W,
-    /// in] (NHWC), `x.encoder_hidden_states` [B*F, tokens, X], `x.timestep` f32 [B],
+    /// in] (NHWC), `x.encoder_hidden_states` [G, tokens, X] (G dividing B*F), `x.timestep` f32 [B],
     /// `x.text_embeds` [B, pooled], `x.time_ids` f32 [B, n]; residuals per frame. -> [B*F, H, W, out].
     pub fn forward_unet(
         &self,

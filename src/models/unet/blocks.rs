@@ -48,7 +48,8 @@ pub struct Conditioning<'a> {
     /// SiLU(time embedding) [B, T] (B images, or videos whose frames share it): every ResNet
     /// projects it.
     pub emb_act: &'a Tensor,
-    /// Text context [rows, tokens, X] for the cross-attentions (one per image or frame).
+    /// Text context [G, tokens, X] for the cross-attentions, G dividing the rows: row g serves the
+    /// rows / G images or frames from g * rows / G (one per row, or one per video of a render).
     pub context: &'a Tensor,
     /// The ResNets' GroupNorm and output scale (`resnet_out_scale_factor`).
     pub norm: ResnetNorm,

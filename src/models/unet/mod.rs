@@ -34,7 +34,10 @@ pub struct UnetInputs<'a> {
     pub sample: &'a Tensor,
     /// f32 [B]: one timestep per image.
     pub timestep: &'a Tensor,
-    /// Text context [B, tokens, cross_attention_dim], compute dtype.
+    /// Text context [G, tokens, cross_attention_dim], compute dtype, G dividing B: row g serves the
+    /// B/G sample rows from g * B/G (G == B: diffusers' one row per sample; a render passes one
+    /// per CFG half when all its frames share the prompt, and the cross-attentions compute K and V
+    /// on those rows only).
     pub encoder_hidden_states: &'a Tensor,
     /// `added_cond_kwargs.text_embeds`: pooled text embedding [B, pooled], compute dtype (text_time).
     pub text_embeds: Option<&'a Tensor>,
@@ -280,9 +283,10 @@ pub(crate) fn check_inputs(
     }
     let e = x.encoder_hidden_states.shape();
     let cross = cfg.cross_attention_dims();
-    if e.len() != 3 || e[0] != rows || e[1] == 0 || cross.iter().any(|&d| d != e[2]) {
+    if e.len() != 3 || e[0] == 0 || !rows.is_multiple_of(e[0]) || e[1] == 0 || cross.iter().any(|&d| d != e[2]) {
         return bad(format!(
-            "encoder_hidden_states {:?} must be [{rows}, tokens, {}]",
+            "encoder_hidden_states {:?} must be [G, tokens, {}] with G dividing the {rows} sample rows (a context \
+             per row, or per group of consecutive rows)",
             x.encoder_hidden_states,
             cross.iter().map(usize::to_string).collect::<Vec<_>>().join(" / ")
         ));

@@ -861,6 +861,15 @@ fn one_run_at_a_time_and_unwritable_folders_are_clear_errors() {
     assert!(err.to_string().contains("another celframe run") && err.exit_code() == 2, "{err}");
     drop(tree);
     OutputTree::open(&root).unwrap();
+    // A lock released within the grace period (as when a child forked by another thread still
+    // holds a copy of the descriptor until its exec) is waited for, not reported as another run.
+    let tree = OutputTree::open(&root).unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        drop(tree);
+    });
+    OutputTree::open(&root).unwrap();
+    release.join().unwrap();
 
     // A path through a regular file, and a root that is a file.
     std::fs::write(dir.path("file"), b"x").unwrap();

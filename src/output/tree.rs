@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
@@ -164,6 +164,28 @@ fn tidy_resume(resume: &Path, clip: &Path) -> Result<()> {
     }
 }
 
+/// How long a busy lock is retried before the folder is reported as in use.
+const LOCK_GRACE: Duration = Duration::from_millis(500);
+
+/// `try` (an exclusive or shared `try_lock`), retried for up to LOCK_GRACE while the lock is
+/// busy. A child process forked by another thread of this process (ffmpeg, a worker) holds a copy
+/// of every descriptor, the lock's included, from its fork until its exec closes them, so a lock
+/// this process just released can look held for a moment; another run holds it far longer.
+fn lock_briefly(
+    file: &File,
+    try_lock: fn(&File) -> std::result::Result<(), std::fs::TryLockError>,
+) -> std::result::Result<(), std::fs::TryLockError> {
+    let start = Instant::now();
+    loop {
+        match try_lock(file) {
+            Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < LOCK_GRACE => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            other => return other,
+        }
+    }
+}
+
 impl OutputTree {
     /// Opens (creating as needed) `root` with `images/`, `video/` and `configs/`, takes the
     /// exclusive lock, and removes what an interrupted run left: temporary files and partial clip
@@ -171,7 +193,7 @@ impl OutputTree {
     /// complete.
     pub fn open(root: &Path) -> Result<OutputTree> {
         let lock = create_tree(root)?;
-        match lock.try_lock() {
+        match lock_briefly(&lock, File::try_lock) {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
                 return Err(Error::Input(format!(
@@ -210,7 +232,7 @@ impl OutputTree {
         let lock = create_tree(root)?;
         let busy =
             |what: &str| Error::Input(format!("output folder {}: {what} (it holds the folder's lock)", root.display()));
-        match lock.try_lock_shared() {
+        match lock_briefly(&lock, File::try_lock_shared) {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => return Err(busy("a whole run or merge-report is writing to it")),
             Err(std::fs::TryLockError::Error(e)) => return Err(io_error("locking output folder", root)(e)),
@@ -222,7 +244,7 @@ impl OutputTree {
             .write(true)
             .open(&shard_path)
             .map_err(io_error("opening shard lock", &shard_path))?;
-        match shard_lock.try_lock() {
+        match lock_briefly(&shard_lock, File::try_lock) {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => return Err(busy(&format!("another process runs {name}"))),
             Err(std::fs::TryLockError::Error(e)) => return Err(io_error("locking", &shard_path)(e)),

@@ -490,37 +490,22 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
 
 #endif
 
-// Launched only on devices of compute capability 9.0 (src/ops/attention.rs); the other targets of
-// this file hold a trap, since wgmma exists only on sm_90a. One block per multiprocessor for the
-// cp.async kernel: capped at 128 registers for two it spills, and the warp-specialised kernel
-// below is the routed one.
-extern "C" __global__ void __launch_bounds__(256, 1) flash_attention_sm90_d64_f16(const __grid_constant__ FlashAttentionParams p) {
+// Launched only on devices of compute capability 9.0 (src/ops/attention.rs): each entry runs
+// BODY<TYPE>(p) on sm_90a and holds a trap on the file's other targets, since wgmma exists only
+// there. One block per multiprocessor for the cp.async kernel: capped at 128 registers for two it
+// spills, and the warp-specialised kernel is the routed one.
+#define FH_ENTRY(NAME, THREADS, PARAMS, BODY, TYPE)                                                   \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const __grid_constant__ PARAMS p) { \
+        FH_SM90_ONLY(BODY<TYPE>(p));                                                                  \
+    }
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    flash_attention_sm90<__half>(p);
+#define FH_SM90_ONLY(CALL) CALL
 #else
-    __trap();
+#define FH_SM90_ONLY(CALL) __trap()
 #endif
-}
-extern "C" __global__ void __launch_bounds__(256, 1) flash_attention_sm90_d64_bf16(const __grid_constant__ FlashAttentionParams p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    flash_attention_sm90<__nv_bfloat16>(p);
-#else
-    __trap();
-#endif
-}
 
+FH_ENTRY(flash_attention_sm90_d64_f16, 256, FlashAttentionParams, flash_attention_sm90, __half)
+FH_ENTRY(flash_attention_sm90_d64_bf16, 256, FlashAttentionParams, flash_attention_sm90, __nv_bfloat16)
 // 384 threads: the producer warpgroup and two consumer warpgroups (one block per multiprocessor).
-extern "C" __global__ void __launch_bounds__(384, 1) flash_attention_ws_d64_f16(const __grid_constant__ FlashTmaParams p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    flash_attention_ws<__half>(p);
-#else
-    __trap();
-#endif
-}
-extern "C" __global__ void __launch_bounds__(384, 1) flash_attention_ws_d64_bf16(const __grid_constant__ FlashTmaParams p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    flash_attention_ws<__nv_bfloat16>(p);
-#else
-    __trap();
-#endif
-}
+FH_ENTRY(flash_attention_ws_d64_f16, 384, FlashTmaParams, flash_attention_ws, __half)
+FH_ENTRY(flash_attention_ws_d64_bf16, 384, FlashTmaParams, flash_attention_ws, __nv_bfloat16)

@@ -215,8 +215,8 @@ pub struct FlashAttention {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FlashKernel {
     /// The short-key kernel for non-causal attention over at most 256 keys, else the long-sequence
-    /// kernel: `CELFRAME_FLASH_KERNEL` (`portable`, `hopper` or `hopper-ws`) where set, else the device's default
-    /// (`long_flash_default`).
+    /// kernel: `CELFRAME_FLASH_KERNEL` (`portable`, `hopper` or `hopper-ws`) where set, else the
+    /// device's default (`long_flash_default`).
     #[default]
     Auto,
     /// The portable mma.sync kernel for any shape (flash_attention_d64).

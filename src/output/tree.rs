@@ -167,10 +167,11 @@ fn tidy_resume(resume: &Path, clip: &Path) -> Result<()> {
 /// How long a busy lock is retried before the folder is reported as in use.
 const LOCK_GRACE: Duration = Duration::from_millis(500);
 
-/// `try` (an exclusive or shared `try_lock`), retried for up to LOCK_GRACE while the lock is
-/// busy. A child process forked by another thread of this process (ffmpeg, a worker) holds a copy
-/// of every descriptor, the lock's included, from its fork until its exec closes them, so a lock
-/// this process just released can look held for a moment; another run holds it far longer.
+/// `try_lock` (`File::try_lock` or `File::try_lock_shared`) on `file`, retried for up to
+/// LOCK_GRACE while the lock is busy. A child process forked by another thread of this process
+/// (ffmpeg, a worker) holds a copy of every descriptor, the lock's included, from its fork until
+/// its exec closes them, so a lock this process just released can look held for a moment; another
+/// run holds it far longer.
 fn lock_briefly(
     file: &File,
     try_lock: fn(&File) -> std::result::Result<(), std::fs::TryLockError>,

@@ -2,7 +2,8 @@
 // wgmma (warpgroup MMA, operands from shared-memory descriptors; P from registers), after
 // FlashAttention-3 (Shah et al. 2024, "FlashAttention-3", sections 3.1-3.2). Two kernels: the first
 // without its warp specialisation and TMA (every thread loads with cp.async); the second
-// (flash_attention_ws_*, further down) warp-specialised with TMA loads.
+// (flash_attention_ws_*, further down) warp-specialised with TMA loads, also compiled with ping-pong
+// scheduling of its two consumer warpgroups (flash_attention_wspp_*).
 //
 // Block: 2 warpgroups x 64 query rows of one (batch, head) = 128 rows; keys and values stream
 // through shared memory in 128-row tiles, double-buffered, one barrier per tile. Per tile and
@@ -303,6 +304,28 @@ __device__ void flash_attention_sm90(const FlashAttentionParams& p) {
 // softmax of tile j overlaps that product. TMA writes rows past the sequence as zeros; the box's
 // 128-byte rows land with the same 128-byte swizzle the descriptors declare (the stage bases are
 // 1024-byte aligned). Barrier protocol: PTX ISA "mbarrier" (phase parity), "cp.async.bulk.tensor".
+//
+// Ping-pong variant (PINGPONG = true, flash_attention_wspp_*; FlashAttention-3 section 3.1,
+// "pingpong scheduling"): the two consumers take turns issuing their products, so the tensor cores
+// run one consumer's S = Q K^T and P V while the other computes its softmax. Consumer c's turns,
+// for its n = wg_tiles tiles: turn 0 issues S_0, turn j (0 < j < n) S_j and P_{j-1} V_{j-1}, turn n
+// P_{n-1} V_{n-1}; turns n + 1 ... tiles issue nothing (all of them when n = 0), so both consumers
+// take the block's tiles + 1 turns however the causal mask or seq_q splits the rows. Named barrier
+// 1 + c is consumer c's (PTX ISA "bar.sync / bar.arrive": a phase completes at 256 arrivals, the
+// 128 threads of a bar.sync and the other consumer's 128 of a bar.arrive). Turn t of consumer c:
+// bar.sync(1 + c), except consumer 0 at t = 0 (it starts); the turn's wgmma issues and commits;
+// bar.arrive(2 - c), except consumer 1 at t = tiles (no turn of consumer 0 follows).
+// Why it cannot deadlock or mix phases. The turns form one chain (0,0) (1,0) (0,1) (1,1) ...
+// (0,tiles) (1,tiles): the sync of (1,t) pairs with the arrive of (0,t), the sync of (0,t) with the
+// arrive of (1,t-1). Each barrier gets as many arrives as syncs (tiles + 1 on barrier 2, tiles on
+// barrier 1), so no phase is left open at exit; a consumer's next arrive on the other's barrier
+// follows its own next sync, which needs the other's previous sync done, so a phase is always one
+// arrive and one sync. The mbarriers: a consumer releases tile j after its turn j + 1 (an unused
+// tile in its empty turn j + 1, once landed), with no named barrier between that turn's arrive and
+// the release; it awaits tile j before turn j (K) or j + 1 (V), or after turn j + 1 (unused). Tile
+// j lands once both consumers released tile j - FW_STAGES, after turns j - FW_STAGES + 1 <= j - 2,
+// earlier in the chain: every wait depends only on earlier links. A hang would be on a bar.sync,
+// which has no timeout (the mbarrier waits trap after FW_TIMEOUT_NS).
 
 #define FW_STAGES 3
 #define FW_TIMEOUT_NS 2000000000ull  // a wait this long is a protocol bug: trap rather than hang
@@ -346,6 +369,15 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
         if (global_timer_ns() - start > FW_TIMEOUT_NS) asm volatile("trap;");
 }
 
+// Named barrier `id` (1-15; 0 is __syncthreads) over `threads` threads, a multiple of 32: bar.sync
+// counts this warp and waits for the phase to complete, bar.arrive only counts it.
+__device__ __forceinline__ void named_bar_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Box (64, 1, 128, 1) at (0, head, row, batch) of a tensor map into a 1024-byte aligned tile.
 __device__ __forceinline__ void tma_load_tile(void* dst, const FlashTensorMap* map, int head, int row, int batch,
                                               uint64_t* bar) {
@@ -356,7 +388,7 @@ __device__ __forceinline__ void tma_load_tile(void* dst, const FlashTensorMap* m
         : "memory");
 }
 
-template <typename T>
+template <typename T, bool PINGPONG>
 __device__ void flash_attention_ws(const FlashTmaParams& params) {
     const FlashAttentionParams& p = params.attn;
     extern __shared__ unsigned char fh_smem_raw[];
@@ -417,6 +449,15 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
 #pragma unroll
     for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
     auto parity = [](int j) { return (uint32_t)((j / FW_STAGES) & 1); };
+    // Ping-pong turn t (the protocol in the comment above the kernel); nothing without PINGPONG.
+    auto turn_begin = [&](int t) {
+        if constexpr (PINGPONG)
+            if (cw != 0 || t != 0) named_bar_sync(1 + cw, 256);
+    };
+    auto turn_end = [&](int t) {
+        if constexpr (PINGPONG)
+            if (cw != 1 || t != tiles) named_bar_arrive(2 - cw, 256);
+    };
 
     if (wg_tiles > 0) {
         float s[64], base[2], corr[2];
@@ -425,8 +466,10 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
         uint32_t pa[2][FH_BN / 16][4];
         mbar_wait(q_full, 0);
         mbar_wait(&k_full[0], 0);
+        turn_begin(0);
         wgmma_fence();
         issue_qk<T>(s, q_wg, k_tile(0));
+        turn_end(0);
         wgmma_wait<0>();
         fence_regs(s);
         mask_scores(s, 0, row0, qwg, p);
@@ -438,9 +481,11 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
             const int st = j % FW_STAGES, prev = (j - 1) % FW_STAGES;
             mbar_wait(&k_full[st], parity(j));
             mbar_wait(&v_full[prev], parity(j - 1));
+            turn_begin(j);
             wgmma_fence();
             issue_qk<T>(s, q_wg, k_tile(st));
             issue_pv<T>(acc, cur, v_tile(prev));
+            turn_end(j);
             wgmma_wait<1>();
             fence_regs(s);
             mask_scores(s, j * FH_BN, row0, qwg, p);
@@ -456,8 +501,10 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
         auto finish = [&](uint32_t(&cur)[FH_BN / 16][4]) {
             const int last = (wg_tiles - 1) % FW_STAGES;
             mbar_wait(&v_full[last], parity(wg_tiles - 1));
+            turn_begin(wg_tiles);
             wgmma_fence();
             issue_pv<T>(acc, cur, v_tile(last));
+            turn_end(wg_tiles);
             wgmma_wait<0>();
             fence_regs(acc);
             fence_pa(cur);
@@ -476,8 +523,16 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
         }
     }
     // Tiles the block loads past this warpgroup's last (causal, or no rows): released unread, each
-    // after it has landed, so the producer's phase accounting stays in step.
+    // after it has landed, so the producer's phase accounting stays in step. Ping-pong: the empty
+    // turns, tile j's release after turn j + 1 as for a used tile (turn 0 first when there is none).
+    if constexpr (PINGPONG)
+        if (wg_tiles == 0) {
+            turn_begin(0);
+            turn_end(0);
+        }
     for (int j = wg_tiles; j < tiles; ++j) {
+        turn_begin(j + 1);
+        turn_end(j + 1);
         mbar_wait(&k_full[j % FW_STAGES], parity(j));
         mbar_wait(&v_full[j % FW_STAGES], parity(j));
         mbar_arrive(&empty[j % FW_STAGES]);
@@ -491,21 +546,25 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
 #endif
 
 // Launched only on devices of compute capability 9.0 (src/ops/attention.rs): each entry runs
-// BODY<TYPE>(p) on sm_90a and holds a trap on the file's other targets, since wgmma exists only
-// there. One block per multiprocessor for the cp.async kernel: capped at 128 registers for two it
-// spills, and the warp-specialised kernel is the routed one.
-#define FH_ENTRY(NAME, THREADS, PARAMS, BODY, TYPE)                                                   \
+// BODY<template arguments>(p) on sm_90a and holds a trap on the file's other targets, since wgmma
+// exists only there (the macros are variadic: the template arguments may hold a comma). One block
+// per multiprocessor for the cp.async kernel: capped at 128 registers for two it spills, and the
+// warp-specialised kernel is the routed one.
+#define FH_ENTRY(NAME, THREADS, PARAMS, BODY, ...)                                                    \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const __grid_constant__ PARAMS p) { \
-        FH_SM90_ONLY(BODY<TYPE>(p));                                                                  \
+        FH_SM90_ONLY(BODY<__VA_ARGS__>(p));                                                           \
     }
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define FH_SM90_ONLY(CALL) CALL
+#define FH_SM90_ONLY(...) __VA_ARGS__
 #else
-#define FH_SM90_ONLY(CALL) __trap()
+#define FH_SM90_ONLY(...) __trap()
 #endif
 
 FH_ENTRY(flash_attention_sm90_d64_f16, 256, FlashAttentionParams, flash_attention_sm90, __half)
 FH_ENTRY(flash_attention_sm90_d64_bf16, 256, FlashAttentionParams, flash_attention_sm90, __nv_bfloat16)
-// 384 threads: the producer warpgroup and two consumer warpgroups (one block per multiprocessor).
-FH_ENTRY(flash_attention_ws_d64_f16, 384, FlashTmaParams, flash_attention_ws, __half)
-FH_ENTRY(flash_attention_ws_d64_bf16, 384, FlashTmaParams, flash_attention_ws, __nv_bfloat16)
+// 384 threads: the producer warpgroup and two consumer warpgroups (one block per multiprocessor);
+// `true`: the ping-pong variant.
+FH_ENTRY(flash_attention_ws_d64_f16, 384, FlashTmaParams, flash_attention_ws, __half, false)
+FH_ENTRY(flash_attention_ws_d64_bf16, 384, FlashTmaParams, flash_attention_ws, __nv_bfloat16, false)
+FH_ENTRY(flash_attention_wspp_d64_f16, 384, FlashTmaParams, flash_attention_ws, __half, true)
+FH_ENTRY(flash_attention_wspp_d64_bf16, 384, FlashTmaParams, flash_attention_ws, __nv_bfloat16, true)

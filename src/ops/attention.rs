@@ -215,8 +215,8 @@ pub struct FlashAttention {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FlashKernel {
     /// The short-key kernel for non-causal attention over at most 256 keys, else the long-sequence
-    /// kernel: `CELFRAME_FLASH_KERNEL` (`portable`, `hopper` or `hopper-ws`) where set, else the
-    /// device's default (`long_flash_default`).
+    /// kernel: `CELFRAME_FLASH_KERNEL` (`portable`, `hopper`, `hopper-ws` or `hopper-wspp`) where
+    /// set, else the device's default (`long_flash_default`).
     #[default]
     Auto,
     /// The portable mma.sync kernel for any shape (flash_attention_d64).
@@ -226,6 +226,10 @@ pub enum FlashKernel {
     /// The warp-specialised wgmma kernel of the same file (TMA producer warpgroup, two consumer
     /// warpgroups), devices of compute capability 9.0 only; `Auto`'s self-attention kernel there.
     HopperWs,
+    /// `HopperWs` with ping-pong scheduling (FlashAttention-3 section 3.1): the two consumer
+    /// warpgroups take turns on the tensor cores, one's softmax overlapping the other's products.
+    /// Compute capability 9.0 only; not routed by `Auto`.
+    HopperWsPingpong,
 }
 
 impl FlashKernel {
@@ -235,8 +239,10 @@ impl FlashKernel {
             "portable" => Ok(FlashKernel::Portable),
             "hopper" => Ok(FlashKernel::Hopper),
             "hopper-ws" => Ok(FlashKernel::HopperWs),
+            "hopper-wspp" => Ok(FlashKernel::HopperWsPingpong),
             _ => Err(format!(
-                "CELFRAME_FLASH_KERNEL='{name}' is not a flash kernel (expected portable, hopper or hopper-ws)"
+                "CELFRAME_FLASH_KERNEL='{name}' is not a flash kernel (expected portable, hopper, hopper-ws or \
+                 hopper-wspp)"
             )),
         }
     }
@@ -323,9 +329,20 @@ const FLASH_SHORT_BLOCKS_PER_SM: usize = 8;
 /// stages of K and V tiles, 16 KiB each, plus 1 KiB to align them to 1024 bytes.
 const FLASH_SM90_BM: usize = 128;
 const FLASH_SM90_SHARED: usize = 5 * 16384 + 1024;
-/// The warp-specialised kernel's dynamic shared memory: the Q tile and FW_STAGES (3) stages of K
-/// and V tiles, 16 KiB each, 1 KiB of alignment, and its 1 + 3 x 3 mbarriers.
+/// The warp-specialised kernels' dynamic shared memory (with and without ping-pong): the Q tile
+/// and FW_STAGES (3) stages of K and V tiles, 16 KiB each, 1 KiB of alignment, and the 1 + 3 x 3
+/// mbarriers.
 const FLASH_WS_SHARED: usize = 7 * 16384 + 1024 + 10 * 8;
+
+/// The warp-specialised kernel's entry for `dtype` (f16, else bf16), with or without ping-pong.
+fn flash_ws_kernel(pingpong: bool, dtype: DType) -> &'static str {
+    match (pingpong, dtype) {
+        (false, DType::F16) => "flash_attention_ws_d64_f16",
+        (false, _) => "flash_attention_ws_d64_bf16",
+        (true, DType::F16) => "flash_attention_wspp_d64_f16",
+        (true, _) => "flash_attention_wspp_d64_bf16",
+    }
+}
 
 /// A TMA tensor map over one of flash attention's q, k, v: (64 dims, heads, tokens, batch) with
 /// rows `row_stride` and images `batch_stride` elements apart, read in boxes of 128 tokens of one
@@ -482,7 +499,7 @@ pub fn flash_attention_with(
                     gpu.launch(kernel, hopper()?, (256, 1, 1), FLASH_SM90_SHARED as u32, &p)?;
                     return Ok(o);
                 }
-                FlashKernel::HopperWs => {
+                FlashKernel::HopperWs | FlashKernel::HopperWsPingpong => {
                     let grid = hopper()?;
                     let map = |name, ptr, tokens, row_stride, batch_stride| {
                         flash_tensor_map(name, ptr, dtype, cfg.heads, tokens, b, row_stride, batch_stride)
@@ -493,8 +510,7 @@ pub fn flash_attention_with(
                         v_map: map("v", p.v as u64, sk, p.v_stride, p.v_batch_stride)?,
                         attn: p,
                     };
-                    let kernel =
-                        if dtype == DType::F16 { "flash_attention_ws_d64_f16" } else { "flash_attention_ws_d64_bf16" };
+                    let kernel = flash_ws_kernel(kernel == FlashKernel::HopperWsPingpong, dtype);
                     gpu.launch(kernel, grid, (384, 1, 1), FLASH_WS_SHARED as u32, &tp)?;
                     return Ok(o);
                 }
@@ -703,18 +719,37 @@ pub fn flash_attention_reference(
 
 #[cfg(test)]
 mod tests {
-    use super::{FLASH_SHORT_KERNELS, FlashKernel, flash_short_variant};
+    use super::{FLASH_SHORT_KERNELS, FlashKernel, flash_short_variant, flash_ws_kernel};
     use crate::gpu::KERNEL_MODULES;
+    use crate::tensor::DType;
 
     #[test]
     fn the_flash_kernel_variable_takes_the_kernel_names_only() {
         assert_eq!(FlashKernel::parse("portable"), Ok(FlashKernel::Portable));
         assert_eq!(FlashKernel::parse("hopper"), Ok(FlashKernel::Hopper));
         assert_eq!(FlashKernel::parse("hopper-ws"), Ok(FlashKernel::HopperWs));
-        for bad in ["", "Hopper", "auto", "sm90"] {
+        assert_eq!(FlashKernel::parse("hopper-wspp"), Ok(FlashKernel::HopperWsPingpong));
+        for bad in ["", "Hopper", "auto", "sm90", "hopper-wsp"] {
             let err = FlashKernel::parse(bad).unwrap_err();
             assert!(err.contains("CELFRAME_FLASH_KERNEL") && err.contains(&format!("'{bad}'")), "{err}");
         }
+    }
+
+    #[test]
+    fn the_warp_specialised_entries_are_compiled_for_hopper_without_spills() {
+        // ptxas's sm_90a report for each entry the launch names: a missing name would only show on
+        // a GPU, a spill (local memory in the consumers' 240 registers) costs the overlap.
+        let resources: Vec<_> = KERNEL_MODULES.iter().flat_map(|m| m.sm90_resources.iter()).collect();
+        let mut names = std::collections::BTreeSet::new();
+        for pingpong in [false, true] {
+            for dtype in [DType::F16, DType::BF16] {
+                let name = flash_ws_kernel(pingpong, dtype);
+                let r = resources.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("{name} is not compiled"));
+                assert!(r.registers > 0 && r.spill_bytes == 0 && r.stack_bytes == 0, "{r:?}");
+                names.insert(name);
+            }
+        }
+        assert_eq!(names.len(), 4, "one entry per variant and dtype: {names:?}");
     }
 
     #[test]

@@ -674,6 +674,22 @@ fn flash_attention_sm90_ws_meets_the_attention_rule() {
     check_flash_cases(&rig, |_, _| vec![FlashKernel::HopperWs]);
 }
 
+/// The ping-pong variant of the warp-specialised kernel (the consumers take turns on the tensor
+/// cores through named barriers) at every flash case: causal masks and ragged seq_q give blocks
+/// whose second consumer has no rows and only empty turns. After the ws test for the same reason.
+/// A named-barrier protocol fault hangs (bar.sync has no timeout): run it under `timeout`.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn flash_attention_sm90_wspp_meets_the_attention_rule() {
+    use celframe::ops::attention::FlashKernel;
+    let rig = Rig::new();
+    if rig.gpu.info().compute_capability != (9, 0) {
+        println!("GPUCHECK flash_attention Hopper ping-pong kernel: SKIPPED, not a compute 9.0 device");
+        return;
+    }
+    check_flash_cases(&rig, |_, _| vec![FlashKernel::HopperWsPingpong]);
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
 fn gemm_attention_meets_the_attention_rule() {

@@ -506,6 +506,11 @@ impl Gpu {
         *self.profile.borrow_mut() = Some(Profile::default());
     }
 
+    /// True while a profile is open.
+    pub fn is_profiling(&self) -> bool {
+        self.profile.borrow().is_some()
+    }
+
     /// Waits for the stream, closes the profile and returns its time per (scope, kind).
     pub fn finish_profile(&self) -> Result<Vec<ProfileRow>> {
         self.synchronize()?;

@@ -69,8 +69,9 @@ impl GraphPool {
 }
 
 /// An instantiated CUDA graph of captured work.
-pub struct Graph<'g> {
-    gpu: &'g Gpu,
+pub struct Graph {
+    /// The stream captured on: replays go there (a `Gpu`'s one stream), and a drop waits for it.
+    stream: sys::CUstream,
     exec: sys::CUgraphExec,
     graph: sys::CUgraph,
     /// The leases alive at the end of the capture (outputs): ranges each replay writes.
@@ -83,17 +84,17 @@ pub struct Graph<'g> {
     pool: Rc<RefCell<Option<Reserved>>>,
 }
 
-impl<'g> Graph<'g> {
+impl Graph {
     /// Captures the work `work` queues on `gpu`'s stream, allocating from `scratch`, into a graph of
     /// `pool`, and returns it with what `work` returned (its outputs, rewritten by each replay).
     /// The captured work does not run: launch the graph for that. Run the work eagerly once before
     /// capturing it (kernel modules load, cuDNN searches its algorithms, cuBLASLt plans).
     pub fn capture<T>(
-        gpu: &'g Gpu,
+        gpu: &Gpu,
         scratch: &Arena,
         pool: &GraphPool,
         work: impl FnOnce() -> Result<T>,
-    ) -> Result<(Graph<'g>, T)> {
+    ) -> Result<(Graph, T)> {
         let earlier = pool.reserved.borrow_mut().take();
         scratch.begin_recording(earlier)?;
         let out = gpu.begin_capture().and_then(|()| {
@@ -119,7 +120,7 @@ impl<'g> Graph<'g> {
             return Err(Error::Cuda(format!("cuGraphInstantiateWithFlags failed: {e:?}")));
         }
         let made = Graph {
-            gpu,
+            stream: gpu.stream(),
             exec,
             graph,
             leases,
@@ -130,13 +131,17 @@ impl<'g> Graph<'g> {
         Ok((made, out))
     }
 
-    /// Queues one replay on the stream.
-    pub fn launch(&self) -> Result<()> {
+    /// Queues one replay on the stream of `gpu`, the `Gpu` it was captured on (drop graphs before
+    /// their `Gpu`).
+    pub fn launch(&self, gpu: &Gpu) -> Result<()> {
+        if gpu.stream() != self.stream {
+            return Err(Error::Internal("a CUDA graph launched on another Gpu than it was captured on".into()));
+        }
         if self.pool.borrow().as_ref().is_some_and(|r| !r.holds()) {
             return Err(Error::Internal("a CUDA graph launched after its scratch arena was reset".into()));
         }
-        self.gpu.refuse_while_capturing("launching a CUDA graph")?;
-        unsafe { sys::cuGraphLaunch(self.exec, self.gpu.stream()).result() }
+        gpu.refuse_while_capturing("launching a CUDA graph")?;
+        unsafe { sys::cuGraphLaunch(self.exec, self.stream).result() }
             .map_err(|e| Error::Cuda(format!("cuGraphLaunch failed: {e:?}")))
     }
 
@@ -146,10 +151,10 @@ impl<'g> Graph<'g> {
     }
 }
 
-impl Drop for Graph<'_> {
+impl Drop for Graph {
     fn drop(&mut self) {
         // A replay in flight still reads the pinned constants and writes the held ranges.
-        let _ = unsafe { cudarc::driver::result::stream::synchronize(self.gpu.stream()) };
+        let _ = unsafe { cudarc::driver::result::stream::synchronize(self.stream) };
         let _ = unsafe { sys::cuGraphExecDestroy(self.exec) };
         let _ = unsafe { sys::cuGraphDestroy(self.graph) };
     }

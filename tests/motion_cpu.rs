@@ -451,4 +451,11 @@ fn bench_arguments_are_checked_before_any_gpu_work() {
     let out = run(&["--motion", motion_folder().to_str().unwrap(), "--frames", "33"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--frames must be 1 to 32"), "{out:?}");
+    // CUDA graphs are for the denoising models only.
+    let out = Command::new(env!("CARGO_BIN_EXE_celframe"))
+        .args(["bench", "vae_decoder", "--weights", folder("a").to_str().unwrap(), "--graph"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--graph goes with unet"), "{out:?}");
 }

@@ -15,7 +15,7 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
         print(m["executable"])' "$1" | tail -n 1; }
 rm -f dist/gpu/test_*
-for t in gpu_shapes gpu_ops gpu_random gpu_lora weights_gpu unet_gpu controlnet_gpu vae_gpu text_encoder_gpu gpus_gpu gemm_tuning_gpu split_gpu; do
+for t in gpu_shapes gpu_ops gpu_random gpu_lora weights_gpu unet_gpu controlnet_gpu vae_gpu text_encoder_gpu gpus_gpu gemm_tuning_gpu split_gpu gpu_graph; do
   cp "$(cargo test --release --test $t --no-run --message-format=json 2>/dev/null | exe $t)" "dist/gpu/test_$t"
 done
 cp "$(cargo bench --bench ops --no-run --message-format=json 2>/dev/null | exe ops)" dist/gpu/bench_ops

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::gpu::blas::Gemm;
 use crate::gpu::profile::format_rows;
 use crate::gpu::timing::{Timing, time_gpu};
-use crate::gpu::{Arena, Gpu, nvtx};
+use crate::gpu::{Arena, Gpu, Graph, GraphPool, nvtx};
 use crate::models::clip::{ClipTextModel, TextEncoderKind, open_text_encoder};
 use crate::models::lora::device::{DeviceLoraSet, LoraSwitcher, Restore};
 use crate::models::lora::{self, Component, LoraSpec, Loras, Targets};
@@ -114,6 +114,11 @@ pub struct BenchArgs {
     /// when CELFRAME_GEMM_TUNING=FILE is set. Not with CELFRAME_GEMM_TUNING set, nor for encode.
     #[arg(long, value_name = "FILE")]
     pub tune_gemms: Option<PathBuf>,
+    /// unet, motion_unet, controlnet: after the eager runs, capture one forward into a CUDA graph,
+    /// check that a replay's outputs are bit-identical to an eager forward's on the same inputs,
+    /// and time replays the same way (a second `BENCH` line, its key ending in " graph").
+    #[arg(long)]
+    pub graph: bool,
 }
 
 /// Most elements of one activation: cuDNN and the kernels index with 32-bit integers (ops/conv.rs
@@ -167,6 +172,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if (args.conditions.is_some() || args.nets.is_some()) && args.component != "controlnet" {
         return Err(Error::Input("bench: --conditions and --nets go with controlnet".into()));
     }
+    if args.graph && !["unet", "motion_unet", "controlnet"].contains(&args.component.as_str()) {
+        return Err(Error::Input("bench: --graph goes with unet, motion_unet and controlnet".into()));
+    }
     if args.tune_gemms.is_some() && args.component == "encode" {
         return Err(Error::Input("bench encode: --tune-gemms goes with the GPU components".into()));
     }
@@ -207,12 +215,14 @@ fn bench_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     let inputs = uploaded.unet_inputs();
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
     let key = format!("unet {} b{b} {}x{}", dtype.kernel_suffix(), 8 * h, 8 * w);
-    let mut forward = || {
+    let run = || {
         let _r = nvtx::range(&key);
-        unet.forward(&ex, &inputs, None).map(drop)
+        unet.forward(&ex, &inputs, None).map(|out| vec![out])
     };
+    let mut forward = || run().map(drop);
     let t = time_gpu(&gpu, 2, args.runs, &mut forward)?;
     report("unet", &key, &t, args.runs, &scratch);
+    replays(args, &gpu, &scratch, "unet", &key, &t, run)?;
     finish(args, &gpu, &key, &t, forward)
 }
 
@@ -245,12 +255,14 @@ fn bench_motion_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
     let video = Frames { frames: f, group_norm_across_frames: false };
     let key = format!("motion unet {} b{b}x{f} {}x{}", dtype.kernel_suffix(), 8 * h, 8 * w);
-    let mut forward = || {
+    let run = || {
         let _r = nvtx::range(&key);
-        modules.forward_unet(&ex, &unet, &inputs, video, None).map(drop)
+        modules.forward_unet(&ex, &unet, &inputs, video, None).map(|out| vec![out])
     };
+    let mut forward = || run().map(drop);
     let t = time_gpu(&gpu, 2, args.runs, &mut forward)?;
     report("motion_unet", &key, &t, args.runs, &scratch);
+    replays(args, &gpu, &scratch, "motion_unet", &key, &t, run)?;
     finish(args, &gpu, &key, &t, forward)
 }
 
@@ -329,17 +341,19 @@ fn bench_controlnet(args: &BenchArgs, dtype: DType) -> Result<()> {
                 .enumerate()
                 .map(|(i, image)| UnionCondition { control_type: ControlType(i), image, scale: &[1.0] })
                 .collect();
-            let mut forward = || {
+            let run = || {
                 let _r = nvtx::range(&key);
-                net.forward(&ex, &inputs, &list, UnionOptions::default()).map(drop)
+                net.forward(&ex, &inputs, &list, UnionOptions::default()).map(residual_list)
             };
+            let mut forward = || run().map(drop);
             let t = time_gpu(&gpu, 2, args.runs, &mut forward)?;
             report(name, &key, &t, args.runs, &scratch);
+            replays(args, &gpu, &scratch, name, &key, &t, run)?;
             finish(args, &gpu, &key, &t, forward)
         }
         None => {
             let cn = ControlNet::new(&checkpoint, place)?;
-            let mut forward = || {
+            let run = || {
                 let _r = nvtx::range(&key);
                 let mut sum = cn.forward(&ex, &inputs, &hints[0], ControlScale::new(1.0))?;
                 for _ in 1..nets {
@@ -349,11 +363,12 @@ fn bench_controlnet(args: &BenchArgs, dtype: DType) -> Result<()> {
                         mid: add(&ex, &sum.mid, &r.mid, 1.0)?,
                     };
                 }
-                drop(sum);
-                Ok(())
+                Ok(residual_list(sum))
             };
+            let mut forward = || run().map(drop);
             let t = time_gpu(&gpu, 2, args.runs, &mut forward)?;
             report(name, &key, &t, args.runs, &scratch);
+            replays(args, &gpu, &scratch, name, &key, &t, run)?;
             finish(args, &gpu, &key, &t, forward)
         }
     }
@@ -524,6 +539,60 @@ fn report(name: &str, key: &str, t: &Timing, runs: usize, scratch: &Arena) {
         t.median_ms(),
         t.min_ms()
     );
+}
+
+/// The residuals as one list, the mid block's last.
+fn residual_list(r: UnetResiduals) -> Vec<Tensor> {
+    r.down.into_iter().chain([r.mid]).collect()
+}
+
+/// With `--graph` (after the eager runs, which warmed everything up): `run` captured into a CUDA
+/// graph, a replay's outputs checked bit for bit against an eager `run` on the same inputs, then
+/// replays timed like the eager forwards and reported under `key` + " graph".
+fn replays(
+    args: &BenchArgs,
+    gpu: &Gpu,
+    scratch: &Arena,
+    name: &str,
+    key: &str,
+    eager: &Timing,
+    run: impl Fn() -> Result<Vec<Tensor>>,
+) -> Result<()> {
+    if !args.graph {
+        return Ok(());
+    }
+    let pool = GraphPool::new();
+    let (graph, outputs) = Graph::capture(gpu, scratch, &pool, &run)?;
+    graph.launch(gpu)?;
+    let replayed = outputs.iter().map(|t| gpu.download(t)).collect::<Result<Vec<_>>>()?;
+    let expected = run()?.iter().map(|t| gpu.download(t)).collect::<Result<Vec<_>>>()?;
+    if replayed.len() != expected.len() {
+        return Err(Error::Internal(format!("{key}: the captured forward returned {} outputs", replayed.len())));
+    }
+    for (i, (r, e)) in replayed.iter().zip(&expected).enumerate() {
+        let (r, e) = (r.host_bytes()?, e.host_bytes()?);
+        if r != e {
+            let byte = r.iter().zip(e).position(|(a, b)| a != b).unwrap_or(r.len().min(e.len()));
+            return Err(Error::Internal(format!(
+                "{key}: the CUDA graph's replay differs from an eager forward on the same inputs (output {i} of {}, \
+                 first at byte {byte})",
+                replayed.len()
+            )));
+        }
+    }
+    let t = time_gpu(gpu, 2, args.runs, || graph.launch(gpu))?;
+    let graph_key = format!("{key} graph");
+    report(name, &graph_key, &t, args.runs, scratch);
+    eprintln!(
+        "{graph_key}: replay bit-identical to eager; median {:.3} ms vs eager {:.3} ms ({:.3}x); scratch reserved \
+         for the graph {:.2} GiB, its outputs {:.2} GiB",
+        t.median_ms(),
+        eager.median_ms(),
+        eager.median_ms() / t.median_ms().max(1e-9),
+        pool.reserved_bytes() as f64 / (1u64 << 30) as f64,
+        graph.held_bytes() as f64 / (1u64 << 30) as f64
+    );
+    Ok(())
 }
 
 /// The GPU; with `--tune-gemms`, GEMMs are tuned into its file from the first call on.

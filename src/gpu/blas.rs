@@ -381,6 +381,11 @@ impl Blas {
         self.tuning.as_ref().map(|t| (t.path.as_path(), &t.file))
     }
 
+    /// The workspace every matmul runs with.
+    pub fn workspace(&self) -> &DeviceMem {
+        &self.workspace
+    }
+
     /// Each description planned so far and how many calls ran it.
     pub fn calls(&self) -> Vec<(Gemm, u64)> {
         self.plans.iter().map(|(g, p)| (*g, p.calls)).collect()
@@ -453,6 +458,7 @@ impl Blas {
         let chosen = match entry {
             Some(e) => Some(self.recall(g, &plan, &e)?),
             None if tuning => {
+                gpu.refuse_while_capturing(&format!("GEMM tuning of {g}"))?;
                 let tuned = self.tune(gpu, g, &plan, io)?;
                 tuned.map(|(e, algo)| {
                     if let Some(t) = self.tuning.as_mut() {

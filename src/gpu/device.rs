@@ -74,6 +74,24 @@ pub struct Gpu {
     staging: RefCell<Option<Staging>>,
     /// The open profile, if any (`start_profile`).
     profile: RefCell<Option<Profile>>,
+    /// The CUDA graph capture under way on the stream (gpu/graph.rs), if any.
+    capture: RefCell<Option<Capture>>,
+}
+
+/// What a capture under way collects: the pinned copies of the constants uploaded inside it
+/// (`upload_constant`), which its memcpy nodes read at every replay.
+#[derive(Default)]
+pub(super) struct Capture {
+    pub(super) constants: Vec<Pinned>,
+}
+
+/// Pinned host memory holding one constant of a captured graph; freed on drop.
+pub(super) struct Pinned(*mut u8);
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let _ = unsafe { result::free_host(self.0 as *mut c_void) };
+    }
 }
 
 /// The guard of `Gpu::profile_scope`.
@@ -257,6 +275,7 @@ impl Gpu {
             dnn: RefCell::new(None),
             staging: RefCell::new(None),
             profile: RefCell::new(None),
+            capture: RefCell::new(None),
         })
     }
 
@@ -355,7 +374,7 @@ impl Gpu {
                 result::launch_kernel(f, grid, block, shared_bytes, self.stream, &mut args)
             })
         })?;
-        if self.sync_launches {
+        if self.sync_launches && !self.is_capturing() {
             cuda(&format!("synchronising after {}", describe()), self.synchronize_raw())?;
         }
         Ok(())
@@ -385,7 +404,7 @@ impl Gpu {
                 sys::cuLaunchKernelEx(&config, f, args.as_mut_ptr(), std::ptr::null_mut()).result()
             })
         })?;
-        if self.sync_launches {
+        if self.sync_launches && !self.is_capturing() {
             cuda(&format!("synchronising after {}", describe()), self.synchronize_raw())?;
         }
         Ok(())
@@ -487,6 +506,11 @@ impl Gpu {
         *self.profile.borrow_mut() = Some(Profile::default());
     }
 
+    /// True while a profile is open.
+    pub fn is_profiling(&self) -> bool {
+        self.profile.borrow().is_some()
+    }
+
     /// Waits for the stream, closes the profile and returns its time per (scope, kind).
     pub fn finish_profile(&self) -> Result<Vec<ProfileRow>> {
         self.synchronize()?;
@@ -499,6 +523,7 @@ impl Gpu {
         if self.profile.borrow().is_none() {
             return f();
         }
+        self.refuse_while_capturing("profiling (CUDA events around each launch)")?;
         let start = Event::new()?;
         start.record(self.stream)?;
         let out = f()?;
@@ -518,7 +543,63 @@ impl Gpu {
     }
 
     pub fn synchronize(&self) -> Result<()> {
+        self.refuse_while_capturing("synchronising the stream")?;
         cuda("cuStreamSynchronize", self.synchronize_raw())
+    }
+
+    /// True while a CUDA graph is captured on the stream (gpu/graph.rs): work queued now is
+    /// recorded, not run.
+    pub fn is_capturing(&self) -> bool {
+        self.capture.borrow().is_some()
+    }
+
+    /// Refuses `what` while a capture is under way: it is not capture-safe (it waits for the
+    /// stream, reads a result, or reuses a host buffer a replay would read later).
+    pub(crate) fn refuse_while_capturing(&self, what: &str) -> Result<()> {
+        match self.is_capturing() {
+            false => Ok(()),
+            true => Err(Error::Internal(format!(
+                "{what} while capturing a CUDA graph: only work whose inputs stay in device memory can be captured"
+            ))),
+        }
+    }
+
+    /// Starts capturing the stream's work into a graph, in relaxed mode (see gpu/graph.rs).
+    pub(super) fn begin_capture(&self) -> Result<()> {
+        if self.is_capturing() {
+            return Err(Error::Internal("a CUDA graph capture began inside another".into()));
+        }
+        if self.profile.borrow().is_some() {
+            return Err(Error::Internal(
+                "a CUDA graph capture began with a profile open (profiling runs eager)".into(),
+            ));
+        }
+        cuda("cuStreamBeginCapture", unsafe {
+            sys::cuStreamBeginCapture_v2(self.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).result()
+        })?;
+        *self.capture.borrow_mut() = Some(Capture::default());
+        Ok(())
+    }
+
+    /// Ends the capture under way: the graph (or why there is none) and what the capture collected.
+    pub(super) fn end_capture(&self) -> (Result<sys::CUgraph>, Capture) {
+        let collected = self.capture.borrow_mut().take().unwrap_or_default();
+        let mut graph = std::ptr::null_mut();
+        let ended = unsafe { sys::cuStreamEndCapture(self.stream, &mut graph).result() };
+        let graph = ended.map(|()| graph).map_err(|e| {
+            Error::Cuda(format!(
+                "cuStreamEndCapture failed: {e:?} (an operation the stream capture does not allow invalidated it)"
+            ))
+        });
+        (graph, collected)
+    }
+
+    /// The library workspaces made so far (cuBLASLt's, cuDNN's): a graph that captured their
+    /// calls keeps them, in case the libraries replace them while it lives.
+    pub(super) fn workspaces(&self) -> Vec<DeviceMem> {
+        let blas = self.blas.borrow().as_ref().map(|b| b.workspace().clone());
+        let dnn = self.dnn.borrow().as_ref().and_then(|d| d.workspace().cloned());
+        blas.into_iter().chain(dnn).collect()
     }
 
     /// A device tensor of `shape` from `arena`; filled with NaN bytes when poisoning is on.
@@ -567,11 +648,44 @@ impl Gpu {
         Ok(mem)
     }
 
+    /// A small host tensor of values fixed for the work around it (position rows, per-row
+    /// scales, a vector of ones) copied into `arena` as `upload` copies it. Inside a CUDA graph
+    /// capture the bytes go to pinned memory the graph keeps, and every replay copies them again:
+    /// the graph bakes the values in, so whoever keys the graph must key them too.
+    pub fn upload_constant(&self, arena: &Arena, t: &Tensor, dtype: DType) -> Result<Tensor> {
+        if !self.is_capturing() {
+            return self.upload(arena, t, dtype);
+        }
+        let converted;
+        let bytes: &[u8] = if t.dtype() == dtype {
+            t.host_bytes()?
+        } else {
+            converted = Tensor::from_f32(t.shape(), dtype, &t.to_f32_vec()?)?;
+            converted.host_bytes()?
+        };
+        let mem = arena.alloc(bytes.len())?;
+        // cuMemHostAlloc is allowed in a relaxed-mode capture (gpu/graph.rs).
+        let host = cuda("cuMemHostAlloc (graph constant)", unsafe { result::malloc_host(bytes.len().max(1), 0) })?;
+        let pinned = Pinned(host as *mut u8);
+        // SAFETY: `host` holds bytes.len() pinned bytes that nothing else references yet.
+        let copy = unsafe { std::slice::from_raw_parts_mut(pinned.0, bytes.len()) };
+        copy.copy_from_slice(bytes);
+        cuda("cuMemcpyHtoDAsync (graph constant)", unsafe {
+            result::memcpy_htod_async(mem.ptr()?, &*copy, self.stream)
+        })?;
+        if let Some(c) = self.capture.borrow_mut().as_mut() {
+            c.constants.push(pinned);
+        }
+        Tensor::from_storage(t.shape(), dtype, Storage::Device(mem))
+    }
+
     /// `bytes` into `mem` (the same length) on the compute stream, through the pinned staging buffers.
     fn copy_to_device(&self, mem: &DeviceMem, bytes: &[u8]) -> Result<()> {
         if bytes.len() != mem.bytes() {
             return Err(Error::Internal(format!("upload of {} bytes into {} bytes", bytes.len(), mem.bytes())));
         }
+        // The staging buffers are refilled by the next upload, long before a replay reads them.
+        self.refuse_while_capturing("an upload through the staging buffers")?;
         let mut staging = self.staging.borrow_mut();
         if staging.is_none() {
             *staging = Some(Staging::new()?);
@@ -628,6 +742,7 @@ impl Gpu {
 
     /// Waits for the stream and copies raw device memory (a kernel's byte output) to the host.
     pub fn download_bytes(&self, mem: &DeviceMem) -> Result<Vec<u8>> {
+        self.refuse_while_capturing("a download")?;
         self.synchronize()?;
         let mut bytes = vec![0u8; mem.bytes()];
         cuda("cuMemcpyDtoH", unsafe { result::memcpy_dtoh_sync(&mut bytes, mem.ptr()?) })?;
@@ -636,6 +751,7 @@ impl Gpu {
 
     /// Waits for the stream and copies a device tensor to a new host tensor.
     pub fn download(&self, t: &Tensor) -> Result<Tensor> {
+        self.refuse_while_capturing("a download")?;
         self.synchronize()?;
         let mut bytes = vec![0u8; t.size_bytes()];
         cuda("cuMemcpyDtoH", unsafe { result::memcpy_dtoh_sync(&mut bytes, t.device_ptr()?) })?;

@@ -15,6 +15,7 @@ use std::sync::{LazyLock, Mutex, MutexGuard};
 use cudarc::cudnn::sys as dnn;
 
 use super::device::Gpu;
+use super::graph::refuse_while_capturing;
 use super::memory::DeviceMem;
 use crate::error::{Error, Result};
 use crate::tensor::DType;
@@ -51,6 +52,8 @@ struct Plan {
 
 pub struct Dnn {
     handle: dnn::cudnnHandle_t,
+    /// The compute stream the handle is bound to (checked for a CUDA graph capture under way).
+    stream: cudarc::driver::sys::CUstream,
     plans: HashMap<ConvShape, Plan>,
     workspace: Option<DeviceMem>,
     algos: AlgoCache,
@@ -184,7 +187,13 @@ impl Dnn {
         let mut handle = std::ptr::null_mut();
         check("cudnnCreate", unsafe { dnn::cudnnCreate(&mut handle) })?;
         check("cudnnSetStream", unsafe { dnn::cudnnSetStream(handle, gpu.stream() as dnn::cudaStream_t) })?;
-        Ok(Dnn { handle, plans: HashMap::new(), workspace: None, algos: AlgoCache::open(&gpu.info().name) })
+        Ok(Dnn {
+            handle,
+            stream: gpu.stream(),
+            plans: HashMap::new(),
+            workspace: None,
+            algos: AlgoCache::open(&gpu.info().name),
+        })
     }
 
     unsafe fn make_plan(&mut self, s: &ConvShape, x: u64, w: u64, y: u64) -> Result<Plan> {
@@ -262,6 +271,8 @@ impl Dnn {
             unsafe { self.apply(&mut plan, choice)? };
             return Ok(plan);
         }
+        // The search times its candidates with events and waits for them.
+        refuse_while_capturing(self.stream, &format!("a cuDNN algorithm search for {s:?}"))?;
         // Let cuDNN time its candidates on the real buffers, with up to 256 MiB of workspace.
         let budget = 256usize << 20;
         let scratch = self.workspace_of(budget)?;
@@ -324,9 +335,16 @@ impl Dnn {
 
     fn workspace_of(&mut self, bytes: usize) -> Result<u64> {
         if self.workspace.as_ref().is_none_or(|w| w.bytes() < bytes) {
+            // A graph captured earlier keeps the old workspace; one under capture would lose it.
+            refuse_while_capturing(self.stream, &format!("growing the cuDNN workspace to {bytes} bytes"))?;
             self.workspace = Some(DeviceMem::owned(bytes, "cuDNN workspace")?);
         }
         self.workspace.as_ref().unwrap().ptr()
+    }
+
+    /// The workspace the convolutions run with (None before the first that needs one).
+    pub fn workspace(&self) -> Option<&DeviceMem> {
+        self.workspace.as_ref()
     }
 
     /// y = conv(x, w) without bias. x, w, y are device addresses in NHWC / KRSC.

@@ -7,10 +7,16 @@
 //! still queued is only rewritten by kernels queued after them. The same request sequence gets the
 //! same addresses (what CUDA graph capture needs). A reset frees everything at once and bumps the
 //! arena's epoch; a tensor allocated before it refuses to hand out its address.
+//!
+//! A CUDA graph (gpu/graph.rs) replays the captured kernels on the addresses they had at capture,
+//! so the ranges its work used must stay out of everyone else's hands while it lives: the arena
+//! records the ranges handed out during a capture, the graph keeps the leases still alive at its
+//! end (its outputs), and the rest of the recorded ranges, free by then, are carved out of the
+//! free ranges into a `Reserved` set that goes back when the graph's pool drops.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use cudarc::driver::{CudaContext, result, sys};
 
@@ -118,6 +124,16 @@ struct ArenaState {
     window_peak: usize,
     /// Free ranges below `top`, by offset, never adjacent (merged on free).
     free: BTreeMap<usize, usize>,
+    /// While a CUDA graph is captured: what the capture was handed.
+    recording: Option<Recording>,
+}
+
+/// The ranges (offset, size) handed out since recording began, and those the pool's earlier
+/// captures reserved (returned to the free ranges for this capture to reuse); the leases made.
+#[derive(Default)]
+struct Recording {
+    ranges: Vec<(usize, usize)>,
+    leases: Vec<Weak<Lease>>,
 }
 
 impl ArenaState {
@@ -138,6 +154,9 @@ impl ArenaState {
             }
             None => return None,
         };
+        if let Some(r) = self.recording.as_mut() {
+            r.ranges.push((offset, size));
+        }
         self.used += size;
         self.peak = self.peak.max(self.used);
         self.window_peak = self.window_peak.max(self.used);
@@ -166,6 +185,126 @@ impl ArenaState {
         } else {
             self.free.insert(start, end - start);
         }
+    }
+
+    /// Starts recording with `earlier` (reserved ranges) returned to the free ranges and recorded,
+    /// so the end of the recording reserves their free parts again. False when a recording is
+    /// under way already (it takes `earlier` over).
+    fn start_recording(&mut self, earlier: Vec<(usize, usize)>) -> bool {
+        for &(offset, size) in &earlier {
+            self.free(offset, size);
+        }
+        match self.recording.as_mut() {
+            Some(r) => {
+                r.ranges.extend(earlier);
+                false
+            }
+            None => {
+                self.recording = Some(Recording { ranges: earlier, leases: Vec::new() });
+                true
+            }
+        }
+    }
+
+    /// Ends the recording: the leases it made, and the free parts of its ranges, reserved.
+    fn finish_recording(&mut self) -> (Vec<Weak<Lease>>, Vec<(usize, usize)>) {
+        let recording = self.recording.take().unwrap_or_default();
+        (recording.leases, self.reserve_free_parts(&recording.ranges))
+    }
+
+    /// Takes the free parts of `ranges` (free ranges below the top, anything above it) out of
+    /// circulation and returns them, merged and by offset. The parts in use stay with their leases.
+    fn reserve_free_parts(&mut self, ranges: &[(usize, usize)]) -> Vec<(usize, usize)> {
+        let mut taken = Vec::new();
+        for (start, end) in merged(ranges) {
+            // Free ranges below the top that overlap [start, end): keep what lies outside it.
+            let first = self.free.range(..start).next_back().map_or(start, |(&off, _)| off);
+            let overlapping: Vec<(usize, usize)> =
+                self.free.range(first..end).map(|(&o, &l)| (o, l)).filter(|&(o, l)| o + l > start).collect();
+            for (off, len) in overlapping {
+                self.free.remove(&off);
+                let (lo, hi) = (off.max(start), (off + len).min(end));
+                if off < lo {
+                    self.free.insert(off, lo - off);
+                }
+                if hi < off + len {
+                    self.free.insert(hi, off + len - hi);
+                }
+                taken.push((lo, hi - lo));
+            }
+            // Above the top: the top rises to `end`; a gap below `start` becomes a free range.
+            if end > self.top {
+                let from = start.max(self.top);
+                if from > self.top {
+                    self.free.insert(self.top, from - self.top);
+                }
+                taken.push((from, end - from));
+                self.top = end;
+            }
+        }
+        let taken = merged(&taken).into_iter().map(|(s, e)| (s, e - s)).collect::<Vec<_>>();
+        self.used += taken.iter().map(|&(_, len)| len).sum::<usize>();
+        self.peak = self.peak.max(self.used);
+        self.window_peak = self.window_peak.max(self.used);
+        taken
+    }
+}
+
+/// (offset, size) ranges as sorted, disjoint [start, end) spans, overlapping and touching ones merged.
+fn merged(ranges: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    let mut spans: Vec<(usize, usize)> = ranges.iter().filter(|r| r.1 > 0).map(|&(o, l)| (o, o + l)).collect();
+    spans.sort_unstable();
+    let mut out: Vec<(usize, usize)> = Vec::with_capacity(spans.len());
+    for (s, e) in spans {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// Arena ranges kept out of circulation for the CUDA graphs of one pool (gpu/graph.rs): what their
+/// captures used that no live tensor holds. Returned to the arena on drop, unless it was reset.
+pub struct Reserved {
+    state: Arc<Mutex<ArenaState>>,
+    epoch_counter: Arc<AtomicU64>,
+    epoch: u64,
+    ranges: Vec<(usize, usize)>,
+}
+
+impl Reserved {
+    /// False once the arena was reset: the ranges are no longer held.
+    pub fn holds(&self) -> bool {
+        self.epoch_counter.load(Ordering::Acquire) == self.epoch
+    }
+
+    /// Bytes reserved.
+    pub fn bytes(&self) -> usize {
+        self.ranges.iter().map(|r| r.1).sum()
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if self.ranges.is_empty() || !self.holds() {
+            return;
+        }
+        if let Ok(mut st) = self.state.lock() {
+            for &(offset, size) in &self.ranges {
+                st.free(offset, size);
+            }
+        }
+    }
+}
+
+/// The leases a capture made that were still alive at its end: the graph holds them, so their
+/// ranges (which each replay rewrites) stay out of circulation while it lives.
+pub struct CapturedLeases(Vec<Arc<Lease>>);
+
+impl CapturedLeases {
+    pub fn bytes(&self) -> usize {
+        self.0.iter().map(|l| l.size).sum()
     }
 }
 
@@ -209,15 +348,50 @@ impl Arena {
                 st.free.len()
             )));
         };
-        let lease = Lease {
+        let lease = Arc::new(Lease {
             state: self.state.clone(),
             epoch_counter: self.epoch.clone(),
             epoch: self.epoch.load(Ordering::Acquire),
             arena: self.name,
             offset,
             size,
+        });
+        if let Some(r) = st.recording.as_mut() {
+            r.leases.push(Arc::downgrade(&lease));
+        }
+        Ok(DeviceMem { alloc: self.alloc.clone(), offset, bytes, lease: Some(lease) })
+    }
+
+    /// Starts recording what is handed out, for a CUDA graph capture. `earlier`, the ranges the
+    /// pool's earlier captures reserved, go back to the free ranges: this capture may reuse them,
+    /// since a pool's graphs replay one at a time on one stream.
+    pub(crate) fn begin_recording(&self, earlier: Option<Reserved>) -> Result<()> {
+        // Emptied before the lock is taken: dropping a Reserved with ranges locks the state.
+        let earlier = match earlier {
+            Some(r) if !Arc::ptr_eq(&r.state, &self.state) => {
+                return Err(Error::Internal(format!("ranges of another arena handed to the '{}' arena", self.name)));
+            }
+            Some(mut r) if r.holds() => std::mem::take(&mut r.ranges),
+            _ => Vec::new(),
         };
-        Ok(DeviceMem { alloc: self.alloc.clone(), offset, bytes, lease: Some(Arc::new(lease)) })
+        if !self.state().start_recording(earlier) {
+            return Err(Error::Internal(format!("a second CUDA graph capture recorded on the '{}' arena", self.name)));
+        }
+        Ok(())
+    }
+
+    /// Ends the recording: the leases made since that are still alive, and the rest of the ranges
+    /// recorded (free now) taken out of circulation.
+    pub(crate) fn end_recording(&self) -> (CapturedLeases, Reserved) {
+        let (leases, ranges) = self.state().finish_recording();
+        let leases = leases.iter().filter_map(Weak::upgrade).collect();
+        let reserved = Reserved {
+            state: self.state.clone(),
+            epoch_counter: self.epoch.clone(),
+            epoch: self.epoch.load(Ordering::Acquire),
+            ranges,
+        };
+        (CapturedLeases(leases), reserved)
     }
 
     /// Frees everything at once; tensors from before the reset become unusable.
@@ -248,7 +422,7 @@ impl Arena {
 
 #[cfg(test)]
 mod tests {
-    use super::ArenaState;
+    use super::{ArenaState, merged};
 
     #[test]
     fn freed_ranges_are_reused_best_fit_and_merged() {
@@ -287,5 +461,85 @@ mod tests {
         assert_eq!(st.take_window_peak(), 400);
         assert_eq!(st.take_window_peak(), 0);
         assert_eq!(st.peak, 500);
+    }
+
+    /// What a capture's replays write must stay out of later requests until the reservation goes.
+    #[test]
+    fn a_capture_reserves_its_free_ranges_and_gives_them_back() {
+        let (mut st, cap) = (ArenaState::default(), 10_000);
+        let input = st.take(100, cap).unwrap(); // a static input, made before the capture
+        assert!(st.start_recording(Vec::new()));
+        let a = st.take(200, cap).unwrap();
+        let b = st.take(300, cap).unwrap();
+        st.free(a, 200); // an intermediate that died mid-capture ...
+        let c = st.take(150, cap).unwrap(); // ... and its range reused within the capture
+        let out = st.take(50, cap).unwrap(); // the output, still held at the end
+        st.free(b, 300);
+        st.free(c, 150);
+        assert_eq!((input, a, b, c, out), (0, 100, 300, 100, 250));
+        let (_, reserved) = st.finish_recording();
+        // Everything recorded but the live output: [100, 250) and [300, 600), the top kept at 600.
+        assert_eq!(reserved, vec![(100, 150), (300, 300)]);
+        assert!(st.recording.is_none());
+        assert_eq!((st.used, st.top), (100 + 50 + 450, 600));
+        // Later requests go around the reserved ranges and the output.
+        let later = st.take(1000, cap).unwrap();
+        assert_eq!(later, 600);
+        st.free(later, 1000);
+        // The output dropped and the reservation returned: one free arena again.
+        st.free(out, 50);
+        for (offset, size) in reserved {
+            st.free(offset, size);
+        }
+        st.free(input, 100);
+        assert_eq!((st.used, st.top, st.free.len()), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_pools_next_capture_reuses_and_extends_the_reservation() {
+        let (mut st, cap) = (ArenaState::default(), 10_000);
+        assert!(st.start_recording(Vec::new()));
+        let a = st.take(400, cap).unwrap();
+        st.free(a, 400); // the top falls back to 0: the reservation must raise it again
+        assert_eq!(st.top, 0);
+        let (_, first) = st.finish_recording();
+        assert_eq!((first.clone(), st.top), (vec![(0, 400)], 400));
+        // Eager work between the captures stays clear of the reservation.
+        let eager = st.take(100, cap).unwrap();
+        assert_eq!(eager, 400);
+        // The second capture of the pool may use the first's ranges, and needs more.
+        assert!(st.start_recording(first));
+        let b = st.take(300, cap).unwrap();
+        let c = st.take(200, cap).unwrap();
+        assert_eq!((b, c), (0, 500));
+        st.free(b, 300);
+        st.free(c, 200);
+        // A recording under way refuses a second one (and keeps the ranges handed over).
+        assert!(!st.start_recording(vec![]));
+        let (_, second) = st.finish_recording();
+        assert_eq!(second, vec![(0, 400), (500, 200)]);
+        assert_eq!((st.top, st.used), (700, 700));
+        for (offset, size) in second {
+            st.free(offset, size);
+        }
+        st.free(eager, 100);
+        assert_eq!((st.used, st.top, st.free.len()), (0, 0, 0));
+    }
+
+    #[test]
+    fn reserving_above_the_top_leaves_the_gap_free() {
+        let mut st = ArenaState::default();
+        let a = st.take(100, 1000).unwrap();
+        let b = st.take(100, 1000).unwrap();
+        let c = st.take(100, 1000).unwrap();
+        st.free(c, 100);
+        st.free(b, 100);
+        // Only [200, 300) recorded (a range freed since): [100, 200) stays free below the new top.
+        assert_eq!(st.reserve_free_parts(&[(200, 100)]), vec![(200, 100)]);
+        assert_eq!((st.top, st.free.get(&100)), (300, Some(&100)));
+        assert_eq!(st.take(100, 1000), Some(100));
+        // A range that is in use is not reserved.
+        assert_eq!(st.reserve_free_parts(&[(a, 100)]), vec![]);
+        assert_eq!(merged(&[(5, 5), (0, 5), (20, 1), (0, 0)]), vec![(0, 10), (20, 21)]);
     }
 }

@@ -1,9 +1,11 @@
 //! GPU runtime: device and stream, lazily loaded kernel modules, checked launches, memory arenas,
-//! CUDA-event timing and profiles, NVTX ranges, and the vendor libraries (cuBLASLt, cuDNN).
+//! CUDA-event timing and profiles, NVTX ranges, CUDA graphs, and the vendor libraries (cuBLASLt,
+//! cuDNN).
 
 pub mod blas;
 pub mod device;
 pub mod dnn;
+pub mod graph;
 pub mod memory;
 pub mod nvtx;
 pub mod params;
@@ -12,6 +14,7 @@ pub mod timing;
 pub mod tuning;
 
 pub use device::{ClusterScheduling, DeviceInfo, Gpu, KERNEL_MODULES, KernelParams};
+pub use graph::{Graph, GraphPool};
 pub use memory::Arena;
 
 macro_rules! kernel_params {

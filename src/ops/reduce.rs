@@ -41,7 +41,7 @@ pub fn mean_hw(ex: &Exec, x: &Tensor) -> Result<Tensor> {
             host_out(&[b, c], dtype, &out)
         }
         Exec::Cuda { gpu, scratch } => {
-            let ones = gpu.upload(scratch, &Tensor::from_f32(&[hw], dtype, &vec![1.0; hw])?, dtype)?;
+            let ones = gpu.upload_constant(scratch, &Tensor::from_f32(&[hw], dtype, &vec![1.0; hw])?, dtype)?;
             let y = gpu.empty(scratch, &[b, c], dtype)?;
             let g = Gemm {
                 m: 1,

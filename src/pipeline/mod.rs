@@ -5,6 +5,7 @@ pub mod batch;
 pub mod config;
 pub mod devices;
 pub mod free_init;
+mod graphs;
 pub mod lora_switch;
 pub mod noise_init;
 pub mod random_models;

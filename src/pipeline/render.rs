@@ -54,6 +54,7 @@ use crate::pipeline::batch::{ClipSeconds, RunReport, Shard, lora_groups, preflig
 use crate::pipeline::config::{Component, ControlNetEntry, LoraEntry, RenderConfig, is_json};
 use crate::pipeline::devices::{DeviceSplit, Devices, HelperKind, WindowJob, lead_sharing};
 use crate::pipeline::free_init::mix_frequencies;
+use crate::pipeline::graphs::{self, GraphKey, WindowGraphs};
 use crate::pipeline::lora_switch::{DeviceLoras, PreparedLoras};
 use crate::pipeline::noise_init::freenoise_frame_sources;
 use crate::pipeline::resume::{ClipResume, Stage, check_stop, clip_identity, stop_signal};
@@ -303,6 +304,15 @@ impl Target<'_> {
         match self.ex {
             Exec::Cpu => Ok(host),
             Exec::Cuda { gpu, scratch } => gpu.upload(scratch, &host, dtype),
+        }
+    }
+
+    /// A tensor of values the key of a CUDA graph under capture holds (`Gpu::upload_constant`).
+    fn constant(&self, shape: &[usize], dtype: DType, values: &[f32]) -> Result<Tensor> {
+        let host = Tensor::from_f32(shape, dtype, values)?;
+        match self.ex {
+            Exec::Cpu => Ok(host),
+            Exec::Cuda { gpu, scratch } => gpu.upload_constant(scratch, &host, dtype),
         }
     }
 
@@ -1735,6 +1745,15 @@ impl ClipRun<'_> {
             );
         }
         bar.finish();
+        let graphs = &cache.graphs;
+        if graphs.captured > 0 {
+            eprintln!(
+                "clip {number:03}: frames {first}..{}: CUDA graphs: {} captured, {} replays",
+                first + g.frames,
+                graphs.captured,
+                graphs.replays
+            );
+        }
         Ok(())
     }
 
@@ -1854,6 +1873,10 @@ pub(super) struct Step {
 #[derive(Default)]
 pub(super) struct InputCache {
     entries: HashMap<CacheKey, Tensor>,
+    /// While a CUDA graph is captured: the entries it read, which the graph keeps.
+    pub(super) recording: Option<Vec<Tensor>>,
+    /// The CUDA graphs of the model calls (pipeline/graphs.rs).
+    pub(super) graphs: WindowGraphs,
 }
 
 /// What a cached input is, for which clip frames.
@@ -1880,7 +1903,11 @@ impl InputCache {
             let t = make()?;
             self.entries.insert(key.clone(), t);
         }
-        Ok(&self.entries[&key])
+        let t = &self.entries[&key];
+        if let Some(read) = self.recording.as_mut() {
+            read.push(t.clone());
+        }
+        Ok(t)
     }
 }
 
@@ -1935,67 +1962,37 @@ pub(super) fn denoise_window(
     part: Part,
     cache: &mut InputCache,
 ) -> Result<Vec<f32>> {
-    let (config, models, target, cond, controls) = (run.config, run.models, run.target, run.cond, run.controls);
-    let halves = part.halves(config.sampler.cfg);
+    let (target, cond) = (run.target, run.cond);
+    let call = ModelCall { run, g, window, step, part };
+    let halves = call.halves();
     let videos = halves.len();
     let frames = window.len();
     let rows = videos * frames;
-    let ex = target.ex;
     let dtype = target.dtype;
 
     let mut sample = Vec::with_capacity(rows * g.frame_len());
     for _ in 0..videos {
         sample.extend_from_slice(latents);
     }
-    let sample = target.tensor(&[rows, g.h, g.w, g.c], dtype, &sample)?;
-    let timestep = target.tensor(&[videos], DType::F32, &vec![step.timestep; videos])?;
     let middle = window[frames / 2];
     let (_, pooled) = cond.at(middle);
     let mut text_embeds = Vec::with_capacity(videos * cond.pooled);
     for half in halves {
         text_embeds.extend_from_slice(if *half == Half::Uncond { &cond.negative.pooled } else { &pooled });
     }
-    let text_embeds = target.tensor(&[videos, cond.pooled], dtype, &text_embeds)?;
     let ids = time_ids((g.height, g.width), (0, 0), (g.height, g.width));
-    let time_ids = target.tensor(&[videos, ids.len()], DType::F32, &ids.repeat(videos))?;
-    let context_rows = |list: &[usize]| -> Result<Tensor> {
-        let (rows, values) = cond.context_rows(halves, list);
-        target.tensor(&[rows, cond.tokens, cond.width], dtype, &values)
+    let host = WindowInputs {
+        sample: Tensor::from_f32(&[rows, g.h, g.w, g.c], dtype, &sample)?,
+        timestep: Tensor::from_f32(&[videos], DType::F32, &vec![step.timestep; videos])?,
+        text_embeds: Tensor::from_f32(&[videos, cond.pooled], dtype, &text_embeds)?,
+        time_ids: Tensor::from_f32(&[videos, ids.len()], DType::F32, &ids.repeat(videos))?,
     };
-    let context = cache.get_or(CacheKey::Context(part, window.to_vec()), || context_rows(window))?;
-    let context = context.clone();
-    let inputs = UnetInputs {
-        sample: &sample,
-        timestep: &timestep,
-        encoder_hidden_states: &context,
-        text_embeds: Some(&text_embeds),
-        time_ids: Some(&time_ids),
-    };
-
-    let batch =
-        WindowBatch { target, g, window, latents, inputs: &inputs, halves, part, step, context_rows: &context_rows };
-    let mut residuals: Option<UnetResiduals> = None;
-    for (n, (net, controls)) in models.controlnets.iter().zip(controls).enumerate() {
-        let r = match net {
-            Net::Plain(net) => plain_residuals(&batch, n, net, &controls[0], cache)?,
-            Net::Union { net, types } => union_residuals(&batch, n, net, types, controls, cache)?,
-        };
-        let Some(r) = r else { continue };
-        residuals = Some(match residuals {
-            None => r,
-            Some(sum) => UnetResiduals {
-                down: sum.down.iter().zip(&r.down).map(|(a, b)| add(&ex, a, b, 1.0)).collect::<Result<_>>()?,
-                mid: add(&ex, &sum.mid, &r.mid, 1.0)?,
-            },
-        });
-    }
-
-    let out = match &models.motion {
-        Some(motion) => {
-            let video = Frames { frames, group_norm_across_frames: config.video.group_norm_across_frames };
-            motion.forward_unet(&ex, &models.unet, &inputs, video, residuals.as_ref())?
+    let context = cache.get_or(CacheKey::Context(part, window.to_vec()), || call.context_rows(window))?.clone();
+    let out = match target.ex {
+        Exec::Cuda { gpu, scratch } => {
+            graphs::model_output(gpu, scratch, call.graph_key(&context), &call, &host, &context, cache)?
         }
-        None => models.unet.forward(&ex, &inputs, residuals.as_ref())?,
+        Exec::Cpu => call.eager(&host, &context, cache)?,
     };
     let out = target.host_f32(&out)?;
     if let Some(bad) = out.iter().position(|v| !v.is_finite()) {
@@ -2011,6 +2008,129 @@ pub(super) fn denoise_window(
         )));
     }
     Ok(out)
+}
+
+/// A window's model inputs besides the text context: host tensors (in the model's dtype, the
+/// timestep and time ids in f32), or where they were placed.
+pub(super) struct WindowInputs {
+    pub(super) sample: Tensor,
+    pub(super) timestep: Tensor,
+    pub(super) text_embeds: Tensor,
+    pub(super) time_ids: Tensor,
+}
+
+impl WindowInputs {
+    pub(super) fn each(&self) -> [&Tensor; 4] {
+        [&self.sample, &self.timestep, &self.text_embeds, &self.time_ids]
+    }
+}
+
+/// One window's model call: the ControlNets acting on it (residuals summed) and the UNet or
+/// motion UNet, for the CFG halves of `part`.
+pub(super) struct ModelCall<'a> {
+    run: &'a WindowRun<'a>,
+    g: Geometry,
+    window: &'a [usize],
+    step: Step,
+    part: Part,
+}
+
+impl ModelCall<'_> {
+    fn halves(&self) -> &'static [Half] {
+        self.part.halves(self.run.config.sampler.cfg)
+    }
+
+    /// The text context rows of the clip frames `list` for the call's halves.
+    fn context_rows(&self, list: &[usize]) -> Result<Tensor> {
+        let cond = self.run.cond;
+        let (rows, values) = cond.context_rows(self.halves(), list);
+        self.run.target.tensor(&[rows, cond.tokens, cond.width], self.run.target.dtype, &values)
+    }
+
+    /// What a CUDA graph of the call bakes in (pipeline/graphs.rs).
+    fn graph_key(&self, context: &Tensor) -> GraphKey {
+        let (i, n) = (self.step.index, self.step.of);
+        let active: Vec<bool> = self
+            .run
+            .models
+            .controlnets
+            .iter()
+            .zip(self.run.controls)
+            .map(|(net, controls)| match net {
+                Net::Plain(_) => controls[0].active_at(i, n),
+                Net::Union { .. } => controls.first().is_some_and(|c| c.active_at(i, n)),
+            })
+            .collect();
+        GraphKey {
+            part: self.part,
+            frames: self.window.len(),
+            context_rows: context.shape()[0],
+            controls: active.contains(&true).then(|| (self.window.to_vec(), active)),
+        }
+    }
+
+    /// `forward` on the host inputs placed where the target computes.
+    pub(super) fn eager(&self, host: &WindowInputs, context: &Tensor, cache: &mut InputCache) -> Result<Tensor> {
+        let target = self.run.target;
+        let place = |t: &Tensor| -> Result<Tensor> {
+            match target.ex {
+                Exec::Cpu => Ok(t.clone()),
+                Exec::Cuda { gpu, scratch } => gpu.upload(scratch, t, t.dtype()),
+            }
+        };
+        let [sample, timestep, text_embeds, time_ids] = host.each().map(place);
+        let placed =
+            WindowInputs { sample: sample?, timestep: timestep?, text_embeds: text_embeds?, time_ids: time_ids? };
+        self.forward(&placed, context, cache)
+    }
+
+    /// The UNet's output on `inputs` and `context` (where the target computes). Nothing here reads
+    /// the host's per-step values: a CUDA graph captures it.
+    pub(super) fn forward(&self, inputs: &WindowInputs, context: &Tensor, cache: &mut InputCache) -> Result<Tensor> {
+        let (config, models, target, controls) = (self.run.config, self.run.models, self.run.target, self.run.controls);
+        let ex = target.ex;
+        let frames = self.window.len();
+        let inputs = UnetInputs {
+            sample: &inputs.sample,
+            timestep: &inputs.timestep,
+            encoder_hidden_states: context,
+            text_embeds: Some(&inputs.text_embeds),
+            time_ids: Some(&inputs.time_ids),
+        };
+        let context_rows = |list: &[usize]| self.context_rows(list);
+        let batch = WindowBatch {
+            target,
+            g: self.g,
+            window: self.window,
+            inputs: &inputs,
+            halves: self.halves(),
+            part: self.part,
+            step: self.step,
+            context_rows: &context_rows,
+        };
+        let mut residuals: Option<UnetResiduals> = None;
+        for (n, (net, controls)) in models.controlnets.iter().zip(controls).enumerate() {
+            let r = match net {
+                Net::Plain(net) => plain_residuals(&batch, n, net, &controls[0], cache)?,
+                Net::Union { net, types } => union_residuals(&batch, n, net, types, controls, cache)?,
+            };
+            let Some(r) = r else { continue };
+            residuals = Some(match residuals {
+                None => r,
+                Some(sum) => UnetResiduals {
+                    down: sum.down.iter().zip(&r.down).map(|(a, b)| add(&ex, a, b, 1.0)).collect::<Result<_>>()?,
+                    mid: add(&ex, &sum.mid, &r.mid, 1.0)?,
+                },
+            });
+        }
+        match &models.motion {
+            Some(motion) => {
+                let video = Frames { frames, group_norm_across_frames: config.video.group_norm_across_frames };
+                motion.forward_unet(&ex, &models.unet, &inputs, video, residuals.as_ref())
+            }
+            None => models.unet.forward(&ex, &inputs, residuals.as_ref()),
+        }
+    }
 }
 
 /// The guided noise prediction of a window (`frames` frames of `frame_len` values) from the
@@ -2041,8 +2161,6 @@ struct WindowBatch<'a> {
     g: Geometry,
     /// Clip frame indices.
     window: &'a [usize],
-    /// The window's frame-major model inputs (one video's).
-    latents: &'a [f32],
     inputs: &'a UnetInputs<'a>,
     /// The CFG halves of the batch, in row order.
     halves: &'a [Half],
@@ -2070,19 +2188,15 @@ impl WindowBatch<'_> {
         cache: &mut InputCache,
         forward: impl FnOnce(&UnetInputs, usize) -> Result<UnetResiduals>,
     ) -> Result<UnetResiduals> {
-        let (ex, g, frames) = (self.target.ex, self.g, self.window.len());
+        let (ex, frames) = (self.target.ex, self.window.len());
         if active.len() == frames {
             return forward(self.inputs, frames);
         }
         let list: Vec<usize> = active.iter().map(|&k| self.window[k]).collect();
-        let fl = g.frame_len();
-        let mut sub = Vec::with_capacity(self.videos() * active.len() * fl);
-        for _ in 0..self.videos() {
-            for &k in active {
-                sub.extend_from_slice(&self.latents[k * fl..(k + 1) * fl]);
-            }
-        }
-        let sub_sample = self.target.tensor(&[self.videos() * active.len(), g.h, g.w, g.c], self.target.dtype, &sub)?;
+        // The active frames' rows of the batch's sample (on the device: a CUDA graph reads the
+        // sample's static tensor).
+        let from: Vec<usize> = (0..self.videos()).flat_map(|v| active.iter().map(move |&k| v * frames + k)).collect();
+        let sub_sample = gather_rows(&ex, self.inputs.sample, &from)?;
         let sub_context =
             cache.get_or(CacheKey::Context(self.part, list.clone()), || (self.context_rows)(&list))?.clone();
         let sub_inputs = UnetInputs { sample: &sub_sample, encoder_hidden_states: &sub_context, ..*self.inputs };
@@ -2136,7 +2250,7 @@ impl WindowBatch<'_> {
         let scale_rows = |t: Tensor| -> Result<Tensor> {
             let c = *t.shape().last().unwrap_or(&1);
             let b: Vec<f32> = factors.iter().flat_map(|&s| std::iter::repeat_n(s, c)).collect();
-            mul(&ex, &t, &target.tensor(&[factors.len(), c], target.dtype, &b)?)
+            mul(&ex, &t, &target.constant(&[factors.len(), c], target.dtype, &b)?)
         };
         Ok(UnetResiduals { down: r.down.into_iter().map(scale_rows).collect::<Result<_>>()?, mid: scale_rows(r.mid)? })
     }
@@ -2411,7 +2525,6 @@ mod tests {
             target,
             g,
             window: &window,
-            latents: &latents,
             inputs: &inputs,
             halves: &[Half::Uncond, Half::Cond],
             part: Part::Both,

@@ -361,11 +361,12 @@ fn row_vector(ex: &Exec, per_row: &[f32], c: usize, dtype: DType) -> Result<Tens
     placed(ex, Tensor::from_f32(&[per_row.len(), c], dtype, &values)?, dtype)
 }
 
-/// A small host tensor where `ex` computes (uploaded in `dtype` for CUDA).
+/// A small host tensor where `ex` computes (uploaded in `dtype` for CUDA, as a constant of a CUDA
+/// graph under capture: its values are host scalars the graph's key holds).
 fn placed(ex: &Exec, host: Tensor, dtype: DType) -> Result<Tensor> {
     match ex {
         Exec::Cpu => Ok(host),
-        Exec::Cuda { gpu, scratch } => gpu.upload(scratch, &host, dtype),
+        Exec::Cuda { gpu, scratch } => gpu.upload_constant(scratch, &host, dtype),
     }
 }
 

@@ -144,7 +144,8 @@ impl Positions {
         };
         let rows = match ex {
             Exec::Cpu => host,
-            Exec::Cuda { gpu, scratch } => gpu.upload(scratch, &host, self.dtype)?,
+            // A function of the shapes only: a constant of a CUDA graph under capture.
+            Exec::Cuda { gpu, scratch } => gpu.upload_constant(scratch, &host, self.dtype)?,
         };
         self.made.insert(id, rows.clone());
         Ok(rows)

@@ -1,0 +1,170 @@
+//! CUDA graphs of the render's model calls (gpu/graph.rs): a window's ControlNets, residual sums
+//! and UNet (or motion UNet), both CFG halves, captured once per `GraphKey` and replayed at every
+//! later step with that key. The model inputs live in static device tensors written before each
+//! replay (uploads and a device copy, outside the graph); the rest the captured work bakes in is
+//! in the key. A key's first call runs eagerly (it warms up kernel modules, cuDNN's algorithm
+//! searches and the input cache), its second captures, later ones replay. All graphs of a
+//! denoising run share one `GraphPool` (one scratch working set) and go with the `InputCache` at
+//! the end of the run, before the VAE decodes; they also go, with their scratch, when a key is met
+//! for the first time, so that eager call finds the memory. On by default on CUDA;
+//! `CELFRAME_CUDA_GRAPHS=0` turns graphs off, and a GPU profile (`--timings`) runs eagerly.
+
+use std::collections::{HashMap, HashSet};
+
+use super::render::{InputCache, ModelCall, Part, WindowInputs};
+use crate::error::{Error, Result};
+use crate::gpu::{Arena, Gpu, Graph, GraphPool};
+use crate::tensor::{Storage, Tensor};
+
+/// What a window's captured model call bakes in besides the shapes of the clip (dtype, latent
+/// size, models: fixed for the life of the graphs).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) struct GraphKey {
+    pub(super) part: Part,
+    pub(super) frames: usize,
+    /// Rows of the text context (one per CFG half when the frames share a prompt, else per frame).
+    pub(super) context_rows: usize,
+    /// With a ControlNet acting at this step: the window's clip frames (they fix the hint images,
+    /// per-frame strengths and active frames, and the cached inputs the nets read) and which
+    /// ControlNet entries are active at the step.
+    pub(super) controls: Option<(Vec<usize>, Vec<bool>)>,
+}
+
+/// The graphs of one denoising run and what they were made from.
+pub(super) struct WindowGraphs {
+    enabled: bool,
+    pool: GraphPool,
+    graphs: HashMap<GraphKey, WindowGraph>,
+    /// Keys met before (captured at the next call).
+    seen: HashSet<GraphKey>,
+    /// Keys whose capture failed: they run eagerly.
+    failed: HashSet<GraphKey>,
+    pub(super) captured: usize,
+    pub(super) replays: usize,
+}
+
+impl Default for WindowGraphs {
+    fn default() -> WindowGraphs {
+        WindowGraphs {
+            enabled: !std::env::var("CELFRAME_CUDA_GRAPHS").is_ok_and(|v| v == "0"),
+            pool: GraphPool::new(),
+            graphs: HashMap::new(),
+            seen: HashSet::new(),
+            failed: HashSet::new(),
+            captured: 0,
+            replays: 0,
+        }
+    }
+}
+
+struct WindowGraph {
+    graph: Graph,
+    inputs: StaticInputs,
+    /// The UNet's output, rewritten by each replay.
+    out: Tensor,
+    /// Cached inputs the captured work reads (text contexts of active frames, embedded hints):
+    /// held so their memory stays theirs should the cache drop them.
+    _kept: Vec<Tensor>,
+}
+
+/// The device tensors a graph reads its per-call inputs from.
+struct StaticInputs {
+    host: [Tensor; 4],
+    context: Tensor,
+}
+
+impl StaticInputs {
+    fn new(gpu: &Gpu, scratch: &Arena, host: &WindowInputs, context: &Tensor) -> Result<StaticInputs> {
+        let up = |t: &Tensor| gpu.upload(scratch, t, t.dtype());
+        let [a, b, c, d] = host.each();
+        let statics = StaticInputs {
+            host: [up(a)?, up(b)?, up(c)?, up(d)?],
+            context: gpu.empty(scratch, context.shape(), context.dtype())?,
+        };
+        gpu.copy(&statics.context, context)?;
+        Ok(statics)
+    }
+
+    /// The call's inputs written into the static tensors (same shapes: the key holds them).
+    fn write(&self, gpu: &Gpu, host: &WindowInputs, context: &Tensor) -> Result<()> {
+        for (to, from) in self.host.iter().zip(host.each()) {
+            let Storage::Device(mem) = to.storage() else {
+                return Err(Error::Internal("a CUDA graph's static input is not on the device".into()));
+            };
+            gpu.upload_into(mem, from, to.dtype())?;
+        }
+        gpu.copy(&self.context, context)
+    }
+
+    fn inputs(&self) -> WindowInputs {
+        let [a, b, c, d] = self.host.clone();
+        WindowInputs { sample: a, timestep: b, text_embeds: c, time_ids: d }
+    }
+}
+
+/// The window's model output on the device: replayed from its graph, captured now (a key met
+/// before), or run eagerly (a key met for the first time; one whose capture failed; graphs off).
+pub(super) fn model_output(
+    gpu: &Gpu,
+    scratch: &Arena,
+    key: GraphKey,
+    call: &ModelCall,
+    host: &WindowInputs,
+    context: &Tensor,
+    cache: &mut InputCache,
+) -> Result<Tensor> {
+    if !cache.graphs.enabled || gpu.is_profiling() {
+        return call.eager(host, context, cache);
+    }
+    // Out of the cache while its entries serve the call; back on every path.
+    let mut graphs = std::mem::take(&mut cache.graphs);
+    let out = graphs.model_output(gpu, scratch, key, call, host, context, cache);
+    cache.graphs = graphs;
+    out
+}
+
+impl WindowGraphs {
+    #[allow(clippy::too_many_arguments)]
+    fn model_output(
+        &mut self,
+        gpu: &Gpu,
+        scratch: &Arena,
+        key: GraphKey,
+        call: &ModelCall,
+        host: &WindowInputs,
+        context: &Tensor,
+        cache: &mut InputCache,
+    ) -> Result<Tensor> {
+        if let Some(w) = self.graphs.get(&key) {
+            w.inputs.write(gpu, host, context)?;
+            w.graph.launch(gpu)?;
+            self.replays += 1;
+            return Ok(w.out.clone());
+        }
+        let met_before = !self.seen.insert(key.clone());
+        if met_before && !self.failed.contains(&key) {
+            let inputs = StaticInputs::new(gpu, scratch, host, context)?;
+            cache.recording = Some(Vec::new());
+            let captured =
+                Graph::capture(gpu, scratch, &self.pool, || call.forward(&inputs.inputs(), &inputs.context, cache));
+            let kept = cache.recording.take().unwrap_or_default();
+            match captured {
+                Ok((graph, out)) => {
+                    graph.launch(gpu)?;
+                    self.captured += 1;
+                    self.graphs.insert(key, WindowGraph { graph, inputs, out: out.clone(), _kept: kept });
+                    return Ok(out);
+                }
+                Err(e) => {
+                    eprintln!("note: a window's model call ({key:?}) runs without a CUDA graph: {e}");
+                    self.failed.insert(key);
+                }
+            }
+        } else if !met_before {
+            // The graphs' scratch goes back for this eager call (and the captures to come).
+            self.graphs.clear();
+            self.pool = GraphPool::new();
+        }
+        call.eager(host, context, cache)
+    }
+}

@@ -982,6 +982,84 @@ fn device_sets_merge_and_switch_like_the_host_merge() {
     }
 }
 
+/// A device merge into attn1.to_k and attn2.to_v of the UNet fixture lands in the fused q/k/v and
+/// k/v matrices the forward multiplies (the part names are row ranges of their memory), each on
+/// its own rows, and both restores put the matrices back to their bytes at load.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn device_merges_and_restores_write_through_the_fused_projections() {
+    use celframe::models::transformer::{KV, QKV};
+    let rig = Rig::new();
+    let dir = TempDir::new("gpu-lora-fused");
+    let checkpoint =
+        open_unet(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/unet_a")).unwrap();
+    let m = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0";
+    let shapes = [("attn1_to_k", [2, 64], [64, 2]), ("attn2_to_v", [2, 32], [64, 2])];
+    let factors: Vec<(String, Tensor)> = shapes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (module, down, up))| {
+            let t = |shape: &[usize], seed| {
+                Tensor::from_f32(shape, DType::F32, &randn(shape.iter().product(), seed, 0.5, 0.0)).unwrap()
+            };
+            [
+                (format!("{m}_{module}.lora_down.weight"), t(down, 2 * i as u64 + 1)),
+                (format!("{m}_{module}.lora_up.weight"), t(up, 2 * i as u64 + 2)),
+            ]
+        })
+        .collect();
+    let file = dir.path("fused.safetensors");
+    celframe::weights::save(&file, &factors.iter().map(|(n, t)| (n.clone(), t)).collect::<Vec<_>>(), None).unwrap();
+    let mut targets = Targets::new();
+    targets.add_unet(&checkpoint).unwrap();
+    let loras = resolve(&[LoraSpec::new(&file, 1.0, None)], &targets, false).unwrap();
+    let merge = loras.merge(Component::Unet).unwrap();
+    rig.weights.reset();
+    let dtype = DType::F16;
+    let unet = Unet::new(&checkpoint, Place::Device { gpu: &rig.gpu, arena: &rig.weights, dtype }).unwrap();
+    let weights = unet.weights();
+    let set = DeviceLoraSet::upload(&rig.gpu, weights, merge, |_| true).unwrap();
+    let block = "down_blocks.1.attentions.0.transformer_blocks.0";
+    let modules = [("attn1", &QKV[..], "to_k"), ("attn2", &KV[..], "to_v")];
+    // Each fused matrix's bytes, checked to be its parts' bytes in order.
+    let fused = |state: &str| -> Vec<Vec<u8>> {
+        modules
+            .iter()
+            .map(|(attn, parts, _)| {
+                let module = format!("{block}.{attn}");
+                let matrix = rig.gpu.download(weights.root().at(&module).rows(parts).unwrap()).unwrap();
+                let bytes = matrix.host_bytes().unwrap().to_vec();
+                let mut stacked = Vec::new();
+                for part in parts.iter() {
+                    let w = weights.tensor(&format!("{module}.{part}.weight")).unwrap();
+                    stacked.extend_from_slice(rig.gpu.download(w).unwrap().host_bytes().unwrap());
+                }
+                assert!(bytes == stacked, "{state}: {module}'s fused matrix is not its parts' rows");
+                bytes
+            })
+            .collect()
+    };
+    let at_load = fused("at load");
+    let ex = rig.exec();
+    for restore in [Restore::Copy, Restore::Reload] {
+        let mut switcher = LoraSwitcher::new(restore);
+        switcher.apply(&ex, weights, Some(&set)).unwrap();
+        let merged = fused(&format!("{restore:?} merged"));
+        for (((attn, parts, targeted), now), before) in modules.iter().zip(&merged).zip(&at_load) {
+            // C = 64 rows per part: the targeted part's rows changed, the others' kept their bytes.
+            let row_bytes = now.len() / parts.len();
+            for (i, part) in parts.iter().enumerate() {
+                let rows = i * row_bytes..(i + 1) * row_bytes;
+                let changed = now[rows.clone()] != before[rows];
+                assert_eq!(changed, part == targeted, "{restore:?}: {attn}.{part} changed iff the LoRA targets it");
+            }
+        }
+        switcher.apply(&ex, weights, None).unwrap();
+        assert!(fused(&format!("{restore:?} restored")) == at_load, "{restore:?}: not back to the load's bytes");
+    }
+    println!("GPUCHECK lora merges through fused q/k/v and k/v matrices: merged rows and restores exact");
+}
+
 /// A kohya LoRA (rank 4, alpha 4) on three of the SDXL UNet's attention projections and one of
 /// the first text encoder's, written into `dir`.
 fn sdxl_lora(dir: &TempDir, name: &str, seed: u64) -> std::path::PathBuf {

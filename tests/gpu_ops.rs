@@ -871,3 +871,137 @@ fn grouped_cross_attention_matches_repeated_contexts() {
         rig.check_attention_rule(&what, &grouped, &exact, &plain);
     }
 }
+
+// ---- q, k, v as column blocks of a fused projection's output (ops::attention::Columns)
+
+/// Columns `first..first + width` of every row of the host tensor `t`, as a tensor of their own.
+fn columns_copy(t: &Tensor, first: usize, width: usize) -> Tensor {
+    let stride = *t.shape().last().unwrap();
+    let values: Vec<f32> =
+        t.to_f32_vec().unwrap().chunks(stride).flat_map(|row| row[first..first + width].to_vec()).collect();
+    let mut shape = t.shape().to_vec();
+    *shape.last_mut().unwrap() = width;
+    Tensor::from_f32(&shape, t.dtype(), &values).unwrap()
+}
+
+/// `got` and `want` (device tensors) hold the same bytes.
+fn assert_same_bytes(rig: &Rig, what: &str, got: &Tensor, want: &Tensor) {
+    let (got, want) = (rig.gpu.download(got).unwrap(), rig.gpu.download(want).unwrap());
+    assert_eq!(got.shape(), want.shape(), "{what}");
+    assert!(got.host_bytes().unwrap() == want.host_bytes().unwrap(), "{what}: differs from contiguous inputs");
+    println!("GPUCHECK {what}: column blocks bit-identical to contiguous inputs");
+}
+
+/// Every flash kernel on q, k, v read as column blocks of one [B, L, 3C] tensor (row stride 3C,
+/// offsets 0, C, 2C), and on k, v as column blocks of one [G, T, 2C] (cross attention), against
+/// the same values copied into contiguous tensors: the same kernel does the same arithmetic on the
+/// same values, so the results are expected bit-identical.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn flash_attention_on_column_blocks_matches_contiguous_inputs_bit_for_bit() {
+    use celframe::ops::attention::{Columns, FlashAttention, FlashKernel, flash_attention_with};
+    let rig = Rig::new();
+    let hopper = rig.gpu.info().compute_capability == (9, 0);
+    if !hopper {
+        println!("GPUCHECK flash_attention on column blocks: Hopper kernels SKIPPED, not a compute 9.0 device");
+    }
+    let mut kernels = vec![FlashKernel::Auto, FlashKernel::Portable];
+    if hopper {
+        kernels.extend([FlashKernel::Hopper, FlashKernel::HopperWs]);
+    }
+    let ex = rig.exec();
+    // Self attention: (batch, tokens, heads, causal, dtype) at the 1024x576 levels, a ragged
+    // causal case, bf16.
+    for (batch, seq, heads, causal, dtype) in
+        [(2, 2304, 10, false, DType::F16), (2, 576, 20, false, DType::F16), (1, 300, 3, true, DType::BF16)]
+    {
+        let c = heads * 64;
+        let cfg = FlashAttention { heads, causal, scale: 0.125 };
+        let (qkv_host, qkv) = rig.input(&[batch, seq, 3 * c], dtype, 1.0, 0.0);
+        let [q, k, v] = Columns::split(&qkv).unwrap();
+        let up = |i: usize| rig.gpu.upload(&rig.weights, &columns_copy(&qkv_host, i * c, c), dtype).unwrap();
+        let (qc, kc, vc) = (up(0), up(1), up(2));
+        for &kernel in &kernels {
+            let what = format!("flash_attention {kernel:?} qkv b={batch} l={seq} h={heads} causal={causal} {dtype:?}");
+            let got = flash_attention_with(&ex, q.clone(), k.clone(), v.clone(), cfg, kernel).unwrap();
+            let want = flash_attention_with(&ex, &qc, &kc, &vc, cfg, kernel).unwrap();
+            assert_same_bytes(&rig, &what, &got, &want);
+        }
+    }
+    // Cross attention: (contexts, queries per context, keys, heads, dtype); the short-key kernel
+    // is Auto's route, the others are forced.
+    for (groups, seq, keys, heads, dtype) in [(2, 2304, 77, 10, DType::F16), (2, 576, 154, 20, DType::BF16)] {
+        let c = heads * 64;
+        let cfg = FlashAttention { heads, causal: false, scale: 0.125 };
+        let (_, q) = rig.input(&[groups, seq, c], dtype, 1.0, 0.0);
+        let (kv_host, kv) = rig.input(&[groups, keys, 2 * c], dtype, 1.0, 0.0);
+        let [k, v] = Columns::split(&kv).unwrap();
+        let up = |i: usize| rig.gpu.upload(&rig.weights, &columns_copy(&kv_host, i * c, c), dtype).unwrap();
+        let (kc, vc) = (up(0), up(1));
+        for &kernel in &kernels {
+            let what = format!("flash_attention {kernel:?} kv g={groups} l={seq} keys={keys} h={heads} {dtype:?}");
+            let got = flash_attention_with(&ex, &q, k.clone(), v.clone(), cfg, kernel).unwrap();
+            let want = flash_attention_with(&ex, &q, &kc, &vc, cfg, kernel).unwrap();
+            assert_same_bytes(&rig, &what, &got, &want);
+        }
+    }
+    // A block that starts off a 16-byte boundary is refused by name, not read misaligned.
+    let (_, x) = rig.input(&[1, 64, 3 * 128], DType::F16, 1.0, 0.0);
+    let odd = Columns::new(&x, 4, 128).unwrap();
+    let cfg = FlashAttention { heads: 2, causal: false, scale: 0.125 };
+    let r = flash_attention_with(&ex, odd.clone(), odd.clone(), odd, cfg, FlashKernel::Portable);
+    assert!(matches!(&r, Err(celframe::Error::Unsupported(m)) if m.contains("16-byte")), "{r:?}");
+    rig.scratch.reset();
+}
+
+/// Temporal attention on q, k, v read as column blocks of one [B*F, H, W, 3C] tensor against the
+/// same values in contiguous tensors: bit-identical expected (same kernel, same values).
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn temporal_attention_on_column_blocks_matches_contiguous_inputs_bit_for_bit() {
+    use celframe::ops::attention::{Columns, TemporalAttention, temporal_attention};
+    let rig = Rig::new();
+    let ex = rig.exec();
+    // The motion modules' first and last levels of a 2x16-frame 1024x576 batch, 32 frames, bf16.
+    let cases: &[(&[usize], usize, DType)] = &[
+        (&[32, 72, 128, 320], 16, DType::F16),
+        (&[32, 18, 32, 1280], 16, DType::F16),
+        (&[32, 16, 16, 640], 32, DType::F16),
+        (&[24, 9, 7, 320], 12, DType::BF16),
+    ];
+    for &(shape, frames, dtype) in cases {
+        let c = shape[3];
+        let cfg = TemporalAttention { frames, heads: 8, scale: 1.0 / ((c / 8) as f32).sqrt() };
+        let fused_shape = [shape[0], shape[1], shape[2], 3 * c];
+        let (qkv_host, qkv) = rig.input(&fused_shape, dtype, 1.0, 0.0);
+        let [q, k, v] = Columns::split(&qkv).unwrap();
+        let up = |i: usize| rig.gpu.upload(&rig.weights, &columns_copy(&qkv_host, i * c, c), dtype).unwrap();
+        let (qc, kc, vc) = (up(0), up(1), up(2));
+        let got = temporal_attention(&ex, q, k, v, cfg).unwrap();
+        let want = temporal_attention(&ex, &qc, &kc, &vc, cfg).unwrap();
+        assert_same_bytes(&rig, &format!("temporal_attention qkv frames={frames} {shape:?} {dtype:?}"), &got, &want);
+        rig.scratch.reset();
+    }
+}
+
+/// GEMM attention (head dims other than 64) on q, k, v read as column blocks of one [B, L, 3C]
+/// tensor, by the attention rule against the f64 twin on the same blocks (cuBLASLt may pick
+/// another algorithm for the wider leading dimension, so bit identity is not expected here).
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn gemm_attention_on_column_blocks_meets_the_attention_rule() {
+    use celframe::ops::attention::{Columns, FlashAttention, flash_attention_reference, gemm_attention};
+    let rig = Rig::new();
+    for (batch, seq, heads, d, dtype) in [(2, 300, 2, 128, DType::F16), (3, 77, 3, 40, DType::BF16)] {
+        let c = heads * d;
+        let cfg = FlashAttention { heads, causal: false, scale: 1.0 / (d as f32).sqrt() };
+        let (qkv_host, qkv) = rig.input(&[batch, seq, 3 * c], dtype, 1.0, 0.0);
+        let [q, k, v] = Columns::split(&qkv).unwrap();
+        let [qh, kh, vh] = Columns::split(&qkv_host).unwrap();
+        let got = rig.gpu.download(&gemm_attention(&rig.exec(), q, k, v, cfg).unwrap()).unwrap();
+        let exact = flash_attention_reference(qh.clone(), kh.clone(), vh.clone(), cfg, None, DType::F32).unwrap();
+        let plain = flash_attention_reference(qh, kh, vh, cfg, Some(dtype), dtype).unwrap();
+        let what = format!("gemm_attention qkv b={batch} l={seq} h={heads} d={d} {dtype:?}");
+        rig.check_attention_rule(&what, &got, &exact, &plain);
+    }
+}

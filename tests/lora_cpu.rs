@@ -476,6 +476,54 @@ fn model_weights_merge_before_the_layout_change_and_round_once() {
     assert!(matches!(e, Error::Internal(_)), "{e}");
 }
 
+/// LoRAs on attn1.to_k and attn2.to_v reach the fused projections the forward multiplies
+/// (`models::transformer::QKV`, `KV`): each row block of a fused matrix holds its part's weight
+/// bytes, merged where a LoRA targets the part and at base elsewhere.
+#[test]
+fn loras_on_fused_projections_reach_their_rows_of_the_fused_matrix() {
+    use celframe::models::transformer::{KV, QKV};
+    use celframe::models::{Place, Unet};
+    let dir = TempDir::new("lora-fused");
+    let (checkpoint, targets) = unet_targets();
+    let block = "down_blocks.1.attentions.0.transformer_blocks.0";
+    let m = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0";
+    let file = dir.path("qkv.safetensors");
+    write(
+        &file,
+        &[
+            entry(&format!("{m}_attn1_to_k.lora_down.weight"), &[2, 64], 1),
+            entry(&format!("{m}_attn1_to_k.lora_up.weight"), &[64, 2], 2),
+            entry(&format!("{m}_attn2_to_v.lora_down.weight"), &[2, 32], 3),
+            entry(&format!("{m}_attn2_to_v.lora_up.weight"), &[64, 2], 4),
+        ],
+        None,
+    );
+    let loras = resolve(&[spec(&file, 1.0)], &targets, false).unwrap();
+    let merge = loras.merge(Component::Unet).unwrap();
+    assert_eq!(merge.len(), 2);
+    for dtype in [DType::F32, DType::F16] {
+        let host = Place::Host(dtype);
+        let merged = Unet::new(&checkpoint, Place::Merged { place: &host, loras: merge }).unwrap();
+        let plain = Unet::new(&checkpoint, host).unwrap();
+        for (attn, parts, targeted) in [("attn1", &QKV[..], "to_k"), ("attn2", &KV[..], "to_v")] {
+            let module = format!("{block}.{attn}");
+            let fused = merged.weights().root().at(&module).rows(parts).unwrap();
+            let bytes = fused.host_bytes().unwrap();
+            let mut at = 0;
+            for &part in parts {
+                let name = format!("{module}.{part}.weight");
+                let w = merged.weights().tensor(&name).unwrap();
+                let rows = &bytes[at..at + w.size_bytes()];
+                assert_eq!(rows, w.host_bytes().unwrap(), "{dtype:?} {module}: the rows of {part}");
+                let base = plain.weights().tensor(&name).unwrap().host_bytes().unwrap();
+                assert_eq!(rows != base, part == targeted, "{dtype:?} {module}: {part} merged iff targeted");
+                at += w.size_bytes();
+            }
+            assert_eq!((at, fused.shape()[0]), (bytes.len(), 64 * parts.len()), "{dtype:?} {module}");
+        }
+    }
+}
+
 // ---- merged models against diffusers (tools/make_lora_fixtures.py: load_lora_weights,
 // set_adapters, fuse_lora; float32 on both sides). The bound is relative L2 <= 1e-4;
 // measured errors are ~1e-7 (summation order), so the tests assert 1e-5.

@@ -233,6 +233,70 @@ fn grouped_attention_is_attention_on_repeated_contexts() {
     }
 }
 
+/// Columns `first..first + width` of every row of `t`, copied into a tensor of their own.
+fn columns_copy(t: &celframe::Tensor, first: usize, width: usize) -> celframe::Tensor {
+    let stride = *t.shape().last().unwrap();
+    let values: Vec<f32> =
+        t.to_f32_vec().unwrap().chunks(stride).flat_map(|row| row[first..first + width].to_vec()).collect();
+    let mut shape = t.shape().to_vec();
+    *shape.last_mut().unwrap() = width;
+    celframe::Tensor::from_f32(&shape, t.dtype(), &values).unwrap()
+}
+
+/// q, k and v read as column blocks of one fused projection's output ([.., 3C], or [.., 2C] for k
+/// and v of a cross attention) give the bytes the contiguous tensors give: flash route (head dim
+/// 64, f16, grouped contexts), gemm route (head dim 40, f32), temporal attention (bf16).
+#[test]
+fn attention_on_column_blocks_is_attention_on_their_copies() {
+    use celframe::ops::attention::Columns;
+    use common::random_tensor;
+    let same = |what: &str, got: celframe::Tensor, want: celframe::Tensor| {
+        assert_eq!(got.shape(), want.shape(), "{what}");
+        assert!(got.host_bytes().unwrap() == want.host_bytes().unwrap(), "{what}: differs from contiguous inputs");
+    };
+    for (heads, d, dtype) in [(2, 64, DType::F16), (3, 40, DType::F32)] {
+        let (c, cfg) = (heads * d, FlashAttention { heads, causal: false, scale: 1.0 / (d as f32).sqrt() });
+        // self-attention: q, k, v at columns 0, C, 2C of [B, L, 3C]
+        let qkv = random_tensor(&[2, 9, 3 * c], dtype, 1, 1.0, 0.0);
+        let [q, k, v] = Columns::split(&qkv).unwrap();
+        assert_eq!(q.shape(), [2, 9, c]);
+        let (qc, kc, vc) = (columns_copy(&qkv, 0, c), columns_copy(&qkv, c, c), columns_copy(&qkv, 2 * c, c));
+        assert_eq!(k.to_f32_vec().unwrap(), kc.to_f32_vec().unwrap());
+        let want = attention(&CPU, &qc, &kc, &vc, cfg).unwrap();
+        same(&format!("self {dtype:?}"), attention(&CPU, q.clone(), k.clone(), v.clone(), cfg).unwrap(), want);
+        let causal = FlashAttention { causal: true, ..cfg };
+        let want = flash_attention(&CPU, &qc, &kc, &vc, causal).unwrap();
+        same(&format!("causal {dtype:?}"), flash_attention(&CPU, q, k, v, causal).unwrap(), want);
+        // cross attention on 2 contexts for 6 rows: k, v at columns 0, C of [G, T, 2C]
+        let x = random_tensor(&[6, 5, c], dtype, 2, 1.0, 0.0);
+        let kv = random_tensor(&[2, 7, 2 * c], dtype, 3, 1.0, 0.0);
+        let [k, v] = Columns::split(&kv).unwrap();
+        let want = attention_grouped(&CPU, &x, &columns_copy(&kv, 0, c), &columns_copy(&kv, c, c), cfg).unwrap();
+        same(&format!("grouped cross {dtype:?}"), attention_grouped(&CPU, &x, k, v, cfg).unwrap(), want);
+    }
+    // temporal: [videos * frames, H, W, 3C], 4 heads of 8, 2 videos of 3 frames
+    let cfg = TemporalAttention { frames: 3, heads: 4, scale: 1.0 / (8f32).sqrt() };
+    let qkv = random_tensor(&[6, 2, 3, 96], DType::BF16, 4, 1.0, 0.0);
+    let [q, k, v] = Columns::split(&qkv).unwrap();
+    let want = temporal_attention(
+        &CPU,
+        &columns_copy(&qkv, 0, 32),
+        &columns_copy(&qkv, 32, 32),
+        &columns_copy(&qkv, 64, 32),
+        cfg,
+    )
+    .unwrap();
+    same("temporal", temporal_attention(&CPU, q, k, v, cfg).unwrap(), want);
+    // Column ranges outside the rows, and widths that do not split, are refused.
+    assert!(matches!(Columns::new(&qkv, 64, 33), Err(Error::Input(_))));
+    assert!(matches!(Columns::new(&qkv, usize::MAX, 2), Err(Error::Input(_))));
+    assert!(matches!(Columns::split::<5>(&qkv), Err(Error::Input(_))));
+    let odd = Columns::new(&qkv, 1, 32).unwrap();
+    let shifted = temporal_attention(&CPU, odd.clone(), odd.clone(), odd, cfg).unwrap();
+    let copy = columns_copy(&qkv, 1, 32);
+    same("temporal at column 1", shifted, temporal_attention(&CPU, &copy, &copy, &copy, cfg).unwrap());
+}
+
 #[test]
 fn concat_last_puts_a_then_b_in_every_row() {
     use celframe::Tensor;

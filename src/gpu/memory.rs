@@ -91,6 +91,18 @@ impl DeviceMem {
         self.bytes
     }
 
+    /// `bytes` bytes of this memory from `offset` on: a view that writes through to the same
+    /// device bytes and keeps the whole range (and its arena lease) alive, like a clone.
+    pub fn range(&self, offset: usize, bytes: usize) -> Result<DeviceMem> {
+        if offset.checked_add(bytes).is_none_or(|end| end > self.bytes) {
+            return Err(Error::Internal(format!(
+                "device range {offset}..+{bytes} outside a {}-byte allocation",
+                self.bytes
+            )));
+        }
+        Ok(DeviceMem { alloc: self.alloc.clone(), offset: self.offset + offset, bytes, lease: self.lease.clone() })
+    }
+
     pub fn ptr(&self) -> Result<u64> {
         if let Some(lease) = &self.lease
             && lease.epoch_counter.load(Ordering::Acquire) != lease.epoch

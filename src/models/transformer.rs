@@ -1,12 +1,14 @@
 //! Transformer2DModel with BasicTransformerBlocks (diffusers `models/transformers/
 //! transformer_2d.py`, `models/attention.py`): GroupNorm, proj_in, per block self-attention,
 //! cross-attention on the text context and a GEGLU feed-forward (each pre-LayerNorm, residual),
-//! proj_out, residual.
+//! proj_out, residual. Self-attention computes q, k and v in one GEMM of width 3C and
+//! cross-attention k and v in one of width 2C, the attention reading them in place through row
+//! strides (the weights placed fused at load: `fusions`).
 
-use super::weights::Scope;
+use super::weights::{Fusion, Scope};
 use crate::error::Result;
 use crate::ops::Exec;
-use crate::ops::attention::{FlashAttention, attention_grouped};
+use crate::ops::attention::{Columns, FlashAttention, attention_grouped};
 use crate::ops::elementwise::geglu;
 use crate::ops::linear::{linear, linear_add};
 use crate::ops::norm::{GroupNorm, group_norm, layer_norm_add};
@@ -102,21 +104,49 @@ fn block(ex: &Exec, w: &Scope, t: &Transformer, x: &Tensor, context: &Tensor) ->
     // 1. self-attention: [B, L, C]
     let x = {
         let n = ln("norm1", x)?;
-        attention_block(ex, &w.at("attn1"), t.heads, &n, &n, x)?
+        self_attention(ex, &w.at("attn1"), t.heads, &n, x)?
     };
     // 2. cross-attention on the context: queries [B, L, C], keys and values from [G, T, X]
     let x = {
         let n = ln("norm2", &x)?;
-        attention_block(ex, &w.at("attn2"), t.heads, &n, context, &x)?
+        cross_attention(ex, &w.at("attn2"), t.heads, &n, context, &x)?
     };
     // 3. GEGLU feed-forward
     block_feed_forward(ex, w, &x)
 }
 
-/// diffusers Attention without biases on q, k, v: softmax(q k^T / sqrt(d)) v, then to_out.0, whose
-/// epilogue adds the residual stream. K and V come from the context's G rows only (G divides x's B
-/// rows; self-attention passes x itself).
-fn attention_block(
+/// The projections a self-attention reads as one matrix, in the order of its output's columns.
+pub const QKV: [&str; 3] = ["to_q", "to_k", "to_v"];
+/// The projections a cross-attention reads as one matrix (to_q reads x, not the context).
+pub const KV: [&str; 2] = ["to_k", "to_v"];
+
+/// The fused projections of the transformer blocks among a model's weights (graph names first):
+/// every attn1's to_q, to_k, to_v ([3C, C]) and every attn2's to_k, to_v ([2C, X]), as
+/// `self_attention` and `cross_attention` read them.
+pub fn fusions<'a>(names: impl IntoIterator<Item = &'a String>) -> Vec<Fusion> {
+    let module = |name: &'a String, suffix: &str| name.strip_suffix(suffix).map(str::to_string);
+    names
+        .into_iter()
+        .filter_map(|n| match module(n, ".attn1.to_q.weight") {
+            Some(m) => Some(Fusion { module: format!("{m}.attn1"), parts: &QKV }),
+            None => module(n, ".attn2.to_k.weight").map(|m| Fusion { module: format!("{m}.attn2"), parts: &KV }),
+        })
+        .collect()
+}
+
+/// diffusers Attention without biases on q, k, v (attn1): softmax(q k^T / sqrt(d)) v with q, k
+/// and v from one GEMM of x by the fused [3C, C] weight, then to_out.0, whose epilogue adds the
+/// residual stream.
+fn self_attention(ex: &Exec, w: &Scope, heads: usize, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    let qkv = linear(ex, x, w.rows(&QKV)?, None)?; // [B, L, 3C]
+    let [q, k, v] = Columns::split(&qkv)?;
+    let o = attention_grouped(ex, q, k, v, scaled(heads, x.shape()[2]))?; // [B, L, C]
+    linear_add(ex, &o, w.get("to_out.0.weight")?, Some(w.get("to_out.0.bias")?), Some(residual))
+}
+
+/// The same on the context (attn2): q from x, k and v from one GEMM of the context's G rows by the
+/// fused [2C, X] weight (G divides x's B rows: `attention_grouped`).
+fn cross_attention(
     ex: &Exec,
     w: &Scope,
     heads: usize,
@@ -125,12 +155,16 @@ fn attention_block(
     residual: &Tensor,
 ) -> Result<Tensor> {
     let q = linear(ex, x, w.get("to_q.weight")?, None)?; // [B, L, C]
-    let k = linear(ex, context, w.get("to_k.weight")?, None)?; // [G, T, C]
-    let v = linear(ex, context, w.get("to_v.weight")?, None)?;
-    let head_dim = q.shape()[2] / heads.max(1);
-    let cfg = FlashAttention { heads, causal: false, scale: 1.0 / (head_dim as f32).sqrt() };
-    let o = attention_grouped(ex, &q, &k, &v, cfg)?; // [B, L, C]
+    let kv = linear(ex, context, w.rows(&KV)?, None)?; // [G, T, 2C]
+    let [k, v] = Columns::split(&kv)?;
+    let o = attention_grouped(ex, &q, k, v, scaled(heads, q.shape()[2]))?;
     linear_add(ex, &o, w.get("to_out.0.weight")?, Some(w.get("to_out.0.bias")?), Some(residual))
+}
+
+/// Attention over `channels` in `heads` heads, scaled by 1 / sqrt(head dim), no mask.
+fn scaled(heads: usize, channels: usize) -> FlashAttention {
+    let head_dim = channels / heads.max(1);
+    FlashAttention { heads, causal: false, scale: 1.0 / (head_dim as f32).sqrt() }
 }
 
 /// The module's tensors (PyTorch shapes) under `prefix`.

@@ -1,9 +1,11 @@
 //! A model's weights as the graph reads them: keyed by diffusers names, in the compute dtype,
 //! convolution weights already KRSC, on the host (CPU twins) or on the device (CUDA ops). Each
 //! entry records whether the graph looked it up, so a test can find a loaded tensor that no
-//! forward reads (`unread`).
+//! forward reads (`unread`). Weights a forward multiplies as one matrix (an attention's q, k and
+//! v projections) can be placed as the row blocks of one (`Fusion`).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, Result};
@@ -12,7 +14,7 @@ use crate::models::lora::LoraMerge;
 use crate::models::lora::device::DeviceLoraSet;
 use crate::ops::Exec;
 use crate::ops::conv::weight_oihw_to_ohwi;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, HostBytes, Storage, Tensor};
 use crate::weights::LoadedWeights;
 
 /// Where prepared weights go.
@@ -60,7 +62,30 @@ impl<'a> Place<'a> {
 
 pub struct ModelWeights {
     tensors: HashMap<String, Entry>,
+    /// The fused matrices by `fused_name`, with the names of their parts.
+    fused: HashMap<String, (Tensor, Vec<String>)>,
     dtype: DType,
+}
+
+/// Weights of one module that the graph multiplies as one matrix: `{module}.{part}.weight` for
+/// each of `parts`, all [rows_i, cols] with one cols, stacked by rows in that order and read
+/// through `Scope::rows` (an attention's q, k and v projections as one GEMM). Every part stays a
+/// weight of its own under its name: on the device it is a row range of the matrix's memory, so a
+/// LoRA merge or restore written through the name changes the matrix; on the host the matrix is a
+/// copy of the parts beside them (host weights never change after `prepare`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fusion {
+    pub module: String,
+    pub parts: &'static [&'static str],
+}
+
+/// The name a fused matrix is kept under: its parts joined by '+' under their module, with the
+/// parts' suffix (`…attn1.to_q+to_k+to_v.weight`). State-dict keys are module paths of Python
+/// identifiers and indices, so no checkpoint key holds a '+'. Fused matrices are not checkpoint
+/// tensors: `len`, `unread`, `tensor` and LoRA targets see only their parts.
+fn fused_name(module: &str, parts: &[&str]) -> String {
+    let joined = parts.join("+");
+    if module.is_empty() { format!("{joined}.weight") } else { format!("{module}.{joined}.weight") }
 }
 
 /// A tensor, whether `Scope::get` has handed it out, and for a device tensor the host tensor it
@@ -86,16 +111,48 @@ impl ModelWeights {
     /// With `Place::Merged`, LoRA deltas are added on the host first (in PyTorch layout, before
     /// the layout change), or on the device after the upload.
     pub fn prepare(loaded: &LoadedWeights, names: &[(String, String)], place: Place) -> Result<ModelWeights> {
+        Self::prepare_fused(loaded, names, &[], place)
+    }
+
+    /// `prepare`, the parts of each of `fusions` placed as the row blocks of one matrix (`Fusion`).
+    pub fn prepare_fused(
+        loaded: &LoadedWeights,
+        names: &[(String, String)],
+        fusions: &[Fusion],
+        place: Place,
+    ) -> Result<ModelWeights> {
         let dtype = place.dtype();
         let (place, loras) = place.split()?;
+        let keys: HashMap<&str, &str> = names.iter().map(|(n, k)| (n.as_str(), k.as_str())).collect();
         let mut tensors = HashMap::with_capacity(names.len());
-        for (name, key) in names {
+        let mut fused = HashMap::with_capacity(fusions.len());
+        for f in fusions {
+            let name = fused_name(&f.module, f.parts);
+            let (mut parts, mut host, mut sources) = (Vec::new(), Vec::new(), Vec::new());
+            for part in f.parts {
+                let part = format!("{}.{part}.weight", f.module);
+                let key = keys.get(part.as_str()).filter(|_| !tensors.contains_key(&part)).ok_or_else(|| {
+                    Error::Internal(format!("fusing '{part}' into '{name}': not a weight of the model, or fused twice"))
+                })?;
+                let source = loaded.get(key)?;
+                host.push(merged(host_merge(place, loras, &part), &part, source, dtype)?);
+                sources.push(source.clone());
+                parts.push(part);
+            }
+            let (matrix, placed) = place_rows(place, host, dtype, &name)?;
+            for ((part, t), source) in parts.iter().zip(placed).zip(sources) {
+                tensors.insert(part.clone(), Entry::new(t, Some(source)));
+            }
+            fused.insert(name, (matrix, parts));
+        }
+        let rest: Vec<&(String, String)> = names.iter().filter(|(n, _)| !tensors.contains_key(n)).collect();
+        for (name, key) in rest {
             let source = loaded.get(key)?;
             let t = merged(host_merge(place, loras, name), name, source, dtype)?;
             let t = if t.shape().len() == 4 { weight_oihw_to_ohwi(&t)? } else { t };
             tensors.insert(name.clone(), Entry::new(place_tensor(place, t, dtype, key)?, Some(source.clone())));
         }
-        ModelWeights { tensors, dtype }.merged_on_device(place, loras)
+        ModelWeights { tensors, fused, dtype }.merged_on_device(place, loras)
     }
 
     /// Like `prepare`, for host tensors the caller has already put in the graph's form (a fused
@@ -110,7 +167,7 @@ impl ModelWeights {
             let t = place_tensor(place, t, dtype, &name)?;
             tensors.insert(name, Entry::new(t, Some(source)));
         }
-        ModelWeights { tensors, dtype }.merged_on_device(place, loras)
+        ModelWeights { tensors, fused: HashMap::new(), dtype }.merged_on_device(place, loras)
     }
 
     /// Checks that every weight `loras` targets was prepared, and on the device merges them with
@@ -188,6 +245,50 @@ fn place_tensor(place: Place, t: Tensor, dtype: DType, what: &str) -> Result<Ten
     }
 }
 
+/// Host matrices [rows_i, cols] of one cols placed as the row blocks of one [Σ rows_i, cols]
+/// matrix in `dtype`: returns the matrix and the blocks, on the device as row ranges of the
+/// matrix's memory, on the host converted each, the matrix a copy of them. `what` names the
+/// matrix in errors.
+fn place_rows(place: Place, parts: Vec<Tensor>, dtype: DType, what: &str) -> Result<(Tensor, Vec<Tensor>)> {
+    let cols = match parts.first().map(Tensor::shape) {
+        Some(&[_, cols]) if parts.iter().all(|t| matches!(t.shape(), &[_, c] if c == cols)) => cols,
+        _ => {
+            let shapes: Vec<&[usize]> = parts.iter().map(Tensor::shape).collect();
+            return Err(Error::Internal(format!(
+                "fusing '{what}': parts of shapes {shapes:?} are not one matrix width"
+            )));
+        }
+    };
+    let rows: usize = parts.iter().map(|t| t.shape()[0]).sum();
+    match place {
+        Place::Host(_) => {
+            let placed = parts.into_iter().map(|t| place_tensor(place, t, dtype, what)).collect::<Result<Vec<_>>>()?;
+            let mut bytes = Vec::with_capacity(rows * cols * dtype.size());
+            for t in &placed {
+                bytes.extend_from_slice(t.host_bytes()?);
+            }
+            let matrix = Tensor::from_storage(&[rows, cols], dtype, Storage::Host(HostBytes::Owned(Arc::new(bytes))))?;
+            Ok((matrix, placed))
+        }
+        Place::Device { gpu, arena, .. } => {
+            let uploading = |e: Error| match e {
+                Error::Cuda(m) => Error::Cuda(format!("uploading '{what}': {m}")),
+                other => other,
+            };
+            let mem = arena.alloc(rows * cols * dtype.size()).map_err(uploading)?;
+            let (mut placed, mut offset) = (Vec::with_capacity(parts.len()), 0);
+            for t in &parts {
+                let part = mem.range(offset, t.numel() * dtype.size())?;
+                gpu.upload_into(&part, t, dtype).map_err(uploading)?;
+                offset += part.bytes();
+                placed.push(Tensor::from_storage(t.shape(), dtype, Storage::Device(part))?);
+            }
+            Ok((Tensor::from_storage(&[rows, cols], dtype, Storage::Device(mem))?, placed))
+        }
+        Place::Merged { .. } => Err(Error::Internal("placing a tensor in Place::Merged: split it first".into())),
+    }
+}
+
 /// The deltas to merge on the host for the weight `name`: all of them for host weights; for
 /// device weights only where the kernels cannot (DoRA, which depends on the merged weight's norm,
 /// and f32 weights, which the tensor-core kernels do not take). The kernels merge the rest after
@@ -231,5 +332,20 @@ impl<'a> Scope<'a> {
         })?;
         entry.read.store(true, Ordering::Relaxed);
         Ok(&entry.tensor)
+    }
+
+    /// The weights `{part}.weight` of this module as one matrix, their rows stacked in the order
+    /// of `parts` (prepared as a `Fusion`), each part marked as read.
+    pub fn rows(&self, parts: &[&str]) -> Result<&'a Tensor> {
+        let full = fused_name(&self.prefix, parts);
+        let (matrix, names) = self.weights.fused.get(&full).ok_or_else(|| {
+            Error::Internal(format!("the forward reads the fused weight '{full}', which the loader did not make"))
+        })?;
+        for name in names {
+            if let Some(entry) = self.weights.tensors.get(name) {
+                entry.read.store(true, Ordering::Relaxed);
+            }
+        }
+        Ok(matrix)
     }
 }

@@ -1,7 +1,8 @@
 //! Attention ops. `temporal_attention`: AnimateDiff's motion-module self-attention over the frames
 //! of every pixel, on NHWC frame-major activations (no transposes around it). `flash_attention`:
 //! head dim 64 (UNet, ControlNet, text encoders). `gemm_attention`: any head dim through cuBLASLt
-//! and a softmax kernel (the VAE's single 512-wide head).
+//! and a softmax kernel (the VAE's single 512-wide head). Each takes q, k and v as `Columns`: whole
+//! tensors, or column blocks of one (a fused q/k/v projection's output) read through row strides.
 
 use super::{Exec, GRID_X, GRID_YZ, grid_dim, kernel_i32, par_rows, same_dtype};
 use std::sync::OnceLock;
@@ -12,6 +13,105 @@ use crate::gpu::params::{
     FlashAttentionParams, FlashTensorMap, FlashTmaParams, SoftmaxRowsParams, TemporalAttentionParams,
 };
 use crate::tensor::{DType, Tensor};
+
+/// q, k or v of the attention ops: the channels `first..first + width` of every row of `tensor`,
+/// rows lying `tensor`'s last dimension apart. A whole tensor converts into one (`&q`); the output
+/// of a fused projection [.., N·C] holds q, k and v side by side (`Columns::split`), and the
+/// kernels read each in place through their row strides, without a copy.
+#[derive(Clone)]
+pub struct Columns {
+    tensor: Tensor,
+    first: usize,
+    width: usize,
+}
+
+impl Columns {
+    /// The channels `first..first + width` of every row of `t`.
+    pub fn new(t: &Tensor, first: usize, width: usize) -> Result<Columns> {
+        let row = t.shape().last().copied().unwrap_or(0);
+        if t.shape().is_empty() || first.checked_add(width).is_none_or(|end| end > row) {
+            return Err(Error::Input(format!("columns {first}..{first}+{width} of {t:?} lie outside its rows")));
+        }
+        Ok(Columns { tensor: t.clone(), first, width })
+    }
+
+    /// `t` [.., N·C] as its N column blocks of width C, in order (q, k, v of a fused projection).
+    pub fn split<const N: usize>(t: &Tensor) -> Result<[Columns; N]> {
+        let row = t.shape().last().copied().unwrap_or(0);
+        if t.shape().is_empty() || N == 0 || !row.is_multiple_of(N) {
+            return Err(Error::Input(format!("{t:?} does not split into {N} column blocks of one width")));
+        }
+        let width = row / N;
+        Ok(std::array::from_fn(|i| Columns { tensor: t.clone(), first: i * width, width }))
+    }
+
+    /// The shape of the columns as a tensor of their own: `tensor`'s, the last dimension `width`.
+    pub fn shape(&self) -> Vec<usize> {
+        let mut shape = self.tensor.shape().to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = self.width;
+        }
+        shape
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.tensor.dtype()
+    }
+
+    /// Elements from one row to the next.
+    fn row_stride(&self) -> usize {
+        self.tensor.shape().last().copied().unwrap_or(0)
+    }
+
+    /// Device address of the first row's first column.
+    fn device_ptr(&self) -> Result<u64> {
+        Ok(self.tensor.device_ptr()? + (self.first * self.dtype().size()) as u64)
+    }
+
+    /// The values widened to f32 in the order of `shape()` (host tensors only).
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        let all = self.tensor.to_f32_vec()?;
+        let stride = self.row_stride();
+        if self.width == stride {
+            return Ok(all);
+        }
+        Ok(all.chunks_exact(stride).flat_map(|row| &row[self.first..self.first + self.width]).copied().collect())
+    }
+
+    /// The same columns with the rows regrouped under the leading dimensions `lead` (same count).
+    fn regrouped(&self, lead: &[usize]) -> Result<Columns> {
+        let shape: Vec<usize> = lead.iter().copied().chain([self.row_stride()]).collect();
+        Ok(Columns { tensor: self.tensor.reshape(&shape)?, first: self.first, width: self.width })
+    }
+}
+
+impl From<&Tensor> for Columns {
+    fn from(t: &Tensor) -> Columns {
+        Columns { tensor: t.clone(), first: 0, width: t.shape().last().copied().unwrap_or(0) }
+    }
+}
+
+impl std::fmt::Debug for Columns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.width == self.row_stride() {
+            write!(f, "{:?}", self.tensor)
+        } else {
+            write!(f, "columns {}..{} of {:?}", self.first, self.first + self.width, self.tensor)
+        }
+    }
+}
+
+/// The flash and temporal kernels (and cuBLASLt's GEMM attention) read rows in 16-byte pieces:
+/// `x` must start on a 16-byte boundary with its rows a multiple of 16 bytes apart.
+fn check_rows16(op: &str, name: &str, x: &Columns) -> Result<()> {
+    let es = x.dtype().size();
+    if !x.device_ptr()?.is_multiple_of(16) || !(x.row_stride() * es).is_multiple_of(16) {
+        return Err(Error::Unsupported(format!(
+            "{op}: {name} ({x:?}) must start on a 16-byte boundary with rows a multiple of 16 bytes apart"
+        )));
+    }
+    Ok(())
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct TemporalAttention {
@@ -43,7 +143,7 @@ struct Dims {
     head_dim: usize,
 }
 
-fn dims(q: &Tensor, cfg: &TemporalAttention) -> Result<Dims> {
+fn dims(q: &Columns, cfg: &TemporalAttention) -> Result<Dims> {
     let s = q.shape();
     if s.len() < 2 {
         return Err(Error::Input(format!("temporal_attention: {q:?} must be [videos * frames, ..., channels]")));
@@ -61,32 +161,40 @@ fn dims(q: &Tensor, cfg: &TemporalAttention) -> Result<Dims> {
     Ok(Dims {
         videos: n / cfg.frames,
         frames: cfg.frames,
-        pixels: q.numel() / (n * c),
+        pixels: s.iter().product::<usize>() / (n * c),
         heads: cfg.heads,
         head_dim: c / cfg.heads,
     })
 }
 
 /// O = softmax(scale * Q K^T) V over the frames of each (video, pixel, head); q, k, v and the
-/// result are [videos * frames, ..., heads * head_dim].
-pub fn temporal_attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: TemporalAttention) -> Result<Tensor> {
+/// result are [videos * frames, ..., heads * head_dim] (q, k and v may be column blocks of wider
+/// rows; the result is contiguous).
+pub fn temporal_attention(
+    ex: &Exec,
+    q: impl Into<Columns>,
+    k: impl Into<Columns>,
+    v: impl Into<Columns>,
+    cfg: TemporalAttention,
+) -> Result<Tensor> {
     temporal_attention_tuned(ex, q, k, v, cfg, TemporalAttentionTuning::default())
 }
 
 pub fn temporal_attention_tuned(
     ex: &Exec,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    q: impl Into<Columns>,
+    k: impl Into<Columns>,
+    v: impl Into<Columns>,
     cfg: TemporalAttention,
     tuning: TemporalAttentionTuning,
 ) -> Result<Tensor> {
-    ex.expect_inputs("temporal_attention", &[q, k, v])?;
-    let dtype = same_dtype("temporal_attention", &[q, k, v])?;
+    let (q, k, v) = (q.into(), k.into(), v.into());
+    ex.expect_inputs("temporal_attention", &[&q.tensor, &k.tensor, &v.tensor])?;
+    let dtype = same_dtype("temporal_attention", &[&q.tensor, &k.tensor, &v.tensor])?;
     if k.shape() != q.shape() || v.shape() != q.shape() {
         return Err(Error::Input(format!("temporal_attention: q {q:?}, k {k:?}, v {v:?} must have one shape")));
     }
-    let d = dims(q, &cfg)?;
+    let d = dims(&q, &cfg)?;
     match ex {
         Exec::Cpu => temporal_attention_reference(q, k, v, cfg, None, dtype),
         Exec::Cuda { gpu, scratch } => {
@@ -113,17 +221,19 @@ pub fn temporal_attention_tuned(
                 (32, 160) => kernel_for!("temporal_attention_32x160", dtype),
                 _ => return Err(gap()),
             };
-            let o = gpu.empty(scratch, q.shape(), dtype)?;
-            let c = (d.heads * d.head_dim) as i64;
+            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                check_rows16("temporal_attention", name, x)?;
+            }
+            let o = gpu.empty(scratch, &q.shape(), dtype)?;
             let p = TemporalAttentionParams {
                 q: q.device_ptr()? as *const _,
                 k: k.device_ptr()? as *const _,
                 v: v.device_ptr()? as *const _,
                 o: o.device_ptr()? as *mut _,
-                q_stride: c,
-                k_stride: c,
-                v_stride: c,
-                o_stride: c,
+                q_stride: q.row_stride() as i64,
+                k_stride: k.row_stride() as i64,
+                v_stride: v.row_stride() as i64,
+                o_stride: (d.heads * d.head_dim) as i64,
                 videos: kernel_i32("temporal_attention", "videos", d.videos)?,
                 frames: kernel_i32("temporal_attention", "frames", d.frames)?,
                 pixels: kernel_i32("temporal_attention", "pixels", d.pixels)?,
@@ -146,14 +256,15 @@ pub fn temporal_attention_tuned(
 /// yardstick of the attention accuracy rule: a kernel's error against the f64 result may be at
 /// most twice that implementation's.
 pub fn temporal_attention_reference(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    q: impl Into<Columns>,
+    k: impl Into<Columns>,
+    v: impl Into<Columns>,
     cfg: TemporalAttention,
     round_to: Option<DType>,
     out_dtype: DType,
 ) -> Result<Tensor> {
-    let d = dims(q, &cfg)?;
+    let (q, k, v) = (q.into(), k.into(), v.into());
+    let d = dims(&q, &cfg)?;
     let (qv, kv, vv) = (q.to_f32_vec()?, k.to_f32_vec()?, v.to_f32_vec()?);
     let (f_n, hd, c) = (d.frames, d.head_dim, d.heads * d.head_dim);
     let round = |x: f64| round_to.map_or(x, |t| t.round(x as f32) as f64);
@@ -199,7 +310,7 @@ pub fn temporal_attention_reference(
             out[dst..dst + c].copy_from_slice(&pixel_major[(bp * f_n + f) * c..][..c]);
         }
     }
-    Tensor::from_f32(q.shape(), out_dtype, &out)
+    Tensor::from_f32(&q.shape(), out_dtype, &out)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -269,8 +380,15 @@ fn long_flash_kernel(cc: (i32, i32)) -> Result<FlashKernel> {
 /// Multi-head attention, the kernel chosen by head size: `flash_attention` for head dim 64 (f16 /
 /// bf16 on CUDA), `gemm_attention` otherwise (any head dim; the VAE's single head of 512). Same
 /// layouts and CPU twin as both. Model code calls this, not the kernels.
-pub fn attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: FlashAttention) -> Result<Tensor> {
-    let c = *q.shape().last().unwrap_or(&0);
+pub fn attention(
+    ex: &Exec,
+    q: impl Into<Columns>,
+    k: impl Into<Columns>,
+    v: impl Into<Columns>,
+    cfg: FlashAttention,
+) -> Result<Tensor> {
+    let q = q.into();
+    let c = q.width;
     let flash_fits = cfg.heads > 0 && c == 64 * cfg.heads && q.dtype() != DType::F32;
     if flash_fits { flash_attention(ex, q, k, v, cfg) } else { gemm_attention(ex, q, k, v, cfg) }
 }
@@ -281,7 +399,14 @@ pub fn attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: FlashAttent
 /// without the repeats: attention without a causal mask treats each query on its own, so a group's
 /// B/G query rows run as one sequence of (B/G) * L queries over its T keys, one launch for all
 /// groups (q, as [G, (B/G) * L, C], is the same memory). G == B is `attention`.
-pub fn attention_grouped(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: FlashAttention) -> Result<Tensor> {
+pub fn attention_grouped(
+    ex: &Exec,
+    q: impl Into<Columns>,
+    k: impl Into<Columns>,
+    v: impl Into<Columns>,
+    cfg: FlashAttention,
+) -> Result<Tensor> {
+    let (q, k, v) = (q.into(), k.into(), v.into());
     let (qs, ks) = (q.shape(), k.shape());
     let fits = qs.len() == 3 && ks.len() == 3 && v.shape() == ks && ks[0] > 0 && qs[2] == ks[2];
     if !fits || !qs[0].is_multiple_of(ks[0]) {
@@ -298,8 +423,8 @@ pub fn attention_grouped(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: Fla
             "attention_grouped: a causal mask needs one context per query row ({g} for {b})"
         )));
     }
-    let grouped = q.reshape(&[g, b / g * qs[1], qs[2]])?;
-    attention(ex, &grouped, k, v, cfg)?.reshape(qs)
+    let grouped = q.regrouped(&[g, b / g * qs[1]])?;
+    attention(ex, grouped, k, v, cfg)?.reshape(&qs)
 }
 
 /// The short-key kernels of kernels/attention/flash.cu (cross attention over prompt tokens): keys
@@ -417,23 +542,31 @@ fn flash_short_variant(seq_k: usize, causal: bool) -> Option<(usize, usize, &'st
 /// O = softmax(scale * Q K^T [+ causal mask]) V per (batch, head). q is [batch, seq_q, heads * d],
 /// k and v [batch, seq_k, heads * d]; the result has q's shape. Never materialises the scores on the
 /// GPU (flash attention, head dim 64; non-causal attention over at most 256 keys takes a kernel that
-/// holds every key in shared memory).
-pub fn flash_attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: FlashAttention) -> Result<Tensor> {
+/// holds every key in shared memory). q, k and v may be column blocks of wider rows (`Columns`);
+/// the result is contiguous.
+pub fn flash_attention(
+    ex: &Exec,
+    q: impl Into<Columns>,
+    k: impl Into<Columns>,
+    v: impl Into<Columns>,
+    cfg: FlashAttention,
+) -> Result<Tensor> {
     flash_attention_with(ex, q, k, v, cfg, FlashKernel::Auto)
 }
 
 /// `flash_attention` through a chosen kernel.
 pub fn flash_attention_with(
     ex: &Exec,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    q: impl Into<Columns>,
+    k: impl Into<Columns>,
+    v: impl Into<Columns>,
     cfg: FlashAttention,
     kernel: FlashKernel,
 ) -> Result<Tensor> {
-    ex.expect_inputs("flash_attention", &[q, k, v])?;
-    let dtype = same_dtype("flash_attention", &[q, k, v])?;
-    let (b, sq, sk, c) = flash_dims(q, k, v, &cfg)?;
+    let (q, k, v) = (q.into(), k.into(), v.into());
+    ex.expect_inputs("flash_attention", &[&q.tensor, &k.tensor, &v.tensor])?;
+    let dtype = same_dtype("flash_attention", &[&q.tensor, &k.tensor, &v.tensor])?;
+    let (b, sq, sk, c) = flash_dims(&q, &k, &v, &cfg)?;
     match ex {
         Exec::Cpu => flash_attention_reference(q, k, v, cfg, None, dtype),
         Exec::Cuda { gpu, scratch } => {
@@ -448,20 +581,24 @@ pub fn flash_attention_with(
             if !(cfg.scale.is_finite() && cfg.scale > 0.0) {
                 return Err(Error::Input(format!("flash_attention: scale {} must be finite and > 0", cfg.scale)));
             }
-            let o = gpu.empty(scratch, q.shape(), dtype)?;
+            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                check_rows16("flash_attention", name, x)?;
+            }
+            let o = gpu.empty(scratch, &q.shape(), dtype)?;
             let (c64, sq64, sk64) = (c as i64, sq as i64, sk as i64);
+            let (qs, ks, vs) = (q.row_stride() as i64, k.row_stride() as i64, v.row_stride() as i64);
             let p = FlashAttentionParams {
                 q: q.device_ptr()? as *const _,
                 k: k.device_ptr()? as *const _,
                 v: v.device_ptr()? as *const _,
                 o: o.device_ptr()? as *mut _,
-                q_stride: c64,
-                k_stride: c64,
-                v_stride: c64,
+                q_stride: qs,
+                k_stride: ks,
+                v_stride: vs,
                 o_stride: c64,
-                q_batch_stride: sq64 * c64,
-                k_batch_stride: sk64 * c64,
-                v_batch_stride: sk64 * c64,
+                q_batch_stride: sq64 * qs,
+                k_batch_stride: sk64 * ks,
+                v_batch_stride: sk64 * vs,
                 o_batch_stride: sq64 * c64,
                 batch: kernel_i32("flash_attention", "batch", b)?,
                 heads: kernel_i32("flash_attention", "heads", cfg.heads)?,
@@ -546,7 +683,13 @@ const GEMM_ATTENTION_SCRATCH: usize = 1 << 30;
 /// head dim: per head, S = scale · Q Kᵀ (cuBLASLt, fp32 scores in scratch), P = softmax(S) in the
 /// activation dtype, O = P V (cuBLASLt, fp32 accumulation). Materialises seq_q x seq_k scores per
 /// image, so it suits few heads of large dim (the VAE mid-block: one head of 512).
-pub fn gemm_attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: FlashAttention) -> Result<Tensor> {
+pub fn gemm_attention(
+    ex: &Exec,
+    q: impl Into<Columns>,
+    k: impl Into<Columns>,
+    v: impl Into<Columns>,
+    cfg: FlashAttention,
+) -> Result<Tensor> {
     gemm_attention_budget(ex, q, k, v, cfg, GEMM_ATTENTION_SCRATCH)
 }
 
@@ -554,15 +697,16 @@ pub fn gemm_attention(ex: &Exec, q: &Tensor, k: &Tensor, v: &Tensor, cfg: FlashA
 /// the query slicing with a small one).
 pub fn gemm_attention_budget(
     ex: &Exec,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    q: impl Into<Columns>,
+    k: impl Into<Columns>,
+    v: impl Into<Columns>,
     cfg: FlashAttention,
     budget: usize,
 ) -> Result<Tensor> {
-    ex.expect_inputs("gemm_attention", &[q, k, v])?;
-    let dtype = same_dtype("gemm_attention", &[q, k, v])?;
-    let (b, sq, sk, c) = flash_dims(q, k, v, &cfg)?;
+    let (q, k, v) = (q.into(), k.into(), v.into());
+    ex.expect_inputs("gemm_attention", &[&q.tensor, &k.tensor, &v.tensor])?;
+    let dtype = same_dtype("gemm_attention", &[&q.tensor, &k.tensor, &v.tensor])?;
+    let (b, sq, sk, c) = flash_dims(&q, &k, &v, &cfg)?;
     let Exec::Cuda { gpu, scratch } = ex else {
         return flash_attention_reference(q, k, v, cfg, None, dtype);
     };
@@ -571,6 +715,9 @@ pub fn gemm_attention_budget(
         return Err(Error::Unsupported(format!(
             "gemm_attention: head_dim ({d}) must be a multiple of 8 (16-byte rows for cuBLASLt)"
         )));
+    }
+    for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+        check_rows16("gemm_attention", name, x)?;
     }
     // Score and probability rows padded to 8 elements keep every row 16-byte aligned.
     let ld = sk.next_multiple_of(8);
@@ -586,10 +733,11 @@ pub fn gemm_attention_budget(
             "gemm_attention: causal attention over {sq} queries does not fit its {budget}-byte score budget"
         )));
     }
-    let o = gpu.empty(scratch, q.shape(), dtype)?;
+    let o = gpu.empty(scratch, &q.shape(), dtype)?;
     let scores = gpu.empty(scratch, &[group, rows, ld], DType::F32)?;
     let probs = gpu.empty(scratch, &[group, rows, ld], dtype)?;
     let (qp, kp, vp, op) = (q.device_ptr()?, k.device_ptr()?, v.device_ptr()?, o.device_ptr()?);
+    let (lq, lk, lv) = (q.row_stride(), k.row_stride(), v.row_stride());
     let (sp, pp) = (scores.device_ptr()?, probs.device_ptr()?);
     let es = dtype.size() as u64;
     let mut blas = gpu.blas()?;
@@ -597,24 +745,24 @@ pub fn gemm_attention_budget(
         let n = group.min(b - first);
         for q0 in (0..sq).step_by(rows) {
             let m = rows.min(sq - q0);
-            // S[i] = Q[i] (m x d, rows c apart) · K[i]ᵀ (K is sk x d, rows c apart)
+            // S[i] = Q[i] (m x d, rows lq apart) · K[i]ᵀ (K is sk x d, rows lk apart)
             let qk = Gemm {
                 m,
                 n: sk,
                 k: d,
                 batch: n,
                 b_transposed: true,
-                lda: c,
-                ldb: c,
+                lda: lq,
+                ldb: lk,
                 ldc: ld,
-                stride_a: sq * c,
-                stride_b: sk * c,
+                stride_a: sq * lq,
+                stride_b: sk * lk,
                 stride_c: m * ld,
                 dtype,
                 out_dtype: DType::F32,
                 bias: false,
             };
-            // O[i] = P[i] (m x sk, rows ld apart) · V[i] (sk x d, rows c apart)
+            // O[i] = P[i] (m x sk, rows ld apart) · V[i] (sk x d, rows lv apart)
             let pv = Gemm {
                 m,
                 n: d,
@@ -622,19 +770,21 @@ pub fn gemm_attention_budget(
                 batch: n,
                 b_transposed: false,
                 lda: ld,
-                ldb: c,
+                ldb: lv,
                 ldc: c,
                 stride_a: m * ld,
-                stride_b: sk * c,
+                stride_b: sk * lv,
                 stride_c: sq * c,
                 dtype,
                 out_dtype: dtype,
                 bias: false,
             };
             for h in 0..cfg.heads {
-                // Head h of image `first`, from sequence row `row`.
-                let at = |base: u64, seq: usize, row: usize| base + (((first * seq + row) * c + h * d) as u64) * es;
-                blas.gemm(gpu, &qk, GemmIo::product(at(qp, sq, q0), at(kp, sk, 0), sp, cfg.scale))?;
+                // Head h of image `first`, from sequence row `row`, rows `stride` apart.
+                let at = |base: u64, seq: usize, row: usize, stride: usize| {
+                    base + (((first * seq + row) * stride + h * d) as u64) * es
+                };
+                blas.gemm(gpu, &qk, GemmIo::product(at(qp, sq, q0, lq), at(kp, sk, 0, lk), sp, cfg.scale))?;
                 let p = SoftmaxRowsParams {
                     scores: sp as *const f32,
                     probs: pp as *mut _,
@@ -645,14 +795,14 @@ pub fn gemm_attention_budget(
                 };
                 let grid = grid_dim("gemm_attention", "softmax rows", n * m, GRID_X)?;
                 gpu.launch(kernel_for!("softmax_rows", dtype), (grid, 1, 1), (256, 1, 1), 0, &p)?;
-                blas.gemm(gpu, &pv, GemmIo::product(pp, at(vp, sk, 0), at(op, sq, q0), 1.0))?;
+                blas.gemm(gpu, &pv, GemmIo::product(pp, at(vp, sk, 0, lv), at(op, sq, q0, c), 1.0))?;
             }
         }
     }
     Ok(o)
 }
 
-fn flash_dims(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &FlashAttention) -> Result<(usize, usize, usize, usize)> {
+fn flash_dims(q: &Columns, k: &Columns, v: &Columns, cfg: &FlashAttention) -> Result<(usize, usize, usize, usize)> {
     let (qs, ks) = (q.shape(), k.shape());
     if qs.len() != 3 || ks.len() != 3 || v.shape() != ks || qs[0] != ks[0] || qs[2] != ks[2] {
         return Err(Error::Input(format!(
@@ -673,14 +823,15 @@ fn flash_dims(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &FlashAttention) -> Resul
 
 /// The CPU twin in f64 (see `temporal_attention_reference` for `round_to`).
 pub fn flash_attention_reference(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    q: impl Into<Columns>,
+    k: impl Into<Columns>,
+    v: impl Into<Columns>,
     cfg: FlashAttention,
     round_to: Option<DType>,
     out_dtype: DType,
 ) -> Result<Tensor> {
-    let (_, sq, sk, c) = flash_dims(q, k, v, &cfg)?;
+    let (q, k, v) = (q.into(), k.into(), v.into());
+    let (_, sq, sk, c) = flash_dims(&q, &k, &v, &cfg)?;
     let d = c / cfg.heads;
     let (qv, kv, vv) = (q.to_f32_vec()?, k.to_f32_vec()?, v.to_f32_vec()?);
     let round = |x: f64| round_to.map_or(x, |t| t.round(x as f32) as f64);
@@ -714,7 +865,7 @@ pub fn flash_attention_reference(
             }
         }
     });
-    Tensor::from_f32(q.shape(), out_dtype, &out)
+    Tensor::from_f32(&q.shape(), out_dtype, &out)
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ pub use union::{ControlNetUnion, ControlType, UnionCondition, UnionEmbedded, Uni
 
 use super::embeddings;
 use super::resnet::ResnetNorm;
+use super::transformer;
 use super::unet::{self, Conditioning, UnetConfig, UnetInputs, UnetResiduals, blocks};
 use super::weights::{ModelWeights, Place, Scope, with_loras};
 use crate::error::{Error, Result};
@@ -89,7 +90,8 @@ impl ControlNet {
     /// The plain ControlNet's weights of any checkpoint (a Union's own modules are left out).
     fn prepare(checkpoint: &ControlNetCheckpoint, place: Place) -> Result<ControlNet> {
         let place = with_loras(&place, checkpoint.deltas.as_ref());
-        let weights = ModelWeights::prepare(&checkpoint.weights, &checkpoint.names, place)?;
+        let fusions = transformer::fusions(checkpoint.names.iter().map(|(n, _)| n));
+        let weights = ModelWeights::prepare_fused(&checkpoint.weights, &checkpoint.names, &fusions, place)?;
         Ok(ControlNet { config: checkpoint.config.clone(), weights })
     }
 

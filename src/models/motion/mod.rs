@@ -55,7 +55,8 @@ impl MotionModules {
             )));
         }
         let (pe, names): (Vec<_>, Vec<_>) = checkpoint.names.iter().cloned().partition(|(n, _)| n.ends_with(".pe"));
-        let weights = ModelWeights::prepare(&checkpoint.weights, &names, place)?;
+        let fusions = temporal::fusions(names.iter().map(|(n, _)| n));
+        let weights = ModelWeights::prepare_fused(&checkpoint.weights, &names, &fusions, place)?;
         let mut tables = HashMap::new();
         for (name, key) in pe {
             let values = checkpoint.weights.get(&key)?.to_f32_vec()?;

@@ -2,14 +2,15 @@
 //! BasicTransformerBlocks in the motion configuration (diffusers `models/attention.py`:
 //! `double_self_attention`, `positional_embeddings="sinusoidal"`, GEGLU, no q/k/v bias), run
 //! directly on the NHWC frame-major layout: a video's frames are consecutive rows of the batch,
-//! and `temporal_attention` attends over them for every pixel without any transpose.
+//! and `temporal_attention` attends over them for every pixel without any transpose. Both
+//! attentions are self-attentions: q, k and v come from one GEMM of width 3C (`fusions`).
 
 use super::config::TemporalTransformer;
 use crate::error::{Error, Result};
-use crate::models::transformer::{block_feed_forward, block_norm_add};
-use crate::models::weights::Scope;
+use crate::models::transformer::{QKV, block_feed_forward, block_norm_add};
+use crate::models::weights::{Fusion, Scope};
 use crate::ops::Exec;
-use crate::ops::attention::{TemporalAttention, temporal_attention};
+use crate::ops::attention::{Columns, TemporalAttention, temporal_attention};
 use crate::ops::linear::{linear, linear_add};
 use crate::ops::norm::{GroupNorm, group_norm};
 use crate::tensor::{DType, Tensor};
@@ -96,14 +97,21 @@ fn block(
     block_feed_forward(ex, w, &x)
 }
 
-/// Self-attention over the frames of each (video, pixel, head): softmax(q k^T / sqrt(d)) v, then
-/// to_out.0, whose epilogue adds the residual.
+/// The fused projections among the motion modules' weights (graph names first): every
+/// attention's to_q, to_k and to_v as one [3C, C] matrix, as `attention` reads them.
+pub fn fusions<'a>(names: impl IntoIterator<Item = &'a String>) -> Vec<Fusion> {
+    let module = |n: &'a String| n.strip_suffix(".to_q.weight");
+    names.into_iter().filter_map(module).map(|m| Fusion { module: m.to_string(), parts: &QKV }).collect()
+}
+
+/// Self-attention over the frames of each (video, pixel, head): softmax(q k^T / sqrt(d)) v with q,
+/// k and v from one GEMM of x by the fused [3C, C] weight, then to_out.0, whose epilogue adds the
+/// residual.
 fn attention(ex: &Exec, w: &Scope, heads: usize, frames: usize, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-    let q = linear(ex, x, w.get("to_q.weight")?, None)?; // [B*F, L, C]
-    let k = linear(ex, x, w.get("to_k.weight")?, None)?;
-    let v = linear(ex, x, w.get("to_v.weight")?, None)?;
-    let head_dim = q.shape()[2] / heads.max(1);
+    let qkv = linear(ex, x, w.rows(&QKV)?, None)?; // [B*F, L, 3C]
+    let [q, k, v] = Columns::split(&qkv)?;
+    let head_dim = x.shape()[2] / heads.max(1);
     let cfg = TemporalAttention { frames, heads, scale: 1.0 / (head_dim as f32).sqrt() };
-    let o = temporal_attention(ex, &q, &k, &v, cfg)?;
+    let o = temporal_attention(ex, q, k, v, cfg)?;
     linear_add(ex, &o, w.get("to_out.0.weight")?, Some(w.get("to_out.0.bias")?), Some(residual))
 }

@@ -86,7 +86,8 @@ impl Unet {
     /// Prepares a loaded checkpoint's weights for `place` (host tensors for the CPU twins, device
     /// tensors for CUDA) in the place's dtype.
     pub fn new(checkpoint: &UnetCheckpoint, place: Place) -> Result<Unet> {
-        let weights = ModelWeights::prepare(&checkpoint.weights, &checkpoint.names, place)?;
+        let fusions = transformer::fusions(checkpoint.names.iter().map(|(n, _)| n));
+        let weights = ModelWeights::prepare_fused(&checkpoint.weights, &checkpoint.names, &fusions, place)?;
         Ok(Unet { config: checkpoint.config.clone(), weights })
     }
 

@@ -25,6 +25,8 @@ kernel_params!(
     params::GroupNormClusterParams,
     params::LayerNormParams,
     params::Upsample2xParams,
+    params::SubpixelWeightsParams,
+    params::SubpixelShuffleParams,
     params::Rgb8Params,
     params::ConcatParams,
     params::TimestepEmbeddingParams,

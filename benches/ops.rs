@@ -18,6 +18,7 @@ use celframe::ops::lora::{DeltaFactors, DeltaTerm, LayerDelta, merge_deltas, mer
 use celframe::ops::norm::{
     GroupNorm, GroupNormMode, GroupNormTuning, group_norm_layout, group_norm_tuned, layer_norm, layer_norm_add,
 };
+use celframe::ops::upsample::{upsample2x_conv3x3, upsample_nearest2x};
 use celframe::tensor::Storage;
 use celframe::{DType, Result, Tensor};
 
@@ -273,6 +274,22 @@ fn main() -> Result<()> {
         let key = format!("conv3x3 f16 N{n} C{ci} H{h} W{w} K{co}");
         b.run("conv3x3", &key, 0.0, flop, |k| {
             conv2d(&ex, &xs[k], &wt, Some(&bias), Conv2d { stride: 1, padding: 1 }).map(drop)
+        })?;
+    }
+    // Upsample2D (nearest 2x, then a 3x3 conv with bias) at the VAE's shapes (a chunk of 8 frames at
+    // 1024x576) and the UNet's (32 images): composed as upsample + conv + bias pass, and in the
+    // sub-pixel form the models run. Both are credited the composed form's 9-tap FLOPs.
+    for (n, h, w, c) in [(8usize, 72usize, 128usize, 512usize), (8, 144, 256, 512), (8, 288, 512, 256), (32, 18, 32, 1280), (32, 36, 64, 640)] {
+        let xs = [b.random(&[n, h, w, c], DType::F16, 17)?, b.random(&[n, h, w, c], DType::F16, 18)?];
+        let (wt, bias) = (b.random(&[c, 3, 3, c], DType::F16, 19)?, b.random(&[c], DType::F16, 20)?);
+        let flop = 2.0 * (n * 4 * h * w * c * c * 9) as f64;
+        let key = format!("upsample_conv3x3 f16 N{n} C{c} H{h} W{w}");
+        b.run("upsample_conv3x3", &format!("{key} composed"), 0.0, flop, |k| {
+            let up = upsample_nearest2x(&ex, &xs[k])?;
+            conv2d(&ex, &up, &wt, Some(&bias), Conv2d { stride: 1, padding: 1 }).map(drop)
+        })?;
+        b.run("upsample_conv3x3", &format!("{key} subpixel"), 0.0, flop, |k| {
+            upsample2x_conv3x3(&ex, &xs[k], &wt, Some(&bias)).map(drop)
         })?;
     }
     for (m, kdim, ndim) in [(8192usize, 640usize, 640usize), (2048, 1280, 10240), (65536, 320, 320)] {

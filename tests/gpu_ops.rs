@@ -19,10 +19,11 @@ use celframe::ops::elementwise::{add, geglu, gelu, mul, residual_add, scale, sil
 use celframe::ops::embedding::{TimestepEmbedding, timestep_embedding};
 use celframe::ops::linear::{linear, linear_add};
 use celframe::ops::norm::{
-    GroupNorm, GroupNormMode, GroupNormTuning, group_norm, group_norm_tuned, layer_norm, layer_norm_add,
+    GroupNorm, GroupNormMode, GroupNormTuning, group_norm, group_norm_layout, group_norm_of_biased, group_norm_tuned,
+    layer_norm, layer_norm_add,
 };
 use celframe::ops::reduce::mean_hw;
-use celframe::ops::upsample::upsample_nearest2x;
+use celframe::ops::upsample::{upsample_nearest2x, upsample2x_conv3x3};
 use celframe::{DType, Tensor};
 use common::{assert_close, random_tensor};
 
@@ -179,6 +180,35 @@ fn group_norm_matches_twin_at_sdxl_shapes() {
     let gpu_out = group_norm(&rig.exec(), &xd, &gd, &bd, cfg).unwrap();
     let cpu_out = group_norm(&Exec::Cpu, &x, &g, &b, cfg).unwrap();
     rig.check("group_norm mean 30 std 1", &shape, DType::F32, gpu_out, cpu_out);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn group_norm_of_biased_matches_twin() {
+    let rig = Rig::new();
+    // The VAE ResNets' norm2 of conv1's output plus its bias: the cluster kernel (f16 shapes that
+    // fit a cluster on sm_90), the two-phase kernel (the VAE's full-resolution width and f32), and
+    // a bias 30 standard deviations from the data (the shift must include it).
+    type Case<'a> = (&'a [usize], f32, f32, bool, DType);
+    let cases: &[Case] = &[
+        (&[8, 72, 128, 320], 0.0, 1.0, true, DType::F16),
+        (&[4, 72, 128, 512], 0.3, 1.0, true, DType::BF16),
+        (&[2, 576, 1024, 128], 0.0, 1.0, true, DType::F16),
+        (&[2, 64, 64, 512], -0.2, 1.0, false, DType::F32),
+        (&[4, 36, 64, 640], 30.0, 0.5, true, DType::F16),
+    ];
+    for &(shape, bias_shift, bias_scale, silu, dtype) in cases {
+        let c = shape[3];
+        let (x, xd) = rig.input(shape, dtype, 1.0, 0.1);
+        let (xb, xbd) = rig.input(&[c], dtype, bias_scale, bias_shift);
+        let (g, gd) = rig.input(&[c], dtype, 0.5, 1.0);
+        let (b, bd) = rig.input(&[c], dtype, 0.5, 0.0);
+        let cfg = GroupNorm { groups: 32, eps: 1e-6, silu, frames: 1 };
+        let gpu_out = group_norm_of_biased(&rig.exec(), &xd, &xbd, &gd, &bd, cfg).unwrap();
+        let cpu_out = group_norm_of_biased(&Exec::Cpu, &x, &xb, &g, &b, cfg).unwrap();
+        let layout = group_norm_layout(&rig.gpu, shape, dtype, cfg, GroupNormTuning::default()).unwrap();
+        rig.check(&format!("group_norm_of_biased silu={silu} bias~{bias_shift} ({layout})"), shape, dtype, gpu_out, cpu_out);
+    }
 }
 
 #[test]
@@ -485,6 +515,48 @@ fn upsample_and_timestep_embedding_match_twin() {
             cpu_out,
             tol(dtype).max(5e-4),
         );
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn upsample_conv_matches_twin_and_the_composed_route() {
+    let rig = Rig::new();
+    // Against the CPU twin (upsample, then conv): the channel widths of the UNet's and the VAE's
+    // upsamplers at small sizes (the twin is a direct convolution), odd sizes, and out channels
+    // that are no multiple of 8 (the composed route on the GPU too).
+    let cases: &[(&[usize], usize, DType)] = &[
+        (&[1, 16, 24, 1280], 1280, DType::F16), // UNet up_blocks.0
+        (&[1, 32, 32, 640], 640, DType::BF16),  // UNet up_blocks.1
+        (&[2, 9, 16, 512], 512, DType::F16),    // VAE up_blocks.0/1
+        (&[1, 36, 64, 256], 256, DType::F16),   // VAE up_blocks.2
+        (&[2, 5, 3, 16], 8, DType::F32),
+        (&[1, 4, 6, 8], 12, DType::F16),
+    ];
+    for &(shape, co, dtype) in cases {
+        let ci = shape[3];
+        let (x, xd) = rig.input(shape, dtype, 1.0, 0.0);
+        let (w, wd) = rig.input(&[co, 3, 3, ci], dtype, 1.0 / ((9 * ci) as f32).sqrt(), 0.0);
+        let (b, bd) = rig.input(&[co], dtype, 1.0, 0.0);
+        let gpu_out = upsample2x_conv3x3(&rig.exec(), &xd, &wd, Some(&bd)).unwrap();
+        let cpu_out = upsample2x_conv3x3(&Exec::Cpu, &x, &w, Some(&b)).unwrap();
+        rig.check(&format!("upsample2x_conv3x3 ->{co}"), shape, dtype, gpu_out, cpu_out);
+    }
+    // Full size against the composed route on the GPU (cuDNN's 3x3 conv of the upsampled input):
+    // a VAE chunk of 8 frames at 1024x576 (up_blocks.2's upsampler) and the UNet's at 32 images.
+    // The tolerance is the f16 one: the folded weights are rounded once more than the composition's.
+    for shape in [[8usize, 288, 512, 256], [32, 18, 32, 1280]] {
+        let c = shape[3];
+        let (_, xd) = rig.input(&shape, DType::F16, 1.0, 0.0);
+        let (_, wd) = rig.input(&[c, 3, 3, c], DType::F16, 1.0 / ((9 * c) as f32).sqrt(), 0.0);
+        let (_, bd) = rig.input(&[c], DType::F16, 1.0, 0.0);
+        let ex = rig.exec();
+        let composed = conv2d(&ex, &upsample_nearest2x(&ex, &xd).unwrap(), &wd, Some(&bd), Conv2d { stride: 1, padding: 1 })
+            .unwrap();
+        let want = rig.gpu.download(&composed).unwrap();
+        drop(composed);
+        let got = upsample2x_conv3x3(&ex, &xd, &wd, Some(&bd)).unwrap();
+        rig.check(&format!("upsample2x_conv3x3 vs composed {shape:?}"), &shape, DType::F16, got, want);
     }
 }
 

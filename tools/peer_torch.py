@@ -84,6 +84,23 @@ for n, h, w, ci, co in [(2, 128, 128, 320, 320), (2, 64, 64, 640, 640), (2, 32, 
             return F.conv2d(xs[k[0]], wf, bias, padding=1)
         peer(key, variant, bench(f), 0.0, flop)
 
+for n, h, w, c in [(8, 72, 128, 512), (8, 144, 256, 512), (8, 288, 512, 256), (32, 18, 32, 1280), (32, 36, 64, 640)]:
+    key = f"upsample_conv3x3 f16 N{n} C{c} H{h} W{w}"  # diffusers Upsample2D: interpolate, then conv
+    if not wanted(key):
+        continue
+    flop = 2.0 * n * 4 * h * w * c * c * 9
+    wt, bias = torch.randn(c, c, 3, 3, device=dev, dtype=torch.float16), torch.randn(c, device=dev, dtype=torch.float16)
+    for variant, fmt in [("torch NCHW", torch.contiguous_format), ("torch channels_last", torch.channels_last)]:
+        xs = [torch.randn(n, c, h, w, device=dev, dtype=torch.float16).to(memory_format=fmt) for _ in range(2)]
+        wf = wt.to(memory_format=fmt)
+        k = [0]
+
+        def f():
+            k[0] ^= 1
+            up = F.interpolate(xs[k[0]], scale_factor=2.0, mode="nearest")
+            return F.conv2d(up, wf, bias, padding=1)
+        peer(f"{key} subpixel", variant, bench(f), 0.0, flop)
+
 for m, kd, nd in [(8192, 640, 640), (2048, 1280, 10240), (65536, 320, 320)]:
     key = f"linear f16 M{m} K{kd} N{nd}"
     if not wanted(key):

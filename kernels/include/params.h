@@ -57,6 +57,8 @@ typedef struct GegluParams {
 // sharing statistics: one image (frames = 1) or the `frames` consecutive images of one video.
 typedef struct GroupNormParams {
     const void* x;
+    const void* x_bias;      // [channels] or null: the norm of x + x_bias per channel (the bias of
+                             // the convolution that made x, added here instead of in a pass of its own)
     void* y;
     const void* gamma;       // [channels], activation dtype
     const void* beta;        // [channels], activation dtype
@@ -86,6 +88,7 @@ typedef struct GroupNormParams {
 // (kernels/norm/group_norm_cluster.cu, whose header gives the design, grid and shared memory).
 typedef struct GroupNormClusterParams {
     const void* x;
+    const void* x_bias;      // [channels] or null, as GroupNormParams'
     void* y;
     const void* gamma;       // [channels], activation dtype
     const void* beta;        // [channels], activation dtype
@@ -127,6 +130,30 @@ typedef struct Upsample2xParams {
     int32_t width;     // input
     int32_t channels;
 } Upsample2xParams;
+
+// Nearest 2x upsample followed by a 3x3 convolution (padding 1), computed as one 2x2 convolution
+// (padding 1) with 4 x out channels on the low-resolution input plus a shuffle (the sub-pixel
+// form: each output phase (a, b) = (row, column) parity sees only 2x2 distinct input pixels).
+// Weights: w [out, 3, 3, in] (KRSC) -> out [4 * out, 2, 2, in], channel (2a + b) * out + o;
+// the taps of one phase that land on the same input pixel are summed in fp32.
+typedef struct SubpixelWeightsParams {
+    const void* w;
+    void* out;
+    int32_t out_channels;
+    int32_t in_channels;
+} SubpixelWeightsParams;
+
+// Shuffle: out[n, 2i + a, 2j + b, o] = conv[n, i + a, j + b, (2a + b) * channels + o] + bias[o],
+// conv [images, height + 1, width + 1, 4 * channels], out [images, 2 height, 2 width, channels].
+typedef struct SubpixelShuffleParams {
+    const void* conv;
+    const void* bias;  // [channels] or null
+    void* out;
+    int64_t images;
+    int32_t height;    // low-resolution input
+    int32_t width;
+    int32_t channels;  // output channels
+} SubpixelShuffleParams;
 
 // Decoded images to 8-bit: out[i] = round(clamp(x[i] / 2 + 0.5, 0, 1) * 255), rounding halves
 // away from zero, computed in fp32 (the VAE's [-1, 1] output as diffusers' image processor maps it

@@ -68,6 +68,10 @@ __device__ void group_norm(const GroupNormParams& p) {
     double* sums = reinterpret_cast<double*>(reinterpret_cast<char*>(p.workspace) + GROUP_NORM_SUMS_OFFSET(p.domains));
     const int64_t total = 2 * p.domains * p.chunks;
     for (int c = threadIdx.x; c < C; c += blockDim.x) group_of[c] = (unsigned char)(c / cpg);
+    // x_bias: every value of channel c counts as x + bias[c] (the thread's channels are fixed)
+    const T* x_bias = static_cast<const T*>(p.x_bias);
+    float bias[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (x_bias) unpack8<T>(load8<T>(x_bias + slot * 8), bias);
 
     while (true) {
         // Taking the next ticket only now (not while the previous item ran) measured faster: a
@@ -90,12 +94,13 @@ __device__ void group_norm(const GroupNormParams& p) {
         for (int i = threadIdx.x * 16; i < bytes; i += blockDim.x * 16)
             cp_async16(reinterpret_cast<char*>(chunk) + i, src + i);
         cp_async_commit();
-        for (int g = threadIdx.x; g < p.groups; g += blockDim.x) g_shift[g] = to_f32(xd[g * cpg]);
+        for (int g = threadIdx.x; g < p.groups; g += blockDim.x)
+            g_shift[g] = to_f32(xd[g * cpg]) + (x_bias ? to_f32(x_bias[g * cpg]) : 0.0f);
         cp_async_wait<0>();
         __syncthreads();
-        float shift[8];
+        float shift[8];  // of the stored x: the group's shift less the channel's bias
 #pragma unroll
-        for (int j = 0; j < 8; ++j) shift[j] = g_shift[group_of[slot * 8 + j]];
+        for (int j = 0; j < 8; ++j) shift[j] = g_shift[group_of[slot * 8 + j]] - bias[j];
 
         // 2. statistics: per-group sums of (x - shift) and (x - shift)^2 into the domain's totals
         if (item.statistics) {
@@ -173,7 +178,7 @@ __device__ void group_norm(const GroupNormParams& p) {
             for (int j = 0; j < 8; ++j) {
                 const int g = group_of[slot * 8 + j];
                 scale[j] *= g_scale[g];
-                offset[j] -= g_mean[g] * scale[j];
+                offset[j] = fmaf(bias[j] - g_mean[g], scale[j], offset[j]);
             }
             T* ys = y + (item.domain * p.pixels + first) * C + slot * 8;
 #pragma unroll

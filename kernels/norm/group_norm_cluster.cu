@@ -133,11 +133,16 @@ __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
         }
         cp_async_commit();
     }
-    for (int g = threadIdx.x; g < p.slice_groups; g += blockDim.x) g_shift[g] = to_f32(xs[g * cpg]);
+    // x_bias: every value of channel c counts as x + bias[c] (the thread's channels are fixed)
+    const T* x_bias = p.x_bias ? static_cast<const T*>(p.x_bias) + slice * SC : nullptr;
+    float bias[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (x_bias) unpack8<T>(load8<T>(x_bias + slot * 8), bias);
+    for (int g = threadIdx.x; g < p.slice_groups; g += blockDim.x)
+        g_shift[g] = to_f32(xs[g * cpg]) + (x_bias ? to_f32(x_bias[g * cpg]) : 0.0f);
     __syncthreads();
-    float shift[8];
+    float shift[8];  // of the stored x: the group's shift less the channel's bias
 #pragma unroll
-    for (int j = 0; j < 8; ++j) shift[j] = g_shift[j < split ? lo : lo + 1];
+    for (int j = 0; j < 8; ++j) shift[j] = g_shift[j < split ? lo : lo + 1] - bias[j];
     cp_async_wait<0>();
 
     // 2. the thread's shifted sums for its two groups, then the block's per group
@@ -220,7 +225,7 @@ __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
     for (int j = 0; j < 8; ++j) {
         const int g = j < split ? lo : lo + 1;
         scale[j] *= g_scale[g];
-        offset[j] -= g_mean[g] * scale[j];
+        offset[j] = fmaf(bias[j] - g_mean[g], scale[j], offset[j]);
     }
     T* y_at = static_cast<T*>(p.y) + base + first_pixel * C + slot * 8;
     const int64_t y_step = pixel_step * C;

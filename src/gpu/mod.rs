@@ -28,6 +28,8 @@ kernel_params!(
     params::GroupNormClusterParams,
     params::LayerNormParams,
     params::Upsample2xParams,
+    params::SubpixelWeightsParams,
+    params::SubpixelShuffleParams,
     params::Rgb8Params,
     params::ConcatParams,
     params::TimestepEmbeddingParams,

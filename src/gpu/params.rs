@@ -128,6 +128,7 @@ impl Default for GegluParams {
 #[derive(Debug, Copy, Clone)]
 pub struct GroupNormParams {
     pub x: *const ::std::os::raw::c_void,
+    pub x_bias: *const ::std::os::raw::c_void,
     pub y: *mut ::std::os::raw::c_void,
     pub gamma: *const ::std::os::raw::c_void,
     pub beta: *const ::std::os::raw::c_void,
@@ -144,22 +145,23 @@ pub struct GroupNormParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of GroupNormParams"][::std::mem::size_of::<GroupNormParams>() - 88usize];
+    ["Size of GroupNormParams"][::std::mem::size_of::<GroupNormParams>() - 96usize];
     ["Alignment of GroupNormParams"][::std::mem::align_of::<GroupNormParams>() - 8usize];
     ["Offset of field: GroupNormParams::x"][::std::mem::offset_of!(GroupNormParams, x) - 0usize];
-    ["Offset of field: GroupNormParams::y"][::std::mem::offset_of!(GroupNormParams, y) - 8usize];
-    ["Offset of field: GroupNormParams::gamma"][::std::mem::offset_of!(GroupNormParams, gamma) - 16usize];
-    ["Offset of field: GroupNormParams::beta"][::std::mem::offset_of!(GroupNormParams, beta) - 24usize];
-    ["Offset of field: GroupNormParams::workspace"][::std::mem::offset_of!(GroupNormParams, workspace) - 32usize];
-    ["Offset of field: GroupNormParams::domains"][::std::mem::offset_of!(GroupNormParams, domains) - 40usize];
-    ["Offset of field: GroupNormParams::pixels"][::std::mem::offset_of!(GroupNormParams, pixels) - 48usize];
-    ["Offset of field: GroupNormParams::channels"][::std::mem::offset_of!(GroupNormParams, channels) - 56usize];
-    ["Offset of field: GroupNormParams::groups"][::std::mem::offset_of!(GroupNormParams, groups) - 60usize];
-    ["Offset of field: GroupNormParams::rows"][::std::mem::offset_of!(GroupNormParams, rows) - 64usize];
-    ["Offset of field: GroupNormParams::chunks"][::std::mem::offset_of!(GroupNormParams, chunks) - 68usize];
-    ["Offset of field: GroupNormParams::lag"][::std::mem::offset_of!(GroupNormParams, lag) - 72usize];
-    ["Offset of field: GroupNormParams::silu"][::std::mem::offset_of!(GroupNormParams, silu) - 76usize];
-    ["Offset of field: GroupNormParams::eps"][::std::mem::offset_of!(GroupNormParams, eps) - 80usize];
+    ["Offset of field: GroupNormParams::x_bias"][::std::mem::offset_of!(GroupNormParams, x_bias) - 8usize];
+    ["Offset of field: GroupNormParams::y"][::std::mem::offset_of!(GroupNormParams, y) - 16usize];
+    ["Offset of field: GroupNormParams::gamma"][::std::mem::offset_of!(GroupNormParams, gamma) - 24usize];
+    ["Offset of field: GroupNormParams::beta"][::std::mem::offset_of!(GroupNormParams, beta) - 32usize];
+    ["Offset of field: GroupNormParams::workspace"][::std::mem::offset_of!(GroupNormParams, workspace) - 40usize];
+    ["Offset of field: GroupNormParams::domains"][::std::mem::offset_of!(GroupNormParams, domains) - 48usize];
+    ["Offset of field: GroupNormParams::pixels"][::std::mem::offset_of!(GroupNormParams, pixels) - 56usize];
+    ["Offset of field: GroupNormParams::channels"][::std::mem::offset_of!(GroupNormParams, channels) - 64usize];
+    ["Offset of field: GroupNormParams::groups"][::std::mem::offset_of!(GroupNormParams, groups) - 68usize];
+    ["Offset of field: GroupNormParams::rows"][::std::mem::offset_of!(GroupNormParams, rows) - 72usize];
+    ["Offset of field: GroupNormParams::chunks"][::std::mem::offset_of!(GroupNormParams, chunks) - 76usize];
+    ["Offset of field: GroupNormParams::lag"][::std::mem::offset_of!(GroupNormParams, lag) - 80usize];
+    ["Offset of field: GroupNormParams::silu"][::std::mem::offset_of!(GroupNormParams, silu) - 84usize];
+    ["Offset of field: GroupNormParams::eps"][::std::mem::offset_of!(GroupNormParams, eps) - 88usize];
 };
 impl Default for GroupNormParams {
     fn default() -> Self {
@@ -174,6 +176,7 @@ impl Default for GroupNormParams {
 #[derive(Debug, Copy, Clone)]
 pub struct GroupNormClusterParams {
     pub x: *const ::std::os::raw::c_void,
+    pub x_bias: *const ::std::os::raw::c_void,
     pub y: *mut ::std::os::raw::c_void,
     pub gamma: *const ::std::os::raw::c_void,
     pub beta: *const ::std::os::raw::c_void,
@@ -189,27 +192,29 @@ pub struct GroupNormClusterParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of GroupNormClusterParams"][::std::mem::size_of::<GroupNormClusterParams>() - 72usize];
+    ["Size of GroupNormClusterParams"][::std::mem::size_of::<GroupNormClusterParams>() - 80usize];
     ["Alignment of GroupNormClusterParams"][::std::mem::align_of::<GroupNormClusterParams>() - 8usize];
     ["Offset of field: GroupNormClusterParams::x"][::std::mem::offset_of!(GroupNormClusterParams, x) - 0usize];
-    ["Offset of field: GroupNormClusterParams::y"][::std::mem::offset_of!(GroupNormClusterParams, y) - 8usize];
-    ["Offset of field: GroupNormClusterParams::gamma"][::std::mem::offset_of!(GroupNormClusterParams, gamma) - 16usize];
-    ["Offset of field: GroupNormClusterParams::beta"][::std::mem::offset_of!(GroupNormClusterParams, beta) - 24usize];
+    ["Offset of field: GroupNormClusterParams::x_bias"]
+        [::std::mem::offset_of!(GroupNormClusterParams, x_bias) - 8usize];
+    ["Offset of field: GroupNormClusterParams::y"][::std::mem::offset_of!(GroupNormClusterParams, y) - 16usize];
+    ["Offset of field: GroupNormClusterParams::gamma"][::std::mem::offset_of!(GroupNormClusterParams, gamma) - 24usize];
+    ["Offset of field: GroupNormClusterParams::beta"][::std::mem::offset_of!(GroupNormClusterParams, beta) - 32usize];
     ["Offset of field: GroupNormClusterParams::pixels"]
-        [::std::mem::offset_of!(GroupNormClusterParams, pixels) - 32usize];
+        [::std::mem::offset_of!(GroupNormClusterParams, pixels) - 40usize];
     ["Offset of field: GroupNormClusterParams::channels"]
-        [::std::mem::offset_of!(GroupNormClusterParams, channels) - 40usize];
+        [::std::mem::offset_of!(GroupNormClusterParams, channels) - 48usize];
     ["Offset of field: GroupNormClusterParams::group_channels"]
-        [::std::mem::offset_of!(GroupNormClusterParams, group_channels) - 44usize];
+        [::std::mem::offset_of!(GroupNormClusterParams, group_channels) - 52usize];
     ["Offset of field: GroupNormClusterParams::slice_channels"]
-        [::std::mem::offset_of!(GroupNormClusterParams, slice_channels) - 48usize];
+        [::std::mem::offset_of!(GroupNormClusterParams, slice_channels) - 56usize];
     ["Offset of field: GroupNormClusterParams::slice_groups"]
-        [::std::mem::offset_of!(GroupNormClusterParams, slice_groups) - 52usize];
+        [::std::mem::offset_of!(GroupNormClusterParams, slice_groups) - 60usize];
     ["Offset of field: GroupNormClusterParams::tile_pixels"]
-        [::std::mem::offset_of!(GroupNormClusterParams, tile_pixels) - 56usize];
-    ["Offset of field: GroupNormClusterParams::rows"][::std::mem::offset_of!(GroupNormClusterParams, rows) - 60usize];
-    ["Offset of field: GroupNormClusterParams::silu"][::std::mem::offset_of!(GroupNormClusterParams, silu) - 64usize];
-    ["Offset of field: GroupNormClusterParams::eps"][::std::mem::offset_of!(GroupNormClusterParams, eps) - 68usize];
+        [::std::mem::offset_of!(GroupNormClusterParams, tile_pixels) - 64usize];
+    ["Offset of field: GroupNormClusterParams::rows"][::std::mem::offset_of!(GroupNormClusterParams, rows) - 68usize];
+    ["Offset of field: GroupNormClusterParams::silu"][::std::mem::offset_of!(GroupNormClusterParams, silu) - 72usize];
+    ["Offset of field: GroupNormClusterParams::eps"][::std::mem::offset_of!(GroupNormClusterParams, eps) - 76usize];
 };
 impl Default for GroupNormClusterParams {
     fn default() -> Self {
@@ -278,6 +283,67 @@ const _: () = {
     ["Offset of field: Upsample2xParams::channels"][::std::mem::offset_of!(Upsample2xParams, channels) - 32usize];
 };
 impl Default for Upsample2xParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct SubpixelWeightsParams {
+    pub w: *const ::std::os::raw::c_void,
+    pub out: *mut ::std::os::raw::c_void,
+    pub out_channels: i32,
+    pub in_channels: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of SubpixelWeightsParams"][::std::mem::size_of::<SubpixelWeightsParams>() - 24usize];
+    ["Alignment of SubpixelWeightsParams"][::std::mem::align_of::<SubpixelWeightsParams>() - 8usize];
+    ["Offset of field: SubpixelWeightsParams::w"][::std::mem::offset_of!(SubpixelWeightsParams, w) - 0usize];
+    ["Offset of field: SubpixelWeightsParams::out"][::std::mem::offset_of!(SubpixelWeightsParams, out) - 8usize];
+    ["Offset of field: SubpixelWeightsParams::out_channels"]
+        [::std::mem::offset_of!(SubpixelWeightsParams, out_channels) - 16usize];
+    ["Offset of field: SubpixelWeightsParams::in_channels"]
+        [::std::mem::offset_of!(SubpixelWeightsParams, in_channels) - 20usize];
+};
+impl Default for SubpixelWeightsParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct SubpixelShuffleParams {
+    pub conv: *const ::std::os::raw::c_void,
+    pub bias: *const ::std::os::raw::c_void,
+    pub out: *mut ::std::os::raw::c_void,
+    pub images: i64,
+    pub height: i32,
+    pub width: i32,
+    pub channels: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of SubpixelShuffleParams"][::std::mem::size_of::<SubpixelShuffleParams>() - 48usize];
+    ["Alignment of SubpixelShuffleParams"][::std::mem::align_of::<SubpixelShuffleParams>() - 8usize];
+    ["Offset of field: SubpixelShuffleParams::conv"][::std::mem::offset_of!(SubpixelShuffleParams, conv) - 0usize];
+    ["Offset of field: SubpixelShuffleParams::bias"][::std::mem::offset_of!(SubpixelShuffleParams, bias) - 8usize];
+    ["Offset of field: SubpixelShuffleParams::out"][::std::mem::offset_of!(SubpixelShuffleParams, out) - 16usize];
+    ["Offset of field: SubpixelShuffleParams::images"][::std::mem::offset_of!(SubpixelShuffleParams, images) - 24usize];
+    ["Offset of field: SubpixelShuffleParams::height"][::std::mem::offset_of!(SubpixelShuffleParams, height) - 32usize];
+    ["Offset of field: SubpixelShuffleParams::width"][::std::mem::offset_of!(SubpixelShuffleParams, width) - 36usize];
+    ["Offset of field: SubpixelShuffleParams::channels"]
+        [::std::mem::offset_of!(SubpixelShuffleParams, channels) - 40usize];
+};
+impl Default for SubpixelShuffleParams {
     fn default() -> Self {
         let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -118,6 +118,19 @@ pub fn group_norm(ex: &Exec, x: &Tensor, gamma: &Tensor, beta: &Tensor, cfg: Gro
     group_norm_tuned(ex, x, gamma, beta, cfg, GroupNormTuning::default())
 }
 
+/// The group norm of `x + x_bias` ([C], added per channel): a convolution's output and its bias,
+/// normalised without the bias pass (the sum is never rounded to the activation dtype).
+pub fn group_norm_of_biased(
+    ex: &Exec,
+    x: &Tensor,
+    x_bias: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    cfg: GroupNorm,
+) -> Result<Tensor> {
+    group_norm_with(ex, x, Some(x_bias), gamma, beta, cfg, GroupNormTuning::default())
+}
+
 pub fn group_norm_tuned(
     ex: &Exec,
     x: &Tensor,
@@ -126,18 +139,36 @@ pub fn group_norm_tuned(
     cfg: GroupNorm,
     tuning: GroupNormTuning,
 ) -> Result<Tensor> {
-    ex.expect_inputs("group_norm", &[x, gamma, beta])?;
-    let dtype = same_dtype("group_norm", &[x, gamma, beta])?;
+    group_norm_with(ex, x, None, gamma, beta, cfg, tuning)
+}
+
+fn group_norm_with(
+    ex: &Exec,
+    x: &Tensor,
+    x_bias: Option<&Tensor>,
+    gamma: &Tensor,
+    beta: &Tensor,
+    cfg: GroupNorm,
+    tuning: GroupNormTuning,
+) -> Result<Tensor> {
+    let mut inputs = vec![x, gamma, beta];
+    inputs.extend(x_bias);
+    ex.expect_inputs("group_norm", &inputs)?;
+    let dtype = same_dtype("group_norm", &inputs)?;
     let sh = gn_shape(x.shape(), &cfg)?;
     if gamma.shape() != [sh.channels] || beta.shape() != [sh.channels] {
         return Err(Error::Input(format!("group_norm: gamma {gamma:?} / beta {beta:?} must be [{}]", sh.channels)));
     }
+    if let Some(b) = x_bias.filter(|b| b.shape() != [sh.channels]) {
+        return Err(Error::Input(format!("group_norm: input bias {b:?} must be [{}]", sh.channels)));
+    }
     match ex {
-        Exec::Cpu => group_norm_cpu(x, gamma, beta, &cfg, &sh, dtype),
+        Exec::Cpu => group_norm_cpu(x, x_bias, gamma, beta, &cfg, &sh, dtype),
         Exec::Cuda { gpu, scratch } => {
             gpu_limits(&sh, &cfg)?;
             let y = gpu.empty(scratch, x.shape(), dtype)?;
-            let pointers = (x.device_ptr()?, y.device_ptr()?, gamma.device_ptr()?, beta.device_ptr()?);
+            let x_bias = x_bias.map(|b| b.device_ptr()).transpose()?.unwrap_or(0);
+            let pointers = (x.device_ptr()?, x_bias, y.device_ptr()?, gamma.device_ptr()?, beta.device_ptr()?);
             if let Some(plan) = cluster_plan(gpu, dtype, &sh, cfg.groups, &cluster_sizes(tuning.mode), &tuning)? {
                 launch_cluster_group_norm(gpu, &plan, &sh, &cfg, pointers)?;
             } else if let GroupNormMode::Cluster(_) = tuning.mode {
@@ -155,7 +186,8 @@ pub fn group_norm_tuned(
     }
 }
 
-type GnPointers = (u64, u64, u64, u64);
+/// x, x_bias (0: none), y, gamma, beta.
+type GnPointers = (u64, u64, u64, u64, u64);
 
 /// The cluster sizes a mode tries, in order.
 fn cluster_sizes(mode: GroupNormMode) -> Vec<u32> {
@@ -266,10 +298,11 @@ fn launch_cluster_group_norm(
     plan: &ClusterPlan,
     sh: &GnShape,
     cfg: &GroupNorm,
-    (x, y, gamma, beta): GnPointers,
+    (x, x_bias, y, gamma, beta): GnPointers,
 ) -> Result<()> {
     let p = GroupNormClusterParams {
         x: x as *const _,
+        x_bias: x_bias as *const _,
         y: y as *mut _,
         gamma: gamma as *const _,
         beta: beta as *const _,
@@ -299,7 +332,7 @@ fn launch_two_phase_group_norm(
     sh: &GnShape,
     cfg: &GroupNorm,
     tuning: GroupNormTuning,
-    (x, y, gamma, beta): GnPointers,
+    (x, x_bias, y, gamma, beta): GnPointers,
 ) -> Result<()> {
     let c = sh.channels;
     let kernel = kernel_for!("group_norm", dtype);
@@ -321,6 +354,7 @@ fn launch_two_phase_group_norm(
     gpu.fill_bytes(&workspace, 0)?;
     let p = GroupNormParams {
         x: x as *const _,
+        x_bias: x_bias as *const _,
         y: y as *mut _,
         gamma: gamma as *const _,
         beta: beta as *const _,
@@ -346,13 +380,22 @@ fn group_norm_workspace_bytes(domains: usize, groups: usize) -> usize {
 
 fn group_norm_cpu(
     x: &Tensor,
+    x_bias: Option<&Tensor>,
     gamma: &Tensor,
     beta: &Tensor,
     cfg: &GroupNorm,
     sh: &GnShape,
     dtype: DType,
 ) -> Result<Tensor> {
-    let xv = x.to_f32_vec()?;
+    let mut xv = x.to_f32_vec()?;
+    if let Some(b) = x_bias {
+        let b = b.to_f32_vec()?;
+        par_rows(&mut xv, sh.channels, |_, chunk| {
+            for px in chunk.chunks_mut(b.len()) {
+                px.iter_mut().zip(&b).for_each(|(v, b)| *v += b);
+            }
+        });
+    }
     let (g, b) = (gamma.to_f32_vec()?, beta.to_f32_vec()?);
     let (c, cpg) = (sh.channels, sh.channels / cfg.groups);
     let domain_len = sh.pixels * c;

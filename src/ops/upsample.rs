@@ -1,8 +1,10 @@
-//! Nearest-neighbour 2x upsampling of NHWC activations.
+//! Nearest-neighbour 2x upsampling of NHWC activations, alone or followed by a 3x3 convolution
+//! (the UNet's and the VAE's `Upsample2D`).
 
+use super::conv::{Conv2d, conv2d};
 use super::{Exec, grid_for, host_out};
 use crate::error::{Error, Result};
-use crate::gpu::params::Upsample2xParams;
+use crate::gpu::params::{SubpixelShuffleParams, SubpixelWeightsParams, Upsample2xParams};
 use crate::tensor::Tensor;
 
 pub fn upsample_nearest2x(ex: &Exec, x: &Tensor) -> Result<Tensor> {
@@ -40,4 +42,65 @@ pub fn upsample_nearest2x(ex: &Exec, x: &Tensor) -> Result<Tensor> {
             Ok(y)
         }
     }
+}
+
+/// conv3x3(upsample_nearest2x(x)) + bias with padding 1: x [N, H, W, in], w [out, 3, 3, in] (KRSC)
+/// -> [N, 2H, 2W, out]. The CPU twin is exactly that composition. On CUDA (out channels a
+/// multiple of 8) it runs in the sub-pixel form (kernels/elementwise/subpixel.cu): the weights
+/// folded into a 2x2 kernel with 4 x out channels, one convolution (padding 1) at the input's
+/// resolution, then a shuffle that interleaves the four phases and adds the bias. That is 4 taps
+/// per output pixel instead of 9, and no upsampled copy of the input is written. The sums differ
+/// from the composition only in rounding (taps folded in fp32, the folded weights rounded once).
+pub fn upsample2x_conv3x3(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let mut inputs = vec![x, w];
+    inputs.extend(bias);
+    ex.expect_inputs("upsample2x_conv3x3", &inputs)?;
+    let (s, ws) = (x.shape(), w.shape());
+    if s.len() != 4 || ws.len() != 4 || ws[1] != 3 || ws[2] != 3 || ws[3] != s[3] {
+        return Err(Error::Input(format!(
+            "upsample2x_conv3x3: input {x:?} must be NHWC and weight {w:?} [out, 3, 3, {}]",
+            s.get(3).unwrap_or(&0)
+        )));
+    }
+    let same = Conv2d { stride: 1, padding: 1 };
+    let (n, h, wd, cin, cout) = (s[0], s[1], s[2], s[3], ws[0]);
+    let Exec::Cuda { gpu, scratch } = ex else {
+        return conv2d(ex, &upsample_nearest2x(ex, x)?, w, bias, same);
+    };
+    if cout % 8 != 0 {
+        return conv2d(ex, &upsample_nearest2x(ex, x)?, w, bias, same);
+    }
+    if let Some(b) = bias.filter(|b| b.shape() != [cout]) {
+        return Err(Error::Input(format!("upsample2x_conv3x3: bias {b:?} must be [{cout}]")));
+    }
+    let dtype = x.dtype();
+    // 1. the folded weights: [out, 3, 3, in] -> [4 out, 2, 2, in] (folded every call: a LoRA merge
+    // may have changed w; 16 x in x out elements, small beside the activations)
+    let folded = gpu.empty(scratch, &[4 * cout, 2, 2, cin], dtype)?;
+    let p = SubpixelWeightsParams {
+        w: w.device_ptr()? as *const _,
+        out: folded.device_ptr()? as *mut _,
+        out_channels: cout as i32,
+        in_channels: cin as i32,
+    };
+    gpu.launch(kernel_for!("subpixel_weights", dtype), (grid_for(folded.numel(), 256), 1, 1), (256, 1, 1), 0, &p)?;
+    // 2. the four phases at the input's resolution: [N, H + 1, W + 1, 4 out]
+    let phases = conv2d(ex, x, &folded, None, same)?;
+    drop(folded);
+    // 3. interleaved into [N, 2H, 2W, out], the bias added on the way
+    let y = gpu.empty(scratch, &[n, 2 * h, 2 * wd, cout], dtype)?;
+    let p = SubpixelShuffleParams {
+        conv: phases.device_ptr()? as *const _,
+        bias: match bias {
+            Some(b) => b.device_ptr()? as *const _,
+            None => std::ptr::null(),
+        },
+        out: y.device_ptr()? as *mut _,
+        images: n as i64,
+        height: h as i32,
+        width: wd as i32,
+        channels: cout as i32,
+    };
+    gpu.launch(kernel_for!("subpixel_shuffle", dtype), (grid_for(y.numel() / 8, 256), 1, 1), (256, 1, 1), 0, &p)?;
+    Ok(y)
 }

@@ -19,7 +19,7 @@ use crate::models::transformer;
 use crate::models::weights::Scope;
 use crate::ops::Exec;
 use crate::ops::concat::concat_last;
-use crate::ops::upsample::upsample_nearest2x;
+use crate::ops::upsample::upsample2x_conv3x3;
 use crate::tensor::Tensor;
 
 /// The part of the UNet a layer belongs to.
@@ -130,8 +130,8 @@ pub fn up(
         }
         if block.upsample {
             // [B, H, W, C] -> nearest [B, 2H, 2W, C] -> 3x3 conv
-            h = upsample_nearest2x(ex, &h)?;
-            h = conv(ex, &bw.at("upsamplers.0.conv"), &h, 1, 3)?;
+            let up = bw.at("upsamplers.0.conv");
+            h = upsample2x_conv3x3(ex, &h, up.get("weight")?, Some(up.get("bias")?))?;
         }
     }
     Ok(h)

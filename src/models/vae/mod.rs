@@ -31,7 +31,7 @@ use crate::ops::conv::{Conv2d, conv2d};
 use crate::ops::elementwise::add;
 use crate::ops::linear::linear;
 use crate::ops::norm::{GroupNorm, group_norm};
-use crate::ops::upsample::upsample_nearest2x;
+use crate::ops::upsample::upsample2x_conv3x3;
 use crate::tensor::{DType, Tensor};
 use crate::weights::TensorSpec;
 use config::NORM_EPS;
@@ -148,8 +148,8 @@ impl Vae {
                 h = resnet::forward(ex, &up.at(&format!("resnets.{j}")), &r, norm, &h, None)?;
             }
             if i + 1 < levels {
-                h = upsample_nearest2x(ex, &h)?;
-                h = conv(ex, &up.at("upsamplers.0.conv"), &h, 3)?;
+                let conv = up.at("upsamplers.0.conv");
+                h = upsample2x_conv3x3(ex, &h, conv.get("weight")?, Some(conv.get("bias")?))?;
             }
         }
 

@@ -18,7 +18,7 @@ use celframe::ops::lora::{DeltaFactors, DeltaTerm, LayerDelta, merge_deltas, mer
 use celframe::ops::norm::{
     GroupNorm, GroupNormMode, GroupNormTuning, group_norm_layout, group_norm_tuned, layer_norm, layer_norm_add,
 };
-use celframe::ops::upsample::{upsample2x_conv3x3, upsample_nearest2x};
+use celframe::ops::upsample::{upsample_nearest2x, upsample2x_conv3x3};
 use celframe::tensor::Storage;
 use celframe::{DType, Result, Tensor};
 
@@ -279,7 +279,13 @@ fn main() -> Result<()> {
     // Upsample2D (nearest 2x, then a 3x3 conv with bias) at the VAE's shapes (a chunk of 8 frames at
     // 1024x576) and the UNet's (32 images): composed as upsample + conv + bias pass, and in the
     // sub-pixel form the models run. Both are credited the composed form's 9-tap FLOPs.
-    for (n, h, w, c) in [(8usize, 72usize, 128usize, 512usize), (8, 144, 256, 512), (8, 288, 512, 256), (32, 18, 32, 1280), (32, 36, 64, 640)] {
+    for (n, h, w, c) in [
+        (8usize, 72usize, 128usize, 512usize),
+        (8, 144, 256, 512),
+        (8, 288, 512, 256),
+        (32, 18, 32, 1280),
+        (32, 36, 64, 640),
+    ] {
         let xs = [b.random(&[n, h, w, c], DType::F16, 17)?, b.random(&[n, h, w, c], DType::F16, 18)?];
         let (wt, bias) = (b.random(&[c, 3, 3, c], DType::F16, 19)?, b.random(&[c], DType::F16, 20)?);
         let flop = 2.0 * (n * 4 * h * w * c * c * 9) as f64;

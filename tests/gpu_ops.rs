@@ -207,7 +207,13 @@ fn group_norm_of_biased_matches_twin() {
         let gpu_out = group_norm_of_biased(&rig.exec(), &xd, &xbd, &gd, &bd, cfg).unwrap();
         let cpu_out = group_norm_of_biased(&Exec::Cpu, &x, &xb, &g, &b, cfg).unwrap();
         let layout = group_norm_layout(&rig.gpu, shape, dtype, cfg, GroupNormTuning::default()).unwrap();
-        rig.check(&format!("group_norm_of_biased silu={silu} bias~{bias_shift} ({layout})"), shape, dtype, gpu_out, cpu_out);
+        rig.check(
+            &format!("group_norm_of_biased silu={silu} bias~{bias_shift} ({layout})"),
+            shape,
+            dtype,
+            gpu_out,
+            cpu_out,
+        );
     }
 }
 
@@ -551,8 +557,9 @@ fn upsample_conv_matches_twin_and_the_composed_route() {
         let (_, wd) = rig.input(&[c, 3, 3, c], DType::F16, 1.0 / ((9 * c) as f32).sqrt(), 0.0);
         let (_, bd) = rig.input(&[c], DType::F16, 1.0, 0.0);
         let ex = rig.exec();
-        let composed = conv2d(&ex, &upsample_nearest2x(&ex, &xd).unwrap(), &wd, Some(&bd), Conv2d { stride: 1, padding: 1 })
-            .unwrap();
+        let composed =
+            conv2d(&ex, &upsample_nearest2x(&ex, &xd).unwrap(), &wd, Some(&bd), Conv2d { stride: 1, padding: 1 })
+                .unwrap();
         let want = rig.gpu.download(&composed).unwrap();
         drop(composed);
         let got = upsample2x_conv3x3(&ex, &xd, &wd, Some(&bd)).unwrap();

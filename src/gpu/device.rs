@@ -630,13 +630,8 @@ impl Gpu {
     /// bytes go through pinned staging buffers, so the call returns once they are staged and the
     /// tensor may be dropped.
     pub fn upload_into(&self, mem: &DeviceMem, t: &Tensor, dtype: DType) -> Result<()> {
-        let converted;
-        let bytes: &[u8] = if t.dtype() == dtype {
-            t.host_bytes()?
-        } else {
-            converted = Tensor::from_f32(t.shape(), dtype, &t.to_f32_vec()?)?;
-            converted.host_bytes()?
-        };
+        let in_dtype = host_tensor_in(t, dtype)?;
+        let bytes = in_dtype.host_bytes()?;
         self.copy_to_device(mem, bytes)
     }
 
@@ -656,13 +651,8 @@ impl Gpu {
         if !self.is_capturing() {
             return self.upload(arena, t, dtype);
         }
-        let converted;
-        let bytes: &[u8] = if t.dtype() == dtype {
-            t.host_bytes()?
-        } else {
-            converted = Tensor::from_f32(t.shape(), dtype, &t.to_f32_vec()?)?;
-            converted.host_bytes()?
-        };
+        let in_dtype = host_tensor_in(t, dtype)?;
+        let bytes = in_dtype.host_bytes()?;
         let mem = arena.alloc(bytes.len())?;
         // cuMemHostAlloc is allowed in a relaxed-mode capture (gpu/graph.rs).
         let host = cuda("cuMemHostAlloc (graph constant)", unsafe { result::malloc_host(bytes.len().max(1), 0) })?;
@@ -770,4 +760,12 @@ impl Drop for Gpu {
         }
         let _ = unsafe { result::stream::destroy(self.stream) };
     }
+}
+
+/// A host tensor in `dtype`: itself (a shared handle) where it already has that dtype, else converted.
+fn host_tensor_in(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    if t.dtype() == dtype {
+        return Ok(t.clone());
+    }
+    Tensor::from_f32(t.shape(), dtype, &t.to_f32_vec()?)
 }

@@ -21,6 +21,9 @@
                keyframes.json  the same with the seed's keyframe control: five poses and five depth
                                hints at 0, 0.25, 0.5, 0.75, 1 of the clip, interpolation "keyframes"
                                (the nets run on those frames only);
+               w1_warm.json, keyframes_warm.json  the same two with a second clip (seed + 1): its
+                               time is a clip rendered after a whole render in the same process,
+                               as the diffusers peer times its render after an untimed one;
                union.json      W1 with OpenPose + Depth as two conditions of one full-size
                                ControlNet Union (WORK/sdxl_controlnet_union, random weights, as
                                tools/controlnet_gpu.py --union writes it): one Union forward per
@@ -30,7 +33,8 @@
                                with the first style LoRA at 0.6) interleaved in the file, so the
                                batch's grouping by LoRA set is exercised (full size only).
   celframe   Runs `CELFRAME render CONFIG` (output.replace on, so a second run renders again),
-             times the whole command, echoes its lines and prints a RENDER line.
+             times the whole command, echoes its lines and prints a RENDER line (the clip fields
+             are the last clip's: the second of a *_warm workload, its first's in first_clip_s).
   throughput Runs `CELFRAME render batch20.json` while `nvidia-smi` samples the GPU's utilisation
              (the fraction of each 100 ms in which a kernel ran) and prints a THROUGHPUT line:
              clips per hour over the whole command (loading included) and over the rendering
@@ -243,6 +247,13 @@ def render_config(s, name, keyframes):
     }
 
 
+def warm_config(s, name, keyframes):
+    """`render_config` with a second clip (seed + 1) rendered after the first in the same process."""
+    config = render_config(s, name, keyframes)
+    config["clips"].append({"prompt": PROMPT, "negative": NEGATIVE, "seed": SEED + 1})
+    return config
+
+
 def batch_config(s, clips):
     """The throughput manifest: W1's settings with `clips` clips of their own prompts and seeds in two
     LoRA sets, interleaved in the file (the renderer groups clips by set)."""
@@ -270,10 +281,12 @@ def prepare(s, args):
     for i, position in enumerate(KEYFRAMES):
         depth_hint(s.width, s.height, position).save(os.path.join(s.depth_keyframes, f"{i:02}.png"))
     for name, keyframes in (("w1", False), ("keyframes", True)):
-        path = os.path.join(s.dir, f"{name}.json")
-        with open(path, "w") as f:
-            json.dump(render_config(s, name, keyframes), f, indent=1)
-        print(f"wrote {path}", flush=True)
+        for stem, config in ((name, render_config(s, name, keyframes)),
+                             (f"{name}_warm", warm_config(s, f"{name}_warm", keyframes))):
+            path = os.path.join(s.dir, f"{stem}.json")
+            with open(path, "w") as f:
+                json.dump(config, f, indent=1)
+            print(f"wrote {path}", flush=True)
     if not s.tiny:  # the tiny fixtures hold no Union that fits the tiny UNet
         for name, config in (("union", union_config(s)), ("batch20", batch_config(s, 20))):
             path = os.path.join(s.dir, f"{name}.json")
@@ -288,7 +301,7 @@ def prepare(s, args):
 NUMBER = r"([\d.]+)"
 SUMMARY = {
     "load_s": re.compile(rf"^loaded the models .* in {NUMBER} s"),
-    "clip": re.compile(rf"^clip 001: (\d+) frames in {NUMBER} s \({NUMBER} frames/s\): text {NUMBER} s, "
+    "clip": re.compile(rf"^clip (\d{{3}}): (\d+) frames in {NUMBER} s \({NUMBER} frames/s\): text {NUMBER} s, "
                        rf"denoise {NUMBER} s, decode \+ write {NUMBER} s(?:; .* by (\S+))?"),
     "peak": re.compile(rf"^peak GPU memory: {NUMBER} GiB \(weights {NUMBER} GiB \+ LoRA base copies {NUMBER} GiB "
                        rf"\+ the larger of activations {NUMBER} GiB and the LoRA merge's {NUMBER} GiB of factors"),
@@ -296,17 +309,21 @@ SUMMARY = {
 
 
 def parse_summary(lines):
-    """The renderer's closing summary lines as RENDER fields."""
-    out = {}
+    """The renderer's closing summary lines as RENDER fields: the clip fields of the last clip, and
+    with several clips, `clips` and the first clip's time (`first_clip_s`)."""
+    out, clip_times = {}, []
     for line in lines:
         if m := SUMMARY["load_s"].match(line):
             out["load_s"] = float(m[1])
         elif m := SUMMARY["clip"].match(line):
-            out.update(frames=int(m[1]), clip_s=float(m[2]), frames_per_s=float(m[3]), text_s=float(m[4]),
-                       denoise_s=float(m[5]), decode_write_s=float(m[6]), mp4_by=m[7])
+            clip_times.append(float(m[3]))
+            out.update(frames=int(m[2]), clip_s=float(m[3]), frames_per_s=float(m[4]), text_s=float(m[5]),
+                       denoise_s=float(m[6]), decode_write_s=float(m[7]), mp4_by=m[8])
         elif m := SUMMARY["peak"].match(line):
             out.update(peak_gib=float(m[1]), weights_gib=float(m[2]), lora_copies_gib=float(m[3]),
                        activations_gib=float(m[4]), lora_factors_gib=float(m[5]))
+    if len(clip_times) > 1:
+        out.update(clips=len(clip_times), first_clip_s=clip_times[0])
     return out
 
 
@@ -321,7 +338,8 @@ def run_celframe(s, args):
         lines.append(line.strip())
     code = proc.wait()
     total = time.perf_counter() - t0
-    workload = {"w1": "W1", "keyframes": "W1 keyframes", "union": "W1 union"}[args.workload]
+    workload = {"w1": "W1", "keyframes": "W1 keyframes", "union": "W1 union", "w1_warm": "W1 warm",
+                "keyframes_warm": "W1 keyframes warm"}[args.workload]
     record = {"side": "celframe", "workload": workload, "run": args.run, "exit": code,
               "total_s": round(total, 3), **parse_summary(lines)}
     print("RENDER " + json.dumps(record), flush=True)
@@ -542,7 +560,8 @@ def main():
     p.add_argument("--vae-work", help="the VAE's folder (tools/vae_gpu.sh's WORK)")
     p.add_argument("--tiny", action="store_true", help="the tiny fixture models on the CPU (no GPU needed)")
     p.add_argument("--celframe", default="dist/gpu/celframe", help="the celframe binary (step celframe)")
-    p.add_argument("--workload", choices=["w1", "keyframes", "union"], default="w1", help="step celframe: which config")
+    p.add_argument("--workload", choices=["w1", "keyframes", "union", "w1_warm", "keyframes_warm"], default="w1",
+                   help="step celframe: which config")
     p.add_argument("--run", type=int, default=1, help="step celframe: the run's number in the RENDER line")
     args = p.parse_args()
     if not args.tiny and not (args.text_work and args.vae_work):

@@ -7,8 +7,10 @@
 #      where missing, in the folders tools/unet_gpu.sh, text_encoder_gpu.sh/lora_gpu.sh, vae_gpu.sh
 #      and controlnet_gpu.sh use), depth hints and the render configs w1.json / keyframes.json;
 #   2. `celframe render` of W1 twice (the second run with the files in the page cache), then the
-#      seed's keyframe control (ControlNets on 5 keyframes only), then (full size only) the
-#      20-clip batch with the GPU's utilisation sampled (the THROUGHPUT line);
+#      seed's keyframe control (ControlNets on 5 keyframes only) twice, then both with a second clip
+#      timed after a whole render in the same process (as the diffusers peer is timed after an
+#      untimed render), then (full size only) the 20-clip batch with the GPU's utilisation sampled
+#      (the THROUGHPUT line);
 #   3. the diffusers peer of W1 (fp16 eager, one untimed warm-up render first);
 #   then the RENDER table (tools/report.py).
 # Logs go to $OUT (or /tmp/celframe-gpu); weights to $WORK (or /tmp/celframe-unet), the text
@@ -39,7 +41,10 @@ step() {
 step "weights, LoRAs, depth hints, render configs" prepare
 step "celframe render W1, run 1" celframe --workload w1 --run 1
 step "celframe render W1, run 2 (files cached)" celframe --workload w1 --run 2
-step "celframe render, the seed's keyframe control" celframe --workload keyframes --run 1
+step "celframe render, the seed's keyframe control, run 1" celframe --workload keyframes --run 1
+step "celframe render, the seed's keyframe control, run 2 (files cached)" celframe --workload keyframes --run 2
+step "celframe render W1, a second clip after a whole render in the same process" celframe --workload w1_warm
+step "celframe render keyframes, a second clip after a whole render" celframe --workload keyframes_warm
 [ -n "${RENDER_TINY:-}" ] || step "celframe batch throughput, 20 clips of W1 in two LoRA sets" throughput
 step "diffusers peer W1 (fp16 eager, warm-up render untimed)" diffusers
 

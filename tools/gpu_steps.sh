@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The GPU loop in named steps under one time budget, for device calls too short for the whole of
+# tools/gpu_run.sh: each step runs with its own time limit (cut to what is left of the budget;
+# skipped under 10 s), its output goes to $OUT/<step>.log (the last $TAIL lines, default 25, are
+# echoed), and a table of exit codes and seconds comes last. On the GPU machine, from the repo root,
+# with dist/gpu.tar.xz (tools/build_gpu_bundle.sh) and dist/wheels/ carried over:
+#   bash tools/gpu_steps.sh BUDGET_S STEP[:LIMIT_S] ...      (a step without a limit gets 300 s)
+# Steps:
+#   ops shapes graph lora_tests split gpus tuning   the GPU test binaries (test_gpu_ops, ...;
+#                        CELFRAME_TEST_FILTER narrows them: libtest filters, space-separated)
+#   fixtures             the models against their fixtures (test_{unet,vae,text_encoder,controlnet}_gpu)
+#   unet motion vae text_encoder controlnet lora render   tools/<step>_gpu.sh (whole models at full
+#                        size against diffusers; motion, controlnet, render reuse unet's weights)
+#   bench                the kernel benchmarks and the PyTorch peer (CELFRAME_BENCH_FILTER narrows)
+#   graphs               `celframe bench ... --graph` for the UNet (both shapes), the motion UNet and
+#                        the ControlNet (after the unet, motion and controlnet steps made weights)
+#   NAME                 any other name runs the shell command in $CMD_NAME
+# The weights stay in /tmp (tools/*_gpu.sh's folders), so later calls on a warm machine reuse them.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ $# -lt 1 ]; then
+  sed -n '2,20p' "$0" >&2
+  exit 2
+fi
+budget=$1
+shift
+start=$SECONDS
+source tools/gpu_env.sh
+export OUT=${OUT:-/tmp/celframe-gpu}
+mkdir -p "$OUT"
+work=${WORK:-/tmp/celframe-unet}
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader
+bin=dist/gpu
+tests() {
+  local t
+  for t in "$@"; do
+    # One test at a time: one Gpu per process, as the CLI holds it.
+    "$bin/test_$t" ${CELFRAME_TEST_FILTER:-} --include-ignored --nocapture --test-threads=1 || return 1
+  done
+}
+graphs() {
+  local c="$bin/celframe bench" w="--weights $work/sdxl_unet"
+  $c unet $w --batch 2 --height 128 --width 128 --graph &&
+    $c unet $w --batch 32 --height 72 --width 128 --graph &&
+    $c motion_unet $w --motion "$work/motion_adapter" --batch 2 --frames 16 --height 72 --width 128 --graph &&
+    $c controlnet --weights "$work/sdxl_controlnet" --batch 32 --height 72 --width 128 --graph
+}
+run_step() {
+  local name=$1 limit=$2 cmd
+  case $name in
+    ops) cmd="tests gpu_ops" ;;
+    shapes) cmd="tests gpu_shapes" ;;
+    graph) cmd="tests gpu_graph" ;;
+    lora_tests) cmd="tests gpu_lora" ;;
+    split) cmd="tests split_gpu" ;;
+    gpus) cmd="tests gpus_gpu weights_gpu gpu_random" ;;
+    tuning) cmd="tests gemm_tuning_gpu" ;;
+    fixtures) cmd="tests unet_gpu vae_gpu text_encoder_gpu controlnet_gpu" ;;
+    unet | motion | vae | text_encoder | controlnet | lora | render) cmd="bash tools/${name}_gpu.sh" ;;
+    bench) cmd="$bin/bench_ops; python3 tools/peer_torch.py" ;;
+    graphs) cmd="graphs" ;;
+    *)
+      local var="CMD_$name"
+      if [ -z "${!var:-}" ]; then
+        echo "gpu_steps.sh: step '$name' is not a known step and \$$var is not set" >&2
+        return 2
+      fi
+      cmd=${!var}
+      ;;
+  esac
+  local left=$((budget - (SECONDS - start)))
+  ((limit > left)) && limit=$left
+  if ((limit < 10)); then
+    rc[$name]=skipped
+    secs[$name]=0
+    return 0
+  fi
+  echo "===== $name (limit ${limit} s)"
+  local t0=$SECONDS
+  timeout -k 5 "$limit" bash -c "$(declare -f tests graphs); bin=$bin work=$work; $cmd" >"$OUT/$name.log" 2>&1
+  rc[$name]=$?
+  secs[$name]=$((SECONDS - t0))
+  tail -n "${TAIL:-25}" "$OUT/$name.log"
+}
+declare -A rc secs
+order=()
+for step in "$@"; do
+  name=${step%%:*}
+  limit=300
+  [[ $step == *:* ]] && limit=${step##*:}
+  order+=("$name")
+  run_step "$name" "$limit" || rc[$name]=2
+done
+echo "===== steps (exit 124: cut at its limit)"
+failed=0
+for name in "${order[@]}"; do
+  printf '%-14s exit %-8s %5s s\n' "$name" "${rc[$name]:-?}" "${secs[$name]:-0}"
+  case ${rc[$name]:-?} in 0 | skipped) ;; *) failed=1 ;; esac
+done
+exit $failed

@@ -50,6 +50,16 @@ impl<'a> Exec<'a> {
         }
     }
 
+    /// A small host tensor of fixed values (per-row factors, flags, position rows) placed where
+    /// this Exec computes: on CUDA through `Gpu::upload_constant`, so a CUDA graph under capture
+    /// bakes the values in (whoever keys the graph keys them).
+    pub fn constant(&self, host: Tensor) -> Result<Tensor> {
+        match self {
+            Exec::Cpu => Ok(host),
+            Exec::Cuda { gpu, scratch } => gpu.upload_constant(scratch, &host, host.dtype()),
+        }
+    }
+
     /// Checks that every input lives where this Exec computes.
     fn expect_inputs(&self, op: &str, inputs: &[&Tensor]) -> Result<()> {
         let on_device = matches!(self, Exec::Cuda { .. });

@@ -300,20 +300,20 @@ pub(super) struct Target<'a> {
 
 impl Target<'_> {
     fn tensor(&self, shape: &[usize], dtype: DType, values: &[f32]) -> Result<Tensor> {
-        let host = Tensor::from_f32(shape, dtype, values)?;
+        self.place(Tensor::from_f32(shape, dtype, values)?)
+    }
+
+    /// A host tensor where the target computes, in its own dtype.
+    fn place(&self, host: Tensor) -> Result<Tensor> {
         match self.ex {
             Exec::Cpu => Ok(host),
-            Exec::Cuda { gpu, scratch } => gpu.upload(scratch, &host, dtype),
+            Exec::Cuda { gpu, scratch } => gpu.upload(scratch, &host, host.dtype()),
         }
     }
 
-    /// A tensor of values the key of a CUDA graph under capture holds (`Gpu::upload_constant`).
+    /// A tensor of values the key of a CUDA graph under capture holds (`Exec::constant`).
     fn constant(&self, shape: &[usize], dtype: DType, values: &[f32]) -> Result<Tensor> {
-        let host = Tensor::from_f32(shape, dtype, values)?;
-        match self.ex {
-            Exec::Cpu => Ok(host),
-            Exec::Cuda { gpu, scratch } => gpu.upload_constant(scratch, &host, dtype),
-        }
+        self.ex.constant(Tensor::from_f32(shape, dtype, values)?)
     }
 
     fn host_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
@@ -2071,14 +2071,7 @@ impl ModelCall<'_> {
 
     /// `forward` on the host inputs placed where the target computes.
     pub(super) fn eager(&self, host: &WindowInputs, context: &Tensor, cache: &mut InputCache) -> Result<Tensor> {
-        let target = self.run.target;
-        let place = |t: &Tensor| -> Result<Tensor> {
-            match target.ex {
-                Exec::Cpu => Ok(t.clone()),
-                Exec::Cuda { gpu, scratch } => gpu.upload(scratch, t, t.dtype()),
-            }
-        };
-        let [sample, timestep, text_embeds, time_ids] = host.each().map(place);
+        let [sample, timestep, text_embeds, time_ids] = host.each().map(|t| self.run.target.place(t.clone()));
         let placed =
             WindowInputs { sample: sample?, timestep: timestep?, text_embeds: text_embeds?, time_ids: time_ids? };
         self.forward(&placed, context, cache)

@@ -360,16 +360,7 @@ fn check_scale(what: &str, scale: f32) -> Result<()> {
 /// the host and placed where `ex` computes.
 fn row_vector(ex: &Exec, per_row: &[f32], c: usize, dtype: DType) -> Result<Tensor> {
     let values: Vec<f32> = per_row.iter().flat_map(|&s| std::iter::repeat_n(s, c)).collect();
-    placed(ex, Tensor::from_f32(&[per_row.len(), c], dtype, &values)?, dtype)
-}
-
-/// A small host tensor where `ex` computes (uploaded in `dtype` for CUDA, as a constant of a CUDA
-/// graph under capture: its values are host scalars the graph's key holds).
-fn placed(ex: &Exec, host: Tensor, dtype: DType) -> Result<Tensor> {
-    match ex {
-        Exec::Cpu => Ok(host),
-        Exec::Cuda { gpu, scratch } => gpu.upload_constant(scratch, &host, dtype),
-    }
+    ex.constant(Tensor::from_f32(&[per_row.len(), c], dtype, &values)?)
 }
 
 /// A zero conv (1x1, with bias) and its residual's factor: factor * (conv(x) + bias), the bias and

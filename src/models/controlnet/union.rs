@@ -35,7 +35,7 @@
 //! scale per condition; with one value per condition the forward is diffusers'.
 
 use super::config::{ControlNetConfig, UnionConfig};
-use super::{ControlNet, ControlNetCheckpoint, ControlScale, check_scale, placed, row_vector};
+use super::{ControlNet, ControlNetCheckpoint, ControlScale, check_scale, row_vector};
 use crate::error::{Error, Result};
 use crate::models::embeddings;
 use crate::models::unet::{self, UnetConfig, UnetInputs, UnetResiduals};
@@ -436,7 +436,7 @@ impl ControlNetUnion {
         for t in types {
             flags[t.0] = 1.0;
         }
-        let flags = placed(ex, Tensor::from_f32(&[flags.len()], DType::F32, &flags)?, DType::F32)?;
+        let flags = ex.constant(Tensor::from_f32(&[flags.len()], DType::F32, &flags)?)?;
         let w = self.weights.root().at("control_add_embedding");
         let enc = &self.net.config.encoder;
         let e = embeddings::control_types(ex, &w, enc, &flags, self.union.type_embed_dim, self.dtype())?;

@@ -143,11 +143,8 @@ impl Positions {
                 temporal::position_rows(&table, self.videos, self.frames, channels, self.dtype)?
             }
         };
-        let rows = match ex {
-            Exec::Cpu => host,
-            // A function of the shapes only: a constant of a CUDA graph under capture.
-            Exec::Cuda { gpu, scratch } => gpu.upload_constant(scratch, &host, self.dtype)?,
-        };
+        // A function of the shapes only: a constant of a CUDA graph under capture.
+        let rows = ex.constant(host)?;
         self.made.insert(id, rows.clone());
         Ok(rows)
     }

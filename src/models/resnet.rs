@@ -78,7 +78,6 @@ pub fn forward_frames(
     // bias added to the projection's), broadcast over the video's frames and H, W by viewing
     // h [B*F, H, W, out] as [B, F*H, W, out]. Without a time embedding (the VAE) conv1's bias
     // rides in norm2 instead.
-    let mut norm2_input_bias = Some(conv1_bias);
     if let Some(emb_act) = emb_act {
         let bias = add(ex, w.get("time_emb_proj.bias")?, conv1_bias, 1.0)?;
         let t = linear(ex, emb_act, w.get("time_emb_proj.weight")?, Some(&bias))?;
@@ -86,13 +85,12 @@ pub fn forward_frames(
         let videos = t.shape()[0].max(1);
         let per_video = h.reshape(&[videos, s[0] / videos * s[1], s[2], s[3]])?;
         h = add(ex, &per_video, &t, 1.0)?.reshape(&s)?;
-        norm2_input_bias = None;
     }
     // 3. h = conv2(SiLU(norm2(h))) (dropout is the identity at inference), its bias left to step 4
     let (norm2_weight, norm2_bias) = (w.get("norm2.weight")?, w.get("norm2.bias")?);
-    h = match norm2_input_bias {
-        Some(b) => group_norm_of_biased(ex, &h, b, norm2_weight, norm2_bias, gn)?,
-        None => group_norm(ex, &h, norm2_weight, norm2_bias, gn)?,
+    h = match emb_act {
+        None => group_norm_of_biased(ex, &h, conv1_bias, norm2_weight, norm2_bias, gn)?,
+        Some(_) => group_norm(ex, &h, norm2_weight, norm2_bias, gn)?,
     };
     h = conv2d(ex, &h, w.get("conv2.weight")?, None, same)?;
     // 4. (shortcut(x) + h) / output_scale, both convolutions' biases added in the same pass

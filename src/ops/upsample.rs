@@ -64,12 +64,9 @@ pub fn upsample2x_conv3x3(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tenso
     }
     let same = Conv2d { stride: 1, padding: 1 };
     let (n, h, wd, cin, cout) = (s[0], s[1], s[2], s[3], ws[0]);
-    let Exec::Cuda { gpu, scratch } = ex else {
+    let (Exec::Cuda { gpu, scratch }, true) = (ex, cout % 8 == 0) else {
         return conv2d(ex, &upsample_nearest2x(ex, x)?, w, bias, same);
     };
-    if cout % 8 != 0 {
-        return conv2d(ex, &upsample_nearest2x(ex, x)?, w, bias, same);
-    }
     if let Some(b) = bias.filter(|b| b.shape() != [cout]) {
         return Err(Error::Input(format!("upsample2x_conv3x3: bias {b:?} must be [{cout}]")));
     }

@@ -311,3 +311,16 @@ fn concat_last_puts_a_then_b_in_every_row() {
     let f32 = Tensor::from_f32(&[2, 1, 3], DType::F32, &[0.0; 6]).unwrap();
     assert!(matches!(concat_last(&CPU, &a, &f32), Err(Error::Input(_))), "dtypes differ");
 }
+
+#[test]
+fn scale_rows_scales_each_leading_slice_and_refuses_a_wrong_count() {
+    use celframe::Tensor;
+    use celframe::ops::elementwise::scale_rows;
+    let values: Vec<f32> = (0..12).map(|i| i as f32 - 5.5).collect();
+    let t = Tensor::from_f32(&[2, 2, 3], DType::F32, &values).unwrap();
+    let got = scale_rows(&CPU, &t, &[2.0, -0.5]).unwrap().to_f32_vec().unwrap();
+    let want: Vec<f32> = values.iter().enumerate().map(|(i, v)| v * if i < 6 { 2.0 } else { -0.5 }).collect();
+    assert_eq!(got, want);
+    let err = scale_rows(&CPU, &t, &[1.0, 2.0, 3.0]).unwrap_err().to_string();
+    assert!(err.contains("scale_rows") && err.contains("3 factors"), "{err}");
+}

@@ -121,6 +121,16 @@ pub fn add(ex: &Exec, a: &Tensor, b: &Tensor, alpha: f32) -> Result<Tensor> {
 pub fn mul(ex: &Exec, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     binary(ex, ElementwiseOp::ELEMENTWISE_MUL, a, Some(b), 1.0)
 }
+/// t [N, ..., C] with its N leading slices scaled by per_row[n] (per-frame ControlNet strengths):
+/// one broadcast `mul` by an [N, C] table placed as an `Exec::constant`.
+pub fn scale_rows(ex: &Exec, t: &Tensor, per_row: &[f32]) -> Result<Tensor> {
+    if t.shape().first() != Some(&per_row.len()) {
+        return Err(Error::Input(format!("scale_rows: {} factors for {t:?}", per_row.len())));
+    }
+    let c = *t.shape().last().unwrap_or(&1);
+    let table: Vec<f32> = per_row.iter().flat_map(|&s| std::iter::repeat_n(s, c)).collect();
+    mul(ex, t, &ex.constant(Tensor::from_f32(&[per_row.len(), c], t.dtype(), &table)?)?)
+}
 pub fn scale(ex: &Exec, a: &Tensor, alpha: f32) -> Result<Tensor> {
     binary(ex, ElementwiseOp::ELEMENTWISE_SCALE, a, None, alpha)
 }

@@ -47,7 +47,7 @@ use crate::models::{
     open_motion, open_unet, with_loras,
 };
 use crate::ops::Exec;
-use crate::ops::elementwise::{add, mul};
+use crate::ops::elementwise::{add, scale_rows};
 use crate::ops::rows::{gather_rows, scatter_rows};
 use crate::output::{ClipOptions, ClipReport, ClipWriter, Fps, OutputTree, RgbImage};
 use crate::pipeline::batch::{ClipSeconds, RunReport, Shard, lora_groups, preflight, shard_clips, write_prompt_grid};
@@ -309,11 +309,6 @@ impl Target<'_> {
             Exec::Cpu => Ok(host),
             Exec::Cuda { gpu, scratch } => gpu.upload(scratch, &host, host.dtype()),
         }
-    }
-
-    /// A tensor of values the key of a CUDA graph under capture holds (`Exec::constant`).
-    fn constant(&self, shape: &[usize], dtype: DType, values: &[f32]) -> Result<Tensor> {
-        self.ex.constant(Tensor::from_f32(shape, dtype, values)?)
     }
 
     fn host_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
@@ -2238,14 +2233,10 @@ impl WindowBatch<'_> {
     }
 
     /// Every residual's row r times `factors[r]`.
-    fn scale_rows(&self, r: UnetResiduals, factors: &[f32]) -> Result<UnetResiduals> {
-        let (ex, target) = (self.target.ex, self.target);
-        let scale_rows = |t: Tensor| -> Result<Tensor> {
-            let c = *t.shape().last().unwrap_or(&1);
-            let b: Vec<f32> = factors.iter().flat_map(|&s| std::iter::repeat_n(s, c)).collect();
-            mul(&ex, &t, &target.constant(&[factors.len(), c], target.dtype, &b)?)
-        };
-        Ok(UnetResiduals { down: r.down.into_iter().map(scale_rows).collect::<Result<_>>()?, mid: scale_rows(r.mid)? })
+    fn scale_residuals(&self, r: UnetResiduals, factors: &[f32]) -> Result<UnetResiduals> {
+        let ex = self.target.ex;
+        let scaled = |t: Tensor| scale_rows(&ex, &t, factors);
+        Ok(UnetResiduals { down: r.down.into_iter().map(scaled).collect::<Result<_>>()?, mid: scaled(r.mid)? })
     }
 }
 
@@ -2287,7 +2278,7 @@ fn plain_residuals(
     if strengths.iter().all(|&s| s == 1.0) {
         return Ok(Some(r));
     }
-    b.scale_rows(r, &strengths).map(Some)
+    b.scale_residuals(r, &strengths).map(Some)
 }
 
 /// A ControlNet Union's residuals for the window: one forward for every frame with any
@@ -2344,7 +2335,7 @@ fn union_residuals(
     }
     let frames = window.len();
     let keep: Vec<f32> = (0..b.rows()).map(|r| if b.halves[r / frames] == Half::Uncond { 0.0 } else { 1.0 }).collect();
-    b.scale_rows(r, &keep).map(Some)
+    b.scale_residuals(r, &keep).map(Some)
 }
 
 #[cfg(test)]

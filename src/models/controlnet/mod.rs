@@ -32,7 +32,7 @@ use super::weights::{ModelWeights, Place, Scope, with_loras};
 use crate::error::{Error, Result};
 use crate::ops::Exec;
 use crate::ops::conv::{Conv2d, conv2d};
-use crate::ops::elementwise::{add, mul, silu};
+use crate::ops::elementwise::{add, scale_rows, silu};
 use crate::tensor::{DType, Tensor};
 use crate::weights::TensorSpec;
 
@@ -298,7 +298,7 @@ impl ControlNet {
         let zero = |name: &str, x: &Tensor, factor: f32| -> Result<Tensor> {
             let y = zero_conv(ex, &w.at(name), x, factor)?;
             match rows {
-                Some(r) => mul(ex, &y, &row_vector(ex, r, y.shape()[3], self.dtype())?),
+                Some(r) => scale_rows(ex, &y, r),
                 None => Ok(y),
             }
         };
@@ -354,13 +354,6 @@ fn check_scale(what: &str, scale: f32) -> Result<()> {
         true => Ok(()),
         false => Err(Error::Input(format!("ControlNet input: {what} {scale} must be a finite number"))),
     }
-}
-
-/// [rows, c]: row r holds `per_row[r]` in every column (a per-image factor for `mul`), built on
-/// the host and placed where `ex` computes.
-fn row_vector(ex: &Exec, per_row: &[f32], c: usize, dtype: DType) -> Result<Tensor> {
-    let values: Vec<f32> = per_row.iter().flat_map(|&s| std::iter::repeat_n(s, c)).collect();
-    ex.constant(Tensor::from_f32(&[per_row.len(), c], dtype, &values)?)
 }
 
 /// A zero conv (1x1, with bias) and its residual's factor: factor * (conv(x) + bias), the bias and

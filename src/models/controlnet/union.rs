@@ -35,13 +35,13 @@
 //! scale per condition; with one value per condition the forward is diffusers'.
 
 use super::config::{ControlNetConfig, UnionConfig};
-use super::{ControlNet, ControlNetCheckpoint, ControlScale, check_scale, row_vector};
+use super::{ControlNet, ControlNetCheckpoint, ControlScale, check_scale};
 use crate::error::{Error, Result};
 use crate::models::embeddings;
 use crate::models::unet::{self, UnetConfig, UnetInputs, UnetResiduals};
 use crate::models::weights::{ModelWeights, Place, Scope};
 use crate::ops::Exec;
-use crate::ops::elementwise::{add, mul, quick_gelu, scale};
+use crate::ops::elementwise::{add, quick_gelu, scale, scale_rows};
 use crate::ops::linear::{linear, linear_add};
 use crate::ops::norm::layer_norm;
 use crate::ops::reduce::mean_hw;
@@ -466,9 +466,6 @@ fn scaled(ex: &Exec, t: Tensor, s: &[f32]) -> Result<Tensor> {
     match s {
         [one] if *one == 1.0 => Ok(t),
         [one] => scale(ex, &t, *one),
-        per_row => {
-            let c = *t.shape().last().unwrap_or(&1);
-            mul(ex, &t, &row_vector(ex, per_row, c, t.dtype())?)
-        }
+        per_row => scale_rows(ex, &t, per_row),
     }
 }

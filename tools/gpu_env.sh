@@ -1,4 +1,4 @@
-# Sourced by the GPU-machine scripts (gpu_run.sh, ncu_group_norm.sh, unet_gpu.sh, vae_gpu.sh,
+# Sourced by the GPU-machine scripts (gpu_run.sh, ncu_bench.sh, unet_gpu.sh, vae_gpu.sh,
 # text_encoder_gpu.sh): cuBLASLt and cuDNN come from the NVIDIA wheels next to PyTorch.
 libs=$(python3 -c 'import glob, os, nvidia
 print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(os.path.join(d, "**/lib*.so*"), recursive=True)})))')

@@ -208,6 +208,7 @@ fn regenerate_params(root: &Path) {
         .allowlist_type("LoraTermKind")
         .allowlist_var("GROUP_NORM_.*")
         .allowlist_var("LORA_.*")
+        .allowlist_var("GEGLU_LINEAR_.*")
         .rustified_enum("ElementwiseOp")
         .rustified_enum("LoraTermKind")
         .derive_default(true)

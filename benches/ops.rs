@@ -13,7 +13,7 @@ use celframe::ops::attention::{
 };
 use celframe::ops::conv::{Conv2d, conv2d};
 use celframe::ops::elementwise::{add, residual_add};
-use celframe::ops::linear::linear;
+use celframe::ops::linear::{GegluLinear, linear, linear_geglu_with};
 use celframe::ops::lora::{DeltaFactors, DeltaTerm, LayerDelta, merge_deltas, merge_gemm};
 use celframe::ops::norm::{
     GroupNorm, GroupNormMode, GroupNormTuning, group_norm_layout, group_norm_tuned, layer_norm, layer_norm_add,
@@ -305,6 +305,28 @@ fn main() -> Result<()> {
         b.run("linear", &key, 0.0, 2.0 * (m * kdim * ndim) as f64, |k| {
             linear(&ex, &xs[k], &wt, Some(&bias)).map(drop)
         })?;
+    }
+    // The GEGLU projection (ff.net.0.proj + GEGLU) at the UNet's b32 1024x576 levels 1 and 2, its
+    // b2 1024x1024 level 1 and the motion modules' level 0 (32 frames x 72x128 tokens): cuBLASLt then
+    // the geglu pass, and the Hopper kernel with GEGLU in its epilogue (compute capability 9.0).
+    for (m, kdim, dim) in
+        [(73728usize, 640usize, 2560usize), (18432, 1280, 5120), (8192, 640, 2560), (294912, 320, 1280)]
+    {
+        let xs = [b.random(&[m, kdim], DType::F16, 21)?, b.random(&[m, kdim], DType::F16, 22)?];
+        let (wt, bias) = (b.random(&[2 * dim, kdim], DType::F16, 23)?, b.random(&[2 * dim], DType::F16, 24)?);
+        let key = format!("linear_geglu f16 M{m} K{kdim} D{dim}");
+        // The fused kernel's least traffic: x, w and y once.
+        let bytes = 2.0 * (m * kdim + 2 * dim * kdim + m * dim) as f64;
+        let flop = 2.0 * (m * kdim * 2 * dim) as f64;
+        let mut routes = vec![(GegluLinear::Composed, "composed")];
+        if info.compute_capability == (9, 0) {
+            routes.push((GegluLinear::Fused, "fused"));
+        }
+        for (route, name) in routes {
+            b.run("linear_geglu", &format!("{key} {name}"), bytes, flop, |k| {
+                linear_geglu_with(&ex, &xs[k], &wt, Some(&bias), route).map(drop)
+            })?;
+        }
     }
     lora_merges(&b, &ex)
 }

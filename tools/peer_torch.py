@@ -114,6 +114,23 @@ for m, kd, nd in [(8192, 640, 640), (2048, 1280, 10240), (65536, 320, 320)]:
         return F.linear(xs[k[0]], wt, bias)
     peer(key, "torch", bench(f), 0.0, 2.0 * m * kd * nd)
 
+# diffusers' GEGLU (ff.net.0): the projection, chunk(2) into hidden states and gate, hidden * gelu(gate).
+for m, kd, dim in [(73728, 640, 2560), (18432, 1280, 5120), (8192, 640, 2560), (294912, 320, 1280)]:
+    key = f"linear_geglu f16 M{m} K{kd} D{dim}"
+    if not wanted(key):
+        continue
+    xs = [torch.randn(m, kd, device=dev, dtype=torch.float16) for _ in range(2)]
+    wt, bias = torch.randn(2 * dim, kd, device=dev, dtype=torch.float16), torch.randn(2 * dim, device=dev, dtype=torch.float16)
+    k = [0]
+
+    def f():
+        k[0] ^= 1
+        hidden, gate = F.linear(xs[k[0]], wt, bias).chunk(2, dim=-1)
+        return hidden * F.gelu(gate)
+    ms = bench(f)
+    for route in ("composed", "fused"):
+        peer(f"{key} {route}", "torch", ms, 2.0 * (m * kd + 2 * dim * kd + m * dim), 2.0 * m * kd * 2 * dim)
+
 # Temporal attention as diffusers runs it: sequences [B*H*W, heads, F, d] through SDPA (the
 # reshapes/transposes around it are not timed, which favours PyTorch).
 for h, w, c in [(72, 128, 320), (36, 64, 640), (18, 32, 1280)]:

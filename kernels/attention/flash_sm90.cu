@@ -26,6 +26,7 @@
 // step is mma.m16n8k16's (see flash.cu) for the warp's 16 rows, so the S accumulators of key n-tiles
 // 2 kk and 2 kk + 1 are the A operand of key step kk.
 #include "common.cuh"
+#include "sm90.cuh"
 
 #define FH_D 64
 #define FH_BM 128  // query rows per block: two warpgroups of 64
@@ -35,37 +36,12 @@
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
-// Leading-dimension offset 16 B as CUTLASS's make_gmma_desc sets it for swizzled layouts
-// (cute/atom/mma_traits_sm90_gmma.hpp), stride 1024 B, 128-byte swizzle.
-__device__ __forceinline__ uint64_t sw128_desc(const void* smem) {
-    const uint32_t addr = (uint32_t)__cvta_generic_to_shared(smem);
-    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
-           ((uint64_t)1 << 62);
-}
-
-// Pins accumulator registers at this point: the compiler sees a wgmma's outputs as written when
-// the instruction issues, not when wgmma.wait_group returns (CUTLASS's warpgroup_fence_operand).
-template <int N>
-__device__ __forceinline__ void fence_regs(float (&r)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-
 __device__ __forceinline__ void fence_pa(uint32_t (&pa)[FH_BN / 16][4]) {
 #pragma unroll
     for (int kk = 0; kk < FH_BN / 16; ++kk)
 #pragma unroll
         for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(pa[kk][r])::"memory");
 }
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-// Waits until at most N committed wgmma groups of this warpgroup are still in flight.
-template <int N>
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
-// Makes this thread's shared-memory writes (cp.async included) visible to the async proxy wgmma
-// reads through.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // The 64 accumulator operands of an m64n128k16 wgmma, each with constraint M.
 #define FH_D64(M) M(d[0]), M(d[1]), M(d[2]), M(d[3]), M(d[4]), M(d[5]), M(d[6]), M(d[7]), M(d[8]), M(d[9]), M(d[10]), M(d[11]), M(d[12]), M(d[13]), M(d[14]), M(d[15]), M(d[16]), M(d[17]), M(d[18]), M(d[19]), M(d[20]), M(d[21]), M(d[22]), M(d[23]), M(d[24]), M(d[25]), M(d[26]), M(d[27]), M(d[28]), M(d[29]), M(d[30]), M(d[31]), M(d[32]), M(d[33]), M(d[34]), M(d[35]), M(d[36]), M(d[37]), M(d[38]), M(d[39]), M(d[40]), M(d[41]), M(d[42]), M(d[43]), M(d[44]), M(d[45]), M(d[46]), M(d[47]), M(d[48]), M(d[49]), M(d[50]), M(d[51]), M(d[52]), M(d[53]), M(d[54]), M(d[55]), M(d[56]), M(d[57]), M(d[58]), M(d[59]), M(d[60]), M(d[61]), M(d[62]), M(d[63])
@@ -325,61 +301,12 @@ __device__ void flash_attention_sm90(const FlashAttentionParams& p) {
 // the release; it awaits tile j before turn j (K) or j + 1 (V), or after turn j + 1 (unused). Tile
 // j lands once both consumers released tile j - FW_STAGES, after turns j - FW_STAGES + 1 <= j - 2,
 // earlier in the chain: every wait depends only on earlier links. A hang would be on a bar.sync,
-// which has no timeout (the mbarrier waits trap after FW_TIMEOUT_NS).
+// which has no timeout (the mbarrier waits trap after SM90_WAIT_TIMEOUT_NS).
 
 #define FW_STAGES 3
-#define FW_TIMEOUT_NS 2000000000ull  // a wait this long is a protocol bug: trap rather than hang
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
-__device__ __forceinline__ uint64_t global_timer_ns() {
-    uint64_t t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
-
-__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
-}
-
-// One arrival that also tells the barrier to expect `bytes` more of asynchronous copies.
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
-
-__device__ __forceinline__ bool mbar_try_wait(uint64_t* bar, uint32_t parity) {
-    uint32_t done;
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(parity)
-        : "memory");
-    return done != 0;
-}
-
-// Waits for the phase of parity `parity` to complete; traps after FW_TIMEOUT_NS of spinning.
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-    if (mbar_try_wait(bar, parity)) return;
-    const uint64_t start = global_timer_ns();
-    while (!mbar_try_wait(bar, parity))
-        if (global_timer_ns() - start > FW_TIMEOUT_NS) asm volatile("trap;");
-}
-
-// Named barrier `id` (1-15; 0 is __syncthreads) over `threads` threads, a multiple of 32: bar.sync
-// counts this warp and waits for the phase to complete, bar.arrive only counts it.
-__device__ __forceinline__ void named_bar_sync(int id, int threads) {
-    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void named_bar_arrive(int id, int threads) {
-    asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
 
 // Box (64, 1, 128, 1) at (0, head, row, batch) of a tensor map into a 1024-byte aligned tile.
-__device__ __forceinline__ void tma_load_tile(void* dst, const FlashTensorMap* map, int head, int row, int batch,
+__device__ __forceinline__ void tma_load_tile(void* dst, const TensorMap* map, int head, int row, int batch,
                                               uint64_t* bar) {
     asm volatile(
         "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
@@ -545,26 +472,14 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
 
 #endif
 
-// Launched only on devices of compute capability 9.0 (src/ops/attention.rs): each entry runs
-// BODY<template arguments>(p) on sm_90a and holds a trap on the file's other targets, since wgmma
-// exists only there (the macros are variadic: the template arguments may hold a comma). One block
-// per multiprocessor for the cp.async kernel: capped at 128 registers for two it spills, and the
+// Launched only on devices of compute capability 9.0 (src/ops/attention.rs). The cp.async kernel
+// runs one block per multiprocessor: capped at 128 registers for two it spills, and the
 // warp-specialised kernel is the routed one.
-#define FH_ENTRY(NAME, THREADS, PARAMS, BODY, ...)                                                    \
-    extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const __grid_constant__ PARAMS p) { \
-        FH_SM90_ONLY(BODY<__VA_ARGS__>(p));                                                           \
-    }
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define FH_SM90_ONLY(...) __VA_ARGS__
-#else
-#define FH_SM90_ONLY(...) __trap()
-#endif
-
-FH_ENTRY(flash_attention_sm90_d64_f16, 256, FlashAttentionParams, flash_attention_sm90, __half)
-FH_ENTRY(flash_attention_sm90_d64_bf16, 256, FlashAttentionParams, flash_attention_sm90, __nv_bfloat16)
+SM90_ENTRY(flash_attention_sm90_d64_f16, 256, FlashAttentionParams, flash_attention_sm90, __half)
+SM90_ENTRY(flash_attention_sm90_d64_bf16, 256, FlashAttentionParams, flash_attention_sm90, __nv_bfloat16)
 // 384 threads: the producer warpgroup and two consumer warpgroups (one block per multiprocessor);
 // `true`: the ping-pong variant.
-FH_ENTRY(flash_attention_ws_d64_f16, 384, FlashTmaParams, flash_attention_ws, __half, false)
-FH_ENTRY(flash_attention_ws_d64_bf16, 384, FlashTmaParams, flash_attention_ws, __nv_bfloat16, false)
-FH_ENTRY(flash_attention_wspp_d64_f16, 384, FlashTmaParams, flash_attention_ws, __half, true)
-FH_ENTRY(flash_attention_wspp_d64_bf16, 384, FlashTmaParams, flash_attention_ws, __nv_bfloat16, true)
+SM90_ENTRY(flash_attention_ws_d64_f16, 384, FlashTmaParams, flash_attention_ws, __half, false)
+SM90_ENTRY(flash_attention_ws_d64_bf16, 384, FlashTmaParams, flash_attention_ws, __nv_bfloat16, false)
+SM90_ENTRY(flash_attention_wspp_d64_f16, 384, FlashTmaParams, flash_attention_ws, __half, true)
+SM90_ENTRY(flash_attention_wspp_d64_bf16, 384, FlashTmaParams, flash_attention_ws, __nv_bfloat16, true)

@@ -128,18 +128,23 @@ __device__ __forceinline__ float gelu_f32(float x) { return 0.5f * x * (1.0f + e
 __device__ __forceinline__ float quick_gelu_f32(float x) { return __fdividef(x, 1.0f + __expf(-1.702f * x)); }
 
 // Tensor-core helpers (sm_80+): mma.m16n8k16 with fp32 accumulation for f16 / bf16 operands,
-// ldmatrix loads of 8x8 b16 tiles from shared memory, and packing two floats into one operand word.
+// ldmatrix loads of 8x8 b16 tiles from shared memory, and packing two floats into one operand word
+// (and back).
 template <typename T> struct MmaType;
 template <> struct MmaType<__half> {
     static __device__ __forceinline__ uint32_t pack(float a, float b) {
         __half2 h = __floats2half2_rn(a, b);
         return *reinterpret_cast<uint32_t*>(&h);
     }
+    static __device__ __forceinline__ float2 unpack(uint32_t v) { return __half22float2(*reinterpret_cast<__half2*>(&v)); }
 };
 template <> struct MmaType<__nv_bfloat16> {
     static __device__ __forceinline__ uint32_t pack(float a, float b) {
         __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
         return *reinterpret_cast<uint32_t*>(&h);
+    }
+    static __device__ __forceinline__ float2 unpack(uint32_t v) {
+        return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v));
     }
 };
 

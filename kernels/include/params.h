@@ -255,20 +255,45 @@ typedef struct FlashAttentionParams {
 
 // A CUDA tensor map (cuda.h's CUtensorMap: 128 opaque bytes, 64-byte aligned), encoded on the host
 // by cuTensorMapEncodeTiled and read by the TMA unit (cp.async.bulk.tensor).
-typedef struct __attribute__((aligned(64))) FlashTensorMap {
+typedef struct __attribute__((aligned(64))) TensorMap {
     uint64_t opaque[16];
-} FlashTensorMap;
+} TensorMap;
 
 // The warp-specialised Hopper flash kernel (flash_attention_ws_d64_*): q, k and v are read through
 // rank-4 tensor maps over (64 dims, heads, tokens, batch) with 128-byte swizzled boxes of
 // (64, 1, 128, 1); `attn` holds the output, its strides and the scalars (its q, k, v pointers and
 // strides are those the maps encode, unused by the kernel).
 typedef struct FlashTmaParams {
-    FlashTensorMap q_map;
-    FlashTensorMap k_map;
-    FlashTensorMap v_map;
+    TensorMap q_map;
+    TensorMap k_map;
+    TensorMap v_map;
     FlashAttentionParams attn;
 } FlashTmaParams;
+
+// The GEGLU feed-forward's first projection on Hopper (geglu_linear_sm90_*, after wgmma and TMA):
+// y[r, j] = (x w^T + bias)[r, j] * gelu((x w^T + bias)[r, dim + j]) for j < dim, with the weight
+// w [2 dim, k] in PyTorch's layout (value rows first, gate rows second, as diffusers' GEGLU chunks
+// its projection) and the exact (erf) GELU; the [rows, 2 dim] projection never reaches memory.
+// x [rows, k] and w are read through rank-2 tensor maps (k, rows) in 128-byte swizzled boxes of
+// (GEGLU_LINEAR_BK, 128) rows.
+typedef struct GegluLinearParams {
+    TensorMap x_map;
+    TensorMap w_map;
+    const void* bias;  // [2 dim], or null
+    void* y;           // [rows, dim], contiguous
+    int64_t rows;
+    int32_t k;
+    int32_t dim;       // a multiple of GEGLU_LINEAR_BN
+} GegluLinearParams;
+
+#define GEGLU_LINEAR_BM 128     // rows per tile: two consumer warpgroups of 64
+#define GEGLU_LINEAR_BN 128     // output columns per tile (128 value and 128 gate rows of w)
+#define GEGLU_LINEAR_BK 64      // k per pipeline stage: one 128-byte swizzle atom of 16-bit elements
+#define GEGLU_LINEAR_STAGES 4
+#define GEGLU_LINEAR_THREADS 384  // a producer warpgroup and two consumer warpgroups
+// Dynamic shared memory: the stages (x tile 16 KiB + w tile 32 KiB each), the output staging of the
+// eight consumer warps (16 rows x 128 columns each), 1 KiB of alignment and the 2 x STAGES mbarriers.
+#define GEGLU_LINEAR_SHARED (GEGLU_LINEAR_STAGES * 49152 + 8 * 4096 + 1024 + 2 * GEGLU_LINEAR_STAGES * 8)
 
 // Row softmax of fp32 attention scores into probabilities in the activation dtype (the middle step
 // of attention through two GEMMs, for head dims the flash kernel does not cover).

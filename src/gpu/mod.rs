@@ -1,5 +1,5 @@
 //! GPU runtime: device and stream, lazily loaded kernel modules, checked launches, memory arenas,
-//! CUDA-event timing and profiles, NVTX ranges, CUDA graphs, and the vendor libraries (cuBLASLt,
+//! CUDA-event timing and profiles, NVTX ranges, TMA tensor maps, CUDA graphs, and the vendor libraries (cuBLASLt,
 //! cuDNN).
 
 pub mod blas;
@@ -11,6 +11,7 @@ pub mod nvtx;
 pub mod params;
 pub mod profile;
 pub mod timing;
+pub mod tma;
 pub mod tuning;
 
 pub use device::{ClusterScheduling, DeviceInfo, Gpu, KERNEL_MODULES, KernelParams};
@@ -37,6 +38,7 @@ kernel_params!(
     params::TemporalAttentionParams,
     params::FlashAttentionParams,
     params::FlashTmaParams,
+    params::GegluLinearParams,
     params::SoftmaxRowsParams,
     params::EmbeddingParams,
     params::LoraMergeParams,

@@ -7,6 +7,12 @@ pub const GROUP_NORM_VECS_16BIT: u32 = 8;
 pub const GROUP_NORM_VECS_F32: u32 = 2;
 pub const GROUP_NORM_CONTROL_STRIDE: u32 = 32;
 pub const GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS: u32 = 128;
+pub const GEGLU_LINEAR_BM: u32 = 128;
+pub const GEGLU_LINEAR_BN: u32 = 128;
+pub const GEGLU_LINEAR_BK: u32 = 64;
+pub const GEGLU_LINEAR_STAGES: u32 = 4;
+pub const GEGLU_LINEAR_THREADS: u32 = 384;
+pub const GEGLU_LINEAR_SHARED: u32 = 230464;
 pub const LORA_DORA_THREADS: u32 = 256;
 pub const LORA_DORA_CHANGE_ELEMS: u32 = 8;
 pub const LORA_TILE_M: u32 = 128;
@@ -600,16 +606,16 @@ impl Default for FlashAttentionParams {
 #[repr(C)]
 #[repr(align(64))]
 #[derive(Debug, Copy, Clone)]
-pub struct FlashTensorMap {
+pub struct TensorMap {
     pub opaque: [u64; 16usize],
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of FlashTensorMap"][::std::mem::size_of::<FlashTensorMap>() - 128usize];
-    ["Alignment of FlashTensorMap"][::std::mem::align_of::<FlashTensorMap>() - 64usize];
-    ["Offset of field: FlashTensorMap::opaque"][::std::mem::offset_of!(FlashTensorMap, opaque) - 0usize];
+    ["Size of TensorMap"][::std::mem::size_of::<TensorMap>() - 128usize];
+    ["Alignment of TensorMap"][::std::mem::align_of::<TensorMap>() - 64usize];
+    ["Offset of field: TensorMap::opaque"][::std::mem::offset_of!(TensorMap, opaque) - 0usize];
 };
-impl Default for FlashTensorMap {
+impl Default for TensorMap {
     fn default() -> Self {
         let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
         unsafe {
@@ -622,9 +628,9 @@ impl Default for FlashTensorMap {
 #[repr(align(64))]
 #[derive(Debug, Copy, Clone)]
 pub struct FlashTmaParams {
-    pub q_map: FlashTensorMap,
-    pub k_map: FlashTensorMap,
-    pub v_map: FlashTensorMap,
+    pub q_map: TensorMap,
+    pub k_map: TensorMap,
+    pub v_map: TensorMap,
     pub attn: FlashAttentionParams,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
@@ -637,6 +643,39 @@ const _: () = {
     ["Offset of field: FlashTmaParams::attn"][::std::mem::offset_of!(FlashTmaParams, attn) - 384usize];
 };
 impl Default for FlashTmaParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct GegluLinearParams {
+    pub x_map: TensorMap,
+    pub w_map: TensorMap,
+    pub bias: *const ::std::os::raw::c_void,
+    pub y: *mut ::std::os::raw::c_void,
+    pub rows: i64,
+    pub k: i32,
+    pub dim: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of GegluLinearParams"][::std::mem::size_of::<GegluLinearParams>() - 320usize];
+    ["Alignment of GegluLinearParams"][::std::mem::align_of::<GegluLinearParams>() - 64usize];
+    ["Offset of field: GegluLinearParams::x_map"][::std::mem::offset_of!(GegluLinearParams, x_map) - 0usize];
+    ["Offset of field: GegluLinearParams::w_map"][::std::mem::offset_of!(GegluLinearParams, w_map) - 128usize];
+    ["Offset of field: GegluLinearParams::bias"][::std::mem::offset_of!(GegluLinearParams, bias) - 256usize];
+    ["Offset of field: GegluLinearParams::y"][::std::mem::offset_of!(GegluLinearParams, y) - 264usize];
+    ["Offset of field: GegluLinearParams::rows"][::std::mem::offset_of!(GegluLinearParams, rows) - 272usize];
+    ["Offset of field: GegluLinearParams::k"][::std::mem::offset_of!(GegluLinearParams, k) - 280usize];
+    ["Offset of field: GegluLinearParams::dim"][::std::mem::offset_of!(GegluLinearParams, dim) - 284usize];
+};
+impl Default for GegluLinearParams {
     fn default() -> Self {
         let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -9,8 +9,7 @@ use super::weights::{Fusion, Scope};
 use crate::error::Result;
 use crate::ops::Exec;
 use crate::ops::attention::{Columns, FlashAttention, attention_grouped};
-use crate::ops::elementwise::geglu;
-use crate::ops::linear::{linear, linear_add};
+use crate::ops::linear::{linear, linear_add, linear_geglu};
 use crate::ops::norm::{GroupNorm, group_norm, layer_norm_add};
 use crate::tensor::Tensor;
 use crate::weights::TensorSpec;
@@ -89,11 +88,11 @@ pub(crate) fn block_norm_add(ex: &Exec, w: &Scope, name: &str, x: &Tensor, rows:
 }
 
 /// BasicTransformerBlock's last step, x + FF(LN3(x)) with the GEGLU feed-forward:
-/// [B, L, C] -> [B, L, 8C] -> [B, L, 4C] -> [B, L, C], the residual added in ff.net.2's epilogue.
+/// [B, L, C] -> [B, L, 4C] (the [B, L, 8C] projection and GEGLU as one `linear_geglu`) -> [B, L, C],
+/// the residual added in ff.net.2's epilogue.
 pub(crate) fn block_feed_forward(ex: &Exec, w: &Scope, x: &Tensor) -> Result<Tensor> {
-    let mut f = block_norm(ex, w, "norm3", x)?;
-    f = linear(ex, &f, w.get("ff.net.0.proj.weight")?, Some(w.get("ff.net.0.proj.bias")?))?;
-    f = geglu(ex, &f)?;
+    let f = block_norm(ex, w, "norm3", x)?;
+    let f = linear_geglu(ex, &f, w.get("ff.net.0.proj.weight")?, Some(w.get("ff.net.0.proj.bias")?))?;
     linear_add(ex, &f, w.get("ff.net.2.weight")?, Some(w.get("ff.net.2.bias")?), Some(x))
 }
 

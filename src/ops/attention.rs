@@ -9,9 +9,8 @@ use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
 use crate::gpu::blas::{Gemm, GemmIo};
-use crate::gpu::params::{
-    FlashAttentionParams, FlashTensorMap, FlashTmaParams, SoftmaxRowsParams, TemporalAttentionParams,
-};
+use crate::gpu::params::{FlashAttentionParams, FlashTmaParams, SoftmaxRowsParams, TemporalAttentionParams, TensorMap};
+use crate::gpu::tma::tensor_map;
 use crate::tensor::{DType, Tensor};
 
 /// q, k or v of the attention ops: the channels `first..first + width` of every row of `tensor`,
@@ -484,51 +483,17 @@ fn flash_tensor_map(
     batch: usize,
     row_stride: i64,
     batch_stride: i64,
-) -> Result<FlashTensorMap> {
-    use cudarc::driver::sys;
-    let es = dtype.size() as u64;
-    // cuTensorMapEncodeTiled: a 16-byte aligned base; strides multiples of 16 bytes below 2^40.
-    let strides = [64 * es, row_stride as u64 * es, batch_stride as u64 * es];
-    if !ptr.is_multiple_of(16)
-        || row_stride < 0
-        || batch_stride < 0
-        || strides.iter().any(|s| !s.is_multiple_of(16) || *s >= 1 << 40)
-    {
-        return Err(Error::Unsupported(format!(
-            "flash_attention (Hopper TMA kernel): {name} needs a 16-byte aligned base and row and batch strides \
-             that are multiples of 16 bytes (base {ptr:#x}, row stride {row_stride}, batch stride \
-             {batch_stride} elements of {dtype:?})"
-        )));
-    }
+) -> Result<TensorMap> {
     let dims = [64, heads as u64, tokens as u64, batch as u64];
     let boxes = [64, 1, FLASH_SM90_BM as u32, 1];
-    let element_strides = [1u32; 4];
-    let data_type = if dtype == DType::F16 {
-        sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16
-    } else {
-        sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-    };
-    let mut map = sys::CUtensorMap { opaque: [0; 16] };
-    // SAFETY: every array holds the rank (4) entries, strides the rank - 1; `map` is written only.
-    unsafe {
-        sys::cuTensorMapEncodeTiled(
-            &mut map,
-            data_type,
-            4,
-            ptr as *mut std::ffi::c_void,
-            dims.as_ptr(),
-            strides.as_ptr(),
-            boxes.as_ptr(),
-            element_strides.as_ptr(),
-            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-    }
-    .result()
-    .map_err(|e| Error::Cuda(format!("cuTensorMapEncodeTiled for flash_attention {name} failed: {e:?}")))?;
-    Ok(FlashTensorMap { opaque: map.opaque })
+    tensor_map(
+        &format!("flash_attention (Hopper TMA kernel) {name}"),
+        ptr,
+        dtype,
+        &dims,
+        &[64, row_stride, batch_stride],
+        &boxes,
+    )
 }
 
 /// Which flash kernel a call takes: the short-key one for non-causal attention over at most 256 keys

@@ -1,0 +1,220 @@
+// The GEGLU feed-forward's first projection with GEGLU in its epilogue, on Hopper (sm_90a):
+// y[r, j] = (x w^T + b)[r, j] * gelu((x w^T + b)[r, dim + j]), the [rows, 2 dim] projection kept in
+// registers (params.h, GegluLinearParams). A persistent warp-specialised GEMM after the structure of
+// CUTLASS 3's sm90 "TMA warp-specialised cooperative" kernels with 2-block clusters (NVIDIA CUTLASS
+// 3.x, sm90 GEMM collectives and PipelineTmaAsync): warpgroup 0 is the producer, one thread of which
+// issues TMA copies (cp.async.bulk.tensor) into a ring of GEGLU_LINEAR_STAGES stages; warpgroups 1
+// and 2 each own 64 of the tile's 128 rows and multiply them by all 256 w rows of the stage
+// (wgmma m64n256k16, fp32 accumulators in 128 registers per thread).
+//
+// Clusters: the two blocks of a cluster take row tiles 2 i and 2 i + 1 of the same column tile, so
+// they need the same w tile (the 128 value rows and the 128 gate rows for those output columns).
+// Each block loads its own x tile (128 rows x 64 k) and half the w tile, multicast into both blocks'
+// shared memory (block 0 the value rows, block 1 the gate rows): a block's stage completes on its
+// "full" mbarrier when all three pieces (48 KiB) have landed. Halving the w traffic from L2 is what
+// lets a 128 x 256 tile run at the tensor cores' pace (85 FLOP per byte loaded without it: more L2
+// bandwidth than the H200 has at ~740 TFLOP/s). A stage may be refilled only when both blocks'
+// consumers are done with it, since the peer's producer writes into it too: each consumer warp
+// arrives on the "empty" mbarrier of the stage in both blocks (16 arrivals per phase).
+//
+// The clusters walk the tile pairs with a stride of the grid (one block per multiprocessor), column
+// tiles fastest, so the clusters in flight share x rows and the whole w stays in L2; the producer
+// runs ahead into the next tile while the consumers finish the current one. Both blocks of a
+// cluster walk the same pairs (a row tile past `rows` reads zeros and writes nothing), so their
+// stage uses stay paired; they meet at a cluster barrier after init (no multicast into an
+// uninitialised barrier) and before exit (no remote arrival into an exited block).
+//
+// Because the w tile stacks the value rows over the gate rows, accumulator element i of a thread
+// (row 16 w + g + 8 ((i % 4) / 2), column 8 (i / 4) + 2 t + i % 2; PTX ISA "wgmma register
+// fragments") and element i + 64 hold the value and the gate of the same output: the epilogue adds
+// the biases, multiplies by the exact GELU of the gate, stages
+// each warp's 16 x 128 outputs in shared memory (16-byte chunk c of row r at chunk c ^ (r % 8): the
+// eight rows a write covers fall in distinct banks) and writes whole 256-byte row pieces. Rows past
+// `rows` are read as zeros (TMA fills boxes past the tensor) and not written; k past its end is
+// zero-filled the same way.
+#include "common.cuh"
+#include "sm90.cuh"
+
+#define GL_BM GEGLU_LINEAR_BM
+#define GL_BN GEGLU_LINEAR_BN
+#define GL_BK GEGLU_LINEAR_BK
+#define GL_STAGES GEGLU_LINEAR_STAGES
+#define GL_X_TILE (GL_BM * GL_BK)      // elements of a stage's x tile (16 KiB)
+#define GL_W_TILE (2 * GL_BN * GL_BK)  // elements of a stage's w tile (value and gate rows, 32 KiB)
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// The 128 accumulator operands of an m64n256k16 wgmma, each with constraint M.
+#define GL_D128(M) M(d[0]), M(d[1]), M(d[2]), M(d[3]), M(d[4]), M(d[5]), M(d[6]), M(d[7]), M(d[8]), M(d[9]), M(d[10]), M(d[11]), M(d[12]), M(d[13]), M(d[14]), M(d[15]), M(d[16]), M(d[17]), M(d[18]), M(d[19]), M(d[20]), M(d[21]), M(d[22]), M(d[23]), M(d[24]), M(d[25]), M(d[26]), M(d[27]), M(d[28]), M(d[29]), M(d[30]), M(d[31]), M(d[32]), M(d[33]), M(d[34]), M(d[35]), M(d[36]), M(d[37]), M(d[38]), M(d[39]), M(d[40]), M(d[41]), M(d[42]), M(d[43]), M(d[44]), M(d[45]), M(d[46]), M(d[47]), M(d[48]), M(d[49]), M(d[50]), M(d[51]), M(d[52]), M(d[53]), M(d[54]), M(d[55]), M(d[56]), M(d[57]), M(d[58]), M(d[59]), M(d[60]), M(d[61]), M(d[62]), M(d[63]), M(d[64]), M(d[65]), M(d[66]), M(d[67]), M(d[68]), M(d[69]), M(d[70]), M(d[71]), M(d[72]), M(d[73]), M(d[74]), M(d[75]), M(d[76]), M(d[77]), M(d[78]), M(d[79]), M(d[80]), M(d[81]), M(d[82]), M(d[83]), M(d[84]), M(d[85]), M(d[86]), M(d[87]), M(d[88]), M(d[89]), M(d[90]), M(d[91]), M(d[92]), M(d[93]), M(d[94]), M(d[95]), M(d[96]), M(d[97]), M(d[98]), M(d[99]), M(d[100]), M(d[101]), M(d[102]), M(d[103]), M(d[104]), M(d[105]), M(d[106]), M(d[107]), M(d[108]), M(d[109]), M(d[110]), M(d[111]), M(d[112]), M(d[113]), M(d[114]), M(d[115]), M(d[116]), M(d[117]), M(d[118]), M(d[119]), M(d[120]), M(d[121]), M(d[122]), M(d[123]), M(d[124]), M(d[125]), M(d[126]), M(d[127])
+#define GL_WGMMA(TY)                                                                                  \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                        \
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 0;\n}\n" \
+                 : GL_D128("+f")                                                                       \
+                 : "l"(a), "l"(b), "r"(accumulate))
+
+// d (64 x 256) = A (64 x 16) B (16 x 256), or += when `accumulate`; both operands K-major
+// descriptors of 128-byte swizzled tiles.
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n256(float (&d)[128], uint64_t a, uint64_t b, int accumulate) {
+    if constexpr (std::is_same<T, __half>::value) GL_WGMMA("f16");
+    else GL_WGMMA("bf16");
+}
+
+// Box (GL_BK, 128) at (col, row) of a rank-2 tensor map into a 1024-byte aligned tile.
+__device__ __forceinline__ void tma_load_2d(void* dst, const TensorMap* map, int col, int row, uint64_t* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+            smem_addr(dst)),
+        "l"(map), "r"(col), "r"(row), "r"(smem_addr(bar))
+        : "memory");
+}
+
+// The same, multicast: the box lands at the same offset in the shared memory of every block of
+// the cluster in `mask`, each completing bytes on its own barrier at `bar`'s offset.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const TensorMap* map, int col, int row, uint64_t* bar,
+                                                      uint16_t mask) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, "
+        "%3}], [%4], %5;" ::"r"(smem_addr(dst)),
+        "l"(map), "r"(col), "r"(row), "r"(smem_addr(bar)), "h"(mask)
+        : "memory");
+}
+
+__device__ __forceinline__ uint32_t cluster_rank() {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+
+// One arrival on the mbarrier at `bar`'s offset in block `rank` of the cluster (this one included).
+__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t rank) {
+    uint32_t remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(bar)), "r"(rank));
+    // The default (release, CTA scope) semantics, as CUTLASS's ClusterBarrier::arrive: the products
+    // that read the stage are complete (wgmma.wait_group); .release.cluster would add a GPU-wide fence.
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+}
+
+// Every thread of both blocks of the cluster.
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+
+// The consumer warpgroups' side of geglu_linear_sm90: products, then the GEGLU epilogue, per tile.
+template <typename T>
+__device__ __forceinline__ void consume(const GegluLinearParams& p, T* stages, T* out_stage, uint64_t* full,
+                                        uint64_t* empty, int k_tiles, int col_tiles, int pairs, int first_pair, int pair_stride,
+                                        uint32_t rank) {
+    const int cw = threadIdx.x / 128 - 1, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32, g = lane / 4,
+              t = lane % 4;
+    T* stage = out_stage + (cw * 4 + warp) * 16 * GL_BN;
+    const T* bias = static_cast<const T*>(p.bias);
+    T* y = static_cast<T*>(p.y);
+    uint32_t it = 0;
+    float acc[128];
+    for (int pair = first_pair; pair < pairs; pair += pair_stride) {
+        const int64_t row0 = (int64_t)(pair / col_tiles * 2 + rank) * GL_BM;
+        const int col0 = (int)(pair % col_tiles * GL_BN);
+        for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+            const int st = it % GL_STAGES;
+            mbar_wait(&full[st], (it / GL_STAGES) & 1);
+            const T* xs = stages + st * (GL_X_TILE + GL_W_TILE) + cw * 64 * GL_BK;  // 8 whole swizzle atoms
+            const T* ws = stages + st * (GL_X_TILE + GL_W_TILE) + GL_X_TILE;
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < GL_BK / 16; ++kk)
+                wgmma_m64n256<T>(acc, sw128_desc(xs + kk * 16), sw128_desc(ws + kk * 16), kt > 0 || kk > 0);
+            wgmma_commit();
+            // The previous stage's products are done once at most this stage's group is in flight.
+            wgmma_wait<1>();
+            fence_regs(acc);
+            if (kt > 0 && lane == 0)
+                for (uint32_t b = 0; b < 2; ++b) mbar_arrive_cluster(&empty[(it - 1) % GL_STAGES], b);
+        }
+        wgmma_wait<0>();
+        fence_regs(acc);
+        if (lane == 0)
+            for (uint32_t b = 0; b < 2; ++b) mbar_arrive_cluster(&empty[(it - 1) % GL_STAGES], b);
+
+        // Epilogue: element i (value) and i + 64 (gate) of column group j = i / 4 < 16.
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            const int col = col0 + 8 * j + 2 * t;
+            const float2 bv = bias ? MmaType<T>::unpack(*reinterpret_cast<const uint32_t*>(bias + col)) : make_float2(0.0f, 0.0f);
+            const float2 bg = bias ? MmaType<T>::unpack(*reinterpret_cast<const uint32_t*>(bias + p.dim + col)) : make_float2(0.0f, 0.0f);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int i = 4 * j + 2 * h, r = g + 8 * h;
+                const float y0 = (acc[i] + bv.x) * gelu_f32(acc[i + 64] + bg.x);
+                const float y1 = (acc[i + 1] + bv.y) * gelu_f32(acc[i + 65] + bg.y);
+                *reinterpret_cast<uint32_t*>(stage + r * GL_BN + ((j ^ (r % 8)) * 8) + 2 * t) = MmaType<T>::pack(y0, y1);
+            }
+        }
+        __syncwarp();
+        const int64_t first = row0 + cw * 64 + warp * 16;
+#pragma unroll
+        for (int s = lane; s < 16 * (GL_BN / 8); s += 32) {
+            const int r = s / (GL_BN / 8), c = s % (GL_BN / 8);
+            if (first + r < p.rows)
+                *reinterpret_cast<uint4*>(y + (first + r) * p.dim + col0 + c * 8) =
+                    *reinterpret_cast<const uint4*>(stage + r * GL_BN + ((c ^ (r % 8)) * 8));
+        }
+        __syncwarp();  // the staging is read before the next tile's epilogue writes it
+    }
+}
+
+template <typename T>
+__device__ void geglu_linear_sm90(const GegluLinearParams& p) {
+    extern __shared__ unsigned char gl_smem_raw[];
+    T* stages = reinterpret_cast<T*>(((uintptr_t)gl_smem_raw + 1023) & ~(uintptr_t)1023);
+    auto x_tile = [&](int st) { return stages + st * (GL_X_TILE + GL_W_TILE); };
+    auto w_tile = [&](int st) { return stages + st * (GL_X_TILE + GL_W_TILE) + GL_X_TILE; };
+    T* out_stage = stages + GL_STAGES * (GL_X_TILE + GL_W_TILE);  // 8 warps x 16 rows x GL_BN
+    uint64_t* full = reinterpret_cast<uint64_t*>(out_stage + 8 * 16 * GL_BN);
+    uint64_t* empty = full + GL_STAGES;
+
+    const int k_tiles = (p.k + GL_BK - 1) / GL_BK, col_tiles = p.dim / GL_BN;
+    const int pairs = (int)(((p.rows + GL_BM - 1) / GL_BM + 1) / 2) * col_tiles;  // 2 row tiles x 1 column tile
+    const uint32_t rank = cluster_rank();
+    const int first_pair = blockIdx.x / 2, pair_stride = gridDim.x / 2;
+
+    if (threadIdx.x == 0) {
+        for (int st = 0; st < GL_STAGES; ++st) {
+            mbar_init(&full[st], 1);
+            mbar_init(&empty[st], 16);  // each consumer warp of both blocks
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        fence_proxy_async();
+    }
+    cluster_sync();
+
+    const int wg = threadIdx.x / 128;
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        if (threadIdx.x == 0) {
+            uint32_t it = 0;  // stage uses so far, over all of this block's tiles
+            for (int pair = first_pair; pair < pairs; pair += pair_stride) {
+                const int row0 = (int)((pair / col_tiles * 2 + rank) * GL_BM), col0 = (int)(pair % col_tiles * GL_BN);
+                for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+                    const int st = it % GL_STAGES;
+                    // Use it / GL_STAGES of the stage: wait for both blocks' release of the use before.
+                    if (it >= GL_STAGES) mbar_wait(&empty[st], ((it / GL_STAGES) - 1) & 1);
+                    mbar_arrive_expect_tx(&full[st], (GL_X_TILE + GL_W_TILE) * sizeof(T));
+                    tma_load_2d(x_tile(st), &p.x_map, kt * GL_BK, row0, &full[st]);
+                    // Block 0 the value rows, block 1 the gate rows, into both blocks.
+                    tma_load_2d_multicast(w_tile(st) + rank * GL_BN * GL_BK, &p.w_map, kt * GL_BK, rank * p.dim + col0,
+                                          &full[st], 0x3);
+                }
+            }
+        }
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+        consume<T>(p, stages, out_stage, full, empty, k_tiles, col_tiles, pairs, first_pair, pair_stride, rank);
+    }
+    cluster_sync();
+}
+
+#endif
+
+SM90_ENTRY(geglu_linear_sm90_f16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __half)
+SM90_ENTRY(geglu_linear_sm90_bf16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __nv_bfloat16)

@@ -6,8 +6,10 @@
 //! searches and the input cache), its second captures, later ones replay. All graphs of a
 //! denoising run share one `GraphPool` (one scratch working set) and go with the `InputCache` at
 //! the end of the run, before the VAE decodes; they also go, with their scratch, when a key is met
-//! for the first time, so that eager call finds the memory. On by default on CUDA;
-//! `CELFRAME_CUDA_GRAPHS=0` turns graphs off, and a GPU profile (`--timings`) runs eagerly.
+//! for the first time, so that eager call finds the memory. On by default on CUDA for calls small
+//! enough that the host's launch cost shows (`MAX_CAPTURED_LATENT_PIXELS`);
+//! `CELFRAME_CUDA_GRAPHS=0` turns graphs off, `=all` captures calls of any size, and a GPU profile
+//! (`--timings`) runs eagerly.
 
 use std::collections::{HashMap, HashSet};
 
@@ -15,6 +17,44 @@ use super::render::{InputCache, ModelCall, Part, WindowInputs};
 use crate::error::{Error, Result};
 use crate::gpu::{Arena, Gpu, Graph, GraphPool};
 use crate::tensor::{Storage, Tensor};
+
+/// Model calls on more latent pixels than this (rows x latent height x width) run eagerly: their
+/// kernels are long enough to hide the host's launch cost (H200, 2026-12-04: replays ran 1.040x
+/// eager at 2 x 128 x 128, 1.002x at 32 x 72 x 128), while a capture keeps the GPU waiting for the
+/// whole recording and the instantiation, a cost a 4-step LCM clip's two replays do not earn back.
+/// Between the two measured sizes the gain is not known; the bound is 4x the smaller.
+const MAX_CAPTURED_LATENT_PIXELS: usize = 4 * 2 * 128 * 128;
+
+/// Which model calls a render captures (`CELFRAME_CUDA_GRAPHS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Capture {
+    /// `0`: none.
+    Off,
+    /// Unset: calls of at most `MAX_CAPTURED_LATENT_PIXELS`.
+    Small,
+    /// `all`: every call (A/B timing of large calls).
+    All,
+}
+
+impl Capture {
+    fn from_env() -> Capture {
+        match std::env::var("CELFRAME_CUDA_GRAPHS").as_deref() {
+            Ok("0") => Capture::Off,
+            Ok("all") => Capture::All,
+            _ => Capture::Small,
+        }
+    }
+
+    /// Whether a call on `sample` (latents [rows, h, w, channels]) is captured.
+    fn takes(self, sample: &Tensor) -> bool {
+        let latent_pixels = sample.shape().iter().rev().skip(1).product::<usize>();
+        match self {
+            Capture::Off => false,
+            Capture::Small => latent_pixels <= MAX_CAPTURED_LATENT_PIXELS,
+            Capture::All => true,
+        }
+    }
+}
 
 /// What a window's captured model call bakes in besides the shapes of the clip (dtype, latent
 /// size, models: fixed for the life of the graphs).
@@ -32,7 +72,7 @@ pub(super) struct GraphKey {
 
 /// The graphs of one denoising run and what they were made from.
 pub(super) struct WindowGraphs {
-    enabled: bool,
+    capture: Capture,
     pool: GraphPool,
     graphs: HashMap<GraphKey, WindowGraph>,
     /// Keys met before (captured at the next call).
@@ -46,7 +86,7 @@ pub(super) struct WindowGraphs {
 impl Default for WindowGraphs {
     fn default() -> WindowGraphs {
         WindowGraphs {
-            enabled: !std::env::var("CELFRAME_CUDA_GRAPHS").is_ok_and(|v| v == "0"),
+            capture: Capture::from_env(),
             pool: GraphPool::new(),
             graphs: HashMap::new(),
             seen: HashSet::new(),
@@ -103,7 +143,8 @@ impl StaticInputs {
 }
 
 /// The window's model output on the device: replayed from its graph, captured now (a key met
-/// before), or run eagerly (a key met for the first time; one whose capture failed; graphs off).
+/// before), or run eagerly (a key met for the first time; one whose capture failed; graphs off or
+/// the call too large to gain).
 pub(super) fn model_output(
     gpu: &Gpu,
     scratch: &Arena,
@@ -113,7 +154,7 @@ pub(super) fn model_output(
     context: &Tensor,
     cache: &mut InputCache,
 ) -> Result<Tensor> {
-    if !cache.graphs.enabled || gpu.is_profiling() {
+    if !cache.graphs.capture.takes(&host.sample) || gpu.is_profiling() {
         return call.eager(host, context, cache);
     }
     // Out of the cache while its entries serve the call; back on every path.
@@ -166,5 +207,25 @@ impl WindowGraphs {
             self.pool = GraphPool::new();
         }
         call.eager(host, context, cache)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::DType;
+
+    fn latents(rows: usize, h: usize, w: usize) -> Tensor {
+        Tensor::from_f32(&[rows, h, w, 4], DType::F16, &vec![0.5; rows * h * w * 4]).unwrap()
+    }
+
+    #[test]
+    fn by_default_only_calls_small_enough_to_gain_are_captured() {
+        let sdxl_image_cfg = latents(2, 128, 128); // 1024x1024, both CFG halves: measured 1.040x
+        let graph_test_clip = latents(32, 36, 64); // tests/gpu_graph.rs: 16 frames at 512x288, CFG
+        let w1 = latents(32, 72, 128); // 16 frames at 1024x576, CFG: measured 1.002x
+        assert!(Capture::Small.takes(&sdxl_image_cfg) && Capture::Small.takes(&graph_test_clip));
+        assert!(!Capture::Small.takes(&w1));
+        assert!(Capture::All.takes(&w1) && !Capture::Off.takes(&sdxl_image_cfg));
     }
 }

@@ -27,7 +27,7 @@
 // Because the w tile stacks the value rows over the gate rows, accumulator element i of a thread
 // (row 16 w + g + 8 ((i % 4) / 2), column 8 (i / 4) + 2 t + i % 2; PTX ISA "wgmma register
 // fragments") and element i + 64 hold the value and the gate of the same output: the epilogue adds
-// the biases, multiplies by the exact GELU of the gate (gelu_erfc_f32: half erff's instructions), stages
+// the biases, multiplies by the exact GELU of the gate (gelu_f32), stages
 // each warp's 16 x 128 outputs in shared memory (16-byte chunk c of row r at chunk c ^ (r % 8): the
 // eight rows a write covers fall in distinct banks) and writes whole 256-byte row pieces. Rows past
 // `rows` are read as zeros (TMA fills boxes past the tensor) and not written; k past its end is
@@ -145,8 +145,8 @@ __device__ __forceinline__ void consume(const GegluLinearParams& p, T* stages, T
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int i = 4 * j + 2 * h, r = g + 8 * h;
-                const float y0 = (acc[i] + bv.x) * gelu_erfc_f32(acc[i + 64] + bg.x);
-                const float y1 = (acc[i + 1] + bv.y) * gelu_erfc_f32(acc[i + 65] + bg.y);
+                const float y0 = (acc[i] + bv.x) * gelu_f32(acc[i + 64] + bg.x);
+                const float y1 = (acc[i + 1] + bv.y) * gelu_f32(acc[i + 65] + bg.y);
                 *reinterpret_cast<uint32_t*>(stage + r * GL_BN + ((j ^ (r % 8)) * 8) + 2 * t) = MmaType<T>::pack(y0, y1);
             }
         }

@@ -122,14 +122,13 @@ __device__ __forceinline__ float warp_sum(float v) {
 // Fast SiLU: __expf and __fdividef are within a few ulp here (an overflowing exp gives -0, the
 // right limit), and a full-precision division would cost ~4x the instructions.
 __device__ __forceinline__ float silu_f32(float x) { return __fdividef(x, 1.0f + __expf(-x)); }
-// Exact (erf) GELU, as torch's default and diffusers' GEGLU use.
-__device__ __forceinline__ float gelu_f32(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
-// The same GELU for epilogues where it is the cost (the fused GEGLU GEMM): Phi(-|x|) = erfc(|x| /
-// sqrt 2) / 2 by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), with 1 / sqrt 2, log2 e and the
-// 1/2 folded into the constants: ~14 instructions with two special-function ops against erff's ~35.
-// Within 4.3e-7 of the exact GELU on [-12, 12] (erff's form: 4.5e-7); Phi(x) for x > 0 as
-// 1 - Phi(-x) leaves no cancellation in the negative tail.
-__device__ __forceinline__ float gelu_erfc_f32(float x) {
+// Exact (erf) GELU, as torch's default and diffusers' GEGLU use: x Phi(x), with Phi(-|x|) =
+// erfc(|x| / sqrt 2) / 2 by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7) and 1 / sqrt 2, log2 e and
+// the 1/2 folded into the constants. ~14 instructions with two special-function ops, against ~35 for
+// 0.5 x (1 + erff(x / sqrt 2)), which left the GEGLU pass and the fused GEGLU GEMM's epilogue
+// instruction-bound; within 4.3e-7 of the exact GELU on [-12, 12] (the erff form: 4.5e-7), and
+// Phi(x) for x > 0 as 1 - Phi(-x) leaves no cancellation in the negative tail.
+__device__ __forceinline__ float gelu_f32(float x) {
     const float t = __fdividef(1.0f, fmaf(0.3275911f * 0.70710678118654752f, fabsf(x), 1.0f));
     float q = fmaf(0.5f * 1.061405429f, t, 0.5f * -1.453152027f);
     q = fmaf(q, t, 0.5f * 1.421413741f);

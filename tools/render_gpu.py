@@ -32,7 +32,7 @@
                                prompts and seeds, in two LoRA sets (the seed's set, and the same
                                with the first style LoRA at 0.6) interleaved in the file, so the
                                batch's grouping by LoRA set is exercised (full size only).
-  celframe   Runs `CELFRAME render CONFIG` (output.replace on, so a second run renders again),
+  celframe   Runs `CELFRAME render CONFIG $RENDER_ARGS` (output.replace on, so a second run renders again),
              times the whole command, echoes its lines and prints a RENDER line (the clip fields
              are the last clip's: the second of a *_warm workload, its first's in first_clip_s).
   throughput Runs `CELFRAME render batch20.json` while `nvidia-smi` samples the GPU's utilisation
@@ -330,7 +330,9 @@ def parse_summary(lines):
 def run_celframe(s, args):
     config = os.path.join(s.dir, f"{args.workload}.json")
     t0 = time.perf_counter()
-    proc = subprocess.Popen([args.celframe, "render", config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    # RENDER_ARGS: more `celframe render` arguments, e.g. --timings for the per-kernel table.
+    extra = os.environ.get("RENDER_ARGS", "").split()
+    proc = subprocess.Popen([args.celframe, "render", config, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace")
     lines = []
     for line in proc.stdout:
@@ -368,7 +370,9 @@ def run_throughput(s, args):
     import threading
     reader = threading.Thread(target=read_samples, daemon=True)
     reader.start()
-    proc = subprocess.Popen([args.celframe, "render", config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    # RENDER_ARGS: more `celframe render` arguments, e.g. --timings for the per-kernel table.
+    extra = os.environ.get("RENDER_ARGS", "").split()
+    proc = subprocess.Popen([args.celframe, "render", config, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace")
     render_start = None  # the first step line: loading and the first LoRA merge are done
     for line in proc.stdout:

@@ -1721,16 +1721,18 @@ impl ClipRun<'_> {
             let model_output = fuser.finish()?;
             sampler.step(&model_output, x, &mut step_noise as &mut dyn NoiseSource)?;
             bar.inc(1);
-            let split = done.devices.map(|d| format!("; {:.2} s, {d}", step_started.elapsed().as_secs_f64()));
+            let step_s = step_started.elapsed().as_secs_f64();
+            let split = done.devices.map(|d| format!(", {d}"));
             if !bar.is_hidden() {
                 if let Some(split) = split {
-                    bar.println(format!("clip {number:03}: step {}/{evaluations}{split}", i + 1));
+                    bar.println(format!("clip {number:03}: step {}/{evaluations}; {step_s:.2} s{split}", i + 1));
                 }
                 continue;
             }
-            // Not a terminal (a log): one line per step.
+            // Not a terminal (a log): one line per step, with the step's own time (the first steps
+            // of a process pay its warm-up).
             eprintln!(
-                "clip {number:03}: frames {first}..{}: step {}/{evaluations} ({} window{}) {:.2} it/s{}",
+                "clip {number:03}: frames {first}..{}: step {}/{evaluations} ({} window{}) {:.2} it/s; {step_s:.2} s{}",
                 first + g.frames,
                 i + 1,
                 windows.len(),

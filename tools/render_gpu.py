@@ -24,6 +24,8 @@
                w1_warm.json, keyframes_warm.json  the same two with a second clip (seed + 1): its
                                time is a clip rendered after a whole render in the same process,
                                as the diffusers peer times its render after an untimed one;
+               w1_warm_png.json, keyframes_warm_png.json  the warm two without the mp4, the
+                               peer's writing where the machine has no mp4 writer for it;
                union.json      W1 with OpenPose + Depth as two conditions of one full-size
                                ControlNet Union (WORK/sdxl_controlnet_union, random weights, as
                                tools/controlnet_gpu.py --union writes it): one Union forward per
@@ -254,6 +256,16 @@ def warm_config(s, name, keyframes):
     return config
 
 
+def png_only_config(s, name, keyframes):
+    """`warm_config` without the mp4: the same writing as the diffusers peer where it has no mp4 writer
+    (no imageio, no ffmpeg on the machine), for a like-for-like clip time. The random weights' frames
+    are noise-like, which OpenH264 codes ~5x slower than flat cel frames (0.30 against 0.06 s for
+    16 frames of 1024x576 on 2 cores), so the mp4 is a larger part of W1 than of a real render."""
+    config = warm_config(s, name, keyframes)
+    config["output"]["mp4"] = "off"
+    return config
+
+
 def batch_config(s, clips):
     """The throughput manifest: W1's settings with `clips` clips of their own prompts and seeds in two
     LoRA sets, interleaved in the file (the renderer groups clips by set)."""
@@ -282,7 +294,8 @@ def prepare(s, args):
         depth_hint(s.width, s.height, position).save(os.path.join(s.depth_keyframes, f"{i:02}.png"))
     for name, keyframes in (("w1", False), ("keyframes", True)):
         for stem, config in ((name, render_config(s, name, keyframes)),
-                             (f"{name}_warm", warm_config(s, f"{name}_warm", keyframes))):
+                             (f"{name}_warm", warm_config(s, f"{name}_warm", keyframes)),
+                             (f"{name}_warm_png", png_only_config(s, f"{name}_warm_png", keyframes))):
             path = os.path.join(s.dir, f"{stem}.json")
             with open(path, "w") as f:
                 json.dump(config, f, indent=1)
@@ -341,7 +354,8 @@ def run_celframe(s, args):
     code = proc.wait()
     total = time.perf_counter() - t0
     workload = {"w1": "W1", "keyframes": "W1 keyframes", "union": "W1 union", "w1_warm": "W1 warm",
-                "keyframes_warm": "W1 keyframes warm"}[args.workload]
+                "keyframes_warm": "W1 keyframes warm", "w1_warm_png": "W1 warm, PNG frames only",
+                "keyframes_warm_png": "W1 keyframes warm, PNG frames only"}[args.workload]
     record = {"side": "celframe", "workload": workload, "run": args.run, "exit": code,
               "total_s": round(total, 3), **parse_summary(lines)}
     print("RENDER " + json.dumps(record), flush=True)
@@ -564,7 +578,8 @@ def main():
     p.add_argument("--vae-work", help="the VAE's folder (tools/vae_gpu.sh's WORK)")
     p.add_argument("--tiny", action="store_true", help="the tiny fixture models on the CPU (no GPU needed)")
     p.add_argument("--celframe", default="dist/gpu/celframe", help="the celframe binary (step celframe)")
-    p.add_argument("--workload", choices=["w1", "keyframes", "union", "w1_warm", "keyframes_warm"], default="w1",
+    p.add_argument("--workload", choices=["w1", "keyframes", "union", "w1_warm", "keyframes_warm", "w1_warm_png",
+                                          "keyframes_warm_png"], default="w1",
                    help="step celframe: which config")
     p.add_argument("--run", type=int, default=1, help="step celframe: the run's number in the RENDER line")
     args = p.parse_args()

@@ -9,7 +9,8 @@
 #   2. `celframe render` of W1 twice (the second run with the files in the page cache), then the
 #      seed's keyframe control (ControlNets on 5 keyframes only) twice, then both with a second clip
 #      timed after a whole render in the same process (as the diffusers peer is timed after an
-#      untimed render), then (full size only) the 20-clip batch with the GPU's utilisation sampled
+#      untimed render), both again without the mp4 (the peer's writing where it has no mp4
+#      writer), then (full size only) the 20-clip batch with the GPU's utilisation sampled
 #      (the THROUGHPUT line);
 #   3. the diffusers peer of W1 (fp16 eager, one untimed warm-up render first);
 #   then the RENDER table (tools/report.py).
@@ -45,6 +46,8 @@ step "celframe render, the seed's keyframe control, run 1" celframe --workload k
 step "celframe render, the seed's keyframe control, run 2 (files cached)" celframe --workload keyframes --run 2
 step "celframe render W1, a second clip after a whole render in the same process" celframe --workload w1_warm
 step "celframe render keyframes, a second clip after a whole render" celframe --workload keyframes_warm
+step "celframe render W1 warm, PNG frames only (the peer's writing without an mp4 writer)" celframe --workload w1_warm_png
+step "celframe render keyframes warm, PNG frames only" celframe --workload keyframes_warm_png
 [ -n "${RENDER_TINY:-}" ] || step "celframe batch throughput, 20 clips of W1 in two LoRA sets" throughput
 step "diffusers peer W1 (fp16 eager, warm-up render untimed)" diffusers
 

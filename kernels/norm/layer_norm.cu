@@ -7,47 +7,55 @@
 
 #define LN_REG_VECS 5  // 8-element vectors per lane: 1280 channels
 
-// The register-resident path for aligned rows of C % 8 == 0 and C <= LN_REG_VECS * 256.
+// The register-resident path for aligned rows of C % 8 == 0 and C <= LN_REG_VECS * 256. The row
+// stays packed (4 registers per 8 halves) and is unpacked in each pass: 8 floats per vector kept
+// for all three passes took 66 registers (3 blocks per multiprocessor); the same conversions in
+// the same order give the same bits.
 template <typename T>
 __device__ __forceinline__ void layer_norm_in_registers(const LayerNormParams& p, const T* x, T* y, const T* add,
                                                         int lane) {
     const int C = p.channels;
     const T* gamma = static_cast<const T*>(p.gamma);
     const T* beta = static_cast<const T*>(p.beta);
-    float v[LN_REG_VECS][8];
+    Vec8<T> raw[LN_REG_VECS];
     // All loads issue before the first use, so each lane keeps up to five 16-byte loads in flight.
 #pragma unroll
     for (int i = 0; i < LN_REG_VECS; ++i) {
         const int c = lane * 8 + i * 256;
-        if (c < C) unpack8<T>(load8<T>(x + c), v[i]);
+        if (c < C) raw[i] = load8<T>(x + c);
     }
     float sum = 0.0f;
 #pragma unroll
     for (int i = 0; i < LN_REG_VECS; ++i)
         if (lane * 8 + i * 256 < C) {
+            float v[8];
+            unpack8<T>(raw[i], v);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) sum += v[i][j];
+            for (int j = 0; j < 8; ++j) sum += v[j];
         }
     const float mean = warp_sum(sum) / C;
     float m2 = 0.0f;
 #pragma unroll
     for (int i = 0; i < LN_REG_VECS; ++i)
         if (lane * 8 + i * 256 < C) {
+            float v[8];
+            unpack8<T>(raw[i], v);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) m2 += (v[i][j] - mean) * (v[i][j] - mean);
+            for (int j = 0; j < 8; ++j) m2 += (v[j] - mean) * (v[j] - mean);
         }
     const float rstd = rsqrtf(warp_sum(m2) / C + p.eps);
 #pragma unroll
     for (int i = 0; i < LN_REG_VECS; ++i) {
         const int c = lane * 8 + i * 256;
         if (c >= C) continue;
-        float g[8] = {1, 1, 1, 1, 1, 1, 1, 1}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0}, a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        float v[8], g[8] = {1, 1, 1, 1, 1, 1, 1, 1}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0}, a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        unpack8<T>(raw[i], v);
         if (gamma) unpack8<T>(load8<T>(gamma + c), g);
         if (beta) unpack8<T>(load8<T>(beta + c), b);
         if (add) unpack8<T>(load8<T>(add + c), a);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) v[i][j] = (v[i][j] - mean) * rstd * g[j] + b[j] + a[j];
-        store8<T>(y + c, v[i]);
+        for (int j = 0; j < 8; ++j) v[j] = (v[j] - mean) * rstd * g[j] + b[j] + a[j];
+        store8<T>(y + c, v);
     }
 }
 
@@ -114,4 +122,15 @@ template <typename T> __device__ void layer_norm(const LayerNormParams& p) {
         }
     }
 }
-CELFRAME_KERNELS_FOR_DTYPES(layer_norm, LayerNormParams, layer_norm)
+// f16 / bf16 at most 64 registers, so 4 blocks (32 warps) fit a multiprocessor: unbounded, ptxas
+// took 66-72 (3 blocks), and a memory-bound pass wants every warp it can get loading (Little's
+// law: ~25 KB in flight per multiprocessor at the H200's bandwidth, 1.25-2.5 KB a row per warp).
+// f32 (f32 models only) at 3 blocks, as before: under 64 registers it spills.
+#define LN_ENTRY(SUFFIX, T, MIN_BLOCKS)                                                                      \
+    extern "C" __global__ void __launch_bounds__(LAYER_NORM_THREADS, MIN_BLOCKS)                           \
+        layer_norm_##SUFFIX(const __grid_constant__ LayerNormParams p) {                                   \
+        layer_norm<T>(p);                                                                                  \
+    }
+LN_ENTRY(f16, __half, 4)
+LN_ENTRY(bf16, __nv_bfloat16, 4)
+LN_ENTRY(f32, float, 3)

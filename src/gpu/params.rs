@@ -7,6 +7,7 @@ pub const GROUP_NORM_VECS_16BIT: u32 = 8;
 pub const GROUP_NORM_VECS_F32: u32 = 2;
 pub const GROUP_NORM_CONTROL_STRIDE: u32 = 32;
 pub const GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS: u32 = 128;
+pub const LAYER_NORM_THREADS: u32 = 256;
 pub const GEGLU_LINEAR_BM: u32 = 128;
 pub const GEGLU_LINEAR_BN: u32 = 128;
 pub const GEGLU_LINEAR_BK: u32 = 64;

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::gpu::ClusterScheduling;
 use crate::gpu::params::{
     GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS, GROUP_NORM_CONTROL_STRIDE, GROUP_NORM_VECS_16BIT, GROUP_NORM_VECS_F32,
-    GroupNormClusterParams, GroupNormParams, LayerNormParams,
+    GroupNormClusterParams, GroupNormParams, LAYER_NORM_THREADS, LayerNormParams,
 };
 use crate::tensor::{DType, Tensor};
 
@@ -503,11 +503,12 @@ pub fn layer_norm_add(
                 channels: c as i32,
                 eps,
             };
-            const WARPS: usize = 8;
+            // One warp per row; the kernels' launch bounds assume this block size.
+            let warps = LAYER_NORM_THREADS as usize / 32;
             gpu.launch(
                 kernel_for!("layer_norm", dtype),
-                (rows.div_ceil(WARPS) as u32, 1, 1),
-                (32 * WARPS as u32, 1, 1),
+                (rows.div_ceil(warps) as u32, 1, 1),
+                (LAYER_NORM_THREADS, 1, 1),
                 0,
                 &p,
             )?;

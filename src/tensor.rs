@@ -9,6 +9,7 @@ use memmap2::Mmap;
 
 use crate::error::{Error, Result};
 use crate::gpu::memory::DeviceMem;
+use crate::ops::par_rows;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
@@ -196,8 +197,8 @@ impl Tensor {
 const PARALLEL_CONVERSION: usize = 1 << 18;
 
 /// `convert(src_chunk, dst_chunk)` over matching chunks of `src` (`src_per` items an element) and
-/// `dst` (`dst_per` items an element), on all cores for large tensors: a video step converts its
-/// 1.2M latents to f16 and its output back, ~1.5-2 ms each way on one core.
+/// `dst` (`dst_per` items an element), on all cores (`par_rows`) for large tensors: a video step
+/// converts its 1.2M latents to f16 and its output back, ~1.5-2 ms each way on one core.
 fn convert_chunks<S: Sync, D: Send>(
     src: &[S],
     src_per: usize,
@@ -205,18 +206,10 @@ fn convert_chunks<S: Sync, D: Send>(
     dst_per: usize,
     convert: impl Fn(&[S], &mut [D]) + Sync,
 ) {
-    let elements = dst.len() / dst_per;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(elements / PARALLEL_CONVERSION);
-    if threads <= 1 {
+    if dst.len() / dst_per < PARALLEL_CONVERSION {
         return convert(src, dst);
     }
-    let per = elements.div_ceil(threads);
-    std::thread::scope(|scope| {
-        for (src, dst) in src.chunks(per * src_per).zip(dst.chunks_mut(per * dst_per)) {
-            let convert = &convert;
-            scope.spawn(move || convert(src, dst));
-        }
-    });
+    par_rows(dst, dst_per, |first, dst| convert(&src[first * src_per..][..dst.len() / dst_per * src_per], dst));
 }
 
 #[cfg(test)]

@@ -128,7 +128,7 @@ pub(crate) fn par_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T
 
 /// Splits `rows` into contiguous ranges processed on all cores; `f(first_row, out_chunk)` fills the
 /// rows' slice of `out` (each row `row_len` values).
-pub(crate) fn par_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+pub(crate) fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let rows = out.len() / row_len.max(1);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(rows.max(1));
     let per = rows.div_ceil(threads.max(1)).max(1);

@@ -185,7 +185,7 @@ pub fn linear_geglu_with(
     };
     // Persistent: as many 2-block clusters as run at once (a GPC's odd multiprocessor stays idle),
     // each walking the pairs of row tiles with the grid's stride.
-    let kernel = geglu_linear_kernel(dtype);
+    let kernel = kernel_for!("geglu_linear_sm90", dtype);
     let cluster = (2, ClusterScheduling::Spread);
     let pairs = rows.div_ceil(2 * GEGLU_LINEAR_BM as usize) * (dim / GEGLU_LINEAR_BN as usize);
     let resident = gpu.max_active_clusters(kernel, GEGLU_LINEAR_THREADS, cluster, GEGLU_LINEAR_SHARED as usize)?;
@@ -195,11 +195,6 @@ pub fn linear_geglu_with(
     let grid = 2 * pairs.min(resident as usize) as u32;
     gpu.launch_clustered(kernel, (grid, 1, 1), (GEGLU_LINEAR_THREADS, 1, 1), cluster, GEGLU_LINEAR_SHARED, &p)?;
     Ok(y)
-}
-
-/// The fused GEGLU kernel's entry for `dtype` (f16, else bf16).
-fn geglu_linear_kernel(dtype: DType) -> &'static str {
-    if dtype == DType::F16 { "geglu_linear_sm90_f16" } else { "geglu_linear_sm90_bf16" }
 }
 
 #[cfg(test)]
@@ -213,7 +208,7 @@ mod tests {
         // next to the consumers' 128 accumulators) would stall the epilogue.
         let resources: Vec<_> = KERNEL_MODULES.iter().flat_map(|m| m.sm90_resources.iter()).collect();
         for dtype in [DType::F16, DType::BF16] {
-            let name = geglu_linear_kernel(dtype);
+            let name = kernel_for!("geglu_linear_sm90", dtype);
             let r = resources.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("{name} is not compiled"));
             assert!(r.registers > 0 && r.spill_bytes == 0 && r.stack_bytes == 0, "{r:?}");
         }

@@ -1182,10 +1182,9 @@ impl ClipConditioning {
     }
 }
 
-/// A prepared hint image: f32 [H, W, 3] in [0, 1], shared by the frames that show it.
-/// A prepared hint image: resized to the render size in 8 bits, as diffusers' image processor
-/// resizes PIL images before scaling them to [0, 1] (kept in 8 bits: a tenth-second clip of dense
-/// control holds a quarter of the memory f32 would).
+/// A prepared hint image, shared by the frames that show it: resized to the render size in 8 bits,
+/// as diffusers' image processor resizes PIL images before scaling them to [0, 1] (kept in 8 bits:
+/// a tenth-second clip of dense control holds a quarter of the memory f32 would).
 type HintImage = Arc<RgbImage>;
 
 /// One ControlNet's (or one Union condition's) per-frame hints and strengths for a clip.

@@ -324,3 +324,39 @@ fn scale_rows_scales_each_leading_slice_and_refuses_a_wrong_count() {
     let err = scale_rows(&CPU, &t, &[1.0, 2.0, 3.0]).unwrap_err().to_string();
     assert!(err.contains("scale_rows") && err.contains("3 factors"), "{err}");
 }
+
+/// The test inputs' generator as one sequential stream: what `common::randn` computes in blocks on
+/// all cores.
+fn randn_sequential(n: usize, seed: u64, scale: f32, shift: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let mut uniform = move || {
+        s = common::xorshift(s);
+        ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    (0..n)
+        .map(|_| {
+            let (u, v) = (uniform(), uniform());
+            ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32 * scale + shift
+        })
+        .collect()
+}
+
+#[test]
+fn random_inputs_drawn_on_all_cores_are_one_sequential_stream() {
+    // Block edges (65,536 values a block) and a partial last block; bit for bit.
+    for (n, seed) in [(0, 1), (1, 2), (7, 3), (65_535, 4), (65_536, 5), (65_537, 6), (3 * 65_536 + 11, 7)] {
+        let got = common::randn(n, seed, 1.5, 0.25);
+        let want = randn_sequential(n, seed, 1.5, 0.25);
+        assert_eq!(got.len(), n);
+        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "n {n} seed {seed}");
+    }
+    // The block errors summed in order: the whole-slice sums up to rounding.
+    let (a, e) = (common::randn(200_000, 8, 1.0, 0.0), common::randn(200_000, 9, 1.0, 0.0));
+    let (rel, max) = common::errors(&a, &e);
+    let (mut diff, mut norm, mut want_max) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(&e) {
+        let d = (*x as f64 - *y as f64).abs();
+        (diff, norm, want_max) = (diff + d * d, norm + (*y as f64).powi(2), want_max.max(d));
+    }
+    assert!((rel - (diff / norm).sqrt()).abs() < 1e-12 && max == want_max, "{rel} {max}");
+}

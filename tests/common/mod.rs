@@ -23,17 +23,39 @@ pub fn fixture(name: &str) -> HashMap<String, Tensor> {
         .collect()
 }
 
-/// ‖a − b‖ / ‖b‖ and max |a − b|, in f64.
+/// ‖a − b‖ / ‖b‖ and max |a − b|, in f64: summed per fixed block of values on all cores, the
+/// blocks' sums added in order (the same result whatever the core count).
 pub fn errors(actual: &[f32], expected: &[f32]) -> (f64, f64) {
     assert_eq!(actual.len(), expected.len(), "length");
-    let (mut diff, mut norm, mut max) = (0f64, 0f64, 0f64);
-    for (a, e) in actual.iter().zip(expected) {
-        let d = (*a as f64 - *e as f64).abs();
-        diff += d * d;
-        norm += (*e as f64) * (*e as f64);
-        max = max.max(d);
-    }
+    const BLOCK: usize = 1 << 16;
+    let blocks = on_all_cores(actual.len().div_ceil(BLOCK), |b| {
+        let range = b * BLOCK..((b + 1) * BLOCK).min(actual.len());
+        let (mut diff, mut norm, mut max) = (0f64, 0f64, 0f64);
+        for (a, e) in actual[range.clone()].iter().zip(&expected[range]) {
+            let d = (*a as f64 - *e as f64).abs();
+            diff += d * d;
+            norm += (*e as f64) * (*e as f64);
+            max = max.max(d);
+        }
+        (diff, norm, max)
+    });
+    let (diff, norm, max) =
+        blocks.into_iter().fold((0f64, 0f64, 0f64), |(d, n, m), (bd, bn, bm)| (d + bd, n + bn, m.max(bm)));
     ((diff / norm.max(1e-300)).sqrt(), max)
+}
+
+/// `f(0..n)` on all cores, in order.
+fn on_all_cores<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n.max(1));
+    let per = n.div_ceil(threads).max(1);
+    let f = &f;
+    std::thread::scope(|s| {
+        let parts: Vec<_> = (0..n)
+            .step_by(per)
+            .map(|first| s.spawn(move || (first..(first + per).min(n)).map(f).collect::<Vec<T>>()))
+            .collect();
+        parts.into_iter().flat_map(|p| p.join().unwrap()).collect()
+    })
 }
 
 /// Asserts every value is finite (poisoned outputs are NaN) and the relative L2 error is within `tol`.
@@ -47,21 +69,66 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tol: f64) ->
     (rel, max)
 }
 
-/// Deterministic normal-ish values (xorshift + Box-Muller), scaled and shifted.
+/// Deterministic normal-ish values (xorshift64 + Box-Muller, two draws a value), scaled and shifted.
+/// Computed on all cores (the GPU tests draw inputs of ~100M values): each block of values starts
+/// from the generator's state jumped ahead to it, so the values are one sequential stream's
+/// whatever the core count (`randn_sequential` in tests/ops_cpu.rs is that stream).
 pub fn randn(n: usize, seed: u64, scale: f32, shift: f32) -> Vec<f32> {
+    const BLOCK: usize = 1 << 16;
+    let blocks = n.div_ceil(BLOCK);
+    // The state before each block's first draw: xorshift is linear over GF(2), so the 2 * BLOCK
+    // steps of a block are one 64x64 bit matrix, applied block after block.
+    let jump = XorshiftSteps::one().power_of_two(2 * BLOCK);
+    let mut starts = Vec::with_capacity(blocks);
     let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    let mut uniform = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    (0..n)
-        .map(|_| {
-            let (u, v) = (uniform(), uniform());
-            ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32 * scale + shift
-        })
-        .collect()
+    for _ in 0..blocks {
+        starts.push(s);
+        s = jump.apply(s);
+    }
+    on_all_cores(blocks, |b| {
+        let mut s = starts[b];
+        let mut uniform = move || {
+            s = xorshift(s);
+            ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        };
+        (b * BLOCK..((b + 1) * BLOCK).min(n))
+            .map(|_| {
+                let (u, v) = (uniform(), uniform());
+                ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32 * scale + shift
+            })
+            .collect::<Vec<f32>>()
+    })
+    .concat()
+}
+
+/// One step of Marsaglia's xorshift64 (shifts 13, 7, 17).
+pub fn xorshift(mut s: u64) -> u64 {
+    s ^= s << 13;
+    s ^= s >> 7;
+    s ^= s << 17;
+    s
+}
+
+/// A number of xorshift64 steps as the bit matrix they are: column j is the state bit j becomes.
+struct XorshiftSteps([u64; 64]);
+
+impl XorshiftSteps {
+    fn one() -> XorshiftSteps {
+        XorshiftSteps(std::array::from_fn(|j| xorshift(1 << j)))
+    }
+
+    fn apply(&self, s: u64) -> u64 {
+        (0..64).filter(|j| (s >> j) & 1 == 1).fold(0, |acc, j| acc ^ self.0[j])
+    }
+
+    /// These steps taken `k` times (`k` a power of two), by squaring.
+    fn power_of_two(mut self, k: usize) -> XorshiftSteps {
+        assert!(k.is_power_of_two());
+        for _ in 0..k.trailing_zeros() {
+            self = XorshiftSteps(std::array::from_fn(|j| self.apply(self.0[j])));
+        }
+        self
+    }
 }
 
 pub fn random_tensor(shape: &[usize], dtype: DType, seed: u64, scale: f32, shift: f32) -> Tensor {

@@ -154,7 +154,12 @@ fn cross_attention(
     residual: &Tensor,
 ) -> Result<Tensor> {
     let q = linear(ex, x, w.get("to_q.weight")?, None)?; // [B, L, C]
-    let kv = linear(ex, context, w.rows(&KV)?, None)?; // [G, T, 2C]
+    // Profiled apart: k and v do not change between a clip's steps, so this is what caching them
+    // per clip would save (`--breakdown`'s transformer/cross_kv row).
+    let kv = {
+        let _scope = ex.profile_scope("cross_kv");
+        linear(ex, context, w.rows(&KV)?, None)? // [G, T, 2C]
+    };
     let [k, v] = Columns::split(&kv)?;
     let o = attention_grouped(ex, &q, k, v, scaled(heads, q.shape()[2]))?;
     linear_add(ex, &o, w.get("to_out.0.weight")?, Some(w.get("to_out.0.bias")?), Some(residual))

@@ -340,6 +340,12 @@ def parse_summary(lines):
     return out
 
 
+# The celframe workloads (`--workload`, each a config `prepare` writes) and their names in RENDER lines.
+WORKLOADS = {"w1": "W1", "keyframes": "W1 keyframes", "union": "W1 union", "w1_warm": "W1 warm",
+             "keyframes_warm": "W1 keyframes warm", "w1_warm_png": "W1 warm, PNG frames only",
+             "keyframes_warm_png": "W1 keyframes warm, PNG frames only"}
+
+
 def run_celframe(s, args):
     config = os.path.join(s.dir, f"{args.workload}.json")
     t0 = time.perf_counter()
@@ -353,10 +359,7 @@ def run_celframe(s, args):
         lines.append(line.strip())
     code = proc.wait()
     total = time.perf_counter() - t0
-    workload = {"w1": "W1", "keyframes": "W1 keyframes", "union": "W1 union", "w1_warm": "W1 warm",
-                "keyframes_warm": "W1 keyframes warm", "w1_warm_png": "W1 warm, PNG frames only",
-                "keyframes_warm_png": "W1 keyframes warm, PNG frames only"}[args.workload]
-    record = {"side": "celframe", "workload": workload, "run": args.run, "exit": code,
+    record = {"side": "celframe", "workload": WORKLOADS[args.workload], "run": args.run, "exit": code,
               "total_s": round(total, 3), **parse_summary(lines)}
     print("RENDER " + json.dumps(record), flush=True)
     # A renderer whose summary lines changed must not pass for a run without numbers.
@@ -578,9 +581,7 @@ def main():
     p.add_argument("--vae-work", help="the VAE's folder (tools/vae_gpu.sh's WORK)")
     p.add_argument("--tiny", action="store_true", help="the tiny fixture models on the CPU (no GPU needed)")
     p.add_argument("--celframe", default="dist/gpu/celframe", help="the celframe binary (step celframe)")
-    p.add_argument("--workload", choices=["w1", "keyframes", "union", "w1_warm", "keyframes_warm", "w1_warm_png",
-                                          "keyframes_warm_png"], default="w1",
-                   help="step celframe: which config")
+    p.add_argument("--workload", choices=list(WORKLOADS), default="w1", help="step celframe: which config")
     p.add_argument("--run", type=int, default=1, help="step celframe: the run's number in the RENDER line")
     args = p.parse_args()
     if not args.tiny and not (args.text_work and args.vae_work):

@@ -85,9 +85,9 @@ pub fn linear_add(
 pub enum GegluLinear {
     /// `Composed`, unless `CELFRAME_GEGLU_LINEAR` (`fused` or `composed`, read once per process)
     /// says otherwise: for A/B runs of whole models. The fused kernel is not the default because it
-    /// does not beat the composed route yet (H200, f16, whole SDXL UNet at 32 x 1024x576: 230.8 ms
-    /// fused against 232.4 ms composed, within run-to-run noise; the kernel alone runs 396-526
-    /// TFLOP/s where cuBLASLt's GEMM runs ~750, so the geglu pass it saves is spent again).
+    /// does not beat the composed route (H200, f16: whole SDXL UNet at 32 x 1024x576 230.8 ms fused
+    /// against 232.4 ms composed, within run-to-run noise; alone, on the UNet's two large shapes,
+    /// 460-523 TFLOP/s where cuBLASLt's GEMM runs ~750, 4-15% behind the composed route).
     #[default]
     Auto,
     /// One Hopper kernel with GEGLU in the GEMM's epilogue (kernels/gemm/geglu_linear_sm90.cu):

@@ -110,8 +110,8 @@ fn grid_for(n: usize, block: u32) -> u32 {
     (n.div_ceil(block as usize)).clamp(1, 65535 * 8) as u32
 }
 
-/// `f(0..n)` computed on all cores, in order.
-pub(crate) fn par_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+/// `f(0..n)` computed on all cores, in order (the CPU twins' and the tests' splitter).
+pub fn par_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n.max(1));
     let per = n.div_ceil(threads).max(1);
     std::thread::scope(|s| {
@@ -128,7 +128,7 @@ pub(crate) fn par_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T
 
 /// Splits `rows` into contiguous ranges processed on all cores; `f(first_row, out_chunk)` fills the
 /// rows' slice of `out` (each row `row_len` values).
-pub(crate) fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+pub fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let rows = out.len() / row_len.max(1);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(rows.max(1));
     let per = rows.div_ceil(threads.max(1)).max(1);

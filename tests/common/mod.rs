@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use celframe::ops::{par_map, par_rows};
 use celframe::{DType, Tensor};
 
 /// Every tensor of a float32 safetensors fixture under tests/fixtures.
@@ -28,7 +29,7 @@ pub fn fixture(name: &str) -> HashMap<String, Tensor> {
 pub fn errors(actual: &[f32], expected: &[f32]) -> (f64, f64) {
     assert_eq!(actual.len(), expected.len(), "length");
     const BLOCK: usize = 1 << 16;
-    let blocks = on_all_cores(actual.len().div_ceil(BLOCK), |b| {
+    let blocks = par_map(actual.len().div_ceil(BLOCK), |b| {
         let range = b * BLOCK..((b + 1) * BLOCK).min(actual.len());
         let (mut diff, mut norm, mut max) = (0f64, 0f64, 0f64);
         for (a, e) in actual[range.clone()].iter().zip(&expected[range]) {
@@ -42,20 +43,6 @@ pub fn errors(actual: &[f32], expected: &[f32]) -> (f64, f64) {
     let (diff, norm, max) =
         blocks.into_iter().fold((0f64, 0f64, 0f64), |(d, n, m), (bd, bn, bm)| (d + bd, n + bn, m.max(bm)));
     ((diff / norm.max(1e-300)).sqrt(), max)
-}
-
-/// `f(0..n)` on all cores, in order.
-fn on_all_cores<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n.max(1));
-    let per = n.div_ceil(threads).max(1);
-    let f = &f;
-    std::thread::scope(|s| {
-        let parts: Vec<_> = (0..n)
-            .step_by(per)
-            .map(|first| s.spawn(move || (first..(first + per).min(n)).map(f).collect::<Vec<T>>()))
-            .collect();
-        parts.into_iter().flat_map(|p| p.join().unwrap()).collect()
-    })
 }
 
 /// Asserts every value is finite (poisoned outputs are NaN) and the relative L2 error is within `tol`.
@@ -85,20 +72,21 @@ pub fn randn(n: usize, seed: u64, scale: f32, shift: f32) -> Vec<f32> {
         starts.push(s);
         s = jump.apply(s);
     }
-    on_all_cores(blocks, |b| {
-        let mut s = starts[b];
-        let mut uniform = move || {
-            s = xorshift(s);
-            ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-        };
-        (b * BLOCK..((b + 1) * BLOCK).min(n))
-            .map(|_| {
-                let (u, v) = (uniform(), uniform());
-                ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32 * scale + shift
-            })
-            .collect::<Vec<f32>>()
-    })
-    .concat()
+    let mut out = vec![0f32; n];
+    par_rows(&mut out, BLOCK, |first_block, part| {
+        for (i, block) in part.chunks_mut(BLOCK).enumerate() {
+            let mut s = starts[first_block + i];
+            let mut uniform = move || {
+                s = xorshift(s);
+                ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+            };
+            for v in block {
+                let (u, w) = (uniform(), uniform());
+                *v = ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * w).cos()) as f32 * scale + shift;
+            }
+        }
+    });
+    out
 }
 
 /// One step of Marsaglia's xorshift64 (shifts 13, 7, 17).

@@ -226,6 +226,9 @@ fn layer_norm_matches_twin() {
         (&[32, 1024, 1280], DType::BF16),
         (&[2, 77, 768], DType::F32),
         (&[5, 13], DType::F16),
+        // rows sharing a warp (8 and 4 lanes a row), the last warp's rows past the end
+        (&[3, 7, 320], DType::F16),
+        (&[5, 9, 64], DType::BF16),
         // wider than the register-resident rows (1280): the re-reading path
         (&[2, 64, 2560], DType::F16),
     ] {

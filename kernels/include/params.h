@@ -108,7 +108,8 @@ typedef struct GroupNormClusterParams {
 // Layer norm over the last dimension (rows x channels, one warp per row), fp32 statistics.
 // y[r] = norm(x[r]) * gamma + beta (+ add[r / add_every]): the optional table is added to the
 // affine output before the one rounding (the motion modules' position rows: one per frame,
-// shared by the frame's add_every tokens). One warp per row, LAYER_NORM_THREADS per block.
+// shared by the frame's add_every tokens). A row over a warp or a power-of-two group of its lanes
+// (layer_norm.cu), LAYER_NORM_THREADS per block.
 #define LAYER_NORM_THREADS 256
 typedef struct LayerNormParams {
     const void* x;

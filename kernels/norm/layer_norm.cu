@@ -1,53 +1,77 @@
-// Layer norm over the last dimension, one warp per row: exact two-pass fp32 statistics, optional
-// affine, optional per-row table added before the output's one rounding. Rows of at most
-// LN_REG_VECS * 256 channels (every SDXL and motion-module width) stay in registers after one
-// load; wider or unaligned rows are re-read from L1/L2 for the second and third pass. Both paths
-// sum in the same order (lane-strided 8-element vectors), so they give identical bits.
+// Layer norm over the last dimension, exact two-pass fp32 statistics, optional affine, optional
+// per-row table added before the output's one rounding. Aligned rows of at most LN_REG_VECS * 256
+// channels (every SDXL and motion-module width) stay in registers after one load, each row spread
+// over the fewest lanes that hold it in LN_REG_VECS 8-element vectors a lane (ln_row_lanes: 8 lanes
+// at C 320, 16 at 640, 32 at 1280), so a warp loads 32 / lanes rows at once; one warp per row left
+// most of the lanes idle in the second load round at C 320 and 640 and kept too few bytes in flight
+// (46% and 63% of the copy ceiling, against 64% at C 1280). Wider or unaligned rows take one warp
+// each and are re-read from L1/L2 for the second and third pass.
 #include "common.cuh"
 
 #define LN_REG_VECS 5  // 8-element vectors per lane: 1280 channels
 
-// The register-resident path for aligned rows of C % 8 == 0 and C <= LN_REG_VECS * 256. The row
-// stays packed (4 registers per 8 halves) and is unpacked in each pass: 8 floats per vector kept
-// for all three passes took 66 registers (3 blocks per multiprocessor); the same conversions in
-// the same order give the same bits.
-template <typename T>
-__device__ __forceinline__ void layer_norm_in_registers(const LayerNormParams& p, const T* x, T* y, const T* add,
-                                                        int lane) {
+// Lanes a register-resident row is spread over (a power of two, so a warp holds whole rows): the
+// fewest that hold C channels in LN_REG_VECS vectors each; 0 when the row does not qualify (C % 8,
+// wider than LN_REG_VECS * 256, or a pointer not 16-byte aligned). The host computes the same to
+// size the grid (src/ops/norm.rs, `layer_norm_row_lanes`).
+__device__ __forceinline__ int ln_row_lanes(int C, bool aligned) {
+    if (!aligned || C % 8 != 0 || C > LN_REG_VECS * 256) return 0;
+    int lanes = 4;
+    while (lanes * LN_REG_VECS * 8 < C) lanes *= 2;
+    return lanes;
+}
+
+// Sum over the LANES lanes of a row's group (aligned groups of LANES lanes in the warp).
+template <int LANES>
+__device__ __forceinline__ float group_sum(float v) {
+#pragma unroll
+    for (int o = LANES / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// The register-resident path: a row of C <= LN_REG_VECS * 256 channels over LANES lanes, lane `sub`
+// holding vectors sub, sub + LANES, ... Every lane of the warp runs the shuffles; a lane past the
+// last row (`live` false) loads and stores nothing. The row stays packed (4 registers per 8 halves)
+// and is unpacked in each pass: 8 floats per vector kept for all three passes took 66 registers (3
+// blocks per multiprocessor); the same conversions in the same order give the same bits.
+template <typename T, int LANES>
+__device__ __forceinline__ void layer_norm_in_registers(const LayerNormParams& p, int64_t row, int sub, bool live) {
     const int C = p.channels;
+    const T* x = static_cast<const T*>(p.x) + row * C;
+    T* y = static_cast<T*>(p.y) + row * C;
+    const T* add = p.add ? static_cast<const T*>(p.add) + row / p.add_every * C : nullptr;
     const T* gamma = static_cast<const T*>(p.gamma);
     const T* beta = static_cast<const T*>(p.beta);
+    auto has = [&](int i) { return live && (sub + i * LANES) * 8 < C; };
     Vec8<T> raw[LN_REG_VECS];
     // All loads issue before the first use, so each lane keeps up to five 16-byte loads in flight.
 #pragma unroll
-    for (int i = 0; i < LN_REG_VECS; ++i) {
-        const int c = lane * 8 + i * 256;
-        if (c < C) raw[i] = load8<T>(x + c);
-    }
+    for (int i = 0; i < LN_REG_VECS; ++i)
+        if (has(i)) raw[i] = load8<T>(x + (sub + i * LANES) * 8);
     float sum = 0.0f;
 #pragma unroll
     for (int i = 0; i < LN_REG_VECS; ++i)
-        if (lane * 8 + i * 256 < C) {
+        if (has(i)) {
             float v[8];
             unpack8<T>(raw[i], v);
 #pragma unroll
             for (int j = 0; j < 8; ++j) sum += v[j];
         }
-    const float mean = warp_sum(sum) / C;
+    const float mean = group_sum<LANES>(sum) / C;
     float m2 = 0.0f;
 #pragma unroll
     for (int i = 0; i < LN_REG_VECS; ++i)
-        if (lane * 8 + i * 256 < C) {
+        if (has(i)) {
             float v[8];
             unpack8<T>(raw[i], v);
 #pragma unroll
             for (int j = 0; j < 8; ++j) m2 += (v[j] - mean) * (v[j] - mean);
         }
-    const float rstd = rsqrtf(warp_sum(m2) / C + p.eps);
+    const float rstd = rsqrtf(group_sum<LANES>(m2) / C + p.eps);
 #pragma unroll
     for (int i = 0; i < LN_REG_VECS; ++i) {
-        const int c = lane * 8 + i * 256;
-        if (c >= C) continue;
+        if (!has(i)) continue;
+        const int c = (sub + i * LANES) * 8;
         float v[8], g[8] = {1, 1, 1, 1, 1, 1, 1, 1}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0}, a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         unpack8<T>(raw[i], v);
         if (gamma) unpack8<T>(load8<T>(gamma + c), g);
@@ -59,22 +83,37 @@ __device__ __forceinline__ void layer_norm_in_registers(const LayerNormParams& p
     }
 }
 
+// Rows of one warp in the register-resident path: 32 / LANES, lane l on row warp * 32 / LANES + l / LANES.
+template <typename T, int LANES>
+__device__ __forceinline__ void layer_norm_rows_in_registers(const LayerNormParams& p, int64_t warp, int lane) {
+    const int64_t row = warp * (32 / LANES) + lane / LANES;
+    const bool live = row < p.rows;
+    layer_norm_in_registers<T, LANES>(p, live ? row : 0, lane % LANES, live);
+}
+
 template <typename T> __device__ void layer_norm(const LayerNormParams& p) {
     const int lane = threadIdx.x % 32;
-    const int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (row >= p.rows) return;
+    const int64_t warp = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int C = p.channels;
+    const bool aligned = ((reinterpret_cast<uintptr_t>(p.x) | reinterpret_cast<uintptr_t>(p.y) |
+                           reinterpret_cast<uintptr_t>(p.add)) % 16) == 0;
+    switch (ln_row_lanes(C, aligned)) {
+        case 4: return layer_norm_rows_in_registers<T, 4>(p, warp, lane);
+        case 8: return layer_norm_rows_in_registers<T, 8>(p, warp, lane);
+        case 16: return layer_norm_rows_in_registers<T, 16>(p, warp, lane);
+        case 32: return layer_norm_rows_in_registers<T, 32>(p, warp, lane);
+        default: break;
+    }
+
+    // One warp per row: wider rows (re-read for each pass) and unaligned ones (scalar).
+    const int64_t row = warp;
+    if (row >= p.rows) return;
     const T* x = static_cast<const T*>(p.x) + row * C;
     T* y = static_cast<T*>(p.y) + row * C;
     const T* gamma = static_cast<const T*>(p.gamma);
     const T* beta = static_cast<const T*>(p.beta);
     const T* add = p.add ? static_cast<const T*>(p.add) + row / p.add_every * C : nullptr;
-    const bool vec = C % 8 == 0 && ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(y) |
-                                     reinterpret_cast<uintptr_t>(add)) % 16 == 0);
-    if (vec && C <= LN_REG_VECS * 256) {
-        layer_norm_in_registers<T>(p, x, y, add, lane);
-        return;
-    }
+    const bool vec = C % 8 == 0 && aligned;
 
     float sum = 0.0f;
     if (vec) {
@@ -125,7 +164,7 @@ template <typename T> __device__ void layer_norm(const LayerNormParams& p) {
 // f16 / bf16 at most 64 registers, so 4 blocks (32 warps) fit a multiprocessor: unbounded, ptxas
 // took 66-72 (3 blocks), and a memory-bound pass wants every warp it can get loading (Little's
 // law: ~25 KB in flight per multiprocessor at the H200's bandwidth, 1.25-2.5 KB a row per warp).
-// f32 (f32 models only) at 3 blocks, as before: under 64 registers it spills.
+// f32 (f32 models only) at 2 blocks: under 85 registers (3 blocks) its row-group variants spill.
 #define LN_ENTRY(SUFFIX, T, MIN_BLOCKS)                                                                      \
     extern "C" __global__ void __launch_bounds__(LAYER_NORM_THREADS, MIN_BLOCKS)                           \
         layer_norm_##SUFFIX(const __grid_constant__ LayerNormParams p) {                                   \
@@ -133,4 +172,4 @@ template <typename T> __device__ void layer_norm(const LayerNormParams& p) {
     }
 LN_ENTRY(f16, __half, 4)
 LN_ENTRY(bf16, __nv_bfloat16, 4)
-LN_ENTRY(f32, float, 3)
+LN_ENTRY(f32, float, 2)

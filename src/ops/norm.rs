@@ -427,6 +427,22 @@ fn group_norm_cpu(
     host_out(x.shape(), dtype, &out)
 }
 
+/// Lanes the layer-norm kernel spreads one register-resident row over (`ln_row_lanes` in
+/// kernels/norm/layer_norm.cu, which this mirrors): the fewest (a power of two from 4) that hold C
+/// channels in 5 vectors of 8 each; None for rows the kernel gives a whole warp (C % 8 != 0, C over
+/// 1280, or a pointer not 16-byte aligned).
+fn layer_norm_row_lanes(c: usize, aligned: bool) -> Option<usize> {
+    const VECS: usize = 5; // LN_REG_VECS
+    if !aligned || !c.is_multiple_of(8) || c > VECS * 256 {
+        return None;
+    }
+    let mut lanes = 4;
+    while lanes * VECS * 8 < c {
+        lanes *= 2;
+    }
+    Some(lanes)
+}
+
 /// Layer norm over the last dimension; gamma / beta optional ([C] each).
 pub fn layer_norm(ex: &Exec, x: &Tensor, gamma: Option<&Tensor>, beta: Option<&Tensor>, eps: f32) -> Result<Tensor> {
     layer_norm_add(ex, x, gamma, beta, eps, None)
@@ -503,11 +519,14 @@ pub fn layer_norm_add(
                 channels: c as i32,
                 eps,
             };
-            // One warp per row; the kernels' launch bounds assume this block size.
-            let warps = LAYER_NORM_THREADS as usize / 32;
+            // 32 / lanes rows per warp (one when a row takes the whole warp); the kernels' launch
+            // bounds assume this block size.
+            let aligned = [p.x, p.y as *const _, p.add].iter().all(|&q| (q as usize).is_multiple_of(16));
+            let rows_per_warp = 32 / layer_norm_row_lanes(c, aligned).unwrap_or(32);
+            let rows_per_block = LAYER_NORM_THREADS as usize / 32 * rows_per_warp;
             gpu.launch(
                 kernel_for!("layer_norm", dtype),
-                (rows.div_ceil(warps) as u32, 1, 1),
+                (rows.div_ceil(rows_per_block) as u32, 1, 1),
                 (LAYER_NORM_THREADS, 1, 1),
                 0,
                 &p,

@@ -298,7 +298,18 @@ fn main() -> Result<()> {
             upsample2x_conv3x3(&ex, &xs[k], &wt, Some(&bias)).map(drop)
         })?;
     }
-    for (m, kdim, ndim) in [(8192usize, 640usize, 640usize), (2048, 1280, 10240), (65536, 320, 320)] {
+    // The motion modules' level-0 projections (2 x 16 frames x 72 x 128 tokens) at their real M, and
+    // the GEGLU projections' GEMMs alone (UNet b32 levels 1 and 2).
+    for (m, kdim, ndim) in [
+        (8192usize, 640usize, 640usize),
+        (2048, 1280, 10240),
+        (65536, 320, 320),
+        (294912, 320, 320),
+        (294912, 320, 960),
+        (294912, 1280, 320),
+        (73728, 640, 5120),
+        (18432, 1280, 10240),
+    ] {
         let xs = [b.random(&[m, kdim], DType::F16, 13)?, b.random(&[m, kdim], DType::F16, 14)?];
         let (wt, bias) = (b.random(&[ndim, kdim], DType::F16, 15)?, b.random(&[ndim], DType::F16, 16)?);
         let key = format!("linear f16 M{m} K{kdim} N{ndim}");

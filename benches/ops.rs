@@ -197,13 +197,15 @@ fn main() -> Result<()> {
     }
     // The default route; then the same work through the kernels it does not take: the portable
     // kernel where the short-key one runs, and last (a fault there ends the run) the Hopper kernels
-    // (cp.async, warp-specialised TMA, and the latter with ping-pong consumers) on devices of
+    // (cp.async, warp-specialised TMA, and the latter with ping-pong consumers, one block per tile and
+    // persistent) on devices of
     // compute 9.0. SDPA's time is the plain key's peer.
     let mut routes = vec![("", FlashKernel::Auto), ("portable ", FlashKernel::Portable)];
     if b.gpu.info().compute_capability == (9, 0) {
         routes.push(("sm90 ", FlashKernel::Hopper));
         routes.push(("sm90ws ", FlashKernel::HopperWs));
         routes.push(("sm90wspp ", FlashKernel::HopperWsPingpong));
+        routes.push(("sm90wspp-persistent ", FlashKernel::HopperWsPingpongPersistent));
     }
     for (label, kernel) in routes {
         for ((batch, sq, sk, heads), t) in shapes.iter().copied().zip(&sets) {

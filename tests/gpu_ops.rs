@@ -814,6 +814,34 @@ fn flash_attention_sm90_wspp_meets_the_attention_rule() {
     check_flash_cases(&rig, |_, _| vec![FlashKernel::HopperWsPingpong]);
 }
 
+/// The persistent ping-pong kernel (one block per multiprocessor walking the work tiles, Q
+/// double-buffered, the turn chain running across tiles) at every flash case, and at a shape of
+/// more work tiles than blocks (b2 x 10 heads x 2304 tokens: 360 tiles), so blocks walk several
+/// tiles, some with a ragged or causal end. After the ping-pong test; run it under `timeout` too.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn flash_attention_sm90_wspp_persistent_meets_the_attention_rule() {
+    use celframe::ops::attention::{FlashAttention, FlashKernel, flash_attention_reference, flash_attention_with};
+    let rig = Rig::new();
+    if rig.gpu.info().compute_capability != (9, 0) {
+        println!("GPUCHECK flash_attention Hopper persistent kernel: SKIPPED, not a compute 9.0 device");
+        return;
+    }
+    check_flash_cases(&rig, |_, _| vec![FlashKernel::HopperWsPingpongPersistent]);
+    for (batch, seq, heads, causal) in [(2, 2304, 10, false), (3, 1000, 11, true)] {
+        let cfg = FlashAttention { heads, causal, scale: 0.125 };
+        let (q, qd) = rig.input(&[batch, seq, heads * 64], DType::F16, 1.0, 0.0);
+        let (k, kd) = rig.input(&[batch, seq, heads * 64], DType::F16, 1.0, 0.0);
+        let (v, vd) = rig.input(&[batch, seq, heads * 64], DType::F16, 1.0, 0.0);
+        let exact = flash_attention_reference(&q, &k, &v, cfg, None, DType::F32).unwrap();
+        let plain = flash_attention_reference(&q, &k, &v, cfg, Some(DType::F16), DType::F16).unwrap();
+        let what = format!("flash_attention persistent b={batch} s={seq} h={heads} causal={causal}");
+        let got = flash_attention_with(&rig.exec(), &qd, &kd, &vd, cfg, FlashKernel::HopperWsPingpongPersistent)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        rig.check_attention_rule(&what, &rig.gpu.download(&got).unwrap(), &exact, &plain);
+    }
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
 fn gemm_attention_meets_the_attention_rule() {

@@ -3,7 +3,8 @@
 // FlashAttention-3 (Shah et al. 2024, "FlashAttention-3", sections 3.1-3.2). Two kernels: the first
 // without its warp specialisation and TMA (every thread loads with cp.async); the second
 // (flash_attention_ws_*, further down) warp-specialised with TMA loads, also compiled with ping-pong
-// scheduling of its two consumer warpgroups (flash_attention_wspp_*).
+// scheduling of its two consumer warpgroups (flash_attention_wspp_*) and as a persistent kernel of
+// the latter (flash_attention_wspp_persistent_*).
 //
 // Block: 2 warpgroups x 64 query rows of one (batch, head) = 128 rows; keys and values stream
 // through shared memory in 128-row tiles, double-buffered, one barrier per tile. Per tile and
@@ -315,27 +316,53 @@ __device__ __forceinline__ void tma_load_tile(void* dst, const TensorMap* map, i
         : "memory");
 }
 
-template <typename T, bool PINGPONG>
+// Persistent form (PERSISTENT = true, flash_attention_wspp_persistent_*; cuDNN's SDPA kernel runs
+// one block per multiprocessor too): the grid is at most one block per multiprocessor and each block
+// walks the work tiles (128 query rows of one batch and head) blockIdx.x, + gridDim.x, ... The K/V
+// ring and its stage count run on across work tiles, Q is double-buffered (q_full / q_empty per
+// buffer; a buffer is refilled once every consumer thread has stored its rows through it, the store
+// staging being its own Q rows), so the next tile's loads overlap this tile's last products and
+// stores. The ping-pong turns form one chain over the block's work tiles: consumer 0 skips its sync
+// only on the block's first turn, consumer 1 its arrive only on the last, so both barriers stay
+// balanced as in the one-tile protocol above (each work tile gives both consumers tiles + 1 turns).
+template <typename T, bool PINGPONG, bool PERSISTENT>
 __device__ void flash_attention_ws(const FlashTmaParams& params) {
     const FlashAttentionParams& p = params.attn;
     extern __shared__ unsigned char fh_smem_raw[];
-    // Q tile, K tiles of the stages, V tiles of the stages, then the barriers.
-    T* q_s = reinterpret_cast<T*>(((uintptr_t)fh_smem_raw + 1023) & ~(uintptr_t)1023);
-    auto k_tile = [&](int st) { return q_s + (1 + st) * FH_TILE; };
-    auto v_tile = [&](int st) { return q_s + (1 + FW_STAGES + st) * FH_TILE; };
-    uint64_t* q_full = reinterpret_cast<uint64_t*>(q_s + (1 + 2 * FW_STAGES) * FH_TILE);
-    uint64_t* k_full = q_full + 1;
+    constexpr int q_bufs = PERSISTENT ? 2 : 1;
+    // Q tiles, K tiles of the stages, V tiles of the stages, then the barriers.
+    T* q_base = reinterpret_cast<T*>(((uintptr_t)fh_smem_raw + 1023) & ~(uintptr_t)1023);
+    auto q_tile = [&](int qb) { return q_base + qb * FH_TILE; };
+    auto k_tile = [&](int st) { return q_base + (q_bufs + st) * FH_TILE; };
+    auto v_tile = [&](int st) { return q_base + (q_bufs + FW_STAGES + st) * FH_TILE; };
+    uint64_t* q_full = reinterpret_cast<uint64_t*>(q_base + (q_bufs + 2 * FW_STAGES) * FH_TILE);
+    uint64_t* q_empty = q_full + q_bufs;
+    uint64_t* k_full = q_empty + q_bufs;
     uint64_t* v_full = k_full + FW_STAGES;
     uint64_t* empty = v_full + FW_STAGES;
     constexpr uint32_t tile_bytes = FH_TILE * sizeof(T);
 
-    const int b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
-    const int q0 = blockIdx.x * FH_BM;
-    int tiles = (p.seq_k + FH_BN - 1) / FH_BN;
-    if (p.causal) tiles = min(tiles, (min(q0 + FH_BM, p.seq_q) + FH_BN - 1) / FH_BN);
+    const int q_tiles = (p.seq_q + FH_BM - 1) / FH_BM;
+    const int work = PERSISTENT ? q_tiles * p.batch * p.heads : 1;
+    // Work tile w: query tile w % q_tiles of batch-head w / q_tiles (the grid's x and y otherwise).
+    auto tile_of = [&](int w, int& b, int& h, int& q0) {
+        const int bh = PERSISTENT ? w / q_tiles : blockIdx.y;
+        b = bh / p.heads;
+        h = bh % p.heads;
+        q0 = (PERSISTENT ? w % q_tiles : blockIdx.x) * FH_BM;
+    };
+    auto key_tiles = [&](int q0) {
+        int tiles = (p.seq_k + FH_BN - 1) / FH_BN;
+        if (p.causal) tiles = min(tiles, (min(q0 + FH_BM, p.seq_q) + FH_BN - 1) / FH_BN);
+        return tiles;
+    };
+    const int first = PERSISTENT ? blockIdx.x : 0, stride = PERSISTENT ? gridDim.x : 1;
 
     if (threadIdx.x == 0) {
-        mbar_init(q_full, 1);
+        for (int qb = 0; qb < q_bufs; ++qb) {
+            mbar_init(&q_full[qb], 1);
+            mbar_init(&q_empty[qb], 256);  // every consumer thread, after its stores
+        }
         for (int st = 0; st < FW_STAGES; ++st) {
             mbar_init(&k_full[st], 1);
             mbar_init(&v_full[st], 1);
@@ -350,124 +377,150 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
         if (threadIdx.x != 0) return;
-        mbar_arrive_expect_tx(q_full, tile_bytes);
-        tma_load_tile(q_s, &params.q_map, h, q0, b, q_full);
-        for (int j = 0; j < tiles; ++j) {
-            const int st = j % FW_STAGES;
-            // Use j / FW_STAGES of the stage: wait for the consumers' release of the use before.
-            if (j >= FW_STAGES) mbar_wait(&empty[st], ((j / FW_STAGES) - 1) & 1);
-            mbar_arrive_expect_tx(&k_full[st], tile_bytes);
-            tma_load_tile(k_tile(st), &params.k_map, h, j * FH_BN, b, &k_full[st]);
-            mbar_arrive_expect_tx(&v_full[st], tile_bytes);
-            tma_load_tile(v_tile(st), &params.v_map, h, j * FH_BN, b, &v_full[st]);
+        uint32_t jg = 0;  // K/V tiles loaded so far by this block
+        for (int w = first, local = 0; w < work; w += stride, ++local) {
+            int b, h, q0;
+            tile_of(w, b, h, q0);
+            const int qb = local % q_bufs;
+            // Use local / q_bufs of the Q buffer: wait for the consumers' stores through the use before.
+            if (local >= q_bufs) mbar_wait(&q_empty[qb], ((local / q_bufs) - 1) & 1);
+            mbar_arrive_expect_tx(&q_full[qb], tile_bytes);
+            tma_load_tile(q_tile(qb), &params.q_map, h, q0, b, &q_full[qb]);
+            const int tiles = key_tiles(q0);
+            for (int j = 0; j < tiles; ++j, ++jg) {
+                const int st = jg % FW_STAGES;
+                // Use jg / FW_STAGES of the stage: wait for the consumers' release of the use before.
+                if (jg >= FW_STAGES) mbar_wait(&empty[st], ((jg / FW_STAGES) - 1) & 1);
+                mbar_arrive_expect_tx(&k_full[st], tile_bytes);
+                tma_load_tile(k_tile(st), &params.k_map, h, j * FH_BN, b, &k_full[st]);
+                mbar_arrive_expect_tx(&v_full[st], tile_bytes);
+                tma_load_tile(v_tile(st), &params.v_map, h, j * FH_BN, b, &v_full[st]);
+            }
         }
         return;
     }
     asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
 
     const int cw = wg - 1, warp = (threadIdx.x % 128) / 32, g = (threadIdx.x % 32) / 4;
-    const int qwg = q0 + cw * 64, row0 = qwg + warp * 16 + g;
-    int wg_tiles = qwg < p.seq_q ? tiles : 0;
-    if (p.causal) wg_tiles = min(wg_tiles, (min(qwg + 64, p.seq_q) + FH_BN - 1) / FH_BN);
-    const T* q_wg = q_s + cw * 64 * FH_D;
     const float scale_log2 = p.scale * FH_LOG2E;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-    float acc[32];
+    uint32_t jbase = 0;  // K/V tiles of this block's earlier work tiles
+    for (int w = first, local = 0; w < work; w += stride, ++local) {
+        int b, h, q0;
+        tile_of(w, b, h, q0);
+        const int tiles = key_tiles(q0);
+        const bool first_tile = local == 0, last_tile = w + stride >= work;
+        const int qb = local % q_bufs;
+        const int qwg = q0 + cw * 64, row0 = qwg + warp * 16 + g;
+        int wg_tiles = qwg < p.seq_q ? tiles : 0;
+        if (p.causal) wg_tiles = min(wg_tiles, (min(qwg + 64, p.seq_q) + FH_BN - 1) / FH_BN);
+        const T* q_wg = q_tile(qb) + cw * 64 * FH_D;
+        float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+        float acc[32];
 #pragma unroll
-    for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
-    auto parity = [](int j) { return (uint32_t)((j / FW_STAGES) & 1); };
-    // Ping-pong turn t (the protocol in the comment above the kernel); nothing without PINGPONG.
-    auto turn_begin = [&](int t) {
-        if constexpr (PINGPONG)
-            if (cw != 0 || t != 0) named_bar_sync(1 + cw, 256);
-    };
-    auto turn_end = [&](int t) {
-        if constexpr (PINGPONG)
-            if (cw != 1 || t != tiles) named_bar_arrive(2 - cw, 256);
-    };
+        for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
+        auto stage = [&](int j) { return (int)((jbase + j) % FW_STAGES); };
+        auto parity = [&](int j) { return (uint32_t)(((jbase + j) / FW_STAGES) & 1); };
+        // Ping-pong turn t of this work tile (the protocol in the comments above the kernel).
+        auto turn_begin = [&](int t) {
+            if constexpr (PINGPONG)
+                if (cw != 0 || t != 0 || !first_tile) named_bar_sync(1 + cw, 256);
+        };
+        auto turn_end = [&](int t) {
+            if constexpr (PINGPONG)
+                if (cw != 1 || t != tiles || !last_tile) named_bar_arrive(2 - cw, 256);
+        };
 
-    if (wg_tiles > 0) {
-        float s[64], base[2], corr[2];
-        // P of the even and odd tiles: alternating buffers, so no register copies sit between a
-        // P V product's issue and its wait (ptxas would serialise the wgmma pipeline, note C7513).
-        uint32_t pa[2][FH_BN / 16][4];
-        mbar_wait(q_full, 0);
-        mbar_wait(&k_full[0], 0);
-        turn_begin(0);
-        wgmma_fence();
-        issue_qk<T>(s, q_wg, k_tile(0));
-        turn_end(0);
-        wgmma_wait<0>();
-        fence_regs(s);
-        mask_scores(s, 0, row0, qwg, p);
-        softmax_update(s, m, l, base, corr, scale_log2);
-        softmax_probs<T>(s, base, l, scale_log2, pa[0]);
-        // Tile j: S_j = Q K_j^T, then O += P_{j-1} V_{j-1}; the softmax of S_j (into `next`) runs
-        // while the latter does.
-        auto step = [&](int j, uint32_t(&cur)[FH_BN / 16][4], uint32_t(&next)[FH_BN / 16][4]) {
-            const int st = j % FW_STAGES, prev = (j - 1) % FW_STAGES;
-            mbar_wait(&k_full[st], parity(j));
-            mbar_wait(&v_full[prev], parity(j - 1));
-            turn_begin(j);
-            wgmma_fence();
-            issue_qk<T>(s, q_wg, k_tile(st));
-            issue_pv<T>(acc, cur, v_tile(prev));
-            turn_end(j);
-            wgmma_wait<1>();
-            fence_regs(s);
-            mask_scores(s, j * FH_BN, row0, qwg, p);
-            softmax_update(s, m, l, base, corr, scale_log2);
-            softmax_probs<T>(s, base, l, scale_log2, next);
-            wgmma_wait<0>();
-            fence_regs(acc);
-            fence_pa(cur);  // P_{j-1} stays in its registers until the product has read them
-            mbar_arrive(&empty[prev]);
-            rescale_acc(acc, corr);
-        };
-        // The last tile's O += P V.
-        auto finish = [&](uint32_t(&cur)[FH_BN / 16][4]) {
-            const int last = (wg_tiles - 1) % FW_STAGES;
-            mbar_wait(&v_full[last], parity(wg_tiles - 1));
-            turn_begin(wg_tiles);
-            wgmma_fence();
-            issue_pv<T>(acc, cur, v_tile(last));
-            turn_end(wg_tiles);
-            wgmma_wait<0>();
-            fence_regs(acc);
-            fence_pa(cur);
-            mbar_arrive(&empty[last]);
-        };
-        int j = 1;
-        for (; j + 1 < wg_tiles; j += 2) {
-            step(j, pa[0], pa[1]);
-            step(j + 1, pa[1], pa[0]);
-        }
-        if (j < wg_tiles) {
-            step(j, pa[0], pa[1]);
-            finish(pa[1]);
-        } else {
-            finish(pa[0]);
-        }
-    }
-    // Tiles the block loads past this warpgroup's last (causal, or no rows): released unread, each
-    // after it has landed, so the producer's phase accounting stays in step. Ping-pong: the empty
-    // turns, tile j's release after turn j + 1 as for a used tile (turn 0 first when there is none).
-    if constexpr (PINGPONG)
-        if (wg_tiles == 0) {
+        if (wg_tiles > 0) {
+            float s[64], base[2], corr[2];
+            // P of the even and odd tiles: alternating buffers, so no register copies sit between a
+            // P V product's issue and its wait (ptxas would serialise the wgmma pipeline, note C7513).
+            uint32_t pa[2][FH_BN / 16][4];
+            mbar_wait(&q_full[qb], (local / q_bufs) & 1);
+            mbar_wait(&k_full[stage(0)], parity(0));
             turn_begin(0);
+            wgmma_fence();
+            issue_qk<T>(s, q_wg, k_tile(stage(0)));
             turn_end(0);
+            wgmma_wait<0>();
+            fence_regs(s);
+            mask_scores(s, 0, row0, qwg, p);
+            softmax_update(s, m, l, base, corr, scale_log2);
+            softmax_probs<T>(s, base, l, scale_log2, pa[0]);
+            // Tile j: S_j = Q K_j^T, then O += P_{j-1} V_{j-1}; the softmax of S_j (into `next`) runs
+            // while the latter does.
+            auto step = [&](int j, uint32_t(&cur)[FH_BN / 16][4], uint32_t(&next)[FH_BN / 16][4]) {
+                const int st = stage(j), prev = stage(j - 1);
+                mbar_wait(&k_full[st], parity(j));
+                mbar_wait(&v_full[prev], parity(j - 1));
+                turn_begin(j);
+                wgmma_fence();
+                issue_qk<T>(s, q_wg, k_tile(st));
+                issue_pv<T>(acc, cur, v_tile(prev));
+                turn_end(j);
+                wgmma_wait<1>();
+                fence_regs(s);
+                mask_scores(s, j * FH_BN, row0, qwg, p);
+                softmax_update(s, m, l, base, corr, scale_log2);
+                softmax_probs<T>(s, base, l, scale_log2, next);
+                wgmma_wait<0>();
+                fence_regs(acc);
+                fence_pa(cur);  // P_{j-1} stays in its registers until the product has read them
+                mbar_arrive(&empty[prev]);
+                rescale_acc(acc, corr);
+            };
+            // The last tile's O += P V.
+            auto finish = [&](uint32_t(&cur)[FH_BN / 16][4]) {
+                const int last = stage(wg_tiles - 1);
+                mbar_wait(&v_full[last], parity(wg_tiles - 1));
+                turn_begin(wg_tiles);
+                wgmma_fence();
+                issue_pv<T>(acc, cur, v_tile(last));
+                turn_end(wg_tiles);
+                wgmma_wait<0>();
+                fence_regs(acc);
+                fence_pa(cur);
+                mbar_arrive(&empty[last]);
+            };
+            int j = 1;
+            for (; j + 1 < wg_tiles; j += 2) {
+                step(j, pa[0], pa[1]);
+                step(j + 1, pa[1], pa[0]);
+            }
+            if (j < wg_tiles) {
+                step(j, pa[0], pa[1]);
+                finish(pa[1]);
+            } else {
+                finish(pa[0]);
+            }
         }
-    for (int j = wg_tiles; j < tiles; ++j) {
-        turn_begin(j + 1);
-        turn_end(j + 1);
-        mbar_wait(&k_full[j % FW_STAGES], parity(j));
-        mbar_wait(&v_full[j % FW_STAGES], parity(j));
-        mbar_arrive(&empty[j % FW_STAGES]);
-    }
+        // Tiles the block loads past this warpgroup's last (causal, or no rows): released unread, each
+        // after it has landed, so the producer's phase accounting stays in step. Ping-pong: the empty
+        // turns, tile j's release after turn j + 1 as for a used tile (turn 0 first when there is none).
+        if constexpr (PINGPONG)
+            if (wg_tiles == 0) {
+                turn_begin(0);
+                turn_end(0);
+            }
+        for (int j = wg_tiles; j < tiles; ++j) {
+            turn_begin(j + 1);
+            turn_end(j + 1);
+            mbar_wait(&k_full[stage(j)], parity(j));
+            mbar_wait(&v_full[stage(j)], parity(j));
+            mbar_arrive(&empty[stage(j)]);
+        }
 
-    if (qwg >= p.seq_q) return;
-    T* o = static_cast<T*>(p.o) + b * p.o_batch_stride + h * FH_D;
-    store_rows<T>(acc, l, const_cast<T*>(q_wg) + warp * 16 * FH_D, o, qwg + warp * 16, p);
+        if (qwg < p.seq_q) {
+            T* o = static_cast<T*>(p.o) + b * p.o_batch_stride + h * FH_D;
+            store_rows<T>(acc, l, const_cast<T*>(q_wg) + warp * 16 * FH_D, o, qwg + warp * 16, p);
+        }
+        if constexpr (PERSISTENT) {
+            // A warpgroup without rows never waited for this Q: it must land before its release.
+            if (wg_tiles == 0) mbar_wait(&q_full[qb], (local / q_bufs) & 1);
+            fence_proxy_async();  // the staging's generic-proxy writes before the TMA's refill
+            mbar_arrive(&q_empty[qb]);
+        }
+        jbase += tiles;
+    }
 }
 
 #endif
@@ -479,7 +532,10 @@ SM90_ENTRY(flash_attention_sm90_d64_f16, 256, FlashAttentionParams, flash_attent
 SM90_ENTRY(flash_attention_sm90_d64_bf16, 256, FlashAttentionParams, flash_attention_sm90, __nv_bfloat16)
 // 384 threads: the producer warpgroup and two consumer warpgroups (one block per multiprocessor);
 // `true`: the ping-pong variant.
-SM90_ENTRY(flash_attention_ws_d64_f16, 384, FlashTmaParams, flash_attention_ws, __half, false)
-SM90_ENTRY(flash_attention_ws_d64_bf16, 384, FlashTmaParams, flash_attention_ws, __nv_bfloat16, false)
-SM90_ENTRY(flash_attention_wspp_d64_f16, 384, FlashTmaParams, flash_attention_ws, __half, true)
-SM90_ENTRY(flash_attention_wspp_d64_bf16, 384, FlashTmaParams, flash_attention_ws, __nv_bfloat16, true)
+SM90_ENTRY(flash_attention_ws_d64_f16, 384, FlashTmaParams, flash_attention_ws, __half, false, false)
+SM90_ENTRY(flash_attention_ws_d64_bf16, 384, FlashTmaParams, flash_attention_ws, __nv_bfloat16, false, false)
+SM90_ENTRY(flash_attention_wspp_d64_f16, 384, FlashTmaParams, flash_attention_ws, __half, true, false)
+SM90_ENTRY(flash_attention_wspp_d64_bf16, 384, FlashTmaParams, flash_attention_ws, __nv_bfloat16, true, false)
+// The persistent ping-pong form: at most one block per multiprocessor, each walking work tiles.
+SM90_ENTRY(flash_attention_wspp_persistent_d64_f16, 384, FlashTmaParams, flash_attention_ws, __half, true, true)
+SM90_ENTRY(flash_attention_wspp_persistent_d64_bf16, 384, FlashTmaParams, flash_attention_ws, __nv_bfloat16, true, true)

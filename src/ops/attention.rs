@@ -338,8 +338,14 @@ pub enum FlashKernel {
     HopperWs,
     /// `HopperWs` with ping-pong scheduling (FlashAttention-3 section 3.1): the two consumer
     /// warpgroups take turns on the tensor cores, one's softmax overlapping the other's products.
-    /// Compute capability 9.0 only; `Auto`'s self-attention kernel there.
+    /// Compute capability 9.0 only; `Auto`'s self-attention kernel there for calls of fewer than
+    /// `FLASH_PERSISTENT_MIN_WAVES` waves of work tiles.
     HopperWsPingpong,
+    /// `HopperWsPingpong` as a persistent kernel: one block per multiprocessor walking the work
+    /// tiles (128 queries of one batch and head), the next tile's Q and K/V loads overlapping this
+    /// tile's last products and stores. Compute capability 9.0 only; `Auto`'s choice there from
+    /// `FLASH_PERSISTENT_MIN_WAVES` waves on.
+    HopperWsPingpongPersistent,
 }
 
 impl FlashKernel {
@@ -350,29 +356,44 @@ impl FlashKernel {
             "hopper" => Ok(FlashKernel::Hopper),
             "hopper-ws" => Ok(FlashKernel::HopperWs),
             "hopper-wspp" => Ok(FlashKernel::HopperWsPingpong),
+            "hopper-wspp-persistent" => Ok(FlashKernel::HopperWsPingpongPersistent),
             _ => Err(format!(
-                "CELFRAME_FLASH_KERNEL='{name}' is not a flash kernel (expected portable, hopper, hopper-ws or \
-                 hopper-wspp)"
+                "CELFRAME_FLASH_KERNEL='{name}' is not a flash kernel (expected portable, hopper, hopper-ws, \
+                 hopper-wspp or hopper-wspp-persistent)"
             )),
         }
     }
 }
 
-/// The long-sequence kernel `Auto` takes on a device of compute capability `cc` when
-/// `CELFRAME_FLASH_KERNEL` is unset: on Hopper the warp-specialised wgmma kernel with ping-pong
-/// scheduling (H200, f16, b32 x 10 heads x 2304 tokens: 1.049 ms against 1.092 ms without ping-pong,
-/// 4-5% faster at 576 and 4096 tokens too), elsewhere the portable one.
-fn long_flash_default(cc: (i32, i32)) -> FlashKernel {
-    if cc == (9, 0) { FlashKernel::HopperWsPingpong } else { FlashKernel::Portable }
+/// Work tiles per multiprocessor from which `Auto` takes the persistent ping-pong kernel on Hopper.
+/// H200, f16, same run as the one-block-per-tile form (2026-12-04): b32 x 20 heads x 576 tokens
+/// (24 waves) 0.219 against 0.237 ms, b32 x 10 x 2304 (44 waves) 1.096 against 1.109; with a few
+/// waves the last one's idle blocks cost more than the overlap gains (b2 x 10 x 4096, 4.8 waves:
+/// 0.235 against 0.229; b1 x 2 x 9216, 1.1 waves: 0.211 against 0.200).
+const FLASH_PERSISTENT_MIN_WAVES: usize = 16;
+
+/// The long-sequence kernel `Auto` takes on a device of compute capability `cc` with `sms`
+/// multiprocessors for `work` tiles of 128 queries when `CELFRAME_FLASH_KERNEL` is unset: on Hopper
+/// the warp-specialised wgmma kernel with ping-pong scheduling (H200, f16, b32 x 10 heads x 2304
+/// tokens: 1.049 ms against 1.092 ms without ping-pong, 4-5% faster at 576 and 4096 tokens too),
+/// persistent from FLASH_PERSISTENT_MIN_WAVES waves of tiles on without a causal mask (the persistent
+/// kernel's causal runs were GPU-checked with one tile per block only; causal self-attention here is
+/// the text encoders' 77 tokens, far below that size); elsewhere the portable one.
+fn long_flash_default(cc: (i32, i32), work: usize, sms: usize, causal: bool) -> FlashKernel {
+    match cc {
+        (9, 0) if !causal && work >= FLASH_PERSISTENT_MIN_WAVES * sms => FlashKernel::HopperWsPingpongPersistent,
+        (9, 0) => FlashKernel::HopperWsPingpong,
+        _ => FlashKernel::Portable,
+    }
 }
 
 /// The long-sequence kernel `Auto` takes (self-attention; profiling and A/B runs of whole models
 /// set `CELFRAME_FLASH_KERNEL`, read once per process).
-fn long_flash_kernel(cc: (i32, i32)) -> Result<FlashKernel> {
+fn long_flash_kernel(cc: (i32, i32), work: usize, sms: usize, causal: bool) -> Result<FlashKernel> {
     static CHOICE: OnceLock<Option<std::result::Result<FlashKernel, String>>> = OnceLock::new();
     let choice = CHOICE.get_or_init(|| std::env::var("CELFRAME_FLASH_KERNEL").ok().map(|v| FlashKernel::parse(&v)));
     match choice {
-        None => Ok(long_flash_default(cc)),
+        None => Ok(long_flash_default(cc, work, sms, causal)),
         Some(k) => k.clone().map_err(Error::Input),
     }
 }
@@ -454,18 +475,23 @@ const FLASH_SHORT_BLOCKS_PER_SM: usize = 8;
 /// stages of K and V tiles, 16 KiB each, plus 1 KiB to align them to 1024 bytes.
 const FLASH_SM90_BM: usize = 128;
 const FLASH_SM90_SHARED: usize = 5 * 16384 + 1024;
-/// The warp-specialised kernels' dynamic shared memory (with and without ping-pong): the Q tile
-/// and FW_STAGES (3) stages of K and V tiles, 16 KiB each, 1 KiB of alignment, and the 1 + 3 x 3
-/// mbarriers.
-const FLASH_WS_SHARED: usize = 7 * 16384 + 1024 + 10 * 8;
+/// The warp-specialised kernels' dynamic shared memory: the Q tile (two in the persistent form)
+/// and FW_STAGES (3) stages of K and V tiles, 16 KiB each, 1 KiB of alignment, and the mbarriers
+/// (Q full and empty per Q tile, K full, V full and empty per stage).
+const FLASH_WS_SHARED: usize = 7 * 16384 + 1024 + 11 * 8;
+const FLASH_WS_PERSISTENT_SHARED: usize = 8 * 16384 + 1024 + 13 * 8;
 
-/// The warp-specialised kernel's entry for `dtype` (f16, else bf16), with or without ping-pong.
-fn flash_ws_kernel(pingpong: bool, dtype: DType) -> &'static str {
-    match (pingpong, dtype) {
-        (false, DType::F16) => "flash_attention_ws_d64_f16",
-        (false, _) => "flash_attention_ws_d64_bf16",
-        (true, DType::F16) => "flash_attention_wspp_d64_f16",
-        (true, _) => "flash_attention_wspp_d64_bf16",
+/// The warp-specialised kernel's entry for `kernel` (one of the HopperWs forms) and `dtype` (f16,
+/// else bf16).
+fn flash_ws_kernel(kernel: FlashKernel, dtype: DType) -> &'static str {
+    let f16 = dtype == DType::F16;
+    match kernel {
+        FlashKernel::HopperWs if f16 => "flash_attention_ws_d64_f16",
+        FlashKernel::HopperWs => "flash_attention_ws_d64_bf16",
+        FlashKernel::HopperWsPingpong if f16 => "flash_attention_wspp_d64_f16",
+        FlashKernel::HopperWsPingpong => "flash_attention_wspp_d64_bf16",
+        _ if f16 => "flash_attention_wspp_persistent_d64_f16",
+        _ => "flash_attention_wspp_persistent_d64_bf16",
     }
 }
 
@@ -587,7 +613,11 @@ pub fn flash_attention_with(
             };
             let short_fits = flash_short_variant(sk, cfg.causal);
             let kernel = match kernel {
-                FlashKernel::Auto if short_fits.is_none() => long_flash_kernel(gpu.info().compute_capability)?,
+                FlashKernel::Auto if short_fits.is_none() => {
+                    let work = sq.div_ceil(FLASH_SM90_BM) * b * cfg.heads;
+                    let sms = gpu.info().multiprocessors as usize;
+                    long_flash_kernel(gpu.info().compute_capability, work, sms, cfg.causal)?
+                }
                 k => k,
             };
             let short = match kernel {
@@ -602,8 +632,17 @@ pub fn flash_attention_with(
                     gpu.launch(kernel, hopper()?, (256, 1, 1), FLASH_SM90_SHARED as u32, &p)?;
                     return Ok(o);
                 }
-                FlashKernel::HopperWs | FlashKernel::HopperWsPingpong => {
-                    let grid = hopper()?;
+                FlashKernel::HopperWs | FlashKernel::HopperWsPingpong | FlashKernel::HopperWsPingpongPersistent => {
+                    let persistent = kernel == FlashKernel::HopperWsPingpongPersistent;
+                    let (x, y, z) = hopper()?;
+                    // Persistent: one block per multiprocessor at most, each walking the work tiles.
+                    let work = x as usize * y as usize;
+                    let grid = if persistent {
+                        (work.min(gpu.info().multiprocessors as usize) as u32, 1, 1)
+                    } else {
+                        (x, y, z)
+                    };
+                    let shared = if persistent { FLASH_WS_PERSISTENT_SHARED } else { FLASH_WS_SHARED };
                     let map = |name, ptr, tokens, row_stride, batch_stride| {
                         flash_tensor_map(name, ptr, dtype, cfg.heads, tokens, b, row_stride, batch_stride)
                     };
@@ -613,8 +652,7 @@ pub fn flash_attention_with(
                         v_map: map("v", p.v as u64, sk, p.v_stride, p.v_batch_stride)?,
                         attn: p,
                     };
-                    let kernel = flash_ws_kernel(kernel == FlashKernel::HopperWsPingpong, dtype);
-                    gpu.launch(kernel, grid, (384, 1, 1), FLASH_WS_SHARED as u32, &tp)?;
+                    gpu.launch(flash_ws_kernel(kernel, dtype), grid, (384, 1, 1), shared as u32, &tp)?;
                     return Ok(o);
                 }
             };
@@ -836,7 +874,7 @@ pub fn flash_attention_reference(
 
 #[cfg(test)]
 mod tests {
-    use super::{FLASH_SHORT_KERNELS, FlashKernel, flash_short_variant, flash_ws_kernel};
+    use super::{FLASH_SHORT_KERNELS, FlashKernel, flash_short_variant, flash_ws_kernel, long_flash_default};
     use crate::gpu::KERNEL_MODULES;
     use crate::tensor::DType;
 
@@ -846,10 +884,22 @@ mod tests {
         assert_eq!(FlashKernel::parse("hopper"), Ok(FlashKernel::Hopper));
         assert_eq!(FlashKernel::parse("hopper-ws"), Ok(FlashKernel::HopperWs));
         assert_eq!(FlashKernel::parse("hopper-wspp"), Ok(FlashKernel::HopperWsPingpong));
+        assert_eq!(FlashKernel::parse("hopper-wspp-persistent"), Ok(FlashKernel::HopperWsPingpongPersistent));
         for bad in ["", "Hopper", "auto", "sm90", "hopper-wsp"] {
             let err = FlashKernel::parse(bad).unwrap_err();
             assert!(err.contains("CELFRAME_FLASH_KERNEL") && err.contains(&format!("'{bad}'")), "{err}");
         }
+    }
+
+    #[test]
+    fn hopper_takes_the_persistent_kernel_from_sixteen_waves_of_non_causal_tiles() {
+        // H200: 132 multiprocessors. b32 x 20 heads x 576 tokens: 5 tiles x 640 = 3200 >= 2112.
+        assert_eq!(long_flash_default((9, 0), 3200, 132, false), FlashKernel::HopperWsPingpongPersistent);
+        assert_eq!(long_flash_default((9, 0), 2112, 132, false), FlashKernel::HopperWsPingpongPersistent);
+        // b2 x 10 heads x 4096 tokens: 640 tiles, 4.8 waves; a causal mask at any size.
+        assert_eq!(long_flash_default((9, 0), 640, 132, false), FlashKernel::HopperWsPingpong);
+        assert_eq!(long_flash_default((9, 0), 100_000, 132, true), FlashKernel::HopperWsPingpong);
+        assert_eq!(long_flash_default((8, 9), 100_000, 128, false), FlashKernel::Portable);
     }
 
     #[test]
@@ -858,15 +908,16 @@ mod tests {
         // a GPU, a spill (local memory in the consumers' 240 registers) costs the overlap.
         let resources: Vec<_> = KERNEL_MODULES.iter().flat_map(|m| m.sm90_resources.iter()).collect();
         let mut names = std::collections::BTreeSet::new();
-        for pingpong in [false, true] {
+        let kernels = [FlashKernel::HopperWs, FlashKernel::HopperWsPingpong, FlashKernel::HopperWsPingpongPersistent];
+        for kernel in kernels {
             for dtype in [DType::F16, DType::BF16] {
-                let name = flash_ws_kernel(pingpong, dtype);
+                let name = flash_ws_kernel(kernel, dtype);
                 let r = resources.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("{name} is not compiled"));
                 assert!(r.registers > 0 && r.spill_bytes == 0 && r.stack_bytes == 0, "{r:?}");
                 names.insert(name);
             }
         }
-        assert_eq!(names.len(), 4, "one entry per variant and dtype: {names:?}");
+        assert_eq!(names.len(), 6, "one entry per variant and dtype: {names:?}");
     }
 
     #[test]

@@ -1,0 +1,101 @@
+# Measurement probe (tools/cutlass_probe/run.sh): the CUTLASS GEMM forms and the GEGLU epilogue
+# beside torch.mm and PyTorch's composed GEGLU on the same GPU in one run; median of 50 after 10
+# warm-ups, inputs alternating between two buffers, outputs checked against f32 references.
+import ctypes
+import sys
+
+import torch
+import torch.nn.functional as F
+
+folder = sys.argv[1]
+gemms = ctypes.CDLL(f"{folder}/gemm_variants.so")
+geglu = ctypes.CDLL(f"{folder}/geglu_epilogue.so")
+FORMS = ["coop_128x256_c2x1", "coop_256x128_c2x1", "coop_256x128_c1x2", "ping_128x128_c2x1", "ping_128x128_c1x2",
+         "ping_64x256_c1x1"]
+P = ctypes.c_void_p
+workspace = torch.empty(1 << 20, dtype=torch.uint8, device="cuda")
+
+
+def stream():
+    return P(torch.cuda.current_stream().cuda_stream)
+
+
+def median_ms(fn, reps=50, warm=10):
+    for r in range(warm):
+        fn(r)
+    times = []
+    for r in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn(r)
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[reps // 2]
+
+
+def rel(got, want):
+    return ((got.float() - want).norm() / want.norm()).item()
+
+
+print("| M K N | torch.mm ms (TFLOP/s) | " + " | ".join(FORMS) + " |")
+for m, k, n in [(73728, 640, 5120), (18432, 1280, 10240), (294912, 320, 2560), (8192, 640, 5120),
+                (294912, 320, 320), (294912, 320, 960), (294912, 1280, 320)]:
+    xs = [torch.randn(m, k, device="cuda", dtype=torch.half) for _ in range(2)]
+    w = (torch.randn(n, k, device="cuda") / k ** 0.5).half()
+    d = torch.empty(m, n, device="cuda", dtype=torch.half)
+    want = xs[0].float() @ w.float().t()
+    flop = 2 * m * k * n
+    t = median_ms(lambda r: torch.mm(xs[r % 2], w.t(), out=d))
+    row = [f"M{m} K{k} N{n}", f"{t:.4f} ({flop / t / 1e9:.0f})"]
+    for form in FORMS:
+        f = getattr(gemms, form)
+        d.fill_(float("nan"))
+        rc = f(m, n, k, P(xs[0].data_ptr()), P(w.data_ptr()), P(d.data_ptr()), P(workspace.data_ptr()), stream())
+        torch.cuda.synchronize()
+        if rc:
+            row.append(f"rc {rc}")
+            continue
+        err = rel(d, want)
+        t = median_ms(lambda r: f(m, n, k, P(xs[r % 2].data_ptr()), P(w.data_ptr()), P(d.data_ptr()),
+                                  P(workspace.data_ptr()), stream()))
+        row.append(f"{t:.4f} ({flop / t / 1e9:.0f}) err {err:.1e}")
+    print("| " + " | ".join(row) + " |", flush=True)
+    del xs, d, want
+    torch.cuda.empty_cache()
+
+print("\n| M K D | torch composed GEGLU ms | geglu_coop_128x256 | geglu_ping_128x128 |")
+for m, k, dim in [(73728, 640, 2560), (18432, 1280, 5120), (294912, 320, 1280), (8192, 640, 2560)]:
+    n = 2 * dim
+    xs = [torch.randn(m, k, device="cuda", dtype=torch.half) for _ in range(2)]
+    w = (torch.randn(n, k, device="cuda") / k ** 0.5).half()
+    bias = (0.1 * torch.randn(n, device="cuda")).half()
+    # Rows 16 b + i: value 8 b + i; rows 16 b + 8 + i: its gate.
+    order = torch.stack([torch.arange(dim, device="cuda").view(-1, 8), dim + torch.arange(dim, device="cuda").view(-1, 8)],
+                        1).reshape(-1)
+    w_interleaved, bias_interleaved = w[order].contiguous(), bias[order].contiguous()
+    y = torch.empty(m, dim, device="cuda", dtype=torch.half)
+    h = xs[0].float() @ w.float().t() + bias.float()
+    want = h[:, :dim] * F.gelu(h[:, dim:])
+    del h
+
+    def composed(r):
+        value, gate = F.linear(xs[r % 2], w, bias).chunk(2, -1)
+        return value * F.gelu(gate)
+
+    row = [f"M{m} K{k} D{dim}", f"{median_ms(composed):.4f}"]
+    for form in ["geglu_coop_128x256", "geglu_ping_128x128"]:
+        f = getattr(geglu, form)
+        args = lambda r: (m, n, k, P(xs[r % 2].data_ptr()), P(w_interleaved.data_ptr()), P(bias_interleaved.data_ptr()),
+                          P(y.data_ptr()), P(workspace.data_ptr()), stream())
+        y.fill_(float("nan"))
+        rc = f(*args(0))
+        torch.cuda.synchronize()
+        if rc:
+            row.append(f"rc {rc}")
+            continue
+        err = rel(y, want)
+        row.append(f"{median_ms(lambda r: f(*args(r))):.4f} err {err:.1e}")
+    print("| " + " | ".join(row) + " |", flush=True)
+    del xs, y, want
+    torch.cuda.empty_cache()

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Measurement probe, on the GPU machine from the repo root with dist/cutlass_probe/ carried
+# (tools/cutlass_probe/build.sh): links the probe objects and times them beside torch.mm and
+# PyTorch's composed GEGLU (tools/cutlass_probe/probe.py).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+nvcc=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc)
+for f in gemm_variants geglu_epilogue; do
+  "$nvcc" -shared "dist/cutlass_probe/$f.o" -o "dist/cutlass_probe/$f.so" -lcuda
+done
+python3 tools/cutlass_probe/probe.py dist/cutlass_probe

@@ -198,8 +198,7 @@ fn main() -> Result<()> {
     // The default route; then the same work through the kernels it does not take: the portable
     // kernel where the short-key one runs, and last (a fault there ends the run) the Hopper kernels
     // (cp.async, warp-specialised TMA, and the latter with ping-pong consumers, one block per tile and
-    // persistent) on devices of
-    // compute 9.0. SDPA's time is the plain key's peer.
+    // persistent) on devices of compute 9.0. SDPA's time is the plain key's peer.
     let mut routes = vec![("", FlashKernel::Auto), ("portable ", FlashKernel::Portable)];
     if b.gpu.info().compute_capability == (9, 0) {
         routes.push(("sm90 ", FlashKernel::Hopper));

@@ -728,8 +728,17 @@ const FLASH_CASES: [(usize, usize, usize, usize, bool, DType); 21] = [
 
 /// Runs every flash case through the kernels `pick` names for it (none: the case is skipped).
 fn check_flash_cases(rig: &Rig, pick: impl Fn(usize, bool) -> Vec<celframe::ops::attention::FlashKernel>) {
+    check_flash(rig, &FLASH_CASES, pick);
+}
+
+/// `check_flash_cases` over `cases`, shaped as FLASH_CASES.
+fn check_flash(
+    rig: &Rig,
+    cases: &[(usize, usize, usize, usize, bool, DType)],
+    pick: impl Fn(usize, bool) -> Vec<celframe::ops::attention::FlashKernel>,
+) {
     use celframe::ops::attention::{FlashAttention, flash_attention_reference, flash_attention_with};
-    for (batch, sq, sk, heads, causal, dtype) in FLASH_CASES {
+    for &(batch, sq, sk, heads, causal, dtype) in cases {
         let kernels = pick(sk, causal);
         if kernels.is_empty() {
             continue;
@@ -821,25 +830,15 @@ fn flash_attention_sm90_wspp_meets_the_attention_rule() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
 fn flash_attention_sm90_wspp_persistent_meets_the_attention_rule() {
-    use celframe::ops::attention::{FlashAttention, FlashKernel, flash_attention_reference, flash_attention_with};
+    use celframe::ops::attention::FlashKernel;
     let rig = Rig::new();
     if rig.gpu.info().compute_capability != (9, 0) {
         println!("GPUCHECK flash_attention Hopper persistent kernel: SKIPPED, not a compute 9.0 device");
         return;
     }
-    check_flash_cases(&rig, |_, _| vec![FlashKernel::HopperWsPingpongPersistent]);
-    for (batch, seq, heads, causal) in [(2, 2304, 10, false), (3, 1000, 11, true)] {
-        let cfg = FlashAttention { heads, causal, scale: 0.125 };
-        let (q, qd) = rig.input(&[batch, seq, heads * 64], DType::F16, 1.0, 0.0);
-        let (k, kd) = rig.input(&[batch, seq, heads * 64], DType::F16, 1.0, 0.0);
-        let (v, vd) = rig.input(&[batch, seq, heads * 64], DType::F16, 1.0, 0.0);
-        let exact = flash_attention_reference(&q, &k, &v, cfg, None, DType::F32).unwrap();
-        let plain = flash_attention_reference(&q, &k, &v, cfg, Some(DType::F16), DType::F16).unwrap();
-        let what = format!("flash_attention persistent b={batch} s={seq} h={heads} causal={causal}");
-        let got = flash_attention_with(&rig.exec(), &qd, &kd, &vd, cfg, FlashKernel::HopperWsPingpongPersistent)
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
-        rig.check_attention_rule(&what, &rig.gpu.download(&got).unwrap(), &exact, &plain);
-    }
+    let pick = |_, _| vec![FlashKernel::HopperWsPingpongPersistent];
+    check_flash_cases(&rig, pick);
+    check_flash(&rig, &[(2, 2304, 2304, 10, false, DType::F16), (3, 1000, 1000, 11, true, DType::F16)], pick);
 }
 
 #[test]

@@ -105,7 +105,7 @@ typedef struct GroupNormClusterParams {
 
 #define GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS 128
 
-// Layer norm over the last dimension (rows x channels, one warp per row), fp32 statistics.
+// Layer norm over the last dimension (rows x channels), fp32 statistics.
 // y[r] = norm(x[r]) * gamma + beta (+ add[r / add_every]): the optional table is added to the
 // affine output before the one rounding (the motion modules' position rows: one per frame,
 // shared by the frame's add_every tokens). A row over a warp or a power-of-two group of its lanes

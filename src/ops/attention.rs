@@ -612,11 +612,13 @@ pub fn flash_attention_with(
                 Ok((grid_dim("flash_attention", "query tiles", sq.div_ceil(FLASH_SM90_BM), GRID_X)?, heads, 1))
             };
             let short_fits = flash_short_variant(sk, cfg.causal);
+            // The Hopper kernels' work tiles (128 queries of one batch and head) and the blocks a
+            // persistent one runs at once.
+            let work_tiles = sq.div_ceil(FLASH_SM90_BM) * b * cfg.heads;
+            let sms = gpu.info().multiprocessors as usize;
             let kernel = match kernel {
                 FlashKernel::Auto if short_fits.is_none() => {
-                    let work = sq.div_ceil(FLASH_SM90_BM) * b * cfg.heads;
-                    let sms = gpu.info().multiprocessors as usize;
-                    long_flash_kernel(gpu.info().compute_capability, work, sms, cfg.causal)?
+                    long_flash_kernel(gpu.info().compute_capability, work_tiles, sms, cfg.causal)?
                 }
                 k => k,
             };
@@ -634,14 +636,9 @@ pub fn flash_attention_with(
                 }
                 FlashKernel::HopperWs | FlashKernel::HopperWsPingpong | FlashKernel::HopperWsPingpongPersistent => {
                     let persistent = kernel == FlashKernel::HopperWsPingpongPersistent;
-                    let (x, y, z) = hopper()?;
+                    let grid = hopper()?;
                     // Persistent: one block per multiprocessor at most, each walking the work tiles.
-                    let work = x as usize * y as usize;
-                    let grid = if persistent {
-                        (work.min(gpu.info().multiprocessors as usize) as u32, 1, 1)
-                    } else {
-                        (x, y, z)
-                    };
+                    let grid = if persistent { (work_tiles.min(sms) as u32, 1, 1) } else { grid };
                     let shared = if persistent { FLASH_WS_PERSISTENT_SHARED } else { FLASH_WS_SHARED };
                     let map = |name, ptr, tokens, row_stride, batch_stride| {
                         flash_tensor_map(name, ptr, dtype, cfg.heads, tokens, b, row_stride, batch_stride)

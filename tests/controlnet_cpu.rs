@@ -28,6 +28,7 @@ use std::process::Command;
 use celframe::models::controlnet::checkpoint::{CLDM_PREFIX, CldmNames};
 use celframe::models::controlnet::open_controlnet_with_base;
 use celframe::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
+use celframe::models::transformer::CrossKv;
 use celframe::models::{
     ControlNet, ControlNetConfig, ControlNetFormat, ControlNetUnion, ControlScale, ControlType, Limits, Place, Unet,
     UnetInputs, UnetResiduals, UnionCondition, UnionOptions, open_controlnet, open_unet,
@@ -98,6 +99,7 @@ impl Inputs {
             sample: &self.sample,
             timestep: &self.timestep,
             encoder_hidden_states: &self.context,
+            cross_kv: None,
             text_embeds: Some(&self.text_embeds),
             time_ids: Some(&self.time_ids),
         }
@@ -228,6 +230,18 @@ fn residuals_feed_the_unet_as_diffusers_does() {
     let x = Inputs::read("full");
     let residuals = cn.forward(&Exec::Cpu, &x.unet(), &x.cond, ControlScale::new(0.75)).unwrap();
     let out = nhwc_to_nchw(&unet.forward(&Exec::Cpu, &x.unet(), Some(&residuals)).unwrap()).unwrap();
+    // The net's own text k/v computed beforehand give the same residuals; the UNet's are refused
+    // (the same module names, other weights).
+    let own = CrossKv::compute(&Exec::Cpu, cn.weights(), &x.context).unwrap().unwrap();
+    let cached = UnetInputs { cross_kv: Some(&own), ..x.unet() };
+    let again = cn.forward(&Exec::Cpu, &cached, &x.cond, ControlScale::new(0.75)).unwrap();
+    for (a, b) in again.down.iter().chain([&again.mid]).zip(residuals.down.iter().chain([&residuals.mid])) {
+        assert_eq!(a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
+    }
+    let unets = CrossKv::compute(&Exec::Cpu, unet.weights(), &x.context).unwrap().unwrap();
+    let err =
+        cn.forward(&Exec::Cpu, &UnetInputs { cross_kv: Some(&unets), ..x.unet() }, &x.cond, ControlScale::new(0.75));
+    assert!(matches!(&err, Err(Error::Input(m)) if m.contains("ControlNet input: cross_kv")), "{:?}", err.err());
     let expected = weights::load(&[common_fixture("controlnet_a.full.unet_sample.safetensors")]).unwrap();
     let expected = expected.get("out.sample").unwrap();
     // Without the residuals unet_a's output is 0.76 away (tools/make_controlnet_fixtures.py prints it).
@@ -676,6 +690,7 @@ fn union_batch_equals_its_samples_one_at_a_time() {
         sample: &sample,
         timestep: &timestep,
         encoder_hidden_states: &context,
+        cross_kv: None,
         text_embeds: Some(&text),
         time_ids: Some(&ids),
     };

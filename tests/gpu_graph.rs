@@ -103,6 +103,7 @@ impl Inputs {
             sample: &self.sample,
             timestep: &self.timestep,
             encoder_hidden_states: &self.context,
+            cross_kv: None,
             text_embeds: Some(&self.pooled),
             time_ids: Some(&self.time_ids),
         }

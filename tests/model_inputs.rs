@@ -251,6 +251,7 @@ fn run_unet(unet: &Unet, name: &str) {
         sample: &sample,
         timestep: &timestep,
         encoder_hidden_states: &context,
+        cross_kv: None,
         text_embeds: Some(&text_embeds),
         time_ids: Some(&time_ids),
     };

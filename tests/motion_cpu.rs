@@ -44,6 +44,9 @@ fn check(motion: &Path, reference: &str, across_frames: bool) -> f64 {
     let c = &v.comparisons[0];
     println!("{reference}: rel L2 {:.2e}, max abs {:.2e}", c.rel_l2, c.max_abs);
     assert!(c.ok(), "{reference}: {c:?}");
+    // verify runs the forward again with the text k/v computed beforehand: the same output here
+    let cached = &v.comparisons[1];
+    assert_eq!((cached.rel_l2, cached.max_abs), (c.rel_l2, c.max_abs), "{reference}: {cached:?}");
     c.rel_l2
 }
 
@@ -185,6 +188,7 @@ fn original_names_file_without_mid_block_matches_diffusers() {
         sample: &rows,
         timestep: &timestep,
         encoder_hidden_states: &context,
+        cross_kv: None,
         text_embeds: Some(&text_embeds),
         time_ids: Some(&time_ids),
     };
@@ -233,6 +237,7 @@ fn grouped_contexts_give_the_repeated_contexts_output() {
             sample: &sample,
             timestep: &t,
             encoder_hidden_states: context,
+            cross_kv: None,
             text_embeds: Some(&text),
             time_ids: Some(&ids),
         };
@@ -265,6 +270,7 @@ fn frames_beyond_the_positions_are_refused() {
         sample: &sample,
         timestep: &timestep,
         encoder_hidden_states: &context,
+        cross_kv: None,
         text_embeds: Some(&text),
         time_ids: Some(&ids),
     };

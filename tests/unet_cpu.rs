@@ -13,6 +13,7 @@ mod fixtures;
 use std::process::Command;
 
 use celframe::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
+use celframe::models::transformer::CrossKv;
 use celframe::models::unet::{LayerPos, UnetPath};
 use celframe::models::{Limits, Place, Unet, UnetConfig, UnetFormat, UnetInputs, UnetResiduals, open_unet};
 use celframe::ops::Exec;
@@ -28,6 +29,9 @@ fn check_f32(weights: &std::path::Path, reference: &std::path::Path) -> Tensor {
     let c = &v.comparisons[0];
     println!("{} vs {}: rel L2 {:.2e}, max abs {:.2e}", weights.display(), reference.display(), c.rel_l2, c.max_abs);
     assert!(c.ok(), "{c:?}");
+    // verify runs the forward again with the text k/v computed beforehand: the same output here
+    let cached = &v.comparisons[1];
+    assert_eq!((cached.rel_l2, cached.max_abs), (c.rel_l2, c.max_abs), "{cached:?}");
     v.outputs[0].1.clone()
 }
 
@@ -58,6 +62,7 @@ fn config_b_folder_matches_diffusers_through_the_graph_api() {
         sample: &sample,
         timestep: &timestep,
         encoder_hidden_states: &context,
+        cross_kv: None,
         text_embeds: Some(&text_embeds),
         time_ids: Some(&time_ids),
     };
@@ -102,6 +107,7 @@ fn residual_count_and_shapes_are_checked() {
         sample: &sample,
         timestep: &t,
         encoder_hidden_states: &context,
+        cross_kv: None,
         text_embeds: Some(&text),
         time_ids: Some(&ids),
     };
@@ -133,6 +139,7 @@ fn grouped_contexts_give_the_repeated_contexts_output() {
             sample: &sample,
             timestep: &t,
             encoder_hidden_states: context,
+            cross_kv: None,
             text_embeds: Some(&text),
             time_ids: Some(&ids),
         };
@@ -165,6 +172,7 @@ fn layer_hooks_see_every_layer_in_order() {
         sample: &sample,
         timestep: &t,
         encoder_hidden_states: &context,
+        cross_kv: None,
         text_embeds: Some(&text),
         time_ids: Some(&ids),
     };
@@ -402,4 +410,61 @@ fn rel_l2(actual: &Tensor, expected: &Tensor) -> (f64, f64) {
         max = max.max(d);
     }
     ((diff / norm).sqrt(), max)
+}
+
+/// Every cross-attention's k and v computed beforehand (one GEMM by the stacked matrix, as a
+/// render does once per text context) give the forward's output bit for bit on the CPU twins,
+/// where each output element sums the same products in the same order either way; and they are
+/// read only by the weights that made them, as those weights are.
+#[test]
+fn text_kv_computed_beforehand_give_the_same_output_for_their_weights_only() {
+    let checkpoint = open_unet(&folder("b")).unwrap();
+    let unet = Unet::new(&checkpoint, Place::Host(DType::F32)).unwrap();
+    let r = weights::load(&[reference("b")]).unwrap();
+    let f32 = |name: &str| {
+        let t = r.get(name).unwrap();
+        Tensor::from_f32(t.shape(), DType::F32, &t.to_f32_vec().unwrap()).unwrap()
+    };
+    let sample = nchw_to_nhwc(&f32("in.sample")).unwrap();
+    let (timestep, context) = (f32("in.timestep"), f32("in.encoder_hidden_states"));
+    let (text_embeds, time_ids) = (f32("in.added_cond_kwargs.text_embeds"), f32("in.added_cond_kwargs.time_ids"));
+    let inputs = UnetInputs {
+        sample: &sample,
+        timestep: &timestep,
+        encoder_hidden_states: &context,
+        cross_kv: None,
+        text_embeds: Some(&text_embeds),
+        time_ids: Some(&time_ids),
+    };
+    let kv = CrossKv::compute(&Exec::Cpu, unet.weights(), &context).unwrap().expect("config b has cross-attentions");
+    // [G, T, Σ 2C]: a k and a v of C columns per attn2 module
+    let attn2 = unet.weights().unread().iter().filter(|n| n.contains(".attn2.to_k.")).count();
+    assert_eq!(attn2, 0, "computing k and v reads every attn2 projection");
+    let (g, t) = (context.shape()[0], context.shape()[1]);
+    assert_eq!(&kv.tensor().shape()[..2], &[g, t]);
+    let with_kv = UnetInputs { cross_kv: Some(&kv), ..inputs };
+    let cached = unet.forward(&Exec::Cpu, &with_kv, None).unwrap().to_f32_vec().unwrap();
+    let plain = unet.forward(&Exec::Cpu, &inputs, None).unwrap().to_f32_vec().unwrap();
+    assert!(plain.iter().any(|v| *v != 0.0));
+    assert_eq!(cached, plain, "the forward with k and v computed beforehand");
+
+    let refused = |unet: &Unet, x: &UnetInputs, what: &str| {
+        let err = unet.forward(&Exec::Cpu, x, None).unwrap_err();
+        assert!(matches!(err, Error::Input(_)) && err.to_string().contains("cross_kv"), "{what}: {err}");
+    };
+    // another preparation of the same checkpoint: other weights
+    let other = Unet::new(&checkpoint, Place::Host(DType::F32)).unwrap();
+    refused(&other, &with_kv, "other weights");
+    // k and v of a context of another shape
+    let first_row = Tensor::from_f32(
+        &[1, t, context.shape()[2]],
+        DType::F32,
+        &context.to_f32_vec().unwrap()[..t * context.shape()[2]],
+    )
+    .unwrap();
+    let one_row = CrossKv::compute(&Exec::Cpu, unet.weights(), &first_row).unwrap().unwrap();
+    refused(&unet, &UnetInputs { cross_kv: Some(&one_row), ..inputs }, "another context shape");
+    // the weights changed in place after (a LoRA switch)
+    unet.weights().changed();
+    refused(&unet, &with_kv, "changed weights");
 }

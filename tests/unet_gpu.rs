@@ -34,6 +34,13 @@ fn check(what: &str, weights: &std::path::Path, reference: &std::path::Path, dty
         c.rel_l2, c.max_abs, t.rel_l2, vs_twin.rel_l2
     );
     assert!(c.ok(), "{what} {dtype:?}: {c:?}");
+    // verify's second forward, with the text k/v computed beforehand (one stacked GEMM)
+    let k = &gpu.comparisons[1];
+    println!(
+        "GPUCHECK unet {what} {dtype:?} text k/v computed beforehand: rel_l2={:.2e} max_abs={:.2e}",
+        k.rel_l2, k.max_abs
+    );
+    assert!(k.ok(), "{what} {dtype:?}, text k/v computed beforehand: {k:?}");
 }
 
 #[test]

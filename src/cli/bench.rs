@@ -22,10 +22,11 @@ use crate::models::clip::{ClipTextModel, TextEncoderKind, open_text_encoder};
 use crate::models::lora::device::{DeviceLoraSet, LoraSwitcher, Restore};
 use crate::models::lora::{self, Component, LoraSpec, Loras, Targets};
 use crate::models::motion::MAX_FRAMES;
+use crate::models::transformer::CrossKv;
 use crate::models::vae::{Vae, open_vae};
 use crate::models::{
-    ControlNet, ControlNetUnion, ControlScale, ControlType, Frames, MotionModules, Place, Unet, UnetConfig,
-    UnetResiduals, UnionCondition, UnionOptions, open_controlnet, open_motion, open_unet,
+    ControlNet, ControlNetUnion, ControlScale, ControlType, Frames, ModelWeights, MotionModules, Place, Unet,
+    UnetConfig, UnetInputs, UnetResiduals, UnionCondition, UnionOptions, open_controlnet, open_motion, open_unet,
 };
 use crate::ops::Exec;
 use crate::ops::elementwise::add;
@@ -222,6 +223,8 @@ fn bench_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     let mut forward = || run().map(drop);
     let t = time_gpu(&gpu, 2, args.runs, &mut forward)?;
     report("unet", &key, &t, args.runs, &scratch);
+    let with_kv = |kv: Option<&CrossKv>| unet.forward(&ex, &UnetInputs { cross_kv: kv, ..inputs }, None).map(drop);
+    text_kv_computed_once(args, &ex, ("unet", &key, &t), unet.weights(), inputs.encoder_hidden_states, with_kv)?;
     replays(args, &gpu, &scratch, "unet", &key, &t, run)?;
     finish(args, &gpu, &key, &t, forward)
 }
@@ -262,6 +265,11 @@ fn bench_motion_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     let mut forward = || run().map(drop);
     let t = time_gpu(&gpu, 2, args.runs, &mut forward)?;
     report("motion_unet", &key, &t, args.runs, &scratch);
+    let with_kv = |kv: Option<&CrossKv>| {
+        modules.forward_unet(&ex, &unet, &UnetInputs { cross_kv: kv, ..inputs }, video, None).map(drop)
+    };
+    let context = inputs.encoder_hidden_states;
+    text_kv_computed_once(args, &ex, ("motion_unet", &key, &t), unet.weights(), context, with_kv)?;
     replays(args, &gpu, &scratch, "motion_unet", &key, &t, run)?;
     finish(args, &gpu, &key, &t, forward)
 }
@@ -539,6 +547,39 @@ fn report(name: &str, key: &str, t: &Timing, runs: usize, scratch: &Arena) {
         t.median_ms(),
         t.min_ms()
     );
+}
+
+/// `forward` timed again with every cross-attention's k and v of `context` computed once
+/// beforehand by `weights` (what a render's steps after the first on one text context run),
+/// reported under the key + " text k/v cached" beside `eager`'s (name, key, timing); and the one
+/// GEMM that computes them, under the key + " text k/v once".
+fn text_kv_computed_once(
+    args: &BenchArgs,
+    ex: &Exec,
+    (name, key, eager): (&str, &str, &Timing),
+    weights: &ModelWeights,
+    context: &Tensor,
+    mut forward: impl FnMut(Option<&CrossKv>) -> Result<()>,
+) -> Result<()> {
+    let Exec::Cuda { gpu, scratch } = ex else { return Err(Error::Internal("bench on the CPU".into())) };
+    let mut kv = None;
+    let once = time_gpu(gpu, 2, args.runs, || {
+        kv = CrossKv::compute(ex, weights, context)?;
+        Ok(())
+    })?;
+    let Some(kv) = kv else { return Ok(()) };
+    report(name, &format!("{key} text k/v once"), &once, args.runs, scratch);
+    let t = time_gpu(gpu, 2, args.runs, || forward(Some(&kv)))?;
+    report(name, &format!("{key} text k/v cached"), &t, args.runs, scratch);
+    eprintln!(
+        "{key}: with the text k/v computed once ({:.3} ms, {:.1} MB), a forward takes {:.3} ms vs {:.3} ms ({:.3}x)",
+        once.median_ms(),
+        kv.tensor().size_bytes() as f64 / 1e6,
+        t.median_ms(),
+        eager.median_ms(),
+        eager.median_ms() / t.median_ms().max(1e-9)
+    );
+    Ok(())
 }
 
 /// The residuals as one list, the mid block's last.

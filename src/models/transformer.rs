@@ -3,10 +3,15 @@
 //! cross-attention on the text context and a GEGLU feed-forward (each pre-LayerNorm, residual),
 //! proj_out, residual. Self-attention computes q, k and v in one GEMM of width 3C and
 //! cross-attention k and v in one of width 2C, the attention reading them in place through row
-//! strides (the weights placed fused at load: `fusions`).
+//! strides (the weights placed fused at load: `fusions`). The k and v of every cross-attention
+//! can also come precomputed for a text context that stays the same over many forwards
+//! (`CrossKv`).
 
-use super::weights::{Fusion, Scope};
-use crate::error::Result;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::weights::{Fusion, ModelWeights, Scope, WeightsState};
+use crate::error::{Error, Result};
 use crate::ops::Exec;
 use crate::ops::attention::{Columns, FlashAttention, attention_grouped};
 use crate::ops::linear::{linear, linear_add, linear_geglu};
@@ -38,6 +43,15 @@ impl Transformer {
 /// for bounding a config by its checkpoint.
 pub const BLOCK_TENSORS: usize = 20;
 
+/// The text context the cross-attentions read: the hidden states [G, T, X], and optionally every
+/// cross-attention's k and v of them computed beforehand (`CrossKv`, made from these hidden states
+/// by the same model's weights).
+#[derive(Clone, Copy)]
+pub struct TextContext<'a> {
+    pub hidden: &'a Tensor,
+    pub kv: Option<&'a CrossKv>,
+}
+
 /// x [B, H, W, C] NHWC, context [G, T, X] -> [B, H, W, C], G dividing B: context row g serves the
 /// B/G images from g * B/G (`attention_grouped`). The group norm's statistics span `norm_frames`
 /// consecutive images (1: per image; see `unet::Frames`).
@@ -48,7 +62,7 @@ pub fn forward(
     groups: usize,
     norm_frames: usize,
     x: &Tensor,
-    context: &Tensor,
+    context: TextContext,
 ) -> Result<Tensor> {
     let _scope = ex.profile_scope("transformer");
     let (b, h, wd, c) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
@@ -97,7 +111,7 @@ pub(crate) fn block_feed_forward(ex: &Exec, w: &Scope, x: &Tensor) -> Result<Ten
 }
 
 /// BasicTransformerBlock: x += attn1(LN1(x)); x += attn2(LN2(x), context); x += FF(LN3(x)).
-fn block(ex: &Exec, w: &Scope, t: &Transformer, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+fn block(ex: &Exec, w: &Scope, t: &Transformer, x: &Tensor, context: TextContext) -> Result<Tensor> {
     let ln = |name: &str, x: &Tensor| block_norm(ex, w, name, x);
     // Intermediates live in their step's scope, so the arena reuses them for the next step.
     // 1. self-attention: [B, L, C]
@@ -119,18 +133,107 @@ pub const QKV: [&str; 3] = ["to_q", "to_k", "to_v"];
 /// The projections a cross-attention reads as one matrix (to_q reads x, not the context).
 pub const KV: [&str; 2] = ["to_k", "to_v"];
 
+/// The stack of every cross-attention's fused k and v projections (`fusions`, `CrossKv`).
+pub const CROSS_KV_STACK: &str = "cross-attention k/v";
+
 /// The fused projections of the transformer blocks among a model's weights (graph names first):
 /// every attn1's to_q, to_k, to_v ([3C, C]) and every attn2's to_k, to_v ([2C, X]), as
-/// `self_attention` and `cross_attention` read them.
+/// `self_attention` and `cross_attention` read them; the attn2 matrices stacked into one
+/// [Σ 2C, X] as well, which `CrossKv::compute` multiplies.
 pub fn fusions<'a>(names: impl IntoIterator<Item = &'a String>) -> Vec<Fusion> {
     let module = |name: &'a String, suffix: &str| name.strip_suffix(suffix).map(str::to_string);
     names
         .into_iter()
         .filter_map(|n| match module(n, ".attn1.to_q.weight") {
-            Some(m) => Some(Fusion { module: format!("{m}.attn1"), parts: &QKV }),
-            None => module(n, ".attn2.to_k.weight").map(|m| Fusion { module: format!("{m}.attn2"), parts: &KV }),
+            Some(m) => Some(Fusion { module: format!("{m}.attn1"), parts: &QKV, stack: None }),
+            None => module(n, ".attn2.to_k.weight").map(|m| Fusion {
+                module: format!("{m}.attn2"),
+                parts: &KV,
+                stack: Some(CROSS_KV_STACK),
+            }),
         })
         .collect()
+}
+
+/// Every cross-attention's k and v on one text context [G, T, X]: [G, T, Σ 2C] from one GEMM by
+/// the model's stacked attn2 projections, each module's k and v a column range that the attention
+/// reads in place. A clip's text context does not change between its denoising steps, so a render
+/// computes this once per context and model instead of once per forward (`UnetInputs::cross_kv`).
+#[derive(Clone)]
+pub struct CrossKv {
+    kv: Tensor,
+    /// attn2 module -> (first column of its k, C); its v follows.
+    columns: Arc<HashMap<String, (usize, usize)>>,
+    /// The weights' state it was computed from, and the context's shape.
+    state: WeightsState,
+    context: Vec<usize>,
+}
+
+impl CrossKv {
+    /// The k and v of every cross-attention of the model with `weights` on `context` [G, T, X];
+    /// None when the model has no cross-attention.
+    pub fn compute(ex: &Exec, weights: &ModelWeights, context: &Tensor) -> Result<Option<CrossKv>> {
+        let Some(stacked) = weights.stack(CROSS_KV_STACK) else { return Ok(None) };
+        let kv = {
+            let _scope = ex.profile_scope("cross_kv");
+            linear(ex, context, &stacked.matrix, None)?
+        };
+        let columns = stacked.blocks.iter().map(|(module, first, rows)| (module.clone(), (*first, rows / 2))).collect();
+        let (state, context) = (weights.state(), context.shape().to_vec());
+        Ok(Some(CrossKv { kv, columns: Arc::new(columns), state, context }))
+    }
+
+    /// The values, [G, T, Σ 2C].
+    pub fn tensor(&self) -> &Tensor {
+        &self.kv
+    }
+
+    /// The same k and v read from `kv`, a tensor of the same shape and dtype holding a copy of
+    /// them (a CUDA graph's static input).
+    pub fn reading(&self, kv: Tensor) -> Result<CrossKv> {
+        if kv.shape() != self.kv.shape() || kv.dtype() != self.kv.dtype() {
+            return Err(Error::Internal(format!("cached text k/v {:?} read from {kv:?}", self.kv)));
+        }
+        Ok(CrossKv { kv, ..self.clone() })
+    }
+
+    /// Whether these k and v were computed by `weights` as they are now.
+    pub fn holds_for(&self, weights: &ModelWeights) -> bool {
+        self.state == weights.state()
+    }
+
+    /// Checks that these k and v were computed by `weights` as they are now (`model` names it in
+    /// the error) on a context of `context`'s shape and dtype.
+    pub fn check(&self, model: &str, weights: &ModelWeights, context: &Tensor) -> Result<()> {
+        if !self.holds_for(weights) {
+            return Err(Error::Input(format!(
+                "{model} input: cross_kv was computed by other weights, or before these changed (a LoRA merge): \
+                 compute it again with this model"
+            )));
+        }
+        if context.shape() != self.context || context.dtype() != self.kv.dtype() {
+            return Err(Error::Input(format!(
+                "{model} input: cross_kv was computed on a context {:?} {:?}, encoder_hidden_states is {context:?}",
+                self.context,
+                self.kv.dtype()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The k and v of the cross-attention whose weights `w` reads.
+    fn of(&self, w: &Scope) -> Result<[Columns; 2]> {
+        let module = w.prefix();
+        if self.state != w.weights_state() {
+            return Err(Error::Internal(format!(
+                "the cached text k/v read at '{module}' were computed by other weights or before they changed"
+            )));
+        }
+        let &(first, c) = self.columns.get(module).ok_or_else(|| {
+            Error::Internal(format!("the cached text k/v hold none for '{module}', a cross-attention of the model"))
+        })?;
+        Ok([Columns::new(&self.kv, first, c)?, Columns::new(&self.kv, first + c, c)?])
+    }
 }
 
 /// diffusers Attention without biases on q, k, v (attn1): softmax(q k^T / sqrt(d)) v with q, k
@@ -144,23 +247,25 @@ fn self_attention(ex: &Exec, w: &Scope, heads: usize, x: &Tensor, residual: &Ten
 }
 
 /// The same on the context (attn2): q from x, k and v from one GEMM of the context's G rows by the
-/// fused [2C, X] weight (G divides x's B rows: `attention_grouped`).
+/// fused [2C, X] weight (G divides x's B rows: `attention_grouped`), or the context's cached k and v.
 fn cross_attention(
     ex: &Exec,
     w: &Scope,
     heads: usize,
     x: &Tensor,
-    context: &Tensor,
+    context: TextContext,
     residual: &Tensor,
 ) -> Result<Tensor> {
     let q = linear(ex, x, w.get("to_q.weight")?, None)?; // [B, L, C]
-    // Profiled apart: k and v do not change between a clip's steps, so this is what caching them
-    // per clip would save (`--breakdown`'s transformer/cross_kv row).
-    let kv = {
-        let _scope = ex.profile_scope("cross_kv");
-        linear(ex, context, w.rows(&KV)?, None)? // [G, T, 2C]
+    let [k, v] = match context.kv {
+        Some(cached) => cached.of(w)?,
+        None => {
+            // Profiled apart: what caching k and v per text context saves (`--breakdown`'s
+            // transformer/cross_kv row).
+            let _scope = ex.profile_scope("cross_kv");
+            Columns::split(&linear(ex, context.hidden, w.rows(&KV)?, None)?)? // [G, T, 2C]
+        }
     };
-    let [k, v] = Columns::split(&kv)?;
     let o = attention_grouped(ex, &q, k, v, scaled(heads, q.shape()[2]))?;
     linear_add(ex, &o, w.get("to_out.0.weight")?, Some(w.get("to_out.0.bias")?), Some(residual))
 }

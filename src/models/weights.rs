@@ -2,11 +2,12 @@
 //! convolution weights already KRSC, on the host (CPU twins) or on the device (CUDA ops). Each
 //! entry records whether the graph looked it up, so a test can find a loaded tensor that no
 //! forward reads (`unread`). Weights a forward multiplies as one matrix (an attention's q, k and
-//! v projections) can be placed as the row blocks of one (`Fusion`).
+//! v projections) can be placed as the row blocks of one (`Fusion`), and such matrices of many
+//! modules as the row blocks of one larger matrix (`Fusion::stack`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 use crate::gpu::{Arena, Gpu};
@@ -64,7 +65,36 @@ pub struct ModelWeights {
     tensors: HashMap<String, Entry>,
     /// The fused matrices by `fused_name`, with the names of their parts.
     fused: HashMap<String, (Tensor, Vec<String>)>,
+    /// The stacked matrices by stack name (`Fusion::stack`).
+    stacks: HashMap<&'static str, Stacked>,
     dtype: DType,
+    /// Which prepared weights these are, and how often they were changed in place since:
+    /// `WeightsState`.
+    id: u64,
+    version: AtomicU64,
+}
+
+/// Ids of prepared weights, unique within the process.
+static NEXT_WEIGHTS_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Which prepared weights, in which state: a value computed from weights (a text context's cached
+/// k and v) holds while their state is the one it was computed from. A LoRA merge or restore in
+/// place moves the state on (`ModelWeights::changed`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WeightsState {
+    id: u64,
+    version: u64,
+}
+
+/// Fusions of several modules placed as the consecutive row blocks of one matrix as well
+/// (`ModelWeights::stack`): each module's fused matrix is a row range of it on the device (a copy
+/// on the host), in the order the fusions were given.
+pub struct Stacked {
+    pub matrix: Tensor,
+    /// (module, first row, rows) of each fusion.
+    pub blocks: Vec<(String, usize, usize)>,
+    /// The names of the weights it holds.
+    parts: Vec<String>,
 }
 
 /// Weights of one module that the graph multiplies as one matrix: `{module}.{part}.weight` for
@@ -77,6 +107,8 @@ pub struct ModelWeights {
 pub struct Fusion {
     pub module: String,
     pub parts: &'static [&'static str],
+    /// Fusions naming one stack are placed together as one matrix too (`Stacked`).
+    pub stack: Option<&'static str>,
 }
 
 /// The name a fused matrix is kept under: its parts joined by '+' under their module, with the
@@ -126,24 +158,55 @@ impl ModelWeights {
         let keys: HashMap<&str, &str> = names.iter().map(|(n, k)| (n.as_str(), k.as_str())).collect();
         let mut tensors = HashMap::with_capacity(names.len());
         let mut fused = HashMap::with_capacity(fusions.len());
+        let mut stacks = HashMap::new();
+        // Fusions of no stack one matrix each, then each stack's fusions as one.
+        let mut groups: Vec<(Option<&'static str>, Vec<&Fusion>)> = Vec::new();
         for f in fusions {
-            let name = fused_name(&f.module, f.parts);
+            match groups.iter_mut().find(|(stack, _)| f.stack.is_some() && *stack == f.stack) {
+                Some((_, members)) => members.push(f),
+                None => groups.push((f.stack, vec![f])),
+            }
+        }
+        for (stack, members) in groups {
+            let what = match stack {
+                Some(stack) => format!("the stack '{stack}'"),
+                None => format!("'{}'", fused_name(&members[0].module, members[0].parts)),
+            };
             let (mut parts, mut host, mut sources) = (Vec::new(), Vec::new(), Vec::new());
-            for part in f.parts {
-                let part = format!("{}.{part}.weight", f.module);
-                let key = keys.get(part.as_str()).filter(|_| !tensors.contains_key(&part)).ok_or_else(|| {
-                    Error::Internal(format!("fusing '{part}' into '{name}': not a weight of the model, or fused twice"))
-                })?;
-                let source = loaded.get(key)?;
-                host.push(merged(host_merge(place, loras, &part), &part, source, dtype)?);
-                sources.push(source.clone());
-                parts.push(part);
+            for f in &members {
+                for part in f.parts {
+                    let part = format!("{}.{part}.weight", f.module);
+                    let key = keys.get(part.as_str()).filter(|_| !tensors.contains_key(&part)).ok_or_else(|| {
+                        Error::Internal(format!(
+                            "fusing '{part}' into {what}: not a weight of the model, or fused twice"
+                        ))
+                    })?;
+                    let source = loaded.get(key)?;
+                    host.push(merged(host_merge(place, loras, &part), &part, source, dtype)?);
+                    sources.push(source.clone());
+                    parts.push(part);
+                }
             }
-            let (matrix, placed) = place_rows(place, host, dtype, &name)?;
-            for ((part, t), source) in parts.iter().zip(placed).zip(sources) {
-                tensors.insert(part.clone(), Entry::new(t, Some(source)));
+            let (matrix, placed) = place_rows(place, host, dtype, &what)?;
+            let (mut first_part, mut first_row, mut blocks) = (0, 0, Vec::new());
+            for f in &members {
+                let member = first_part..first_part + f.parts.len();
+                let rows: usize = placed[member.clone()].iter().map(|t| t.shape()[0]).sum();
+                let block = if members.len() == 1 {
+                    matrix.clone()
+                } else {
+                    row_block(&matrix, &placed[member.clone()], first_row)?
+                };
+                fused.insert(fused_name(&f.module, f.parts), (block, parts[member.clone()].to_vec()));
+                blocks.push((f.module.clone(), first_row, rows));
+                (first_part, first_row) = (member.end, first_row + rows);
             }
-            fused.insert(name, (matrix, parts));
+            if let Some(stack) = stack {
+                stacks.insert(stack, Stacked { matrix, blocks, parts: parts.clone() });
+            }
+            for ((part, t), source) in parts.into_iter().zip(placed).zip(sources) {
+                tensors.insert(part, Entry::new(t, Some(source)));
+            }
         }
         let rest: Vec<&(String, String)> = names.iter().filter(|(n, _)| !tensors.contains_key(n)).collect();
         for (name, key) in rest {
@@ -152,7 +215,17 @@ impl ModelWeights {
             let t = if t.shape().len() == 4 { weight_oihw_to_ohwi(&t)? } else { t };
             tensors.insert(name.clone(), Entry::new(place_tensor(place, t, dtype, key)?, Some(source.clone())));
         }
-        ModelWeights { tensors, fused, dtype }.merged_on_device(place, loras)
+        ModelWeights::new(tensors, fused, stacks, dtype).merged_on_device(place, loras)
+    }
+
+    fn new(
+        tensors: HashMap<String, Entry>,
+        fused: HashMap<String, (Tensor, Vec<String>)>,
+        stacks: HashMap<&'static str, Stacked>,
+        dtype: DType,
+    ) -> ModelWeights {
+        let id = NEXT_WEIGHTS_ID.fetch_add(1, Ordering::Relaxed);
+        ModelWeights { tensors, fused, stacks, dtype, id, version: AtomicU64::new(0) }
     }
 
     /// Like `prepare`, for host tensors the caller has already put in the graph's form (a fused
@@ -167,7 +240,7 @@ impl ModelWeights {
             let t = place_tensor(place, t, dtype, &name)?;
             tensors.insert(name, Entry::new(t, Some(source)));
         }
-        ModelWeights { tensors, fused: HashMap::new(), dtype }.merged_on_device(place, loras)
+        ModelWeights::new(tensors, HashMap::new(), HashMap::new(), dtype).merged_on_device(place, loras)
     }
 
     /// Checks that every weight `loras` targets was prepared, and on the device merges them with
@@ -191,6 +264,30 @@ impl ModelWeights {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+
+    /// Which weights these are and in which state (`WeightsState`).
+    pub fn state(&self) -> WeightsState {
+        WeightsState { id: self.id, version: self.version.load(Ordering::Acquire) }
+    }
+
+    /// Records that the weights are being changed in place (a LoRA merge or restore): values
+    /// computed from them before no longer hold.
+    pub fn changed(&self) {
+        self.version.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The stacked matrix `name` (`Fusion::stack`), its parts marked as read; None when the model
+    /// has no fusion in that stack.
+    pub fn stack(&self, name: &str) -> Option<&Stacked> {
+        let stacked = self.stacks.get(name)?;
+        for part in &stacked.parts {
+            if let Some(entry) = self.tensors.get(part) {
+                entry.read.store(true, Ordering::Relaxed);
+            }
+        }
+        Some(stacked)
+    }
+
     pub fn len(&self) -> usize {
         self.tensors.len()
     }
@@ -289,6 +386,24 @@ fn place_rows(place: Place, parts: Vec<Tensor>, dtype: DType, what: &str) -> Res
     }
 }
 
+/// Rows `first..` of `matrix` that hold the placed `parts`: on the device a range of the matrix's
+/// memory, on the host a copy of the parts (host weights never change after `prepare`).
+fn row_block(matrix: &Tensor, parts: &[Tensor], first: usize) -> Result<Tensor> {
+    let (rows, cols) = (parts.iter().map(|t| t.shape()[0]).sum::<usize>(), matrix.shape()[1]);
+    let dtype = matrix.dtype();
+    let storage = match matrix.storage() {
+        Storage::Device(mem) => Storage::Device(mem.range(first * cols * dtype.size(), rows * cols * dtype.size())?),
+        Storage::Host(_) => {
+            let mut bytes = Vec::with_capacity(rows * cols * dtype.size());
+            for t in parts {
+                bytes.extend_from_slice(t.host_bytes()?);
+            }
+            Storage::Host(HostBytes::Owned(Arc::new(bytes)))
+        }
+    };
+    Tensor::from_storage(&[rows, cols], dtype, storage)
+}
+
 /// The deltas to merge on the host for the weight `name`: all of them for host weights; for
 /// device weights only where the kernels cannot (DoRA, which depends on the merged weight's norm,
 /// and f32 weights, which the tensor-core kernels do not take). The kernels merge the rest after
@@ -316,6 +431,16 @@ pub struct Scope<'a> {
 }
 
 impl<'a> Scope<'a> {
+    /// The state of the weights the scope reads (`ModelWeights::state`).
+    pub fn weights_state(&self) -> WeightsState {
+        self.weights.state()
+    }
+
+    /// The module's path (`down_blocks.1.attentions.0`; empty at the root).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// The sub-module `name` (`resnets.0`).
     pub fn at(&self, name: &str) -> Scope<'a> {
         let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };

@@ -2,7 +2,8 @@
 //! and UNet (or motion UNet), both CFG halves, captured once per `GraphKey` and replayed at every
 //! later step with that key. The model inputs live in static device tensors written before each
 //! replay (uploads and a device copy, outside the graph); the rest the captured work bakes in is
-//! in the key. A key's first call runs eagerly (it warms up kernel modules, cuDNN's algorithm
+//! in the key; so are the text k/v the UNet reads (copied into a static tensor too) when the
+//! render computed them beforehand (`InputCache::text_kv`). A key's first call runs eagerly (it warms up kernel modules, cuDNN's algorithm
 //! searches and the input cache), its second captures, later ones replay. All graphs of a
 //! denoising run share one `GraphPool` (one scratch working set) and go with the `InputCache` at
 //! the end of the run, before the VAE decodes; they also go, with their scratch, when a key is met
@@ -16,6 +17,7 @@ use std::collections::{HashMap, HashSet};
 use super::render::{InputCache, ModelCall, Part, WindowInputs};
 use crate::error::{Error, Result};
 use crate::gpu::{Arena, Gpu, Graph, GraphPool};
+use crate::models::transformer::{CrossKv, TextContext};
 use crate::tensor::{Storage, Tensor};
 
 /// Model calls on more latent pixels than this (rows x latent height x width) run eagerly: their
@@ -64,6 +66,8 @@ pub(super) struct GraphKey {
     pub(super) frames: usize,
     /// Rows of the text context (one per CFG half when the frames share a prompt, else per frame).
     pub(super) context_rows: usize,
+    /// Whether the UNet reads its cross-attentions' k and v computed beforehand.
+    pub(super) text_kv: bool,
     /// With a ControlNet acting at this step: the window's clip frames (they fix the hint images,
     /// per-frame strengths and active frames, and the cached inputs the nets read) and which
     /// ControlNet entries are active at the step.
@@ -111,29 +115,46 @@ struct WindowGraph {
 struct StaticInputs {
     host: [Tensor; 4],
     context: Tensor,
+    /// The UNet's text k/v, read through the static tensor.
+    kv: Option<CrossKv>,
 }
 
 impl StaticInputs {
-    fn new(gpu: &Gpu, scratch: &Arena, host: &WindowInputs, context: &Tensor) -> Result<StaticInputs> {
+    fn new(gpu: &Gpu, scratch: &Arena, host: &WindowInputs, context: TextContext) -> Result<StaticInputs> {
         let up = |t: &Tensor| gpu.upload(scratch, t, t.dtype());
         let [a, b, c, d] = host.each();
-        let statics = StaticInputs {
-            host: [up(a)?, up(b)?, up(c)?, up(d)?],
-            context: gpu.empty(scratch, context.shape(), context.dtype())?,
+        let copy = |t: &Tensor| -> Result<Tensor> {
+            let to = gpu.empty(scratch, t.shape(), t.dtype())?;
+            gpu.copy(&to, t)?;
+            Ok(to)
         };
-        gpu.copy(&statics.context, context)?;
-        Ok(statics)
+        let kv = match context.kv {
+            Some(kv) => Some(kv.reading(copy(kv.tensor())?)?),
+            None => None,
+        };
+        Ok(StaticInputs { host: [up(a)?, up(b)?, up(c)?, up(d)?], context: copy(context.hidden)?, kv })
     }
 
     /// The call's inputs written into the static tensors (same shapes: the key holds them).
-    fn write(&self, gpu: &Gpu, host: &WindowInputs, context: &Tensor) -> Result<()> {
+    fn write(&self, gpu: &Gpu, host: &WindowInputs, context: TextContext) -> Result<()> {
         for (to, from) in self.host.iter().zip(host.each()) {
             let Storage::Device(mem) = to.storage() else {
                 return Err(Error::Internal("a CUDA graph's static input is not on the device".into()));
             };
             gpu.upload_into(mem, from, to.dtype())?;
         }
-        gpu.copy(&self.context, context)
+        gpu.copy(&self.context, context.hidden)?;
+        match (&self.kv, context.kv) {
+            (Some(to), Some(from)) => gpu.copy(to.tensor(), from.tensor()),
+            (None, None) => Ok(()),
+            _ => Err(Error::Internal(
+                "a CUDA graph replayed with text k/v where it was captured without, or back".into(),
+            )),
+        }
+    }
+
+    fn context(&self) -> TextContext<'_> {
+        TextContext { hidden: &self.context, kv: self.kv.as_ref() }
     }
 
     fn inputs(&self) -> WindowInputs {
@@ -151,7 +172,7 @@ pub(super) fn model_output(
     key: GraphKey,
     call: &ModelCall,
     host: &WindowInputs,
-    context: &Tensor,
+    context: TextContext,
     cache: &mut InputCache,
 ) -> Result<Tensor> {
     if !cache.graphs.capture.takes(&host.sample) || gpu.is_profiling() {
@@ -173,7 +194,7 @@ impl WindowGraphs {
         key: GraphKey,
         call: &ModelCall,
         host: &WindowInputs,
-        context: &Tensor,
+        context: TextContext,
         cache: &mut InputCache,
     ) -> Result<Tensor> {
         if let Some(w) = self.graphs.get(&key) {
@@ -187,7 +208,7 @@ impl WindowGraphs {
             let inputs = StaticInputs::new(gpu, scratch, host, context)?;
             cache.recording = Some(Vec::new());
             let captured =
-                Graph::capture(gpu, scratch, &self.pool, || call.forward(&inputs.inputs(), &inputs.context, cache));
+                Graph::capture(gpu, scratch, &self.pool, || call.forward(&inputs.inputs(), inputs.context(), cache));
             let kept = cache.recording.take().unwrap_or_default();
             match captured {
                 Ok((graph, out)) => {

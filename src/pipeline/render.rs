@@ -41,6 +41,7 @@ use crate::models::controlnet::{
 use crate::models::layout::video_to_rows;
 use crate::models::lora::device::Restore;
 use crate::models::lora::{self, Component as LoraComponent, Loras, Targets};
+use crate::models::transformer::{CrossKv, TextContext};
 use crate::models::vae::{DecodeOptions, Vae, VaeCheckpoint, open_vae};
 use crate::models::{
     Frames, ModelWeights, MotionCheckpoint, MotionModules, Place, Unet, UnetCheckpoint, UnetInputs, UnetResiduals,
@@ -231,9 +232,10 @@ fn union_types(
 }
 
 /// A prepared ControlNet: plain, or a Union with its entry's control types (one per condition).
+/// (Boxed: a Union is the larger by its own modules' weights.)
 enum Net {
-    Plain(ControlNet),
-    Union { net: ControlNetUnion, types: Vec<ControlType> },
+    Plain(Box<ControlNet>),
+    Union { net: Box<ControlNetUnion>, types: Vec<ControlType> },
 }
 
 /// The models prepared for one place.
@@ -267,12 +269,12 @@ impl Models {
                 None => {
                     let net = ControlNet::new(ck, place)?;
                     net.check_unet(&unet.config)?;
-                    Ok(Net::Plain(net))
+                    Ok(Net::Plain(Box::new(net)))
                 }
                 Some(types) => {
                     let net = ControlNetUnion::new(ck, place)?;
                     net.check_unet(&unet.config)?;
-                    Ok(Net::Union { net, types: types.clone() })
+                    Ok(Net::Union { net: Box::new(net), types: types.clone() })
                 }
             })
             .collect::<Result<Vec<_>>>()?;
@@ -1163,23 +1165,45 @@ impl ClipConditioning {
         (halves.len() * n, values)
     }
 
-    /// The prompt schedule at `frame`: the two keys around it blended linearly (prompt travel).
-    fn at(&self, frame: usize) -> (Vec<f32>, Vec<f32>) {
+    /// The prompt of the clip frames `list` when their context for `halves` has `rows` rows, one
+    /// per half (`context_rows`: the frames share one conditioning); None for a row per frame.
+    fn shared_prompt(&self, halves: &[Half], list: &[usize], rows: usize) -> Option<PromptBlend> {
+        list.first().filter(|_| rows == halves.len()).map(|&f| self.blend_at(f))
+    }
+
+    /// Which keys of the prompt schedule make `frame`'s conditioning, and how they blend.
+    fn blend_at(&self, frame: usize) -> PromptBlend {
         let after = self.keys.iter().position(|(f, _)| *f > frame);
         let (a, b, t) = match after {
             None | Some(0) => {
                 let k = if after == Some(0) { 0 } else { self.keys.len() - 1 };
-                (k, k, 0.0)
+                (k, k, 0.0f32)
             }
             Some(j) => {
                 let (fa, fb) = (self.keys[j - 1].0, self.keys[j].0);
                 (j - 1, j, (frame - fa) as f32 / (fb - fa) as f32)
             }
         };
+        PromptBlend { a, b, t: t.to_bits() }
+    }
+
+    /// The prompt schedule at `frame`: the two keys around it blended linearly (prompt travel).
+    fn at(&self, frame: usize) -> (Vec<f32>, Vec<f32>) {
+        let PromptBlend { a, b, t } = self.blend_at(frame);
+        let t = f32::from_bits(t);
         let lerp = |x: &[f32], y: &[f32]| -> Vec<f32> { x.iter().zip(y).map(|(p, q)| p + (q - p) * t).collect() };
         let (ka, kb) = (&self.keys[a].1, &self.keys[b].1);
         (lerp(&ka.context, &kb.context), lerp(&ka.pooled, &kb.pooled))
     }
+}
+
+/// A frame's conditioning in the prompt schedule: keys `a` and `b` blended by the f32 of bits `t`.
+/// It fixes the frame's conditional text context.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct PromptBlend {
+    a: usize,
+    b: usize,
+    t: u32,
 }
 
 /// A prepared hint image, shared by the frames that show it: resized to the render size in 8 bits,
@@ -1755,6 +1779,14 @@ impl ClipRun<'_> {
                 graphs.replays
             );
         }
+        if cache.text_kv_computed > 0 {
+            eprintln!(
+                "clip {number:03}: frames {first}..{}: cross-attention k/v of the text computed {} times, reused {} times",
+                first + g.frames,
+                cache.text_kv_computed,
+                cache.text_kv_reused
+            );
+        }
         Ok(())
     }
 
@@ -1871,14 +1903,53 @@ pub(super) struct Step {
 
 /// Model inputs that stay the same across steps for a window (text context, control images),
 /// kept on the device between steps. Cleared when it grows past a few windows.
-#[derive(Default)]
 pub(super) struct InputCache {
     entries: HashMap<CacheKey, Tensor>,
+    /// Every cross-attention's k and v of a text context that all frames of a call share, per
+    /// model: computed at the first call, read by the later ones (`TEXT_KV_CACHE`).
+    text_kv: HashMap<TextKvKey, CrossKv>,
+    /// Whether `text_kv` is used.
+    text_kv_on: bool,
+    /// How often k and v were computed, and read from `text_kv` instead.
+    pub(super) text_kv_computed: usize,
+    pub(super) text_kv_reused: usize,
     /// While a CUDA graph is captured: the entries it read, which the graph keeps.
     pub(super) recording: Option<Vec<Tensor>>,
     /// The CUDA graphs of the model calls (pipeline/graphs.rs).
     pub(super) graphs: WindowGraphs,
 }
+
+impl Default for InputCache {
+    fn default() -> InputCache {
+        InputCache {
+            entries: HashMap::new(),
+            text_kv: HashMap::new(),
+            text_kv_on: std::env::var(TEXT_KV_CACHE).as_deref() != Ok("0"),
+            text_kv_computed: 0,
+            text_kv_reused: 0,
+            recording: None,
+            graphs: WindowGraphs::default(),
+        }
+    }
+}
+
+/// `CELFRAME_TEXT_KV_CACHE=0` computes every cross-attention's k and v in every forward, as one
+/// forward alone does (A/B timing); by default a render computes them once per shared text
+/// context and model.
+const TEXT_KV_CACHE: &str = "CELFRAME_TEXT_KV_CACHE";
+
+/// Which model's k and v of which text context: `model` 0 is the UNet, n + 1 ControlNet entry n;
+/// the context is one row per CFG half of `part`, the conditional one `prompt`'s.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct TextKvKey {
+    model: usize,
+    part: Part,
+    prompt: PromptBlend,
+}
+
+/// Device bytes of cached k and v past which the cache starts over (the UNet's for one SDXL
+/// context row are 25.6 MB in f16: many prompts' worth).
+const MAX_TEXT_KV_BYTES: usize = 2 << 30;
 
 /// What a cached input is, for which clip frames.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -1909,6 +1980,42 @@ impl InputCache {
             read.push(t.clone());
         }
         Ok(t)
+    }
+
+    /// Every cross-attention's k and v of `context` for the model `model` (`TextKvKey`) with
+    /// `weights`, when the context's rows are one per CFG half of `part` with the conditional one
+    /// `prompt`'s (None: rows per frame, which are not cached; nor is anything with the cache
+    /// off). Computed on `ex` at the first call for the key, or again when the weights changed.
+    fn text_kv(
+        &mut self,
+        ex: &Exec,
+        (model, weights): (usize, &ModelWeights),
+        part: Part,
+        prompt: Option<PromptBlend>,
+        context: &Tensor,
+    ) -> Result<Option<CrossKv>> {
+        let Some(prompt) = prompt.filter(|_| self.text_kv_on) else { return Ok(None) };
+        let key = TextKvKey { model, part, prompt };
+        let kv = match self.text_kv.get(&key).filter(|kv| kv.holds_for(weights)) {
+            Some(kv) => {
+                self.text_kv_reused += 1;
+                kv.clone()
+            }
+            None => {
+                let Some(kv) = CrossKv::compute(ex, weights, context)? else { return Ok(None) };
+                self.text_kv_computed += 1;
+                let held: usize = self.text_kv.values().map(|kv| kv.tensor().size_bytes()).sum();
+                if held + kv.tensor().size_bytes() > MAX_TEXT_KV_BYTES {
+                    self.text_kv.clear();
+                }
+                self.text_kv.insert(key, kv.clone());
+                kv
+            }
+        };
+        if let Some(read) = self.recording.as_mut() {
+            read.push(kv.tensor().clone());
+        }
+        Ok(Some(kv))
     }
 }
 
@@ -1989,11 +2096,14 @@ pub(super) fn denoise_window(
         time_ids: Tensor::from_f32(&[videos, ids.len()], DType::F32, &ids.repeat(videos))?,
     };
     let context = cache.get_or(CacheKey::Context(part, window.to_vec()), || call.context_rows(window))?.clone();
+    let unet = (0, run.models.unet.weights());
+    let kv = cache.text_kv(&target.ex, unet, part, call.shared_prompt(window, &context), &context)?;
+    let context = TextContext { hidden: &context, kv: kv.as_ref() };
     let out = match target.ex {
         Exec::Cuda { gpu, scratch } => {
-            graphs::model_output(gpu, scratch, call.graph_key(&context), &call, &host, &context, cache)?
+            graphs::model_output(gpu, scratch, call.graph_key(context), &call, &host, context, cache)?
         }
-        Exec::Cpu => call.eager(&host, &context, cache)?,
+        Exec::Cpu => call.eager(&host, context, cache)?,
     };
     let out = target.host_f32(&out)?;
     if let Some(bad) = out.iter().position(|v| !v.is_finite()) {
@@ -2048,8 +2158,13 @@ impl ModelCall<'_> {
         self.run.target.tensor(&[rows, cond.tokens, cond.width], self.run.target.dtype, &values)
     }
 
+    /// `ClipConditioning::shared_prompt` for the call's halves.
+    fn shared_prompt(&self, list: &[usize], context: &Tensor) -> Option<PromptBlend> {
+        self.run.cond.shared_prompt(self.halves(), list, context.shape()[0])
+    }
+
     /// What a CUDA graph of the call bakes in (pipeline/graphs.rs).
-    fn graph_key(&self, context: &Tensor) -> GraphKey {
+    fn graph_key(&self, context: TextContext) -> GraphKey {
         let (i, n) = (self.step.index, self.step.of);
         let active: Vec<bool> = self
             .run
@@ -2065,13 +2180,14 @@ impl ModelCall<'_> {
         GraphKey {
             part: self.part,
             frames: self.window.len(),
-            context_rows: context.shape()[0],
+            context_rows: context.hidden.shape()[0],
+            text_kv: context.kv.is_some(),
             controls: active.contains(&true).then(|| (self.window.to_vec(), active)),
         }
     }
 
     /// `forward` on the host inputs placed where the target computes.
-    pub(super) fn eager(&self, host: &WindowInputs, context: &Tensor, cache: &mut InputCache) -> Result<Tensor> {
+    pub(super) fn eager(&self, host: &WindowInputs, context: TextContext, cache: &mut InputCache) -> Result<Tensor> {
         let [sample, timestep, text_embeds, time_ids] = host.each().map(|t| self.run.target.place(t.clone()));
         let placed =
             WindowInputs { sample: sample?, timestep: timestep?, text_embeds: text_embeds?, time_ids: time_ids? };
@@ -2080,18 +2196,25 @@ impl ModelCall<'_> {
 
     /// The UNet's output on `inputs` and `context` (where the target computes). Nothing here reads
     /// the host's per-step values: a CUDA graph captures it.
-    pub(super) fn forward(&self, inputs: &WindowInputs, context: &Tensor, cache: &mut InputCache) -> Result<Tensor> {
+    pub(super) fn forward(
+        &self,
+        inputs: &WindowInputs,
+        context: TextContext,
+        cache: &mut InputCache,
+    ) -> Result<Tensor> {
         let (config, models, target, controls) = (self.run.config, self.run.models, self.run.target, self.run.controls);
         let ex = target.ex;
         let frames = self.window.len();
         let inputs = UnetInputs {
             sample: &inputs.sample,
             timestep: &inputs.timestep,
-            encoder_hidden_states: context,
+            encoder_hidden_states: context.hidden,
+            cross_kv: context.kv,
             text_embeds: Some(&inputs.text_embeds),
             time_ids: Some(&inputs.time_ids),
         };
         let context_rows = |list: &[usize]| self.context_rows(list);
+        let shared_prompt = |list: &[usize], context: &Tensor| self.shared_prompt(list, context);
         let batch = WindowBatch {
             target,
             g: self.g,
@@ -2101,6 +2224,7 @@ impl ModelCall<'_> {
             part: self.part,
             step: self.step,
             context_rows: &context_rows,
+            shared_prompt: &shared_prompt,
         };
         let mut residuals: Option<UnetResiduals> = None;
         for (n, (net, controls)) in models.controlnets.iter().zip(controls).enumerate() {
@@ -2163,6 +2287,8 @@ struct WindowBatch<'a> {
     /// The text context rows of the frames given: one per half when the frames share a prompt,
     /// else [uncond x n, cond of each].
     context_rows: &'a dyn Fn(&[usize]) -> Result<Tensor>,
+    /// The frames' prompt when their context rows are one per half (`ModelCall::shared_prompt`).
+    shared_prompt: &'a dyn Fn(&[usize], &Tensor) -> Option<PromptBlend>,
 }
 
 impl WindowBatch<'_> {
@@ -2174,17 +2300,23 @@ impl WindowBatch<'_> {
         self.videos() * self.window.len()
     }
 
-    /// `forward(inputs, frames)` on the window positions `active` only (all when every frame is),
-    /// the residuals scattered to the batch's rows with zeros for the others.
+    /// `forward(inputs, frames)` of the ControlNet `net` (its `TextKvKey` model number and the
+    /// weights of its cross-attentions) on the window positions `active` only (all when every
+    /// frame is), the residuals scattered to the batch's rows with zeros for the others.
     fn on_frames(
         &self,
         active: &[usize],
         cache: &mut InputCache,
+        net: (usize, &ModelWeights),
         forward: impl FnOnce(&UnetInputs, usize) -> Result<UnetResiduals>,
     ) -> Result<UnetResiduals> {
         let (ex, frames) = (self.target.ex, self.window.len());
+        let with_kv = |cache: &mut InputCache, list: &[usize], context: &Tensor| {
+            cache.text_kv(&ex, net, self.part, (self.shared_prompt)(list, context), context)
+        };
         if active.len() == frames {
-            return forward(self.inputs, frames);
+            let kv = with_kv(cache, self.window, self.inputs.encoder_hidden_states)?;
+            return forward(&UnetInputs { cross_kv: kv.as_ref(), ..*self.inputs }, frames);
         }
         let list: Vec<usize> = active.iter().map(|&k| self.window[k]).collect();
         // The active frames' rows of the batch's sample (on the device: a CUDA graph reads the
@@ -2193,7 +2325,13 @@ impl WindowBatch<'_> {
         let sub_sample = gather_rows(&ex, self.inputs.sample, &from)?;
         let sub_context =
             cache.get_or(CacheKey::Context(self.part, list.clone()), || (self.context_rows)(&list))?.clone();
-        let sub_inputs = UnetInputs { sample: &sub_sample, encoder_hidden_states: &sub_context, ..*self.inputs };
+        let kv = with_kv(cache, &list, &sub_context)?;
+        let sub_inputs = UnetInputs {
+            sample: &sub_sample,
+            encoder_hidden_states: &sub_context,
+            cross_kv: kv.as_ref(),
+            ..*self.inputs
+        };
         let r = forward(&sub_inputs, active.len())?;
         let to: Vec<usize> = (0..self.videos()).flat_map(|v| active.iter().map(move |&k| v * frames + k)).collect();
         let rows = self.rows();
@@ -2268,7 +2406,7 @@ fn plain_residuals(
     // Frames holding a keyframe share its image: embedded once per segment.
     let hint =
         b.hint_rows(cache, CacheKey::Hints(n, list.clone()), control, &list, |images| net.embed_hints(&ex, images))?;
-    let r = b.on_frames(&active, cache, |inputs, frames| {
+    let r = b.on_frames(&active, cache, (n + 1, net.weights()), |inputs, frames| {
         net.forward_frames_embedded(&ex, inputs, &hint, frames, control.scale)
     })?;
     // Per-row strength: the keyframe schedule's, and zero for the unconditional half in guess
@@ -2331,7 +2469,7 @@ fn union_residuals(
         .collect();
     let guess_mode = entry.scale.guess_mode;
     let options = UnionOptions { guess_mode, from_multi: false };
-    let r = b.on_frames(&active, cache, |inputs, frames| {
+    let r = b.on_frames(&active, cache, (n + 1, net.net_weights()), |inputs, frames| {
         net.forward_frames_embedded(&ex, inputs, &conditions, frames, options)
     })?;
     // Guess mode: the unconditional half gets no control (diffusers runs the net on the
@@ -2390,6 +2528,47 @@ mod tests {
         let rows: Vec<f32> = [-1.0, -1.0, 2.0, 3.0].iter().flat_map(|&v| vec![v; 6]).collect();
         assert_eq!(cond.context_rows(&both, &[1, 2]), (4, rows));
         assert_eq!(cond.context_rows(&both, &[]), (0, Vec::new()));
+        // Shared rows name their prompt (what the text k/v are cached by): frames past the last
+        // key hold key 1; the travelling frames' rows are per frame.
+        let held = Some(PromptBlend { a: 1, b: 1, t: 0 });
+        assert_eq!(cond.shared_prompt(&both, &[4, 5, 6], 2), held);
+        assert_eq!(cond.shared_prompt(&[Half::Cond], &[5, 6], 1), held);
+        assert_eq!(cond.shared_prompt(&both, &[1, 2], 4), None);
+        assert_eq!(cond.shared_prompt(&both, &[2], 2), Some(PromptBlend { a: 0, b: 1, t: 0.5f32.to_bits() }));
+    }
+
+    #[test]
+    fn text_kv_are_computed_once_per_shared_context_and_model() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let unet = Unet::new(&open_unet(&fixtures.join("unet_a")).unwrap(), Place::Host(DType::F32)).unwrap();
+        let width = unet.config.cross_attention_dims()[0];
+        let values: Vec<f32> = (0..2 * 3 * width).map(|i| (i as f32 * 0.37).sin()).collect();
+        let context = Tensor::from_f32(&[2, 3, width], DType::F32, &values).unwrap();
+        let (ex, weights) = (Exec::Cpu, unet.weights());
+        let mut cache = InputCache { text_kv_on: true, ..InputCache::default() };
+        let p = |a: usize| Some(PromptBlend { a, b: a, t: 0 });
+        let kv = |cache: &mut InputCache, model: usize, part: Part, prompt: Option<PromptBlend>| {
+            cache.text_kv(&ex, (model, weights), part, prompt, &context).unwrap()
+        };
+        let first = kv(&mut cache, 0, Part::Both, p(0)).unwrap();
+        let again = kv(&mut cache, 0, Part::Both, p(0)).unwrap();
+        assert_eq!(first.tensor().to_f32_vec().unwrap(), again.tensor().to_f32_vec().unwrap());
+        assert_eq!((cache.text_kv_computed, cache.text_kv_reused), (1, 1));
+        // another half, prompt or model each have their own
+        kv(&mut cache, 0, Part::Half(Half::Cond), p(0)).unwrap();
+        kv(&mut cache, 0, Part::Both, p(1)).unwrap();
+        kv(&mut cache, 1, Part::Both, p(0)).unwrap();
+        assert_eq!((cache.text_kv_computed, cache.text_kv_reused), (4, 1));
+        // rows per frame are not cached
+        assert!(kv(&mut cache, 0, Part::Both, None).is_none());
+        // weights changed in place (a LoRA switch): computed again
+        weights.changed();
+        kv(&mut cache, 0, Part::Both, p(0)).unwrap();
+        assert_eq!((cache.text_kv_computed, cache.text_kv_reused), (5, 1));
+        // CELFRAME_TEXT_KV_CACHE=0
+        let mut off = InputCache { text_kv_on: false, ..InputCache::default() };
+        assert!(kv(&mut off, 0, Part::Both, p(0)).is_none());
+        assert_eq!(off.text_kv_computed, 0);
     }
 
     #[test]
@@ -2505,6 +2684,7 @@ mod tests {
             sample: &sample_t,
             timestep: &timestep,
             encoder_hidden_states: &context,
+            cross_kv: None,
             text_embeds: Some(&text_t),
             time_ids: Some(&ids_t),
         };
@@ -2520,6 +2700,8 @@ mod tests {
             part: Part::Both,
             step,
             context_rows: &context_rows,
+            // a context row per frame: no cached k/v
+            shared_prompt: &|_, _| None,
         };
         let pose = vec![Some(pose_a.clone()), None, Some(pose_b.clone()), None];
         let depths = vec![None, Some(depth.clone()), Some(depth.clone()), None];
@@ -2545,6 +2727,7 @@ mod tests {
                         sample: &one_sample,
                         timestep: &ts,
                         encoder_hidden_states: &ctx,
+                        cross_kv: None,
                         text_embeds: Some(&te),
                         time_ids: Some(&ti),
                     };

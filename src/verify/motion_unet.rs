@@ -15,7 +15,7 @@
 use std::path::Path;
 
 use super::arenas::{model_arenas, most_of_memory, scratch_bytes, weight_bytes};
-use super::unet::{ForwardInputs, INPUTS, RESIDUAL_PREFIX, read_residuals, read_timestep};
+use super::unet::{CACHED_KV_OUTPUT, ForwardInputs, INPUTS, RESIDUAL_PREFIX, read_residuals, read_timestep, twice};
 use super::{Device, LoraOptions, Reference, Settings, Verification, compare};
 use crate::error::Result;
 use crate::gpu::Gpu;
@@ -23,8 +23,8 @@ use crate::models::layout::{rows_to_video, video_to_rows};
 use crate::models::lora::{Component, LoraMerge};
 use crate::models::with_loras;
 use crate::models::{
-    Frames, MotionCheckpoint, MotionFormat, MotionModules, Place, Unet, UnetCheckpoint, UnetConfig, open_motion,
-    open_unet,
+    Frames, MotionCheckpoint, MotionFormat, MotionModules, Place, Unet, UnetCheckpoint, UnetConfig, UnetInputs,
+    open_motion, open_unet,
 };
 use crate::ops::Exec;
 use crate::tensor::{DType, Tensor};
@@ -141,17 +141,23 @@ pub fn verify_motion_unet_with_loras(
     for line in loras.iter().flat_map(|l| &l.summary) {
         summary.push_str(&format!("\n{line}"));
     }
-    let sample = match device {
+    let (sample, cached) = match device {
         Device::Cpu => {
             let host = Place::Host(dtype);
             let model = Unet::new(&unet, with_loras(&host, merges.unet))?;
             let modules = MotionModules::new(&motion, &model, with_loras(&host, merges.motion))?;
-            modules.forward_unet(&Exec::Cpu, &model, &r.inputs.unet_inputs(), video, r.inputs.residuals.as_ref())?
+            let (ex, residuals) = (Exec::Cpu, r.inputs.residuals.as_ref());
+            twice(&ex, model.weights(), &r.inputs.unet_inputs(), |x| {
+                modules.forward_unet(&ex, &model, x, video, residuals)
+            })?
         }
         Device::Cuda => run_cuda(&unet, &motion, merges, &r.inputs, video, dtype, scratch_gb)?,
     };
     let sample = rows_to_video(&sample, r.frames)?;
-    let comparisons = vec![compare("out.sample", &sample, &r.expected, tolerance)?];
+    let mut comparisons = vec![compare("out.sample", &sample, &r.expected, tolerance)?];
+    if let Some(cached) = cached {
+        comparisons.push(compare(CACHED_KV_OUTPUT, &rows_to_video(&cached, r.frames)?, &r.expected, tolerance)?);
+    }
     Ok(Verification { comparisons, outputs: vec![("out.sample".to_string(), sample)], summary })
 }
 
@@ -170,7 +176,7 @@ fn run_cuda(
     video: Frames,
     dtype: DType,
     scratch_gb: Option<f64>,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Option<Tensor>)> {
     let gpu = Gpu::from_env()?;
     let motion_bytes = weight_bytes(&motion.weights, dtype);
     let explicit = scratch_gb.map(|gb| scratch_bytes(&gpu, gb)).transpose()?;
@@ -182,12 +188,13 @@ fn run_cuda(
     let modules = MotionModules::new(motion, &model, with_loras(&place, merges.motion))?;
     let inputs = r.upload(&gpu, &weights_arena)?;
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
-    let out = modules.forward_unet(&ex, &model, &inputs.unet_inputs(), video, inputs.residuals.as_ref())?;
-    let host = gpu.download(&out)?;
+    let residuals = inputs.residuals.as_ref();
+    let forward = |x: &UnetInputs| modules.forward_unet(&ex, &model, x, video, residuals);
+    let outs = twice(&ex, model.weights(), &inputs.unet_inputs(), forward)?;
     eprintln!(
         "CUDA scratch arena: peak {:.2} GiB of {:.2} GiB",
         scratch.peak() as f64 / (1u64 << 30) as f64,
         scratch.capacity() as f64 / (1u64 << 30) as f64
     );
-    Ok(host)
+    Ok(outs)
 }

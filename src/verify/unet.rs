@@ -10,8 +10,11 @@ use crate::error::{Error, Result};
 use crate::gpu::{Arena, Gpu};
 use crate::models::layout::{nchw_to_nhwc, nhwc_to_nchw};
 use crate::models::lora::{Component, LoraMerge};
+use crate::models::transformer::CrossKv;
 use crate::models::with_loras;
-use crate::models::{Place, Unet, UnetCheckpoint, UnetConfig, UnetFormat, UnetInputs, UnetResiduals, open_unet};
+use crate::models::{
+    ModelWeights, Place, Unet, UnetCheckpoint, UnetConfig, UnetFormat, UnetInputs, UnetResiduals, open_unet,
+};
 use crate::ops::Exec;
 use crate::tensor::{DType, Tensor};
 
@@ -70,6 +73,7 @@ impl ForwardInputs {
             sample: &self.sample,
             timestep: &self.timestep,
             encoder_hidden_states: &self.encoder_hidden_states,
+            cross_kv: None,
             text_embeds: self.text_embeds.as_ref(),
             time_ids: self.time_ids.as_ref(),
         }
@@ -212,16 +216,44 @@ pub fn verify_unet_with_loras(
     for line in loras.iter().flat_map(|l| &l.summary) {
         summary.push_str(&format!("\n{line}"));
     }
-    let sample = match device {
+    let (sample, cached) = match device {
         Device::Cpu => {
             let unet = Unet::new(&checkpoint, with_loras(&Place::Host(dtype), merge))?;
-            unet.forward(&Exec::Cpu, &r.inputs.unet_inputs(), r.inputs.residuals.as_ref())?
+            let residuals = r.inputs.residuals.as_ref();
+            twice(&Exec::Cpu, unet.weights(), &r.inputs.unet_inputs(), |x| unet.forward(&Exec::Cpu, x, residuals))?
         }
         Device::Cuda => run_cuda(&checkpoint, merge, &r.inputs, dtype, scratch_gb)?,
     };
     let sample = nhwc_to_nchw(&sample)?;
-    let comparisons = vec![compare("out.sample", &sample, &r.expected, tolerance)?];
+    let mut comparisons = vec![compare("out.sample", &sample, &r.expected, tolerance)?];
+    if let Some(cached) = cached {
+        comparisons.push(compare(CACHED_KV_OUTPUT, &nhwc_to_nchw(&cached)?, &r.expected, tolerance)?);
+    }
     Ok(Verification { comparisons, outputs: vec![("out.sample".to_string(), sample)], summary })
+}
+
+/// The name the second forward's comparison goes by (`twice`).
+pub(super) const CACHED_KV_OUTPUT: &str = "out.sample, text k/v computed beforehand";
+
+/// `forward` on `x` as one call computes it, then again with every cross-attention's k and v of
+/// the context computed beforehand by `weights` (as a render's steps read them): both outputs
+/// on the host, the second None for a model without cross-attention.
+pub(super) fn twice(
+    ex: &Exec,
+    weights: &ModelWeights,
+    x: &UnetInputs,
+    forward: impl Fn(&UnetInputs) -> Result<Tensor>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let host = |t: Tensor| match ex {
+        Exec::Cpu => Ok(t),
+        Exec::Cuda { gpu, .. } => gpu.download(&t),
+    };
+    let out = host(forward(x)?)?;
+    let cached = match CrossKv::compute(ex, weights, x.encoder_hidden_states)? {
+        Some(kv) => Some(host(forward(&UnetInputs { cross_kv: Some(&kv), ..*x })?)?),
+        None => None,
+    };
+    Ok((out, cached))
 }
 
 fn run_cuda(
@@ -230,7 +262,7 @@ fn run_cuda(
     r: &ForwardInputs,
     dtype: DType,
     scratch_gb: Option<f64>,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Option<Tensor>)> {
     let gpu = Gpu::from_env()?;
     let explicit = scratch_gb.map(|gb| scratch_bytes(&gpu, gb)).transpose()?;
     let (weights_arena, scratch) = model_arenas(&checkpoint.weights, dtype, r.device_bytes(), |w| {
@@ -240,12 +272,12 @@ fn run_cuda(
     let unet = Unet::new(checkpoint, with_loras(&device, loras))?;
     let inputs = r.upload(&gpu, &weights_arena)?;
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
-    let out = unet.forward(&ex, &inputs.unet_inputs(), inputs.residuals.as_ref())?;
-    let host = gpu.download(&out)?;
+    let residuals = inputs.residuals.as_ref();
+    let outs = twice(&ex, unet.weights(), &inputs.unet_inputs(), |x| unet.forward(&ex, x, residuals))?;
     eprintln!(
         "CUDA scratch arena: peak {:.2} GiB of {:.2} GiB",
         scratch.peak() as f64 / (1u64 << 30) as f64,
         scratch.capacity() as f64 / (1u64 << 30) as f64
     );
-    Ok(host)
+    Ok(outs)
 }

@@ -26,7 +26,7 @@ pub use union::{ControlNetUnion, ControlType, UnionCondition, UnionEmbedded, Uni
 
 use super::embeddings;
 use super::resnet::ResnetNorm;
-use super::transformer;
+use super::transformer::{self, TextContext};
 use super::unet::{self, Conditioning, UnetConfig, UnetInputs, UnetResiduals, blocks};
 use super::weights::{ModelWeights, Place, Scope, with_loras};
 use crate::error::{Error, Result};
@@ -188,7 +188,7 @@ impl ControlNet {
         frames: usize,
         scale: ControlScale,
     ) -> Result<UnetResiduals> {
-        unet::check_inputs("ControlNet", &self.config.encoder, self.dtype(), x, frames, None)?;
+        unet::check_inputs("ControlNet", &self.config.encoder, &self.weights, x, frames, None)?;
         self.check_cond(x.sample, controlnet_cond)?;
         let hint = {
             let _scope = ex.profile_scope("controlnet");
@@ -224,7 +224,7 @@ impl ControlNet {
         frames: usize,
         scale: ControlScale,
     ) -> Result<UnetResiduals> {
-        unet::check_inputs("ControlNet", &self.config.encoder, self.dtype(), x, frames, None)?;
+        unet::check_inputs("ControlNet", &self.config.encoder, &self.weights, x, frames, None)?;
         // The GPU profile files everything below under controlnet/ (resnet, transformer, hint, ...).
         let _scope = ex.profile_scope("controlnet");
         let s = x.sample.shape();
@@ -274,7 +274,7 @@ impl ControlNet {
         let emb = silu(ex, emb)?;
         let cond = Conditioning {
             emb_act: &emb,
-            context: x.encoder_hidden_states,
+            context: TextContext { hidden: x.encoder_hidden_states, kv: x.cross_kv },
             norm: ResnetNorm {
                 groups: cfg.norm_num_groups,
                 eps: cfg.norm_eps,

@@ -232,6 +232,11 @@ impl ControlNetUnion {
         &self.union
     }
 
+    /// The weights of its ControlNet part, where the cross-attentions are (`CrossKv::compute`).
+    pub fn net_weights(&self) -> &ModelWeights {
+        self.net.weights()
+    }
+
     pub fn dtype(&self) -> DType {
         self.net.dtype()
     }
@@ -272,7 +277,7 @@ impl ControlNetUnion {
         frames: usize,
         options: UnionOptions,
     ) -> Result<UnetResiduals> {
-        unet::check_inputs("ControlNet Union", &self.net.config.encoder, self.dtype(), x, frames, None)?;
+        unet::check_inputs("ControlNet Union", &self.net.config.encoder, self.net.weights(), x, frames, None)?;
         self.check_conditions(x.sample, conditions.iter().map(|c| (c.control_type, c.scale)), options)?;
         for (i, c) in conditions.iter().enumerate() {
             self.net.check_cond(x.sample, c.image).map_err(|e| match e {
@@ -309,7 +314,7 @@ impl ControlNetUnion {
         options: UnionOptions,
     ) -> Result<UnetResiduals> {
         let net = &self.net;
-        unet::check_inputs("ControlNet Union", &net.config.encoder, self.dtype(), x, frames, None)?;
+        unet::check_inputs("ControlNet Union", &net.config.encoder, net.weights(), x, frames, None)?;
         let _scope = ex.profile_scope("controlnet");
         self.check_conditions(x.sample, conditions.iter().map(|c| (c.control_type, c.scale)), options)?;
         let s = x.sample.shape();

@@ -343,6 +343,7 @@ impl DeviceLoraSet {
     /// `merge_into` reading each weight's base values from `base` where it holds a copy (a switch
     /// restores and merges in one pass), else from the weight itself.
     fn merge_from(&self, ex: &Exec, weights: &ModelWeights, base: &HashMap<String, Tensor>) -> Result<()> {
+        weights.changed();
         let (gemm, kernel) = layer_deltas(self.layers.iter().map(|(n, r)| (n.as_str(), r)), weights, base)?;
         merge_gemm(ex, &gemm.into_iter().map(|(_, d)| d).collect::<Vec<_>>())?;
         merge_deltas(ex, &kernel.into_iter().map(|(_, d)| d).collect::<Vec<_>>())
@@ -589,6 +590,7 @@ impl LoraSwitcher {
         let Exec::Cuda { gpu, .. } = ex else {
             return Err(Error::Internal("LoraSwitcher runs on CUDA; the CPU path merges on the host".into()));
         };
+        weights.changed();
         let weight = |name: &str| {
             weights.tensor(name).ok_or_else(|| Error::Internal(format!("LoRA switch: no weight '{name}' in the model")))
         };

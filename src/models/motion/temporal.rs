@@ -101,7 +101,7 @@ fn block(
 /// attention's to_q, to_k and to_v as one [3C, C] matrix, as `attention` reads them.
 pub fn fusions<'a>(names: impl IntoIterator<Item = &'a String>) -> Vec<Fusion> {
     let module = |n: &'a String| n.strip_suffix(".to_q.weight");
-    names.into_iter().filter_map(module).map(|m| Fusion { module: m.to_string(), parts: &QKV }).collect()
+    names.into_iter().filter_map(module).map(|m| Fusion { module: m.to_string(), parts: &QKV, stack: None }).collect()
 }
 
 /// Self-attention over the frames of each (video, pixel, head): softmax(q k^T / sqrt(d)) v with q,

@@ -15,7 +15,7 @@ use super::config::{DownBlock, Layer, MidBlock, UpBlock};
 use super::conv;
 use crate::error::{Error, Result};
 use crate::models::resnet::{self, ResnetNorm};
-use crate::models::transformer;
+use crate::models::transformer::{self, TextContext};
 use crate::models::weights::Scope;
 use crate::ops::Exec;
 use crate::ops::concat::concat_last;
@@ -49,8 +49,9 @@ pub struct Conditioning<'a> {
     /// projects it.
     pub emb_act: &'a Tensor,
     /// Text context [G, tokens, X] for the cross-attentions, G dividing the rows: row g serves the
-    /// rows / G images or frames from g * rows / G (one per row, or one per video of a render).
-    pub context: &'a Tensor,
+    /// rows / G images or frames from g * rows / G (one per row, or one per video of a render),
+    /// with their k and v when computed beforehand.
+    pub context: TextContext<'a>,
     /// The ResNets' GroupNorm and output scale (`resnet_out_scale_factor`).
     pub norm: ResnetNorm,
     /// The mid block's ResNets' output scale (`mid_block_scale_factor`).

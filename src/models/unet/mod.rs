@@ -18,7 +18,7 @@ pub use config::UnetConfig;
 
 use super::embeddings;
 use super::resnet::{self, ResnetNorm};
-use super::transformer;
+use super::transformer::{self, CrossKv, TextContext};
 use super::weights::{ModelWeights, Place, Scope};
 use crate::error::{Error, Result};
 use crate::ops::Exec;
@@ -39,6 +39,10 @@ pub struct UnetInputs<'a> {
     /// per CFG half when all its frames share the prompt, and the cross-attentions compute K and V
     /// on those rows only).
     pub encoder_hidden_states: &'a Tensor,
+    /// Every cross-attention's k and v of `encoder_hidden_states`, computed beforehand by this
+    /// model (`CrossKv::compute` on its `weights()`): a render's text context stays the same over
+    /// its steps. None: each forward computes them.
+    pub cross_kv: Option<&'a CrossKv>,
     /// `added_cond_kwargs.text_embeds`: pooled text embedding [B, pooled], compute dtype (text_time).
     pub text_embeds: Option<&'a Tensor>,
     /// `added_cond_kwargs.time_ids`: f32 [B, n] (SDXL: original size, crop, target size).
@@ -164,7 +168,7 @@ impl Unet {
         let emb = silu(ex, &emb)?;
         let cond = Conditioning {
             emb_act: &emb,
-            context: x.encoder_hidden_states,
+            context: TextContext { hidden: x.encoder_hidden_states, kv: x.cross_kv },
             norm: ResnetNorm {
                 groups: cfg.norm_num_groups,
                 eps: cfg.norm_eps,
@@ -204,7 +208,7 @@ impl Unet {
     }
 
     fn check_inputs(&self, x: &UnetInputs, frames: usize, residuals: Option<&UnetResiduals>) -> Result<()> {
-        check_inputs("UNet", &self.config, self.dtype(), x, frames, residuals)
+        check_inputs("UNet", &self.config, &self.weights, x, frames, residuals)
     }
 }
 
@@ -241,17 +245,18 @@ pub(crate) fn conv_spec(name: &str, o: usize, i: usize, k: usize, out: &mut Vec<
 }
 
 /// Shapes, dtypes and sizes of the inputs of a model built on the UNet's encoder (`model` names it
-/// in errors: the UNet, a ControlNet) with weights in `dtype`, before any work: errors name the
-/// argument. `frames` rows of sample, context and residuals make one video (one row of timestep
-/// and text_time).
+/// in errors: the UNet, a ControlNet) with `weights`, before any work: errors name the argument.
+/// `frames` rows of sample, context and residuals make one video (one row of timestep and
+/// text_time).
 pub(crate) fn check_inputs(
     model: &str,
     cfg: &UnetConfig,
-    dtype: DType,
+    weights: &ModelWeights,
     x: &UnetInputs,
     frames: usize,
     residuals: Option<&UnetResiduals>,
 ) -> Result<()> {
+    let dtype = weights.dtype();
     let bad = |m: String| Err(Error::Input(format!("{model} input: {m}")));
     let s = x.sample.shape();
     if s.len() != 4 || s[3] != cfg.in_channels || s[0] == 0 {
@@ -291,6 +296,9 @@ pub(crate) fn check_inputs(
             x.encoder_hidden_states,
             cross.iter().map(usize::to_string).collect::<Vec<_>>().join(" / ")
         ));
+    }
+    if let Some(kv) = x.cross_kv {
+        kv.check(model, weights, x.encoder_hidden_states)?;
     }
     match (&cfg.text_time, x.text_embeds, x.time_ids) {
         (None, None, None) => {}

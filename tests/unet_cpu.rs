@@ -50,24 +50,10 @@ fn config_b_folder_matches_diffusers_through_the_graph_api() {
     assert_eq!((cfg.in_channels, cfg.block_out_channels.as_slice(), cfg.norm_num_groups), (9, &[64, 64][..], 16));
     assert!(!cfg.use_linear_projection && !cfg.flip_sin_to_cos && cfg.freq_shift == 1.0);
     let unet = Unet::new(&checkpoint, Place::Host(DType::F32)).unwrap();
-    let r = weights::load(&[reference("b")]).unwrap();
-    let f32 = |name: &str| {
-        let t = r.get(name).unwrap();
-        Tensor::from_f32(t.shape(), DType::F32, &t.to_f32_vec().unwrap()).unwrap()
-    };
-    let sample = nchw_to_nhwc(&f32("in.sample")).unwrap();
-    let (timestep, context) = (f32("in.timestep"), f32("in.encoder_hidden_states"));
-    let (text_embeds, time_ids) = (f32("in.added_cond_kwargs.text_embeds"), f32("in.added_cond_kwargs.time_ids"));
-    let inputs = UnetInputs {
-        sample: &sample,
-        timestep: &timestep,
-        encoder_hidden_states: &context,
-        cross_kv: None,
-        text_embeds: Some(&text_embeds),
-        time_ids: Some(&time_ids),
-    };
+    let b = ReferenceB::read();
+    let inputs = b.inputs();
     let out = nhwc_to_nchw(&unet.forward(&Exec::Cpu, &inputs, None).unwrap()).unwrap();
-    let (rel, max) = rel_l2(&out, &f32("out.sample"));
+    let (rel, max) = rel_l2(&out, &b.f32("out.sample"));
     println!("config b: rel L2 {rel:.2e}, max abs {max:.2e}");
     assert!(rel <= TOL, "config b: relative L2 error {rel:.3e}");
 }
@@ -412,6 +398,52 @@ fn rel_l2(actual: &Tensor, expected: &Tensor) -> (f64, f64) {
     ((diff / norm).sqrt(), max)
 }
 
+/// The tensor `name` of `file` as an f32 host tensor.
+fn f32_tensor(file: &weights::LoadedWeights, name: &str) -> Tensor {
+    let t = file.get(name).unwrap();
+    Tensor::from_f32(t.shape(), DType::F32, &t.to_f32_vec().unwrap()).unwrap()
+}
+
+/// unet_b's reference: the file, and its inputs as f32 host tensors (the sample NHWC).
+struct ReferenceB {
+    file: weights::LoadedWeights,
+    sample: Tensor,
+    timestep: Tensor,
+    context: Tensor,
+    text_embeds: Tensor,
+    time_ids: Tensor,
+}
+
+impl ReferenceB {
+    fn read() -> ReferenceB {
+        let file = weights::load(&[reference("b")]).unwrap();
+        let f32 = |name: &str| f32_tensor(&file, name);
+        ReferenceB {
+            sample: nchw_to_nhwc(&f32("in.sample")).unwrap(),
+            timestep: f32("in.timestep"),
+            context: f32("in.encoder_hidden_states"),
+            text_embeds: f32("in.added_cond_kwargs.text_embeds"),
+            time_ids: f32("in.added_cond_kwargs.time_ids"),
+            file,
+        }
+    }
+
+    fn f32(&self, name: &str) -> Tensor {
+        f32_tensor(&self.file, name)
+    }
+
+    fn inputs(&self) -> UnetInputs<'_> {
+        UnetInputs {
+            sample: &self.sample,
+            timestep: &self.timestep,
+            encoder_hidden_states: &self.context,
+            cross_kv: None,
+            text_embeds: Some(&self.text_embeds),
+            time_ids: Some(&self.time_ids),
+        }
+    }
+}
+
 /// Every cross-attention's k and v computed beforehand (one GEMM by the stacked matrix, as a
 /// render does once per text context) give the forward's output bit for bit on the CPU twins,
 /// where each output element sums the same products in the same order either way; and they are
@@ -420,23 +452,10 @@ fn rel_l2(actual: &Tensor, expected: &Tensor) -> (f64, f64) {
 fn text_kv_computed_beforehand_give_the_same_output_for_their_weights_only() {
     let checkpoint = open_unet(&folder("b")).unwrap();
     let unet = Unet::new(&checkpoint, Place::Host(DType::F32)).unwrap();
-    let r = weights::load(&[reference("b")]).unwrap();
-    let f32 = |name: &str| {
-        let t = r.get(name).unwrap();
-        Tensor::from_f32(t.shape(), DType::F32, &t.to_f32_vec().unwrap()).unwrap()
-    };
-    let sample = nchw_to_nhwc(&f32("in.sample")).unwrap();
-    let (timestep, context) = (f32("in.timestep"), f32("in.encoder_hidden_states"));
-    let (text_embeds, time_ids) = (f32("in.added_cond_kwargs.text_embeds"), f32("in.added_cond_kwargs.time_ids"));
-    let inputs = UnetInputs {
-        sample: &sample,
-        timestep: &timestep,
-        encoder_hidden_states: &context,
-        cross_kv: None,
-        text_embeds: Some(&text_embeds),
-        time_ids: Some(&time_ids),
-    };
-    let kv = CrossKv::compute(&Exec::Cpu, unet.weights(), &context).unwrap().expect("config b has cross-attentions");
+    let b = ReferenceB::read();
+    let inputs = b.inputs();
+    let context = &b.context;
+    let kv = CrossKv::compute(&Exec::Cpu, unet.weights(), context).unwrap().expect("config b has cross-attentions");
     // [G, T, Σ 2C]: a k and a v of C columns per attn2 module
     let attn2 = unet.weights().unread().iter().filter(|n| n.contains(".attn2.to_k.")).count();
     assert_eq!(attn2, 0, "computing k and v reads every attn2 projection");

@@ -85,3 +85,46 @@ fn upload_errors_name_the_tensor() {
     };
     assert!(m.contains("absent"), "{m}");
 }
+
+/// Fusions in one stack on the device: the stacked matrix holds each module's fused matrix as a
+/// row range of its memory (the same addresses), so a weight rewritten through its name (a LoRA
+/// merge) is what the stack's GEMM reads.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn a_stack_on_the_device_is_its_fusions_memory() {
+    use celframe::models::weights::Fusion;
+    use celframe::models::{ModelWeights, Place};
+    const KV: [&str; 2] = ["to_k", "to_v"];
+    let gpu = gpu();
+    let path = std::env::temp_dir().join(format!("celframe-weights-gpu-stack-{}.safetensors", std::process::id()));
+    let mut named = Vec::new();
+    for (module, rows) in [("a", 2), ("b", 3)] {
+        for part in KV {
+            let values: Vec<f32> = (0..rows * 8).map(|i| (named.len() * 100 + i) as f32).collect();
+            named.push((format!("{module}.{part}.weight"), Tensor::from_f32(&[rows, 8], DType::F16, &values).unwrap()));
+        }
+    }
+    weights::save(&path, &named.iter().map(|(n, t)| (n.clone(), t)).collect::<Vec<_>>(), None).unwrap();
+    let file = Checkpoint(path);
+    let loaded = weights::load(&[&file.0]).unwrap();
+    let names: Vec<(String, String)> = named.iter().map(|(n, _)| (n.clone(), n.clone())).collect();
+    let fusions: Vec<Fusion> =
+        ["a", "b"].map(|m| Fusion { module: m.into(), parts: &KV, stack: Some("s") }).into_iter().collect();
+    let arena = Arena::new("weights", 1 << 20).unwrap();
+    let place = Place::Device { gpu: &gpu, arena: &arena, dtype: DType::F16 };
+    let w = ModelWeights::prepare_fused(&loaded, &names, &fusions, place).unwrap();
+    let stack = w.stack("s").unwrap();
+    let values: Vec<f32> = named.iter().flat_map(|(_, t)| t.to_f32_vec().unwrap()).collect();
+    assert_eq!(gpu.download(&stack.matrix).unwrap().to_f32_vec().unwrap(), values);
+    let base = stack.matrix.device_ptr().unwrap();
+    let b = w.root().at("b").rows(&KV).unwrap();
+    assert_eq!(b.device_ptr().unwrap(), base + 4 * 8 * 2, "module b's matrix is rows 4.. of the stack");
+    // b.to_v rewritten in place: the stack reads the new values
+    let new = Tensor::from_f32(&[3, 8], DType::F16, &[7.0; 24]).unwrap();
+    let celframe::tensor::Storage::Device(mem) = w.tensor("b.to_v.weight").unwrap().storage() else {
+        panic!("on the host")
+    };
+    gpu.upload_into(mem, &new, DType::F16).unwrap();
+    let after = gpu.download(&stack.matrix).unwrap().to_f32_vec().unwrap();
+    assert_eq!((&after[..7 * 8], &after[7 * 8..]), (&values[..7 * 8], &[7.0; 24][..]));
+}

@@ -167,6 +167,22 @@ impl ModelWeights {
                 None => groups.push((f.stack, vec![f])),
             }
         }
+        // A stack is one matrix width: where its fusions differ (cross-attentions of several
+        // context widths), each stays a matrix of its own and the model has no such stack.
+        let width = |f: &Fusion| -> Option<usize> {
+            let key = keys.get(format!("{}.{}.weight", f.module, f.parts.first()?).as_str())?;
+            loaded.get(key).ok()?.shape().get(1).copied()
+        };
+        let groups: Vec<(Option<&'static str>, Vec<&Fusion>)> = groups
+            .into_iter()
+            .flat_map(|(stack, members)| {
+                let one_width = members.iter().all(|f| width(f) == width(members[0]));
+                match stack {
+                    Some(_) if !one_width => members.into_iter().map(|f| (None, vec![f])).collect(),
+                    _ => vec![(stack, members)],
+                }
+            })
+            .collect();
         for (stack, members) in groups {
             let what = match stack {
                 Some(stack) => format!("the stack '{stack}'"),
@@ -472,5 +488,60 @@ impl<'a> Scope<'a> {
             }
         }
         Ok(matrix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::{load, save};
+
+    const KV: [&str; 2] = ["to_k", "to_v"];
+
+    /// Modules a and b, each a to_k and a to_v of 2 (a) or 3 (b) rows and the widths given,
+    /// prepared on the host with both fusions in the stack "s"; and the values of the four
+    /// weights in order (a.to_k, a.to_v, b.to_k, b.to_v).
+    fn prepared(tag: &str, widths: [usize; 2]) -> (ModelWeights, Vec<f32>) {
+        let dir = std::env::temp_dir().join(format!("celframe-stack-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut named = Vec::new();
+        for (module, rows, width) in [("a", 2, widths[0]), ("b", 3, widths[1])] {
+            for part in KV {
+                let values: Vec<f32> = (0..rows * width).map(|i| (named.len() * 100 + i) as f32).collect();
+                named.push((
+                    format!("{module}.{part}.weight"),
+                    Tensor::from_f32(&[rows, width], DType::F32, &values).unwrap(),
+                ));
+            }
+        }
+        let path = dir.join("w.safetensors");
+        save(&path, &named.iter().map(|(n, t)| (n.clone(), t)).collect::<Vec<_>>(), None).unwrap();
+        let loaded = load(&[&path]).unwrap();
+        let names: Vec<(String, String)> = named.iter().map(|(n, _)| (n.clone(), n.clone())).collect();
+        let fusions: Vec<Fusion> =
+            ["a", "b"].map(|m| Fusion { module: m.into(), parts: &KV, stack: Some("s") }).into_iter().collect();
+        let w = ModelWeights::prepare_fused(&loaded, &names, &fusions, Place::Host(DType::F32)).unwrap();
+        let values = named.iter().flat_map(|(_, t)| t.to_f32_vec().unwrap()).collect();
+        std::fs::remove_dir_all(&dir).unwrap();
+        (w, values)
+    }
+
+    #[test]
+    fn a_stack_holds_its_fusions_as_row_blocks_and_fusions_of_other_widths_stay_apart() {
+        let (w, values) = prepared("one-width", [4, 4]);
+        let s = w.stack("s").unwrap();
+        assert_eq!((s.matrix.shape(), s.blocks.clone()), (&[10, 4][..], vec![("a".into(), 0, 4), ("b".into(), 4, 6)]));
+        assert_eq!(s.matrix.to_f32_vec().unwrap(), values);
+        assert!(w.unread().is_empty(), "the stack's parts are read through it: {:?}", w.unread());
+        // each module's fused matrix is its row block
+        let a = w.root().at("a").rows(&KV).unwrap().to_f32_vec().unwrap();
+        let b = w.root().at("b").rows(&KV).unwrap().to_f32_vec().unwrap();
+        assert_eq!([a, b].concat(), values);
+
+        let (w, values) = prepared("two-widths", [4, 6]);
+        assert!(w.stack("s").is_none());
+        let a = w.root().at("a").rows(&KV).unwrap().to_f32_vec().unwrap();
+        let b = w.root().at("b").rows(&KV).unwrap().to_f32_vec().unwrap();
+        assert_eq!([a, b].concat(), values);
     }
 }

@@ -6,6 +6,8 @@
 //! injects by replacing `free_init_utils.randn_tensor`). The final latents and the frames must
 //! match; the outputs tree must be complete.
 
+#[path = "common/trees.rs"]
+mod trees;
 #[path = "common/unet_fixtures.rs"]
 mod unet_fixtures;
 
@@ -14,6 +16,7 @@ use std::path::Path;
 use celframe::pipeline::config::RenderConfig;
 use celframe::pipeline::{RenderOptions, render};
 use celframe::{Tensor, weights};
+use trees::{assert_same_tree, celframe_command};
 use unet_fixtures::{TempDir, fixtures};
 
 /// Relative L2 error of `actual` against `expected`.
@@ -329,4 +332,49 @@ fn openpose_json_keyframes_are_drawn_as_the_nets_were_trained() {
     let drawn = read(&hints.join("clip_001/controlnet_1_openpose/frame_000000.png"));
     let reference = read(&fixtures().join("control_pose_body25_128x96.png"));
     assert_eq!(drawn.pixels(), reference.pixels(), "the skeleton differs from the reference drawing");
+}
+
+/// `celframe render` of `config` into `out` with `CELFRAME_TEXT_KV_CACHE` set to `cache` (None:
+/// unset); its stderr.
+fn render_cli(config: &Path, out: &Path, cache: Option<&str>) -> String {
+    let mut command = celframe_command(&["render", &config.display().to_string(), "--out", &out.display().to_string()]);
+    match cache {
+        Some(v) => command.env("CELFRAME_TEXT_KV_CACHE", v),
+        None => command.env_remove("CELFRAME_TEXT_KV_CACHE"),
+    };
+    let done = command.stdin(std::process::Stdio::null()).output().unwrap();
+    let err = String::from_utf8_lossy(&done.stderr).into_owned();
+    assert!(done.status.success(), "celframe render: {:?}\n{err}", done.status);
+    err
+}
+
+/// The text k/v computed once per shared context and model (the default) give the clip that
+/// k/v computed in every forward (`CELFRAME_TEXT_KV_CACHE=0`) give, byte for byte on the CPU twins
+/// (each output element sums the same products in the same order): context windows over 5 frames,
+/// a prompt travelling from frame 0 to frame 1 (windows over frame 0 take a context row per frame,
+/// the others one per half, cached), and a ControlNet on keyframes 0 and 4 (calls on sub-windows).
+#[test]
+fn text_kv_computed_once_give_the_clip_computed_in_every_forward() {
+    let dir = TempDir::new("render-text-kv");
+    let control = dir.path("control");
+    write_control_pngs("controlnet_video", &control);
+    for f in 1..4 {
+        std::fs::remove_file(control.join(format!("{f:03}.png"))).unwrap();
+    }
+    let mut json = serde_json::to_value(config_for("controlnet_video", &dir.path("unused"), Some(&control))).unwrap();
+    json["controlnets"][0]["interpolation"] = "keyframes".into();
+    json["video"]["context_length"] = 4.into();
+    json["video"]["context_overlap"] = 2.into();
+    json["clips"][0]["prompt_schedule"] = serde_json::json!([{ "frame": 1, "prompt": "a dancer, red dress" }]);
+    let config = dir.path("travel.json");
+    std::fs::write(&config, serde_json::to_string(&json).unwrap()).unwrap();
+    let per_forward = dir.path("per_forward");
+    let err = render_cli(&config, &per_forward, Some("0"));
+    assert!(!err.contains("k/v of the text computed"), "CELFRAME_TEXT_KV_CACHE=0 still cached:\n{err}");
+    let cached = dir.path("cached/per_forward");
+    let err = render_cli(&config, &cached, None);
+    let line = err.lines().find(|l| l.contains("k/v of the text computed"));
+    let line = line.unwrap_or_else(|| panic!("no text k/v line:\n{err}"));
+    assert!(!line.contains("reused 0 times"), "{line}");
+    assert_same_tree(&per_forward, &cached, "text k/v computed once");
 }

@@ -766,9 +766,14 @@ fn check_flash(
 fn flash_attention_meets_the_attention_rule() {
     use celframe::ops::attention::{FlashAttention, FlashKernel, flash_attention};
     let rig = Rig::new();
-    // The default route, and the portable kernel where the short-key one is the route.
+    // The default route, and where the short-key kernel is the route the portable kernel and the
+    // short-key kernels of 16-query slices.
     check_flash_cases(&rig, |sk, causal| {
-        if sk <= 256 && !causal { vec![FlashKernel::Auto, FlashKernel::Portable] } else { vec![FlashKernel::Auto] }
+        if sk <= 256 && !causal {
+            vec![FlashKernel::Auto, FlashKernel::Portable, FlashKernel::ShortRows16]
+        } else {
+            vec![FlashKernel::Auto]
+        }
     });
     // The kernels scale after taking row maxima of the raw scores: a scale <= 0 is refused by name.
     let (_, x) = rig.input(&[1, 77, 128], DType::F16, 1.0, 0.0);

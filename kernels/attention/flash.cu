@@ -369,22 +369,28 @@ extern "C" __global__ void __launch_bounds__(128, 2) flash_attention_d64_bf16(co
     flash_attention<__nv_bfloat16>(p);
 }
 
-// One kernel per compiled key-set size (keys = 16 NK); src/ops/attention.rs holds the same table.
+// One kernel per compiled key-set size (keys = 16 NK); src/ops/attention.rs holds the same tables.
 // MINB: blocks per multiprocessor the register budget is set for (3 where that does not spill).
-#define FLASH_SHORT(KEYS, NK, MT, MINB)                                                                    \
-    extern "C" __global__ void __launch_bounds__(128, MINB) flash_attention_keys##KEYS##_f16(                 \
+#define FLASH_SHORT(NAME, NK, MT, MINB)                                                                    \
+    extern "C" __global__ void __launch_bounds__(128, MINB) flash_attention_##NAME##_f16(                     \
         const __grid_constant__ FlashAttentionParams p) {                                                      \
         flash_attention_short<__half, NK, MT>(p);                                                             \
     }                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(128, MINB) flash_attention_keys##KEYS##_bf16(                \
+    extern "C" __global__ void __launch_bounds__(128, MINB) flash_attention_##NAME##_bf16(                    \
         const __grid_constant__ FlashAttentionParams p) {                                                      \
         flash_attention_short<__nv_bfloat16, NK, MT>(p);                                                      \
     }
-FLASH_SHORT(32, 2, 2, 3)
-FLASH_SHORT(64, 4, 2, 3)
-FLASH_SHORT(80, 5, 2, 2)
-FLASH_SHORT(128, 8, 1, 3)
-FLASH_SHORT(160, 10, 1, 3)
-FLASH_SHORT(192, 12, 1, 3)
-FLASH_SHORT(240, 15, 1, 2)
-FLASH_SHORT(256, 16, 1, 2)
+FLASH_SHORT(keys32, 2, 2, 3)
+FLASH_SHORT(keys64, 4, 2, 3)
+FLASH_SHORT(keys80, 5, 2, 2)
+FLASH_SHORT(keys128, 8, 1, 3)
+FLASH_SHORT(keys160, 10, 1, 3)
+FLASH_SHORT(keys192, 12, 1, 3)
+FLASH_SHORT(keys240, 15, 1, 2)
+FLASH_SHORT(keys256, 16, 1, 2)
+// The key sets above whose kernels take 32-query slices, with 16-query slices (one m16 tile of
+// scores a warp: fewer registers, more warps resident); selectable (FlashKernel::ShortRows16), not
+// routed until measured faster.
+FLASH_SHORT(keys32_rows16, 2, 1, 4)
+FLASH_SHORT(keys64_rows16, 4, 1, 4)
+FLASH_SHORT(keys80_rows16, 5, 1, 4)

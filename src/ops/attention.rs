@@ -346,6 +346,11 @@ pub enum FlashKernel {
     /// tile's last products and stores. Compute capability 9.0 only; `Auto`'s choice there from
     /// `FLASH_PERSISTENT_MIN_WAVES` waves on.
     HopperWsPingpongPersistent,
+    /// The short-key kernel with 16-query slices per warp where `Auto`'s takes 32 (key sets up to
+    /// 80: one m16 tile of scores in registers, so more warps stay resident), the same kernel as
+    /// `Auto` above that; non-causal attention over at most 256 keys only. Not routed: measured
+    /// beside `Auto` by benches/ops.rs.
+    ShortRows16,
 }
 
 impl FlashKernel {
@@ -460,6 +465,13 @@ const FLASH_SHORT_KERNELS: [(usize, usize, &str, &str); 8] = [
     (192, 16, "flash_attention_keys192_f16", "flash_attention_keys192_bf16"),
     (240, 16, "flash_attention_keys240_f16", "flash_attention_keys240_bf16"),
     (256, 16, "flash_attention_keys256_f16", "flash_attention_keys256_bf16"),
+];
+
+/// `FLASH_SHORT_KERNELS`' key sets of 32-query slices, with 16-query slices (FlashKernel::ShortRows16).
+const FLASH_SHORT_ROWS16_KERNELS: [(usize, usize, &str, &str); 3] = [
+    (32, 16, "flash_attention_keys32_rows16_f16", "flash_attention_keys32_rows16_bf16"),
+    (64, 16, "flash_attention_keys64_rows16_f16", "flash_attention_keys64_rows16_bf16"),
+    (80, 16, "flash_attention_keys80_rows16_f16", "flash_attention_keys80_rows16_bf16"),
 ];
 
 /// Warps per block of both flash kernels (FLASH_WARPS), query rows per block of the general one
@@ -625,6 +637,16 @@ pub fn flash_attention_with(
             let short = match kernel {
                 FlashKernel::Auto => short_fits,
                 FlashKernel::Portable => None,
+                FlashKernel::ShortRows16 => {
+                    let fits = short_fits.ok_or_else(|| {
+                        Error::Unsupported(format!(
+                            "flash_attention: the short-key kernels take non-causal attention over at most 256 keys \
+                             (got {sk} keys, causal {})",
+                            cfg.causal
+                        ))
+                    })?;
+                    FLASH_SHORT_ROWS16_KERNELS.iter().copied().find(|v| v.0 == fits.0).or(Some(fits))
+                }
                 FlashKernel::Hopper => {
                     let kernel = if dtype == DType::F16 {
                         "flash_attention_sm90_d64_f16"

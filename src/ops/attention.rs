@@ -893,7 +893,10 @@ pub fn flash_attention_reference(
 
 #[cfg(test)]
 mod tests {
-    use super::{FLASH_SHORT_KERNELS, FlashKernel, flash_short_variant, flash_ws_kernel, long_flash_default};
+    use super::{
+        FLASH_SHORT_KERNELS, FLASH_SHORT_ROWS16_KERNELS, FlashKernel, flash_short_variant, flash_ws_kernel,
+        long_flash_default,
+    };
     use crate::gpu::KERNEL_MODULES;
     use crate::tensor::DType;
 
@@ -940,25 +943,34 @@ mod tests {
     }
 
     #[test]
-    fn the_short_key_table_matches_the_compiled_kernels() {
-        // FLASH_SHORT(KEYS, NK, MT, MINB) lines of the kernel source, as (keys, rows per slice).
+    fn the_short_key_tables_match_the_compiled_kernels() {
+        // FLASH_SHORT(NAME, NK, MT, MINB) lines of the kernel source, as (name, keys, rows per slice).
         let source = include_str!("../../kernels/attention/flash.cu");
-        let compiled: Vec<(usize, usize)> = source
+        let compiled: Vec<(String, usize, usize)> = source
             .lines()
             .filter_map(|l| l.strip_prefix("FLASH_SHORT(")?.strip_suffix(')'))
             .map(|args| {
-                let n: Vec<usize> = args.split(',').map(|a| a.trim().parse().unwrap()).collect();
-                assert_eq!(n[0], 16 * n[1], "FLASH_SHORT({args}): keys must be 16 NK");
-                (n[0], 16 * n[2])
+                let a: Vec<&str> = args.split(',').map(str::trim).collect();
+                let (nk, mt): (usize, usize) = (a[1].parse().unwrap(), a[2].parse().unwrap());
+                let keys = a[0].strip_prefix("keys").and_then(|k| k.split('_').next()?.parse().ok());
+                assert_eq!(keys, Some(16 * nk), "FLASH_SHORT({args}): keys{{16 NK}} must name it");
+                (a[0].to_string(), 16 * nk, 16 * mt)
             })
             .collect();
-        let table: Vec<(usize, usize)> = FLASH_SHORT_KERNELS.iter().map(|v| (v.0, v.1)).collect();
-        assert_eq!(table, compiled);
+        let tables = FLASH_SHORT_KERNELS.iter().chain(&FLASH_SHORT_ROWS16_KERNELS);
         let names: Vec<&str> = KERNEL_MODULES.iter().flat_map(|m| m.kernels.iter().copied()).collect();
-        for (keys, _, f16, bf16) in FLASH_SHORT_KERNELS {
+        let mut table = Vec::new();
+        for &(keys, rows, f16, bf16) in tables {
             assert!(names.contains(&f16) && names.contains(&bf16), "{f16} / {bf16} are not compiled");
-            assert_eq!(f16, format!("flash_attention_keys{keys}_f16"));
-            assert_eq!(bf16, format!("flash_attention_keys{keys}_bf16"));
+            let name = f16.strip_prefix("flash_attention_").and_then(|n| n.strip_suffix("_f16")).unwrap();
+            assert_eq!(bf16, format!("flash_attention_{name}_bf16"));
+            table.push((name.to_string(), keys, rows));
+        }
+        assert_eq!(table, compiled);
+        // the 16-query forms are of key sets whose own kernels take 32-query slices
+        for (keys, rows, ..) in FLASH_SHORT_ROWS16_KERNELS {
+            assert_eq!(rows, 16);
+            assert!(FLASH_SHORT_KERNELS.iter().any(|v| v.0 == keys && v.1 == 32), "{keys} keys");
         }
     }
 

@@ -349,23 +349,35 @@ fn bench_controlnet(args: &BenchArgs, dtype: DType) -> Result<()> {
                 .enumerate()
                 .map(|(i, image)| UnionCondition { control_type: ControlType(i), image, scale: &[1.0] })
                 .collect();
-            let run = || {
+            let run_with = |kv: Option<&CrossKv>| {
                 let _r = nvtx::range(&key);
-                net.forward(&ex, &inputs, &list, UnionOptions::default()).map(residual_list)
+                let x = UnetInputs { cross_kv: kv, ..inputs };
+                net.forward(&ex, &x, &list, UnionOptions::default()).map(residual_list)
             };
+            let run = || run_with(None);
             let mut forward = || run().map(drop);
             let t = time_gpu(&gpu, 2, args.runs, &mut forward)?;
             report(name, &key, &t, args.runs, &scratch);
+            let cached = |kv: Option<&CrossKv>| run_with(kv).map(drop);
+            text_kv_computed_once(
+                args,
+                &ex,
+                (name, &key, &t),
+                net.net_weights(),
+                inputs.encoder_hidden_states,
+                cached,
+            )?;
             replays(args, &gpu, &scratch, name, &key, &t, run)?;
             finish(args, &gpu, &key, &t, forward)
         }
         None => {
             let cn = ControlNet::new(&checkpoint, place)?;
-            let run = || {
+            let run_with = |kv: Option<&CrossKv>| {
                 let _r = nvtx::range(&key);
-                let mut sum = cn.forward(&ex, &inputs, &hints[0], ControlScale::new(1.0))?;
+                let x = UnetInputs { cross_kv: kv, ..inputs };
+                let mut sum = cn.forward(&ex, &x, &hints[0], ControlScale::new(1.0))?;
                 for _ in 1..nets {
-                    let r = cn.forward(&ex, &inputs, &hints[0], ControlScale::new(1.0))?;
+                    let r = cn.forward(&ex, &x, &hints[0], ControlScale::new(1.0))?;
                     sum = UnetResiduals {
                         down: sum.down.iter().zip(&r.down).map(|(a, b)| add(&ex, a, b, 1.0)).collect::<Result<_>>()?,
                         mid: add(&ex, &sum.mid, &r.mid, 1.0)?,
@@ -373,9 +385,12 @@ fn bench_controlnet(args: &BenchArgs, dtype: DType) -> Result<()> {
                 }
                 Ok(residual_list(sum))
             };
+            let run = || run_with(None);
             let mut forward = || run().map(drop);
             let t = time_gpu(&gpu, 2, args.runs, &mut forward)?;
             report(name, &key, &t, args.runs, &scratch);
+            let cached = |kv: Option<&CrossKv>| run_with(kv).map(drop);
+            text_kv_computed_once(args, &ex, (name, &key, &t), cn.weights(), inputs.encoder_hidden_states, cached)?;
             replays(args, &gpu, &scratch, name, &key, &t, run)?;
             finish(args, &gpu, &key, &t, forward)
         }

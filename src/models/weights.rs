@@ -447,11 +447,6 @@ pub struct Scope<'a> {
 }
 
 impl<'a> Scope<'a> {
-    /// The state of the weights the scope reads (`ModelWeights::state`).
-    pub fn weights_state(&self) -> WeightsState {
-        self.weights.state()
-    }
-
     /// The module's path (`down_blocks.1.attentions.0`; empty at the root).
     pub fn prefix(&self) -> &str {
         &self.prefix

@@ -1,10 +1,10 @@
 //! CUDA graphs of the render's model calls (gpu/graph.rs): a window's ControlNets, residual sums
 //! and UNet (or motion UNet), both CFG halves, captured once per `GraphKey` and replayed at every
 //! later step with that key. The model inputs live in static device tensors written before each
-//! replay (uploads and a device copy, outside the graph); the rest the captured work bakes in is
-//! in the key; so are the text k/v the UNet reads (copied into a static tensor too) when the
-//! render computed them beforehand (`InputCache::text_kv`). A key's first call runs eagerly (it warms up kernel modules, cuDNN's algorithm
-//! searches and the input cache), its second captures, later ones replay. All graphs of a
+//! replay (uploads and device copies, outside the graph: the context, and the UNet's text k/v
+//! when the render computed them beforehand, `InputCache::text_kv`); the rest the captured work
+//! bakes in is in the key. A key's first call runs eagerly (it warms up kernel modules, cuDNN's
+//! algorithm searches and the input cache), its second captures, later ones replay. All graphs of a
 //! denoising run share one `GraphPool` (one scratch working set) and go with the `InputCache` at
 //! the end of the run, before the VAE decodes; they also go, with their scratch, when a key is met
 //! for the first time, so that eager call finds the memory. On by default on CUDA for calls small

@@ -57,6 +57,7 @@ fn gemms() -> [Gemm; 3] {
         dtype: DType::F16,
         out_dtype: DType::F32,
         bias: false,
+        fp8: false,
     };
     [Gemm::linear(73728, 640, 640, DType::F16, true), Gemm::linear(18432, 10240, 1280, DType::F16, true), scores]
 }

@@ -80,6 +80,7 @@ fn cases() -> Vec<Case> {
                 dtype: DType::F16,
                 out_dtype: DType::F16,
                 bias: false,
+                fp8: false,
             },
             alpha: 0.75,
             residual: false,
@@ -103,6 +104,7 @@ fn cases() -> Vec<Case> {
                 dtype: DType::F16,
                 out_dtype: DType::F32,
                 bias: false,
+                fp8: false,
             },
             alpha: 0.125,
             residual: false,
@@ -149,6 +151,7 @@ fn run(gpu: &Gpu, blas: &mut Blas, case: &Case, inputs: &[Option<Tensor>; 4]) ->
         bias: ptr(&bias),
         c: ptr(&c).map(|c| (c, 1.0)),
         alpha: case.alpha,
+        scales: None,
     };
     blas.gemm(gpu, g, io).unwrap();
     gpu.download(&d).unwrap()

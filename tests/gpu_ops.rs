@@ -427,12 +427,61 @@ fn linear_matches_twin() {
         bias: None,
         c: Some((dd.device_ptr().unwrap(), 1.0)),
         alpha: 0.5,
+        scales: None,
     };
     rig.gpu.blas().unwrap().gemm(&rig.gpu, &Gemm::linear(m, n, k, dtype, false), io).unwrap();
     let product = linear(&Exec::Cpu, &a, &bt, None).unwrap().to_f32_vec().unwrap();
     let expected: Vec<f32> = d0.to_f32_vec().unwrap().iter().zip(&product).map(|(d, p)| d + 0.5 * p).collect();
     let expected = Tensor::from_f32(&[m, n], dtype, &expected).unwrap();
     rig.check("gemm D += 0.5 A Bt in place", &[m, n], dtype, dd, expected);
+}
+
+/// FP8: the device's quantization gives the CPU twin's bytes and scale (f16/bf16, the vectorized
+/// path and an odd count that takes the scalar one); the FP8 linear (cuBLASLt, e4m3 operands, both
+/// scales in the epilogue) matches its twin, which decodes the same bytes and accumulates in f32,
+/// within the output's rounding and fast accumulation (rel L2 5e-3 f16, 1e-2 bf16), at the UNet's
+/// level-1 shapes with bias and residual; beside it, its distance from the f16 linear (the
+/// quantization's own cost) is printed and bounded at 5%.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn fp8_quantize_and_linear_match_twin() {
+    use celframe::ops::fp8::{linear_fp8, quantize};
+    let rig = Rig::new();
+    if rig.gpu.info().compute_capability < (8, 9) {
+        println!("GPUCHECK fp8 SKIPPED: compute capability below 8.9 has no FP8 GEMMs (said, not passed)");
+        return;
+    }
+    for (shape, dtype) in [(&[8192usize, 640][..], DType::F16), (&[4096, 1280], DType::BF16), (&[7, 33], DType::F16)] {
+        let (x, xd) = rig.input(shape, dtype, 2.0, 0.3);
+        let (bytes, scale) = quantize(&rig.exec(), &xd, false).unwrap().to_host(&rig.exec()).unwrap();
+        let (want, want_scale) = quantize(&Exec::Cpu, &x, false).unwrap().to_host(&Exec::Cpu).unwrap();
+        let differ = bytes.iter().zip(&want).filter(|(a, b)| a != b).count();
+        println!(
+            "GPUCHECK fp8 quantize {shape:?} {dtype:?} scale {scale:e} (twin {want_scale:e}) bytes differing {differ}"
+        );
+        assert_eq!(scale, want_scale, "fp8 scale {shape:?}");
+        assert_eq!(differ, 0, "fp8 bytes {shape:?}");
+    }
+    // (rows, K, N): attention projections at level 1 of a b2 1024x1024 step; the GEGLU projection
+    // of level 2; the feed-forward's second GEMM (K 5120)
+    for (m, k, n, dtype) in
+        [(8192, 640, 640, DType::F16), (2048, 1280, 10240, DType::BF16), (2048, 5120, 1280, DType::F16)]
+    {
+        let (x, xd) = rig.input(&[m, k], dtype, 1.0, 0.0);
+        let (w, wd) = rig.input(&[n, k], dtype, 1.0 / (k as f32).sqrt(), 0.0);
+        let (b, bd) = rig.input(&[n], dtype, 1.0, 0.0);
+        let (r, rd) = rig.input(&[m, n], dtype, 2.0, 0.5);
+        let (wq_gpu, wq_cpu) = (quantize(&rig.exec(), &wd, true).unwrap(), quantize(&Exec::Cpu, &w, true).unwrap());
+        let got = linear_fp8(&rig.exec(), &xd, &wq_gpu, Some(&bd), Some(&rd)).unwrap();
+        let twin = linear_fp8(&Exec::Cpu, &x, &wq_cpu, Some(&b), Some(&r)).unwrap();
+        let full = linear_add(&Exec::Cpu, &x, &w, Some(&b), Some(&r)).unwrap();
+        let got_host = rig.gpu.download(&got).unwrap().to_f32_vec().unwrap();
+        let (cost, _) = common::errors(&got_host, &full.to_f32_vec().unwrap());
+        let tol = if dtype == DType::BF16 { 1e-2 } else { 5e-3 };
+        rig.check_within(&format!("linear_fp8 {m}x{k}->{n}"), &[m, k], dtype, got, twin, tol);
+        println!("GPUCHECK linear_fp8 {m}x{k}->{n} {dtype:?} vs the {dtype:?} linear rel_l2={cost:.2e}");
+        assert!(cost < 0.05, "FP8 linear {m}x{k}->{n}: {cost:.3e} from the {dtype:?} linear");
+    }
 }
 
 /// The GEGLU projection (ff.net.0.proj, then GEGLU) through both routes against the CPU twin: the

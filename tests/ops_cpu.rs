@@ -360,3 +360,25 @@ fn random_inputs_drawn_on_all_cores_are_one_sequential_stream() {
     }
     assert!((rel - (diff / norm).sqrt()).abs() < 1e-12 && max == want_max, "{rel} {max}");
 }
+
+/// Our e4m3 rounding against ml_dtypes' (tools/make_fp8_fixtures.py): every e4m3 value, every tie
+/// between neighbours and values just off them, subnormals, random magnitudes; byte for byte.
+#[test]
+fn e4m3_rounding_matches_ml_dtypes() {
+    use celframe::ops::fp8::{e4m3_from_f32, e4m3_to_f32};
+    let f = fixture("fp8_e4m3.safetensors");
+    let values = f["values"].to_f32_vec().unwrap();
+    let expected = f["e4m3"].to_f32_vec().unwrap();
+    assert!(values.len() > 5000);
+    let wrong: Vec<(f32, u8, u8)> = values
+        .iter()
+        .zip(&expected)
+        .map(|(&v, &e)| (v, e4m3_from_f32(v), e as u8))
+        .filter(|(_, ours, theirs)| ours != theirs)
+        .collect();
+    assert!(wrong.is_empty(), "{} of {} differ, first {:?}", wrong.len(), values.len(), &wrong[..wrong.len().min(5)]);
+    for (&v, &e) in values.iter().zip(&expected) {
+        let back = e4m3_to_f32(e as u8);
+        assert!((back - v).abs() <= v.abs() / 16.0 + 2f32.powi(-10), "{v} -> {back}");
+    }
+}

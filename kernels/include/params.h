@@ -417,3 +417,23 @@ typedef struct LoraDoraParams {
 #define LORA_SUM_BYTES (LORA_TILE_M * LORA_LDS * 4)
 #define LORA_STAGE_BYTES ((LORA_TILE_M * LORA_LDA + LORA_TILE_K * LORA_LDB) * 2)
 #define LORA_SHARED_BYTES (LORA_SUM_BYTES + LORA_STAGES * LORA_STAGE_BYTES)
+
+// FP8 (e4m3) per-tensor quantization, two passes (kernels/elementwise/fp8.cu): fp8_amax folds
+// max |x| into *amax (zeroed beforehand; an atomic max on the float's bits, which order like the
+// values for non-negative floats); fp8_quantize reads it, takes scale = amax / 448 (1 when amax is
+// 0), writes q = e4m3(x / scale) (round to nearest even, saturating at +-448) and *scale for the
+// GEMM that multiplies q back by it. Both scalars stay on the device, so the pair needs no host
+// round trip and can be captured in a CUDA graph.
+typedef struct Fp8AmaxParams {
+    const void* x;
+    float* amax;
+    int64_t n;
+} Fp8AmaxParams;
+
+typedef struct Fp8QuantizeParams {
+    const void* x;
+    uint8_t* q;
+    const float* amax;
+    float* scale;
+    int64_t n;
+} Fp8QuantizeParams;

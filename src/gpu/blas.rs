@@ -71,6 +71,10 @@ pub struct Gemm {
     #[serde(with = "super::tuning::dtype_name")]
     pub out_dtype: DType,
     pub bias: bool,
+    /// A and B are e4m3 (quantized from `dtype`, `ops::fp8`), each with a per-tensor scale that
+    /// the call passes by device pointer (`GemmIo::scales`); D, C and the bias are `out_dtype`.
+    #[serde(default)]
+    pub fp8: bool,
 }
 
 impl Gemm {
@@ -91,6 +95,7 @@ impl Gemm {
             dtype,
             out_dtype: dtype,
             bias,
+            fp8: false,
         }
     }
 
@@ -110,7 +115,7 @@ impl std::fmt::Display for Gemm {
             self.n,
             self.k,
             self.batch,
-            self.dtype.kernel_suffix(),
+            if self.fp8 { "e4m3" } else { self.dtype.kernel_suffix() },
             self.out_dtype.kernel_suffix(),
             self.lda,
             self.ldb,
@@ -135,12 +140,15 @@ pub struct GemmIo {
     /// C and beta: D += beta · C in the epilogue (a residual add, a weight merge); C may equal D.
     pub c: Option<(u64, f32)>,
     pub alpha: f32,
+    /// For an FP8 Gemm: the device addresses of A's and B's f32 scales (D = scale_a · scale_b ·
+    /// alpha · A · op(B) + ...).
+    pub scales: Option<(u64, u64)>,
 }
 
 impl GemmIo {
     /// D = alpha · A · op(B), nothing else.
     pub fn product(a: u64, b: u64, d: u64, alpha: f32) -> GemmIo {
-        GemmIo { a, b, d, bias: None, c: None, alpha }
+        GemmIo { a, b, d, bias: None, c: None, alpha, scales: None }
     }
 }
 
@@ -394,8 +402,8 @@ impl Blas {
     /// Runs `g`: D = alpha · A · op(B) [+ bias] [+ beta · C], on device addresses. C has D's layout
     /// and dtype and may be D itself (an in-place accumulate).
     pub fn gemm(&mut self, gpu: &Gpu, g: &Gemm, io: GemmIo) -> Result<()> {
-        if g.bias != io.bias.is_some() {
-            return Err(Error::Internal(format!("gemm {g:?} called with bias {:?}", io.bias)));
+        if g.bias != io.bias.is_some() || g.fp8 != io.scales.is_some() {
+            return Err(Error::Internal(format!("gemm {g:?} called with bias {:?}, scales {:?}", io.bias, io.scales)));
         }
         if !self.plans.contains_key(g) {
             let plan = self.make_plan(gpu, g, &io)?;
@@ -419,10 +427,16 @@ impl Blas {
         io: &GemmIo,
         d: u64,
     ) -> Result<()> {
+        use lt::cublasLtMatmulDescAttributes_t as D;
         if let Some(bias) = io.bias {
+            unsafe { set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)? };
+        }
+        // cuBLASLt's A is our B (the weight) and its B our A (the activations).
+        if let Some((scale_a, scale_b)) = io.scales {
             unsafe {
-                set_desc(plan.desc, lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?
-            };
+                set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &scale_b)?;
+                set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scale_a)?;
+            }
         }
         let (c, beta) = io.c.unwrap_or((d, 0.0));
         check(&format!("cublasLtMatmul ({g:?})"), unsafe {
@@ -591,8 +605,14 @@ impl Blas {
     /// cuBLASLt is column-major: a row-major [r, c] matrix is its transpose there. So the call
     /// computes Cᵀ[n, m] = op(B)ᵀ · Aᵀ: cuBLASLt's "A" is our B (transposed by op when B is [n, k]),
     /// its "B" is our A read as k x m.
+    ///
+    /// FP8 operands need this "TN" form (cuBLASLt's A transposed, B not): our B must be [n, k].
     unsafe fn describe(&self, g: &Gemm) -> Result<(lt::cublasLtMatmulDesc_t, [lt::cublasLtMatrixLayout_t; 3])> {
-        let (dt, out) = (data_type(g.dtype), data_type(g.out_dtype));
+        if g.fp8 && (!g.b_transposed || g.dtype == DType::F32) {
+            return Err(Error::Internal(format!("gemm {g}: FP8 operands need B[n,k] and a 16-bit output")));
+        }
+        let dt = if g.fp8 { lt::cudaDataType::CUDA_R_8F_E4M3 } else { data_type(g.dtype) };
+        let out = data_type(g.out_dtype);
         let compute = if g.dtype == DType::F32 {
             lt::cublasComputeType_t::CUBLAS_COMPUTE_32F_PEDANTIC
         } else {
@@ -613,6 +633,12 @@ impl Blas {
                     &lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
                 )?;
                 set_desc(desc, lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &out)?;
+            }
+            if g.fp8 {
+                // Hopper's FP8 MMAs accumulate in fp32 either way; "fast" skips the periodic
+                // promotion to a separate fp32 accumulator, as inference (and TransformerEngine's
+                // forward pass) runs it: a precision cost measured with the rest of FP8's.
+                set_desc(desc, lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &1i8)?;
             }
         }
         let layout = |dt, rows: usize, cols: usize, ld: usize, stride: usize| -> Result<lt::cublasLtMatrixLayout_t> {

@@ -42,5 +42,7 @@ kernel_params!(
     params::SoftmaxRowsParams,
     params::EmbeddingParams,
     params::LoraMergeParams,
-    params::LoraDoraParams
+    params::LoraDoraParams,
+    params::Fp8AmaxParams,
+    params::Fp8QuantizeParams
 );

@@ -922,3 +922,55 @@ impl Default for LoraDoraParams {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct Fp8AmaxParams {
+    pub x: *const ::std::os::raw::c_void,
+    pub amax: *mut f32,
+    pub n: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of Fp8AmaxParams"][::std::mem::size_of::<Fp8AmaxParams>() - 24usize];
+    ["Alignment of Fp8AmaxParams"][::std::mem::align_of::<Fp8AmaxParams>() - 8usize];
+    ["Offset of field: Fp8AmaxParams::x"][::std::mem::offset_of!(Fp8AmaxParams, x) - 0usize];
+    ["Offset of field: Fp8AmaxParams::amax"][::std::mem::offset_of!(Fp8AmaxParams, amax) - 8usize];
+    ["Offset of field: Fp8AmaxParams::n"][::std::mem::offset_of!(Fp8AmaxParams, n) - 16usize];
+};
+impl Default for Fp8AmaxParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct Fp8QuantizeParams {
+    pub x: *const ::std::os::raw::c_void,
+    pub q: *mut u8,
+    pub amax: *const f32,
+    pub scale: *mut f32,
+    pub n: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of Fp8QuantizeParams"][::std::mem::size_of::<Fp8QuantizeParams>() - 40usize];
+    ["Alignment of Fp8QuantizeParams"][::std::mem::align_of::<Fp8QuantizeParams>() - 8usize];
+    ["Offset of field: Fp8QuantizeParams::x"][::std::mem::offset_of!(Fp8QuantizeParams, x) - 0usize];
+    ["Offset of field: Fp8QuantizeParams::q"][::std::mem::offset_of!(Fp8QuantizeParams, q) - 8usize];
+    ["Offset of field: Fp8QuantizeParams::amax"][::std::mem::offset_of!(Fp8QuantizeParams, amax) - 16usize];
+    ["Offset of field: Fp8QuantizeParams::scale"][::std::mem::offset_of!(Fp8QuantizeParams, scale) - 24usize];
+    ["Offset of field: Fp8QuantizeParams::n"][::std::mem::offset_of!(Fp8QuantizeParams, n) - 32usize];
+};
+impl Default for Fp8QuantizeParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

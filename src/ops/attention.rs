@@ -784,6 +784,7 @@ pub fn gemm_attention_budget(
                 dtype,
                 out_dtype: DType::F32,
                 bias: false,
+                fp8: false,
             };
             // O[i] = P[i] (m x sk, rows ld apart) · V[i] (sk x d, rows lv apart)
             let pv = Gemm {
@@ -801,6 +802,7 @@ pub fn gemm_attention_budget(
                 dtype,
                 out_dtype: dtype,
                 bias: false,
+                fp8: false,
             };
             for h in 0..cfg.heads {
                 // Head h of image `first`, from sequence row `row`, rows `stride` apart.

@@ -73,7 +73,15 @@ pub fn linear_add(
             let b = bias.map(|b| b.device_ptr()).transpose()?;
             let g = Gemm::linear(m, n, k, dtype, b.is_some());
             let c = residual.map(|r| Ok::<_, crate::Error>((r.device_ptr()?, 1.0))).transpose()?;
-            let io = GemmIo { a: x.device_ptr()?, b: w.device_ptr()?, d: y.device_ptr()?, bias: b, c, alpha: 1.0 };
+            let io = GemmIo {
+                a: x.device_ptr()?,
+                b: w.device_ptr()?,
+                d: y.device_ptr()?,
+                bias: b,
+                c,
+                alpha: 1.0,
+                scales: None,
+            };
             gpu.blas()?.gemm(gpu, &g, io)?;
             Ok(y)
         }

@@ -631,6 +631,7 @@ pub fn merge_gemm(ex: &Exec, layers: &[LayerDelta]) -> Result<()> {
             dtype,
             out_dtype: dtype,
             bias: false,
+            fp8: false,
         };
         let w = layer.weight.device_ptr()?;
         let base = layer.base.map_or(Ok(w), |b| b.device_ptr())?;
@@ -641,6 +642,7 @@ pub fn merge_gemm(ex: &Exec, layers: &[LayerDelta]) -> Result<()> {
             bias: None,
             c: Some((base, 1.0)),
             alpha: term.scale,
+            scales: None,
         };
         blas.gemm(gpu, &g, io)?;
     }

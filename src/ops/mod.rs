@@ -18,6 +18,7 @@ pub mod concat;
 pub mod conv;
 pub mod elementwise;
 pub mod embedding;
+pub mod fp8;
 pub mod gather;
 pub mod linear;
 pub mod lora;

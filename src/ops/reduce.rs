@@ -58,6 +58,7 @@ pub fn mean_hw(ex: &Exec, x: &Tensor) -> Result<Tensor> {
                 dtype,
                 out_dtype: dtype,
                 bias: false,
+                fp8: false,
             };
             let io = GemmIo::product(ones.device_ptr()?, x.device_ptr()?, y.device_ptr()?, (1.0 / hw as f64) as f32);
             gpu.blas()?.gemm(gpu, &g, io)?;

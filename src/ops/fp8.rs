@@ -1,0 +1,354 @@
+//! FP8 linears: e4m3 (the OCP "E4M3FN" format: 1 sign bit, 4 exponent bits of bias 7, 3 mantissa
+//! bits, no infinities, largest finite 448) with one scale per tensor, for weights and activations
+//! alike: q = e4m3(x / s), s = max|x| / 448, and the product x · wᵀ ≈ s_x s_w (q_x · q_wᵀ).
+//!
+//! CUDA: `fp8_amax` and `fp8_quantize` (kernels/elementwise/fp8.cu) quantize on the device, the
+//! scale never leaving it, and cuBLASLt multiplies the e4m3 operands with both scales in its
+//! epilogue (fp32 accumulation, output, bias and residual in the activation dtype; compute
+//! capability 8.9 or later). The CPU twin quantizes with the same arithmetic (same bytes) and
+//! accumulates the decoded products in f32.
+
+use super::{Exec, host_out, par_rows, same_dtype};
+use crate::error::{Error, Result};
+use crate::gpu::blas::{Gemm, GemmIo};
+use crate::gpu::memory::DeviceMem;
+use crate::gpu::params::{Fp8AmaxParams, Fp8QuantizeParams};
+use crate::tensor::{DType, Tensor};
+
+/// The largest finite e4m3 value, 1.75 · 2^8.
+pub const E4M3_MAX: f32 = 448.0;
+
+/// `v` as e4m3, rounded to nearest (ties to even), saturating at ±448 (infinities too); NaN -> NaN.
+pub fn e4m3_from_f32(v: f32) -> u8 {
+    let sign = if v.is_sign_negative() { 0x80 } else { 0 };
+    if v.is_nan() {
+        return 0x7F;
+    }
+    let a = v.abs();
+    if a >= E4M3_MAX {
+        return sign | 0x7E;
+    }
+    // Values below 2^-6 are subnormal (steps of 2^-9); above, 3 mantissa bits: steps of 2^(e-3).
+    // Dividing by a power of two is exact, so one rounding to an integer count of steps is the
+    // rounding to e4m3. Below 2^-126 (f32 subnormals) everything rounds to zero anyway.
+    let e = if a < f32::MIN_POSITIVE { -127 } else { ((a.to_bits() >> 23) as i32) - 127 };
+    let step = (e.max(-6) - 3) as f32;
+    let steps = (a / step.exp2()).round_ties_even();
+    if steps == 0.0 {
+        return sign;
+    }
+    let r = steps * step.exp2(); // a multiple of its step, 448 at most
+    let e = ((r.to_bits() >> 23) as i32) - 127;
+    if e < -6 {
+        return sign | (r / (-9f32).exp2()) as u8;
+    }
+    let mantissa = ((r / (e as f32).exp2() - 1.0) * 8.0) as u8;
+    sign | (((e + 7) as u8) << 3) | mantissa
+}
+
+/// The value of an e4m3 byte.
+pub fn e4m3_to_f32(b: u8) -> f32 {
+    let (exponent, mantissa) = (((b >> 3) & 0xF) as i32, (b & 7) as f32);
+    let magnitude = match exponent {
+        15 if b & 7 == 7 => f32::NAN,
+        0 => mantissa * (-9f32).exp2(),
+        _ => (1.0 + mantissa / 8.0) * ((exponent - 7) as f32).exp2(),
+    };
+    if b & 0x80 != 0 { -magnitude } else { magnitude }
+}
+
+/// The per-tensor scale for a largest magnitude `amax` (the kernels' `fp8_scale_of`): amax maps
+/// to 448; an all-zero tensor gets 1.
+pub fn scale_of(amax: f32) -> f32 {
+    if amax > 0.0 { amax.min(f32::MAX) / E4M3_MAX } else { 1.0 }
+}
+
+/// A matrix [rows, cols] in e4m3 with one scale: the value of element i is scale · e4m3(bytes[i]).
+pub struct Fp8Matrix {
+    rows: usize,
+    cols: usize,
+    storage: Fp8Storage,
+}
+
+enum Fp8Storage {
+    Host {
+        bytes: Vec<u8>,
+        scale: f32,
+    },
+    /// `scalars` holds [amax, scale] as f32: the scale is read by the GEMM on the device.
+    Device {
+        bytes: DeviceMem,
+        scalars: DeviceMem,
+    },
+}
+
+impl std::fmt::Debug for Fp8Matrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let place = if matches!(self.storage, Fp8Storage::Host { .. }) { "host" } else { "device" };
+        write!(f, "Fp8Matrix[{}, {}] e4m3 ({place})", self.rows, self.cols)
+    }
+}
+
+impl Fp8Matrix {
+    pub fn shape(&self) -> [usize; 2] {
+        [self.rows, self.cols]
+    }
+
+    /// The bytes and the scale, on the host (copied from the device for a device matrix).
+    pub fn to_host(&self, ex: &Exec) -> Result<(Vec<u8>, f32)> {
+        match (&self.storage, ex) {
+            (Fp8Storage::Host { bytes, scale }, _) => Ok((bytes.clone(), *scale)),
+            (Fp8Storage::Device { bytes, scalars }, Exec::Cuda { gpu, .. }) => {
+                let s = gpu.download_bytes(scalars)?;
+                Ok((gpu.download_bytes(bytes)?, f32::from_le_bytes([s[4], s[5], s[6], s[7]])))
+            }
+            (Fp8Storage::Device { .. }, Exec::Cpu) => {
+                Err(Error::Internal(format!("{self:?}: reading a device matrix needs the CUDA Exec")))
+            }
+        }
+    }
+
+    /// The values, decoded and scaled (host matrices only).
+    fn host_values(&self) -> Result<Vec<f32>> {
+        match &self.storage {
+            Fp8Storage::Host { bytes, scale } => Ok(bytes.iter().map(|&b| e4m3_to_f32(b) * scale).collect()),
+            Fp8Storage::Device { .. } => Err(Error::Internal(format!("{self:?} is on the device"))),
+        }
+    }
+
+    fn device(&self) -> Result<(u64, u64)> {
+        match &self.storage {
+            Fp8Storage::Device { bytes, scalars } => Ok((bytes.ptr()?, scalars.ptr()? + 4)),
+            Fp8Storage::Host { .. } => {
+                Err(Error::Input(format!("{self:?} is on the host; the CUDA path needs it there")))
+            }
+        }
+    }
+}
+
+/// `x` viewed as [rows, last dimension].
+fn matrix_shape(what: &str, x: &Tensor) -> Result<(usize, usize)> {
+    let cols = *x.shape().last().ok_or_else(|| Error::Input(format!("{what}: {x:?} is a scalar")))?;
+    Ok((x.numel() / cols.max(1), cols))
+}
+
+/// `x` ([.., cols], any float dtype) quantized to e4m3 with its own scale, as a [rows, cols]
+/// matrix: on the host for `Exec::Cpu`; on CUDA in `scratch`, or in memory of its own when
+/// `owned` (a weight's twin, which outlives the scratch).
+pub fn quantize(ex: &Exec, x: &Tensor, owned: bool) -> Result<Fp8Matrix> {
+    ex.expect_inputs("fp8 quantize", &[x])?;
+    let (rows, cols) = matrix_shape("fp8 quantize", x)?;
+    let storage = match ex {
+        Exec::Cpu => {
+            let v = x.to_f32_vec()?;
+            let scale = scale_of(v.iter().fold(0f32, |m, a| m.max(a.abs())));
+            Fp8Storage::Host { bytes: v.iter().map(|&a| e4m3_from_f32(a / scale)).collect(), scale }
+        }
+        Exec::Cuda { gpu, scratch } => {
+            let (bytes, scalars) = if owned {
+                (DeviceMem::owned(x.numel().max(1), "FP8 weight")?, DeviceMem::owned(8, "FP8 weight scale")?)
+            } else {
+                (gpu.empty_bytes(scratch, x.numel().max(1))?, gpu.empty_bytes(scratch, 8)?)
+            };
+            let m = Fp8Matrix { rows, cols, storage: Fp8Storage::Device { bytes, scalars } };
+            quantize_into(ex, x, &m)?;
+            return Ok(m);
+        }
+    };
+    Ok(Fp8Matrix { rows, cols, storage })
+}
+
+/// Quantizes `x` again into the device matrix `into` (a weight's twin after the weight changed in
+/// place: a LoRA merge or restore). Queued on the stream.
+pub fn quantize_into(ex: &Exec, x: &Tensor, into: &Fp8Matrix) -> Result<()> {
+    let Exec::Cuda { gpu, .. } = ex else {
+        return Err(Error::Internal("fp8 quantize_into runs on CUDA (host weights never change)".into()));
+    };
+    let (rows, cols) = matrix_shape("fp8 quantize", x)?;
+    if [rows, cols] != into.shape() {
+        return Err(Error::Internal(format!("fp8 quantize_into: {x:?} into {into:?}")));
+    }
+    let Fp8Storage::Device { bytes, scalars } = &into.storage else {
+        return Err(Error::Internal(format!("fp8 quantize_into: {into:?} is on the host")));
+    };
+    let n = x.numel();
+    gpu.fill_bytes(scalars, 0)?; // amax = 0 (the scale slot is written by fp8_quantize)
+    let amax = scalars.ptr()? as *mut f32;
+    let grid = n.div_ceil(8 * 256).clamp(1, 4 * gpu.info().multiprocessors as usize) as u32;
+    let a = Fp8AmaxParams { x: x.device_ptr()? as *const _, amax, n: n as i64 };
+    gpu.launch(kernel_for!("fp8_amax", x.dtype()), (grid, 1, 1), (256, 1, 1), 0, &a)?;
+    let q = Fp8QuantizeParams {
+        x: x.device_ptr()? as *const _,
+        q: bytes.ptr()? as *mut u8,
+        amax,
+        scale: unsafe { amax.add(1) },
+        n: n as i64,
+    };
+    gpu.launch(kernel_for!("fp8_quantize", x.dtype()), (grid, 1, 1), (256, 1, 1), 0, &q)
+}
+
+/// x · wᵀ + bias + residual with both operands in e4m3: x ([.., K], f16 or bf16) is quantized
+/// per call with its own scale, w is a weight's twin [N, K] (`quantize`); the output, bias and
+/// residual are in x's dtype. K and N must be multiples of 16 (cuBLASLt's FP8 operand alignment).
+pub fn linear_fp8(
+    ex: &Exec,
+    x: &Tensor,
+    w: &Fp8Matrix,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let mut inputs = vec![x];
+    inputs.extend(bias);
+    inputs.extend(residual);
+    ex.expect_inputs("linear_fp8", &inputs)?;
+    let dtype = same_dtype("linear_fp8", &inputs)?;
+    let (m, k) = matrix_shape("linear_fp8", x)?;
+    let [n, wk] = w.shape();
+    if wk != k || !k.is_multiple_of(16) || !n.is_multiple_of(16) || dtype == DType::F32 {
+        return Err(Error::Input(format!(
+            "linear_fp8: input {x:?} and weight {w:?} must share K, K and N multiples of 16, in f16 or bf16"
+        )));
+    }
+    if let Some(b) = bias.filter(|b| b.shape() != [n]) {
+        return Err(Error::Input(format!("linear_fp8: bias {b:?} must be [{n}]")));
+    }
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = n;
+    if let Some(r) = residual.filter(|r| r.shape() != shape) {
+        return Err(Error::Input(format!("linear_fp8: residual {r:?} must be the output's shape {shape:?}")));
+    }
+    match ex {
+        Exec::Cpu => {
+            let (xv, wv) = (quantize(ex, x, false)?.host_values()?, w.host_values()?);
+            let bv = bias.map(|b| b.to_f32_vec()).transpose()?;
+            let rv = residual.map(|r| r.to_f32_vec()).transpose()?;
+            let mut out = vec![0f32; m * n];
+            par_rows(&mut out, n, |first, chunk| {
+                for (row, y) in chunk.chunks_mut(n).enumerate() {
+                    let xr = &xv[(first + row) * k..][..k];
+                    for (j, yv) in y.iter_mut().enumerate() {
+                        let dot = xr.iter().zip(&wv[j * k..][..k]).map(|(a, b)| a * b).sum::<f32>();
+                        *yv = dot
+                            + bv.as_ref().map_or(0.0, |b| b[j])
+                            + rv.as_ref().map_or(0.0, |r| r[(first + row) * n + j]);
+                    }
+                }
+            });
+            host_out(&shape, dtype, &out)
+        }
+        Exec::Cuda { gpu, scratch } => {
+            let cc = gpu.info().compute_capability;
+            if cc < (8, 9) {
+                return Err(Error::Unsupported(format!(
+                    "linear_fp8: cuBLASLt's FP8 GEMMs need compute capability 8.9 or later (this device: {}.{})",
+                    cc.0, cc.1
+                )));
+            }
+            let xq = quantize(ex, x, false)?;
+            let ((xb, xs), (wb, ws)) = (xq.device()?, w.device()?);
+            let y = gpu.empty(scratch, &shape, dtype)?;
+            let b = bias.map(|b| b.device_ptr()).transpose()?;
+            let g = Gemm { fp8: true, ..Gemm::linear(m, n, k, dtype, b.is_some()) };
+            let c = residual.map(|r| Ok::<_, Error>((r.device_ptr()?, 1.0))).transpose()?;
+            let io = GemmIo { a: xb, b: wb, d: y.device_ptr()?, bias: b, c, alpha: 1.0, scales: Some((xs, ws)) };
+            gpu.blas()?.gemm(gpu, &g, io)?;
+            Ok(y)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_e4m3_value_round_trips() {
+        for b in 0..=255u8 {
+            let v = e4m3_to_f32(b);
+            if v.is_nan() {
+                assert!(b & 0x7F == 0x7F, "byte {b:#04x}");
+                assert_eq!(e4m3_from_f32(v) & 0x7F, 0x7F);
+            } else {
+                assert_eq!(e4m3_from_f32(v), b, "byte {b:#04x} = {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn e4m3_rounds_to_nearest_even_and_saturates() {
+        // the format's landmarks: 1, the largest value, the smallest normal and subnormal
+        assert_eq!(e4m3_to_f32(0x38), 1.0);
+        assert_eq!(e4m3_to_f32(0x7E), 448.0);
+        assert_eq!(e4m3_to_f32(0x08), 2f32.powi(-6));
+        assert_eq!(e4m3_to_f32(0x01), 2f32.powi(-9));
+        // between 1 (mantissa 0, even) and 1.125 (odd): the tie goes to 1, above it to 1.125
+        assert_eq!(e4m3_from_f32(1.0625), 0x38);
+        assert_eq!(e4m3_from_f32(1.0626), 0x39);
+        // between 1.125 and 1.25 (even): the tie goes up
+        assert_eq!(e4m3_from_f32(1.1875), 0x3A);
+        // a tie between subnormals 2^-9 (odd) and 2 · 2^-9 (even), and half the smallest (to 0)
+        assert_eq!(e4m3_from_f32(1.5 * 2f32.powi(-9)), 0x02);
+        assert_eq!(e4m3_from_f32(0.5 * 2f32.powi(-9)), 0x00);
+        assert_eq!(e4m3_from_f32(-0.75 * 2f32.powi(-9)), 0x81);
+        // the largest subnormal rounds up into the normals: 7.5 · 2^-9 -> 2^-6
+        assert_eq!(e4m3_from_f32(7.5 * 2f32.powi(-9)), 0x08);
+        // a mantissa carry into the next exponent: 1.9375 -> 2
+        assert_eq!(e4m3_from_f32(1.9375), 0x40);
+        // saturation, for infinities too
+        for (v, b) in [(460.0, 0x7E), (1e9, 0x7E), (f32::INFINITY, 0x7E), (-500.0, 0xFE), (f32::NEG_INFINITY, 0xFE)] {
+            assert_eq!(e4m3_from_f32(v), b, "{v}");
+        }
+        assert!(e4m3_to_f32(e4m3_from_f32(f32::NAN)).is_nan());
+    }
+
+    #[test]
+    fn quantized_values_are_within_half_a_step() {
+        let x: Vec<f32> = (0..4096).map(|i| ((i as f32 * 0.37).sin() * 3.0).powi(3)).collect();
+        let t = Tensor::from_f32(&[64, 64], DType::F32, &x).unwrap();
+        let q = quantize(&Exec::Cpu, &t, false).unwrap();
+        let (bytes, scale) = q.to_host(&Exec::Cpu).unwrap();
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert_eq!(scale, amax / 448.0);
+        for (v, b) in x.iter().zip(bytes) {
+            let back = e4m3_to_f32(b) * scale;
+            // 3 mantissa bits: within 1/16 relative, or half a subnormal step absolute
+            let bound = (v.abs() / 16.0).max(scale * 2f32.powi(-10));
+            assert!((back - v).abs() <= bound * 1.0001, "{v} -> {back}");
+        }
+        // the largest magnitude maps to 448 exactly
+        assert!(bytes_of(&q).contains(&0x7E) || bytes_of(&q).contains(&0xFE));
+    }
+
+    fn bytes_of(q: &Fp8Matrix) -> Vec<u8> {
+        q.to_host(&Exec::Cpu).unwrap().0
+    }
+
+    #[test]
+    fn an_all_zero_tensor_gets_scale_one() {
+        let t = Tensor::from_f32(&[2, 16], DType::F16, &[0.0; 32]).unwrap();
+        let (bytes, scale) = quantize(&Exec::Cpu, &t, false).unwrap().to_host(&Exec::Cpu).unwrap();
+        assert_eq!((bytes, scale), (vec![0; 32], 1.0));
+    }
+
+    #[test]
+    fn the_fp8_linear_is_close_to_the_f32_one_and_refuses_odd_shapes() {
+        let (m, k, n) = (8, 64, 32);
+        let xv: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 211) as f32 / 105.0 - 1.0) * 2.0).collect();
+        let wv: Vec<f32> = (0..n * k).map(|i| ((i * 104729 % 197) as f32 / 98.0 - 1.0) * 0.1).collect();
+        let bv: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
+        let x = Tensor::from_f32(&[m, k], DType::F16, &xv).unwrap();
+        let w = Tensor::from_f32(&[n, k], DType::F16, &wv).unwrap();
+        let b = Tensor::from_f32(&[n], DType::F16, &bv).unwrap();
+        let ex = Exec::Cpu;
+        let exact = super::super::linear::linear(&ex, &x, &w, Some(&b)).unwrap().to_f32_vec().unwrap();
+        let wq = quantize(&ex, &w, true).unwrap();
+        let fp8 = linear_fp8(&ex, &x, &wq, Some(&b), None).unwrap().to_f32_vec().unwrap();
+        let err: f32 = exact.iter().zip(&fp8).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt();
+        let norm: f32 = exact.iter().map(|a| a * a).sum::<f32>().sqrt();
+        // e4m3 rounds each operand by up to 1/16: the product's error averages down over K
+        assert!(err / norm < 0.05 && err > 0.0, "rel L2 {}", err / norm);
+        let odd = Tensor::from_f32(&[m, 40], DType::F16, &vec![1.0; m * 40]).unwrap();
+        let w40 = quantize(&ex, &Tensor::from_f32(&[n, 40], DType::F16, &vec![1.0; n * 40]).unwrap(), true).unwrap();
+        assert!(matches!(linear_fp8(&ex, &odd, &w40, None, None), Err(Error::Input(_))));
+    }
+}

@@ -14,7 +14,7 @@ use super::weights::{Fusion, ModelWeights, Scope, WeightsState};
 use crate::error::{Error, Result};
 use crate::ops::Exec;
 use crate::ops::attention::{Columns, FlashAttention, attention_grouped};
-use crate::ops::linear::{linear, linear_add, linear_geglu};
+use crate::ops::linear::{LinearWeight, linear, linear_add, linear_geglu};
 use crate::ops::norm::{GroupNorm, group_norm, layer_norm_add};
 use crate::tensor::Tensor;
 use crate::weights::TensorSpec;
@@ -70,14 +70,18 @@ pub fn forward(
     let gn = GroupNorm { groups, eps: GROUP_NORM_EPS, silu: false, frames: norm_frames };
     let mut hs = group_norm(ex, x, w.get("norm.weight")?, w.get("norm.bias")?, gn)?.reshape(&[b, h * wd, c])?;
     // 2. proj_in (a Linear, or a 1x1 conv stored [C, 1, 1, C], the same matrix on tokens)
-    hs = linear(ex, &hs, &as_matrix(w.get("proj_in.weight")?)?, Some(w.get("proj_in.bias")?))?;
+    let proj_in = w.linear("proj_in.weight")?;
+    hs =
+        linear(ex, &hs, LinearWeight { matrix: &as_matrix(proj_in.matrix)?, ..proj_in }, Some(w.get("proj_in.bias")?))?;
     // 3. blocks: [B, H*W, C] -> [B, H*W, C]
     for n in 0..t.depth {
         hs = block(ex, &w.at(&format!("transformer_blocks.{n}")), t, &hs, context)?;
     }
     // 4. proj_out, back to [B, H, W, C], + residual
     let residual = x.reshape(&[b, h * wd, c])?;
-    hs = linear_add(ex, &hs, &as_matrix(w.get("proj_out.weight")?)?, Some(w.get("proj_out.bias")?), Some(&residual))?;
+    let proj_out = w.linear("proj_out.weight")?;
+    let proj_out = LinearWeight { matrix: &as_matrix(proj_out.matrix)?, ..proj_out };
+    hs = linear_add(ex, &hs, proj_out, Some(w.get("proj_out.bias")?), Some(&residual))?;
     hs.reshape(&[b, h, wd, c])
 }
 
@@ -106,8 +110,8 @@ pub(crate) fn block_norm_add(ex: &Exec, w: &Scope, name: &str, x: &Tensor, rows:
 /// the residual added in ff.net.2's epilogue.
 pub(crate) fn block_feed_forward(ex: &Exec, w: &Scope, x: &Tensor) -> Result<Tensor> {
     let f = block_norm(ex, w, "norm3", x)?;
-    let f = linear_geglu(ex, &f, w.get("ff.net.0.proj.weight")?, Some(w.get("ff.net.0.proj.bias")?))?;
-    linear_add(ex, &f, w.get("ff.net.2.weight")?, Some(w.get("ff.net.2.bias")?), Some(x))
+    let f = linear_geglu(ex, &f, w.linear("ff.net.0.proj.weight")?, Some(w.get("ff.net.0.proj.bias")?))?;
+    linear_add(ex, &f, w.linear("ff.net.2.weight")?, Some(w.get("ff.net.2.bias")?), Some(x))
 }
 
 /// BasicTransformerBlock: x += attn1(LN1(x)); x += attn2(LN2(x), context); x += FF(LN3(x)).
@@ -153,6 +157,18 @@ pub fn fusions<'a>(names: impl IntoIterator<Item = &'a String>) -> Vec<Fusion> {
             }),
         })
         .collect()
+}
+
+/// Whether the weight `name` belongs to a linear that a model with FP8 linears runs in FP8
+/// (`ModelWeights::enable_fp8`): those of the transformer blocks (UNet, ControlNet, motion
+/// modules) and their projections in and out, whose inputs are the image or video tokens, where
+/// the GEMM time is. The cross-attentions' k and v project the text context (77 rows, once per
+/// clip: `CrossKv`) and stay in the compute dtype.
+pub fn fp8_linear(name: &str) -> bool {
+    let block = name.contains(".transformer_blocks.")
+        || name.ends_with(".proj_in.weight")
+        || name.ends_with(".proj_out.weight");
+    block && !name.contains(".attn2.to_k") && !name.contains(".attn2.to_v")
 }
 
 /// Every cross-attention's k and v on one text context [G, T, X]: [G, T, Σ 2C] from one GEMM by
@@ -236,10 +252,10 @@ impl CrossKv {
 /// and v from one GEMM of x by the fused [3C, C] weight, then to_out.0, whose epilogue adds the
 /// residual stream.
 fn self_attention(ex: &Exec, w: &Scope, heads: usize, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-    let qkv = linear(ex, x, w.rows(&QKV)?, None)?; // [B, L, 3C]
+    let qkv = linear(ex, x, w.linear_rows(&QKV)?, None)?; // [B, L, 3C]
     let [q, k, v] = Columns::split(&qkv)?;
     let o = attention_grouped(ex, q, k, v, scaled(heads, x.shape()[2]))?; // [B, L, C]
-    linear_add(ex, &o, w.get("to_out.0.weight")?, Some(w.get("to_out.0.bias")?), Some(residual))
+    linear_add(ex, &o, w.linear("to_out.0.weight")?, Some(w.get("to_out.0.bias")?), Some(residual))
 }
 
 /// The same on the context (attn2): q from x, k and v from one GEMM of the context's G rows by the
@@ -252,7 +268,7 @@ fn cross_attention(
     context: TextContext,
     residual: &Tensor,
 ) -> Result<Tensor> {
-    let q = linear(ex, x, w.get("to_q.weight")?, None)?; // [B, L, C]
+    let q = linear(ex, x, w.linear("to_q.weight")?, None)?; // [B, L, C]
     let [k, v] = match context.kv {
         Some(cached) => cached.of(w)?,
         None => {
@@ -263,7 +279,7 @@ fn cross_attention(
         }
     };
     let o = attention_grouped(ex, &q, k, v, scaled(heads, q.shape()[2]))?;
-    linear_add(ex, &o, w.get("to_out.0.weight")?, Some(w.get("to_out.0.bias")?), Some(residual))
+    linear_add(ex, &o, w.linear("to_out.0.weight")?, Some(w.get("to_out.0.bias")?), Some(residual))
 }
 
 /// Attention over `channels` in `heads` heads, scaled by 1 / sqrt(head dim), no mask.

@@ -15,6 +15,8 @@ use crate::models::lora::LoraMerge;
 use crate::models::lora::device::DeviceLoraSet;
 use crate::ops::Exec;
 use crate::ops::conv::weight_oihw_to_ohwi;
+use crate::ops::fp8::{Fp8Matrix, quantize, quantize_into};
+use crate::ops::linear::LinearWeight;
 use crate::tensor::{DType, HostBytes, Storage, Tensor};
 use crate::weights::LoadedWeights;
 
@@ -71,6 +73,16 @@ pub struct ModelWeights {
     /// Which prepared weights these are, and how often they were changed in place since:
     /// `WeightsState`.
     id: u64,
+    version: AtomicU64,
+    /// e4m3 twins of the linear weights the model runs in FP8, by weight or fused name
+    /// (`enable_fp8`).
+    fp8: HashMap<String, Fp8Twin>,
+}
+
+/// A weight's e4m3 twin and the weights' version it was quantized from: a LoRA merge or restore
+/// in place makes it stale until `requantize_fp8`, and a forward refuses a stale twin.
+struct Fp8Twin {
+    matrix: Fp8Matrix,
     version: AtomicU64,
 }
 
@@ -241,7 +253,7 @@ impl ModelWeights {
         dtype: DType,
     ) -> ModelWeights {
         let id = NEXT_WEIGHTS_ID.fetch_add(1, Ordering::Relaxed);
-        ModelWeights { tensors, fused, stacks, dtype, id, version: AtomicU64::new(0) }
+        ModelWeights { tensors, fused, stacks, dtype, id, version: AtomicU64::new(0), fp8: HashMap::new() }
     }
 
     /// Like `prepare`, for host tensors the caller has already put in the graph's form (a fused
@@ -290,6 +302,66 @@ impl ModelWeights {
     /// computed from them before no longer hold.
     pub fn changed(&self) {
         self.version.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Makes an e4m3 twin (`ops::fp8`, one scale per weight) of every matrix weight and fused matrix
+    /// whose name `select` accepts and that the FP8 GEMM takes (f16 / bf16, both dimensions
+    /// multiples of 16); the linears reading them through `Scope::linear` run in FP8 from then on.
+    /// The twins are memory of their own beside the weights (one byte per element), which stay
+    /// as they are for LoRA merges; after one, `requantize_fp8`. Returns the twins' count.
+    pub fn enable_fp8(&mut self, ex: &Exec, select: impl Fn(&str) -> bool) -> Result<usize> {
+        if self.dtype == DType::F32 {
+            return Err(Error::Input("FP8 linears quantize f16 or bf16 weights; these are f32".into()));
+        }
+        // A 1x1 convolution's weight [N, 1, 1, K] (a Transformer2D's proj_in without linear
+        // projection) is the matrix [N, K] too.
+        let fits = |t: &Tensor| matches!(t.shape(), &[n, k] | &[n, 1, 1, k] if n % 16 == 0 && k % 16 == 0);
+        // Parts of a fused matrix are read through it (`Scope::rows`): its twin serves them.
+        let parts: std::collections::HashSet<&String> = self.fused.values().flat_map(|(_, p)| p).collect();
+        let plain = self.tensors.iter().filter(|(n, _)| !parts.contains(n)).map(|(n, e)| (n, &e.tensor));
+        let chosen: Vec<(String, &Tensor)> = plain
+            .chain(self.fused.iter().map(|(n, (t, _))| (n, t)))
+            .filter(|(n, t)| !self.fp8.contains_key(*n) && select(n) && fits(t))
+            .map(|(n, t)| (n.clone(), t))
+            .collect();
+        let version = self.version.load(Ordering::Acquire);
+        let mut twins = Vec::with_capacity(chosen.len());
+        for (name, t) in chosen {
+            twins.push((name, Fp8Twin { matrix: quantize(ex, t, true)?, version: AtomicU64::new(version) }));
+        }
+        let count = twins.len();
+        self.fp8.extend(twins);
+        Ok(count)
+    }
+
+    /// Quantizes every FP8 twin again from its weight as it is now (after a LoRA merge or restore
+    /// in place); queued on the stream. Nothing to do without twins.
+    pub fn requantize_fp8(&self, ex: &Exec) -> Result<()> {
+        let version = self.version.load(Ordering::Acquire);
+        for (name, twin) in &self.fp8 {
+            let weight = self.tensors.get(name).map(|e| &e.tensor).or_else(|| self.fused.get(name).map(|(t, _)| t));
+            let weight = weight.ok_or_else(|| Error::Internal(format!("the FP8 twin '{name}' has no weight")))?;
+            quantize_into(ex, weight, &twin.matrix)?;
+            twin.version.store(version, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// How many linear weights have e4m3 twins (`enable_fp8`).
+    pub fn fp8_count(&self) -> usize {
+        self.fp8.len()
+    }
+
+    /// The twin of `name` for a forward: None without one; refused when stale.
+    fn fp8_twin(&self, name: &str) -> Result<Option<&Fp8Matrix>> {
+        let Some(twin) = self.fp8.get(name) else { return Ok(None) };
+        if twin.version.load(Ordering::Acquire) != self.version.load(Ordering::Acquire) {
+            return Err(Error::Internal(format!(
+                "the FP8 twin of '{name}' was quantized before its weights changed in place (a LoRA merge or restore \
+                 not followed by requantize_fp8)"
+            )));
+        }
+        Ok(Some(&twin.matrix))
     }
 
     /// The stacked matrix `name` (`Fusion::stack`), its parts marked as read; None when the model
@@ -454,13 +526,17 @@ impl<'a> Scope<'a> {
 
     /// The sub-module `name` (`resnets.0`).
     pub fn at(&self, name: &str) -> Scope<'a> {
-        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
-        Scope { weights: self.weights, prefix }
+        Scope { weights: self.weights, prefix: self.full_name(name) }
+    }
+
+    /// `name` under this module's path.
+    fn full_name(&self, name: &str) -> String {
+        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) }
     }
 
     /// The tensor `name` (`conv1.weight`) of this module, marked as read.
     pub fn get(&self, name: &str) -> Result<&'a Tensor> {
-        let full = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
+        let full = self.full_name(name);
         // Loading checked every name the graph's specs list, so a miss is the engine's own
         // mismatch between its specs and its forward, not the user's file.
         let entry = self.weights.tensors.get(&full).ok_or_else(|| {
@@ -483,6 +559,18 @@ impl<'a> Scope<'a> {
             }
         }
         Ok(matrix)
+    }
+
+    /// The weight `name` of a linear (`get`) with its FP8 twin when the model has one.
+    pub fn linear(&self, name: &str) -> Result<LinearWeight<'a>> {
+        let matrix = self.get(name)?;
+        Ok(LinearWeight { matrix, fp8: self.weights.fp8_twin(&self.full_name(name))? })
+    }
+
+    /// The fused weight of `parts` (`rows`) with its FP8 twin when the model has one.
+    pub fn linear_rows(&self, parts: &[&str]) -> Result<LinearWeight<'a>> {
+        let matrix = self.rows(parts)?;
+        Ok(LinearWeight { matrix, fp8: self.weights.fp8_twin(&fused_name(&self.prefix, parts))? })
     }
 }
 

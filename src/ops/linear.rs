@@ -1,10 +1,12 @@
 //! Linear layer: y[..., N] = x[..., K] · w[N, K]ᵀ + bias[N] (PyTorch weight layout), through
 //! cuBLASLt with the bias in the epilogue and fp32 accumulation; and the GEGLU projection with GEGLU
-//! in the epilogue of our own Hopper GEMM.
+//! in the epilogue of our own Hopper GEMM. A weight with an e4m3 twin runs as an FP8 linear
+//! (`ops::fp8`).
 
 use std::sync::OnceLock;
 
 use super::elementwise::geglu;
+use super::fp8::{Fp8Matrix, linear_fp8};
 use super::{Exec, host_out, par_rows, same_dtype};
 use crate::error::{Error, Result};
 use crate::gpu::ClusterScheduling;
@@ -15,20 +17,35 @@ use crate::gpu::params::{
 use crate::gpu::tma::tensor_map;
 use crate::tensor::{DType, Tensor};
 
-pub fn linear(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+/// A linear's weight [N, K] and, where the model runs the linear in FP8, the weight's e4m3 twin
+/// (`ModelWeights::enable_fp8`), which the product then uses instead.
+#[derive(Clone, Copy)]
+pub struct LinearWeight<'a> {
+    pub matrix: &'a Tensor,
+    pub fp8: Option<&'a Fp8Matrix>,
+}
+
+impl<'a> From<&'a Tensor> for LinearWeight<'a> {
+    fn from(matrix: &'a Tensor) -> LinearWeight<'a> {
+        LinearWeight { matrix, fp8: None }
+    }
+}
+
+pub fn linear<'w>(ex: &Exec, x: &Tensor, w: impl Into<LinearWeight<'w>>, bias: Option<&Tensor>) -> Result<Tensor> {
     linear_add(ex, x, w, bias, None)
 }
 
 /// x · wᵀ + bias + residual: a projection and the residual stream it joins in one pass (on CUDA the
 /// residual is added in cuBLASLt's epilogue, rounded once with the product). residual has the
 /// output's shape.
-pub fn linear_add(
+pub fn linear_add<'w>(
     ex: &Exec,
     x: &Tensor,
-    w: &Tensor,
+    w: impl Into<LinearWeight<'w>>,
     bias: Option<&Tensor>,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
+    let LinearWeight { matrix: w, fp8 } = w.into();
     let mut inputs = vec![x, w];
     inputs.extend(bias);
     inputs.extend(residual);
@@ -47,6 +64,12 @@ pub fn linear_add(
     *shape.last_mut().unwrap() = n;
     if let Some(r) = residual.filter(|r| r.shape() != shape) {
         return Err(Error::Input(format!("linear: residual {r:?} must be the output's shape {shape:?}")));
+    }
+    if let Some(q) = fp8 {
+        if q.shape() != [n, k] {
+            return Err(Error::Internal(format!("linear: the FP8 twin {q:?} of {w:?} has another shape")));
+        }
+        return linear_fp8(ex, x, q, bias, residual);
     }
     match ex {
         Exec::Cpu => {
@@ -122,21 +145,32 @@ impl GegluLinear {
 /// The GEGLU feed-forward's first step, geglu(x · wᵀ + bias): w [2D, K] holds the value rows first
 /// and the gate rows second (diffusers' GEGLU projects, then chunks into hidden states and gate);
 /// [.., K] -> [.., D], value · gelu(gate) with the exact GELU. The CPU twin is `linear` then `geglu`.
-pub fn linear_geglu(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+/// With an FP8 twin, the projection is an FP8 linear and GEGLU the `geglu` pass after it.
+pub fn linear_geglu<'w>(
+    ex: &Exec,
+    x: &Tensor,
+    w: impl Into<LinearWeight<'w>>,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     linear_geglu_with(ex, x, w, bias, GegluLinear::Auto)
 }
 
 /// `linear_geglu` through a chosen route.
-pub fn linear_geglu_with(
+pub fn linear_geglu_with<'w>(
     ex: &Exec,
     x: &Tensor,
-    w: &Tensor,
+    w: impl Into<LinearWeight<'w>>,
     bias: Option<&Tensor>,
     route: GegluLinear,
 ) -> Result<Tensor> {
+    let weight = w.into();
+    let w = weight.matrix;
     let Exec::Cuda { gpu, scratch } = ex else {
-        return geglu(ex, &linear(ex, x, w, bias)?);
+        return geglu(ex, &linear(ex, x, weight, bias)?);
     };
+    if weight.fp8.is_some() {
+        return geglu(ex, &linear(ex, x, weight, bias)?);
+    }
     let (k, two_d) = match (x.shape().last(), w.shape()) {
         (Some(&k), &[n, wk]) if wk == k && n % 2 == 0 && n > 0 => (k, n),
         _ => {

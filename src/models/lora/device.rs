@@ -336,8 +336,10 @@ impl DeviceLoraSet {
     }
 
     /// Adds the set's deltas into `weights` in place (queued on the stream).
+    /// FP8 twins are quantized again after it (`ModelWeights::requantize_fp8`).
     pub fn merge_into(&self, ex: &Exec, weights: &ModelWeights) -> Result<()> {
-        self.merge_from(ex, weights, &HashMap::new())
+        self.merge_from(ex, weights, &HashMap::new())?;
+        weights.requantize_fp8(ex)
     }
 
     /// `merge_into` reading each weight's base values from `base` where it holds a copy (a switch
@@ -652,7 +654,8 @@ impl LoraSwitcher {
             set.merge_from(ex, weights, if copies_merge { &self.base } else { &no_copies })?;
             self.merged = set.names().map(str::to_string).collect();
         }
-        Ok(())
+        // 4. the FP8 twins from the weights as they are now
+        weights.requantize_fp8(ex)
     }
 }
 

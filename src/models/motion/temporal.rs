@@ -65,7 +65,7 @@ pub fn forward(
     let gn = GroupNorm { groups, eps: GROUP_NORM_EPS, silu: false, frames };
     let mut hs = group_norm(ex, x, w.get("norm.weight")?, w.get("norm.bias")?, gn)?.reshape(&[n, h * wd, c])?;
     // 2. proj_in: [B*F, H*W, C] -> [B*F, H*W, C]
-    hs = linear(ex, &hs, w.get("proj_in.weight")?, Some(w.get("proj_in.bias")?))?;
+    hs = linear(ex, &hs, w.linear("proj_in.weight")?, Some(w.get("proj_in.bias")?))?;
     // 3. blocks
     for b in 0..m.depth {
         let mut rows = |attn: usize| pe(b, attn);
@@ -73,7 +73,7 @@ pub fn forward(
     }
     // 4. proj_out, + residual, back to [B*F, H, W, C]
     let residual = x.reshape(&[n, h * wd, c])?;
-    hs = linear_add(ex, &hs, w.get("proj_out.weight")?, Some(w.get("proj_out.bias")?), Some(&residual))?;
+    hs = linear_add(ex, &hs, w.linear("proj_out.weight")?, Some(w.get("proj_out.bias")?), Some(&residual))?;
     hs.reshape(&[n, h, wd, c])
 }
 
@@ -108,10 +108,10 @@ pub fn fusions<'a>(names: impl IntoIterator<Item = &'a String>) -> Vec<Fusion> {
 /// k and v from one GEMM of x by the fused [3C, C] weight, then to_out.0, whose epilogue adds the
 /// residual.
 fn attention(ex: &Exec, w: &Scope, heads: usize, frames: usize, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-    let qkv = linear(ex, x, w.rows(&QKV)?, None)?; // [B*F, L, 3C]
+    let qkv = linear(ex, x, w.linear_rows(&QKV)?, None)?; // [B*F, L, 3C]
     let [q, k, v] = Columns::split(&qkv)?;
     let head_dim = x.shape()[2] / heads.max(1);
     let cfg = TemporalAttention { frames, heads, scale: 1.0 / (head_dim as f32).sqrt() };
     let o = temporal_attention(ex, q, k, v, cfg)?;
-    linear_add(ex, &o, w.get("to_out.0.weight")?, Some(w.get("to_out.0.bias")?), Some(residual))
+    linear_add(ex, &o, w.linear("to_out.0.weight")?, Some(w.get("to_out.0.bias")?), Some(residual))
 }

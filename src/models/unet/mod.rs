@@ -99,6 +99,12 @@ impl Unet {
         self.weights.dtype()
     }
 
+    /// Runs the linears of its transformer blocks in FP8 from now on (`transformer::fp8_linear`,
+    /// `ModelWeights::enable_fp8`); returns how many weights got e4m3 twins.
+    pub fn enable_fp8(&mut self, ex: &Exec) -> Result<usize> {
+        self.weights.enable_fp8(ex, transformer::fp8_linear)
+    }
+
     /// The prepared weights (which of them a forward has read: `ModelWeights::unread`).
     pub fn weights(&self) -> &ModelWeights {
         &self.weights

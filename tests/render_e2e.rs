@@ -378,3 +378,30 @@ fn text_kv_computed_once_give_the_clip_computed_in_every_forward() {
     assert!(!line.contains("reused 0 times"), "{line}");
     assert_same_tree(&per_forward, &cached, "text k/v computed once");
 }
+
+/// FP8 linears (the config's `fp8`; here the CPU twin of the e4m3 GEMMs) in the UNet, the motion
+/// modules and the ControlNet of the tiny pipeline: the clip's frames move away from the f16 clip's
+/// by the quantization's cost, which is printed, over two seeds; with f32 weights it is refused.
+#[test]
+fn fp8_linears_render_a_clip_near_the_f16_one() {
+    let dir = TempDir::new("render-fp8");
+    let control = dir.path("control");
+    write_control_pngs("controlnet_video", &control);
+    let frames = |fp8: bool, seed: u64| {
+        let mut config = config_for("controlnet_video", &dir.path(&format!("out-{fp8}-{seed}")), Some(&control));
+        (config.dtype, config.fp8, config.seed) = ("f16".into(), fp8, seed);
+        let options = RenderOptions { keep_tensors: true, ..RenderOptions::default() };
+        let report = render(&config, &options).unwrap();
+        report.clips[0].images.as_ref().unwrap().to_f32_vec().unwrap()
+    };
+    for seed in [1, 2] {
+        let (plain, fp8) = (frames(false, seed), frames(true, seed));
+        let rel = rel_l2(&fp8, &plain);
+        eprintln!("seed {seed}: FP8 frames rel L2 {rel:.3e} from the f16 frames");
+        assert!(rel > 0.0 && rel < 0.1, "seed {seed}: FP8 frames {rel:.3e} from the f16 ones");
+    }
+    let mut config = config_for("controlnet_video", &dir.path("f32"), Some(&control));
+    config.fp8 = true;
+    let Err(err) = render(&config, &RenderOptions::default()) else { panic!("fp8 with f32 weights was rendered") };
+    assert!(err.to_string().contains("fp8"), "{err}");
+}

@@ -120,6 +120,12 @@ pub struct BenchArgs {
     /// and time replays the same way (a second `BENCH` line, its key ending in " graph").
     #[arg(long)]
     pub graph: bool,
+    /// unet, motion_unet, controlnet: last, run the transformer blocks' linears in FP8 (e4m3, one
+    /// scale per tensor: `ModelWeights::enable_fp8`) and time the forward again (key + " fp8"),
+    /// with its outputs' relative L2 distance from the plain forward's on the same inputs (an
+    /// `FP8` JSON line). Compute capability 8.9 or later.
+    #[arg(long)]
+    pub fp8: bool,
 }
 
 /// Most elements of one activation: cuDNN and the kernels index with 32-bit integers (ops/conv.rs
@@ -226,7 +232,15 @@ fn bench_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     let with_kv = |kv: Option<&CrossKv>| unet.forward(&ex, &UnetInputs { cross_kv: kv, ..inputs }, None).map(drop);
     text_kv_computed_once(args, &ex, ("unet", &key, &t), unet.weights(), inputs.encoder_hidden_states, with_kv)?;
     replays(args, &gpu, &scratch, "unet", &key, &t, run)?;
-    finish(args, &gpu, &key, &t, forward)
+    finish(args, &gpu, &key, &t, forward)?;
+    if args.fp8 {
+        let plain = host_outputs(&gpu, || unet.forward(&ex, &inputs, None).map(|out| vec![out]))?;
+        let mut unet = unet;
+        let twins = unet.enable_fp8(&ex)?;
+        let run = || unet.forward(&ex, &inputs, None).map(|out| vec![out]);
+        fp8_forward(args, &ex, ("unet", &key, &t), plain, twins, run)?;
+    }
+    Ok(())
 }
 
 /// The UNet with motion modules on `--batch` videos of `--frames` frames (diffusers'
@@ -271,7 +285,17 @@ fn bench_motion_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     let context = inputs.encoder_hidden_states;
     text_kv_computed_once(args, &ex, ("motion_unet", &key, &t), unet.weights(), context, with_kv)?;
     replays(args, &gpu, &scratch, "motion_unet", &key, &t, run)?;
-    finish(args, &gpu, &key, &t, forward)
+    finish(args, &gpu, &key, &t, forward)?;
+    if args.fp8 {
+        let run_fp8 = |unet: &Unet, modules: &MotionModules| {
+            modules.forward_unet(&ex, unet, &inputs, video, None).map(|out| vec![out])
+        };
+        let plain = host_outputs(&gpu, || run_fp8(&unet, &modules))?;
+        let (mut unet, mut modules) = (unet, modules);
+        let twins = unet.enable_fp8(&ex)? + modules.enable_fp8(&ex)?;
+        fp8_forward(args, &ex, ("motion_unet", &key, &t), plain, twins, || run_fp8(&unet, &modules))?;
+    }
+    Ok(())
 }
 
 /// The ControlNet on `--batch` images of `--height` x `--width` latents (the UNet's random inputs)
@@ -343,22 +367,22 @@ fn bench_controlnet(args: &BenchArgs, dtype: DType) -> Result<()> {
     };
     match &cfg.union {
         Some(_) => {
-            let net = ControlNetUnion::new(&checkpoint, place)?;
+            let mut net = ControlNetUnion::new(&checkpoint, place)?;
             let list: Vec<UnionCondition> = hints
                 .iter()
                 .enumerate()
                 .map(|(i, image)| UnionCondition { control_type: ControlType(i), image, scale: &[1.0] })
                 .collect();
-            let run_with = |kv: Option<&CrossKv>| {
+            let run_with = |net: &ControlNetUnion, kv: Option<&CrossKv>| {
                 let _r = nvtx::range(&key);
                 let x = UnetInputs { cross_kv: kv, ..inputs };
                 net.forward(&ex, &x, &list, UnionOptions::default()).map(residual_list)
             };
-            let run = || run_with(None);
+            let run = || run_with(&net, None);
             let mut forward = || run().map(drop);
             let t = time_gpu(&gpu, 2, args.runs, &mut forward)?;
             report(name, &key, &t, args.runs, &scratch);
-            let cached = |kv: Option<&CrossKv>| run_with(kv).map(drop);
+            let cached = |kv: Option<&CrossKv>| run_with(&net, kv).map(drop);
             text_kv_computed_once(
                 args,
                 &ex,
@@ -368,11 +392,17 @@ fn bench_controlnet(args: &BenchArgs, dtype: DType) -> Result<()> {
                 cached,
             )?;
             replays(args, &gpu, &scratch, name, &key, &t, run)?;
-            finish(args, &gpu, &key, &t, forward)
+            finish(args, &gpu, &key, &t, forward)?;
+            if args.fp8 {
+                let plain = host_outputs(&gpu, || run_with(&net, None))?;
+                let twins = net.enable_fp8(&ex)?;
+                fp8_forward(args, &ex, (name, &key, &t), plain, twins, || run_with(&net, None))?;
+            }
+            Ok(())
         }
         None => {
-            let cn = ControlNet::new(&checkpoint, place)?;
-            let run_with = |kv: Option<&CrossKv>| {
+            let mut cn = ControlNet::new(&checkpoint, place)?;
+            let run_with = |cn: &ControlNet, kv: Option<&CrossKv>| {
                 let _r = nvtx::range(&key);
                 let x = UnetInputs { cross_kv: kv, ..inputs };
                 let mut sum = cn.forward(&ex, &x, &hints[0], ControlScale::new(1.0))?;
@@ -385,14 +415,20 @@ fn bench_controlnet(args: &BenchArgs, dtype: DType) -> Result<()> {
                 }
                 Ok(residual_list(sum))
             };
-            let run = || run_with(None);
+            let run = || run_with(&cn, None);
             let mut forward = || run().map(drop);
             let t = time_gpu(&gpu, 2, args.runs, &mut forward)?;
             report(name, &key, &t, args.runs, &scratch);
-            let cached = |kv: Option<&CrossKv>| run_with(kv).map(drop);
+            let cached = |kv: Option<&CrossKv>| run_with(&cn, kv).map(drop);
             text_kv_computed_once(args, &ex, (name, &key, &t), cn.weights(), inputs.encoder_hidden_states, cached)?;
             replays(args, &gpu, &scratch, name, &key, &t, run)?;
-            finish(args, &gpu, &key, &t, forward)
+            finish(args, &gpu, &key, &t, forward)?;
+            if args.fp8 {
+                let plain = host_outputs(&gpu, || run_with(&cn, None))?;
+                let twins = cn.enable_fp8(&ex)?;
+                fp8_forward(args, &ex, (name, &key, &t), plain, twins, || run_with(&cn, None))?;
+            }
+            Ok(())
         }
     }
 }
@@ -600,6 +636,46 @@ fn text_kv_computed_once(
 /// The residuals as one list, the mid block's last.
 fn residual_list(r: UnetResiduals) -> Vec<Tensor> {
     r.down.into_iter().chain([r.mid]).collect()
+}
+
+/// With `--fp8`: `plain` (a forward's outputs before the models got their `twins` FP8 twins)
+/// against `run`'s outputs now, then `run` timed under `key` + " fp8" beside `eager`.
+fn fp8_forward(
+    args: &BenchArgs,
+    ex: &Exec,
+    (name, key, eager): (&str, &str, &Timing),
+    plain: Vec<Tensor>,
+    twins: usize,
+    run: impl Fn() -> Result<Vec<Tensor>>,
+) -> Result<()> {
+    let Exec::Cuda { gpu, scratch } = ex else { return Err(Error::Internal("bench on the CPU".into())) };
+    let got = run()?.iter().map(|t| gpu.download(t)).collect::<Result<Vec<_>>>()?;
+    let (mut diff, mut norm) = (0f64, 0f64);
+    for (g, p) in got.iter().zip(&plain) {
+        for (a, b) in g.to_f32_vec()?.iter().zip(p.to_f32_vec()?) {
+            diff += (*a as f64 - b as f64).powi(2);
+            norm += (b as f64).powi(2);
+        }
+    }
+    let rel = (diff / norm.max(f64::MIN_POSITIVE)).sqrt();
+    let t = time_gpu(gpu, 2, args.runs, || run().map(drop))?;
+    let fp8_key = format!("{key} fp8");
+    report(name, &fp8_key, &t, args.runs, scratch);
+    eprintln!(
+        "{fp8_key}: {twins} linears in FP8; median {:.3} ms vs {:.3} ms ({:.3}x); outputs {rel:.3e} (relative L2) from \
+         the plain forward's",
+        t.median_ms(),
+        eager.median_ms(),
+        eager.median_ms() / t.median_ms().max(1e-9)
+    );
+    let line = serde_json::json!({"key": fp8_key, "twins": twins, "rel_l2": rel, "ms": t.median_ms(), "plain_ms": eager.median_ms()});
+    println!("FP8 {line}");
+    Ok(())
+}
+
+/// The outputs of one `run`, on the host (the reference `fp8_forward` compares with).
+fn host_outputs(gpu: &Gpu, run: impl Fn() -> Result<Vec<Tensor>>) -> Result<Vec<Tensor>> {
+    run()?.iter().map(|t| gpu.download(t)).collect()
 }
 
 /// With `--graph` (after the eager runs, which warmed everything up): `run` captured into a CUDA

@@ -67,6 +67,9 @@ pub struct RenderArgs {
     /// auto, ffmpeg, builtin or off.
     #[arg(long)]
     pub mp4: Option<String>,
+    /// Run the transformer blocks' linears in FP8 (the config's `fp8`).
+    #[arg(long)]
+    pub fp8: bool,
     /// A safetensors file of initial latents and per-step noise to use instead of the seed's, for
     /// exact comparison with diffusers.
     #[arg(long, value_name = "FILE")]
@@ -186,6 +189,7 @@ fn apply_overrides(config: &mut RenderConfig, args: &RenderArgs) {
     if let Some(out) = &args.out {
         config.output.root = out.clone();
     }
+    config.fp8 |= args.fp8;
 }
 
 /// SIGINT and SIGTERM: the first sets the render's stop flag (`pipeline::resume`), so it stops at

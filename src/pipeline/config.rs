@@ -97,6 +97,12 @@ pub struct RenderConfig {
     /// more) or "reload" (from the mapped model files: no extra memory, seconds a switch).
     #[serde(default = "default_lora_restore")]
     pub lora_restore: String,
+    /// Run the linears of the transformer blocks (UNet, motion modules, ControlNets) in FP8:
+    /// e4m3 weights and activations with one scale per tensor, cuBLASLt's FP8 GEMMs (compute
+    /// capability 8.9 or later; the CPU path runs their twin). Faster at a quality cost; f16 or
+    /// bf16 only. Default false.
+    #[serde(default)]
+    pub fp8: bool,
     /// At least one.
     #[serde(default)]
     pub clips: Vec<ClipSpec>,
@@ -1086,6 +1092,9 @@ impl RenderConfig {
         }
         if let Err(p) = choice("lora_restore", &self.lora_restore, &LORA_RESTORES) {
             problems.push(p);
+        }
+        if self.fp8 && self.dtype().is_ok_and(|d| d == DType::F32) {
+            problems.push("fp8: FP8 linears quantize f16 or bf16 weights; dtype is f32".into());
         }
         if let Err(e) = self.output.mp4_choice() {
             problems.push(message(e));

@@ -43,7 +43,6 @@ use indicatif::ProgressBar;
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::models::Place;
 use crate::models::lora::device::Restore;
 use crate::ops::Exec;
 use crate::pipeline::config::RenderConfig;
@@ -454,7 +453,7 @@ fn serve(
                         *models = None;
                         let started = Instant::now();
                         checkpoints.resolve_loras(&config).and_then(|loras| {
-                            *models = Some(Models::new(checkpoints, loras.as_ref(), Place::Host(dtype))?);
+                            *models = Some(Models::on_host(checkpoints, loras.as_ref(), dtype, config.fp8)?);
                             Ok(vec![format!("loaded the models in {:.1} s", started.elapsed().as_secs_f64())])
                         })
                     }

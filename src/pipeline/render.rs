@@ -281,6 +281,31 @@ impl Models {
         Ok(Models { text, unet, motion, vae, controlnets })
     }
 
+    /// Runs the transformer blocks' linears of the UNet, motion modules and ControlNets in FP8
+    /// (the config's `fp8`); returns how many weights got e4m3 twins.
+    pub(super) fn enable_fp8(&mut self, ex: &Exec) -> Result<usize> {
+        let mut twins = self.unet.enable_fp8(ex)?;
+        if let Some(motion) = self.motion.as_mut() {
+            twins += motion.enable_fp8(ex)?;
+        }
+        for net in &mut self.controlnets {
+            twins += match net {
+                Net::Plain(net) => net.enable_fp8(ex)?,
+                Net::Union { net, .. } => net.enable_fp8(ex)?,
+            };
+        }
+        Ok(twins)
+    }
+
+    /// `new`, with the linears in FP8 when `fp8` (the CPU path: their twins on the host).
+    pub(super) fn on_host(c: &Checkpoints, loras: Option<&Loras>, dtype: DType, fp8: bool) -> Result<Models> {
+        let mut models = Models::new(c, loras, Place::Host(dtype))?;
+        if fp8 {
+            models.enable_fp8(&Exec::Cpu)?;
+        }
+        Ok(models)
+    }
+
     /// The weights of every model LoRAs adapt, by component.
     fn adapted(&self) -> Vec<(LoraComponent, &ModelWeights)> {
         let mut list = vec![
@@ -405,7 +430,7 @@ pub fn render_batch(config: &RenderConfig, options: &RenderOptions, shard: Optio
                         let pending = devices.begin_group(&group);
                         // The CPU twins merge on the host as the weights convert: one load per LoRA set.
                         let loaded = checkpoints.resolve_loras(&group).and_then(|loras| {
-                            Ok((Models::new(&checkpoints, loras.as_ref(), Place::Host(dtype))?, loras))
+                            Ok((Models::on_host(&checkpoints, loras.as_ref(), dtype, group.fp8)?, loras))
                         });
                         let helpers = devices.finish_group(pending);
                         let (models, loras, helper_lines) = match (loaded, helpers) {
@@ -608,7 +633,8 @@ impl GpuModels {
     /// Loads every model, with `loras` merged on the host (None: base weights, whose sets
     /// `DeviceLoras` switches). `reserve`: device bytes the scratch arena leaves for switching.
     /// `sharing`: device threads of a split on this one GPU (an ordinal listed more than once),
-    /// which share its memory evenly.
+    /// which share its memory evenly. `fp8`: the config's.
+    #[allow(clippy::too_many_arguments)]
     fn load(
         gpu: &Gpu,
         checkpoints: &Checkpoints,
@@ -617,23 +643,28 @@ impl GpuModels {
         dtype: DType,
         reserve: usize,
         sharing: usize,
+        fp8: bool,
     ) -> Result<(GpuModels, String)> {
         let started = Instant::now();
         let weights_bytes = checkpoints.weight_bytes(dtype);
         let weights = Arena::new("weights", weights_bytes + (256 << 20))?;
+        // FP8 twins are allocated beside the arenas: at most a byte per weight element.
+        let reserve = reserve + if fp8 { weights_bytes / dtype.size() } else { 0 };
         let scratch_bytes = if sharing <= 1 {
             most_of_memory(gpu, weights_bytes + reserve)
         } else {
             (most_of_memory(gpu, 0) / sharing).saturating_sub(weights_bytes + reserve).max(1 << 30)
         };
         let scratch = Arena::new("scratch", scratch_bytes)?;
-        let models = Models::new(checkpoints, loras, Place::Device { gpu, arena: &weights, dtype })?;
+        let mut models = Models::new(checkpoints, loras, Place::Device { gpu, arena: &weights, dtype })?;
+        let twins = if fp8 { models.enable_fp8(&Exec::Cuda { gpu, scratch: &scratch })? } else { 0 };
         let line = format!(
-            "loaded the models onto {} in {:.1} s ({:.2} GiB of weights{})",
+            "loaded the models onto {} in {:.1} s ({:.2} GiB of weights{}{})",
             gpu.info().name,
             started.elapsed().as_secs_f64(),
             weights.used() as f64 / GIB,
-            if loras.is_some() { ", LoRAs merged on the host" } else { "" }
+            if loras.is_some() { ", LoRAs merged on the host" } else { "" },
+            if fp8 { format!(", {twins} linears in FP8") } else { String::new() }
         );
         let loras = loras.is_none().then(|| DeviceLoras::new(restore));
         Ok((GpuModels { models, loras, weights, scratch }, line))
@@ -713,7 +744,7 @@ pub(super) fn prepare_group<'m>(
             *loaded = None; // a host-merged set: back to the base weights
         }
         if loaded.is_none() {
-            let (models, line) = GpuModels::load(gpu, checkpoints, None, restore, dtype, reserve, sharing)?;
+            let (models, line) = GpuModels::load(gpu, checkpoints, None, restore, dtype, reserve, sharing, group.fp8)?;
             lines.push(line);
             *loaded = Some(models);
         }
@@ -756,7 +787,7 @@ pub(super) fn prepare_group<'m>(
         }
     }
     *loaded = None; // free the device before loading again
-    let (models, line) = GpuModels::load(gpu, checkpoints, loras.as_ref(), restore, dtype, 0, sharing)?;
+    let (models, line) = GpuModels::load(gpu, checkpoints, loras.as_ref(), restore, dtype, 0, sharing, group.fp8)?;
     lines.push(line);
     Ok((lines, loaded.insert(models)))
 }

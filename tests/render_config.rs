@@ -186,7 +186,7 @@ fn an_absent_section_takes_the_documented_defaults() {
     let path = dir.join("c.toml");
     fs::write(&path, "[[clips]]\nprompt = \"x\"\n").unwrap();
     let c = RenderConfig::load(&path).unwrap();
-    assert_eq!((c.seed, c.dtype.as_str(), c.device.as_str()), (0, "f16", "auto"));
+    assert_eq!((c.seed, c.dtype.as_str(), c.device.as_str(), c.fp8.as_str()), (0, "f16", "auto", "off"));
     let s = &c.sampler;
     assert_eq!((s.name.as_str(), s.steps, s.cfg, s.cfg_rescale), ("lcm", 4, 1.5, 0.0));
     assert_eq!(
@@ -345,6 +345,12 @@ fn every_validation_rule_names_its_field() {
         ),
         (|c| c.dtype = "f8".into(), "dtype: unknown dtype 'f8'"),
         (|c| c.device = "tpu".into(), "device: 'tpu' is not one of auto, cuda, cpu"),
+        (|c| c.fp8 = "yes".into(), "fp8: 'yes' is not an FP8 choice (expected off, on or all)"),
+        (
+            |c| (c.fp8, c.dtype) = ("on".into(), "f32".into()),
+            "fp8: FP8 linears quantize f16 or bf16 weights; dtype is f32",
+        ),
+        (|c| c.fp8 = "all".into(), ""),
         (|c| c.output.mp4 = "webm".into(), "output.mp4: 'webm' is not one of auto, ffmpeg, builtin, off"),
     ];
     let (_dir, valid) = valid_config("rules");

@@ -22,7 +22,7 @@ use crate::models::clip::{ClipTextModel, TextEncoderKind, open_text_encoder};
 use crate::models::lora::device::{DeviceLoraSet, LoraSwitcher, Restore};
 use crate::models::lora::{self, Component, LoraSpec, Loras, Targets};
 use crate::models::motion::MAX_FRAMES;
-use crate::models::transformer::CrossKv;
+use crate::models::transformer::{CrossKv, Fp8Linears};
 use crate::models::vae::{Vae, open_vae};
 use crate::models::{
     ControlNet, ControlNetUnion, ControlScale, ControlType, Frames, ModelWeights, MotionModules, Place, Unet,
@@ -121,11 +121,12 @@ pub struct BenchArgs {
     #[arg(long)]
     pub graph: bool,
     /// unet, motion_unet, controlnet: last, run the transformer blocks' linears in FP8 (e4m3, one
-    /// scale per tensor: `ModelWeights::enable_fp8`) and time the forward again (key + " fp8"),
-    /// with its outputs' relative L2 distance from the plain forward's on the same inputs (an
-    /// `FP8` JSON line). Compute capability 8.9 or later.
-    #[arg(long)]
-    pub fp8: bool,
+    /// scale per tensor; `on`: those with at least 1536 outputs, `all`: every one; as the render
+    /// config's `fp8`) and time the forward again (key + " fp8 on" / " fp8 all"), with its
+    /// outputs' relative L2 distance from the plain forward's on the same inputs (an `FP8` JSON
+    /// line). Compute capability 8.9 or later.
+    #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on", default_value = "off")]
+    pub fp8: String,
 }
 
 /// Most elements of one activation: cuDNN and the kernels index with 32-bit integers (ops/conv.rs
@@ -147,6 +148,7 @@ impl BenchArgs {
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     let dtype = DType::parse(&args.dtype)?;
+    Fp8Linears::parse(&args.fp8).map_err(|e| e.with_prefix("--fp8: "))?;
     let counts = [
         ("--batch", args.batch, None),
         ("--height", args.height, None),
@@ -233,10 +235,11 @@ fn bench_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     text_kv_computed_once(args, &ex, ("unet", &key, &t), unet.weights(), inputs.encoder_hidden_states, with_kv)?;
     replays(args, &gpu, &scratch, "unet", &key, &t, run)?;
     finish(args, &gpu, &key, &t, forward)?;
-    if args.fp8 {
+    let fp8 = Fp8Linears::parse(&args.fp8)?;
+    if fp8 != Fp8Linears::Off {
         let plain = host_outputs(&gpu, || unet.forward(&ex, &inputs, None).map(|out| vec![out]))?;
         let mut unet = unet;
-        let twins = unet.enable_fp8(&ex)?;
+        let twins = unet.enable_fp8(&ex, fp8)?;
         let run = || unet.forward(&ex, &inputs, None).map(|out| vec![out]);
         fp8_forward(args, &ex, ("unet", &key, &t), plain, twins, run)?;
     }
@@ -286,13 +289,14 @@ fn bench_motion_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     text_kv_computed_once(args, &ex, ("motion_unet", &key, &t), unet.weights(), context, with_kv)?;
     replays(args, &gpu, &scratch, "motion_unet", &key, &t, run)?;
     finish(args, &gpu, &key, &t, forward)?;
-    if args.fp8 {
+    let fp8 = Fp8Linears::parse(&args.fp8)?;
+    if fp8 != Fp8Linears::Off {
         let run_fp8 = |unet: &Unet, modules: &MotionModules| {
             modules.forward_unet(&ex, unet, &inputs, video, None).map(|out| vec![out])
         };
         let plain = host_outputs(&gpu, || run_fp8(&unet, &modules))?;
         let (mut unet, mut modules) = (unet, modules);
-        let twins = unet.enable_fp8(&ex)? + modules.enable_fp8(&ex)?;
+        let twins = unet.enable_fp8(&ex, fp8)? + modules.enable_fp8(&ex, fp8)?;
         fp8_forward(args, &ex, ("motion_unet", &key, &t), plain, twins, || run_fp8(&unet, &modules))?;
     }
     Ok(())
@@ -393,9 +397,10 @@ fn bench_controlnet(args: &BenchArgs, dtype: DType) -> Result<()> {
             )?;
             replays(args, &gpu, &scratch, name, &key, &t, run)?;
             finish(args, &gpu, &key, &t, forward)?;
-            if args.fp8 {
+            let fp8 = Fp8Linears::parse(&args.fp8)?;
+            if fp8 != Fp8Linears::Off {
                 let plain = host_outputs(&gpu, || run_with(&net, None))?;
-                let twins = net.enable_fp8(&ex)?;
+                let twins = net.enable_fp8(&ex, fp8)?;
                 fp8_forward(args, &ex, (name, &key, &t), plain, twins, || run_with(&net, None))?;
             }
             Ok(())
@@ -423,9 +428,10 @@ fn bench_controlnet(args: &BenchArgs, dtype: DType) -> Result<()> {
             text_kv_computed_once(args, &ex, (name, &key, &t), cn.weights(), inputs.encoder_hidden_states, cached)?;
             replays(args, &gpu, &scratch, name, &key, &t, run)?;
             finish(args, &gpu, &key, &t, forward)?;
-            if args.fp8 {
+            let fp8 = Fp8Linears::parse(&args.fp8)?;
+            if fp8 != Fp8Linears::Off {
                 let plain = host_outputs(&gpu, || run_with(&cn, None))?;
-                let twins = cn.enable_fp8(&ex)?;
+                let twins = cn.enable_fp8(&ex, fp8)?;
                 fp8_forward(args, &ex, (name, &key, &t), plain, twins, || run_with(&cn, None))?;
             }
             Ok(())
@@ -659,7 +665,7 @@ fn fp8_forward(
     }
     let rel = (diff / norm.max(f64::MIN_POSITIVE)).sqrt();
     let t = time_gpu(gpu, 2, args.runs, || run().map(drop))?;
-    let fp8_key = format!("{key} fp8");
+    let fp8_key = format!("{key} fp8 {}", args.fp8.trim());
     report(name, &fp8_key, &t, args.runs, scratch);
     eprintln!(
         "{fp8_key}: {twins} linears in FP8; median {:.3} ms vs {:.3} ms ({:.3}x); outputs {rel:.3e} (relative L2) from \

@@ -142,7 +142,7 @@ fn demo_config(models: &Path, size: ModelSize, device: Device, args: &DemoArgs) 
         dtype: if device == Device::Cuda || size == ModelSize::Full { "f16" } else { "f32" }.into(),
         device: if device == Device::Cuda { "cuda" } else { "cpu" }.into(),
         lora_restore: "copy".into(),
-        fp8: false,
+        fp8: "off".into(),
         clips: vec![ClipSpec { prompt: PROMPT.into(), negative: NEGATIVE.into(), ..Default::default() }],
     };
     // 16:9 either way: SDXL's 1024x576, or a size the small model renders on two cores in seconds.

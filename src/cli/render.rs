@@ -67,9 +67,9 @@ pub struct RenderArgs {
     /// auto, ffmpeg, builtin or off.
     #[arg(long)]
     pub mp4: Option<String>,
-    /// Run the transformer blocks' linears in FP8 (the config's `fp8`).
-    #[arg(long)]
-    pub fp8: bool,
+    /// The config's `fp8`: off, on (the default when given without a value) or all.
+    #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on")]
+    pub fp8: Option<String>,
     /// A safetensors file of initial latents and per-step noise to use instead of the seed's, for
     /// exact comparison with diffusers.
     #[arg(long, value_name = "FILE")]
@@ -179,9 +179,12 @@ fn apply_overrides(config: &mut RenderConfig, args: &RenderArgs) {
     if let Some(name) = &args.sampler {
         sampler.name = name.clone();
     }
-    for (value, target) in
-        [(&args.device, &mut config.device), (&args.dtype, &mut config.dtype), (&args.mp4, &mut config.output.mp4)]
-    {
+    for (value, target) in [
+        (&args.device, &mut config.device),
+        (&args.dtype, &mut config.dtype),
+        (&args.mp4, &mut config.output.mp4),
+        (&args.fp8, &mut config.fp8),
+    ] {
         if let Some(value) = value {
             *target = value.clone();
         }
@@ -189,7 +192,6 @@ fn apply_overrides(config: &mut RenderConfig, args: &RenderArgs) {
     if let Some(out) = &args.out {
         config.output.root = out.clone();
     }
-    config.fp8 |= args.fp8;
 }
 
 /// SIGINT and SIGTERM: the first sets the render's stop flag (`pipeline::resume`), so it stops at

@@ -159,16 +159,52 @@ pub fn fusions<'a>(names: impl IntoIterator<Item = &'a String>) -> Vec<Fusion> {
         .collect()
 }
 
-/// Whether the weight `name` belongs to a linear that a model with FP8 linears runs in FP8
-/// (`ModelWeights::enable_fp8`): those of the transformer blocks (UNet, ControlNet, motion
-/// modules) and their projections in and out, whose inputs are the image or video tokens, where
-/// the GEMM time is. The cross-attentions' k and v project the text context (77 rows, once per
-/// clip: `CrossKv`) and stay in the compute dtype.
-pub fn fp8_linear(name: &str) -> bool {
-    let block = name.contains(".transformer_blocks.")
-        || name.ends_with(".proj_in.weight")
-        || name.ends_with(".proj_out.weight");
-    block && !name.contains(".attn2.to_k") && !name.contains(".attn2.to_v")
+/// Which of a model's linears run in FP8 (`ModelWeights::enable_fp8`): the render config's `fp8`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fp8Linears {
+    #[default]
+    Off,
+    /// The transformer blocks' linears with at least `FP8_MIN_OUT` outputs ("on").
+    Wide,
+    /// Every linear of the transformer blocks and their projections in and out ("all").
+    All,
+}
+
+/// The fewest outputs N for which a linear runs in FP8 under `Fp8Linears::Wide`. Quantizing the
+/// activation costs 5 bytes per input element (amax read, then read and e4m3 write), ~m·k / 3.5
+/// TB/s; the FP8 GEMM saves 2·m·n·k · (1/750 - 1/~1300) per TFLOP/s (the H200's cuBLASLt f16
+/// rate measured, FP8's assumed): the saving wins from n ~ 1200-1700. So q/k/v (3C) and the GEGLU
+/// projection (8C) of SDXL's 640- and 1280-wide blocks run in FP8; to_out, to_q, the second
+/// feed-forward GEMM and proj_in/out (N = C) stay in the compute dtype.
+pub const FP8_MIN_OUT: usize = 1536;
+
+impl Fp8Linears {
+    /// "off", "on" or "all".
+    pub fn parse(value: &str) -> Result<Fp8Linears> {
+        match value.trim() {
+            "off" => Ok(Fp8Linears::Off),
+            "on" => Ok(Fp8Linears::Wide),
+            "all" => Ok(Fp8Linears::All),
+            other => Err(Error::Input(format!("'{other}' is not an FP8 choice (expected off, on or all)"))),
+        }
+    }
+
+    /// Whether the weight `name` of shape `shape` ([N, K], or a 1x1 convolution's [N, 1, 1, K])
+    /// belongs to a linear this choice runs in FP8: the transformer blocks' (UNet, ControlNet,
+    /// motion modules) and their projections in and out, whose inputs are the image or video
+    /// tokens, where the GEMM time is. The cross-attentions' k and v project the text context (77
+    /// rows, once per clip: `CrossKv`) and stay in the compute dtype.
+    pub fn takes(self, name: &str, shape: &[usize]) -> bool {
+        let block = name.contains(".transformer_blocks.")
+            || name.ends_with(".proj_in.weight")
+            || name.ends_with(".proj_out.weight");
+        let linear = block && !name.contains(".attn2.to_k") && !name.contains(".attn2.to_v");
+        match self {
+            Fp8Linears::Off => false,
+            Fp8Linears::Wide => linear && shape.first().is_some_and(|&n| n >= FP8_MIN_OUT),
+            Fp8Linears::All => linear,
+        }
+    }
 }
 
 /// Every cross-attention's k and v on one text context [G, T, X]: [G, T, Σ 2C] from one GEMM by
@@ -317,4 +353,45 @@ pub fn specs(prefix: &str, t: &Transformer, linear_projection: bool, out: &mut V
     }
     put("proj_out.weight".into(), proj);
     put("proj_out.bias".into(), &[c]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Fp8Linears;
+
+    #[test]
+    fn fp8_choices_take_the_block_linears_they_name() {
+        let block = "up_blocks.0.attentions.1.transformer_blocks.3";
+        // (name, [N, K], on, all): SDXL's 1280-wide level
+        let cases = [
+            (format!("{block}.attn1.to_q+to_k+to_v.weight"), [3840, 1280], true, true),
+            (format!("{block}.attn1.to_out.0.weight"), [1280, 1280], false, true),
+            (format!("{block}.attn2.to_q.weight"), [1280, 1280], false, true),
+            (format!("{block}.attn2.to_k+to_v.weight"), [2560, 2048], false, false),
+            (format!("{block}.attn2.to_k.weight"), [1280, 2048], false, false),
+            (format!("{block}.ff.net.0.proj.weight"), [10240, 1280], true, true),
+            (format!("{block}.ff.net.2.weight"), [1280, 5120], false, true),
+            ("up_blocks.0.attentions.1.proj_in.weight".into(), [1280, 1280], false, true),
+            ("up_blocks.0.attentions.1.proj_out.weight".into(), [1280, 1280], false, true),
+            // a motion module's second (temporal self-) attention keeps its k and v
+            (
+                "down_blocks.1.motion_modules.0.transformer_blocks.0.attn2.to_q+to_k+to_v.weight".into(),
+                [1920, 640],
+                true,
+                true,
+            ),
+            // outside the transformer blocks: the time embedding, a ResNet's, the VAE's attention
+            ("time_embedding.linear_2.weight".into(), [1280, 1280], false, false),
+            ("down_blocks.1.resnets.0.time_emb_proj.weight".into(), [640, 1280], false, false),
+            ("decoder.mid_block.attentions.0.to_q.weight".into(), [512, 512], false, false),
+        ];
+        for (name, shape, on, all) in cases {
+            assert!(!Fp8Linears::Off.takes(&name, &shape), "off: {name}");
+            assert_eq!(Fp8Linears::Wide.takes(&name, &shape), on, "on: {name}");
+            assert_eq!(Fp8Linears::All.takes(&name, &shape), all, "all: {name}");
+        }
+        assert_eq!(Fp8Linears::parse("on").unwrap(), Fp8Linears::Wide);
+        assert_eq!(Fp8Linears::parse(" all ").unwrap(), Fp8Linears::All);
+        assert!(Fp8Linears::parse("yes").unwrap_err().to_string().contains("off, on or all"));
+    }
 }

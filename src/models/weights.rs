@@ -305,11 +305,11 @@ impl ModelWeights {
     }
 
     /// Makes an e4m3 twin (`ops::fp8`, one scale per weight) of every matrix weight and fused matrix
-    /// whose name `select` accepts and that the FP8 GEMM takes (f16 / bf16, both dimensions
+    /// whose name and shape `select` accepts and that the FP8 GEMM takes (f16 / bf16, both dimensions
     /// multiples of 16); the linears reading them through `Scope::linear` run in FP8 from then on.
     /// The twins are memory of their own beside the weights (one byte per element), which stay
     /// as they are for LoRA merges; after one, `requantize_fp8`. Returns the twins' count.
-    pub fn enable_fp8(&mut self, ex: &Exec, select: impl Fn(&str) -> bool) -> Result<usize> {
+    pub fn enable_fp8(&mut self, ex: &Exec, select: impl Fn(&str, &[usize]) -> bool) -> Result<usize> {
         if self.dtype == DType::F32 {
             return Err(Error::Input("FP8 linears quantize f16 or bf16 weights; these are f32".into()));
         }
@@ -321,7 +321,7 @@ impl ModelWeights {
         let plain = self.tensors.iter().filter(|(n, _)| !parts.contains(n)).map(|(n, e)| (n, &e.tensor));
         let chosen: Vec<(String, &Tensor)> = plain
             .chain(self.fused.iter().map(|(n, (t, _))| (n, t)))
-            .filter(|(n, t)| !self.fp8.contains_key(*n) && select(n) && fits(t))
+            .filter(|(n, t)| !self.fp8.contains_key(*n) && fits(t) && select(n, t.shape()))
             .map(|(n, t)| (n.clone(), t))
             .collect();
         let version = self.version.load(Ordering::Acquire);

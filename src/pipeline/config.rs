@@ -23,6 +23,7 @@ use crate::io;
 use crate::models::ControlType;
 use crate::models::lora::LoraSpec;
 use crate::models::lora::roles::{self, Role};
+use crate::models::transformer::Fp8Linears;
 use crate::output::Mp4Choice;
 use crate::pipeline::free_init::FreeInitSettings;
 use crate::sampling::{BetaSchedule, Prediction, Sampler, SamplerConfig, SamplerKind, Spacing};
@@ -97,12 +98,13 @@ pub struct RenderConfig {
     /// more) or "reload" (from the mapped model files: no extra memory, seconds a switch).
     #[serde(default = "default_lora_restore")]
     pub lora_restore: String,
-    /// Run the linears of the transformer blocks (UNet, motion modules, ControlNets) in FP8:
-    /// e4m3 weights and activations with one scale per tensor, cuBLASLt's FP8 GEMMs (compute
-    /// capability 8.9 or later; the CPU path runs their twin). Faster at a quality cost; f16 or
-    /// bf16 only. Default false.
-    #[serde(default)]
-    pub fp8: bool,
+    /// Linears of the transformer blocks (UNet, motion modules, ControlNets) in FP8: e4m3
+    /// weights and activations with one scale per tensor, cuBLASLt's FP8 GEMMs (compute capability
+    /// 8.9 or later; the CPU path runs their twin). "off" (default); "on": those with at least
+    /// 1536 outputs (q/k/v and the GEGLU projection), where the GEMM's saving outweighs the
+    /// activation's quantization; "all": every one. Faster at a quality cost; f16 or bf16 only.
+    #[serde(default = "default_fp8")]
+    pub fp8: String,
     /// At least one.
     #[serde(default)]
     pub clips: Vec<ClipSpec>,
@@ -351,6 +353,10 @@ fn default_dtype() -> String {
 fn default_device() -> String {
     "auto".into()
 }
+fn default_fp8() -> String {
+    "off".into()
+}
+
 fn default_lora_restore() -> String {
     "copy".into()
 }
@@ -1054,6 +1060,11 @@ impl RenderConfig {
         DType::parse(self.dtype.trim()).map_err(|e| Error::Input(format!("dtype: {}", message(e))))
     }
 
+    /// Which linears run in FP8.
+    pub fn fp8(&self) -> Result<Fp8Linears> {
+        Fp8Linears::parse(&self.fp8).map_err(|e| e.with_prefix("fp8: "))
+    }
+
     /// Where to run; "cuda" on a machine without a GPU is `Error::NoDevice`.
     pub fn device(&self) -> Result<Device> {
         Device::parse(&self.device)
@@ -1093,8 +1104,13 @@ impl RenderConfig {
         if let Err(p) = choice("lora_restore", &self.lora_restore, &LORA_RESTORES) {
             problems.push(p);
         }
-        if self.fp8 && self.dtype().is_ok_and(|d| d == DType::F32) {
-            problems.push("fp8: FP8 linears quantize f16 or bf16 weights; dtype is f32".into());
+        match self.fp8() {
+            Err(e) => problems.push(message(e)),
+            Ok(Fp8Linears::Off) => {}
+            Ok(_) if self.dtype().is_ok_and(|d| d == DType::F32) => {
+                problems.push("fp8: FP8 linears quantize f16 or bf16 weights; dtype is f32".into())
+            }
+            Ok(_) => {}
         }
         if let Err(e) = self.output.mp4_choice() {
             problems.push(message(e));

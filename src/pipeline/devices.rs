@@ -453,7 +453,7 @@ fn serve(
                         *models = None;
                         let started = Instant::now();
                         checkpoints.resolve_loras(&config).and_then(|loras| {
-                            *models = Some(Models::on_host(checkpoints, loras.as_ref(), dtype, config.fp8)?);
+                            *models = Some(Models::on_host(checkpoints, loras.as_ref(), dtype, config.fp8()?)?);
                             Ok(vec![format!("loaded the models in {:.1} s", started.elapsed().as_secs_f64())])
                         })
                     }

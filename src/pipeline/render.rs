@@ -41,7 +41,7 @@ use crate::models::controlnet::{
 use crate::models::layout::video_to_rows;
 use crate::models::lora::device::Restore;
 use crate::models::lora::{self, Component as LoraComponent, Loras, Targets};
-use crate::models::transformer::{CrossKv, TextContext};
+use crate::models::transformer::{CrossKv, Fp8Linears, TextContext};
 use crate::models::vae::{DecodeOptions, Vae, VaeCheckpoint, open_vae};
 use crate::models::{
     Frames, ModelWeights, MotionCheckpoint, MotionModules, Place, Unet, UnetCheckpoint, UnetInputs, UnetResiduals,
@@ -281,28 +281,26 @@ impl Models {
         Ok(Models { text, unet, motion, vae, controlnets })
     }
 
-    /// Runs the transformer blocks' linears of the UNet, motion modules and ControlNets in FP8
-    /// (the config's `fp8`); returns how many weights got e4m3 twins.
-    pub(super) fn enable_fp8(&mut self, ex: &Exec) -> Result<usize> {
-        let mut twins = self.unet.enable_fp8(ex)?;
+    /// Runs the transformer blocks' linears of the UNet, motion modules and ControlNets that
+    /// `which` takes in FP8 (the config's `fp8`); returns how many weights got e4m3 twins.
+    pub(super) fn enable_fp8(&mut self, ex: &Exec, which: Fp8Linears) -> Result<usize> {
+        let mut twins = self.unet.enable_fp8(ex, which)?;
         if let Some(motion) = self.motion.as_mut() {
-            twins += motion.enable_fp8(ex)?;
+            twins += motion.enable_fp8(ex, which)?;
         }
         for net in &mut self.controlnets {
             twins += match net {
-                Net::Plain(net) => net.enable_fp8(ex)?,
-                Net::Union { net, .. } => net.enable_fp8(ex)?,
+                Net::Plain(net) => net.enable_fp8(ex, which)?,
+                Net::Union { net, .. } => net.enable_fp8(ex, which)?,
             };
         }
         Ok(twins)
     }
 
-    /// `new`, with the linears in FP8 when `fp8` (the CPU path: their twins on the host).
-    pub(super) fn on_host(c: &Checkpoints, loras: Option<&Loras>, dtype: DType, fp8: bool) -> Result<Models> {
+    /// `new` on the host, with the linears `fp8` takes in FP8 (their twins on the host too).
+    pub(super) fn on_host(c: &Checkpoints, loras: Option<&Loras>, dtype: DType, fp8: Fp8Linears) -> Result<Models> {
         let mut models = Models::new(c, loras, Place::Host(dtype))?;
-        if fp8 {
-            models.enable_fp8(&Exec::Cpu)?;
-        }
+        models.enable_fp8(&Exec::Cpu, fp8)?;
         Ok(models)
     }
 
@@ -430,7 +428,7 @@ pub fn render_batch(config: &RenderConfig, options: &RenderOptions, shard: Optio
                         let pending = devices.begin_group(&group);
                         // The CPU twins merge on the host as the weights convert: one load per LoRA set.
                         let loaded = checkpoints.resolve_loras(&group).and_then(|loras| {
-                            Ok((Models::on_host(&checkpoints, loras.as_ref(), dtype, group.fp8)?, loras))
+                            Ok((Models::on_host(&checkpoints, loras.as_ref(), dtype, group.fp8()?)?, loras))
                         });
                         let helpers = devices.finish_group(pending);
                         let (models, loras, helper_lines) = match (loaded, helpers) {
@@ -643,13 +641,13 @@ impl GpuModels {
         dtype: DType,
         reserve: usize,
         sharing: usize,
-        fp8: bool,
+        fp8: Fp8Linears,
     ) -> Result<(GpuModels, String)> {
         let started = Instant::now();
         let weights_bytes = checkpoints.weight_bytes(dtype);
         let weights = Arena::new("weights", weights_bytes + (256 << 20))?;
         // FP8 twins are allocated beside the arenas: at most a byte per weight element.
-        let reserve = reserve + if fp8 { weights_bytes / dtype.size() } else { 0 };
+        let reserve = reserve + if fp8 == Fp8Linears::Off { 0 } else { weights_bytes / dtype.size() };
         let scratch_bytes = if sharing <= 1 {
             most_of_memory(gpu, weights_bytes + reserve)
         } else {
@@ -657,14 +655,14 @@ impl GpuModels {
         };
         let scratch = Arena::new("scratch", scratch_bytes)?;
         let mut models = Models::new(checkpoints, loras, Place::Device { gpu, arena: &weights, dtype })?;
-        let twins = if fp8 { models.enable_fp8(&Exec::Cuda { gpu, scratch: &scratch })? } else { 0 };
+        let twins = models.enable_fp8(&Exec::Cuda { gpu, scratch: &scratch }, fp8)?;
         let line = format!(
             "loaded the models onto {} in {:.1} s ({:.2} GiB of weights{}{})",
             gpu.info().name,
             started.elapsed().as_secs_f64(),
             weights.used() as f64 / GIB,
             if loras.is_some() { ", LoRAs merged on the host" } else { "" },
-            if fp8 { format!(", {twins} linears in FP8") } else { String::new() }
+            if twins > 0 { format!(", {twins} linears in FP8") } else { String::new() }
         );
         let loras = loras.is_none().then(|| DeviceLoras::new(restore));
         Ok((GpuModels { models, loras, weights, scratch }, line))
@@ -744,7 +742,8 @@ pub(super) fn prepare_group<'m>(
             *loaded = None; // a host-merged set: back to the base weights
         }
         if loaded.is_none() {
-            let (models, line) = GpuModels::load(gpu, checkpoints, None, restore, dtype, reserve, sharing, group.fp8)?;
+            let (models, line) =
+                GpuModels::load(gpu, checkpoints, None, restore, dtype, reserve, sharing, group.fp8()?)?;
             lines.push(line);
             *loaded = Some(models);
         }
@@ -787,7 +786,7 @@ pub(super) fn prepare_group<'m>(
         }
     }
     *loaded = None; // free the device before loading again
-    let (models, line) = GpuModels::load(gpu, checkpoints, loras.as_ref(), restore, dtype, 0, sharing, group.fp8)?;
+    let (models, line) = GpuModels::load(gpu, checkpoints, loras.as_ref(), restore, dtype, 0, sharing, group.fp8()?)?;
     lines.push(line);
     Ok((lines, loaded.insert(models)))
 }

@@ -234,8 +234,8 @@ impl ControlNetUnion {
 
     /// The weights of its ControlNet part, where the cross-attentions are (`CrossKv::compute`).
     /// `ControlNet::enable_fp8` for the ControlNet inside (the Union's own modules stay as they are).
-    pub fn enable_fp8(&mut self, ex: &Exec) -> Result<usize> {
-        self.net.enable_fp8(ex)
+    pub fn enable_fp8(&mut self, ex: &Exec, which: crate::models::transformer::Fp8Linears) -> Result<usize> {
+        self.net.enable_fp8(ex, which)
     }
 
     pub fn net_weights(&self) -> &ModelWeights {

@@ -65,10 +65,10 @@ impl MotionModules {
         Ok(MotionModules { config: checkpoint.config.clone(), weights, tables })
     }
 
-    /// Runs the linears of its transformer blocks in FP8 from now on (`transformer::fp8_linear`,
-    /// `ModelWeights::enable_fp8`); returns how many weights got e4m3 twins.
-    pub fn enable_fp8(&mut self, ex: &Exec) -> Result<usize> {
-        self.weights.enable_fp8(ex, crate::models::transformer::fp8_linear)
+    /// Runs the linears of its transformer blocks that `which` takes in FP8 from now on
+    /// (`ModelWeights::enable_fp8`); returns how many weights got e4m3 twins.
+    pub fn enable_fp8(&mut self, ex: &Exec, which: crate::models::transformer::Fp8Linears) -> Result<usize> {
+        self.weights.enable_fp8(ex, |name, shape| which.takes(name, shape))
     }
 
     /// The prepared weights (which of them a forward has read: `ModelWeights::unread`).

@@ -65,3 +65,90 @@ fn unet_a_single_file_and_controlnet_residuals_match_diffusers_in_f16() {
     check("config a single file", &file, &reference("a"), DType::F16);
     check("config a + residuals", &folder("a"), &reference("a.residuals"), DType::F16);
 }
+
+/// FP8 linears on the device (config b, every transformer linear: `Fp8Linears::All`): the forward
+/// matches the CPU twins' FP8 forward (the same e4m3 bytes; what differs is accumulation order and
+/// the activations' rounding, which can move an element across an e4m3 rounding boundary: rel L2
+/// 3e-2), and lies near the f16 forward (below 0.15; 6.9e-2 on the twins); twins left stale by a
+/// change in place are refused, and once quantized again give the same output bit for bit; a CUDA
+/// graph of the FP8 forward replays it bit for bit. Compute capability 8.9 or later (said, not
+/// passed, below).
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn fp8_linears_match_the_twins_requantize_and_replay_in_a_graph() {
+    use celframe::gpu::{Arena, Graph, GraphPool};
+    use celframe::models::layout::nchw_to_nhwc;
+    use celframe::models::transformer::Fp8Linears;
+    use celframe::models::unet::{Unet, UnetInputs, open_unet};
+    use celframe::models::weights::Place;
+    use celframe::ops::Exec;
+    use celframe::{Error, Tensor, weights};
+
+    fn inputs_of(t: &[Tensor]) -> UnetInputs<'_> {
+        UnetInputs {
+            sample: &t[0],
+            timestep: &t[1],
+            encoder_hidden_states: &t[2],
+            cross_kv: None,
+            text_embeds: Some(&t[3]),
+            time_ids: Some(&t[4]),
+        }
+    }
+
+    assert!(Gpu::is_available(), "no CUDA device: this GPU test cannot run here (it is not skipped silently)");
+    let gpu = Gpu::from_env().unwrap();
+    if gpu.info().compute_capability < (8, 9) {
+        println!("GPUCHECK unet b fp8 SKIPPED: compute capability below 8.9 has no FP8 GEMMs (said, not passed)");
+        return;
+    }
+    let file = weights::load(&[reference("b")]).unwrap();
+    let host = |name: &str, dtype: DType| {
+        let t = file.get(name).unwrap();
+        Tensor::from_f32(t.shape(), dtype, &t.to_f32_vec().unwrap()).unwrap()
+    };
+    let sample = nchw_to_nhwc(&host("in.sample", DType::F32)).unwrap();
+    let sample = Tensor::from_f32(sample.shape(), DType::F16, &sample.to_f32_vec().unwrap()).unwrap();
+    let host_inputs = [
+        sample,
+        host("in.timestep", DType::F32),
+        host("in.encoder_hidden_states", DType::F16),
+        host("in.added_cond_kwargs.text_embeds", DType::F16),
+        host("in.added_cond_kwargs.time_ids", DType::F32),
+    ];
+    let arena = Arena::new("fp8 test weights", 1 << 30).unwrap();
+    let scratch = Arena::new("fp8 test scratch", 1 << 30).unwrap();
+    let device_inputs: Vec<Tensor> = host_inputs.iter().map(|t| gpu.upload(&arena, t, t.dtype()).unwrap()).collect();
+    let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
+    let checkpoint = open_unet(&folder("b")).unwrap();
+    let mut unet = Unet::new(&checkpoint, Place::Device { gpu: &gpu, arena: &arena, dtype: DType::F16 }).unwrap();
+    let forward = |unet: &Unet| gpu.download(&unet.forward(&ex, &inputs_of(&device_inputs), None)?);
+    let plain = forward(&unet).unwrap();
+    assert!(unet.enable_fp8(&ex, Fp8Linears::All).unwrap() > 0);
+    let got = forward(&unet).unwrap();
+    let mut twin = Unet::new(&checkpoint, Place::Host(DType::F16)).unwrap();
+    twin.enable_fp8(&Exec::Cpu, Fp8Linears::All).unwrap();
+    let want = twin.forward(&Exec::Cpu, &inputs_of(&host_inputs), None).unwrap();
+    let vs_twin = compare("fp8 out.sample", &got, &want, 3e-2).unwrap();
+    let vs_f16 = compare("fp8 out.sample vs f16", &got, &plain, 0.15).unwrap();
+    println!(
+        "GPUCHECK unet b fp8 (all) vs cpu twins fp8 rel_l2={:.2e} tol=3e-2; vs f16 forward rel_l2={:.2e}",
+        vs_twin.rel_l2, vs_f16.rel_l2
+    );
+    assert!(vs_twin.ok(), "{vs_twin:?}");
+    assert!(vs_f16.ok() && vs_f16.rel_l2 > 0.0, "{vs_f16:?}");
+    // stale twins are refused; quantized again from unchanged weights they give the same bytes
+    unet.weights().changed();
+    let err = forward(&unet).unwrap_err();
+    assert!(matches!(err, Error::Internal(_)) && err.to_string().contains("FP8 twin of"), "{err}");
+    unet.weights().requantize_fp8(&ex).unwrap();
+    let again = forward(&unet).unwrap();
+    assert_eq!(again.host_bytes().unwrap(), got.host_bytes().unwrap(), "after requantize_fp8");
+    // a CUDA graph of the FP8 forward (activation quantization, FP8 GEMMs) replays it
+    let pool = GraphPool::new();
+    let (graph, outputs) =
+        Graph::capture(&gpu, &scratch, &pool, || unet.forward(&ex, &inputs_of(&device_inputs), None)).unwrap();
+    graph.launch(&gpu).unwrap();
+    let replayed = gpu.download(&outputs).unwrap();
+    assert_eq!(replayed.host_bytes().unwrap(), got.host_bytes().unwrap(), "the graph's replay");
+    println!("GPUCHECK unet b fp8: stale twins refused, requantized bit-identical, graph replay bit-identical");
+}

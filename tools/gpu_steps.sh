@@ -14,6 +14,9 @@
 #   bench                the kernel benchmarks and the PyTorch peer (CELFRAME_BENCH_FILTER narrows)
 #   graphs               `celframe bench ... --graph` for the UNet (both shapes), the motion UNet and
 #                        the ControlNet (after the unet, motion and controlnet steps made weights)
+#   fp8                  `celframe bench ... --fp8` (FP8 linears: speed and the outputs' distance)
+#                        for the same models, then tools/render_gpu.py fp8: W1's frames with fp8
+#                        off, on and all over three seeds (after the render step's prepare)
 #   NAME                 any other name runs the shell command in $CMD_NAME
 # The weights stay in /tmp (tools/*_gpu.sh's folders), so later calls on a warm machine reuse them.
 set -uo pipefail
@@ -45,6 +48,16 @@ graphs() {
     $c motion_unet $w --motion "$work/motion_adapter" --batch 2 --frames 16 --height 72 --width 128 --graph &&
     $c controlnet --weights "$work/sdxl_controlnet" --batch 32 --height 72 --width 128 --graph
 }
+fp8_runs() {
+  local c="$bin/celframe bench" w="--weights $work/sdxl_unet"
+  $c unet $w --batch 2 --height 128 --width 128 --fp8 on &&
+    $c unet $w --batch 32 --height 72 --width 128 --fp8 on &&
+    $c unet $w --batch 32 --height 72 --width 128 --fp8 all &&
+    $c motion_unet $w --motion "$work/motion_adapter" --batch 2 --frames 16 --height 72 --width 128 --fp8 on &&
+    $c controlnet --weights "$work/sdxl_controlnet" --batch 32 --height 72 --width 128 --fp8 on &&
+    python3 tools/render_gpu.py fp8 --work "$work" --text-work "${TEXT_WORK:-/tmp/celframe-text}" \
+      --vae-work "${VAE_WORK:-${WORK:-/tmp/celframe-vae}}" --celframe "$bin/celframe"
+}
 run_step() {
   local name=$1 limit=$2 cmd
   case $name in
@@ -59,6 +72,7 @@ run_step() {
     unet | motion | vae | text_encoder | controlnet | lora | render) cmd="bash tools/${name}_gpu.sh" ;;
     bench) cmd="$bin/bench_ops; python3 tools/peer_torch.py" ;;
     graphs) cmd="graphs" ;;
+    fp8) cmd="fp8_runs" ;;
     *)
       local var="CMD_$name"
       if [ -z "${!var:-}" ]; then
@@ -77,7 +91,7 @@ run_step() {
   fi
   echo "===== $name (limit ${limit} s)"
   local t0=$SECONDS
-  timeout -k 5 "$limit" bash -c "$(declare -f tests graphs); bin=$bin work=$work; $cmd" >"$OUT/$name.log" 2>&1
+  timeout -k 5 "$limit" bash -c "$(declare -f tests graphs fp8_runs); bin=$bin work=$work; $cmd" >"$OUT/$name.log" 2>&1
   rc[$name]=$?
   secs[$name]=$((SECONDS - t0))
   tail -n "${TAIL:-25}" "$OUT/$name.log"

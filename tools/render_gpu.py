@@ -42,6 +42,10 @@
              clips per hour over the whole command (loading included) and over the rendering
              (from the first step's progress line, after loading and the first LoRA merge), and
              the mean utilisation over each (the rendering's is the issue's "GPU busy" fraction).
+  fp8        The quality cost of FP8 beside its speed: W1 (PNG frames only) with three clips of
+             seeds 0, 1, 2, rendered with the config's fp8 off, on and all (fp8_{mode}.json, one
+             process each); FP8 lines give each mode's warm clip time and each seed's final frames'
+             relative L2 distance from the fp8-off frames (values in [0, 1]).
   diffusers  The peer: diffusers fp16 eager on CUDA with the same weights, LoRAs and W1 settings.
              diffusers 0.42 has no SDXL AnimateDiff ControlNet pipeline, so the loop is
              AnimateDiffSDXLPipeline's written out (as tools/make_pipeline_fixtures.py's
@@ -371,6 +375,58 @@ def run_celframe(s, args):
     return code
 
 
+# FP8: W1 over FP8_SEEDS clips of their own seeds with the config's fp8 at each of FP8_MODES.
+FP8_MODES, FP8_SEEDS = ("off", "on", "all"), 3
+
+
+def fp8_config(s, mode):
+    """W1 with PNG frames only (`png_only_config`), one clip per seed, the linears in FP8 per `mode`
+    (in f16: FP8 quantizes 16-bit weights; the tiny run's float32 too)."""
+    config = png_only_config(s, f"fp8_{mode}", False)
+    config["clips"] = [{"prompt": PROMPT, "negative": NEGATIVE, "seed": SEED + i} for i in range(FP8_SEEDS)]
+    config["fp8"] = mode
+    if config["dtype"] == "f32":
+        config["dtype"] = "f16"
+    return config
+
+
+def clip_frames(root, clip):
+    """The PNG frames of clip number `clip` (1-based) under an outputs tree, as float arrays in [0, 1]."""
+    folder = os.path.join(root, "video", f"clip_{clip:03}", "frames")
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".png"))
+    return np.stack([np.asarray(Image.open(os.path.join(folder, n)), dtype=np.float64) / 255 for n in names])
+
+
+def run_fp8(s, args):
+    """The quality cost of FP8 beside its speed: W1 rendered with fp8 off, on and all (one process
+    each, FP8_SEEDS clips); per mode the warm clip time and each seed's final frames' relative L2
+    distance from the fp8-off frames (FP8 JSON lines)."""
+    roots, status = {}, 0
+    for mode in FP8_MODES:
+        config = fp8_config(s, mode)
+        path = os.path.join(s.dir, f"fp8_{mode}.json")
+        with open(path, "w") as f:
+            json.dump(config, f, indent=1)
+        roots[mode] = config["output"]["root"]
+        proc = subprocess.run([args.celframe, "render", path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, errors="replace")
+        lines = [l.strip() for l in proc.stdout.splitlines()]
+        print("\n".join(l for l in lines if l.startswith(("loaded the models", "peak GPU")) or " frames in " in l),
+              flush=True)
+        summary = parse_summary(lines)
+        record = {"mode": mode, "exit": proc.returncode, "clip_s": summary.get("clip_s"),
+                  "denoise_s": summary.get("denoise_s"), "peak_gib": summary.get("peak_gib")}
+        if proc.returncode == 0 and mode != "off":
+            errors = []
+            for clip in range(1, FP8_SEEDS + 1):
+                a, b = clip_frames(roots[mode], clip), clip_frames(roots["off"], clip)
+                errors.append(float(np.sqrt(((a - b) ** 2).sum() / max((b ** 2).sum(), 1e-30))))
+            record.update(frames_rel_l2=[round(e, 5) for e in errors], mean_rel_l2=round(sum(errors) / len(errors), 5))
+        status |= proc.returncode != 0
+        print("FP8 " + json.dumps(record), flush=True)
+    return int(status)
+
+
 def run_throughput(s, args):
     """The 20-clip manifest with nvidia-smi sampling utilisation every 100 ms."""
     config = os.path.join(s.dir, "batch20.json")
@@ -575,7 +631,7 @@ def run_diffusers(s):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=["prepare", "celframe", "throughput", "diffusers"])
+    p.add_argument("step", choices=["prepare", "celframe", "throughput", "fp8", "diffusers"])
     p.add_argument("--work", required=True, help="UNet, motion adapter, ControlNets, LoRAs; render/ goes here")
     p.add_argument("--text-work", help="the text encoders' folder (tools/lora_gpu.sh's TEXT_WORK)")
     p.add_argument("--vae-work", help="the VAE's folder (tools/vae_gpu.sh's WORK)")
@@ -593,6 +649,8 @@ def main():
         sys.exit(run_celframe(s, args))
     elif args.step == "throughput":
         sys.exit(run_throughput(s, args))
+    elif args.step == "fp8":
+        sys.exit(run_fp8(s, args))
     else:
         run_diffusers(s)
 

@@ -13,6 +13,7 @@ use celframe::ops::attention::{
 };
 use celframe::ops::conv::{Conv2d, conv2d};
 use celframe::ops::elementwise::{add, residual_add};
+use celframe::ops::fp8::{gemm_fp8, linear_fp8, quantize};
 use celframe::ops::linear::{GegluLinear, linear, linear_geglu_with};
 use celframe::ops::lora::{DeltaFactors, DeltaTerm, LayerDelta, merge_deltas, merge_gemm};
 use celframe::ops::norm::{
@@ -33,6 +34,11 @@ struct Bench {
 
 impl Bench {
     fn random(&self, shape: &[usize], dtype: DType, seed: u32) -> Result<Tensor> {
+        self.random_in(&self.inputs, shape, dtype, seed)
+    }
+
+    /// `random`, in `arena` (inputs of a section that frees them after).
+    fn random_in(&self, arena: &Arena, shape: &[usize], dtype: DType, seed: u32) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         // A cheap hash gives varied, non-zero values in [-2, 2).
         let v: Vec<f32> = (0..n)
@@ -43,7 +49,7 @@ impl Bench {
                     - 2.0
             })
             .collect();
-        self.gpu.upload(&self.inputs, &Tensor::from_f32(shape, dtype, &v)?, dtype)
+        self.gpu.upload(arena, &Tensor::from_f32(shape, dtype, &v)?, dtype)
     }
 
     /// Times `f(input k % 2)` and prints the entry. `bytes` is the minimum traffic, `flop` the arithmetic.
@@ -323,6 +329,51 @@ fn main() -> Result<()> {
         let key = format!("linear f16 M{m} K{kdim} N{ndim}");
         b.run("linear", &key, 0.0, 2.0 * (m * kdim * ndim) as f64, |k| {
             linear(&ex, &xs[k], &wt, Some(&bias)).map(drop)
+        })?;
+    }
+    // FP8 linears at the UNet's b32 1024x576 shapes (levels 1 and 2: q/k/v, to_out, the GEGLU
+    // projection, the second feed-forward GEMM): the f16 linear, the FP8 one as a forward runs it
+    // (the activation quantized per call), the FP8 GEMM alone and the quantization alone; which
+    // N the FP8 linear wins from is what `Fp8Linears::Wide` (N >= 1536) predicts. Compute
+    // capability 8.9 or later.
+    let fp8_device = b.gpu.info().compute_capability >= (8, 9);
+    for (m, kdim, ndim) in [
+        (73728usize, 640usize, 1920usize),
+        (73728, 640, 640),
+        (73728, 640, 5120),
+        (73728, 2560, 640),
+        (18432, 1280, 3840),
+        (18432, 1280, 1280),
+        (18432, 1280, 10240),
+        (18432, 5120, 1280),
+    ] {
+        if !fp8_device {
+            println!("fp8 rows skipped: compute capability below 8.9 has no FP8 GEMMs");
+            break;
+        }
+        // Inputs of their own, freed after each shape (the largest take ~0.8 GB each).
+        let arena = Arena::new("fp8 bench inputs", 2 * (2 * m * kdim + ndim * kdim + ndim) + (4 << 20))?;
+        let random = |shape: &[usize], seed| b.random_in(&arena, shape, DType::F16, seed);
+        let xs = [random(&[m, kdim], 31)?, random(&[m, kdim], 32)?];
+        let (wt, bias) = (random(&[ndim, kdim], 33)?, random(&[ndim], 34)?);
+        let flop = 2.0 * (m * kdim * ndim) as f64;
+        let shape = format!("M{m} K{kdim} N{ndim}");
+        b.run("linear", &format!("linear f16 {shape}"), 0.0, flop, |k| {
+            linear(&ex, &xs[k], &wt, Some(&bias)).map(drop)
+        })?;
+        let wq = quantize(&ex, &wt, true)?;
+        b.run("linear_fp8", &format!("linear fp8 {shape}"), 0.0, flop, |k| {
+            linear_fp8(&ex, &xs[k], &wq, Some(&bias), None).map(drop)
+        })?;
+        let xq = [quantize(&ex, &xs[0], true)?, quantize(&ex, &xs[1], true)?];
+        b.run("linear_fp8", &format!("linear fp8 gemm only {shape}"), 0.0, flop, |k| {
+            let y = b.gpu.empty(&b.scratch, &[m, ndim], DType::F16)?;
+            gemm_fp8(&ex, &xq[k], &wq, Some(&bias), None, &y)
+        })?;
+        // amax: read 2 bytes an element; quantize: read 2, write 1
+        let bytes = 5.0 * (m * kdim) as f64;
+        b.run("fp8_quantize", &format!("fp8 quantize M{m} K{kdim}"), bytes, 0.0, |k| {
+            quantize(&ex, &xs[k], false).map(drop)
         })?;
     }
     // The GEGLU projection (ff.net.0.proj + GEGLU) at the UNet's b32 1024x576 levels 1 and 2, its

@@ -245,16 +245,35 @@ pub fn linear_fp8(
                 )));
             }
             let xq = quantize(ex, x, false)?;
-            let ((xb, xs), (wb, ws)) = (xq.device()?, w.device()?);
             let y = gpu.empty(scratch, &shape, dtype)?;
-            let b = bias.map(|b| b.device_ptr()).transpose()?;
-            let g = Gemm { fp8: true, ..Gemm::linear(m, n, k, dtype, b.is_some()) };
-            let c = residual.map(|r| Ok::<_, Error>((r.device_ptr()?, 1.0))).transpose()?;
-            let io = GemmIo { a: xb, b: wb, d: y.device_ptr()?, bias: b, c, alpha: 1.0, scales: Some((xs, ws)) };
-            gpu.blas()?.gemm(gpu, &g, io)?;
+            gemm_fp8(ex, &xq, w, bias, residual, &y)?;
             Ok(y)
         }
     }
+}
+
+/// The FP8 GEMM alone on quantized operands: y[m, n] = s_x s_w (x · wᵀ) + bias + residual, with
+/// y (and bias, residual) in a 16-bit dtype; CUDA only (`linear_fp8` checks the shapes; benches
+/// time the product apart from the activation's quantization through it).
+pub fn gemm_fp8(
+    ex: &Exec,
+    x: &Fp8Matrix,
+    w: &Fp8Matrix,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    y: &Tensor,
+) -> Result<()> {
+    let Exec::Cuda { gpu, .. } = ex else { return Err(Error::Internal("gemm_fp8 runs on CUDA".into())) };
+    let ([m, k], [n, wk]) = (x.shape(), w.shape());
+    if wk != k || y.numel() != m * n {
+        return Err(Error::Internal(format!("gemm_fp8: {x:?} by {w:?} into {y:?}")));
+    }
+    let ((xb, xs), (wb, ws)) = (x.device()?, w.device()?);
+    let b = bias.map(|b| b.device_ptr()).transpose()?;
+    let g = Gemm { fp8: true, ..Gemm::linear(m, n, k, y.dtype(), b.is_some()) };
+    let c = residual.map(|r| Ok::<_, Error>((r.device_ptr()?, 1.0))).transpose()?;
+    let io = GemmIo { a: xb, b: wb, d: y.device_ptr()?, bias: b, c, alpha: 1.0, scales: Some((xs, ws)) };
+    gpu.blas()?.gemm(gpu, &g, io)
 }
 
 #[cfg(test)]

@@ -352,6 +352,11 @@ impl ModelWeights {
         self.fp8.len()
     }
 
+    /// Bytes the e4m3 twins hold (a byte per element and two f32 scalars each).
+    pub fn fp8_bytes(&self) -> usize {
+        self.fp8.values().map(|t| t.matrix.shape().iter().product::<usize>() + 8).sum()
+    }
+
     /// The twin of `name` for a forward: None without one; refused when stale.
     fn fp8_twin(&self, name: &str) -> Result<Option<&Fp8Matrix>> {
         let Some(twin) = self.fp8.get(name) else { return Ok(None) };

@@ -297,6 +297,17 @@ impl Models {
         Ok(twins)
     }
 
+    /// Device bytes of the FP8 twins (memory beside the weights arena).
+    fn fp8_bytes(&self) -> usize {
+        let nets = self.controlnets.iter().map(|net| match net {
+            Net::Plain(net) => net.weights().fp8_bytes(),
+            Net::Union { net, .. } => net.net_weights().fp8_bytes(),
+        });
+        self.unet.weights().fp8_bytes()
+            + self.motion.as_ref().map_or(0, |m| m.weights().fp8_bytes())
+            + nets.sum::<usize>()
+    }
+
     /// `new` on the host, with the linears `fp8` takes in FP8 (their twins on the host too).
     pub(super) fn on_host(c: &Checkpoints, loras: Option<&Loras>, dtype: DType, fp8: Fp8Linears) -> Result<Models> {
         let mut models = Models::new(c, loras, Place::Host(dtype))?;
@@ -539,7 +550,7 @@ pub fn render_batch(config: &RenderConfig, options: &RenderOptions, shard: Optio
                         ahead = next_host;
                         let loras = run.loras.as_ref();
                         peak.add(MemoryPeak {
-                            weights: run.weights.used(),
+                            weights: run.weights.used() + run.models.fp8_bytes(),
                             switching,
                             rendering: run.scratch.take_window_peak(),
                             base_copies: loras.map_or(0, DeviceLoras::base_bytes),
@@ -662,7 +673,11 @@ impl GpuModels {
             started.elapsed().as_secs_f64(),
             weights.used() as f64 / GIB,
             if loras.is_some() { ", LoRAs merged on the host" } else { "" },
-            if twins > 0 { format!(", {twins} linears in FP8") } else { String::new() }
+            if twins > 0 {
+                format!(", {twins} linears in FP8: {:.2} GiB more", models.fp8_bytes() as f64 / GIB)
+            } else {
+                String::new()
+            }
         );
         let loras = loras.is_none().then(|| DeviceLoras::new(restore));
         Ok((GpuModels { models, loras, weights, scratch }, line))
@@ -817,6 +832,7 @@ impl MemoryPeak {
     }
 
     /// The summary line; `whose` qualifies it (" of the lead device").
+    /// `weights` counts FP8 twins too.
     fn line(&self, whose: &str) -> String {
         let gib = |b: usize| b as f64 / GIB;
         format!(

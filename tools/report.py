@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Reads BENCH / PEER / GPUCHECK lines (from tools/gpu_run.sh's log) and prints markdown tables:
 our time next to PyTorch's best variant from the same run, the ratio, and bandwidth or TFLOP/s;
-and RENDER lines (tools/render_gpu.py: whole renders, celframe and the diffusers peer) as a table."""
+RENDER lines (tools/render_gpu.py: whole renders, celframe and the diffusers peer) as a table; and
+FP8 lines (`celframe bench --fp8`, render_gpu.py fp8: speed beside the outputs' distance)."""
 import json
 import sys
 
-bench, peers, checks, device, copy, renders, throughputs = [], {}, [], {}, None, [], []
+bench, peers, checks, device, copy, renders, throughputs, fp8 = [], {}, [], {}, None, [], [], []
 for line in open(sys.argv[1], errors="replace"):
     if line.startswith("BENCH "):
         bench.append(json.loads(line[6:]))
@@ -23,6 +24,8 @@ for line in open(sys.argv[1], errors="replace"):
         renders.append(json.loads(line[7:]))
     elif line.startswith("THROUGHPUT "):
         throughputs.append(json.loads(line[11:]))
+    elif line.startswith("FP8 "):
+        fp8.append(json.loads(line[4:]))
 
 print(f"\nDevice: {device.get('name', '?')}, {device.get('sms', '?')} SMs, L2 {device.get('l2_mb', '?')} MB"
       + (f"; copy bandwidth {copy['gbps']} GB/s (read+write)" if copy else ""))
@@ -35,13 +38,27 @@ for b in bench:
     if b["name"].endswith("_sweep"):
         continue
     # The best peer variant, and for whole models every variant (eager and torch.compile). A model's
-    # forward with the text k/v computed beforehand stands beside the peer's forward (which computes them).
-    ps = sorted(peers.get(b["key"].removesuffix(" text k/v cached"), []), key=lambda p: p["ms"])
+    # forward with the text k/v computed beforehand, or with FP8 linears, stands beside the peer's
+    # forward (which computes them, in f16).
+    key = b["key"]
+    for suffix in (" text k/v cached", " fp8 on", " fp8 all"):
+        key = key.removesuffix(suffix)
+    ps = sorted(peers.get(key, []), key=lambda p: p["ms"])
     shown = ps if b["name"] == "unet" else ps[:1]
     for p in shown or [None]:
         peer_txt = f"{p['ms']:.4f} ({p['variant']})" if p else "-"
         ratio = f"{p['ms'] / b['ms']:.2f}x" if p else "-"
         print(f"| {b['key']} | {b['ms']:.4f} | {b['gbps'] or '-'} | {b['tflops'] or '-'} | {peer_txt} | {ratio} |")
+if fp8:
+    print("\n| FP8 | linears in FP8 | ms | without FP8 ms | speed-up | outputs' rel L2 from the plain ones |")
+    print("|---|---|---|---|---|---|")
+    for f in fp8:
+        if "key" in f:  # celframe bench --fp8
+            print(f"| {f['key']} | {f['twins']} | {f['ms']:.3f} | {f['plain_ms']:.3f} | "
+                  f"{f['plain_ms'] / f['ms']:.3f}x | {f['rel_l2']:.2e} |")
+        else:  # render_gpu.py fp8: W1 frames per seed
+            errors = ", ".join(f"{e:.2e}" for e in f.get("frames_rel_l2", []))
+            print(f"| W1 fp8 {f['mode']} (exit {f['exit']}) | - | clip {f.get('clip_s')} s | - | - | {errors or '-'} |")
 sweep = [b for b in bench if b["name"] == "group_norm_sweep"]
 if sweep:
     print("\nGroup-norm work-layout sweep (f16 +SiLU):")

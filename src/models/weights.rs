@@ -310,9 +310,6 @@ impl ModelWeights {
     /// The twins are memory of their own beside the weights (one byte per element), which stay
     /// as they are for LoRA merges; after one, `requantize_fp8`. Returns the twins' count.
     pub fn enable_fp8(&mut self, ex: &Exec, select: impl Fn(&str, &[usize]) -> bool) -> Result<usize> {
-        if self.dtype == DType::F32 {
-            return Err(Error::Input("FP8 linears quantize f16 or bf16 weights; these are f32".into()));
-        }
         // A 1x1 convolution's weight [N, 1, 1, K] (a Transformer2D's proj_in without linear
         // projection) is the matrix [N, K] too.
         let fits = |t: &Tensor| matches!(t.shape(), &[n, k] | &[n, 1, 1, k] if n % 16 == 0 && k % 16 == 0);
@@ -324,6 +321,9 @@ impl ModelWeights {
             .filter(|(n, t)| !self.fp8.contains_key(*n) && fits(t) && select(n, t.shape()))
             .map(|(n, t)| (n.clone(), t))
             .collect();
+        if !chosen.is_empty() && self.dtype == DType::F32 {
+            return Err(Error::Input("FP8 linears quantize f16 or bf16 weights; these are f32".into()));
+        }
         let version = self.version.load(Ordering::Acquire);
         let mut twins = Vec::with_capacity(chosen.len());
         for (name, t) in chosen {

@@ -124,7 +124,7 @@ pub struct BenchArgs {
     /// scale per tensor; `on`: those with at least 1536 outputs, `all`: every one; as the render
     /// config's `fp8`) and time the forward again (key + " fp8 on" / " fp8 all"), with its
     /// outputs' relative L2 distance from the plain forward's on the same inputs (an `FP8` JSON
-    /// line). Compute capability 8.9 or later.
+    /// line; above 0.25 the bench fails: a broken FP8 path). Compute capability 8.9 or later.
     #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on", default_value = "off")]
     pub fp8: String,
 }
@@ -644,6 +644,9 @@ fn residual_list(r: UnetResiduals) -> Vec<Tensor> {
     r.down.into_iter().chain([r.mid]).collect()
 }
 
+/// The FP8 forward's distance from the plain one (relative L2) above which `--fp8` fails.
+const FP8_BROKEN: f64 = 0.25;
+
 /// With `--fp8`: `plain` (a forward's outputs before the models got their `twins` FP8 twins)
 /// against `run`'s outputs now, then `run` timed under `key` + " fp8" beside `eager`.
 fn fp8_forward(
@@ -664,6 +667,13 @@ fn fp8_forward(
         }
     }
     let rel = (diff / norm.max(f64::MIN_POSITIVE)).sqrt();
+    // e4m3's rounding moves a forward by a few percent; a wrong scale or operand order by O(1).
+    if rel.is_nan() || rel > FP8_BROKEN {
+        return Err(Error::Internal(format!(
+            "{key}: the FP8 forward's outputs are {rel:.3e} (relative L2) from the plain forward's, more than \
+             {FP8_BROKEN}: the FP8 path is broken"
+        )));
+    }
     let t = time_gpu(gpu, 2, args.runs, || run().map(drop))?;
     let fp8_key = format!("{key} fp8 {}", args.fp8.trim());
     report(name, &fp8_key, &t, args.runs, scratch);

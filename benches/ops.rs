@@ -332,7 +332,8 @@ fn main() -> Result<()> {
         })?;
     }
     // FP8 linears at the UNet's b32 1024x576 shapes (levels 1 and 2: q/k/v, to_out, the GEGLU
-    // projection, the second feed-forward GEMM): the f16 linear, the FP8 one as a forward runs it
+    // projection, the second feed-forward GEMM) and the motion modules' level-0 GEGLU projection
+    // (32 frames, K 320): the f16 linear, the FP8 one as a forward runs it
     // (the activation quantized per call), the FP8 GEMM alone and the quantization alone; which
     // N the FP8 linear wins from is what `Fp8Linears::Wide` (N >= 1536) predicts. Compute
     // capability 8.9 or later.
@@ -346,6 +347,7 @@ fn main() -> Result<()> {
         (18432, 1280, 1280),
         (18432, 1280, 10240),
         (18432, 5120, 1280),
+        (294912, 320, 2560),
     ] {
         if !fp8_device {
             println!("fp8 rows skipped: compute capability below 8.9 has no FP8 GEMMs");

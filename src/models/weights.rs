@@ -347,11 +347,6 @@ impl ModelWeights {
         Ok(())
     }
 
-    /// How many linear weights have e4m3 twins (`enable_fp8`).
-    pub fn fp8_count(&self) -> usize {
-        self.fp8.len()
-    }
-
     /// Bytes the e4m3 twins hold (a byte per element and two f32 scalars each).
     pub fn fp8_bytes(&self) -> usize {
         self.fp8.values().map(|t| t.matrix.shape().iter().product::<usize>() + 8).sum()

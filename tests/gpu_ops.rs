@@ -462,6 +462,25 @@ fn fp8_quantize_and_linear_match_twin() {
         assert_eq!(scale, want_scale, "fp8 scale {shape:?}");
         assert_eq!(differ, 0, "fp8 bytes {shape:?}");
     }
+    // What cuBLASLt takes of FP8 GEMMs in its epilogue, said for the record (bias, C, output dtype)
+    {
+        use celframe::ops::fp8::gemm_fp8;
+        let (m, k, n) = (256, 128, 256);
+        for dtype in [DType::F16, DType::BF16] {
+            let (_, xd) = rig.input(&[m, k], dtype, 1.0, 0.0);
+            let (_, wd) = rig.input(&[n, k], dtype, 0.1, 0.0);
+            let (_, bd) = rig.input(&[n], dtype, 1.0, 0.0);
+            let (_, rd) = rig.input(&[m, n], dtype, 1.0, 0.0);
+            let (xq, wq) = (quantize(&rig.exec(), &xd, false).unwrap(), quantize(&rig.exec(), &wd, false).unwrap());
+            for (bias, residual) in [(false, false), (true, false), (false, true), (true, true)] {
+                let y = rig.gpu.empty(&rig.scratch, &[m, n], dtype).unwrap();
+                let r = gemm_fp8(&rig.exec(), &xq, &wq, bias.then_some(&bd), residual.then_some(&rd), &y);
+                rig.gpu.synchronize().unwrap();
+                println!("GPUCHECK fp8 gemm epilogue {dtype:?} bias={bias} residual={residual}: {:?}", r.map(drop));
+            }
+        }
+        rig.scratch.reset();
+    }
     // (rows, K, N): attention projections at level 1 of a b2 1024x1024 step; the GEGLU projection
     // of level 2; the feed-forward's second GEMM (K 5120)
     for (m, k, n, dtype) in

@@ -8,6 +8,7 @@
 //! capability 8.9 or later). The CPU twin quantizes with the same arithmetic (same bytes) and
 //! accumulates the decoded products in f32.
 
+use super::elementwise::{add, residual_add};
 use super::{Exec, host_out, par_rows, same_dtype};
 use crate::error::{Error, Result};
 use crate::gpu::blas::{Gemm, GemmIo};
@@ -246,8 +247,16 @@ pub fn linear_fp8(
             }
             let xq = quantize(ex, x, false)?;
             let y = gpu.empty(scratch, &shape, dtype)?;
-            gemm_fp8(ex, &xq, w, bias, residual, &y)?;
-            Ok(y)
+            // cuBLASLt 13 on the H200 refuses FP8 GEMMs with a bias epilogue into f16
+            // (CUBLAS_STATUS_NOT_SUPPORTED, with or without C; measured 2026-12-05): the product
+            // alone, then bias and residual in one pass.
+            gemm_fp8(ex, &xq, w, None, None, &y)?;
+            match (bias, residual) {
+                (Some(b), Some(r)) => residual_add(ex, &y, r, b, None, 1.0),
+                (Some(b), None) => add(ex, &y, b, 1.0),
+                (None, Some(r)) => add(ex, &y, r, 1.0),
+                (None, None) => Ok(y),
+            }
         }
     }
 }

@@ -370,7 +370,7 @@ fn main() -> Result<()> {
         let xq = [quantize(&ex, &xs[0], true)?, quantize(&ex, &xs[1], true)?];
         b.run("linear_fp8", &format!("linear fp8 gemm only {shape}"), 0.0, flop, |k| {
             let y = b.gpu.empty(&b.scratch, &[m, ndim], DType::F16)?;
-            gemm_fp8(&ex, &xq[k], &wq, Some(&bias), None, &y)
+            gemm_fp8(&ex, &xq[k], &wq, None, None, &y)
         })?;
         // amax: read 2 bytes an element; quantize: read 2, write 1
         let bytes = 5.0 * (m * kdim) as f64;

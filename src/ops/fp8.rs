@@ -4,9 +4,9 @@
 //!
 //! CUDA: `fp8_amax` and `fp8_quantize` (kernels/elementwise/fp8.cu) quantize on the device, the
 //! scale never leaving it, and cuBLASLt multiplies the e4m3 operands with both scales in its
-//! epilogue (fp32 accumulation, output, bias and residual in the activation dtype; compute
-//! capability 8.9 or later). The CPU twin quantizes with the same arithmetic (same bytes) and
-//! accumulates the decoded products in f32.
+//! epilogue (fp32 accumulation, output in the activation dtype; compute capability 8.9 or later);
+//! bias and residual follow in one pass (cuBLASLt refused FP8 bias epilogues into f16). The CPU
+//! twin quantizes with the same arithmetic (same bytes) and accumulates the decoded products in f32.
 
 use super::elementwise::{add, residual_add};
 use super::{Exec, host_out, par_rows, same_dtype};

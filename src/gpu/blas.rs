@@ -427,17 +427,7 @@ impl Blas {
         io: &GemmIo,
         d: u64,
     ) -> Result<()> {
-        use lt::cublasLtMatmulDescAttributes_t as D;
-        if let Some(bias) = io.bias {
-            unsafe { set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)? };
-        }
-        // cuBLASLt's A is our B (the weight) and its B our A (the activations).
-        if let Some((scale_a, scale_b)) = io.scales {
-            unsafe {
-                set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &scale_b)?;
-                set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scale_a)?;
-            }
-        }
+        Self::set_pointers(plan, io)?;
         let (c, beta) = io.c.unwrap_or((d, 0.0));
         check(&format!("cublasLtMatmul ({g:?})"), unsafe {
             lt::cublasLtMatmul(
@@ -461,11 +451,31 @@ impl Blas {
         })
     }
 
+    /// The call's bias and scale pointers on the plan's description.
+    fn set_pointers(plan: &Plan, io: &GemmIo) -> Result<()> {
+        use lt::cublasLtMatmulDescAttributes_t as D;
+        if let Some(bias) = io.bias {
+            unsafe { set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)? };
+        }
+        // cuBLASLt's A is our B (the weight) and its B our A (the activations).
+        if let Some((scale_a, scale_b)) = io.scales {
+            unsafe {
+                set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &scale_b)?;
+                set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scale_a)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The plan of a description met for the first time: heuristic #1, and the tuning file's
     /// choice where it has one (timed and added first when tuning).
     fn make_plan(&mut self, gpu: &Gpu, g: &Gemm, io: &GemmIo) -> Result<Plan> {
         let (desc, layouts) = unsafe { self.describe(g)? };
         let mut plan = Plan { desc, layouts, first: unsafe { std::mem::zeroed() }, tuned: None, calls: 0 };
+        // The heuristic picks kernels by the pointers set on the description too (a null scale
+        // pointer: an FP8 kernel without scaling, which the call with scales then refuses as
+        // CUBLAS_STATUS_NOT_SUPPORTED): it sees this first call's.
+        Self::set_pointers(&plan, io)?;
         plan.first = self.heuristic(g, &plan, 1)?[0].algo;
         let entry = self.tuning.as_ref().and_then(|t| t.file.get(g).cloned());
         let tuning = self.tuning.as_ref().is_some_and(|t| t.tune);

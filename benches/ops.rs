@@ -14,7 +14,7 @@ use celframe::ops::attention::{
 use celframe::ops::conv::{Conv2d, conv2d};
 use celframe::ops::elementwise::{add, residual_add};
 use celframe::ops::fp8::{gemm_fp8, linear_fp8, quantize};
-use celframe::ops::linear::{GegluLinear, linear, linear_geglu_with};
+use celframe::ops::linear::{GegluLinear, LinearWeight, linear, linear_geglu_with};
 use celframe::ops::lora::{DeltaFactors, DeltaTerm, LayerDelta, merge_deltas, merge_gemm};
 use celframe::ops::norm::{
     GroupNorm, GroupNormMode, GroupNormTuning, group_norm_layout, group_norm_tuned, layer_norm, layer_norm_add,
@@ -380,7 +380,8 @@ fn main() -> Result<()> {
     }
     // The GEGLU projection (ff.net.0.proj + GEGLU) at the UNet's b32 1024x576 levels 1 and 2, its
     // b2 1024x1024 level 1 and the motion modules' level 0 (32 frames x 72x128 tokens): cuBLASLt then
-    // the geglu pass, and the Hopper kernel with GEGLU in its epilogue (compute capability 9.0).
+    // the geglu pass, the Hopper kernel with GEGLU in its epilogue (compute capability 9.0), and the
+    // FP8 route (8.9 or later).
     for (m, kdim, dim) in
         [(73728usize, 640usize, 2560usize), (18432, 1280, 5120), (8192, 640, 2560), (294912, 320, 1280)]
     {
@@ -397,6 +398,15 @@ fn main() -> Result<()> {
         for (route, name) in routes {
             b.run("linear_geglu", &format!("{key} {name}"), bytes, flop, |k| {
                 linear_geglu_with(&ex, &xs[k], &wt, Some(&bias), route).map(drop)
+            })?;
+        }
+        if fp8_device {
+            // As `fp8 = "on"` runs it: the activation quantized, the FP8 product, then the geglu
+            // pass adding the bias.
+            let wq = quantize(&ex, &wt, true)?;
+            b.run("linear_geglu", &format!("{key} fp8"), bytes, flop, |k| {
+                let weight = LinearWeight { matrix: &wt, fp8: Some(&wq) };
+                linear_geglu_with(&ex, &xs[k], weight, Some(&bias), GegluLinear::Composed).map(drop)
             })?;
         }
     }

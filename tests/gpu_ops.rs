@@ -379,7 +379,10 @@ fn elementwise_family_matches_twin() {
         rig.check("gelu", &shape, dtype, gelu(&ex, &ad).unwrap(), gelu(&Exec::Cpu, &a).unwrap());
         let gshape = [2, 1024, 2 * 5120]; // GEGLU of a 1280-wide block: proj to 2 * 4C
         let (h, hd) = rig.input(&gshape, dtype, 2.0, 0.0);
-        rig.check("geglu", &gshape, dtype, geglu(&ex, &hd).unwrap(), geglu(&Exec::Cpu, &h).unwrap());
+        rig.check("geglu", &gshape, dtype, geglu(&ex, &hd, None).unwrap(), geglu(&Exec::Cpu, &h, None).unwrap());
+        let (gb, gbd) = rig.input(&gshape[2..], dtype, 1.0, 0.0);
+        let (gpu_out, cpu_out) = (geglu(&ex, &hd, Some(&gbd)).unwrap(), geglu(&Exec::Cpu, &h, Some(&gb)).unwrap());
+        rig.check("geglu with bias", &gshape, dtype, gpu_out, cpu_out);
         let odd = [3, 7, 5]; // scalar path: width not a multiple of 8
         let (o, od) = rig.input(&odd, dtype, 1.0, 0.0);
         rig.check("silu odd width", &odd, dtype, silu(&ex, &od).unwrap(), silu(&Exec::Cpu, &o).unwrap());

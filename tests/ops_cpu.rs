@@ -14,7 +14,7 @@ use celframe::ops::embedding::{TimestepEmbedding, timestep_embedding};
 use celframe::ops::linear::linear;
 use celframe::ops::norm::{GroupNorm, group_norm, layer_norm, layer_norm_add};
 use celframe::ops::upsample::upsample_nearest2x;
-use celframe::{DType, Error};
+use celframe::{DType, Error, Tensor};
 use common::{assert_close, fixture};
 
 const TOL: f64 = 1e-5;
@@ -99,7 +99,20 @@ fn elementwise_family_matches_torch() {
     assert_close("scale", &scale(&CPU, a, -1.25).unwrap(), &f["elementwise.scale"], TOL);
     assert_close("silu", &silu(&CPU, a).unwrap(), &f["elementwise.silu"], TOL);
     assert_close("gelu", &gelu(&CPU, a).unwrap(), &f["elementwise.gelu"], TOL);
-    assert_close("geglu", &geglu(&CPU, &f["geglu.x"]).unwrap(), &f["geglu.out"], TOL);
+    assert_close("geglu", &geglu(&CPU, &f["geglu.x"], None).unwrap(), &f["geglu.out"], TOL);
+}
+
+/// GEGLU's bias (the FP8 projection's, added in the pass) goes to the value half and the gate half
+/// as diffusers' projection bias does: the same as adding it to the projection first.
+#[test]
+fn geglu_bias_matches_the_bias_added_before() {
+    let f = fixture("ops_reference.safetensors");
+    let x = &f["geglu.x"];
+    let two_d = *x.shape().last().unwrap();
+    let values: Vec<f32> = (0..two_d).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.15).collect();
+    let bias = Tensor::from_f32(&[two_d], x.dtype(), &values).unwrap();
+    let want = geglu(&CPU, &add(&CPU, x, &bias, 1.0).unwrap(), None).unwrap();
+    assert_close("geglu with bias", &geglu(&CPU, x, Some(&bias)).unwrap(), &want, TOL);
 }
 
 #[test]
@@ -162,7 +175,8 @@ fn bad_shapes_are_input_errors_not_panics() {
     );
     bad(linear(&CPU, x, &f["linear.weight"], None), "linear width mismatch");
     bad(add(&CPU, x, &f["conv.b3"], 1.0), "unbroadcastable add");
-    bad(geglu(&CPU, &f["timestep.out_shift1"]), "geglu odd width");
+    bad(geglu(&CPU, &f["timestep.out_shift1"], None), "geglu odd width");
+    bad(geglu(&CPU, &f["geglu.x"], Some(&f["conv.b3"])), "geglu bias of another width");
     bad(conv2d(&CPU, x, &f["conv.w3"], None, Conv2d { stride: 1, padding: 1 }), "conv weight not KRSC");
 }
 

@@ -82,25 +82,32 @@ CELFRAME_KERNELS_FOR_DTYPES(residual_add, ResidualAddParams, residual_add)
 
 template <typename T> __device__ void geglu(const GegluParams& p) {
     const T* x = static_cast<const T*>(p.x);
+    const T* bias = static_cast<const T*>(p.bias);
     T* out = static_cast<T*>(p.out);
     const int64_t n = p.rows * p.d;
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     const int64_t first = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    const bool vec = (p.d % 8 == 0) && ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(out)) % 16 == 0);
+    const bool vec = (p.d % 8 == 0) && ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(bias) |
+                                         reinterpret_cast<uintptr_t>(out)) % 16 == 0);
     if (vec) {
         for (int64_t v = first; v < n / 8; v += stride) {
             const int64_t r = v * 8 / p.d, j = v * 8 % p.d;
-            float value[8], gate[8];
+            float value[8], gate[8], bv[8] = {0, 0, 0, 0, 0, 0, 0, 0}, bg[8] = {0, 0, 0, 0, 0, 0, 0, 0};
             unpack8<T>(load8<T>(x + r * 2 * p.d + j), value);
             unpack8<T>(load8<T>(x + r * 2 * p.d + p.d + j), gate);
+            if (bias) {
+                unpack8<T>(load8<T>(bias + j), bv);
+                unpack8<T>(load8<T>(bias + p.d + j), bg);
+            }
 #pragma unroll
-            for (int k = 0; k < 8; ++k) value[k] *= gelu_f32(gate[k]);
+            for (int k = 0; k < 8; ++k) value[k] = (value[k] + bv[k]) * gelu_f32(gate[k] + bg[k]);
             store8<T>(out + v * 8, value);
         }
     } else {
         for (int64_t i = first; i < n; i += stride) {
             const int64_t r = i / p.d, j = i % p.d;
-            out[i] = from_f32<T>(to_f32(x[r * 2 * p.d + j]) * gelu_f32(to_f32(x[r * 2 * p.d + p.d + j])));
+            const float bv = bias ? to_f32(bias[j]) : 0.0f, bg = bias ? to_f32(bias[p.d + j]) : 0.0f;
+            out[i] = from_f32<T>((to_f32(x[r * 2 * p.d + j]) + bv) * gelu_f32(to_f32(x[r * 2 * p.d + p.d + j]) + bg));
         }
     }
 }

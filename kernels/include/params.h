@@ -44,9 +44,11 @@ typedef struct ResidualAddParams {
     float alpha;
 } ResidualAddParams;
 
-// GEGLU: x is [rows, 2*d]; out[r, j] = x[r, j] * gelu(x[r, d + j]) (value first, gate second).
+// GEGLU: x is [rows, 2*d]; out[r, j] = (x[r, j] + bias[j]) * gelu(x[r, d + j] + bias[d + j])
+// (value first, gate second; bias [2*d] or null: the projection's bias where its GEMM left it out).
 typedef struct GegluParams {
     const void* x;
+    const void* bias;
     void* out;
     int64_t rows;
     int64_t d;

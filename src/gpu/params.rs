@@ -109,18 +109,20 @@ impl Default for ResidualAddParams {
 #[derive(Debug, Copy, Clone)]
 pub struct GegluParams {
     pub x: *const ::std::os::raw::c_void,
+    pub bias: *const ::std::os::raw::c_void,
     pub out: *mut ::std::os::raw::c_void,
     pub rows: i64,
     pub d: i64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of GegluParams"][::std::mem::size_of::<GegluParams>() - 32usize];
+    ["Size of GegluParams"][::std::mem::size_of::<GegluParams>() - 40usize];
     ["Alignment of GegluParams"][::std::mem::align_of::<GegluParams>() - 8usize];
     ["Offset of field: GegluParams::x"][::std::mem::offset_of!(GegluParams, x) - 0usize];
-    ["Offset of field: GegluParams::out"][::std::mem::offset_of!(GegluParams, out) - 8usize];
-    ["Offset of field: GegluParams::rows"][::std::mem::offset_of!(GegluParams, rows) - 16usize];
-    ["Offset of field: GegluParams::d"][::std::mem::offset_of!(GegluParams, d) - 24usize];
+    ["Offset of field: GegluParams::bias"][::std::mem::offset_of!(GegluParams, bias) - 8usize];
+    ["Offset of field: GegluParams::out"][::std::mem::offset_of!(GegluParams, out) - 16usize];
+    ["Offset of field: GegluParams::rows"][::std::mem::offset_of!(GegluParams, rows) - 24usize];
+    ["Offset of field: GegluParams::d"][::std::mem::offset_of!(GegluParams, d) - 32usize];
 };
 impl Default for GegluParams {
     fn default() -> Self {

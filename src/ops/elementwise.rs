@@ -205,12 +205,19 @@ pub fn residual_add(
     }
 }
 
-/// GEGLU: x [..., 2D] -> x[..., :D] * gelu(x[..., D:]) (value first, gate second).
-pub fn geglu(ex: &Exec, x: &Tensor) -> Result<Tensor> {
-    ex.expect_inputs("geglu", &[x])?;
+/// GEGLU: x [..., 2D] -> (x[..., :D] + bias[:D]) * gelu(x[..., D:] + bias[D:]) (value first, gate
+/// second). The bias [2D] is the projection's, for a projection whose GEMM could not add it (FP8).
+pub fn geglu(ex: &Exec, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let mut inputs = vec![x];
+    inputs.extend(bias);
+    ex.expect_inputs("geglu", &inputs)?;
+    same_dtype("geglu", &inputs)?;
     let two_d = *x.shape().last().unwrap_or(&0);
     if !two_d.is_multiple_of(2) || two_d == 0 {
         return Err(Error::Input(format!("geglu: last dimension of {x:?} must be even")));
+    }
+    if let Some(b) = bias.filter(|b| b.shape() != [two_d]) {
+        return Err(Error::Input(format!("geglu: bias {b:?} must be [{two_d}]")));
     }
     let d = two_d / 2;
     let rows = x.numel() / two_d;
@@ -219,14 +226,20 @@ pub fn geglu(ex: &Exec, x: &Tensor) -> Result<Tensor> {
     match ex {
         Exec::Cpu => {
             let v = x.to_f32_vec()?;
-            let out: Vec<f32> =
-                (0..rows * d).map(|i| v[(i / d) * two_d + i % d] * gelu_f32(v[(i / d) * two_d + d + i % d])).collect();
+            let b = bias.map(|b| b.to_f32_vec()).transpose()?.unwrap_or_else(|| vec![0.0; two_d]);
+            let out: Vec<f32> = (0..rows * d)
+                .map(|i| {
+                    let (r, j) = (i / d, i % d);
+                    (v[r * two_d + j] + b[j]) * gelu_f32(v[r * two_d + d + j] + b[d + j])
+                })
+                .collect();
             host_out(&shape, x.dtype(), &out)
         }
         Exec::Cuda { gpu, scratch } => {
             let out = gpu.empty(scratch, &shape, x.dtype())?;
             let p = GegluParams {
                 x: x.device_ptr()? as *const _,
+                bias: bias.map(|b| b.device_ptr()).transpose()?.unwrap_or(0) as *const _,
                 out: out.device_ptr()? as *mut _,
                 rows: rows as i64,
                 d: d as i64,

@@ -145,7 +145,7 @@ impl GegluLinear {
 /// The GEGLU feed-forward's first step, geglu(x · wᵀ + bias): w [2D, K] holds the value rows first
 /// and the gate rows second (diffusers' GEGLU projects, then chunks into hidden states and gate);
 /// [.., K] -> [.., D], value · gelu(gate) with the exact GELU. The CPU twin is `linear` then `geglu`.
-/// With an FP8 twin, the projection is an FP8 linear and GEGLU the `geglu` pass after it.
+/// With an FP8 twin, the projection is an FP8 linear and GEGLU (with the bias) the `geglu` pass after it.
 pub fn linear_geglu<'w>(
     ex: &Exec,
     x: &Tensor,
@@ -165,12 +165,14 @@ pub fn linear_geglu_with<'w>(
 ) -> Result<Tensor> {
     let weight = w.into();
     let w = weight.matrix;
-    let Exec::Cuda { gpu, scratch } = ex else {
-        return geglu(ex, &linear(ex, x, weight, bias)?);
-    };
     if weight.fp8.is_some() {
-        return geglu(ex, &linear(ex, x, weight, bias)?);
+        // The FP8 product alone (cuBLASLt takes no bias epilogue there), the bias inside GEGLU's
+        // pass: one pass over the [.., 2D] projection instead of two.
+        return geglu(ex, &linear(ex, x, weight, None)?, bias);
     }
+    let Exec::Cuda { gpu, scratch } = ex else {
+        return geglu(ex, &linear(ex, x, weight, bias)?, None);
+    };
     let (k, two_d) = match (x.shape().last(), w.shape()) {
         (Some(&k), &[n, wk]) if wk == k && n % 2 == 0 && n > 0 => (k, n),
         _ => {
@@ -188,7 +190,7 @@ pub fn linear_geglu_with<'w>(
         r => r,
     };
     if route == GegluLinear::Composed {
-        return geglu(ex, &linear(ex, x, w, bias)?);
+        return geglu(ex, &linear(ex, x, w, bias)?, None);
     }
     let fits = matches!(dtype, DType::F16 | DType::BF16)
         && gpu.info().compute_capability == (9, 0)

@@ -411,9 +411,34 @@ impl Blas {
         }
         let plan = self.plans.get_mut(g).ok_or_else(|| Error::Internal(format!("gemm {g}: no plan")))?;
         plan.calls += 1;
-        let plan = &self.plans[g];
+        let (first_call, plan) = (plan.calls == 1, &self.plans[g]);
         let algo = plan.algo_for(&io, io.d);
-        gpu.profiled("gemm", || self.matmul(gpu, g, plan, algo, &io, io.d))
+        let result = gpu.profiled("gemm", || self.matmul(gpu, g, plan, algo, &io, io.d));
+        match result {
+            Err(Error::Cuda(e)) if first_call && e.ends_with("CUBLAS_STATUS_NOT_SUPPORTED") => {
+                self.first_runnable(gpu, g, &io).map_err(|_| Error::Cuda(e))
+            }
+            r => r,
+        }
+    }
+
+    /// A plan's first call refused (CUBLAS_STATUS_NOT_SUPPORTED: checked before any launch, so
+    /// nothing ran): the heuristic's further candidates in order, the first that runs kept as the
+    /// plan's algorithm. Seen with FP8 operands, where heuristic #1 is not always runnable.
+    fn first_runnable(&mut self, gpu: &Gpu, g: &Gemm, io: &GemmIo) -> Result<()> {
+        let plan = &self.plans[g];
+        for (i, candidate) in self.heuristic(g, plan, CANDIDATES)?.iter().enumerate().skip(1) {
+            if gpu.profiled("gemm", || self.matmul(gpu, g, plan, &candidate.algo, io, io.d)).is_ok() {
+                eprintln!("gemm {g}: cuBLASLt refused its heuristic #1; candidate #{} runs", i + 1);
+                let algo = candidate.algo;
+                if let Some(plan) = self.plans.get_mut(g) {
+                    plan.first = algo;
+                    plan.tuned = None;
+                }
+                return Ok(());
+            }
+        }
+        Err(Error::Cuda(format!("gemm {g}: cuBLASLt runs none of its heuristic's candidates")))
     }
 
     /// Queues one cublasLtMatmul of `plan` with `algo`, writing `d` (io.d, or a stand-in output
@@ -472,9 +497,8 @@ impl Blas {
     fn make_plan(&mut self, gpu: &Gpu, g: &Gemm, io: &GemmIo) -> Result<Plan> {
         let (desc, layouts) = unsafe { self.describe(g)? };
         let mut plan = Plan { desc, layouts, first: unsafe { std::mem::zeroed() }, tuned: None, calls: 0 };
-        // The heuristic picks kernels by the pointers set on the description too (a null scale
-        // pointer: an FP8 kernel without scaling, which the call with scales then refuses as
-        // CUBLAS_STATUS_NOT_SUPPORTED): it sees this first call's.
+        // The heuristic sees the description as the calls will use it, this first call's bias and
+        // scale pointers set (as NVIDIA's LtFp8Matmul sample does for FP8).
         Self::set_pointers(&plan, io)?;
         plan.first = self.heuristic(g, &plan, 1)?[0].algo;
         let entry = self.tuning.as_ref().and_then(|t| t.file.get(g).cloned());

@@ -76,7 +76,8 @@ enum Fp8Storage {
         bytes: Vec<u8>,
         scale: f32,
     },
-    /// `scalars` holds [amax, scale] as f32: the scale is read by the GEMM on the device.
+    /// `scalars` holds [scale, amax] as f32: the scale is read by the GEMM on the device, from the
+    /// allocation's start (cuBLASLt refused FP8 GEMMs whose scale pointer was 4 bytes past it).
     Device {
         bytes: DeviceMem,
         scalars: DeviceMem,
@@ -101,7 +102,7 @@ impl Fp8Matrix {
             (Fp8Storage::Host { bytes, scale }, _) => Ok((bytes.clone(), *scale)),
             (Fp8Storage::Device { bytes, scalars }, Exec::Cuda { gpu, .. }) => {
                 let s = gpu.download_bytes(scalars)?;
-                Ok((gpu.download_bytes(bytes)?, f32::from_le_bytes([s[4], s[5], s[6], s[7]])))
+                Ok((gpu.download_bytes(bytes)?, f32::from_le_bytes([s[0], s[1], s[2], s[3]])))
             }
             (Fp8Storage::Device { .. }, Exec::Cpu) => {
                 Err(Error::Internal(format!("{self:?}: reading a device matrix needs the CUDA Exec")))
@@ -119,7 +120,7 @@ impl Fp8Matrix {
 
     fn device(&self) -> Result<(u64, u64)> {
         match &self.storage {
-            Fp8Storage::Device { bytes, scalars } => Ok((bytes.ptr()?, scalars.ptr()? + 4)),
+            Fp8Storage::Device { bytes, scalars } => Ok((bytes.ptr()?, scalars.ptr()?)),
             Fp8Storage::Host { .. } => {
                 Err(Error::Input(format!("{self:?} is on the host; the CUDA path needs it there")))
             }
@@ -174,17 +175,12 @@ pub fn quantize_into(ex: &Exec, x: &Tensor, into: &Fp8Matrix) -> Result<()> {
     };
     let n = x.numel();
     gpu.fill_bytes(scalars, 0)?; // amax = 0 (the scale slot is written by fp8_quantize)
-    let amax = scalars.ptr()? as *mut f32;
+    let scale = scalars.ptr()? as *mut f32;
+    let amax = unsafe { scale.add(1) };
     let grid = n.div_ceil(8 * 256).clamp(1, 4 * gpu.info().multiprocessors as usize) as u32;
     let a = Fp8AmaxParams { x: x.device_ptr()? as *const _, amax, n: n as i64 };
     gpu.launch(kernel_for!("fp8_amax", x.dtype()), (grid, 1, 1), (256, 1, 1), 0, &a)?;
-    let q = Fp8QuantizeParams {
-        x: x.device_ptr()? as *const _,
-        q: bytes.ptr()? as *mut u8,
-        amax,
-        scale: unsafe { amax.add(1) },
-        n: n as i64,
-    };
+    let q = Fp8QuantizeParams { x: x.device_ptr()? as *const _, q: bytes.ptr()? as *mut u8, amax, scale, n: n as i64 };
     gpu.launch(kernel_for!("fp8_quantize", x.dtype()), (grid, 1, 1), (256, 1, 1), 0, &q)
 }
 

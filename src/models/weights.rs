@@ -329,6 +329,9 @@ impl ModelWeights {
         for (name, t) in chosen {
             twins.push((name, Fp8Twin { matrix: quantize(ex, t, true)?, version: AtomicU64::new(version) }));
         }
+        if let Some((_, twin)) = twins.first() {
+            crate::ops::fp8::probe(ex, &twin.matrix, self.dtype)?;
+        }
         let count = twins.len();
         self.fp8.extend(twins);
         Ok(count)

@@ -257,6 +257,18 @@ pub fn linear_fp8(
     }
 }
 
+/// One FP8 linear of 16 rows through `w`, waited for: a device whose cuBLASLt refuses FP8 GEMMs
+/// is named when the twins are made (Error::Unsupported), not in the middle of a render.
+pub fn probe(ex: &Exec, w: &Fp8Matrix, dtype: DType) -> Result<()> {
+    let Exec::Cuda { gpu, scratch } = ex else { return Ok(()) };
+    let [_, k] = w.shape();
+    let values: Vec<f32> = (0..16 * k).map(|i| (i % 7) as f32 * 0.25 - 0.75).collect();
+    let x = gpu.upload(scratch, &Tensor::from_f32(&[16, k], dtype, &values)?, dtype)?;
+    linear_fp8(ex, &x, w, None, None)
+        .and_then(|_| gpu.synchronize())
+        .map_err(|e| Error::Unsupported(format!("FP8 linears: this device's cuBLASLt refused an FP8 GEMM ({e})")))
+}
+
 /// The FP8 GEMM alone on quantized operands: y[m, n] = s_x s_w (x · wᵀ) + bias + residual, with
 /// y (and bias, residual) in a 16-bit dtype; CUDA only (`linear_fp8` checks the shapes; benches
 /// time the product apart from the activation's quantization through it).

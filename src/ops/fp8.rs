@@ -5,7 +5,7 @@
 //! CUDA: `fp8_amax` and `fp8_quantize` (kernels/elementwise/fp8.cu) quantize on the device, the
 //! scale never leaving it, and cuBLASLt multiplies the e4m3 operands with both scales in its
 //! epilogue (fp32 accumulation, output in the activation dtype; compute capability 8.9 or later);
-//! bias and residual follow in one pass (cuBLASLt refused FP8 bias epilogues into f16). The CPU
+//! bias and residual follow in one pass (no FP8 bias epilogue into f16 seen to run). The CPU
 //! twin quantizes with the same arithmetic (same bytes) and accumulates the decoded products in f32.
 
 use super::elementwise::{add, residual_add};
@@ -243,9 +243,9 @@ pub fn linear_fp8(
             }
             let xq = quantize(ex, x, false)?;
             let y = gpu.empty(scratch, &shape, dtype)?;
-            // cuBLASLt 13 on the H200 refuses FP8 GEMMs with a bias epilogue into f16
-            // (CUBLAS_STATUS_NOT_SUPPORTED, with or without C; measured 2026-12-05): the product
-            // alone, then bias and residual in one pass.
+            // No FP8 GEMM with a bias epilogue into f16 has run on the H200 yet (cuBLASLt 13.1
+            // refused every FP8 GEMM there so far, 2026-12-05): the product alone, then bias and
+            // residual in one pass.
             gemm_fp8(ex, &xq, w, None, None, &y)?;
             match (bias, residual) {
                 (Some(b), Some(r)) => residual_add(ex, &y, r, b, None, 1.0),

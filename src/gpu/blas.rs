@@ -416,7 +416,7 @@ impl Blas {
         let result = gpu.profiled("gemm", || self.matmul(gpu, g, plan, algo, &io, io.d));
         match result {
             Err(Error::Cuda(e)) if first_call && e.ends_with("CUBLAS_STATUS_NOT_SUPPORTED") => {
-                self.first_runnable(gpu, g, &io).map_err(|_| Error::Cuda(e))
+                if self.first_runnable(gpu, g, &io)? { Ok(()) } else { Err(Error::Cuda(e)) }
             }
             r => r,
         }
@@ -424,8 +424,9 @@ impl Blas {
 
     /// A plan's first call refused (CUBLAS_STATUS_NOT_SUPPORTED: checked before any launch, so
     /// nothing ran): the heuristic's further candidates in order, the first that runs kept as the
-    /// plan's algorithm. Seen with FP8 operands, where heuristic #1 is not always runnable.
-    fn first_runnable(&mut self, gpu: &Gpu, g: &Gemm, io: &GemmIo) -> Result<()> {
+    /// plan's algorithm (true; false when none runs). Meant for FP8 operands, whose heuristic #1
+    /// the H200 refused.
+    fn first_runnable(&mut self, gpu: &Gpu, g: &Gemm, io: &GemmIo) -> Result<bool> {
         let plan = &self.plans[g];
         for (i, candidate) in self.heuristic(g, plan, CANDIDATES)?.iter().enumerate().skip(1) {
             if gpu.profiled("gemm", || self.matmul(gpu, g, plan, &candidate.algo, io, io.d)).is_ok() {
@@ -435,10 +436,10 @@ impl Blas {
                     plan.first = algo;
                     plan.tuned = None;
                 }
-                return Ok(());
+                return Ok(true);
             }
         }
-        Err(Error::Cuda(format!("gemm {g}: cuBLASLt runs none of its heuristic's candidates")))
+        Ok(false)
     }
 
     /// Queues one cublasLtMatmul of `plan` with `algo`, writing `d` (io.d, or a stand-in output

@@ -17,6 +17,8 @@
 #   fp8                  `celframe bench ... --fp8` (FP8 linears: speed and the outputs' distance)
 #                        for the same models, then tools/render_gpu.py fp8: W1's frames with fp8
 #                        off, on and all over three seeds (after the render step's prepare)
+#   fp8probe             tools/fp8_cublaslt_probe.py: which FP8 matmul forms this cuBLASLt runs
+#                        (through ctypes, beside torch._scaled_mm) and their speed
 #   NAME                 any other name runs the shell command in $CMD_NAME
 # The weights stay in /tmp (tools/*_gpu.sh's folders), so later calls on a warm machine reuse them.
 set -uo pipefail
@@ -73,6 +75,7 @@ run_step() {
     bench) cmd="$bin/bench_ops; python3 tools/peer_torch.py" ;;
     graphs) cmd="graphs" ;;
     fp8) cmd="fp8_runs" ;;
+    fp8probe) cmd="python3 tools/fp8_cublaslt_probe.py --log" ;;
     *)
       local var="CMD_$name"
       if [ -z "${!var:-}" ]; then

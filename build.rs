@@ -210,6 +210,7 @@ fn regenerate_params(root: &Path) {
         .allowlist_var("LORA_.*")
         .allowlist_var("GEGLU_LINEAR_.*")
         .allowlist_var("LAYER_NORM_.*")
+        .allowlist_var("FP8_.*")
         .rustified_enum("ElementwiseOp")
         .rustified_enum("LoraTermKind")
         .derive_default(true)

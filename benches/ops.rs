@@ -13,11 +13,12 @@ use celframe::ops::attention::{
 };
 use celframe::ops::conv::{Conv2d, conv2d};
 use celframe::ops::elementwise::{add, residual_add};
-use celframe::ops::fp8::{gemm_fp8, linear_fp8, quantize};
+use celframe::ops::fp8::{Fp8Scaling, gemm_fp8, linear_fp8, quantize};
 use celframe::ops::linear::{GegluLinear, LinearWeight, linear, linear_geglu_with};
 use celframe::ops::lora::{DeltaFactors, DeltaTerm, LayerDelta, merge_deltas, merge_gemm};
 use celframe::ops::norm::{
     GroupNorm, GroupNormMode, GroupNormTuning, group_norm_layout, group_norm_tuned, layer_norm, layer_norm_add,
+    layer_norm_fp8,
 };
 use celframe::ops::upsample::{upsample_nearest2x, upsample2x_conv3x3};
 use celframe::tensor::Storage;
@@ -363,19 +364,32 @@ fn main() -> Result<()> {
         b.run("linear", &format!("linear f16 {shape}"), 0.0, flop, |k| {
             linear(&ex, &xs[k], &wt, Some(&bias)).map(drop)
         })?;
-        let wq = quantize(&ex, &wt, true)?;
-        b.run("linear_fp8", &format!("linear fp8 {shape}"), 0.0, flop, |k| {
-            linear_fp8(&ex, &xs[k], &wq, Some(&bias), None).map(drop)
+        // One scale per tensor ("fp8"), then per row ("fp8 rows": tokens and output channels).
+        for (scaling, name) in [(Fp8Scaling::Tensor, "fp8"), (Fp8Scaling::Rows, "fp8 rows")] {
+            let wq = quantize(&ex, &wt, true, scaling)?;
+            b.run("linear_fp8", &format!("linear {name} {shape}"), 0.0, flop, |k| {
+                linear_fp8(&ex, &xs[k], &wq, Some(&bias), None).map(drop)
+            })?;
+            let xq = [quantize(&ex, &xs[0], true, scaling)?, quantize(&ex, &xs[1], true, scaling)?];
+            b.run("linear_fp8", &format!("linear {name} gemm only {shape}"), 0.0, flop, |k| {
+                let y = b.gpu.empty(&b.scratch, &[m, ndim], DType::F16)?;
+                gemm_fp8(&ex, &xq[k], &wq, None, None, &y)
+            })?;
+            // Per tensor: amax reads 2 bytes an element, quantize reads 2 and writes 1; per row:
+            // one read (the second from L1/L2) and the write.
+            let bytes = if scaling == Fp8Scaling::Tensor { 5.0 } else { 3.0 } * (m * kdim) as f64;
+            b.run("fp8_quantize", &format!("{name} quantize M{m} K{kdim}"), bytes, 0.0, |k| {
+                quantize(&ex, &xs[k], false, scaling).map(drop)
+            })?;
+        }
+        // The LayerNorm before an FP8 linear with row scales writes e4m3 rows itself: 2 bytes read
+        // and 1 written an element, against 2 + 2 for the 16-bit LayerNorm.
+        let (gamma, beta) = (random(&[kdim], 35)?, random(&[kdim], 36)?);
+        b.run("layer_norm", &format!("layer_norm f16 M{m} K{kdim}"), 4.0 * (m * kdim) as f64, 0.0, |k| {
+            layer_norm(&ex, &xs[k], Some(&gamma), Some(&beta), 1e-5).map(drop)
         })?;
-        let xq = [quantize(&ex, &xs[0], true)?, quantize(&ex, &xs[1], true)?];
-        b.run("linear_fp8", &format!("linear fp8 gemm only {shape}"), 0.0, flop, |k| {
-            let y = b.gpu.empty(&b.scratch, &[m, ndim], DType::F16)?;
-            gemm_fp8(&ex, &xq[k], &wq, None, None, &y)
-        })?;
-        // amax: read 2 bytes an element; quantize: read 2, write 1
-        let bytes = 5.0 * (m * kdim) as f64;
-        b.run("fp8_quantize", &format!("fp8 quantize M{m} K{kdim}"), bytes, 0.0, |k| {
-            quantize(&ex, &xs[k], false).map(drop)
+        b.run("layer_norm", &format!("layer_norm e4m3 M{m} K{kdim}"), 3.0 * (m * kdim) as f64, 0.0, |k| {
+            layer_norm_fp8(&ex, &xs[k], Some(&gamma), Some(&beta), 1e-5, None).map(drop)
         })?;
     }
     // The GEGLU projection (ff.net.0.proj + GEGLU) at the UNet's b32 1024x576 levels 1 and 2, its
@@ -401,13 +415,15 @@ fn main() -> Result<()> {
             })?;
         }
         if fp8_device {
-            // As `fp8 = "on"` runs it: the activation quantized, the FP8 product, then the geglu
-            // pass adding the bias.
-            let wq = quantize(&ex, &wt, true)?;
-            b.run("linear_geglu", &format!("{key} fp8"), bytes, flop, |k| {
-                let weight = LinearWeight { matrix: &wt, fp8: Some(&wq) };
-                linear_geglu_with(&ex, &xs[k], weight, Some(&bias), GegluLinear::Composed).map(drop)
-            })?;
+            // As `fp8 = "on"` runs it when the input is not a LayerNorm's: the activation quantized,
+            // the FP8 product, then the geglu pass adding the bias.
+            for (scaling, name) in [(Fp8Scaling::Tensor, "fp8"), (Fp8Scaling::Rows, "fp8 rows")] {
+                let wq = quantize(&ex, &wt, true, scaling)?;
+                b.run("linear_geglu", &format!("{key} {name}"), bytes, flop, |k| {
+                    let weight = LinearWeight { matrix: &wt, fp8: Some(&wq) };
+                    linear_geglu_with(&ex, &xs[k], weight, Some(&bias), GegluLinear::Composed).map(drop)
+                })?;
+            }
         }
     }
     lora_merges(&b, &ex)

@@ -58,6 +58,7 @@ fn gemms() -> [Gemm; 3] {
         out_dtype: DType::F32,
         bias: false,
         fp8: false,
+        fp8_rows: false,
     };
     [Gemm::linear(73728, 640, 640, DType::F16, true), Gemm::linear(18432, 10240, 1280, DType::F16, true), scores]
 }

@@ -125,13 +125,16 @@ fn fp8_linears_match_the_twins_requantize_and_replay_in_a_graph() {
     let plain = forward(&unet).unwrap();
     assert!(unet.enable_fp8(&ex, Fp8Linears::All).unwrap() > 0);
     let got = forward(&unet).unwrap();
+    // the twins scale as the device's do (per row, unless its cuBLASLt refused that)
+    let scaling = unet.weights().fp8_scaling().unwrap();
     let mut twin = Unet::new(&checkpoint, Place::Host(DType::F16)).unwrap();
-    twin.enable_fp8(&Exec::Cpu, Fp8Linears::All).unwrap();
+    twin.enable_fp8_scaled(&Exec::Cpu, Fp8Linears::All, scaling).unwrap();
     let want = twin.forward(&Exec::Cpu, &inputs_of(&host_inputs), None).unwrap();
     let vs_twin = compare("fp8 out.sample", &got, &want, 3e-2).unwrap();
     let vs_f16 = compare("fp8 out.sample vs f16", &got, &plain, 0.15).unwrap();
     println!(
-        "GPUCHECK unet b fp8 (all) vs cpu twins fp8 rel_l2={:.2e} tol=3e-2; vs f16 forward rel_l2={:.2e}",
+        "GPUCHECK unet b fp8 (all, {scaling:?} scales) vs cpu twins fp8 rel_l2={:.2e} tol=3e-2; vs f16 forward \
+         rel_l2={:.2e}",
         vs_twin.rel_l2, vs_f16.rel_l2
     );
     assert!(vs_twin.ok(), "{vs_twin:?}");

@@ -1,19 +1,8 @@
-// FP8 e4m3 per-tensor quantization (see Fp8AmaxParams / Fp8QuantizeParams): the activations of an
-// FP8 linear and its weights. Both passes are memory-bound grid-stride loops moving 8 elements per
-// step where the count and the pointers allow (16-byte loads of f16/bf16), else one.
-#include <cuda_fp8.h>
-
-#include "common.cuh"
-
-// 448 = the largest finite e4m3 value (1.75 * 2^8); the CPU twin (src/ops/fp8.rs) uses the same
-// arithmetic, so its bytes match these.
-__device__ __forceinline__ float fp8_scale_of(float amax) {
-    return amax > 0.0f ? fminf(amax, 3.402823466e38f) / 448.0f : 1.0f;
-}
-
-__device__ __forceinline__ uint8_t to_e4m3(float v) {
-    return (uint8_t)__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
-}
+// FP8 e4m3 quantization (see Fp8AmaxParams / Fp8QuantizeParams / Fp8QuantizeRowsParams): the
+// activations of an FP8 linear and its weights. Per tensor: two memory-bound grid-stride passes;
+// per row: one warp a row. Each moves 8 elements per step where the count and the pointers allow
+// (16-byte loads of f16/bf16), else one.
+#include "fp8.cuh"
 
 template <typename T> __device__ __forceinline__ bool fp8_vectorized(const T* x, const void* q, int64_t n) {
     return n % 8 == 0 && reinterpret_cast<uintptr_t>(x) % (8 * sizeof(T)) == 0 &&
@@ -35,8 +24,7 @@ template <typename T> __device__ void fp8_amax(const Fp8AmaxParams& p) {
     } else {
         for (int64_t i = first; i < p.n; i += stride) m = fmaxf(m, fabsf(to_f32(x[i])));
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    m = group_max<32>(m);
     __shared__ float warps[32];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if (lane == 0) warps[warp] = m;
@@ -57,16 +45,45 @@ template <typename T> __device__ void fp8_quantize(const Fp8QuantizeParams& p) {
         for (int64_t i = first; i < p.n / 8; i += stride) {
             float v[8];
             unpack8<T>(load8(x + i * 8), v);
-            uint2 out;
-            uint8_t* b = reinterpret_cast<uint8_t*>(&out);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) b[j] = to_e4m3(v[j] / s);
-            *reinterpret_cast<uint2*>(p.q + i * 8) = out;
+            *reinterpret_cast<uint2*>(p.q + i * 8) = e4m3x8(v, s);
         }
     } else {
         for (int64_t i = first; i < p.n; i += stride) p.q[i] = to_e4m3(to_f32(x[i]) / s);
     }
 }
 
+// One warp per row: the row's max |x|, then the row again (from L1/L2) as e4m3 by its scale.
+template <typename T> __device__ void fp8_quantize_rows(const Fp8QuantizeRowsParams& p) {
+    const int lane = threadIdx.x % 32;
+    const int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= p.rows) return;
+    const T* x = static_cast<const T*>(p.x) + row * p.cols;
+    uint8_t* q = p.q + row * p.cols;
+    const bool vec = fp8_vectorized(x, q, p.cols);
+    float m = 0.0f;
+    if (vec) {
+        for (int64_t c = lane * 8; c < p.cols; c += 256) {
+            float v[8];
+            unpack8<T>(load8(x + c), v);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
+        }
+    } else {
+        for (int64_t c = lane; c < p.cols; c += 32) m = fmaxf(m, fabsf(to_f32(x[c])));
+    }
+    const float s = fp8_scale_of(group_max<32>(m));
+    if (lane == 0) p.scales[row] = s;
+    if (vec) {
+        for (int64_t c = lane * 8; c < p.cols; c += 256) {
+            float v[8];
+            unpack8<T>(load8(x + c), v);
+            *reinterpret_cast<uint2*>(q + c) = e4m3x8(v, s);
+        }
+    } else {
+        for (int64_t c = lane; c < p.cols; c += 32) q[c] = to_e4m3(to_f32(x[c]) / s);
+    }
+}
+
 CELFRAME_KERNELS_FOR_DTYPES(fp8_amax, Fp8AmaxParams, fp8_amax)
 CELFRAME_KERNELS_FOR_DTYPES(fp8_quantize, Fp8QuantizeParams, fp8_quantize)
+CELFRAME_KERNELS_FOR_DTYPES(fp8_quantize_rows, Fp8QuantizeRowsParams, fp8_quantize_rows)

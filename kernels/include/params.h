@@ -111,14 +111,18 @@ typedef struct GroupNormClusterParams {
 // y[r] = norm(x[r]) * gamma + beta (+ add[r / add_every]): the optional table is added to the
 // affine output before the one rounding (the motion modules' position rows: one per frame,
 // shared by the frame's add_every tokens). A row over a warp or a power-of-two group of its lanes
-// (layer_norm.cu), LAYER_NORM_THREADS per block.
+// (layer_norm.cu), LAYER_NORM_THREADS per block. With q set, the rows are written as e4m3 instead
+// of to y (the input of an FP8 linear with per-row scales): q[r] = e4m3(y[r] / s[r]) from the fp32
+// values, s[r] = max |y[r]| / 448 (1 for an all-zero row) in q_scales[r].
 #define LAYER_NORM_THREADS 256
 typedef struct LayerNormParams {
     const void* x;
-    void* y;
+    void* y;            // unused when q is set
     const void* gamma;  // [channels] or null (no affine)
     const void* beta;   // [channels] or null
     const void* add;    // [rows / add_every, channels] or null
+    uint8_t* q;         // [rows, channels] e4m3, or null
+    float* q_scales;    // [rows], with q
     int64_t rows;
     int64_t add_every;  // rows sharing one row of add (divides rows)
     int32_t channels;
@@ -439,3 +443,16 @@ typedef struct Fp8QuantizeParams {
     float* scale;
     int64_t n;
 } Fp8QuantizeParams;
+
+// FP8 (e4m3) with one scale per row, one pass (a row is read twice, the second time from L1/L2):
+// scales[r] = max |x[r]| / 448 (1 for an all-zero row), q[r] = e4m3(x[r] / scales[r]). The FP8
+// GEMM's per-row ("outer vector") scales: a weight's output channels, an activation's tokens.
+// One warp per row, FP8_ROWS_THREADS / 32 rows per block.
+#define FP8_ROWS_THREADS 256
+typedef struct Fp8QuantizeRowsParams {
+    const void* x;
+    uint8_t* q;
+    float* scales;
+    int64_t rows;
+    int64_t cols;
+} Fp8QuantizeRowsParams;

@@ -5,8 +5,12 @@
 // at C 320, 16 at 640, 32 at 1280), so a warp loads 32 / lanes rows at once; one warp per row left
 // most of the lanes idle in the second load round at C 320 and 640 and kept too few bytes in flight
 // (46% and 63% of the copy ceiling, against 64% at C 1280). Wider or unaligned rows take one warp
-// each and are re-read from L1/L2 for the second and third pass.
+// each and are re-read from L1/L2 for the second and third pass. The e4m3 variant (E4M3, entry
+// layer_norm_e4m3_*) writes each row as e4m3 bytes with its own scale (LayerNormParams::q) for an
+// FP8 linear: the affine outputs are computed twice, once for the row's max |y| and once to
+// write, rather than kept in registers.
 #include "common.cuh"
+#include "fp8.cuh"
 
 #define LN_REG_VECS 5  // 8-element vectors per lane: 1280 channels
 
@@ -34,7 +38,7 @@ __device__ __forceinline__ float group_sum(float v) {
 // last row (`live` false) loads and stores nothing. The row stays packed (4 registers per 8 halves)
 // and is unpacked in each pass: 8 floats per vector kept for all three passes took 66 registers (3
 // blocks per multiprocessor); the same conversions in the same order give the same bits.
-template <typename T, int LANES>
+template <typename T, int LANES, bool E4M3>
 __device__ __forceinline__ void layer_norm_in_registers(const LayerNormParams& p, int64_t row, int sub, bool live) {
     const int C = p.channels;
     const T* x = static_cast<const T*>(p.x) + row * C;
@@ -68,40 +72,69 @@ __device__ __forceinline__ void layer_norm_in_registers(const LayerNormParams& p
             for (int j = 0; j < 8; ++j) m2 += (v[j] - mean) * (v[j] - mean);
         }
     const float rstd = rsqrtf(group_sum<LANES>(m2) / C + p.eps);
-#pragma unroll
-    for (int i = 0; i < LN_REG_VECS; ++i) {
-        if (!has(i)) continue;
+    // The affine output of vector i, in fp32.
+    auto affine = [&](int i, float v[8]) {
         const int c = (sub + i * LANES) * 8;
-        float v[8], g[8] = {1, 1, 1, 1, 1, 1, 1, 1}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0}, a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        float g[8] = {1, 1, 1, 1, 1, 1, 1, 1}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0}, a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         unpack8<T>(raw[i], v);
         if (gamma) unpack8<T>(load8<T>(gamma + c), g);
         if (beta) unpack8<T>(load8<T>(beta + c), b);
         if (add) unpack8<T>(load8<T>(add + c), a);
 #pragma unroll
         for (int j = 0; j < 8; ++j) v[j] = (v[j] - mean) * rstd * g[j] + b[j] + a[j];
-        store8<T>(y + c, v);
+    };
+    if constexpr (E4M3) {
+        float m = 0.0f;
+#pragma unroll
+        for (int i = 0; i < LN_REG_VECS; ++i) {
+            if (!has(i)) continue;
+            float v[8];
+            affine(i, v);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
+        }
+        const float s = fp8_scale_of(group_max<LANES>(m));
+        if (live && sub == 0) p.q_scales[row] = s;
+        uint8_t* q = p.q + row * C;
+#pragma unroll
+        for (int i = 0; i < LN_REG_VECS; ++i) {
+            if (!has(i)) continue;
+            float v[8];
+            affine(i, v);
+            *reinterpret_cast<uint2*>(q + (sub + i * LANES) * 8) = e4m3x8(v, s);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < LN_REG_VECS; ++i) {
+            if (!has(i)) continue;
+            float v[8];
+            affine(i, v);
+            store8<T>(y + (sub + i * LANES) * 8, v);
+        }
     }
 }
 
 // Rows of one warp in the register-resident path: 32 / LANES, lane l on row warp * 32 / LANES + l / LANES.
-template <typename T, int LANES>
+template <typename T, int LANES, bool E4M3>
 __device__ __forceinline__ void layer_norm_rows_in_registers(const LayerNormParams& p, int64_t warp, int lane) {
     const int64_t row = warp * (32 / LANES) + lane / LANES;
     const bool live = row < p.rows;
-    layer_norm_in_registers<T, LANES>(p, live ? row : 0, lane % LANES, live);
+    layer_norm_in_registers<T, LANES, E4M3>(p, live ? row : 0, lane % LANES, live);
 }
 
-template <typename T> __device__ void layer_norm(const LayerNormParams& p) {
+template <typename T, bool E4M3> __device__ void layer_norm(const LayerNormParams& p) {
     const int lane = threadIdx.x % 32;
     const int64_t warp = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int C = p.channels;
+    // 16-byte loads and stores of 8 elements; e4m3 rows take 8-byte stores.
     const bool aligned = ((reinterpret_cast<uintptr_t>(p.x) | reinterpret_cast<uintptr_t>(p.y) |
-                           reinterpret_cast<uintptr_t>(p.add)) % 16) == 0;
+                           reinterpret_cast<uintptr_t>(p.add)) % 16) == 0 &&
+                         reinterpret_cast<uintptr_t>(p.q) % 8 == 0;
     switch (ln_row_lanes(C, aligned)) {
-        case 4: return layer_norm_rows_in_registers<T, 4>(p, warp, lane);
-        case 8: return layer_norm_rows_in_registers<T, 8>(p, warp, lane);
-        case 16: return layer_norm_rows_in_registers<T, 16>(p, warp, lane);
-        case 32: return layer_norm_rows_in_registers<T, 32>(p, warp, lane);
+        case 4: return layer_norm_rows_in_registers<T, 4, E4M3>(p, warp, lane);
+        case 8: return layer_norm_rows_in_registers<T, 8, E4M3>(p, warp, lane);
+        case 16: return layer_norm_rows_in_registers<T, 16, E4M3>(p, warp, lane);
+        case 32: return layer_norm_rows_in_registers<T, 32, E4M3>(p, warp, lane);
         default: break;
     }
 
@@ -141,35 +174,67 @@ template <typename T> __device__ void layer_norm(const LayerNormParams& p) {
     }
     const float rstd = rsqrtf(warp_sum(m2) / C + p.eps);
 
-    if (vec) {
-        for (int c = lane * 8; c < C; c += 256) {
-            float v[8], g[8] = {1, 1, 1, 1, 1, 1, 1, 1}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            unpack8<T>(load8<T>(x + c), v);
-            if (gamma) unpack8<T>(load8<T>(gamma + c), g);
-            if (beta) unpack8<T>(load8<T>(beta + c), b);
-            if (add) unpack8<T>(load8<T>(add + c), a);
+    // The affine outputs of the 8 channels from c (vectorised rows) or of channel c alone.
+    auto affine8 = [&](int c, float v[8]) {
+        float g[8] = {1, 1, 1, 1, 1, 1, 1, 1}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0}, a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        unpack8<T>(load8<T>(x + c), v);
+        if (gamma) unpack8<T>(load8<T>(gamma + c), g);
+        if (beta) unpack8<T>(load8<T>(beta + c), b);
+        if (add) unpack8<T>(load8<T>(add + c), a);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) v[j] = (v[j] - mean) * rstd * g[j] + b[j] + a[j];
+        for (int j = 0; j < 8; ++j) v[j] = (v[j] - mean) * rstd * g[j] + b[j] + a[j];
+    };
+    auto affine1 = [&](int c) {
+        const float g = gamma ? to_f32(gamma[c]) : 1.0f, b = beta ? to_f32(beta[c]) : 0.0f;
+        const float a = add ? to_f32(add[c]) : 0.0f;
+        return (to_f32(x[c]) - mean) * rstd * g + b + a;
+    };
+    if constexpr (E4M3) {
+        float m = 0.0f;
+        if (vec) {
+            for (int c = lane * 8; c < C; c += 256) {
+                float v[8];
+                affine8(c, v);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
+            }
+        } else {
+            for (int c = lane; c < C; c += 32) m = fmaxf(m, fabsf(affine1(c)));
+        }
+        const float s = fp8_scale_of(group_max<32>(m));
+        if (lane == 0) p.q_scales[row] = s;
+        uint8_t* q = p.q + row * C;
+        if (vec) {
+            for (int c = lane * 8; c < C; c += 256) {
+                float v[8];
+                affine8(c, v);
+                *reinterpret_cast<uint2*>(q + c) = e4m3x8(v, s);
+            }
+        } else {
+            for (int c = lane; c < C; c += 32) q[c] = to_e4m3(affine1(c) / s);
+        }
+    } else if (vec) {
+        for (int c = lane * 8; c < C; c += 256) {
+            float v[8];
+            affine8(c, v);
             store8<T>(y + c, v);
         }
     } else {
-        for (int c = lane; c < C; c += 32) {
-            const float g = gamma ? to_f32(gamma[c]) : 1.0f, b = beta ? to_f32(beta[c]) : 0.0f;
-            const float a = add ? to_f32(add[c]) : 0.0f;
-            y[c] = from_f32<T>((to_f32(x[c]) - mean) * rstd * g + b + a);
-        }
+        for (int c = lane; c < C; c += 32) y[c] = from_f32<T>(affine1(c));
     }
 }
 // f16 / bf16 at most 64 registers, so 4 blocks (32 warps) fit a multiprocessor: unbounded, ptxas
 // took 66-72 (3 blocks), and a memory-bound pass wants every warp it can get loading (Little's
 // law: ~25 KB in flight per multiprocessor at the H200's bandwidth, 1.25-2.5 KB a row per warp).
 // f32 (f32 models only) at 2 blocks: under 85 registers (3 blocks) its row-group variants spill.
-#define LN_ENTRY(SUFFIX, T, MIN_BLOCKS)                                                                      \
+#define LN_ENTRY(NAME, T, E4M3, MIN_BLOCKS)                                                                  \
     extern "C" __global__ void __launch_bounds__(LAYER_NORM_THREADS, MIN_BLOCKS)                           \
-        layer_norm_##SUFFIX(const __grid_constant__ LayerNormParams p) {                                   \
-        layer_norm<T>(p);                                                                                  \
+        NAME(const __grid_constant__ LayerNormParams p) {                                                  \
+        layer_norm<T, E4M3>(p);                                                                            \
     }
-LN_ENTRY(f16, __half, 4)
-LN_ENTRY(bf16, __nv_bfloat16, 4)
-LN_ENTRY(f32, float, 2)
+LN_ENTRY(layer_norm_f16, __half, false, 4)
+LN_ENTRY(layer_norm_bf16, __nv_bfloat16, false, 4)
+LN_ENTRY(layer_norm_f32, float, false, 2)
+// FP8 linears take f16 / bf16 models only.
+LN_ENTRY(layer_norm_e4m3_f16, __half, true, 4)
+LN_ENTRY(layer_norm_e4m3_bf16, __nv_bfloat16, true, 4)

@@ -30,6 +30,7 @@ use crate::models::{
 };
 use crate::ops::Exec;
 use crate::ops::elementwise::add;
+use crate::ops::fp8::Fp8Scaling;
 use crate::ops::random::random_uniform;
 use crate::output::{ClipOptions, Fps, Mp4Choice, OutputTree, RgbImage};
 use crate::sampling::NoiseStream;
@@ -239,7 +240,7 @@ fn bench_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     if fp8 != Fp8Linears::Off {
         let plain = host_outputs(&gpu, || unet.forward(&ex, &inputs, None).map(|out| vec![out]))?;
         let mut unet = unet;
-        let twins = unet.enable_fp8(&ex, fp8)?;
+        let twins = (unet.enable_fp8(&ex, fp8)?, unet.weights().fp8_scaling());
         let run = || unet.forward(&ex, &inputs, None).map(|out| vec![out]);
         fp8_forward(args, &ex, ("unet", &key, &t), plain, twins, run)?;
     }
@@ -296,7 +297,7 @@ fn bench_motion_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
         };
         let plain = host_outputs(&gpu, || run_fp8(&unet, &modules))?;
         let (mut unet, mut modules) = (unet, modules);
-        let twins = unet.enable_fp8(&ex, fp8)? + modules.enable_fp8(&ex, fp8)?;
+        let twins = (unet.enable_fp8(&ex, fp8)? + modules.enable_fp8(&ex, fp8)?, unet.weights().fp8_scaling());
         fp8_forward(args, &ex, ("motion_unet", &key, &t), plain, twins, || run_fp8(&unet, &modules))?;
     }
     Ok(())
@@ -400,7 +401,7 @@ fn bench_controlnet(args: &BenchArgs, dtype: DType) -> Result<()> {
             let fp8 = Fp8Linears::parse(&args.fp8)?;
             if fp8 != Fp8Linears::Off {
                 let plain = host_outputs(&gpu, || run_with(&net, None))?;
-                let twins = net.enable_fp8(&ex, fp8)?;
+                let twins = (net.enable_fp8(&ex, fp8)?, net.net_weights().fp8_scaling());
                 fp8_forward(args, &ex, (name, &key, &t), plain, twins, || run_with(&net, None))?;
             }
             Ok(())
@@ -431,7 +432,7 @@ fn bench_controlnet(args: &BenchArgs, dtype: DType) -> Result<()> {
             let fp8 = Fp8Linears::parse(&args.fp8)?;
             if fp8 != Fp8Linears::Off {
                 let plain = host_outputs(&gpu, || run_with(&cn, None))?;
-                let twins = cn.enable_fp8(&ex, fp8)?;
+                let twins = (cn.enable_fp8(&ex, fp8)?, cn.weights().fp8_scaling());
                 fp8_forward(args, &ex, (name, &key, &t), plain, twins, || run_with(&cn, None))?;
             }
             Ok(())
@@ -647,14 +648,15 @@ fn residual_list(r: UnetResiduals) -> Vec<Tensor> {
 /// The FP8 forward's distance from the plain one (relative L2) above which `--fp8` fails.
 const FP8_BROKEN: f64 = 0.25;
 
-/// With `--fp8`: `plain` (a forward's outputs before the models got their `twins` FP8 twins)
-/// against `run`'s outputs now, then `run` timed under `key` + " fp8" beside `eager`.
+/// With `--fp8`: `plain` (a forward's outputs before the models got their `twins` FP8 twins, and
+/// how they are scaled) against `run`'s outputs now, then `run` timed under `key` + " fp8" beside
+/// `eager`.
 fn fp8_forward(
     args: &BenchArgs,
     ex: &Exec,
     (name, key, eager): (&str, &str, &Timing),
     plain: Vec<Tensor>,
-    twins: usize,
+    (twins, scaling): (usize, Option<Fp8Scaling>),
     run: impl Fn() -> Result<Vec<Tensor>>,
 ) -> Result<()> {
     let Exec::Cuda { gpu, scratch } = ex else { return Err(Error::Internal("bench on the CPU".into())) };
@@ -677,14 +679,19 @@ fn fp8_forward(
     let t = time_gpu(gpu, 2, args.runs, || run().map(drop))?;
     let fp8_key = format!("{key} fp8 {}", args.fp8.trim());
     report(name, &fp8_key, &t, args.runs, scratch);
+    let scales = match scaling {
+        Some(Fp8Scaling::Rows) => "rows",
+        Some(Fp8Scaling::Tensor) => "tensor",
+        None => "none",
+    };
     eprintln!(
-        "{fp8_key}: {twins} linears in FP8; median {:.3} ms vs {:.3} ms ({:.3}x); outputs {rel:.3e} (relative L2) from \
-         the plain forward's",
+        "{fp8_key}: {twins} linears in FP8 (scales per {scales}); median {:.3} ms vs {:.3} ms ({:.3}x); outputs \
+         {rel:.3e} (relative L2) from the plain forward's",
         t.median_ms(),
         eager.median_ms(),
         eager.median_ms() / t.median_ms().max(1e-9)
     );
-    let line = serde_json::json!({"key": fp8_key, "twins": twins, "rel_l2": rel, "ms": t.median_ms(), "plain_ms": eager.median_ms()});
+    let line = serde_json::json!({"key": fp8_key, "twins": twins, "scales": scales, "rel_l2": rel, "ms": t.median_ms(), "plain_ms": eager.median_ms()});
     println!("FP8 {line}");
     Ok(())
 }

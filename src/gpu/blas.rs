@@ -75,6 +75,10 @@ pub struct Gemm {
     /// the call passes by device pointer (`GemmIo::scales`); D, C and the bias are `out_dtype`.
     #[serde(default)]
     pub fp8: bool,
+    /// With `fp8`: the scales are vectors ("outer vectors"), one per row of A (the tokens) and one
+    /// per row of B [n, k] (the output channels).
+    #[serde(default)]
+    pub fp8_rows: bool,
 }
 
 impl Gemm {
@@ -96,6 +100,7 @@ impl Gemm {
             out_dtype: dtype,
             bias,
             fp8: false,
+            fp8_rows: false,
         }
     }
 
@@ -115,7 +120,11 @@ impl std::fmt::Display for Gemm {
             self.n,
             self.k,
             self.batch,
-            if self.fp8 { "e4m3" } else { self.dtype.kernel_suffix() },
+            match (self.fp8, self.fp8_rows) {
+                (true, true) => "e4m3 (row scales)",
+                (true, false) => "e4m3",
+                _ => self.dtype.kernel_suffix(),
+            },
             self.out_dtype.kernel_suffix(),
             self.lda,
             self.ldb,
@@ -141,7 +150,7 @@ pub struct GemmIo {
     pub c: Option<(u64, f32)>,
     pub alpha: f32,
     /// For an FP8 Gemm: the device addresses of A's and B's f32 scales (D = scale_a · scale_b ·
-    /// alpha · A · op(B) + ...).
+    /// alpha · A · op(B) + ...; with `fp8_rows`, of A's [m] and B's [n] scales).
     pub scales: Option<(u64, u64)>,
 }
 
@@ -643,8 +652,10 @@ impl Blas {
     ///
     /// FP8 operands need this "TN" form (cuBLASLt's A transposed, B not): our B must be [n, k].
     unsafe fn describe(&self, g: &Gemm) -> Result<(lt::cublasLtMatmulDesc_t, [lt::cublasLtMatrixLayout_t; 3])> {
-        if g.fp8 && (!g.b_transposed || g.dtype == DType::F32) {
-            return Err(Error::Internal(format!("gemm {g}: FP8 operands need B[n,k] and a 16-bit output")));
+        if g.fp8 && (!g.b_transposed || g.dtype == DType::F32) || g.fp8_rows && (!g.fp8 || g.batch > 1) {
+            return Err(Error::Internal(format!(
+                "gemm {g}: FP8 operands need B[n,k] and a 16-bit output, row scales one product"
+            )));
         }
         let dt = if g.fp8 { lt::cudaDataType::CUDA_R_8F_E4M3 } else { data_type(g.dtype) };
         let out = data_type(g.out_dtype);
@@ -674,6 +685,13 @@ impl Blas {
                 // promotion to a separate fp32 accumulator, as inference (and TransformerEngine's
                 // forward pass) runs it: a precision cost measured with the rest of FP8's.
                 set_desc(desc, lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &1i8)?;
+            }
+            if g.fp8_rows {
+                // Row scales of our A (tokens) are cuBLASLt's B column scales, of our B (output
+                // channels) its A row scales: "outer vectors" of [n] and [m] in its terms.
+                let outer = lt::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+                set_desc(desc, lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer)?;
+                set_desc(desc, lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &outer)?;
             }
         }
         let layout = |dt, rows: usize, cols: usize, ld: usize, stride: usize| -> Result<lt::cublasLtMatrixLayout_t> {

@@ -44,5 +44,6 @@ kernel_params!(
     params::LoraMergeParams,
     params::LoraDoraParams,
     params::Fp8AmaxParams,
-    params::Fp8QuantizeParams
+    params::Fp8QuantizeParams,
+    params::Fp8QuantizeRowsParams
 );

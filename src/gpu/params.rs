@@ -27,6 +27,7 @@ pub const LORA_LDS: u32 = 136;
 pub const LORA_SUM_BYTES: u32 = 69632;
 pub const LORA_STAGE_BYTES: u32 = 10496;
 pub const LORA_SHARED_BYTES: u32 = 101120;
+pub const FP8_ROWS_THREADS: u32 = 256;
 #[repr(u32)]
 #[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
 pub enum ElementwiseOp {
@@ -242,6 +243,8 @@ pub struct LayerNormParams {
     pub gamma: *const ::std::os::raw::c_void,
     pub beta: *const ::std::os::raw::c_void,
     pub add: *const ::std::os::raw::c_void,
+    pub q: *mut u8,
+    pub q_scales: *mut f32,
     pub rows: i64,
     pub add_every: i64,
     pub channels: i32,
@@ -249,17 +252,19 @@ pub struct LayerNormParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LayerNormParams"][::std::mem::size_of::<LayerNormParams>() - 64usize];
+    ["Size of LayerNormParams"][::std::mem::size_of::<LayerNormParams>() - 80usize];
     ["Alignment of LayerNormParams"][::std::mem::align_of::<LayerNormParams>() - 8usize];
     ["Offset of field: LayerNormParams::x"][::std::mem::offset_of!(LayerNormParams, x) - 0usize];
     ["Offset of field: LayerNormParams::y"][::std::mem::offset_of!(LayerNormParams, y) - 8usize];
     ["Offset of field: LayerNormParams::gamma"][::std::mem::offset_of!(LayerNormParams, gamma) - 16usize];
     ["Offset of field: LayerNormParams::beta"][::std::mem::offset_of!(LayerNormParams, beta) - 24usize];
     ["Offset of field: LayerNormParams::add"][::std::mem::offset_of!(LayerNormParams, add) - 32usize];
-    ["Offset of field: LayerNormParams::rows"][::std::mem::offset_of!(LayerNormParams, rows) - 40usize];
-    ["Offset of field: LayerNormParams::add_every"][::std::mem::offset_of!(LayerNormParams, add_every) - 48usize];
-    ["Offset of field: LayerNormParams::channels"][::std::mem::offset_of!(LayerNormParams, channels) - 56usize];
-    ["Offset of field: LayerNormParams::eps"][::std::mem::offset_of!(LayerNormParams, eps) - 60usize];
+    ["Offset of field: LayerNormParams::q"][::std::mem::offset_of!(LayerNormParams, q) - 40usize];
+    ["Offset of field: LayerNormParams::q_scales"][::std::mem::offset_of!(LayerNormParams, q_scales) - 48usize];
+    ["Offset of field: LayerNormParams::rows"][::std::mem::offset_of!(LayerNormParams, rows) - 56usize];
+    ["Offset of field: LayerNormParams::add_every"][::std::mem::offset_of!(LayerNormParams, add_every) - 64usize];
+    ["Offset of field: LayerNormParams::channels"][::std::mem::offset_of!(LayerNormParams, channels) - 72usize];
+    ["Offset of field: LayerNormParams::eps"][::std::mem::offset_of!(LayerNormParams, eps) - 76usize];
 };
 impl Default for LayerNormParams {
     fn default() -> Self {
@@ -968,6 +973,34 @@ const _: () = {
     ["Offset of field: Fp8QuantizeParams::n"][::std::mem::offset_of!(Fp8QuantizeParams, n) - 32usize];
 };
 impl Default for Fp8QuantizeParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct Fp8QuantizeRowsParams {
+    pub x: *const ::std::os::raw::c_void,
+    pub q: *mut u8,
+    pub scales: *mut f32,
+    pub rows: i64,
+    pub cols: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of Fp8QuantizeRowsParams"][::std::mem::size_of::<Fp8QuantizeRowsParams>() - 40usize];
+    ["Alignment of Fp8QuantizeRowsParams"][::std::mem::align_of::<Fp8QuantizeRowsParams>() - 8usize];
+    ["Offset of field: Fp8QuantizeRowsParams::x"][::std::mem::offset_of!(Fp8QuantizeRowsParams, x) - 0usize];
+    ["Offset of field: Fp8QuantizeRowsParams::q"][::std::mem::offset_of!(Fp8QuantizeRowsParams, q) - 8usize];
+    ["Offset of field: Fp8QuantizeRowsParams::scales"][::std::mem::offset_of!(Fp8QuantizeRowsParams, scales) - 16usize];
+    ["Offset of field: Fp8QuantizeRowsParams::rows"][::std::mem::offset_of!(Fp8QuantizeRowsParams, rows) - 24usize];
+    ["Offset of field: Fp8QuantizeRowsParams::cols"][::std::mem::offset_of!(Fp8QuantizeRowsParams, cols) - 32usize];
+};
+impl Default for Fp8QuantizeRowsParams {
     fn default() -> Self {
         let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -14,8 +14,10 @@ use super::weights::{Fusion, ModelWeights, Scope, WeightsState};
 use crate::error::{Error, Result};
 use crate::ops::Exec;
 use crate::ops::attention::{Columns, FlashAttention, attention_grouped};
+use crate::ops::elementwise::geglu;
+use crate::ops::fp8::{Fp8Scaling, linear_fp8_quantized};
 use crate::ops::linear::{LinearWeight, linear, linear_add, linear_geglu};
-use crate::ops::norm::{GroupNorm, group_norm, layer_norm_add};
+use crate::ops::norm::{GroupNorm, group_norm, layer_norm_add, layer_norm_fp8};
 use crate::tensor::Tensor;
 use crate::weights::TensorSpec;
 
@@ -105,28 +107,55 @@ pub(crate) fn block_norm_add(ex: &Exec, w: &Scope, name: &str, x: &Tensor, rows:
     layer_norm_add(ex, x, Some(weight), Some(bias), LAYER_NORM_EPS, rows)
 }
 
+/// `block_norm_add` (LayerNorm `norm` of x, then `rows`), then the linear `weight` without bias.
+/// With a per-row FP8 twin the LayerNorm writes e4m3 rows and their scales itself
+/// (`layer_norm_fp8`) and the FP8 GEMM reads them: no 16-bit LayerNorm output, no quantization
+/// pass.
+pub(crate) fn norm_linear(
+    ex: &Exec,
+    w: &Scope,
+    norm: &str,
+    x: &Tensor,
+    rows: Option<&Tensor>,
+    weight: LinearWeight,
+) -> Result<Tensor> {
+    match weight.fp8.filter(|q| q.scaling() == Fp8Scaling::Rows) {
+        Some(q) => {
+            let (gamma, beta) = (w.get(&format!("{norm}.weight"))?, w.get(&format!("{norm}.bias"))?);
+            let xq = layer_norm_fp8(ex, x, Some(gamma), Some(beta), LAYER_NORM_EPS, rows)?;
+            linear_fp8_quantized(ex, &xq, x.shape(), x.dtype(), q, None, None)
+        }
+        None => linear(ex, &block_norm_add(ex, w, norm, x, rows)?, weight, None),
+    }
+}
+
 /// BasicTransformerBlock's last step, x + FF(LN3(x)) with the GEGLU feed-forward:
 /// [B, L, C] -> [B, L, 4C] (the [B, L, 8C] projection and GEGLU as one `linear_geglu`) -> [B, L, C],
-/// the residual added in ff.net.2's epilogue.
+/// the residual added in ff.net.2's epilogue. With an FP8 projection, GEGLU and the projection's
+/// bias are one pass after the FP8 product (cuBLASLt takes no bias epilogue there).
 pub(crate) fn block_feed_forward(ex: &Exec, w: &Scope, x: &Tensor) -> Result<Tensor> {
-    let f = block_norm(ex, w, "norm3", x)?;
-    let f = linear_geglu(ex, &f, w.linear("ff.net.0.proj.weight")?, Some(w.get("ff.net.0.proj.bias")?))?;
+    let (proj, bias) = (w.linear("ff.net.0.proj.weight")?, w.get("ff.net.0.proj.bias")?);
+    let f = match proj.fp8 {
+        Some(_) => geglu(ex, &norm_linear(ex, w, "norm3", x, None, proj)?, Some(bias))?,
+        None => linear_geglu(ex, &block_norm(ex, w, "norm3", x)?, proj, Some(bias))?,
+    };
     linear_add(ex, &f, w.linear("ff.net.2.weight")?, Some(w.get("ff.net.2.bias")?), Some(x))
 }
 
 /// BasicTransformerBlock: x += attn1(LN1(x)); x += attn2(LN2(x), context); x += FF(LN3(x)).
 fn block(ex: &Exec, w: &Scope, t: &Transformer, x: &Tensor, context: TextContext) -> Result<Tensor> {
-    let ln = |name: &str, x: &Tensor| block_norm(ex, w, name, x);
     // Intermediates live in their step's scope, so the arena reuses them for the next step.
     // 1. self-attention: [B, L, C]
     let x = {
-        let n = ln("norm1", x)?;
-        self_attention(ex, &w.at("attn1"), t.heads, &n, x)?
+        let attn = w.at("attn1");
+        let qkv = norm_linear(ex, w, "norm1", x, None, attn.linear_rows(&QKV)?)?; // [B, L, 3C]
+        self_attention(ex, &attn, t.heads, &qkv, x)?
     };
     // 2. cross-attention on the context: queries [B, L, C], keys and values from [G, T, X]
     let x = {
-        let n = ln("norm2", &x)?;
-        cross_attention(ex, &w.at("attn2"), t.heads, &n, context, &x)?
+        let attn = w.at("attn2");
+        let q = norm_linear(ex, w, "norm2", &x, None, attn.linear("to_q.weight")?)?; // [B, L, C]
+        cross_attention(ex, &attn, t.heads, &q, context, &x)?
     };
     // 3. GEGLU feed-forward
     block_feed_forward(ex, w, &x)
@@ -164,18 +193,21 @@ pub fn fusions<'a>(names: impl IntoIterator<Item = &'a String>) -> Vec<Fusion> {
 pub enum Fp8Linears {
     #[default]
     Off,
-    /// The transformer blocks' linears with at least `FP8_MIN_OUT` outputs ("on").
+    /// The transformer blocks' linears whose input is a LayerNorm's output (the attentions' q, k
+    /// and v, the GEGLU projection), whose e4m3 rows the LayerNorm writes itself with per-row
+    /// scales, and any other with at least `FP8_MIN_OUT` outputs ("on").
     Wide,
     /// Every linear of the transformer blocks and their projections in and out ("all").
     All,
 }
 
-/// The fewest outputs N for which a linear runs in FP8 under `Fp8Linears::Wide`. Quantizing the
-/// activation costs 5 bytes per input element (amax read, then read and e4m3 write), ~m·k / 3.5
-/// TB/s; the FP8 GEMM saves 2·m·n·k · (1/750 - 1/~1300) per TFLOP/s (the H200's cuBLASLt f16
-/// rate measured, FP8's assumed): the saving wins from n ~ 1200-1700. So q/k/v (3C) and the GEGLU
-/// projection (8C) of SDXL's 640- and 1280-wide blocks run in FP8; to_out, to_q, the second
-/// feed-forward GEMM and proj_in/out (N = C) stay in the compute dtype.
+/// The fewest outputs N for which a linear not fed by a LayerNorm runs in FP8 under
+/// `Fp8Linears::Wide`. Quantizing its activation costs 5 bytes per input element with one scale
+/// per tensor (amax read, then read and e4m3 write), 3 with one per row, ~m·k · bytes / 3.5 TB/s;
+/// the FP8 GEMM saves 2·m·n·k · (1/750 - 1/~1300) per TFLOP/s (the H200's cuBLASLt f16 rate
+/// measured, FP8's assumed): the saving wins from n ~ 1200-1700 (per row: ~800). SDXL's block
+/// linears not fed by a LayerNorm have N = C (to_out, the second feed-forward GEMM, proj_in/out)
+/// and stay in the compute dtype.
 pub const FP8_MIN_OUT: usize = 1536;
 
 impl Fp8Linears {
@@ -199,9 +231,12 @@ impl Fp8Linears {
             || name.ends_with(".proj_in.weight")
             || name.ends_with(".proj_out.weight");
         let linear = block && !name.contains(".attn2.to_k") && !name.contains(".attn2.to_v");
+        // A block's q (fused with k and v in self-attention) and its GEGLU projection read
+        // LayerNorm outputs (`norm_linear`).
+        let after_norm = name.contains(".to_q") || name.ends_with(".ff.net.0.proj.weight");
         match self {
             Fp8Linears::Off => false,
-            Fp8Linears::Wide => linear && shape.first().is_some_and(|&n| n >= FP8_MIN_OUT),
+            Fp8Linears::Wide => linear && (after_norm || shape.first().is_some_and(|&n| n >= FP8_MIN_OUT)),
             Fp8Linears::All => linear,
         }
     }
@@ -285,26 +320,25 @@ impl CrossKv {
 }
 
 /// diffusers Attention without biases on q, k, v (attn1): softmax(q k^T / sqrt(d)) v with q, k
-/// and v from one GEMM of x by the fused [3C, C] weight, then to_out.0, whose epilogue adds the
-/// residual stream.
-fn self_attention(ex: &Exec, w: &Scope, heads: usize, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-    let qkv = linear(ex, x, w.linear_rows(&QKV)?, None)?; // [B, L, 3C]
-    let [q, k, v] = Columns::split(&qkv)?;
-    let o = attention_grouped(ex, q, k, v, scaled(heads, x.shape()[2]))?; // [B, L, C]
+/// and v from one GEMM by the fused [3C, C] weight (`qkv` [B, L, 3C], `norm_linear`), then
+/// to_out.0, whose epilogue adds the residual stream.
+fn self_attention(ex: &Exec, w: &Scope, heads: usize, qkv: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    let [q, k, v] = Columns::split(qkv)?;
+    let o = attention_grouped(ex, q, k, v, scaled(heads, residual.shape()[2]))?; // [B, L, C]
     linear_add(ex, &o, w.linear("to_out.0.weight")?, Some(w.get("to_out.0.bias")?), Some(residual))
 }
 
-/// The same on the context (attn2): q from x, k and v from one GEMM of the context's G rows by the
-/// fused [2C, X] weight (G divides x's B rows: `attention_grouped`), or the context's cached k and v.
+/// The same on the context (attn2): queries q [B, L, C] (to_q of the normalised stream), k and v
+/// from one GEMM of the context's G rows by the fused [2C, X] weight (G divides the B rows:
+/// `attention_grouped`), or the context's cached k and v.
 fn cross_attention(
     ex: &Exec,
     w: &Scope,
     heads: usize,
-    x: &Tensor,
+    q: &Tensor,
     context: TextContext,
     residual: &Tensor,
 ) -> Result<Tensor> {
-    let q = linear(ex, x, w.linear("to_q.weight")?, None)?; // [B, L, C]
     let [k, v] = match context.kv {
         Some(cached) => cached.of(w)?,
         None => {
@@ -314,7 +348,7 @@ fn cross_attention(
             Columns::split(&linear(ex, context.hidden, w.rows(&KV)?, None)?)? // [G, T, 2C]
         }
     };
-    let o = attention_grouped(ex, &q, k, v, scaled(heads, q.shape()[2]))?;
+    let o = attention_grouped(ex, q, k, v, scaled(heads, q.shape()[2]))?;
     linear_add(ex, &o, w.linear("to_out.0.weight")?, Some(w.get("to_out.0.bias")?), Some(residual))
 }
 
@@ -366,7 +400,7 @@ mod tests {
         let cases = [
             (format!("{block}.attn1.to_q+to_k+to_v.weight"), [3840, 1280], true, true),
             (format!("{block}.attn1.to_out.0.weight"), [1280, 1280], false, true),
-            (format!("{block}.attn2.to_q.weight"), [1280, 1280], false, true),
+            (format!("{block}.attn2.to_q.weight"), [1280, 1280], true, true),
             (format!("{block}.attn2.to_k+to_v.weight"), [2560, 2048], false, false),
             (format!("{block}.attn2.to_k.weight"), [1280, 2048], false, false),
             (format!("{block}.ff.net.0.proj.weight"), [10240, 1280], true, true),
@@ -377,6 +411,13 @@ mod tests {
             (
                 "down_blocks.1.motion_modules.0.transformer_blocks.0.attn2.to_q+to_k+to_v.weight".into(),
                 [1920, 640],
+                true,
+                true,
+            ),
+            // at level 0 (320 wide): q, k, v read the LayerNorm's rows though N = 960
+            (
+                "down_blocks.0.motion_modules.1.transformer_blocks.0.attn1.to_q+to_k+to_v.weight".into(),
+                [960, 320],
                 true,
                 true,
             ),

@@ -15,7 +15,7 @@ use crate::models::lora::LoraMerge;
 use crate::models::lora::device::DeviceLoraSet;
 use crate::ops::Exec;
 use crate::ops::conv::weight_oihw_to_ohwi;
-use crate::ops::fp8::{Fp8Matrix, quantize, quantize_into};
+use crate::ops::fp8::{Fp8Matrix, Fp8Scaling, probe, quantize, quantize_into};
 use crate::ops::linear::LinearWeight;
 use crate::tensor::{DType, HostBytes, Storage, Tensor};
 use crate::weights::LoadedWeights;
@@ -304,12 +304,24 @@ impl ModelWeights {
         self.version.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Makes an e4m3 twin (`ops::fp8`, one scale per weight) of every matrix weight and fused matrix
-    /// whose name and shape `select` accepts and that the FP8 GEMM takes (f16 / bf16, both dimensions
-    /// multiples of 16); the linears reading them through `Scope::linear` run in FP8 from then on.
-    /// The twins are memory of their own beside the weights (one byte per element), which stay
-    /// as they are for LoRA merges; after one, `requantize_fp8`. Returns the twins' count.
+    /// Makes an e4m3 twin (`ops::fp8`, a scale per output channel, else per weight) of every matrix
+    /// weight and fused matrix whose name and shape `select` accepts and that the FP8 GEMM takes
+    /// (f16 / bf16, both dimensions multiples of 16); the linears reading them through
+    /// `Scope::linear` run in FP8 from then on. The twins are memory of their own beside the
+    /// weights (one byte per element), which stay as they are for LoRA merges; after one,
+    /// `requantize_fp8`. Returns the twins' count.
     pub fn enable_fp8(&mut self, ex: &Exec, select: impl Fn(&str, &[usize]) -> bool) -> Result<usize> {
+        self.enable_fp8_scaled(ex, None, select)
+    }
+
+    /// `enable_fp8` with the twins' scaling chosen (None: as `enable_fp8` chooses), e.g. a CPU
+    /// twin's to match a device's.
+    pub fn enable_fp8_scaled(
+        &mut self,
+        ex: &Exec,
+        scaling: Option<Fp8Scaling>,
+        select: impl Fn(&str, &[usize]) -> bool,
+    ) -> Result<usize> {
         // A 1x1 convolution's weight [N, 1, 1, K] (a Transformer2D's proj_in without linear
         // projection) is the matrix [N, K] too.
         let fits = |t: &Tensor| matches!(t.shape(), &[n, k] | &[n, 1, 1, k] if n % 16 == 0 && k % 16 == 0);
@@ -324,17 +336,39 @@ impl ModelWeights {
         if !chosen.is_empty() && self.dtype == DType::F32 {
             return Err(Error::Input("FP8 linears quantize f16 or bf16 weights; these are f32".into()));
         }
+        // A scale per output channel (and per token) where this device's cuBLASLt runs such GEMMs:
+        // finer, and the LayerNorms before q/k/v and the GEGLU projection then write their e4m3
+        // rows themselves. Else one scale per weight.
+        let scaling = match (scaling.or(self.fp8_scaling()), chosen.first()) {
+            (Some(s), Some((_, t))) => {
+                probe(ex, &quantize(ex, t, true, s)?, self.dtype)?;
+                s
+            }
+            (None, Some((_, t))) => self.probe_fp8_scaling(ex, t)?,
+            (s, None) => s.unwrap_or(Fp8Scaling::Rows),
+        };
         let version = self.version.load(Ordering::Acquire);
         let mut twins = Vec::with_capacity(chosen.len());
         for (name, t) in chosen {
-            twins.push((name, Fp8Twin { matrix: quantize(ex, t, true)?, version: AtomicU64::new(version) }));
-        }
-        if let Some((_, twin)) = twins.first() {
-            crate::ops::fp8::probe(ex, &twin.matrix, self.dtype)?;
+            twins.push((name, Fp8Twin { matrix: quantize(ex, t, true, scaling)?, version: AtomicU64::new(version) }));
         }
         let count = twins.len();
         self.fp8.extend(twins);
         Ok(count)
+    }
+
+    /// Per-row scales, unless one probing FP8 linear with them through `weight` is refused and one
+    /// with a scale per tensor runs (said on stderr); neither running is an Unsupported error.
+    fn probe_fp8_scaling(&self, ex: &Exec, weight: &Tensor) -> Result<Fp8Scaling> {
+        let probe = |scaling| probe(ex, &quantize(ex, weight, true, scaling)?, self.dtype);
+        match probe(Fp8Scaling::Rows) {
+            Ok(()) => Ok(Fp8Scaling::Rows),
+            Err(rows) => {
+                probe(Fp8Scaling::Tensor)?;
+                eprintln!("note: FP8 linears take one scale per weight and per activation here: {rows}");
+                Ok(Fp8Scaling::Tensor)
+            }
+        }
     }
 
     /// Quantizes every FP8 twin again from its weight as it is now (after a LoRA merge or restore
@@ -350,9 +384,14 @@ impl ModelWeights {
         Ok(())
     }
 
-    /// Bytes the e4m3 twins hold (a byte per element and two f32 scalars each).
+    /// How the e4m3 twins are scaled; None without twins. All of a model's twins scale alike.
+    pub fn fp8_scaling(&self) -> Option<Fp8Scaling> {
+        self.fp8.values().next().map(|t| t.matrix.scaling())
+    }
+
+    /// Bytes the e4m3 twins hold (a byte per element and their f32 scales).
     pub fn fp8_bytes(&self) -> usize {
-        self.fp8.values().map(|t| t.matrix.shape().iter().product::<usize>() + 8).sum()
+        self.fp8.values().map(|t| t.matrix.bytes()).sum()
     }
 
     /// The twin of `name` for a forward: None without one; refused when stale.

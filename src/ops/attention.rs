@@ -785,6 +785,7 @@ pub fn gemm_attention_budget(
                 out_dtype: DType::F32,
                 bias: false,
                 fp8: false,
+                fp8_rows: false,
             };
             // O[i] = P[i] (m x sk, rows ld apart) · V[i] (sk x d, rows lv apart)
             let pv = Gemm {
@@ -803,6 +804,7 @@ pub fn gemm_attention_budget(
                 out_dtype: dtype,
                 bias: false,
                 fp8: false,
+                fp8_rows: false,
             };
             for h in 0..cfg.heads {
                 // Head h of image `first`, from sequence row `row`, rows `stride` apart.

@@ -632,6 +632,7 @@ pub fn merge_gemm(ex: &Exec, layers: &[LayerDelta]) -> Result<()> {
             out_dtype: dtype,
             bias: false,
             fp8: false,
+            fp8_rows: false,
         };
         let w = layer.weight.device_ptr()?;
         let base = layer.base.map_or(Ok(w), |b| b.device_ptr())?;

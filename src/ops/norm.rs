@@ -1,5 +1,6 @@
 //! Group norm (optionally fused with SiLU; statistics per image or across the frames of a video)
-//! and layer norm. Statistics are fp32 on the GPU and f64 in the twins.
+//! and layer norm (to the input's dtype, or to e4m3 rows for an FP8 linear). Statistics are fp32
+//! on the GPU and f64 in the twins.
 
 use super::{Exec, host_out, par_map, par_rows, same_dtype};
 use crate::error::{Error, Result};
@@ -11,6 +12,7 @@ use crate::gpu::params::{
 use crate::tensor::{DType, Tensor};
 
 use super::elementwise::silu_f32;
+use super::fp8::Fp8Matrix;
 
 #[derive(Clone, Copy, Debug)]
 pub struct GroupNorm {
@@ -459,79 +461,182 @@ pub fn layer_norm_add(
     eps: f32,
     add: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let mut inputs = vec![x];
-    inputs.extend(gamma);
-    inputs.extend(beta);
-    inputs.extend(add);
-    ex.expect_inputs("layer_norm", &inputs)?;
-    let dtype = same_dtype("layer_norm", &inputs)?;
-    let c = *x.shape().last().ok_or_else(|| Error::Input("layer_norm: scalar input".into()))?;
-    if let Some(t) = [gamma, beta].into_iter().flatten().find(|t| t.shape() != [c]) {
-        return Err(Error::Input(format!("layer_norm: {t:?} must be [{c}]")));
-    }
-    let rows = x.numel() / c.max(1);
-    // Rows of x (as [rows, C]) per row of `add`.
-    let add_every = match add {
-        Some(t) if x.shape().len() >= 2 && t.shape() == [x.shape()[0], c] && x.shape()[0] > 0 => rows / x.shape()[0],
-        Some(t) => return Err(Error::Input(format!("layer_norm: added rows {t:?} must be [{}, {c}]", x.shape()[0]))),
-        None => 1,
-    };
+    let ln = LayerNormCall::new(ex, x, gamma, beta, eps, add)?;
     match ex {
-        Exec::Cpu => {
-            let xv = x.to_f32_vec()?;
-            let g = gamma.map(|t| t.to_f32_vec()).transpose()?;
-            let b = beta.map(|t| t.to_f32_vec()).transpose()?;
-            let a = add.map(|t| t.to_f32_vec()).transpose()?;
-            let mut out = vec![0f32; xv.len()];
-            par_rows(&mut out, c, |first, chunk| {
-                for (k, y) in chunk.chunks_mut(c).enumerate() {
-                    let row = &xv[(first + k) * c..(first + k + 1) * c];
-                    let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
-                    let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
-                    let rstd = 1.0 / (var + eps as f64).sqrt();
-                    let added = a.as_ref().map(|a| &a[(first + k) / add_every * c..][..c]);
-                    for (j, yv) in y.iter_mut().enumerate() {
-                        let n = ((row[j] as f64 - mean) * rstd) as f32;
-                        *yv = n * g.as_ref().map_or(1.0, |g| g[j])
-                            + b.as_ref().map_or(0.0, |b| b[j])
-                            + added.map_or(0.0, |a| a[j]);
-                    }
-                }
-            });
-            host_out(x.shape(), dtype, &out)
-        }
+        Exec::Cpu => host_out(x.shape(), ln.dtype, &ln.host_values()?),
         Exec::Cuda { gpu, scratch } => {
-            let y = gpu.empty(scratch, x.shape(), dtype)?;
-            let ptr = |t: Option<&Tensor>| -> Result<*const std::ffi::c_void> {
-                Ok(match t {
-                    Some(t) => t.device_ptr()? as *const _,
-                    None => std::ptr::null(),
-                })
-            };
-            let p = LayerNormParams {
-                x: x.device_ptr()? as *const _,
-                y: y.device_ptr()? as *mut _,
-                gamma: ptr(gamma)?,
-                beta: ptr(beta)?,
-                add: ptr(add)?,
-                rows: rows as i64,
-                add_every: add_every as i64,
-                channels: c as i32,
-                eps,
-            };
-            // 32 / lanes rows per warp (one when a row takes the whole warp); the kernels' launch
-            // bounds assume this block size.
-            let aligned = [p.x, p.y as *const _, p.add].iter().all(|&q| (q as usize).is_multiple_of(16));
-            let rows_per_warp = 32 / layer_norm_row_lanes(c, aligned).unwrap_or(32);
-            let rows_per_block = LAYER_NORM_THREADS as usize / 32 * rows_per_warp;
-            gpu.launch(
-                kernel_for!("layer_norm", dtype),
-                (rows.div_ceil(rows_per_block) as u32, 1, 1),
-                (LAYER_NORM_THREADS, 1, 1),
-                0,
-                &p,
-            )?;
+            let y = gpu.empty(scratch, x.shape(), ln.dtype)?;
+            ln.launch(ex, kernel_for!("layer_norm", ln.dtype), y.device_ptr()?, 0, 0)?;
             Ok(y)
         }
+    }
+}
+
+/// `layer_norm_add` written as e4m3 rows, each with its own scale (`Fp8Scaling::Rows`): the input
+/// of an FP8 linear, without a 16-bit output or a quantization pass. Row r's scale is max |y[r]|
+/// / 448 over the fp32 affine outputs, which are quantized without rounding to x's dtype first.
+/// f16 / bf16 inputs; the matrix is [rows, C].
+pub fn layer_norm_fp8(
+    ex: &Exec,
+    x: &Tensor,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    eps: f32,
+    add: Option<&Tensor>,
+) -> Result<Fp8Matrix> {
+    let ln = LayerNormCall::new(ex, x, gamma, beta, eps, add)?;
+    if ln.dtype == DType::F32 {
+        return Err(Error::Input(format!("layer_norm_fp8: {x:?} must be f16 or bf16 (FP8 linears)")));
+    }
+    match ex {
+        Exec::Cpu => Ok(Fp8Matrix::host_rows(ln.channels, &ln.host_values()?)),
+        Exec::Cuda { .. } => {
+            let (q, bytes, scales) = Fp8Matrix::scratch_rows(ex, ln.rows, ln.channels)?;
+            ln.launch(ex, kernel_for!("layer_norm_e4m3", ln.dtype), 0, bytes, scales)?;
+            Ok(q)
+        }
+    }
+}
+
+/// One layer norm's checked arguments.
+struct LayerNormCall<'a> {
+    x: &'a Tensor,
+    gamma: Option<&'a Tensor>,
+    beta: Option<&'a Tensor>,
+    add: Option<&'a Tensor>,
+    eps: f32,
+    dtype: DType,
+    channels: usize,
+    rows: usize,
+    /// Rows of x (as [rows, C]) per row of `add`.
+    add_every: usize,
+}
+
+impl<'a> LayerNormCall<'a> {
+    fn new(
+        ex: &Exec,
+        x: &'a Tensor,
+        gamma: Option<&'a Tensor>,
+        beta: Option<&'a Tensor>,
+        eps: f32,
+        add: Option<&'a Tensor>,
+    ) -> Result<LayerNormCall<'a>> {
+        let mut inputs = vec![x];
+        inputs.extend(gamma);
+        inputs.extend(beta);
+        inputs.extend(add);
+        ex.expect_inputs("layer_norm", &inputs)?;
+        let dtype = same_dtype("layer_norm", &inputs)?;
+        let c = *x.shape().last().ok_or_else(|| Error::Input("layer_norm: scalar input".into()))?;
+        if let Some(t) = [gamma, beta].into_iter().flatten().find(|t| t.shape() != [c]) {
+            return Err(Error::Input(format!("layer_norm: {t:?} must be [{c}]")));
+        }
+        let rows = x.numel() / c.max(1);
+        let add_every = match add {
+            Some(t) if x.shape().len() >= 2 && t.shape() == [x.shape()[0], c] && x.shape()[0] > 0 => {
+                rows / x.shape()[0]
+            }
+            Some(t) => {
+                return Err(Error::Input(format!("layer_norm: added rows {t:?} must be [{}, {c}]", x.shape()[0])));
+            }
+            None => 1,
+        };
+        Ok(LayerNormCall { x, gamma, beta, add, eps, dtype, channels: c, rows, add_every })
+    }
+
+    /// The CPU twin's outputs in f32 (statistics in f64).
+    fn host_values(&self) -> Result<Vec<f32>> {
+        let c = self.channels;
+        let xv = self.x.to_f32_vec()?;
+        let g = self.gamma.map(|t| t.to_f32_vec()).transpose()?;
+        let b = self.beta.map(|t| t.to_f32_vec()).transpose()?;
+        let a = self.add.map(|t| t.to_f32_vec()).transpose()?;
+        let mut out = vec![0f32; xv.len()];
+        par_rows(&mut out, c, |first, chunk| {
+            for (k, y) in chunk.chunks_mut(c).enumerate() {
+                let row = &xv[(first + k) * c..(first + k + 1) * c];
+                let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+                let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+                let rstd = 1.0 / (var + self.eps as f64).sqrt();
+                let added = a.as_ref().map(|a| &a[(first + k) / self.add_every * c..][..c]);
+                for (j, yv) in y.iter_mut().enumerate() {
+                    let n = ((row[j] as f64 - mean) * rstd) as f32;
+                    *yv = n * g.as_ref().map_or(1.0, |g| g[j])
+                        + b.as_ref().map_or(0.0, |b| b[j])
+                        + added.map_or(0.0, |a| a[j]);
+                }
+            }
+        });
+        Ok(out)
+    }
+
+    /// Queues `kernel` writing y (a 16-bit or f32 output) or, with `q` and `q_scales` set, e4m3
+    /// rows and their scales.
+    fn launch(&self, ex: &Exec, kernel: &'static str, y: u64, q: u64, q_scales: u64) -> Result<()> {
+        let Exec::Cuda { gpu, .. } = ex else { return Err(Error::Internal("layer norm launch on the CPU".into())) };
+        let ptr = |t: Option<&Tensor>| -> Result<*const std::ffi::c_void> {
+            Ok(match t {
+                Some(t) => t.device_ptr()? as *const _,
+                None => std::ptr::null(),
+            })
+        };
+        let p = LayerNormParams {
+            x: self.x.device_ptr()? as *const _,
+            y: y as *mut _,
+            gamma: ptr(self.gamma)?,
+            beta: ptr(self.beta)?,
+            add: ptr(self.add)?,
+            q: q as *mut u8,
+            q_scales: q_scales as *mut f32,
+            rows: self.rows as i64,
+            add_every: self.add_every as i64,
+            channels: self.channels as i32,
+            eps: self.eps,
+        };
+        // 32 / lanes rows per warp (one when a row takes the whole warp); the kernels' launch
+        // bounds assume this block size.
+        let aligned = [p.x, p.y as *const _, p.add].iter().all(|&q| (q as usize).is_multiple_of(16))
+            && (q as usize).is_multiple_of(8);
+        let rows_per_warp = 32 / layer_norm_row_lanes(self.channels, aligned).unwrap_or(32);
+        let rows_per_block = LAYER_NORM_THREADS as usize / 32 * rows_per_warp;
+        gpu.launch(kernel, (self.rows.div_ceil(rows_per_block) as u32, 1, 1), (LAYER_NORM_THREADS, 1, 1), 0, &p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::fp8::{Fp8Scaling, e4m3_to_f32};
+
+    #[test]
+    fn layer_norm_fp8_rows_are_the_layer_norm_within_e4m3_rounding() {
+        // [frames, tokens, C] with a row added per frame (the motion modules' form); rows of
+        // different magnitudes after the affine, so each row's scale is its own
+        let (f, l, c) = (2, 3, 32);
+        let xv: Vec<f32> =
+            (0..f * l * c).map(|i| ((i * 7919 % 211) as f32 / 105.0 - 1.0) * (1 + i / c) as f32).collect();
+        let gv: Vec<f32> = (0..c).map(|i| 0.5 + i as f32 * 0.05).collect();
+        let bv: Vec<f32> = (0..c).map(|i| i as f32 * 0.01 - 0.1).collect();
+        let av: Vec<f32> = (0..f * c).map(|i| (i / c) as f32 * 3.0 + (i % c) as f32 * 0.02).collect();
+        let t = |shape: &[usize], v: &[f32]| Tensor::from_f32(shape, DType::F16, v).unwrap();
+        let (x, g, b, a) = (t(&[f, l, c], &xv), t(&[c], &gv), t(&[c], &bv), t(&[f, c], &av));
+        let ex = Exec::Cpu;
+        let exact = layer_norm_add(&ex, &x, Some(&g), Some(&b), 1e-5, Some(&a)).unwrap().to_f32_vec().unwrap();
+        let q = layer_norm_fp8(&ex, &x, Some(&g), Some(&b), 1e-5, Some(&a)).unwrap();
+        assert_eq!((q.shape(), q.scaling()), ([f * l, c], Fp8Scaling::Rows));
+        let (bytes, scales) = q.to_host(&ex).unwrap();
+        for (r, row) in exact.chunks(c).enumerate() {
+            // the 16-bit output is rounded to f16 (2^-11 relative); the e4m3 rows come from fp32
+            let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!((scales[r] * 448.0 - amax).abs() <= amax * 1e-3, "row {r}: scale {} for max {amax}", scales[r]);
+            for (j, v) in row.iter().enumerate() {
+                let back = e4m3_to_f32(bytes[r * c + j]) * scales[r];
+                let bound = (v.abs() / 16.0).max(scales[r] * 2f32.powi(-10)) + v.abs() * 1e-3;
+                assert!((back - v).abs() <= bound, "row {r} channel {j}: {v} -> {back}");
+            }
+        }
+        // FP8 linears take 16-bit models only
+        let x32 = Tensor::from_f32(&[2, c], DType::F32, &xv[..2 * c]).unwrap();
+        assert!(matches!(layer_norm_fp8(&ex, &x32, None, None, 1e-5, None), Err(Error::Input(_))));
     }
 }

@@ -59,6 +59,7 @@ pub fn mean_hw(ex: &Exec, x: &Tensor) -> Result<Tensor> {
                 out_dtype: dtype,
                 bias: false,
                 fp8: false,
+                fp8_rows: false,
             };
             let io = GemmIo::product(ones.device_ptr()?, x.device_ptr()?, y.device_ptr()?, (1.0 / hw as f64) as f32);
             gpu.blas()?.gemm(gpu, &g, io)?;

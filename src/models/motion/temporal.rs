@@ -7,7 +7,7 @@
 
 use super::config::TemporalTransformer;
 use crate::error::{Error, Result};
-use crate::models::transformer::{QKV, block_feed_forward, block_norm_add};
+use crate::models::transformer::{QKV, block_feed_forward, norm_linear};
 use crate::models::weights::{Fusion, Scope};
 use crate::ops::Exec;
 use crate::ops::attention::{Columns, TemporalAttention, temporal_attention};
@@ -90,8 +90,9 @@ fn block(
     // 1.-2. the two attentions; the position table is added to the normalised input, not the stream
     let mut x = x.clone();
     for (k, (norm, attn)) in [("norm1", "attn1"), ("norm2", "attn2")].into_iter().enumerate() {
-        let n = block_norm_add(ex, w, norm, &x, Some(&pe(k + 1)?))?; // [B*F, L, C] + [B*F, C] per frame
-        x = attention(ex, &w.at(attn), heads, frames, &n, &x)?;
+        // LayerNorm(x) + [B*F, C] per frame, through the fused [3C, C] weight: [B*F, L, 3C]
+        let qkv = norm_linear(ex, w, norm, &x, Some(&pe(k + 1)?), w.at(attn).linear_rows(&QKV)?)?;
+        x = attention(ex, &w.at(attn), heads, frames, &qkv, &x)?;
     }
     // 3. GEGLU feed-forward: [B*F, L, C] -> [B*F, L, 8C] -> [B*F, L, 4C] -> [B*F, L, C]
     block_feed_forward(ex, w, &x)
@@ -105,12 +106,11 @@ pub fn fusions<'a>(names: impl IntoIterator<Item = &'a String>) -> Vec<Fusion> {
 }
 
 /// Self-attention over the frames of each (video, pixel, head): softmax(q k^T / sqrt(d)) v with q,
-/// k and v from one GEMM of x by the fused [3C, C] weight, then to_out.0, whose epilogue adds the
-/// residual.
-fn attention(ex: &Exec, w: &Scope, heads: usize, frames: usize, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-    let qkv = linear(ex, x, w.linear_rows(&QKV)?, None)?; // [B*F, L, 3C]
-    let [q, k, v] = Columns::split(&qkv)?;
-    let head_dim = x.shape()[2] / heads.max(1);
+/// k and v from one GEMM by the fused [3C, C] weight (`qkv` [B*F, L, 3C]), then to_out.0, whose
+/// epilogue adds the residual.
+fn attention(ex: &Exec, w: &Scope, heads: usize, frames: usize, qkv: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    let [q, k, v] = Columns::split(qkv)?;
+    let head_dim = residual.shape()[2] / heads.max(1);
     let cfg = TemporalAttention { frames, heads, scale: 1.0 / (head_dim as f32).sqrt() };
     let o = temporal_attention(ex, q, k, v, cfg)?;
     linear_add(ex, &o, w.linear("to_out.0.weight")?, Some(w.get("to_out.0.bias")?), Some(residual))

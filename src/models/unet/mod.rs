@@ -105,6 +105,16 @@ impl Unet {
         self.weights.enable_fp8(ex, |name, shape| which.takes(name, shape))
     }
 
+    /// `enable_fp8` with the twins' scaling chosen (`ModelWeights::enable_fp8_scaled`).
+    pub fn enable_fp8_scaled(
+        &mut self,
+        ex: &Exec,
+        which: transformer::Fp8Linears,
+        scaling: crate::ops::fp8::Fp8Scaling,
+    ) -> Result<usize> {
+        self.weights.enable_fp8_scaled(ex, Some(scaling), |name, shape| which.takes(name, shape))
+    }
+
     /// The prepared weights (which of them a forward has read: `ModelWeights::unread`).
     pub fn weights(&self) -> &ModelWeights {
         &self.weights

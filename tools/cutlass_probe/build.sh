@@ -17,7 +17,7 @@ fi
 src=$headers/cutlass_library/source
 mkdir -p dist/cutlass_probe
 # -DNDEBUG: with CUTLASS's device asserts in, nvcc 13 serialises the wgmma pipeline (ptxas C7510).
-for f in gemm_variants geglu_epilogue; do
+for f in gemm_variants geglu_epilogue fp8_rows; do
   "$nvcc" -arch=sm_90a -std=c++17 --expt-relaxed-constexpr -O3 -ftz=true -DNDEBUG -c -Xcompiler -fPIC \
     -I"$src/include" -I"$src/tools/util/include" -Ikernels/include \
     "tools/cutlass_probe/$f.cu" -o "dist/cutlass_probe/$f.o" &

@@ -1,6 +1,7 @@
-# Measurement probe (tools/cutlass_probe/run.sh): the CUTLASS GEMM forms and the GEGLU epilogue
-# beside torch.mm and PyTorch's composed GEGLU on the same GPU in one run; median of 50 after 10
-# warm-ups, inputs alternating between two buffers, outputs checked against f32 references.
+# Measurement probe (tools/cutlass_probe/run.sh): the CUTLASS GEMM forms, the GEGLU epilogue and
+# the FP8 GEMMs with per-row scales beside torch.mm, PyTorch's composed GEGLU and torch._scaled_mm
+# on the same GPU in one run; median of 50 after 10 warm-ups, inputs alternating between two
+# buffers, outputs checked against f32 references.
 import ctypes
 import sys
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 folder = sys.argv[1]
 gemms = ctypes.CDLL(f"{folder}/gemm_variants.so")
 geglu = ctypes.CDLL(f"{folder}/geglu_epilogue.so")
+fp8 = ctypes.CDLL(f"{folder}/fp8_rows.so")
 FORMS = ["coop_128x256_c2x1", "coop_256x128_c2x1", "coop_256x128_c1x2", "ping_128x128_c2x1", "ping_128x128_c1x2",
          "ping_64x256_c1x1"]
 P = ctypes.c_void_p
@@ -98,4 +100,64 @@ for m, k, dim in [(73728, 640, 2560), (18432, 1280, 5120), (294912, 320, 1280), 
         row.append(f"{median_ms(lambda r: f(*args(r))):.4f} err {err:.1e}")
     print("| " + " | ".join(row) + " |", flush=True)
     del xs, y, want
+    torch.cuda.empty_cache()
+
+
+# FP8 (e4m3) with a scale per token and per output channel: the shapes of celframe's FP8 linears
+# (q/k/v 3C and the GEGLU projection 8C at the UNet's b32 levels 1 and 2, the motion modules'
+# level-0 q/k/v, level 1 at b2 1024x1024).
+FP8_FORMS = ["fp8_coop_128x256_c2x1", "fp8_ping_128x128_c2x1", "fp8_ping_128x128_c1x2"]
+E4M3 = torch.float8_e4m3fn
+
+
+def rows_e4m3(t):
+    s = t.float().abs().amax(dim=1, keepdim=True) / 448.0
+    return (t.float() / s).to(E4M3), s
+
+
+print("\n| M K N | torch.mm f16 ms (TFLOP/s) | _scaled_mm per tensor | _scaled_mm per row | " + " | ".join(FP8_FORMS) + " |")
+for m, k, n in [(73728, 640, 1920), (73728, 640, 5120), (18432, 1280, 3840), (18432, 1280, 10240),
+                (294912, 320, 960), (8192, 640, 1920)]:
+    xs = [torch.randn(m, k, device="cuda", dtype=torch.half) for _ in range(2)]
+    w = (torch.randn(n, k, device="cuda") / k ** 0.5).half()
+    d = torch.empty(m, n, device="cuda", dtype=torch.half)
+    flop = 2 * m * k * n
+    t = median_ms(lambda r: torch.mm(xs[r % 2], w.t(), out=d))
+    row = [f"M{m} K{k} N{n}", f"{t:.4f} ({flop / t / 1e9:.0f})"]
+    xq = [rows_e4m3(x) for x in xs]
+    wq, sw = rows_e4m3(w)
+    want = (xq[0][0].float() * xq[0][1]) @ (wq.float() * sw).t()
+    # per tensor: the rows' scales folded into one
+    xt = [((x.float() / (x.float().abs().amax() / 448.0)).to(E4M3), x.float().abs().amax() / 448.0) for x in xs]
+    wt_scale = w.float().abs().amax() / 448.0
+    wt = (w.float() / wt_scale).to(E4M3)
+    for rowwise in (False, True):
+        try:
+            if rowwise:
+                f = lambda r: torch._scaled_mm(xq[r % 2][0], wq.t(), scale_a=xq[r % 2][1], scale_b=sw.reshape(1, n),
+                                               out_dtype=torch.half, use_fast_accum=True)
+            else:
+                f = lambda r: torch._scaled_mm(xt[r % 2][0], wt.t(), scale_a=xt[r % 2][1], scale_b=wt_scale,
+                                               out_dtype=torch.half, use_fast_accum=True)
+            f(0)
+            t = median_ms(f)
+            row.append(f"{t:.4f} ({flop / t / 1e9:.0f})")
+        except RuntimeError as e:
+            row.append(str(e).splitlines()[0][:60])
+    sws = sw.reshape(-1).contiguous()
+    for form in FP8_FORMS:
+        g = getattr(fp8, form)
+        args = lambda r: (m, n, k, P(xq[r % 2][0].data_ptr()), P(wq.data_ptr()), P(xq[r % 2][1].data_ptr()),
+                          P(sws.data_ptr()), P(d.data_ptr()), P(workspace.data_ptr()), stream())
+        d.fill_(float("nan"))
+        rc = g(*args(0))
+        torch.cuda.synchronize()
+        if rc:
+            row.append(f"rc {rc}")
+            continue
+        err = rel(d, want)
+        t = median_ms(lambda r: g(*args(r)))
+        row.append(f"{t:.4f} ({flop / t / 1e9:.0f}) err {err:.1e}")
+    print("| " + " | ".join(row) + " |", flush=True)
+    del xs, d, want, xq, xt
     torch.cuda.empty_cache()

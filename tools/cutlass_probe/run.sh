@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 nvcc=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc)
-for f in gemm_variants geglu_epilogue; do
+for f in gemm_variants geglu_epilogue fp8_rows; do
   "$nvcc" -shared "dist/cutlass_probe/$f.o" -o "dist/cutlass_probe/$f.so" -lcuda
 done
 python3 tools/cutlass_probe/probe.py dist/cutlass_probe

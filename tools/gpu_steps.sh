@@ -19,6 +19,8 @@
 #                        off, on and all over three seeds (after the render step's prepare)
 #   fp8probe             tools/fp8_cublaslt_probe.py: which FP8 matmul forms this cuBLASLt runs
 #                        (through ctypes, beside torch._scaled_mm) and their speed
+#   cutlass              tools/cutlass_probe/run.sh (dist/cutlass_probe/*.o carried, made by its
+#                        build.sh): CUTLASS GEMM forms, GEGLU epilogue, FP8 with row scales
 #   NAME                 any other name runs the shell command in $CMD_NAME
 # The weights stay in /tmp (tools/*_gpu.sh's folders), so later calls on a warm machine reuse them.
 set -uo pipefail
@@ -76,6 +78,7 @@ run_step() {
     graphs) cmd="graphs" ;;
     fp8) cmd="fp8_runs" ;;
     fp8probe) cmd="python3 tools/fp8_cublaslt_probe.py --log" ;;
+    cutlass) cmd="bash tools/cutlass_probe/run.sh" ;;
     *)
       local var="CMD_$name"
       if [ -z "${!var:-}" ]; then

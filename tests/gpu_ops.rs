@@ -15,7 +15,7 @@ use celframe::gpu::blas::{Gemm, GemmIo};
 use celframe::gpu::{Arena, Gpu};
 use celframe::ops::Exec;
 use celframe::ops::conv::{Conv2d, conv2d};
-use celframe::ops::elementwise::{add, geglu, gelu, mul, residual_add, scale, silu};
+use celframe::ops::elementwise::{add, geglu, geglu_fp8, gelu, mul, residual_add, scale, silu};
 use celframe::ops::embedding::{TimestepEmbedding, timestep_embedding};
 use celframe::ops::linear::{linear, linear_add};
 use celframe::ops::norm::{
@@ -383,6 +383,16 @@ fn elementwise_family_matches_twin() {
         let (gb, gbd) = rig.input(&gshape[2..], dtype, 1.0, 0.0);
         let (gpu_out, cpu_out) = (geglu(&ex, &hd, Some(&gbd)).unwrap(), geglu(&Exec::Cpu, &h, Some(&gb)).unwrap());
         rig.check("geglu with bias", &gshape, dtype, gpu_out, cpu_out);
+        if dtype != DType::F32 {
+            // GEGLU writing e4m3 rows (an FP8 ff.net.2's input), vectorised and scalar rows
+            let (g3, g3d) = rig.input(&[3, 2 * 20], dtype, 2.0, 0.0);
+            for (x, xd, what) in [(&h, &hd, "geglu e4m3 with bias"), (&g3, &g3d, "geglu e4m3 odd width")] {
+                let bias = (what == "geglu e4m3 with bias").then_some((&gb, &gbd));
+                let got = geglu_fp8(&ex, xd, bias.map(|b| b.1)).unwrap().to_host(&ex).unwrap();
+                let want = geglu_fp8(&Exec::Cpu, x, bias.map(|b| b.0)).unwrap().to_host(&Exec::Cpu).unwrap();
+                check_e4m3_rows(what, &got, &want);
+            }
+        }
         let odd = [3, 7, 5]; // scalar path: width not a multiple of 8
         let (o, od) = rig.input(&odd, dtype, 1.0, 0.0);
         rig.check("silu odd width", &odd, dtype, silu(&ex, &od).unwrap(), silu(&Exec::Cpu, &o).unwrap());
@@ -552,21 +562,30 @@ fn layer_norm_fp8_matches_twin() {
         let (a, ad) = (added.as_ref().map(|(a, _)| a), added.as_ref().map(|(_, ad)| ad));
         let got = layer_norm_fp8(&rig.exec(), &xd, Some(&gd), Some(&bd), 1e-5, ad).unwrap();
         let twin = layer_norm_fp8(&Exec::Cpu, &x, Some(&g), Some(&b), 1e-5, a).unwrap();
-        let ((bytes, scales), (want, want_scales)) =
-            (got.to_host(&rig.exec()).unwrap(), twin.to_host(&Exec::Cpu).unwrap());
-        let scale_err = scales.iter().zip(&want_scales).map(|(s, w)| ((s - w) / w).abs()).fold(0f32, f32::max);
-        let decode = |bytes: &[u8], scales: &[f32]| -> Vec<f32> {
-            bytes.iter().enumerate().map(|(i, &q)| celframe::ops::fp8::e4m3_to_f32(q) * scales[i / c]).collect()
-        };
-        let (rel, _) = common::errors(&decode(&bytes, &scales), &decode(&want, &want_scales));
-        let differ = bytes.iter().zip(&want).filter(|(p, q)| p != q).count();
-        println!(
-            "GPUCHECK layer_norm_fp8 {rows}x{c} {dtype:?} frames {frames}: scales max rel {scale_err:.1e}, rel_l2 \
-             {rel:.2e}, bytes differing {differ} of {}",
-            bytes.len()
-        );
-        assert!(scale_err < 1e-5 && rel < 2e-3, "layer_norm_fp8 {rows}x{c}");
+        let what = format!("layer_norm_fp8 {rows}x{c} {dtype:?} frames {frames}");
+        check_e4m3_rows(&what, &got.to_host(&rig.exec()).unwrap(), &twin.to_host(&Exec::Cpu).unwrap());
     }
+}
+
+/// e4m3 rows with a scale each from a kernel against the CPU twin's: the scales within 1e-5
+/// (relative) and the decoded rows within rel L2 2e-3 (fp32 arithmetic in another order can put a
+/// value on the other side of an e4m3 rounding boundary); unwritten bytes (poisoned) would decode
+/// to NaN.
+fn check_e4m3_rows(what: &str, (bytes, scales): &(Vec<u8>, Vec<f32>), (want, want_scales): &(Vec<u8>, Vec<f32>)) {
+    assert_eq!((bytes.len(), scales.len()), (want.len(), want_scales.len()), "{what}");
+    let cols = bytes.len() / scales.len().max(1);
+    let scale_err = scales.iter().zip(want_scales).map(|(s, w)| ((s - w) / w).abs()).fold(0f32, f32::max);
+    let decode = |bytes: &[u8], scales: &[f32]| -> Vec<f32> {
+        bytes.iter().enumerate().map(|(i, &q)| celframe::ops::fp8::e4m3_to_f32(q) * scales[i / cols]).collect()
+    };
+    let (rel, _) = common::errors(&decode(bytes, scales), &decode(want, want_scales));
+    let differ = bytes.iter().zip(want).filter(|(p, q)| p != q).count();
+    println!(
+        "GPUCHECK {what}: {} rows, scales max rel {scale_err:.1e}, rel_l2 {rel:.2e}, bytes differing {differ} of {}",
+        scales.len(),
+        bytes.len()
+    );
+    assert!(scale_err < 1e-5 && rel < 2e-3, "{what}: scales {scale_err:.1e}, rel L2 {rel:.2e}");
 }
 
 /// The GEGLU projection (ff.net.0.proj, then GEGLU) through both routes against the CPU twin: the

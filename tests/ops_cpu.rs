@@ -115,6 +115,30 @@ fn geglu_bias_matches_the_bias_added_before() {
     assert_close("geglu with bias", &geglu(&CPU, x, Some(&bias)).unwrap(), &want, TOL);
 }
 
+/// GEGLU writing e4m3 rows (the input of an FP8 ff.net.2 with per-row scales): each row's scale
+/// maps its largest output to 448 and every output decodes within e4m3's rounding of GEGLU's.
+#[test]
+fn geglu_fp8_rows_are_geglu_within_e4m3_rounding() {
+    use celframe::ops::elementwise::geglu_fp8;
+    use celframe::ops::fp8::e4m3_to_f32;
+    let f = fixture("ops_reference.safetensors");
+    let x = &f["geglu.x"];
+    let exact = geglu(&CPU, x, None).unwrap().to_f32_vec().unwrap();
+    let q = geglu_fp8(&CPU, x, None).unwrap();
+    let d = q.shape()[1];
+    assert_eq!(q.shape()[0] * d, exact.len());
+    let (bytes, scales) = q.to_host(&CPU).unwrap();
+    for (r, row) in exact.chunks(d).enumerate() {
+        let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!((scales[r] * 448.0 - amax).abs() <= amax * 1e-3, "row {r}: scale {} for max {amax}", scales[r]);
+        for (j, v) in row.iter().enumerate() {
+            let back = e4m3_to_f32(bytes[r * d + j]) * scales[r];
+            let bound = (v.abs() / 16.0).max(scales[r] * 2f32.powi(-10)) + v.abs() * 1e-3;
+            assert!((back - v).abs() <= bound, "row {r} output {j}: {v} -> {back}");
+        }
+    }
+}
+
 #[test]
 fn linear_matches_torch() {
     let f = fixture("ops_reference.safetensors");

@@ -389,7 +389,7 @@ fn fp8_linears_render_a_clip_near_the_f16_one() {
     write_control_pngs("controlnet_video", &control);
     let frames = |fp8: bool, seed: u64| {
         let mut config = config_for("controlnet_video", &dir.path(&format!("out-{fp8}-{seed}")), Some(&control));
-        let mode = if fp8 { "all" } else { "off" }; // "on" takes none of the tiny model's linears
+        let mode = if fp8 { "all" } else { "off" }; // every block linear ("on" leaves to_out, proj_in/out)
         (config.dtype, config.fp8, config.seed) = ("f16".into(), mode.into(), seed);
         let options = RenderOptions { keep_tensors: true, ..RenderOptions::default() };
         let report = render(&config, &options).unwrap();

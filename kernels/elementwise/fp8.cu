@@ -1,7 +1,7 @@
 // FP8 e4m3 quantization (see Fp8AmaxParams / Fp8QuantizeParams / Fp8QuantizeRowsParams): the
 // activations of an FP8 linear and its weights. Per tensor: two memory-bound grid-stride passes;
 // per row: one warp a row. Each moves 8 elements per step where the count and the pointers allow
-// (16-byte loads of f16/bf16), else one.
+// (16-byte loads of f16/bf16), else one. And GEGLU writing its rows as e4m3 (GegluE4m3Params).
 #include "fp8.cuh"
 
 template <typename T> __device__ __forceinline__ bool fp8_vectorized(const T* x, const void* q, int64_t n) {
@@ -87,3 +87,57 @@ template <typename T> __device__ void fp8_quantize_rows(const Fp8QuantizeRowsPar
 CELFRAME_KERNELS_FOR_DTYPES(fp8_amax, Fp8AmaxParams, fp8_amax)
 CELFRAME_KERNELS_FOR_DTYPES(fp8_quantize, Fp8QuantizeParams, fp8_quantize)
 CELFRAME_KERNELS_FOR_DTYPES(fp8_quantize_rows, Fp8QuantizeRowsParams, fp8_quantize_rows)
+
+// GEGLU's output rows as e4m3 with a scale each, one warp a row: the row's outputs computed twice
+// (for its max, then to write), the inputs re-read from L1/L2 the second time. The arithmetic is
+// the geglu kernel's (elementwise.cu) without the rounding to T.
+template <typename T> __device__ void geglu_e4m3(const GegluE4m3Params& p) {
+    const int lane = threadIdx.x % 32;
+    const int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= p.rows) return;
+    const T* x = static_cast<const T*>(p.x) + row * 2 * p.d;
+    const T* bias = static_cast<const T*>(p.bias);
+    uint8_t* q = p.q + row * p.d;
+    const bool vec = p.d % 8 == 0 &&
+                     ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(bias)) % 16) == 0 &&
+                     reinterpret_cast<uintptr_t>(q) % 8 == 0;
+    // Outputs j .. j + 8 (vectorised rows) or j alone.
+    auto out8 = [&](int64_t j, float v[8]) {
+        float gate[8], bv[8] = {0, 0, 0, 0, 0, 0, 0, 0}, bg[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        unpack8<T>(load8<T>(x + j), v);
+        unpack8<T>(load8<T>(x + p.d + j), gate);
+        if (bias) {
+            unpack8<T>(load8<T>(bias + j), bv);
+            unpack8<T>(load8<T>(bias + p.d + j), bg);
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) v[k] = (v[k] + bv[k]) * gelu_f32(gate[k] + bg[k]);
+    };
+    auto out1 = [&](int64_t j) {
+        const float bv = bias ? to_f32(bias[j]) : 0.0f, bg = bias ? to_f32(bias[p.d + j]) : 0.0f;
+        return (to_f32(x[j]) + bv) * gelu_f32(to_f32(x[p.d + j]) + bg);
+    };
+    float m = 0.0f;
+    if (vec) {
+        for (int64_t j = lane * 8; j < p.d; j += 256) {
+            float v[8];
+            out8(j, v);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) m = fmaxf(m, fabsf(v[k]));
+        }
+    } else {
+        for (int64_t j = lane; j < p.d; j += 32) m = fmaxf(m, fabsf(out1(j)));
+    }
+    const float s = fp8_scale_of(group_max<32>(m));
+    if (lane == 0) p.q_scales[row] = s;
+    if (vec) {
+        for (int64_t j = lane * 8; j < p.d; j += 256) {
+            float v[8];
+            out8(j, v);
+            *reinterpret_cast<uint2*>(q + j) = e4m3x8(v, s);
+        }
+    } else {
+        for (int64_t j = lane; j < p.d; j += 32) q[j] = to_e4m3(out1(j) / s);
+    }
+}
+CELFRAME_KERNELS_FOR_DTYPES(geglu_e4m3, GegluE4m3Params, geglu_e4m3)

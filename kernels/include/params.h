@@ -54,6 +54,19 @@ typedef struct GegluParams {
     int64_t d;
 } GegluParams;
 
+// GEGLU with its output rows written as e4m3, each with its own scale (the input of an FP8
+// second feed-forward GEMM with per-row scales): q[r] = e4m3(y[r] / s[r]) from the fp32 outputs y,
+// s[r] = max |y[r]| / 448 (1 for an all-zero row) in q_scales[r]. One warp per row,
+// FP8_ROWS_THREADS per block (kernels/elementwise/fp8.cu).
+typedef struct GegluE4m3Params {
+    const void* x;      // [rows, 2d]: values, then gates
+    const void* bias;   // [2d] or null
+    uint8_t* q;         // [rows, d]
+    float* q_scales;    // [rows]
+    int64_t rows;
+    int64_t d;
+} GegluE4m3Params;
+
 // Group norm over NHWC activations with optional fused SiLU, the two-phase kernel
 // (kernels/norm/group_norm.cu, whose header gives the design). A "domain" is the set of images
 // sharing statistics: one image (frames = 1) or the `frames` consecutive images of one video.

@@ -45,5 +45,6 @@ kernel_params!(
     params::LoraDoraParams,
     params::Fp8AmaxParams,
     params::Fp8QuantizeParams,
-    params::Fp8QuantizeRowsParams
+    params::Fp8QuantizeRowsParams,
+    params::GegluE4m3Params
 );

@@ -136,6 +136,36 @@ impl Default for GegluParams {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct GegluE4m3Params {
+    pub x: *const ::std::os::raw::c_void,
+    pub bias: *const ::std::os::raw::c_void,
+    pub q: *mut u8,
+    pub q_scales: *mut f32,
+    pub rows: i64,
+    pub d: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of GegluE4m3Params"][::std::mem::size_of::<GegluE4m3Params>() - 48usize];
+    ["Alignment of GegluE4m3Params"][::std::mem::align_of::<GegluE4m3Params>() - 8usize];
+    ["Offset of field: GegluE4m3Params::x"][::std::mem::offset_of!(GegluE4m3Params, x) - 0usize];
+    ["Offset of field: GegluE4m3Params::bias"][::std::mem::offset_of!(GegluE4m3Params, bias) - 8usize];
+    ["Offset of field: GegluE4m3Params::q"][::std::mem::offset_of!(GegluE4m3Params, q) - 16usize];
+    ["Offset of field: GegluE4m3Params::q_scales"][::std::mem::offset_of!(GegluE4m3Params, q_scales) - 24usize];
+    ["Offset of field: GegluE4m3Params::rows"][::std::mem::offset_of!(GegluE4m3Params, rows) - 32usize];
+    ["Offset of field: GegluE4m3Params::d"][::std::mem::offset_of!(GegluE4m3Params, d) - 40usize];
+};
+impl Default for GegluE4m3Params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct GroupNormParams {
     pub x: *const ::std::os::raw::c_void,
     pub x_bias: *const ::std::os::raw::c_void,

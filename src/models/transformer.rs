@@ -14,7 +14,7 @@ use super::weights::{Fusion, ModelWeights, Scope, WeightsState};
 use crate::error::{Error, Result};
 use crate::ops::Exec;
 use crate::ops::attention::{Columns, FlashAttention, attention_grouped};
-use crate::ops::elementwise::geglu;
+use crate::ops::elementwise::{geglu, geglu_fp8};
 use crate::ops::fp8::{Fp8Scaling, linear_fp8_quantized};
 use crate::ops::linear::{LinearWeight, linear, linear_add, linear_geglu};
 use crate::ops::norm::{GroupNorm, group_norm, layer_norm_add, layer_norm_fp8};
@@ -132,14 +132,25 @@ pub(crate) fn norm_linear(
 /// BasicTransformerBlock's last step, x + FF(LN3(x)) with the GEGLU feed-forward:
 /// [B, L, C] -> [B, L, 4C] (the [B, L, 8C] projection and GEGLU as one `linear_geglu`) -> [B, L, C],
 /// the residual added in ff.net.2's epilogue. With an FP8 projection, GEGLU and the projection's
-/// bias are one pass after the FP8 product (cuBLASLt takes no bias epilogue there).
+/// bias are one pass after the FP8 product (cuBLASLt takes no bias epilogue there); with a
+/// per-row FP8 twin of ff.net.2, that pass writes ff.net.2's e4m3 rows (`geglu_fp8`).
 pub(crate) fn block_feed_forward(ex: &Exec, w: &Scope, x: &Tensor) -> Result<Tensor> {
     let (proj, bias) = (w.linear("ff.net.0.proj.weight")?, w.get("ff.net.0.proj.bias")?);
+    let (out, out_bias) = (w.linear("ff.net.2.weight")?, w.get("ff.net.2.bias")?);
+    if let Some(q) = out.fp8.filter(|q| q.scaling() == Fp8Scaling::Rows) {
+        let hq = match proj.fp8 {
+            Some(_) => geglu_fp8(ex, &norm_linear(ex, w, "norm3", x, None, proj)?, Some(bias))?,
+            None => geglu_fp8(ex, &linear(ex, &block_norm(ex, w, "norm3", x)?, proj, Some(bias))?, None)?,
+        };
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().unwrap() = hq.shape()[1];
+        return linear_fp8_quantized(ex, &hq, &shape, x.dtype(), q, Some(out_bias), Some(x));
+    }
     let f = match proj.fp8 {
         Some(_) => geglu(ex, &norm_linear(ex, w, "norm3", x, None, proj)?, Some(bias))?,
         None => linear_geglu(ex, &block_norm(ex, w, "norm3", x)?, proj, Some(bias))?,
     };
-    linear_add(ex, &f, w.linear("ff.net.2.weight")?, Some(w.get("ff.net.2.bias")?), Some(x))
+    linear_add(ex, &f, out, Some(out_bias), Some(x))
 }
 
 /// BasicTransformerBlock: x += attn1(LN1(x)); x += attn2(LN2(x), context); x += FF(LN3(x)).
@@ -193,21 +204,21 @@ pub fn fusions<'a>(names: impl IntoIterator<Item = &'a String>) -> Vec<Fusion> {
 pub enum Fp8Linears {
     #[default]
     Off,
-    /// The transformer blocks' linears whose input is a LayerNorm's output (the attentions' q, k
-    /// and v, the GEGLU projection), whose e4m3 rows the LayerNorm writes itself with per-row
-    /// scales, and any other with at least `FP8_MIN_OUT` outputs ("on").
+    /// The transformer blocks' linears whose input is a LayerNorm's or GEGLU's output (the
+    /// attentions' q, k and v, the GEGLU projection, the second feed-forward GEMM), whose e4m3
+    /// rows that kernel writes itself with per-row scales, and any other with at least
+    /// `FP8_MIN_OUT` outputs ("on"): all but to_out and proj_in/out.
     Wide,
     /// Every linear of the transformer blocks and their projections in and out ("all").
     All,
 }
 
-/// The fewest outputs N for which a linear not fed by a LayerNorm runs in FP8 under
+/// The fewest outputs N for which a linear not fed by a LayerNorm or GEGLU runs in FP8 under
 /// `Fp8Linears::Wide`. Quantizing its activation costs 5 bytes per input element with one scale
 /// per tensor (amax read, then read and e4m3 write), 3 with one per row, ~m·k · bytes / 3.5 TB/s;
 /// the FP8 GEMM saves 2·m·n·k · (1/750 - 1/~1300) per TFLOP/s (the H200's cuBLASLt f16 rate
-/// measured, FP8's assumed): the saving wins from n ~ 1200-1700 (per row: ~800). SDXL's block
-/// linears not fed by a LayerNorm have N = C (to_out, the second feed-forward GEMM, proj_in/out)
-/// and stay in the compute dtype.
+/// measured, FP8's assumed): the saving wins from n ~ 1200-1700 (per row: ~800). SDXL's other
+/// block linears have N = C (to_out, proj_in/out) and stay in the compute dtype.
 pub const FP8_MIN_OUT: usize = 1536;
 
 impl Fp8Linears {
@@ -232,11 +243,12 @@ impl Fp8Linears {
             || name.ends_with(".proj_out.weight");
         let linear = block && !name.contains(".attn2.to_k") && !name.contains(".attn2.to_v");
         // A block's q (fused with k and v in self-attention) and its GEGLU projection read
-        // LayerNorm outputs (`norm_linear`).
-        let after_norm = name.contains(".to_q") || name.ends_with(".ff.net.0.proj.weight");
+        // LayerNorm outputs (`norm_linear`), its ff.net.2 GEGLU's (`block_feed_forward`).
+        let rows_written =
+            name.contains(".to_q") || name.ends_with(".ff.net.0.proj.weight") || name.ends_with(".ff.net.2.weight");
         match self {
             Fp8Linears::Off => false,
-            Fp8Linears::Wide => linear && (after_norm || shape.first().is_some_and(|&n| n >= FP8_MIN_OUT)),
+            Fp8Linears::Wide => linear && (rows_written || shape.first().is_some_and(|&n| n >= FP8_MIN_OUT)),
             Fp8Linears::All => linear,
         }
     }
@@ -404,7 +416,7 @@ mod tests {
             (format!("{block}.attn2.to_k+to_v.weight"), [2560, 2048], false, false),
             (format!("{block}.attn2.to_k.weight"), [1280, 2048], false, false),
             (format!("{block}.ff.net.0.proj.weight"), [10240, 1280], true, true),
-            (format!("{block}.ff.net.2.weight"), [1280, 5120], false, true),
+            (format!("{block}.ff.net.2.weight"), [1280, 5120], true, true),
             ("up_blocks.0.attentions.1.proj_in.weight".into(), [1280, 1280], false, true),
             ("up_blocks.0.attentions.1.proj_out.weight".into(), [1280, 1280], false, true),
             // a motion module's second (temporal self-) attention keeps its k and v

@@ -1,9 +1,12 @@
 //! Element-wise ops: add / mul with broadcasting, scale, SiLU, GELU (exact erf), quick GELU, GEGLU,
 //! and the ResNet's residual add with its convolutions' biases.
 
+use super::fp8::Fp8Matrix;
 use super::{Exec, grid_for, host_out, same_dtype};
 use crate::error::{Error, Result};
-use crate::gpu::params::{ElementwiseOp, ElementwiseParams, GegluParams, ResidualAddParams};
+use crate::gpu::params::{
+    ElementwiseOp, ElementwiseParams, FP8_ROWS_THREADS, GegluE4m3Params, GegluParams, ResidualAddParams,
+};
 use crate::tensor::Tensor;
 
 const BLOCK: u32 = 256;
@@ -208,33 +211,9 @@ pub fn residual_add(
 /// GEGLU: x [..., 2D] -> (x[..., :D] + bias[:D]) * gelu(x[..., D:] + bias[D:]) (value first, gate
 /// second). The bias [2D] is the projection's, for a projection whose GEMM could not add it (FP8).
 pub fn geglu(ex: &Exec, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let mut inputs = vec![x];
-    inputs.extend(bias);
-    ex.expect_inputs("geglu", &inputs)?;
-    same_dtype("geglu", &inputs)?;
-    let two_d = *x.shape().last().unwrap_or(&0);
-    if !two_d.is_multiple_of(2) || two_d == 0 {
-        return Err(Error::Input(format!("geglu: last dimension of {x:?} must be even")));
-    }
-    if let Some(b) = bias.filter(|b| b.shape() != [two_d]) {
-        return Err(Error::Input(format!("geglu: bias {b:?} must be [{two_d}]")));
-    }
-    let d = two_d / 2;
-    let rows = x.numel() / two_d;
-    let mut shape = x.shape().to_vec();
-    *shape.last_mut().unwrap() = d;
+    let (rows, d, shape) = geglu_shape(ex, x, bias)?;
     match ex {
-        Exec::Cpu => {
-            let v = x.to_f32_vec()?;
-            let b = bias.map(|b| b.to_f32_vec()).transpose()?.unwrap_or_else(|| vec![0.0; two_d]);
-            let out: Vec<f32> = (0..rows * d)
-                .map(|i| {
-                    let (r, j) = (i / d, i % d);
-                    (v[r * two_d + j] + b[j]) * gelu_f32(v[r * two_d + d + j] + b[d + j])
-                })
-                .collect();
-            host_out(&shape, x.dtype(), &out)
-        }
+        Exec::Cpu => host_out(&shape, x.dtype(), &geglu_values(x, bias, d)?),
         Exec::Cuda { gpu, scratch } => {
             let out = gpu.empty(scratch, &shape, x.dtype())?;
             let p = GegluParams {
@@ -254,4 +233,60 @@ pub fn geglu(ex: &Exec, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
             Ok(out)
         }
     }
+}
+
+/// `geglu` written as e4m3 rows, each with its own scale (`Fp8Scaling::Rows`): the input of an
+/// FP8 second feed-forward GEMM, without a 16-bit output or a quantization pass. The scales and
+/// bytes come from the fp32 outputs (not rounded to x's dtype first). [.., 2D] -> [rows, D].
+pub fn geglu_fp8(ex: &Exec, x: &Tensor, bias: Option<&Tensor>) -> Result<Fp8Matrix> {
+    let (rows, d, _) = geglu_shape(ex, x, bias)?;
+    match ex {
+        Exec::Cpu => Ok(Fp8Matrix::host_rows(d, &geglu_values(x, bias, d)?)),
+        Exec::Cuda { gpu, .. } => {
+            let (q, bytes, scales) = Fp8Matrix::scratch_rows(ex, rows, d)?;
+            let p = GegluE4m3Params {
+                x: x.device_ptr()? as *const _,
+                bias: bias.map(|b| b.device_ptr()).transpose()?.unwrap_or(0) as *const _,
+                q: bytes as *mut u8,
+                q_scales: scales as *mut f32,
+                rows: rows as i64,
+                d: d as i64,
+            };
+            let grid = rows.div_ceil(FP8_ROWS_THREADS as usize / 32).max(1) as u32;
+            gpu.launch(kernel_for!("geglu_e4m3", x.dtype()), (grid, 1, 1), (FP8_ROWS_THREADS, 1, 1), 0, &p)?;
+            Ok(q)
+        }
+    }
+}
+
+/// GEGLU's checked arguments: (rows, D, the output's shape) for x [.., 2D] and bias [2D].
+fn geglu_shape(ex: &Exec, x: &Tensor, bias: Option<&Tensor>) -> Result<(usize, usize, Vec<usize>)> {
+    let mut inputs = vec![x];
+    inputs.extend(bias);
+    ex.expect_inputs("geglu", &inputs)?;
+    same_dtype("geglu", &inputs)?;
+    let two_d = *x.shape().last().unwrap_or(&0);
+    if !two_d.is_multiple_of(2) || two_d == 0 {
+        return Err(Error::Input(format!("geglu: last dimension of {x:?} must be even")));
+    }
+    if let Some(b) = bias.filter(|b| b.shape() != [two_d]) {
+        return Err(Error::Input(format!("geglu: bias {b:?} must be [{two_d}]")));
+    }
+    let d = two_d / 2;
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = d;
+    Ok((x.numel() / two_d, d, shape))
+}
+
+/// The CPU twin's GEGLU outputs in f32.
+fn geglu_values(x: &Tensor, bias: Option<&Tensor>, d: usize) -> Result<Vec<f32>> {
+    let two_d = 2 * d;
+    let v = x.to_f32_vec()?;
+    let b = bias.map(|b| b.to_f32_vec()).transpose()?.unwrap_or_else(|| vec![0.0; two_d]);
+    Ok((0..v.len() / 2)
+        .map(|i| {
+            let (r, j) = (i / d, i % d);
+            (v[r * two_d + j] + b[j]) * gelu_f32(v[r * two_d + d + j] + b[d + j])
+        })
+        .collect())
 }

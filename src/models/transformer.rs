@@ -137,20 +137,25 @@ pub(crate) fn norm_linear(
 pub(crate) fn block_feed_forward(ex: &Exec, w: &Scope, x: &Tensor) -> Result<Tensor> {
     let (proj, bias) = (w.linear("ff.net.0.proj.weight")?, w.get("ff.net.0.proj.bias")?);
     let (out, out_bias) = (w.linear("ff.net.2.weight")?, w.get("ff.net.2.bias")?);
-    if let Some(q) = out.fp8.filter(|q| q.scaling() == Fp8Scaling::Rows) {
-        let hq = match proj.fp8 {
-            Some(_) => geglu_fp8(ex, &norm_linear(ex, w, "norm3", x, None, proj)?, Some(bias))?,
-            None => geglu_fp8(ex, &linear(ex, &block_norm(ex, w, "norm3", x)?, proj, Some(bias))?, None)?,
-        };
-        let mut shape = x.shape().to_vec();
-        *shape.last_mut().unwrap() = hq.shape()[1];
-        return linear_fp8_quantized(ex, &hq, &shape, x.dtype(), q, Some(out_bias), Some(x));
+    let out_rows = out.fp8.filter(|q| q.scaling() == Fp8Scaling::Rows);
+    if proj.fp8.is_none() && out_rows.is_none() {
+        let f = linear_geglu(ex, &block_norm(ex, w, "norm3", x)?, proj, Some(bias))?;
+        return linear_add(ex, &f, out, Some(out_bias), Some(x));
     }
-    let f = match proj.fp8 {
-        Some(_) => geglu(ex, &norm_linear(ex, w, "norm3", x, None, proj)?, Some(bias))?,
-        None => linear_geglu(ex, &block_norm(ex, w, "norm3", x)?, proj, Some(bias))?,
+    // The projection alone, then GEGLU: an FP8 projection leaves its bias to GEGLU's pass.
+    let (h, geglu_bias) = match proj.fp8 {
+        Some(_) => (norm_linear(ex, w, "norm3", x, None, proj)?, Some(bias)),
+        None => (linear(ex, &block_norm(ex, w, "norm3", x)?, proj, Some(bias))?, None),
     };
-    linear_add(ex, &f, out, Some(out_bias), Some(x))
+    match out_rows {
+        Some(q) => {
+            let hq = geglu_fp8(ex, &h, geglu_bias)?;
+            let mut shape = x.shape().to_vec();
+            *shape.last_mut().unwrap() = hq.shape()[1];
+            linear_fp8_quantized(ex, &hq, &shape, x.dtype(), q, Some(out_bias), Some(x))
+        }
+        None => linear_add(ex, &geglu(ex, &h, geglu_bias)?, out, Some(out_bias), Some(x)),
+    }
 }
 
 /// BasicTransformerBlock: x += attn1(LN1(x)); x += attn2(LN2(x), context); x += FF(LN3(x)).

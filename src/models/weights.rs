@@ -336,38 +336,40 @@ impl ModelWeights {
         if !chosen.is_empty() && self.dtype == DType::F32 {
             return Err(Error::Input("FP8 linears quantize f16 or bf16 weights; these are f32".into()));
         }
-        // A scale per output channel (and per token) where this device's cuBLASLt runs such GEMMs:
-        // finer, and the LayerNorms before q/k/v and the GEGLU projection then write their e4m3
-        // rows themselves. Else one scale per weight.
-        let scaling = match (scaling.or(self.fp8_scaling()), chosen.first()) {
-            (Some(s), Some((_, t))) => {
-                probe(ex, &quantize(ex, t, true, s)?, self.dtype)?;
-                s
-            }
-            (None, Some((_, t))) => self.probe_fp8_scaling(ex, t)?,
-            (s, None) => s.unwrap_or(Fp8Scaling::Rows),
-        };
+        let mut chosen = chosen.into_iter();
+        let Some((name, first)) = chosen.next() else { return Ok(0) };
+        // The first twin probes the scaling; the others follow it.
+        let first = self.probed_twin(ex, first, scaling.or(self.fp8_scaling()))?;
+        let scaling = first.scaling();
         let version = self.version.load(Ordering::Acquire);
-        let mut twins = Vec::with_capacity(chosen.len());
+        let twin = |matrix| Fp8Twin { matrix, version: AtomicU64::new(version) };
+        let mut twins = vec![(name, twin(first))];
         for (name, t) in chosen {
-            twins.push((name, Fp8Twin { matrix: quantize(ex, t, true, scaling)?, version: AtomicU64::new(version) }));
+            twins.push((name, twin(quantize(ex, t, true, scaling)?)));
         }
         let count = twins.len();
         self.fp8.extend(twins);
         Ok(count)
     }
 
-    /// Per-row scales, unless one probing FP8 linear with them through `weight` is refused and one
-    /// with a scale per tensor runs (said on stderr); neither running is an Unsupported error.
-    fn probe_fp8_scaling(&self, ex: &Exec, weight: &Tensor) -> Result<Fp8Scaling> {
-        let probe = |scaling| probe(ex, &quantize(ex, weight, true, scaling)?, self.dtype);
-        match probe(Fp8Scaling::Rows) {
-            Ok(()) => Ok(Fp8Scaling::Rows),
-            Err(rows) => {
-                probe(Fp8Scaling::Tensor)?;
+    /// The twin of `weight` with `scaling`, one probing FP8 linear through it having run. Without
+    /// a scaling: a scale per output channel (and per token) where this device's cuBLASLt runs
+    /// such GEMMs, finer, and the LayerNorms and GEGLU before the linears then write their e4m3
+    /// rows themselves; else one scale per weight (said on stderr). Neither running is an
+    /// Unsupported error.
+    fn probed_twin(&self, ex: &Exec, weight: &Tensor, scaling: Option<Fp8Scaling>) -> Result<Fp8Matrix> {
+        let probed = |scaling| -> Result<Fp8Matrix> {
+            let twin = quantize(ex, weight, true, scaling)?;
+            probe(ex, &twin, self.dtype)?;
+            Ok(twin)
+        };
+        match scaling {
+            Some(s) => probed(s),
+            None => probed(Fp8Scaling::Rows).or_else(|rows| {
+                let twin = probed(Fp8Scaling::Tensor)?;
                 eprintln!("note: FP8 linears take one scale per weight and per activation here: {rows}");
-                Ok(Fp8Scaling::Tensor)
-            }
+                Ok(twin)
+            }),
         }
     }
 

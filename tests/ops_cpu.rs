@@ -115,28 +115,54 @@ fn geglu_bias_matches_the_bias_added_before() {
     assert_close("geglu with bias", &geglu(&CPU, x, Some(&bias)).unwrap(), &want, TOL);
 }
 
-/// GEGLU writing e4m3 rows (the input of an FP8 ff.net.2 with per-row scales): each row's scale
-/// maps its largest output to 448 and every output decodes within e4m3's rounding of GEGLU's.
+/// e4m3 rows with a scale each against the values they encode (`exact`, rounded to a 16-bit
+/// dtype or not): each row's scale maps its largest magnitude to 448 and every value decodes
+/// within e4m3's rounding (1/16 relative, or half a subnormal step), plus f16's 2^-11.
+fn assert_e4m3_rows_within_rounding(what: &str, q: &celframe::ops::fp8::Fp8Matrix, exact: &[f32]) {
+    use celframe::ops::fp8::{Fp8Scaling, e4m3_to_f32};
+    let [rows, cols] = q.shape();
+    assert_eq!((rows * cols, q.scaling()), (exact.len(), Fp8Scaling::Rows), "{what}");
+    let (bytes, scales) = q.to_host(&CPU).unwrap();
+    for (r, row) in exact.chunks(cols).enumerate() {
+        let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!((scales[r] * 448.0 - amax).abs() <= amax * 1e-3, "{what} row {r}: scale {} for max {amax}", scales[r]);
+        for (j, v) in row.iter().enumerate() {
+            let back = e4m3_to_f32(bytes[r * cols + j]) * scales[r];
+            let bound = (v.abs() / 16.0).max(scales[r] * 2f32.powi(-10)) + v.abs() * 1e-3;
+            assert!((back - v).abs() <= bound, "{what} row {r} column {j}: {v} -> {back}");
+        }
+    }
+}
+
+/// GEGLU writing e4m3 rows (the input of an FP8 ff.net.2 with per-row scales).
 #[test]
 fn geglu_fp8_rows_are_geglu_within_e4m3_rounding() {
     use celframe::ops::elementwise::geglu_fp8;
-    use celframe::ops::fp8::e4m3_to_f32;
     let f = fixture("ops_reference.safetensors");
     let x = &f["geglu.x"];
     let exact = geglu(&CPU, x, None).unwrap().to_f32_vec().unwrap();
-    let q = geglu_fp8(&CPU, x, None).unwrap();
-    let d = q.shape()[1];
-    assert_eq!(q.shape()[0] * d, exact.len());
-    let (bytes, scales) = q.to_host(&CPU).unwrap();
-    for (r, row) in exact.chunks(d).enumerate() {
-        let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-        assert!((scales[r] * 448.0 - amax).abs() <= amax * 1e-3, "row {r}: scale {} for max {amax}", scales[r]);
-        for (j, v) in row.iter().enumerate() {
-            let back = e4m3_to_f32(bytes[r * d + j]) * scales[r];
-            let bound = (v.abs() / 16.0).max(scales[r] * 2f32.powi(-10)) + v.abs() * 1e-3;
-            assert!((back - v).abs() <= bound, "row {r} output {j}: {v} -> {back}");
-        }
-    }
+    assert_e4m3_rows_within_rounding("geglu_fp8", &geglu_fp8(&CPU, x, None).unwrap(), &exact);
+}
+
+/// The LayerNorm writing e4m3 rows (the input of an FP8 linear with per-row scales), in the motion
+/// modules' form [frames, tokens, C] with a row added per frame; rows of different magnitudes
+/// after the affine, so each row's scale is its own. f32 is refused (FP8 linears take 16-bit
+/// models only).
+#[test]
+fn layer_norm_fp8_rows_are_the_layer_norm_within_e4m3_rounding() {
+    use celframe::ops::norm::layer_norm_fp8;
+    let (f, l, c) = (2, 3, 32);
+    let xv: Vec<f32> = (0..f * l * c).map(|i| ((i * 7919 % 211) as f32 / 105.0 - 1.0) * (1 + i / c) as f32).collect();
+    let gv: Vec<f32> = (0..c).map(|i| 0.5 + i as f32 * 0.05).collect();
+    let bv: Vec<f32> = (0..c).map(|i| i as f32 * 0.01 - 0.1).collect();
+    let av: Vec<f32> = (0..f * c).map(|i| (i / c) as f32 * 3.0 + (i % c) as f32 * 0.02).collect();
+    let t = |shape: &[usize], v: &[f32]| Tensor::from_f32(shape, DType::F16, v).unwrap();
+    let (x, g, b, a) = (t(&[f, l, c], &xv), t(&[c], &gv), t(&[c], &bv), t(&[f, c], &av));
+    let exact = layer_norm_add(&CPU, &x, Some(&g), Some(&b), 1e-5, Some(&a)).unwrap().to_f32_vec().unwrap();
+    let q = layer_norm_fp8(&CPU, &x, Some(&g), Some(&b), 1e-5, Some(&a)).unwrap();
+    assert_e4m3_rows_within_rounding("layer_norm_fp8", &q, &exact);
+    let x32 = Tensor::from_f32(&[2, c], DType::F32, &xv[..2 * c]).unwrap();
+    assert!(matches!(layer_norm_fp8(&CPU, &x32, None, None, 1e-5, None), Err(Error::Input(_))));
 }
 
 #[test]

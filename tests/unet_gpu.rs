@@ -66,13 +66,17 @@ fn unet_a_single_file_and_controlnet_residuals_match_diffusers_in_f16() {
     check("config a + residuals", &folder("a"), &reference("a.residuals"), DType::F16);
 }
 
-/// FP8 linears on the device (config b, every transformer linear: `Fp8Linears::All`): the forward
-/// matches the CPU twins' FP8 forward (the same e4m3 bytes; what differs is accumulation order and
-/// the activations' rounding, which can move an element across an e4m3 rounding boundary: rel L2
-/// 3e-2), and lies near the f16 forward (below 0.15; 5.9e-2 on the twins with per-row scales);
-/// twins left stale by a change in place are refused, and once quantized again give the same
-/// output bit for bit; a CUDA graph of the FP8 forward replays it bit for bit. Compute capability
-/// 8.9 or later (said, not passed, below).
+/// FP8 linears on the device (config b, every transformer linear: `Fp8Linears::All`): each op gives
+/// its CPU twin's e4m3 bytes (test_gpu_ops), but through the whole forward the device's and the
+/// host's f16 arithmetic differ in accumulation order (~1e-3), which moves some activations across
+/// an e4m3 rounding boundary (steps of 1/8 to 1/16 of a value), and each such move feeds the next
+/// linears: on these random weights the two FP8 forwards end ~5e-2 apart (measured 2026-12-05,
+/// H200), as far as either is from f16. So the check is relative to the FP8 noise itself: the
+/// device's FP8 forward lies nearer the twins' FP8 forward than the twins' FP8 forward lies from
+/// their f16 one, and its own distance from the device's f16 forward is the twins' within a factor
+/// 1.3 (a wrong scale, linear or fused path moves either by far more). Twins left stale by a change
+/// in place are refused, and once quantized again give the same output bit for bit; a CUDA graph of
+/// the FP8 forward replays it bit for bit. Compute capability 8.9 or later (said, not passed, below).
 #[test]
 #[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
 fn fp8_linears_match_the_twins_requantize_and_replay_in_a_graph() {
@@ -128,17 +132,20 @@ fn fp8_linears_match_the_twins_requantize_and_replay_in_a_graph() {
     // the twins scale as the device's do (per row, unless its cuBLASLt refused that)
     let scaling = unet.weights().fp8_scaling().unwrap();
     let mut twin = Unet::new(&checkpoint, Place::Host(DType::F16)).unwrap();
+    let twin_f16 = twin.forward(&Exec::Cpu, &inputs_of(&host_inputs), None).unwrap();
     twin.enable_fp8_scaled(&Exec::Cpu, Fp8Linears::All, scaling).unwrap();
     let want = twin.forward(&Exec::Cpu, &inputs_of(&host_inputs), None).unwrap();
-    let vs_twin = compare("fp8 out.sample", &got, &want, 3e-2).unwrap();
-    let vs_f16 = compare("fp8 out.sample vs f16", &got, &plain, 0.15).unwrap();
+    let noise = compare("twins' fp8 vs their f16", &want, &twin_f16, 0.15).unwrap();
+    let vs_twin = compare("fp8 out.sample", &got, &want, noise.rel_l2).unwrap();
+    let vs_f16 = compare("fp8 out.sample vs f16", &got, &plain, 1.3 * noise.rel_l2).unwrap();
     println!(
-        "GPUCHECK unet b fp8 (all, {scaling:?} scales) vs cpu twins fp8 rel_l2={:.2e} tol=3e-2; vs f16 forward \
-         rel_l2={:.2e}",
-        vs_twin.rel_l2, vs_f16.rel_l2
+        "GPUCHECK unet b fp8 (all, {scaling:?} scales): vs cpu twins' fp8 rel_l2={:.2e}, vs f16 forward {:.2e}; \
+         the twins' fp8 vs their f16 {:.2e} (tolerance: below it, and within 1.3x of it)",
+        vs_twin.rel_l2, vs_f16.rel_l2, noise.rel_l2
     );
+    assert!(noise.ok() && noise.rel_l2 > 0.0, "{noise:?}");
     assert!(vs_twin.ok(), "{vs_twin:?}");
-    assert!(vs_f16.ok() && vs_f16.rel_l2 > 0.0, "{vs_f16:?}");
+    assert!(vs_f16.ok() && vs_f16.rel_l2 > noise.rel_l2 / 1.3, "{vs_f16:?}");
     // stale twins are refused; quantized again from unchanged weights they give the same bytes
     unet.weights().changed();
     let err = forward(&unet).unwrap_err();

@@ -355,10 +355,12 @@ fn main() -> Result<()> {
             break;
         }
         // Inputs of their own, freed after each shape (the largest take ~0.8 GB each).
-        let arena = Arena::new("fp8 bench inputs", 2 * (2 * m * kdim + ndim * kdim + ndim) + (4 << 20))?;
+        let arena = Arena::new("fp8 bench inputs", 2 * (2 * m * kdim + ndim * kdim + ndim + m * ndim) + (4 << 20))?;
         let random = |shape: &[usize], seed| b.random_in(&arena, shape, DType::F16, seed);
         let xs = [random(&[m, kdim], 31)?, random(&[m, kdim], 32)?];
         let (wt, bias) = (random(&[ndim, kdim], 33)?, random(&[ndim], 34)?);
+        // The linears that end on the residual stream (N = C) add it.
+        let residual = if ndim <= kdim { Some(random(&[m, ndim], 37)?) } else { None };
         let flop = 2.0 * (m * kdim * ndim) as f64;
         let shape = format!("M{m} K{kdim} N{ndim}");
         b.run("linear", &format!("linear f16 {shape}"), 0.0, flop, |k| {
@@ -381,6 +383,17 @@ fn main() -> Result<()> {
             b.run("fp8_quantize", &format!("{name} quantize M{m} K{kdim}"), bytes, 0.0, |k| {
                 quantize(&ex, &xs[k], false, scaling).map(drop)
             })?;
+            // Bias and residual in a pass after the GEMM, then in its epilogue.
+            if let Some(residual) = &residual {
+                let mut wq = wq;
+                for fused in [false, true] {
+                    wq = wq.with_fused_epilogue(fused);
+                    let how = if fused { "epilogue" } else { "pass" };
+                    b.run("linear_fp8", &format!("linear {name} +bias+residual {how} {shape}"), 0.0, flop, |k| {
+                        linear_fp8(&ex, &xs[k], &wq, Some(&bias), Some(residual)).map(drop)
+                    })?;
+                }
+            }
         }
         // The LayerNorm before an FP8 linear with row scales writes e4m3 rows itself: 2 bytes read
         // and 1 written an element, against 2 + 2 for the 16-bit LayerNorm.

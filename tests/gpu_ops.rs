@@ -459,7 +459,7 @@ fn linear_matches_twin() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
 fn fp8_quantize_and_linear_match_twin() {
-    use celframe::ops::fp8::{Fp8Scaling, linear_fp8, quantize};
+    use celframe::ops::fp8::{Fp8Scaling, linear_fp8, probe, quantize};
     let rig = Rig::new();
     if rig.gpu.info().compute_capability < (8, 9) {
         println!("GPUCHECK fp8 SKIPPED: compute capability below 8.9 has no FP8 GEMMs (said, not passed)");
@@ -516,19 +516,27 @@ fn fp8_quantize_and_linear_match_twin() {
             let (w, wd) = rig.input(&[n, k], dtype, 1.0 / (k as f32).sqrt(), 0.0);
             let (b, bd) = rig.input(&[n], dtype, 1.0, 0.0);
             let (r, rd) = rig.input(&[m, n], dtype, 2.0, 0.5);
-            let wq_gpu = quantize(&rig.exec(), &wd, true, scaling).unwrap();
             let wq_cpu = quantize(&Exec::Cpu, &w, true, scaling).unwrap();
-            let got = linear_fp8(&rig.exec(), &xd, &wq_gpu, Some(&bd), Some(&rd)).unwrap();
             let twin = linear_fp8(&Exec::Cpu, &x, &wq_cpu, Some(&b), Some(&r)).unwrap();
             let full = linear_add(&Exec::Cpu, &x, &w, Some(&b), Some(&r)).unwrap();
-            let got_host = rig.gpu.download(&got).unwrap().to_f32_vec().unwrap();
-            let (cost, _) = common::errors(&got_host, &full.to_f32_vec().unwrap());
-            let tol = if dtype == DType::BF16 { 1e-2 } else { 5e-3 };
-            let what = format!("linear_fp8 {scaling:?} {m}x{k}->{n}");
-            rig.check_within(&what, &[m, k], dtype, got, twin, tol);
-            println!("GPUCHECK {what} {dtype:?} vs the {dtype:?} linear rel_l2={cost:.2e}");
-            assert!(cost < 0.05, "{what}: {cost:.3e} from the {dtype:?} linear");
+            // bias and residual in a pass after the GEMM, then in its epilogue
+            for fused in [false, true] {
+                let wq_gpu = quantize(&rig.exec(), &wd, true, scaling).unwrap().with_fused_epilogue(fused);
+                let got = linear_fp8(&rig.exec(), &xd, &wq_gpu, Some(&bd), Some(&rd)).unwrap();
+                let got_host = rig.gpu.download(&got).unwrap().to_f32_vec().unwrap();
+                let (cost, _) = common::errors(&got_host, &full.to_f32_vec().unwrap());
+                let tol = if dtype == DType::BF16 { 1e-2 } else { 5e-3 };
+                let what = format!("linear_fp8 {scaling:?} {m}x{k}->{n} fused epilogue {fused}");
+                rig.check_within(&what, &[m, k], dtype, got, twin.clone(), tol);
+                println!("GPUCHECK {what} {dtype:?} vs the {dtype:?} linear rel_l2={cost:.2e}");
+                assert!(cost < 0.05, "{what}: {cost:.3e} from the {dtype:?} linear");
+            }
         }
+        // what probe decides for this device (the twins of enable_fp8 follow it)
+        let (_, wd) = rig.input(&[640, 640], DType::F16, 0.05, 0.0);
+        let probed = probe(&rig.exec(), quantize(&rig.exec(), &wd, true, scaling).unwrap(), DType::F16).unwrap();
+        println!("GPUCHECK fp8 probe {scaling:?}: fused epilogue {}", probed.fused_epilogue());
+        rig.scratch.reset();
     }
 }
 

@@ -344,25 +344,23 @@ impl ModelWeights {
         let version = self.version.load(Ordering::Acquire);
         let twin = |matrix| Fp8Twin { matrix, version: AtomicU64::new(version) };
         let mut twins = vec![(name, twin(first))];
+        let fused = twins[0].1.matrix.fused_epilogue();
         for (name, t) in chosen {
-            twins.push((name, twin(quantize(ex, t, true, scaling)?)));
+            twins.push((name, twin(quantize(ex, t, true, scaling)?.with_fused_epilogue(fused))));
         }
         let count = twins.len();
         self.fp8.extend(twins);
         Ok(count)
     }
 
-    /// The twin of `weight` with `scaling`, one probing FP8 linear through it having run. Without
+    /// The twin of `weight` with `scaling`, probed (`ops::fp8::probe`: one FP8 linear through it
+    /// having run, and whether its bias and residual go in the GEMM's epilogue decided). Without
     /// a scaling: a scale per output channel (and per token) where this device's cuBLASLt runs
     /// such GEMMs, finer, and the LayerNorms and GEGLU before the linears then write their e4m3
     /// rows themselves; else one scale per weight (said on stderr). Neither running is an
     /// Unsupported error.
     fn probed_twin(&self, ex: &Exec, weight: &Tensor, scaling: Option<Fp8Scaling>) -> Result<Fp8Matrix> {
-        let probed = |scaling| -> Result<Fp8Matrix> {
-            let twin = quantize(ex, weight, true, scaling)?;
-            probe(ex, &twin, self.dtype)?;
-            Ok(twin)
-        };
+        let probed = |scaling| probe(ex, quantize(ex, weight, true, scaling)?, self.dtype);
         match scaling {
             Some(s) => probed(s),
             None => probed(Fp8Scaling::Rows).or_else(|rows| {

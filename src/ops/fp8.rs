@@ -86,6 +86,10 @@ pub struct Fp8Matrix {
     cols: usize,
     scaling: Fp8Scaling,
     storage: Fp8Storage,
+    /// A weight's twin: `linear_fp8` adds bias and residual in the FP8 GEMM's epilogue (cuBLASLt)
+    /// instead of a pass after it. Set by `probe` where the device's epilogue gave the pass's
+    /// values; false for every other matrix.
+    fused_epilogue: bool,
 }
 
 enum Fp8Storage {
@@ -117,6 +121,18 @@ impl Fp8Matrix {
         self.scaling
     }
 
+    /// Whether `linear_fp8` through this twin adds bias and residual in the GEMM's epilogue.
+    pub fn fused_epilogue(&self) -> bool {
+        self.fused_epilogue
+    }
+
+    /// The matrix with `linear_fp8`'s bias and residual in the GEMM's epilogue (on) or in a pass
+    /// after it (off). `probe` decides this for a device; the other twins of a model follow it.
+    pub fn with_fused_epilogue(mut self, on: bool) -> Fp8Matrix {
+        self.fused_epilogue = on;
+        self
+    }
+
     /// Bytes the matrix holds: one an element, and its f32 scales.
     pub fn bytes(&self) -> usize {
         self.rows * self.cols
@@ -136,7 +152,13 @@ impl Fp8Matrix {
             bytes.extend(row.iter().map(|&a| e4m3_from_f32(a / scale)));
             scales.push(scale);
         }
-        Fp8Matrix { rows, cols, scaling: Fp8Scaling::Rows, storage: Fp8Storage::Host { bytes, scales } }
+        Fp8Matrix {
+            rows,
+            cols,
+            scaling: Fp8Scaling::Rows,
+            storage: Fp8Storage::Host { bytes, scales },
+            fused_epilogue: false,
+        }
     }
 
     /// Uninitialised per-row storage in `scratch`, for a kernel to write: (the matrix, the
@@ -148,7 +170,8 @@ impl Fp8Matrix {
         let bytes = gpu.empty_bytes(scratch, (rows * cols).max(1))?;
         let scales = gpu.empty_bytes(scratch, 4 * rows.max(1))?;
         let (b, s) = (bytes.ptr()?, scales.ptr()?);
-        let m = Fp8Matrix { rows, cols, scaling: Fp8Scaling::Rows, storage: Fp8Storage::Device { bytes, scales } };
+        let storage = Fp8Storage::Device { bytes, scales };
+        let m = Fp8Matrix { rows, cols, scaling: Fp8Scaling::Rows, storage, fused_epilogue: false };
         Ok((m, b, s))
     }
 
@@ -218,7 +241,8 @@ pub fn quantize(ex: &Exec, x: &Tensor, owned: bool, scaling: Fp8Scaling) -> Resu
                 Fp8Scaling::Tensor => {
                     let scale = scale_of(v.iter().fold(0f32, |m, a| m.max(a.abs())));
                     let bytes = v.iter().map(|&a| e4m3_from_f32(a / scale)).collect();
-                    Ok(Fp8Matrix { rows, cols, scaling, storage: Fp8Storage::Host { bytes, scales: vec![scale] } })
+                    let storage = Fp8Storage::Host { bytes, scales: vec![scale] };
+                    Ok(Fp8Matrix { rows, cols, scaling, storage, fused_epilogue: false })
                 }
             }
         }
@@ -232,7 +256,8 @@ pub fn quantize(ex: &Exec, x: &Tensor, owned: bool, scaling: Fp8Scaling) -> Resu
             } else {
                 (gpu.empty_bytes(scratch, x.numel().max(1))?, gpu.empty_bytes(scratch, scale_bytes)?)
             };
-            let m = Fp8Matrix { rows, cols, scaling, storage: Fp8Storage::Device { bytes, scales } };
+            let m =
+                Fp8Matrix { rows, cols, scaling, storage: Fp8Storage::Device { bytes, scales }, fused_epilogue: false };
             quantize_into(ex, x, &m)?;
             Ok(m)
         }
@@ -367,10 +392,15 @@ pub fn linear_fp8_quantized(
                 )));
             }
             let y = gpu.empty(scratch, &shape, dtype)?;
-            // The product alone, then bias and residual in one pass: the path checked against the
-            // twin on the H200. cuBLASLt runs FP8 with the bias epilogue and with C at beta 1 there
-            // (tools/fp8_cublaslt_probe.py), but per-row scales with C = the residual have not been
-            // checked for values yet.
+            if w.fused_epilogue && (bias.is_some() || residual.is_some()) {
+                // Refused before any launch (a shape whose every candidate algorithm refuses the
+                // epilogue): the pass below instead.
+                match gemm_fp8(ex, xq, w, bias, residual, &y) {
+                    Err(Error::Cuda(e)) if e.ends_with("CUBLAS_STATUS_NOT_SUPPORTED") => {}
+                    r => return r.map(|_| y),
+                }
+            }
+            // The product alone, then bias and residual in one pass.
             gemm_fp8(ex, xq, w, None, None, &y)?;
             match (bias, residual) {
                 (Some(b), Some(r)) => residual_add(ex, &y, r, b, None, 1.0),
@@ -384,15 +414,57 @@ pub fn linear_fp8_quantized(
 
 /// One FP8 linear of 16 rows through `w`, waited for: a device whose cuBLASLt refuses FP8 GEMMs
 /// (of w's scaling) is named when the twins are made (Error::Unsupported), not in the middle of a
-/// render.
-pub fn probe(ex: &Exec, w: &Fp8Matrix, dtype: DType) -> Result<()> {
-    let Exec::Cuda { gpu, scratch } = ex else { return Ok(()) };
-    let [_, k] = w.shape();
-    let values: Vec<f32> = (0..16 * k).map(|i| (i % 7) as f32 * 0.25 - 0.75).collect();
-    let x = gpu.upload(scratch, &Tensor::from_f32(&[16, k], dtype, &values)?, dtype)?;
-    linear_fp8(ex, &x, w, None, None).and_then(|_| gpu.synchronize()).map_err(|e| {
+/// render. Then the epilogue is tried: w is returned with `fused_epilogue` on where the GEMM's
+/// epilogue adds a bias, a residual and both as the pass after it does (within the output's
+/// rounding), else off (said on stderr). A scale wrongly applied to C or the bias, or an epilogue
+/// dropped, moves the output by far more than the tolerance.
+pub fn probe(ex: &Exec, w: Fp8Matrix, dtype: DType) -> Result<Fp8Matrix> {
+    let Exec::Cuda { gpu, scratch } = ex else { return Ok(w) };
+    let [n, k] = w.shape();
+    let rows = 16;
+    // Rows of different magnitudes, so that per-row scales differ.
+    let values: Vec<f32> = (0..rows * k).map(|i| ((i % 7) as f32 * 0.25 - 0.75) * (1 + i / k) as f32).collect();
+    let upload = |shape: &[usize], values: &[f32]| gpu.upload(scratch, &Tensor::from_f32(shape, dtype, values)?, dtype);
+    let x = upload(&[rows, k], &values)?;
+    linear_fp8(ex, &x, &w, None, None).and_then(|_| gpu.synchronize()).map_err(|e| {
         Error::Unsupported(format!("FP8 linears: this device's cuBLASLt refused an FP8 GEMM of {w:?} ({e})"))
-    })
+    })?;
+    let bias = upload(&[n], &(0..n).map(|j| (j % 5) as f32 * 0.5 - 1.0).collect::<Vec<_>>())?;
+    let residual = upload(&[rows, n], &(0..rows * n).map(|i| (i % 11) as f32 * 0.5 - 2.5).collect::<Vec<_>>())?;
+    let tolerance = match dtype {
+        DType::BF16 => 1.6e-2,
+        _ => 2e-3, // four units of f16 rounding: the pass rounds the product once more
+    };
+    let mut w = w;
+    let mut run = |fused: bool, b: Option<&Tensor>, r: Option<&Tensor>| {
+        w.fused_epilogue = fused;
+        linear_fp8(ex, &x, &w, b, r).and_then(|y| gpu.download(&y)?.to_f32_vec())
+    };
+    let mut differs = None;
+    for (b, r) in [(Some(&bias), None), (None, Some(&residual)), (Some(&bias), Some(&residual))] {
+        let form = format!("bias {}, residual {}", b.is_some(), r.is_some());
+        differs = match run(true, b, r).and_then(|got| Ok(rel_l2(&got, &run(false, b, r)?))) {
+            Ok(d) if d <= tolerance => continue,
+            Ok(d) => Some(format!("{d:.2e} (relative L2) from the pass after it ({form})")),
+            Err(e) => Some(format!("{e} ({form})")),
+        };
+        break;
+    }
+    w.fused_epilogue = differs.is_none();
+    if let Some(why) = differs {
+        eprintln!("note: FP8 linears add bias and residual in a pass after the GEMM here: its epilogue gave {why}");
+    }
+    Ok(w)
+}
+
+/// ‖got − want‖ / ‖want‖; infinite where got holds a NaN or infinity.
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let (mut diff, mut norm) = (0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        diff += (g as f64 - w as f64).powi(2);
+        norm += (w as f64).powi(2);
+    }
+    if got.iter().all(|g| g.is_finite()) { (diff / norm.max(f64::MIN_POSITIVE)).sqrt() } else { f64::INFINITY }
 }
 
 /// The FP8 GEMM alone on quantized operands: y[m, n] = (x · wᵀ) scaled + bias + residual, with y

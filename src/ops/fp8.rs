@@ -393,10 +393,10 @@ pub fn linear_fp8_quantized(
             }
             let y = gpu.empty(scratch, &shape, dtype)?;
             if w.fused_epilogue && (bias.is_some() || residual.is_some()) {
-                // Refused before any launch (a shape whose every candidate algorithm refuses the
-                // epilogue): the pass below instead.
+                // Refused before any launch (a shape for which cuBLASLt has no algorithm, or whose
+                // every candidate refuses the epilogue): the pass below instead.
                 match gemm_fp8(ex, xq, w, bias, residual, &y) {
-                    Err(Error::Cuda(e)) if e.ends_with("CUBLAS_STATUS_NOT_SUPPORTED") => {}
+                    Err(Error::Cuda(e)) if refused_before_launch(&e) => {}
                     r => return r.map(|_| y),
                 }
             }
@@ -410,6 +410,12 @@ pub fn linear_fp8_quantized(
             }
         }
     }
+}
+
+/// A cuBLASLt error raised before anything was queued (`Blas::gemm`): the product can be made
+/// another way.
+fn refused_before_launch(cuda_error: &str) -> bool {
+    cuda_error.ends_with("CUBLAS_STATUS_NOT_SUPPORTED") || cuda_error.contains("has no algorithm")
 }
 
 /// One FP8 linear of 16 rows through `w`, waited for: a device whose cuBLASLt refuses FP8 GEMMs

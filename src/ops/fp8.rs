@@ -7,7 +7,8 @@
 //! CUDA: `fp8_amax` and `fp8_quantize` (per tensor) or `fp8_quantize_rows` (kernels/elementwise/
 //! fp8.cu) quantize on the device, the scales never leaving it, and cuBLASLt multiplies the e4m3
 //! operands with both scales in its epilogue (fp32 accumulation, output in the activation dtype;
-//! compute capability 8.9 or later); bias and residual follow in one pass. The CPU twin quantizes
+//! compute capability 8.9 or later); bias and residual go in that epilogue too where `probe` saw
+//! it add them as a separate pass does, else in one pass after the GEMM. The CPU twin quantizes
 //! with the same arithmetic (same bytes) and accumulates the decoded products in f32.
 
 use super::elementwise::{add, residual_add};

@@ -54,7 +54,8 @@ if fp8:
     print("|---|---|---|---|---|---|")
     for f in fp8:
         if "key" in f:  # celframe bench --fp8
-            print(f"| {f['key']} | {f['twins']} | {f['ms']:.3f} | {f['plain_ms']:.3f} | "
+            how = f"scales per {f['scales']}" + (", bias+residual in the epilogue" if f.get("fused_epilogue") else "")
+            print(f"| {f['key']} | {f['twins']} ({how}) | {f['ms']:.3f} | {f['plain_ms']:.3f} | "
                   f"{f['plain_ms'] / f['ms']:.3f}x | {f['rel_l2']:.2e} |")
         else:  # render_gpu.py fp8: W1 frames per seed
             errors = ", ".join(f"{e:.2e}" for e in f.get("frames_rel_l2", []))

@@ -240,7 +240,7 @@ fn bench_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     if fp8 != Fp8Linears::Off {
         let plain = host_outputs(&gpu, || unet.forward(&ex, &inputs, None).map(|out| vec![out]))?;
         let mut unet = unet;
-        let twins = (unet.enable_fp8(&ex, fp8)?, unet.weights().fp8_scaling());
+        let twins = (unet.enable_fp8(&ex, fp8)?, unet.weights().fp8_layout());
         let run = || unet.forward(&ex, &inputs, None).map(|out| vec![out]);
         fp8_forward(args, &ex, ("unet", &key, &t), plain, twins, run)?;
     }
@@ -297,7 +297,7 @@ fn bench_motion_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
         };
         let plain = host_outputs(&gpu, || run_fp8(&unet, &modules))?;
         let (mut unet, mut modules) = (unet, modules);
-        let twins = (unet.enable_fp8(&ex, fp8)? + modules.enable_fp8(&ex, fp8)?, unet.weights().fp8_scaling());
+        let twins = (unet.enable_fp8(&ex, fp8)? + modules.enable_fp8(&ex, fp8)?, unet.weights().fp8_layout());
         fp8_forward(args, &ex, ("motion_unet", &key, &t), plain, twins, || run_fp8(&unet, &modules))?;
     }
     Ok(())
@@ -401,7 +401,7 @@ fn bench_controlnet(args: &BenchArgs, dtype: DType) -> Result<()> {
             let fp8 = Fp8Linears::parse(&args.fp8)?;
             if fp8 != Fp8Linears::Off {
                 let plain = host_outputs(&gpu, || run_with(&net, None))?;
-                let twins = (net.enable_fp8(&ex, fp8)?, net.net_weights().fp8_scaling());
+                let twins = (net.enable_fp8(&ex, fp8)?, net.net_weights().fp8_layout());
                 fp8_forward(args, &ex, (name, &key, &t), plain, twins, || run_with(&net, None))?;
             }
             Ok(())
@@ -432,7 +432,7 @@ fn bench_controlnet(args: &BenchArgs, dtype: DType) -> Result<()> {
             let fp8 = Fp8Linears::parse(&args.fp8)?;
             if fp8 != Fp8Linears::Off {
                 let plain = host_outputs(&gpu, || run_with(&cn, None))?;
-                let twins = (cn.enable_fp8(&ex, fp8)?, cn.weights().fp8_scaling());
+                let twins = (cn.enable_fp8(&ex, fp8)?, cn.weights().fp8_layout());
                 fp8_forward(args, &ex, (name, &key, &t), plain, twins, || run_with(&cn, None))?;
             }
             Ok(())
@@ -649,14 +649,14 @@ fn residual_list(r: UnetResiduals) -> Vec<Tensor> {
 const FP8_BROKEN: f64 = 0.25;
 
 /// With `--fp8`: `plain` (a forward's outputs before the models got their `twins` FP8 twins, and
-/// how they are scaled) against `run`'s outputs now, then `run` timed under `key` + " fp8" beside
-/// `eager`.
+/// how they are scaled and whether their bias and residual go in the GEMM's epilogue) against
+/// `run`'s outputs now, then `run` timed under `key` + " fp8" beside `eager`.
 fn fp8_forward(
     args: &BenchArgs,
     ex: &Exec,
     (name, key, eager): (&str, &str, &Timing),
     plain: Vec<Tensor>,
-    (twins, scaling): (usize, Option<Fp8Scaling>),
+    (twins, layout): (usize, Option<(Fp8Scaling, bool)>),
     run: impl Fn() -> Result<Vec<Tensor>>,
 ) -> Result<()> {
     let Exec::Cuda { gpu, scratch } = ex else { return Err(Error::Internal("bench on the CPU".into())) };
@@ -679,19 +679,21 @@ fn fp8_forward(
     let t = time_gpu(gpu, 2, args.runs, || run().map(drop))?;
     let fp8_key = format!("{key} fp8 {}", args.fp8.trim());
     report(name, &fp8_key, &t, args.runs, scratch);
-    let scales = match scaling {
-        Some(Fp8Scaling::Rows) => "rows",
-        Some(Fp8Scaling::Tensor) => "tensor",
+    let scales = match layout {
+        Some((Fp8Scaling::Rows, _)) => "rows",
+        Some((Fp8Scaling::Tensor, _)) => "tensor",
         None => "none",
     };
+    let epilogue = layout.is_some_and(|(_, fused)| fused);
+    let bias_in = if epilogue { "the GEMM's epilogue" } else { "a pass" };
     eprintln!(
-        "{fp8_key}: {twins} linears in FP8 (scales per {scales}); median {:.3} ms vs {:.3} ms ({:.3}x); outputs \
+        "{fp8_key}: {twins} linears in FP8 (scales per {scales}, bias and residual in {bias_in}); median {:.3} ms vs {:.3} ms ({:.3}x); outputs \
          {rel:.3e} (relative L2) from the plain forward's",
         t.median_ms(),
         eager.median_ms(),
         eager.median_ms() / t.median_ms().max(1e-9)
     );
-    let line = serde_json::json!({"key": fp8_key, "twins": twins, "scales": scales, "rel_l2": rel, "ms": t.median_ms(), "plain_ms": eager.median_ms()});
+    let line = serde_json::json!({"key": fp8_key, "twins": twins, "scales": scales, "fused_epilogue": epilogue, "rel_l2": rel, "ms": t.median_ms(), "plain_ms": eager.median_ms()});
     println!("FP8 {line}");
     Ok(())
 }

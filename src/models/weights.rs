@@ -389,6 +389,12 @@ impl ModelWeights {
         self.fp8.values().next().map(|t| t.matrix.scaling())
     }
 
+    /// How the e4m3 twins are scaled and whether their linears add bias and residual in the GEMM's
+    /// epilogue (`Fp8Matrix::fused_epilogue`); None without twins.
+    pub fn fp8_layout(&self) -> Option<(Fp8Scaling, bool)> {
+        self.fp8.values().next().map(|t| (t.matrix.scaling(), t.matrix.fused_epilogue()))
+    }
+
     /// Bytes the e4m3 twins hold (a byte per element and their f32 scales).
     pub fn fp8_bytes(&self) -> usize {
         self.fp8.values().map(|t| t.matrix.bytes()).sum()

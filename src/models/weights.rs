@@ -340,11 +340,10 @@ impl ModelWeights {
         let Some((name, first)) = chosen.next() else { return Ok(0) };
         // The first twin probes the scaling; the others follow it.
         let first = self.probed_twin(ex, first, scaling.or(self.fp8_scaling()))?;
-        let scaling = first.scaling();
+        let (scaling, fused) = (first.scaling(), first.fused_epilogue());
         let version = self.version.load(Ordering::Acquire);
         let twin = |matrix| Fp8Twin { matrix, version: AtomicU64::new(version) };
         let mut twins = vec![(name, twin(first))];
-        let fused = twins[0].1.matrix.fused_epilogue();
         for (name, t) in chosen {
             twins.push((name, twin(quantize(ex, t, true, scaling)?.with_fused_epilogue(fused))));
         }

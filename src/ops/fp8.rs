@@ -18,6 +18,7 @@ use crate::gpu::blas::{Gemm, GemmIo};
 use crate::gpu::memory::DeviceMem;
 use crate::gpu::params::{FP8_ROWS_THREADS, Fp8AmaxParams, Fp8QuantizeParams, Fp8QuantizeRowsParams};
 use crate::tensor::{DType, Tensor};
+use crate::verify::compare;
 
 /// The largest finite e4m3 value, 1.75 · 2^8.
 pub const E4M3_MAX: f32 = 448.0;
@@ -445,14 +446,18 @@ pub fn probe(ex: &Exec, w: Fp8Matrix, dtype: DType) -> Result<Fp8Matrix> {
     let mut w = w;
     let mut run = |fused: bool, b: Option<&Tensor>, r: Option<&Tensor>| {
         w.fused_epilogue = fused;
-        linear_fp8(ex, &x, &w, b, r).and_then(|y| gpu.download(&y)?.to_f32_vec())
+        linear_fp8(ex, &x, &w, b, r).and_then(|y| gpu.download(&y))
     };
     let mut differs = None;
     for (b, r) in [(Some(&bias), None), (None, Some(&residual)), (Some(&bias), Some(&residual))] {
         let form = format!("bias {}, residual {}", b.is_some(), r.is_some());
-        differs = match run(true, b, r).and_then(|got| Ok(rel_l2(&got, &run(false, b, r)?))) {
-            Ok(d) if d <= tolerance => continue,
-            Ok(d) => Some(format!("{d:.2e} (relative L2) from the pass after it ({form})")),
+        let epilogue = run(true, b, r).and_then(|got| compare("FP8 epilogue", &got, &run(false, b, r)?, tolerance));
+        differs = match epilogue {
+            Ok(c) if c.ok() => continue,
+            Ok(c) => Some(format!(
+                "{:.2e} (relative L2, {} non-finite) from the pass after it ({form})",
+                c.rel_l2, c.non_finite
+            )),
             Err(e) => Some(format!("{e} ({form})")),
         };
         break;
@@ -462,16 +467,6 @@ pub fn probe(ex: &Exec, w: Fp8Matrix, dtype: DType) -> Result<Fp8Matrix> {
         eprintln!("note: FP8 linears add bias and residual in a pass after the GEMM here: its epilogue gave {why}");
     }
     Ok(w)
-}
-
-/// ‖got − want‖ / ‖want‖; infinite where got holds a NaN or infinity.
-fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
-    let (mut diff, mut norm) = (0f64, 0f64);
-    for (&g, &w) in got.iter().zip(want) {
-        diff += (g as f64 - w as f64).powi(2);
-        norm += (w as f64).powi(2);
-    }
-    if got.iter().all(|g| g.is_finite()) { (diff / norm.max(f64::MIN_POSITIVE)).sqrt() } else { f64::INFINITY }
 }
 
 /// The FP8 GEMM alone on quantized operands: y[m, n] = (x · wᵀ) scaled + bias + residual, with y

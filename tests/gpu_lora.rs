@@ -1034,6 +1034,7 @@ fn fp8_twins_are_quantized_again_by_lora_switches() {
     assert!(unet.enable_fp8(&ex, Fp8Linears::All).unwrap() > 0);
     let base = forward(&unet);
     let mut merged = Unet::new(&checkpoint, with_loras(&place, Some(merge))).unwrap();
+    let want_f16 = forward(&merged);
     merged.enable_fp8(&ex, Fp8Linears::All).unwrap();
     let want = forward(&merged);
     // every layer merged on the device (in f16 DoRA too); the loaded model merged DoRA on the host
@@ -1041,10 +1042,20 @@ fn fp8_twins_are_quantized_again_by_lora_switches() {
     let mut switcher = LoraSwitcher::new(Restore::Copy);
     switcher.apply(&ex, unet.weights(), Some(&set)).unwrap();
     let switched = forward(&unet);
-    let (rel, _) = assert_close("fp8 forward after a switch vs loaded merged", &switched, &want, 2e-2);
-    let (moved, _) = common::errors(&switched.to_f32_vec().unwrap(), &base.to_f32_vec().unwrap());
-    println!("GPUCHECK lora fp8: switched vs loaded merged rel_l2={rel:.2e} tol=2e-2; vs base {moved:.2e}");
-    assert!(moved > 0.0, "the switch changed nothing the FP8 forward reads");
+    let rel = |a: &Tensor, b: &Tensor| common::errors(&a.to_f32_vec().unwrap(), &b.to_f32_vec().unwrap()).0;
+    // The device merge rounds some weights differently from the host's; with every linear in FP8
+    // such differences move activations across e4m3 steps and compound through the blocks, so the
+    // two FP8 forwards are judged against FP8's own distance from f16 (the merged model's), not a
+    // fixed bound. Stale twins (no requantization) would leave the switched forward at the base's
+    // outputs: it must sit far nearer the merged forward than the base does.
+    let (rel, noise, lora) = (rel(&switched, &want), rel(&want, &want_f16), rel(&base, &want));
+    println!(
+        "GPUCHECK lora fp8: switched vs loaded merged rel_l2={rel:.2e}; merged fp8 vs its f16 {noise:.2e}; \
+         base vs merged {lora:.2e} (tolerance: below the fp8 noise and a quarter of the LoRA's effect)"
+    );
+    assert!(switched.to_f32_vec().unwrap().iter().all(|v| v.is_finite()), "switched forward not finite");
+    assert!(rel <= noise, "fp8 forward after a switch vs loaded merged: {rel:.3e} > fp8's own noise {noise:.3e}");
+    assert!(rel <= 0.25 * lora, "the switch barely moved the FP8 forward: {rel:.3e} vs the LoRA's effect {lora:.3e}");
     switcher.apply(&ex, unet.weights(), None).unwrap();
     assert_eq!(forward(&unet).host_bytes().unwrap(), base.host_bytes().unwrap(), "switched back to no set");
     rig.scratch.reset();

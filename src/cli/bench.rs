@@ -695,7 +695,7 @@ fn fp8_forward(
     );
     let line = serde_json::json!({"key": fp8_key, "twins": twins, "scales": scales, "fused_epilogue": epilogue, "rel_l2": rel, "ms": t.median_ms(), "plain_ms": eager.median_ms()});
     println!("FP8 {line}");
-    Ok(())
+    breakdown(args, gpu, &fp8_key, &t, || run().map(drop))
 }
 
 /// The outputs of one `run`, on the host (the reference `fp8_forward` compares with).

@@ -104,6 +104,11 @@ impl Gemm {
         }
     }
 
+    /// Its kind in a `bench --breakdown` profile: FP8 GEMMs apart from the 16-bit ones.
+    fn profile_kind(&self) -> &'static str {
+        if self.fp8 { "gemm fp8" } else { "gemm" }
+    }
+
     /// Elements from D's first to one past its last (the extent a stand-in output must cover).
     fn output_extent(&self) -> usize {
         (self.batch - 1) * self.stride_c + (self.m - 1) * self.ldc + self.n
@@ -422,7 +427,7 @@ impl Blas {
         plan.calls += 1;
         let (first_call, plan) = (plan.calls == 1, &self.plans[g]);
         let algo = plan.algo_for(&io, io.d);
-        let result = gpu.profiled("gemm", || self.matmul(gpu, g, plan, algo, &io, io.d));
+        let result = gpu.profiled(g.profile_kind(), || self.matmul(gpu, g, plan, algo, &io, io.d));
         match result {
             Err(Error::Cuda(e)) if first_call && e.ends_with("CUBLAS_STATUS_NOT_SUPPORTED") => {
                 if self.first_runnable(gpu, g, &io)? { Ok(()) } else { Err(Error::Cuda(e)) }
@@ -438,7 +443,7 @@ impl Blas {
     fn first_runnable(&mut self, gpu: &Gpu, g: &Gemm, io: &GemmIo) -> Result<bool> {
         let plan = &self.plans[g];
         for (i, candidate) in self.heuristic(g, plan, CANDIDATES)?.iter().enumerate().skip(1) {
-            if gpu.profiled("gemm", || self.matmul(gpu, g, plan, &candidate.algo, io, io.d)).is_ok() {
+            if gpu.profiled(g.profile_kind(), || self.matmul(gpu, g, plan, &candidate.algo, io, io.d)).is_ok() {
                 eprintln!("gemm {g}: cuBLASLt refused its heuristic #1; candidate #{} runs", i + 1);
                 let algo = candidate.algo;
                 if let Some(plan) = self.plans.get_mut(g) {

@@ -384,9 +384,18 @@ fn elementwise_family_matches_twin() {
         let (gpu_out, cpu_out) = (geglu(&ex, &hd, Some(&gbd)).unwrap(), geglu(&Exec::Cpu, &h, Some(&gb)).unwrap());
         rig.check("geglu with bias", &gshape, dtype, gpu_out, cpu_out);
         if dtype != DType::F32 {
-            // GEGLU writing e4m3 rows (an FP8 ff.net.2's input), vectorised and scalar rows
+            // GEGLU writing e4m3 rows (an FP8 ff.net.2's input): rows in registers (D 5120, every
+            // thread's five vectors; D 1280, the motion modules' level 0, threads with one or two),
+            // a vectorised row too wide for them (computed twice) and scalar rows
+            let (g1, g1d) = rig.input(&[300, 2 * 1280], dtype, 2.0, 0.0);
+            let (gw, gwd) = rig.input(&[64, 2 * 6144], dtype, 2.0, 0.0);
             let (g3, g3d) = rig.input(&[3, 2 * 20], dtype, 2.0, 0.0);
-            for (x, xd, what) in [(&h, &hd, "geglu e4m3 with bias"), (&g3, &g3d, "geglu e4m3 odd width")] {
+            for (x, xd, what) in [
+                (&h, &hd, "geglu e4m3 with bias"),
+                (&g1, &g1d, "geglu e4m3 D 1280"),
+                (&gw, &gwd, "geglu e4m3 D 6144"),
+                (&g3, &g3d, "geglu e4m3 odd width"),
+            ] {
                 let bias = (what == "geglu e4m3 with bias").then_some((&gb, &gbd));
                 let got = geglu_fp8(&ex, xd, bias.map(|b| b.1)).unwrap().to_host(&ex).unwrap();
                 let want = geglu_fp8(&Exec::Cpu, x, bias.map(|b| b.0)).unwrap().to_host(&Exec::Cpu).unwrap();

@@ -37,7 +37,7 @@ template <typename T> __device__ void fp8_amax(const Fp8AmaxParams& p) {
 
 template <typename T> __device__ void fp8_quantize(const Fp8QuantizeParams& p) {
     const T* x = static_cast<const T*>(p.x);
-    const float s = fp8_scale_of(*p.amax);
+    const float s = fp8_scale_of(*p.amax), inv = fp8_inverse(s);
     if (blockIdx.x == 0 && threadIdx.x == 0) *p.scale = s;
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     const int64_t first = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -45,10 +45,10 @@ template <typename T> __device__ void fp8_quantize(const Fp8QuantizeParams& p) {
         for (int64_t i = first; i < p.n / 8; i += stride) {
             float v[8];
             unpack8<T>(load8(x + i * 8), v);
-            *reinterpret_cast<uint2*>(p.q + i * 8) = e4m3x8(v, s);
+            *reinterpret_cast<uint2*>(p.q + i * 8) = e4m3x8(v, inv);
         }
     } else {
-        for (int64_t i = first; i < p.n; i += stride) p.q[i] = to_e4m3(to_f32(x[i]) / s);
+        for (int64_t i = first; i < p.n; i += stride) p.q[i] = to_e4m3(to_f32(x[i]) * inv);
     }
 }
 
@@ -71,16 +71,16 @@ template <typename T> __device__ void fp8_quantize_rows(const Fp8QuantizeRowsPar
     } else {
         for (int64_t c = lane; c < p.cols; c += 32) m = fmaxf(m, fabsf(to_f32(x[c])));
     }
-    const float s = fp8_scale_of(group_max<32>(m));
+    const float s = fp8_scale_of(group_max<32>(m)), inv = fp8_inverse(s);
     if (lane == 0) p.scales[row] = s;
     if (vec) {
         for (int64_t c = lane * 8; c < p.cols; c += 256) {
             float v[8];
             unpack8<T>(load8(x + c), v);
-            *reinterpret_cast<uint2*>(q + c) = e4m3x8(v, s);
+            *reinterpret_cast<uint2*>(q + c) = e4m3x8(v, inv);
         }
     } else {
-        for (int64_t c = lane; c < p.cols; c += 32) q[c] = to_e4m3(to_f32(x[c]) / s);
+        for (int64_t c = lane; c < p.cols; c += 32) q[c] = to_e4m3(to_f32(x[c]) * inv);
     }
 }
 
@@ -88,19 +88,25 @@ CELFRAME_KERNELS_FOR_DTYPES(fp8_amax, Fp8AmaxParams, fp8_amax)
 CELFRAME_KERNELS_FOR_DTYPES(fp8_quantize, Fp8QuantizeParams, fp8_quantize)
 CELFRAME_KERNELS_FOR_DTYPES(fp8_quantize_rows, Fp8QuantizeRowsParams, fp8_quantize_rows)
 
-// GEGLU's output rows as e4m3 with a scale each, one warp a row: the row's outputs computed twice
-// (for its max, then to write), the inputs re-read from L1/L2 the second time. The arithmetic is
-// the geglu kernel's (elementwise.cu) without the rounding to T.
+// GEGLU's output rows as e4m3 with a scale each, one block of FP8_GEGLU_THREADS a row. Each
+// output is computed once: a row of d <= FP8_GEGLU_THREADS * FP8_GEGLU_VECS * 8 (every SDXL and
+// motion-module width; 5120 at most) stays in registers, vector i of thread t being outputs
+// (t + i * THREADS) * 8 .. + 8, while the block finds the row's max; wider or unaligned rows are
+// computed twice, their inputs re-read from L1/L2. The first version (a warp a row, every row
+// computed twice) was ALU-bound and missed L2 on the re-read: 26.2 ms of the b32 UNet's FP8
+// forward against the 16-bit geglu's 15.5 (H100). The arithmetic is the geglu kernel's
+// (elementwise.cu) without the rounding to T.
 template <typename T> __device__ void geglu_e4m3(const GegluE4m3Params& p) {
-    const int lane = threadIdx.x % 32;
-    const int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (row >= p.rows) return;
+    constexpr int THREADS = FP8_GEGLU_THREADS, VECS = FP8_GEGLU_VECS;
+    const int64_t row = blockIdx.x;
+    const int t = threadIdx.x, lane = t % 32;
     const T* x = static_cast<const T*>(p.x) + row * 2 * p.d;
     const T* bias = static_cast<const T*>(p.bias);
     uint8_t* q = p.q + row * p.d;
     const bool vec = p.d % 8 == 0 &&
                      ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(bias)) % 16) == 0 &&
                      reinterpret_cast<uintptr_t>(q) % 8 == 0;
+    const bool in_registers = vec && p.d <= (int64_t)THREADS * VECS * 8;
     // Outputs j .. j + 8 (vectorised rows) or j alone.
     auto out8 = [&](int64_t j, float v[8]) {
         float gate[8], bv[8] = {0, 0, 0, 0, 0, 0, 0, 0}, bg[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -117,27 +123,50 @@ template <typename T> __device__ void geglu_e4m3(const GegluE4m3Params& p) {
         const float bv = bias ? to_f32(bias[j]) : 0.0f, bg = bias ? to_f32(bias[p.d + j]) : 0.0f;
         return (to_f32(x[j]) + bv) * gelu_f32(to_f32(x[p.d + j]) + bg);
     };
+    float kept[VECS][8];
     float m = 0.0f;
-    if (vec) {
-        for (int64_t j = lane * 8; j < p.d; j += 256) {
+    if (in_registers) {
+#pragma unroll
+        for (int i = 0; i < VECS; ++i) {
+            const int64_t j = (int64_t)(t + i * THREADS) * 8;
+            if (j >= p.d) continue;
+            out8(j, kept[i]);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) m = fmaxf(m, fabsf(kept[i][k]));
+        }
+    } else if (vec) {
+        for (int64_t j = t * 8; j < p.d; j += THREADS * 8) {
             float v[8];
             out8(j, v);
 #pragma unroll
             for (int k = 0; k < 8; ++k) m = fmaxf(m, fabsf(v[k]));
         }
     } else {
-        for (int64_t j = lane; j < p.d; j += 32) m = fmaxf(m, fabsf(out1(j)));
+        for (int64_t j = t; j < p.d; j += THREADS) m = fmaxf(m, fabsf(out1(j)));
     }
-    const float s = fp8_scale_of(group_max<32>(m));
-    if (lane == 0) p.q_scales[row] = s;
-    if (vec) {
-        for (int64_t j = lane * 8; j < p.d; j += 256) {
+    // The block's max: each warp's, then the warps' through shared memory.
+    __shared__ float warp_max[THREADS / 32];
+    m = group_max<32>(m);
+    if (lane == 0) warp_max[t / 32] = m;
+    __syncthreads();
+#pragma unroll
+    for (int w = 0; w < THREADS / 32; ++w) m = fmaxf(m, warp_max[w]);
+    const float s = fp8_scale_of(m), inv = fp8_inverse(s);
+    if (t == 0) p.q_scales[row] = s;
+    if (in_registers) {
+#pragma unroll
+        for (int i = 0; i < VECS; ++i) {
+            const int64_t j = (int64_t)(t + i * THREADS) * 8;
+            if (j < p.d) *reinterpret_cast<uint2*>(q + j) = e4m3x8(kept[i], inv);
+        }
+    } else if (vec) {
+        for (int64_t j = t * 8; j < p.d; j += THREADS * 8) {
             float v[8];
             out8(j, v);
-            *reinterpret_cast<uint2*>(q + j) = e4m3x8(v, s);
+            *reinterpret_cast<uint2*>(q + j) = e4m3x8(v, inv);
         }
     } else {
-        for (int64_t j = lane; j < p.d; j += 32) q[j] = to_e4m3(out1(j) / s);
+        for (int64_t j = t; j < p.d; j += THREADS) q[j] = to_e4m3(out1(j) * inv);
     }
 }
 CELFRAME_KERNELS_FOR_DTYPES(geglu_e4m3, GegluE4m3Params, geglu_e4m3)

@@ -55,9 +55,12 @@ typedef struct GegluParams {
 } GegluParams;
 
 // GEGLU with its output rows written as e4m3, each with its own scale (the input of an FP8
-// second feed-forward GEMM with per-row scales): q[r] = e4m3(y[r] / s[r]) from the fp32 outputs y,
-// s[r] = max |y[r]| / 448 (1 for an all-zero row) in q_scales[r]. One warp per row,
-// FP8_ROWS_THREADS per block (kernels/elementwise/fp8.cu).
+// second feed-forward GEMM with per-row scales): q[r] = e4m3(y[r] * (1 / s[r])) from the fp32
+// outputs y, s[r] = max |y[r]| / 448 (1 for an all-zero row) in q_scales[r]. One block of
+// FP8_GEGLU_THREADS per row, a row of d <= FP8_GEGLU_THREADS * FP8_GEGLU_VECS * 8 kept in
+// registers (kernels/elementwise/fp8.cu).
+#define FP8_GEGLU_THREADS 128
+#define FP8_GEGLU_VECS 5
 typedef struct GegluE4m3Params {
     const void* x;      // [rows, 2d]: values, then gates
     const void* bias;   // [2d] or null
@@ -125,8 +128,8 @@ typedef struct GroupNormClusterParams {
 // affine output before the one rounding (the motion modules' position rows: one per frame,
 // shared by the frame's add_every tokens). A row over a warp or a power-of-two group of its lanes
 // (layer_norm.cu), LAYER_NORM_THREADS per block. With q set, the rows are written as e4m3 instead
-// of to y (the input of an FP8 linear with per-row scales): q[r] = e4m3(y[r] / s[r]) from the fp32
-// values, s[r] = max |y[r]| / 448 (1 for an all-zero row) in q_scales[r].
+// of to y (the input of an FP8 linear with per-row scales): q[r] = e4m3(y[r] * (1 / s[r])) from
+// the fp32 values, s[r] = max |y[r]| / 448 (1 for an all-zero row) in q_scales[r].
 #define LAYER_NORM_THREADS 256
 typedef struct LayerNormParams {
     const void* x;
@@ -440,7 +443,7 @@ typedef struct LoraDoraParams {
 // FP8 (e4m3) per-tensor quantization, two passes (kernels/elementwise/fp8.cu): fp8_amax folds
 // max |x| into *amax (zeroed beforehand; an atomic max on the float's bits, which order like the
 // values for non-negative floats); fp8_quantize reads it, takes scale = amax / 448 (1 when amax is
-// 0), writes q = e4m3(x / scale) (round to nearest even, saturating at +-448) and *scale for the
+// 0), writes q = e4m3(x * (1 / scale)) (round to nearest even, saturating at +-448) and *scale for the
 // GEMM that multiplies q back by it. Both scalars stay on the device, so the pair needs no host
 // round trip and can be captured in a CUDA graph.
 typedef struct Fp8AmaxParams {
@@ -458,8 +461,8 @@ typedef struct Fp8QuantizeParams {
 } Fp8QuantizeParams;
 
 // FP8 (e4m3) with one scale per row, one pass (a row is read twice, the second time from L1/L2):
-// scales[r] = max |x[r]| / 448 (1 for an all-zero row), q[r] = e4m3(x[r] / scales[r]). The FP8
-// GEMM's per-row ("outer vector") scales: a weight's output channels, an activation's tokens.
+// scales[r] = max |x[r]| / 448 (1 for an all-zero row), q[r] = e4m3(x[r] * (1 / scales[r])). The
+// FP8 GEMM's per-row ("outer vector") scales: a weight's output channels, an activation's tokens.
 // One warp per row, FP8_ROWS_THREADS / 32 rows per block.
 #define FP8_ROWS_THREADS 256
 typedef struct Fp8QuantizeRowsParams {

@@ -8,7 +8,7 @@
 // each and are re-read from L1/L2 for the second and third pass. The e4m3 variant (E4M3, entry
 // layer_norm_e4m3_*) writes each row as e4m3 bytes with its own scale (LayerNormParams::q) for an
 // FP8 linear: the affine outputs are computed twice, once for the row's max |y| and once to
-// write, rather than kept in registers.
+// write (multiplied by the row's 1 / scale), rather than kept in registers.
 #include "common.cuh"
 #include "fp8.cuh"
 
@@ -93,7 +93,7 @@ __device__ __forceinline__ void layer_norm_in_registers(const LayerNormParams& p
 #pragma unroll
             for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
         }
-        const float s = fp8_scale_of(group_max<LANES>(m));
+        const float s = fp8_scale_of(group_max<LANES>(m)), inv = fp8_inverse(s);
         if (live && sub == 0) p.q_scales[row] = s;
         uint8_t* q = p.q + row * C;
 #pragma unroll
@@ -101,7 +101,7 @@ __device__ __forceinline__ void layer_norm_in_registers(const LayerNormParams& p
             if (!has(i)) continue;
             float v[8];
             affine(i, v);
-            *reinterpret_cast<uint2*>(q + (sub + i * LANES) * 8) = e4m3x8(v, s);
+            *reinterpret_cast<uint2*>(q + (sub + i * LANES) * 8) = e4m3x8(v, inv);
         }
     } else {
 #pragma unroll
@@ -201,17 +201,17 @@ template <typename T, bool E4M3> __device__ void layer_norm(const LayerNormParam
         } else {
             for (int c = lane; c < C; c += 32) m = fmaxf(m, fabsf(affine1(c)));
         }
-        const float s = fp8_scale_of(group_max<32>(m));
+        const float s = fp8_scale_of(group_max<32>(m)), inv = fp8_inverse(s);
         if (lane == 0) p.q_scales[row] = s;
         uint8_t* q = p.q + row * C;
         if (vec) {
             for (int c = lane * 8; c < C; c += 256) {
                 float v[8];
                 affine8(c, v);
-                *reinterpret_cast<uint2*>(q + c) = e4m3x8(v, s);
+                *reinterpret_cast<uint2*>(q + c) = e4m3x8(v, inv);
             }
         } else {
-            for (int c = lane; c < C; c += 32) q[c] = to_e4m3(affine1(c) / s);
+            for (int c = lane; c < C; c += 32) q[c] = to_e4m3(affine1(c) * inv);
         }
     } else if (vec) {
         for (int c = lane * 8; c < C; c += 256) {

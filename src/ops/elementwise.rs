@@ -5,7 +5,7 @@ use super::fp8::Fp8Matrix;
 use super::{Exec, grid_for, host_out, same_dtype};
 use crate::error::{Error, Result};
 use crate::gpu::params::{
-    ElementwiseOp, ElementwiseParams, FP8_ROWS_THREADS, GegluE4m3Params, GegluParams, ResidualAddParams,
+    ElementwiseOp, ElementwiseParams, FP8_GEGLU_THREADS, GegluE4m3Params, GegluParams, ResidualAddParams,
 };
 use crate::tensor::Tensor;
 
@@ -252,8 +252,12 @@ pub fn geglu_fp8(ex: &Exec, x: &Tensor, bias: Option<&Tensor>) -> Result<Fp8Matr
                 rows: rows as i64,
                 d: d as i64,
             };
-            let grid = rows.div_ceil(FP8_ROWS_THREADS as usize / 32).max(1) as u32;
-            gpu.launch(kernel_for!("geglu_e4m3", x.dtype()), (grid, 1, 1), (FP8_ROWS_THREADS, 1, 1), 0, &p)?;
+            // a block a row (grid.x reaches 2^31 - 1; checked, not assumed)
+            let grid = u32::try_from(rows.max(1))
+                .ok()
+                .filter(|&g| g < 1 << 31)
+                .ok_or_else(|| Error::Unsupported(format!("geglu_fp8: {rows} rows, more than one launch's blocks")))?;
+            gpu.launch(kernel_for!("geglu_e4m3", x.dtype()), (grid, 1, 1), (FP8_GEGLU_THREADS, 1, 1), 0, &p)?;
             Ok(q)
         }
     }

@@ -1,6 +1,6 @@
 //! FP8 linears: e4m3 (the OCP "E4M3FN" format: 1 sign bit, 4 exponent bits of bias 7, 3 mantissa
 //! bits, no infinities, largest finite 448) for weights and activations alike, with one scale per
-//! tensor or per row (`Fp8Scaling`): q = e4m3(x / s), s = max|x| / 448 over the tensor or the
+//! tensor or per row (`Fp8Scaling`): q = e4m3(x · (1 / s)), s = max|x| / 448 over the tensor or the
 //! row, and the product x · wᵀ ≈ s_x s_w (q_x · q_wᵀ) (per row: s_x of the token, s_w of the
 //! output channel).
 //!
@@ -66,6 +66,12 @@ pub fn e4m3_to_f32(b: u8) -> f32 {
 /// all-zero tensor or row gets 1.
 pub fn scale_of(amax: f32) -> f32 {
     if amax > 0.0 { amax.min(f32::MAX) / E4M3_MAX } else { 1.0 }
+}
+
+/// What a value is multiplied by before its rounding to e4m3 (the kernels' `fp8_inverse`): 1 / s
+/// in f32, so q = e4m3(x · (1 / s)) on both sides.
+fn inverse(scale: f32) -> f32 {
+    1.0 / scale
 }
 
 /// How an e4m3 matrix is scaled. Both operands of an FP8 GEMM are scaled the same way.
@@ -151,7 +157,8 @@ impl Fp8Matrix {
         let mut scales = Vec::with_capacity(rows);
         for row in values.chunks(cols.max(1)) {
             let scale = scale_of(row.iter().fold(0f32, |m, a| m.max(a.abs())));
-            bytes.extend(row.iter().map(|&a| e4m3_from_f32(a / scale)));
+            let inv = inverse(scale);
+            bytes.extend(row.iter().map(|&a| e4m3_from_f32(a * inv)));
             scales.push(scale);
         }
         Fp8Matrix {
@@ -242,7 +249,8 @@ pub fn quantize(ex: &Exec, x: &Tensor, owned: bool, scaling: Fp8Scaling) -> Resu
                 Fp8Scaling::Rows => Ok(Fp8Matrix::host_rows(cols, &v)),
                 Fp8Scaling::Tensor => {
                     let scale = scale_of(v.iter().fold(0f32, |m, a| m.max(a.abs())));
-                    let bytes = v.iter().map(|&a| e4m3_from_f32(a / scale)).collect();
+                    let inv = inverse(scale);
+                    let bytes = v.iter().map(|&a| e4m3_from_f32(a * inv)).collect();
                     let storage = Fp8Storage::Host { bytes, scales: vec![scale] };
                     Ok(Fp8Matrix { rows, cols, scaling, storage, fused_epilogue: false })
                 }

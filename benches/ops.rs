@@ -12,7 +12,7 @@ use celframe::ops::attention::{
     temporal_attention, temporal_attention_tuned,
 };
 use celframe::ops::conv::{Conv2d, conv2d};
-use celframe::ops::elementwise::{add, residual_add};
+use celframe::ops::elementwise::{add, geglu, geglu_fp8, residual_add};
 use celframe::ops::fp8::{Fp8Scaling, gemm_fp8, linear_fp8, quantize};
 use celframe::ops::linear::{GegluLinear, LinearWeight, linear, linear_geglu_with};
 use celframe::ops::lora::{DeltaFactors, DeltaTerm, LayerDelta, merge_deltas, merge_gemm};
@@ -26,6 +26,11 @@ use celframe::{DType, Result, Tensor};
 
 const WARMUP: usize = 10;
 const RUNS: usize = 50;
+
+/// Whether CELFRAME_BENCH_FILTER (if set) selects the entry `key`.
+fn selected(key: &str) -> bool {
+    std::env::var("CELFRAME_BENCH_FILTER").map_or(true, |filter| key.contains(&filter))
+}
 
 struct Bench {
     gpu: Gpu,
@@ -55,7 +60,7 @@ impl Bench {
 
     /// Times `f(input k % 2)` and prints the entry. `bytes` is the minimum traffic, `flop` the arithmetic.
     fn run(&self, name: &str, key: &str, bytes: f64, flop: f64, mut f: impl FnMut(usize) -> Result<()>) -> Result<()> {
-        if std::env::var("CELFRAME_BENCH_FILTER").is_ok_and(|filter| !key.contains(&filter)) {
+        if !selected(key) {
             return Ok(());
         }
         let _range = nvtx::range(key);
@@ -437,6 +442,23 @@ fn main() -> Result<()> {
                     linear_geglu_with(&ex, &xs[k], weight, Some(&bias), GegluLinear::Composed).map(drop)
                 })?;
             }
+        }
+    }
+    // GEGLU alone (the pass after the projection GEMM) at the same shapes: the 16-bit output
+    // against e4m3 rows with a scale each (`geglu_fp8`, an FP8 ff.net.2's input), 4 bytes read and
+    // 2 or 1 written an output. One input (its ~0.4-1.5 GB are far past L2), freed after each shape.
+    for (m, dim) in [(73728usize, 2560usize), (18432, 5120), (294912, 1280)] {
+        let keys = [format!("geglu f16 M{m} D{dim}"), format!("geglu e4m3 M{m} D{dim}")];
+        if !keys.iter().any(|k| selected(k)) {
+            continue;
+        }
+        let arena = Arena::new("geglu bench input", 2 * (m + 1) * 2 * dim + (4 << 20))?;
+        let h = b.random_in(&arena, &[m, 2 * dim], DType::F16, 25)?;
+        let bias = b.random_in(&arena, &[2 * dim], DType::F16, 26)?;
+        let outputs = (m * dim) as f64;
+        b.run("geglu", &keys[0], 6.0 * outputs, 0.0, |_| geglu(&ex, &h, Some(&bias)).map(drop))?;
+        if fp8_device {
+            b.run("geglu", &keys[1], 5.0 * outputs, 0.0, |_| geglu_fp8(&ex, &h, Some(&bias)).map(drop))?;
         }
     }
     lora_merges(&b, &ex)

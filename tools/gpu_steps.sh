@@ -9,14 +9,17 @@
 #   ops shapes graph lora_tests split gpus tuning   the GPU test binaries (test_gpu_ops, ...;
 #                        CELFRAME_TEST_FILTER narrows them: libtest filters, space-separated)
 #   fixtures             the models against their fixtures (test_{unet,vae,text_encoder,controlnet}_gpu)
+#   weights              the full-size UNet and motion adapter only (random weights, no references
+#                        or peer timings), for steps that read them without the unet/motion steps
 #   unet motion vae text_encoder controlnet lora render   tools/<step>_gpu.sh (whole models at full
 #                        size against diffusers; motion, controlnet, render reuse unet's weights)
 #   bench                the kernel benchmarks and the PyTorch peer (CELFRAME_BENCH_FILTER narrows)
 #   graphs               `celframe bench ... --graph` for the UNet (both shapes), the motion UNet and
 #                        the ControlNet (after the unet, motion and controlnet steps made weights)
 #   fp8                  `celframe bench ... --fp8` (FP8 linears: speed and the outputs' distance)
-#                        for the same models, then tools/render_gpu.py fp8: W1's frames with fp8
-#                        off, on and all over three seeds (after the render step's prepare)
+#                        for the same models (FP8_BREAKDOWN=1: with `--breakdown`), then
+#                        tools/render_gpu.py fp8: W1's frames with fp8 off, on and all over three
+#                        seeds (after the render step's prepare)
 #   fp8probe             tools/fp8_cublaslt_probe.py: which FP8 matmul forms this cuBLASLt runs
 #                        (through ctypes, beside torch._scaled_mm) and their speed
 #   cutlass              tools/cutlass_probe/run.sh (dist/cutlass_probe/*.o carried, made by its
@@ -26,7 +29,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then
-  sed -n '2,20p' "$0" >&2
+  sed -n '2,28p' "$0" >&2
   exit 2
 fi
 budget=$1
@@ -53,11 +56,11 @@ graphs() {
     $c controlnet --weights "$work/sdxl_controlnet" --batch 32 --height 72 --width 128 --graph
 }
 fp8_runs() {
-  local c="$bin/celframe bench" w="--weights $work/sdxl_unet"
+  local c="$bin/celframe bench" w="--weights $work/sdxl_unet" b=${FP8_BREAKDOWN:+--breakdown}
   $c unet $w --batch 2 --height 128 --width 128 --fp8 on &&
-    $c unet $w --batch 32 --height 72 --width 128 --fp8 on &&
+    $c unet $w --batch 32 --height 72 --width 128 --fp8 on $b &&
     $c unet $w --batch 32 --height 72 --width 128 --fp8 all &&
-    $c motion_unet $w --motion "$work/motion_adapter" --batch 2 --frames 16 --height 72 --width 128 --fp8 on &&
+    $c motion_unet $w --motion "$work/motion_adapter" --batch 2 --frames 16 --height 72 --width 128 --fp8 on $b &&
     $c controlnet --weights "$work/sdxl_controlnet" --batch 32 --height 72 --width 128 --fp8 on &&
     python3 tools/render_gpu.py fp8 --work "$work" --text-work "${TEXT_WORK:-/tmp/celframe-text}" \
       --vae-work "${VAE_WORK:-${WORK:-/tmp/celframe-vae}}" --celframe "$bin/celframe"
@@ -73,6 +76,7 @@ run_step() {
     gpus) cmd="tests gpus_gpu weights_gpu gpu_random" ;;
     tuning) cmd="tests gemm_tuning_gpu" ;;
     fixtures) cmd="tests unet_gpu vae_gpu text_encoder_gpu controlnet_gpu" ;;
+    weights) cmd="source tools/gpu_env.sh; need_diffusers $work; python3 tools/motion_gpu.py --work $work --weights-only" ;;
     unet | motion | vae | text_encoder | controlnet | lora | render) cmd="bash tools/${name}_gpu.sh" ;;
     bench) cmd="$bin/bench_ops; python3 tools/peer_torch.py" ;;
     graphs) cmd="graphs" ;;

@@ -12,6 +12,7 @@
    same values (WORK/ref_motion_<name>.safetensors), diffusers fp16's own error against fp32.
 4. One forward of diffusers' UNetMotionModel (fp16, eager) and, with --compile, torch.compile, as
    PEER lines; and diffusers' plain UNet on the same 32 images for the motion modules' share.
+With --weights-only, step 1 alone (the weights `celframe bench` reads, for tools/gpu_steps.sh).
 """
 import argparse
 import json
@@ -45,10 +46,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", required=True)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--weights-only", action="store_true", help="write the UNet and the adapter, nothing else")
     args = p.parse_args()
     unet_folder, adapter_folder = os.path.join(args.work, "sdxl_unet"), os.path.join(args.work, "motion_adapter")
     make_weights(unet_folder)
     make_adapter(adapter_folder)
+    if args.weights_only:
+        return
     videos, frames, h, w = 2, 16, 72, 128
     unet = UNet2DConditionModel.from_pretrained(unet_folder, torch_dtype=torch.float32).eval()
     adapter = MotionAdapter.from_pretrained(adapter_folder, torch_dtype=torch.float32).eval()

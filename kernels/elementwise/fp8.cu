@@ -99,6 +99,7 @@ CELFRAME_KERNELS_FOR_DTYPES(fp8_quantize_rows, Fp8QuantizeRowsParams, fp8_quanti
 template <typename T> __device__ void geglu_e4m3(const GegluE4m3Params& p) {
     constexpr int THREADS = FP8_GEGLU_THREADS, VECS = FP8_GEGLU_VECS;
     const int64_t row = blockIdx.x;
+    if (row >= p.rows) return;  // the whole block: no barrier is left waiting
     const int t = threadIdx.x, lane = t % 32;
     const T* x = static_cast<const T*>(p.x) + row * 2 * p.d;
     const T* bias = static_cast<const T*>(p.bias);

@@ -385,7 +385,7 @@ impl ModelWeights {
 
     /// How the e4m3 twins are scaled; None without twins. All of a model's twins scale alike.
     pub fn fp8_scaling(&self) -> Option<Fp8Scaling> {
-        self.fp8.values().next().map(|t| t.matrix.scaling())
+        self.fp8_layout().map(|(scaling, _)| scaling)
     }
 
     /// How the e4m3 twins are scaled and whether their linears add bias and residual in the GEMM's

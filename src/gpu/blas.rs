@@ -235,6 +235,21 @@ impl Caps {
     }
 }
 
+/// The start of the error `Blas` raises when cuBLASLt's heuristic offers no algorithm for a GEMM.
+const NO_ALGORITHM: &str = "cuBLASLt has no algorithm for";
+
+/// A `check` message of a call cuBLASLt refused as CUBLAS_STATUS_NOT_SUPPORTED (checked before
+/// any launch).
+fn not_supported(cuda_error: &str) -> bool {
+    cuda_error.ends_with("CUBLAS_STATUS_NOT_SUPPORTED")
+}
+
+/// Whether `Blas::gemm` failed before queueing anything (cuBLASLt refused the call, or its
+/// heuristic had no algorithm), so the product can be made another way.
+pub fn refused_before_launch(e: &Error) -> bool {
+    matches!(e, Error::Cuda(m) if not_supported(m) || m.contains(NO_ALGORITHM))
+}
+
 fn check(call: &str, s: lt::cublasStatus_t) -> Result<()> {
     if s == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
         Ok(())
@@ -429,8 +444,12 @@ impl Blas {
         let algo = plan.algo_for(&io, io.d);
         let result = gpu.profiled(g.profile_kind(), || self.matmul(gpu, g, plan, algo, &io, io.d));
         match result {
-            Err(Error::Cuda(e)) if first_call && e.ends_with("CUBLAS_STATUS_NOT_SUPPORTED") => {
-                if self.first_runnable(gpu, g, &io)? { Ok(()) } else { Err(Error::Cuda(e)) }
+            Err(Error::Cuda(e)) if first_call && not_supported(&e) => {
+                if self.first_runnable(gpu, g, &io)? {
+                    Ok(())
+                } else {
+                    Err(Error::Cuda(e))
+                }
             }
             r => r,
         }
@@ -645,7 +664,7 @@ impl Blas {
         };
         check("cublasLtMatmulAlgoGetHeuristic", status)?;
         if found <= 0 {
-            return Err(Error::Cuda(format!("cuBLASLt has no algorithm for {g:?}")));
+            return Err(Error::Cuda(format!("{NO_ALGORITHM} {g:?}")));
         }
         results.truncate(found as usize);
         Ok(results)
@@ -740,5 +759,21 @@ impl Drop for Blas {
         // Plans hold descriptors of this handle: they go first.
         self.plans.clear();
         unsafe { lt::cublasLtDestroy(self.handle) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_before_launch_are_told_from_other_failures() {
+        let refused = check("cublasLtMatmul", lt::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED).unwrap_err();
+        assert!(refused_before_launch(&refused), "{refused}");
+        let none = Error::Cuda(format!("{NO_ALGORITHM} m 16 n 640 k 640"));
+        assert!(refused_before_launch(&none.with_prefix("linear: ")));
+        let failed = check("cublasLtMatmul", lt::cublasStatus_t::CUBLAS_STATUS_EXECUTION_FAILED).unwrap_err();
+        assert!(!refused_before_launch(&failed), "{failed}");
+        assert!(!refused_before_launch(&Error::Unsupported("CUBLAS_STATUS_NOT_SUPPORTED".into())));
     }
 }

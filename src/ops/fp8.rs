@@ -14,7 +14,7 @@
 use super::elementwise::{add, residual_add};
 use super::{Exec, host_out, par_rows};
 use crate::error::{Error, Result};
-use crate::gpu::blas::{Gemm, GemmIo};
+use crate::gpu::blas::{Gemm, GemmIo, refused_before_launch};
 use crate::gpu::memory::DeviceMem;
 use crate::gpu::params::{FP8_ROWS_THREADS, Fp8AmaxParams, Fp8QuantizeParams, Fp8QuantizeRowsParams};
 use crate::tensor::{DType, Tensor};
@@ -406,7 +406,7 @@ pub fn linear_fp8_quantized(
                 // Refused before any launch (a shape for which cuBLASLt has no algorithm, or whose
                 // every candidate refuses the epilogue): the pass below instead.
                 match gemm_fp8(ex, xq, w, bias, residual, &y) {
-                    Err(Error::Cuda(e)) if refused_before_launch(&e) => {}
+                    Err(e) if refused_before_launch(&e) => {}
                     r => return r.map(|_| y),
                 }
             }
@@ -420,12 +420,6 @@ pub fn linear_fp8_quantized(
             }
         }
     }
-}
-
-/// A cuBLASLt error raised before anything was queued (`Blas::gemm`): the product can be made
-/// another way.
-fn refused_before_launch(cuda_error: &str) -> bool {
-    cuda_error.ends_with("CUBLAS_STATUS_NOT_SUPPORTED") || cuda_error.contains("has no algorithm")
 }
 
 /// One FP8 linear of 16 rows through `w`, waited for: a device whose cuBLASLt refuses FP8 GEMMs

@@ -384,10 +384,11 @@ fn elementwise_family_matches_twin() {
         let (gpu_out, cpu_out) = (geglu(&ex, &hd, Some(&gbd)).unwrap(), geglu(&Exec::Cpu, &h, Some(&gb)).unwrap());
         rig.check("geglu with bias", &gshape, dtype, gpu_out, cpu_out);
         if dtype != DType::F32 {
-            // GEGLU writing e4m3 rows (an FP8 ff.net.2's input): rows in registers (D 5120, every
-            // thread's five vectors; D 1280, the motion modules' level 0, threads with one or two),
-            // a vectorised row too wide for them (computed twice) and scalar rows
-            let (g1, g1d) = rig.input(&[300, 2 * 1280], dtype, 2.0, 0.0);
+            // GEGLU writing e4m3 rows (an FP8 ff.net.2's input): rows in registers (D 5120, a
+            // block a row, every thread's five vectors; D 1280, the motion modules' level 0, a warp
+            // a row, 301 rows leaving the last block one), a vectorised row too wide for them
+            // (computed twice) and scalar rows (a warp a row)
+            let (g1, g1d) = rig.input(&[301, 2 * 1280], dtype, 2.0, 0.0);
             let (gw, gwd) = rig.input(&[64, 2 * 6144], dtype, 2.0, 0.0);
             let (g3, g3d) = rig.input(&[3, 2 * 20], dtype, 2.0, 0.0);
             for (x, xd, what) in [

@@ -88,26 +88,27 @@ CELFRAME_KERNELS_FOR_DTYPES(fp8_amax, Fp8AmaxParams, fp8_amax)
 CELFRAME_KERNELS_FOR_DTYPES(fp8_quantize, Fp8QuantizeParams, fp8_quantize)
 CELFRAME_KERNELS_FOR_DTYPES(fp8_quantize_rows, Fp8QuantizeRowsParams, fp8_quantize_rows)
 
-// GEGLU's output rows as e4m3 with a scale each, one block of FP8_GEGLU_THREADS a row. Each
-// output is computed once: a row of d <= FP8_GEGLU_THREADS * FP8_GEGLU_VECS * 8 (every SDXL and
-// motion-module width; 5120 at most) stays in registers, vector i of thread t being outputs
-// (t + i * THREADS) * 8 .. + 8, while the block finds the row's max; wider or unaligned rows are
-// computed twice, their inputs re-read from L1/L2. The first version (a warp a row, every row
-// computed twice) was ALU-bound and missed L2 on the re-read: 26.2 ms of the b32 UNet's FP8
-// forward against the 16-bit geglu's 15.5 (H100). The arithmetic is the geglu kernel's
-// (elementwise.cu) without the rounding to T.
-template <typename T> __device__ void geglu_e4m3(const GegluE4m3Params& p) {
-    constexpr int THREADS = FP8_GEGLU_THREADS, VECS = FP8_GEGLU_VECS;
-    const int64_t row = blockIdx.x;
-    if (row >= p.rows) return;  // the whole block: no barrier is left waiting
-    const int t = threadIdx.x, lane = t % 32;
+// GEGLU's output rows as e4m3 with a scale each. Each output is computed once: a row stays in
+// registers (vector i of the row's thread t being outputs (t + i * GROUP) * 8 .. + 8) while its
+// GROUP threads find the row's max; rows wider than GROUP * FP8_GEGLU_VECS * 8 or unaligned are
+// computed twice, their inputs re-read from L1/L2. Rows of d <= FP8_GEGLU_WARP_MAX_D take a warp
+// each (entry geglu_e4m3_warp: FP8_GEGLU_THREADS / 32 rows a block, no barrier), wider ones a
+// block each (geglu_e4m3). History (H100, b32 UNet FP8 forward): a warp a row for every width,
+// each row computed twice, was ALU-bound and missed L2 on the re-read (26.2 ms against the 16-bit
+// geglu's 15.5); a block a row for every width (14.6 ms) left the motion modules' D 1280 rows
+// slower than the 16-bit geglu (0.949 ms against 0.741), most of each block's threads holding one
+// vector and waiting at the barrier; a warp a row there: 0.720. The arithmetic is the geglu
+// kernel's (elementwise.cu) without the rounding to T.
+template <typename T, int GROUP> __device__ void geglu_e4m3_row(const GegluE4m3Params& p, int64_t row, int t) {
+    constexpr int VECS = FP8_GEGLU_VECS;
+    const int lane = t % 32;
     const T* x = static_cast<const T*>(p.x) + row * 2 * p.d;
     const T* bias = static_cast<const T*>(p.bias);
     uint8_t* q = p.q + row * p.d;
     const bool vec = p.d % 8 == 0 &&
                      ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(bias)) % 16) == 0 &&
                      reinterpret_cast<uintptr_t>(q) % 8 == 0;
-    const bool in_registers = vec && p.d <= (int64_t)THREADS * VECS * 8;
+    const bool in_registers = vec && p.d <= (int64_t)GROUP * VECS * 8;
     // Outputs j .. j + 8 (vectorised rows) or j alone.
     auto out8 = [&](int64_t j, float v[8]) {
         float gate[8], bv[8] = {0, 0, 0, 0, 0, 0, 0, 0}, bg[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -129,45 +130,60 @@ template <typename T> __device__ void geglu_e4m3(const GegluE4m3Params& p) {
     if (in_registers) {
 #pragma unroll
         for (int i = 0; i < VECS; ++i) {
-            const int64_t j = (int64_t)(t + i * THREADS) * 8;
+            const int64_t j = (int64_t)(t + i * GROUP) * 8;
             if (j >= p.d) continue;
             out8(j, kept[i]);
 #pragma unroll
             for (int k = 0; k < 8; ++k) m = fmaxf(m, fabsf(kept[i][k]));
         }
     } else if (vec) {
-        for (int64_t j = t * 8; j < p.d; j += THREADS * 8) {
+        for (int64_t j = t * 8; j < p.d; j += GROUP * 8) {
             float v[8];
             out8(j, v);
 #pragma unroll
             for (int k = 0; k < 8; ++k) m = fmaxf(m, fabsf(v[k]));
         }
     } else {
-        for (int64_t j = t; j < p.d; j += THREADS) m = fmaxf(m, fabsf(out1(j)));
+        for (int64_t j = t; j < p.d; j += GROUP) m = fmaxf(m, fabsf(out1(j)));
     }
-    // The block's max: each warp's, then the warps' through shared memory.
-    __shared__ float warp_max[THREADS / 32];
     m = group_max<32>(m);
-    if (lane == 0) warp_max[t / 32] = m;
-    __syncthreads();
+    if constexpr (GROUP > 32) {  // a block a row: the warps' maxima through shared memory
+        __shared__ float warp_max[GROUP / 32];
+        if (lane == 0) warp_max[t / 32] = m;
+        __syncthreads();
 #pragma unroll
-    for (int w = 0; w < THREADS / 32; ++w) m = fmaxf(m, warp_max[w]);
+        for (int w = 0; w < GROUP / 32; ++w) m = fmaxf(m, warp_max[w]);
+    }
     const float s = fp8_scale_of(m), inv = fp8_inverse(s);
     if (t == 0) p.q_scales[row] = s;
     if (in_registers) {
 #pragma unroll
         for (int i = 0; i < VECS; ++i) {
-            const int64_t j = (int64_t)(t + i * THREADS) * 8;
+            const int64_t j = (int64_t)(t + i * GROUP) * 8;
             if (j < p.d) *reinterpret_cast<uint2*>(q + j) = e4m3x8(kept[i], inv);
         }
     } else if (vec) {
-        for (int64_t j = t * 8; j < p.d; j += THREADS * 8) {
+        for (int64_t j = t * 8; j < p.d; j += GROUP * 8) {
             float v[8];
             out8(j, v);
             *reinterpret_cast<uint2*>(q + j) = e4m3x8(v, inv);
         }
     } else {
-        for (int64_t j = t; j < p.d; j += THREADS) q[j] = to_e4m3(out1(j) * inv);
+        for (int64_t j = t; j < p.d; j += GROUP) q[j] = to_e4m3(out1(j) * inv);
     }
 }
+
+// Two entries, so that each takes the registers its own path needs (one kernel holding both took
+// 84 a thread against the block path's 72, and its D 2560 rows ran 18% slower for it).
+template <typename T> __device__ void geglu_e4m3(const GegluE4m3Params& p) {
+    // the whole block or none of it: no barrier is left waiting
+    if (blockIdx.x < p.rows) geglu_e4m3_row<T, FP8_GEGLU_THREADS>(p, blockIdx.x, threadIdx.x);
+}
+
+template <typename T> __device__ void geglu_e4m3_warp(const GegluE4m3Params& p) {
+    static_assert(FP8_GEGLU_WARP_MAX_D == 32 * FP8_GEGLU_VECS * 8, "a warp's row fits its registers");
+    const int64_t row = (int64_t)blockIdx.x * (FP8_GEGLU_THREADS / 32) + threadIdx.x / 32;
+    if (row < p.rows) geglu_e4m3_row<T, 32>(p, row, threadIdx.x % 32);
+}
 CELFRAME_KERNELS_FOR_DTYPES(geglu_e4m3, GegluE4m3Params, geglu_e4m3)
+CELFRAME_KERNELS_FOR_DTYPES(geglu_e4m3_warp, GegluE4m3Params, geglu_e4m3_warp)

@@ -56,11 +56,13 @@ typedef struct GegluParams {
 
 // GEGLU with its output rows written as e4m3, each with its own scale (the input of an FP8
 // second feed-forward GEMM with per-row scales): q[r] = e4m3(y[r] * (1 / s[r])) from the fp32
-// outputs y, s[r] = max |y[r]| / 448 (1 for an all-zero row) in q_scales[r]. One block of
-// FP8_GEGLU_THREADS per row, a row of d <= FP8_GEGLU_THREADS * FP8_GEGLU_VECS * 8 kept in
+// outputs y, s[r] = max |y[r]| / 448 (1 for an all-zero row) in q_scales[r]. Blocks of
+// FP8_GEGLU_THREADS: a warp a row where d <= FP8_GEGLU_WARP_MAX_D (FP8_GEGLU_THREADS / 32 rows a
+// block), else a block a row; a row of d <= (its threads) * FP8_GEGLU_VECS * 8 is kept in
 // registers (kernels/elementwise/fp8.cu).
 #define FP8_GEGLU_THREADS 128
 #define FP8_GEGLU_VECS 5
+#define FP8_GEGLU_WARP_MAX_D 1280
 typedef struct GegluE4m3Params {
     const void* x;      // [rows, 2d]: values, then gates
     const void* bias;   // [2d] or null

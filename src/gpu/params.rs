@@ -5,6 +5,7 @@
 
 pub const FP8_GEGLU_THREADS: u32 = 128;
 pub const FP8_GEGLU_VECS: u32 = 5;
+pub const FP8_GEGLU_WARP_MAX_D: u32 = 1280;
 pub const GROUP_NORM_VECS_16BIT: u32 = 8;
 pub const GROUP_NORM_VECS_F32: u32 = 2;
 pub const GROUP_NORM_CONTROL_STRIDE: u32 = 32;

@@ -5,7 +5,8 @@ use super::fp8::Fp8Matrix;
 use super::{Exec, grid_for, host_out, same_dtype};
 use crate::error::{Error, Result};
 use crate::gpu::params::{
-    ElementwiseOp, ElementwiseParams, FP8_GEGLU_THREADS, GegluE4m3Params, GegluParams, ResidualAddParams,
+    ElementwiseOp, ElementwiseParams, FP8_GEGLU_THREADS, FP8_GEGLU_WARP_MAX_D, GegluE4m3Params, GegluParams,
+    ResidualAddParams,
 };
 use crate::tensor::Tensor;
 
@@ -252,12 +253,20 @@ pub fn geglu_fp8(ex: &Exec, x: &Tensor, bias: Option<&Tensor>) -> Result<Fp8Matr
                 rows: rows as i64,
                 d: d as i64,
             };
-            // a block a row (grid.x reaches 2^31 - 1; checked, not assumed)
-            let grid = u32::try_from(rows.max(1))
+            // A warp a row up to FP8_GEGLU_WARP_MAX_D, else a block a row (grid.x reaches
+            // 2^31 - 1; checked, not assumed).
+            let warp_rows = d <= FP8_GEGLU_WARP_MAX_D as usize;
+            let rows_per_block = if warp_rows { FP8_GEGLU_THREADS as usize / 32 } else { 1 };
+            let grid = u32::try_from(rows.div_ceil(rows_per_block).max(1))
                 .ok()
                 .filter(|&g| g < 1 << 31)
                 .ok_or_else(|| Error::Unsupported(format!("geglu_fp8: {rows} rows, more than one launch's blocks")))?;
-            gpu.launch(kernel_for!("geglu_e4m3", x.dtype()), (grid, 1, 1), (FP8_GEGLU_THREADS, 1, 1), 0, &p)?;
+            let kernel = if warp_rows {
+                kernel_for!("geglu_e4m3_warp", x.dtype())
+            } else {
+                kernel_for!("geglu_e4m3", x.dtype())
+            };
+            gpu.launch(kernel, (grid, 1, 1), (FP8_GEGLU_THREADS, 1, 1), 0, &p)?;
             Ok(q)
         }
     }

@@ -12,7 +12,10 @@ need_diffusers() {
     export PYTHONPATH="$1/py:${PYTHONPATH:-}"
   fi
 }
-# The carried archive of tools/build_gpu_bundle.sh, where it is newer than an unpacked dist/gpu.
-if [ -f dist/gpu.tar.xz ] && { [ ! -d dist/gpu ] || [ dist/gpu.tar.xz -nt dist/gpu ]; }; then
-  rm -rf dist/gpu && tar -xJf dist/gpu.tar.xz -C dist && touch dist/gpu
-fi
+# The carried archives of tools/build_gpu_bundle.sh and tools/build_gpu_baseline.sh, where newer
+# than their unpacked folders (dist/gpu, dist/gpu_base).
+for bundle in gpu gpu_base; do
+  if [ -f dist/$bundle.tar.xz ] && { [ ! -d dist/$bundle ] || [ dist/$bundle.tar.xz -nt dist/$bundle ]; }; then
+    rm -rf dist/$bundle && tar -xJf dist/$bundle.tar.xz -C dist && touch dist/$bundle
+  fi
+done

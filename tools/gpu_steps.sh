@@ -24,12 +24,14 @@
 #                        (through ctypes, beside torch._scaled_mm) and their speed
 #   cutlass              tools/cutlass_probe/run.sh (dist/cutlass_probe/*.o carried, made by its
 #                        build.sh): CUTLASS GEMM forms, GEGLU epilogue, FP8 with row scales
-#   NAME                 any other name runs the shell command in $CMD_NAME
+#   NAME                 any other name runs the shell command in $CMD_NAME ($bin: the binaries'
+#                        folder; $base: a baseline commit's celframe and bench_ops where
+#                        dist/gpu_base.tar.xz (tools/build_gpu_baseline.sh) was carried; $work)
 # The weights stay in /tmp (tools/*_gpu.sh's folders), so later calls on a warm machine reuse them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then
-  sed -n '2,28p' "$0" >&2
+  sed -n '2,30p' "$0" >&2
   exit 2
 fi
 budget=$1
@@ -41,6 +43,8 @@ mkdir -p "$OUT"
 work=${WORK:-/tmp/celframe-unet}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader
 bin=dist/gpu
+base=dist/gpu_base
+[ -f $base/REV ] && echo "baseline binaries in \$base: commit $(cat $base/REV)"
 tests() {
   local t
   for t in "$@"; do
@@ -101,7 +105,7 @@ run_step() {
   fi
   echo "===== $name (limit ${limit} s)"
   local t0=$SECONDS
-  timeout -k 5 "$limit" bash -c "$(declare -f tests graphs fp8_runs); bin=$bin work=$work; $cmd" >"$OUT/$name.log" 2>&1
+  timeout -k 5 "$limit" bash -c "$(declare -f tests graphs fp8_runs); bin=$bin base=$base work=$work; $cmd" >"$OUT/$name.log" 2>&1
   rc[$name]=$?
   secs[$name]=$((SECONDS - t0))
   tail -n "${TAIL:-25}" "$OUT/$name.log"

@@ -20,7 +20,9 @@ use celframe::ops::norm::{
     GroupNorm, GroupNormMode, GroupNormTuning, group_norm_layout, group_norm_tuned, layer_norm, layer_norm_add,
     layer_norm_fp8,
 };
+use celframe::ops::random::random_uniform;
 use celframe::ops::upsample::{upsample_nearest2x, upsample2x_conv3x3};
+use celframe::sampling::NoiseStream;
 use celframe::tensor::Storage;
 use celframe::{DType, Result, Tensor};
 
@@ -43,19 +45,12 @@ impl Bench {
         self.random_in(&self.inputs, shape, dtype, seed)
     }
 
-    /// `random`, in `arena` (inputs of a section that frees them after).
+    /// `random`, in `arena` (inputs of a section that frees them after): uniforms in [-2, 2]
+    /// drawn on the device (`ops::random`, stream `seed`). Drawn on the host and uploaded, the
+    /// inputs took most of a filtered run's ~30 s of device time, whichever entries it kept.
     fn random_in(&self, arena: &Arena, shape: &[usize], dtype: DType, seed: u32) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        // A cheap hash gives varied, non-zero values in [-2, 2).
-        let v: Vec<f32> = (0..n)
-            .map(|i| {
-                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed.wrapping_mul(97)) >> 8) as f32
-                    / (1u32 << 24) as f32
-                    * 4.0
-                    - 2.0
-            })
-            .collect();
-        self.gpu.upload(arena, &Tensor::from_f32(shape, dtype, &v)?, dtype)
+        let ex = Exec::Cuda { gpu: &self.gpu, scratch: arena };
+        random_uniform(&ex, NoiseStream::new(u64::from(seed), 0), 0, shape, dtype, -2.0, 2.0)
     }
 
     /// Times `f(input k % 2)` and prints the entry. `bytes` is the minimum traffic, `flop` the arithmetic.

@@ -28,10 +28,12 @@
 #                        folder; $base: a baseline commit's celframe and bench_ops where
 #                        dist/gpu_base.tar.xz (tools/build_gpu_baseline.sh) was carried; $work)
 # The weights stay in /tmp (tools/*_gpu.sh's folders), so later calls on a warm machine reuse them.
+# LOGS_TAR=FILE (an absolute path, e.g. under the device call's $OUT): the steps' logs packed in one
+# archive as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then
-  sed -n '2,30p' "$0" >&2
+  sed -n '2,32p' "$0" >&2
   exit 2
 fi
 budget=$1
@@ -125,4 +127,8 @@ for name in "${order[@]}"; do
   printf '%-14s exit %-8s %5s s\n' "$name" "${rc[$name]:-?}" "${secs[$name]:-0}"
   case ${rc[$name]:-?} in 0 | skipped) ;; *) failed=1 ;; esac
 done
+# LOGS_TAR=FILE: every step's log in one archive too (a device call returns only a few files).
+if [ -n "${LOGS_TAR:-}" ]; then
+  (cd "$OUT" && tar -cJf "$LOGS_TAR" $(for n in "${order[@]}"; do [ -f "$n.log" ] && echo "$n.log"; done))
+fi
 exit $failed

@@ -97,7 +97,7 @@ CELFRAME_KERNELS_FOR_DTYPES(fp8_quantize_rows, Fp8QuantizeRowsParams, fp8_quanti
 // each row computed twice, was ALU-bound and missed L2 on the re-read (26.2 ms against the 16-bit
 // geglu's 15.5); a block a row for every width (14.6 ms) left the motion modules' D 1280 rows
 // slower than the 16-bit geglu (0.949 ms against 0.741), most of each block's threads holding one
-// vector and waiting at the barrier; a warp a row there: 0.720. The arithmetic is the geglu
+// vector and waiting at the barrier; a warp a row there: 0.646. The arithmetic is the geglu
 // kernel's (elementwise.cu) without the rounding to T.
 template <typename T, int GROUP> __device__ void geglu_e4m3_row(const GegluE4m3Params& p, int64_t row, int t) {
     constexpr int VECS = FP8_GEGLU_VECS;

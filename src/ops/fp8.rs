@@ -68,10 +68,13 @@ pub fn scale_of(amax: f32) -> f32 {
     if amax > 0.0 { amax.min(f32::MAX) / E4M3_MAX } else { 1.0 }
 }
 
-/// What a value is multiplied by before its rounding to e4m3 (the kernels' `fp8_inverse`): 1 / s
-/// in f32, so q = e4m3(x · (1 / s)) on both sides.
-fn inverse(scale: f32) -> f32 {
-    1.0 / scale
+/// `values` as e4m3 bytes appended to `bytes` with their one scale, returned: s from max |x|,
+/// each value multiplied by 1 / s in f32 before its rounding, as the kernels' `fp8_inverse` does.
+fn quantize_host(values: &[f32], bytes: &mut Vec<u8>) -> f32 {
+    let scale = scale_of(values.iter().fold(0f32, |m, a| m.max(a.abs())));
+    let inv = 1.0 / scale;
+    bytes.extend(values.iter().map(|&a| e4m3_from_f32(a * inv)));
+    scale
 }
 
 /// How an e4m3 matrix is scaled. Both operands of an FP8 GEMM are scaled the same way.
@@ -156,10 +159,7 @@ impl Fp8Matrix {
         let mut bytes = Vec::with_capacity(values.len());
         let mut scales = Vec::with_capacity(rows);
         for row in values.chunks(cols.max(1)) {
-            let scale = scale_of(row.iter().fold(0f32, |m, a| m.max(a.abs())));
-            let inv = inverse(scale);
-            bytes.extend(row.iter().map(|&a| e4m3_from_f32(a * inv)));
-            scales.push(scale);
+            scales.push(quantize_host(row, &mut bytes));
         }
         Fp8Matrix {
             rows,
@@ -248,9 +248,8 @@ pub fn quantize(ex: &Exec, x: &Tensor, owned: bool, scaling: Fp8Scaling) -> Resu
             match scaling {
                 Fp8Scaling::Rows => Ok(Fp8Matrix::host_rows(cols, &v)),
                 Fp8Scaling::Tensor => {
-                    let scale = scale_of(v.iter().fold(0f32, |m, a| m.max(a.abs())));
-                    let inv = inverse(scale);
-                    let bytes = v.iter().map(|&a| e4m3_from_f32(a * inv)).collect();
+                    let mut bytes = Vec::with_capacity(v.len());
+                    let scale = quantize_host(&v, &mut bytes);
                     let storage = Fp8Storage::Host { bytes, scales: vec![scale] };
                     Ok(Fp8Matrix { rows, cols, scaling, storage, fused_epilogue: false })
                 }

@@ -27,11 +27,8 @@ export CARGO_TARGET_DIR=$root/target/base
 if [ -z "${CELFRAME_NVCC:-}" ] && [ -x .cuda-toolchain/nvidia/cu13/bin/nvcc ]; then
   export CELFRAME_NVCC=$root/.cuda-toolchain/nvidia/cu13/bin/nvcc
 fi
-bench=$(cd "$src" && cargo bench --bench ops --no-run --message-format=json 2>/dev/null | python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "ops":
-        print(m["executable"])' | tail -n 1)
+source tools/cargo_exe.sh
+bench=$(cd "$src" && cargo bench --bench ops --no-run --message-format=json 2>/dev/null | exe ops)
 (cd "$src" && cargo build --release --quiet)
 rm -rf dist/gpu_base && mkdir -p dist/gpu_base
 cp "$bench" dist/gpu_base/bench_ops

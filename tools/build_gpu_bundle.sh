@@ -9,11 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p dist/gpu
-exe() { python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
-        print(m["executable"])' "$1" | tail -n 1; }
+source tools/cargo_exe.sh
 rm -f dist/gpu/test_*
 for t in gpu_shapes gpu_ops gpu_random gpu_lora weights_gpu unet_gpu controlnet_gpu vae_gpu text_encoder_gpu gpus_gpu gemm_tuning_gpu split_gpu gpu_graph; do
   cp "$(cargo test --release --test $t --no-run --message-format=json 2>/dev/null | exe $t)" "dist/gpu/test_$t"

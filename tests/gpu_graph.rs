@@ -124,7 +124,7 @@ fn motion_unet_replays_match_eager_forwards() {
         .sum();
     let weights = Arena::new("weights", weight_bytes + (256 << 20)).unwrap();
     let scratch = Arena::new("scratch", 16 << 30).unwrap();
-    let place = Place::Device { gpu: &gpu, arena: &weights, dtype: DTYPE };
+    let place = Place::device(&gpu, &weights, DTYPE);
     let unet = Unet::new(&unet_checkpoint, place).unwrap();
     let motion = MotionModules::new(&motion_checkpoint, &unet, place).unwrap();
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };

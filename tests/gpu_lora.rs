@@ -922,7 +922,7 @@ fn device_sets_merge_and_switch_like_the_host_merge() {
     names.dedup();
     for dtype in [DType::F16, DType::BF16] {
         rig.weights.reset();
-        let unet = Unet::new(&checkpoint, Place::Device { gpu: &rig.gpu, arena: &rig.weights, dtype }).unwrap();
+        let unet = Unet::new(&checkpoint, Place::device(&rig.gpu, &rig.weights, dtype)).unwrap();
         let weights = unet.weights();
         // bf16 DoRA stays on the host (DeviceLoraSet::upload says why): refused, then left out.
         let dora_here = dtype == DType::F16;
@@ -1029,7 +1029,7 @@ fn fp8_twins_are_quantized_again_by_lora_switches() {
     };
     let ex = rig.exec();
     let forward = |unet: &Unet| rig.gpu.download(&unet.forward(&ex, &x, None).unwrap()).unwrap();
-    let place = Place::Device { gpu: &rig.gpu, arena: &rig.weights, dtype: DType::F16 };
+    let place = Place::device(&rig.gpu, &rig.weights, DType::F16);
     let mut unet = Unet::new(&checkpoint, place).unwrap();
     assert!(unet.enable_fp8(&ex, Fp8Linears::All).unwrap() > 0);
     let base = forward(&unet);
@@ -1095,7 +1095,7 @@ fn device_merges_and_restores_write_through_the_fused_projections() {
     let merge = loras.merge(Component::Unet).unwrap();
     rig.weights.reset();
     let dtype = DType::F16;
-    let unet = Unet::new(&checkpoint, Place::Device { gpu: &rig.gpu, arena: &rig.weights, dtype }).unwrap();
+    let unet = Unet::new(&checkpoint, Place::device(&rig.gpu, &rig.weights, dtype)).unwrap();
     let weights = unet.weights();
     let set = DeviceLoraSet::upload(&rig.gpu, weights, merge, |_| true).unwrap();
     let block = "down_blocks.1.attentions.0.transformer_blocks.0";

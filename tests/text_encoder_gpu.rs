@@ -93,7 +93,7 @@ fn sdxl_conditioning_on_cuda_matches_the_cpu() {
         let model = |kind| ClipTextModel::new(&open_text_encoder(&folder(kind), kind).unwrap(), place).unwrap();
         SdxlTextEncoders::new(model(TextEncoderKind::ClipL), model(TextEncoderKind::ClipG)).unwrap()
     };
-    let on_gpu = build(Place::Device { gpu: &gpu, arena: &weights, dtype: DType::F16 });
+    let on_gpu = build(Place::device(&gpu, &weights, DType::F16));
     let on_cpu = build(Place::Host(DType::F32));
     let chunk = |tokens: &[(u32, f32)], bos: u32, eos: u32, pad: u32| {
         let mut c = Chunk { ids: [pad; CONTEXT_TOKENS], weights: [1.0; CONTEXT_TOKENS] };

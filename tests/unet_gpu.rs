@@ -124,7 +124,7 @@ fn fp8_linears_match_the_twins_requantize_and_replay_in_a_graph() {
     let device_inputs: Vec<Tensor> = host_inputs.iter().map(|t| gpu.upload(&arena, t, t.dtype()).unwrap()).collect();
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
     let checkpoint = open_unet(&folder("b")).unwrap();
-    let mut unet = Unet::new(&checkpoint, Place::Device { gpu: &gpu, arena: &arena, dtype: DType::F16 }).unwrap();
+    let mut unet = Unet::new(&checkpoint, Place::device(&gpu, &arena, DType::F16)).unwrap();
     let forward = |unet: &Unet| gpu.download(&unet.forward(&ex, &inputs_of(&device_inputs), None)?);
     let plain = forward(&unet).unwrap();
     assert!(unet.enable_fp8(&ex, Fp8Linears::All).unwrap() > 0);

@@ -111,7 +111,7 @@ fn a_stack_on_the_device_is_its_fusions_memory() {
     let fusions: Vec<Fusion> =
         ["a", "b"].map(|m| Fusion { module: m.into(), parts: &KV, stack: Some("s") }).into_iter().collect();
     let arena = Arena::new("weights", 1 << 20).unwrap();
-    let place = Place::Device { gpu: &gpu, arena: &arena, dtype: DType::F16 };
+    let place = Place::device(&gpu, &arena, DType::F16);
     let w = ModelWeights::prepare_fused(&loaded, &names, &fusions, place).unwrap();
     let stack = w.stack("s").unwrap();
     let values: Vec<f32> = named.iter().flat_map(|(_, t)| t.to_f32_vec().unwrap()).collect();
@@ -127,4 +127,100 @@ fn a_stack_on_the_device_is_its_fusions_memory() {
     gpu.upload_into(mem, &new, DType::F16).unwrap();
     let after = gpu.download(&stack.matrix).unwrap().to_f32_vec().unwrap();
     assert_eq!((&after[..7 * 8], &after[7 * 8..]), (&values[..7 * 8], &[7.0; 24][..]));
+}
+
+/// A run that keeps only the FP8 twins: the 16-bit weights that get twins load into their own
+/// arena (the renderer's scratch), and dropping them returns all of it while the forwards give
+/// the same bytes through the twins; a later read of a dropped weight is an error naming it, and
+/// weights without current twins are refused before anything is dropped.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn dropped_fp8_sources_return_their_arena_and_refuse_reads() {
+    use celframe::models::transformer::Fp8Linears;
+    use celframe::models::weights::Fusion;
+    use celframe::models::{ModelWeights, Place};
+    use celframe::ops::Exec;
+    use celframe::ops::linear::linear;
+    const QKV: [&str; 3] = ["to_q", "to_k", "to_v"];
+    let gpu = gpu();
+    let block = "m.transformer_blocks.0";
+    // (name, shape): q, k, v fused and ff.net.2 get twins under "on"; to_out (N < FP8_MIN_OUT) and
+    // the bias stay 16-bit in the weights arena.
+    let specs: Vec<(String, Vec<usize>)> = QKV
+        .iter()
+        .map(|p| (format!("{block}.attn1.{p}.weight"), vec![32, 64]))
+        .chain([
+            (format!("{block}.attn1.to_out.0.weight"), vec![64, 32]),
+            (format!("{block}.ff.net.2.weight"), vec![64, 128]),
+            (format!("{block}.ff.net.2.bias"), vec![64]),
+        ])
+        .collect();
+    let named: Vec<(String, Tensor)> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, (n, shape))| {
+            let count: usize = shape.iter().product();
+            let values: Vec<f32> =
+                (0..count).map(|j| (((i * 7919 + j * 104729) % 2003) as f32 / 1001.0 - 1.0) * 0.1).collect();
+            (n.clone(), Tensor::from_f32(shape, DType::F16, &values).unwrap())
+        })
+        .collect();
+    let path = std::env::temp_dir().join(format!("celframe-weights-gpu-fp8-drop-{}.safetensors", std::process::id()));
+    weights::save(&path, &named.iter().map(|(n, t)| (n.clone(), t)).collect::<Vec<_>>(), None).unwrap();
+    let file = Checkpoint(path);
+    let loaded = weights::load(&[&file.0]).unwrap();
+    let names: Vec<(String, String)> = named.iter().map(|(n, _)| (n.clone(), n.clone())).collect();
+    let fusions = [Fusion { module: format!("{block}.attn1"), parts: &QKV, stack: None }];
+    let (arena, sources, work) = (
+        Arena::new("weights", 1 << 20).unwrap(),
+        Arena::new("sources", 1 << 20).unwrap(),
+        Arena::new("scratch", 64 << 20).unwrap(),
+    );
+    let place =
+        Place::Device { gpu: &gpu, arena: &arena, dtype: DType::F16, fp8_sources: Some((&sources, Fp8Linears::Wide)) };
+    let prepare = || ModelWeights::prepare_fused(&loaded, &names, &fusions, place).unwrap();
+    let ex = Exec::Cuda { gpu: &gpu, scratch: &work };
+
+    // Without twins nothing is dropped.
+    let mut untwinned = prepare();
+    let held = sources.used();
+    let err = untwinned.drop_fp8_sources().unwrap_err().to_string();
+    assert!(err.contains("no current FP8 twin"), "{err}");
+    assert_eq!(sources.used(), held);
+    drop(untwinned);
+    assert_eq!(sources.used(), 0);
+
+    let mut w = prepare();
+    assert_eq!(sources.used(), (3 * 32 * 64 + 64 * 128) * 2, "the fused q, k, v and ff.net.2 in the sources' arena");
+    // to_out's 4096 bytes and the bias's 128 (a 256-byte range) in the weights arena
+    let weights_bytes = 64 * 32 * 2 + 256;
+    assert_eq!(arena.used(), weights_bytes);
+    assert_eq!(w.enable_fp8(&ex, |n, s| Fp8Linears::Wide.takes(n, s)).unwrap(), 2);
+    let x = {
+        let values: Vec<f32> = (0..48 * 128).map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 0.5).collect();
+        gpu.upload(&work, &Tensor::from_f32(&[48, 128], DType::F16, &values).unwrap(), DType::F16).unwrap()
+    };
+    let forwards = |w: &ModelWeights| {
+        let attn = w.root().at(&format!("{block}.attn1"));
+        let ff = w.root().at(&format!("{block}.ff.net.2"));
+        let y = linear(&ex, &x, ff.linear("weight").unwrap(), Some(ff.get("bias").unwrap())).unwrap();
+        let qkv = linear(&ex, &y, attn.linear_rows(&QKV).unwrap(), None).unwrap();
+        [y, qkv].map(|t| gpu.download(&t).unwrap().to_f32_vec().unwrap())
+    };
+    let before = forwards(&w);
+
+    assert_eq!(w.drop_fp8_sources().unwrap(), 2);
+    assert_eq!(sources.used(), 0, "every dropped weight's range is back");
+    assert_eq!(arena.used(), weights_bytes);
+    assert_eq!(forwards(&w), before, "the twins serve the forwards as before");
+    // Reads of the dropped weights, whole or by part, name them; the others still read.
+    for name in [format!("{block}.ff.net.2.weight"), format!("{block}.attn1.to_k.weight")] {
+        let err = w.tensor(&name).unwrap().device_ptr().unwrap_err().to_string();
+        assert!(err.contains(&name) && err.contains("dropped"), "{err}");
+    }
+    let err = w.root().at(&format!("{block}.attn1")).rows(&QKV).unwrap().device_ptr().unwrap_err().to_string();
+    assert!(err.contains("to_q+to_k+to_v"), "{err}");
+    assert!(w.tensor(&format!("{block}.attn1.to_out.0.weight")).unwrap().device_ptr().is_ok());
+    let err = w.requantize_fp8(&ex).unwrap_err().to_string();
+    assert!(err.contains("dropped"), "{err}");
 }

@@ -411,7 +411,7 @@ def run_fp8(s, args):
         proc = subprocess.run([args.celframe, "render", path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, errors="replace")
         lines = [l.strip() for l in proc.stdout.splitlines()]
-        print("\n".join(l for l in lines if l.startswith(("loaded the models", "peak GPU")) or " frames in " in l),
+        print("\n".join(l for l in lines if l.startswith(("loaded the models", "dropped the 16-bit", "peak GPU")) or " frames in " in l),
               flush=True)
         summary = parse_summary(lines)
         record = {"mode": mode, "exit": proc.returncode, "clip_s": summary.get("clip_s"),

@@ -219,7 +219,7 @@ fn bench_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     let gpu = open_gpu(args)?;
     let scratch = scratch_bytes(&gpu, args.scratch_gb)?;
     let (weights, scratch) = model_arenas(&checkpoint.weights, dtype, 64 << 20, |_| scratch)?;
-    let unet = Unet::new(&checkpoint, Place::Device { gpu: &gpu, arena: &weights, dtype })?;
+    let unet = Unet::new(&checkpoint, Place::device(&gpu, &weights, dtype))?;
 
     let uploaded = random_inputs(cfg, [b, 1, h, w], args.tokens, dtype)?.upload(&gpu, &weights)?;
     let inputs = uploaded.unet_inputs();
@@ -267,7 +267,7 @@ fn bench_motion_unet(args: &BenchArgs, dtype: DType) -> Result<()> {
     let scratch = scratch_bytes(&gpu, args.scratch_gb)?;
     let motion_bytes = weight_bytes(&motion.weights, dtype);
     let (weights, scratch) = model_arenas(&checkpoint.weights, dtype, motion_bytes + (64 << 20), |_| scratch)?;
-    let place = Place::Device { gpu: &gpu, arena: &weights, dtype };
+    let place = Place::device(&gpu, &weights, dtype);
     let unet = Unet::new(&checkpoint, place)?;
     let modules = MotionModules::new(&motion, &unet, place)?;
 
@@ -354,7 +354,7 @@ fn bench_controlnet(args: &BenchArgs, dtype: DType) -> Result<()> {
     let hint_bytes = hint_shape.iter().product::<usize>() * dtype.size();
     let extra = conditions * (hint_bytes + 256) + (64 << 20);
     let (weights, scratch) = model_arenas(&checkpoint.weights, dtype, extra, |_| scratch)?;
-    let place = Place::Device { gpu: &gpu, arena: &weights, dtype };
+    let place = Place::device(&gpu, &weights, dtype);
 
     let uploaded = random_inputs(enc, [b, 1, h, w], args.tokens, dtype)?.upload(&gpu, &weights)?;
     let hints = (0..conditions)
@@ -473,7 +473,7 @@ fn bench_lora(args: &BenchArgs, dtype: DType) -> Result<()> {
     let (first, second) = (resolve(&args.loras)?, resolve(&args.switch_loras)?);
 
     let gpu = open_gpu(args)?;
-    let place = |arena| Place::Device { gpu: &gpu, arena, dtype };
+    let place = |arena| Place::device(&gpu, arena, dtype);
     let (unet_arena, scratch) = model_arenas(&unet_checkpoint.weights, dtype, 64 << 20, |_| 256 << 20)?;
     let unet = Unet::new(&unet_checkpoint, place(&unet_arena))?;
     let text_arenas = text_checkpoints
@@ -852,7 +852,7 @@ fn bench_text_encoders(args: &BenchArgs, dtype: DType) -> Result<()> {
     for checkpoint in &checkpoints {
         arenas.push(Arena::new("weights", weight_bytes(&checkpoint.weights, dtype) + (1 << 20))?);
         let arena = arenas.last().unwrap();
-        models.push(ClipTextModel::new(checkpoint, Place::Device { gpu: &gpu, arena, dtype })?);
+        models.push(ClipTextModel::new(checkpoint, Place::device(&gpu, arena, dtype))?);
     }
     // BOS, a stretch of ordinary word ids, EOS padding: the prompt lengths do not change the work.
     let ids: Vec<u32> = (0..args.batch * seq)
@@ -906,7 +906,7 @@ fn bench_vae_decoder(args: &BenchArgs, dtype: DType) -> Result<()> {
     let gpu = open_gpu(args)?;
     let scratch = scratch_bytes(&gpu, args.scratch_gb)?;
     let (weights, scratch) = model_arenas(&checkpoint.weights, dtype, 64 << 20, |_| scratch)?;
-    let vae = Vae::new(&checkpoint, Place::Device { gpu: &gpu, arena: &weights, dtype })?;
+    let vae = Vae::new(&checkpoint, Place::device(&gpu, &weights, dtype))?;
     let (h, w, c) = (args.height, args.width, vae.config.latent_channels);
     let chunks: Vec<Tensor> = (0..args.batch)
         .step_by(args.chunk)

@@ -58,6 +58,8 @@ pub struct DeviceMem {
     bytes: usize,
     /// The arena range this memory came from (None for owned memory); shared by clones.
     lease: Option<Arc<Lease>>,
+    /// Set once the memory was given back (`given_back`): why its address may not be read.
+    given_back: Option<Arc<str>>,
 }
 
 /// An arena range in use; returned to the arena's free ranges when dropped (unless the arena was
@@ -84,7 +86,7 @@ impl Drop for Lease {
 
 impl DeviceMem {
     pub fn owned(bytes: usize, what: &str) -> Result<DeviceMem> {
-        Ok(DeviceMem { alloc: DeviceAlloc::new(bytes, what)?, offset: 0, bytes, lease: None })
+        Ok(DeviceMem { alloc: DeviceAlloc::new(bytes, what)?, offset: 0, bytes, lease: None, given_back: None })
     }
 
     pub fn bytes(&self) -> usize {
@@ -100,10 +102,26 @@ impl DeviceMem {
                 self.bytes
             )));
         }
-        Ok(DeviceMem { alloc: self.alloc.clone(), offset: self.offset + offset, bytes, lease: self.lease.clone() })
+        Ok(DeviceMem {
+            alloc: self.alloc.clone(),
+            offset: self.offset + offset,
+            bytes,
+            lease: self.lease.clone(),
+            given_back: self.given_back.clone(),
+        })
+    }
+
+    /// This memory as a stand-in that no longer holds its arena range: once every other view of
+    /// the range is gone too, the arena hands the range out again. The stand-in keeps the size
+    /// (a tensor's shape stays readable), but reading its address is an error saying `why`.
+    pub fn given_back(&self, why: &str) -> DeviceMem {
+        DeviceMem { lease: None, given_back: Some(why.into()), ..self.clone() }
     }
 
     pub fn ptr(&self) -> Result<u64> {
+        if let Some(why) = &self.given_back {
+            return Err(Error::Internal(why.to_string()));
+        }
         if let Some(lease) = &self.lease
             && lease.epoch_counter.load(Ordering::Acquire) != lease.epoch
         {
@@ -371,7 +389,7 @@ impl Arena {
         if let Some(r) = st.recording.as_mut() {
             r.leases.push(Arc::downgrade(&lease));
         }
-        Ok(DeviceMem { alloc: self.alloc.clone(), offset, bytes, lease: Some(lease) })
+        Ok(DeviceMem { alloc: self.alloc.clone(), offset, bytes, lease: Some(lease), given_back: None })
     }
 
     /// Starts recording what is handed out, for a CUDA graph capture. `earlier`, the ranges the

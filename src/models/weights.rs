@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Arena, Gpu};
 use crate::models::lora::LoraMerge;
 use crate::models::lora::device::DeviceLoraSet;
+use crate::models::transformer::Fp8Linears;
 use crate::ops::Exec;
 use crate::ops::conv::weight_oihw_to_ohwi;
 use crate::ops::fp8::{Fp8Matrix, Fp8Scaling, probe, quantize, quantize_into};
@@ -25,8 +26,9 @@ use crate::weights::LoadedWeights;
 pub enum Place<'a> {
     /// Host tensors in `DType` (for `Exec::Cpu`).
     Host(DType),
-    /// Device tensors in `dtype`, allocated from `arena` (for `Exec::Cuda`).
-    Device { gpu: &'a Gpu, arena: &'a Arena, dtype: DType },
+    /// Device tensors in `dtype`, allocated from `arena` (for `Exec::Cuda`); with `fp8_sources`,
+    /// the weights that choice will run in FP8 from `fp8_sources.0` instead (`Place::for_weight`).
+    Device { gpu: &'a Gpu, arena: &'a Arena, dtype: DType, fp8_sources: Option<(&'a Arena, Fp8Linears)> },
     /// `place` (Host or Device), with the LoRA deltas of `loras` merged into the weights they
     /// target, each rounded once to the place's dtype: on the host before the conversion
     /// (`LoraMerge::merged`) for Host, by the LoRA-delta kernels after the upload for Device
@@ -43,6 +45,11 @@ pub fn with_loras<'a>(place: &'a Place<'a>, loras: Option<&'a LoraMerge>) -> Pla
 }
 
 impl<'a> Place<'a> {
+    /// Device tensors in `dtype` from `arena`.
+    pub fn device(gpu: &'a Gpu, arena: &'a Arena, dtype: DType) -> Place<'a> {
+        Place::Device { gpu, arena, dtype, fp8_sources: None }
+    }
+
     pub fn dtype(&self) -> DType {
         match self {
             Place::Host(d) => *d,
@@ -61,6 +68,36 @@ impl<'a> Place<'a> {
             other => Ok((other, None)),
         }
     }
+
+    /// This place with every weight in its own arena (for models without FP8 linears).
+    pub fn without_fp8_sources(self) -> Place<'a> {
+        match self {
+            Place::Device { gpu, arena, dtype, .. } => Place::device(gpu, arena, dtype),
+            other => other,
+        }
+    }
+
+    /// Where the weight `name` (a plain or fused name) of `shape` goes, and whether it went to the
+    /// FP8 sources' arena: a weight that will get an FP8 twin (`enable_fp8` with that choice) goes
+    /// there when the place has one, so that dropping it once quantized (`drop_fp8_sources`)
+    /// returns its memory to that arena (the scratch arena, for activations).
+    fn for_weight(self, name: &str, shape: &[usize]) -> (Place<'a>, bool) {
+        match self {
+            Place::Device { gpu, dtype, fp8_sources: Some((arena, which)), .. }
+                if dtype != DType::F32 && fp8_shape(shape) && which.takes(name, shape) =>
+            {
+                (Place::Device { gpu, arena, dtype, fp8_sources: None }, true)
+            }
+            other => (other, false),
+        }
+    }
+}
+
+/// Whether the FP8 GEMM takes a weight of `shape` (in f16 or bf16): a matrix [N, K] (or a 1x1
+/// convolution's [N, 1, 1, K], a Transformer2D's proj_in without linear projection), both
+/// dimensions multiples of 16.
+fn fp8_shape(shape: &[usize]) -> bool {
+    matches!(shape, &[n, k] | &[n, 1, 1, k] if n % 16 == 0 && k % 16 == 0)
 }
 
 pub struct ModelWeights {
@@ -77,6 +114,9 @@ pub struct ModelWeights {
     /// e4m3 twins of the linear weights the model runs in FP8, by weight or fused name
     /// (`enable_fp8`).
     fp8: HashMap<String, Fp8Twin>,
+    /// Weights (plain or fused names) placed in the FP8 sources' arena (`Place::for_weight`),
+    /// for `drop_fp8_sources`.
+    fp8_sources: Vec<String>,
 }
 
 /// A weight's e4m3 twin and the weights' version it was quantized from: a LoRA merge or restore
@@ -171,6 +211,7 @@ impl ModelWeights {
         let mut tensors = HashMap::with_capacity(names.len());
         let mut fused = HashMap::with_capacity(fusions.len());
         let mut stacks = HashMap::new();
+        let mut fp8_sources = Vec::new();
         // Fusions of no stack one matrix each, then each stack's fusions as one.
         let mut groups: Vec<(Option<&'static str>, Vec<&Fusion>)> = Vec::new();
         for f in fusions {
@@ -215,7 +256,18 @@ impl ModelWeights {
                     parts.push(part);
                 }
             }
-            let (matrix, placed) = place_rows(place, host, dtype, &what)?;
+            // A fusion of no stack is a matrix of its own, which may get an FP8 twin.
+            let at = match (stack, host.first().map(Tensor::shape)) {
+                (None, Some(&[_, cols])) => {
+                    let name = fused_name(&members[0].module, members[0].parts);
+                    let rows = host.iter().map(|t| t.shape()[0]).sum();
+                    let (at, routed) = place.for_weight(&name, &[rows, cols]);
+                    fp8_sources.extend(routed.then_some(name));
+                    at
+                }
+                _ => place,
+            };
+            let (matrix, placed) = place_rows(at, host, dtype, &what)?;
             let (mut first_part, mut first_row, mut blocks) = (0, 0, Vec::new());
             for f in &members {
                 let member = first_part..first_part + f.parts.len();
@@ -241,9 +293,11 @@ impl ModelWeights {
             let source = loaded.get(key)?;
             let t = merged(host_merge(place, loras, name), name, source, dtype)?;
             let t = if t.shape().len() == 4 { weight_oihw_to_ohwi(&t)? } else { t };
-            tensors.insert(name.clone(), Entry::new(place_tensor(place, t, dtype, key)?, Some(source.clone())));
+            let (at, routed) = place.for_weight(name, t.shape());
+            fp8_sources.extend(routed.then(|| name.clone()));
+            tensors.insert(name.clone(), Entry::new(place_tensor(at, t, dtype, key)?, Some(source.clone())));
         }
-        ModelWeights::new(tensors, fused, stacks, dtype).merged_on_device(place, loras)
+        ModelWeights::new(tensors, fused, stacks, dtype, fp8_sources).merged_on_device(place, loras)
     }
 
     fn new(
@@ -251,9 +305,11 @@ impl ModelWeights {
         fused: HashMap<String, (Tensor, Vec<String>)>,
         stacks: HashMap<&'static str, Stacked>,
         dtype: DType,
+        fp8_sources: Vec<String>,
     ) -> ModelWeights {
         let id = NEXT_WEIGHTS_ID.fetch_add(1, Ordering::Relaxed);
-        ModelWeights { tensors, fused, stacks, dtype, id, version: AtomicU64::new(0), fp8: HashMap::new() }
+        let version = AtomicU64::new(0);
+        ModelWeights { tensors, fused, stacks, dtype, id, version, fp8: HashMap::new(), fp8_sources }
     }
 
     /// Like `prepare`, for host tensors the caller has already put in the graph's form (a fused
@@ -262,13 +318,15 @@ impl ModelWeights {
     pub fn from_tensors(named: Vec<(String, Tensor)>, place: Place) -> Result<ModelWeights> {
         let dtype = place.dtype();
         let (place, loras) = place.split()?;
-        let mut tensors = HashMap::with_capacity(named.len());
+        let (mut tensors, mut fp8_sources) = (HashMap::with_capacity(named.len()), Vec::new());
         for (name, source) in named {
             let t = merged(host_merge(place, loras, &name), &name, &source, dtype)?;
-            let t = place_tensor(place, t, dtype, &name)?;
+            let (at, routed) = place.for_weight(&name, t.shape());
+            let t = place_tensor(at, t, dtype, &name)?;
+            fp8_sources.extend(routed.then(|| name.clone()));
             tensors.insert(name, Entry::new(t, Some(source)));
         }
-        ModelWeights::new(tensors, HashMap::new(), HashMap::new(), dtype).merged_on_device(place, loras)
+        ModelWeights::new(tensors, HashMap::new(), HashMap::new(), dtype, fp8_sources).merged_on_device(place, loras)
     }
 
     /// Checks that every weight `loras` targets was prepared, and on the device merges them with
@@ -322,15 +380,12 @@ impl ModelWeights {
         scaling: Option<Fp8Scaling>,
         select: impl Fn(&str, &[usize]) -> bool,
     ) -> Result<usize> {
-        // A 1x1 convolution's weight [N, 1, 1, K] (a Transformer2D's proj_in without linear
-        // projection) is the matrix [N, K] too.
-        let fits = |t: &Tensor| matches!(t.shape(), &[n, k] | &[n, 1, 1, k] if n % 16 == 0 && k % 16 == 0);
         // Parts of a fused matrix are read through it (`Scope::rows`): its twin serves them.
         let parts: std::collections::HashSet<&String> = self.fused.values().flat_map(|(_, p)| p).collect();
         let plain = self.tensors.iter().filter(|(n, _)| !parts.contains(n)).map(|(n, e)| (n, &e.tensor));
         let chosen: Vec<(String, &Tensor)> = plain
             .chain(self.fused.iter().map(|(n, (t, _))| (n, t)))
-            .filter(|(n, t)| !self.fp8.contains_key(*n) && fits(t) && select(n, t.shape()))
+            .filter(|(n, t)| !self.fp8.contains_key(*n) && fp8_shape(t.shape()) && select(n, t.shape()))
             .map(|(n, t)| (n.clone(), t))
             .collect();
         if !chosen.is_empty() && self.dtype == DType::F32 {
@@ -397,6 +452,51 @@ impl ModelWeights {
     /// Bytes the e4m3 twins hold (a byte per element and their f32 scales).
     pub fn fp8_bytes(&self) -> usize {
         self.fp8.values().map(|t| t.matrix.bytes()).sum()
+    }
+
+    /// Drops the 16-bit weights that were placed in the FP8 sources' arena (`Place::for_weight`)
+    /// once their twins are current: for a run whose weights no longer change (one LoRA set,
+    /// merged), which reads those linears through their twins only. Their ranges go back to that
+    /// arena as soon as the queued work reading them is done (one stream); any later read of
+    /// them (a forward's, a LoRA merge's, `requantize_fp8`'s) is an error naming the weight.
+    /// Returns how many were dropped; an error, before any is dropped, where one has no current
+    /// twin (the weight would be lost).
+    pub fn drop_fp8_sources(&mut self) -> Result<usize> {
+        for name in &self.fp8_sources {
+            if !self.fp8_twin(name).is_ok_and(|twin| twin.is_some()) {
+                return Err(Error::Internal(format!(
+                    "dropping the 16-bit weight '{name}': it has no current FP8 twin (enable_fp8 with the choice \
+                     it was placed for, and requantize_fp8 after a LoRA merge)"
+                )));
+            }
+        }
+        let given_back = |t: &Tensor, name: &str| -> Result<Tensor> {
+            let Storage::Device(mem) = t.storage() else {
+                return Err(Error::Internal(format!("dropping the 16-bit weight '{name}': it is not on the device")));
+            };
+            let why = format!(
+                "the 16-bit weight '{name}' was read after it was dropped (the run keeps only its FP8 twin: one LoRA \
+                 set, merged once)"
+            );
+            Tensor::from_storage(t.shape(), t.dtype(), Storage::Device(mem.given_back(&why)))
+        };
+        let names = std::mem::take(&mut self.fp8_sources);
+        for name in &names {
+            let parts = match self.fused.get_mut(name) {
+                Some((matrix, parts)) => {
+                    *matrix = given_back(matrix, name)?;
+                    parts.clone()
+                }
+                None => vec![name.clone()],
+            };
+            for part in parts {
+                let entry = self.tensors.get_mut(&part).ok_or_else(|| {
+                    Error::Internal(format!("dropping the 16-bit weight '{name}': its part '{part}' is missing"))
+                })?;
+                entry.tensor = given_back(&entry.tensor, &part)?;
+            }
+        }
+        Ok(names.len())
     }
 
     /// The twin of `name` for a forward: None without one; refused when stale.

@@ -257,10 +257,12 @@ impl Models {
             Some(m) => Some(MotionModules::new(m, &unet, with_loras(&place, merge(LoraComponent::Motion)))?),
             None => None,
         };
-        let clip_l = ClipTextModel::new(&c.clip_l, with_loras(&place, merge(LoraComponent::TextEncoder)))?;
-        let clip_g = ClipTextModel::new(&c.clip_g, with_loras(&place, merge(LoraComponent::TextEncoder2)))?;
+        // The models with FP8 linears are the UNet, the motion modules and the ControlNets.
+        let plain = place.without_fp8_sources();
+        let clip_l = ClipTextModel::new(&c.clip_l, with_loras(&plain, merge(LoraComponent::TextEncoder)))?;
+        let clip_g = ClipTextModel::new(&c.clip_g, with_loras(&plain, merge(LoraComponent::TextEncoder2)))?;
         let text = SdxlTextEncoders::new(clip_l, clip_g)?;
-        let vae = Vae::new(&c.vae, place)?;
+        let vae = Vae::new(&c.vae, plain)?;
         let controlnets = c
             .controlnets
             .iter()
@@ -295,6 +297,22 @@ impl Models {
             };
         }
         Ok(twins)
+    }
+
+    /// Drops the 16-bit weights that `new` placed in the FP8 sources' arena, once their twins are
+    /// current (`ModelWeights::drop_fp8_sources`); returns how many.
+    fn drop_fp8_sources(&mut self) -> Result<usize> {
+        let mut dropped = self.unet.drop_fp8_sources()?;
+        if let Some(motion) = self.motion.as_mut() {
+            dropped += motion.drop_fp8_sources()?;
+        }
+        for net in &mut self.controlnets {
+            dropped += match net {
+                Net::Plain(net) => net.drop_fp8_sources()?,
+                Net::Union { net, .. } => net.drop_fp8_sources()?,
+            };
+        }
+        Ok(dropped)
     }
 
     /// Device bytes of the FP8 twins (memory beside the weights arena).
@@ -665,22 +683,49 @@ impl GpuModels {
             (most_of_memory(gpu, 0) / sharing).saturating_sub(weights_bytes + reserve).max(1 << 30)
         };
         let scratch = Arena::new("scratch", scratch_bytes)?;
-        let mut models = Models::new(checkpoints, loras, Place::Device { gpu, arena: &weights, dtype })?;
+        // A run with one LoRA set (Restore::Never) reads the linears it runs in FP8 through their
+        // twins only, once the set is merged: their 16-bit weights load into the scratch arena
+        // and go back to it then (`GpuModels::drop_fp8_sources`), for the activations.
+        let fp8_sources = (restore == Restore::Never && fp8 != Fp8Linears::Off).then_some((&scratch, fp8));
+        let place = Place::Device { gpu, arena: &weights, dtype, fp8_sources };
+        let mut models = Models::new(checkpoints, loras, place)?;
+        let sources = scratch.used();
         let twins = models.enable_fp8(&Exec::Cuda { gpu, scratch: &scratch }, fp8)?;
         let line = format!(
-            "loaded the models onto {} in {:.1} s ({:.2} GiB of weights{}{})",
+            "loaded the models onto {} in {:.1} s ({:.2} GiB of weights{}{}{})",
             gpu.info().name,
             started.elapsed().as_secs_f64(),
-            weights.used() as f64 / GIB,
+            (weights.used() + sources) as f64 / GIB,
             if loras.is_some() { ", LoRAs merged on the host" } else { "" },
             if twins > 0 {
                 format!(", {twins} linears in FP8: {:.2} GiB more", models.fp8_bytes() as f64 / GIB)
+            } else {
+                String::new()
+            },
+            if sources > 0 {
+                format!(", {:.2} GiB of 16-bit weights to drop once their twins are final", sources as f64 / GIB)
             } else {
                 String::new()
             }
         );
         let loras = loras.is_none().then(|| DeviceLoras::new(restore));
         Ok((GpuModels { models, loras, weights, scratch }, line))
+    }
+
+    /// Drops the 16-bit weights `load` placed in the scratch arena (their FP8 twins current:
+    /// the run's only LoRA set merged); a summary line saying how much memory went back, None
+    /// when there were none.
+    fn drop_fp8_sources(&mut self) -> Result<Option<String>> {
+        let before = self.scratch.used();
+        let dropped = self.models.drop_fp8_sources()?;
+        let freed = before.saturating_sub(self.scratch.used());
+        Ok((dropped > 0).then(|| {
+            format!(
+                "dropped the 16-bit weights of {dropped} FP8 linears (their e4m3 twins serve the forwards): {:.2} GiB back \
+                 to the scratch arena",
+                freed as f64 / GIB
+            )
+        }))
     }
 }
 
@@ -786,7 +831,10 @@ pub(super) fn prepare_group<'m>(
         match switched {
             Ok(line) => {
                 lines.push(line);
-                let Some(m) = loaded.as_ref() else { unreachable!("loaded above") };
+                let Some(m) = loaded.as_mut() else { unreachable!("loaded above") };
+                if restore == Restore::Never {
+                    lines.extend(m.drop_fp8_sources()?);
+                }
                 return Ok((lines, m));
             }
             Err((Error::Unsupported(why), _)) => {
@@ -803,7 +851,11 @@ pub(super) fn prepare_group<'m>(
     *loaded = None; // free the device before loading again
     let (models, line) = GpuModels::load(gpu, checkpoints, loras.as_ref(), restore, dtype, 0, sharing, group.fp8()?)?;
     lines.push(line);
-    Ok((lines, loaded.insert(models)))
+    let models = loaded.insert(models);
+    if restore == Restore::Never {
+        lines.extend(models.drop_fp8_sources()?);
+    }
+    Ok((lines, models))
 }
 
 /// Device bytes of one LoRA group's run (weights and the scratch arena's use, LoRA switching);

@@ -385,7 +385,7 @@ fn run_cuda(
     let extra = r.inputs.device_bytes() + images.iter().map(|t| t.size_bytes() + 256).sum::<usize>();
     let (weights_arena, scratch) =
         model_arenas(&checkpoint.weights, dtype, extra, |w| explicit.unwrap_or_else(|| most_of_memory(&gpu, w)))?;
-    let place = Place::Device { gpu: &gpu, arena: &weights_arena, dtype };
+    let place = Place::device(&gpu, &weights_arena, dtype);
     let inputs = r.inputs.upload(&gpu, &weights_arena)?;
     let up = |t: &Tensor| gpu.upload(&weights_arena, t, dtype);
     let control = match &r.control {

@@ -183,7 +183,7 @@ fn run_cuda(
     let (weights_arena, scratch) = model_arenas(&unet.weights, dtype, motion_bytes + r.device_bytes(), |w| {
         explicit.unwrap_or_else(|| most_of_memory(&gpu, w + motion_bytes))
     })?;
-    let place = Place::Device { gpu: &gpu, arena: &weights_arena, dtype };
+    let place = Place::device(&gpu, &weights_arena, dtype);
     let model = Unet::new(unet, with_loras(&place, merges.unet))?;
     let modules = MotionModules::new(motion, &model, with_loras(&place, merges.motion))?;
     let inputs = r.upload(&gpu, &weights_arena)?;

@@ -185,7 +185,7 @@ fn run_cuda(
     let explicit = scratch_gb.map(|gb| scratch_bytes(&gpu, gb)).transpose()?;
     let (weights_arena, scratch) =
         model_arenas(&checkpoint.weights, dtype, 1 << 20, |w| explicit.unwrap_or((1 << 30).max(w / 4)))?;
-    let device = Place::Device { gpu: &gpu, arena: &weights_arena, dtype };
+    let device = Place::device(&gpu, &weights_arena, dtype);
     let model = ClipTextModel::new(checkpoint, with_loras(&device, loras))?;
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
     let out = model.forward(&ex, &r.ids, r.tokens, &r.keep)?;

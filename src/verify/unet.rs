@@ -268,7 +268,7 @@ fn run_cuda(
     let (weights_arena, scratch) = model_arenas(&checkpoint.weights, dtype, r.device_bytes(), |w| {
         explicit.unwrap_or_else(|| most_of_memory(&gpu, w))
     })?;
-    let device = Place::Device { gpu: &gpu, arena: &weights_arena, dtype };
+    let device = Place::device(&gpu, &weights_arena, dtype);
     let unet = Unet::new(checkpoint, with_loras(&device, loras))?;
     let inputs = r.upload(&gpu, &weights_arena)?;
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };

@@ -116,7 +116,7 @@ fn decode_cuda(
     let explicit = scratch_gb.map(|gb| scratch_bytes(&gpu, gb)).transpose()?;
     let (weights_arena, scratch) =
         model_arenas(&checkpoint.weights, dtype, 1 << 20, |w| explicit.unwrap_or_else(|| most_of_memory(&gpu, w)))?;
-    let vae = Vae::new(checkpoint, Place::Device { gpu: &gpu, arena: &weights_arena, dtype })?;
+    let vae = Vae::new(checkpoint, Place::device(&gpu, &weights_arena, dtype))?;
     let ex = Exec::Cuda { gpu: &gpu, scratch: &scratch };
     // Twice: the first run also picks cuDNN's algorithms (once per shape), the second is the
     // steady state. Both include the host side (uploads, downloads, blending).

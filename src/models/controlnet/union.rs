@@ -238,6 +238,11 @@ impl ControlNetUnion {
         self.net.enable_fp8(ex, which)
     }
 
+    /// Drops the 16-bit weights whose FP8 twins serve the forward (`ModelWeights::drop_fp8_sources`).
+    pub fn drop_fp8_sources(&mut self) -> Result<usize> {
+        self.net.drop_fp8_sources()
+    }
+
     pub fn net_weights(&self) -> &ModelWeights {
         self.net.weights()
     }

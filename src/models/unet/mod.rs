@@ -105,6 +105,11 @@ impl Unet {
         self.weights.enable_fp8(ex, |name, shape| which.takes(name, shape))
     }
 
+    /// Drops the 16-bit weights whose FP8 twins serve the forward (`ModelWeights::drop_fp8_sources`).
+    pub fn drop_fp8_sources(&mut self) -> Result<usize> {
+        self.weights.drop_fp8_sources()
+    }
+
     /// `enable_fp8` with the twins' scaling chosen (`ModelWeights::enable_fp8_scaled`).
     pub fn enable_fp8_scaled(
         &mut self,

@@ -7,8 +7,9 @@
 // (46% and 63% of the copy ceiling, against 64% at C 1280). Wider or unaligned rows take one warp
 // each and are re-read from L1/L2 for the second and third pass. The e4m3 variant (E4M3, entry
 // layer_norm_e4m3_*) writes each row as e4m3 bytes with its own scale (LayerNormParams::q) for an
-// FP8 linear: the affine outputs are computed twice, once for the row's max |y| and once to
-// write (multiplied by the row's 1 / scale), rather than kept in registers.
+// FP8 linear: the affine outputs are computed once and kept in registers (80 of them a thread,
+// 3 blocks a multiprocessor: under the 64-register bound they spilled) while the row's max |y|
+// is found, then written (multiplied by the row's 1 / scale).
 #include "common.cuh"
 #include "fp8.cuh"
 
@@ -84,25 +85,23 @@ __device__ __forceinline__ void layer_norm_in_registers(const LayerNormParams& p
         for (int j = 0; j < 8; ++j) v[j] = (v[j] - mean) * rstd * g[j] + b[j] + a[j];
     };
     if constexpr (E4M3) {
+        // The affine outputs kept in registers (each packed vector dies as its outputs are made)
+        // while the row's max is found, then written.
+        float kept[LN_REG_VECS][8];
         float m = 0.0f;
 #pragma unroll
         for (int i = 0; i < LN_REG_VECS; ++i) {
             if (!has(i)) continue;
-            float v[8];
-            affine(i, v);
+            affine(i, kept[i]);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
+            for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(kept[i][j]));
         }
         const float s = fp8_scale_of(group_max<LANES>(m)), inv = fp8_inverse(s);
         if (live && sub == 0) p.q_scales[row] = s;
         uint8_t* q = p.q + row * C;
 #pragma unroll
-        for (int i = 0; i < LN_REG_VECS; ++i) {
-            if (!has(i)) continue;
-            float v[8];
-            affine(i, v);
-            *reinterpret_cast<uint2*>(q + (sub + i * LANES) * 8) = e4m3x8(v, inv);
-        }
+        for (int i = 0; i < LN_REG_VECS; ++i)
+            if (has(i)) *reinterpret_cast<uint2*>(q + (sub + i * LANES) * 8) = e4m3x8(kept[i], inv);
     } else {
 #pragma unroll
         for (int i = 0; i < LN_REG_VECS; ++i) {
@@ -236,5 +235,5 @@ LN_ENTRY(layer_norm_f16, __half, false, 4)
 LN_ENTRY(layer_norm_bf16, __nv_bfloat16, false, 4)
 LN_ENTRY(layer_norm_f32, float, false, 2)
 // FP8 linears take f16 / bf16 models only.
-LN_ENTRY(layer_norm_e4m3_f16, __half, true, 4)
-LN_ENTRY(layer_norm_e4m3_bf16, __nv_bfloat16, true, 4)
+LN_ENTRY(layer_norm_e4m3_f16, __half, true, 3)
+LN_ENTRY(layer_norm_e4m3_bf16, __nv_bfloat16, true, 3)

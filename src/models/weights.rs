@@ -86,7 +86,7 @@ impl<'a> Place<'a> {
             Place::Device { gpu, dtype, fp8_sources: Some((arena, which)), .. }
                 if dtype != DType::F32 && fp8_shape(shape) && which.takes(name, shape) =>
             {
-                (Place::Device { gpu, arena, dtype, fp8_sources: None }, true)
+                (Place::device(gpu, arena, dtype), true)
             }
             other => (other, false),
         }

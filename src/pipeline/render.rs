@@ -714,7 +714,7 @@ impl GpuModels {
 
     /// Drops the 16-bit weights `load` placed in the scratch arena (their FP8 twins current:
     /// the run's only LoRA set merged); a summary line saying how much memory went back, None
-    /// when there were none.
+    /// when there were none (`load` places them there for `Restore::Never` only).
     fn drop_fp8_sources(&mut self) -> Result<Option<String>> {
         let before = self.scratch.used();
         let dropped = self.models.drop_fp8_sources()?;
@@ -832,9 +832,7 @@ pub(super) fn prepare_group<'m>(
             Ok(line) => {
                 lines.push(line);
                 let Some(m) = loaded.as_mut() else { unreachable!("loaded above") };
-                if restore == Restore::Never {
-                    lines.extend(m.drop_fp8_sources()?);
-                }
+                lines.extend(m.drop_fp8_sources()?);
                 return Ok((lines, m));
             }
             Err((Error::Unsupported(why), _)) => {
@@ -852,9 +850,7 @@ pub(super) fn prepare_group<'m>(
     let (models, line) = GpuModels::load(gpu, checkpoints, loras.as_ref(), restore, dtype, 0, sharing, group.fp8()?)?;
     lines.push(line);
     let models = loaded.insert(models);
-    if restore == Restore::Never {
-        lines.extend(models.drop_fp8_sources()?);
-    }
+    lines.extend(models.drop_fp8_sources()?);
     Ok((lines, models))
 }
 

@@ -454,6 +454,15 @@ impl ModelWeights {
         self.fp8.values().map(|t| t.matrix.bytes()).sum()
     }
 
+    /// Bytes of the 16-bit weights in the FP8 sources' arena that `drop_fp8_sources` would give back.
+    pub fn fp8_source_bytes(&self) -> usize {
+        let bytes = |name: &String| match self.fused.get(name) {
+            Some((matrix, _)) => matrix.size_bytes(),
+            None => self.tensors.get(name).map_or(0, |e| e.tensor.size_bytes()),
+        };
+        self.fp8_sources.iter().map(bytes).sum()
+    }
+
     /// Drops the 16-bit weights that were placed in the FP8 sources' arena (`Place::for_weight`)
     /// once their twins are current: for a run whose weights no longer change (one LoRA set,
     /// merged), which reads those linears through their twins only. Their ranges go back to that

@@ -238,6 +238,16 @@ enum Net {
     Union { net: Box<ControlNetUnion>, types: Vec<ControlType> },
 }
 
+impl Net {
+    /// The weights where its FP8 linears are (a Union's ControlNet part).
+    fn fp8_weights(&mut self) -> &mut ModelWeights {
+        match self {
+            Net::Plain(net) => net.weights_mut(),
+            Net::Union { net, .. } => net.net_weights_mut(),
+        }
+    }
+}
+
 /// The models prepared for one place.
 pub(super) struct Models {
     text: SdxlTextEncoders,
@@ -247,14 +257,43 @@ pub(super) struct Models {
     controlnets: Vec<Net>,
 }
 
+/// What `Models::new` did about FP8 linears.
+#[derive(Default)]
+pub(super) struct Fp8Load {
+    /// Weights that got e4m3 twins.
+    twins: usize,
+    /// Bytes the twins hold.
+    twin_bytes: usize,
+    /// The ControlNets' 16-bit weights dropped as they loaded (weights, bytes).
+    dropped: (usize, usize),
+}
+
 impl Models {
     /// The models in `place`, with `loras` merged on the host as they convert (the CPU path; on
-    /// CUDA the models load once without them and `GpuLoras` switches sets on the device).
-    pub(super) fn new(c: &Checkpoints, loras: Option<&Loras>, place: Place) -> Result<Models> {
+    /// CUDA the models load once without them and `DeviceLoras` switches sets on the device), and
+    /// e4m3 twins (on `ex`) for the linears of the UNet, motion modules and ControlNets that `fp8`
+    /// takes, made as each model loads. A ControlNet's twins are final at once (no LoRA set adapts
+    /// one), so where `place` put its 16-bit weights in the FP8 sources' arena they go back to it
+    /// before the next model loads: the load holds the UNet's, the motion modules' and one
+    /// ControlNet's at most (the first two wait for the LoRA merge: `drop_fp8_sources`).
+    pub(super) fn new(
+        c: &Checkpoints,
+        loras: Option<&Loras>,
+        place: Place,
+        ex: &Exec,
+        fp8: Fp8Linears,
+    ) -> Result<(Models, Fp8Load)> {
         let merge = |component| loras.and_then(|l| l.merge(component));
-        let unet = Unet::new(&c.unet, with_loras(&place, merge(LoraComponent::Unet)))?;
+        let mut load = Fp8Load::default();
+        let twins = |w: &mut ModelWeights| w.enable_fp8(ex, |name, shape| fp8.takes(name, shape));
+        let mut unet = Unet::new(&c.unet, with_loras(&place, merge(LoraComponent::Unet)))?;
+        load.twins += twins(unet.weights_mut())?;
         let motion = match &c.motion {
-            Some(m) => Some(MotionModules::new(m, &unet, with_loras(&place, merge(LoraComponent::Motion)))?),
+            Some(m) => {
+                let mut motion = MotionModules::new(m, &unet, with_loras(&place, merge(LoraComponent::Motion)))?;
+                load.twins += twins(motion.weights_mut())?;
+                Some(motion)
+            }
             None => None,
         };
         // The models with FP8 linears are the UNet, the motion modules and the ControlNets.
@@ -263,74 +302,47 @@ impl Models {
         let clip_g = ClipTextModel::new(&c.clip_g, with_loras(&plain, merge(LoraComponent::TextEncoder2)))?;
         let text = SdxlTextEncoders::new(clip_l, clip_g)?;
         let vae = Vae::new(&c.vae, plain)?;
-        let controlnets = c
-            .controlnets
-            .iter()
-            .zip(&c.union_types)
-            .map(|(ck, types)| match types {
+        let mut controlnets = Vec::with_capacity(c.controlnets.len());
+        for (ck, types) in c.controlnets.iter().zip(&c.union_types) {
+            let mut net = match types {
                 None => {
                     let net = ControlNet::new(ck, place)?;
                     net.check_unet(&unet.config)?;
-                    Ok(Net::Plain(Box::new(net)))
+                    Net::Plain(Box::new(net))
                 }
                 Some(types) => {
                     let net = ControlNetUnion::new(ck, place)?;
                     net.check_unet(&unet.config)?;
-                    Ok(Net::Union { net: Box::new(net), types: types.clone() })
+                    Net::Union { net: Box::new(net), types: types.clone() }
                 }
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Models { text, unet, motion, vae, controlnets })
+            };
+            let weights = net.fp8_weights();
+            load.twins += twins(weights)?;
+            let bytes = weights.fp8_source_bytes();
+            load.dropped.0 += weights.drop_fp8_sources()?;
+            load.dropped.1 += bytes;
+            controlnets.push(net);
+        }
+        let mut models = Models { text, unet, motion, vae, controlnets };
+        load.twin_bytes = models.fp8_weights().map(|w| w.fp8_bytes()).sum();
+        Ok((models, load))
     }
 
-    /// Runs the transformer blocks' linears of the UNet, motion modules and ControlNets that
-    /// `which` takes in FP8 (the config's `fp8`); returns how many weights got e4m3 twins.
-    pub(super) fn enable_fp8(&mut self, ex: &Exec, which: Fp8Linears) -> Result<usize> {
-        let mut twins = self.unet.enable_fp8(ex, which)?;
-        if let Some(motion) = self.motion.as_mut() {
-            twins += motion.enable_fp8(ex, which)?;
-        }
-        for net in &mut self.controlnets {
-            twins += match net {
-                Net::Plain(net) => net.enable_fp8(ex, which)?,
-                Net::Union { net, .. } => net.enable_fp8(ex, which)?,
-            };
-        }
-        Ok(twins)
+    /// The weights of the models with FP8 linears: the UNet, the motion modules, the ControlNets.
+    fn fp8_weights(&mut self) -> impl Iterator<Item = &mut ModelWeights> {
+        let nets = self.controlnets.iter_mut().map(Net::fp8_weights);
+        std::iter::once(self.unet.weights_mut()).chain(self.motion.as_mut().map(MotionModules::weights_mut)).chain(nets)
     }
 
     /// Drops the 16-bit weights that `new` placed in the FP8 sources' arena, once their twins are
     /// current (`ModelWeights::drop_fp8_sources`); returns how many.
     fn drop_fp8_sources(&mut self) -> Result<usize> {
-        let mut dropped = self.unet.drop_fp8_sources()?;
-        if let Some(motion) = self.motion.as_mut() {
-            dropped += motion.drop_fp8_sources()?;
-        }
-        for net in &mut self.controlnets {
-            dropped += match net {
-                Net::Plain(net) => net.drop_fp8_sources()?,
-                Net::Union { net, .. } => net.drop_fp8_sources()?,
-            };
-        }
-        Ok(dropped)
-    }
-
-    /// Device bytes of the FP8 twins (memory beside the weights arena).
-    fn fp8_bytes(&self) -> usize {
-        let nets = self.controlnets.iter().map(|net| match net {
-            Net::Plain(net) => net.weights().fp8_bytes(),
-            Net::Union { net, .. } => net.net_weights().fp8_bytes(),
-        });
-        self.unet.weights().fp8_bytes()
-            + self.motion.as_ref().map_or(0, |m| m.weights().fp8_bytes())
-            + nets.sum::<usize>()
+        self.fp8_weights().map(|w| w.drop_fp8_sources()).sum()
     }
 
     /// `new` on the host, with the linears `fp8` takes in FP8 (their twins on the host too).
     pub(super) fn on_host(c: &Checkpoints, loras: Option<&Loras>, dtype: DType, fp8: Fp8Linears) -> Result<Models> {
-        let mut models = Models::new(c, loras, Place::Host(dtype))?;
-        models.enable_fp8(&Exec::Cpu, fp8)?;
-        Ok(models)
+        Ok(Models::new(c, loras, Place::Host(dtype), &Exec::Cpu, fp8)?.0)
     }
 
     /// The weights of every model LoRAs adapt, by component.
@@ -568,7 +580,8 @@ pub fn render_batch(config: &RenderConfig, options: &RenderOptions, shard: Optio
                         ahead = next_host;
                         let loras = run.loras.as_ref();
                         peak.add(MemoryPeak {
-                            weights: run.weights.used() + run.models.fp8_bytes(),
+                            weights: run.weights.used() + run.twin_bytes,
+                            loading: run.loading,
                             switching,
                             rendering: run.scratch.take_window_peak(),
                             base_copies: loras.map_or(0, DeviceLoras::base_bytes),
@@ -654,6 +667,10 @@ pub(super) struct GpuModels {
     loras: Option<DeviceLoras>,
     weights: Arena,
     pub(super) scratch: Arena,
+    /// Bytes of the FP8 twins (beside the arenas).
+    twin_bytes: usize,
+    /// Scratch held at most while the models loaded (the 16-bit weights that get FP8 twins).
+    loading: usize,
 }
 
 impl GpuModels {
@@ -685,31 +702,40 @@ impl GpuModels {
         let scratch = Arena::new("scratch", scratch_bytes)?;
         // A run with one LoRA set (Restore::Never) reads the linears it runs in FP8 through their
         // twins only, once the set is merged: their 16-bit weights load into the scratch arena
-        // and go back to it then (`GpuModels::drop_fp8_sources`), for the activations.
+        // and go back to it then (`GpuModels::drop_fp8_sources`; a ControlNet's at once), for the
+        // activations.
         let fp8_sources = (restore == Restore::Never && fp8 != Fp8Linears::Off).then_some((&scratch, fp8));
         let place = Place::Device { gpu, arena: &weights, dtype, fp8_sources };
-        let mut models = Models::new(checkpoints, loras, place)?;
-        let sources = scratch.used();
-        let twins = models.enable_fp8(&Exec::Cuda { gpu, scratch: &scratch }, fp8)?;
+        let (mut models, fp8_load) =
+            Models::new(checkpoints, loras, place, &Exec::Cuda { gpu, scratch: &scratch }, fp8)?;
+        let sources: usize = models.fp8_weights().map(|w| w.fp8_source_bytes()).sum();
+        let gib = |bytes: usize| bytes as f64 / GIB;
+        let mut fp8_parts = Vec::new();
+        if fp8_load.twins > 0 {
+            fp8_parts.push(format!("{} linears in FP8: {:.2} GiB more", fp8_load.twins, gib(fp8_load.twin_bytes)));
+        }
+        if fp8_load.dropped.0 > 0 {
+            fp8_parts.push(format!(
+                "the ControlNets' {:.2} GiB of 16-bit weights ({} linears) dropped as they loaded",
+                gib(fp8_load.dropped.1),
+                fp8_load.dropped.0
+            ));
+        }
+        if sources > 0 {
+            fp8_parts.push(format!("{:.2} GiB of 16-bit weights to drop once their twins are final", gib(sources)));
+        }
         let line = format!(
-            "loaded the models onto {} in {:.1} s ({:.2} GiB of weights{}{}{})",
+            "loaded the models onto {} in {:.1} s ({:.2} GiB of weights{}{})",
             gpu.info().name,
             started.elapsed().as_secs_f64(),
-            (weights.used() + sources) as f64 / GIB,
+            gib(weights.used() + sources + fp8_load.dropped.1),
             if loras.is_some() { ", LoRAs merged on the host" } else { "" },
-            if twins > 0 {
-                format!(", {twins} linears in FP8: {:.2} GiB more", models.fp8_bytes() as f64 / GIB)
-            } else {
-                String::new()
-            },
-            if sources > 0 {
-                format!(", {:.2} GiB of 16-bit weights to drop once their twins are final", sources as f64 / GIB)
-            } else {
-                String::new()
-            }
+            fp8_parts.iter().map(|p| format!(", {p}")).collect::<String>()
         );
         let loras = loras.is_none().then(|| DeviceLoras::new(restore));
-        Ok((GpuModels { models, loras, weights, scratch }, line))
+        // The load's own peak of scratch (the sources held at once), apart from the LoRA merge's.
+        let loading = scratch.take_window_peak();
+        Ok((GpuModels { models, loras, weights, scratch, twin_bytes: fp8_load.twin_bytes, loading }, line))
     }
 
     /// Drops the 16-bit weights `load` placed in the scratch arena (their FP8 twins current:
@@ -859,7 +885,9 @@ pub(super) fn prepare_group<'m>(
 #[derive(Clone, Copy, Default)]
 struct MemoryPeak {
     weights: usize,
-    /// Scratch held at most while the group's set merged (and the models loaded).
+    /// Scratch held at most while the models loaded (before the set's factors existed).
+    loading: usize,
+    /// Scratch held at most while the group's set merged.
     switching: usize,
     /// Scratch held at most while its clips rendered: their activations.
     rendering: usize,
@@ -870,7 +898,7 @@ struct MemoryPeak {
 
 impl MemoryPeak {
     fn total(&self) -> usize {
-        self.weights + self.base_copies + (self.factors + self.switching).max(self.rendering)
+        self.weights + self.base_copies + (self.factors + self.switching).max(self.rendering).max(self.loading)
     }
 
     fn add(&mut self, group: MemoryPeak) {
@@ -884,14 +912,15 @@ impl MemoryPeak {
     fn line(&self, whose: &str) -> String {
         let gib = |b: usize| b as f64 / GIB;
         format!(
-            "peak GPU memory{whose}: {:.2} GiB (weights {:.2} GiB + LoRA base copies {:.2} GiB + the larger of activations \
-             {:.2} GiB and the LoRA merge's {:.2} GiB of factors + {:.2} GiB of scratch)",
+            "peak GPU memory{whose}: {:.2} GiB (weights {:.2} GiB + LoRA base copies {:.2} GiB + the largest of activations \
+             {:.2} GiB, the LoRA merge's {:.2} GiB of factors + {:.2} GiB of scratch, and the load's {:.2} GiB of scratch)",
             gib(self.total()),
             gib(self.weights),
             gib(self.base_copies),
             gib(self.rendering),
             gib(self.factors),
-            gib(self.switching)
+            gib(self.switching),
+            gib(self.loading)
         )
     }
 }
@@ -2587,6 +2616,7 @@ mod tests {
         let gib = 1usize << 30;
         let group = |factors, switching, rendering, base_copies| MemoryPeak {
             weights: 11 * gib,
+            loading: 0,
             switching,
             rendering,
             base_copies,
@@ -2596,6 +2626,9 @@ mod tests {
         assert_eq!(group(2 * gib, 0, 7 * gib, 0).total(), 18 * gib);
         // A merge that needs more than the clips (factors + DoRA scratch) sets the peak.
         assert_eq!(group(2 * gib, 6 * gib, 7 * gib, 0).total(), 19 * gib);
+        // The load's scratch (FP8 sources) never meets the factors: they come after it.
+        assert_eq!(MemoryPeak { loading: 6 * gib, ..group(2 * gib, 5 * gib, 5 * gib, 0) }.total(), 18 * gib);
+        assert_eq!(MemoryPeak { loading: 8 * gib, ..group(2 * gib, 5 * gib, 5 * gib, 0) }.total(), 19 * gib);
         let mut peak = MemoryPeak::default();
         peak.add(group(2 * gib, 0, 7 * gib, 6 * gib));
         peak.add(group(2 * gib, 0, 8 * gib, 0));

@@ -105,9 +105,10 @@ impl ControlNet {
         self.weights.enable_fp8(ex, |name, shape| which.takes(name, shape))
     }
 
-    /// Drops the 16-bit weights whose FP8 twins serve the forward (`ModelWeights::drop_fp8_sources`).
-    pub fn drop_fp8_sources(&mut self) -> Result<usize> {
-        self.weights.drop_fp8_sources()
+    /// The prepared weights, for what changes them after the load (FP8 twins, dropping the
+    /// 16-bit weights they replace: `ModelWeights::drop_fp8_sources`).
+    pub fn weights_mut(&mut self) -> &mut ModelWeights {
+        &mut self.weights
     }
 
     /// The prepared weights (which of them a forward has read: `ModelWeights::unread`).

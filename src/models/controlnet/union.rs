@@ -238,9 +238,9 @@ impl ControlNetUnion {
         self.net.enable_fp8(ex, which)
     }
 
-    /// Drops the 16-bit weights whose FP8 twins serve the forward (`ModelWeights::drop_fp8_sources`).
-    pub fn drop_fp8_sources(&mut self) -> Result<usize> {
-        self.net.drop_fp8_sources()
+    /// `ControlNet::weights_mut` of the ControlNet inside (where its FP8 linears are).
+    pub fn net_weights_mut(&mut self) -> &mut ModelWeights {
+        self.net.weights_mut()
     }
 
     pub fn net_weights(&self) -> &ModelWeights {

@@ -26,6 +26,11 @@ pub enum Error {
     /// A CUDA driver or library call failed; the message names the call and what it ran. Exit code 4.
     #[error("CUDA: {0}")]
     Cuda(String),
+    /// A CUDA library refused a call before queueing anything (cuBLASLt's
+    /// CUBLAS_STATUS_NOT_SUPPORTED, or no algorithm for a shape), so the work can be done another
+    /// way; where it cannot, a failed call like `Cuda`. Exit code 4.
+    #[error("CUDA: {0}")]
+    Refused(String),
     /// The engine broke one of its own rules (a weight it loaded under one name and looked up under
     /// another, say): a bug, not the user's input. Exit code 5.
     #[error("internal error (a bug in celframe): {0}")]
@@ -57,7 +62,7 @@ impl Error {
         match self {
             Error::Input(_) | Error::Unsupported(_) | Error::Io { .. } => 2,
             Error::NoDevice(_) => 3,
-            Error::Cuda(_) => 4,
+            Error::Cuda(_) | Error::Refused(_) => 4,
             Error::Internal(_) => 5,
             Error::Interrupted { signal, .. } => 128u8.saturating_add((*signal).clamp(0, 127) as u8),
         }
@@ -73,6 +78,7 @@ impl Error {
             Error::Io { context, source } => Error::Io { context: format!("{prefix}{context}"), source },
             Error::NoDevice(m) => Error::NoDevice(format!("{prefix}{m}")),
             Error::Cuda(m) => Error::Cuda(format!("{prefix}{m}")),
+            Error::Refused(m) => Error::Refused(format!("{prefix}{m}")),
             Error::Internal(m) => Error::Internal(format!("{prefix}{m}")),
             Error::Interrupted { signal, at } => Error::Interrupted { signal, at: format!("{prefix}{at}") },
         }

@@ -235,26 +235,19 @@ impl Caps {
     }
 }
 
-/// The start of the error `Blas` raises when cuBLASLt's heuristic offers no algorithm for a GEMM.
-const NO_ALGORITHM: &str = "cuBLASLt has no algorithm for";
-
-/// A `check` message of a call cuBLASLt refused as CUBLAS_STATUS_NOT_SUPPORTED (checked before
-/// any launch).
-fn not_supported(cuda_error: &str) -> bool {
-    cuda_error.ends_with("CUBLAS_STATUS_NOT_SUPPORTED")
-}
-
 /// Whether `Blas::gemm` failed before queueing anything (cuBLASLt refused the call, or its
 /// heuristic had no algorithm), so the product can be made another way.
 pub fn refused_before_launch(e: &Error) -> bool {
-    matches!(e, Error::Cuda(m) if not_supported(m) || m.contains(NO_ALGORITHM))
+    matches!(e, Error::Refused(_))
 }
 
+/// A cuBLASLt status as a result: CUBLAS_STATUS_NOT_SUPPORTED (checked before any launch) is a
+/// refusal, any other failure a failed call.
 fn check(call: &str, s: lt::cublasStatus_t) -> Result<()> {
-    if s == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-        Ok(())
-    } else {
-        Err(Error::Cuda(format!("{call} failed: {s:?}")))
+    match s {
+        lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS => Ok(()),
+        lt::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED => Err(Error::Refused(format!("{call} failed: {s:?}"))),
+        _ => Err(Error::Cuda(format!("{call} failed: {s:?}"))),
     }
 }
 
@@ -444,11 +437,11 @@ impl Blas {
         let algo = plan.algo_for(&io, io.d);
         let result = gpu.profiled(g.profile_kind(), || self.matmul(gpu, g, plan, algo, &io, io.d));
         match result {
-            Err(Error::Cuda(e)) if first_call && not_supported(&e) => {
+            Err(Error::Refused(e)) if first_call => {
                 if self.first_runnable(gpu, g, &io)? {
                     Ok(())
                 } else {
-                    Err(Error::Cuda(e))
+                    Err(Error::Refused(e))
                 }
             }
             r => r,
@@ -664,7 +657,7 @@ impl Blas {
         };
         check("cublasLtMatmulAlgoGetHeuristic", status)?;
         if found <= 0 {
-            return Err(Error::Cuda(format!("{NO_ALGORITHM} {g:?}")));
+            return Err(Error::Refused(format!("cuBLASLt has no algorithm for {g:?}")));
         }
         results.truncate(found as usize);
         Ok(results)
@@ -770,8 +763,9 @@ mod tests {
     fn refusals_before_launch_are_told_from_other_failures() {
         let refused = check("cublasLtMatmul", lt::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED).unwrap_err();
         assert!(refused_before_launch(&refused), "{refused}");
-        let none = Error::Cuda(format!("{NO_ALGORITHM} m 16 n 640 k 640"));
+        let none = Error::Refused("cuBLASLt has no algorithm for m 16 n 640 k 640".into());
         assert!(refused_before_launch(&none.with_prefix("linear: ")));
+        assert_eq!(refused.exit_code(), 4);
         let failed = check("cublasLtMatmul", lt::cublasStatus_t::CUBLAS_STATUS_EXECUTION_FAILED).unwrap_err();
         assert!(!refused_before_launch(&failed), "{failed}");
         assert!(!refused_before_launch(&Error::Unsupported("CUBLAS_STATUS_NOT_SUPPORTED".into())));

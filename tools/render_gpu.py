@@ -321,7 +321,7 @@ SUMMARY = {
     "clip": re.compile(rf"^clip (\d{{3}}): (\d+) frames in {NUMBER} s \({NUMBER} frames/s\): text {NUMBER} s, "
                        rf"denoise {NUMBER} s, decode \+ write {NUMBER} s(?:; .* by (\S+))?"),
     "peak": re.compile(rf"^peak GPU memory: {NUMBER} GiB \(weights {NUMBER} GiB \+ LoRA base copies {NUMBER} GiB "
-                       rf"\+ the larger of activations {NUMBER} GiB and the LoRA merge's {NUMBER} GiB of factors"),
+                       rf"\+ the largest of activations {NUMBER} GiB, the LoRA merge's {NUMBER} GiB of factors"),
 }
 
 

@@ -520,7 +520,14 @@ fn fp8_linears_run_the_transformer_blocks_through_e4m3_twins() {
     // both feed-forward GEMMs; this model's other widths, 64, are below its 1536 outputs); "all"
     // adds both to_out and proj_in/out
     assert_eq!(unet.enable_fp8(&Exec::Cpu, Fp8Linears::Wide).unwrap(), 4 * blocks);
+    // The plan a render sizes its arenas by (checkpoint shapes only) counts the same weights.
+    let planned = |which| Unet::fp8_source_plan(&checkpoint, which, DType::F16).unwrap();
+    assert_eq!(planned(Fp8Linears::Wide).bytes, unet.weights().fp8_twinned_bytes());
     assert_eq!(unet.enable_fp8(&Exec::Cpu, Fp8Linears::All).unwrap(), 2 * blocks + 2 * transformers);
+    assert_eq!(planned(Fp8Linears::All).bytes, unet.weights().fp8_twinned_bytes());
+    assert!(planned(Fp8Linears::All).bytes > planned(Fp8Linears::Wide).bytes);
+    assert_eq!(planned(Fp8Linears::Off), Default::default());
+    assert_eq!(Unet::fp8_source_plan(&checkpoint, Fp8Linears::All, DType::F32).unwrap().bytes, 0);
     assert_eq!(unet.weights().fp8_scaling(), Some(Fp8Scaling::Rows));
     let got = unet.forward(&Exec::Cpu, &inputs, None).unwrap();
     let (rel, _) = rel_l2(&got, &want);

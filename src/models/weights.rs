@@ -84,13 +84,131 @@ impl<'a> Place<'a> {
     fn for_weight(self, name: &str, shape: &[usize]) -> (Place<'a>, bool) {
         match self {
             Place::Device { gpu, dtype, fp8_sources: Some((arena, which)), .. }
-                if dtype != DType::F32 && fp8_shape(shape) && which.takes(name, shape) =>
+                if fp8_source(which, dtype, name, shape) =>
             {
                 (Place::device(gpu, arena, dtype), true)
             }
             other => (other, false),
         }
     }
+}
+
+/// Whether the weight `name` of `shape` in `dtype` gets an FP8 twin with `which` and so goes to a
+/// place's FP8 sources' arena (`Place::for_weight`, `fp8_source_plan`).
+fn fp8_source(which: Fp8Linears, dtype: DType, name: &str, shape: &[usize]) -> bool {
+    dtype != DType::F32 && fp8_shape(shape) && which.takes(name, shape)
+}
+
+/// What a model's 16-bit weights that get FP8 twins come to (`fp8_source_plan`): their bytes in
+/// the compute dtype, their elements (a byte each as e4m3) and their rows (an f32 scale each at
+/// most).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fp8SourcePlan {
+    pub bytes: usize,
+    pub elements: usize,
+    pub rows: usize,
+}
+
+impl Fp8SourcePlan {
+    fn add(&mut self, shape: &[usize], dtype: DType) {
+        let elements: usize = shape.iter().product();
+        self.bytes += elements * dtype.size();
+        self.elements += elements;
+        self.rows += shape.first().copied().unwrap_or(0);
+    }
+
+    /// At most the bytes the e4m3 twins take (a byte per element, an f32 scale per row).
+    pub fn twin_bytes(&self) -> usize {
+        self.elements + 4 * self.rows
+    }
+}
+
+impl std::ops::Add for Fp8SourcePlan {
+    type Output = Fp8SourcePlan;
+    fn add(self, o: Fp8SourcePlan) -> Fp8SourcePlan {
+        Fp8SourcePlan { bytes: self.bytes + o.bytes, elements: self.elements + o.elements, rows: self.rows + o.rows }
+    }
+}
+
+/// The weights `ModelWeights::prepare_fused` with these `names` and `fusions` places in an FP8
+/// sources' arena for `which` in `dtype` (plain weights and unstacked fused matrices, by the same
+/// rule as `Place::for_weight`), from the checkpoint's shapes alone: what a load with one LoRA set
+/// keeps out of the weights arena, and what gets e4m3 twins. Reads no tensor data.
+pub fn fp8_source_plan(
+    loaded: &LoadedWeights,
+    names: &[(String, String)],
+    fusions: &[Fusion],
+    which: Fp8Linears,
+    dtype: DType,
+) -> Result<Fp8SourcePlan> {
+    let mut plan = Fp8SourcePlan::default();
+    if which == Fp8Linears::Off {
+        return Ok(plan);
+    }
+    let keys: HashMap<&str, &str> = names.iter().map(|(n, k)| (n.as_str(), k.as_str())).collect();
+    let mut parts = std::collections::HashSet::new();
+    for (stack, members) in fusion_groups(loaded, &keys, fusions) {
+        let mut shapes = Vec::new();
+        for f in &members {
+            for part in f.parts {
+                let part = format!("{}.{part}.weight", f.module);
+                let key = keys.get(part.as_str()).ok_or_else(|| {
+                    Error::Internal(format!("planning the FP8 weights: '{part}' is not a weight of the model"))
+                })?;
+                shapes.push(loaded.get(key)?.shape().to_vec());
+                parts.insert(part);
+            }
+        }
+        if let (None, Some(&[_, cols])) = (stack, shapes.first().map(Vec::as_slice)) {
+            let fused = [shapes.iter().map(|s| s[0]).sum(), cols];
+            if fp8_source(which, dtype, &fused_name(&members[0].module, members[0].parts), &fused) {
+                plan.add(&fused, dtype);
+            }
+        }
+    }
+    for (name, key) in names.iter().filter(|(n, _)| !parts.contains(n)) {
+        let shape = loaded.get(key)?.shape();
+        // Convolution weights are placed KRSC (`weight_oihw_to_ohwi`).
+        let placed = match shape {
+            &[o, i, h, w] => vec![o, h, w, i],
+            other => other.to_vec(),
+        };
+        if fp8_source(which, dtype, name, &placed) {
+            plan.add(&placed, dtype);
+        }
+    }
+    Ok(plan)
+}
+
+/// `fusions` grouped as `prepare_fused` places them: each fusion of no stack alone, each stack's
+/// fusions together, except a stack whose fusions differ in width (cross-attentions of several
+/// context widths), whose fusions then stand alone and the model has no such stack.
+fn fusion_groups<'f>(
+    loaded: &LoadedWeights,
+    keys: &HashMap<&str, &str>,
+    fusions: &'f [Fusion],
+) -> Vec<(Option<&'static str>, Vec<&'f Fusion>)> {
+    let mut groups: Vec<(Option<&'static str>, Vec<&Fusion>)> = Vec::new();
+    for f in fusions {
+        match groups.iter_mut().find(|(stack, _)| f.stack.is_some() && *stack == f.stack) {
+            Some((_, members)) => members.push(f),
+            None => groups.push((f.stack, vec![f])),
+        }
+    }
+    let width = |f: &Fusion| -> Option<usize> {
+        let key = keys.get(format!("{}.{}.weight", f.module, f.parts.first()?).as_str())?;
+        loaded.get(key).ok()?.shape().get(1).copied()
+    };
+    groups
+        .into_iter()
+        .flat_map(|(stack, members)| {
+            let one_width = members.iter().all(|f| width(f) == width(members[0]));
+            match stack {
+                Some(_) if !one_width => members.into_iter().map(|f| (None, vec![f])).collect(),
+                _ => vec![(stack, members)],
+            }
+        })
+        .collect()
 }
 
 /// Whether the FP8 GEMM takes a weight of `shape` (in f16 or bf16): a matrix [N, K] (or a 1x1
@@ -212,31 +330,7 @@ impl ModelWeights {
         let mut fused = HashMap::with_capacity(fusions.len());
         let mut stacks = HashMap::new();
         let mut fp8_sources = Vec::new();
-        // Fusions of no stack one matrix each, then each stack's fusions as one.
-        let mut groups: Vec<(Option<&'static str>, Vec<&Fusion>)> = Vec::new();
-        for f in fusions {
-            match groups.iter_mut().find(|(stack, _)| f.stack.is_some() && *stack == f.stack) {
-                Some((_, members)) => members.push(f),
-                None => groups.push((f.stack, vec![f])),
-            }
-        }
-        // A stack is one matrix width: where its fusions differ (cross-attentions of several
-        // context widths), each stays a matrix of its own and the model has no such stack.
-        let width = |f: &Fusion| -> Option<usize> {
-            let key = keys.get(format!("{}.{}.weight", f.module, f.parts.first()?).as_str())?;
-            loaded.get(key).ok()?.shape().get(1).copied()
-        };
-        let groups: Vec<(Option<&'static str>, Vec<&Fusion>)> = groups
-            .into_iter()
-            .flat_map(|(stack, members)| {
-                let one_width = members.iter().all(|f| width(f) == width(members[0]));
-                match stack {
-                    Some(_) if !one_width => members.into_iter().map(|f| (None, vec![f])).collect(),
-                    _ => vec![(stack, members)],
-                }
-            })
-            .collect();
-        for (stack, members) in groups {
+        for (stack, members) in fusion_groups(loaded, &keys, fusions) {
             let what = match stack {
                 Some(stack) => format!("the stack '{stack}'"),
                 None => format!("'{}'", fused_name(&members[0].module, members[0].parts)),
@@ -454,13 +548,23 @@ impl ModelWeights {
         self.fp8.values().map(|t| t.matrix.bytes()).sum()
     }
 
+    /// Bytes of the 16-bit weights that have FP8 twins (dropped ones included): what
+    /// `fp8_source_plan` predicts for the model.
+    pub fn fp8_twinned_bytes(&self) -> usize {
+        self.fp8.keys().map(|n| self.weight_bytes(n)).sum()
+    }
+
     /// Bytes of the 16-bit weights in the FP8 sources' arena that `drop_fp8_sources` would give back.
     pub fn fp8_source_bytes(&self) -> usize {
-        let bytes = |name: &String| match self.fused.get(name) {
+        self.fp8_sources.iter().map(|n| self.weight_bytes(n)).sum()
+    }
+
+    /// Bytes of the weight or fused matrix `name` as prepared (0 for neither).
+    fn weight_bytes(&self, name: &str) -> usize {
+        match self.fused.get(name) {
             Some((matrix, _)) => matrix.size_bytes(),
             None => self.tensors.get(name).map_or(0, |e| e.tensor.size_bytes()),
-        };
-        self.fp8_sources.iter().map(bytes).sum()
+        }
     }
 
     /// Drops the 16-bit weights that were placed in the FP8 sources' arena (`Place::for_weight`)

@@ -43,6 +43,7 @@ use crate::models::lora::device::Restore;
 use crate::models::lora::{self, Component as LoraComponent, Loras, Targets};
 use crate::models::transformer::{CrossKv, Fp8Linears, TextContext};
 use crate::models::vae::{DecodeOptions, Vae, VaeCheckpoint, open_vae};
+use crate::models::weights::Fp8SourcePlan;
 use crate::models::{
     Frames, ModelWeights, MotionCheckpoint, MotionModules, Place, Unet, UnetCheckpoint, UnetInputs, UnetResiduals,
     open_motion, open_unet, with_loras,
@@ -180,6 +181,19 @@ impl Checkpoints {
         self.adaptable_bytes(dtype)
             + weight_bytes(&self.vae.weights, dtype)
             + self.controlnets.iter().map(|c| weight_bytes(&c.weights, dtype)).sum::<usize>()
+    }
+
+    /// The weights of the UNet, motion modules and ControlNets that get FP8 twins with `which` in
+    /// `dtype` (each model's `fp8_source_plan`), from the checkpoints' shapes.
+    fn fp8_plan(&self, which: Fp8Linears, dtype: DType) -> Result<Fp8SourcePlan> {
+        let mut plan = Unet::fp8_source_plan(&self.unet, which, dtype)?;
+        if let Some(m) = &self.motion {
+            plan = plan + MotionModules::fp8_source_plan(m, which, dtype)?;
+        }
+        for c in &self.controlnets {
+            plan = plan + ControlNet::fp8_source_plan(c, which, dtype)?;
+        }
+        Ok(plan)
     }
 
     /// Device bytes of the weights of the models LoRAs adapt (UNet, text encoders, motion modules):
@@ -325,6 +339,15 @@ impl Models {
         }
         let mut models = Models { text, unet, motion, vae, controlnets };
         load.twin_bytes = models.fp8_weights().map(|w| w.fp8_bytes()).sum();
+        // A load sizes its arenas by the plan (`GpuModels::load`): it must be what was made.
+        let twinned: usize = models.fp8_weights().map(|w| w.fp8_twinned_bytes()).sum();
+        let planned = c.fp8_plan(fp8, place.dtype())?.bytes;
+        if twinned != planned {
+            return Err(Error::Internal(format!(
+                "the load gave FP8 twins to {twinned} bytes of 16-bit weights; the plan arenas are sized by counted \
+                 {planned}"
+            )));
+        }
         Ok((models, load))
     }
 
@@ -690,21 +713,23 @@ impl GpuModels {
         fp8: Fp8Linears,
     ) -> Result<(GpuModels, String)> {
         let started = Instant::now();
-        let weights_bytes = checkpoints.weight_bytes(dtype);
+        // A run with one LoRA set (Restore::Never) reads the linears it runs in FP8 through their
+        // twins only, once the set is merged: their 16-bit weights load into the scratch arena
+        // and go back to it then (`GpuModels::drop_fp8_sources`; a ControlNet's at once), for the
+        // activations. The weights arena holds the rest.
+        let routed = restore == Restore::Never && fp8 != Fp8Linears::Off;
+        let plan = checkpoints.fp8_plan(fp8, dtype)?;
+        let weights_bytes = checkpoints.weight_bytes(dtype) - if routed { plan.bytes } else { 0 };
         let weights = Arena::new("weights", weights_bytes + (256 << 20))?;
-        // FP8 twins are allocated beside the arenas: at most a byte per weight element.
-        let reserve = reserve + if fp8 == Fp8Linears::Off { 0 } else { weights_bytes / dtype.size() };
+        // The FP8 twins are allocated beside the arenas (with the allocator's rounding).
+        let reserve = reserve + if fp8 == Fp8Linears::Off { 0 } else { plan.twin_bytes() + (256 << 20) };
         let scratch_bytes = if sharing <= 1 {
             most_of_memory(gpu, weights_bytes + reserve)
         } else {
             (most_of_memory(gpu, 0) / sharing).saturating_sub(weights_bytes + reserve).max(1 << 30)
         };
         let scratch = Arena::new("scratch", scratch_bytes)?;
-        // A run with one LoRA set (Restore::Never) reads the linears it runs in FP8 through their
-        // twins only, once the set is merged: their 16-bit weights load into the scratch arena
-        // and go back to it then (`GpuModels::drop_fp8_sources`; a ControlNet's at once), for the
-        // activations.
-        let fp8_sources = (restore == Restore::Never && fp8 != Fp8Linears::Off).then_some((&scratch, fp8));
+        let fp8_sources = routed.then_some((&scratch, fp8));
         let place = Place::Device { gpu, arena: &weights, dtype, fp8_sources };
         let (mut models, fp8_load) =
             Models::new(checkpoints, loras, place, &Exec::Cuda { gpu, scratch: &scratch }, fp8)?;

@@ -28,7 +28,7 @@ use super::embeddings;
 use super::resnet::ResnetNorm;
 use super::transformer::{self, TextContext};
 use super::unet::{self, Conditioning, UnetConfig, UnetInputs, UnetResiduals, blocks};
-use super::weights::{ModelWeights, Place, Scope, with_loras};
+use super::weights::{Fp8SourcePlan, ModelWeights, Place, Scope, fp8_source_plan, with_loras};
 use crate::error::{Error, Result};
 use crate::ops::Exec;
 use crate::ops::conv::{Conv2d, conv2d};
@@ -93,6 +93,17 @@ impl ControlNet {
         let fusions = transformer::fusions(checkpoint.names.iter().map(|(n, _)| n));
         let weights = ModelWeights::prepare_fused(&checkpoint.weights, &checkpoint.names, &fusions, place)?;
         Ok(ControlNet { config: checkpoint.config.clone(), weights })
+    }
+
+    /// The weights `new` (or a Union's ControlNet part: its own modules have no transformer-block
+    /// linears) would give FP8 twins with `which` in `dtype` (`weights::fp8_source_plan`).
+    pub fn fp8_source_plan(
+        checkpoint: &ControlNetCheckpoint,
+        which: transformer::Fp8Linears,
+        dtype: DType,
+    ) -> Result<Fp8SourcePlan> {
+        let fusions = transformer::fusions(checkpoint.names.iter().map(|(n, _)| n));
+        fp8_source_plan(&checkpoint.weights, &checkpoint.names, &fusions, which, dtype)
     }
 
     pub fn dtype(&self) -> DType {

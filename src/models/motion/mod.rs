@@ -25,7 +25,7 @@ pub use config::{MotionConfig, TemporalTransformer};
 use std::collections::HashMap;
 
 use super::unet::{Frames, LayerPos, Unet, UnetInputs, UnetPath, UnetResiduals};
-use super::weights::{ModelWeights, Place};
+use super::weights::{Fp8SourcePlan, Fusion, ModelWeights, Place, fp8_source_plan};
 use crate::error::{Error, Result};
 use crate::ops::Exec;
 use crate::tensor::{DType, Tensor};
@@ -42,6 +42,15 @@ pub struct MotionModules {
     tables: HashMap<String, (String, Vec<f32>)>,
 }
 
+/// A checkpoint's position tables (`….pe`, kept on the host) apart from the weights `new`
+/// prepares, and those weights' fusions (each temporal attention's q, k and v as one matrix).
+type Names = Vec<(String, String)>;
+fn layout(checkpoint: &MotionCheckpoint) -> (Names, Names, Vec<Fusion>) {
+    let (pe, names): (Names, Names) = checkpoint.names.iter().cloned().partition(|(n, _)| n.ends_with(".pe"));
+    let fusions = temporal::fusions(names.iter().map(|(n, _)| n));
+    (pe, names, fusions)
+}
+
 impl MotionModules {
     /// Prepares a loaded checkpoint's weights for `place`, after checking that every module sits on
     /// a layer of `unet` as wide as it.
@@ -54,8 +63,7 @@ impl MotionModules {
                 unet.dtype()
             )));
         }
-        let (pe, names): (Vec<_>, Vec<_>) = checkpoint.names.iter().cloned().partition(|(n, _)| n.ends_with(".pe"));
-        let fusions = temporal::fusions(names.iter().map(|(n, _)| n));
+        let (pe, names, fusions) = layout(checkpoint);
         let weights = ModelWeights::prepare_fused(&checkpoint.weights, &names, &fusions, place)?;
         let mut tables = HashMap::new();
         for (name, key) in pe {
@@ -63,6 +71,16 @@ impl MotionModules {
             tables.insert(name, (key, values));
         }
         Ok(MotionModules { config: checkpoint.config.clone(), weights, tables })
+    }
+
+    /// The weights `new` would give FP8 twins with `which` in `dtype` (`weights::fp8_source_plan`).
+    pub fn fp8_source_plan(
+        checkpoint: &MotionCheckpoint,
+        which: crate::models::transformer::Fp8Linears,
+        dtype: DType,
+    ) -> Result<Fp8SourcePlan> {
+        let (_, names, fusions) = layout(checkpoint);
+        fp8_source_plan(&checkpoint.weights, &names, &fusions, which, dtype)
     }
 
     /// Runs the linears of its transformer blocks that `which` takes in FP8 from now on

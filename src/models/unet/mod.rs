@@ -19,7 +19,7 @@ pub use config::UnetConfig;
 use super::embeddings;
 use super::resnet::{self, ResnetNorm};
 use super::transformer::{self, CrossKv, TextContext};
-use super::weights::{ModelWeights, Place, Scope};
+use super::weights::{Fp8SourcePlan, ModelWeights, Place, Scope, fp8_source_plan};
 use crate::error::{Error, Result};
 use crate::ops::Exec;
 use crate::ops::conv::{Conv2d, conv2d};
@@ -93,6 +93,16 @@ impl Unet {
         let fusions = transformer::fusions(checkpoint.names.iter().map(|(n, _)| n));
         let weights = ModelWeights::prepare_fused(&checkpoint.weights, &checkpoint.names, &fusions, place)?;
         Ok(Unet { config: checkpoint.config.clone(), weights })
+    }
+
+    /// The weights `new` would give FP8 twins with `which` in `dtype` (`weights::fp8_source_plan`).
+    pub fn fp8_source_plan(
+        checkpoint: &UnetCheckpoint,
+        which: transformer::Fp8Linears,
+        dtype: DType,
+    ) -> Result<Fp8SourcePlan> {
+        let fusions = transformer::fusions(checkpoint.names.iter().map(|(n, _)| n));
+        fp8_source_plan(&checkpoint.weights, &checkpoint.names, &fusions, which, dtype)
     }
 
     pub fn dtype(&self) -> DType {

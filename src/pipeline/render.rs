@@ -289,13 +289,15 @@ impl Models {
     /// takes, made as each model loads. A ControlNet's twins are final at once (no LoRA set adapts
     /// one), so where `place` put its 16-bit weights in the FP8 sources' arena they go back to it
     /// before the next model loads: the load holds the UNet's, the motion modules' and one
-    /// ControlNet's at most (the first two wait for the LoRA merge: `drop_fp8_sources`).
+    /// ControlNet's at most (the first two wait for the LoRA merge: `drop_fp8_sources`). `plan`:
+    /// `Checkpoints::fp8_plan` for `fp8`, which the twins made must match.
     pub(super) fn new(
         c: &Checkpoints,
         loras: Option<&Loras>,
         place: Place,
         ex: &Exec,
         fp8: Fp8Linears,
+        plan: &Fp8SourcePlan,
     ) -> Result<(Models, Fp8Load)> {
         let merge = |component| loras.and_then(|l| l.merge(component));
         let mut load = Fp8Load::default();
@@ -341,11 +343,11 @@ impl Models {
         load.twin_bytes = models.fp8_weights().map(|w| w.fp8_bytes()).sum();
         // A load sizes its arenas by the plan (`GpuModels::load`): it must be what was made.
         let twinned: usize = models.fp8_weights().map(|w| w.fp8_twinned_bytes()).sum();
-        let planned = c.fp8_plan(fp8, place.dtype())?.bytes;
-        if twinned != planned {
+        if twinned != plan.bytes {
             return Err(Error::Internal(format!(
                 "the load gave FP8 twins to {twinned} bytes of 16-bit weights; the plan arenas are sized by counted \
-                 {planned}"
+                 {}",
+                plan.bytes
             )));
         }
         Ok((models, load))
@@ -365,7 +367,8 @@ impl Models {
 
     /// `new` on the host, with the linears `fp8` takes in FP8 (their twins on the host too).
     pub(super) fn on_host(c: &Checkpoints, loras: Option<&Loras>, dtype: DType, fp8: Fp8Linears) -> Result<Models> {
-        Ok(Models::new(c, loras, Place::Host(dtype), &Exec::Cpu, fp8)?.0)
+        let plan = c.fp8_plan(fp8, dtype)?;
+        Ok(Models::new(c, loras, Place::Host(dtype), &Exec::Cpu, fp8, &plan)?.0)
     }
 
     /// The weights of every model LoRAs adapt, by component.
@@ -732,7 +735,7 @@ impl GpuModels {
         let fp8_sources = routed.then_some((&scratch, fp8));
         let place = Place::Device { gpu, arena: &weights, dtype, fp8_sources };
         let (mut models, fp8_load) =
-            Models::new(checkpoints, loras, place, &Exec::Cuda { gpu, scratch: &scratch }, fp8)?;
+            Models::new(checkpoints, loras, place, &Exec::Cuda { gpu, scratch: &scratch }, fp8, &plan)?;
         let sources: usize = models.fp8_weights().map(|w| w.fp8_source_bytes()).sum();
         let gib = |bytes: usize| bytes as f64 / GIB;
         let mut fp8_parts = Vec::new();

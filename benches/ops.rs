@@ -184,7 +184,8 @@ fn main() -> Result<()> {
 
     // Flash attention, head dim 64: SDXL self attention (64x36 latent tokens at 1024x576 level 1, 32x18
     // at level 2, 64x64 for a 1024x1024 image; the general kernel) and cross attention over 77, 154
-    // and 231 prompt tokens (one to three 77-token chunks; the short-key kernels) at both levels.
+    // and 231 prompt tokens (one to three 77-token chunks; the short-key kernels) at both levels, for
+    // 32 images 1024x576 and 2 images 1024x1024 (whose grids are a wave or two).
     let shapes = [
         (32usize, 2304usize, 2304usize, 10usize),
         (32, 576, 576, 20),
@@ -193,6 +194,8 @@ fn main() -> Result<()> {
         (32, 2304, 154, 10),
         (32, 2304, 231, 10),
         (32, 576, 77, 20),
+        (2, 4096, 77, 10),
+        (2, 1024, 77, 20),
     ];
     let mut sets = Vec::new();
     for (batch, sq, sk, heads) in shapes {
@@ -203,7 +206,8 @@ fn main() -> Result<()> {
         sets.push(t);
     }
     // The default route; then the same work through the kernels it does not take: the portable
-    // kernel and the short-key kernel of 16-query slices where the short-key one runs, and last (a fault there ends the run) the Hopper kernels
+    // kernel and the short-key kernel of 16-query slices where the short-key one runs, and last (a
+    // fault there ends the run) the Hopper kernels
     // (cp.async, warp-specialised TMA, and the latter with ping-pong consumers, one block per tile and
     // persistent) on devices of compute 9.0. SDPA's time is the plain key's peer.
     let mut routes = vec![

@@ -150,7 +150,8 @@ for h, w, c in [(72, 128, 320), (36, 64, 640), (18, 32, 1280)]:
 
 # Flash attention as diffusers calls SDPA: [b, s, h*d] activations viewed as [b, h, s, d].
 for batch, sq, sk, heads in [(32, 2304, 2304, 10), (32, 576, 576, 20), (2, 4096, 4096, 10), (32, 2304, 77, 10),
-                             (32, 2304, 154, 10), (32, 2304, 231, 10), (32, 576, 77, 20)]:
+                             (32, 2304, 154, 10), (32, 2304, 231, 10), (32, 576, 77, 20), (2, 4096, 77, 10),
+                             (2, 1024, 77, 20)]:
     key = f"flash_attention f16 b{batch} h{heads} sq{sq} sk{sk}"
     if not wanted(key):
         continue

@@ -348,8 +348,8 @@ pub enum FlashKernel {
     HopperWsPingpongPersistent,
     /// The short-key kernel with 16-query slices per warp where `Auto`'s takes 32 (key sets up to
     /// 80: one m16 tile of scores in registers, so more warps stay resident), the same kernel as
-    /// `Auto` above that; non-causal attention over at most 256 keys only. Not routed: measured
-    /// beside `Auto` by benches/ops.rs.
+    /// `Auto` above that; non-causal attention over at most 256 keys only. Routed by `Auto` with
+    /// `CELFRAME_FLASH_SHORT=rows16` (`short_rows16`); measured beside `Auto` by benches/ops.rs.
     ShortRows16,
 }
 
@@ -401,6 +401,23 @@ fn long_flash_kernel(cc: (i32, i32), work: usize, sms: usize, causal: bool) -> R
         None => Ok(long_flash_default(cc, work, sms, causal)),
         Some(k) => k.clone().map_err(Error::Input),
     }
+}
+
+/// Whether `Auto`'s short-key calls take 16-query slices (key sets up to 80) rather than 32:
+/// only with `CELFRAME_FLASH_SHORT=rows16` (A/B runs of whole models; read once per process).
+/// H100, f16, same run (2026-12-06): 32 x 10 heads x 2304 queries over 77 keys 0.0836 against
+/// 0.0897 ms, 32 x 20 x 576 0.0518 against 0.0601; batch 2 at 1024x1024 0.0162 / 0.0124 against
+/// 0.0156 / 0.0124. Not the default until the motion UNet and ControlNet checks ran with it.
+fn short_rows16() -> Result<bool> {
+    static CHOICE: OnceLock<std::result::Result<bool, String>> = OnceLock::new();
+    let choice = CHOICE.get_or_init(|| match std::env::var("CELFRAME_FLASH_SHORT").as_deref() {
+        Err(_) | Ok("rows32") => Ok(false),
+        Ok("rows16") => Ok(true),
+        Ok(other) => {
+            Err(format!("CELFRAME_FLASH_SHORT='{other}' is not a short-key route (expected rows16 or rows32)"))
+        }
+    });
+    choice.clone().map_err(Error::Input)
 }
 
 /// Multi-head attention, the kernel chosen by head size: `flash_attention` for head dim 64 (f16 /
@@ -479,9 +496,20 @@ const FLASH_SHORT_ROWS16_KERNELS: [(usize, usize, &str, &str); 3] = [
 const FLASH_WARPS: usize = 4;
 const FLASH_BM: usize = 128;
 const FLASH_LD: usize = 72;
-/// Blocks per multiprocessor the short-key grid aims at: its warps deal query slices round-robin,
-/// so a few waves of equal blocks keep the tail short while each block's K/V load stays amortised.
-const FLASH_SHORT_BLOCKS_PER_SM: usize = 8;
+/// Blocks of the short-key kernel per (batch, head), given `slices` query slices per (batch, head),
+/// `groups` = batch x heads and `resident` blocks the device runs at once. A block loads its K/V
+/// once and its warps deal the slices round-robin, so a block costs one K/V load plus its warps'
+/// slices in turn; blocks run in waves of `resident`. The count of the fewest waves x (1 + slices a
+/// warp) wins, the most blocks among ties (spread over more multiprocessors). A fixed aim of blocks
+/// per multiprocessor left the small batches' grids one wave and a sliver (1024x1024 batch 2,
+/// level 2: 320 blocks of one slice a warp for 264 resident, two rounds where one of two slices a
+/// warp does).
+fn short_key_blocks(groups: usize, slices: usize, resident: usize) -> usize {
+    let resident = resident.max(1);
+    let most = slices.div_ceil(FLASH_WARPS).max(1);
+    let cost = |blocks: usize| (groups * blocks).div_ceil(resident) * (1 + slices.div_ceil(FLASH_WARPS * blocks));
+    (1..=most).min_by_key(|&blocks| (cost(blocks), std::cmp::Reverse(blocks))).unwrap_or(1)
+}
 
 /// The Hopper kernel's query rows per block (FH_BM) and dynamic shared memory: the Q tile and two
 /// stages of K and V tiles, 16 KiB each, plus 1 KiB to align them to 1024 bytes.
@@ -635,9 +663,9 @@ pub fn flash_attention_with(
                 k => k,
             };
             let short = match kernel {
-                FlashKernel::Auto => short_fits,
+                FlashKernel::Auto if !short_rows16()? => short_fits,
                 FlashKernel::Portable => None,
-                FlashKernel::ShortRows16 => {
+                FlashKernel::Auto | FlashKernel::ShortRows16 => {
                     let fits = short_fits.ok_or_else(|| {
                         Error::Unsupported(format!(
                             "flash_attention: the short-key kernels take non-causal attention over at most 256 keys \
@@ -680,9 +708,8 @@ pub fn flash_attention_with(
                     let kernel = if dtype == DType::F16 { f16 } else { bf16 };
                     // K and V of the key set, two slice buffers per warp
                     let shared = (2 * keys + FLASH_WARPS * 2 * rows) * FLASH_LD * dtype.size();
-                    let slices = sq.div_ceil(rows);
-                    let target = FLASH_SHORT_BLOCKS_PER_SM * gpu.info().multiprocessors as usize;
-                    let blocks = target.div_ceil(b * cfg.heads).min(slices.div_ceil(FLASH_WARPS)).max(1);
+                    let resident = gpu.occupancy(kernel, block.0, shared)? as usize * sms;
+                    let blocks = short_key_blocks(b * cfg.heads, sq.div_ceil(rows), resident);
                     let grid = (grid_dim("flash_attention", "query slice groups", blocks, GRID_X)?, heads, 1);
                     gpu.launch(kernel, grid, block, shared as u32, &p)?;
                 }
@@ -899,7 +926,7 @@ pub fn flash_attention_reference(
 mod tests {
     use super::{
         FLASH_SHORT_KERNELS, FLASH_SHORT_ROWS16_KERNELS, FlashKernel, flash_short_variant, flash_ws_kernel,
-        long_flash_default,
+        long_flash_default, short_key_blocks,
     };
     use crate::gpu::KERNEL_MODULES;
     use crate::tensor::DType;
@@ -988,5 +1015,22 @@ mod tests {
         assert!(flash_short_variant(257, false).is_none());
         assert!(flash_short_variant(77, true).is_none(), "causal attention takes the general kernel");
         assert!(flash_short_variant(0, false).is_none());
+    }
+
+    #[test]
+    fn short_key_grids_fill_whole_waves() {
+        // H100/H200 with two 4-warp blocks a multiprocessor: 264 resident. 1024x1024 batch 2,
+        // level 2 (40 heads x images, 32 slices of 32 queries): six blocks each, 240 in one wave,
+        // at most two slices a warp, where eight (320 blocks, one slice a warp) take two waves.
+        assert_eq!(short_key_blocks(40, 32, 264), 6);
+        // Level 1 (20 heads x images, 128 slices): 13 blocks each (260, three slices a warp).
+        assert_eq!(short_key_blocks(20, 128, 264), 13);
+        // 32 images 1024x576 level 1 (320 groups, 72 slices): 3 blocks each, four waves of six
+        // slices a warp (28 units; 2 or 4 blocks cost 30, 1 costs 38).
+        assert_eq!(short_key_blocks(320, 72, 264), 3);
+        // Never more blocks than slices for their warps, never none.
+        assert_eq!(short_key_blocks(1, 3, 264), 1);
+        assert_eq!(short_key_blocks(1, 40, 264), 10);
+        assert_eq!(short_key_blocks(7, 0, 0), 1);
     }
 }

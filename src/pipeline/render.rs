@@ -753,12 +753,13 @@ impl GpuModels {
             fp8_parts.push(format!("{:.2} GiB of 16-bit weights to drop once their twins are final", gib(sources)));
         }
         let line = format!(
-            "loaded the models onto {} in {:.1} s ({:.2} GiB of weights{}{})",
+            "loaded the models onto {} in {:.1} s ({:.2} GiB of weights{}{}; a {:.2} GiB scratch arena)",
             gpu.info().name,
             started.elapsed().as_secs_f64(),
             gib(weights.used() + sources + fp8_load.dropped.1),
             if loras.is_some() { ", LoRAs merged on the host" } else { "" },
-            fp8_parts.iter().map(|p| format!(", {p}")).collect::<String>()
+            fp8_parts.iter().map(|p| format!(", {p}")).collect::<String>(),
+            gib(scratch.capacity())
         );
         let loras = loras.is_none().then(|| DeviceLoras::new(restore));
         // The load's own peak of scratch (the sources held at once), apart from the LoRA merge's.

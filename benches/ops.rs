@@ -207,9 +207,9 @@ fn main() -> Result<()> {
     }
     // The default route; then the same work through the kernels it does not take: the portable
     // kernel and the short-key kernel of 16-query slices where the short-key one runs, and last (a
-    // fault there ends the run) the Hopper kernels
-    // (cp.async, warp-specialised TMA, and the latter with ping-pong consumers, one block per tile and
-    // persistent) on devices of compute 9.0. SDPA's time is the plain key's peer.
+    // fault there ends the run) the Hopper kernels (cp.async, warp-specialised TMA, and the latter
+    // with ping-pong consumers, one block per tile and persistent) on devices of compute 9.0.
+    // SDPA's time is the plain key's peer.
     let mut routes = vec![
         ("", FlashKernel::Auto),
         ("portable ", FlashKernel::Portable),

@@ -345,8 +345,8 @@ impl Models {
         let twinned: usize = models.fp8_weights().map(|w| w.fp8_twinned_bytes()).sum();
         if twinned != plan.bytes {
             return Err(Error::Internal(format!(
-                "the load gave FP8 twins to {twinned} bytes of 16-bit weights; the plan arenas are sized by counted \
-                 {}",
+                "the load gave FP8 twins to {twinned} bytes of 16-bit weights; the plan the arenas are sized by \
+                 counted {}",
                 plan.bytes
             )));
         }

@@ -206,14 +206,14 @@ fn main() -> Result<()> {
         sets.push(t);
     }
     // The default route; then the same work through the kernels it does not take: the portable
-    // kernel and the short-key kernel of 16-query slices where the short-key one runs, and last (a
+    // kernel and the short-key kernel of 32-query slices where the short-key one runs, and last (a
     // fault there ends the run) the Hopper kernels (cp.async, warp-specialised TMA, and the latter
     // with ping-pong consumers, one block per tile and persistent) on devices of compute 9.0.
     // SDPA's time is the plain key's peer.
     let mut routes = vec![
         ("", FlashKernel::Auto),
         ("portable ", FlashKernel::Portable),
-        ("short-rows16 ", FlashKernel::ShortRows16),
+        ("short-rows32 ", FlashKernel::ShortRows32),
     ];
     if b.gpu.info().compute_capability == (9, 0) {
         routes.push(("sm90 ", FlashKernel::Hopper));
@@ -226,8 +226,8 @@ fn main() -> Result<()> {
             if kernel == FlashKernel::Portable && sk > 256 {
                 continue; // the default route's kernel already
             }
-            if kernel == FlashKernel::ShortRows16 && sk > 80 {
-                continue; // the short-key kernels take 16-query slices from 81 keys on already
+            if kernel == FlashKernel::ShortRows32 && sk > 80 {
+                continue; // the default route's kernel already (16-query slices from 81 keys on)
             }
             let cfg = FlashAttention { heads, causal: false, scale: 0.125 };
             let flop = 4.0 * (batch * heads * sq * sk * 64) as f64;

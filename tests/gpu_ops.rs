@@ -938,10 +938,10 @@ fn flash_attention_meets_the_attention_rule() {
     use celframe::ops::attention::{FlashAttention, FlashKernel, flash_attention};
     let rig = Rig::new();
     // The default route, and where the short-key kernel is the route the portable kernel and the
-    // short-key kernels of 16-query slices.
+    // short-key kernels of 32-query slices.
     check_flash_cases(&rig, |sk, causal| {
         if sk <= 256 && !causal {
-            vec![FlashKernel::Auto, FlashKernel::Portable, FlashKernel::ShortRows16]
+            vec![FlashKernel::Auto, FlashKernel::Portable, FlashKernel::ShortRows32]
         } else {
             vec![FlashKernel::Auto]
         }

@@ -389,8 +389,8 @@ FLASH_SHORT(keys192, 12, 1, 3)
 FLASH_SHORT(keys240, 15, 1, 2)
 FLASH_SHORT(keys256, 16, 1, 2)
 // The key sets above whose kernels take 32-query slices, with 16-query slices (one m16 tile of
-// scores a warp: fewer registers, more warps resident); selectable (FlashKernel::ShortRows16), not
-// routed until measured faster.
+// scores a warp: 119 registers where two tiles take 200, so 16 warps a multiprocessor where those
+// leave 8); the route src/ops/attention.rs takes for these key sets.
 FLASH_SHORT(keys32_rows16, 2, 1, 4)
 FLASH_SHORT(keys64_rows16, 4, 1, 4)
 FLASH_SHORT(keys80_rows16, 5, 1, 4)

@@ -346,11 +346,11 @@ pub enum FlashKernel {
     /// tile's last products and stores. Compute capability 9.0 only; `Auto`'s choice there from
     /// `FLASH_PERSISTENT_MIN_WAVES` waves on.
     HopperWsPingpongPersistent,
-    /// The short-key kernel with 16-query slices per warp where `Auto`'s takes 32 (key sets up to
-    /// 80: one m16 tile of scores in registers, so more warps stay resident), the same kernel as
-    /// `Auto` above that; non-causal attention over at most 256 keys only. Routed by `Auto` with
-    /// `CELFRAME_FLASH_SHORT=rows16` (`short_rows16`); measured beside `Auto` by benches/ops.rs.
-    ShortRows16,
+    /// The short-key kernel with 32-query slices per warp for key sets up to 80 (two m16 tiles of
+    /// scores in registers: 200 registers at 80 keys, so 8 warps a multiprocessor), where `Auto`
+    /// takes 16-query slices unless `CELFRAME_FLASH_SHORT=rows32` (`short_rows16`); above 80 keys
+    /// `Auto`'s kernel. Non-causal attention over at most 256 keys only.
+    ShortRows32,
 }
 
 impl FlashKernel {
@@ -404,15 +404,15 @@ fn long_flash_kernel(cc: (i32, i32), work: usize, sms: usize, causal: bool) -> R
 }
 
 /// Whether `Auto`'s short-key calls take 16-query slices (key sets up to 80) rather than 32:
-/// only with `CELFRAME_FLASH_SHORT=rows16` (A/B runs of whole models; read once per process).
+/// yes unless `CELFRAME_FLASH_SHORT=rows32` (A/B runs of whole models; read once per process).
 /// H100, f16, same run (2026-12-06): 32 x 10 heads x 2304 queries over 77 keys 0.0836 against
 /// 0.0897 ms, 32 x 20 x 576 0.0518 against 0.0601; batch 2 at 1024x1024 0.0162 / 0.0124 against
-/// 0.0156 / 0.0124. Not the default until the motion UNet and ControlNet checks ran with it.
+/// 0.0156 / 0.0124 (a wave each: 16 warps a multiprocessor in flight where 32-query slices leave 8).
 fn short_rows16() -> Result<bool> {
     static CHOICE: OnceLock<std::result::Result<bool, String>> = OnceLock::new();
     let choice = CHOICE.get_or_init(|| match std::env::var("CELFRAME_FLASH_SHORT").as_deref() {
-        Err(_) | Ok("rows32") => Ok(false),
-        Ok("rows16") => Ok(true),
+        Err(_) | Ok("rows16") => Ok(true),
+        Ok("rows32") => Ok(false),
         Ok(other) => {
             Err(format!("CELFRAME_FLASH_SHORT='{other}' is not a short-key route (expected rows16 or rows32)"))
         }
@@ -484,7 +484,7 @@ const FLASH_SHORT_KERNELS: [(usize, usize, &str, &str); 8] = [
     (256, 16, "flash_attention_keys256_f16", "flash_attention_keys256_bf16"),
 ];
 
-/// `FLASH_SHORT_KERNELS`' key sets of 32-query slices, with 16-query slices (FlashKernel::ShortRows16).
+/// `FLASH_SHORT_KERNELS`' key sets of 32-query slices, with 16-query slices (`Auto`'s choice).
 const FLASH_SHORT_ROWS16_KERNELS: [(usize, usize, &str, &str); 3] = [
     (32, 16, "flash_attention_keys32_rows16_f16", "flash_attention_keys32_rows16_bf16"),
     (64, 16, "flash_attention_keys64_rows16_f16", "flash_attention_keys64_rows16_bf16"),
@@ -500,10 +500,9 @@ const FLASH_LD: usize = 72;
 /// `groups` = batch x heads and `resident` blocks the device runs at once. A block loads its K/V
 /// once and its warps deal the slices round-robin, so a block costs one K/V load plus its warps'
 /// slices in turn; blocks run in waves of `resident`. The count of the fewest waves x (1 + slices a
-/// warp) wins, the most blocks among ties (spread over more multiprocessors). A fixed aim of blocks
-/// per multiprocessor left the small batches' grids one wave and a sliver (1024x1024 batch 2,
-/// level 2: 320 blocks of one slice a warp for 264 resident, two rounds where one of two slices a
-/// warp does).
+/// warp) wins, the most blocks among ties (spread over more multiprocessors). A fixed blocks-per-multiprocessor
+/// aim left the small batches' grids one wave and a sliver (1024x1024 batch 2, level 2: 320 blocks
+/// of one slice a warp for 264 resident, so two rounds where one of two slices a warp does).
 fn short_key_blocks(groups: usize, slices: usize, resident: usize) -> usize {
     let resident = resident.max(1);
     let most = slices.div_ceil(FLASH_WARPS).max(1);
@@ -663,18 +662,17 @@ pub fn flash_attention_with(
                 k => k,
             };
             let short = match kernel {
-                FlashKernel::Auto if !short_rows16()? => short_fits,
+                FlashKernel::Auto if short_rows16()? => short_fits
+                    .map(|fits| FLASH_SHORT_ROWS16_KERNELS.iter().copied().find(|v| v.0 == fits.0).unwrap_or(fits)),
+                FlashKernel::Auto => short_fits,
                 FlashKernel::Portable => None,
-                FlashKernel::Auto | FlashKernel::ShortRows16 => {
-                    let fits = short_fits.ok_or_else(|| {
-                        Error::Unsupported(format!(
-                            "flash_attention: the short-key kernels take non-causal attention over at most 256 keys \
-                             (got {sk} keys, causal {})",
-                            cfg.causal
-                        ))
-                    })?;
-                    FLASH_SHORT_ROWS16_KERNELS.iter().copied().find(|v| v.0 == fits.0).or(Some(fits))
-                }
+                FlashKernel::ShortRows32 => Some(short_fits.ok_or_else(|| {
+                    Error::Unsupported(format!(
+                        "flash_attention: the short-key kernels take non-causal attention over at most 256 keys \
+                         (got {sk} keys, causal {})",
+                        cfg.causal
+                    ))
+                })?),
                 FlashKernel::Hopper => {
                     let kernel = if dtype == DType::F16 {
                         "flash_attention_sm90_d64_f16"

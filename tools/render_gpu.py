@@ -46,6 +46,11 @@
              seeds 0, 1, 2, rendered with the config's fp8 off, on and all (fp8_{mode}.json, one
              process each); FP8 lines give each mode's warm clip time and each seed's final frames'
              relative L2 distance from the fp8-off frames (values in [0, 1]).
+  small-card W1 in f16 (the fp8 step's off config) rendered with the whole device, then again with
+             SMALL_CARD_GIB (23.5) GiB of it free, what a 24 GB card (23.99 GiB, less the driver's
+             share) leaves a process: this process holds the rest through torch meanwhile. A
+             SMALLCARD line gives both exit codes, peaks and least free device memory (nvidia-smi
+             every 100 ms) and the frames' relative L2 distance.
   diffusers  The peer: diffusers fp16 eager on CUDA with the same weights, LoRAs and W1 settings.
              diffusers 0.42 has no SDXL AnimateDiff ControlNet pipeline, so the loop is
              AnimateDiffSDXLPipeline's written out (as tools/make_pipeline_fixtures.py's
@@ -427,6 +432,56 @@ def run_fp8(s, args):
     return int(status)
 
 
+# small-card: the device memory a 24 GB card leaves one process (GiB).
+SMALL_CARD_GIB = 23.5
+
+
+def run_small_card(s, args):
+    """W1 in f16 (`fp8_config` off: FP8_SEEDS clips, PNG frames) rendered with the whole device, then
+    again with only SMALL_CARD_GIB of it free (this process holds the rest through torch): a
+    SMALLCARD JSON line with both exit codes and peaks and the frames' relative L2 distance."""
+    import torch
+    roots, record = {}, {}
+    for side in ("whole", "small"):
+        if side == "small":
+            free = torch.cuda.mem_get_info()[0]
+            leave = int(SMALL_CARD_GIB * 2 ** 30)
+            if free <= leave:
+                print(f"small-card: {free / 2 ** 30:.2f} GiB free, not more than {SMALL_CARD_GIB}", flush=True)
+                return 1
+            held = torch.empty(free - leave, dtype=torch.uint8, device="cuda")
+            record["free_gib"] = round(torch.cuda.mem_get_info()[0] / 2 ** 30, 2)
+        config = fp8_config(s, "off")
+        config["output"]["root"] = roots[side] = os.path.join(s.dir, f"out_small_card_{side}")
+        path = os.path.join(s.dir, f"small_card_{side}.json")
+        with open(path, "w") as f:
+            json.dump(config, f, indent=1)
+        # The device's free memory every 100 ms while celframe runs: the least is its margin.
+        sampler = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits",
+                                    "-lms", "100"], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.run([args.celframe, "render", path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, errors="replace")
+        sampler.terminate()
+        free_mib = [int(l) for l in sampler.communicate()[0].split() if l.isdigit()]
+        record[f"{side}_least_free_gib"] = round(min(free_mib) / 1024, 2) if free_mib else None
+        lines = [l.strip() for l in proc.stdout.splitlines()]
+        print("\n".join(l for l in lines if l.startswith(("loaded the models", "peak GPU")) or " frames in " in l
+                        or proc.returncode != 0), flush=True)
+        summary = parse_summary(lines)
+        record.update({f"{side}_exit": proc.returncode, f"{side}_peak_gib": summary.get("peak_gib"),
+                       f"{side}_clip_s": summary.get("clip_s")})
+        if proc.returncode != 0:
+            break
+    else:
+        errors = []
+        for clip in range(1, FP8_SEEDS + 1):
+            a, b = clip_frames(roots["small"], clip), clip_frames(roots["whole"], clip)
+            errors.append(float(f"{np.sqrt(((a - b) ** 2).sum() / max((b ** 2).sum(), 1e-30)):.3g}"))
+        record["frames_rel_l2"] = errors
+    print("SMALLCARD " + json.dumps(record), flush=True)
+    return int(any(v for k, v in record.items() if k.endswith("_exit")))
+
+
 def run_throughput(s, args):
     """The 20-clip manifest with nvidia-smi sampling utilisation every 100 ms."""
     config = os.path.join(s.dir, "batch20.json")
@@ -631,7 +686,7 @@ def run_diffusers(s):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=["prepare", "celframe", "throughput", "fp8", "diffusers"])
+    p.add_argument("step", choices=["prepare", "celframe", "throughput", "fp8", "small-card", "diffusers"])
     p.add_argument("--work", required=True, help="UNet, motion adapter, ControlNets, LoRAs; render/ goes here")
     p.add_argument("--text-work", help="the text encoders' folder (tools/lora_gpu.sh's TEXT_WORK)")
     p.add_argument("--vae-work", help="the VAE's folder (tools/vae_gpu.sh's WORK)")
@@ -651,6 +706,8 @@ def main():
         sys.exit(run_throughput(s, args))
     elif args.step == "fp8":
         sys.exit(run_fp8(s, args))
+    elif args.step == "small-card":
+        sys.exit(run_small_card(s, args))
     else:
         run_diffusers(s)
 

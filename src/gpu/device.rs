@@ -282,6 +282,11 @@ impl Gpu {
     pub fn info(&self) -> &DeviceInfo {
         &self.info
     }
+
+    /// Device memory no allocation holds now (this process's and others').
+    pub fn free_memory(&self) -> Result<usize> {
+        cuda("cuMemGetInfo", result::mem_get_info()).map(|(free, _)| free)
+    }
     pub fn stream(&self) -> sys::CUstream {
         self.stream
     }

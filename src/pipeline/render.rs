@@ -67,7 +67,7 @@ use crate::sampling::{
 use crate::tensor::{DType, Tensor};
 use crate::text::Tokenizer;
 use crate::verify::Device;
-use crate::verify::arenas::{most_of_memory, weight_bytes};
+use crate::verify::arenas::weight_bytes;
 use crate::weights;
 
 /// What a run takes besides the config.
@@ -726,12 +726,7 @@ impl GpuModels {
         let weights = Arena::new("weights", weights_bytes + (256 << 20))?;
         // The FP8 twins are allocated beside the arenas (with the allocator's rounding).
         let reserve = reserve + if fp8 == Fp8Linears::Off { 0 } else { plan.twin_bytes() + (256 << 20) };
-        let scratch_bytes = if sharing <= 1 {
-            most_of_memory(gpu, weights_bytes + reserve)
-        } else {
-            (most_of_memory(gpu, 0) / sharing).saturating_sub(weights_bytes + reserve).max(1 << 30)
-        };
-        let scratch = Arena::new("scratch", scratch_bytes)?;
+        let scratch = Arena::new("scratch", render_scratch(gpu, weights.capacity(), reserve, sharing)?)?;
         let fp8_sources = routed.then_some((&scratch, fp8));
         let place = Place::Device { gpu, arena: &weights, dtype, fp8_sources };
         let (mut models, fp8_load) =
@@ -782,6 +777,32 @@ impl GpuModels {
             )
         }))
     }
+}
+
+/// Device memory a render leaves outside its arenas and reserve: the CUDA context, the kernel
+/// modules loaded at first launch (ours, cuBLASLt's, cuDNN's), the libraries' workspaces (cuDNN's up
+/// to 256 MiB) and CUDA graph executables; none of them grows with the device.
+const RENDER_HEADROOM: usize = 2 << 30;
+
+/// A render's scratch arena (activations), placed after the `weights` arena with `reserve` bytes
+/// still to come beside them (FP8 twins, LoRA factors and base copies), at least 1 GiB. One render
+/// thread on the device takes its free memory less those and `RENDER_HEADROOM`, so a card just big
+/// enough for the weights and activations (SDXL W1 in f16 on 24 GB) runs, and other processes'
+/// memory counts; `sharing` threads on one device load at once, so each takes an even share of its
+/// total memory less the headroom.
+fn render_scratch(gpu: &Gpu, weights: usize, reserve: usize, sharing: usize) -> Result<usize> {
+    let free = if sharing <= 1 { Some(gpu.free_memory()?) } else { None };
+    Ok(scratch_room(free, gpu.info().total_memory, weights, reserve, sharing))
+}
+
+/// `render_scratch`'s arithmetic: `free` is the device's free memory after the weights arena (one
+/// render thread), None for `sharing` threads, which split `total`.
+fn scratch_room(free: Option<usize>, total: usize, weights: usize, reserve: usize, sharing: usize) -> usize {
+    let room = match free {
+        Some(free) => free.saturating_sub(RENDER_HEADROOM),
+        None => (total.saturating_sub(RENDER_HEADROOM) / sharing.max(1)).saturating_sub(weights),
+    };
+    room.saturating_sub(reserve).max(1 << 30)
 }
 
 /// Device bytes LoRA switching may hold beside the weights: base copies of every weight LoRAs
@@ -2663,6 +2684,25 @@ mod tests {
         peak.add(group(2 * gib, 0, 8 * gib, 0));
         assert_eq!((peak.total(), peak.base_copies), (24 * gib, 6 * gib));
         assert!(peak.line("").starts_with("peak GPU memory: 24.00 GiB (weights 11.00 GiB + LoRA base copies 6.00 GiB"));
+    }
+
+    #[test]
+    fn a_24_gb_card_leaves_w1_its_activations() {
+        let gib = |x: f64| (x * (1u64 << 30) as f64) as usize;
+        // f16 W1 measured on an H100 (2026-12-06): 11.50 GiB of weights (+ 0.25 of arena slack),
+        // 1.85 GiB of LoRA factors to come, 5.63 GiB of activations; the process's context and
+        // everything before the weights arena took ~0.5 GiB of the 23.5 a 24 GB card leaves it.
+        let (weights, factors, activations) = (gib(11.75), gib(1.85), gib(5.63));
+        let free_after_weights = gib(23.5 - 0.5) - weights;
+        let room = scratch_room(Some(free_after_weights), gib(23.99), weights, factors, 1);
+        assert!(room >= activations, "{:.2} GiB of scratch", room as f64 / gib(1.0) as f64);
+        // Another process's memory counts: with 2 GiB of it, the card no longer fits W1.
+        assert!(scratch_room(Some(free_after_weights - gib(2.0)), gib(23.99), weights, factors, 1) < activations);
+        // Two render threads sharing an 80 GB card split it after the headroom.
+        let share = scratch_room(None, gib(79.2), weights, factors, 2);
+        assert_eq!(share, (gib(79.2) - RENDER_HEADROOM) / 2 - weights - factors);
+        // Nothing left: 1 GiB, which the arena then fails to get by name.
+        assert_eq!(scratch_room(Some(gib(1.0)), gib(23.99), weights, factors, 1), 1 << 30);
     }
 
     #[test]

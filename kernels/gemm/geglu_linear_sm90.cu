@@ -32,6 +32,22 @@
 // eight rows a write covers fall in distinct banks) and writes whole 256-byte row pieces. Rows past
 // `rows` are read as zeros (TMA fills boxes past the tensor) and not written; k past its end is
 // zero-filled the same way.
+//
+// The ping-pong form (PINGPONG = true, geglu_linear_pp_sm90_*; CUTLASS 3's sm90 "TMA warp-specialised
+// ping-pong" kernels): the tile is 128 rows x 64 outputs, the product of x and 64 value + 64 gate
+// rows of w (block 0 multicasts the value rows, block 1 the gate rows, as above), and each consumer
+// warpgroup owns whole tiles, the block's tiles alternating between the two. A warpgroup's 128 rows
+// are two m64n128k16 products per k step (fp32 in 2 x 64 registers), the value in element i and the
+// gate in element i + 32 of each; its epilogue (GEGLU, staging, whole 128-byte rows) runs while the
+// other warpgroup's products use the tensor cores, where the cooperative form's consumers all stop
+// for it. Each stage is read by one warpgroup of each block: its empty mbarrier takes 8 arrivals
+// (4 warps x 2 blocks). The mainloops take turns in tile order (CUTLASS's ordered math barrier):
+// a warpgroup starts tile n's products once the other has issued tile n - 1's, through named
+// barrier 1 + c ("warpgroup c may start": a bar.arrive of the other's 128 threads and the bar.sync
+// of c's; every tile but the block's first syncs, every tile but its last arrives, so each phase
+// is one of each). The order is what makes the shared ring safe: a parity wait cannot tell the
+// phase it waits for from the one before, so a warpgroup must not wait on a stage use while an
+// earlier use of that stage, the other warpgroup's, may not have landed yet.
 #include "common.cuh"
 #include "sm90.cuh"
 
@@ -39,8 +55,18 @@
 #define GL_BN GEGLU_LINEAR_BN
 #define GL_BK GEGLU_LINEAR_BK
 #define GL_STAGES GEGLU_LINEAR_STAGES
-#define GL_X_TILE (GL_BM * GL_BK)      // elements of a stage's x tile (16 KiB)
-#define GL_W_TILE (2 * GL_BN * GL_BK)  // elements of a stage's w tile (value and gate rows, 32 KiB)
+#define GL_X_TILE (GL_BM * GL_BK)  // elements of a stage's x tile (16 KiB)
+
+// The two forms' tile width (outputs), stage count and shared-memory bytes.
+template <bool PINGPONG>
+struct GegluForm {
+    static constexpr int bn = PINGPONG ? GEGLU_LINEAR_PP_BN : GL_BN;
+    static constexpr int stages = PINGPONG ? GEGLU_LINEAR_PP_STAGES : GL_STAGES;
+    static constexpr int w_tile = 2 * bn * GL_BK;  // elements of a stage's w tile (value and gate rows)
+    static constexpr int stage = GL_X_TILE + w_tile;
+    // Output staging per consumer warp: its 16 rows of 128 outputs, or 2 x 16 rows of 64.
+    static constexpr int warp_rows = PINGPONG ? 32 : 16;
+};
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
@@ -58,6 +84,22 @@ template <typename T>
 __device__ __forceinline__ void wgmma_m64n256(float (&d)[128], uint64_t a, uint64_t b, int accumulate) {
     if constexpr (std::is_same<T, __half>::value) GL_WGMMA("f16");
     else GL_WGMMA("bf16");
+}
+
+// The 64 accumulator operands of an m64n128k16 wgmma, each with constraint M.
+#define GL_D64(M) M(d[0]), M(d[1]), M(d[2]), M(d[3]), M(d[4]), M(d[5]), M(d[6]), M(d[7]), M(d[8]), M(d[9]), M(d[10]), M(d[11]), M(d[12]), M(d[13]), M(d[14]), M(d[15]), M(d[16]), M(d[17]), M(d[18]), M(d[19]), M(d[20]), M(d[21]), M(d[22]), M(d[23]), M(d[24]), M(d[25]), M(d[26]), M(d[27]), M(d[28]), M(d[29]), M(d[30]), M(d[31]), M(d[32]), M(d[33]), M(d[34]), M(d[35]), M(d[36]), M(d[37]), M(d[38]), M(d[39]), M(d[40]), M(d[41]), M(d[42]), M(d[43]), M(d[44]), M(d[45]), M(d[46]), M(d[47]), M(d[48]), M(d[49]), M(d[50]), M(d[51]), M(d[52]), M(d[53]), M(d[54]), M(d[55]), M(d[56]), M(d[57]), M(d[58]), M(d[59]), M(d[60]), M(d[61]), M(d[62]), M(d[63])
+#define GL_WGMMA_N128(TY)                                                                             \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                         \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n" \
+                 : GL_D64("+f")                                                                        \
+                 : "l"(a), "l"(b), "r"(accumulate))
+
+// d (64 x 128) = A (64 x 16) B (16 x 128), or += when `accumulate`; both operands K-major
+// descriptors of 128-byte swizzled tiles.
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n128(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {
+    if constexpr (std::is_same<T, __half>::value) GL_WGMMA_N128("f16");
+    else GL_WGMMA_N128("bf16");
 }
 
 // Box (GL_BK, 128) at (col, row) of a rank-2 tensor map into a 1024-byte aligned tile.
@@ -118,8 +160,8 @@ __device__ __forceinline__ void consume(const GegluLinearParams& p, T* stages, T
         for (int kt = 0; kt < k_tiles; ++kt, ++it) {
             const int st = it % GL_STAGES;
             mbar_wait(&full[st], (it / GL_STAGES) & 1);
-            const T* xs = stages + st * (GL_X_TILE + GL_W_TILE) + cw * 64 * GL_BK;  // 8 whole swizzle atoms
-            const T* ws = stages + st * (GL_X_TILE + GL_W_TILE) + GL_X_TILE;
+            const T* xs = stages + st * GegluForm<false>::stage + cw * 64 * GL_BK;  // 8 whole swizzle atoms
+            const T* ws = stages + st * GegluForm<false>::stage + GL_X_TILE;
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < GL_BK / 16; ++kk)
@@ -163,25 +205,104 @@ __device__ __forceinline__ void consume(const GegluLinearParams& p, T* stages, T
     }
 }
 
+// The ping-pong form's consumers: warpgroup cw takes the block's tiles of local index cw, cw + 2, ...
+// (each a 128 x 64 output tile, the product two m64n128k16 per k step), then its GEGLU epilogue.
 template <typename T>
+__device__ __forceinline__ void consume_pingpong(const GegluLinearParams& p, T* stages, T* out_stage, uint64_t* full,
+                                                 uint64_t* empty, int k_tiles, int col_tiles, int pairs, int first_pair,
+                                                 int pair_stride, uint32_t rank) {
+    using F = GegluForm<true>;
+    const int cw = threadIdx.x / 128 - 1, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32, g = lane / 4,
+              t = lane % 4;
+    T* stage = out_stage + (cw * 4 + warp) * F::warp_rows * F::bn;
+    const T* bias = static_cast<const T*>(p.bias);
+    T* y = static_cast<T*>(p.y);
+    float acc[2][64];
+    const int block_tiles = first_pair < pairs ? (pairs - first_pair + pair_stride - 1) / pair_stride : 0;
+    int local = cw;
+    for (int pair = first_pair + cw * pair_stride; pair < pairs; pair += 2 * pair_stride, local += 2) {
+        // The producer fills k_tiles stage uses per tile, in the block's tile order.
+        uint32_t it = (uint32_t)local * (uint32_t)k_tiles;
+        if (local > 0) named_bar_sync(1 + cw, 256);  // the other warpgroup has issued tile local - 1
+        const int64_t row0 = (int64_t)(pair / col_tiles * 2 + rank) * GL_BM;
+        const int col0 = (int)(pair % col_tiles * F::bn);
+        for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+            const int st = it % F::stages;
+            mbar_wait(&full[st], (it / F::stages) & 1);
+            const T* xs = stages + st * F::stage;
+            const T* ws = xs + GL_X_TILE;
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < GL_BK / 16; ++kk)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)  // rows 64 h ...: 8 whole swizzle atoms further
+                    wgmma_m64n128<T>(acc[h], sw128_desc(xs + h * 64 * GL_BK + kk * 16), sw128_desc(ws + kk * 16),
+                                     kt > 0 || kk > 0);
+            wgmma_commit();
+            wgmma_wait<1>();
+            fence_regs(acc[0]);
+            fence_regs(acc[1]);
+            if (kt > 0 && lane == 0)
+                for (uint32_t b = 0; b < 2; ++b) mbar_arrive_cluster(&empty[(it - 1) % F::stages], b);
+        }
+        if (local + 1 < block_tiles) named_bar_arrive(2 - cw, 256);  // the other's turn: tile local + 1
+        wgmma_wait<0>();
+        fence_regs(acc[0]);
+        fence_regs(acc[1]);
+        if (lane == 0)
+            for (uint32_t b = 0; b < 2; ++b) mbar_arrive_cluster(&empty[(it - 1) % F::stages], b);
+
+        // Epilogue: in each half, element i (value) and i + 32 (gate) of column group j = i / 4 < 8;
+        // staged row r = 16 h + g + 8 hh is the warp's row g + 8 hh of rows 64 h ...
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int col = col0 + 8 * j + 2 * t;
+            const float2 bv = bias ? MmaType<T>::unpack(*reinterpret_cast<const uint32_t*>(bias + col)) : make_float2(0.0f, 0.0f);
+            const float2 bg = bias ? MmaType<T>::unpack(*reinterpret_cast<const uint32_t*>(bias + p.dim + col)) : make_float2(0.0f, 0.0f);
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int i = 4 * j + 2 * hh, r = 16 * h + g + 8 * hh;
+                    const float y0 = (acc[h][i] + bv.x) * gelu_f32(acc[h][i + 32] + bg.x);
+                    const float y1 = (acc[h][i + 1] + bv.y) * gelu_f32(acc[h][i + 33] + bg.y);
+                    *reinterpret_cast<uint32_t*>(stage + r * F::bn + ((j ^ (r % 8)) * 8) + 2 * t) = MmaType<T>::pack(y0, y1);
+                }
+        }
+        __syncwarp();
+#pragma unroll
+        for (int s = lane; s < F::warp_rows * (F::bn / 8); s += 32) {
+            const int r = s / (F::bn / 8), c = s % (F::bn / 8);
+            const int64_t row = row0 + 64 * (r / 16) + warp * 16 + r % 16;
+            if (row < p.rows)
+                *reinterpret_cast<uint4*>(y + row * p.dim + col0 + c * 8) =
+                    *reinterpret_cast<const uint4*>(stage + r * F::bn + ((c ^ (r % 8)) * 8));
+        }
+        __syncwarp();  // the staging is read before the next tile's epilogue writes it
+    }
+}
+
+template <typename T, bool PINGPONG>
 __device__ void geglu_linear_sm90(const GegluLinearParams& p) {
+    using F = GegluForm<PINGPONG>;
     extern __shared__ unsigned char gl_smem_raw[];
     T* stages = reinterpret_cast<T*>(((uintptr_t)gl_smem_raw + 1023) & ~(uintptr_t)1023);
-    auto x_tile = [&](int st) { return stages + st * (GL_X_TILE + GL_W_TILE); };
-    auto w_tile = [&](int st) { return stages + st * (GL_X_TILE + GL_W_TILE) + GL_X_TILE; };
-    T* out_stage = stages + GL_STAGES * (GL_X_TILE + GL_W_TILE);  // 8 warps x 16 rows x GL_BN
-    uint64_t* full = reinterpret_cast<uint64_t*>(out_stage + 8 * 16 * GL_BN);
-    uint64_t* empty = full + GL_STAGES;
+    auto x_tile = [&](int st) { return stages + st * F::stage; };
+    auto w_tile = [&](int st) { return stages + st * F::stage + GL_X_TILE; };
+    T* out_stage = stages + F::stages * F::stage;  // 8 warps x warp_rows x bn
+    uint64_t* full = reinterpret_cast<uint64_t*>(out_stage + 8 * F::warp_rows * F::bn);
+    uint64_t* empty = full + F::stages;
 
-    const int k_tiles = (p.k + GL_BK - 1) / GL_BK, col_tiles = p.dim / GL_BN;
+    const int k_tiles = (p.k + GL_BK - 1) / GL_BK, col_tiles = p.dim / F::bn;
     const int pairs = (int)(((p.rows + GL_BM - 1) / GL_BM + 1) / 2) * col_tiles;  // 2 row tiles x 1 column tile
     const uint32_t rank = cluster_rank();
     const int first_pair = blockIdx.x / 2, pair_stride = gridDim.x / 2;
 
     if (threadIdx.x == 0) {
-        for (int st = 0; st < GL_STAGES; ++st) {
+        for (int st = 0; st < F::stages; ++st) {
             mbar_init(&full[st], 1);
-            mbar_init(&empty[st], 16);  // each consumer warp of both blocks
+            // The consumer warps of both blocks that read the stage: all 8 a block, or one warpgroup's 4.
+            mbar_init(&empty[st], PINGPONG ? 8 : 16);
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         fence_proxy_async();
@@ -194,27 +315,32 @@ __device__ void geglu_linear_sm90(const GegluLinearParams& p) {
         if (threadIdx.x == 0) {
             uint32_t it = 0;  // stage uses so far, over all of this block's tiles
             for (int pair = first_pair; pair < pairs; pair += pair_stride) {
-                const int row0 = (int)((pair / col_tiles * 2 + rank) * GL_BM), col0 = (int)(pair % col_tiles * GL_BN);
+                const int row0 = (int)((pair / col_tiles * 2 + rank) * GL_BM), col0 = (int)(pair % col_tiles * F::bn);
                 for (int kt = 0; kt < k_tiles; ++kt, ++it) {
-                    const int st = it % GL_STAGES;
-                    // Use it / GL_STAGES of the stage: wait for both blocks' release of the use before.
-                    if (it >= GL_STAGES) mbar_wait(&empty[st], ((it / GL_STAGES) - 1) & 1);
-                    mbar_arrive_expect_tx(&full[st], (GL_X_TILE + GL_W_TILE) * sizeof(T));
+                    const int st = it % F::stages;
+                    // Use it / stages of the stage: wait for both blocks' release of the use before.
+                    if (it >= F::stages) mbar_wait(&empty[st], ((it / F::stages) - 1) & 1);
+                    mbar_arrive_expect_tx(&full[st], F::stage * sizeof(T));
                     tma_load_2d(x_tile(st), &p.x_map, kt * GL_BK, row0, &full[st]);
                     // Block 0 the value rows, block 1 the gate rows, into both blocks.
-                    tma_load_2d_multicast(w_tile(st) + rank * GL_BN * GL_BK, &p.w_map, kt * GL_BK, rank * p.dim + col0,
+                    tma_load_2d_multicast(w_tile(st) + rank * F::bn * GL_BK, &p.w_map, kt * GL_BK, rank * p.dim + col0,
                                           &full[st], 0x3);
                 }
             }
         }
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-        consume<T>(p, stages, out_stage, full, empty, k_tiles, col_tiles, pairs, first_pair, pair_stride, rank);
+        if constexpr (PINGPONG)
+            consume_pingpong<T>(p, stages, out_stage, full, empty, k_tiles, col_tiles, pairs, first_pair, pair_stride, rank);
+        else
+            consume<T>(p, stages, out_stage, full, empty, k_tiles, col_tiles, pairs, first_pair, pair_stride, rank);
     }
     cluster_sync();
 }
 
 #endif
 
-SM90_ENTRY(geglu_linear_sm90_f16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __half)
-SM90_ENTRY(geglu_linear_sm90_bf16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __nv_bfloat16)
+SM90_ENTRY(geglu_linear_sm90_f16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __half, false)
+SM90_ENTRY(geglu_linear_sm90_bf16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __nv_bfloat16, false)
+SM90_ENTRY(geglu_linear_pp_sm90_f16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __half, true)
+SM90_ENTRY(geglu_linear_pp_sm90_bf16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __nv_bfloat16, true)

@@ -309,7 +309,7 @@ typedef struct GegluLinearParams {
     void* y;           // [rows, dim], contiguous
     int64_t rows;
     int32_t k;
-    int32_t dim;       // a multiple of GEGLU_LINEAR_BN
+    int32_t dim;       // a multiple of GEGLU_LINEAR_BN (GEGLU_LINEAR_PP_BN for the ping-pong form)
 } GegluLinearParams;
 
 #define GEGLU_LINEAR_BM 128     // rows per tile: two consumer warpgroups of 64
@@ -320,6 +320,15 @@ typedef struct GegluLinearParams {
 // Dynamic shared memory: the stages (x tile 16 KiB + w tile 32 KiB each), the output staging of the
 // eight consumer warps (16 rows x 128 columns each), 1 KiB of alignment and the 2 x STAGES mbarriers.
 #define GEGLU_LINEAR_SHARED (GEGLU_LINEAR_STAGES * 49152 + 8 * 4096 + 1024 + 2 * GEGLU_LINEAR_STAGES * 8)
+// The ping-pong form (geglu_linear_pp_sm90_*, same parameters with w's boxes GEGLU_LINEAR_PP_BN rows
+// high): each consumer warpgroup owns whole tiles of 128 rows x GEGLU_LINEAR_PP_BN outputs (a 128 x 128
+// product of x and the tile's 64 value and 64 gate rows of w), the two taking alternate tiles, so
+// one's epilogue runs while the other's products keep the tensor cores busy.
+#define GEGLU_LINEAR_PP_BN 64
+#define GEGLU_LINEAR_PP_STAGES 6
+// The stages (x tile 16 KiB + w tile 16 KiB each), the output staging of the eight consumer warps
+// (32 rows x 64 columns each), 1 KiB of alignment and the 2 x STAGES mbarriers.
+#define GEGLU_LINEAR_PP_SHARED (GEGLU_LINEAR_PP_STAGES * 32768 + 8 * 4096 + 1024 + 2 * GEGLU_LINEAR_PP_STAGES * 8)
 
 // Row softmax of fp32 attention scores into probabilities in the activation dtype (the middle step
 // of attention through two GEMMs, for head dims the flash kernel does not cover).

@@ -12,7 +12,8 @@ use crate::error::{Error, Result};
 use crate::gpu::ClusterScheduling;
 use crate::gpu::blas::{Gemm, GemmIo};
 use crate::gpu::params::{
-    GEGLU_LINEAR_BK, GEGLU_LINEAR_BM, GEGLU_LINEAR_BN, GEGLU_LINEAR_SHARED, GEGLU_LINEAR_THREADS, GegluLinearParams,
+    GEGLU_LINEAR_BK, GEGLU_LINEAR_BM, GEGLU_LINEAR_BN, GEGLU_LINEAR_PP_BN, GEGLU_LINEAR_PP_SHARED, GEGLU_LINEAR_SHARED,
+    GEGLU_LINEAR_THREADS, GegluLinearParams,
 };
 use crate::gpu::tma::tensor_map;
 use crate::tensor::{DType, Tensor};
@@ -114,16 +115,22 @@ pub fn linear_add<'w>(
 /// Which route `linear_geglu` takes (tests and benchmarks pick one; model code takes `Auto`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum GegluLinear {
-    /// `Composed`, unless `CELFRAME_GEGLU_LINEAR` (`fused` or `composed`, read once per process)
+    /// `Composed`, unless `CELFRAME_GEGLU_LINEAR` (`fused`, `fused-pingpong` or `composed`, read once per process)
     /// says otherwise: for A/B runs of whole models. The fused kernel is not the default because it
     /// does not beat the composed route (H200, f16: whole SDXL UNet at 32 x 1024x576 230.8 ms fused
     /// against 232.4 ms composed, within run-to-run noise; alone, on the UNet's two large shapes,
-    /// 460-523 TFLOP/s where cuBLASLt's GEMM runs ~750, 4-15% behind the composed route).
+    /// 460-523 TFLOP/s where cuBLASLt's GEMM runs ~750, 4-15% behind the composed route). The
+    /// ping-pong form is the fastest at the motion modules' level 0 (K 320: 25% under composed)
+    /// and the slowest at the UNet's level 2 (K 1280), where the cooperative one ties composed and
+    /// beats it at K 640 (H100, 2026-12-06); a route by shape awaits its whole-model A/B.
     #[default]
     Auto,
     /// One Hopper kernel with GEGLU in the GEMM's epilogue (kernels/gemm/geglu_linear_sm90.cu):
     /// f16 / bf16, D a multiple of GEGLU_LINEAR_BN (128) and K of 8, compute capability 9.0.
     Fused,
+    /// The same kernel's ping-pong form: each consumer warpgroup owns whole 128 x GEGLU_LINEAR_PP_BN
+    /// tiles, one's epilogue overlapping the other's products; D a multiple of GEGLU_LINEAR_PP_BN (64).
+    FusedPingpong,
     /// cuBLASLt's projection to [.., 2D] (bias in its epilogue), then the `geglu` pass.
     Composed,
 }
@@ -134,8 +141,11 @@ impl GegluLinear {
         let choice = CHOICE.get_or_init(|| {
             std::env::var("CELFRAME_GEGLU_LINEAR").ok().map(|v| match v.as_str() {
                 "fused" => Ok(GegluLinear::Fused),
+                "fused-pingpong" => Ok(GegluLinear::FusedPingpong),
                 "composed" => Ok(GegluLinear::Composed),
-                _ => Err(format!("CELFRAME_GEGLU_LINEAR='{v}' is not a route (expected fused or composed)")),
+                _ => Err(format!(
+                    "CELFRAME_GEGLU_LINEAR='{v}' is not a route (expected fused, fused-pingpong or composed)"
+                )),
             })
         });
         choice.clone().transpose().map_err(Error::Input)
@@ -192,17 +202,19 @@ pub fn linear_geglu_with<'w>(
     if route == GegluLinear::Composed {
         return geglu(ex, &linear(ex, x, w, bias)?, None);
     }
+    let pingpong = route == GegluLinear::FusedPingpong;
+    let tile_dim = if pingpong { GEGLU_LINEAR_PP_BN } else { GEGLU_LINEAR_BN } as usize;
     let fits = matches!(dtype, DType::F16 | DType::BF16)
         && gpu.info().compute_capability == (9, 0)
-        && dim.is_multiple_of(GEGLU_LINEAR_BN as usize)
+        && dim.is_multiple_of(tile_dim)
         && k.is_multiple_of(8)
         && rows > 0
         && rows < i32::MAX as usize
         && two_d < i32::MAX as usize;
     if !fits {
         return Err(Error::Unsupported(format!(
-            "linear_geglu: the fused Hopper kernel takes f16 / bf16, D a multiple of {GEGLU_LINEAR_BN} and K of 8 on \
-             compute capability 9.0 (got x {x:?}, w {w:?} on {}.{})",
+            "linear_geglu: the fused Hopper kernel ({route:?}) takes f16 / bf16, D a multiple of {tile_dim} and K \
+             of 8 on compute capability 9.0 (got x {x:?}, w {w:?} on {}.{})",
             gpu.info().compute_capability.0,
             gpu.info().compute_capability.1
         )));
@@ -217,10 +229,11 @@ pub fn linear_geglu_with<'w>(
     let mut shape = x.shape().to_vec();
     *shape.last_mut().unwrap() = dim;
     let y = gpu.empty(scratch, &shape, dtype)?;
-    let boxes = [GEGLU_LINEAR_BK, GEGLU_LINEAR_BM];
+    // x in boxes of a tile's rows; w in boxes of its value (or gate) rows, one block's half.
+    let (x_box, w_box) = ([GEGLU_LINEAR_BK, GEGLU_LINEAR_BM], [GEGLU_LINEAR_BK, tile_dim as u32]);
     let p = GegluLinearParams {
-        x_map: tensor_map("linear_geglu x", x.device_ptr()?, dtype, &[k as u64, rows as u64], &[k as i64], &boxes)?,
-        w_map: tensor_map("linear_geglu w", w.device_ptr()?, dtype, &[k as u64, two_d as u64], &[k as i64], &boxes)?,
+        x_map: tensor_map("linear_geglu x", x.device_ptr()?, dtype, &[k as u64, rows as u64], &[k as i64], &x_box)?,
+        w_map: tensor_map("linear_geglu w", w.device_ptr()?, dtype, &[k as u64, two_d as u64], &[k as i64], &w_box)?,
         bias: bias.map(|b| b.device_ptr()).transpose()?.unwrap_or(0) as *const _,
         y: y.device_ptr()? as *mut _,
         rows: rows as i64,
@@ -229,15 +242,19 @@ pub fn linear_geglu_with<'w>(
     };
     // Persistent: as many 2-block clusters as run at once (a GPC's odd multiprocessor stays idle),
     // each walking the pairs of row tiles with the grid's stride.
-    let kernel = kernel_for!("geglu_linear_sm90", dtype);
+    let (kernel, shared) = if pingpong {
+        (kernel_for!("geglu_linear_pp_sm90", dtype), GEGLU_LINEAR_PP_SHARED)
+    } else {
+        (kernel_for!("geglu_linear_sm90", dtype), GEGLU_LINEAR_SHARED)
+    };
     let cluster = (2, ClusterScheduling::Spread);
-    let pairs = rows.div_ceil(2 * GEGLU_LINEAR_BM as usize) * (dim / GEGLU_LINEAR_BN as usize);
-    let resident = gpu.max_active_clusters(kernel, GEGLU_LINEAR_THREADS, cluster, GEGLU_LINEAR_SHARED as usize)?;
+    let pairs = rows.div_ceil(2 * GEGLU_LINEAR_BM as usize) * (dim / tile_dim);
+    let resident = gpu.max_active_clusters(kernel, GEGLU_LINEAR_THREADS, cluster, shared as usize)?;
     if resident == 0 {
         return Err(Error::Unsupported(format!("linear_geglu: no 2-block cluster of {kernel} fits this device")));
     }
     let grid = 2 * pairs.min(resident as usize) as u32;
-    gpu.launch_clustered(kernel, (grid, 1, 1), (GEGLU_LINEAR_THREADS, 1, 1), cluster, GEGLU_LINEAR_SHARED, &p)?;
+    gpu.launch_clustered(kernel, (grid, 1, 1), (GEGLU_LINEAR_THREADS, 1, 1), cluster, shared, &p)?;
     Ok(y)
 }
 
@@ -252,9 +269,10 @@ mod tests {
         // next to the consumers' 128 accumulators) would stall the epilogue.
         let resources: Vec<_> = KERNEL_MODULES.iter().flat_map(|m| m.sm90_resources.iter()).collect();
         for dtype in [DType::F16, DType::BF16] {
-            let name = kernel_for!("geglu_linear_sm90", dtype);
-            let r = resources.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("{name} is not compiled"));
-            assert!(r.registers > 0 && r.spill_bytes == 0 && r.stack_bytes == 0, "{r:?}");
+            for name in [kernel_for!("geglu_linear_sm90", dtype), kernel_for!("geglu_linear_pp_sm90", dtype)] {
+                let r = resources.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("{name} is not compiled"));
+                assert!(r.registers > 0 && r.spill_bytes == 0 && r.stack_bytes == 0, "{r:?}");
+            }
         }
     }
 }

@@ -20,6 +20,11 @@
 #                        for the same models (FP8_BREAKDOWN=1: with `--breakdown`), then
 #                        tools/render_gpu.py fp8: W1's frames with fp8 off, on and all over three
 #                        seeds (after the render step's prepare)
+#   knob                 an environment knob's A/B on whole models: for each value in $KNOB_VALUES
+#                        (space-separated; `unset` leaves $KNOB out) the UNet (b32, b2) and the motion
+#                        UNet benched, alternating, two rounds (`KNOB ...` lines: text k/v cached
+#                        medians), then their f16 verifies under each value (after the unet and motion
+#                        steps); e.g. KNOB=CELFRAME_GEGLU_LINEAR KNOB_VALUES="composed unset"
 #   fp8probe             tools/fp8_cublaslt_probe.py: which FP8 matmul forms this cuBLASLt runs
 #                        (through ctypes, beside torch._scaled_mm) and their speed
 #   cutlass              tools/cutlass_probe/run.sh (dist/cutlass_probe/*.o carried, made by its
@@ -33,7 +38,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then
-  sed -n '2,32p' "$0" >&2
+  sed -n '2,37p' "$0" >&2
   exit 2
 fi
 budget=$1
@@ -71,6 +76,38 @@ fp8_runs() {
     python3 tools/render_gpu.py fp8 --work "$work" --text-work "${TEXT_WORK:-/tmp/celframe-text}" \
       --vae-work "${VAE_WORK:-${WORK:-/tmp/celframe-vae}}" --celframe "$bin/celframe"
 }
+# Runs "$@" with $KNOB set to $1, or without it for `unset`.
+with_knob() {
+  local v=$1
+  shift
+  if [ "$v" = unset ]; then env -u "$KNOB" "$@"; else env "$KNOB=$v" "$@"; fi
+}
+knob_runs() {
+  if [ -z "${KNOB:-}" ] || [ -z "${KNOB_VALUES:-}" ]; then
+    echo "knob: set KNOB (an environment variable) and KNOB_VALUES (its values, space-separated)" >&2
+    return 2
+  fi
+  set -o pipefail # a failed bench or verify fails its pipeline
+  local c="$bin/celframe" w="--weights $work/sdxl_unet" m="--motion $work/motion_adapter" v r s ref status=0
+  local models=("unet $w --batch 32 --height 72 --width 128" "unet $w --batch 2 --height 128 --width 128"
+    "motion_unet $w $m --batch 2 --frames 16 --height 72 --width 128")
+  for r in 1 2; do
+    for v in $KNOB_VALUES; do
+      for s in "${models[@]}"; do
+        with_knob "$v" $c bench $s 2>&1 | grep "text k/v cached: median" | sed "s/^/KNOB $KNOB=$v round $r: /" || status=1
+      done
+    done
+  done
+  for v in $KNOB_VALUES; do
+    for ref in "$work/ref_128x128_f16.safetensors" "$work/ref_72x128_f16.safetensors"; do
+      with_knob "$v" $c verify unet $w --reference "$ref" --device cuda 2>&1 | grep "^out.sample \[" |
+        sed "s/^/KNOB $KNOB=$v: /" || status=1
+    done
+    with_knob "$v" $c verify motion_unet $w $m --reference "$work/ref_motion_f16.safetensors" --device cuda 2>&1 |
+      grep "^out.sample \[" | sed "s/^/KNOB $KNOB=$v: /" || status=1
+  done
+  return $status
+}
 run_step() {
   local name=$1 limit=$2 cmd
   case $name in
@@ -87,6 +124,7 @@ run_step() {
     bench) cmd="$bin/bench_ops; python3 tools/peer_torch.py" ;;
     graphs) cmd="graphs" ;;
     fp8) cmd="fp8_runs" ;;
+    knob) cmd="knob_runs" ;;
     fp8probe) cmd="python3 tools/fp8_cublaslt_probe.py --log" ;;
     cutlass) cmd="bash tools/cutlass_probe/run.sh" ;;
     *)
@@ -107,7 +145,7 @@ run_step() {
   fi
   echo "===== $name (limit ${limit} s)"
   local t0=$SECONDS
-  timeout -k 5 "$limit" bash -c "$(declare -f tests graphs fp8_runs); bin=$bin base=$base work=$work; $cmd" >"$OUT/$name.log" 2>&1
+  timeout -k 5 "$limit" bash -c "$(declare -f tests graphs fp8_runs with_knob knob_runs); bin=$bin base=$base work=$work; $cmd" >"$OUT/$name.log" 2>&1
   rc[$name]=$?
   secs[$name]=$((SECONDS - t0))
   tail -n "${TAIL:-25}" "$OUT/$name.log"

@@ -402,6 +402,16 @@ def clip_frames(root, clip):
     return np.stack([np.asarray(Image.open(os.path.join(folder, n)), dtype=np.float64) / 255 for n in names])
 
 
+def frames_rel_l2(root, reference_root):
+    """Per clip 1..FP8_SEEDS, the relative L2 distance of its frames under `root` from those under
+    `reference_root`."""
+    errors = []
+    for clip in range(1, FP8_SEEDS + 1):
+        a, b = clip_frames(root, clip), clip_frames(reference_root, clip)
+        errors.append(float(np.sqrt(((a - b) ** 2).sum() / max((b ** 2).sum(), 1e-30))))
+    return errors
+
+
 def run_fp8(s, args):
     """The quality cost of FP8 beside its speed: W1 rendered with fp8 off, on and all (one process
     each, FP8_SEEDS clips); per mode the warm clip time and each seed's final frames' relative L2
@@ -422,10 +432,7 @@ def run_fp8(s, args):
         record = {"mode": mode, "exit": proc.returncode, "clip_s": summary.get("clip_s"),
                   "denoise_s": summary.get("denoise_s"), "peak_gib": summary.get("peak_gib")}
         if proc.returncode == 0 and mode != "off":
-            errors = []
-            for clip in range(1, FP8_SEEDS + 1):
-                a, b = clip_frames(roots[mode], clip), clip_frames(roots["off"], clip)
-                errors.append(float(np.sqrt(((a - b) ** 2).sum() / max((b ** 2).sum(), 1e-30))))
+            errors = frames_rel_l2(roots[mode], roots["off"])
             record.update(frames_rel_l2=[round(e, 5) for e in errors], mean_rel_l2=round(sum(errors) / len(errors), 5))
         status |= proc.returncode != 0
         print("FP8 " + json.dumps(record), flush=True)
@@ -473,11 +480,7 @@ def run_small_card(s, args):
         if proc.returncode != 0:
             break
     else:
-        errors = []
-        for clip in range(1, FP8_SEEDS + 1):
-            a, b = clip_frames(roots["small"], clip), clip_frames(roots["whole"], clip)
-            errors.append(float(f"{np.sqrt(((a - b) ** 2).sum() / max((b ** 2).sum(), 1e-30)):.3g}"))
-        record["frames_rel_l2"] = errors
+        record["frames_rel_l2"] = [float(f"{e:.3g}") for e in frames_rel_l2(roots["small"], roots["whole"])]
     print("SMALLCARD " + json.dumps(record), flush=True)
     return int(any(v for k, v in record.items() if k.endswith("_exit")))
 

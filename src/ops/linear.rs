@@ -115,14 +115,12 @@ pub fn linear_add<'w>(
 /// Which route `linear_geglu` takes (tests and benchmarks pick one; model code takes `Auto`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum GegluLinear {
-    /// `Composed`, unless `CELFRAME_GEGLU_LINEAR` (`fused`, `fused-pingpong` or `composed`, read once per process)
-    /// says otherwise: for A/B runs of whole models. The fused kernel is not the default because it
-    /// does not beat the composed route (H200, f16: whole SDXL UNet at 32 x 1024x576 230.8 ms fused
-    /// against 232.4 ms composed, within run-to-run noise; alone, on the UNet's two large shapes,
-    /// 460-523 TFLOP/s where cuBLASLt's GEMM runs ~750, 4-15% behind the composed route). The
-    /// ping-pong form is the fastest at the motion modules' level 0 (K 320: 25% under composed)
-    /// and the slowest at the UNet's level 2 (K 1280), where the cooperative one ties composed and
-    /// beats it at K 640 (H100, 2026-12-06); a route by shape awaits its whole-model A/B.
+    /// On compute capability 9.0 `FusedPingpong` where K is at most GEGLU_PINGPONG_MAX_K (the
+    /// motion modules' level 0), `Fused` up to GEGLU_FUSED_MAX_K (level 1), `Composed` above and
+    /// elsewhere (`auto_geglu_route`), unless `CELFRAME_GEGLU_LINEAR` (`fused`, `fused-pingpong` or
+    /// `composed`, read once per process) says otherwise: for A/B runs of whole models. At level 2
+    /// (K 1280) the cooperative form ties the composed route and the ping-pong one trails it by
+    /// 5-10% (H100, 2026-12-06).
     #[default]
     Auto,
     /// One Hopper kernel with GEGLU in the GEMM's epilogue (kernels/gemm/geglu_linear_sm90.cu):
@@ -149,6 +147,34 @@ impl GegluLinear {
             })
         });
         choice.clone().transpose().map_err(Error::Input)
+    }
+}
+
+/// Up to this K the GEGLU projection's mainloop is short beside its epilogue (5 k steps at the
+/// motion modules' level 0, K 320) and the ping-pong form, which hides the epilogue, is the fastest
+/// route: M294912 K320 D1280 1.23-1.35 ms against composed 1.66-1.67 (H100, 2026-12-06).
+const GEGLU_PINGPONG_MAX_K: usize = 320;
+/// Up to this K (the UNet's and motion modules' level 1, K 640) the cooperative form beats the
+/// composed route: M73728 K640 D2560 0.99-1.03 ms against 1.11, M8192 0.131-0.133 against
+/// 0.151-0.153 (same runs); at K 1280 they tie and the composed route stays.
+const GEGLU_FUSED_MAX_K: usize = 640;
+
+/// `Auto`'s route without `CELFRAME_GEGLU_LINEAR`: on compute capability 9.0 the ping-pong kernel
+/// up to GEGLU_PINGPONG_MAX_K, the cooperative one up to GEGLU_FUSED_MAX_K; the composed route
+/// above, on other devices and wherever a kernel's shape rules do not hold.
+fn auto_geglu_route(cc: (i32, i32), dtype: DType, rows: usize, k: usize, dim: usize) -> GegluLinear {
+    let hopper_fits = cc == (9, 0)
+        && matches!(dtype, DType::F16 | DType::BF16)
+        && rows > 0
+        && rows < i32::MAX as usize
+        && 2 * dim < i32::MAX as usize
+        && k.is_multiple_of(8);
+    if hopper_fits && k <= GEGLU_PINGPONG_MAX_K && dim.is_multiple_of(GEGLU_LINEAR_PP_BN as usize) {
+        GegluLinear::FusedPingpong
+    } else if hopper_fits && k <= GEGLU_FUSED_MAX_K && dim.is_multiple_of(GEGLU_LINEAR_BN as usize) {
+        GegluLinear::Fused
+    } else {
+        GegluLinear::Composed
     }
 }
 
@@ -196,7 +222,8 @@ pub fn linear_geglu_with<'w>(
     let rows = x.numel() / k.max(1);
     let dtype = x.dtype();
     let route = match route {
-        GegluLinear::Auto => GegluLinear::from_env()?.unwrap_or(GegluLinear::Composed),
+        GegluLinear::Auto => GegluLinear::from_env()?
+            .unwrap_or_else(|| auto_geglu_route(gpu.info().compute_capability, dtype, rows, k, dim)),
         r => r,
     };
     if route == GegluLinear::Composed {
@@ -262,6 +289,34 @@ pub fn linear_geglu_with<'w>(
 mod tests {
     use super::*;
     use crate::gpu::KERNEL_MODULES;
+
+    #[test]
+    fn auto_takes_the_fused_kernels_by_k_on_hopper() {
+        let hopper = (9, 0);
+        // The motion modules' level 0 (K 320, D 1280), f16 and bf16: the ping-pong form.
+        assert_eq!(auto_geglu_route(hopper, DType::F16, 294_912, 320, 1280), GegluLinear::FusedPingpong);
+        assert_eq!(auto_geglu_route(hopper, DType::BF16, 333, 320, 1280), GegluLinear::FusedPingpong);
+        // Level 1 (K 640) at 32 and 2 images: the cooperative form; with a D off its 128-wide tile,
+        // composed.
+        assert_eq!(auto_geglu_route(hopper, DType::F16, 73_728, 640, 2560), GegluLinear::Fused);
+        assert_eq!(auto_geglu_route(hopper, DType::F16, 8_192, 640, 2560), GegluLinear::Fused);
+        assert_eq!(auto_geglu_route(hopper, DType::F16, 100, 640, 192), GegluLinear::Composed);
+        // Level 2, another device, f32, no rows, a D off the 64-wide tile, a K off 8.
+        for (cc, dtype, rows, k, dim) in [
+            (hopper, DType::F16, 18_432, 1280, 5120),
+            ((8, 9), DType::F16, 294_912, 320, 1280),
+            (hopper, DType::F32, 294_912, 320, 1280),
+            (hopper, DType::F16, 0, 320, 1280),
+            (hopper, DType::F16, 100, 320, 96),
+            (hopper, DType::F16, 100, 300, 1280),
+        ] {
+            assert_eq!(
+                auto_geglu_route(cc, dtype, rows, k, dim),
+                GegluLinear::Composed,
+                "{cc:?} {dtype:?} {rows} {k} {dim}"
+            );
+        }
+    }
 
     #[test]
     fn the_fused_geglu_entries_are_compiled_for_hopper_without_spills() {

@@ -1017,6 +1017,29 @@ fn flash_attention_sm90_wspp_persistent_meets_the_attention_rule() {
     check_flash(&rig, &[(2, 2304, 2304, 10, false, DType::F16), (3, 1000, 1000, 11, true, DType::F16)], pick);
 }
 
+/// The three-consumer persistent ping-pong kernel (192 query rows a work tile, the turns going round
+/// three warpgroups, one P buffer) at every flash case, at the UNet's level-2 self-attention shape
+/// (576 tokens: three whole tiles), and where blocks walk several work tiles, some with a ragged
+/// or causal end.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn flash_attention_sm90_wspp3_meets_the_attention_rule() {
+    use celframe::ops::attention::FlashKernel;
+    let rig = Rig::new();
+    if rig.gpu.info().compute_capability != (9, 0) {
+        println!("GPUCHECK flash_attention Hopper three-consumer kernel: SKIPPED, not a compute 9.0 device");
+        return;
+    }
+    let pick = |_, _| vec![FlashKernel::HopperWsPingpong3Persistent];
+    check_flash_cases(&rig, pick);
+    let extra = [
+        (4, 576, 576, 20, false, DType::F16),
+        (3, 2304, 2304, 10, false, DType::BF16),
+        (3, 1000, 1000, 11, true, DType::F16),
+    ];
+    check_flash(&rig, &extra, pick);
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
 fn gemm_attention_meets_the_attention_rule() {

@@ -158,6 +158,26 @@ __device__ __forceinline__ void softmax_probs(const float s[64], const float bas
     }
 }
 
+// The single-buffer form of softmax_probs (three-consumer kernel, whose 160 registers a thread
+// hold no second P): the probabilities replace the scores in place, added to the row sums; they
+// are packed into A fragments (pack_probs) only once the P V product reading the previous ones is
+// done.
+__device__ __forceinline__ void softmax_exp(float s[64], const float base[2], float l[2], float scale_log2) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) {
+        s[i] = exp2f(fmaf(s[i], scale_log2, -base[(i % 4) / 2]));
+        l[(i % 4) / 2] += s[i];
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void pack_probs(const float s[64], uint32_t pa[FH_BN / 16][4]) {
+#pragma unroll
+    for (int kk = 0; kk < FH_BN / 16; ++kk)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) pa[kk][r] = MmaType<T>::pack(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+}
+
 // Normalises the warp's 16 rows, stages them in `stage` (16 rows of this warpgroup's part of the Q
 // tile, swizzled chunks: the eight rows a store instruction covers fall in distinct banks) and
 // stores 16-byte pieces of the rows below seq_q.
@@ -325,35 +345,48 @@ __device__ __forceinline__ void tma_load_tile(void* dst, const TensorMap* map, i
 // stores. The ping-pong turns form one chain over the block's work tiles: consumer 0 skips its sync
 // only on the block's first turn, consumer 1 its arrive only on the last, so both barriers stay
 // balanced as in the one-tile protocol above (each work tile gives both consumers tiles + 1 turns).
-template <typename T, bool PINGPONG, bool PERSISTENT>
+//
+// Three consumers (CONSUMERS = 3, flash_attention_wspp3_persistent_*; FlashAttention-3's tile for
+// head dim 64): 192 query rows a work tile and 512 threads, so each K/V tile feeds half as much
+// again work and each scheduler holds one more softmax warp. The turns go round: consumer c syncs on
+// barrier 1 + c and arrives on the next consumer's, the chain (0,t) (1,t) (2,t) (0,t+1) ... with
+// the same balance and ordering argument. 160 registers a consumer thread do not hold a second P:
+// tile j's probabilities stay in its score registers while P_{j-1} V_{j-1} runs and are packed
+// into the one P buffer after that product's wait, before the next issue.
+template <typename T, bool PINGPONG, bool PERSISTENT, int CONSUMERS>
 __device__ void flash_attention_ws(const FlashTmaParams& params) {
+    static_assert(CONSUMERS == 2 || CONSUMERS == 3, "two or three consumer warpgroups");
     const FlashAttentionParams& p = params.attn;
     extern __shared__ unsigned char fh_smem_raw[];
     constexpr int q_bufs = PERSISTENT ? 2 : 1;
+    constexpr int BM = 64 * CONSUMERS;  // query rows per work tile
+    constexpr int Q_TILE = BM * FH_D;   // elements of a Q tile (a multiple of the 1024-byte atom)
+    constexpr uint32_t consumer_threads = 128 * CONSUMERS;
     // Q tiles, K tiles of the stages, V tiles of the stages, then the barriers.
     T* q_base = reinterpret_cast<T*>(((uintptr_t)fh_smem_raw + 1023) & ~(uintptr_t)1023);
-    auto q_tile = [&](int qb) { return q_base + qb * FH_TILE; };
-    auto k_tile = [&](int st) { return q_base + (q_bufs + st) * FH_TILE; };
-    auto v_tile = [&](int st) { return q_base + (q_bufs + FW_STAGES + st) * FH_TILE; };
-    uint64_t* q_full = reinterpret_cast<uint64_t*>(q_base + (q_bufs + 2 * FW_STAGES) * FH_TILE);
+    T* kv_base = q_base + q_bufs * Q_TILE;
+    auto q_tile = [&](int qb) { return q_base + qb * Q_TILE; };
+    auto k_tile = [&](int st) { return kv_base + st * FH_TILE; };
+    auto v_tile = [&](int st) { return kv_base + (FW_STAGES + st) * FH_TILE; };
+    uint64_t* q_full = reinterpret_cast<uint64_t*>(kv_base + 2 * FW_STAGES * FH_TILE);
     uint64_t* q_empty = q_full + q_bufs;
     uint64_t* k_full = q_empty + q_bufs;
     uint64_t* v_full = k_full + FW_STAGES;
     uint64_t* empty = v_full + FW_STAGES;
-    constexpr uint32_t tile_bytes = FH_TILE * sizeof(T);
+    constexpr uint32_t tile_bytes = FH_TILE * sizeof(T), q_bytes = Q_TILE * sizeof(T);
 
-    const int q_tiles = (p.seq_q + FH_BM - 1) / FH_BM;
+    const int q_tiles = (p.seq_q + BM - 1) / BM;
     const int work = PERSISTENT ? q_tiles * p.batch * p.heads : 1;
     // Work tile w: query tile w % q_tiles of batch-head w / q_tiles (the grid's x and y otherwise).
     auto tile_of = [&](int w, int& b, int& h, int& q0) {
         const int bh = PERSISTENT ? w / q_tiles : blockIdx.y;
         b = bh / p.heads;
         h = bh % p.heads;
-        q0 = (PERSISTENT ? w % q_tiles : blockIdx.x) * FH_BM;
+        q0 = (PERSISTENT ? w % q_tiles : blockIdx.x) * BM;
     };
     auto key_tiles = [&](int q0) {
         int tiles = (p.seq_k + FH_BN - 1) / FH_BN;
-        if (p.causal) tiles = min(tiles, (min(q0 + FH_BM, p.seq_q) + FH_BN - 1) / FH_BN);
+        if (p.causal) tiles = min(tiles, (min(q0 + BM, p.seq_q) + FH_BN - 1) / FH_BN);
         return tiles;
     };
     const int first = PERSISTENT ? blockIdx.x : 0, stride = PERSISTENT ? gridDim.x : 1;
@@ -361,12 +394,12 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
     if (threadIdx.x == 0) {
         for (int qb = 0; qb < q_bufs; ++qb) {
             mbar_init(&q_full[qb], 1);
-            mbar_init(&q_empty[qb], 256);  // every consumer thread, after its stores
+            mbar_init(&q_empty[qb], consumer_threads);  // every consumer thread, after its stores
         }
         for (int st = 0; st < FW_STAGES; ++st) {
             mbar_init(&k_full[st], 1);
             mbar_init(&v_full[st], 1);
-            mbar_init(&empty[st], 256);  // every consumer thread
+            mbar_init(&empty[st], consumer_threads);  // every consumer thread
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         fence_proxy_async();
@@ -375,6 +408,7 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
 
     const int wg = threadIdx.x / 128;
     if (wg == 0) {
+        // Registers a thread: 24 here; 240 (two consumers) or 160 (three) in the consumers.
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
         if (threadIdx.x != 0) return;
         uint32_t jg = 0;  // K/V tiles loaded so far by this block
@@ -384,7 +418,7 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
             const int qb = local % q_bufs;
             // Use local / q_bufs of the Q buffer: wait for the consumers' stores through the use before.
             if (local >= q_bufs) mbar_wait(&q_empty[qb], ((local / q_bufs) - 1) & 1);
-            mbar_arrive_expect_tx(&q_full[qb], tile_bytes);
+            mbar_arrive_expect_tx(&q_full[qb], q_bytes);
             tma_load_tile(q_tile(qb), &params.q_map, h, q0, b, &q_full[qb]);
             const int tiles = key_tiles(q0);
             for (int j = 0; j < tiles; ++j, ++jg) {
@@ -399,7 +433,8 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
         }
         return;
     }
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+    if constexpr (CONSUMERS == 2) asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+    else asm volatile("setmaxnreg.inc.sync.aligned.u32 160;\n" ::: "memory");
 
     const int cw = wg - 1, warp = (threadIdx.x % 128) / 32, g = (threadIdx.x % 32) / 4;
     const float scale_log2 = p.scale * FH_LOG2E;
@@ -420,17 +455,71 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
         for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
         auto stage = [&](int j) { return (int)((jbase + j) % FW_STAGES); };
         auto parity = [&](int j) { return (uint32_t)(((jbase + j) / FW_STAGES) & 1); };
-        // Ping-pong turn t of this work tile (the protocol in the comments above the kernel).
+        // Ping-pong turn t of this work tile (the protocol in the comments above the kernel; with
+        // three consumers the turns go round: consumer c arrives on the next one's barrier).
         auto turn_begin = [&](int t) {
             if constexpr (PINGPONG)
                 if (cw != 0 || t != 0 || !first_tile) named_bar_sync(1 + cw, 256);
         };
         auto turn_end = [&](int t) {
             if constexpr (PINGPONG)
-                if (cw != 1 || t != tiles || !last_tile) named_bar_arrive(2 - cw, 256);
+                if (cw != CONSUMERS - 1 || t != tiles || !last_tile)
+                    named_bar_arrive(CONSUMERS == 2 ? 2 - cw : 1 + (cw + 1) % CONSUMERS, 256);
         };
 
-        if (wg_tiles > 0) {
+        // The last tile's O += P V.
+        auto finish = [&](uint32_t(&cur)[FH_BN / 16][4]) {
+            const int last = stage(wg_tiles - 1);
+            mbar_wait(&v_full[last], parity(wg_tiles - 1));
+            turn_begin(wg_tiles);
+            wgmma_fence();
+            issue_pv<T>(acc, cur, v_tile(last));
+            turn_end(wg_tiles);
+            wgmma_wait<0>();
+            fence_regs(acc);
+            fence_pa(cur);
+            mbar_arrive(&empty[last]);
+        };
+        if (wg_tiles > 0 && CONSUMERS == 3) {
+            float s[64], base[2], corr[2];
+            mbar_wait(&q_full[qb], (local / q_bufs) & 1);
+            mbar_wait(&k_full[stage(0)], parity(0));
+            turn_begin(0);
+            wgmma_fence();
+            issue_qk<T>(s, q_wg, k_tile(stage(0)));
+            turn_end(0);
+            wgmma_wait<0>();
+            fence_regs(s);
+            mask_scores(s, 0, row0, qwg, p);
+            softmax_update(s, m, l, base, corr, scale_log2);
+            // One P buffer: tile j's probabilities stay in s (fp32) while P_{j-1} V_{j-1} reads the
+            // buffer, and are packed into it once that product is done, before the next issue.
+            uint32_t pa[FH_BN / 16][4];
+            softmax_exp(s, base, l, scale_log2);
+            pack_probs<T>(s, pa);
+            for (int j = 1; j < wg_tiles; ++j) {
+                const int st = stage(j), prev = stage(j - 1);
+                mbar_wait(&k_full[st], parity(j));
+                mbar_wait(&v_full[prev], parity(j - 1));
+                turn_begin(j);
+                wgmma_fence();
+                issue_qk<T>(s, q_wg, k_tile(st));
+                issue_pv<T>(acc, pa, v_tile(prev));
+                turn_end(j);
+                wgmma_wait<1>();
+                fence_regs(s);
+                mask_scores(s, j * FH_BN, row0, qwg, p);
+                softmax_update(s, m, l, base, corr, scale_log2);
+                softmax_exp(s, base, l, scale_log2);
+                wgmma_wait<0>();
+                fence_regs(acc);
+                fence_pa(pa);
+                mbar_arrive(&empty[prev]);
+                rescale_acc(acc, corr);
+                pack_probs<T>(s, pa);
+            }
+            finish(pa);
+        } else if (wg_tiles > 0) {
             float s[64], base[2], corr[2];
             // P of the even and odd tiles: alternating buffers, so no register copies sit between a
             // P V product's issue and its wait (ptxas would serialise the wgmma pipeline, note C7513).
@@ -467,19 +556,6 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
                 fence_pa(cur);  // P_{j-1} stays in its registers until the product has read them
                 mbar_arrive(&empty[prev]);
                 rescale_acc(acc, corr);
-            };
-            // The last tile's O += P V.
-            auto finish = [&](uint32_t(&cur)[FH_BN / 16][4]) {
-                const int last = stage(wg_tiles - 1);
-                mbar_wait(&v_full[last], parity(wg_tiles - 1));
-                turn_begin(wg_tiles);
-                wgmma_fence();
-                issue_pv<T>(acc, cur, v_tile(last));
-                turn_end(wg_tiles);
-                wgmma_wait<0>();
-                fence_regs(acc);
-                fence_pa(cur);
-                mbar_arrive(&empty[last]);
             };
             int j = 1;
             for (; j + 1 < wg_tiles; j += 2) {
@@ -532,10 +608,14 @@ SM90_ENTRY(flash_attention_sm90_d64_f16, 256, FlashAttentionParams, flash_attent
 SM90_ENTRY(flash_attention_sm90_d64_bf16, 256, FlashAttentionParams, flash_attention_sm90, __nv_bfloat16)
 // 384 threads: the producer warpgroup and two consumer warpgroups (one block per multiprocessor);
 // `true`: the ping-pong variant.
-SM90_ENTRY(flash_attention_ws_d64_f16, 384, FlashTmaParams, flash_attention_ws, __half, false, false)
-SM90_ENTRY(flash_attention_ws_d64_bf16, 384, FlashTmaParams, flash_attention_ws, __nv_bfloat16, false, false)
-SM90_ENTRY(flash_attention_wspp_d64_f16, 384, FlashTmaParams, flash_attention_ws, __half, true, false)
-SM90_ENTRY(flash_attention_wspp_d64_bf16, 384, FlashTmaParams, flash_attention_ws, __nv_bfloat16, true, false)
+SM90_ENTRY(flash_attention_ws_d64_f16, 384, FlashTmaParams, flash_attention_ws, __half, false, false, 2)
+SM90_ENTRY(flash_attention_ws_d64_bf16, 384, FlashTmaParams, flash_attention_ws, __nv_bfloat16, false, false, 2)
+SM90_ENTRY(flash_attention_wspp_d64_f16, 384, FlashTmaParams, flash_attention_ws, __half, true, false, 2)
+SM90_ENTRY(flash_attention_wspp_d64_bf16, 384, FlashTmaParams, flash_attention_ws, __nv_bfloat16, true, false, 2)
 // The persistent ping-pong form: at most one block per multiprocessor, each walking work tiles.
-SM90_ENTRY(flash_attention_wspp_persistent_d64_f16, 384, FlashTmaParams, flash_attention_ws, __half, true, true)
-SM90_ENTRY(flash_attention_wspp_persistent_d64_bf16, 384, FlashTmaParams, flash_attention_ws, __nv_bfloat16, true, true)
+SM90_ENTRY(flash_attention_wspp_persistent_d64_f16, 384, FlashTmaParams, flash_attention_ws, __half, true, true, 2)
+SM90_ENTRY(flash_attention_wspp_persistent_d64_bf16, 384, FlashTmaParams, flash_attention_ws, __nv_bfloat16, true, true, 2)
+// 512 threads: three consumer warpgroups (192 query rows a work tile), ping-pong, persistent. (One
+// block per tile, the same code spills 276 bytes: ptxas keeps P in local memory across the loop.)
+SM90_ENTRY(flash_attention_wspp3_persistent_d64_f16, 512, FlashTmaParams, flash_attention_ws, __half, true, true, 3)
+SM90_ENTRY(flash_attention_wspp3_persistent_d64_bf16, 512, FlashTmaParams, flash_attention_ws, __nv_bfloat16, true, true, 3)

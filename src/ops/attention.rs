@@ -346,6 +346,11 @@ pub enum FlashKernel {
     /// tile's last products and stores. Compute capability 9.0 only; `Auto`'s choice there from
     /// `FLASH_PERSISTENT_MIN_WAVES` waves on.
     HopperWsPingpongPersistent,
+    /// `HopperWsPingpongPersistent` with three consumer warpgroups: 192 query rows a work tile (each
+    /// K/V tile feeds half as much again work; 576 tokens are three whole tiles where 128-row tiles
+    /// leave a half-empty fifth), one more warp per scheduler to hide the softmax's latency, 160
+    /// registers a consumer thread (one P buffer). Compute capability 9.0 only.
+    HopperWsPingpong3Persistent,
     /// The short-key kernel with 32-query slices per warp for key sets up to 80 (two m16 tiles of
     /// scores in registers: 200 registers at 80 keys, so 8 warps a multiprocessor), where `Auto`
     /// takes 16-query slices unless `CELFRAME_FLASH_SHORT=rows32` (`short_rows16`); above 80 keys
@@ -362,9 +367,10 @@ impl FlashKernel {
             "hopper-ws" => Ok(FlashKernel::HopperWs),
             "hopper-wspp" => Ok(FlashKernel::HopperWsPingpong),
             "hopper-wspp-persistent" => Ok(FlashKernel::HopperWsPingpongPersistent),
+            "hopper-wspp3-persistent" => Ok(FlashKernel::HopperWsPingpong3Persistent),
             _ => Err(format!(
                 "CELFRAME_FLASH_KERNEL='{name}' is not a flash kernel (expected portable, hopper, hopper-ws, \
-                 hopper-wspp or hopper-wspp-persistent)"
+                 hopper-wspp, hopper-wspp-persistent or hopper-wspp3-persistent)"
             )),
         }
     }
@@ -511,33 +517,39 @@ fn short_key_blocks(groups: usize, slices: usize, resident: usize) -> usize {
 }
 
 /// The Hopper kernel's query rows per block (FH_BM) and dynamic shared memory: the Q tile and two
-/// stages of K and V tiles, 16 KiB each, plus 1 KiB to align them to 1024 bytes.
+/// stages of K and V tiles, 16 KiB each, plus 1 KiB to align them to 1024 bytes. FLASH_SM90_BN:
+/// keys a tile (FH_BN) in it and the warp-specialised kernels.
 const FLASH_SM90_BM: usize = 128;
+const FLASH_SM90_BN: usize = 128;
 const FLASH_SM90_SHARED: usize = 5 * 16384 + 1024;
-/// The warp-specialised kernels' dynamic shared memory: the Q tile (two in the persistent form)
-/// and FW_STAGES (3) stages of K and V tiles, 16 KiB each, 1 KiB of alignment, and the mbarriers
-/// (Q full and empty per Q tile, K full, V full and empty per stage).
-const FLASH_WS_SHARED: usize = 7 * 16384 + 1024 + 11 * 8;
-const FLASH_WS_PERSISTENT_SHARED: usize = 8 * 16384 + 1024 + 13 * 8;
-
-/// The warp-specialised kernel's entry for `kernel` (one of the HopperWs forms) and `dtype` (f16,
-/// else bf16).
-fn flash_ws_kernel(kernel: FlashKernel, dtype: DType) -> &'static str {
+/// The warp-specialised kernels' launch for `kernel` (one of the HopperWs forms) and `dtype` (f16,
+/// else bf16): entry, consumer warpgroups (64 query rows each), persistent or not. Their dynamic
+/// shared memory (`flash_ws_shared`): the Q tile (two in the persistent form), FW_STAGES (3) stages
+/// of K and V tiles of 16 KiB each, 1 KiB of alignment, and the mbarriers (Q full and empty per Q
+/// tile, K full, V full and empty per stage).
+fn flash_ws_kernel(kernel: FlashKernel, dtype: DType) -> (&'static str, usize, bool) {
     let f16 = dtype == DType::F16;
     match kernel {
-        FlashKernel::HopperWs if f16 => "flash_attention_ws_d64_f16",
-        FlashKernel::HopperWs => "flash_attention_ws_d64_bf16",
-        FlashKernel::HopperWsPingpong if f16 => "flash_attention_wspp_d64_f16",
-        FlashKernel::HopperWsPingpong => "flash_attention_wspp_d64_bf16",
-        _ if f16 => "flash_attention_wspp_persistent_d64_f16",
-        _ => "flash_attention_wspp_persistent_d64_bf16",
+        FlashKernel::HopperWs if f16 => ("flash_attention_ws_d64_f16", 2, false),
+        FlashKernel::HopperWs => ("flash_attention_ws_d64_bf16", 2, false),
+        FlashKernel::HopperWsPingpong if f16 => ("flash_attention_wspp_d64_f16", 2, false),
+        FlashKernel::HopperWsPingpong => ("flash_attention_wspp_d64_bf16", 2, false),
+        FlashKernel::HopperWsPingpong3Persistent if f16 => ("flash_attention_wspp3_persistent_d64_f16", 3, true),
+        FlashKernel::HopperWsPingpong3Persistent => ("flash_attention_wspp3_persistent_d64_bf16", 3, true),
+        _ if f16 => ("flash_attention_wspp_persistent_d64_f16", 2, true),
+        _ => ("flash_attention_wspp_persistent_d64_bf16", 2, true),
     }
 }
 
+fn flash_ws_shared(consumers: usize, persistent: bool) -> usize {
+    let q_tiles = if persistent { 2 } else { 1 };
+    q_tiles * consumers * 64 * 128 + 2 * 3 * 16384 + 1024 + (2 * q_tiles + 3 * 3) * 8
+}
+
 /// A TMA tensor map over one of flash attention's q, k, v: (64 dims, heads, tokens, batch) with
-/// rows `row_stride` and images `batch_stride` elements apart, read in boxes of 128 tokens of one
-/// head with the 128-byte swizzle (the layout flash_sm90.cu's wgmma descriptors declare). Rows past
-/// `tokens` read as zeros.
+/// rows `row_stride` and images `batch_stride` elements apart, read in boxes of `box_tokens` tokens
+/// of one head with the 128-byte swizzle (the layout flash_sm90.cu's wgmma descriptors declare).
+/// Rows past `tokens` read as zeros.
 #[allow(clippy::too_many_arguments)]
 fn flash_tensor_map(
     name: &str,
@@ -548,9 +560,10 @@ fn flash_tensor_map(
     batch: usize,
     row_stride: i64,
     batch_stride: i64,
+    box_tokens: usize,
 ) -> Result<TensorMap> {
     let dims = [64, heads as u64, tokens as u64, batch as u64];
-    let boxes = [64, 1, FLASH_SM90_BM as u32, 1];
+    let boxes = [64, 1, box_tokens as u32, 1];
     tensor_map(
         &format!("flash_attention (Hopper TMA kernel) {name}"),
         ptr,
@@ -682,22 +695,31 @@ pub fn flash_attention_with(
                     gpu.launch(kernel, hopper()?, (256, 1, 1), FLASH_SM90_SHARED as u32, &p)?;
                     return Ok(o);
                 }
-                FlashKernel::HopperWs | FlashKernel::HopperWsPingpong | FlashKernel::HopperWsPingpongPersistent => {
-                    let persistent = kernel == FlashKernel::HopperWsPingpongPersistent;
-                    let grid = hopper()?;
+                FlashKernel::HopperWs
+                | FlashKernel::HopperWsPingpong
+                | FlashKernel::HopperWsPingpongPersistent
+                | FlashKernel::HopperWsPingpong3Persistent => {
+                    let (entry, consumers, persistent) = flash_ws_kernel(kernel, dtype);
+                    hopper()?;
+                    let rows = 64 * consumers;
+                    let tiles = sq.div_ceil(rows);
                     // Persistent: one block per multiprocessor at most, each walking the work tiles.
-                    let grid = if persistent { (work_tiles.min(sms) as u32, 1, 1) } else { grid };
-                    let shared = if persistent { FLASH_WS_PERSISTENT_SHARED } else { FLASH_WS_SHARED };
-                    let map = |name, ptr, tokens, row_stride, batch_stride| {
-                        flash_tensor_map(name, ptr, dtype, cfg.heads, tokens, b, row_stride, batch_stride)
+                    let grid = if persistent {
+                        ((tiles * b * cfg.heads).min(sms) as u32, 1, 1)
+                    } else {
+                        (grid_dim("flash_attention", "query tiles", tiles, GRID_X)?, heads, 1)
+                    };
+                    let map = |name, ptr, tokens, row_stride, batch_stride, box_tokens| {
+                        flash_tensor_map(name, ptr, dtype, cfg.heads, tokens, b, row_stride, batch_stride, box_tokens)
                     };
                     let tp = FlashTmaParams {
-                        q_map: map("q", p.q as u64, sq, p.q_stride, p.q_batch_stride)?,
-                        k_map: map("k", p.k as u64, sk, p.k_stride, p.k_batch_stride)?,
-                        v_map: map("v", p.v as u64, sk, p.v_stride, p.v_batch_stride)?,
+                        q_map: map("q", p.q as u64, sq, p.q_stride, p.q_batch_stride, rows)?,
+                        k_map: map("k", p.k as u64, sk, p.k_stride, p.k_batch_stride, FLASH_SM90_BN)?,
+                        v_map: map("v", p.v as u64, sk, p.v_stride, p.v_batch_stride, FLASH_SM90_BN)?,
                         attn: p,
                     };
-                    gpu.launch(flash_ws_kernel(kernel, dtype), grid, (384, 1, 1), shared as u32, &tp)?;
+                    let threads = 128 * (consumers as u32 + 1);
+                    gpu.launch(entry, grid, (threads, 1, 1), flash_ws_shared(consumers, persistent) as u32, &tp)?;
                     return Ok(o);
                 }
             };
@@ -936,6 +958,7 @@ mod tests {
         assert_eq!(FlashKernel::parse("hopper-ws"), Ok(FlashKernel::HopperWs));
         assert_eq!(FlashKernel::parse("hopper-wspp"), Ok(FlashKernel::HopperWsPingpong));
         assert_eq!(FlashKernel::parse("hopper-wspp-persistent"), Ok(FlashKernel::HopperWsPingpongPersistent));
+        assert_eq!(FlashKernel::parse("hopper-wspp3-persistent"), Ok(FlashKernel::HopperWsPingpong3Persistent));
         for bad in ["", "Hopper", "auto", "sm90", "hopper-wsp"] {
             let err = FlashKernel::parse(bad).unwrap_err();
             assert!(err.contains("CELFRAME_FLASH_KERNEL") && err.contains(&format!("'{bad}'")), "{err}");
@@ -959,16 +982,21 @@ mod tests {
         // a GPU, a spill (local memory in the consumers' 240 registers) costs the overlap.
         let resources: Vec<_> = KERNEL_MODULES.iter().flat_map(|m| m.sm90_resources.iter()).collect();
         let mut names = std::collections::BTreeSet::new();
-        let kernels = [FlashKernel::HopperWs, FlashKernel::HopperWsPingpong, FlashKernel::HopperWsPingpongPersistent];
+        let kernels = [
+            FlashKernel::HopperWs,
+            FlashKernel::HopperWsPingpong,
+            FlashKernel::HopperWsPingpongPersistent,
+            FlashKernel::HopperWsPingpong3Persistent,
+        ];
         for kernel in kernels {
             for dtype in [DType::F16, DType::BF16] {
-                let name = flash_ws_kernel(kernel, dtype);
+                let (name, _, _) = flash_ws_kernel(kernel, dtype);
                 let r = resources.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("{name} is not compiled"));
                 assert!(r.registers > 0 && r.spill_bytes == 0 && r.stack_bytes == 0, "{r:?}");
                 names.insert(name);
             }
         }
-        assert_eq!(names.len(), 6, "one entry per variant and dtype: {names:?}");
+        assert_eq!(names.len(), 8, "one entry per variant and dtype: {names:?}");
     }
 
     #[test]

@@ -325,8 +325,8 @@ pub struct FlashAttention {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FlashKernel {
     /// The short-key kernel for non-causal attention over at most 256 keys, else the long-sequence
-    /// kernel: `CELFRAME_FLASH_KERNEL` (`portable`, `hopper`, `hopper-ws` or `hopper-wspp`) where
-    /// set, else the device's default (`long_flash_default`).
+    /// kernel: `CELFRAME_FLASH_KERNEL` (`FlashKernel::parse`'s names) where set, else the device's
+    /// default (`long_flash_default`).
     #[default]
     Auto,
     /// The portable mma.sync kernel for any shape (flash_attention_d64).
@@ -343,13 +343,13 @@ pub enum FlashKernel {
     HopperWsPingpong,
     /// `HopperWsPingpong` as a persistent kernel: one block per multiprocessor walking the work
     /// tiles (128 queries of one batch and head), the next tile's Q and K/V loads overlapping this
-    /// tile's last products and stores. Compute capability 9.0 only; `Auto`'s choice there from
-    /// `FLASH_PERSISTENT_MIN_WAVES` waves on.
+    /// tile's last products and stores. Compute capability 9.0 only.
     HopperWsPingpongPersistent,
     /// `HopperWsPingpongPersistent` with three consumer warpgroups: 192 query rows a work tile (each
     /// K/V tile feeds half as much again work; 576 tokens are three whole tiles where 128-row tiles
     /// leave a half-empty fifth), one more warp per scheduler to hide the softmax's latency, 160
-    /// registers a consumer thread (one P buffer). Compute capability 9.0 only.
+    /// registers a consumer thread (one P buffer). Compute capability 9.0 only; `Auto`'s choice
+    /// there from `FLASH_PERSISTENT_MIN_WAVES` waves on.
     HopperWsPingpong3Persistent,
     /// The short-key kernel with 32-query slices per warp for key sets up to 80 (two m16 tiles of
     /// scores in registers: 200 registers at 80 keys, so 8 warps a multiprocessor), where `Auto`
@@ -387,12 +387,15 @@ const FLASH_PERSISTENT_MIN_WAVES: usize = 16;
 /// multiprocessors for `work` tiles of 128 queries when `CELFRAME_FLASH_KERNEL` is unset: on Hopper
 /// the warp-specialised wgmma kernel with ping-pong scheduling (H200, f16, b32 x 10 heads x 2304
 /// tokens: 1.049 ms against 1.092 ms without ping-pong, 4-5% faster at 576 and 4096 tokens too),
-/// persistent from FLASH_PERSISTENT_MIN_WAVES waves of tiles on without a causal mask (the persistent
-/// kernel's causal runs were GPU-checked with one tile per block only; causal self-attention here is
-/// the text encoders' 77 tokens, far below that size); elsewhere the portable one.
+/// from FLASH_PERSISTENT_MIN_WAVES waves of tiles on without a causal mask its persistent form with
+/// three consumer warpgroups (H100, f16, same run, 2026-12-06: b32 x 20 heads x 576 tokens 0.160
+/// against the two-consumer persistent kernel's 0.200 ms and SDPA's 0.186, b32 x 10 x 2304 0.946
+/// against 1.024 and 0.895; at b2 x 10 x 4096, 3.3 waves of its 192-query tiles, 0.242 against
+/// the one-block-per-tile kernel's 0.206, hence the threshold); elsewhere the portable one. Causal
+/// self-attention here is the text encoders' 77 tokens, far below that size.
 fn long_flash_default(cc: (i32, i32), work: usize, sms: usize, causal: bool) -> FlashKernel {
     match cc {
-        (9, 0) if !causal && work >= FLASH_PERSISTENT_MIN_WAVES * sms => FlashKernel::HopperWsPingpongPersistent,
+        (9, 0) if !causal && work >= FLASH_PERSISTENT_MIN_WAVES * sms => FlashKernel::HopperWsPingpong3Persistent,
         (9, 0) => FlashKernel::HopperWsPingpong,
         _ => FlashKernel::Portable,
     }
@@ -968,8 +971,8 @@ mod tests {
     #[test]
     fn hopper_takes_the_persistent_kernel_from_sixteen_waves_of_non_causal_tiles() {
         // H200: 132 multiprocessors. b32 x 20 heads x 576 tokens: 5 tiles x 640 = 3200 >= 2112.
-        assert_eq!(long_flash_default((9, 0), 3200, 132, false), FlashKernel::HopperWsPingpongPersistent);
-        assert_eq!(long_flash_default((9, 0), 2112, 132, false), FlashKernel::HopperWsPingpongPersistent);
+        assert_eq!(long_flash_default((9, 0), 3200, 132, false), FlashKernel::HopperWsPingpong3Persistent);
+        assert_eq!(long_flash_default((9, 0), 2112, 132, false), FlashKernel::HopperWsPingpong3Persistent);
         // b2 x 10 heads x 4096 tokens: 640 tiles, 4.8 waves; a causal mask at any size.
         assert_eq!(long_flash_default((9, 0), 640, 132, false), FlashKernel::HopperWsPingpong);
         assert_eq!(long_flash_default((9, 0), 100_000, 132, true), FlashKernel::HopperWsPingpong);

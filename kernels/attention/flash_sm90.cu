@@ -44,27 +44,13 @@ __device__ __forceinline__ void fence_pa(uint32_t (&pa)[FH_BN / 16][4]) {
         for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(pa[kk][r])::"memory");
 }
 
-// The 64 accumulator operands of an m64n128k16 wgmma, each with constraint M.
-#define FH_D64(M) M(d[0]), M(d[1]), M(d[2]), M(d[3]), M(d[4]), M(d[5]), M(d[6]), M(d[7]), M(d[8]), M(d[9]), M(d[10]), M(d[11]), M(d[12]), M(d[13]), M(d[14]), M(d[15]), M(d[16]), M(d[17]), M(d[18]), M(d[19]), M(d[20]), M(d[21]), M(d[22]), M(d[23]), M(d[24]), M(d[25]), M(d[26]), M(d[27]), M(d[28]), M(d[29]), M(d[30]), M(d[31]), M(d[32]), M(d[33]), M(d[34]), M(d[35]), M(d[36]), M(d[37]), M(d[38]), M(d[39]), M(d[40]), M(d[41]), M(d[42]), M(d[43]), M(d[44]), M(d[45]), M(d[46]), M(d[47]), M(d[48]), M(d[49]), M(d[50]), M(d[51]), M(d[52]), M(d[53]), M(d[54]), M(d[55]), M(d[56]), M(d[57]), M(d[58]), M(d[59]), M(d[60]), M(d[61]), M(d[62]), M(d[63])
-#define FH_WGMMA_QK(TY, M, ACC)                                                                       \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                         \
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n" \
-                 : FH_D64(M)                                                                            \
-                 : "l"(a), "l"(b), "r"(ACC))
-
 // d (64 x 128 per warpgroup) = A (64 x 16, K-major descriptor) B (16 x 128, K-major descriptor),
-// or += with Accumulate. Without it d is a write-only operand: its registers are not inputs, so the
-// writes that precede it (the mask, in the pipelined kernel while a P V product is in flight) do not
-// make ptxas serialise the wgmma pipeline (its C7513 note).
+// or += with Accumulate; without it d is write-only (wgmma_m64n128_first: the mask's writes while
+// a P V product is in flight do not serialise the wgmma pipeline).
 template <typename T, bool Accumulate>
 __device__ __forceinline__ void wgmma_qk(float (&d)[64], uint64_t a, uint64_t b) {
-    if constexpr (std::is_same<T, __half>::value) {
-        if constexpr (Accumulate) FH_WGMMA_QK("f16", "+f", 1);
-        else FH_WGMMA_QK("f16", "=f", 0);
-    } else {
-        if constexpr (Accumulate) FH_WGMMA_QK("bf16", "+f", 1);
-        else FH_WGMMA_QK("bf16", "=f", 0);
-    }
+    if constexpr (Accumulate) wgmma_m64n128<T>(d, a, b, 1);
+    else wgmma_m64n128_first<T>(d, a, b);
 }
 
 // d (64 x 64) += A (64 x 16, registers) B (16 x 64, MN-major descriptor)

@@ -70,38 +70,6 @@ struct GegluForm {
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
-// The 128 accumulator operands of an m64n256k16 wgmma, each with constraint M.
-#define GL_D128(M) M(d[0]), M(d[1]), M(d[2]), M(d[3]), M(d[4]), M(d[5]), M(d[6]), M(d[7]), M(d[8]), M(d[9]), M(d[10]), M(d[11]), M(d[12]), M(d[13]), M(d[14]), M(d[15]), M(d[16]), M(d[17]), M(d[18]), M(d[19]), M(d[20]), M(d[21]), M(d[22]), M(d[23]), M(d[24]), M(d[25]), M(d[26]), M(d[27]), M(d[28]), M(d[29]), M(d[30]), M(d[31]), M(d[32]), M(d[33]), M(d[34]), M(d[35]), M(d[36]), M(d[37]), M(d[38]), M(d[39]), M(d[40]), M(d[41]), M(d[42]), M(d[43]), M(d[44]), M(d[45]), M(d[46]), M(d[47]), M(d[48]), M(d[49]), M(d[50]), M(d[51]), M(d[52]), M(d[53]), M(d[54]), M(d[55]), M(d[56]), M(d[57]), M(d[58]), M(d[59]), M(d[60]), M(d[61]), M(d[62]), M(d[63]), M(d[64]), M(d[65]), M(d[66]), M(d[67]), M(d[68]), M(d[69]), M(d[70]), M(d[71]), M(d[72]), M(d[73]), M(d[74]), M(d[75]), M(d[76]), M(d[77]), M(d[78]), M(d[79]), M(d[80]), M(d[81]), M(d[82]), M(d[83]), M(d[84]), M(d[85]), M(d[86]), M(d[87]), M(d[88]), M(d[89]), M(d[90]), M(d[91]), M(d[92]), M(d[93]), M(d[94]), M(d[95]), M(d[96]), M(d[97]), M(d[98]), M(d[99]), M(d[100]), M(d[101]), M(d[102]), M(d[103]), M(d[104]), M(d[105]), M(d[106]), M(d[107]), M(d[108]), M(d[109]), M(d[110]), M(d[111]), M(d[112]), M(d[113]), M(d[114]), M(d[115]), M(d[116]), M(d[117]), M(d[118]), M(d[119]), M(d[120]), M(d[121]), M(d[122]), M(d[123]), M(d[124]), M(d[125]), M(d[126]), M(d[127])
-#define GL_WGMMA(TY)                                                                                  \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                        \
-                 "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 0;\n}\n" \
-                 : GL_D128("+f")                                                                       \
-                 : "l"(a), "l"(b), "r"(accumulate))
-
-// d (64 x 256) = A (64 x 16) B (16 x 256), or += when `accumulate`; both operands K-major
-// descriptors of 128-byte swizzled tiles.
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n256(float (&d)[128], uint64_t a, uint64_t b, int accumulate) {
-    if constexpr (std::is_same<T, __half>::value) GL_WGMMA("f16");
-    else GL_WGMMA("bf16");
-}
-
-// The 64 accumulator operands of an m64n128k16 wgmma, each with constraint M.
-#define GL_D64(M) M(d[0]), M(d[1]), M(d[2]), M(d[3]), M(d[4]), M(d[5]), M(d[6]), M(d[7]), M(d[8]), M(d[9]), M(d[10]), M(d[11]), M(d[12]), M(d[13]), M(d[14]), M(d[15]), M(d[16]), M(d[17]), M(d[18]), M(d[19]), M(d[20]), M(d[21]), M(d[22]), M(d[23]), M(d[24]), M(d[25]), M(d[26]), M(d[27]), M(d[28]), M(d[29]), M(d[30]), M(d[31]), M(d[32]), M(d[33]), M(d[34]), M(d[35]), M(d[36]), M(d[37]), M(d[38]), M(d[39]), M(d[40]), M(d[41]), M(d[42]), M(d[43]), M(d[44]), M(d[45]), M(d[46]), M(d[47]), M(d[48]), M(d[49]), M(d[50]), M(d[51]), M(d[52]), M(d[53]), M(d[54]), M(d[55]), M(d[56]), M(d[57]), M(d[58]), M(d[59]), M(d[60]), M(d[61]), M(d[62]), M(d[63])
-#define GL_WGMMA_N128(TY)                                                                             \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                         \
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n" \
-                 : GL_D64("+f")                                                                        \
-                 : "l"(a), "l"(b), "r"(accumulate))
-
-// d (64 x 128) = A (64 x 16) B (16 x 128), or += when `accumulate`; both operands K-major
-// descriptors of 128-byte swizzled tiles.
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n128(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {
-    if constexpr (std::is_same<T, __half>::value) GL_WGMMA_N128("f16");
-    else GL_WGMMA_N128("bf16");
-}
-
 // Box (GL_BK, 128) at (col, row) of a rank-2 tensor map into a 1024-byte aligned tile.
 __device__ __forceinline__ void tma_load_2d(void* dst, const TensorMap* map, int col, int row, uint64_t* bar) {
     asm volatile(

@@ -405,11 +405,8 @@ fn long_flash_default(cc: (i32, i32), work: usize, sms: usize, causal: bool) -> 
 /// set `CELFRAME_FLASH_KERNEL`, read once per process).
 fn long_flash_kernel(cc: (i32, i32), work: usize, sms: usize, causal: bool) -> Result<FlashKernel> {
     static CHOICE: OnceLock<Option<std::result::Result<FlashKernel, String>>> = OnceLock::new();
-    let choice = CHOICE.get_or_init(|| std::env::var("CELFRAME_FLASH_KERNEL").ok().map(|v| FlashKernel::parse(&v)));
-    match choice {
-        None => Ok(long_flash_default(cc, work, sms, causal)),
-        Some(k) => k.clone().map_err(Error::Input),
-    }
+    let choice = super::env_route(&CHOICE, "CELFRAME_FLASH_KERNEL", FlashKernel::parse)?;
+    Ok(choice.unwrap_or_else(|| long_flash_default(cc, work, sms, causal)))
 }
 
 /// Whether `Auto`'s short-key calls take 16-query slices (key sets up to 80) rather than 32:
@@ -418,15 +415,13 @@ fn long_flash_kernel(cc: (i32, i32), work: usize, sms: usize, causal: bool) -> R
 /// 0.0897 ms, 32 x 20 x 576 0.0518 against 0.0601; batch 2 at 1024x1024 0.0162 / 0.0124 against
 /// 0.0156 / 0.0124 (a wave each: 16 warps a multiprocessor in flight where 32-query slices leave 8).
 fn short_rows16() -> Result<bool> {
-    static CHOICE: OnceLock<std::result::Result<bool, String>> = OnceLock::new();
-    let choice = CHOICE.get_or_init(|| match std::env::var("CELFRAME_FLASH_SHORT").as_deref() {
-        Err(_) | Ok("rows16") => Ok(true),
-        Ok("rows32") => Ok(false),
-        Ok(other) => {
-            Err(format!("CELFRAME_FLASH_SHORT='{other}' is not a short-key route (expected rows16 or rows32)"))
-        }
-    });
-    choice.clone().map_err(Error::Input)
+    static CHOICE: OnceLock<Option<std::result::Result<bool, String>>> = OnceLock::new();
+    let parse = |name: &str| match name {
+        "rows16" => Ok(true),
+        "rows32" => Ok(false),
+        _ => Err(format!("CELFRAME_FLASH_SHORT='{name}' is not a short-key route (expected rows16 or rows32)")),
+    };
+    Ok(super::env_route(&CHOICE, "CELFRAME_FLASH_SHORT", parse)?.unwrap_or(true))
 }
 
 /// Multi-head attention, the kernel chosen by head size: `flash_attention` for head dim 64 (f16 /

@@ -134,19 +134,21 @@ pub enum GegluLinear {
 }
 
 impl GegluLinear {
+    /// The names `CELFRAME_GEGLU_LINEAR` takes.
+    fn parse(name: &str) -> std::result::Result<GegluLinear, String> {
+        match name {
+            "fused" => Ok(GegluLinear::Fused),
+            "fused-pingpong" => Ok(GegluLinear::FusedPingpong),
+            "composed" => Ok(GegluLinear::Composed),
+            _ => Err(format!(
+                "CELFRAME_GEGLU_LINEAR='{name}' is not a route (expected fused, fused-pingpong or composed)"
+            )),
+        }
+    }
+
     fn from_env() -> Result<Option<GegluLinear>> {
         static CHOICE: OnceLock<Option<std::result::Result<GegluLinear, String>>> = OnceLock::new();
-        let choice = CHOICE.get_or_init(|| {
-            std::env::var("CELFRAME_GEGLU_LINEAR").ok().map(|v| match v.as_str() {
-                "fused" => Ok(GegluLinear::Fused),
-                "fused-pingpong" => Ok(GegluLinear::FusedPingpong),
-                "composed" => Ok(GegluLinear::Composed),
-                _ => Err(format!(
-                    "CELFRAME_GEGLU_LINEAR='{v}' is not a route (expected fused, fused-pingpong or composed)"
-                )),
-            })
-        });
-        choice.clone().transpose().map_err(Error::Input)
+        super::env_route(&CHOICE, "CELFRAME_GEGLU_LINEAR", GegluLinear::parse)
     }
 }
 
@@ -289,6 +291,17 @@ pub fn linear_geglu_with<'w>(
 mod tests {
     use super::*;
     use crate::gpu::KERNEL_MODULES;
+
+    #[test]
+    fn the_geglu_route_variable_takes_the_route_names_only() {
+        assert_eq!(GegluLinear::parse("fused"), Ok(GegluLinear::Fused));
+        assert_eq!(GegluLinear::parse("fused-pingpong"), Ok(GegluLinear::FusedPingpong));
+        assert_eq!(GegluLinear::parse("composed"), Ok(GegluLinear::Composed));
+        for bad in ["", "auto", "Fused", "pingpong"] {
+            let err = GegluLinear::parse(bad).unwrap_err();
+            assert!(err.contains("CELFRAME_GEGLU_LINEAR") && err.contains(&format!("'{bad}'")), "{err}");
+        }
+    }
 
     #[test]
     fn auto_takes_the_fused_kernels_by_k_on_hopper() {

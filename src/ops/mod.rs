@@ -33,6 +33,19 @@ use crate::error::{Error, Result};
 use crate::gpu::device::ProfileScope;
 use crate::gpu::{Arena, Gpu};
 use crate::tensor::{DType, Tensor};
+use std::sync::OnceLock;
+
+/// A kernel route chosen by the environment variable `var` for A/B runs and profiling, read once per
+/// process into `cell`: `None` where it is unset, else `parse`'s choice for its value (an input error
+/// naming the variable and the value where it names no route).
+fn env_route<T: Clone>(
+    cell: &'static OnceLock<Option<std::result::Result<T, String>>>,
+    var: &str,
+    parse: fn(&str) -> std::result::Result<T, String>,
+) -> Result<Option<T>> {
+    let choice = cell.get_or_init(|| std::env::var(var).ok().map(|v| parse(&v)));
+    choice.clone().transpose().map_err(Error::Input)
+}
 
 /// Where an op runs. CUDA outputs come from the scratch arena.
 #[derive(Clone, Copy)]

@@ -466,8 +466,14 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
             fence_pa(cur);
             mbar_arrive(&empty[last]);
         };
-        if (wg_tiles > 0 && CONSUMERS == 3) {
+        if (wg_tiles > 0) {
             float s[64], base[2], corr[2];
+            // P buffers. Two consumers alternate two for the even and odd tiles, so no register
+            // copies sit between a P V product's issue and its wait (ptxas would serialise the wgmma
+            // pipeline, note C7513). Three (160 registers a thread) hold one: tile j's probabilities
+            // stay in s (fp32) while P_{j-1} V_{j-1} reads it and are packed once that product is done.
+            constexpr bool one_p = CONSUMERS == 3;
+            uint32_t pa[one_p ? 1 : 2][FH_BN / 16][4];
             mbar_wait(&q_full[qb], (local / q_bufs) & 1);
             mbar_wait(&k_full[stage(0)], parity(0));
             turn_begin(0);
@@ -478,51 +484,14 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
             fence_regs(s);
             mask_scores(s, 0, row0, qwg, p);
             softmax_update(s, m, l, base, corr, scale_log2);
-            // One P buffer: tile j's probabilities stay in s (fp32) while P_{j-1} V_{j-1} reads the
-            // buffer, and are packed into it once that product is done, before the next issue.
-            uint32_t pa[FH_BN / 16][4];
-            softmax_exp(s, base, l, scale_log2);
-            pack_probs<T>(s, pa);
-            for (int j = 1; j < wg_tiles; ++j) {
-                const int st = stage(j), prev = stage(j - 1);
-                mbar_wait(&k_full[st], parity(j));
-                mbar_wait(&v_full[prev], parity(j - 1));
-                turn_begin(j);
-                wgmma_fence();
-                issue_qk<T>(s, q_wg, k_tile(st));
-                issue_pv<T>(acc, pa, v_tile(prev));
-                turn_end(j);
-                wgmma_wait<1>();
-                fence_regs(s);
-                mask_scores(s, j * FH_BN, row0, qwg, p);
-                softmax_update(s, m, l, base, corr, scale_log2);
+            if constexpr (one_p) {
                 softmax_exp(s, base, l, scale_log2);
-                wgmma_wait<0>();
-                fence_regs(acc);
-                fence_pa(pa);
-                mbar_arrive(&empty[prev]);
-                rescale_acc(acc, corr);
-                pack_probs<T>(s, pa);
+                pack_probs<T>(s, pa[0]);
+            } else {
+                softmax_probs<T>(s, base, l, scale_log2, pa[0]);
             }
-            finish(pa);
-        } else if (wg_tiles > 0) {
-            float s[64], base[2], corr[2];
-            // P of the even and odd tiles: alternating buffers, so no register copies sit between a
-            // P V product's issue and its wait (ptxas would serialise the wgmma pipeline, note C7513).
-            uint32_t pa[2][FH_BN / 16][4];
-            mbar_wait(&q_full[qb], (local / q_bufs) & 1);
-            mbar_wait(&k_full[stage(0)], parity(0));
-            turn_begin(0);
-            wgmma_fence();
-            issue_qk<T>(s, q_wg, k_tile(stage(0)));
-            turn_end(0);
-            wgmma_wait<0>();
-            fence_regs(s);
-            mask_scores(s, 0, row0, qwg, p);
-            softmax_update(s, m, l, base, corr, scale_log2);
-            softmax_probs<T>(s, base, l, scale_log2, pa[0]);
-            // Tile j: S_j = Q K_j^T, then O += P_{j-1} V_{j-1}; the softmax of S_j (into `next`) runs
-            // while the latter does.
+            // Tile j: S_j = Q K_j^T, then O += P_{j-1} V_{j-1} (from `cur`); the softmax of S_j (into
+            // `next`) runs while the latter does.
             auto step = [&](int j, uint32_t(&cur)[FH_BN / 16][4], uint32_t(&next)[FH_BN / 16][4]) {
                 const int st = stage(j), prev = stage(j - 1);
                 mbar_wait(&k_full[st], parity(j));
@@ -536,23 +505,30 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
                 fence_regs(s);
                 mask_scores(s, j * FH_BN, row0, qwg, p);
                 softmax_update(s, m, l, base, corr, scale_log2);
-                softmax_probs<T>(s, base, l, scale_log2, next);
+                if constexpr (one_p) softmax_exp(s, base, l, scale_log2);
+                else softmax_probs<T>(s, base, l, scale_log2, next);
                 wgmma_wait<0>();
                 fence_regs(acc);
                 fence_pa(cur);  // P_{j-1} stays in its registers until the product has read them
                 mbar_arrive(&empty[prev]);
                 rescale_acc(acc, corr);
+                if constexpr (one_p) pack_probs<T>(s, next);
             };
-            int j = 1;
-            for (; j + 1 < wg_tiles; j += 2) {
-                step(j, pa[0], pa[1]);
-                step(j + 1, pa[1], pa[0]);
-            }
-            if (j < wg_tiles) {
-                step(j, pa[0], pa[1]);
-                finish(pa[1]);
-            } else {
+            if constexpr (one_p) {
+                for (int j = 1; j < wg_tiles; ++j) step(j, pa[0], pa[0]);
                 finish(pa[0]);
+            } else {
+                int j = 1;
+                for (; j + 1 < wg_tiles; j += 2) {
+                    step(j, pa[0], pa[1]);
+                    step(j + 1, pa[1], pa[0]);
+                }
+                if (j < wg_tiles) {
+                    step(j, pa[0], pa[1]);
+                    finish(pa[1]);
+                } else {
+                    finish(pa[0]);
+                }
             }
         }
         // Tiles the block loads past this warpgroup's last (causal, or no rows): released unread, each

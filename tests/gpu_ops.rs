@@ -618,7 +618,7 @@ fn linear_geglu_sm90_matches_twin() {
     let rig = Rig::new();
     let mut routes = vec![GegluLinear::Composed];
     if rig.gpu.info().compute_capability == (9, 0) {
-        routes.extend([GegluLinear::Fused, GegluLinear::FusedPingpong]);
+        routes.extend([GegluLinear::Fused, GegluLinear::FusedPingpong, GegluLinear::FusedHandoff]);
     } else {
         println!("GPUCHECK linear_geglu fused Hopper kernel: SKIPPED, not a compute 9.0 device");
     }

@@ -329,6 +329,11 @@ typedef struct GegluLinearParams {
 // The stages (x tile 16 KiB + w tile 16 KiB each), the output staging of the eight consumer warps
 // (32 rows x 64 columns each), 1 KiB of alignment and the 2 x STAGES mbarriers.
 #define GEGLU_LINEAR_PP_SHARED (GEGLU_LINEAR_PP_STAGES * 32768 + 8 * 4096 + 1024 + 2 * GEGLU_LINEAR_PP_STAGES * 8)
+// The hand-off form (geglu_linear_ho_sm90_*, the cooperative tile): consumers stage the tile's
+// biased values and gates (2 x 128 x 128 elements) for the producer warpgroup's spare warps to finish.
+#define GEGLU_LINEAR_HO_STAGES 3
+// The stages (48 KiB each), the staging tile (64 KiB), 1 KiB of alignment and 2 x STAGES + 2 mbarriers.
+#define GEGLU_LINEAR_HO_SHARED (GEGLU_LINEAR_HO_STAGES * 49152 + 65536 + 1024 + 2 * GEGLU_LINEAR_HO_STAGES * 8 + 16)
 
 // Row softmax of fp32 attention scores into probabilities in the activation dtype (the middle step
 // of attention through two GEMMs, for head dims the flash kernel does not cover).

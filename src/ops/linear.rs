@@ -12,8 +12,8 @@ use crate::error::{Error, Result};
 use crate::gpu::ClusterScheduling;
 use crate::gpu::blas::{Gemm, GemmIo};
 use crate::gpu::params::{
-    GEGLU_LINEAR_BK, GEGLU_LINEAR_BM, GEGLU_LINEAR_BN, GEGLU_LINEAR_PP_BN, GEGLU_LINEAR_PP_SHARED, GEGLU_LINEAR_SHARED,
-    GEGLU_LINEAR_THREADS, GegluLinearParams,
+    GEGLU_LINEAR_BK, GEGLU_LINEAR_BM, GEGLU_LINEAR_BN, GEGLU_LINEAR_HO_SHARED, GEGLU_LINEAR_PP_BN,
+    GEGLU_LINEAR_PP_SHARED, GEGLU_LINEAR_SHARED, GEGLU_LINEAR_THREADS, GegluLinearParams,
 };
 use crate::gpu::tma::tensor_map;
 use crate::tensor::{DType, Tensor};
@@ -117,8 +117,8 @@ pub fn linear_add<'w>(
 pub enum GegluLinear {
     /// On compute capability 9.0 `FusedPingpong` where K is at most GEGLU_PINGPONG_MAX_K (the
     /// motion modules' level 0), `Fused` up to GEGLU_FUSED_MAX_K (level 1), `Composed` above and
-    /// elsewhere (`auto_geglu_route`), unless `CELFRAME_GEGLU_LINEAR` (`fused`, `fused-pingpong` or
-    /// `composed`, read once per process) says otherwise: for A/B runs of whole models. At level 2
+    /// elsewhere (`auto_geglu_route`), unless `CELFRAME_GEGLU_LINEAR` (`fused`, `fused-pingpong`,
+    /// `fused-handoff` or `composed`, read once per process) says otherwise: for A/B runs of whole models. At level 2
     /// (K 1280) the cooperative form ties the composed route and the ping-pong one trails it by
     /// 5-10% (H100, 2026-12-06).
     #[default]
@@ -129,6 +129,11 @@ pub enum GegluLinear {
     /// The same kernel's ping-pong form: each consumer warpgroup owns whole 128 x GEGLU_LINEAR_PP_BN
     /// tiles, one's epilogue overlapping the other's products; D a multiple of GEGLU_LINEAR_PP_BN (64).
     FusedPingpong,
+    /// The cooperative tile with its GEGLU handed off: the consumer warpgroups stage the biased
+    /// values and gates (rounded to the dtype, as the composed route's GEMM writes them) in shared
+    /// memory and go on to their next tile's products while the producer warpgroup's spare warps
+    /// finish GEGLU; D a multiple of GEGLU_LINEAR_BN.
+    FusedHandoff,
     /// cuBLASLt's projection to [.., 2D] (bias in its epilogue), then the `geglu` pass.
     Composed,
 }
@@ -139,9 +144,11 @@ impl GegluLinear {
         match name {
             "fused" => Ok(GegluLinear::Fused),
             "fused-pingpong" => Ok(GegluLinear::FusedPingpong),
+            "fused-handoff" => Ok(GegluLinear::FusedHandoff),
             "composed" => Ok(GegluLinear::Composed),
             _ => Err(format!(
-                "CELFRAME_GEGLU_LINEAR='{name}' is not a route (expected fused, fused-pingpong or composed)"
+                "CELFRAME_GEGLU_LINEAR='{name}' is not a route (expected fused, fused-pingpong, fused-handoff or \
+                 composed)"
             )),
         }
     }
@@ -231,8 +238,7 @@ pub fn linear_geglu_with<'w>(
     if route == GegluLinear::Composed {
         return geglu(ex, &linear(ex, x, w, bias)?, None);
     }
-    let pingpong = route == GegluLinear::FusedPingpong;
-    let tile_dim = if pingpong { GEGLU_LINEAR_PP_BN } else { GEGLU_LINEAR_BN } as usize;
+    let tile_dim = if route == GegluLinear::FusedPingpong { GEGLU_LINEAR_PP_BN } else { GEGLU_LINEAR_BN } as usize;
     let fits = matches!(dtype, DType::F16 | DType::BF16)
         && gpu.info().compute_capability == (9, 0)
         && dim.is_multiple_of(tile_dim)
@@ -271,10 +277,10 @@ pub fn linear_geglu_with<'w>(
     };
     // Persistent: as many 2-block clusters as run at once (a GPC's odd multiprocessor stays idle),
     // each walking the pairs of row tiles with the grid's stride.
-    let (kernel, shared) = if pingpong {
-        (kernel_for!("geglu_linear_pp_sm90", dtype), GEGLU_LINEAR_PP_SHARED)
-    } else {
-        (kernel_for!("geglu_linear_sm90", dtype), GEGLU_LINEAR_SHARED)
+    let (kernel, shared) = match route {
+        GegluLinear::FusedPingpong => (kernel_for!("geglu_linear_pp_sm90", dtype), GEGLU_LINEAR_PP_SHARED),
+        GegluLinear::FusedHandoff => (kernel_for!("geglu_linear_ho_sm90", dtype), GEGLU_LINEAR_HO_SHARED),
+        _ => (kernel_for!("geglu_linear_sm90", dtype), GEGLU_LINEAR_SHARED),
     };
     let cluster = (2, ClusterScheduling::Spread);
     let pairs = rows.div_ceil(2 * GEGLU_LINEAR_BM as usize) * (dim / tile_dim);
@@ -296,6 +302,7 @@ mod tests {
     fn the_geglu_route_variable_takes_the_route_names_only() {
         assert_eq!(GegluLinear::parse("fused"), Ok(GegluLinear::Fused));
         assert_eq!(GegluLinear::parse("fused-pingpong"), Ok(GegluLinear::FusedPingpong));
+        assert_eq!(GegluLinear::parse("fused-handoff"), Ok(GegluLinear::FusedHandoff));
         assert_eq!(GegluLinear::parse("composed"), Ok(GegluLinear::Composed));
         for bad in ["", "auto", "Fused", "pingpong"] {
             let err = GegluLinear::parse(bad).unwrap_err();
@@ -337,7 +344,11 @@ mod tests {
         // next to the consumers' 128 accumulators) would stall the epilogue.
         let resources: Vec<_> = KERNEL_MODULES.iter().flat_map(|m| m.sm90_resources.iter()).collect();
         for dtype in [DType::F16, DType::BF16] {
-            for name in [kernel_for!("geglu_linear_sm90", dtype), kernel_for!("geglu_linear_pp_sm90", dtype)] {
+            for name in [
+                kernel_for!("geglu_linear_sm90", dtype),
+                kernel_for!("geglu_linear_pp_sm90", dtype),
+                kernel_for!("geglu_linear_ho_sm90", dtype),
+            ] {
                 let r = resources.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("{name} is not compiled"));
                 assert!(r.registers > 0 && r.spill_bytes == 0 && r.stack_bytes == 0, "{r:?}");
             }

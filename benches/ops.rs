@@ -425,11 +425,7 @@ fn main() -> Result<()> {
         let flop = 2.0 * (m * kdim * 2 * dim) as f64;
         let mut routes = vec![(GegluLinear::Composed, "composed")];
         if info.compute_capability == (9, 0) {
-            routes.extend([
-                (GegluLinear::Fused, "fused"),
-                (GegluLinear::FusedPingpong, "fused-pingpong"),
-                (GegluLinear::FusedHandoff, "fused-handoff"),
-            ]);
+            routes.push((GegluLinear::Fused, "fused"));
         }
         for (route, name) in routes {
             b.run("linear_geglu", &format!("{key} {name}"), bytes, flop, |k| {

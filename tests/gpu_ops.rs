@@ -609,8 +609,8 @@ fn check_e4m3_rows(what: &str, (bytes, scales): &(Vec<u8>, Vec<f32>), (want, wan
 /// The GEGLU projection (ff.net.0.proj, then GEGLU) through every route against the CPU twin: the
 /// UNet's levels 1 and 2, the motion modules' level 0 with rows not a multiple of the 128-row tile
 /// and no bias, and a K that is no multiple of the 64-wide k step with fewer tiles than blocks. The
-/// Hopper kernels (cooperative and ping-pong) run on compute capability 9.0 only (said, not skipped
-/// silently); a protocol fault traps within about 2 s.
+/// fused Hopper kernel runs on compute capability 9.0 only (said, not skipped silently); a protocol
+/// fault traps within about 2 s.
 #[test]
 #[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
 fn linear_geglu_sm90_matches_twin() {
@@ -618,7 +618,7 @@ fn linear_geglu_sm90_matches_twin() {
     let rig = Rig::new();
     let mut routes = vec![GegluLinear::Composed];
     if rig.gpu.info().compute_capability == (9, 0) {
-        routes.extend([GegluLinear::Fused, GegluLinear::FusedPingpong, GegluLinear::FusedHandoff]);
+        routes.push(GegluLinear::Fused);
     } else {
         println!("GPUCHECK linear_geglu fused Hopper kernel: SKIPPED, not a compute 9.0 device");
     }

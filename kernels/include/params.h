@@ -299,9 +299,9 @@ typedef struct FlashTmaParams {
 // The GEGLU feed-forward's first projection on Hopper (geglu_linear_sm90_*, after wgmma and TMA):
 // y[r, j] = (x w^T + bias)[r, j] * gelu((x w^T + bias)[r, dim + j]) for j < dim, with the weight
 // w [2 dim, k] in PyTorch's layout (value rows first, gate rows second, as diffusers' GEGLU chunks
-// its projection) and the exact (erf) GELU; the [rows, 2 dim] projection never reaches memory.
-// x [rows, k] and w are read through rank-2 tensor maps (k, rows) in 128-byte swizzled boxes of
-// (GEGLU_LINEAR_BK, 128) rows.
+// its projection) and the exact (erf) GELU; the [rows, 2 dim] projection never reaches global
+// memory. x [rows, k] and w are read through rank-2 tensor maps (k, rows) in 128-byte swizzled
+// boxes of (GEGLU_LINEAR_BK, 128) rows.
 typedef struct GegluLinearParams {
     TensorMap x_map;
     TensorMap w_map;
@@ -309,31 +309,18 @@ typedef struct GegluLinearParams {
     void* y;           // [rows, dim], contiguous
     int64_t rows;
     int32_t k;
-    int32_t dim;       // a multiple of GEGLU_LINEAR_BN (GEGLU_LINEAR_PP_BN for the ping-pong form)
+    int32_t dim;       // a multiple of GEGLU_LINEAR_BN
 } GegluLinearParams;
 
 #define GEGLU_LINEAR_BM 128     // rows per tile: two consumer warpgroups of 64
 #define GEGLU_LINEAR_BN 128     // output columns per tile (128 value and 128 gate rows of w)
 #define GEGLU_LINEAR_BK 64      // k per pipeline stage: one 128-byte swizzle atom of 16-bit elements
-#define GEGLU_LINEAR_STAGES 4
-#define GEGLU_LINEAR_THREADS 384  // a producer warpgroup and two consumer warpgroups
-// Dynamic shared memory: the stages (x tile 16 KiB + w tile 32 KiB each), the output staging of the
-// eight consumer warps (16 rows x 128 columns each), 1 KiB of alignment and the 2 x STAGES mbarriers.
-#define GEGLU_LINEAR_SHARED (GEGLU_LINEAR_STAGES * 49152 + 8 * 4096 + 1024 + 2 * GEGLU_LINEAR_STAGES * 8)
-// The ping-pong form (geglu_linear_pp_sm90_*, same parameters with w's boxes GEGLU_LINEAR_PP_BN rows
-// high): each consumer warpgroup owns whole tiles of 128 rows x GEGLU_LINEAR_PP_BN outputs (a 128 x 128
-// product of x and the tile's 64 value and 64 gate rows of w), the two taking alternate tiles, so
-// one's epilogue runs while the other's products keep the tensor cores busy.
-#define GEGLU_LINEAR_PP_BN 64
-#define GEGLU_LINEAR_PP_STAGES 6
-// The stages (x tile 16 KiB + w tile 16 KiB each), the output staging of the eight consumer warps
-// (32 rows x 64 columns each), 1 KiB of alignment and the 2 x STAGES mbarriers.
-#define GEGLU_LINEAR_PP_SHARED (GEGLU_LINEAR_PP_STAGES * 32768 + 8 * 4096 + 1024 + 2 * GEGLU_LINEAR_PP_STAGES * 8)
-// The hand-off form (geglu_linear_ho_sm90_*, the cooperative tile): consumers stage the tile's
-// biased values and gates (2 x 128 x 128 elements) for the producer warpgroup's spare warps to finish.
-#define GEGLU_LINEAR_HO_STAGES 3
-// The stages (48 KiB each), the staging tile (64 KiB), 1 KiB of alignment and 2 x STAGES + 2 mbarriers.
-#define GEGLU_LINEAR_HO_SHARED (GEGLU_LINEAR_HO_STAGES * 49152 + 65536 + 1024 + 2 * GEGLU_LINEAR_HO_STAGES * 8 + 16)
+#define GEGLU_LINEAR_STAGES 3
+#define GEGLU_LINEAR_THREADS 384  // warpgroup 0 (the producer thread, 3 epilogue warps) and two consumer warpgroups
+// Dynamic shared memory: the stages (x tile 16 KiB + w tile 32 KiB each), the staging tile of the
+// biased values and gates (2 x 128 x 128 elements, 64 KiB), 1 KiB of alignment and 2 x STAGES + 2
+// mbarriers.
+#define GEGLU_LINEAR_SHARED (GEGLU_LINEAR_STAGES * 49152 + 65536 + 1024 + 2 * GEGLU_LINEAR_STAGES * 8 + 16)
 
 // Row softmax of fp32 attention scores into probabilities in the activation dtype (the middle step
 // of attention through two GEMMs, for head dims the flash kernel does not cover).

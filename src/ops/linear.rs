@@ -12,8 +12,7 @@ use crate::error::{Error, Result};
 use crate::gpu::ClusterScheduling;
 use crate::gpu::blas::{Gemm, GemmIo};
 use crate::gpu::params::{
-    GEGLU_LINEAR_BK, GEGLU_LINEAR_BM, GEGLU_LINEAR_BN, GEGLU_LINEAR_HO_SHARED, GEGLU_LINEAR_PP_BN,
-    GEGLU_LINEAR_PP_SHARED, GEGLU_LINEAR_SHARED, GEGLU_LINEAR_THREADS, GegluLinearParams,
+    GEGLU_LINEAR_BK, GEGLU_LINEAR_BM, GEGLU_LINEAR_BN, GEGLU_LINEAR_SHARED, GEGLU_LINEAR_THREADS, GegluLinearParams,
 };
 use crate::gpu::tma::tensor_map;
 use crate::tensor::{DType, Tensor};
@@ -115,25 +114,17 @@ pub fn linear_add<'w>(
 /// Which route `linear_geglu` takes (tests and benchmarks pick one; model code takes `Auto`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum GegluLinear {
-    /// On compute capability 9.0 `FusedPingpong` where K is at most GEGLU_PINGPONG_MAX_K (the
-    /// motion modules' level 0), `Fused` up to GEGLU_FUSED_MAX_K (level 1), `Composed` above and
-    /// elsewhere (`auto_geglu_route`), unless `CELFRAME_GEGLU_LINEAR` (`fused`, `fused-pingpong`,
-    /// `fused-handoff` or `composed`, read once per process) says otherwise: for A/B runs of whole models. At level 2
-    /// (K 1280) the cooperative form ties the composed route and the ping-pong one trails it by
-    /// 5-10% (H100, 2026-12-06).
+    /// On compute capability 9.0 `Fused` wherever its shape rules hold, `Composed` elsewhere
+    /// (`auto_geglu_route`), unless `CELFRAME_GEGLU_LINEAR` (`fused` or `composed`, read once per
+    /// process) says otherwise: for A/B runs of whole models.
     #[default]
     Auto,
-    /// One Hopper kernel with GEGLU in the GEMM's epilogue (kernels/gemm/geglu_linear_sm90.cu):
-    /// f16 / bf16, D a multiple of GEGLU_LINEAR_BN (128) and K of 8, compute capability 9.0.
+    /// One Hopper kernel with GEGLU fused after the GEMM (kernels/gemm/geglu_linear_sm90.cu): the
+    /// consumer warpgroups stage the biased values and gates (rounded to the dtype, as the composed
+    /// route's GEMM writes them) in shared memory and go on to their next tile's products while
+    /// spare warps finish GEGLU. f16 / bf16, D a multiple of GEGLU_LINEAR_BN (128) and K of 8,
+    /// compute capability 9.0.
     Fused,
-    /// The same kernel's ping-pong form: each consumer warpgroup owns whole 128 x GEGLU_LINEAR_PP_BN
-    /// tiles, one's epilogue overlapping the other's products; D a multiple of GEGLU_LINEAR_PP_BN (64).
-    FusedPingpong,
-    /// The cooperative tile with its GEGLU handed off: the consumer warpgroups stage the biased
-    /// values and gates (rounded to the dtype, as the composed route's GEMM writes them) in shared
-    /// memory and go on to their next tile's products while the producer warpgroup's spare warps
-    /// finish GEGLU; D a multiple of GEGLU_LINEAR_BN.
-    FusedHandoff,
     /// cuBLASLt's projection to [.., 2D] (bias in its epilogue), then the `geglu` pass.
     Composed,
 }
@@ -143,13 +134,8 @@ impl GegluLinear {
     fn parse(name: &str) -> std::result::Result<GegluLinear, String> {
         match name {
             "fused" => Ok(GegluLinear::Fused),
-            "fused-pingpong" => Ok(GegluLinear::FusedPingpong),
-            "fused-handoff" => Ok(GegluLinear::FusedHandoff),
             "composed" => Ok(GegluLinear::Composed),
-            _ => Err(format!(
-                "CELFRAME_GEGLU_LINEAR='{name}' is not a route (expected fused, fused-pingpong, fused-handoff or \
-                 composed)"
-            )),
+            _ => Err(format!("CELFRAME_GEGLU_LINEAR='{name}' is not a route (expected fused or composed)")),
         }
     }
 
@@ -159,32 +145,19 @@ impl GegluLinear {
     }
 }
 
-/// Up to this K the GEGLU projection's mainloop is short beside its epilogue (5 k steps at the
-/// motion modules' level 0, K 320) and the ping-pong form, which hides the epilogue, is the fastest
-/// route: M294912 K320 D1280 1.23-1.35 ms against composed 1.66-1.67 (H100, 2026-12-06).
-const GEGLU_PINGPONG_MAX_K: usize = 320;
-/// Up to this K (the UNet's and motion modules' level 1, K 640) the cooperative form beats the
-/// composed route: M73728 K640 D2560 0.99-1.03 ms against 1.11, M8192 0.131-0.133 against
-/// 0.151-0.153 (same runs); at K 1280 they tie and the composed route stays.
-const GEGLU_FUSED_MAX_K: usize = 640;
-
-/// `Auto`'s route without `CELFRAME_GEGLU_LINEAR`: on compute capability 9.0 the ping-pong kernel
-/// up to GEGLU_PINGPONG_MAX_K, the cooperative one up to GEGLU_FUSED_MAX_K; the composed route
-/// above, on other devices and wherever a kernel's shape rules do not hold.
+/// `Auto`'s route without `CELFRAME_GEGLU_LINEAR`: the fused kernel on compute capability 9.0
+/// wherever its shape rules hold, the composed route elsewhere. The fused kernel is the faster at
+/// every SDXL shape (H100, same call, 2026-12-06): M18432 K1280 D5120 0.724 ms against composed
+/// 0.866, M73728 K640 D2560 0.885 against 1.104, M294912 K320 D1280 1.344 against 1.659.
 fn auto_geglu_route(cc: (i32, i32), dtype: DType, rows: usize, k: usize, dim: usize) -> GegluLinear {
     let hopper_fits = cc == (9, 0)
         && matches!(dtype, DType::F16 | DType::BF16)
         && rows > 0
         && rows < i32::MAX as usize
         && 2 * dim < i32::MAX as usize
-        && k.is_multiple_of(8);
-    if hopper_fits && k <= GEGLU_PINGPONG_MAX_K && dim.is_multiple_of(GEGLU_LINEAR_PP_BN as usize) {
-        GegluLinear::FusedPingpong
-    } else if hopper_fits && k <= GEGLU_FUSED_MAX_K && dim.is_multiple_of(GEGLU_LINEAR_BN as usize) {
-        GegluLinear::Fused
-    } else {
-        GegluLinear::Composed
-    }
+        && k.is_multiple_of(8)
+        && dim.is_multiple_of(GEGLU_LINEAR_BN as usize);
+    if hopper_fits { GegluLinear::Fused } else { GegluLinear::Composed }
 }
 
 /// The GEGLU feed-forward's first step, geglu(x · wᵀ + bias): w [2D, K] holds the value rows first
@@ -238,7 +211,7 @@ pub fn linear_geglu_with<'w>(
     if route == GegluLinear::Composed {
         return geglu(ex, &linear(ex, x, w, bias)?, None);
     }
-    let tile_dim = if route == GegluLinear::FusedPingpong { GEGLU_LINEAR_PP_BN } else { GEGLU_LINEAR_BN } as usize;
+    let tile_dim = GEGLU_LINEAR_BN as usize;
     let fits = matches!(dtype, DType::F16 | DType::BF16)
         && gpu.info().compute_capability == (9, 0)
         && dim.is_multiple_of(tile_dim)
@@ -248,7 +221,7 @@ pub fn linear_geglu_with<'w>(
         && two_d < i32::MAX as usize;
     if !fits {
         return Err(Error::Unsupported(format!(
-            "linear_geglu: the fused Hopper kernel ({route:?}) takes f16 / bf16, D a multiple of {tile_dim} and K \
+            "linear_geglu: the fused Hopper kernel takes f16 / bf16, D a multiple of {tile_dim} and K \
              of 8 on compute capability 9.0 (got x {x:?}, w {w:?} on {}.{})",
             gpu.info().compute_capability.0,
             gpu.info().compute_capability.1
@@ -277,11 +250,7 @@ pub fn linear_geglu_with<'w>(
     };
     // Persistent: as many 2-block clusters as run at once (a GPC's odd multiprocessor stays idle),
     // each walking the pairs of row tiles with the grid's stride.
-    let (kernel, shared) = match route {
-        GegluLinear::FusedPingpong => (kernel_for!("geglu_linear_pp_sm90", dtype), GEGLU_LINEAR_PP_SHARED),
-        GegluLinear::FusedHandoff => (kernel_for!("geglu_linear_ho_sm90", dtype), GEGLU_LINEAR_HO_SHARED),
-        _ => (kernel_for!("geglu_linear_sm90", dtype), GEGLU_LINEAR_SHARED),
-    };
+    let (kernel, shared) = (kernel_for!("geglu_linear_sm90", dtype), GEGLU_LINEAR_SHARED);
     let cluster = (2, ClusterScheduling::Spread);
     let pairs = rows.div_ceil(2 * GEGLU_LINEAR_BM as usize) * (dim / tile_dim);
     let resident = gpu.max_active_clusters(kernel, GEGLU_LINEAR_THREADS, cluster, shared as usize)?;
@@ -301,33 +270,32 @@ mod tests {
     #[test]
     fn the_geglu_route_variable_takes_the_route_names_only() {
         assert_eq!(GegluLinear::parse("fused"), Ok(GegluLinear::Fused));
-        assert_eq!(GegluLinear::parse("fused-pingpong"), Ok(GegluLinear::FusedPingpong));
-        assert_eq!(GegluLinear::parse("fused-handoff"), Ok(GegluLinear::FusedHandoff));
         assert_eq!(GegluLinear::parse("composed"), Ok(GegluLinear::Composed));
-        for bad in ["", "auto", "Fused", "pingpong"] {
+        for bad in ["", "auto", "Fused", "fused-pingpong"] {
             let err = GegluLinear::parse(bad).unwrap_err();
             assert!(err.contains("CELFRAME_GEGLU_LINEAR") && err.contains(&format!("'{bad}'")), "{err}");
         }
     }
 
     #[test]
-    fn auto_takes_the_fused_kernels_by_k_on_hopper() {
+    fn auto_takes_the_fused_kernel_on_hopper_where_its_shape_rules_hold() {
         let hopper = (9, 0);
-        // The motion modules' level 0 (K 320, D 1280), f16 and bf16: the ping-pong form.
-        assert_eq!(auto_geglu_route(hopper, DType::F16, 294_912, 320, 1280), GegluLinear::FusedPingpong);
-        assert_eq!(auto_geglu_route(hopper, DType::BF16, 333, 320, 1280), GegluLinear::FusedPingpong);
-        // Level 1 (K 640) at 32 and 2 images: the cooperative form; with a D off its 128-wide tile,
-        // composed.
-        assert_eq!(auto_geglu_route(hopper, DType::F16, 73_728, 640, 2560), GegluLinear::Fused);
-        assert_eq!(auto_geglu_route(hopper, DType::F16, 8_192, 640, 2560), GegluLinear::Fused);
-        assert_eq!(auto_geglu_route(hopper, DType::F16, 100, 640, 192), GegluLinear::Composed);
-        // Level 2, another device, f32, no rows, a D off the 64-wide tile, a K off 8.
+        // The motion modules' level 0 (K 320), the UNet's levels 1 and 2 at 32 and 2 images.
+        for (dtype, rows, k, dim) in [
+            (DType::F16, 294_912, 320, 1280),
+            (DType::BF16, 333, 320, 1280),
+            (DType::F16, 73_728, 640, 2560),
+            (DType::F16, 8_192, 640, 2560),
+            (DType::F16, 18_432, 1280, 5120),
+        ] {
+            assert_eq!(auto_geglu_route(hopper, dtype, rows, k, dim), GegluLinear::Fused, "{dtype:?} {rows} {k} {dim}");
+        }
+        // Another device, f32, no rows, a D off the 128-wide tile, a K off 8.
         for (cc, dtype, rows, k, dim) in [
-            (hopper, DType::F16, 18_432, 1280, 5120),
             ((8, 9), DType::F16, 294_912, 320, 1280),
             (hopper, DType::F32, 294_912, 320, 1280),
             (hopper, DType::F16, 0, 320, 1280),
-            (hopper, DType::F16, 100, 320, 96),
+            (hopper, DType::F16, 100, 640, 192),
             (hopper, DType::F16, 100, 300, 1280),
         ] {
             assert_eq!(
@@ -344,14 +312,9 @@ mod tests {
         // next to the consumers' 128 accumulators) would stall the epilogue.
         let resources: Vec<_> = KERNEL_MODULES.iter().flat_map(|m| m.sm90_resources.iter()).collect();
         for dtype in [DType::F16, DType::BF16] {
-            for name in [
-                kernel_for!("geglu_linear_sm90", dtype),
-                kernel_for!("geglu_linear_pp_sm90", dtype),
-                kernel_for!("geglu_linear_ho_sm90", dtype),
-            ] {
-                let r = resources.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("{name} is not compiled"));
-                assert!(r.registers > 0 && r.spill_bytes == 0 && r.stack_bytes == 0, "{r:?}");
-            }
+            let name = kernel_for!("geglu_linear_sm90", dtype);
+            let r = resources.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("{name} is not compiled"));
+            assert!(r.registers > 0 && r.spill_bytes == 0 && r.stack_bytes == 0, "{r:?}");
         }
     }
 }

@@ -164,9 +164,9 @@ __device__ __forceinline__ void consume(const GegluLinearParams& p, T* stages, T
     }
 }
 
-// The epilogue warps (warps 1-3 of warpgroup 0): per tile of the block,
-// value x gelu(gate) from the staging tile, written as whole 256-byte row pieces (two rows a warp
-// instruction), then the staging tile handed back.
+// The epilogue warps (warps 1-3 of warpgroup 0): per tile of the block, value x gelu(gate) from the
+// staging tile, written as whole 256-byte row pieces (two rows a warp instruction), then the
+// staging tile handed back.
 template <typename T>
 __device__ __forceinline__ void drain_staging(const GegluLinearParams& p, const T* staging, uint64_t* staged,
                                               uint64_t* drained, int col_tiles, int pairs, int first_pair, int pair_stride,

@@ -145,19 +145,24 @@ impl GegluLinear {
     }
 }
 
-/// `Auto`'s route without `CELFRAME_GEGLU_LINEAR`: the fused kernel on compute capability 9.0
-/// wherever its shape rules hold, the composed route elsewhere. The fused kernel is the faster at
-/// every SDXL shape (H100, same call, 2026-12-06): M18432 K1280 D5120 0.724 ms against composed
-/// 0.866, M73728 K640 D2560 0.885 against 1.104, M294912 K320 D1280 1.344 against 1.659.
-fn auto_geglu_route(cc: (i32, i32), dtype: DType, rows: usize, k: usize, dim: usize) -> GegluLinear {
-    let hopper_fits = cc == (9, 0)
+/// The fused kernel's shape rules: compute capability 9.0, f16 / bf16, D a multiple of
+/// GEGLU_LINEAR_BN and K of 8, rows and 2D within its 32-bit indices.
+fn fused_geglu_fits(cc: (i32, i32), dtype: DType, rows: usize, k: usize, dim: usize) -> bool {
+    cc == (9, 0)
         && matches!(dtype, DType::F16 | DType::BF16)
         && rows > 0
         && rows < i32::MAX as usize
         && 2 * dim < i32::MAX as usize
         && k.is_multiple_of(8)
-        && dim.is_multiple_of(GEGLU_LINEAR_BN as usize);
-    if hopper_fits { GegluLinear::Fused } else { GegluLinear::Composed }
+        && dim.is_multiple_of(GEGLU_LINEAR_BN as usize)
+}
+
+/// `Auto`'s route without `CELFRAME_GEGLU_LINEAR`: the fused kernel wherever its shape rules hold,
+/// the composed route elsewhere. The fused kernel is the faster at every SDXL shape (H100, same
+/// call, 2026-12-06): M18432 K1280 D5120 0.724 ms against composed 0.866, M73728 K640 D2560 0.885
+/// against 1.104, M294912 K320 D1280 1.344 against 1.659.
+fn auto_geglu_route(cc: (i32, i32), dtype: DType, rows: usize, k: usize, dim: usize) -> GegluLinear {
+    if fused_geglu_fits(cc, dtype, rows, k, dim) { GegluLinear::Fused } else { GegluLinear::Composed }
 }
 
 /// The GEGLU feed-forward's first step, geglu(x · wᵀ + bias): w [2D, K] holds the value rows first
@@ -203,28 +208,19 @@ pub fn linear_geglu_with<'w>(
     let dim = two_d / 2;
     let rows = x.numel() / k.max(1);
     let dtype = x.dtype();
+    let cc = gpu.info().compute_capability;
     let route = match route {
-        GegluLinear::Auto => GegluLinear::from_env()?
-            .unwrap_or_else(|| auto_geglu_route(gpu.info().compute_capability, dtype, rows, k, dim)),
+        GegluLinear::Auto => GegluLinear::from_env()?.unwrap_or_else(|| auto_geglu_route(cc, dtype, rows, k, dim)),
         r => r,
     };
     if route == GegluLinear::Composed {
         return geglu(ex, &linear(ex, x, w, bias)?, None);
     }
-    let tile_dim = GEGLU_LINEAR_BN as usize;
-    let fits = matches!(dtype, DType::F16 | DType::BF16)
-        && gpu.info().compute_capability == (9, 0)
-        && dim.is_multiple_of(tile_dim)
-        && k.is_multiple_of(8)
-        && rows > 0
-        && rows < i32::MAX as usize
-        && two_d < i32::MAX as usize;
-    if !fits {
+    if !fused_geglu_fits(cc, dtype, rows, k, dim) {
         return Err(Error::Unsupported(format!(
-            "linear_geglu: the fused Hopper kernel takes f16 / bf16, D a multiple of {tile_dim} and K \
-             of 8 on compute capability 9.0 (got x {x:?}, w {w:?} on {}.{})",
-            gpu.info().compute_capability.0,
-            gpu.info().compute_capability.1
+            "linear_geglu: the fused Hopper kernel takes f16 / bf16, D a multiple of {GEGLU_LINEAR_BN} and K of 8 on \
+             compute capability 9.0 (got x {x:?}, w {w:?} on {}.{})",
+            cc.0, cc.1
         )));
     }
     let mut inputs = vec![x, w];
@@ -237,11 +233,11 @@ pub fn linear_geglu_with<'w>(
     let mut shape = x.shape().to_vec();
     *shape.last_mut().unwrap() = dim;
     let y = gpu.empty(scratch, &shape, dtype)?;
-    // x in boxes of a tile's rows; w in boxes of its value (or gate) rows, one block's half.
-    let (x_box, w_box) = ([GEGLU_LINEAR_BK, GEGLU_LINEAR_BM], [GEGLU_LINEAR_BK, tile_dim as u32]);
+    // x in boxes of a tile's 128 rows, w in boxes of its 128 value (or gate) rows.
+    let boxes = [GEGLU_LINEAR_BK, GEGLU_LINEAR_BM];
     let p = GegluLinearParams {
-        x_map: tensor_map("linear_geglu x", x.device_ptr()?, dtype, &[k as u64, rows as u64], &[k as i64], &x_box)?,
-        w_map: tensor_map("linear_geglu w", w.device_ptr()?, dtype, &[k as u64, two_d as u64], &[k as i64], &w_box)?,
+        x_map: tensor_map("linear_geglu x", x.device_ptr()?, dtype, &[k as u64, rows as u64], &[k as i64], &boxes)?,
+        w_map: tensor_map("linear_geglu w", w.device_ptr()?, dtype, &[k as u64, two_d as u64], &[k as i64], &boxes)?,
         bias: bias.map(|b| b.device_ptr()).transpose()?.unwrap_or(0) as *const _,
         y: y.device_ptr()? as *mut _,
         rows: rows as i64,
@@ -250,15 +246,15 @@ pub fn linear_geglu_with<'w>(
     };
     // Persistent: as many 2-block clusters as run at once (a GPC's odd multiprocessor stays idle),
     // each walking the pairs of row tiles with the grid's stride.
-    let (kernel, shared) = (kernel_for!("geglu_linear_sm90", dtype), GEGLU_LINEAR_SHARED);
+    let kernel = kernel_for!("geglu_linear_sm90", dtype);
     let cluster = (2, ClusterScheduling::Spread);
-    let pairs = rows.div_ceil(2 * GEGLU_LINEAR_BM as usize) * (dim / tile_dim);
-    let resident = gpu.max_active_clusters(kernel, GEGLU_LINEAR_THREADS, cluster, shared as usize)?;
+    let pairs = rows.div_ceil(2 * GEGLU_LINEAR_BM as usize) * (dim / GEGLU_LINEAR_BN as usize);
+    let resident = gpu.max_active_clusters(kernel, GEGLU_LINEAR_THREADS, cluster, GEGLU_LINEAR_SHARED as usize)?;
     if resident == 0 {
         return Err(Error::Unsupported(format!("linear_geglu: no 2-block cluster of {kernel} fits this device")));
     }
     let grid = 2 * pairs.min(resident as usize) as u32;
-    gpu.launch_clustered(kernel, (grid, 1, 1), (GEGLU_LINEAR_THREADS, 1, 1), cluster, shared, &p)?;
+    gpu.launch_clustered(kernel, (grid, 1, 1), (GEGLU_LINEAR_THREADS, 1, 1), cluster, GEGLU_LINEAR_SHARED, &p)?;
     Ok(y)
 }
 

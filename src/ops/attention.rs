@@ -651,7 +651,8 @@ pub fn flash_attention_with(
             };
             let heads = grid_dim("flash_attention", "batch x heads", b * cfg.heads, GRID_YZ)?;
             let block = ((FLASH_WARPS * 32) as u32, 1, 1);
-            let hopper = || {
+            // The Hopper kernels' grid for blocks of `rows` queries (non-persistent), after the device check.
+            let hopper = |rows: usize| {
                 let cc = gpu.info().compute_capability;
                 if cc != (9, 0) {
                     return Err(Error::Unsupported(format!(
@@ -659,7 +660,7 @@ pub fn flash_attention_with(
                         cc.0, cc.1
                     )));
                 }
-                Ok((grid_dim("flash_attention", "query tiles", sq.div_ceil(FLASH_SM90_BM), GRID_X)?, heads, 1))
+                Ok((grid_dim("flash_attention", "query tiles", sq.div_ceil(rows), GRID_X)?, heads, 1))
             };
             let short_fits = flash_short_variant(sk, cfg.causal);
             // The Hopper kernels' work tiles (128 queries of one batch and head) and the blocks a
@@ -690,7 +691,7 @@ pub fn flash_attention_with(
                     } else {
                         "flash_attention_sm90_d64_bf16"
                     };
-                    gpu.launch(kernel, hopper()?, (256, 1, 1), FLASH_SM90_SHARED as u32, &p)?;
+                    gpu.launch(kernel, hopper(FLASH_SM90_BM)?, (256, 1, 1), FLASH_SM90_SHARED as u32, &p)?;
                     return Ok(o);
                 }
                 FlashKernel::HopperWs
@@ -698,15 +699,11 @@ pub fn flash_attention_with(
                 | FlashKernel::HopperWsPingpongPersistent
                 | FlashKernel::HopperWsPingpong3Persistent => {
                     let (entry, consumers, persistent) = flash_ws_kernel(kernel, dtype);
-                    hopper()?;
                     let rows = 64 * consumers;
-                    let tiles = sq.div_ceil(rows);
+                    let grid = hopper(rows)?;
                     // Persistent: one block per multiprocessor at most, each walking the work tiles.
-                    let grid = if persistent {
-                        ((tiles * b * cfg.heads).min(sms) as u32, 1, 1)
-                    } else {
-                        (grid_dim("flash_attention", "query tiles", tiles, GRID_X)?, heads, 1)
-                    };
+                    let grid =
+                        if persistent { ((sq.div_ceil(rows) * b * cfg.heads).min(sms) as u32, 1, 1) } else { grid };
                     let map = |name, ptr, tokens, row_stride, batch_stride, box_tokens| {
                         flash_tensor_map(name, ptr, dtype, cfg.heads, tokens, b, row_stride, batch_stride, box_tokens)
                     };

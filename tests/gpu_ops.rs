@@ -57,6 +57,15 @@ impl Rig {
     fn exec(&self) -> Exec<'_> {
         Exec::Cuda { gpu: &self.gpu, scratch: &self.scratch }
     }
+    /// Whether the device has compute capability 9.0, which the Hopper kernels need; where not, says
+    /// that `what` is skipped (never silently).
+    fn on_hopper(&self, what: &str) -> bool {
+        let hopper = self.gpu.info().compute_capability == (9, 0);
+        if !hopper {
+            println!("GPUCHECK {what}: SKIPPED, not a compute 9.0 device");
+        }
+        hopper
+    }
     /// A fresh random host tensor and its device copy.
     fn input(&self, shape: &[usize], dtype: DType, scale: f32, shift: f32) -> (Tensor, Tensor) {
         self.seed.set(self.seed.get() + 1);
@@ -617,10 +626,8 @@ fn linear_geglu_sm90_matches_twin() {
     use celframe::ops::linear::{GegluLinear, linear_geglu_with};
     let rig = Rig::new();
     let mut routes = vec![GegluLinear::Composed];
-    if rig.gpu.info().compute_capability == (9, 0) {
+    if rig.on_hopper("linear_geglu fused Hopper kernel") {
         routes.push(GegluLinear::Fused);
-    } else {
-        println!("GPUCHECK linear_geglu fused Hopper kernel: SKIPPED, not a compute 9.0 device");
     }
     // (x shape, D, bias, dtype)
     let cases: &[(&[usize], usize, bool, DType)] = &[
@@ -962,8 +969,7 @@ fn flash_attention_meets_the_attention_rule() {
 fn flash_attention_sm90_meets_the_attention_rule() {
     use celframe::ops::attention::FlashKernel;
     let rig = Rig::new();
-    if rig.gpu.info().compute_capability != (9, 0) {
-        println!("GPUCHECK flash_attention Hopper kernel: SKIPPED, not a compute 9.0 device");
+    if !rig.on_hopper("flash_attention Hopper kernel") {
         return;
     }
     check_flash_cases(&rig, |_, _| vec![FlashKernel::Hopper]);
@@ -976,8 +982,7 @@ fn flash_attention_sm90_meets_the_attention_rule() {
 fn flash_attention_sm90_ws_meets_the_attention_rule() {
     use celframe::ops::attention::FlashKernel;
     let rig = Rig::new();
-    if rig.gpu.info().compute_capability != (9, 0) {
-        println!("GPUCHECK flash_attention Hopper warp-specialised kernel: SKIPPED, not a compute 9.0 device");
+    if !rig.on_hopper("flash_attention Hopper warp-specialised kernel") {
         return;
     }
     check_flash_cases(&rig, |_, _| vec![FlashKernel::HopperWs]);
@@ -992,8 +997,7 @@ fn flash_attention_sm90_ws_meets_the_attention_rule() {
 fn flash_attention_sm90_wspp_meets_the_attention_rule() {
     use celframe::ops::attention::FlashKernel;
     let rig = Rig::new();
-    if rig.gpu.info().compute_capability != (9, 0) {
-        println!("GPUCHECK flash_attention Hopper ping-pong kernel: SKIPPED, not a compute 9.0 device");
+    if !rig.on_hopper("flash_attention Hopper ping-pong kernel") {
         return;
     }
     check_flash_cases(&rig, |_, _| vec![FlashKernel::HopperWsPingpong]);
@@ -1008,8 +1012,7 @@ fn flash_attention_sm90_wspp_meets_the_attention_rule() {
 fn flash_attention_sm90_wspp_persistent_meets_the_attention_rule() {
     use celframe::ops::attention::FlashKernel;
     let rig = Rig::new();
-    if rig.gpu.info().compute_capability != (9, 0) {
-        println!("GPUCHECK flash_attention Hopper persistent kernel: SKIPPED, not a compute 9.0 device");
+    if !rig.on_hopper("flash_attention Hopper persistent kernel") {
         return;
     }
     let pick = |_, _| vec![FlashKernel::HopperWsPingpongPersistent];
@@ -1026,8 +1029,7 @@ fn flash_attention_sm90_wspp_persistent_meets_the_attention_rule() {
 fn flash_attention_sm90_wspp3_meets_the_attention_rule() {
     use celframe::ops::attention::FlashKernel;
     let rig = Rig::new();
-    if rig.gpu.info().compute_capability != (9, 0) {
-        println!("GPUCHECK flash_attention Hopper three-consumer kernel: SKIPPED, not a compute 9.0 device");
+    if !rig.on_hopper("flash_attention Hopper three-consumer kernel") {
         return;
     }
     let pick = |_, _| vec![FlashKernel::HopperWsPingpong3Persistent];
@@ -1251,12 +1253,8 @@ fn assert_same_bytes(rig: &Rig, what: &str, got: &Tensor, want: &Tensor) {
 fn flash_attention_on_column_blocks_matches_contiguous_inputs_bit_for_bit() {
     use celframe::ops::attention::{Columns, FlashAttention, FlashKernel, flash_attention_with};
     let rig = Rig::new();
-    let hopper = rig.gpu.info().compute_capability == (9, 0);
-    if !hopper {
-        println!("GPUCHECK flash_attention on column blocks: Hopper kernels SKIPPED, not a compute 9.0 device");
-    }
     let mut kernels = vec![FlashKernel::Auto, FlashKernel::Portable];
-    if hopper {
+    if rig.on_hopper("flash_attention on column blocks, Hopper kernels") {
         kernels.extend([FlashKernel::Hopper, FlashKernel::HopperWs]);
     }
     let ex = rig.exec();

@@ -29,9 +29,10 @@ use celframe::{DType, Result, Tensor};
 const WARMUP: usize = 10;
 const RUNS: usize = 50;
 
-/// Whether CELFRAME_BENCH_FILTER (if set) selects the entry `key`.
+/// Whether CELFRAME_BENCH_FILTER (if set) selects the entry `key`: it contains one of the filter's
+/// '|'-separated pieces.
 fn selected(key: &str) -> bool {
-    std::env::var("CELFRAME_BENCH_FILTER").map_or(true, |filter| key.contains(&filter))
+    std::env::var("CELFRAME_BENCH_FILTER").map_or(true, |filter| filter.split('|').any(|piece| key.contains(piece)))
 }
 
 struct Bench {

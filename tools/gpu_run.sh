@@ -16,7 +16,7 @@
 # CELFRAME_STAGES picks stages (default "tests models bench"; a device call has 10 minutes, so the
 # loop may be split over calls) and CELFRAME_MODELS the whole-model checks (default all).
 # CELFRAME_TEST_FILTER=name runs only the GPU tests whose names contain it; CELFRAME_BENCH_FILTER=text
-# only the benchmark and peer entries whose keys contain it.
+# only the benchmark and peer entries whose keys contain it (or one of its '|'-separated pieces).
 set -uo pipefail
 here=$(dirname "$0")
 out=${OUT:-/tmp/celframe-gpu}

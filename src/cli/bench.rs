@@ -110,6 +110,10 @@ pub struct BenchArgs {
     /// kind of work (gemm, conv, flash_attention, group_norm, ...).
     #[arg(long)]
     pub breakdown: bool,
+    /// As --breakdown, with each GEMM description (m, n, k, bias, residual added) a kind of its
+    /// own, with its TFLOP/s.
+    #[arg(long)]
+    pub breakdown_gemms: bool,
     /// Time cuBLASLt's candidate algorithms for every GEMM description the forwards meet that FILE
     /// has no entry for, run the fastest, and write FILE (made, or extended when it exists; it must
     /// have been made on this device and cuBLASLt). Renders and benches run the recorded choices
@@ -815,10 +819,13 @@ fn breakdown(
     t: &Timing,
     mut forward: impl FnMut() -> Result<()>,
 ) -> Result<()> {
-    if !args.breakdown {
+    if args.breakdown_gemms {
+        gpu.start_profile_by_gemm_shape();
+    } else if args.breakdown {
+        gpu.start_profile();
+    } else {
         return Ok(());
     }
-    gpu.start_profile();
     let ran = forward();
     let rows = gpu.finish_profile()?;
     ran?;

@@ -104,9 +104,23 @@ impl Gemm {
         }
     }
 
-    /// Its kind in a `bench --breakdown` profile: FP8 GEMMs apart from the 16-bit ones.
-    fn profile_kind(&self) -> &'static str {
-        if self.fp8 { "gemm fp8" } else { "gemm" }
+    /// Its kind in a `bench --breakdown` profile: FP8 GEMMs apart from the 16-bit ones; with
+    /// `by_shape` (`--breakdown-gemms`), its description too and whether the call adds a
+    /// residual (`residual`: C given).
+    fn profile_kind(&self, by_shape: bool, residual: bool) -> String {
+        let kind = if self.fp8 { "gemm fp8" } else { "gemm" };
+        if !by_shape {
+            return kind.to_string();
+        }
+        let batch = if self.batch > 1 { format!(" batch {}", self.batch) } else { String::new() };
+        let bias = if self.bias { " +bias" } else { "" };
+        let residual = if residual { " +C" } else { "" };
+        format!("{kind} m{} n{} k{}{batch}{bias}{residual}", self.m, self.n, self.k)
+    }
+
+    /// Multiply-adds counted twice.
+    fn flop(&self) -> f64 {
+        2.0 * (self.m * self.n * self.k * self.batch) as f64
     }
 
     /// Elements from D's first to one past its last (the extent a stand-in output must cover).
@@ -435,7 +449,8 @@ impl Blas {
         plan.calls += 1;
         let (first_call, plan) = (plan.calls == 1, &self.plans[g]);
         let algo = plan.algo_for(&io, io.d);
-        let result = gpu.profiled(g.profile_kind(), || self.matmul(gpu, g, plan, algo, &io, io.d));
+        let kind = g.profile_kind(gpu.profiles_gemm_shapes(), io.c.is_some());
+        let result = gpu.profiled_work(&kind, g.flop(), || self.matmul(gpu, g, plan, algo, &io, io.d));
         match result {
             Err(Error::Refused(e)) if first_call => {
                 if self.first_runnable(gpu, g, &io)? {
@@ -455,7 +470,8 @@ impl Blas {
     fn first_runnable(&mut self, gpu: &Gpu, g: &Gemm, io: &GemmIo) -> Result<bool> {
         let plan = &self.plans[g];
         for (i, candidate) in self.heuristic(g, plan, CANDIDATES)?.iter().enumerate().skip(1) {
-            if gpu.profiled(g.profile_kind(), || self.matmul(gpu, g, plan, &candidate.algo, io, io.d)).is_ok() {
+            let kind = g.profile_kind(gpu.profiles_gemm_shapes(), io.c.is_some());
+            if gpu.profiled_work(&kind, g.flop(), || self.matmul(gpu, g, plan, &candidate.algo, io, io.d)).is_ok() {
                 eprintln!("gemm {g}: cuBLASLt refused its heuristic #1; candidate #{} runs", i + 1);
                 let algo = candidate.algo;
                 if let Some(plan) = self.plans.get_mut(g) {

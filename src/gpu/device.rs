@@ -511,6 +511,17 @@ impl Gpu {
         *self.profile.borrow_mut() = Some(Profile::default());
     }
 
+    /// As `start_profile`, with each GEMM filed under its description (shape, bias, residual)
+    /// rather than as "gemm".
+    pub fn start_profile_by_gemm_shape(&self) {
+        *self.profile.borrow_mut() = Some(Profile::by_gemm_shape());
+    }
+
+    /// True while an open profile files GEMMs by description.
+    pub(crate) fn profiles_gemm_shapes(&self) -> bool {
+        self.profile.borrow().as_ref().is_some_and(|p| p.gemm_shapes)
+    }
+
     /// True while a profile is open.
     pub fn is_profiling(&self) -> bool {
         self.profile.borrow().is_some()
@@ -525,6 +536,11 @@ impl Gpu {
 
     /// Files the work `f` queues under `kind` while a profile is open; just runs `f` otherwise.
     pub(crate) fn profiled<T>(&self, kind: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.profiled_work(kind, 0.0, f)
+    }
+
+    /// `profiled` for work whose floating-point operations are known (`flop`).
+    pub(crate) fn profiled_work<T>(&self, kind: &str, flop: f64, f: impl FnOnce() -> Result<T>) -> Result<T> {
         if self.profile.borrow().is_none() {
             return f();
         }
@@ -535,7 +551,7 @@ impl Gpu {
         let end = Event::new()?;
         end.record(self.stream)?;
         if let Some(p) = self.profile.borrow_mut().as_mut() {
-            p.push(kind, start, end);
+            p.push(kind, flop, start, end);
         }
         Ok(out)
     }

@@ -18,11 +18,15 @@ use crate::error::{Error, Result};
 pub(super) struct Profile {
     scopes: Vec<&'static str>,
     marks: Vec<Mark>,
+    /// File each GEMM under its description (`bench --breakdown-gemms`) instead of "gemm".
+    pub(super) gemm_shapes: bool,
 }
 
 struct Mark {
     scope: String,
     kind: String,
+    /// Floating-point operations of the work (0 where the launcher does not say).
+    flop: f64,
     start: Event,
     end: Event,
 }
@@ -35,6 +39,8 @@ pub struct ProfileRow {
     pub kind: String,
     pub launches: usize,
     pub ms: f64,
+    /// Floating-point operations of its launches (0 where unknown: only GEMMs say).
+    pub flop: f64,
 }
 
 /// "group_norm_f16" -> "group_norm": the kind of a kernel whatever dtype it was built for.
@@ -43,6 +49,10 @@ pub(super) fn kernel_kind(kernel: &str) -> &str {
 }
 
 impl Profile {
+    pub(super) fn by_gemm_shape() -> Profile {
+        Profile { gemm_shapes: true, ..Profile::default() }
+    }
+
     pub(super) fn push_scope(&mut self, name: &'static str) {
         self.scopes.push(name);
     }
@@ -50,30 +60,34 @@ impl Profile {
         self.scopes.pop();
     }
 
-    /// Files the work between `start` and `end` under the open scopes and `kind`.
-    pub(super) fn push(&mut self, kind: &str, start: Event, end: Event) {
-        self.marks.push(Mark { scope: self.scopes.join("/"), kind: kind.to_string(), start, end });
+    /// Files the work between `start` and `end` (`flop` operations, 0 if unknown) under the open
+    /// scopes and `kind`.
+    pub(super) fn push(&mut self, kind: &str, flop: f64, start: Event, end: Event) {
+        self.marks.push(Mark { scope: self.scopes.join("/"), kind: kind.to_string(), flop, start, end });
     }
 
     /// The marks' times summed per (scope, kind), sorted by scope then by time, largest first. The
     /// stream must have finished (the caller synchronises).
     pub(super) fn rows(self) -> Result<Vec<ProfileRow>> {
-        let mut sums: BTreeMap<(String, String), (usize, f64)> = BTreeMap::new();
+        let mut sums: BTreeMap<(String, String), (usize, f64, f64)> = BTreeMap::new();
         for m in self.marks {
             let ms = m.start.elapsed_ms(&m.end)?;
             let e = sums.entry((m.scope, m.kind)).or_default();
             e.0 += 1;
             e.1 += ms as f64;
+            e.2 += m.flop;
         }
-        let mut rows: Vec<ProfileRow> =
-            sums.into_iter().map(|((scope, kind), (launches, ms))| ProfileRow { scope, kind, launches, ms }).collect();
+        let mut rows: Vec<ProfileRow> = sums
+            .into_iter()
+            .map(|((scope, kind), (launches, ms, flop))| ProfileRow { scope, kind, launches, ms, flop })
+            .collect();
         rows.sort_by(|a, b| a.scope.cmp(&b.scope).then(b.ms.total_cmp(&a.ms)));
         Ok(rows)
     }
 }
 
-/// The rows as a table: per scope its kinds, their launches, milliseconds and share of the scope
-/// and of everything profiled, then each scope's total.
+/// The rows as a table: per scope its kinds, their launches, milliseconds, share of the scope and
+/// of everything profiled and TFLOP/s (where the launches said their work), then each scope's total.
 pub fn format_rows(rows: &[ProfileRow]) -> Result<String> {
     use std::fmt::Write;
     let total: f64 = rows.iter().map(|r| r.ms).sum();
@@ -86,24 +100,26 @@ pub fn format_rows(rows: &[ProfileRow]) -> Result<String> {
     }
     let mut s = String::new();
     let name = |scope: &str| if scope.is_empty() { "(outside scopes)".to_string() } else { scope.to_string() };
-    let _ = writeln!(s, "| scope | kind | launches | ms | share of scope | share of all |");
-    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    let rate = |flop: f64, ms: f64| if flop > 0.0 && ms > 0.0 { format!("{:.0}", flop / ms / 1e9) } else { "-".into() };
+    let _ = writeln!(s, "| scope | kind | launches | ms | share of scope | share of all | TFLOP/s |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
     for r in rows {
         let of_scope = scopes[r.scope.as_str()];
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.3} | {:.1}% | {:.1}% |",
+            "| {} | {} | {} | {:.3} | {:.1}% | {:.1}% | {} |",
             name(&r.scope),
             r.kind,
             r.launches,
             r.ms,
             100.0 * r.ms / of_scope,
-            100.0 * r.ms / total
+            100.0 * r.ms / total,
+            rate(r.flop, r.ms)
         );
     }
     for (scope, ms) in &scopes {
         let launches: usize = rows.iter().filter(|r| r.scope == *scope).map(|r| r.launches).sum();
-        let _ = writeln!(s, "| {} | all | {launches} | {ms:.3} | 100% | {:.1}% |", name(scope), 100.0 * ms / total);
+        let _ = writeln!(s, "| {} | all | {launches} | {ms:.3} | 100% | {:.1}% | - |", name(scope), 100.0 * ms / total);
     }
     Ok(s)
 }
@@ -123,13 +139,22 @@ mod tests {
 
     #[test]
     fn table_shares_add_up_per_scope() {
-        let row =
-            |scope: &str, kind: &str, launches, ms| ProfileRow { scope: scope.into(), kind: kind.into(), launches, ms };
-        let rows = [row("", "conv", 4, 30.0), row("motion", "gemm", 10, 7.5), row("motion", "layer_norm", 5, 2.5)];
+        let row = |scope: &str, kind: &str, launches, ms, flop| ProfileRow {
+            scope: scope.into(),
+            kind: kind.into(),
+            launches,
+            ms,
+            flop,
+        };
+        let rows = [
+            row("", "conv", 4, 30.0, 0.0),
+            row("motion", "gemm", 10, 7.5, 3e12),
+            row("motion", "layer_norm", 5, 2.5, 0.0),
+        ];
         let t = format_rows(&rows).unwrap();
-        assert!(t.contains("| motion | gemm | 10 | 7.500 | 75.0% | 18.8% |"), "{t}");
-        assert!(t.contains("| (outside scopes) | conv | 4 | 30.000 | 100.0% | 75.0% |"), "{t}");
-        assert!(t.contains("| motion | all | 15 | 10.000 | 100% | 25.0% |"), "{t}");
+        assert!(t.contains("| motion | gemm | 10 | 7.500 | 75.0% | 18.8% | 400 |"), "{t}");
+        assert!(t.contains("| (outside scopes) | conv | 4 | 30.000 | 100.0% | 75.0% | - |"), "{t}");
+        assert!(t.contains("| motion | all | 15 | 10.000 | 100% | 25.0% | - |"), "{t}");
         assert!(format_rows(&[]).is_err());
     }
 }

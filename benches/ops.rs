@@ -14,7 +14,7 @@ use celframe::ops::attention::{
 use celframe::ops::conv::{Conv2d, conv2d};
 use celframe::ops::elementwise::{add, geglu, geglu_fp8, residual_add};
 use celframe::ops::fp8::{Fp8Scaling, gemm_fp8, linear_fp8, quantize};
-use celframe::ops::linear::{GegluLinear, LinearWeight, linear, linear_geglu_with};
+use celframe::ops::linear::{GegluLinear, LinearWeight, linear, linear_add, linear_geglu_with};
 use celframe::ops::lora::{DeltaFactors, DeltaTerm, LayerDelta, merge_deltas, merge_gemm};
 use celframe::ops::norm::{
     GroupNorm, GroupNormMode, GroupNormTuning, group_norm_layout, group_norm_tuned, layer_norm, layer_norm_add,
@@ -337,6 +337,38 @@ fn main() -> Result<()> {
         b.run("linear", &key, 0.0, 2.0 * (m * kdim * ndim) as f64, |k| {
             linear(&ex, &xs[k], &wt, Some(&bias)).map(drop)
         })?;
+    }
+    // What cuBLASLt's epilogue costs at the shapes of the linears that end on the residual stream
+    // (to_out, proj_out and ff.net.2 at the UNet's b32 levels 2 and 1 and the motion modules' level
+    // 0): the same GEMM bare, with the bias, with the residual (C, beta 1) and with both.
+    for (m, kdim, ndim) in [
+        (18432usize, 1280usize, 1280usize),
+        (18432, 5120, 1280),
+        (73728, 640, 640),
+        (73728, 2560, 640),
+        (294912, 320, 320),
+        (294912, 1280, 320),
+    ] {
+        let key = format!("linear_epilogue f16 M{m} K{kdim} N{ndim}");
+        let variants = ["bare", "+bias", "+residual", "+bias+residual"];
+        if !variants.iter().any(|v| selected(&format!("{key} {v}"))) {
+            continue;
+        }
+        let arena =
+            Arena::new("epilogue bench inputs", 2 * (2 * m * kdim + ndim * kdim + ndim + m * ndim) + (4 << 20))?;
+        let random = |shape: &[usize], seed| b.random_in(&arena, shape, DType::F16, seed);
+        let xs = [random(&[m, kdim], 51)?, random(&[m, kdim], 52)?];
+        let (wt, bias, residual) = (random(&[ndim, kdim], 53)?, random(&[ndim], 54)?, random(&[m, ndim], 55)?);
+        for (name, (bias, residual)) in variants.into_iter().zip([
+            (None, None),
+            (Some(&bias), None),
+            (None, Some(&residual)),
+            (Some(&bias), Some(&residual)),
+        ]) {
+            b.run("linear_epilogue", &format!("{key} {name}"), 0.0, 2.0 * (m * kdim * ndim) as f64, |k| {
+                linear_add(&ex, &xs[k], &wt, bias, residual).map(drop)
+            })?;
+        }
     }
     // FP8 linears at the UNet's b32 1024x576 shapes (levels 1 and 2: q/k/v, to_out, the GEGLU
     // projection, the second feed-forward GEMM) and the motion modules' level-0 GEGLU projection

@@ -118,9 +118,14 @@ impl Gemm {
         format!("{kind} m{} n{} k{}{batch}{bias}{residual}", self.m, self.n, self.k)
     }
 
-    /// Multiply-adds counted twice.
-    fn flop(&self) -> f64 {
-        2.0 * (self.m * self.n * self.k * self.batch) as f64
+    /// Runs `f` (one matmul of this GEMM on `io`), filed under its profile kind and FLOPs while a
+    /// profile is open; without one the kind is not built (every GEMM call passes here).
+    fn profiled<T>(&self, gpu: &Gpu, io: &GemmIo, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        if !gpu.is_profiling() {
+            return f();
+        }
+        let kind = self.profile_kind(gpu.profiles_gemm_shapes(), io.c.is_some());
+        gpu.profiled_work(&kind, 2.0 * (self.m * self.n * self.k * self.batch) as f64, f)
     }
 
     /// Elements from D's first to one past its last (the extent a stand-in output must cover).
@@ -449,8 +454,7 @@ impl Blas {
         plan.calls += 1;
         let (first_call, plan) = (plan.calls == 1, &self.plans[g]);
         let algo = plan.algo_for(&io, io.d);
-        let kind = g.profile_kind(gpu.profiles_gemm_shapes(), io.c.is_some());
-        let result = gpu.profiled_work(&kind, g.flop(), || self.matmul(gpu, g, plan, algo, &io, io.d));
+        let result = g.profiled(gpu, &io, || self.matmul(gpu, g, plan, algo, &io, io.d));
         match result {
             Err(Error::Refused(e)) if first_call => {
                 if self.first_runnable(gpu, g, &io)? {
@@ -470,8 +474,7 @@ impl Blas {
     fn first_runnable(&mut self, gpu: &Gpu, g: &Gemm, io: &GemmIo) -> Result<bool> {
         let plan = &self.plans[g];
         for (i, candidate) in self.heuristic(g, plan, CANDIDATES)?.iter().enumerate().skip(1) {
-            let kind = g.profile_kind(gpu.profiles_gemm_shapes(), io.c.is_some());
-            if gpu.profiled_work(&kind, g.flop(), || self.matmul(gpu, g, plan, &candidate.algo, io, io.d)).is_ok() {
+            if g.profiled(gpu, io, || self.matmul(gpu, g, plan, &candidate.algo, io, io.d)).is_ok() {
                 eprintln!("gemm {g}: cuBLASLt refused its heuristic #1; candidate #{} runs", i + 1);
                 let algo = candidate.algo;
                 if let Some(plan) = self.plans.get_mut(g) {

@@ -11,14 +11,14 @@ use celframe::ops::attention::{
     FlashAttention, FlashKernel, TemporalAttention, TemporalAttentionTuning, flash_attention_with, gemm_attention,
     temporal_attention, temporal_attention_tuned,
 };
-use celframe::ops::conv::{Conv2d, conv2d};
+use celframe::ops::conv::{Conv2d, conv2d, conv2d_residual_fused};
 use celframe::ops::elementwise::{add, geglu, geglu_fp8, residual_add};
 use celframe::ops::fp8::{Fp8Scaling, gemm_fp8, linear_fp8, quantize};
 use celframe::ops::linear::{GegluLinear, LinearWeight, linear, linear_add, linear_geglu_with};
 use celframe::ops::lora::{DeltaFactors, DeltaTerm, LayerDelta, merge_deltas, merge_gemm};
 use celframe::ops::norm::{
-    GroupNorm, GroupNormMode, GroupNormTuning, group_norm_layout, group_norm_tuned, layer_norm, layer_norm_add,
-    layer_norm_fp8,
+    GroupNorm, GroupNormMode, GroupNormTuning, group_norm, group_norm_layout, group_norm_of_biased, group_norm_tuned,
+    layer_norm, layer_norm_add, layer_norm_fp8, layer_norm_shifted,
 };
 use celframe::ops::random::random_uniform;
 use celframe::ops::upsample::{upsample_nearest2x, upsample2x_conv3x3};
@@ -283,6 +283,25 @@ fn main() -> Result<()> {
         b.run("layer_norm_add_unfused", &key, 4.0 * size, 0.0, |k| {
             add(&ex, &layer_norm(&ex, &xs[k], Some(&g), Some(&be), 1e-5)?, &pe, 1.0).map(drop)
         })?;
+        // The same with the stream's pending output biases added first (the motion modules).
+        let key = format!("layer_norm_add shifted {label}");
+        b.run("layer_norm_add_fused", &key, 2.0 * size, 0.0, |k| {
+            layer_norm_shifted(&ex, &xs[k], Some(&b2), Some(&g), Some(&be), 1e-5, Some(&pe)).map(drop)
+        })?;
+        // A UNet ResNet's norm2 (+ SiLU) of conv1's output and the time embedding, one row per
+        // image: the embedding added inside the norm (2) against the add pass first (4).
+        let gn = GroupNorm { groups: 32, eps: 1e-5, silu: true, frames: 1 };
+        let temb = b.random(&[32, c], DType::F16, 69)?;
+        b.run("group_norm_biased", &format!("group_norm_silu time embedding inside {label}"), 2.0 * size, 0.0, |k| {
+            group_norm_of_biased(&ex, &t[2 * k], &temb, &g, &be, gn).map(drop)
+        })?;
+        b.run(
+            "group_norm_biased",
+            &format!("group_norm_silu time embedding added first {label}"),
+            4.0 * size,
+            0.0,
+            |k| group_norm(&ex, &add(&ex, &t[2 * k], &temb, 1.0)?, &g, &be, gn).map(drop),
+        )?;
     }
 
     // cuDNN convolutions and cuBLASLt linears at UNet shapes, for the record (issue: conv choice).
@@ -295,6 +314,51 @@ fn main() -> Result<()> {
         let key = format!("conv3x3 f16 N{n} C{ci} H{h} W{w} K{co}");
         b.run("conv3x3", &key, 0.0, flop, |k| {
             conv2d(&ex, &xs[k], &wt, Some(&bias), Conv2d { stride: 1, padding: 1 }).map(drop)
+        })?;
+    }
+    // A ResNet's conv2 and tail: the 3x3 convolution then the residual_add pass (z and the summed
+    // bias), against one cudnnConvolutionBiasActivationForward call adding both before its one
+    // rounding (`conv2d_residual`, IMPLICIT_PRECOMP_GEMM). The UNet's three levels at 32 images
+    // 1024x576 and the VAE decoder's 512- and 128-wide levels at 8 frames; both credited the
+    // convolution's FLOPs. Inputs of their own per shape (the VAE's largest are 1.2 GB each).
+    for (n, h, w, c) in [
+        (32usize, 72usize, 128usize, 320usize),
+        (32, 36, 64, 640),
+        (32, 18, 32, 1280),
+        (8, 144, 256, 512),
+        (8, 576, 1024, 128),
+    ] {
+        let key = format!("conv_residual f16 N{n} H{h} W{w} C{c}");
+        let (pass_key, fused_key) = (format!("{key} pass"), format!("{key} fused"));
+        if !selected(&pass_key) && !selected(&fused_key) {
+            continue;
+        }
+        let elements = n * h * w * c;
+        let arena = Arena::new("conv_residual bench inputs", 2 * (3 * elements + 9 * c * c + c) + (4 << 20))?;
+        let random = |shape: &[usize], seed| b.random_in(&arena, shape, DType::F16, seed);
+        let xs = [random(&[n, h, w, c], 71)?, random(&[n, h, w, c], 72)?];
+        let (wt, z, bias) = (random(&[c, 3, 3, c], 73)?, random(&[n, h, w, c], 74)?, random(&[c], 75)?);
+        let same = Conv2d { stride: 1, padding: 1 };
+        let flop = 2.0 * (elements * c * 9) as f64;
+        b.run("conv_residual", &pass_key, 0.0, flop, |k| {
+            let y = conv2d(&ex, &xs[k], &wt, None, same)?;
+            residual_add(&ex, &y, &z, &bias, None, 1.0).map(drop)
+        })?;
+        if !selected(&fused_key) {
+            continue;
+        }
+        // A shape cuDNN refuses is reported, never timed under the fused name (its fallback is the
+        // pass route above).
+        let fused = conv2d_residual_fused(&ex, &xs[0], &wt, &z, &bias, same)?.is_some();
+        b.scratch.reset();
+        if !fused {
+            println!("SKIPPED {fused_key}: cuDNN refused the fused form");
+            continue;
+        }
+        b.run("conv_residual", &fused_key, 0.0, flop, |k| {
+            conv2d_residual_fused(&ex, &xs[k], &wt, &z, &bias, same)?
+                .map(drop)
+                .ok_or_else(|| celframe::Error::Internal(format!("{fused_key}: cuDNN refused a call it took before")))
         })?;
     }
     // Upsample2D (nearest 2x, then a 3x3 conv with bias) at the VAE's shapes (a chunk of 8 frames at
@@ -440,7 +504,7 @@ fn main() -> Result<()> {
             layer_norm(&ex, &xs[k], Some(&gamma), Some(&beta), 1e-5).map(drop)
         })?;
         b.run("layer_norm", &format!("layer_norm e4m3 M{m} K{kdim}"), 3.0 * (m * kdim) as f64, 0.0, |k| {
-            layer_norm_fp8(&ex, &xs[k], Some(&gamma), Some(&beta), 1e-5, None).map(drop)
+            layer_norm_fp8(&ex, &xs[k], None, Some(&gamma), Some(&beta), 1e-5, None).map(drop)
         })?;
     }
     // The GEGLU projection (ff.net.0.proj + GEGLU) at the UNet's b32 1024x576 levels 1 and 2, its

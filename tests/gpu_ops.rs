@@ -14,7 +14,7 @@ mod common;
 use celframe::gpu::blas::{Gemm, GemmIo};
 use celframe::gpu::{Arena, Gpu};
 use celframe::ops::Exec;
-use celframe::ops::conv::{Conv2d, conv2d};
+use celframe::ops::conv::{Conv2d, conv2d, conv2d_residual, conv2d_residual_fused};
 use celframe::ops::elementwise::{add, geglu, geglu_fp8, gelu, mul, residual_add, scale, silu};
 use celframe::ops::embedding::{TimestepEmbedding, timestep_embedding};
 use celframe::ops::linear::{linear, linear_add};
@@ -195,21 +195,27 @@ fn group_norm_matches_twin_at_sdxl_shapes() {
 #[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
 fn group_norm_of_biased_matches_twin() {
     let rig = Rig::new();
-    // The VAE ResNets' norm2 of conv1's output plus its bias: the cluster kernel (f16 shapes that
-    // fit a cluster on sm_90), the two-phase kernel (the VAE's full-resolution width and f32), and
-    // a bias 30 standard deviations from the data (the shift must include it).
-    type Case<'a> = (&'a [usize], f32, f32, bool, DType);
+    // The VAE ResNets' norm2 of conv1's output plus its bias ([C]): the cluster kernel (f16 shapes
+    // that fit a cluster on sm_90), the two-phase kernel (the VAE's full-resolution width and f32),
+    // and a bias 30 standard deviations from the data (the shift must include it). The UNet
+    // ResNets' norm2 of conv1's output plus the time embedding, one row per image (32 images
+    // 1024x576, level 0) or per video of 16 frames (the motion UNet's level 1: [2, C]).
+    type Case<'a> = (&'a [usize], usize, f32, f32, bool, DType);
     let cases: &[Case] = &[
-        (&[8, 72, 128, 320], 0.0, 1.0, true, DType::F16),
-        (&[4, 72, 128, 512], 0.3, 1.0, true, DType::BF16),
-        (&[2, 576, 1024, 128], 0.0, 1.0, true, DType::F16),
-        (&[2, 64, 64, 512], -0.2, 1.0, false, DType::F32),
-        (&[4, 36, 64, 640], 30.0, 0.5, true, DType::F16),
+        (&[8, 72, 128, 320], 1, 0.0, 1.0, true, DType::F16),
+        (&[4, 72, 128, 512], 1, 0.3, 1.0, true, DType::BF16),
+        (&[2, 576, 1024, 128], 1, 0.0, 1.0, true, DType::F16),
+        (&[2, 64, 64, 512], 1, -0.2, 1.0, false, DType::F32),
+        (&[4, 36, 64, 640], 1, 30.0, 0.5, true, DType::F16),
+        (&[32, 72, 128, 320], 32, 0.5, 2.0, true, DType::F16),
+        (&[32, 36, 64, 640], 2, -0.5, 2.0, true, DType::BF16),
+        (&[4, 64, 64, 512], 4, 0.5, 2.0, true, DType::F32),
     ];
-    for &(shape, bias_shift, bias_scale, silu, dtype) in cases {
+    for &(shape, bias_rows, bias_shift, bias_scale, silu, dtype) in cases {
         let c = shape[3];
         let (x, xd) = rig.input(shape, dtype, 1.0, 0.1);
-        let (xb, xbd) = rig.input(&[c], dtype, bias_scale, bias_shift);
+        let bias_shape: &[usize] = if bias_rows == 1 { &[c] } else { &[bias_rows, c] };
+        let (xb, xbd) = rig.input(bias_shape, dtype, bias_scale, bias_shift);
         let (g, gd) = rig.input(&[c], dtype, 0.5, 1.0);
         let (b, bd) = rig.input(&[c], dtype, 0.5, 0.0);
         let cfg = GroupNorm { groups: 32, eps: 1e-6, silu, frames: 1 };
@@ -217,7 +223,7 @@ fn group_norm_of_biased_matches_twin() {
         let cpu_out = group_norm_of_biased(&Exec::Cpu, &x, &xb, &g, &b, cfg).unwrap();
         let layout = group_norm_layout(&rig.gpu, shape, dtype, cfg, GroupNormTuning::default()).unwrap();
         rig.check(
-            &format!("group_norm_of_biased silu={silu} bias~{bias_shift} ({layout})"),
+            &format!("group_norm_of_biased silu={silu} bias {bias_shape:?}~{bias_shift} ({layout})"),
             shape,
             dtype,
             gpu_out,
@@ -278,6 +284,34 @@ fn layer_norm_with_position_rows_matches_twin() {
         let gpu_out = layer_norm_add(&rig.exec(), &xd, Some(&gd), Some(&bd), 1e-5, Some(&ped)).unwrap();
         let cpu_out = layer_norm_add(&Exec::Cpu, &x, Some(&g), Some(&b), 1e-5, Some(&pe)).unwrap();
         rig.check("layer_norm + position rows", shape, dtype, gpu_out, cpu_out);
+    }
+}
+
+/// The motion modules' norms of a stream lacking its pending output biases: x + shift (per
+/// channel, rounded to the dtype), then the norm and the position rows, at their three levels'
+/// shapes, a row wider than the register path (a warp a row) and the scalar path.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn layer_norm_of_a_shifted_stream_matches_twin() {
+    use celframe::ops::norm::layer_norm_shifted;
+    let rig = Rig::new();
+    for (shape, dtype) in [
+        (&[32, 9216, 320][..], DType::F16),
+        (&[32, 2304, 640], DType::BF16),
+        (&[32, 576, 1280], DType::F16),
+        (&[3, 111, 2048], DType::F16),
+        (&[6, 5, 13], DType::F32),
+    ] {
+        let c = *shape.last().unwrap();
+        let (x, xd) = rig.input(shape, dtype, 1.5, 0.3);
+        // Bias-sized and different per channel: a shift left out changes the statistics.
+        let (s, sd) = rig.input(&[c], dtype, 1.0, 0.5);
+        let (g, gd) = rig.input(&[c], dtype, 0.5, 1.0);
+        let (b, bd) = rig.input(&[c], dtype, 0.5, 0.0);
+        let (pe, ped) = rig.input(&[shape[0], c], dtype, 1.0, 0.0);
+        let gpu_out = layer_norm_shifted(&rig.exec(), &xd, Some(&sd), Some(&gd), Some(&bd), 1e-5, Some(&ped)).unwrap();
+        let cpu_out = layer_norm_shifted(&Exec::Cpu, &x, Some(&s), Some(&g), Some(&b), 1e-5, Some(&pe)).unwrap();
+        rig.check("layer_norm of x + shift, + position rows", shape, dtype, gpu_out, cpu_out);
     }
 }
 
@@ -587,8 +621,11 @@ fn layer_norm_fp8_matches_twin() {
         };
         let added = (frames > 0).then(|| rig.input(&[frames, c], dtype, 1.0, 0.0));
         let (a, ad) = (added.as_ref().map(|(a, _)| a), added.as_ref().map(|(_, ad)| ad));
-        let got = layer_norm_fp8(&rig.exec(), &xd, Some(&gd), Some(&bd), 1e-5, ad).unwrap();
-        let twin = layer_norm_fp8(&Exec::Cpu, &x, Some(&g), Some(&b), 1e-5, a).unwrap();
+        // and its stream's pending biases
+        let shifted = (frames > 0).then(|| rig.input(&[c], dtype, 1.0, 0.5));
+        let (s, sd) = (shifted.as_ref().map(|(s, _)| s), shifted.as_ref().map(|(_, sd)| sd));
+        let got = layer_norm_fp8(&rig.exec(), &xd, sd, Some(&gd), Some(&bd), 1e-5, ad).unwrap();
+        let twin = layer_norm_fp8(&Exec::Cpu, &x, s, Some(&g), Some(&b), 1e-5, a).unwrap();
         let what = format!("layer_norm_fp8 {rows}x{c} {dtype:?} frames {frames}");
         check_e4m3_rows(&what, &got.to_host(&rig.exec()).unwrap(), &twin.to_host(&Exec::Cpu).unwrap());
     }
@@ -708,6 +745,75 @@ fn conv2d_matches_twin() {
         let gpu_out = conv2d(&rig.exec(), &xd, &wd, Some(&bd), cfg).unwrap();
         let cpu_out = conv2d(&Exec::Cpu, &x, &w, Some(&b), cfg).unwrap();
         rig.check(&format!("conv{k}x{k} s{stride} ->{oc}"), shape, dtype, gpu_out, cpu_out);
+    }
+}
+
+/// A ResNet's conv2 with its shortcut and both biases added in the same cuDNN call
+/// (cudnnConvolutionBiasActivationForward, identity activation) against the twin: the convolution
+/// accumulated in f32, plus z, plus the bias, rounded once. Shapes: conv2 at a 1024x1024 image's
+/// level 1 (64x64, 640 channels), z the block input; a 960 -> 640 convolution with z from a 1x1
+/// shortcut convolution on the device and the bias the device sum of two (as the ResNet passes
+/// them); both in f16 and bf16, the outputs poisoned first. Tolerances as the convolutions': one
+/// output rounding plus accumulation order. The fused form must run at these shapes (a refusal
+/// fails the test: the models would silently take the pass). Last, a batch that cuDNN's 32-bit
+/// descriptors make run in slices (z and y sliced alike); there a refusal is reported and the
+/// fallback checked instead.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn conv2d_residual_matches_twin_at_resnet_shapes() {
+    let rig = Rig::new();
+    let ex = rig.exec();
+    let same = Conv2d { stride: 1, padding: 1 };
+    // (x NHWC, out channels, z from a shortcut conv of this width (0: a plain input), dtype)
+    type Case<'a> = (&'a [usize], usize, usize, DType);
+    let cases: &[Case] = &[
+        (&[2, 64, 64, 640], 640, 0, DType::F16),
+        (&[2, 64, 64, 640], 640, 0, DType::BF16),
+        (&[2, 64, 64, 960], 640, 960, DType::F16),
+        (&[2, 64, 64, 960], 640, 960, DType::BF16),
+    ];
+    for &(shape, oc, shortcut_in, dtype) in cases {
+        let ic = shape[3];
+        let (x, xd) = rig.input(shape, dtype, 1.0, 0.0);
+        let (w, wd) = rig.input(&[oc, 3, 3, ic], dtype, 1.0 / ((9 * ic) as f32).sqrt(), 0.0);
+        let out_shape = [shape[0], shape[1], shape[2], oc];
+        let (z, zd, bias, bias_d) = if shortcut_in == 0 {
+            let (z, zd) = rig.input(&out_shape, dtype, 1.0, 0.0);
+            let (b, bd) = rig.input(&[oc], dtype, 0.5, 0.0);
+            (z, zd, b, bd)
+        } else {
+            // The block input through the 1x1 shortcut, and conv2's bias plus the shortcut's, on
+            // the device; the twin reads the same bytes back.
+            let (_, sd) = rig.input(&[shape[0], shape[1], shape[2], shortcut_in], dtype, 1.0, 0.0);
+            let (_, swd) = rig.input(&[oc, 1, 1, shortcut_in], dtype, 1.0 / (shortcut_in as f32).sqrt(), 0.0);
+            let (_, b2d) = rig.input(&[oc], dtype, 0.5, 0.0);
+            let (_, bsd) = rig.input(&[oc], dtype, 0.5, 0.0);
+            let zd = conv2d(&ex, &sd, &swd, None, Conv2d { stride: 1, padding: 0 }).unwrap();
+            let bias_d = add(&ex, &b2d, &bsd, 1.0).unwrap();
+            (rig.gpu.download(&zd).unwrap(), zd, rig.gpu.download(&bias_d).unwrap(), bias_d)
+        };
+        let what = format!("conv2d_residual {ic}->{oc} z={}", if shortcut_in == 0 { "input" } else { "shortcut" });
+        let got = conv2d_residual_fused(&ex, &xd, &wd, &zd, &bias_d, same)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{what} {shape:?} {dtype:?}: cuDNN refused the fused form (see stderr)"));
+        let cpu_out = conv2d_residual(&Exec::Cpu, &x, &w, &z, &bias, same).unwrap();
+        rig.check(&what, shape, dtype, got, cpu_out);
+    }
+    // 3 images of 1024x1024 x 704 channels: 2^31 elements and more, so slices of 2 images and 1.
+    let shape = [3, 1024, 1024, 704];
+    let (x, xd) = rig.input(&shape, DType::F16, 1.0, 0.0);
+    let (w, wd) = rig.input(&[8, 1, 1, 704], DType::F16, 1.0 / (704f32).sqrt(), 0.0);
+    let (z, zd) = rig.input(&[3, 1024, 1024, 8], DType::F16, 1.0, 0.0);
+    let (b, bd) = rig.input(&[8], DType::F16, 0.5, 0.0);
+    let cfg = Conv2d { stride: 1, padding: 0 };
+    let cpu_out = conv2d_residual(&Exec::Cpu, &x, &w, &z, &b, cfg).unwrap();
+    match conv2d_residual_fused(&ex, &xd, &wd, &zd, &bd, cfg).unwrap() {
+        Some(got) => rig.check("conv2d_residual 1x1 704->8 sliced", &shape, DType::F16, got, cpu_out),
+        None => {
+            println!("GPUCHECK conv2d_residual 1x1 704->8 sliced: fused form REFUSED by cuDNN, fallback checked");
+            let got = conv2d_residual(&ex, &xd, &wd, &zd, &bd, cfg).unwrap();
+            rig.check("conv2d_residual 1x1 704->8 sliced (fallback)", &shape, DType::F16, got, cpu_out);
+        }
     }
 }
 

@@ -465,3 +465,38 @@ fn bench_arguments_are_checked_before_any_gpu_work() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--graph goes with unet"), "{out:?}");
 }
+
+/// FP8 motion modules on the CPU twins: "on" (q/k/v and both feed-forward GEMMs in e4m3; proj_in,
+/// to_out and ff.net.2 leave their biases pending for the next LayerNorm and proj_out) and "all"
+/// (proj_out in e4m3 too, each linear adding its own bias) stay within e4m3's rounding of the f16
+/// forward; a bias dropped or added twice moves the output by O(1).
+#[test]
+fn fp8_motion_modules_stay_near_the_f16_forward() {
+    use celframe::models::transformer::Fp8Linears;
+    let unet = Unet::new(&open_unet(&folder("a")).unwrap(), Place::Host(DType::F16)).unwrap();
+    let checkpoint = open_motion(&motion_folder()).unwrap();
+    let random = |shape: &[usize], seed| common::random_tensor(shape, DType::F16, seed, 1.0, 0.0);
+    let frames = 8;
+    let (sample, text, context) = (random(&[frames, 8, 8, 4], 1), random(&[1, 32], 3), random(&[1, 3, 32], 5));
+    let ids = common::random_tensor(&[1, 6], DType::F32, 4, 1.0, 0.0);
+    let t = Tensor::from_f32(&[1], DType::F32, &[700.0]).unwrap();
+    let inputs = UnetInputs {
+        sample: &sample,
+        timestep: &t,
+        encoder_hidden_states: &context,
+        cross_kv: None,
+        text_embeds: Some(&text),
+        time_ids: Some(&ids),
+    };
+    let video = Frames { frames, group_norm_across_frames: false };
+    let plain = MotionModules::new(&checkpoint, &unet, Place::Host(DType::F16)).unwrap();
+    let want = plain.forward_unet(&Exec::Cpu, &unet, &inputs, video, None).unwrap();
+    for which in [Fp8Linears::Wide, Fp8Linears::All] {
+        let mut modules = MotionModules::new(&checkpoint, &unet, Place::Host(DType::F16)).unwrap();
+        assert!(modules.enable_fp8(&Exec::Cpu, which).unwrap() > 0, "{which:?}");
+        let got = modules.forward_unet(&Exec::Cpu, &unet, &inputs, video, None).unwrap();
+        let (rel, _) = common::errors(&got.to_f32_vec().unwrap(), &want.to_f32_vec().unwrap());
+        println!("{which:?} FP8 motion modules vs f16: rel L2 {rel:.3e}");
+        assert!(rel > 0.0 && rel < 0.15, "{which:?}: the FP8 forward is {rel:.3e} from the f16 one");
+    }
+}

@@ -12,7 +12,9 @@ use celframe::ops::conv::{Conv2d, conv2d, weight_oihw_to_ohwi};
 use celframe::ops::elementwise::{add, geglu, gelu, mul, residual_add, scale, silu};
 use celframe::ops::embedding::{TimestepEmbedding, timestep_embedding};
 use celframe::ops::linear::linear;
-use celframe::ops::norm::{GroupNorm, group_norm, layer_norm, layer_norm_add};
+use celframe::ops::norm::{
+    GroupNorm, group_norm, group_norm_of_biased, layer_norm, layer_norm_add, layer_norm_shifted,
+};
 use celframe::ops::upsample::upsample_nearest2x;
 use celframe::{DType, Error, Tensor};
 use common::{assert_close, fixture};
@@ -39,6 +41,56 @@ fn group_norm_matches_torch_per_image_and_across_frames() {
     let per_frame = group_norm(&CPU, x, g, b, gn(false, 8, 1e-6, 1)).unwrap();
     let (rel, _) = common::errors(&per_frame.to_f32_vec().unwrap(), &f["group_norm_frames.out"].to_f32_vec().unwrap());
     assert!(rel > 1e-2, "per-frame and per-video statistics should differ, rel {rel}");
+}
+
+#[test]
+fn group_norm_of_a_bias_per_image_or_video_is_the_norm_of_the_sum() {
+    // A ResNet's norm2 of conv1's output plus its time embedding, one row per image ([6, C]) or per
+    // video of 3 frames ([2, C], per-frame statistics: each frame reads its video's row), against
+    // the norm of the sum made by the broadcast add, in f32 (the twins round the same way).
+    let (n, h, w, c) = (6, 3, 5, 16);
+    let x = common::random_tensor(&[n, h, w, c], DType::F32, 7, 1.0, 0.2);
+    let (g, b) =
+        (common::random_tensor(&[c], DType::F32, 8, 0.5, 1.0), common::random_tensor(&[c], DType::F32, 9, 0.5, 0.0));
+    for (rows, frames) in [(6, 1), (2, 1), (2, 3)] {
+        let cfg = GroupNorm { groups: 4, eps: 1e-6, silu: true, frames };
+        let t = common::random_tensor(&[rows, c], DType::F32, 10, 3.0, 1.0);
+        let summed = add(&CPU, &x.reshape(&[rows, n / rows * h, w, c]).unwrap(), &t, 1.0).unwrap();
+        let expected = group_norm(&CPU, &summed.reshape(&[n, h, w, c]).unwrap(), &g, &b, cfg).unwrap();
+        let out = group_norm_of_biased(&CPU, &x, &t, &g, &b, cfg).unwrap();
+        assert_close(&format!("group_norm of x + [{rows}, C], frames {frames}"), &out, &expected, TOL);
+    }
+    // A bias whose rows do not divide the normalised domains is refused by name.
+    let cfg = GroupNorm { groups: 4, eps: 1e-6, silu: false, frames: 1 };
+    let t = common::random_tensor(&[4, c], DType::F32, 11, 1.0, 0.0);
+    let Err(Error::Input(m)) = group_norm_of_biased(&CPU, &x, &t, &g, &b, cfg) else {
+        panic!("a [4, C] bias was taken")
+    };
+    assert!(m.contains("input bias") && m.contains("6 normalised domains"), "{m}");
+}
+
+#[test]
+fn layer_norm_of_a_shifted_stream_is_the_norm_of_the_rounded_sum() {
+    // A motion module's stream lacking its pending biases: the norm of x + shift rounded to the
+    // dtype (what a bias epilogue would have stored), in f16 as the models run it.
+    let (x, shift) = (
+        common::random_tensor(&[4, 3, 40], DType::F16, 21, 2.0, 0.3),
+        common::random_tensor(&[40], DType::F16, 22, 1.0, 0.5),
+    );
+    let (g, b, rows) = (
+        common::random_tensor(&[40], DType::F16, 23, 0.5, 1.0),
+        common::random_tensor(&[40], DType::F16, 24, 0.5, 0.0),
+        common::random_tensor(&[4, 40], DType::F16, 25, 1.0, 0.0),
+    );
+    let stored = add(&CPU, &x, &shift, 1.0).unwrap();
+    let expected = layer_norm_add(&CPU, &stored, Some(&g), Some(&b), 1e-5, Some(&rows)).unwrap();
+    let out = layer_norm_shifted(&CPU, &x, Some(&shift), Some(&g), Some(&b), 1e-5, Some(&rows)).unwrap();
+    assert_close("layer_norm of x + shift", &out, &expected, 0.0);
+    let unshifted = layer_norm_add(&CPU, &x, Some(&g), Some(&b), 1e-5, Some(&rows)).unwrap();
+    let (rel, _) = common::errors(&unshifted.to_f32_vec().unwrap(), &expected.to_f32_vec().unwrap());
+    assert!(rel > 1e-2, "the shift should change the norm, rel {rel}");
+    let Err(Error::Input(m)) = layer_norm_shifted(&CPU, &x, Some(&rows), None, None, 1e-5, None) else { panic!() };
+    assert!(m.contains("must be [40]"), "{m}");
 }
 
 #[test]
@@ -159,10 +211,10 @@ fn layer_norm_fp8_rows_are_the_layer_norm_within_e4m3_rounding() {
     let t = |shape: &[usize], v: &[f32]| Tensor::from_f32(shape, DType::F16, v).unwrap();
     let (x, g, b, a) = (t(&[f, l, c], &xv), t(&[c], &gv), t(&[c], &bv), t(&[f, c], &av));
     let exact = layer_norm_add(&CPU, &x, Some(&g), Some(&b), 1e-5, Some(&a)).unwrap().to_f32_vec().unwrap();
-    let q = layer_norm_fp8(&CPU, &x, Some(&g), Some(&b), 1e-5, Some(&a)).unwrap();
+    let q = layer_norm_fp8(&CPU, &x, None, Some(&g), Some(&b), 1e-5, Some(&a)).unwrap();
     assert_e4m3_rows_within_rounding("layer_norm_fp8", &q, &exact);
     let x32 = Tensor::from_f32(&[2, c], DType::F32, &xv[..2 * c]).unwrap();
-    assert!(matches!(layer_norm_fp8(&CPU, &x32, None, None, 1e-5, None), Err(Error::Input(_))));
+    assert!(matches!(layer_norm_fp8(&CPU, &x32, None, None, None, 1e-5, None), Err(Error::Input(_))));
 }
 
 #[test]

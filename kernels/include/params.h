@@ -77,8 +77,9 @@ typedef struct GegluE4m3Params {
 // sharing statistics: one image (frames = 1) or the `frames` consecutive images of one video.
 typedef struct GroupNormParams {
     const void* x;
-    const void* x_bias;      // [channels] or null: the norm of x + x_bias per channel (the bias of
-                             // the convolution that made x, added here instead of in a pass of its own)
+    const void* x_bias;      // [rows][channels] or null: the norm of x + x_bias per channel (the bias
+                             // of the convolution that made x, or a ResNet's time embedding, added
+                             // here instead of in a pass of its own); domain d reads row d / x_bias_every
     void* y;
     const void* gamma;       // [channels], activation dtype
     const void* beta;        // [channels], activation dtype
@@ -93,6 +94,7 @@ typedef struct GroupNormParams {
     int32_t rows;            // pixels per block step; blockDim.x = rows * channels / 8
     int32_t chunks;          // chunks per domain, each rows * GROUP_NORM_VECS_* pixels
     int32_t lag;             // 1..domains
+    int64_t x_bias_every;    // domains per x_bias row (>= 1; domains for a single [channels] row)
     int32_t silu;            // 1: y = silu(norm(x))
     float eps;
 } GroupNormParams;
@@ -108,11 +110,12 @@ typedef struct GroupNormParams {
 // (kernels/norm/group_norm_cluster.cu, whose header gives the design, grid and shared memory).
 typedef struct GroupNormClusterParams {
     const void* x;
-    const void* x_bias;      // [channels] or null, as GroupNormParams'
+    const void* x_bias;      // [rows][channels] or null, as GroupNormParams'
     void* y;
     const void* gamma;       // [channels], activation dtype
     const void* beta;        // [channels], activation dtype
     int64_t pixels;          // pixels per domain
+    int64_t x_bias_every;    // domains per x_bias row, as GroupNormParams'
     int32_t channels;
     int32_t group_channels;  // channels per group
     int32_t slice_channels;  // whole groups, a multiple of 8
@@ -135,6 +138,8 @@ typedef struct GroupNormClusterParams {
 #define LAYER_NORM_THREADS 256
 typedef struct LayerNormParams {
     const void* x;
+    const void* shift;  // [channels] or null: the norm of x + shift (a stream whose linears left
+                        // their output biases to the next norm)
     void* y;            // unused when q is set
     const void* gamma;  // [channels] or null (no affine)
     const void* beta;   // [channels] or null

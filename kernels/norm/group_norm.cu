@@ -68,10 +68,6 @@ __device__ void group_norm(const GroupNormParams& p) {
     double* sums = reinterpret_cast<double*>(reinterpret_cast<char*>(p.workspace) + GROUP_NORM_SUMS_OFFSET(p.domains));
     const int64_t total = 2 * p.domains * p.chunks;
     for (int c = threadIdx.x; c < C; c += blockDim.x) group_of[c] = (unsigned char)(c / cpg);
-    // x_bias: every value of channel c counts as x + bias[c] (the thread's channels are fixed)
-    const T* x_bias = static_cast<const T*>(p.x_bias);
-    float bias[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    if (x_bias) unpack8<T>(load8<T>(x_bias + slot * 8), bias);
 
     while (true) {
         // Taking the next ticket only now (not while the previous item ran) measured faster: a
@@ -87,6 +83,11 @@ __device__ void group_norm(const GroupNormParams& p) {
         const int64_t first = item.chunk * chunk_pixels;
         const int valid = (int)min((int64_t)chunk_pixels, p.pixels - first);
         const T* xd = x + item.domain * p.pixels * C;
+        // x_bias: every value of channel c counts as x + bias[c], the domain's row of x_bias (the
+        // thread's channels are fixed)
+        const T* x_bias = p.x_bias ? static_cast<const T*>(p.x_bias) + item.domain / p.x_bias_every * C : nullptr;
+        float bias[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        if (x_bias) unpack8<T>(load8<T>(x_bias + slot * 8), bias);
 
         // 1. the chunk into shared memory; each group's shift is its first value in the domain
         const char* src = reinterpret_cast<const char*>(xd + first * C);

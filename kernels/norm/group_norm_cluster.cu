@@ -133,8 +133,10 @@ __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
         }
         cp_async_commit();
     }
-    // x_bias: every value of channel c counts as x + bias[c] (the thread's channels are fixed)
-    const T* x_bias = p.x_bias ? static_cast<const T*>(p.x_bias) + slice * SC : nullptr;
+    // x_bias: every value of channel c counts as x + bias[c], the domain's row of x_bias (the
+    // thread's channels are fixed)
+    const T* x_bias =
+        p.x_bias ? static_cast<const T*>(p.x_bias) + blockIdx.y / p.x_bias_every * C + slice * SC : nullptr;
     float bias[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     if (x_bias) unpack8<T>(load8<T>(x_bias + slot * 8), bias);
     for (int g = threadIdx.x; g < p.slice_groups; g += blockDim.x)

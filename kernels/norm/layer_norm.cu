@@ -1,5 +1,7 @@
 // Layer norm over the last dimension, exact two-pass fp32 statistics, optional affine, optional
-// per-row table added before the output's one rounding. Aligned rows of at most LN_REG_VECS * 256
+// per-row table added before the output's one rounding, optional per-channel shift added to x
+// first (x + shift rounded to x's dtype, as a stream that had the shift added in a GEMM epilogue
+// would hold it). Aligned rows of at most LN_REG_VECS * 256
 // channels (every SDXL and motion-module width) stay in registers after one load, each row spread
 // over the fewest lanes that hold it in LN_REG_VECS 8-element vectors a lane (ln_row_lanes: 8 lanes
 // at C 320, 16 at 640, 32 at 1280), so a warp loads 32 / lanes rows at once; one warp per row left
@@ -47,12 +49,26 @@ __device__ __forceinline__ void layer_norm_in_registers(const LayerNormParams& p
     const T* add = p.add ? static_cast<const T*>(p.add) + row / p.add_every * C : nullptr;
     const T* gamma = static_cast<const T*>(p.gamma);
     const T* beta = static_cast<const T*>(p.beta);
+    const T* shift = static_cast<const T*>(p.shift);
     auto has = [&](int i) { return live && (sub + i * LANES) * 8 < C; };
     Vec8<T> raw[LN_REG_VECS];
     // All loads issue before the first use, so each lane keeps up to five 16-byte loads in flight.
 #pragma unroll
     for (int i = 0; i < LN_REG_VECS; ++i)
         if (has(i)) raw[i] = load8<T>(x + (sub + i * LANES) * 8);
+    // The shifted row, repacked: the three passes read it as they read x.
+    if (shift) {
+#pragma unroll
+        for (int i = 0; i < LN_REG_VECS; ++i)
+            if (has(i)) {
+                float v[8], s[8];
+                unpack8<T>(raw[i], v);
+                unpack8<T>(load8<T>(shift + (sub + i * LANES) * 8), s);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) v[j] += s[j];
+                raw[i] = pack8<T>(v);
+            }
+    }
     float sum = 0.0f;
 #pragma unroll
     for (int i = 0; i < LN_REG_VECS; ++i)
@@ -127,7 +143,7 @@ template <typename T, bool E4M3> __device__ void layer_norm(const LayerNormParam
     const int C = p.channels;
     // 16-byte loads and stores of 8 elements; e4m3 rows take 8-byte stores.
     const bool aligned = ((reinterpret_cast<uintptr_t>(p.x) | reinterpret_cast<uintptr_t>(p.y) |
-                           reinterpret_cast<uintptr_t>(p.add)) % 16) == 0 &&
+                           reinterpret_cast<uintptr_t>(p.add) | reinterpret_cast<uintptr_t>(p.shift)) % 16) == 0 &&
                          reinterpret_cast<uintptr_t>(p.q) % 8 == 0;
     switch (ln_row_lanes(C, aligned)) {
         case 4: return layer_norm_rows_in_registers<T, 4, E4M3>(p, warp, lane);
@@ -146,17 +162,29 @@ template <typename T, bool E4M3> __device__ void layer_norm(const LayerNormParam
     const T* beta = static_cast<const T*>(p.beta);
     const T* add = p.add ? static_cast<const T*>(p.add) + row / p.add_every * C : nullptr;
     const bool vec = C % 8 == 0 && aligned;
+    const T* shift = static_cast<const T*>(p.shift);
+    // x + shift rounded to T (as the register path's repacked row), 8 channels from c or channel c.
+    auto row8 = [&](int c, float v[8]) {
+        unpack8<T>(load8<T>(x + c), v);
+        if (shift) {
+            float s[8];
+            unpack8<T>(load8<T>(shift + c), s);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) v[j] = to_f32(from_f32<T>(v[j] + s[j]));
+        }
+    };
+    auto row1 = [&](int c) { return shift ? to_f32(from_f32<T>(to_f32(x[c]) + to_f32(shift[c]))) : to_f32(x[c]); };
 
     float sum = 0.0f;
     if (vec) {
         for (int c = lane * 8; c < C; c += 256) {
             float v[8];
-            unpack8<T>(load8<T>(x + c), v);
+            row8(c, v);
 #pragma unroll
             for (int j = 0; j < 8; ++j) sum += v[j];
         }
     } else {
-        for (int c = lane; c < C; c += 32) sum += to_f32(x[c]);
+        for (int c = lane; c < C; c += 32) sum += row1(c);
     }
     const float mean = warp_sum(sum) / C;
 
@@ -164,19 +192,19 @@ template <typename T, bool E4M3> __device__ void layer_norm(const LayerNormParam
     if (vec) {
         for (int c = lane * 8; c < C; c += 256) {
             float v[8];
-            unpack8<T>(load8<T>(x + c), v);
+            row8(c, v);
 #pragma unroll
             for (int j = 0; j < 8; ++j) m2 += (v[j] - mean) * (v[j] - mean);
         }
     } else {
-        for (int c = lane; c < C; c += 32) m2 += (to_f32(x[c]) - mean) * (to_f32(x[c]) - mean);
+        for (int c = lane; c < C; c += 32) m2 += (row1(c) - mean) * (row1(c) - mean);
     }
     const float rstd = rsqrtf(warp_sum(m2) / C + p.eps);
 
     // The affine outputs of the 8 channels from c (vectorised rows) or of channel c alone.
     auto affine8 = [&](int c, float v[8]) {
         float g[8] = {1, 1, 1, 1, 1, 1, 1, 1}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0}, a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        unpack8<T>(load8<T>(x + c), v);
+        row8(c, v);
         if (gamma) unpack8<T>(load8<T>(gamma + c), g);
         if (beta) unpack8<T>(load8<T>(beta + c), b);
         if (add) unpack8<T>(load8<T>(add + c), a);
@@ -186,7 +214,7 @@ template <typename T, bool E4M3> __device__ void layer_norm(const LayerNormParam
     auto affine1 = [&](int c) {
         const float g = gamma ? to_f32(gamma[c]) : 1.0f, b = beta ? to_f32(beta[c]) : 0.0f;
         const float a = add ? to_f32(add[c]) : 0.0f;
-        return (to_f32(x[c]) - mean) * rstd * g + b + a;
+        return (row1(c) - mean) * rstd * g + b + a;
     };
     if constexpr (E4M3) {
         float m = 0.0f;

@@ -7,8 +7,12 @@
 //! the choices are shared by every thread's `Dnn` (the device threads of a split render,
 //! `pipeline::devices`), and a search runs under a lock, so two devices never run one shape with
 //! different algorithms.
+//!
+//! `conv2d_residual` is the ResNet tail's fused form, y = conv(x, w) + z + bias in one
+//! cudnnConvolutionBiasActivationForward call, with plans of its own (`ResidualPlan`): it never
+//! searches and never touches the plain convolutions' plans or recorded choices.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::c_void;
 use std::sync::{LazyLock, Mutex, MutexGuard};
 
@@ -41,13 +45,145 @@ impl ConvShape {
     }
 }
 
-struct Plan {
+/// A convolution's cuDNN descriptors: x, y (NHWC) and w (KRSC) of its shape, and the convolution
+/// (fp32 compute, tensor-op math for 16-bit tensors, FMA for f32); destroyed with it.
+struct ConvDescriptors {
     x: dnn::cudnnTensorDescriptor_t,
     w: dnn::cudnnFilterDescriptor_t,
     y: dnn::cudnnTensorDescriptor_t,
     conv: dnn::cudnnConvolutionDescriptor_t,
+}
+
+impl ConvDescriptors {
+    unsafe fn new(s: &ConvShape) -> Result<ConvDescriptors> {
+        let dt = data_type(s.dtype);
+        let nhwc = dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
+        let (oh, ow) = s.out_hw();
+        let i = |v: usize| v as i32;
+        // Made one by one; a failure drops what was made (the rest are null).
+        let (x, y) = (std::ptr::null_mut(), std::ptr::null_mut());
+        let mut d = ConvDescriptors { x, w: std::ptr::null_mut(), y, conv: std::ptr::null_mut() };
+        unsafe {
+            check("cudnnCreateTensorDescriptor", dnn::cudnnCreateTensorDescriptor(&mut d.x))?;
+            check("cudnnCreateTensorDescriptor", dnn::cudnnCreateTensorDescriptor(&mut d.y))?;
+            check("cudnnCreateFilterDescriptor", dnn::cudnnCreateFilterDescriptor(&mut d.w))?;
+            check("cudnnCreateConvolutionDescriptor", dnn::cudnnCreateConvolutionDescriptor(&mut d.conv))?;
+            check(
+                "cudnnSetTensor4dDescriptor(x)",
+                dnn::cudnnSetTensor4dDescriptor(d.x, nhwc, dt, i(s.batch), i(s.in_channels), i(s.height), i(s.width)),
+            )?;
+            check(
+                "cudnnSetTensor4dDescriptor(y)",
+                dnn::cudnnSetTensor4dDescriptor(d.y, nhwc, dt, i(s.batch), i(s.out_channels), i(oh), i(ow)),
+            )?;
+            check(
+                "cudnnSetFilter4dDescriptor",
+                dnn::cudnnSetFilter4dDescriptor(
+                    d.w,
+                    dt,
+                    nhwc,
+                    i(s.out_channels),
+                    i(s.in_channels),
+                    i(s.kernel),
+                    i(s.kernel),
+                ),
+            )?;
+            check(
+                "cudnnSetConvolution2dDescriptor",
+                dnn::cudnnSetConvolution2dDescriptor(
+                    d.conv,
+                    i(s.padding),
+                    i(s.padding),
+                    i(s.stride),
+                    i(s.stride),
+                    1,
+                    1,
+                    dnn::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                    dnn::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                ),
+            )?;
+            let math = if s.dtype == DType::F32 {
+                dnn::cudnnMathType_t::CUDNN_FMA_MATH
+            } else {
+                dnn::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+            };
+            check("cudnnSetConvolutionMathType", dnn::cudnnSetConvolutionMathType(d.conv, math))?;
+        }
+        Ok(d)
+    }
+}
+
+impl Drop for ConvDescriptors {
+    fn drop(&mut self) {
+        unsafe {
+            for t in [self.x, self.y] {
+                if !t.is_null() {
+                    dnn::cudnnDestroyTensorDescriptor(t);
+                }
+            }
+            if !self.w.is_null() {
+                dnn::cudnnDestroyFilterDescriptor(self.w);
+            }
+            if !self.conv.is_null() {
+                dnn::cudnnDestroyConvolutionDescriptor(self.conv);
+            }
+        }
+    }
+}
+
+struct Plan {
+    d: ConvDescriptors,
     algo: dnn::cudnnConvolutionFwdAlgo_t,
     workspace: usize,
+}
+
+/// The fused convolution + residual of one shape: y = act(alpha1 * conv(x) + alpha2 * z + bias)
+/// through cudnnConvolutionBiasActivationForward, with the identity activation and alpha1 = alpha2
+/// = 1. cuDNN documents CUDNN_ACTIVATION_IDENTITY in that call as working only with
+/// CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM, so the algorithm is fixed (no search, nothing
+/// recorded: the plan is the same in every process, so are the bytes). z has y's shape and
+/// dtype, so `y` describes both.
+struct ResidualPlan {
+    d: ConvDescriptors,
+    bias: dnn::cudnnTensorDescriptor_t,
+    act: dnn::cudnnActivationDescriptor_t,
+    workspace: usize,
+}
+
+impl Drop for ResidualPlan {
+    /// Destroys what was made (a plan refused half-way holds nulls for the rest).
+    fn drop(&mut self) {
+        unsafe {
+            if !self.bias.is_null() {
+                dnn::cudnnDestroyTensorDescriptor(self.bias);
+            }
+            if !self.act.is_null() {
+                dnn::cudnnDestroyActivationDescriptor(self.act);
+            }
+        }
+    }
+}
+
+/// The algorithm of every fused plan (see `ResidualPlan`).
+const RESIDUAL_ALGO: dnn::cudnnConvolutionFwdAlgo_t =
+    dnn::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM;
+
+/// The library functions the fused form calls, looked up once: a libcudnn without one of them
+/// refuses the fused form for every shape instead of panicking in the loader.
+const RESIDUAL_SYMBOLS: [&str; 4] = [
+    "cudnnConvolutionBiasActivationForward",
+    "cudnnCreateActivationDescriptor",
+    "cudnnSetActivationDescriptor",
+    "cudnnDestroyActivationDescriptor",
+];
+
+/// Shapes whose fused form cuDNN refused in this process, by `AlgoCache` name (cuDNN version and
+/// device): every thread's `Dnn` (the device threads of a split render) then runs them the same
+/// way, the plain convolution and the residual pass.
+static REFUSED: LazyLock<Mutex<HashSet<(String, ConvShape)>>> = LazyLock::new(Mutex::default);
+
+fn refused_shapes() -> MutexGuard<'static, HashSet<(String, ConvShape)>> {
+    REFUSED.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 pub struct Dnn {
@@ -55,6 +191,10 @@ pub struct Dnn {
     /// The compute stream the handle is bound to (checked for a CUDA graph capture under way).
     stream: cudarc::driver::sys::CUstream,
     plans: HashMap<ConvShape, Plan>,
+    /// Fused convolution + residual plans (`conv2d_residual`), apart from `plans`.
+    residual: HashMap<ConvShape, ResidualPlan>,
+    /// Whether libcudnn exports every function of RESIDUAL_SYMBOLS.
+    residual_symbols: bool,
     workspace: Option<DeviceMem>,
     algos: AlgoCache,
 }
@@ -187,83 +327,27 @@ impl Dnn {
         let mut handle = std::ptr::null_mut();
         check("cudnnCreate", unsafe { dnn::cudnnCreate(&mut handle) })?;
         check("cudnnSetStream", unsafe { dnn::cudnnSetStream(handle, gpu.stream() as dnn::cudaStream_t) })?;
+        // SAFETY: the library is present (checked above); looking a symbol up calls nothing.
+        let lib = unsafe { dnn::culib() };
+        let residual_symbols =
+            RESIDUAL_SYMBOLS.iter().all(|name| unsafe { lib.get::<unsafe extern "C" fn()>(name.as_bytes()) }.is_ok());
         Ok(Dnn {
             handle,
             stream: gpu.stream(),
             plans: HashMap::new(),
+            residual: HashMap::new(),
+            residual_symbols,
             workspace: None,
             algos: AlgoCache::open(&gpu.info().name),
         })
     }
 
     unsafe fn make_plan(&mut self, s: &ConvShape, x: u64, w: u64, y: u64) -> Result<Plan> {
-        let dt = data_type(s.dtype);
-        let nhwc = dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
-        let (oh, ow) = s.out_hw();
-        let i = |v: usize| v as i32;
         let mut plan = Plan {
-            x: std::ptr::null_mut(),
-            w: std::ptr::null_mut(),
-            y: std::ptr::null_mut(),
-            conv: std::ptr::null_mut(),
+            d: unsafe { ConvDescriptors::new(s)? },
             algo: dnn::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
             workspace: 0,
         };
-        unsafe {
-            check("cudnnCreateTensorDescriptor", dnn::cudnnCreateTensorDescriptor(&mut plan.x))?;
-            check("cudnnCreateTensorDescriptor", dnn::cudnnCreateTensorDescriptor(&mut plan.y))?;
-            check("cudnnCreateFilterDescriptor", dnn::cudnnCreateFilterDescriptor(&mut plan.w))?;
-            check("cudnnCreateConvolutionDescriptor", dnn::cudnnCreateConvolutionDescriptor(&mut plan.conv))?;
-            check(
-                "cudnnSetTensor4dDescriptor(x)",
-                dnn::cudnnSetTensor4dDescriptor(
-                    plan.x,
-                    nhwc,
-                    dt,
-                    i(s.batch),
-                    i(s.in_channels),
-                    i(s.height),
-                    i(s.width),
-                ),
-            )?;
-            check(
-                "cudnnSetTensor4dDescriptor(y)",
-                dnn::cudnnSetTensor4dDescriptor(plan.y, nhwc, dt, i(s.batch), i(s.out_channels), i(oh), i(ow)),
-            )?;
-            check(
-                "cudnnSetFilter4dDescriptor",
-                dnn::cudnnSetFilter4dDescriptor(
-                    plan.w,
-                    dt,
-                    nhwc,
-                    i(s.out_channels),
-                    i(s.in_channels),
-                    i(s.kernel),
-                    i(s.kernel),
-                ),
-            )?;
-            let compute = dnn::cudnnDataType_t::CUDNN_DATA_FLOAT;
-            check(
-                "cudnnSetConvolution2dDescriptor",
-                dnn::cudnnSetConvolution2dDescriptor(
-                    plan.conv,
-                    i(s.padding),
-                    i(s.padding),
-                    i(s.stride),
-                    i(s.stride),
-                    1,
-                    1,
-                    dnn::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
-                    compute,
-                ),
-            )?;
-            let math = if s.dtype == DType::F32 {
-                dnn::cudnnMathType_t::CUDNN_FMA_MATH
-            } else {
-                dnn::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
-            };
-            check("cudnnSetConvolutionMathType", dnn::cudnnSetConvolutionMathType(plan.conv, math))?;
-        }
         // Held through the search and its record: another thread's search of the shape waits and
         // then takes this one's choice.
         let mut chosen = shared_choices();
@@ -281,12 +365,12 @@ impl Dnn {
         check("cudnnFindConvolutionForwardAlgorithmEx", unsafe {
             dnn::cudnnFindConvolutionForwardAlgorithmEx(
                 self.handle,
-                plan.x,
+                plan.d.x,
                 x as *const c_void,
-                plan.w,
+                plan.d.w,
                 w as *const c_void,
-                plan.conv,
-                plan.y,
+                plan.d.conv,
+                plan.d.y,
                 y as *mut c_void,
                 perf.len() as i32,
                 &mut returned,
@@ -318,14 +402,14 @@ impl Dnn {
     unsafe fn apply(&self, plan: &mut Plan, choice: Choice) -> Result<()> {
         plan.algo = choice.algo;
         unsafe {
-            check("cudnnSetConvolutionMathType", dnn::cudnnSetConvolutionMathType(plan.conv, choice.math))?;
+            check("cudnnSetConvolutionMathType", dnn::cudnnSetConvolutionMathType(plan.d.conv, choice.math))?;
             check("cudnnGetConvolutionForwardWorkspaceSize", {
                 dnn::cudnnGetConvolutionForwardWorkspaceSize(
                     self.handle,
-                    plan.x,
-                    plan.w,
-                    plan.conv,
-                    plan.y,
+                    plan.d.x,
+                    plan.d.w,
+                    plan.d.conv,
+                    plan.d.y,
                     choice.algo,
                     &mut plan.workspace,
                 )
@@ -361,32 +445,158 @@ impl Dnn {
             dnn::cudnnConvolutionForward(
                 self.handle,
                 &alpha as *const f32 as *const c_void,
-                plan.x,
+                plan.d.x,
                 x as *const c_void,
-                plan.w,
+                plan.d.w,
                 w as *const c_void,
-                plan.conv,
+                plan.d.conv,
                 plan.algo,
                 ws as *mut c_void,
                 need,
                 &beta as *const f32 as *const c_void,
-                plan.y,
+                plan.d.y,
                 y as *mut c_void,
             )
         })
+    }
+
+    /// Whether the fused form runs for `s`: its plan is made on first use (descriptors and
+    /// cuDNN's workspace query; no timing, nothing recorded). Where cuDNN refuses it (any status
+    /// but success from making the plan or its workspace query), the refusal is said once on
+    /// stderr and remembered for the process, and this answers false from then on. Making a plan
+    /// queues nothing on the stream, so it may happen under a CUDA graph capture (growing the
+    /// workspace may not: `workspace_of`); the renderer's warm-up run makes them first anyway.
+    pub fn residual_ready(&mut self, s: &ConvShape) -> Result<bool> {
+        if self.residual.contains_key(s) {
+            return Ok(true);
+        }
+        if refused_shapes().contains(&(self.algos.name.clone(), *s)) {
+            return Ok(false);
+        }
+        if !self.residual_symbols {
+            self.refuse(s, "libcudnn lacks cudnnConvolutionBiasActivationForward or the activation descriptors");
+            return Ok(false);
+        }
+        match unsafe { self.make_residual_plan(s) } {
+            Ok(plan) => {
+                self.residual.insert(*s, plan);
+                Ok(true)
+            }
+            Err(why) => {
+                self.refuse(s, &why);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Remembers that cuDNN refused the fused form for `s` (said on stderr the first time).
+    fn refuse(&mut self, s: &ConvShape, why: &str) {
+        self.residual.remove(s);
+        if refused_shapes().insert((self.algos.name.clone(), *s)) {
+            eprintln!(
+                "note: cuDNN refused the fused convolution + residual for {s:?} ({why}); that shape runs the \
+                 convolution, then the residual pass"
+            );
+        }
+    }
+
+    /// The fused plan of `s`, or the failing call and its status.
+    unsafe fn make_residual_plan(&self, s: &ConvShape) -> std::result::Result<ResidualPlan, String> {
+        let ok = |call: &str, status: dnn::cudnnStatus_t| {
+            if status == dnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS { Ok(()) } else { Err(format!("{call}: {status:?}")) }
+        };
+        let d = unsafe { ConvDescriptors::new(s) }.map_err(|e| e.to_string())?;
+        let mut plan = ResidualPlan { d, bias: std::ptr::null_mut(), act: std::ptr::null_mut(), workspace: 0 };
+        unsafe {
+            ok("cudnnCreateTensorDescriptor", dnn::cudnnCreateTensorDescriptor(&mut plan.bias))?;
+            ok("cudnnCreateActivationDescriptor", dnn::cudnnCreateActivationDescriptor(&mut plan.act))?;
+            // The bias is [1, K, 1, 1] in the tensors' own type. cuDNN's table of data-type
+            // configurations for cudnnConvolutionBiasActivationForward asks for a float bias only
+            // in the INT8 configurations; the floating ones (PSEUDO_HALF, PSEUDO_BFLOAT16, FLOAT:
+            // 16-bit or float tensors, float compute) take it in the tensors' type, as PyTorch's
+            // cudnn_convolution_add_relu passes it.
+            let nhwc = dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
+            ok(
+                "cudnnSetTensor4dDescriptor(bias)",
+                dnn::cudnnSetTensor4dDescriptor(plan.bias, nhwc, data_type(s.dtype), 1, s.out_channels as i32, 1, 1),
+            )?;
+            ok(
+                "cudnnSetActivationDescriptor(identity)",
+                dnn::cudnnSetActivationDescriptor(
+                    plan.act,
+                    dnn::cudnnActivationMode_t::CUDNN_ACTIVATION_IDENTITY,
+                    dnn::cudnnNanPropagation_t::CUDNN_NOT_PROPAGATE_NAN,
+                    0.0,
+                ),
+            )?;
+            ok(
+                "cudnnGetConvolutionForwardWorkspaceSize(IMPLICIT_PRECOMP_GEMM)",
+                dnn::cudnnGetConvolutionForwardWorkspaceSize(
+                    self.handle,
+                    plan.d.x,
+                    plan.d.w,
+                    plan.d.conv,
+                    plan.d.y,
+                    RESIDUAL_ALGO,
+                    &mut plan.workspace,
+                ),
+            )?;
+        }
+        Ok(plan)
+    }
+
+    /// y = conv(x, w) + z + bias in one cudnnConvolutionBiasActivationForward call: the
+    /// convolution accumulated in fp32, z and the bias added before the one rounding to the dtype.
+    /// x, w, z, bias, y are device addresses (NHWC / KRSC, z as y, bias [K]). Ok(false) where cuDNN
+    /// refuses the fused form for `s` (`residual_ready`) or the call returns any status but
+    /// success: then nothing may be assumed of y, the refusal is remembered, and the caller
+    /// computes y by the plain convolution and the residual pass. Errors are for what the caller
+    /// must hear (a workspace that may not grow under a CUDA graph capture).
+    pub fn conv2d_residual(&mut self, s: &ConvShape, x: u64, w: u64, z: u64, bias: u64, y: u64) -> Result<bool> {
+        if !self.residual_ready(s)? {
+            return Ok(false);
+        }
+        let need = self.residual[s].workspace;
+        let ws = if need > 0 { self.workspace_of(need)? } else { 0 };
+        let plan = &self.residual[s];
+        // Scaling factors are float for every configuration but the double one (cuDNN's rule for
+        // alpha and beta), here alpha1 (the convolution) and alpha2 (z).
+        let (alpha1, alpha2) = (1.0f32, 1.0f32);
+        let status = unsafe {
+            dnn::cudnnConvolutionBiasActivationForward(
+                self.handle,
+                &alpha1 as *const f32 as *const c_void,
+                plan.d.x,
+                x as *const c_void,
+                plan.d.w,
+                w as *const c_void,
+                plan.d.conv,
+                RESIDUAL_ALGO,
+                ws as *mut c_void,
+                need,
+                &alpha2 as *const f32 as *const c_void,
+                plan.d.y,
+                z as *const c_void,
+                plan.bias,
+                bias as *const c_void,
+                plan.act,
+                plan.d.y,
+                y as *mut c_void,
+            )
+        };
+        if status == dnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
+            return Ok(true);
+        }
+        self.refuse(s, &format!("cudnnConvolutionBiasActivationForward: {status:?}"));
+        Ok(false)
     }
 }
 
 impl Drop for Dnn {
     fn drop(&mut self) {
-        for (_, p) in self.plans.drain() {
-            unsafe {
-                dnn::cudnnDestroyTensorDescriptor(p.x);
-                dnn::cudnnDestroyTensorDescriptor(p.y);
-                dnn::cudnnDestroyFilterDescriptor(p.w);
-                dnn::cudnnDestroyConvolutionDescriptor(p.conv);
-            }
-        }
+        // The plans' descriptors go first, then the handle.
+        self.residual.clear();
+        self.plans.clear();
         unsafe { dnn::cudnnDestroy(self.handle) };
     }
 }

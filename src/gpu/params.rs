@@ -183,12 +183,13 @@ pub struct GroupNormParams {
     pub rows: i32,
     pub chunks: i32,
     pub lag: i32,
+    pub x_bias_every: i64,
     pub silu: i32,
     pub eps: f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of GroupNormParams"][::std::mem::size_of::<GroupNormParams>() - 96usize];
+    ["Size of GroupNormParams"][::std::mem::size_of::<GroupNormParams>() - 104usize];
     ["Alignment of GroupNormParams"][::std::mem::align_of::<GroupNormParams>() - 8usize];
     ["Offset of field: GroupNormParams::x"][::std::mem::offset_of!(GroupNormParams, x) - 0usize];
     ["Offset of field: GroupNormParams::x_bias"][::std::mem::offset_of!(GroupNormParams, x_bias) - 8usize];
@@ -203,8 +204,9 @@ const _: () = {
     ["Offset of field: GroupNormParams::rows"][::std::mem::offset_of!(GroupNormParams, rows) - 72usize];
     ["Offset of field: GroupNormParams::chunks"][::std::mem::offset_of!(GroupNormParams, chunks) - 76usize];
     ["Offset of field: GroupNormParams::lag"][::std::mem::offset_of!(GroupNormParams, lag) - 80usize];
-    ["Offset of field: GroupNormParams::silu"][::std::mem::offset_of!(GroupNormParams, silu) - 84usize];
-    ["Offset of field: GroupNormParams::eps"][::std::mem::offset_of!(GroupNormParams, eps) - 88usize];
+    ["Offset of field: GroupNormParams::x_bias_every"][::std::mem::offset_of!(GroupNormParams, x_bias_every) - 88usize];
+    ["Offset of field: GroupNormParams::silu"][::std::mem::offset_of!(GroupNormParams, silu) - 96usize];
+    ["Offset of field: GroupNormParams::eps"][::std::mem::offset_of!(GroupNormParams, eps) - 100usize];
 };
 impl Default for GroupNormParams {
     fn default() -> Self {
@@ -224,6 +226,7 @@ pub struct GroupNormClusterParams {
     pub gamma: *const ::std::os::raw::c_void,
     pub beta: *const ::std::os::raw::c_void,
     pub pixels: i64,
+    pub x_bias_every: i64,
     pub channels: i32,
     pub group_channels: i32,
     pub slice_channels: i32,
@@ -235,7 +238,7 @@ pub struct GroupNormClusterParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of GroupNormClusterParams"][::std::mem::size_of::<GroupNormClusterParams>() - 80usize];
+    ["Size of GroupNormClusterParams"][::std::mem::size_of::<GroupNormClusterParams>() - 88usize];
     ["Alignment of GroupNormClusterParams"][::std::mem::align_of::<GroupNormClusterParams>() - 8usize];
     ["Offset of field: GroupNormClusterParams::x"][::std::mem::offset_of!(GroupNormClusterParams, x) - 0usize];
     ["Offset of field: GroupNormClusterParams::x_bias"]
@@ -245,19 +248,21 @@ const _: () = {
     ["Offset of field: GroupNormClusterParams::beta"][::std::mem::offset_of!(GroupNormClusterParams, beta) - 32usize];
     ["Offset of field: GroupNormClusterParams::pixels"]
         [::std::mem::offset_of!(GroupNormClusterParams, pixels) - 40usize];
+    ["Offset of field: GroupNormClusterParams::x_bias_every"]
+        [::std::mem::offset_of!(GroupNormClusterParams, x_bias_every) - 48usize];
     ["Offset of field: GroupNormClusterParams::channels"]
-        [::std::mem::offset_of!(GroupNormClusterParams, channels) - 48usize];
+        [::std::mem::offset_of!(GroupNormClusterParams, channels) - 56usize];
     ["Offset of field: GroupNormClusterParams::group_channels"]
-        [::std::mem::offset_of!(GroupNormClusterParams, group_channels) - 52usize];
+        [::std::mem::offset_of!(GroupNormClusterParams, group_channels) - 60usize];
     ["Offset of field: GroupNormClusterParams::slice_channels"]
-        [::std::mem::offset_of!(GroupNormClusterParams, slice_channels) - 56usize];
+        [::std::mem::offset_of!(GroupNormClusterParams, slice_channels) - 64usize];
     ["Offset of field: GroupNormClusterParams::slice_groups"]
-        [::std::mem::offset_of!(GroupNormClusterParams, slice_groups) - 60usize];
+        [::std::mem::offset_of!(GroupNormClusterParams, slice_groups) - 68usize];
     ["Offset of field: GroupNormClusterParams::tile_pixels"]
-        [::std::mem::offset_of!(GroupNormClusterParams, tile_pixels) - 64usize];
-    ["Offset of field: GroupNormClusterParams::rows"][::std::mem::offset_of!(GroupNormClusterParams, rows) - 68usize];
-    ["Offset of field: GroupNormClusterParams::silu"][::std::mem::offset_of!(GroupNormClusterParams, silu) - 72usize];
-    ["Offset of field: GroupNormClusterParams::eps"][::std::mem::offset_of!(GroupNormClusterParams, eps) - 76usize];
+        [::std::mem::offset_of!(GroupNormClusterParams, tile_pixels) - 72usize];
+    ["Offset of field: GroupNormClusterParams::rows"][::std::mem::offset_of!(GroupNormClusterParams, rows) - 76usize];
+    ["Offset of field: GroupNormClusterParams::silu"][::std::mem::offset_of!(GroupNormClusterParams, silu) - 80usize];
+    ["Offset of field: GroupNormClusterParams::eps"][::std::mem::offset_of!(GroupNormClusterParams, eps) - 84usize];
 };
 impl Default for GroupNormClusterParams {
     fn default() -> Self {
@@ -272,6 +277,7 @@ impl Default for GroupNormClusterParams {
 #[derive(Debug, Copy, Clone)]
 pub struct LayerNormParams {
     pub x: *const ::std::os::raw::c_void,
+    pub shift: *const ::std::os::raw::c_void,
     pub y: *mut ::std::os::raw::c_void,
     pub gamma: *const ::std::os::raw::c_void,
     pub beta: *const ::std::os::raw::c_void,
@@ -285,19 +291,20 @@ pub struct LayerNormParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LayerNormParams"][::std::mem::size_of::<LayerNormParams>() - 80usize];
+    ["Size of LayerNormParams"][::std::mem::size_of::<LayerNormParams>() - 88usize];
     ["Alignment of LayerNormParams"][::std::mem::align_of::<LayerNormParams>() - 8usize];
     ["Offset of field: LayerNormParams::x"][::std::mem::offset_of!(LayerNormParams, x) - 0usize];
-    ["Offset of field: LayerNormParams::y"][::std::mem::offset_of!(LayerNormParams, y) - 8usize];
-    ["Offset of field: LayerNormParams::gamma"][::std::mem::offset_of!(LayerNormParams, gamma) - 16usize];
-    ["Offset of field: LayerNormParams::beta"][::std::mem::offset_of!(LayerNormParams, beta) - 24usize];
-    ["Offset of field: LayerNormParams::add"][::std::mem::offset_of!(LayerNormParams, add) - 32usize];
-    ["Offset of field: LayerNormParams::q"][::std::mem::offset_of!(LayerNormParams, q) - 40usize];
-    ["Offset of field: LayerNormParams::q_scales"][::std::mem::offset_of!(LayerNormParams, q_scales) - 48usize];
-    ["Offset of field: LayerNormParams::rows"][::std::mem::offset_of!(LayerNormParams, rows) - 56usize];
-    ["Offset of field: LayerNormParams::add_every"][::std::mem::offset_of!(LayerNormParams, add_every) - 64usize];
-    ["Offset of field: LayerNormParams::channels"][::std::mem::offset_of!(LayerNormParams, channels) - 72usize];
-    ["Offset of field: LayerNormParams::eps"][::std::mem::offset_of!(LayerNormParams, eps) - 76usize];
+    ["Offset of field: LayerNormParams::shift"][::std::mem::offset_of!(LayerNormParams, shift) - 8usize];
+    ["Offset of field: LayerNormParams::y"][::std::mem::offset_of!(LayerNormParams, y) - 16usize];
+    ["Offset of field: LayerNormParams::gamma"][::std::mem::offset_of!(LayerNormParams, gamma) - 24usize];
+    ["Offset of field: LayerNormParams::beta"][::std::mem::offset_of!(LayerNormParams, beta) - 32usize];
+    ["Offset of field: LayerNormParams::add"][::std::mem::offset_of!(LayerNormParams, add) - 40usize];
+    ["Offset of field: LayerNormParams::q"][::std::mem::offset_of!(LayerNormParams, q) - 48usize];
+    ["Offset of field: LayerNormParams::q_scales"][::std::mem::offset_of!(LayerNormParams, q_scales) - 56usize];
+    ["Offset of field: LayerNormParams::rows"][::std::mem::offset_of!(LayerNormParams, rows) - 64usize];
+    ["Offset of field: LayerNormParams::add_every"][::std::mem::offset_of!(LayerNormParams, add_every) - 72usize];
+    ["Offset of field: LayerNormParams::channels"][::std::mem::offset_of!(LayerNormParams, channels) - 80usize];
+    ["Offset of field: LayerNormParams::eps"][::std::mem::offset_of!(LayerNormParams, eps) - 84usize];
 };
 impl Default for LayerNormParams {
     fn default() -> Self {

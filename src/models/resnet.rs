@@ -5,7 +5,7 @@
 use super::weights::Scope;
 use crate::error::Result;
 use crate::ops::Exec;
-use crate::ops::conv::{Conv2d, conv2d};
+use crate::ops::conv::{Conv2d, ConvResidual, conv2d, conv2d_residual};
 use crate::ops::elementwise::{add, residual_add};
 use crate::ops::linear::linear;
 use crate::ops::norm::{GroupNorm, group_norm, group_norm_of_biased};
@@ -75,25 +75,20 @@ pub fn forward_frames(
     let conv1_bias = w.get("conv1.bias")?;
     h = conv2d(ex, &h, w.get("conv1.weight")?, None, same)?;
     // 2. + time_emb_proj(SiLU(emb)) + conv1's bias per image or video: [B, T] -> [B, out] (conv1's
-    // bias added to the projection's), broadcast over the video's frames and H, W by viewing
-    // h [B*F, H, W, out] as [B, F*H, W, out]. Without a time embedding (the VAE) conv1's bias
-    // rides in norm2 instead.
-    if let Some(emb_act) = emb_act {
-        let bias = add(ex, w.get("time_emb_proj.bias")?, conv1_bias, 1.0)?;
-        let t = linear(ex, emb_act, w.get("time_emb_proj.weight")?, Some(&bias))?;
-        let s = h.shape().to_vec();
-        let videos = t.shape()[0].max(1);
-        let per_video = h.reshape(&[videos, s[0] / videos * s[1], s[2], s[3]])?;
-        h = add(ex, &per_video, &t, 1.0)?.reshape(&s)?;
-    }
-    // 3. h = conv2(SiLU(norm2(h))) (dropout is the identity at inference), its bias left to step 4
-    let (norm2_weight, norm2_bias) = (w.get("norm2.weight")?, w.get("norm2.bias")?);
-    h = match emb_act {
-        None => group_norm_of_biased(ex, &h, conv1_bias, norm2_weight, norm2_bias, gn)?,
-        Some(_) => group_norm(ex, &h, norm2_weight, norm2_bias, gn)?,
+    // bias added to the projection's). Without a time embedding (the VAE) conv1's bias alone.
+    let shift = match emb_act {
+        Some(emb_act) => {
+            let bias = add(ex, w.get("time_emb_proj.bias")?, conv1_bias, 1.0)?;
+            linear(ex, emb_act, w.get("time_emb_proj.weight")?, Some(&bias))?
+        }
+        None => conv1_bias.clone(),
     };
-    h = conv2d(ex, &h, w.get("conv2.weight")?, None, same)?;
-    // 4. (shortcut(x) + h) / output_scale, both convolutions' biases added in the same pass
+    // 3. h = SiLU(norm2(h + shift)) (dropout is the identity at inference): the shift is added
+    // inside norm2 (one row per image or video, over its frames' pixels), not by a pass over h
+    h = group_norm_of_biased(ex, &h, &shift, w.get("norm2.weight")?, w.get("norm2.bias")?, gn)?;
+    // 4. (shortcut(x) + conv2(h)) / output_scale with both convolutions' biases: conv2 runs here,
+    // on step 3's h, and the shortcut conv without its bias, which joins conv2's.
+    let (conv2_weight, conv2_bias) = (w.get("conv2.weight")?, w.get("conv2.bias")?);
     let (shortcut, shortcut_bias) = match r.has_shortcut() {
         true => (
             conv2d(ex, x, w.get("conv_shortcut.weight")?, None, Conv2d { stride: 1, padding: 0 })?,
@@ -101,7 +96,19 @@ pub fn forward_frames(
         ),
         false => (x.clone(), None),
     };
-    residual_add(ex, &h, &shortcut, w.get("conv2.bias")?, shortcut_bias, 1.0 / cfg.output_scale)
+    // At output scale 1 (SDXL's UNet and VAE) one cuDNN call adds the shortcut and the biases to
+    // conv2's fp32 sums before its one rounding (`conv2d_residual`; a shape cuDNN refuses takes
+    // the pass below); the two biases are summed per forward, as LoRAs may change them.
+    if cfg.output_scale == 1.0 && ConvResidual::from_env()? == ConvResidual::Fused {
+        let bias = match shortcut_bias {
+            Some(b) => add(ex, conv2_bias, b, 1.0)?,
+            None => conv2_bias.clone(),
+        };
+        return conv2d_residual(ex, &h, conv2_weight, &shortcut, &bias, same);
+    }
+    // Otherwise conv2 alone, then one pass adding the shortcut and both biases in fp32.
+    h = conv2d(ex, &h, conv2_weight, None, same)?;
+    residual_add(ex, &h, &shortcut, conv2_bias, shortcut_bias, 1.0 / cfg.output_scale)
 }
 
 /// The block's tensors (PyTorch shapes) under `prefix`; `temb` is the time embedding width, None

@@ -14,10 +14,10 @@ use super::weights::{Fusion, ModelWeights, Scope, WeightsState};
 use crate::error::{Error, Result};
 use crate::ops::Exec;
 use crate::ops::attention::{Columns, FlashAttention, attention_grouped};
-use crate::ops::elementwise::{geglu, geglu_fp8};
+use crate::ops::elementwise::{add, geglu, geglu_fp8};
 use crate::ops::fp8::{Fp8Scaling, linear_fp8_quantized};
 use crate::ops::linear::{LinearWeight, linear, linear_add, linear_geglu};
-use crate::ops::norm::{GroupNorm, group_norm, layer_norm_add, layer_norm_fp8};
+use crate::ops::norm::{GroupNorm, group_norm, layer_norm_fp8, layer_norm_shifted};
 use crate::tensor::Tensor;
 use crate::weights::TensorSpec;
 
@@ -95,20 +95,57 @@ fn as_matrix(w: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// BasicTransformerBlock's LayerNorm `name` (norm1, norm2, norm3) of `w` on x.
-pub(crate) fn block_norm(ex: &Exec, w: &Scope, name: &str, x: &Tensor) -> Result<Tensor> {
-    block_norm_add(ex, w, name, x, None)
+/// Output biases a residual stream has not received yet. The motion modules' linears that end in
+/// the stream (proj_in, to_out.0, ff.net.2) leave their biases out of the GEMM's epilogue: the
+/// next LayerNorm adds their sum to the stream before its statistics (`layer_norm_shifted`), and
+/// the stream's last linear, proj_out, takes the sum through its weight. At the motion modules'
+/// level 0 (N = 320) cuBLASLt's bias epilogue makes a GEMM with the residual 1.5-1.8x slower
+/// (benches/RESULTS.md); the norm's shift costs nothing. `Default`: none pending, each linear
+/// adds its own bias.
+#[derive(Default)]
+pub(crate) struct PendingBias(Option<Tensor>);
+
+impl PendingBias {
+    /// The stream lacks `bias` (its first linear's).
+    pub(crate) fn starting_with(bias: &Tensor) -> PendingBias {
+        PendingBias(Some(bias.clone()))
+    }
+
+    /// What the stream lacks, for the next LayerNorm to add.
+    pub(crate) fn shift(&self) -> Option<&Tensor> {
+        self.0.as_ref()
+    }
+
+    /// The bias for the epilogue of a linear ending in the stream: none while biases are pending
+    /// (`bias` joins their sum), else `bias` itself.
+    pub(crate) fn epilogue<'b>(&mut self, ex: &Exec, bias: &'b Tensor) -> Result<Option<&'b Tensor>> {
+        match &mut self.0 {
+            Some(sum) => {
+                *sum = add(ex, sum, bias, 1.0)?;
+                Ok(None)
+            }
+            None => Ok(Some(bias)),
+        }
+    }
 }
 
-/// `block_norm`, then `rows` [B, C] added to each of x [B, L, C]'s rows in the same pass
-/// (`layer_norm_add`).
-pub(crate) fn block_norm_add(ex: &Exec, w: &Scope, name: &str, x: &Tensor, rows: Option<&Tensor>) -> Result<Tensor> {
+/// BasicTransformerBlock's LayerNorm `name` (norm1, norm2, norm3) of `w` on x + `shift` (pending
+/// output biases), then `rows` [B, C] added to each of x [B, L, C]'s rows in the same pass
+/// (`layer_norm_shifted`).
+pub(crate) fn block_norm(
+    ex: &Exec,
+    w: &Scope,
+    name: &str,
+    x: &Tensor,
+    shift: Option<&Tensor>,
+    rows: Option<&Tensor>,
+) -> Result<Tensor> {
     let (weight, bias) = (w.get(&format!("{name}.weight"))?, w.get(&format!("{name}.bias"))?);
-    layer_norm_add(ex, x, Some(weight), Some(bias), LAYER_NORM_EPS, rows)
+    layer_norm_shifted(ex, x, shift, Some(weight), Some(bias), LAYER_NORM_EPS, rows)
 }
 
-/// `block_norm_add` (LayerNorm `norm` of x, then `rows`), then the linear `weight` without bias.
-/// With a per-row FP8 twin the LayerNorm writes e4m3 rows and their scales itself
+/// `block_norm` (LayerNorm `norm` of x + `shift`, then `rows`), then the linear `weight` without
+/// bias. With a per-row FP8 twin the LayerNorm writes e4m3 rows and their scales itself
 /// (`layer_norm_fp8`) and the FP8 GEMM reads them: no 16-bit LayerNorm output, no quantization
 /// pass.
 pub(crate) fn norm_linear(
@@ -116,45 +153,54 @@ pub(crate) fn norm_linear(
     w: &Scope,
     norm: &str,
     x: &Tensor,
+    shift: Option<&Tensor>,
     rows: Option<&Tensor>,
     weight: LinearWeight,
 ) -> Result<Tensor> {
     match weight.fp8.filter(|q| q.scaling() == Fp8Scaling::Rows) {
         Some(q) => {
             let (gamma, beta) = (w.get(&format!("{norm}.weight"))?, w.get(&format!("{norm}.bias"))?);
-            let xq = layer_norm_fp8(ex, x, Some(gamma), Some(beta), LAYER_NORM_EPS, rows)?;
+            let xq = layer_norm_fp8(ex, x, shift, Some(gamma), Some(beta), LAYER_NORM_EPS, rows)?;
             linear_fp8_quantized(ex, &xq, x.shape(), x.dtype(), q, None, None)
         }
-        None => linear(ex, &block_norm_add(ex, w, norm, x, rows)?, weight, None),
+        None => linear(ex, &block_norm(ex, w, norm, x, shift, rows)?, weight, None),
     }
 }
 
 /// BasicTransformerBlock's last step, x + FF(LN3(x)) with the GEGLU feed-forward:
 /// [B, L, C] -> [B, L, 4C] (the [B, L, 8C] projection and GEGLU as one `linear_geglu`) -> [B, L, C],
-/// the residual added in ff.net.2's epilogue. With an FP8 projection, GEGLU and the projection's
-/// bias are one pass after the FP8 product (cuBLASLt takes no bias epilogue there); with a
-/// per-row FP8 twin of ff.net.2, that pass writes ff.net.2's e4m3 rows (`geglu_fp8`).
-pub(crate) fn block_feed_forward(ex: &Exec, w: &Scope, x: &Tensor) -> Result<Tensor> {
+/// the residual added in ff.net.2's epilogue, and ff.net.2's bias too unless biases are `pending`
+/// (then it joins them). With an FP8 projection, GEGLU and the projection's bias are one pass
+/// after the FP8 product (cuBLASLt takes no bias epilogue there); with a per-row FP8 twin of
+/// ff.net.2, that pass writes ff.net.2's e4m3 rows (`geglu_fp8`).
+pub(crate) fn block_feed_forward(ex: &Exec, w: &Scope, x: &Tensor, pending: &mut PendingBias) -> Result<Tensor> {
     let (proj, bias) = (w.linear("ff.net.0.proj.weight")?, w.get("ff.net.0.proj.bias")?);
     let (out, out_bias) = (w.linear("ff.net.2.weight")?, w.get("ff.net.2.bias")?);
     let out_rows = out.fp8.filter(|q| q.scaling() == Fp8Scaling::Rows);
-    if proj.fp8.is_none() && out_rows.is_none() {
-        let f = linear_geglu(ex, &block_norm(ex, w, "norm3", x)?, proj, Some(bias))?;
-        return linear_add(ex, &f, out, Some(out_bias), Some(x));
-    }
-    // The projection alone, then GEGLU: an FP8 projection leaves its bias to GEGLU's pass.
-    let (h, geglu_bias) = match proj.fp8 {
-        Some(_) => (norm_linear(ex, w, "norm3", x, None, proj)?, Some(bias)),
-        None => (linear(ex, &block_norm(ex, w, "norm3", x)?, proj, Some(bias))?, None),
+    let shift = pending.shift().cloned();
+    let shift = shift.as_ref();
+    let (f, geglu_done) = if proj.fp8.is_none() && out_rows.is_none() {
+        (linear_geglu(ex, &block_norm(ex, w, "norm3", x, shift, None)?, proj, Some(bias))?, true)
+    } else {
+        // The projection alone, then GEGLU: an FP8 projection leaves its bias to GEGLU's pass.
+        match proj.fp8 {
+            Some(_) => (norm_linear(ex, w, "norm3", x, shift, None, proj)?, false),
+            None => (linear(ex, &block_norm(ex, w, "norm3", x, shift, None)?, proj, Some(bias))?, false),
+        }
     };
+    let out_bias = pending.epilogue(ex, out_bias)?;
+    if geglu_done {
+        return linear_add(ex, &f, out, out_bias, Some(x));
+    }
+    let geglu_bias = proj.fp8.map(|_| bias);
     match out_rows {
         Some(q) => {
-            let hq = geglu_fp8(ex, &h, geglu_bias)?;
+            let hq = geglu_fp8(ex, &f, geglu_bias)?;
             let mut shape = x.shape().to_vec();
             *shape.last_mut().unwrap() = hq.shape()[1];
-            linear_fp8_quantized(ex, &hq, &shape, x.dtype(), q, Some(out_bias), Some(x))
+            linear_fp8_quantized(ex, &hq, &shape, x.dtype(), q, out_bias, Some(x))
         }
-        None => linear_add(ex, &geglu(ex, &h, geglu_bias)?, out, Some(out_bias), Some(x)),
+        None => linear_add(ex, &geglu(ex, &f, geglu_bias)?, out, out_bias, Some(x)),
     }
 }
 
@@ -164,17 +210,17 @@ fn block(ex: &Exec, w: &Scope, t: &Transformer, x: &Tensor, context: TextContext
     // 1. self-attention: [B, L, C]
     let x = {
         let attn = w.at("attn1");
-        let qkv = norm_linear(ex, w, "norm1", x, None, attn.linear_rows(&QKV)?)?; // [B, L, 3C]
+        let qkv = norm_linear(ex, w, "norm1", x, None, None, attn.linear_rows(&QKV)?)?; // [B, L, 3C]
         self_attention(ex, &attn, t.heads, &qkv, x)?
     };
     // 2. cross-attention on the context: queries [B, L, C], keys and values from [G, T, X]
     let x = {
         let attn = w.at("attn2");
-        let q = norm_linear(ex, w, "norm2", &x, None, attn.linear("to_q.weight")?)?; // [B, L, C]
+        let q = norm_linear(ex, w, "norm2", &x, None, None, attn.linear("to_q.weight")?)?; // [B, L, C]
         cross_attention(ex, &attn, t.heads, &q, context, &x)?
     };
     // 3. GEGLU feed-forward
-    block_feed_forward(ex, w, &x)
+    block_feed_forward(ex, w, &x, &mut PendingBias::default())
 }
 
 /// The projections a self-attention reads as one matrix, in the order of its output's columns.

@@ -120,8 +120,10 @@ pub fn group_norm(ex: &Exec, x: &Tensor, gamma: &Tensor, beta: &Tensor, cfg: Gro
     group_norm_tuned(ex, x, gamma, beta, cfg, GroupNormTuning::default())
 }
 
-/// The group norm of `x + x_bias` ([C], added per channel): a convolution's output and its bias,
-/// normalised without the bias pass (the sum is never rounded to the activation dtype).
+/// The group norm of `x + x_bias`, added per channel: a convolution's output and its bias ([C]), or
+/// a ResNet's conv1 output and its time embedding ([R, C], one row per image or video: domain d of
+/// the norm reads row d / (domains / R)), normalised without the pass that adds them (the sum is
+/// never rounded to the activation dtype).
 pub fn group_norm_of_biased(
     ex: &Exec,
     x: &Tensor,
@@ -161,16 +163,18 @@ fn group_norm_with(
     if gamma.shape() != [sh.channels] || beta.shape() != [sh.channels] {
         return Err(Error::Input(format!("group_norm: gamma {gamma:?} / beta {beta:?} must be [{}]", sh.channels)));
     }
-    if let Some(b) = x_bias.filter(|b| b.shape() != [sh.channels]) {
-        return Err(Error::Input(format!("group_norm: input bias {b:?} must be [{}]", sh.channels)));
-    }
+    let x_bias_every = match x_bias {
+        Some(b) => bias_every(b, &sh)?,
+        None => 1,
+    };
     match ex {
-        Exec::Cpu => group_norm_cpu(x, x_bias, gamma, beta, &cfg, &sh, dtype),
+        Exec::Cpu => group_norm_cpu(x, x_bias.map(|b| (b, x_bias_every)), gamma, beta, &cfg, &sh, dtype),
         Exec::Cuda { gpu, scratch } => {
             gpu_limits(&sh, &cfg)?;
             let y = gpu.empty(scratch, x.shape(), dtype)?;
             let x_bias = x_bias.map(|b| b.device_ptr()).transpose()?.unwrap_or(0);
-            let pointers = (x.device_ptr()?, x_bias, y.device_ptr()?, gamma.device_ptr()?, beta.device_ptr()?);
+            let pointers =
+                (x.device_ptr()?, (x_bias, x_bias_every), y.device_ptr()?, gamma.device_ptr()?, beta.device_ptr()?);
             if let Some(plan) = cluster_plan(gpu, dtype, &sh, cfg.groups, &cluster_sizes(tuning.mode), &tuning)? {
                 launch_cluster_group_norm(gpu, &plan, &sh, &cfg, pointers)?;
             } else if let GroupNormMode::Cluster(_) = tuning.mode {
@@ -188,8 +192,21 @@ fn group_norm_with(
     }
 }
 
-/// x, x_bias (0: none), y, gamma, beta.
-type GnPointers = (u64, u64, u64, u64, u64);
+/// Domains per row of an input bias ([C]: all of them; [R, C]: domains / R, R dividing them).
+fn bias_every(b: &Tensor, sh: &GnShape) -> Result<usize> {
+    match *b.shape() {
+        [c] if c == sh.channels => Ok(sh.domains.max(1)),
+        [r, c] if c == sh.channels && r > 0 && sh.domains.is_multiple_of(r) => Ok(sh.domains / r),
+        _ => Err(Error::Input(format!(
+            "group_norm: input bias {b:?} must be [{c}] or [R, {c}] with R dividing the {d} normalised domains",
+            c = sh.channels,
+            d = sh.domains
+        ))),
+    }
+}
+
+/// x, (x_bias (0: none), domains per x_bias row), y, gamma, beta.
+type GnPointers = (u64, (u64, usize), u64, u64, u64);
 
 /// The cluster sizes a mode tries, in order.
 fn cluster_sizes(mode: GroupNormMode) -> Vec<u32> {
@@ -300,7 +317,7 @@ fn launch_cluster_group_norm(
     plan: &ClusterPlan,
     sh: &GnShape,
     cfg: &GroupNorm,
-    (x, x_bias, y, gamma, beta): GnPointers,
+    (x, (x_bias, x_bias_every), y, gamma, beta): GnPointers,
 ) -> Result<()> {
     let p = GroupNormClusterParams {
         x: x as *const _,
@@ -309,6 +326,7 @@ fn launch_cluster_group_norm(
         gamma: gamma as *const _,
         beta: beta as *const _,
         pixels: sh.pixels as i64,
+        x_bias_every: x_bias_every as i64,
         channels: sh.channels as i32,
         group_channels: (sh.channels / cfg.groups) as i32,
         slice_channels: plan.slice_channels as i32,
@@ -334,7 +352,7 @@ fn launch_two_phase_group_norm(
     sh: &GnShape,
     cfg: &GroupNorm,
     tuning: GroupNormTuning,
-    (x, x_bias, y, gamma, beta): GnPointers,
+    (x, (x_bias, x_bias_every), y, gamma, beta): GnPointers,
 ) -> Result<()> {
     let c = sh.channels;
     let kernel = kernel_for!("group_norm", dtype);
@@ -368,6 +386,7 @@ fn launch_two_phase_group_norm(
         rows: rows as i32,
         chunks: chunks as i32,
         lag: lag as i32,
+        x_bias_every: x_bias_every as i64,
         silu: cfg.silu as i32,
         eps: cfg.eps,
     };
@@ -380,9 +399,10 @@ fn group_norm_workspace_bytes(domains: usize, groups: usize) -> usize {
     (domains + 1) * GROUP_NORM_CONTROL_STRIDE as usize * 4 + domains * groups * 16
 }
 
+/// `x_bias` with its domains per row.
 fn group_norm_cpu(
     x: &Tensor,
-    x_bias: Option<&Tensor>,
+    x_bias: Option<(&Tensor, usize)>,
     gamma: &Tensor,
     beta: &Tensor,
     cfg: &GroupNorm,
@@ -390,11 +410,13 @@ fn group_norm_cpu(
     dtype: DType,
 ) -> Result<Tensor> {
     let mut xv = x.to_f32_vec()?;
-    if let Some(b) = x_bias {
+    if let Some((b, every)) = x_bias {
         let b = b.to_f32_vec()?;
-        par_rows(&mut xv, sh.channels, |_, chunk| {
-            for px in chunk.chunks_mut(b.len()) {
-                px.iter_mut().zip(&b).for_each(|(v, b)| *v += b);
+        let c = sh.channels;
+        par_rows(&mut xv, c, |first, chunk| {
+            for (k, px) in chunk.chunks_mut(c).enumerate() {
+                let row = (first + k) / sh.pixels.max(1) / every;
+                px.iter_mut().zip(&b[row * c..][..c]).for_each(|(v, b)| *v += b);
             }
         });
     }
@@ -461,7 +483,22 @@ pub fn layer_norm_add(
     eps: f32,
     add: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let ln = LayerNormCall::new(ex, x, gamma, beta, eps, add)?;
+    layer_norm_shifted(ex, x, None, gamma, beta, eps, add)
+}
+
+/// `layer_norm_add` of x + `shift` ([C], added per channel and rounded to x's dtype before the
+/// statistics): the norm of a residual stream whose linears left their output biases to it (the
+/// motion modules), as if the stream held them.
+pub fn layer_norm_shifted(
+    ex: &Exec,
+    x: &Tensor,
+    shift: Option<&Tensor>,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    eps: f32,
+    add: Option<&Tensor>,
+) -> Result<Tensor> {
+    let ln = LayerNormCall::new(ex, x, shift, gamma, beta, eps, add)?;
     match ex {
         Exec::Cpu => host_out(x.shape(), ln.dtype, &ln.host_values()?),
         Exec::Cuda { gpu, scratch } => {
@@ -472,19 +509,20 @@ pub fn layer_norm_add(
     }
 }
 
-/// `layer_norm_add` written as e4m3 rows, each with its own scale (`Fp8Scaling::Rows`): the input
-/// of an FP8 linear, without a 16-bit output or a quantization pass. Row r's scale is max |y[r]|
-/// / 448 over the fp32 affine outputs, which are quantized without rounding to x's dtype first.
-/// f16 / bf16 inputs; the matrix is [rows, C].
+/// `layer_norm_shifted` written as e4m3 rows, each with its own scale (`Fp8Scaling::Rows`): the
+/// input of an FP8 linear, without a 16-bit output or a quantization pass. Row r's scale is max
+/// |y[r]| / 448 over the fp32 affine outputs, which are quantized without rounding to x's dtype
+/// first. f16 / bf16 inputs; the matrix is [rows, C].
 pub fn layer_norm_fp8(
     ex: &Exec,
     x: &Tensor,
+    shift: Option<&Tensor>,
     gamma: Option<&Tensor>,
     beta: Option<&Tensor>,
     eps: f32,
     add: Option<&Tensor>,
 ) -> Result<Fp8Matrix> {
-    let ln = LayerNormCall::new(ex, x, gamma, beta, eps, add)?;
+    let ln = LayerNormCall::new(ex, x, shift, gamma, beta, eps, add)?;
     if ln.dtype == DType::F32 {
         return Err(Error::Input(format!("layer_norm_fp8: {x:?} must be f16 or bf16 (FP8 linears)")));
     }
@@ -501,6 +539,7 @@ pub fn layer_norm_fp8(
 /// One layer norm's checked arguments.
 struct LayerNormCall<'a> {
     x: &'a Tensor,
+    shift: Option<&'a Tensor>,
     gamma: Option<&'a Tensor>,
     beta: Option<&'a Tensor>,
     add: Option<&'a Tensor>,
@@ -516,19 +555,21 @@ impl<'a> LayerNormCall<'a> {
     fn new(
         ex: &Exec,
         x: &'a Tensor,
+        shift: Option<&'a Tensor>,
         gamma: Option<&'a Tensor>,
         beta: Option<&'a Tensor>,
         eps: f32,
         add: Option<&'a Tensor>,
     ) -> Result<LayerNormCall<'a>> {
         let mut inputs = vec![x];
+        inputs.extend(shift);
         inputs.extend(gamma);
         inputs.extend(beta);
         inputs.extend(add);
         ex.expect_inputs("layer_norm", &inputs)?;
         let dtype = same_dtype("layer_norm", &inputs)?;
         let c = *x.shape().last().ok_or_else(|| Error::Input("layer_norm: scalar input".into()))?;
-        if let Some(t) = [gamma, beta].into_iter().flatten().find(|t| t.shape() != [c]) {
+        if let Some(t) = [shift, gamma, beta].into_iter().flatten().find(|t| t.shape() != [c]) {
             return Err(Error::Input(format!("layer_norm: {t:?} must be [{c}]")));
         }
         let rows = x.numel() / c.max(1);
@@ -541,13 +582,22 @@ impl<'a> LayerNormCall<'a> {
             }
             None => 1,
         };
-        Ok(LayerNormCall { x, gamma, beta, add, eps, dtype, channels: c, rows, add_every })
+        Ok(LayerNormCall { x, shift, gamma, beta, add, eps, dtype, channels: c, rows, add_every })
     }
 
     /// The CPU twin's outputs in f32 (statistics in f64).
     fn host_values(&self) -> Result<Vec<f32>> {
         let c = self.channels;
-        let xv = self.x.to_f32_vec()?;
+        let mut xv = self.x.to_f32_vec()?;
+        if let Some(shift) = self.shift {
+            // x + shift rounded to x's dtype, as the kernel repacks it
+            let s = shift.to_f32_vec()?;
+            par_rows(&mut xv, c, |_, chunk| {
+                for row in chunk.chunks_mut(c) {
+                    row.iter_mut().zip(&s).for_each(|(v, s)| *v = self.dtype.round(*v + s));
+                }
+            });
+        }
         let g = self.gamma.map(|t| t.to_f32_vec()).transpose()?;
         let b = self.beta.map(|t| t.to_f32_vec()).transpose()?;
         let a = self.add.map(|t| t.to_f32_vec()).transpose()?;
@@ -582,6 +632,7 @@ impl<'a> LayerNormCall<'a> {
         };
         let p = LayerNormParams {
             x: self.x.device_ptr()? as *const _,
+            shift: ptr(self.shift)?,
             y: y as *mut _,
             gamma: ptr(self.gamma)?,
             beta: ptr(self.beta)?,
@@ -595,7 +646,7 @@ impl<'a> LayerNormCall<'a> {
         };
         // 32 / lanes rows per warp (one when a row takes the whole warp); the kernels' launch
         // bounds assume this block size.
-        let aligned = [p.x, p.y as *const _, p.add].iter().all(|&q| (q as usize).is_multiple_of(16))
+        let aligned = [p.x, p.shift, p.y as *const _, p.add].iter().all(|&q| (q as usize).is_multiple_of(16))
             && (q as usize).is_multiple_of(8);
         let rows_per_warp = 32 / layer_norm_row_lanes(self.channels, aligned).unwrap_or(32);
         let rows_per_block = LAYER_NORM_THREADS as usize / 32 * rows_per_warp;

@@ -7,7 +7,7 @@
 
 use super::config::TemporalTransformer;
 use crate::error::{Error, Result};
-use crate::models::transformer::{QKV, block_feed_forward, norm_linear};
+use crate::models::transformer::{PendingBias, QKV, block_feed_forward, norm_linear};
 use crate::models::weights::{Fusion, Scope};
 use crate::ops::Exec;
 use crate::ops::attention::{Columns, TemporalAttention, temporal_attention};
@@ -64,21 +64,34 @@ pub fn forward(
     //    C/groups x F x H x W), tokens [B*F, H*W, C] (for each pixel, its F frames are the sequence)
     let gn = GroupNorm { groups, eps: GROUP_NORM_EPS, silu: false, frames };
     let mut hs = group_norm(ex, x, w.get("norm.weight")?, w.get("norm.bias")?, gn)?.reshape(&[n, h * wd, c])?;
-    // 2. proj_in: [B*F, H*W, C] -> [B*F, H*W, C]
-    hs = linear(ex, &hs, w.linear("proj_in.weight")?, Some(w.get("proj_in.bias")?))?;
+    // 2. proj_in: [B*F, H*W, C] -> [B*F, H*W, C]. Its bias, to_out.0's and ff.net.2's are left
+    //    pending (`PendingBias`) and reach proj_out through its weight, unless proj_out runs in FP8
+    //    (its weight is then e4m3 only, and each linear adds its own bias).
+    let (proj_out, proj_out_bias) = (w.linear("proj_out.weight")?, w.get("proj_out.bias")?);
+    let proj_in_bias = w.get("proj_in.bias")?;
+    let (mut pending, proj_in_bias) = match proj_out.fp8 {
+        None => (PendingBias::starting_with(proj_in_bias), None),
+        Some(_) => (PendingBias::default(), Some(proj_in_bias)),
+    };
+    hs = linear(ex, &hs, w.linear("proj_in.weight")?, proj_in_bias)?;
     // 3. blocks
     for b in 0..m.depth {
         let mut rows = |attn: usize| pe(b, attn);
-        hs = block(ex, &w.at(&format!("transformer_blocks.{b}")), m.heads, frames, &hs, &mut rows)?;
+        let scope = w.at(&format!("transformer_blocks.{b}"));
+        hs = block(ex, &scope, m.heads, frames, &hs, &mut rows, &mut pending)?;
     }
-    // 4. proj_out, + residual, back to [B*F, H, W, C]
+    // 4. proj_out, + residual, back to [B*F, H, W, C]: proj_out(x + p) + b = proj_out(x) + (W p + b)
+    let bias = match pending.shift() {
+        Some(p) => linear(ex, &p.reshape(&[1, c])?, proj_out, Some(proj_out_bias))?.reshape(&[c])?,
+        None => proj_out_bias.clone(),
+    };
     let residual = x.reshape(&[n, h * wd, c])?;
-    hs = linear_add(ex, &hs, w.linear("proj_out.weight")?, Some(w.get("proj_out.bias")?), Some(&residual))?;
+    hs = linear_add(ex, &hs, proj_out, Some(&bias), Some(&residual))?;
     hs.reshape(&[n, h, wd, c])
 }
 
 /// BasicTransformerBlock with two temporal self-attentions: x += attn1(LN1(x) + pe);
-/// x += attn2(LN2(x) + pe); x += FF(LN3(x)). x [B*F, L, C].
+/// x += attn2(LN2(x) + pe); x += FF(LN3(x)). x [B*F, L, C], lacking the `pending` biases.
 fn block(
     ex: &Exec,
     w: &Scope,
@@ -86,16 +99,18 @@ fn block(
     frames: usize,
     x: &Tensor,
     pe: &mut dyn FnMut(usize) -> Result<Tensor>,
+    pending: &mut PendingBias,
 ) -> Result<Tensor> {
     // 1.-2. the two attentions; the position table is added to the normalised input, not the stream
     let mut x = x.clone();
     for (k, (norm, attn)) in [("norm1", "attn1"), ("norm2", "attn2")].into_iter().enumerate() {
-        // LayerNorm(x) + [B*F, C] per frame, through the fused [3C, C] weight: [B*F, L, 3C]
-        let qkv = norm_linear(ex, w, norm, &x, Some(&pe(k + 1)?), w.at(attn).linear_rows(&QKV)?)?;
-        x = attention(ex, &w.at(attn), heads, frames, &qkv, &x)?;
+        // LayerNorm(x + pending) + [B*F, C] per frame, through the fused [3C, C] weight: [B*F, L, 3C]
+        let (rows, weight) = (pe(k + 1)?, w.at(attn).linear_rows(&QKV)?);
+        let qkv = norm_linear(ex, w, norm, &x, pending.shift(), Some(&rows), weight)?;
+        x = attention(ex, &w.at(attn), heads, frames, &qkv, &x, pending)?;
     }
     // 3. GEGLU feed-forward: [B*F, L, C] -> [B*F, L, 8C] -> [B*F, L, 4C] -> [B*F, L, C]
-    block_feed_forward(ex, w, &x)
+    block_feed_forward(ex, w, &x, pending)
 }
 
 /// The fused projections among the motion modules' weights (graph names first): every
@@ -107,11 +122,20 @@ pub fn fusions<'a>(names: impl IntoIterator<Item = &'a String>) -> Vec<Fusion> {
 
 /// Self-attention over the frames of each (video, pixel, head): softmax(q k^T / sqrt(d)) v with q,
 /// k and v from one GEMM by the fused [3C, C] weight (`qkv` [B*F, L, 3C]), then to_out.0, whose
-/// epilogue adds the residual.
-fn attention(ex: &Exec, w: &Scope, heads: usize, frames: usize, qkv: &Tensor, residual: &Tensor) -> Result<Tensor> {
+/// epilogue adds the residual (and its bias, unless biases are `pending`: then it joins them).
+fn attention(
+    ex: &Exec,
+    w: &Scope,
+    heads: usize,
+    frames: usize,
+    qkv: &Tensor,
+    residual: &Tensor,
+    pending: &mut PendingBias,
+) -> Result<Tensor> {
     let [q, k, v] = Columns::split(qkv)?;
     let head_dim = residual.shape()[2] / heads.max(1);
     let cfg = TemporalAttention { frames, heads, scale: 1.0 / (head_dim as f32).sqrt() };
     let o = temporal_attention(ex, q, k, v, cfg)?;
-    linear_add(ex, &o, w.linear("to_out.0.weight")?, Some(w.get("to_out.0.bias")?), Some(residual))
+    let bias = pending.epilogue(ex, w.get("to_out.0.bias")?)?;
+    linear_add(ex, &o, w.linear("to_out.0.weight")?, bias, Some(residual))
 }

@@ -43,6 +43,26 @@ impl ConvShape {
         let o = |x: usize| (x + 2 * self.padding - self.kernel) / self.stride + 1;
         (o(self.height), o(self.width))
     }
+
+    /// Runs `f` (this convolution's cuDNN call), filed in an open profile under `kind` ("conv",
+    /// "conv_residual") with its FLOPs; under `--breakdown-gemms` with its shape too
+    /// (`conv n32 72x128 320->4 k3 s1`). Without a profile the kind is not built.
+    pub fn profiled<T>(&self, gpu: &Gpu, kind: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        if !gpu.is_profiling() {
+            return f();
+        }
+        let (oh, ow) = self.out_hw();
+        let flop =
+            2.0 * (self.batch * oh * ow * self.out_channels * self.in_channels * self.kernel * self.kernel) as f64;
+        let kind = match gpu.profiles_gemm_shapes() {
+            true => format!(
+                "{kind} n{} {}x{} {}->{} k{} s{}",
+                self.batch, self.height, self.width, self.in_channels, self.out_channels, self.kernel, self.stride
+            ),
+            false => kind.to_string(),
+        };
+        gpu.profiled_work(&kind, flop, f)
+    }
 }
 
 /// A convolution's cuDNN descriptors: x, y (NHWC) and w (KRSC) of its shape, and the convolution

@@ -136,7 +136,7 @@ pub fn conv2d(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: Con
                     let part = ConvShape { batch: slice.min(shape.batch - first), ..shape };
                     let xs = x0 + (first * shape.height * shape.width * shape.in_channels) as u64 * es;
                     let ys = y0 + (first * oh * ow * shape.out_channels) as u64 * es;
-                    gpu.profiled("conv", || dnn.conv2d(&part, xs, w0, ys))?;
+                    part.profiled(gpu, "conv", || dnn.conv2d(&part, xs, w0, ys))?;
                 }
             }
             match bias {
@@ -245,7 +245,7 @@ pub fn conv2d_residual_fused(
                 let out = (first * oh * ow * shape.out_channels) as u64 * es;
                 // Filed apart from "conv": this call is conv2 and the residual pass it replaces.
                 let ran =
-                    gpu.profiled("conv_residual", || dnn.conv2d_residual(part, xs, w0, z0 + out, b0, y0 + out))?;
+                    part.profiled(gpu, "conv_residual", || dnn.conv2d_residual(part, xs, w0, z0 + out, b0, y0 + out))?;
                 if !ran {
                     // Refused at the call (remembered): y is dropped, the caller recomputes it all.
                     // Not under a capture: a graph holding the slices that ran would rewrite the

@@ -304,16 +304,32 @@ fn main() -> Result<()> {
         )?;
     }
 
-    // cuDNN convolutions and cuBLASLt linears at UNet shapes, for the record (issue: conv choice).
-    for (n, h, w, ci, co) in
-        [(2usize, 128usize, 128usize, 320usize, 320usize), (2, 64, 64, 640, 640), (2, 32, 32, 1280, 1280)]
-    {
+    // cuDNN convolutions and cuBLASLt linears at UNet shapes, for the record (issue: conv choice);
+    // then the b32 UNet's conv_in (4 -> 320) and conv_out (320 -> 4), beside the same with 8
+    // channels (zero-padded: 16-byte pixels), a downsampler (stride 2), and the VAE decoder's
+    // conv_in (4 -> 512) and conv_out (128 -> 3) on a chunk of 8 frames at 1024x576.
+    let convs = [
+        (2usize, 128usize, 128usize, 320usize, 320usize, 1usize),
+        (2, 64, 64, 640, 640, 1),
+        (2, 32, 32, 1280, 1280, 1),
+        (32, 72, 128, 4, 320, 1),
+        (32, 72, 128, 8, 320, 1),
+        (32, 72, 128, 320, 4, 1),
+        (32, 72, 128, 320, 8, 1),
+        (32, 72, 128, 320, 320, 2),
+        (8, 72, 128, 4, 512, 1),
+        (8, 576, 1024, 128, 3, 1),
+    ];
+    for (n, h, w, ci, co, stride) in convs {
+        let key = format!("conv3x3 f16 N{n} C{ci} H{h} W{w} K{co}{}", if stride > 1 { " s2" } else { "" });
+        if !selected(&key) {
+            continue;
+        }
         let xs = [b.random(&[n, h, w, ci], DType::F16, 9)?, b.random(&[n, h, w, ci], DType::F16, 10)?];
         let (wt, bias) = (b.random(&[co, 3, 3, ci], DType::F16, 11)?, b.random(&[co], DType::F16, 12)?);
-        let flop = 2.0 * (n * h * w * co * ci * 9) as f64;
-        let key = format!("conv3x3 f16 N{n} C{ci} H{h} W{w} K{co}");
+        let flop = 2.0 * (n * h.div_ceil(stride) * w.div_ceil(stride) * co * ci * 9) as f64;
         b.run("conv3x3", &key, 0.0, flop, |k| {
-            conv2d(&ex, &xs[k], &wt, Some(&bias), Conv2d { stride: 1, padding: 1 }).map(drop)
+            conv2d(&ex, &xs[k], &wt, Some(&bias), Conv2d { stride, padding: 1 }).map(drop)
         })?;
     }
     // A ResNet's conv2 and tail: the 3x3 convolution then the residual_add pass (z and the summed

@@ -131,6 +131,16 @@ impl ConvDescriptors {
         }
         Ok(d)
     }
+
+    /// cuDNN's workspace query for `algo` under the convolution's current math type, into `bytes`.
+    unsafe fn workspace_size(
+        &self,
+        handle: dnn::cudnnHandle_t,
+        algo: dnn::cudnnConvolutionFwdAlgo_t,
+        bytes: &mut usize,
+    ) -> dnn::cudnnStatus_t {
+        unsafe { dnn::cudnnGetConvolutionForwardWorkspaceSize(handle, self.x, self.w, self.conv, self.y, algo, bytes) }
+    }
 }
 
 impl Drop for ConvDescriptors {
@@ -423,17 +433,10 @@ impl Dnn {
         plan.algo = choice.algo;
         unsafe {
             check("cudnnSetConvolutionMathType", dnn::cudnnSetConvolutionMathType(plan.d.conv, choice.math))?;
-            check("cudnnGetConvolutionForwardWorkspaceSize", {
-                dnn::cudnnGetConvolutionForwardWorkspaceSize(
-                    self.handle,
-                    plan.d.x,
-                    plan.d.w,
-                    plan.d.conv,
-                    plan.d.y,
-                    choice.algo,
-                    &mut plan.workspace,
-                )
-            })
+            check(
+                "cudnnGetConvolutionForwardWorkspaceSize",
+                plan.d.workspace_size(self.handle, choice.algo, &mut plan.workspace),
+            )
         }
     }
 
@@ -551,15 +554,7 @@ impl Dnn {
             )?;
             ok(
                 "cudnnGetConvolutionForwardWorkspaceSize(IMPLICIT_PRECOMP_GEMM)",
-                dnn::cudnnGetConvolutionForwardWorkspaceSize(
-                    self.handle,
-                    plan.d.x,
-                    plan.d.w,
-                    plan.d.conv,
-                    plan.d.y,
-                    RESIDUAL_ALGO,
-                    &mut plan.workspace,
-                ),
+                plan.d.workspace_size(self.handle, RESIDUAL_ALGO, &mut plan.workspace),
             )?;
         }
         Ok(plan)

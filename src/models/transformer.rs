@@ -177,30 +177,28 @@ pub(crate) fn block_feed_forward(ex: &Exec, w: &Scope, x: &Tensor, pending: &mut
     let (proj, bias) = (w.linear("ff.net.0.proj.weight")?, w.get("ff.net.0.proj.bias")?);
     let (out, out_bias) = (w.linear("ff.net.2.weight")?, w.get("ff.net.2.bias")?);
     let out_rows = out.fp8.filter(|q| q.scaling() == Fp8Scaling::Rows);
+    // LN3 reads the stream as it is now; ff.net.2's bias then joins the pending ones (or rides in
+    // its epilogue when none are pending).
     let shift = pending.shift().cloned();
     let shift = shift.as_ref();
-    let (f, geglu_done) = if proj.fp8.is_none() && out_rows.is_none() {
-        (linear_geglu(ex, &block_norm(ex, w, "norm3", x, shift, None)?, proj, Some(bias))?, true)
-    } else {
-        // The projection alone, then GEGLU: an FP8 projection leaves its bias to GEGLU's pass.
-        match proj.fp8 {
-            Some(_) => (norm_linear(ex, w, "norm3", x, shift, None, proj)?, false),
-            None => (linear(ex, &block_norm(ex, w, "norm3", x, shift, None)?, proj, Some(bias))?, false),
-        }
-    };
     let out_bias = pending.epilogue(ex, out_bias)?;
-    if geglu_done {
+    if proj.fp8.is_none() && out_rows.is_none() {
+        let f = linear_geglu(ex, &block_norm(ex, w, "norm3", x, shift, None)?, proj, Some(bias))?;
         return linear_add(ex, &f, out, out_bias, Some(x));
     }
-    let geglu_bias = proj.fp8.map(|_| bias);
+    // The projection alone, then GEGLU: an FP8 projection leaves its bias to GEGLU's pass.
+    let (h, geglu_bias) = match proj.fp8 {
+        Some(_) => (norm_linear(ex, w, "norm3", x, shift, None, proj)?, Some(bias)),
+        None => (linear(ex, &block_norm(ex, w, "norm3", x, shift, None)?, proj, Some(bias))?, None),
+    };
     match out_rows {
         Some(q) => {
-            let hq = geglu_fp8(ex, &f, geglu_bias)?;
+            let hq = geglu_fp8(ex, &h, geglu_bias)?;
             let mut shape = x.shape().to_vec();
             *shape.last_mut().unwrap() = hq.shape()[1];
             linear_fp8_quantized(ex, &hq, &shape, x.dtype(), q, out_bias, Some(x))
         }
-        None => linear_add(ex, &geglu(ex, &f, geglu_bias)?, out, out_bias, Some(x)),
+        None => linear_add(ex, &geglu(ex, &h, geglu_bias)?, out, out_bias, Some(x)),
     }
 }
 

@@ -6,6 +6,7 @@
 use std::sync::OnceLock;
 
 use super::elementwise::{add, residual_add};
+use super::linear::linear;
 use super::{Exec, host_out, par_rows, same_dtype};
 use crate::error::{Error, Result};
 use crate::gpu::dnn::ConvShape;
@@ -124,6 +125,15 @@ pub fn conv2d(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: Con
         Exec::Cpu => {
             let bv = bias.map(|b| b.to_f32_vec()).transpose()?;
             host_out(&out_shape, dtype, &conv_values(x, w, &shape, bv.as_deref())?)
+        }
+        // A 1x1 convolution of stride 1 is a GEMM over the pixels: cuBLASLt, the bias in its
+        // epilogue. cuDNN's deterministic choice ran the b2 1024x1024 UNet's 1x1 shortcuts at 16
+        // TFLOP/s (benches/RESULTS.md, twenty-ninth session).
+        Exec::Cuda { .. } if shape.kernel == 1 && shape.stride == 1 && shape.padding == 0 => {
+            let pixels = shape.batch * shape.height * shape.width;
+            let rows = x.reshape(&[pixels, shape.in_channels])?;
+            let matrix = w.reshape(&[shape.out_channels, shape.in_channels])?;
+            linear(ex, &rows, &matrix, bias)?.reshape(&out_shape)
         }
         Exec::Cuda { gpu, scratch } => {
             let y = gpu.empty(scratch, &out_shape, dtype)?;

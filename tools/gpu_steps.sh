@@ -25,6 +25,9 @@
 #                        UNet benched, alternating, two rounds (`KNOB ...` lines: text k/v cached
 #                        medians), then their f16 verifies under each value (after the unet and motion
 #                        steps); e.g. KNOB=CELFRAME_GEGLU_LINEAR KNOB_VALUES="composed unset"
+#   ab                   the same three whole models benched with $bin and $base (a baseline commit's
+#                        binaries: carry dist/gpu_base.tar.xz, tools/build_gpu_baseline.sh),
+#                        alternating, two rounds (`AB ...` lines; after the unet and motion steps)
 #   fp8probe             tools/fp8_cublaslt_probe.py: which FP8 matmul forms this cuBLASLt runs
 #                        (through ctypes, beside torch._scaled_mm) and their speed
 #   cutlass              tools/cutlass_probe/run.sh (dist/cutlass_probe/*.o carried, made by its
@@ -38,7 +41,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then
-  sed -n '2,37p' "$0" >&2
+  sed -n '2,40p' "$0" >&2
   exit 2
 fi
 budget=$1
@@ -81,6 +84,26 @@ with_knob() {
   local v=$1
   shift
   if [ "$v" = unset ]; then env -u "$KNOB" "$@"; else env "$KNOB=$v" "$@"; fi
+}
+# The whole models benched with the working tree's binaries and the baseline's, alternating, two
+# rounds (`AB ...` lines: text k/v cached medians).
+ab_runs() {
+  if [ ! -x "$base/celframe" ]; then
+    echo "ab: no baseline binaries in $base (carry dist/gpu_base.tar.xz: tools/build_gpu_baseline.sh)" >&2
+    return 2
+  fi
+  set -o pipefail
+  local w="--weights $work/sdxl_unet" m="--motion $work/motion_adapter" b r s status=0
+  local models=("unet $w --batch 32 --height 72 --width 128" "unet $w --batch 2 --height 128 --width 128"
+    "motion_unet $w $m --batch 2 --frames 16 --height 72 --width 128")
+  for r in 1 2; do
+    for b in "$bin" "$base"; do
+      for s in "${models[@]}"; do
+        $b/celframe bench $s 2>&1 | grep "text k/v cached: median" | sed "s|^|AB $b round $r: |" || status=1
+      done
+    done
+  done
+  return $status
 }
 knob_runs() {
   if [ -z "${KNOB:-}" ] || [ -z "${KNOB_VALUES:-}" ]; then
@@ -125,6 +148,7 @@ run_step() {
     graphs) cmd="graphs" ;;
     fp8) cmd="fp8_runs" ;;
     knob) cmd="knob_runs" ;;
+    ab) cmd="ab_runs" ;;
     fp8probe) cmd="python3 tools/fp8_cublaslt_probe.py --log" ;;
     cutlass) cmd="bash tools/cutlass_probe/run.sh" ;;
     *)
@@ -145,7 +169,7 @@ run_step() {
   fi
   echo "===== $name (limit ${limit} s)"
   local t0=$SECONDS
-  timeout -k 5 "$limit" bash -c "$(declare -f tests graphs fp8_runs with_knob knob_runs); bin=$bin base=$base work=$work; $cmd" >"$OUT/$name.log" 2>&1
+  timeout -k 5 "$limit" bash -c "$(declare -f tests graphs fp8_runs with_knob knob_runs ab_runs); bin=$bin base=$base work=$work; $cmd" >"$OUT/$name.log" 2>&1
   rc[$name]=$?
   secs[$name]=$((SECONDS - t0))
   tail -n "${TAIL:-25}" "$OUT/$name.log"

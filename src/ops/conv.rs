@@ -1,7 +1,7 @@
 //! 2-D convolution in NHWC with KRSC weights ([out, kh, kw, in]), square kernels (1x1, 3x3),
 //! stride 1 or 2, zero padding, bias; and the convolution with a residual and a bias added in the
 //! same call (`conv2d_residual`, the ResNet's tail). CUDA path: cuDNN (see docs/ARCHITECTURE.md for
-//! the choice).
+//! the choice), except 1x1 stride-1 convolutions, which are GEMMs over the pixels (cuBLASLt).
 
 use std::sync::OnceLock;
 
@@ -110,6 +110,22 @@ fn images_per_call(shape: &ConvShape) -> usize {
     ((i32::MAX as usize) / per_image.max(1)).clamp(1, shape.batch.max(1))
 }
 
+/// The batch as cuDNN calls take it (`images_per_call`): each slice's shape and the byte offsets of
+/// its first input and output image.
+fn image_slices(shape: &ConvShape) -> Vec<(ConvShape, u64, u64)> {
+    let slice = images_per_call(shape);
+    let (oh, ow) = shape.out_hw();
+    let es = shape.dtype.size() as u64;
+    (0..shape.batch)
+        .step_by(slice)
+        .map(|first| {
+            let part = ConvShape { batch: slice.min(shape.batch - first), ..*shape };
+            let x = (first * shape.height * shape.width * shape.in_channels) as u64 * es;
+            (part, x, (first * oh * ow * shape.out_channels) as u64 * es)
+        })
+        .collect()
+}
+
 pub fn conv2d(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: Conv2d) -> Result<Tensor> {
     let mut inputs = vec![x, w];
     inputs.extend(bias);
@@ -139,14 +155,9 @@ pub fn conv2d(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: Con
             let y = gpu.empty(scratch, &out_shape, dtype)?;
             {
                 let mut dnn = gpu.dnn()?;
-                let slice = images_per_call(&shape);
                 let (x0, w0, y0) = (x.device_ptr()?, w.device_ptr()?, y.device_ptr()?);
-                let es = dtype.size() as u64;
-                for first in (0..shape.batch).step_by(slice) {
-                    let part = ConvShape { batch: slice.min(shape.batch - first), ..shape };
-                    let xs = x0 + (first * shape.height * shape.width * shape.in_channels) as u64 * es;
-                    let ys = y0 + (first * oh * ow * shape.out_channels) as u64 * es;
-                    part.profiled(gpu, "conv", || dnn.conv2d(&part, xs, w0, ys))?;
+                for (part, xs, ys) in image_slices(&shape) {
+                    part.profiled(gpu, "conv", || dnn.conv2d(&part, x0 + xs, w0, y0 + ys))?;
                 }
             }
             match bias {
@@ -234,14 +245,10 @@ pub fn conv2d_residual_fused(
             Ok(Some(host_out(&out_shape, dtype, &out)?))
         }
         Exec::Cuda { gpu, scratch } => {
-            let slice = images_per_call(&shape);
-            let parts: Vec<ConvShape> = (0..shape.batch)
-                .step_by(slice)
-                .map(|first| ConvShape { batch: slice.min(shape.batch - first), ..shape })
-                .collect();
+            let parts = image_slices(&shape);
             let mut dnn = gpu.dnn()?;
             // Every slice's plan first, outside the profile: a shape cuDNN refuses leaves no mark.
-            for part in &parts {
+            for (part, ..) in &parts {
                 if !dnn.residual_ready(part)? {
                     return Ok(None);
                 }
@@ -249,13 +256,11 @@ pub fn conv2d_residual_fused(
             let y = gpu.empty(scratch, &out_shape, dtype)?;
             let (x0, w0, z0, b0, y0) =
                 (x.device_ptr()?, w.device_ptr()?, z.device_ptr()?, bias.device_ptr()?, y.device_ptr()?);
-            let es = dtype.size() as u64;
-            for (part, first) in parts.iter().zip((0..shape.batch).step_by(slice)) {
-                let xs = x0 + (first * shape.height * shape.width * shape.in_channels) as u64 * es;
-                let out = (first * oh * ow * shape.out_channels) as u64 * es;
+            for (part, xs, out) in &parts {
                 // Filed apart from "conv": this call is conv2 and the residual pass it replaces.
-                let ran =
-                    part.profiled(gpu, "conv_residual", || dnn.conv2d_residual(part, xs, w0, z0 + out, b0, y0 + out))?;
+                let ran = part.profiled(gpu, "conv_residual", || {
+                    dnn.conv2d_residual(part, x0 + xs, w0, z0 + out, b0, y0 + out)
+                })?;
                 if !ran {
                     // Refused at the call (remembered): y is dropped, the caller recomputes it all.
                     // Not under a capture: a graph holding the slices that ran would rewrite the

@@ -100,8 +100,10 @@ fn as_matrix(w: &Tensor) -> Result<Tensor> {
 /// next LayerNorm adds their sum to the stream before its statistics (`layer_norm_shifted`), and
 /// the stream's last linear, proj_out, takes the sum through its weight. At the motion modules'
 /// level 0 (N = 320) cuBLASLt's bias epilogue makes a GEMM with the residual 1.5-1.8x slower
-/// (benches/RESULTS.md); the norm's shift costs nothing. `Default`: none pending, each linear
-/// adds its own bias.
+/// (benches/RESULTS.md); the norm's shift costs ~2-3 us a call (0.0419 -> 0.0446 ms at C 1280),
+/// which is why the UNet's own transformers, at N = 1280 and 640 where the bias epilogue costs
+/// 6-11% or nothing, keep their biases in the epilogues. `Default`: none pending, each linear adds
+/// its own bias.
 #[derive(Default)]
 pub(crate) struct PendingBias(Option<Tensor>);
 

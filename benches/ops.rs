@@ -538,7 +538,11 @@ fn main() -> Result<()> {
         let flop = 2.0 * (m * kdim * 2 * dim) as f64;
         let mut routes = vec![(GegluLinear::Composed, "composed")];
         if info.compute_capability == (9, 0) {
-            routes.push((GegluLinear::Fused, "fused"));
+            routes.extend([
+                (GegluLinear::Fused, "fused"),
+                (GegluLinear::FusedHandoff, "fused hand-off"),
+                (GegluLinear::FusedFinish, "fused finish"),
+            ]);
         }
         for (route, name) in routes {
             b.run("linear_geglu", &format!("{key} {name}"), bytes, flop, |k| {

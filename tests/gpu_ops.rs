@@ -664,7 +664,7 @@ fn linear_geglu_sm90_matches_twin() {
     let rig = Rig::new();
     let mut routes = vec![GegluLinear::Composed];
     if rig.on_hopper("linear_geglu fused Hopper kernel") {
-        routes.push(GegluLinear::Fused);
+        routes.extend([GegluLinear::Fused, GegluLinear::FusedHandoff, GegluLinear::FusedFinish]);
     }
     // (x shape, D, bias, dtype)
     let cases: &[(&[usize], usize, bool, DType)] = &[
@@ -679,8 +679,13 @@ fn linear_geglu_sm90_matches_twin() {
         let (w, wd) = rig.input(&[2 * dim, k], dtype, 1.0 / (k as f32).sqrt(), 0.0);
         let (b, bd) = rig.input(&[2 * dim], dtype, 1.0, 0.0);
         let cpu_out = linear_geglu_with(&Exec::Cpu, &x, &w, has_bias.then_some(&b), GegluLinear::Auto).unwrap();
+        // The fused kernel's two entries run the same arithmetic in other warps: the same bytes.
+        let mut fused_bytes = Vec::new();
         for &route in &routes {
             let gpu_out = linear_geglu_with(&rig.exec(), &xd, &wd, has_bias.then_some(&bd), route).unwrap();
+            if matches!(route, GegluLinear::FusedHandoff | GegluLinear::FusedFinish) {
+                fused_bytes.push(rig.gpu.download(&gpu_out).unwrap().host_bytes().unwrap().to_vec());
+            }
             rig.check(
                 &format!("linear_geglu {route:?} D={dim} bias={has_bias}"),
                 shape,
@@ -688,6 +693,10 @@ fn linear_geglu_sm90_matches_twin() {
                 gpu_out,
                 cpu_out.clone(),
             );
+        }
+        if let [handoff, finish] = &fused_bytes[..] {
+            assert!(handoff == finish, "linear_geglu D={dim}: the finishing entry's bytes differ from the hand-off's");
+            println!("GPUCHECK linear_geglu D={dim} {dtype:?}: both fused entries bit-identical");
         }
     }
 }

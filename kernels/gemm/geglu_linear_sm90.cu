@@ -35,7 +35,9 @@
 // gelu_f32) and write whole 256-byte row pieces. Two mbarriers pass the staging tile between them:
 // "staged" (the 256 consumer threads' arrivals) and "drained" (the 96 epilogue threads'). With the
 // GELU in the consumers' own epilogue (an earlier form of this kernel) the tensor cores idled ~15%
-// of each tile at K 1280. Rows past `rows` are read as zeros (TMA fills boxes past the tensor) and
+// of each tile at K 1280. At K 320 the reverse holds (the epilogue warps' GELU of a tile outlasts
+// its five k steps of products), so a second entry (FINISH, `geglu_linear_finish_*`) has the
+// consumers stage finished outputs and the epilogue warps only copy them. Rows past `rows` are read as zeros (TMA fills boxes past the tensor) and
 // not written; k past its end is zero-filled the same way.
 #include "common.cuh"
 #include "sm90.cuh"
@@ -102,9 +104,18 @@ __device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
     return v;
 }
 
-// The consumer warpgroups: per tile, the products, then the biased values and gates into the
-// staging tile.
+// value x gelu(gate) of two packed pairs (values and gates already rounded to T, as the composed
+// route's GEMM writes them), rounded to T: the same arithmetic in the consumers and the epilogue
+// warps.
 template <typename T>
+__device__ __forceinline__ uint32_t geglu_pair(uint32_t values, uint32_t gates) {
+    const float2 a = MmaType<T>::unpack(values), b = MmaType<T>::unpack(gates);
+    return MmaType<T>::pack(a.x * gelu_f32(b.x), a.y * gelu_f32(b.y));
+}
+
+// The consumer warpgroups: per tile, the products, then the biased values and gates into the
+// staging tile, or with FINISH their GEGLU outputs.
+template <typename T, bool FINISH>
 __device__ __forceinline__ void consume(const GegluLinearParams& p, T* stages, T* staging, uint64_t* full, uint64_t* empty,
                                         uint64_t* staged, uint64_t* drained, int k_tiles, int col_tiles, int pairs,
                                         int first_pair, int pair_stride) {
@@ -156,8 +167,13 @@ __device__ __forceinline__ void consume(const GegluLinearParams& p, T* stages, T
             for (int h = 0; h < 2; ++h) {
                 const int i = 4 * j + 2 * h, r = cw * 64 + warp * 16 + g + 8 * h;
                 const uint32_t at = (r * GL_BN + ((j ^ (r % 8)) * 8) + 2 * t) * sizeof(T);
-                st_shared_u32(values + at, MmaType<T>::pack(acc[i] + bv.x, acc[i + 1] + bv.y));
-                st_shared_u32(gates + at, MmaType<T>::pack(acc[i + 64] + bg.x, acc[i + 65] + bg.y));
+                if constexpr (FINISH) {
+                    const uint32_t v = MmaType<T>::pack(acc[i] + bv.x, acc[i + 1] + bv.y);
+                    st_shared_u32(values + at, geglu_pair<T>(v, MmaType<T>::pack(acc[i + 64] + bg.x, acc[i + 65] + bg.y)));
+                } else {
+                    st_shared_u32(values + at, MmaType<T>::pack(acc[i] + bv.x, acc[i + 1] + bv.y));
+                    st_shared_u32(gates + at, MmaType<T>::pack(acc[i + 64] + bg.x, acc[i + 65] + bg.y));
+                }
             }
         }
         mbar_arrive(staged);
@@ -165,9 +181,9 @@ __device__ __forceinline__ void consume(const GegluLinearParams& p, T* stages, T
 }
 
 // The epilogue warps (warps 1-3 of warpgroup 0): per tile of the block, value x gelu(gate) from the
-// staging tile, written as whole 256-byte row pieces (two rows a warp instruction), then the
-// staging tile handed back.
-template <typename T>
+// staging tile (with FINISH the consumers' outputs, copied), written as whole 256-byte row pieces
+// (two rows a warp instruction), then the staging tile handed back.
+template <typename T, bool FINISH>
 __device__ __forceinline__ void drain_staging(const GegluLinearParams& p, const T* staging, uint64_t* staged,
                                               uint64_t* drained, int col_tiles, int pairs, int first_pair, int pair_stride,
                                               uint32_t rank) {
@@ -182,22 +198,19 @@ __device__ __forceinline__ void drain_staging(const GegluLinearParams& p, const 
         for (int s = threadIdx.x - 32; s < GL_BM * chunks; s += threads) {
             const int r = s / chunks, c = s % chunks;
             const uint32_t at = (r * GL_BN + ((c ^ (r % 8)) * 8)) * sizeof(T);
-            const uint4 v = ld_shared_v4(values + at), gt = ld_shared_v4(gates + at);
-            const uint32_t vw[4] = {v.x, v.y, v.z, v.w}, gw[4] = {gt.x, gt.y, gt.z, gt.w};
-            uint32_t out[4];
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const float2 a = MmaType<T>::unpack(vw[q]), b = MmaType<T>::unpack(gw[q]);
-                out[q] = MmaType<T>::pack(a.x * gelu_f32(b.x), a.y * gelu_f32(b.y));
+            uint4 out = ld_shared_v4(values + at);
+            if constexpr (!FINISH) {
+                const uint4 gt = ld_shared_v4(gates + at);
+                out = make_uint4(geglu_pair<T>(out.x, gt.x), geglu_pair<T>(out.y, gt.y), geglu_pair<T>(out.z, gt.z),
+                                 geglu_pair<T>(out.w, gt.w));
             }
-            if (row0 + r < p.rows)
-                *reinterpret_cast<uint4*>(y + (row0 + r) * p.dim + col0 + c * 8) = make_uint4(out[0], out[1], out[2], out[3]);
+            if (row0 + r < p.rows) *reinterpret_cast<uint4*>(y + (row0 + r) * p.dim + col0 + c * 8) = out;
         }
         mbar_arrive(drained);
     }
 }
 
-template <typename T>
+template <typename T, bool FINISH>
 __device__ void geglu_linear_sm90(const GegluLinearParams& p) {
     extern __shared__ unsigned char gl_smem_raw[];
     T* stages = reinterpret_cast<T*>(((uintptr_t)gl_smem_raw + 1023) & ~(uintptr_t)1023);
@@ -228,7 +241,7 @@ __device__ void geglu_linear_sm90(const GegluLinearParams& p) {
     // consumer's (65536 in all at most).
     if (threadIdx.x / 128 == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
-        if (threadIdx.x >= 32) drain_staging<T>(p, staging, staged, drained, col_tiles, pairs, first_pair, pair_stride, rank);
+        if (threadIdx.x >= 32) drain_staging<T, FINISH>(p, staging, staged, drained, col_tiles, pairs, first_pair, pair_stride, rank);
         if (threadIdx.x == 0) {
             uint32_t it = 0;  // stage uses so far, over all of this block's tiles
             for (int pair = first_pair; pair < pairs; pair += pair_stride) {
@@ -247,12 +260,17 @@ __device__ void geglu_linear_sm90(const GegluLinearParams& p) {
         }
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
-        consume<T>(p, stages, staging, full, empty, staged, drained, k_tiles, col_tiles, pairs, first_pair, pair_stride);
+        consume<T, FINISH>(p, stages, staging, full, empty, staged, drained, k_tiles, col_tiles, pairs, first_pair, pair_stride);
     }
     cluster_sync();
 }
 
 #endif
 
-SM90_ENTRY(geglu_linear_sm90_f16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __half)
-SM90_ENTRY(geglu_linear_sm90_bf16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __nv_bfloat16)
+SM90_ENTRY(geglu_linear_sm90_f16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __half, false)
+SM90_ENTRY(geglu_linear_sm90_bf16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __nv_bfloat16, false)
+// The consumers finish GEGLU themselves, the epilogue warps only copy: for small K, where three
+// warps' GELU of a tile outlasts its products.
+SM90_ENTRY(geglu_linear_finish_sm90_f16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __half, true)
+SM90_ENTRY(geglu_linear_finish_sm90_bf16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __nv_bfloat16,
+           true)

@@ -122,9 +122,16 @@ pub enum GegluLinear {
     /// One Hopper kernel with GEGLU fused after the GEMM (kernels/gemm/geglu_linear_sm90.cu): the
     /// consumer warpgroups stage the biased values and gates (rounded to the dtype, as the composed
     /// route's GEMM writes them) in shared memory and go on to their next tile's products while
-    /// spare warps finish GEGLU. f16 / bf16, D a multiple of GEGLU_LINEAR_BN (128) and K of 8,
-    /// compute capability 9.0.
+    /// spare warps finish GEGLU; at K <= `FINISH_MAX_K` the consumers finish it themselves
+    /// (`FusedFinish`). f16 / bf16, D a multiple of GEGLU_LINEAR_BN (128) and K of 8, compute
+    /// capability 9.0.
     Fused,
+    /// The fused kernel's entry in which the spare warps compute GEGLU (tests and benchmarks;
+    /// `Fused` picks it above `FINISH_MAX_K`).
+    FusedHandoff,
+    /// The fused kernel's entry in which the consumers stage finished GEGLU outputs and the spare
+    /// warps only write them out (tests and benchmarks; `Fused` picks it up to `FINISH_MAX_K`).
+    FusedFinish,
     /// cuBLASLt's projection to [.., 2D] (bias in its epilogue), then the `geglu` pass.
     Composed,
 }
@@ -164,6 +171,10 @@ fn fused_geglu_fits(cc: (i32, i32), dtype: DType, rows: usize, k: usize, dim: us
 fn auto_geglu_route(cc: (i32, i32), dtype: DType, rows: usize, k: usize, dim: usize) -> GegluLinear {
     if fused_geglu_fits(cc, dtype, rows, k, dim) { GegluLinear::Fused } else { GegluLinear::Composed }
 }
+
+/// The deepest K at which the fused kernel's consumers finish GEGLU themselves: at K 320 (the motion
+/// modules' level 0) the three spare warps' GELU of a tile outlasted its five k steps of products.
+const FINISH_MAX_K: usize = 384;
 
 /// The GEGLU feed-forward's first step, geglu(x · wᵀ + bias): w [2D, K] holds the value rows first
 /// and the gate rows second (diffusers' GEGLU projects, then chunks into hidden states and gate);
@@ -246,7 +257,15 @@ pub fn linear_geglu_with<'w>(
     };
     // Persistent: as many 2-block clusters as run at once (a GPC's odd multiprocessor stays idle),
     // each walking the pairs of row tiles with the grid's stride.
-    let kernel = kernel_for!("geglu_linear_sm90", dtype);
+    let finish = match route {
+        GegluLinear::FusedFinish => true,
+        GegluLinear::FusedHandoff => false,
+        _ => k <= FINISH_MAX_K,
+    };
+    let kernel = match finish {
+        true => kernel_for!("geglu_linear_finish_sm90", dtype),
+        false => kernel_for!("geglu_linear_sm90", dtype),
+    };
     let cluster = (2, ClusterScheduling::Spread);
     let pairs = rows.div_ceil(2 * GEGLU_LINEAR_BM as usize) * (dim / GEGLU_LINEAR_BN as usize);
     let resident = gpu.max_active_clusters(kernel, GEGLU_LINEAR_THREADS, cluster, GEGLU_LINEAR_SHARED as usize)?;
@@ -308,9 +327,10 @@ mod tests {
         // next to the consumers' 128 accumulators) would stall the epilogue.
         let resources: Vec<_> = KERNEL_MODULES.iter().flat_map(|m| m.sm90_resources.iter()).collect();
         for dtype in [DType::F16, DType::BF16] {
-            let name = kernel_for!("geglu_linear_sm90", dtype);
-            let r = resources.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("{name} is not compiled"));
-            assert!(r.registers > 0 && r.spill_bytes == 0 && r.stack_bytes == 0, "{r:?}");
+            for name in [kernel_for!("geglu_linear_sm90", dtype), kernel_for!("geglu_linear_finish_sm90", dtype)] {
+                let r = resources.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("{name} is not compiled"));
+                assert!(r.registers > 0 && r.spill_bytes == 0 && r.stack_bytes == 0, "{r:?}");
+            }
         }
     }
 }

@@ -8,8 +8,8 @@ use celframe::gpu::timing::time_gpu;
 use celframe::gpu::{Arena, ClusterScheduling, Gpu, nvtx};
 use celframe::ops::Exec;
 use celframe::ops::attention::{
-    FlashAttention, FlashKernel, TemporalAttention, TemporalAttentionTuning, flash_attention_with, gemm_attention,
-    temporal_attention, temporal_attention_tuned,
+    Columns, FlashAttention, FlashKernel, TemporalAttention, TemporalAttentionTuning, flash_attention_with,
+    gemm_attention, temporal_attention, temporal_attention_tuned,
 };
 use celframe::ops::conv::{Conv2d, conv2d, conv2d_residual_fused};
 use celframe::ops::elementwise::{add, geglu, geglu_fp8, residual_add};
@@ -239,6 +239,21 @@ fn main() -> Result<()> {
                 flash_attention_with(&ex, &t[3 * k], &t[3 * k + 1], &t[3 * k + 2], cfg, kernel).map(drop)
             })?;
         }
+    }
+
+    // Self-attention as the models run it: q, k and v column blocks of one fused projection's
+    // [batch, tokens, 3 C] rows (each token's head slices 3 C apart), the default route.
+    for (batch, tokens, heads) in [(32usize, 2304usize, 10usize), (32, 576, 20), (2, 4096, 10)] {
+        let qkv: Vec<Tensor> =
+            (0..2).map(|i| b.random(&[batch, tokens, 3 * heads * 64], DType::F16, 60 + i)).collect::<Result<_>>()?;
+        let split: Vec<[Columns; 3]> = qkv.iter().map(Columns::split::<3>).collect::<Result<_>>()?;
+        let cfg = FlashAttention { heads, causal: false, scale: 0.125 };
+        let flop = 4.0 * (batch * heads * tokens * tokens * 64) as f64;
+        let key = format!("flash_attention fused-qkv f16 b{batch} h{heads} sq{tokens} sk{tokens}");
+        b.run("flash_attention", &key, 4.0 / 3.0 * qkv[0].size_bytes() as f64, flop, |k| {
+            let [q, kk, v] = split[k].clone();
+            flash_attention_with(&ex, q, kk, v, cfg, FlashKernel::Auto).map(drop)
+        })?;
     }
 
     // Attention through cuBLASLt + softmax: the VAE mid-block, one head of 512 over the latent

@@ -110,8 +110,8 @@ pub struct BenchArgs {
     /// kind of work (gemm, conv, flash_attention, group_norm, ...).
     #[arg(long)]
     pub breakdown: bool,
-    /// As --breakdown, with each GEMM description (m, n, k, bias, residual added) and each
-    /// convolution shape a kind of its own, with its TFLOP/s.
+    /// As --breakdown, with each GEMM description (m, n, k, bias, residual added), each
+    /// convolution shape and each flash-attention shape a kind of its own, with its TFLOP/s.
     #[arg(long)]
     pub breakdown_gemms: bool,
     /// Time cuBLASLt's candidate algorithms for every GEMM description the forwards meet that FILE

@@ -522,6 +522,15 @@ impl Gpu {
         self.profile.borrow().as_ref().is_some_and(|p| p.gemm_shapes)
     }
 
+    /// Under a profile that files GEMMs by description, files the next launch under its kind and
+    /// the shape `describe` gives, with its floating-point operations (a kernel that runs at
+    /// several shapes in a forward, such as flash attention); costs nothing otherwise.
+    pub(crate) fn describe_next_launch(&self, describe: impl FnOnce() -> (String, f64)) {
+        if let Some(p) = self.profile.borrow_mut().as_mut().filter(|p| p.gemm_shapes) {
+            p.next_shape = Some(describe());
+        }
+    }
+
     /// True while a profile is open.
     pub fn is_profiling(&self) -> bool {
         self.profile.borrow().is_some()

@@ -20,6 +20,9 @@ pub(super) struct Profile {
     marks: Vec<Mark>,
     /// File each GEMM under its description (`bench --breakdown-gemms`) instead of "gemm".
     pub(super) gemm_shapes: bool,
+    /// The shape and floating-point operations of the next launch, to file it under its kind and
+    /// shape (`Gpu::describe_next_launch`, under `gemm_shapes`).
+    pub(super) next_shape: Option<(String, f64)>,
 }
 
 struct Mark {
@@ -39,7 +42,8 @@ pub struct ProfileRow {
     pub kind: String,
     pub launches: usize,
     pub ms: f64,
-    /// Floating-point operations of its launches (0 where unknown: only GEMMs say).
+    /// Floating-point operations of its launches (0 where unknown: GEMMs, convolutions and the
+    /// launches described by shape say).
     pub flop: f64,
 }
 
@@ -63,7 +67,11 @@ impl Profile {
     /// Files the work between `start` and `end` (`flop` operations, 0 if unknown) under the open
     /// scopes and `kind`.
     pub(super) fn push(&mut self, kind: &str, flop: f64, start: Event, end: Event) {
-        self.marks.push(Mark { scope: self.scopes.join("/"), kind: kind.to_string(), flop, start, end });
+        let (kind, flop) = match self.next_shape.take() {
+            Some((shape, shape_flop)) => (format!("{kind} {shape}"), flop.max(shape_flop)),
+            None => (kind.to_string(), flop),
+        };
+        self.marks.push(Mark { scope: self.scopes.join("/"), kind, flop, start, end });
     }
 
     /// The marks' times summed per (scope, kind), sorted by scope then by time, largest first. The

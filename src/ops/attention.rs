@@ -649,6 +649,10 @@ pub fn flash_attention_with(
                 causal: cfg.causal as i32,
                 scale: cfg.scale,
             };
+            // `bench --breakdown-gemms` files each call under its shape: one kernel runs at several.
+            gpu.describe_next_launch(|| {
+                (format!("b{b} h{} {sq}x{sk}", cfg.heads), 4.0 * (b * cfg.heads * sq * sk * d) as f64)
+            });
             let heads = grid_dim("flash_attention", "batch x heads", b * cfg.heads, GRID_YZ)?;
             let block = ((FLASH_WARPS * 32) as u32, 1, 1);
             // The Hopper kernels' grid for blocks of `rows` queries (non-persistent), after the device check.

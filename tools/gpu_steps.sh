@@ -28,6 +28,8 @@
 #   ab                   the same three whole models benched with $bin and $base (a baseline commit's
 #                        binaries: carry dist/gpu_base.tar.xz, tools/build_gpu_baseline.sh),
 #                        alternating, two rounds (`AB ...` lines; after the unet and motion steps)
+#   power                tools/power_gpu.py: watts, SM clock and energy of a b32 UNet forward, ours
+#                        beside diffusers eager (`POWER` lines; writes the UNet weights when missing)
 #   fp8probe             tools/fp8_cublaslt_probe.py: which FP8 matmul forms this cuBLASLt runs
 #                        (through ctypes, beside torch._scaled_mm) and their speed
 #   cutlass              tools/cutlass_probe/run.sh (dist/cutlass_probe/*.o carried, made by its
@@ -149,6 +151,7 @@ run_step() {
     fp8) cmd="fp8_runs" ;;
     knob) cmd="knob_runs" ;;
     ab) cmd="ab_runs" ;;
+    power) cmd="source tools/gpu_env.sh; need_diffusers $work; python3 tools/power_gpu.py --work $work --bin $bin" ;;
     fp8probe) cmd="python3 tools/fp8_cublaslt_probe.py --log" ;;
     cutlass) cmd="bash tools/cutlass_probe/run.sh" ;;
     *)

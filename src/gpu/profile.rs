@@ -52,6 +52,14 @@ pub(super) fn kernel_kind(kernel: &str) -> &str {
     ["_f16", "_bf16", "_f32"].iter().find_map(|s| kernel.strip_suffix(s)).unwrap_or(kernel)
 }
 
+/// A launch's kind and FLOPs, with the shape (and its FLOPs) described for it, if any.
+fn described(kind: &str, flop: f64, shape: Option<(String, f64)>) -> (String, f64) {
+    match shape {
+        Some((shape, shape_flop)) => (format!("{kind} {shape}"), flop.max(shape_flop)),
+        None => (kind.to_string(), flop),
+    }
+}
+
 impl Profile {
     pub(super) fn by_gemm_shape() -> Profile {
         Profile { gemm_shapes: true, ..Profile::default() }
@@ -67,10 +75,7 @@ impl Profile {
     /// Files the work between `start` and `end` (`flop` operations, 0 if unknown) under the open
     /// scopes and `kind`.
     pub(super) fn push(&mut self, kind: &str, flop: f64, start: Event, end: Event) {
-        let (kind, flop) = match self.next_shape.take() {
-            Some((shape, shape_flop)) => (format!("{kind} {shape}"), flop.max(shape_flop)),
-            None => (kind.to_string(), flop),
-        };
+        let (kind, flop) = described(kind, flop, self.next_shape.take());
         self.marks.push(Mark { scope: self.scopes.join("/"), kind, flop, start, end });
     }
 
@@ -134,7 +139,16 @@ pub fn format_rows(rows: &[ProfileRow]) -> Result<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{ProfileRow, format_rows, kernel_kind};
+    use super::{ProfileRow, described, format_rows, kernel_kind};
+
+    #[test]
+    fn a_described_launch_carries_its_shape_and_flops() {
+        let shape = Some(("b32 h10 2304x2304".to_string(), 4.35e11));
+        let (kind, flop) = described("flash_attention_wspp3_persistent_d64", 0.0, shape);
+        assert_eq!(kind, "flash_attention_wspp3_persistent_d64 b32 h10 2304x2304");
+        assert_eq!(flop, 4.35e11);
+        assert_eq!(described("gemm", 2.0e9, None), ("gemm".to_string(), 2.0e9));
+    }
 
     #[test]
     fn kinds_drop_the_dtype_suffix_only() {

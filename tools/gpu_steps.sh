@@ -87,42 +87,40 @@ with_knob() {
   shift
   if [ "$v" = unset ]; then env -u "$KNOB" "$@"; else env "$KNOB=$v" "$@"; fi
 }
-# The whole models benched with the working tree's binaries and the baseline's, alternating, two
-# rounds (`AB ...` lines: text k/v cached medians).
+# The whole models (the UNet at b32 and b2, the motion UNet) benched in two rounds, alternating the
+# runners given as "LABEL|COMMAND" (COMMAND runs celframe: bench's arguments follow it): one
+# "LABEL round R: ..." line a bench (its text k/v cached median).
+alternate() {
+  set -o pipefail # a failed bench fails its pipeline
+  local w="--weights $work/sdxl_unet" m="--motion $work/motion_adapter" r runner s status=0
+  local models=("unet $w --batch 32 --height 72 --width 128" "unet $w --batch 2 --height 128 --width 128"
+    "motion_unet $w $m --batch 2 --frames 16 --height 72 --width 128")
+  for r in 1 2; do
+    for runner in "$@"; do
+      for s in "${models[@]}"; do
+        ${runner#*|} bench $s 2>&1 | grep "text k/v cached: median" | sed "s|^|${runner%%|*} round $r: |" || status=1
+      done
+    done
+  done
+  return $status
+}
+# The whole models with the working tree's binaries and the baseline's (`AB ...` lines).
 ab_runs() {
   if [ ! -x "$base/celframe" ]; then
     echo "ab: no baseline binaries in $base (carry dist/gpu_base.tar.xz: tools/build_gpu_baseline.sh)" >&2
     return 2
   fi
-  set -o pipefail
-  local w="--weights $work/sdxl_unet" m="--motion $work/motion_adapter" b r s status=0
-  local models=("unet $w --batch 32 --height 72 --width 128" "unet $w --batch 2 --height 128 --width 128"
-    "motion_unet $w $m --batch 2 --frames 16 --height 72 --width 128")
-  for r in 1 2; do
-    for b in "$bin" "$base"; do
-      for s in "${models[@]}"; do
-        $b/celframe bench $s 2>&1 | grep "text k/v cached: median" | sed "s|^|AB $b round $r: |" || status=1
-      done
-    done
-  done
-  return $status
+  alternate "AB $bin|$bin/celframe" "AB $base|$base/celframe"
 }
 knob_runs() {
   if [ -z "${KNOB:-}" ] || [ -z "${KNOB_VALUES:-}" ]; then
     echo "knob: set KNOB (an environment variable) and KNOB_VALUES (its values, space-separated)" >&2
     return 2
   fi
-  set -o pipefail # a failed bench or verify fails its pipeline
-  local c="$bin/celframe" w="--weights $work/sdxl_unet" m="--motion $work/motion_adapter" v r s ref status=0
-  local models=("unet $w --batch 32 --height 72 --width 128" "unet $w --batch 2 --height 128 --width 128"
-    "motion_unet $w $m --batch 2 --frames 16 --height 72 --width 128")
-  for r in 1 2; do
-    for v in $KNOB_VALUES; do
-      for s in "${models[@]}"; do
-        with_knob "$v" $c bench $s 2>&1 | grep "text k/v cached: median" | sed "s/^/KNOB $KNOB=$v round $r: /" || status=1
-      done
-    done
-  done
+  set -o pipefail # a failed verify fails its pipeline
+  local c="$bin/celframe" w="--weights $work/sdxl_unet" m="--motion $work/motion_adapter" v ref status=0 runners=()
+  for v in $KNOB_VALUES; do runners+=("KNOB $KNOB=$v|with_knob $v $c"); done
+  alternate "${runners[@]}" || status=1
   for v in $KNOB_VALUES; do
     for ref in "$work/ref_128x128_f16.safetensors" "$work/ref_72x128_f16.safetensors"; do
       with_knob "$v" $c verify unet $w --reference "$ref" --device cuda 2>&1 | grep "^out.sample \[" |
@@ -172,7 +170,7 @@ run_step() {
   fi
   echo "===== $name (limit ${limit} s)"
   local t0=$SECONDS
-  timeout -k 5 "$limit" bash -c "$(declare -f tests graphs fp8_runs with_knob knob_runs ab_runs); bin=$bin base=$base work=$work; $cmd" >"$OUT/$name.log" 2>&1
+  timeout -k 5 "$limit" bash -c "$(declare -f tests graphs fp8_runs with_knob alternate knob_runs ab_runs); bin=$bin base=$base work=$work; $cmd" >"$OUT/$name.log" 2>&1
   rc[$name]=$?
   secs[$name]=$((SECONDS - t0))
   tail -n "${TAIL:-25}" "$OUT/$name.log"

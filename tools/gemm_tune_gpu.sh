@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repo root, with dist/ carried over (tools/build_gpu_bundle.sh, and
 # the diffusers wheels in dist/wheels/ where the machine lacks diffusers): cuBLASLt's GEMM
-# algorithms tuned for the SDXL UNet and the motion UNet at 32 images 1024x576, and what it buys.
+# algorithms tuned for the SDXL UNet at 32 images 1024x576 and 2 images 1024x1024 and the motion
+# UNet at 2x16 frames 1024x576, and what it buys.
 #   1. tests/gemm_tuning_gpu.rs (tuned vs heuristic #1 outputs, readers give the tuner's bytes);
 #   2. the full-size random UNet and motion adapter (tools/unet_gpu.py's and motion_gpu.py's
 #      writers), unless $WORK holds them;
-#   3. `bench unet` and `bench motion_unet` with --tune-gemms $WORK/gemm_tuning.json (the second
-#      adds the motion modules' descriptions to the file);
+#   3. `bench unet` (both sizes) and `bench motion_unet` with --tune-gemms $WORK/gemm_tuning.json
+#      (each adds its new descriptions to the file);
 #   4. both benches without a file and with CELFRAME_GEMM_TUNING, alternating, then a table;
 #   5. where $WORK/ref_72x128_f16.safetensors exists (tools/unet_gpu.sh made it): the file extended
 #      for 2 images 1024x576, then `verify unet` twice with it: within tolerance, identical bytes.
@@ -40,17 +41,21 @@ from motion_gpu import make_adapter, make_weights
 make_weights(sys.argv[1] + "/sdxl_unet"); make_adapter(sys.argv[1] + "/motion_adapter")' "$work"
 
 unet=(bench unet --weights "$work/sdxl_unet" --batch 32 --height 72 --width 128)
+square=(bench unet --weights "$work/sdxl_unet" --batch 2 --height 128 --width 128)
 motion=(bench motion_unet --weights "$work/sdxl_unet" --motion "$work/motion_adapter" --batch 2 --frames 16 --height 72 --width 128)
 
 echo "== tuning into $file" | tee -a "$log"
 rm -f "$file"
 run tune "$bin" "${unet[@]}" --runs 3 --tune-gemms "$file"
+run tune "$bin" "${square[@]}" --runs 3 --tune-gemms "$file"
 run tune "$bin" "${motion[@]}" --runs 3 --tune-gemms "$file"
 
 echo "== with and without the file, alternating" | tee -a "$log"
 for round in 1 2; do
   run plain "$bin" "${unet[@]}"
   CELFRAME_GEMM_TUNING=$file run tuned "$bin" "${unet[@]}"
+  run plain "$bin" "${square[@]}"
+  CELFRAME_GEMM_TUNING=$file run tuned "$bin" "${square[@]}"
   run plain "$bin" "${motion[@]}"
   CELFRAME_GEMM_TUNING=$file run tuned "$bin" "${motion[@]}"
 done

@@ -124,10 +124,10 @@ knob_runs() {
   for v in $KNOB_VALUES; do
     for ref in "$work/ref_128x128_f16.safetensors" "$work/ref_72x128_f16.safetensors"; do
       with_knob "$v" $c verify unet $w --reference "$ref" --device cuda 2>&1 | grep "^out.sample \[" |
-        sed "s/^/KNOB $KNOB=$v: /" || status=1
+        sed "s|^|KNOB $KNOB=$v: |" || status=1
     done
     with_knob "$v" $c verify motion_unet $w $m --reference "$work/ref_motion_f16.safetensors" --device cuda 2>&1 |
-      grep "^out.sample \[" | sed "s/^/KNOB $KNOB=$v: /" || status=1
+      grep "^out.sample \[" | sed "s|^|KNOB $KNOB=$v: |" || status=1
   done
   return $status
 }

@@ -1,16 +1,18 @@
 //! GEMM tuning files (`celframe::gpu::tuning`) on the CPU: written and read back they give the same
 //! choices and the same text; a file made on another device, cuBLASLt or build is refused with exit
 //! code 2 naming the field; malformed files are refused naming what is wrong; descriptions without an
-//! entry are reported as running heuristic #1. The GPU side (timing, outputs, processes) is
+//! entry are reported as running heuristic #1; a built-in file applies to its own identity only,
+//! and every file built into this binary is valid for its own. The GPU side (timing, outputs, processes) is
 //! tests/gemm_tuning_gpu.rs.
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 
 use celframe::DType;
 use celframe::gpu::blas::Gemm;
-use celframe::gpu::tuning::{AlgoConfig, CANDIDATES, Entry, Identity, Tuning};
+use celframe::gpu::tuning::{AlgoConfig, BUILT_IN, BuiltIn, CANDIDATES, Entry, Identity, Tuning};
 use common::TempDir;
 use serde_json::{Value, json};
 
@@ -230,4 +232,65 @@ fn bench_tune_gemms_is_refused_where_it_cannot_apply() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--tune-gemms"), "{stderr}");
+}
+
+#[test]
+fn a_built_in_file_applies_to_its_own_identity_only() {
+    let text = sample().to_json().unwrap();
+    let files = [("h200.json", text.as_str())];
+    match Tuning::built_in_from(&files, &identity()).unwrap() {
+        BuiltIn::Applies(name, t) => {
+            assert_eq!(name, "h200.json");
+            assert_eq!(t.to_json().unwrap(), text);
+        }
+        other => panic!("the file's own identity: {other:?}"),
+    }
+    // The same device under another cuBLASLt: not applied, the reason names the field.
+    let newer = Identity { cublaslt_version: 130_200, ..identity() };
+    match Tuning::built_in_from(&files, &newer).unwrap() {
+        BuiltIn::OtherSetup(why) => {
+            assert!(why.contains("h200.json") && why.contains("identity.cublaslt_version"), "{why}")
+        }
+        other => panic!("another cuBLASLt: {other:?}"),
+    }
+    let other_device = Identity { device: "NVIDIA H100 80GB HBM3".into(), ..identity() };
+    assert!(matches!(Tuning::built_in_from(&files, &other_device).unwrap(), BuiltIn::NoneForDevice));
+    assert!(matches!(Tuning::built_in_from(&[], &identity()).unwrap(), BuiltIn::NoneForDevice));
+    // A broken file is an error whatever the device (it was built in broken), naming the file.
+    let broken = text.replace("\"index\": 3", "\"index\": 9");
+    let err = Tuning::built_in_from(&[("broken.json", broken.as_str())], &other_device).unwrap_err();
+    assert!(err.to_string().contains("broken.json") && err.to_string().contains("index"), "{err}");
+}
+
+/// The files built in (src/gpu/tuned/) and those recorded to be built in once checked
+/// (benches/gemm_tuning/): each a valid tuning file that applies to its own identity, one per
+/// identity among the built-in ones.
+#[test]
+fn built_in_and_recorded_tuning_files_apply_to_their_own_identity() {
+    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/gemm_tuning");
+    let mut recorded = Vec::new();
+    for entry in std::fs::read_dir(&folder).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            recorded.push((path.display().to_string(), std::fs::read_to_string(&path).unwrap()));
+        }
+    }
+    assert!(!recorded.is_empty(), "no tuning file recorded in {}", folder.display());
+    let built_in = BUILT_IN.iter().map(|(name, text)| (name.to_string(), text.to_string()));
+    for (name, text) in built_in.chain(recorded) {
+        let value: Value = serde_json::from_str(&text).unwrap();
+        let own: Identity = serde_json::from_value(value["identity"].clone()).unwrap();
+        match Tuning::built_in_from(&[(&name, &text)], &own).unwrap() {
+            BuiltIn::Applies(_, t) => assert!(!t.is_empty(), "{name}: no entries"),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    for (name, text) in BUILT_IN {
+        let value: Value = serde_json::from_str(text).unwrap();
+        let own: Identity = serde_json::from_value(value["identity"].clone()).unwrap();
+        match Tuning::built_in(&own).unwrap() {
+            BuiltIn::Applies(found, _) => assert_eq!(&found, name, "two built-in files share an identity"),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
 }

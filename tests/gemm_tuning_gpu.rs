@@ -3,7 +3,9 @@
 //! output dtype's rounding, an in-place accumulate (C = D) must be added exactly once however many
 //! timing runs there were, and every reader of the file (another handle in this process, two other
 //! processes through CELFRAME_GEMM_TUNING) must give the tuner's bytes exactly. A file lacking a
-//! description runs heuristic #1 for it: the bytes of a run without any file.
+//! description runs heuristic #1 for it: the bytes of a run without any file. Where a built-in file
+//! was made for this device and cuBLASLt, a handle made without CELFRAME_GEMM_TUNING runs it, and
+//! its outputs match heuristic #1's within the same tolerances.
 //!
 //! These need an NVIDIA GPU, so CI (no GPU) lists them as ignored; tools/gpu_run.sh runs them on
 //! the GPU machine with `--include-ignored`. Run without a GPU they fail, never pass silently.
@@ -18,7 +20,7 @@ use std::path::Path;
 use std::process::Command;
 
 use celframe::gpu::blas::{Blas, Gemm, GemmIo};
-use celframe::gpu::tuning::{ENV, Tuning};
+use celframe::gpu::tuning::{BuiltIn, ENV, Tuning};
 use celframe::gpu::{Arena, Gpu};
 use celframe::{DType, Tensor};
 use common::{TempDir, assert_close, random_tensor};
@@ -159,6 +161,11 @@ fn run(gpu: &Gpu, blas: &mut Blas, case: &Case, inputs: &[Option<Tensor>; 4]) ->
     gpu.download(&d).unwrap()
 }
 
+/// Relative L2 against heuristic #1 (see the module comment).
+fn tolerance(case: &Case) -> f64 {
+    if case.gemm.out_dtype == DType::F32 { 1e-5 } else { 2e-3 }
+}
+
 fn bits(t: &Tensor) -> Vec<u32> {
     t.to_f32_vec().unwrap().into_iter().map(f32::to_bits).collect()
 }
@@ -173,15 +180,15 @@ fn gpu() -> Gpu {
 
 /// Tunes every case into `path`; the tuned outputs, each checked against heuristic #1's.
 fn tune(gpu: &Gpu, path: &Path) -> (Vec<Tensor>, Vec<Tensor>) {
-    let mut plain = Blas::new(gpu.info()).unwrap();
-    let mut tuner = Blas::new(gpu.info()).unwrap();
+    let mut plain = Blas::heuristic_only(gpu.info()).unwrap();
+    let mut tuner = Blas::heuristic_only(gpu.info()).unwrap();
     tuner.tune_into(path).unwrap();
     let (mut tuned, mut first) = (Vec::new(), Vec::new());
     for (i, case) in cases().iter().enumerate() {
         let x = inputs(i, case);
         let want = run(gpu, &mut plain, case, &x);
         let got = run(gpu, &mut tuner, case, &x);
-        let tol = if case.gemm.out_dtype == DType::F32 { 1e-5 } else { 2e-3 };
+        let tol = tolerance(case);
         // In place, timing into D itself would have added the product once per timed run.
         let (rel, max) = assert_close(case.name, &got, &want, tol);
         let (_, file) = tuner.tuning().unwrap();
@@ -212,12 +219,12 @@ fn tuned_choices_match_heuristic_one_and_readers_repeat_them() {
     let dir = TempDir::new("gemm-tuning-gpu");
     let path = dir.0.join("tuning.json");
     let (tuned, first) = tune(&gpu, &path);
-    let identity = Blas::new(gpu.info()).unwrap().identity().clone();
+    let identity = Blas::heuristic_only(gpu.info()).unwrap().identity().clone();
     let file = Tuning::load(&path, &identity, "test").unwrap();
     assert_eq!(file.len(), cases().len());
 
     // Another handle reading the file runs the same algorithms: the same bytes.
-    let mut reader = Blas::new(gpu.info()).unwrap();
+    let mut reader = Blas::heuristic_only(gpu.info()).unwrap();
     reader.read_tuning(&path, "test").unwrap();
     for (i, case) in cases().iter().enumerate() {
         let got = run(&gpu, &mut reader, case, &inputs(i, case));
@@ -231,11 +238,48 @@ fn tuned_choices_match_heuristic_one_and_readers_repeat_them() {
     }
     let partial_path = dir.0.join("partial.json");
     partial.save(&partial_path).unwrap();
-    let mut reader = Blas::new(gpu.info()).unwrap();
+    let mut reader = Blas::heuristic_only(gpu.info()).unwrap();
     reader.read_tuning(&partial_path, "test").unwrap();
     let case = &cases()[0];
     let got = run(&gpu, &mut reader, case, &inputs(0, case));
     assert!(bits(&got) == bits(&first[0]), "{}: without an entry the output must be heuristic #1's", case.name);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn the_built_in_file_runs_where_it_was_made() {
+    let gpu = gpu();
+    let mut plain = Blas::heuristic_only(gpu.info()).unwrap();
+    let (name, file) = match Tuning::built_in(plain.identity()).unwrap() {
+        BuiltIn::Applies(name, file) => (name, file),
+        other => {
+            println!(
+                "GPUCHECK gemm tuning built-in: SKIPPED, no built-in file applies on {:?} ({other:?})",
+                plain.identity()
+            );
+            return;
+        }
+    };
+    let mut blas = Blas::new(gpu.info()).unwrap();
+    let (path, _) =
+        blas.tuning().expect("a built-in file applies, but a handle made without CELFRAME_GEMM_TUNING ran none");
+    assert_eq!(path, Path::new(&format!("built-in {name}")));
+    let (mut covered, mut changed) = (0, 0);
+    for (i, case) in cases().iter().enumerate() {
+        let Some(entry) = file.get(&case.gemm) else { continue };
+        let x = inputs(i, case);
+        let want = run(&gpu, &mut plain, case, &x);
+        let got = run(&gpu, &mut blas, case, &x);
+        assert_close(case.name, &got, &want, tolerance(case));
+        covered += 1;
+        changed += usize::from(entry.index != 0);
+    }
+    println!(
+        "GPUCHECK gemm tuning built-in {name}: {} entries; {covered} of {} test shapes covered ({changed} run another \
+         candidate than heuristic #1), outputs within tolerance of heuristic #1's",
+        file.len(),
+        cases().len()
+    );
 }
 
 #[test]

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repo root, with dist/ carried over (tools/build_gpu_bundle.sh, and
 # the diffusers wheels in dist/wheels/ where the machine lacks diffusers): cuBLASLt's GEMM
-# algorithms tuned for the SDXL UNet at 32 images 1024x576 and 2 images 1024x1024 and the motion
-# UNet at 2x16 frames 1024x576, and what it buys.
+# algorithms tuned for the SDXL UNet at 32 images 1024x576, 2 images 1024x1024 and 2 images
+# 1024x576 and the motion UNet at 2x16 frames 1024x576, and what it buys.
 #   1. tests/gemm_tuning_gpu.rs (tuned vs heuristic #1 outputs, readers give the tuner's bytes);
 #   2. the full-size random UNet and motion adapter (tools/unet_gpu.py's and motion_gpu.py's
 #      writers), unless $WORK holds them;
-#   3. `bench unet` (both sizes) and `bench motion_unet` with --tune-gemms $WORK/gemm_tuning.json
-#      (each adds its new descriptions to the file);
-#   4. both benches without a file and with CELFRAME_GEMM_TUNING, alternating, then a table;
-#   5. where $WORK/ref_72x128_f16.safetensors exists (tools/unet_gpu.sh made it): the file extended
-#      for 2 images 1024x576, then `verify unet` twice with it: within tolerance, identical bytes.
+#   3. `bench unet` (the three sizes) and `bench motion_unet` with --tune-gemms
+#      $WORK/gemm_tuning.json (each adds its new descriptions to the file);
+#   4. the benches with heuristic #1 (CELFRAME_GEMM_TUNING=none: not even the built-in file) and
+#      with CELFRAME_GEMM_TUNING=$WORK/gemm_tuning.json, alternating, then a table;
+#   5. where $WORK/ref_72x128_f16.safetensors exists (tools/unet_gpu.sh made it): `verify unet`
+#      twice with the file: within tolerance, identical bytes.
 # Logs go to $OUT (or /tmp/celframe-gpu); weights and the tuning file to $WORK (or /tmp/celframe-unet).
 set -uo pipefail
 out=${OUT:-/tmp/celframe-gpu}
@@ -21,7 +22,8 @@ log=$out/gemm_tune_gpu.log
 source "$(dirname "$0")/gpu_env.sh"
 need_diffusers "$work"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$log"
-unset CELFRAME_GEMM_TUNING
+# Heuristic #1 unless a command names the file (the built-in file is what a new file may replace).
+export CELFRAME_GEMM_TUNING=none
 bin=dist/gpu/celframe
 file=$work/gemm_tuning.json
 status=0
@@ -33,7 +35,7 @@ run() {  # run LABEL COMMAND...: logs the output, each line prefixed with LABEL
 }
 
 echo "== tests/gemm_tuning_gpu.rs" | tee -a "$log"
-run test dist/gpu/test_gemm_tuning_gpu --include-ignored --nocapture --test-threads=1
+run test env -u CELFRAME_GEMM_TUNING dist/gpu/test_gemm_tuning_gpu --include-ignored --nocapture --test-threads=1
 
 echo "== weights" | tee -a "$log"
 run weights python3 -c 'import sys; sys.path.insert(0, "tools")
@@ -48,6 +50,7 @@ echo "== tuning into $file" | tee -a "$log"
 rm -f "$file"
 run tune "$bin" "${unet[@]}" --runs 3 --tune-gemms "$file"
 run tune "$bin" "${square[@]}" --runs 3 --tune-gemms "$file"
+run tune "$bin" bench unet --weights "$work/sdxl_unet" --batch 2 --height 72 --width 128 --runs 3 --tune-gemms "$file"
 run tune "$bin" "${motion[@]}" --runs 3 --tune-gemms "$file"
 
 echo "== with and without the file, alternating" | tee -a "$log"
@@ -78,7 +81,6 @@ EOF
 ref=$work/ref_72x128_f16.safetensors
 if [ -f "$ref" ]; then
   echo "== verify unet with the file, two processes" | tee -a "$log"
-  run tune "$bin" bench unet --weights "$work/sdxl_unet" --batch 2 --height 72 --width 128 --runs 2 --tune-gemms "$file"
   for i in 1 2; do
     CELFRAME_GEMM_TUNING=$file run verify "$bin" verify unet --weights "$work/sdxl_unet" --reference "$ref" --device cuda \
       --save "$work/gemm_det_$i.safetensors"

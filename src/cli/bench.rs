@@ -117,7 +117,8 @@ pub struct BenchArgs {
     /// Time cuBLASLt's candidate algorithms for every GEMM description the forwards meet that FILE
     /// has no entry for, run the fastest, and write FILE (made, or extended when it exists; it must
     /// have been made on this device and cuBLASLt). Renders and benches run the recorded choices
-    /// when CELFRAME_GEMM_TUNING=FILE is set. Not with CELFRAME_GEMM_TUNING set, nor for encode.
+    /// when CELFRAME_GEMM_TUNING=FILE is set. Not with CELFRAME_GEMM_TUNING=FILE set, nor for
+    /// encode; a built-in file for this device is set aside while tuning.
     #[arg(long, value_name = "FILE")]
     pub tune_gemms: Option<PathBuf>,
     /// unet, motion_unet, controlnet: after the eager runs, capture one forward into a CUDA graph,
@@ -765,8 +766,8 @@ fn open_gpu(args: &BenchArgs) -> Result<Gpu> {
     Ok(gpu)
 }
 
-/// After the timed runs. With a GEMM tuning file in use (`CELFRAME_GEMM_TUNING` or
-/// `--tune-gemms`): one more `forward` counts the GEMM calls of one forward, and a line says what
+/// After the timed runs. With a GEMM tuning file in use (`CELFRAME_GEMM_TUNING`, the built-in
+/// one or `--tune-gemms`): one more `forward` counts the GEMM calls of one forward, and a line says what
 /// the file's timings make of them with heuristic #1 and with its choices (a `GEMMTUNING` JSON line
 /// too); `--tune-gemms`'s file is written. Then `--breakdown`.
 fn finish(args: &BenchArgs, gpu: &Gpu, key: &str, t: &Timing, mut forward: impl FnMut() -> Result<()>) -> Result<()> {

@@ -4,8 +4,9 @@
 //! D's layout, D itself allowed) in the epilogue.
 //!
 //! The algorithm per description is cuBLASLt's heuristic #1, made once and cached, unless a tuning
-//! file (`gpu::tuning`, `CELFRAME_GEMM_TUNING`) names another of its candidates; `tune_into`
-//! times the candidates of every description met and records the fastest.
+//! file (`gpu::tuning`: `CELFRAME_GEMM_TUNING`, else the built-in one made for this device and
+//! cuBLASLt) names another of its candidates; `tune_into` times the candidates of every description
+//! met and records the fastest.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -17,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::device::{DeviceInfo, Gpu};
 use super::memory::DeviceMem;
 use super::timing::time_gpu;
-use super::tuning::{AlgoConfig, CANDIDATES, ENV, Entry, Identity, Tuning};
+use super::tuning::{AlgoConfig, BuiltIn, CANDIDATES, ENV, Entry, Identity, NONE, Tuning};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -37,14 +38,18 @@ pub struct Blas {
     tuning: Option<TuningState>,
 }
 
-/// The tuning file in use: read from `CELFRAME_GEMM_TUNING`, or opened by `tune_into` to be
-/// extended and written back.
+/// The tuning file in use: read from `CELFRAME_GEMM_TUNING`, built in, or opened by `tune_into`
+/// to be extended and written back.
 struct TuningState {
     file: Tuning,
+    /// The file's path ("built-in NAME" for a built-in one).
     path: PathBuf,
     /// Who named the file, for messages.
     origin: &'static str,
     tune: bool,
+    /// A built-in file: an entry this cuBLASLt does not list runs heuristic #1 (said once) rather
+    /// than failing, and `tune_into` sets it aside.
+    built_in: bool,
     /// A description missing from a read file was reported (once per process).
     said_missing: bool,
 }
@@ -325,8 +330,21 @@ fn algo_config(algo: &lt::cublasLtMatmulAlgo_t) -> Result<AlgoConfig> {
 
 impl Blas {
     /// The handle and workspace for the device `info` describes, with the tuning file
-    /// `CELFRAME_GEMM_TUNING` names, if set (refused when made for another device or cuBLASLt).
+    /// `CELFRAME_GEMM_TUNING` names, if set (refused when made for another device or cuBLASLt;
+    /// `none`: heuristic #1 throughout), else the built-in file made under this identity, if any.
     pub fn new(info: &DeviceInfo) -> Result<Blas> {
+        let mut blas = Blas::heuristic_only(info)?;
+        match std::env::var_os(ENV).filter(|p| !p.is_empty()) {
+            Some(v) if v == NONE => {}
+            Some(path) => blas.read_tuning(Path::new(&path), ENV)?,
+            None => blas.use_built_in()?,
+        }
+        Ok(blas)
+    }
+
+    /// As `new`, with no tuning file whatever `CELFRAME_GEMM_TUNING` says: heuristic #1 for every
+    /// description until `read_tuning` or `tune_into`.
+    pub fn heuristic_only(info: &DeviceInfo) -> Result<Blas> {
         if !unsafe { lt::is_culib_present() } {
             return Err(Error::Cuda("libcublasLt.so (CUDA 13) was not found on the library path".into()));
         }
@@ -341,17 +359,37 @@ impl Blas {
             workspace_bytes: WORKSPACE_BYTES as u64,
             candidates: CANDIDATES,
         };
-        let mut blas = Blas {
+        Ok(Blas {
             handle,
             workspace: DeviceMem::owned(WORKSPACE_BYTES, "cuBLASLt workspace")?,
             plans: HashMap::new(),
             identity,
             tuning: None,
-        };
-        if let Some(path) = std::env::var_os(ENV).filter(|p| !p.is_empty()) {
-            blas.read_tuning(Path::new(&path), ENV)?;
+        })
+    }
+
+    /// The built-in tuning file made under this identity, where there is one; a note where files
+    /// for this device exist but were made under another cuBLASLt or build.
+    fn use_built_in(&mut self) -> Result<()> {
+        match Tuning::built_in(&self.identity)? {
+            BuiltIn::Applies(name, file) => {
+                self.tuning = Some(TuningState {
+                    file,
+                    path: PathBuf::from(format!("built-in {name}")),
+                    origin: "built in",
+                    tune: false,
+                    built_in: true,
+                    said_missing: false,
+                });
+            }
+            BuiltIn::OtherSetup(why) => eprintln!(
+                "note: the built-in GEMM tuning for {} does not apply ({why}); cuBLASLt's heuristic #1 runs every \
+                 GEMM (CELFRAME_GEMM_TUNING=FILE from `celframe bench ... --tune-gemms FILE` tunes for this setup)",
+                self.identity.device
+            ),
+            BuiltIn::NoneForDevice => {}
         }
-        Ok(blas)
+        Ok(())
     }
 
     /// From now on, descriptions with an entry in the tuning file `path` run its choice (checked
@@ -364,7 +402,14 @@ impl Blas {
         let file = Tuning::load(path, &self.identity, origin)?;
         // Descriptions planned before now run heuristic #1: plan them again.
         self.plans.clear();
-        self.tuning = Some(TuningState { file, path: path.to_path_buf(), origin, tune: false, said_missing: false });
+        self.tuning = Some(TuningState {
+            file,
+            path: path.to_path_buf(),
+            origin,
+            tune: false,
+            built_in: false,
+            said_missing: false,
+        });
         Ok(())
     }
 
@@ -377,8 +422,9 @@ impl Blas {
     /// tuned: heuristic #1 and the heuristic's other candidates are timed on the call's own inputs
     /// (into a stand-in output, so the real one, which may be C or alias an input, is written
     /// only by the real call) and the fastest is recorded and used. `save_tuning` writes the file.
+    /// A built-in file in use is set aside (heuristic #1 is what tuning compares with).
     pub fn tune_into(&mut self, path: &Path) -> Result<()> {
-        if let Some(t) = self.tuning.as_ref().filter(|t| !t.tune) {
+        if let Some(t) = self.tuning.as_ref().filter(|t| !t.tune && !t.built_in) {
             return Err(Error::Input(format!(
                 "--tune-gemms {}: {} names a tuning file to read too ({}); unset it (tuning reads and extends the \
                  file it writes)",
@@ -408,6 +454,7 @@ impl Blas {
             path: path.to_path_buf(),
             origin: "--tune-gemms",
             tune: true,
+            built_in: false,
             said_missing: false,
         });
         Ok(())
@@ -549,8 +596,17 @@ impl Blas {
         plan.first = self.heuristic(g, &plan, 1)?[0].algo;
         let entry = self.tuning.as_ref().and_then(|t| t.file.get(g).cloned());
         let tuning = self.tuning.as_ref().is_some_and(|t| t.tune);
+        let built_in = self.tuning.as_ref().is_some_and(|t| t.built_in);
         let chosen = match entry {
-            Some(e) => Some(self.recall(g, &plan, &e)?),
+            Some(e) => match self.recall(g, &plan, &e) {
+                Ok(algo) => Some(algo),
+                // A built-in file cannot be tuned again by its user: its stale entries give way.
+                Err(Error::Input(why)) if built_in => {
+                    self.note_missing(&format!("{why}; heuristic #1 runs it"));
+                    None
+                }
+                Err(e) => return Err(e),
+            },
             None if tuning => {
                 gpu.refuse_while_capturing(&format!("GEMM tuning of {g}"))?;
                 let tuned = self.tune(gpu, g, &plan, io)?;
@@ -562,20 +618,28 @@ impl Blas {
                 })
             }
             None => {
-                if let Some(t) = self.tuning.as_mut().filter(|t| !t.said_missing) {
-                    eprintln!(
-                        "note: {} ({}) has no entry for gemm {g}; it and any other description the file lacks run \
-                         cuBLASLt's heuristic #1 (said once)",
-                        t.path.display(),
-                        t.origin
-                    );
-                    t.said_missing = true;
+                // A built-in file covers the sizes it was tuned at; other sizes run the heuristic
+                // unremarked, as without tuning.
+                if let Some(t) = self.tuning.as_ref().filter(|t| !t.built_in) {
+                    let what = format!("{} ({}) has no entry for gemm {g}", t.path.display(), t.origin);
+                    self.note_missing(&format!("{what}; it runs cuBLASLt's heuristic #1"));
                 }
                 None
             }
         };
         plan.tuned = chosen.map(|algo| Ok::<_, Error>((algo, Caps::of(&algo)?))).transpose()?;
         Ok(plan)
+    }
+
+    /// Says `what` on stderr, once per process: later descriptions the file lacks or cannot run
+    /// are left unsaid.
+    fn note_missing(&mut self, what: &str) {
+        if let Some(t) = self.tuning.as_mut().filter(|t| !t.said_missing) {
+            eprintln!(
+                "note: {what}, as does any other description the file lacks or names a candidate missing for (said once)"
+            );
+            t.said_missing = true;
+        }
     }
 
     /// The candidate `e` records, checked to be the one the file describes.

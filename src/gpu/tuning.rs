@@ -4,7 +4,11 @@
 //! in every process would let two processes pick differently and round differently, so frames
 //! would differ between a render, its resume and its shards. Instead `celframe bench ...
 //! --tune-gemms FILE` times them once and writes FILE; processes given it (`CELFRAME_GEMM_TUNING`)
-//! run exactly the recorded choices. Without a file, heuristic #1 runs, as before tuning existed.
+//! run exactly the recorded choices.
+//!
+//! Files tuned on the GPUs celframe is measured on are built into the binary (`BUILT_IN`, from `src/gpu/tuned/`):
+//! without `CELFRAME_GEMM_TUNING`, the one made under this process's identity runs, else heuristic
+//! #1; `CELFRAME_GEMM_TUNING=none` runs heuristic #1 everywhere.
 //!
 //! A file is JSON: `identity`, the device, cuBLASLt version, workspace and candidate count it was
 //! tuned under (any difference refuses the file: the heuristic's list, and so the choice, depends
@@ -23,6 +27,16 @@ use crate::tensor::DType;
 
 /// The environment variable naming the tuning file renders, benches and verify runs read.
 pub const ENV: &str = "CELFRAME_GEMM_TUNING";
+/// The value of `ENV` that runs cuBLASLt's heuristic #1 for every description (no file, not even a
+/// built-in one).
+pub const NONE: &str = "none";
+/// Tuning files built into the binary, by file name: each is the `gemm_tuning.json` that
+/// `tools/gemm_tune_gpu.sh` wrote on the device its identity names (the UNet at 32 images
+/// 1024x576, 2 images 1024x1024 and 2 images 1024x576, the motion UNet at 2x16 frames 1024x576),
+/// copied into `src/gpu/tuned/` once the whole-model checks passed under it (`CELFRAME_GEMM_TUNING`
+/// naming the file). At most one per identity. None yet: benches/gemm_tuning/ holds the H200's file
+/// of 2026-12-06, which waits on those checks.
+pub const BUILT_IN: &[(&str, &str)] = &[];
 /// The `format` field of every tuning file.
 pub const FORMAT: &str = "celframe-gemm-tuning";
 /// The `version` field this build writes and reads.
@@ -205,6 +219,51 @@ impl Tuning {
     }
 }
 
+/// What `Tuning::built_in` found for a process.
+#[derive(Debug)]
+pub enum BuiltIn {
+    /// A built-in file made under the process's identity: its name and choices.
+    Applies(String, Tuning),
+    /// Files for this device exist, none made under the rest of the identity: why not, per file.
+    OtherSetup(String),
+    /// No built-in file for this device.
+    NoneForDevice,
+}
+
+impl Tuning {
+    /// The built-in tuning file made under `identity`, if any.
+    pub fn built_in(identity: &Identity) -> Result<BuiltIn> {
+        Tuning::built_in_from(BUILT_IN, identity)
+    }
+
+    /// As `built_in`, among `files` (name, text). A file that is not a valid tuning file for its
+    /// own identity is an error (it was built in broken).
+    pub fn built_in_from(files: &[(&str, &str)], identity: &Identity) -> Result<BuiltIn> {
+        let mut why_not = Vec::new();
+        for (name, text) in files {
+            let own = built_in_identity(name, text)?;
+            let tuning = Tuning::parse(text, &own)
+                .map_err(|e| Error::Internal(format!("built-in GEMM tuning file {name}: {e}")))?;
+            if own.device != identity.device {
+                continue;
+            }
+            match identity_difference(&own, identity) {
+                None => return Ok(BuiltIn::Applies(name.to_string(), tuning)),
+                Some(why) => why_not.push(format!("{name}: {why}")),
+            }
+        }
+        Ok(if why_not.is_empty() { BuiltIn::NoneForDevice } else { BuiltIn::OtherSetup(why_not.join("; ")) })
+    }
+}
+
+/// The identity a built-in file records.
+fn built_in_identity(name: &str, text: &str) -> Result<Identity> {
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| Error::Internal(format!("built-in GEMM tuning file {name}: not valid JSON: {e}")))?;
+    serde_json::from_value(value.get("identity").cloned().unwrap_or_default())
+        .map_err(|e| Error::Internal(format!("built-in GEMM tuning file {name}: field identity: {e}")))
+}
+
 /// `Tuning::estimate`'s sums.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Estimate {
@@ -220,11 +279,18 @@ pub struct Estimate {
 }
 
 fn check_identity(found: &Identity, expected: &Identity) -> Result<()> {
+    match identity_difference(found, expected) {
+        None => Ok(()),
+        Some(why) => Err(Error::Input(format!(
+            "{why}; tune again for this machine (celframe bench ... --tune-gemms FILE) or unset CELFRAME_GEMM_TUNING"
+        ))),
+    }
+}
+
+/// How a file's identity `found` differs from the process's, naming the first field that does.
+fn identity_difference(found: &Identity, expected: &Identity) -> Option<String> {
     let differs = |field: &str, found: String, here: String, why: &str| {
-        Err(Error::Input(format!(
-            "field identity.{field} is {found}, but {here}: {why}; tune again for this machine (celframe bench ... \
-             --tune-gemms FILE) or unset CELFRAME_GEMM_TUNING"
-        )))
+        Some(format!("field identity.{field} is {found}, but {here}: {why}"))
     };
     if found.device != expected.device {
         return differs(
@@ -274,7 +340,7 @@ fn check_identity(found: &Identity, expected: &Identity) -> Result<()> {
             "the indexes refer to another list length",
         );
     }
-    Ok(())
+    None
 }
 
 fn check_entry(e: &Entry, candidates: usize) -> Result<()> {

@@ -10,8 +10,12 @@
 #      $WORK/gemm_tuning.json (each adds its new descriptions to the file);
 #   4. the benches with heuristic #1 (CELFRAME_GEMM_TUNING=none: not even the built-in file) and
 #      with CELFRAME_GEMM_TUNING=$WORK/gemm_tuning.json, alternating, then a table;
-#   5. where $WORK/ref_72x128_f16.safetensors exists (tools/unet_gpu.sh made it): `verify unet`
-#      twice with the file: within tolerance, identical bytes.
+#   5. the whole-model checks a file passes before it is built in (src/gpu/tuned/): `verify unet`
+#      at 2x1024x1024 and 2x1024x576 (the second twice: identical bytes) and `verify motion_unet`
+#      with the file, against the references tools/unet_gpu.sh and motion_gpu.sh left in $WORK
+#      (the unet and motion steps of tools/gpu_steps.sh; a missing one fails this script).
+# RECORDED=FILE (a file kept in the repository, e.g. benches/gemm_tuning/nvidia_h200.json): where it
+# was made on this GPU model, steps 4 and 5 check it instead of a newly tuned file.
 # Logs go to $OUT (or /tmp/celframe-gpu); weights and the tuning file to $WORK (or /tmp/celframe-unet).
 set -uo pipefail
 out=${OUT:-/tmp/celframe-gpu}
@@ -46,12 +50,19 @@ unet=(bench unet --weights "$work/sdxl_unet" --batch 32 --height 72 --width 128)
 square=(bench unet --weights "$work/sdxl_unet" --batch 2 --height 128 --width 128)
 motion=(bench motion_unet --weights "$work/sdxl_unet" --motion "$work/motion_adapter" --batch 2 --frames 16 --height 72 --width 128)
 
-echo "== tuning into $file" | tee -a "$log"
-rm -f "$file"
-run tune "$bin" "${unet[@]}" --runs 3 --tune-gemms "$file"
-run tune "$bin" "${square[@]}" --runs 3 --tune-gemms "$file"
-run tune "$bin" bench unet --weights "$work/sdxl_unet" --batch 2 --height 72 --width 128 --runs 3 --tune-gemms "$file"
-run tune "$bin" "${motion[@]}" --runs 3 --tune-gemms "$file"
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+if [ -n "${RECORDED:-}" ] && python3 -c 'import json, sys
+sys.exit(json.load(open(sys.argv[1]))["identity"]["device"] != sys.argv[2])' "$RECORDED" "$gpu"; then
+  echo "== checking $RECORDED (made on this GPU model, $gpu)" | tee -a "$log"
+  cp "$RECORDED" "$file"
+else
+  echo "== tuning into $file" | tee -a "$log"
+  rm -f "$file"
+  run tune "$bin" "${unet[@]}" --runs 3 --tune-gemms "$file"
+  run tune "$bin" "${square[@]}" --runs 3 --tune-gemms "$file"
+  run tune "$bin" bench unet --weights "$work/sdxl_unet" --batch 2 --height 72 --width 128 --runs 3 --tune-gemms "$file"
+  run tune "$bin" "${motion[@]}" --runs 3 --tune-gemms "$file"
+fi
 
 echo "== with and without the file, alternating" | tee -a "$log"
 for round in 1 2; do
@@ -78,16 +89,29 @@ for key, v in ms.items():
         print(f"| {key} | {p:.2f} | {t:.2f} | {p / t:.3f}x |")
 EOF
 
+echo "== whole models with the file" | tee -a "$log"
+missing() {  # missing REF: says that REF was not made and fails the script
+  echo "no $1 (the unet and motion steps make it): not verified" | tee -a "$log"
+  status=1
+}
+ref=$work/ref_128x128_f16.safetensors
+if [ -f "$ref" ]; then
+  CELFRAME_GEMM_TUNING=$file run verify "$bin" verify unet --weights "$work/sdxl_unet" --reference "$ref" --device cuda
+else missing "$ref"; fi
 ref=$work/ref_72x128_f16.safetensors
 if [ -f "$ref" ]; then
-  echo "== verify unet with the file, two processes" | tee -a "$log"
   for i in 1 2; do
     CELFRAME_GEMM_TUNING=$file run verify "$bin" verify unet --weights "$work/sdxl_unet" --reference "$ref" --device cuda \
       --save "$work/gemm_det_$i.safetensors"
   done
   if cmp -s "$work/gemm_det_1.safetensors" "$work/gemm_det_2.safetensors"; then same=true; else same=false; status=1; fi
   echo "DETERMINISM {\"unet 2x1024x576 with CELFRAME_GEMM_TUNING, two processes\": $same}" | tee -a "$log"
-fi
+else missing "$ref"; fi
+ref=$work/ref_motion_f16.safetensors
+if [ -f "$ref" ]; then
+  CELFRAME_GEMM_TUNING=$file run verify "$bin" verify motion_unet --weights "$work/sdxl_unet" \
+    --motion "$work/motion_adapter" --reference "$ref" --device cuda
+else missing "$ref"; fi
 cp "$file" "$out/gemm_tuning.json" 2>/dev/null
 echo "STAGE gemm_tune exit $status" | tee -a "$log"
 exit $status

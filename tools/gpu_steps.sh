@@ -28,6 +28,9 @@
 #   ab                   the same three whole models benched with $bin and $base (a baseline commit's
 #                        binaries: carry dist/gpu_base.tar.xz, tools/build_gpu_baseline.sh),
 #                        alternating, two rounds (`AB ...` lines; after the unet and motion steps)
+#   tune                 tools/gemm_tune_gpu.sh: cuBLASLt tuned for the UNet and motion UNet, heuristic #1
+#                        vs the file alternating, the whole-model verifies under it (after the unet and
+#                        motion steps; RECORDED=FILE checks a kept file made on this GPU model instead)
 #   power                tools/power_gpu.py: watts, SM clock and energy of a b32 UNet forward, ours
 #                        beside diffusers eager (`POWER` lines; writes the UNet weights when missing)
 #   fp8probe             tools/fp8_cublaslt_probe.py: which FP8 matmul forms this cuBLASLt runs
@@ -43,7 +46,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then
-  sed -n '2,40p' "$0" >&2
+  sed -n '2,45p' "$0" >&2
   exit 2
 fi
 budget=$1
@@ -149,6 +152,7 @@ run_step() {
     fp8) cmd="fp8_runs" ;;
     knob) cmd="knob_runs" ;;
     ab) cmd="ab_runs" ;;
+    tune) cmd="bash tools/gemm_tune_gpu.sh" ;;
     power) cmd="source tools/gpu_env.sh; need_diffusers $work; python3 tools/power_gpu.py --work $work --bin $bin" ;;
     fp8probe) cmd="python3 tools/fp8_cublaslt_probe.py --log" ;;
     cutlass) cmd="bash tools/cutlass_probe/run.sh" ;;

@@ -2,8 +2,8 @@
 //! choices and the same text; a file made on another device, cuBLASLt or build is refused with exit
 //! code 2 naming the field; malformed files are refused naming what is wrong; descriptions without an
 //! entry are reported as running heuristic #1; a built-in file applies to its own identity only,
-//! and every file built into this binary is valid for its own. The GPU side (timing, outputs, processes) is
-//! tests/gemm_tuning_gpu.rs.
+//! and every file built into this binary or recorded to be is valid for its own. The GPU side
+//! (timing, outputs, processes) is tests/gemm_tuning_gpu.rs.
 
 mod common;
 
@@ -278,19 +278,21 @@ fn built_in_and_recorded_tuning_files_apply_to_their_own_identity() {
     assert!(!recorded.is_empty(), "no tuning file recorded in {}", folder.display());
     let built_in = BUILT_IN.iter().map(|(name, text)| (name.to_string(), text.to_string()));
     for (name, text) in built_in.chain(recorded) {
-        let value: Value = serde_json::from_str(&text).unwrap();
-        let own: Identity = serde_json::from_value(value["identity"].clone()).unwrap();
-        match Tuning::built_in_from(&[(&name, &text)], &own).unwrap() {
+        match Tuning::built_in_from(&[(&name, &text)], &own_identity(&text)).unwrap() {
             BuiltIn::Applies(_, t) => assert!(!t.is_empty(), "{name}: no entries"),
             other => panic!("{name}: {other:?}"),
         }
     }
     for (name, text) in BUILT_IN {
-        let value: Value = serde_json::from_str(text).unwrap();
-        let own: Identity = serde_json::from_value(value["identity"].clone()).unwrap();
-        match Tuning::built_in(&own).unwrap() {
+        match Tuning::built_in(&own_identity(text)).unwrap() {
             BuiltIn::Applies(found, _) => assert_eq!(&found, name, "two built-in files share an identity"),
             other => panic!("{name}: {other:?}"),
         }
     }
+}
+
+/// The identity a tuning file's text records.
+fn own_identity(text: &str) -> Identity {
+    let value: Value = serde_json::from_str(text).unwrap();
+    serde_json::from_value(value["identity"].clone()).unwrap()
 }

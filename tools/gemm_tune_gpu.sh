@@ -48,6 +48,7 @@ make_weights(sys.argv[1] + "/sdxl_unet"); make_adapter(sys.argv[1] + "/motion_ad
 
 unet=(bench unet --weights "$work/sdxl_unet" --batch 32 --height 72 --width 128)
 square=(bench unet --weights "$work/sdxl_unet" --batch 2 --height 128 --width 128)
+wide=(bench unet --weights "$work/sdxl_unet" --batch 2 --height 72 --width 128)
 motion=(bench motion_unet --weights "$work/sdxl_unet" --motion "$work/motion_adapter" --batch 2 --frames 16 --height 72 --width 128)
 
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
@@ -60,7 +61,7 @@ else
   rm -f "$file"
   run tune "$bin" "${unet[@]}" --runs 3 --tune-gemms "$file"
   run tune "$bin" "${square[@]}" --runs 3 --tune-gemms "$file"
-  run tune "$bin" bench unet --weights "$work/sdxl_unet" --batch 2 --height 72 --width 128 --runs 3 --tune-gemms "$file"
+  run tune "$bin" "${wide[@]}" --runs 3 --tune-gemms "$file"
   run tune "$bin" "${motion[@]}" --runs 3 --tune-gemms "$file"
 fi
 

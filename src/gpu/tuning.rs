@@ -6,9 +6,9 @@
 //! --tune-gemms FILE` times them once and writes FILE; processes given it (`CELFRAME_GEMM_TUNING`)
 //! run exactly the recorded choices.
 //!
-//! Files tuned on the GPUs celframe is measured on are built into the binary (`BUILT_IN`, from `src/gpu/tuned/`):
-//! without `CELFRAME_GEMM_TUNING`, the one made under this process's identity runs, else heuristic
-//! #1; `CELFRAME_GEMM_TUNING=none` runs heuristic #1 everywhere.
+//! Files tuned on the GPUs celframe is measured on can be built into the binary (`BUILT_IN`, from
+//! `src/gpu/tuned/`): without `CELFRAME_GEMM_TUNING`, the one made under this process's identity
+//! runs, else heuristic #1; `CELFRAME_GEMM_TUNING=none` runs heuristic #1 everywhere.
 //!
 //! A file is JSON: `identity`, the device, cuBLASLt version, workspace and candidate count it was
 //! tuned under (any difference refuses the file: the heuristic's list, and so the choice, depends

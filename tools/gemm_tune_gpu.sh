@@ -16,6 +16,9 @@
 #      (the unet and motion steps of tools/gpu_steps.sh; a missing one fails this script).
 # RECORDED=FILE (a file kept in the repository, e.g. benches/gemm_tuning/nvidia_h200.json): where it
 # was made on this GPU model, steps 4 and 5 check it instead of a newly tuned file.
+# SUSTAIN_MS=N: each candidate runs N ms back to back before it is timed (the forward runs at the
+# power cap; CELFRAME_GEMM_TUNE_SUSTAIN_MS). OTHER=FILE: step 4 runs FILE as a third arm (e.g. a
+# file tuned from idle against one tuned with SUSTAIN_MS).
 # Logs go to $OUT (or /tmp/celframe-gpu); weights and the tuning file to $WORK (or /tmp/celframe-unet).
 set -uo pipefail
 out=${OUT:-/tmp/celframe-gpu}
@@ -59,35 +62,37 @@ sys.exit(json.load(open(sys.argv[1]))["identity"]["device"] != sys.argv[2])' "$R
 else
   echo "== tuning into $file" | tee -a "$log"
   rm -f "$file"
-  run tune "$bin" "${unet[@]}" --runs 3 --tune-gemms "$file"
-  run tune "$bin" "${square[@]}" --runs 3 --tune-gemms "$file"
-  run tune "$bin" "${wide[@]}" --runs 3 --tune-gemms "$file"
-  run tune "$bin" "${motion[@]}" --runs 3 --tune-gemms "$file"
+  CELFRAME_GEMM_TUNE_SUSTAIN_MS=${SUSTAIN_MS:-0} run tune "$bin" "${unet[@]}" --runs 3 --tune-gemms "$file"
+  CELFRAME_GEMM_TUNE_SUSTAIN_MS=${SUSTAIN_MS:-0} run tune "$bin" "${square[@]}" --runs 3 --tune-gemms "$file"
+  CELFRAME_GEMM_TUNE_SUSTAIN_MS=${SUSTAIN_MS:-0} run tune "$bin" "${wide[@]}" --runs 3 --tune-gemms "$file"
+  CELFRAME_GEMM_TUNE_SUSTAIN_MS=${SUSTAIN_MS:-0} run tune "$bin" "${motion[@]}" --runs 3 --tune-gemms "$file"
 fi
 
 echo "== with and without the file, alternating" | tee -a "$log"
 for round in 1 2; do
-  run plain "$bin" "${unet[@]}"
-  CELFRAME_GEMM_TUNING=$file run tuned "$bin" "${unet[@]}"
-  run plain "$bin" "${square[@]}"
-  CELFRAME_GEMM_TUNING=$file run tuned "$bin" "${square[@]}"
-  run plain "$bin" "${motion[@]}"
-  CELFRAME_GEMM_TUNING=$file run tuned "$bin" "${motion[@]}"
+  for model in unet square motion; do
+    eval "args=(\"\${$model[@]}\")"
+    run plain "$bin" "${args[@]}"
+    CELFRAME_GEMM_TUNING=$file run tuned "$bin" "${args[@]}"
+    [ -z "${OTHER:-}" ] || CELFRAME_GEMM_TUNING=$OTHER run other "$bin" "${args[@]}"
+  done
 done
 python3 - "$log" <<'EOF' | tee -a "$log"
 import json, re, statistics, sys
 ms = {}
 for line in open(sys.argv[1]):
-    m = re.match(r"\[(plain|tuned)\] BENCH (\{.*\})", line)
+    m = re.match(r"\[(plain|tuned|other)\] BENCH (\{.*\})", line)
     if m:
         b = json.loads(m.group(2))
         ms.setdefault(b["key"], {}).setdefault(m.group(1), []).append(b["ms"])
-print("| bench | heuristic #1 (no file) ms | tuned ms | speed-up |")
-print("|---|---|---|---|")
+print("| bench | heuristic #1 (no file) ms | tuned ms | speed-up | OTHER ms | speed-up |")
+print("|---|---|---|---|---|---|")
 for key, v in ms.items():
     if "plain" in v and "tuned" in v:
         p, t = statistics.median(v["plain"]), statistics.median(v["tuned"])
-        print(f"| {key} | {p:.2f} | {t:.2f} | {p / t:.3f}x |")
+        o = statistics.median(v["other"]) if "other" in v else None
+        other = f"{o:.2f} | {p / o:.3f}x" if o else "- | -"
+        print(f"| {key} | {p:.2f} | {t:.2f} | {p / t:.3f}x | {other} |")
 EOF
 
 echo "== whole models with the file" | tee -a "$log"

@@ -30,7 +30,8 @@
 #                        alternating, two rounds (`AB ...` lines; after the unet and motion steps)
 #   tune                 tools/gemm_tune_gpu.sh: cuBLASLt tuned for the UNet and motion UNet, heuristic #1
 #                        vs the file alternating, the whole-model verifies under it (after the unet and
-#                        motion steps; RECORDED=FILE checks a kept file made on this GPU model instead)
+#                        motion steps; RECORDED=FILE checks a kept file made on this GPU model instead;
+#                        SUSTAIN_MS, OTHER: see the script)
 #   power                tools/power_gpu.py: watts, SM clock and energy of a b32 UNet forward, ours
 #                        beside diffusers eager (`POWER` lines; writes the UNet weights when missing)
 #   fp8probe             tools/fp8_cublaslt_probe.py: which FP8 matmul forms this cuBLASLt runs
@@ -46,7 +47,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then
-  sed -n '2,45p' "$0" >&2
+  sed -n '2,46p' "$0" >&2
   exit 2
 fi
 budget=$1

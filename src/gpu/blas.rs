@@ -29,6 +29,13 @@ const CUBLAS_OP_T: i32 = 1;
 /// Untimed, then timed runs of each candidate when tuning; the median of the timed ones counts.
 const TUNE_WARMUP: usize = 3;
 const TUNE_RUNS: usize = 10;
+/// Milliseconds each candidate runs back to back before it is timed when tuning (default 0): the
+/// whole forward runs at the GPU's power cap, where a candidate's time is its energy over the cap,
+/// so timings taken at the clock the GPU holds under sustained load rank the candidates as the
+/// forward sees them, where a few runs from idle rank them at the boost clock.
+const SUSTAIN_ENV: &str = "CELFRAME_GEMM_TUNE_SUSTAIN_MS";
+/// A bound on the sustained runs (a candidate, per description met).
+const SUSTAIN_MAX_MS: u64 = 10_000;
 
 pub struct Blas {
     handle: lt::cublasLtHandle_t,
@@ -52,6 +59,8 @@ struct TuningState {
     built_in: bool,
     /// A description missing from a read file was reported (once per process).
     said_missing: bool,
+    /// When tuning: milliseconds each candidate runs before it is timed (SUSTAIN_ENV).
+    sustain_ms: u64,
 }
 
 /// One strided-batched product in row-major terms (strides and leading dimensions in elements):
@@ -308,6 +317,27 @@ fn attribute(call: &str, get: impl Fn(*mut c_void, usize, *mut usize) -> lt::cub
 }
 
 /// An algorithm's identity: its configuration attributes.
+/// The milliseconds `SUSTAIN_ENV` asks for (0 when unset).
+fn sustain_ms(value: Option<&std::ffi::OsStr>) -> Result<u64> {
+    let Some(v) = value else { return Ok(0) };
+    v.to_str()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&ms| ms <= SUSTAIN_MAX_MS)
+        .ok_or_else(|| Error::Input(format!("{SUSTAIN_ENV}={v:?}: expected whole milliseconds, 0 to {SUSTAIN_MAX_MS}")))
+}
+
+/// Runs `f` back to back for `ms` milliseconds (in batches of 16 launches between waits).
+fn sustain(gpu: &Gpu, ms: u64, mut f: impl FnMut() -> Result<()>) -> Result<()> {
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+    while std::time::Instant::now() < until {
+        for _ in 0..16 {
+            f()?;
+        }
+        gpu.synchronize()?;
+    }
+    Ok(())
+}
+
 fn algo_config(algo: &lt::cublasLtMatmulAlgo_t) -> Result<AlgoConfig> {
     use lt::cublasLtMatmulAlgoConfigAttributes_t as A;
     let get = |attr: A| {
@@ -380,6 +410,7 @@ impl Blas {
                     tune: false,
                     built_in: true,
                     said_missing: false,
+                    sustain_ms: 0,
                 });
             }
             BuiltIn::OtherSetup(why) => eprintln!(
@@ -409,6 +440,7 @@ impl Blas {
             tune: false,
             built_in: false,
             said_missing: false,
+            sustain_ms: 0,
         });
         Ok(())
     }
@@ -442,6 +474,7 @@ impl Blas {
                 folder.display()
             )));
         }
+        let sustain_ms = sustain_ms(std::env::var_os(SUSTAIN_ENV).as_deref())?;
         let file = if path.exists() {
             Tuning::load(path, &self.identity, "--tune-gemms")?
         } else {
@@ -456,6 +489,7 @@ impl Blas {
             tune: true,
             built_in: false,
             said_missing: false,
+            sustain_ms,
         });
         Ok(())
     }
@@ -667,6 +701,7 @@ impl Blas {
     /// one may be C or alias an input, and is written only by the real call) and returns the entry
     /// for the fastest (heuristic #1 on ties) and its algorithm; None where heuristic #1 cannot run.
     fn tune(&self, gpu: &Gpu, g: &Gemm, plan: &Plan, io: &GemmIo) -> Result<Option<(Entry, lt::cublasLtMatmulAlgo_t)>> {
+        let sustain_ms = self.tuning.as_ref().map_or(0, |t| t.sustain_ms);
         let results = self.heuristic(g, plan, CANDIDATES)?;
         let out =
             DeviceMem::owned(g.output_extent() * g.out_dtype.size(), "the output GEMM candidates are timed into")?;
@@ -679,7 +714,8 @@ impl Blas {
             if r.state != lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS || !Caps::of(&r.algo)?.runs(io, d) {
                 continue;
             }
-            match time_gpu(gpu, TUNE_WARMUP, TUNE_RUNS, || self.matmul(gpu, g, plan, &r.algo, io, d)) {
+            let run = || self.matmul(gpu, g, plan, &r.algo, io, d);
+            match sustain(gpu, sustain_ms, run).and_then(|()| time_gpu(gpu, TUNE_WARMUP, TUNE_RUNS, run)) {
                 Ok(t) => times.push((i, t.median_ms())),
                 Err(e) if i == 0 => return Err(e),
                 // A candidate cuBLASLt will not run on these operands is left out.
@@ -852,5 +888,17 @@ mod tests {
         let failed = check("cublasLtMatmul", lt::cublasStatus_t::CUBLAS_STATUS_EXECUTION_FAILED).unwrap_err();
         assert!(!refused_before_launch(&failed), "{failed}");
         assert!(!refused_before_launch(&Error::Unsupported("CUBLAS_STATUS_NOT_SUPPORTED".into())));
+    }
+
+    #[test]
+    fn the_sustained_runs_take_whole_bounded_milliseconds() {
+        use std::ffi::OsStr;
+        assert_eq!(sustain_ms(None).unwrap(), 0);
+        assert_eq!(sustain_ms(Some(OsStr::new("150"))).unwrap(), 150);
+        for bad in ["", "-1", "1.5", "100ms", "10001"] {
+            let e = sustain_ms(Some(OsStr::new(bad))).unwrap_err();
+            assert!(e.to_string().contains(SUSTAIN_ENV), "{bad:?}: {e}");
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
+        }
     }
 }

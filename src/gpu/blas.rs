@@ -53,14 +53,28 @@ struct TuningState {
     path: PathBuf,
     /// Who named the file, for messages.
     origin: &'static str,
-    tune: bool,
-    /// A built-in file: an entry this cuBLASLt does not list runs heuristic #1 (said once) rather
-    /// than failing, and `tune_into` sets it aside.
-    built_in: bool,
+    source: Source,
     /// A description missing from a read file was reported (once per process).
     said_missing: bool,
-    /// When tuning: milliseconds each candidate runs before it is timed (SUSTAIN_ENV).
-    sustain_ms: u64,
+}
+
+impl TuningState {
+    fn tuning(&self) -> bool {
+        matches!(self.source, Source::Tune { .. })
+    }
+}
+
+/// Where a `TuningState`'s choices come from.
+#[derive(Clone, Copy, PartialEq)]
+enum Source {
+    /// A file named by the user (`CELFRAME_GEMM_TUNING`).
+    Read,
+    /// A built-in file: an entry this cuBLASLt does not list runs heuristic #1 (said once) rather
+    /// than failing, and `tune_into` sets it aside.
+    BuiltIn,
+    /// `tune_into`: descriptions the file lacks are timed and added, each candidate first run
+    /// back to back for `sustain_ms` milliseconds (SUSTAIN_ENV).
+    Tune { sustain_ms: u64 },
 }
 
 /// One strided-batched product in row-major terms (strides and leading dimensions in elements):
@@ -407,10 +421,8 @@ impl Blas {
                     file,
                     path: PathBuf::from(format!("built-in {name}")),
                     origin: "built in",
-                    tune: false,
-                    built_in: true,
+                    source: Source::BuiltIn,
                     said_missing: false,
-                    sustain_ms: 0,
                 });
             }
             BuiltIn::OtherSetup(why) => eprintln!(
@@ -427,21 +439,14 @@ impl Blas {
     /// against cuBLASLt's candidates when first met), the others heuristic #1. `origin` says who
     /// named the file, for messages. Refused while tuning.
     pub fn read_tuning(&mut self, path: &Path, origin: &'static str) -> Result<()> {
-        if self.tuning.as_ref().is_some_and(|t| t.tune) {
+        if self.tuning.as_ref().is_some_and(TuningState::tuning) {
             return Err(Error::Input(format!("{} ({origin}): cannot read a tuning file while tuning", path.display())));
         }
         let file = Tuning::load(path, &self.identity, origin)?;
         // Descriptions planned before now run heuristic #1: plan them again.
         self.plans.clear();
-        self.tuning = Some(TuningState {
-            file,
-            path: path.to_path_buf(),
-            origin,
-            tune: false,
-            built_in: false,
-            said_missing: false,
-            sustain_ms: 0,
-        });
+        self.tuning =
+            Some(TuningState { file, path: path.to_path_buf(), origin, source: Source::Read, said_missing: false });
         Ok(())
     }
 
@@ -456,7 +461,7 @@ impl Blas {
     /// only by the real call) and the fastest is recorded and used. `save_tuning` writes the file.
     /// A built-in file in use is set aside (heuristic #1 is what tuning compares with).
     pub fn tune_into(&mut self, path: &Path) -> Result<()> {
-        if let Some(t) = self.tuning.as_ref().filter(|t| !t.tune && !t.built_in) {
+        if let Some(t) = self.tuning.as_ref().filter(|t| t.source == Source::Read) {
             return Err(Error::Input(format!(
                 "--tune-gemms {}: {} names a tuning file to read too ({}); unset it (tuning reads and extends the \
                  file it writes)",
@@ -486,10 +491,8 @@ impl Blas {
             file,
             path: path.to_path_buf(),
             origin: "--tune-gemms",
-            tune: true,
-            built_in: false,
+            source: Source::Tune { sustain_ms },
             said_missing: false,
-            sustain_ms,
         });
         Ok(())
     }
@@ -498,7 +501,7 @@ impl Blas {
     /// when not tuning.
     pub fn save_tuning(&self) -> Result<Option<&Path>> {
         match &self.tuning {
-            Some(t) if t.tune => {
+            Some(t) if t.tuning() => {
                 t.file.save(&t.path)?;
                 Ok(Some(&t.path))
             }
@@ -629,8 +632,8 @@ impl Blas {
         Self::set_pointers(&plan, io)?;
         plan.first = self.heuristic(g, &plan, 1)?[0].algo;
         let entry = self.tuning.as_ref().and_then(|t| t.file.get(g).cloned());
-        let tuning = self.tuning.as_ref().is_some_and(|t| t.tune);
-        let built_in = self.tuning.as_ref().is_some_and(|t| t.built_in);
+        let tuning = self.tuning.as_ref().is_some_and(TuningState::tuning);
+        let built_in = self.tuning.as_ref().is_some_and(|t| t.source == Source::BuiltIn);
         let chosen = match entry {
             Some(e) => match self.recall(g, &plan, &e) {
                 Ok(algo) => Some(algo),
@@ -654,7 +657,7 @@ impl Blas {
             None => {
                 // A built-in file covers the sizes it was tuned at; other sizes run the heuristic
                 // unremarked, as without tuning.
-                if let Some(t) = self.tuning.as_ref().filter(|t| !t.built_in) {
+                if let Some(t) = self.tuning.as_ref().filter(|t| t.source != Source::BuiltIn) {
                     let what = format!("{} ({}) has no entry for gemm {g}", t.path.display(), t.origin);
                     self.note_missing(&format!("{what}; it runs cuBLASLt's heuristic #1"));
                 }
@@ -701,7 +704,10 @@ impl Blas {
     /// one may be C or alias an input, and is written only by the real call) and returns the entry
     /// for the fastest (heuristic #1 on ties) and its algorithm; None where heuristic #1 cannot run.
     fn tune(&self, gpu: &Gpu, g: &Gemm, plan: &Plan, io: &GemmIo) -> Result<Option<(Entry, lt::cublasLtMatmulAlgo_t)>> {
-        let sustain_ms = self.tuning.as_ref().map_or(0, |t| t.sustain_ms);
+        let sustain_ms = match self.tuning.as_ref().map(|t| t.source) {
+            Some(Source::Tune { sustain_ms }) => sustain_ms,
+            _ => 0,
+        };
         let results = self.heuristic(g, plan, CANDIDATES)?;
         let out =
             DeviceMem::owned(g.output_extent() * g.out_dtype.size(), "the output GEMM candidates are timed into")?;

@@ -62,10 +62,11 @@ sys.exit(json.load(open(sys.argv[1]))["identity"]["device"] != sys.argv[2])' "$R
 else
   echo "== tuning into $file" | tee -a "$log"
   rm -f "$file"
-  CELFRAME_GEMM_TUNE_SUSTAIN_MS=${SUSTAIN_MS:-0} run tune "$bin" "${unet[@]}" --runs 3 --tune-gemms "$file"
-  CELFRAME_GEMM_TUNE_SUSTAIN_MS=${SUSTAIN_MS:-0} run tune "$bin" "${square[@]}" --runs 3 --tune-gemms "$file"
-  CELFRAME_GEMM_TUNE_SUSTAIN_MS=${SUSTAIN_MS:-0} run tune "$bin" "${wide[@]}" --runs 3 --tune-gemms "$file"
-  CELFRAME_GEMM_TUNE_SUSTAIN_MS=${SUSTAIN_MS:-0} run tune "$bin" "${motion[@]}" --runs 3 --tune-gemms "$file"
+  export CELFRAME_GEMM_TUNE_SUSTAIN_MS=${SUSTAIN_MS:-0}
+  run tune "$bin" "${unet[@]}" --runs 3 --tune-gemms "$file"
+  run tune "$bin" "${square[@]}" --runs 3 --tune-gemms "$file"
+  run tune "$bin" "${wide[@]}" --runs 3 --tune-gemms "$file"
+  run tune "$bin" "${motion[@]}" --runs 3 --tune-gemms "$file"
 fi
 
 echo "== with and without the file, alternating" | tee -a "$log"

@@ -330,7 +330,6 @@ fn attribute(call: &str, get: impl Fn(*mut c_void, usize, *mut usize) -> lt::cub
     Ok(u64::from_le_bytes(buf))
 }
 
-/// An algorithm's identity: its configuration attributes.
 /// The milliseconds `SUSTAIN_ENV` asks for (0 when unset).
 fn sustain_ms(value: Option<&std::ffi::OsStr>) -> Result<u64> {
     let Some(v) = value else { return Ok(0) };
@@ -352,6 +351,7 @@ fn sustain(gpu: &Gpu, ms: u64, mut f: impl FnMut() -> Result<()>) -> Result<()> 
     Ok(())
 }
 
+/// An algorithm's identity: its configuration attributes.
 fn algo_config(algo: &lt::cublasLtMatmulAlgo_t) -> Result<AlgoConfig> {
     use lt::cublasLtMatmulAlgoConfigAttributes_t as A;
     let get = |attr: A| {

@@ -34,9 +34,11 @@ pub const NONE: &str = "none";
 /// `tools/gemm_tune_gpu.sh` wrote on the device its identity names (the UNet at 32 images
 /// 1024x576, 2 images 1024x1024 and 2 images 1024x576, the motion UNet at 2x16 frames 1024x576),
 /// copied into `src/gpu/tuned/` once the whole-model checks passed under it (`CELFRAME_GEMM_TUNING`
-/// naming the file). At most one per identity. None yet: benches/gemm_tuning/ holds the H200's file
-/// of 2026-12-06, which waits on those checks.
-pub const BUILT_IN: &[(&str, &str)] = &[];
+/// naming the file). At most one per identity. The H100's file (2026-12-07) was tuned with each
+/// candidate sustained for 100 ms (`CELFRAME_GEMM_TUNE_SUSTAIN_MS=100`); benches/gemm_tuning/ holds
+/// the H200's file of 2026-12-06, which waits on those checks.
+pub const BUILT_IN: &[(&str, &str)] =
+    &[("nvidia_h100_80gb_hbm3.json", include_str!("tuned/nvidia_h100_80gb_hbm3.json"))];
 /// The `format` field of every tuning file.
 pub const FORMAT: &str = "celframe-gemm-tuning";
 /// The `version` field this build writes and reads.

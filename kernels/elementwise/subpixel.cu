@@ -12,22 +12,35 @@
 __device__ __forceinline__ int fold_first(int a, int r) { return a == 0 ? (r == 0 ? 0 : 1) : (r == 0 ? 0 : 2); }
 __device__ __forceinline__ int fold_last(int a, int r) { return a == 0 ? (r == 0 ? 0 : 2) : (r == 0 ? 1 : 2); }
 
+// One thread per output channel o and 8 input channels (in_channels % 8 == 0, checked on the host):
+// the 9 taps are read once and all 16 folded (phase, r, s) vectors written from them. With 32-bit
+// indices this is memory-bound; one scalar per thread spent its time in 64-bit divisions.
 template <typename T> __device__ void subpixel_weights(const SubpixelWeightsParams& p) {
     const T* w = static_cast<const T*>(p.w);
     T* out = static_cast<T*>(p.out);
-    const int64_t cin = p.in_channels, cout = p.out_channels;
-    const int64_t total = 4 * cout * 4 * cin;
-    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
-        const int64_t c = i % cin;
-        const int s = (int)((i / cin) % 2), r = (int)((i / (2 * cin)) % 2);
-        const int64_t oc = i / (4 * cin);  // (2a + b) * cout + o
-        const int phase = (int)(oc / cout), a = phase / 2, b = phase % 2;
-        const int64_t o = oc % cout;
-        float sum = 0.0f;
-        for (int y = fold_first(a, r); y <= fold_last(a, r); ++y)
-            for (int x = fold_first(b, s); x <= fold_last(b, s); ++x) sum += to_f32(w[((o * 3 + y) * 3 + x) * cin + c]);
-        out[i] = from_f32<T>(sum);
+    const int cin = p.in_channels, cout = p.out_channels, vectors = cin / 8;
+    const int total = cout * vectors;  // 16 * cout * cin (the output) < 2^31, checked on the host
+    for (int v = blockIdx.x * blockDim.x + threadIdx.x; v < total; v += gridDim.x * blockDim.x) {
+        const int o = v / vectors, c = (v % vectors) * 8;
+        float taps[9][8];
+#pragma unroll
+        for (int t = 0; t < 9; ++t) unpack8<T>(load8<T>(w + (o * 9 + t) * cin + c), taps[t]);
+#pragma unroll
+        for (int phase = 0; phase < 4; ++phase) {
+            const int a = phase / 2, b = phase % 2;
+#pragma unroll
+            for (int rs = 0; rs < 4; ++rs) {
+                const int r = rs / 2, s = rs % 2;
+                float sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+                for (int y = fold_first(a, r); y <= fold_last(a, r); ++y)
+#pragma unroll
+                    for (int x = fold_first(b, s); x <= fold_last(b, s); ++x)
+#pragma unroll
+                        for (int k = 0; k < 8; ++k) sum[k] += taps[y * 3 + x][k];
+                store8<T>(out + ((phase * cout + o) * 4 + rs) * cin + c, sum);
+            }
+        }
     }
 }
 CELFRAME_KERNELS_FOR_DTYPES(subpixel_weights, SubpixelWeightsParams, subpixel_weights)

@@ -45,8 +45,8 @@ pub fn upsample_nearest2x(ex: &Exec, x: &Tensor) -> Result<Tensor> {
 }
 
 /// conv3x3(upsample_nearest2x(x)) + bias with padding 1: x [N, H, W, in], w [out, 3, 3, in] (KRSC)
-/// -> [N, 2H, 2W, out]. The CPU twin is exactly that composition. On CUDA (out channels a
-/// multiple of 8) it runs in the sub-pixel form (kernels/elementwise/subpixel.cu): the weights
+/// -> [N, 2H, 2W, out]. The CPU twin is exactly that composition. On CUDA (in and out channels
+/// multiples of 8, the folded weights under 2^31 elements) it runs in the sub-pixel form (kernels/elementwise/subpixel.cu): the weights
 /// folded into a 2x2 kernel with 4 x out channels, one convolution (padding 1) at the input's
 /// resolution, then a shuffle that interleaves the four phases and adds the bias. That is 4 taps
 /// per output pixel instead of 9, and no upsampled copy of the input is written. The sums differ
@@ -64,7 +64,8 @@ pub fn upsample2x_conv3x3(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tenso
     }
     let same = Conv2d { stride: 1, padding: 1 };
     let (n, h, wd, cin, cout) = (s[0], s[1], s[2], s[3], ws[0]);
-    let (Exec::Cuda { gpu, scratch }, true) = (ex, cout % 8 == 0) else {
+    let subpixel = cout % 8 == 0 && cin % 8 == 0 && 16 * cin * cout <= i32::MAX as usize;
+    let (Exec::Cuda { gpu, scratch }, true) = (ex, subpixel) else {
         return conv2d(ex, &upsample_nearest2x(ex, x)?, w, bias, same);
     };
     if let Some(b) = bias.filter(|b| b.shape() != [cout]) {
@@ -80,7 +81,8 @@ pub fn upsample2x_conv3x3(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tenso
         out_channels: cout as i32,
         in_channels: cin as i32,
     };
-    gpu.launch(kernel_for!("subpixel_weights", dtype), (grid_for(folded.numel(), 256), 1, 1), (256, 1, 1), 0, &p)?;
+    let work = cout * cin / 8;
+    gpu.launch(kernel_for!("subpixel_weights", dtype), (grid_for(work, 256), 1, 1), (256, 1, 1), 0, &p)?;
     // 2. the four phases at the input's resolution: [N, H + 1, W + 1, 4 out]
     let phases = conv2d(ex, x, &folded, None, same)?;
     drop(folded);

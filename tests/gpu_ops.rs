@@ -23,7 +23,7 @@ use celframe::ops::norm::{
     layer_norm, layer_norm_add,
 };
 use celframe::ops::reduce::mean_hw;
-use celframe::ops::upsample::{upsample_nearest2x, upsample2x_conv3x3};
+use celframe::ops::upsample::{upsample_nearest2x, upsample2x_conv3x3, upsample2x_conv3x3_concat};
 use celframe::{DType, Tensor};
 use common::{assert_close, random_tensor};
 
@@ -902,6 +902,49 @@ fn upsample_conv_matches_twin_and_the_composed_route() {
         drop(composed);
         let got = upsample2x_conv3x3(&ex, &xd, &wd, Some(&bd)).unwrap();
         rig.check(&format!("upsample2x_conv3x3 vs composed {shape:?}"), &shape, DType::F16, got, want);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn upsample_conv_concat_is_the_composition_bytes() {
+    use celframe::ops::concat::concat_last;
+    // The up blocks' first layers after an upsampler (b32 1024x576: up_blocks.1 and .2), a bf16
+    // case, and a skip of no multiple of 8 channels (copied after the shuffle): against the
+    // upsampler's own output concatenated on the GPU, byte for byte (outputs poisoned first), and
+    // the CPU twin.
+    let rig = Rig::new();
+    let cases: &[(&[usize], usize, DType)] = &[
+        (&[32, 18, 32, 1280], 640, DType::F16),
+        (&[32, 36, 64, 640], 320, DType::F16),
+        (&[2, 9, 16, 640], 320, DType::BF16),
+        (&[1, 4, 6, 16], 12, DType::F16),
+    ];
+    for &(shape, cs, dtype) in cases {
+        let (n, h, w, c) = (shape[0], shape[1], shape[2], shape[3]);
+        let (x, xd) = rig.input(shape, dtype, 1.0, 0.0);
+        let (wt, wd) = rig.input(&[c, 3, 3, c], dtype, 1.0 / ((9 * c) as f32).sqrt(), 0.0);
+        let (b, bd) = rig.input(&[c], dtype, 1.0, 0.0);
+        let (skip, skipd) = rig.input(&[n, 2 * h, 2 * w, cs], dtype, 1.0, 0.0);
+        let ex = rig.exec();
+        let composed = concat_last(&ex, &upsample2x_conv3x3(&ex, &xd, &wd, Some(&bd)).unwrap(), &skipd).unwrap();
+        let want = rig.gpu.download(&composed).unwrap();
+        drop(composed);
+        let got = rig.gpu.download(&upsample2x_conv3x3_concat(&ex, &xd, &wd, Some(&bd), &skipd).unwrap()).unwrap();
+        assert_eq!(got.shape(), [n, 2 * h, 2 * w, c + cs]);
+        assert!(
+            got.host_bytes().unwrap() == want.host_bytes().unwrap(),
+            "{shape:?} + {cs}: not the composition's bytes"
+        );
+        rig.scratch.reset();
+        if n * h * w <= 2 * 9 * 16 {
+            let cpu = upsample2x_conv3x3_concat(&Exec::Cpu, &x, &wt, Some(&b), &skip).unwrap();
+            let (rel, max) = assert_close("upsample2x_conv3x3_concat", &got, &cpu, tol(dtype));
+            println!(
+                "GPUCHECK upsample2x_conv3x3_concat {shape:?} + {cs} {dtype:?} vs twin rel_l2={rel:.2e} max_abs={max:.2e}"
+            );
+        }
+        println!("GPUCHECK upsample2x_conv3x3_concat {shape:?} + {cs} {dtype:?}: the composition's bytes");
     }
 }
 

@@ -498,3 +498,19 @@ fn e4m3_rounding_matches_ml_dtypes() {
         assert!((back - v).abs() <= v.abs() / 16.0 + 2f32.powi(-10), "{v} -> {back}");
     }
 }
+
+/// The upsampler that writes its block's concatenation takes a skip at its output's size only.
+#[test]
+fn upsample_conv_concat_names_a_skip_of_the_wrong_size() {
+    use celframe::ops::upsample::upsample2x_conv3x3_concat;
+    let t = |shape: &[usize]| Tensor::from_f32(shape, DType::F32, &vec![0.5; shape.iter().product()]).unwrap();
+    let (x, w) = (t(&[1, 2, 3, 4]), t(&[8, 3, 3, 4]));
+    let good = upsample2x_conv3x3_concat(&CPU, &x, &w, None, &t(&[1, 4, 6, 5])).unwrap();
+    assert_eq!(good.shape(), [1, 4, 6, 13]);
+    for skip in [t(&[1, 2, 3, 5]), t(&[4, 6, 5])] {
+        match upsample2x_conv3x3_concat(&CPU, &x, &w, None, &skip) {
+            Err(Error::Input(m)) => assert!(m.contains("skip") && m.contains("[1, 4, 6, C]"), "{m}"),
+            other => panic!("skip {skip:?}: {other:?}"),
+        }
+    }
+}

@@ -45,17 +45,24 @@ template <typename T> __device__ void subpixel_weights(const SubpixelWeightsPara
 }
 CELFRAME_KERNELS_FOR_DTYPES(subpixel_weights, SubpixelWeightsParams, subpixel_weights)
 
-// One thread per 8 output channels of one output pixel (channels % 8 == 0, checked on the host).
+// One thread per 8 output channels of one output pixel (channels and skip_channels % 8 == 0,
+// checked on the host); a vector past the convolution's channels copies the skip's.
 template <typename T> __device__ void subpixel_shuffle(const SubpixelShuffleParams& p) {
     const T* conv = static_cast<const T*>(p.conv);
     const T* bias = static_cast<const T*>(p.bias);
+    const T* skip = static_cast<const T*>(p.skip);
     T* out = static_cast<T*>(p.out);
-    const int64_t c = p.channels, oh = 2 * (int64_t)p.height, ow = 2 * (int64_t)p.width;
+    const int64_t c = p.channels, cs = p.skip_channels, row = c + cs;
+    const int64_t oh = 2 * (int64_t)p.height, ow = 2 * (int64_t)p.width;
     const int64_t cw = p.width + 1, ch = p.height + 1;
-    const int64_t vectors = c / 8, total = p.images * oh * ow * vectors;
+    const int64_t vectors = row / 8, total = p.images * oh * ow * vectors;
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     for (int64_t v = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; v < total; v += stride) {
         const int64_t o = (v % vectors) * 8, pix = v / vectors;
+        if (o >= c) {
+            *reinterpret_cast<Vec8<T>*>(out + pix * row + o) = load8<T>(skip + pix * cs + (o - c));
+            continue;
+        }
         const int64_t x = pix % ow, y = (pix / ow) % oh, n = pix / (ow * oh);
         const int a = (int)(y & 1), b = (int)(x & 1);
         const int64_t src = ((n * ch + (y >> 1) + a) * cw + (x >> 1) + b) * 4 * c + (2 * a + b) * c + o;
@@ -64,7 +71,7 @@ template <typename T> __device__ void subpixel_shuffle(const SubpixelShufflePara
         if (bias) unpack8<T>(load8<T>(bias + o), bs);
 #pragma unroll
         for (int k = 0; k < 8; ++k) vals[k] += bs[k];
-        store8<T>(out + pix * c + o, vals);
+        store8<T>(out + pix * row + o, vals);
     }
 }
 CELFRAME_KERNELS_FOR_DTYPES(subpixel_shuffle, SubpixelShuffleParams, subpixel_shuffle)

@@ -175,15 +175,19 @@ typedef struct SubpixelWeightsParams {
 } SubpixelWeightsParams;
 
 // Shuffle: out[n, 2i + a, 2j + b, o] = conv[n, i + a, j + b, (2a + b) * channels + o] + bias[o],
-// conv [images, height + 1, width + 1, 4 * channels], out [images, 2 height, 2 width, channels].
+// conv [images, height + 1, width + 1, 4 * channels], out [images, 2 height, 2 width, channels +
+// skip_channels]: with a skip ([images, 2 height, 2 width, skip_channels]) its channels follow
+// (the UNet's up-block concatenation [upsampled, skip] written by the upsampler itself).
 typedef struct SubpixelShuffleParams {
     const void* conv;
     const void* bias;  // [channels] or null
+    const void* skip;  // or null (skip_channels 0)
     void* out;
     int64_t images;
     int32_t height;    // low-resolution input
     int32_t width;
-    int32_t channels;  // output channels
+    int32_t channels;  // output channels of the convolution
+    int32_t skip_channels;
 } SubpixelShuffleParams;
 
 // Decoded images to 8-bit: out[i] = round(clamp(x[i] / 2 + 0.5, 0, 1) * 255), rounding halves

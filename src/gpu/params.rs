@@ -378,24 +378,29 @@ impl Default for SubpixelWeightsParams {
 pub struct SubpixelShuffleParams {
     pub conv: *const ::std::os::raw::c_void,
     pub bias: *const ::std::os::raw::c_void,
+    pub skip: *const ::std::os::raw::c_void,
     pub out: *mut ::std::os::raw::c_void,
     pub images: i64,
     pub height: i32,
     pub width: i32,
     pub channels: i32,
+    pub skip_channels: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of SubpixelShuffleParams"][::std::mem::size_of::<SubpixelShuffleParams>() - 48usize];
+    ["Size of SubpixelShuffleParams"][::std::mem::size_of::<SubpixelShuffleParams>() - 56usize];
     ["Alignment of SubpixelShuffleParams"][::std::mem::align_of::<SubpixelShuffleParams>() - 8usize];
     ["Offset of field: SubpixelShuffleParams::conv"][::std::mem::offset_of!(SubpixelShuffleParams, conv) - 0usize];
     ["Offset of field: SubpixelShuffleParams::bias"][::std::mem::offset_of!(SubpixelShuffleParams, bias) - 8usize];
-    ["Offset of field: SubpixelShuffleParams::out"][::std::mem::offset_of!(SubpixelShuffleParams, out) - 16usize];
-    ["Offset of field: SubpixelShuffleParams::images"][::std::mem::offset_of!(SubpixelShuffleParams, images) - 24usize];
-    ["Offset of field: SubpixelShuffleParams::height"][::std::mem::offset_of!(SubpixelShuffleParams, height) - 32usize];
-    ["Offset of field: SubpixelShuffleParams::width"][::std::mem::offset_of!(SubpixelShuffleParams, width) - 36usize];
+    ["Offset of field: SubpixelShuffleParams::skip"][::std::mem::offset_of!(SubpixelShuffleParams, skip) - 16usize];
+    ["Offset of field: SubpixelShuffleParams::out"][::std::mem::offset_of!(SubpixelShuffleParams, out) - 24usize];
+    ["Offset of field: SubpixelShuffleParams::images"][::std::mem::offset_of!(SubpixelShuffleParams, images) - 32usize];
+    ["Offset of field: SubpixelShuffleParams::height"][::std::mem::offset_of!(SubpixelShuffleParams, height) - 40usize];
+    ["Offset of field: SubpixelShuffleParams::width"][::std::mem::offset_of!(SubpixelShuffleParams, width) - 44usize];
     ["Offset of field: SubpixelShuffleParams::channels"]
-        [::std::mem::offset_of!(SubpixelShuffleParams, channels) - 40usize];
+        [::std::mem::offset_of!(SubpixelShuffleParams, channels) - 48usize];
+    ["Offset of field: SubpixelShuffleParams::skip_channels"]
+        [::std::mem::offset_of!(SubpixelShuffleParams, skip_channels) - 52usize];
 };
 impl Default for SubpixelShuffleParams {
     fn default() -> Self {

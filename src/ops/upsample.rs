@@ -1,6 +1,7 @@
 //! Nearest-neighbour 2x upsampling of NHWC activations, alone or followed by a 3x3 convolution
 //! (the UNet's and the VAE's `Upsample2D`).
 
+use super::concat::concat_last;
 use super::conv::{Conv2d, conv2d};
 use super::{Exec, grid_for, host_out};
 use crate::error::{Error, Result};
@@ -46,14 +47,34 @@ pub fn upsample_nearest2x(ex: &Exec, x: &Tensor) -> Result<Tensor> {
 
 /// conv3x3(upsample_nearest2x(x)) + bias with padding 1: x [N, H, W, in], w [out, 3, 3, in] (KRSC)
 /// -> [N, 2H, 2W, out]. The CPU twin is exactly that composition. On CUDA (in and out channels
-/// multiples of 8, the folded weights under 2^31 elements) it runs in the sub-pixel form (kernels/elementwise/subpixel.cu): the weights
-/// folded into a 2x2 kernel with 4 x out channels, one convolution (padding 1) at the input's
-/// resolution, then a shuffle that interleaves the four phases and adds the bias. That is 4 taps
-/// per output pixel instead of 9, and no upsampled copy of the input is written. The sums differ
-/// from the composition only in rounding (taps folded in fp32, the folded weights rounded once).
+/// multiples of 8, the folded weights under 2^31 elements) it runs in the sub-pixel form
+/// (kernels/elementwise/subpixel.cu): the weights folded into a 2x2 kernel with 4 x out channels,
+/// one convolution (padding 1) at the input's resolution, then a shuffle that interleaves the four
+/// phases and adds the bias. That is 4 taps per output pixel instead of 9, and no upsampled copy of
+/// the input is written. The sums differ from the composition only in rounding (taps folded in
+/// fp32, the folded weights rounded once).
 pub fn upsample2x_conv3x3(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    upsample_conv(ex, x, w, bias, None)
+}
+
+/// `concat_last(upsample2x_conv3x3(x, w, bias), skip)` with skip [N, 2H, 2W, C_skip]: an up block's
+/// first layer after the previous block's upsampler. On the sub-pixel route (C_skip a multiple of 8
+/// too) the shuffle writes the concatenation itself, so the upsampled tensor is never written alone
+/// and read back; the bytes are the composition's.
+pub fn upsample2x_conv3x3_concat(
+    ex: &Exec,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    skip: &Tensor,
+) -> Result<Tensor> {
+    upsample_conv(ex, x, w, bias, Some(skip))
+}
+
+fn upsample_conv(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, skip: Option<&Tensor>) -> Result<Tensor> {
     let mut inputs = vec![x, w];
     inputs.extend(bias);
+    inputs.extend(skip);
     ex.expect_inputs("upsample2x_conv3x3", &inputs)?;
     let (s, ws) = (x.shape(), w.shape());
     if s.len() != 4 || ws.len() != 4 || ws[1] != 3 || ws[2] != 3 || ws[3] != s[3] {
@@ -64,10 +85,29 @@ pub fn upsample2x_conv3x3(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tenso
     }
     let same = Conv2d { stride: 1, padding: 1 };
     let (n, h, wd, cin, cout) = (s[0], s[1], s[2], s[3], ws[0]);
+    let skip_channels = match skip {
+        Some(k) if k.shape().len() != 4 || k.shape()[..3] != [n, 2 * h, 2 * wd] => {
+            return Err(Error::Input(format!(
+                "upsample2x_conv3x3: skip {k:?} must be [{n}, {}, {}, C] beside input {x:?}",
+                2 * h,
+                2 * wd
+            )));
+        }
+        Some(k) => k.shape()[3],
+        None => 0,
+    };
     let subpixel = cout % 8 == 0 && cin % 8 == 0 && 16 * cin * cout <= i32::MAX as usize;
     let (Exec::Cuda { gpu, scratch }, true) = (ex, subpixel) else {
-        return conv2d(ex, &upsample_nearest2x(ex, x)?, w, bias, same);
+        let y = conv2d(ex, &upsample_nearest2x(ex, x)?, w, bias, same)?;
+        return match skip {
+            Some(k) => concat_last(ex, &y, k),
+            None => Ok(y),
+        };
     };
+    if let Some(k) = skip.filter(|_| skip_channels % 8 != 0) {
+        // The shuffle moves 16-byte vectors of 8 channels: such a skip is copied after it.
+        return concat_last(ex, &upsample_conv(ex, x, w, bias, None)?, k);
+    }
     if let Some(b) = bias.filter(|b| b.shape() != [cout]) {
         return Err(Error::Input(format!("upsample2x_conv3x3: bias {b:?} must be [{cout}]")));
     }
@@ -86,19 +126,19 @@ pub fn upsample2x_conv3x3(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tenso
     // 2. the four phases at the input's resolution: [N, H + 1, W + 1, 4 out]
     let phases = conv2d(ex, x, &folded, None, same)?;
     drop(folded);
-    // 3. interleaved into [N, 2H, 2W, out], the bias added on the way
-    let y = gpu.empty(scratch, &[n, 2 * h, 2 * wd, cout], dtype)?;
+    // 3. interleaved into [N, 2H, 2W, out (+ skip)], the bias added on the way
+    let y = gpu.empty(scratch, &[n, 2 * h, 2 * wd, cout + skip_channels], dtype)?;
+    let pointer = |t: Option<&Tensor>| t.map_or(Ok(std::ptr::null()), |t| t.device_ptr().map(|p| p as *const _));
     let p = SubpixelShuffleParams {
         conv: phases.device_ptr()? as *const _,
-        bias: match bias {
-            Some(b) => b.device_ptr()? as *const _,
-            None => std::ptr::null(),
-        },
+        bias: pointer(bias)?,
+        skip: pointer(skip)?,
         out: y.device_ptr()? as *mut _,
         images: n as i64,
         height: h as i32,
         width: wd as i32,
         channels: cout as i32,
+        skip_channels: skip_channels as i32,
     };
     gpu.launch(kernel_for!("subpixel_shuffle", dtype), (grid_for(y.numel() / 8, 256), 1, 1), (256, 1, 1), 0, &p)?;
     Ok(y)

@@ -19,7 +19,7 @@ use crate::models::transformer::{self, TextContext};
 use crate::models::weights::Scope;
 use crate::ops::Exec;
 use crate::ops::concat::concat_last;
-use crate::ops::upsample::upsample2x_conv3x3;
+use crate::ops::upsample::{upsample2x_conv3x3, upsample2x_conv3x3_concat};
 use crate::tensor::Tensor;
 
 /// The part of the UNet a layer belongs to.
@@ -109,7 +109,8 @@ pub fn mid(
 }
 
 /// The up blocks: each layer takes [h, skip] (channels concatenated), the last skip first, then
-/// the hook; all but the last block end in nearest 2x + 3x3 conv. -> [B, H, W, C0]
+/// the hook; all but the last block end in nearest 2x + 3x3 conv, which the next block's first
+/// layer runs together with its concatenation (the upsampler writes [h, skip] itself). -> [B, H, W, C0]
 pub fn up(
     ex: &Exec,
     w: &Scope,
@@ -120,22 +121,38 @@ pub fn up(
     hook: &mut LayerHook,
 ) -> Result<Tensor> {
     let mut h = h;
+    // The previous block's upsampler (`upsamplers.0.conv`), not yet applied to h.
+    let mut upsampler = None;
     for (i, block) in blocks.iter().enumerate() {
         let bw = w.at(&format!("up_blocks.{i}"));
         for (j, layer) in block.layers.iter().enumerate() {
             // UnetConfig::validate matched every up layer with a skip.
             let skip = skips.pop().ok_or_else(|| Error::Internal(format!("up_blocks.{i} layer {j}: no skip left")))?;
-            h = concat_last(ex, &h, &skip)?; // [B, H, W, C + C_skip]
+            // [B, H, W, C + C_skip]
+            h = match upsampler.take() {
+                Some(up) => upsample_concat(ex, &up, &h, Some(&skip))?,
+                None => concat_last(ex, &h, &skip)?,
+            };
             h = layer_forward(ex, &bw, j, layer, cond, h)?;
             h = hook(LayerPos { path: UnetPath::Up, block: i, layer: j }, ex, h)?;
         }
         if block.upsample {
-            // [B, H, W, C] -> nearest [B, 2H, 2W, C] -> 3x3 conv
-            let up = bw.at("upsamplers.0.conv");
-            h = upsample2x_conv3x3(ex, &h, up.get("weight")?, Some(up.get("bias")?))?;
+            upsampler = Some(bw.at("upsamplers.0.conv"));
         }
     }
-    Ok(h)
+    match upsampler {
+        Some(up) => upsample_concat(ex, &up, &h, None),
+        None => Ok(h),
+    }
+}
+
+/// [B, H, W, C] -> nearest [B, 2H, 2W, C] -> 3x3 conv, then the skip's channels after it.
+fn upsample_concat(ex: &Exec, up: &Scope, h: &Tensor, skip: Option<&Tensor>) -> Result<Tensor> {
+    let (weight, bias) = (up.get("weight")?, Some(up.get("bias")?));
+    match skip {
+        Some(skip) => upsample2x_conv3x3_concat(ex, h, weight, bias, skip),
+        None => upsample2x_conv3x3(ex, h, weight, bias),
+    }
 }
 
 /// One layer of a down or up block: `resnets.{j}`, then `attentions.{j}` in cross-attention blocks.

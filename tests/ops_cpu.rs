@@ -499,7 +499,7 @@ fn e4m3_rounding_matches_ml_dtypes() {
     }
 }
 
-/// The upsampler that writes its block's concatenation takes a skip at its output's size only.
+/// The upsampler that writes its block's concatenation takes a skip of its output's size and dtype only.
 #[test]
 fn upsample_conv_concat_names_a_skip_of_the_wrong_size() {
     use celframe::ops::upsample::upsample2x_conv3x3_concat;
@@ -512,5 +512,10 @@ fn upsample_conv_concat_names_a_skip_of_the_wrong_size() {
             Err(Error::Input(m)) => assert!(m.contains("skip") && m.contains("[1, 4, 6, C]"), "{m}"),
             other => panic!("skip {skip:?}: {other:?}"),
         }
+    }
+    let half = Tensor::from_f32(&[1, 4, 6, 8], DType::F16, &[0.5; 192]).unwrap();
+    match upsample2x_conv3x3_concat(&CPU, &x, &w, None, &half) {
+        Err(Error::Input(m)) => assert!(m.contains("skip") && m.contains("dtype"), "{m}"),
+        other => panic!("an f16 skip beside f32: {other:?}"),
     }
 }

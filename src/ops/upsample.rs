@@ -93,6 +93,9 @@ fn upsample_conv(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, skip:
                 2 * wd
             )));
         }
+        Some(k) if k.dtype() != x.dtype() => {
+            return Err(Error::Input(format!("upsample2x_conv3x3: skip {k:?} must have input {x:?}'s dtype")));
+        }
         Some(k) => k.shape()[3],
         None => 0,
     };

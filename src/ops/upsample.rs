@@ -3,7 +3,7 @@
 
 use super::concat::concat_last;
 use super::conv::{Conv2d, conv2d};
-use super::{Exec, grid_for, host_out};
+use super::{Exec, grid_for, host_out, same_dtype};
 use crate::error::{Error, Result};
 use crate::gpu::params::{SubpixelShuffleParams, SubpixelWeightsParams, Upsample2xParams};
 use crate::tensor::Tensor;
@@ -93,10 +93,10 @@ fn upsample_conv(ex: &Exec, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, skip:
                 2 * wd
             )));
         }
-        Some(k) if k.dtype() != x.dtype() => {
-            return Err(Error::Input(format!("upsample2x_conv3x3: skip {k:?} must have input {x:?}'s dtype")));
+        Some(k) => {
+            same_dtype("upsample2x_conv3x3: skip", &[x, k])?;
+            k.shape()[3]
         }
-        Some(k) => k.shape()[3],
         None => 0,
     };
     let subpixel = cout % 8 == 0 && cin % 8 == 0 && 16 * cin * cout <= i32::MAX as usize;

@@ -11,14 +11,15 @@ use celframe::ops::attention::{
     Columns, FlashAttention, FlashKernel, TemporalAttention, TemporalAttentionTuning, flash_attention_with,
     gemm_attention, temporal_attention, temporal_attention_tuned,
 };
+use celframe::ops::concat::concat_last;
 use celframe::ops::conv::{Conv2d, conv2d, conv2d_residual_fused};
 use celframe::ops::elementwise::{add, geglu, geglu_fp8, residual_add};
 use celframe::ops::fp8::{Fp8Scaling, gemm_fp8, linear_fp8, quantize};
 use celframe::ops::linear::{GegluLinear, LinearWeight, linear, linear_add, linear_geglu_with};
 use celframe::ops::lora::{DeltaFactors, DeltaTerm, LayerDelta, merge_deltas, merge_gemm};
 use celframe::ops::norm::{
-    GroupNorm, GroupNormMode, GroupNormTuning, group_norm, group_norm_layout, group_norm_of_biased, group_norm_tuned,
-    layer_norm, layer_norm_add, layer_norm_fp8, layer_norm_shifted,
+    GroupNorm, GroupNormMode, GroupNormTuning, group_norm, group_norm_concat, group_norm_layout, group_norm_of_biased,
+    group_norm_tuned, layer_norm, layer_norm_add, layer_norm_fp8, layer_norm_shifted,
 };
 use celframe::ops::random::random_uniform;
 use celframe::ops::upsample::{upsample_nearest2x, upsample2x_conv3x3};
@@ -109,6 +110,27 @@ fn main() -> Result<()> {
             group_norm_tuned(&ex, &xs[k], &g, &be, cfg, GroupNormTuning::default()).map(drop)
         })?;
         println!("LAYOUT {key}: {}", group_norm_layout(&b.gpu, &[n, h, w, c], dtype, cfg, GroupNormTuning::default())?);
+    }
+
+    // An up block's ResNet norm1 on [h, skip] (b32 1024x576, the levels' widest concatenations no
+    // upsampler writes): read from the two parts with the concatenation written beside the norm
+    // (read x, write y and [h, skip]: 3 sizes) against concat_last then the norm (4: the copy's
+    // read and write, the norm's read and write).
+    for [n, h, w, ch, cs] in [[32, 18, 32, 1280, 1280], [32, 36, 64, 640, 640], [32, 72, 128, 320, 320]] {
+        let parts = [
+            [b.random(&[n, h, w, ch], DType::F16, 11)?, b.random(&[n, h, w, cs], DType::F16, 12)?],
+            [b.random(&[n, h, w, ch], DType::F16, 13)?, b.random(&[n, h, w, cs], DType::F16, 14)?],
+        ];
+        let (g, be) = (b.random(&[ch + cs], DType::F16, 15)?, b.random(&[ch + cs], DType::F16, 16)?);
+        let cfg = GroupNorm { groups: 32, eps: 1e-5, silu: true, frames: 1 };
+        let size = (n * h * w * (ch + cs) * 2) as f64;
+        let label = format!("N{n} C{ch}+{cs} H{h} W{w}");
+        b.run("group_norm_concat", &format!("group_norm_concat parts {label}"), 3.0 * size, 0.0, |k| {
+            group_norm_concat(&ex, &parts[k][0], &parts[k][1], &g, &be, cfg).map(drop)
+        })?;
+        b.run("group_norm_concat", &format!("group_norm_concat copy first {label}"), 4.0 * size, 0.0, |k| {
+            group_norm(&ex, &concat_last(&ex, &parts[k][0], &parts[k][1])?, &g, &be, cfg).map(drop)
+        })?;
     }
 
     // Kernel and work-layout sweeps: the cluster kernel's block size at the three

@@ -19,8 +19,8 @@ use celframe::ops::elementwise::{add, geglu, geglu_fp8, gelu, mul, residual_add,
 use celframe::ops::embedding::{TimestepEmbedding, timestep_embedding};
 use celframe::ops::linear::{linear, linear_add};
 use celframe::ops::norm::{
-    GroupNorm, GroupNormMode, GroupNormTuning, group_norm, group_norm_layout, group_norm_of_biased, group_norm_tuned,
-    layer_norm, layer_norm_add,
+    GroupNorm, GroupNormMode, GroupNormTuning, group_norm, group_norm_concat, group_norm_concat_tuned,
+    group_norm_layout, group_norm_of_biased, group_norm_tuned, layer_norm, layer_norm_add,
 };
 use celframe::ops::reduce::mean_hw;
 use celframe::ops::upsample::{upsample_nearest2x, upsample2x_conv3x3, upsample2x_conv3x3_concat};
@@ -945,6 +945,77 @@ fn upsample_conv_concat_is_the_composition_bytes() {
             );
         }
         println!("GPUCHECK upsample2x_conv3x3_concat {shape:?} + {cs} {dtype:?}: the composition's bytes");
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn group_norm_concat_is_the_composition_bytes() {
+    use celframe::ops::concat::concat_last;
+    // The up blocks' ResNets' norm1 on [h, skip] read from its two parts (b32 1024x576: every
+    // concatenation no upsampler writes, at levels 2, 1 and 0), a ragged last chunk, f32, 4
+    // channels a group (a thread's 8 channels in two groups), statistics across 16 frames, and a
+    // part of no multiple of 8 channels (concatenated first): the norm and the concatenation
+    // against concat_last then group_norm on the GPU with the same kernel, byte for byte (outputs
+    // poisoned first), under Auto (clusters where they fit on sm_90) and the two-phase kernel; and
+    // the CPU twin where small.
+    let rig = Rig::new();
+    // (h's shape, skip channels, groups, frames, dtype)
+    type Case<'a> = (&'a [usize], usize, usize, usize, DType);
+    let cases: &[Case] = &[
+        (&[32, 18, 32, 1280], 1280, 32, 1, DType::F16),
+        (&[32, 18, 32, 1280], 640, 32, 1, DType::BF16),
+        (&[32, 36, 64, 640], 640, 32, 1, DType::F16),
+        (&[32, 36, 64, 640], 320, 32, 1, DType::BF16),
+        (&[32, 72, 128, 320], 320, 32, 1, DType::F16),
+        (&[3, 17, 23, 640], 320, 32, 1, DType::F16),
+        (&[2, 8, 8, 64], 32, 32, 1, DType::F32),
+        (&[2, 3, 5, 64], 64, 32, 1, DType::F16),
+        (&[32, 9, 16, 320], 320, 32, 16, DType::BF16),
+        (&[2, 4, 6, 12], 20, 4, 1, DType::F16),
+    ];
+    for &(shape, cs, groups, frames, dtype) in cases {
+        let (n, h, w, c) = (shape[0], shape[1], shape[2], shape[3]);
+        let (x, xd) = rig.input(shape, dtype, 1.0, 0.3);
+        let (skip, skipd) = rig.input(&[n, h, w, cs], dtype, 2.0, -0.5);
+        let (g, gd) = rig.input(&[c + cs], dtype, 0.5, 1.0);
+        let (b, bd) = rig.input(&[c + cs], dtype, 0.5, 0.0);
+        let cfg = GroupNorm { groups, eps: 1e-5, silu: true, frames };
+        for (name, mode) in [("Auto", GroupNormMode::Auto), ("two-phase", GroupNormMode::TwoPhase)] {
+            let tuning = GroupNormTuning { mode, ..Default::default() };
+            let ex = rig.exec();
+            let cat = concat_last(&ex, &xd, &skipd).unwrap();
+            let want_y = rig.gpu.download(&group_norm_tuned(&ex, &cat, &gd, &bd, cfg, tuning).unwrap()).unwrap();
+            let want_cat = rig.gpu.download(&cat).unwrap();
+            drop(cat);
+            let (y, got_cat) = group_norm_concat_tuned(&ex, &xd, &skipd, &gd, &bd, cfg, tuning).unwrap();
+            let (y, got_cat) = (rig.gpu.download(&y).unwrap(), rig.gpu.download(&got_cat).unwrap());
+            assert_eq!(y.shape(), [n, h, w, c + cs]);
+            assert!(
+                got_cat.host_bytes().unwrap() == want_cat.host_bytes().unwrap(),
+                "{shape:?} + {cs} {name}: not [h, skip]"
+            );
+            assert!(
+                y.host_bytes().unwrap() == want_y.host_bytes().unwrap(),
+                "{shape:?} + {cs} {name}: not the norm's bytes"
+            );
+            rig.scratch.reset();
+            if n * h * w <= 3 * 17 * 23 {
+                let (cpu, cpu_cat) = group_norm_concat(&Exec::Cpu, &x, &skip, &g, &b, cfg).unwrap();
+                assert!(
+                    cpu_cat.host_bytes().unwrap() == want_cat.host_bytes().unwrap(),
+                    "{shape:?} + {cs}: twin's [h, skip]"
+                );
+                let (rel, max) = assert_close("group_norm_concat", &y, &cpu, tol(dtype));
+                println!(
+                    "GPUCHECK group_norm_concat {shape:?} + {cs} {dtype:?} {name} vs twin rel_l2={rel:.2e} max_abs={max:.2e}"
+                );
+            }
+            let layout = group_norm_layout(&rig.gpu, &[n, h, w, c + cs], dtype, cfg, tuning).unwrap();
+            println!(
+                "GPUCHECK group_norm_concat {shape:?} + {cs} {dtype:?} {name} ({layout}): the composition's bytes"
+            );
+        }
     }
 }
 

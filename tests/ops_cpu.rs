@@ -13,7 +13,7 @@ use celframe::ops::elementwise::{add, geglu, gelu, mul, residual_add, scale, sil
 use celframe::ops::embedding::{TimestepEmbedding, timestep_embedding};
 use celframe::ops::linear::linear;
 use celframe::ops::norm::{
-    GroupNorm, group_norm, group_norm_of_biased, layer_norm, layer_norm_add, layer_norm_shifted,
+    GroupNorm, group_norm, group_norm_concat, group_norm_of_biased, layer_norm, layer_norm_add, layer_norm_shifted,
 };
 use celframe::ops::upsample::upsample_nearest2x;
 use celframe::{DType, Error, Tensor};
@@ -41,6 +41,34 @@ fn group_norm_matches_torch_per_image_and_across_frames() {
     let per_frame = group_norm(&CPU, x, g, b, gn(false, 8, 1e-6, 1)).unwrap();
     let (rel, _) = common::errors(&per_frame.to_f32_vec().unwrap(), &f["group_norm_frames.out"].to_f32_vec().unwrap());
     assert!(rel > 1e-2, "per-frame and per-video statistics should differ, rel {rel}");
+}
+
+#[test]
+fn group_norm_of_a_concatenation_read_in_parts_matches_torch() {
+    // The fixture's input cut on the channels into [x, tail] (a cut inside a group, and one after
+    // the first channel): the norm equals torch's of the whole, and the concatenation written
+    // beside it is the whole input again. Parts that disagree before the channels are refused.
+    let f = fixture("ops_reference.safetensors");
+    let (x, g, b) = (&f["group_norm.x"], &f["group_norm.gamma"], &f["group_norm.beta"]);
+    let (lead, c) = x.shape().split_at(x.shape().len() - 1);
+    let c = c[0];
+    let values = x.to_f32_vec().unwrap();
+    let part = |from: usize, to: usize| {
+        let v: Vec<f32> = values.chunks_exact(c).flat_map(|px| px[from..to].iter().copied()).collect();
+        Tensor::from_f32(&[lead, &[to - from]].concat(), DType::F32, &v).unwrap()
+    };
+    let cfg = GroupNorm { groups: 32, eps: 1e-5, silu: false, frames: 1 };
+    for cut in [c / 2 + 3, 1] {
+        let (y, cat) = group_norm_concat(&CPU, &part(0, cut), &part(cut, c), g, b, cfg).unwrap();
+        assert_close(&format!("group_norm of [x, tail] cut at {cut}"), &y, &f["group_norm.out"], TOL);
+        assert_eq!(cat.shape(), x.shape());
+        assert_eq!(cat.to_f32_vec().unwrap(), values, "the concatenation cut at {cut} is not the input");
+    }
+    let other = Tensor::from_f32(&[1, 8], DType::F32, &[0.0; 8]).unwrap();
+    let Err(Error::Input(m)) = group_norm_concat(&CPU, &part(0, 8), &other, g, b, cfg) else {
+        panic!("parts of different leading shapes were taken")
+    };
+    assert!(m.contains("group_norm_concat") && m.contains("differ before the channels"), "{m}");
 }
 
 #[test]

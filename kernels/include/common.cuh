@@ -95,6 +95,31 @@ template <> __device__ __forceinline__ void store8<float>(float* p, const float 
     reinterpret_cast<float4*>(p)[0] = v.lo;
     reinterpret_cast<float4*>(p)[1] = v.hi;
 }
+// Stores the vector as it was loaded (a copy).
+template <typename T> __device__ __forceinline__ void store8(T* p, const Vec8<T>& v) {
+    *reinterpret_cast<uint4*>(p) = v.raw;
+}
+template <> __device__ __forceinline__ void store8<float>(float* p, const Vec8<float>& v) {
+    reinterpret_cast<float4*>(p)[0] = v.lo;
+    reinterpret_cast<float4*>(p)[1] = v.hi;
+}
+
+// Channels [c, c + 8) of one pixel of a concatenation [x, x_tail] on the channels that is never
+// written (the group norms' params: x holds x_channels channels a pixel, x_tail, if set, the
+// channels - x_channels after them; x_channels is a multiple of 8, so 8 channels never straddle
+// the two): where they are, and the step to the next pixel's, in elements.
+template <typename T> struct ConcatPiece {
+    const T* at;
+    int64_t pixel_step;
+};
+template <typename T, typename Params>
+__device__ __forceinline__ ConcatPiece<T> concat_piece(const Params& p, int64_t pixel, int c) {
+    if (p.x_tail && c >= p.x_channels) {
+        const int tail = p.channels - p.x_channels;
+        return {static_cast<const T*>(p.x_tail) + pixel * tail + (c - p.x_channels), tail};
+    }
+    return {static_cast<const T*>(p.x) + pixel * p.x_channels + c, p.x_channels};
+}
 
 // Asynchronous 16-byte global -> shared copies (sm_80+): issue, commit as a group, wait until at
 // most N groups are still in flight (then __syncthreads before other threads read the data).

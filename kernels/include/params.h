@@ -76,7 +76,11 @@ typedef struct GegluE4m3Params {
 // (kernels/norm/group_norm.cu, whose header gives the design). A "domain" is the set of images
 // sharing statistics: one image (frames = 1) or the `frames` consecutive images of one video.
 typedef struct GroupNormParams {
-    const void* x;
+    const void* x;           // [.., x_channels] per pixel
+    const void* x_tail;      // or null: [.., channels - x_channels] per pixel, the channels after
+                             // x's: the norm of the concatenation [x, x_tail], never written first
+    void* x_cat;             // or null: the concatenation [x, x_tail] of the raw inputs written too
+                             // (for the consumers that read it besides the norm)
     const void* x_bias;      // [rows][channels] or null: the norm of x + x_bias per channel (the bias
                              // of the convolution that made x, or a ResNet's time embedding, added
                              // here instead of in a pass of its own); domain d reads row d / x_bias_every
@@ -90,6 +94,7 @@ typedef struct GroupNormParams {
     int64_t domains;
     int64_t pixels;          // pixels per domain (frames * height * width)
     int32_t channels;        // multiple of 8
+    int32_t x_channels;      // x's channels: channels without x_tail, else a multiple of 8 below it
     int32_t groups;          // divides channels
     int32_t rows;            // pixels per block step; blockDim.x = rows * channels / 8
     int32_t chunks;          // chunks per domain, each rows * GROUP_NORM_VECS_* pixels
@@ -110,6 +115,8 @@ typedef struct GroupNormParams {
 // (kernels/norm/group_norm_cluster.cu, whose header gives the design, grid and shared memory).
 typedef struct GroupNormClusterParams {
     const void* x;
+    const void* x_tail;      // or null, as GroupNormParams'
+    void* x_cat;             // or null, as GroupNormParams'
     const void* x_bias;      // [rows][channels] or null, as GroupNormParams'
     void* y;
     const void* gamma;       // [channels], activation dtype
@@ -117,6 +124,7 @@ typedef struct GroupNormClusterParams {
     int64_t pixels;          // pixels per domain
     int64_t x_bias_every;    // domains per x_bias row, as GroupNormParams'
     int32_t channels;
+    int32_t x_channels;      // as GroupNormParams'
     int32_t group_channels;  // channels per group
     int32_t slice_channels;  // whole groups, a multiple of 8
     int32_t slice_groups;    // at most GROUP_NORM_CLUSTER_MAX_SLICE_GROUPS

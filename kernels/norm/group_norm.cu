@@ -13,7 +13,9 @@
 // domain's arrival counter is bumped. A domain is ready when all its chunks have arrived: mean and
 // variance follow from the fp64 sums, and the shift (the group's first value in the domain, which
 // every block reads for itself) keeps the cancellation in E[x^2] - mean^2 small.
-// Normalisation: wait until the domain is ready, write (x - mean) * rstd * gamma + beta (+ SiLU).
+// Normalisation: wait until the domain is ready, write (x - mean) * rstd * gamma + beta (+ SiLU),
+// and x itself to x_cat when asked (the input may be a concatenation [x, x_tail] on the channels,
+// read from its two parts: each thread copies its own channels, which lie in one of them).
 //
 // Statistics and normalisation are separate items; the order makes domain d's normalisation run
 // `lag` domains after its statistics, so its second read mostly hits L2. A normalise item only
@@ -60,7 +62,6 @@ __device__ void group_norm(const GroupNormParams& p) {
     T* chunk = reinterpret_cast<T*>(smem);
     float* red = reinterpret_cast<float*>(smem + (size_t)chunk_pixels * C * sizeof(T));  // [rows][C][2]
     unsigned char* group_of = reinterpret_cast<unsigned char*>(red + p.rows * C * 2);   // [C]
-    const T* x = static_cast<const T*>(p.x);
     T* y = static_cast<T*>(p.y);
     // Control words each sit on their own 128-byte line so pollers do not slow the atomics.
     uint32_t* ticket_counter = p.workspace;
@@ -82,7 +83,6 @@ __device__ void group_norm(const GroupNormParams& p) {
         const GroupNormItem item = s_item;
         const int64_t first = item.chunk * chunk_pixels;
         const int valid = (int)min((int64_t)chunk_pixels, p.pixels - first);
-        const T* xd = x + item.domain * p.pixels * C;
         // x_bias: every value of channel c counts as x + bias[c], the domain's row of x_bias (the
         // thread's channels are fixed)
         const T* x_bias = p.x_bias ? static_cast<const T*>(p.x_bias) + item.domain / p.x_bias_every * C : nullptr;
@@ -90,13 +90,22 @@ __device__ void group_norm(const GroupNormParams& p) {
         if (x_bias) unpack8<T>(load8<T>(x_bias + slot * 8), bias);
 
         // 1. the chunk into shared memory; each group's shift is its first value in the domain
-        const char* src = reinterpret_cast<const char*>(xd + first * C);
-        const int bytes = valid * C * (int)sizeof(T);
-        for (int i = threadIdx.x * 16; i < bytes; i += blockDim.x * 16)
-            cp_async16(reinterpret_cast<char*>(chunk) + i, src + i);
+        // (blockDim.x is rows * V: every piece of the chunk has its thread)
+        const ConcatPiece<T> piece = concat_piece<T>(p, item.domain * p.pixels + first + row, slot * 8);
+#pragma unroll
+        for (int k = 0; k < VECS; ++k) {
+            if (row + k * p.rows < valid) {
+                const T* src = piece.at + (int64_t)k * p.rows * piece.pixel_step;
+                T* dst = chunk + (row + k * p.rows) * C + slot * 8;
+                constexpr int per16 = 16 / sizeof(T);  // elements a 16-byte copy moves
+#pragma unroll
+                for (int e = 0; e < 8; e += per16) cp_async16(dst + e, src + e);
+            }
+        }
         cp_async_commit();
         for (int g = threadIdx.x; g < p.groups; g += blockDim.x)
-            g_shift[g] = to_f32(xd[g * cpg]) + (x_bias ? to_f32(x_bias[g * cpg]) : 0.0f);
+            g_shift[g] = to_f32(*concat_piece<T>(p, item.domain * p.pixels, g * cpg).at) +
+                         (x_bias ? to_f32(x_bias[g * cpg]) : 0.0f);
         cp_async_wait<0>();
         __syncthreads();
         float shift[8];  // of the stored x: the group's shift less the channel's bias
@@ -181,13 +190,17 @@ __device__ void group_norm(const GroupNormParams& p) {
                 scale[j] *= g_scale[g];
                 offset[j] = fmaf(bias[j] - g_mean[g], scale[j], offset[j]);
             }
-            T* ys = y + (item.domain * p.pixels + first) * C + slot * 8;
+            const int64_t at = (item.domain * p.pixels + first) * C + slot * 8;
+            T* ys = y + at;
+            T* raws = p.x_cat ? static_cast<T*>(p.x_cat) + at : nullptr;
 #pragma unroll
             for (int k = 0; k < VECS; ++k) {
                 const int px = row + k * p.rows;
                 if (px < valid) {
                     float v[8];
-                    unpack8<T>(load8<T>(chunk + px * C + slot * 8), v);
+                    const Vec8<T> raw = load8<T>(chunk + px * C + slot * 8);
+                    if (raws) store8<T>(raws + (int64_t)px * C, raw);
+                    unpack8<T>(raw, v);
 #pragma unroll
                     for (int j = 0; j < 8; ++j) {
                         v[j] = fmaf(v[j], scale[j], offset[j]);

@@ -9,7 +9,9 @@
 // (distributed shared memory), and after one cluster barrier each block adds them up from its own
 // shared memory. Every block adds the ranks in the same order, so all blocks of a cluster use
 // identical statistics (fp32 throughout: the shift keeps the sums small). Then each block
-// normalises its pixels from shared memory and writes y.
+// normalises its pixels from shared memory and writes y (and, when asked, the raw values to
+// x_cat: the input may be a concatenation [x, x_tail] on the channels that is read from its two
+// parts and, for the consumers reading it besides the norm, written only here).
 //
 // Launch (src/ops/norm.rs picks the layout): grid (channels / slice_channels * cluster blocks,
 // domains), cluster x of row y being slice x of domain y; blockDim.x = rows * slice_channels / 8
@@ -64,14 +66,20 @@ __device__ __forceinline__ void store_cluster_f32x2(float2* p, unsigned rank, fl
     asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};\n" ::"r"(remote), "f"(v.x), "f"(v.y) : "memory");
 }
 
-// y = x * scale + offset (+ SiLU) for the thread's pixels, read from the tile in shared memory.
+// y = x * scale + offset (+ SiLU) for the thread's pixels, read from the tile in shared memory;
+// x itself to raw_at unless it is null.
 template <typename T, bool SILU>
-__device__ __forceinline__ void normalise_rows(const T* tile_at, int tile_step, T* y_at, int64_t y_step, int count,
-                                               const float scale[8], const float offset[8]) {
+__device__ __forceinline__ void normalise_rows(const T* tile_at, int tile_step, T* y_at, T* raw_at, int64_t y_step,
+                                               int count, const float scale[8], const float offset[8]) {
 #pragma unroll 4
     for (int k = 0; k < count; ++k) {
         float v[8];
-        unpack8<T>(load8<T>(tile_at), v);
+        const Vec8<T> x = load8<T>(tile_at);
+        if (raw_at) {
+            store8<T>(raw_at, x);
+            raw_at += y_step;
+        }
+        unpack8<T>(x, v);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             v[j] = fmaf(v[j], scale[j], offset[j]);
@@ -94,8 +102,7 @@ __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
     const int C = p.channels, SC = p.slice_channels, V = SC / 8, cpg = p.group_channels;
     const unsigned rank = cluster_rank(), blocks = cluster_blocks();
     const int slice = (int)cluster_x();
-    const int64_t base = blockIdx.y * p.pixels * C + slice * SC;  // pixel 0 of this slice
-    const T* xs = static_cast<const T*>(p.x) + base;
+    const int64_t base = blockIdx.y * p.pixels * C + slice * SC;  // pixel 0 of this slice in y
     T* tile = reinterpret_cast<T*>(smem);
     float4* partials = reinterpret_cast<float4*>(smem + (size_t)p.tile_pixels * SC * sizeof(T));  // [blockDim.x]
     T* affine = reinterpret_cast<T*>(partials + blockDim.x);  // the slice's gamma, then its beta
@@ -122,8 +129,9 @@ __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
     const T* tile_at = tile + row * SC + slot * 8;
     const int tile_step = p.rows * SC;
     {
-        const T* src = xs + first_pixel * C + slot * 8;
-        const int64_t src_step = pixel_step * C;
+        const ConcatPiece<T> piece = concat_piece<T>(p, blockIdx.y * p.pixels + first_pixel, slice * SC + slot * 8);
+        const T* src = piece.at;
+        const int64_t src_step = pixel_step * piece.pixel_step;
         T* dst = tile + row * SC + slot * 8;
         for (int k = 0; k < count; ++k, src += src_step, dst += tile_step) cp_async16(dst, src);
         // gamma and beta come along, so normalising does not wait on global loads
@@ -140,7 +148,8 @@ __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
     float bias[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     if (x_bias) unpack8<T>(load8<T>(x_bias + slot * 8), bias);
     for (int g = threadIdx.x; g < p.slice_groups; g += blockDim.x)
-        g_shift[g] = to_f32(xs[g * cpg]) + (x_bias ? to_f32(x_bias[g * cpg]) : 0.0f);
+        g_shift[g] = to_f32(*concat_piece<T>(p, blockIdx.y * p.pixels, slice * SC + g * cpg).at) +
+                     (x_bias ? to_f32(x_bias[g * cpg]) : 0.0f);
     __syncthreads();
     float shift[8];  // of the stored x: the group's shift less the channel's bias
 #pragma unroll
@@ -229,12 +238,14 @@ __device__ void group_norm_cluster(const GroupNormClusterParams& p) {
         scale[j] *= g_scale[g];
         offset[j] = fmaf(bias[j] - g_mean[g], scale[j], offset[j]);
     }
-    T* y_at = static_cast<T*>(p.y) + base + first_pixel * C + slot * 8;
+    const int64_t at = base + first_pixel * C + slot * 8;
+    T* y_at = static_cast<T*>(p.y) + at;
+    T* raw_at = p.x_cat ? static_cast<T*>(p.x_cat) + at : nullptr;
     const int64_t y_step = pixel_step * C;
     if (p.silu) {
-        normalise_rows<T, true>(tile_at, tile_step, y_at, y_step, count, scale, offset);
+        normalise_rows<T, true>(tile_at, tile_step, y_at, raw_at, y_step, count, scale, offset);
     } else {
-        normalise_rows<T, false>(tile_at, tile_step, y_at, y_step, count, scale, offset);
+        normalise_rows<T, false>(tile_at, tile_step, y_at, raw_at, y_step, count, scale, offset);
     }
 }
 

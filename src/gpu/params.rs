@@ -171,6 +171,8 @@ impl Default for GegluE4m3Params {
 #[derive(Debug, Copy, Clone)]
 pub struct GroupNormParams {
     pub x: *const ::std::os::raw::c_void,
+    pub x_tail: *const ::std::os::raw::c_void,
+    pub x_cat: *mut ::std::os::raw::c_void,
     pub x_bias: *const ::std::os::raw::c_void,
     pub y: *mut ::std::os::raw::c_void,
     pub gamma: *const ::std::os::raw::c_void,
@@ -179,6 +181,7 @@ pub struct GroupNormParams {
     pub domains: i64,
     pub pixels: i64,
     pub channels: i32,
+    pub x_channels: i32,
     pub groups: i32,
     pub rows: i32,
     pub chunks: i32,
@@ -189,24 +192,28 @@ pub struct GroupNormParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of GroupNormParams"][::std::mem::size_of::<GroupNormParams>() - 104usize];
+    ["Size of GroupNormParams"][::std::mem::size_of::<GroupNormParams>() - 120usize];
     ["Alignment of GroupNormParams"][::std::mem::align_of::<GroupNormParams>() - 8usize];
     ["Offset of field: GroupNormParams::x"][::std::mem::offset_of!(GroupNormParams, x) - 0usize];
-    ["Offset of field: GroupNormParams::x_bias"][::std::mem::offset_of!(GroupNormParams, x_bias) - 8usize];
-    ["Offset of field: GroupNormParams::y"][::std::mem::offset_of!(GroupNormParams, y) - 16usize];
-    ["Offset of field: GroupNormParams::gamma"][::std::mem::offset_of!(GroupNormParams, gamma) - 24usize];
-    ["Offset of field: GroupNormParams::beta"][::std::mem::offset_of!(GroupNormParams, beta) - 32usize];
-    ["Offset of field: GroupNormParams::workspace"][::std::mem::offset_of!(GroupNormParams, workspace) - 40usize];
-    ["Offset of field: GroupNormParams::domains"][::std::mem::offset_of!(GroupNormParams, domains) - 48usize];
-    ["Offset of field: GroupNormParams::pixels"][::std::mem::offset_of!(GroupNormParams, pixels) - 56usize];
-    ["Offset of field: GroupNormParams::channels"][::std::mem::offset_of!(GroupNormParams, channels) - 64usize];
-    ["Offset of field: GroupNormParams::groups"][::std::mem::offset_of!(GroupNormParams, groups) - 68usize];
-    ["Offset of field: GroupNormParams::rows"][::std::mem::offset_of!(GroupNormParams, rows) - 72usize];
-    ["Offset of field: GroupNormParams::chunks"][::std::mem::offset_of!(GroupNormParams, chunks) - 76usize];
-    ["Offset of field: GroupNormParams::lag"][::std::mem::offset_of!(GroupNormParams, lag) - 80usize];
-    ["Offset of field: GroupNormParams::x_bias_every"][::std::mem::offset_of!(GroupNormParams, x_bias_every) - 88usize];
-    ["Offset of field: GroupNormParams::silu"][::std::mem::offset_of!(GroupNormParams, silu) - 96usize];
-    ["Offset of field: GroupNormParams::eps"][::std::mem::offset_of!(GroupNormParams, eps) - 100usize];
+    ["Offset of field: GroupNormParams::x_tail"][::std::mem::offset_of!(GroupNormParams, x_tail) - 8usize];
+    ["Offset of field: GroupNormParams::x_cat"][::std::mem::offset_of!(GroupNormParams, x_cat) - 16usize];
+    ["Offset of field: GroupNormParams::x_bias"][::std::mem::offset_of!(GroupNormParams, x_bias) - 24usize];
+    ["Offset of field: GroupNormParams::y"][::std::mem::offset_of!(GroupNormParams, y) - 32usize];
+    ["Offset of field: GroupNormParams::gamma"][::std::mem::offset_of!(GroupNormParams, gamma) - 40usize];
+    ["Offset of field: GroupNormParams::beta"][::std::mem::offset_of!(GroupNormParams, beta) - 48usize];
+    ["Offset of field: GroupNormParams::workspace"][::std::mem::offset_of!(GroupNormParams, workspace) - 56usize];
+    ["Offset of field: GroupNormParams::domains"][::std::mem::offset_of!(GroupNormParams, domains) - 64usize];
+    ["Offset of field: GroupNormParams::pixels"][::std::mem::offset_of!(GroupNormParams, pixels) - 72usize];
+    ["Offset of field: GroupNormParams::channels"][::std::mem::offset_of!(GroupNormParams, channels) - 80usize];
+    ["Offset of field: GroupNormParams::x_channels"][::std::mem::offset_of!(GroupNormParams, x_channels) - 84usize];
+    ["Offset of field: GroupNormParams::groups"][::std::mem::offset_of!(GroupNormParams, groups) - 88usize];
+    ["Offset of field: GroupNormParams::rows"][::std::mem::offset_of!(GroupNormParams, rows) - 92usize];
+    ["Offset of field: GroupNormParams::chunks"][::std::mem::offset_of!(GroupNormParams, chunks) - 96usize];
+    ["Offset of field: GroupNormParams::lag"][::std::mem::offset_of!(GroupNormParams, lag) - 100usize];
+    ["Offset of field: GroupNormParams::x_bias_every"]
+        [::std::mem::offset_of!(GroupNormParams, x_bias_every) - 104usize];
+    ["Offset of field: GroupNormParams::silu"][::std::mem::offset_of!(GroupNormParams, silu) - 112usize];
+    ["Offset of field: GroupNormParams::eps"][::std::mem::offset_of!(GroupNormParams, eps) - 116usize];
 };
 impl Default for GroupNormParams {
     fn default() -> Self {
@@ -221,6 +228,8 @@ impl Default for GroupNormParams {
 #[derive(Debug, Copy, Clone)]
 pub struct GroupNormClusterParams {
     pub x: *const ::std::os::raw::c_void,
+    pub x_tail: *const ::std::os::raw::c_void,
+    pub x_cat: *mut ::std::os::raw::c_void,
     pub x_bias: *const ::std::os::raw::c_void,
     pub y: *mut ::std::os::raw::c_void,
     pub gamma: *const ::std::os::raw::c_void,
@@ -228,6 +237,7 @@ pub struct GroupNormClusterParams {
     pub pixels: i64,
     pub x_bias_every: i64,
     pub channels: i32,
+    pub x_channels: i32,
     pub group_channels: i32,
     pub slice_channels: i32,
     pub slice_groups: i32,
@@ -238,31 +248,36 @@ pub struct GroupNormClusterParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of GroupNormClusterParams"][::std::mem::size_of::<GroupNormClusterParams>() - 88usize];
+    ["Size of GroupNormClusterParams"][::std::mem::size_of::<GroupNormClusterParams>() - 112usize];
     ["Alignment of GroupNormClusterParams"][::std::mem::align_of::<GroupNormClusterParams>() - 8usize];
     ["Offset of field: GroupNormClusterParams::x"][::std::mem::offset_of!(GroupNormClusterParams, x) - 0usize];
+    ["Offset of field: GroupNormClusterParams::x_tail"]
+        [::std::mem::offset_of!(GroupNormClusterParams, x_tail) - 8usize];
+    ["Offset of field: GroupNormClusterParams::x_cat"][::std::mem::offset_of!(GroupNormClusterParams, x_cat) - 16usize];
     ["Offset of field: GroupNormClusterParams::x_bias"]
-        [::std::mem::offset_of!(GroupNormClusterParams, x_bias) - 8usize];
-    ["Offset of field: GroupNormClusterParams::y"][::std::mem::offset_of!(GroupNormClusterParams, y) - 16usize];
-    ["Offset of field: GroupNormClusterParams::gamma"][::std::mem::offset_of!(GroupNormClusterParams, gamma) - 24usize];
-    ["Offset of field: GroupNormClusterParams::beta"][::std::mem::offset_of!(GroupNormClusterParams, beta) - 32usize];
+        [::std::mem::offset_of!(GroupNormClusterParams, x_bias) - 24usize];
+    ["Offset of field: GroupNormClusterParams::y"][::std::mem::offset_of!(GroupNormClusterParams, y) - 32usize];
+    ["Offset of field: GroupNormClusterParams::gamma"][::std::mem::offset_of!(GroupNormClusterParams, gamma) - 40usize];
+    ["Offset of field: GroupNormClusterParams::beta"][::std::mem::offset_of!(GroupNormClusterParams, beta) - 48usize];
     ["Offset of field: GroupNormClusterParams::pixels"]
-        [::std::mem::offset_of!(GroupNormClusterParams, pixels) - 40usize];
+        [::std::mem::offset_of!(GroupNormClusterParams, pixels) - 56usize];
     ["Offset of field: GroupNormClusterParams::x_bias_every"]
-        [::std::mem::offset_of!(GroupNormClusterParams, x_bias_every) - 48usize];
+        [::std::mem::offset_of!(GroupNormClusterParams, x_bias_every) - 64usize];
     ["Offset of field: GroupNormClusterParams::channels"]
-        [::std::mem::offset_of!(GroupNormClusterParams, channels) - 56usize];
+        [::std::mem::offset_of!(GroupNormClusterParams, channels) - 72usize];
+    ["Offset of field: GroupNormClusterParams::x_channels"]
+        [::std::mem::offset_of!(GroupNormClusterParams, x_channels) - 76usize];
     ["Offset of field: GroupNormClusterParams::group_channels"]
-        [::std::mem::offset_of!(GroupNormClusterParams, group_channels) - 60usize];
+        [::std::mem::offset_of!(GroupNormClusterParams, group_channels) - 80usize];
     ["Offset of field: GroupNormClusterParams::slice_channels"]
-        [::std::mem::offset_of!(GroupNormClusterParams, slice_channels) - 64usize];
+        [::std::mem::offset_of!(GroupNormClusterParams, slice_channels) - 84usize];
     ["Offset of field: GroupNormClusterParams::slice_groups"]
-        [::std::mem::offset_of!(GroupNormClusterParams, slice_groups) - 68usize];
+        [::std::mem::offset_of!(GroupNormClusterParams, slice_groups) - 88usize];
     ["Offset of field: GroupNormClusterParams::tile_pixels"]
-        [::std::mem::offset_of!(GroupNormClusterParams, tile_pixels) - 72usize];
-    ["Offset of field: GroupNormClusterParams::rows"][::std::mem::offset_of!(GroupNormClusterParams, rows) - 76usize];
-    ["Offset of field: GroupNormClusterParams::silu"][::std::mem::offset_of!(GroupNormClusterParams, silu) - 80usize];
-    ["Offset of field: GroupNormClusterParams::eps"][::std::mem::offset_of!(GroupNormClusterParams, eps) - 84usize];
+        [::std::mem::offset_of!(GroupNormClusterParams, tile_pixels) - 92usize];
+    ["Offset of field: GroupNormClusterParams::rows"][::std::mem::offset_of!(GroupNormClusterParams, rows) - 96usize];
+    ["Offset of field: GroupNormClusterParams::silu"][::std::mem::offset_of!(GroupNormClusterParams, silu) - 100usize];
+    ["Offset of field: GroupNormClusterParams::eps"][::std::mem::offset_of!(GroupNormClusterParams, eps) - 104usize];
 };
 impl Default for GroupNormClusterParams {
     fn default() -> Self {

@@ -8,7 +8,7 @@ use crate::ops::Exec;
 use crate::ops::conv::{Conv2d, ConvResidual, conv2d, conv2d_residual};
 use crate::ops::elementwise::{add, residual_add};
 use crate::ops::linear::linear;
-use crate::ops::norm::{GroupNorm, group_norm, group_norm_of_biased};
+use crate::ops::norm::{GroupNorm, group_norm, group_norm_concat, group_norm_of_biased};
 use crate::tensor::Tensor;
 use crate::weights::TensorSpec;
 
@@ -63,6 +63,41 @@ pub fn forward_frames(
     x: &Tensor,
     emb_act: Option<&Tensor>,
 ) -> Result<Tensor> {
+    forward_input(ex, w, r, cfg, norm_frames, Input::One(x), emb_act)
+}
+
+/// `forward_frames` on the concatenation [x, skip] on the channels (an up block's layer input),
+/// never written by a pass of its own: norm1 reads the two parts and writes the concatenation for
+/// the shortcut in the same pass (`group_norm_concat`); x is dropped once read.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_frames_concat(
+    ex: &Exec,
+    w: &Scope,
+    r: &Resnet,
+    cfg: ResnetNorm,
+    norm_frames: usize,
+    x: Tensor,
+    skip: &Tensor,
+    emb_act: Option<&Tensor>,
+) -> Result<Tensor> {
+    forward_input(ex, w, r, cfg, norm_frames, Input::Concat(x, skip), emb_act)
+}
+
+/// A block's input: one tensor, or the two parts of a concatenation on the channels.
+enum Input<'a> {
+    One(&'a Tensor),
+    Concat(Tensor, &'a Tensor),
+}
+
+fn forward_input(
+    ex: &Exec,
+    w: &Scope,
+    r: &Resnet,
+    cfg: ResnetNorm,
+    norm_frames: usize,
+    x: Input,
+    emb_act: Option<&Tensor>,
+) -> Result<Tensor> {
     let _scope = ex.profile_scope("resnet");
     let gn = GroupNorm { groups: cfg.groups, eps: cfg.eps, silu: true, frames: norm_frames };
     let same = Conv2d { stride: 1, padding: 1 };
@@ -70,8 +105,12 @@ pub fn forward_frames(
     // where bias, time embedding and residual each took one): summed per forward, not at load, as
     // LoRA files and the device LoRA switch may change them.
     // Each step replaces `h`, so the arena gets the previous activation back at once.
-    // 1. h = conv1(SiLU(norm1(x))): [B, H, W, in] -> [B, H, W, out]
-    let mut h = group_norm(ex, x, w.get("norm1.weight")?, w.get("norm1.bias")?, gn)?;
+    // 1. h = conv1(SiLU(norm1(x))): [B, H, W, in] -> [B, H, W, out] (x = [x, skip] from here on)
+    let (norm1_weight, norm1_bias) = (w.get("norm1.weight")?, w.get("norm1.bias")?);
+    let (mut h, x) = match x {
+        Input::One(x) => (group_norm(ex, x, norm1_weight, norm1_bias, gn)?, x.clone()),
+        Input::Concat(x, skip) => group_norm_concat(ex, &x, skip, norm1_weight, norm1_bias, gn)?,
+    };
     let conv1_bias = w.get("conv1.bias")?;
     h = conv2d(ex, &h, w.get("conv1.weight")?, None, same)?;
     // 2. + time_emb_proj(SiLU(emb)) + conv1's bias per image or video: [B, T] -> [B, out] (conv1's
@@ -91,10 +130,10 @@ pub fn forward_frames(
     let (conv2_weight, conv2_bias) = (w.get("conv2.weight")?, w.get("conv2.bias")?);
     let (shortcut, shortcut_bias) = match r.has_shortcut() {
         true => (
-            conv2d(ex, x, w.get("conv_shortcut.weight")?, None, Conv2d { stride: 1, padding: 0 })?,
+            conv2d(ex, &x, w.get("conv_shortcut.weight")?, None, Conv2d { stride: 1, padding: 0 })?,
             Some(w.get("conv_shortcut.bias")?),
         ),
-        false => (x.clone(), None),
+        false => (x, None),
     };
     // At output scale 1 (SDXL's UNet and VAE) one cuDNN call adds the shortcut and the biases to
     // conv2's fp32 sums before its one rounding (`conv2d_residual`; a shape cuDNN refuses takes

@@ -2,6 +2,7 @@
 //! and layer norm (to the input's dtype, or to e4m3 rows for an FP8 linear). Statistics are fp32
 //! on the GPU and f64 in the twins.
 
+use super::concat::concat_last;
 use super::{Exec, host_out, par_map, par_rows, same_dtype};
 use crate::error::{Error, Result};
 use crate::gpu::ClusterScheduling;
@@ -132,7 +133,7 @@ pub fn group_norm_of_biased(
     beta: &Tensor,
     cfg: GroupNorm,
 ) -> Result<Tensor> {
-    group_norm_with(ex, x, Some(x_bias), gamma, beta, cfg, GroupNormTuning::default())
+    Ok(group_norm_with(ex, GnInput::One(x), Some(x_bias), gamma, beta, cfg, GroupNormTuning::default())?.0)
 }
 
 pub fn group_norm_tuned(
@@ -143,23 +144,82 @@ pub fn group_norm_tuned(
     cfg: GroupNorm,
     tuning: GroupNormTuning,
 ) -> Result<Tensor> {
-    group_norm_with(ex, x, None, gamma, beta, cfg, tuning)
+    Ok(group_norm_with(ex, GnInput::One(x), None, gamma, beta, cfg, tuning)?.0)
 }
 
-fn group_norm_with(
+/// The group norm of the concatenation `[x, tail]` on the channels (a UNet up block's
+/// `[h, skip]`), read from its two parts, and the concatenation itself ([.., Cx + Ct]), written by
+/// the same kernel for the consumers that read it raw (the ResNet's shortcut): the copy's pass, and
+/// its second read of the parts, are gone. Bytes the same as `concat_last` then `group_norm`.
+pub fn group_norm_concat(
     ex: &Exec,
     x: &Tensor,
+    tail: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    cfg: GroupNorm,
+) -> Result<(Tensor, Tensor)> {
+    group_norm_concat_tuned(ex, x, tail, gamma, beta, cfg, GroupNormTuning::default())
+}
+
+pub fn group_norm_concat_tuned(
+    ex: &Exec,
+    x: &Tensor,
+    tail: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    cfg: GroupNorm,
+    tuning: GroupNormTuning,
+) -> Result<(Tensor, Tensor)> {
+    let (sx, st) = (x.shape(), tail.shape());
+    let (Some((&cx, lead)), Some((&ct, lead_t))) = (sx.split_last(), st.split_last()) else {
+        return Err(Error::Input(format!("group_norm_concat: {x:?} and {tail:?} need at least one dimension")));
+    };
+    if lead != lead_t {
+        return Err(Error::Input(format!("group_norm_concat: {x:?} and {tail:?} differ before the channels")));
+    }
+    // The kernels take a thread's 8 channels from one part: other widths are concatenated first.
+    if matches!(ex, Exec::Cuda { .. }) && !(cx.is_multiple_of(8) && ct.is_multiple_of(8)) {
+        let cat = concat_last(ex, x, tail)?;
+        let y = group_norm_tuned(ex, &cat, gamma, beta, cfg, tuning)?;
+        return Ok((y, cat));
+    }
+    let (y, cat) = group_norm_with(ex, GnInput::Concat(x, tail), None, gamma, beta, cfg, tuning)?;
+    Ok((y, cat.ok_or_else(|| Error::Internal("group_norm_concat: no concatenation written".into()))?))
+}
+
+/// What a group norm reads: one tensor, or a concatenation on the channels never written before.
+#[derive(Clone, Copy)]
+enum GnInput<'a> {
+    One(&'a Tensor),
+    Concat(&'a Tensor, &'a Tensor),
+}
+
+/// The norm, and with `GnInput::Concat` the concatenation it read.
+fn group_norm_with(
+    ex: &Exec,
+    input: GnInput,
     x_bias: Option<&Tensor>,
     gamma: &Tensor,
     beta: &Tensor,
     cfg: GroupNorm,
     tuning: GroupNormTuning,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (x, tail) = match input {
+        GnInput::One(x) => (x, None),
+        GnInput::Concat(x, tail) => (x, Some(tail)),
+    };
     let mut inputs = vec![x, gamma, beta];
+    inputs.extend(tail);
     inputs.extend(x_bias);
     ex.expect_inputs("group_norm", &inputs)?;
     let dtype = same_dtype("group_norm", &inputs)?;
-    let sh = gn_shape(x.shape(), &cfg)?;
+    let x_channels = x.shape().last().copied().unwrap_or(0);
+    let mut shape = x.shape().to_vec();
+    if let (Some(last), Some(tail)) = (shape.last_mut(), tail) {
+        *last += tail.shape().last().copied().unwrap_or(0);
+    }
+    let sh = gn_shape(&shape, &cfg)?;
     if gamma.shape() != [sh.channels] || beta.shape() != [sh.channels] {
         return Err(Error::Input(format!("group_norm: gamma {gamma:?} / beta {beta:?} must be [{}]", sh.channels)));
     }
@@ -168,13 +228,25 @@ fn group_norm_with(
         None => 1,
     };
     match ex {
-        Exec::Cpu => group_norm_cpu(x, x_bias.map(|b| (b, x_bias_every)), gamma, beta, &cfg, &sh, dtype),
+        Exec::Cpu => {
+            let cat = tail.map(|tail| concat_last(ex, x, tail)).transpose()?;
+            let x = cat.as_ref().unwrap_or(x);
+            let y = group_norm_cpu(x, x_bias.map(|b| (b, x_bias_every)), gamma, beta, &cfg, &sh, dtype)?;
+            Ok((y, cat))
+        }
         Exec::Cuda { gpu, scratch } => {
             gpu_limits(&sh, &cfg)?;
-            let y = gpu.empty(scratch, x.shape(), dtype)?;
-            let x_bias = x_bias.map(|b| b.device_ptr()).transpose()?.unwrap_or(0);
-            let pointers =
-                (x.device_ptr()?, (x_bias, x_bias_every), y.device_ptr()?, gamma.device_ptr()?, beta.device_ptr()?);
+            let y = gpu.empty(scratch, &shape, dtype)?;
+            let cat = tail.map(|_| gpu.empty(scratch, &shape, dtype)).transpose()?;
+            let ptr = |t: Option<&Tensor>| t.map(|t| t.device_ptr()).transpose().map(|p| p.unwrap_or(0));
+            let pointers = GnPointers {
+                x: (x.device_ptr()?, ptr(tail)?, x_channels as i32),
+                x_cat: ptr(cat.as_ref())?,
+                x_bias: (ptr(x_bias)?, x_bias_every),
+                y: y.device_ptr()?,
+                gamma: gamma.device_ptr()?,
+                beta: beta.device_ptr()?,
+            };
             if let Some(plan) = cluster_plan(gpu, dtype, &sh, cfg.groups, &cluster_sizes(tuning.mode), &tuning)? {
                 launch_cluster_group_norm(gpu, &plan, &sh, &cfg, pointers)?;
             } else if let GroupNormMode::Cluster(_) = tuning.mode {
@@ -187,7 +259,7 @@ fn group_norm_with(
             } else {
                 launch_two_phase_group_norm(gpu, scratch, dtype, &sh, &cfg, tuning, pointers)?;
             }
-            Ok(y)
+            Ok((y, cat))
         }
     }
 }
@@ -205,8 +277,18 @@ fn bias_every(b: &Tensor, sh: &GnShape) -> Result<usize> {
     }
 }
 
-/// x, (x_bias (0: none), domains per x_bias row), y, gamma, beta.
-type GnPointers = (u64, (u64, usize), u64, u64, u64);
+/// Device pointers of a group norm (0: none).
+struct GnPointers {
+    /// x, its tail (the channels after x's) and x's channels
+    x: (u64, u64, i32),
+    /// [x, tail] written here
+    x_cat: u64,
+    /// the input bias and the domains per row of it
+    x_bias: (u64, usize),
+    y: u64,
+    gamma: u64,
+    beta: u64,
+}
 
 /// The cluster sizes a mode tries, in order.
 fn cluster_sizes(mode: GroupNormMode) -> Vec<u32> {
@@ -317,17 +399,20 @@ fn launch_cluster_group_norm(
     plan: &ClusterPlan,
     sh: &GnShape,
     cfg: &GroupNorm,
-    (x, (x_bias, x_bias_every), y, gamma, beta): GnPointers,
+    ptr: GnPointers,
 ) -> Result<()> {
     let p = GroupNormClusterParams {
-        x: x as *const _,
-        x_bias: x_bias as *const _,
-        y: y as *mut _,
-        gamma: gamma as *const _,
-        beta: beta as *const _,
+        x: ptr.x.0 as *const _,
+        x_tail: ptr.x.1 as *const _,
+        x_cat: ptr.x_cat as *mut _,
+        x_bias: ptr.x_bias.0 as *const _,
+        y: ptr.y as *mut _,
+        gamma: ptr.gamma as *const _,
+        beta: ptr.beta as *const _,
         pixels: sh.pixels as i64,
-        x_bias_every: x_bias_every as i64,
+        x_bias_every: ptr.x_bias.1 as i64,
         channels: sh.channels as i32,
+        x_channels: ptr.x.2,
         group_channels: (sh.channels / cfg.groups) as i32,
         slice_channels: plan.slice_channels as i32,
         slice_groups: (plan.slice_channels * cfg.groups / sh.channels) as i32,
@@ -352,7 +437,7 @@ fn launch_two_phase_group_norm(
     sh: &GnShape,
     cfg: &GroupNorm,
     tuning: GroupNormTuning,
-    (x, (x_bias, x_bias_every), y, gamma, beta): GnPointers,
+    ptr: GnPointers,
 ) -> Result<()> {
     let c = sh.channels;
     let kernel = kernel_for!("group_norm", dtype);
@@ -373,20 +458,23 @@ fn launch_two_phase_group_norm(
     let workspace = scratch.alloc(group_norm_workspace_bytes(sh.domains, cfg.groups))?;
     gpu.fill_bytes(&workspace, 0)?;
     let p = GroupNormParams {
-        x: x as *const _,
-        x_bias: x_bias as *const _,
-        y: y as *mut _,
-        gamma: gamma as *const _,
-        beta: beta as *const _,
+        x: ptr.x.0 as *const _,
+        x_tail: ptr.x.1 as *const _,
+        x_cat: ptr.x_cat as *mut _,
+        x_bias: ptr.x_bias.0 as *const _,
+        y: ptr.y as *mut _,
+        gamma: ptr.gamma as *const _,
+        beta: ptr.beta as *const _,
         workspace: workspace.ptr()? as *mut u32,
         domains: sh.domains as i64,
         pixels: sh.pixels as i64,
         channels: c as i32,
+        x_channels: ptr.x.2,
         groups: cfg.groups as i32,
         rows: rows as i32,
         chunks: chunks as i32,
         lag: lag as i32,
-        x_bias_every: x_bias_every as i64,
+        x_bias_every: ptr.x_bias.1 as i64,
         silu: cfg.silu as i32,
         eps: cfg.eps,
     };

@@ -18,7 +18,6 @@ use crate::models::resnet::{self, ResnetNorm};
 use crate::models::transformer::{self, TextContext};
 use crate::models::weights::Scope;
 use crate::ops::Exec;
-use crate::ops::concat::concat_last;
 use crate::ops::upsample::{upsample2x_conv3x3, upsample2x_conv3x3_concat};
 use crate::tensor::Tensor;
 
@@ -76,7 +75,7 @@ pub fn down(
     for (i, block) in blocks.iter().enumerate() {
         let bw = w.at(&format!("down_blocks.{i}"));
         for (j, layer) in block.layers.iter().enumerate() {
-            h = layer_forward(ex, &bw, j, layer, cond, h)?;
+            h = layer_forward(ex, &bw, j, layer, cond, h, None)?;
             h = hook(LayerPos { path: UnetPath::Down, block: i, layer: j }, ex, h)?;
             skips.push(h.clone());
         }
@@ -128,12 +127,11 @@ pub fn up(
         for (j, layer) in block.layers.iter().enumerate() {
             // UnetConfig::validate matched every up layer with a skip.
             let skip = skips.pop().ok_or_else(|| Error::Internal(format!("up_blocks.{i} layer {j}: no skip left")))?;
-            // [B, H, W, C + C_skip]
+            // on [B, H, W, C + C_skip]: written by the upsampler, else read from its two parts
             h = match upsampler.take() {
-                Some(up) => upsample_concat(ex, &up, &h, Some(&skip))?,
-                None => concat_last(ex, &h, &skip)?,
+                Some(up) => layer_forward(ex, &bw, j, layer, cond, upsample_concat(ex, &up, &h, Some(&skip))?, None)?,
+                None => layer_forward(ex, &bw, j, layer, cond, h, Some(&skip))?,
             };
-            h = layer_forward(ex, &bw, j, layer, cond, h)?;
             h = hook(LayerPos { path: UnetPath::Up, block: i, layer: j }, ex, h)?;
         }
         if block.upsample {
@@ -155,10 +153,22 @@ fn upsample_concat(ex: &Exec, up: &Scope, h: &Tensor, skip: Option<&Tensor>) -> 
     }
 }
 
-/// One layer of a down or up block: `resnets.{j}`, then `attentions.{j}` in cross-attention blocks.
-fn layer_forward(ex: &Exec, bw: &Scope, j: usize, layer: &Layer, cond: &Conditioning, h: Tensor) -> Result<Tensor> {
-    let (rw, frames) = (bw.at(&format!("resnets.{j}")), cond.norm_frames);
-    let h = resnet::forward_frames(ex, &rw, &layer.resnet, cond.norm, frames, &h, Some(cond.emb_act))?;
+/// One layer of a down or up block: `resnets.{j}` (on [h, skip] when a skip is given), then
+/// `attentions.{j}` in cross-attention blocks.
+fn layer_forward(
+    ex: &Exec,
+    bw: &Scope,
+    j: usize,
+    layer: &Layer,
+    cond: &Conditioning,
+    h: Tensor,
+    skip: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (rw, frames, emb) = (bw.at(&format!("resnets.{j}")), cond.norm_frames, Some(cond.emb_act));
+    let h = match skip {
+        Some(skip) => resnet::forward_frames_concat(ex, &rw, &layer.resnet, cond.norm, frames, h, skip, emb)?,
+        None => resnet::forward_frames(ex, &rw, &layer.resnet, cond.norm, frames, &h, emb)?,
+    };
     match &layer.attention {
         Some(t) => {
             let aw = bw.at(&format!("attentions.{j}"));

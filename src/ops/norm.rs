@@ -133,7 +133,7 @@ pub fn group_norm_of_biased(
     beta: &Tensor,
     cfg: GroupNorm,
 ) -> Result<Tensor> {
-    Ok(group_norm_with(ex, GnInput::One(x), Some(x_bias), gamma, beta, cfg, GroupNormTuning::default())?.0)
+    Ok(group_norm_with(ex, x, None, Some(x_bias), gamma, beta, cfg, GroupNormTuning::default())?.0)
 }
 
 pub fn group_norm_tuned(
@@ -144,7 +144,7 @@ pub fn group_norm_tuned(
     cfg: GroupNorm,
     tuning: GroupNormTuning,
 ) -> Result<Tensor> {
-    Ok(group_norm_with(ex, GnInput::One(x), None, gamma, beta, cfg, tuning)?.0)
+    Ok(group_norm_with(ex, x, None, None, gamma, beta, cfg, tuning)?.0)
 }
 
 /// The group norm of the concatenation `[x, tail]` on the channels (a UNet up block's
@@ -184,31 +184,23 @@ pub fn group_norm_concat_tuned(
         let y = group_norm_tuned(ex, &cat, gamma, beta, cfg, tuning)?;
         return Ok((y, cat));
     }
-    let (y, cat) = group_norm_with(ex, GnInput::Concat(x, tail), None, gamma, beta, cfg, tuning)?;
+    let (y, cat) = group_norm_with(ex, x, Some(tail), None, gamma, beta, cfg, tuning)?;
     Ok((y, cat.ok_or_else(|| Error::Internal("group_norm_concat: no concatenation written".into()))?))
 }
 
-/// What a group norm reads: one tensor, or a concatenation on the channels never written before.
-#[derive(Clone, Copy)]
-enum GnInput<'a> {
-    One(&'a Tensor),
-    Concat(&'a Tensor, &'a Tensor),
-}
-
-/// The norm, and with `GnInput::Concat` the concatenation it read.
+/// The norm of x, or of [x, tail] on the channels when a tail is given, and then that
+/// concatenation too.
+#[allow(clippy::too_many_arguments)]
 fn group_norm_with(
     ex: &Exec,
-    input: GnInput,
+    x: &Tensor,
+    tail: Option<&Tensor>,
     x_bias: Option<&Tensor>,
     gamma: &Tensor,
     beta: &Tensor,
     cfg: GroupNorm,
     tuning: GroupNormTuning,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let (x, tail) = match input {
-        GnInput::One(x) => (x, None),
-        GnInput::Concat(x, tail) => (x, Some(tail)),
-    };
     let mut inputs = vec![x, gamma, beta];
     inputs.extend(tail);
     inputs.extend(x_bias);

@@ -701,6 +701,76 @@ fn linear_geglu_sm90_matches_twin() {
     }
 }
 
+/// The GEGLU projection of a LayerNorm normalised inside the fused kernel (`linear_geglu_normed`)
+/// against the norm written out, then the same kernel (`layer_norm_shifted`, `linear_geglu_with`)
+/// on the GPU, and against the CPU twin: the UNet's levels 1 and 2 (bf16 too), the motion modules'
+/// level 0 with a pending shift and rows not a multiple of the tile, a K that is no multiple of the
+/// 64-wide k step; both fused entries. The norm's statistics against the twin's too. x is
+/// offset (mean 0.5) as a residual stream is, so a normalisation that skipped the mean would show.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn linear_geglu_normed_is_the_norm_then_the_projection() {
+    use celframe::ops::linear::{GegluLinear, InputNorm, linear_geglu_normed_with, linear_geglu_with};
+    use celframe::ops::norm::{layer_norm_shifted, layer_norm_stats};
+    let rig = Rig::new();
+    if !rig.on_hopper("linear_geglu_normed fused Hopper kernel") {
+        return;
+    }
+    // (x shape, D, shift, bias, dtype)
+    let cases: &[(&[usize], usize, bool, bool, DType)] = &[
+        (&[1, 4096, 640], 2560, false, true, DType::F16),
+        (&[2, 1024, 1280], 5120, false, true, DType::BF16),
+        (&[3, 333, 320], 1280, true, false, DType::F16),
+        (&[1, 200, 328], 256, true, true, DType::F16),
+    ];
+    for &(shape, dim, has_shift, has_bias, dtype) in cases {
+        let k = *shape.last().unwrap();
+        let (x, xd) = rig.input(shape, dtype, 1.0, 0.5);
+        let (g, gd) = rig.input(&[k], dtype, 0.5, 1.0);
+        let (b, bd) = rig.input(&[k], dtype, 0.2, 0.0);
+        let (s, sd) = rig.input(&[k], dtype, 0.3, 0.0);
+        let (w, wd) = rig.input(&[2 * dim, k], dtype, 1.0 / (k as f32).sqrt(), 0.0);
+        let (pb, pbd) = rig.input(&[2 * dim], dtype, 1.0, 0.0);
+        let norm = InputNorm { shift: has_shift.then_some(&s), gamma: &g, beta: &b, eps: 1e-5 };
+        let norm_d = InputNorm { shift: has_shift.then_some(&sd), gamma: &gd, beta: &bd, eps: 1e-5 };
+        let what = format!("linear_geglu_normed {shape:?} D={dim} shift={has_shift} {dtype:?}");
+
+        let stats = rig.gpu.download(&layer_norm_stats(&rig.exec(), &xd, norm_d.shift, 1e-5).unwrap()).unwrap();
+        let want_stats = layer_norm_stats(&Exec::Cpu, &x, norm.shift, 1e-5).unwrap();
+        let (rel, _) = assert_close(&format!("{what} statistics"), &stats, &want_stats, 1e-5);
+        println!("GPUCHECK {what}: statistics rel_l2={rel:.2e}");
+        rig.scratch.reset();
+
+        let cpu_out = linear_geglu_normed_with(&Exec::Cpu, &x, norm, &w, has_bias.then_some(&pb), GegluLinear::Auto)
+            .unwrap()
+            .to_f32_vec()
+            .unwrap();
+        for route in [GegluLinear::FusedHandoff, GegluLinear::FusedFinish] {
+            let ex = rig.exec();
+            let y = layer_norm_shifted(&ex, &xd, norm_d.shift, Some(&gd), Some(&bd), 1e-5, None).unwrap();
+            let composed = linear_geglu_with(&ex, &y, &wd, has_bias.then_some(&pbd), route).unwrap();
+            let composed = rig.gpu.download(&composed).unwrap();
+            let fused = linear_geglu_normed_with(&ex, &xd, norm_d, &wd, has_bias.then_some(&pbd), route).unwrap();
+            let fused = rig.gpu.download(&fused).unwrap();
+            let (a, c) = (fused.host_bytes().unwrap(), composed.host_bytes().unwrap());
+            let differ = a.chunks(2).zip(c.chunks(2)).filter(|(p, q)| p != q).count();
+            let (vs_composed, _) = common::errors(&fused.to_f32_vec().unwrap(), &composed.to_f32_vec().unwrap());
+            let (vs_twin, _) = common::errors(&fused.to_f32_vec().unwrap(), &cpu_out);
+            println!(
+                "GPUCHECK {what} {route:?}: vs norm-then-projection rel_l2={vs_composed:.2e} ({differ} of {} \
+                 elements differ), vs twin rel_l2={vs_twin:.2e}",
+                a.len() / 2
+            );
+            assert!(
+                vs_composed <= 5e-5,
+                "{what} {route:?}: {vs_composed:.2e} from the norm written out, then the projection"
+            );
+            assert!(vs_twin <= tol(dtype), "{what} {route:?}: {vs_twin:.2e} from the twin");
+            rig.scratch.reset();
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
 fn uploads_are_ordered_on_the_compute_stream() {

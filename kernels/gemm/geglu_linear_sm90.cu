@@ -137,6 +137,22 @@ __device__ __forceinline__ uint32_t normed_pair(uint32_t x, float2 stats, uint32
     return MmaType<T>::pack((v.x - stats.x) * stats.y * g.x + b.x, (v.y - stats.x) * stats.y * g.y + b.y);
 }
 
+// One stage's products (x tile `xs`, w tile `ws`) into acc, then the stage before released in
+// both blocks once at most this stage's group is in flight (`it`: this stage's use).
+template <typename T>
+__device__ __forceinline__ void multiply_stage(float (&acc)[128], const T* xs, const T* ws, int kt, uint32_t it,
+                                               uint64_t* empty, int lane) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < GL_BK / 16; ++kk)
+        wgmma_m64n256<T>(acc, sw128_desc(xs + kk * 16), sw128_desc(ws + kk * 16), kt > 0 || kk > 0);
+    wgmma_commit();
+    wgmma_wait<1>();
+    fence_regs(acc);
+    if (kt > 0 && lane == 0)
+        for (uint32_t b = 0; b < 2; ++b) mbar_arrive_cluster(&empty[(it - 1) % GL_STAGES], b);
+}
+
 // The normed entries' products of one tile: each consumer warpgroup normalises its 64 rows of a
 // stage's x tile in shared memory (16-byte chunks read, normalised and written back in place, then
 // made visible to the tensor cores' async proxy and the warpgroup met at a named barrier), then
@@ -188,15 +204,7 @@ __device__ __forceinline__ void normed_products(const GegluLinearParams& p, floa
         // Named barriers 1 and 2 (constant ids: a computed id makes ptxas reserve all 16).
         if (cw == 0) named_bar_sync(1, 128);
         else named_bar_sync(2, 128);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < GL_BK / 16; ++kk)
-            wgmma_m64n256<T>(acc, sw128_desc(xs + kk * 16), sw128_desc(ws + kk * 16), kt > 0 || kk > 0);
-        wgmma_commit();
-        wgmma_wait<1>();
-        fence_regs(acc);
-        if (kt > 0 && lane == 0)
-            for (uint32_t b = 0; b < 2; ++b) mbar_arrive_cluster(&empty[(it - 1) % GL_STAGES], b);
+        multiply_stage<T>(acc, xs, ws, kt, it, empty, lane);
     }
     // The last stage's group is left in flight: the caller loads the biases meanwhile.
 }
@@ -240,16 +248,7 @@ __device__ __forceinline__ void consume(const GegluLinearParams& p, T* stages, T
             mbar_wait(&full[st], (it / GL_STAGES) & 1);
             const T* xs = stages + st * GL_STAGE + cw * 64 * GL_BK;  // 8 whole swizzle atoms
             const T* ws = stages + st * GL_STAGE + GL_X_TILE;
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < GL_BK / 16; ++kk)
-                wgmma_m64n256<T>(acc, sw128_desc(xs + kk * 16), sw128_desc(ws + kk * 16), kt > 0 || kk > 0);
-            wgmma_commit();
-            // The previous stage's products are done once at most this stage's group is in flight.
-            wgmma_wait<1>();
-            fence_regs(acc);
-            if (kt > 0 && lane == 0)
-                for (uint32_t b = 0; b < 2; ++b) mbar_arrive_cluster(&empty[(it - 1) % GL_STAGES], b);
+            multiply_stage<T>(acc, xs, ws, kt, it, empty, lane);
         }
         wgmma_wait<0>();
         fence_regs(acc);

@@ -711,7 +711,7 @@ fn linear_geglu_sm90_matches_twin() {
 #[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
 fn linear_geglu_normed_is_the_norm_then_the_projection() {
     use celframe::ops::linear::{GegluLinear, InputNorm, linear_geglu_normed_with, linear_geglu_with};
-    use celframe::ops::norm::{layer_norm_shifted, layer_norm_stats};
+    use celframe::ops::norm::layer_norm_stats;
     let rig = Rig::new();
     if !rig.on_hopper("linear_geglu_normed fused Hopper kernel") {
         return;
@@ -747,8 +747,9 @@ fn linear_geglu_normed_is_the_norm_then_the_projection() {
             .unwrap();
         for route in [GegluLinear::FusedHandoff, GegluLinear::FusedFinish] {
             let ex = rig.exec();
-            let y = layer_norm_shifted(&ex, &xd, norm_d.shift, Some(&gd), Some(&bd), 1e-5, None).unwrap();
-            let composed = linear_geglu_with(&ex, &y, &wd, has_bias.then_some(&pbd), route).unwrap();
+            let composed =
+                linear_geglu_with(&ex, &norm_d.written(&ex, &xd).unwrap(), &wd, has_bias.then_some(&pbd), route)
+                    .unwrap();
             let composed = rig.gpu.download(&composed).unwrap();
             let fused = linear_geglu_normed_with(&ex, &xd, norm_d, &wd, has_bias.then_some(&pbd), route).unwrap();
             let fused = rig.gpu.download(&fused).unwrap();

@@ -237,24 +237,21 @@ __device__ __forceinline__ void consume(const GegluLinearParams& p, T* stages, T
         if constexpr (NORMED) {
             normed_products<T>(p, acc, stages, full, empty, it, k_tiles, (int64_t)(pair / col_tiles * 2 + rank) * GL_BM);
             load_biases();
-            wgmma_wait<0>();
-            fence_regs(acc);
-            if (lane == 0)
-                for (uint32_t b = 0; b < 2; ++b) mbar_arrive_cluster(&empty[(it - 1) % GL_STAGES], b);
         } else {
-        load_biases();
-        for (int kt = 0; kt < k_tiles; ++kt, ++it) {
-            const int st = it % GL_STAGES;
-            mbar_wait(&full[st], (it / GL_STAGES) & 1);
-            const T* xs = stages + st * GL_STAGE + cw * 64 * GL_BK;  // 8 whole swizzle atoms
-            const T* ws = stages + st * GL_STAGE + GL_X_TILE;
-            multiply_stage<T>(acc, xs, ws, kt, it, empty, lane);
+            load_biases();
+            for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+                const int st = it % GL_STAGES;
+                mbar_wait(&full[st], (it / GL_STAGES) & 1);
+                const T* xs = stages + st * GL_STAGE + cw * 64 * GL_BK;  // 8 whole swizzle atoms
+                const T* ws = stages + st * GL_STAGE + GL_X_TILE;
+                multiply_stage<T>(acc, xs, ws, kt, it, empty, lane);
+            }
         }
+        // The last stage's group.
         wgmma_wait<0>();
         fence_regs(acc);
         if (lane == 0)
             for (uint32_t b = 0; b < 2; ++b) mbar_arrive_cluster(&empty[(it - 1) % GL_STAGES], b);
-        }
 
         // Into the staging tile (element i and i + 64 of column group j = i / 4), once the epilogue
         // warps have read the last tile out of it.

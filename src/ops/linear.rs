@@ -211,6 +211,13 @@ pub struct InputNorm<'a> {
     pub eps: f32,
 }
 
+impl InputNorm<'_> {
+    /// The norm of x written out (`layer_norm_shifted`).
+    pub fn written(&self, ex: &Exec, x: &Tensor) -> Result<Tensor> {
+        layer_norm_shifted(ex, x, self.shift, Some(self.gamma), Some(self.beta), self.eps, None)
+    }
+}
+
 /// `linear_geglu` of `layer_norm_shifted(x)` under `norm`: the norm, then `linear_geglu`, unless the
 /// norm goes inside the fused kernel (a route other than `Auto` that takes the fused kernel, or
 /// `Auto` under `CELFRAME_GEGLU_NORM=inside`): then a statistics-only layer-norm launch and the
@@ -247,8 +254,7 @@ pub fn linear_geglu_normed_with<'w>(
         })?
         .unwrap_or(true);
     if separate {
-        let y = layer_norm_shifted(ex, x, norm.shift, Some(norm.gamma), Some(norm.beta), norm.eps, None)?;
-        return geglu_projection(ex, &y, None, w.into(), bias, route);
+        return geglu_projection(ex, &norm.written(ex, x)?, None, w.into(), bias, route);
     }
     geglu_projection(ex, x, Some(norm), w.into(), bias, route)
 }
@@ -264,7 +270,7 @@ fn geglu_projection(
 ) -> Result<Tensor> {
     // The norm written out, for the routes that read a tensor.
     let normalised = |x: &Tensor| match norm {
-        Some(n) => layer_norm_shifted(ex, x, n.shift, Some(n.gamma), Some(n.beta), n.eps, None),
+        Some(n) => n.written(ex, x),
         None => Ok(x.clone()),
     };
     let w = weight.matrix;

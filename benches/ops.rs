@@ -15,13 +15,11 @@ use celframe::ops::concat::concat_last;
 use celframe::ops::conv::{Conv2d, conv2d, conv2d_residual_fused};
 use celframe::ops::elementwise::{add, geglu, geglu_fp8, residual_add};
 use celframe::ops::fp8::{Fp8Scaling, gemm_fp8, linear_fp8, quantize};
-use celframe::ops::linear::{
-    GegluLinear, InputNorm, LinearWeight, linear, linear_add, linear_geglu_normed_with, linear_geglu_with,
-};
+use celframe::ops::linear::{GegluLinear, LinearWeight, linear, linear_add, linear_geglu_with};
 use celframe::ops::lora::{DeltaFactors, DeltaTerm, LayerDelta, merge_deltas, merge_gemm};
 use celframe::ops::norm::{
     GroupNorm, GroupNormMode, GroupNormTuning, group_norm, group_norm_concat, group_norm_layout, group_norm_of_biased,
-    group_norm_tuned, layer_norm, layer_norm_add, layer_norm_fp8, layer_norm_shifted, layer_norm_stats,
+    group_norm_tuned, layer_norm, layer_norm_add, layer_norm_fp8, layer_norm_shifted,
 };
 use celframe::ops::random::random_uniform;
 use celframe::ops::upsample::{upsample_nearest2x, upsample2x_conv3x3};
@@ -558,9 +556,6 @@ fn main() -> Result<()> {
         b.run("layer_norm", &format!("layer_norm f16 M{m} K{kdim}"), 4.0 * (m * kdim) as f64, 0.0, |k| {
             layer_norm(&ex, &xs[k], Some(&gamma), Some(&beta), 1e-5).map(drop)
         })?;
-        b.run("layer_norm", &format!("layer_norm stats M{m} K{kdim}"), 2.0 * (m * kdim) as f64, 0.0, |k| {
-            layer_norm_stats(&ex, &xs[k], None, 1e-5).map(drop)
-        })?;
         b.run("layer_norm", &format!("layer_norm e4m3 M{m} K{kdim}"), 3.0 * (m * kdim) as f64, 0.0, |k| {
             layer_norm_fp8(&ex, &xs[k], None, Some(&gamma), Some(&beta), 1e-5, None).map(drop)
         })?;
@@ -589,18 +584,6 @@ fn main() -> Result<()> {
         for (route, name) in routes {
             b.run("linear_geglu", &format!("{key} {name}"), bytes, flop, |k| {
                 linear_geglu_with(&ex, &xs[k], &wt, Some(&bias), route).map(drop)
-            })?;
-        }
-        if info.compute_capability == (9, 0) {
-            // The feed-forward's LayerNorm before it: written out, then the fused kernel, against
-            // the kernel normalising x as it loads it (a statistics-only norm launch before).
-            let (gamma, beta) = (b.random(&[kdim], DType::F16, 26)?, b.random(&[kdim], DType::F16, 27)?);
-            let norm = InputNorm { shift: None, gamma: &gamma, beta: &beta, eps: 1e-5 };
-            b.run("linear_geglu", &format!("{key} layer_norm, then fused"), bytes, flop, |k| {
-                linear_geglu_with(&ex, &norm.written(&ex, &xs[k])?, &wt, Some(&bias), GegluLinear::Fused).map(drop)
-            })?;
-            b.run("linear_geglu", &format!("{key} normed inside"), bytes, flop, |k| {
-                linear_geglu_normed_with(&ex, &xs[k], norm, &wt, Some(&bias), GegluLinear::Fused).map(drop)
             })?;
         }
         if fp8_device {

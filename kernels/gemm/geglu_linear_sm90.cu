@@ -39,13 +39,6 @@
 // its five k steps of products), so a second entry (FINISH, `geglu_linear_finish_*`) has the
 // consumers stage finished outputs and the epilogue warps only copy them. Rows past `rows` are read as zeros (TMA fills boxes past the tensor) and
 // not written; k past its end is zero-filled the same way.
-//
-// The normed entries (`geglu_linear_normed_*`) take x as a LayerNorm's input: each consumer
-// warpgroup normalises its rows of every stage in shared memory before multiplying them, with the
-// rows' statistics (a stats-only layer_norm launch before) and the channels' gamma, beta and shift,
-// as the layer_norm kernel computes its output (the same bytes reach the tensor cores). The norm's
-// output never reaches global memory: the feed-forward's LayerNorm writes no [rows, k] tensor for
-// the projection to read back.
 #include "common.cuh"
 #include "sm90.cuh"
 
@@ -110,9 +103,6 @@ __device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
     asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
     return v;
 }
-__device__ __forceinline__ void st_shared_v4(uint32_t addr, uint4 v) {
-    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
-}
 
 // value x gelu(gate) of two packed pairs (values and gates already rounded to T, as the composed
 // route's GEMM writes them), rounded to T: the same arithmetic in the consumers and the epilogue
@@ -123,98 +113,12 @@ __device__ __forceinline__ uint32_t geglu_pair(uint32_t values, uint32_t gates) 
     return MmaType<T>::pack(a.x * gelu_f32(b.x), a.y * gelu_f32(b.y));
 }
 
-// LayerNorm of two packed elements of row statistics (mean, rstd) and channels' gamma, beta and
-// shift pairs, rounded to T: the layer_norm kernel's arithmetic (x + shift rounded to T first).
-template <typename T>
-__device__ __forceinline__ uint32_t normed_pair(uint32_t x, float2 stats, uint32_t gamma, uint32_t beta, uint32_t shift,
-                                               bool shifted) {
-    float2 v = MmaType<T>::unpack(x);
-    if (shifted) {
-        const float2 s = MmaType<T>::unpack(shift);
-        v = MmaType<T>::unpack(MmaType<T>::pack(v.x + s.x, v.y + s.y));
-    }
-    const float2 g = MmaType<T>::unpack(gamma), b = MmaType<T>::unpack(beta);
-    return MmaType<T>::pack((v.x - stats.x) * stats.y * g.x + b.x, (v.y - stats.x) * stats.y * g.y + b.y);
-}
-
-// One stage's products (x tile `xs`, w tile `ws`) into acc, then the stage before released in
-// both blocks once at most this stage's group is in flight (`it`: this stage's use).
-template <typename T>
-__device__ __forceinline__ void multiply_stage(float (&acc)[128], const T* xs, const T* ws, int kt, uint32_t it,
-                                               uint64_t* empty, int lane) {
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < GL_BK / 16; ++kk)
-        wgmma_m64n256<T>(acc, sw128_desc(xs + kk * 16), sw128_desc(ws + kk * 16), kt > 0 || kk > 0);
-    wgmma_commit();
-    wgmma_wait<1>();
-    fence_regs(acc);
-    if (kt > 0 && lane == 0)
-        for (uint32_t b = 0; b < 2; ++b) mbar_arrive_cluster(&empty[(it - 1) % GL_STAGES], b);
-}
-
-// The normed entries' products of one tile: each consumer warpgroup normalises its 64 rows of a
-// stage's x tile in shared memory (16-byte chunks read, normalised and written back in place, then
-// made visible to the tensor cores' async proxy and the warpgroup met at a named barrier), then
-// multiplies the stage as the plain entries do. A stage is normalised while the stage before is
-// still being multiplied (wgmma_wait<1>). With A taken from registers instead (ldmatrix, normalise,
-// wgmma), each stage's group had to complete before the next stage's fragments were written
-// (ptxas serialises the wgmmas otherwise), and both warpgroups, waiting on the same stage, then
-// normalised at the same time while the tensor cores idled: 1.5x the plain kernel's time.
-template <typename T>
-__device__ __forceinline__ void normed_products(const GegluLinearParams& p, float (&acc)[128], T* stages,
-                                                uint64_t* full, uint64_t* empty, uint32_t& it, int k_tiles, int64_t row0) {
-    const int cw = threadIdx.x / 128 - 1, tid = threadIdx.x % 128, lane = threadIdx.x % 32;
-    // This thread's 16-byte chunk c of rows tid / 8 + 16 q (q < 4) of the warpgroup's 64: a warp's
-    // 32 chunks are 4 whole 128-byte rows, so its shared-memory accesses take no bank conflicts.
-    const int c = tid % 8;
-    float2 stats[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-        const int64_t r = row0 + cw * 64 + tid / 8 + 16 * q;
-        stats[q] = r < p.rows ? *reinterpret_cast<const float2*>(p.norm_stats + 2 * r) : make_float2(0.0f, 0.0f);
-    }
-    const uint4* gamma = static_cast<const uint4*>(p.norm_gamma);
-    const uint4* beta = static_cast<const uint4*>(p.norm_beta);
-    const uint4* shift = static_cast<const uint4*>(p.norm_shift);
-    const uint4 zero = make_uint4(0, 0, 0, 0);
-    for (int kt = 0; kt < k_tiles; ++kt, ++it) {
-        const int st = it % GL_STAGES;
-        // The chunk's 8 channels (k is a multiple of 8, so a chunk lies wholly inside or past it;
-        // past it x is zero-filled and w too).
-        const int chunk = (kt * GL_BK) / 8 + c;
-        const bool in = chunk * 8 < p.k;
-        const uint4 g = in ? __ldg(gamma + chunk) : zero, b = in ? __ldg(beta + chunk) : zero;
-        const uint4 sh = in && shift ? __ldg(shift + chunk) : zero;
-        mbar_wait(&full[st], (it / GL_STAGES) & 1);
-        T* xs = stages + st * GL_STAGE + cw * 64 * GL_BK;
-        const T* ws = stages + st * GL_STAGE + GL_X_TILE;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const int r = tid / 8 + 16 * q;
-            const uint32_t at = smem_addr(xs) + r * GL_BK * sizeof(T) + ((c ^ (r % 8)) << 4);
-            uint4 v = ld_shared_v4(at);
-            v.x = normed_pair<T>(v.x, stats[q], g.x, b.x, sh.x, shift != nullptr);
-            v.y = normed_pair<T>(v.y, stats[q], g.y, b.y, sh.y, shift != nullptr);
-            v.z = normed_pair<T>(v.z, stats[q], g.z, b.z, sh.z, shift != nullptr);
-            v.w = normed_pair<T>(v.w, stats[q], g.w, b.w, sh.w, shift != nullptr);
-            st_shared_v4(at, v);
-        }
-        fence_proxy_async();
-        // Named barriers 1 and 2 (constant ids: a computed id makes ptxas reserve all 16).
-        if (cw == 0) named_bar_sync(1, 128);
-        else named_bar_sync(2, 128);
-        multiply_stage<T>(acc, xs, ws, kt, it, empty, lane);
-    }
-    // The last stage's group is left in flight: the caller loads the biases meanwhile.
-}
-
 // The consumer warpgroups: per tile, the products, then the biased values and gates into the
 // staging tile, or with FINISH their GEGLU outputs.
-template <typename T, bool FINISH, bool NORMED>
+template <typename T, bool FINISH>
 __device__ __forceinline__ void consume(const GegluLinearParams& p, T* stages, T* staging, uint64_t* full, uint64_t* empty,
                                         uint64_t* staged, uint64_t* drained, int k_tiles, int col_tiles, int pairs,
-                                        int first_pair, int pair_stride, uint32_t rank) {
+                                        int first_pair, int pair_stride) {
     const int cw = threadIdx.x / 128 - 1, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32, g = lane / 4,
               t = lane % 4;
     const T* bias = static_cast<const T*>(p.bias);
@@ -222,32 +126,31 @@ __device__ __forceinline__ void consume(const GegluLinearParams& p, T* stages, T
     float acc[128];
     for (int pair = first_pair; pair < pairs; pair += pair_stride, ++tile) {
         const int col0 = (int)(pair % col_tiles * GL_BN);
-        // The biases, loaded while the products run (the normed entries' last group: their
-        // registers are short during the mainloop): value and gate pairs of the thread's 16 column
-        // groups.
+        // The biases, loaded while the products run: value and gate pairs of the thread's 16
+        // column groups.
         uint32_t bias_v[16], bias_g[16];
-        auto load_biases = [&] {
 #pragma unroll
-            for (int j = 0; j < 16; ++j) {
-                const int col = col0 + 8 * j + 2 * t;
-                bias_v[j] = bias ? *reinterpret_cast<const uint32_t*>(bias + col) : 0u;
-                bias_g[j] = bias ? *reinterpret_cast<const uint32_t*>(bias + p.dim + col) : 0u;
-            }
-        };
-        if constexpr (NORMED) {
-            normed_products<T>(p, acc, stages, full, empty, it, k_tiles, (int64_t)(pair / col_tiles * 2 + rank) * GL_BM);
-            load_biases();
-        } else {
-            load_biases();
-            for (int kt = 0; kt < k_tiles; ++kt, ++it) {
-                const int st = it % GL_STAGES;
-                mbar_wait(&full[st], (it / GL_STAGES) & 1);
-                const T* xs = stages + st * GL_STAGE + cw * 64 * GL_BK;  // 8 whole swizzle atoms
-                const T* ws = stages + st * GL_STAGE + GL_X_TILE;
-                multiply_stage<T>(acc, xs, ws, kt, it, empty, lane);
-            }
+        for (int j = 0; j < 16; ++j) {
+            const int col = col0 + 8 * j + 2 * t;
+            bias_v[j] = bias ? *reinterpret_cast<const uint32_t*>(bias + col) : 0u;
+            bias_g[j] = bias ? *reinterpret_cast<const uint32_t*>(bias + p.dim + col) : 0u;
         }
-        // The last stage's group.
+        for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+            const int st = it % GL_STAGES;
+            mbar_wait(&full[st], (it / GL_STAGES) & 1);
+            const T* xs = stages + st * GL_STAGE + cw * 64 * GL_BK;  // 8 whole swizzle atoms
+            const T* ws = stages + st * GL_STAGE + GL_X_TILE;
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < GL_BK / 16; ++kk)
+                wgmma_m64n256<T>(acc, sw128_desc(xs + kk * 16), sw128_desc(ws + kk * 16), kt > 0 || kk > 0);
+            wgmma_commit();
+            // The previous stage's products are done once at most this stage's group is in flight.
+            wgmma_wait<1>();
+            fence_regs(acc);
+            if (kt > 0 && lane == 0)
+                for (uint32_t b = 0; b < 2; ++b) mbar_arrive_cluster(&empty[(it - 1) % GL_STAGES], b);
+        }
         wgmma_wait<0>();
         fence_regs(acc);
         if (lane == 0)
@@ -307,7 +210,7 @@ __device__ __forceinline__ void drain_staging(const GegluLinearParams& p, const 
     }
 }
 
-template <typename T, bool FINISH, bool NORMED>
+template <typename T, bool FINISH>
 __device__ void geglu_linear_sm90(const GegluLinearParams& p) {
     extern __shared__ unsigned char gl_smem_raw[];
     T* stages = reinterpret_cast<T*>(((uintptr_t)gl_smem_raw + 1023) & ~(uintptr_t)1023);
@@ -357,26 +260,17 @@ __device__ void geglu_linear_sm90(const GegluLinearParams& p) {
         }
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
-        consume<T, FINISH, NORMED>(p, stages, staging, full, empty, staged, drained, k_tiles, col_tiles, pairs, first_pair,
-                                   pair_stride, rank);
+        consume<T, FINISH>(p, stages, staging, full, empty, staged, drained, k_tiles, col_tiles, pairs, first_pair, pair_stride);
     }
     cluster_sync();
 }
 
 #endif
 
-SM90_ENTRY(geglu_linear_sm90_f16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __half, false, false)
-SM90_ENTRY(geglu_linear_sm90_bf16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __nv_bfloat16, false, false)
+SM90_ENTRY(geglu_linear_sm90_f16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __half, false)
+SM90_ENTRY(geglu_linear_sm90_bf16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __nv_bfloat16, false)
 // The consumers finish GEGLU themselves, the epilogue warps only copy: for small K, where three
 // warps' GELU of a tile outlasts its products.
-SM90_ENTRY(geglu_linear_finish_sm90_f16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __half, true, false)
+SM90_ENTRY(geglu_linear_finish_sm90_f16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __half, true)
 SM90_ENTRY(geglu_linear_finish_sm90_bf16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __nv_bfloat16,
-           true, false)
-// The same two of LayerNorm(x + shift), normalised as the consumers load x (GegluLinearParams).
-SM90_ENTRY(geglu_linear_normed_sm90_f16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __half, false, true)
-SM90_ENTRY(geglu_linear_normed_sm90_bf16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __nv_bfloat16,
-           false, true)
-SM90_ENTRY(geglu_linear_normed_finish_sm90_f16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90, __half, true,
            true)
-SM90_ENTRY(geglu_linear_normed_finish_sm90_bf16, GEGLU_LINEAR_THREADS, GegluLinearParams, geglu_linear_sm90,
-           __nv_bfloat16, true, true)

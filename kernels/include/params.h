@@ -154,8 +154,6 @@ typedef struct LayerNormParams {
     const void* add;    // [rows / add_every, channels] or null
     uint8_t* q;         // [rows, channels] e4m3, or null
     float* q_scales;    // [rows], with q
-    float* stats;       // [rows, 2] (mean, rstd), or null; when set nothing else is written (the
-                        // statistics for a GEMM that normalises its input as it loads it)
     int64_t rows;
     int64_t add_every;  // rows sharing one row of add (divides rows)
     int32_t channels;
@@ -326,13 +324,6 @@ typedef struct GegluLinearParams {
     TensorMap w_map;
     const void* bias;  // [2 dim], or null
     void* y;           // [rows, dim], contiguous
-    // The normed entries (geglu_linear_normed_*) multiply LayerNorm(x + shift) instead of x, made
-    // as each stage is read: ((x + shift) - mean) * rstd * gamma + beta, rounded to the dtype (what
-    // the layer_norm kernel writes), with each row's mean and rstd from it (LayerNormParams::stats).
-    const float* norm_stats;  // [rows, 2]
-    const void* norm_gamma;   // [k]
-    const void* norm_beta;    // [k]
-    const void* norm_shift;   // [k], or null
     int64_t rows;
     int32_t k;
     int32_t dim;       // a multiple of GEGLU_LINEAR_BN

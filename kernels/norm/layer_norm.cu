@@ -11,9 +11,7 @@
 // layer_norm_e4m3_*) writes each row as e4m3 bytes with its own scale (LayerNormParams::q) for an
 // FP8 linear: the affine outputs are computed once and kept in registers (80 of them a thread,
 // 3 blocks a multiprocessor: under the 64-register bound they spilled) while the row's max |y|
-// is found, then written (multiplied by the row's 1 / scale). With LayerNormParams::stats set, a
-// row's mean and rstd are all it writes (computed as for y, so a GEMM that normalises x from them
-// makes y's bytes).
+// is found, then written (multiplied by the row's 1 / scale).
 #include "common.cuh"
 #include "fp8.cuh"
 
@@ -91,10 +89,6 @@ __device__ __forceinline__ void layer_norm_in_registers(const LayerNormParams& p
             for (int j = 0; j < 8; ++j) m2 += (v[j] - mean) * (v[j] - mean);
         }
     const float rstd = rsqrtf(group_sum<LANES>(m2) / C + p.eps);
-    if (p.stats) {
-        if (live && sub == 0) *reinterpret_cast<float2*>(p.stats + 2 * row) = make_float2(mean, rstd);
-        return;
-    }
     // The affine output of vector i, in fp32.
     auto affine = [&](int i, float v[8]) {
         const int c = (sub + i * LANES) * 8;
@@ -206,10 +200,6 @@ template <typename T, bool E4M3> __device__ void layer_norm(const LayerNormParam
         for (int c = lane; c < C; c += 32) m2 += (row1(c) - mean) * (row1(c) - mean);
     }
     const float rstd = rsqrtf(warp_sum(m2) / C + p.eps);
-    if (p.stats) {
-        if (lane == 0) *reinterpret_cast<float2*>(p.stats + 2 * row) = make_float2(mean, rstd);
-        return;
-    }
 
     // The affine outputs of the 8 channels from c (vectorised rows) or of channel c alone.
     auto affine8 = [&](int c, float v[8]) {

@@ -299,7 +299,6 @@ pub struct LayerNormParams {
     pub add: *const ::std::os::raw::c_void,
     pub q: *mut u8,
     pub q_scales: *mut f32,
-    pub stats: *mut f32,
     pub rows: i64,
     pub add_every: i64,
     pub channels: i32,
@@ -307,7 +306,7 @@ pub struct LayerNormParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LayerNormParams"][::std::mem::size_of::<LayerNormParams>() - 96usize];
+    ["Size of LayerNormParams"][::std::mem::size_of::<LayerNormParams>() - 88usize];
     ["Alignment of LayerNormParams"][::std::mem::align_of::<LayerNormParams>() - 8usize];
     ["Offset of field: LayerNormParams::x"][::std::mem::offset_of!(LayerNormParams, x) - 0usize];
     ["Offset of field: LayerNormParams::shift"][::std::mem::offset_of!(LayerNormParams, shift) - 8usize];
@@ -317,11 +316,10 @@ const _: () = {
     ["Offset of field: LayerNormParams::add"][::std::mem::offset_of!(LayerNormParams, add) - 40usize];
     ["Offset of field: LayerNormParams::q"][::std::mem::offset_of!(LayerNormParams, q) - 48usize];
     ["Offset of field: LayerNormParams::q_scales"][::std::mem::offset_of!(LayerNormParams, q_scales) - 56usize];
-    ["Offset of field: LayerNormParams::stats"][::std::mem::offset_of!(LayerNormParams, stats) - 64usize];
-    ["Offset of field: LayerNormParams::rows"][::std::mem::offset_of!(LayerNormParams, rows) - 72usize];
-    ["Offset of field: LayerNormParams::add_every"][::std::mem::offset_of!(LayerNormParams, add_every) - 80usize];
-    ["Offset of field: LayerNormParams::channels"][::std::mem::offset_of!(LayerNormParams, channels) - 88usize];
-    ["Offset of field: LayerNormParams::eps"][::std::mem::offset_of!(LayerNormParams, eps) - 92usize];
+    ["Offset of field: LayerNormParams::rows"][::std::mem::offset_of!(LayerNormParams, rows) - 64usize];
+    ["Offset of field: LayerNormParams::add_every"][::std::mem::offset_of!(LayerNormParams, add_every) - 72usize];
+    ["Offset of field: LayerNormParams::channels"][::std::mem::offset_of!(LayerNormParams, channels) - 80usize];
+    ["Offset of field: LayerNormParams::eps"][::std::mem::offset_of!(LayerNormParams, eps) - 84usize];
 };
 impl Default for LayerNormParams {
     fn default() -> Self {
@@ -729,10 +727,6 @@ pub struct GegluLinearParams {
     pub w_map: TensorMap,
     pub bias: *const ::std::os::raw::c_void,
     pub y: *mut ::std::os::raw::c_void,
-    pub norm_stats: *const f32,
-    pub norm_gamma: *const ::std::os::raw::c_void,
-    pub norm_beta: *const ::std::os::raw::c_void,
-    pub norm_shift: *const ::std::os::raw::c_void,
     pub rows: i64,
     pub k: i32,
     pub dim: i32,
@@ -745,16 +739,9 @@ const _: () = {
     ["Offset of field: GegluLinearParams::w_map"][::std::mem::offset_of!(GegluLinearParams, w_map) - 128usize];
     ["Offset of field: GegluLinearParams::bias"][::std::mem::offset_of!(GegluLinearParams, bias) - 256usize];
     ["Offset of field: GegluLinearParams::y"][::std::mem::offset_of!(GegluLinearParams, y) - 264usize];
-    ["Offset of field: GegluLinearParams::norm_stats"]
-        [::std::mem::offset_of!(GegluLinearParams, norm_stats) - 272usize];
-    ["Offset of field: GegluLinearParams::norm_gamma"]
-        [::std::mem::offset_of!(GegluLinearParams, norm_gamma) - 280usize];
-    ["Offset of field: GegluLinearParams::norm_beta"][::std::mem::offset_of!(GegluLinearParams, norm_beta) - 288usize];
-    ["Offset of field: GegluLinearParams::norm_shift"]
-        [::std::mem::offset_of!(GegluLinearParams, norm_shift) - 296usize];
-    ["Offset of field: GegluLinearParams::rows"][::std::mem::offset_of!(GegluLinearParams, rows) - 304usize];
-    ["Offset of field: GegluLinearParams::k"][::std::mem::offset_of!(GegluLinearParams, k) - 312usize];
-    ["Offset of field: GegluLinearParams::dim"][::std::mem::offset_of!(GegluLinearParams, dim) - 316usize];
+    ["Offset of field: GegluLinearParams::rows"][::std::mem::offset_of!(GegluLinearParams, rows) - 272usize];
+    ["Offset of field: GegluLinearParams::k"][::std::mem::offset_of!(GegluLinearParams, k) - 280usize];
+    ["Offset of field: GegluLinearParams::dim"][::std::mem::offset_of!(GegluLinearParams, dim) - 284usize];
 };
 impl Default for GegluLinearParams {
     fn default() -> Self {

@@ -16,7 +16,7 @@ use crate::ops::Exec;
 use crate::ops::attention::{Columns, FlashAttention, attention_grouped};
 use crate::ops::elementwise::{add, geglu, geglu_fp8};
 use crate::ops::fp8::{Fp8Scaling, linear_fp8_quantized};
-use crate::ops::linear::{InputNorm, LinearWeight, linear, linear_add, linear_geglu_normed};
+use crate::ops::linear::{LinearWeight, linear, linear_add, linear_geglu};
 use crate::ops::norm::{GroupNorm, group_norm, layer_norm_fp8, layer_norm_shifted};
 use crate::tensor::Tensor;
 use crate::weights::TensorSpec;
@@ -185,11 +185,7 @@ pub(crate) fn block_feed_forward(ex: &Exec, w: &Scope, x: &Tensor, pending: &mut
     let shift = shift.as_ref();
     let out_bias = pending.epilogue(ex, out_bias)?;
     if proj.fp8.is_none() && out_rows.is_none() {
-        // LN3 and the projection (`linear_geglu_normed`: the norm inside the fused kernel where
-        // that is chosen).
-        let (gamma, beta) = (w.get("norm3.weight")?, w.get("norm3.bias")?);
-        let norm = InputNorm { shift, gamma, beta, eps: LAYER_NORM_EPS };
-        let f = linear_geglu_normed(ex, x, norm, proj, Some(bias))?;
+        let f = linear_geglu(ex, &block_norm(ex, w, "norm3", x, shift, None)?, proj, Some(bias))?;
         return linear_add(ex, &f, out, out_bias, Some(x));
     }
     // The projection alone, then GEGLU: an FP8 projection leaves its bias to GEGLU's pass.

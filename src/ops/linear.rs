@@ -7,7 +7,6 @@ use std::sync::OnceLock;
 
 use super::elementwise::geglu;
 use super::fp8::{Fp8Matrix, linear_fp8};
-use super::norm::{layer_norm_shifted, layer_norm_stats};
 use super::{Exec, host_out, par_rows, same_dtype};
 use crate::error::{Error, Result};
 use crate::gpu::ClusterScheduling;
@@ -198,89 +197,15 @@ pub fn linear_geglu_with<'w>(
     bias: Option<&Tensor>,
     route: GegluLinear,
 ) -> Result<Tensor> {
-    geglu_projection(ex, x, None, w.into(), bias, route)
-}
-
-/// The LayerNorm a GEGLU projection reads its input through (`linear_geglu_normed`): of x + `shift`
-/// (pending output biases, `layer_norm_shifted`), with the affine `gamma` and `beta`, each [K].
-#[derive(Clone, Copy)]
-pub struct InputNorm<'a> {
-    pub shift: Option<&'a Tensor>,
-    pub gamma: &'a Tensor,
-    pub beta: &'a Tensor,
-    pub eps: f32,
-}
-
-impl InputNorm<'_> {
-    /// The norm of x written out (`layer_norm_shifted`).
-    pub fn written(&self, ex: &Exec, x: &Tensor) -> Result<Tensor> {
-        layer_norm_shifted(ex, x, self.shift, Some(self.gamma), Some(self.beta), self.eps, None)
-    }
-}
-
-/// `linear_geglu` of `layer_norm_shifted(x)` under `norm`: the norm, then `linear_geglu`, unless the
-/// norm goes inside the fused kernel (a route other than `Auto` that takes the fused kernel, or
-/// `Auto` under `CELFRAME_GEGLU_NORM=inside`): then a statistics-only layer-norm launch and the
-/// kernel's normed entry, which normalises each stage of x in shared memory before multiplying it
-/// (the norm's output bytes, never written to global memory).
-pub fn linear_geglu_normed<'w>(
-    ex: &Exec,
-    x: &Tensor,
-    norm: InputNorm,
-    w: impl Into<LinearWeight<'w>>,
-    bias: Option<&Tensor>,
-) -> Result<Tensor> {
-    linear_geglu_normed_with(ex, x, norm, w, bias, GegluLinear::Auto)
-}
-
-/// `linear_geglu_normed` through a chosen route. Under `Auto` the norm is written out first unless
-/// `CELFRAME_GEGLU_NORM=inside` (read once per process; `separate` is the default): the normed
-/// entries' first form (A from registers) took 1.5x the plain kernel's time, and the form in
-/// shared memory has not been timed yet (benches/RESULTS.md).
-pub fn linear_geglu_normed_with<'w>(
-    ex: &Exec,
-    x: &Tensor,
-    norm: InputNorm,
-    w: impl Into<LinearWeight<'w>>,
-    bias: Option<&Tensor>,
-    route: GegluLinear,
-) -> Result<Tensor> {
-    static SEPARATE: OnceLock<Option<std::result::Result<bool, String>>> = OnceLock::new();
-    let separate = route == GegluLinear::Auto
-        && super::env_route(&SEPARATE, "CELFRAME_GEGLU_NORM", |v| match v {
-            "inside" => Ok(false),
-            "separate" => Ok(true),
-            _ => Err(format!("CELFRAME_GEGLU_NORM='{v}' is not a choice (expected inside or separate)")),
-        })?
-        .unwrap_or(true);
-    if separate {
-        return geglu_projection(ex, &norm.written(ex, x)?, None, w.into(), bias, route);
-    }
-    geglu_projection(ex, x, Some(norm), w.into(), bias, route)
-}
-
-/// x (or its LayerNorm under `norm`) through the GEGLU projection by `route`.
-fn geglu_projection(
-    ex: &Exec,
-    x: &Tensor,
-    norm: Option<InputNorm>,
-    weight: LinearWeight,
-    bias: Option<&Tensor>,
-    route: GegluLinear,
-) -> Result<Tensor> {
-    // The norm written out, for the routes that read a tensor.
-    let normalised = |x: &Tensor| match norm {
-        Some(n) => n.written(ex, x),
-        None => Ok(x.clone()),
-    };
+    let weight = w.into();
     let w = weight.matrix;
     if weight.fp8.is_some() {
         // The FP8 product alone (cuBLASLt takes no bias epilogue there), the bias inside GEGLU's
         // pass: one pass over the [.., 2D] projection instead of two.
-        return geglu(ex, &linear(ex, &normalised(x)?, weight, None)?, bias);
+        return geglu(ex, &linear(ex, x, weight, None)?, bias);
     }
     let Exec::Cuda { gpu, scratch } = ex else {
-        return geglu(ex, &linear(ex, &normalised(x)?, weight, bias)?, None);
+        return geglu(ex, &linear(ex, x, weight, bias)?, None);
     };
     let (k, two_d) = match (x.shape().last(), w.shape()) {
         (Some(&k), &[n, wk]) if wk == k && n % 2 == 0 && n > 0 => (k, n),
@@ -300,7 +225,7 @@ fn geglu_projection(
         r => r,
     };
     if route == GegluLinear::Composed {
-        return geglu(ex, &linear(ex, &normalised(x)?, w, bias)?, None);
+        return geglu(ex, &linear(ex, x, w, bias)?, None);
     }
     if !fused_geglu_fits(cc, dtype, rows, k, dim) {
         return Err(Error::Unsupported(format!(
@@ -311,20 +236,11 @@ fn geglu_projection(
     }
     let mut inputs = vec![x, w];
     inputs.extend(bias);
-    if let Some(n) = &norm {
-        inputs.extend([n.gamma, n.beta]);
-        inputs.extend(n.shift);
-        if let Some(t) = [Some(n.gamma), Some(n.beta), n.shift].into_iter().flatten().find(|t| t.shape() != [k]) {
-            return Err(Error::Input(format!("linear_geglu_normed: the norm's {t:?} must be [{k}]")));
-        }
-    }
     ex.expect_inputs("linear_geglu", &inputs)?;
     same_dtype("linear_geglu", &inputs)?;
     if let Some(b) = bias.filter(|b| b.shape() != [two_d]) {
         return Err(Error::Input(format!("linear_geglu: bias {b:?} must be [{two_d}]")));
     }
-    let stats = norm.map(|n| layer_norm_stats(ex, x, n.shift, n.eps)).transpose()?;
-    let ptr = |t: Option<&Tensor>| -> Result<u64> { t.map(Tensor::device_ptr).transpose().map(|p| p.unwrap_or(0)) };
     let mut shape = x.shape().to_vec();
     *shape.last_mut().unwrap() = dim;
     let y = gpu.empty(scratch, &shape, dtype)?;
@@ -333,12 +249,8 @@ fn geglu_projection(
     let p = GegluLinearParams {
         x_map: tensor_map("linear_geglu x", x.device_ptr()?, dtype, &[k as u64, rows as u64], &[k as i64], &boxes)?,
         w_map: tensor_map("linear_geglu w", w.device_ptr()?, dtype, &[k as u64, two_d as u64], &[k as i64], &boxes)?,
-        bias: ptr(bias)? as *const _,
+        bias: bias.map(|b| b.device_ptr()).transpose()?.unwrap_or(0) as *const _,
         y: y.device_ptr()? as *mut _,
-        norm_stats: ptr(stats.as_ref())? as *const f32,
-        norm_gamma: ptr(norm.map(|n| n.gamma))? as *const _,
-        norm_beta: ptr(norm.map(|n| n.beta))? as *const _,
-        norm_shift: ptr(norm.and_then(|n| n.shift))? as *const _,
         rows: rows as i64,
         k: k as i32,
         dim: dim as i32,
@@ -350,11 +262,9 @@ fn geglu_projection(
         GegluLinear::FusedHandoff => false,
         _ => k <= FINISH_MAX_K,
     };
-    let kernel = match (finish, norm.is_some()) {
-        (true, false) => kernel_for!("geglu_linear_finish_sm90", dtype),
-        (false, false) => kernel_for!("geglu_linear_sm90", dtype),
-        (true, true) => kernel_for!("geglu_linear_normed_finish_sm90", dtype),
-        (false, true) => kernel_for!("geglu_linear_normed_sm90", dtype),
+    let kernel = match finish {
+        true => kernel_for!("geglu_linear_finish_sm90", dtype),
+        false => kernel_for!("geglu_linear_sm90", dtype),
     };
     let cluster = (2, ClusterScheduling::Spread);
     let pairs = rows.div_ceil(2 * GEGLU_LINEAR_BM as usize) * (dim / GEGLU_LINEAR_BN as usize);
@@ -417,12 +327,7 @@ mod tests {
         // next to the consumers' 128 accumulators) would stall the epilogue.
         let resources: Vec<_> = KERNEL_MODULES.iter().flat_map(|m| m.sm90_resources.iter()).collect();
         for dtype in [DType::F16, DType::BF16] {
-            for name in [
-                kernel_for!("geglu_linear_sm90", dtype),
-                kernel_for!("geglu_linear_finish_sm90", dtype),
-                kernel_for!("geglu_linear_normed_sm90", dtype),
-                kernel_for!("geglu_linear_normed_finish_sm90", dtype),
-            ] {
+            for name in [kernel_for!("geglu_linear_sm90", dtype), kernel_for!("geglu_linear_finish_sm90", dtype)] {
                 let r = resources.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("{name} is not compiled"));
                 assert!(r.registers > 0 && r.spill_bytes == 0 && r.stack_bytes == 0, "{r:?}");
             }

@@ -531,14 +531,6 @@ fn group_norm_cpu(
     host_out(x.shape(), dtype, &out)
 }
 
-/// A row's mean and 1 / sqrt(variance + eps), in f64.
-fn row_stats(row: &[f32], eps: f32) -> (f64, f64) {
-    let c = row.len() as f64;
-    let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c;
-    let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c;
-    (mean, 1.0 / (var + eps as f64).sqrt())
-}
-
 /// Lanes the layer-norm kernel spreads one register-resident row over (`ln_row_lanes` in
 /// kernels/norm/layer_norm.cu, which this mirrors): the fewest (a power of two from 4) that hold C
 /// channels in 5 vectors of 8 each; None for rows the kernel gives a whole warp (C % 8 != 0, C over
@@ -591,7 +583,7 @@ pub fn layer_norm_shifted(
         Exec::Cpu => host_out(x.shape(), ln.dtype, &ln.host_values()?),
         Exec::Cuda { gpu, scratch } => {
             let y = gpu.empty(scratch, x.shape(), ln.dtype)?;
-            ln.launch(ex, kernel_for!("layer_norm", ln.dtype), LayerNormOut::Y(y.device_ptr()?))?;
+            ln.launch(ex, kernel_for!("layer_norm", ln.dtype), y.device_ptr()?, 0, 0)?;
             Ok(y)
         }
     }
@@ -618,41 +610,10 @@ pub fn layer_norm_fp8(
         Exec::Cpu => Ok(Fp8Matrix::host_rows(ln.channels, &ln.host_values()?)),
         Exec::Cuda { .. } => {
             let (q, bytes, scales) = Fp8Matrix::scratch_rows(ex, ln.rows, ln.channels)?;
-            ln.launch(ex, kernel_for!("layer_norm_e4m3", ln.dtype), LayerNormOut::E4m3 { bytes, scales })?;
+            ln.launch(ex, kernel_for!("layer_norm_e4m3", ln.dtype), 0, bytes, scales)?;
             Ok(q)
         }
     }
-}
-
-/// The statistics `layer_norm_shifted` normalises x + `shift` with: [rows, 2] f32 of (mean, 1 /
-/// sqrt(variance + eps)) per row of x [.., C], for a GEMM that normalises its input as it reads it
-/// (`linear_geglu_normed`). The kernel computes them as the layer_norm kernel does for its output
-/// (the same launch, writing nothing else), so such a GEMM's input is the norm's bytes; the CPU
-/// twin in f64, rounded once.
-pub fn layer_norm_stats(ex: &Exec, x: &Tensor, shift: Option<&Tensor>, eps: f32) -> Result<Tensor> {
-    let ln = LayerNormCall::new(ex, x, shift, None, None, eps, None)?;
-    let shape = [ln.rows, 2];
-    match ex {
-        Exec::Cpu => {
-            let stats: Vec<f32> = ln.host_stats()?.into_iter().flat_map(|(m, r)| [m as f32, r as f32]).collect();
-            Tensor::from_f32(&shape, DType::F32, &stats)
-        }
-        Exec::Cuda { gpu, scratch } => {
-            let stats = gpu.empty(scratch, &shape, DType::F32)?;
-            ln.launch(ex, kernel_for!("layer_norm", ln.dtype), LayerNormOut::Stats(stats.device_ptr()?))?;
-            Ok(stats)
-        }
-    }
-}
-
-/// What a layer-norm launch writes.
-enum LayerNormOut {
-    /// The normalised rows in x's dtype.
-    Y(u64),
-    /// e4m3 rows and a scale per row.
-    E4m3 { bytes: u64, scales: u64 },
-    /// (mean, rstd) per row, f32.
-    Stats(u64),
 }
 
 /// One layer norm's checked arguments.
@@ -704,8 +665,8 @@ impl<'a> LayerNormCall<'a> {
         Ok(LayerNormCall { x, shift, gamma, beta, add, eps, dtype, channels: c, rows, add_every })
     }
 
-    /// x + shift as the kernel normalises it (rounded to x's dtype), in f32.
-    fn host_rows(&self) -> Result<Vec<f32>> {
+    /// The CPU twin's outputs in f32 (statistics in f64).
+    fn host_values(&self) -> Result<Vec<f32>> {
         let c = self.channels;
         let mut xv = self.x.to_f32_vec()?;
         if let Some(shift) = self.shift {
@@ -717,20 +678,6 @@ impl<'a> LayerNormCall<'a> {
                 }
             });
         }
-        Ok(xv)
-    }
-
-    /// Each row's (mean, rstd) of `host_rows`, in f64.
-    fn host_stats(&self) -> Result<Vec<(f64, f64)>> {
-        let c = self.channels;
-        let xv = self.host_rows()?;
-        Ok(xv.chunks(c.max(1)).take(self.rows).map(|row| row_stats(row, self.eps)).collect())
-    }
-
-    /// The CPU twin's outputs in f32 (statistics in f64).
-    fn host_values(&self) -> Result<Vec<f32>> {
-        let c = self.channels;
-        let xv = self.host_rows()?;
         let g = self.gamma.map(|t| t.to_f32_vec()).transpose()?;
         let b = self.beta.map(|t| t.to_f32_vec()).transpose()?;
         let a = self.add.map(|t| t.to_f32_vec()).transpose()?;
@@ -738,7 +685,9 @@ impl<'a> LayerNormCall<'a> {
         par_rows(&mut out, c, |first, chunk| {
             for (k, y) in chunk.chunks_mut(c).enumerate() {
                 let row = &xv[(first + k) * c..(first + k + 1) * c];
-                let (mean, rstd) = row_stats(row, self.eps);
+                let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+                let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+                let rstd = 1.0 / (var + self.eps as f64).sqrt();
                 let added = a.as_ref().map(|a| &a[(first + k) / self.add_every * c..][..c]);
                 for (j, yv) in y.iter_mut().enumerate() {
                     let n = ((row[j] as f64 - mean) * rstd) as f32;
@@ -751,13 +700,9 @@ impl<'a> LayerNormCall<'a> {
         Ok(out)
     }
 
-    /// Queues `kernel` writing `out`.
-    fn launch(&self, ex: &Exec, kernel: &'static str, out: LayerNormOut) -> Result<()> {
-        let (y, q, q_scales, stats) = match out {
-            LayerNormOut::Y(y) => (y, 0, 0, 0),
-            LayerNormOut::E4m3 { bytes, scales } => (0, bytes, scales, 0),
-            LayerNormOut::Stats(stats) => (0, 0, 0, stats),
-        };
+    /// Queues `kernel` writing y (a 16-bit or f32 output) or, with `q` and `q_scales` set, e4m3
+    /// rows and their scales.
+    fn launch(&self, ex: &Exec, kernel: &'static str, y: u64, q: u64, q_scales: u64) -> Result<()> {
         let Exec::Cuda { gpu, .. } = ex else { return Err(Error::Internal("layer norm launch on the CPU".into())) };
         let ptr = |t: Option<&Tensor>| -> Result<*const std::ffi::c_void> {
             Ok(match t {
@@ -774,7 +719,6 @@ impl<'a> LayerNormCall<'a> {
             add: ptr(self.add)?,
             q: q as *mut u8,
             q_scales: q_scales as *mut f32,
-            stats: stats as *mut f32,
             rows: self.rows as i64,
             add_every: self.add_every as i64,
             channels: self.channels as i32,

@@ -247,6 +247,7 @@ fn main() -> Result<()> {
         routes.push(("sm90wspp ", FlashKernel::HopperWsPingpong));
         routes.push(("sm90wspp-persistent ", FlashKernel::HopperWsPingpongPersistent));
         routes.push(("sm90wspp3-persistent ", FlashKernel::HopperWsPingpong3Persistent));
+        routes.push(("sm90wspp3p-persistent ", FlashKernel::HopperWsPingpong3PersistentPoly));
     }
     for (label, kernel) in routes {
         for ((batch, sq, sk, heads), t) in shapes.iter().copied().zip(&sets) {

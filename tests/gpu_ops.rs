@@ -1271,6 +1271,26 @@ fn flash_attention_sm90_wspp3_meets_the_attention_rule() {
     check_flash(&rig, &extra, pick);
 }
 
+/// The three-consumer kernel with part of its softmax exponentials by polynomial (exp2_poly) at
+/// every flash case and the wspp3 test's extra shapes: the same attention rule.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
+fn flash_attention_sm90_wspp3_poly_meets_the_attention_rule() {
+    use celframe::ops::attention::FlashKernel;
+    let rig = Rig::new();
+    if !rig.on_hopper("flash_attention Hopper three-consumer kernel, polynomial exponentials") {
+        return;
+    }
+    let pick = |_, _| vec![FlashKernel::HopperWsPingpong3PersistentPoly];
+    check_flash_cases(&rig, pick);
+    let extra = [
+        (4, 576, 576, 20, false, DType::F16),
+        (3, 2304, 2304, 10, false, DType::BF16),
+        (3, 1000, 1000, 11, true, DType::F16),
+    ];
+    check_flash(&rig, &extra, pick);
+}
+
 /// The Hopper short-key kernels (TMA producer, Q-tile ring, K/V slots per batch and head) with two
 /// and three consumers at every flash case they take (at most 80 keys, no causal mask), at the
 /// model's grouped cross attention (16 frames' queries as one sequence over 77 keys), where every

@@ -144,14 +144,31 @@ __device__ __forceinline__ void softmax_probs(const float s[64], const float bas
     }
 }
 
+// 2^x for x <= 0 on the FMA pipe rather than the MUFU unit's 16 exponentials a clock and
+// multiprocessor, which at head dim 64 take as long as a tile's products (the software
+// exponential of FlashAttention-4 on Blackwell): x = j + f with j = round(x) (the 1.5 * 2^23 shift
+// leaves j in the low mantissa bits), f in [-0.5, 0.5], 2^f by a degree-3 polynomial (coefficients
+// fitted for the least maximum relative error on [-0.5, 0.5]: 7.5e-5, below f16's half ulp of
+// 4.9e-4 the probabilities are rounded to), 2^j added to the exponent bits. x is clamped at -126
+// so the exponent stays >= 0: a masked score (-inf) gives a value below 2^-125 instead of 0.
+__device__ __forceinline__ float exp2_poly(float x) {
+    x = fmaxf(x, -126.0f);
+    const float shifted = x + 12582912.0f;
+    const float f = x - (shifted - 12582912.0f);
+    const float p = fmaf(fmaf(fmaf(0.05517132f, f, 0.24261054f), f, 0.69326097f), f, 0.9999281f);
+    return __int_as_float(__float_as_int(p) + (__float_as_int(shifted) << 23));
+}
+
 // The single-buffer form of softmax_probs (three-consumer kernel, whose 160 registers a thread
 // hold no second P): the probabilities replace the scores in place, added to the row sums; they
 // are packed into A fragments (pack_probs) only once the P V product reading the previous ones is
-// done.
+// done. POLY of every 8 exponentials run on the FMA pipe (exp2_poly), the rest on the MUFU unit.
+template <int POLY>
 __device__ __forceinline__ void softmax_exp(float s[64], const float base[2], float l[2], float scale_log2) {
 #pragma unroll
     for (int i = 0; i < 64; ++i) {
-        s[i] = exp2f(fmaf(s[i], scale_log2, -base[(i % 4) / 2]));
+        const float x = fmaf(s[i], scale_log2, -base[(i % 4) / 2]);
+        s[i] = i % 8 < 8 - POLY ? exp2f(x) : exp2_poly(x);
         l[(i % 4) / 2] += s[i];
     }
 }
@@ -338,10 +355,13 @@ __device__ __forceinline__ void tma_load_tile(void* dst, const TensorMap* map, i
 // barrier 1 + c and arrives on the next consumer's, the chain (0,t) (1,t) (2,t) (0,t+1) ... with
 // the same balance and ordering argument. 160 registers a consumer thread do not hold a second P:
 // tile j's probabilities stay in its score registers while P_{j-1} V_{j-1} runs and are packed
-// into the one P buffer after that product's wait, before the next issue.
-template <typename T, bool PINGPONG, bool PERSISTENT, int CONSUMERS>
+// into the one P buffer after that product's wait, before the next issue. POLY > 0
+// (flash_attention_wspp3p_persistent_*, three consumers only) runs POLY of every 8 of the softmax's
+// exponentials as exp2_poly on the FMA pipe.
+template <typename T, bool PINGPONG, bool PERSISTENT, int CONSUMERS, int POLY = 0>
 __device__ void flash_attention_ws(const FlashTmaParams& params) {
     static_assert(CONSUMERS == 2 || CONSUMERS == 3, "two or three consumer warpgroups");
+    static_assert(POLY == 0 || CONSUMERS == 3, "exp2_poly is wired into the three-consumer softmax only");
     const FlashAttentionParams& p = params.attn;
     extern __shared__ unsigned char fh_smem_raw[];
     constexpr int q_bufs = PERSISTENT ? 2 : 1;
@@ -485,7 +505,7 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
             mask_scores(s, 0, row0, qwg, p);
             softmax_update(s, m, l, base, corr, scale_log2);
             if constexpr (one_p) {
-                softmax_exp(s, base, l, scale_log2);
+                softmax_exp<POLY>(s, base, l, scale_log2);
                 pack_probs<T>(s, pa[0]);
             } else {
                 softmax_probs<T>(s, base, l, scale_log2, pa[0]);
@@ -505,7 +525,7 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
                 fence_regs(s);
                 mask_scores(s, j * FH_BN, row0, qwg, p);
                 softmax_update(s, m, l, base, corr, scale_log2);
-                if constexpr (one_p) softmax_exp(s, base, l, scale_log2);
+                if constexpr (one_p) softmax_exp<POLY>(s, base, l, scale_log2);
                 else softmax_probs<T>(s, base, l, scale_log2, next);
                 wgmma_wait<0>();
                 fence_regs(acc);
@@ -750,6 +770,9 @@ SM90_ENTRY(flash_attention_wspp_persistent_d64_bf16, 384, FlashTmaParams, flash_
 // block per tile, the same code spills 276 bytes: ptxas keeps P in local memory across the loop.)
 SM90_ENTRY(flash_attention_wspp3_persistent_d64_f16, 512, FlashTmaParams, flash_attention_ws, __half, true, true, 3)
 SM90_ENTRY(flash_attention_wspp3_persistent_d64_bf16, 512, FlashTmaParams, flash_attention_ws, __nv_bfloat16, true, true, 3)
+// The same with 2 of every 8 softmax exponentials on the FMA pipe (exp2_poly).
+SM90_ENTRY(flash_attention_wspp3p_persistent_d64_f16, 512, FlashTmaParams, flash_attention_ws, __half, true, true, 3, 2)
+SM90_ENTRY(flash_attention_wspp3p_persistent_d64_bf16, 512, FlashTmaParams, flash_attention_ws, __nv_bfloat16, true, true, 3, 2)
 // Short key sets (<= 80 keys): a TMA producer warpgroup and two (short) or three (short3) consumer
 // warpgroups of 64 query rows, one block per multiprocessor.
 SM90_ENTRY(flash_attention_short_sm90_f16, 384, FlashTmaParams, flash_attention_short_sm90, __half, 2)

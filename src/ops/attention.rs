@@ -351,6 +351,12 @@ pub enum FlashKernel {
     /// registers a consumer thread (one P buffer). Compute capability 9.0 only; `Auto`'s choice
     /// there from `FLASH_PERSISTENT_MIN_WAVES` waves on.
     HopperWsPingpong3Persistent,
+    /// `HopperWsPingpong3Persistent` with 2 of every 8 softmax exponentials computed by a polynomial
+    /// on the FMA pipe (flash_sm90.cu's exp2_poly) instead of the MUFU unit, whose 16 exponentials
+    /// a clock and multiprocessor take as long as the tile's products at head dim 64. Compute
+    /// capability 9.0 only; selectable (`CELFRAME_FLASH_KERNEL=hopper-wspp3p-persistent`), not
+    /// `Auto`'s choice until measured faster.
+    HopperWsPingpong3PersistentPoly,
     /// The short-key kernel with 32-query slices per warp for key sets up to 80 (two m16 tiles of
     /// scores in registers: 200 registers at 80 keys, so 8 warps a multiprocessor), where `Auto`
     /// takes 16-query slices unless `CELFRAME_FLASH_SHORT=rows32` (`short_rows16`); above 80 keys
@@ -376,9 +382,10 @@ impl FlashKernel {
             "hopper-wspp" => Ok(FlashKernel::HopperWsPingpong),
             "hopper-wspp-persistent" => Ok(FlashKernel::HopperWsPingpongPersistent),
             "hopper-wspp3-persistent" => Ok(FlashKernel::HopperWsPingpong3Persistent),
+            "hopper-wspp3p-persistent" => Ok(FlashKernel::HopperWsPingpong3PersistentPoly),
             _ => Err(format!(
                 "CELFRAME_FLASH_KERNEL='{name}' is not a flash kernel (expected portable, hopper, hopper-ws, \
-                 hopper-wspp, hopper-wspp-persistent or hopper-wspp3-persistent)"
+                 hopper-wspp, hopper-wspp-persistent, hopper-wspp3-persistent or hopper-wspp3p-persistent)"
             )),
         }
     }
@@ -558,6 +565,8 @@ fn flash_ws_kernel(kernel: FlashKernel, dtype: DType) -> (&'static str, usize, b
         FlashKernel::HopperWsPingpong => ("flash_attention_wspp_d64_bf16", 2, false),
         FlashKernel::HopperWsPingpong3Persistent if f16 => ("flash_attention_wspp3_persistent_d64_f16", 3, true),
         FlashKernel::HopperWsPingpong3Persistent => ("flash_attention_wspp3_persistent_d64_bf16", 3, true),
+        FlashKernel::HopperWsPingpong3PersistentPoly if f16 => ("flash_attention_wspp3p_persistent_d64_f16", 3, true),
+        FlashKernel::HopperWsPingpong3PersistentPoly => ("flash_attention_wspp3p_persistent_d64_bf16", 3, true),
         _ if f16 => ("flash_attention_wspp_persistent_d64_f16", 2, true),
         _ => ("flash_attention_wspp_persistent_d64_bf16", 2, true),
     }
@@ -751,7 +760,8 @@ pub fn flash_attention_with(
                 FlashKernel::HopperWs
                 | FlashKernel::HopperWsPingpong
                 | FlashKernel::HopperWsPingpongPersistent
-                | FlashKernel::HopperWsPingpong3Persistent => {
+                | FlashKernel::HopperWsPingpong3Persistent
+                | FlashKernel::HopperWsPingpong3PersistentPoly => {
                     let (entry, consumers, persistent) = flash_ws_kernel(kernel, dtype);
                     let rows = 64 * consumers;
                     let grid = hopper(rows)?;
@@ -1035,6 +1045,7 @@ mod tests {
         assert_eq!(FlashKernel::parse("hopper-wspp"), Ok(FlashKernel::HopperWsPingpong));
         assert_eq!(FlashKernel::parse("hopper-wspp-persistent"), Ok(FlashKernel::HopperWsPingpongPersistent));
         assert_eq!(FlashKernel::parse("hopper-wspp3-persistent"), Ok(FlashKernel::HopperWsPingpong3Persistent));
+        assert_eq!(FlashKernel::parse("hopper-wspp3p-persistent"), Ok(FlashKernel::HopperWsPingpong3PersistentPoly));
         for bad in ["", "Hopper", "auto", "sm90", "hopper-wsp"] {
             let err = FlashKernel::parse(bad).unwrap_err();
             assert!(err.contains("CELFRAME_FLASH_KERNEL") && err.contains(&format!("'{bad}'")), "{err}");
@@ -1063,6 +1074,7 @@ mod tests {
             FlashKernel::HopperWsPingpong,
             FlashKernel::HopperWsPingpongPersistent,
             FlashKernel::HopperWsPingpong3Persistent,
+            FlashKernel::HopperWsPingpong3PersistentPoly,
         ];
         for kernel in kernels {
             for dtype in [DType::F16, DType::BF16] {
@@ -1080,7 +1092,7 @@ mod tests {
                 names.insert(name);
             }
         }
-        assert_eq!(names.len(), 12, "one entry per variant and dtype: {names:?}");
+        assert_eq!(names.len(), 14, "one entry per variant and dtype: {names:?}");
     }
 
     #[test]
@@ -1112,6 +1124,39 @@ mod tests {
         for (keys, rows, ..) in FLASH_SHORT_ROWS16_KERNELS {
             assert_eq!(rows, 16);
             assert!(FLASH_SHORT_KERNELS.iter().any(|v| v.0 == keys && v.1 == 32), "{keys} keys");
+        }
+    }
+
+    #[test]
+    fn the_polynomial_exponential_of_the_hopper_kernel_is_within_its_stated_error() {
+        // flash_sm90.cu's exp2_poly step by step in f32 with the coefficients read from the kernel:
+        // within 7.5e-5 of 2^x relative over the scores' range, and never negative or above 1e-37
+        // for the clamped tail (masked scores are -inf).
+        let source = include_str!("../../kernels/attention/flash_sm90.cu");
+        let line =
+            source.lines().find(|l| l.contains("const float p = fmaf(fmaf(fmaf(")).expect("exp2_poly's polynomial");
+        let c: Vec<f32> = line
+            .split(|ch: char| !(ch.is_ascii_digit() || ch == '.'))
+            .filter(|t| t.contains('.'))
+            .map(|t| t.parse().unwrap())
+            .collect();
+        assert_eq!(c.len(), 4, "{line}");
+        let poly = |x: f32| {
+            let x = x.max(-126.0);
+            let shifted = x + 12582912.0;
+            let f = x - (shifted - 12582912.0);
+            let p = c[0].mul_add(f, c[1]).mul_add(f, c[2]).mul_add(f, c[3]);
+            f32::from_bits(p.to_bits().wrapping_add(shifted.to_bits() << 23))
+        };
+        let mut worst = 0.0f64;
+        for i in 0..=400_000 {
+            let x = -40.0 * i as f32 / 400_000.0;
+            worst = worst.max((poly(x) as f64 / (x as f64).exp2() - 1.0).abs());
+        }
+        assert!(worst < 7.5e-5, "max relative error {worst}");
+        for x in [-126.0f32, -127.5, -1000.0, f32::NEG_INFINITY] {
+            let y = poly(x);
+            assert!((0.0..1e-37).contains(&y), "2^{x} gave {y}");
         }
     }
 

@@ -1252,7 +1252,7 @@ fn flash_attention_sm90_wspp_persistent_meets_the_attention_rule() {
 /// The three-consumer persistent ping-pong kernel (192 query rows a work tile, the turns going round
 /// three warpgroups, one P buffer) at every flash case, at the UNet's level-2 self-attention shape
 /// (576 tokens: three whole tiles), and where blocks walk several work tiles, some with a ragged
-/// or causal end.
+/// or causal end; with it the variant computing part of its softmax exponentials by polynomial.
 #[test]
 #[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
 fn flash_attention_sm90_wspp3_meets_the_attention_rule() {
@@ -1261,27 +1261,7 @@ fn flash_attention_sm90_wspp3_meets_the_attention_rule() {
     if !rig.on_hopper("flash_attention Hopper three-consumer kernel") {
         return;
     }
-    let pick = |_, _| vec![FlashKernel::HopperWsPingpong3Persistent];
-    check_flash_cases(&rig, pick);
-    let extra = [
-        (4, 576, 576, 20, false, DType::F16),
-        (3, 2304, 2304, 10, false, DType::BF16),
-        (3, 1000, 1000, 11, true, DType::F16),
-    ];
-    check_flash(&rig, &extra, pick);
-}
-
-/// The three-consumer kernel with part of its softmax exponentials by polynomial (exp2_poly) at
-/// every flash case and the wspp3 test's extra shapes: the same attention rule.
-#[test]
-#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
-fn flash_attention_sm90_wspp3_poly_meets_the_attention_rule() {
-    use celframe::ops::attention::FlashKernel;
-    let rig = Rig::new();
-    if !rig.on_hopper("flash_attention Hopper three-consumer kernel, polynomial exponentials") {
-        return;
-    }
-    let pick = |_, _| vec![FlashKernel::HopperWsPingpong3PersistentPoly];
+    let pick = |_, _| vec![FlashKernel::HopperWsPingpong3Persistent, FlashKernel::HopperWsPingpong3PersistentPoly];
     check_flash_cases(&rig, pick);
     let extra = [
         (4, 576, 576, 20, false, DType::F16),

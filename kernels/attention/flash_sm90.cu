@@ -126,13 +126,13 @@ __device__ __forceinline__ void rescale_acc(float acc[32], const float corr[2]) 
     for (int i = 0; i < 32; ++i) acc[i] *= corr[(i % 4) / 2];
 }
 
-// P = exp2(S scale_log2 - base) packed into the A fragments of the eight 16-key steps; adds the
-// probabilities to the row sums.
-template <typename T>
-__device__ __forceinline__ void softmax_probs(const float s[64], const float base[2], float l[2], float scale_log2,
-                                              uint32_t pa[FH_BN / 16][4]) {
+// P = exp2(S scale_log2 - base) packed into the A fragments of the KEYS / 16 16-key steps (eight
+// for a 128-key tile); adds the probabilities to the row sums.
+template <typename T, int KEYS = FH_BN>
+__device__ __forceinline__ void softmax_probs(const float s[KEYS / 2], const float base[2], float l[2],
+                                              float scale_log2, uint32_t pa[KEYS / 16][4]) {
 #pragma unroll
-    for (int kk = 0; kk < FH_BN / 16; ++kk) {
+    for (int kk = 0; kk < KEYS / 16; ++kk) {
         float pv[8];
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
@@ -721,17 +721,7 @@ __device__ void flash_attention_short_sm90(const FlashTmaParams& params) {
             base[r] = mx[r] * scale_log2;  // seq_k >= 1: a finite max
         }
         uint32_t pa[FS_KEYS / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < FS_KEYS / 16; ++kk) {
-            float pv[8];
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                pv[e] = exp2f(fmaf(s[8 * kk + e], scale_log2, -base[(e % 4) / 2]));
-                l[(e % 4) / 2] += pv[e];
-            }
-#pragma unroll
-            for (int r = 0; r < 4; ++r) pa[kk][r] = MmaType<T>::pack(pv[2 * r], pv[2 * r + 1]);
-        }
+        softmax_probs<T, FS_KEYS>(s, base, l, scale_log2, pa);
 
         // O = P V, normalised and stored (store_rows sums l over the quad).
         float acc[32];

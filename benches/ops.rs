@@ -230,9 +230,8 @@ fn main() -> Result<()> {
     }
     // The default route; then the same work through the kernels it does not take: the portable
     // kernel and the short-key kernel of 32-query slices where the short-key one runs, and last (a
-    // fault there ends the run) the Hopper kernels (the short-key ones with two and three consumers
-    // up to 80 keys, cp.async, warp-specialised TMA, and the latter with ping-pong consumers, one
-    // block per tile and persistent) on devices of compute 9.0.
+    // fault there ends the run) the Hopper kernels (cp.async, warp-specialised TMA, and the latter
+    // with ping-pong consumers, one block per tile and persistent) on devices of compute 9.0.
     // SDPA's time is the plain key's peer.
     let mut routes = vec![
         ("", FlashKernel::Auto),
@@ -240,14 +239,11 @@ fn main() -> Result<()> {
         ("short-rows32 ", FlashKernel::ShortRows32),
     ];
     if b.gpu.info().compute_capability == (9, 0) {
-        routes.push(("sm90short ", FlashKernel::HopperShort));
-        routes.push(("sm90short3 ", FlashKernel::HopperShort3));
         routes.push(("sm90 ", FlashKernel::Hopper));
         routes.push(("sm90ws ", FlashKernel::HopperWs));
         routes.push(("sm90wspp ", FlashKernel::HopperWsPingpong));
         routes.push(("sm90wspp-persistent ", FlashKernel::HopperWsPingpongPersistent));
         routes.push(("sm90wspp3-persistent ", FlashKernel::HopperWsPingpong3Persistent));
-        routes.push(("sm90wspp3p-persistent ", FlashKernel::HopperWsPingpong3PersistentPoly));
     }
     for (label, kernel) in routes {
         for ((batch, sq, sk, heads), t) in shapes.iter().copied().zip(&sets) {
@@ -256,9 +252,6 @@ fn main() -> Result<()> {
             }
             if kernel == FlashKernel::ShortRows32 && sk > 80 {
                 continue; // the default route's kernel already (16-query slices from 81 keys on)
-            }
-            if matches!(kernel, FlashKernel::HopperShort | FlashKernel::HopperShort3) && sk > 80 {
-                continue; // they hold at most 80 keys
             }
             let cfg = FlashAttention { heads, causal: false, scale: 0.125 };
             let flop = 4.0 * (batch * heads * sq * sk * 64) as f64;

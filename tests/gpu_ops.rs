@@ -1252,7 +1252,7 @@ fn flash_attention_sm90_wspp_persistent_meets_the_attention_rule() {
 /// The three-consumer persistent ping-pong kernel (192 query rows a work tile, the turns going round
 /// three warpgroups, one P buffer) at every flash case, at the UNet's level-2 self-attention shape
 /// (576 tokens: three whole tiles), and where blocks walk several work tiles, some with a ragged
-/// or causal end; with it the variant computing part of its softmax exponentials by polynomial.
+/// or causal end.
 #[test]
 #[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
 fn flash_attention_sm90_wspp3_meets_the_attention_rule() {
@@ -1261,7 +1261,7 @@ fn flash_attention_sm90_wspp3_meets_the_attention_rule() {
     if !rig.on_hopper("flash_attention Hopper three-consumer kernel") {
         return;
     }
-    let pick = |_, _| vec![FlashKernel::HopperWsPingpong3Persistent, FlashKernel::HopperWsPingpong3PersistentPoly];
+    let pick = |_, _| vec![FlashKernel::HopperWsPingpong3Persistent];
     check_flash_cases(&rig, pick);
     let extra = [
         (4, 576, 576, 20, false, DType::F16),
@@ -1269,39 +1269,6 @@ fn flash_attention_sm90_wspp3_meets_the_attention_rule() {
         (3, 1000, 1000, 11, true, DType::F16),
     ];
     check_flash(&rig, &extra, pick);
-}
-
-/// The Hopper short-key kernels (TMA producer, Q-tile ring, K/V slots per batch and head) with two
-/// and three consumers at every flash case they take (at most 80 keys, no causal mask), at the
-/// model's grouped cross attention (16 frames' queries as one sequence over 77 keys), where every
-/// block meets several batch-head pairs of one or two tiles (consumers without a tile in a pair),
-/// at exactly 80 keys, and where a consumer has no tile at all; longer key sets and causal masks
-/// are refused by name. A barrier protocol fault traps within about 2 s instead of hanging.
-#[test]
-#[ignore = "needs an NVIDIA GPU: run by tools/gpu_run.sh"]
-fn flash_attention_sm90_short_meets_the_attention_rule() {
-    use celframe::ops::attention::{FlashAttention, FlashKernel, flash_attention_with};
-    let rig = Rig::new();
-    if !rig.on_hopper("flash_attention Hopper short-key kernels") {
-        return;
-    }
-    let pick = |sk: usize, causal: bool| {
-        if sk <= 80 && !causal { vec![FlashKernel::HopperShort, FlashKernel::HopperShort3] } else { vec![] }
-    };
-    check_flash_cases(&rig, pick);
-    let extra = [
-        (1, 16 * 576, 77, 4, false, DType::F16),
-        (40, 20, 77, 4, false, DType::F16),
-        (3, 130, 80, 3, false, DType::BF16),
-        (1, 64, 65, 1, false, DType::F16),
-    ];
-    check_flash(&rig, &extra, pick);
-    for (sk, causal) in [(81, false), (77, true)] {
-        let (_, x) = rig.input(&[1, sk, 128], DType::F16, 1.0, 0.0);
-        let cfg = FlashAttention { heads: 2, causal, scale: 0.125 };
-        let r = flash_attention_with(&rig.exec(), &x, &x, &x, cfg, FlashKernel::HopperShort);
-        assert!(matches!(&r, Err(celframe::Error::Unsupported(m)) if m.contains("at most 80 keys")), "{r:?}");
-    }
 }
 
 #[test]
@@ -1548,10 +1515,6 @@ fn flash_attention_on_column_blocks_matches_contiguous_inputs_bit_for_bit() {
         let [k, v] = Columns::split(&kv).unwrap();
         let up = |i: usize| rig.gpu.upload(&rig.weights, &columns_copy(&kv_host, i * c, c), dtype).unwrap();
         let (kc, vc) = (up(0), up(1));
-        let mut kernels = kernels.clone();
-        if keys <= 80 && rig.gpu.info().compute_capability == (9, 0) {
-            kernels.extend([FlashKernel::HopperShort, FlashKernel::HopperShort3]);
-        }
         for &kernel in &kernels {
             let what = format!("flash_attention {kernel:?} kv g={groups} l={seq} keys={keys} h={heads} {dtype:?}");
             let got = flash_attention_with(&ex, &q, k.clone(), v.clone(), cfg, kernel).unwrap();

@@ -126,13 +126,13 @@ __device__ __forceinline__ void rescale_acc(float acc[32], const float corr[2]) 
     for (int i = 0; i < 32; ++i) acc[i] *= corr[(i % 4) / 2];
 }
 
-// P = exp2(S scale_log2 - base) packed into the A fragments of the KEYS / 16 16-key steps (eight
-// for a 128-key tile); adds the probabilities to the row sums.
-template <typename T, int KEYS = FH_BN>
-__device__ __forceinline__ void softmax_probs(const float s[KEYS / 2], const float base[2], float l[2],
-                                              float scale_log2, uint32_t pa[KEYS / 16][4]) {
+// P = exp2(S scale_log2 - base) packed into the A fragments of the eight 16-key steps; adds the
+// probabilities to the row sums.
+template <typename T>
+__device__ __forceinline__ void softmax_probs(const float s[64], const float base[2], float l[2], float scale_log2,
+                                              uint32_t pa[FH_BN / 16][4]) {
 #pragma unroll
-    for (int kk = 0; kk < KEYS / 16; ++kk) {
+    for (int kk = 0; kk < FH_BN / 16; ++kk) {
         float pv[8];
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
@@ -144,31 +144,14 @@ __device__ __forceinline__ void softmax_probs(const float s[KEYS / 2], const flo
     }
 }
 
-// 2^x for x <= 0 on the FMA pipe rather than the MUFU unit's 16 exponentials a clock and
-// multiprocessor, which at head dim 64 take as long as a tile's products (the software
-// exponential of FlashAttention-4 on Blackwell): x = j + f with j = round(x) (the 1.5 * 2^23 shift
-// leaves j in the low mantissa bits), f in [-0.5, 0.5], 2^f by a degree-3 polynomial (coefficients
-// fitted for the least maximum relative error on [-0.5, 0.5]: 7.5e-5, below f16's half ulp of
-// 4.9e-4 the probabilities are rounded to), 2^j added to the exponent bits. x is clamped at -126
-// so the exponent stays >= 0: a masked score (-inf) gives a value below 2^-125 instead of 0.
-__device__ __forceinline__ float exp2_poly(float x) {
-    x = fmaxf(x, -126.0f);
-    const float shifted = x + 12582912.0f;
-    const float f = x - (shifted - 12582912.0f);
-    const float p = fmaf(fmaf(fmaf(0.05517132f, f, 0.24261054f), f, 0.69326097f), f, 0.9999281f);
-    return __int_as_float(__float_as_int(p) + (__float_as_int(shifted) << 23));
-}
-
 // The single-buffer form of softmax_probs (three-consumer kernel, whose 160 registers a thread
 // hold no second P): the probabilities replace the scores in place, added to the row sums; they
 // are packed into A fragments (pack_probs) only once the P V product reading the previous ones is
-// done. POLY of every 8 exponentials run on the FMA pipe (exp2_poly), the rest on the MUFU unit.
-template <int POLY>
+// done.
 __device__ __forceinline__ void softmax_exp(float s[64], const float base[2], float l[2], float scale_log2) {
 #pragma unroll
     for (int i = 0; i < 64; ++i) {
-        const float x = fmaf(s[i], scale_log2, -base[(i % 4) / 2]);
-        s[i] = i % 8 < 8 - POLY ? exp2f(x) : exp2_poly(x);
+        s[i] = exp2f(fmaf(s[i], scale_log2, -base[(i % 4) / 2]));
         l[(i % 4) / 2] += s[i];
     }
 }
@@ -355,13 +338,10 @@ __device__ __forceinline__ void tma_load_tile(void* dst, const TensorMap* map, i
 // barrier 1 + c and arrives on the next consumer's, the chain (0,t) (1,t) (2,t) (0,t+1) ... with
 // the same balance and ordering argument. 160 registers a consumer thread do not hold a second P:
 // tile j's probabilities stay in its score registers while P_{j-1} V_{j-1} runs and are packed
-// into the one P buffer after that product's wait, before the next issue. POLY > 0
-// (flash_attention_wspp3p_persistent_*, three consumers only) runs POLY of every 8 of the softmax's
-// exponentials as exp2_poly on the FMA pipe.
-template <typename T, bool PINGPONG, bool PERSISTENT, int CONSUMERS, int POLY = 0>
+// into the one P buffer after that product's wait, before the next issue.
+template <typename T, bool PINGPONG, bool PERSISTENT, int CONSUMERS>
 __device__ void flash_attention_ws(const FlashTmaParams& params) {
     static_assert(CONSUMERS == 2 || CONSUMERS == 3, "two or three consumer warpgroups");
-    static_assert(POLY == 0 || CONSUMERS == 3, "exp2_poly is wired into the three-consumer softmax only");
     const FlashAttentionParams& p = params.attn;
     extern __shared__ unsigned char fh_smem_raw[];
     constexpr int q_bufs = PERSISTENT ? 2 : 1;
@@ -505,7 +485,7 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
             mask_scores(s, 0, row0, qwg, p);
             softmax_update(s, m, l, base, corr, scale_log2);
             if constexpr (one_p) {
-                softmax_exp<POLY>(s, base, l, scale_log2);
+                softmax_exp(s, base, l, scale_log2);
                 pack_probs<T>(s, pa[0]);
             } else {
                 softmax_probs<T>(s, base, l, scale_log2, pa[0]);
@@ -525,7 +505,7 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
                 fence_regs(s);
                 mask_scores(s, j * FH_BN, row0, qwg, p);
                 softmax_update(s, m, l, base, corr, scale_log2);
-                if constexpr (one_p) softmax_exp<POLY>(s, base, l, scale_log2);
+                if constexpr (one_p) softmax_exp(s, base, l, scale_log2);
                 else softmax_probs<T>(s, base, l, scale_log2, next);
                 wgmma_wait<0>();
                 fence_regs(acc);
@@ -581,165 +561,6 @@ __device__ void flash_attention_ws(const FlashTmaParams& params) {
     }
 }
 
-// ---- Short key sets on Hopper (flash_attention_short_sm90_*): cross attention over at most 80 keys
-// (SDXL's 77 prompt tokens). It moves q in and o out once and is bound by memory bandwidth, so the
-// kernel is built to keep loads in flight: warpgroup 0's first thread is a TMA producer feeding a
-// ring of FS_Q_STAGES_PER_CONSUMER Q tiles (64 query rows, 8 KiB) per consumer warpgroup and
-// FS_KV_SLOTS slots of one (batch, head)'s K and V (80 rows each, rows past seq_k written as zeros
-// by the TMA); each consumer warpgroup takes every CONSUMERS-th tile and computes S = Q K^T (wgmma
-// m64n80k16 x 4 dim steps, 40 fp32 registers a thread), releases the Q stage, runs the softmax in
-// one pass (every key is in the tile: row max, exp2, sum, no rescaling), O = P V (m64n64k16 x 5 key
-// steps, P from registers) and stores its rows through a private staging tile. One block per
-// multiprocessor; block i walks tiles [i T / G, (i + 1) T / G) of the T = batch x heads x
-// ceil(seq_q / 64) tiles in (batch, head)-major order, so K and V load once per (batch, head) a
-// block meets. Barriers (PTX ISA "mbarrier", phase parity): q_full / q_empty per Q stage (stage s
-// serves consumer s % CONSUMERS only: the stage count is a multiple of it), kv_full / kv_empty per
-// slot. Every consumer walks the block's whole tile sequence: at each (batch, head) change it
-// releases the previous slot (its wgmma reads of it are done) and waits for the next slot to land,
-// whether or not it has a tile there, so kv_empty gets all 128 x CONSUMERS arrivals once per use
-// and a consumer cannot run a whole ring ahead (slot use u + FS_KV_SLOTS lands only after use u was
-// released by all).
-#define FS_KEYS 80
-#define FS_Q_STAGES_PER_CONSUMER 4
-#define FS_KV_SLOTS 2
-
-// d (64 x 80) = A (64 x 16) B (16 x 80), both K-major 128-byte swizzled descriptors; `accumulate`
-// picks d = AB or d += AB.
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n80(float (&d)[40], uint64_t a, uint64_t b, int accumulate) {
-#define FS_D40(M) M(d[0]), M(d[1]), M(d[2]), M(d[3]), M(d[4]), M(d[5]), M(d[6]), M(d[7]), M(d[8]), M(d[9]), M(d[10]), M(d[11]), M(d[12]), M(d[13]), M(d[14]), M(d[15]), M(d[16]), M(d[17]), M(d[18]), M(d[19]), M(d[20]), M(d[21]), M(d[22]), M(d[23]), M(d[24]), M(d[25]), M(d[26]), M(d[27]), M(d[28]), M(d[29]), M(d[30]), M(d[31]), M(d[32]), M(d[33]), M(d[34]), M(d[35]), M(d[36]), M(d[37]), M(d[38]), M(d[39])
-#define FS_REGS "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39}"
-    if constexpr (std::is_same<T, __half>::value) SM90_WGMMA_SS("m64n80k16", "f16", FS_REGS, "%40", "%41", "%42", FS_D40("+f"), accumulate);
-    else SM90_WGMMA_SS("m64n80k16", "bf16", FS_REGS, "%40", "%41", "%42", FS_D40("+f"), accumulate);
-#undef FS_REGS
-#undef FS_D40
-}
-
-template <typename T, int CONSUMERS>
-__device__ void flash_attention_short_sm90(const FlashTmaParams& params) {
-    const FlashAttentionParams& p = params.attn;
-    constexpr int Q_STAGES = FS_Q_STAGES_PER_CONSUMER * CONSUMERS;
-    constexpr int Q_TILE = 64 * FH_D;        // elements of a Q tile and of a consumer's staging tile
-    constexpr int KV_TILE = FS_KEYS * FH_D;  // elements of a K or V tile (10 KiB: ten 1024-byte atoms)
-    constexpr uint32_t q_bytes = Q_TILE * sizeof(T), kv_bytes = 2 * KV_TILE * sizeof(T);
-    extern __shared__ unsigned char fh_smem_raw[];
-    // Q stages, K and V of the slots, the consumers' staging tiles, then the barriers.
-    T* q_base = reinterpret_cast<T*>(((uintptr_t)fh_smem_raw + 1023) & ~(uintptr_t)1023);
-    T* kv_base = q_base + Q_STAGES * Q_TILE;
-    T* o_base = kv_base + 2 * FS_KV_SLOTS * KV_TILE;
-    auto q_tile = [&](int st) { return q_base + st * Q_TILE; };
-    auto k_tile = [&](int slot) { return kv_base + 2 * slot * KV_TILE; };
-    auto v_tile = [&](int slot) { return kv_base + (2 * slot + 1) * KV_TILE; };
-    uint64_t* q_full = reinterpret_cast<uint64_t*>(o_base + CONSUMERS * Q_TILE);
-    uint64_t* q_empty = q_full + Q_STAGES;
-    uint64_t* kv_full = q_empty + Q_STAGES;
-    uint64_t* kv_empty = kv_full + FS_KV_SLOTS;
-
-    const int q_tiles = (p.seq_q + 63) / 64;
-    const int64_t total = (int64_t)q_tiles * p.batch * p.heads;
-    const int64_t first = total * blockIdx.x / gridDim.x;
-    const int tiles = (int)(total * (blockIdx.x + 1) / gridDim.x - first);
-
-    if (threadIdx.x == 0) {
-        for (int st = 0; st < Q_STAGES; ++st) {
-            mbar_init(&q_full[st], 1);
-            mbar_init(&q_empty[st], 128);  // the stage's consumer warpgroup
-        }
-        for (int slot = 0; slot < FS_KV_SLOTS; ++slot) {
-            mbar_init(&kv_full[slot], 1);
-            mbar_init(&kv_empty[slot], 128 * CONSUMERS);  // every consumer thread
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-        fence_proxy_async();
-    }
-    __syncthreads();
-
-    const int wg = threadIdx.x / 128;
-    if (wg == 0) {
-        if (threadIdx.x != 0) return;
-        int group = -1, last_bh = -1;
-        for (int i = 0; i < tiles; ++i) {
-            const int bh = (int)((first + i) / q_tiles), q0 = (int)((first + i) % q_tiles) * 64;
-            const int b = bh / p.heads, h = bh % p.heads;
-            if (bh != last_bh) {
-                last_bh = bh;
-                const int slot = ++group % FS_KV_SLOTS;
-                // Use group / FS_KV_SLOTS of the slot: wait for every consumer's release of the use before.
-                if (group >= FS_KV_SLOTS) mbar_wait(&kv_empty[slot], ((group / FS_KV_SLOTS) - 1) & 1);
-                mbar_arrive_expect_tx(&kv_full[slot], kv_bytes);
-                tma_load_tile(k_tile(slot), &params.k_map, h, 0, b, &kv_full[slot]);
-                tma_load_tile(v_tile(slot), &params.v_map, h, 0, b, &kv_full[slot]);
-            }
-            const int st = i % Q_STAGES;
-            if (i >= Q_STAGES) mbar_wait(&q_empty[st], ((i / Q_STAGES) - 1) & 1);
-            mbar_arrive_expect_tx(&q_full[st], q_bytes);
-            tma_load_tile(q_tile(st), &params.q_map, h, q0, b, &q_full[st]);
-        }
-        return;
-    }
-
-    const int cw = wg - 1, warp = (threadIdx.x % 128) / 32, cq = (threadIdx.x % 4) * 2;
-    const float scale_log2 = p.scale * FH_LOG2E;
-    T* staging = o_base + cw * Q_TILE + warp * 16 * FH_D;  // this warp's 16 rows
-    int group = -1, last_bh = -1;
-    for (int i = 0; i < tiles; ++i) {
-        const int bh = (int)((first + i) / q_tiles);
-        if (bh != last_bh) {
-            if (group >= 0) mbar_arrive(&kv_empty[group % FS_KV_SLOTS]);
-            last_bh = bh;
-            ++group;
-            mbar_wait(&kv_full[group % FS_KV_SLOTS], (group / FS_KV_SLOTS) & 1);
-        }
-        if (i % CONSUMERS != cw) continue;
-        const int st = i % Q_STAGES, slot = group % FS_KV_SLOTS;
-
-        // S = Q K^T; the Q stage goes back to the producer as soon as the product has read it.
-        mbar_wait(&q_full[st], (i / Q_STAGES) & 1);
-        float s[40];
-        wgmma_fence();
-#pragma unroll
-        for (int kd = 0; kd < FH_D / 16; ++kd)
-            wgmma_m64n80<T>(s, sw128_desc(q_tile(st) + kd * 16), sw128_desc(k_tile(slot) + kd * 16), kd > 0);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(s);
-        mbar_arrive(&q_empty[st]);
-
-        // Keys past seq_k (zero rows of the tile) out; one-pass softmax over the whole key set.
-        if (p.seq_k < FS_KEYS) {
-#pragma unroll
-            for (int e = 0; e < 40; ++e)
-                if ((e / 4) * 8 + cq + e % 2 >= p.seq_k) s[e] = -INFINITY;
-        }
-        float mx[2] = {-INFINITY, -INFINITY}, base[2], l[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (int e = 0; e < 40; ++e) mx[(e % 4) / 2] = fmaxf(mx[(e % 4) / 2], s[e]);
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-            base[r] = mx[r] * scale_log2;  // seq_k >= 1: a finite max
-        }
-        uint32_t pa[FS_KEYS / 16][4];
-        softmax_probs<T, FS_KEYS>(s, base, l, scale_log2, pa);
-
-        // O = P V, normalised and stored (store_rows sums l over the quad).
-        float acc[32];
-#pragma unroll
-        for (int e = 0; e < 32; ++e) acc[e] = 0.0f;
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < FS_KEYS / 16; ++kk) wgmma_pv<T>(acc, pa[kk], sw128_desc(v_tile(slot) + kk * 16 * FH_D));
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(acc);
-        const int b = bh / p.heads, h = bh % p.heads, row = (int)((first + i) % q_tiles) * 64 + warp * 16;
-        T* o = static_cast<T*>(p.o) + b * p.o_batch_stride + h * FH_D;
-        __syncwarp();  // every lane has read the staging tile's last rows
-        store_rows<T>(acc, l, staging, o, row, p);
-    }
-}
-
 #endif
 
 // Launched only on devices of compute capability 9.0 (src/ops/attention.rs). The cp.async kernel
@@ -760,12 +581,3 @@ SM90_ENTRY(flash_attention_wspp_persistent_d64_bf16, 384, FlashTmaParams, flash_
 // block per tile, the same code spills 276 bytes: ptxas keeps P in local memory across the loop.)
 SM90_ENTRY(flash_attention_wspp3_persistent_d64_f16, 512, FlashTmaParams, flash_attention_ws, __half, true, true, 3)
 SM90_ENTRY(flash_attention_wspp3_persistent_d64_bf16, 512, FlashTmaParams, flash_attention_ws, __nv_bfloat16, true, true, 3)
-// The same with 2 of every 8 softmax exponentials on the FMA pipe (exp2_poly).
-SM90_ENTRY(flash_attention_wspp3p_persistent_d64_f16, 512, FlashTmaParams, flash_attention_ws, __half, true, true, 3, 2)
-SM90_ENTRY(flash_attention_wspp3p_persistent_d64_bf16, 512, FlashTmaParams, flash_attention_ws, __nv_bfloat16, true, true, 3, 2)
-// Short key sets (<= 80 keys): a TMA producer warpgroup and two (short) or three (short3) consumer
-// warpgroups of 64 query rows, one block per multiprocessor.
-SM90_ENTRY(flash_attention_short_sm90_f16, 384, FlashTmaParams, flash_attention_short_sm90, __half, 2)
-SM90_ENTRY(flash_attention_short_sm90_bf16, 384, FlashTmaParams, flash_attention_short_sm90, __nv_bfloat16, 2)
-SM90_ENTRY(flash_attention_short3_sm90_f16, 512, FlashTmaParams, flash_attention_short_sm90, __half, 3)
-SM90_ENTRY(flash_attention_short3_sm90_bf16, 512, FlashTmaParams, flash_attention_short_sm90, __nv_bfloat16, 3)

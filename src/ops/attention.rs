@@ -351,25 +351,11 @@ pub enum FlashKernel {
     /// registers a consumer thread (one P buffer). Compute capability 9.0 only; `Auto`'s choice
     /// there from `FLASH_PERSISTENT_MIN_WAVES` waves on.
     HopperWsPingpong3Persistent,
-    /// `HopperWsPingpong3Persistent` with 2 of every 8 softmax exponentials computed by a polynomial
-    /// on the FMA pipe (flash_sm90.cu's exp2_poly) instead of the MUFU unit, whose 16 exponentials
-    /// a clock and multiprocessor take as long as the tile's products at head dim 64. Compute
-    /// capability 9.0 only; selectable (`CELFRAME_FLASH_KERNEL=hopper-wspp3p-persistent`), not
-    /// `Auto`'s choice until measured faster.
-    HopperWsPingpong3PersistentPoly,
     /// The short-key kernel with 32-query slices per warp for key sets up to 80 (two m16 tiles of
     /// scores in registers: 200 registers at 80 keys, so 8 warps a multiprocessor), where `Auto`
     /// takes 16-query slices unless `CELFRAME_FLASH_SHORT=rows32` (`short_rows16`); above 80 keys
     /// `Auto`'s kernel. Non-causal attention over at most 256 keys only.
     ShortRows32,
-    /// The Hopper short-key kernel (kernels/attention/flash_sm90.cu, flash_attention_short_sm90):
-    /// non-causal attention over at most 80 keys (SDXL's 77 prompt tokens), a TMA producer keeping
-    /// 64-query tiles in flight for two consumer warpgroups (wgmma), one block per multiprocessor.
-    /// Compute capability 9.0 only; `Auto`'s choice there for such calls under
-    /// `CELFRAME_FLASH_SHORT=sm90`.
-    HopperShort,
-    /// `HopperShort` with three consumer warpgroups (`CELFRAME_FLASH_SHORT=sm90c3`).
-    HopperShort3,
 }
 
 impl FlashKernel {
@@ -382,10 +368,9 @@ impl FlashKernel {
             "hopper-wspp" => Ok(FlashKernel::HopperWsPingpong),
             "hopper-wspp-persistent" => Ok(FlashKernel::HopperWsPingpongPersistent),
             "hopper-wspp3-persistent" => Ok(FlashKernel::HopperWsPingpong3Persistent),
-            "hopper-wspp3p-persistent" => Ok(FlashKernel::HopperWsPingpong3PersistentPoly),
             _ => Err(format!(
                 "CELFRAME_FLASH_KERNEL='{name}' is not a flash kernel (expected portable, hopper, hopper-ws, \
-                 hopper-wspp, hopper-wspp-persistent, hopper-wspp3-persistent or hopper-wspp3p-persistent)"
+                 hopper-wspp, hopper-wspp-persistent or hopper-wspp3-persistent)"
             )),
         }
     }
@@ -424,35 +409,19 @@ fn long_flash_kernel(cc: (i32, i32), work: usize, sms: usize, causal: bool) -> R
     Ok(choice.unwrap_or_else(|| long_flash_default(cc, work, sms, causal)))
 }
 
-/// `Auto`'s kernel for key sets up to 80 (`CELFRAME_FLASH_SHORT`: A/B runs of whole models; read
-/// once per process).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ShortRoute {
-    /// flash.cu's short-key kernel with 16-query slices (`rows16`, the default). H100, f16, same
-    /// run (2026-12-06): 32 x 10 heads x 2304 queries over 77 keys 0.0836 against 0.0897 ms with
-    /// 32-query slices, 32 x 20 x 576 0.0518 against 0.0601; batch 2 at 1024x1024 0.0162 / 0.0124
-    /// against 0.0156 / 0.0124 (16 warps a multiprocessor in flight where 32-query slices leave 8).
-    Rows16,
-    /// The same kernel with 32-query slices (`rows32`).
-    Rows32,
-    /// `FlashKernel::HopperShort` on devices of compute capability 9.0 (`sm90`), else `Rows16`.
-    Hopper,
-    /// `FlashKernel::HopperShort3` on devices of compute capability 9.0 (`sm90c3`), else `Rows16`.
-    Hopper3,
-}
-
-fn short_route() -> Result<ShortRoute> {
-    static CHOICE: OnceLock<Option<std::result::Result<ShortRoute, String>>> = OnceLock::new();
+/// Whether `Auto`'s short-key calls take 16-query slices (key sets up to 80) rather than 32:
+/// yes unless `CELFRAME_FLASH_SHORT=rows32` (A/B runs of whole models; read once per process).
+/// H100, f16, same run (2026-12-06): 32 x 10 heads x 2304 queries over 77 keys 0.0836 against
+/// 0.0897 ms, 32 x 20 x 576 0.0518 against 0.0601; batch 2 at 1024x1024 0.0162 / 0.0124 against
+/// 0.0156 / 0.0124 (a wave each: 16 warps a multiprocessor in flight where 32-query slices leave 8).
+fn short_rows16() -> Result<bool> {
+    static CHOICE: OnceLock<Option<std::result::Result<bool, String>>> = OnceLock::new();
     let parse = |name: &str| match name {
-        "rows16" => Ok(ShortRoute::Rows16),
-        "rows32" => Ok(ShortRoute::Rows32),
-        "sm90" => Ok(ShortRoute::Hopper),
-        "sm90c3" => Ok(ShortRoute::Hopper3),
-        _ => Err(format!(
-            "CELFRAME_FLASH_SHORT='{name}' is not a short-key route (expected rows16, rows32, sm90 or sm90c3)"
-        )),
+        "rows16" => Ok(true),
+        "rows32" => Ok(false),
+        _ => Err(format!("CELFRAME_FLASH_SHORT='{name}' is not a short-key route (expected rows16 or rows32)")),
     };
-    Ok(super::env_route(&CHOICE, "CELFRAME_FLASH_SHORT", parse)?.unwrap_or(ShortRoute::Rows16))
+    Ok(super::env_route(&CHOICE, "CELFRAME_FLASH_SHORT", parse)?.unwrap_or(true))
 }
 
 /// Multi-head attention, the kernel chosen by head size: `flash_attention` for head dim 64 (f16 /
@@ -565,8 +534,6 @@ fn flash_ws_kernel(kernel: FlashKernel, dtype: DType) -> (&'static str, usize, b
         FlashKernel::HopperWsPingpong => ("flash_attention_wspp_d64_bf16", 2, false),
         FlashKernel::HopperWsPingpong3Persistent if f16 => ("flash_attention_wspp3_persistent_d64_f16", 3, true),
         FlashKernel::HopperWsPingpong3Persistent => ("flash_attention_wspp3_persistent_d64_bf16", 3, true),
-        FlashKernel::HopperWsPingpong3PersistentPoly if f16 => ("flash_attention_wspp3p_persistent_d64_f16", 3, true),
-        FlashKernel::HopperWsPingpong3PersistentPoly => ("flash_attention_wspp3p_persistent_d64_bf16", 3, true),
         _ if f16 => ("flash_attention_wspp_persistent_d64_f16", 2, true),
         _ => ("flash_attention_wspp_persistent_d64_bf16", 2, true),
     }
@@ -575,28 +542,6 @@ fn flash_ws_kernel(kernel: FlashKernel, dtype: DType) -> (&'static str, usize, b
 fn flash_ws_shared(consumers: usize, persistent: bool) -> usize {
     let q_tiles = if persistent { 2 } else { 1 };
     q_tiles * consumers * 64 * 128 + 2 * 3 * 16384 + 1024 + (2 * q_tiles + 3 * 3) * 8
-}
-
-/// Keys the Hopper short-key kernels hold (flash_sm90.cu's FS_KEYS; rows past seq_k are zeros).
-const FLASH_SHORT_SM90_KEYS: usize = 80;
-
-/// The Hopper short-key kernels' entry for `kernel` (HopperShort or HopperShort3) and `dtype` (f16,
-/// else bf16), and their consumer warpgroups.
-fn flash_short_sm90_kernel(kernel: FlashKernel, dtype: DType) -> (&'static str, usize) {
-    match (kernel, dtype == DType::F16) {
-        (FlashKernel::HopperShort3, true) => ("flash_attention_short3_sm90_f16", 3),
-        (FlashKernel::HopperShort3, false) => ("flash_attention_short3_sm90_bf16", 3),
-        (_, true) => ("flash_attention_short_sm90_f16", 2),
-        (_, false) => ("flash_attention_short_sm90_bf16", 2),
-    }
-}
-
-/// Their dynamic shared memory: FS_Q_STAGES_PER_CONSUMER (4) Q tiles of 64 rows (8 KiB) and one
-/// staging tile a consumer, FS_KV_SLOTS (2) slots of K and V (80 rows of 128 bytes each), 1 KiB of
-/// alignment, and the mbarriers (Q full and empty per stage, K/V full and empty per slot).
-fn flash_short_sm90_shared(consumers: usize) -> usize {
-    let q_stages = 4 * consumers;
-    (q_stages + consumers) * 64 * 128 + 2 * 2 * FLASH_SHORT_SM90_KEYS * 128 + 1024 + (2 * q_stages + 2 * 2) * 8
 }
 
 /// A TMA tensor map over one of flash attention's q, k, v: (64 dims, heads, tokens, batch) with
@@ -726,18 +671,14 @@ pub fn flash_attention_with(
             // persistent one runs at once.
             let work_tiles = sq.div_ceil(FLASH_SM90_BM) * b * cfg.heads;
             let sms = gpu.info().multiprocessors as usize;
-            let cc = gpu.info().compute_capability;
             let kernel = match kernel {
-                FlashKernel::Auto if short_fits.is_none() => long_flash_kernel(cc, work_tiles, sms, cfg.causal)?,
-                FlashKernel::Auto if cc == (9, 0) && sk <= FLASH_SHORT_SM90_KEYS => match short_route()? {
-                    ShortRoute::Hopper => FlashKernel::HopperShort,
-                    ShortRoute::Hopper3 => FlashKernel::HopperShort3,
-                    ShortRoute::Rows16 | ShortRoute::Rows32 => FlashKernel::Auto,
-                },
+                FlashKernel::Auto if short_fits.is_none() => {
+                    long_flash_kernel(gpu.info().compute_capability, work_tiles, sms, cfg.causal)?
+                }
                 k => k,
             };
             let short = match kernel {
-                FlashKernel::Auto if short_route()? != ShortRoute::Rows32 => short_fits
+                FlashKernel::Auto if short_rows16()? => short_fits
                     .map(|fits| FLASH_SHORT_ROWS16_KERNELS.iter().copied().find(|v| v.0 == fits.0).unwrap_or(fits)),
                 FlashKernel::Auto => short_fits,
                 FlashKernel::Portable => None,
@@ -760,8 +701,7 @@ pub fn flash_attention_with(
                 FlashKernel::HopperWs
                 | FlashKernel::HopperWsPingpong
                 | FlashKernel::HopperWsPingpongPersistent
-                | FlashKernel::HopperWsPingpong3Persistent
-                | FlashKernel::HopperWsPingpong3PersistentPoly => {
+                | FlashKernel::HopperWsPingpong3Persistent => {
                     let (entry, consumers, persistent) = flash_ws_kernel(kernel, dtype);
                     let rows = 64 * consumers;
                     let grid = hopper(rows)?;
@@ -779,33 +719,6 @@ pub fn flash_attention_with(
                     };
                     let threads = 128 * (consumers as u32 + 1);
                     gpu.launch(entry, grid, (threads, 1, 1), flash_ws_shared(consumers, persistent) as u32, &tp)?;
-                    return Ok(o);
-                }
-                FlashKernel::HopperShort | FlashKernel::HopperShort3 => {
-                    if cfg.causal || sk > FLASH_SHORT_SM90_KEYS {
-                        return Err(Error::Unsupported(format!(
-                            "flash_attention: the Hopper short-key kernel takes non-causal attention over at most \
-                             {FLASH_SHORT_SM90_KEYS} keys (got {sk} keys, causal {})",
-                            cfg.causal
-                        )));
-                    }
-                    hopper(64)?; // the device check
-                    let (entry, consumers) = flash_short_sm90_kernel(kernel, dtype);
-                    let map = |name, ptr, tokens, row_stride, batch_stride, box_tokens| {
-                        flash_tensor_map(name, ptr, dtype, cfg.heads, tokens, b, row_stride, batch_stride, box_tokens)
-                    };
-                    let tp = FlashTmaParams {
-                        q_map: map("q", p.q as u64, sq, p.q_stride, p.q_batch_stride, 64)?,
-                        k_map: map("k", p.k as u64, sk, p.k_stride, p.k_batch_stride, FLASH_SHORT_SM90_KEYS)?,
-                        v_map: map("v", p.v as u64, sk, p.v_stride, p.v_batch_stride, FLASH_SHORT_SM90_KEYS)?,
-                        attn: p,
-                    };
-                    // One block per multiprocessor at most, each walking a contiguous run of the
-                    // 64-query tiles.
-                    let blocks = (sq.div_ceil(64) * b * cfg.heads).min(sms);
-                    let grid = (grid_dim("flash_attention", "blocks", blocks, GRID_X)?, 1, 1);
-                    let threads = 128 * (consumers as u32 + 1);
-                    gpu.launch(entry, grid, (threads, 1, 1), flash_short_sm90_shared(consumers) as u32, &tp)?;
                     return Ok(o);
                 }
             };
@@ -1031,8 +944,8 @@ pub fn flash_attention_reference(
 #[cfg(test)]
 mod tests {
     use super::{
-        FLASH_SHORT_KERNELS, FLASH_SHORT_ROWS16_KERNELS, FLASH_SHORT_SM90_KEYS, FlashKernel, flash_short_sm90_kernel,
-        flash_short_sm90_shared, flash_short_variant, flash_ws_kernel, long_flash_default, short_key_blocks,
+        FLASH_SHORT_KERNELS, FLASH_SHORT_ROWS16_KERNELS, FlashKernel, flash_short_variant, flash_ws_kernel,
+        long_flash_default, short_key_blocks,
     };
     use crate::gpu::KERNEL_MODULES;
     use crate::tensor::DType;
@@ -1045,7 +958,6 @@ mod tests {
         assert_eq!(FlashKernel::parse("hopper-wspp"), Ok(FlashKernel::HopperWsPingpong));
         assert_eq!(FlashKernel::parse("hopper-wspp-persistent"), Ok(FlashKernel::HopperWsPingpongPersistent));
         assert_eq!(FlashKernel::parse("hopper-wspp3-persistent"), Ok(FlashKernel::HopperWsPingpong3Persistent));
-        assert_eq!(FlashKernel::parse("hopper-wspp3p-persistent"), Ok(FlashKernel::HopperWsPingpong3PersistentPoly));
         for bad in ["", "Hopper", "auto", "sm90", "hopper-wsp"] {
             let err = FlashKernel::parse(bad).unwrap_err();
             assert!(err.contains("CELFRAME_FLASH_KERNEL") && err.contains(&format!("'{bad}'")), "{err}");
@@ -1074,7 +986,6 @@ mod tests {
             FlashKernel::HopperWsPingpong,
             FlashKernel::HopperWsPingpongPersistent,
             FlashKernel::HopperWsPingpong3Persistent,
-            FlashKernel::HopperWsPingpong3PersistentPoly,
         ];
         for kernel in kernels {
             for dtype in [DType::F16, DType::BF16] {
@@ -1084,15 +995,7 @@ mod tests {
                 names.insert(name);
             }
         }
-        for kernel in [FlashKernel::HopperShort, FlashKernel::HopperShort3] {
-            for dtype in [DType::F16, DType::BF16] {
-                let (name, _) = flash_short_sm90_kernel(kernel, dtype);
-                let r = resources.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("{name} is not compiled"));
-                assert!(r.registers > 0 && r.spill_bytes == 0 && r.stack_bytes == 0, "{r:?}");
-                names.insert(name);
-            }
-        }
-        assert_eq!(names.len(), 14, "one entry per variant and dtype: {names:?}");
+        assert_eq!(names.len(), 8, "one entry per variant and dtype: {names:?}");
     }
 
     #[test]
@@ -1124,58 +1027,6 @@ mod tests {
         for (keys, rows, ..) in FLASH_SHORT_ROWS16_KERNELS {
             assert_eq!(rows, 16);
             assert!(FLASH_SHORT_KERNELS.iter().any(|v| v.0 == keys && v.1 == 32), "{keys} keys");
-        }
-    }
-
-    #[test]
-    fn the_polynomial_exponential_of_the_hopper_kernel_is_within_its_stated_error() {
-        // flash_sm90.cu's exp2_poly step by step in f32 with the coefficients read from the kernel:
-        // within 7.5e-5 of 2^x relative over the scores' range, and never negative or above 1e-37
-        // for the clamped tail (masked scores are -inf).
-        let source = include_str!("../../kernels/attention/flash_sm90.cu");
-        let line =
-            source.lines().find(|l| l.contains("const float p = fmaf(fmaf(fmaf(")).expect("exp2_poly's polynomial");
-        let c: Vec<f32> = line
-            .split(|ch: char| !(ch.is_ascii_digit() || ch == '.'))
-            .filter(|t| t.contains('.'))
-            .map(|t| t.parse().unwrap())
-            .collect();
-        assert_eq!(c.len(), 4, "{line}");
-        let poly = |x: f32| {
-            let x = x.max(-126.0);
-            let shifted = x + 12582912.0;
-            let f = x - (shifted - 12582912.0);
-            let p = c[0].mul_add(f, c[1]).mul_add(f, c[2]).mul_add(f, c[3]);
-            f32::from_bits(p.to_bits().wrapping_add(shifted.to_bits() << 23))
-        };
-        let mut worst = 0.0f64;
-        for i in 0..=400_000 {
-            let x = -40.0 * i as f32 / 400_000.0;
-            worst = worst.max((poly(x) as f64 / (x as f64).exp2() - 1.0).abs());
-        }
-        assert!(worst < 7.5e-5, "max relative error {worst}");
-        for x in [-126.0f32, -127.5, -1000.0, f32::NEG_INFINITY] {
-            let y = poly(x);
-            assert!((0.0..1e-37).contains(&y), "2^{x} gave {y}");
-        }
-    }
-
-    #[test]
-    fn the_hopper_short_key_launch_matches_the_kernel_layout() {
-        // flash_sm90.cu's FS_* constants, which flash_short_sm90_shared and the tensor maps' boxes
-        // restate: a mismatch would leave the barriers or tiles past the shared memory launched.
-        let source = include_str!("../../kernels/attention/flash_sm90.cu");
-        let define = |name: &str| -> usize {
-            let line = source.lines().find_map(|l| l.strip_prefix(&format!("#define {name} ")));
-            line.and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("#define {name} N is missing"))
-        };
-        assert_eq!(define("FS_KEYS"), FLASH_SHORT_SM90_KEYS);
-        for consumers in [2, 3] {
-            let q_stages = define("FS_Q_STAGES_PER_CONSUMER") * consumers;
-            let slots = define("FS_KV_SLOTS");
-            let tiles = (q_stages + consumers) * 64 * 128 + slots * 2 * FLASH_SHORT_SM90_KEYS * 128;
-            assert_eq!(flash_short_sm90_shared(consumers), tiles + 1024 + (2 * q_stages + 2 * slots) * 8);
-            assert!(flash_short_sm90_shared(consumers) <= 227 * 1024, "{consumers} consumers");
         }
     }
 

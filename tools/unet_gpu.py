@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cuda_timing import cuda_ms  # noqa: E402
+from cuda_timing import cuda_and_host_ms, cuda_ms  # noqa: E402
 from dump_unet_reference import random_inputs, reference_tensors, run  # noqa: E402
 
 # diffusers' unet/config.json of stabilityai/stable-diffusion-xl-base-1.0.
@@ -103,8 +103,9 @@ def main():
         key = f"unet f16 b{batch} {8 * h}x{8 * w}"
         g = torch.Generator().manual_seed(1)
         inputs = random_inputs(unet, batch, h, w, 77, g, torch.float16)
-        ms = cuda_ms(lambda: run(unet, inputs), 3, 10)
-        print("PEER " + json.dumps({"key": key, "variant": "diffusers eager", "ms": round(ms, 3)}), flush=True)
+        ms, host_ms = cuda_and_host_ms(lambda: run(unet, inputs), 3, 10)
+        peer = {"key": key, "variant": "diffusers eager", "ms": round(ms, 3), "host_ms": round(host_ms, 3)}
+        print("PEER " + json.dumps(peer), flush=True)
         if args.compile:
             compiled = torch.compile(unet)
             t0 = time.time()

@@ -154,11 +154,8 @@ def run_form(form, m, n, k, timed=False):
             LT.cublasLtMatrixLayoutDestroy(lay)
 
 
-def matmul_forms(form, desc, layouts, tensors, ref, timed):
-    """The heuristic's candidates for `desc`, each tried once; the first that runs checked (and timed)."""
-    a_l, b_l, d_l = layouts
-    wq, xq, d, resid = tensors
-
+def heuristic(desc, a_l, b_l, d_l):
+    """cuBLASLt's status, candidate count and top 8 candidates for `desc` (C laid out as D)."""
     pref = VP()
     check("pref", LT.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)))
     ws = ctypes.c_uint64(WORKSPACE)
@@ -167,6 +164,15 @@ def matmul_forms(form, desc, layouts, tensors, ref, timed):
     found = ctypes.c_int(0)
     status = LT.cublasLtMatmulAlgoGetHeuristic(HANDLE, desc, a_l, b_l, d_l, d_l, pref, 8, results, ctypes.byref(found))
     LT.cublasLtMatmulPreferenceDestroy(pref)
+    return status, found, results
+
+
+def matmul_forms(form, desc, layouts, tensors, ref, timed):
+    """The heuristic's candidates for `desc`, each tried once; the first that runs checked (and timed)."""
+    a_l, b_l, d_l = layouts
+    wq, xq, d, resid = tensors
+
+    status, found, results = heuristic(desc, a_l, b_l, d_l)
     if status != 0 or found.value == 0:
         return f"heuristic {STATUS.get(status, status)}, {found.value} found", "-", None, None
     alpha = ctypes.c_float(1.0)

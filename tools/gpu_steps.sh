@@ -35,6 +35,8 @@
 #   power                tools/power_gpu.py: watts, SM clock and energy of a b32 UNet forward, ours
 #                        beside diffusers eager (`POWER` lines; writes the UNet weights when missing)
 #   fp8probe             tools/fp8_cublaslt_probe.py: which FP8 matmul forms this cuBLASLt runs
+#   rowprobe             tools/rowscale_cublaslt_probe.py: whether cuBLASLt scales a 16-bit GEMM's
+#                        rows by a device vector (a LayerNorm folded into the GEMM after it)
 #                        (through ctypes, beside torch._scaled_mm) and their speed
 #   cutlass              tools/cutlass_probe/run.sh (dist/cutlass_probe/*.o carried, made by its
 #                        build.sh): CUTLASS GEMM forms, GEGLU epilogue, FP8 with row scales
@@ -47,7 +49,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then
-  sed -n '2,46p' "$0" >&2
+  sed -n '2,48p' "$0" >&2
   exit 2
 fi
 budget=$1
@@ -156,6 +158,7 @@ run_step() {
     tune) cmd="bash tools/gemm_tune_gpu.sh" ;;
     power) cmd="source tools/gpu_env.sh; need_diffusers $work; python3 tools/power_gpu.py --work $work --bin $bin" ;;
     fp8probe) cmd="python3 tools/fp8_cublaslt_probe.py --log" ;;
+    rowprobe) cmd="python3 tools/rowscale_cublaslt_probe.py --log" ;;
     cutlass) cmd="bash tools/cutlass_probe/run.sh" ;;
     *)
       local var="CMD_$name"

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Does this machine's cuBLASLt scale a 16-bit GEMM's output rows by a device vector, and how fast?
+
+A diagnostic for the GPU machine, for folding a LayerNorm into the GEMM after it: LN(x) W^T =
+rstd * ((x - mean) W'^T) + W beta with W' = W diag(gamma). The statistics pass would write -mean
+and the std into spare columns of x (its row stride K + 8, the weights' extra columns holding
+the column sums of W' and W beta), so the GEMM reads raw x and needs only one scale per token
+(alpha, CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_ZERO: "alpha/beta vector lengths must match
+number of output matrix rows"). In celframe's layout (tools/fp8_cublaslt_probe.py's: our weight
+[N, K] is cuBLASLt's transposed A, the activations [M, K] its B, D column-major N x M) D's rows
+are the channels, so the forms below also try row-major layouts (CUBLASLT_ORDER_ROW), where D's
+rows are the tokens. Each form prints whether the heuristic found an algorithm, what
+cublasLtMatmul returned and the relative L2 error from the product in fp32; then the forms that
+ran are timed at the UNet's q/k/v shapes (K + 8) beside the plain GEMM celframe runs today (K).
+
+    python3 tools/rowscale_cublaslt_probe.py [--log]     (--log: cuBLASLt's error and hint messages)
+"""
+import ctypes
+
+import torch
+
+# The FP8 probe's ctypes bindings (loading it loads cuBLASLt and makes the handle).
+from fp8_cublaslt_probe import (COMPUTE_32F, HANDLE, LT, OP_N, OP_T, R_16F, R_32F, STATUS, TRANSA, TRANSB, VP,
+                                WORKSPACE, WORKSPACE_MEM, check, heuristic, layout, set_attr, time_ms)
+
+POINTER_MODE = 2  # CUBLASLT_MATMUL_DESC_POINTER_MODE
+HOST, ALPHA_VECTOR_BETA_ZERO = 0, 3  # cublasLtPointerMode_t
+LAYOUT_ORDER, ORDER_ROW = 1, 1  # CUBLASLT_MATRIX_LAYOUT_ORDER, CUBLASLT_ORDER_ROW
+
+
+def row_layout(rows, cols):
+    out = layout(R_16F, rows, cols, cols)
+    order = ctypes.c_int32(ORDER_ROW)
+    check("layout order", LT.cublasLtMatrixLayoutSetAttribute(out, LAYOUT_ORDER, ctypes.byref(order),
+                                                                     ctypes.c_size_t(4)))
+    return out
+
+
+def run_form(rows_order, vector, m, n, k, timed=False):
+    """One form: row-major layouts or celframe's, alpha a device vector (per token with rows_order,
+    per channel without) or 1. Returns (note, rel L2 or None, ms or None)."""
+    torch.manual_seed(0)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.05
+    length = m if rows_order else n
+    alpha = (torch.rand(length, device="cuda") + 0.5) if vector else None
+    ref = x.float() @ w.float().T
+    if vector:
+        ref = ref * (alpha[:, None] if rows_order else alpha[None, :])
+    d = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+
+    desc = VP()
+    check("desc", LT.cublasLtMatmulDescCreate(ctypes.byref(desc), COMPUTE_32F, R_32F))
+    if rows_order:
+        # D [M, N] = x [M, K] . w [N, K]^T, every matrix row-major.
+        set_attr(desc, TRANSA, ctypes.c_int32(OP_N))
+        set_attr(desc, TRANSB, ctypes.c_int32(OP_T))
+        a_l, b_l, d_l = row_layout(m, k), row_layout(n, k), row_layout(m, n)
+        a, b = x, w
+    else:
+        set_attr(desc, TRANSA, ctypes.c_int32(OP_T))
+        set_attr(desc, TRANSB, ctypes.c_int32(OP_N))
+        a_l, b_l, d_l = layout(R_16F, k, n, k), layout(R_16F, k, m, k), layout(R_16F, n, m, n)
+        a, b = w, x
+    if vector:
+        set_attr(desc, POINTER_MODE, ctypes.c_int32(ALPHA_VECTOR_BETA_ZERO))
+    try:
+        status, found, results = heuristic(desc, a_l, b_l, d_l)
+        if status != 0 or found.value == 0:
+            return f"heuristic {STATUS.get(status, status)}, {found.value} found", None, None
+        one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+        alpha_arg = VP(alpha.data_ptr()) if vector else ctypes.byref(one)
+        stream = VP(torch.cuda.current_stream().cuda_stream)
+
+        def matmul():
+            return LT.cublasLtMatmul(HANDLE, desc, alpha_arg, VP(a.data_ptr()), a_l, VP(b.data_ptr()), b_l,
+                                     ctypes.byref(zero), VP(d.data_ptr()), d_l, VP(d.data_ptr()), d_l,
+                                     ctypes.byref(results[0].algo), VP(WORKSPACE_MEM.data_ptr()),
+                                     ctypes.c_size_t(WORKSPACE), stream)
+
+        status = matmul()
+        torch.cuda.synchronize()
+        note = f"{found.value} found; matmul #1 {STATUS.get(status, status)}"
+        if status != 0:
+            return note, None, None
+        err = ((d.float() - ref).norm() / ref.norm()).item()
+        return note, err, time_ms(matmul) if timed else None
+    finally:
+        LT.cublasLtMatmulDescDestroy(desc)
+        for lay in (a_l, b_l, d_l):
+            LT.cublasLtMatrixLayoutDestroy(lay)
+
+
+FORMS = [("celframe's layout, alpha 1 (today)", False, False),
+         ("celframe's layout, alpha per channel", False, True),
+         ("row-major, alpha 1", True, False),
+         ("row-major, alpha per token (the fold's form)", True, True)]
+
+
+def main():
+    print(f"\n{'form':48} {'m,n,k':>16}  heuristic / matmul -> rel L2")
+    for m, n, k in ((256, 384, 136), (8192, 1920, 648)):
+        for name, rows_order, vector in FORMS:
+            note, err, _ = run_form(rows_order, vector, m, n, k)
+            print(f"ROWPROBE {name:48} {f'{m},{n},{k}':>16}  {note}" + (f" -> {err:.3e}" if err is not None else ""))
+
+    # The UNet's q/k/v GEMMs at b32 1024x576 (levels 1 and 2) and the motion modules' level 0, each
+    # with K + 8 for the fold's columns beside today's K.
+    print("\nSpeed (median of 50 after 10 warm-ups, CUDA events; TFLOP/s at 2 MNK)")
+    for m, n, k in ((73728, 1920, 640), (18432, 3840, 1280), (294912, 960, 320)):
+        flops = 2 * m * n * k
+        _, _, today = run_form(False, False, m, n, k, timed=True)
+        row = f"ROWSPEED M{m} N{n} K{k}: today {today:.4f} ms ({flops / today / 1e9:.0f} TF/s)"
+        for name, rows_order, vector in FORMS[1:]:
+            _, _, ms = run_form(rows_order, vector, m, n, k + 8, timed=True)
+            row += f"; {name} at K{k + 8} " + (f"{ms:.4f} ms" if ms else "did not run")
+        print(row)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

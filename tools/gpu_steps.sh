@@ -14,6 +14,9 @@
 #   unet motion vae text_encoder controlnet lora render   tools/<step>_gpu.sh (whole models at full
 #                        size against diffusers; motion, controlnet, render reuse unet's weights)
 #   bench                the kernel benchmarks and the PyTorch peer (CELFRAME_BENCH_FILTER narrows)
+#   attention            bench narrowed to attention's default route beside SDPA, and the copy ceiling
+#   w1                   W1 against diffusers only (tools/render_gpu.py prepare, celframe's warm clip
+#                        with PNG frames, the diffusers peer), without the render step's other runs
 #   graphs               `celframe bench ... --graph` for the UNet (both shapes), the motion UNet and
 #                        the ControlNet (after the unet, motion and controlnet steps made weights)
 #   fp8                  `celframe bench ... --fp8` (FP8 linears: speed and the outputs' distance)
@@ -49,7 +52,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then
-  sed -n '2,48p' "$0" >&2
+  sed -n '2,51p' "$0" >&2
   exit 2
 fi
 budget=$1
@@ -76,6 +79,20 @@ graphs() {
     $c unet $w --batch 32 --height 72 --width 128 --graph &&
     $c motion_unet $w --motion "$work/motion_adapter" --batch 2 --frames 16 --height 72 --width 128 --graph &&
     $c controlnet --weights "$work/sdxl_controlnet" --batch 32 --height 72 --width 128 --graph
+}
+attention_vs_sdpa() {
+  CELFRAME_BENCH_FILTER="flash_attention f16|copy" "$bin/bench_ops" &&
+    CELFRAME_BENCH_FILTER="flash_attention f16|copy" python3 tools/peer_torch.py
+}
+w1_vs_diffusers() {
+  source tools/gpu_env.sh
+  need_diffusers "$work"
+  local step
+  for step in prepare "celframe --workload w1_warm_png" diffusers; do
+    # shellcheck disable=SC2086 # the step's words
+    python3 tools/render_gpu.py $step --work "$work" --text-work "${TEXT_WORK:-/tmp/celframe-text}" \
+      --vae-work "${VAE_WORK:-${WORK:-/tmp/celframe-vae}}" --celframe "$bin/celframe" || return 1
+  done
 }
 fp8_runs() {
   local c="$bin/celframe bench" w="--weights $work/sdxl_unet" b=${FP8_BREAKDOWN:+--breakdown}
@@ -151,6 +168,8 @@ run_step() {
     weights) cmd="source tools/gpu_env.sh; need_diffusers $work; python3 tools/motion_gpu.py --work $work --weights-only" ;;
     unet | motion | vae | text_encoder | controlnet | lora | render) cmd="bash tools/${name}_gpu.sh" ;;
     bench) cmd="$bin/bench_ops; python3 tools/peer_torch.py" ;;
+    attention) cmd="attention_vs_sdpa" ;;
+    w1) cmd="w1_vs_diffusers" ;;
     graphs) cmd="graphs" ;;
     fp8) cmd="fp8_runs" ;;
     knob) cmd="knob_runs" ;;
@@ -178,7 +197,7 @@ run_step() {
   fi
   echo "===== $name (limit ${limit} s)"
   local t0=$SECONDS
-  timeout -k 5 "$limit" bash -c "$(declare -f tests graphs fp8_runs with_knob alternate knob_runs ab_runs); bin=$bin base=$base work=$work; $cmd" >"$OUT/$name.log" 2>&1
+  timeout -k 5 "$limit" bash -c "$(declare -f tests graphs attention_vs_sdpa w1_vs_diffusers fp8_runs with_knob alternate knob_runs ab_runs); bin=$bin base=$base work=$work; $cmd" >"$OUT/$name.log" 2>&1
   rc[$name]=$?
   secs[$name]=$((SECONDS - t0))
   tail -n "${TAIL:-25}" "$OUT/$name.log"

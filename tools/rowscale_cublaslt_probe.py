@@ -36,23 +36,15 @@ def row_layout(rows, cols):
     return out
 
 
-def run_form(rows_order, vector, m, n, k, timed=False):
-    """One form: row-major layouts or celframe's, alpha a device vector (per token with rows_order,
-    per channel without) or 1. Returns (note, rel L2 or None, ms or None)."""
-    torch.manual_seed(0)
-    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-    w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.05
-    length = m if rows_order else n
-    alpha = (torch.rand(length, device="cuda") + 0.5) if vector else None
-    ref = x.float() @ w.float().T
-    if vector:
-        ref = ref * (alpha[:, None] if rows_order else alpha[None, :])
+def gemm(rows_order, x, w, alpha=None, timed=False):
+    """D [M, N] = alpha * (x [M, K] . w [N, K]^T) in f16: row-major layouts or celframe's, alpha a
+    device vector (per token with rows_order, per channel without) or 1. Returns (note, D or None,
+    ms or None)."""
+    (m, k), n = x.shape, w.shape[0]
     d = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
-
     desc = VP()
     check("desc", LT.cublasLtMatmulDescCreate(ctypes.byref(desc), COMPUTE_32F, R_32F))
     if rows_order:
-        # D [M, N] = x [M, K] . w [N, K]^T, every matrix row-major.
         set_attr(desc, TRANSA, ctypes.c_int32(OP_N))
         set_attr(desc, TRANSB, ctypes.c_int32(OP_T))
         a_l, b_l, d_l = row_layout(m, k), row_layout(n, k), row_layout(m, n)
@@ -62,14 +54,14 @@ def run_form(rows_order, vector, m, n, k, timed=False):
         set_attr(desc, TRANSB, ctypes.c_int32(OP_N))
         a_l, b_l, d_l = layout(R_16F, k, n, k), layout(R_16F, k, m, k), layout(R_16F, n, m, n)
         a, b = w, x
-    if vector:
+    if alpha is not None:
         set_attr(desc, POINTER_MODE, ctypes.c_int32(ALPHA_VECTOR_BETA_ZERO))
     try:
         status, found, results = heuristic(desc, a_l, b_l, d_l)
         if status != 0 or found.value == 0:
             return f"heuristic {STATUS.get(status, status)}, {found.value} found", None, None
         one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
-        alpha_arg = VP(alpha.data_ptr()) if vector else ctypes.byref(one)
+        alpha_arg = VP(alpha.data_ptr()) if alpha is not None else ctypes.byref(one)
         stream = VP(torch.cuda.current_stream().cuda_stream)
 
         def matmul():
@@ -83,12 +75,59 @@ def run_form(rows_order, vector, m, n, k, timed=False):
         note = f"{found.value} found; matmul #1 {STATUS.get(status, status)}"
         if status != 0:
             return note, None, None
-        err = ((d.float() - ref).norm() / ref.norm()).item()
-        return note, err, time_ms(matmul) if timed else None
+        return note, d, time_ms(matmul) if timed else None
     finally:
         LT.cublasLtMatmulDescDestroy(desc)
         for lay in (a_l, b_l, d_l):
             LT.cublasLtMatrixLayoutDestroy(lay)
+
+
+def run_form(rows_order, vector, m, n, k, timed=False):
+    """One form on random operands: (note, rel L2 from the fp32 product or None, ms or None)."""
+    torch.manual_seed(0)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.05
+    alpha = (torch.rand(m if rows_order else n, device="cuda") + 0.5) if vector else None
+    ref = x.float() @ w.float().T
+    if vector:
+        ref = ref * (alpha[:, None] if rows_order else alpha[None, :])
+    note, d, ms = gemm(rows_order, x, w, alpha, timed)
+    return note, None if d is None else rel_l2(d, ref), ms
+
+
+def rel_l2(d, ref):
+    return ((d.float() - ref).norm() / ref.norm()).item()
+
+
+def hi_lo(v):
+    """v (fp32) as two f16 parts whose sum carries ~22 bits."""
+    hi = v.half()
+    return hi, (v - hi.float()).half()
+
+
+def fold_check(m, n, k, mean_over_std):
+    """LayerNorm then linear as the fold computes it (statistics in x's spare columns, rstd as the
+    per-token alpha) beside today's f16 LayerNorm then GEMM, both against fp32: rel L2 of each."""
+    torch.manual_seed(1)
+    x = (torch.randn(m, k, device="cuda") + mean_over_std * torch.randn(m, 1, device="cuda")).half()
+    gamma = (1 + 0.2 * torch.randn(k, device="cuda")).half()
+    beta = (0.1 * torch.randn(k, device="cuda")).half()
+    w = (0.04 * torch.randn(n, k, device="cuda")).half()
+    ref = torch.nn.functional.layer_norm(x.float(), (k,), gamma.float(), beta.float()) @ w.float().T
+    today = torch.nn.functional.layer_norm(x, (k,), gamma, beta) @ w.T
+    mean = x.float().mean(1)
+    var = x.float().var(1, unbiased=False)
+    rstd = torch.rsqrt(var + 1e-5)
+    w_folded = (w.float() * gamma.float()).half()
+    u, b_folded = w_folded.float().sum(1), w.float() @ beta.float()
+    (m_hi, m_lo), (s_hi, s_lo) = hi_lo(-mean), hi_lo(1 / rstd)
+    (u_hi, u_lo), (b_hi, b_lo) = hi_lo(u), hi_lo(b_folded)
+    zero_x, zero_w = torch.zeros(m, device="cuda").half(), torch.zeros(n, device="cuda").half()
+    x_aug = torch.cat([x, torch.stack([m_hi, m_hi, m_lo, s_hi, s_hi, s_lo, zero_x, zero_x], 1)], 1)
+    w_aug = torch.cat([w_folded, torch.stack([u_hi, u_lo, u_hi, b_hi, b_lo, b_hi, zero_w, zero_w], 1)], 1)
+    note, d, _ = gemm(True, x_aug.contiguous(), w_aug.contiguous(), rstd.contiguous())
+    fold = "did not run: " + note if d is None else f"{rel_l2(d, ref):.3e}"
+    return f"today {rel_l2(today, ref):.3e}, fold {fold}"
 
 
 FORMS = [("celframe's layout, alpha 1 (today)", False, False),
@@ -103,6 +142,11 @@ def main():
         for name, rows_order, vector in FORMS:
             note, err, _ = run_form(rows_order, vector, m, n, k)
             print(f"ROWPROBE {name:48} {f'{m},{n},{k}':>16}  {note}" + (f" -> {err:.3e}" if err is not None else ""))
+
+    print("\nThe fold end to end (f16 operands, fp32 LayerNorm-then-linear as the reference)")
+    for mean_over_std in (0.1, 1.0, 5.0, 20.0):
+        print(f"ROWFOLD M8192 N1920 K640, row means {mean_over_std} x the deviation: "
+              + fold_check(8192, 1920, 640, mean_over_std))
 
     # The UNet's q/k/v GEMMs at b32 1024x576 (levels 1 and 2) and the motion modules' level 0, each
     # with K + 8 for the fold's columns beside today's K.

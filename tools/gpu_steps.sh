@@ -38,9 +38,9 @@
 #   power                tools/power_gpu.py: watts, SM clock and energy of a b32 UNet forward, ours
 #                        beside diffusers eager (`POWER` lines; writes the UNet weights when missing)
 #   fp8probe             tools/fp8_cublaslt_probe.py: which FP8 matmul forms this cuBLASLt runs
+#                        (through ctypes, beside torch._scaled_mm) and their speed
 #   rowprobe             tools/rowscale_cublaslt_probe.py: whether cuBLASLt scales a 16-bit GEMM's
 #                        rows by a device vector (a LayerNorm folded into the GEMM after it)
-#                        (through ctypes, beside torch._scaled_mm) and their speed
 #   cutlass              tools/cutlass_probe/run.sh (dist/cutlass_probe/*.o carried, made by its
 #                        build.sh): CUTLASS GEMM forms, GEGLU epilogue, FP8 with row scales
 #   NAME                 any other name runs the shell command in $CMD_NAME ($bin: the binaries'
@@ -81,8 +81,8 @@ graphs() {
     $c controlnet --weights "$work/sdxl_controlnet" --batch 32 --height 72 --width 128 --graph
 }
 attention_vs_sdpa() {
-  CELFRAME_BENCH_FILTER="flash_attention f16|copy" "$bin/bench_ops" &&
-    CELFRAME_BENCH_FILTER="flash_attention f16|copy" python3 tools/peer_torch.py
+  export CELFRAME_BENCH_FILTER="flash_attention f16|copy" # the step's own shell
+  "$bin/bench_ops" && python3 tools/peer_torch.py
 }
 w1_vs_diffusers() {
   source tools/gpu_env.sh

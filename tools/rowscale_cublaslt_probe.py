@@ -10,8 +10,9 @@ number of output matrix rows"). In celframe's layout (tools/fp8_cublaslt_probe.p
 [N, K] is cuBLASLt's transposed A, the activations [M, K] its B, D column-major N x M) D's rows
 are the channels, so the forms below also try row-major layouts (CUBLASLT_ORDER_ROW), where D's
 rows are the tokens. Each form prints whether the heuristic found an algorithm, what
-cublasLtMatmul returned and the relative L2 error from the product in fp32; then the forms that
-ran are timed at the UNet's q/k/v shapes (K + 8) beside the plain GEMM celframe runs today (K).
+cublasLtMatmul returned and the relative L2 error from the product in fp32; then the fold itself
+runs end to end against an fp32 LayerNorm-then-linear beside today's f16 path, and the forms are
+timed at the UNet's q/k/v shapes (K + 8) beside the plain GEMM celframe runs today (K).
 
     python3 tools/rowscale_cublaslt_probe.py [--log]     (--log: cuBLASLt's error and hint messages)
 """
@@ -24,7 +25,7 @@ from fp8_cublaslt_probe import (COMPUTE_32F, HANDLE, LT, OP_N, OP_T, R_16F, R_32
                                 WORKSPACE, WORKSPACE_MEM, check, heuristic, layout, set_attr, time_ms)
 
 POINTER_MODE = 2  # CUBLASLT_MATMUL_DESC_POINTER_MODE
-HOST, ALPHA_VECTOR_BETA_ZERO = 0, 3  # cublasLtPointerMode_t
+ALPHA_VECTOR_BETA_ZERO = 3  # cublasLtPointerMode_t
 LAYOUT_ORDER, ORDER_ROW = 1, 1  # CUBLASLT_MATRIX_LAYOUT_ORDER, CUBLASLT_ORDER_ROW
 
 

@@ -27,6 +27,16 @@ for line in open(sys.argv[1], errors="replace"):
     elif line.startswith("FP8 "):
         fp8.append(json.loads(line[4:]))
 
+
+
+def host_bound(peer):
+    """A note where the peer's host spent 90% or more of the GPU's time launching a call (`host_ms`,
+    tools/cuda_timing.py): its time is then the host's launch rate, and the ratio says as much
+    about the machine's CPU as about either side's kernels."""
+    host = peer.get("host_ms")
+    return f"; host-bound, host {host:.1f} ms" if host is not None and host >= 0.9 * peer["ms"] else ""
+
+
 print(f"\nDevice: {device.get('name', '?')}, {device.get('sms', '?')} SMs, L2 {device.get('l2_mb', '?')} MB"
       + (f"; copy bandwidth {copy['gbps']} GB/s (read+write)" if copy else ""))
 print(f"\nGPU op checks vs CPU twins: {len(checks)} passed lines")
@@ -46,7 +56,7 @@ for b in bench:
     ps = sorted(peers.get(key, []), key=lambda p: p["ms"])
     shown = ps if b["name"] == "unet" else ps[:1]
     for p in shown or [None]:
-        peer_txt = f"{p['ms']:.4f} ({p['variant']})" if p else "-"
+        peer_txt = f"{p['ms']:.4f} ({p['variant']}{host_bound(p)})" if p else "-"
         ratio = f"{p['ms'] / b['ms']:.2f}x" if p else "-"
         print(f"| {b['key']} | {b['ms']:.4f} | {b['gbps'] or '-'} | {b['tflops'] or '-'} | {peer_txt} | {ratio} |")
 if fp8:

@@ -6,6 +6,15 @@ FP8 lines (`celframe bench --fp8`, render_gpu.py fp8: speed beside the outputs' 
 import json
 import sys
 
+
+def host_bound(peer):
+    """A note where the peer's host spent 90% or more of the GPU's time launching a call (`host_ms`,
+    tools/cuda_timing.py): its time is then the host's launch rate, and the ratio says as much
+    about the machine's CPU as about either side's kernels."""
+    host = peer.get("host_ms")
+    return f"; host-bound, host {host:.1f} ms" if host is not None and host >= 0.9 * peer["ms"] else ""
+
+
 bench, peers, checks, device, copy, renders, throughputs, fp8 = [], {}, [], {}, None, [], [], []
 for line in open(sys.argv[1], errors="replace"):
     if line.startswith("BENCH "):
@@ -27,14 +36,6 @@ for line in open(sys.argv[1], errors="replace"):
     elif line.startswith("FP8 "):
         fp8.append(json.loads(line[4:]))
 
-
-
-def host_bound(peer):
-    """A note where the peer's host spent 90% or more of the GPU's time launching a call (`host_ms`,
-    tools/cuda_timing.py): its time is then the host's launch rate, and the ratio says as much
-    about the machine's CPU as about either side's kernels."""
-    host = peer.get("host_ms")
-    return f"; host-bound, host {host:.1f} ms" if host is not None and host >= 0.9 * peer["ms"] else ""
 
 
 print(f"\nDevice: {device.get('name', '?')}, {device.get('sms', '?')} SMs, L2 {device.get('l2_mb', '?')} MB"

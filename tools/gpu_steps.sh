@@ -84,15 +84,15 @@ attention_vs_sdpa() {
   export CELFRAME_BENCH_FILTER="flash_attention f16|copy" # the step's own shell
   "$bin/bench_ops" && python3 tools/peer_torch.py
 }
+# tools/render_gpu.py's subcommand "$@" on this step's folders and binaries.
+render_gpu() {
+  python3 tools/render_gpu.py "$@" --work "$work" --text-work "${TEXT_WORK:-/tmp/celframe-text}" \
+    --vae-work "${VAE_WORK:-${WORK:-/tmp/celframe-vae}}" --celframe "$bin/celframe"
+}
 w1_vs_diffusers() {
   source tools/gpu_env.sh
   need_diffusers "$work"
-  local step
-  for step in prepare "celframe --workload w1_warm_png" diffusers; do
-    # shellcheck disable=SC2086 # the step's words
-    python3 tools/render_gpu.py $step --work "$work" --text-work "${TEXT_WORK:-/tmp/celframe-text}" \
-      --vae-work "${VAE_WORK:-${WORK:-/tmp/celframe-vae}}" --celframe "$bin/celframe" || return 1
-  done
+  render_gpu prepare && render_gpu celframe --workload w1_warm_png && render_gpu diffusers
 }
 fp8_runs() {
   local c="$bin/celframe bench" w="--weights $work/sdxl_unet" b=${FP8_BREAKDOWN:+--breakdown}
@@ -101,8 +101,7 @@ fp8_runs() {
     $c unet $w --batch 32 --height 72 --width 128 --fp8 all &&
     $c motion_unet $w --motion "$work/motion_adapter" --batch 2 --frames 16 --height 72 --width 128 --fp8 on $b &&
     $c controlnet --weights "$work/sdxl_controlnet" --batch 32 --height 72 --width 128 --fp8 on &&
-    python3 tools/render_gpu.py fp8 --work "$work" --text-work "${TEXT_WORK:-/tmp/celframe-text}" \
-      --vae-work "${VAE_WORK:-${WORK:-/tmp/celframe-vae}}" --celframe "$bin/celframe"
+    render_gpu fp8
 }
 # Runs "$@" with $KNOB set to $1, or without it for `unset`.
 with_knob() {
@@ -197,7 +196,7 @@ run_step() {
   fi
   echo "===== $name (limit ${limit} s)"
   local t0=$SECONDS
-  timeout -k 5 "$limit" bash -c "$(declare -f tests graphs attention_vs_sdpa w1_vs_diffusers fp8_runs with_knob alternate knob_runs ab_runs); bin=$bin base=$base work=$work; $cmd" >"$OUT/$name.log" 2>&1
+  timeout -k 5 "$limit" bash -c "$(declare -f tests graphs attention_vs_sdpa render_gpu w1_vs_diffusers fp8_runs with_knob alternate knob_runs ab_runs); bin=$bin base=$base work=$work; $cmd" >"$OUT/$name.log" 2>&1
   rc[$name]=$?
   secs[$name]=$((SECONDS - t0))
   tail -n "${TAIL:-25}" "$OUT/$name.log"

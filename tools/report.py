@@ -36,8 +36,6 @@ for line in open(sys.argv[1], errors="replace"):
     elif line.startswith("FP8 "):
         fp8.append(json.loads(line[4:]))
 
-
-
 print(f"\nDevice: {device.get('name', '?')}, {device.get('sms', '?')} SMs, L2 {device.get('l2_mb', '?')} MB"
       + (f"; copy bandwidth {copy['gbps']} GB/s (read+write)" if copy else ""))
 print(f"\nGPU op checks vs CPU twins: {len(checks)} passed lines")
